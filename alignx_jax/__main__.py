@@ -1,0 +1,3 @@
+from alignx_jax.cli import run
+
+run()

@@ -1,0 +1,171 @@
+"""`alignx` command line: one sub-command per job, each handled in the module that owns it.
+
+The argument definitions here are the contract (README documents them); handlers are imported
+lazily so that `alignx --help` and data commands start fast. Any `AlignXError` becomes one line
+on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from alignx_jax.errors import AlignXError
+
+# sub-command -> "module:function(args) -> int | None"
+HANDLERS: dict[str, str] = {
+    "import": "alignx_jax.models.hf:cli_import",
+    "export": "alignx_jax.models.hf:cli_export",
+    "data check": "alignx_jax.data.schema:cli_check",
+    "data prepare": "alignx_jax.data.sources:cli_prepare",
+    "data split": "alignx_jax.data.split:cli_split",
+    "synth": "alignx_jax.data.synth:cli_synth",
+    "train": "alignx_jax.train:cli_train",
+    "eval": "alignx_jax.evaluate:cli_eval",
+    "generate": "alignx_jax.generate:cli_generate",
+    "predict-preferences": "alignx_jax.models.preference_head:cli_predict_preferences",
+    "plan": "alignx_jax.plan:cli_plan",
+    "demo": "alignx_jax.demo:cli_demo",
+}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="config_path", required=True,
+                   help="ml-collections config file (configs/*.py); then --config.KEY=VALUE overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignx", description="AlignX personalized alignment in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("import", help="Hugging Face checkpoint -> orbax checkpoint")
+    p.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+
+    p = sub.add_parser("export", help="orbax checkpoint or training workdir -> Hugging Face folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (from `import`) or a training workdir")
+    p.add_argument("--step", type=int, default=None, help="workdir step to export (default: latest)")
+    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="tensor dtype in the safetensors (default: the checkpoint's)")
+    p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 200MB")
+
+    pdata = sub.add_parser("data", help="data tools: check, prepare, split")
+    dsub = pdata.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = dsub.add_parser("check", help="validate AlignX rows or a benchmark file; print counts")
+    p.add_argument("path", help="parquet/JSONL/JSON file or folder")
+    p.add_argument("--kind", default="auto", choices=["auto", "alignx", "p-soups", "uf-p-4", "prism"])
+    p = dsub.add_parser("prepare", help="AlignX parquet -> TFDS array_record dataset")
+    p.add_argument("--source", required=True, help="parquet/JSONL/JSON file or folder")
+    p.add_argument("--out", required=True, help="TFDS data_dir to write")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing")
+    p = dsub.add_parser("split", help="split a data set into DIR/train and DIR/test")
+    p.add_argument("path")
+    p.add_argument("--by", default="prompt", choices=["prompt", "user", "row"])
+    p.add_argument("--test-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic AlignX-schema users (parquet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=200)
+    p.add_argument("--pairs-per-user", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="DPO training (ICA / PBA / non-personalized) from a config")
+    _config_args(p)
+
+    p = sub.add_parser("eval", help="alignment accuracy on AlignX benchmarks")
+    p.add_argument("--model", required=True, help="HF folder of the policy")
+    p.add_argument("--reference", default="none", help="HF folder of the reference, or 'none'")
+    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=PATH",
+                   help="alignx|p-soups|uf-p-4|prism=PATH (repeatable)")
+    p.add_argument("--method", default="ica", choices=["none", "ica", "pba"])
+    p.add_argument("--persona", default=None,
+                   help="ugc|pair|demo|p, comma-separated for several (alignx default: all four)")
+    p.add_argument("--preference", default="golden", choices=["golden", "predicted"])
+    p.add_argument("--flip", default=None, help="comma-separated dimension indices or labels to reverse in P̃")
+    p.add_argument("--prompt-format", default=None, choices=["chat", "paper"],
+                   help="prompt rendering (default: chat template; paper = the release's strings)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=8192)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
+    p.add_argument("--out", required=True, metavar="RESULTS.json")
+
+    p = sub.add_parser("generate", help="sample responses with a KV cache")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable for a batch)")
+    p.add_argument("--persona", default=None, help="JSON file with the persona fields of a row")
+    p.add_argument("--method", default="none", choices=["none", "ica", "pba"])
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("predict-preferences", help="predict P̃ and the profile text with the preference head")
+    p.add_argument("--model", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--persona", help="JSON file with one row's persona fields")
+    g.add_argument("--data", help="data set to annotate")
+    p.add_argument("--out", default=None, help="JSONL output for --data")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("plan", help="compile the train step ahead of time and report memory per device")
+    _config_args(p)
+    p.add_argument("--topology", default=None, help="v5p-64 | 8xH100 | ... (default: the config's)")
+    p.add_argument("--json", default=None, metavar="OUT.json")
+
+    p = sub.add_parser("demo", help="small-scale reproduction: synth -> train -> export -> eval -> report")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute), for tests")
+    p.add_argument("--p-soups", default=None, help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _handler_for(args: argparse.Namespace):
+    key = args.command if args.command != "data" else f"data {args.data_command}"
+    module_name, fn_name = HANDLERS[key].split(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, fn_name)
+    except (ImportError, AttributeError) as e:
+        raise AlignXError(f"`alignx {key}` is not available in this build ({e})") from e
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `--config.KEY=VALUE` overrides are collected apart: argparse cannot know the config's keys.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    args = parser.parse_args(rest)
+    args.overrides = overrides
+    if overrides and args.command not in ("train", "plan"):
+        parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")
+    try:
+        code = _handler_for(args)(args)
+    except AlignXError as e:
+        print(f"alignx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alignx: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def run() -> None:  # console-script entry point
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

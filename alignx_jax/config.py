@@ -1,0 +1,119 @@
+"""ml-collections configs: load a config file, apply `--config.KEY=VALUE` overrides, check keys.
+
+A config file is a Python file with `get_config()` returning a `ml_collections.ConfigDict`.
+Overrides name existing keys only; a wrong or misspelt key is a `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from alignx_jax.errors import ConfigError
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Import `path` (optionally `path:arg`) and call its `get_config([arg])`."""
+    arg = None
+    if ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"alignx_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # a broken config file is the user's to fix: say where
+        raise ConfigError(f"{path}: cannot load config: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    return cfg
+
+
+def _parse_value(raw: str, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--config.{key}: expected a boolean, got {raw!r}")
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected an integer, got {raw!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected a number, got {raw!r}") from None
+    if isinstance(current, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    if isinstance(current, (tuple, list)) and isinstance(value, list):
+        value = type(current)(value)
+    return value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=value` (or `config.a.b=value`) strings in order."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if not text.startswith("config."):
+            raise ConfigError(f"unrecognized argument {item!r} (overrides look like --config.train.steps=30)")
+        if "=" not in text:
+            raise ConfigError(f"{item!r}: an override needs a value (--config.KEY=VALUE)")
+        key, raw = text[len("config."):].split("=", 1)
+        parts = key.split(".")
+        node = cfg
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r} in --config.{key}")
+            node = node[part]
+        leaf = parts[-1]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(f"unknown config key {key!r} in --config.{key}")
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key} names a section, not a value")
+        value = _parse_value(raw, current, key)
+        try:
+            with node.unlocked() if hasattr(node, "unlocked") else _null():
+                node[leaf] = value
+        except (TypeError, KeyError) as e:
+            raise ConfigError(f"--config.{key}={raw}: {e}") from None
+    return cfg
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load a config file, apply overrides, and lock it so that later typos fail loudly."""
+    cfg = load_config_file(path)
+    cfg = apply_overrides(cfg, overrides)
+    cfg.lock()
+    return cfg
+
+
+def config_to_json(cfg: ml_collections.ConfigDict) -> str:
+    """The resolved config as JSON (written to W/config.json)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,40 @@
+"""User-facing errors: one clear line, exit status 1, never a traceback.
+
+Every error a user can cause (bad data, bad config key, missing checkpoint, impossible mesh)
+is raised as an `AlignXError` (or subclass); `alignx_jax.cli.main` prints `alignx: error: <msg>`
+on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+
+class AlignXError(Exception):
+    """An error the user can fix; its message is printed as a single line."""
+
+
+class ConfigError(AlignXError):
+    """A wrong, misspelt or inconsistent configuration key."""
+
+
+class CheckpointError(AlignXError):
+    """A missing or malformed checkpoint folder, or an unsupported architecture."""
+
+
+class DataError(AlignXError):
+    """A malformed data row or file. The message names the file, the 0-based row and the field."""
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 field: str | None = None):
+        where = []
+        if file is not None:
+            where.append(str(file))
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        self.file, self.row, self.field = file, row, field
+        super().__init__((": ".join([", ".join(where), message]) if where else message))
+
+
+class MeshError(ConfigError):
+    """A mesh that does not fit the available devices."""
