@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)")
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 

@@ -1,0 +1,199 @@
+"""DPO examples (token ids), length buckets and padded batches (docs/ARCHITECTURE.md "DPO batch").
+
+Length rules:
+  * responses are tokenized with no special tokens and closed by the tokenizer's EOS id; the
+    response + EOS positions are the scored ones;
+  * `reserve(L) = min(513, L // 2)` is the release's "max length - 513" margin, scaled down for
+    small test lengths (it equals 513 for every L >= 1026);
+  * eval_mode=True follows METHOD.md section 7 exactly: prompt ids and response ids (before EOS)
+    are each left-truncated to L - reserve(L), so prompt + response may exceed L;
+  * otherwise (training) the pair must fit L: responses (before EOS) are left-truncated to
+    L - reserve(L) as the release does, then the prompt is left-truncated so that prompt + the
+    longer response + EOS <= L; overflow='drop' instead returns None for any pair that does not
+    fit untruncated (the release drops over-long training prompts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from alignx_jax.data import persona as persona_lib
+from alignx_jax.data import prompts as prompts_lib
+from alignx_jax.errors import ConfigError, DataError
+
+DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
+RELEASE_RESERVE = 513
+
+
+@dataclasses.dataclass
+class DPOExample:
+    """One preference pair as ids. `chosen_ids`/`rejected_ids` end with the EOS id."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    direction: np.ndarray | None = None  # float32 [90], the row's golden P~
+    persona_ids: list[int] | None = None  # PBA head input (BOS + persona block ids)
+    index: int = 0
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        """Longest of the two sequences (prompt + response + EOS)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def reserve(max_length: int) -> int:
+    return min(RELEASE_RESERVE, max_length // 2)
+
+
+def response_ids(tokenizer: Any, text: str) -> list[int]:
+    """The response's ids with no special tokens, then the EOS id."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(i) for i in ids] + [int(tokenizer.eos_token_id)]
+
+
+def _left(ids: list[int], n: int) -> list[int]:
+    return ids[-n:] if n > 0 else []
+
+
+def make_example(tokenizer: Any, row: dict, *, method: str, persona: str = "p", max_length: int,
+                 prompt_format: str = "chat", rng: np.random.Generator | None = None, profile: Any = None,
+                 overflow: str = "truncate", index: int = 0, eval_mode: bool = False,
+                 persona_length: int | None = None) -> DPOExample | None:
+    """Token one row into a `DPOExample` (length rules in the module docstring).
+
+    rng: ICA history sampling for training (`persona.row_rng(seed, (epoch, index))`), None = the
+    whole history. persona_length: when set, also store `persona_ids` = BOS + the last
+    `persona_length - 1` ids of the persona block (for the PBA preference head).
+    """
+    if overflow not in ("truncate", "drop"):
+        raise ConfigError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+    if max_length < 4:
+        raise ConfigError(f"max_length must be at least 4, got {max_length}")
+    # One history sample serves both the prompt and the head input so they describe the same persona.
+    ugc = pairs = None
+    if rng is not None and method in ("ica", "pba"):
+        ugc, pairs = persona_lib.sample_history(row, rng)
+        # prompts_lib re-samples from rng when given one; hand it the sample through a view row.
+        view = dict(row)
+        view[persona_lib.UGC_FIELD], view[persona_lib.PAIR_FIELD] = ugc, pairs
+    else:
+        view = row
+    prompt = prompts_lib.prompt_ids(tokenizer, view, method=method, persona=persona, profile=profile,
+                                    fmt=prompt_format)
+    eos = int(tokenizer.eos_token_id)
+    chosen = response_ids(tokenizer, row["chosen"])[:-1]
+    rejected = response_ids(tokenizer, row["rejected"])[:-1]
+    budget = max_length - reserve(max_length)
+    truncated = False
+    if eval_mode:
+        truncated = len(prompt) > budget or max(len(chosen), len(rejected)) > budget
+        prompt, chosen, rejected = _left(prompt, budget), _left(chosen, budget), _left(rejected, budget)
+    else:
+        longest = max(len(chosen), len(rejected)) + 1
+        if len(prompt) + longest > max_length:
+            if overflow == "drop":
+                return None
+            truncated = True
+            chosen, rejected = _left(chosen, budget), _left(rejected, budget)
+            longest = max(len(chosen), len(rejected)) + 1
+            prompt = _left(prompt, max_length - longest)
+    direction = row.get(persona_lib.DIRECTION_FIELD)
+    persona_ids = None
+    if persona_length is not None:
+        if persona_length < 2:
+            raise ConfigError(f"persona_length must be at least 2, got {persona_length}")
+        text = persona_lib.persona_text(view, persona)
+        body = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        persona_ids = [int(bos)] + _left(body, persona_length - 1)
+    return DPOExample(prompt_ids=list(prompt), chosen_ids=chosen + [eos], rejected_ids=rejected + [eos],
+                      direction=None if direction is None else np.asarray(direction, dtype=np.float32),
+                      persona_ids=persona_ids, index=int(index), truncated=truncated)
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket >= n (ConfigError when n exceeds the largest)."""
+    for b in sorted(buckets):
+        if b >= n:
+            return int(b)
+    raise ConfigError(f"a sequence of {n} tokens exceeds the largest length bucket {max(buckets)}; "
+                      "add a larger bucket or lower max_length")
+
+
+def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int,
+            num_pairs: int | None = None) -> dict[str, np.ndarray]:
+    """Pad B pairs into the DPO batch layout: 2B rows, chosen first (0..B-1) then rejected.
+
+    input_ids [2B,T] int32 right-padded with pad_id; attention_mask [2B,T] int32; loss_mask
+    [2B,T] int32, 1 on the response + EOS positions; positions [2B,T] int32 (0.. on real tokens,
+    0 on padding); pair_mask [B] int32; index [B] int32 (example index, -1 for dummies).
+    `num_pairs` pads with dummy pairs (pair_mask 0, loss_mask 0) up to a fixed B; a dummy row holds
+    one attended pad token so no attention row is empty (an all-masked softmax gives NaN, and
+    NaN * 0 is still NaN in the loss). Optional: direction [B,90] float32 (dummies 0.5) when the
+    examples carry one; persona_ids/persona_mask [B,P] when they carry persona ids.
+    """
+    n = len(examples)
+    B = n if num_pairs is None else int(num_pairs)
+    if n == 0 and B == 0:
+        raise ValueError("collate needs at least one example or num_pairs > 0")
+    if n > B:
+        raise ValueError(f"{n} examples do not fit num_pairs={B}")
+    seqs = [ex.prompt_ids + ex.chosen_ids for ex in examples] + [ex.prompt_ids + ex.rejected_ids for ex in examples]
+    T = bucket_length(max([len(s) for s in seqs] + [1]), buckets)
+    ids = np.full((2 * B, T), pad_id, dtype=np.int32)
+    attn = np.zeros((2 * B, T), dtype=np.int32)
+    loss = np.zeros((2 * B, T), dtype=np.int32)
+    for k, ex in enumerate(examples):
+        for row, resp in ((k, ex.chosen_ids), (B + k, ex.rejected_ids)):
+            p, r = len(ex.prompt_ids), len(resp)
+            ids[row, :p] = ex.prompt_ids
+            ids[row, p:p + r] = resp
+            attn[row, :p + r] = 1
+            loss[row, p:p + r] = 1
+    dummy_rows = [*range(n, B), *range(B + n, 2 * B)]
+    attn[dummy_rows, 0] = 1
+    positions = np.where(attn == 1, np.arange(T, dtype=np.int32)[None, :], 0).astype(np.int32)
+    pair_mask = np.zeros((B,), dtype=np.int32)
+    pair_mask[:n] = 1
+    index = np.full((B,), -1, dtype=np.int32)
+    index[:n] = [ex.index for ex in examples]
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": positions,
+             "pair_mask": pair_mask, "index": index}
+    has_dir = [ex.direction is not None for ex in examples]
+    if any(has_dir):
+        if not all(has_dir):
+            raise DataError("a batch mixes rows with and without a Preference Direction")
+        direction = np.full((B, persona_lib.NUM_DIMS), 0.5, dtype=np.float32)
+        direction[:n] = np.stack([np.asarray(ex.direction, dtype=np.float32) for ex in examples])
+        batch["direction"] = direction
+    has_persona = [ex.persona_ids is not None for ex in examples]
+    if any(has_persona):
+        if not all(has_persona):
+            raise ValueError("a batch mixes examples with and without persona_ids")
+        P = bucket_length(max(len(ex.persona_ids) for ex in examples), buckets)
+        pids = np.full((B, P), pad_id, dtype=np.int32)
+        pmask = np.zeros((B, P), dtype=np.int32)
+        for k, ex in enumerate(examples):
+            pids[k, :len(ex.persona_ids)] = ex.persona_ids
+            pmask[k, :len(ex.persona_ids)] = 1
+        pmask[n:, 0] = 1  # dummies: one attended token, as above
+        batch["persona_ids"], batch["persona_mask"] = pids, pmask
+    return batch
+
+
+def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """Real vs padded tokens in a collated batch (dummy pairs count as padding)."""
+    B = batch["pair_mask"].shape[0]
+    valid = np.concatenate([batch["pair_mask"], batch["pair_mask"]]).astype(bool)
+    real = int(batch["attention_mask"][valid].sum())
+    total = int(batch["input_ids"].size)
+    return {"pairs": int(batch["pair_mask"].sum()), "padded_pairs": int(B - batch["pair_mask"].sum()),
+            "real_tokens": real, "padded_tokens": total - real, "total_tokens": total,
+            "padding_fraction": (total - real) / total if total else 0.0}

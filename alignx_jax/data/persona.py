@@ -1,0 +1,265 @@
+"""Personas: the 90-dim preference space, profile text, the release's P~ rule and the persona block.
+
+Facts from METHOD.md:
+  * section 1 - a direction is 90 values in {0, 0.5, 1}; profile text = the labels of the
+    non-neutral dims in index order joined with ", " (1 -> positive label, 0 -> negative label);
+  * section 4 - ICA training samples the history (`sample_history`) and renders
+    `{ugc}{pairs}{demographics}` (`persona_text`);
+  * section 5 - the release's P~ for a history (`release_direction`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from alignx_jax.errors import DataError
+
+NUM_DIMS = 90
+PERSONA_VARIANTS = ("ugc", "pair", "demo", "p")
+UGC_FIELD = "User-Generated Content"
+PAIR_FIELD = "Pair-wise Comparative Feedback"
+DEMO_FIELD = "Demographic Information"
+DIRECTION_FIELD = "Preference Direction"
+# The release's sampling: at most this many history items of each kind in a training prompt.
+MAX_HISTORY = 4
+
+_SPACE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "assets", "preference_space.json")
+
+UGC_HEADER = "**This person has commented on some posts:**\n\n"
+PAIR_HEADER = "**This person has chosen or rejected comments on some posts:**\n\n"
+
+
+@functools.lru_cache(maxsize=1)
+def _space() -> tuple[dict, ...]:
+    with open(_SPACE_PATH, encoding="utf-8") as f:
+        dims = json.load(f)["dimensions"]
+    if len(dims) != NUM_DIMS or [d["index"] for d in dims] != list(range(NUM_DIMS)):
+        raise DataError(f"{_SPACE_PATH}: expected dimensions 0..{NUM_DIMS - 1} in order")
+    return tuple(dims)
+
+
+def load_preference_space() -> list[dict]:
+    """The 90 dimensions (index, category, positive_label, negative_label) from the package copy."""
+    return [dict(d) for d in _space()]
+
+
+@functools.lru_cache(maxsize=1)
+def _label_table() -> dict[str, tuple[int, float]]:
+    """label -> (dimension, value); every one of the 180 labels is distinct."""
+    table: dict[str, tuple[int, float]] = {}
+    for d in _space():
+        table[d["positive_label"]] = (d["index"], 1.0)
+        table[d["negative_label"]] = (d["index"], 0.0)
+    assert len(table) == 2 * NUM_DIMS
+    return table
+
+
+def check_direction(direction: Any, what: str = "direction") -> np.ndarray:
+    """`direction` as a float32 [90] array; ValueError if its length or values are wrong."""
+    arr = np.asarray(direction, dtype=np.float64)
+    if arr.shape != (NUM_DIMS,):
+        raise ValueError(f"{what}: expected {NUM_DIMS} values, got shape {arr.shape}")
+    bad = ~(np.isin(arr, (0.0, 0.5, 1.0)))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{what}: value {arr[i]!r} at index {i} is not one of 0, 0.5, 1")
+    return arr.astype(np.float32)
+
+
+def profile_text(direction: Any) -> str:
+    """Labels of the non-neutral dims in index order, joined with ", " ("" when all neutral)."""
+    arr = check_direction(direction)
+    labels = []
+    for d, v in zip(_space(), arr):
+        if v == 1.0:
+            labels.append(d["positive_label"])
+        elif v == 0.0:
+            labels.append(d["negative_label"])
+    return ", ".join(labels)
+
+
+def parse_profile(text: str) -> np.ndarray:
+    """Inverse of `profile_text`: a float32 [90] direction (unmentioned dims 0.5).
+
+    Some labels contain ", " themselves ("... (e.g., art, writing, music)"), so the text is
+    matched label by label (longest first, backtracking) rather than split on commas.
+    Unknown text or a dimension named twice is a DataError.
+    """
+    if not isinstance(text, str):
+        raise DataError(f"profile: expected a string, got {type(text).__name__}")
+    text = text.strip()
+    out = np.full((NUM_DIMS,), 0.5, dtype=np.float32)
+    if not text:
+        return out
+    table = _label_table()
+    by_first_char: dict[str, list[str]] = {}
+    for label in sorted(table, key=len, reverse=True):
+        by_first_char.setdefault(label[0], []).append(label)
+
+    def match(pos: int, used: frozenset) -> list[str] | None:
+        if pos == len(text):
+            return []
+        for label in by_first_char.get(text[pos], ()):
+            end = pos + len(label)
+            if not text.startswith(label, pos) or table[label][0] in used:
+                continue
+            if end == len(text):
+                return [label]
+            if text.startswith(", ", end):
+                rest = match(end + 2, used | {table[label][0]})
+                if rest is not None:
+                    return [label] + rest
+        return None
+
+    labels = match(0, frozenset())
+    if labels is None:
+        # Name the first piece that is not a label, to make the error actionable.
+        pos = 0
+        while True:
+            hit = next((lab for lab in by_first_char.get(text[pos], ()) if text.startswith(lab, pos)
+                        and (pos + len(lab) == len(text) or text.startswith(", ", pos + len(lab)))), None)
+            if hit is None or pos + len(hit) >= len(text):
+                break
+            pos += len(hit) + 2
+        snippet = text[pos:pos + 60]
+        raise DataError(f"profile: unknown preference label or repeated dimension at {snippet!r}")
+    for label in labels:
+        dim, value = table[label]
+        out[dim] = value
+    return out
+
+
+def release_direction(vectors: np.ndarray) -> np.ndarray:
+    """The release's P~ for a history (METHOD.md section 5), float32 [90].
+
+    Mean of the items' directions, then >= 0.6 -> 1, <= 0.4 -> 0, else 0.5. If no dimension is
+    left non-neutral: when 1 - max < min the dims equal to the max become 1, otherwise the dims
+    equal to the min become 0 (so an exact tie 1 - max == min takes the "min -> 0" branch); the
+    rest stay 0.5. Comparisons allow 1e-9 so that mathematically equal means (which can differ
+    in the last bit after float division) count as equal.
+    """
+    vecs = np.asarray(vectors, dtype=np.float64)
+    if vecs.ndim != 2 or vecs.shape[1] != NUM_DIMS or vecs.shape[0] == 0:
+        raise ValueError(f"release_direction: expected [n>0, {NUM_DIMS}] vectors, got shape {vecs.shape}")
+    eps = 1e-9
+    mean = vecs.mean(axis=0)
+    out = np.full((NUM_DIMS,), 0.5, dtype=np.float64)
+    out[mean >= 0.6 - eps] = 1.0
+    out[mean <= 0.4 + eps] = 0.0
+    if not (out != 0.5).any():
+        hi, lo = mean.max(), mean.min()
+        if (1.0 - hi) < lo - eps:
+            out[np.abs(mean - hi) <= eps] = 1.0
+        else:
+            out[np.abs(mean - lo) <= eps] = 0.0
+    return out.astype(np.float32)
+
+
+def _history(row: dict, field: str) -> list[dict]:
+    items = row.get(field)
+    return list(items) if items is not None else []
+
+
+def history_direction(row: dict) -> np.ndarray | None:
+    """The release's P~ from the row's UGC and PAIR items' directions; None if no item has one."""
+    vectors = [item[DIRECTION_FIELD] for field in (UGC_FIELD, PAIR_FIELD) for item in _history(row, field)
+               if item.get(DIRECTION_FIELD) is not None]
+    if not vectors:
+        return None
+    return release_direction(np.asarray(vectors, dtype=np.float64))
+
+
+def sample_history(row: dict, rng: np.random.Generator) -> tuple[list, list]:
+    """The release's training-time history sample (METHOD.md section 4): (ugc_items, pair_items).
+
+    n_ugc = min(randint(0, 4), len(UGC)), n_pair = min(randint(0, 4), len(PAIR)) with randint
+    inclusive; if both are 0, take min(4, len) of each. Items are drawn without replacement, in
+    the order drawn.
+    """
+    ugc, pairs = _history(row, UGC_FIELD), _history(row, PAIR_FIELD)
+    n_ugc = min(int(rng.integers(0, MAX_HISTORY + 1)), len(ugc))
+    n_pair = min(int(rng.integers(0, MAX_HISTORY + 1)), len(pairs))
+    if n_ugc == 0 and n_pair == 0:
+        n_ugc, n_pair = min(MAX_HISTORY, len(ugc)), min(MAX_HISTORY, len(pairs))
+    pick_u = rng.permutation(len(ugc))[:n_ugc] if n_ugc else []
+    pick_p = rng.permutation(len(pairs))[:n_pair] if n_pair else []
+    return [ugc[i] for i in pick_u], [pairs[i] for i in pick_p]
+
+
+def _key_ints(key: Any) -> list[int]:
+    """A stable (process- and platform-independent) list of ints for a seed key."""
+    if isinstance(key, (tuple, list)):
+        return [x for k in key for x in _key_ints(k)]
+    if isinstance(key, (bool, np.bool_)):
+        return [int(key)]
+    if isinstance(key, (int, np.integer)):
+        k = int(key)
+        return [k] if k >= 0 else [1 << 63, -k]  # SeedSequence only takes non-negative ints
+    # Strings (and anything else) go through a fixed hash: Python's hash() is salted per process.
+    digest = hashlib.blake2b(str(key).encode("utf-8"), digest_size=8).digest()
+    return [int.from_bytes(digest, "little")]
+
+
+def row_rng(seed: int, key: Any) -> np.random.Generator:
+    """A generator determined by (seed, key) only, e.g. key=(epoch, row_index): reruns and resumed
+    runs draw the same history sample for the same row and epoch, whatever the batch order."""
+    return np.random.default_rng(np.random.SeedSequence(_key_ints((seed, key))))
+
+
+def _get(item: Any, key: str, field: str, j: int) -> str:
+    # Rows from load_rows are already checked; this catches hand-written persona files (generate).
+    if not isinstance(item, dict) or not isinstance(item.get(key), str):
+        raise DataError(f"history item needs a string {key!r}", field=f"{field}[{j}]")
+    return item[key]
+
+
+def _ugc_block(items: Sequence[dict]) -> str:
+    if not items:
+        return ""
+    body = "".join(f"{i}. *Post:*\n{_get(it, 'prompt', UGC_FIELD, i - 1)}\n\n"
+                   f"*Comment:*\n{_get(it, 'comment', UGC_FIELD, i - 1)}\n\n"
+                   for i, it in enumerate(items, start=1))
+    return UGC_HEADER + body
+
+
+def _pair_block(items: Sequence[dict]) -> str:
+    if not items:
+        return ""
+    body = "".join(f"{i}. *Post:*\n{_get(it, 'prompt', PAIR_FIELD, i - 1)}\n\n"
+                   f"*Chosen:*\n{_get(it, 'chosen', PAIR_FIELD, i - 1)}\n\n"
+                   f"*Rejected:*\n{_get(it, 'rejected', PAIR_FIELD, i - 1)}\n\n"
+                   for i, it in enumerate(items, start=1))
+    return PAIR_HEADER + body
+
+
+def persona_text(row: dict, variant: str = "p", *, ugc: Sequence[dict] | None = None,
+                 pairs: Sequence[dict] | None = None) -> str:
+    """The `{ugc}{pairs}{demographics}` block (METHOD.md section 4) for one persona variant.
+
+    `ugc`/`pairs` override the row's full history (pass `sample_history`'s output for training);
+    variant ugc/pair/demo keeps only that part, p keeps all three. Empty blocks are left out and
+    the demographic text is appended raw.
+    """
+    if variant not in PERSONA_VARIANTS:
+        raise DataError(f"unknown persona variant {variant!r}; expected one of {', '.join(PERSONA_VARIANTS)}")
+    ugc = _history(row, UGC_FIELD) if ugc is None else list(ugc)
+    pairs = _history(row, PAIR_FIELD) if pairs is None else list(pairs)
+    demo = row.get(DEMO_FIELD) or ""
+    if not isinstance(demo, str):
+        raise DataError(f"expected a string, got {type(demo).__name__}", field=DEMO_FIELD)
+    parts = []
+    if variant in ("ugc", "p"):
+        parts.append(_ugc_block(ugc))
+    if variant in ("pair", "p"):
+        parts.append(_pair_block(pairs))
+    if variant in ("demo", "p"):
+        parts.append(demo)
+    return "".join(parts)

@@ -1,0 +1,116 @@
+"""Prompts for the three methods and their token ids (chat template, or the release's `paper` string).
+
+Choices (METHOD.md leaves them open):
+  * ICA uses the release's *evaluation* form for training and evaluation alike: the system text
+    "...based on user historical behavior and preferences.", the task under `***Task***` and the
+    full `{ugc}{pairs}{demographics}` block (the release's training script differs; see METHOD.md 4).
+  * `none` (the non-personalised DPO baseline) keeps the same framing minus everything personal:
+    system "Generate a task-specific response." and the user message without the persona section.
+    (The paper's base-model rows are *not* this: they use the ICA prompt with the base model.)
+  * PBA's profile, in order of precedence: the `profile` argument (text or a 90-vector), the row's
+    `profile` field (P-SOUPS, UF-P-4), the row's golden `Preference Direction`, the release's P~
+    from the row's history vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from alignx_jax.data import persona as persona_lib
+from alignx_jax.errors import DataError
+
+METHODS = ("none", "ica", "pba")
+PROMPT_FORMATS = ("chat", "paper")
+
+SYSTEM_ICA = "Generate a task-specific response based on user historical behavior and preferences."
+SYSTEM_PBA = "Generate a task-specific response based on user preferences."
+SYSTEM_NONE = "Generate a task-specific response."
+
+_TASK = "***Task***\n\n**Post:**\n{prompt}\n\n"
+_RESPONSE = "***Response:***\n\n"
+ICA_USER = _TASK + "***Historical Behavior and User Preferences***\n\n{persona}\n\n" + _RESPONSE
+PBA_USER = _TASK + "***User Preferences***\n\n{profile}\n\n" + _RESPONSE
+NONE_USER = _TASK + _RESPONSE
+
+# The release's evaluation prompt string (METHOD.md section 7): note the newline after the system
+# text and none after the assistant header.
+PAPER_TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\n{system}\n<|eot_id|>"
+                  "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise DataError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def system_message(method: str) -> str:
+    _check_method(method)
+    return {"none": SYSTEM_NONE, "ica": SYSTEM_ICA, "pba": SYSTEM_PBA}[method]
+
+
+def resolve_profile(row: dict, profile: Any = None) -> str:
+    """The PBA profile text for `row` (precedence in the module docstring)."""
+    if profile is not None:
+        return profile if isinstance(profile, str) else persona_lib.profile_text(np.asarray(profile))
+    if isinstance(row.get("profile"), str):
+        return row["profile"]
+    if row.get(persona_lib.DIRECTION_FIELD) is not None:
+        return persona_lib.profile_text(row[persona_lib.DIRECTION_FIELD])
+    derived = persona_lib.history_direction(row)
+    if derived is None:
+        raise DataError("PBA needs a profile: the row has no `profile`, no `Preference Direction` "
+                        "and no history vectors")
+    return persona_lib.profile_text(derived)
+
+
+def user_message(row: dict, *, method: str, persona: str = "p", profile: Any = None,
+                 rng: np.random.Generator | None = None) -> str:
+    """The user turn. ICA with `rng` samples the history as the release's training does
+    (`persona.sample_history`); without it the whole history is shown (evaluation)."""
+    _check_method(method)
+    if method == "none":
+        return NONE_USER.format(prompt=row["prompt"])
+    if method == "pba":
+        return PBA_USER.format(prompt=row["prompt"], profile=resolve_profile(row, profile))
+    ugc = pairs = None
+    if rng is not None:
+        ugc, pairs = persona_lib.sample_history(row, rng)
+    block = persona_lib.persona_text(row, persona, ugc=ugc, pairs=pairs)
+    return ICA_USER.format(prompt=row["prompt"], persona=block)
+
+
+def paper_prompt(system: str, user: str) -> str:
+    """The release's evaluation prompt string (BOS not included: it is prepended as an id)."""
+    return PAPER_TEMPLATE.format(system=system, user=user)
+
+
+def _ids(encoded: Any) -> list[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template; 4.x a plain list.
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    return [int(i) for i in encoded]
+
+
+def prompt_ids(tokenizer: Any, row: dict, *, method: str, persona: str = "p", profile: Any = None,
+               fmt: str = "chat", rng: np.random.Generator | None = None) -> list[int]:
+    """Prompt token ids, ending where the response starts.
+
+    chat: the tokenizer's chat template over [system, user] with the generation prompt.
+    paper: BOS id, then `paper_prompt(...)` tokenized with no special tokens added (the
+    special-token strings inside it become their ids), exactly as the release evaluates.
+    """
+    if fmt not in PROMPT_FORMATS:
+        raise DataError(f"unknown prompt format {fmt!r}; expected one of {', '.join(PROMPT_FORMATS)}")
+    system = system_message(method)
+    user = user_message(row, method=method, persona=persona, profile=profile, rng=rng)
+    if fmt == "chat":
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if tokenizer.bos_token_id is None:
+        raise DataError("prompt format 'paper' needs a tokenizer with a BOS token")
+    body = tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]
+    return [int(tokenizer.bos_token_id)] + [int(i) for i in body]

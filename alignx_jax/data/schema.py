@@ -1,0 +1,333 @@
+"""Read and validate AlignX rows and benchmark files (parquet, JSONL, JSON; a file or a folder).
+
+Every row comes out as the normalised dict of docs/ARCHITECTURE.md "Rows": the AlignX field names,
+plain Python values (numpy arrays from parquet/pandas become lists), `Preference Direction` a list
+of 90 floats or None, `Demographic Information` a str ("" if absent) and both history lists
+(possibly empty). Every problem is a `DataError` naming the file, the 0-based row and the field.
+
+Strictness (decided here, tested in tests/test_schema.py):
+  * prompt, chosen, rejected: str and not blank - a blank task or response is a broken pair;
+  * history items: every text field must be a str, but may be empty (real comments can be);
+  * history lists: at most 4 items; item directions 90 values in {0, 0.5, 1} when present
+    (required on UGC items of AlignX rows, optional on pairs: P-SOUPS has none);
+  * unknown extra fields are kept unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from alignx_jax.data import persona as persona_lib
+from alignx_jax.errors import DataError
+
+DIRECTION = persona_lib.DIRECTION_FIELD
+DEMO = persona_lib.DEMO_FIELD
+UGC = persona_lib.UGC_FIELD
+PAIR = persona_lib.PAIR_FIELD
+ALIGNX_FIELDS = ("prompt", "chosen", "rejected", DIRECTION, DEMO, UGC, PAIR)
+OPTIONAL_FIELDS = ("profile", "ground_truth_persona", "user_id", "source")
+KINDS = ("auto", "alignx", "p-soups", "uf-p-4", "prism")
+EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json"}
+MAX_HISTORY = persona_lib.MAX_HISTORY
+_ALLOWED = frozenset((0.0, 0.5, 1.0))
+_SCALARS = frozenset((float, int, str, bool, type(None)))
+_FLOAT = {float}
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays / scalars (parquet via pandas) -> plain lists / Python scalars, recursively."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if set(map(type, value)) <= _SCALARS:  # fast path (C loops): e.g. a direction vector
+            return list(value)
+        return [_plain(v) for v in value]
+    return value
+
+
+def _direction(value: Any, *, where: dict, field_name: str) -> list[float]:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise DataError(f"expected a list of {persona_lib.NUM_DIMS} numbers, got {type(value).__name__}",
+                        field=field_name, **where)
+    if len(value) != persona_lib.NUM_DIMS:
+        raise DataError(f"expected {persona_lib.NUM_DIMS} values, got {len(value)}", field=field_name, **where)
+    # Fast path for the common case (the full AlignX set has ~10M direction vectors to check).
+    if set(map(type, value)) == _FLOAT and set(value) <= _ALLOWED:
+        return list(value)
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"value at index {i} is {type(v).__name__} {v!r}, expected 0, 0.5 or 1",
+                            field=field_name, **where)
+        if v not in (0, 0.5, 1):
+            raise DataError(f"value at index {i} is {v!r}, expected 0, 0.5 or 1", field=field_name, **where)
+        out.append(float(v))
+    return out
+
+
+def _text(row: dict, key: str, *, where: dict, field_name: str | None = None, required: bool = True,
+          blank_ok: bool = False) -> str | None:
+    field_name = field_name or key
+    if key not in row or row[key] is None:
+        if required:
+            raise DataError("missing", field=field_name, **where)
+        return None
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__}", field=field_name, **where)
+    if not blank_ok and not value.strip():
+        raise DataError("is empty", field=field_name, **where)
+    return value
+
+
+def _items(row: dict, key: str, *, where: dict, item_fields: tuple[str, ...], direction_required: bool
+           ) -> list[dict]:
+    value = row.get(key)
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise DataError(f"expected a list of items, got {type(value).__name__}", field=key, **where)
+    if len(value) > MAX_HISTORY:
+        raise DataError(f"expected at most {MAX_HISTORY} items, got {len(value)}", field=key, **where)
+    out = []
+    for j, item in enumerate(value):
+        name = f"{key}[{j}]"
+        if not isinstance(item, dict):
+            raise DataError(f"expected an object, got {type(item).__name__}", field=name, **where)
+        norm = {}
+        for f in item_fields:
+            norm[f] = _text(item, f, where=where, field_name=f"{name}.{f}", blank_ok=True)
+        d = item.get(DIRECTION)
+        if d is None and direction_required:
+            raise DataError("missing", field=f"{name}.{DIRECTION}", **where)
+        norm[DIRECTION] = None if d is None else _direction(d, where=where, field_name=f"{name}.{DIRECTION}")
+        out.append(norm)
+    return out
+
+
+def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | None = None) -> dict:
+    """Check one row of `kind` (alignx | p-soups | uf-p-4 | prism) and return it normalised."""
+    where = {"file": file, "row": index}
+    if kind not in KINDS[1:]:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS[1:])}")
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object, got {type(row).__name__}", **where)
+    row = _plain(row)
+    out = dict(row)  # extra fields are kept as they are
+    for key in ("prompt", "chosen", "rejected"):
+        out[key] = _text(row, key, where=where)
+    if kind == "alignx":
+        for key in (DIRECTION, DEMO, UGC, PAIR):
+            if key not in row:
+                raise DataError("missing", field=key, **where)
+    d = row.get(DIRECTION)
+    if d is None and kind == "alignx":
+        raise DataError("missing", field=DIRECTION, **where)
+    out[DIRECTION] = None if d is None else _direction(d, where=where, field_name=DIRECTION)
+    out[DEMO] = _text(row, DEMO, where=where, required=False, blank_ok=True) or ""
+    out[UGC] = _items(row, UGC, where=where, item_fields=("prompt", "comment"),
+                      direction_required=(kind == "alignx"))
+    out[PAIR] = _items(row, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"),
+                       direction_required=False)
+    psoups = kind == "p-soups"
+    for key in ("profile", "ground_truth_persona"):
+        value = _text(row, key, where=where, required=psoups, blank_ok=not psoups or key == "profile")
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    if psoups:
+        try:  # the release writes profiles with the preference space's labels: check them
+            persona_lib.parse_profile(out["profile"])
+        except DataError as e:
+            raise DataError(str(e), field="profile", **where) from None
+        if not out[PAIR]:
+            raise DataError("P-SOUPS rows need history pairs", field=PAIR, **where)
+    for key in ("user_id", "source"):
+        if key in row and row[key] is not None and not isinstance(row[key], (str, int)):
+            raise DataError(f"expected a string or integer, got {type(row[key]).__name__}", field=key, **where)
+    return out
+
+
+def detect_kind(rows: Any) -> str:
+    """auto, from a row or a sample of rows: AlignX if any has a `Preference Direction`, P-SOUPS
+    if any has profile + ground_truth_persona, else the generic benchmark shape (validated as
+    uf-p-4; prism is the same shape). Looking at several rows keeps one broken first row from
+    turning a whole AlignX file into a leniently checked benchmark."""
+    sample = [r for r in ([rows] if isinstance(rows, dict) else rows) if isinstance(r, dict)]
+    if any(r.get(DIRECTION) is not None for r in sample):
+        return "alignx"
+    if any("profile" in r and "ground_truth_persona" in r for r in sample):
+        return "p-soups"
+    return "uf-p-4"
+
+
+def list_files(path: str) -> list[str]:
+    """The data files at `path`: the file itself, or a folder's parquet/JSONL/JSON files (recursive,
+    sorted by relative path so that every run reads the same rows in the same order)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError("no such file or folder", file=path)
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in files:
+            if os.path.splitext(name)[1].lower() in EXTENSIONS and not name.startswith("."):
+                found.append(os.path.join(root, name))
+    if not found:
+        raise DataError("folder holds no .parquet, .jsonl or .json files", file=path)
+    return sorted(found, key=lambda p: os.path.relpath(p, path))
+
+
+def file_format(path: str) -> str:
+    fmt = EXTENSIONS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise DataError("unknown file type (expected .parquet, .jsonl or .json)", file=path)
+    return fmt
+
+
+@dataclass
+class RawFile:
+    """One file's raw rows (None where a JSONL line is not valid JSON) and its format."""
+    path: str
+    fmt: str
+    rows: list[Any]
+    line_errors: dict[int, str] = field(default_factory=dict)
+
+
+def read_file(path: str) -> RawFile:
+    """Raw rows of one file. Unreadable or truncated files are a DataError naming the file (and the
+    line for a JSON/JSONL syntax error)."""
+    fmt = file_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()  # list columns come back as plain lists
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"cannot read parquet: {type(e).__name__}: {e}", file=path) from None
+        return RawFile(path, fmt, rows)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read: {e}", file=path) from None
+    if fmt == "json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} "
+                            f"(truncated or corrupt file?)", file=path) from None
+        if not isinstance(rows, list):
+            raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)
+        return RawFile(path, fmt, rows)
+    rows, errors = [], {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            errors[len(rows)] = f"line {lineno}: invalid JSON: {e.msg}"
+            rows.append(None)
+    return RawFile(path, fmt, rows, errors)
+
+
+@dataclass
+class Loaded:
+    """Normalised rows plus where each came from (split writes rows back to their own file)."""
+    rows: list[dict]
+    skipped: int
+    kind: str
+    files: list[RawFile]
+    origin: list[tuple[int, int]]  # per kept row: (file number, row number in that file)
+
+
+def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
+    """`load_rows` with provenance: files read, the kind used and each row's (file, row)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    files = [read_file(p) for p in list_files(path)]
+    if kind == "auto":
+        kind = detect_kind([r for f in files for r in f.rows[:100]])
+    rows, origin, skipped = [], [], 0
+    for fi, raw in enumerate(files):
+        for ri, row in enumerate(raw.rows):
+            try:
+                if ri in raw.line_errors:
+                    raise DataError(raw.line_errors[ri], file=raw.path)
+                rows.append(validate_row(row, kind=kind, file=raw.path, index=ri))
+                origin.append((fi, ri))
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+    return Loaded(rows, skipped, kind, files, origin)
+
+
+def load_rows(path: str, *, kind: str = "auto", skip_bad: bool = False) -> tuple[list[dict], int]:
+    """Read, validate and normalise every row at `path` -> (rows, number of rows skipped).
+
+    kind: auto | alignx | p-soups | uf-p-4 | prism (see `detect_kind`). With skip_bad, malformed
+    rows (and unparsable JSONL lines) are dropped and counted; a file that cannot be read at all
+    (e.g. a truncated JSON list) is still a DataError.
+    """
+    loaded = load(path, kind=kind, skip_bad=skip_bad)
+    return loaded.rows, loaded.skipped
+
+
+def _describe(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    a = np.asarray(values, dtype=np.float64)
+    return f"mean {a.mean():.1f}, min {a.min():.0f}, max {a.max():.0f}"
+
+
+def summary(loaded: Loaded) -> list[str]:
+    """Human-readable lines describing a loaded data set (printed by `alignx data check`)."""
+    rows = loaded.rows
+    lines = [f"rows: {len(rows)}  files: {len(loaded.files)}  kind: {loaded.kind}  skipped: {loaded.skipped}"]
+    ugc = Counter(len(r[UGC]) for r in rows)
+    pairs = Counter(len(r[PAIR]) for r in rows)
+    lines.append("history lengths: UGC " + ", ".join(f"{k}:{v}" for k, v in sorted(ugc.items()))
+                 + " | PAIR " + ", ".join(f"{k}:{v}" for k, v in sorted(pairs.items())))
+    dirs = [r[DIRECTION] for r in rows if r[DIRECTION] is not None]
+    nn = [float(np.sum(np.asarray(d) != 0.5)) for d in dirs]
+    lines.append(f"directions: {len(dirs)} rows; non-neutral dims per direction: {_describe(nn)}")
+    demo = sum(1 for r in rows if r[DEMO].strip())
+    lines.append(f"demographics: {demo}/{len(rows)} rows non-empty"
+                 + (f" ({100.0 * demo / len(rows):.1f}%)" if rows else ""))
+    profiles = sum(1 for r in rows if r.get("profile"))
+    if profiles:
+        lines.append(f"profiles: {profiles}/{len(rows)} rows")
+    lines.append(f"distinct prompts: {len(set(r['prompt'] for r in rows))}")
+    personas = Counter(r["ground_truth_persona"] for r in rows if "ground_truth_persona" in r)
+    for text, n in sorted(personas.items(), key=lambda kv: (-kv[1], kv[0])):
+        short = text if len(text) <= 80 else text[:77] + "..."
+        lines.append(f"persona ({n} rows): {short}")
+    users = {r["user_id"] for r in rows if r.get("user_id") is not None}
+    if users:
+        lines.append(f"users: {len(users)}")
+    return lines
+
+
+def cli_check(args: argparse.Namespace) -> int:
+    """`alignx data check PATH [--kind K]`: validate every row and print counts; exit 0 if clean."""
+    loaded = load(args.path, kind=getattr(args, "kind", "auto"))
+    if not loaded.rows:
+        raise DataError("no rows", file=args.path)
+    for line in summary(loaded):
+        print(line)
+    return 0

@@ -1,0 +1,279 @@
+"""Input pipeline: row sources (prepared TFDS array_record or raw files) and a resumable loader.
+
+- `prepare(source, out_dir)` / `alignx data prepare`: validate rows (schema.load_rows) and write the
+  `alignx` TFDS dataset (array_record, no TensorFlow; see data/tfds_builder.py) under `out_dir`.
+- `open_source(path)`: random access to rows, from a prepared TFDS folder or raw parquet/JSON(L).
+- `TrainLoader`: a deterministic, host-sharded, checkpointable DPO batch iterator.
+
+The loader is a small deterministic one rather than a grain pipeline: its whole state is
+(epoch, position in the epoch's shard), so `get_state()` is a tiny JSON dict that orbax can store
+next to a checkpoint, and resuming needs no replay. Sources follow grain's random-access protocol
+(`__len__`, `__getitem__`), so they also plug into `grain.MapDataset.source(...)` as they are.
+
+Batch layout and determinism (per epoch e, seed s):
+  * order: a permutation of all rows drawn from (s, e); host h of H takes positions h, h+H, ... of
+    it, cut to floor(N / H) rows, so every host has the same number of steps (a multi-host step
+    must be entered by all hosts);
+  * example i of epoch e gets `rng = persona.row_rng(s, (e, i))`: the same history sample for the
+    same row and epoch, however the batches are cut or resumed;
+  * on_drop="pad" (default): every batch consumes exactly `pairs_per_batch` shard rows; rows the
+    example_fn rejects (None) become dummy pairs (pair_mask 0). Steps per epoch are exact and equal
+    on every host. on_drop="refill": rejected rows are replaced by the next rows so batches are full;
+    steps per epoch are then an upper bound (and hosts may disagree if they drop differently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from alignx_jax.errors import ConfigError, DataError
+
+STATE_VERSION = 1
+
+
+class RowSource(Protocol):
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> dict: ...
+
+
+class ListSource:
+    """Rows held in memory (raw files, validated by schema.load_rows)."""
+
+    def __init__(self, rows: Sequence[dict], *, skipped: int = 0, path: str = ""):
+        self.rows, self.skipped, self.path = list(rows), skipped, path
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+    def __repr__(self) -> str:
+        return f"ListSource({self.path!r}, rows={len(self.rows)})"
+
+
+class ArrayRecordSource:
+    """Rows of one split of a prepared `alignx` TFDS dataset, decoded on access."""
+
+    def __init__(self, dataset_dir: str, split: str = "train"):
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder_from_directory(dataset_dir)
+        if split not in builder.info.splits:
+            raise DataError(f"no split {split!r} (has: {', '.join(sorted(builder.info.splits))})", file=dataset_dir)
+        self.path, self.split = dataset_dir, split
+        self._ds = builder.as_data_source(split=split)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict:
+        from alignx_jax.data.tfds_builder import decode_row
+        return decode_row(self._ds[int(index)]["row"])
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({self.path!r}, split={self.split!r}, rows={len(self)})"
+
+
+def find_prepared(path: str) -> str | None:
+    """The TFDS version folder under `path` (the data_dir, `alignx/`, or the version folder itself)."""
+    if not os.path.isdir(path):
+        return None
+    for pattern in ("dataset_info.json", "*/dataset_info.json", "alignx/*/dataset_info.json"):
+        hits = sorted(glob.glob(os.path.join(path, pattern)))
+        if hits:
+            return os.path.dirname(hits[-1])  # highest version string last
+    return None
+
+
+def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad: bool = False) -> RowSource:
+    """Random access to rows: a prepared TFDS folder (`alignx data prepare --out`) or raw files.
+
+    For raw folders holding `train/`, `test/` ... sub-folders (`alignx data split`), `split` picks one.
+    """
+    prepared = find_prepared(path)
+    if prepared is not None:
+        return ArrayRecordSource(prepared, split)
+    from alignx_jax.data import schema
+    if os.path.isdir(os.path.join(path, split)):
+        path = os.path.join(path, split)
+    rows, skipped = schema.load_rows(path, kind=kind, skip_bad=skip_bad)
+    return ListSource(rows, skipped=skipped, path=path)
+
+
+def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "auto") -> dict[str, Any]:
+    """Validate `source` and write the `alignx` TFDS dataset (array_record) under `out_dir`."""
+    if not os.path.exists(source):
+        raise DataError("no such file or folder", file=source)
+    import tensorflow_datasets as tfds
+
+    from alignx_jax.data.tfds_builder import AlignX
+    tfds.disable_progress_bar()
+    builder = AlignX(source=os.path.abspath(source), kind=kind, skip_bad=skip_bad, data_dir=out_dir,
+                     file_format="array_record")
+    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        raise DataError("a prepared dataset already exists there; choose another --out or remove it",
+                        file=builder.data_dir)
+    builder.download_and_prepare()
+    files = sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*")))
+    return {"dataset_dir": builder.data_dir, "splits": builder.counts, "files": files}
+
+
+def cli_prepare(args: argparse.Namespace) -> int:
+    result = prepare(args.source, args.out, skip_bad=args.skip_bad_rows)
+    for split, c in result["splits"].items():
+        print(f"{split}: {c['rows']} rows written, {c['skipped']} skipped")
+    print(f"prepared: {result['dataset_dir']} ({len(result['files'])} array_record file(s))")
+    return 0
+
+
+# ------------------------------------------------------------------ the loader
+
+ExampleFn = Callable[[dict, np.random.Generator, int], Any]
+
+
+class TrainLoader:
+    """Shuffled, sharded, resumable iterator of collated DPO batches.
+
+    Iterating yields `(batch, info)`: `batch` the numpy dict of `batching.collate` (B =
+    pairs_per_batch, dummy pairs for dropped rows), `info` = {epoch, step, rows_seen,
+    rows_dropped, pairs} with cumulative counters. `num_epochs=None` iterates forever.
+    """
+
+    def __init__(self, source: RowSource, example_fn: ExampleFn, *, pairs_per_batch: int, pad_id: int,
+                 buckets: Sequence[int] | None = None, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, drop_remainder: bool = True, on_drop: str = "pad",
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 collate_fn: Callable[..., dict] | None = None):
+        if pairs_per_batch < 1:
+            raise ConfigError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
+        if on_drop not in ("pad", "refill"):
+            raise ConfigError(f"on_drop must be 'pad' or 'refill', got {on_drop!r}")
+        if shard_index is None or shard_count is None:
+            import jax
+            shard_index = jax.process_index() if shard_index is None else shard_index
+            shard_count = jax.process_count() if shard_count is None else shard_count
+        if not 0 <= shard_index < shard_count:
+            raise ConfigError(f"shard_index {shard_index} outside [0, {shard_count})")
+        self.source, self.example_fn = source, example_fn
+        self.pairs_per_batch, self.pad_id, self.seed = int(pairs_per_batch), int(pad_id), int(seed)
+        self.shuffle, self.num_epochs, self.drop_remainder, self.on_drop = shuffle, num_epochs, drop_remainder, on_drop
+        self.shard_index, self.shard_count = int(shard_index), int(shard_count)
+        self.num_rows = len(source)
+        self.shard_size = self.num_rows // self.shard_count
+        if self.shard_size == 0:
+            raise DataError(f"{self.num_rows} rows cannot feed {self.shard_count} hosts")
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"a host's {self.shard_size} rows make no full batch of {pairs_per_batch} pairs "
+                              "(lower pairs_per_batch or set drop_remainder=False)")
+        if collate_fn is None:
+            from alignx_jax.data import batching
+            kw = {} if buckets is None else {"buckets": tuple(buckets)}
+
+            def collate_fn(exs: Sequence[Any]) -> dict[str, np.ndarray]:
+                return batching.collate(exs, pad_id=self.pad_id, num_pairs=self.pairs_per_batch, **kw)
+        self.collate_fn = collate_fn
+        self._epoch, self._position, self._step = 0, 0, 0
+        self._rows_seen, self._rows_dropped = 0, 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    # -- sizes
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on this host (exact for on_drop='pad', an upper bound for 'refill')."""
+        full, rest = divmod(self.shard_size, self.pairs_per_batch)
+        return full + (0 if self.drop_remainder or rest == 0 else 1)
+
+    def __len__(self) -> int:
+        """Batches in the whole run (num_epochs * steps_per_epoch; one epoch's for an endless loader)."""
+        if self.num_epochs is None:
+            return self.steps_per_epoch
+        return self.num_epochs * self.steps_per_epoch
+
+    # -- order
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Row indices this host reads in `epoch`, in order."""
+        if self._order_cache is not None and self._order_cache[0] == epoch:
+            return self._order_cache[1]
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        else:
+            perm = np.arange(self.num_rows)
+        order = perm[self.shard_index::self.shard_count][:self.shard_size]
+        self._order_cache = (epoch, order)
+        return order
+
+    def _example_rng(self, epoch: int, index: int) -> np.random.Generator:
+        from alignx_jax.data.persona import row_rng
+        return row_rng(self.seed, (epoch, index))
+
+    # -- state
+    def get_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "seed": self.seed, "num_rows": self.num_rows,
+                "shard_index": self.shard_index, "shard_count": self.shard_count,
+                "pairs_per_batch": self.pairs_per_batch, "shuffle": self.shuffle, "on_drop": self.on_drop,
+                "epoch": self._epoch, "position": self._position, "step": self._step,
+                "rows_seen": self._rows_seen, "rows_dropped": self._rows_dropped}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        for key in ("seed", "num_rows", "shard_index", "shard_count", "pairs_per_batch", "shuffle", "on_drop"):
+            if state.get(key) != getattr(self, key):
+                raise ConfigError(f"cannot resume the data loader: saved {key}={state.get(key)!r} but this run "
+                                  f"has {getattr(self, key)!r} (same data, seed and hosts are needed)")
+        self._epoch, self._position, self._step = int(state["epoch"]), int(state["position"]), int(state["step"])
+        self._rows_seen, self._rows_dropped = int(state["rows_seen"]), int(state["rows_dropped"])
+
+    # -- iteration
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, int]]]:
+        return self
+
+    def _finished(self) -> bool:
+        return self.num_epochs is not None and self._epoch >= self.num_epochs
+
+    def _next_epoch_if_done(self) -> None:
+        full = self.shard_size - self.shard_size % self.pairs_per_batch if self.drop_remainder else self.shard_size
+        if self._position >= full:
+            self._epoch, self._position = self._epoch + 1, 0
+
+    def __next__(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        empty_epochs = 0
+        while True:
+            self._next_epoch_if_done()
+            if self._finished():
+                raise StopIteration
+            epoch, order = self._epoch, self.shard_order(self._epoch)
+            start, examples = self._position, []
+            # In pad mode a batch owns a fixed slice of the shard; in refill mode it reads on until full.
+            limit = self._position + self.pairs_per_batch if self.on_drop == "pad" else self.shard_size
+            while self._position < min(limit, self.shard_size) and len(examples) < self.pairs_per_batch:
+                index = int(order[self._position])
+                self._position += 1
+                self._rows_seen += 1
+                ex = self.example_fn(self.source[index], self._example_rng(epoch, index), index)
+                if ex is None:
+                    self._rows_dropped += 1
+                else:
+                    examples.append(ex)
+            short = len(examples) < self.pairs_per_batch
+            if self.on_drop == "refill" and (not examples or (short and self.drop_remainder)):
+                # The shard's tail cannot fill a batch: on to the next epoch (a whole epoch of
+                # rejected rows would loop forever, so that is an error).
+                empty_epochs = empty_epochs + 1 if start == 0 and not examples else 0
+                if empty_epochs:
+                    raise DataError(f"every row of epoch {epoch} was rejected by the example function "
+                                    "(all prompts too long?)")
+                self._epoch, self._position = self._epoch + 1, 0
+                continue
+            batch = self.collate_fn(examples)
+            self._step += 1
+            info = {"epoch": epoch, "step": self._step, "rows_seen": self._rows_seen,
+                    "rows_dropped": self._rows_dropped, "pairs": len(examples)}
+            return batch, info

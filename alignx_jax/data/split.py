@@ -1,0 +1,100 @@
+"""Train/test splits that keep groups whole: by prompt, by user or by row.
+
+  * by='prompt': every row of a prompt lands in the same half, so no test prompt was trained on
+    (for P-SOUPS each prompt carries both personas, so both personas appear in both halves);
+  * by='user': groups by `user_id`, else `ground_truth_persona`, else the persona itself
+    (demographics + both histories): rows that share a persona are one user;
+  * by='row': rows independently.
+Groups are shuffled by `seed`; round(test_fraction * groups) go to test (at least one group on each
+side when there are two or more and 0 < test_fraction < 1). Rows keep their input order.
+`alignx data split` writes DIR/train/NAME and DIR/test/NAME in the input's own format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from alignx_jax.data import persona as persona_lib
+from alignx_jax.data import schema
+from alignx_jax.errors import DataError
+
+SPLIT_BY = ("prompt", "user", "row")
+
+
+def _user_key(row: dict) -> str:
+    if row.get("user_id") is not None:
+        return f"id:{row['user_id']}"
+    if row.get("ground_truth_persona") is not None:
+        return f"persona:{row['ground_truth_persona']}"
+    fields = {k: row.get(k) for k in (persona_lib.DEMO_FIELD, persona_lib.UGC_FIELD, persona_lib.PAIR_FIELD)}
+    return "history:" + json.dumps(fields, sort_keys=True, ensure_ascii=False)
+
+
+def split_indices(rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5,
+                  seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of the train and test rows (see the module docstring)."""
+    if by not in SPLIT_BY:
+        raise DataError(f"unknown split key {by!r}; expected one of {', '.join(SPLIT_BY)}")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    keys = [i if by == "row" else (r["prompt"] if by == "prompt" else _user_key(r)) for i, r in enumerate(rows)]
+    groups = list(dict.fromkeys(keys))  # first-appearance order: independent of hash seeds
+    n_test = int(round(test_fraction * len(groups)))
+    if len(groups) >= 2 and 0.0 < test_fraction < 1.0:
+        n_test = min(max(n_test, 1), len(groups) - 1)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    test_groups = {groups[i] for i in order[:n_test]}
+    train = [i for i, k in enumerate(keys) if k not in test_groups]
+    test = [i for i, k in enumerate(keys) if k in test_groups]
+    return train, test
+
+
+def split_rows(rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5,
+               seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, test) rows; see the module docstring for what stays together."""
+    train, test = split_indices(rows, by=by, test_fraction=test_fraction, seed=seed)
+    return [rows[i] for i in train], [rows[i] for i in test]
+
+
+def _write(raw: schema.RawFile, picks: list[int], dest: str) -> None:
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if raw.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        # Re-read as a table so the output keeps the input's exact column types.
+        table = pq.read_table(raw.path)
+        pq.write_table(table.take(np.asarray(picks, dtype=np.int64)), dest)
+    elif raw.fmt == "json":
+        with open(dest, "w", encoding="utf-8") as f:
+            json.dump([raw.rows[i] for i in picks], f, ensure_ascii=False, indent=4)
+            f.write("\n")
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            for i in picks:
+                f.write(json.dumps(raw.rows[i], ensure_ascii=False) + "\n")
+
+
+def cli_split(args: argparse.Namespace) -> int:
+    """`alignx data split PATH --by prompt|user|row --test-fraction F --seed S --out DIR`."""
+    loaded = schema.load(args.path)
+    if not loaded.rows:
+        raise DataError("no rows", file=args.path)
+    train, test = split_indices(loaded.rows, by=args.by, test_fraction=args.test_fraction, seed=args.seed)
+    root = args.path if os.path.isdir(args.path) else os.path.dirname(args.path)
+    for half, idx in (("train", train), ("test", test)):
+        per_file: dict[int, list[int]] = {fi: [] for fi in range(len(loaded.files))}
+        for i in idx:
+            fi, ri = loaded.origin[i]
+            per_file[fi].append(ri)
+        for fi, picks in per_file.items():
+            raw = loaded.files[fi]
+            rel = os.path.relpath(raw.path, root) if os.path.isdir(args.path) else os.path.basename(raw.path)
+            _write(raw, picks, os.path.join(args.out, half, rel))
+    print(f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
+          f"{os.path.join(args.out, 'train')}, {os.path.join(args.out, 'test')}")
+    return 0

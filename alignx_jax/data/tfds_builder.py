@@ -1,0 +1,108 @@
+"""The `alignx` TFDS dataset builder: local AlignX parquet/JSON(L) rows -> array_record files.
+
+Runs without TensorFlow (not installed here; tests/test_sources.py asserts that): TFDS 4.9's
+`GeneratorBasedBuilder` with `file_format='array_record'` serializes examples with its own
+protobuf/numpy code path, and `as_data_source()` / `tfds.data_source` / `tfds.builder_from_directory`
+read them back through `array_record` random access. Two TFDS details matter here:
+  * `_info()` builds `tfds.core.DatasetInfo` directly: `dataset_info_from_configs` wants a package
+    folder with metadata files next to the builder's module, which a library module does not have;
+  * `code_path` is overridden: TFDS 4.9.10 derives it through `importlib_resources.abc`, a
+    backport it only installs on Python < 3.9, so on 3.11 any builder living in a package fails
+    with ModuleNotFoundError. The module's own file is the right answer anyway;
+  * `DatasetInfo(disable_shuffling=True)`: TFDS otherwise reorders examples by a hash of their key; keeping the
+    source order makes record i the i-th valid source row (the loader shuffles per epoch anyway).
+
+Each row is one JSON string feature (`row`) plus its 0-based position among the split's valid rows
+(`index`): nested history lists survive as they are, and unknown extra fields are kept.
+The source (a file, a folder, or a folder with `train/`, `test/`, `validation/` sub-folders, one
+split each) is given at construction (`source=`), or as the TFDS manual dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from alignx_jax.data import schema
+from alignx_jax.errors import DataError
+
+SPLIT_DIRS = ("train", "validation", "test")
+
+
+def split_sources(source: str) -> dict[str, str]:
+    """split name -> path: the folder's train/validation/test sub-folders if it has any, else train."""
+    if os.path.isdir(source):
+        found = {s: os.path.join(source, s) for s in SPLIT_DIRS if os.path.isdir(os.path.join(source, s))}
+        if found:
+            return found
+    return {"train": source}
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"cannot serialize {type(x).__name__}")
+
+
+def encode_row(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=False, default=_json_default)
+
+
+def decode_row(value: Any) -> dict:
+    return json.loads(value.decode("utf-8") if isinstance(value, bytes) else value)
+
+
+class AlignX(tfds.core.GeneratorBasedBuilder):
+    """AlignX-schema preference rows from local files (one JSON string per row)."""
+
+    name = "alignx"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "One JSON-encoded AlignX row per example, plus its source index."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass source=PATH (an AlignX parquet/JSON(L) file or folder)."
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:  # see the module docstring
+        return epath.Path(__file__)
+
+    def __init__(self, *, source: str | None = None, kind: str = "auto", skip_bad: bool = False, **kwargs: Any):
+        self._source = source
+        self._kind = kind
+        self._skip_bad = skip_bad
+        self.counts: dict[str, dict[str, int]] = {}  # split -> {"rows", "skipped"}, filled while preparing
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="AlignX personalized preference rows (prompt, chosen, rejected, persona fields), "
+                        "each stored as one JSON string.",
+            features=tfds.features.FeaturesDict({"row": tfds.features.Text(), "index": np.int64}),
+            supervised_keys=None,
+            disable_shuffling=True,  # keep source order (the class attribute alone is not read here)
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        source = self._source or (str(dl_manager.manual_dir) if dl_manager.manual_dir else None)
+        if not source:
+            raise DataError("the alignx builder needs a source file or folder")
+        # Validate every split before writing anything: a bad row fails here, as a clean DataError.
+        loaded = {}
+        for split, path in split_sources(source).items():
+            rows, skipped = schema.load_rows(path, kind=self._kind, skip_bad=self._skip_bad)
+            if not rows:
+                raise DataError("no valid rows to prepare", file=path)
+            self.counts[split] = {"rows": len(rows), "skipped": skipped}
+            loaded[split] = rows
+        return {split: self._generate_examples(rows) for split, rows in loaded.items()}
+
+    def _generate_examples(self, rows: list[dict]):  # type: ignore[override]
+        for i, row in enumerate(rows):
+            yield i, {"row": encode_row(row), "index": i}

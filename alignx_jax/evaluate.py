@@ -1,0 +1,696 @@
+"""Alignment accuracy on the AlignX benchmarks (METHOD.md section 7) and `alignx eval`.
+
+For each pair, r(y) = beta * (log pi(y|x) - log pi_ref(y|x)), the log-probs summed over the
+response tokens plus the closing EOS; the pair is correct iff r(chosen) > r(rejected) strictly.
+With no reference the policy's own log-probs are compared.
+
+Scoring is batched: the chosen and rejected sequences of several pairs go through one forward pass
+in the DPO batch layout of `data/batching.collate` (right padding, so a causal mask keeps padding
+out of every real token's context and a sequence's log-prob does not depend on its neighbours).
+Pairs are sorted by length and cut into batches; each batch is padded to a length bucket, so there
+is one compilation per bucket shape. Batches are sharded over all devices on the `data` axis with
+the training code's mesh and rules.
+
+Choices made here (METHOD.md leaves them open):
+  * the release scores one unpadded sequence per forward pass; this module pads, which changes the
+    result only by float rounding (tests/test_evaluate.py checks it against transformers);
+  * persona variants: `alignx` reports ugc/pair/demo/p separately (default all four); the other
+    benchmarks render whichever persona fields a row has (`p`) unless --persona says otherwise.
+    When the prompt does not depend on the persona (--method none, or pba with the golden P~) each
+    benchmark is scored once and reported without a persona level;
+  * a benchmark NAME given twice (e.g. two UF-P-4 files) is reported per file as `NAME:FILE` plus
+    the pooled `NAME`;
+  * `--flip` reports, besides the overall accuracy, the accuracy on the pairs whose P~ is
+    non-neutral on at least one flipped dimension (`involved`) and on the others (`rest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
+
+BENCHMARKS: tuple[str, ...] = ("alignx", "p-soups", "uf-p-4", "prism")
+PERSONA_VARIANTS: tuple[str, ...] = ("ugc", "pair", "demo", "p")
+# Per-example rows are matched on these fields when an evaluation resumes.
+KEY_FIELDS: tuple[str, ...] = ("benchmark", "persona", "index")
+WILSON_Z95: float = 1.959963984540054
+# Upper bound on the float32 logits one chunk of `sequence_logps` may hold (elements).
+_LOGITS_BUDGET: int = 1 << 27
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(k: int, n: int, z: float = WILSON_Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials ((0, 1) when n == 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # exact at the ends (the formula gives 0 / 1 there up to rounding)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
+
+
+def accuracy_stats(correct: Sequence[bool]) -> dict[str, Any]:
+    """`{"accuracy", "n", "ci95"}` for a list of per-pair outcomes (accuracy None when empty)."""
+    n = len(correct)
+    k = int(sum(bool(c) for c in correct))
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": (k / n if n else None), "n": n, "ci95": [lo, hi]}
+
+
+def reward(logp: float, ref_logp: float | None, beta: float) -> float:
+    """r(y) = beta * (log pi(y|x) - log pi_ref(y|x)); with no reference, the policy's own log-prob."""
+    return float(logp) if ref_logp is None else beta * (float(logp) - float(ref_logp))
+
+
+def is_correct(logp_chosen: float, logp_rejected: float, ref_logp_chosen: float | None,
+               ref_logp_rejected: float | None, beta: float) -> bool:
+    """r(chosen) > r(rejected), strictly: a tie counts as wrong."""
+    if (ref_logp_chosen is None) != (ref_logp_rejected is None):
+        raise ValueError("both reference log-probs or neither")
+    return reward(logp_chosen, ref_logp_chosen, beta) > reward(logp_rejected, ref_logp_rejected, beta)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSpec:
+    """One `--benchmark NAME=PATH`: `key` names it in the results and the per-example file."""
+    name: str
+    path: str
+    key: str
+
+
+def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
+    """`NAME=PATH` strings -> specs; a bad name, a missing `=PATH` or a missing path is a DataError."""
+    from alignx_jax.data.benchmarks import parse_benchmark_arg
+
+    pairs = []
+    for spec in specs:
+        name, path = parse_benchmark_arg(spec)
+        if not os.path.exists(path):
+            raise DataError(f"--benchmark {name}: no such file or folder", file=path)
+        pairs.append((name, path))
+    counts: dict[str, int] = {}
+    for name, _ in pairs:
+        counts[name] = counts.get(name, 0) + 1
+    out, used = [], set()
+    for name, path in pairs:
+        key = name
+        if counts[name] > 1:  # same benchmark from several files: name each by its file
+            stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+            key = f"{name}:{stem}"
+            k = 2
+            while key in used:
+                key, k = f"{name}:{stem}.{k}", k + 1
+        if key in used:
+            raise DataError(f"--benchmark {name} given twice with the same path", file=path)
+        used.add(key)
+        out.append(BenchmarkSpec(name, path, key))
+    return out
+
+
+def persona_dependent(method: str, preference: str) -> bool:
+    """Whether the scored prompt depends on the persona (ICA, or PBA with a predicted P~)."""
+    return method == "ica" or (method == "pba" and preference == "predicted")
+
+
+def resolve_personas(value: str | None, benchmark: str, *, method: str, preference: str) -> list[str | None]:
+    """The persona variants to score for one benchmark ([None] when the prompt ignores the persona)."""
+    if not persona_dependent(method, preference):
+        return [None]
+    if value is None:
+        return list(PERSONA_VARIANTS) if benchmark == "alignx" else ["p"]
+    variants = [v.strip().lower() for v in value.split(",") if v.strip()]
+    if not variants:
+        raise ConfigError("--persona: empty list")
+    for v in variants:
+        if v not in PERSONA_VARIANTS:
+            raise ConfigError(f"--persona: unknown variant {v!r}; expected {', '.join(PERSONA_VARIANTS)}")
+    return list(dict.fromkeys(variants))
+
+
+def parse_flip(value: str | None) -> tuple[int, ...]:
+    """`--flip` -> sorted dimension indices. Items are indices (0..89) or labels (either side of a
+    dimension, case-insensitive); labels may themselves contain ", " so pieces are re-joined."""
+    if value is None or not value.strip():
+        return ()
+    from alignx_jax.data.persona import NUM_DIMS, load_preference_space
+
+    labels: dict[str, int] = {}
+    for d in load_preference_space():
+        labels[d["positive_label"].lower()] = d["index"]
+        labels[d["negative_label"].lower()] = d["index"]
+    parts = [p.strip() for p in value.split(",")]
+    dims: set[int] = set()
+    i = 0
+    while i < len(parts):
+        for j in range(len(parts), i, -1):  # longest run of pieces that forms one item
+            item = ", ".join(parts[i:j]).lower()
+            if j == i + 1 and item.lstrip("-").isdigit():
+                dim = int(item)
+                if not 0 <= dim < NUM_DIMS:
+                    raise ConfigError(f"--flip: dimension {dim} is out of range 0..{NUM_DIMS - 1}")
+                dims.add(dim)
+                break
+            if item in labels:
+                dims.add(labels[item])
+                break
+        else:
+            raise ConfigError(f"--flip: {parts[i]!r} is neither a dimension index nor a preference label")
+        i = j
+    return tuple(sorted(dims))
+
+
+def flip_direction(direction: Any, dims: Sequence[int]) -> np.ndarray:
+    """Reverse the listed dimensions of a direction (1 <-> 0; neutral stays neutral)."""
+    out = np.asarray(direction, dtype=np.float32).copy()
+    idx = list(dims)
+    out[idx] = 1.0 - out[idx]
+    return out
+
+
+def involves(direction: Any, dims: Sequence[int]) -> bool:
+    """Whether a direction is non-neutral on any of `dims`."""
+    arr = np.asarray(direction, dtype=np.float32)
+    return bool(len(dims)) and bool(np.any(arr[list(dims)] != 0.5))
+
+
+# ----------------------------------------------------------------------------- per-example file
+
+
+class PerExampleLog:
+    """The `--per-example` JSONL file: rows already there are reused (resume); new rows are appended
+    and flushed batch by batch, so an interrupted evaluation loses at most one batch."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.rows: dict[tuple, dict] = {}
+        self._f = None
+        if path is None:
+            return
+        if os.path.isdir(path):
+            raise DataError("--per-example must be a file, got a folder", file=path)
+        if os.path.exists(path):
+            self._read()
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def _read(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        lines = data.split(b"\n")
+        good_bytes = 0
+        for lineno, raw in enumerate(lines, start=1):
+            last = lineno == len(lines)
+            if not raw.strip():
+                good_bytes += len(raw) + (0 if last else 1)
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict) or any(k not in row for k in KEY_FIELDS):
+                    raise ValueError("not a per-example row")
+            except ValueError as e:
+                # Only the final line may be cut short (killed mid-write): drop it and go on.
+                if last or all(not r.strip() for r in lines[lineno:]):
+                    with open(self.path, "r+b") as f:
+                        f.truncate(good_bytes)
+                    break
+                raise DataError(f"line {lineno}: not a per-example row ({e})", file=self.path) from None
+            good_bytes += len(raw) + (0 if last else 1)
+            self.rows[key_of(row)] = row
+        if good_bytes and not data[:good_bytes].endswith(b"\n"):
+            with open(self.path, "ab") as f:  # a complete last row without newline: end it
+                f.write(b"\n")
+
+    def get(self, key: tuple) -> dict | None:
+        return self.rows.get(key)
+
+    def append(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        for row in rows:
+            self.rows[key_of(row)] = row
+        if self._f is None:
+            return
+        for row in rows:
+            self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def key_of(row: dict) -> tuple:
+    return (row["benchmark"], row["persona"], int(row["index"]))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class SequenceScorer:
+    """Summed response log-probs of the sequences of a DPO batch, jitted once per batch shape.
+
+    `model` is an NNX `Decoder`; its parameters should already sit on `mesh` (hf.load_pretrained
+    with mesh= or sharding.shard_model). Batches are placed on the mesh's data axes.
+    """
+
+    def __init__(self, model: Any, mesh: Any, rules: Any = None):
+        import jax
+        from flax import nnx
+
+        self.graphdef, self.state = nnx.split(model)
+        self.mesh, self.rules = mesh, rules
+        self.vocab_size = int(model.cfg.vocab_size)
+        self.shapes: set[tuple[int, int]] = set()  # compiled (rows, length) shapes, for tests/logs
+        self._fn = jax.jit(self._logps, static_argnames=("chunk",))
+
+    def _logps(self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, *, chunk):
+        import jax
+        from flax import nnx
+
+        from alignx_jax.losses import sequence_logps
+
+        model = nnx.merge(self.graphdef, state)
+        with jax.named_scope("eval_sequence_logps"):
+            h_BTD = model.hidden_states(input_ids_BT, attention_mask_BT, positions_BT)
+            return sequence_logps(h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, chunk=chunk)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """float64 `[2B]` log-probs (row order of the batch)."""
+        import jax
+
+        from alignx_jax.sharding import logical_sharding, use_mesh
+
+        rows, T = batch["input_ids"].shape
+        # Bound the float32 logits of one time chunk; short batches take a single chunk.
+        per_step = rows * self.vocab_size
+        chunk = None if per_step * T <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // per_step)
+        names = ("input_ids", "attention_mask", "positions", "loss_mask")
+        sharding = logical_sharding(("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T))
+        args = [jax.device_put(np.asarray(batch[k], dtype=np.int32), sharding) for k in names]
+        with use_mesh(self.mesh, self.rules):
+            out = self._fn(self.state, *args, chunk=chunk)
+        self.shapes.add((rows, T))
+        return np.asarray(jax.device_get(out), dtype=np.float64)
+
+
+def length_buckets(longest: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two and their 1.5x midpoints from `smallest` up to the first >= `longest`:
+    at most two compilations per doubling of length, at most 33% padding from the bucket."""
+    out = []
+    b = smallest
+    while True:
+        for size in (b, b + b // 2):
+            out.append(size)
+            if size >= longest:
+                return tuple(out)
+        b *= 2
+
+
+def data_parallel_size(mesh: Any) -> int:
+    """How many ways a batch is split (the data and fsdp axes, as the training batch is)."""
+    return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
+
+
+def score_batches(examples: Sequence[Any], scorers: Sequence[SequenceScorer], *, batch_size: int,
+                  pad_id: int, buckets: Sequence[int], multiple: int = 1
+                  ) -> Iterator[tuple[list[Any], list[np.ndarray]]]:
+    """Yield (examples of the batch, per scorer float64 [n, 2] (chosen, rejected) log-probs).
+
+    Examples go longest first (a batch that does not fit memory fails at once, and the progress
+    bar's rate is conservative); the number of pairs per batch is padded up to a multiple of
+    `multiple` (the data-parallel size) with dummy pairs that are dropped again.
+    """
+    from alignx_jax.data.batching import collate
+
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
+    num_pairs = -(-batch_size // multiple) * multiple
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        batch = collate(chunk, buckets=buckets, pad_id=pad_id, num_pairs=num_pairs)
+        n = len(chunk)
+        outs = []
+        for scorer in scorers:
+            lp = scorer(batch)
+            outs.append(np.stack([lp[:n], lp[num_pairs:num_pairs + n]], axis=-1))
+        yield chunk, outs
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    method: str = "ica"
+    persona: str | None = None
+    preference: str = "golden"
+    flip: tuple[int, ...] = ()
+    prompt_format: str = "chat"
+    limit: int | None = None
+    batch_size: int = 8
+    max_length: int = 8192
+    beta: float = 0.1
+
+    def check(self) -> None:
+        if self.method not in ("none", "ica", "pba"):
+            raise ConfigError(f"--method must be none, ica or pba, got {self.method!r}")
+        if self.preference not in ("golden", "predicted"):
+            raise ConfigError(f"--preference must be golden or predicted, got {self.preference!r}")
+        if self.prompt_format not in ("chat", "paper"):
+            raise ConfigError(f"--prompt-format must be chat or paper, got {self.prompt_format!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be positive, got {self.limit}")
+        if self.max_length < 4:
+            raise ConfigError(f"--max-length must be at least 4, got {self.max_length}")
+        if not self.beta > 0:
+            raise ConfigError(f"--beta must be positive, got {self.beta}")
+        if self.flip and self.method != "pba":
+            raise ConfigError("--flip reverses dimensions of P~ and needs --method pba")
+
+
+def golden_direction(row: dict) -> np.ndarray | None:
+    """The row's golden P~: its `Preference Direction`, else its `profile` parsed back; None if neither."""
+    from alignx_jax.data import persona as persona_lib
+
+    d = row.get(persona_lib.DIRECTION_FIELD)
+    if d is not None:
+        return np.asarray(d, dtype=np.float32)
+    if isinstance(row.get("profile"), str):
+        return persona_lib.parse_profile(row["profile"])
+    return None
+
+
+def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
+    """PBA's golden profile text (flipped if asked) and the direction it renders (None if only text)."""
+    from alignx_jax.data import persona as persona_lib
+
+    if row.get(persona_lib.DIRECTION_FIELD) is not None:
+        direction = np.asarray(row[persona_lib.DIRECTION_FIELD], dtype=np.float32)
+    elif isinstance(row.get("profile"), str):
+        if not flip:  # the release's exact string (P-SOUPS) when nothing is changed
+            return row["profile"], golden_direction(row)
+        direction = persona_lib.parse_profile(row["profile"])
+    else:
+        raise DataError("--preference golden needs a `Preference Direction` or a `profile`",
+                        file=file, row=index)
+    if flip:
+        direction = flip_direction(direction, flip)
+    return persona_lib.profile_text(direction), direction
+
+
+class PredictedPreferences:
+    """P~ from the model folder's preference head (PBA with `--preference predicted`).
+
+    The head reads the policy's pooled hidden states of the persona-only prompt; here the persona
+    variant is the one being evaluated (the paper infers P~ from each persona representation), the
+    pooling and token budget are the head's own. Against rows with a golden direction the head's
+    agreement is collected for the results' `preference_head` block.
+    """
+
+    def __init__(self, model_dir: str, model: Any, tokenizer: Any, *, batch_size: int = 8):
+        from alignx_jax.models import preference_head as ph
+
+        if not os.path.isfile(os.path.join(model_dir, ph.HEAD_WEIGHTS_FILE)):
+            raise CheckpointError(f"{model_dir}: --preference predicted needs {ph.HEAD_WEIGHTS_FILE} "
+                                  "(export a PBA run with its head, or use --preference golden)")
+        self._ph = ph
+        self.head, self.cfg = ph.load_head(model_dir)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.metrics: dict[str, dict[str, float]] = {}
+
+    def directions(self, rows: Sequence[dict], persona: str, key: str) -> np.ndarray:
+        """float32 [N, 90] predicted directions for `rows` under one persona variant."""
+        ph = self._ph
+        feats = ph.persona_features(self.model, self.tokenizer, rows, pooling=self.cfg.pooling, variant=persona,
+                                    max_tokens=self.cfg.max_persona_tokens, batch_size=self.batch_size)
+        pred = ph.predict_direction(ph.head_probs(self.head, feats)).astype(np.float32)
+        gold = [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
+        if gold:
+            gold_dirs = np.asarray([rows[i]["Preference Direction"] for i in gold], dtype=np.float32)
+            self.metrics[key] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                 for k, v in ph.head_metrics(pred[gold], gold_dirs).items()}
+        return pred
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_json(), "agreement_with_golden": self.metrics}
+
+
+def _prepare(rows: Sequence[dict], spec: BenchmarkSpec, persona: str | None, settings: EvalSettings,
+             tokenizer: Any, predicted: PredictedPreferences | None) -> tuple[list[Any], list[bool | None]]:
+    """DPOExamples for one benchmark and persona, and per example whether P~ involves --flip dims."""
+    from alignx_jax.data.batching import make_example
+
+    directions = None
+    if settings.method == "pba" and settings.preference == "predicted":
+        assert predicted is not None
+        directions = predicted.directions(rows, persona or "p",
+                                          spec.key if persona is None else f"{spec.key}/{persona}")
+    examples, involved = [], []
+    for i, row in enumerate(rows):
+        profile, direction = None, None
+        if settings.method == "pba":
+            if directions is not None:
+                direction = directions[i]
+                from alignx_jax.data.persona import profile_text
+
+                profile = profile_text(flip_direction(direction, settings.flip) if settings.flip else direction)
+            else:
+                profile, direction = golden_profile(row, settings.flip, file=spec.path, index=i)
+        ex = make_example(tokenizer, row, method=settings.method, persona=persona or "p",
+                          max_length=settings.max_length, prompt_format=settings.prompt_format,
+                          profile=profile, index=i, eval_mode=True)
+        examples.append(ex)
+        # "involves" is judged on the unflipped P~ (flipping keeps neutral dims neutral anyway)
+        involved.append(None if not settings.flip or direction is None
+                        else involves(direction, settings.flip))
+    return examples, involved
+
+
+def _example_row(spec: BenchmarkSpec, persona: str | None, ex: Any, lp: np.ndarray, ref: np.ndarray | None,
+                 beta: float, involved: bool | None) -> dict[str, Any]:
+    row = {
+        "benchmark": spec.key, "persona": persona, "index": int(ex.index),
+        "prompt_ids": list(ex.prompt_ids), "chosen_ids": list(ex.chosen_ids),
+        "rejected_ids": list(ex.rejected_ids),
+        "logp_chosen": float(lp[0]), "logp_rejected": float(lp[1]),
+        "ref_logp_chosen": None if ref is None else float(ref[0]),
+        "ref_logp_rejected": None if ref is None else float(ref[1]),
+    }
+    row["correct"] = is_correct(row["logp_chosen"], row["logp_rejected"], row["ref_logp_chosen"],
+                                row["ref_logp_rejected"], beta)
+    if involved is not None:
+        row["flip_involved"] = involved
+    return row
+
+
+def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str) -> None:
+    """A resumed row must describe the same token ids and reference setting as this run."""
+    same = (stored.get("prompt_ids") == list(ex.prompt_ids) and stored.get("chosen_ids") == list(ex.chosen_ids)
+            and stored.get("rejected_ids") == list(ex.rejected_ids)
+            and (stored.get("ref_logp_chosen") is not None) == has_ref)
+    if not same:
+        raise DataError(f"row {key_of(stored)} was written by a run with other settings (prompt, tokenizer, "
+                        "max length or reference); use a new --per-example file", file=path)
+
+
+def _summarize(outcomes: Sequence[dict], flip: Sequence[int]) -> dict[str, Any]:
+    stats = accuracy_stats([o["correct"] for o in outcomes])
+    if flip:
+        inv = [o["correct"] for o in outcomes if o.get("flip_involved")]
+        rest = [o["correct"] for o in outcomes if not o.get("flip_involved")]
+        stats["flip"] = {"dims": list(flip), "involved": accuracy_stats(inv), "rest": accuracy_stats(rest)}
+    return stats
+
+
+def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: EvalSettings, *,
+             reference_dir: str | None = None, per_example: str | None = None, mesh: Any = None,
+             rules: Any = None, progress: bool = True, dtype: str | None = None) -> dict[str, Any]:
+    """Score every benchmark (and persona variant) and return the results dict of `alignx eval`."""
+    from tqdm.auto import tqdm
+
+    from alignx_jax.data.benchmarks import load_benchmark
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.sharding import make_mesh
+    from alignx_jax.tokenizer import load_tokenizer
+
+    settings.check()
+    for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
+        if d is not None and not os.path.isdir(d):
+            raise CheckpointError(f"{what}: model folder not found: {d}")
+    if settings.method == "pba" and settings.preference == "predicted" and not os.path.isfile(
+            os.path.join(model_dir, "preference_head.safetensors")):  # fail before loading anything
+        raise CheckpointError(f"{model_dir}: --preference predicted needs preference_head.safetensors "
+                              "(export a PBA run with its head, or use --preference golden)")
+    # Read every benchmark first: a bad file fails before minutes of model loading.
+    data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+
+    tokenizer = load_tokenizer(model_dir)
+    if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise CheckpointError(f"{model_dir}: the tokenizer has no chat template; use --prompt-format paper")
+    mesh = make_mesh(data=-1) if mesh is None else mesh
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    policy = load_pretrained(model_dir, mesh=mesh, rules=rules, **kwargs)
+    scorers = [SequenceScorer(policy, mesh, rules)]
+    if reference_dir is not None:
+        reference = load_pretrained(reference_dir, mesh=mesh, rules=rules, **kwargs)
+        if int(reference.cfg.vocab_size) != int(policy.cfg.vocab_size):
+            raise CheckpointError(f"--reference {reference_dir}: vocabulary size {reference.cfg.vocab_size} "
+                                  f"differs from the policy's {policy.cfg.vocab_size}")
+        scorers.append(SequenceScorer(reference, mesh, rules))
+    predicted = None
+    if settings.method == "pba" and settings.preference == "predicted":
+        predicted = PredictedPreferences(model_dir, policy, tokenizer, batch_size=settings.batch_size)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    has_ref = reference_dir is not None
+
+    log = PerExampleLog(per_example)
+    per_key: dict[str, dict[str | None, list[dict]]] = {}
+    try:
+        for spec, rows in data:
+            for persona in resolve_personas(settings.persona, spec.name, method=settings.method,
+                                            preference=settings.preference):
+                examples, involved = _prepare(rows, spec, persona, settings, tokenizer, predicted)
+                outcomes: list[dict] = []
+                todo = []
+                for ex, inv in zip(examples, involved):
+                    stored = log.get((spec.key, persona, ex.index))
+                    if stored is None:
+                        todo.append((ex, inv))
+                        continue
+                    _check_resumed(stored, ex, has_ref, per_example)
+                    # recompute `correct` with this run's beta; flip membership from this run
+                    outcomes.append({"correct": is_correct(stored["logp_chosen"], stored["logp_rejected"],
+                                                           stored["ref_logp_chosen"], stored["ref_logp_rejected"],
+                                                           settings.beta), "flip_involved": inv})
+                if todo:
+                    inv_by_index = {ex.index: inv for ex, inv in todo}
+                    todo_ex = [ex for ex, _ in todo]
+                    buckets = length_buckets(max(len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
+                                                 for ex in todo_ex))
+                    desc = spec.key if persona is None else f"{spec.key}/{persona}"
+                    with tqdm(total=len(todo_ex), desc=desc, unit="pair", disable=not progress,
+                              initial=0) as bar:
+                        for chunk, outs in score_batches(todo_ex, scorers, batch_size=settings.batch_size,
+                                                         pad_id=pad_id, buckets=buckets,
+                                                         multiple=data_parallel_size(mesh)):
+                            new_rows = [_example_row(spec, persona, ex, outs[0][j],
+                                                     outs[1][j] if has_ref else None, settings.beta,
+                                                     inv_by_index[ex.index])
+                                        for j, ex in enumerate(chunk)]
+                            log.append(new_rows)
+                            outcomes.extend(new_rows)
+                            bar.update(len(chunk))
+                per_key.setdefault(spec.key, {})[persona] = outcomes
+    finally:
+        log.close()
+
+    results: dict[str, Any] = {
+        "model": os.path.abspath(model_dir),
+        "reference": None if reference_dir is None else os.path.abspath(reference_dir),
+        "method": settings.method,
+        # resolved per benchmark key; null where the prompt does not depend on the persona
+        "persona": {spec.key: _none_if_independent(resolve_personas(
+            settings.persona, spec.name, method=settings.method, preference=settings.preference))
+            for spec in benchmarks},
+        "preference": settings.preference if settings.method == "pba" else None,
+        "prompt_format": settings.prompt_format,
+        "max_length": settings.max_length,
+        "beta": settings.beta,
+        "limit": settings.limit,
+        "flip": list(settings.flip) or None,
+        "benchmarks": {},
+    }
+    by_name: dict[str, list[BenchmarkSpec]] = {}
+    for spec in benchmarks:
+        by_name.setdefault(spec.name, []).append(spec)
+    for name, specs in by_name.items():
+        entries = [(spec.key, per_key[spec.key]) for spec in specs]
+        if len(specs) > 1:  # pooled over the files, then each file
+            pooled: dict[str | None, list[dict]] = {}
+            for _, by_persona in entries:
+                for persona, outs in by_persona.items():
+                    pooled.setdefault(persona, []).extend(outs)
+            entries = [(name, pooled)] + entries
+        for key, by_persona in entries:
+            nested = name == "alignx" and list(by_persona) != [None] or len(by_persona) > 1
+            if nested:
+                results["benchmarks"][key] = {p: _summarize(o, settings.flip) for p, o in by_persona.items()}
+            else:
+                results["benchmarks"][key] = _summarize(next(iter(by_persona.values())), settings.flip)
+    if predicted is not None:
+        results["preference_head"] = predicted.describe()
+    return results
+
+
+def _none_if_independent(personas: list[str | None]) -> list[str] | None:
+    return None if personas == [None] else personas
+
+
+def _format_table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, entry in results["benchmarks"].items():
+        items = [(None, entry)] if "accuracy" in entry else list(entry.items())
+        for persona, stats in items:
+            name = key if persona is None else f"{key}/{persona}"
+            acc = "n/a" if stats["accuracy"] is None else f"{100 * stats['accuracy']:.2f}%"
+            lo, hi = stats["ci95"]
+            lines.append(f"{name:<28} {acc:>8}  n={stats['n']:<6} 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]")
+            if "flip" in stats:
+                for part in ("involved", "rest"):
+                    s = stats["flip"][part]
+                    a = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
+                    lines.append(f"  flip {part:<21} {a:>8}  n={s['n']}")
+    return lines
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
+    if args.out and os.path.isdir(args.out):
+        raise ConfigError(f"--out must be a file, got a folder: {args.out}")
+    specs = parse_benchmark_specs(args.benchmark)
+    reference = None if args.reference in (None, "", "none") else args.reference
+    settings = EvalSettings(method=args.method, persona=args.persona, preference=args.preference,
+                            flip=parse_flip(args.flip), prompt_format=args.prompt_format or "chat",
+                            limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                            beta=args.beta)
+    try:
+        # `--dtype` is not in the CLI contract yet; float32 (load_pretrained's default) until it is
+        results = evaluate(args.model, specs, settings, reference_dir=reference, per_example=args.per_example,
+                           dtype=getattr(args, "dtype", None))
+    except OSError as e:  # unreadable or unwritable files are the user's to fix
+        raise AlignXError(f"eval: {e}") from e
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, args.out)  # never leave a half-written results file
+    for line in _format_table(results):
+        print(line)
+    print(f"results: {args.out}")
+    return 0

@@ -1,0 +1,195 @@
+"""KV-cached sampling: one compiled prefill, then one compiled decode loop (a `lax.while_loop`,
+one model step per token, no recompiles per token), for left-padded batches of prompts.
+
+Sampling follows the release's win-rate setting by default (temperature 0.9, top-k 10, top-p 0.95);
+`greedy=True` takes the argmax. Generation stops per row at EOS / `<|eot_id|>` / `<|end_of_text|>`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignx_jax.errors import AlignXError, CheckpointError, DataError
+from alignx_jax.models.decoder import Decoder
+
+PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this to reuse compilations
+
+
+def sample_token(logits_BV: jax.Array, key: jax.Array, *, greedy: bool, temperature: jax.Array,
+                 top_k: int, top_p: jax.Array) -> jax.Array:
+    """Next token ids [B]: argmax, or temperature -> top-k -> top-p (nucleus) -> categorical."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    V = logits_BV.shape[-1]
+    k = V if top_k <= 0 or top_k >= V else top_k
+    # top_k first, so the nucleus sort runs over k candidates rather than the whole vocabulary
+    vals_BK, idx_BK = jax.lax.top_k(logits_BV / temperature, k)
+    probs_BK = jax.nn.softmax(vals_BK, axis=-1)
+    before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+    vals_BK = jnp.where(before_BK < top_p, vals_BK, -jnp.inf)  # the top token always survives
+    choice_B = jax.random.categorical(key, vals_BK, axis=-1)
+    return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
+def _generate_jit(graphdef, state, ids_BT, mask_BT, key, stop_ids, pad_id, temperature, top_p, *,
+                  max_new_tokens: int, greedy: bool, top_k: int):
+    model = nnx.merge(graphdef, state)
+    B, T = ids_BT.shape
+    cache = model.init_cache(B, T + max_new_tokens)  # created inside: no second copy to donate
+    sample = partial(sample_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    with jax.named_scope("prefill"):
+        logits_BTV, cache = model(ids_BT, mask_BT, cache=cache)
+        key, sub = jax.random.split(key)
+        tok_B = sample(logits_BTV[:, -1], sub)
+    out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
+    done_B = jnp.isin(tok_B, stop_ids)
+
+    def cond(carry):
+        i, _, _, done_B, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def step(carry):
+        i, tok_B, cache, done_B, out_BN, key = carry
+        with jax.named_scope("decode_step"):
+            logits_B1V, cache = model(tok_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache)
+            key, sub = jax.random.split(key)
+            nxt_B = sample(logits_B1V[:, 0], sub)
+            nxt_B = jnp.where(done_B, pad_id, nxt_B)  # finished rows emit padding
+            out_BN = jax.lax.dynamic_update_slice(out_BN, nxt_B[:, None], (0, i))
+            done_B = done_B | jnp.isin(nxt_B, stop_ids)
+        return i + 1, nxt_B, cache, done_B, out_BN, key
+
+    carry = (jnp.int32(1), tok_B, cache, done_B, out_BN, key)
+    _, _, _, _, out_BN, _ = jax.lax.while_loop(cond, step, carry)
+    return out_BN
+
+
+def _stop_ids(model: Decoder, tokenizer) -> list[int]:
+    from alignx_jax.tokenizer import stop_token_ids
+
+    ids = set(stop_token_ids(tokenizer)) if tokenizer is not None else set()
+    eos = model.cfg.eos_token_id
+    ids.update(eos if isinstance(eos, tuple) else ([eos] if eos is not None else []))
+    if not ids:
+        raise CheckpointError("no stop token: neither the tokenizer nor the model config names an EOS id")
+    return sorted(ids)
+
+
+def generate(model: Decoder, tokenizer, prompts: list[list[int]] | list[str], *, max_new_tokens: int = 512,
+             greedy: bool = False, temperature: float = 0.9, top_k: int = 10, top_p: float = 0.95,
+             seed: int = 0, stop_ids: list[int] | None = None) -> list[list[int]]:
+    """Generated token ids per prompt, ending with the stop token that ended it (if any).
+
+    `prompts` are token-id lists, or strings tokenized with the tokenizer's defaults (BOS added);
+    use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts."""
+    if not prompts:
+        return []
+    if max_new_tokens < 1:
+        raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise DataError(f"temperature must be > 0 (or use greedy), got {temperature}")
+    if isinstance(prompts[0], str):
+        if tokenizer is None:
+            raise DataError("text prompts need a tokenizer")
+        prompts = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise DataError("empty prompt")
+    stops = list(stop_ids) if stop_ids is not None else _stop_ids(model, tokenizer)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = model.cfg.pad_token_id if pad_id is None else pad_id
+    pad_id = stops[0] if pad_id is None else int(pad_id)
+
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    T = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.full((B, T), pad_id, np.int32)
+    mask = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):  # left padding: every row's last prompt token sits at T-1
+        ids[b, T - len(p):] = p
+        mask[b, T - len(p):] = 1
+    graphdef, state = nnx.split(model)
+    out = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+                        jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), jnp.float32(temperature),
+                        jnp.float32(top_p), max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+                        top_k=int(top_k))
+    out = np.asarray(out)
+    results = []
+    stop_set = set(stops)
+    for row in out:
+        toks: list[int] = []
+        for t in row.tolist():
+            toks.append(int(t))
+            if t in stop_set:
+                break
+        results.append(toks)
+    return results
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+
+def _load_model_and_tokenizer(path: str):
+    import os
+
+    from alignx_jax.models import hf
+    from alignx_jax.tokenizer import load_tokenizer
+
+    if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+        model, tok_dir = hf.load_pretrained(path), path
+    else:
+        model, tok_dir = hf.load_checkpoint(path), hf.resolve_checkpoint(path).tokenizer_dir
+    if tok_dir is None:
+        raise CheckpointError(f"{path}: no tokenizer files next to the model")
+    return model, load_tokenizer(tok_dir)
+
+
+def cli_generate(args) -> int:
+    persona: dict[str, Any] = {}
+    if args.persona:
+        try:
+            with open(args.persona, encoding="utf-8") as f:
+                persona = json.load(f)
+        except OSError as e:
+            raise DataError(f"cannot read persona file: {e}", file=args.persona) from None
+        except ValueError as e:
+            raise DataError(f"not valid JSON ({e})", file=args.persona) from None
+        if not isinstance(persona, dict):
+            raise DataError("expected a JSON object with a row's persona fields", file=args.persona)
+    model, tokenizer = _load_model_and_tokenizer(args.model)
+    try:
+        from alignx_jax.data import prompts as prompts_lib
+    except ImportError as e:  # pragma: no cover - the data package ships with the project
+        raise AlignXError(f"prompt rendering unavailable ({e})") from e
+    prompt_ids = [prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method)
+                  for text in args.prompt]
+    outs = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for p_ids, toks in zip(prompt_ids, outs):
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt_ids": p_ids, "token_ids": toks, "text": text}))
+        else:
+            print(text)
+            print()
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`alignx_jax.generate` is both this module and (lazily) the function; importing the submodule
+    rebinds the package attribute to the module, so the module forwards calls to `generate`."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,148 @@
+"""Two-stage training of PBA's preference head on a frozen backbone.
+
+Stage 1 runs the backbone once over every row's persona-only prompt and caches the pooled
+features `[N, D]` (`preference_head.persona_features`); stage 2 trains only the head's MLP on
+those features with optax (AdamW), mini-batches drawn with replacement. Since the backbone never
+changes, this costs one forward pass per row plus a few thousand tiny MLP steps, and works on any
+exported policy (`mode='two_stage'` in the `pba` config section). Joint training (head CE added to
+the DPO loss in one step) is `preference_head.joint_head_term`, wired in by train.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from alignx_jax.errors import DataError
+from alignx_jax.models.preference_head import (
+    HeadConfig,
+    PreferenceHead,
+    head_loss,
+    head_metrics,
+    head_probs,
+    persona_features,
+    predict_direction,
+)
+
+
+@dataclasses.dataclass
+class TwoStageResult:
+    head: PreferenceHead
+    cfg: HeadConfig
+    losses: list[float]              # training loss every `log_every` steps
+    train_metrics: dict[str, float]  # head_metrics on the training rows after training
+    features: np.ndarray             # the cached [N, D] features (reuse for a second head)
+
+
+def _directions(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Gold directions [N, 90] (0.5 where a row has none) and a row mask [N]."""
+    gold = np.full((len(rows), 90), 0.5, dtype=np.float32)
+    mask = np.zeros((len(rows),), dtype=np.float32)
+    for i, r in enumerate(rows):
+        d = r.get("Preference Direction")
+        if d is not None:
+            gold[i] = np.asarray(d, dtype=np.float32)
+            mask[i] = 1.0
+    return gold, mask
+
+
+def head_config_for(backbone: nnx.Module, cfg: Any) -> HeadConfig:
+    """A HeadConfig for `backbone` from a HeadConfig, a run config (its `pba` section) or a dict."""
+    if isinstance(cfg, HeadConfig):
+        return cfg
+    pba = cfg.pba if hasattr(cfg, "pba") else cfg
+    extra = {}
+    data = getattr(cfg, "data", None)
+    if data is not None and hasattr(data, "get") and data.get("persona") is not None:
+        extra["persona_variant"] = data.get("persona")  # the head reads the same persona variant as the policy
+    return HeadConfig.from_config(pba, backbone.cfg.hidden_size, **extra)
+
+
+@functools.lru_cache(maxsize=16)
+def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    # One object per setting: it is a static argument of the jitted step, so a new one would recompile.
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "class_weights", "focal_gamma"), donate_argnums=(1, 2, 3))
+def _train_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, opt_state: Any, x_BD: jax.Array,
+                d_BK: jax.Array, m_B: jax.Array, *, tx: optax.GradientTransformation,
+                class_weights: tuple[float, ...] | None, focal_gamma: float):
+    """One AdamW step on the head's params; pure (split state in, new state out) so that a step
+    costs no Python graph traversal and the compilation is shared by every training call."""
+    def loss_fn(params):
+        head = nnx.merge(graphdef, params, rest)
+        logits = head.classify(x_BD, deterministic=False)
+        loss = head_loss(logits, d_BK, class_weights=class_weights, focal_gamma=focal_gamma, mask=m_B)
+        return loss, nnx.state(head, nnx.Not(nnx.Param))  # dropout RNG counters advance
+
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+
+def train_head_two_stage(backbone: nnx.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], cfg: Any, *,
+                         head: PreferenceHead | None = None, features: np.ndarray | None = None,
+                         steps: int = 500, lr: float = 3e-3, batch_size: int = 64, weight_decay: float = 1e-4,
+                         class_weights: Sequence[float] | None = None, focal_gamma: float = 0.0,
+                         feature_batch_size: int = 8, seed: int = 0, log_every: int = 50) -> TwoStageResult:
+    """Train a preference head on a frozen `backbone` (see the module docstring).
+
+    cfg: a HeadConfig, or a run config / `pba` section (`pooling`, `hidden`, `class_weights`,
+    optional `focal_gamma`); explicit `class_weights`/`focal_gamma` arguments win. `features`
+    skips stage 1 (they must come from the same backbone, pooling and persona rule). Rows without
+    a `Preference Direction` are ignored by the loss; a set with none is a DataError.
+    """
+    hcfg = head_config_for(backbone, cfg)
+    pba = None if isinstance(cfg, HeadConfig) else (cfg.pba if hasattr(cfg, "pba") else cfg)
+    if class_weights is None and pba is not None and pba.get("class_weights") is not None:
+        class_weights = tuple(pba.get("class_weights"))
+    if not focal_gamma and pba is not None:
+        focal_gamma = float(pba.get("focal_gamma", 0.0) or 0.0)
+    gold, mask = _directions(rows)
+    if not mask.any():
+        raise DataError("two-stage head training: no row has a 'Preference Direction' to learn from")
+    if features is None:
+        features = persona_features(backbone, tokenizer, rows, pooling=hcfg.pooling, variant=hcfg.persona_variant,
+                                    max_tokens=hcfg.max_persona_tokens, batch_size=feature_batch_size)
+    if features.shape != (len(rows), hcfg.embed_dim):
+        raise ValueError(f"features {features.shape} do not match {len(rows)} rows x embed_dim {hcfg.embed_dim}")
+
+    head = PreferenceHead(hcfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)) if head is None else head
+    tx = _adamw(float(lr), float(weight_decay))
+    cw = None if class_weights is None else tuple(float(w) for w in class_weights)
+    graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+    opt_state = tx.init(params)
+
+    # Only rows with a direction are drawn; with replacement so every batch has the same shape.
+    pool = np.nonzero(mask)[0]
+    rng = np.random.default_rng(seed)
+    feats_j, gold_j = jnp.asarray(features), jnp.asarray(gold)
+    ones = jnp.ones((batch_size,), jnp.float32)
+    losses: list[float] = []
+    for t in range(steps):
+        pick = jnp.asarray(rng.choice(pool, size=batch_size, replace=True))
+        params, rest, opt_state, loss = _train_step(graphdef, params, rest, opt_state, feats_j[pick], gold_j[pick],
+                                                    ones, tx=tx, class_weights=cw, focal_gamma=float(focal_gamma))
+        if t % log_every == 0 or t == steps - 1:
+            losses.append(float(loss))
+    nnx.update(head, params, rest)
+    pred = predict_direction(head_probs(head, features[pool]))
+    return TwoStageResult(head=head, cfg=hcfg, losses=losses, train_metrics=head_metrics(pred, gold[pool]),
+                          features=features)
+
+
+def full_loss(head: PreferenceHead, features: np.ndarray, rows: Sequence[Mapping[str, Any]], *,
+              class_weights: Sequence[float] | None = None, focal_gamma: float = 0.0) -> float:
+    """The head loss over all rows with a direction (for before/after comparisons)."""
+    gold, mask = _directions(rows)
+    logits = head.classify(jnp.asarray(features))
+    return float(head_loss(logits, gold, class_weights=class_weights, focal_gamma=focal_gamma, mask=mask))

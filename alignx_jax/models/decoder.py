@@ -1,0 +1,519 @@
+"""Llama / Qwen2 decoder-only transformer in Flax NNX, with stacked (scannable) layers.
+
+`DecoderConfig` maps to and from a Hugging Face `config.json` (model_type `llama` or `qwen2`) and
+adds run options HF does not have (compute/param dtype, remat policy, scan, attention kernel).
+`Decoder` stores every per-layer weight with a leading `layers` axis; the forward pass applies the
+layers with `jax.lax.scan` (`scan_layers=True`, one compiled layer) or an unrolled loop, each
+optionally rematerialised. Every `nnx.Param` carries logical axis names (metadata key
+`logical_axes`, see `alignx_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
+
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "chunked")
+# query rows per block of the "chunked" attention (peak scores [B, N, chunk, S] instead of [B, N, T, S])
+ATTENTION_CHUNK = 1024
+
+# HF keys DecoderConfig models itself; everything else in config.json is carried through untouched.
+_MODELED_KEYS = {
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+}
+
+Cache = dict[str, jax.Array]
+
+
+def _freeze(x: Any) -> Any:
+    """Dicts/lists -> sorted tuples so the config stays hashable (it is static under jit)."""
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, list):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    model_type: str = "llama"
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # rope_scaling without rope_theta, as sorted (key, value) pairs; None = plain RoPE
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    # how config.json spelled RoPE ("rope_parameters" in transformers 5, else "rope_scaling")
+    hf_rope_style: str = "rope_parameters"
+    hf_extra_json: str = "{}"  # unmodeled config.json keys, for a faithful export
+    # ---- run options (not in HF) ----
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = True
+    attention_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                  f"num_key_value_heads={self.num_key_value_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat policy {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        for f in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, f))
+            except TypeError:
+                raise ConfigError(f"{f}={getattr(self, f)!r} is not a dtype") from None
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    def replace(self, **changes: Any) -> DecoderConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- Hugging Face config.json ----
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **run_options: Any) -> DecoderConfig:
+        """Build from a config.json dict; `run_options` set dtype/param_dtype/remat/scan_layers/..."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(f"unsupported model_type {model_type!r} (supported: "
+                                  f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        for arch in hf.get("architectures") or []:
+            if arch != SUPPORTED_MODEL_TYPES[model_type]:
+                raise CheckpointError(f"unsupported architecture {arch!r} for model_type {model_type!r}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"unsupported hidden_act {hf.get('hidden_act')!r} (only silu)")
+        if hf.get("mlp_bias"):
+            raise CheckpointError("unsupported mlp_bias=true")
+        if hf.get("use_sliding_window"):
+            raise CheckpointError("unsupported use_sliding_window=true")
+        try:
+            hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+            rope_params = hf.get("rope_parameters")
+            style = "rope_parameters" if isinstance(rope_params, dict) else "rope_scaling"
+            if style == "rope_parameters":
+                scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+                theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+            else:
+                scaling = dict(hf.get("rope_scaling") or {})
+                theta = float(hf.get("rope_theta", 10000.0))
+            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+            if rope_type not in ROPE_TYPES:
+                raise CheckpointError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+            bias = bool(hf.get("attention_bias", False))
+            eos = hf.get("eos_token_id")
+            extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
+            return cls(
+                model_type=model_type,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=_freeze(scaling) if scaling else None,
+                # Qwen2 always has q/k/v biases and no o bias; Llama's attention_bias covers all four
+                qkv_bias=True if model_type == "qwen2" else bias,
+                o_bias=False if model_type == "qwen2" else bias,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+                pad_token_id=hf.get("pad_token_id"),
+                hf_rope_style=style,
+                hf_extra_json=json.dumps(extra, sort_keys=True),
+                **run_options,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"config.json lacks required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"malformed config.json: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict (unmodeled keys from the source config are kept as they were)."""
+        out: dict[str, Any] = json.loads(self.hf_extra_json)
+        scaling = self.rope_scaling_dict or {}
+        out.update({
+            "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": "silu",
+        })
+        if self.model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama" or self.head_dim != self.hidden_size // self.num_attention_heads:
+            out["head_dim"] = self.head_dim  # Qwen2 configs derive it and carry no such key
+        if self.hf_rope_style == "rope_parameters":
+            out["rope_parameters"] = {"rope_type": "default", **scaling, "rope_theta": self.rope_theta}
+        else:
+            out["rope_theta"] = self.rope_theta
+            out["rope_scaling"] = scaling or None
+        return out
+
+
+# ---- building blocks (pure functions over arrays) ----------------------------------------------
+
+def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim/2] with the config's scaling (default, linear, llama3)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = cfg.rope_scaling_dict or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv = np.where(medium, blended, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions_BT: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)  # HF's rotate-half layout
+    return jnp.cos(emb_BTH).astype(dtype), jnp.sin(emb_BTH).astype(dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    # variance in float32 whatever the compute dtype, as HF does
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale):
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * scale
+    # a finite "minus infinity" keeps fully masked (left-pad) query rows NaN-free
+    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out.reshape(B, T, N, H)
+
+
+def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = ATTENTION_CHUNK):
+    """Exact attention one block of query rows at a time, each block rematerialised in the backward
+    pass: memory O(chunk * S) per head instead of O(T * S), for long sequences without a flash kernel."""
+    B, T, N, H = q_BTNH.shape
+    if T <= chunk or T % chunk:
+        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+    n, S = T // chunk, allowed_BTS.shape[-1]
+    q_nBCNH = q_BTNH.reshape(B, n, chunk, N, H).swapaxes(0, 1)
+    allowed_nBCS = allowed_BTS.reshape(B, n, chunk, S).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def block(_, xs):
+        q_BCNH, allowed_BCS = xs
+        return None, _attention_xla(q_BCNH, k_BSKH, v_BSKH, allowed_BCS, scale)
+
+    _, o_nBCNH = jax.lax.scan(block, None, (q_nBCNH, allowed_nBCS))
+    return o_nBCNH.swapaxes(0, 1).reshape(B, T, N, H)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str):
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    if impl == "xla":
+        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+    if impl == "chunked":
+        return _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=allowed_BTS[:, None, :, :], scale=scale,
+        implementation="cudnn" if impl == "cudnn" else None)
+
+
+def _linear(x, p, spec: str):
+    y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cache_kv, cache_index,
+                  *, cfg: DecoderConfig):
+    """One pre-norm block on one layer's params `p`. With `cache_kv=(k_BSKH, v_BSKH)` the new keys and
+    values are written at `cache_index` and attention reads the whole cache."""
+    with jax.named_scope("attention"):
+        h = rms_norm(x_BTD, p["input_norm"]["scale"], cfg.rms_norm_eps)
+        a = p["attn"]
+        q_BTNH = apply_rope(_linear(h, a["q_proj"], "btd,dnh->btnh"), cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(_linear(h, a["k_proj"], "btd,dkh->btkh"), cos_BTH, sin_BTH)
+        v_BTKH = _linear(h, a["v_proj"], "btd,dkh->btkh")
+        q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
+        if cache_kv is None:
+            k_all, v_all, new_kv = k_BTKH, v_BTKH, None
+        else:
+            ck, cv = cache_kv
+            k_all = jax.lax.dynamic_update_slice(ck, k_BTKH.astype(ck.dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cv, v_BTKH.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (k_all, v_all)
+            k_all, v_all = k_all.astype(x_BTD.dtype), v_all.astype(x_BTD.dtype)
+        o_BTNH = attention(q_BTNH, k_all, v_all, allowed_BTS, cfg.attention_impl)
+        x_BTD = x_BTD + _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd")
+        x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+    with jax.named_scope("mlp"):
+        h = rms_norm(x_BTD, p["post_attention_norm"]["scale"], cfg.rms_norm_eps)
+        m = p["mlp"]
+        g_BTF = _linear(h, m["gate_proj"], "btd,df->btf")
+        u_BTF = _linear(h, m["up_proj"], "btd,df->btf")
+        act_BTF = constrain(jax.nn.silu(g_BTF) * u_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+        x_BTD = x_BTD + _linear(act_BTF, m["down_proj"], "btf,fd->btd")
+        x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BTD, new_kv
+
+
+def remat_policy(name: str):
+    return {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+# ---- NNX modules (parameter storage with logical axis names) -------------------------------------
+
+def _init_value(key: jax.Array | None, shape, dtype, init: str) -> jax.Array:
+    if init == "ones":
+        return jnp.ones(shape, dtype)
+    if init == "zeros":
+        return jnp.zeros(shape, dtype)
+    if isinstance(key, jax.core.Tracer):  # under jit / eval_shape: part of one fused program
+        return (0.02 * jax.random.normal(key, shape, dtype=jnp.float32)).astype(dtype)
+    # Eagerly, jax.random would compile one XLA program per weight shape (seconds each on a busy
+    # CPU); a NumPy generator seeded from the nnx key is instant and still deterministic.
+    seed = np.asarray(jax.random.key_data(key)).astype(np.uint64).tolist()
+    value = 0.02 * np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return jnp.asarray(value.astype(jnp.dtype(dtype)))
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    value = _init_value(rngs.params() if init == "normal" else None, shape, dtype, init)
+    return nnx.Param(value, **{LOGICAL_AXES_KEY: tuple(axes)})
+
+
+class Proj(nnx.Module):
+    """A weight `kernel` (plus optional `bias`); the einsum lives in the pure layer function."""
+
+    def __init__(self, shape, axes, bias_shape=None, bias_axes=None, *, dtype, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, shape, axes, dtype)
+        self.bias = None if bias_shape is None else _param(rngs, bias_shape, bias_axes, dtype, "zeros")
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, shape, axes, *, dtype):
+        self.scale = _param(None, shape, axes, dtype, "ones")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, L: int, *, rngs: nnx.Rngs):
+        D, N, K, H, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.params_dtype
+        qb = cfg.qkv_bias
+        self.q_proj = Proj((L, D, N, H), ("layers", "embed", "heads", "head_dim"),
+                           (L, N, H) if qb else None, ("layers", "heads", "head_dim"), dtype=dt, rngs=rngs)
+        self.k_proj = Proj((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"),
+                           (L, K, H) if qb else None, ("layers", "kv_heads", "head_dim"), dtype=dt, rngs=rngs)
+        self.v_proj = Proj((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"),
+                           (L, K, H) if qb else None, ("layers", "kv_heads", "head_dim"), dtype=dt, rngs=rngs)
+        self.o_proj = Proj((L, N, H, D), ("layers", "heads", "head_dim", "embed"),
+                           (L, D) if cfg.o_bias else None, ("layers", "embed"), dtype=dt, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, L: int, *, rngs: nnx.Rngs):
+        D, F, dt = cfg.hidden_size, cfg.intermediate_size, cfg.params_dtype
+        self.gate_proj = Proj((L, D, F), ("layers", "embed", "mlp"), dtype=dt, rngs=rngs)
+        self.up_proj = Proj((L, D, F), ("layers", "embed", "mlp"), dtype=dt, rngs=rngs)
+        self.down_proj = Proj((L, F, D), ("layers", "mlp", "embed"), dtype=dt, rngs=rngs)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder blocks, each weight stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        L, D = cfg.num_hidden_layers, cfg.hidden_size
+        self.attn = Attention(cfg, L, rngs=rngs)
+        self.mlp = MLP(cfg, L, rngs=rngs)
+        self.input_norm = RMSNorm((L, D), ("layers", "norm"), dtype=cfg.params_dtype)
+        self.post_attention_norm = RMSNorm((L, D), ("layers", "norm"), dtype=cfg.params_dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.params_dtype)
+
+
+class Decoder(nnx.Module):
+    """Causal LM: token embedding, stacked pre-norm blocks, final RMSNorm, (tied) output head."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg, rngs=rngs)
+        self.layers = DecoderLayers(cfg, rngs=rngs)
+        self.norm = RMSNorm((cfg.hidden_size,), ("norm",), dtype=cfg.params_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Proj(
+            (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype=cfg.params_dtype, rngs=rngs)
+
+    # -- public API --
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                 cache: Cache | None = None):
+        """Logits [B, T, V] in the compute dtype; `(logits, new_cache)` when a cache is given."""
+        h_BTD, new_cache = self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache)
+        with jax.named_scope("lm_head"):
+            logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, self.output_embedding().astype(h_BTD.dtype))
+            logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
+                      positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states [B, T, D] (score only the tokens you need against
+        `output_embedding()` instead of materialising [B, T, V])."""
+        return self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, None)[0]
+
+    def output_embedding(self) -> jax.Array:
+        """The output projection [D, V] (the transposed input embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens.embedding.get_value().T
+        return self.lm_head.kernel.get_value()
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """An empty KV cache: k/v [L, B, S, K, H], key-validity mask [B, S], write index."""
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
+
+    # -- implementation --
+    def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache):
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        B, T = input_ids_BT.shape
+        mask_BT = (jnp.ones((B, T), jnp.bool_) if attention_mask_BT is None
+                   else jnp.asarray(attention_mask_BT).astype(jnp.bool_))
+        if cache is not None and segment_ids_BT is not None:
+            raise ValueError("segment_ids and a KV cache cannot be combined")
+
+        if cache is None:
+            if positions_BT is None:  # left padding: count only real tokens
+                positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
+            t = jnp.arange(T)
+            allowed_BTS = (t[None, :] <= t[:, None])[None] & mask_BT[:, None, :]
+            if segment_ids_BT is not None:
+                allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+            index = None
+        else:
+            index = cache["index"]
+            S = cache["mask"].shape[1]
+            kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index))
+            if positions_BT is None:  # continue counting real tokens already in the cache
+                seen_B = jnp.sum(cache["mask"], axis=-1)
+                positions_BT = seen_B[:, None] + jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
+            slot_T = index + jnp.arange(T)
+            allowed_BTS = (jnp.arange(S)[None, :] <= slot_T[:, None])[None] & kv_mask_BS[:, None, :]
+
+        with jax.named_scope("embed"):
+            x_BTD = jnp.take(self.embed_tokens.embedding.get_value(), input_ids_BT, axis=0).astype(dt)
+            x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(cfg), dt)
+
+        params = nnx.to_pure_dict(nnx.state(self.layers))
+        layer = partial(decoder_layer, cfg=cfg)
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+
+        def body(x, xs):
+            p, kv = xs
+            x, new_kv = layer(p, x, cos_BTH, sin_BTH, allowed_BTS, kv, index)
+            return x, new_kv
+
+        kv_stack = None if cache is None else (cache["k"], cache["v"])
+        with jax.named_scope("layers"):
+            if cfg.scan_layers:
+                x_BTD, new_kv = jax.lax.scan(body, x_BTD, (params, kv_stack))
+            else:
+                outs = []
+                for i in range(cfg.num_hidden_layers):
+                    xs = jax.tree.map(lambda a, i=i: a[i], (params, kv_stack))
+                    x_BTD, kv_i = body(x_BTD, xs)
+                    outs.append(kv_i)
+                new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        with jax.named_scope("final_norm"):
+            h_BTD = rms_norm(x_BTD, self.norm.scale.get_value(), cfg.rms_norm_eps)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": index + T}
+        return h_BTD, new_cache
+
+
+def param_count(model: Decoder) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

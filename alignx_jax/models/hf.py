@@ -1,0 +1,467 @@
+"""Hugging Face safetensors <-> Decoder params, orbax model checkpoints, `alignx import/export`.
+
+Loading streams one tensor at a time from the safetensors files (memory-mapped) straight into
+each device's shard of the target sharding, so host memory never holds the whole model twice.
+HF stores one tensor per layer; we stack them on the leading `layers` axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from alignx_jax.errors import CheckpointError
+from alignx_jax.models.decoder import Decoder, DecoderConfig
+from alignx_jax.sharding import Rules, model_shardings
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+# ---- safetensors, read lazily and written as a stream ------------------------------------------
+
+class SafetensorsReader:
+    """Every tensor of a HF folder (single file or sharded index), memory-mapped on demand."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files")
+        self.entries: dict[str, tuple[str, int, Any, tuple[int, ...]]] = {}
+        for name in files:
+            self._read_header(os.path.join(folder, name))
+
+    def _read_header(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        base = 8 + n
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            if meta["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {meta['dtype']}")
+            start, _ = meta["data_offsets"]
+            self.entries[key] = (path, base + start, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][3]
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.entries:
+            raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
+        path, offset, dtype, shape = self.entries[name]
+        if not shape or 0 in shape:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
+                       produce: Iterator[np.ndarray]) -> None:
+    """Write a safetensors file whose header is known up front; tensor data comes one at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in tensors:
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format asks for an 8-byte aligned data section
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for (name, shape, dtype), arr in zip(tensors, produce):
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            assert arr.shape == tuple(shape), (name, arr.shape, shape)
+            f.write(arr.tobytes())
+
+
+# ---- name mapping --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ParamMap:
+    """One of our params <-> HF tensor(s). `layered`: HF has one tensor per layer (`{i}` in hf_name)."""
+    path: tuple[str, ...]
+    hf_name: str
+    layered: bool
+    to_ours: Any  # (hf_tensor, cfg) -> our per-layer array
+    to_hf: Any  # (our per-layer array, cfg) -> hf tensor
+    hf_shape: Any = None  # our per-layer shape -> the HF tensor's shape
+
+    def expected_hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.hf_shape(ours)) if self.hf_shape else tuple(ours)
+
+
+def _t(x, cfg):
+    return np.asarray(x).T
+
+
+def param_maps(cfg: DecoderConfig) -> list[ParamMap]:
+    D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    # HF Linear weights are [out, in]; ours are [in, out...] split into heads
+    q_in = lambda w, c: np.asarray(w).T.reshape(D, N, H)
+    kv_in = lambda w, c: np.asarray(w).T.reshape(D, K, H)
+    q_out = lambda w, c: np.asarray(w).reshape(D, N * H).T
+    kv_out = lambda w, c: np.asarray(w).reshape(D, K * H).T
+    o_in = lambda w, c: np.asarray(w).T.reshape(N, H, D)
+    o_out = lambda w, c: np.asarray(w).reshape(N * H, D).T
+    same = lambda w, c: np.asarray(w)
+    qb_in = lambda b, c: np.asarray(b).reshape(N, H)
+    kb_in = lambda b, c: np.asarray(b).reshape(K, H)
+    flat = lambda b, c: np.asarray(b).reshape(-1)
+    L = "model.layers.{i}."
+    rev = lambda s: s[::-1]  # noqa: E731
+    heads_in = lambda s: (s[1] * s[2], s[0])  # noqa: E731  [D, N, H] -> [N*H, D]
+    heads_out = lambda s: (s[2], s[0] * s[1])  # noqa: E731  [N, H, D] -> [D, N*H]
+    heads_bias = lambda s: (s[0] * s[1],)  # noqa: E731
+    maps = [
+        ParamMap(("embed_tokens", "embedding"), "model.embed_tokens.weight", False, same, same),
+        ParamMap(("norm", "scale"), "model.norm.weight", False, same, same),
+        ParamMap(("layers", "attn", "q_proj", "kernel"), L + "self_attn.q_proj.weight", True, q_in, q_out, heads_in),
+        ParamMap(("layers", "attn", "k_proj", "kernel"), L + "self_attn.k_proj.weight", True, kv_in, kv_out, heads_in),
+        ParamMap(("layers", "attn", "v_proj", "kernel"), L + "self_attn.v_proj.weight", True, kv_in, kv_out, heads_in),
+        ParamMap(("layers", "attn", "o_proj", "kernel"), L + "self_attn.o_proj.weight", True, o_in, o_out, heads_out),
+        ParamMap(("layers", "mlp", "gate_proj", "kernel"), L + "mlp.gate_proj.weight", True, _t, _t, rev),
+        ParamMap(("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", True, _t, _t, rev),
+        ParamMap(("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", True, _t, _t, rev),
+        ParamMap(("layers", "input_norm", "scale"), L + "input_layernorm.weight", True, same, same),
+        ParamMap(("layers", "post_attention_norm", "scale"), L + "post_attention_layernorm.weight", True, same, same),
+    ]
+    if cfg.qkv_bias:
+        maps += [
+            ParamMap(("layers", "attn", "q_proj", "bias"), L + "self_attn.q_proj.bias", True, qb_in, flat, heads_bias),
+            ParamMap(("layers", "attn", "k_proj", "bias"), L + "self_attn.k_proj.bias", True, kb_in, flat, heads_bias),
+            ParamMap(("layers", "attn", "v_proj", "bias"), L + "self_attn.v_proj.bias", True, kb_in, flat, heads_bias),
+        ]
+    if cfg.o_bias:
+        maps.append(ParamMap(("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", True, same, same))
+    if not cfg.tie_word_embeddings:
+        maps.append(ParamMap(("lm_head", "kernel"), "lm_head.weight", False, _t, _t, rev))
+    return maps
+
+
+# ---- config / folders -----------------------------------------------------------------------------
+
+def read_hf_config(folder: str) -> dict[str, Any]:
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed config.json ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: malformed config.json (not a JSON object)")
+    return cfg
+
+
+def load_decoder_config(folder: str, **run_options: Any) -> DecoderConfig:
+    try:
+        return DecoderConfig.from_hf(read_hf_config(folder), **run_options)
+    except CheckpointError as e:
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(folder) else f"{folder}: {msg}") from None
+
+
+def _run_options(dtype: str, compute_dtype: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"param_dtype": str(jnp.dtype(dtype)), "dtype": str(jnp.dtype(compute_dtype or dtype)), **extra}
+
+
+def abstract_decoder(cfg: DecoderConfig) -> Decoder:
+    """A Decoder whose params are ShapeDtypeStructs (no memory), for shapes and shardings."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def _place(shape: tuple[int, ...], dtype, sharding, fill) -> jax.Array:
+    """Build a global array shard by shard: `fill(index)` returns the host data of one slice.
+    Replicas share one host buffer, so host memory holds at most one copy of this param."""
+    by_index: dict[Any, list] = {}
+    for dev, idx in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        by_index.setdefault(key, [idx, []])[1].append(dev)
+    shards = []
+    for idx, devs in by_index.values():
+        host = np.asarray(fill(idx), dtype=dtype)
+        shards += [jax.device_put(host, d) for d in devs]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+                    rules: Rules | None = None, *, compute_dtype: str | None = None,
+                    **run_options: Any) -> Decoder:
+    """A HF llama/qwen2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
+    the default device). `compute_dtype` defaults to `dtype`; `run_options` go to DecoderConfig
+    (remat, scan_layers, attention_impl)."""
+    path = os.fspath(path)
+    cfg = load_decoder_config(path, **_run_options(dtype, compute_dtype, run_options))
+    reader = SafetensorsReader(path)
+    abstract = abstract_decoder(cfg)
+    state = nnx.state(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    shardings = dict(nnx.to_flat_state(model_shardings(state, mesh, rules))) if mesh is not None else None
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    pdtype = cfg.params_dtype
+    for m in param_maps(cfg):
+        var = flat[m.path]
+        shape = tuple(var.get_value().shape)
+        sharding = shardings[m.path].get_value() if shardings is not None else default
+        L = cfg.num_hidden_layers
+        names = [m.hf_name.format(i=i) for i in range(L)] if m.layered else [m.hf_name]
+        for name in names:
+            if name not in reader:
+                raise CheckpointError(f"{path}: missing tensor {name!r}")
+            want = m.expected_hf_shape(shape[1:] if m.layered else shape)
+            if tuple(reader.shape(name)) != tuple(want):
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                                      f"expected {list(want)}")
+
+        def fill(idx, m=m, names=names):
+            if not m.layered:
+                return m.to_ours(reader.get(names[0]), cfg)[idx]
+            layers = range(*idx[0].indices(len(names)))
+            # one layer's HF tensor at a time, cut to this shard, stacked
+            return np.stack([np.asarray(m.to_ours(reader.get(names[i]), cfg)[idx[1:]], dtype=pdtype)
+                             for i in layers])
+
+        var.set_value(_place(shape, pdtype, sharding, fill))
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"shard size {size!r} is not like 5GB or 200MB")
+    unit = (m.group(2) or "B").upper().replace("IB", "B")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def copy_tokenizer(src: str | None, out_dir: str) -> None:
+    if not src or not os.path.isdir(src):
+        return
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_size: str | int = "5GB",
+            tokenizer_dir: str | None = None) -> None:
+    """Write a transformers-loadable folder: config.json, generation_config.json, safetensors shards
+    with model.safetensors.index.json, and the tokenizer files from `tokenizer_dir`."""
+    cfg = model.cfg
+    os.makedirs(out_dir, exist_ok=True)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
+    # the list of HF tensors, in HF order (per layer, then globals)
+    items: list[tuple[str, ParamMap, int | None, tuple[int, ...], np.dtype]] = []
+    for m in param_maps(cfg):
+        arr = flat[m.path].get_value()
+        dt = out_dtype or np.dtype(arr.dtype)
+        per_layer = arr.shape[1:] if m.layered else arr.shape
+        hf_shape = m.expected_hf_shape(per_layer)
+        for i in (range(cfg.num_hidden_layers) if m.layered else [None]):
+            items.append((m.hf_name.format(i=i) if m.layered else m.hf_name, m, i, hf_shape, dt))
+    order = {n: k for k, n in enumerate(sorted(n for n, *_ in items))}
+    items.sort(key=lambda t: order[t[0]])
+    limit = parse_size(shard_size)
+    shards: list[list] = [[]]
+    used = 0
+    for it in items:
+        nbytes = int(np.prod(it[3], dtype=np.int64)) * it[4].itemsize
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(it)
+        used += nbytes
+    for old in os.listdir(out_dir):  # stale shards from an earlier export would confuse loaders
+        if old.endswith(".safetensors") or old == "model.safetensors.index.json":
+            os.remove(os.path.join(out_dir, old))
+
+    cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    def produce(shard):
+        for name, m, i, _, dt in shard:
+            if m.path not in cache:  # one whole param on the host at a time
+                cache.clear()
+                cache[m.path] = _host(flat[m.path].get_value())
+            src = cache[m.path] if i is None else cache[m.path][i]
+            yield np.asarray(m.to_hf(src, cfg)).astype(dt)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(os.path.join(out_dir, fname), [(n, s, d) for n, _, _, s, d in shard], produce(shard))
+        for name, *_rest in shard:
+            weight_map[name] = fname
+        total += sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for *_, s, d in shard)
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    hf_cfg = cfg.to_hf()
+    first = next(iter(flat.values())).get_value()
+    hf_cfg["dtype"] = str(out_dtype or np.dtype(first.dtype))
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"], "pad_token_id": cfg.pad_token_id,
+           "do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2, sort_keys=True)
+    copy_tokenizer(tokenizer_dir, out_dir)
+
+
+# ---- orbax model checkpoints ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where a model's pieces live: HF config (+ tokenizer) folder and the orbax params folder."""
+    config_dir: str
+    params_dir: str
+    tokenizer_dir: str | None
+    step: int | None = None
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint:
+    """A model checkpoint `DIR` (config.json + params/) or a training workdir `W`
+    (W/checkpoints/<step>/params, W/reference for config and tokenizer; latest step by default)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    ckpts = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpts):
+        steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
+        if not steps:
+            raise CheckpointError(f"{ckpts}: no saved steps")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"{ckpts}: no step {step} (have {', '.join(map(str, steps))})")
+        ref = os.path.join(path, "reference")
+        if not os.path.isfile(os.path.join(ref, "config.json")):
+            raise CheckpointError(f"{path}: training workdir without reference/config.json")
+        params = os.path.join(ckpts, str(step), "params")
+        if not os.path.isdir(params):
+            raise CheckpointError(f"{os.path.join(ckpts, str(step))}: no params/")
+        return ResolvedCheckpoint(ref, params, ref if _has_tokenizer(ref) else None, step)
+    if step is not None:
+        raise CheckpointError(f"{path}: --step applies to training workdirs only (no checkpoints/ here)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json (not a model checkpoint or training workdir)")
+    if not os.path.isdir(os.path.join(path, "params")):
+        raise CheckpointError(f"{path}: no params/ (not a model checkpoint; use `alignx import` for HF folders)")
+    return ResolvedCheckpoint(path, os.path.join(path, "params"), path if _has_tokenizer(path) else None)
+
+
+def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
+    """`out_dir/config.json` (HF), tokenizer files, `out_dir/params/` (orbax, pure dict of params)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.cfg.to_hf(), f, indent=2, sort_keys=True)
+    copy_tokenizer(tokenizer_dir, out_dir)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+        ckptr.wait_until_finished()
+
+
+def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = None,
+                    mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+                    compute_dtype: str | None = None, **run_options: Any) -> Decoder:
+    """A model checkpoint or training workdir -> Decoder (params restored straight to their sharding).
+    `dtype` None keeps the stored param dtype."""
+    import orbax.checkpoint as ocp
+
+    res = resolve_checkpoint(path, step)
+    params_dir = os.path.abspath(res.params_dir)
+    try:
+        meta = ocp.StandardCheckpointer().metadata(params_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
+    except Exception as e:  # a half-written or foreign folder
+        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from None
+    if dtype is None:
+        dtype = str(stored.pop()) if len(stored) == 1 else "float32"
+    cfg = load_decoder_config(res.config_dir, **_run_options(dtype, compute_dtype, run_options))
+    abstract = abstract_decoder(cfg)
+    state = nnx.state(abstract, nnx.Param)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shard_tree = model_shardings(state, mesh, rules) if mesh is not None else None
+    target = nnx.to_pure_dict(state)
+    shard_pure = nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
+    # restore in the stored dtype (orbax casts otherwise unsafely), cast after
+    abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, abstract_target)
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: cannot restore params ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(nnx.graphdef(abstract), state)
+    return model
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+def cli_import(args) -> int:
+    model = load_pretrained(args.hf, dtype=args.dtype)
+    save_checkpoint(model, args.out, tokenizer_dir=args.hf if _has_tokenizer(args.hf) else None)
+    print(f"imported {args.hf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
+          f"{args.dtype})")
+    return 0
+
+
+def cli_export(args) -> int:
+    res = resolve_checkpoint(args.checkpoint, args.step)
+    model = load_checkpoint(args.checkpoint, args.step)
+    save_hf(model, args.out, dtype=args.dtype, shard_size=args.shard_size, tokenizer_dir=res.tokenizer_dir)
+    where = f" step {res.step}" if res.step is not None else ""
+    print(f"exported {args.checkpoint}{where} -> {args.out}")
+    return 0

@@ -1,0 +1,654 @@
+"""PBA's preference-vector head: persona -> a distribution over {0, 0.5, 1} for each of the 90 dims.
+
+The head reads the decoder's final hidden states of the *persona-only* prompt (see
+`persona_prompt_ids`), pools them over the persona tokens ('mean' or 'last'), and maps the pooled
+vector through a LayerNorm and a one-hidden-layer MLP to logits `[B, 90, 3]` over `LABEL_VALUES`
+(negative=0, neutral=0.5, positive=1). The release does not ship its P̃ predictor (METHOD.md §5);
+this head is this project's learned replacement for it.
+
+What lives here (one concept: the head and its I/O):
+  * `HeadConfig`, `PreferenceHead` (NNX; params carry logical axis names so it shards with the model)
+  * `direction_to_labels` / `labels_to_direction`, `head_loss` (class-weighted or focal CE)
+  * `predict_direction` (argmax or threshold rule, with the release's all-neutral fallback)
+  * `head_metrics` / `heuristic_metrics` (the head vs the release's averaging rule)
+  * `joint_head_term` (the term train.py adds to the DPO loss for joint training)
+  * `save_head` / `load_head` (beside an HF export), `predict_preferences`, `cli_predict_preferences`
+
+`models/` does not import `data/` at module level (ARCHITECTURE.md); the few functions that render
+persona text or read data files import `alignx_jax.data.*` lazily, inside the function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignx_jax.errors import CheckpointError, ConfigError, DataError
+from alignx_jax.sharding import LOGICAL_AXES_KEY
+
+# The class order of the head's last axis; a direction value v has class index round(2 v).
+LABEL_VALUES: tuple[float, float, float] = (0.0, 0.5, 1.0)
+NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
+NUM_DIMS: int = 90
+POOLINGS: tuple[str, ...] = ("mean", "last")
+RULES: tuple[str, ...] = ("argmax", "threshold")
+# The release's thresholds on the mean of history directions (METHOD.md §5).
+RELEASE_POS_THRESHOLD: float = 0.6
+RELEASE_NEG_THRESHOLD: float = 0.4
+# Tolerance of threshold and tie comparisons, the same as data.persona.release_direction's.
+_EPS: float = 1e-9
+
+HEAD_WEIGHTS_FILE: str = "preference_head.safetensors"
+HEAD_CONFIG_FILE: str = "preference_head_config.json"
+HEAD_FORMAT: str = "alignx-preference-head/1"
+
+_SPACE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "assets", "preference_space.json")
+
+
+def dimension_labels() -> list[tuple[str, str]]:
+    """(negative_label, positive_label) of the 90 dims, in vector order, from the package asset."""
+    with open(_SPACE_PATH, encoding="utf-8") as f:
+        dims = json.load(f)["dimensions"]
+    return [(d["negative_label"], d["positive_label"]) for d in sorted(dims, key=lambda d: d["index"])]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """Shape and input rule of a preference head.
+
+    `embed_dim` is the backbone's hidden size D. `persona_variant` and `max_persona_tokens` fix how
+    the persona-only prompt is built (`persona_prompt_ids`), so that prediction reproduces training.
+    """
+
+    embed_dim: int
+    hidden: int = 256
+    pooling: str = "mean"
+    num_dims: int = NUM_DIMS
+    num_classes: int = len(LABEL_VALUES)
+    dropout: float = 0.0
+    persona_variant: str = "p"
+    max_persona_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pba.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.num_classes != len(LABEL_VALUES):
+            raise ConfigError(f"preference head: num_classes must be {len(LABEL_VALUES)} (labels {LABEL_VALUES})")
+        for name in ("embed_dim", "hidden", "num_dims", "max_persona_tokens"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"preference head: {name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"preference head: dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_config(cls, pba: Any, embed_dim: int, **extra: Any) -> HeadConfig:
+        """From a config's `pba` section (ConfigDict or dict) plus the backbone's hidden size."""
+        get = (lambda k, d: pba.get(k, d)) if hasattr(pba, "get") else (lambda k, d: getattr(pba, k, d))
+        kw: dict[str, Any] = dict(embed_dim=int(embed_dim), hidden=int(get("hidden", 256)),
+                                  pooling=str(get("pooling", "mean")), dropout=float(get("dropout", 0.0) or 0.0))
+        for key in ("persona_variant", "max_persona_tokens"):
+            if get(key, None) is not None:
+                kw[key] = get(key, None)
+        kw.update(extra)
+        return cls(**kw)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    # Logical axis names under sharding.LOGICAL_AXES_KEY, like the decoder's params: sharding.py maps
+    # them to mesh axes (names without a rule, e.g. pref_dims, are replicated; the head is tiny).
+    return nnx.Param(value, **{LOGICAL_AXES_KEY: axes})
+
+
+def pool_hidden(hidden_BSD: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:
+    """Pool hidden states over the persona tokens (mask 1) -> `[B, D]` float32.
+
+    'last' takes the last masked position, so it works for left and right padding alike.
+    """
+    mask_BS = mask_BS.astype(jnp.float32)
+    if pooling == "mean":
+        total_BD = jnp.einsum("bsd,bs->bd", hidden_BSD.astype(jnp.float32), mask_BS)
+        return total_BD / jnp.maximum(jnp.sum(mask_BS, axis=-1, keepdims=True), 1.0)
+    if pooling == "last":
+        pos_BS = jnp.arange(mask_BS.shape[-1])[None, :] * (mask_BS > 0)
+        last_B = jnp.max(pos_BS, axis=-1)
+        return jnp.take_along_axis(hidden_BSD, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    raise ConfigError(f"pba.pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+class PreferenceHead(nnx.Module):
+    """Pooled persona hidden state -> LayerNorm -> Linear(D, H) -> GELU -> Linear(H, 90 x 3)."""
+
+    def __init__(self, cfg: HeadConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K, C = cfg.embed_dim, cfg.hidden, cfg.num_dims, cfg.num_classes
+        self.norm_scale = _param(jnp.ones((D,), jnp.float32), ("norm",))
+        self.norm_bias = _param(jnp.zeros((D,), jnp.float32), ("norm",))
+        self.w_in = _param(jax.nn.initializers.lecun_normal()(rngs.params(), (D, H), jnp.float32), ("embed", "mlp"))
+        self.b_in = _param(jnp.zeros((H,), jnp.float32), ("mlp",))
+        init_out = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        self.w_out = _param(init_out(rngs.params(), (H, K, C), jnp.float32), ("mlp", "pref_dims", "pref_classes"))
+        self.b_out = _param(jnp.zeros((K, C), jnp.float32), ("pref_dims", "pref_classes"))
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def pool(self, hidden_BSD: jax.Array, mask_BS: jax.Array) -> jax.Array:
+        return pool_hidden(hidden_BSD, mask_BS, self.cfg.pooling)
+
+    def classify(self, feats_BD: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Pooled features `[B, D]` -> logits `[B, num_dims, num_classes]` (float32)."""
+        with jax.named_scope("preference_head"):
+            x_BD = feats_BD.astype(jnp.float32)
+            # LayerNorm: pooled hidden states of different backbones/lengths differ in scale.
+            mu_B1 = jnp.mean(x_BD, axis=-1, keepdims=True)
+            var_B1 = jnp.var(x_BD, axis=-1, keepdims=True)
+            x_BD = (x_BD - mu_B1) * jax.lax.rsqrt(var_B1 + 1e-5) * self.norm_scale[...] + self.norm_bias[...]
+            h_BH = jax.nn.gelu(x_BD @ self.w_in[...] + self.b_in[...])
+            h_BH = self.dropout(h_BH, deterministic=deterministic)
+            return jnp.einsum("bh,hkc->bkc", h_BH, self.w_out[...]) + self.b_out[...]
+
+    def __call__(self, hidden_BSD: jax.Array, mask_BS: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Persona hidden states `[B, S, D]` + mask `[B, S]` -> logits `[B, 90, 3]`."""
+        return self.classify(self.pool(hidden_BSD, mask_BS), deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------- labels and loss
+
+
+def direction_to_labels(direction_BD):
+    """Direction values {0, 0.5, 1} -> class indices {0, 1, 2} (int32); numpy in, numpy out."""
+    xp = np if isinstance(direction_BD, (np.ndarray, list, tuple)) else jnp
+    d = xp.asarray(direction_BD, dtype=xp.float32)
+    return xp.clip(xp.round(d * 2.0), 0, 2).astype(xp.int32)
+
+
+def labels_to_direction(labels_BD):
+    """Class indices {0, 1, 2} -> direction values {0, 0.5, 1} (float32)."""
+    xp = np if isinstance(labels_BD, (np.ndarray, list, tuple)) else jnp
+    return xp.asarray(LABEL_VALUES, dtype=xp.float32)[xp.asarray(labels_BD)]
+
+
+def head_loss(logits_BDC: jax.Array, direction_BD: jax.Array, *, class_weights: Sequence[float] | None = None,
+              focal_gamma: float = 0.0, mask=None, normalizer=None) -> jax.Array:
+    """Cross-entropy of the head against a row's direction; scalar.
+
+    Most dims of most rows are neutral, so plain CE learns "always neutral"; `class_weights`
+    (per class, in `LABEL_VALUES` order) and/or focal loss (`focal_gamma` > 0 scales each term by
+    (1 - p_true)^gamma) push it to the rare non-neutral labels. `mask` is `[B]` (rows, e.g. padding
+    pairs or rows with no direction) or `[B, D]`. The mean is weighted: sum(w m l) / sum(w m);
+    with `normalizer` it is sum(w m l) / normalizer (additive over micro-batches).
+    """
+    labels_BD = direction_to_labels(jnp.asarray(direction_BD))
+    logp_BDC = jax.nn.log_softmax(logits_BDC.astype(jnp.float32), axis=-1)
+    logp_BD = jnp.take_along_axis(logp_BDC, labels_BD[..., None], axis=-1)[..., 0]
+    nll_BD = -logp_BD
+    if focal_gamma:
+        nll_BD = nll_BD * (1.0 - jnp.exp(logp_BD)) ** focal_gamma
+    w_BD = jnp.ones_like(nll_BD)
+    if class_weights is not None:
+        cw = jnp.asarray(class_weights, jnp.float32)
+        w_BD = cw[labels_BD]
+    if mask is not None:
+        m = jnp.asarray(mask, jnp.float32)
+        w_BD = w_BD * (m[:, None] if m.ndim == 1 else m)
+    if normalizer is not None:
+        return jnp.sum(w_BD * nll_BD) / normalizer
+    return jnp.sum(w_BD * nll_BD) / jnp.maximum(jnp.sum(w_BD), 1e-8)
+
+
+# ----------------------------------------------------------------------------- decision rule
+
+
+def expected_direction(probs_BDC) -> np.ndarray:
+    """E[v] = p(neg) 0 + p(neu) 0.5 + p(pos) 1 per dim (float64), the analogue of the release's mean."""
+    p = np.asarray(probs_BDC, dtype=np.float64)
+    p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
+    return p @ np.asarray(LABEL_VALUES, dtype=np.float64)
+
+
+def release_fallback(values_D: np.ndarray) -> np.ndarray:
+    """The release's rule for an all-neutral row, applied to one row of scores in [0, 1].
+
+    METHOD.md §5: if 1 - max < min, the dims equal to the max become 1; else (an exact tie
+    1 - max == min included) the dims equal to the min become 0; the rest stay 0.5. "Equal" allows
+    `_EPS` as `data.persona.release_direction` does, so tied dims all flip together.
+    """
+    v = np.asarray(values_D, dtype=np.float64)
+    out = np.full(v.shape, 0.5, dtype=np.float32)
+    hi, lo = v.max(), v.min()
+    if 1.0 - hi < lo - _EPS:
+        out[np.abs(v - hi) <= _EPS] = 1.0
+    else:
+        out[np.abs(v - lo) <= _EPS] = 0.0
+    return out
+
+
+def predict_direction(probs_BDC, *, rule: str = "argmax", pos_threshold: float = RELEASE_POS_THRESHOLD,
+                      neg_threshold: float = RELEASE_NEG_THRESHOLD) -> np.ndarray:
+    """Head probabilities `[B, D, 3]` -> a direction `[B, D]` in {0, 0.5, 1} (float32, numpy).
+
+    rule='argmax': the most probable class. Ties: if neutral is among the most probable classes,
+    or negative and positive tie for the top, the dim is neutral (undecided -> no claim).
+    rule='threshold': on the expected value E = p(neu) 0.5 + p(pos) 1, E >= pos_threshold -> 1,
+    E <= neg_threshold -> 0, else 0.5; with the defaults (0.6 / 0.4) this is exactly the release's
+    rule with the mean of history directions replaced by E.
+    Fallback (both rules): a row that comes out all-neutral gets `release_fallback(E)`, i.e. the
+    release's fallback applied to E as it is applied to the mean — so a profile is never empty.
+    """
+    p = np.asarray(probs_BDC, dtype=np.float64)
+    if p.ndim != 3 or p.shape[-1] != len(LABEL_VALUES):
+        raise ValueError(f"predict_direction expects probabilities [B, D, 3], got shape {p.shape}")
+    E_BD = expected_direction(p)
+    if rule == "argmax":
+        is_max = p == p.max(axis=-1, keepdims=True)
+        undecided = is_max[..., NEUTRAL] | (is_max[..., NEGATIVE] & is_max[..., POSITIVE])
+        out = np.where(undecided, 0.5, np.where(is_max[..., POSITIVE], 1.0, 0.0)).astype(np.float32)
+    elif rule == "threshold":
+        if not neg_threshold < pos_threshold:
+            raise ConfigError(f"predict_direction: neg_threshold {neg_threshold} must be < pos_threshold {pos_threshold}")
+        out = np.where(E_BD >= pos_threshold - _EPS, 1.0,
+                       np.where(E_BD <= neg_threshold + _EPS, 0.0, 0.5)).astype(np.float32)
+    else:
+        raise ConfigError(f"predict_direction: rule must be one of {RULES}, got {rule!r}")
+    for b in np.nonzero(np.all(out == 0.5, axis=-1))[0]:
+        out[b] = release_fallback(E_BD[b])
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def head_metrics(pred_BD, gold_BD) -> dict[str, float]:
+    """Per-dim agreement of predicted and gold directions (rows with gold None must be dropped).
+
+    accuracy: exact match averaged over all B x D entries; accuracy_non_neutral: over the entries
+    whose gold is non-neutral (the ones that end up in profile text); macro_f1: the mean of the
+    per-class F1 over {0, 0.5, 1}, leaving out a class absent from both gold and prediction;
+    f1_negative / f1_neutral / f1_positive: the per-class F1 (nan when absent from both).
+    """
+    pred = direction_to_labels(np.asarray(pred_BD, dtype=np.float32))
+    gold = direction_to_labels(np.asarray(gold_BD, dtype=np.float32))
+    if pred.shape != gold.shape:
+        raise ValueError(f"head_metrics: prediction {pred.shape} and gold {gold.shape} differ in shape")
+    out: dict[str, float] = {"n": float(gold.shape[0]) if gold.ndim else 0.0}
+    if gold.size == 0:
+        return {**out, "accuracy": float("nan"), "accuracy_non_neutral": float("nan"), "macro_f1": float("nan")}
+    hit = pred == gold
+    out["accuracy"] = float(hit.mean())
+    nn = gold != NEUTRAL
+    out["accuracy_non_neutral"] = float(hit[nn].mean()) if nn.any() else float("nan")
+    f1s = []
+    for c, name in ((NEGATIVE, "negative"), (NEUTRAL, "neutral"), (POSITIVE, "positive")):
+        tp = float(np.sum((pred == c) & (gold == c)))
+        denom = float(np.sum(pred == c) + np.sum(gold == c))
+        f1 = 2 * tp / denom if denom else float("nan")
+        out[f"f1_{name}"] = f1
+        if denom:
+            f1s.append(f1)
+    out["macro_f1"] = float(np.mean(f1s))
+    return out
+
+
+def _gold_rows(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    return [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
+
+
+def heuristic_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The release's averaging rule (history directions -> P̃) scored against the rows' own direction.
+
+    Keys are `heuristic_<metric>` for each metric of `head_metrics`; rows with no gold are skipped.
+    """
+    from alignx_jax.data.persona import history_direction  # lazy: models/ does not import data/ at import
+
+    idx = _gold_rows(rows)
+    pred = np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx]) if idx else np.zeros((0, NUM_DIMS))
+    gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx]) if idx else np.zeros((0, NUM_DIMS))
+    return {f"heuristic_{k}": v for k, v in head_metrics(pred, gold).items()}
+
+
+# ----------------------------------------------------------------------------- persona input
+
+
+def persona_prompt_ids(tokenizer: Any, row: Mapping[str, Any], variant: str = "p", *,
+                       max_tokens: int = 1024) -> list[int]:
+    """The head's input ids for one row: BOS, then the persona block's ids, left-truncated.
+
+    The block is `data.persona.persona_text(row, variant)` (the whole history; METHOD.md §4's
+    `{ugc}{pairs}{demographics}`) tokenized with no special tokens. Truncation keeps the *last*
+    `max_tokens - 1` ids (as the release left-truncates prompts), so the demographic text, which
+    comes last, survives. The BOS id falls back to EOS for tokenizers without one. This is the same
+    rule as `data.batching.make_example(..., persona_length=max_tokens)` uses for joint training
+    (a test checks they agree), so a head sees the same kind of input in training and prediction.
+    """
+    from alignx_jax.data.persona import persona_text  # lazy: models/ does not import data/ at import
+
+    if max_tokens < 2:
+        raise ConfigError(f"max_persona_tokens must be at least 2, got {max_tokens}")
+    body = [int(i) for i in tokenizer(persona_text(dict(row), variant), add_special_tokens=False)["input_ids"]]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise CheckpointError("the tokenizer has neither a BOS nor an EOS token; the preference head needs one")
+    return [int(bos)] + body[-(max_tokens - 1):]
+
+
+def pad_persona(ids_list: Sequence[Sequence[int]], *, pad_id: int, min_length: int = 64,
+                num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad persona ids -> (ids [B, S] int32, mask [B, S] int32). S is the next power of two
+    >= the longest (at least `min_length`): few distinct shapes, so few recompilations. Extra rows
+    up to `num_rows` hold one attended pad token (an empty attention row would give NaN)."""
+    B = len(ids_list) if num_rows is None else int(num_rows)
+    longest = max([len(x) for x in ids_list] + [1])
+    S = max(int(min_length), 1 << (longest - 1).bit_length())
+    ids = np.full((B, S), pad_id, dtype=np.int32)
+    mask = np.zeros((B, S), dtype=np.int32)
+    for k, x in enumerate(ids_list):
+        ids[k, :len(x)] = x
+        mask[k, :len(x)] = 1
+    mask[len(ids_list):, 0] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pid if pid is not None else 0)
+
+
+@functools.partial(nnx.jit, static_argnames=("pooling",))
+def _pooled_features(model: nnx.Module, ids_BS: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:
+    # Module level so that the compiled function is reused across calls (cached per shape).
+    return pool_hidden(model.hidden_states(ids_BS, mask_BS), mask_BS, pooling)
+
+
+@nnx.jit
+def _head_probs(head: PreferenceHead, feats_BD: jax.Array) -> jax.Array:
+    return jax.nn.softmax(head.classify(feats_BD), axis=-1)
+
+
+def persona_features(model: nnx.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, pooling: str,
+                     variant: str = "p", max_tokens: int = 1024, batch_size: int = 8) -> np.ndarray:
+    """Pooled final hidden states of the persona-only prompts, one backbone pass -> `[N, D]` float32.
+
+    Rows are run in order of length (less padding), results come back in input order. Batches are
+    padded to `batch_size` rows so that only the sequence length varies between compilations.
+    """
+    all_ids = [persona_prompt_ids(tokenizer, r, variant, max_tokens=max_tokens) for r in rows]
+    order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
+    out: np.ndarray | None = None
+    pad_id = _pad_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
+        feats = np.asarray(jax.device_get(_pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)),
+                           dtype=np.float32)
+        if out is None:
+            out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
+        out[chunk] = feats[:len(chunk)]
+    if out is None:
+        return np.zeros((0, 0), dtype=np.float32)
+    return out
+
+
+def head_probs(head: PreferenceHead, features_ND: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """Softmax of the head's logits on pooled features -> `[N, D, 3]` float32."""
+    parts = [np.asarray(_head_probs(head, jnp.asarray(features_ND[i:i + batch_size])))
+             for i in range(0, len(features_ND), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, head.cfg.num_dims, head.cfg.num_classes), np.float32)
+
+
+def predict_preferences(model: nnx.Module, head: PreferenceHead, tokenizer: Any, rows: Sequence[Mapping[str, Any]],
+                        *, batch_size: int = 8, rule: str = "argmax", return_probs: bool = False):
+    """The head's P̃ for each row: a list of float32 `[90]` arrays in {0, 0.5, 1} (never all neutral).
+
+    The persona prompt follows the head's own config (variant, max tokens), as in its training.
+    With return_probs, returns (directions, probs [N, 90, 3]).
+    """
+    cfg = head.cfg
+    feats = persona_features(model, tokenizer, rows, pooling=cfg.pooling, variant=cfg.persona_variant,
+                             max_tokens=cfg.max_persona_tokens, batch_size=batch_size)
+    probs = head_probs(head, feats)
+    pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
+    directions = [pred[i] for i in range(len(rows))]
+    return (directions, probs) if return_probs else directions
+
+
+# ----------------------------------------------------------------------------- joint training term
+
+
+def _pba_section(cfg: Any) -> Any:
+    if hasattr(cfg, "pba"):
+        return cfg.pba
+    return cfg
+
+
+def _cfg_get(section: Any, key: str, default: Any) -> Any:
+    if hasattr(section, "get"):
+        return section.get(key, default)
+    return getattr(section, key, default)
+
+
+def joint_head_term(model: nnx.Module, head: PreferenceHead, batch: Mapping[str, jax.Array],
+                    cfg: Any, *, n_pairs: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The PBA head's term for a joint step: `(pba.weight * CE, metrics)`; pure, jit-friendly.
+
+    Reads `batch['persona_ids'/'persona_mask'/'direction']` (`data.batching.collate` with
+    persona_length set) and `pair_mask` (dummy pairs count for nothing). `cfg` is the run config
+    (or its `pba` section): `weight`, `stop_gradient` (detach the persona features so the head's
+    loss does not move the policy), `class_weights`, optional `focal_gamma`. The returned loss is
+    already weighted: train.py adds it to the DPO loss as is. Metrics are unweighted.
+
+    Micro-batching: pass `n_pairs` = real pairs in the *global* batch; the CE is then
+    sum(w * ce) / (n_pairs * num_dims) over this micro-batch, so summing the terms of all
+    micro-batches gives the global-batch mean (like the DPO sum / n_pairs). Without it the CE is the
+    class-weighted mean over this batch's real rows. The head runs deterministically (no dropout).
+    """
+    pba = _pba_section(cfg)
+    ids_BS, mask_BS = batch["persona_ids"], batch["persona_mask"]
+    with jax.named_scope("pba_head_term"):
+        hidden_BSD = model.hidden_states(ids_BS, mask_BS)
+        if _cfg_get(pba, "stop_gradient", True):
+            hidden_BSD = jax.lax.stop_gradient(hidden_BSD)
+        logits_BDC = head(hidden_BSD, mask_BS)
+        row_mask_B = batch.get("pair_mask")
+        cw = _cfg_get(pba, "class_weights", None)
+        norm = None if n_pairs is None else jnp.maximum(jnp.asarray(n_pairs, jnp.float32), 1.0) * logits_BDC.shape[1]
+        ce = head_loss(logits_BDC, batch["direction"], class_weights=None if cw is None else tuple(cw),
+                       focal_gamma=float(_cfg_get(pba, "focal_gamma", 0.0) or 0.0), mask=row_mask_B,
+                       normalizer=norm)
+        labels_BD = direction_to_labels(jnp.asarray(batch["direction"]))
+        hit_BD = (jnp.argmax(logits_BDC, axis=-1) == labels_BD).astype(jnp.float32)
+        m_B = jnp.ones(hit_BD.shape[:1], jnp.float32) if row_mask_B is None else jnp.asarray(row_mask_B, jnp.float32)
+        nn_BD = (labels_BD != NEUTRAL).astype(jnp.float32) * m_B[:, None]
+        metrics = {
+            "head_loss": ce,
+            "head_accuracy": jnp.sum(hit_BD * m_B[:, None]) / jnp.maximum(jnp.sum(m_B) * hit_BD.shape[1], 1.0),
+            "head_accuracy_non_neutral": jnp.sum(hit_BD * nn_BD) / jnp.maximum(jnp.sum(nn_BD), 1.0),
+        }
+    return float(_cfg_get(pba, "weight", 1.0)) * ce, metrics
+
+
+# ----------------------------------------------------------------------------- export / import
+
+_PARAM_NAMES: tuple[str, ...] = ("norm_scale", "norm_bias", "w_in", "b_in", "w_out", "b_out")
+_TENSOR_PREFIX = "preference_head."
+
+
+def has_head(hf_dir: str) -> bool:
+    return os.path.isfile(os.path.join(hf_dir, HEAD_WEIGHTS_FILE)) and os.path.isfile(os.path.join(hf_dir, HEAD_CONFIG_FILE))
+
+
+def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None:
+    """Write `preference_head.safetensors` + `preference_head_config.json` into `hf_dir`.
+
+    Separate files with names transformers does not read, so the policy folder still loads with
+    `AutoModelForCausalLM.from_pretrained` unchanged. Tensors keep their dtype (bit-exact round trip).
+    """
+    from safetensors.numpy import save_file
+
+    cfg = head.cfg if cfg is None else cfg
+    os.makedirs(hf_dir, exist_ok=True)
+    tensors = {_TENSOR_PREFIX + n: np.ascontiguousarray(np.asarray(jax.device_get(getattr(head, n).get_value())))
+               for n in _PARAM_NAMES}
+    save_file(tensors, os.path.join(hf_dir, HEAD_WEIGHTS_FILE), metadata={"format": HEAD_FORMAT})
+    meta = {
+        "format": HEAD_FORMAT,
+        **cfg.to_json(),
+        "label_values": list(LABEL_VALUES),
+        "label_names": ["negative", "neutral", "positive"],
+        "dim_labels": [{"index": i, "negative": neg, "positive": pos} for i, (neg, pos) in enumerate(dimension_labels())],
+        "input": "BOS + persona_text(row, persona_variant) ids, left-truncated to max_persona_tokens; "
+                 f"pooled ({cfg.pooling}) final hidden states of the policy",
+    }
+    with open(os.path.join(hf_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
+    """Read a head written by `save_head`; CheckpointError when the folder has none."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not has_head(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no preference head ({HEAD_WEIGHTS_FILE} + {HEAD_CONFIG_FILE}); "
+                              "--preference predicted needs a model exported with a preference head "
+                              "(train with pba.enabled and export it)")
+    cfg_path = os.path.join(hf_dir, HEAD_CONFIG_FILE)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        fields = {f.name for f in dataclasses.fields(HeadConfig)}
+        cfg = HeadConfig(**{k: v for k, v in meta.items() if k in fields})
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: malformed preference head config: {e}") from e
+    if tuple(meta.get("label_values", LABEL_VALUES)) != LABEL_VALUES:
+        raise CheckpointError(f"{cfg_path}: label_values {meta.get('label_values')} differ from {list(LABEL_VALUES)}")
+    try:
+        tensors = load_file(os.path.join(hf_dir, HEAD_WEIGHTS_FILE))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{os.path.join(hf_dir, HEAD_WEIGHTS_FILE)}: cannot read: {e}") from e
+    head = PreferenceHead(cfg, rngs=nnx.Rngs(0))  # tiny; real arrays so it can be trained further
+    for n in _PARAM_NAMES:
+        key = _TENSOR_PREFIX + n
+        var = getattr(head, n)
+        want = tuple(var.get_value().shape)
+        if key not in tensors:
+            raise CheckpointError(f"{hf_dir}/{HEAD_WEIGHTS_FILE}: missing tensor {key!r}")
+        if tuple(tensors[key].shape) != want:
+            raise CheckpointError(f"{hf_dir}/{HEAD_WEIGHTS_FILE}: {key} has shape {tuple(tensors[key].shape)}, "
+                                  f"config {HEAD_CONFIG_FILE} implies {want}")
+        var.set_value(jnp.asarray(tensors[key]))
+    return head, cfg
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _read_persona_file(path: str) -> dict:
+    """One row's persona fields from a JSON file (an object, or a list holding exactly one)."""
+    from alignx_jax.data.persona import DEMO_FIELD, PAIR_FIELD, UGC_FIELD
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read persona file: {e.strerror}", file=path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e}", file=path) from None
+    if isinstance(obj, list) and len(obj) == 1:
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise DataError("expected a JSON object with the persona fields of one row", file=path)
+    for field in (UGC_FIELD, PAIR_FIELD):
+        if obj.get(field) is not None and not (isinstance(obj[field], list) and all(isinstance(x, dict) for x in obj[field])):
+            raise DataError("expected a list of objects", file=path, field=field)
+    if obj.get(DEMO_FIELD) is not None and not isinstance(obj[DEMO_FIELD], str):
+        raise DataError("expected a string", file=path, field=DEMO_FIELD)
+    if not any(obj.get(f) for f in (UGC_FIELD, PAIR_FIELD, DEMO_FIELD)):
+        raise DataError(f"no persona: none of {UGC_FIELD!r}, {PAIR_FIELD!r}, {DEMO_FIELD!r} is present and non-empty",
+                        file=path)
+    return obj
+
+
+def cli_predict_preferences(args: Any) -> int:
+    """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
+
+    --persona: prints the predicted direction and its profile text (or one JSON object).
+    --data: predicts every row; writes JSONL `{index, user_id?, direction, profile}` to --out (else
+    stdout) and, where rows carry a golden direction, prints the head's metrics beside the release
+    averaging rule's on the same rows.
+    """
+    from alignx_jax.data.persona import history_direction, profile_text
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.tokenizer import load_tokenizer
+
+    head, _ = load_head(args.model)  # first: a folder without a head fails before the model loads
+    tokenizer = load_tokenizer(args.model)
+    model = load_pretrained(args.model, dtype="float32")
+    as_json = bool(getattr(args, "json", False))
+    if args.persona is not None:
+        row = _read_persona_file(args.persona)
+        [direction], probs = predict_preferences(model, head, tokenizer, [row], batch_size=1, return_probs=True)
+        text = profile_text(direction)
+        if as_json:
+            print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
+        else:
+            print(f"direction: {[float(x) for x in direction]}")
+            print(f"profile: {text}")
+        return 0
+    from alignx_jax.data.schema import load_rows
+
+    rows, _ = load_rows(args.data)
+    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
+    lines = []
+    for i, (row, d) in enumerate(zip(rows, directions)):
+        rec: dict[str, Any] = {"index": i}
+        if row.get("user_id") is not None:
+            rec["user_id"] = row["user_id"]
+        rec["direction"] = [float(x) for x in d]
+        rec["profile"] = profile_text(d)
+        lines.append(json.dumps(rec))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
+    summary: dict[str, Any] = {"rows": len(rows), "out": args.out}
+    idx = _gold_rows(rows)
+    if idx:
+        gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
+        summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
+        with_hist = [i for i in idx if history_direction(rows[i]) is not None]
+        if with_hist:
+            summary["heuristic"] = heuristic_metrics([rows[i] for i in with_hist])
+    # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
+    import sys
+
+    stream = sys.stdout if args.out else sys.stderr
+    if as_json:
+        print(json.dumps(summary), file=stream)
+    else:
+        print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
+        for name in ("head", "heuristic"):
+            if name in summary:
+                m = {k.removeprefix("heuristic_"): v for k, v in summary[name].items()}
+                print(f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
+                      f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}", file=stream)
+    return 0

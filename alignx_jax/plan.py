@@ -1,0 +1,446 @@
+"""`alignx plan`: compile the real train step ahead of time for a topology and report memory per device.
+
+    alignx plan --config configs/llama3_8b_ica_gpu.py --config.model.hf_path=llama3-8b [--topology 8xH100] [--json OUT]
+
+The model is built abstractly (`nnx.eval_shape`: shapes and logical axes, no weights), placed on
+the config's mesh over *stand-in* devices (fake CPU devices via
+`--xla_force_host_platform_device_count`, one per chip of the topology), and the step that
+`alignx train` jits (`train.make_train_step`, same shardings, same donation) is lowered and
+compiled. XLA's buffer assignment (`compiled.memory_analysis()`) gives the bytes one device needs:
+arguments (params, optimizer state, reference, batch) + outputs - donated aliases + temporaries
+(activations, gradients, gathered weights). An analytic estimate is printed beside it. A step
+that does not fit the topology's memory per device is an AlignXError with the numbers.
+
+`model.hf_path` may be an HF folder / `alignx import` checkpoint, or a built-in preset name
+(`llama3-8b`, `qwen2.5-7b`, see PRESETS) so that no weights are needed to plan.
+
+Caveats (stand-in devices are CPUs): the CPU compiler's fusion and bf16 handling differ from TPU
+and GPU, and GPU-only kernels (cuDNN flash attention) cannot compile for CPU, so such configs are
+compiled with the query-chunked XLA attention (`attention_impl='chunked'`, an upper bound on the
+flash kernel's memory) and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import ml_collections
+
+from alignx_jax.config import load_config
+from alignx_jax.errors import AlignXError, ConfigError
+
+GiB = 1024 ** 3
+_CHILD_ENV = "ALIGNX_PLAN_CHILD"
+
+# Built-in HF config.json descriptions (public model cards), for planning without weights.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(  # Llama-3.1-8B(-Instruct)
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        attention_bias=False, tie_word_embeddings=False, bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009], hidden_act="silu"),
+    "qwen2.5-7b": dict(  # Qwen2.5-7B(-Instruct)
+        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, hidden_act="silu"),
+}
+PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
+
+
+# ----------------------------------------------------------------------------- topologies
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    num_devices: int  # chips (one JAX device each)
+    bytes_per_device: int
+    platform: str  # the real platform the plan stands in for: tpu | gpu | cpu
+
+
+_TOPOLOGY_TABLE = {"v5p": 95 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
+_GPU_TABLE = {"h100": 80 * GiB, "h200": 141 * GiB, "a100": 80 * GiB, "b200": 180 * GiB}
+_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*$", re.I)
+
+
+def parse_bytes(text: str) -> int:
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"cannot read a memory size from {text!r} (e.g. 80GiB, 512MiB)")
+    unit = (m.group(2) or "B").upper().replace("I", "")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": GiB, "TB": 1024 ** 4}[unit])
+
+
+def parse_topology(name: str | None) -> Topology:
+    """`v5p-64` (TPU name counts TensorCores: 2 per chip for v4/v5p), `8xH100`, or `N@SIZE` (N devices
+    of SIZE each, e.g. `8@2GiB`). None: this machine's devices."""
+    if name is None:
+        return Topology("local", 0, 0, "local")
+    text = name.strip()
+    m = re.fullmatch(r"(v5p|v4|v5e|v6e)-(\d+)", text, re.I)
+    if m:
+        gen, cores = m.group(1).lower(), int(m.group(2))
+        chips = cores // 2 if gen in ("v5p", "v4") else cores  # v5e/v6e names count chips
+        if chips < 1:
+            raise ConfigError(f"topology {name!r}: too few cores")
+        return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu")
+    m = re.fullmatch(r"(\d+)x(h100|h200|a100|b200)", text, re.I)
+    if m:
+        return Topology(text, int(m.group(1)), _GPU_TABLE[m.group(2).lower()], "gpu")
+    m = re.fullmatch(r"(\d+)@(.+)", text)
+    if m:
+        return Topology(text, int(m.group(1)), parse_bytes(m.group(2)), "cpu")
+    raise ConfigError(f"unknown topology {name!r}: use v5p-64 (v4/v5e/v6e too), 8xH100 (h200/a100/b200), "
+                      "or N@SIZE such as 8@16GiB")
+
+
+# ----------------------------------------------------------------------------- model description
+
+
+def decoder_config_for(cfg: ml_collections.ConfigDict):
+    """The DecoderConfig a run of `cfg` trains, without loading weights."""
+    from alignx_jax import train
+    from alignx_jax.models.decoder import DecoderConfig
+
+    opts = dict(train._run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
+    path = str(cfg.model.hf_path)
+    if path:
+        if path.lower() in PRESETS:
+            return DecoderConfig.from_hf(dict(PRESETS[path.lower()]), **opts)
+        if os.path.isdir(path):
+            from alignx_jax.models import hf
+            folder = path
+            if not os.path.isfile(os.path.join(folder, "config.json")):  # training workdir
+                folder = os.path.join(path, "reference")
+            return hf.load_decoder_config(folder, **opts)
+        raise ConfigError(f"model.hf_path={path!r} is neither a folder nor a preset "
+                          f"({', '.join(sorted(PRESETS))})")
+    if not cfg.model.init.enabled:
+        raise ConfigError("model.hf_path is '': pass an HF folder or a preset, e.g. "
+                          "--config.model.hf_path=llama3-8b")
+    init = cfg.model.init
+    vocab = int(init.vocab_size)
+    if vocab == -1:
+        tok, _ = train.load_tokenizer_for(cfg)
+        vocab = len(tok)
+    hf_cfg = {k: init[k] for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
+                                   "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")}
+    hf_cfg["vocab_size"] = vocab
+    return DecoderConfig.from_hf(hf_cfg, **opts)
+
+
+# ----------------------------------------------------------------------------- analytic estimate
+
+
+def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chunk: int) -> dict[str, int]:
+    """A back-of-envelope per-device budget (the compiled numbers are the authority).
+
+    shard: how many ways params are split (fsdp * tensor). Activations assume per-layer remat when
+    `dcfg.remat != 'none'` (only the layer inputs are kept); attention scores are [T, T] per head
+    for the XLA attention, [ATTENTION_CHUNK, T] for the chunked one (and the flash stand-in).
+    """
+    D, F, L, V = dcfg.hidden_size, dcfg.intermediate_size, dcfg.num_hidden_layers, dcfg.vocab_size
+    N, K, H = dcfg.num_attention_heads, dcfg.num_key_value_heads, dcfg.head_dim
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F + 2 * D
+    P = L * per_layer + V * D * (1 if dcfg.tie_word_embeddings else 2) + D
+    pb = int(dcfg.params_dtype.itemsize)
+    cb = int(dcfg.compute_dtype.itemsize)
+    s, T = seqs_per_device, seq_len
+    params = P * pb // shard
+    opt = 2 * P * 4 // shard  # Adam mu and nu in float32
+    ref = P * cb // shard
+    grads = 2 * P * 4 // shard  # accumulator + this microbatch's gradients
+    gathered = 2 * per_layer * cb + 2 * V * D * cb  # one layer (double-buffered) + embedding/head, all-gathered
+    act_layer_in = s * T * D * cb
+    from alignx_jax.models.decoder import ATTENTION_CHUNK
+
+    rows = min(T, ATTENTION_CHUNK) if dcfg.attention_impl in ("chunked", "cudnn") and T % ATTENTION_CHUNK == 0 else T
+    attn = s * N * rows * T * (4 + cb + 4)  # f32 scores, probs, f32 score gradients
+    layer_work = s * T * (6 * D + 3 * F) * cb + attn
+    if dcfg.remat != "none":
+        acts = L * act_layer_in + layer_work
+    else:
+        acts = L * (s * T * (6 * D + 3 * F) * cb + attn // 2)
+    c = min(chunk or T, T)
+    logits = 2 * s * c * V * 4
+    temps = grads + gathered + acts + logits
+    return {"params": params, "optimizer": opt, "reference": ref, "temporaries": temps,
+            "total": params + opt + ref + temps, "param_count": P}
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _opt_shardings(opt_state_abs: Any, param_sh_by_path: dict[tuple, Any], replicated) -> Any:
+    """Optimizer leaves mirror params (Adam mu/nu): give each the sharding of the param it shadows."""
+    import jax
+
+    def one(path, leaf):
+        keys = []
+        for k in reversed(path):
+            if isinstance(k, jax.tree_util.DictKey):
+                keys.append(k.key)
+            else:
+                break
+        key = tuple(reversed(keys))
+        sh = param_sh_by_path.get(key)
+        if sh is not None and tuple(sh[1]) == tuple(leaf.shape):
+            return sh[0]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_state_abs)
+
+
+def _shard_bytes(sds: Any) -> int:
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(sds):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
+         devices: list | None = None) -> dict[str, Any]:
+    """Compile `cfg`'s train step for `topology` on the devices of this process; return the report.
+
+    Needs at least `topology.num_devices` JAX devices (see `cli_plan`, which provides stand-ins).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax  # noqa: F401  (optax state types in the abstract optimizer state)
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from alignx_jax import sharding as shd
+    from alignx_jax import train
+    from alignx_jax.models.decoder import ATTENTION_CHUNK, Decoder
+
+    topology = topology or parse_topology(None)
+    all_devices = list(jax.devices() if devices is None else devices)
+    n = topology.num_devices or len(all_devices)
+    if len(all_devices) < n:
+        raise AlignXError(f"plan for {topology.name} needs {n} devices, this process has {len(all_devices)} "
+                          "(run it through `alignx plan`, which provides stand-in CPU devices)")
+    devs = all_devices[:n]
+    per_device_limit = topology.bytes_per_device or _local_device_bytes(devs)
+    notes: list[str] = []
+
+    dcfg = decoder_config_for(cfg)
+    gpu_kernel = dcfg.attention_impl == "cudnn" or (dcfg.attention_impl == "auto" and topology.platform == "gpu")
+    if devs[0].platform == "cpu" and gpu_kernel:
+        # the flash kernel keeps O(T) per head; the chunked XLA attention O(chunk * T): an upper bound
+        notes.append(f"attention_impl={dcfg.attention_impl!r} (cuDNN flash) cannot compile for CPU stand-ins: "
+                     f"compiled with attention_impl='chunked' ({ATTENTION_CHUNK} query rows per block), "
+                     "an upper bound on the flash kernel's memory")
+        dcfg = dcfg.replace(attention_impl="chunked")
+    mesh = shd.mesh_from_config(cfg.mesh, devices=devs)
+    rules = train.rules_from_config(cfg)
+
+    gb = int(cfg.train.global_batch)
+    mb = int(cfg.train.micro_batch or gb)
+    if gb <= 0 or mb <= 0 or gb % mb:
+        raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
+    num_micro = gb // mb
+    T = int(cfg.data.max_length)
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if mb % batch_ways:
+        notes.append(f"train.micro_batch={mb} does not divide over data*fsdp={batch_ways}: pairs replicated")
+
+    t0 = time.perf_counter()
+    abs_model = nnx.eval_shape(lambda: Decoder(dcfg, rngs=nnx.Rngs(0)))
+    codec = train.ParamsCodec.of(abs_model)
+    params_abs = nnx.to_pure_dict(nnx.state(abs_model))
+    param_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_model), mesh, rules))
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def with_sh(x, sh, dtype=None):
+        return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh)
+
+    params_in = jax.tree.map(with_sh, params_abs, param_sh)
+    ref_in = jax.tree.map(lambda x, sh: with_sh(x, sh, dcfg.compute_dtype), params_abs, param_sh)
+    total_steps = 1000
+    tx, _ = train.make_optimizer(cfg.optim, total_steps)
+    opt_abs = jax.eval_shape(tx.init, params_abs)
+    flat_sh = {tuple(k.key for k in path): sh for path, sh in jax.tree_util.tree_leaves_with_path(param_sh)}
+    by_path = {tuple(k.key for k in path): (flat_sh[tuple(k.key for k in path)], leaf.shape)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(params_abs)}
+    opt_sh = _opt_shardings(opt_abs, by_path, rep)
+    opt_in = jax.tree.map(with_sh, opt_abs, opt_sh)
+
+    precomputed = cfg.loss.reference == "precomputed"
+    host = {k: np.zeros((num_micro, mb, 2, T), np.int32)
+            for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
+    host["pair_mask"] = np.zeros((num_micro, mb), np.int32)
+    if precomputed:
+        host["ref_logps"] = np.zeros((num_micro, mb, 2), np.float32)
+    bsh = train.batch_shardings(host, mesh, rules)
+    batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
+
+    step = train.make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh)
+    jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
+    with shd.use_mesh(mesh, rules):
+        lowered = jitted.lower(params_in, opt_in, None if precomputed else ref_in, batch_in)
+    t_lower = time.perf_counter() - t0
+    compiled = lowered.compile()
+    t_compile = time.perf_counter() - t0 - t_lower
+    ma = compiled.memory_analysis()
+
+    arg, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                             int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
+    code = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
+    params_b, opt_b = _shard_bytes(params_in), _shard_bytes(opt_in)
+    ref_b = 0 if precomputed else _shard_bytes(ref_in)
+    batch_b = _shard_bytes(batch_in)
+    per_device_total = arg + out - alias + temp
+    compiled_report = {
+        "params": params_b, "optimizer": opt_b, "reference": ref_b, "batch": batch_b,
+        "arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "generated_code": code,
+        "total": per_device_total,
+    }
+    seqs_per_device = max(1, 2 * mb // batch_ways) if mb % batch_ways == 0 else 2 * mb
+    shard_ways = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    estimate = analytic_bytes(dcfg, seqs_per_device=seqs_per_device, seq_len=T, shard=shard_ways,
+                              chunk=int(cfg.loss.logps_chunk))
+
+    param_table = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params_in):
+        param_table.append({"name": "/".join(str(k.key) for k in path), "shape": list(leaf.shape),
+                            "dtype": str(leaf.dtype), "spec": str(leaf.sharding.spec),
+                            "per_device_shape": list(leaf.sharding.shard_shape(leaf.shape))})
+    report = {
+        "topology": topology.name, "platform": topology.platform, "num_devices": n,
+        "stand_in": devs[0].platform, "bytes_per_device_limit": per_device_limit,
+        "mesh": dict(mesh.shape), "model": {"param_count": estimate["param_count"], **dataclasses.asdict(dcfg)},
+        "seq_len": T, "global_batch": gb, "micro_batch": mb, "num_micro": num_micro,
+        "seqs_per_device_per_micro": seqs_per_device, "remat": dcfg.remat, "scan_layers": dcfg.scan_layers,
+        "per_device_bytes": compiled_report, "analytic_bytes": estimate,
+        "fits": per_device_total <= per_device_limit,
+        "headroom_bytes": per_device_limit - per_device_total,
+        "lower_seconds": round(t_lower, 2), "compile_seconds": round(t_compile, 2),
+        "params": param_table, "notes": notes,
+    }
+    return report
+
+
+def _local_device_bytes(devs) -> int:
+    stats = devs[0].memory_stats() if hasattr(devs[0], "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:  # CPU: the host's memory shared by its devices
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, len(devs))
+    except (ValueError, OSError):
+        return 0
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB // 4 else f"{b / 1024 ** 2:.1f} MiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    c, a = r["per_device_bytes"], r["analytic_bytes"]
+    m = r["model"]
+    lines = [
+        f"topology {r['topology']}: {r['num_devices']} devices ({r['platform']}, compiled on {r['stand_in']} "
+        f"stand-ins), limit {_gib(r['bytes_per_device_limit'])} per device",
+        f"mesh {r['mesh']}; model {m['param_count'] / 1e9:.2f}B params, {m['num_hidden_layers']} layers, "
+        f"dtype {m['dtype']}/{m['param_dtype']}, remat {r['remat']}, scan {r['scan_layers']}",
+        f"batch: {r['global_batch']} pairs = {r['num_micro']} x {r['micro_batch']}, seq {r['seq_len']}, "
+        f"{r['seqs_per_device_per_micro']} sequences per device per micro-step",
+        f"compile: lower {r['lower_seconds']}s, compile {r['compile_seconds']}s",
+        "per device          compiled      analytic",
+        f"  params        {_gib(c['params']):>12}  {_gib(a['params']):>12}",
+        f"  optimizer     {_gib(c['optimizer']):>12}  {_gib(a['optimizer']):>12}",
+        f"  reference     {_gib(c['reference']):>12}  {_gib(a['reference']):>12}",
+        f"  batch         {_gib(c['batch']):>12}",
+        f"  temporaries   {_gib(c['temporaries']):>12}  {_gib(a['temporaries']):>12}",
+        f"  total         {_gib(c['total']):>12}  {_gib(a['total']):>12}",
+        f"fits: {'yes' if r['fits'] else 'NO'} (headroom {_gib(r['headroom_bytes'])})",
+    ]
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+def _print_params(r: dict[str, Any]) -> str:
+    return "\n".join(f"  {p['name']:<40} {str(tuple(p['shape'])):<26} {p['spec']:<40} -> {tuple(p['per_device_shape'])}"
+                     for p in r["params"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # older/newer jax: assume the worst
+        return "jax" in sys.modules
+
+
+def _provide_devices(n: int) -> bool:
+    """Make sure this process will see >= n CPU devices. False when jax already started with fewer
+    (the caller then re-runs the command in a child process)."""
+    if _backends_initialized():
+        import jax
+        return jax.device_count() >= n
+    flags, have = [], 1
+    for f in os.environ.get("XLA_FLAGS", "").split():
+        if f.startswith("--xla_force_host_platform_device_count="):
+            have = int(f.split("=", 1)[1])  # never lower a count someone else asked for
+        else:
+            flags.append(f)
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={max(n, have)}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        import jax
+        jax.config.update("jax_platforms", "cpu")
+    return True
+
+
+def cli_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
+    topo = parse_topology(args.topology)
+    if topo.num_devices and not _provide_devices(topo.num_devices):
+        if os.environ.get(_CHILD_ENV):
+            raise AlignXError(f"could not provide {topo.num_devices} stand-in devices for {topo.name}")
+        argv = [sys.executable, "-m", "alignx_jax", "plan", "--config", args.config_path,
+                *(getattr(args, "overrides", []) or []), "--topology", args.topology]
+        if args.json:
+            argv += ["--json", args.json]
+        env = dict(os.environ, **{_CHILD_ENV: "1"})
+        env.pop("XLA_FLAGS", None)
+        env.pop("JAX_PLATFORMS", None)
+        return subprocess.call(argv, env=env)
+    report = plan(cfg, topo)
+    print(format_report(report))
+    if getattr(args, "verbose", False):
+        print(_print_params(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+            f.write("\n")
+    if not report["fits"]:
+        c = report["per_device_bytes"]
+        raise AlignXError(
+            f"{args.config_path}: the train step needs {_gib(c['total'])} per device on {report['topology']} "
+            f"but a device has {_gib(report['bytes_per_device_limit'])} (params {_gib(c['params'])}, optimizer "
+            f"{_gib(c['optimizer'])}, reference {_gib(c['reference'])}, temporaries {_gib(c['temporaries'])}); "
+            "lower train.micro_batch, enable model.remat, shorten data.max_length or use more devices")
+    return 0

@@ -1,0 +1,47 @@
+"""Tokenizer loading: a model folder's tokenizer, or the shipped tiny byte-level BPE.
+
+The tiny tokenizer (built by `scripts/build_tokenizer.py`) has Llama-3-style special tokens:
+`<|begin_of_text|>` (bos), `<|eot_id|>` (eos, as in Llama-3.1-Instruct), `<|pad|>` (pad),
+`<|start_header_id|>`, `<|end_header_id|>`, `<|end_of_text|>`, and a Llama-3 chat template.
+"""
+
+from __future__ import annotations
+
+import os
+
+from alignx_jax.errors import CheckpointError
+
+TINY_TOKENIZER_DIR: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
+
+# Ids a generation loop should stop at, besides `tokenizer.eos_token_id`.
+STOP_TOKENS: tuple[str, ...] = ("<|eot_id|>", "<|end_of_text|>")
+
+
+def load_tokenizer(path: str | None = None):
+    """Load a `transformers` tokenizer from `path` (local files only); None -> the shipped tiny one.
+
+    Raises CheckpointError when the folder does not exist or holds no loadable tokenizer.
+    """
+    path = TINY_TOKENIZER_DIR if path is None else os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"tokenizer folder not found: {path}")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                 "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is needed
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # a broken folder is the user's to fix: say which
+        raise CheckpointError(f"{path}: cannot load tokenizer: {type(e).__name__}: {e}") from e
+    if tok.pad_token_id is None:  # Llama-3 ships none; batching needs one that is never scored
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The token ids that end a generated response (eos plus Llama-3's turn/text ends)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in STOP_TOKENS if t in vocab)
+    return sorted(ids)

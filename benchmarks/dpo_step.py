@@ -1,0 +1,412 @@
+"""One full DPO training step, JAX (alignx_jax.train's jitted step) vs PyTorch/transformers.
+
+    python benchmarks/dpo_step.py [--model-size S] [--seq-len L] [--batch B] [--device cpu|gpu] --json OUT.json
+
+Both sides train the same Llama-style model from the same weights on the same batch of B pairs
+(2B sequences of L tokens, chosen rows first, right-padded), with a separately initialised frozen
+reference model (so the first-step loss is not trivially log 2 and the check compares real
+log-probs). A step is: policy forward+backward on chosen and rejected, reference forward, sigmoid
+DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
+
+* JAX: `alignx_jax.train.make_train_step` (the code `alignx train` jits), jitted with the
+  parameters and optimizer state donated, batch in the train layout `[1, B, 2, L]`.
+* PyTorch: a TRL-style step written with torch: `LlamaForCausalLM` (sdpa attention), one
+  forward over the concatenated chosen+rejected batch, float32 `log_softmax` + gather, masked sum,
+  sigmoid DPO, `clip_grad_norm_`, `torch.optim.AdamW`. `torch.compile` of the same loss function
+  (forward+backward through AOTAutograd/inductor) is timed too.
+
+Timings are medians over `--steps` steps after `--warmup` steps, all in one process; tokens/s
+counts every processed token (2 * B * L, padding included: both sides process the same tensor).
+`model_flops_per_step` counts matmul FLOPs: 6 N_mm + attention for the policy (forward+backward)
+and 2 N_mm + attention for the reference forward, where N_mm excludes the embedding gather and
+attention is 4 L_layers T D_attn per token (full, un-halved score matrix, as computed here).
+`peak_flops` is the best of a 1024^2 and a 2048^2 float32 matmul in JAX measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+BETA = 0.1
+LR = 1e-4
+
+# Llama-style sizes (HF config names). "default" is ~36M parameters.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512),
+    "xs": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=64, vocab_size=8192),
+    "s": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+              num_key_value_heads=2, head_dim=64, vocab_size=8192),
+    "default": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64, vocab_size=16384),
+    "m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+              num_key_value_heads=4, head_dim=64, vocab_size=16384),
+}
+
+
+@dataclasses.dataclass
+class Setup:
+    hf_config: dict[str, Any]
+    seq_len: int
+    batch: int  # pairs
+    data: dict[str, np.ndarray]  # collated DPO batch, 2B rows (chosen first)
+
+
+def make_setup(size: str, seq_len: int, batch: int, seed: int = 0) -> Setup:
+    """The model description and a synthetic right-padded DPO batch (ARCHITECTURE.md layout)."""
+    if size not in SIZES:
+        raise SystemExit(f"unknown --model-size {size!r}; one of {', '.join(SIZES)}")
+    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0, rms_norm_eps=1e-5,
+              max_position_embeddings=max(2048, seq_len), tie_word_embeddings=False, hidden_act="silu",
+              attention_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **SIZES[size])
+    rng = np.random.default_rng(seed)
+    n, T, V = 2 * batch, seq_len, hf["vocab_size"]
+    ids = rng.integers(3, V, size=(n, T), dtype=np.int32)
+    attn = np.zeros((n, T), np.int32)
+    loss = np.zeros((n, T), np.int32)
+    prompt = max(1, T // 4)
+    for i in range(n):  # real length in [3T/4, T]: some right padding, as a length bucket has
+        length = int(rng.integers(max(prompt + 2, (3 * T) // 4), T + 1))
+        attn[i, :length] = 1
+        loss[i, prompt:length] = 1
+        ids[i, length - 1] = 2  # closing EOS, scored
+        ids[i, length:] = 0
+    # chosen and rejected share their prompt, as in real pairs
+    ids[batch:, :prompt] = ids[:batch, :prompt]
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (n, T)).copy()
+    data = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": positions,
+            "pair_mask": np.ones((batch,), np.int32)}
+    return Setup(hf, seq_len, batch, data)
+
+
+def param_counts(hf: dict[str, int]) -> tuple[int, int]:
+    """(total parameters, parameters in matmuls excluding the embedding gather)."""
+    D, F, L = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    N, K, H, V = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"], hf["vocab_size"]
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
+    mm = L * per_layer + D * V
+    return mm + V * D + (2 * L + 1) * D, mm
+
+
+def model_flops_per_step(hf: dict[str, int], seq_len: int, batch: int) -> float:
+    _, mm = param_counts(hf)
+    tokens = 2 * batch * seq_len
+    attn_fwd_per_token = 4 * hf["num_hidden_layers"] * seq_len * hf["num_attention_heads"] * hf["head_dim"]
+    fwd = (2 * mm + attn_fwd_per_token) * tokens
+    return float(4 * fwd)  # policy forward + backward (3x) + reference forward (1x)
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def jax_models(setup: Setup, dtype: str = "float32"):
+    """(policy Decoder, reference Decoder) with seeds 0 and 1."""
+    from flax import nnx
+
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+
+    dcfg = DecoderConfig.from_hf(setup.hf_config, dtype=dtype, param_dtype="float32", remat="none",
+                                 scan_layers=True, attention_impl="xla")
+    return Decoder(dcfg, rngs=nnx.Rngs(0)), Decoder(dcfg, rngs=nnx.Rngs(1))
+
+
+def _loss_cfg(chunk: int):
+    import ml_collections
+
+    c = ml_collections.ConfigDict(dict(type="sigmoid", beta=BETA, label_smoothing=0.0, sft_weight=0.0,
+                                       sft_norm="length", reference="on_the_fly", logps_chunk=chunk))
+    return c
+
+
+def _optim_cfg():
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.95,
+                                          eps=1e-8, weight_decay=0.0, clip=1.0))
+
+
+class JaxStep:
+    """The train.py step, jitted as `alignx train` does (params and optimizer state donated)."""
+
+    def __init__(self, policy, reference, setup: Setup, chunk: int = 0):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from alignx_jax import train
+
+        self.codec = train.ParamsCodec.of(policy)
+        self.params = nnx.to_pure_dict(nnx.state(policy))
+        ref = nnx.to_pure_dict(nnx.state(reference))
+        self.ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=policy.cfg.compute_dtype, copy=True), ref)
+        self.tx, _ = train.make_optimizer(_optim_cfg(), total_steps=1000)
+        self.opt_state = self.tx.init(self.params)
+        step = train.make_train_step(self.codec, self.tx, _loss_cfg(chunk), precomputed=False)
+        self.batch = jax.device_put(train.to_microbatches(setup.data, 1))
+        self.jitted = jax.jit(step, donate_argnums=(0, 1))
+        self.compiled = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch).compile()
+
+    def __call__(self) -> float:
+        self.params, self.opt_state, m = self.compiled(self.params, self.opt_state, self.ref_params, self.batch)
+        return float(m["loss"])  # blocks until the step is done
+
+    def peak_memory_bytes(self) -> int:
+        ma = self.compiled.memory_analysis()
+        return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                   + ma.temp_size_in_bytes)
+
+
+def jax_logps(policy, setup: Setup) -> np.ndarray:
+    """Summed response log-probs `[2B]` (chosen rows first) through train.pair_logps."""
+    import jax
+    from flax import nnx
+
+    from alignx_jax import train
+
+    codec = train.ParamsCodec.of(policy)
+    mb = {k: v[0] for k, v in train.to_microbatches(setup.data, 1).items()}
+    lp = jax.jit(lambda p, b: train.pair_logps(codec, p, b, None))(nnx.to_pure_dict(nnx.state(policy)), mb)
+    lp = np.asarray(lp)
+    return np.concatenate([lp[:, 0], lp[:, 1]])
+
+
+def measure_peak_flops(dtype: str = "float32", repeats: int = 5) -> float:
+    """Best FLOP/s of a square matmul (1024^2 and 2048^2) in JAX on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    for n in (1024, 2048):
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, b).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def torch_models(policy, reference, device: str = "cpu"):
+    """LlamaForCausalLM copies of the JAX policy and reference (same weights, float32)."""
+    import torch
+    from flax import nnx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignx_jax.models.hf import param_maps
+
+    def convert(model):
+        cfg = model.cfg
+        flat = dict(nnx.to_flat_state(nnx.state(model)))
+        sd = {}
+        for m in param_maps(cfg):
+            arr = np.asarray(flat[m.path].get_value(), np.float32)
+            if m.layered:
+                for i in range(cfg.num_hidden_layers):
+                    sd[m.hf_name.format(i=i)] = torch.from_numpy(np.array(m.to_hf(arr[i], cfg), np.float32, copy=True))
+            else:
+                sd[m.hf_name] = torch.from_numpy(np.array(m.to_hf(arr, cfg), np.float32, copy=True))
+        hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+        tm = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
+        missing, unexpected = tm.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if "rotary" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
+        return tm.to(device=device, dtype=torch.float32)
+
+    pol, ref = convert(policy), convert(reference)
+    ref.eval().requires_grad_(False)
+    pol.train()
+    return pol, ref
+
+
+def torch_batch(setup: Setup, device: str = "cpu") -> dict[str, Any]:
+    import torch
+
+    return {k: torch.from_numpy(setup.data[k].astype(np.int64)).to(device)
+            for k in ("input_ids", "attention_mask", "loss_mask", "positions")}
+
+
+def torch_seq_logps(model, b: dict[str, Any]):
+    """TRL-style: logits of the concatenated batch, float32 log_softmax, gather, masked sum -> [2B]."""
+    import torch
+
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   position_ids=b["positions"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = torch.gather(logp, 2, b["input_ids"][:, 1:, None]).squeeze(2)
+    return (tok * b["loss_mask"][:, 1:]).sum(-1)
+
+
+def torch_dpo_loss(policy, reference, b: dict[str, Any]):
+    import torch
+    import torch.nn.functional as F
+
+    n = b["input_ids"].shape[0] // 2
+    pol = torch_seq_logps(policy, b)
+    with torch.no_grad():
+        ref = torch_seq_logps(reference, b)
+    logits = (pol[:n] - pol[n:]) - (ref[:n] - ref[n:])
+    return -F.logsigmoid(BETA * logits).mean()
+
+
+class TorchStep:
+    def __init__(self, policy, reference, setup: Setup, device: str = "cpu", compiled: bool = False):
+        import torch
+
+        self.policy, self.reference = policy, reference
+        self.b = torch_batch(setup, device)
+        self.opt = torch.optim.AdamW(policy.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        self.loss_fn = torch.compile(torch_dpo_loss) if compiled else torch_dpo_loss
+        self.device = device
+
+    def __call__(self) -> float:
+        import torch
+
+        loss = self.loss_fn(self.policy, self.reference, self.b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        out = float(loss.detach())
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+        return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    losses, times = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return losses, times
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    import torch
+
+    torch.manual_seed(0)
+    torch_device = "cpu" if args.device == "cpu" else "cuda"
+    setup = make_setup(args.model_size, args.seq_len, args.batch, seed=args.seed)
+    tokens = 2 * args.batch * args.seq_len
+    flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
+    out: dict[str, Any] = {
+        "model_size": args.model_size, "seq_len": args.seq_len, "batch_pairs": args.batch,
+        "tokens_per_step": tokens, "params": param_counts(setup.hf_config)[0],
+        "model_flops_per_step": flops, "device": args.device, "logps_chunk": args.chunk,
+        "jax_version": jax.__version__, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "load_average_start": list(os.getloadavg()),
+    }
+    policy, reference = jax_models(setup)
+    # torch copies first: the JAX step donates (invalidates) the policy's buffers
+    t_pol, t_ref = torch_models(policy, reference, torch_device)
+    t_init = {k: v.detach().clone() for k, v in t_pol.state_dict().items()}
+
+    t0 = time.perf_counter()
+    jstep = JaxStep(policy, reference, setup, chunk=args.chunk)
+    out["jax_compile_seconds"] = time.perf_counter() - t0
+    del policy, reference
+    j_losses, j_times = time_steps(jstep, args.warmup, args.steps)
+    out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
+    del jstep
+    gc.collect()
+
+    tstep = TorchStep(t_pol, t_ref, setup, torch_device)
+    t_losses, t_times = time_steps(tstep, args.warmup, args.steps)
+    del tstep
+
+    out.update(jax_loss=j_losses[0], torch_loss=t_losses[0], jax_loss_step2=j_losses[1] if len(j_losses) > 1 else None,
+               torch_loss_step2=t_losses[1] if len(t_losses) > 1 else None,
+               loss_abs_diff=abs(j_losses[0] - t_losses[0]),
+               jax_step_seconds=statistics.median(j_times), torch_step_seconds=statistics.median(t_times),
+               jax_step_times=j_times, torch_step_times=t_times)
+    out["jax_tokens_per_sec"] = tokens / out["jax_step_seconds"]
+    out["torch_tokens_per_sec"] = tokens / out["torch_step_seconds"]
+
+    out["torch_compiled_tokens_per_sec"] = None
+    if args.compile:
+        with torch.no_grad():  # restart from the same initial weights
+            t_pol.load_state_dict(t_init)
+        try:
+            t0 = time.perf_counter()
+            cstep = TorchStep(t_pol, t_ref, setup, torch_device, compiled=True)
+            c_first = cstep()
+            out["torch_compile_seconds"] = time.perf_counter() - t0
+            c_losses, c_times = time_steps(cstep, max(0, args.warmup - 1), args.steps)
+            out["torch_compiled_loss"] = c_first
+            out["torch_compiled_step_seconds"] = statistics.median(c_times)
+            out["torch_compiled_tokens_per_sec"] = tokens / out["torch_compiled_step_seconds"]
+        except Exception as e:  # inductor needs a working C++ toolchain; report, do not crash
+            out["torch_compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+    out["peak_flops"] = measure_peak_flops()
+    mfu_key = "cpu_mfu" if args.device == "cpu" else "gpu_mfu"
+    out[mfu_key] = flops / out["jax_step_seconds"] / out["peak_flops"]
+    out["torch_mfu"] = flops / out["torch_step_seconds"] / out["peak_flops"]
+    out["jax_vs_torch"] = out["jax_tokens_per_sec"] / out["torch_tokens_per_sec"]
+    out["load_average_end"] = list(os.getloadavg())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-size", default="default", choices=sorted(SIZES))
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=0, help="loss.logps_chunk for the JAX step (0 = one chunk)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.warmup < 1:
+        args.warmup = 1  # the first step compiles (torch.compile) and is never timed
+    out = run(args)
+    text = json.dumps(out, indent=2)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    keys = ("jax_tokens_per_sec", "torch_tokens_per_sec", "torch_compiled_tokens_per_sec", "jax_vs_torch",
+            "cpu_mfu", "gpu_mfu", "jax_loss", "torch_loss", "jax_peak_memory_bytes")
+    print(json.dumps({k: out[k] for k in keys if k in out}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

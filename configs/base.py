@@ -1,0 +1,115 @@
+"""Shared defaults for every run config: the release's DPO recipe (METHOD.md section 6).
+
+Other config files call `get_config()` from here (via `runpy`, since configs are loaded by path)
+and change only what differs. Every key a run can set exists here, so a misspelt override is a
+ConfigError rather than a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from alignx_jax.sharding import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = ""  # required: W/ holds config.json, metrics.jsonl, reference/, checkpoints/
+
+    # --- model: an HF folder (or `alignx import` checkpoint) or, when hf_path is '', random init
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""
+    c.model.tokenizer = ""  # '' -> the hf_path's tokenizer, or the shipped tiny one for random init
+    c.model.init = ml_collections.ConfigDict()  # sizes for random init (HF config.json names)
+    c.model.init.enabled = False  # random init allowed when hf_path is '' (tiny configs only)
+    c.model.init.model_type = "llama"
+    c.model.init.vocab_size = -1  # -1 -> the tokenizer's size
+    c.model.init.hidden_size = 64
+    c.model.init.intermediate_size = 128
+    c.model.init.num_hidden_layers = 2
+    c.model.init.num_attention_heads = 4
+    c.model.init.num_key_value_heads = 2
+    c.model.init.head_dim = 16
+    c.model.init.rope_theta = 10000.0
+    c.model.init.rms_norm_eps = 1e-5
+    c.model.init.max_position_embeddings = 8192
+    c.model.init.tie_word_embeddings = False
+    c.model.init.seed = 0
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat = "full"  # per-layer gradient checkpointing: "none" | "full" | "dots" | "dots_no_batch"
+    c.model.scan_layers = True
+    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention) | "auto"
+
+    # --- data
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # parquet/JSONL/JSON file or folder, or TFDS dir; '' -> synthesize into W/data
+    c.data.method = "ica"  # 'ica' | 'pba' | 'none'
+    c.data.persona = "p"  # 'ugc' | 'pair' | 'demo' | 'p'
+    c.data.prompt_format = "chat"  # 'chat' (tokenizer's template) | 'paper' (the release's strings)
+    c.data.max_length = 8192
+    c.data.buckets = (1024, 2048, 4096, 8192)
+    c.data.overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
+    c.data.skip_bad_rows = False
+    c.data.shuffle = True
+    c.data.synth_users = 0  # > 0: synthesize this many users into W/data when `train` is ''; 0: train is required
+    c.data.synth_pairs_per_user = 4
+    c.data.synth_seed = 0
+
+    # --- loss (release: sigmoid DPO, beta 0.1, no smoothing, no SFT)
+    c.loss = ml_collections.ConfigDict()
+    c.loss.type = "sigmoid"  # 'sigmoid' | 'cdpo' | 'robust' | 'hinge' | 'ipo'
+    c.loss.beta = 0.1
+    c.loss.label_smoothing = 0.0
+    c.loss.sft_weight = 0.0
+    c.loss.sft_norm = "length"  # 'length' (mean NLL per chosen token) | 'sum'
+    c.loss.reference = "on_the_fly"  # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data)
+    c.loss.logps_chunk = 512  # time chunk for sequence_logps (peak [B, chunk, V] f32 logits)
+
+    # --- optimizer: AdamW + clip, linear warm-up then cosine to min_lr_ratio * lr
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-7
+    c.optim.warmup_ratio = 0.1
+    c.optim.min_lr_ratio = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.clip = 1.0
+
+    # --- train loop
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = -1  # -1 -> as many steps as `epochs` passes over the data take
+    c.train.epochs = 1
+    c.train.global_batch = 128  # pairs per optimizer step
+    c.train.micro_batch = 0  # pairs per forward pass (grad accumulation); 0 -> global_batch
+    c.train.seed = 42
+    c.train.log_every = 1
+    c.train.distributed = False  # jax.distributed.initialize() (multi-host; set by launch/tpu_pod.sh)
+    c.train.progress = True  # tqdm bar on process 0
+
+    # --- mesh (-1 = the remaining devices) and logical -> mesh axis rules
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+
+    # --- orbax checkpoints under W/checkpoints
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 250
+    c.checkpoint.keep = 3
+    c.checkpoint["async"] = True  # ("async" is a Python keyword: set/read it by item)
+
+    # --- PBA preference-vector head (configured here, used when data.method == 'pba')
+    c.pba = ml_collections.ConfigDict()
+    c.pba.enabled = False
+    c.pba.weight = 1.0  # weight of the head's loss added to DPO
+    c.pba.stop_gradient = True  # head reads detached persona features (policy is not pulled by it)
+    c.pba.pooling = "mean"  # 'mean' | 'last' over persona tokens
+    c.pba.hidden = 256
+    c.pba.class_weights = (1.0, 1.0, 1.0)  # for the {0, 0.5, 1} classes
+    c.pba.mode = "joint"  # 'joint' | 'two_stage'
+    c.pba.preference = "golden"  # P~ in the policy's prompt: 'golden' | 'predicted' | 'mix'
+    return c

@@ -1,0 +1,16 @@
+"""ICA on Qwen2.5-7B-Instruct, one host with 8x H100: the same recipe as llama3_8b_ica_gpu.py.
+
+Qwen2.5's 152k vocabulary makes the logits the largest activation, so log-probs are chunked finer.
+"""
+
+import os
+import runpy
+
+_LLAMA = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b_ica_gpu.py"))
+
+
+def get_config():
+    c = _LLAMA["get_config"]()
+    c.model.hf_path = ""  # required on the command line: /models/Qwen2.5-7B-Instruct
+    c.loss.logps_chunk = 512
+    return c

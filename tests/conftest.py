@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with transformers (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _perturb(model, seed: int) -> None:
+    """Randomise norm scales and biases too (HF inits them to 1 / 0, which would hide mapping bugs)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def build_tiny_hf(kind: str, out_dir: str, *, seed: int = 0, max_shard_size: str | None = None) -> str:
+    """Write a tiny `llama` (Llama-3.1 style: GQA, llama3 RoPE scaling, untied head) or `qwen2`
+    (Qwen2.5 style: q/k/v biases, tied head) checkpoint with the shipped tokenizer to `out_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer()
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, **TINY, rope_theta=500000.0,
+                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                          tie_word_embeddings=False, initializer_range=0.1, rms_norm_eps=1e-5,
+                          bos_token_id=tok.bos_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"),
+                                                                        tok.eos_token_id],
+                          pad_token_id=tok.pad_token_id)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab, **TINY, rope_theta=1000000.0, tie_word_embeddings=True,
+                          initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    else:
+        raise ValueError(kind)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _perturb(model, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    for name in os.listdir(TINY_TOKENIZER_DIR):
+        shutil.copyfile(os.path.join(TINY_TOKENIZER_DIR, name), os.path.join(out_dir, name))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """{'llama': dir, 'qwen2': dir}: tiny random HF checkpoints (llama one sharded into several files)."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {
+        "llama": build_tiny_hf("llama", str(root / "llama"), seed=0, max_shard_size="1MB"),
+        "qwen2": build_tiny_hf("qwen2", str(root / "qwen2"), seed=1),
+    }

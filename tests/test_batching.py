@@ -1,0 +1,182 @@
+"""DPO examples (ids, truncation, drop), length buckets and the collated batch layout."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from alignx_jax.data import batching, persona, prompts
+from alignx_jax.data.batching import DPOExample
+from alignx_jax.errors import ConfigError, DataError
+
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "alignx_jax", "assets", "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+        pytest.skip("shipped tokenizer not built")
+    try:
+        from alignx_jax.tokenizer import load_tokenizer
+    except ImportError:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return load_tokenizer()
+
+
+def row(prompt="Plan my weekend.", chosen="Go hiking in the hills.", rejected="Stay in.", direction=True):
+    d = np.full(90, 0.5)
+    d[[2, 50]] = [1, 0]
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "Preference Direction": d.tolist() if direction else None,
+            "Demographic Information": "Retired teacher.",
+            "User-Generated Content": [{"prompt": f"post {i}", "comment": f"comment {i}", "Preference Direction": None}
+                                       for i in range(4)],
+            "Pair-wise Comparative Feedback": [{"prompt": "Pets?", "chosen": "Dogs.", "rejected": "None.",
+                                                "Preference Direction": None}]}
+
+
+def words(n: int, word: str = "science") -> str:
+    return " ".join([word] * n)
+
+
+def test_response_ids(tok):
+    ids = batching.response_ids(tok, "Go hiking.")
+    assert ids[-1] == tok.eos_token_id and tok.bos_token_id not in ids
+    assert ids[:-1] == tok("Go hiking.", add_special_tokens=False)["input_ids"]
+
+
+def test_example_that_fits(tok):
+    r = row()
+    ex = batching.make_example(tok, r, method="ica", max_length=512, index=3)
+    assert ex.prompt_ids == prompts.prompt_ids(tok, r, method="ica")
+    assert ex.chosen_ids == batching.response_ids(tok, r["chosen"])
+    assert ex.rejected_ids == batching.response_ids(tok, r["rejected"])
+    assert not ex.truncated and ex.index == 3 and ex.persona_ids is None
+    assert ex.direction.dtype == np.float32 and ex.direction[2] == 1 and ex.direction[50] == 0
+    assert ex.length == len(ex.prompt_ids) + len(ex.chosen_ids)
+    assert batching.make_example(tok, row(direction=False), method="none", max_length=512).direction is None
+
+
+def test_prompt_left_truncation(tok):
+    r = row(prompt=words(300))
+    full = prompts.prompt_ids(tok, r, method="none")
+    ex = batching.make_example(tok, r, method="none", max_length=128)
+    longest = max(len(ex.chosen_ids), len(ex.rejected_ids))
+    assert ex.truncated and len(ex.prompt_ids) + longest == 128
+    assert ex.prompt_ids == full[-len(ex.prompt_ids):]  # the end (assistant header) survives
+    assert ex.chosen_ids == batching.response_ids(tok, r["chosen"])  # short responses untouched
+    assert batching.make_example(tok, r, method="none", max_length=128, overflow="drop") is None
+    assert batching.make_example(tok, row(), method="none", max_length=128, overflow="drop") is not None
+
+
+def test_response_left_truncation(tok):
+    r = row(chosen=words(400, "music"))
+    ex = batching.make_example(tok, r, method="none", max_length=128)
+    full = batching.response_ids(tok, r["chosen"])
+    budget = 128 - batching.reserve(128)
+    assert ex.truncated and len(ex.chosen_ids) == budget + 1 and ex.chosen_ids[-1] == tok.eos_token_id
+    assert ex.chosen_ids[:-1] == full[:-1][-budget:]
+    assert len(ex.prompt_ids) + len(ex.chosen_ids) <= 128
+    assert ex.prompt_ids == prompts.prompt_ids(tok, r, method="none")[-len(ex.prompt_ids):]
+
+
+def test_eval_mode_release_rule(tok):
+    assert batching.reserve(1100) == 513 and batching.reserve(8192) == 513 and batching.reserve(64) == 32
+    r = row(prompt=words(900), chosen=words(900, "music"))
+    ex = batching.make_example(tok, r, method="ica", max_length=1100, eval_mode=True, prompt_format="paper")
+    full_prompt = prompts.prompt_ids(tok, r, method="ica", fmt="paper")
+    full_chosen = batching.response_ids(tok, r["chosen"])[:-1]
+    assert len(full_prompt) > 587 and len(full_chosen) > 587
+    assert ex.prompt_ids == full_prompt[-587:] and ex.chosen_ids == full_chosen[-587:] + [tok.eos_token_id]
+    assert ex.rejected_ids == batching.response_ids(tok, r["rejected"]) and ex.truncated
+    short = batching.make_example(tok, row(), method="ica", max_length=1100, eval_mode=True)
+    assert not short.truncated
+
+
+def test_training_sample_and_persona_ids(tok):
+    r = row()
+    a = batching.make_example(tok, r, method="ica", max_length=512, rng=persona.row_rng(1, (0, 0)), persona_length=64)
+    b = batching.make_example(tok, r, method="ica", max_length=512, rng=persona.row_rng(1, (0, 0)), persona_length=64)
+    assert a.prompt_ids == b.prompt_ids and a.persona_ids == b.persona_ids
+    assert a.persona_ids[0] == tok.bos_token_id and len(a.persona_ids) <= 64
+    # The head input and the prompt see the same history sample.
+    sample_u, sample_p = persona.sample_history(r, persona.row_rng(1, (0, 0)))
+    block = persona.persona_text(r, "p", ugc=sample_u, pairs=sample_p)
+    body = tok(block, add_special_tokens=False)["input_ids"]
+    assert a.persona_ids[1:] == body[-63:]
+    assert tok.decode(a.prompt_ids).count("*Comment:*") == len(sample_u)
+
+
+def test_bucket_length():
+    assert batching.bucket_length(1, (8, 16)) == 8
+    assert batching.bucket_length(8, (16, 8)) == 8
+    assert batching.bucket_length(9, (8, 16)) == 16
+    with pytest.raises(ConfigError, match="largest length bucket 16"):
+        batching.bucket_length(17, (8, 16))
+
+
+def test_collate_layout_exact():
+    d = np.full(90, 0.5, np.float32)
+    d[0] = 1
+    ex1 = DPOExample([10, 11, 12], [20, 21, 4], [30, 4], direction=d, persona_ids=[0, 7, 8], index=5)
+    ex2 = DPOExample([13], [22, 4], [31, 32, 33, 4], direction=np.zeros(90, np.float32), persona_ids=[0], index=9)
+    b = batching.collate([ex1, ex2], buckets=(8, 16), pad_id=99, num_pairs=3)
+    P = 99
+    np.testing.assert_array_equal(b["input_ids"], [
+        [10, 11, 12, 20, 21, 4, P, P],   # chosen 1
+        [13, 22, 4, P, P, P, P, P],      # chosen 2
+        [P] * 8,                         # dummy
+        [10, 11, 12, 30, 4, P, P, P],    # rejected 1
+        [13, 31, 32, 33, 4, P, P, P],    # rejected 2
+        [P] * 8,                         # dummy
+    ])
+    np.testing.assert_array_equal(b["loss_mask"], [
+        [0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0, 0],
+        [0] * 8,
+        [0, 0, 0, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 1, 0, 0, 0],
+        [0] * 8,
+    ])
+    np.testing.assert_array_equal(b["attention_mask"], [
+        [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
+    ])
+    np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 3, 4, 5, 0, 0])
+    np.testing.assert_array_equal(b["positions"][4], [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(b["pair_mask"], [1, 1, 0])
+    np.testing.assert_array_equal(b["index"], [5, 9, -1])
+    for k, ex in enumerate([ex1, ex2]):  # scored tokens are exactly response + EOS
+        assert b["input_ids"][k][b["loss_mask"][k] == 1].tolist() == ex.chosen_ids
+        assert b["input_ids"][3 + k][b["loss_mask"][3 + k] == 1].tolist() == ex.rejected_ids
+    assert b["direction"].shape == (3, 90) and b["direction"][0, 0] == 1 and b["direction"][1].sum() == 0
+    assert np.all(b["direction"][2] == 0.5)
+    np.testing.assert_array_equal(b["persona_ids"], [[0, 7, 8, P, P, P, P, P], [0] + [P] * 7, [P] * 8])
+    np.testing.assert_array_equal(b["persona_mask"].sum(axis=1), [3, 1, 1])
+    for key in ("input_ids", "attention_mask", "loss_mask", "positions", "pair_mask", "persona_ids"):
+        assert b[key].dtype == np.int32
+    stats = batching.padding_stats(b)
+    assert stats["real_tokens"] == 6 + 3 + 5 + 5 and stats["total_tokens"] == 48
+    assert stats["padded_tokens"] == 48 - 19 and stats["padded_pairs"] == 1 and stats["pairs"] == 2
+
+
+def test_collate_options_and_errors(tok):
+    plain = DPOExample([1, 2], [3, 4], [5, 4])
+    b = batching.collate([plain], buckets=(4, 8), pad_id=0)
+    assert b["input_ids"].shape == (2, 4) and "direction" not in b and "persona_ids" not in b
+    with pytest.raises(ValueError, match="num_pairs"):
+        batching.collate([plain, plain], buckets=(8,), pad_id=0, num_pairs=1)
+    with_dir = DPOExample([1], [3, 4], [5, 4], direction=np.full(90, 0.5, np.float32))
+    with pytest.raises(DataError, match="Preference Direction"):
+        batching.collate([plain, with_dir], buckets=(8,), pad_id=0)
+    # End to end with the tokenizer: a batch of real examples.
+    exs = [batching.make_example(tok, row(), method=m, max_length=256, index=i)
+           for i, m in enumerate(("none", "ica", "pba"))]
+    b = batching.collate(exs, buckets=(128, 256, 512), pad_id=tok.pad_token_id, num_pairs=4)
+    assert b["input_ids"].shape == (8, 256)
+    assert b["loss_mask"][:3].sum(axis=1).tolist() == [len(e.chosen_ids) for e in exs]
+    assert b["loss_mask"][4:7].sum(axis=1).tolist() == [len(e.rejected_ids) for e in exs]

@@ -1,0 +1,86 @@
+"""Benchmark files (METHOD.md section 7 shapes) normalised to rows."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from alignx_jax.data import benchmarks
+from alignx_jax.errors import DataError
+
+PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                      "benchmarks", "p-soups", "student_phd.json")
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not present")
+def test_psoups():
+    rows = benchmarks.load_benchmark("p-soups", PSOUPS)
+    assert len(rows) == 600
+    with open(PSOUPS) as f:
+        raw = json.load(f)
+    for r, src in zip(rows, raw):
+        assert (r["prompt"], r["chosen"], r["rejected"], r["profile"]) == (
+            src["prompt"], src["chosen"], src["rejected"], src["profile"])
+        assert r["Preference Direction"] is None
+        assert [(p["prompt"], p["chosen"], p["rejected"], p["Preference Direction"])
+                for p in r["Pair-wise Comparative Feedback"]] == [
+            (p["prompt"], p["chosen"], p["rejected"], None) for p in src["Pair-wise Comparative Feedback"]]
+    assert len(benchmarks.load_benchmark("p-soups", PSOUPS, limit=7)) == 7
+
+
+def _uf_rows():
+    return [
+        {"prompt": "Explain tides.", "chosen": "Moon gravity.", "rejected": "Wind.",
+         "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "a", "rejected": "b"}],
+         "profile": "Concerned about truthfulness"},
+        {"prompt": "Explain rain.", "chosen": "Condensation.", "rejected": "Clouds cry.",
+         "Demographic Information": "A farmer.", "User-Generated Content": [{"prompt": "p", "comment": "c"}]},
+    ]
+
+
+def test_uf_p_4_and_prism(tmp_path):
+    for name in ("helpfulness", "honesty"):
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump(_uf_rows(), f)
+    rows = benchmarks.load_benchmark("uf-p-4", str(tmp_path))
+    assert len(rows) == 4
+    assert rows[0]["profile"] == "Concerned about truthfulness" and "profile" not in rows[1]
+    assert rows[1]["Demographic Information"] == "A farmer." and rows[0]["Demographic Information"] == ""
+    assert rows[1]["User-Generated Content"][0]["Preference Direction"] is None
+    prism = benchmarks.load_benchmark("prism", str(tmp_path / "honesty.json"), limit=1)
+    assert [r["prompt"] for r in prism] == ["Explain tides."]
+
+
+def test_missing_response_is_named(tmp_path):
+    bad = _uf_rows()
+    del bad[1]["chosen"]
+    with open(tmp_path / "prism.json", "w") as f:
+        json.dump(bad, f)
+    with pytest.raises(DataError) as e:
+        benchmarks.load_benchmark("prism", str(tmp_path / "prism.json"))
+    assert e.value.field == "chosen" and e.value.row == 1 and "prism.json" in str(e.value)
+
+
+def test_alignx_benchmark_needs_directions(tmp_path):
+    with open(tmp_path / "t.json", "w") as f:
+        json.dump(_uf_rows(), f)
+    with pytest.raises(DataError, match="Preference Direction"):
+        benchmarks.load_benchmark("alignx", str(tmp_path / "t.json"))
+    d = np.full(90, 0.5).tolist()
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "Preference Direction": d,
+           "Demographic Information": "", "User-Generated Content": [], "Pair-wise Comparative Feedback": []}
+    with open(tmp_path / "a.jsonl", "w") as f:
+        f.write(json.dumps(row) + "\n")
+    assert benchmarks.load_benchmark("alignx", str(tmp_path / "a.jsonl"))[0]["Preference Direction"] == d
+
+
+def test_names_and_args():
+    with pytest.raises(DataError, match="unknown benchmark"):
+        benchmarks.load_benchmark("hh-rlhf", "x.json")
+    assert benchmarks.parse_benchmark_arg("p-soups=/a=b.json") == ("p-soups", "/a=b.json")
+    for bad in ("p-soups", "psoups=x.json", "prism="):
+        with pytest.raises(DataError):
+            benchmarks.parse_benchmark_arg(bad)

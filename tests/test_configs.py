@@ -1,0 +1,73 @@
+"""Every shipped config loads, carries the release's recipe, and rejects misspelt keys."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from alignx_jax.config import config_to_json, load_config
+from alignx_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("base.py"))
+REAL = [p for p in CONFIGS if not os.path.basename(p).startswith("tiny")]
+SECTIONS = ("model", "data", "loss", "optim", "train", "mesh", "sharding", "checkpoint", "pba")
+
+
+def test_expected_configs_exist():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {"tiny_cpu.py", "tiny_pba.py", "llama3_8b_ica_gpu.py", "qwen2_5_7b_ica_gpu.py",
+            "llama3_8b_pba_tpu_v5p_64.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_loads_with_all_sections(path):
+    c = load_config(path, ["--config.workdir=/tmp/w"])
+    assert c.workdir == "/tmp/w"
+    for s in SECTIONS:
+        assert s in c, s
+    assert c.loss.type in ("sigmoid", "cdpo", "robust", "hinge", "ipo")
+    assert c.data.method in ("ica", "pba", "none")
+    assert c.train.micro_batch == 0 or c.train.global_batch % c.train.micro_batch == 0
+    assert '"workdir": "/tmp/w"' in config_to_json(c)
+
+
+@pytest.mark.parametrize("path", REAL, ids=os.path.basename)
+def test_real_configs_follow_release_recipe(path):
+    c = load_config(path, ["--config.model.hf_path=/m", "--config.data.train=/d"])
+    assert c.model.hf_path == "/m" and c.data.train == "/d"
+    assert not c.model.init.enabled and c.data.synth_users == 0  # never silently random-init / synth
+    assert (c.train.global_batch, c.optim.lr, c.train.epochs, c.train.steps) == (128, 5e-7, 1, -1)
+    assert (c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.clip) == (0.9, 0.95, 0.0, 1.0)
+    assert (c.optim.warmup_ratio, c.optim.min_lr_ratio) == (0.1, 0.1)
+    assert (c.loss.type, c.loss.beta, c.loss.label_smoothing, c.loss.sft_weight) == ("sigmoid", 0.1, 0.0, 0.0)
+    assert c.data.max_length == 8192 and max(c.data.buckets) == 8192 and c.data.overflow == "drop"
+    assert c.train.seed == 42
+    assert (c.model.dtype, c.model.param_dtype, c.model.remat, c.model.scan_layers) == (
+        "bfloat16", "float32", "full", True)
+
+
+def test_tiny_configs_are_tiny_and_self_contained():
+    for name in ("tiny_cpu.py", "tiny_pba.py"):
+        c = load_config(os.path.join(ROOT, "configs", name))
+        assert c.model.hf_path == "" and c.model.init.enabled and c.data.train == ""
+        assert c.data.synth_users > 0
+        assert c.model.init.hidden_size <= 64 and c.model.init.num_hidden_layers <= 4
+    pba = load_config(os.path.join(ROOT, "configs", "tiny_pba.py"))
+    assert pba.data.method == "pba" and pba.pba.enabled
+    for k in ("enabled", "weight", "stop_gradient", "pooling", "hidden", "class_weights", "mode", "preference"):
+        assert k in pba.pba
+
+
+def test_override_types_and_errors():
+    path = os.path.join(ROOT, "configs", "tiny_cpu.py")
+    c = load_config(path, ["--config.train.steps=3", "--config.optim.lr=0.5", "--config.mesh.fsdp=2",
+                           "--config.checkpoint.async=false", "--config.data.buckets=(64, 128)"])
+    assert c.train.steps == 3 and c.optim.lr == 0.5 and c.mesh.fsdp == 2
+    assert c.checkpoint["async"] is False and tuple(c.data.buckets) == (64, 128)
+    with pytest.raises(ConfigError, match="train.stpes"):
+        load_config(path, ["--config.train.stpes=3"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(path, ["--config.train.steps=many"])

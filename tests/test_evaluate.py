@@ -1,0 +1,422 @@
+"""`alignx eval`: log-probs against transformers, the strict rule, resume, results JSON, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from alignx_jax import cli
+from alignx_jax import evaluate as ev
+from alignx_jax.errors import ConfigError
+
+PSOUPS = "/work/shared/benchmarks/p-soups/student_phd.json"
+LIMIT = 6
+MAX_LEN = 256  # prompts and responses are left-truncated to 128 tokens: short sequences, fast tests
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["eval", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _torch_logp(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """The release's way: one unpadded sequence per forward, sum of response + EOS log-probs."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    p = len(prompt_ids)
+    return float(sum(logp[t - 1, ids[0, t]] for t in range(p, ids.shape[1])))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_hf_checkpoints) -> str:
+    return tiny_hf_checkpoints["llama"]
+
+
+@pytest.fixture(scope="module")
+def ica_run(llama, tmp_path_factory):
+    """One ICA evaluation of the first LIMIT P-SOUPS rows, no reference, with a per-example file."""
+    d = tmp_path_factory.mktemp("ica")
+    out, per = str(d / "results.json"), str(d / "per.jsonl")
+    code = cli.main(["eval", "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica",
+                     "--limit", str(LIMIT), "--max-length", str(MAX_LEN), "--batch-size", "4",
+                     "--per-example", per, "--out", out])
+    assert code == 0
+    with open(out, encoding="utf-8") as f:
+        results = json.load(f)
+    return {"results": results, "rows": _read_jsonl(per), "per": per, "out": out, "dir": d}
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_strict_rule_with_ties():
+    beta = 0.1
+    assert ev.is_correct(-1.0, -2.0, None, None, beta)
+    assert not ev.is_correct(-2.0, -1.0, None, None, beta)
+    assert not ev.is_correct(-1.5, -1.5, None, None, beta)  # tie without reference: wrong
+    # rewards tie exactly: beta * (-3 - -2) == beta * (-5 - -4) == -0.1
+    assert ev.reward(-3.0, -2.0, beta) == ev.reward(-5.0, -4.0, beta)
+    assert not ev.is_correct(-3.0, -5.0, -2.0, -4.0, beta)
+    # higher policy log-prob on chosen but the reference explains it all: not correct
+    assert not ev.is_correct(-1.0, -3.0, -1.0, -3.0, beta)
+    # lower absolute log-prob on chosen but a larger gain over the reference: correct
+    assert ev.is_correct(-10.0, -2.0, -12.0, -2.5, beta)
+    with pytest.raises(ValueError):
+        ev.is_correct(-1.0, -2.0, -1.0, None, beta)
+
+
+def test_wilson_interval_known_values():
+    lo, hi = ev.wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = ev.wilson_interval(0, 6)
+    z2 = ev.WILSON_Z95 ** 2
+    assert lo == 0.0 and hi == pytest.approx(z2 / (6 + z2))
+    lo, hi = ev.wilson_interval(6, 6)
+    assert hi == 1.0 and lo == pytest.approx(6 / (6 + z2))
+    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    stats = ev.accuracy_stats([True, False, True, True])
+    assert stats["accuracy"] == 0.75 and stats["n"] == 4
+    assert stats["ci95"] == list(ev.wilson_interval(3, 4))
+
+
+def test_parse_flip_indices_and_labels():
+    assert ev.parse_flip(None) == ()
+    assert ev.parse_flip("3, 0") == (0, 3)
+    assert ev.parse_flip("Older,High Extraversion") == (0, 3)  # either label of a dimension
+    # a label that itself contains ", " is matched whole
+    label = "Dislikes a certain form of creative expression (e.g., art, writing, music)"
+    from alignx_jax.data.persona import load_preference_space
+
+    dim = next(d["index"] for d in load_preference_space() if label in (d["positive_label"], d["negative_label"]))
+    assert ev.parse_flip(f"1,{label},2") == tuple(sorted({1, 2, dim}))
+    for bad in ("90", "-1", "Not a label"):
+        with pytest.raises(ConfigError):
+            ev.parse_flip(bad)
+    flipped = ev.flip_direction(np.array([1.0, 0.0, 0.5] + [0.5] * 87), (0, 1, 2))
+    assert flipped[:3].tolist() == [0.0, 1.0, 0.5]
+    assert ev.involves(np.array([0.5, 1.0] + [0.5] * 88), (1,)) and not ev.involves(np.full(90, 0.5), (1,))
+
+
+def test_length_buckets_cover_and_bound():
+    b = ev.length_buckets(1000)
+    assert b[-1] >= 1000 and b[-2] < 1000 and list(b) == sorted(set(b))
+    assert ev.length_buckets(10) == (64,)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("bogus={p}", "unknown benchmark 'bogus'"),
+    ("p-soups=/no/such/file.json", "/no/such/file.json"),
+    ("p-soups", "NAME=PATH"),
+])
+def test_bad_benchmark_is_one_line_exit_1(capsys, tmp_path, spec, needle):
+    code, _, err = _run(capsys, "--model", str(tmp_path), "--benchmark", spec.format(p=PSOUPS),
+                        "--out", str(tmp_path / "r.json"))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alignx: error:") and needle in lines[0]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_predicted_without_head_fails_clearly(capsys, llama, tmp_path):
+    code, _, err = _run(capsys, "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "pba",
+                        "--preference", "predicted", "--limit", "2", "--out", str(tmp_path / "r.json"))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "preference_head.safetensors" in err
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_logps_match_transformers(ica_run, llama):
+    """Per-example log-probs (batched, padded, jitted) equal transformers' one unpadded sequence at
+    a time on the same weights and the same ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    rows = ica_run["rows"]
+    assert len(rows) == LIMIT
+    eos = model.config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for row in rows:
+        assert row["chosen_ids"][-1] in eos and row["rejected_ids"][-1] in eos  # closing EOS is scored
+        assert len(row["prompt_ids"]) <= MAX_LEN - MAX_LEN // 2  # left truncation to L - reserve
+        for side in ("chosen", "rejected"):
+            want = _torch_logp(model, row["prompt_ids"], row[f"{side}_ids"])
+            assert abs(row[f"logp_{side}"] - want) < 1e-3, (row["index"], side, row[f"logp_{side}"], want)
+        assert row["ref_logp_chosen"] is None and row["ref_logp_rejected"] is None
+        assert row["correct"] == (row["logp_chosen"] > row["logp_rejected"])
+
+
+def test_results_json_keys_and_interval(ica_run, llama):
+    res = ica_run["results"]
+    for key in ("model", "reference", "method", "persona", "preference", "prompt_format", "max_length",
+                "beta", "limit", "benchmarks"):
+        assert key in res
+    assert res["model"] == os.path.abspath(llama) and res["reference"] is None
+    assert (res["method"], res["prompt_format"], res["max_length"], res["beta"], res["limit"]) == \
+        ("ica", "chat", MAX_LEN, 0.1, LIMIT)
+    assert res["persona"] == {"p-soups": ["p"]}
+    entry = res["benchmarks"]["p-soups"]
+    k = sum(r["correct"] for r in ica_run["rows"])
+    assert entry["n"] == LIMIT and entry["accuracy"] == pytest.approx(k / LIMIT)
+    assert entry["ci95"] == pytest.approx(list(ev.wilson_interval(k, LIMIT)))
+    assert entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
+    assert {(r["benchmark"], r["persona"], r["index"]) for r in ica_run["rows"]} == \
+        {("p-soups", "p", i) for i in range(LIMIT)}
+
+
+def test_padding_does_not_change_logp(llama):
+    """A sequence scored alone (no padding, its exact length) vs inside a right-padded batch."""
+    from alignx_jax.data.batching import make_example
+    from alignx_jax.data.benchmarks import load_benchmark
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.sharding import make_mesh
+    from alignx_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(llama)
+    rows = load_benchmark("p-soups", PSOUPS, limit=3)
+    exs = [make_example(tok, r, method="pba", max_length=MAX_LEN, index=i, eval_mode=True)
+           for i, r in enumerate(rows)]
+    mesh = make_mesh(data=-1)
+    scorer = ev.SequenceScorer(load_pretrained(llama, mesh=mesh), mesh)
+    pad = int(tok.pad_token_id)
+    alone = {}
+    # chosen rows sit in the first half of a DPO batch, rejected ones in the second: check both
+    for ex, side in ((exs[0], "c"), (exs[1], "c"), (exs[2], "r")):
+        resp = ex.chosen_ids if side == "c" else ex.rejected_ids
+        one = dataclasses.replace(ex, chosen_ids=resp, rejected_ids=resp)
+        (_, (lp,)), = ev.score_batches([one], [scorer], batch_size=1, pad_id=pad,
+                                        buckets=(len(ex.prompt_ids) + len(resp),))
+        alone[(ex.index, side)] = lp[0, 0]
+    got = {}
+    for chunk, (lp,) in ev.score_batches(exs, [scorer], batch_size=4, pad_id=pad, buckets=(512,)):
+        for j, ex in enumerate(chunk):  # 3 pairs + 1 dummy pair, all padded to 512
+            got[(ex.index, "c")], got[(ex.index, "r")] = lp[j]
+    assert set(alone) <= set(got)
+    for key in alone:
+        assert abs(got[key] - alone[key]) < 1e-4, (key, got[key], alone[key])
+    assert (8, 512) in scorer.shapes
+
+
+def test_self_reference_scores_exactly_zero(capsys, llama, tmp_path):
+    ref = str(tmp_path / "ref")
+    shutil.copytree(llama, ref)  # a separate load of the same weights, not the same object
+    per = tmp_path / "per.jsonl"
+    code, out, _ = _run(capsys, "--model", llama, "--reference", ref, "--benchmark", f"p-soups={PSOUPS}",
+                        "--method", "pba", "--limit", "4", "--max-length", str(MAX_LEN),
+                        "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    assert code == 0 and "p-soups" in out
+    rows = _read_jsonl(per)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["persona"] is None  # PBA with the golden profile does not depend on the persona
+        assert r["logp_chosen"] == r["ref_logp_chosen"] and r["logp_rejected"] == r["ref_logp_rejected"]
+        assert ev.reward(r["logp_chosen"], r["ref_logp_chosen"], 0.1) == 0.0
+        assert r["correct"] is False  # 0 > 0 is false
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["benchmarks"]["p-soups"]["accuracy"] == 0.0 and res["reference"] == os.path.abspath(ref)
+    assert res["persona"] == {"p-soups": None} and res["preference"] == "golden"
+
+
+def test_resume_from_partial_file_gives_same_results(capsys, ica_run, llama, tmp_path, monkeypatch):
+    full = ica_run["rows"]
+    lines = open(ica_run["per"], encoding="utf-8").read().splitlines()
+    part = tmp_path / "per.jsonl"
+    # two complete rows and a third cut off mid-write, as a killed run leaves it
+    part.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:40], encoding="utf-8")
+    scored = []
+    real = ev.score_batches
+
+    def counting(examples, *a, **kw):
+        scored.extend(ex.index for ex in examples)
+        yield from real(examples, *a, **kw)
+
+    monkeypatch.setattr(ev, "score_batches", counting)
+    out = tmp_path / "r.json"
+    code, _, _ = _run(capsys, "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica",
+                      "--limit", str(LIMIT), "--max-length", str(MAX_LEN), "--batch-size", "4",
+                      "--per-example", str(part), "--out", str(out))
+    assert code == 0
+    assert sorted(scored) == sorted(r["index"] for r in full[2:])  # the two complete rows were reused
+    res = json.loads(out.read_text())
+    assert res["benchmarks"] == ica_run["results"]["benchmarks"]
+    rows = _read_jsonl(part)
+    assert len(rows) == LIMIT and rows[:2] == full[:2]
+    by_key = {ev.key_of(r): r for r in full}
+    for r in rows:
+        assert r["correct"] == by_key[ev.key_of(r)]["correct"]
+        assert abs(r["logp_chosen"] - by_key[ev.key_of(r)]["logp_chosen"]) < 1e-4
+
+
+def test_resume_refuses_other_settings(capsys, ica_run, llama, tmp_path):
+    part = tmp_path / "per.jsonl"
+    shutil.copyfile(ica_run["per"], part)
+    code, _, err = _run(capsys, "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica",
+                        "--limit", "2", "--max-length", "512", "--per-example", str(part),
+                        "--out", str(tmp_path / "r.json"))
+    assert code == 1 and "other settings" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- AlignX rows, flip
+
+
+def _direction(seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return rng.choice([0.0, 0.5, 1.0], size=90, p=[0.1, 0.8, 0.1]).tolist()
+
+
+@pytest.fixture(scope="module")
+def alignx_file(tmp_path_factory) -> str:
+    rows = []
+    for i in range(3):
+        d = _direction(i)
+        d[0] = [1.0, 0.0, 0.5][i]  # rows 0 and 1 involve dimension 0, row 2 does not
+        rows.append({
+            "prompt": f"What should I cook tonight, take {i}?", "chosen": "Pasta with garlic.",
+            "rejected": "Nothing at all.", "Preference Direction": d,
+            "Demographic Information": "A student who likes quick meals." if i != 1 else "",
+            "User-Generated Content": [{"prompt": "Best snack?", "comment": "Popcorn, always.",
+                                        "Preference Direction": _direction(10 + i)}],
+            "Pair-wise Comparative Feedback": [{"prompt": "Tea or coffee?", "chosen": "Tea.",
+                                                "rejected": "Coffee.", "Preference Direction": _direction(20 + i)}],
+        })
+    path = tmp_path_factory.mktemp("alignx") / "alignx_test.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    return str(path)
+
+
+def test_alignx_persona_variants_reported_separately(capsys, llama, alignx_file, tmp_path):
+    per = tmp_path / "per.jsonl"
+    code, out, _ = _run(capsys, "--model", llama, "--benchmark", f"alignx={alignx_file}", "--method", "ica",
+                        "--persona", "ugc,demo", "--prompt-format", "paper", "--max-length", str(MAX_LEN),
+                        "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    assert code == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res["benchmarks"]["alignx"]) == {"ugc", "demo"} and res["prompt_format"] == "paper"
+    assert all(res["benchmarks"]["alignx"][p]["n"] == 3 for p in ("ugc", "demo"))
+    rows = _read_jsonl(per)
+    assert sorted((r["persona"], r["index"]) for r in rows) == [(p, i) for p in ("demo", "ugc") for i in range(3)]
+    prompts = {(r["persona"], r["index"]): r["prompt_ids"] for r in rows}
+    assert prompts[("ugc", 0)] != prompts[("demo", 0)]  # the persona block differs between variants
+    assert prompts[("demo", 1)] != prompts[("ugc", 1)]
+
+
+def test_flip_reports_involved_and_rest(capsys, llama, alignx_file, tmp_path):
+    from alignx_jax.tokenizer import load_tokenizer
+
+    res = {}
+    for flip in (None, "0"):
+        per = tmp_path / f"per_{flip}.jsonl"
+        argv = ["--model", llama, "--benchmark", f"alignx={alignx_file}", "--method", "pba",
+                "--max-length", str(MAX_LEN), "--per-example", str(per), "--out", str(tmp_path / "r.json")]
+        code, _, _ = _run(capsys, *argv, *(["--flip", flip] if flip else []))
+        assert code == 0
+        res[flip] = (json.loads((tmp_path / "r.json").read_text()), _read_jsonl(per))
+    results, rows = res["0"]
+    entry = results["benchmarks"]["alignx"]  # golden P~: one entry, no persona level
+    assert results["flip"] == [0] and entry["n"] == 3
+    assert entry["flip"]["involved"]["n"] == 2 and entry["flip"]["rest"]["n"] == 1
+    tok = load_tokenizer(llama)
+    text = {r["index"]: tok.decode(r["prompt_ids"]) for r in rows}
+    base = {r["index"]: tok.decode(r["prompt_ids"]) for r in res[None][1]}
+    assert "Older" in text[0] and "Young" not in text[0] and "Young" in base[0]
+    assert "Young" in text[1] and "Older" in base[1]
+    assert text[2] == base[2]  # no flipped dimension in its profile: same prompt
+    assert all(r["flip_involved"] == (r["index"] != 2) for r in rows)
+
+
+def test_qwen2_tied_head_paper_format_matches_transformers(tiny_hf_checkpoints, tmp_path):
+    """The tied-embedding (Qwen2-style, q/k/v biases) path and the release's `paper` prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    qwen = tiny_hf_checkpoints["qwen2"]
+    settings = ev.EvalSettings(method="ica", prompt_format="paper", limit=2, max_length=MAX_LEN, batch_size=2)
+    per = str(tmp_path / "per.jsonl")
+    res = ev.evaluate(qwen, ev.parse_benchmark_specs([f"p-soups={PSOUPS}"]), settings, per_example=per,
+                      progress=False)
+    assert res["benchmarks"]["p-soups"]["n"] == 2
+    model = AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32).eval()
+    for row in _read_jsonl(per):
+        for side in ("chosen", "rejected"):
+            want = _torch_logp(model, row["prompt_ids"], row[f"{side}_ids"])
+            assert abs(row[f"logp_{side}"] - want) < 1e-3
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(ica_run, llama, tmp_path):
+    """Batches sharded over 8 (CPU) devices on the data axis, pairs padded to a multiple of 8."""
+    import subprocess
+    import sys
+
+    per = tmp_path / "per.jsonl"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "alignx_jax", "eval", "--model", llama, "--benchmark",
+                           f"p-soups={PSOUPS}", "--method", "ica", "--limit", str(LIMIT), "--max-length",
+                           str(MAX_LEN), "--batch-size", "3", "--per-example", str(per),
+                           "--out", str(tmp_path / "r.json")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = {ev.key_of(r): r for r in ica_run["rows"]}
+    rows = _read_jsonl(per)
+    assert len(rows) == LIMIT
+    for r in rows:
+        for side in ("chosen", "rejected"):
+            assert abs(r[f"logp_{side}"] - want[ev.key_of(r)][f"logp_{side}"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path):
+    """PBA with a (random) exported head: P~ comes from the head, per persona variant, and the
+    results carry the head's config and its agreement with the golden directions."""
+    from flax import nnx
+
+    from alignx_jax.data.persona import profile_text
+    from alignx_jax.models import preference_head as ph
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.tokenizer import load_tokenizer
+
+    model_dir = str(tmp_path / "pba")
+    shutil.copytree(llama, model_dir)
+    head = ph.PreferenceHead(ph.HeadConfig(embed_dim=64, hidden=16, max_persona_tokens=64), rngs=nnx.Rngs(3))
+    ph.save_head(head, None, model_dir)
+    per = tmp_path / "per.jsonl"
+    code, _, err = _run(capsys, "--model", model_dir, "--benchmark", f"alignx={alignx_file}", "--method", "pba",
+                        "--preference", "predicted", "--persona", "pair", "--max-length", "2048",
+                        "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["benchmarks"]["alignx"]["pair"]["n"] == 3
+    block = res["preference_head"]
+    assert block["config"]["hidden"] == 16 and "alignx/pair" in block["agreement_with_golden"]
+    # the profile in each prompt is the head's prediction from the PAIR persona
+    from alignx_jax.data.benchmarks import load_benchmark
+
+    rows = load_benchmark("alignx", alignx_file)
+    tok = load_tokenizer(model_dir)
+    loaded, _ = ph.load_head(model_dir)
+    feats = ph.persona_features(load_pretrained(model_dir), tok, rows, pooling="mean", variant="pair",
+                                max_tokens=64)
+    pred = ph.predict_direction(ph.head_probs(loaded, feats))
+    for r in _read_jsonl(per):
+        assert profile_text(pred[r["index"]]) in tok.decode(r["prompt_ids"])

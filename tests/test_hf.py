@@ -1,0 +1,157 @@
+"""HF <-> orbax checkpoints: bit-exact round trips, transformers loads our export, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from alignx_jax.cli import main
+from alignx_jax.errors import CheckpointError
+from alignx_jax.models import hf as hf_lib
+from alignx_jax.models.hf import SafetensorsReader, load_checkpoint, load_pretrained, resolve_checkpoint
+
+
+def _bits(x):
+    return np.ascontiguousarray(np.asarray(x)).view(np.uint8)
+
+
+def _same_tensors(a_dir, b_dir):
+    a, b = SafetensorsReader(a_dir), SafetensorsReader(b_dir)
+    assert set(a.entries) == set(b.entries)
+    for name in a.entries:
+        x, y = a.get(name), b.get(name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert np.array_equal(_bits(x), _bits(y)), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_import_export_round_trip_is_bit_exact(tiny_hf_checkpoints, tmp_path, kind, capsys):
+    src = tiny_hf_checkpoints[kind]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["import", "--hf", src, "--out", str(ckpt)]) == 0
+    assert (ckpt / "config.json").is_file() and (ckpt / "params").is_dir() and (ckpt / "tokenizer.json").is_file()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--shard-size", "400KB"]) == 0
+    _same_tensors(src, str(out))
+    with open(os.path.join(src, "config.json")) as f, open(out / "config.json") as g:
+        assert json.load(f) == json.load(g)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # the shard size was honoured
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.arange(6, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_bfloat16_export_and_reimport(tiny_hf_checkpoints, tmp_path):
+    src = tiny_hf_checkpoints["qwen2"]
+    model = load_pretrained(src)
+    hf_lib.save_hf(model, str(tmp_path / "bf16"), dtype="bfloat16", tokenizer_dir=src)
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    again = load_pretrained(str(tmp_path / "bf16"), dtype="bfloat16")
+    assert again.layers.attn.q_proj.kernel.get_value().dtype.name == "bfloat16"
+    hf_lib.save_hf(again, str(tmp_path / "bf16b"))
+    _same_tensors(str(tmp_path / "bf16"), str(tmp_path / "bf16b"))
+
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_training_workdir_export_picks_latest_step(tiny_hf_checkpoints, tmp_path, capsys):
+    src = tiny_hf_checkpoints["llama"]
+    model = load_pretrained(src)
+    work = tmp_path / "W"
+    shutil.copytree(src, work / "reference")
+    for step, scale in ((3, 1.0), (7, 2.0)):
+        m = load_pretrained(src)
+        m.norm.scale.set_value(m.norm.scale.get_value() * scale)
+        hf_lib.save_checkpoint(m, str(tmp_path / f"tmp{step}"))
+        os.makedirs(work / "checkpoints" / str(step))
+        shutil.move(str(tmp_path / f"tmp{step}" / "params"), str(work / "checkpoints" / str(step) / "params"))
+    res = resolve_checkpoint(str(work))
+    assert res.step == 7 and res.tokenizer_dir == str(work / "reference")
+    latest = load_checkpoint(str(work))
+    np.testing.assert_array_equal(latest.norm.scale.get_value(), 2.0 * model.norm.scale.get_value())
+    assert main(["export", "--checkpoint", str(work), "--step", "3", "--out", str(tmp_path / "e3")]) == 0
+    _same_tensors(src, str(tmp_path / "e3"))
+    assert main(["export", "--checkpoint", str(work), "--step", "5", "--out", str(tmp_path / "e5")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no step 5" in err[0] and "3, 7" in err[0]
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _rewrite_without(folder, drop=None, reshape=None):
+    """Rewrite the folder's single safetensors file without tensor `drop` / with `reshape` cut."""
+    from safetensors.numpy import save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    r = SafetensorsReader(folder)
+    tensors = {n: np.array(r.get(n)) for n in r.entries if n != drop}
+    if reshape:
+        tensors[reshape] = tensors[reshape][:-1]
+    del r
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing_folder", "not found"),
+    ("no_config", "no config.json"),
+    ("bad_json", "malformed config.json"),
+    ("unsupported", "unsupported model_type 'gpt2'"),
+    ("no_safetensors", "no *.safetensors"),
+    ("missing_tensor", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    ("wrong_shape", "model.norm.weight"),
+])
+def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsys, case, needle):
+    src = tiny_hf_checkpoints["qwen2"]
+    folder = str(tmp_path / "bad")
+    if case != "missing_folder":
+        _copy(src, folder)
+    if case == "no_config":
+        os.remove(os.path.join(folder, "config.json"))
+    elif case == "bad_json":
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write("{not json")
+    elif case == "unsupported":
+        cfg = json.load(open(os.path.join(folder, "config.json")))
+        cfg["model_type"] = "gpt2"
+        json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    elif case == "no_safetensors":
+        os.remove(os.path.join(folder, "model.safetensors"))
+    elif case == "missing_tensor":
+        _rewrite_without(folder, drop="model.layers.1.mlp.up_proj.weight")
+    elif case == "wrong_shape":
+        _rewrite_without(folder, reshape="model.norm.weight")
+    code = main(["import", "--hf", folder, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("alignx: error: ") and needle in err[0], err
+    assert folder in err[0]
+
+
+def test_export_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no config.json" in err[0]
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="shard size"):
+        hf_lib.parse_size("lots")
+    assert hf_lib.parse_size("200MB") == 200_000_000 and hf_lib.parse_size("5GB") == 5 * 10**9

@@ -1,0 +1,146 @@
+"""Prompt text for none/ica/pba, checked against METHOD.md, and their token ids (chat and paper)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from alignx_jax.data import persona, prompts
+from alignx_jax.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHOD = os.path.join(ROOT, "..", "shared", "alignx", "METHOD.md")
+TOKENIZER_DIR = os.path.join(ROOT, "alignx_jax", "assets", "tokenizer")
+
+
+def load_test_tokenizer():
+    try:
+        from alignx_jax.tokenizer import load_tokenizer
+    except ImportError:  # the tokenizer module is another helper's; fall back to the shipped files
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+        pytest.skip("shipped tokenizer not built")
+    return load_test_tokenizer()
+
+
+def _method_spans() -> list[str]:
+    with open(METHOD, encoding="utf-8") as f:
+        text = f.read()
+    # Markdown code spans; the document writes newlines as the two characters backslash-n.
+    return [s.replace("\\n", "\n") for s in re.findall(r"`([^`\n]*)`", text)]
+
+
+needs_method = pytest.mark.skipif(not os.path.isfile(METHOD), reason="METHOD.md not present")
+
+
+@needs_method
+def test_templates_match_method_md_char_for_char():
+    spans = _method_spans()
+    assert prompts.SYSTEM_ICA in spans and prompts.SYSTEM_PBA in spans
+    ica = [s for s in spans if s.startswith("***Task***") and "Historical Behavior" in s]
+    pba = [s for s in spans if s.startswith("***Task***") and "***User Preferences***" in s]
+    assert len(ica) == 1 and len(pba) == 1
+    assert ica[0].replace("{ugc}{pairs}{demographics}", "{persona}") == prompts.ICA_USER
+    assert pba[0] == prompts.PBA_USER
+    assert persona.UGC_HEADER in spans and persona.PAIR_HEADER in spans
+    paper = [s for s in spans if s.startswith("<|start_header_id|>")]
+    assert "".join(paper) == prompts.PAPER_TEMPLATE
+
+
+ROW = {
+    "prompt": "Plan my weekend.",
+    "chosen": "Go hiking.", "rejected": "Stay in.",
+    "Preference Direction": None,
+    "Demographic Information": "Retired teacher.",
+    "User-Generated Content": [{"prompt": "Best trail?", "comment": "The ridge walk.", "Preference Direction": None}],
+    "Pair-wise Comparative Feedback": [{"prompt": "Pets?", "chosen": "Dogs.", "rejected": "None.",
+                                        "Preference Direction": None}],
+}
+
+
+def test_user_messages_exact():
+    ica = prompts.user_message(ROW, method="ica")
+    assert ica == ("***Task***\n\n**Post:**\nPlan my weekend.\n\n***Historical Behavior and User Preferences***\n\n"
+                   "**This person has commented on some posts:**\n\n1. *Post:*\nBest trail?\n\n*Comment:*\n"
+                   "The ridge walk.\n\n**This person has chosen or rejected comments on some posts:**\n\n"
+                   "1. *Post:*\nPets?\n\n*Chosen:*\nDogs.\n\n*Rejected:*\nNone.\n\nRetired teacher."
+                   "\n\n***Response:***\n\n")
+    demo = prompts.user_message(ROW, method="ica", persona="demo")
+    assert "Retired teacher.\n\n***Response:***" in demo and "commented" not in demo
+    assert prompts.user_message(ROW, method="none") == "***Task***\n\n**Post:**\nPlan my weekend.\n\n***Response:***\n\n"
+    assert prompts.user_message(ROW, method="pba", profile="Older, Likes travel") == (
+        "***Task***\n\n**Post:**\nPlan my weekend.\n\n***User Preferences***\n\nOlder, Likes travel"
+        "\n\n***Response:***\n\n")
+    assert prompts.system_message("ica") == prompts.SYSTEM_ICA
+    assert prompts.system_message("pba") == prompts.SYSTEM_PBA
+    assert prompts.system_message("none") == prompts.SYSTEM_NONE != prompts.SYSTEM_ICA
+    with pytest.raises(DataError, match="unknown method"):
+        prompts.system_message("sft")
+
+
+def test_pba_profile_precedence():
+    golden = np.full(90, 0.5)
+    golden[0] = 0
+    hist = np.full(90, 0.5)
+    hist[73] = 1
+    row = dict(ROW, **{"Preference Direction": golden.tolist()})
+    row["User-Generated Content"] = [dict(ROW["User-Generated Content"][0], **{"Preference Direction": hist.tolist()})]
+    vec = np.full(90, 0.5)
+    vec[1] = 1
+    assert prompts.resolve_profile(row, vec) == "Female"
+    assert prompts.resolve_profile(row, "free text") == "free text"
+    assert prompts.resolve_profile(dict(row, profile="Likes art"), None) == "Likes art"
+    assert prompts.resolve_profile(row) == "Older"
+    assert prompts.resolve_profile(dict(row, **{"Preference Direction": None})) == "Likes humor"
+    with pytest.raises(DataError, match="needs a profile"):
+        prompts.resolve_profile(ROW)
+
+
+def test_ica_training_sampling_uses_rng():
+    row = dict(ROW)
+    row["User-Generated Content"] = [{"prompt": f"u{i}", "comment": "c"} for i in range(4)]
+    row["Pair-wise Comparative Feedback"] = [{"prompt": f"p{i}", "chosen": "x", "rejected": "y"} for i in range(4)]
+    a = prompts.user_message(row, method="ica", rng=persona.row_rng(0, (0, 5)))
+    b = prompts.user_message(row, method="ica", rng=persona.row_rng(0, (0, 5)))
+    assert a == b
+    variants = {prompts.user_message(row, method="ica", rng=persona.row_rng(0, (e, 5))) for e in range(20)}
+    assert len(variants) > 5
+    full = prompts.user_message(row, method="ica")
+    assert all(f"u{i}" in full for i in range(4)) and all(f"p{i}" in full for i in range(4))
+
+
+def test_paper_prompt_ids(tok):
+    ids = prompts.prompt_ids(tok, ROW, method="ica", fmt="paper")
+    system, user = prompts.SYSTEM_ICA, prompts.user_message(ROW, method="ica")
+    expected = ("<|start_header_id|>system<|end_header_id|>\n\n" + system + "\n<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\n" + user + "<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>")
+    assert prompts.paper_prompt(system, user) == expected
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert ids[1:] == tok(expected, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "<|begin_of_text|>" + expected
+    # Special-token strings inside the text are single ids.
+    assert ids.count(tok.eos_token_id) == 2 and ids[-1] == tok.convert_tokens_to_ids("<|end_header_id|>")
+
+
+def test_chat_prompt_ids(tok):
+    row = dict(ROW, profile="Older, Likes travel")
+    ids = prompts.prompt_ids(tok, row, method="pba", fmt="chat")
+    text = tok.decode(ids)
+    assert ids[0] == tok.bos_token_id
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + prompts.SYSTEM_PBA
+                    + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                    + prompts.user_message(row, method="pba") + "<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompts.prompt_ids(tok, row, method="none") != ids
+    with pytest.raises(DataError, match="prompt format"):
+        prompts.prompt_ids(tok, row, method="none", fmt="llama")

@@ -1,0 +1,220 @@
+"""Reading and validating rows: formats, normalisation, error messages, skip_bad, `alignx data check`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from alignx_jax.cli import main
+from alignx_jax.data import schema
+from alignx_jax.errors import DataError
+
+PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                      "benchmarks", "p-soups", "student_phd.json")
+needs_psoups = pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not present")
+
+
+def alignx_row(i: int, rng: np.random.Generator, n_ugc: int = 2, n_pair: int = 3) -> dict:
+    def d():
+        return rng.choice([0.0, 0.5, 1.0], size=90).tolist()
+    return {
+        "prompt": f"post {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}",
+        "Preference Direction": d(), "Demographic Information": f"I am {20 + i} years old.",
+        "User-Generated Content": [{"prompt": f"ugc {i}.{j}", "comment": f"comment {j}", "Preference Direction": d()}
+                                   for j in range(n_ugc)],
+        "Pair-wise Comparative Feedback": [{"prompt": f"pair {i}.{j}", "chosen": "c", "rejected": "r",
+                                            "Preference Direction": d()} for j in range(n_pair)],
+    }
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+@needs_psoups
+def test_all_psoups_rows_load_and_normalise():
+    rows, skipped = schema.load_rows(PSOUPS)
+    assert len(rows) == 600 and skipped == 0
+    loaded = schema.load(PSOUPS)
+    assert loaded.kind == "p-soups"
+    for r in rows:
+        assert r["Preference Direction"] is None
+        assert r["Demographic Information"] == "" and r["User-Generated Content"] == []
+        assert len(r["Pair-wise Comparative Feedback"]) == 4
+        assert all(item["Preference Direction"] is None for item in r["Pair-wise Comparative Feedback"])
+        assert isinstance(r["profile"], str) and r["ground_truth_persona"]
+    # An explicit kind that does not fit is an error naming the missing field.
+    with pytest.raises(DataError, match="Preference Direction"):
+        schema.load_rows(PSOUPS, kind="alignx")
+
+
+def test_parquet_cells_become_plain_lists(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [alignx_row(i, rng) for i in range(5)]
+    path = tmp_path / "part.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    got, skipped = schema.load_rows(str(path))
+    assert skipped == 0 and got == rows
+    r = got[0]
+    assert type(r["Preference Direction"]) is list and type(r["Preference Direction"][0]) is float
+    assert type(r["User-Generated Content"]) is list and type(r["User-Generated Content"][0]) is dict
+    assert type(r["User-Generated Content"][0]["Preference Direction"]) is list
+    # Rows read through pandas carry numpy arrays: validate_row converts them too.
+    df_row = pd.read_parquet(path).iloc[1].to_dict()
+    assert isinstance(df_row["Preference Direction"], np.ndarray)
+    norm = schema.validate_row(df_row, kind="alignx")
+    assert norm == rows[1] and type(norm["Pair-wise Comparative Feedback"][0]["Preference Direction"]) is list
+
+
+def test_jsonl_json_and_sorted_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [alignx_row(i, rng) for i in range(6)]
+    write_jsonl(tmp_path / "b.jsonl", rows[3:])
+    with open(tmp_path / "a.json", "w") as f:
+        json.dump(rows[:3], f)
+    (tmp_path / "notes.txt").write_text("ignored")
+    got, _ = schema.load_rows(str(tmp_path))
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in rows]  # a.json before b.jsonl
+    assert schema.load_rows(str(tmp_path / "b.jsonl"))[0] == rows[3:]
+
+
+def test_check_reports_bad_direction_without_traceback(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    rows = [alignx_row(i, rng) for i in range(4)]
+    rows[3]["Preference Direction"] = rows[3]["Preference Direction"][:89]
+    path = tmp_path / "data.jsonl"
+    write_jsonl(path, rows)
+    assert main(["data", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "data.jsonl" in err and "row 3" in err and "'Preference Direction'" in err
+    assert "expected 90 values, got 89" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_check_reports_truncated_json(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    text = json.dumps([alignx_row(i, rng) for i in range(3)], indent=2)
+    path = tmp_path / "broken.json"
+    path.write_text(text[: len(text) // 2])
+    assert main(["data", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "invalid JSON" in err and "Traceback" not in err
+    # A truncated JSONL line names its line.
+    jl = tmp_path / "cut.jsonl"
+    jl.write_text(json.dumps(alignx_row(0, rng)) + "\n" + json.dumps(alignx_row(1, rng))[:50] + "\n")
+    with pytest.raises(DataError, match=r"cut\.jsonl.*line 2"):
+        schema.load_rows(str(jl))
+
+
+def test_skip_bad_drops_and_counts(tmp_path):
+    rng = np.random.default_rng(4)
+    rows = [alignx_row(i, rng) for i in range(6)]
+    rows[1]["Preference Direction"][5] = 0.3
+    rows[4]["chosen"] = 17
+    path = tmp_path / "mixed.jsonl"
+    write_jsonl(path, rows)
+    with open(path, "a") as f:
+        f.write('{"prompt": "half a row\n')
+    with pytest.raises(DataError, match="row 1.*value at index 5"):
+        schema.load_rows(str(path))
+    got, skipped = schema.load_rows(str(path), skip_bad=True)
+    assert skipped == 3
+    assert [r["prompt"] for r in got] == ["post 0", "post 2", "post 3", "post 5"]
+
+
+def _good():
+    return alignx_row(0, np.random.default_rng(5))
+
+
+@pytest.mark.parametrize("mutate, field, message", [
+    (lambda r: r.update(prompt=3), "prompt", "expected a string"),
+    (lambda r: r.update(chosen="   "), "chosen", "empty"),
+    (lambda r: r.pop("rejected"), "rejected", "missing"),
+    (lambda r: r.pop("Demographic Information"), "Demographic Information", "missing"),
+    (lambda r: r.update({"Demographic Information": 5}), "Demographic Information", "expected a string"),
+    (lambda r: r["Preference Direction"].__setitem__(0, True), "Preference Direction", "index 0"),
+    (lambda r: r["Preference Direction"].__setitem__(7, "1"), "Preference Direction", "index 7"),
+    (lambda r: r.update({"Preference Direction": "0.5"}), "Preference Direction", "expected a list"),
+    (lambda r: r.update({"User-Generated Content": r["User-Generated Content"] * 3}),
+     "User-Generated Content", "at most 4 items, got 6"),
+    (lambda r: r["User-Generated Content"][1].pop("Preference Direction"),
+     "User-Generated Content[1].Preference Direction", "missing"),
+    (lambda r: r["User-Generated Content"][0].update({"Preference Direction": [0.5] * 91}),
+     "User-Generated Content[0].Preference Direction", "expected 90 values, got 91"),
+    (lambda r: r["Pair-wise Comparative Feedback"][2].update(chosen=None),
+     "Pair-wise Comparative Feedback[2].chosen", "missing"),
+    (lambda r: r["Pair-wise Comparative Feedback"].__setitem__(0, "text"),
+     "Pair-wise Comparative Feedback[0]", "expected an object"),
+    (lambda r: r.update({"Pair-wise Comparative Feedback": {"prompt": "x"}}),
+     "Pair-wise Comparative Feedback", "expected a list"),
+])
+def test_validate_row_rejects(mutate, field, message):
+    row = _good()
+    mutate(row)
+    with pytest.raises(DataError) as e:
+        schema.validate_row(row, kind="alignx", file="f.jsonl", index=7)
+    assert e.value.field == field and e.value.row == 7 and e.value.file == "f.jsonl"
+    assert message in str(e.value)
+
+
+def test_validate_row_leniency():
+    row = _good()
+    row["User-Generated Content"][0]["comment"] = ""  # empty comments exist in real data
+    row["Pair-wise Comparative Feedback"][0].pop("Preference Direction")  # pairs may lack vectors
+    row["Demographic Information"] = None
+    row["Preference Direction"] = [int(v) if v != 0.5 else v for v in row["Preference Direction"]]
+    row["extra"] = {"kept": True}
+    out = schema.validate_row(row, kind="alignx")
+    assert out["Demographic Information"] == "" and out["extra"] == {"kept": True}
+    assert out["Pair-wise Comparative Feedback"][0]["Preference Direction"] is None
+    assert all(type(v) is float for v in out["Preference Direction"])
+    generic = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    out = schema.validate_row(generic, kind="prism")
+    assert out["Preference Direction"] is None and out["User-Generated Content"] == []
+    assert schema.detect_kind(generic) == "uf-p-4"
+
+
+def test_check_summary(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    rows = [alignx_row(i, rng, n_ugc=i % 3, n_pair=4) for i in range(9)]
+    rows[0]["Demographic Information"] = ""
+    pd.DataFrame(rows).to_parquet(tmp_path / "x.parquet")
+    assert main(["data", "check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "rows: 9  files: 1  kind: alignx  skipped: 0" in out
+    assert "UGC 0:3, 1:3, 2:3 | PAIR 4:9" in out
+    assert "demographics: 8/9" in out
+    nn = [sum(v != 0.5 for v in r["Preference Direction"]) for r in rows]
+    assert f"mean {np.mean(nn):.1f}" in out
+
+
+@needs_psoups
+def test_check_psoups_persona_counts(capsys):
+    assert main(["data", "check", PSOUPS, "--kind", "p-soups"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("persona (300 rows)") == 2 and "kind: p-soups" in out
+
+
+def test_missing_path_and_empty_folder(tmp_path, capsys):
+    assert main(["data", "check", str(tmp_path / "nope.parquet")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["data", "check", str(tmp_path)]) == 1
+    assert "no .parquet" in capsys.readouterr().err
+
+
+def test_auto_kind_is_not_fooled_by_a_broken_first_row(tmp_path):
+    rng = np.random.default_rng(7)
+    rows = [alignx_row(i, rng) for i in range(3)]
+    rows[0]["Preference Direction"] = None
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        schema.load_rows(str(tmp_path / "d.jsonl"))
+    assert e.value.row == 0 and e.value.field == "Preference Direction"
+    got, skipped = schema.load_rows(str(tmp_path / "d.jsonl"), skip_bad=True)
+    assert skipped == 1 and len(got) == 2

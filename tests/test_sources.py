@@ -1,0 +1,212 @@
+"""TFDS array_record preparation (without TensorFlow), row sources and the resumable TrainLoader."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alignx_jax.data import synth
+from alignx_jax.data.batching import DPOExample
+from alignx_jax.data.persona import row_rng
+from alignx_jax.data.sources import ListSource, TrainLoader, open_source, prepare
+from alignx_jax.errors import ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "alignx_jax", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=180)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("syn"))
+    synth.write_world(synth.generate_world(30, 3, seed=1), out)
+    return out
+
+
+def test_tensorflow_is_absent():
+    assert importlib.util.find_spec("tensorflow") is None
+    with pytest.raises(ImportError):
+        import tensorflow  # noqa: F401
+
+
+def test_prepare_roundtrip(synth_dir, tmp_path):
+    out = str(tmp_path / "tfds")
+    r = _cli("data", "prepare", "--source", synth_dir, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "train: 90 rows written, 0 skipped" in r.stdout
+    files = glob.glob(os.path.join(out, "**", "*.array_record*"), recursive=True)
+    assert files and "tensorflow" not in sys.modules
+    prepared, raw = open_source(out), open_source(synth_dir)
+    assert len(prepared) == len(raw) == 90
+    for i in range(len(raw)):  # same rows, same order, nested history intact
+        assert prepared[i] == raw[i]
+    assert isinstance(prepared[0]["User-Generated Content"][0]["Preference Direction"], list)
+    # TFDS's own readers see it too, with no TensorFlow.
+    import tensorflow_datasets as tfds
+
+    import alignx_jax.data.tfds_builder  # noqa: F401  (registers the `alignx` builder)
+    ds = tfds.data_source("alignx", data_dir=out, split="train")
+    assert len(ds) == 90 and json.loads(ds[7]["row"])["prompt"] == raw[7]["prompt"] and ds[7]["index"] == 7
+
+
+def test_prepare_splits_and_skip_bad_rows(synth_dir, tmp_path):
+    rows = [open_source(synth_dir)[i] for i in range(6)]
+    src = tmp_path / "src"
+    for split, part in (("train", rows[:4]), ("test", rows[4:])):
+        (src / split).mkdir(parents=True)
+        lines = [json.dumps(r) for r in part]
+        if split == "train":
+            lines.insert(1, json.dumps({"prompt": "x", "chosen": "y"}))  # missing `rejected`
+        (src / split / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    r = _cli("data", "prepare", "--source", str(src), "--out", str(tmp_path / "bad"))
+    assert r.returncode == 1 and "rows.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert not glob.glob(str(tmp_path / "bad" / "**" / "*.array_record*"), recursive=True)
+    result = prepare(str(src), str(tmp_path / "ok"), skip_bad=True)
+    assert result["splits"] == {"train": {"rows": 4, "skipped": 1}, "test": {"rows": 2, "skipped": 0}}
+    test_rows = open_source(str(tmp_path / "ok"), split="test")
+    assert [test_rows[i] for i in range(2)] == rows[4:]
+    assert open_source(str(src), split="test").rows == rows[4:]  # raw folders pick the split too
+    with pytest.raises(DataError):
+        open_source(str(tmp_path / "ok"), split="validation")
+
+
+# ------------------------------------------------------------------ loader
+
+def _fake_example(row, rng, index):
+    """Token ids from the row index; rows whose index is 3 mod 7 are 'too long' and dropped."""
+    if index % 7 == 3:
+        return None
+    draw = int(rng.integers(1, 1000))  # depends on the per-(seed, epoch, index) rng
+    return DPOExample(prompt_ids=[5, index % 50 + 10], chosen_ids=[draw % 97 + 1, 2], rejected_ids=[7, 8, 2],
+                      index=index)
+
+
+def _rows(n):
+    return ListSource([{"i": i} for i in range(n)])
+
+
+def _loader(n=101, **kw):
+    args = dict(pairs_per_batch=4, pad_id=0, buckets=(8, 16), seed=3, shard_index=0, shard_count=1)
+    args.update(kw)
+    return TrainLoader(_rows(n), _fake_example, **args)
+
+
+def _same(a, b):
+    (ba, ia), (bb, ib) = a, b
+    return ia == ib and ba.keys() == bb.keys() and all(np.array_equal(ba[k], bb[k]) for k in ba)
+
+
+def test_resume_continues_with_next_batch():
+    first = _loader()
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(first.get_state()))  # must survive JSON
+    run_a = [next(it) for _ in range(3)]
+    second = _loader()
+    second.set_state(state)
+    run_b = [next(iter(second)) for _ in range(3)]
+    assert all(_same(a, b) for a, b in zip(run_a, run_b))
+    fresh = [next(iter(_loader())) for _ in range(1)]
+    assert not _same(fresh[0], run_a[0])  # it did not restart from the beginning
+    assert run_a[0][1]["step"] == 6
+
+
+def test_epochs_cover_rows_once_and_reshuffle():
+    loader = _loader(n=40, num_epochs=2)
+    assert loader.steps_per_epoch == 10 and len(loader) == 20
+    seen = {0: [], 1: []}
+    batches = list(loader)
+    assert len(batches) == 20
+    for batch, info in batches:
+        assert batch["input_ids"].shape == (8, 8) and batch["pair_mask"].shape == (4,)
+        seen[info["epoch"]] += [int(i) for i in batch["index"] if i >= 0]
+    kept = [i for i in range(40) if i % 7 != 3]
+    for e in (0, 1):
+        assert sorted(seen[e]) == kept
+    assert seen[0] != seen[1]  # a new order each epoch
+    last = batches[-1][1]
+    assert last["rows_seen"] == 80 and last["rows_dropped"] == 2 * (40 - len(kept))
+    # dropped rows became dummy pairs: every batch still has 4 pair slots
+    assert sum(int(b["pair_mask"].sum()) for b, _ in batches) == 2 * len(kept)
+
+
+def test_rng_is_per_seed_epoch_index():
+    draws = {}
+
+    def spy(row, rng, index):
+        draws[index] = int(rng.integers(1 << 30))
+        return _fake_example(row, row_rng(3, (0, index)), index)
+
+    loader = TrainLoader(_rows(20), spy, pairs_per_batch=5, pad_id=0, buckets=(8,), seed=3, shard_index=0,
+                         shard_count=1, num_epochs=1)
+    list(loader)
+    assert draws == {i: int(row_rng(3, (0, i)).integers(1 << 30)) for i in range(20)}
+
+
+def test_shards_are_disjoint_and_equal():
+    parts = []
+    for h in range(3):
+        loader = _loader(n=50, shard_index=h, shard_count=3, num_epochs=1, pairs_per_batch=2)
+        assert loader.steps_per_epoch == 8  # floor(50 / 3) = 16 rows, 2 per batch
+        parts.append(set(int(x) for x in loader.shard_order(0)))
+    assert all(len(p) == 16 for p in parts)
+    assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
+
+
+def test_refill_mode_fills_batches():
+    loader = _loader(n=40, num_epochs=1, on_drop="refill")
+    batches = list(loader)
+    assert all(int(b["pair_mask"].sum()) == 4 for b, _ in batches)
+    assert len(batches) <= loader.steps_per_epoch
+
+
+def test_resume_state_mismatch_is_config_error():
+    state = _loader().get_state()
+    with pytest.raises(ConfigError, match="seed"):
+        _loader(seed=4).set_state(state)
+    with pytest.raises(ConfigError, match="num_rows"):
+        _loader(n=100).set_state(state)
+
+
+def test_loader_with_real_examples(synth_dir):
+    from transformers import AutoTokenizer
+
+    from alignx_jax.data.batching import make_example
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "alignx_jax", "assets", "tokenizer"))
+    src = open_source(synth_dir)
+
+    def example_fn(row, rng, index):
+        return make_example(tok, row, method="ica", max_length=384, rng=rng, index=index, overflow="drop")
+
+    loader = TrainLoader(src, example_fn, pairs_per_batch=4, pad_id=tok.pad_token_id or 0,
+                         buckets=(128, 256, 384), seed=0, shard_index=0, shard_count=1)
+    batch, info = next(iter(loader))
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] in (128, 256, 384)
+    assert batch["direction"].shape == (4, 90)
+    assert (batch["loss_mask"].sum(1)[np.concatenate([batch["pair_mask"]] * 2) == 1] > 0).all()
+    assert info["rows_seen"] == 4
+
+
+def test_partial_last_batch_and_all_rejected():
+    loader = _loader(n=42, num_epochs=1, drop_remainder=False)
+    batches = list(loader)
+    assert loader.steps_per_epoch == 11 == len(batches)
+    assert batches[-1][1]["rows_seen"] == 42
+    never = TrainLoader(_rows(12), lambda row, rng, i: None, pairs_per_batch=4, pad_id=0, buckets=(8,),
+                        shard_index=0, shard_count=1, on_drop="refill")
+    with pytest.raises(DataError, match="rejected"):
+        next(iter(never))
+    padded = TrainLoader(_rows(12), lambda row, rng, i: None, pairs_per_batch=4, pad_id=0, buckets=(8,),
+                         shard_index=0, shard_count=1, num_epochs=1)
+    assert [int(b["pair_mask"].sum()) for b, _ in padded] == [0, 0, 0]  # equal steps on every host

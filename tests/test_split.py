@@ -1,0 +1,107 @@
+"""Train/test splits: groups stay whole; `alignx data split` writes each half in the input's format."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from alignx_jax.cli import main
+from alignx_jax.data import schema, split
+
+PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                      "benchmarks", "p-soups", "student_phd.json")
+needs_psoups = pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not present")
+
+
+def synthetic_rows(n_users=6, per_user=5, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        for k in range(per_user):
+            rows.append({"prompt": f"prompt {k % 3}-{u % 2}", "chosen": "a", "rejected": "b",
+                         "Preference Direction": rng.choice([0.0, 0.5, 1.0], size=90).tolist(),
+                         "Demographic Information": f"user {u}", "User-Generated Content": [],
+                         "Pair-wise Comparative Feedback": [], "user_id": f"u{u}"})
+    return rows
+
+
+@needs_psoups
+def test_psoups_by_prompt():
+    rows, _ = schema.load_rows(PSOUPS)
+    train, test = split.split_rows(rows, by="prompt", test_fraction=0.5, seed=0)
+    assert len(train) + len(test) == 600 and 200 < len(test) < 400
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    personas = {r["ground_truth_persona"] for r in rows}
+    assert len(personas) == 2
+    assert {r["ground_truth_persona"] for r in train} == personas == {r["ground_truth_persona"] for r in test}
+    again = split.split_rows(rows, by="prompt", test_fraction=0.5, seed=0)
+    assert again == (train, test)
+    assert split.split_rows(rows, by="prompt", test_fraction=0.5, seed=1)[1] != test
+    # Rows keep their input order within each half.
+    pos = {id(r): i for i, r in enumerate(rows)}
+    assert [pos[id(r)] for r in test] == sorted(pos[id(r)] for r in test)
+
+
+def test_by_user_and_row():
+    rows = synthetic_rows()
+    train, test = split.split_rows(rows, by="user", test_fraction=1 / 3, seed=3)
+    assert len({r["user_id"] for r in test}) == 2 and len(test) == 10
+    assert not {r["user_id"] for r in train} & {r["user_id"] for r in test}
+    # Without user ids, a shared persona (demographics + histories) identifies the user.
+    anon = [{k: v for k, v in r.items() if k != "user_id"} for r in rows]
+    _, test_anon = split.split_rows(anon, by="user", test_fraction=0.5, seed=0)
+    assert len({r["Demographic Information"] for r in test_anon}) == 3 and len(test_anon) == 15
+    train_r, test_r = split.split_rows(rows, by="row", test_fraction=0.2, seed=0)
+    assert len(test_r) == 6 and len(train_r) == 24
+    # A tiny fraction still puts one group on each side.
+    assert len(split.split_rows(rows, by="user", test_fraction=0.01, seed=0)[1]) == 5
+    assert split.split_rows(rows, by="row", test_fraction=0.0, seed=0)[1] == []
+
+
+@needs_psoups
+def test_cli_split_json_keeps_raw_rows(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["data", "split", PSOUPS, "--out", str(out), "--seed", "2", "--test-fraction", "0.25"]) == 0
+    with open(PSOUPS) as f:
+        raw = json.load(f)
+    with open(out / "train" / "student_phd.json") as f:
+        train = json.load(f)
+    with open(out / "test" / "student_phd.json") as f:
+        test = json.load(f)
+    assert len(train) + len(test) == 600 and 100 < len(test) < 200
+    assert all(r in raw for r in test[:20]) and set(test[0]) == set(raw[0])  # not the normalised dicts
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert "train" in capsys.readouterr().out
+
+
+def test_cli_split_parquet_and_jsonl_folder(tmp_path):
+    rows = synthetic_rows()
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    pd.DataFrame(rows[:15]).to_parquet(src / "part0.parquet")
+    with open(src / "sub" / "part1.jsonl", "w") as f:
+        for r in rows[15:]:
+            f.write(json.dumps(r) + "\n")
+    out = tmp_path / "out"
+    assert main(["data", "split", str(src), "--by", "user", "--out", str(out)]) == 0
+    got = {}
+    for half in ("train", "test"):
+        assert os.path.isfile(out / half / "part0.parquet") and os.path.isfile(out / half / "sub" / "part1.jsonl")
+        got[half], _ = schema.load_rows(str(out / half))
+    assert len(got["train"]) + len(got["test"]) == 30
+    assert not {r["user_id"] for r in got["train"]} & {r["user_id"] for r in got["test"]}
+    assert sorted(got["train"] + got["test"], key=lambda r: (r["user_id"], r["Preference Direction"])) == \
+        sorted(schema.load_rows(str(src))[0], key=lambda r: (r["user_id"], r["Preference Direction"]))
+    table = pd.read_parquet(out / "test" / "part0.parquet")
+    assert list(table.columns) == list(pd.read_parquet(src / "part0.parquet").columns)
+
+
+def test_cli_split_bad_fraction(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(2, 2)))
+    assert main(["data", "split", str(path), "--test-fraction", "1.5", "--out", str(tmp_path / "o")]) == 1
+    assert "test fraction" in capsys.readouterr().err

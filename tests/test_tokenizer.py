@@ -1,0 +1,77 @@
+"""The shipped tiny tokenizer: special tokens, chat template, byte-level round trips, rebuildability."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignx_jax.errors import CheckpointError
+from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, stop_token_ids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_special_tokens_are_llama3_style(tok):
+    assert len(tok) == 4096
+    assert tok.bos_token == "<|begin_of_text|>"
+    assert tok.eos_token == "<|eot_id|>"  # as in Llama-3.1-Instruct
+    assert tok.pad_token == "<|pad|>"
+    ids = {t: tok.convert_tokens_to_ids(t) for t in
+           ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]}
+    assert len(set(ids.values())) == 6 and all(i < 6 for i in ids.values())
+    assert set(stop_token_ids(tok)) == {ids["<|eot_id|>"], ids["<|end_of_text|>"]}
+    # special-token strings inside text become their ids (the release's `paper` prompts rely on it)
+    enc = tok("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)["input_ids"]
+    assert enc[0] == ids["<|start_header_id|>"] and enc[-1] == ids["<|end_header_id|>"]
+
+
+def test_bos_added_once_and_byte_level_round_trip(tok):
+    text = "Héllo wörld — naïve café 123456 ☃ \n\tindent  two spaces"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_chat_template(tok):
+    msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hi there"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    enc = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.bos_token_id) == 1
+
+
+def test_domain_text_is_compressed(tok):
+    # a BPE trained on the AlignX templates should spend few tokens on them
+    sys_text = "Generate a task-specific response based on user historical behavior and preferences."
+    assert len(tok(sys_text, add_special_tokens=False)["input_ids"]) < len(sys_text) / 3
+
+
+def test_missing_folder_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tokenizer(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_build_script_reproduces_shipped_files(tmp_path):
+    out = tmp_path / "tok"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_tokenizer.py"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(out / name, encoding="utf-8") as f, open(os.path.join(TINY_TOKENIZER_DIR, name), encoding="utf-8") as g:
+            assert json.load(f) == json.load(g), name

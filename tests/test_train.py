@@ -1,0 +1,369 @@
+"""The DPO train step (in-process, tiny) and the `alignx train` contracts (subprocesses, slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignx_jax import train
+from alignx_jax.config import load_config
+from alignx_jax.models.decoder import Decoder, DecoderConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+
+
+# ----------------------------------------------------------------------------- in-process step tests
+
+
+def _tiny_model(seed=0, vocab=97):
+    cfg = DecoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def _batch(B=4, T=24, vocab=97, seed=0, dummies=0):
+    """A collated-layout batch (2B rows, chosen first) with random prompts/responses."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(2 * B, T)).astype(np.int32)
+    attn = np.zeros((2 * B, T), np.int32)
+    loss = np.zeros((2 * B, T), np.int32)
+    for r in range(2 * B):
+        p, n = int(rng.integers(3, 8)), int(rng.integers(4, T - 8))
+        attn[r, :p + n] = 1
+        loss[r, p:p + n] = 1
+    pair_mask = np.ones((B,), np.int32)
+    if dummies:
+        pair_mask[-dummies:] = 0
+        for r in (*range(B - dummies, B), *range(2 * B - dummies, 2 * B)):
+            attn[r] = 0
+            attn[r, 0] = 1
+            loss[r] = 0
+    pos = np.where(attn == 1, np.arange(T)[None], 0).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": pos, "pair_mask": pair_mask}
+
+
+def _loss_cfg(**kw):
+    c = ml_collections.ConfigDict({"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
+                                   "sft_norm": "length", "logps_chunk": 7, "reference": "on_the_fly"})
+    c.update(kw)
+    return c
+
+
+def _setup(lr=1e-2):
+    model = _tiny_model()
+    codec = train.ParamsCodec.of(model)
+    params = nnx.to_pure_dict(nnx.state(model))
+    ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    optim = ml_collections.ConfigDict({"lr": lr, "warmup_ratio": 0.0, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
+                                       "eps": 1e-8, "weight_decay": 0.0, "clip": 1.0})
+    tx, _ = train.make_optimizer(optim, 10)
+    return codec, params, ref, tx
+
+
+def test_to_microbatches_keeps_pairs_together():
+    b = _batch(B=4, T=16)
+    mb = train.to_microbatches(b, 2, T=20)
+    assert mb["input_ids"].shape == (2, 2, 2, 20) and mb["pair_mask"].shape == (2, 2)
+    for k in range(4):  # pair k: chosen row k, rejected row 4 + k
+        m, j = divmod(k, 2)
+        np.testing.assert_array_equal(mb["input_ids"][m, j, 0, :16], b["input_ids"][k])
+        np.testing.assert_array_equal(mb["input_ids"][m, j, 1, :16], b["input_ids"][4 + k])
+    assert (mb["attention_mask"][..., 16:] == 0).all() and (mb["loss_mask"][..., 16:] == 0).all()
+
+
+def test_schedule_warmup_cosine_to_floor():
+    optim = ml_collections.ConfigDict({"lr": 1.0, "warmup_ratio": 0.1, "min_lr_ratio": 0.1, "b1": 0.9,
+                                       "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "clip": 1.0})
+    _, sched = train.make_optimizer(optim, 100)
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(100)), 0.1, rtol=1e-6)
+    assert 0.1 < float(sched(55)) < 1.0
+
+
+@pytest.fixture(scope="module")
+def steps():
+    """One set of jitted functions for the module (compiling is the slow part on CPU)."""
+    codec, params, ref, tx = _setup()
+    return dict(codec=codec, params=params, ref=ref, tx=tx,
+                fly=jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False)),
+                pre=jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=True)),
+                ref_fn=jax.jit(train.make_ref_logps_fn(codec, _loss_cfg())))
+
+
+def test_first_step_loss_is_log2_and_params_move(steps):
+    params, ref, tx, step = steps["params"], steps["ref"], steps["tx"], steps["fly"]
+    batch = train.to_microbatches(_batch(dummies=1), 2)
+    p1, o1, m = step(params, tx.init(params), ref, batch)
+    np.testing.assert_allclose(float(m["loss"]), np.log(2.0), atol=1e-5)
+    assert float(m["pairs"]) == 3.0  # the dummy pair is not counted
+    assert abs(float(m["margin"])) < 1e-5 and float(m["grad_norm"]) > 0
+    delta = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
+    assert delta > 1e-4
+    # the second step sees a policy that differs from the reference
+    _, _, m2 = step(p1, o1, ref, batch)
+    assert abs(float(m2["loss"]) - np.log(2.0)) > 1e-4
+
+
+def test_grad_accumulation_matches_one_big_batch(steps):
+    params, ref, tx, step = steps["params"], steps["ref"], steps["tx"], steps["fly"]
+    b = _batch(B=4, dummies=1, seed=3)
+    o = tx.init(params)
+    # one step to make policy != reference, then compare M=1 vs M=2 from the same state
+    params, o, _ = step(params, o, ref, train.to_microbatches(_batch(B=4, seed=4), 2))
+    pa, _, ma = step(params, o, ref, train.to_microbatches(b, 1))
+    pb, _, mb = step(params, o, ref, train.to_microbatches(b, 2))
+    for k in ("loss", "reward_accuracy", "margin", "grad_norm", "logps_chosen"):
+        np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(v): summation-order noise in near-zero grads shows at ~1e-6
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_precomputed_reference_equals_on_the_fly(steps):
+    params, ref, tx, fly, pre = steps["params"], steps["ref"], steps["tx"], steps["fly"], steps["pre"]
+    o = tx.init(params)
+    params, o, _ = fly(params, o, ref, train.to_microbatches(_batch(seed=5), 2))
+    batch = train.to_microbatches(_batch(seed=6), 2)
+    lp, _ = steps["ref_fn"](ref, {**batch, "slot": np.zeros((2, 2), np.int32)})
+    pa, _, ma = fly(params, o, ref, batch)
+    pb, _, mb = pre(params, o, None, {**batch, "ref_logps": np.asarray(lp)})
+    np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]), atol=1e-5)
+    np.testing.assert_allclose(float(mb["margin"]), float(ma["margin"]), atol=1e-5)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_pair_logps_matches_full_logits(steps):
+    codec, params = steps["codec"], steps["params"]
+    b = _batch(B=2, seed=7)
+    mb = {k: v[0] for k, v in train.to_microbatches(b, 1).items()}
+    got = train.pair_logps(codec, params, mb, chunk=5)
+    model = codec.module(params)
+    logits = model(b["input_ids"], b["attention_mask"], b["positions"])
+    from alignx_jax.losses import token_logps_from_logits
+    want = token_logps_from_logits(logits, b["input_ids"], b["loss_mask"])
+    np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want[:2]), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got[:, 1]), np.asarray(want[2:]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.micro_batch=3", "multiple of train.micro_batch"),
+    ("--config.loss.type=kto", "loss.type='kto'"),
+    ("--config.loss.reference=cached", "loss.reference"),
+    ("--config.data.max_length=4096", "largest of data.buckets"),
+])
+def test_validate_config_errors(override, message):
+    from alignx_jax.errors import ConfigError
+    cfg = load_config(TINY, ["--config.workdir=/tmp/x", override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train.validate_config(cfg)
+
+
+def test_validate_config_requires_workdir_and_inputs():
+    from alignx_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="workdir"):
+        train.validate_config(load_config(TINY))
+    real = os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py")
+    with pytest.raises(ConfigError, match="model.hf_path"):
+        train.validate_config(load_config(real, ["--config.workdir=/tmp/x"]))
+    with pytest.raises(ConfigError, match="data.train"):
+        train.validate_config(load_config(real, ["--config.workdir=/tmp/x", "--config.model.hf_path=/m"]))
+
+
+# ----------------------------------------------------------------------------- CLI (subprocess)
+
+# a tiny run: 32 synthetic rows, hidden 32, one 128-token bucket (one compilation)
+SMALL = ["--config.model.init.hidden_size=32", "--config.model.init.intermediate_size=64",
+         "--config.model.init.head_dim=8", "--config.data.synth_users=8", "--config.data.max_length=128",
+         "--config.data.buckets=(128,)", "--config.loss.logps_chunk=64", "--config.train.global_batch=8",
+         "--config.train.micro_batch=4", "--config.train.progress=false"]
+
+
+def _env(tmp_path, devices: int | None = None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.pop("XLA_FLAGS", None)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _alignx(args, tmp_path, devices=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "alignx_jax", *args], env=_env(tmp_path, devices),
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def test_bad_config_key_is_one_line_exit_1(tmp_path):
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.train.stesp=3"], tmp_path)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines == [lines[-1]] and lines[0].startswith("alignx: error:") and "train.stesp" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_impossible_mesh_is_one_line_exit_1(tmp_path):
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.mesh.data=3",
+                 "--config.mesh.fsdp=1"], tmp_path)
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("alignx: error: mesh data=3"), r.stderr
+
+
+@pytest.mark.slow
+def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
+    steps = ["--config.train.steps=3", "--config.checkpoint.every_steps=3"]
+    one = tmp_path / "one"
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={one}", *SMALL, *steps,
+                 "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    eight = tmp_path / "eight"
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={eight}", *SMALL, *steps,
+                 "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"], tmp_path, devices=8)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(one), _losses(eight)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose(a[1], np.log(2.0), atol=1e-5)
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-3, (s, a[s], b[s])
+    assert len(set(a.values())) == 3  # the loss moves
+    # workdir layout: resolved config, reference HF folder with tokenizer, metrics, TB events, checkpoint
+    cfg = json.load(open(one / "config.json"))
+    assert cfg["workdir"] == str(one) and cfg["train"]["steps"] == 3
+    ref = one / "reference"
+    assert (ref / "config.json").exists() and (ref / "tokenizer.json").exists()
+    assert list(ref.glob("*.safetensors"))
+    assert list((one / "tensorboard").iterdir())
+    assert (one / "checkpoints" / "3" / "params").is_dir() and (one / "checkpoints" / "3" / "meta").is_dir()
+    rec = [json.loads(line) for line in open(one / "metrics.jsonl")][-1]
+    for k in ("loss", "reward_accuracy", "learning_rate", "grad_norm", "tokens_per_sec", "rewards_chosen",
+              "rewards_rejected", "margin", "logps_chosen", "logps_rejected", "rows_dropped", "rows_truncated",
+              "padding_fraction"):
+        assert k in rec, k
+    # the training checkpoint exports through `alignx export --checkpoint W`
+    r = _alignx(["export", "--checkpoint", str(one), "--out", str(tmp_path / "hf")], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "hf" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
+    steps = ["--config.train.steps=7", "--config.checkpoint.every_steps=100"]
+    full = tmp_path / "full"
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={full}", *SMALL, *steps], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = _losses(full)
+
+    part = tmp_path / "part"
+    cmd = [sys.executable, "-m", "alignx_jax", "train", f"--config={TINY}", f"--config.workdir={part}", *SMALL, *steps]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    metrics = part / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM" in err and "resume" in err
+    stopped = max(_losses(part))
+    assert 2 <= stopped < 7
+    assert (part / "checkpoints" / str(stopped)).is_dir()
+
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={part}", *SMALL, *steps], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stderr
+    got = _losses(part)
+    assert sorted(got) == list(range(1, 8))
+    for s in range(1, 8):
+        assert abs(got[s] - want[s]) < 1e-4, (s, got[s], want[s])
+
+
+@pytest.mark.slow
+def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
+    steps = ["--config.train.steps=2", "--config.checkpoint.every_steps=100"]
+    runs = {}
+    for mode in ("on_the_fly", "precomputed"):
+        w = tmp_path / mode
+        r = _alignx(["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *steps,
+                     f"--config.loss.reference={mode}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[mode] = _losses(w)
+    assert (tmp_path / "precomputed" / "ref_logps.p0.npy").exists()
+    for s in (1, 2):
+        assert abs(runs["precomputed"][s] - runs["on_the_fly"][s]) < 1e-5
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    w = tmp_path / "nan"
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, "--config.train.steps=3",
+                 "--config.checkpoint.every_steps=1", "--config.optim.lr=1e30", "--config.optim.clip=0.0"], tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("alignx: error: non-finite loss") and "at step" in last, r.stderr[-2000:]
+    assert (w / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.slow
+def test_train_from_hf_folder_copies_reference(tmp_path):
+    from alignx_jax.models.hf import save_hf
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer()
+    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    src = tmp_path / "hf"
+    save_hf(Decoder(cfg, rngs=nnx.Rngs(3)), str(src), tokenizer_dir=TINY_TOKENIZER_DIR)
+    w = tmp_path / "w"
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, f"--config.model.hf_path={src}",
+                 "--config.model.dtype=bfloat16", "--config.train.steps=2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses_ = _losses(w)
+    np.testing.assert_allclose(losses_[1], np.log(2.0), atol=1e-5)  # bf16 policy == bf16 reference
+    assert losses_[2] != losses_[1]
+    copied = sorted(p.name for p in (w / "reference").iterdir())
+    assert copied == sorted(p.name for p in src.iterdir())
+    assert (w / "reference" / "model-00001-of-00001.safetensors").read_bytes() == \
+        (src / "model-00001-of-00001.safetensors").read_bytes()
+
+
+def test_metrics_writer_appends_and_drops_steps_after_resume_point(tmp_path):
+    from alignx_jax.metrics import MetricsWriter, read_metrics
+    w = MetricsWriter(str(tmp_path), tensorboard=False)
+    for s in (1, 2, 3):
+        w.write(s, {"loss": 0.5 * s, "bad": float("nan")})
+    w.close()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+    assert read_metrics(str(tmp_path))[0]["bad"] == "nan"
+    w = MetricsWriter(str(tmp_path), tensorboard=False, resume_step=2)
+    w.write(3, {"loss": 9.0})
+    w.close()
+    recs = read_metrics(str(tmp_path))
+    assert [r["step"] for r in recs] == [1, 2, 3] and recs[-1]["loss"] == 9.0
+    assert not MetricsWriter(str(tmp_path / "off"), enabled=False).enabled
+    assert not (tmp_path / "off").exists()
