@@ -12,9 +12,28 @@ exact batch sequence the run will see and stored as `W/ref_logps.p<process>.npy`
 (`loss.reference=precomputed`; the frozen copy is then freed before training).
 
 Workdir `W`: `config.json`, `reference/` (HF folder of the frozen reference + tokenizer),
-`metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/{params,opt_state,meta}`. SIGTERM/SIGINT
+`metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/{params,opt_state,head?,meta}`. SIGTERM/SIGINT
 save at the next step boundary and exit 0; rerunning the same command resumes from the latest
 checkpoint. A non-finite loss stops the run (exit 1) without saving the bad state.
+
+PBA's preference head (`data.method='pba'`, `pba.enabled`):
+  * `pba.mode='joint'`: the head is trained in the same step as the policy, on the same backbone:
+    loss = DPO + pba.weight * CE(head(pooled persona hidden states), row's `Preference Direction`)
+    (`preference_head.joint_head_term`). The trained tree is `{'policy', 'head'}` with one AdamW
+    per part (the head's at `pba.lr`; gradient clipping and `grad_norm` are the policy's only, so
+    with `pba.stop_gradient` the policy's update is exactly that of a DPO-only run). Checkpoints
+    store the head as the `head` item and its `HeadConfig` in `meta['head_config']`.
+  * `pba.mode='two_stage'`: DPO only; after the last step the head is fit on the final policy,
+    frozen (`head_training.train_head_two_stage`: pooled features cached once, then AdamW on the
+    MLP only), and saved with the last checkpoint.
+  * `pba.preference`: the P~ rendered into the policy's prompt. 'golden' = the row's own;
+    'predicted' = P~ predicted by a *first-stage* head: before step 1 a head is fit two-stage on
+    the initial policy (`pba.head_*`), and its prediction for every training row is stored in
+    `W/pba_predicted.npy` and used for the whole run (fixed per row, so resume and the precomputed
+    reference stay exact); 'mix' = the predicted P~ for a fixed `pba.mix_predicted` fraction of
+    rows (chosen per row from `train.seed`), golden for the rest. The policy so learns to read
+    the noisier profiles it will see when evaluated with `--preference predicted`.
+  Predicted profiles and the two-stage head run on one process (ConfigError on multi-host runs).
 """
 
 from __future__ import annotations
@@ -46,6 +65,19 @@ from alignx_jax.metrics import MetricsWriter
 
 METHODS = ("ica", "pba", "none")
 REFERENCE_MODES = ("on_the_fly", "precomputed")
+PBA_MODES = ("joint", "two_stage")
+PBA_PREFERENCES = ("golden", "predicted", "mix")
+PREDICTED_FILE = "pba_predicted.npy"
+
+
+def head_enabled(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains PBA's preference head (either mode)."""
+    return cfg.data.method == "pba" and bool(cfg.pba.enabled)
+
+
+def joint_head(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the head is trained inside the DPO step (persona ids then travel with every batch)."""
+    return head_enabled(cfg) and cfg.pba.mode == "joint"
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -79,9 +111,27 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the largest of data.buckets "
                           f"{tuple(cfg.data.buckets)}")
-    if cfg.data.method == "pba" and cfg.pba.preference != "golden":
-        raise ConfigError(f"pba.preference={cfg.pba.preference!r} needs the preference head's predictions; "
-                          "this build trains PBA with the golden P~ only")
+    if cfg.data.method == "pba":
+        pba = cfg.pba
+        if pba.preference not in PBA_PREFERENCES:
+            raise ConfigError(f"pba.preference={pba.preference!r}: expected one of {', '.join(PBA_PREFERENCES)}")
+        if pba.mode not in PBA_MODES:
+            raise ConfigError(f"pba.mode={pba.mode!r}: expected one of {', '.join(PBA_MODES)}")
+        if not 0.0 <= float(pba.mix_predicted) <= 1.0:
+            raise ConfigError(f"pba.mix_predicted must be in [0, 1], got {pba.mix_predicted}")
+        if float(pba.focal_gamma) < 0:
+            raise ConfigError(f"pba.focal_gamma must be >= 0, got {pba.focal_gamma}")
+        if float(pba.weight) < 0:
+            raise ConfigError(f"pba.weight must be >= 0, got {pba.weight}")
+        if float(pba.lr) <= 0:
+            raise ConfigError(f"pba.lr must be positive, got {pba.lr}")
+        if int(pba.max_persona_tokens) < 2:
+            raise ConfigError(f"pba.max_persona_tokens must be at least 2, got {pba.max_persona_tokens}")
+        if int(pba.head_steps) < 1 or int(pba.head_batch_size) < 1 or int(pba.head_rows) < 0:
+            raise ConfigError("pba.head_steps and pba.head_batch_size must be positive, pba.head_rows >= 0")
+        if joint_head(cfg) and int(pba.max_persona_tokens) > max(cfg.data.buckets):
+            raise ConfigError(f"pba.max_persona_tokens={pba.max_persona_tokens} exceeds the largest of data.buckets "
+                              f"{tuple(cfg.data.buckets)} (persona ids are padded to a bucket)")
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> shd.Rules:
@@ -155,6 +205,28 @@ class ParamsCodec:
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadCodec:
+    """Pure-dict params <-> the PreferenceHead. Only `nnx.Param`s are trained; the rest of the
+    head's state (its dropout RNG stream) is a constant, since the joint term runs deterministically."""
+    graphdef: Any
+    treedef: Any
+    rest: Any
+
+    @classmethod
+    def of(cls, head) -> HeadCodec:
+        graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+        return cls(graphdef, jax.tree.structure(params), rest)
+
+    @staticmethod
+    def params(head) -> dict[str, Any]:
+        return nnx.to_pure_dict(nnx.state(head, nnx.Param))
+
+    def module(self, params: Any):
+        state = jax.tree.unflatten(self.treedef, jax.tree.leaves(params))
+        return nnx.merge(self.graphdef, state, self.rest)
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -170,10 +242,19 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
     return tx, schedule
 
 
+def make_head_optimizer(pba: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The preference head's own AdamW (constant `pba.lr`), separate from the policy's schedule and clip."""
+    return optax.adamw(float(pba.lr), weight_decay=float(pba.weight_decay))
+
+
 def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
     """Summed response log-probs `[b, 2]` (chosen, rejected) for one microbatch `[b, 2, T]`."""
+    return model_pair_logps(codec.module(params), mb, chunk)
+
+
+def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
+    """`pair_logps` for an already merged Decoder."""
     with jax.named_scope("pair_logps"):
-        model = codec.module(params)
         b, two, T = mb["input_ids"].shape
         flat = {k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
         h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"])
@@ -183,15 +264,29 @@ def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk:
 
 
 def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-                    *, precomputed: bool, grad_shardings: Any = None) -> Callable:
+                    *, precomputed: bool, grad_shardings: Any = None, head_codec: HeadCodec | None = None,
+                    head_tx: optax.GradientTransformation | None = None,
+                    pba_cfg: ml_collections.ConfigDict | None = None) -> Callable:
     """`step(params, opt_state, ref_params, batch) -> (params, opt_state, metrics)`, to be jitted.
 
     batch: input_ids/attention_mask/positions/loss_mask `[M, b, 2, T]`, pair_mask `[M, b]`, and
     ref_logps `[M, b, 2]` when precomputed. The loss is the mean over all real pairs of the global
     batch, so it does not depend on how the batch is cut into microbatches.
+
+    Joint PBA (`head_codec` given, with `head_tx` and the `pba` config section): params and
+    opt_state are `{'policy': ..., 'head': ...}`, the batch also holds persona_ids/persona_mask
+    `[M, b, P]` and direction `[M, b, 90]`, and the objective is DPO + `joint_head_term` (weighted
+    by pba.weight). Metrics: `loss` stays the DPO loss (comparable across methods), `total_loss`
+    is the objective, `head_loss` (unweighted CE) / `head_accuracy` / `head_accuracy_non_neutral`
+    are global-batch means, `grad_norm` is the policy's, `head_grad_norm` the head's.
     """
+    from alignx_jax.models import preference_head as ph
+
     chunk = int(loss_cfg.logps_chunk) or None
     beta = float(loss_cfg.beta)
+    joint = head_codec is not None
+    if joint and (head_tx is None or pba_cfg is None):
+        raise ValueError("make_train_step: a head_codec needs head_tx and pba_cfg")
 
     def step(params, opt_state, ref_params, batch):
         n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
@@ -206,14 +301,26 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
                 ref = jax.lax.stop_gradient(pair_logps(codec, ref_params, mb, chunk))
 
             def loss_fn(p):
-                lp = pair_logps(codec, p, mb, chunk)
+                model = codec.module(p["policy"] if joint else p)
+                lp = model_pair_logps(model, mb, chunk)
                 per = losses.dpo_per_pair(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], loss_cfg,
                                           chosen_tokens=ntok[:, 0], rejected_tokens=ntok[:, 1])
-                return jnp.sum(per * pm) / n_pairs, lp
+                dpo = jnp.sum(per * pm) / n_pairs
+                if not joint:
+                    return dpo, (lp, {})
+                # the same merged policy reads the persona: one backbone for DPO and the head
+                term, hm = ph.joint_head_term(model, head_codec.module(p["head"]), mb, pba_cfg, n_pairs=n_pairs)
+                return dpo + term, (lp, {"dpo": dpo, **hm})
 
-            (loss, lp), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, (lp, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             sums = losses.dpo_sums(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta, pm)
             sums["loss"] = loss
+            if joint:
+                # per-microbatch means -> sums weighted by their counts, divided once at the end
+                nn = jnp.sum((ph.direction_to_labels(mb["direction"]) != ph.NEUTRAL) * pm[:, None])
+                sums.update(loss=aux["dpo"], total_loss=loss, head_loss=aux["head_loss"],
+                            head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
+                            head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn, non_neutral=nn)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             if grad_shardings is not None:
                 grads_acc = jax.lax.with_sharding_constraint(grads_acc, grad_shardings)
@@ -224,13 +331,29 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
             zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
         sum_keys = ("reward_accuracy", "rewards_chosen", "rewards_rejected", "margin", "logps_chosen",
                     "logps_rejected", "pairs", "loss")
+        if joint:
+            sum_keys += ("total_loss", "head_loss", "head_accuracy", "head_accuracy_non_neutral", "non_neutral")
         init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
         (grads, sums), _ = jax.lax.scan(micro, init, batch)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {k: v / n_pairs for k, v in sums.items() if k not in ("loss", "pairs")}
+        if joint:
+            grad_norm = optax.tree.norm(grads["policy"])
+            updates, pol_state = tx.update(grads["policy"], opt_state["policy"], params["policy"])
+            head_updates, head_state = head_tx.update(grads["head"], opt_state["head"], params["head"])
+            params = {"policy": optax.apply_updates(params["policy"], updates),
+                      "head": optax.apply_updates(params["head"], head_updates)}
+            opt_state = {"policy": pol_state, "head": head_state}
+        else:
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        plain = ("loss", "pairs", "total_loss", "head_loss", "head_accuracy_non_neutral", "non_neutral")
+        metrics = {k: v / n_pairs for k, v in sums.items() if k not in plain}
         metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"])
+        if joint:
+            metrics.update(total_loss=sums["total_loss"], head_loss=sums["head_loss"],
+                           head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
+                           / jnp.maximum(sums["non_neutral"], 1.0),
+                           head_grad_norm=optax.tree.norm(grads["head"]))
         return params, opt_state, metrics
 
     return step
@@ -252,8 +375,19 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
 # ----------------------------------------------------------------------------- batches
 
 
-def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None = None) -> dict[str, np.ndarray]:
-    """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`."""
+def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None = None, *,
+                    head: bool = False, P: int | None = None) -> dict[str, np.ndarray]:
+    """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
+
+    head=True also carries the PBA head's persona_ids/persona_mask `[M, B/M, P]` (widened to P)
+    and direction `[M, B/M, 90]`.
+    """
+    if head:
+        missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
+        if missing:
+            from alignx_jax.errors import DataError
+            raise DataError(f"joint PBA head training needs {', '.join(missing)} in every batch (rows need a "
+                            "`Preference Direction`; use pba.mode=two_stage or pba.enabled=false otherwise)")
     B = batch["pair_mask"].shape[0]
     b = B // num_micro
     out: dict[str, np.ndarray] = {}
@@ -265,6 +399,13 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
     out["pair_mask"] = batch["pair_mask"].reshape(num_micro, b)
     if "ref_logps" in batch:
         out["ref_logps"] = np.asarray(batch["ref_logps"], np.float32).reshape(num_micro, b, 2)
+    if head:  # PBA joint: the head's input and target, per pair
+        for k in ("persona_ids", "persona_mask"):
+            x = batch[k]
+            if P is not None and x.shape[1] < P:
+                x = np.pad(x, ((0, 0), (0, P - x.shape[1])))
+            out[k] = x.reshape(num_micro, b, x.shape[1])
+        out["direction"] = np.asarray(batch["direction"], np.float32).reshape(num_micro, b, -1)
     return out
 
 
@@ -405,11 +546,30 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     buckets = tuple(int(b) for b in cfg.data.buckets)
     pad_id = int(tokenizer.pad_token_id)
     truncated = [0]  # rows whose prompt was cut to fit (saved with the loader state)
+    joint = joint_head(cfg)
+    two_stage = head_enabled(cfg) and cfg.pba.mode == "two_stage"
+    use_predicted = cfg.data.method == "pba" and cfg.pba.preference != "golden"
+    if (use_predicted or two_stage) and pc > 1:
+        raise ConfigError("pba.preference predicted/mix and pba.mode=two_stage run on one process; "
+                          "use pba.mode=joint with pba.preference=golden on multi-host runs")
+    persona_length = int(cfg.pba.max_persona_tokens) if joint else None
+    predicted: dict[str, np.ndarray] = {}  # 'dirs' [N, 90]: filled before the first batch is drawn
+
+    def profile_for(index: int) -> np.ndarray | None:
+        """The predicted P~ for this row when the run renders predicted profiles for it, else None (golden)."""
+        if not use_predicted:
+            return None
+        if cfg.pba.preference == "mix":
+            # a fixed choice per row, independent of the history-sampling rng and of the epoch
+            if np.random.default_rng([seed, 0x5042, int(index)]).random() >= float(cfg.pba.mix_predicted):
+                return None
+        return predicted["dirs"][index]
 
     def example_fn(row, rng, index):
         ex = batching.make_example(
             tokenizer, row, method=cfg.data.method, persona=cfg.data.persona, max_length=int(cfg.data.max_length),
-            prompt_format=cfg.data.prompt_format, rng=rng, overflow=cfg.data.overflow, index=index)
+            prompt_format=cfg.data.prompt_format, rng=rng, overflow=cfg.data.overflow, index=index,
+            profile=profile_for(index), persona_length=persona_length)
         truncated[0] += int(ex is not None and ex.truncated)
         return ex
 
@@ -425,23 +585,37 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     def host_batch(coll: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         stats = batching.padding_stats(coll)
         T = coll["input_ids"].shape[1]
-        if pc > 1:  # every process must agree on the step's length
+        P = coll["persona_ids"].shape[1] if joint and "persona_ids" in coll else None
+        if pc > 1:  # every process must agree on the step's lengths
             from jax.experimental import multihost_utils
             T = int(np.max(multihost_utils.process_allgather(np.asarray(T))))
-        return to_microbatches(coll, num_micro, T), stats
+            if P is not None:
+                P = int(np.max(multihost_utils.process_allgather(np.asarray(P))))
+        return to_microbatches(coll, num_micro, T, head=joint, P=P), stats
 
     # --- model, reference, optimizer
     policy = build_policy(cfg, tokenizer, mesh, rules)
     _write_reference(cfg, policy, workdir, tokenizer_dir, is_main)
+    if use_predicted:
+        predicted["dirs"] = _predicted_directions(cfg, policy, tokenizer, source, workdir)
     codec = ParamsCodec.of(policy)
     params = nnx.to_pure_dict(nnx.state(policy))
+    hidden_size = int(policy.cfg.hidden_size)
     del policy
     compute_dt = jnp.dtype(cfg.model.dtype)
     # a separate buffer even when dtypes agree: the policy's buffers are donated to the step
     ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=compute_dt, copy=True), params)
     tx, schedule = make_optimizer(cfg.optim, total_steps)
+    head_codec = head_tx = head_cfg = None
+    if joint:
+        head = build_head(cfg, hidden_size, mesh, rules)
+        head_cfg, head_codec, head_tx = head.cfg, HeadCodec.of(head), make_head_optimizer(cfg.pba)
+        params = {"policy": params, "head": HeadCodec.params(head)}
+        opt_state = {"policy": tx.init(params["policy"]), "head": head_tx.init(params["head"])}
+        del head
+    else:
+        opt_state = tx.init(params)
     param_sh = _tree_shardings(params, mesh)
-    opt_state = tx.init(params)
     opt_sh = _tree_shardings(opt_state, mesh)
     opt_state = jax.device_put(opt_state, opt_sh)
     rep = NamedSharding(mesh, PartitionSpec())
@@ -453,7 +627,12 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     start = 0
     latest = ckpt.latest_step()
     if latest is not None:
-        params, opt_state, meta = ckpt.restore(latest, abstract_like(params), abstract_like(opt_state))
+        if joint:
+            pol, opt_state, meta, hp = ckpt.restore(latest, abstract_like(params["policy"]), abstract_like(opt_state),
+                                                    abstract_like(params["head"]))
+            params = {"policy": pol, "head": hp}
+        else:
+            params, opt_state, meta = ckpt.restore(latest, abstract_like(params), abstract_like(opt_state))
         loader.set_state(meta["loader"])
         truncated[0] = int(meta.get("rows_truncated", 0))
         start = int(meta["step"])
@@ -489,7 +668,8 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                 os.replace(ref_path + ".tmp.npy", ref_path)
         ref_params = None  # the frozen copy is no longer needed: its memory goes to training
 
-    step_fn = jax.jit(make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh),
+    step_fn = jax.jit(make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh,
+                                      head_codec=head_codec, head_tx=head_tx, pba_cfg=cfg.pba if joint else None),
                       out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
 
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
@@ -500,9 +680,20 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def meta_for(step: int) -> dict[str, Any]:
-        return {"step": step, "total_steps": total_steps, "seed": seed, "loader": loader.get_state(),
+    def meta_for(step: int, hcfg=None) -> dict[str, Any]:
+        meta = {"step": step, "total_steps": total_steps, "seed": seed, "loader": loader.get_state(),
                 "rows_truncated": truncated[0], "rows_skipped": skipped}
+        if hcfg is not None:  # `alignx export` rebuilds the head from this
+            meta["head_config"] = hcfg.to_json()
+        return meta
+
+    def save(step: int, two_stage_head: tuple[Any, Any] | None = None) -> None:
+        if joint:
+            ckpt.save(step, params["policy"], opt_state, meta_for(step, head_cfg), head=params["head"])
+        elif two_stage_head is not None:
+            ckpt.save(step, params, opt_state, meta_for(step, two_stage_head[0]), head=two_stage_head[1])
+        else:
+            ckpt.save(step, params, opt_state, meta_for(step))
 
     step = start
     last_saved = latest
@@ -522,10 +713,15 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1
-            if not np.isfinite(m["loss"]):
+            objective = m.get("total_loss", m["loss"])
+            if not np.isfinite(objective):
                 ckpt.wait()
                 where = f"; last good checkpoint: step {last_saved}" if last_saved is not None else ""
-                raise AlignXError(f"non-finite loss ({m['loss']}) at step {step}{where}")
+                raise AlignXError(f"non-finite loss ({objective}) at step {step}{where}")
+            final_head = None
+            if two_stage and step == total_steps:  # the head is fit on the final policy, then saved with it
+                final_head = _fit_two_stage_head(cfg, codec.module(params), tokenizer, source)
+                m.update(final_head[2])
             if step % max(1, int(cfg.train.log_every)) == 0 or step == total_steps:
                 writer.write(step, {
                     **m, "learning_rate": float(schedule(step - 1)), "epoch": info["epoch"],
@@ -536,11 +732,11 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}")
             if step % every == 0 or step == total_steps:
-                ckpt.save(step, params, opt_state, meta_for(step))
+                save(step, None if final_head is None else final_head[:2])
                 last_saved = step
         if stop.signum is not None and step < total_steps:
             if last_saved != step:
-                ckpt.save(step, params, opt_state, meta_for(step))
+                save(step)
             ckpt.wait()
             if is_main:
                 name = signal.Signals(stop.signum).name
@@ -557,6 +753,77 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
             bar.close()
         writer.close()
         ckpt.close()
+
+
+def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
+    """The joint run's PreferenceHead, placed on the mesh. Initialised from `model.hf_path`'s own head
+    when that folder has one of the same shape and input rule (an exported or imported PBA model)."""
+    from alignx_jax.models import preference_head as ph
+
+    hcfg = ph.HeadConfig.from_config(cfg.pba, hidden_size, persona_variant=cfg.data.persona)
+    head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(int(cfg.pba.seed)))
+    src = cfg.model.hf_path
+    if src and os.path.isdir(src) and ph.has_head(src):
+        loaded, lcfg = ph.load_head(src)
+        if lcfg == hcfg:
+            head = loaded
+        elif jax.process_index() == 0:
+            print(f"alignx train: {src} has a preference head with a different config; starting a new one",
+                  file=sys.stderr)
+    return shd.shard_model(head, mesh, rules)
+
+
+def _head_rows(cfg: ml_collections.ConfigDict, source) -> list[dict]:
+    """The rows a first/two-stage head is fit on: all, or a seeded subset of `pba.head_rows`."""
+    n = len(source)
+    k = int(cfg.pba.head_rows)
+    idx = range(n) if k <= 0 or k >= n else np.sort(np.random.default_rng([int(cfg.pba.seed), n]).choice(n, k, replace=False))
+    return [source[int(i)] for i in idx]
+
+
+def _fit_head(cfg: ml_collections.ConfigDict, backbone, tokenizer, rows: list[dict]):
+    from alignx_jax.head_training import train_head_two_stage
+
+    return train_head_two_stage(backbone, tokenizer, rows, cfg, steps=int(cfg.pba.head_steps), lr=float(cfg.pba.lr),
+                                batch_size=int(cfg.pba.head_batch_size), weight_decay=float(cfg.pba.weight_decay),
+                                seed=int(cfg.pba.seed), log_every=max(1, int(cfg.pba.head_steps) // 10))
+
+
+def _fit_two_stage_head(cfg: ml_collections.ConfigDict, backbone, tokenizer, source) -> tuple[Any, Any, dict[str, float]]:
+    """(HeadConfig, head params as a pure dict, metrics) of a head fit on the frozen final policy."""
+    res = _fit_head(cfg, backbone, tokenizer, _head_rows(cfg, source))
+    metrics = {"head_loss": float(res.losses[-1]), "head_accuracy": float(res.train_metrics["accuracy"]),
+               "head_accuracy_non_neutral": float(res.train_metrics["accuracy_non_neutral"])}
+    return res.cfg, HeadCodec.params(res.head), metrics
+
+
+def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, source, workdir: str) -> np.ndarray:
+    """P~ of every training row from a first-stage head fit on the initial policy -> `[N, 90]` float32.
+
+    Stored in `W/pba_predicted.npy` so that a resumed run reuses exactly the same profiles.
+    """
+    from alignx_jax.models import preference_head as ph
+
+    path = os.path.join(workdir, PREDICTED_FILE)
+    n = len(source)
+    if os.path.exists(path):
+        dirs = np.load(path)
+        if dirs.shape == (n, ph.NUM_DIMS):
+            return dirs
+    t0 = time.perf_counter()
+    res = _fit_head(cfg, policy, tokenizer, _head_rows(cfg, source))
+    rows = [source[i] for i in range(n)]
+    feats = res.features if int(cfg.pba.head_rows) <= 0 or int(cfg.pba.head_rows) >= n else ph.persona_features(
+        policy, tokenizer, rows, pooling=res.cfg.pooling, variant=res.cfg.persona_variant,
+        max_tokens=res.cfg.max_persona_tokens)
+    dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
+    np.save(path + ".tmp.npy", dirs)
+    os.replace(path + ".tmp.npy", path)
+    gold = [i for i in range(n) if rows[i].get("Preference Direction") is not None]
+    acc = ph.head_metrics(dirs[gold], np.asarray([rows[i]["Preference Direction"] for i in gold], np.float32))
+    print(f"alignx train: first-stage preference head on {len(rows)} rows ({time.perf_counter() - t0:.1f}s): "
+          f"accuracy {acc['accuracy']:.4f}, macro-F1 {acc['macro_f1']:.4f}; profiles -> {path}", file=sys.stderr)
+    return dirs
 
 
 def cli_train(args: argparse.Namespace) -> int:

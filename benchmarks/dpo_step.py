@@ -115,14 +115,16 @@ def model_flops_per_step(hf: dict[str, int], seq_len: int, batch: int) -> float:
 # ----------------------------------------------------------------------------- JAX
 
 
-def jax_models(setup: Setup, dtype: str = "float32"):
-    """(policy Decoder, reference Decoder) with seeds 0 and 1."""
+def jax_models(setup: Setup, dtype: str = "float32", *, scan_layers: bool = True, remat: str = "none",
+               attention_impl: str = "xla"):
+    """(policy Decoder, reference Decoder) with seeds 0 and 1; the run options are the config's
+    `model.scan_layers`, `model.remat` and `model.attention_impl`."""
     from flax import nnx
 
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
-    dcfg = DecoderConfig.from_hf(setup.hf_config, dtype=dtype, param_dtype="float32", remat="none",
-                                 scan_layers=True, attention_impl="xla")
+    dcfg = DecoderConfig.from_hf(setup.hf_config, dtype=dtype, param_dtype="float32", remat=remat,
+                                 scan_layers=scan_layers, attention_impl=attention_impl)
     return Decoder(dcfg, rngs=nnx.Rngs(0)), Decoder(dcfg, rngs=nnx.Rngs(1))
 
 
@@ -321,13 +323,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
     out: dict[str, Any] = {
         "model_size": args.model_size, "seq_len": args.seq_len, "batch_pairs": args.batch,
+        "scan_layers": args.scan_layers, "remat": args.remat, "attention_impl": args.attention_impl,
         "tokens_per_step": tokens, "params": param_counts(setup.hf_config)[0],
         "model_flops_per_step": flops, "device": args.device, "logps_chunk": args.chunk,
         "jax_version": jax.__version__, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "load_average_start": list(os.getloadavg()),
     }
-    policy, reference = jax_models(setup)
+    policy, reference = jax_models(setup, scan_layers=args.scan_layers, remat=args.remat,
+                                   attention_impl=args.attention_impl)
     # torch copies first: the JAX step donates (invalidates) the policy's buffers
     t_pol, t_ref = torch_models(policy, reference, torch_device)
     t_init = {k: v.detach().clone() for k, v in t_pol.state_dict().items()}
@@ -387,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=0, help="loss.logps_chunk for the JAX step (0 = one chunk)")
+    p.add_argument("--scan-layers", type=int, default=1, help="model.scan_layers of the JAX model (1/0)")
+    p.add_argument("--remat", default="none", help="model.remat of the JAX model")
+    p.add_argument("--attention-impl", default="xla", help="model.attention_impl of the JAX model")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")

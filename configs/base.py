@@ -111,5 +111,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.pba.hidden = 256
     c.pba.class_weights = (1.0, 1.0, 1.0)  # for the {0, 0.5, 1} classes
     c.pba.mode = "joint"  # 'joint' | 'two_stage'
-    c.pba.preference = "golden"  # P~ in the policy's prompt: 'golden' | 'predicted' | 'mix'
+    c.pba.preference = "golden"  # P~ in the policy's prompt: 'golden' | 'predicted' | 'mix' (see train.py)
+    c.pba.mix_predicted = 0.5  # 'mix': the fraction of rows (fixed per row) whose profile is the predicted P~
+    c.pba.focal_gamma = 0.0  # > 0: focal CE (1 - p_true)^gamma, against the mostly-neutral labels
+    c.pba.max_persona_tokens = 1024  # head input: BOS + the last (n - 1) persona tokens; <= max(data.buckets)
+    c.pba.lr = 3e-3  # the head's own AdamW (constant lr): the policy's DPO lr (5e-7) would not move it
+    c.pba.weight_decay = 1e-4
+    c.pba.seed = 0  # head init
+    # two-stage head (mode 'two_stage', at the end of the run) and the first-stage head that predicts
+    # the profiles for preference 'predicted' / 'mix' (on the initial policy, before step 1)
+    c.pba.head_steps = 500  # AdamW steps on cached pooled features
+    c.pba.head_batch_size = 64
+    c.pba.head_rows = 0  # training rows the head is fit on (a seeded subset); 0 -> all
     return c

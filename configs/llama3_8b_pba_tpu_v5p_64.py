@@ -59,5 +59,9 @@ def get_config():
     c.pba.enabled = True
     c.pba.weight = 1.0
     c.pba.mode = "joint"
-    c.pba.preference = "golden"
+    c.pba.preference = "golden"  # 'predicted'/'mix' and mode 'two_stage' are single-process only
+    c.pba.stop_gradient = True
+    c.pba.focal_gamma = 0.0
+    c.pba.max_persona_tokens = 1024  # <= the smallest data bucket, so one persona length per step
+    c.pba.lr = 1e-3
     return c

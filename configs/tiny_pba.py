@@ -1,4 +1,8 @@
-"""Tiny PBA run on CPU: as tiny_cpu.py, with the profile-text prompt and the preference head section on."""
+"""Tiny PBA run on CPU: as tiny_cpu.py, with the profile-text prompt and the preference head trained jointly.
+
+`--config.pba.mode=two_stage` fits the head on the final policy instead; `--config.pba.preference=predicted`
+(or `mix`) renders profiles from a first-stage head's P~ (see alignx_jax/train.py).
+"""
 
 import os
 import runpy
@@ -16,4 +20,10 @@ def get_config():
     c.pba.hidden = 64
     c.pba.mode = "joint"
     c.pba.preference = "golden"
+    c.pba.mix_predicted = 0.5
+    c.pba.focal_gamma = 0.0
+    c.pba.max_persona_tokens = 256  # synthetic personas are ~120-290 tokens; one persona bucket
+    c.pba.lr = 3e-3
+    c.pba.head_steps = 200  # two-stage / first-stage head: a few seconds on cached features
+    c.pba.head_batch_size = 32
     return c

@@ -1,8 +1,10 @@
 """Build the shipped tiny tokenizer: a byte-level BPE with Llama-3-style special tokens.
 
 The corpus is deterministic and offline: the P-SOUPS benchmark file, the 90 preference labels,
-the AlignX prompt templates (METHOD.md sections 4, 5, 7) and template-generated English. The
-result is saved as a `transformers` fast-tokenizer folder with a Llama-3 chat template.
+the AlignX prompt templates (METHOD.md sections 4, 5, 7), the synthetic world's text
+(`alignx_jax.data.synth.world_corpus()` and rendered ICA/PBA prompts of a small synthetic world,
+so the demo's prompts are short: sequence length is the main cost on CPU) and template-generated
+English. The result is saved as a `transformers` fast-tokenizer folder with a Llama-3 chat template.
 
     python scripts/build_tokenizer.py --out alignx_jax/assets/tokenizer
 """
@@ -13,11 +15,14 @@ import argparse
 import json
 import os
 import random
+import sys
 from collections.abc import Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script from a checkout: import the package beside it
+    sys.path.insert(0, ROOT)
 DEFAULT_PSOUPS = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks", "p-soups", "student_phd.json")
 PREFERENCE_SPACE = os.path.join(ROOT, "alignx_jax", "assets", "preference_space.json")
 
@@ -74,6 +79,20 @@ def _generic_sentences(rng: random.Random, n: int) -> Iterator[str]:
         yield s
 
 
+def _synthetic_texts(repeats: int = 20, users: int = 24) -> Iterator[str]:
+    """The synthetic world's fragments (weighted) and whole rendered prompts of a small world, so
+    BPE merges its phrases, post titles and the ICA/PBA prompt scaffolding into few tokens."""
+    from alignx_jax.data import prompts, synth
+
+    fragments = synth.world_corpus()
+    for _ in range(repeats):
+        yield from fragments
+    world = synth.generate_world(users, 4, seed=12345)  # a seed the demo and tests do not use
+    for row in world.rows:
+        for method in ("ica", "pba"):
+            yield prompts.user_message(row, method=method)
+
+
 def corpus(psoups_path: str, seed: int = 0) -> Iterator[str]:
     """Deterministic training texts (same order every run)."""
     if os.path.isfile(psoups_path):
@@ -97,6 +116,7 @@ def corpus(psoups_path: str, seed: int = 0) -> Iterator[str]:
         yield ", ".join(rng.sample(labels, 8))
     for _ in range(50):
         yield "".join(TEMPLATE_TEXTS)
+    yield from _synthetic_texts()
     yield from _generic_sentences(rng, 20000)
 
 

@@ -344,7 +344,8 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
                  "--config.model.dtype=bfloat16", "--config.train.steps=2"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     losses_ = _losses(w)
-    np.testing.assert_allclose(losses_[1], np.log(2.0), atol=1e-5)  # bf16 policy == bf16 reference
+    # bf16 policy vs bf16 reference: same weights, but the two forwards fuse differently in bf16
+    np.testing.assert_allclose(losses_[1], np.log(2.0), atol=2e-4)
     assert losses_[2] != losses_[1]
     copied = sorted(p.name for p in (w / "reference").iterdir())
     assert copied == sorted(p.name for p in src.iterdir())

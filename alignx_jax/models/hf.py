@@ -354,11 +354,17 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """Where a model's pieces live: HF config (+ tokenizer) folder and the orbax params folder."""
+    """Where a model's pieces live: HF config (+ tokenizer) folder and the orbax params folder.
+
+    `head_dir`: the PBA preference head, when the checkpoint has one: for a training workdir the
+    orbax `W/checkpoints/<step>/head` item (its HeadConfig is in that step's meta), for a model
+    checkpoint the folder holding `preference_head.safetensors` + `preference_head_config.json`.
+    """
     config_dir: str
     params_dir: str
     tokenizer_dir: str | None
     step: int | None = None
+    head_dir: str | None = None
 
 
 def _has_tokenizer(folder: str) -> bool:
@@ -386,14 +392,19 @@ def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint
         params = os.path.join(ckpts, str(step), "params")
         if not os.path.isdir(params):
             raise CheckpointError(f"{os.path.join(ckpts, str(step))}: no params/")
-        return ResolvedCheckpoint(ref, params, ref if _has_tokenizer(ref) else None, step)
+        head = os.path.join(ckpts, str(step), "head")
+        return ResolvedCheckpoint(ref, params, ref if _has_tokenizer(ref) else None, step,
+                                  head if os.path.isdir(head) else None)
     if step is not None:
         raise CheckpointError(f"{path}: --step applies to training workdirs only (no checkpoints/ here)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint or training workdir)")
     if not os.path.isdir(os.path.join(path, "params")):
         raise CheckpointError(f"{path}: no params/ (not a model checkpoint; use `alignx import` for HF folders)")
-    return ResolvedCheckpoint(path, os.path.join(path, "params"), path if _has_tokenizer(path) else None)
+    from alignx_jax.models.preference_head import has_head
+
+    return ResolvedCheckpoint(path, os.path.join(path, "params"), path if _has_tokenizer(path) else None,
+                              head_dir=path if has_head(path) else None)
 
 
 def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
@@ -450,18 +461,88 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
 
 # ---- CLI -----------------------------------------------------------------------------------------------
 
+def load_checkpoint_head(res: ResolvedCheckpoint):
+    """The preference head of a resolved checkpoint as (PreferenceHead, HeadConfig), or None."""
+    from alignx_jax.models import preference_head as ph
+
+    if res.head_dir is None:
+        return None
+    if res.step is None:  # a model checkpoint keeps the exported files as they are
+        return ph.load_head(res.head_dir)
+    import orbax.checkpoint as ocp
+
+    from alignx_jax.checkpointing import read_meta
+
+    ckpts = os.path.dirname(os.path.dirname(os.path.abspath(res.head_dir)))
+    meta = read_meta(ckpts, res.step)
+    if "head_config" not in meta:
+        raise CheckpointError(f"{ckpts}/{res.step}: a head/ item but no head_config in its meta")
+    fields = {f.name for f in dataclasses.fields(ph.HeadConfig)}
+    hcfg = ph.HeadConfig(**{k: v for k, v in meta["head_config"].items() if k in fields})
+    head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0))
+    state = nnx.state(head, nnx.Param)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default), nnx.to_pure_dict(state))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.abspath(res.head_dir), target)
+    except Exception as e:
+        raise CheckpointError(f"{res.head_dir}: cannot restore the preference head "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(head, state)
+    return head, hcfg
+
+
+def _copy_head_files(src: str, out_dir: str) -> None:
+    from alignx_jax.models import preference_head as ph
+
+    for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):
+        shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+def _remove_head_files(out_dir: str) -> None:
+    from alignx_jax.models import preference_head as ph
+
+    for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):  # a stale head would pair with the wrong policy
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
 def cli_import(args) -> int:
+    from alignx_jax.models import preference_head as ph
+
     model = load_pretrained(args.hf, dtype=args.dtype)
+    head = None
+    if ph.has_head(args.hf):  # read first: a malformed or mismatched head fails before anything is written
+        head, hcfg = ph.load_head(args.hf)
+        if hcfg.embed_dim != model.cfg.hidden_size:
+            raise CheckpointError(f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
+                                  f"hidden_size {model.cfg.hidden_size}")
     save_checkpoint(model, args.out, tokenizer_dir=args.hf if _has_tokenizer(args.hf) else None)
+    _remove_head_files(args.out)
+    if head is not None:  # kept byte for byte: `alignx export` of this checkpoint copies them back
+        _copy_head_files(args.hf, args.out)
     print(f"imported {args.hf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
-          f"{args.dtype})")
+          f"{args.dtype}{', with preference head' if head is not None else ''})")
     return 0
 
 
 def cli_export(args) -> int:
+    from alignx_jax.models import preference_head as ph
+
     res = resolve_checkpoint(args.checkpoint, args.step)
     model = load_checkpoint(args.checkpoint, args.step)
     save_hf(model, args.out, dtype=args.dtype, shard_size=args.shard_size, tokenizer_dir=res.tokenizer_dir)
+    _remove_head_files(args.out)
+    if res.head_dir is not None:
+        if res.step is None:  # an imported model checkpoint: the head files as they came in
+            ph.load_head(res.head_dir)  # validate before copying
+            _copy_head_files(res.head_dir, args.out)
+        else:
+            head, _ = load_checkpoint_head(res)
+            ph.save_head(head, None, args.out)  # float32 always: the head is tiny, --dtype is the policy's
     where = f" step {res.step}" if res.step is not None else ""
-    print(f"exported {args.checkpoint}{where} -> {args.out}")
+    extra = " (with preference head)" if res.head_dir is not None else ""
+    print(f"exported {args.checkpoint}{where} -> {args.out}{extra}")
     return 0

@@ -1,0 +1,65 @@
+"""`alignx demo` training runs: the tiny CPU decoder with the demo's budget.
+
+The demo (alignx_jax/demo.py) loads this file once per run and sets, by override, what differs
+between runs: `workdir`, `model.hf_path` (the one shared initial model), `data.train` and
+`data.method`. `configs/demo_cpu.py:quick` is the minute-long budget `alignx demo --quick` uses.
+
+    alignx train --config=configs/demo_cpu.py --config.workdir=W --config.model.hf_path=INIT \
+        --config.data.train=DATA --config.data.method=ica
+"""
+
+import os
+import runpy
+
+_TINY = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_cpu.py"))
+
+
+def get_config(variant: str = "full"):
+    c = _TINY["get_config"]()
+    c.data.synth_users = 0  # the demo always names its data
+    c.data.method = "ica"
+    c.data.persona = "p"
+    # synthetic ICA prompts are ~250 tokens (p90 ~330) with the shipped tokenizer; P-SOUPS ~400
+    c.data.max_length = 768
+    c.data.buckets = (128, 192, 256, 384, 512, 768)
+    c.data.overflow = "truncate"
+
+    c.model.init.hidden_size = 64
+    c.model.init.intermediate_size = 256
+    c.model.init.num_hidden_layers = 2
+    c.model.init.num_attention_heads = 4
+    c.model.init.num_key_value_heads = 4
+    c.model.init.head_dim = 16
+    c.model.init.max_position_embeddings = 1024
+    c.model.init.seed = 0
+
+    c.loss.logps_chunk = 0  # whole sequences in one chunk: they are short
+
+    c.optim.lr = 3e-3
+    c.optim.warmup_ratio = 0.05
+    c.optim.min_lr_ratio = 0.1
+
+    c.train.steps = 200
+    c.train.global_batch = 16
+    c.train.micro_batch = 16
+    c.train.seed = 42
+    c.train.log_every = 1
+    c.train.progress = True
+
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 1
+
+    c.pba.enabled = False  # set per run by the demo (data.method=pba)
+    c.pba.hidden = 128
+    c.pba.pooling = "mean"
+    c.pba.mode = "two_stage"
+    c.pba.preference = "golden"
+
+    if variant == "quick":
+        c.train.steps = 6
+        c.train.global_batch = 4
+        c.train.micro_batch = 4
+        c.checkpoint.every_steps = 3
+    elif variant != "full":
+        raise ValueError(f"configs/demo_cpu.py: unknown variant {variant!r} (full | quick)")
+    return c

@@ -1,0 +1,108 @@
+"""`alignx demo --quick`: the whole chain (synth -> train -> export -> eval -> report) writes every file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignx_jax import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACC_KEYS = {"accuracy", "n", "ci95"}
+
+
+def _run_demo(out, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "alignx_jax", "demo", "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+
+
+def _check_acc(entry):
+    assert set(entry) >= ACC_KEYS, entry
+    assert entry["n"] > 0
+    assert 0.0 <= entry["accuracy"] <= 1.0
+    lo, hi = entry["ci95"]
+    assert 0.0 <= lo <= entry["accuracy"] <= hi <= 1.0
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_file_and_reruns_from_its_stages(tmp_path):
+    out = tmp_path / "demo"
+    proc = _run_demo(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("results.json", "report.md", "accuracy.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["synthetic"]) == {"non_personalized", "ica", "pba_predicted", "pba_golden", "base"}
+    for entry in res["synthetic"].values():
+        _check_acc(entry)
+    assert res["seconds"] > 0
+    if os.path.isfile(demo.DEFAULT_PSOUPS):
+        assert res["p_soups"]["file"] == os.path.abspath(demo.DEFAULT_PSOUPS)
+        for key in ("non_personalized", "ica", "pba_profile"):
+            _check_acc(res["p_soups"][key])
+    # every run started from the one initial model and trained the configured number of steps
+    for run in ("non_personalized", "ica", "pba"):
+        rows = demo.read_metrics(str(out / "runs" / run))
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
+    assert (out / "models" / "pba" / "preference_head.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    assert "| pba_golden |" in report and "91.36" in report  # beside the paper's golden-P~ number
+    # held-out synthetic users: none of their rows (or task prompts) was trained on
+    import pyarrow.parquet as pq
+    train = pq.read_table(out / "data" / "synth" / "train" / "data.parquet").to_pylist()
+    test = pq.read_table(out / "data" / "synth" / "test" / "data.parquet").to_pylist()
+    assert not {r["user_id"] for r in train} & {r["user_id"] for r in test}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    # a rerun reuses every finished stage and reproduces the same numbers
+    proc2 = _run_demo(out)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["synthetic"] == res["synthetic"] and res2["p_soups"] == res["p_soups"]
+    stages = {p: json.loads((out / "stages" / p).read_text()) for p in os.listdir(out / "stages")}
+    assert len(stages) >= 12
+
+
+def test_missing_psoups_file_is_a_one_line_error(tmp_path):
+    from alignx_jax.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--p-soups", str(tmp_path / "nope.json")]) == 1
+
+
+def test_other_settings_in_the_same_out_are_refused(tmp_path):
+    from alignx_jax.errors import ConfigError
+
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "demo_settings.json").write_text(json.dumps({"quick": False, "seed": 5, "psoups": None}))
+    with pytest.raises(ConfigError, match="other settings"):
+        demo.run_demo(str(out), quick=True, seed=0, psoups=None, progress=False)
+
+
+def test_targets_and_report_from_results(tmp_path):
+    def e(acc):
+        return {"accuracy": acc, "n": 100, "ci95": [acc - 0.05, acc + 0.05]}
+
+    results = {"synthetic": {"base": e(0.5), "non_personalized": e(0.52), "ica": e(0.7), "pba_predicted": e(0.66),
+                             "pba_golden": e(0.85)},
+               "p_soups": {"file": "x.json", "non_personalized": e(0.5), "ica": e(0.6), "pba_profile": e(0.45)},
+               "seconds": 12.0}
+    t = demo.check_targets(results)
+    assert t[demo.TARGETS[0]] and t[demo.TARGETS[1]] and t[demo.TARGETS[2]] and t[demo.TARGETS[3]]
+    assert t[demo.TARGETS[4]] is False
+    results["synthetic"]["ica"] = e(0.6)
+    assert demo.check_targets(results)[demo.TARGETS[1]] is False
+    path = demo.write_report(str(tmp_path), results, {"quick": True, "seed": 0})
+    text = open(path).read()
+    assert "| ica | 60.0 | 100 |" in text and "FAIL: p-soups: pba_profile > non_personalized" in text
+    assert os.path.isfile(demo.plot_accuracy(str(tmp_path), results))
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - s / 100, "reward_accuracy": 0.5})
+                                             + "\n" for s in (1, 2, 3, 2, 3, 4)))
+    assert [r["step"] for r in demo.read_metrics(str(w))] == [1, 2, 3, 4]
+    assert os.path.isfile(demo.plot_curves(str(tmp_path), {"run": str(w)}))
