@@ -23,7 +23,7 @@ def get_config():
     c.pba.mix_predicted = 0.5
     c.pba.focal_gamma = 0.0
     c.pba.max_persona_tokens = 256  # synthetic personas are ~120-290 tokens; one persona bucket
-    c.pba.lr = 3e-3
+    c.pba.lr = 1e-2  # a few steps must visibly move the head
     c.pba.head_steps = 200  # two-stage / first-stage head: a few seconds on cached features
     c.pba.head_batch_size = 32
     return c

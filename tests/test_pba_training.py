@@ -94,7 +94,7 @@ def joint():
     tx, _ = train.make_optimizer(optim, 10)
     pba = {"sg": _pba_cfg(stop_gradient=True, weight=1.0), "w0": _pba_cfg(stop_gradient=True, weight=0.0),
            "full": _pba_cfg(stop_gradient=False, weight=1.0)}
-    htx = train.make_head_optimizer(pba["sg"])
+    htx = train.make_head_optimizer(_pba_cfg(lr=3e-2))  # a fast head: 15 steps must show learning
     steps = {name: jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False, head_codec=hcodec,
                                                  head_tx=htx, pba_cfg=c)) for name, c in pba.items()}
     steps["dpo"] = jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False))
@@ -190,7 +190,7 @@ def test_joint_steps_reduce_the_head_loss(joint):
     for t in range(15):
         params, opt, m = step(params, opt, joint["ref"], batches[t % 3])
         first = float(m["head_loss"]) if first is None else first
-    assert float(m["head_loss"]) < 0.7 * first, (first, float(m["head_loss"]))
+    assert float(m["head_loss"]) < 0.6 * first, (first, float(m["head_loss"]))
 
 
 @pytest.mark.parametrize("override, message", [
