@@ -86,7 +86,8 @@ def read_meta(checkpoints_dir: str, step: int) -> dict[str, Any]:
     try:
         out = mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:
-        raise CheckpointError(f"{checkpoints_dir}/{step}: cannot read meta ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"{checkpoints_dir}/{step}: cannot read meta "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
     finally:
         mngr.close()
     return dict(out["meta"])

@@ -441,6 +441,7 @@ class PredictedPreferences:
         self.head, self.cfg = ph.load_head(model_dir)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.metrics: dict[str, dict[str, float]] = {}
+        self._pooled: list[tuple[np.ndarray, np.ndarray, list[dict]]] = []
 
     def directions(self, rows: Sequence[dict], persona: str, key: str) -> np.ndarray:
         """float32 [N, 90] predicted directions for `rows` under one persona variant."""
@@ -450,13 +451,30 @@ class PredictedPreferences:
         pred = ph.predict_direction(ph.head_probs(self.head, feats)).astype(np.float32)
         gold = [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
         if gold:
-            gold_dirs = np.asarray([rows[i]["Preference Direction"] for i in gold], dtype=np.float32)
-            self.metrics[key] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                 for k, v in ph.head_metrics(pred[gold], gold_dirs).items()}
+            gold_rows = [rows[i] for i in gold]
+            gold_dirs = np.asarray([r["Preference Direction"] for r in gold_rows], dtype=np.float32)
+            # the release's averaging rule on the same rows, so the head is judged against the baseline
+            self.metrics[key] = _finite({**ph.head_metrics(pred[gold], gold_dirs), **ph.heuristic_metrics(gold_rows)})
+            self._pooled.append((pred[gold], gold_dirs, gold_rows))
         return pred
 
     def describe(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_json(), "agreement_with_golden": self.metrics}
+        """`accuracy`/`macro_f1` of the head and `heuristic_*` of the release rule, pooled over every
+        benchmark/persona scored (rows with a golden direction), plus the per-benchmark breakdown."""
+        out: dict[str, Any] = {"config": self.cfg.to_json()}
+        if self._pooled:
+            pred = np.concatenate([p for p, _, _ in self._pooled])
+            gold = np.concatenate([g for _, g, _ in self._pooled])
+            rows = [r for _, _, rs in self._pooled for r in rs]
+            out.update(_finite({**self._ph.head_metrics(pred, gold), **self._ph.heuristic_metrics(rows)}))
+            out["n"] = int(len(rows))
+        out["agreement_with_golden"] = self.metrics
+        return out
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a class absent from gold and prediction) -> None, so the results stay valid JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
 def _prepare(rows: Sequence[dict], spec: BenchmarkSpec, persona: str | None, settings: EvalSettings,

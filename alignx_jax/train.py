@@ -777,7 +777,9 @@ def _head_rows(cfg: ml_collections.ConfigDict, source) -> list[dict]:
     """The rows a first/two-stage head is fit on: all, or a seeded subset of `pba.head_rows`."""
     n = len(source)
     k = int(cfg.pba.head_rows)
-    idx = range(n) if k <= 0 or k >= n else np.sort(np.random.default_rng([int(cfg.pba.seed), n]).choice(n, k, replace=False))
+    if k <= 0 or k >= n:
+        return [source[i] for i in range(n)]
+    idx = np.sort(np.random.default_rng([int(cfg.pba.seed), n]).choice(n, k, replace=False))
     return [source[int(i)] for i in idx]
 
 
@@ -789,7 +791,8 @@ def _fit_head(cfg: ml_collections.ConfigDict, backbone, tokenizer, rows: list[di
                                 seed=int(cfg.pba.seed), log_every=max(1, int(cfg.pba.head_steps) // 10))
 
 
-def _fit_two_stage_head(cfg: ml_collections.ConfigDict, backbone, tokenizer, source) -> tuple[Any, Any, dict[str, float]]:
+def _fit_two_stage_head(cfg: ml_collections.ConfigDict, backbone, tokenizer,
+                        source) -> tuple[Any, Any, dict[str, float]]:
     """(HeadConfig, head params as a pure dict, metrics) of a head fit on the frozen final policy."""
     res = _fit_head(cfg, backbone, tokenizer, _head_rows(cfg, source))
     metrics = {"head_loss": float(res.losses[-1]), "head_accuracy": float(res.train_metrics["accuracy"]),

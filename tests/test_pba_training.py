@@ -334,8 +334,12 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
     assert r.returncode == 0, r.stderr[-3000:]
     block = json.loads(res.read_text())["preference_head"]
     agree = block["agreement_with_golden"]["alignx/p"]
-    for k in ("accuracy", "accuracy_non_neutral", "macro_f1"):
+    for k in ("accuracy", "accuracy_non_neutral", "macro_f1", "heuristic_accuracy", "heuristic_macro_f1"):
         assert 0.0 <= agree[k] <= 1.0, (k, agree)
+    # pooled over everything scored: the head's numbers beside the release rule's, on the same rows
+    for k in ("accuracy", "macro_f1", "heuristic_accuracy", "heuristic_macro_f1"):
+        assert 0.0 <= block[k] <= 1.0, (k, block)
+    assert block["n"] == 8
     assert block["config"]["embed_dim"] == 32
 
 
@@ -382,7 +386,8 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
 
     part = tmp_path / "part"
     proc = subprocess.Popen([sys.executable, "-m", "alignx_jax", "train", f"--config={TINY_PBA}",
-                             f"--config.workdir={part}", *args], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             f"--config.workdir={part}", *args], env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     metrics = part / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

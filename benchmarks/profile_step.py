@@ -1,0 +1,90 @@
+"""Where the JAX DPO step's time goes on CPU: per-op totals from one profiled step.
+
+    python benchmarks/profile_step.py [--model-size s] [--seq-len 512] [--batch 2] [--scan-layers 1]
+        [--remat none] [--chunk 0] [--top 25] [--dump-hlo OUT.txt]
+
+Runs `alignx_jax.train`'s step (built by dpo_step.JaxStep) under `jax.profiler.trace`, then sums
+`event.duration_ns` by event name from the xplane with `jax.profiler.ProfileData` (no TensorBoard
+needed) and prints the top ops with their share of the step. Look a fusion name up in the
+optimized HLO (`--dump-hlo`) to see what it computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-size", default="s")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--scan-layers", type=int, default=1)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--chunk", type=int, default=0)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--dump-hlo", default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    import dpo_step as b
+
+    setup = b.make_setup(args.model_size, args.seq_len, args.batch)
+    pol, ref = b.jax_models(setup, scan_layers=bool(args.scan_layers), remat=args.remat)
+    step = b.JaxStep(pol, ref, setup, chunk=args.chunk)
+    if args.dump_hlo:
+        with open(args.dump_hlo, "w") as f:
+            f.write(step.compiled.as_text())
+    step()
+    t0 = time.perf_counter()
+    step()
+    print(f"unprofiled step: {time.perf_counter() - t0:.3f} s  load {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            t0 = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t0
+        (pb,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(pb)
+    # XLA's CPU thunks run on a few worker threads at once: sum each op over all threads, and skip
+    # the Python and executor lines (they span the whole step)
+    tot: dict[str, float] = collections.defaultdict(float)
+    cnt: dict[str, int] = collections.defaultdict(int)
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python" or not line.name.startswith("tf_"):
+                continue
+            for ev in line.events:
+                if ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    continue
+                tot[ev.name] += ev.duration_ns / 1e9
+                cnt[ev.name] += 1
+    busy = sum(tot.values())
+    cats: dict[str, float] = collections.defaultdict(float)
+    for name, sec in tot.items():
+        kind = ("matmul (ynn/xnn/dot)" if name.startswith(("ynn", "xnn", "dot", "onednn")) else
+                "broadcast (zero-fill)" if "broadcast" in name and "fusion" not in name.replace("wrapped_broadcast", "") else
+                "copy/transpose" if name.startswith(("copy", "transpose")) else "other elementwise/reduce")
+        cats[kind] += sec
+    print(f"profiled step wall {wall:.3f} s; op time summed over threads {busy:.3f} s")
+    for kind, sec in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:26s} {sec:7.3f} s {100 * sec / busy:5.1f}%")
+    for name, sec in sorted(tot.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"{sec:8.3f} s {100 * sec / busy:5.1f}%  x{cnt[name]:<4d} {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
