@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"  # per-layer gradient checkpointing: "none" | "full" | "dots" | "dots_no_batch"
     c.model.scan_layers = True
-    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention) | "auto"
+    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention) | "auto" | "chunked" (query blocks)
 
     # --- data
     c.data = ml_collections.ConfigDict()
@@ -123,4 +123,33 @@ def get_config() -> ml_collections.ConfigDict:
     c.pba.head_steps = 500  # AdamW steps on cached pooled features
     c.pba.head_batch_size = 64
     c.pba.head_rows = 0  # training rows the head is fit on (a seeded subset); 0 -> all
+    return c
+
+
+def release_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The release's full-scale recipe (METHOD.md section 6) for a real 7-8B model, in place.
+
+    The model and data paths stay '' so that a run without `--config.model.hf_path` and
+    `--config.data.train` fails with a clear ConfigError instead of training something else.
+    """
+    c.model.hf_path = ""
+    c.model.dtype, c.model.param_dtype = "bfloat16", "float32"  # bf16 compute, fp32 master weights
+    c.model.remat = "full"  # gradient checkpointing
+    c.model.scan_layers = True  # one compiled layer: an 8B model compiles in reasonable time
+    c.data.train = ""
+    c.data.persona = "p"
+    c.data.prompt_format = "chat"
+    c.data.max_length = 8192
+    c.data.buckets = (1024, 2048, 4096, 8192)
+    c.data.overflow = "drop"  # the release drops longer prompts
+    c.loss.type, c.loss.beta, c.loss.reference = "sigmoid", 0.1, "on_the_fly"
+    c.loss.logps_chunk = 1024
+    c.optim.lr = 5e-7
+    c.optim.warmup_ratio, c.optim.min_lr_ratio = 0.1, 0.1
+    c.optim.b1, c.optim.b2 = 0.9, 0.95
+    c.optim.weight_decay, c.optim.clip = 0.0, 1.0
+    c.train.steps, c.train.epochs = -1, 1
+    c.train.global_batch = 128
+    c.train.seed = 42
+    c.checkpoint.every_steps, c.checkpoint.keep = 200, 3
     return c

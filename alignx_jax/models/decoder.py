@@ -249,15 +249,70 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
-def _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale):
+# a finite "minus infinity": fully masked (left-pad) query rows stay NaN-free (uniform weights)
+MASK_MIN = float(np.finfo(np.float32).min)
+
+
+def mask_bias(allowed_BTS: jax.Array) -> jax.Array:
+    """Boolean attention mask -> additive float32 bias (0 where allowed, MASK_MIN elsewhere).
+    Built once per forward and shared by every layer, instead of a `where` on each layer's scores."""
+    return jnp.where(allowed_BTS, 0.0, MASK_MIN).astype(jnp.float32)
+
+
+def _as_bias(mask_BTS: jax.Array) -> jax.Array:
+    return mask_bias(mask_BTS) if mask_BTS.dtype == jnp.bool_ else mask_BTS.astype(jnp.float32)
+
+
+def _scores(q_BTKGH, k_BSKH, bias_BTS, scale):
+    s = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+    return s * scale + bias_BTS[:, None, None, :, :]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sdpa(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale):
+    return _sdpa_fwd(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale)[0]
+
+
+def _sdpa_fwd(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale):
+    s = _scores(q_BTKGH, k_BSKH, bias_BTS, scale)
+    m_BKGT = jnp.max(s, axis=-1)
+    e = jnp.exp(s - m_BKGT[..., None])
+    l_BKGT = jnp.sum(e, axis=-1)
+    # normalise the [T, H] output rather than the [T, S] weights: fewer elementwise passes
+    o = jnp.einsum("bkgts,bskh->btkgh", e.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
+    inv_l_BKGT = 1.0 / l_BKGT
+    o_BTKGH = (o * jnp.transpose(inv_l_BKGT, (0, 3, 1, 2))[..., None]).astype(q_BTKGH.dtype)
+    # Residuals are the inputs, the output and two row statistics; the [T, S] probabilities are
+    # recomputed in the backward pass (one QK^T matmul) instead of being stored for every layer
+    # (a scan over layers would stack them: L * B * N * T * S floats written, zero-filled, read back).
+    return o_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, bias_BTS, o_BTKGH, m_BKGT, inv_l_BKGT)
+
+
+def _sdpa_bwd(scale, res, do_BTKGH):
+    q, k, v, bias, o, m_BKGT, inv_l_BKGT = res
+    # p = exp(s - m) / l, as in the forward (exact for fully masked rows, where s - m == 0)
+    p = jnp.exp(_scores(q, k, bias, scale) - m_BKGT[..., None]) * inv_l_BKGT[..., None]
+    do = do_BTKGH.astype(v.dtype)
+    dv = jnp.einsum("bkgts,btkgh->bskh", p.astype(v.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("btkgh,bskh->bkgts", do, v, preferred_element_type=jnp.float32)
+    # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp == sum_h o * do (one [T, H] pass)
+    delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", o.astype(jnp.float32), do_BTKGH.astype(jnp.float32))
+    ds = (p * (dp - delta_BKGT[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskh->btkgh", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bkgts,btkgh->bskh", ds, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
+
+
+_sdpa.defvjp(_sdpa_fwd, _sdpa_bwd)
+
+
+def _attention_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+    """Exact softmax attention with grouped KV heads. `mask_BTS` is a boolean allowed-mask or an
+    additive float bias from `mask_bias`; the custom VJP recomputes the probabilities."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * scale
-    # a finite "minus infinity" keeps fully masked (left-pad) query rows NaN-free
-    scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    out = _sdpa(q_BTKGH, k_BSKH, v_BSKH, _as_bias(mask_BTS), scale)
     return out.reshape(B, T, N, H)
 
 
@@ -286,6 +341,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str):
         return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
     if impl == "chunked":
         return _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+    if allowed_BTS.dtype != jnp.bool_:
+        allowed_BTS = allowed_BTS == 0.0
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=allowed_BTS[:, None, :, :], scale=scale,
         implementation="cudnn" if impl == "cudnn" else None)
@@ -300,7 +357,8 @@ def _linear(x, p, spec: str):
 
 def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cache_kv, cache_index,
                   *, cfg: DecoderConfig):
-    """One pre-norm block on one layer's params `p`. With `cache_kv=(k_BSKH, v_BSKH)` the new keys and
+    """One pre-norm block on one layer's params `p`. `allowed_BTS` is the boolean attention mask or
+    its additive `mask_bias`. With `cache_kv=(k_BSKH, v_BSKH)` the new keys and
     values are written at `cache_index` and attention reads the whole cache."""
     with jax.named_scope("attention"):
         h = rms_norm(x_BTD, p["input_norm"]["scale"], cfg.rms_norm_eps)
@@ -486,6 +544,9 @@ class Decoder(nnx.Module):
             x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
         cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(cfg), dt)
 
+        # the additive bias is built once here, outside the layer scan, and shared by every layer
+        mask_BTS = mask_bias(allowed_BTS) if cfg.attention_impl in ("xla", "chunked") else allowed_BTS
+
         params = nnx.to_pure_dict(nnx.state(self.layers))
         layer = partial(decoder_layer, cfg=cfg)
         if cfg.remat != "none":
@@ -493,7 +554,7 @@ class Decoder(nnx.Module):
 
         def body(x, xs):
             p, kv = xs
-            x, new_kv = layer(p, x, cos_BTH, sin_BTH, allowed_BTS, kv, index)
+            x, new_kv = layer(p, x, cos_BTH, sin_BTH, mask_BTS, kv, index)
             return x, new_kv
 
         kv_stack = None if cache is None else (cache["k"], cache["v"])
