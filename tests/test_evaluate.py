@@ -14,7 +14,8 @@ from alignx_jax import cli
 from alignx_jax import evaluate as ev
 from alignx_jax.errors import ConfigError
 
-PSOUPS = "/work/shared/benchmarks/p-soups/student_phd.json"
+PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                      "benchmarks", "p-soups", "student_phd.json")
 LIMIT = 6
 MAX_LEN = 256  # prompts and responses are left-truncated to 128 tokens: short sequences, fast tests
 
