@@ -59,16 +59,18 @@ class Budget:
     def __init__(self, quick: bool):
         self.quick = quick
         self.config = DEMO_CONFIG + (":quick" if quick else "")
-        self.users = 24 if quick else 320           # synthetic users (train + held out)
-        self.pairs_per_user = 4 if quick else 8
+        self.users = 32 if quick else 320           # synthetic users (train + held out)
+        self.pairs_per_user = 8 if quick else 16
         self.test_user_fraction = 0.25
         self.test_prompt_fraction = 0.25           # task prompts only the held-out users are asked
-        self.eval_limit = 24 if quick else 400     # held-out pairs scored per method
-        self.psoups_train_limit = 24 if quick else None
-        self.psoups_eval_limit = 24 if quick else 300
+        self.eval_limit = 16 if quick else 400     # held-out pairs scored per method
+        self.psoups_train_limit = 16 if quick else None
+        self.psoups_eval_limit = 16 if quick else 300
+        # P-SOUPS prompts are ~3x longer than the synthetic ones: fewer steps (None = the config's)
+        self.psoups_steps = None if quick else 150
         self.head_steps = 30 if quick else 1500
         self.eval_batch = 8 if quick else 16
-        self.max_length = 768
+        self.max_length = 384 if quick else 768
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -182,7 +184,8 @@ def _limited_copy(path: str, limit: int | None, dest: str) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-def run_config(budget: Budget, *, workdir: str, init_dir: str, data: str, method: str, seed: int):
+def run_config(budget: Budget, *, workdir: str, init_dir: str, data: str, method: str, seed: int,
+               steps: int | None = None):
     """The demo's training config for one run (configs/demo_cpu.py plus the run's overrides)."""
     from alignx_jax.config import load_config
 
@@ -191,7 +194,8 @@ def run_config(budget: Budget, *, workdir: str, init_dir: str, data: str, method
     return load_config(budget.config, [
         f"--config.workdir={workdir}", f"--config.model.hf_path={init_dir}", f"--config.data.train={data}",
         f"--config.data.method={method}", "--config.pba.enabled=false",
-        f"--config.train.seed={seed + 42}", f"--config.data.max_length={budget.max_length}"])
+        f"--config.train.seed={seed + 42}", f"--config.data.max_length={budget.max_length}",
+        *([f"--config.train.steps={steps}"] if steps else [])])
 
 
 def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
@@ -217,14 +221,14 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
 
 
 def train_and_export(budget: Budget, *, workdir: str, init_dir: str, data: str, method: str, seed: int,
-                     export_dir: str) -> dict[str, Any]:
+                     export_dir: str, steps: int | None = None) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     import shutil
 
     from alignx_jax import train
     from alignx_jax.models import hf
 
-    cfg = run_config(budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed)
+    cfg = run_config(budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed, steps=steps)
     code = train.run_training(cfg)
     res = hf.resolve_checkpoint(workdir)
     if code != 0 or res.step != int(cfg.train.steps):  # stopped early (signal): not a finished stage
@@ -518,7 +522,7 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
                 ps_exports[m] = os.path.join(d["models"], name)
                 stages.run(f"psoups/train/{m}", lambda m=m, name=name: train_and_export(
                     budget, workdir=ps_workdirs[name], init_dir=init_dir, data=train_file, method=m, seed=seed,
-                    export_dir=ps_exports[m]))
+                    export_dir=ps_exports[m], steps=budget.psoups_steps))
 
             def ps_eval(key, model, method):
                 return stages.run(f"psoups/eval/{key}", lambda: run_eval(

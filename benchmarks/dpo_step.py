@@ -15,19 +15,20 @@ DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
   sigmoid DPO, `clip_grad_norm_`, `torch.optim.AdamW`. `torch.compile` of the same loss function
   (forward+backward through AOTAutograd/inductor) is timed too.
 
-Timings are medians over `--steps` steps after `--warmup` steps, all in one process; tokens/s
+After `--warmup` steps of each, the JAX step, the torch step, the compiled torch step and a peak
+matmul are timed in turn, one each per round, for `--steps` rounds (so load changes on a shared
+machine hit all of them alike); the reported times are medians over rounds. tokens/s
 counts every processed token (2 * B * L, padding included: both sides process the same tensor).
 `model_flops_per_step` counts matmul FLOPs: 6 N_mm + attention for the policy (forward+backward)
 and 2 N_mm + attention for the reference forward, where N_mm excludes the embedding gather and
 attention is 4 L_layers T D_attn per token (full, un-halved score matrix, as computed here).
-`peak_flops` is the best of a 1024^2 and a 2048^2 float32 matmul in JAX measured in this run.
+`peak_flops` is the median over rounds of the best 1024^2 / 2048^2 float32 JAX matmul rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -310,9 +311,35 @@ def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]
     return losses, times
 
 
+def _timed(step) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    loss = step()
+    return loss, time.perf_counter() - t0
+
+
+def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[str, list[float]]:
+    """Time one step of every contender per round, in turn, `rounds` times (plus one peak-matmul
+    measurement per round when `peak` is given): a load change on the shared machine then hits all
+    of them alike, and per-round ratios stay meaningful even when absolute times drift."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    if peak is not None:
+        times["peak_flops"] = []
+    for _ in range(rounds):
+        for name, step in steps.items():
+            loss, dt = _timed(step)
+            losses[name].append(loss)
+            times[name].append(dt)
+        if peak is not None:
+            times["peak_flops"].append(peak())
+    return {"times": times, "losses": losses}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    import copy
+
     import jax
     import torch
 
@@ -327,59 +354,85 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_step": tokens, "params": param_counts(setup.hf_config)[0],
         "model_flops_per_step": flops, "device": args.device, "logps_chunk": args.chunk,
         "jax_version": jax.__version__, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": _cpu_model(), "cpu_count": os.cpu_count(), "timing": "interleaved rounds, medians",
         "load_average_start": list(os.getloadavg()),
     }
     policy, reference = jax_models(setup, scan_layers=args.scan_layers, remat=args.remat,
                                    attention_impl=args.attention_impl)
     # torch copies first: the JAX step donates (invalidates) the policy's buffers
     t_pol, t_ref = torch_models(policy, reference, torch_device)
-    t_init = {k: v.detach().clone() for k, v in t_pol.state_dict().items()}
+    c_pol = copy.deepcopy(t_pol) if args.compile else None  # torch.compile trains its own copy
 
     t0 = time.perf_counter()
     jstep = JaxStep(policy, reference, setup, chunk=args.chunk)
     out["jax_compile_seconds"] = time.perf_counter() - t0
-    del policy, reference
-    j_losses, j_times = time_steps(jstep, args.warmup, args.steps)
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
-    del jstep
-    gc.collect()
+    del policy, reference
+    contenders: dict[str, Any] = {"jax": jstep, "torch": TorchStep(t_pol, t_ref, setup, torch_device)}
+    if args.compile:
+        contenders["torch_compiled"] = TorchStep(c_pol, t_ref, setup, torch_device, compiled=True)
 
-    tstep = TorchStep(t_pol, t_ref, setup, torch_device)
-    t_losses, t_times = time_steps(tstep, args.warmup, args.steps)
-    del tstep
+    # warm-up (compilation, allocator, first-touch), then the interleaved timed rounds
+    warm_losses: dict[str, list[float]] = {name: [] for name in contenders}
+    for name, step in contenders.items():
+        for i in range(args.warmup):
+            loss, dt = _timed(step)
+            warm_losses[name].append(loss)
+            if name == "torch_compiled" and i == 0:
+                out["torch_compile_seconds"] = dt
+    measure_peak_flops(repeats=1)  # compile the matmuls outside the timed rounds
+    try:
+        res = interleaved_rounds(contenders, args.steps, peak=lambda: measure_peak_flops(repeats=2))
+    except Exception as e:  # inductor needs a working C++ toolchain; report, do not crash
+        if "torch_compiled" not in contenders:
+            raise
+        out["torch_compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        contenders.pop("torch_compiled")
+        res = interleaved_rounds(contenders, args.steps, peak=lambda: measure_peak_flops(repeats=2))
+    times, losses = res["times"], res["losses"]
+    all_losses = {k: warm_losses[k] + losses[k] for k in contenders}
 
-    out.update(jax_loss=j_losses[0], torch_loss=t_losses[0], jax_loss_step2=j_losses[1] if len(j_losses) > 1 else None,
-               torch_loss_step2=t_losses[1] if len(t_losses) > 1 else None,
-               loss_abs_diff=abs(j_losses[0] - t_losses[0]),
-               jax_step_seconds=statistics.median(j_times), torch_step_seconds=statistics.median(t_times),
-               jax_step_times=j_times, torch_step_times=t_times)
+    med = statistics.median
+    out.update(jax_loss=all_losses["jax"][0], torch_loss=all_losses["torch"][0],
+               jax_loss_step2=all_losses["jax"][1] if len(all_losses["jax"]) > 1 else None,
+               torch_loss_step2=all_losses["torch"][1] if len(all_losses["torch"]) > 1 else None,
+               loss_abs_diff=abs(all_losses["jax"][0] - all_losses["torch"][0]),
+               jax_step_seconds=med(times["jax"]), torch_step_seconds=med(times["torch"]),
+               jax_step_times=times["jax"], torch_step_times=times["torch"],
+               peak_flops_rounds=times["peak_flops"])
     out["jax_tokens_per_sec"] = tokens / out["jax_step_seconds"]
     out["torch_tokens_per_sec"] = tokens / out["torch_step_seconds"]
-
     out["torch_compiled_tokens_per_sec"] = None
-    if args.compile:
-        with torch.no_grad():  # restart from the same initial weights
-            t_pol.load_state_dict(t_init)
-        try:
-            t0 = time.perf_counter()
-            cstep = TorchStep(t_pol, t_ref, setup, torch_device, compiled=True)
-            c_first = cstep()
-            out["torch_compile_seconds"] = time.perf_counter() - t0
-            c_losses, c_times = time_steps(cstep, max(0, args.warmup - 1), args.steps)
-            out["torch_compiled_loss"] = c_first
-            out["torch_compiled_step_seconds"] = statistics.median(c_times)
-            out["torch_compiled_tokens_per_sec"] = tokens / out["torch_compiled_step_seconds"]
-        except Exception as e:  # inductor needs a working C++ toolchain; report, do not crash
-            out["torch_compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    if "torch_compiled" in contenders:
+        out["torch_compiled_loss"] = all_losses["torch_compiled"][0]
+        out["torch_compiled_step_seconds"] = med(times["torch_compiled"])
+        out["torch_compiled_step_times"] = times["torch_compiled"]
+        out["torch_compiled_tokens_per_sec"] = tokens / out["torch_compiled_step_seconds"]
+        out["jax_vs_torch_compiled"] = out["jax_tokens_per_sec"] / out["torch_compiled_tokens_per_sec"]
 
-    out["peak_flops"] = measure_peak_flops()
+    # peak: median over the rounds of each round's best matmul rate (measured beside the steps)
+    out["peak_flops"] = med(times["peak_flops"])
     mfu_key = "cpu_mfu" if args.device == "cpu" else "gpu_mfu"
     out[mfu_key] = flops / out["jax_step_seconds"] / out["peak_flops"]
     out["torch_mfu"] = flops / out["torch_step_seconds"] / out["peak_flops"]
     out["jax_vs_torch"] = out["jax_tokens_per_sec"] / out["torch_tokens_per_sec"]
+    # per-round ratios: robust to load drifting between rounds
+    out["jax_vs_torch_per_round"] = [t / j for j, t in zip(times["jax"], times["torch"])]
+    out[mfu_key + "_per_round"] = [flops / j / pk for j, pk in zip(times["jax"], times["peak_flops"])]
     out["load_average_end"] = list(os.getloadavg())
     return out
+
+
+def _cpu_model() -> str:
+    """`lscpu`'s model name (platform.processor() is empty on most Linux builds)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed rounds; each times one step of every contender plus the peak matmul (medians reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=0, help="loss.logps_chunk for the JAX step (0 = one chunk)")
     p.add_argument("--scan-layers", type=int, default=1, help="model.scan_layers of the JAX model (1/0)")
@@ -410,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     keys = ("jax_tokens_per_sec", "torch_tokens_per_sec", "torch_compiled_tokens_per_sec", "jax_vs_torch",
-            "cpu_mfu", "gpu_mfu", "jax_loss", "torch_loss", "jax_peak_memory_bytes")
+            "jax_vs_torch_compiled", "cpu_mfu", "gpu_mfu", "peak_flops", "jax_loss", "torch_loss",
+            "jax_peak_memory_bytes", "load_average_start", "load_average_end")
     print(json.dumps({k: out[k] for k in keys if k in out}, indent=2))
     return 0
 

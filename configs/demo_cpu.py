@@ -35,11 +35,11 @@ def get_config(variant: str = "full"):
 
     c.loss.logps_chunk = 0  # whole sequences in one chunk: they are short
 
-    c.optim.lr = 3e-3
+    c.optim.lr = 1e-2  # measured: at 3e-3 x 200 steps every method stays at chance
     c.optim.warmup_ratio = 0.05
     c.optim.min_lr_ratio = 0.1
 
-    c.train.steps = 200
+    c.train.steps = 600
     c.train.global_batch = 16
     c.train.micro_batch = 16
     c.train.seed = 42

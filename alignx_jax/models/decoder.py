@@ -297,7 +297,10 @@ def _sdpa_bwd(scale, res, do_BTKGH):
     dp = jnp.einsum("btkgh,bskh->bkgts", do, v, preferred_element_type=jnp.float32)
     # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp == sum_h o * do (one [T, H] pass)
     delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", o.astype(jnp.float32), do_BTKGH.astype(jnp.float32))
-    ds = (p * (dp - delta_BKGT[..., None]) * scale).astype(q.dtype)
+    # a fully masked (left-pad) query row sees its scores through the constant bias only: no
+    # gradient to q or k, as with a `where` mask (its uniform weights still reach v)
+    row_scale_BKGT = jnp.where(m_BKGT > 0.5 * MASK_MIN, scale, 0.0)
+    ds = (p * (dp - delta_BKGT[..., None]) * row_scale_BKGT[..., None]).astype(q.dtype)
     dq = jnp.einsum("bkgts,bskh->btkgh", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("bkgts,btkgh->bskh", ds, q, preferred_element_type=jnp.float32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
