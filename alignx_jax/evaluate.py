@@ -286,16 +286,18 @@ class SequenceScorer:
         self.shapes: set[tuple[int, int]] = set()  # compiled (rows, length) shapes, for tests/logs
         self._fn = jax.jit(self._logps, static_argnames=("chunk",))
 
-    def _logps(self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, *, chunk):
+    def _logps(self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, score_index_BR, *, chunk):
         import jax
         from flax import nnx
 
-        from alignx_jax.losses import sequence_logps
+        from alignx_jax.losses import window_logps
 
         model = nnx.merge(self.graphdef, state)
         with jax.named_scope("eval_sequence_logps"):
             h_BTD = model.hidden_states(input_ids_BT, attention_mask_BT, positions_BT)
-            return sequence_logps(h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, chunk=chunk)
+            # logits only on the response window: prompt positions are never scored
+            return window_logps(h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, score_index_BR,
+                                chunk=chunk)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """float64 `[2B]` log-probs (row order of the batch)."""
@@ -303,13 +305,19 @@ class SequenceScorer:
 
         from alignx_jax.sharding import logical_sharding, use_mesh
 
+        from alignx_jax.losses import scored_window
+
         rows, T = batch["input_ids"].shape
+        score_index = scored_window(batch["loss_mask"])
+        R = score_index.shape[-1]
         # Bound the float32 logits of one time chunk; short batches take a single chunk.
         per_step = rows * self.vocab_size
-        chunk = None if per_step * T <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // per_step)
+        chunk = None if per_step * R <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // per_step)
         names = ("input_ids", "attention_mask", "positions", "loss_mask")
         sharding = logical_sharding(("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T))
         args = [jax.device_put(np.asarray(batch[k], dtype=np.int32), sharding) for k in names]
+        args.append(jax.device_put(score_index, logical_sharding(
+            ("activation_batch", None), self.mesh, self.rules, (rows, R))))
         with use_mesh(self.mesh, self.rules):
             out = self._fn(self.state, *args, chunk=chunk)
         self.shapes.add((rows, T))

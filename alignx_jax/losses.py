@@ -55,31 +55,77 @@ def sequence_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT:
     pass, so peak memory is `[B, chunk, V]` float32 rather than `[B, T, V]`.
     """
     with jax.named_scope("sequence_logps"):
-        h_BSD = hidden_BTD[:, :-1]
-        tgt_BS = input_ids_BT[:, 1:].astype(jnp.int32)
-        mask_BS = loss_mask_BT[:, 1:].astype(jnp.float32)
-        s = h_BSD.shape[1]
-        if chunk is None or chunk >= s:
-            return jnp.sum(_chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS, axis=-1)
-        n = -(-s // chunk)
-        pad = n * chunk - s
-        if pad:  # padded steps carry mask 0, so they add nothing
-            h_BSD = jnp.pad(h_BSD, ((0, 0), (0, pad), (0, 0)))
-            tgt_BS = jnp.pad(tgt_BS, ((0, 0), (0, pad)))
-            mask_BS = jnp.pad(mask_BS, ((0, 0), (0, pad)))
-        b, d = h_BSD.shape[0], h_BSD.shape[2]
-        # time-major chunks for scan: [n, B, chunk, ...]
-        h_NBCD = h_BSD.reshape(b, n, chunk, d).swapaxes(0, 1)
-        tgt_NBC = tgt_BS.reshape(b, n, chunk).swapaxes(0, 1)
-        mask_NBC = mask_BS.reshape(b, n, chunk).swapaxes(0, 1)
+        return _masked_logps(hidden_BTD[:, :-1], out_embed_DV, input_ids_BT[:, 1:].astype(jnp.int32),
+                             loss_mask_BT[:, 1:].astype(jnp.float32), chunk)
 
-        @jax.checkpoint  # keep no per-chunk logits for the backward pass; recompute them
-        def body(acc_B, xs):
-            h_BCD, tgt_BC, m_BC = xs
-            return acc_B + jnp.sum(_chunk_logps(h_BCD, out_embed_DV, tgt_BC) * m_BC, axis=-1), None
 
-        acc_B, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (h_NBCD, tgt_NBC, mask_NBC))
-        return acc_B
+def window_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT: jax.Array,
+                 loss_mask_BT: jax.Array, score_index_BR: jax.Array, *, chunk: int | None = None) -> jax.Array:
+    """`sequence_logps` computed only at the predicting positions `score_index_BR`.
+
+    The output layer is the costly part of a step at a small model or a large vocabulary, and a
+    DPO row scores only its response: the prompt's positions never need logits. `score_index_BR`
+    (from `scored_window`) must cover every scored token's predicting position; indices past the
+    row's end count as unscored. Same value as `sequence_logps` on the same inputs.
+    """
+    with jax.named_scope("window_logps"):
+        T = hidden_BTD.shape[1]
+        idx_BR = score_index_BR.astype(jnp.int32)
+        inside_BR = idx_BR < T - 1
+        idx_BR = jnp.minimum(idx_BR, T - 2)
+        h_BRD = jnp.take_along_axis(hidden_BTD, idx_BR[..., None], axis=1)
+        tgt_BR = jnp.take_along_axis(input_ids_BT, idx_BR + 1, axis=1).astype(jnp.int32)
+        mask_BR = jnp.take_along_axis(loss_mask_BT, idx_BR + 1, axis=1).astype(jnp.float32) * inside_BR
+        return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk)
+
+
+def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
+    """Host side of `window_logps`: `score_index [..., R]` int32 for a NumPy loss mask `[..., T]`.
+
+    Row b's window starts one before its first scored token (0 for a row with none) and runs R
+    steps; R = the longest scored span rounded up to a power of two (at least `minimum`, at most
+    T-1), so few distinct shapes reach the compiler.
+    """
+    import numpy as np
+
+    m = np.asarray(loss_mask_BT) > 0
+    T = m.shape[-1]
+    flat = m.reshape(-1, T)
+    any_ = flat.any(axis=-1)
+    first = np.where(any_, flat.argmax(axis=-1), 1)
+    last = np.where(any_, T - 1 - flat[:, ::-1].argmax(axis=-1), 0)
+    span = int(np.max(last - first + 1, initial=1))
+    window = max(int(minimum), 1 << (span - 1).bit_length())
+    window = max(1, min(window, T - 1))
+    start = (first - 1).astype(np.int32).reshape(m.shape[:-1])
+    return (start[..., None] + np.arange(window, dtype=np.int32)).astype(np.int32)
+
+
+def _masked_logps(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array,
+                  chunk: int | None) -> jax.Array:
+    """sum_s mask[s] * log p(tgt[s] | h[s]), optionally in rematerialised time chunks."""
+    s = h_BSD.shape[1]
+    if chunk is None or chunk >= s:
+        return jnp.sum(_chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS, axis=-1)
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    if pad:  # padded steps carry mask 0, so they add nothing
+        h_BSD = jnp.pad(h_BSD, ((0, 0), (0, pad), (0, 0)))
+        tgt_BS = jnp.pad(tgt_BS, ((0, 0), (0, pad)))
+        mask_BS = jnp.pad(mask_BS, ((0, 0), (0, pad)))
+    b, d = h_BSD.shape[0], h_BSD.shape[2]
+    # time-major chunks for scan: [n, B, chunk, ...]
+    h_NBCD = h_BSD.reshape(b, n, chunk, d).swapaxes(0, 1)
+    tgt_NBC = tgt_BS.reshape(b, n, chunk).swapaxes(0, 1)
+    mask_NBC = mask_BS.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint  # keep no per-chunk logits for the backward pass; recompute them
+    def body(acc_B, xs):
+        h_BCD, tgt_BC, m_BC = xs
+        return acc_B + jnp.sum(_chunk_logps(h_BCD, out_embed_DV, tgt_BC) * m_BC, axis=-1), None
+
+    acc_B, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (h_NBCD, tgt_NBC, mask_NBC))
+    return acc_B
 
 
 # ----------------------------------------------------------------------------- DPO family

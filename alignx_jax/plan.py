@@ -229,6 +229,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from alignx_jax import losses
     from alignx_jax import sharding as shd
     from alignx_jax import train
     from alignx_jax.models.decoder import ATTENTION_CHUNK, Decoder
@@ -288,6 +289,11 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     precomputed = cfg.loss.reference == "precomputed"
     host = {k: np.zeros((num_micro, mb, 2, T), np.int32)
             for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
+    if cfg.loss.get("logits_on_responses", True):
+        # the longest response a row keeps (batching.reserve + EOS) sets the scored window
+        from alignx_jax.data import batching
+        R = losses.scored_window(np.ones((1, batching.reserve(T) + 2), np.int32)).shape[-1]
+        host["score_index"] = np.zeros((num_micro, mb, 2, min(R, T - 1)), np.int32)
     host["pair_mask"] = np.zeros((num_micro, mb), np.int32)
     if precomputed:
         host["ref_logps"] = np.zeros((num_micro, mb, 2), np.float32)

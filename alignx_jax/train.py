@@ -259,7 +259,11 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.
         flat = {k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
         h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"])
         w_DV = model.output_embedding().astype(h_ND.dtype)
-        lp = losses.sequence_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk)
+        if "score_index" in mb:  # logits on the response window only (loss.logits_on_responses)
+            idx = mb["score_index"].reshape(b * two, -1)
+            lp = losses.window_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk)
+        else:
+            lp = losses.sequence_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk)
         return lp.reshape(b, two)
 
 
@@ -366,7 +370,8 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
     def fn(ref_params, batch):
         def micro(_, mb):
             return None, pair_logps(codec, ref_params, mb, chunk)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask", "score_index")
+                  if k in batch}
         return jax.lax.scan(micro, None, inputs)[1], batch["slot"]
 
     return fn
@@ -376,11 +381,12 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
 
 
 def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None = None, *,
-                    head: bool = False, P: int | None = None) -> dict[str, np.ndarray]:
+                    head: bool = False, P: int | None = None, window: int | None = None) -> dict[str, np.ndarray]:
     """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
 
     head=True also carries the PBA head's persona_ids/persona_mask `[M, B/M, P]` (widened to P)
-    and direction `[M, B/M, 90]`.
+    and direction `[M, B/M, 90]`. window: also carry `score_index [M, B/M, 2, R]` (the response
+    window `losses.window_logps` scores; R at least `window`, 0 = the data's own).
     """
     if head:
         missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
@@ -396,6 +402,8 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
         if T is not None and x.shape[1] < T:  # widen to the step's common length (mask 0)
             x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
         out[k] = np.stack([x[:B], x[B:]], axis=1).reshape(num_micro, b, 2, x.shape[1])
+    if window is not None:
+        out["score_index"] = losses.scored_window(out["loss_mask"], minimum=max(16, int(window)))
     out["pair_mask"] = batch["pair_mask"].reshape(num_micro, b)
     if "ref_logps" in batch:
         out["ref_logps"] = np.asarray(batch["ref_logps"], np.float32).reshape(num_micro, b, 2)
@@ -553,6 +561,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         raise ConfigError("pba.preference predicted/mix and pba.mode=two_stage run on one process; "
                           "use pba.mode=joint with pba.preference=golden on multi-host runs")
     persona_length = int(cfg.pba.max_persona_tokens) if joint else None
+    response_logits = bool(cfg.loss.get("logits_on_responses", True))
     predicted: dict[str, np.ndarray] = {}  # 'dirs' [N, 90]: filled before the first batch is drawn
 
     def profile_for(index: int) -> np.ndarray | None:
@@ -586,12 +595,15 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         stats = batching.padding_stats(coll)
         T = coll["input_ids"].shape[1]
         P = coll["persona_ids"].shape[1] if joint and "persona_ids" in coll else None
+        R = losses.scored_window(coll["loss_mask"]).shape[-1] if response_logits else None
         if pc > 1:  # every process must agree on the step's lengths
             from jax.experimental import multihost_utils
             T = int(np.max(multihost_utils.process_allgather(np.asarray(T))))
             if P is not None:
                 P = int(np.max(multihost_utils.process_allgather(np.asarray(P))))
-        return to_microbatches(coll, num_micro, T, head=joint, P=P), stats
+            if R is not None:
+                R = int(np.max(multihost_utils.process_allgather(np.asarray(R))))
+        return to_microbatches(coll, num_micro, T, head=joint, P=P, window=R), stats
 
     # --- model, reference, optimizer
     policy = build_policy(cfg, tokenizer, mesh, rules)

@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.sft_norm = "length"  # 'length' (mean NLL per chosen token) | 'sum'
     c.loss.reference = "on_the_fly"  # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data)
     c.loss.logps_chunk = 512  # time chunk for sequence_logps (peak [B, chunk, V] f32 logits)
+    # output logits only on a window covering each row's response (prompt positions need none):
+    # the same numbers, a fraction of the output layer's cost when prompts are long
+    c.loss.logits_on_responses = True
 
     # --- optimizer: AdamW + clip, linear warm-up then cosine to min_lr_ratio * lr
     c.optim = ml_collections.ConfigDict()

@@ -154,3 +154,42 @@ def test_sequence_logps_bf16_hidden_accumulates_in_f32():
     assert got.dtype == jnp.float32
     want = losses.token_logps_from_logits(h @ w, ids, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=5e-2, atol=0.5)
+
+
+def _response_masks(b=4, t=40, seed=0):
+    """Right-padded DPO-like rows: prompt, a contiguous response, padding; one row scores nothing."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((b, t), np.int32)
+    for r in range(b - 1):
+        start = int(rng.integers(1, t - 4))
+        mask[r, start:start + int(rng.integers(1, t - start))] = 1
+    mask[-1, -1] = 1  # a response that ends on the last position
+    return mask
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_window_logps_equals_full_sequence(chunk):
+    h, w, ids, _ = _rand_problem(3, b=4, t=40)
+    mask = _response_masks()
+    idx = losses.scored_window(mask)
+    R = idx.shape[-1]
+    span = max(int(np.flatnonzero(m).max() - np.flatnonzero(m).min() + 1) for m in mask if m.any())
+    assert R >= span and R & (R - 1) == 0 or R == ids.shape[1] - 1
+    want = losses.sequence_logps(h, w, ids, jnp.asarray(mask))
+    got = losses.window_logps(h, w, ids, jnp.asarray(mask), jnp.asarray(idx), chunk=chunk)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    # gradients too: the window's gather must route them to the same positions
+    g_full = jax.grad(lambda h: jnp.sum(losses.sequence_logps(h, w, ids, jnp.asarray(mask)) * jnp.arange(1.0, 5.0)))(h)
+    g_win = jax.grad(lambda h: jnp.sum(losses.window_logps(h, w, ids, jnp.asarray(mask), jnp.asarray(idx))
+                                       * jnp.arange(1.0, 5.0)))(h)
+    np.testing.assert_allclose(np.asarray(g_win), np.asarray(g_full), rtol=1e-5, atol=1e-5)
+
+
+def test_scored_window_shape_and_rows_without_scores():
+    mask = np.zeros((2, 3, 100), np.int32)
+    mask[0, 0, 10:30] = 1  # span 20 -> window 32
+    idx = losses.scored_window(mask)
+    assert idx.shape == (2, 3, 32)
+    assert idx[0, 0, 0] == 9 and idx[0, 0, -1] == 9 + 31
+    assert (idx[1, 2] == np.arange(32)).all()  # no scored token: a harmless window at 0
+    assert losses.scored_window(np.ones((1, 8), np.int32)).shape == (1, 7)  # never past T-1
