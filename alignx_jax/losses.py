@@ -79,6 +79,22 @@ def window_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT: j
         return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk)
 
 
+def gathered_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, score_index_BKR: jax.Array,
+                   score_target_BKR: jax.Array, score_mask_BKR: jax.Array, *, chunk: int | None = None) -> jax.Array:
+    """Sums of log p(target | hidden at index) over R scored tokens for K sequences per row -> `[B, K]`.
+
+    The scoring plan of a row that holds several sequences (`batching.share_prompt`: a prompt and
+    both responses, K = 2), each token predicted at an explicit position of the row.
+    """
+    with jax.named_scope("gathered_logps"):
+        B, K, R = score_index_BKR.shape
+        idx_BN = score_index_BKR.reshape(B, K * R).astype(jnp.int32)
+        h_BND = jnp.take_along_axis(hidden_BTD, idx_BN[..., None], axis=1)
+        lp = _masked_logps(h_BND.reshape(B * K, R, -1), out_embed_DV, score_target_BKR.reshape(B * K, R).astype(jnp.int32),
+                           score_mask_BKR.reshape(B * K, R).astype(jnp.float32), chunk)
+        return lp.reshape(B, K)
+
+
 def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
     """Host side of `window_logps`: `score_index [..., R]` int32 for a NumPy loss mask `[..., T]`.
 

@@ -111,6 +111,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the largest of data.buckets "
                           f"{tuple(cfg.data.buckets)}")
+    if cfg.data.get("share_prompt", False):
+        from alignx_jax.data.batching import reserve
+        longest = int(cfg.data.max_length) + reserve(int(cfg.data.max_length))
+        if max(cfg.data.buckets) < longest:
+            raise ConfigError(f"data.share_prompt: rows hold a prompt and both responses, up to data.max_length + "
+                              f"{reserve(int(cfg.data.max_length))} = {longest} tokens, beyond the largest of "
+                              f"data.buckets {tuple(cfg.data.buckets)}")
     if cfg.data.method == "pba":
         pba = cfg.pba
         if pba.preference not in PBA_PREFERENCES:
@@ -255,6 +262,12 @@ def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk:
 def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
     """`pair_logps` for an already merged Decoder."""
     with jax.named_scope("pair_logps"):
+        if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
+            h_BTD = model.hidden_states(mb["input_ids"], mb["attention_mask"], mb["positions"],
+                                        branch_ids_BT=mb["branch_ids"])
+            w_DV = model.output_embedding().astype(h_BTD.dtype)
+            return losses.gathered_logps(h_BTD, w_DV, mb["score_index"], mb["score_target"], mb["score_mask"],
+                                         chunk=chunk)
         b, two, T = mb["input_ids"].shape
         flat = {k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
         h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"])
@@ -298,7 +311,7 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
         def micro(carry, mb):
             grads_acc, sums_acc = carry
             pm = mb["pair_mask"].astype(jnp.float32)
-            ntok = jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)  # [b, 2]
+            ntok = jnp.sum(mb["score_mask" if "branch_ids" in mb else "loss_mask"].astype(jnp.float32), axis=-1)  # [b, 2]
             if precomputed:
                 ref = mb["ref_logps"]
             else:
@@ -363,6 +376,11 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
     return step
 
 
+# what `pair_logps` reads from a microbatch (either layout)
+MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "loss_mask", "score_index", "branch_ids",
+                "score_target", "score_mask")
+
+
 def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -> Callable:
     """`fn(ref_params, batch) -> ([M, b, 2] reference log-probs, batch["slot"])` (precompute pass)."""
     chunk = int(loss_cfg.logps_chunk) or None
@@ -370,8 +388,7 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
     def fn(ref_params, batch):
         def micro(_, mb):
             return None, pair_logps(codec, ref_params, mb, chunk)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask", "score_index")
-                  if k in batch}
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return jax.lax.scan(micro, None, inputs)[1], batch["slot"]
 
     return fn
@@ -397,12 +414,20 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
     B = batch["pair_mask"].shape[0]
     b = B // num_micro
     out: dict[str, np.ndarray] = {}
-    for k in ("input_ids", "attention_mask", "positions", "loss_mask"):
+    shared = "branch_ids" in batch  # batching.share_prompt's layout: rows are pairs already
+    for k in ("input_ids", "attention_mask", "positions", "branch_ids") if shared else ():
+        x = batch[k]
+        if T is not None and x.shape[1] < T:
+            x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
+        out[k] = x.reshape(num_micro, b, x.shape[1])
+    for k in ("score_index", "score_target", "score_mask") if shared else ():
+        out[k] = batch[k].reshape(num_micro, b, 2, batch[k].shape[-1])
+    for k in () if shared else ("input_ids", "attention_mask", "positions", "loss_mask"):
         x = batch[k]
         if T is not None and x.shape[1] < T:  # widen to the step's common length (mask 0)
             x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
         out[k] = np.stack([x[:B], x[B:]], axis=1).reshape(num_micro, b, 2, x.shape[1])
-    if window is not None:
+    if window is not None and not shared:
         out["score_index"] = losses.scored_window(out["loss_mask"], minimum=max(16, int(window)))
     out["pair_mask"] = batch["pair_mask"].reshape(num_micro, b)
     if "ref_logps" in batch:
@@ -562,6 +587,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                           "use pba.mode=joint with pba.preference=golden on multi-host runs")
     persona_length = int(cfg.pba.max_persona_tokens) if joint else None
     response_logits = bool(cfg.loss.get("logits_on_responses", True))
+    share = bool(cfg.data.get("share_prompt", False))
     predicted: dict[str, np.ndarray] = {}  # 'dirs' [N, 90]: filled before the first batch is drawn
 
     def profile_for(index: int) -> np.ndarray | None:
@@ -593,9 +619,18 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
 
     def host_batch(coll: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         stats = batching.padding_stats(coll)
+        if share:
+            two_rows = coll
+            coll = batching.share_prompt(two_rows, buckets=buckets, pad_id=pad_id)
+            if pc > 1:  # every process must agree on the row length and the scored window
+                from jax.experimental import multihost_utils
+                Ts, Rs = (int(np.max(multihost_utils.process_allgather(np.asarray(v)))) for v in
+                          (coll["input_ids"].shape[1], coll["score_index"].shape[-1]))
+                coll = batching.share_prompt(two_rows, buckets=buckets, pad_id=pad_id, length=Ts, window=Rs)
+            stats = batching.padding_stats(coll)
         T = coll["input_ids"].shape[1]
         P = coll["persona_ids"].shape[1] if joint and "persona_ids" in coll else None
-        R = losses.scored_window(coll["loss_mask"]).shape[-1] if response_logits else None
+        R = losses.scored_window(coll["loss_mask"]).shape[-1] if response_logits and not share else None
         if pc > 1:  # every process must agree on the step's lengths
             from jax.experimental import multihost_utils
             T = int(np.max(multihost_utils.process_allgather(np.asarray(T))))

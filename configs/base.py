@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prompt_format = "chat"  # 'chat' (tokenizer's template) | 'paper' (the release's strings)
     c.data.max_length = 8192
     c.data.buckets = (1024, 2048, 4096, 8192)
+    # one row per pair (prompt, chosen, rejected; batching.share_prompt) instead of two rows that
+    # repeat the prompt: the same log-probs, the prompt's compute once. Rows are then up to
+    # max_length + the longer response long, so `buckets` must reach that.
+    c.data.share_prompt = False
     c.data.overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
     c.data.skip_bad_rows = False
     c.data.shuffle = True

@@ -368,3 +368,47 @@ def test_metrics_writer_appends_and_drops_steps_after_resume_point(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3] and recs[-1]["loss"] == 9.0
     assert not MetricsWriter(str(tmp_path / "off"), enabled=False).enabled
     assert not (tmp_path / "off").exists()
+
+
+# ----------------------------------------------------------------------------- shared-prompt layout
+
+
+def _shared_prompt_batches(B=4, dummies=1, seed=11, vocab=97):
+    """The same pairs in the two-row layout and in batching.share_prompt's one-row layout."""
+    from alignx_jax.data import batching
+    rng = np.random.default_rng(seed)
+    exs = [batching.DPOExample(prompt_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(2, 12)))],
+                               chosen_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 9)))] + [2],
+                               rejected_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 9)))] + [2])
+           for _ in range(B - dummies)]
+    two = batching.collate(exs, buckets=(16, 24, 32), pad_id=0, num_pairs=B)
+    one = batching.share_prompt(two, buckets=(16, 24, 32, 48), pad_id=0)
+    return two, one
+
+
+def test_share_prompt_layout_gives_the_two_row_log_probs(steps):
+    codec, params = steps["codec"], steps["params"]
+    two, one = _shared_prompt_batches()
+    assert one["input_ids"].shape[0] == two["input_ids"].shape[0] // 2 and one["score_index"].shape[:2] == (4, 2)
+    want = train.pair_logps(codec, params, {k: v[0] for k, v in train.to_microbatches(two, 1).items()}, chunk=None)
+    got = train.pair_logps(codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=3)
+    np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(want)[:3], rtol=1e-5, atol=1e-4)
+    assert (np.asarray(got)[3] == 0).all()  # the dummy pair scores nothing
+    # each prompt's tokens are counted (and run) once instead of twice
+    from alignx_jax.data import batching
+    prompts = sum(int(np.flatnonzero(two["loss_mask"][k])[0]) for k in range(3))
+    assert batching.padding_stats(one)["real_tokens"] == batching.padding_stats(two)["real_tokens"] - prompts
+
+
+def test_share_prompt_train_step_equals_two_row_step():
+    codec, params, ref, tx = _setup()
+    step = jax.jit(train.make_train_step(codec, tx, _loss_cfg(sft_weight=0.5), precomputed=False))
+    two, one = _shared_prompt_batches(seed=12)
+    o = tx.init(params)
+    params, o, _ = step(params, o, ref, train.to_microbatches(two, 2))  # policy != reference from here
+    pa, _, ma = step(params, o, ref, train.to_microbatches(two, 2))
+    pb, _, mb = step(params, o, ref, train.to_microbatches(one, 2))
+    for k in ("loss", "margin", "reward_accuracy", "grad_norm", "logps_chosen", "logps_rejected"):
+        np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-4, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)

@@ -191,9 +191,70 @@ def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_
 def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Real vs padded tokens in a collated batch (dummy pairs count as padding)."""
     B = batch["pair_mask"].shape[0]
-    valid = np.concatenate([batch["pair_mask"], batch["pair_mask"]]).astype(bool)
+    shared = "branch_ids" in batch  # share_prompt's layout: one row per pair
+    valid = (batch["pair_mask"] if shared else np.concatenate([batch["pair_mask"], batch["pair_mask"]])).astype(bool)
     real = int(batch["attention_mask"][valid].sum())
     total = int(batch["input_ids"].size)
     return {"pairs": int(batch["pair_mask"].sum()), "padded_pairs": int(B - batch["pair_mask"].sum()),
             "real_tokens": real, "padded_tokens": total - real, "total_tokens": total,
             "padding_fraction": (total - real) / total if total else 0.0}
+
+
+def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int,
+                 length: int | None = None, window: int | None = None) -> dict[str, np.ndarray]:
+    """A collated batch (2B rows: chosen, then rejected) -> one row per pair: prompt, chosen, rejected.
+
+    A pair's two rows repeat its prompt, and with a persona in the prompt (ICA) the prompt is most of
+    the tokens: this layout runs it once. `branch_ids` (0 prompt, 1 chosen, 2 rejected) keep each
+    response's attention to the prompt and itself, and both responses' positions continue from the
+    prompt's end, so every scored log-prob equals the two-row layout's (tested).
+
+    Returns input_ids/attention_mask/positions/branch_ids `[B, Ts]` (Ts = the bucket of the longest
+    prompt + chosen + rejected, at least `length`), score_index/score_target/score_mask `[B, 2, R]`
+    (the predicting position, target id and mask of each scored token of chosen (0) and rejected
+    (1); R a power of two >= 16, at least `window`), and the batch's other keys unchanged.
+    """
+    ids2, loss2 = batch["input_ids"], batch["loss_mask"]
+    B = ids2.shape[0] // 2
+    spans = []
+    for k in range(B):
+        parts = []
+        for row in (k, B + k):
+            scored = np.flatnonzero(loss2[row])
+            parts.append((int(scored[0]), int(scored[-1]) + 1) if scored.size else (1, 1))
+        (pc, ec), (pr, er) = parts
+        if pc != pr:
+            raise ValueError(f"pair {k}: chosen and rejected rows have different prompts ({pc} vs {pr} tokens)")
+        spans.append((pc, ec - pc, er - pr))
+    longest = max(p + c + r for p, c, r in spans)
+    Ts = bucket_length(max(longest, int(length or 0)), buckets)
+    R = max(16, int(window or 0), 1 << (max(max(c, r) for _, c, r in spans) - 1).bit_length())
+    ids = np.full((B, Ts), pad_id, np.int32)
+    attn = np.zeros((B, Ts), np.int32)
+    pos = np.zeros((B, Ts), np.int32)
+    branch = np.zeros((B, Ts), np.int32)
+    sidx = np.zeros((B, 2, R), np.int32)
+    stgt = np.zeros((B, 2, R), np.int32)
+    smask = np.zeros((B, 2, R), np.int32)
+    for k, (p, c, r) in enumerate(spans):
+        chosen, rejected = ids2[k, p:p + c], ids2[B + k, p:p + r]
+        ids[k, :p] = ids2[k, :p]
+        ids[k, p:p + c] = chosen
+        ids[k, p + c:p + c + r] = rejected
+        attn[k, :p + c + r] = 1
+        pos[k, :p + c] = np.arange(p + c)
+        pos[k, p + c:p + c + r] = np.arange(p, p + r)
+        branch[k, p:p + c], branch[k, p + c:p + c + r] = 1, 2
+        # token j of a response is predicted at the position before it in its own branch: the
+        # prompt's last position for j = 0, the response's previous token after that
+        sidx[k, 0, :c] = np.arange(p - 1, p - 1 + c)
+        if r:
+            sidx[k, 1, :r] = np.concatenate([[p - 1], np.arange(p + c, p + c + r - 1)])
+        stgt[k, 0, :c], stgt[k, 1, :r] = chosen, rejected
+        smask[k, 0, :c], smask[k, 1, :r] = 1, 1
+        if not attn[k].any():
+            attn[k, 0] = 1  # a dummy pair: one attended token, as collate does
+    out = {key: v for key, v in batch.items() if key not in ("input_ids", "attention_mask", "loss_mask", "positions")}
+    out.update(input_ids=ids, attention_mask=attn, positions=pos, branch_ids=branch,
+               score_index=sidx, score_target=stgt, score_mask=smask)
+    return out

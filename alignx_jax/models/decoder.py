@@ -495,10 +495,17 @@ class Decoder(nnx.Module):
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
     def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
-                      positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+                      positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
+                      branch_ids_BT: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, D] (score only the tokens you need against
-        `output_embedding()` instead of materialising [B, T, V])."""
-        return self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, None)[0]
+        `output_embedding()` instead of materialising [B, T, V]).
+
+        branch_ids_BT: a shared prefix with branches (0 = the prefix, k > 0 = branch k): a token of
+        branch k sees the prefix and its own branch only, so one row holds a prompt and both of a
+        pair's responses (`batching.share_prompt`) with the attention each has in a row of its own.
+        """
+        return self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, None,
+                             branch_ids_BT=branch_ids_BT)[0]
 
     def output_embedding(self) -> jax.Array:
         """The output projection [D, V] (the transposed input embedding when tied)."""
@@ -515,7 +522,7 @@ class Decoder(nnx.Module):
                 "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
     # -- implementation --
-    def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache):
+    def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache, branch_ids_BT=None):
         cfg = self.cfg
         dt = cfg.compute_dtype
         B, T = input_ids_BT.shape
@@ -531,6 +538,9 @@ class Decoder(nnx.Module):
             allowed_BTS = (t[None, :] <= t[:, None])[None] & mask_BT[:, None, :]
             if segment_ids_BT is not None:
                 allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+            if branch_ids_BT is not None:  # keys in the shared prefix, or in the query's own branch
+                key_B1S = branch_ids_BT[:, None, :]
+                allowed_BTS &= (key_B1S == 0) | (key_B1S == branch_ids_BT[:, :, None])
             index = None
         else:
             index = cache["index"]
