@@ -79,20 +79,45 @@ def window_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT: j
         return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk)
 
 
-def gathered_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, score_index_BKR: jax.Array,
-                   score_target_BKR: jax.Array, score_mask_BKR: jax.Array, *, chunk: int | None = None) -> jax.Array:
-    """Sums of log p(target | hidden at index) over R scored tokens for K sequences per row -> `[B, K]`.
+def flat_logps(hidden_NTD: jax.Array, out_embed_DV: jax.Array, flat_S: jax.Array, target_S: jax.Array,
+               slot_S: jax.Array, valid_S: jax.Array, *, num_slots: int, chunk: int | None = None) -> jax.Array:
+    """Per-slot sums of log p(target | hidden) over a dense list of S scored tokens -> `[num_slots]`.
 
-    The scoring plan of a row that holds several sequences (`batching.share_prompt`: a prompt and
-    both responses, K = 2), each token predicted at an explicit position of the row.
+    flat_S indexes the rows' tokens flattened to `[N * T]`; slot_S names the sequence each token
+    belongs to (`train.flat_scores`: 2 * pair + branch); invalid (padding) entries add nothing.
+    The output layer runs on S positions: the batch's scored tokens, not B * 2 * (longest response).
     """
-    with jax.named_scope("gathered_logps"):
-        B, K, R = score_index_BKR.shape
-        idx_BN = score_index_BKR.reshape(B, K * R).astype(jnp.int32)
-        h_BND = jnp.take_along_axis(hidden_BTD, idx_BN[..., None], axis=1)
-        lp = _masked_logps(h_BND.reshape(B * K, R, -1), out_embed_DV, score_target_BKR.reshape(B * K, R).astype(jnp.int32),
-                           score_mask_BKR.reshape(B * K, R).astype(jnp.float32), chunk)
-        return lp.reshape(B, K)
+    with jax.named_scope("flat_logps"):
+        N, T, D = hidden_NTD.shape
+        h_SD = jnp.take(hidden_NTD.reshape(N * T, D), flat_S.astype(jnp.int32), axis=0)
+        tok_S = _masked_tokens(h_SD[None], out_embed_DV, target_S.astype(jnp.int32)[None],
+                               valid_S.astype(jnp.float32)[None], chunk)[0]
+        return jax.ops.segment_sum(tok_S, slot_S.astype(jnp.int32), num_segments=num_slots)
+
+
+def _masked_tokens(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array,
+                   chunk: int | None) -> jax.Array:
+    """Per-token mask * log p(tgt | h) `[B, S]`, optionally in rematerialised chunks of S."""
+    s = h_BSD.shape[1]
+    if chunk is None or chunk >= s:
+        return _chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    if pad:
+        h_BSD = jnp.pad(h_BSD, ((0, 0), (0, pad), (0, 0)))
+        tgt_BS = jnp.pad(tgt_BS, ((0, 0), (0, pad)))
+        mask_BS = jnp.pad(mask_BS, ((0, 0), (0, pad)))
+    b, d = h_BSD.shape[0], h_BSD.shape[2]
+
+    @jax.checkpoint  # no per-chunk logits kept for the backward pass
+    def body(_, xs):
+        h_BCD, tgt_BC, m_BC = xs
+        return None, _chunk_logps(h_BCD, out_embed_DV, tgt_BC) * m_BC
+
+    _, tok_NBC = jax.lax.scan(body, None, (h_BSD.reshape(b, n, chunk, d).swapaxes(0, 1),
+                                           tgt_BS.reshape(b, n, chunk).swapaxes(0, 1),
+                                           mask_BS.reshape(b, n, chunk).swapaxes(0, 1)))
+    return tok_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
 
 
 def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:

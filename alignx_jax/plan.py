@@ -297,10 +297,36 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     host["pair_mask"] = np.zeros((num_micro, mb), np.int32)
     if precomputed:
         host["ref_logps"] = np.zeros((num_micro, mb, 2), np.float32)
+    head_kw: dict[str, Any] = {}
+    head_b = 0
+    if train.joint_head(cfg):
+        # joint PBA: the preference head's params and optimizer, and the persona the backbone reads
+        # for it beside every pair (pba.max_persona_tokens ids), are part of the step
+        from alignx_jax.models import preference_head as ph
+        hcfg = ph.HeadConfig.from_config(cfg.pba, dcfg.hidden_size, persona_variant=cfg.data.persona)
+        abs_head = nnx.eval_shape(lambda: ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0)))
+        head_codec, head_tx = train.HeadCodec.of(abs_head), train.make_head_optimizer(cfg.pba)
+        head_abs = train.HeadCodec.params(abs_head)
+        head_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_head, nnx.Param), mesh, rules))
+        head_opt_abs = jax.eval_shape(head_tx.init, head_abs)
+        head_in = jax.tree.map(with_sh, head_abs, head_sh)
+        head_opt_in = jax.tree.map(lambda x: with_sh(x, rep), head_opt_abs)
+        head_b = _shard_bytes(head_in) + _shard_bytes(head_opt_in)
+        params_in, opt_in = {"policy": params_in, "head": head_in}, {"policy": opt_in, "head": head_opt_in}
+        param_sh = {"policy": param_sh, "head": head_sh}
+        opt_sh = {"policy": opt_sh, "head": jax.tree.map(lambda _: rep, head_opt_abs)}
+        P = int(cfg.pba.max_persona_tokens)
+        host["persona_ids"] = np.zeros((num_micro, mb, P), np.int32)
+        host["persona_mask"] = np.zeros((num_micro, mb, P), np.int32)
+        host["direction"] = np.zeros((num_micro, mb, 90), np.float32)
+        head_kw = dict(head_codec=head_codec, head_tx=head_tx, pba_cfg=cfg.pba)
+        notes.append(f"joint PBA head: its params + optimizer ({head_b} bytes per device) and a "
+                     f"{P}-token persona per pair are in the compiled step")
     bsh = train.batch_shardings(host, mesh, rules)
     batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
 
-    step = train.make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh)
+    step = train.make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh,
+                                 **head_kw)
     jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
     with shd.use_mesh(mesh, rules):
         lowered = jitted.lower(params_in, opt_in, None if precomputed else ref_in, batch_in)
@@ -312,12 +338,13 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     arg, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
                              int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
     code = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
-    params_b, opt_b = _shard_bytes(params_in), _shard_bytes(opt_in)
+    pol = (lambda t: t["policy"]) if head_kw else (lambda t: t)
+    params_b, opt_b = _shard_bytes(pol(params_in)), _shard_bytes(pol(opt_in))
     ref_b = 0 if precomputed else _shard_bytes(ref_in)
     batch_b = _shard_bytes(batch_in)
     per_device_total = arg + out - alias + temp
     compiled_report = {
-        "params": params_b, "optimizer": opt_b, "reference": ref_b, "batch": batch_b,
+        "params": params_b, "optimizer": opt_b, "reference": ref_b, "batch": batch_b, "preference_head": head_b,
         "arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "generated_code": code,
         "total": per_device_total,
     }

@@ -111,7 +111,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the largest of data.buckets "
                           f"{tuple(cfg.data.buckets)}")
-    if cfg.data.get("share_prompt", False):
+    if cfg.data.get("packing", False):
+        if not cfg.data.get("share_prompt", False):
+            raise ConfigError("data.packing packs share_prompt rows: set data.share_prompt=true as well")
+        if jax.process_count() > 1:
+            raise ConfigError("data.packing runs on one process (each host's rows would need a global row "
+                              "offset); use data.share_prompt alone on multi-host runs")
+    if cfg.data.get("share_prompt", False) or cfg.data.get("packing", False):
         from alignx_jax.data.batching import reserve
         longest = int(cfg.data.max_length) + reserve(int(cfg.data.max_length))
         if max(cfg.data.buckets) < longest:
@@ -263,11 +269,12 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.
     """`pair_logps` for an already merged Decoder."""
     with jax.named_scope("pair_logps"):
         if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
-            h_BTD = model.hidden_states(mb["input_ids"], mb["attention_mask"], mb["positions"],
-                                        branch_ids_BT=mb["branch_ids"])
-            w_DV = model.output_embedding().astype(h_BTD.dtype)
-            return losses.gathered_logps(h_BTD, w_DV, mb["score_index"], mb["score_target"], mb["score_mask"],
-                                         chunk=chunk)
+            h_NTD = model.hidden_states(mb["input_ids"], mb["attention_mask"], mb["positions"],
+                                        segment_ids_BT=mb.get("segment_ids"), branch_ids_BT=mb["branch_ids"])
+            w_DV = model.output_embedding().astype(h_NTD.dtype)
+            return losses.flat_logps(h_NTD, w_DV, mb["score_flat"], mb["score_target"], mb["score_slot"],
+                                     mb["score_valid"], num_slots=2 * mb["pair_mask"].shape[0],
+                                     chunk=chunk).reshape(-1, 2)
         b, two, T = mb["input_ids"].shape
         flat = {k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
         h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"])
@@ -311,7 +318,8 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
         def micro(carry, mb):
             grads_acc, sums_acc = carry
             pm = mb["pair_mask"].astype(jnp.float32)
-            ntok = jnp.sum(mb["score_mask" if "branch_ids" in mb else "loss_mask"].astype(jnp.float32), axis=-1)  # [b, 2]
+            ntok = (mb["score_count"].astype(jnp.float32) if "branch_ids" in mb
+                    else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1))  # [b, 2]
             if precomputed:
                 ref = mb["ref_logps"]
             else:
@@ -378,7 +386,7 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
 
 # what `pair_logps` reads from a microbatch (either layout)
 MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "loss_mask", "score_index", "branch_ids",
-                "score_target", "score_mask")
+                "segment_ids", "score_flat", "score_target", "score_slot", "score_valid", "pair_mask")
 
 
 def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -> Callable:
@@ -397,8 +405,44 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
 # ----------------------------------------------------------------------------- batches
 
 
+def flat_scores(batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum: int | None = None
+                ) -> dict[str, np.ndarray]:
+    """The per-pair scoring plan of a shared/packed batch (`score_index/target/mask [B, 2, R]`,
+    optional `score_row [B]`) as one dense list of scored tokens per microbatch.
+
+    Padding every pair's responses to the batch's longest (R) would run the output layer on
+    B * 2 * R positions; a long-tailed response length makes most of them padding. Returns
+    `score_flat` (row * T + position within the microbatch's rows), `score_target`, `score_slot`
+    (2 * pair + branch within the microbatch) and `score_valid`, each `[M, S]` with S the largest
+    microbatch's count rounded up to a power of two (at least `minimum`, 64), and `score_count [M, b, 2]`.
+    """
+    B = batch["pair_mask"].shape[0]
+    b = B // num_micro
+    n_rows = batch["input_ids"].shape[0] // num_micro
+    idx, tgt, mask = batch["score_index"], batch["score_target"], batch["score_mask"].astype(bool)
+    row = batch["score_row"] if "score_row" in batch else np.arange(B)
+    per = []
+    for m in range(num_micro):
+        ks, js, rs = np.nonzero(mask[m * b:(m + 1) * b])
+        k_glob = ks + m * b
+        per.append(((row[k_glob] % n_rows) * T + idx[k_glob, js, rs], tgt[k_glob, js, rs], 2 * ks + js))
+    longest = max([len(f) for f, _, _ in per] + [1])
+    S = max(64, int(minimum or 0), 1 << (longest - 1).bit_length())
+    flat = np.zeros((num_micro, S), np.int32)
+    target = np.zeros((num_micro, S), np.int32)
+    slot = np.zeros((num_micro, S), np.int32)
+    valid = np.zeros((num_micro, S), np.int32)
+    for m, (f, t, sl) in enumerate(per):
+        n = len(f)
+        flat[m, :n], target[m, :n], slot[m, :n], valid[m, :n] = f, t, sl, 1
+    count = mask.sum(-1).astype(np.int32).reshape(num_micro, b, 2)
+    return {"score_flat": flat, "score_target": target, "score_slot": slot, "score_valid": valid,
+            "score_count": count}
+
+
 def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None = None, *,
-                    head: bool = False, P: int | None = None, window: int | None = None) -> dict[str, np.ndarray]:
+                    head: bool = False, P: int | None = None, window: int | None = None,
+                    scored: int | None = None) -> dict[str, np.ndarray]:
     """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
 
     head=True also carries the PBA head's persona_ids/persona_mask `[M, B/M, P]` (widened to P)
@@ -415,13 +459,17 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
     b = B // num_micro
     out: dict[str, np.ndarray] = {}
     shared = "branch_ids" in batch  # batching.share_prompt's layout: rows are pairs already
-    for k in ("input_ids", "attention_mask", "positions", "branch_ids") if shared else ():
+    packed = "score_row" in batch  # batching.pack_pairs: N rows hold the B pairs
+    n_rows = batch["input_ids"].shape[0] // num_micro
+    for k in ("input_ids", "attention_mask", "positions", "branch_ids", "segment_ids") if shared else ():
+        if k not in batch:
+            continue
         x = batch[k]
         if T is not None and x.shape[1] < T:
             x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
-        out[k] = x.reshape(num_micro, b, x.shape[1])
-    for k in ("score_index", "score_target", "score_mask") if shared else ():
-        out[k] = batch[k].reshape(num_micro, b, 2, batch[k].shape[-1])
+        out[k] = x.reshape(num_micro, n_rows, x.shape[1])
+    if shared:
+        out.update(flat_scores(batch, num_micro, out["input_ids"].shape[-1], minimum=scored))
     for k in () if shared else ("input_ids", "attention_mask", "positions", "loss_mask"):
         x = batch[k]
         if T is not None and x.shape[1] < T:  # widen to the step's common length (mask 0)
@@ -588,6 +636,8 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     persona_length = int(cfg.pba.max_persona_tokens) if joint else None
     response_logits = bool(cfg.loss.get("logits_on_responses", True))
     share = bool(cfg.data.get("share_prompt", False))
+    packing = bool(cfg.data.get("packing", False))
+    pack_length = int(cfg.data.get("pack_length", 0)) or max(buckets)
     predicted: dict[str, np.ndarray] = {}  # 'dirs' [N, 90]: filled before the first batch is drawn
 
     def profile_for(index: int) -> np.ndarray | None:
@@ -627,6 +677,11 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                 Ts, Rs = (int(np.max(multihost_utils.process_allgather(np.asarray(v)))) for v in
                           (coll["input_ids"].shape[1], coll["score_index"].shape[-1]))
                 coll = batching.share_prompt(two_rows, buckets=buckets, pad_id=pad_id, length=Ts, window=Rs)
+            if packing:  # several pairs per row of pack_length tokens, packed per microbatch and batch shard
+                shards = mesh.shape["data"] * mesh.shape["fsdp"]
+                per_micro = coll["pair_mask"].shape[0] // num_micro
+                groups = num_micro * (shards if per_micro % shards == 0 else 1)
+                coll = batching.pack_pairs(coll, groups=groups, length=pack_length, pad_id=pad_id)
             stats = batching.padding_stats(coll)
         T = coll["input_ids"].shape[1]
         P = coll["persona_ids"].shape[1] if joint and "persona_ids" in coll else None
@@ -638,7 +693,11 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                 P = int(np.max(multihost_utils.process_allgather(np.asarray(P))))
             if R is not None:
                 R = int(np.max(multihost_utils.process_allgather(np.asarray(R))))
-        return to_microbatches(coll, num_micro, T, head=joint, P=P, window=R), stats
+        S = None
+        if share and pc > 1:  # the scored-token list length, too
+            S = flat_scores(coll, num_micro, T)["score_flat"].shape[-1]
+            S = int(np.max(multihost_utils.process_allgather(np.asarray(S))))
+        return to_microbatches(coll, num_micro, T, head=joint, P=P, window=R, scored=S), stats
 
     # --- model, reference, optimizer
     policy = build_policy(cfg, tokenizer, mesh, rules)

@@ -1,6 +1,6 @@
 """DPO step time of the three batch layouts on real ICA batches (synthetic users, shipped tokenizer).
 
-    python benchmarks/layouts.py [--method ica] [--pairs 16] [--steps 10] [--hidden 64] [--json OUT.json]
+    python benchmarks/layouts.py [--method ica] [--pairs 16] [--steps 10] [--hidden 64] [--pack-length 1024] [--json OUT.json]
 
 The same pairs and the same model (the demo's tiny decoder unless sizes are given) through
 `alignx_jax.train.make_train_step`, jitted as `alignx train` runs it:
@@ -8,6 +8,7 @@ The same pairs and the same model (the demo's tiny decoder unless sizes are give
 - `full_logits`:    two rows per pair, output logits at every position (`loss.logits_on_responses=false`)
 - `response_window`: two rows per pair, logits on each row's response window (the default)
 - `shared_prompt`:  one row per pair, prompt + chosen + rejected (`data.share_prompt=true`)
+- `packed`:         those rows packed several to a row of `--pack-length` tokens (`data.packing=true`)
 
 Reports the median step time and pairs/s of each, their loss on the second step (after one update
 from the same weights: the same number, since the layouts change the cost, not the computation), and
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per layout (after one warm-up)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--pack-length", type=int, default=1024, help="row length of the packed layout")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -86,6 +88,9 @@ def main(argv=None) -> int:
         "full_logits": lambda b: train.to_microbatches(b, 1),
         "response_window": lambda b: train.to_microbatches(b, 1, window=0),
         "shared_prompt": lambda b: train.to_microbatches(batching.share_prompt(b, buckets=buckets, pad_id=pad_id), 1),
+        "packed": lambda b: train.to_microbatches(batching.pack_pairs(
+            batching.share_prompt(b, buckets=buckets, pad_id=pad_id), groups=1, length=args.pack_length,
+            pad_id=pad_id), 1),
     }
     results = {}
     for name, layout in layouts.items():

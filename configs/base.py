@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     # repeat the prompt: the same log-probs, the prompt's compute once. Rows are then up to
     # max_length + the longer response long, so `buckets` must reach that.
     c.data.share_prompt = False
+    # pack several share_prompt pairs into rows of `pack_length` tokens (0 = the largest bucket),
+    # attention kept within each pair by segment ids: less padding when lengths vary (one process)
+    c.data.packing = False
+    c.data.pack_length = 0
     c.data.overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
     c.data.skip_bad_rows = False
     c.data.shuffle = True

@@ -191,8 +191,12 @@ def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_
 def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Real vs padded tokens in a collated batch (dummy pairs count as padding)."""
     B = batch["pair_mask"].shape[0]
-    shared = "branch_ids" in batch  # share_prompt's layout: one row per pair
-    valid = (batch["pair_mask"] if shared else np.concatenate([batch["pair_mask"], batch["pair_mask"]])).astype(bool)
+    if "score_row" in batch:  # pack_pairs: rows hold several pairs; every row counts
+        valid = np.ones((batch["input_ids"].shape[0],), bool)
+    elif "branch_ids" in batch:  # share_prompt's layout: one row per pair
+        valid = batch["pair_mask"].astype(bool)
+    else:
+        valid = np.concatenate([batch["pair_mask"], batch["pair_mask"]]).astype(bool)
     real = int(batch["attention_mask"][valid].sum())
     total = int(batch["input_ids"].size)
     return {"pairs": int(batch["pair_mask"].sum()), "padded_pairs": int(B - batch["pair_mask"].sum()),
@@ -257,4 +261,67 @@ def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAU
     out = {key: v for key, v in batch.items() if key not in ("input_ids", "attention_mask", "loss_mask", "positions")}
     out.update(input_ids=ids, attention_mask=attn, positions=pos, branch_ids=branch,
                score_index=sidx, score_target=stgt, score_mask=smask)
+    return out
+
+
+def pack_pairs(shared: dict[str, np.ndarray], *, groups: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Pack `share_prompt` rows (one pair each) several to a row of `length` tokens.
+
+    The B pairs are cut into `groups` contiguous groups (one per microbatch and batch shard, so a
+    pair and its row land on the same device); each group's pairs go, in order, into the first
+    of its rows with room. Every group gets the same number of rows n (the most any group needs),
+    so rows are `[groups * n, length]`. `segment_ids` (1, 2, ... per pair in a row, 0 on padding)
+    keep attention within a pair; positions restart per pair; `score_row [B]` is each pair's row,
+    and its score_index moves with the pair's offset in that row. Log-probs are the unpacked
+    layout's (tested); the step runs `groups * n * length` tokens instead of `B * Ts`.
+    """
+    B = shared["pair_mask"].shape[0]
+    if groups < 1 or B % groups:
+        raise ValueError(f"{B} pairs do not split into {groups} packing groups")
+    lens = shared["attention_mask"].sum(axis=1).astype(int)
+    if int(lens.max(initial=0)) > length:
+        raise ValueError(f"a pair of {int(lens.max())} tokens does not fit a packed row of {length}")
+    per = B // groups
+    placement = []  # per group: list of (pair, row, offset)
+    n = 1
+    for g in range(groups):
+        fill: list[int] = []
+        place = []
+        for k in range(g * per, (g + 1) * per):
+            for r, used in enumerate(fill):
+                if used + lens[k] <= length:
+                    break
+            else:
+                r = len(fill)
+                fill.append(0)
+            place.append((k, r, fill[r]))
+            fill[r] += int(lens[k])
+        placement.append(place)
+        n = max(n, len(fill))
+    N = groups * n
+    ids = np.full((N, length), pad_id, np.int32)
+    attn = np.zeros((N, length), np.int32)
+    pos = np.zeros((N, length), np.int32)
+    branch = np.zeros((N, length), np.int32)
+    seg = np.zeros((N, length), np.int32)
+    sidx = shared["score_index"].copy()
+    row_of = np.zeros((B,), np.int32)
+    for g, place in enumerate(placement):
+        seg_count: dict[int, int] = {}
+        for k, r, off in place:
+            row = g * n + r
+            L = int(lens[k])
+            for key, dst in (("input_ids", ids), ("attention_mask", attn), ("positions", pos), ("branch_ids", branch)):
+                dst[row, off:off + L] = shared[key][k, :L]
+            seg_count[row] = seg_count.get(row, 0) + 1
+            seg[row, off:off + L] = seg_count[row]
+            sidx[k] = shared["score_index"][k] + off
+            row_of[k] = row
+    for row in range(N):
+        if not attn[row].any():
+            attn[row, 0], seg[row, 0] = 1, 1  # an empty row: one attended token, as collate does
+    out = {key: v for key, v in shared.items()
+           if key not in ("input_ids", "attention_mask", "positions", "branch_ids", "score_index")}
+    out.update(input_ids=ids, attention_mask=attn, positions=pos, branch_ids=branch, segment_ids=seg,
+               score_index=sidx, score_row=row_of)
     return out
