@@ -217,7 +217,7 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
     os.replace(tmp, init_dir)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return {"dir": init_dir, "params": n, **{k: int(cfg.model.init[k]) for k in (
+    return {"dir": init_dir, "params": n, **{k: int(getattr(model.cfg, k)) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}}
 
 
@@ -418,7 +418,7 @@ def plot_curves(out: str, workdirs: dict[str, str]) -> str:
         for ax, key in zip(axes, ("loss", "reward_accuracy")):
             y = _smooth(np.array([r[key] for r in rows], dtype=np.float64), k)
             ax.plot(steps[len(steps) - len(y):], y, label=name)
-    axes[0].set_title("DPO loss (training batches)")
+    axes[0].set_title("training loss: DPO + loss.sft_weight x chosen NLL")
     axes[1].set_title("reward accuracy (training batches)")
     for ax in axes:
         ax.set_xlabel("step")

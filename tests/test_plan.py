@@ -162,3 +162,17 @@ def test_plan_cli_on_eight_stand_in_devices(tmp_path):
     # per-device parameter bytes are the 1-device total split 8 ways (norm scales stay replicated)
     full = rep["analytic_bytes"]["param_count"] * 4
     assert full / 8 <= rep["per_device_bytes"]["params"] <= full / 8 * 1.05
+
+
+def test_plan_of_a_joint_pba_config_counts_the_head():
+    """The joint PBA step carries the preference head and a persona per pair: the plan compiles them."""
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import parse_topology, plan
+
+    pba = os.path.join(ROOT, "configs", "tiny_pba.py")
+    with_head = plan(load_config(pba, SMALL), parse_topology("1@4GiB"))
+    without = plan(load_config(pba, [*SMALL, "--config.pba.enabled=false"]), parse_topology("1@4GiB"))
+    assert with_head["per_device_bytes"]["preference_head"] > 0
+    assert without["per_device_bytes"]["preference_head"] == 0
+    assert with_head["per_device_bytes"]["total"] > without["per_device_bytes"]["total"]
+    assert any("joint PBA head" in n for n in with_head["notes"])
