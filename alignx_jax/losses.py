@@ -99,8 +99,9 @@ def _masked_tokens(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array,
                    chunk: int | None) -> jax.Array:
     """Per-token mask * log p(tgt | h) `[B, S]`, optionally in rematerialised chunks of S."""
     s = h_BSD.shape[1]
-    if chunk is None or chunk >= s:
+    if chunk is None:  # a given chunk always rematerialises, even when one chunk covers s
         return _chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS
+    chunk = min(chunk, s)
     n = -(-s // chunk)
     pad = n * chunk - s
     if pad:
@@ -146,8 +147,9 @@ def _masked_logps(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, 
                   chunk: int | None) -> jax.Array:
     """sum_s mask[s] * log p(tgt[s] | h[s]), optionally in rematerialised time chunks."""
     s = h_BSD.shape[1]
-    if chunk is None or chunk >= s:
+    if chunk is None:  # a given chunk always rematerialises, even when one chunk covers s
         return jnp.sum(_chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS, axis=-1)
+    chunk = min(chunk, s)
     n = -(-s // chunk)
     pad = n * chunk - s
     if pad:  # padded steps carry mask 0, so they add nothing
