@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from alignx_jax.models.matmul import dense
+
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
 
 
@@ -40,7 +42,8 @@ def token_logps_from_logits(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss
 
 def _chunk_logps(h_BCD: jax.Array, w_DV: jax.Array, tgt_BC: jax.Array) -> jax.Array:
     """log p(tgt | h) for one time chunk; logits in float32 via the matmul's accumulator."""
-    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+    B, C, D = h_BCD.shape
+    logits_BCV = dense(h_BCD.reshape(B * C, D), w_DV, jnp.float32).reshape(B, C, -1)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     tgt_logit_BC = jnp.take_along_axis(logits_BCV, tgt_BC[..., None], axis=-1)[..., 0]
     return tgt_logit_BC - lse_BC
@@ -125,8 +128,9 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
     """Host side of `window_logps`: `score_index [..., R]` int32 for a NumPy loss mask `[..., T]`.
 
     Row b's window starts one before its first scored token (0 for a row with none) and runs R
-    steps; R = the longest scored span rounded up to a power of two (at least `minimum`, at most
-    T-1), so few distinct shapes reach the compiler.
+    steps; R = the longest scored span rounded up to a multiple of T/8 (itself rounded up to a
+    multiple of 8; at least `minimum`, at most T-1): at most eight window shapes per row length
+    reach the compiler, and a response of 3/4 of the row computes 3/4 of the logits.
     """
     import numpy as np
 
@@ -137,7 +141,8 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
     first = np.where(any_, flat.argmax(axis=-1), 1)
     last = np.where(any_, T - 1 - flat[:, ::-1].argmax(axis=-1), 0)
     span = int(np.max(last - first + 1, initial=1))
-    window = max(int(minimum), 1 << (span - 1).bit_length())
+    step = 8 * -(-max(1, -(-(T - 1) // 8)) // 8)
+    window = max(int(minimum), step * -(-span // step))
     window = max(1, min(window, T - 1))
     start = (first - 1).astype(np.int32).reshape(m.shape[:-1])
     return (start[..., None] + np.arange(window, dtype=np.int32)).astype(np.int32)

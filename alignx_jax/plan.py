@@ -292,7 +292,9 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     if cfg.loss.get("logits_on_responses", True):
         # the longest response a row keeps (batching.reserve + EOS) sets the scored window
         from alignx_jax.data import batching
-        R = losses.scored_window(np.ones((1, batching.reserve(T) + 2), np.int32)).shape[-1]
+        longest = np.zeros((1, T), np.int32)
+        longest[0, T - min(T - 1, batching.reserve(T) + 1):] = 1
+        R = losses.scored_window(longest).shape[-1]
         host["score_index"] = np.zeros((num_micro, mb, 2, min(R, T - 1)), np.int32)
     host["pair_mask"] = np.zeros((num_micro, mb), np.int32)
     if precomputed:

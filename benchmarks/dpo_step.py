@@ -9,7 +9,9 @@ log-probs). A step is: policy forward+backward on chosen and rejected, reference
 DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
 
 * JAX: `alignx_jax.train.make_train_step` (the code `alignx train` jits), jitted with the
-  parameters and optimizer state donated, batch in the train layout `[1, B, 2, L]`.
+  parameters and optimizer state donated, batch in the train layout `[1, B, 2, L]` with the
+  response window `alignx train` adds by default (`loss.logits_on_responses`: the output layer
+  runs on each row's response positions only; `--full-logits` turns it off).
 * PyTorch: a TRL-style step written with torch: `LlamaForCausalLM` (sdpa attention), one
   forward over the concatenated chosen+rejected batch, float32 `log_softmax` + gather, masked sum,
   sigmoid DPO, `clip_grad_norm_`, `torch.optim.AdamW`. `torch.compile` of the same loss function
@@ -147,7 +149,7 @@ def _optim_cfg():
 class JaxStep:
     """The train.py step, jitted as `alignx train` does (params and optimizer state donated)."""
 
-    def __init__(self, policy, reference, setup: Setup, chunk: int = 0):
+    def __init__(self, policy, reference, setup: Setup, chunk: int = 0, response_logits: bool = True):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -161,7 +163,10 @@ class JaxStep:
         self.tx, _ = train.make_optimizer(_optim_cfg(), total_steps=1000)
         self.opt_state = self.tx.init(self.params)
         step = train.make_train_step(self.codec, self.tx, _loss_cfg(chunk), precomputed=False)
-        self.batch = jax.device_put(train.to_microbatches(setup.data, 1))
+        # as `alignx train` lays a batch out: with loss.logits_on_responses (the default) the output
+        # layer runs only on each row's response window (`score_index`), not on prompt positions
+        window = 0 if response_logits else None
+        self.batch = jax.device_put(train.to_microbatches(setup.data, 1, window=window))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         self.compiled = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch).compile()
 
@@ -351,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model_size": args.model_size, "seq_len": args.seq_len, "batch_pairs": args.batch,
         "scan_layers": args.scan_layers, "remat": args.remat, "attention_impl": args.attention_impl,
-        "tokens_per_step": tokens, "params": param_counts(setup.hf_config)[0],
+        "tokens_per_step": tokens, "jax_logits_on_responses": args.response_logits, "params": param_counts(setup.hf_config)[0],
         "model_flops_per_step": flops, "device": args.device, "logps_chunk": args.chunk,
         "jax_version": jax.__version__, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
         "machine": _cpu_model(), "cpu_count": os.cpu_count(), "timing": "interleaved rounds, medians",
@@ -364,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     c_pol = copy.deepcopy(t_pol) if args.compile else None  # torch.compile trains its own copy
 
     t0 = time.perf_counter()
-    jstep = JaxStep(policy, reference, setup, chunk=args.chunk)
+    jstep = JaxStep(policy, reference, setup, chunk=args.chunk, response_logits=args.response_logits)
     out["jax_compile_seconds"] = time.perf_counter() - t0
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
     del policy, reference
@@ -448,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", type=int, default=1, help="model.scan_layers of the JAX model (1/0)")
     p.add_argument("--remat", default="none", help="model.remat of the JAX model")
     p.add_argument("--attention-impl", default="xla", help="model.attention_impl of the JAX model")
+    p.add_argument("--full-logits", dest="response_logits", action="store_false",
+                   help="JAX: logits on every position (loss.logits_on_responses=False), as the torch side does")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")

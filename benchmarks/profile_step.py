@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=0)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--dump-hlo", default=None)
+    p.add_argument("--no-dots", action="store_true", help="list only non-matmul ops (the fusion overheads)")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -81,9 +82,44 @@ def main(argv=None) -> int:
     print(f"profiled step wall {wall:.3f} s; op time summed over threads {busy:.3f} s")
     for kind, sec in sorted(cats.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:26s} {sec:7.3f} s {100 * sec / busy:5.1f}%")
-    for name, sec in sorted(tot.items(), key=lambda kv: -kv[1])[: args.top]:
-        print(f"{sec:8.3f} s {100 * sec / busy:5.1f}%  x{cnt[name]:<4d} {name}")
+    scopes = op_scopes(step.compiled.as_text())
+    by_scope: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for name, sec in tot.items():
+        by_scope[scopes.get(name, ("?", "other"))] += sec
+    print("by pass and scope (the op's jax.named_scope / metadata):")
+    for (pas, scope), sec in sorted(by_scope.items(), key=lambda kv: -kv[1]):
+        if sec >= 0.005 * busy:
+            print(f"  {pas:10s} {scope:16s} {sec:7.3f} s {100 * sec / busy:5.1f}%")
+    listed = [(n, t) for n, t in tot.items()
+              if not (args.no_dots and n.startswith(("ynn", "xnn", "dot", "onednn")))]
+    for name, sec in sorted(listed, key=lambda kv: -kv[1])[: args.top]:
+        pas, scope = scopes.get(name, ("?", "other"))
+        print(f"{sec:8.3f} s {100 * sec / busy:5.1f}%  x{cnt[name]:<4d} {name:34s} {pas}/{scope}")
     return 0
+
+
+SCOPES = ("sequence_logps", "window_logps", "flat_logps", "attention", "mlp", "final_norm", "embed", "layers",
+          "pair_logps")
+
+
+def op_scopes(hlo: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (pass, scope) from the optimized HLO's metadata op_name: pass is
+    `backward` (transpose(jvp(...))), `policy fwd` (jvp(...)), `reference` (pair_logps outside any
+    autodiff) or `update`; scope is the first of SCOPES in the op_name (`lm_head` for the log-prob
+    functions, `layers` for what the layer scan does outside attention/mlp, `model` for the rest
+    of the forward)."""
+    import re
+
+    out: dict[str, tuple[str, str]] = {}
+    for m in re.finditer(r'%([\w.\-]+) = .*?op_name="([^"]*)"', hlo):
+        name, op = m.group(1), m.group(2)
+        pas = ("backward" if "transpose(jvp" in op else "policy fwd" if "jvp(" in op
+               else "reference" if "pair_logps" in op else "update")
+        scope = next((s for s in SCOPES if s in op), "other")
+        scope = {"sequence_logps": "lm_head", "window_logps": "lm_head", "flat_logps": "lm_head",
+                 "pair_logps": "model"}.get(scope, scope)
+        out.setdefault(name, (pas, scope))
+    return out
 
 
 if __name__ == "__main__":

@@ -57,6 +57,86 @@ def test_custom_vjp_matches_autodiff():
         assert float(jnp.max(jnp.abs(g))) > 1e-3  # not trivially zero
 
 
+def _masks(B, T, rng):
+    """Left padding, right padding, two packed segments, and a shared prompt with two branches."""
+    t = np.arange(T)
+    causal = t[None, :] <= t[:, None]
+    allowed = np.broadcast_to(causal, (B, T, T)).copy()
+    allowed[0] &= (t >= 37)[None, :]  # left-padded: the first 37 query rows see nothing
+    allowed[1] &= (t < 101)[None, :]  # right-padded
+    seg = (t >= 70).astype(int)  # two packed sequences
+    allowed[2] &= seg[:, None] == seg[None, :]
+    branch = np.where(t < 40, 0, np.where(t < 95, 1, 2))  # prompt, chosen, rejected
+    allowed[3] &= (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+    return jnp.asarray(allowed)
+
+
+def test_causal_blocks_match_reference_forward_and_grads():
+    """Blocks of query rows against their key prefixes (ragged last block) == the full masked softmax,
+    values and gradients, for every mask the decoder builds (all are inside the causal one)."""
+    B, T, N, K, H = 4, 150, 4, 2, 8
+    assert [b - a for a, b, _ in dec._row_blocks(T, T, True)] == [64, 64, 22]
+    kq, kk, kv, kw = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (B, T, N, H))
+    k = jax.random.normal(kk, (B, T, K, H))
+    v = jax.random.normal(kv, (B, T, K, H))
+    w = jax.random.normal(kw, (B, T, N, H))
+    allowed = _masks(B, T, np.random.default_rng(0))
+    real = jnp.any(allowed, axis=-1)[..., None, None]  # rows with at least one key
+
+    def loss(f, causal):
+        return lambda q, k, v: jnp.sum(jnp.where(real, jnp.sin(f(q, k, v, dec.mask_bias(allowed), 0.35, causal)), 0) * w)
+
+    want_o = _reference(q, k, v, allowed, 0.35)
+    got_o = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, dec.mask_bias(allowed), 0.35, True))(q, k, v)
+    np.testing.assert_allclose(np.where(real, got_o, 0), np.where(real, want_o, 0), atol=1e-5)
+    ref = lambda q, k, v, m, s, c: _reference(q, k, v, allowed, s)  # noqa: E731
+    want = jax.grad(loss(ref, False), argnums=(0, 1, 2))(q, k, v)
+    for causal in (True, False):
+        got = jax.jit(jax.grad(loss(dec._attention_xla, causal), argnums=(0, 1, 2)))(q, k, v)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, atol=3e-5, rtol=1e-5)
+            assert float(jnp.max(jnp.abs(g))) > 1e-3
+
+
+def test_causal_blocks_skip_the_upper_triangle():
+    """No [T, T] score matrix is built: the largest block is [64 rows, T keys] and the total score
+    work is (n+1)/2n of the full one."""
+    B, T, N, K, H = 1, 256, 2, 1, 8
+    q = jnp.ones((B, T, N, H))
+    kv = jnp.ones((B, T, K, H))
+    bias = dec.mask_bias(jnp.tril(jnp.ones((T, T), bool))[None])
+    f = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, bias, 0.5, True))
+    hlo = f.lower(q, kv, kv).compile().as_text()
+    assert f"{T},{T}]" not in hlo and f"64,{T}]" in hlo
+    flops = f.lower(q, kv, kv).compile().cost_analysis()["flops"]
+    full = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, bias, 0.5, False)).lower(q, kv, kv).compile()
+    assert flops < 0.75 * full.cost_analysis()["flops"]
+
+
+def test_dense_weight_gradient_equals_autodiff():
+    """models.matmul.dense: same value and gradients as jnp.dot, in float32 and for a float32
+    output from bfloat16 operands (the output layer's logits)."""
+    from alignx_jax.models.matmul import dense
+
+    kx, kw, kg = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (48, 24))
+    w = jax.random.normal(kw, (24, 40))
+    g = jax.random.normal(kg, (48, 40))
+    f = lambda d: lambda x, w: jnp.sum(d(x, w) * g)  # noqa: E731
+    got = jax.jit(jax.grad(f(dense), argnums=(0, 1)))(x, w)
+    want = jax.grad(f(jnp.dot), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(f(dense), argnums=(0, 1)))(x, w))
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = dense(xb, wb, jnp.float32)
+    assert out.dtype == jnp.float32
+    gx, gw = jax.grad(lambda x, w: jnp.sum(dense(x, w, jnp.float32) * g), argnums=(0, 1))(xb, wb)
+    assert gx.dtype == gw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(want[1]), rtol=0.05, atol=0.3)
+
+
 def test_layer_scan_saves_no_attention_probabilities():
     """The scanned step keeps no [L, B, K, G, T, S] residual (the probabilities are recomputed)."""
     from flax import nnx

@@ -174,7 +174,9 @@ def test_window_logps_equals_full_sequence(chunk):
     idx = losses.scored_window(mask)
     R = idx.shape[-1]
     span = max(int(np.flatnonzero(m).max() - np.flatnonzero(m).min() + 1) for m in mask if m.any())
-    assert R >= span and R & (R - 1) == 0 or R == ids.shape[1] - 1
+    T = ids.shape[1]
+    step = 8 * -(-(-(-(T - 1) // 8)) // 8)  # T/8 rounded up to a multiple of 8
+    assert R >= span and R in (max(16, step * -(-span // step)), T - 1)
     want = losses.sequence_logps(h, w, ids, jnp.asarray(mask))
     got = losses.window_logps(h, w, ids, jnp.asarray(mask), jnp.asarray(idx), chunk=chunk)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
@@ -193,3 +195,9 @@ def test_scored_window_shape_and_rows_without_scores():
     assert idx[0, 0, 0] == 9 and idx[0, 0, -1] == 9 + 31
     assert (idx[1, 2] == np.arange(32)).all()  # no scored token: a harmless window at 0
     assert losses.scored_window(np.ones((1, 8), np.int32)).shape == (1, 7)  # never past T-1
+    # R in eighths of the row: a 3/4-row response at T=512 computes 384 positions, not 511
+    m512 = np.zeros((1, 512), np.int32)
+    m512[0, 128:] = 1
+    assert losses.scored_window(m512).shape == (1, 384)
+    assert len({losses.scored_window(m512[:, :k] * 0 + np.eye(1, k, k - s, dtype=np.int32).cumsum(-1)).shape[-1]
+                for k in (512,) for s in range(1, 511)}) <= 8

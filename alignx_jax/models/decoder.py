@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.models.matmul import dense
 from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -263,60 +264,103 @@ def _as_bias(mask_BTS: jax.Array) -> jax.Array:
     return mask_bias(mask_BTS) if mask_BTS.dtype == jnp.bool_ else mask_BTS.astype(jnp.float32)
 
 
-def _scores(q_BTKGH, k_BSKH, bias_BTS, scale):
-    s = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
-    return s * scale + bias_BTS[:, None, None, :, :]
+# Causal self-attention is computed one block of query rows at a time, each block against the
+# key prefix it can see: the masked upper triangle is never computed ((n+1)/2n of the full score
+# work for n blocks) and each block's [rows, prefix] scores are small enough to stay in cache.
+ATTENTION_BLOCK_MIN = 64
+ATTENTION_BLOCKS_MAX = 16
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sdpa(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale):
-    return _sdpa_fwd(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale)[0]
+def causal_block_rows(T: int) -> int:
+    """Query rows per block of the causal attention: 64, or T/16 for long sequences (at most 16
+    blocks, so the unrolled fwd/bwd stays a small graph)."""
+    return max(ATTENTION_BLOCK_MIN, -(-T // ATTENTION_BLOCKS_MAX))
 
 
-def _sdpa_fwd(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale):
-    s = _scores(q_BTKGH, k_BSKH, bias_BTS, scale)
-    m_BKGT = jnp.max(s, axis=-1)
-    e = jnp.exp(s - m_BKGT[..., None])
-    l_BKGT = jnp.sum(e, axis=-1)
-    # normalise the [T, H] output rather than the [T, S] weights: fewer elementwise passes
-    o = jnp.einsum("bkgts,bskh->btkgh", e.astype(v_BSKH.dtype), v_BSKH, preferred_element_type=jnp.float32)
-    inv_l_BKGT = 1.0 / l_BKGT
-    o_BTKGH = (o * jnp.transpose(inv_l_BKGT, (0, 3, 1, 2))[..., None]).astype(q_BTKGH.dtype)
-    # Residuals are the inputs, the output and two row statistics; the [T, S] probabilities are
+def _row_blocks(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first row, end row, end key) per query block; a non-causal call is one block of all keys."""
+    if not causal:
+        return [(0, T, S)]
+    C = causal_block_rows(T)
+    return [(a, min(T, a + C), min(T, a + C)) for a in range(0, T, C)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sdpa(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal):
+    return _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal)[0]
+
+
+def _block_scores(q_BKGCH, k_BKSH, bias_BCS, scale):
+    # head-major operands: the dot writes [b, k, g, rows, keys] directly, no transpose of the scores
+    s = jnp.einsum("bkgch,bksh->bkgcs", q_BKGCH, k_BKSH, preferred_element_type=jnp.float32)
+    return s * scale + bias_BCS[:, None, None, :, :]
+
+
+def _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal):
+    T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
+    outs, maxes, inv_sums = [], [], []
+    for a, b, e in _row_blocks(T, S, causal):
+        s = _block_scores(q_BKGTH[:, :, :, a:b], k_BKSH[:, :, :e], bias_BTS[:, a:b, :e], scale)
+        m_BKGC = jnp.max(s, axis=-1)
+        p = jnp.exp(s - m_BKGC[..., None])
+        inv_l_BKGC = 1.0 / jnp.sum(p, axis=-1)
+        # normalise the [rows, H] output rather than the [rows, keys] weights: one pass fewer
+        o = jnp.einsum("bkgcs,bksh->bkgch", p.astype(v_BKSH.dtype), v_BKSH[:, :, :e],
+                       preferred_element_type=jnp.float32)
+        outs.append((o * inv_l_BKGC[..., None]).astype(q_BKGTH.dtype))
+        maxes.append(m_BKGC)
+        inv_sums.append(inv_l_BKGC)
+    cat = (lambda xs: xs[0]) if len(outs) == 1 else (lambda xs: jnp.concatenate(xs, axis=3))
+    o_BKGTH, m_BKGT, inv_l_BKGT = cat(outs), cat(maxes), cat(inv_sums)
+    # Residuals are the inputs, the output and two row statistics; the probabilities are
     # recomputed in the backward pass (one QK^T matmul) instead of being stored for every layer
     # (a scan over layers would stack them: L * B * N * T * S floats written, zero-filled, read back).
-    return o_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, bias_BTS, o_BTKGH, m_BKGT, inv_l_BKGT)
+    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, bias_BTS, o_BKGTH, m_BKGT, inv_l_BKGT)
 
 
-def _sdpa_bwd(scale, res, do_BTKGH):
+def _sdpa_bwd(scale, causal, res, do_BKGTH):
     q, k, v, bias, o, m_BKGT, inv_l_BKGT = res
-    # p = exp(s - m) / l, as in the forward (exact for fully masked rows, where s - m == 0)
-    p = jnp.exp(_scores(q, k, bias, scale) - m_BKGT[..., None]) * inv_l_BKGT[..., None]
-    do = do_BTKGH.astype(v.dtype)
-    dv = jnp.einsum("bkgts,btkgh->bskh", p.astype(v.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("btkgh,bskh->bkgts", do, v, preferred_element_type=jnp.float32)
+    T, S = q.shape[3], k.shape[2]
+    do_BKGTH = do_BKGTH.astype(v.dtype)
     # softmax backward: ds = p * (dp - sum_s p dp), and sum_s p dp == sum_h o * do (one [T, H] pass)
-    delta_BKGT = jnp.einsum("btkgh,btkgh->bkgt", o.astype(jnp.float32), do_BTKGH.astype(jnp.float32))
+    delta_BKGT = jnp.sum(o.astype(jnp.float32) * do_BKGTH.astype(jnp.float32), axis=-1)
     # a fully masked (left-pad) query row sees its scores through the constant bias only: no
     # gradient to q or k, as with a `where` mask (its uniform weights still reach v)
     row_scale_BKGT = jnp.where(m_BKGT > 0.5 * MASK_MIN, scale, 0.0)
-    ds = (p * (dp - delta_BKGT[..., None]) * row_scale_BKGT[..., None]).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskh->btkgh", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgts,btkgh->bskh", ds, q, preferred_element_type=jnp.float32)
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for a, b, e in _row_blocks(T, S, causal):
+        q_c, do_c, k_e, v_e = q[:, :, :, a:b], do_BKGTH[:, :, :, a:b], k[:, :, :e], v[:, :, :e]
+        # p = exp(s - m) / l, as in the forward (exact for fully masked rows, where s - m == 0)
+        p = jnp.exp(_block_scores(q_c, k_e, bias[:, a:b, :e], scale) - m_BKGT[:, :, :, a:b, None]) \
+            * inv_l_BKGT[:, :, :, a:b, None]
+        dv = dv.at[:, :, :e].add(jnp.einsum("bkgcs,bkgch->bksh", p.astype(v.dtype), do_c,
+                                            preferred_element_type=jnp.float32))
+        dp = jnp.einsum("bkgch,bksh->bkgcs", do_c, v_e, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta_BKGT[:, :, :, a:b, None]) * row_scale_BKGT[:, :, :, a:b, None]).astype(q.dtype)
+        dqs.append(jnp.einsum("bkgcs,bksh->bkgch", ds, k_e, preferred_element_type=jnp.float32))
+        dk = dk.at[:, :, :e].add(jnp.einsum("bkgcs,bkgch->bksh", ds, q_c, preferred_element_type=jnp.float32))
+    dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(bias)
 
 
 _sdpa.defvjp(_sdpa_fwd, _sdpa_bwd)
 
 
-def _attention_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+def _attention_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, causal: bool = False):
     """Exact softmax attention with grouped KV heads. `mask_BTS` is a boolean allowed-mask or an
-    additive float bias from `mask_bias`; the custom VJP recomputes the probabilities."""
+    additive float bias from `mask_bias`; the custom VJP recomputes the probabilities. `causal`
+    promises the mask allows no key after its query (T == S): blocks of query rows then skip the
+    masked upper triangle."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    out = _sdpa(q_BTKGH, k_BSKH, v_BSKH, _as_bias(mask_BTS), scale)
-    return out.reshape(B, T, N, H)
+    causal = causal and T == k_BSKH.shape[1]
+    # head-major [B, K, G, T, H]: transposing the [T, H] operands is cheap, the [T, S] scores are not
+    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    o_BKGTH = _sdpa(q_BKGTH, k_BKSH, v_BKSH, _as_bias(mask_BTS), scale, causal)
+    return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = ATTENTION_CHUNK):
@@ -338,10 +382,11 @@ def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = 
     return o_nBCNH.swapaxes(0, 1).reshape(B, T, N, H)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str):
+def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str, causal: bool = False):
+    """`causal`: the mask is a subset of the causal one (self-attention without a KV cache)."""
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
     if impl == "xla":
-        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, causal)
     if impl == "chunked":
         return _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
     if allowed_BTS.dtype != jnp.bool_:
@@ -352,7 +397,18 @@ def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str):
 
 
 def _linear(x, p, spec: str):
-    y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
+    """`einsum(spec, x, kernel) (+ bias)` as one 2-D matmul over flattened tokens.
+
+    The weight gradient then contracts a single token axis: with the (b, t) pair XLA's CPU layout
+    assignment writes the [F, B*T] activation gradient transposed (a strided, cache-hostile copy
+    per projection) before the dot. The kernel's input axes are the ones it shares with `x`."""
+    ins, out = spec.split("->")
+    xs, ks = ins.split(",")
+    n_in = sum(1 for c in ks if c in xs)
+    kernel = p["kernel"].astype(x.dtype)
+    lead, k_in, k_out = x.shape[: x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    y = dense(x.reshape(math.prod(lead), math.prod(k_in)), kernel.reshape(math.prod(k_in), math.prod(k_out)))
+    y = y.reshape(*lead, *k_out)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y
@@ -378,7 +434,7 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
             v_all = jax.lax.dynamic_update_slice(cv, v_BTKH.astype(cv.dtype), (0, cache_index, 0, 0))
             new_kv = (k_all, v_all)
             k_all, v_all = k_all.astype(x_BTD.dtype), v_all.astype(x_BTD.dtype)
-        o_BTNH = attention(q_BTNH, k_all, v_all, allowed_BTS, cfg.attention_impl)
+        o_BTNH = attention(q_BTNH, k_all, v_all, allowed_BTS, cfg.attention_impl, causal=cache_kv is None)
         x_BTD = x_BTD + _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd")
         x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     with jax.named_scope("mlp"):
