@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     scopes = op_scopes(step.compiled.as_text())
     by_scope: dict[tuple[str, str], float] = collections.defaultdict(float)
     for name, sec in tot.items():
+        if args.no_dots and name.startswith(("ynn", "xnn", "dot", "onednn")):
+            continue
         by_scope[scopes.get(name, ("?", "other"))] += sec
     print("by pass and scope (the op's jax.named_scope / metadata):")
     for (pas, scope), sec in sorted(by_scope.items(), key=lambda kv: -kv[1]):

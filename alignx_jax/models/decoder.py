@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
-from alignx_jax.models.matmul import dense
+from alignx_jax.models.matmul import dense, dense_many
 from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -402,16 +402,32 @@ def _linear(x, p, spec: str):
     The weight gradient then contracts a single token axis: with the (b, t) pair XLA's CPU layout
     assignment writes the [F, B*T] activation gradient transposed (a strided, cache-hostile copy
     per projection) before the dot. The kernel's input axes are the ones it shares with `x`."""
-    ins, out = spec.split("->")
-    xs, ks = ins.split(",")
-    n_in = sum(1 for c in ks if c in xs)
-    kernel = p["kernel"].astype(x.dtype)
-    lead, k_in, k_out = x.shape[: x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
-    y = dense(x.reshape(math.prod(lead), math.prod(k_in)), kernel.reshape(math.prod(k_in), math.prod(k_out)))
-    y = y.reshape(*lead, *k_out)
-    if "bias" in p:
-        y = y + p["bias"].astype(x.dtype)
-    return y
+    return _linears(x, [p], [spec])[0]
+
+
+def _linears(x, ps: list, specs: list[str]) -> list:
+    """`_linear` for several projections of the same `x` (q/k/v, gate/up): one flattened input,
+    one transposed copy of it for all their weight gradients (`models.matmul.dense_many`)."""
+    kernels, shapes = [], []
+    for p, spec in zip(ps, specs):
+        ins = spec.split("->")[0]
+        xs, ks = ins.split(",")
+        n_in = sum(1 for c in ks if c in xs)
+        kernel = p["kernel"].astype(x.dtype)
+        k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
+        kernels.append(kernel.reshape(math.prod(k_in), math.prod(k_out)))
+        shapes.append((n_in, k_out))
+    n_in = shapes[0][0]
+    lead = x.shape[: x.ndim - n_in]
+    x2 = x.reshape(math.prod(lead), -1)
+    ys = dense_many(x2, tuple(kernels)) if len(kernels) > 1 else (dense(x2, kernels[0]),)
+    out = []
+    for y, p, (_, k_out) in zip(ys, ps, shapes):
+        y = y.reshape(*lead, *k_out)
+        if "bias" in p:
+            y = y + p["bias"].astype(x.dtype)
+        out.append(y)
+    return out
 
 
 def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cache_kv, cache_index,
@@ -422,9 +438,10 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
     with jax.named_scope("attention"):
         h = rms_norm(x_BTD, p["input_norm"]["scale"], cfg.rms_norm_eps)
         a = p["attn"]
-        q_BTNH = apply_rope(_linear(h, a["q_proj"], "btd,dnh->btnh"), cos_BTH, sin_BTH)
-        k_BTKH = apply_rope(_linear(h, a["k_proj"], "btd,dkh->btkh"), cos_BTH, sin_BTH)
-        v_BTKH = _linear(h, a["v_proj"], "btd,dkh->btkh")
+        q_BTNH, k_BTKH, v_BTKH = _linears(h, [a["q_proj"], a["k_proj"], a["v_proj"]],
+                                          ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"])
+        q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+        k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
         q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
         if cache_kv is None:
             k_all, v_all, new_kv = k_BTKH, v_BTKH, None
@@ -440,8 +457,7 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
     with jax.named_scope("mlp"):
         h = rms_norm(x_BTD, p["post_attention_norm"]["scale"], cfg.rms_norm_eps)
         m = p["mlp"]
-        g_BTF = _linear(h, m["gate_proj"], "btd,df->btf")
-        u_BTF = _linear(h, m["up_proj"], "btd,df->btf")
+        g_BTF, u_BTF = _linears(h, [m["gate_proj"], m["up_proj"]], ["btd,df->btf", "btd,df->btf"])
         act_BTF = constrain(jax.nn.silu(g_BTF) * u_BTF, ("activation_batch", "activation_length", "activation_mlp"))
         x_BTD = x_BTD + _linear(act_BTF, m["down_proj"], "btf,fd->btd")
         x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))

@@ -22,6 +22,37 @@ def _transposed_wgrad() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def dense_many(x_NI: jax.Array, ws_IO: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """`tuple(x @ w for w in ws)`: several projections of one input (q/k/v, gate/up) that share one
+    `x^T` in the backward pass on CPU. The kernels stay separate arrays (their shardings too)."""
+    ws_IO = tuple(ws_IO)
+    if not _transposed_wgrad():
+        return tuple(jnp.dot(x_NI, w) for w in ws_IO)
+    return _dense_many(x_NI, ws_IO)
+
+
+@jax.custom_vjp
+def _dense_many(x_NI, ws_IO):
+    return tuple(jnp.dot(x_NI, w) for w in ws_IO)
+
+
+def _dense_many_fwd(x_NI, ws_IO):
+    return _dense_many(x_NI, ws_IO), (x_NI, ws_IO)
+
+
+def _dense_many_bwd(res, dys_NO):
+    x_NI, ws_IO = res
+    dys_NO = [dy.astype(x_NI.dtype) for dy in dys_NO]
+    dx_NI = sum(jnp.dot(dy, w.T, preferred_element_type=jnp.float32) for dy, w in zip(dys_NO, ws_IO))
+    xt_IN = jax.lax.optimization_barrier(x_NI.T)  # one transpose for all the weight gradients
+    dws_IO = tuple(jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype)
+                   for dy, w in zip(dys_NO, ws_IO))
+    return dx_NI.astype(x_NI.dtype), dws_IO
+
+
+_dense_many.defvjp(_dense_many_fwd, _dense_many_bwd)
+
+
 def dense(x_NI: jax.Array, w_IO: jax.Array, out_dtype=None) -> jax.Array:
     """`x @ w` for `x [N, I]`, `w [I, O]` (result in `out_dtype`, default x's dtype, accumulated
     in it as `preferred_element_type`)."""
