@@ -107,7 +107,7 @@ def _masked_tokens(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array,
     chunk = min(chunk, s)
     n = -(-s // chunk)
     pad = n * chunk - s
-    if pad:
+    if pad:  # padded steps carry mask 0, so they add nothing
         h_BSD = jnp.pad(h_BSD, ((0, 0), (0, pad), (0, 0)))
         tgt_BS = jnp.pad(tgt_BS, ((0, 0), (0, pad)))
         mask_BS = jnp.pad(mask_BS, ((0, 0), (0, pad)))
@@ -141,7 +141,8 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
     first = np.where(any_, flat.argmax(axis=-1), 1)
     last = np.where(any_, T - 1 - flat[:, ::-1].argmax(axis=-1), 0)
     span = int(np.max(last - first + 1, initial=1))
-    step = 8 * -(-max(1, -(-(T - 1) // 8)) // 8)
+    eighth = max(1, -(-(T - 1) // 8))  # an eighth of the row, rounded up
+    step = 8 * -(-eighth // 8)  # ... to a multiple of 8
     window = max(int(minimum), step * -(-span // step))
     window = max(1, min(window, T - 1))
     start = (first - 1).astype(np.int32).reshape(m.shape[:-1])
@@ -151,29 +152,7 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
 def _masked_logps(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array,
                   chunk: int | None) -> jax.Array:
     """sum_s mask[s] * log p(tgt[s] | h[s]), optionally in rematerialised time chunks."""
-    s = h_BSD.shape[1]
-    if chunk is None:  # a given chunk always rematerialises, even when one chunk covers s
-        return jnp.sum(_chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS, axis=-1)
-    chunk = min(chunk, s)
-    n = -(-s // chunk)
-    pad = n * chunk - s
-    if pad:  # padded steps carry mask 0, so they add nothing
-        h_BSD = jnp.pad(h_BSD, ((0, 0), (0, pad), (0, 0)))
-        tgt_BS = jnp.pad(tgt_BS, ((0, 0), (0, pad)))
-        mask_BS = jnp.pad(mask_BS, ((0, 0), (0, pad)))
-    b, d = h_BSD.shape[0], h_BSD.shape[2]
-    # time-major chunks for scan: [n, B, chunk, ...]
-    h_NBCD = h_BSD.reshape(b, n, chunk, d).swapaxes(0, 1)
-    tgt_NBC = tgt_BS.reshape(b, n, chunk).swapaxes(0, 1)
-    mask_NBC = mask_BS.reshape(b, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint  # keep no per-chunk logits for the backward pass; recompute them
-    def body(acc_B, xs):
-        h_BCD, tgt_BC, m_BC = xs
-        return acc_B + jnp.sum(_chunk_logps(h_BCD, out_embed_DV, tgt_BC) * m_BC, axis=-1), None
-
-    acc_B, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (h_NBCD, tgt_NBC, mask_NBC))
-    return acc_B
+    return jnp.sum(_masked_tokens(h_BSD, out_embed_DV, tgt_BS, mask_BS, chunk), axis=-1)
 
 
 # ----------------------------------------------------------------------------- DPO family

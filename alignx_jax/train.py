@@ -315,8 +315,8 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
     def step(params, opt_state, ref_params, batch):
         n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
 
-        def micro(carry, mb):
-            grads_acc, sums_acc = carry
+        def micro_grads(mb):
+            """(gradients, metric sums) of one microbatch."""
             pm = mb["pair_mask"].astype(jnp.float32)
             ntok = (mb["score_count"].astype(jnp.float32) if "branch_ids" in mb
                     else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1))  # [b, 2]
@@ -346,30 +346,30 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
                 sums.update(loss=aux["dpo"], total_loss=loss, head_loss=aux["head_loss"],
                             head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
                             head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn, non_neutral=nn)
-            if grads_acc is None:  # a single microbatch: no accumulator to zero-fill and add into
-                grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-                if grad_shardings is not None:
-                    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-                return (grads, sums), None
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            if grad_shardings is not None:
-                grads_acc = jax.lax.with_sharding_constraint(grads_acc, grad_shardings)
+            return grads, sums
+
+        def constrained(grads):
+            return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+        def accumulate(carry, mb):
+            grads_acc, sums_acc = carry
+            grads, sums = micro_grads(mb)
+            grads_acc = constrained(jax.tree.map(jnp.add, grads_acc, grads))
             return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
 
         num_micro = jax.tree.leaves(batch)[0].shape[0]
-        if num_micro == 1:
-            (grads, sums), _ = micro((None, None), jax.tree.map(lambda x: x[0], batch))
+        if num_micro == 1:  # a single microbatch: no accumulator to zero-fill and add into
+            grads, sums = micro_grads(jax.tree.map(lambda x: x[0], batch))
+            grads = constrained(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         else:
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            if grad_shardings is not None:
-                zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+            zeros = constrained(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
             sum_keys = ("reward_accuracy", "rewards_chosen", "rewards_rejected", "margin", "logps_chosen",
                         "logps_rejected", "pairs", "loss")
             if joint:
                 sum_keys += ("total_loss", "head_loss", "head_accuracy", "head_accuracy_non_neutral",
                              "non_neutral")
             init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
-            (grads, sums), _ = jax.lax.scan(micro, init, batch)
+            (grads, sums), _ = jax.lax.scan(accumulate, init, batch)
         if joint:
             grad_norm = optax.tree.norm(grads["policy"])
             updates, pol_state = tx.update(grads["policy"], opt_state["policy"], params["policy"])

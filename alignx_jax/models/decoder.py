@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
-from alignx_jax.models.matmul import dense, dense_many
+from alignx_jax.models.matmul import dense_many
 from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -420,7 +420,7 @@ def _linears(x, ps: list, specs: list[str]) -> list:
     n_in = shapes[0][0]
     lead = x.shape[: x.ndim - n_in]
     x2 = x.reshape(math.prod(lead), -1)
-    ys = dense_many(x2, tuple(kernels)) if len(kernels) > 1 else (dense(x2, kernels[0]),)
+    ys = dense_many(x2, tuple(kernels))
     out = []
     for y, p, (_, k_out) in zip(ys, ps, shapes):
         y = y.reshape(*lead, *k_out)

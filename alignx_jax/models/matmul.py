@@ -22,63 +22,43 @@ def _transposed_wgrad() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def dense_many(x_NI: jax.Array, ws_IO: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+def dense(x_NI: jax.Array, w_IO: jax.Array, out_dtype=None) -> jax.Array:
+    """`x @ w` for `x [N, I]`, `w [I, O]` (result in `out_dtype`, default x's dtype, accumulated
+    in it as `preferred_element_type`)."""
+    return dense_many(x_NI, (w_IO,), out_dtype)[0]
+
+
+def dense_many(x_NI: jax.Array, ws_IO: tuple[jax.Array, ...], out_dtype=None) -> tuple[jax.Array, ...]:
     """`tuple(x @ w for w in ws)`: several projections of one input (q/k/v, gate/up) that share one
     `x^T` in the backward pass on CPU. The kernels stay separate arrays (their shardings too)."""
-    ws_IO = tuple(ws_IO)
+    ws_IO, out_dtype = tuple(ws_IO), jnp.dtype(out_dtype or x_NI.dtype)
     if not _transposed_wgrad():
-        return tuple(jnp.dot(x_NI, w) for w in ws_IO)
-    return _dense_many(x_NI, ws_IO)
+        return _products(x_NI, ws_IO, out_dtype)
+    return _dense_many(x_NI, ws_IO, out_dtype)
 
 
-@jax.custom_vjp
-def _dense_many(x_NI, ws_IO):
-    return tuple(jnp.dot(x_NI, w) for w in ws_IO)
+def _products(x_NI, ws_IO, out_dtype):
+    return tuple(jnp.dot(x_NI, w, preferred_element_type=out_dtype) for w in ws_IO)
 
 
-def _dense_many_fwd(x_NI, ws_IO):
-    return _dense_many(x_NI, ws_IO), (x_NI, ws_IO)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_many(x_NI, ws_IO, out_dtype):
+    return _products(x_NI, ws_IO, out_dtype)
 
 
-def _dense_many_bwd(res, dys_NO):
+def _dense_many_fwd(x_NI, ws_IO, out_dtype):
+    return _products(x_NI, ws_IO, out_dtype), (x_NI, ws_IO)
+
+
+def _dense_many_bwd(out_dtype, res, dys_NO):
     x_NI, ws_IO = res
     dys_NO = [dy.astype(x_NI.dtype) for dy in dys_NO]
     dx_NI = sum(jnp.dot(dy, w.T, preferred_element_type=jnp.float32) for dy, w in zip(dys_NO, ws_IO))
-    xt_IN = jax.lax.optimization_barrier(x_NI.T)  # one transpose for all the weight gradients
+    # x^T materialised once, so every weight-gradient dot is a plain [I, N] x [N, O] product
+    xt_IN = jax.lax.optimization_barrier(x_NI.T)
     dws_IO = tuple(jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype)
                    for dy, w in zip(dys_NO, ws_IO))
     return dx_NI.astype(x_NI.dtype), dws_IO
 
 
 _dense_many.defvjp(_dense_many_fwd, _dense_many_bwd)
-
-
-def dense(x_NI: jax.Array, w_IO: jax.Array, out_dtype=None) -> jax.Array:
-    """`x @ w` for `x [N, I]`, `w [I, O]` (result in `out_dtype`, default x's dtype, accumulated
-    in it as `preferred_element_type`)."""
-    out_dtype = jnp.dtype(out_dtype or x_NI.dtype)
-    if not _transposed_wgrad():
-        return jnp.dot(x_NI, w_IO, preferred_element_type=out_dtype)
-    return _dense(x_NI, w_IO, out_dtype)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(x_NI, w_IO, out_dtype):
-    return jnp.dot(x_NI, w_IO, preferred_element_type=out_dtype)
-
-
-def _dense_fwd(x_NI, w_IO, out_dtype):
-    return _dense(x_NI, w_IO, out_dtype), (x_NI, w_IO)
-
-
-def _dense_bwd(out_dtype, res, dy_NO):
-    x_NI, w_IO = res
-    dy_NO = dy_NO.astype(x_NI.dtype)
-    dx_NI = jnp.dot(dy_NO, w_IO.T, preferred_element_type=jnp.float32).astype(x_NI.dtype)
-    # x^T materialised, so the weight-gradient dot is a plain [I, N] x [N, O] product
-    xt_IN = jax.lax.optimization_barrier(x_NI.T)
-    dw_IO = jnp.dot(xt_IN, dy_NO, preferred_element_type=jnp.float32).astype(w_IO.dtype)
-    return dx_NI, dw_IO
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
