@@ -60,8 +60,10 @@ from alignx_jax import losses
 from alignx_jax import sharding as shd
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.config import config_to_json, load_config
+from alignx_jax.data import batching
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.metrics import MetricsWriter
+from alignx_jax.models.compaction import TokenLayout
 
 METHODS = ("ica", "pba", "none")
 REFERENCE_MODES = ("on_the_fly", "precomputed")
@@ -267,17 +269,20 @@ def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk:
 
 def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
     """`pair_logps` for an already merged Decoder."""
+    # data.compact_tokens: the token-wise layers run on the batch's real tokens only
+    tokens = TokenLayout(mb["token_index"], mb["token_slot"]) if "token_index" in mb else None
     with jax.named_scope("pair_logps"):
         if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
             h_NTD = model.hidden_states(mb["input_ids"], mb["attention_mask"], mb["positions"],
-                                        segment_ids_BT=mb.get("segment_ids"), branch_ids_BT=mb["branch_ids"])
+                                        segment_ids_BT=mb.get("segment_ids"), branch_ids_BT=mb["branch_ids"],
+                                        tokens=tokens)
             w_DV = model.output_embedding().astype(h_NTD.dtype)
             return losses.flat_logps(h_NTD, w_DV, mb["score_flat"], mb["score_target"], mb["score_slot"],
                                      mb["score_valid"], num_slots=2 * mb["pair_mask"].shape[0],
                                      chunk=chunk).reshape(-1, 2)
         b, two, T = mb["input_ids"].shape
         flat = {k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
-        h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"])
+        h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"], tokens=tokens)
         w_DV = model.output_embedding().astype(h_ND.dtype)
         if "score_index" in mb:  # logits on the response window only (loss.logits_on_responses)
             idx = mb["score_index"].reshape(b * two, -1)
@@ -396,7 +401,8 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
 
 # what `pair_logps` reads from a microbatch (either layout)
 MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "loss_mask", "score_index", "branch_ids",
-                "segment_ids", "score_flat", "score_target", "score_slot", "score_valid", "pair_mask")
+                "segment_ids", "score_flat", "score_target", "score_slot", "score_valid", "pair_mask",
+                "token_index", "token_slot")
 
 
 def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -> Callable:
@@ -452,12 +458,14 @@ def flat_scores(batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum
 
 def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None = None, *,
                     head: bool = False, P: int | None = None, window: int | None = None,
-                    scored: int | None = None) -> dict[str, np.ndarray]:
+                    scored: int | None = None, tokens: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
 
     head=True also carries the PBA head's persona_ids/persona_mask `[M, B/M, P]` (widened to P)
     and direction `[M, B/M, 90]`. window: also carry `score_index [M, B/M, 2, R]` (the response
-    window `losses.window_logps` scores; R at least `window`, 0 = the data's own).
+    window `losses.window_logps` scores; R at least `window`, 0 = the data's own). tokens=(G, N):
+    also carry `token_index [M, G, N]` / `token_slot [M, G, R]` (`batching.compact_index`: the
+    token-wise layers run on N kept tokens per group of rows; N 0 = the data's own).
     """
     if head:
         missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
@@ -488,6 +496,8 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
     if window is not None and not shared:
         out["score_index"] = losses.scored_window(out["loss_mask"], minimum=max(16, int(window)))
     out["pair_mask"] = batch["pair_mask"].reshape(num_micro, b)
+    if tokens is not None:
+        add_token_layout(out, int(tokens[0]), int(tokens[1]) or None)
     if "ref_logps" in batch:
         out["ref_logps"] = np.asarray(batch["ref_logps"], np.float32).reshape(num_micro, b, 2)
     if head:  # PBA joint: the head's input and target, per pair
@@ -497,6 +507,22 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
                 x = np.pad(x, ((0, 0), (0, P - x.shape[1])))
             out[k] = x.reshape(num_micro, b, x.shape[1])
         out["direction"] = np.asarray(batch["direction"], np.float32).reshape(num_micro, b, -1)
+    return out
+
+
+def token_mask(out: dict[str, np.ndarray]) -> np.ndarray:
+    """The step layout's attention mask as `[M, rows, T]` (rows in the order the decoder sees them)."""
+    mask = out["attention_mask"]
+    return mask.reshape(mask.shape[0], -1, mask.shape[-1])
+
+
+def add_token_layout(out: dict[str, np.ndarray], groups: int, kept: int | None = None) -> dict[str, np.ndarray]:
+    """Add `token_index`/`token_slot` (`batching.compact_index`) to a step batch, in place, unless
+    every position would be kept (then the plain layout is as cheap)."""
+    mask = token_mask(out)
+    N = batching.kept_tokens(mask, groups) if kept is None else int(kept)
+    if N < mask.shape[1] // groups * mask.shape[2]:
+        out.update(batching.compact_index(mask, groups, kept=N))
     return out
 
 
@@ -618,7 +644,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config_to_json(cfg) + "\n")
 
-    from alignx_jax.data import batching, sources
+    from alignx_jax.data import sources
 
     tokenizer, tokenizer_dir = load_tokenizer_for(cfg)
     data_path = _ensure_data(cfg, workdir, is_main)
@@ -647,6 +673,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     response_logits = bool(cfg.loss.get("logits_on_responses", True))
     share = bool(cfg.data.get("share_prompt", False))
     packing = bool(cfg.data.get("packing", False))
+    compact = bool(cfg.data.get("compact_tokens", True))
     pack_length = int(cfg.data.get("pack_length", 0)) or max(buckets)
     predicted: dict[str, np.ndarray] = {}  # 'dirs' [N, 90]: filled before the first batch is drawn
 
@@ -707,7 +734,20 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         if share and pc > 1:  # the scored-token list length, too
             S = flat_scores(coll, num_micro, T)["score_flat"].shape[-1]
             S = int(np.max(multihost_utils.process_allgather(np.asarray(S))))
-        return to_microbatches(coll, num_micro, T, head=joint, P=P, window=R, scored=S), stats
+        out = to_microbatches(coll, num_micro, T, head=joint, P=P, window=R, scored=S)
+        if compact:  # kept tokens per group of rows, one group per local batch shard
+            local_shards = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // pc)
+            G = local_shards if out["input_ids"].shape[1] % local_shards == 0 else 1  # axis 1 is the sharded one
+            N = batching.kept_tokens(token_mask(out), G)
+            if pc > 1:  # every process must agree on the kept-token count
+                N = int(np.max(multihost_utils.process_allgather(np.asarray(N))))
+            add_token_layout(out, G, N)
+        # the share of padded positions the token-wise layers still compute (0 when all are skipped)
+        mask = token_mask(out)
+        computed = (out["token_index"].shape[-1] * out["token_index"].shape[-2] * mask.shape[0]
+                    if "token_index" in out else mask.size)
+        stats["computed_padding_fraction"] = float(computed - (mask > 0).sum()) / float(computed)
+        return out, stats
 
     # --- model, reference, optimizer
     policy = build_policy(cfg, tokenizer, mesh, rules)
@@ -843,7 +883,8 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                     **m, "learning_rate": float(schedule(step - 1)), "epoch": info["epoch"],
                     "tokens_per_sec": stats["real_tokens"] * pc / dt, "step_time": dt,
                     "rows_dropped": info["rows_dropped"], "rows_truncated": truncated[0], "rows_skipped": skipped,
-                    "padding_fraction": stats["padding_fraction"]})
+                    "padding_fraction": stats["padding_fraction"],
+                    "computed_padding_fraction": stats["computed_padding_fraction"]})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}")

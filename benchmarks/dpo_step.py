@@ -11,7 +11,9 @@ DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
 * JAX: `alignx_jax.train.make_train_step` (the code `alignx train` jits), jitted with the
   parameters and optimizer state donated, batch in the train layout `[1, B, 2, L]` with the
   response window `alignx train` adds by default (`loss.logits_on_responses`: the output layer
-  runs on each row's response positions only; `--full-logits` turns it off).
+  runs on each row's response positions only; `--full-logits` turns it off) and its token
+  compaction (`data.compact_tokens`: norms, projections and MLP run on the real tokens only,
+  attention on the padded rows; `--no-compact` turns it off).
 * PyTorch: a TRL-style step written with torch: `LlamaForCausalLM` (sdpa attention), one
   forward over the concatenated chosen+rejected batch, float32 `log_softmax` + gather, masked sum,
   sigmoid DPO, `clip_grad_norm_`, `torch.optim.AdamW`. `torch.compile` of the same loss function
@@ -20,8 +22,10 @@ DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
 After `--warmup` steps of each, the JAX step, the torch step, the compiled torch step and a peak
 matmul are timed in turn, one each per round, for `--steps` rounds (so load changes on a shared
 machine hit all of them alike); the reported times are medians over rounds. tokens/s
-counts every processed token (2 * B * L, padding included: both sides process the same tensor).
-`model_flops_per_step` counts matmul FLOPs: 6 N_mm + attention for the policy (forward+backward)
+counts the batch's real tokens (`tokens_per_step`; `positions_per_step` = 2 * B * L counts the padding
+too: both sides are handed the same padded tensor, and the ratio is the same either way).
+`model_flops_per_step` counts the real tokens' matmul FLOPs (the useful work; padding is not):
+6 N_mm + attention for the policy (forward+backward)
 and 2 N_mm + attention for the reference forward, where N_mm excludes the embedding gather and
 attention is 4 L_layers T D_attn per token (full, un-halved score matrix, as computed here).
 `peak_flops` is the median over rounds of the best 1024^2 / 2048^2 float32 JAX matmul rate.
@@ -107,9 +111,10 @@ def param_counts(hf: dict[str, int]) -> tuple[int, int]:
     return mm + V * D + (2 * L + 1) * D, mm
 
 
-def model_flops_per_step(hf: dict[str, int], seq_len: int, batch: int) -> float:
+def model_flops_per_step(hf: dict[str, int], seq_len: int, batch: int, tokens: int | None = None) -> float:
+    """Matmul FLOPs of one step over `tokens` tokens (default every position, 2 * batch * seq_len)."""
     _, mm = param_counts(hf)
-    tokens = 2 * batch * seq_len
+    tokens = 2 * batch * seq_len if tokens is None else int(tokens)
     attn_fwd_per_token = 4 * hf["num_hidden_layers"] * seq_len * hf["num_attention_heads"] * hf["head_dim"]
     fwd = (2 * mm + attn_fwd_per_token) * tokens
     return float(4 * fwd)  # policy forward + backward (3x) + reference forward (1x)
@@ -149,7 +154,8 @@ def _optim_cfg():
 class JaxStep:
     """The train.py step, jitted as `alignx train` does (params and optimizer state donated)."""
 
-    def __init__(self, policy, reference, setup: Setup, chunk: int = 0, response_logits: bool = True):
+    def __init__(self, policy, reference, setup: Setup, chunk: int = 0, response_logits: bool = True,
+                 compact: bool = True):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -166,7 +172,9 @@ class JaxStep:
         # as `alignx train` lays a batch out: with loss.logits_on_responses (the default) the output
         # layer runs only on each row's response window (`score_index`), not on prompt positions
         window = 0 if response_logits else None
-        self.batch = jax.device_put(train.to_microbatches(setup.data, 1, window=window))
+        # and with data.compact_tokens (the default) the token-wise layers skip the padding
+        tokens = (1, 0) if compact else None
+        self.batch = jax.device_put(train.to_microbatches(setup.data, 1, window=window, tokens=tokens))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         self.compiled = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch).compile()
 
@@ -351,13 +359,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     torch_device = "cpu" if args.device == "cpu" else "cuda"
     setup = make_setup(args.model_size, args.seq_len, args.batch, seed=args.seed)
-    tokens = 2 * args.batch * args.seq_len
-    flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
+    positions = 2 * args.batch * args.seq_len
+    tokens = int(np.asarray(setup.data["attention_mask"]).sum())  # real tokens: what tokens/s and MFU count
+    flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch, tokens)
+    flops_positions = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
     out: dict[str, Any] = {
         "model_size": args.model_size, "seq_len": args.seq_len, "batch_pairs": args.batch,
         "scan_layers": args.scan_layers, "remat": args.remat, "attention_impl": args.attention_impl,
-        "tokens_per_step": tokens, "jax_logits_on_responses": args.response_logits, "params": param_counts(setup.hf_config)[0],
-        "model_flops_per_step": flops, "device": args.device, "logps_chunk": args.chunk,
+        "tokens_per_step": tokens, "positions_per_step": positions, "jax_logits_on_responses": args.response_logits,
+        "jax_compact_tokens": args.compact, "params": param_counts(setup.hf_config)[0],
+        "model_flops_per_step": flops, "model_flops_per_step_all_positions": flops_positions, "device": args.device, "logps_chunk": args.chunk,
         "jax_version": jax.__version__, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
         "machine": _cpu_model(), "cpu_count": os.cpu_count(), "timing": "interleaved rounds, medians",
         "load_average_start": list(os.getloadavg()),
@@ -369,7 +380,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     c_pol = copy.deepcopy(t_pol) if args.compile else None  # torch.compile trains its own copy
 
     t0 = time.perf_counter()
-    jstep = JaxStep(policy, reference, setup, chunk=args.chunk, response_logits=args.response_logits)
+    jstep = JaxStep(policy, reference, setup, chunk=args.chunk, response_logits=args.response_logits,
+                    compact=args.compact)
     out["jax_compile_seconds"] = time.perf_counter() - t0
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
     del policy, reference
@@ -420,6 +432,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mfu_key = "cpu_mfu" if args.device == "cpu" else "gpu_mfu"
     out[mfu_key] = flops / out["jax_step_seconds"] / out["peak_flops"]
     out["torch_mfu"] = flops / out["torch_step_seconds"] / out["peak_flops"]
+    # the same with padded positions counted as work (the definition of the earlier BENCHMARKS rows)
+    out[mfu_key + "_all_positions"] = flops_positions / out["jax_step_seconds"] / out["peak_flops"]
+    out["torch_mfu_all_positions"] = flops_positions / out["torch_step_seconds"] / out["peak_flops"]
     out["jax_vs_torch"] = out["jax_tokens_per_sec"] / out["torch_tokens_per_sec"]
     # per-round ratios: robust to load drifting between rounds
     out["jax_vs_torch_per_round"] = [t / j for j, t in zip(times["jax"], times["torch"])]
@@ -455,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-impl", default="xla", help="model.attention_impl of the JAX model")
     p.add_argument("--full-logits", dest="response_logits", action="store_false",
                    help="JAX: logits on every position (loss.logits_on_responses=False), as the torch side does")
+    p.add_argument("--no-compact", dest="compact", action="store_false",
+                   help="JAX: token-wise layers on every position, padding included (data.compact_tokens=False)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")

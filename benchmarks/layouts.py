@@ -9,6 +9,8 @@ The same pairs and the same model (the demo's tiny decoder unless sizes are give
 - `response_window`: two rows per pair, logits on each row's response window (the default)
 - `shared_prompt`:  one row per pair, prompt + chosen + rejected (`data.share_prompt=true`)
 - `packed`:         those rows packed several to a row of `--pack-length` tokens (`data.packing=true`)
+- `*+compact`:      the layout with token compaction (`data.compact_tokens=true`, the default in
+                    `alignx train`): norms, projections and MLP on the real tokens only
 
 Reports the median step time and pairs/s of each, their loss on the second step (after one update
 from the same weights: the same number, since the layouts change the cost, not the computation), and
@@ -92,6 +94,8 @@ def main(argv=None) -> int:
             batching.share_prompt(b, buckets=buckets, pad_id=pad_id), groups=1, length=args.pack_length,
             pad_id=pad_id), 1),
     }
+    for name in ("response_window", "shared_prompt"):  # data.compact_tokens on top (one group of rows)
+        layouts[name + "+compact"] = lambda b, f=layouts[name]: train.add_token_layout(f(b), 1)
     results = {}
     for name, layout in layouts.items():
         host = [layout(b) for b in batches]

@@ -54,11 +54,11 @@ def measure(bench, size: dict[str, int], seq_len: int, batch: int, steps: int, c
         step()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
-    tokens = 2 * batch * seq_len
+    tokens = int(setup.data["attention_mask"].sum())  # real tokens, as dpo_step.py counts them
     row = {"hidden": size["hidden_size"], "layers": size["num_hidden_layers"],
            "params": bench.param_counts(setup.hf_config)[0], "seq_len": seq_len, "batch_pairs": batch,
-           "tokens": tokens, "step_seconds": sec, "tokens_per_sec": tokens / sec,
-           "flops_per_sec": bench.model_flops_per_step(setup.hf_config, seq_len, batch) / sec,
+           "tokens": tokens, "positions": 2 * batch * seq_len, "step_seconds": sec, "tokens_per_sec": tokens / sec,
+           "flops_per_sec": bench.model_flops_per_step(setup.hf_config, seq_len, batch, tokens) / sec,
            "memory_bytes": step.peak_memory_bytes()}
     del step
     gc.collect()

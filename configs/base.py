@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     # attention kept within each pair by segment ids: less padding when lengths vary (one process)
     c.data.packing = False
     c.data.pack_length = 0
+    # run the token-wise layers (norms, projections, MLP) on each batch's real tokens only, grouped
+    # per batch shard; only attention sees the padded rows (models.compaction). The same numbers.
+    c.data.compact_tokens = True
     c.data.overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
     c.data.skip_bad_rows = False
     c.data.shuffle = True

@@ -232,7 +232,9 @@ def test_impossible_mesh_is_one_line_exit_1(tmp_path):
 
 @pytest.mark.slow
 def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
-    steps = ["--config.train.steps=3", "--config.checkpoint.every_steps=3"]
+    # rows of 256 for pairs of at most 128 tokens: token compaction (data.compact_tokens, on by
+    # default) keeps about half of them, in one group of rows on 1 device and 4 (one per batch shard) on 8
+    steps = ["--config.train.steps=3", "--config.checkpoint.every_steps=3", "--config.data.buckets=(256,)"]
     one = tmp_path / "one"
     r = _alignx(["train", f"--config={TINY}", f"--config.workdir={one}", *SMALL, *steps,
                  "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"], tmp_path)
@@ -258,8 +260,10 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     rec = [json.loads(line) for line in open(one / "metrics.jsonl")][-1]
     for k in ("loss", "reward_accuracy", "learning_rate", "grad_norm", "tokens_per_sec", "rewards_chosen",
               "rewards_rejected", "margin", "logps_chosen", "logps_rejected", "rows_dropped", "rows_truncated",
-              "padding_fraction"):
+              "padding_fraction", "computed_padding_fraction"):
         assert k in rec, k
+    # data.compact_tokens (the default): the token-wise layers compute at most the batch's padding share
+    assert 0.0 <= rec["computed_padding_fraction"] < 0.5 * rec["padding_fraction"]
     # the training checkpoint exports through `alignx export --checkpoint W`
     r = _alignx(["export", "--checkpoint", str(one), "--out", str(tmp_path / "hf")], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -204,6 +204,45 @@ def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
             "padding_fraction": (total - real) / total if total else 0.0}
 
 
+def kept_tokens(attention_mask: np.ndarray, groups: int) -> int:
+    """The static kept-token count N per group for `compact_index`: the most real tokens any group
+    of `attention_mask [M, rows, T]` holds, rounded up to a sixteenth of the group's R = rows/G*T
+    positions (itself a multiple of 8), at most R; so a row length meets at most 16 compiled shapes."""
+    M, rows, T = attention_mask.shape
+    if rows % groups:
+        raise ValueError(f"{rows} rows per microbatch do not split into {groups} token groups")
+    R = rows // groups * T
+    real = int((attention_mask.reshape(M, groups, R) > 0).sum(-1).max(initial=1))
+    step = 8 * -(-max(1, -(-R // 16)) // 8)
+    return min(R, max(1, step * -(-real // step)))
+
+
+def compact_index(attention_mask: np.ndarray, groups: int, kept: int | None = None) -> dict[str, np.ndarray]:
+    """Host side of `models.compaction`: `token_index [M, G, N]` and `token_slot [M, G, R]` for
+    `attention_mask [M, rows, T]`, whose rows split into G consecutive groups (one per batch shard).
+
+    A group's N slots hold its real tokens in order, then the first of its padding positions to
+    fill N (`kept`, default `kept_tokens`); `token_slot` maps every position to its slot, or to N
+    when it was not kept. Raises when a group has more than N real tokens.
+    """
+    M, rows, T = attention_mask.shape
+    N = kept_tokens(attention_mask, groups) if kept is None else int(kept)
+    if rows % groups:
+        raise ValueError(f"{rows} rows per microbatch do not split into {groups} token groups")
+    R = rows // groups * T
+    if not 0 < N <= R:
+        raise ValueError(f"kept tokens {N} outside 1..{R}")
+    real = attention_mask.reshape(M * groups, R) > 0
+    # stable sort on "not real": real positions first in order, then padding positions in order
+    order = np.argsort(~real, axis=-1, kind="stable")
+    if int(real.sum(-1).max(initial=0)) > N:
+        raise ValueError(f"a token group holds {int(real.sum(-1).max())} real tokens, more than the {N} kept")
+    index = order[:, :N].astype(np.int32)
+    slot = np.full((M * groups, R), N, np.int32)
+    np.put_along_axis(slot, index, np.arange(N, dtype=np.int32)[None, :].repeat(M * groups, 0), axis=-1)
+    return {"token_index": index.reshape(M, groups, N), "token_slot": slot.reshape(M, groups, R)}
+
+
 def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int,
                  length: int | None = None, window: int | None = None) -> dict[str, np.ndarray]:
     """A collated batch (2B rows: chosen, then rejected) -> one row per pair: prompt, chosen, rejected.

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.models.compaction import TokenLayout
 from alignx_jax.models.matmul import dense_many
 from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
 
@@ -431,10 +432,14 @@ def _linears(x, ps: list, specs: list[str]) -> list:
 
 
 def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cache_kv, cache_index,
-                  *, cfg: DecoderConfig):
+                  layout: TokenLayout | None = None, *, cfg: DecoderConfig):
     """One pre-norm block on one layer's params `p`. `allowed_BTS` is the boolean attention mask or
     its additive `mask_bias`. With `cache_kv=(k_BSKH, v_BSKH)` the new keys and
-    values are written at `cache_index` and attention reads the whole cache."""
+    values are written at `cache_index` and attention reads the whole cache.
+
+    With a `layout` (`models.compaction`), `x_BTD`, `cos_BTH` and `sin_BTH` hold only the kept
+    tokens (`(B, T)` read `(G, N)`): everything but attention runs on them, and q/k/v are laid
+    out as the `[B, T]` rows of `allowed_BTS` for attention only."""
     with jax.named_scope("attention"):
         h = rms_norm(x_BTD, p["input_norm"]["scale"], cfg.rms_norm_eps)
         a = p["attn"]
@@ -442,6 +447,9 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
                                           ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"])
         q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+        if layout is not None:
+            B, T = allowed_BTS.shape[:2]
+            q_BTNH, k_BTKH, v_BTKH = (layout.rows(t, B, T) for t in (q_BTNH, k_BTKH, v_BTKH))
         q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
         if cache_kv is None:
             k_all, v_all, new_kv = k_BTKH, v_BTKH, None
@@ -452,6 +460,8 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
             new_kv = (k_all, v_all)
             k_all, v_all = k_all.astype(x_BTD.dtype), v_all.astype(x_BTD.dtype)
         o_BTNH = attention(q_BTNH, k_all, v_all, allowed_BTS, cfg.attention_impl, causal=cache_kv is None)
+        if layout is not None:
+            o_BTNH = layout.tokens(o_BTNH)
         x_BTD = x_BTD + _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd")
         x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     with jax.named_scope("mlp"):
@@ -568,16 +578,18 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
                       positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                      branch_ids_BT: jax.Array | None = None) -> jax.Array:
+                      branch_ids_BT: jax.Array | None = None, tokens: TokenLayout | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, D] (score only the tokens you need against
         `output_embedding()` instead of materialising [B, T, V]).
 
         branch_ids_BT: a shared prefix with branches (0 = the prefix, k > 0 = branch k): a token of
         branch k sees the prefix and its own branch only, so one row holds a prompt and both of a
         pair's responses (`batching.share_prompt`) with the attention each has in a row of its own.
+        tokens: run the token-wise layers on these kept tokens only (`models.compaction`; the
+        batch's real tokens, from `batching.compact_index`); positions not kept come back as zeros.
         """
         return self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, None,
-                             branch_ids_BT=branch_ids_BT)[0]
+                             branch_ids_BT=branch_ids_BT, layout=tokens)[0]
 
     def output_embedding(self) -> jax.Array:
         """The output projection [D, V] (the transposed input embedding when tied)."""
@@ -594,7 +606,8 @@ class Decoder(nnx.Module):
                 "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
     # -- implementation --
-    def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache, branch_ids_BT=None):
+    def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache, branch_ids_BT=None,
+                 layout: TokenLayout | None = None):
         cfg = self.cfg
         dt = cfg.compute_dtype
         B, T = input_ids_BT.shape
@@ -602,6 +615,8 @@ class Decoder(nnx.Module):
                    else jnp.asarray(attention_mask_BT).astype(jnp.bool_))
         if cache is not None and segment_ids_BT is not None:
             raise ValueError("segment_ids and a KV cache cannot be combined")
+        if cache is not None and layout is not None:
+            raise ValueError("token compaction and a KV cache cannot be combined")
 
         if cache is None:
             if positions_BT is None:  # left padding: count only real tokens
@@ -624,10 +639,13 @@ class Decoder(nnx.Module):
             slot_T = index + jnp.arange(T)
             allowed_BTS = (jnp.arange(S)[None, :] <= slot_T[:, None])[None] & kv_mask_BS[:, None, :]
 
+        # with a layout, the residual stream holds the kept tokens only: (B, T) below read (G, N)
+        ids_BT = input_ids_BT if layout is None else layout.tokens(input_ids_BT)
         with jax.named_scope("embed"):
-            x_BTD = jnp.take(self.embed_tokens.embedding.get_value(), input_ids_BT, axis=0).astype(dt)
+            x_BTD = jnp.take(self.embed_tokens.embedding.get_value(), ids_BT, axis=0).astype(dt)
             x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
-        cos_BTH, sin_BTH = rope_cos_sin(positions_BT, rope_inv_freq(cfg), dt)
+        pos_BT = positions_BT if layout is None else layout.tokens(jnp.asarray(positions_BT))
+        cos_BTH, sin_BTH = rope_cos_sin(pos_BT, rope_inv_freq(cfg), dt)
 
         # the additive bias is built once here, outside the layer scan, and shared by every layer
         mask_BTS = mask_bias(allowed_BTS) if cfg.attention_impl in ("xla", "chunked") else allowed_BTS
@@ -639,7 +657,7 @@ class Decoder(nnx.Module):
 
         def body(x, xs):
             p, kv = xs
-            x, new_kv = layer(p, x, cos_BTH, sin_BTH, mask_BTS, kv, index)
+            x, new_kv = layer(p, x, cos_BTH, sin_BTH, mask_BTS, kv, index, layout)
             return x, new_kv
 
         kv_stack = None if cache is None else (cache["k"], cache["v"])
@@ -655,6 +673,8 @@ class Decoder(nnx.Module):
                 new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
         with jax.named_scope("final_norm"):
             h_BTD = rms_norm(x_BTD, self.norm.scale.get_value(), cfg.rms_norm_eps)
+            if layout is not None:
+                h_BTD = layout.rows(h_BTD, B, T)
         new_cache = None
         if cache is not None:
             new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": index + T}
