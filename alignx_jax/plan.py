@@ -1,6 +1,6 @@
 """`alignx plan`: compile the real train step ahead of time for a topology and report memory per device.
 
-    alignx plan --config configs/llama3_8b_ica_gpu.py --config.model.hf_path=llama3-8b [--topology 8xH100] [--json OUT]
+    alignx plan --config configs/llama3_8b_ica_gpu.py [--config.model.hf_path=llama3-8b] [--topology 8xH100] [--json OUT]
 
 The model is built abstractly (`nnx.eval_shape`: shapes and logical axes, no weights), placed on
 the config's mesh over *stand-in* devices (fake CPU devices via
@@ -12,12 +12,15 @@ arguments (params, optimizer state, reference, batch) + outputs - donated aliase
 that does not fit the topology's memory per device is an AlignXError with the numbers.
 
 `model.hf_path` may be an HF folder / `alignx import` checkpoint, or a built-in preset name
-(`llama3-8b`, `qwen2.5-7b`, see PRESETS) so that no weights are needed to plan.
+(`llama3-8b`, `qwen2.5-7b`, see PRESETS) so that no weights are needed to plan; with hf_path ''
+the config's `model.preset` is planned. The topology is `--topology`, else the config's
+`plan.topology`, else this machine's devices.
 
 Caveats (stand-in devices are CPUs): the CPU compiler's fusion and bf16 handling differ from TPU
-and GPU, and GPU-only kernels (cuDNN flash attention) cannot compile for CPU, so such configs are
-compiled with the query-chunked XLA attention (`attention_impl='chunked'`, an upper bound on the
-flash kernel's memory) and the report says so.
+and GPU, and the flash kernels (cuDNN on GPU, Pallas splash on TPU) cannot compile for CPU stand-ins
+(splash's interpret mode is a test path), so such configs are compiled with the query-chunked XLA
+attention (`attention_impl='chunked'`, an upper bound on the flash kernel's memory) and the report
+says so.
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
     from alignx_jax.models.decoder import DecoderConfig
 
     opts = dict(train._run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
-    path = str(cfg.model.hf_path)
+    path = str(cfg.model.hf_path) or str(cfg.model.get("preset", ""))
     if path:
         if path.lower() in PRESETS:
             return DecoderConfig.from_hf(dict(PRESETS[path.lower()]), **opts)
@@ -130,7 +133,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
                           f"({', '.join(sorted(PRESETS))})")
     if not cfg.model.init.enabled:
         raise ConfigError("model.hf_path is '': pass an HF folder or a preset, e.g. "
-                          "--config.model.hf_path=llama3-8b")
+                          "--config.model.hf_path=llama3-8b (or set model.preset)")
     init = cfg.model.init
     vocab = int(init.vocab_size)
     if vocab == -1:
@@ -168,7 +171,8 @@ def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chun
     act_layer_in = s * T * D * cb
     from alignx_jax.models.decoder import ATTENTION_CHUNK
 
-    rows = min(T, ATTENTION_CHUNK) if dcfg.attention_impl in ("chunked", "cudnn") and T % ATTENTION_CHUNK == 0 else T
+    flash = ("chunked", "cudnn", "splash")
+    rows = min(T, ATTENTION_CHUNK) if dcfg.attention_impl in flash and T % ATTENTION_CHUNK == 0 else T
     attn = s * N * rows * T * (4 + cb + 4)  # f32 scores, probs, f32 score gradients
     layer_work = s * T * (6 * D + 3 * F) * cb + attn
     if dcfg.remat != "none":
@@ -245,10 +249,12 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     notes: list[str] = []
 
     dcfg = decoder_config_for(cfg)
-    gpu_kernel = dcfg.attention_impl == "cudnn" or (dcfg.attention_impl == "auto" and topology.platform == "gpu")
-    if devs[0].platform == "cpu" and gpu_kernel:
+    impl = dcfg.attention_impl
+    flash_kernel = impl in ("cudnn", "splash") or (impl == "auto" and topology.platform in ("gpu", "tpu"))
+    if devs[0].platform == "cpu" and flash_kernel:
         # the flash kernel keeps O(T) per head; the chunked XLA attention O(chunk * T): an upper bound
-        notes.append(f"attention_impl={dcfg.attention_impl!r} (cuDNN flash) cannot compile for CPU stand-ins: "
+        kind = "Pallas splash" if impl == "splash" or topology.platform == "tpu" else "cuDNN flash"
+        notes.append(f"attention_impl={impl!r} ({kind}) cannot compile for CPU stand-ins: "
                      f"compiled with attention_impl='chunked' ({ATTENTION_CHUNK} query rows per block), "
                      "an upper bound on the flash kernel's memory")
         dcfg = dcfg.replace(attention_impl="chunked")
@@ -451,12 +457,13 @@ def _provide_devices(n: int) -> bool:
 
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
-    topo = parse_topology(args.topology)
+    name = args.topology or str(cfg.get("plan", {}).get("topology", "")) or None  # --topology, else the config's
+    topo = parse_topology(name)
     if topo.num_devices and not _provide_devices(topo.num_devices):
         if os.environ.get(_CHILD_ENV):
             raise AlignXError(f"could not provide {topo.num_devices} stand-in devices for {topo.name}")
         argv = [sys.executable, "-m", "alignx_jax", "plan", "--config", args.config_path,
-                *(getattr(args, "overrides", []) or []), "--topology", args.topology]
+                *(getattr(args, "overrides", []) or []), "--topology", name]
         if args.json:
             argv += ["--json", args.json]
         env = dict(os.environ, **{_CHILD_ENV: "1"})

@@ -142,6 +142,15 @@ def active_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
+def active_spec(axes: Sequence[str | None], shape: Sequence[int]) -> tuple[Mesh, PartitionSpec] | None:
+    """(mesh, PartitionSpec) of logical `axes` under the active `use_mesh` block; None without one."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    return mesh, logical_to_spec(axes, mesh, rules, shape)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; identity when no mesh is active."""
     active = _ACTIVE.get()

@@ -126,6 +126,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.share_prompt: rows hold a prompt and both responses, up to data.max_length + "
                               f"{reserve(int(cfg.data.max_length))} = {longest} tokens, beyond the largest of "
                               f"data.buckets {tuple(cfg.data.buckets)}")
+    if cfg.model.attention_impl == "splash":
+        if cfg.data.get("share_prompt", False):
+            raise ConfigError("model.attention_impl=splash cannot express data.share_prompt's branch mask; "
+                              "use attention_impl=xla or auto with share_prompt")
+        odd = [int(b) for b in cfg.data.buckets if int(b) % 128]
+        if odd:
+            raise ConfigError(f"model.attention_impl=splash tiles rows by 128 tokens: data.buckets {odd} "
+                              "are not multiples of 128")
     if cfg.data.method == "pba":
         pba = cfg.pba
         if pba.preference not in PBA_PREFERENCES:

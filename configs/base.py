@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     # --- model: an HF folder (or `alignx import` checkpoint) or, when hf_path is '', random init
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""
+    # the architecture `alignx plan` compiles when hf_path is '' (a preset: llama3-8b, qwen2.5-7b):
+    # a config can be planned before any weights exist; training still needs hf_path
+    c.model.preset = ""
     c.model.tokenizer = ""  # '' -> the hf_path's tokenizer, or the shipped tiny one for random init
     c.model.init = ml_collections.ConfigDict()  # sizes for random init (HF config.json names)
     c.model.init.enabled = False  # random init allowed when hf_path is '' (tiny configs only)
@@ -39,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"  # per-layer gradient checkpointing: "none" | "full" | "dots" | "dots_no_batch"
     c.model.scan_layers = True
-    c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention) | "auto" | "chunked" (query blocks)
+    # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas flash attention) | "auto" (splash on
+    # TPU, else jax.nn.dot_product_attention's pick) | "chunked" (query blocks)
+    c.model.attention_impl = "xla"
 
     # --- data
     c.data = ml_collections.ConfigDict()
@@ -137,6 +142,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.pba.head_steps = 500  # AdamW steps on cached pooled features
     c.pba.head_batch_size = 64
     c.pba.head_rows = 0  # training rows the head is fit on (a seeded subset); 0 -> all
+
+    # --- alignx plan: the topology the config is meant for ('' = this machine's devices; --topology wins)
+    c.plan = ml_collections.ConfigDict()
+    c.plan.topology = ""
     return c
 
 

@@ -16,6 +16,8 @@ _BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 def get_config():
     c = _BASE["release_recipe"](_BASE["get_config"]())
+    c.model.preset = "llama3-8b"  # what `alignx plan` compiles before --config.model.hf_path is given
+    c.plan.topology = "8xH100"
     c.model.attention_impl = "cudnn"  # flash attention through jax.nn.dot_product_attention
     c.data.method = "ica"
     c.train.micro_batch = 8  # one pair per GPU per micro-step; 16 micro-steps make the batch of 128

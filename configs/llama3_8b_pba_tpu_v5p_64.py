@@ -15,7 +15,9 @@ _BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 
 def get_config():
     c = _BASE["release_recipe"](_BASE["get_config"]())
-    c.model.attention_impl = "chunked"  # no splash kernel yet: query-chunked XLA attention keeps [1024, T] scores per head
+    c.model.preset = "llama3-8b"  # what `alignx plan` compiles before --config.model.hf_path is given
+    c.plan.topology = "v5p-64"
+    c.model.attention_impl = "splash"  # Pallas splash flash attention (rows are multiples of 128)
     c.data.method = "pba"
     c.train.micro_batch = 32  # one pair per chip per micro-step; 4 micro-steps make the batch of 128
     c.train.distributed = True  # one process per TPU host, wired by jax.distributed

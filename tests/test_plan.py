@@ -176,3 +176,21 @@ def test_plan_of_a_joint_pba_config_counts_the_head():
     assert without["per_device_bytes"]["preference_head"] == 0
     assert with_head["per_device_bytes"]["total"] > without["per_device_bytes"]["total"]
     assert any("joint PBA head" in n for n in with_head["notes"])
+
+
+@pytest.mark.slow
+def test_the_issue_command_plans_the_tpu_config_without_weights_or_flags(tmp_path):
+    """`alignx plan --config=configs/llama3_8b_pba_tpu_v5p_64.py --json F`, as given: the config names
+    its architecture (`model.preset`) and topology (`plan.topology`), so no path or flag is needed."""
+    out = tmp_path / "plan.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    r = subprocess.run([sys.executable, "-m", "alignx_jax", "plan",
+                        "--config=" + os.path.join(ROOT, "configs", "llama3_8b_pba_tpu_v5p_64.py"), "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["topology"] == "v5p-64" and rep["num_devices"] == 32 and rep["mesh"]["fsdp"] == 32
+    assert rep["model"]["param_count"] > 8e9 and rep["seq_len"] == 8192 and rep["global_batch"] == 128
+    total = rep["per_device_bytes"]["total"]
+    assert 10 * 2**30 < total < 95 * 2**30  # fits the 95 GiB chip with room
+    assert any("splash" in n for n in rep["notes"])  # compiled with the chunked stand-in, and says so

@@ -11,6 +11,7 @@ optionally rematerialised. Every `nnx.Param` carries logical axis names (metadat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from functools import partial
@@ -20,16 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models.compaction import TokenLayout
 from alignx_jax.models.matmul import dense_many
-from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
+from alignx_jax.sharding import LOGICAL_AXES_KEY, active_spec, constrain
 
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto", "chunked")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto", "chunked")
 # query rows per block of the "chunked" attention (peak scores [B, N, chunk, S] instead of [B, N, T, S])
 ATTENTION_CHUNK = 1024
 
@@ -383,9 +385,73 @@ def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = 
     return o_nBCNH.swapaxes(0, 1).reshape(B, T, N, H)
 
 
+def splash_block(T: int) -> int:
+    """The splash kernel's query/key block for rows of T: the largest of 512, 256, 128 dividing T
+    (the kernel tiles by 128 lanes, in interpret mode too)."""
+    for b in (512, 256, 128):
+        if T % b == 0:
+            return b
+    raise ConfigError(f"model.attention_impl=splash needs rows of a multiple of 128 tokens, got {T} "
+                      "(set data.buckets to multiples of 128)")
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(T: int, G: int, block: int, interpret: bool):
+    """A causal splash kernel for one KV head and its G query heads (MQA form), segment-masked."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
+    with jax.ensure_compile_time_eval():  # the block tables are constants, cached across traces
+        return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+
+
+def _attention_splash(q_BTNH, k_BSKH, v_BSKH, segment_BT, scale):
+    """Causal attention through the Pallas splash kernel (TPU; interpret mode elsewhere, for tests).
+
+    `segment_BT` names each token's sequence (0 = padding): a query sees earlier keys of its own
+    segment only, which is the padding / packing mask (a padding query sees padding keys, so no
+    row is empty; its output is never used). One kernel call per (example, KV head) with that
+    head's G query heads, vmapped; under a mesh it runs per shard in `shard_map`, batch over the
+    batch axes and heads over the head axis, as the activations are sharded."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    kernel = _splash_kernel(T, N // K, splash_block(T), jax.default_backend() != "tpu")
+
+    def local(q_BTNH, k_BSKH, v_BSKH, seg_BT):
+        b, _, n, _ = q_BTNH.shape
+        kh = k_BSKH.shape[2]
+        q_BKGTH = (q_BTNH * scale).reshape(b, T, kh, n // kh, H).transpose(0, 2, 3, 1, 4)
+        k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+        seg = sk.SegmentIds(q=seg_BT, kv=seg_BT)
+        per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over the KV heads of one example
+        o_BKGTH = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(q_BKGTH, k_BKSH, v_BKSH, seg)
+        return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, T, n, H)
+
+    seg_BT = segment_BT.astype(jnp.int32)
+    placed = active_spec(("activation_batch", None, "activation_heads", None), q_BTNH.shape)
+    if placed is None or placed[0].size == 1:
+        return local(q_BTNH, k_BSKH, v_BSKH, seg_BT)
+    mesh, q_spec = placed
+    _, kv_spec = active_spec(("activation_batch", None, "activation_kv_heads", None), k_BSKH.shape)
+    if q_spec[2] != kv_spec[2]:  # query and KV heads must split alike to stay grouped: keep both whole
+        q_spec = PartitionSpec(q_spec[0], None, None, None)
+        kv_spec = PartitionSpec(kv_spec[0], None, None, None)
+    seg_spec = PartitionSpec(q_spec[0], None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q_BTNH, k_BSKH, v_BSKH, seg_BT)
+
+
 def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str, causal: bool = False):
-    """`causal`: the mask is a subset of the causal one (self-attention without a KV cache)."""
+    """`causal`: the mask is a subset of the causal one (self-attention without a KV cache).
+    With impl "splash", `allowed_BTS` is the segment ids `[B, T]` instead (see `_attention_splash`)."""
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    if impl == "splash":
+        return _attention_splash(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
     if impl == "xla":
         return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, causal)
     if impl == "chunked":
@@ -606,6 +672,21 @@ class Decoder(nnx.Module):
                 "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
     # -- implementation --
+    def _attention_impl(self, T: int, cached: bool, branches: bool) -> str:
+        """The attention kernel this call runs: `auto` is splash on TPU where it applies (rows of a
+        multiple of 128, no branches), else `jax.nn.dot_product_attention`'s choice. Splash has no
+        KV-cache decode step and tiles rows by 128: decoding and odd lengths (a persona row, a
+        generation prompt) run the XLA kernel; a branch mask it cannot express is an error."""
+        impl = self.cfg.attention_impl
+        if impl == "auto" and jax.default_backend() == "tpu" and not cached and not branches and T % 128 == 0:
+            return "splash"
+        if impl == "splash" and (cached or T % 128):
+            return "xla"
+        if impl == "splash" and branches:
+            raise ConfigError("model.attention_impl=splash cannot express data.share_prompt's branch mask; "
+                              "use attention_impl=xla (or auto) with share_prompt")
+        return impl
+
     def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache, branch_ids_BT=None,
                  layout: TokenLayout | None = None):
         cfg = self.cfg
@@ -647,11 +728,17 @@ class Decoder(nnx.Module):
         pos_BT = positions_BT if layout is None else layout.tokens(jnp.asarray(positions_BT))
         cos_BTH, sin_BTH = rope_cos_sin(pos_BT, rope_inv_freq(cfg), dt)
 
-        # the additive bias is built once here, outside the layer scan, and shared by every layer
-        mask_BTS = mask_bias(allowed_BTS) if cfg.attention_impl in ("xla", "chunked") else allowed_BTS
+        impl = self._attention_impl(T, cache is not None, branch_ids_BT is not None)
+        if impl == "splash":  # the kernel takes the causal mask as given and padding/packing as segments
+            seg_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
+            mask_BTS = jnp.where(mask_BT, seg_BT.astype(jnp.int32), 0)
+        elif impl in ("xla", "chunked"):  # the additive bias, built once outside the layer scan
+            mask_BTS = mask_bias(allowed_BTS)
+        else:
+            mask_BTS = allowed_BTS
 
         params = nnx.to_pure_dict(nnx.state(self.layers))
-        layer = partial(decoder_layer, cfg=cfg)
+        layer = partial(decoder_layer, cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl))
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
