@@ -681,7 +681,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     response_logits = bool(cfg.loss.get("logits_on_responses", True))
     share = bool(cfg.data.get("share_prompt", False))
     packing = bool(cfg.data.get("packing", False))
-    compact = bool(cfg.data.get("compact_tokens", True))
+    compact = int(cfg.data.get("compact_tokens", 8))  # size steps per row length; 0 = off
     pack_length = int(cfg.data.get("pack_length", 0)) or max(buckets)
     predicted: dict[str, np.ndarray] = {}  # 'dirs' [N, 90]: filled before the first batch is drawn
 
@@ -746,7 +746,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         if compact:  # kept tokens per group of rows, one group per local batch shard
             local_shards = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // pc)
             G = local_shards if out["input_ids"].shape[1] % local_shards == 0 else 1  # axis 1 is the sharded one
-            N = batching.kept_tokens(token_mask(out), G)
+            N = batching.kept_tokens(token_mask(out), G, compact)
             if pc > 1:  # every process must agree on the kept-token count
                 N = int(np.max(multihost_utils.process_allgather(np.asarray(N))))
             add_token_layout(out, G, N)

@@ -9,7 +9,7 @@ The same pairs and the same model (the demo's tiny decoder unless sizes are give
 - `response_window`: two rows per pair, logits on each row's response window (the default)
 - `shared_prompt`:  one row per pair, prompt + chosen + rejected (`data.share_prompt=true`)
 - `packed`:         those rows packed several to a row of `--pack-length` tokens (`data.packing=true`)
-- `*+compact`:      the layout with token compaction (`data.compact_tokens=true`, the default in
+- `*+compact`:      the layout with token compaction (`data.compact_tokens=8`, the default in
                     `alignx train`): norms, projections and MLP on the real tokens only
 
 Reports the median step time and pairs/s of each, their loss on the second step (after one update

@@ -64,7 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.pack_length = 0
     # run the token-wise layers (norms, projections, MLP) on each batch's real tokens only, grouped
     # per batch shard; only attention sees the padded rows (models.compaction). The same numbers.
-    c.data.compact_tokens = True
+    # The value is the kept-token sizes per row length (kept count rounded up to 1/8 of the
+    # positions: at most 8 compiled step shapes per bucket, <= 1/8 padding computed); 0 = off.
+    c.data.compact_tokens = 8
     c.data.overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
     c.data.skip_bad_rows = False
     c.data.shuffle = True

@@ -50,11 +50,13 @@ def test_compact_index_is_a_bijection_keeping_every_real_token(groups):
             assert (slot[i, g, unkept] == N).all()
 
 
-def test_kept_tokens_rounds_to_sixteenths_and_errors_name_the_problem():
-    m = np.zeros((1, 4, 128), np.int32)  # R = 512 per group: steps of 32
+def test_kept_tokens_rounds_up_to_steps_of_the_group_and_errors_name_the_problem():
+    m = np.zeros((1, 4, 128), np.int32)  # R = 512 per group
     m[0, :, :100] = 1  # 400 real tokens
-    assert batching.kept_tokens(m, 1) == 416
-    assert batching.kept_tokens(m, 2) == 208  # R = 256: steps of 16
+    assert batching.kept_tokens(m, 1) == 448  # the default 8 steps of 64
+    assert batching.kept_tokens(m, 1, 16) == 416  # steps of 32
+    assert batching.kept_tokens(m, 2, 16) == 208  # R = 256: steps of 16
+    assert batching.kept_tokens(m, 1, 1) == 512  # one size: no saving
     m[0, :, :] = 1
     assert batching.kept_tokens(m, 1) == 512
     with pytest.raises(ValueError, match="more than the 100 kept"):

@@ -204,16 +204,17 @@ def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
             "padding_fraction": (total - real) / total if total else 0.0}
 
 
-def kept_tokens(attention_mask: np.ndarray, groups: int) -> int:
+def kept_tokens(attention_mask: np.ndarray, groups: int, steps: int = 8) -> int:
     """The static kept-token count N per group for `compact_index`: the most real tokens any group
-    of `attention_mask [M, rows, T]` holds, rounded up to a sixteenth of the group's R = rows/G*T
-    positions (itself a multiple of 8), at most R; so a row length meets at most 16 compiled shapes."""
+    of `attention_mask [M, rows, T]` holds, rounded up to a multiple of R/steps (R = rows/G*T
+    positions; the step itself a multiple of 8), at most R: a row length meets at most `steps`
+    compiled shapes (`data.compact_tokens`), and at most R/steps padding positions are computed."""
     M, rows, T = attention_mask.shape
     if rows % groups:
         raise ValueError(f"{rows} rows per microbatch do not split into {groups} token groups")
     R = rows // groups * T
     real = int((attention_mask.reshape(M, groups, R) > 0).sum(-1).max(initial=1))
-    step = 8 * -(-max(1, -(-R // 16)) // 8)
+    step = 8 * -(-max(1, -(-R // max(1, int(steps)))) // 8)
     return min(R, max(1, step * -(-real // step)))
 
 
