@@ -171,8 +171,8 @@ def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chun
     act_layer_in = s * T * D * cb
     from alignx_jax.models.decoder import ATTENTION_CHUNK
 
-    flash = ("chunked", "cudnn", "splash")
-    rows = min(T, ATTENTION_CHUNK) if dcfg.attention_impl in flash and T % ATTENTION_CHUNK == 0 else T
+    blocked = ("chunked", "cudnn", "splash")  # kernels that hold at most [chunk, T] scores per head
+    rows = min(T, ATTENTION_CHUNK) if dcfg.attention_impl in blocked and T % ATTENTION_CHUNK == 0 else T
     attn = s * N * rows * T * (4 + cb + 4)  # f32 scores, probs, f32 score gradients
     layer_work = s * T * (6 * D + 3 * F) * cb + attn
     if dcfg.remat != "none":

@@ -153,11 +153,10 @@ def active_spec(axes: Sequence[str | None], shape: Sequence[int]) -> tuple[Mesh,
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; identity when no mesh is active."""
-    active = _ACTIVE.get()
-    if active is None:
+    placed = active_spec(axes, x.shape)
+    if placed is None:
         return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, logical_sharding(axes, mesh, rules, x.shape))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(*placed))
 
 
 # ---- model state --------------------------------------------------------------------------------

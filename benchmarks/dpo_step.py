@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-logits", dest="response_logits", action="store_false",
                    help="JAX: logits on every position (loss.logits_on_responses=False), as the torch side does")
     p.add_argument("--no-compact", dest="compact", action="store_false",
-                   help="JAX: token-wise layers on every position, padding included (data.compact_tokens=False)")
+                   help="JAX: token-wise layers on every position, padding included (data.compact_tokens=0)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")

@@ -204,16 +204,21 @@ def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
             "padding_fraction": (total - real) / total if total else 0.0}
 
 
+def _group_positions(attention_mask: np.ndarray, groups: int) -> int:
+    """R: the positions of one of G consecutive row groups of `attention_mask [M, rows, T]`."""
+    _, rows, T = attention_mask.shape
+    if rows % groups:
+        raise ValueError(f"{rows} rows per microbatch do not split into {groups} token groups")
+    return rows // groups * T
+
+
 def kept_tokens(attention_mask: np.ndarray, groups: int, steps: int = 8) -> int:
     """The static kept-token count N per group for `compact_index`: the most real tokens any group
     of `attention_mask [M, rows, T]` holds, rounded up to a multiple of R/steps (R = rows/G*T
     positions; the step itself a multiple of 8), at most R: a row length meets at most `steps`
     compiled shapes (`data.compact_tokens`), and at most R/steps padding positions are computed."""
-    M, rows, T = attention_mask.shape
-    if rows % groups:
-        raise ValueError(f"{rows} rows per microbatch do not split into {groups} token groups")
-    R = rows // groups * T
-    real = int((attention_mask.reshape(M, groups, R) > 0).sum(-1).max(initial=1))
+    R = _group_positions(attention_mask, groups)
+    real = int((attention_mask.reshape(-1, groups, R) > 0).sum(-1).max(initial=1))
     step = 8 * -(-max(1, -(-R // max(1, int(steps)))) // 8)
     return min(R, max(1, step * -(-real // step)))
 
@@ -226,11 +231,9 @@ def compact_index(attention_mask: np.ndarray, groups: int, kept: int | None = No
     fill N (`kept`, default `kept_tokens`); `token_slot` maps every position to its slot, or to N
     when it was not kept. Raises when a group has more than N real tokens.
     """
-    M, rows, T = attention_mask.shape
+    M = attention_mask.shape[0]
+    R = _group_positions(attention_mask, groups)
     N = kept_tokens(attention_mask, groups) if kept is None else int(kept)
-    if rows % groups:
-        raise ValueError(f"{rows} rows per microbatch do not split into {groups} token groups")
-    R = rows // groups * T
     if not 0 < N <= R:
         raise ValueError(f"kept tokens {N} outside 1..{R}")
     real = attention_mask.reshape(M * groups, R) > 0

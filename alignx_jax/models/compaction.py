@@ -34,10 +34,6 @@ class TokenLayout(NamedTuple):
     def groups(self) -> int:
         return int(self.index_GN.shape[0])
 
-    @property
-    def kept(self) -> int:
-        return int(self.index_GN.shape[1])
-
     def tokens(self, x_BT: jax.Array) -> jax.Array:
         """`[B, T, ...]` -> the kept tokens `[G, N, ...]`."""
         B, T = x_BT.shape[:2]
