@@ -119,6 +119,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
     from alignx_jax.models.decoder import DecoderConfig
 
     opts = dict(train._run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
+    key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
     path = str(cfg.model.hf_path) or str(cfg.model.get("preset", ""))
     if path:
         if path.lower() in PRESETS:
@@ -129,7 +130,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
             if not os.path.isfile(os.path.join(folder, "config.json")):  # training workdir
                 folder = os.path.join(path, "reference")
             return hf.load_decoder_config(folder, **opts)
-        raise ConfigError(f"model.hf_path={path!r} is neither a folder nor a preset "
+        raise ConfigError(f"{key}={path!r} is neither a folder nor a preset "
                           f"({', '.join(sorted(PRESETS))})")
     if not cfg.model.init.enabled:
         raise ConfigError("model.hf_path is '': pass an HF folder or a preset, e.g. "

@@ -126,6 +126,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.share_prompt: rows hold a prompt and both responses, up to data.max_length + "
                               f"{reserve(int(cfg.data.max_length))} = {longest} tokens, beyond the largest of "
                               f"data.buckets {tuple(cfg.data.buckets)}")
+    if int(cfg.data.get("compact_tokens", 8)) < 0:
+        raise ConfigError(f"data.compact_tokens={cfg.data.compact_tokens}: the number of kept-token sizes per "
+                          "row length, >= 1 (0 = off)")
     if cfg.model.attention_impl == "splash":
         if cfg.data.get("share_prompt", False):
             raise ConfigError("model.attention_impl=splash cannot express data.share_prompt's branch mask; "

@@ -194,3 +194,13 @@ def test_the_issue_command_plans_the_tpu_config_without_weights_or_flags(tmp_pat
     total = rep["per_device_bytes"]["total"]
     assert 10 * 2**30 < total < 95 * 2**30  # fits the 95 GiB chip with room
     assert any("splash" in n for n in rep["notes"])  # compiled with the chunked stand-in, and says so
+
+
+def test_unknown_preset_names_model_preset(capfd):
+    from alignx_jax.cli import main
+
+    rc = main(["plan", "--config", os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"),
+               "--config.model.preset=llama9-1t", "--topology", "8xH100"])
+    err = capfd.readouterr().err
+    assert rc == 1 and "model.preset='llama9-1t' is neither a folder nor a preset" in err
+    assert len(err.strip().splitlines()) == 1

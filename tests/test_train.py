@@ -165,6 +165,7 @@ def test_pair_logps_matches_full_logits(steps):
     ("--config.loss.type=kto", "loss.type='kto'"),
     ("--config.loss.reference=cached", "loss.reference"),
     ("--config.data.max_length=4096", "largest of data.buckets"),
+    ("--config.data.compact_tokens=-1", "data.compact_tokens=-1"),
 ])
 def test_validate_config_errors(override, message):
     from alignx_jax.errors import ConfigError
