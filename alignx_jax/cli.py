@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from alignx_jax.errors import AlignXError
 # sub-command -> "module:function(args) -> int | None"
 HANDLERS: dict[str, str] = {
     "import": "alignx_jax.models.hf:cli_import",
+    "import --gguf": "alignx_jax.models.gguf:cli_import",
     "export": "alignx_jax.models.hf:cli_export",
     "data check": "alignx_jax.data.schema:cli_check",
     "data prepare": "alignx_jax.data.sources:cli_prepare",
@@ -34,15 +36,18 @@ HANDLERS: dict[str, str] = {
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", dest="config_path", required=True,
-                   help="ml-collections config file (configs/*.py); then --config.KEY=VALUE overrides")
+                   help="ml-collections config file (configs/*.py); then --config.KEY=VALUE (or --config.KEY VALUE) "
+                        "overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignx", description="AlignX personalized alignment in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("import", help="Hugging Face checkpoint -> orbax checkpoint")
-    p.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors)")
+    p = sub.add_parser("import", help="Hugging Face folder or GGUF file -> orbax checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", help="HF model folder (config.json + safetensors)")
+    src.add_argument("--gguf", help="llama.cpp GGUF file (llama/qwen2; dequantized, tokenizer rebuilt)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
 
@@ -53,12 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="tensor dtype in the safetensors (default: the checkpoint's)")
     p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 200MB")
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into a non-empty folder that is not an export of this model: replace the files "
+                        "an export writes, leave the others")
 
     pdata = sub.add_parser("data", help="data tools: check, prepare, split")
     dsub = pdata.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = dsub.add_parser("check", help="validate AlignX rows or a benchmark file; print counts")
     p.add_argument("path", help="parquet/JSONL/JSON file or folder")
     p.add_argument("--kind", default="auto", choices=["auto", "alignx", "p-soups", "uf-p-4", "prism"])
+    p.add_argument("--strict", action="store_true",
+                   help="warnings (legal but useless rows, e.g. chosen == rejected) are errors: exit 1")
     p = dsub.add_parser("prepare", help="AlignX parquet -> TFDS array_record dataset")
     p.add_argument("--source", required=True, help="parquet/JSONL/JSON file or folder")
     p.add_argument("--out", required=True, help="TFDS data_dir to write")
@@ -91,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", default=None, help="comma-separated dimension indices or labels to reverse in P̃")
     p.add_argument("--prompt-format", default=None, choices=["chat", "paper"],
                    help="prompt rendering (default: chat template; paper = the release's strings)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None,
+                   help="score a seeded sample of N rows per benchmark, balanced across personas")
+    p.add_argument("--reference-scores", default=None, metavar="FILE.jsonl",
+                   help="the reference's log-probs from an earlier `alignx eval --per-example` of it (instead of "
+                        "--reference)")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="score chosen and rejected as two rows (default: one row per pair, the prompt once)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--beta", type=float, default=0.1)
@@ -125,9 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--topology", default=None, help="v5p-64 | 8xH100 | ... (default: the config's)")
     p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--verbose", action="store_true",
+                   help="also list every parameter: name, shape, partition spec and per-device shape")
 
     p = sub.add_parser("demo", help="small-scale reproduction: synth -> train -> export -> eval -> report")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, with --real runs/demo-real)")
+    p.add_argument("--real", action="store_true",
+                   help="the real SmolLM2-135M-Instruct on a P-SOUPS file split by prompt (see README)")
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute), for tests")
     p.add_argument("--p-soups", default=None, help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)")
     p.add_argument("--seed", type=int, default=0)
@@ -136,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _handler_for(args: argparse.Namespace):
     key = args.command if args.command != "data" else f"data {args.data_command}"
+    if args.command == "import" and args.gguf:
+        key = "import --gguf"
     module_name, fn_name = HANDLERS[key].split(":")
     try:
         module = importlib.import_module(module_name)
@@ -147,13 +169,21 @@ def _handler_for(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `--config.KEY=VALUE` overrides are collected apart: argparse cannot know the config's keys.
-    overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
+    # `--config.KEY=VALUE` / `--config.KEY VALUE` overrides are collected apart: argparse cannot know the
+    # config's keys. They reach the handler as `--config.KEY=VALUE` strings.
+    overrides, rest = [], argv
+    if any(a.startswith("--config.") for a in argv):
+        from alignx_jax.config import split_overrides  # imports ml_collections: only when there are overrides
+        try:
+            overrides, rest = split_overrides(argv)
+        except AlignXError as e:
+            print(f"alignx: error: {e}", file=sys.stderr)
+            return 1
     args = parser.parse_args(rest)
     args.overrides = overrides
     if overrides and args.command not in ("train", "plan"):
         parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")
+    old_term = _exit_on_sigterm() if args.command == "train" else False
     try:
         code = _handler_for(args)(args)
     except AlignXError as e:
@@ -162,7 +192,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignx: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old_term is not False:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
     return int(code or 0)
+
+
+def _exit_on_sigterm():
+    """Until `alignx train` installs its own handler (it saves at the next step), a SIGTERM finds nothing
+    to save: exit 0 instead of dying with 143. Returns the previous handler (False off the main thread)."""
+    def handler(signum, frame):
+        print("alignx train: SIGTERM received during start-up; nothing to save", file=sys.stderr)
+        raise SystemExit(0)
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return False
 
 
 def run() -> None:  # console-script entry point

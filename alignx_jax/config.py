@@ -1,4 +1,5 @@
-"""ml-collections configs: load a config file, apply `--config.KEY=VALUE` overrides, check keys.
+"""ml-collections configs: load a config file, apply `--config.KEY=VALUE` (or `--config.KEY VALUE`)
+overrides, check keys.
 
 A config file is a Python file with `get_config()` returning a `ml_collections.ConfigDict`.
 Overrides name existing keys only; a wrong or misspelt key is a `ConfigError` naming it.
@@ -68,14 +69,37 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
     return value
 
 
+def _join_values(argv: Sequence[str], is_override) -> list[tuple[bool, str]]:
+    """(is an override, text) per argument, in order, with `--config.KEY VALUE` joined into
+    `--config.KEY=VALUE`: a `--config.KEY` without `=` takes the next argument as its value unless
+    that starts with `--`; with no value either way it is a ConfigError naming the key."""
+    out: list[tuple[bool, str]] = []
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        if is_override(item) and "=" not in item:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                item, i = f"{item}={argv[i + 1]}", i + 1
+            else:
+                key = item[2:] if item.startswith("--") else item
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+        out.append((is_override(item), item))
+        i += 1
+    return out
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line arguments -> (overrides as `--config.KEY=VALUE` strings, the other arguments)."""
+    joined = _join_values(argv, lambda a: a.startswith("--config."))
+    return [a for o, a in joined if o], [a for o, a in joined if not o]
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """Apply `--config.a.b=value` (or `config.a.b=value`) strings in order."""
-    for item in overrides:
+    """Apply `--config.a.b=value` (or `config.a.b=value`, or `--config.a.b` `value` as two items) in order."""
+    for _, item in _join_values(overrides, lambda a: a.startswith(("--config.", "config."))):
         text = item[2:] if item.startswith("--") else item
         if not text.startswith("config."):
             raise ConfigError(f"unrecognized argument {item!r} (overrides look like --config.train.steps=30)")
-        if "=" not in text:
-            raise ConfigError(f"{item!r}: an override needs a value (--config.KEY=VALUE)")
         key, raw = text[len("config."):].split("=", 1)
         parts = key.split(".")
         node = cfg

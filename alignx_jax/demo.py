@@ -40,7 +40,7 @@ RUN_NAMES = {"none": "non_personalized", "ica": "ica", "pba": "pba"}
 SYNTH_ROWS = ("non_personalized", "ica", "pba_predicted", "pba_golden", "base")
 PSOUPS_ROWS = ("non_personalized", "ica", "pba_profile")
 
-# The paper's alignment accuracy (METHOD.md section 8) beside each demo row: AlignX-test persona P
+# The paper's alignment accuracy (docs/method.md section 8) beside each demo row: AlignX-test persona P
 # for the synthetic users, P-SOUPS for the P-SOUPS split. None = the paper has no such row.
 PAPER = {
     "synthetic": {"base": ("Llama-3-8B-Instruct", 48.84), "non_personalized": (None, None),
@@ -320,7 +320,7 @@ def write_report(out: str, results: dict[str, Any], info: dict[str, Any]) -> str
              f"Command: `alignx demo --out {out}{' --quick' if info.get('quick') else ''} --seed {info.get('seed')}`"
              f" ({results['seconds']:.0f} s wall).", "",
              "Alignment accuracy (%) of each method on held-out data, with its 95% Wilson interval, beside the",
-             "paper's number for the nearest row (METHOD.md section 8: AlignX-test persona P for the synthetic",
+             "paper's number for the nearest row (docs/method.md section 8: AlignX-test persona P for the synthetic",
              "users, P-SOUPS for P-SOUPS). The tiny model is trained from random init for minutes on a CPU:",
              "compare the ordering of the methods, not the absolute numbers.", ""]
     for block, title in (("synthetic", "Synthetic users (held out)"), ("p_soups", "P-SOUPS (held-out prompts)")):
@@ -330,7 +330,10 @@ def write_report(out: str, results: dict[str, Any], info: dict[str, Any]) -> str
             lines += [f"Skipped: {entries['skipped']}", ""]
             continue
         if block == "p_soups":
-            lines += [f"File: `{entries.get('file')}`", ""]
+            lines += [f"File: `{entries.get('file')}`", "",
+                      "The tiny model cannot read real text: its tokenizer and its 0.66M random-init parameters",
+                      "were made for the synthetic world, so these rows stay near chance. For a real model",
+                      "personalized on P-SOUPS run `make demo-real` (`alignx demo --real`).", ""]
         lines += ["| method | demo accuracy | n | 95% CI | paper row | paper |", "|---|---|---|---|---|---|"]
         for key, (paper_row, paper_acc) in PAPER[block].items():
             e = entries.get(key)
@@ -556,6 +559,14 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
 
 
 def cli_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "real", False):
+        from alignx_jax import demo_real
+
+        out = args.out or "runs/demo-real"
+        results = demo_real.run_real_demo(out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed))
+        demo_real.print_summary(results, out, demo_real.format_table(results))
+        return 0
+    args.out = args.out or "runs/demo"
     results = run_demo(args.out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed))
     for line in format_table(results):
         print(line)

@@ -1,4 +1,4 @@
-"""Alignment accuracy on the AlignX benchmarks (METHOD.md section 7) and `alignx eval`.
+"""Alignment accuracy on the AlignX benchmarks (docs/method.md section 7) and `alignx eval`.
 
 For each pair, r(y) = beta * (log pi(y|x) - log pi_ref(y|x)), the log-probs summed over the
 response tokens plus the closing EOS; the pair is correct iff r(chosen) > r(rejected) strictly.
@@ -11,7 +11,7 @@ Pairs are sorted by length and cut into batches; each batch is padded to a lengt
 is one compilation per bucket shape. Batches are sharded over all devices on the `data` axis with
 the training code's mesh and rules.
 
-Choices made here (METHOD.md leaves them open):
+Choices made here (docs/method.md leaves them open):
   * the release scores one unpadded sequence per forward pass; this module pads, which changes the
     result only by float rounding (tests/test_evaluate.py checks it against transformers);
   * persona variants: `alignx` reports ugc/pair/demo/p separately (default all four); the other
@@ -31,7 +31,8 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ BENCHMARKS: tuple[str, ...] = ("alignx", "p-soups", "uf-p-4", "prism")
 PERSONA_VARIANTS: tuple[str, ...] = ("ugc", "pair", "demo", "p")
 # Per-example rows are matched on these fields when an evaluation resumes.
 KEY_FIELDS: tuple[str, ...] = ("benchmark", "persona", "index")
+# accuracy is reported per persona group (benchmarks.persona_group) when a file has 2..this many
+MAX_PERSONA_GROUPS = 16
 WILSON_Z95: float = 1.959963984540054
 # Upper bound on the float32 logits one chunk of `sequence_logps` may hold (elements).
 _LOGITS_BUDGET: int = 1 << 27
@@ -266,6 +269,58 @@ def key_of(row: dict) -> tuple:
     return (row["benchmark"], row["persona"], int(row["index"]))
 
 
+class StoredScores:
+    """`--reference-scores FILE`: the reference model's log-probs from an earlier `alignx eval
+    --per-example FILE` of that model on the same benchmark, prompts and persona, so a reference
+    scored once serves every policy trained from it. Read only; a row must carry the same token
+    ids as this run's example."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise DataError("--reference-scores: no such file", file=path)
+        self.path = path
+        self.rows: dict[tuple, dict] = {}
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for lineno, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict) or any(k not in row for k in (*KEY_FIELDS, "logp_chosen")):
+                    raise ValueError("not a per-example row")
+            except ValueError as e:
+                if all(not r.strip() for r in lines[lineno:]):  # a cut last line: the rows before it stand
+                    print(f"alignx: warning: {path}: line {lineno} is cut short; ignored", file=sys.stderr)
+                    break
+                raise DataError(f"line {lineno}: not a per-example row ({e})", file=path) from None
+            self.rows[key_of(row)] = row
+
+    def scorer(self, benchmark: str, persona: str | None, examples: Sequence[Any]) -> Callable:
+        """A scorer (batch -> float64 [2B], as SequenceScorer) that looks the batch's examples up."""
+        by_index = {int(ex.index): ex for ex in examples}
+
+        def score(batch: dict[str, np.ndarray]) -> np.ndarray:
+            B = batch["pair_mask"].shape[0]
+            out = np.zeros((2 * B,), np.float64)
+            for k, i in enumerate(int(x) for x in batch["index"]):
+                if i < 0:  # a dummy pair
+                    continue
+                row = self.rows.get((benchmark, persona, i))
+                if row is None:
+                    raise DataError(f"no reference row for benchmark {benchmark!r}, persona {persona!r}, "
+                                    f"example {i}", file=self.path)
+                ex = by_index[i]
+                if (row.get("prompt_ids"), row.get("chosen_ids"), row.get("rejected_ids")) != (
+                        list(ex.prompt_ids), list(ex.chosen_ids), list(ex.rejected_ids)):
+                    raise DataError(f"example {i} was scored on other token ids (prompt format, method, tokenizer "
+                                    "or max length differ)", file=self.path)
+                out[k], out[B + k] = row["logp_chosen"], row["logp_rejected"]
+            return out
+
+        return score
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -274,17 +329,21 @@ class SequenceScorer:
 
     `model` is an NNX `Decoder`; its parameters should already sit on `mesh` (hf.load_pretrained
     with mesh= or sharding.shard_model). Batches are placed on the mesh's data axes.
+    share_prompt: score each pair as one row (prompt, chosen, rejected; `batching.share_prompt`),
+    the prompt computed once, as training's `data.share_prompt` does; the same log-probs.
     """
 
-    def __init__(self, model: Any, mesh: Any, rules: Any = None):
+    def __init__(self, model: Any, mesh: Any, rules: Any = None, *, share_prompt: bool = False):
         import jax
         from flax import nnx
 
         self.graphdef, self.state = nnx.split(model)
         self.mesh, self.rules = mesh, rules
+        self.share_prompt = share_prompt
         self.vocab_size = int(model.cfg.vocab_size)
         self.shapes: set[tuple[int, int]] = set()  # compiled (rows, length) shapes, for tests/logs
         self._fn = jax.jit(self._logps, static_argnames=("chunk",))
+        self._pair_fn = jax.jit(self._pair_logps, static_argnames=("chunk",))
 
     def _logps(self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, score_index_BR, *, chunk):
         import jax
@@ -299,13 +358,21 @@ class SequenceScorer:
             return window_logps(h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, score_index_BR,
                                 chunk=chunk)
 
+    def _pair_logps(self, state, mb, *, chunk):
+        from flax import nnx
+
+        from alignx_jax.train import model_pair_logps
+
+        return model_pair_logps(nnx.merge(self.graphdef, state), mb, chunk)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """float64 `[2B]` log-probs (row order of the batch)."""
+        if self.share_prompt:
+            return self._score_shared(batch)
         import jax
 
-        from alignx_jax.sharding import logical_sharding, use_mesh
-
         from alignx_jax.losses import scored_window
+        from alignx_jax.sharding import logical_sharding, use_mesh
 
         rows, T = batch["input_ids"].shape
         score_index = scored_window(batch["loss_mask"])
@@ -322,6 +389,31 @@ class SequenceScorer:
             out = self._fn(self.state, *args, chunk=chunk)
         self.shapes.add((rows, T))
         return np.asarray(jax.device_get(out), dtype=np.float64)
+
+    def _score_shared(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import jax
+
+        from alignx_jax.data.batching import share_prompt
+        from alignx_jax.sharding import logical_sharding, use_mesh
+        from alignx_jax.train import to_microbatches
+
+        B = batch["pair_mask"].shape[0]
+        lengths = batch["attention_mask"][:B].sum(-1) + batch["loss_mask"][B:].sum(-1)
+        # pad id 0: padding is masked out of attention and scoring, its value is never read
+        shared = share_prompt(batch, buckets=length_buckets(int(lengths.max())), pad_id=0)
+        mb = {k: v[0] for k, v in to_microbatches(shared, 1).items()}  # one microbatch: drop its axis
+        rows, T = mb["input_ids"].shape
+        S = mb["score_flat"].shape[0]
+        chunk = None if S * self.vocab_size <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // self.vocab_size)
+        row_sharding = logical_sharding(("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T))
+        args = {k: jax.device_put(np.asarray(v, np.int32), row_sharding if v.shape == (rows, T) else
+                                  logical_sharding((None,) * v.ndim, self.mesh, self.rules, v.shape))
+                for k, v in mb.items()}
+        with use_mesh(self.mesh, self.rules):
+            out_B2 = self._pair_fn(self.state, args, chunk=chunk)
+        self.shapes.add((rows, T))
+        lp_B2 = np.asarray(jax.device_get(out_B2), dtype=np.float64)
+        return np.concatenate([lp_B2[:, 0], lp_B2[:, 1]])
 
 
 def length_buckets(longest: int, smallest: int = 64) -> tuple[int, ...]:
@@ -380,6 +472,7 @@ class EvalSettings:
     batch_size: int = 8
     max_length: int = 8192
     beta: float = 0.1
+    share_prompt: bool = True  # one row per pair (SequenceScorer): the prompt's compute once
 
     def check(self) -> None:
         if self.method not in ("none", "ica", "pba"):
@@ -545,6 +638,12 @@ def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str) -> None:
 
 def _summarize(outcomes: Sequence[dict], flip: Sequence[int]) -> dict[str, Any]:
     stats = accuracy_stats([o["correct"] for o in outcomes])
+    groups: dict[str, list[bool]] = {}
+    for o in outcomes:
+        if o.get("group") is not None:
+            groups.setdefault(str(o["group"]), []).append(o["correct"])
+    if 1 < len(groups) <= MAX_PERSONA_GROUPS:  # P-SOUPS' two personas; not AlignX's thousands of users
+        stats["by_persona"] = {g: accuracy_stats(c) for g, c in sorted(groups.items())}
     if flip:
         inv = [o["correct"] for o in outcomes if o.get("flip_involved")]
         rest = [o["correct"] for o in outcomes if not o.get("flip_involved")]
@@ -554,16 +653,21 @@ def _summarize(outcomes: Sequence[dict], flip: Sequence[int]) -> dict[str, Any]:
 
 def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: EvalSettings, *,
              reference_dir: str | None = None, per_example: str | None = None, mesh: Any = None,
-             rules: Any = None, progress: bool = True, dtype: str | None = None) -> dict[str, Any]:
-    """Score every benchmark (and persona variant) and return the results dict of `alignx eval`."""
+             rules: Any = None, progress: bool = True, dtype: str | None = None,
+             reference_scores: str | None = None) -> dict[str, Any]:
+    """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
+    reference_scores: a per-example file of the reference model (`StoredScores`), instead of
+    `reference_dir`."""
     from tqdm.auto import tqdm
 
-    from alignx_jax.data.benchmarks import load_benchmark
+    from alignx_jax.data.benchmarks import load_benchmark, persona_group
     from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.real_model import resolve_model_path
     from alignx_jax.sharding import make_mesh
     from alignx_jax.tokenizer import load_tokenizer
 
     settings.check()
+    model_dir, reference_dir = resolve_model_path(model_dir), reference_dir and resolve_model_path(reference_dir)
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
         if d is not None and not os.path.isdir(d):
             raise CheckpointError(f"{what}: model folder not found: {d}")
@@ -571,6 +675,9 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
             os.path.join(model_dir, "preference_head.safetensors")):  # fail before loading anything
         raise CheckpointError(f"{model_dir}: --preference predicted needs preference_head.safetensors "
                               "(export a PBA run with its head, or use --preference golden)")
+    if reference_dir is not None and reference_scores is not None:
+        raise ConfigError("--reference and --reference-scores are two references; give one")
+    ref_scores = StoredScores(reference_scores) if reference_scores is not None else None
     # Read every benchmark first: a bad file fails before minutes of model loading.
     data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
 
@@ -580,18 +687,18 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
     mesh = make_mesh(data=-1) if mesh is None else mesh
     kwargs = {} if dtype is None else {"dtype": dtype}
     policy = load_pretrained(model_dir, mesh=mesh, rules=rules, **kwargs)
-    scorers = [SequenceScorer(policy, mesh, rules)]
+    scorers = [SequenceScorer(policy, mesh, rules, share_prompt=settings.share_prompt)]
     if reference_dir is not None:
         reference = load_pretrained(reference_dir, mesh=mesh, rules=rules, **kwargs)
         if int(reference.cfg.vocab_size) != int(policy.cfg.vocab_size):
             raise CheckpointError(f"--reference {reference_dir}: vocabulary size {reference.cfg.vocab_size} "
                                   f"differs from the policy's {policy.cfg.vocab_size}")
-        scorers.append(SequenceScorer(reference, mesh, rules))
+        scorers.append(SequenceScorer(reference, mesh, rules, share_prompt=settings.share_prompt))
     predicted = None
     if settings.method == "pba" and settings.preference == "predicted":
         predicted = PredictedPreferences(model_dir, policy, tokenizer, batch_size=settings.batch_size)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    has_ref = reference_dir is not None
+    has_ref = reference_dir is not None or ref_scores is not None
 
     log = PerExampleLog(per_example)
     per_key: dict[str, dict[str | None, list[dict]]] = {}
@@ -611,7 +718,8 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
                     # recompute `correct` with this run's beta; flip membership from this run
                     outcomes.append({"correct": is_correct(stored["logp_chosen"], stored["logp_rejected"],
                                                            stored["ref_logp_chosen"], stored["ref_logp_rejected"],
-                                                           settings.beta), "flip_involved": inv})
+                                                           settings.beta), "flip_involved": inv,
+                                     "group": persona_group(rows[ex.index])})
                 if todo:
                     inv_by_index = {ex.index: inv for ex, inv in todo}
                     todo_ex = [ex for ex, _ in todo]
@@ -620,7 +728,9 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
                     desc = spec.key if persona is None else f"{spec.key}/{persona}"
                     with tqdm(total=len(todo_ex), desc=desc, unit="pair", disable=not progress,
                               initial=0) as bar:
-                        for chunk, outs in score_batches(todo_ex, scorers, batch_size=settings.batch_size,
+                        run_scorers = scorers if ref_scores is None else [
+                            *scorers, ref_scores.scorer(spec.key, persona, todo_ex)]
+                        for chunk, outs in score_batches(todo_ex, run_scorers, batch_size=settings.batch_size,
                                                          pad_id=pad_id, buckets=buckets,
                                                          multiple=data_parallel_size(mesh)):
                             new_rows = [_example_row(spec, persona, ex, outs[0][j],
@@ -628,7 +738,7 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
                                                      inv_by_index[ex.index])
                                         for j, ex in enumerate(chunk)]
                             log.append(new_rows)
-                            outcomes.extend(new_rows)
+                            outcomes.extend({**r, "group": persona_group(rows[r["index"]])} for r in new_rows)
                             bar.update(len(chunk))
                 per_key.setdefault(spec.key, {})[persona] = outcomes
     finally:
@@ -636,7 +746,8 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
 
     results: dict[str, Any] = {
         "model": os.path.abspath(model_dir),
-        "reference": None if reference_dir is None else os.path.abspath(reference_dir),
+        "reference": (None if reference_dir is None else os.path.abspath(reference_dir)) if ref_scores is None
+        else {"scores": os.path.abspath(ref_scores.path)},
         "method": settings.method,
         # resolved per benchmark key; null where the prompt does not depend on the persona
         "persona": {spec.key: _none_if_independent(resolve_personas(
@@ -685,6 +796,9 @@ def _format_table(results: dict[str, Any]) -> list[str]:
             acc = "n/a" if stats["accuracy"] is None else f"{100 * stats['accuracy']:.2f}%"
             lo, hi = stats["ci95"]
             lines.append(f"{name:<28} {acc:>8}  n={stats['n']:<6} 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]")
+            for group, g in (stats.get("by_persona") or {}).items():
+                a = "n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.2f}%"
+                lines.append(f"  persona {group[:60]!r}: {a} n={g['n']}")
             if "flip" in stats:
                 for part in ("involved", "rest"):
                     s = stats["flip"][part]
@@ -702,11 +816,11 @@ def cli_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(method=args.method, persona=args.persona, preference=args.preference,
                             flip=parse_flip(args.flip), prompt_format=args.prompt_format or "chat",
                             limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
-                            beta=args.beta)
+                            beta=args.beta, share_prompt=not args.no_share_prompt)
     try:
-        # `--dtype` is not in the CLI contract yet; float32 (load_pretrained's default) until it is
+        # `--dtype` None: load_pretrained's default (float32)
         results = evaluate(args.model, specs, settings, reference_dir=reference, per_example=args.per_example,
-                           dtype=getattr(args, "dtype", None))
+                           dtype=args.dtype, reference_scores=args.reference_scores)
     except OSError as e:  # unreadable or unwritable files are the user's to fix
         raise AlignXError(f"eval: {e}") from e
     parent = os.path.dirname(os.path.abspath(args.out))

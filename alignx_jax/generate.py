@@ -102,6 +102,8 @@ def generate(model: Decoder, tokenizer, prompts: list[list[int]] | list[str], *,
     if isinstance(prompts[0], str):
         if tokenizer is None:
             raise DataError("text prompts need a tokenizer")
+        if any(not p.strip() for p in prompts):  # BOS alone would pass the token check below
+            raise DataError("empty prompt")
         prompts = [list(tokenizer(p)["input_ids"]) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise DataError("empty prompt")
@@ -138,12 +140,15 @@ def generate(model: Decoder, tokenizer, prompts: list[list[int]] | list[str], *,
 
 # ---- CLI -------------------------------------------------------------------------------------------
 
-def _load_model_and_tokenizer(path: str):
+def load_model_and_tokenizer(path: str):
+    """An HF folder, `alignx import` checkpoint or training workdir (or `smollm2`) and its tokenizer."""
     import os
 
     from alignx_jax.models import hf
+    from alignx_jax.real_model import resolve_model_path
     from alignx_jax.tokenizer import load_tokenizer
 
+    path = resolve_model_path(path)
     if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
         model, tok_dir = hf.load_pretrained(path), path
     else:
@@ -154,6 +159,9 @@ def _load_model_and_tokenizer(path: str):
 
 
 def cli_generate(args) -> int:
+    for i, text in enumerate(args.prompt):  # the chat template adds tokens to any text: check the text itself
+        if not text.strip():
+            raise DataError(f"--prompt number {i + 1} is empty; give the text to respond to")
     persona: dict[str, Any] = {}
     if args.persona:
         try:
@@ -165,7 +173,7 @@ def cli_generate(args) -> int:
             raise DataError(f"not valid JSON ({e})", file=args.persona) from None
         if not isinstance(persona, dict):
             raise DataError("expected a JSON object with a row's persona fields", file=args.persona)
-    model, tokenizer = _load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)
     try:
         from alignx_jax.data import prompts as prompts_lib
     except ImportError as e:  # pragma: no cover - the data package ships with the project

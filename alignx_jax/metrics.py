@@ -1,8 +1,9 @@
 """Training metrics: one JSON object per logged step in `W/metrics.jsonl`, scalars in TensorBoard.
 
 Only process 0 writes (every host computes the same replicated scalars). The JSONL file is opened
-in append mode and flushed per line, so a resumed run continues the same file and a reader (a test,
-`tail -f`) sees each step as soon as it is logged.
+in append mode and each record is one write of one whole line, flushed, so a resumed run continues
+the same file, a reader (a test, `tail -f`) sees each step as soon as it is logged, and a kill or a
+full disk can only cut the last line. `read_jsonl` drops such a line with a warning.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 
@@ -38,10 +40,17 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(path):
-            keep = [r for r in read_metrics(workdir) if int(r.get("step", 0)) <= resume_step]
+            keep = [r for r in read_metrics(workdir) if _step_of(r) <= resume_step]
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
             os.replace(path + ".tmp", path)
+        elif os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+            if cut:  # end the cut line, so the next record is not glued to it
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("\n")
         self._file = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
@@ -54,8 +63,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")  # one write of the whole line
+            self._file.flush()
+        except OSError as e:  # a full disk: name the file (a failed write() carries no file name)
+            raise OSError(e.errno, e.strerror, e.filename or self._file.name) from None
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -70,10 +82,38 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of W/metrics.jsonl (for tests, the demo and reports)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+def _step_of(record: dict[str, Any]) -> float:
+    try:
+        return int(record.get("step", 0))
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def read_jsonl(path: str, *, warn: bool = True) -> list[dict[str, Any]]:
+    """The JSON objects of an append-only JSONL file. A line that does not parse (cut by a kill or a
+    full disk mid-write) is dropped, with one warning line on stderr naming the file and the line."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    out, bad = [], []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad.append(lineno)
+    if bad and warn:
+        what = "the last line is cut" if bad == [len(lines)] else f"lines {', '.join(map(str, bad[:5]))} are not JSON"
+        print(f"alignx: warning: {path}: {what} (an interrupted write); dropped {len(bad)} line(s)", file=sys.stderr)
+    return out
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All records of W/metrics.jsonl (for tests, the demo and reports); see `read_jsonl`."""
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))

@@ -12,7 +12,7 @@ arguments (params, optimizer state, reference, batch) + outputs - donated aliase
 that does not fit the topology's memory per device is an AlignXError with the numbers.
 
 `model.hf_path` may be an HF folder / `alignx import` checkpoint, or a built-in preset name
-(`llama3-8b`, `qwen2.5-7b`, see PRESETS) so that no weights are needed to plan; with hf_path ''
+(`llama3-8b`, `qwen2.5-7b`, `smollm2`, see PRESETS) so that no weights are needed to plan; with hf_path ''
 the config's `model.preset` is planned. The topology is `--topology`, else the config's
 `plan.topology`, else this machine's devices.
 
@@ -59,6 +59,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
         bos_token_id=151643, eos_token_id=151645, hidden_act="silu"),
+    "smollm2": dict(  # SmolLM2-135M-Instruct, the shipped real model (alignx_jax.real_model; as its GGUF states it)
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        attention_bias=False, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        hidden_act="silu"),
 }
 PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
 
@@ -285,7 +291,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     params_in = jax.tree.map(with_sh, params_abs, param_sh)
     ref_in = jax.tree.map(lambda x, sh: with_sh(x, sh, dcfg.compute_dtype), params_abs, param_sh)
     total_steps = 1000
-    tx, _ = train.make_optimizer(cfg.optim, total_steps)
+    tx, _ = train.make_optimizer(cfg.optim, total_steps, int(cfg.model.get("frozen_layers", 0)))
     opt_abs = jax.eval_shape(tx.init, params_abs)
     flat_sh = {tuple(k.key for k in path): sh for path, sh in jax.tree_util.tree_leaves_with_path(param_sh)}
     by_path = {tuple(k.key for k in path): (flat_sh[tuple(k.key for k in path)], leaf.shape)
@@ -467,6 +473,8 @@ def cli_plan(args: argparse.Namespace) -> int:
                 *(getattr(args, "overrides", []) or []), "--topology", name]
         if args.json:
             argv += ["--json", args.json]
+        if getattr(args, "verbose", False):
+            argv.append("--verbose")
         env = dict(os.environ, **{_CHILD_ENV: "1"})
         env.pop("XLA_FLAGS", None)
         env.pop("JAX_PLATFORMS", None)

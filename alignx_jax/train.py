@@ -13,8 +13,15 @@ exact batch sequence the run will see and stored as `W/ref_logps.p<process>.npy`
 
 Workdir `W`: `config.json`, `reference/` (HF folder of the frozen reference + tokenizer),
 `metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/{params,opt_state,head?,meta}`. SIGTERM/SIGINT
-save at the next step boundary and exit 0; rerunning the same command resumes from the latest
-checkpoint. A non-finite loss stops the run (exit 1) without saving the bad state.
+save at the next step boundary and exit 0; rerunning the same command resumes from the newest
+checkpoint that verifies (`checkpointing`: checksums and finiteness; a bad newer step is moved aside
+with a warning). `W/train.lock` keeps a second run out; a resume may not change what is trained
+(`workdir.FREE_KEYS` lists what it may change) unless `train.allow_config_change`.
+
+Every step checks, inside the jitted step, that its loss, gradient norm and updated params are finite
+(`nonfinite_code`). `loss.nan_policy='stop'`: a non-finite step stops the run (exit 1), is never saved,
+and the error names the newest saved step that verifies; 'skip': the step's update is dropped (counted
+as `skipped_nonfinite_steps`), and `loss.max_skipped_steps` such steps in a row stop the run.
 
 PBA's preference head (`data.method='pba'`, `pba.enabled`):
   * `pba.mode='joint'`: the head is trained in the same step as the policy, on the same backbone:
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -58,18 +66,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alignx_jax import losses
 from alignx_jax import sharding as shd
+from alignx_jax import workdir as workdir_lib
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.config import config_to_json, load_config
 from alignx_jax.data import batching
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.metrics import MetricsWriter
 from alignx_jax.models.compaction import TokenLayout
+from alignx_jax.real_model import resolve_model_path
 
 METHODS = ("ica", "pba", "none")
 REFERENCE_MODES = ("on_the_fly", "precomputed")
 PBA_MODES = ("joint", "two_stage")
 PBA_PREFERENCES = ("golden", "predicted", "mix")
 PREDICTED_FILE = "pba_predicted.npy"
+NAN_POLICIES = ("stop", "skip")
 
 
 def head_enabled(cfg: ml_collections.ConfigDict) -> bool:
@@ -89,6 +100,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     """Consistency checks a key lookup cannot do; each failure is one ConfigError line."""
     if not cfg.workdir:
         raise ConfigError("--config.workdir is required (the run's output folder)")
+    buckets = cfg.data.buckets
+    if (not isinstance(buckets, (tuple, list)) or not buckets
+            or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in buckets)):
+        raise ConfigError(f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)")
     if not cfg.model.hf_path and not cfg.model.init.enabled:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:
@@ -105,6 +120,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("loss.label_smoothing must be in [0, 0.5) for the robust loss")
     if cfg.loss.sft_norm not in ("length", "sum"):
         raise ConfigError(f"loss.sft_norm={cfg.loss.sft_norm!r}: expected 'length' or 'sum'")
+    if cfg.loss.get("nan_policy", "stop") not in NAN_POLICIES:
+        raise ConfigError(f"loss.nan_policy={cfg.loss.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}")
+    if int(cfg.loss.get("max_skipped_steps", 10)) < 1:
+        raise ConfigError(f"loss.max_skipped_steps must be at least 1, got {cfg.loss.max_skipped_steps}")
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch or cfg.train.global_batch
     if gb <= 0 or mb <= 0 or gb % mb:
         raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
@@ -173,14 +192,14 @@ def _run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     if isinstance(remat, bool):  # True = recompute everything per layer (gradient checkpointing)
         remat = "full" if remat else "none"
     return {"remat": str(remat), "scan_layers": bool(cfg.model.scan_layers),
-            "attention_impl": str(cfg.model.attention_impl)}
+            "attention_impl": str(cfg.model.attention_impl), "frozen_layers": int(cfg.model.frozen_layers)}
 
 
 def load_tokenizer_for(cfg: ml_collections.ConfigDict):
     """(tokenizer, folder holding its files or None for the shipped one)."""
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
-    path = cfg.model.tokenizer or cfg.model.hf_path or None
+    path = resolve_model_path(cfg.model.tokenizer or cfg.model.hf_path) or None
     tok = load_tokenizer(path)
     return tok, (path or TINY_TOKENIZER_DIR)
 
@@ -192,7 +211,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
 
     opts = _run_options(cfg)
     if cfg.model.hf_path:
-        path = cfg.model.hf_path
+        path = resolve_model_path(cfg.model.hf_path)
         if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
             return hf.load_checkpoint(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=rules,
                                       compute_dtype=cfg.model.dtype, **opts)
@@ -256,7 +275,29 @@ class HeadCodec:
 # ----------------------------------------------------------------------------- the step
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+def freeze_lower_layers(frozen_layers: int) -> optax.GradientTransformation:
+    """Zero the updates of the bottom `frozen_layers` blocks and the input embedding (model.frozen_layers):
+    their gradients are already zero, but AdamW's weight decay would still move them."""
+    if not frozen_layers:
+        return optax.identity()
+
+    def zero_frozen(path, u):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if keys[:1] == ["embed_tokens"]:
+            return jnp.zeros_like(u)
+        if keys[:1] == ["layers"]:
+            return u.at[:frozen_layers].set(0)
+        return u
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(zero_frozen, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, frozen_layers: int = 0
+                   ) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW + global-norm clipping; linear warm-up to lr, cosine to min_lr_ratio * lr."""
     warmup = int(round(optim.warmup_ratio * total_steps))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -264,7 +305,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> tuple[
         decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip) if optim.clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay))
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
+        freeze_lower_layers(frozen_layers))
     return tx, schedule
 
 
@@ -303,6 +345,22 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.
         return lp.reshape(b, two)
 
 
+NONFINITE_PARTS = ((1, "loss"), (2, "gradient norm"), (4, "updated params"))
+
+
+def nonfinite_code(losses_: tuple, norms: tuple, new_params: Any) -> jax.Array:
+    """int32 bit set: 1 = a loss, 2 = a gradient norm, 4 = an updated param is NaN/inf (0: all finite)."""
+    def all_finite(xs):
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+    return (jnp.where(all_finite(losses_), 0, 1) + jnp.where(all_finite(norms), 0, 2)
+            + jnp.where(all_finite(jax.tree.leaves(new_params)), 0, 4)).astype(jnp.int32)
+
+
+def describe_nonfinite(code: int) -> str:
+    """'loss, gradient norm' for a `nonfinite_code`."""
+    return ", ".join(name for bit, name in NONFINITE_PARTS if int(code) & bit)
+
+
 def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
                     *, precomputed: bool, grad_shardings: Any = None, head_codec: HeadCodec | None = None,
                     head_tx: optax.GradientTransformation | None = None,
@@ -319,11 +377,16 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
     by pba.weight). Metrics: `loss` stays the DPO loss (comparable across methods), `total_loss`
     is the objective, `head_loss` (unweighted CE) / `head_accuracy` / `head_accuracy_non_neutral`
     are global-batch means, `grad_norm` is the policy's, `head_grad_norm` the head's.
+
+    `metrics['nonfinite']` (`nonfinite_code`) is 0 when the loss, the gradient norm(s) and the updated
+    params are all finite; with `loss.nan_policy='skip'` a step where it is not returns the old params
+    and optimizer state unchanged.
     """
     from alignx_jax.models import preference_head as ph
 
     chunk = int(loss_cfg.logps_chunk) or None
     beta = float(loss_cfg.beta)
+    skip_nonfinite = loss_cfg.get("nan_policy", "stop") == "skip"
     joint = head_codec is not None
     if joint and (head_tx is None or pba_cfg is None):
         raise ValueError("make_train_step: a head_codec needs head_tx and pba_cfg")
@@ -390,16 +453,26 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
             grad_norm = optax.tree.norm(grads["policy"])
             updates, pol_state = tx.update(grads["policy"], opt_state["policy"], params["policy"])
             head_updates, head_state = head_tx.update(grads["head"], opt_state["head"], params["head"])
-            params = {"policy": optax.apply_updates(params["policy"], updates),
-                      "head": optax.apply_updates(params["head"], head_updates)}
-            opt_state = {"policy": pol_state, "head": head_state}
+            new_params = {"policy": optax.apply_updates(params["policy"], updates),
+                          "head": optax.apply_updates(params["head"], head_updates)}
+            new_opt_state = {"policy": pol_state, "head": head_state}
+            norms = (grad_norm, optax.tree.norm(grads["head"]))
         else:
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            norms = (grad_norm,)
+        objective = (sums["loss"], sums["total_loss"]) if joint else (sums["loss"],)
+        nonfinite = nonfinite_code(objective, norms, new_params)
+        if skip_nonfinite:  # keep the old state: the update of a non-finite step never lands
+            keep = nonfinite == 0
+            params, opt_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), (new_params, new_opt_state),
+                                             (params, opt_state))
+        else:
+            params, opt_state = new_params, new_opt_state
         plain = ("loss", "pairs", "total_loss", "head_loss", "head_accuracy_non_neutral", "non_neutral")
         metrics = {k: v / n_pairs for k, v in sums.items() if k not in plain}
-        metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"])
+        metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"], nonfinite=nonfinite)
         if joint:
             metrics.update(total_loss=sums["total_loss"], head_loss=sums["head_loss"],
                            head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
@@ -591,11 +664,22 @@ def _ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) ->
     if cfg.data.train:
         return cfg.data.train
     out = os.path.join(workdir, "data")
-    if is_main and not os.path.exists(os.path.join(out, "data.parquet")):
+    key = workdir_lib.fingerprint([int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user),
+                                   int(cfg.data.synth_seed)])
+    have = os.path.exists(os.path.join(out, "data.parquet"))
+    # data written before the key existed is kept; data of other synth settings is written again
+    stale = have and os.path.exists(out + ".fingerprint") and not workdir_lib.fingerprint_matches(out, key)
+    if is_main and (not have or stale):
         from alignx_jax.data import synth
         world = synth.generate_world(int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user),
                                      int(cfg.data.synth_seed))
-        synth.write_world(world, out)
+        tmp = out + ".tmp"  # written aside and renamed: a kill mid-write leaves no half parquet file
+        shutil.rmtree(tmp, ignore_errors=True)
+        synth.write_world(world, tmp)
+        workdir_lib.forget_fingerprint(out)
+        shutil.rmtree(out, ignore_errors=True)  # W/data is the run's own (written here from data.synth_*)
+        os.replace(tmp, out)
+        workdir_lib.write_fingerprint(out, key)
     _sync("synth")
     return out
 
@@ -613,7 +697,7 @@ def _write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool
     ref = os.path.join(workdir, "reference")
     if os.path.isfile(os.path.join(ref, "config.json")):
         return
-    src = cfg.model.hf_path
+    src = resolve_model_path(cfg.model.hf_path)
     is_hf = bool(src) and os.path.isfile(os.path.join(src, "config.json")) and any(
         n.endswith(".safetensors") for n in os.listdir(src))
     if is_hf:
@@ -641,8 +725,70 @@ def _tree_shardings(tree: Any, mesh) -> Any:
     return jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep, tree)
 
 
+def _prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib.WorkdirLock:
+    """Create W, take its lock, refuse a resume that changes what is trained, write W/config.json."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir}: exists and is a file, not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"workdir {workdir}: cannot create it ({e.strerror})") from None
+    lock = workdir_lib.WorkdirLock(workdir)
+    lock.acquire()
+    try:
+        current = json.loads(config_to_json(cfg))
+        ckpts = os.path.join(workdir, "checkpoints")
+        if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):  # a resume
+            workdir_lib.check_config_change(workdir, current, allow=bool(cfg.train.get("allow_config_change", False)))
+        else:  # a fresh start over an earlier run's outputs: the reference folder is the old model's
+            saved = workdir_lib.read_saved_config(workdir)
+            ref = os.path.join(workdir, "reference")
+            if saved is not None and os.path.isdir(ref) and any(
+                    k.startswith("model.") for k in workdir_lib.changed_keys(saved, current)):
+                workdir_lib.warn(f"{workdir}/config.json names another model; rewriting {ref}")
+                shutil.rmtree(ref)
+        workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _stopped_in_start_up(stop: _StopFlag, is_main: bool) -> int:
+    if is_main:
+        print(f"alignx train: {signal.Signals(stop.signum).name} received during start-up; nothing to save "
+              "(rerun the same command to start or resume)", file=sys.stderr)
+    return 0
+
+
+def derived_fingerprint(cfg: ml_collections.ConfigDict, data_path: str, **extra: Any) -> str:
+    """What a file derived from the run's inputs depends on: the config (less what only changes how long or
+    how fast it runs, and the optimizer), the data files and the model files (sizes and mtimes)."""
+    flat = workdir_lib.flatten(json.loads(config_to_json(cfg)))
+    keep = {k: v for k, v in flat.items() if not k.startswith("optim.") and not workdir_lib.is_free(k)}
+    return workdir_lib.fingerprint({"config": keep, "data": workdir_lib.path_signature(data_path),
+                                    "model": workdir_lib.path_signature(resolve_model_path(cfg.model.hf_path)),
+                                    **extra})
+
+
 def run_training(cfg: ml_collections.ConfigDict) -> int:
     """The whole run for a loaded config; returns the exit status."""
+    stop = _StopFlag()
+    stop.install()  # first: a SIGTERM during start-up (data, model, compile) is a clean exit 0
+    held: list[workdir_lib.WorkdirLock] = []
+    try:
+        return _run_training(cfg, stop, held)
+    except OSError as e:  # a full disk, a permission: one line naming the file
+        where = e.filename or os.path.abspath(cfg.workdir or ".")
+        raise AlignXError(f"{where}: {e.strerror or e}; the run stopped (rerun the same command to resume from "
+                          "the last checkpoint)") from None
+    finally:
+        for lock in held:
+            lock.release()
+        stop.restore()
+
+
+def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -> int:
     validate_config(cfg)
     if cfg.train.distributed:
         jax.distributed.initialize()
@@ -651,14 +797,15 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     workdir = os.path.abspath(cfg.workdir)
     is_main = jax.process_index() == 0
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config_to_json(cfg) + "\n")
+        held.append(_prepare_workdir(cfg, workdir))
+    _sync("workdir")
 
     from alignx_jax.data import sources
 
     tokenizer, tokenizer_dir = load_tokenizer_for(cfg)
     data_path = _ensure_data(cfg, workdir, is_main)
+    if stop.signum is not None:
+        return _stopped_in_start_up(stop, is_main)
     source = sources.open_source(data_path, skip_bad=bool(cfg.data.skip_bad_rows))
     skipped = int(getattr(source, "skipped", 0))
     if len(source) == 0:
@@ -764,7 +911,10 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     policy = build_policy(cfg, tokenizer, mesh, rules)
     _write_reference(cfg, policy, workdir, tokenizer_dir, is_main)
     if use_predicted:
-        predicted["dirs"] = _predicted_directions(cfg, policy, tokenizer, source, workdir)
+        predicted["dirs"] = _predicted_directions(cfg, policy, tokenizer, source, workdir,
+                                                  derived_fingerprint(cfg, data_path))
+    if stop.signum is not None:
+        return _stopped_in_start_up(stop, is_main)
     codec = ParamsCodec.of(policy)
     params = nnx.to_pure_dict(nnx.state(policy))
     hidden_size = int(policy.cfg.hidden_size)
@@ -772,7 +922,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     compute_dt = jnp.dtype(cfg.model.dtype)
     # a separate buffer even when dtypes agree: the policy's buffers are donated to the step
     ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=compute_dt, copy=True), params)
-    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    tx, schedule = make_optimizer(cfg.optim, total_steps, int(cfg.model.frozen_layers))
     head_codec = head_tx = head_cfg = None
     if joint:
         head = build_head(cfg, hidden_size, mesh, rules)
@@ -791,17 +941,19 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     # --- resume
     ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.checkpoint.keep),
                              async_save=bool(cfg.checkpoint["async"]))
-    start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        if joint:
-            pol, opt_state, meta, hp = ckpt.restore(latest, abstract_like(params["policy"]), abstract_like(opt_state),
-                                                    abstract_like(params["head"]))
-            params = {"policy": pol, "head": hp}
-        else:
-            params, opt_state, meta = ckpt.restore(latest, abstract_like(params), abstract_like(opt_state))
+    start = skipped_total = 0
+    # restore targets (shapes, dtypes, shardings); also what a failed run checks its last checkpoint with
+    targets = ((abstract_like(params["policy"]), abstract_like(opt_state), abstract_like(params["head"])) if joint
+               else (abstract_like(params), abstract_like(opt_state), None))
+    found = ckpt.restore_newest_good(*targets, warn=workdir_lib.warn if is_main else None)
+    latest = None
+    if found is not None:
+        latest, restored = found
+        params = {"policy": restored[0], "head": restored[3]} if joint else restored[0]
+        opt_state, meta = restored[1], restored[2]
         loader.set_state(meta["loader"])
         truncated[0] = int(meta.get("rows_truncated", 0))
+        skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
         start = int(meta["step"])
         if is_main:
             print(f"alignx train: resuming from {ckpt.directory}/{latest} (step {start} of {total_steps})",
@@ -812,7 +964,9 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     if precomputed:
         ref_path = os.path.join(workdir, f"ref_logps.p{pi}.npy")
         want_shape = (total_steps, gb // pc, 2)
-        if os.path.exists(ref_path) and np.load(ref_path, mmap_mode="r").shape == want_shape:
+        # keyed by what the log-probs depend on: a same-shaped table of other data or another model is stale
+        ref_key = derived_fingerprint(cfg, data_path, shape=want_shape, process=[pc, pi])
+        if workdir_lib.fingerprint_matches(ref_path, ref_key) and np.load(ref_path, mmap_mode="r").shape == want_shape:
             ref_table = np.load(ref_path)
         else:
             ref_fn = jax.jit(make_ref_logps_fn(codec, cfg.loss), out_shardings=rep)
@@ -820,8 +974,14 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
             saved_truncated = truncated[0]
             ref_table = np.zeros(want_shape, np.float32)
             local_pairs = gb // pc
+            from tqdm import tqdm
+
             with shd.use_mesh(mesh, rules):
-                for s in range(total_steps):
+                # the pass takes about a third of the training's time: it shows progress as training does
+                for s in tqdm(range(total_steps), desc="reference log-probs", unit="step", dynamic_ncols=True,
+                              file=sys.stderr, disable=not (is_main and cfg.train.progress)):
+                    if stop.signum is not None:  # nothing is written: the next run does the pass again
+                        return _stopped_in_start_up(stop, is_main)
                     hb, _ = host_batch(next(pre_loader)[0])
                     # global slot ids tell each process which of the gathered results are its own
                     hb["slot"] = (pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(num_micro, -1)
@@ -831,17 +991,19 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                     ref_table[s][slot[mine] % local_pairs] = lp[mine]
             truncated[0] = saved_truncated
             if is_main or pc > 1:
+                workdir_lib.forget_fingerprint(ref_path)
                 np.save(ref_path + ".tmp.npy", ref_table)
                 os.replace(ref_path + ".tmp.npy", ref_path)
+                workdir_lib.write_fingerprint(ref_path, ref_key)
         ref_params = None  # the frozen copy is no longer needed: its memory goes to training
 
     step_fn = jax.jit(make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh,
                                       head_codec=head_codec, head_tx=head_tx, pba_cfg=cfg.pba if joint else None),
                       out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
 
+    if stop.signum is not None:
+        return _stopped_in_start_up(stop, is_main)
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
-    stop = _StopFlag()
-    stop.install()
     bar = None
     if is_main and cfg.train.progress:
         from tqdm import tqdm
@@ -849,7 +1011,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
 
     def meta_for(step: int, hcfg=None) -> dict[str, Any]:
         meta = {"step": step, "total_steps": total_steps, "seed": seed, "loader": loader.get_state(),
-                "rows_truncated": truncated[0], "rows_skipped": skipped}
+                "rows_truncated": truncated[0], "rows_skipped": skipped, "skipped_nonfinite_steps": skipped_total}
         if hcfg is not None:  # `alignx export` rebuilds the head from this
             meta["head_config"] = hcfg.to_json()
         return meta
@@ -865,6 +1027,9 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     step = start
     last_saved = latest
     every = max(1, int(cfg.checkpoint.every_steps))
+    skip_policy = cfg.loss.get("nan_policy", "stop") == "skip"
+    max_skipped = int(cfg.loss.get("max_skipped_steps", 10))
+    in_a_row = 0  # non-finite steps skipped since the last finite one
     try:
         while step < total_steps:
             if stop.signum is not None:
@@ -880,11 +1045,13 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             dt = time.perf_counter() - t0
             step += 1
-            objective = m.get("total_loss", m["loss"])
-            if not np.isfinite(objective):
-                ckpt.wait()
-                where = f"; last good checkpoint: step {last_saved}" if last_saved is not None else ""
-                raise AlignXError(f"non-finite loss ({objective}) at step {step}{where}")
+            nonfinite = int(m.pop("nonfinite"))
+            in_a_row = in_a_row + 1 if nonfinite else 0
+            skipped_total += int(nonfinite != 0 and skip_policy)
+            if nonfinite and (not skip_policy or in_a_row >= max_skipped):
+                params = opt_state = None  # the bad state: its memory goes to checking the saved ones
+                raise _nonfinite_error(ckpt, targets, step, m, nonfinite, in_a_row if skip_policy else 0)
+            m["skipped_nonfinite_steps"] = skipped_total
             final_head = None
             if two_stage and step == total_steps:  # the head is fit on the final policy, then saved with it
                 final_head = _fit_two_stage_head(cfg, codec.module(params), tokenizer, source)
@@ -903,24 +1070,39 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
                 save(step, None if final_head is None else final_head[:2])
                 last_saved = step
         if stop.signum is not None and step < total_steps:
-            if last_saved != step:
+            if step > start and last_saved != step:
                 save(step)
             ckpt.wait()
             if is_main:
                 name = signal.Signals(stop.signum).name
-                print(f"alignx train: {name} received: saved step {step} to {ckpt.directory}; "
-                      "rerun the same command to resume", file=sys.stderr)
+                what = f"saved step {step} to {ckpt.directory}" if step > start else "no step run, nothing to save"
+                print(f"alignx train: {name} received: {what}; rerun the same command to resume", file=sys.stderr)
             return 0
         ckpt.wait()
         if is_main:
             print(f"alignx train: done, {step} steps; checkpoints in {ckpt.directory}", file=sys.stderr)
         return 0
     finally:
-        stop.restore()
         if bar is not None:
             bar.close()
         writer.close()
         ckpt.close()
+
+
+def _nonfinite_error(ckpt: TrainCheckpointer, targets: tuple, step: int, m: dict[str, float], code: int,
+                     in_a_row: int) -> AlignXError:
+    """The error of a run stopped by a non-finite step, naming the newest saved step that verifies."""
+    ckpt.wait()
+    good = ckpt.newest_good_step(*targets)
+    last = (f"last finite checkpoint: step {good} (a rerun resumes from it)" if good is not None
+            else "no finite checkpoint saved (a rerun starts over)")
+    what = (f"{describe_nonfinite(code)} not finite (loss {m.get('loss', 0.0):.4g}, "
+            f"grad_norm {m.get('grad_norm', 0.0):.4g})")
+    if in_a_row:
+        return AlignXError(f"non-finite loss, gradient or update in {in_a_row} steps in a row up to step {step} "
+                           f"(loss.max_skipped_steps): {what}; {last}; lower optim.lr")
+    return AlignXError(f"non-finite loss, gradient or update at step {step}: {what}; step {step} not saved; {last}; "
+                       "lower optim.lr, or set loss.nan_policy=skip to skip such steps")
 
 
 def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
@@ -930,7 +1112,7 @@ def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
 
     hcfg = ph.HeadConfig.from_config(cfg.pba, hidden_size, persona_variant=cfg.data.persona)
     head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(int(cfg.pba.seed)))
-    src = cfg.model.hf_path
+    src = resolve_model_path(cfg.model.hf_path)
     if src and os.path.isdir(src) and ph.has_head(src):
         loaded, lcfg = ph.load_head(src)
         if lcfg == hcfg:
@@ -968,16 +1150,18 @@ def _fit_two_stage_head(cfg: ml_collections.ConfigDict, backbone, tokenizer,
     return res.cfg, HeadCodec.params(res.head), metrics
 
 
-def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, source, workdir: str) -> np.ndarray:
+def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, source, workdir: str,
+                          key: str = "") -> np.ndarray:
     """P~ of every training row from a first-stage head fit on the initial policy -> `[N, 90]` float32.
 
-    Stored in `W/pba_predicted.npy` so that a resumed run reuses exactly the same profiles.
+    Stored in `W/pba_predicted.npy` so that a resumed run reuses exactly the same profiles; `key`
+    (`derived_fingerprint`) names the inputs they were computed from: other inputs recompute them.
     """
     from alignx_jax.models import preference_head as ph
 
     path = os.path.join(workdir, PREDICTED_FILE)
     n = len(source)
-    if os.path.exists(path):
+    if workdir_lib.fingerprint_matches(path, key):
         dirs = np.load(path)
         if dirs.shape == (n, ph.NUM_DIMS):
             return dirs
@@ -988,8 +1172,10 @@ def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, sou
         policy, tokenizer, rows, pooling=res.cfg.pooling, variant=res.cfg.persona_variant,
         max_tokens=res.cfg.max_persona_tokens)
     dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
+    workdir_lib.forget_fingerprint(path)
     np.save(path + ".tmp.npy", dirs)
     os.replace(path + ".tmp.npy", path)
+    workdir_lib.write_fingerprint(path, key)
     gold = [i for i in range(n) if rows[i].get("Preference Direction") is not None]
     acc = ph.head_metrics(dirs[gold], np.asarray([rows[i]["Preference Direction"] for i in gold], np.float32))
     print(f"alignx train: first-stage preference head on {len(rows)} rows ({time.perf_counter() - t0:.1f}s): "

@@ -1,4 +1,4 @@
-"""Shared defaults for every run config: the release's DPO recipe (METHOD.md section 6).
+"""Shared defaults for every run config: the release's DPO recipe (docs/method.md section 6).
 
 Other config files call `get_config()` from here (via `runpy`, since configs are loaded by path)
 and change only what differs. Every key a run can set exists here, so a misspelt override is a
@@ -19,8 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     # --- model: an HF folder (or `alignx import` checkpoint) or, when hf_path is '', random init
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = ""
-    # the architecture `alignx plan` compiles when hf_path is '' (a preset: llama3-8b, qwen2.5-7b):
-    # a config can be planned before any weights exist; training still needs hf_path
+    # the architecture `alignx plan` compiles when hf_path is '' (a preset: llama3-8b, qwen2.5-7b, smollm2):
+    # a config can be planned before any weights exist; training still needs hf_path. `smollm2` is also a
+    # real model: hf_path='smollm2' trains SmolLM2-135M-Instruct, prepared once by `make real-model`
     c.model.preset = ""
     c.model.tokenizer = ""  # '' -> the hf_path's tokenizer, or the shipped tiny one for random init
     c.model.init = ml_collections.ConfigDict()  # sizes for random init (HF config.json names)
@@ -42,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"  # per-layer gradient checkpointing: "none" | "full" | "dots" | "dots_no_batch"
     c.model.scan_layers = True
+    # train only the top blocks: the bottom `frozen_layers` blocks and the input embedding (so a tied
+    # output layer too) get no gradient and no update; the backward pass stops above them (0 = all train)
+    c.model.frozen_layers = 0
     # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas flash attention) | "auto" (splash on
     # TPU, else jax.nn.dot_product_attention's pick) | "chunked" (query blocks)
     c.model.attention_impl = "xla"
@@ -86,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     # output logits only on a window covering each row's response (prompt positions need none):
     # the same numbers, a fraction of the output layer's cost when prompts are long
     c.loss.logits_on_responses = True
+    # a step whose loss, gradient norm or updated params are NaN/inf: 'stop' the run there (nothing of it is
+    # saved) | 'skip' its update (counted as skipped_nonfinite_steps); max_skipped_steps in a row stop the run
+    c.loss.nan_policy = "stop"
+    c.loss.max_skipped_steps = 10
 
     # --- optimizer: AdamW + clip, linear warm-up then cosine to min_lr_ratio * lr
     c.optim = ml_collections.ConfigDict()
@@ -108,6 +116,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.distributed = False  # jax.distributed.initialize() (multi-host; set by launch/tpu_pod.sh)
     c.train.progress = True  # tqdm bar on process 0
+    # a resume may change only how long/where/how fast the run goes (train.steps, checkpoint.*, mesh.*, ...;
+    # workdir.FREE_KEYS); true also accepts changed model/data/loss/optim keys, with a warning listing them
+    c.train.allow_config_change = False
 
     # --- mesh (-1 = the remaining devices) and logical -> mesh axis rules
     c.mesh = ml_collections.ConfigDict()
@@ -152,7 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def release_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The release's full-scale recipe (METHOD.md section 6) for a real 7-8B model, in place.
+    """The release's full-scale recipe (docs/method.md section 6) for a real 7-8B model, in place.
 
     The model and data paths stay '' so that a run without `--config.model.hf_path` and
     `--config.data.train` fails with a clear ConfigError instead of training something else.

@@ -1,4 +1,4 @@
-"""ICA on Llama-3.1-8B-Instruct, one host with 8x H100 80GB: the release's recipe (METHOD.md section 6).
+"""ICA on Llama-3.1-8B-Instruct, one host with 8x H100 80GB: the release's recipe (docs/method.md section 6).
 
     launch/gpu_host.sh configs/llama3_8b_ica_gpu.py --config.workdir=runs/ica8b \
         --config.model.hf_path=/models/Llama-3.1-8B-Instruct --config.data.train=/data/alignx

@@ -1,7 +1,7 @@
 """Build the shipped tiny tokenizer: a byte-level BPE with Llama-3-style special tokens.
 
 The corpus is deterministic and offline: the P-SOUPS benchmark file, the 90 preference labels,
-the AlignX prompt templates (METHOD.md sections 4, 5, 7), the synthetic world's text
+the AlignX prompt templates (docs/method.md sections 4, 5, 7), the synthetic world's text
 (`alignx_jax.data.synth.world_corpus()` and rendered ICA/PBA prompts of a small synthetic world,
 so the demo's prompts are short: sequence length is the main cost on CPU) and template-generated
 English. The result is saved as a `transformers` fast-tokenizer folder with a Llama-3 chat template.

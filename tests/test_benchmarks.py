@@ -1,4 +1,4 @@
-"""Benchmark files (METHOD.md section 7 shapes) normalised to rows."""
+"""Benchmark files (docs/method.md section 7 shapes) normalised to rows."""
 
 from __future__ import annotations
 
@@ -50,8 +50,10 @@ def test_uf_p_4_and_prism(tmp_path):
     assert rows[0]["profile"] == "Concerned about truthfulness" and "profile" not in rows[1]
     assert rows[1]["Demographic Information"] == "A farmer." and rows[0]["Demographic Information"] == ""
     assert rows[1]["User-Generated Content"][0]["Preference Direction"] is None
+    # --limit is a seeded sample (rows without persona fields form one group), not the first rows
     prism = benchmarks.load_benchmark("prism", str(tmp_path / "honesty.json"), limit=1)
-    assert [r["prompt"] for r in prism] == ["Explain tides."]
+    pick = benchmarks.balanced_sample(_uf_rows(), 1, seed=0)
+    assert [r["prompt"] for r in prism] == [_uf_rows()[pick[0]]["prompt"]]
 
 
 def test_missing_response_is_named(tmp_path):

@@ -72,3 +72,37 @@ def test_override_types_and_errors():
         load_config(path, ["--config.train.stpes=3"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(path, ["--config.train.steps=many"])
+
+
+def test_override_value_as_the_next_argument():
+    """`--config.KEY VALUE` (two arguments) works like `--config.KEY=VALUE`, typed the same way."""
+    path = os.path.join(ROOT, "configs", "tiny_cpu.py")
+    c = load_config(path, ["--config.train.steps", "5", "--config.optim.lr=0.5", "--config.optim.warmup_ratio", "-0.0",
+                           "--config.checkpoint.async", "false", "--config.data.buckets", "(64, 128)"])
+    assert c.train.steps == 5 and c.optim.lr == 0.5 and c.optim.warmup_ratio == 0.0
+    assert c.checkpoint["async"] is False and tuple(c.data.buckets) == (64, 128)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(path, ["--config.train.steps", "many"])
+
+
+def test_cli_hands_space_form_overrides_over_as_key_value(monkeypatch):
+    from alignx_jax import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_handler_for", lambda args: lambda a: seen.update(vars(a)) or 0)
+    rc = cli.main(["train", "--config", "C.py", "--config.train.steps", "5", "--config.workdir=/tmp/w",
+                   "--config.optim.lr", "-1e-3"])
+    assert rc == 0 and seen["config_path"] == "C.py"
+    assert seen["overrides"] == ["--config.train.steps=5", "--config.workdir=/tmp/w", "--config.optim.lr=-1e-3"]
+
+
+@pytest.mark.parametrize("tail", [[], ["--config.workdir=/tmp/w"], ["--config", "C.py"]])
+def test_override_without_a_value_is_one_line_naming_the_key(tail, capsys):
+    from alignx_jax.cli import main
+
+    path = os.path.join(ROOT, "configs", "tiny_cpu.py")
+    with pytest.raises(ConfigError, match=r"--config\.train\.steps needs a value"):
+        load_config(path, ["--config.train.steps", *tail])
+    rc = main(["train", "--config", path, "--config.train.steps", *tail])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--config.train.steps needs a value" in err and len(err.strip().splitlines()) == 1

@@ -421,3 +421,71 @@ def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path
     pred = ph.predict_direction(ph.head_probs(loaded, feats))
     for r in _read_jsonl(per):
         assert profile_text(pred[r["index"]]) in tok.decode(r["prompt_ids"])
+
+
+# ----------------------------------------------------------------------------- shared rows, stored reference
+
+
+def test_shared_prompt_scoring_equals_two_rows(llama):
+    """One row per pair (the eval default) gives the two-row layout's log-probs."""
+    from alignx_jax.data.batching import make_example
+    from alignx_jax.data.benchmarks import load_benchmark
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.sharding import make_mesh
+    from alignx_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(llama)
+    rows = load_benchmark("p-soups", PSOUPS, limit=5)
+    exs = [make_example(tok, r, method="ica", max_length=MAX_LEN, index=i, eval_mode=True)
+           for i, r in enumerate(rows)]
+    mesh = make_mesh(data=-1)
+    model = load_pretrained(llama, mesh=mesh)
+    got = {}
+    for shared in (False, True):
+        scorer = ev.SequenceScorer(model, mesh, share_prompt=shared)
+        got[shared] = np.concatenate([lp for _, (lp,) in ev.score_batches(
+            exs, [scorer], batch_size=4, pad_id=int(tok.pad_token_id), buckets=ev.length_buckets(MAX_LEN))])
+    assert got[True].shape == (5, 2)
+    np.testing.assert_allclose(got[True], got[False], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, capsys):
+    """`--reference-scores` (the reference's own per-example file) gives `--reference DIR`'s results."""
+    common = ["--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "4", "--max-length", str(MAX_LEN)]
+    from conftest import build_tiny_hf
+
+    ref_dir, policy = llama, str(tmp_path / "policy")
+    build_tiny_hf("llama", policy, seed=5)  # another llama of the same shape: the policy
+    base_per = str(tmp_path / "base.jsonl")
+    assert _run(capsys, "--model", ref_dir, *common, "--per-example", base_per, "--out", str(tmp_path / "b.json"))[0] == 0
+    assert _run(capsys, "--model", policy, "--reference", ref_dir, *common,
+                "--per-example", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a.json"))[0] == 0
+    assert _run(capsys, "--model", policy, "--reference-scores", base_per, *common,
+                "--per-example", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "s.json"))[0] == 0
+    a, s = _read_jsonl(tmp_path / "a.jsonl"), _read_jsonl(tmp_path / "s.jsonl")
+    assert [r["correct"] for r in a] == [r["correct"] for r in s]
+    np.testing.assert_allclose([r["ref_logp_chosen"] for r in s], [r["ref_logp_chosen"] for r in a], rtol=1e-6)
+    with open(tmp_path / "s.json", encoding="utf-8") as f:
+        assert json.load(f)["reference"] == {"scores": os.path.abspath(base_per)}
+    # scored with another prompt (method pba): the token ids differ -> one line, exit 1
+    code, _, err = _run(capsys, "--model", policy, "--reference-scores", base_per,
+                        "--benchmark", f"p-soups={PSOUPS}", "--method", "pba", "--limit", "4",
+                        "--max-length", str(MAX_LEN), "--out", str(tmp_path / "x.json"))
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+    assert code == 1 and len(errors) == 1 and "base.jsonl" in errors[0] and "example" in errors[0]
+
+
+def test_limit_is_a_balanced_seeded_sample_and_accuracy_is_reported_per_persona(ica_run):
+    """P-SOUPS files hold each persona's rows in a block: --limit must not take one persona only."""
+    from alignx_jax.data.benchmarks import balanced_sample, load_benchmark, persona_group
+
+    with open(PSOUPS, encoding="utf-8") as f:
+        rows = json.load(f)
+    picks = balanced_sample(rows, 10, seed=0)
+    assert picks == sorted(picks) and picks == balanced_sample(rows, 10, seed=0) != balanced_sample(rows, 10, seed=1)
+    groups = [persona_group(rows[i]) for i in picks]
+    assert len(set(groups)) == 2 and groups.count(groups[0]) == 5
+    assert [r["prompt"] for r in load_benchmark("p-soups", PSOUPS, limit=10)] == [rows[i]["prompt"] for i in picks]
+    entry = ica_run["results"]["benchmarks"]["p-soups"]
+    assert sum(g["n"] for g in entry["by_persona"].values()) == entry["n"] == LIMIT
+    assert len(entry["by_persona"]) == 2

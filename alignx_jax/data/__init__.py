@@ -8,7 +8,7 @@ Modules (one concept each):
   batching    DPO examples, length buckets, padded batch collation
   benchmarks  AlignX-test / P-SOUPS / UF-P-4 / PRISM files -> rows
   split       train/test splits by prompt, user or row; `alignx data split`
-  sources     TFDS/grain input pipeline; `alignx data prepare`
+  sources     TFDS input pipeline (array_record) and the resumable loader; `alignx data prepare`
   synth       synthetic AlignX-schema users; `alignx synth`
 
 Nothing here imports the model, training or evaluation code (see docs/ARCHITECTURE.md).

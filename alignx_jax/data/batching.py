@@ -5,7 +5,7 @@ Length rules:
     response + EOS positions are the scored ones;
   * `reserve(L) = min(513, L // 2)` is the release's "max length - 513" margin, scaled down for
     small test lengths (it equals 513 for every L >= 1026);
-  * eval_mode=True follows METHOD.md section 7 exactly: prompt ids and response ids (before EOS)
+  * eval_mode=True follows docs/method.md section 7 exactly: prompt ids and response ids (before EOS)
     are each left-truncated to L - reserve(L), so prompt + response may exceed L;
   * otherwise (training) the pair must fit L: responses (before EOS) are left-truncated to
     L - reserve(L) as the release does, then the prompt is left-truncated so that prompt + the

@@ -1,4 +1,4 @@
-"""The evaluation benchmarks of METHOD.md section 7, each normalised to the row dict.
+"""The evaluation benchmarks of docs/method.md section 7, each normalised to the row dict.
 
   * alignx  - AlignX-test rows are AlignX rows (golden direction, demographics, both histories);
   * p-soups - a JSON list of {prompt, chosen, rejected, ground_truth_persona, profile,
@@ -10,6 +10,11 @@ A path may be a file or a folder (UF-P-4 ships four files: they are read in sort
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
@@ -27,8 +32,36 @@ def parse_benchmark_arg(spec: str) -> tuple[str, str]:
     return name, path
 
 
-def load_benchmark(name: str, path: str, *, limit: int | None = None) -> list[dict]:
-    """Read one benchmark's rows (every row validated as `name`), the first `limit` if given."""
+def persona_group(row: dict) -> str | None:
+    """Whose preference a row states: P-SOUPS' `ground_truth_persona`, else the row's `user_id`."""
+    group = row.get("ground_truth_persona")
+    return group if group is not None else row.get("user_id")
+
+
+def balanced_sample(rows: Sequence[dict], n: int, seed: int = 0) -> list[int]:
+    """`n` row indices, a seeded sample balanced across `persona_group`s, in file order.
+
+    Benchmark files hold one persona's rows in a block (P-SOUPS: 300 rows of each of two): the
+    first n rows would be one persona, a score that says nothing about personalization. Groups
+    take turns, each in a seeded random order, until n rows are taken."""
+    if n >= len(rows):
+        return list(range(len(rows)))
+    rng = np.random.default_rng(seed)
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(persona_group(row), []).append(i)
+    queues = [list(rng.permutation(members)) for _, members in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    picks: list[int] = []
+    while len(picks) < n:
+        for q in queues:
+            if q and len(picks) < n:
+                picks.append(int(q.pop()))
+    return sorted(picks)
+
+
+def load_benchmark(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """Read one benchmark's rows (every row validated as `name`); with `limit`, a seeded sample of
+    that many rows balanced across personas (`balanced_sample`)."""
     if name not in BENCHMARK_KINDS:
         raise DataError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_KINDS)}")
     if limit is not None and limit < 1:
@@ -36,4 +69,4 @@ def load_benchmark(name: str, path: str, *, limit: int | None = None) -> list[di
     rows, _ = schema.load_rows(path, kind=name)
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
-    return rows[:limit] if limit is not None else rows
+    return rows if limit is None else [rows[i] for i in balanced_sample(rows, limit, seed)]

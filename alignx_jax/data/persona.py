@@ -1,6 +1,6 @@
 """Personas: the 90-dim preference space, profile text, the release's P~ rule and the persona block.
 
-Facts from METHOD.md:
+Facts from docs/method.md:
   * section 1 - a direction is 90 values in {0, 0.5, 1}; profile text = the labels of the
     non-neutral dims in index order joined with ", " (1 -> positive label, 0 -> negative label);
   * section 4 - ICA training samples the history (`sample_history`) and renders
@@ -138,7 +138,7 @@ def parse_profile(text: str) -> np.ndarray:
 
 
 def release_direction(vectors: np.ndarray) -> np.ndarray:
-    """The release's P~ for a history (METHOD.md section 5), float32 [90].
+    """The release's P~ for a history (docs/method.md section 5), float32 [90].
 
     Mean of the items' directions, then >= 0.6 -> 1, <= 0.4 -> 0, else 0.5. If no dimension is
     left non-neutral: when 1 - max < min the dims equal to the max become 1, otherwise the dims
@@ -178,7 +178,7 @@ def history_direction(row: dict) -> np.ndarray | None:
 
 
 def sample_history(row: dict, rng: np.random.Generator) -> tuple[list, list]:
-    """The release's training-time history sample (METHOD.md section 4): (ugc_items, pair_items).
+    """The release's training-time history sample (docs/method.md section 4): (ugc_items, pair_items).
 
     n_ugc = min(randint(0, 4), len(UGC)), n_pair = min(randint(0, 4), len(PAIR)) with randint
     inclusive; if both are 0, take min(4, len) of each. Items are drawn without replacement, in
@@ -242,7 +242,7 @@ def _pair_block(items: Sequence[dict]) -> str:
 
 def persona_text(row: dict, variant: str = "p", *, ugc: Sequence[dict] | None = None,
                  pairs: Sequence[dict] | None = None) -> str:
-    """The `{ugc}{pairs}{demographics}` block (METHOD.md section 4) for one persona variant.
+    """The `{ugc}{pairs}{demographics}` block (docs/method.md section 4) for one persona variant.
 
     `ugc`/`pairs` override the row's full history (pass `sample_history`'s output for training);
     variant ugc/pair/demo keeps only that part, p keeps all three. Empty blocks are left out and

@@ -1,9 +1,9 @@
 """Prompts for the three methods and their token ids (chat template, or the release's `paper` string).
 
-Choices (METHOD.md leaves them open):
+Choices (docs/method.md leaves them open):
   * ICA uses the release's *evaluation* form for training and evaluation alike: the system text
     "...based on user historical behavior and preferences.", the task under `***Task***` and the
-    full `{ugc}{pairs}{demographics}` block (the release's training script differs; see METHOD.md 4).
+    full `{ugc}{pairs}{demographics}` block (the release's training script differs; see docs/method.md section 4).
   * `none` (the non-personalised DPO baseline) keeps the same framing minus everything personal:
     system "Generate a task-specific response." and the user message without the persona section.
     (The paper's base-model rows are *not* this: they use the ICA prompt with the base model.)
@@ -35,7 +35,7 @@ ICA_USER = _TASK + "***Historical Behavior and User Preferences***\n\n{persona}\
 PBA_USER = _TASK + "***User Preferences***\n\n{profile}\n\n" + _RESPONSE
 NONE_USER = _TASK + _RESPONSE
 
-# The release's evaluation prompt string (METHOD.md section 7): note the newline after the system
+# The release's evaluation prompt string (docs/method.md section 7): note the newline after the system
 # text and none after the assistant header.
 PAPER_TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\n{system}\n<|eot_id|>"
                   "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"

@@ -323,11 +323,31 @@ def summary(loaded: Loaded) -> list[str]:
     return lines
 
 
+def warnings_for(loaded: Loaded) -> list[DataError]:
+    """Rows that are legal but useless, one DataError per kind of problem (naming the first such row):
+    a pair whose chosen and rejected responses are the same text gives DPO nothing to learn."""
+    same = [i for i, r in enumerate(loaded.rows) if r["chosen"] == r["rejected"]]
+    if not same:
+        return []
+    fi, ri = loaded.origin[same[0]]
+    more = f"; {len(same)} rows like this" if len(same) > 1 else ""
+    return [DataError(f"chosen == rejected: the pair gives DPO no signal{more}", file=loaded.files[fi].path, row=ri,
+                      field="rejected")]
+
+
 def cli_check(args: argparse.Namespace) -> int:
-    """`alignx data check PATH [--kind K]`: validate every row and print counts; exit 0 if clean."""
+    """`alignx data check PATH [--kind K] [--strict]`: validate every row and print counts; exit 0 if
+    clean. Legal but useless rows are a warning line each on stderr (errors, exit 1, with --strict)."""
+    import sys
+
     loaded = load(args.path, kind=getattr(args, "kind", "auto"))
     if not loaded.rows:
         raise DataError("no rows", file=args.path)
+    warnings = warnings_for(loaded)
+    if warnings and getattr(args, "strict", False):
+        raise warnings[0]
     for line in summary(loaded):
         print(line)
+    for w in warnings:
+        print(f"alignx: warning: {w}", file=sys.stderr)
     return 0

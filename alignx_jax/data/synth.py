@@ -15,7 +15,7 @@ History carries the persona:
 - Demographic text: reveals about half of the dimensions that have a demographic sentence.
 Each history item has its own *noisy* `Preference Direction` (the item's dimension is sometimes
 missing or flipped, spurious dimensions are sometimes added), so the release's averaging rule
-(METHOD.md section 5) recovers the user's direction only partly, while the item TEXT shows the
+(docs/method.md section 5) recovers the user's direction only partly, while the item TEXT shows the
 true leaning (up to `TEXT_NOISE`): a model that reads the history can beat the rule.
 
 The row's `Preference Direction` is the user's full golden direction (all active dimensions), not

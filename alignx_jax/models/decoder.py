@@ -85,6 +85,9 @@ class DecoderConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention_impl: str = "xla"
+    # the bottom `frozen_layers` blocks and the input embedding take no gradient (training only):
+    # the backward pass stops at the first trainable block
+    frozen_layers: int = 0
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -94,6 +97,9 @@ class DecoderConfig:
             raise ConfigError(f"remat policy {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        if not 0 <= self.frozen_layers < self.num_hidden_layers:
+            raise ConfigError(f"frozen_layers={self.frozen_layers} must be in [0, num_hidden_layers="
+                              f"{self.num_hidden_layers})")
         for f in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, f))
@@ -660,7 +666,9 @@ class Decoder(nnx.Module):
     def output_embedding(self) -> jax.Array:
         """The output projection [D, V] (the transposed input embedding when tied)."""
         if self.lm_head is None:
-            return self.embed_tokens.embedding.get_value().T
+            w_VD = self.embed_tokens.embedding.get_value()
+            # tied: the output layer is the frozen input embedding when blocks are frozen
+            return (jax.lax.stop_gradient(w_VD) if self.cfg.frozen_layers else w_VD).T
         return self.lm_head.kernel.get_value()
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
@@ -748,16 +756,23 @@ class Decoder(nnx.Module):
             return x, new_kv
 
         kv_stack = None if cache is None else (cache["k"], cache["v"])
-        with jax.named_scope("layers"):
+
+        def run_layers(x, p, kv):
             if cfg.scan_layers:
-                x_BTD, new_kv = jax.lax.scan(body, x_BTD, (params, kv_stack))
-            else:
-                outs = []
-                for i in range(cfg.num_hidden_layers):
-                    xs = jax.tree.map(lambda a, i=i: a[i], (params, kv_stack))
-                    x_BTD, kv_i = body(x_BTD, xs)
-                    outs.append(kv_i)
-                new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                return jax.lax.scan(body, x, (p, kv))
+            outs = []
+            for i in range(jax.tree.leaves(p)[0].shape[0]):
+                x, kv_i = body(x, jax.tree.map(lambda a, i=i: a[i], (p, kv)))
+                outs.append(kv_i)
+            return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        with jax.named_scope("layers"):
+            F = cfg.frozen_layers if cache is None else 0
+            if F:  # no gradient below block F: autodiff never differentiates the frozen blocks
+                low = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:F]), params)
+                x_BTD = jax.lax.stop_gradient(run_layers(jax.lax.stop_gradient(x_BTD), low, None)[0])
+                params = jax.tree.map(lambda a: a[F:], params)
+            x_BTD, new_kv = run_layers(x_BTD, params, kv_stack)
         with jax.named_scope("final_norm"):
             h_BTD = rms_norm(x_BTD, self.norm.scale.get_value(), cfg.rms_norm_eps)
             if layout is not None:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,20 +58,37 @@ class SafetensorsReader:
             self._read_header(os.path.join(folder, name))
 
     def _read_header(self, path: str) -> None:
+        """Every tensor's (file, offset, dtype, shape), checked against the file's size: a truncated or
+        malformed file is a CheckpointError naming it here, not a failed memory map later."""
         try:
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
+                if n < 2 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         base = 8 + n
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
-            if meta["dtype"] not in _ST_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {meta['dtype']}")
-            start, _ = meta["data_offsets"]
-            self.entries[key] = (path, base + start, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+            try:
+                dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            except (TypeError, KeyError, ValueError):
+                raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry") from None
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+            if end - start != nbytes or start < 0:
+                raise CheckpointError(f"{path}: tensor {key!r} has data_offsets [{start}, {end}] for {nbytes} bytes "
+                                      f"of {dtype} {list(shape)}")
+            if base + end > size:
+                raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {base + end}, the file has "
+                                      f"{size} (an interrupted download or copy?)")
+            self.entries[key] = (path, base + start, _ST_DTYPES[dtype], shape)
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -98,13 +116,16 @@ def _write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.d
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format asks for an 8-byte aligned data section
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for (name, shape, dtype), arr in zip(tensors, produce):
-            arr = np.ascontiguousarray(arr, dtype=dtype)
-            assert arr.shape == tuple(shape), (name, arr.shape, shape)
-            f.write(arr.tobytes())
+    try:
+        with open(path, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for (name, shape, dtype), arr in zip(tensors, produce):
+                arr = np.ascontiguousarray(arr, dtype=dtype)
+                assert arr.shape == tuple(shape), (name, arr.shape, shape)
+                f.write(arr.tobytes())
+    except OSError as e:  # a full disk: name the file (a failed write() carries no file name)
+        raise OSError(e.errno, e.strerror, e.filename or path) from None
 
 
 # ---- name mapping --------------------------------------------------------------------------------
@@ -258,7 +279,20 @@ def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh |
                              for i in layers])
 
         var.set_value(_place(shape, pdtype, sharding, fill))
+    _check_finite(path, {m: flat[m.path].get_value() for m in param_maps(cfg)})
     return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def _check_finite(folder: str, values: dict[ParamMap, jax.Array]) -> None:
+    """CheckpointError naming the first HF tensor that holds NaN/inf (checked on the devices, per layer)."""
+    maps = list(values)
+    flags = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if m.layered
+                                else jnp.all(jnp.isfinite(x)) for m, x in zip(maps, xs)])
+    for m, ok in zip(maps, jax.device_get(flags([values[m] for m in maps]))):
+        ok = np.atleast_1d(np.asarray(ok))
+        if not ok.all():
+            name = m.hf_name.format(i=int(np.flatnonzero(~ok)[0])) if m.layered else m.hf_name
+            raise CheckpointError(f"{folder}: tensor {name!r} holds NaN/inf values (a diverged or corrupt model)")
 
 
 # ---- export -----------------------------------------------------------------------------------------
@@ -277,20 +311,49 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def copy_tokenizer(src: str | None, out_dir: str) -> None:
+def copy_tokenizer(src: str | None, out_dir: str) -> list[str]:
+    """Copy the tokenizer files of `src` into `out_dir`; returns their names."""
     if not src or not os.path.isdir(src):
-        return
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+        return []
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+    return names
+
+
+EXPORT_MANIFEST = "alignx_export.json"  # in every exported folder: what wrote it and the files it wrote
+
+
+def read_export_manifest(folder: str) -> dict[str, Any] | None:
+    """The manifest of an exported folder, None when it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(folder, EXPORT_MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
+    return manifest if ok else None
+
+
+def write_export_manifest(folder: str, files: list[str], *, source: str | None = None,
+                          step: int | None = None) -> None:
+    manifest = {"format": "alignx-export", "version": 1, "source": source, "step": step,
+                "files": sorted(set(files) | {EXPORT_MANIFEST})}
+    with open(os.path.join(folder, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
 
 
 def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_size: str | int = "5GB",
-            tokenizer_dir: str | None = None) -> None:
+            tokenizer_dir: str | None = None, source: str | None = None, step: int | None = None) -> list[str]:
     """Write a transformers-loadable folder: config.json, generation_config.json, safetensors shards
-    with model.safetensors.index.json, and the tokenizer files from `tokenizer_dir`."""
+    with model.safetensors.index.json, the tokenizer files from `tokenizer_dir`, and the manifest
+    (`EXPORT_MANIFEST`: `source`, `step` and the files written). Returns the names written.
+
+    Only files a previous export listed in its manifest are ever removed (its shards of another count);
+    `alignx export` writes into a fresh folder and renames it into place (`cli_export`)."""
     cfg = model.cfg
     os.makedirs(out_dir, exist_ok=True)
+    previous = read_export_manifest(out_dir)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
     # the list of HF tensors, in HF order (per layer, then globals)
@@ -314,9 +377,6 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
             used = 0
         shards[-1].append(it)
         used += nbytes
-    for old in os.listdir(out_dir):  # stale shards from an earlier export would confuse loaders
-        if old.endswith(".safetensors") or old == "model.safetensors.index.json":
-            os.remove(os.path.join(out_dir, old))
 
     cache: dict[tuple[str, ...], np.ndarray] = {}
 
@@ -347,7 +407,14 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
            "do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
-    copy_tokenizer(tokenizer_dir, out_dir)
+    written = [*weight_map.values(), "model.safetensors.index.json", "config.json", "generation_config.json",
+               *copy_tokenizer(tokenizer_dir, out_dir)]
+    for name in set((previous or {}).get("files", [])) - set(written) - {EXPORT_MANIFEST}:
+        stale = os.path.join(out_dir, os.path.basename(str(name)))  # an earlier export's own file (a shard)
+        if os.path.isfile(stale):
+            os.remove(stale)
+    write_export_manifest(out_dir, written, source=source, step=step)
+    return sorted(set(written)) + [EXPORT_MANIFEST]
 
 
 # ---- orbax model checkpoints ------------------------------------------------------------------------
@@ -416,10 +483,40 @@ def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None =
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(model.cfg.to_hf(), f, indent=2, sort_keys=True)
     copy_tokenizer(tokenizer_dir, out_dir)
+    from alignx_jax.checkpointing import digests
+
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sums, bad = digests(params)
+    if bad:
+        raise CheckpointError(f"{out_dir}: not saved: {bad[0]} holds NaN/inf values")
+    sidecar = os.path.join(out_dir, CHECKSUMS_FILE)
+    if os.path.exists(sidecar):  # dropped first: a rewrite cut half-way is never checked against old sums
+        os.remove(sidecar)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params, force=True)
         ckptr.wait_until_finished()
+    with open(sidecar + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(sums, f, indent=1, sort_keys=True)
+    os.replace(sidecar + ".tmp", sidecar)
+
+
+CHECKSUMS_FILE = "params.checksums.json"  # beside a model checkpoint's params/: `checkpointing.digests`
+
+
+def _saved_param_checksums(res: ResolvedCheckpoint) -> dict[str, str] | None:
+    """The digests saved with a checkpoint's params (training step meta, or a model checkpoint's sidecar)."""
+    from alignx_jax.checkpointing import saved_checksums
+
+    if res.step is not None:
+        return saved_checksums(os.path.dirname(os.path.dirname(os.path.abspath(res.params_dir))), res.step, "params")
+    path = os.path.join(os.path.dirname(os.path.abspath(res.params_dir)), CHECKSUMS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
 
 
 def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = None,
@@ -437,9 +534,12 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
         tree = getattr(tree, "tree", tree)
         stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
     except Exception as e:  # a half-written or foreign folder
-        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {e})") from None
+        from alignx_jax.checkpointing import first_line
+        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint "
+                              f"({type(e).__name__}: {first_line(e)})") from None
     if dtype is None:
-        dtype = str(stored.pop()) if len(stored) == 1 else "float32"
+        dtype = str(next(iter(stored))) if len(stored) == 1 else "float32"
+    same_bits = stored == {jnp.dtype(dtype)}  # the saved digests describe the stored dtype's bits
     cfg = load_decoder_config(res.config_dir, **_run_options(dtype, compute_dtype, run_options))
     abstract = abstract_decoder(cfg)
     state = nnx.state(abstract, nnx.Param)
@@ -449,11 +549,18 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
     shard_pure = nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
     # restore in the stored dtype (orbax casts otherwise unsafely), cast after
     abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure)
+    from alignx_jax.checkpointing import collect_orphans, first_line, verify_tree
+
+    why = None
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(params_dir, abstract_target)
     except Exception as e:
-        raise CheckpointError(f"{params_dir}: cannot restore params ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        why = f"{type(e).__name__}: {first_line(e)}"
+    if why is not None:
+        collect_orphans()
+        raise CheckpointError(f"{params_dir}: cannot restore params ({why})")
+    verify_tree(restored, _saved_param_checksums(res) if same_bits else None, params_dir)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(nnx.graphdef(abstract), state)
     return model
@@ -483,12 +590,18 @@ def load_checkpoint_head(res: ResolvedCheckpoint):
     state = nnx.state(head, nnx.Param)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default), nnx.to_pure_dict(state))
+    from alignx_jax.checkpointing import collect_orphans, first_line, saved_checksums, verify_tree
+
+    why = None
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(os.path.abspath(res.head_dir), target)
     except Exception as e:
-        raise CheckpointError(f"{res.head_dir}: cannot restore the preference head "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        why = f"{type(e).__name__}: {first_line(e)}"
+    if why is not None:
+        collect_orphans()
+        raise CheckpointError(f"{res.head_dir}: cannot restore the preference head ({why})")
+    verify_tree(restored, saved_checksums(ckpts, res.step, "head"), res.head_dir)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(head, state)
     return head, hcfg
@@ -528,20 +641,141 @@ def cli_import(args) -> int:
     return 0
 
 
-def cli_export(args) -> int:
+def _beside(out: str, tag: str, pid: int | None = None) -> str:
+    """A hidden sibling of `out` for one process: `.NAME.TAG-PID`."""
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{tag}-{os.getpid() if pid is None else pid}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_export_leftovers(out: str) -> None:
+    """Tidy what a killed export left beside `out`: its half-written folder goes; a folder it had moved
+    aside to swap in the new one comes back when `out` is missing (killed between the two renames)."""
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    for entry in sorted(os.listdir(parent)):
+        m = re.fullmatch(re.escape(f".{name}.") + r"export-(tmp|old)-(\d+)", entry)
+        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.exists(out):
+            os.rename(path, out)
+            print(f"alignx export: warning: restored {out} from {path} (an export was killed while replacing it)",
+                  file=sys.stderr)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], set[str]]:
+    """(entries of `out`, the files a previous export wrote there), after checking that `out` may be
+    written: absent, empty, an export of the same `source`, or anything with `overwrite`."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out}: is a file, not a folder")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--out {out}: cannot create {e.filename or parent} ({e.strerror})") from None
+    _recover_export_leftovers(out)
+    if not os.path.isdir(out) or not os.listdir(out):
+        return [], set()
+    entries = sorted(os.listdir(out))
+    manifest = read_export_manifest(out)
+    if not overwrite and (manifest is None or manifest.get("source") != source):
+        if manifest is not None:
+            raise CheckpointError(f"--out {out}: holds an export of {manifest.get('source')}; pass --overwrite to "
+                                  "replace its files, or choose another folder")
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise CheckpointError(f"--out {out}: not empty and not an alignx export (holds {shown}); pass --overwrite "
+                              "to replace the files an export writes (the others are kept), or choose an empty folder")
+    return entries, {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)  # the same data under a second name: nothing is copied or moved
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(tmp: str, out: str, keep: list[str]) -> None:
+    """Make the complete export folder `tmp` the folder `out`, carrying `out`'s `keep` entries over.
+
+    `out` is replaced by two renames, so it is at every moment either the old folder or the new one;
+    a kill between them leaves the old one beside it, put back by the next export."""
+    for name in keep:
+        src, dst = os.path.join(out, name), os.path.join(tmp, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+    if os.path.isdir(out):
+        old = _beside(out, "export-old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str, source: str) -> list[str]:
+    """Every file of the export into the fresh folder `tmp`; returns their names."""
     from alignx_jax.models import preference_head as ph
 
-    res = resolve_checkpoint(args.checkpoint, args.step)
-    model = load_checkpoint(args.checkpoint, args.step)
-    save_hf(model, args.out, dtype=args.dtype, shard_size=args.shard_size, tokenizer_dir=res.tokenizer_dir)
-    _remove_head_files(args.out)
+    files = save_hf(model, tmp, dtype=args.dtype, shard_size=args.shard_size, tokenizer_dir=res.tokenizer_dir,
+                    source=source, step=res.step)
     if res.head_dir is not None:
         if res.step is None:  # an imported model checkpoint: the head files as they came in
-            ph.load_head(res.head_dir)  # validate before copying
-            _copy_head_files(res.head_dir, args.out)
+            _copy_head_files(res.head_dir, tmp)
         else:
-            head, _ = load_checkpoint_head(res)
-            ph.save_head(head, None, args.out)  # float32 always: the head is tiny, --dtype is the policy's
+            ph.save_head(head, None, tmp)  # float32 always: the head is tiny, --dtype is the policy's
+        files += [ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE]
+        write_export_manifest(tmp, files, source=source, step=res.step)
+    return files
+
+
+def cli_export(args) -> int:
+    """`alignx export`: verify the checkpoint, write the HF folder beside `--out`, rename it into place.
+
+    `--out` must be absent, empty or an export of the same checkpoint; `--overwrite` allows any folder.
+    Files of `--out` that no export wrote are kept (hard links into the new folder), never deleted."""
+    from alignx_jax.models import preference_head as ph
+
+    out = os.path.abspath(args.out)
+    res = resolve_checkpoint(args.checkpoint, args.step)
+    source = os.path.realpath(args.checkpoint)
+    entries, own = _export_target(out, source, bool(getattr(args, "overwrite", False)))
+    model = load_checkpoint(args.checkpoint, res.step)  # verified: finite, and its checksums where saved
+    head = None
+    if res.head_dir is not None:  # read (and checked) before anything is written
+        head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    tmp = _beside(out, "export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        files = _write_export(args, res, model, head, tmp, source)
+        keep = [e for e in entries if e not in own and e not in files]
+        _publish(tmp, out, keep)
+    except OSError as e:  # a full disk, a permission: `out` is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f": {e.filename}" if e.filename else ""
+        raise CheckpointError(f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    odd = [e for e in keep if e.endswith(".safetensors")]
+    if odd:
+        print(f"alignx export: warning: kept {', '.join(odd)} in {out} (not written by an export; the index names "
+              "the exported shards, but tools that read every *.safetensors file would mix them in)", file=sys.stderr)
     where = f" step {res.step}" if res.step is not None else ""
     extra = " (with preference head)" if res.head_dir is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out}{extra}")

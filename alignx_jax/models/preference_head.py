@@ -3,7 +3,7 @@
 The head reads the decoder's final hidden states of the *persona-only* prompt (see
 `persona_prompt_ids`), pools them over the persona tokens ('mean' or 'last'), and maps the pooled
 vector through a LayerNorm and a one-hidden-layer MLP to logits `[B, 90, 3]` over `LABEL_VALUES`
-(negative=0, neutral=0.5, positive=1). The release does not ship its P̃ predictor (METHOD.md §5);
+(negative=0, neutral=0.5, positive=1). The release does not ship its P̃ predictor (docs/method.md section 5);
 this head is this project's learned replacement for it.
 
 What lives here (one concept: the head and its I/O):
@@ -41,7 +41,7 @@ NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
 NUM_DIMS: int = 90
 POOLINGS: tuple[str, ...] = ("mean", "last")
 RULES: tuple[str, ...] = ("argmax", "threshold")
-# The release's thresholds on the mean of history directions (METHOD.md §5).
+# The release's thresholds on the mean of history directions (docs/method.md section 5).
 RELEASE_POS_THRESHOLD: float = 0.6
 RELEASE_NEG_THRESHOLD: float = 0.4
 # Tolerance of threshold and tie comparisons, the same as data.persona.release_direction's.
@@ -226,7 +226,7 @@ def expected_direction(probs_BDC) -> np.ndarray:
 def release_fallback(values_D: np.ndarray) -> np.ndarray:
     """The release's rule for an all-neutral row, applied to one row of scores in [0, 1].
 
-    METHOD.md §5: if 1 - max < min, the dims equal to the max become 1; else (an exact tie
+    docs/method.md section 5: if 1 - max < min, the dims equal to the max become 1; else (an exact tie
     1 - max == min included) the dims equal to the min become 0; the rest stay 0.5. "Equal" allows
     `_EPS` as `data.persona.release_direction` does, so tied dims all flip together.
     """
@@ -330,7 +330,7 @@ def persona_prompt_ids(tokenizer: Any, row: Mapping[str, Any], variant: str = "p
                        max_tokens: int = 1024) -> list[int]:
     """The head's input ids for one row: BOS, then the persona block's ids, left-truncated.
 
-    The block is `data.persona.persona_text(row, variant)` (the whole history; METHOD.md §4's
+    The block is `data.persona.persona_text(row, variant)` (the whole history; docs/method.md section 4's
     `{ugc}{pairs}{demographics}`) tokenized with no special tokens. Truncation keeps the *last*
     `max_tokens - 1` ids (as the release left-truncates prompts), so the demographic text, which
     comes last, survives. The BOS id falls back to EOS for tokenizers without one. This is the same

@@ -1,0 +1,356 @@
+"""`alignx demo --real`: a real pretrained model (SmolLM2-135M-Instruct) personalized on real P-SOUPS rows.
+
+    alignx demo --real --out runs/demo-real [--p-soups FILE] [--quick] [--seed S]
+
+Stages (each skipped when its marker exists; training resumes like `alignx train`):
+  1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once).
+  2. split   - `alignx data split FILE --by prompt --test-fraction 0.5`; --quick takes seeded samples
+               of each half balanced across the file's personas (`benchmarks.balanced_sample`).
+  3. base    - the untouched model scored on the held-out half with no persona, with the ICA prompt
+               and with the PBA prompt (`alignx eval --reference none`); each per-example file is
+               then the reference of the model trained with that prompt (`--reference-scores`).
+  4. train   - configs/demo_real.py, one recipe and budget, for data.method none, ica, pba (the row's
+               `profile` text); each exported to HF format (`alignx export`).
+  5. eval    - `alignx eval` of each trained model on the held-out half, the base model as reference.
+  6. samples - three sampled responses per persona for one held-out prompt from each trained model.
+  7. report  - DIR/results.json, DIR/report.md (per persona, beside the paper's P-SOUPS column),
+               DIR/accuracy.png, DIR/curves.png, DIR/generations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, _compile_cache, _pct, _read_json, _write_json, \
+    plot_curves, split_psoups
+from alignx_jax.errors import AlignXError, ConfigError, DataError
+
+REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
+METHODS = ("none", "ica", "pba")
+TRAINED = {"none": "non_personalized", "ica": "ica", "pba": "pba_profile"}
+BASE = {"none": "base_none", "ica": "base_ica", "pba": "base_pba"}
+ROWS = ("base_none", "base_ica", "base_pba", "non_personalized", "ica", "pba_profile")
+# The paper's P-SOUPS column (docs/method.md section 8) beside each row; None = no such row.
+PAPER_PSOUPS = {"base_none": None, "base_ica": ("Llama-3-8B-Instruct", 49.44), "base_pba": None,
+                "non_personalized": None, "ica": ("ICA, full", 63.33), "pba_profile": ("PBA, full", 81.69)}
+TARGETS = ("ica >= non_personalized + 0.10", "pba_profile >= non_personalized + 0.10",
+           "ica >= base_ica + 0.10", "pba_profile >= base_pba + 0.10", "seconds <= 3600")
+SAMPLING = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's generation settings
+
+
+class RealBudget:
+    """Sizes of one run; `quick` is the few-minute smoke run of the same chain."""
+
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.config = REAL_CONFIG + (":quick" if quick else "")
+        self.train_rows = 8 if quick else None  # a balanced sample of the training half (None = all)
+        self.test_rows = 8 if quick else None  # and of the held-out half
+        self.eval_batch = 4 if quick else 8
+        self.max_length = 1024
+        self.samples = 1 if quick else 3  # generations per persona and model
+        self.max_new_tokens = 16 if quick else 96
+
+
+def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
+    """A seeded sample of `n` rows of a JSON-list file balanced across personas (all when n is None)."""
+    if n is None:
+        return path
+    from alignx_jax.data.benchmarks import balanced_sample
+
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    _write_json(dest, [rows[i] for i in balanced_sample(rows, n, seed)])
+    return dest
+
+
+def run_config(budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int):
+    from alignx_jax.config import load_config
+
+    if not os.path.isfile(REAL_CONFIG):
+        raise ConfigError(f"demo config not found: {REAL_CONFIG} (run from a source checkout)")
+    return load_config(budget.config, [
+        f"--config.workdir={workdir}", f"--config.model.hf_path={model_dir}", f"--config.data.train={data}",
+        f"--config.data.method={method}", f"--config.train.seed={seed + 42}",
+        f"--config.data.max_length={budget.max_length}"])
+
+
+def train_and_export(budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int,
+                     export_dir: str) -> dict[str, Any]:
+    """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
+    from alignx_jax import train
+    from alignx_jax.models import hf
+
+    cfg = run_config(budget, workdir=workdir, model_dir=model_dir, data=data, method=method, seed=seed)
+    t0 = time.perf_counter()
+    code = train.run_training(cfg)
+    res = hf.resolve_checkpoint(workdir)
+    if code != 0 or res.step is None:
+        raise AlignXError(f"demo: training {workdir} stopped early (exit {code}); rerun to resume")
+    seconds = time.perf_counter() - t0
+    hf.cli_export(argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB",
+                                     overwrite=True))
+    return {"workdir": workdir, "export": export_dir, "steps": int(res.step), "train_seconds": seconds}
+
+
+def score(budget: RealBudget, *, model_dir: str, path: str, method: str, out_json: str,
+          reference_scores: str | None) -> dict[str, Any]:
+    """`alignx eval` on the P-SOUPS half; returns {"accuracy", "n", "ci95", "by_persona"}."""
+    from alignx_jax import evaluate as ev
+
+    settings = ev.EvalSettings(method=method, persona="p" if method == "ica" else None, preference="golden",
+                               batch_size=budget.eval_batch, max_length=budget.max_length)
+    results = ev.evaluate(model_dir, [ev.BenchmarkSpec("p-soups", path, "p-soups")], settings,
+                          reference_scores=reference_scores, per_example=per_example_path(out_json))
+    _write_json(out_json, results)
+    entry = results["benchmarks"]["p-soups"]
+    return {k: entry[k] for k in ("accuracy", "n", "ci95", "by_persona") if k in entry}
+
+
+def per_example_path(out_json: str) -> str:
+    return out_json.replace(".json", ".per_example.jsonl")
+
+
+def sample_generations(budget: RealBudget, *, models: dict[str, str], test_path: str, seed: int) -> dict[str, Any]:
+    """For one held-out prompt: `budget.samples` sampled responses per persona from each trained model.
+
+    P-SOUPS asks each prompt of one persona only; the other persona's context (its history pairs and
+    profile) comes from another held-out row of it, so both personas answer the same prompt."""
+    import numpy as np
+
+    from alignx_jax.data import prompts as prompts_lib
+    from alignx_jax.data.benchmarks import persona_group
+    from alignx_jax.generate import load_model_and_tokenizer, generate
+
+    with open(test_path, encoding="utf-8") as f:
+        rows = json.load(f)
+    by_group: dict[str, dict] = {}
+    for row in rows:
+        by_group.setdefault(str(persona_group(row)), row)
+    rng = np.random.default_rng(seed)
+    prompt = rows[int(rng.integers(len(rows)))]["prompt"]
+    out: dict[str, Any] = {"prompt": prompt, "sampling": {**SAMPLING, "max_new_tokens": budget.max_new_tokens},
+                           "models": {}}
+    for name, model_dir in models.items():
+        model, tokenizer = load_model_and_tokenizer(model_dir)
+        method = {"non_personalized": "none", "ica": "ica", "pba_profile": "pba"}[name]
+        ids, who = [], []
+        for group, ctx in sorted(by_group.items()):
+            row = {**ctx, "prompt": prompt}
+            p = prompts_lib.prompt_ids(tokenizer, row, method=method,
+                                       profile=row.get("profile") if method == "pba" else None)
+            ids += [p] * budget.samples
+            who += [group] * budget.samples
+        toks = generate(model, tokenizer, ids, max_new_tokens=budget.max_new_tokens, seed=seed, **SAMPLING)
+        texts: dict[str, list[str]] = {}
+        for group, t in zip(who, toks):
+            texts.setdefault(group, []).append(tokenizer.decode(t, skip_special_tokens=True).strip())
+        out["models"][name] = texts
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def check_targets(ps: dict[str, Any], seconds: float | None) -> dict[str, bool | None]:
+    def acc(key):
+        return (ps.get(key) or {}).get("accuracy")
+
+    def at_least(a, b):
+        return None if acc(a) is None or acc(b) is None else bool(acc(a) >= acc(b) + 0.10)
+
+    return {TARGETS[0]: at_least("ica", "non_personalized"), TARGETS[1]: at_least("pba_profile", "non_personalized"),
+            TARGETS[2]: at_least("ica", "base_ica"), TARGETS[3]: at_least("pba_profile", "base_pba"),
+            TARGETS[4]: None if seconds is None else bool(seconds <= 3600)}
+
+
+def _persona_names(ps: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for key in ROWS:
+        for g in (ps.get(key) or {}).get("by_persona") or {}:
+            if g not in names:
+                names.append(g)
+    return names
+
+
+def write_report(out: str, results: dict[str, Any], info: dict[str, Any], generations: dict[str, Any] | None) -> str:
+    ps = results["p_soups"]
+    personas = _persona_names(ps)
+    lines = ["# alignx demo --real: SmolLM2-135M-Instruct personalized on P-SOUPS", "",
+             f"File: `{ps.get('file')}`, split by prompt (half held out); {results['seconds']:.0f} s wall.", "",
+             "Alignment accuracy (%) on the held-out prompts with its 95% Wilson interval, per persona, beside",
+             "the paper's P-SOUPS column (docs/method.md section 8; its models are 8B, ours 135M). Base rows: the",
+             "untouched model, no reference; trained rows: the base model as reference.", "",
+             "| row | accuracy | n | 95% CI | " + " | ".join(p[:40] for p in personas) + " | paper row | paper |",
+             "|---|---|---|---|" + "---|" * len(personas) + "---|---|"]
+    for key in ROWS:
+        e = ps.get(key)
+        if not e:
+            continue
+        lo, hi = e["ci95"]
+        per = [_pct(((e.get("by_persona") or {}).get(p) or {}).get("accuracy")) for p in personas]
+        paper = PAPER_PSOUPS[key]
+        lines.append(f"| {key} | {_pct(e['accuracy'])} | {e['n']} | [{_pct(lo)}, {_pct(hi)}] | " + " | ".join(per)
+                     + f" | {paper[0] if paper else '-'} | {f'{paper[1]:.2f}' if paper else '-'} |")
+    lines += ["", "## Targets", ""]
+    for name, ok in results["targets"].items():
+        lines.append(f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {name}")
+    if generations:
+        lines += ["", "## Samples", "", f"Held-out prompt: {generations['prompt']!r}", "",
+                  f"Sampling: {json.dumps(generations['sampling'])}; see generations.md.", ""]
+    lines += ["", "## Setup", "", "```", json.dumps(info, indent=2), "```", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def write_generations(out: str, generations: dict[str, Any]) -> str:
+    lines = ["# Sampled responses per persona", "", f"Prompt: {generations['prompt']}", "",
+             f"Sampling: {json.dumps(generations['sampling'])}", ""]
+    for name, by_persona in generations["models"].items():
+        lines += [f"## {name}", ""]
+        for persona, texts in by_persona.items():
+            lines += [f"### persona: {persona}", ""]
+            lines += [f"{i + 1}. {t}" for i, t in enumerate(texts)] + [""]
+    path = os.path.join(out, "generations.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def plot_accuracy(out: str, ps: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = [k for k in ROWS if (ps.get(k) or {}).get("accuracy") is not None]
+    personas = _persona_names(ps)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(keys))
+    acc = np.array([ps[k]["accuracy"] for k in keys])
+    lo = np.array([ps[k]["ci95"][0] for k in keys])
+    hi = np.array([ps[k]["ci95"][1] for k in keys])
+    ax.bar(x, 100 * acc, yerr=100 * np.stack([acc - lo, hi - acc]), capsize=4, width=0.5,
+           color=["#999999" if k.startswith("base") or k == "non_personalized" else "#3b75af" for k in keys],
+           label="all held-out rows")
+    for j, p in enumerate(personas):
+        y = [100 * (((ps[k].get("by_persona") or {}).get(p) or {}).get("accuracy") or np.nan) for k in keys]
+        ax.plot(x, y, "o", ms=5, label=p[:50], color=f"C{j + 1}")
+    ax.axhline(50, color="k", lw=0.8, ls="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels(keys, rotation=20, ha="right")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("alignment accuracy (%)")
+    ax.set_title("SmolLM2-135M-Instruct on P-SOUPS, held-out prompts")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(out, "accuracy.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_table(results: dict[str, Any]) -> list[str]:
+    ps = results["p_soups"]
+    lines = [f"{'row':<18} {'acc %':>6}  {'n':>5}  95% CI"]
+    for key in ROWS:
+        e = ps.get(key)
+        if e:
+            lo, hi = e["ci95"]
+            lines.append(f"{key:<18} {_pct(e['accuracy']):>6}  {e['n']:>5}  [{_pct(lo)}, {_pct(hi)}]")
+    return lines
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """The whole chain; returns the results dict written to OUT/results.json."""
+    from alignx_jax import real_model
+
+    t_start = time.perf_counter()
+    budget = RealBudget(quick)
+    out = os.path.abspath(out)
+    psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
+    if not os.path.isfile(psoups):
+        raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
+    os.makedirs(out, exist_ok=True)
+    _compile_cache(out)
+    settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups}
+    settings_path = os.path.join(out, "demo_settings.json")
+    if os.path.isfile(settings_path) and _read_json(settings_path) != settings:
+        raise ConfigError(f"{out} holds a demo run with other settings ({_read_json(settings_path)}); use a new --out")
+    _write_json(settings_path, settings)
+
+    names = ["model", "split", *(f"eval/{BASE[m]}" for m in METHODS), *(f"train/{m}" for m in METHODS),
+             *(f"eval/{TRAINED[m]}" for m in METHODS), "samples"]
+    stages = Stages(out, names, progress)
+    d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
+    ps: dict[str, Any] = {"file": psoups}
+    workdirs: dict[str, str] = {}
+    try:
+        model_dir = stages.run("model", lambda: real_model.smollm2_dir())
+        split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
+        for m in METHODS:  # the untouched model; its per-example files are the trained runs' reference
+            ps[BASE[m]] = stages.run(f"eval/{BASE[m]}", lambda m=m: score(
+                budget, model_dir=model_dir, path=split["test"], method=m, reference_scores=None,
+                out_json=os.path.join(d["eval"], f"{BASE[m]}.json")))
+        exports = {}
+        for m in METHODS:
+            name = TRAINED[m]
+            workdirs[name] = os.path.join(d["runs"], name)
+            exports[name] = os.path.join(d["models"], name)
+            stages.run(f"train/{m}", lambda m=m, name=name: train_and_export(
+                budget, workdir=workdirs[name], model_dir=model_dir, data=split["train"], method=m, seed=seed,
+                export_dir=exports[name]))
+        for m in METHODS:
+            name = TRAINED[m]
+            ps[name] = stages.run(f"eval/{name}", lambda m=m, name=name: score(
+                budget, model_dir=exports[name], path=split["test"], method=m,
+                reference_scores=per_example_path(os.path.join(d["eval"], f"{BASE[m]}.json")),
+                out_json=os.path.join(d["eval"], f"{name}.json")))
+        generations = stages.run("samples", lambda: sample_generations(budget, models=exports,
+                                                                       test_path=split["test"], seed=seed))
+    finally:
+        stages.close()
+
+    results: dict[str, Any] = {"p_soups": ps}
+    # the wall time of every stage, also those a resumed run found done
+    results["seconds"] = sum(_read_json(stages.marker(n))["seconds"] for n in names)
+    results["targets"] = check_targets(ps, results["seconds"])
+    info = {"quick": quick, "seed": seed, "config": budget.config, "model": model_dir, "split": split,
+            "stage_seconds": {n: _read_json(stages.marker(n))["seconds"] for n in names},
+            "budget": {k: v for k, v in vars(budget).items() if k != "config"},
+            "this_run_seconds": time.perf_counter() - t_start}
+    _write_json(os.path.join(out, "results.json"), results)
+    _write_json(os.path.join(out, "generations.json"), generations)
+    write_generations(out, generations)
+    write_report(out, results, info, generations)
+    plot_accuracy(out, ps)
+    plot_curves(out, workdirs)
+    return results
+
+
+def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[str, Any]:
+    split = split_psoups(psoups, os.path.join(data_dir, "p-soups"), seed)
+    train = balanced_copy(split["train"], budget.train_rows, seed, os.path.join(data_dir, "quick", "train.json"))
+    test = balanced_copy(split["test"], budget.test_rows, seed, os.path.join(data_dir, "quick", "test.json"))
+    return {"train": train, "test": test}
+
+
+def print_summary(results: dict[str, Any], out: str, lines: Sequence[str]) -> None:
+    for line in lines:
+        print(line)
+    for name, ok in results["targets"].items():
+        print(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a '):<4} {name}")
+    print(f"{results['seconds']:.0f} s; results: {os.path.join(out, 'results.json')}, "
+          f"report: {os.path.join(out, 'report.md')}")

@@ -1,0 +1,241 @@
+"""The training workdir's guards: one writer at a time, no silent config change on resume, and
+fingerprints that key the files a run derives from its inputs (precomputed reference log-probs,
+predicted profiles, synthetic data) so that a changed input recomputes them instead of reusing them.
+
+`W/train.lock` holds `{"pid", "host", "start"}` of the run that owns W. It is taken with `flock`
+(released by the kernel when the process dies) and the pid/host in it name the holder in the error
+a second run gets; a lock left by a killed run (its pid dead on this host) is taken over with a
+warning. An empty lock file is a free one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from alignx_jax.errors import AlignXError, ConfigError
+
+LOCK_FILE = "train.lock"
+
+# keys a resumed run may change: how long it runs, how it logs and saves, the layout it runs on, and
+# memory/speed settings that compute the same numbers. Everything else in model / data / loss / optim /
+# pba / train changes what is trained and is refused unless train.allow_config_change.
+FREE_KEYS = ("workdir", "train.steps", "train.epochs", "train.log_every", "train.progress", "train.distributed",
+             "train.allow_config_change", "train.micro_batch", "checkpoint.", "mesh.", "sharding.", "plan.",
+             "model.remat", "model.attention_impl", "model.scan_layers", "loss.logps_chunk",
+             "loss.logits_on_responses", "loss.nan_policy", "loss.max_skipped_steps", "data.compact_tokens")
+
+
+def warn(message: str) -> None:
+    print(f"alignx train: warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- config changes
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': leaf} of a nested dict (lists and tuples are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def is_free(key: str, free: Iterable[str] = FREE_KEYS) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], *, free: Iterable[str] = FREE_KEYS) -> list[str]:
+    """Dotted keys whose value differs between two config dicts, minus the free ones. Only keys both name
+    are compared: a key added by a newer version is absent from an older run's config.json."""
+    a, b = flatten(old), flatten(new)
+    return [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and not is_free(k, free)]
+
+
+def read_saved_config(workdir: str) -> dict[str, Any] | None:
+    """W/config.json as a dict, None when absent; unreadable is a warning and None."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        warn(f"{path}: unreadable ({e}); the resumed run's config is not compared with it")
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def check_config_change(workdir: str, current: dict[str, Any], *, allow: bool) -> list[str]:
+    """Refuse (ConfigError) a resume whose config changes what is trained; returns the changed keys."""
+    saved = read_saved_config(workdir)
+    if saved is None:
+        return []
+    keys = changed_keys(saved, current)
+    if not keys:
+        return []
+    a, b = flatten(saved), flatten(current)
+    shown = ", ".join(f"{k} ({a[k]!r} -> {b[k]!r})" for k in keys[:6])
+    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+    if not allow:
+        raise ConfigError(f"{workdir}/config.json: resuming with a different config: {shown}{more}; rerun with "
+                          "the saved settings, use a fresh workdir, or pass --config.train.allow_config_change=true")
+    warn(f"resuming with a changed config (train.allow_config_change): {shown}{more}")
+    return keys
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True))
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def path_signature(path: str) -> list[list[Any]]:
+    """[relative name, size, mtime_ns] of a file or of every file under a folder (sorted): cheap to get
+    and changed by any rewrite, without reading the data."""
+    if not path:
+        return []
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            out.append([os.path.relpath(full, path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def fingerprint_matches(path: str, want: str) -> bool:
+    """Whether derived file `path` exists and its sidecar `path.fingerprint` says `want`."""
+    try:
+        with open(path + ".fingerprint", encoding="utf-8") as f:
+            return os.path.exists(path) and f.read().strip() == want
+    except OSError:
+        return False
+
+
+def forget_fingerprint(path: str) -> None:
+    """Drop the sidecar before rewriting `path`: a rewrite cut half-way is then never taken as current."""
+    try:
+        os.remove(path + ".fingerprint")
+    except FileNotFoundError:
+        pass
+
+
+def write_fingerprint(path: str, value: str) -> None:
+    tmp = f"{path}.fingerprint.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(value + "\n")
+    os.replace(tmp, path + ".fingerprint")
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot) on Linux, None where /proc has no answer."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    now = _start_time(pid)
+    return start is None or now is None or now == start  # a different start time: the pid was reused
+
+
+class WorkdirLock:
+    """One `alignx train` per workdir (see the module docstring)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def _holder(self, fd: int) -> dict[str, Any]:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        try:
+            held = json.loads(raw) if raw else {}
+        except ValueError:
+            held = {}
+        return held if isinstance(held, dict) else {}
+
+    def _busy(self, held: dict[str, Any]) -> AlignXError:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held["time"])) if "time" in held else "?"
+        return AlignXError(f"{os.path.dirname(self.path)} is in use by alignx train pid {held.get('pid', '?')} on "
+                           f"host {held.get('host', '?')} (since {since}); wait for it or stop it (if that run is "
+                           f"gone, delete {self.path})")
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise self._busy(self._holder(fd)) from None
+                # no flock on this file system (ENOLCK, EOPNOTSUPP): the recorded holder alone decides
+            held = self._holder(fd)
+            host = socket.gethostname()
+            if held.get("pid") is not None and held.get("pid") != os.getpid():
+                if held.get("host") != host or _alive(int(held["pid"]), held.get("start")):
+                    # no flock across hosts / on some network file systems: the recorded holder decides
+                    raise self._busy(held)
+                warn(f"{self.path}: taking over the lock of pid {held['pid']} on {host}, which is gone "
+                     "(a killed run)")
+            me = {"pid": os.getpid(), "host": host, "start": _start_time(os.getpid()), "time": time.time()}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(me) + "\n").encode())
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)  # empty = free: the next run takes it without a warning
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError:  # closing the file releases the flock anyway
+            pass
+        finally:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,67 @@
+"""`alignx demo --real`: SmolLM2-135M-Instruct (the `smollm2` preset) personalized on a P-SOUPS split.
+
+The demo (alignx_jax/demo_real.py) loads this file once per run and sets, by override, what differs
+between runs: `workdir`, `data.train` and `data.method`. `configs/demo_real.py:quick` is the
+few-minute budget of `alignx demo --real --quick`.
+
+    alignx train --config=configs/demo_real.py --config.workdir=W --config.data.train=DATA \
+        --config.data.method=ica
+"""
+
+import os
+import runpy
+
+_BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+
+
+def get_config(variant: str = "full"):
+    c = _BASE["get_config"]()
+    c.model.hf_path = "smollm2"  # the shipped real model (alignx_jax.real_model; `make real-model`)
+    c.model.dtype = "float32"  # CPU: bf16 matmuls are no faster here
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # 135M parameters: activations of a few pairs fit easily
+    c.model.scan_layers = True
+    c.model.frozen_layers = 22  # train the top 8 of 30 blocks: the backward pass stops there
+
+    c.data.method = "ica"
+    c.data.persona = "p"  # P-SOUPS rows carry history pairs only: P = PAIR
+    c.data.prompt_format = "chat"  # the instruct model's own ChatML template
+    c.data.max_length = 1024
+    c.data.buckets = tuple(range(128, 1537, 64))
+    c.data.share_prompt = True  # one row per pair: the ~370-token ICA prompt runs once
+    c.data.compact_tokens = 0  # 64-token buckets leave little padding; each kept size is a compile
+    c.data.overflow = "truncate"
+
+    c.loss.type = "sigmoid"
+    c.loss.beta = 0.1
+    c.loss.sft_weight = 0.0
+    c.loss.reference = "precomputed"  # one forward pass of the initial model, then no second model
+    c.loss.logps_chunk = 0
+
+    c.optim.lr = 1e-4
+    c.optim.warmup_ratio = 0.1
+    c.optim.min_lr_ratio = 0.1
+    c.optim.weight_decay = 0.0
+
+    c.train.steps = -1
+    c.train.epochs = 1
+    c.train.global_batch = 8
+    c.train.micro_batch = 8
+    c.train.seed = 42
+    c.train.log_every = 1
+    c.train.progress = True
+
+    c.checkpoint.every_steps = 20
+    c.checkpoint.keep = 1
+
+    c.pba.enabled = False  # PBA's policy trains on the file's profile text (no head: P-SOUPS has no vectors)
+
+    if variant == "quick":
+        c.train.steps = 3
+        c.train.epochs = 1
+        c.train.global_batch = 4
+        c.train.micro_batch = 4
+        c.checkpoint.every_steps = 3
+    elif variant != "full":
+        raise ValueError(f"configs/demo_real.py: unknown variant {variant!r} (full | quick)")
+    return c

