@@ -77,7 +77,7 @@ class Budget:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -86,7 +86,14 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)  # a stage's marker is whole or absent
 
 
-def _read_json(path: str) -> Any:
+def write_lines(path: str, lines: Sequence[str]) -> str:
+    """A report file (markdown) written whole from its lines; returns its path."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -110,14 +117,14 @@ class Stages:
         path = self.marker(name)
         self.bar.set_description(f"demo: {name}")
         if os.path.isfile(path):
-            info = _read_json(path)
+            info = read_json(path)
             self.seconds[name] = 0.0
         else:
             t0 = time.perf_counter()
             value = fn()
             self.seconds[name] = time.perf_counter() - t0
             info = {"value": value, "seconds": self.seconds[name]}
-            _write_json(path, info)
+            write_json(path, info)
         self.bar.update(1)
         return info["value"]
 
@@ -178,7 +185,7 @@ def _limited_copy(path: str, limit: int | None, dest: str) -> str:
         return path
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
-    _write_json(dest, rows[:limit])
+    write_json(dest, rows[:limit])
     return dest
 
 
@@ -277,7 +284,7 @@ def run_eval(budget: Budget, *, model_dir: str, reference_dir: str | None, name:
     spec = ev.BenchmarkSpec(name, path, name)
     results = ev.evaluate(model_dir, [spec], settings, reference_dir=reference_dir,
                           per_example=out_json.replace(".json", ".per_example.jsonl"))
-    _write_json(out_json, results)
+    write_json(out_json, results)
     entry = results["benchmarks"][name]
     if "accuracy" not in entry:  # alignx with a persona level: the one variant asked for
         entry = entry["p"]
@@ -292,7 +299,7 @@ def run_eval(budget: Budget, *, model_dir: str, reference_dir: str | None, name:
 # ----------------------------------------------------------------------------- report
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
@@ -340,17 +347,14 @@ def write_report(out: str, results: dict[str, Any], info: dict[str, Any]) -> str
             if not e:
                 continue
             lo, hi = e["ci95"]
-            lines.append(f"| {key} | {_pct(e['accuracy'])} | {e['n']} | [{_pct(lo)}, {_pct(hi)}] | "
+            lines.append(f"| {key} | {pct(e['accuracy'])} | {e['n']} | [{pct(lo)}, {pct(hi)}] | "
                          f"{paper_row or '-'} | {'-' if paper_acc is None else f'{paper_acc:.2f}'} |")
         lines.append("")
     lines += ["## Targets (issue 8)", ""]
     for name, ok in check_targets(results).items():
         lines.append(f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {name}")
     lines += ["", "## Setup", "", "```", json.dumps(info, indent=2), "```", ""]
-    path = os.path.join(out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    return path
+    return write_lines(os.path.join(out, "report.md"), lines)
 
 
 def plot_accuracy(out: str, results: dict[str, Any]) -> str:
@@ -439,14 +443,14 @@ def format_table(results: dict[str, Any]) -> list[str]:
         for key, e in (results.get(block) or {}).items():
             if isinstance(e, dict) and "accuracy" in e:
                 lo, hi = e["ci95"]
-                lines.append(f"{block:<10} {key:<18} {_pct(e['accuracy']):>6}  {e['n']:>5}  [{_pct(lo)}, {_pct(hi)}]")
+                lines.append(f"{block:<10} {key:<18} {pct(e['accuracy']):>6}  {e['n']:>5}  [{pct(lo)}, {pct(hi)}]")
     return lines
 
 
 # ----------------------------------------------------------------------------- the demo
 
 
-def _compile_cache(out: str) -> None:
+def use_compile_cache(out: str) -> None:
     """Keep XLA executables in OUT/.jax_cache: the runs share step and scorer shapes, and a rerun
     compiles nothing (unless the user already chose a cache)."""
     import jax
@@ -462,7 +466,7 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
     t_start = time.perf_counter()
     budget = Budget(quick)
     out = os.path.abspath(out)
-    _compile_cache(out)
+    use_compile_cache(out)
     psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
     if psoups != os.path.abspath(DEFAULT_PSOUPS) and not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file", file=psoups)
@@ -471,10 +475,10 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
     # a rerun with another budget or seed must not reuse this one's stages
     settings = {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None}
     settings_path = os.path.join(out, "demo_settings.json")
-    if os.path.isfile(settings_path) and _read_json(settings_path) != settings:
-        raise ConfigError(f"{out} holds a demo run with other settings ({_read_json(settings_path)}); "
+    if os.path.isfile(settings_path) and read_json(settings_path) != settings:
+        raise ConfigError(f"{out} holds a demo run with other settings ({read_json(settings_path)}); "
                           "use a new --out")
-    _write_json(settings_path, settings)
+    write_json(settings_path, settings)
 
     names = ["synth", "init"]
     for m in METHODS:
@@ -551,7 +555,7 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
     info = {"quick": quick, "seed": seed, "config": budget.config, "init_model": init, "synthetic_data": data["stats"],
             "pba_head": head, "stage_seconds": stages.seconds,
             "budget": {k: v for k, v in vars(budget).items() if k != "config"}}
-    _write_json(os.path.join(out, "results.json"), results)
+    write_json(os.path.join(out, "results.json"), results)
     write_report(out, results, info)
     plot_accuracy(out, results)
     plot_curves(out, workdirs)

@@ -26,8 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, _compile_cache, _pct, _read_json, _write_json, \
-    plot_curves, split_psoups
+from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, pct, plot_curves, read_json, split_psoups, \
+    use_compile_cache, write_json, write_lines
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
@@ -65,7 +65,7 @@ def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
 
     with open(path, encoding="utf-8") as f:
         rows = json.load(f)
-    _write_json(dest, [rows[i] for i in balanced_sample(rows, n, seed)])
+    write_json(dest, [rows[i] for i in balanced_sample(rows, n, seed)])
     return dest
 
 
@@ -107,7 +107,7 @@ def score(budget: RealBudget, *, model_dir: str, path: str, method: str, out_jso
                                batch_size=budget.eval_batch, max_length=budget.max_length)
     results = ev.evaluate(model_dir, [ev.BenchmarkSpec("p-soups", path, "p-soups")], settings,
                           reference_scores=reference_scores, per_example=per_example_path(out_json))
-    _write_json(out_json, results)
+    write_json(out_json, results)
     entry = results["benchmarks"]["p-soups"]
     return {k: entry[k] for k in ("accuracy", "n", "ci95", "by_persona") if k in entry}
 
@@ -193,9 +193,9 @@ def write_report(out: str, results: dict[str, Any], info: dict[str, Any], genera
         if not e:
             continue
         lo, hi = e["ci95"]
-        per = [_pct(((e.get("by_persona") or {}).get(p) or {}).get("accuracy")) for p in personas]
+        per = [pct(((e.get("by_persona") or {}).get(p) or {}).get("accuracy")) for p in personas]
         paper = PAPER_PSOUPS[key]
-        lines.append(f"| {key} | {_pct(e['accuracy'])} | {e['n']} | [{_pct(lo)}, {_pct(hi)}] | " + " | ".join(per)
+        lines.append(f"| {key} | {pct(e['accuracy'])} | {e['n']} | [{pct(lo)}, {pct(hi)}] | " + " | ".join(per)
                      + f" | {paper[0] if paper else '-'} | {f'{paper[1]:.2f}' if paper else '-'} |")
     lines += ["", "## Targets", ""]
     for name, ok in results["targets"].items():
@@ -204,10 +204,7 @@ def write_report(out: str, results: dict[str, Any], info: dict[str, Any], genera
         lines += ["", "## Samples", "", f"Held-out prompt: {generations['prompt']!r}", "",
                   f"Sampling: {json.dumps(generations['sampling'])}; see generations.md.", ""]
     lines += ["", "## Setup", "", "```", json.dumps(info, indent=2), "```", ""]
-    path = os.path.join(out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    return path
+    return write_lines(os.path.join(out, "report.md"), lines)
 
 
 def write_generations(out: str, generations: dict[str, Any]) -> str:
@@ -218,10 +215,7 @@ def write_generations(out: str, generations: dict[str, Any]) -> str:
         for persona, texts in by_persona.items():
             lines += [f"### persona: {persona}", ""]
             lines += [f"{i + 1}. {t}" for i, t in enumerate(texts)] + [""]
-    path = os.path.join(out, "generations.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    return path
+    return write_lines(os.path.join(out, "generations.md"), lines)
 
 
 def plot_accuracy(out: str, ps: dict[str, Any]) -> str:
@@ -265,7 +259,7 @@ def format_table(results: dict[str, Any]) -> list[str]:
         e = ps.get(key)
         if e:
             lo, hi = e["ci95"]
-            lines.append(f"{key:<18} {_pct(e['accuracy']):>6}  {e['n']:>5}  [{_pct(lo)}, {_pct(hi)}]")
+            lines.append(f"{key:<18} {pct(e['accuracy']):>6}  {e['n']:>5}  [{pct(lo)}, {pct(hi)}]")
     return lines
 
 
@@ -284,12 +278,12 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
     if not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
     os.makedirs(out, exist_ok=True)
-    _compile_cache(out)
+    use_compile_cache(out)
     settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups}
     settings_path = os.path.join(out, "demo_settings.json")
-    if os.path.isfile(settings_path) and _read_json(settings_path) != settings:
-        raise ConfigError(f"{out} holds a demo run with other settings ({_read_json(settings_path)}); use a new --out")
-    _write_json(settings_path, settings)
+    if os.path.isfile(settings_path) and read_json(settings_path) != settings:
+        raise ConfigError(f"{out} holds a demo run with other settings ({read_json(settings_path)}); use a new --out")
+    write_json(settings_path, settings)
 
     names = ["model", "split", *(f"eval/{BASE[m]}" for m in METHODS), *(f"train/{m}" for m in METHODS),
              *(f"eval/{TRAINED[m]}" for m in METHODS), "samples"]
@@ -325,14 +319,14 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
 
     results: dict[str, Any] = {"p_soups": ps}
     # the wall time of every stage, also those a resumed run found done
-    results["seconds"] = sum(_read_json(stages.marker(n))["seconds"] for n in names)
+    results["seconds"] = sum(read_json(stages.marker(n))["seconds"] for n in names)
     results["targets"] = check_targets(ps, results["seconds"])
     info = {"quick": quick, "seed": seed, "config": budget.config, "model": model_dir, "split": split,
-            "stage_seconds": {n: _read_json(stages.marker(n))["seconds"] for n in names},
+            "stage_seconds": {n: read_json(stages.marker(n))["seconds"] for n in names},
             "budget": {k: v for k, v in vars(budget).items() if k != "config"},
             "this_run_seconds": time.perf_counter() - t_start}
-    _write_json(os.path.join(out, "results.json"), results)
-    _write_json(os.path.join(out, "generations.json"), generations)
+    write_json(os.path.join(out, "results.json"), results)
+    write_json(os.path.join(out, "generations.json"), generations)
     write_generations(out, generations)
     write_report(out, results, info, generations)
     plot_accuracy(out, ps)
