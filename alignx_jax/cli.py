@@ -203,7 +203,9 @@ def _exit_on_sigterm():
     to save: exit 0 instead of dying with 143. Returns the previous handler (False off the main thread)."""
     def handler(signum, frame):
         print("alignx train: SIGTERM received during start-up; nothing to save", file=sys.stderr)
-        raise SystemExit(0)
+        sys.stderr.flush()
+        # not SystemExit: raised inside a GC callback (JAX's) it is printed and ignored, and the run goes on
+        os._exit(0)
     try:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
