@@ -93,6 +93,16 @@ def write_lines(path: str, lines: Sequence[str]) -> str:
     return path
 
 
+def save_figure(fig: Any, path: str) -> str:
+    """A matplotlib figure written as PNG and closed; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -379,11 +389,7 @@ def plot_accuracy(out: str, results: dict[str, Any]) -> str:
         ax.set_ylim(0, 100)
         ax.set_ylabel("alignment accuracy (%)")
         ax.set_title({"synthetic": "held-out synthetic users", "p_soups": "P-SOUPS, held-out prompts"}[block])
-    fig.tight_layout()
-    path = os.path.join(out, "accuracy.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(out, "accuracy.png"))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -430,11 +436,7 @@ def plot_curves(out: str, workdirs: dict[str, str]) -> str:
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend()
-    fig.tight_layout()
-    path = os.path.join(out, "curves.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(out, "curves.png"))
 
 
 def format_table(results: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, pct, plot_curves, read_json, split_psoups, \
-    use_compile_cache, write_json, write_lines
+    save_figure, use_compile_cache, write_json, write_lines
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
@@ -245,11 +245,7 @@ def plot_accuracy(out: str, ps: dict[str, Any]) -> str:
     ax.set_ylabel("alignment accuracy (%)")
     ax.set_title("SmolLM2-135M-Instruct on P-SOUPS, held-out prompts")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = os.path.join(out, "accuracy.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(out, "accuracy.png"))
 
 
 def format_table(results: dict[str, Any]) -> list[str]:
