@@ -103,6 +103,15 @@ def save_figure(fig: Any, path: str) -> str:
     return path
 
 
+def claim_out(out: str, settings: dict[str, Any]) -> None:
+    """OUT/demo_settings.json: a rerun with other settings (budget, seed, data) must not reuse this
+    one's stages, so it is refused."""
+    path = os.path.join(out, "demo_settings.json")
+    if os.path.isfile(path) and read_json(path) != settings:
+        raise ConfigError(f"{out} holds a demo run with other settings ({read_json(path)}); use a new --out")
+    write_json(path, settings)
+
+
 def read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -474,13 +483,7 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
         raise DataError("--p-soups: no such file", file=psoups)
     have_psoups = os.path.isfile(psoups)
     os.makedirs(out, exist_ok=True)
-    # a rerun with another budget or seed must not reuse this one's stages
-    settings = {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None}
-    settings_path = os.path.join(out, "demo_settings.json")
-    if os.path.isfile(settings_path) and read_json(settings_path) != settings:
-        raise ConfigError(f"{out} holds a demo run with other settings ({read_json(settings_path)}); "
-                          "use a new --out")
-    write_json(settings_path, settings)
+    claim_out(out, {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None})
 
     names = ["synth", "init"]
     for m in METHODS:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, pct, plot_curves, read_json, split_psoups, \
+from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, claim_out, pct, plot_curves, read_json, split_psoups, \
     save_figure, use_compile_cache, write_json, write_lines
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 
@@ -275,11 +275,7 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
     os.makedirs(out, exist_ok=True)
     use_compile_cache(out)
-    settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups}
-    settings_path = os.path.join(out, "demo_settings.json")
-    if os.path.isfile(settings_path) and read_json(settings_path) != settings:
-        raise ConfigError(f"{out} holds a demo run with other settings ({read_json(settings_path)}); use a new --out")
-    write_json(settings_path, settings)
+    claim_out(out, {"real": True, "quick": quick, "seed": seed, "psoups": psoups})
 
     names = ["model", "split", *(f"eval/{BASE[m]}" for m in METHODS), *(f"train/{m}" for m in METHODS),
              *(f"eval/{TRAINED[m]}" for m in METHODS), "samples"]
