@@ -128,15 +128,18 @@ def verify_tree(tree: Any, expected: dict[str, str] | None, where: str) -> None:
     """CheckpointError naming the first leaf that is not finite or does not match its saved digest."""
     got, bad = digests(tree)
     if bad:
-        raise CheckpointError(f"{where}: {bad[0]} holds NaN/inf values"
-                              + (f" ({len(bad)} arrays do)" if len(bad) > 1 else ""))
+        raise CheckpointError(
+            f"{where}: {bad[0]} holds NaN/inf values" + (f" ({len(bad)} arrays do)" if len(bad) > 1 else "")
+        )
     if expected is None:  # written before checksums existed: finiteness is all we can check
         return
     # leaves both sides name (a model checkpoint restores the Params of a state saved whole)
     wrong = [k for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
     if wrong:
-        raise CheckpointError(f"{where}: {wrong[0]} does not match its checksum (corrupt data)"
-                              + (f"; {len(wrong)} arrays differ" if len(wrong) > 1 else ""))
+        raise CheckpointError(
+            f"{where}: {wrong[0]} does not match its checksum (corrupt data)"
+            + (f"; {len(wrong)} arrays differ" if len(wrong) > 1 else "")
+        )
 
 
 # ----------------------------------------------------------------------------- the manager
@@ -145,6 +148,7 @@ def verify_tree(tree: Any, expected: dict[str, str] | None, where: str) -> None:
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -154,9 +158,12 @@ class TrainCheckpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         # cleanup_tmp_directories: a save cut by a kill leaves `<step>.orbax-checkpoint-tmp-*`; drop it
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
-                                               enable_async_checkpointing=bool(async_save),
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(1, int(keep)),
+            create=True,
+            enable_async_checkpointing=bool(async_save),
+            cleanup_tmp_directories=True,
+        )
         try:
             self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         except OSError as e:
@@ -181,8 +188,11 @@ class TrainCheckpointer:
             sums[item], bad = digests(tree)
             if bad:  # never write a state that cannot be resumed from
                 raise CheckpointError(f"step {step}: {item} {bad[0]} holds NaN/inf values; not saved")
-        items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                     meta=ocp.args.JsonSave({**meta, "checksums": sums}))
+        items = dict(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({**meta, "checksums": sums}),
+        )
         if head is not None:  # an item left out of the Composite is simply not written for this step
             items["head"] = ocp.args.StandardSave(head)
         try:
@@ -190,8 +200,15 @@ class TrainCheckpointer:
         except Exception as e:  # a full disk, or an earlier async save that failed
             raise CheckpointError(f"{self.directory}/{step}: cannot save ({first_line(e)})") from None
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any,
-                abstract_head: Any = None, *, verify: bool = True) -> tuple[Any, ...]:
+    def restore(
+        self,
+        step: int,
+        abstract_params: Any,
+        abstract_opt_state: Any,
+        abstract_head: Any = None,
+        *,
+        verify: bool = True,
+    ) -> tuple[Any, ...]:
         """Restore straight into the shardings carried by the abstract trees (ShapeDtypeStructs).
 
         Returns (params, opt_state, meta), or (params, opt_state, meta, head) when `abstract_head`
@@ -199,11 +216,16 @@ class TrainCheckpointer:
         and against the digest saved with it (CheckpointError naming the first that fails).
         """
         where = f"{self.directory}/{step}"
-        items = dict(params=ocp.args.StandardRestore(abstract_params),
-                     opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore())
+        items = dict(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore(),
+        )
         if abstract_head is not None:
             if not self.has_head(step):
-                raise CheckpointError(f"{where}: no head/ item (the run that wrote it trained no preference head)")
+                raise CheckpointError(
+                    f"{where}: no head/ item (the run that wrote it trained no preference head)"
+                )
             items["head"] = ocp.args.StandardRestore(abstract_head)
         why = None
         try:
@@ -222,8 +244,14 @@ class TrainCheckpointer:
         res = (out["params"], out["opt_state"], meta)
         return res + (out["head"],) if abstract_head is not None else res
 
-    def restore_newest_good(self, abstract_params: Any, abstract_opt_state: Any, abstract_head: Any = None, *,
-                            warn: Callable[[str], None] | None = None) -> tuple[int, tuple[Any, ...]] | None:
+    def restore_newest_good(
+        self,
+        abstract_params: Any,
+        abstract_opt_state: Any,
+        abstract_head: Any = None,
+        *,
+        warn: Callable[[str], None] | None = None,
+    ) -> tuple[int, tuple[Any, ...]] | None:
         """(step, restore(...)) of the newest step that restores and verifies, None without steps.
 
         Newer steps that fail are reported through `warn` (one line each) and moved to
@@ -246,12 +274,19 @@ class TrainCheckpointer:
             return step, out
         if failures:
             step, why = failures[0]
-            raise CheckpointError(f"no saved step verifies ({len(failures)} tried; newest: {why}); "
-                                  f"delete {self.directory} to start over")
+            raise CheckpointError(
+                f"no saved step verifies ({len(failures)} tried; newest: {why}); "
+                f"delete {self.directory} to start over"
+            )
         return None
 
-    def newest_good_step(self, abstract_params: Any, abstract_opt_state: Any, abstract_head: Any = None,
-                         below: int | None = None) -> int | None:
+    def newest_good_step(
+        self,
+        abstract_params: Any,
+        abstract_opt_state: Any,
+        abstract_head: Any = None,
+        below: int | None = None,
+    ) -> int | None:
         """The newest step (below `below`) that restores and verifies; nothing is moved or returned."""
         for step in sorted(self.all_steps(), reverse=True):
             if below is not None and step >= below:

@@ -35,9 +35,13 @@ HANDLERS: dict[str, str] = {
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", dest="config_path", required=True,
-                   help="ml-collections config file (configs/*.py); then --config.KEY=VALUE (or --config.KEY VALUE) "
-                        "overrides")
+    p.add_argument(
+        "--config",
+        dest="config_path",
+        required=True,
+        help="ml-collections config file (configs/*.py); then --config.KEY=VALUE (or --config.KEY VALUE) "
+        "overrides",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,27 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
 
     p = sub.add_parser("export", help="orbax checkpoint or training workdir -> Hugging Face folder")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (from `import`) or a training workdir")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder (from `import`) or a training workdir"
+    )
     p.add_argument("--step", type=int, default=None, help="workdir step to export (default: latest)")
     p.add_argument("--out", required=True, help="output HF folder")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="tensor dtype in the safetensors (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="tensor dtype in the safetensors (default: the checkpoint's)",
+    )
     p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 200MB")
-    p.add_argument("--overwrite", action="store_true",
-                   help="export into a non-empty folder that is not an export of this model: replace the files "
-                        "an export writes, leave the others")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into a non-empty folder that is not an export of this model: replace the files "
+        "an export writes, leave the others",
+    )
 
     pdata = sub.add_parser("data", help="data tools: check, prepare, split")
     dsub = pdata.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = dsub.add_parser("check", help="validate AlignX rows or a benchmark file; print counts")
     p.add_argument("path", help="parquet/JSONL/JSON file or folder")
     p.add_argument("--kind", default="auto", choices=["auto", "alignx", "p-soups", "uf-p-4", "prism"])
-    p.add_argument("--strict", action="store_true",
-                   help="warnings (legal but useless rows, e.g. chosen == rejected) are errors: exit 1")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="warnings (legal but useless rows, e.g. chosen == rejected) are errors: exit 1",
+    )
     p = dsub.add_parser("prepare", help="AlignX parquet -> TFDS array_record dataset")
     p.add_argument("--source", required=True, help="parquet/JSONL/JSON file or folder")
     p.add_argument("--out", required=True, help="TFDS data_dir to write")
-    p.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing")
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing"
+    )
     p = dsub.add_parser("split", help="split a data set into DIR/train and DIR/test")
     p.add_argument("path")
     p.add_argument("--by", default="prompt", choices=["prompt", "user", "row"])
@@ -92,27 +110,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="alignment accuracy on AlignX benchmarks")
     p.add_argument("--model", required=True, help="HF folder of the policy")
     p.add_argument("--reference", default="none", help="HF folder of the reference, or 'none'")
-    p.add_argument("--benchmark", action="append", required=True, metavar="NAME=PATH",
-                   help="alignx|p-soups|uf-p-4|prism=PATH (repeatable)")
+    p.add_argument(
+        "--benchmark",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="alignx|p-soups|uf-p-4|prism=PATH (repeatable)",
+    )
     p.add_argument("--method", default="ica", choices=["none", "ica", "pba"])
-    p.add_argument("--persona", default=None,
-                   help="ugc|pair|demo|p, comma-separated for several (alignx default: all four)")
+    p.add_argument(
+        "--persona",
+        default=None,
+        help="ugc|pair|demo|p, comma-separated for several (alignx default: all four)",
+    )
     p.add_argument("--preference", default="golden", choices=["golden", "predicted"])
     p.add_argument("--flip", default=None, help="comma-separated dimension indices or labels to reverse in P̃")
-    p.add_argument("--prompt-format", default=None, choices=["chat", "paper"],
-                   help="prompt rendering (default: chat template; paper = the release's strings)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="score a seeded sample of N rows per benchmark, balanced across personas")
-    p.add_argument("--reference-scores", default=None, metavar="FILE.jsonl",
-                   help="the reference's log-probs from an earlier `alignx eval --per-example` of it (instead of "
-                        "--reference)")
-    p.add_argument("--no-share-prompt", action="store_true",
-                   help="score chosen and rejected as two rows (default: one row per pair, the prompt once)")
+    p.add_argument(
+        "--prompt-format",
+        default=None,
+        choices=["chat", "paper"],
+        help="prompt rendering (default: chat template; paper = the release's strings)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score a seeded sample of N rows per benchmark, balanced across personas",
+    )
+    p.add_argument(
+        "--reference-scores",
+        default=None,
+        metavar="FILE.jsonl",
+        help="the reference's log-probs from an earlier `alignx eval --per-example` of it (instead of "
+        "--reference)",
+    )
+    p.add_argument(
+        "--no-share-prompt",
+        action="store_true",
+        help="score chosen and rejected as two rows (default: one row per pair, the prompt once)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)",
+    )
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
@@ -141,15 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--topology", default=None, help="v5p-64 | 8xH100 | ... (default: the config's)")
     p.add_argument("--json", default=None, metavar="OUT.json")
-    p.add_argument("--verbose", action="store_true",
-                   help="also list every parameter: name, shape, partition spec and per-device shape")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also list every parameter: name, shape, partition spec and per-device shape",
+    )
 
     p = sub.add_parser("demo", help="small-scale reproduction: synth -> train -> export -> eval -> report")
-    p.add_argument("--out", default=None, help="output folder (default runs/demo, with --real runs/demo-real)")
-    p.add_argument("--real", action="store_true",
-                   help="the real SmolLM2-135M-Instruct on a P-SOUPS file split by prompt (see README)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default runs/demo, with --real runs/demo-real)"
+    )
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="the real SmolLM2-135M-Instruct on a P-SOUPS file split by prompt (see README)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute), for tests")
-    p.add_argument("--p-soups", default=None, help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)")
+    p.add_argument(
+        "--p-soups",
+        default=None,
+        help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -174,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides, rest = [], argv
     if any(a.startswith("--config.") for a in argv):
         from alignx_jax.config import split_overrides  # imports ml_collections: only when there are overrides
+
         try:
             overrides, rest = split_overrides(argv)
         except AlignXError as e:
@@ -201,11 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exit_on_sigterm():
     """Until `alignx train` installs its own handler (it saves at the next step), a SIGTERM finds nothing
     to save: exit 0 instead of dying with 143. Returns the previous handler (False off the main thread)."""
+
     def handler(signum, frame):
         print("alignx train: SIGTERM received during start-up; nothing to save", file=sys.stderr)
         sys.stderr.flush()
         # not SystemExit: raised inside a GC callback (JAX's) it is printed and ignored, and the run goes on
         os._exit(0)
+
     try:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread

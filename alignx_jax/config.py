@@ -100,12 +100,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         text = item[2:] if item.startswith("--") else item
         if not text.startswith("config."):
             raise ConfigError(f"unrecognized argument {item!r} (overrides look like --config.train.steps=30)")
-        key, raw = text[len("config."):].split("=", 1)
+        key, raw = text[len("config.") :].split("=", 1)
         parts = key.split(".")
         node = cfg
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ConfigError(f"unknown config key {'.'.join(parts[:depth + 1])!r} in --config.{key}")
+                raise ConfigError(f"unknown config key {'.'.join(parts[: depth + 1])!r} in --config.{key}")
             node = node[part]
         leaf = parts[-1]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:

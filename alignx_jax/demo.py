@@ -43,14 +43,26 @@ PSOUPS_ROWS = ("non_personalized", "ica", "pba_profile")
 # The paper's alignment accuracy (docs/method.md section 8) beside each demo row: AlignX-test persona P
 # for the synthetic users, P-SOUPS for the P-SOUPS split. None = the paper has no such row.
 PAPER = {
-    "synthetic": {"base": ("Llama-3-8B-Instruct", 48.84), "non_personalized": (None, None),
-                  "ica": ("ICA, full", 75.19), "pba_predicted": ("PBA, full", 71.10),
-                  "pba_golden": ("PBA with golden P~", 91.36)},
-    "p_soups": {"non_personalized": (None, None), "ica": ("ICA, full", 63.33),
-                "pba_profile": ("PBA, full", 81.69)},
+    "synthetic": {
+        "base": ("Llama-3-8B-Instruct", 48.84),
+        "non_personalized": (None, None),
+        "ica": ("ICA, full", 75.19),
+        "pba_predicted": ("PBA, full", 71.10),
+        "pba_golden": ("PBA with golden P~", 91.36),
+    },
+    "p_soups": {
+        "non_personalized": (None, None),
+        "ica": ("ICA, full", 63.33),
+        "pba_profile": ("PBA, full", 81.69),
+    },
 }
-TARGETS = ("pba_golden >= 0.80", "ica >= non_personalized + 0.10", "non_personalized <= 0.60",
-           "p-soups: ica > non_personalized", "p-soups: pba_profile > non_personalized")
+TARGETS = (
+    "pba_golden >= 0.80",
+    "ica >= non_personalized + 0.10",
+    "non_personalized <= 0.60",
+    "p-soups: ica > non_personalized",
+    "p-soups: pba_profile > non_personalized",
+)
 
 
 class Budget:
@@ -59,11 +71,11 @@ class Budget:
     def __init__(self, quick: bool):
         self.quick = quick
         self.config = DEMO_CONFIG + (":quick" if quick else "")
-        self.users = 32 if quick else 320           # synthetic users (train + held out)
+        self.users = 32 if quick else 320  # synthetic users (train + held out)
         self.pairs_per_user = 8 if quick else 16
         self.test_user_fraction = 0.25
-        self.test_prompt_fraction = 0.25           # task prompts only the held-out users are asked
-        self.eval_limit = 16 if quick else 400     # held-out pairs scored per method
+        self.test_prompt_fraction = 0.25  # task prompts only the held-out users are asked
+        self.eval_limit = 16 if quick else 400  # held-out pairs scored per method
         self.psoups_train_limit = 16 if quick else None
         self.psoups_eval_limit = 16 if quick else 300
         # P-SOUPS rows are ~3x longer (long, long-tailed responses): fewer steps, so the whole demo stays
@@ -125,8 +137,14 @@ class Stages:
 
         self.dir = os.path.join(out, "stages")
         os.makedirs(self.dir, exist_ok=True)
-        self.bar = tqdm(total=len(names), desc="demo", unit="stage", disable=not progress, file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=len(names),
+            desc="demo",
+            unit="stage",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         self.seconds: dict[str, float] = {}
 
     def marker(self, name: str) -> str:
@@ -167,12 +185,15 @@ def make_synthetic(out: str, budget: Budget, seed: int) -> dict[str, Any]:
     from alignx_jax.data import schema, split, synth
 
     world_dir = os.path.join(out, "world")
-    synth.cli_synth(argparse.Namespace(out=world_dir, users=budget.users, pairs_per_user=budget.pairs_per_user,
-                                       seed=seed))
+    synth.cli_synth(
+        argparse.Namespace(out=world_dir, users=budget.users, pairs_per_user=budget.pairs_per_user, seed=seed)
+    )
     src = os.path.join(world_dir, "data.parquet")
     rows, _ = schema.load_rows(src)
     train_u, test_u = split.split_indices(rows, by="user", test_fraction=budget.test_user_fraction, seed=seed)
-    train_p, test_p = split.split_indices(rows, by="prompt", test_fraction=budget.test_prompt_fraction, seed=seed)
+    train_p, test_p = split.split_indices(
+        rows, by="prompt", test_fraction=budget.test_prompt_fraction, seed=seed
+    )
     train_p, test_p = set(train_p), set(test_p)
     # held-out users are asked only held-out prompts; training users only the others
     train = [i for i in train_u if i in train_p]
@@ -180,12 +201,20 @@ def make_synthetic(out: str, budget: Budget, seed: int) -> dict[str, Any]:
     test_users = {rows[i]["user_id"] for i in test_u}
     if not train or not test:
         raise DataError("demo: the synthetic split left no train or no test rows (more --users?)", file=src)
-    paths = {"train": os.path.join(out, "train", "data.parquet"), "test": os.path.join(out, "test", "data.parquet")}
+    paths = {
+        "train": os.path.join(out, "train", "data.parquet"),
+        "test": os.path.join(out, "test", "data.parquet"),
+    }
     _take_parquet(src, train, paths["train"])
     _take_parquet(src, test, paths["test"])
-    stats = {"users": budget.users, "test_users": len(test_users), "train_rows": len(train),
-             "test_rows": len(test), "test_prompts": len({rows[i]["prompt"] for i in test}),
-             "measured": synth.measure_world(synth.generate_world(budget.users, budget.pairs_per_user, seed))}
+    stats = {
+        "users": budget.users,
+        "test_users": len(test_users),
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "test_prompts": len({rows[i]["prompt"] for i in test}),
+        "measured": synth.measure_world(synth.generate_world(budget.users, budget.pairs_per_user, seed)),
+    }
     return {**paths, "stats": stats}
 
 
@@ -211,18 +240,34 @@ def _limited_copy(path: str, limit: int | None, dest: str) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-def run_config(budget: Budget, *, workdir: str, init_dir: str, data: str, method: str, seed: int,
-               steps: int | None = None):
+def run_config(
+    budget: Budget,
+    *,
+    workdir: str,
+    init_dir: str,
+    data: str,
+    method: str,
+    seed: int,
+    steps: int | None = None,
+):
     """The demo's training config for one run (configs/demo_cpu.py plus the run's overrides)."""
     from alignx_jax.config import load_config
 
     if not os.path.isfile(DEMO_CONFIG):
         raise ConfigError(f"demo config not found: {DEMO_CONFIG} (run from a source checkout)")
-    return load_config(budget.config, [
-        f"--config.workdir={workdir}", f"--config.model.hf_path={init_dir}", f"--config.data.train={data}",
-        f"--config.data.method={method}", "--config.pba.enabled=false",
-        f"--config.train.seed={seed + 42}", f"--config.data.max_length={budget.max_length}",
-        *([f"--config.train.steps={steps}"] if steps else [])])
+    return load_config(
+        budget.config,
+        [
+            f"--config.workdir={workdir}",
+            f"--config.model.hf_path={init_dir}",
+            f"--config.data.train={data}",
+            f"--config.data.method={method}",
+            "--config.pba.enabled=false",
+            f"--config.train.seed={seed + 42}",
+            f"--config.data.max_length={budget.max_length}",
+            *([f"--config.train.steps={steps}"] if steps else []),
+        ],
+    )
 
 
 def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
@@ -243,25 +288,50 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
     os.replace(tmp, init_dir)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return {"dir": init_dir, "params": n, **{k: int(getattr(model.cfg, k)) for k in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}}
+    return {
+        "dir": init_dir,
+        "params": n,
+        **{
+            k: int(getattr(model.cfg, k))
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "vocab_size",
+            )
+        },
+    }
 
 
-def train_and_export(budget: Budget, *, workdir: str, init_dir: str, data: str, method: str, seed: int,
-                     export_dir: str, steps: int | None = None) -> dict[str, Any]:
+def train_and_export(
+    budget: Budget,
+    *,
+    workdir: str,
+    init_dir: str,
+    data: str,
+    method: str,
+    seed: int,
+    export_dir: str,
+    steps: int | None = None,
+) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     import shutil
 
     from alignx_jax import train
     from alignx_jax.models import hf
 
-    cfg = run_config(budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed, steps=steps)
+    cfg = run_config(
+        budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed, steps=steps
+    )
     code = train.run_training(cfg)
     res = hf.resolve_checkpoint(workdir)
     if code != 0 or res.step != int(cfg.train.steps):  # stopped early (signal): not a finished stage
         raise AlignXError(f"demo: training {workdir} stopped at step {res.step}; rerun to resume")
     shutil.rmtree(export_dir, ignore_errors=True)
-    hf.cli_export(argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB"))
+    hf.cli_export(
+        argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB")
+    )
     return {"workdir": workdir, "export": export_dir, "steps": int(cfg.train.steps)}
 
 
@@ -280,29 +350,55 @@ def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dic
 
     if ph.has_head(export_dir):
         return {"mode": "joint"}
-    cfg = run_config(budget, workdir=os.path.dirname(export_dir), init_dir=export_dir, data=data, method="pba",
-                     seed=seed)
+    cfg = run_config(
+        budget, workdir=os.path.dirname(export_dir), init_dir=export_dir, data=data, method="pba", seed=seed
+    )
     rows, _ = schema.load_rows(data)
     model = hf.load_pretrained(export_dir)
     tokenizer = load_tokenizer(export_dir)
-    res = head_training.train_head_two_stage(model, tokenizer, rows, cfg, steps=budget.head_steps, seed=seed,
-                                             feature_batch_size=budget.eval_batch)
+    res = head_training.train_head_two_stage(
+        model, tokenizer, rows, cfg, steps=budget.head_steps, seed=seed, feature_batch_size=budget.eval_batch
+    )
     ph.save_head(res.head, res.cfg, export_dir)
-    return {"mode": "two_stage", "steps": budget.head_steps, "final_loss": res.losses[-1],
-            "train_metrics": {k: float(v) for k, v in res.train_metrics.items()}}
+    return {
+        "mode": "two_stage",
+        "steps": budget.head_steps,
+        "final_loss": res.losses[-1],
+        "train_metrics": {k: float(v) for k, v in res.train_metrics.items()},
+    }
 
 
-def run_eval(budget: Budget, *, model_dir: str, reference_dir: str | None, name: str, path: str, method: str,
-             preference: str, out_json: str, limit: int | None) -> dict[str, Any]:
+def run_eval(
+    budget: Budget,
+    *,
+    model_dir: str,
+    reference_dir: str | None,
+    name: str,
+    path: str,
+    method: str,
+    preference: str,
+    out_json: str,
+    limit: int | None,
+) -> dict[str, Any]:
     """`alignx eval` on one benchmark file; returns {"accuracy", "n", "ci95"} (+ head agreement)."""
     from alignx_jax import evaluate as ev
 
-    settings = ev.EvalSettings(method=method, persona="p" if method == "ica" or preference == "predicted" else None,
-                               preference=preference, limit=limit, batch_size=budget.eval_batch,
-                               max_length=budget.max_length)
+    settings = ev.EvalSettings(
+        method=method,
+        persona="p" if method == "ica" or preference == "predicted" else None,
+        preference=preference,
+        limit=limit,
+        batch_size=budget.eval_batch,
+        max_length=budget.max_length,
+    )
     spec = ev.BenchmarkSpec(name, path, name)
-    results = ev.evaluate(model_dir, [spec], settings, reference_dir=reference_dir,
-                          per_example=out_json.replace(".json", ".per_example.jsonl"))
+    results = ev.evaluate(
+        model_dir,
+        [spec],
+        settings,
+        reference_dir=reference_dir,
+        per_example=out_json.replace(".json", ".per_example.jsonl"),
+    )
     write_json(out_json, results)
     entry = results["benchmarks"][name]
     if "accuracy" not in entry:  # alignx with a persona level: the one variant asked for
@@ -342,32 +438,46 @@ def check_targets(results: dict[str, Any]) -> dict[str, bool | None]:
 
 
 def write_report(out: str, results: dict[str, Any], info: dict[str, Any]) -> str:
-    lines = ["# alignx demo: the paper's result at small scale", "",
-             f"Command: `alignx demo --out {out}{' --quick' if info.get('quick') else ''} --seed {info.get('seed')}`"
-             f" ({results['seconds']:.0f} s wall).", "",
-             "Alignment accuracy (%) of each method on held-out data, with its 95% Wilson interval, beside the",
-             "paper's number for the nearest row (docs/method.md section 8: AlignX-test persona P for the synthetic",
-             "users, P-SOUPS for P-SOUPS). The tiny model is trained from random init for minutes on a CPU:",
-             "compare the ordering of the methods, not the absolute numbers.", ""]
-    for block, title in (("synthetic", "Synthetic users (held out)"), ("p_soups", "P-SOUPS (held-out prompts)")):
+    lines = [
+        "# alignx demo: the paper's result at small scale",
+        "",
+        f"Command: `alignx demo --out {out}{' --quick' if info.get('quick') else ''} --seed {info.get('seed')}`"
+        f" ({results['seconds']:.0f} s wall).",
+        "",
+        "Alignment accuracy (%) of each method on held-out data, with its 95% Wilson interval, beside the",
+        "paper's number for the nearest row (docs/method.md section 8: AlignX-test persona P for the synthetic",
+        "users, P-SOUPS for P-SOUPS). The tiny model is trained from random init for minutes on a CPU:",
+        "compare the ordering of the methods, not the absolute numbers.",
+        "",
+    ]
+    for block, title in (
+        ("synthetic", "Synthetic users (held out)"),
+        ("p_soups", "P-SOUPS (held-out prompts)"),
+    ):
         entries = results.get(block) or {}
         lines += [f"## {title}", ""]
         if block == "p_soups" and entries.get("skipped"):
             lines += [f"Skipped: {entries['skipped']}", ""]
             continue
         if block == "p_soups":
-            lines += [f"File: `{entries.get('file')}`", "",
-                      "The tiny model cannot read real text: its tokenizer and its 0.66M random-init parameters",
-                      "were made for the synthetic world, so these rows stay near chance. For a real model",
-                      "personalized on P-SOUPS run `make demo-real` (`alignx demo --real`).", ""]
+            lines += [
+                f"File: `{entries.get('file')}`",
+                "",
+                "The tiny model cannot read real text: its tokenizer and its 0.66M random-init parameters",
+                "were made for the synthetic world, so these rows stay near chance. For a real model",
+                "personalized on P-SOUPS run `make demo-real` (`alignx demo --real`).",
+                "",
+            ]
         lines += ["| method | demo accuracy | n | 95% CI | paper row | paper |", "|---|---|---|---|---|---|"]
         for key, (paper_row, paper_acc) in PAPER[block].items():
             e = entries.get(key)
             if not e:
                 continue
             lo, hi = e["ci95"]
-            lines.append(f"| {key} | {pct(e['accuracy'])} | {e['n']} | [{pct(lo)}, {pct(hi)}] | "
-                         f"{paper_row or '-'} | {'-' if paper_acc is None else f'{paper_acc:.2f}'} |")
+            lines.append(
+                f"| {key} | {pct(e['accuracy'])} | {e['n']} | [{pct(lo)}, {pct(hi)}] | "
+                f"{paper_row or '-'} | {'-' if paper_acc is None else f'{paper_acc:.2f}'} |"
+            )
         lines.append("")
     lines += ["## Targets (issue 8)", ""]
     for name, ok in check_targets(results).items():
@@ -386,12 +496,21 @@ def plot_accuracy(out: str, results: dict[str, Any]) -> str:
     blocks = [(b, e) for b, e in blocks if any(isinstance(v, dict) and "accuracy" in v for v in e.values())]
     fig, axes = plt.subplots(1, max(1, len(blocks)), figsize=(5.5 * max(1, len(blocks)), 4), squeeze=False)
     for ax, (block, entries) in zip(axes[0], blocks):
-        keys = [k for k in PAPER[block] if isinstance(entries.get(k), dict) and entries[k].get("accuracy") is not None]
+        keys = [
+            k
+            for k in PAPER[block]
+            if isinstance(entries.get(k), dict) and entries[k].get("accuracy") is not None
+        ]
         acc = np.array([entries[k]["accuracy"] for k in keys])
         lo = np.array([entries[k]["ci95"][0] for k in keys])
         hi = np.array([entries[k]["ci95"][1] for k in keys])
-        ax.bar(range(len(keys)), 100 * acc, yerr=100 * np.stack([acc - lo, hi - acc]), capsize=4,
-               color=["#999999" if k in ("base", "non_personalized") else "#3b75af" for k in keys])
+        ax.bar(
+            range(len(keys)),
+            100 * acc,
+            yerr=100 * np.stack([acc - lo, hi - acc]),
+            capsize=4,
+            color=["#999999" if k in ("base", "non_personalized") else "#3b75af" for k in keys],
+        )
         ax.axhline(50, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(keys, rotation=20, ha="right")
@@ -439,7 +558,7 @@ def plot_curves(out: str, workdirs: dict[str, str]) -> str:
         k = max(1, len(rows) // 20)  # a moving average: single batches of a few pairs are noisy
         for ax, key in zip(axes, ("loss", "reward_accuracy")):
             y = _smooth(np.array([r[key] for r in rows], dtype=np.float64), k)
-            ax.plot(steps[len(steps) - len(y):], y, label=name)
+            ax.plot(steps[len(steps) - len(y) :], y, label=name)
     axes[0].set_title("training loss: DPO + loss.sft_weight x chosen NLL")
     axes[1].set_title("reward accuracy (training batches)")
     for ax in axes:
@@ -454,7 +573,9 @@ def format_table(results: dict[str, Any]) -> list[str]:
         for key, e in (results.get(block) or {}).items():
             if isinstance(e, dict) and "accuracy" in e:
                 lo, hi = e["ci95"]
-                lines.append(f"{block:<10} {key:<18} {pct(e['accuracy']):>6}  {e['n']:>5}  [{pct(lo)}, {pct(hi)}]")
+                lines.append(
+                    f"{block:<10} {key:<18} {pct(e['accuracy']):>6}  {e['n']:>5}  [{pct(lo)}, {pct(hi)}]"
+                )
     return lines
 
 
@@ -471,8 +592,9 @@ def use_compile_cache(out: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
     """The whole chain; returns the results dict written to OUT/results.json."""
     t_start = time.perf_counter()
     budget = Budget(quick)
@@ -490,8 +612,12 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
         names += [f"train/{m}"]
     names += ["head/pba", "eval/base"] + [f"eval/{k}" for k in SYNTH_ROWS if k != "base"]
     if have_psoups:
-        names += ["psoups/split"] + [f"psoups/train/{m}" for m in METHODS] + ["psoups/head"] + \
-                 [f"psoups/eval/{k}" for k in PSOUPS_ROWS]
+        names += (
+            ["psoups/split"]
+            + [f"psoups/train/{m}" for m in METHODS]
+            + ["psoups/head"]
+            + [f"psoups/eval/{k}" for k in PSOUPS_ROWS]
+        )
     stages = Stages(out, names, progress)
     d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
     init_dir = os.path.join(d["models"], "init")
@@ -504,17 +630,37 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
             name = RUN_NAMES[m]
             workdirs[name] = os.path.join(d["runs"], name)
             exports[m] = os.path.join(d["models"], name)
-            stages.run(f"train/{m}", lambda m=m, name=name: train_and_export(
-                budget, workdir=workdirs[name], init_dir=init_dir, data=data["train"], method=m, seed=seed,
-                export_dir=exports[m]))
-        head = stages.run("head/pba", lambda: attach_head(budget, export_dir=exports["pba"], data=data["train"],
-                                                          seed=seed))
+            stages.run(
+                f"train/{m}",
+                lambda m=m, name=name: train_and_export(
+                    budget,
+                    workdir=workdirs[name],
+                    init_dir=init_dir,
+                    data=data["train"],
+                    method=m,
+                    seed=seed,
+                    export_dir=exports[m],
+                ),
+            )
+        head = stages.run(
+            "head/pba", lambda: attach_head(budget, export_dir=exports["pba"], data=data["train"], seed=seed)
+        )
 
         def synth_eval(key, model, ref, method, pref="golden"):
-            return stages.run(f"eval/{key}", lambda: run_eval(
-                budget, model_dir=model, reference_dir=ref, name="alignx", path=data["test"], method=method,
-                preference=pref, out_json=os.path.join(d["eval"], "synthetic", f"{key}.json"),
-                limit=budget.eval_limit))
+            return stages.run(
+                f"eval/{key}",
+                lambda: run_eval(
+                    budget,
+                    model_dir=model,
+                    reference_dir=ref,
+                    name="alignx",
+                    path=data["test"],
+                    method=method,
+                    preference=pref,
+                    out_json=os.path.join(d["eval"], "synthetic", f"{key}.json"),
+                    limit=budget.eval_limit,
+                ),
+            )
 
         syn = results["synthetic"]
         syn["base"] = synth_eval("base", init_dir, None, "ica")
@@ -525,23 +671,48 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
 
         ps: dict[str, Any] = {"file": psoups}
         if have_psoups:
-            split = stages.run("psoups/split", lambda: split_psoups(psoups, os.path.join(d["data"], "p-soups"), seed))
-            train_file = _limited_copy(split["train"], budget.psoups_train_limit,
-                                       os.path.join(d["data"], "p-soups", "train_quick", "rows.json"))
+            split = stages.run(
+                "psoups/split", lambda: split_psoups(psoups, os.path.join(d["data"], "p-soups"), seed)
+            )
+            train_file = _limited_copy(
+                split["train"],
+                budget.psoups_train_limit,
+                os.path.join(d["data"], "p-soups", "train_quick", "rows.json"),
+            )
             ps_exports, ps_workdirs = {}, {}
             for m in METHODS:
                 name = "psoups_" + RUN_NAMES[m]
                 ps_workdirs[name] = os.path.join(d["runs"], name)
                 ps_exports[m] = os.path.join(d["models"], name)
-                stages.run(f"psoups/train/{m}", lambda m=m, name=name: train_and_export(
-                    budget, workdir=ps_workdirs[name], init_dir=init_dir, data=train_file, method=m, seed=seed,
-                    export_dir=ps_exports[m], steps=budget.psoups_steps))
+                stages.run(
+                    f"psoups/train/{m}",
+                    lambda m=m, name=name: train_and_export(
+                        budget,
+                        workdir=ps_workdirs[name],
+                        init_dir=init_dir,
+                        data=train_file,
+                        method=m,
+                        seed=seed,
+                        export_dir=ps_exports[m],
+                        steps=budget.psoups_steps,
+                    ),
+                )
 
             def ps_eval(key, model, method):
-                return stages.run(f"psoups/eval/{key}", lambda: run_eval(
-                    budget, model_dir=model, reference_dir=init_dir, name="p-soups", path=split["test"],
-                    method=method, preference="golden", limit=budget.psoups_eval_limit,
-                    out_json=os.path.join(d["eval"], "p_soups", f"{key}.json")))
+                return stages.run(
+                    f"psoups/eval/{key}",
+                    lambda: run_eval(
+                        budget,
+                        model_dir=model,
+                        reference_dir=init_dir,
+                        name="p-soups",
+                        path=split["test"],
+                        method=method,
+                        preference="golden",
+                        limit=budget.psoups_eval_limit,
+                        out_json=os.path.join(d["eval"], "p_soups", f"{key}.json"),
+                    ),
+                )
 
             # P-SOUPS rows carry no direction vectors: there is no head to train, PBA uses `profile`
             stages.run("psoups/head", lambda: {"mode": "none: PBA on P-SOUPS uses the row's profile"})
@@ -557,9 +728,16 @@ def run_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: 
 
     results["seconds"] = time.perf_counter() - t_start
     results["targets"] = check_targets(results)
-    info = {"quick": quick, "seed": seed, "config": budget.config, "init_model": init, "synthetic_data": data["stats"],
-            "pba_head": head, "stage_seconds": stages.seconds,
-            "budget": {k: v for k, v in vars(budget).items() if k != "config"}}
+    info = {
+        "quick": quick,
+        "seed": seed,
+        "config": budget.config,
+        "init_model": init,
+        "synthetic_data": data["stats"],
+        "pba_head": head,
+        "stage_seconds": stages.seconds,
+        "budget": {k: v for k, v in vars(budget).items() if k != "config"},
+    }
     write_json(os.path.join(out, "results.json"), results)
     write_report(out, results, info)
     plot_accuracy(out, results)
@@ -572,7 +750,9 @@ def cli_demo(args: argparse.Namespace) -> int:
         from alignx_jax import demo_real
 
         out = args.out or "runs/demo-real"
-        results = demo_real.run_real_demo(out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed))
+        results = demo_real.run_real_demo(
+            out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed)
+        )
         demo_real.print_summary(results, out, demo_real.format_table(results))
         return 0
     args.out = args.out or "runs/demo"
@@ -581,6 +761,8 @@ def cli_demo(args: argparse.Namespace) -> int:
         print(line)
     for name, ok in results["targets"].items():
         print(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a '):<4} {name}")
-    print(f"{results['seconds']:.0f} s; results: {os.path.join(args.out, 'results.json')}, "
-          f"report: {os.path.join(args.out, 'report.md')}")
+    print(
+        f"{results['seconds']:.0f} s; results: {os.path.join(args.out, 'results.json')}, "
+        f"report: {os.path.join(args.out, 'report.md')}"
+    )
     return 0

@@ -26,8 +26,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, claim_out, pct, plot_curves, read_json, split_psoups, \
-    save_figure, use_compile_cache, write_json, write_lines
+from alignx_jax.demo import (
+    DEFAULT_PSOUPS,
+    ROOT,
+    Stages,
+    claim_out,
+    pct,
+    plot_curves,
+    read_json,
+    save_figure,
+    split_psoups,
+    use_compile_cache,
+    write_json,
+    write_lines,
+)
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
@@ -36,10 +48,21 @@ TRAINED = {"none": "non_personalized", "ica": "ica", "pba": "pba_profile"}
 BASE = {"none": "base_none", "ica": "base_ica", "pba": "base_pba"}
 ROWS = ("base_none", "base_ica", "base_pba", "non_personalized", "ica", "pba_profile")
 # The paper's P-SOUPS column (docs/method.md section 8) beside each row; None = no such row.
-PAPER_PSOUPS = {"base_none": None, "base_ica": ("Llama-3-8B-Instruct", 49.44), "base_pba": None,
-                "non_personalized": None, "ica": ("ICA, full", 63.33), "pba_profile": ("PBA, full", 81.69)}
-TARGETS = ("ica >= non_personalized + 0.10", "pba_profile >= non_personalized + 0.10",
-           "ica >= base_ica + 0.10", "pba_profile >= base_pba + 0.10", "seconds <= 3600")
+PAPER_PSOUPS = {
+    "base_none": None,
+    "base_ica": ("Llama-3-8B-Instruct", 49.44),
+    "base_pba": None,
+    "non_personalized": None,
+    "ica": ("ICA, full", 63.33),
+    "pba_profile": ("PBA, full", 81.69),
+}
+TARGETS = (
+    "ica >= non_personalized + 0.10",
+    "pba_profile >= non_personalized + 0.10",
+    "ica >= base_ica + 0.10",
+    "pba_profile >= base_pba + 0.10",
+    "seconds <= 3600",
+)
 SAMPLING = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's generation settings
 
 
@@ -74,14 +97,22 @@ def run_config(budget: RealBudget, *, workdir: str, model_dir: str, data: str, m
 
     if not os.path.isfile(REAL_CONFIG):
         raise ConfigError(f"demo config not found: {REAL_CONFIG} (run from a source checkout)")
-    return load_config(budget.config, [
-        f"--config.workdir={workdir}", f"--config.model.hf_path={model_dir}", f"--config.data.train={data}",
-        f"--config.data.method={method}", f"--config.train.seed={seed + 42}",
-        f"--config.data.max_length={budget.max_length}"])
+    return load_config(
+        budget.config,
+        [
+            f"--config.workdir={workdir}",
+            f"--config.model.hf_path={model_dir}",
+            f"--config.data.train={data}",
+            f"--config.data.method={method}",
+            f"--config.train.seed={seed + 42}",
+            f"--config.data.max_length={budget.max_length}",
+        ],
+    )
 
 
-def train_and_export(budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int,
-                     export_dir: str) -> dict[str, Any]:
+def train_and_export(
+    budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int, export_dir: str
+) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     from alignx_jax import train
     from alignx_jax.models import hf
@@ -93,20 +124,34 @@ def train_and_export(budget: RealBudget, *, workdir: str, model_dir: str, data: 
     if code != 0 or res.step is None:
         raise AlignXError(f"demo: training {workdir} stopped early (exit {code}); rerun to resume")
     seconds = time.perf_counter() - t0
-    hf.cli_export(argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB",
-                                     overwrite=True))
+    hf.cli_export(
+        argparse.Namespace(
+            checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB", overwrite=True
+        )
+    )
     return {"workdir": workdir, "export": export_dir, "steps": int(res.step), "train_seconds": seconds}
 
 
-def score(budget: RealBudget, *, model_dir: str, path: str, method: str, out_json: str,
-          reference_scores: str | None) -> dict[str, Any]:
+def score(
+    budget: RealBudget, *, model_dir: str, path: str, method: str, out_json: str, reference_scores: str | None
+) -> dict[str, Any]:
     """`alignx eval` on the P-SOUPS half; returns {"accuracy", "n", "ci95", "by_persona"}."""
     from alignx_jax import evaluate as ev
 
-    settings = ev.EvalSettings(method=method, persona="p" if method == "ica" else None, preference="golden",
-                               batch_size=budget.eval_batch, max_length=budget.max_length)
-    results = ev.evaluate(model_dir, [ev.BenchmarkSpec("p-soups", path, "p-soups")], settings,
-                          reference_scores=reference_scores, per_example=per_example_path(out_json))
+    settings = ev.EvalSettings(
+        method=method,
+        persona="p" if method == "ica" else None,
+        preference="golden",
+        batch_size=budget.eval_batch,
+        max_length=budget.max_length,
+    )
+    results = ev.evaluate(
+        model_dir,
+        [ev.BenchmarkSpec("p-soups", path, "p-soups")],
+        settings,
+        reference_scores=reference_scores,
+        per_example=per_example_path(out_json),
+    )
     write_json(out_json, results)
     entry = results["benchmarks"]["p-soups"]
     return {k: entry[k] for k in ("accuracy", "n", "ci95", "by_persona") if k in entry}
@@ -116,7 +161,9 @@ def per_example_path(out_json: str) -> str:
     return out_json.replace(".json", ".per_example.jsonl")
 
 
-def sample_generations(budget: RealBudget, *, models: dict[str, str], test_path: str, seed: int) -> dict[str, Any]:
+def sample_generations(
+    budget: RealBudget, *, models: dict[str, str], test_path: str, seed: int
+) -> dict[str, Any]:
     """For one held-out prompt: `budget.samples` sampled responses per persona from each trained model.
 
     P-SOUPS asks each prompt of one persona only; the other persona's context (its history pairs and
@@ -125,7 +172,7 @@ def sample_generations(budget: RealBudget, *, models: dict[str, str], test_path:
 
     from alignx_jax.data import prompts as prompts_lib
     from alignx_jax.data.benchmarks import persona_group
-    from alignx_jax.generate import load_model_and_tokenizer, generate
+    from alignx_jax.generate import generate, load_model_and_tokenizer
 
     with open(test_path, encoding="utf-8") as f:
         rows = json.load(f)
@@ -134,16 +181,20 @@ def sample_generations(budget: RealBudget, *, models: dict[str, str], test_path:
         by_group.setdefault(str(persona_group(row)), row)
     rng = np.random.default_rng(seed)
     prompt = rows[int(rng.integers(len(rows)))]["prompt"]
-    out: dict[str, Any] = {"prompt": prompt, "sampling": {**SAMPLING, "max_new_tokens": budget.max_new_tokens},
-                           "models": {}}
+    out: dict[str, Any] = {
+        "prompt": prompt,
+        "sampling": {**SAMPLING, "max_new_tokens": budget.max_new_tokens},
+        "models": {},
+    }
     for name, model_dir in models.items():
         model, tokenizer = load_model_and_tokenizer(model_dir)
         method = {"non_personalized": "none", "ica": "ica", "pba_profile": "pba"}[name]
         ids, who = [], []
         for group, ctx in sorted(by_group.items()):
             row = {**ctx, "prompt": prompt}
-            p = prompts_lib.prompt_ids(tokenizer, row, method=method,
-                                       profile=row.get("profile") if method == "pba" else None)
+            p = prompts_lib.prompt_ids(
+                tokenizer, row, method=method, profile=row.get("profile") if method == "pba" else None
+            )
             ids += [p] * budget.samples
             who += [group] * budget.samples
         toks = generate(model, tokenizer, ids, max_new_tokens=budget.max_new_tokens, seed=seed, **SAMPLING)
@@ -164,9 +215,13 @@ def check_targets(ps: dict[str, Any], seconds: float | None) -> dict[str, bool |
     def at_least(a, b):
         return None if acc(a) is None or acc(b) is None else bool(acc(a) >= acc(b) + 0.10)
 
-    return {TARGETS[0]: at_least("ica", "non_personalized"), TARGETS[1]: at_least("pba_profile", "non_personalized"),
-            TARGETS[2]: at_least("ica", "base_ica"), TARGETS[3]: at_least("pba_profile", "base_pba"),
-            TARGETS[4]: None if seconds is None else bool(seconds <= 3600)}
+    return {
+        TARGETS[0]: at_least("ica", "non_personalized"),
+        TARGETS[1]: at_least("pba_profile", "non_personalized"),
+        TARGETS[2]: at_least("ica", "base_ica"),
+        TARGETS[3]: at_least("pba_profile", "base_pba"),
+        TARGETS[4]: None if seconds is None else bool(seconds <= 3600),
+    }
 
 
 def _persona_names(ps: dict[str, Any]) -> list[str]:
@@ -178,16 +233,23 @@ def _persona_names(ps: dict[str, Any]) -> list[str]:
     return names
 
 
-def write_report(out: str, results: dict[str, Any], info: dict[str, Any], generations: dict[str, Any] | None) -> str:
+def write_report(
+    out: str, results: dict[str, Any], info: dict[str, Any], generations: dict[str, Any] | None
+) -> str:
     ps = results["p_soups"]
     personas = _persona_names(ps)
-    lines = ["# alignx demo --real: SmolLM2-135M-Instruct personalized on P-SOUPS", "",
-             f"File: `{ps.get('file')}`, split by prompt (half held out); {results['seconds']:.0f} s wall.", "",
-             "Alignment accuracy (%) on the held-out prompts with its 95% Wilson interval, per persona, beside",
-             "the paper's P-SOUPS column (docs/method.md section 8; its models are 8B, ours 135M). Base rows: the",
-             "untouched model, no reference; trained rows: the base model as reference.", "",
-             "| row | accuracy | n | 95% CI | " + " | ".join(p[:40] for p in personas) + " | paper row | paper |",
-             "|---|---|---|---|" + "---|" * len(personas) + "---|---|"]
+    lines = [
+        "# alignx demo --real: SmolLM2-135M-Instruct personalized on P-SOUPS",
+        "",
+        f"File: `{ps.get('file')}`, split by prompt (half held out); {results['seconds']:.0f} s wall.",
+        "",
+        "Alignment accuracy (%) on the held-out prompts with its 95% Wilson interval, per persona, beside",
+        "the paper's P-SOUPS column (docs/method.md section 8; its models are 8B, ours 135M). Base rows: the",
+        "untouched model, no reference; trained rows: the base model as reference.",
+        "",
+        "| row | accuracy | n | 95% CI | " + " | ".join(p[:40] for p in personas) + " | paper row | paper |",
+        "|---|---|---|---|" + "---|" * len(personas) + "---|---|",
+    ]
     for key in ROWS:
         e = ps.get(key)
         if not e:
@@ -195,21 +257,37 @@ def write_report(out: str, results: dict[str, Any], info: dict[str, Any], genera
         lo, hi = e["ci95"]
         per = [pct(((e.get("by_persona") or {}).get(p) or {}).get("accuracy")) for p in personas]
         paper = PAPER_PSOUPS[key]
-        lines.append(f"| {key} | {pct(e['accuracy'])} | {e['n']} | [{pct(lo)}, {pct(hi)}] | " + " | ".join(per)
-                     + f" | {paper[0] if paper else '-'} | {f'{paper[1]:.2f}' if paper else '-'} |")
+        lines.append(
+            f"| {key} | {pct(e['accuracy'])} | {e['n']} | [{pct(lo)}, {pct(hi)}] | "
+            + " | ".join(per)
+            + f" | {paper[0] if paper else '-'} | {f'{paper[1]:.2f}' if paper else '-'} |"
+        )
     lines += ["", "## Targets", ""]
     for name, ok in results["targets"].items():
         lines.append(f"- {'PASS' if ok else ('FAIL' if ok is False else 'n/a')}: {name}")
     if generations:
-        lines += ["", "## Samples", "", f"Held-out prompt: {generations['prompt']!r}", "",
-                  f"Sampling: {json.dumps(generations['sampling'])}; see generations.md.", ""]
+        lines += [
+            "",
+            "## Samples",
+            "",
+            f"Held-out prompt: {generations['prompt']!r}",
+            "",
+            f"Sampling: {json.dumps(generations['sampling'])}; see generations.md.",
+            "",
+        ]
     lines += ["", "## Setup", "", "```", json.dumps(info, indent=2), "```", ""]
     return write_lines(os.path.join(out, "report.md"), lines)
 
 
 def write_generations(out: str, generations: dict[str, Any]) -> str:
-    lines = ["# Sampled responses per persona", "", f"Prompt: {generations['prompt']}", "",
-             f"Sampling: {json.dumps(generations['sampling'])}", ""]
+    lines = [
+        "# Sampled responses per persona",
+        "",
+        f"Prompt: {generations['prompt']}",
+        "",
+        f"Sampling: {json.dumps(generations['sampling'])}",
+        "",
+    ]
     for name, by_persona in generations["models"].items():
         lines += [f"## {name}", ""]
         for persona, texts in by_persona.items():
@@ -232,9 +310,15 @@ def plot_accuracy(out: str, ps: dict[str, Any]) -> str:
     acc = np.array([ps[k]["accuracy"] for k in keys])
     lo = np.array([ps[k]["ci95"][0] for k in keys])
     hi = np.array([ps[k]["ci95"][1] for k in keys])
-    ax.bar(x, 100 * acc, yerr=100 * np.stack([acc - lo, hi - acc]), capsize=4, width=0.5,
-           color=["#999999" if k.startswith("base") or k == "non_personalized" else "#3b75af" for k in keys],
-           label="all held-out rows")
+    ax.bar(
+        x,
+        100 * acc,
+        yerr=100 * np.stack([acc - lo, hi - acc]),
+        capsize=4,
+        width=0.5,
+        color=["#999999" if k.startswith("base") or k == "non_personalized" else "#3b75af" for k in keys],
+        label="all held-out rows",
+    )
     for j, p in enumerate(personas):
         y = [100 * (((ps[k].get("by_persona") or {}).get(p) or {}).get("accuracy") or np.nan) for k in keys]
         ax.plot(x, y, "o", ms=5, label=p[:50], color=f"C{j + 1}")
@@ -262,8 +346,9 @@ def format_table(results: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------- the demo
 
 
-def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0,
-                  progress: bool = True) -> dict[str, Any]:
+def run_real_demo(
+    out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0, progress: bool = True
+) -> dict[str, Any]:
     """The whole chain; returns the results dict written to OUT/results.json."""
     from alignx_jax import real_model
 
@@ -277,8 +362,14 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
     use_compile_cache(out)
     claim_out(out, {"real": True, "quick": quick, "seed": seed, "psoups": psoups})
 
-    names = ["model", "split", *(f"eval/{BASE[m]}" for m in METHODS), *(f"train/{m}" for m in METHODS),
-             *(f"eval/{TRAINED[m]}" for m in METHODS), "samples"]
+    names = [
+        "model",
+        "split",
+        *(f"eval/{BASE[m]}" for m in METHODS),
+        *(f"train/{m}" for m in METHODS),
+        *(f"eval/{TRAINED[m]}" for m in METHODS),
+        "samples",
+    ]
     stages = Stages(out, names, progress)
     d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
     ps: dict[str, Any] = {"file": psoups}
@@ -287,25 +378,50 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
         model_dir = stages.run("model", lambda: real_model.smollm2_dir())
         split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
         for m in METHODS:  # the untouched model; its per-example files are the trained runs' reference
-            ps[BASE[m]] = stages.run(f"eval/{BASE[m]}", lambda m=m: score(
-                budget, model_dir=model_dir, path=split["test"], method=m, reference_scores=None,
-                out_json=os.path.join(d["eval"], f"{BASE[m]}.json")))
+            ps[BASE[m]] = stages.run(
+                f"eval/{BASE[m]}",
+                lambda m=m: score(
+                    budget,
+                    model_dir=model_dir,
+                    path=split["test"],
+                    method=m,
+                    reference_scores=None,
+                    out_json=os.path.join(d["eval"], f"{BASE[m]}.json"),
+                ),
+            )
         exports = {}
         for m in METHODS:
             name = TRAINED[m]
             workdirs[name] = os.path.join(d["runs"], name)
             exports[name] = os.path.join(d["models"], name)
-            stages.run(f"train/{m}", lambda m=m, name=name: train_and_export(
-                budget, workdir=workdirs[name], model_dir=model_dir, data=split["train"], method=m, seed=seed,
-                export_dir=exports[name]))
+            stages.run(
+                f"train/{m}",
+                lambda m=m, name=name: train_and_export(
+                    budget,
+                    workdir=workdirs[name],
+                    model_dir=model_dir,
+                    data=split["train"],
+                    method=m,
+                    seed=seed,
+                    export_dir=exports[name],
+                ),
+            )
         for m in METHODS:
             name = TRAINED[m]
-            ps[name] = stages.run(f"eval/{name}", lambda m=m, name=name: score(
-                budget, model_dir=exports[name], path=split["test"], method=m,
-                reference_scores=per_example_path(os.path.join(d["eval"], f"{BASE[m]}.json")),
-                out_json=os.path.join(d["eval"], f"{name}.json")))
-        generations = stages.run("samples", lambda: sample_generations(budget, models=exports,
-                                                                       test_path=split["test"], seed=seed))
+            ps[name] = stages.run(
+                f"eval/{name}",
+                lambda m=m, name=name: score(
+                    budget,
+                    model_dir=exports[name],
+                    path=split["test"],
+                    method=m,
+                    reference_scores=per_example_path(os.path.join(d["eval"], f"{BASE[m]}.json")),
+                    out_json=os.path.join(d["eval"], f"{name}.json"),
+                ),
+            )
+        generations = stages.run(
+            "samples", lambda: sample_generations(budget, models=exports, test_path=split["test"], seed=seed)
+        )
     finally:
         stages.close()
 
@@ -313,10 +429,16 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
     # the wall time of every stage, also those a resumed run found done
     results["seconds"] = sum(read_json(stages.marker(n))["seconds"] for n in names)
     results["targets"] = check_targets(ps, results["seconds"])
-    info = {"quick": quick, "seed": seed, "config": budget.config, "model": model_dir, "split": split,
-            "stage_seconds": {n: read_json(stages.marker(n))["seconds"] for n in names},
-            "budget": {k: v for k, v in vars(budget).items() if k != "config"},
-            "this_run_seconds": time.perf_counter() - t_start}
+    info = {
+        "quick": quick,
+        "seed": seed,
+        "config": budget.config,
+        "model": model_dir,
+        "split": split,
+        "stage_seconds": {n: read_json(stages.marker(n))["seconds"] for n in names},
+        "budget": {k: v for k, v in vars(budget).items() if k != "config"},
+        "this_run_seconds": time.perf_counter() - t_start,
+    }
     write_json(os.path.join(out, "results.json"), results)
     write_json(os.path.join(out, "generations.json"), generations)
     write_generations(out, generations)
@@ -328,7 +450,9 @@ def run_real_demo(out: str, *, quick: bool = False, psoups: str | None = None, s
 
 def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[str, Any]:
     split = split_psoups(psoups, os.path.join(data_dir, "p-soups"), seed)
-    train = balanced_copy(split["train"], budget.train_rows, seed, os.path.join(data_dir, "quick", "train.json"))
+    train = balanced_copy(
+        split["train"], budget.train_rows, seed, os.path.join(data_dir, "quick", "train.json")
+    )
     test = balanced_copy(split["test"], budget.test_rows, seed, os.path.join(data_dir, "quick", "test.json"))
     return {"train": train, "test": test}
 
@@ -338,5 +462,7 @@ def print_summary(results: dict[str, Any], out: str, lines: Sequence[str]) -> No
         print(line)
     for name, ok in results["targets"].items():
         print(f"{'PASS' if ok else ('FAIL' if ok is False else 'n/a '):<4} {name}")
-    print(f"{results['seconds']:.0f} s; results: {os.path.join(out, 'results.json')}, "
-          f"report: {os.path.join(out, 'report.md')}")
+    print(
+        f"{results['seconds']:.0f} s; results: {os.path.join(out, 'results.json')}, "
+        f"report: {os.path.join(out, 'report.md')}"
+    )

@@ -23,8 +23,9 @@ class CheckpointError(AlignXError):
 class DataError(AlignXError):
     """A malformed data row or file. The message names the file, the 0-based row and the field."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
-                 field: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | None = None, row: int | None = None, field: str | None = None
+    ):
         where = []
         if file is not None:
             where.append(str(file))
@@ -33,7 +34,7 @@ class DataError(AlignXError):
         if field is not None:
             where.append(f"field {field!r}")
         self.file, self.row, self.field = file, row, field
-        super().__init__((": ".join([", ".join(where), message]) if where else message))
+        super().__init__(": ".join([", ".join(where), message]) if where else message)
 
 
 class MeshError(ConfigError):

@@ -83,8 +83,13 @@ def reward(logp: float, ref_logp: float | None, beta: float) -> float:
     return float(logp) if ref_logp is None else beta * (float(logp) - float(ref_logp))
 
 
-def is_correct(logp_chosen: float, logp_rejected: float, ref_logp_chosen: float | None,
-               ref_logp_rejected: float | None, beta: float) -> bool:
+def is_correct(
+    logp_chosen: float,
+    logp_rejected: float,
+    ref_logp_chosen: float | None,
+    ref_logp_rejected: float | None,
+    beta: float,
+) -> bool:
     """r(chosen) > r(rejected), strictly: a tie counts as wrong."""
     if (ref_logp_chosen is None) != (ref_logp_rejected is None):
         raise ValueError("both reference log-probs or neither")
@@ -97,6 +102,7 @@ def is_correct(logp_chosen: float, logp_rejected: float, ref_logp_chosen: float 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSpec:
     """One `--benchmark NAME=PATH`: `key` names it in the results and the per-example file."""
+
     name: str
     path: str
     key: str
@@ -308,13 +314,21 @@ class StoredScores:
                     continue
                 row = self.rows.get((benchmark, persona, i))
                 if row is None:
-                    raise DataError(f"no reference row for benchmark {benchmark!r}, persona {persona!r}, "
-                                    f"example {i}", file=self.path)
+                    raise DataError(
+                        f"no reference row for benchmark {benchmark!r}, persona {persona!r}, example {i}",
+                        file=self.path,
+                    )
                 ex = by_index[i]
                 if (row.get("prompt_ids"), row.get("chosen_ids"), row.get("rejected_ids")) != (
-                        list(ex.prompt_ids), list(ex.chosen_ids), list(ex.rejected_ids)):
-                    raise DataError(f"example {i} was scored on other token ids (prompt format, method, tokenizer "
-                                    "or max length differ)", file=self.path)
+                    list(ex.prompt_ids),
+                    list(ex.chosen_ids),
+                    list(ex.rejected_ids),
+                ):
+                    raise DataError(
+                        f"example {i} was scored on other token ids (prompt format, method, tokenizer "
+                        "or max length differ)",
+                        file=self.path,
+                    )
                 out[k], out[B + k] = row["logp_chosen"], row["logp_rejected"]
             return out
 
@@ -345,7 +359,9 @@ class SequenceScorer:
         self._fn = jax.jit(self._logps, static_argnames=("chunk",))
         self._pair_fn = jax.jit(self._pair_logps, static_argnames=("chunk",))
 
-    def _logps(self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, score_index_BR, *, chunk):
+    def _logps(
+        self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, score_index_BR, *, chunk
+    ):
         import jax
         from flax import nnx
 
@@ -355,8 +371,9 @@ class SequenceScorer:
         with jax.named_scope("eval_sequence_logps"):
             h_BTD = model.hidden_states(input_ids_BT, attention_mask_BT, positions_BT)
             # logits only on the response window: prompt positions are never scored
-            return window_logps(h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, score_index_BR,
-                                chunk=chunk)
+            return window_logps(
+                h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, score_index_BR, chunk=chunk
+            )
 
     def _pair_logps(self, state, mb, *, chunk):
         from flax import nnx
@@ -381,10 +398,15 @@ class SequenceScorer:
         per_step = rows * self.vocab_size
         chunk = None if per_step * R <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // per_step)
         names = ("input_ids", "attention_mask", "positions", "loss_mask")
-        sharding = logical_sharding(("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T))
+        sharding = logical_sharding(
+            ("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T)
+        )
         args = [jax.device_put(np.asarray(batch[k], dtype=np.int32), sharding) for k in names]
-        args.append(jax.device_put(score_index, logical_sharding(
-            ("activation_batch", None), self.mesh, self.rules, (rows, R))))
+        args.append(
+            jax.device_put(
+                score_index, logical_sharding(("activation_batch", None), self.mesh, self.rules, (rows, R))
+            )
+        )
         with use_mesh(self.mesh, self.rules):
             out = self._fn(self.state, *args, chunk=chunk)
         self.shapes.add((rows, T))
@@ -405,10 +427,18 @@ class SequenceScorer:
         rows, T = mb["input_ids"].shape
         S = mb["score_flat"].shape[0]
         chunk = None if S * self.vocab_size <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // self.vocab_size)
-        row_sharding = logical_sharding(("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T))
-        args = {k: jax.device_put(np.asarray(v, np.int32), row_sharding if v.shape == (rows, T) else
-                                  logical_sharding((None,) * v.ndim, self.mesh, self.rules, v.shape))
-                for k, v in mb.items()}
+        row_sharding = logical_sharding(
+            ("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T)
+        )
+        args = {
+            k: jax.device_put(
+                np.asarray(v, np.int32),
+                row_sharding
+                if v.shape == (rows, T)
+                else logical_sharding((None,) * v.ndim, self.mesh, self.rules, v.shape),
+            )
+            for k, v in mb.items()
+        }
         with use_mesh(self.mesh, self.rules):
             out_B2 = self._pair_fn(self.state, args, chunk=chunk)
         self.shapes.add((rows, T))
@@ -434,9 +464,15 @@ def data_parallel_size(mesh: Any) -> int:
     return int(mesh.shape.get("data", 1)) * int(mesh.shape.get("fsdp", 1))
 
 
-def score_batches(examples: Sequence[Any], scorers: Sequence[SequenceScorer], *, batch_size: int,
-                  pad_id: int, buckets: Sequence[int], multiple: int = 1
-                  ) -> Iterator[tuple[list[Any], list[np.ndarray]]]:
+def score_batches(
+    examples: Sequence[Any],
+    scorers: Sequence[SequenceScorer],
+    *,
+    batch_size: int,
+    pad_id: int,
+    buckets: Sequence[int],
+    multiple: int = 1,
+) -> Iterator[tuple[list[Any], list[np.ndarray]]]:
     """Yield (examples of the batch, per scorer float64 [n, 2] (chosen, rejected) log-probs).
 
     Examples go longest first (a batch that does not fit memory fails at once, and the progress
@@ -448,13 +484,13 @@ def score_batches(examples: Sequence[Any], scorers: Sequence[SequenceScorer], *,
     order = sorted(range(len(examples)), key=lambda i: -examples[i].length)
     num_pairs = -(-batch_size // multiple) * multiple
     for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
+        chunk = [examples[i] for i in order[start : start + batch_size]]
         batch = collate(chunk, buckets=buckets, pad_id=pad_id, num_pairs=num_pairs)
         n = len(chunk)
         outs = []
         for scorer in scorers:
             lp = scorer(batch)
-            outs.append(np.stack([lp[:n], lp[num_pairs:num_pairs + n]], axis=-1))
+            outs.append(np.stack([lp[:n], lp[num_pairs : num_pairs + n]], axis=-1))
         yield chunk, outs
 
 
@@ -516,8 +552,9 @@ def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> 
             return row["profile"], golden_direction(row)
         direction = persona_lib.parse_profile(row["profile"])
     else:
-        raise DataError("--preference golden needs a `Preference Direction` or a `profile`",
-                        file=file, row=index)
+        raise DataError(
+            "--preference golden needs a `Preference Direction` or a `profile`", file=file, row=index
+        )
     if flip:
         direction = flip_direction(direction, flip)
     return persona_lib.profile_text(direction), direction
@@ -536,8 +573,10 @@ class PredictedPreferences:
         from alignx_jax.models import preference_head as ph
 
         if not os.path.isfile(os.path.join(model_dir, ph.HEAD_WEIGHTS_FILE)):
-            raise CheckpointError(f"{model_dir}: --preference predicted needs {ph.HEAD_WEIGHTS_FILE} "
-                                  "(export a PBA run with its head, or use --preference golden)")
+            raise CheckpointError(
+                f"{model_dir}: --preference predicted needs {ph.HEAD_WEIGHTS_FILE} "
+                "(export a PBA run with its head, or use --preference golden)"
+            )
         self._ph = ph
         self.head, self.cfg = ph.load_head(model_dir)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -547,15 +586,24 @@ class PredictedPreferences:
     def directions(self, rows: Sequence[dict], persona: str, key: str) -> np.ndarray:
         """float32 [N, 90] predicted directions for `rows` under one persona variant."""
         ph = self._ph
-        feats = ph.persona_features(self.model, self.tokenizer, rows, pooling=self.cfg.pooling, variant=persona,
-                                    max_tokens=self.cfg.max_persona_tokens, batch_size=self.batch_size)
+        feats = ph.persona_features(
+            self.model,
+            self.tokenizer,
+            rows,
+            pooling=self.cfg.pooling,
+            variant=persona,
+            max_tokens=self.cfg.max_persona_tokens,
+            batch_size=self.batch_size,
+        )
         pred = ph.predict_direction(ph.head_probs(self.head, feats)).astype(np.float32)
         gold = [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
         if gold:
             gold_rows = [rows[i] for i in gold]
             gold_dirs = np.asarray([r["Preference Direction"] for r in gold_rows], dtype=np.float32)
             # the release's averaging rule on the same rows, so the head is judged against the baseline
-            self.metrics[key] = _finite({**ph.head_metrics(pred[gold], gold_dirs), **ph.heuristic_metrics(gold_rows)})
+            self.metrics[key] = _finite(
+                {**ph.head_metrics(pred[gold], gold_dirs), **ph.heuristic_metrics(gold_rows)}
+            )
             self._pooled.append((pred[gold], gold_dirs, gold_rows))
         return pred
 
@@ -578,16 +626,23 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
 
 
-def _prepare(rows: Sequence[dict], spec: BenchmarkSpec, persona: str | None, settings: EvalSettings,
-             tokenizer: Any, predicted: PredictedPreferences | None) -> tuple[list[Any], list[bool | None]]:
+def _prepare(
+    rows: Sequence[dict],
+    spec: BenchmarkSpec,
+    persona: str | None,
+    settings: EvalSettings,
+    tokenizer: Any,
+    predicted: PredictedPreferences | None,
+) -> tuple[list[Any], list[bool | None]]:
     """DPOExamples for one benchmark and persona, and per example whether P~ involves --flip dims."""
     from alignx_jax.data.batching import make_example
 
     directions = None
     if settings.method == "pba" and settings.preference == "predicted":
         assert predicted is not None
-        directions = predicted.directions(rows, persona or "p",
-                                          spec.key if persona is None else f"{spec.key}/{persona}")
+        directions = predicted.directions(
+            rows, persona or "p", spec.key if persona is None else f"{spec.key}/{persona}"
+        )
     examples, involved = [], []
     for i, row in enumerate(rows):
         profile, direction = None, None
@@ -596,31 +651,54 @@ def _prepare(rows: Sequence[dict], spec: BenchmarkSpec, persona: str | None, set
                 direction = directions[i]
                 from alignx_jax.data.persona import profile_text
 
-                profile = profile_text(flip_direction(direction, settings.flip) if settings.flip else direction)
+                profile = profile_text(
+                    flip_direction(direction, settings.flip) if settings.flip else direction
+                )
             else:
                 profile, direction = golden_profile(row, settings.flip, file=spec.path, index=i)
-        ex = make_example(tokenizer, row, method=settings.method, persona=persona or "p",
-                          max_length=settings.max_length, prompt_format=settings.prompt_format,
-                          profile=profile, index=i, eval_mode=True)
+        ex = make_example(
+            tokenizer,
+            row,
+            method=settings.method,
+            persona=persona or "p",
+            max_length=settings.max_length,
+            prompt_format=settings.prompt_format,
+            profile=profile,
+            index=i,
+            eval_mode=True,
+        )
         examples.append(ex)
         # "involves" is judged on the unflipped P~ (flipping keeps neutral dims neutral anyway)
-        involved.append(None if not settings.flip or direction is None
-                        else involves(direction, settings.flip))
+        involved.append(
+            None if not settings.flip or direction is None else involves(direction, settings.flip)
+        )
     return examples, involved
 
 
-def _example_row(spec: BenchmarkSpec, persona: str | None, ex: Any, lp: np.ndarray, ref: np.ndarray | None,
-                 beta: float, involved: bool | None) -> dict[str, Any]:
+def _example_row(
+    spec: BenchmarkSpec,
+    persona: str | None,
+    ex: Any,
+    lp: np.ndarray,
+    ref: np.ndarray | None,
+    beta: float,
+    involved: bool | None,
+) -> dict[str, Any]:
     row = {
-        "benchmark": spec.key, "persona": persona, "index": int(ex.index),
-        "prompt_ids": list(ex.prompt_ids), "chosen_ids": list(ex.chosen_ids),
+        "benchmark": spec.key,
+        "persona": persona,
+        "index": int(ex.index),
+        "prompt_ids": list(ex.prompt_ids),
+        "chosen_ids": list(ex.chosen_ids),
         "rejected_ids": list(ex.rejected_ids),
-        "logp_chosen": float(lp[0]), "logp_rejected": float(lp[1]),
+        "logp_chosen": float(lp[0]),
+        "logp_rejected": float(lp[1]),
         "ref_logp_chosen": None if ref is None else float(ref[0]),
         "ref_logp_rejected": None if ref is None else float(ref[1]),
     }
-    row["correct"] = is_correct(row["logp_chosen"], row["logp_rejected"], row["ref_logp_chosen"],
-                                row["ref_logp_rejected"], beta)
+    row["correct"] = is_correct(
+        row["logp_chosen"], row["logp_rejected"], row["ref_logp_chosen"], row["ref_logp_rejected"], beta
+    )
     if involved is not None:
         row["flip_involved"] = involved
     return row
@@ -628,12 +706,18 @@ def _example_row(spec: BenchmarkSpec, persona: str | None, ex: Any, lp: np.ndarr
 
 def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str) -> None:
     """A resumed row must describe the same token ids and reference setting as this run."""
-    same = (stored.get("prompt_ids") == list(ex.prompt_ids) and stored.get("chosen_ids") == list(ex.chosen_ids)
-            and stored.get("rejected_ids") == list(ex.rejected_ids)
-            and (stored.get("ref_logp_chosen") is not None) == has_ref)
+    same = (
+        stored.get("prompt_ids") == list(ex.prompt_ids)
+        and stored.get("chosen_ids") == list(ex.chosen_ids)
+        and stored.get("rejected_ids") == list(ex.rejected_ids)
+        and (stored.get("ref_logp_chosen") is not None) == has_ref
+    )
     if not same:
-        raise DataError(f"row {key_of(stored)} was written by a run with other settings (prompt, tokenizer, "
-                        "max length or reference); use a new --per-example file", file=path)
+        raise DataError(
+            f"row {key_of(stored)} was written by a run with other settings (prompt, tokenizer, "
+            "max length or reference); use a new --per-example file",
+            file=path,
+        )
 
 
 def _summarize(outcomes: Sequence[dict], flip: Sequence[int]) -> dict[str, Any]:
@@ -651,10 +735,19 @@ def _summarize(outcomes: Sequence[dict], flip: Sequence[int]) -> dict[str, Any]:
     return stats
 
 
-def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: EvalSettings, *,
-             reference_dir: str | None = None, per_example: str | None = None, mesh: Any = None,
-             rules: Any = None, progress: bool = True, dtype: str | None = None,
-             reference_scores: str | None = None) -> dict[str, Any]:
+def evaluate(
+    model_dir: str,
+    benchmarks: Sequence[BenchmarkSpec],
+    settings: EvalSettings,
+    *,
+    reference_dir: str | None = None,
+    per_example: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
+    progress: bool = True,
+    dtype: str | None = None,
+    reference_scores: str | None = None,
+) -> dict[str, Any]:
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
     `reference_dir`."""
@@ -667,14 +760,22 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
     from alignx_jax.tokenizer import load_tokenizer
 
     settings.check()
-    model_dir, reference_dir = resolve_model_path(model_dir), reference_dir and resolve_model_path(reference_dir)
+    model_dir, reference_dir = (
+        resolve_model_path(model_dir),
+        reference_dir and resolve_model_path(reference_dir),
+    )
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
         if d is not None and not os.path.isdir(d):
             raise CheckpointError(f"{what}: model folder not found: {d}")
-    if settings.method == "pba" and settings.preference == "predicted" and not os.path.isfile(
-            os.path.join(model_dir, "preference_head.safetensors")):  # fail before loading anything
-        raise CheckpointError(f"{model_dir}: --preference predicted needs preference_head.safetensors "
-                              "(export a PBA run with its head, or use --preference golden)")
+    if (
+        settings.method == "pba"
+        and settings.preference == "predicted"
+        and not os.path.isfile(os.path.join(model_dir, "preference_head.safetensors"))
+    ):  # fail before loading anything
+        raise CheckpointError(
+            f"{model_dir}: --preference predicted needs preference_head.safetensors "
+            "(export a PBA run with its head, or use --preference golden)"
+        )
     if reference_dir is not None and reference_scores is not None:
         raise ConfigError("--reference and --reference-scores are two references; give one")
     ref_scores = StoredScores(reference_scores) if reference_scores is not None else None
@@ -691,8 +792,10 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
     if reference_dir is not None:
         reference = load_pretrained(reference_dir, mesh=mesh, rules=rules, **kwargs)
         if int(reference.cfg.vocab_size) != int(policy.cfg.vocab_size):
-            raise CheckpointError(f"--reference {reference_dir}: vocabulary size {reference.cfg.vocab_size} "
-                                  f"differs from the policy's {policy.cfg.vocab_size}")
+            raise CheckpointError(
+                f"--reference {reference_dir}: vocabulary size {reference.cfg.vocab_size} "
+                f"differs from the policy's {policy.cfg.vocab_size}"
+            )
         scorers.append(SequenceScorer(reference, mesh, rules, share_prompt=settings.share_prompt))
     predicted = None
     if settings.method == "pba" and settings.preference == "predicted":
@@ -704,8 +807,9 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
     per_key: dict[str, dict[str | None, list[dict]]] = {}
     try:
         for spec, rows in data:
-            for persona in resolve_personas(settings.persona, spec.name, method=settings.method,
-                                            preference=settings.preference):
+            for persona in resolve_personas(
+                settings.persona, spec.name, method=settings.method, preference=settings.preference
+            ):
                 examples, involved = _prepare(rows, spec, persona, settings, tokenizer, predicted)
                 outcomes: list[dict] = []
                 todo = []
@@ -716,27 +820,57 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
                         continue
                     _check_resumed(stored, ex, has_ref, per_example)
                     # recompute `correct` with this run's beta; flip membership from this run
-                    outcomes.append({"correct": is_correct(stored["logp_chosen"], stored["logp_rejected"],
-                                                           stored["ref_logp_chosen"], stored["ref_logp_rejected"],
-                                                           settings.beta), "flip_involved": inv,
-                                     "group": persona_group(rows[ex.index])})
+                    outcomes.append(
+                        {
+                            "correct": is_correct(
+                                stored["logp_chosen"],
+                                stored["logp_rejected"],
+                                stored["ref_logp_chosen"],
+                                stored["ref_logp_rejected"],
+                                settings.beta,
+                            ),
+                            "flip_involved": inv,
+                            "group": persona_group(rows[ex.index]),
+                        }
+                    )
                 if todo:
                     inv_by_index = {ex.index: inv for ex, inv in todo}
                     todo_ex = [ex for ex, _ in todo]
-                    buckets = length_buckets(max(len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
-                                                 for ex in todo_ex))
+                    buckets = length_buckets(
+                        max(
+                            len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
+                            for ex in todo_ex
+                        )
+                    )
                     desc = spec.key if persona is None else f"{spec.key}/{persona}"
-                    with tqdm(total=len(todo_ex), desc=desc, unit="pair", disable=not progress,
-                              initial=0) as bar:
-                        run_scorers = scorers if ref_scores is None else [
-                            *scorers, ref_scores.scorer(spec.key, persona, todo_ex)]
-                        for chunk, outs in score_batches(todo_ex, run_scorers, batch_size=settings.batch_size,
-                                                         pad_id=pad_id, buckets=buckets,
-                                                         multiple=data_parallel_size(mesh)):
-                            new_rows = [_example_row(spec, persona, ex, outs[0][j],
-                                                     outs[1][j] if has_ref else None, settings.beta,
-                                                     inv_by_index[ex.index])
-                                        for j, ex in enumerate(chunk)]
+                    with tqdm(
+                        total=len(todo_ex), desc=desc, unit="pair", disable=not progress, initial=0
+                    ) as bar:
+                        run_scorers = (
+                            scorers
+                            if ref_scores is None
+                            else [*scorers, ref_scores.scorer(spec.key, persona, todo_ex)]
+                        )
+                        for chunk, outs in score_batches(
+                            todo_ex,
+                            run_scorers,
+                            batch_size=settings.batch_size,
+                            pad_id=pad_id,
+                            buckets=buckets,
+                            multiple=data_parallel_size(mesh),
+                        ):
+                            new_rows = [
+                                _example_row(
+                                    spec,
+                                    persona,
+                                    ex,
+                                    outs[0][j],
+                                    outs[1][j] if has_ref else None,
+                                    settings.beta,
+                                    inv_by_index[ex.index],
+                                )
+                                for j, ex in enumerate(chunk)
+                            ]
                             log.append(new_rows)
                             outcomes.extend({**r, "group": persona_group(rows[r["index"]])} for r in new_rows)
                             bar.update(len(chunk))
@@ -746,13 +880,19 @@ def evaluate(model_dir: str, benchmarks: Sequence[BenchmarkSpec], settings: Eval
 
     results: dict[str, Any] = {
         "model": os.path.abspath(model_dir),
-        "reference": (None if reference_dir is None else os.path.abspath(reference_dir)) if ref_scores is None
+        "reference": (None if reference_dir is None else os.path.abspath(reference_dir))
+        if ref_scores is None
         else {"scores": os.path.abspath(ref_scores.path)},
         "method": settings.method,
         # resolved per benchmark key; null where the prompt does not depend on the persona
-        "persona": {spec.key: _none_if_independent(resolve_personas(
-            settings.persona, spec.name, method=settings.method, preference=settings.preference))
-            for spec in benchmarks},
+        "persona": {
+            spec.key: _none_if_independent(
+                resolve_personas(
+                    settings.persona, spec.name, method=settings.method, preference=settings.preference
+                )
+            )
+            for spec in benchmarks
+        },
         "preference": settings.preference if settings.method == "pba" else None,
         "prompt_format": settings.prompt_format,
         "max_length": settings.max_length,
@@ -813,14 +953,29 @@ def cli_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must be a file, got a folder: {args.out}")
     specs = parse_benchmark_specs(args.benchmark)
     reference = None if args.reference in (None, "", "none") else args.reference
-    settings = EvalSettings(method=args.method, persona=args.persona, preference=args.preference,
-                            flip=parse_flip(args.flip), prompt_format=args.prompt_format or "chat",
-                            limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
-                            beta=args.beta, share_prompt=not args.no_share_prompt)
+    settings = EvalSettings(
+        method=args.method,
+        persona=args.persona,
+        preference=args.preference,
+        flip=parse_flip(args.flip),
+        prompt_format=args.prompt_format or "chat",
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        beta=args.beta,
+        share_prompt=not args.no_share_prompt,
+    )
     try:
         # `--dtype` None: load_pretrained's default (float32)
-        results = evaluate(args.model, specs, settings, reference_dir=reference, per_example=args.per_example,
-                           dtype=args.dtype, reference_scores=args.reference_scores)
+        results = evaluate(
+            args.model,
+            specs,
+            settings,
+            reference_dir=reference,
+            per_example=args.per_example,
+            dtype=args.dtype,
+            reference_scores=args.reference_scores,
+        )
     except OSError as e:  # unreadable or unwritable files are the user's to fix
         raise AlignXError(f"eval: {e}") from e
     parent = os.path.dirname(os.path.abspath(args.out))

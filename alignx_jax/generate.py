@@ -24,8 +24,15 @@ from alignx_jax.models.decoder import Decoder
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this to reuse compilations
 
 
-def sample_token(logits_BV: jax.Array, key: jax.Array, *, greedy: bool, temperature: jax.Array,
-                 top_k: int, top_p: jax.Array) -> jax.Array:
+def sample_token(
+    logits_BV: jax.Array,
+    key: jax.Array,
+    *,
+    greedy: bool,
+    temperature: jax.Array,
+    top_k: int,
+    top_p: jax.Array,
+) -> jax.Array:
     """Next token ids [B]: argmax, or temperature -> top-k -> top-p (nucleus) -> categorical."""
     logits_BV = logits_BV.astype(jnp.float32)
     if greedy:
@@ -42,8 +49,21 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, *, greedy: bool, temperat
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
-def _generate_jit(graphdef, state, ids_BT, mask_BT, key, stop_ids, pad_id, temperature, top_p, *,
-                  max_new_tokens: int, greedy: bool, top_k: int):
+def _generate_jit(
+    graphdef,
+    state,
+    ids_BT,
+    mask_BT,
+    key,
+    stop_ids,
+    pad_id,
+    temperature,
+    top_p,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int,
+):
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
     cache = model.init_cache(B, T + max_new_tokens)  # created inside: no second copy to donate
@@ -86,9 +106,19 @@ def _stop_ids(model: Decoder, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def generate(model: Decoder, tokenizer, prompts: list[list[int]] | list[str], *, max_new_tokens: int = 512,
-             greedy: bool = False, temperature: float = 0.9, top_k: int = 10, top_p: float = 0.95,
-             seed: int = 0, stop_ids: list[int] | None = None) -> list[list[int]]:
+def generate(
+    model: Decoder,
+    tokenizer,
+    prompts: list[list[int]] | list[str],
+    *,
+    max_new_tokens: int = 512,
+    greedy: bool = False,
+    temperature: float = 0.9,
+    top_k: int = 10,
+    top_p: float = 0.95,
+    seed: int = 0,
+    stop_ids: list[int] | None = None,
+) -> list[list[int]]:
     """Generated token ids per prompt, ending with the stop token that ended it (if any).
 
     `prompts` are token-id lists, or strings tokenized with the tokenizer's defaults (BOS added);
@@ -118,13 +148,23 @@ def generate(model: Decoder, tokenizer, prompts: list[list[int]] | list[str], *,
     ids = np.full((B, T), pad_id, np.int32)
     mask = np.zeros((B, T), np.int32)
     for b, p in enumerate(prompts):  # left padding: every row's last prompt token sits at T-1
-        ids[b, T - len(p):] = p
-        mask[b, T - len(p):] = 1
+        ids[b, T - len(p) :] = p
+        mask[b, T - len(p) :] = 1
     graphdef, state = nnx.split(model)
-    out = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-                        jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), jnp.float32(temperature),
-                        jnp.float32(top_p), max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-                        top_k=int(top_k))
+    out = _generate_jit(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jax.random.key(seed),
+        jnp.asarray(stops, jnp.int32),
+        jnp.int32(pad_id),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        max_new_tokens=int(max_new_tokens),
+        greedy=bool(greedy),
+        top_k=int(top_k),
+    )
     out = np.asarray(out)
     results = []
     stop_set = set(stops)
@@ -139,6 +179,7 @@ def generate(model: Decoder, tokenizer, prompts: list[list[int]] | list[str], *,
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
+
 
 def load_model_and_tokenizer(path: str):
     """An HF folder, `alignx import` checkpoint or training workdir (or `smollm2`) and its tokenizer."""
@@ -178,10 +219,21 @@ def cli_generate(args) -> int:
         from alignx_jax.data import prompts as prompts_lib
     except ImportError as e:  # pragma: no cover - the data package ships with the project
         raise AlignXError(f"prompt rendering unavailable ({e})") from e
-    prompt_ids = [prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method)
-                  for text in args.prompt]
-    outs = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    prompt_ids = [
+        prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method)
+        for text in args.prompt
+    ]
+    outs = generate(
+        model,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     for p_ids, toks in zip(prompt_ids, outs):
         text = tokenizer.decode(toks, skip_special_tokens=True)
         if args.json:

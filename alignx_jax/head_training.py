@@ -37,9 +37,9 @@ from alignx_jax.models.preference_head import (
 class TwoStageResult:
     head: PreferenceHead
     cfg: HeadConfig
-    losses: list[float]              # training loss every `log_every` steps
+    losses: list[float]  # training loss every `log_every` steps
     train_metrics: dict[str, float]  # head_metrics on the training rows after training
-    features: np.ndarray             # the cached [N, D] features (reuse for a second head)
+    features: np.ndarray  # the cached [N, D] features (reuse for a second head)
 
 
 def _directions(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +62,9 @@ def head_config_for(backbone: nnx.Module, cfg: Any) -> HeadConfig:
     extra = {}
     data = getattr(cfg, "data", None)
     if data is not None and hasattr(data, "get") and data.get("persona") is not None:
-        extra["persona_variant"] = data.get("persona")  # the head reads the same persona variant as the policy
+        extra["persona_variant"] = data.get(
+            "persona"
+        )  # the head reads the same persona variant as the policy
     return HeadConfig.from_config(pba, backbone.cfg.hidden_size, **extra)
 
 
@@ -72,12 +74,25 @@ def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
     return optax.adamw(lr, weight_decay=weight_decay)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "class_weights", "focal_gamma"), donate_argnums=(1, 2, 3))
-def _train_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, opt_state: Any, x_BD: jax.Array,
-                d_BK: jax.Array, m_B: jax.Array, *, tx: optax.GradientTransformation,
-                class_weights: tuple[float, ...] | None, focal_gamma: float):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "tx", "class_weights", "focal_gamma"), donate_argnums=(1, 2, 3)
+)
+def _train_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    opt_state: Any,
+    x_BD: jax.Array,
+    d_BK: jax.Array,
+    m_B: jax.Array,
+    *,
+    tx: optax.GradientTransformation,
+    class_weights: tuple[float, ...] | None,
+    focal_gamma: float,
+):
     """One AdamW step on the head's params; pure (split state in, new state out) so that a step
     costs no Python graph traversal and the compilation is shared by every training call."""
+
     def loss_fn(params):
         head = nnx.merge(graphdef, params, rest)
         logits = head.classify(x_BD, deterministic=False)
@@ -89,11 +104,24 @@ def _train_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, opt_
     return optax.apply_updates(params, updates), rest, opt_state, loss
 
 
-def train_head_two_stage(backbone: nnx.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], cfg: Any, *,
-                         head: PreferenceHead | None = None, features: np.ndarray | None = None,
-                         steps: int = 500, lr: float = 3e-3, batch_size: int = 64, weight_decay: float = 1e-4,
-                         class_weights: Sequence[float] | None = None, focal_gamma: float = 0.0,
-                         feature_batch_size: int = 8, seed: int = 0, log_every: int = 50) -> TwoStageResult:
+def train_head_two_stage(
+    backbone: nnx.Module,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: Any,
+    *,
+    head: PreferenceHead | None = None,
+    features: np.ndarray | None = None,
+    steps: int = 500,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    weight_decay: float = 1e-4,
+    class_weights: Sequence[float] | None = None,
+    focal_gamma: float = 0.0,
+    feature_batch_size: int = 8,
+    seed: int = 0,
+    log_every: int = 50,
+) -> TwoStageResult:
     """Train a preference head on a frozen `backbone` (see the module docstring).
 
     cfg: a HeadConfig, or a run config / `pba` section (`pooling`, `hidden`, `class_weights`,
@@ -111,10 +139,19 @@ def train_head_two_stage(backbone: nnx.Module, tokenizer: Any, rows: Sequence[Ma
     if not mask.any():
         raise DataError("two-stage head training: no row has a 'Preference Direction' to learn from")
     if features is None:
-        features = persona_features(backbone, tokenizer, rows, pooling=hcfg.pooling, variant=hcfg.persona_variant,
-                                    max_tokens=hcfg.max_persona_tokens, batch_size=feature_batch_size)
+        features = persona_features(
+            backbone,
+            tokenizer,
+            rows,
+            pooling=hcfg.pooling,
+            variant=hcfg.persona_variant,
+            max_tokens=hcfg.max_persona_tokens,
+            batch_size=feature_batch_size,
+        )
     if features.shape != (len(rows), hcfg.embed_dim):
-        raise ValueError(f"features {features.shape} do not match {len(rows)} rows x embed_dim {hcfg.embed_dim}")
+        raise ValueError(
+            f"features {features.shape} do not match {len(rows)} rows x embed_dim {hcfg.embed_dim}"
+        )
 
     head = PreferenceHead(hcfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)) if head is None else head
     tx = _adamw(float(lr), float(weight_decay))
@@ -130,18 +167,35 @@ def train_head_two_stage(backbone: nnx.Module, tokenizer: Any, rows: Sequence[Ma
     losses: list[float] = []
     for t in range(steps):
         pick = jnp.asarray(rng.choice(pool, size=batch_size, replace=True))
-        params, rest, opt_state, loss = _train_step(graphdef, params, rest, opt_state, feats_j[pick], gold_j[pick],
-                                                    ones, tx=tx, class_weights=cw, focal_gamma=float(focal_gamma))
+        params, rest, opt_state, loss = _train_step(
+            graphdef,
+            params,
+            rest,
+            opt_state,
+            feats_j[pick],
+            gold_j[pick],
+            ones,
+            tx=tx,
+            class_weights=cw,
+            focal_gamma=float(focal_gamma),
+        )
         if t % log_every == 0 or t == steps - 1:
             losses.append(float(loss))
     nnx.update(head, params, rest)
     pred = predict_direction(head_probs(head, features[pool]))
-    return TwoStageResult(head=head, cfg=hcfg, losses=losses, train_metrics=head_metrics(pred, gold[pool]),
-                          features=features)
+    return TwoStageResult(
+        head=head, cfg=hcfg, losses=losses, train_metrics=head_metrics(pred, gold[pool]), features=features
+    )
 
 
-def full_loss(head: PreferenceHead, features: np.ndarray, rows: Sequence[Mapping[str, Any]], *,
-              class_weights: Sequence[float] | None = None, focal_gamma: float = 0.0) -> float:
+def full_loss(
+    head: PreferenceHead,
+    features: np.ndarray,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    class_weights: Sequence[float] | None = None,
+    focal_gamma: float = 0.0,
+) -> float:
     """The head loss over all rows with a direction (for before/after comparisons)."""
     gold, mask = _directions(rows)
     logits = head.classify(jnp.asarray(features))

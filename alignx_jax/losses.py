@@ -32,7 +32,9 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
 # ----------------------------------------------------------------------------- log-probs
 
 
-def token_logps_from_logits(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask_BT: jax.Array) -> jax.Array:
+def token_logps_from_logits(
+    logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask_BT: jax.Array
+) -> jax.Array:
     """Reference implementation: full float32 log_softmax, shift, gather, masked sum -> `[B]`."""
     logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
     tgt_BT = input_ids_BT[:, 1:]
@@ -49,8 +51,14 @@ def _chunk_logps(h_BCD: jax.Array, w_DV: jax.Array, tgt_BC: jax.Array) -> jax.Ar
     return tgt_logit_BC - lse_BC
 
 
-def sequence_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT: jax.Array,
-                   loss_mask_BT: jax.Array, *, chunk: int | None = None) -> jax.Array:
+def sequence_logps(
+    hidden_BTD: jax.Array,
+    out_embed_DV: jax.Array,
+    input_ids_BT: jax.Array,
+    loss_mask_BT: jax.Array,
+    *,
+    chunk: int | None = None,
+) -> jax.Array:
     """Sum over scored positions t of log p(input_ids[t] | input_ids[<t]), from hidden[t-1] -> `[B]`.
 
     `loss_mask_BT[t]` = 1 marks token t as scored (position 0 can never be scored). `chunk` splits
@@ -58,12 +66,24 @@ def sequence_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT:
     pass, so peak memory is `[B, chunk, V]` float32 rather than `[B, T, V]`.
     """
     with jax.named_scope("sequence_logps"):
-        return _masked_logps(hidden_BTD[:, :-1], out_embed_DV, input_ids_BT[:, 1:].astype(jnp.int32),
-                             loss_mask_BT[:, 1:].astype(jnp.float32), chunk)
+        return _masked_logps(
+            hidden_BTD[:, :-1],
+            out_embed_DV,
+            input_ids_BT[:, 1:].astype(jnp.int32),
+            loss_mask_BT[:, 1:].astype(jnp.float32),
+            chunk,
+        )
 
 
-def window_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT: jax.Array,
-                 loss_mask_BT: jax.Array, score_index_BR: jax.Array, *, chunk: int | None = None) -> jax.Array:
+def window_logps(
+    hidden_BTD: jax.Array,
+    out_embed_DV: jax.Array,
+    input_ids_BT: jax.Array,
+    loss_mask_BT: jax.Array,
+    score_index_BR: jax.Array,
+    *,
+    chunk: int | None = None,
+) -> jax.Array:
     """`sequence_logps` computed only at the predicting positions `score_index_BR`.
 
     The output layer is the costly part of a step at a small model or a large vocabulary, and a
@@ -82,8 +102,17 @@ def window_logps(hidden_BTD: jax.Array, out_embed_DV: jax.Array, input_ids_BT: j
         return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk)
 
 
-def flat_logps(hidden_NTD: jax.Array, out_embed_DV: jax.Array, flat_S: jax.Array, target_S: jax.Array,
-               slot_S: jax.Array, valid_S: jax.Array, *, num_slots: int, chunk: int | None = None) -> jax.Array:
+def flat_logps(
+    hidden_NTD: jax.Array,
+    out_embed_DV: jax.Array,
+    flat_S: jax.Array,
+    target_S: jax.Array,
+    slot_S: jax.Array,
+    valid_S: jax.Array,
+    *,
+    num_slots: int,
+    chunk: int | None = None,
+) -> jax.Array:
     """Per-slot sums of log p(target | hidden) over a dense list of S scored tokens -> `[num_slots]`.
 
     flat_S indexes the rows' tokens flattened to `[N * T]`; slot_S names the sequence each token
@@ -93,13 +122,19 @@ def flat_logps(hidden_NTD: jax.Array, out_embed_DV: jax.Array, flat_S: jax.Array
     with jax.named_scope("flat_logps"):
         N, T, D = hidden_NTD.shape
         h_SD = jnp.take(hidden_NTD.reshape(N * T, D), flat_S.astype(jnp.int32), axis=0)
-        tok_S = _masked_tokens(h_SD[None], out_embed_DV, target_S.astype(jnp.int32)[None],
-                               valid_S.astype(jnp.float32)[None], chunk)[0]
+        tok_S = _masked_tokens(
+            h_SD[None],
+            out_embed_DV,
+            target_S.astype(jnp.int32)[None],
+            valid_S.astype(jnp.float32)[None],
+            chunk,
+        )[0]
         return jax.ops.segment_sum(tok_S, slot_S.astype(jnp.int32), num_segments=num_slots)
 
 
-def _masked_tokens(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array,
-                   chunk: int | None) -> jax.Array:
+def _masked_tokens(
+    h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array, chunk: int | None
+) -> jax.Array:
     """Per-token mask * log p(tgt | h) `[B, S]`, optionally in rematerialised chunks of S."""
     s = h_BSD.shape[1]
     if chunk is None:  # a given chunk always rematerialises, even when one chunk covers s
@@ -118,9 +153,15 @@ def _masked_tokens(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array,
         h_BCD, tgt_BC, m_BC = xs
         return None, _chunk_logps(h_BCD, out_embed_DV, tgt_BC) * m_BC
 
-    _, tok_NBC = jax.lax.scan(body, None, (h_BSD.reshape(b, n, chunk, d).swapaxes(0, 1),
-                                           tgt_BS.reshape(b, n, chunk).swapaxes(0, 1),
-                                           mask_BS.reshape(b, n, chunk).swapaxes(0, 1)))
+    _, tok_NBC = jax.lax.scan(
+        body,
+        None,
+        (
+            h_BSD.reshape(b, n, chunk, d).swapaxes(0, 1),
+            tgt_BS.reshape(b, n, chunk).swapaxes(0, 1),
+            mask_BS.reshape(b, n, chunk).swapaxes(0, 1),
+        ),
+    )
     return tok_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :s]
 
 
@@ -149,8 +190,9 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
     return (start[..., None] + np.arange(window, dtype=np.int32)).astype(np.int32)
 
 
-def _masked_logps(h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array,
-                  chunk: int | None) -> jax.Array:
+def _masked_logps(
+    h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array, chunk: int | None
+) -> jax.Array:
     """sum_s mask[s] * log p(tgt[s] | h[s]), optionally in rematerialised time chunks."""
     return jnp.sum(_masked_tokens(h_BSD, out_embed_DV, tgt_BS, mask_BS, chunk), axis=-1)
 
@@ -162,19 +204,22 @@ def _logits(pc, pr, rc, rr):
     return (pc - pr) - (rc - rr)
 
 
-def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
-                 label_smoothing: float = 0.0) -> jax.Array:
+def sigmoid_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0
+) -> jax.Array:
     """DPO (Rafailov et al.); with label_smoothing > 0 it is conservative DPO (cDPO). Per pair `[B]`."""
     z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
 
 
-def robust_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
-                label_smoothing: float = 0.0) -> jax.Array:
+def robust_loss(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0
+) -> jax.Array:
     """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate `label_smoothing` < 0.5."""
     z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z)
-            + label_smoothing * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * label_smoothing)
+    return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)) / (
+        1.0 - 2.0 * label_smoothing
+    )
 
 
 def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> jax.Array:
@@ -201,8 +246,16 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
-def dpo_per_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: Any, *,
-                 chosen_tokens=None, rejected_tokens=None) -> jax.Array:
+def dpo_per_pair(
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    cfg: Any,
+    *,
+    chosen_tokens=None,
+    rejected_tokens=None,
+) -> jax.Array:
     """Per-pair loss `[B]` (DPO variant plus weighted SFT term) for a `loss` config section."""
     kind = _get(cfg, "type", "sigmoid")
     beta = float(_get(cfg, "beta", 0.1))
@@ -217,7 +270,9 @@ def dpo_per_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: 
         loss = hinge_loss(pc, pr, rc, rr, beta)
     elif kind == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError("ipo needs chosen_tokens and rejected_tokens (it uses length-averaged log-probs)")
+            raise ValueError(
+                "ipo needs chosen_tokens and rejected_tokens (it uses length-averaged log-probs)"
+            )
         nc, nr = jnp.maximum(chosen_tokens, 1.0), jnp.maximum(rejected_tokens, 1.0)
         loss = ipo_loss(pc / nc, pr / nr, rc / nc, rr / nr, beta)
     else:
@@ -229,16 +284,18 @@ def dpo_per_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: 
     return loss
 
 
-def dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
-                pair_mask=None) -> dict[str, jax.Array]:
+def dpo_metrics(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, pair_mask=None
+) -> dict[str, jax.Array]:
     """Masked-mean reward metrics (sums when reduce over microbatches is needed: see `dpo_sums`)."""
     sums = dpo_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, pair_mask)
     n = jnp.maximum(sums.pop("pairs"), 1.0)
     return {k: v / n for k, v in sums.items()}
 
 
-def dpo_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
-             pair_mask=None) -> dict[str, jax.Array]:
+def dpo_sums(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, pair_mask=None
+) -> dict[str, jax.Array]:
     """Masked sums of the reward metrics plus the pair count, to be added over microbatches."""
     m = jnp.ones_like(policy_chosen) if pair_mask is None else pair_mask.astype(jnp.float32)
     cr = beta * (policy_chosen - ref_chosen)
@@ -254,14 +311,31 @@ def dpo_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     }
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: Any, *, pair_mask=None,
-             chosen_tokens=None, rejected_tokens=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dpo_loss(
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    cfg: Any,
+    *,
+    pair_mask=None,
+    chosen_tokens=None,
+    rejected_tokens=None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked-mean loss over pairs and its metrics: loss, reward_accuracy, rewards, margin, logps."""
-    per_pair = dpo_per_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg,
-                            chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+    per_pair = dpo_per_pair(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        cfg,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
     m = jnp.ones_like(per_pair) if pair_mask is None else pair_mask.astype(jnp.float32)
     loss = jnp.sum(per_pair * m) / jnp.maximum(jnp.sum(m), 1.0)
-    metrics = dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                          float(_get(cfg, "beta", 0.1)), pair_mask)
+    metrics = dpo_metrics(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(_get(cfg, "beta", 0.1)), pair_mask
+    )
     metrics["loss"] = loss
     return loss, metrics

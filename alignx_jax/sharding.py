@@ -55,7 +55,7 @@ DEFAULT_RULES: Rules = (
 
 def _rule_dict(rules: Rules | None) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
-    for name, axes in (DEFAULT_RULES if rules is None else rules):
+    for name, axes in DEFAULT_RULES if rules is None else rules:
         if name in out:  # first match wins, as in flax's logical rules
             continue
         out[name] = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
@@ -74,13 +74,18 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence[A
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n % known:
-            raise MeshError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: {n} devices are not divisible by {known}")
+            raise MeshError(
+                f"mesh data={data} fsdp={fsdp} tensor={tensor}: {n} devices are not divisible by {known}"
+            )
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise MeshError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, "
-                        f"but {n} are available")
+        raise MeshError(
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {math.prod(sizes)} devices, "
+            f"but {n} are available"
+        )
     try:  # topology-aware placement on real accelerators
         from jax.experimental import mesh_utils
+
         grid = mesh_utils.create_device_mesh(tuple(sizes), devices=devices)
     except Exception:  # CPU / odd shapes: plain row-major order is fine
         grid = np.asarray(devices, dtype=object).reshape(sizes)
@@ -93,8 +98,9 @@ def mesh_from_config(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mes
     return make_mesh(get("data", 1), get("fsdp", 1), get("tensor", 1), devices=devices)
 
 
-def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Rules | None = None,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], mesh: Mesh, rules: Rules | None = None, shape: Sequence[int] | None = None
+) -> PartitionSpec:
     """PartitionSpec for logical `axes`; mesh axes that are size 1, reused, or do not divide the
     dimension (when `shape` is given) are dropped so that any model fits any mesh."""
     table = _rule_dict(rules)
@@ -115,8 +121,9 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh, rules: Rules | None 
     return PartitionSpec(*spec)
 
 
-def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Rules | None = None,
-                     shape: Sequence[int] | None = None) -> NamedSharding:
+def logical_sharding(
+    axes: Sequence[str | None], mesh: Mesh, rules: Rules | None = None, shape: Sequence[int] | None = None
+) -> NamedSharding:
     """NamedSharding for an array whose dimensions have the logical names `axes`."""
     return NamedSharding(mesh, logical_to_spec(axes, mesh, rules, shape))
 
@@ -124,7 +131,8 @@ def logical_sharding(axes: Sequence[str | None], mesh: Mesh, rules: Rules | None
 # ---- activation constraints -------------------------------------------------------------------
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules | None] | None] = contextvars.ContextVar(
-    "alignx_sharding_active", default=None)
+    "alignx_sharding_active", default=None
+)
 
 
 @contextlib.contextmanager
@@ -160,6 +168,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 # ---- model state --------------------------------------------------------------------------------
+
 
 def variable_axes(v: nnx.Variable) -> tuple[str | None, ...] | None:
     """The logical axis names of an nnx Variable (None when it carries none)."""

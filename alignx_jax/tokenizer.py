@@ -25,8 +25,10 @@ def load_tokenizer(path: str | None = None):
     path = TINY_TOKENIZER_DIR if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"tokenizer folder not found: {path}")
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                 "tokenizer.model", "vocab.json")):
+    if not any(
+        os.path.exists(os.path.join(path, f))
+        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    ):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     from transformers import AutoTokenizer  # heavy import: only when a tokenizer is needed
 

@@ -101,9 +101,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if not cfg.workdir:
         raise ConfigError("--config.workdir is required (the run's output folder)")
     buckets = cfg.data.buckets
-    if (not isinstance(buckets, (tuple, list)) or not buckets
-            or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in buckets)):
-        raise ConfigError(f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)")
+    if (
+        not isinstance(buckets, (tuple, list))
+        or not buckets
+        or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in buckets)
+    ):
+        raise ConfigError(
+            f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)"
+        )
     if not cfg.model.hf_path and not cfg.model.init.enabled:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:
@@ -113,7 +118,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.loss.type not in losses.LOSS_TYPES:
         raise ConfigError(f"loss.type={cfg.loss.type!r}: expected one of {', '.join(losses.LOSS_TYPES)}")
     if cfg.loss.reference not in REFERENCE_MODES:
-        raise ConfigError(f"loss.reference={cfg.loss.reference!r}: expected one of {', '.join(REFERENCE_MODES)}")
+        raise ConfigError(
+            f"loss.reference={cfg.loss.reference!r}: expected one of {', '.join(REFERENCE_MODES)}"
+        )
     if cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta must be positive, got {cfg.loss.beta}")
     if cfg.loss.type == "robust" and not 0 <= cfg.loss.label_smoothing < 0.5:
@@ -121,7 +128,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.loss.sft_norm not in ("length", "sum"):
         raise ConfigError(f"loss.sft_norm={cfg.loss.sft_norm!r}: expected 'length' or 'sum'")
     if cfg.loss.get("nan_policy", "stop") not in NAN_POLICIES:
-        raise ConfigError(f"loss.nan_policy={cfg.loss.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}")
+        raise ConfigError(
+            f"loss.nan_policy={cfg.loss.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}"
+        )
     if int(cfg.loss.get("max_skipped_steps", 10)) < 1:
         raise ConfigError(f"loss.max_skipped_steps must be at least 1, got {cfg.loss.max_skipped_steps}")
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch or cfg.train.global_batch
@@ -130,36 +139,51 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.train.steps == 0 or cfg.train.steps < -1 or (cfg.train.steps == -1 and cfg.train.epochs <= 0):
         raise ConfigError("train.steps must be positive, or -1 with train.epochs > 0")
     if max(cfg.data.buckets) < cfg.data.max_length:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the largest of data.buckets "
-                          f"{tuple(cfg.data.buckets)}")
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the largest of data.buckets "
+            f"{tuple(cfg.data.buckets)}"
+        )
     if cfg.data.get("packing", False):
         if not cfg.data.get("share_prompt", False):
             raise ConfigError("data.packing packs share_prompt rows: set data.share_prompt=true as well")
         if jax.process_count() > 1:
-            raise ConfigError("data.packing runs on one process (each host's rows would need a global row "
-                              "offset); use data.share_prompt alone on multi-host runs")
+            raise ConfigError(
+                "data.packing runs on one process (each host's rows would need a global row "
+                "offset); use data.share_prompt alone on multi-host runs"
+            )
     if cfg.data.get("share_prompt", False) or cfg.data.get("packing", False):
         from alignx_jax.data.batching import reserve
+
         longest = int(cfg.data.max_length) + reserve(int(cfg.data.max_length))
         if max(cfg.data.buckets) < longest:
-            raise ConfigError(f"data.share_prompt: rows hold a prompt and both responses, up to data.max_length + "
-                              f"{reserve(int(cfg.data.max_length))} = {longest} tokens, beyond the largest of "
-                              f"data.buckets {tuple(cfg.data.buckets)}")
+            raise ConfigError(
+                f"data.share_prompt: rows hold a prompt and both responses, up to data.max_length + "
+                f"{reserve(int(cfg.data.max_length))} = {longest} tokens, beyond the largest of "
+                f"data.buckets {tuple(cfg.data.buckets)}"
+            )
     if int(cfg.data.get("compact_tokens", 8)) < 0:
-        raise ConfigError(f"data.compact_tokens={cfg.data.compact_tokens}: the number of kept-token sizes per "
-                          "row length, >= 1 (0 = off)")
+        raise ConfigError(
+            f"data.compact_tokens={cfg.data.compact_tokens}: the number of kept-token sizes per "
+            "row length, >= 1 (0 = off)"
+        )
     if cfg.model.attention_impl == "splash":
         if cfg.data.get("share_prompt", False):
-            raise ConfigError("model.attention_impl=splash cannot express data.share_prompt's branch mask; "
-                              "use attention_impl=xla or auto with share_prompt")
+            raise ConfigError(
+                "model.attention_impl=splash cannot express data.share_prompt's branch mask; "
+                "use attention_impl=xla or auto with share_prompt"
+            )
         odd = [int(b) for b in cfg.data.buckets if int(b) % 128]
         if odd:
-            raise ConfigError(f"model.attention_impl=splash tiles rows by 128 tokens: data.buckets {odd} "
-                              "are not multiples of 128")
+            raise ConfigError(
+                f"model.attention_impl=splash tiles rows by 128 tokens: data.buckets {odd} "
+                "are not multiples of 128"
+            )
     if cfg.data.method == "pba":
         pba = cfg.pba
         if pba.preference not in PBA_PREFERENCES:
-            raise ConfigError(f"pba.preference={pba.preference!r}: expected one of {', '.join(PBA_PREFERENCES)}")
+            raise ConfigError(
+                f"pba.preference={pba.preference!r}: expected one of {', '.join(PBA_PREFERENCES)}"
+            )
         if pba.mode not in PBA_MODES:
             raise ConfigError(f"pba.mode={pba.mode!r}: expected one of {', '.join(PBA_MODES)}")
         if not 0.0 <= float(pba.mix_predicted) <= 1.0:
@@ -175,13 +199,17 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         if int(pba.head_steps) < 1 or int(pba.head_batch_size) < 1 or int(pba.head_rows) < 0:
             raise ConfigError("pba.head_steps and pba.head_batch_size must be positive, pba.head_rows >= 0")
         if joint_head(cfg) and int(pba.max_persona_tokens) > max(cfg.data.buckets):
-            raise ConfigError(f"pba.max_persona_tokens={pba.max_persona_tokens} exceeds the largest of data.buckets "
-                              f"{tuple(cfg.data.buckets)} (persona ids are padded to a bucket)")
+            raise ConfigError(
+                f"pba.max_persona_tokens={pba.max_persona_tokens} exceeds the largest of data.buckets "
+                f"{tuple(cfg.data.buckets)} (persona ids are padded to a bucket)"
+            )
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> shd.Rules:
-    return tuple((str(name), None if axes is None else (axes if isinstance(axes, str) else tuple(axes)))
-                 for name, axes in cfg.sharding.rules)
+    return tuple(
+        (str(name), None if axes is None else (axes if isinstance(axes, str) else tuple(axes)))
+        for name, axes in cfg.sharding.rules
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -191,8 +219,12 @@ def _run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     remat = cfg.model.remat
     if isinstance(remat, bool):  # True = recompute everything per layer (gradient checkpointing)
         remat = "full" if remat else "none"
-    return {"remat": str(remat), "scan_layers": bool(cfg.model.scan_layers),
-            "attention_impl": str(cfg.model.attention_impl), "frozen_layers": int(cfg.model.frozen_layers)}
+    return {
+        "remat": str(remat),
+        "scan_layers": bool(cfg.model.scan_layers),
+        "attention_impl": str(cfg.model.attention_impl),
+        "frozen_layers": int(cfg.model.frozen_layers),
+    }
 
 
 def load_tokenizer_for(cfg: ml_collections.ConfigDict):
@@ -213,16 +245,40 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     if cfg.model.hf_path:
         path = resolve_model_path(cfg.model.hf_path)
         if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
-            return hf.load_checkpoint(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=rules,
-                                      compute_dtype=cfg.model.dtype, **opts)
-        return hf.load_pretrained(path, cfg.model.param_dtype, mesh, rules, compute_dtype=cfg.model.dtype, **opts)
+            return hf.load_checkpoint(
+                path,
+                dtype=cfg.model.param_dtype,
+                mesh=mesh,
+                rules=rules,
+                compute_dtype=cfg.model.dtype,
+                **opts,
+            )
+        return hf.load_pretrained(
+            path, cfg.model.param_dtype, mesh, rules, compute_dtype=cfg.model.dtype, **opts
+        )
     init = cfg.model.init
-    hf_cfg = {k: init[k] for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
-                                   "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings")}
+    hf_cfg = {
+        k: init[k]
+        for k in (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rope_theta",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+        )
+    }
     hf_cfg["vocab_size"] = len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size)
-    hf_cfg.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    hf_cfg.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     dcfg = DecoderConfig.from_hf(hf_cfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **opts)
     model = Decoder(dcfg, rngs=nnx.Rngs(int(init.seed)))
     return shd.shard_model(model, mesh, rules)
@@ -231,6 +287,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
 @dataclasses.dataclass(frozen=True)
 class ParamsCodec:
     """Pure-dict params (what we train, checkpoint and export) <-> the Decoder module."""
+
     graphdef: Any
     treedef: Any
 
@@ -238,10 +295,14 @@ class ParamsCodec:
     def of(cls, model) -> ParamsCodec:
         graphdef, state = nnx.split(model)
         pure = nnx.to_pure_dict(state)
+
         # leaves of the State and of its pure dict must line up one to one (both sort dict keys)
         def names(tree):
-            return [tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-                    for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+            return [
+                tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+                for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+            ]
+
         if names(state) != names(pure):
             raise RuntimeError("decoder state and its pure dict disagree on leaf order")
         return cls(graphdef, jax.tree.structure(state))
@@ -254,6 +315,7 @@ class ParamsCodec:
 class HeadCodec:
     """Pure-dict params <-> the PreferenceHead. Only `nnx.Param`s are trained; the rest of the
     head's state (its dropout RNG stream) is a constant, since the joint term runs deterministically."""
+
     graphdef: Any
     treedef: Any
     rest: Any
@@ -296,17 +358,23 @@ def freeze_lower_layers(frozen_layers: int) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, frozen_layers: int = 0
-                   ) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int, frozen_layers: int = 0
+) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW + global-norm clipping; linear warm-up to lr, cosine to min_lr_ratio * lr."""
     warmup = int(round(optim.warmup_ratio * total_steps))
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+        init_value=0.0,
+        peak_value=optim.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.lr * optim.min_lr_ratio,
+    )
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip) if optim.clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
-        freeze_lower_layers(frozen_layers))
+        freeze_lower_layers(frozen_layers),
+    )
     return tx, schedule
 
 
@@ -326,16 +394,32 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.
     tokens = TokenLayout(mb["token_index"], mb["token_slot"]) if "token_index" in mb else None
     with jax.named_scope("pair_logps"):
         if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
-            h_NTD = model.hidden_states(mb["input_ids"], mb["attention_mask"], mb["positions"],
-                                        segment_ids_BT=mb.get("segment_ids"), branch_ids_BT=mb["branch_ids"],
-                                        tokens=tokens)
+            h_NTD = model.hidden_states(
+                mb["input_ids"],
+                mb["attention_mask"],
+                mb["positions"],
+                segment_ids_BT=mb.get("segment_ids"),
+                branch_ids_BT=mb["branch_ids"],
+                tokens=tokens,
+            )
             w_DV = model.output_embedding().astype(h_NTD.dtype)
-            return losses.flat_logps(h_NTD, w_DV, mb["score_flat"], mb["score_target"], mb["score_slot"],
-                                     mb["score_valid"], num_slots=2 * mb["pair_mask"].shape[0],
-                                     chunk=chunk).reshape(-1, 2)
+            return losses.flat_logps(
+                h_NTD,
+                w_DV,
+                mb["score_flat"],
+                mb["score_target"],
+                mb["score_slot"],
+                mb["score_valid"],
+                num_slots=2 * mb["pair_mask"].shape[0],
+                chunk=chunk,
+            ).reshape(-1, 2)
         b, two, T = mb["input_ids"].shape
-        flat = {k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
-        h_ND = model.hidden_states(flat["input_ids"], flat["attention_mask"], flat["positions"], tokens=tokens)
+        flat = {
+            k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")
+        }
+        h_ND = model.hidden_states(
+            flat["input_ids"], flat["attention_mask"], flat["positions"], tokens=tokens
+        )
         w_DV = model.output_embedding().astype(h_ND.dtype)
         if "score_index" in mb:  # logits on the response window only (loss.logits_on_responses)
             idx = mb["score_index"].reshape(b * two, -1)
@@ -350,10 +434,15 @@ NONFINITE_PARTS = ((1, "loss"), (2, "gradient norm"), (4, "updated params"))
 
 def nonfinite_code(losses_: tuple, norms: tuple, new_params: Any) -> jax.Array:
     """int32 bit set: 1 = a loss, 2 = a gradient norm, 4 = an updated param is NaN/inf (0: all finite)."""
+
     def all_finite(xs):
         return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
-    return (jnp.where(all_finite(losses_), 0, 1) + jnp.where(all_finite(norms), 0, 2)
-            + jnp.where(all_finite(jax.tree.leaves(new_params)), 0, 4)).astype(jnp.int32)
+
+    return (
+        jnp.where(all_finite(losses_), 0, 1)
+        + jnp.where(all_finite(norms), 0, 2)
+        + jnp.where(all_finite(jax.tree.leaves(new_params)), 0, 4)
+    ).astype(jnp.int32)
 
 
 def describe_nonfinite(code: int) -> str:
@@ -361,10 +450,17 @@ def describe_nonfinite(code: int) -> str:
     return ", ".join(name for bit, name in NONFINITE_PARTS if int(code) & bit)
 
 
-def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_cfg: ml_collections.ConfigDict,
-                    *, precomputed: bool, grad_shardings: Any = None, head_codec: HeadCodec | None = None,
-                    head_tx: optax.GradientTransformation | None = None,
-                    pba_cfg: ml_collections.ConfigDict | None = None) -> Callable:
+def make_train_step(
+    codec: ParamsCodec,
+    tx: optax.GradientTransformation,
+    loss_cfg: ml_collections.ConfigDict,
+    *,
+    precomputed: bool,
+    grad_shardings: Any = None,
+    head_codec: HeadCodec | None = None,
+    head_tx: optax.GradientTransformation | None = None,
+    pba_cfg: ml_collections.ConfigDict | None = None,
+) -> Callable:
     """`step(params, opt_state, ref_params, batch) -> (params, opt_state, metrics)`, to be jitted.
 
     batch: input_ids/attention_mask/positions/loss_mask `[M, b, 2, T]`, pair_mask `[M, b]`, and
@@ -397,8 +493,11 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
         def micro_grads(mb):
             """(gradients, metric sums) of one microbatch."""
             pm = mb["pair_mask"].astype(jnp.float32)
-            ntok = (mb["score_count"].astype(jnp.float32) if "branch_ids" in mb
-                    else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1))  # [b, 2]
+            ntok = (
+                mb["score_count"].astype(jnp.float32)
+                if "branch_ids" in mb
+                else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
+            )  # [b, 2]
             if precomputed:
                 ref = mb["ref_logps"]
             else:
@@ -407,13 +506,22 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
             def loss_fn(p):
                 model = codec.module(p["policy"] if joint else p)
                 lp = model_pair_logps(model, mb, chunk)
-                per = losses.dpo_per_pair(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], loss_cfg,
-                                          chosen_tokens=ntok[:, 0], rejected_tokens=ntok[:, 1])
+                per = losses.dpo_per_pair(
+                    lp[:, 0],
+                    lp[:, 1],
+                    ref[:, 0],
+                    ref[:, 1],
+                    loss_cfg,
+                    chosen_tokens=ntok[:, 0],
+                    rejected_tokens=ntok[:, 1],
+                )
                 dpo = jnp.sum(per * pm) / n_pairs
                 if not joint:
                     return dpo, (lp, {})
                 # the same merged policy reads the persona: one backbone for DPO and the head
-                term, hm = ph.joint_head_term(model, head_codec.module(p["head"]), mb, pba_cfg, n_pairs=n_pairs)
+                term, hm = ph.joint_head_term(
+                    model, head_codec.module(p["head"]), mb, pba_cfg, n_pairs=n_pairs
+                )
                 return dpo + term, (lp, {"dpo": dpo, **hm})
 
             (loss, (lp, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -422,13 +530,20 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
             if joint:
                 # per-microbatch means -> sums weighted by their counts, divided once at the end
                 nn = jnp.sum((ph.direction_to_labels(mb["direction"]) != ph.NEUTRAL) * pm[:, None])
-                sums.update(loss=aux["dpo"], total_loss=loss, head_loss=aux["head_loss"],
-                            head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
-                            head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn, non_neutral=nn)
+                sums.update(
+                    loss=aux["dpo"],
+                    total_loss=loss,
+                    head_loss=aux["head_loss"],
+                    head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
+                    head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn,
+                    non_neutral=nn,
+                )
             return grads, sums
 
         def constrained(grads):
-            return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+            return (
+                grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+            )
 
         def accumulate(carry, mb):
             grads_acc, sums_acc = carry
@@ -442,19 +557,34 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
             grads = constrained(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
         else:
             zeros = constrained(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            sum_keys = ("reward_accuracy", "rewards_chosen", "rewards_rejected", "margin", "logps_chosen",
-                        "logps_rejected", "pairs", "loss")
+            sum_keys = (
+                "reward_accuracy",
+                "rewards_chosen",
+                "rewards_rejected",
+                "margin",
+                "logps_chosen",
+                "logps_rejected",
+                "pairs",
+                "loss",
+            )
             if joint:
-                sum_keys += ("total_loss", "head_loss", "head_accuracy", "head_accuracy_non_neutral",
-                             "non_neutral")
+                sum_keys += (
+                    "total_loss",
+                    "head_loss",
+                    "head_accuracy",
+                    "head_accuracy_non_neutral",
+                    "non_neutral",
+                )
             init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
             (grads, sums), _ = jax.lax.scan(accumulate, init, batch)
         if joint:
             grad_norm = optax.tree.norm(grads["policy"])
             updates, pol_state = tx.update(grads["policy"], opt_state["policy"], params["policy"])
             head_updates, head_state = head_tx.update(grads["head"], opt_state["head"], params["head"])
-            new_params = {"policy": optax.apply_updates(params["policy"], updates),
-                          "head": optax.apply_updates(params["head"], head_updates)}
+            new_params = {
+                "policy": optax.apply_updates(params["policy"], updates),
+                "head": optax.apply_updates(params["head"], head_updates),
+            }
             new_opt_state = {"policy": pol_state, "head": head_state}
             norms = (grad_norm, optax.tree.norm(grads["head"]))
         else:
@@ -466,27 +596,44 @@ def make_train_step(codec: ParamsCodec, tx: optax.GradientTransformation, loss_c
         nonfinite = nonfinite_code(objective, norms, new_params)
         if skip_nonfinite:  # keep the old state: the update of a non-finite step never lands
             keep = nonfinite == 0
-            params, opt_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), (new_params, new_opt_state),
-                                             (params, opt_state))
+            params, opt_state = jax.tree.map(
+                lambda n, o: jnp.where(keep, n, o), (new_params, new_opt_state), (params, opt_state)
+            )
         else:
             params, opt_state = new_params, new_opt_state
         plain = ("loss", "pairs", "total_loss", "head_loss", "head_accuracy_non_neutral", "non_neutral")
         metrics = {k: v / n_pairs for k, v in sums.items() if k not in plain}
         metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"], nonfinite=nonfinite)
         if joint:
-            metrics.update(total_loss=sums["total_loss"], head_loss=sums["head_loss"],
-                           head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
-                           / jnp.maximum(sums["non_neutral"], 1.0),
-                           head_grad_norm=optax.tree.norm(grads["head"]))
+            metrics.update(
+                total_loss=sums["total_loss"],
+                head_loss=sums["head_loss"],
+                head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
+                / jnp.maximum(sums["non_neutral"], 1.0),
+                head_grad_norm=optax.tree.norm(grads["head"]),
+            )
         return params, opt_state, metrics
 
     return step
 
 
 # what `pair_logps` reads from a microbatch (either layout)
-MODEL_INPUTS = ("input_ids", "attention_mask", "positions", "loss_mask", "score_index", "branch_ids",
-                "segment_ids", "score_flat", "score_target", "score_slot", "score_valid", "pair_mask",
-                "token_index", "token_slot")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "positions",
+    "loss_mask",
+    "score_index",
+    "branch_ids",
+    "segment_ids",
+    "score_flat",
+    "score_target",
+    "score_slot",
+    "score_valid",
+    "pair_mask",
+    "token_index",
+    "token_slot",
+)
 
 
 def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -> Callable:
@@ -496,6 +643,7 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
     def fn(ref_params, batch):
         def micro(_, mb):
             return None, pair_logps(codec, ref_params, mb, chunk)
+
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return jax.lax.scan(micro, None, inputs)[1], batch["slot"]
 
@@ -505,8 +653,9 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
 # ----------------------------------------------------------------------------- batches
 
 
-def flat_scores(batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum: int | None = None
-                ) -> dict[str, np.ndarray]:
+def flat_scores(
+    batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum: int | None = None
+) -> dict[str, np.ndarray]:
     """The per-pair scoring plan of a shared/packed batch (`score_index/target/mask [B, 2, R]`,
     optional `score_row [B]`) as one dense list of scored tokens per microbatch.
 
@@ -523,7 +672,7 @@ def flat_scores(batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum
     row = batch["score_row"] if "score_row" in batch else np.arange(B)
     per = []
     for m in range(num_micro):
-        ks, js, rs = np.nonzero(mask[m * b:(m + 1) * b])
+        ks, js, rs = np.nonzero(mask[m * b : (m + 1) * b])
         k_glob = ks + m * b
         per.append(((row[k_glob] % n_rows) * T + idx[k_glob, js, rs], tgt[k_glob, js, rs], 2 * ks + js))
     longest = max([len(f) for f, _, _ in per] + [1])
@@ -536,13 +685,26 @@ def flat_scores(batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum
         n = len(f)
         flat[m, :n], target[m, :n], slot[m, :n], valid[m, :n] = f, t, sl, 1
     count = mask.sum(-1).astype(np.int32).reshape(num_micro, b, 2)
-    return {"score_flat": flat, "score_target": target, "score_slot": slot, "score_valid": valid,
-            "score_count": count}
+    return {
+        "score_flat": flat,
+        "score_target": target,
+        "score_slot": slot,
+        "score_valid": valid,
+        "score_count": count,
+    }
 
 
-def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None = None, *,
-                    head: bool = False, P: int | None = None, window: int | None = None,
-                    scored: int | None = None, tokens: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+def to_microbatches(
+    batch: dict[str, np.ndarray],
+    num_micro: int,
+    T: int | None = None,
+    *,
+    head: bool = False,
+    P: int | None = None,
+    window: int | None = None,
+    scored: int | None = None,
+    tokens: tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
     """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
 
     head=True also carries the PBA head's persona_ids/persona_mask `[M, B/M, P]` (widened to P)
@@ -555,13 +717,15 @@ def to_microbatches(batch: dict[str, np.ndarray], num_micro: int, T: int | None 
         missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
         if missing:
             from alignx_jax.errors import DataError
-            raise DataError(f"joint PBA head training needs {', '.join(missing)} in every batch (rows need a "
-                            "`Preference Direction`; use pba.mode=two_stage or pba.enabled=false otherwise)")
+
+            raise DataError(
+                f"joint PBA head training needs {', '.join(missing)} in every batch (rows need a "
+                "`Preference Direction`; use pba.mode=two_stage or pba.enabled=false otherwise)"
+            )
     B = batch["pair_mask"].shape[0]
     b = B // num_micro
     out: dict[str, np.ndarray] = {}
     shared = "branch_ids" in batch  # batching.share_prompt's layout: rows are pairs already
-    packed = "score_row" in batch  # batching.pack_pairs: N rows hold the B pairs
     n_rows = batch["input_ids"].shape[0] // num_micro
     for k in ("input_ids", "attention_mask", "positions", "branch_ids", "segment_ids") if shared else ():
         if k not in batch:
@@ -600,12 +764,14 @@ def token_mask(out: dict[str, np.ndarray]) -> np.ndarray:
     return mask.reshape(mask.shape[0], -1, mask.shape[-1])
 
 
-def add_token_layout(out: dict[str, np.ndarray], groups: int, kept: int | None = None) -> dict[str, np.ndarray]:
+def add_token_layout(
+    out: dict[str, np.ndarray], groups: int, kept: int | None = None
+) -> dict[str, np.ndarray]:
     """Add `token_index`/`token_slot` (`batching.compact_index`) to a step batch, in place, unless
     every position would be kept (then the plain layout is as cheap)."""
     mask = token_mask(out)
     N = batching.kept_tokens(mask, groups) if kept is None else int(kept)
-    if N < mask.shape[1] // groups * mask.shape[2]:
+    if mask.shape[1] // groups * mask.shape[2] > N:
         out.update(batching.compact_index(mask, groups, kept=N))
     return out
 
@@ -664,15 +830,18 @@ def _ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) ->
     if cfg.data.train:
         return cfg.data.train
     out = os.path.join(workdir, "data")
-    key = workdir_lib.fingerprint([int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user),
-                                   int(cfg.data.synth_seed)])
+    key = workdir_lib.fingerprint(
+        [int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user), int(cfg.data.synth_seed)]
+    )
     have = os.path.exists(os.path.join(out, "data.parquet"))
     # data written before the key existed is kept; data of other synth settings is written again
     stale = have and os.path.exists(out + ".fingerprint") and not workdir_lib.fingerprint_matches(out, key)
     if is_main and (not have or stale):
         from alignx_jax.data import synth
-        world = synth.generate_world(int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user),
-                                     int(cfg.data.synth_seed))
+
+        world = synth.generate_world(
+            int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user), int(cfg.data.synth_seed)
+        )
         tmp = out + ".tmp"  # written aside and renamed: a kill mid-write leaves no half parquet file
         shutil.rmtree(tmp, ignore_errors=True)
         synth.write_world(world, tmp)
@@ -687,6 +856,7 @@ def _ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) ->
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -698,8 +868,11 @@ def _write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool
     if os.path.isfile(os.path.join(ref, "config.json")):
         return
     src = resolve_model_path(cfg.model.hf_path)
-    is_hf = bool(src) and os.path.isfile(os.path.join(src, "config.json")) and any(
-        n.endswith(".safetensors") for n in os.listdir(src))
+    is_hf = (
+        bool(src)
+        and os.path.isfile(os.path.join(src, "config.json"))
+        and any(n.endswith(".safetensors") for n in os.listdir(src))
+    )
     if is_hf:
         if is_main:  # an HF folder already is the reference: copy its files (no multi-host gather)
             tmp = ref + ".tmp"
@@ -715,8 +888,11 @@ def _write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool
         hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
         os.replace(tmp, ref)
     elif is_main:
-        print("alignx train: W/reference not written (multi-host run from an orbax checkpoint; "
-              "export the initial checkpoint with `alignx export`)", file=sys.stderr)
+        print(
+            "alignx train: W/reference not written (multi-host run from an orbax checkpoint; "
+            "export the initial checkpoint with `alignx export`)",
+            file=sys.stderr,
+        )
     _sync("reference")
 
 
@@ -739,12 +915,17 @@ def _prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_li
         current = json.loads(config_to_json(cfg))
         ckpts = os.path.join(workdir, "checkpoints")
         if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):  # a resume
-            workdir_lib.check_config_change(workdir, current, allow=bool(cfg.train.get("allow_config_change", False)))
+            workdir_lib.check_config_change(
+                workdir, current, allow=bool(cfg.train.get("allow_config_change", False))
+            )
         else:  # a fresh start over an earlier run's outputs: the reference folder is the old model's
             saved = workdir_lib.read_saved_config(workdir)
             ref = os.path.join(workdir, "reference")
-            if saved is not None and os.path.isdir(ref) and any(
-                    k.startswith("model.") for k in workdir_lib.changed_keys(saved, current)):
+            if (
+                saved is not None
+                and os.path.isdir(ref)
+                and any(k.startswith("model.") for k in workdir_lib.changed_keys(saved, current))
+            ):
                 workdir_lib.warn(f"{workdir}/config.json names another model; rewriting {ref}")
                 shutil.rmtree(ref)
         workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(cfg))
@@ -756,8 +937,11 @@ def _prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_li
 
 def _stopped_in_start_up(stop: _StopFlag, is_main: bool) -> int:
     if is_main:
-        print(f"alignx train: {signal.Signals(stop.signum).name} received during start-up; nothing to save "
-              "(rerun the same command to start or resume)", file=sys.stderr)
+        print(
+            f"alignx train: {signal.Signals(stop.signum).name} received during start-up; nothing to save "
+            "(rerun the same command to start or resume)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -766,9 +950,14 @@ def derived_fingerprint(cfg: ml_collections.ConfigDict, data_path: str, **extra:
     how fast it runs, and the optimizer), the data files and the model files (sizes and mtimes)."""
     flat = workdir_lib.flatten(json.loads(config_to_json(cfg)))
     keep = {k: v for k, v in flat.items() if not k.startswith("optim.") and not workdir_lib.is_free(k)}
-    return workdir_lib.fingerprint({"config": keep, "data": workdir_lib.path_signature(data_path),
-                                    "model": workdir_lib.path_signature(resolve_model_path(cfg.model.hf_path)),
-                                    **extra})
+    return workdir_lib.fingerprint(
+        {
+            "config": keep,
+            "data": workdir_lib.path_signature(data_path),
+            "model": workdir_lib.path_signature(resolve_model_path(cfg.model.hf_path)),
+            **extra,
+        }
+    )
 
 
 def run_training(cfg: ml_collections.ConfigDict) -> int:
@@ -780,8 +969,10 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         return _run_training(cfg, stop, held)
     except OSError as e:  # a full disk, a permission: one line naming the file
         where = e.filename or os.path.abspath(cfg.workdir or ".")
-        raise AlignXError(f"{where}: {e.strerror or e}; the run stopped (rerun the same command to resume from "
-                          "the last checkpoint)") from None
+        raise AlignXError(
+            f"{where}: {e.strerror or e}; the run stopped (rerun the same command to resume from "
+            "the last checkpoint)"
+        ) from None
     finally:
         for lock in held:
             lock.release()
@@ -815,8 +1006,9 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
     num_micro = gb // int(cfg.train.micro_batch or gb)
     pc, pi = jax.process_count(), jax.process_index()
     if gb % pc or (gb // pc) % num_micro:
-        raise ConfigError(f"train.global_batch={gb} must split evenly over {pc} processes and "
-                          f"{num_micro} microbatches")
+        raise ConfigError(
+            f"train.global_batch={gb} must split evenly over {pc} processes and {num_micro} microbatches"
+        )
     seed = int(cfg.train.seed)
     buckets = tuple(int(b) for b in cfg.data.buckets)
     pad_id = int(tokenizer.pad_token_id)
@@ -825,8 +1017,10 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
     two_stage = head_enabled(cfg) and cfg.pba.mode == "two_stage"
     use_predicted = cfg.data.method == "pba" and cfg.pba.preference != "golden"
     if (use_predicted or two_stage) and pc > 1:
-        raise ConfigError("pba.preference predicted/mix and pba.mode=two_stage run on one process; "
-                          "use pba.mode=joint with pba.preference=golden on multi-host runs")
+        raise ConfigError(
+            "pba.preference predicted/mix and pba.mode=two_stage run on one process; "
+            "use pba.mode=joint with pba.preference=golden on multi-host runs"
+        )
     persona_length = int(cfg.pba.max_persona_tokens) if joint else None
     response_logits = bool(cfg.loss.get("logits_on_responses", True))
     share = bool(cfg.data.get("share_prompt", False))
@@ -839,28 +1033,51 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
         """The predicted P~ for this row when the run renders predicted profiles for it, else None (golden)."""
         if not use_predicted:
             return None
-        if cfg.pba.preference == "mix":
-            # a fixed choice per row, independent of the history-sampling rng and of the epoch
-            if np.random.default_rng([seed, 0x5042, int(index)]).random() >= float(cfg.pba.mix_predicted):
-                return None
+        # mix: a fixed choice per row, independent of the history-sampling rng and of the epoch
+        if cfg.pba.preference == "mix" and (
+            np.random.default_rng([seed, 0x5042, int(index)]).random() >= float(cfg.pba.mix_predicted)
+        ):
+            return None
         return predicted["dirs"][index]
 
     def example_fn(row, rng, index):
         ex = batching.make_example(
-            tokenizer, row, method=cfg.data.method, persona=cfg.data.persona, max_length=int(cfg.data.max_length),
-            prompt_format=cfg.data.prompt_format, rng=rng, overflow=cfg.data.overflow, index=index,
-            profile=profile_for(index), persona_length=persona_length)
+            tokenizer,
+            row,
+            method=cfg.data.method,
+            persona=cfg.data.persona,
+            max_length=int(cfg.data.max_length),
+            prompt_format=cfg.data.prompt_format,
+            rng=rng,
+            overflow=cfg.data.overflow,
+            index=index,
+            profile=profile_for(index),
+            persona_length=persona_length,
+        )
         truncated[0] += int(ex is not None and ex.truncated)
         return ex
 
     def new_loader():
-        return sources.TrainLoader(source, example_fn, pairs_per_batch=gb // pc, pad_id=pad_id, buckets=buckets,
-                                   seed=seed, shuffle=bool(cfg.data.shuffle), num_epochs=None, on_drop="pad",
-                                   shard_index=pi, shard_count=pc)
+        return sources.TrainLoader(
+            source,
+            example_fn,
+            pairs_per_batch=gb // pc,
+            pad_id=pad_id,
+            buckets=buckets,
+            seed=seed,
+            shuffle=bool(cfg.data.shuffle),
+            num_epochs=None,
+            on_drop="pad",
+            shard_index=pi,
+            shard_count=pc,
+        )
 
     loader = new_loader()
-    total_steps = (int(cfg.train.steps) if cfg.train.steps > 0
-                   else max(1, int(cfg.train.epochs) * loader.steps_per_epoch))
+    total_steps = (
+        int(cfg.train.steps)
+        if cfg.train.steps > 0
+        else max(1, int(cfg.train.epochs) * loader.steps_per_epoch)
+    )
 
     def host_batch(coll: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         stats = batching.padding_stats(coll)
@@ -869,8 +1086,11 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
             coll = batching.share_prompt(two_rows, buckets=buckets, pad_id=pad_id)
             if pc > 1:  # every process must agree on the row length and the scored window
                 from jax.experimental import multihost_utils
-                Ts, Rs = (int(np.max(multihost_utils.process_allgather(np.asarray(v)))) for v in
-                          (coll["input_ids"].shape[1], coll["score_index"].shape[-1]))
+
+                Ts, Rs = (
+                    int(np.max(multihost_utils.process_allgather(np.asarray(v))))
+                    for v in (coll["input_ids"].shape[1], coll["score_index"].shape[-1])
+                )
                 coll = batching.share_prompt(two_rows, buckets=buckets, pad_id=pad_id, length=Ts, window=Rs)
             if packing:  # several pairs per row of pack_length tokens, packed per microbatch and batch shard
                 shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -883,6 +1103,7 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
         R = losses.scored_window(coll["loss_mask"]).shape[-1] if response_logits and not share else None
         if pc > 1:  # every process must agree on the step's lengths
             from jax.experimental import multihost_utils
+
             T = int(np.max(multihost_utils.process_allgather(np.asarray(T))))
             if P is not None:
                 P = int(np.max(multihost_utils.process_allgather(np.asarray(P))))
@@ -895,15 +1116,20 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
         out = to_microbatches(coll, num_micro, T, head=joint, P=P, window=R, scored=S)
         if compact:  # kept tokens per group of rows, one group per local batch shard
             local_shards = max(1, mesh.shape["data"] * mesh.shape["fsdp"] // pc)
-            G = local_shards if out["input_ids"].shape[1] % local_shards == 0 else 1  # axis 1 is the sharded one
+            G = (
+                local_shards if out["input_ids"].shape[1] % local_shards == 0 else 1
+            )  # axis 1 is the sharded one
             N = batching.kept_tokens(token_mask(out), G, compact)
             if pc > 1:  # every process must agree on the kept-token count
                 N = int(np.max(multihost_utils.process_allgather(np.asarray(N))))
             add_token_layout(out, G, N)
         # the share of padded positions the token-wise layers still compute (0 when all are skipped)
         mask = token_mask(out)
-        computed = (out["token_index"].shape[-1] * out["token_index"].shape[-2] * mask.shape[0]
-                    if "token_index" in out else mask.size)
+        computed = (
+            out["token_index"].shape[-1] * out["token_index"].shape[-2] * mask.shape[0]
+            if "token_index" in out
+            else mask.size
+        )
         stats["computed_padding_fraction"] = float(computed - (mask > 0).sum()) / float(computed)
         return out, stats
 
@@ -911,8 +1137,9 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
     policy = build_policy(cfg, tokenizer, mesh, rules)
     _write_reference(cfg, policy, workdir, tokenizer_dir, is_main)
     if use_predicted:
-        predicted["dirs"] = _predicted_directions(cfg, policy, tokenizer, source, workdir,
-                                                  derived_fingerprint(cfg, data_path))
+        predicted["dirs"] = _predicted_directions(
+            cfg, policy, tokenizer, source, workdir, derived_fingerprint(cfg, data_path)
+        )
     if stop.signum is not None:
         return _stopped_in_start_up(stop, is_main)
     codec = ParamsCodec.of(policy)
@@ -939,12 +1166,18 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
     precomputed = cfg.loss.reference == "precomputed"
 
     # --- resume
-    ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=int(cfg.checkpoint.keep),
-                             async_save=bool(cfg.checkpoint["async"]))
+    ckpt = TrainCheckpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=int(cfg.checkpoint.keep),
+        async_save=bool(cfg.checkpoint["async"]),
+    )
     start = skipped_total = 0
     # restore targets (shapes, dtypes, shardings); also what a failed run checks its last checkpoint with
-    targets = ((abstract_like(params["policy"]), abstract_like(opt_state), abstract_like(params["head"])) if joint
-               else (abstract_like(params), abstract_like(opt_state), None))
+    targets = (
+        (abstract_like(params["policy"]), abstract_like(opt_state), abstract_like(params["head"]))
+        if joint
+        else (abstract_like(params), abstract_like(opt_state), None)
+    )
     found = ckpt.restore_newest_good(*targets, warn=workdir_lib.warn if is_main else None)
     latest = None
     if found is not None:
@@ -956,8 +1189,10 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
         skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
         start = int(meta["step"])
         if is_main:
-            print(f"alignx train: resuming from {ckpt.directory}/{latest} (step {start} of {total_steps})",
-                  file=sys.stderr)
+            print(
+                f"alignx train: resuming from {ckpt.directory}/{latest} (step {start} of {total_steps})",
+                file=sys.stderr,
+            )
 
     # --- precomputed reference: one pass over the batches this run will see, stored per process
     ref_table = None
@@ -966,7 +1201,10 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
         want_shape = (total_steps, gb // pc, 2)
         # keyed by what the log-probs depend on: a same-shaped table of other data or another model is stale
         ref_key = derived_fingerprint(cfg, data_path, shape=want_shape, process=[pc, pi])
-        if workdir_lib.fingerprint_matches(ref_path, ref_key) and np.load(ref_path, mmap_mode="r").shape == want_shape:
+        if (
+            workdir_lib.fingerprint_matches(ref_path, ref_key)
+            and np.load(ref_path, mmap_mode="r").shape == want_shape
+        ):
             ref_table = np.load(ref_path)
         else:
             ref_fn = jax.jit(make_ref_logps_fn(codec, cfg.loss), out_shardings=rep)
@@ -978,14 +1216,24 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
 
             with shd.use_mesh(mesh, rules):
                 # the pass takes about a third of the training's time: it shows progress as training does
-                for s in tqdm(range(total_steps), desc="reference log-probs", unit="step", dynamic_ncols=True,
-                              file=sys.stderr, disable=not (is_main and cfg.train.progress)):
+                for s in tqdm(
+                    range(total_steps),
+                    desc="reference log-probs",
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                    disable=not (is_main and cfg.train.progress),
+                ):
                     if stop.signum is not None:  # nothing is written: the next run does the pass again
                         return _stopped_in_start_up(stop, is_main)
                     hb, _ = host_batch(next(pre_loader)[0])
                     # global slot ids tell each process which of the gathered results are its own
-                    hb["slot"] = (pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(num_micro, -1)
-                    lp, slot = jax.device_get(ref_fn(ref_params, put_batch(hb, batch_shardings(hb, mesh, rules))))
+                    hb["slot"] = (pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(
+                        num_micro, -1
+                    )
+                    lp, slot = jax.device_get(
+                        ref_fn(ref_params, put_batch(hb, batch_shardings(hb, mesh, rules)))
+                    )
                     lp, slot = np.asarray(lp).reshape(-1, 2), np.asarray(slot).reshape(-1)
                     mine = slot // local_pairs == pi
                     ref_table[s][slot[mine] % local_pairs] = lp[mine]
@@ -997,9 +1245,20 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
                 workdir_lib.write_fingerprint(ref_path, ref_key)
         ref_params = None  # the frozen copy is no longer needed: its memory goes to training
 
-    step_fn = jax.jit(make_train_step(codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh,
-                                      head_codec=head_codec, head_tx=head_tx, pba_cfg=cfg.pba if joint else None),
-                      out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
+    step_fn = jax.jit(
+        make_train_step(
+            codec,
+            tx,
+            cfg.loss,
+            precomputed=precomputed,
+            grad_shardings=param_sh,
+            head_codec=head_codec,
+            head_tx=head_tx,
+            pba_cfg=cfg.pba if joint else None,
+        ),
+        out_shardings=(param_sh, opt_sh, rep),
+        donate_argnums=(0, 1),
+    )
 
     if stop.signum is not None:
         return _stopped_in_start_up(stop, is_main)
@@ -1007,11 +1266,21 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
     bar = None
     if is_main and cfg.train.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+        bar = tqdm(
+            total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr
+        )
 
     def meta_for(step: int, hcfg=None) -> dict[str, Any]:
-        meta = {"step": step, "total_steps": total_steps, "seed": seed, "loader": loader.get_state(),
-                "rows_truncated": truncated[0], "rows_skipped": skipped, "skipped_nonfinite_steps": skipped_total}
+        meta = {
+            "step": step,
+            "total_steps": total_steps,
+            "seed": seed,
+            "loader": loader.get_state(),
+            "rows_truncated": truncated[0],
+            "rows_skipped": skipped,
+            "skipped_nonfinite_steps": skipped_total,
+        }
         if hcfg is not None:  # `alignx export` rebuilds the head from this
             meta["head_config"] = hcfg.to_json()
         return meta
@@ -1057,12 +1326,21 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
                 final_head = _fit_two_stage_head(cfg, codec.module(params), tokenizer, source)
                 m.update(final_head[2])
             if step % max(1, int(cfg.train.log_every)) == 0 or step == total_steps:
-                writer.write(step, {
-                    **m, "learning_rate": float(schedule(step - 1)), "epoch": info["epoch"],
-                    "tokens_per_sec": stats["real_tokens"] * pc / dt, "step_time": dt,
-                    "rows_dropped": info["rows_dropped"], "rows_truncated": truncated[0], "rows_skipped": skipped,
-                    "padding_fraction": stats["padding_fraction"],
-                    "computed_padding_fraction": stats["computed_padding_fraction"]})
+                writer.write(
+                    step,
+                    {
+                        **m,
+                        "learning_rate": float(schedule(step - 1)),
+                        "epoch": info["epoch"],
+                        "tokens_per_sec": stats["real_tokens"] * pc / dt,
+                        "step_time": dt,
+                        "rows_dropped": info["rows_dropped"],
+                        "rows_truncated": truncated[0],
+                        "rows_skipped": skipped,
+                        "padding_fraction": stats["padding_fraction"],
+                        "computed_padding_fraction": stats["computed_padding_fraction"],
+                    },
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}")
@@ -1075,8 +1353,15 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
             ckpt.wait()
             if is_main:
                 name = signal.Signals(stop.signum).name
-                what = f"saved step {step} to {ckpt.directory}" if step > start else "no step run, nothing to save"
-                print(f"alignx train: {name} received: {what}; rerun the same command to resume", file=sys.stderr)
+                what = (
+                    f"saved step {step} to {ckpt.directory}"
+                    if step > start
+                    else "no step run, nothing to save"
+                )
+                print(
+                    f"alignx train: {name} received: {what}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
             return 0
         ckpt.wait()
         if is_main:
@@ -1089,20 +1374,30 @@ def _run_training(cfg: ml_collections.ConfigDict, stop: _StopFlag, held: list) -
         ckpt.close()
 
 
-def _nonfinite_error(ckpt: TrainCheckpointer, targets: tuple, step: int, m: dict[str, float], code: int,
-                     in_a_row: int) -> AlignXError:
+def _nonfinite_error(
+    ckpt: TrainCheckpointer, targets: tuple, step: int, m: dict[str, float], code: int, in_a_row: int
+) -> AlignXError:
     """The error of a run stopped by a non-finite step, naming the newest saved step that verifies."""
     ckpt.wait()
     good = ckpt.newest_good_step(*targets)
-    last = (f"last finite checkpoint: step {good} (a rerun resumes from it)" if good is not None
-            else "no finite checkpoint saved (a rerun starts over)")
-    what = (f"{describe_nonfinite(code)} not finite (loss {m.get('loss', 0.0):.4g}, "
-            f"grad_norm {m.get('grad_norm', 0.0):.4g})")
+    last = (
+        f"last finite checkpoint: step {good} (a rerun resumes from it)"
+        if good is not None
+        else "no finite checkpoint saved (a rerun starts over)"
+    )
+    what = (
+        f"{describe_nonfinite(code)} not finite (loss {m.get('loss', 0.0):.4g}, "
+        f"grad_norm {m.get('grad_norm', 0.0):.4g})"
+    )
     if in_a_row:
-        return AlignXError(f"non-finite loss, gradient or update in {in_a_row} steps in a row up to step {step} "
-                           f"(loss.max_skipped_steps): {what}; {last}; lower optim.lr")
-    return AlignXError(f"non-finite loss, gradient or update at step {step}: {what}; step {step} not saved; {last}; "
-                       "lower optim.lr, or set loss.nan_policy=skip to skip such steps")
+        return AlignXError(
+            f"non-finite loss, gradient or update in {in_a_row} steps in a row up to step {step} "
+            f"(loss.max_skipped_steps): {what}; {last}; lower optim.lr"
+        )
+    return AlignXError(
+        f"non-finite loss, gradient or update at step {step}: {what}; step {step} not saved; {last}; "
+        "lower optim.lr, or set loss.nan_policy=skip to skip such steps"
+    )
 
 
 def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
@@ -1118,8 +1413,10 @@ def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
         if lcfg == hcfg:
             head = loaded
         elif jax.process_index() == 0:
-            print(f"alignx train: {src} has a preference head with a different config; starting a new one",
-                  file=sys.stderr)
+            print(
+                f"alignx train: {src} has a preference head with a different config; starting a new one",
+                file=sys.stderr,
+            )
     return shd.shard_model(head, mesh, rules)
 
 
@@ -1136,22 +1433,36 @@ def _head_rows(cfg: ml_collections.ConfigDict, source) -> list[dict]:
 def _fit_head(cfg: ml_collections.ConfigDict, backbone, tokenizer, rows: list[dict]):
     from alignx_jax.head_training import train_head_two_stage
 
-    return train_head_two_stage(backbone, tokenizer, rows, cfg, steps=int(cfg.pba.head_steps), lr=float(cfg.pba.lr),
-                                batch_size=int(cfg.pba.head_batch_size), weight_decay=float(cfg.pba.weight_decay),
-                                seed=int(cfg.pba.seed), log_every=max(1, int(cfg.pba.head_steps) // 10))
+    return train_head_two_stage(
+        backbone,
+        tokenizer,
+        rows,
+        cfg,
+        steps=int(cfg.pba.head_steps),
+        lr=float(cfg.pba.lr),
+        batch_size=int(cfg.pba.head_batch_size),
+        weight_decay=float(cfg.pba.weight_decay),
+        seed=int(cfg.pba.seed),
+        log_every=max(1, int(cfg.pba.head_steps) // 10),
+    )
 
 
-def _fit_two_stage_head(cfg: ml_collections.ConfigDict, backbone, tokenizer,
-                        source) -> tuple[Any, Any, dict[str, float]]:
+def _fit_two_stage_head(
+    cfg: ml_collections.ConfigDict, backbone, tokenizer, source
+) -> tuple[Any, Any, dict[str, float]]:
     """(HeadConfig, head params as a pure dict, metrics) of a head fit on the frozen final policy."""
     res = _fit_head(cfg, backbone, tokenizer, _head_rows(cfg, source))
-    metrics = {"head_loss": float(res.losses[-1]), "head_accuracy": float(res.train_metrics["accuracy"]),
-               "head_accuracy_non_neutral": float(res.train_metrics["accuracy_non_neutral"])}
+    metrics = {
+        "head_loss": float(res.losses[-1]),
+        "head_accuracy": float(res.train_metrics["accuracy"]),
+        "head_accuracy_non_neutral": float(res.train_metrics["accuracy_non_neutral"]),
+    }
     return res.cfg, HeadCodec.params(res.head), metrics
 
 
-def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, source, workdir: str,
-                          key: str = "") -> np.ndarray:
+def _predicted_directions(
+    cfg: ml_collections.ConfigDict, policy, tokenizer, source, workdir: str, key: str = ""
+) -> np.ndarray:
     """P~ of every training row from a first-stage head fit on the initial policy -> `[N, 90]` float32.
 
     Stored in `W/pba_predicted.npy` so that a resumed run reuses exactly the same profiles; `key`
@@ -1168,9 +1479,18 @@ def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, sou
     t0 = time.perf_counter()
     res = _fit_head(cfg, policy, tokenizer, _head_rows(cfg, source))
     rows = [source[i] for i in range(n)]
-    feats = res.features if int(cfg.pba.head_rows) <= 0 or int(cfg.pba.head_rows) >= n else ph.persona_features(
-        policy, tokenizer, rows, pooling=res.cfg.pooling, variant=res.cfg.persona_variant,
-        max_tokens=res.cfg.max_persona_tokens)
+    feats = (
+        res.features
+        if int(cfg.pba.head_rows) <= 0 or int(cfg.pba.head_rows) >= n
+        else ph.persona_features(
+            policy,
+            tokenizer,
+            rows,
+            pooling=res.cfg.pooling,
+            variant=res.cfg.persona_variant,
+            max_tokens=res.cfg.max_persona_tokens,
+        )
+    )
     dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
     workdir_lib.forget_fingerprint(path)
     np.save(path + ".tmp.npy", dirs)
@@ -1178,8 +1498,11 @@ def _predicted_directions(cfg: ml_collections.ConfigDict, policy, tokenizer, sou
     workdir_lib.write_fingerprint(path, key)
     gold = [i for i in range(n) if rows[i].get("Preference Direction") is not None]
     acc = ph.head_metrics(dirs[gold], np.asarray([rows[i]["Preference Direction"] for i in gold], np.float32))
-    print(f"alignx train: first-stage preference head on {len(rows)} rows ({time.perf_counter() - t0:.1f}s): "
-          f"accuracy {acc['accuracy']:.4f}, macro-F1 {acc['macro_f1']:.4f}; profiles -> {path}", file=sys.stderr)
+    print(
+        f"alignx train: first-stage preference head on {len(rows)} rows ({time.perf_counter() - t0:.1f}s): "
+        f"accuracy {acc['accuracy']:.4f}, macro-F1 {acc['macro_f1']:.4f}; profiles -> {path}",
+        file=sys.stderr,
+    )
     return dirs
 
 

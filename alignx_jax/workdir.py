@@ -27,10 +27,28 @@ LOCK_FILE = "train.lock"
 # keys a resumed run may change: how long it runs, how it logs and saves, the layout it runs on, and
 # memory/speed settings that compute the same numbers. Everything else in model / data / loss / optim /
 # pba / train changes what is trained and is refused unless train.allow_config_change.
-FREE_KEYS = ("workdir", "train.steps", "train.epochs", "train.log_every", "train.progress", "train.distributed",
-             "train.allow_config_change", "train.micro_batch", "checkpoint.", "mesh.", "sharding.", "plan.",
-             "model.remat", "model.attention_impl", "model.scan_layers", "loss.logps_chunk",
-             "loss.logits_on_responses", "loss.nan_policy", "loss.max_skipped_steps", "data.compact_tokens")
+FREE_KEYS = (
+    "workdir",
+    "train.steps",
+    "train.epochs",
+    "train.log_every",
+    "train.progress",
+    "train.distributed",
+    "train.allow_config_change",
+    "train.micro_batch",
+    "checkpoint.",
+    "mesh.",
+    "sharding.",
+    "plan.",
+    "model.remat",
+    "model.attention_impl",
+    "model.scan_layers",
+    "loss.logps_chunk",
+    "loss.logits_on_responses",
+    "loss.nan_policy",
+    "loss.max_skipped_steps",
+    "data.compact_tokens",
+)
 
 
 def warn(message: str) -> None:
@@ -87,8 +105,10 @@ def check_config_change(workdir: str, current: dict[str, Any], *, allow: bool) -
     shown = ", ".join(f"{k} ({a[k]!r} -> {b[k]!r})" for k in keys[:6])
     more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
     if not allow:
-        raise ConfigError(f"{workdir}/config.json: resuming with a different config: {shown}{more}; rerun with "
-                          "the saved settings, use a fresh workdir, or pass --config.train.allow_config_change=true")
+        raise ConfigError(
+            f"{workdir}/config.json: resuming with a different config: {shown}{more}; rerun with "
+            "the saved settings, use a fresh workdir, or pass --config.train.allow_config_change=true"
+        )
     warn(f"resuming with a changed config (train.allow_config_change): {shown}{more}")
     return keys
 
@@ -193,9 +213,11 @@ class WorkdirLock:
 
     def _busy(self, held: dict[str, Any]) -> AlignXError:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held["time"])) if "time" in held else "?"
-        return AlignXError(f"{os.path.dirname(self.path)} is in use by alignx train pid {held.get('pid', '?')} on "
-                           f"host {held.get('host', '?')} (since {since}); wait for it or stop it (if that run is "
-                           f"gone, delete {self.path})")
+        return AlignXError(
+            f"{os.path.dirname(self.path)} is in use by alignx train pid {held.get('pid', '?')} on "
+            f"host {held.get('host', '?')} (since {since}); wait for it or stop it (if that run is "
+            f"gone, delete {self.path})"
+        )
 
     def acquire(self) -> None:
         import fcntl
@@ -214,8 +236,10 @@ class WorkdirLock:
                 if held.get("host") != host or _alive(int(held["pid"]), held.get("start")):
                     # no flock across hosts / on some network file systems: the recorded holder decides
                     raise self._busy(held)
-                warn(f"{self.path}: taking over the lock of pid {held['pid']} on {host}, which is gone "
-                     "(a killed run)")
+                warn(
+                    f"{self.path}: taking over the lock of pid {held['pid']} on {host}, which is gone "
+                    "(a killed run)"
+                )
             me = {"pid": os.getpid(), "host": host, "start": _start_time(os.getpid()), "time": time.time()}
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)

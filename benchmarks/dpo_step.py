@@ -54,16 +54,51 @@ LR = 1e-4
 
 # Llama-style sizes (HF config names). "default" is ~36M parameters.
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, vocab_size=512),
-    "xs": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=64, vocab_size=8192),
-    "s": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
-              num_key_value_heads=2, head_dim=64, vocab_size=8192),
-    "default": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=64, vocab_size=16384),
-    "m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
-              num_key_value_heads=4, head_dim=64, vocab_size=16384),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=512,
+    ),
+    "xs": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=8192,
+    ),
+    "s": dict(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=8192,
+    ),
+    "default": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=16384,
+    ),
+    "m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=16384,
+    ),
 }
 
 
@@ -79,9 +114,20 @@ def make_setup(size: str, seq_len: int, batch: int, seed: int = 0) -> Setup:
     """The model description and a synthetic right-padded DPO batch (ARCHITECTURE.md layout)."""
     if size not in SIZES:
         raise SystemExit(f"unknown --model-size {size!r}; one of {', '.join(SIZES)}")
-    hf = dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0, rms_norm_eps=1e-5,
-              max_position_embeddings=max(2048, seq_len), tie_word_embeddings=False, hidden_act="silu",
-              attention_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, **SIZES[size])
+    hf = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=max(2048, seq_len),
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        attention_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **SIZES[size],
+    )
     rng = np.random.default_rng(seed)
     n, T, V = 2 * batch, seq_len, hf["vocab_size"]
     ids = rng.integers(3, V, size=(n, T), dtype=np.int32)
@@ -97,8 +143,13 @@ def make_setup(size: str, seq_len: int, batch: int, seed: int = 0) -> Setup:
     # chosen and rejected share their prompt, as in real pairs
     ids[batch:, :prompt] = ids[:batch, :prompt]
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), (n, T)).copy()
-    data = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": positions,
-            "pair_mask": np.ones((batch,), np.int32)}
+    data = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "loss_mask": loss,
+        "positions": positions,
+        "pair_mask": np.ones((batch,), np.int32),
+    }
     return Setup(hf, seq_len, batch, data)
 
 
@@ -123,39 +174,68 @@ def model_flops_per_step(hf: dict[str, int], seq_len: int, batch: int, tokens: i
 # ----------------------------------------------------------------------------- JAX
 
 
-def jax_models(setup: Setup, dtype: str = "float32", *, scan_layers: bool = True, remat: str = "none",
-               attention_impl: str = "xla"):
+def jax_models(
+    setup: Setup,
+    dtype: str = "float32",
+    *,
+    scan_layers: bool = True,
+    remat: str = "none",
+    attention_impl: str = "xla",
+):
     """(policy Decoder, reference Decoder) with seeds 0 and 1; the run options are the config's
     `model.scan_layers`, `model.remat` and `model.attention_impl`."""
     from flax import nnx
 
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
-    dcfg = DecoderConfig.from_hf(setup.hf_config, dtype=dtype, param_dtype="float32", remat=remat,
-                                 scan_layers=scan_layers, attention_impl=attention_impl)
+    dcfg = DecoderConfig.from_hf(
+        setup.hf_config,
+        dtype=dtype,
+        param_dtype="float32",
+        remat=remat,
+        scan_layers=scan_layers,
+        attention_impl=attention_impl,
+    )
     return Decoder(dcfg, rngs=nnx.Rngs(0)), Decoder(dcfg, rngs=nnx.Rngs(1))
 
 
 def _loss_cfg(chunk: int):
     import ml_collections
 
-    c = ml_collections.ConfigDict(dict(type="sigmoid", beta=BETA, label_smoothing=0.0, sft_weight=0.0,
-                                       sft_norm="length", reference="on_the_fly", logps_chunk=chunk))
+    c = ml_collections.ConfigDict(
+        dict(
+            type="sigmoid",
+            beta=BETA,
+            label_smoothing=0.0,
+            sft_weight=0.0,
+            sft_norm="length",
+            reference="on_the_fly",
+            logps_chunk=chunk,
+        )
+    )
     return c
 
 
 def _optim_cfg():
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.95,
-                                          eps=1e-8, weight_decay=0.0, clip=1.0))
+    return ml_collections.ConfigDict(
+        dict(lr=LR, warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip=1.0)
+    )
 
 
 class JaxStep:
     """The train.py step, jitted as `alignx train` does (params and optimizer state donated)."""
 
-    def __init__(self, policy, reference, setup: Setup, chunk: int = 0, response_logits: bool = True,
-                 compact: bool = True):
+    def __init__(
+        self,
+        policy,
+        reference,
+        setup: Setup,
+        chunk: int = 0,
+        response_logits: bool = True,
+        compact: bool = True,
+    ):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -179,13 +259,19 @@ class JaxStep:
         self.compiled = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch).compile()
 
     def __call__(self) -> float:
-        self.params, self.opt_state, m = self.compiled(self.params, self.opt_state, self.ref_params, self.batch)
+        self.params, self.opt_state, m = self.compiled(
+            self.params, self.opt_state, self.ref_params, self.batch
+        )
         return float(m["loss"])  # blocks until the step is done
 
     def peak_memory_bytes(self) -> int:
         ma = self.compiled.memory_analysis()
-        return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                   + ma.temp_size_in_bytes)
+        return int(
+            ma.argument_size_in_bytes
+            + ma.output_size_in_bytes
+            - ma.alias_size_in_bytes
+            + ma.temp_size_in_bytes
+        )
 
 
 def jax_logps(policy, setup: Setup) -> np.ndarray:
@@ -205,7 +291,6 @@ def jax_logps(policy, setup: Setup) -> np.ndarray:
 def measure_peak_flops(dtype: str = "float32", repeats: int = 5) -> float:
     """Best FLOP/s of a square matmul (1024^2 and 2048^2) in JAX on the default device."""
     import jax
-    import jax.numpy as jnp
 
     best = 0.0
     for n in (1024, 2048):
@@ -239,7 +324,9 @@ def torch_models(policy, reference, device: str = "cpu"):
             arr = np.asarray(flat[m.path].get_value(), np.float32)
             if m.layered:
                 for i in range(cfg.num_hidden_layers):
-                    sd[m.hf_name.format(i=i)] = torch.from_numpy(np.array(m.to_hf(arr[i], cfg), np.float32, copy=True))
+                    sd[m.hf_name.format(i=i)] = torch.from_numpy(
+                        np.array(m.to_hf(arr[i], cfg), np.float32, copy=True)
+                    )
             else:
                 sd[m.hf_name] = torch.from_numpy(np.array(m.to_hf(arr, cfg), np.float32, copy=True))
         hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
@@ -259,16 +346,19 @@ def torch_models(policy, reference, device: str = "cpu"):
 def torch_batch(setup: Setup, device: str = "cpu") -> dict[str, Any]:
     import torch
 
-    return {k: torch.from_numpy(setup.data[k].astype(np.int64)).to(device)
-            for k in ("input_ids", "attention_mask", "loss_mask", "positions")}
+    return {
+        k: torch.from_numpy(setup.data[k].astype(np.int64)).to(device)
+        for k in ("input_ids", "attention_mask", "loss_mask", "positions")
+    }
 
 
 def torch_seq_logps(model, b: dict[str, Any]):
     """TRL-style: logits of the concatenated batch, float32 log_softmax, gather, masked sum -> [2B]."""
     import torch
 
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                   position_ids=b["positions"]).logits
+    logits = model(
+        input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["positions"]
+    ).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     tok = torch.gather(logp, 2, b["input_ids"][:, 1:, None]).squeeze(2)
     return (tok * b["loss_mask"][:, 1:]).sum(-1)
@@ -292,7 +382,9 @@ class TorchStep:
 
         self.policy, self.reference = policy, reference
         self.b = torch_batch(setup, device)
-        self.opt = torch.optim.AdamW(policy.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(
+            policy.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
+        )
         self.loss_fn = torch.compile(torch_dpo_loss) if compiled else torch_dpo_loss
         self.device = device
 
@@ -364,24 +456,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch, tokens)
     flops_positions = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
     out: dict[str, Any] = {
-        "model_size": args.model_size, "seq_len": args.seq_len, "batch_pairs": args.batch,
-        "scan_layers": args.scan_layers, "remat": args.remat, "attention_impl": args.attention_impl,
-        "tokens_per_step": tokens, "positions_per_step": positions, "jax_logits_on_responses": args.response_logits,
-        "jax_compact_tokens": args.compact, "params": param_counts(setup.hf_config)[0],
-        "model_flops_per_step": flops, "model_flops_per_step_all_positions": flops_positions, "device": args.device, "logps_chunk": args.chunk,
-        "jax_version": jax.__version__, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "machine": _cpu_model(), "cpu_count": os.cpu_count(), "timing": "interleaved rounds, medians",
+        "model_size": args.model_size,
+        "seq_len": args.seq_len,
+        "batch_pairs": args.batch,
+        "scan_layers": args.scan_layers,
+        "remat": args.remat,
+        "attention_impl": args.attention_impl,
+        "tokens_per_step": tokens,
+        "positions_per_step": positions,
+        "jax_logits_on_responses": args.response_logits,
+        "jax_compact_tokens": args.compact,
+        "params": param_counts(setup.hf_config)[0],
+        "model_flops_per_step": flops,
+        "model_flops_per_step_all_positions": flops_positions,
+        "device": args.device,
+        "logps_chunk": args.chunk,
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "timing": "interleaved rounds, medians",
         "load_average_start": list(os.getloadavg()),
     }
-    policy, reference = jax_models(setup, scan_layers=args.scan_layers, remat=args.remat,
-                                   attention_impl=args.attention_impl)
+    policy, reference = jax_models(
+        setup, scan_layers=args.scan_layers, remat=args.remat, attention_impl=args.attention_impl
+    )
     # torch copies first: the JAX step donates (invalidates) the policy's buffers
     t_pol, t_ref = torch_models(policy, reference, torch_device)
     c_pol = copy.deepcopy(t_pol) if args.compile else None  # torch.compile trains its own copy
 
     t0 = time.perf_counter()
-    jstep = JaxStep(policy, reference, setup, chunk=args.chunk, response_logits=args.response_logits,
-                    compact=args.compact)
+    jstep = JaxStep(
+        policy, reference, setup, chunk=args.chunk, response_logits=args.response_logits, compact=args.compact
+    )
     out["jax_compile_seconds"] = time.perf_counter() - t0
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
     del policy, reference
@@ -410,13 +518,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     all_losses = {k: warm_losses[k] + losses[k] for k in contenders}
 
     med = statistics.median
-    out.update(jax_loss=all_losses["jax"][0], torch_loss=all_losses["torch"][0],
-               jax_loss_step2=all_losses["jax"][1] if len(all_losses["jax"]) > 1 else None,
-               torch_loss_step2=all_losses["torch"][1] if len(all_losses["torch"]) > 1 else None,
-               loss_abs_diff=abs(all_losses["jax"][0] - all_losses["torch"][0]),
-               jax_step_seconds=med(times["jax"]), torch_step_seconds=med(times["torch"]),
-               jax_step_times=times["jax"], torch_step_times=times["torch"],
-               peak_flops_rounds=times["peak_flops"])
+    out.update(
+        jax_loss=all_losses["jax"][0],
+        torch_loss=all_losses["torch"][0],
+        jax_loss_step2=all_losses["jax"][1] if len(all_losses["jax"]) > 1 else None,
+        torch_loss_step2=all_losses["torch"][1] if len(all_losses["torch"]) > 1 else None,
+        loss_abs_diff=abs(all_losses["jax"][0] - all_losses["torch"][0]),
+        jax_step_seconds=med(times["jax"]),
+        torch_step_seconds=med(times["torch"]),
+        jax_step_times=times["jax"],
+        torch_step_times=times["torch"],
+        peak_flops_rounds=times["peak_flops"],
+    )
     out["jax_tokens_per_sec"] = tokens / out["jax_step_seconds"]
     out["torch_tokens_per_sec"] = tokens / out["torch_step_seconds"]
     out["torch_compiled_tokens_per_sec"] = None
@@ -461,18 +574,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--steps", type=int, default=5,
-                   help="timed rounds; each times one step of every contender plus the peak matmul (medians reported)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="timed rounds; each times one step of every contender plus the peak matmul (medians reported)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=0, help="loss.logps_chunk for the JAX step (0 = one chunk)")
     p.add_argument("--scan-layers", type=int, default=1, help="model.scan_layers of the JAX model (1/0)")
     p.add_argument("--remat", default="none", help="model.remat of the JAX model")
     p.add_argument("--attention-impl", default="xla", help="model.attention_impl of the JAX model")
-    p.add_argument("--full-logits", dest="response_logits", action="store_false",
-                   help="JAX: logits on every position (loss.logits_on_responses=False), as the torch side does")
-    p.add_argument("--no-compact", dest="compact", action="store_false",
-                   help="JAX: token-wise layers on every position, padding included (data.compact_tokens=0)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant")
+    p.add_argument(
+        "--full-logits",
+        dest="response_logits",
+        action="store_false",
+        help="JAX: logits on every position (loss.logits_on_responses=False), as the torch side does",
+    )
+    p.add_argument(
+        "--no-compact",
+        dest="compact",
+        action="store_false",
+        help="JAX: token-wise layers on every position, padding included (data.compact_tokens=0)",
+    )
+    p.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the torch.compile variant"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")
     return p
@@ -487,9 +614,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    keys = ("jax_tokens_per_sec", "torch_tokens_per_sec", "torch_compiled_tokens_per_sec", "jax_vs_torch",
-            "jax_vs_torch_compiled", "cpu_mfu", "gpu_mfu", "peak_flops", "jax_loss", "torch_loss",
-            "jax_peak_memory_bytes", "load_average_start", "load_average_end")
+    keys = (
+        "jax_tokens_per_sec",
+        "torch_tokens_per_sec",
+        "torch_compiled_tokens_per_sec",
+        "jax_vs_torch",
+        "jax_vs_torch_compiled",
+        "cpu_mfu",
+        "gpu_mfu",
+        "peak_flops",
+        "jax_loss",
+        "torch_loss",
+        "jax_peak_memory_bytes",
+        "load_average_start",
+        "load_average_end",
+    )
     print(json.dumps({k: out[k] for k in keys if k in out}, indent=2))
     return 0
 

@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def build_batches(method: str, pairs: int, n_batches: int, seed: int = 0):
     """`n_batches` collated two-row batches of real rows (one history sample per row, as training draws)."""
-    import numpy as np
 
     from alignx_jax.data import batching, persona, synth
     from alignx_jax.tokenizer import load_tokenizer
@@ -43,9 +42,17 @@ def build_batches(method: str, pairs: int, n_batches: int, seed: int = 0):
     buckets = tuple(range(64, 513, 32)) + (576, 640, 704, 768, 896, 1024, 1152)
     out = []
     for i in range(n_batches):
-        exs = [batching.make_example(tok, r, method=method, max_length=768,
-                                     rng=persona.row_rng(seed, (0, i * pairs + j)), index=i * pairs + j)
-               for j, r in enumerate(rows[i * pairs:(i + 1) * pairs])]
+        exs = [
+            batching.make_example(
+                tok,
+                r,
+                method=method,
+                max_length=768,
+                rng=persona.row_rng(seed, (0, i * pairs + j)),
+                index=i * pairs + j,
+            )
+            for j, r in enumerate(rows[i * pairs : (i + 1) * pairs])
+        ]
         out.append(batching.collate(exs, buckets=buckets, pad_id=int(tok.pad_token_id)))
     return out, buckets, int(tok.pad_token_id), len(tok)
 
@@ -72,27 +79,61 @@ def main(argv=None) -> int:
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
     batches, buckets, pad_id, vocab = build_batches(args.method, args.pairs, args.steps + 1)
-    cfg = DecoderConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                        head_dim=args.hidden // 4, max_position_embeddings=2048)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 4,
+        max_position_embeddings=2048,
+    )
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     codec = train.ParamsCodec.of(model)
     params0 = nnx.to_pure_dict(nnx.state(model))
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params0)
-    optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup_ratio": 0.0, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
-                                       "eps": 1e-8, "weight_decay": 0.0, "clip": 1.0})
+    optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e-3,
+            "warmup_ratio": 0.0,
+            "min_lr_ratio": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "clip": 1.0,
+        }
+    )
     tx, _ = train.make_optimizer(optim, 100)
-    loss_cfg = ml_collections.ConfigDict({"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
-                                          "sft_norm": "length", "logps_chunk": 0, "reference": "on_the_fly"})
+    loss_cfg = ml_collections.ConfigDict(
+        {
+            "type": "sigmoid",
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "sft_norm": "length",
+            "logps_chunk": 0,
+            "reference": "on_the_fly",
+        }
+    )
     step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
 
     layouts = {
         "full_logits": lambda b: train.to_microbatches(b, 1),
         "response_window": lambda b: train.to_microbatches(b, 1, window=0),
-        "shared_prompt": lambda b: train.to_microbatches(batching.share_prompt(b, buckets=buckets, pad_id=pad_id), 1),
-        "packed": lambda b: train.to_microbatches(batching.pack_pairs(
-            batching.share_prompt(b, buckets=buckets, pad_id=pad_id), groups=1, length=args.pack_length,
-            pad_id=pad_id), 1),
+        "shared_prompt": lambda b: train.to_microbatches(
+            batching.share_prompt(b, buckets=buckets, pad_id=pad_id), 1
+        ),
+        "packed": lambda b: train.to_microbatches(
+            batching.pack_pairs(
+                batching.share_prompt(b, buckets=buckets, pad_id=pad_id),
+                groups=1,
+                length=args.pack_length,
+                pad_id=pad_id,
+            ),
+            1,
+        ),
     }
     for name in ("response_window", "shared_prompt"):  # data.compact_tokens on top (one group of rows)
         layouts[name + "+compact"] = lambda b, f=layouts[name]: train.add_token_layout(f(b), 1)
@@ -112,15 +153,30 @@ def main(argv=None) -> int:
             jax.block_until_ready(step(params, opt, ref, h))
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        results[name] = {"step_seconds": med, "pairs_per_sec": args.pairs / med, "second_step_loss": second_loss,
-                         "tokens_in_model": int(np.mean([h["input_ids"].size for h in host]))}
-        print(f"{name:16s} step {med * 1e3:8.1f} ms  {args.pairs / med:7.1f} pairs/s  "
-              f"tokens/step {results[name]['tokens_in_model']:6d}  2nd-step loss {second_loss:.6f}", flush=True)
+        results[name] = {
+            "step_seconds": med,
+            "pairs_per_sec": args.pairs / med,
+            "second_step_loss": second_loss,
+            "tokens_in_model": int(np.mean([h["input_ids"].size for h in host])),
+        }
+        print(
+            f"{name:16s} step {med * 1e3:8.1f} ms  {args.pairs / med:7.1f} pairs/s  "
+            f"tokens/step {results[name]['tokens_in_model']:6d}  2nd-step loss {second_loss:.6f}",
+            flush=True,
+        )
     base = results["full_logits"]["step_seconds"]
     for r in results.values():
         r["speedup_vs_full_logits"] = base / r["step_seconds"]
-    out = {"method": args.method, "pairs": args.pairs, "hidden": args.hidden, "layers": args.layers,
-           "vocab": vocab, "steps": args.steps, "layouts": results, "devices": str(jax.devices()[0].platform)}
+    out = {
+        "method": args.method,
+        "pairs": args.pairs,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": vocab,
+        "steps": args.steps,
+        "layouts": results,
+        "devices": str(jax.devices()[0].platform),
+    }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -38,9 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-dots", action="store_true", help="list only non-matmul ops (the fusion overheads)")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-
     import dpo_step as b
+    import jax
 
     setup = b.make_setup(args.model_size, args.seq_len, args.batch)
     pol, ref = b.jax_models(setup, scan_layers=bool(args.scan_layers), remat=args.remat)
@@ -75,9 +74,15 @@ def main(argv=None) -> int:
     busy = sum(tot.values())
     cats: dict[str, float] = collections.defaultdict(float)
     for name, sec in tot.items():
-        kind = ("matmul (ynn/xnn/dot)" if name.startswith(("ynn", "xnn", "dot", "onednn")) else
-                "broadcast (zero-fill)" if "broadcast" in name and "fusion" not in name.replace("wrapped_broadcast", "") else
-                "copy/transpose" if name.startswith(("copy", "transpose")) else "other elementwise/reduce")
+        kind = (
+            "matmul (ynn/xnn/dot)"
+            if name.startswith(("ynn", "xnn", "dot", "onednn"))
+            else "broadcast (zero-fill)"
+            if "broadcast" in name and "fusion" not in name.replace("wrapped_broadcast", "")
+            else "copy/transpose"
+            if name.startswith(("copy", "transpose"))
+            else "other elementwise/reduce"
+        )
         cats[kind] += sec
     print(f"profiled step wall {wall:.3f} s; op time summed over threads {busy:.3f} s")
     for kind, sec in sorted(cats.items(), key=lambda kv: -kv[1]):
@@ -92,16 +97,26 @@ def main(argv=None) -> int:
     for (pas, scope), sec in sorted(by_scope.items(), key=lambda kv: -kv[1]):
         if sec >= 0.005 * busy:
             print(f"  {pas:10s} {scope:16s} {sec:7.3f} s {100 * sec / busy:5.1f}%")
-    listed = [(n, t) for n, t in tot.items()
-              if not (args.no_dots and n.startswith(("ynn", "xnn", "dot", "onednn")))]
+    listed = [
+        (n, t) for n, t in tot.items() if not (args.no_dots and n.startswith(("ynn", "xnn", "dot", "onednn")))
+    ]
     for name, sec in sorted(listed, key=lambda kv: -kv[1])[: args.top]:
         pas, scope = scopes.get(name, ("?", "other"))
         print(f"{sec:8.3f} s {100 * sec / busy:5.1f}%  x{cnt[name]:<4d} {name:34s} {pas}/{scope}")
     return 0
 
 
-SCOPES = ("sequence_logps", "window_logps", "flat_logps", "attention", "mlp", "final_norm", "embed", "layers",
-          "pair_logps")
+SCOPES = (
+    "sequence_logps",
+    "window_logps",
+    "flat_logps",
+    "attention",
+    "mlp",
+    "final_norm",
+    "embed",
+    "layers",
+    "pair_logps",
+)
 
 
 def op_scopes(hlo: str) -> dict[str, tuple[str, str]]:
@@ -115,11 +130,22 @@ def op_scopes(hlo: str) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     for m in re.finditer(r'%([\w.\-]+) = .*?op_name="([^"]*)"', hlo):
         name, op = m.group(1), m.group(2)
-        pas = ("backward" if "transpose(jvp" in op else "policy fwd" if "jvp(" in op
-               else "reference" if "pair_logps" in op else "update")
+        pas = (
+            "backward"
+            if "transpose(jvp" in op
+            else "policy fwd"
+            if "jvp(" in op
+            else "reference"
+            if "pair_logps" in op
+            else "update"
+        )
         scope = next((s for s in SCOPES if s in op), "other")
-        scope = {"sequence_logps": "lm_head", "window_logps": "lm_head", "flat_logps": "lm_head",
-                 "pair_logps": "model"}.get(scope, scope)
+        scope = {
+            "sequence_logps": "lm_head",
+            "window_logps": "lm_head",
+            "flat_logps": "lm_head",
+            "pair_logps": "model",
+        }.get(scope, scope)
         out.setdefault(name, (pas, scope))
     return out
 

@@ -34,9 +34,12 @@ def _dpo_step():
 
 def wider(size: dict[str, int]) -> dict[str, int]:
     out = dict(size)
-    out.update(hidden_size=2 * size["hidden_size"], intermediate_size=2 * size["intermediate_size"],
-               num_attention_heads=2 * size["num_attention_heads"],
-               num_key_value_heads=2 * size["num_key_value_heads"])
+    out.update(
+        hidden_size=2 * size["hidden_size"],
+        intermediate_size=2 * size["intermediate_size"],
+        num_attention_heads=2 * size["num_attention_heads"],
+        num_key_value_heads=2 * size["num_key_value_heads"],
+    )
     return out
 
 
@@ -55,11 +58,19 @@ def measure(bench, size: dict[str, int], seq_len: int, batch: int, steps: int, c
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     tokens = int(setup.data["attention_mask"].sum())  # real tokens, as dpo_step.py counts them
-    row = {"hidden": size["hidden_size"], "layers": size["num_hidden_layers"],
-           "params": bench.param_counts(setup.hf_config)[0], "seq_len": seq_len, "batch_pairs": batch,
-           "tokens": tokens, "positions": 2 * batch * seq_len, "step_seconds": sec, "tokens_per_sec": tokens / sec,
-           "flops_per_sec": bench.model_flops_per_step(setup.hf_config, seq_len, batch, tokens) / sec,
-           "memory_bytes": step.peak_memory_bytes()}
+    row = {
+        "hidden": size["hidden_size"],
+        "layers": size["num_hidden_layers"],
+        "params": bench.param_counts(setup.hf_config)[0],
+        "seq_len": seq_len,
+        "batch_pairs": batch,
+        "tokens": tokens,
+        "positions": 2 * batch * seq_len,
+        "step_seconds": sec,
+        "tokens_per_sec": tokens / sec,
+        "flops_per_sec": bench.model_flops_per_step(setup.hf_config, seq_len, batch, tokens) / sec,
+        "memory_bytes": step.peak_memory_bytes(),
+    }
     del step
     gc.collect()
     return row
@@ -77,16 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     bench = _dpo_step()
     base = dict(bench.SIZES[args.base_size])
     L, B = args.seq_len, args.batch
-    points = [("base", base, L, B), ("2x width", wider(base), L, B), ("4x width", wider(wider(base)), L, B),
-              ("2x seq", base, 2 * L, B), ("4x seq", base, 4 * L, B),
-              ("2x batch", base, L, 2 * B), ("4x batch", base, L, 4 * B)]
+    points = [
+        ("base", base, L, B),
+        ("2x width", wider(base), L, B),
+        ("4x width", wider(wider(base)), L, B),
+        ("2x seq", base, 2 * L, B),
+        ("4x seq", base, 4 * L, B),
+        ("2x batch", base, L, 2 * B),
+        ("4x batch", base, L, 4 * B),
+    ]
     rows = []
     for label, size, seq, batch in points:
         row = {"point": label, **measure(bench, size, seq, batch, args.steps, args.chunk)}
         rows.append(row)
-        print(f"{label:10s} hidden {row['hidden']:5d} params {row['params'] / 1e6:6.1f}M seq {seq:5d} "
-              f"batch {batch:3d}  {row['step_seconds']:7.3f} s/step  {row['tokens_per_sec']:8.0f} tok/s  "
-              f"{row['flops_per_sec'] / 1e9:6.1f} GFLOP/s  {row['memory_bytes'] / 2**20:8.1f} MiB", flush=True)
+        print(
+            f"{label:10s} hidden {row['hidden']:5d} params {row['params'] / 1e6:6.1f}M seq {seq:5d} "
+            f"batch {batch:3d}  {row['step_seconds']:7.3f} s/step  {row['tokens_per_sec']:8.0f} tok/s  "
+            f"{row['flops_per_sec'] / 1e9:6.1f} GFLOP/s  {row['memory_bytes'] / 2**20:8.1f} MiB",
+            flush=True,
+        )
     out = {"rows": rows, "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count()}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -74,7 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
     c.data.skip_bad_rows = False
     c.data.shuffle = True
-    c.data.synth_users = 0  # > 0: synthesize this many users into W/data when `train` is ''; 0: train is required
+    c.data.synth_users = (
+        0  # > 0: synthesize this many users into W/data when `train` is ''; 0: train is required
+    )
     c.data.synth_pairs_per_user = 4
     c.data.synth_seed = 0
 
@@ -85,7 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.label_smoothing = 0.0
     c.loss.sft_weight = 0.0
     c.loss.sft_norm = "length"  # 'length' (mean NLL per chosen token) | 'sum'
-    c.loss.reference = "on_the_fly"  # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data)
+    c.loss.reference = (
+        "on_the_fly"  # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data)
+    )
     c.loss.logps_chunk = 512  # time chunk for sequence_logps (peak [B, chunk, V] f32 logits)
     # output logits only on a window covering each row's response (prompt positions need none):
     # the same numbers, a fraction of the output layer's cost when prompts are long

@@ -27,13 +27,21 @@ DEFAULT_PSOUPS = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks", "p-
 PREFERENCE_SPACE = os.path.join(ROOT, "alignx_jax", "assets", "preference_space.json")
 
 BOS, EOT_TEXT, START_HEADER, END_HEADER, EOT, PAD = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>")
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|pad|>",
+)
 SPECIAL_TOKENS = [BOS, EOT_TEXT, START_HEADER, END_HEADER, EOT, PAD]
 VOCAB_SIZE = 4096
 
 # Llama-3's pre-tokenizer split (contractions, words, 1-3 digit numbers, punctuation, spaces).
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Llama-3.1-style chat template: system/user/assistant turns each closed by <|eot_id|>.
 CHAT_TEMPLATE = (
@@ -50,20 +58,66 @@ TEMPLATE_TEXTS = [
     "Generate a task-specific response based on user historical behavior and preferences.",
     "Generate a task-specific response based on user historical behavior.",
     "Generate a task-specific response based on user preferences.",
-    "***Task***\n\n**Post:**\n", "\n\n***Historical Behavior and User Preferences***\n\n",
-    "\n\n***User Preferences***\n\n", "\n\n***Response:***\n\n",
+    "***Task***\n\n**Post:**\n",
+    "\n\n***Historical Behavior and User Preferences***\n\n",
+    "\n\n***User Preferences***\n\n",
+    "\n\n***Response:***\n\n",
     "**This person has commented on some posts:**\n\n",
     "**This person has chosen or rejected comments on some posts:**\n\n",
-    "*Post:*\n", "\n\n*Comment:*\n", "\n\n*Chosen:*\n", "\n\n*Rejected:*\n",
+    "*Post:*\n",
+    "\n\n*Comment:*\n",
+    "\n\n*Chosen:*\n",
+    "\n\n*Rejected:*\n",
 ]
 
-SUBJECTS = ["The student", "My friend", "A scientist", "The teacher", "Our team", "The user", "A child",
-            "The doctor", "This person", "The writer", "A researcher", "The government", "My neighbor"]
-VERBS = ["explains", "describes", "asks about", "writes about", "argues for", "learns", "enjoys",
-         "questions", "studies", "compares", "summarizes", "prefers", "rejects", "discusses"]
-OBJECTS = ["the history of science", "a simple recipe", "climate change", "the new law", "quantum physics",
-           "a funny story", "the economy", "machine learning", "healthy habits", "a difficult poem",
-           "the solar system", "online privacy", "music theory", "a short trip", "public safety"]
+SUBJECTS = [
+    "The student",
+    "My friend",
+    "A scientist",
+    "The teacher",
+    "Our team",
+    "The user",
+    "A child",
+    "The doctor",
+    "This person",
+    "The writer",
+    "A researcher",
+    "The government",
+    "My neighbor",
+]
+VERBS = [
+    "explains",
+    "describes",
+    "asks about",
+    "writes about",
+    "argues for",
+    "learns",
+    "enjoys",
+    "questions",
+    "studies",
+    "compares",
+    "summarizes",
+    "prefers",
+    "rejects",
+    "discusses",
+]
+OBJECTS = [
+    "the history of science",
+    "a simple recipe",
+    "climate change",
+    "the new law",
+    "quantum physics",
+    "a funny story",
+    "the economy",
+    "machine learning",
+    "healthy habits",
+    "a difficult poem",
+    "the solar system",
+    "online privacy",
+    "music theory",
+    "a short trip",
+    "public safety",
+]
 ADVERBS = ["clearly", "briefly", "in detail", "with humor", "carefully", "politely", "directly", "kindly"]
 CONNECTIVES = ["because", "although", "so", "while", "and then", "but", "since", "when"]
 
@@ -122,29 +176,44 @@ def corpus(psoups_path: str, seed: int = 0) -> Iterator[str]:
 
 def build(out_dir: str, psoups_path: str = DEFAULT_PSOUPS, vocab_size: int = VOCAB_SIZE) -> None:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+    )
     tok.train_from_iterator(corpus(psoups_path), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # As in Llama-3: encoding with special tokens prepends BOS only.
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1",
-                                      special_tokens=[(BOS, bos_id)]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
     os.makedirs(out_dir, exist_ok=True)
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOT, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOT,
+        pad_token=PAD,
         additional_special_tokens=[EOT_TEXT, START_HEADER, END_HEADER],
-        model_max_length=131072, padding_side="left", clean_up_tokenization_spaces=False)
+        model_max_length=131072,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
     fast.save_pretrained(out_dir)
     # Keep the chat template inside tokenizer_config.json and name a class every transformers
     # version knows (4.x reads neither chat_template.jinja nor "TokenizersBackend").

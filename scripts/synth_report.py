@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alignx_jax.data.synth import generate_world, measure_world  # noqa: E402
+from alignx_jax.data.synth import generate_world, measure_world
 
 LINES = [
     ("blind_majority", "persona-blind: majority label per (prompt, response), held-out users"),
@@ -45,7 +45,9 @@ def main() -> int:
     if args.json:
         print(json.dumps(m, indent=1))
         return 0
-    print(f"synthetic world: {m['users']} users, {m['rows']} rows, {m['test_rows']} held-out rows, seed {args.seed}")
+    print(
+        f"synthetic world: {m['users']} users, {m['rows']} rows, {m['test_rows']} held-out rows, seed {args.seed}"
+    )
     for key, text in LINES:
         v = m.get(key)
         print(f"  {text:<75} {'n/a' if v is None else f'{v:.3f}'}")

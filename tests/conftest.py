@@ -10,8 +10,14 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def _perturb(model, seed: int) -> None:
@@ -39,17 +45,36 @@ def build_tiny_hf(kind: str, out_dir: str, *, seed: int = 0, max_shard_size: str
     vocab = len(tok)
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, **TINY, rope_theta=500000.0,
-                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-                          tie_word_embeddings=False, initializer_range=0.1, rms_norm_eps=1e-5,
-                          bos_token_id=tok.bos_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"),
-                                                                        tok.eos_token_id],
-                          pad_token_id=tok.pad_token_id)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            **TINY,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            tie_word_embeddings=False,
+            initializer_range=0.1,
+            rms_norm_eps=1e-5,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"), tok.eos_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
     elif kind == "qwen2":
-        cfg = Qwen2Config(vocab_size=vocab, **TINY, rope_theta=1000000.0, tie_word_embeddings=True,
-                          initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        cfg = Qwen2Config(
+            vocab_size=vocab,
+            **TINY,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            initializer_range=0.1,
+            rms_norm_eps=1e-6,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
     else:
         raise ValueError(kind)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -11,8 +11,9 @@ from alignx_jax.data import batching, persona, prompts
 from alignx_jax.data.batching import DPOExample
 from alignx_jax.errors import ConfigError, DataError
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "alignx_jax", "assets", "tokenizer")
+TOKENIZER_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alignx_jax", "assets", "tokenizer"
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,7 @@ def tok():
         from alignx_jax.tokenizer import load_tokenizer
     except ImportError:
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     return load_tokenizer()
 
@@ -30,13 +32,19 @@ def tok():
 def row(prompt="Plan my weekend.", chosen="Go hiking in the hills.", rejected="Stay in.", direction=True):
     d = np.full(90, 0.5)
     d[[2, 50]] = [1, 0]
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "Preference Direction": d.tolist() if direction else None,
-            "Demographic Information": "Retired teacher.",
-            "User-Generated Content": [{"prompt": f"post {i}", "comment": f"comment {i}", "Preference Direction": None}
-                                       for i in range(4)],
-            "Pair-wise Comparative Feedback": [{"prompt": "Pets?", "chosen": "Dogs.", "rejected": "None.",
-                                                "Preference Direction": None}]}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "Preference Direction": d.tolist() if direction else None,
+        "Demographic Information": "Retired teacher.",
+        "User-Generated Content": [
+            {"prompt": f"post {i}", "comment": f"comment {i}", "Preference Direction": None} for i in range(4)
+        ],
+        "Pair-wise Comparative Feedback": [
+            {"prompt": "Pets?", "chosen": "Dogs.", "rejected": "None.", "Preference Direction": None}
+        ],
+    }
 
 
 def words(n: int, word: str = "science") -> str:
@@ -67,7 +75,7 @@ def test_prompt_left_truncation(tok):
     ex = batching.make_example(tok, r, method="none", max_length=128)
     longest = max(len(ex.chosen_ids), len(ex.rejected_ids))
     assert ex.truncated and len(ex.prompt_ids) + longest == 128
-    assert ex.prompt_ids == full[-len(ex.prompt_ids):]  # the end (assistant header) survives
+    assert ex.prompt_ids == full[-len(ex.prompt_ids) :]  # the end (assistant header) survives
     assert ex.chosen_ids == batching.response_ids(tok, r["chosen"])  # short responses untouched
     assert batching.make_example(tok, r, method="none", max_length=128, overflow="drop") is None
     assert batching.make_example(tok, row(), method="none", max_length=128, overflow="drop") is not None
@@ -81,7 +89,7 @@ def test_response_left_truncation(tok):
     assert ex.truncated and len(ex.chosen_ids) == budget + 1 and ex.chosen_ids[-1] == tok.eos_token_id
     assert ex.chosen_ids[:-1] == full[:-1][-budget:]
     assert len(ex.prompt_ids) + len(ex.chosen_ids) <= 128
-    assert ex.prompt_ids == prompts.prompt_ids(tok, r, method="none")[-len(ex.prompt_ids):]
+    assert ex.prompt_ids == prompts.prompt_ids(tok, r, method="none")[-len(ex.prompt_ids) :]
 
 
 def test_eval_mode_release_rule(tok):
@@ -99,8 +107,12 @@ def test_eval_mode_release_rule(tok):
 
 def test_training_sample_and_persona_ids(tok):
     r = row()
-    a = batching.make_example(tok, r, method="ica", max_length=512, rng=persona.row_rng(1, (0, 0)), persona_length=64)
-    b = batching.make_example(tok, r, method="ica", max_length=512, rng=persona.row_rng(1, (0, 0)), persona_length=64)
+    a = batching.make_example(
+        tok, r, method="ica", max_length=512, rng=persona.row_rng(1, (0, 0)), persona_length=64
+    )
+    b = batching.make_example(
+        tok, r, method="ica", max_length=512, rng=persona.row_rng(1, (0, 0)), persona_length=64
+    )
     assert a.prompt_ids == b.prompt_ids and a.persona_ids == b.persona_ids
     assert a.persona_ids[0] == tok.bos_token_id and len(a.persona_ids) <= 64
     # The head input and the prompt see the same history sample.
@@ -123,29 +135,44 @@ def test_collate_layout_exact():
     d = np.full(90, 0.5, np.float32)
     d[0] = 1
     ex1 = DPOExample([10, 11, 12], [20, 21, 4], [30, 4], direction=d, persona_ids=[0, 7, 8], index=5)
-    ex2 = DPOExample([13], [22, 4], [31, 32, 33, 4], direction=np.zeros(90, np.float32), persona_ids=[0], index=9)
+    ex2 = DPOExample(
+        [13], [22, 4], [31, 32, 33, 4], direction=np.zeros(90, np.float32), persona_ids=[0], index=9
+    )
     b = batching.collate([ex1, ex2], buckets=(8, 16), pad_id=99, num_pairs=3)
     P = 99
-    np.testing.assert_array_equal(b["input_ids"], [
-        [10, 11, 12, 20, 21, 4, P, P],   # chosen 1
-        [13, 22, 4, P, P, P, P, P],      # chosen 2
-        [P] * 8,                         # dummy
-        [10, 11, 12, 30, 4, P, P, P],    # rejected 1
-        [13, 31, 32, 33, 4, P, P, P],    # rejected 2
-        [P] * 8,                         # dummy
-    ])
-    np.testing.assert_array_equal(b["loss_mask"], [
-        [0, 0, 0, 1, 1, 1, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0, 0],
-        [0] * 8,
-        [0, 0, 0, 1, 1, 0, 0, 0],
-        [0, 1, 1, 1, 1, 0, 0, 0],
-        [0] * 8,
-    ])
-    np.testing.assert_array_equal(b["attention_mask"], [
-        [1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
-    ])
+    np.testing.assert_array_equal(
+        b["input_ids"],
+        [
+            [10, 11, 12, 20, 21, 4, P, P],  # chosen 1
+            [13, 22, 4, P, P, P, P, P],  # chosen 2
+            [P] * 8,  # dummy
+            [10, 11, 12, 30, 4, P, P, P],  # rejected 1
+            [13, 31, 32, 33, 4, P, P, P],  # rejected 2
+            [P] * 8,  # dummy
+        ],
+    )
+    np.testing.assert_array_equal(
+        b["loss_mask"],
+        [
+            [0, 0, 0, 1, 1, 1, 0, 0],
+            [0, 1, 1, 0, 0, 0, 0, 0],
+            [0] * 8,
+            [0, 0, 0, 1, 1, 0, 0, 0],
+            [0, 1, 1, 1, 1, 0, 0, 0],
+            [0] * 8,
+        ],
+    )
+    np.testing.assert_array_equal(
+        b["attention_mask"],
+        [
+            [1, 1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 0, 0, 0, 0, 0, 0, 0],
+        ],
+    )
     np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 3, 4, 5, 0, 0])
     np.testing.assert_array_equal(b["positions"][4], [0, 1, 2, 3, 4, 0, 0, 0])
     np.testing.assert_array_equal(b["pair_mask"], [1, 1, 0])
@@ -174,8 +201,10 @@ def test_collate_options_and_errors(tok):
     with pytest.raises(DataError, match="Preference Direction"):
         batching.collate([plain, with_dir], buckets=(8,), pad_id=0)
     # End to end with the tokenizer: a batch of real examples.
-    exs = [batching.make_example(tok, row(), method=m, max_length=256, index=i)
-           for i, m in enumerate(("none", "ica", "pba"))]
+    exs = [
+        batching.make_example(tok, row(), method=m, max_length=256, index=i)
+        for i, m in enumerate(("none", "ica", "pba"))
+    ]
     b = batching.collate(exs, buckets=(128, 256, 512), pad_id=tok.pad_token_id, num_pairs=4)
     assert b["input_ids"].shape == (8, 256)
     assert b["loss_mask"][:3].sum(axis=1).tolist() == [len(e.chosen_ids) for e in exs]

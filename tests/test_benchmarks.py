@@ -11,8 +11,14 @@ import pytest
 from alignx_jax.data import benchmarks
 from alignx_jax.errors import DataError
 
-PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                      "benchmarks", "p-soups", "student_phd.json")
+PSOUPS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "benchmarks",
+    "p-soups",
+    "student_phd.json",
+)
 
 
 @pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not present")
@@ -23,21 +29,35 @@ def test_psoups():
         raw = json.load(f)
     for r, src in zip(rows, raw):
         assert (r["prompt"], r["chosen"], r["rejected"], r["profile"]) == (
-            src["prompt"], src["chosen"], src["rejected"], src["profile"])
+            src["prompt"],
+            src["chosen"],
+            src["rejected"],
+            src["profile"],
+        )
         assert r["Preference Direction"] is None
-        assert [(p["prompt"], p["chosen"], p["rejected"], p["Preference Direction"])
-                for p in r["Pair-wise Comparative Feedback"]] == [
-            (p["prompt"], p["chosen"], p["rejected"], None) for p in src["Pair-wise Comparative Feedback"]]
+        assert [
+            (p["prompt"], p["chosen"], p["rejected"], p["Preference Direction"])
+            for p in r["Pair-wise Comparative Feedback"]
+        ] == [(p["prompt"], p["chosen"], p["rejected"], None) for p in src["Pair-wise Comparative Feedback"]]
     assert len(benchmarks.load_benchmark("p-soups", PSOUPS, limit=7)) == 7
 
 
 def _uf_rows():
     return [
-        {"prompt": "Explain tides.", "chosen": "Moon gravity.", "rejected": "Wind.",
-         "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "a", "rejected": "b"}],
-         "profile": "Concerned about truthfulness"},
-        {"prompt": "Explain rain.", "chosen": "Condensation.", "rejected": "Clouds cry.",
-         "Demographic Information": "A farmer.", "User-Generated Content": [{"prompt": "p", "comment": "c"}]},
+        {
+            "prompt": "Explain tides.",
+            "chosen": "Moon gravity.",
+            "rejected": "Wind.",
+            "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "a", "rejected": "b"}],
+            "profile": "Concerned about truthfulness",
+        },
+        {
+            "prompt": "Explain rain.",
+            "chosen": "Condensation.",
+            "rejected": "Clouds cry.",
+            "Demographic Information": "A farmer.",
+            "User-Generated Content": [{"prompt": "p", "comment": "c"}],
+        },
     ]
 
 
@@ -72,8 +92,15 @@ def test_alignx_benchmark_needs_directions(tmp_path):
     with pytest.raises(DataError, match="Preference Direction"):
         benchmarks.load_benchmark("alignx", str(tmp_path / "t.json"))
     d = np.full(90, 0.5).tolist()
-    row = {"prompt": "p", "chosen": "a", "rejected": "b", "Preference Direction": d,
-           "Demographic Information": "", "User-Generated Content": [], "Pair-wise Comparative Feedback": []}
+    row = {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "Preference Direction": d,
+        "Demographic Information": "",
+        "User-Generated Content": [],
+        "Pair-wise Comparative Feedback": [],
+    }
     with open(tmp_path / "a.jsonl", "w") as f:
         f.write(json.dumps(row) + "\n")
     assert benchmarks.load_benchmark("alignx", str(tmp_path / "a.jsonl"))[0]["Preference Direction"] == d

@@ -13,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("dpo_step_bench", os.path.join(ROOT, "benchmarks", "dpo_step.py"))
+    spec = importlib.util.spec_from_file_location(
+        "dpo_step_bench", os.path.join(ROOT, "benchmarks", "dpo_step.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)
@@ -43,7 +45,11 @@ def test_batch_layout(bench):
     np.testing.assert_array_equal(d["input_ids"][:3, :8], d["input_ids"][3:, :8])
     for i in range(6):
         n = int(d["attention_mask"][i].sum())
-        assert d["input_ids"][i, n - 1] == 2 and d["loss_mask"][i, n - 1] == 1 and d["loss_mask"][i, n:].sum() == 0
+        assert (
+            d["input_ids"][i, n - 1] == 2
+            and d["loss_mask"][i, n - 1] == 1
+            and d["loss_mask"][i, n:].sum() == 0
+        )
 
 
 def test_same_logps_and_losses(bench):

@@ -19,8 +19,13 @@ SECTIONS = ("model", "data", "loss", "optim", "train", "mesh", "sharding", "chec
 
 def test_expected_configs_exist():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert {"tiny_cpu.py", "tiny_pba.py", "llama3_8b_ica_gpu.py", "qwen2_5_7b_ica_gpu.py",
-            "llama3_8b_pba_tpu_v5p_64.py"} <= names
+    assert {
+        "tiny_cpu.py",
+        "tiny_pba.py",
+        "llama3_8b_ica_gpu.py",
+        "qwen2_5_7b_ica_gpu.py",
+        "llama3_8b_pba_tpu_v5p_64.py",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -47,7 +52,11 @@ def test_real_configs_follow_release_recipe(path):
     assert c.data.max_length == 8192 and max(c.data.buckets) == 8192 and c.data.overflow == "drop"
     assert c.train.seed == 42
     assert (c.model.dtype, c.model.param_dtype, c.model.remat, c.model.scan_layers) == (
-        "bfloat16", "float32", "full", True)
+        "bfloat16",
+        "float32",
+        "full",
+        True,
+    )
 
 
 def test_tiny_configs_are_tiny_and_self_contained():
@@ -58,14 +67,31 @@ def test_tiny_configs_are_tiny_and_self_contained():
         assert c.model.init.hidden_size <= 64 and c.model.init.num_hidden_layers <= 4
     pba = load_config(os.path.join(ROOT, "configs", "tiny_pba.py"))
     assert pba.data.method == "pba" and pba.pba.enabled
-    for k in ("enabled", "weight", "stop_gradient", "pooling", "hidden", "class_weights", "mode", "preference"):
+    for k in (
+        "enabled",
+        "weight",
+        "stop_gradient",
+        "pooling",
+        "hidden",
+        "class_weights",
+        "mode",
+        "preference",
+    ):
         assert k in pba.pba
 
 
 def test_override_types_and_errors():
     path = os.path.join(ROOT, "configs", "tiny_cpu.py")
-    c = load_config(path, ["--config.train.steps=3", "--config.optim.lr=0.5", "--config.mesh.fsdp=2",
-                           "--config.checkpoint.async=false", "--config.data.buckets=(64, 128)"])
+    c = load_config(
+        path,
+        [
+            "--config.train.steps=3",
+            "--config.optim.lr=0.5",
+            "--config.mesh.fsdp=2",
+            "--config.checkpoint.async=false",
+            "--config.data.buckets=(64, 128)",
+        ],
+    )
     assert c.train.steps == 3 and c.optim.lr == 0.5 and c.mesh.fsdp == 2
     assert c.checkpoint["async"] is False and tuple(c.data.buckets) == (64, 128)
     with pytest.raises(ConfigError, match="train.stpes"):
@@ -77,8 +103,20 @@ def test_override_types_and_errors():
 def test_override_value_as_the_next_argument():
     """`--config.KEY VALUE` (two arguments) works like `--config.KEY=VALUE`, typed the same way."""
     path = os.path.join(ROOT, "configs", "tiny_cpu.py")
-    c = load_config(path, ["--config.train.steps", "5", "--config.optim.lr=0.5", "--config.optim.warmup_ratio", "-0.0",
-                           "--config.checkpoint.async", "false", "--config.data.buckets", "(64, 128)"])
+    c = load_config(
+        path,
+        [
+            "--config.train.steps",
+            "5",
+            "--config.optim.lr=0.5",
+            "--config.optim.warmup_ratio",
+            "-0.0",
+            "--config.checkpoint.async",
+            "false",
+            "--config.data.buckets",
+            "(64, 128)",
+        ],
+    )
     assert c.train.steps == 5 and c.optim.lr == 0.5 and c.optim.warmup_ratio == 0.0
     assert c.checkpoint["async"] is False and tuple(c.data.buckets) == (64, 128)
     with pytest.raises(ConfigError, match="expected an integer"):
@@ -90,10 +128,24 @@ def test_cli_hands_space_form_overrides_over_as_key_value(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(cli, "_handler_for", lambda args: lambda a: seen.update(vars(a)) or 0)
-    rc = cli.main(["train", "--config", "C.py", "--config.train.steps", "5", "--config.workdir=/tmp/w",
-                   "--config.optim.lr", "-1e-3"])
+    rc = cli.main(
+        [
+            "train",
+            "--config",
+            "C.py",
+            "--config.train.steps",
+            "5",
+            "--config.workdir=/tmp/w",
+            "--config.optim.lr",
+            "-1e-3",
+        ]
+    )
     assert rc == 0 and seen["config_path"] == "C.py"
-    assert seen["overrides"] == ["--config.train.steps=5", "--config.workdir=/tmp/w", "--config.optim.lr=-1e-3"]
+    assert seen["overrides"] == [
+        "--config.train.steps=5",
+        "--config.workdir=/tmp/w",
+        "--config.optim.lr=-1e-3",
+    ]
 
 
 @pytest.mark.parametrize("tail", [[], ["--config.workdir=/tmp/w"], ["--config", "C.py"]])

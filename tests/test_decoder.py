@@ -28,8 +28,8 @@ def _left_padded(seqs, T, pad=5):
     ids = np.full((len(seqs), T), pad, np.int32)
     mask = np.zeros((len(seqs), T), np.int32)
     for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = s
-        mask[b, T - len(s):] = 1
+        ids[b, T - len(s) :] = s
+        mask[b, T - len(s) :] = 1
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
@@ -53,7 +53,7 @@ def test_logits_match_transformers_with_left_padding(models, kind):
     for b, s in enumerate(seqs):
         with torch.no_grad():  # transformers on the unpadded sequence (positions 0..n-1)
             ref = hf(torch.tensor(s[None]).long()).logits[0].numpy()
-        assert _rel(logits[b, T - len(s):], ref) < 1e-4
+        assert _rel(logits[b, T - len(s) :], ref) < 1e-4
     # and without padding, batched
     full = np.asarray(jax.jit(lambda i: ours(i))(ids[:1]))
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_long_rows_match_transformers(models, kind):
     for b, s in enumerate(seqs):
         with torch.no_grad():
             ref = hf(torch.tensor(s[None]).long()).logits[0].numpy()
-        assert _rel(logits[b, L - len(s):], ref) < 1e-4
+        assert _rel(logits[b, L - len(s) :], ref) < 1e-4
 
 
 def test_hidden_states_times_output_embedding_is_logits(models):
@@ -112,15 +112,16 @@ def test_kv_cache_matches_full_forward(models):
     seqs = [rng.integers(6, 4000, size=n) for n in (9, 5)]
     ids, mask = _left_padded(seqs, 9)
     extra = jnp.asarray(rng.integers(6, 4000, size=(2, 4)), jnp.int32)
-    full = jax.jit(lambda i, m: ours(i, m))(jnp.concatenate([ids, extra], 1),
-                                             jnp.concatenate([mask, jnp.ones_like(extra)], 1))
+    full = jax.jit(lambda i, m: ours(i, m))(
+        jnp.concatenate([ids, extra], 1), jnp.concatenate([mask, jnp.ones_like(extra)], 1)
+    )
     cache = ours.init_cache(2, 16)
     step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
     logits, cache = step(ours, ids, mask, cache)
     real = np.asarray(mask).astype(bool)  # pad rows attend to nothing: their logits are arbitrary
     assert _rel(np.asarray(logits)[real], np.asarray(full[:, :9])[real]) < 1e-5
     for t in range(4):  # one token at a time, same compiled step
-        logits, cache = step(ours, extra[:, t:t + 1], jnp.ones((2, 1), jnp.int32), cache)
+        logits, cache = step(ours, extra[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache)
         real = np.asarray(full[:, 9 + t])
         assert _rel(logits[:, 0], real) < 1e-5
     assert int(cache["index"]) == 13
@@ -164,13 +165,33 @@ def test_bfloat16_compute_is_close(tiny_hf_checkpoints, models):
 
 # ---- config mapping -------------------------------------------------------------------------------
 
-LLAMA31 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-           "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-           "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16", "use_cache": True}
+LLAMA31 = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+}
 
 
 def test_config_round_trip_legacy_rope_keys():
@@ -184,10 +205,19 @@ def test_config_round_trip_legacy_rope_keys():
 
 
 def test_config_qwen2_and_rope_parameters():
-    hf = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "tie_word_embeddings": True,
-          "use_sliding_window": False, "sliding_window": None}
+    hf = {
+        "model_type": "qwen2",
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+    }
     cfg = DecoderConfig.from_hf(hf, dtype="bfloat16", remat="full")
     assert cfg.qkv_bias and not cfg.o_bias and cfg.tie_word_embeddings and cfg.head_dim == 16
     assert cfg.rope_theta == 1e6 and cfg.compute_dtype == jnp.bfloat16 and cfg.remat == "full"
@@ -196,13 +226,16 @@ def test_config_qwen2_and_rope_parameters():
     assert out["use_sliding_window"] is False and out["architectures"] == ["Qwen2ForCausalLM"]
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"model_type": "gpt2"}, "unsupported model_type"),
-    ({"architectures": ["LlamaForSequenceClassification"]}, "unsupported architecture"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type"),
-    ({"hidden_act": "gelu"}, "unsupported hidden_act"),
-    ({"hidden_size": "big"}, "malformed"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "gpt2"}, "unsupported model_type"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "unsupported architecture"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type"),
+        ({"hidden_act": "gelu"}, "unsupported hidden_act"),
+        ({"hidden_size": "big"}, "malformed"),
+    ],
+)
 def test_config_errors(change, match):
     with pytest.raises(CheckpointError, match=match):
         DecoderConfig.from_hf({**LLAMA31, **change})
@@ -214,8 +247,7 @@ def test_config_errors(change, match):
         DecoderConfig.from_hf(LLAMA31, remat="sometimes")
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
-                                     LLAMA31["rope_scaling"]])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, LLAMA31["rope_scaling"]])
 def test_rope_frequencies_match_transformers(scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -232,8 +264,16 @@ def test_rope_frequencies_match_transformers(scaling):
 
 
 def test_random_init_shapes():
-    cfg = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=1, head_dim=8, qkv_bias=True)
+    cfg = DecoderConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        qkv_bias=True,
+    )
     m = Decoder(cfg, rngs=nnx.Rngs(0))
     assert m.layers.attn.k_proj.kernel.get_value().shape == (3, 32, 1, 8)
     assert m.layers.attn.q_proj.bias.get_value().shape == (3, 4, 8)

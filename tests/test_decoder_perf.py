@@ -85,12 +85,14 @@ def test_causal_blocks_match_reference_forward_and_grads():
     real = jnp.any(allowed, axis=-1)[..., None, None]  # rows with at least one key
 
     def loss(f, causal):
-        return lambda q, k, v: jnp.sum(jnp.where(real, jnp.sin(f(q, k, v, dec.mask_bias(allowed), 0.35, causal)), 0) * w)
+        return lambda q, k, v: jnp.sum(
+            jnp.where(real, jnp.sin(f(q, k, v, dec.mask_bias(allowed), 0.35, causal)), 0) * w
+        )
 
     want_o = _reference(q, k, v, allowed, 0.35)
     got_o = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, dec.mask_bias(allowed), 0.35, True))(q, k, v)
     np.testing.assert_allclose(np.where(real, got_o, 0), np.where(real, want_o, 0), atol=1e-5)
-    ref = lambda q, k, v, m, s, c: _reference(q, k, v, allowed, s)  # noqa: E731
+    ref = lambda q, k, v, m, s, c: _reference(q, k, v, allowed, s)
     want = jax.grad(loss(ref, False), argnums=(0, 1, 2))(q, k, v)
     for causal in (True, False):
         got = jax.jit(jax.grad(loss(dec._attention_xla, causal), argnums=(0, 1, 2)))(q, k, v)
@@ -123,7 +125,7 @@ def test_dense_weight_gradient_equals_autodiff():
     x = jax.random.normal(kx, (48, 24))
     w = jax.random.normal(kw, (24, 40))
     g = jax.random.normal(kg, (48, 40))
-    f = lambda d: lambda x, w: jnp.sum(d(x, w) * g)  # noqa: E731
+    f = lambda d: lambda x, w: jnp.sum(d(x, w) * g)
     got = jax.jit(jax.grad(f(dense), argnums=(0, 1)))(x, w)
     want = jax.grad(f(jnp.dot), argnums=(0, 1))(x, w)
     for a, b in zip(got, want):
@@ -142,8 +144,15 @@ def test_layer_scan_saves_no_attention_probabilities():
     from flax import nnx
 
     T = 32
-    cfg = dec.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = dec.DecoderConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     model = dec.Decoder(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     ids = jnp.ones((2, T), jnp.int32)

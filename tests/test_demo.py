@@ -17,8 +17,14 @@ ACC_KEYS = {"accuracy", "n", "ci95"}
 
 def _run_demo(out, *extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "alignx_jax", "demo", "--quick", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "alignx_jax", "demo", "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _check_acc(entry):
@@ -54,6 +60,7 @@ def test_quick_demo_writes_every_file_and_reruns_from_its_stages(tmp_path):
     assert "| pba_golden |" in report and "91.36" in report  # beside the paper's golden-P~ number
     # held-out synthetic users: none of their rows (or task prompts) was trained on
     import pyarrow.parquet as pq
+
     train = pq.read_table(out / "data" / "synth" / "train" / "data.parquet").to_pylist()
     test = pq.read_table(out / "data" / "synth" / "test" / "data.parquet").to_pylist()
     assert not {r["user_id"] for r in train} & {r["user_id"] for r in test}
@@ -71,7 +78,9 @@ def test_quick_demo_writes_every_file_and_reruns_from_its_stages(tmp_path):
 def test_missing_psoups_file_is_a_one_line_error(tmp_path):
     from alignx_jax.cli import main
 
-    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--p-soups", str(tmp_path / "nope.json")]) == 1
+    assert (
+        main(["demo", "--quick", "--out", str(tmp_path / "d"), "--p-soups", str(tmp_path / "nope.json")]) == 1
+    )
 
 
 def test_other_settings_in_the_same_out_are_refused(tmp_path):
@@ -88,10 +97,17 @@ def test_targets_and_report_from_results(tmp_path):
     def e(acc):
         return {"accuracy": acc, "n": 100, "ci95": [acc - 0.05, acc + 0.05]}
 
-    results = {"synthetic": {"base": e(0.5), "non_personalized": e(0.52), "ica": e(0.7), "pba_predicted": e(0.66),
-                             "pba_golden": e(0.85)},
-               "p_soups": {"file": "x.json", "non_personalized": e(0.5), "ica": e(0.6), "pba_profile": e(0.45)},
-               "seconds": 12.0}
+    results = {
+        "synthetic": {
+            "base": e(0.5),
+            "non_personalized": e(0.52),
+            "ica": e(0.7),
+            "pba_predicted": e(0.66),
+            "pba_golden": e(0.85),
+        },
+        "p_soups": {"file": "x.json", "non_personalized": e(0.5), "ica": e(0.6), "pba_profile": e(0.45)},
+        "seconds": 12.0,
+    }
     t = demo.check_targets(results)
     assert t[demo.TARGETS[0]] and t[demo.TARGETS[1]] and t[demo.TARGETS[2]] and t[demo.TARGETS[3]]
     assert t[demo.TARGETS[4]] is False
@@ -103,7 +119,11 @@ def test_targets_and_report_from_results(tmp_path):
     assert os.path.isfile(demo.plot_accuracy(str(tmp_path), results))
     w = tmp_path / "w"
     w.mkdir()
-    (w / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - s / 100, "reward_accuracy": 0.5})
-                                             + "\n" for s in (1, 2, 3, 2, 3, 4)))
+    (w / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 0.7 - s / 100, "reward_accuracy": 0.5}) + "\n"
+            for s in (1, 2, 3, 2, 3, 4)
+        )
+    )
     assert [r["step"] for r in demo.read_metrics(str(w))] == [1, 2, 3, 4]
     assert os.path.isfile(demo.plot_curves(str(tmp_path), {"run": str(w)}))

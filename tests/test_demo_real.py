@@ -21,8 +21,13 @@ def _wheel_installed() -> bool:
 
 
 def test_targets_follow_the_issue_rule():
-    ps = {"non_personalized": {"accuracy": 0.60}, "ica": {"accuracy": 0.70}, "pba_profile": {"accuracy": 0.69},
-          "base_ica": {"accuracy": 0.35}, "base_pba": {"accuracy": 0.60}}
+    ps = {
+        "non_personalized": {"accuracy": 0.60},
+        "ica": {"accuracy": 0.70},
+        "pba_profile": {"accuracy": 0.69},
+        "base_ica": {"accuracy": 0.35},
+        "base_pba": {"accuracy": 0.60},
+    }
     got = demo_real.check_targets(ps, 3599.0)
     assert list(got.values()) == [True, False, True, False, True]
     assert demo_real.check_targets({}, None) == dict.fromkeys(demo_real.TARGETS)
@@ -34,10 +39,23 @@ def test_targets_follow_the_issue_rule():
 def test_real_quick_demo_runs_the_whole_chain(tmp_path):
     out = tmp_path / "real"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("results.json", "report.md", "accuracy.png", "curves.png", "generations.md", "generations.json"):
+    for name in (
+        "results.json",
+        "report.md",
+        "accuracy.png",
+        "curves.png",
+        "generations.md",
+        "generations.json",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     ps = res["p_soups"]
@@ -60,7 +78,13 @@ def test_real_quick_demo_runs_the_whole_chain(tmp_path):
     report = (out / "report.md").read_text()
     assert "| ica |" in report and "63.33" in report and "81.69" in report  # the paper's P-SOUPS column
     # a rerun finds every stage done and rewrites the same results
-    proc = subprocess.run([sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["p_soups"] == ps

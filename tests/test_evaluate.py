@@ -14,8 +14,14 @@ from alignx_jax import cli
 from alignx_jax import evaluate as ev
 from alignx_jax.errors import ConfigError
 
-PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                      "benchmarks", "p-soups", "student_phd.json")
+PSOUPS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "benchmarks",
+    "p-soups",
+    "student_phd.json",
+)
 LIMIT = 6
 MAX_LEN = 256  # prompts and responses are left-truncated to 128 tokens: short sequences, fast tests
 
@@ -54,9 +60,27 @@ def ica_run(llama, tmp_path_factory):
     """One ICA evaluation of the first LIMIT P-SOUPS rows, no reference, with a per-example file."""
     d = tmp_path_factory.mktemp("ica")
     out, per = str(d / "results.json"), str(d / "per.jsonl")
-    code = cli.main(["eval", "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica",
-                     "--limit", str(LIMIT), "--max-length", str(MAX_LEN), "--batch-size", "4",
-                     "--per-example", per, "--out", out])
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            llama,
+            "--benchmark",
+            f"p-soups={PSOUPS}",
+            "--method",
+            "ica",
+            "--limit",
+            str(LIMIT),
+            "--max-length",
+            str(MAX_LEN),
+            "--batch-size",
+            "4",
+            "--per-example",
+            per,
+            "--out",
+            out,
+        ]
+    )
     assert code == 0
     with open(out, encoding="utf-8") as f:
         results = json.load(f)
@@ -86,7 +110,7 @@ def test_wilson_interval_known_values():
     lo, hi = ev.wilson_interval(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
     lo, hi = ev.wilson_interval(0, 6)
-    z2 = ev.WILSON_Z95 ** 2
+    z2 = ev.WILSON_Z95**2
     assert lo == 0.0 and hi == pytest.approx(z2 / (6 + z2))
     lo, hi = ev.wilson_interval(6, 6)
     assert hi == 1.0 and lo == pytest.approx(6 / (6 + z2))
@@ -104,7 +128,9 @@ def test_parse_flip_indices_and_labels():
     label = "Dislikes a certain form of creative expression (e.g., art, writing, music)"
     from alignx_jax.data.persona import load_preference_space
 
-    dim = next(d["index"] for d in load_preference_space() if label in (d["positive_label"], d["negative_label"]))
+    dim = next(
+        d["index"] for d in load_preference_space() if label in (d["positive_label"], d["negative_label"])
+    )
     assert ev.parse_flip(f"1,{label},2") == tuple(sorted({1, 2, dim}))
     for bad in ("90", "-1", "Not a label"):
         with pytest.raises(ConfigError):
@@ -123,14 +149,24 @@ def test_length_buckets_cover_and_bound():
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("bogus={p}", "unknown benchmark 'bogus'"),
-    ("p-soups=/no/such/file.json", "/no/such/file.json"),
-    ("p-soups", "NAME=PATH"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("bogus={p}", "unknown benchmark 'bogus'"),
+        ("p-soups=/no/such/file.json", "/no/such/file.json"),
+        ("p-soups", "NAME=PATH"),
+    ],
+)
 def test_bad_benchmark_is_one_line_exit_1(capsys, tmp_path, spec, needle):
-    code, _, err = _run(capsys, "--model", str(tmp_path), "--benchmark", spec.format(p=PSOUPS),
-                        "--out", str(tmp_path / "r.json"))
+    code, _, err = _run(
+        capsys,
+        "--model",
+        str(tmp_path),
+        "--benchmark",
+        spec.format(p=PSOUPS),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("alignx: error:") and needle in lines[0]
@@ -138,8 +174,21 @@ def test_bad_benchmark_is_one_line_exit_1(capsys, tmp_path, spec, needle):
 
 
 def test_predicted_without_head_fails_clearly(capsys, llama, tmp_path):
-    code, _, err = _run(capsys, "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "pba",
-                        "--preference", "predicted", "--limit", "2", "--out", str(tmp_path / "r.json"))
+    code, _, err = _run(
+        capsys,
+        "--model",
+        llama,
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "pba",
+        "--preference",
+        "predicted",
+        "--limit",
+        "2",
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "preference_head.safetensors" in err
 
@@ -170,20 +219,36 @@ def test_logps_match_transformers(ica_run, llama):
 
 def test_results_json_keys_and_interval(ica_run, llama):
     res = ica_run["results"]
-    for key in ("model", "reference", "method", "persona", "preference", "prompt_format", "max_length",
-                "beta", "limit", "benchmarks"):
+    for key in (
+        "model",
+        "reference",
+        "method",
+        "persona",
+        "preference",
+        "prompt_format",
+        "max_length",
+        "beta",
+        "limit",
+        "benchmarks",
+    ):
         assert key in res
     assert res["model"] == os.path.abspath(llama) and res["reference"] is None
-    assert (res["method"], res["prompt_format"], res["max_length"], res["beta"], res["limit"]) == \
-        ("ica", "chat", MAX_LEN, 0.1, LIMIT)
+    assert (res["method"], res["prompt_format"], res["max_length"], res["beta"], res["limit"]) == (
+        "ica",
+        "chat",
+        MAX_LEN,
+        0.1,
+        LIMIT,
+    )
     assert res["persona"] == {"p-soups": ["p"]}
     entry = res["benchmarks"]["p-soups"]
     k = sum(r["correct"] for r in ica_run["rows"])
     assert entry["n"] == LIMIT and entry["accuracy"] == pytest.approx(k / LIMIT)
     assert entry["ci95"] == pytest.approx(list(ev.wilson_interval(k, LIMIT)))
     assert entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
-    assert {(r["benchmark"], r["persona"], r["index"]) for r in ica_run["rows"]} == \
-        {("p-soups", "p", i) for i in range(LIMIT)}
+    assert {(r["benchmark"], r["persona"], r["index"]) for r in ica_run["rows"]} == {
+        ("p-soups", "p", i) for i in range(LIMIT)
+    }
 
 
 def test_padding_does_not_change_logp(llama):
@@ -196,8 +261,10 @@ def test_padding_does_not_change_logp(llama):
 
     tok = load_tokenizer(llama)
     rows = load_benchmark("p-soups", PSOUPS, limit=3)
-    exs = [make_example(tok, r, method="pba", max_length=MAX_LEN, index=i, eval_mode=True)
-           for i, r in enumerate(rows)]
+    exs = [
+        make_example(tok, r, method="pba", max_length=MAX_LEN, index=i, eval_mode=True)
+        for i, r in enumerate(rows)
+    ]
     mesh = make_mesh(data=-1)
     scorer = ev.SequenceScorer(load_pretrained(llama, mesh=mesh), mesh)
     pad = int(tok.pad_token_id)
@@ -206,8 +273,9 @@ def test_padding_does_not_change_logp(llama):
     for ex, side in ((exs[0], "c"), (exs[1], "c"), (exs[2], "r")):
         resp = ex.chosen_ids if side == "c" else ex.rejected_ids
         one = dataclasses.replace(ex, chosen_ids=resp, rejected_ids=resp)
-        (_, (lp,)), = ev.score_batches([one], [scorer], batch_size=1, pad_id=pad,
-                                        buckets=(len(ex.prompt_ids) + len(resp),))
+        ((_, (lp,)),) = ev.score_batches(
+            [one], [scorer], batch_size=1, pad_id=pad, buckets=(len(ex.prompt_ids) + len(resp),)
+        )
         alone[(ex.index, side)] = lp[0, 0]
     got = {}
     for chunk, (lp,) in ev.score_batches(exs, [scorer], batch_size=4, pad_id=pad, buckets=(512,)):
@@ -223,9 +291,25 @@ def test_self_reference_scores_exactly_zero(capsys, llama, tmp_path):
     ref = str(tmp_path / "ref")
     shutil.copytree(llama, ref)  # a separate load of the same weights, not the same object
     per = tmp_path / "per.jsonl"
-    code, out, _ = _run(capsys, "--model", llama, "--reference", ref, "--benchmark", f"p-soups={PSOUPS}",
-                        "--method", "pba", "--limit", "4", "--max-length", str(MAX_LEN),
-                        "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    code, out, _ = _run(
+        capsys,
+        "--model",
+        llama,
+        "--reference",
+        ref,
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "pba",
+        "--limit",
+        "4",
+        "--max-length",
+        str(MAX_LEN),
+        "--per-example",
+        str(per),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0 and "p-soups" in out
     rows = _read_jsonl(per)
     assert len(rows) == 4
@@ -254,9 +338,25 @@ def test_resume_from_partial_file_gives_same_results(capsys, ica_run, llama, tmp
 
     monkeypatch.setattr(ev, "score_batches", counting)
     out = tmp_path / "r.json"
-    code, _, _ = _run(capsys, "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica",
-                      "--limit", str(LIMIT), "--max-length", str(MAX_LEN), "--batch-size", "4",
-                      "--per-example", str(part), "--out", str(out))
+    code, _, _ = _run(
+        capsys,
+        "--model",
+        llama,
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "ica",
+        "--limit",
+        str(LIMIT),
+        "--max-length",
+        str(MAX_LEN),
+        "--batch-size",
+        "4",
+        "--per-example",
+        str(part),
+        "--out",
+        str(out),
+    )
     assert code == 0
     assert sorted(scored) == sorted(r["index"] for r in full[2:])  # the two complete rows were reused
     res = json.loads(out.read_text())
@@ -272,9 +372,23 @@ def test_resume_from_partial_file_gives_same_results(capsys, ica_run, llama, tmp
 def test_resume_refuses_other_settings(capsys, ica_run, llama, tmp_path):
     part = tmp_path / "per.jsonl"
     shutil.copyfile(ica_run["per"], part)
-    code, _, err = _run(capsys, "--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica",
-                        "--limit", "2", "--max-length", "512", "--per-example", str(part),
-                        "--out", str(tmp_path / "r.json"))
+    code, _, err = _run(
+        capsys,
+        "--model",
+        llama,
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "ica",
+        "--limit",
+        "2",
+        "--max-length",
+        "512",
+        "--per-example",
+        str(part),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 1 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
@@ -292,15 +406,30 @@ def alignx_file(tmp_path_factory) -> str:
     for i in range(3):
         d = _direction(i)
         d[0] = [1.0, 0.0, 0.5][i]  # rows 0 and 1 involve dimension 0, row 2 does not
-        rows.append({
-            "prompt": f"What should I cook tonight, take {i}?", "chosen": "Pasta with garlic.",
-            "rejected": "Nothing at all.", "Preference Direction": d,
-            "Demographic Information": "A student who likes quick meals." if i != 1 else "",
-            "User-Generated Content": [{"prompt": "Best snack?", "comment": "Popcorn, always.",
-                                        "Preference Direction": _direction(10 + i)}],
-            "Pair-wise Comparative Feedback": [{"prompt": "Tea or coffee?", "chosen": "Tea.",
-                                                "rejected": "Coffee.", "Preference Direction": _direction(20 + i)}],
-        })
+        rows.append(
+            {
+                "prompt": f"What should I cook tonight, take {i}?",
+                "chosen": "Pasta with garlic.",
+                "rejected": "Nothing at all.",
+                "Preference Direction": d,
+                "Demographic Information": "A student who likes quick meals." if i != 1 else "",
+                "User-Generated Content": [
+                    {
+                        "prompt": "Best snack?",
+                        "comment": "Popcorn, always.",
+                        "Preference Direction": _direction(10 + i),
+                    }
+                ],
+                "Pair-wise Comparative Feedback": [
+                    {
+                        "prompt": "Tea or coffee?",
+                        "chosen": "Tea.",
+                        "rejected": "Coffee.",
+                        "Preference Direction": _direction(20 + i),
+                    }
+                ],
+            }
+        )
     path = tmp_path_factory.mktemp("alignx") / "alignx_test.json"
     path.write_text(json.dumps(rows), encoding="utf-8")
     return str(path)
@@ -308,15 +437,33 @@ def alignx_file(tmp_path_factory) -> str:
 
 def test_alignx_persona_variants_reported_separately(capsys, llama, alignx_file, tmp_path):
     per = tmp_path / "per.jsonl"
-    code, out, _ = _run(capsys, "--model", llama, "--benchmark", f"alignx={alignx_file}", "--method", "ica",
-                        "--persona", "ugc,demo", "--prompt-format", "paper", "--max-length", str(MAX_LEN),
-                        "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    code, out, _ = _run(
+        capsys,
+        "--model",
+        llama,
+        "--benchmark",
+        f"alignx={alignx_file}",
+        "--method",
+        "ica",
+        "--persona",
+        "ugc,demo",
+        "--prompt-format",
+        "paper",
+        "--max-length",
+        str(MAX_LEN),
+        "--per-example",
+        str(per),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res["benchmarks"]["alignx"]) == {"ugc", "demo"} and res["prompt_format"] == "paper"
     assert all(res["benchmarks"]["alignx"][p]["n"] == 3 for p in ("ugc", "demo"))
     rows = _read_jsonl(per)
-    assert sorted((r["persona"], r["index"]) for r in rows) == [(p, i) for p in ("demo", "ugc") for i in range(3)]
+    assert sorted((r["persona"], r["index"]) for r in rows) == [
+        (p, i) for p in ("demo", "ugc") for i in range(3)
+    ]
     prompts = {(r["persona"], r["index"]): r["prompt_ids"] for r in rows}
     assert prompts[("ugc", 0)] != prompts[("demo", 0)]  # the persona block differs between variants
     assert prompts[("demo", 1)] != prompts[("ugc", 1)]
@@ -328,8 +475,20 @@ def test_flip_reports_involved_and_rest(capsys, llama, alignx_file, tmp_path):
     res = {}
     for flip in (None, "0"):
         per = tmp_path / f"per_{flip}.jsonl"
-        argv = ["--model", llama, "--benchmark", f"alignx={alignx_file}", "--method", "pba",
-                "--max-length", str(MAX_LEN), "--per-example", str(per), "--out", str(tmp_path / "r.json")]
+        argv = [
+            "--model",
+            llama,
+            "--benchmark",
+            f"alignx={alignx_file}",
+            "--method",
+            "pba",
+            "--max-length",
+            str(MAX_LEN),
+            "--per-example",
+            str(per),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
         code, _, _ = _run(capsys, *argv, *(["--flip", flip] if flip else []))
         assert code == 0
         res[flip] = (json.loads((tmp_path / "r.json").read_text()), _read_jsonl(per))
@@ -354,8 +513,9 @@ def test_qwen2_tied_head_paper_format_matches_transformers(tiny_hf_checkpoints, 
     qwen = tiny_hf_checkpoints["qwen2"]
     settings = ev.EvalSettings(method="ica", prompt_format="paper", limit=2, max_length=MAX_LEN, batch_size=2)
     per = str(tmp_path / "per.jsonl")
-    res = ev.evaluate(qwen, ev.parse_benchmark_specs([f"p-soups={PSOUPS}"]), settings, per_example=per,
-                      progress=False)
+    res = ev.evaluate(
+        qwen, ev.parse_benchmark_specs([f"p-soups={PSOUPS}"]), settings, per_example=per, progress=False
+    )
     assert res["benchmarks"]["p-soups"]["n"] == 2
     model = AutoModelForCausalLM.from_pretrained(qwen, dtype=torch.float32).eval()
     for row in _read_jsonl(per):
@@ -372,11 +532,34 @@ def test_eight_devices_match_one(ica_run, llama, tmp_path):
 
     per = tmp_path / "per.jsonl"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "alignx_jax", "eval", "--model", llama, "--benchmark",
-                           f"p-soups={PSOUPS}", "--method", "ica", "--limit", str(LIMIT), "--max-length",
-                           str(MAX_LEN), "--batch-size", "3", "--per-example", str(per),
-                           "--out", str(tmp_path / "r.json")], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignx_jax",
+            "eval",
+            "--model",
+            llama,
+            "--benchmark",
+            f"p-soups={PSOUPS}",
+            "--method",
+            "ica",
+            "--limit",
+            str(LIMIT),
+            "--max-length",
+            str(MAX_LEN),
+            "--batch-size",
+            "3",
+            "--per-example",
+            str(per),
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     want = {ev.key_of(r): r for r in ica_run["rows"]}
     rows = _read_jsonl(per)
@@ -402,9 +585,25 @@ def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path
     head = ph.PreferenceHead(ph.HeadConfig(embed_dim=64, hidden=16, max_persona_tokens=64), rngs=nnx.Rngs(3))
     ph.save_head(head, None, model_dir)
     per = tmp_path / "per.jsonl"
-    code, _, err = _run(capsys, "--model", model_dir, "--benchmark", f"alignx={alignx_file}", "--method", "pba",
-                        "--preference", "predicted", "--persona", "pair", "--max-length", "2048",
-                        "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    code, _, err = _run(
+        capsys,
+        "--model",
+        model_dir,
+        "--benchmark",
+        f"alignx={alignx_file}",
+        "--method",
+        "pba",
+        "--preference",
+        "predicted",
+        "--persona",
+        "pair",
+        "--max-length",
+        "2048",
+        "--per-example",
+        str(per),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
     assert code == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["benchmarks"]["alignx"]["pair"]["n"] == 3
@@ -416,8 +615,9 @@ def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path
     rows = load_benchmark("alignx", alignx_file)
     tok = load_tokenizer(model_dir)
     loaded, _ = ph.load_head(model_dir)
-    feats = ph.persona_features(load_pretrained(model_dir), tok, rows, pooling="mean", variant="pair",
-                                max_tokens=64)
+    feats = ph.persona_features(
+        load_pretrained(model_dir), tok, rows, pooling="mean", variant="pair", max_tokens=64
+    )
     pred = ph.predict_direction(ph.head_probs(loaded, feats))
     for r in _read_jsonl(per):
         assert profile_text(pred[r["index"]]) in tok.decode(r["prompt_ids"])
@@ -436,41 +636,109 @@ def test_shared_prompt_scoring_equals_two_rows(llama):
 
     tok = load_tokenizer(llama)
     rows = load_benchmark("p-soups", PSOUPS, limit=5)
-    exs = [make_example(tok, r, method="ica", max_length=MAX_LEN, index=i, eval_mode=True)
-           for i, r in enumerate(rows)]
+    exs = [
+        make_example(tok, r, method="ica", max_length=MAX_LEN, index=i, eval_mode=True)
+        for i, r in enumerate(rows)
+    ]
     mesh = make_mesh(data=-1)
     model = load_pretrained(llama, mesh=mesh)
     got = {}
     for shared in (False, True):
         scorer = ev.SequenceScorer(model, mesh, share_prompt=shared)
-        got[shared] = np.concatenate([lp for _, (lp,) in ev.score_batches(
-            exs, [scorer], batch_size=4, pad_id=int(tok.pad_token_id), buckets=ev.length_buckets(MAX_LEN))])
+        got[shared] = np.concatenate(
+            [
+                lp
+                for _, (lp,) in ev.score_batches(
+                    exs,
+                    [scorer],
+                    batch_size=4,
+                    pad_id=int(tok.pad_token_id),
+                    buckets=ev.length_buckets(MAX_LEN),
+                )
+            ]
+        )
     assert got[True].shape == (5, 2)
     np.testing.assert_allclose(got[True], got[False], rtol=1e-4, atol=1e-4)
 
 
 def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, capsys):
     """`--reference-scores` (the reference's own per-example file) gives `--reference DIR`'s results."""
-    common = ["--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "4", "--max-length", str(MAX_LEN)]
+    common = [
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "ica",
+        "--limit",
+        "4",
+        "--max-length",
+        str(MAX_LEN),
+    ]
     from conftest import build_tiny_hf
 
     ref_dir, policy = llama, str(tmp_path / "policy")
     build_tiny_hf("llama", policy, seed=5)  # another llama of the same shape: the policy
     base_per = str(tmp_path / "base.jsonl")
-    assert _run(capsys, "--model", ref_dir, *common, "--per-example", base_per, "--out", str(tmp_path / "b.json"))[0] == 0
-    assert _run(capsys, "--model", policy, "--reference", ref_dir, *common,
-                "--per-example", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a.json"))[0] == 0
-    assert _run(capsys, "--model", policy, "--reference-scores", base_per, *common,
-                "--per-example", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "s.json"))[0] == 0
+    assert (
+        _run(
+            capsys, "--model", ref_dir, *common, "--per-example", base_per, "--out", str(tmp_path / "b.json")
+        )[0]
+        == 0
+    )
+    assert (
+        _run(
+            capsys,
+            "--model",
+            policy,
+            "--reference",
+            ref_dir,
+            *common,
+            "--per-example",
+            str(tmp_path / "a.jsonl"),
+            "--out",
+            str(tmp_path / "a.json"),
+        )[0]
+        == 0
+    )
+    assert (
+        _run(
+            capsys,
+            "--model",
+            policy,
+            "--reference-scores",
+            base_per,
+            *common,
+            "--per-example",
+            str(tmp_path / "s.jsonl"),
+            "--out",
+            str(tmp_path / "s.json"),
+        )[0]
+        == 0
+    )
     a, s = _read_jsonl(tmp_path / "a.jsonl"), _read_jsonl(tmp_path / "s.jsonl")
     assert [r["correct"] for r in a] == [r["correct"] for r in s]
-    np.testing.assert_allclose([r["ref_logp_chosen"] for r in s], [r["ref_logp_chosen"] for r in a], rtol=1e-6)
+    np.testing.assert_allclose(
+        [r["ref_logp_chosen"] for r in s], [r["ref_logp_chosen"] for r in a], rtol=1e-6
+    )
     with open(tmp_path / "s.json", encoding="utf-8") as f:
         assert json.load(f)["reference"] == {"scores": os.path.abspath(base_per)}
     # scored with another prompt (method pba): the token ids differ -> one line, exit 1
-    code, _, err = _run(capsys, "--model", policy, "--reference-scores", base_per,
-                        "--benchmark", f"p-soups={PSOUPS}", "--method", "pba", "--limit", "4",
-                        "--max-length", str(MAX_LEN), "--out", str(tmp_path / "x.json"))
+    code, _, err = _run(
+        capsys,
+        "--model",
+        policy,
+        "--reference-scores",
+        base_per,
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "pba",
+        "--limit",
+        "4",
+        "--max-length",
+        str(MAX_LEN),
+        "--out",
+        str(tmp_path / "x.json"),
+    )
     errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
     assert code == 1 and len(errors) == 1 and "base.jsonl" in errors[0] and "example" in errors[0]
 
@@ -482,10 +750,14 @@ def test_limit_is_a_balanced_seeded_sample_and_accuracy_is_reported_per_persona(
     with open(PSOUPS, encoding="utf-8") as f:
         rows = json.load(f)
     picks = balanced_sample(rows, 10, seed=0)
-    assert picks == sorted(picks) and picks == balanced_sample(rows, 10, seed=0) != balanced_sample(rows, 10, seed=1)
+    assert picks == sorted(picks) and picks == balanced_sample(rows, 10, seed=0) != balanced_sample(
+        rows, 10, seed=1
+    )
     groups = [persona_group(rows[i]) for i in picks]
     assert len(set(groups)) == 2 and groups.count(groups[0]) == 5
-    assert [r["prompt"] for r in load_benchmark("p-soups", PSOUPS, limit=10)] == [rows[i]["prompt"] for i in picks]
+    assert [r["prompt"] for r in load_benchmark("p-soups", PSOUPS, limit=10)] == [
+        rows[i]["prompt"] for i in picks
+    ]
     entry = ica_run["results"]["benchmarks"]["p-soups"]
     assert sum(g["n"] for g in entry["by_persona"].values()) == entry["n"] == LIMIT
     assert len(entry["by_persona"]) == 2

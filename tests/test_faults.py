@@ -26,17 +26,27 @@ from alignx_jax.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
-SMALL = ["--config.model.init.hidden_size=32", "--config.model.init.intermediate_size=64",
-         "--config.model.init.head_dim=8", "--config.data.synth_users=8", "--config.data.max_length=128",
-         "--config.data.buckets=(128,)", "--config.loss.logps_chunk=64", "--config.train.global_batch=8",
-         "--config.train.micro_batch=4", "--config.train.progress=false"]
+SMALL = [
+    "--config.model.init.hidden_size=32",
+    "--config.model.init.intermediate_size=64",
+    "--config.model.init.head_dim=8",
+    "--config.data.synth_users=8",
+    "--config.data.max_length=128",
+    "--config.data.buckets=(128,)",
+    "--config.loss.logps_chunk=64",
+    "--config.train.global_batch=8",
+    "--config.train.micro_batch=4",
+    "--config.train.progress=false",
+]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
 def _env(cache_root):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_root / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)
@@ -45,9 +55,11 @@ def _env(cache_root):
 
 # `python -c SMALL_DISK -m alignx_jax ...`: writes past 200 KB fail with EFBIG, as a full disk fails them with
 # ENOSPC (the limit and the ignored SIGXFSZ are set in a wrapper that then execs the CLI: no fork of pytest)
-SMALL_DISK = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+SMALL_DISK = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
 
 
 def _cmd(args):
@@ -55,13 +67,22 @@ def _cmd(args):
 
 
 def _alignx(args, cache_root, timeout=600, **kw):
-    return subprocess.run(_cmd(args), env=_env(cache_root), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, **kw)
+    return subprocess.run(
+        _cmd(args), env=_env(cache_root), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw
+    )
 
 
 def _train_args(w, steps=4, every=2, *extra):
-    return ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, f"--config.train.steps={steps}",
-            f"--config.checkpoint.every_steps={every}", "--config.checkpoint.keep=3", *extra]
+    return [
+        "train",
+        f"--config={TINY}",
+        f"--config.workdir={w}",
+        *SMALL,
+        f"--config.train.steps={steps}",
+        f"--config.checkpoint.every_steps={every}",
+        "--config.checkpoint.keep=3",
+        *extra,
+    ]
 
 
 def _train(w, cache_root, steps=4, every=2, *extra):
@@ -97,7 +118,7 @@ def _snapshot(root, skip=()):
     """{relative path: sha1} of every file under root, except under the `skip` folders."""
     out = {}
     skip = tuple(os.path.abspath(s) for s in skip)
-    for d, dirs, files in os.walk(root):
+    for d, _dirs, files in os.walk(root):
         if os.path.abspath(d).startswith(skip):
             continue
         for name in files:
@@ -115,8 +136,12 @@ def _losses(w):
 
 
 def _largest_data_file(step_dir):
-    files = [os.path.join(d, n) for d, _, ns in os.walk(os.path.join(step_dir, "params")) for n in ns
-             if os.sep + "d" + os.sep in os.path.join(d, n)]
+    files = [
+        os.path.join(d, n)
+        for d, _, ns in os.walk(os.path.join(step_dir, "params"))
+        for n in ns
+        if os.sep + "d" + os.sep in os.path.join(d, n)
+    ]
     return max(files, key=os.path.getsize)
 
 
@@ -126,8 +151,9 @@ def _steps(w):
 
 def _all_finite_checkpoints(w):
     """Every saved step restores, verifies (checksums, finiteness) and holds finite params."""
-    from alignx_jax.models.hf import load_checkpoint
     from flax import nnx
+
+    from alignx_jax.models.hf import load_checkpoint
 
     for step in _steps(w):
         model = load_checkpoint(str(w), step)
@@ -167,9 +193,18 @@ def tiny_hf(tmp_path_factory):
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer()
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     out = tmp_path_factory.mktemp("hf") / "model"
     save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), str(out), tokenizer_dir=TINY_TOKENIZER_DIR)
     return out
@@ -191,14 +226,22 @@ def test_nan_run_stops_at_the_step_and_leaves_no_nonfinite_checkpoint(tmp_path, 
     r = _alignx(["export", "--checkpoint", str(w), "--out", str(tmp_path / "hf")], cache_root)
     assert r.returncode == 0, r.stderr[-2000:]
     from alignx_jax.models.hf import load_pretrained
+
     load_pretrained(str(tmp_path / "hf"))  # checks every tensor is finite
 
 
 @pytest.mark.slow
 def test_skip_policy_skips_counts_and_stops_after_max_in_a_row(tmp_path, cache_root):
     w = tmp_path / "W"
-    r = _train(w, cache_root, 12, 2, "--config.optim.lr=1e9", "--config.loss.nan_policy=skip",
-               "--config.loss.max_skipped_steps=3")
+    r = _train(
+        w,
+        cache_root,
+        12,
+        2,
+        "--config.optim.lr=1e9",
+        "--config.loss.nan_policy=skip",
+        "--config.loss.max_skipped_steps=3",
+    )
     _one_error(r, "3 steps in a row", "loss.max_skipped_steps", "last finite checkpoint: step")
     recs = [json.loads(line) for line in open(w / "metrics.jsonl")]
     counts = [rec["skipped_nonfinite_steps"] for rec in recs]
@@ -217,26 +260,64 @@ def test_skip_policy_step_keeps_the_old_state():
     from alignx_jax import train
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
-    model = Decoder(DecoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8), rngs=nnx.Rngs(0))
+    model = Decoder(
+        DecoderConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        ),
+        rngs=nnx.Rngs(0),
+    )
     codec = train.ParamsCodec.of(model)
     params = nnx.to_pure_dict(nnx.state(model))
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-    optim = ml_collections.ConfigDict({"lr": 1e39, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "b1": 0.9,
-                                       "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "clip": 0.0})
+    optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e39,
+            "warmup_ratio": 0.0,
+            "min_lr_ratio": 1.0,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "clip": 0.0,
+        }
+    )
     tx, _ = train.make_optimizer(optim, 10)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 50, size=(4, 12)).astype(np.int32)
     ones = np.ones((4, 12), np.int32)
-    batch = train.to_microbatches({"input_ids": ids, "attention_mask": ones, "loss_mask": ones,
-                                   "positions": np.tile(np.arange(12, dtype=np.int32), (4, 1)),
-                                   "pair_mask": np.ones((2,), np.int32)}, 1)
-    loss_cfg = ml_collections.ConfigDict({"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
-                                          "sft_norm": "length", "logps_chunk": 0, "nan_policy": "skip"})
+    batch = train.to_microbatches(
+        {
+            "input_ids": ids,
+            "attention_mask": ones,
+            "loss_mask": ones,
+            "positions": np.tile(np.arange(12, dtype=np.int32), (4, 1)),
+            "pair_mask": np.ones((2,), np.int32),
+        },
+        1,
+    )
+    loss_cfg = ml_collections.ConfigDict(
+        {
+            "type": "sigmoid",
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "sft_norm": "length",
+            "logps_chunk": 0,
+            "nan_policy": "skip",
+        }
+    )
     step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
     opt = tx.init(params)
     p1, o1, m = step(jax.tree.map(jnp.copy, params), opt, ref, batch)
-    assert int(m["nonfinite"]) == 4, m  # lr 1e39 is inf in float32: the loss and gradient are finite, the update not
+    assert int(m["nonfinite"]) == 4, (
+        m
+    )  # lr 1e39 is inf in float32: the loss and gradient are finite, the update not
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert train.describe_nonfinite(6) == "gradient norm, updated params"
@@ -268,13 +349,16 @@ def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_c
     assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]  # no temporary folder left
 
     # the same model again, into its own export: no flag needed; a stale shard of its own goes, others stay
-    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2", "--shard-size",
-                 "200KB"], cache_root)
+    r = _alignx(
+        ["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2", "--shard-size", "200KB"],
+        cache_root,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) > 1 and all("-of-" + shards[0].split("-of-")[1] in s for s in shards), shards
     assert (out / "my_other_model.safetensors").exists() and (out / "notes.txt").exists()
     from alignx_jax.models.hf import load_pretrained
+
     load_pretrained(str(out))
 
     # another model into it: refused
@@ -288,11 +372,15 @@ def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_c
 def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_path, cache_root, capsys):
     path = _largest_data_file(run_copy / "checkpoints" / "4")
     data = bytearray(open(path, "rb").read())
-    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # 4 KiB overwritten, size unchanged
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # 4 KiB overwritten, size unchanged
     open(path, "wb").write(bytes(data))
     before = _snapshot(tmp_path)
-    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")],
-                "checkpoints/4", "params")
+    _main_error(
+        capsys,
+        ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")],
+        "checkpoints/4",
+        "params",
+    )
     assert not (tmp_path / "hf").exists() and _snapshot(tmp_path) == before
     # an orbax model checkpoint holding NaN: export, generate and eval refuse it in one line
     import orbax.checkpoint as ocp
@@ -303,12 +391,17 @@ def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_p
     bad = tmp_path / "nan_ckpt"
     hf.save_checkpoint(model, str(bad), tokenizer_dir=str(run_copy / "reference"))
     from flax import nnx
+
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params["norm"]["scale"] = params["norm"]["scale"] * np.nan
     with ocp.StandardCheckpointer() as ck:
         ck.save(os.path.join(bad, "params"), params, force=True)
-    _main_error(capsys, ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "hf2")], "norm/scale", "NaN")
-    _main_error(capsys, ["generate", "--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], "norm/scale")
+    _main_error(
+        capsys, ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "hf2")], "norm/scale", "NaN"
+    )
+    _main_error(
+        capsys, ["generate", "--model", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], "norm/scale"
+    )
 
 
 def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, tmp_path, capsys):
@@ -320,12 +413,29 @@ def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, t
     tensors = load_file(str(shard))
     tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = np.inf
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    _main_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"],
-                "model.layers.1.mlp.down_proj.weight", "NaN/inf")
+    _main_error(
+        capsys,
+        ["generate", "--model", str(folder), "--prompt", "hi"],
+        "model.layers.1.mlp.down_proj.weight",
+        "NaN/inf",
+    )
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
-    _main_error(capsys, ["eval", "--model", str(folder), "--benchmark", f"uf-p-4={bench}", "--method", "none",
-                         "--out", str(tmp_path / "r.json")], "model.layers.1.mlp.down_proj.weight")
+    _main_error(
+        capsys,
+        [
+            "eval",
+            "--model",
+            str(folder),
+            "--benchmark",
+            f"uf-p-4={bench}",
+            "--method",
+            "none",
+            "--out",
+            str(tmp_path / "r.json"),
+        ],
+        "model.layers.1.mlp.down_proj.weight",
+    )
     assert not (tmp_path / "r.json").exists()
 
 
@@ -336,9 +446,19 @@ def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     before = _snapshot(tmp_path, skip=[run_copy])
 
-    r = subprocess.run([sys.executable, "-c", SMALL_DISK, *_cmd(["export", "--checkpoint", str(run_copy), "--out",
-                                                                   str(out), "--step", "2"])[1:]],
-                       env=_env(cache_root), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SMALL_DISK,
+            *_cmd(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2"])[1:],
+        ],
+        env=_env(cache_root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     _one_error(r, "export failed", "is unchanged")
     assert _snapshot(tmp_path, skip=[run_copy]) == before
     assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
@@ -347,17 +467,29 @@ def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_
 @pytest.mark.slow
 def test_export_out_under_a_file_is_one_line(run_copy, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "afile" / "hf")],
-                "afile", "cannot create")
-    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "afile")], "is a file")
+    _main_error(
+        capsys,
+        ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "afile" / "hf")],
+        "afile",
+        "cannot create",
+    )
+    _main_error(
+        capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "afile")], "is a file"
+    )
     assert (tmp_path / "afile").read_text() == "x"
 
 
 @pytest.mark.slow
 def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path, cache_root):
     w = tmp_path / "W"
-    r = subprocess.run([sys.executable, "-c", SMALL_DISK, *_cmd(_train_args(w))[1:]], env=_env(cache_root),
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", SMALL_DISK, *_cmd(_train_args(w))[1:]],
+        env=_env(cache_root),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     line = _one_error(r, "File too large", str(w), "rerun the same command")
     assert ".safetensors" in line or "checkpoints" in line or "metrics" in line, line
     r = _train(w, cache_root)
@@ -371,7 +503,9 @@ def test_killed_export_is_recovered_by_the_next_one(run_copy, tmp_path, capsys):
     (and a half-written temporary folder of a dead export is removed)."""
     out = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(run_copy), "--out", str(out)]) == 0
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     pid = int(dead.stdout)
     os.rename(out, tmp_path / f".hf.export-old-{pid}")
     (tmp_path / f".hf.export-tmp-{pid}").mkdir()
@@ -395,6 +529,7 @@ def test_cut_metrics_line_is_dropped_with_a_warning(run_copy, cache_root):
     assert sorted(_losses(run_copy)) == list(range(1, 7))
 
     from alignx_jax.metrics import read_metrics
+
     with open(run_copy / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')
     assert [rec["step"] for rec in read_metrics(str(run_copy))] == list(range(1, 7))
@@ -408,7 +543,7 @@ def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, cache
         os.truncate(path, os.path.getsize(path) // 3)
     else:
         data = bytearray(open(path, "rb").read())
-        data[len(data) // 3:len(data) // 3 + 4096] = os.urandom(4096)
+        data[len(data) // 3 : len(data) // 3 + 4096] = os.urandom(4096)
         open(path, "wb").write(bytes(data))
     before = _snapshot(tmp_path, skip=[run_copy])
     r = _train(run_copy, cache_root, 6, 2)
@@ -454,7 +589,9 @@ def test_truncated_safetensors_is_one_line(tiny_hf, tmp_path, capsys):
     shutil.copytree(tiny_hf, folder)
     shard = next(folder.glob("model-*.safetensors"))
     os.truncate(shard, os.path.getsize(shard) - 1000)
-    _main_error(capsys, ["import", "--hf", str(folder), "--out", str(tmp_path / "ck")], shard.name, "truncated")
+    _main_error(
+        capsys, ["import", "--hf", str(folder), "--out", str(tmp_path / "ck")], shard.name, "truncated"
+    )
     _main_error(capsys, ["generate", "--model", str(folder), "--prompt", "hi"], "truncated")
     assert not (tmp_path / "ck").exists()
 
@@ -478,8 +615,11 @@ def test_data_check_warns_on_chosen_equal_rejected_and_strict_fails(tmp_path, ca
 
 
 def test_generate_empty_prompt_is_one_line(tiny_hf, capsys):
-    _main_error(capsys, ["generate", "--model", str(tiny_hf), "--prompt", "hello", "--prompt", "  "],
-                "--prompt number 2 is empty")
+    _main_error(
+        capsys,
+        ["generate", "--model", str(tiny_hf), "--prompt", "hello", "--prompt", "  "],
+        "--prompt number 2 is empty",
+    )
 
 
 # ----------------------------------------------------------------------------- also: lock, config, reference
@@ -488,8 +628,13 @@ def test_generate_empty_prompt_is_one_line(tiny_hf, capsys):
 @pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, cache_root):
     w = tmp_path / "W"
-    first = subprocess.Popen(_cmd(_train_args(w, 400, 1000)), env=_env(cache_root), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, cwd=ROOT)
+    first = subprocess.Popen(
+        _cmd(_train_args(w, 400, 1000)),
+        env=_env(cache_root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (w / "metrics.jsonl").exists():
@@ -513,7 +658,9 @@ def test_resume_refuses_a_changed_config_unless_allowed(run_copy, cache_root):
     r = _train(run_copy, cache_root, 6, 2, "--config.optim.lr=1e9", "--config.loss.beta=0.2")
     _one_error(r, "resuming with a different config", "loss.beta", "optim.lr", "allow_config_change")
     assert (run_copy / "config.json").read_text() == before and _steps(run_copy) == [2, 4]
-    r = _train(run_copy, cache_root, 6, 2, "--config.optim.lr=2e-3", "--config.train.allow_config_change=true")
+    r = _train(
+        run_copy, cache_root, 6, 2, "--config.optim.lr=2e-3", "--config.train.allow_config_change=true"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: resuming with a changed config" in r.stderr and "optim.lr" in r.stderr
     assert json.loads((run_copy / "config.json").read_text())["optim"]["lr"] == 2e-3
@@ -539,8 +686,14 @@ def test_precomputed_reference_is_recomputed_when_the_data_changes(tmp_path, cac
 def test_sigterm_during_start_up_exits_0(tmp_path, cache_root):
     for k, wait_for in enumerate(("import", "lock")):
         w = tmp_path / f"W{k}"
-        proc = subprocess.Popen(_cmd(_train_args(w, 4, 2)), env=_env(cache_root), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            _cmd(_train_args(w, 4, 2)),
+            env=_env(cache_root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         if wait_for == "import":
             time.sleep(1.5)  # jax is still importing
         else:
@@ -567,12 +720,17 @@ def _kill_when(proc, w, mode, rng):
                 return f.read().count(b"\n")
         except OSError:
             return 0
+
     deadline = time.time() + (rng.uniform(0.3, 6.0) if mode == "random" else 300)
     base, more = None, int(rng.integers(1, 5))
     while time.time() < deadline:
         if proc.poll() is not None:
             return False
-        if mode == "save" and os.path.isdir(ckpts) and any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpts)):
+        if (
+            mode == "save"
+            and os.path.isdir(ckpts)
+            and any("orbax-checkpoint-tmp" in n for n in os.listdir(ckpts))
+        ):
             break  # an orbax write is in progress
         if mode == "steps":
             base = logged() if base is None or not os.path.exists(metrics) else base
@@ -590,7 +748,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     """10 SIGKILLs of a training run (in start-up, mid-step, during checkpoint writes), each followed by a
     resume, then 3 of its export: the losses are the uninterrupted run's and the export always loads."""
     steps, t0 = 40, time.time()
-    args = lambda w: _train_args(w, steps, 2)  # noqa: E731
+    args = lambda w: _train_args(w, steps, 2)
     ref = tmp_path / "ref"
     r = _alignx(args(ref), cache_root)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -599,8 +757,14 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     modes = []
     for k in range(10):
         mode = ("random", "save", "steps")[k % 3]
-        proc = subprocess.Popen(_cmd(args(w)), env=_env(cache_root), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = subprocess.Popen(
+            _cmd(args(w)),
+            env=_env(cache_root),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         if not _kill_when(proc, str(w), mode, rng):
             err = proc.stderr.read()
             assert proc.returncode == 0 and "moved to" not in err, err[-3000:]
@@ -614,18 +778,27 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     assert abs(got[steps] - want[steps]) < 1e-4, (got[steps], want[steps])
 
     from alignx_jax.models.hf import load_pretrained
+
     out = tmp_path / "hf"
     export = ["export", "--checkpoint", str(w), "--out", str(out)]
     kills = len(modes)
     for k in range(max(3, 13 - kills)):
-        proc = subprocess.Popen(_cmd(export + (["--step", str(steps - 2)] if k % 2 else [])), env=_env(cache_root),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        proc = subprocess.Popen(
+            _cmd(export + (["--step", str(steps - 2)] if k % 2 else [])),
+            env=_env(cache_root),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         if k % 2:
             time.sleep(rng.uniform(0.5, 5.0))
         else:  # while it writes the new folder beside the old one
             deadline = time.time() + 120
-            while time.time() < deadline and proc.poll() is None and not any(
-                    p.name.startswith(".hf.export-tmp-") for p in tmp_path.iterdir()):
+            while (
+                time.time() < deadline
+                and proc.poll() is None
+                and not any(p.name.startswith(".hf.export-tmp-") for p in tmp_path.iterdir())
+            ):
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.05))
         proc.send_signal(signal.SIGKILL)
@@ -636,6 +809,8 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     r = _alignx(export, cache_root)
     assert r.returncode == 0, r.stderr[-3000:]
     load_pretrained(str(out))
-    print(f"soak: {len(modes)} training kills ({', '.join(modes)}), {kills - len(modes)} export kills, "
-          f"{time.time() - t0:.0f}s")
+    print(
+        f"soak: {len(modes)} training kills ({', '.join(modes)}), {kills - len(modes)} export kills, "
+        f"{time.time() - t0:.0f}s"
+    )
     assert len(modes) == 10 and kills >= 13

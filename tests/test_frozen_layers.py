@@ -17,9 +17,19 @@ from alignx_jax.models.decoder import Decoder, DecoderConfig
 
 
 def _cfg(frozen: int, scan: bool = True, tied: bool = True) -> DecoderConfig:
-    return DecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied,
-                         frozen_layers=frozen, scan_layers=scan, remat="full")
+    return DecoderConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=tied,
+        frozen_layers=frozen,
+        scan_layers=scan,
+        remat="full",
+    )
 
 
 def _grads(cfg: DecoderConfig, state, ids_BT):
@@ -43,20 +53,31 @@ def test_frozen_layers_gradients_match_the_plain_computation_above_the_cut(scan,
     np.testing.assert_allclose(v_frozen, v_full, rtol=1e-6)  # the forward pass is unchanged
     for path, g in jax.tree_util.tree_leaves_with_path(g_frozen["layers"]):
         full = jax.tree_util.tree_leaves_with_path(g_full["layers"])
-        ref = dict((jax.tree_util.keystr(p), x) for p, x in full)[jax.tree_util.keystr(path)]
+        ref = {jax.tree_util.keystr(p): x for p, x in full}[jax.tree_util.keystr(path)]
         assert np.abs(np.asarray(g[:3])).max() == 0.0, path  # frozen blocks
         np.testing.assert_allclose(np.asarray(g[3:]), np.asarray(ref[3:]), rtol=1e-5, atol=1e-7)
     assert np.abs(np.asarray(g_frozen["embed_tokens"]["embedding"])).max() == 0.0
     assert np.abs(np.asarray(g_full["embed_tokens"]["embedding"])).max() > 0.0
-    np.testing.assert_allclose(np.asarray(g_frozen["norm"]["scale"]), np.asarray(g_full["norm"]["scale"]),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(g_frozen["norm"]["scale"]), np.asarray(g_full["norm"]["scale"]), rtol=1e-5, atol=1e-7
+    )
     if not tied:  # an untied output layer sits above every block: it trains
         assert np.abs(np.asarray(g_frozen["lm_head"]["kernel"])).max() > 0.0
 
 
 def test_optimizer_leaves_frozen_params_unchanged_even_with_weight_decay():
-    optim = ml_collections.ConfigDict({"lr": 1e-2, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "b1": 0.9,
-                                       "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "clip": 1.0})
+    optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "min_lr_ratio": 1.0,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "clip": 1.0,
+        }
+    )
     params = nnx.to_pure_dict(nnx.state(Decoder(_cfg(2), rngs=nnx.Rngs(0))))
     grads = jax.tree.map(jnp.ones_like, params)
     tx, _ = train.make_optimizer(optim, 10, frozen_layers=2)
@@ -65,8 +86,9 @@ def test_optimizer_leaves_frozen_params_unchanged_even_with_weight_decay():
     for a, b in zip(jax.tree.leaves(params["layers"]), jax.tree.leaves(new["layers"])):
         np.testing.assert_array_equal(np.asarray(a[:2]), np.asarray(b[:2]))
         assert not np.array_equal(np.asarray(a[2:]), np.asarray(b[2:]))
-    np.testing.assert_array_equal(np.asarray(params["embed_tokens"]["embedding"]),
-                                  np.asarray(new["embed_tokens"]["embedding"]))
+    np.testing.assert_array_equal(
+        np.asarray(params["embed_tokens"]["embedding"]), np.asarray(new["embed_tokens"]["embedding"])
+    )
 
 
 def test_frozen_layers_must_leave_a_trainable_block():

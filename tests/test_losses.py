@@ -42,7 +42,9 @@ def test_robust(logps, ls):
     got = losses.robust_loss(*map(jnp.asarray, logps), beta, ls)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
     if ls:  # robust differs from cDPO once there is smoothing
-        assert not np.allclose(np.asarray(got), np.asarray(losses.sigmoid_loss(*map(jnp.asarray, logps), beta, ls)))
+        assert not np.allclose(
+            np.asarray(got), np.asarray(losses.sigmoid_loss(*map(jnp.asarray, logps), beta, ls))
+        )
 
 
 def test_hinge(logps):
@@ -59,8 +61,12 @@ def test_ipo_length_averaged(logps):
     nr = np.arange(16, 0, -1, dtype=np.float64) * 2
     pc, pr, rc, rr = logps
     want = ((pc / nc - pr / nr) - (rc / nc - rr / nr) - 1 / (2 * beta)) ** 2
-    got = losses.dpo_per_pair(*map(jnp.asarray, logps), {"type": "ipo", "beta": beta},
-                              chosen_tokens=jnp.asarray(nc), rejected_tokens=jnp.asarray(nr))
+    got = losses.dpo_per_pair(
+        *map(jnp.asarray, logps),
+        {"type": "ipo", "beta": beta},
+        chosen_tokens=jnp.asarray(nc),
+        rejected_tokens=jnp.asarray(nr),
+    )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         losses.dpo_per_pair(*map(jnp.asarray, logps), {"type": "ipo", "beta": beta})
@@ -71,9 +77,11 @@ def test_sft_term_added(logps, norm):
     pc = logps[0]
     n = np.full(16, 7.0)
     base = losses.dpo_per_pair(*map(jnp.asarray, logps), {"type": "sigmoid", "beta": 0.1})
-    got = losses.dpo_per_pair(*map(jnp.asarray, logps),
-                              {"type": "sigmoid", "beta": 0.1, "sft_weight": 0.5, "sft_norm": norm},
-                              chosen_tokens=jnp.asarray(n))
+    got = losses.dpo_per_pair(
+        *map(jnp.asarray, logps),
+        {"type": "sigmoid", "beta": 0.1, "sft_weight": 0.5, "sft_norm": norm},
+        chosen_tokens=jnp.asarray(n),
+    )
     nll = -pc / n if norm == "length" else -pc
     np.testing.assert_allclose(np.asarray(got) - np.asarray(base), 0.5 * nll, rtol=1e-5)
 
@@ -83,8 +91,9 @@ def test_dpo_loss_metrics_masked(logps):
     mask = np.ones(16)
     mask[-3:] = 0
     beta = 0.1
-    loss, m = losses.dpo_loss(*map(jnp.asarray, logps), {"type": "sigmoid", "beta": beta},
-                              pair_mask=jnp.asarray(mask))
+    loss, m = losses.dpo_loss(
+        *map(jnp.asarray, logps), {"type": "sigmoid", "beta": beta}, pair_mask=jnp.asarray(mask)
+    )
     keep = mask == 1
     want = np.mean(-_np_logsig(beta * _h(*logps))[keep])
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
@@ -124,10 +133,16 @@ def test_sequence_logps_matches_log_softmax(chunk):
     want = losses.token_logps_from_logits(h @ w, ids, mask)
     # direct NumPy transcription too, so the reference itself is checked
     lg = np.asarray(h @ w, np.float64)
-    lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+    lp = (
+        lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+    )
     ids_np, m_np = np.asarray(ids), np.asarray(mask)
-    ref = np.array([sum(lp[b, t - 1, ids_np[b, t]] * m_np[b, t] for t in range(1, ids.shape[1]))
-                    for b in range(ids.shape[0])])
+    ref = np.array(
+        [
+            sum(lp[b, t - 1, ids_np[b, t]] * m_np[b, t] for t in range(1, ids.shape[1]))
+            for b in range(ids.shape[0])
+        ]
+    )
     np.testing.assert_allclose(np.asarray(want), ref, rtol=1e-5, atol=1e-4)
     got = losses.sequence_logps(h, w, ids, mask, chunk=chunk)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-4)
@@ -162,7 +177,7 @@ def _response_masks(b=4, t=40, seed=0):
     mask = np.zeros((b, t), np.int32)
     for r in range(b - 1):
         start = int(rng.integers(1, t - 4))
-        mask[r, start:start + int(rng.integers(1, t - start))] = 1
+        mask[r, start : start + int(rng.integers(1, t - start))] = 1
     mask[-1, -1] = 1  # a response that ends on the last position
     return mask
 
@@ -175,15 +190,20 @@ def test_window_logps_equals_full_sequence(chunk):
     R = idx.shape[-1]
     span = max(int(np.flatnonzero(m).max() - np.flatnonzero(m).min() + 1) for m in mask if m.any())
     T = ids.shape[1]
-    step = 8 * -(-(-(-(T - 1) // 8)) // 8)  # T/8 rounded up to a multiple of 8
-    assert R >= span and R in (max(16, step * -(-span // step)), T - 1)
+    step = 8 * -(-(-(-(T - 1) // 8)) // 8)  # noqa: B002 (ceiling division) T/8 rounded up to a multiple of 8
+    assert span <= R and R in (max(16, step * -(-span // step)), T - 1)
     want = losses.sequence_logps(h, w, ids, jnp.asarray(mask))
     got = losses.window_logps(h, w, ids, jnp.asarray(mask), jnp.asarray(idx), chunk=chunk)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     # gradients too: the window's gather must route them to the same positions
-    g_full = jax.grad(lambda h: jnp.sum(losses.sequence_logps(h, w, ids, jnp.asarray(mask)) * jnp.arange(1.0, 5.0)))(h)
-    g_win = jax.grad(lambda h: jnp.sum(losses.window_logps(h, w, ids, jnp.asarray(mask), jnp.asarray(idx))
-                                       * jnp.arange(1.0, 5.0)))(h)
+    g_full = jax.grad(
+        lambda h: jnp.sum(losses.sequence_logps(h, w, ids, jnp.asarray(mask)) * jnp.arange(1.0, 5.0))
+    )(h)
+    g_win = jax.grad(
+        lambda h: jnp.sum(
+            losses.window_logps(h, w, ids, jnp.asarray(mask), jnp.asarray(idx)) * jnp.arange(1.0, 5.0)
+        )
+    )(h)
     np.testing.assert_allclose(np.asarray(g_win), np.asarray(g_full), rtol=1e-5, atol=1e-5)
 
 
@@ -199,5 +219,15 @@ def test_scored_window_shape_and_rows_without_scores():
     m512 = np.zeros((1, 512), np.int32)
     m512[0, 128:] = 1
     assert losses.scored_window(m512).shape == (1, 384)
-    assert len({losses.scored_window(m512[:, :k] * 0 + np.eye(1, k, k - s, dtype=np.int32).cumsum(-1)).shape[-1]
-                for k in (512,) for s in range(1, 511)}) <= 8
+    assert (
+        len(
+            {
+                losses.scored_window(m512[:, :k] * 0 + np.eye(1, k, k - s, dtype=np.int32).cumsum(-1)).shape[
+                    -1
+                ]
+                for k in (512,)
+                for s in range(1, 511)
+            }
+        )
+        <= 8
+    )

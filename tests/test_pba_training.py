@@ -32,8 +32,15 @@ TINY_PBA = os.path.join(ROOT, "configs", "tiny_pba.py")
 
 
 def _tiny_model(seed=0, vocab=97):
-    cfg = DecoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -45,11 +52,11 @@ def _batch(B=4, T=24, P=16, vocab=97, seed=0, dummies=0):
     loss = np.zeros((2 * B, T), np.int32)
     for r in range(2 * B):
         p, n = int(rng.integers(3, 8)), int(rng.integers(4, T - 8))
-        attn[r, :p + n] = 1
-        loss[r, p:p + n] = 1
+        attn[r, : p + n] = 1
+        loss[r, p : p + n] = 1
     pmask = np.zeros((B, P), np.int32)
     for r in range(B):
-        pmask[r, :int(rng.integers(4, P + 1))] = 1
+        pmask[r, : int(rng.integers(4, P + 1))] = 1
     pair_mask = np.ones((B,), np.int32)
     if dummies:
         pair_mask[-dummies:] = 0
@@ -57,20 +64,37 @@ def _batch(B=4, T=24, P=16, vocab=97, seed=0, dummies=0):
             attn[r] = 0
             attn[r, 0] = 1
             loss[r] = 0
-        pmask[B - dummies:] = 0
-        pmask[B - dummies:, 0] = 1
+        pmask[B - dummies :] = 0
+        pmask[B - dummies :, 0] = 1
     pos = np.where(attn == 1, np.arange(T)[None], 0).astype(np.int32)
     # the persona decides the direction (a learnable map): dims follow the first persona token's parity
     persona = rng.integers(1, vocab, size=(B, P)).astype(np.int32)
     direction = np.full((B, 90), 0.5, np.float32)
     direction[:, :30] = (persona[:, :1] % 2).astype(np.float32)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": pos, "pair_mask": pair_mask,
-            "persona_ids": persona, "persona_mask": pmask, "direction": direction}
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "loss_mask": loss,
+        "positions": pos,
+        "pair_mask": pair_mask,
+        "persona_ids": persona,
+        "persona_mask": pmask,
+        "direction": direction,
+    }
 
 
 def _loss_cfg():
-    return ml_collections.ConfigDict({"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
-                                      "sft_norm": "length", "logps_chunk": 7, "reference": "on_the_fly"})
+    return ml_collections.ConfigDict(
+        {
+            "type": "sigmoid",
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "sft_norm": "length",
+            "logps_chunk": 7,
+            "reference": "on_the_fly",
+        }
+    )
 
 
 def _pba_cfg(**kw):
@@ -89,14 +113,33 @@ def joint():
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), policy)
     head = ph.PreferenceHead(ph.HeadConfig(embed_dim=32, hidden=16, max_persona_tokens=16), rngs=nnx.Rngs(1))
     hcodec = train.HeadCodec.of(head)
-    optim = ml_collections.ConfigDict({"lr": 1e-2, "warmup_ratio": 0.0, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
-                                       "eps": 1e-8, "weight_decay": 0.0, "clip": 1.0})
+    optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "min_lr_ratio": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "clip": 1.0,
+        }
+    )
     tx, _ = train.make_optimizer(optim, 10)
-    pba = {"sg": _pba_cfg(stop_gradient=True, weight=1.0), "w0": _pba_cfg(stop_gradient=True, weight=0.0),
-           "full": _pba_cfg(stop_gradient=False, weight=1.0)}
+    pba = {
+        "sg": _pba_cfg(stop_gradient=True, weight=1.0),
+        "w0": _pba_cfg(stop_gradient=True, weight=0.0),
+        "full": _pba_cfg(stop_gradient=False, weight=1.0),
+    }
     htx = train.make_head_optimizer(_pba_cfg(lr=3e-2))  # a fast head: 15 steps must show learning
-    steps = {name: jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False, head_codec=hcodec,
-                                                 head_tx=htx, pba_cfg=c)) for name, c in pba.items()}
+    steps = {
+        name: jax.jit(
+            train.make_train_step(
+                codec, tx, _loss_cfg(), precomputed=False, head_codec=hcodec, head_tx=htx, pba_cfg=c
+            )
+        )
+        for name, c in pba.items()
+    }
     steps["dpo"] = jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False))
     params = {"policy": policy, "head": train.HeadCodec.params(head)}
     opt = {"policy": tx.init(policy), "head": htx.init(params["head"])}
@@ -138,7 +181,9 @@ def test_stop_gradient_joint_step_moves_policy_exactly_like_weight_0(joint):
     assert _max_diff(p_sg["head"], joint["params"]["head"]) > 1e-3
     assert _max_diff(p_w0["head"], joint["params"]["head"]) < 1e-5
     assert float(m_sg["head_grad_norm"]) > 0 and float(m_w0["head_grad_norm"]) == 0.0
-    np.testing.assert_allclose(float(m_sg["total_loss"]), float(m_sg["loss"]) + float(m_sg["head_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(m_sg["total_loss"]), float(m_sg["loss"]) + float(m_sg["head_loss"]), rtol=1e-6
+    )
     np.testing.assert_allclose(float(m_w0["total_loss"]), float(m_w0["loss"]), rtol=1e-6)
     assert float(m_sg["pairs"]) == 3.0
 
@@ -160,15 +205,21 @@ def test_stop_gradient_matches_plain_dpo_and_its_absence_pulls_the_policy(joint)
 def test_joint_head_metrics_do_not_depend_on_microbatching(joint):
     b = _batch(B=4, dummies=1, seed=2)
     step = joint["steps"]["sg"]
-    _, _, m1 = step(_copy(joint["params"]), _copy(joint["opt"]), joint["ref"], train.to_microbatches(b, 1, head=True))
-    _, _, m2 = step(_copy(joint["params"]), _copy(joint["opt"]), joint["ref"], train.to_microbatches(b, 2, head=True))
+    _, _, m1 = step(
+        _copy(joint["params"]), _copy(joint["opt"]), joint["ref"], train.to_microbatches(b, 1, head=True)
+    )
+    _, _, m2 = step(
+        _copy(joint["params"]), _copy(joint["opt"]), joint["ref"], train.to_microbatches(b, 2, head=True)
+    )
     for k in ("head_loss", "head_accuracy", "head_accuracy_non_neutral", "loss", "total_loss"):
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-6)
     # against the head's own metrics on the 3 real rows, computed directly
     model = train.ParamsCodec.of(_tiny_model()).module(joint["params"]["policy"])
     head = _head_like(joint["params"]["head"])
-    logits = head(model.hidden_states(jnp.asarray(b["persona_ids"][:3]), jnp.asarray(b["persona_mask"][:3])),
-                  jnp.asarray(b["persona_mask"][:3]))
+    logits = head(
+        model.hidden_states(jnp.asarray(b["persona_ids"][:3]), jnp.asarray(b["persona_mask"][:3])),
+        jnp.asarray(b["persona_mask"][:3]),
+    )
     labels = ph.direction_to_labels(b["direction"][:3])
     hit = np.asarray(jnp.argmax(logits, -1)) == labels
     np.testing.assert_allclose(float(m1["head_accuracy"]), hit.mean(), rtol=1e-6)
@@ -193,13 +244,16 @@ def test_joint_steps_reduce_the_head_loss(joint):
     assert float(m["head_loss"]) < 0.6 * first, (first, float(m["head_loss"]))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.pba.mode=both", "pba.mode='both'"),
-    ("--config.pba.preference=oracle", "pba.preference='oracle'"),
-    ("--config.pba.mix_predicted=1.5", "pba.mix_predicted"),
-    ("--config.pba.focal_gamma=-1.0", "pba.focal_gamma"),
-    ("--config.pba.max_persona_tokens=2048", "pba.max_persona_tokens=2048 exceeds"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.pba.mode=both", "pba.mode='both'"),
+        ("--config.pba.preference=oracle", "pba.preference='oracle'"),
+        ("--config.pba.mix_predicted=1.5", "pba.mix_predicted"),
+        ("--config.pba.focal_gamma=-1.0", "pba.focal_gamma"),
+        ("--config.pba.max_persona_tokens=2048", "pba.max_persona_tokens=2048 exceeds"),
+    ],
+)
 def test_validate_config_pba_errors(override, message):
     cfg = load_config(TINY_PBA, ["--config.workdir=/tmp/x", override])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
@@ -208,8 +262,16 @@ def test_validate_config_pba_errors(override, message):
 
 @pytest.mark.parametrize("preference", ["golden", "predicted", "mix"])
 def test_validate_config_accepts_pba_preferences(preference):
-    train.validate_config(load_config(TINY_PBA, ["--config.workdir=/tmp/x", f"--config.pba.preference={preference}",
-                                                 "--config.pba.mode=two_stage"]))
+    train.validate_config(
+        load_config(
+            TINY_PBA,
+            [
+                "--config.workdir=/tmp/x",
+                f"--config.pba.preference={preference}",
+                "--config.pba.mode=two_stage",
+            ],
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- import / export round trip
@@ -220,13 +282,23 @@ def test_import_then_export_keeps_the_head_bit_exact(tmp_path):
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer()
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     src = str(tmp_path / "src")
     hf.save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), src, tokenizer_dir=TINY_TOKENIZER_DIR)
-    head = ph.PreferenceHead(ph.HeadConfig(embed_dim=32, hidden=16, pooling="last", max_persona_tokens=64),
-                             rngs=nnx.Rngs(3))
+    head = ph.PreferenceHead(
+        ph.HeadConfig(embed_dim=32, hidden=16, pooling="last", max_persona_tokens=64), rngs=nnx.Rngs(3)
+    )
     ph.save_head(head, None, src)
     ck, out = str(tmp_path / "ck"), str(tmp_path / "out")
     hf.cli_import(argparse.Namespace(hf=src, out=ck, dtype="float32"))
@@ -246,9 +318,18 @@ def test_import_rejects_a_head_of_another_width(tmp_path):
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer()
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     src = str(tmp_path / "src")
     hf.save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), src, tokenizer_dir=TINY_TOKENIZER_DIR)
     ph.save_head(ph.PreferenceHead(ph.HeadConfig(embed_dim=48, hidden=8), rngs=nnx.Rngs(0)), None, src)
@@ -259,14 +340,24 @@ def test_import_rejects_a_head_of_another_width(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI end to end (slow)
 
-SMALL = ["--config.model.init.hidden_size=32", "--config.model.init.intermediate_size=64",
-         "--config.model.init.head_dim=8", "--config.data.max_length=128", "--config.data.buckets=(128,)",
-         "--config.loss.logps_chunk=64", "--config.train.global_batch=8", "--config.train.micro_batch=4",
-         "--config.train.progress=false", "--config.pba.max_persona_tokens=128"]
+SMALL = [
+    "--config.model.init.hidden_size=32",
+    "--config.model.init.intermediate_size=64",
+    "--config.model.init.head_dim=8",
+    "--config.data.max_length=128",
+    "--config.data.buckets=(128,)",
+    "--config.loss.logps_chunk=64",
+    "--config.train.global_batch=8",
+    "--config.train.micro_batch=4",
+    "--config.train.progress=false",
+    "--config.pba.max_persona_tokens=128",
+]
 
 
 def _env(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)
@@ -274,8 +365,14 @@ def _env(tmp_path):
 
 
 def _alignx(args, tmp_path, timeout=900):
-    return subprocess.run([sys.executable, "-m", "alignx_jax", *args], env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "alignx_jax", *args],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def _records(workdir):
@@ -286,15 +383,34 @@ def _records(workdir):
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("pba_synth") / "users"
-    r = subprocess.run([sys.executable, "-m", "alignx_jax", "synth", "--out", str(out), "--users", "8",
-                        "--pairs-per-user", "4", "--seed", "1"], env=_env(out.parent), capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignx_jax",
+            "synth",
+            "--out",
+            str(out),
+            "--users",
+            "8",
+            "--pairs-per-user",
+            "4",
+            "--seed",
+            "1",
+        ],
+        env=_env(out.parent),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return str(out)
 
 
 def _restore_head_item(workdir, step):
     import orbax.checkpoint as ocp
+
     path = os.path.join(workdir, "checkpoints", str(step), "head")
     with ocp.StandardCheckpointer() as ck:
         return ck.restore(path)
@@ -303,8 +419,18 @@ def _restore_head_item(workdir, step):
 @pytest.mark.slow
 def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
     w = tmp_path / "joint"
-    r = _alignx(["train", f"--config={TINY_PBA}", f"--config.workdir={w}", f"--config.data.train={synth_data}", *SMALL,
-                 "--config.train.steps=8", "--config.checkpoint.every_steps=4"], tmp_path)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY_PBA}",
+            f"--config.workdir={w}",
+            f"--config.data.train={synth_data}",
+            *SMALL,
+            "--config.train.steps=8",
+            "--config.checkpoint.every_steps=4",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(w)
     assert sorted(recs) == list(range(1, 9))
@@ -325,12 +451,32 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
         np.testing.assert_array_equal(np.asarray(getattr(head, name).get_value()), np.asarray(arr))
     # transformers still loads the policy folder unchanged (the head files are ignored)
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(str(out))
 
     res = tmp_path / "eval.json"
-    r = _alignx(["eval", "--model", str(out), "--method", "pba", "--preference", "predicted", "--benchmark",
-                 f"alignx={synth_data}", "--persona", "p", "--limit", "8", "--max-length", "256",
-                 "--out", str(res)], tmp_path)
+    r = _alignx(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--method",
+            "pba",
+            "--preference",
+            "predicted",
+            "--benchmark",
+            f"alignx={synth_data}",
+            "--persona",
+            "p",
+            "--limit",
+            "8",
+            "--max-length",
+            "256",
+            "--out",
+            str(res),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     block = json.loads(res.read_text())["preference_head"]
     agree = block["agreement_with_golden"]["alignx/p"]
@@ -350,9 +496,21 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     from alignx_jax.tokenizer import load_tokenizer
 
     w = tmp_path / "two"
-    r = _alignx(["train", f"--config={TINY_PBA}", f"--config.workdir={w}", f"--config.data.train={synth_data}", *SMALL,
-                 "--config.train.steps=3", "--config.checkpoint.every_steps=2", "--config.pba.mode=two_stage",
-                 "--config.pba.preference=mix", "--config.pba.mix_predicted=0.5"], tmp_path)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY_PBA}",
+            f"--config.workdir={w}",
+            f"--config.data.train={synth_data}",
+            *SMALL,
+            "--config.train.steps=3",
+            "--config.checkpoint.every_steps=2",
+            "--config.pba.mode=two_stage",
+            "--config.pba.preference=mix",
+            "--config.pba.mix_predicted=0.5",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "first-stage preference head" in r.stderr
     pred = np.load(w / train.PREDICTED_FILE)
@@ -367,27 +525,51 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     head, hcfg = ph.load_head(str(out))
     # the fitted head beats a fresh one on the frozen final policy's features
     from alignx_jax.data.schema import load_rows
+
     rows, _ = load_rows(synth_data)
     model = load_pretrained(str(out), dtype="float32")
-    feats = ph.persona_features(model, load_tokenizer(str(out)), rows, pooling=hcfg.pooling,
-                                variant=hcfg.persona_variant, max_tokens=hcfg.max_persona_tokens)
+    feats = ph.persona_features(
+        model,
+        load_tokenizer(str(out)),
+        rows,
+        pooling=hcfg.pooling,
+        variant=hcfg.persona_variant,
+        max_tokens=hcfg.max_persona_tokens,
+    )
     fresh = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0))
     assert full_loss(head, feats, rows) < 0.8 * full_loss(fresh, feats, rows)
 
 
 @pytest.mark.slow
 def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
-    args = [f"--config.data.train={synth_data}", *SMALL, "--config.train.steps=6",
-            "--config.checkpoint.every_steps=100"]
+    args = [
+        f"--config.data.train={synth_data}",
+        *SMALL,
+        "--config.train.steps=6",
+        "--config.checkpoint.every_steps=100",
+    ]
     full = tmp_path / "full"
     r = _alignx(["train", f"--config={TINY_PBA}", f"--config.workdir={full}", *args], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     want = _records(full)
 
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, "-m", "alignx_jax", "train", f"--config={TINY_PBA}",
-                             f"--config.workdir={part}", *args], env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alignx_jax",
+            "train",
+            f"--config={TINY_PBA}",
+            f"--config.workdir={part}",
+            *args,
+        ],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     metrics = part / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -14,8 +14,14 @@ import pytest
 from alignx_jax.data import persona
 from alignx_jax.errors import DataError
 
-PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                      "benchmarks", "p-soups", "student_phd.json")
+PSOUPS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "benchmarks",
+    "p-soups",
+    "student_phd.json",
+)
 
 
 def test_preference_space():
@@ -75,8 +81,8 @@ def _vectors(n: int, sums: dict[int, float]) -> np.ndarray:
 
 def test_release_direction_thresholds():
     v = np.full((5, 90), 0.5)
-    v[:, 1] = [1, 1, 1, 0, 0]   # mean 0.6 -> 1 (inclusive)
-    v[:, 2] = [1, 1, 0, 0, 0]   # mean 0.4 -> 0 (inclusive)
+    v[:, 1] = [1, 1, 1, 0, 0]  # mean 0.6 -> 1 (inclusive)
+    v[:, 2] = [1, 1, 0, 0, 0]  # mean 0.4 -> 0 (inclusive)
     v[:, 3] = [1, 1, 0.5, 0, 0]  # mean 0.5 -> 0.5
     v[:, 4] = [1, 1, 1, 0.5, 0]  # mean 0.7 -> 1
     v[:, 5] = [1, 0.5, 0.5, 0, 0]  # mean 0.4 -> 0
@@ -111,8 +117,8 @@ def test_release_direction_exact_tie_takes_min_branch():
     np.testing.assert_array_equal(persona.release_direction(v), expected)
     # Same tie with n=7 (1/14 steps, not exact in binary): still the min branch.
     v = np.full((7, 90), 0.5)
-    v[0, 11] = 1.0   # mean 8/14
-    v[0, 40] = 0.0   # mean 6/14
+    v[0, 11] = 1.0  # mean 8/14
+    v[0, 40] = 0.0  # mean 6/14
     expected = np.full(90, 0.5)
     expected[40] = 0
     np.testing.assert_array_equal(persona.release_direction(v), expected)
@@ -130,20 +136,25 @@ def test_history_direction():
     a, b = base.copy(), base.copy()
     a[3], b[3] = 1, 1
     a[8], b[8] = 0, 1
-    row = {"User-Generated Content": [{"prompt": "p", "comment": "c", "Preference Direction": a.tolist()}],
-           "Pair-wise Comparative Feedback": [{"prompt": "p", "chosen": "x", "rejected": "y",
-                                               "Preference Direction": b.tolist()},
-                                              {"prompt": "p", "chosen": "x", "rejected": "y",
-                                               "Preference Direction": None}]}
+    row = {
+        "User-Generated Content": [{"prompt": "p", "comment": "c", "Preference Direction": a.tolist()}],
+        "Pair-wise Comparative Feedback": [
+            {"prompt": "p", "chosen": "x", "rejected": "y", "Preference Direction": b.tolist()},
+            {"prompt": "p", "chosen": "x", "rejected": "y", "Preference Direction": None},
+        ],
+    }
     np.testing.assert_array_equal(persona.history_direction(row), persona.release_direction(np.stack([a, b])))
     assert persona.history_direction(row)[3] == 1 and persona.history_direction(row)[8] == 0.5
     assert persona.history_direction({"Pair-wise Comparative Feedback": [{"prompt": "p"}]}) is None
 
 
 def _history_row(n_ugc: int, n_pair: int) -> dict:
-    return {"User-Generated Content": [{"prompt": f"u{i}", "comment": "c"} for i in range(n_ugc)],
-            "Pair-wise Comparative Feedback": [{"prompt": f"p{i}", "chosen": "x", "rejected": "y"}
-                                               for i in range(n_pair)]}
+    return {
+        "User-Generated Content": [{"prompt": f"u{i}", "comment": "c"} for i in range(n_ugc)],
+        "Pair-wise Comparative Feedback": [
+            {"prompt": f"p{i}", "chosen": "x", "rejected": "y"} for i in range(n_pair)
+        ],
+    }
 
 
 def test_sample_history_distribution():
@@ -186,26 +197,43 @@ def test_row_rng_is_deterministic_and_keyed():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, d)
     # String keys must not depend on Python's per-process hash salt.
-    code = ("from alignx_jax.data.persona import row_rng; "
-            "print(row_rng(7, ('user-x', -2)).integers(0, 1 << 30))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": str(s)}).stdout for s in (1, 2)}
+    code = (
+        "from alignx_jax.data.persona import row_rng; print(row_rng(7, ('user-x', -2)).integers(0, 1 << 30))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(s)},
+        ).stdout
+        for s in (1, 2)
+    }
     assert outs == {f"{persona.row_rng(7, ('user-x', -2)).integers(0, 1 << 30)}\n"}
 
 
 ROW = {
     "prompt": "What should I cook?",
     "Demographic Information": "I am a 30-year-old nurse.",
-    "User-Generated Content": [{"prompt": "Best pasta?", "comment": "Carbonara, always."},
-                               {"prompt": "Tea or coffee?", "comment": ""}],
-    "Pair-wise Comparative Feedback": [{"prompt": "Weekend plans?", "chosen": "Hiking.", "rejected": "Sleeping."}],
+    "User-Generated Content": [
+        {"prompt": "Best pasta?", "comment": "Carbonara, always."},
+        {"prompt": "Tea or coffee?", "comment": ""},
+    ],
+    "Pair-wise Comparative Feedback": [
+        {"prompt": "Weekend plans?", "chosen": "Hiking.", "rejected": "Sleeping."}
+    ],
 }
 
-UGC_BLOCK = ("**This person has commented on some posts:**\n\n"
-             "1. *Post:*\nBest pasta?\n\n*Comment:*\nCarbonara, always.\n\n"
-             "2. *Post:*\nTea or coffee?\n\n*Comment:*\n\n\n")
-PAIR_BLOCK = ("**This person has chosen or rejected comments on some posts:**\n\n"
-              "1. *Post:*\nWeekend plans?\n\n*Chosen:*\nHiking.\n\n*Rejected:*\nSleeping.\n\n")
+UGC_BLOCK = (
+    "**This person has commented on some posts:**\n\n"
+    "1. *Post:*\nBest pasta?\n\n*Comment:*\nCarbonara, always.\n\n"
+    "2. *Post:*\nTea or coffee?\n\n*Comment:*\n\n\n"
+)
+PAIR_BLOCK = (
+    "**This person has chosen or rejected comments on some posts:**\n\n"
+    "1. *Post:*\nWeekend plans?\n\n*Chosen:*\nHiking.\n\n*Rejected:*\nSleeping.\n\n"
+)
 
 
 def test_persona_text_variants():

@@ -13,8 +13,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
 # short sequences and a small batch keep the compiles to seconds
-SMALL = ["--config.data.max_length=128", "--config.data.buckets=(128,)", "--config.train.global_batch=4",
-         "--config.train.micro_batch=2", "--config.loss.logps_chunk=64"]
+SMALL = [
+    "--config.data.max_length=128",
+    "--config.data.buckets=(128,)",
+    "--config.train.global_batch=4",
+    "--config.train.micro_batch=2",
+    "--config.loss.logps_chunk=64",
+]
 
 
 def test_parse_topology():
@@ -26,7 +31,7 @@ def test_parse_topology():
     t = parse_topology("8xH100")
     assert (t.num_devices, t.bytes_per_device, t.platform) == (8, 80 * GiB, "gpu")
     t = parse_topology("4@512MiB")
-    assert (t.num_devices, t.bytes_per_device) == (4, 512 * 1024 ** 2)
+    assert (t.num_devices, t.bytes_per_device) == (4, 512 * 1024**2)
     with pytest.raises(ConfigError, match="unknown topology"):
         parse_topology("v9-12")
 
@@ -35,7 +40,9 @@ def test_llama3_8b_preset_needs_no_weights():
     from alignx_jax.config import load_config
     from alignx_jax.plan import analytic_bytes, decoder_config_for
 
-    cfg = load_config(os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"), ["--config.model.hf_path=llama3-8b"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"), ["--config.model.hf_path=llama3-8b"]
+    )
     d = decoder_config_for(cfg)
     assert (d.num_hidden_layers, d.hidden_size, d.num_key_value_heads, d.vocab_size) == (32, 4096, 8, 128256)
     assert d.dtype == "bfloat16" and d.remat == "full"
@@ -81,14 +88,17 @@ def test_plan_matches_a_real_train_state():
     assert abs(planned_state - real_state) <= 0.01 * real_state + 1024, (planned_state, real_state)
 
     T = 128
-    host = {k: np.zeros((2, 2, 2, T), np.int32) for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
+    host = {
+        k: np.zeros((2, 2, 2, T), np.int32) for k in ("input_ids", "attention_mask", "positions", "loss_mask")
+    }
     host["pair_mask"] = np.ones((2, 2), np.int32)
     batch = train.put_batch(host, train.batch_shardings(host, mesh, rules))
     step = jax.jit(train.make_train_step(codec, tx, cfg.loss, precomputed=False), donate_argnums=(0, 1))
     with shd.use_mesh(mesh, rules):
         ma = step.lower(params, opt_state, ref, batch).compile().memory_analysis()
-    real_total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                  + ma.temp_size_in_bytes)
+    real_total = (
+        ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    )
     # stated factor: the plan's per-device total is within 1.25x of the real executable's
     assert real_total / 1.25 <= c["total"] <= real_total * 1.25, (c["total"], real_total)
     # the analytic estimate is rough but of the right order
@@ -106,14 +116,22 @@ def test_plan_that_does_not_fit_fails_with_numbers(capsys, tmp_path):
     assert rc == 1
     assert "needs" in err and "1.0 MiB" in err and "temporaries" in err and "Traceback" not in err
     report = json.loads(out.read_text())  # the report is written even when it does not fit
-    assert report["fits"] is False and report["per_device_bytes"]["total"] > 1024 ** 2
+    assert report["fits"] is False and report["per_device_bytes"]["total"] > 1024**2
 
 
 def test_unknown_model_path_is_a_config_error(capfd):
     from alignx_jax.cli import main
 
-    rc = main(["plan", "--config", os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"),
-               "--config.model.hf_path=/no/such/model", "--topology", "8xH100"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"),
+            "--config.model.hf_path=/no/such/model",
+            "--topology",
+            "8xH100",
+        ]
+    )
     assert rc == 1 and "preset" in capfd.readouterr().err
 
 
@@ -150,10 +168,28 @@ def test_plan_cli_on_eight_stand_in_devices(tmp_path):
     """The CLI provides 8 fake CPU devices (fresh process) and FSDP splits the params 8 ways."""
     out = tmp_path / "plan8.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    r = subprocess.run([sys.executable, "-m", "alignx_jax", "plan", "--config", TINY, *SMALL,
-                        "--config.train.micro_batch=4", "--config.train.global_batch=8",
-                        "--topology", "8@1GiB", "--json", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignx_jax",
+            "plan",
+            "--config",
+            TINY,
+            *SMALL,
+            "--config.train.micro_batch=4",
+            "--config.train.global_batch=8",
+            "--topology",
+            "8@1GiB",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["num_devices"] == 8 and rep["mesh"]["fsdp"] == 8
@@ -184,9 +220,22 @@ def test_the_issue_command_plans_the_tpu_config_without_weights_or_flags(tmp_pat
     its architecture (`model.preset`) and topology (`plan.topology`), so no path or flag is needed."""
     out = tmp_path / "plan.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    r = subprocess.run([sys.executable, "-m", "alignx_jax", "plan",
-                        "--config=" + os.path.join(ROOT, "configs", "llama3_8b_pba_tpu_v5p_64.py"), "--json", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignx_jax",
+            "plan",
+            "--config=" + os.path.join(ROOT, "configs", "llama3_8b_pba_tpu_v5p_64.py"),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["topology"] == "v5p-64" and rep["num_devices"] == 32 and rep["mesh"]["fsdp"] == 32
@@ -199,8 +248,16 @@ def test_the_issue_command_plans_the_tpu_config_without_weights_or_flags(tmp_pat
 def test_unknown_preset_names_model_preset(capfd):
     from alignx_jax.cli import main
 
-    rc = main(["plan", "--config", os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"),
-               "--config.model.preset=llama9-1t", "--topology", "8xH100"])
+    rc = main(
+        [
+            "plan",
+            "--config",
+            os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py"),
+            "--config.model.preset=llama9-1t",
+            "--topology",
+            "8xH100",
+        ]
+    )
     err = capfd.readouterr().err
     assert rc == 1 and "model.preset='llama9-1t' is neither a folder nor a preset" in err
     assert len(err.strip().splitlines()) == 1

@@ -37,10 +37,18 @@ def tok():
 def tiny_decoder(tok, hidden: int = 32, layers: int = 1, seed: int = 0):
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=hidden // 4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -82,8 +90,12 @@ def test_output_shape_axes_and_pooling():
     logits = head(h, mask)
     assert logits.shape == (3, 90, 3) and logits.dtype == jnp.float32
     axes = {n: variable_axes(getattr(head, n)) for n in ("w_in", "b_in", "w_out", "b_out")}
-    assert axes == {"w_in": ("embed", "mlp"), "b_in": ("mlp",), "w_out": ("mlp", "pref_dims", "pref_classes"),
-                    "b_out": ("pref_dims", "pref_classes")}
+    assert axes == {
+        "w_in": ("embed", "mlp"),
+        "b_in": ("mlp",),
+        "w_out": ("mlp", "pref_dims", "pref_classes"),
+        "b_out": ("pref_dims", "pref_classes"),
+    }
     # Mean pooling ignores padded positions: garbage there changes nothing.
     h2 = jnp.where(mask[..., None] == 1, h, 1e3)
     np.testing.assert_allclose(head(h2, mask), logits, rtol=1e-5, atol=1e-5)
@@ -109,8 +121,9 @@ def test_head_loss_weights_mask_and_focal():
     manual = -jnp.take_along_axis(logp, direction_to_labels(jnp.asarray(d))[..., None], -1).mean()
     np.testing.assert_allclose(ce, manual, rtol=1e-6)
     # A masked row contributes nothing: same as dropping it.
-    np.testing.assert_allclose(head_loss(logits, d, mask=np.array([1, 1, 0, 0])), head_loss(logits[:2], d[:2]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        head_loss(logits, d, mask=np.array([1, 1, 0, 0])), head_loss(logits[:2], d[:2]), rtol=1e-6
+    )
     # Class weights: up-weighting only neutral moves the loss towards the neutral entries' mean.
     nll = -jnp.take_along_axis(logp, direction_to_labels(jnp.asarray(d))[..., None], -1)[..., 0]
     neutral_mean = nll[:, 8:].mean()
@@ -125,9 +138,15 @@ def test_head_loss_weights_mask_and_focal():
 
 
 def test_predict_direction_argmax_with_ties():
-    probs = _probs({0: (0.1, 0.2, 0.7), 1: (0.6, 0.3, 0.1), 2: (0.4, 0.4, 0.2),   # neg ties neutral -> 0.5
-                    3: (0.45, 0.1, 0.45),                                           # neg ties pos -> 0.5
-                    4: (0.2, 0.4, 0.4)})                                            # pos ties neutral -> 0.5
+    probs = _probs(
+        {
+            0: (0.1, 0.2, 0.7),
+            1: (0.6, 0.3, 0.1),
+            2: (0.4, 0.4, 0.2),  # neg ties neutral -> 0.5
+            3: (0.45, 0.1, 0.45),  # neg ties pos -> 0.5
+            4: (0.2, 0.4, 0.4),
+        }
+    )  # pos ties neutral -> 0.5
     out = predict_direction(probs, rule="argmax")
     assert out.shape == (1, 90) and out.dtype == np.float32
     assert out[0, :5].tolist() == [1.0, 0.0, 0.5, 0.5, 0.5]
@@ -176,8 +195,9 @@ def test_threshold_rule_equals_release_rule_on_means():
             vecs[i, dims] = rng.choice([0.0, 1.0], size=len(dims))
         mean = vecs.mean(0)
         probs = np.stack([1 - mean, np.zeros(90), mean], -1)[None]
-        np.testing.assert_array_equal(predict_direction(probs, rule="threshold")[0], release_direction(vecs),
-                                      err_msg=f"trial {trial}")
+        np.testing.assert_array_equal(
+            predict_direction(probs, rule="threshold")[0], release_direction(vecs), err_msg=f"trial {trial}"
+        )
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -186,16 +206,16 @@ def test_threshold_rule_equals_release_rule_on_means():
 def test_head_metrics_by_hand():
     gold = np.full((2, 90), 0.5, np.float32)
     pred = gold.copy()
-    gold[0, 0], pred[0, 0] = 1.0, 1.0      # tp positive
-    gold[0, 1], pred[0, 1] = 0.0, 0.5      # missed negative
-    gold[1, 2], pred[1, 2] = 1.0, 0.0      # wrong sign
-    pred[1, 3] = 1.0                       # false positive on a neutral dim
+    gold[0, 0], pred[0, 0] = 1.0, 1.0  # tp positive
+    gold[0, 1], pred[0, 1] = 0.0, 0.5  # missed negative
+    gold[1, 2], pred[1, 2] = 1.0, 0.0  # wrong sign
+    pred[1, 3] = 1.0  # false positive on a neutral dim
     m = head_metrics(pred, gold)
     assert m["accuracy"] == pytest.approx(177 / 180)  # three wrong entries
     assert m["accuracy_non_neutral"] == pytest.approx(1 / 3)
-    f1_pos = 2 * 1 / (2 * 1 + 1 + 1)       # tp=1; fp=1 (dim3); fn=1 (row1 dim2)
-    f1_neg = 0.0                           # tp=0; fp=1; fn=1
-    f1_neu = 2 * 176 / (177 + 177)         # tp=176; 177 predicted neutral; 177 gold neutral
+    f1_pos = 2 * 1 / (2 * 1 + 1 + 1)  # tp=1; fp=1 (dim3); fn=1 (row1 dim2)
+    f1_neg = 0.0  # tp=0; fp=1; fn=1
+    f1_neu = 2 * 176 / (177 + 177)  # tp=176; 177 predicted neutral; 177 gold neutral
     assert m["f1_positive"] == pytest.approx(f1_pos)
     assert m["f1_negative"] == pytest.approx(f1_neg)
     assert m["f1_neutral"] == pytest.approx(f1_neu)
@@ -209,8 +229,9 @@ def test_heuristic_metrics_use_history_vectors(world):
     from alignx_jax.data.persona import history_direction
 
     rows = world[:10]
-    expect = head_metrics(np.stack([history_direction(r) for r in rows]),
-                          np.stack([r["Preference Direction"] for r in rows]))
+    expect = head_metrics(
+        np.stack([history_direction(r) for r in rows]), np.stack([r["Preference Direction"] for r in rows])
+    )
     got = ph.heuristic_metrics(rows + [dict(rows[0], **{"Preference Direction": None})])
     assert got == {f"heuristic_{k}": v for k, v in expect.items()}
 
@@ -248,8 +269,11 @@ def test_save_load_bit_exact_and_config(tmp_path):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), n
     meta = json.loads((tmp_path / HEAD_CONFIG_FILE).read_text())
     assert meta["label_values"] == [0.0, 0.5, 1.0] and meta["pooling"] == "last" and meta["hidden"] == 8
-    assert len(meta["dim_labels"]) == 90 and meta["dim_labels"][0] == {"index": 0, "negative": "Older",
-                                                                      "positive": "Young"}
+    assert len(meta["dim_labels"]) == 90 and meta["dim_labels"][0] == {
+        "index": 0,
+        "negative": "Older",
+        "positive": "Young",
+    }
     # A config that does not fit the tensors is a clear error.
     meta["hidden"] = 9
     (tmp_path / HEAD_CONFIG_FILE).write_text(json.dumps(meta))
@@ -258,7 +282,9 @@ def test_save_load_bit_exact_and_config(tmp_path):
 
 
 def test_folder_without_head_fails_clearly(tmp_path):
-    with pytest.raises(CheckpointError, match="--preference predicted needs a model exported with a preference head"):
+    with pytest.raises(
+        CheckpointError, match="--preference predicted needs a model exported with a preference head"
+    ):
         ph.load_head(str(tmp_path))
 
 
@@ -271,8 +297,9 @@ def test_two_stage_training_reduces_head_loss(tok, world):
     model = tiny_decoder(tok)
     before_params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     cfg = HeadConfig(embed_dim=32, hidden=32, max_persona_tokens=128)  # one padded length: one compile
-    res = train_head_two_stage(model, tok, world, cfg, steps=150, batch_size=32, class_weights=(2, 1, 2),
-                               feature_batch_size=16)
+    res = train_head_two_stage(
+        model, tok, world, cfg, steps=150, batch_size=32, class_weights=(2, 1, 2), feature_batch_size=16
+    )
     assert res.features.shape == (len(world), 32)
     untrained = PreferenceHead(cfg, rngs=nnx.Rngs(0))
     l0 = full_loss(untrained, res.features, world, class_weights=(2, 1, 2))
@@ -281,13 +308,23 @@ def test_two_stage_training_reduces_head_loss(tok, world):
     assert res.losses[-1] < res.losses[0]
     # The backbone is frozen.
     after_params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before_params), jax.tree.leaves(after_params)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before_params), jax.tree.leaves(after_params))
+    )
     # A run config's pba section works as cfg too.
     import ml_collections
 
-    run = ml_collections.ConfigDict({"pba": {"hidden": 16, "pooling": "last", "class_weights": (1.0, 1.0, 1.0),
-                                             "max_persona_tokens": 128},
-                                     "data": {"persona": "p"}})
+    run = ml_collections.ConfigDict(
+        {
+            "pba": {
+                "hidden": 16,
+                "pooling": "last",
+                "class_weights": (1.0, 1.0, 1.0),
+                "max_persona_tokens": 128,
+            },
+            "data": {"persona": "p"},
+        }
+    )
     hc = head_config_for(model, run)
     assert (hc.hidden, hc.pooling, hc.embed_dim, hc.max_persona_tokens) == (16, "last", 32, 128)
 
@@ -295,8 +332,10 @@ def test_two_stage_training_reduces_head_loss(tok, world):
 def _joint_batch(tok, rows, persona_length=64):
     from alignx_jax.data.batching import collate, make_example
 
-    exs = [make_example(tok, r, method="pba", max_length=512, persona_length=persona_length, index=i)
-           for i, r in enumerate(rows)]
+    exs = [
+        make_example(tok, r, method="pba", max_length=512, persona_length=persona_length, index=i)
+        for i, r in enumerate(rows)
+    ]
     batch = collate(exs, buckets=(64, 128, 256, 512), pad_id=tok.pad_token_id, num_pairs=len(rows) + 1)
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -311,18 +350,23 @@ def test_joint_head_term_gradients_and_descent(tok, world):
     assert batch["pair_mask"].tolist() == [1] * 6 + [0]
 
     def cfg(stop):
-        return ml_collections.ConfigDict({"pba": {"weight": 0.5, "stop_gradient": stop,
-                                                  "class_weights": (2.0, 1.0, 2.0)}})
+        return ml_collections.ConfigDict(
+            {"pba": {"weight": 0.5, "stop_gradient": stop, "class_weights": (2.0, 1.0, 2.0)}}
+        )
 
     loss, metrics = ph.joint_head_term(model, head, batch, cfg(True))
     np.testing.assert_allclose(loss, 0.5 * metrics["head_loss"], rtol=1e-6)
     assert 0.0 <= float(metrics["head_accuracy"]) <= 1.0
     # Micro-batching: with the global pair count, the terms of two halves add up to the whole's
     # (unit class weights: then the per-batch mean and the n_pairs form agree).
-    c1 = ml_collections.ConfigDict({"pba": {"weight": 1.0, "stop_gradient": True, "class_weights": (1.0, 1.0, 1.0)}})
+    c1 = ml_collections.ConfigDict(
+        {"pba": {"weight": 1.0, "stop_gradient": True, "class_weights": (1.0, 1.0, 1.0)}}
+    )
     whole = ph.joint_head_term(model, head, batch, c1)[0]
-    halves = [{k: v[sl] for k, v in batch.items() if k in ("persona_ids", "persona_mask", "direction", "pair_mask")}
-              for sl in (slice(0, 3), slice(3, 7))]
+    halves = [
+        {k: v[sl] for k, v in batch.items() if k in ("persona_ids", "persona_mask", "direction", "pair_mask")}
+        for sl in (slice(0, 3), slice(3, 7))
+    ]
     parts = [ph.joint_head_term(model, head, h, c1, n_pairs=6)[0] for h in halves]
     np.testing.assert_allclose(parts[0] + parts[1], whole, rtol=1e-5)
 
@@ -341,6 +385,7 @@ def test_joint_head_term_gradients_and_descent(tok, world):
     def step(both, opt):
         def f(both):
             return ph.joint_head_term(both["m"], both["h"], batch, cfg(False))[0]
+
         loss, grads = nnx.value_and_grad(f)(both)
         opt.update(both, grads)
         return loss
@@ -365,8 +410,15 @@ def exported(tok, world, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pba_export"))
     model = tiny_decoder(tok)
     save_hf(model, out, tokenizer_dir=TINY_TOKENIZER_DIR)
-    res = train_head_two_stage(model, tok, world, HeadConfig(embed_dim=32, hidden=32, max_persona_tokens=128),
-                               steps=60, batch_size=32, feature_batch_size=16)
+    res = train_head_two_stage(
+        model,
+        tok,
+        world,
+        HeadConfig(embed_dim=32, hidden=32, max_persona_tokens=128),
+        steps=60,
+        batch_size=32,
+        feature_batch_size=16,
+    )
     ph.save_head(res.head, res.cfg, out)
     return out, model, res.head
 
@@ -389,8 +441,10 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     from alignx_jax.data.persona import profile_text
 
     out, _, _ = exported
-    persona = {k: world[0][k] for k in ("User-Generated Content", "Pair-wise Comparative Feedback",
-                                        "Demographic Information")}
+    persona = {
+        k: world[0][k]
+        for k in ("User-Generated Content", "Pair-wise Comparative Feedback", "Demographic Information")
+    }
     pfile = tmp_path / "persona.json"
     pfile.write_text(json.dumps(persona))
     assert main(["predict-preferences", "--model", out, "--persona", str(pfile), "--json"]) == 0
@@ -402,7 +456,11 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     jl = tmp_path / "pred" / "p.jsonl"
     assert main(["predict-preferences", "--model", out, "--data", str(data), "--out", str(jl), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["rows"] == 6 and "accuracy" in summary["head"] and "heuristic_accuracy" in summary["heuristic"]
+    assert (
+        summary["rows"] == 6
+        and "accuracy" in summary["head"]
+        and "heuristic_accuracy" in summary["heuristic"]
+    )
     recs = [json.loads(line) for line in jl.read_text().splitlines()]
     assert [r["index"] for r in recs] == list(range(6)) and recs[0]["user_id"] == world[0]["user_id"]
 
@@ -441,8 +499,16 @@ def test_head_beats_release_rule_on_held_out_users(tok):
     rows = generate_world(500, 1, seed=11).rows
     train, test = rows[:400], rows[400:]
     model = tiny_decoder(tok, hidden=256, layers=1)
-    res = train_head_two_stage(model, tok, train, HeadConfig(embed_dim=256, hidden=64, max_persona_tokens=512),
-                               steps=400, batch_size=64, class_weights=(3, 1, 3), feature_batch_size=32)
+    res = train_head_two_stage(
+        model,
+        tok,
+        train,
+        HeadConfig(embed_dim=256, hidden=64, max_persona_tokens=512),
+        steps=400,
+        batch_size=64,
+        class_weights=(3, 1, 3),
+        feature_batch_size=32,
+    )
     pred = np.stack(ph.predict_preferences(model, res.head, tok, test, batch_size=32))
     gold = np.stack([r["Preference Direction"] for r in test])
     m, h = head_metrics(pred, gold), ph.heuristic_metrics(test)

@@ -25,6 +25,7 @@ def load_test_tokenizer():
         from alignx_jax.tokenizer import load_tokenizer
     except ImportError:  # the tokenizer module is another helper's; fall back to the shipped files
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     return load_tokenizer()
 
@@ -63,28 +64,38 @@ def test_templates_match_method_md_char_for_char():
 
 ROW = {
     "prompt": "Plan my weekend.",
-    "chosen": "Go hiking.", "rejected": "Stay in.",
+    "chosen": "Go hiking.",
+    "rejected": "Stay in.",
     "Preference Direction": None,
     "Demographic Information": "Retired teacher.",
-    "User-Generated Content": [{"prompt": "Best trail?", "comment": "The ridge walk.", "Preference Direction": None}],
-    "Pair-wise Comparative Feedback": [{"prompt": "Pets?", "chosen": "Dogs.", "rejected": "None.",
-                                        "Preference Direction": None}],
+    "User-Generated Content": [
+        {"prompt": "Best trail?", "comment": "The ridge walk.", "Preference Direction": None}
+    ],
+    "Pair-wise Comparative Feedback": [
+        {"prompt": "Pets?", "chosen": "Dogs.", "rejected": "None.", "Preference Direction": None}
+    ],
 }
 
 
 def test_user_messages_exact():
     ica = prompts.user_message(ROW, method="ica")
-    assert ica == ("***Task***\n\n**Post:**\nPlan my weekend.\n\n***Historical Behavior and User Preferences***\n\n"
-                   "**This person has commented on some posts:**\n\n1. *Post:*\nBest trail?\n\n*Comment:*\n"
-                   "The ridge walk.\n\n**This person has chosen or rejected comments on some posts:**\n\n"
-                   "1. *Post:*\nPets?\n\n*Chosen:*\nDogs.\n\n*Rejected:*\nNone.\n\nRetired teacher."
-                   "\n\n***Response:***\n\n")
+    assert ica == (
+        "***Task***\n\n**Post:**\nPlan my weekend.\n\n***Historical Behavior and User Preferences***\n\n"
+        "**This person has commented on some posts:**\n\n1. *Post:*\nBest trail?\n\n*Comment:*\n"
+        "The ridge walk.\n\n**This person has chosen or rejected comments on some posts:**\n\n"
+        "1. *Post:*\nPets?\n\n*Chosen:*\nDogs.\n\n*Rejected:*\nNone.\n\nRetired teacher."
+        "\n\n***Response:***\n\n"
+    )
     demo = prompts.user_message(ROW, method="ica", persona="demo")
     assert "Retired teacher.\n\n***Response:***" in demo and "commented" not in demo
-    assert prompts.user_message(ROW, method="none") == "***Task***\n\n**Post:**\nPlan my weekend.\n\n***Response:***\n\n"
+    assert (
+        prompts.user_message(ROW, method="none")
+        == "***Task***\n\n**Post:**\nPlan my weekend.\n\n***Response:***\n\n"
+    )
     assert prompts.user_message(ROW, method="pba", profile="Older, Likes travel") == (
         "***Task***\n\n**Post:**\nPlan my weekend.\n\n***User Preferences***\n\nOlder, Likes travel"
-        "\n\n***Response:***\n\n")
+        "\n\n***Response:***\n\n"
+    )
     assert prompts.system_message("ica") == prompts.SYSTEM_ICA
     assert prompts.system_message("pba") == prompts.SYSTEM_PBA
     assert prompts.system_message("none") == prompts.SYSTEM_NONE != prompts.SYSTEM_ICA
@@ -98,7 +109,9 @@ def test_pba_profile_precedence():
     hist = np.full(90, 0.5)
     hist[73] = 1
     row = dict(ROW, **{"Preference Direction": golden.tolist()})
-    row["User-Generated Content"] = [dict(ROW["User-Generated Content"][0], **{"Preference Direction": hist.tolist()})]
+    row["User-Generated Content"] = [
+        dict(ROW["User-Generated Content"][0], **{"Preference Direction": hist.tolist()})
+    ]
     vec = np.full(90, 0.5)
     vec[1] = 1
     assert prompts.resolve_profile(row, vec) == "Female"
@@ -113,7 +126,9 @@ def test_pba_profile_precedence():
 def test_ica_training_sampling_uses_rng():
     row = dict(ROW)
     row["User-Generated Content"] = [{"prompt": f"u{i}", "comment": "c"} for i in range(4)]
-    row["Pair-wise Comparative Feedback"] = [{"prompt": f"p{i}", "chosen": "x", "rejected": "y"} for i in range(4)]
+    row["Pair-wise Comparative Feedback"] = [
+        {"prompt": f"p{i}", "chosen": "x", "rejected": "y"} for i in range(4)
+    ]
     a = prompts.user_message(row, method="ica", rng=persona.row_rng(0, (0, 5)))
     b = prompts.user_message(row, method="ica", rng=persona.row_rng(0, (0, 5)))
     assert a == b
@@ -126,9 +141,11 @@ def test_ica_training_sampling_uses_rng():
 def test_paper_prompt_ids(tok):
     ids = prompts.prompt_ids(tok, ROW, method="ica", fmt="paper")
     system, user = prompts.SYSTEM_ICA, prompts.user_message(ROW, method="ica")
-    expected = ("<|start_header_id|>system<|end_header_id|>\n\n" + system + "\n<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\n" + user + "<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>")
+    expected = (
+        "<|start_header_id|>system<|end_header_id|>\n\n" + system + "\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n" + user + "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>"
+    )
     assert prompts.paper_prompt(system, user) == expected
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert ids[1:] == tok(expected, add_special_tokens=False)["input_ids"]
@@ -142,10 +159,14 @@ def test_chat_prompt_ids(tok):
     ids = prompts.prompt_ids(tok, row, method="pba", fmt="chat")
     text = tok.decode(ids)
     assert ids[0] == tok.bos_token_id
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + prompts.SYSTEM_PBA
-                    + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-                    + prompts.user_message(row, method="pba") + "<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + prompts.SYSTEM_PBA
+        + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        + prompts.user_message(row, method="pba")
+        + "<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert prompts.prompt_ids(tok, row, method="none") != ids
     with pytest.raises(DataError, match="prompt format"):
         prompts.prompt_ids(tok, row, method="none", fmt="llama")

@@ -13,21 +13,35 @@ from alignx_jax.cli import main
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
 
-PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                      "benchmarks", "p-soups", "student_phd.json")
+PSOUPS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "benchmarks",
+    "p-soups",
+    "student_phd.json",
+)
 needs_psoups = pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not present")
 
 
 def alignx_row(i: int, rng: np.random.Generator, n_ugc: int = 2, n_pair: int = 3) -> dict:
     def d():
         return rng.choice([0.0, 0.5, 1.0], size=90).tolist()
+
     return {
-        "prompt": f"post {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}",
-        "Preference Direction": d(), "Demographic Information": f"I am {20 + i} years old.",
-        "User-Generated Content": [{"prompt": f"ugc {i}.{j}", "comment": f"comment {j}", "Preference Direction": d()}
-                                   for j in range(n_ugc)],
-        "Pair-wise Comparative Feedback": [{"prompt": f"pair {i}.{j}", "chosen": "c", "rejected": "r",
-                                            "Preference Direction": d()} for j in range(n_pair)],
+        "prompt": f"post {i}",
+        "chosen": f"good answer {i}",
+        "rejected": f"bad answer {i}",
+        "Preference Direction": d(),
+        "Demographic Information": f"I am {20 + i} years old.",
+        "User-Generated Content": [
+            {"prompt": f"ugc {i}.{j}", "comment": f"comment {j}", "Preference Direction": d()}
+            for j in range(n_ugc)
+        ],
+        "Pair-wise Comparative Feedback": [
+            {"prompt": f"pair {i}.{j}", "chosen": "c", "rejected": "r", "Preference Direction": d()}
+            for j in range(n_pair)
+        ],
     }
 
 
@@ -132,28 +146,49 @@ def _good():
     return alignx_row(0, np.random.default_rng(5))
 
 
-@pytest.mark.parametrize("mutate, field, message", [
-    (lambda r: r.update(prompt=3), "prompt", "expected a string"),
-    (lambda r: r.update(chosen="   "), "chosen", "empty"),
-    (lambda r: r.pop("rejected"), "rejected", "missing"),
-    (lambda r: r.pop("Demographic Information"), "Demographic Information", "missing"),
-    (lambda r: r.update({"Demographic Information": 5}), "Demographic Information", "expected a string"),
-    (lambda r: r["Preference Direction"].__setitem__(0, True), "Preference Direction", "index 0"),
-    (lambda r: r["Preference Direction"].__setitem__(7, "1"), "Preference Direction", "index 7"),
-    (lambda r: r.update({"Preference Direction": "0.5"}), "Preference Direction", "expected a list"),
-    (lambda r: r.update({"User-Generated Content": r["User-Generated Content"] * 3}),
-     "User-Generated Content", "at most 4 items, got 6"),
-    (lambda r: r["User-Generated Content"][1].pop("Preference Direction"),
-     "User-Generated Content[1].Preference Direction", "missing"),
-    (lambda r: r["User-Generated Content"][0].update({"Preference Direction": [0.5] * 91}),
-     "User-Generated Content[0].Preference Direction", "expected 90 values, got 91"),
-    (lambda r: r["Pair-wise Comparative Feedback"][2].update(chosen=None),
-     "Pair-wise Comparative Feedback[2].chosen", "missing"),
-    (lambda r: r["Pair-wise Comparative Feedback"].__setitem__(0, "text"),
-     "Pair-wise Comparative Feedback[0]", "expected an object"),
-    (lambda r: r.update({"Pair-wise Comparative Feedback": {"prompt": "x"}}),
-     "Pair-wise Comparative Feedback", "expected a list"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, message",
+    [
+        (lambda r: r.update(prompt=3), "prompt", "expected a string"),
+        (lambda r: r.update(chosen="   "), "chosen", "empty"),
+        (lambda r: r.pop("rejected"), "rejected", "missing"),
+        (lambda r: r.pop("Demographic Information"), "Demographic Information", "missing"),
+        (lambda r: r.update({"Demographic Information": 5}), "Demographic Information", "expected a string"),
+        (lambda r: r["Preference Direction"].__setitem__(0, True), "Preference Direction", "index 0"),
+        (lambda r: r["Preference Direction"].__setitem__(7, "1"), "Preference Direction", "index 7"),
+        (lambda r: r.update({"Preference Direction": "0.5"}), "Preference Direction", "expected a list"),
+        (
+            lambda r: r.update({"User-Generated Content": r["User-Generated Content"] * 3}),
+            "User-Generated Content",
+            "at most 4 items, got 6",
+        ),
+        (
+            lambda r: r["User-Generated Content"][1].pop("Preference Direction"),
+            "User-Generated Content[1].Preference Direction",
+            "missing",
+        ),
+        (
+            lambda r: r["User-Generated Content"][0].update({"Preference Direction": [0.5] * 91}),
+            "User-Generated Content[0].Preference Direction",
+            "expected 90 values, got 91",
+        ),
+        (
+            lambda r: r["Pair-wise Comparative Feedback"][2].update(chosen=None),
+            "Pair-wise Comparative Feedback[2].chosen",
+            "missing",
+        ),
+        (
+            lambda r: r["Pair-wise Comparative Feedback"].__setitem__(0, "text"),
+            "Pair-wise Comparative Feedback[0]",
+            "expected an object",
+        ),
+        (
+            lambda r: r.update({"Pair-wise Comparative Feedback": {"prompt": "x"}}),
+            "Pair-wise Comparative Feedback",
+            "expected a list",
+        ),
+    ],
+)
 def test_validate_row_rejects(mutate, field, message):
     row = _good()
     mutate(row)

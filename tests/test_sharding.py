@@ -88,8 +88,14 @@ SCRIPT = textwrap.dedent("""
 
 def test_sharded_load_on_fake_2x2x2_mesh(tiny_hf_checkpoints, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, tiny_hf_checkpoints["llama"], str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, tiny_hf_checkpoints["llama"], str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["devices"] == 8

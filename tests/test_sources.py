@@ -22,8 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "alignx_jax", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "alignx_jax", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +61,7 @@ def test_prepare_roundtrip(synth_dir, tmp_path):
     import tensorflow_datasets as tfds
 
     import alignx_jax.data.tfds_builder  # noqa: F401  (registers the `alignx` builder)
+
     ds = tfds.data_source("alignx", data_dir=out, split="train")
     assert len(ds) == 90 and json.loads(ds[7]["row"])["prompt"] == raw[7]["prompt"] and ds[7]["index"] == 7
 
@@ -82,13 +89,15 @@ def test_prepare_splits_and_skip_bad_rows(synth_dir, tmp_path):
 
 # ------------------------------------------------------------------ loader
 
+
 def _fake_example(row, rng, index):
     """Token ids from the row index; rows whose index is 3 mod 7 are 'too long' and dropped."""
     if index % 7 == 3:
         return None
     draw = int(rng.integers(1, 1000))  # depends on the per-(seed, epoch, index) rng
-    return DPOExample(prompt_ids=[5, index % 50 + 10], chosen_ids=[draw % 97 + 1, 2], rejected_ids=[7, 8, 2],
-                      index=index)
+    return DPOExample(
+        prompt_ids=[5, index % 50 + 10], chosen_ids=[draw % 97 + 1, 2], rejected_ids=[7, 8, 2], index=index
+    )
 
 
 def _rows(n):
@@ -148,8 +157,17 @@ def test_rng_is_per_seed_epoch_index():
         draws[index] = int(rng.integers(1 << 30))
         return _fake_example(row, row_rng(3, (0, index)), index)
 
-    loader = TrainLoader(_rows(20), spy, pairs_per_batch=5, pad_id=0, buckets=(8,), seed=3, shard_index=0,
-                         shard_count=1, num_epochs=1)
+    loader = TrainLoader(
+        _rows(20),
+        spy,
+        pairs_per_batch=5,
+        pad_id=0,
+        buckets=(8,),
+        seed=3,
+        shard_index=0,
+        shard_count=1,
+        num_epochs=1,
+    )
     list(loader)
     assert draws == {i: int(row_rng(3, (0, i)).integers(1 << 30)) for i in range(20)}
 
@@ -159,7 +177,7 @@ def test_shards_are_disjoint_and_equal():
     for h in range(3):
         loader = _loader(n=50, shard_index=h, shard_count=3, num_epochs=1, pairs_per_batch=2)
         assert loader.steps_per_epoch == 8  # floor(50 / 3) = 16 rows, 2 per batch
-        parts.append(set(int(x) for x in loader.shard_order(0)))
+        parts.append({int(x) for x in loader.shard_order(0)})
     assert all(len(p) == 16 for p in parts)
     assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
 
@@ -183,14 +201,23 @@ def test_loader_with_real_examples(synth_dir):
     from transformers import AutoTokenizer
 
     from alignx_jax.data.batching import make_example
+
     tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "alignx_jax", "assets", "tokenizer"))
     src = open_source(synth_dir)
 
     def example_fn(row, rng, index):
         return make_example(tok, row, method="ica", max_length=384, rng=rng, index=index, overflow="drop")
 
-    loader = TrainLoader(src, example_fn, pairs_per_batch=4, pad_id=tok.pad_token_id or 0,
-                         buckets=(128, 256, 384), seed=0, shard_index=0, shard_count=1)
+    loader = TrainLoader(
+        src,
+        example_fn,
+        pairs_per_batch=4,
+        pad_id=tok.pad_token_id or 0,
+        buckets=(128, 256, 384),
+        seed=0,
+        shard_index=0,
+        shard_count=1,
+    )
     batch, info = next(iter(loader))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] in (128, 256, 384)
     assert batch["direction"].shape == (4, 90)
@@ -203,10 +230,26 @@ def test_partial_last_batch_and_all_rejected():
     batches = list(loader)
     assert loader.steps_per_epoch == 11 == len(batches)
     assert batches[-1][1]["rows_seen"] == 42
-    never = TrainLoader(_rows(12), lambda row, rng, i: None, pairs_per_batch=4, pad_id=0, buckets=(8,),
-                        shard_index=0, shard_count=1, on_drop="refill")
+    never = TrainLoader(
+        _rows(12),
+        lambda row, rng, i: None,
+        pairs_per_batch=4,
+        pad_id=0,
+        buckets=(8,),
+        shard_index=0,
+        shard_count=1,
+        on_drop="refill",
+    )
     with pytest.raises(DataError, match="rejected"):
         next(iter(never))
-    padded = TrainLoader(_rows(12), lambda row, rng, i: None, pairs_per_batch=4, pad_id=0, buckets=(8,),
-                         shard_index=0, shard_count=1, num_epochs=1)
+    padded = TrainLoader(
+        _rows(12),
+        lambda row, rng, i: None,
+        pairs_per_batch=4,
+        pad_id=0,
+        buckets=(8,),
+        shard_index=0,
+        shard_count=1,
+        num_epochs=1,
+    )
     assert [int(b["pair_mask"].sum()) for b, _ in padded] == [0, 0, 0]  # equal steps on every host

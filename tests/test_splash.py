@@ -52,8 +52,16 @@ def test_splash_attention_matches_xla_values_and_grads():
 
 
 def _model(impl):
-    cfg = dec.DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, attention_impl=impl)
+    cfg = dec.DecoderConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_impl=impl,
+    )
     return dec.Decoder(cfg, rngs=nnx.Rngs(0))
 
 
@@ -103,14 +111,25 @@ def test_splash_falls_back_where_it_cannot_run_and_refuses_branches():
         dec.splash_block(200)
 
 
-@pytest.mark.parametrize("override, message", [
-    (["--config.data.share_prompt=true", "--config.data.buckets=(1024,2048)",
-      "--config.data.max_length=512"], "branch mask"),
-    (["--config.data.buckets=(200,1024)", "--config.data.max_length=512"], r"data.buckets \[200\]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            [
+                "--config.data.share_prompt=true",
+                "--config.data.buckets=(1024,2048)",
+                "--config.data.max_length=512",
+            ],
+            "branch mask",
+        ),
+        (["--config.data.buckets=(200,1024)", "--config.data.max_length=512"], r"data.buckets \[200\]"),
+    ],
+)
 def test_config_check_names_what_splash_cannot_do(override, message):
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny_cpu.py"),
-                      ["--config.workdir=/tmp/x", "--config.model.attention_impl=splash", *override])
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "tiny_cpu.py"),
+        ["--config.workdir=/tmp/x", "--config.model.attention_impl=splash", *override],
+    )
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
 
@@ -145,8 +164,9 @@ def test_splash_on_an_8_device_mesh_matches_one_device(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    r = subprocess.run([sys.executable, str(script), ROOT], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["shard_map"]  # the kernel runs per shard, not on gathered activations

@@ -12,8 +12,14 @@ import pytest
 from alignx_jax.cli import main
 from alignx_jax.data import schema, split
 
-PSOUPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                      "benchmarks", "p-soups", "student_phd.json")
+PSOUPS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "benchmarks",
+    "p-soups",
+    "student_phd.json",
+)
 needs_psoups = pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not present")
 
 
@@ -22,10 +28,18 @@ def synthetic_rows(n_users=6, per_user=5, seed=0):
     rows = []
     for u in range(n_users):
         for k in range(per_user):
-            rows.append({"prompt": f"prompt {k % 3}-{u % 2}", "chosen": "a", "rejected": "b",
-                         "Preference Direction": rng.choice([0.0, 0.5, 1.0], size=90).tolist(),
-                         "Demographic Information": f"user {u}", "User-Generated Content": [],
-                         "Pair-wise Comparative Feedback": [], "user_id": f"u{u}"})
+            rows.append(
+                {
+                    "prompt": f"prompt {k % 3}-{u % 2}",
+                    "chosen": "a",
+                    "rejected": "b",
+                    "Preference Direction": rng.choice([0.0, 0.5, 1.0], size=90).tolist(),
+                    "Demographic Information": f"user {u}",
+                    "User-Generated Content": [],
+                    "Pair-wise Comparative Feedback": [],
+                    "user_id": f"u{u}",
+                }
+            )
     return rows
 
 
@@ -90,12 +104,15 @@ def test_cli_split_parquet_and_jsonl_folder(tmp_path):
     assert main(["data", "split", str(src), "--by", "user", "--out", str(out)]) == 0
     got = {}
     for half in ("train", "test"):
-        assert os.path.isfile(out / half / "part0.parquet") and os.path.isfile(out / half / "sub" / "part1.jsonl")
+        assert os.path.isfile(out / half / "part0.parquet") and os.path.isfile(
+            out / half / "sub" / "part1.jsonl"
+        )
         got[half], _ = schema.load_rows(str(out / half))
     assert len(got["train"]) + len(got["test"]) == 30
     assert not {r["user_id"] for r in got["train"]} & {r["user_id"] for r in got["test"]}
-    assert sorted(got["train"] + got["test"], key=lambda r: (r["user_id"], r["Preference Direction"])) == \
-        sorted(schema.load_rows(str(src))[0], key=lambda r: (r["user_id"], r["Preference Direction"]))
+    assert sorted(
+        got["train"] + got["test"], key=lambda r: (r["user_id"], r["Preference Direction"])
+    ) == sorted(schema.load_rows(str(src))[0], key=lambda r: (r["user_id"], r["Preference Direction"]))
     table = pd.read_parquet(out / "test" / "part0.parquet")
     assert list(table.columns) == list(pd.read_parquet(src / "part0.parquet").columns)
 

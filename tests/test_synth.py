@@ -15,8 +15,17 @@ import pytest
 from alignx_jax.data import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ["prompt", "chosen", "rejected", "Preference Direction", "Demographic Information",
-          "User-Generated Content", "Pair-wise Comparative Feedback", "user_id", "source"]
+FIELDS = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "Preference Direction",
+    "Demographic Information",
+    "User-Generated Content",
+    "Pair-wise Comparative Feedback",
+    "user_id",
+    "source",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +35,19 @@ def world():
 
 def _cli(*args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "alignx_jax", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "alignx_jax", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_parquet_schema_and_users_file(tmp_path):
     import pandas as pd
+
     out = str(tmp_path / "syn")
     synth.cli_synth(type("A", (), {"out": out, "users": 12, "pairs_per_user": 3, "seed": 5})())
     df = pd.read_parquet(os.path.join(out, "data.parquet"))
@@ -42,9 +58,14 @@ def test_parquet_schema_and_users_file(tmp_path):
         assert r["chosen"] != r["rejected"]
         d = np.asarray(r["Preference Direction"])
         assert d.shape == (90,) and set(np.unique(d)) <= {0.0, 0.5, 1.0}
-        assert 1 <= len(r["User-Generated Content"]) <= 4 and 1 <= len(r["Pair-wise Comparative Feedback"]) <= 4
+        assert (
+            1 <= len(r["User-Generated Content"]) <= 4 and 1 <= len(r["Pair-wise Comparative Feedback"]) <= 4
+        )
         for it in r["User-Generated Content"]:
-            assert set(it) == {"prompt", "comment", "Preference Direction"} and len(it["Preference Direction"]) == 90
+            assert (
+                set(it) == {"prompt", "comment", "Preference Direction"}
+                and len(it["Preference Direction"]) == 90
+            )
         for it in r["Pair-wise Comparative Feedback"]:
             assert set(it) == {"prompt", "chosen", "rejected", "Preference Direction"}
             assert len(it["Preference Direction"]) == 90
@@ -62,7 +83,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         out = str(tmp_path / name)
         synth.write_world(synth.generate_world(20, 3, seed), out)
         paths.append(out)
-    read = lambda p, f: open(os.path.join(p, f), "rb").read()  # noqa: E731
+    read = lambda p, f: open(os.path.join(p, f), "rb").read()
     for f in ("data.parquet", synth.USERS_FILE):
         assert read(paths[0], f) == read(paths[1], f)
     assert read(paths[0], "data.parquet") != read(paths[2], "data.parquet")
@@ -115,9 +136,22 @@ def test_measured_properties(world):
 
 
 def test_report_script_json():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "synth_report.py"), "--users", "60",
-                        "--seed", "2", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "synth_report.py"),
+            "--users",
+            "60",
+            "--seed",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     assert m["users"] == 60 and m["rows"] == 240 and 0.0 <= m["blind_logreg"] <= 1.0

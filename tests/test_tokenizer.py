@@ -25,8 +25,17 @@ def test_special_tokens_are_llama3_style(tok):
     assert tok.bos_token == "<|begin_of_text|>"
     assert tok.eos_token == "<|eot_id|>"  # as in Llama-3.1-Instruct
     assert tok.pad_token == "<|pad|>"
-    ids = {t: tok.convert_tokens_to_ids(t) for t in
-           ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|pad|>",
+        ]
+    }
     assert len(set(ids.values())) == 6 and all(i < 6 for i in ids.values())
     assert set(stop_token_ids(tok)) == {ids["<|eot_id|>"], ids["<|end_of_text|>"]}
     # special-token strings inside text become their ids (the release's `paper` prompts rely on it)
@@ -45,9 +54,11 @@ def test_bos_added_once_and_byte_level_round_trip(tok):
 def test_chat_template(tok):
     msgs = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
-                    "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     enc = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
     ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
@@ -76,8 +87,15 @@ def test_build_script_reproduces_shipped_files(tmp_path):
         pytest.skip(f"{psoups} (part of the tokenizer's training corpus) is not present")
     assert os.path.isfile(build_script)
     out = tmp_path / "tok"
-    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_tokenizer.py"), "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "build_tokenizer.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        with open(out / name, encoding="utf-8") as f, open(os.path.join(TINY_TOKENIZER_DIR, name), encoding="utf-8") as g:
+        with (
+            open(out / name, encoding="utf-8") as f,
+            open(os.path.join(TINY_TOKENIZER_DIR, name), encoding="utf-8") as g,
+        ):
             assert json.load(f) == json.load(g), name

@@ -28,8 +28,15 @@ TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
 
 
 def _tiny_model(seed=0, vocab=97):
-    cfg = DecoderConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return Decoder(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -41,8 +48,8 @@ def _batch(B=4, T=24, vocab=97, seed=0, dummies=0):
     loss = np.zeros((2 * B, T), np.int32)
     for r in range(2 * B):
         p, n = int(rng.integers(3, 8)), int(rng.integers(4, T - 8))
-        attn[r, :p + n] = 1
-        loss[r, p:p + n] = 1
+        attn[r, : p + n] = 1
+        loss[r, p : p + n] = 1
     pair_mask = np.ones((B,), np.int32)
     if dummies:
         pair_mask[-dummies:] = 0
@@ -51,12 +58,27 @@ def _batch(B=4, T=24, vocab=97, seed=0, dummies=0):
             attn[r, 0] = 1
             loss[r] = 0
     pos = np.where(attn == 1, np.arange(T)[None], 0).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": pos, "pair_mask": pair_mask}
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "loss_mask": loss,
+        "positions": pos,
+        "pair_mask": pair_mask,
+    }
 
 
 def _loss_cfg(**kw):
-    c = ml_collections.ConfigDict({"type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0,
-                                   "sft_norm": "length", "logps_chunk": 7, "reference": "on_the_fly"})
+    c = ml_collections.ConfigDict(
+        {
+            "type": "sigmoid",
+            "beta": 0.1,
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "sft_norm": "length",
+            "logps_chunk": 7,
+            "reference": "on_the_fly",
+        }
+    )
     c.update(kw)
     return c
 
@@ -66,8 +88,18 @@ def _setup(lr=1e-2):
     codec = train.ParamsCodec.of(model)
     params = nnx.to_pure_dict(nnx.state(model))
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-    optim = ml_collections.ConfigDict({"lr": lr, "warmup_ratio": 0.0, "min_lr_ratio": 0.1, "b1": 0.9, "b2": 0.95,
-                                       "eps": 1e-8, "weight_decay": 0.0, "clip": 1.0})
+    optim = ml_collections.ConfigDict(
+        {
+            "lr": lr,
+            "warmup_ratio": 0.0,
+            "min_lr_ratio": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "clip": 1.0,
+        }
+    )
     tx, _ = train.make_optimizer(optim, 10)
     return codec, params, ref, tx
 
@@ -84,8 +116,18 @@ def test_to_microbatches_keeps_pairs_together():
 
 
 def test_schedule_warmup_cosine_to_floor():
-    optim = ml_collections.ConfigDict({"lr": 1.0, "warmup_ratio": 0.1, "min_lr_ratio": 0.1, "b1": 0.9,
-                                       "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "clip": 1.0})
+    optim = ml_collections.ConfigDict(
+        {
+            "lr": 1.0,
+            "warmup_ratio": 0.1,
+            "min_lr_ratio": 0.1,
+            "b1": 0.9,
+            "b2": 0.95,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "clip": 1.0,
+        }
+    )
     _, sched = train.make_optimizer(optim, 100)
     assert float(sched(0)) == 0.0
     np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
@@ -98,10 +140,15 @@ def test_schedule_warmup_cosine_to_floor():
 def steps():
     """One set of jitted functions for the module (compiling is the slow part on CPU)."""
     codec, params, ref, tx = _setup()
-    return dict(codec=codec, params=params, ref=ref, tx=tx,
-                fly=jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False)),
-                pre=jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=True)),
-                ref_fn=jax.jit(train.make_ref_logps_fn(codec, _loss_cfg())))
+    return dict(
+        codec=codec,
+        params=params,
+        ref=ref,
+        tx=tx,
+        fly=jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=False)),
+        pre=jax.jit(train.make_train_step(codec, tx, _loss_cfg(), precomputed=True)),
+        ref_fn=jax.jit(train.make_ref_logps_fn(codec, _loss_cfg())),
+    )
 
 
 def test_first_step_loss_is_log2_and_params_move(steps):
@@ -155,20 +202,25 @@ def test_pair_logps_matches_full_logits(steps):
     model = codec.module(params)
     logits = model(b["input_ids"], b["attention_mask"], b["positions"])
     from alignx_jax.losses import token_logps_from_logits
+
     want = token_logps_from_logits(logits, b["input_ids"], b["loss_mask"])
     np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want[:2]), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got[:, 1]), np.asarray(want[2:]), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.micro_batch=3", "multiple of train.micro_batch"),
-    ("--config.loss.type=kto", "loss.type='kto'"),
-    ("--config.loss.reference=cached", "loss.reference"),
-    ("--config.data.max_length=4096", "largest of data.buckets"),
-    ("--config.data.compact_tokens=-1", "data.compact_tokens=-1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.micro_batch=3", "multiple of train.micro_batch"),
+        ("--config.loss.type=kto", "loss.type='kto'"),
+        ("--config.loss.reference=cached", "loss.reference"),
+        ("--config.data.max_length=4096", "largest of data.buckets"),
+        ("--config.data.compact_tokens=-1", "data.compact_tokens=-1"),
+    ],
+)
 def test_validate_config_errors(override, message):
     from alignx_jax.errors import ConfigError
+
     cfg = load_config(TINY, ["--config.workdir=/tmp/x", override])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         train.validate_config(cfg)
@@ -176,6 +228,7 @@ def test_validate_config_errors(override, message):
 
 def test_validate_config_requires_workdir_and_inputs():
     from alignx_jax.errors import ConfigError
+
     with pytest.raises(ConfigError, match="workdir"):
         train.validate_config(load_config(TINY))
     real = os.path.join(ROOT, "configs", "llama3_8b_ica_gpu.py")
@@ -188,14 +241,24 @@ def test_validate_config_requires_workdir_and_inputs():
 # ----------------------------------------------------------------------------- CLI (subprocess)
 
 # a tiny run: 32 synthetic rows, hidden 32, one 128-token bucket (one compilation)
-SMALL = ["--config.model.init.hidden_size=32", "--config.model.init.intermediate_size=64",
-         "--config.model.init.head_dim=8", "--config.data.synth_users=8", "--config.data.max_length=128",
-         "--config.data.buckets=(128,)", "--config.loss.logps_chunk=64", "--config.train.global_batch=8",
-         "--config.train.micro_batch=4", "--config.train.progress=false"]
+SMALL = [
+    "--config.model.init.hidden_size=32",
+    "--config.model.init.intermediate_size=64",
+    "--config.model.init.head_dim=8",
+    "--config.data.synth_users=8",
+    "--config.data.max_length=128",
+    "--config.data.buckets=(128,)",
+    "--config.loss.logps_chunk=64",
+    "--config.train.global_batch=8",
+    "--config.train.micro_batch=4",
+    "--config.train.progress=false",
+]
 
 
 def _env(tmp_path, devices: int | None = None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)
@@ -205,8 +268,14 @@ def _env(tmp_path, devices: int | None = None):
 
 
 def _alignx(args, tmp_path, devices=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "alignx_jax", *args], env=_env(tmp_path, devices),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "alignx_jax", *args],
+        env=_env(tmp_path, devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def _losses(workdir):
@@ -216,16 +285,28 @@ def _losses(workdir):
 
 
 def test_bad_config_key_is_one_line_exit_1(tmp_path):
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.train.stesp=3"], tmp_path)
+    r = _alignx(
+        ["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.train.stesp=3"], tmp_path
+    )
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert lines == [lines[-1]] and lines[0].startswith("alignx: error:") and "train.stesp" in lines[0], r.stderr
+    assert lines == [lines[-1]] and lines[0].startswith("alignx: error:") and "train.stesp" in lines[0], (
+        r.stderr
+    )
     assert "Traceback" not in r.stderr
 
 
 def test_impossible_mesh_is_one_line_exit_1(tmp_path):
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.mesh.data=3",
-                 "--config.mesh.fsdp=1"], tmp_path)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={tmp_path}/w",
+            "--config.mesh.data=3",
+            "--config.mesh.fsdp=1",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 1, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("alignx: error: mesh data=3"), r.stderr
@@ -237,12 +318,35 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     # default) keeps about half of them, in one group of rows on 1 device and 4 (one per batch shard) on 8
     steps = ["--config.train.steps=3", "--config.checkpoint.every_steps=3", "--config.data.buckets=(256,)"]
     one = tmp_path / "one"
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={one}", *SMALL, *steps,
-                 "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"], tmp_path)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={one}",
+            *SMALL,
+            *steps,
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=1",
+            "--config.mesh.tensor=1",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     eight = tmp_path / "eight"
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={eight}", *SMALL, *steps,
-                 "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"], tmp_path, devices=8)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={eight}",
+            *SMALL,
+            *steps,
+            "--config.mesh.data=2",
+            "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2",
+        ],
+        tmp_path,
+        devices=8,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _losses(one), _losses(eight)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -259,9 +363,22 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     assert list((one / "tensorboard").iterdir())
     assert (one / "checkpoints" / "3" / "params").is_dir() and (one / "checkpoints" / "3" / "meta").is_dir()
     rec = [json.loads(line) for line in open(one / "metrics.jsonl")][-1]
-    for k in ("loss", "reward_accuracy", "learning_rate", "grad_norm", "tokens_per_sec", "rewards_chosen",
-              "rewards_rejected", "margin", "logps_chosen", "logps_rejected", "rows_dropped", "rows_truncated",
-              "padding_fraction", "computed_padding_fraction"):
+    for k in (
+        "loss",
+        "reward_accuracy",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_sec",
+        "rewards_chosen",
+        "rewards_rejected",
+        "margin",
+        "logps_chosen",
+        "logps_rejected",
+        "rows_dropped",
+        "rows_truncated",
+        "padding_fraction",
+        "computed_padding_fraction",
+    ):
         assert k in rec, k
     # data.compact_tokens (the default): the token-wise layers compute at most the batch's padding share
     assert 0.0 <= rec["computed_padding_fraction"] < 0.5 * rec["padding_fraction"]
@@ -280,9 +397,19 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     want = _losses(full)
 
     part = tmp_path / "part"
-    cmd = [sys.executable, "-m", "alignx_jax", "train", f"--config={TINY}", f"--config.workdir={part}", *SMALL, *steps]
-    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "alignx_jax",
+        "train",
+        f"--config={TINY}",
+        f"--config.workdir={part}",
+        *SMALL,
+        *steps,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     metrics = part / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -313,8 +440,17 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
     runs = {}
     for mode in ("on_the_fly", "precomputed"):
         w = tmp_path / mode
-        r = _alignx(["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *steps,
-                     f"--config.loss.reference={mode}"], tmp_path)
+        r = _alignx(
+            [
+                "train",
+                f"--config={TINY}",
+                f"--config.workdir={w}",
+                *SMALL,
+                *steps,
+                f"--config.loss.reference={mode}",
+            ],
+            tmp_path,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[mode] = _losses(w)
     assert (tmp_path / "precomputed" / "ref_logps.p0.npy").exists()
@@ -325,8 +461,19 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     w = tmp_path / "nan"
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, "--config.train.steps=3",
-                 "--config.checkpoint.every_steps=1", "--config.optim.lr=1e30", "--config.optim.clip=0.0"], tmp_path)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}",
+            *SMALL,
+            "--config.train.steps=3",
+            "--config.checkpoint.every_steps=1",
+            "--config.optim.lr=1e30",
+            "--config.optim.clip=0.0",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("alignx: error: non-finite loss") and "at step" in last, r.stderr[-2000:]
@@ -339,14 +486,33 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer()
-    cfg = DecoderConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     src = tmp_path / "hf"
     save_hf(Decoder(cfg, rngs=nnx.Rngs(3)), str(src), tokenizer_dir=TINY_TOKENIZER_DIR)
     w = tmp_path / "w"
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, f"--config.model.hf_path={src}",
-                 "--config.model.dtype=bfloat16", "--config.train.steps=2"], tmp_path)
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}",
+            *SMALL,
+            f"--config.model.hf_path={src}",
+            "--config.model.dtype=bfloat16",
+            "--config.train.steps=2",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     losses_ = _losses(w)
     # bf16 policy vs bf16 reference: same weights, but the two forwards fuse differently in bf16
@@ -354,12 +520,14 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
     assert losses_[2] != losses_[1]
     copied = sorted(p.name for p in (w / "reference").iterdir())
     assert copied == sorted(p.name for p in src.iterdir())
-    assert (w / "reference" / "model-00001-of-00001.safetensors").read_bytes() == \
-        (src / "model-00001-of-00001.safetensors").read_bytes()
+    assert (w / "reference" / "model-00001-of-00001.safetensors").read_bytes() == (
+        src / "model-00001-of-00001.safetensors"
+    ).read_bytes()
 
 
 def test_metrics_writer_appends_and_drops_steps_after_resume_point(tmp_path):
     from alignx_jax.metrics import MetricsWriter, read_metrics
+
     w = MetricsWriter(str(tmp_path), tensorboard=False)
     for s in (1, 2, 3):
         w.write(s, {"loss": 0.5 * s, "bad": float("nan")})
@@ -381,11 +549,16 @@ def test_metrics_writer_appends_and_drops_steps_after_resume_point(tmp_path):
 def _shared_prompt_batches(B=4, dummies=1, seed=11, vocab=97):
     """The same pairs in the two-row layout and in batching.share_prompt's one-row layout."""
     from alignx_jax.data import batching
+
     rng = np.random.default_rng(seed)
-    exs = [batching.DPOExample(prompt_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(2, 12)))],
-                               chosen_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 9)))] + [2],
-                               rejected_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 9)))] + [2])
-           for _ in range(B - dummies)]
+    exs = [
+        batching.DPOExample(
+            prompt_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(2, 12)))],
+            chosen_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 9)))] + [2],
+            rejected_ids=[int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 9)))] + [2],
+        )
+        for _ in range(B - dummies)
+    ]
     two = batching.collate(exs, buckets=(16, 24, 32), pad_id=0, num_pairs=B)
     one = batching.share_prompt(two, buckets=(16, 24, 32, 48), pad_id=0)
     return two, one
@@ -394,13 +567,21 @@ def _shared_prompt_batches(B=4, dummies=1, seed=11, vocab=97):
 def test_share_prompt_layout_gives_the_two_row_log_probs(steps):
     codec, params = steps["codec"], steps["params"]
     two, one = _shared_prompt_batches()
-    assert one["input_ids"].shape[0] == two["input_ids"].shape[0] // 2 and one["score_index"].shape[:2] == (4, 2)
-    want = train.pair_logps(codec, params, {k: v[0] for k, v in train.to_microbatches(two, 1).items()}, chunk=None)
-    got = train.pair_logps(codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=3)
+    assert one["input_ids"].shape[0] == two["input_ids"].shape[0] // 2 and one["score_index"].shape[:2] == (
+        4,
+        2,
+    )
+    want = train.pair_logps(
+        codec, params, {k: v[0] for k, v in train.to_microbatches(two, 1).items()}, chunk=None
+    )
+    got = train.pair_logps(
+        codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=3
+    )
     np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(want)[:3], rtol=1e-5, atol=1e-4)
     assert (np.asarray(got)[3] == 0).all()  # the dummy pair scores nothing
     # each prompt's tokens are counted (and run) once instead of twice
     from alignx_jax.data import batching
+
     prompts = sum(int(np.flatnonzero(two["loss_mask"][k])[0]) for k in range(3))
     assert batching.padding_stats(one)["real_tokens"] == batching.padding_stats(two)["real_tokens"] - prompts
 
@@ -421,6 +602,7 @@ def test_share_prompt_train_step_equals_two_row_step():
 
 def test_packed_pairs_give_the_same_log_probs_and_step(steps):
     from alignx_jax.data import batching
+
     codec, params, ref, tx = steps["codec"], steps["params"], steps["ref"], steps["tx"]
     _, one = _shared_prompt_batches(B=8, dummies=1, seed=13)
     packed = batching.pack_pairs(one, groups=2, length=48, pad_id=0)
@@ -431,8 +613,12 @@ def test_packed_pairs_give_the_same_log_probs_and_step(steps):
     for row in range(n_rows):
         segs = packed["segment_ids"][row][packed["attention_mask"][row] == 1]
         assert (np.diff(segs) >= 0).all() and segs[0] == 1
-    want = train.pair_logps(codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=None)
-    got = train.pair_logps(codec, params, {k: v[0] for k, v in train.to_microbatches(packed, 1).items()}, chunk=None)
+    want = train.pair_logps(
+        codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=None
+    )
+    got = train.pair_logps(
+        codec, params, {k: v[0] for k, v in train.to_microbatches(packed, 1).items()}, chunk=None
+    )
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     # and a whole step, with the packing cut per microbatch (2 microbatches = 2 groups)
     step = steps["fly"]
@@ -449,6 +635,7 @@ def test_packed_pairs_give_the_same_log_probs_and_step(steps):
 
 def test_pack_pairs_rejects_a_pair_longer_than_the_row():
     from alignx_jax.data import batching
+
     _, one = _shared_prompt_batches(B=4, dummies=0, seed=14)
     with pytest.raises(ValueError, match="does not fit a packed row"):
         batching.pack_pairs(one, groups=1, length=4, pad_id=0)

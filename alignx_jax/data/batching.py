@@ -32,6 +32,7 @@ RELEASE_RESERVE = 513
 @dataclasses.dataclass
 class DPOExample:
     """One preference pair as ids. `chosen_ids`/`rejected_ids` end with the EOS id."""
+
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
@@ -62,10 +63,21 @@ def _left(ids: list[int], n: int) -> list[int]:
     return ids[-n:] if n > 0 else []
 
 
-def make_example(tokenizer: Any, row: dict, *, method: str, persona: str = "p", max_length: int,
-                 prompt_format: str = "chat", rng: np.random.Generator | None = None, profile: Any = None,
-                 overflow: str = "truncate", index: int = 0, eval_mode: bool = False,
-                 persona_length: int | None = None) -> DPOExample | None:
+def make_example(
+    tokenizer: Any,
+    row: dict,
+    *,
+    method: str,
+    persona: str = "p",
+    max_length: int,
+    prompt_format: str = "chat",
+    rng: np.random.Generator | None = None,
+    profile: Any = None,
+    overflow: str = "truncate",
+    index: int = 0,
+    eval_mode: bool = False,
+    persona_length: int | None = None,
+) -> DPOExample | None:
     """Token one row into a `DPOExample` (length rules in the module docstring).
 
     rng: ICA history sampling for training (`persona.row_rng(seed, (epoch, index))`), None = the
@@ -85,8 +97,9 @@ def make_example(tokenizer: Any, row: dict, *, method: str, persona: str = "p", 
         view[persona_lib.UGC_FIELD], view[persona_lib.PAIR_FIELD] = ugc, pairs
     else:
         view = row
-    prompt = prompts_lib.prompt_ids(tokenizer, view, method=method, persona=persona, profile=profile,
-                                    fmt=prompt_format)
+    prompt = prompts_lib.prompt_ids(
+        tokenizer, view, method=method, persona=persona, profile=profile, fmt=prompt_format
+    )
     eos = int(tokenizer.eos_token_id)
     chosen = response_ids(tokenizer, row["chosen"])[:-1]
     rejected = response_ids(tokenizer, row["rejected"])[:-1]
@@ -113,9 +126,15 @@ def make_example(tokenizer: Any, row: dict, *, method: str, persona: str = "p", 
         body = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         persona_ids = [int(bos)] + _left(body, persona_length - 1)
-    return DPOExample(prompt_ids=list(prompt), chosen_ids=chosen + [eos], rejected_ids=rejected + [eos],
-                      direction=None if direction is None else np.asarray(direction, dtype=np.float32),
-                      persona_ids=persona_ids, index=int(index), truncated=truncated)
+    return DPOExample(
+        prompt_ids=list(prompt),
+        chosen_ids=chosen + [eos],
+        rejected_ids=rejected + [eos],
+        direction=None if direction is None else np.asarray(direction, dtype=np.float32),
+        persona_ids=persona_ids,
+        index=int(index),
+        truncated=truncated,
+    )
 
 
 def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
@@ -123,12 +142,19 @@ def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
     for b in sorted(buckets):
         if b >= n:
             return int(b)
-    raise ConfigError(f"a sequence of {n} tokens exceeds the largest length bucket {max(buckets)}; "
-                      "add a larger bucket or lower max_length")
+    raise ConfigError(
+        f"a sequence of {n} tokens exceeds the largest length bucket {max(buckets)}; "
+        "add a larger bucket or lower max_length"
+    )
 
 
-def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int,
-            num_pairs: int | None = None) -> dict[str, np.ndarray]:
+def collate(
+    examples: Sequence[DPOExample],
+    *,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_id: int,
+    num_pairs: int | None = None,
+) -> dict[str, np.ndarray]:
     """Pad B pairs into the DPO batch layout: 2B rows, chosen first (0..B-1) then rejected.
 
     input_ids [2B,T] int32 right-padded with pad_id; attention_mask [2B,T] int32; loss_mask
@@ -145,7 +171,9 @@ def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_
         raise ValueError("collate needs at least one example or num_pairs > 0")
     if n > B:
         raise ValueError(f"{n} examples do not fit num_pairs={B}")
-    seqs = [ex.prompt_ids + ex.chosen_ids for ex in examples] + [ex.prompt_ids + ex.rejected_ids for ex in examples]
+    seqs = [ex.prompt_ids + ex.chosen_ids for ex in examples] + [
+        ex.prompt_ids + ex.rejected_ids for ex in examples
+    ]
     T = bucket_length(max([len(s) for s in seqs] + [1]), buckets)
     ids = np.full((2 * B, T), pad_id, dtype=np.int32)
     attn = np.zeros((2 * B, T), dtype=np.int32)
@@ -154,9 +182,9 @@ def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_
         for row, resp in ((k, ex.chosen_ids), (B + k, ex.rejected_ids)):
             p, r = len(ex.prompt_ids), len(resp)
             ids[row, :p] = ex.prompt_ids
-            ids[row, p:p + r] = resp
-            attn[row, :p + r] = 1
-            loss[row, p:p + r] = 1
+            ids[row, p : p + r] = resp
+            attn[row, : p + r] = 1
+            loss[row, p : p + r] = 1
     dummy_rows = [*range(n, B), *range(B + n, 2 * B)]
     attn[dummy_rows, 0] = 1
     positions = np.where(attn == 1, np.arange(T, dtype=np.int32)[None, :], 0).astype(np.int32)
@@ -164,8 +192,14 @@ def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_
     pair_mask[:n] = 1
     index = np.full((B,), -1, dtype=np.int32)
     index[:n] = [ex.index for ex in examples]
-    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "positions": positions,
-             "pair_mask": pair_mask, "index": index}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "loss_mask": loss,
+        "positions": positions,
+        "pair_mask": pair_mask,
+        "index": index,
+    }
     has_dir = [ex.direction is not None for ex in examples]
     if any(has_dir):
         if not all(has_dir):
@@ -181,8 +215,8 @@ def collate(examples: Sequence[DPOExample], *, buckets: Sequence[int] = DEFAULT_
         pids = np.full((B, P), pad_id, dtype=np.int32)
         pmask = np.zeros((B, P), dtype=np.int32)
         for k, ex in enumerate(examples):
-            pids[k, :len(ex.persona_ids)] = ex.persona_ids
-            pmask[k, :len(ex.persona_ids)] = 1
+            pids[k, : len(ex.persona_ids)] = ex.persona_ids
+            pmask[k, : len(ex.persona_ids)] = 1
         pmask[n:, 0] = 1  # dummies: one attended token, as above
         batch["persona_ids"], batch["persona_mask"] = pids, pmask
     return batch
@@ -199,9 +233,14 @@ def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
         valid = np.concatenate([batch["pair_mask"], batch["pair_mask"]]).astype(bool)
     real = int(batch["attention_mask"][valid].sum())
     total = int(batch["input_ids"].size)
-    return {"pairs": int(batch["pair_mask"].sum()), "padded_pairs": int(B - batch["pair_mask"].sum()),
-            "real_tokens": real, "padded_tokens": total - real, "total_tokens": total,
-            "padding_fraction": (total - real) / total if total else 0.0}
+    return {
+        "pairs": int(batch["pair_mask"].sum()),
+        "padded_pairs": int(B - batch["pair_mask"].sum()),
+        "real_tokens": real,
+        "padded_tokens": total - real,
+        "total_tokens": total,
+        "padding_fraction": (total - real) / total if total else 0.0,
+    }
 
 
 def _group_positions(attention_mask: np.ndarray, groups: int) -> int:
@@ -247,8 +286,14 @@ def compact_index(attention_mask: np.ndarray, groups: int, kept: int | None = No
     return {"token_index": index.reshape(M, groups, N), "token_slot": slot.reshape(M, groups, R)}
 
 
-def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int,
-                 length: int | None = None, window: int | None = None) -> dict[str, np.ndarray]:
+def share_prompt(
+    batch: dict[str, np.ndarray],
+    *,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    pad_id: int,
+    length: int | None = None,
+    window: int | None = None,
+) -> dict[str, np.ndarray]:
     """A collated batch (2B rows: chosen, then rejected) -> one row per pair: prompt, chosen, rejected.
 
     A pair's two rows repeat its prompt, and with a persona in the prompt (ICA) the prompt is most of
@@ -271,7 +316,9 @@ def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAU
             parts.append((int(scored[0]), int(scored[-1]) + 1) if scored.size else (1, 1))
         (pc, ec), (pr, er) = parts
         if pc != pr:
-            raise ValueError(f"pair {k}: chosen and rejected rows have different prompts ({pc} vs {pr} tokens)")
+            raise ValueError(
+                f"pair {k}: chosen and rejected rows have different prompts ({pc} vs {pr} tokens)"
+            )
         spans.append((pc, ec - pc, er - pr))
     longest = max(p + c + r for p, c, r in spans)
     Ts = bucket_length(max(longest, int(length or 0)), buckets)
@@ -284,14 +331,14 @@ def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAU
     stgt = np.zeros((B, 2, R), np.int32)
     smask = np.zeros((B, 2, R), np.int32)
     for k, (p, c, r) in enumerate(spans):
-        chosen, rejected = ids2[k, p:p + c], ids2[B + k, p:p + r]
+        chosen, rejected = ids2[k, p : p + c], ids2[B + k, p : p + r]
         ids[k, :p] = ids2[k, :p]
-        ids[k, p:p + c] = chosen
-        ids[k, p + c:p + c + r] = rejected
-        attn[k, :p + c + r] = 1
-        pos[k, :p + c] = np.arange(p + c)
-        pos[k, p + c:p + c + r] = np.arange(p, p + r)
-        branch[k, p:p + c], branch[k, p + c:p + c + r] = 1, 2
+        ids[k, p : p + c] = chosen
+        ids[k, p + c : p + c + r] = rejected
+        attn[k, : p + c + r] = 1
+        pos[k, : p + c] = np.arange(p + c)
+        pos[k, p + c : p + c + r] = np.arange(p, p + r)
+        branch[k, p : p + c], branch[k, p + c : p + c + r] = 1, 2
         # token j of a response is predicted at the position before it in its own branch: the
         # prompt's last position for j = 0, the response's previous token after that
         sidx[k, 0, :c] = np.arange(p - 1, p - 1 + c)
@@ -301,13 +348,26 @@ def share_prompt(batch: dict[str, np.ndarray], *, buckets: Sequence[int] = DEFAU
         smask[k, 0, :c], smask[k, 1, :r] = 1, 1
         if not attn[k].any():
             attn[k, 0] = 1  # a dummy pair: one attended token, as collate does
-    out = {key: v for key, v in batch.items() if key not in ("input_ids", "attention_mask", "loss_mask", "positions")}
-    out.update(input_ids=ids, attention_mask=attn, positions=pos, branch_ids=branch,
-               score_index=sidx, score_target=stgt, score_mask=smask)
+    out = {
+        key: v
+        for key, v in batch.items()
+        if key not in ("input_ids", "attention_mask", "loss_mask", "positions")
+    }
+    out.update(
+        input_ids=ids,
+        attention_mask=attn,
+        positions=pos,
+        branch_ids=branch,
+        score_index=sidx,
+        score_target=stgt,
+        score_mask=smask,
+    )
     return out
 
 
-def pack_pairs(shared: dict[str, np.ndarray], *, groups: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+def pack_pairs(
+    shared: dict[str, np.ndarray], *, groups: int, length: int, pad_id: int
+) -> dict[str, np.ndarray]:
     """Pack `share_prompt` rows (one pair each) several to a row of `length` tokens.
 
     The B pairs are cut into `groups` contiguous groups (one per microbatch and batch shard, so a
@@ -331,7 +391,7 @@ def pack_pairs(shared: dict[str, np.ndarray], *, groups: int, length: int, pad_i
         fill: list[int] = []
         place = []
         for k in range(g * per, (g + 1) * per):
-            for r, used in enumerate(fill):
+            for r, used in enumerate(fill):  # noqa: B007 (r is the row found, read after the loop)
                 if used + lens[k] <= length:
                     break
             else:
@@ -354,17 +414,32 @@ def pack_pairs(shared: dict[str, np.ndarray], *, groups: int, length: int, pad_i
         for k, r, off in place:
             row = g * n + r
             L = int(lens[k])
-            for key, dst in (("input_ids", ids), ("attention_mask", attn), ("positions", pos), ("branch_ids", branch)):
-                dst[row, off:off + L] = shared[key][k, :L]
+            for key, dst in (
+                ("input_ids", ids),
+                ("attention_mask", attn),
+                ("positions", pos),
+                ("branch_ids", branch),
+            ):
+                dst[row, off : off + L] = shared[key][k, :L]
             seg_count[row] = seg_count.get(row, 0) + 1
-            seg[row, off:off + L] = seg_count[row]
+            seg[row, off : off + L] = seg_count[row]
             sidx[k] = shared["score_index"][k] + off
             row_of[k] = row
     for row in range(N):
         if not attn[row].any():
             attn[row, 0], seg[row, 0] = 1, 1  # an empty row: one attended token, as collate does
-    out = {key: v for key, v in shared.items()
-           if key not in ("input_ids", "attention_mask", "positions", "branch_ids", "score_index")}
-    out.update(input_ids=ids, attention_mask=attn, positions=pos, branch_ids=branch, segment_ids=seg,
-               score_index=sidx, score_row=row_of)
+    out = {
+        key: v
+        for key, v in shared.items()
+        if key not in ("input_ids", "attention_mask", "positions", "branch_ids", "score_index")
+    }
+    out.update(
+        input_ids=ids,
+        attention_mask=attn,
+        positions=pos,
+        branch_ids=branch,
+        segment_ids=seg,
+        score_index=sidx,
+        score_row=row_of,
+    )
     return out

@@ -50,7 +50,9 @@ def balanced_sample(rows: Sequence[dict], n: int, seed: int = 0) -> list[int]:
     groups: dict[Any, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(persona_group(row), []).append(i)
-    queues = [list(rng.permutation(members)) for _, members in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    queues = [
+        list(rng.permutation(members)) for _, members in sorted(groups.items(), key=lambda kv: str(kv[0]))
+    ]
     picks: list[int] = []
     while len(picks) < n:
         for q in queues:

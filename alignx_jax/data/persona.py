@@ -30,8 +30,9 @@ DIRECTION_FIELD = "Preference Direction"
 # The release's sampling: at most this many history items of each kind in a training prompt.
 MAX_HISTORY = 4
 
-_SPACE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "assets", "preference_space.json")
+_SPACE_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "preference_space.json"
+)
 
 UGC_HEADER = "**This person has commented on some posts:**\n\n"
 PAIR_HEADER = "**This person has chosen or rejected comments on some posts:**\n\n"
@@ -124,12 +125,19 @@ def parse_profile(text: str) -> np.ndarray:
         # Name the first piece that is not a label, to make the error actionable.
         pos = 0
         while True:
-            hit = next((lab for lab in by_first_char.get(text[pos], ()) if text.startswith(lab, pos)
-                        and (pos + len(lab) == len(text) or text.startswith(", ", pos + len(lab)))), None)
+            hit = next(
+                (
+                    lab
+                    for lab in by_first_char.get(text[pos], ())
+                    if text.startswith(lab, pos)
+                    and (pos + len(lab) == len(text) or text.startswith(", ", pos + len(lab)))
+                ),
+                None,
+            )
             if hit is None or pos + len(hit) >= len(text):
                 break
             pos += len(hit) + 2
-        snippet = text[pos:pos + 60]
+        snippet = text[pos : pos + 60]
         raise DataError(f"profile: unknown preference label or repeated dimension at {snippet!r}")
     for label in labels:
         dim, value = table[label]
@@ -170,8 +178,12 @@ def _history(row: dict, field: str) -> list[dict]:
 
 def history_direction(row: dict) -> np.ndarray | None:
     """The release's P~ from the row's UGC and PAIR items' directions; None if no item has one."""
-    vectors = [item[DIRECTION_FIELD] for field in (UGC_FIELD, PAIR_FIELD) for item in _history(row, field)
-               if item.get(DIRECTION_FIELD) is not None]
+    vectors = [
+        item[DIRECTION_FIELD]
+        for field in (UGC_FIELD, PAIR_FIELD)
+        for item in _history(row, field)
+        if item.get(DIRECTION_FIELD) is not None
+    ]
     if not vectors:
         return None
     return release_direction(np.asarray(vectors, dtype=np.float64))
@@ -224,24 +236,29 @@ def _get(item: Any, key: str, field: str, j: int) -> str:
 def _ugc_block(items: Sequence[dict]) -> str:
     if not items:
         return ""
-    body = "".join(f"{i}. *Post:*\n{_get(it, 'prompt', UGC_FIELD, i - 1)}\n\n"
-                   f"*Comment:*\n{_get(it, 'comment', UGC_FIELD, i - 1)}\n\n"
-                   for i, it in enumerate(items, start=1))
+    body = "".join(
+        f"{i}. *Post:*\n{_get(it, 'prompt', UGC_FIELD, i - 1)}\n\n"
+        f"*Comment:*\n{_get(it, 'comment', UGC_FIELD, i - 1)}\n\n"
+        for i, it in enumerate(items, start=1)
+    )
     return UGC_HEADER + body
 
 
 def _pair_block(items: Sequence[dict]) -> str:
     if not items:
         return ""
-    body = "".join(f"{i}. *Post:*\n{_get(it, 'prompt', PAIR_FIELD, i - 1)}\n\n"
-                   f"*Chosen:*\n{_get(it, 'chosen', PAIR_FIELD, i - 1)}\n\n"
-                   f"*Rejected:*\n{_get(it, 'rejected', PAIR_FIELD, i - 1)}\n\n"
-                   for i, it in enumerate(items, start=1))
+    body = "".join(
+        f"{i}. *Post:*\n{_get(it, 'prompt', PAIR_FIELD, i - 1)}\n\n"
+        f"*Chosen:*\n{_get(it, 'chosen', PAIR_FIELD, i - 1)}\n\n"
+        f"*Rejected:*\n{_get(it, 'rejected', PAIR_FIELD, i - 1)}\n\n"
+        for i, it in enumerate(items, start=1)
+    )
     return PAIR_HEADER + body
 
 
-def persona_text(row: dict, variant: str = "p", *, ugc: Sequence[dict] | None = None,
-                 pairs: Sequence[dict] | None = None) -> str:
+def persona_text(
+    row: dict, variant: str = "p", *, ugc: Sequence[dict] | None = None, pairs: Sequence[dict] | None = None
+) -> str:
     """The `{ugc}{pairs}{demographics}` block (docs/method.md section 4) for one persona variant.
 
     `ugc`/`pairs` override the row's full history (pass `sample_history`'s output for training);

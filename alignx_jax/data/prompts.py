@@ -37,9 +37,11 @@ NONE_USER = _TASK + _RESPONSE
 
 # The release's evaluation prompt string (docs/method.md section 7): note the newline after the system
 # text and none after the assistant header.
-PAPER_TEMPLATE = ("<|start_header_id|>system<|end_header_id|>\n\n{system}\n<|eot_id|>"
-                  "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>")
+PAPER_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\n{system}\n<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>"
+)
 
 
 def _check_method(method: str) -> None:
@@ -62,13 +64,15 @@ def resolve_profile(row: dict, profile: Any = None) -> str:
         return persona_lib.profile_text(row[persona_lib.DIRECTION_FIELD])
     derived = persona_lib.history_direction(row)
     if derived is None:
-        raise DataError("PBA needs a profile: the row has no `profile`, no `Preference Direction` "
-                        "and no history vectors")
+        raise DataError(
+            "PBA needs a profile: the row has no `profile`, no `Preference Direction` and no history vectors"
+        )
     return persona_lib.profile_text(derived)
 
 
-def user_message(row: dict, *, method: str, persona: str = "p", profile: Any = None,
-                 rng: np.random.Generator | None = None) -> str:
+def user_message(
+    row: dict, *, method: str, persona: str = "p", profile: Any = None, rng: np.random.Generator | None = None
+) -> str:
     """The user turn. ICA with `rng` samples the history as the release's training does
     (`persona.sample_history`); without it the whole history is shown (evaluation)."""
     _check_method(method)
@@ -95,8 +99,16 @@ def _ids(encoded: Any) -> list[int]:
     return [int(i) for i in encoded]
 
 
-def prompt_ids(tokenizer: Any, row: dict, *, method: str, persona: str = "p", profile: Any = None,
-               fmt: str = "chat", rng: np.random.Generator | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer: Any,
+    row: dict,
+    *,
+    method: str,
+    persona: str = "p",
+    profile: Any = None,
+    fmt: str = "chat",
+    rng: np.random.Generator | None = None,
+) -> list[int]:
     """Prompt token ids, ending where the response starts.
 
     chat: the tokenizer's chat template over [system, user] with the generation prompt.

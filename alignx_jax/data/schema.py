@@ -58,26 +58,41 @@ def _plain(value: Any) -> Any:
 
 def _direction(value: Any, *, where: dict, field_name: str) -> list[float]:
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
-        raise DataError(f"expected a list of {persona_lib.NUM_DIMS} numbers, got {type(value).__name__}",
-                        field=field_name, **where)
+        raise DataError(
+            f"expected a list of {persona_lib.NUM_DIMS} numbers, got {type(value).__name__}",
+            field=field_name,
+            **where,
+        )
     if len(value) != persona_lib.NUM_DIMS:
-        raise DataError(f"expected {persona_lib.NUM_DIMS} values, got {len(value)}", field=field_name, **where)
+        raise DataError(
+            f"expected {persona_lib.NUM_DIMS} values, got {len(value)}", field=field_name, **where
+        )
     # Fast path for the common case (the full AlignX set has ~10M direction vectors to check).
     if set(map(type, value)) == _FLOAT and set(value) <= _ALLOWED:
         return list(value)
     out = []
     for i, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise DataError(f"value at index {i} is {type(v).__name__} {v!r}, expected 0, 0.5 or 1",
-                            field=field_name, **where)
+            raise DataError(
+                f"value at index {i} is {type(v).__name__} {v!r}, expected 0, 0.5 or 1",
+                field=field_name,
+                **where,
+            )
         if v not in (0, 0.5, 1):
             raise DataError(f"value at index {i} is {v!r}, expected 0, 0.5 or 1", field=field_name, **where)
         out.append(float(v))
     return out
 
 
-def _text(row: dict, key: str, *, where: dict, field_name: str | None = None, required: bool = True,
-          blank_ok: bool = False) -> str | None:
+def _text(
+    row: dict,
+    key: str,
+    *,
+    where: dict,
+    field_name: str | None = None,
+    required: bool = True,
+    blank_ok: bool = False,
+) -> str | None:
     field_name = field_name or key
     if key not in row or row[key] is None:
         if required:
@@ -91,8 +106,9 @@ def _text(row: dict, key: str, *, where: dict, field_name: str | None = None, re
     return value
 
 
-def _items(row: dict, key: str, *, where: dict, item_fields: tuple[str, ...], direction_required: bool
-           ) -> list[dict]:
+def _items(
+    row: dict, key: str, *, where: dict, item_fields: tuple[str, ...], direction_required: bool
+) -> list[dict]:
     value = row.get(key)
     if value is None:
         return []
@@ -136,10 +152,12 @@ def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | N
         raise DataError("missing", field=DIRECTION, **where)
     out[DIRECTION] = None if d is None else _direction(d, where=where, field_name=DIRECTION)
     out[DEMO] = _text(row, DEMO, where=where, required=False, blank_ok=True) or ""
-    out[UGC] = _items(row, UGC, where=where, item_fields=("prompt", "comment"),
-                      direction_required=(kind == "alignx"))
-    out[PAIR] = _items(row, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"),
-                       direction_required=False)
+    out[UGC] = _items(
+        row, UGC, where=where, item_fields=("prompt", "comment"), direction_required=(kind == "alignx")
+    )
+    out[PAIR] = _items(
+        row, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"), direction_required=False
+    )
     psoups = kind == "p-soups"
     for key in ("profile", "ground_truth_persona"):
         value = _text(row, key, where=where, required=psoups, blank_ok=not psoups or key == "profile")
@@ -156,7 +174,9 @@ def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | N
             raise DataError("P-SOUPS rows need history pairs", field=PAIR, **where)
     for key in ("user_id", "source"):
         if key in row and row[key] is not None and not isinstance(row[key], (str, int)):
-            raise DataError(f"expected a string or integer, got {type(row[key]).__name__}", field=key, **where)
+            raise DataError(
+                f"expected a string or integer, got {type(row[key]).__name__}", field=key, **where
+            )
     return out
 
 
@@ -201,6 +221,7 @@ def file_format(path: str) -> str:
 @dataclass
 class RawFile:
     """One file's raw rows (None where a JSONL line is not valid JSON) and its format."""
+
     path: str
     fmt: str
     rows: list[Any]
@@ -228,8 +249,10 @@ def read_file(path: str) -> RawFile:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} "
-                            f"(truncated or corrupt file?)", file=path) from None
+            raise DataError(
+                f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} (truncated or corrupt file?)",
+                file=path,
+            ) from None
         if not isinstance(rows, list):
             raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)
         return RawFile(path, fmt, rows)
@@ -248,6 +271,7 @@ def read_file(path: str) -> RawFile:
 @dataclass
 class Loaded:
     """Normalised rows plus where each came from (split writes rows back to their own file)."""
+
     rows: list[dict]
     skipped: int
     kind: str
@@ -301,18 +325,24 @@ def summary(loaded: Loaded) -> list[str]:
     lines = [f"rows: {len(rows)}  files: {len(loaded.files)}  kind: {loaded.kind}  skipped: {loaded.skipped}"]
     ugc = Counter(len(r[UGC]) for r in rows)
     pairs = Counter(len(r[PAIR]) for r in rows)
-    lines.append("history lengths: UGC " + ", ".join(f"{k}:{v}" for k, v in sorted(ugc.items()))
-                 + " | PAIR " + ", ".join(f"{k}:{v}" for k, v in sorted(pairs.items())))
+    lines.append(
+        "history lengths: UGC "
+        + ", ".join(f"{k}:{v}" for k, v in sorted(ugc.items()))
+        + " | PAIR "
+        + ", ".join(f"{k}:{v}" for k, v in sorted(pairs.items()))
+    )
     dirs = [r[DIRECTION] for r in rows if r[DIRECTION] is not None]
     nn = [float(np.sum(np.asarray(d) != 0.5)) for d in dirs]
     lines.append(f"directions: {len(dirs)} rows; non-neutral dims per direction: {_describe(nn)}")
     demo = sum(1 for r in rows if r[DEMO].strip())
-    lines.append(f"demographics: {demo}/{len(rows)} rows non-empty"
-                 + (f" ({100.0 * demo / len(rows):.1f}%)" if rows else ""))
+    lines.append(
+        f"demographics: {demo}/{len(rows)} rows non-empty"
+        + (f" ({100.0 * demo / len(rows):.1f}%)" if rows else "")
+    )
     profiles = sum(1 for r in rows if r.get("profile"))
     if profiles:
         lines.append(f"profiles: {profiles}/{len(rows)} rows")
-    lines.append(f"distinct prompts: {len(set(r['prompt'] for r in rows))}")
+    lines.append(f"distinct prompts: {len({r['prompt'] for r in rows})}")
     personas = Counter(r["ground_truth_persona"] for r in rows if "ground_truth_persona" in r)
     for text, n in sorted(personas.items(), key=lambda kv: (-kv[1], kv[0])):
         short = text if len(text) <= 80 else text[:77] + "..."
@@ -331,8 +361,14 @@ def warnings_for(loaded: Loaded) -> list[DataError]:
         return []
     fi, ri = loaded.origin[same[0]]
     more = f"; {len(same)} rows like this" if len(same) > 1 else ""
-    return [DataError(f"chosen == rejected: the pair gives DPO no signal{more}", file=loaded.files[fi].path, row=ri,
-                      field="rejected")]
+    return [
+        DataError(
+            f"chosen == rejected: the pair gives DPO no signal{more}",
+            file=loaded.files[fi].path,
+            row=ri,
+            field="rejected",
+        )
+    ]
 
 
 def cli_check(args: argparse.Namespace) -> int:

@@ -66,7 +66,9 @@ class ArrayRecordSource:
 
         builder = tfds.builder_from_directory(dataset_dir)
         if split not in builder.info.splits:
-            raise DataError(f"no split {split!r} (has: {', '.join(sorted(builder.info.splits))})", file=dataset_dir)
+            raise DataError(
+                f"no split {split!r} (has: {', '.join(sorted(builder.info.splits))})", file=dataset_dir
+            )
         self.path, self.split = dataset_dir, split
         self._ds = builder.as_data_source(split=split)
 
@@ -75,6 +77,7 @@ class ArrayRecordSource:
 
     def __getitem__(self, index: int) -> dict:
         from alignx_jax.data.tfds_builder import decode_row
+
         return decode_row(self._ds[int(index)]["row"])
 
     def __repr__(self) -> str:
@@ -101,6 +104,7 @@ def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad
     if prepared is not None:
         return ArrayRecordSource(prepared, split)
     from alignx_jax.data import schema
+
     if os.path.isdir(os.path.join(path, split)):
         path = os.path.join(path, split)
     rows, skipped = schema.load_rows(path, kind=kind, skip_bad=skip_bad)
@@ -114,12 +118,20 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
     import tensorflow_datasets as tfds
 
     from alignx_jax.data.tfds_builder import AlignX
+
     tfds.disable_progress_bar()
-    builder = AlignX(source=os.path.abspath(source), kind=kind, skip_bad=skip_bad, data_dir=out_dir,
-                     file_format="array_record")
+    builder = AlignX(
+        source=os.path.abspath(source),
+        kind=kind,
+        skip_bad=skip_bad,
+        data_dir=out_dir,
+        file_format="array_record",
+    )
     if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-        raise DataError("a prepared dataset already exists there; choose another --out or remove it",
-                        file=builder.data_dir)
+        raise DataError(
+            "a prepared dataset already exists there; choose another --out or remove it",
+            file=builder.data_dir,
+        )
     builder.download_and_prepare()
     files = sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*")))
     return {"dataset_dir": builder.data_dir, "splits": builder.counts, "files": files}
@@ -146,38 +158,60 @@ class TrainLoader:
     rows_dropped, pairs} with cumulative counters. `num_epochs=None` iterates forever.
     """
 
-    def __init__(self, source: RowSource, example_fn: ExampleFn, *, pairs_per_batch: int, pad_id: int,
-                 buckets: Sequence[int] | None = None, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, drop_remainder: bool = True, on_drop: str = "pad",
-                 shard_index: int | None = None, shard_count: int | None = None,
-                 collate_fn: Callable[..., dict] | None = None):
+    def __init__(
+        self,
+        source: RowSource,
+        example_fn: ExampleFn,
+        *,
+        pairs_per_batch: int,
+        pad_id: int,
+        buckets: Sequence[int] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        drop_remainder: bool = True,
+        on_drop: str = "pad",
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+        collate_fn: Callable[..., dict] | None = None,
+    ):
         if pairs_per_batch < 1:
             raise ConfigError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
         if on_drop not in ("pad", "refill"):
             raise ConfigError(f"on_drop must be 'pad' or 'refill', got {on_drop!r}")
         if shard_index is None or shard_count is None:
             import jax
+
             shard_index = jax.process_index() if shard_index is None else shard_index
             shard_count = jax.process_count() if shard_count is None else shard_count
         if not 0 <= shard_index < shard_count:
             raise ConfigError(f"shard_index {shard_index} outside [0, {shard_count})")
         self.source, self.example_fn = source, example_fn
         self.pairs_per_batch, self.pad_id, self.seed = int(pairs_per_batch), int(pad_id), int(seed)
-        self.shuffle, self.num_epochs, self.drop_remainder, self.on_drop = shuffle, num_epochs, drop_remainder, on_drop
+        self.shuffle, self.num_epochs, self.drop_remainder, self.on_drop = (
+            shuffle,
+            num_epochs,
+            drop_remainder,
+            on_drop,
+        )
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
         self.num_rows = len(source)
         self.shard_size = self.num_rows // self.shard_count
         if self.shard_size == 0:
             raise DataError(f"{self.num_rows} rows cannot feed {self.shard_count} hosts")
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"a host's {self.shard_size} rows make no full batch of {pairs_per_batch} pairs "
-                              "(lower pairs_per_batch or set drop_remainder=False)")
+            raise ConfigError(
+                f"a host's {self.shard_size} rows make no full batch of {pairs_per_batch} pairs "
+                "(lower pairs_per_batch or set drop_remainder=False)"
+            )
         if collate_fn is None:
             from alignx_jax.data import batching
+
             kw = {} if buckets is None else {"buckets": tuple(buckets)}
 
             def collate_fn(exs: Sequence[Any]) -> dict[str, np.ndarray]:
                 return batching.collate(exs, pad_id=self.pad_id, num_pairs=self.pairs_per_batch, **kw)
+
         self.collate_fn = collate_fn
         self._epoch, self._position, self._step = 0, 0, 0
         self._rows_seen, self._rows_dropped = 0, 0
@@ -205,30 +239,55 @@ class TrainLoader:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
         else:
             perm = np.arange(self.num_rows)
-        order = perm[self.shard_index::self.shard_count][:self.shard_size]
+        order = perm[self.shard_index :: self.shard_count][: self.shard_size]
         self._order_cache = (epoch, order)
         return order
 
     def _example_rng(self, epoch: int, index: int) -> np.random.Generator:
         from alignx_jax.data.persona import row_rng
+
         return row_rng(self.seed, (epoch, index))
 
     # -- state
     def get_state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "seed": self.seed, "num_rows": self.num_rows,
-                "shard_index": self.shard_index, "shard_count": self.shard_count,
-                "pairs_per_batch": self.pairs_per_batch, "shuffle": self.shuffle, "on_drop": self.on_drop,
-                "epoch": self._epoch, "position": self._position, "step": self._step,
-                "rows_seen": self._rows_seen, "rows_dropped": self._rows_dropped}
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "num_rows": self.num_rows,
+            "shard_index": self.shard_index,
+            "shard_count": self.shard_count,
+            "pairs_per_batch": self.pairs_per_batch,
+            "shuffle": self.shuffle,
+            "on_drop": self.on_drop,
+            "epoch": self._epoch,
+            "position": self._position,
+            "step": self._step,
+            "rows_seen": self._rows_seen,
+            "rows_dropped": self._rows_dropped,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        for key in ("seed", "num_rows", "shard_index", "shard_count", "pairs_per_batch", "shuffle", "on_drop"):
+        for key in (
+            "seed",
+            "num_rows",
+            "shard_index",
+            "shard_count",
+            "pairs_per_batch",
+            "shuffle",
+            "on_drop",
+        ):
             if state.get(key) != getattr(self, key):
-                raise ConfigError(f"cannot resume the data loader: saved {key}={state.get(key)!r} but this run "
-                                  f"has {getattr(self, key)!r} (same data, seed and hosts are needed)")
-        self._epoch, self._position, self._step = int(state["epoch"]), int(state["position"]), int(state["step"])
+                raise ConfigError(
+                    f"cannot resume the data loader: saved {key}={state.get(key)!r} but this run "
+                    f"has {getattr(self, key)!r} (same data, seed and hosts are needed)"
+                )
+        self._epoch, self._position, self._step = (
+            int(state["epoch"]),
+            int(state["position"]),
+            int(state["step"]),
+        )
         self._rows_seen, self._rows_dropped = int(state["rows_seen"]), int(state["rows_dropped"])
 
     # -- iteration
@@ -239,7 +298,11 @@ class TrainLoader:
         return self.num_epochs is not None and self._epoch >= self.num_epochs
 
     def _next_epoch_if_done(self) -> None:
-        full = self.shard_size - self.shard_size % self.pairs_per_batch if self.drop_remainder else self.shard_size
+        full = (
+            self.shard_size - self.shard_size % self.pairs_per_batch
+            if self.drop_remainder
+            else self.shard_size
+        )
         if self._position >= full:
             self._epoch, self._position = self._epoch + 1, 0
 
@@ -268,12 +331,19 @@ class TrainLoader:
                 # rejected rows would loop forever, so that is an error).
                 empty_epochs = empty_epochs + 1 if start == 0 and not examples else 0
                 if empty_epochs:
-                    raise DataError(f"every row of epoch {epoch} was rejected by the example function "
-                                    "(all prompts too long?)")
+                    raise DataError(
+                        f"every row of epoch {epoch} was rejected by the example function "
+                        "(all prompts too long?)"
+                    )
                 self._epoch, self._position = self._epoch + 1, 0
                 continue
             batch = self.collate_fn(examples)
             self._step += 1
-            info = {"epoch": epoch, "step": self._step, "rows_seen": self._rows_seen,
-                    "rows_dropped": self._rows_dropped, "pairs": len(examples)}
+            info = {
+                "epoch": epoch,
+                "step": self._step,
+                "rows_seen": self._rows_seen,
+                "rows_dropped": self._rows_dropped,
+                "pairs": len(examples),
+            }
             return batch, info

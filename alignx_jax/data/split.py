@@ -35,14 +35,17 @@ def _user_key(row: dict) -> str:
     return "history:" + json.dumps(fields, sort_keys=True, ensure_ascii=False)
 
 
-def split_indices(rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5,
-                  seed: int = 0) -> tuple[list[int], list[int]]:
+def split_indices(
+    rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5, seed: int = 0
+) -> tuple[list[int], list[int]]:
     """Indices of the train and test rows (see the module docstring)."""
     if by not in SPLIT_BY:
         raise DataError(f"unknown split key {by!r}; expected one of {', '.join(SPLIT_BY)}")
     if not 0.0 <= test_fraction <= 1.0:
         raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
-    keys = [i if by == "row" else (r["prompt"] if by == "prompt" else _user_key(r)) for i, r in enumerate(rows)]
+    keys = [
+        i if by == "row" else (r["prompt"] if by == "prompt" else _user_key(r)) for i, r in enumerate(rows)
+    ]
     groups = list(dict.fromkeys(keys))  # first-appearance order: independent of hash seeds
     n_test = int(round(test_fraction * len(groups)))
     if len(groups) >= 2 and 0.0 < test_fraction < 1.0:
@@ -54,8 +57,9 @@ def split_indices(rows: Sequence[dict], *, by: str = "prompt", test_fraction: fl
     return train, test
 
 
-def split_rows(rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5,
-               seed: int = 0) -> tuple[list[dict], list[dict]]:
+def split_rows(
+    rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """(train, test) rows; see the module docstring for what stays together."""
     train, test = split_indices(rows, by=by, test_fraction=test_fraction, seed=seed)
     return [rows[i] for i in train], [rows[i] for i in test]
@@ -95,6 +99,8 @@ def cli_split(args: argparse.Namespace) -> int:
             raw = loaded.files[fi]
             rel = os.path.relpath(raw.path, root) if os.path.isdir(args.path) else os.path.basename(raw.path)
             _write(raw, picks, os.path.join(args.out, half, rel))
-    print(f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
-          f"{os.path.join(args.out, 'train')}, {os.path.join(args.out, 'test')}")
+    print(
+        f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
+        f"{os.path.join(args.out, 'train')}, {os.path.join(args.out, 'test')}"
+    )
     return 0

@@ -41,162 +41,376 @@ from alignx_jax.errors import AlignXError
 
 NUM_DIMS = 90
 NEUTRAL = 0.5
-PAIR_LABEL_NOISE = 0.05   # a user's own choices are not perfectly consistent
-TEXT_NOISE = 0.05         # a history text sometimes shows the opposite leaning
-VEC_DROP = 0.35           # an item's vector misses the dimension its text shows
-VEC_FLIP = 0.20           # ... or states it reversed
+PAIR_LABEL_NOISE = 0.05  # a user's own choices are not perfectly consistent
+TEXT_NOISE = 0.05  # a history text sometimes shows the opposite leaning
+VEC_DROP = 0.35  # an item's vector misses the dimension its text shows
+VEC_FLIP = 0.20  # ... or states it reversed
 VEC_SPURIOUS_WORLD = 0.15  # ... or adds a random world dimension with a random value
-VEC_SPURIOUS_OTHER = 0.5   # ... or a random non-world dimension (noise in the profile text)
+VEC_SPURIOUS_OTHER = 0.5  # ... or a random non-world dimension (noise in the profile text)
 USERS_FILE = ".users.json"  # dot-file: `alignx data check DIR` must not read it as rows
-HISTORY_POOL = 6          # UGC and PAIR items each user has; a row shows some of them:
-UGC_PER_ROW = (2, 4)      # (min, max) UGC items per row
-PAIR_PER_ROW = (1, 3)     # (min, max) PAIR items per row (fewer: each one holds two responses)
+HISTORY_POOL = 6  # UGC and PAIR items each user has; a row shows some of them:
+UGC_PER_ROW = (2, 4)  # (min, max) UGC items per row
+PAIR_PER_ROW = (1, 3)  # (min, max) PAIR items per row (fewer: each one holds two responses)
 
 
 @dataclass(frozen=True)
 class Side:
     """Phrases that show one side (positive label = 1, negative = 0) of a dimension."""
-    response: tuple[str, ...]      # appended to a pair's base response
-    comment: tuple[str, ...]       # a UGC comment
-    demographic: str = ""          # a demographic sentence ("" = this side is never stated)
+
+    response: tuple[str, ...]  # appended to a pair's base response
+    comment: tuple[str, ...]  # a UGC comment
+    demographic: str = ""  # a demographic sentence ("" = this side is never stated)
 
 
 @dataclass(frozen=True)
 class WorldDim:
-    index: int                     # index into the 90-dim preference space
+    index: int  # index into the 90-dim preference space
     name: str
     pos: Side
     neg: Side
 
 
 WORLD: tuple[WorldDim, ...] = (
-    WorldDim(0, "register",
-             Side(("tbh that's a vibe, go for it lol.", "ngl this slaps, just do it.",
-                   "lowkey the best move, trust me."),
-                  ("lol same, this is so me tbh", "ngl this made my day, big mood",
-                   "omg yes, saving this fr"),
-                  "A university student in their early twenties."),
-             Side(("I would kindly recommend a measured approach.", "In my experience, patience serves one well.",
-                   "One would be well advised to proceed calmly."),
-                  ("Quite right. In my day we did the same.", "A sensible post. My grandchildren agree.",
-                   "Well put. Experience teaches this slowly."),
-                  "A retired teacher in their late sixties.")),
-    WorldDim(3, "extraversion",
-             Side(("Invite a few friends and make it a party!", "Grab your crew and go out together!",
-                   "Call people over, the more the merrier!"),
-                  ("I'd throw a party for this, who's in?", "Love meeting new people at events like this!",
-                   "Count me in, I'll bring the whole group!"),
-                  "Outgoing, loves big gatherings."),
-             Side(("Enjoy some quiet time on your own.", "A calm evening alone can recharge you.",
-                   "Keep it low-key and stay in."),
-                  ("I'd rather stay home with a book honestly.", "Crowds drain me, quiet nights are best.",
-                   "Sounds nice but I prefer my own company."),
-                  "Quiet and introverted, prefers staying in.")),
-    WorldDim(5, "agreeableness",
-             Side(("What a kind question, you are on the right track.", "That sounds lovely, it will go well.",
-                   "Great thinking, you clearly care about this."),
-                  ("Such a kind post, sending good wishes!", "You are doing great, be proud of yourself.",
-                   "Lovely idea, thank you for sharing.")),
-             Side(("Blunt answer: you are overthinking it.", "Frankly, that plan has obvious flaws.",
-                   "Honestly, stop asking and just decide."),
-                  ("This is a silly question, to be frank.", "Wrong take. Nobody needs this advice.",
-                   "Meh, overrated. Try harder next time."))),
-    WorldDim(16, "concise",
-             Side(("That's all.", "Simple as that.", "Short and sweet."),
-                  ("Too long, give me the short version.", "Short version please, keep it brief.",
-                   "Brief answers are the best answers.")),
-             Side(("First, list your options; then compare the costs; finally, check the details before you commit.",
-                   "Step by step: set a goal, write a schedule, track progress daily and review it weekly.",
-                   "In detail: gather information, ask someone experienced, plan each stage "
-                   "and leave time for surprises."),
-                  ("Could you explain every step in more depth? I want the full picture.",
-                   "I love long, thorough write-ups with all the details.",
-                   "Please add more background and examples, details matter to me."))),
-    WorldDim(56, "sports",
-             Side(("A quick football match would help too.", "Try a game of tennis to reset.",
-                   "Watching the big match is a great break."),
-                  ("Reminds me of match day with my team!", "I play football every weekend, love it.",
-                   "Nothing beats a good game of basketball."),
-                  "Plays in a local football league."),
-             Side(("A slow puzzle would help too.", "Try a good film to reset.", "Reading a novel is a great break."),
-                  ("Sports bore me, I never watch games.", "I can't stand football talk, honestly.",
-                   "Not into sports at all, never was."),
-                  "Has no interest in sports.")),
-    WorldDim(59, "pets",
-             Side(("Take your dog along, pets make it better.", "Cuddle your cat afterwards.",
-                   "Adopting a puppy could bring joy."),
-                  ("My cat would love this, pets are family.", "I walk my dog every morning, best part of the day.",
-                   "Aww, I adore animals so much."),
-                  "Lives with two dogs and a cat."),
-             Side(("Keep your space tidy and quiet.", "Enjoy a peaceful, animal-free home.",
-                   "A clean flat makes rest easier."),
-                  ("I'm allergic to cats and not a pet person.", "Animals in the house? No thanks.",
-                   "Pets are too much work for me."),
-                  "Keeps a pet-free home.")),
-    WorldDim(60, "travel",
-             Side(("Book a weekend trip somewhere new.", "Plan a journey abroad, travel refreshes you.",
-                   "Pack a bag and explore a new city."),
-                  ("This reminds me of my trip to Japan!", "I travel every chance I get, airports feel like home.",
-                   "Adding this to my travel list for next summer."),
-                  "Has visited thirty countries."),
-             Side(("Stay close to home and keep your routine.", "No need to go anywhere, home is best.",
-                   "Skip the trip and relax locally."),
-                  ("I hate flying, I prefer staying put.", "Travel stresses me out, home is enough.",
-                   "Never liked packing bags and long trips."),
-                  "Rarely leaves their hometown.")),
-    WorldDim(64, "gourmet_food",
-             Side(("Treat yourself to a fine dinner at a new restaurant.", "Cook a fancy meal with fresh herbs.",
-                   "Try a tasting menu, good food lifts the mood."),
-                  ("That pasta looks amazing, I'm a real foodie.", "I cook gourmet dinners every Sunday.",
-                   "The best part is always the food, yum."),
-                  "Works as a chef."),
-             Side(("Any quick snack will do.", "Grab simple fuel and move on.", "Skip the fancy meal, eat whatever."),
-                  ("I eat the same plain meal every day, food is fuel.", "Fancy restaurants are a waste of money.",
-                   "Don't care about food, a sandwich is fine."))),
-    WorldDim(71, "digital_technology",
-             Side(("Use an app to track it, technology makes it easy.", "A simple script or gadget can automate this.",
-                   "Try a smart device, the software helps a lot."),
-                  ("Just built my own PC, love new gadgets!", "I code apps in my free time.",
-                   "Tech upgrades like this make me happy."),
-                  "Works as a software engineer."),
-             Side(("Use pen and paper, no screens needed.", "Put the phone away and do it by hand.",
-                   "Go offline, gadgets only distract."),
-                  ("I avoid screens, technology is overrated.", "Still use a flip phone and proud of it.",
-                   "Too many apps these days, I log off."),
-                  "Avoids smartphones.")),
-    WorldDim(73, "humor",
-             Side(("Worst case, blame the weather, ha!", "Why did the plan cross the road? To get done, haha.",
-                   "Just don't let your socks find out, hehe."),
-                  ("Haha, this had me laughing out loud!", "Best joke I've read all week, lmao.",
-                   "I live for puns like this, brilliant.")),
-             Side(("This is a serious matter, treat it carefully.", "No jokes here, just a plain answer.",
-                   "Take it seriously and stay focused."),
-                  ("Not funny. Jokes just get in the way.", "Please keep threads like this serious.",
-                   "I don't see the humor here at all."))),
+    WorldDim(
+        0,
+        "register",
+        Side(
+            (
+                "tbh that's a vibe, go for it lol.",
+                "ngl this slaps, just do it.",
+                "lowkey the best move, trust me.",
+            ),
+            ("lol same, this is so me tbh", "ngl this made my day, big mood", "omg yes, saving this fr"),
+            "A university student in their early twenties.",
+        ),
+        Side(
+            (
+                "I would kindly recommend a measured approach.",
+                "In my experience, patience serves one well.",
+                "One would be well advised to proceed calmly.",
+            ),
+            (
+                "Quite right. In my day we did the same.",
+                "A sensible post. My grandchildren agree.",
+                "Well put. Experience teaches this slowly.",
+            ),
+            "A retired teacher in their late sixties.",
+        ),
+    ),
+    WorldDim(
+        3,
+        "extraversion",
+        Side(
+            (
+                "Invite a few friends and make it a party!",
+                "Grab your crew and go out together!",
+                "Call people over, the more the merrier!",
+            ),
+            (
+                "I'd throw a party for this, who's in?",
+                "Love meeting new people at events like this!",
+                "Count me in, I'll bring the whole group!",
+            ),
+            "Outgoing, loves big gatherings.",
+        ),
+        Side(
+            (
+                "Enjoy some quiet time on your own.",
+                "A calm evening alone can recharge you.",
+                "Keep it low-key and stay in.",
+            ),
+            (
+                "I'd rather stay home with a book honestly.",
+                "Crowds drain me, quiet nights are best.",
+                "Sounds nice but I prefer my own company.",
+            ),
+            "Quiet and introverted, prefers staying in.",
+        ),
+    ),
+    WorldDim(
+        5,
+        "agreeableness",
+        Side(
+            (
+                "What a kind question, you are on the right track.",
+                "That sounds lovely, it will go well.",
+                "Great thinking, you clearly care about this.",
+            ),
+            (
+                "Such a kind post, sending good wishes!",
+                "You are doing great, be proud of yourself.",
+                "Lovely idea, thank you for sharing.",
+            ),
+        ),
+        Side(
+            (
+                "Blunt answer: you are overthinking it.",
+                "Frankly, that plan has obvious flaws.",
+                "Honestly, stop asking and just decide.",
+            ),
+            (
+                "This is a silly question, to be frank.",
+                "Wrong take. Nobody needs this advice.",
+                "Meh, overrated. Try harder next time.",
+            ),
+        ),
+    ),
+    WorldDim(
+        16,
+        "concise",
+        Side(
+            ("That's all.", "Simple as that.", "Short and sweet."),
+            (
+                "Too long, give me the short version.",
+                "Short version please, keep it brief.",
+                "Brief answers are the best answers.",
+            ),
+        ),
+        Side(
+            (
+                "First, list your options; then compare the costs; finally, check the details before you commit.",
+                "Step by step: set a goal, write a schedule, track progress daily and review it weekly.",
+                "In detail: gather information, ask someone experienced, plan each stage "
+                "and leave time for surprises.",
+            ),
+            (
+                "Could you explain every step in more depth? I want the full picture.",
+                "I love long, thorough write-ups with all the details.",
+                "Please add more background and examples, details matter to me.",
+            ),
+        ),
+    ),
+    WorldDim(
+        56,
+        "sports",
+        Side(
+            (
+                "A quick football match would help too.",
+                "Try a game of tennis to reset.",
+                "Watching the big match is a great break.",
+            ),
+            (
+                "Reminds me of match day with my team!",
+                "I play football every weekend, love it.",
+                "Nothing beats a good game of basketball.",
+            ),
+            "Plays in a local football league.",
+        ),
+        Side(
+            (
+                "A slow puzzle would help too.",
+                "Try a good film to reset.",
+                "Reading a novel is a great break.",
+            ),
+            (
+                "Sports bore me, I never watch games.",
+                "I can't stand football talk, honestly.",
+                "Not into sports at all, never was.",
+            ),
+            "Has no interest in sports.",
+        ),
+    ),
+    WorldDim(
+        59,
+        "pets",
+        Side(
+            (
+                "Take your dog along, pets make it better.",
+                "Cuddle your cat afterwards.",
+                "Adopting a puppy could bring joy.",
+            ),
+            (
+                "My cat would love this, pets are family.",
+                "I walk my dog every morning, best part of the day.",
+                "Aww, I adore animals so much.",
+            ),
+            "Lives with two dogs and a cat.",
+        ),
+        Side(
+            (
+                "Keep your space tidy and quiet.",
+                "Enjoy a peaceful, animal-free home.",
+                "A clean flat makes rest easier.",
+            ),
+            (
+                "I'm allergic to cats and not a pet person.",
+                "Animals in the house? No thanks.",
+                "Pets are too much work for me.",
+            ),
+            "Keeps a pet-free home.",
+        ),
+    ),
+    WorldDim(
+        60,
+        "travel",
+        Side(
+            (
+                "Book a weekend trip somewhere new.",
+                "Plan a journey abroad, travel refreshes you.",
+                "Pack a bag and explore a new city.",
+            ),
+            (
+                "This reminds me of my trip to Japan!",
+                "I travel every chance I get, airports feel like home.",
+                "Adding this to my travel list for next summer.",
+            ),
+            "Has visited thirty countries.",
+        ),
+        Side(
+            (
+                "Stay close to home and keep your routine.",
+                "No need to go anywhere, home is best.",
+                "Skip the trip and relax locally.",
+            ),
+            (
+                "I hate flying, I prefer staying put.",
+                "Travel stresses me out, home is enough.",
+                "Never liked packing bags and long trips.",
+            ),
+            "Rarely leaves their hometown.",
+        ),
+    ),
+    WorldDim(
+        64,
+        "gourmet_food",
+        Side(
+            (
+                "Treat yourself to a fine dinner at a new restaurant.",
+                "Cook a fancy meal with fresh herbs.",
+                "Try a tasting menu, good food lifts the mood.",
+            ),
+            (
+                "That pasta looks amazing, I'm a real foodie.",
+                "I cook gourmet dinners every Sunday.",
+                "The best part is always the food, yum.",
+            ),
+            "Works as a chef.",
+        ),
+        Side(
+            (
+                "Any quick snack will do.",
+                "Grab simple fuel and move on.",
+                "Skip the fancy meal, eat whatever.",
+            ),
+            (
+                "I eat the same plain meal every day, food is fuel.",
+                "Fancy restaurants are a waste of money.",
+                "Don't care about food, a sandwich is fine.",
+            ),
+        ),
+    ),
+    WorldDim(
+        71,
+        "digital_technology",
+        Side(
+            (
+                "Use an app to track it, technology makes it easy.",
+                "A simple script or gadget can automate this.",
+                "Try a smart device, the software helps a lot.",
+            ),
+            (
+                "Just built my own PC, love new gadgets!",
+                "I code apps in my free time.",
+                "Tech upgrades like this make me happy.",
+            ),
+            "Works as a software engineer.",
+        ),
+        Side(
+            (
+                "Use pen and paper, no screens needed.",
+                "Put the phone away and do it by hand.",
+                "Go offline, gadgets only distract.",
+            ),
+            (
+                "I avoid screens, technology is overrated.",
+                "Still use a flip phone and proud of it.",
+                "Too many apps these days, I log off.",
+            ),
+            "Avoids smartphones.",
+        ),
+    ),
+    WorldDim(
+        73,
+        "humor",
+        Side(
+            (
+                "Worst case, blame the weather, ha!",
+                "Why did the plan cross the road? To get done, haha.",
+                "Just don't let your socks find out, hehe.",
+            ),
+            (
+                "Haha, this had me laughing out loud!",
+                "Best joke I've read all week, lmao.",
+                "I live for puns like this, brilliant.",
+            ),
+        ),
+        Side(
+            (
+                "This is a serious matter, treat it carefully.",
+                "No jokes here, just a plain answer.",
+                "Take it seriously and stay focused.",
+            ),
+            (
+                "Not funny. Jokes just get in the way.",
+                "Please keep threads like this serious.",
+                "I don't see the humor here at all.",
+            ),
+        ),
+    ),
 )
 WORLD_DIMS: tuple[int, ...] = tuple(d.index for d in WORLD)
 
 POSTS: tuple[str, ...] = (
-    "Any ideas for a free Saturday?", "How do I unwind after work?", "What should I do on a rainy day?",
-    "Tips for starting a new hobby?", "How can I make mornings better?", "Bored tonight, suggestions?",
-    "How do I celebrate a small win?", "Ideas for a long weekend?", "How do I get out of a slump?",
-    "What is a good way to spend a bonus?", "How do I plan the new year?", "Best way to spend a day off?",
-    "How can I feel less stressed?", "Got a free evening, what now?", "How do I reward myself?",
-    "What should I try this month?", "Ideas for a birthday treat?", "How do I recharge on Sunday?",
-    "Need a break from studying, ideas?", "How do I make this week fun?", "What helps after a bad day?",
-    "How do I spend my holiday?", "Any plans worth making for spring?", "How do I beat the winter blues?",
-    "What to do when I feel stuck?", "How do I enjoy my lunch break?", "Ideas for a quiet Friday?",
-    "How do I stay motivated?", "What is a fun goal for summer?", "How do I fill an empty afternoon?",
-    "What should I do after exams?", "How can I start the week well?",
+    "Any ideas for a free Saturday?",
+    "How do I unwind after work?",
+    "What should I do on a rainy day?",
+    "Tips for starting a new hobby?",
+    "How can I make mornings better?",
+    "Bored tonight, suggestions?",
+    "How do I celebrate a small win?",
+    "Ideas for a long weekend?",
+    "How do I get out of a slump?",
+    "What is a good way to spend a bonus?",
+    "How do I plan the new year?",
+    "Best way to spend a day off?",
+    "How can I feel less stressed?",
+    "Got a free evening, what now?",
+    "How do I reward myself?",
+    "What should I try this month?",
+    "Ideas for a birthday treat?",
+    "How do I recharge on Sunday?",
+    "Need a break from studying, ideas?",
+    "How do I make this week fun?",
+    "What helps after a bad day?",
+    "How do I spend my holiday?",
+    "Any plans worth making for spring?",
+    "How do I beat the winter blues?",
+    "What to do when I feel stuck?",
+    "How do I enjoy my lunch break?",
+    "Ideas for a quiet Friday?",
+    "How do I stay motivated?",
+    "What is a fun goal for summer?",
+    "How do I fill an empty afternoon?",
+    "What should I do after exams?",
+    "How can I start the week well?",
 )
 BASES: tuple[str, ...] = (
-    "Start with something small and easy.", "Pick one idea and try it today.",
-    "Keep it simple and see how you feel.", "Choose what gives you energy.",
-    "Set aside an hour just for yourself.", "Try something you have never done.",
-    "Make a small plan and stick to it.", "Do what feels right for you.",
-    "Give yourself permission to slow down.", "A little change can go a long way.",
+    "Start with something small and easy.",
+    "Pick one idea and try it today.",
+    "Keep it simple and see how you feel.",
+    "Choose what gives you energy.",
+    "Set aside an hour just for yourself.",
+    "Try something you have never done.",
+    "Make a small plan and stick to it.",
+    "Do what feels right for you.",
+    "Give yourself permission to slow down.",
+    "A little change can go a long way.",
 )
-FILLER_DEMOGRAPHICS: tuple[str, ...] = ("Lives in a mid-sized city.", "Works full time.", "Has a busy schedule.")
+FILLER_DEMOGRAPHICS: tuple[str, ...] = (
+    "Lives in a mid-sized city.",
+    "Works full time.",
+    "Has a busy schedule.",
+)
 
 
 def _u32(*parts: int) -> int:
@@ -222,6 +436,7 @@ def pair_texts(post: int, dim: int) -> tuple[str, str, str]:
 
 # ------------------------------------------------------------------ text evidence (analysis)
 
+
 def _count(text: str, phrases: tuple[str, ...]) -> int:
     return sum(text.count(p) for p in phrases)
 
@@ -243,8 +458,11 @@ def history_scores(row: dict[str, Any]) -> np.ndarray:
     for item in row.get("Pair-wise Comparative Feedback") or []:
         s += response_scores(item.get("chosen", "")) - response_scores(item.get("rejected", ""))
     demo = row.get("Demographic Information") or ""
-    s += [int(bool(d.pos.demographic) and d.pos.demographic in demo)
-          - int(bool(d.neg.demographic) and d.neg.demographic in demo) for d in WORLD]
+    s += [
+        int(bool(d.pos.demographic) and d.pos.demographic in demo)
+        - int(bool(d.neg.demographic) and d.neg.demographic in demo)
+        for d in WORLD
+    ]
     return s
 
 
@@ -277,11 +495,12 @@ def world_corpus() -> list[str]:
 
 # ------------------------------------------------------------------ generation
 
+
 @dataclass
 class User:
     user_id: str
-    active: dict[int, int]                     # world-dim position -> 0/1
-    direction: list[float]                     # 90 values in {0, 0.5, 1}
+    active: dict[int, int]  # world-dim position -> 0/1
+    direction: list[float]  # 90 values in {0, 0.5, 1}
     demographic: str
     ugc: list[dict[str, Any]] = field(default_factory=list)
     pairs: list[dict[str, Any]] = field(default_factory=list)
@@ -291,10 +510,11 @@ class User:
 @dataclass
 class World:
     """Rows in the AlignX schema plus, per row, what the generator knows (for analysis)."""
+
     seed: int
     users: list[User]
     rows: list[dict[str, Any]]
-    meta: list[dict[str, Any]]                 # per row: user, world dim, post, pos_chosen, label_flipped
+    meta: list[dict[str, Any]]  # per row: user, world dim, post, pos_chosen, label_flipped
 
 
 def _item_vector(rng: np.random.Generator, w: int, value: int) -> list[float]:
@@ -348,23 +568,35 @@ def _make_users(n_users: int, seed: int) -> list[User]:
                 demo.append(side.demographic)
         if urng.random() < 0.5:
             demo.append(FILLER_DEMOGRAPHICS[int(urng.integers(len(FILLER_DEMOGRAPHICS)))])
-        user = User(f"synth-{u:06d}", dict(sorted(values[u].items())), [float(x) for x in direction], " ".join(demo))
+        user = User(
+            f"synth-{u:06d}", dict(sorted(values[u].items())), [float(x) for x in direction], " ".join(demo)
+        )
         dims = list(values[u])
         for i in range(HISTORY_POOL):  # UGC: one comment per item showing one leaning
             w = dims[(i + int(urng.integers(len(dims)))) % len(dims)]
             shown = _shown(urng, values[u][w])
             side = WORLD[w].pos if shown == 1 else WORLD[w].neg
-            user.ugc.append({"prompt": POSTS[int(urng.integers(len(POSTS)))],
-                             "comment": side.comment[int(urng.integers(len(side.comment)))],
-                             "Preference Direction": _item_vector(urng, w, values[u][w])})
+            user.ugc.append(
+                {
+                    "prompt": POSTS[int(urng.integers(len(POSTS)))],
+                    "comment": side.comment[int(urng.integers(len(side.comment)))],
+                    "Preference Direction": _item_vector(urng, w, values[u][w]),
+                }
+            )
         for i in range(HISTORY_POOL):  # PAIR: a past pair on one active dim, labelled by the user
             w = dims[(i + int(urng.integers(len(dims)))) % len(dims)]
             post = int(urng.integers(len(POSTS)))
             prompt, pos, neg = pair_texts(post, w)
             shown = _shown(urng, values[u][w])
             chosen, rejected = (pos, neg) if shown == 1 else (neg, pos)
-            user.pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                               "Preference Direction": _item_vector(urng, w, values[u][w])})
+            user.pairs.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "Preference Direction": _item_vector(urng, w, values[u][w]),
+                }
+            )
             user.pair_posts.append(post)
         users.append(user)
     return users
@@ -395,35 +627,64 @@ def generate_world(n_users: int, pairs_per_user: int, seed: int = 0) -> World:
             ugc_idx = sorted(rng.choice(len(user.ugc), size=n_ugc, replace=False))
             pair_pool = [i for i, p in enumerate(user.pair_posts) if p != post]
             pair_idx = sorted(rng.choice(pair_pool, size=min(n_pair, len(pair_pool)), replace=False))
-            rows.append({
-                "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                "Preference Direction": list(user.direction),
-                "Demographic Information": user.demographic,
-                "User-Generated Content": [dict(user.ugc[i]) for i in ugc_idx],
-                "Pair-wise Comparative Feedback": [dict(user.pairs[i]) for i in pair_idx],
-                "user_id": user.user_id, "source": "synth",
-            })
-            meta.append({"user": u, "dim": WORLD_DIMS[w], "post": post, "pos_chosen": pos_chosen,
-                         "label_flipped": flipped})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "Preference Direction": list(user.direction),
+                    "Demographic Information": user.demographic,
+                    "User-Generated Content": [dict(user.ugc[i]) for i in ugc_idx],
+                    "Pair-wise Comparative Feedback": [dict(user.pairs[i]) for i in pair_idx],
+                    "user_id": user.user_id,
+                    "source": "synth",
+                }
+            )
+            meta.append(
+                {
+                    "user": u,
+                    "dim": WORLD_DIMS[w],
+                    "post": post,
+                    "pos_chosen": pos_chosen,
+                    "label_flipped": flipped,
+                }
+            )
     return World(seed, users, rows, meta)
 
 
 def _arrow_schema():
     import pyarrow as pa
+
     vec = pa.list_(pa.float64())
     ugc = pa.struct([("prompt", pa.string()), ("comment", pa.string()), ("Preference Direction", vec)])
-    pair = pa.struct([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
-                      ("Preference Direction", vec)])
-    return pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
-                      ("Preference Direction", vec), ("Demographic Information", pa.string()),
-                      ("User-Generated Content", pa.list_(ugc)), ("Pair-wise Comparative Feedback", pa.list_(pair)),
-                      ("user_id", pa.string()), ("source", pa.string())])
+    pair = pa.struct(
+        [
+            ("prompt", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),
+            ("Preference Direction", vec),
+        ]
+    )
+    return pa.schema(
+        [
+            ("prompt", pa.string()),
+            ("chosen", pa.string()),
+            ("rejected", pa.string()),
+            ("Preference Direction", vec),
+            ("Demographic Information", pa.string()),
+            ("User-Generated Content", pa.list_(ugc)),
+            ("Pair-wise Comparative Feedback", pa.list_(pair)),
+            ("user_id", pa.string()),
+            ("source", pa.string()),
+        ]
+    )
 
 
 def write_world(world: World, out_dir: str) -> dict[str, str]:
     """Write `data.parquet` and `USERS_FILE` under `out_dir`; returns their paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     os.makedirs(out_dir, exist_ok=True)
     schema = _arrow_schema()
     table = pa.Table.from_pylist(world.rows, schema=schema)
@@ -432,15 +693,33 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     users_path = os.path.join(out_dir, USERS_FILE)
     labels = _labels()
     with open(users_path, "w") as f:
-        json.dump({
-            "about": "Hidden directions of the synthetic users (alignx synth); rows carry user_id.",
-            "seed": world.seed,
-            "world_dims": [{"index": d.index, "name": d.name, "positive_label": labels[d.index][0],
-                            "negative_label": labels[d.index][1]} for d in WORLD],
-            "users": [{"user_id": u.user_id, "direction": u.direction,
-                       "active": {str(WORLD_DIMS[w]): v for w, v in u.active.items()},
-                       "Demographic Information": u.demographic} for u in world.users],
-        }, f, indent=1, sort_keys=False)
+        json.dump(
+            {
+                "about": "Hidden directions of the synthetic users (alignx synth); rows carry user_id.",
+                "seed": world.seed,
+                "world_dims": [
+                    {
+                        "index": d.index,
+                        "name": d.name,
+                        "positive_label": labels[d.index][0],
+                        "negative_label": labels[d.index][1],
+                    }
+                    for d in WORLD
+                ],
+                "users": [
+                    {
+                        "user_id": u.user_id,
+                        "direction": u.direction,
+                        "active": {str(WORLD_DIMS[w]): v for w, v in u.active.items()},
+                        "Demographic Information": u.demographic,
+                    }
+                    for u in world.users
+                ],
+            },
+            f,
+            indent=1,
+            sort_keys=False,
+        )
         f.write("\n")
     return {"data": data_path, "users": users_path}
 
@@ -467,11 +746,12 @@ def cli_synth(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ measured properties
 
+
 def _split_users(world: World, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Row indices of train users and of held-out users."""
     perm = np.random.default_rng([seed, 7]).permutation(len(world.users))
     n_test = max(1, int(round(len(perm) * test_fraction)))
-    test_users = set(int(u) for u in perm[:n_test])
+    test_users = {int(u) for u in perm[:n_test]}
     train = [i for i, m in enumerate(world.meta) if m["user"] not in test_users]
     test = [i for i, m in enumerate(world.meta) if m["user"] in test_users]
     return train, test
@@ -499,8 +779,9 @@ def _blind_majority(world: World, train: list[int], test: list[int]) -> tuple[fl
 
 
 def _pair_features(chosen: str, rejected: str) -> np.ndarray:
-    return np.concatenate([response_scores(chosen) - response_scores(rejected),
-                           [(len(chosen) - len(rejected)) / 50.0]])
+    return np.concatenate(
+        [response_scores(chosen) - response_scores(rejected), [(len(chosen) - len(rejected)) / 50.0]]
+    )
 
 
 def _blind_logreg(world: World, train: list[int], test: list[int], steps: int = 500) -> float:
@@ -519,8 +800,13 @@ def _blind_logreg(world: World, train: list[int], test: list[int], steps: int = 
 def release_estimate(row: dict[str, Any]) -> np.ndarray:
     """The release's P̃ for the row's history (persona.release_direction over the items' vectors)."""
     from alignx_jax.data.persona import release_direction
-    vecs = [it["Preference Direction"] for it in (row.get("User-Generated Content") or []) +
-            (row.get("Pair-wise Comparative Feedback") or []) if it.get("Preference Direction") is not None]
+
+    vecs = [
+        it["Preference Direction"]
+        for it in (row.get("User-Generated Content") or [])
+        + (row.get("Pair-wise Comparative Feedback") or [])
+        if it.get("Preference Direction") is not None
+    ]
     return np.asarray(release_direction(vecs), np.float64)
 
 
@@ -534,9 +820,12 @@ def measure_world(world: World, test_fraction: float = 0.5, seed: int = 0) -> di
     train, test = _split_users(world, test_fraction, seed)
     blind_major, seen = _blind_majority(world, train, test)
     out: dict[str, Any] = {
-        "users": len(world.users), "rows": len(world.rows), "test_rows": len(test),
+        "users": len(world.users),
+        "rows": len(world.rows),
+        "test_rows": len(test),
         "pair_label_noise": float(np.mean([world.meta[i]["label_flipped"] for i in test])),
-        "blind_majority": blind_major, "blind_majority_seen_fraction": seen,
+        "blind_majority": blind_major,
+        "blind_majority_seen_fraction": seen,
         "blind_logreg": _blind_logreg(world, train, test),
     }
     golden, text, release = [], [], []
@@ -555,11 +844,13 @@ def measure_world(world: World, test_fraction: float = 0.5, seed: int = 0) -> di
             continue
         release.append(direction_vote(p, r["chosen"], r["rejected"]))
         dim_release += [p[d] == g[d] for d in active]
-    out.update({
-        "golden": _vote_accuracy(golden),
-        "history_text": _vote_accuracy(text),
-        "release_rule": _vote_accuracy(release) if release else None,
-        "dim_acc_history_text": float(np.mean(dim_text)),
-        "dim_acc_release_rule": float(np.mean(dim_release)) if dim_release else None,
-    })
+    out.update(
+        {
+            "golden": _vote_accuracy(golden),
+            "history_text": _vote_accuracy(text),
+            "release_rule": _vote_accuracy(release) if release else None,
+            "dim_acc_history_text": float(np.mean(dim_text)),
+            "dim_acc_release_rule": float(np.mean(dim_release)) if dim_release else None,
+        }
+    )
     return out

@@ -72,7 +72,9 @@ class AlignX(tfds.core.GeneratorBasedBuilder):
     def code_path(cls) -> epath.Path:  # see the module docstring
         return epath.Path(__file__)
 
-    def __init__(self, *, source: str | None = None, kind: str = "auto", skip_bad: bool = False, **kwargs: Any):
+    def __init__(
+        self, *, source: str | None = None, kind: str = "auto", skip_bad: bool = False, **kwargs: Any
+    ):
         self._source = source
         self._kind = kind
         self._skip_bad = skip_bad
@@ -83,7 +85,7 @@ class AlignX(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="AlignX personalized preference rows (prompt, chosen, rejected, persona fields), "
-                        "each stored as one JSON string.",
+            "each stored as one JSON string.",
             features=tfds.features.FeaturesDict({"row": tfds.features.Text(), "index": np.int64}),
             supervised_keys=None,
             disable_shuffling=True,  # keep source order (the class attribute alone is not read here)

@@ -37,10 +37,26 @@ ATTENTION_CHUNK = 1024
 
 # HF keys DecoderConfig models itself; everything else in config.json is carried through untouched.
 _MODELED_KEYS = {
-    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "tie_word_embeddings",
-    "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "hidden_act",
 }
 
 Cache = dict[str, jax.Array]
@@ -91,15 +107,21 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise CheckpointError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                                  f"num_key_value_heads={self.num_key_value_heads}")
+            raise CheckpointError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat policy {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+            raise ConfigError(
+                f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
         if not 0 <= self.frozen_layers < self.num_hidden_layers:
-            raise ConfigError(f"frozen_layers={self.frozen_layers} must be in [0, num_hidden_layers="
-                              f"{self.num_hidden_layers})")
+            raise ConfigError(
+                f"frozen_layers={self.frozen_layers} must be in [0, num_hidden_layers="
+                f"{self.num_hidden_layers})"
+            )
         for f in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, f))
@@ -127,8 +149,9 @@ class DecoderConfig:
         """Build from a config.json dict; `run_options` set dtype/param_dtype/remat/scan_layers/..."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(f"unsupported model_type {model_type!r} (supported: "
-                                  f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+            raise CheckpointError(
+                f"unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
         for arch in hf.get("architectures") or []:
             if arch != SUPPORTED_MODEL_TYPES[model_type]:
                 raise CheckpointError(f"unsupported architecture {arch!r} for model_type {model_type!r}")
@@ -150,7 +173,9 @@ class DecoderConfig:
                 theta = float(hf.get("rope_theta", 10000.0))
             rope_type = scaling.get("rope_type", scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:
-                raise CheckpointError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+                raise CheckpointError(
+                    f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
+                )
             bias = bool(hf.get("attention_bias", False))
             eos = hf.get("eos_token_id")
             extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
@@ -187,23 +212,27 @@ class DecoderConfig:
         """The config.json dict (unmodeled keys from the source config are kept as they were)."""
         out: dict[str, Any] = json.loads(self.hf_extra_json)
         scaling = self.rope_scaling_dict or {}
-        out.update({
-            "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "hidden_act": "silu",
-        })
+        out.update(
+            {
+                "architectures": [SUPPORTED_MODEL_TYPES[self.model_type]],
+                "model_type": self.model_type,
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": list(self.eos_token_id)
+                if isinstance(self.eos_token_id, tuple)
+                else self.eos_token_id,
+                "pad_token_id": self.pad_token_id,
+                "hidden_act": "silu",
+            }
+        )
         if self.model_type == "llama":
             out["attention_bias"] = self.qkv_bias
         if self.model_type == "llama" or self.head_dim != self.hidden_size // self.num_attention_heads:
@@ -217,6 +246,7 @@ class DecoderConfig:
 
 
 # ---- building blocks (pure functions over arrays) ----------------------------------------------
+
 
 def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
     """Inverse RoPE frequencies [head_dim/2] with the config's scaling (default, linear, llama3)."""
@@ -314,8 +344,9 @@ def _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal):
         p = jnp.exp(s - m_BKGC[..., None])
         inv_l_BKGC = 1.0 / jnp.sum(p, axis=-1)
         # normalise the [rows, H] output rather than the [rows, keys] weights: one pass fewer
-        o = jnp.einsum("bkgcs,bksh->bkgch", p.astype(v_BKSH.dtype), v_BKSH[:, :, :e],
-                       preferred_element_type=jnp.float32)
+        o = jnp.einsum(
+            "bkgcs,bksh->bkgch", p.astype(v_BKSH.dtype), v_BKSH[:, :, :e], preferred_element_type=jnp.float32
+        )
         outs.append((o * inv_l_BKGC[..., None]).astype(q_BKGTH.dtype))
         maxes.append(m_BKGC)
         inv_sums.append(inv_l_BKGC)
@@ -342,10 +373,13 @@ def _sdpa_bwd(scale, causal, res, do_BKGTH):
     for a, b, e in _row_blocks(T, S, causal):
         q_c, do_c, k_e, v_e = q[:, :, :, a:b], do_BKGTH[:, :, :, a:b], k[:, :, :e], v[:, :, :e]
         # p = exp(s - m) / l, as in the forward (exact for fully masked rows, where s - m == 0)
-        p = jnp.exp(_block_scores(q_c, k_e, bias[:, a:b, :e], scale) - m_BKGT[:, :, :, a:b, None]) \
+        p = (
+            jnp.exp(_block_scores(q_c, k_e, bias[:, a:b, :e], scale) - m_BKGT[:, :, :, a:b, None])
             * inv_l_BKGT[:, :, :, a:b, None]
-        dv = dv.at[:, :, :e].add(jnp.einsum("bkgcs,bkgch->bksh", p.astype(v.dtype), do_c,
-                                            preferred_element_type=jnp.float32))
+        )
+        dv = dv.at[:, :, :e].add(
+            jnp.einsum("bkgcs,bkgch->bksh", p.astype(v.dtype), do_c, preferred_element_type=jnp.float32)
+        )
         dp = jnp.einsum("bkgch,bksh->bkgcs", do_c, v_e, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta_BKGT[:, :, :, a:b, None]) * row_scale_BKGT[:, :, :, a:b, None]).astype(q.dtype)
         dqs.append(jnp.einsum("bkgcs,bksh->bkgch", ds, k_e, preferred_element_type=jnp.float32))
@@ -364,7 +398,7 @@ def _attention_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, causal: bool = False
     masked upper triangle."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    causal = causal and T == k_BSKH.shape[1]
+    causal = causal and k_BSKH.shape[1] == T
     # head-major [B, K, G, T, H]: transposing the [T, H] operands is cheap, the [T, S] scores are not
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
@@ -376,7 +410,7 @@ def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = 
     """Exact attention one block of query rows at a time, each block rematerialised in the backward
     pass: memory O(chunk * S) per head instead of O(T * S), for long sequences without a flash kernel."""
     B, T, N, H = q_BTNH.shape
-    if T <= chunk or T % chunk:
+    if chunk >= T or T % chunk:
         return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
     n, S = T // chunk, allowed_BTS.shape[-1]
     q_nBCNH = q_BTNH.reshape(B, n, chunk, N, H).swapaxes(0, 1)
@@ -397,8 +431,10 @@ def splash_block(T: int) -> int:
     for b in (512, 256, 128):
         if T % b == 0:
             return b
-    raise ConfigError(f"model.attention_impl=splash needs rows of a multiple of 128 tokens, got {T} "
-                      "(set data.buckets to multiples of 128)")
+    raise ConfigError(
+        f"model.attention_impl=splash needs rows of a multiple of 128 tokens, got {T} "
+        "(set data.buckets to multiples of 128)"
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -407,8 +443,16 @@ def _splash_kernel(T: int, G: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(G)])
     with jax.ensure_compile_time_eval():  # the block tables are constants, cached across traces
         return sk.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
@@ -448,8 +492,9 @@ def _attention_splash(q_BTNH, k_BSKH, v_BSKH, segment_BT, scale):
         q_spec = PartitionSpec(q_spec[0], None, None, None)
         kv_spec = PartitionSpec(kv_spec[0], None, None, None)
     seg_spec = PartitionSpec(q_spec[0], None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=False)(q_BTNH, k_BSKH, v_BSKH, seg_BT)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )(q_BTNH, k_BSKH, v_BSKH, seg_BT)
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str, causal: bool = False):
@@ -465,8 +510,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str, causal: bool = Fal
     if allowed_BTS.dtype != jnp.bool_:
         allowed_BTS = allowed_BTS == 0.0
     return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=allowed_BTS[:, None, :, :], scale=scale,
-        implementation="cudnn" if impl == "cudnn" else None)
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        mask=allowed_BTS[:, None, :, :],
+        scale=scale,
+        implementation="cudnn" if impl == "cudnn" else None,
+    )
 
 
 def _linear(x, p, spec: str):
@@ -503,8 +553,18 @@ def _linears(x, ps: list, specs: list[str]) -> list:
     return out
 
 
-def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cache_kv, cache_index,
-                  layout: TokenLayout | None = None, *, cfg: DecoderConfig):
+def decoder_layer(
+    p: dict,
+    x_BTD: jax.Array,
+    cos_BTH,
+    sin_BTH,
+    allowed_BTS,
+    cache_kv,
+    cache_index,
+    layout: TokenLayout | None = None,
+    *,
+    cfg: DecoderConfig,
+):
     """One pre-norm block on one layer's params `p`. `allowed_BTS` is the boolean attention mask or
     its additive `mask_bias`. With `cache_kv=(k_BSKH, v_BSKH)` the new keys and
     values are written at `cache_index` and attention reads the whole cache.
@@ -515,8 +575,9 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
     with jax.named_scope("attention"):
         h = rms_norm(x_BTD, p["input_norm"]["scale"], cfg.rms_norm_eps)
         a = p["attn"]
-        q_BTNH, k_BTKH, v_BTKH = _linears(h, [a["q_proj"], a["k_proj"], a["v_proj"]],
-                                          ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"])
+        q_BTNH, k_BTKH, v_BTKH = _linears(
+            h, [a["q_proj"], a["k_proj"], a["v_proj"]], ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"]
+        )
         q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
         if layout is not None:
@@ -540,7 +601,9 @@ def decoder_layer(p: dict, x_BTD: jax.Array, cos_BTH, sin_BTH, allowed_BTS, cach
         h = rms_norm(x_BTD, p["post_attention_norm"]["scale"], cfg.rms_norm_eps)
         m = p["mlp"]
         g_BTF, u_BTF = _linears(h, [m["gate_proj"], m["up_proj"]], ["btd,df->btf", "btd,df->btf"])
-        act_BTF = constrain(jax.nn.silu(g_BTF) * u_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+        act_BTF = constrain(
+            jax.nn.silu(g_BTF) * u_BTF, ("activation_batch", "activation_length", "activation_mlp")
+        )
         x_BTD = x_BTD + _linear(act_BTF, m["down_proj"], "btf,fd->btd")
         x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BTD, new_kv
@@ -555,6 +618,7 @@ def remat_policy(name: str):
 
 
 # ---- NNX modules (parameter storage with logical axis names) -------------------------------------
+
 
 def _init_value(key: jax.Array | None, shape, dtype, init: str) -> jax.Array:
     if init == "ones":
@@ -590,16 +654,46 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, L: int, *, rngs: nnx.Rngs):
-        D, N, K, H, dt = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.params_dtype
+        D, N, K, H, dt = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.params_dtype,
+        )
         qb = cfg.qkv_bias
-        self.q_proj = Proj((L, D, N, H), ("layers", "embed", "heads", "head_dim"),
-                           (L, N, H) if qb else None, ("layers", "heads", "head_dim"), dtype=dt, rngs=rngs)
-        self.k_proj = Proj((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"),
-                           (L, K, H) if qb else None, ("layers", "kv_heads", "head_dim"), dtype=dt, rngs=rngs)
-        self.v_proj = Proj((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"),
-                           (L, K, H) if qb else None, ("layers", "kv_heads", "head_dim"), dtype=dt, rngs=rngs)
-        self.o_proj = Proj((L, N, H, D), ("layers", "heads", "head_dim", "embed"),
-                           (L, D) if cfg.o_bias else None, ("layers", "embed"), dtype=dt, rngs=rngs)
+        self.q_proj = Proj(
+            (L, D, N, H),
+            ("layers", "embed", "heads", "head_dim"),
+            (L, N, H) if qb else None,
+            ("layers", "heads", "head_dim"),
+            dtype=dt,
+            rngs=rngs,
+        )
+        self.k_proj = Proj(
+            (L, D, K, H),
+            ("layers", "embed", "kv_heads", "head_dim"),
+            (L, K, H) if qb else None,
+            ("layers", "kv_heads", "head_dim"),
+            dtype=dt,
+            rngs=rngs,
+        )
+        self.v_proj = Proj(
+            (L, D, K, H),
+            ("layers", "embed", "kv_heads", "head_dim"),
+            (L, K, H) if qb else None,
+            ("layers", "kv_heads", "head_dim"),
+            dtype=dt,
+            rngs=rngs,
+        )
+        self.o_proj = Proj(
+            (L, N, H, D),
+            ("layers", "heads", "head_dim", "embed"),
+            (L, D) if cfg.o_bias else None,
+            ("layers", "embed"),
+            dtype=dt,
+            rngs=rngs,
+        )
 
 
 class MLP(nnx.Module):
@@ -634,13 +728,23 @@ class Decoder(nnx.Module):
         self.embed_tokens = Embedding(cfg, rngs=rngs)
         self.layers = DecoderLayers(cfg, rngs=rngs)
         self.norm = RMSNorm((cfg.hidden_size,), ("norm",), dtype=cfg.params_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else Proj(
-            (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype=cfg.params_dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Proj(
+                (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype=cfg.params_dtype, rngs=rngs
+            )
+        )
 
     # -- public API --
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
-                 positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                 cache: Cache | None = None):
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        attention_mask_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: Cache | None = None,
+    ):
         """Logits [B, T, V] in the compute dtype; `(logits, new_cache)` when a cache is given."""
         h_BTD, new_cache = self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache)
         with jax.named_scope("lm_head"):
@@ -648,9 +752,15 @@ class Decoder(nnx.Module):
             logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
-    def hidden_states(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None,
-                      positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                      branch_ids_BT: jax.Array | None = None, tokens: TokenLayout | None = None) -> jax.Array:
+    def hidden_states(
+        self,
+        input_ids_BT: jax.Array,
+        attention_mask_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        branch_ids_BT: jax.Array | None = None,
+        tokens: TokenLayout | None = None,
+    ) -> jax.Array:
         """Final-normed hidden states [B, T, D] (score only the tokens you need against
         `output_embedding()` instead of materialising [B, T, V]).
 
@@ -660,8 +770,15 @@ class Decoder(nnx.Module):
         tokens: run the token-wise layers on these kept tokens only (`models.compaction`; the
         batch's real tokens, from `batching.compact_index`); positions not kept come back as zeros.
         """
-        return self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, None,
-                             branch_ids_BT=branch_ids_BT, layout=tokens)[0]
+        return self._forward(
+            input_ids_BT,
+            attention_mask_BT,
+            positions_BT,
+            segment_ids_BT,
+            None,
+            branch_ids_BT=branch_ids_BT,
+            layout=tokens,
+        )[0]
 
     def output_embedding(self) -> jax.Array:
         """The output projection [D, V] (the transposed input embedding when tied)."""
@@ -676,8 +793,12 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch, max_len), jnp.bool_),
+            "index": jnp.zeros((), jnp.int32),
+        }
 
     # -- implementation --
     def _attention_impl(self, T: int, cached: bool, branches: bool) -> str:
@@ -691,17 +812,30 @@ class Decoder(nnx.Module):
         if impl == "splash" and (cached or T % 128):
             return "xla"
         if impl == "splash" and branches:
-            raise ConfigError("model.attention_impl=splash cannot express data.share_prompt's branch mask; "
-                              "use attention_impl=xla (or auto) with share_prompt")
+            raise ConfigError(
+                "model.attention_impl=splash cannot express data.share_prompt's branch mask; "
+                "use attention_impl=xla (or auto) with share_prompt"
+            )
         return impl
 
-    def _forward(self, input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache, branch_ids_BT=None,
-                 layout: TokenLayout | None = None):
+    def _forward(
+        self,
+        input_ids_BT,
+        attention_mask_BT,
+        positions_BT,
+        segment_ids_BT,
+        cache,
+        branch_ids_BT=None,
+        layout: TokenLayout | None = None,
+    ):
         cfg = self.cfg
         dt = cfg.compute_dtype
         B, T = input_ids_BT.shape
-        mask_BT = (jnp.ones((B, T), jnp.bool_) if attention_mask_BT is None
-                   else jnp.asarray(attention_mask_BT).astype(jnp.bool_))
+        mask_BT = (
+            jnp.ones((B, T), jnp.bool_)
+            if attention_mask_BT is None
+            else jnp.asarray(attention_mask_BT).astype(jnp.bool_)
+        )
         if cache is not None and segment_ids_BT is not None:
             raise ValueError("segment_ids and a KV cache cannot be combined")
         if cache is not None and layout is not None:
@@ -746,7 +880,9 @@ class Decoder(nnx.Module):
             mask_BTS = allowed_BTS
 
         params = nnx.to_pure_dict(nnx.state(self.layers))
-        layer = partial(decoder_layer, cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl))
+        layer = partial(
+            decoder_layer, cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl)
+        )
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 

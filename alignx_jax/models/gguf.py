@@ -24,9 +24,15 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -85,12 +91,16 @@ class GGUFFile:
             raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {msg})") from None
         self.path = path
         if int(self.field("split.count", 1)) > 1:
-            raise CheckpointError(f"{path}: a split GGUF (one of {self.field('split.count')} files); merge it "
-                                  "first with `llama-gguf-split --merge`")
+            raise CheckpointError(
+                f"{path}: a split GGUF (one of {self.field('split.count')} files); merge it "
+                "first with `llama-gguf-split --merge`"
+            )
         self.arch = str(self.field("general.architecture", ""))
         if self.arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(f"{path}: unsupported GGUF architecture {self.arch!r} (supported: "
-                                  f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+            raise CheckpointError(
+                f"{path}: unsupported GGUF architecture {self.arch!r} (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
         self.tensors: dict[str, Any] = {}  # HF name -> gguf ReaderTensor
         self.gguf_names: dict[str, str] = {}  # HF name -> GGUF name, for error messages
         rope_freqs = None
@@ -102,8 +112,10 @@ class GGUFFile:
             if name is None:
                 raise CheckpointError(f"{path}: tensor {t.name!r} has no place in a {self.arch} model")
             if not _dequantizable(t.tensor_type):
-                raise CheckpointError(f"{path}: tensor {t.name!r} has quantization type {t.tensor_type.name}, "
-                                      "which the gguf package cannot dequantize")
+                raise CheckpointError(
+                    f"{path}: tensor {t.name!r} has quantization type {t.tensor_type.name}, "
+                    "which the gguf package cannot dequantize"
+                )
             self.tensors[name], self.gguf_names[name] = t, t.name
         try:
             self.hf_config = self._config()
@@ -121,8 +133,12 @@ class GGUFFile:
 
     def _config(self) -> dict[str, Any]:
         a = self.arch
-        need = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
-                "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads"}
+        need = {
+            "embedding_length": "hidden_size",
+            "feed_forward_length": "intermediate_size",
+            "block_count": "num_hidden_layers",
+            "attention.head_count": "num_attention_heads",
+        }
         cfg: dict[str, Any] = {}
         for key, hf_key in need.items():
             value = self.field(f"{a}.{key}")
@@ -147,17 +163,25 @@ class GGUFFile:
             tie_word_embeddings="lm_head.weight" not in self.tensors,
             hidden_act="silu",
         )
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.field(f"{a}.rope.freq_base", 10000.0))}
+        rope: dict[str, Any] = {
+            "rope_type": "default",
+            "rope_theta": float(self.field(f"{a}.rope.freq_base", 10000.0)),
+        }
         kind = self.field(f"{a}.rope.scaling.type", "none")
         if kind == "linear":
             rope.update(rope_type="linear", factor=float(self.field(f"{a}.rope.scaling.factor")))
         elif kind != "none":
-            raise CheckpointError(f"{self.path}: unsupported RoPE scaling {kind!r} (supported: linear, Llama-3)")
+            raise CheckpointError(
+                f"{self.path}: unsupported RoPE scaling {kind!r} (supported: linear, Llama-3)"
+            )
         cfg["rope_parameters"] = rope
         if a == "llama":
             cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in self.tensors
-        for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                            ("padding_token_id", "pad_token_id")):
+        for key, hf_key in (
+            ("bos_token_id", "bos_token_id"),
+            ("eos_token_id", "eos_token_id"),
+            ("padding_token_id", "pad_token_id"),
+        ):
             value = self.field(f"tokenizer.ggml.{key}")
             cfg[hf_key] = None if value is None else int(value)
         return cfg
@@ -174,8 +198,12 @@ class GGUFFile:
             return
         rope = self.hf_config["rope_parameters"]
         old_ctx = int(self.field(f"{self.arch}.rope.scaling.original_context_length", 8192))
-        scaling = {"rope_type": "llama3", "factor": float(divisors.max()), **_LLAMA3_BANDS,
-                   "original_max_position_embeddings": old_ctx}
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(divisors.max()),
+            **_LLAMA3_BANDS,
+            "original_max_position_embeddings": old_ctx,
+        }
         try:
             plain = DecoderConfig.from_hf(dict(self.hf_config))
         except CheckpointError as e:
@@ -185,8 +213,10 @@ class GGUFFile:
             scaled = plain.replace(rope_scaling=tuple(sorted(scaling.items())))
             ok = np.allclose(rope_inv_freq(scaled), rope_inv_freq(plain) / divisors, rtol=1e-4)
         if not ok:
-            raise CheckpointError(f"{self.path}: tensor 'rope_freqs.weight' holds RoPE factors that are not "
-                                  "Llama-3.1-style scaling (unsupported)")
+            raise CheckpointError(
+                f"{self.path}: tensor 'rope_freqs.weight' holds RoPE factors that are not "
+                "Llama-3.1-style scaling (unsupported)"
+            )
         self.hf_config["rope_parameters"] = {**scaling, "rope_theta": rope["rope_theta"]}
 
     # ---- tensors (the SafetensorsReader interface) ----
@@ -207,11 +237,14 @@ class GGUFFile:
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(self.shape(name))
         except (NotImplementedError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be dequantized "
-                                  f"({e})") from None
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be dequantized ({e})"
+            ) from None
         if self.arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             c = self.hf_config
-            w = _unpermute_rows(w, c["num_attention_heads"] if ".attn_q." in t.name else c["num_key_value_heads"])
+            w = _unpermute_rows(
+                w, c["num_attention_heads"] if ".attn_q." in t.name else c["num_key_value_heads"]
+            )
         return w
 
     def quant_types(self) -> list[str]:
@@ -241,22 +274,28 @@ def load_gguf(path: str, dtype: str = "float32", *, compute_dtype: str | None = 
     for m in maps:  # every tensor present with the right shape before any dequantizing
         shape = tuple(flat[m.path].get_value().shape)
         want = m.expected_hf_shape(shape[1:] if m.layered else shape)
-        for name in ([m.hf_name.format(i=i) for i in range(L)] if m.layered else [m.hf_name]):
+        for name in [m.hf_name.format(i=i) for i in range(L)] if m.layered else [m.hf_name]:
             gname = _gguf_name(name)
             if name not in src:
                 raise CheckpointError(f"{src.path}: missing tensor {gname!r}")
             if src.shape(name) != tuple(want):
-                raise CheckpointError(f"{src.path}: tensor {gname!r} has shape {list(src.shape(name))} "
-                                      f"(HF order), expected {list(want)}")
+                raise CheckpointError(
+                    f"{src.path}: tensor {gname!r} has shape {list(src.shape(name))} "
+                    f"(HF order), expected {list(want)}"
+                )
     extra = sorted(set(src.tensors) - {m.hf_name.format(i=i) for m in maps for i in range(L)})
     if extra:  # e.g. biases this architecture's config has no switch for
-        raise CheckpointError(f"{src.path}: tensor {src.gguf_names[extra[0]]!r} is not used by a {cfg.model_type} "
-                              "model of this config (unsupported)")
+        raise CheckpointError(
+            f"{src.path}: tensor {src.gguf_names[extra[0]]!r} is not used by a {cfg.model_type} "
+            "model of this config (unsupported)"
+        )
     for m in maps:
         var = flat[m.path]
         shape = tuple(var.get_value().shape)
         if m.layered:
-            host = np.stack([m.to_ours(src.get(m.hf_name.format(i=i)), cfg) for i in range(L)]).astype(cfg.params_dtype)
+            host = np.stack([m.to_ours(src.get(m.hf_name.format(i=i)), cfg) for i in range(L)]).astype(
+                cfg.params_dtype
+            )
         else:
             host = np.asarray(m.to_ours(src.get(m.hf_name), cfg), cfg.params_dtype)
         var.set_value(hf._place(shape, cfg.params_dtype, device, lambda idx, host=host: host[idx]))
@@ -283,8 +322,9 @@ def save_gguf_tokenizer(path: str, out_dir: str) -> None:
 
     path = os.path.abspath(path)
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                            local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+        )
         tok.save_pretrained(out_dir)
     except Exception as e:  # transformers' own message, on one line
         msg = " ".join(str(e).split())
@@ -307,7 +347,8 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
 def cli_import(args) -> int:
     model, src = import_gguf(args.gguf, args.out, dtype=args.dtype)
     tok = "" if has_tokenizer(src) else ", no tokenizer in the file"
-    print(f"imported {args.gguf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
-          f"{args.dtype} from {'/'.join(src.quant_types())}{tok})")
+    print(
+        f"imported {args.gguf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
+        f"{args.dtype} from {'/'.join(src.quant_types())}{tok})"
+    )
     return 0
-

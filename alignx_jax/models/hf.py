@@ -26,15 +26,34 @@ from alignx_jax.errors import CheckpointError
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 from alignx_jax.sharding import Rules, model_shardings
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 # ---- safetensors, read lazily and written as a stream ------------------------------------------
+
 
 class SafetensorsReader:
     """Every tensor of a HF folder (single file or sharded index), memory-mapped on demand."""
@@ -76,18 +95,26 @@ class SafetensorsReader:
             if key == "__metadata__":
                 continue
             try:
-                dtype, shape, (start, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+                dtype, shape, (start, end) = (
+                    meta["dtype"],
+                    tuple(int(d) for d in meta["shape"]),
+                    meta["data_offsets"],
+                )
             except (TypeError, KeyError, ValueError):
                 raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry") from None
             if dtype not in _ST_DTYPES:
                 raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
             if end - start != nbytes or start < 0:
-                raise CheckpointError(f"{path}: tensor {key!r} has data_offsets [{start}, {end}] for {nbytes} bytes "
-                                      f"of {dtype} {list(shape)}")
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} has data_offsets [{start}, {end}] for {nbytes} bytes "
+                    f"of {dtype} {list(shape)}"
+                )
             if base + end > size:
-                raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {base + end}, the file has "
-                                      f"{size} (an interrupted download or copy?)")
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {key!r} ends at byte {base + end}, the file has "
+                    f"{size} (an interrupted download or copy?)"
+                )
             self.entries[key] = (path, base + start, _ST_DTYPES[dtype], shape)
 
     def __contains__(self, name: str) -> bool:
@@ -105,14 +132,19 @@ class SafetensorsReader:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def _write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
-                       produce: Iterator[np.ndarray]) -> None:
+def _write_safetensors(
+    path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]], produce: Iterator[np.ndarray]
+) -> None:
     """Write a safetensors file whose header is known up front; tensor data comes one at a time."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype in tensors:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _ST_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format asks for an 8-byte aligned data section
@@ -130,9 +162,11 @@ def _write_safetensors(path: str, tensors: list[tuple[str, tuple[int, ...], np.d
 
 # ---- name mapping --------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ParamMap:
     """One of our params <-> HF tensor(s). `layered`: HF has one tensor per layer (`{i}` in hf_name)."""
+
     path: tuple[str, ...]
     hf_name: str
     layered: bool
@@ -162,37 +196,90 @@ def param_maps(cfg: DecoderConfig) -> list[ParamMap]:
     kb_in = lambda b, c: np.asarray(b).reshape(K, H)
     flat = lambda b, c: np.asarray(b).reshape(-1)
     L = "model.layers.{i}."
-    rev = lambda s: s[::-1]  # noqa: E731
-    heads_in = lambda s: (s[1] * s[2], s[0])  # noqa: E731  [D, N, H] -> [N*H, D]
-    heads_out = lambda s: (s[2], s[0] * s[1])  # noqa: E731  [N, H, D] -> [D, N*H]
-    heads_bias = lambda s: (s[0] * s[1],)  # noqa: E731
+    rev = lambda s: s[::-1]
+    heads_in = lambda s: (s[1] * s[2], s[0])
+    heads_out = lambda s: (s[2], s[0] * s[1])
+    heads_bias = lambda s: (s[0] * s[1],)
     maps = [
         ParamMap(("embed_tokens", "embedding"), "model.embed_tokens.weight", False, same, same),
         ParamMap(("norm", "scale"), "model.norm.weight", False, same, same),
-        ParamMap(("layers", "attn", "q_proj", "kernel"), L + "self_attn.q_proj.weight", True, q_in, q_out, heads_in),
-        ParamMap(("layers", "attn", "k_proj", "kernel"), L + "self_attn.k_proj.weight", True, kv_in, kv_out, heads_in),
-        ParamMap(("layers", "attn", "v_proj", "kernel"), L + "self_attn.v_proj.weight", True, kv_in, kv_out, heads_in),
-        ParamMap(("layers", "attn", "o_proj", "kernel"), L + "self_attn.o_proj.weight", True, o_in, o_out, heads_out),
+        ParamMap(
+            ("layers", "attn", "q_proj", "kernel"), L + "self_attn.q_proj.weight", True, q_in, q_out, heads_in
+        ),
+        ParamMap(
+            ("layers", "attn", "k_proj", "kernel"),
+            L + "self_attn.k_proj.weight",
+            True,
+            kv_in,
+            kv_out,
+            heads_in,
+        ),
+        ParamMap(
+            ("layers", "attn", "v_proj", "kernel"),
+            L + "self_attn.v_proj.weight",
+            True,
+            kv_in,
+            kv_out,
+            heads_in,
+        ),
+        ParamMap(
+            ("layers", "attn", "o_proj", "kernel"),
+            L + "self_attn.o_proj.weight",
+            True,
+            o_in,
+            o_out,
+            heads_out,
+        ),
         ParamMap(("layers", "mlp", "gate_proj", "kernel"), L + "mlp.gate_proj.weight", True, _t, _t, rev),
         ParamMap(("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", True, _t, _t, rev),
         ParamMap(("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", True, _t, _t, rev),
         ParamMap(("layers", "input_norm", "scale"), L + "input_layernorm.weight", True, same, same),
-        ParamMap(("layers", "post_attention_norm", "scale"), L + "post_attention_layernorm.weight", True, same, same),
+        ParamMap(
+            ("layers", "post_attention_norm", "scale"),
+            L + "post_attention_layernorm.weight",
+            True,
+            same,
+            same,
+        ),
     ]
     if cfg.qkv_bias:
         maps += [
-            ParamMap(("layers", "attn", "q_proj", "bias"), L + "self_attn.q_proj.bias", True, qb_in, flat, heads_bias),
-            ParamMap(("layers", "attn", "k_proj", "bias"), L + "self_attn.k_proj.bias", True, kb_in, flat, heads_bias),
-            ParamMap(("layers", "attn", "v_proj", "bias"), L + "self_attn.v_proj.bias", True, kb_in, flat, heads_bias),
+            ParamMap(
+                ("layers", "attn", "q_proj", "bias"),
+                L + "self_attn.q_proj.bias",
+                True,
+                qb_in,
+                flat,
+                heads_bias,
+            ),
+            ParamMap(
+                ("layers", "attn", "k_proj", "bias"),
+                L + "self_attn.k_proj.bias",
+                True,
+                kb_in,
+                flat,
+                heads_bias,
+            ),
+            ParamMap(
+                ("layers", "attn", "v_proj", "bias"),
+                L + "self_attn.v_proj.bias",
+                True,
+                kb_in,
+                flat,
+                heads_bias,
+            ),
         ]
     if cfg.o_bias:
-        maps.append(ParamMap(("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", True, same, same))
+        maps.append(
+            ParamMap(("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", True, same, same)
+        )
     if not cfg.tie_word_embeddings:
         maps.append(ParamMap(("lm_head", "kernel"), "lm_head.weight", False, _t, _t, rev))
     return maps
 
 
 # ---- config / folders -----------------------------------------------------------------------------
+
 
 def read_hf_config(folder: str) -> dict[str, Any]:
     if not os.path.isdir(folder):
@@ -241,9 +328,15 @@ def _place(shape: tuple[int, ...], dtype, sharding, fill) -> jax.Array:
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
-def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules | None = None, *, compute_dtype: str | None = None,
-                    **run_options: Any) -> Decoder:
+def load_pretrained(
+    path: str,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+    *,
+    compute_dtype: str | None = None,
+    **run_options: Any,
+) -> Decoder:
     """A HF llama/qwen2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
     the default device). `compute_dtype` defaults to `dtype`; `run_options` go to DecoderConfig
     (remat, scan_layers, attention_impl)."""
@@ -267,16 +360,18 @@ def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh |
                 raise CheckpointError(f"{path}: missing tensor {name!r}")
             want = m.expected_hf_shape(shape[1:] if m.layered else shape)
             if tuple(reader.shape(name)) != tuple(want):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(reader.shape(name))}, "
-                                      f"expected {list(want)}")
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has shape {list(reader.shape(name))}, expected {list(want)}"
+                )
 
         def fill(idx, m=m, names=names):
             if not m.layered:
                 return m.to_ours(reader.get(names[0]), cfg)[idx]
             layers = range(*idx[0].indices(len(names)))
             # one layer's HF tensor at a time, cut to this shard, stacked
-            return np.stack([np.asarray(m.to_ours(reader.get(names[i]), cfg)[idx[1:]], dtype=pdtype)
-                             for i in layers])
+            return np.stack(
+                [np.asarray(m.to_ours(reader.get(names[i]), cfg)[idx[1:]], dtype=pdtype) for i in layers]
+            )
 
         var.set_value(_place(shape, pdtype, sharding, fill))
     _check_finite(path, {m: flat[m.path].get_value() for m in param_maps(cfg)})
@@ -286,16 +381,23 @@ def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh |
 def _check_finite(folder: str, values: dict[ParamMap, jax.Array]) -> None:
     """CheckpointError naming the first HF tensor that holds NaN/inf (checked on the devices, per layer)."""
     maps = list(values)
-    flags = jax.jit(lambda xs: [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if m.layered
-                                else jnp.all(jnp.isfinite(x)) for m, x in zip(maps, xs)])
+    flags = jax.jit(
+        lambda xs: [
+            jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) if m.layered else jnp.all(jnp.isfinite(x))
+            for m, x in zip(maps, xs)
+        ]
+    )
     for m, ok in zip(maps, jax.device_get(flags([values[m] for m in maps]))):
         ok = np.atleast_1d(np.asarray(ok))
         if not ok.all():
             name = m.hf_name.format(i=int(np.flatnonzero(~ok)[0])) if m.layered else m.hf_name
-            raise CheckpointError(f"{folder}: tensor {name!r} holds NaN/inf values (a diverged or corrupt model)")
+            raise CheckpointError(
+                f"{folder}: tensor {name!r} holds NaN/inf values (a diverged or corrupt model)"
+            )
 
 
 # ---- export -----------------------------------------------------------------------------------------
+
 
 def parse_size(size: str | int) -> int:
     if isinstance(size, int):
@@ -335,16 +437,30 @@ def read_export_manifest(folder: str) -> dict[str, Any] | None:
     return manifest if ok else None
 
 
-def write_export_manifest(folder: str, files: list[str], *, source: str | None = None,
-                          step: int | None = None) -> None:
-    manifest = {"format": "alignx-export", "version": 1, "source": source, "step": step,
-                "files": sorted(set(files) | {EXPORT_MANIFEST})}
+def write_export_manifest(
+    folder: str, files: list[str], *, source: str | None = None, step: int | None = None
+) -> None:
+    manifest = {
+        "format": "alignx-export",
+        "version": 1,
+        "source": source,
+        "step": step,
+        "files": sorted(set(files) | {EXPORT_MANIFEST}),
+    }
     with open(os.path.join(folder, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
 
 
-def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_size: str | int = "5GB",
-            tokenizer_dir: str | None = None, source: str | None = None, step: int | None = None) -> list[str]:
+def save_hf(
+    model: Decoder,
+    out_dir: str,
+    *,
+    dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    tokenizer_dir: str | None = None,
+    source: str | None = None,
+    step: int | None = None,
+) -> list[str]:
     """Write a transformers-loadable folder: config.json, generation_config.json, safetensors shards
     with model.safetensors.index.json, the tokenizer files from `tokenizer_dir`, and the manifest
     (`EXPORT_MANIFEST`: `source`, `step` and the files written). Returns the names written.
@@ -363,7 +479,7 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
         dt = out_dtype or np.dtype(arr.dtype)
         per_layer = arr.shape[1:] if m.layered else arr.shape
         hf_shape = m.expected_hf_shape(per_layer)
-        for i in (range(cfg.num_hidden_layers) if m.layered else [None]):
+        for i in range(cfg.num_hidden_layers) if m.layered else [None]:
             items.append((m.hf_name.format(i=i) if m.layered else m.hf_name, m, i, hf_shape, dt))
     order = {n: k for k, n in enumerate(sorted(n for n, *_ in items))}
     items.sort(key=lambda t: order[t[0]])
@@ -381,7 +497,7 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
     cache: dict[tuple[str, ...], np.ndarray] = {}
 
     def produce(shard):
-        for name, m, i, _, dt in shard:
+        for _name, m, i, _, dt in shard:
             if m.path not in cache:  # one whole param on the host at a time
                 cache.clear()
                 cache[m.path] = _host(flat[m.path].get_value())
@@ -392,7 +508,9 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
     total = 0
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(os.path.join(out_dir, fname), [(n, s, d) for n, _, _, s, d in shard], produce(shard))
+        _write_safetensors(
+            os.path.join(out_dir, fname), [(n, s, d) for n, _, _, s, d in shard], produce(shard)
+        )
         for name, *_rest in shard:
             weight_map[name] = fname
         total += sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for *_, s, d in shard)
@@ -403,12 +521,24 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
     hf_cfg["dtype"] = str(out_dtype or np.dtype(first.dtype))
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_cfg["eos_token_id"], "pad_token_id": cfg.pad_token_id,
-           "do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": hf_cfg["eos_token_id"],
+        "pad_token_id": cfg.pad_token_id,
+        "do_sample": True,
+        "temperature": 0.9,
+        "top_k": 10,
+        "top_p": 0.95,
+    }
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
-    written = [*weight_map.values(), "model.safetensors.index.json", "config.json", "generation_config.json",
-               *copy_tokenizer(tokenizer_dir, out_dir)]
+    written = [
+        *weight_map.values(),
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        *copy_tokenizer(tokenizer_dir, out_dir),
+    ]
     for name in set((previous or {}).get("files", [])) - set(written) - {EXPORT_MANIFEST}:
         stale = os.path.join(out_dir, os.path.basename(str(name)))  # an earlier export's own file (a shard)
         if os.path.isfile(stale):
@@ -419,6 +549,7 @@ def save_hf(model: Decoder, out_dir: str, *, dtype: str | None = None, shard_siz
 
 # ---- orbax model checkpoints ------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ResolvedCheckpoint:
     """Where a model's pieces live: HF config (+ tokenizer) folder and the orbax params folder.
@@ -427,6 +558,7 @@ class ResolvedCheckpoint:
     orbax `W/checkpoints/<step>/head` item (its HeadConfig is in that step's meta), for a model
     checkpoint the folder holding `preference_head.safetensors` + `preference_head_config.json`.
     """
+
     config_dir: str
     params_dir: str
     tokenizer_dir: str | None
@@ -460,18 +592,25 @@ def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint
         if not os.path.isdir(params):
             raise CheckpointError(f"{os.path.join(ckpts, str(step))}: no params/")
         head = os.path.join(ckpts, str(step), "head")
-        return ResolvedCheckpoint(ref, params, ref if _has_tokenizer(ref) else None, step,
-                                  head if os.path.isdir(head) else None)
+        return ResolvedCheckpoint(
+            ref, params, ref if _has_tokenizer(ref) else None, step, head if os.path.isdir(head) else None
+        )
     if step is not None:
         raise CheckpointError(f"{path}: --step applies to training workdirs only (no checkpoints/ here)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint or training workdir)")
     if not os.path.isdir(os.path.join(path, "params")):
-        raise CheckpointError(f"{path}: no params/ (not a model checkpoint; use `alignx import` for HF folders)")
+        raise CheckpointError(
+            f"{path}: no params/ (not a model checkpoint; use `alignx import` for HF folders)"
+        )
     from alignx_jax.models.preference_head import has_head
 
-    return ResolvedCheckpoint(path, os.path.join(path, "params"), path if _has_tokenizer(path) else None,
-                              head_dir=path if has_head(path) else None)
+    return ResolvedCheckpoint(
+        path,
+        os.path.join(path, "params"),
+        path if _has_tokenizer(path) else None,
+        head_dir=path if has_head(path) else None,
+    )
 
 
 def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
@@ -508,7 +647,9 @@ def _saved_param_checksums(res: ResolvedCheckpoint) -> dict[str, str] | None:
     from alignx_jax.checkpointing import saved_checksums
 
     if res.step is not None:
-        return saved_checksums(os.path.dirname(os.path.dirname(os.path.abspath(res.params_dir))), res.step, "params")
+        return saved_checksums(
+            os.path.dirname(os.path.dirname(os.path.abspath(res.params_dir))), res.step, "params"
+        )
     path = os.path.join(os.path.dirname(os.path.abspath(res.params_dir)), CHECKSUMS_FILE)
     if not os.path.isfile(path):
         return None
@@ -519,9 +660,16 @@ def _saved_param_checksums(res: ResolvedCheckpoint) -> dict[str, str] | None:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
 
 
-def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = None,
-                    mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
-                    compute_dtype: str | None = None, **run_options: Any) -> Decoder:
+def load_checkpoint(
+    path: str,
+    step: int | None = None,
+    *,
+    dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+    compute_dtype: str | None = None,
+    **run_options: Any,
+) -> Decoder:
     """A model checkpoint or training workdir -> Decoder (params restored straight to their sharding).
     `dtype` None keeps the stored param dtype."""
     import orbax.checkpoint as ocp
@@ -535,8 +683,10 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
         stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
     except Exception as e:  # a half-written or foreign folder
         from alignx_jax.checkpointing import first_line
-        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint "
-                              f"({type(e).__name__}: {first_line(e)})") from None
+
+        raise CheckpointError(
+            f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {first_line(e)})"
+        ) from None
     if dtype is None:
         dtype = str(next(iter(stored))) if len(stored) == 1 else "float32"
     same_bits = stored == {jnp.dtype(dtype)}  # the saved digests describe the stored dtype's bits
@@ -546,9 +696,13 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shard_tree = model_shardings(state, mesh, rules) if mesh is not None else None
     target = nnx.to_pure_dict(state)
-    shard_pure = nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
+    shard_pure = (
+        nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
+    )
     # restore in the stored dtype (orbax casts otherwise unsafely), cast after
-    abstract_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure)
+    abstract_target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure
+    )
     from alignx_jax.checkpointing import collect_orphans, first_line, verify_tree
 
     why = None
@@ -567,6 +721,7 @@ def load_checkpoint(path: str, step: int | None = None, *, dtype: str | None = N
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------
+
 
 def load_checkpoint_head(res: ResolvedCheckpoint):
     """The preference head of a resolved checkpoint as (PreferenceHead, HeadConfig), or None."""
@@ -589,7 +744,9 @@ def load_checkpoint_head(res: ResolvedCheckpoint):
     head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0))
     state = nnx.state(head, nnx.Param)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default), nnx.to_pure_dict(state))
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default), nnx.to_pure_dict(state)
+    )
     from alignx_jax.checkpointing import collect_orphans, first_line, saved_checksums, verify_tree
 
     why = None
@@ -630,20 +787,26 @@ def cli_import(args) -> int:
     if ph.has_head(args.hf):  # read first: a malformed or mismatched head fails before anything is written
         head, hcfg = ph.load_head(args.hf)
         if hcfg.embed_dim != model.cfg.hidden_size:
-            raise CheckpointError(f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
-                                  f"hidden_size {model.cfg.hidden_size}")
+            raise CheckpointError(
+                f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
+                f"hidden_size {model.cfg.hidden_size}"
+            )
     save_checkpoint(model, args.out, tokenizer_dir=args.hf if _has_tokenizer(args.hf) else None)
     _remove_head_files(args.out)
     if head is not None:  # kept byte for byte: `alignx export` of this checkpoint copies them back
         _copy_head_files(args.hf, args.out)
-    print(f"imported {args.hf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
-          f"{args.dtype}{', with preference head' if head is not None else ''})")
+    print(
+        f"imported {args.hf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
+        f"{args.dtype}{', with preference head' if head is not None else ''})"
+    )
     return 0
 
 
 def _beside(out: str, tag: str, pid: int | None = None) -> str:
     """A hidden sibling of `out` for one process: `.NAME.TAG-PID`."""
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{tag}-{os.getpid() if pid is None else pid}")
+    return os.path.join(
+        os.path.dirname(out), f".{os.path.basename(out)}.{tag}-{os.getpid() if pid is None else pid}"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -667,8 +830,10 @@ def _recover_export_leftovers(out: str) -> None:
         path = os.path.join(parent, entry)
         if m.group(1) == "old" and not os.path.exists(out):
             os.rename(path, out)
-            print(f"alignx export: warning: restored {out} from {path} (an export was killed while replacing it)",
-                  file=sys.stderr)
+            print(
+                f"alignx export: warning: restored {out} from {path} (an export was killed while replacing it)",
+                file=sys.stderr,
+            )
         else:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -690,11 +855,15 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
     manifest = read_export_manifest(out)
     if not overwrite and (manifest is None or manifest.get("source") != source):
         if manifest is not None:
-            raise CheckpointError(f"--out {out}: holds an export of {manifest.get('source')}; pass --overwrite to "
-                                  "replace its files, or choose another folder")
+            raise CheckpointError(
+                f"--out {out}: holds an export of {manifest.get('source')}; pass --overwrite to "
+                "replace its files, or choose another folder"
+            )
         shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        raise CheckpointError(f"--out {out}: not empty and not an alignx export (holds {shown}); pass --overwrite "
-                              "to replace the files an export writes (the others are kept), or choose an empty folder")
+        raise CheckpointError(
+            f"--out {out}: not empty and not an alignx export (holds {shown}); pass --overwrite "
+            "to replace the files an export writes (the others are kept), or choose an empty folder"
+        )
     return entries, {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
 
 
@@ -732,8 +901,15 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
     """Every file of the export into the fresh folder `tmp`; returns their names."""
     from alignx_jax.models import preference_head as ph
 
-    files = save_hf(model, tmp, dtype=args.dtype, shard_size=args.shard_size, tokenizer_dir=res.tokenizer_dir,
-                    source=source, step=res.step)
+    files = save_hf(
+        model,
+        tmp,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        tokenizer_dir=res.tokenizer_dir,
+        source=source,
+        step=res.step,
+    )
     if res.head_dir is not None:
         if res.step is None:  # an imported model checkpoint: the head files as they came in
             _copy_head_files(res.head_dir, tmp)
@@ -768,14 +944,19 @@ def cli_export(args) -> int:
     except OSError as e:  # a full disk, a permission: `out` is as it was
         shutil.rmtree(tmp, ignore_errors=True)
         where = f": {e.filename}" if e.filename else ""
-        raise CheckpointError(f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged") from None
+        raise CheckpointError(
+            f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     odd = [e for e in keep if e.endswith(".safetensors")]
     if odd:
-        print(f"alignx export: warning: kept {', '.join(odd)} in {out} (not written by an export; the index names "
-              "the exported shards, but tools that read every *.safetensors file would mix them in)", file=sys.stderr)
+        print(
+            f"alignx export: warning: kept {', '.join(odd)} in {out} (not written by an export; the index names "
+            "the exported shards, but tools that read every *.safetensors file would mix them in)",
+            file=sys.stderr,
+        )
     where = f" step {res.step}" if res.step is not None else ""
     extra = " (with preference head)" if res.head_dir is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out}{extra}")

@@ -56,8 +56,9 @@ def _dense_many_bwd(out_dtype, res, dys_NO):
     dx_NI = sum(jnp.dot(dy, w.T, preferred_element_type=jnp.float32) for dy, w in zip(dys_NO, ws_IO))
     # x^T materialised once, so every weight-gradient dot is a plain [I, N] x [N, O] product
     xt_IN = jax.lax.optimization_barrier(x_NI.T)
-    dws_IO = tuple(jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype)
-                   for dy, w in zip(dys_NO, ws_IO))
+    dws_IO = tuple(
+        jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype) for dy, w in zip(dys_NO, ws_IO)
+    )
     return dx_NI.astype(x_NI.dtype), dws_IO
 
 

@@ -51,8 +51,9 @@ HEAD_WEIGHTS_FILE: str = "preference_head.safetensors"
 HEAD_CONFIG_FILE: str = "preference_head_config.json"
 HEAD_FORMAT: str = "alignx-preference-head/1"
 
-_SPACE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "assets", "preference_space.json")
+_SPACE_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "preference_space.json"
+)
 
 
 def dimension_labels() -> list[tuple[str, str]]:
@@ -86,7 +87,9 @@ class HeadConfig:
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pba.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.num_classes != len(LABEL_VALUES):
-            raise ConfigError(f"preference head: num_classes must be {len(LABEL_VALUES)} (labels {LABEL_VALUES})")
+            raise ConfigError(
+                f"preference head: num_classes must be {len(LABEL_VALUES)} (labels {LABEL_VALUES})"
+            )
         for name in ("embed_dim", "hidden", "num_dims", "max_persona_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"preference head: {name} must be positive, got {getattr(self, name)}")
@@ -97,8 +100,12 @@ class HeadConfig:
     def from_config(cls, pba: Any, embed_dim: int, **extra: Any) -> HeadConfig:
         """From a config's `pba` section (ConfigDict or dict) plus the backbone's hidden size."""
         get = (lambda k, d: pba.get(k, d)) if hasattr(pba, "get") else (lambda k, d: getattr(pba, k, d))
-        kw: dict[str, Any] = dict(embed_dim=int(embed_dim), hidden=int(get("hidden", 256)),
-                                  pooling=str(get("pooling", "mean")), dropout=float(get("dropout", 0.0) or 0.0))
+        kw: dict[str, Any] = dict(
+            embed_dim=int(embed_dim),
+            hidden=int(get("hidden", 256)),
+            pooling=str(get("pooling", "mean")),
+            dropout=float(get("dropout", 0.0) or 0.0),
+        )
         for key in ("persona_variant", "max_persona_tokens"):
             if get(key, None) is not None:
                 kw[key] = get(key, None)
@@ -142,10 +149,14 @@ class PreferenceHead(nnx.Module):
         D, H, K, C = cfg.embed_dim, cfg.hidden, cfg.num_dims, cfg.num_classes
         self.norm_scale = _param(jnp.ones((D,), jnp.float32), ("norm",))
         self.norm_bias = _param(jnp.zeros((D,), jnp.float32), ("norm",))
-        self.w_in = _param(jax.nn.initializers.lecun_normal()(rngs.params(), (D, H), jnp.float32), ("embed", "mlp"))
+        self.w_in = _param(
+            jax.nn.initializers.lecun_normal()(rngs.params(), (D, H), jnp.float32), ("embed", "mlp")
+        )
         self.b_in = _param(jnp.zeros((H,), jnp.float32), ("mlp",))
         init_out = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-        self.w_out = _param(init_out(rngs.params(), (H, K, C), jnp.float32), ("mlp", "pref_dims", "pref_classes"))
+        self.w_out = _param(
+            init_out(rngs.params(), (H, K, C), jnp.float32), ("mlp", "pref_dims", "pref_classes")
+        )
         self.b_out = _param(jnp.zeros((K, C), jnp.float32), ("pref_dims", "pref_classes"))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
@@ -185,8 +196,15 @@ def labels_to_direction(labels_BD):
     return xp.asarray(LABEL_VALUES, dtype=xp.float32)[xp.asarray(labels_BD)]
 
 
-def head_loss(logits_BDC: jax.Array, direction_BD: jax.Array, *, class_weights: Sequence[float] | None = None,
-              focal_gamma: float = 0.0, mask=None, normalizer=None) -> jax.Array:
+def head_loss(
+    logits_BDC: jax.Array,
+    direction_BD: jax.Array,
+    *,
+    class_weights: Sequence[float] | None = None,
+    focal_gamma: float = 0.0,
+    mask=None,
+    normalizer=None,
+) -> jax.Array:
     """Cross-entropy of the head against a row's direction; scalar.
 
     Most dims of most rows are neutral, so plain CE learns "always neutral"; `class_weights`
@@ -240,8 +258,13 @@ def release_fallback(values_D: np.ndarray) -> np.ndarray:
     return out
 
 
-def predict_direction(probs_BDC, *, rule: str = "argmax", pos_threshold: float = RELEASE_POS_THRESHOLD,
-                      neg_threshold: float = RELEASE_NEG_THRESHOLD) -> np.ndarray:
+def predict_direction(
+    probs_BDC,
+    *,
+    rule: str = "argmax",
+    pos_threshold: float = RELEASE_POS_THRESHOLD,
+    neg_threshold: float = RELEASE_NEG_THRESHOLD,
+) -> np.ndarray:
     """Head probabilities `[B, D, 3]` -> a direction `[B, D]` in {0, 0.5, 1} (float32, numpy).
 
     rule='argmax': the most probable class. Ties: if neutral is among the most probable classes,
@@ -262,9 +285,12 @@ def predict_direction(probs_BDC, *, rule: str = "argmax", pos_threshold: float =
         out = np.where(undecided, 0.5, np.where(is_max[..., POSITIVE], 1.0, 0.0)).astype(np.float32)
     elif rule == "threshold":
         if not neg_threshold < pos_threshold:
-            raise ConfigError(f"predict_direction: neg_threshold {neg_threshold} must be < pos_threshold {pos_threshold}")
-        out = np.where(E_BD >= pos_threshold - _EPS, 1.0,
-                       np.where(E_BD <= neg_threshold + _EPS, 0.0, 0.5)).astype(np.float32)
+            raise ConfigError(
+                f"predict_direction: neg_threshold {neg_threshold} must be < pos_threshold {pos_threshold}"
+            )
+        out = np.where(
+            pos_threshold - _EPS <= E_BD, 1.0, np.where(neg_threshold + _EPS >= E_BD, 0.0, 0.5)
+        ).astype(np.float32)
     else:
         raise ConfigError(f"predict_direction: rule must be one of {RULES}, got {rule!r}")
     for b in np.nonzero(np.all(out == 0.5, axis=-1))[0]:
@@ -289,7 +315,12 @@ def head_metrics(pred_BD, gold_BD) -> dict[str, float]:
         raise ValueError(f"head_metrics: prediction {pred.shape} and gold {gold.shape} differ in shape")
     out: dict[str, float] = {"n": float(gold.shape[0]) if gold.ndim else 0.0}
     if gold.size == 0:
-        return {**out, "accuracy": float("nan"), "accuracy_non_neutral": float("nan"), "macro_f1": float("nan")}
+        return {
+            **out,
+            "accuracy": float("nan"),
+            "accuracy_non_neutral": float("nan"),
+            "macro_f1": float("nan"),
+        }
     hit = pred == gold
     out["accuracy"] = float(hit.mean())
     nn = gold != NEUTRAL
@@ -318,16 +349,25 @@ def heuristic_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     from alignx_jax.data.persona import history_direction  # lazy: models/ does not import data/ at import
 
     idx = _gold_rows(rows)
-    pred = np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx]) if idx else np.zeros((0, NUM_DIMS))
-    gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx]) if idx else np.zeros((0, NUM_DIMS))
+    pred = (
+        np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx])
+        if idx
+        else np.zeros((0, NUM_DIMS))
+    )
+    gold = (
+        np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
+        if idx
+        else np.zeros((0, NUM_DIMS))
+    )
     return {f"heuristic_{k}": v for k, v in head_metrics(pred, gold).items()}
 
 
 # ----------------------------------------------------------------------------- persona input
 
 
-def persona_prompt_ids(tokenizer: Any, row: Mapping[str, Any], variant: str = "p", *,
-                       max_tokens: int = 1024) -> list[int]:
+def persona_prompt_ids(
+    tokenizer: Any, row: Mapping[str, Any], variant: str = "p", *, max_tokens: int = 1024
+) -> list[int]:
     """The head's input ids for one row: BOS, then the persona block's ids, left-truncated.
 
     The block is `data.persona.persona_text(row, variant)` (the whole history; docs/method.md section 4's
@@ -341,15 +381,20 @@ def persona_prompt_ids(tokenizer: Any, row: Mapping[str, Any], variant: str = "p
 
     if max_tokens < 2:
         raise ConfigError(f"max_persona_tokens must be at least 2, got {max_tokens}")
-    body = [int(i) for i in tokenizer(persona_text(dict(row), variant), add_special_tokens=False)["input_ids"]]
+    body = [
+        int(i) for i in tokenizer(persona_text(dict(row), variant), add_special_tokens=False)["input_ids"]
+    ]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
-        raise CheckpointError("the tokenizer has neither a BOS nor an EOS token; the preference head needs one")
-    return [int(bos)] + body[-(max_tokens - 1):]
+        raise CheckpointError(
+            "the tokenizer has neither a BOS nor an EOS token; the preference head needs one"
+        )
+    return [int(bos)] + body[-(max_tokens - 1) :]
 
 
-def pad_persona(ids_list: Sequence[Sequence[int]], *, pad_id: int, min_length: int = 64,
-                num_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_persona(
+    ids_list: Sequence[Sequence[int]], *, pad_id: int, min_length: int = 64, num_rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad persona ids -> (ids [B, S] int32, mask [B, S] int32). S is the next power of two
     >= the longest (at least `min_length`): few distinct shapes, so few recompilations. Extra rows
     up to `num_rows` hold one attended pad token (an empty attention row would give NaN)."""
@@ -359,9 +404,9 @@ def pad_persona(ids_list: Sequence[Sequence[int]], *, pad_id: int, min_length: i
     ids = np.full((B, S), pad_id, dtype=np.int32)
     mask = np.zeros((B, S), dtype=np.int32)
     for k, x in enumerate(ids_list):
-        ids[k, :len(x)] = x
-        mask[k, :len(x)] = 1
-    mask[len(ids_list):, 0] = 1
+        ids[k, : len(x)] = x
+        mask[k, : len(x)] = 1
+    mask[len(ids_list) :, 0] = 1
     return ids, mask
 
 
@@ -381,8 +426,16 @@ def _head_probs(head: PreferenceHead, feats_BD: jax.Array) -> jax.Array:
     return jax.nn.softmax(head.classify(feats_BD), axis=-1)
 
 
-def persona_features(model: nnx.Module, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *, pooling: str,
-                     variant: str = "p", max_tokens: int = 1024, batch_size: int = 8) -> np.ndarray:
+def persona_features(
+    model: nnx.Module,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    pooling: str,
+    variant: str = "p",
+    max_tokens: int = 1024,
+    batch_size: int = 8,
+) -> np.ndarray:
     """Pooled final hidden states of the persona-only prompts, one backbone pass -> `[N, D]` float32.
 
     Rows are run in order of length (less padding), results come back in input order. Batches are
@@ -393,13 +446,15 @@ def persona_features(model: nnx.Module, tokenizer: Any, rows: Sequence[Mapping[s
     out: np.ndarray | None = None
     pad_id = _pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
-        feats = np.asarray(jax.device_get(_pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)),
-                           dtype=np.float32)
+        feats = np.asarray(
+            jax.device_get(_pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)),
+            dtype=np.float32,
+        )
         if out is None:
             out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
-        out[chunk] = feats[:len(chunk)]
+        out[chunk] = feats[: len(chunk)]
     if out is None:
         return np.zeros((0, 0), dtype=np.float32)
     return out
@@ -407,21 +462,40 @@ def persona_features(model: nnx.Module, tokenizer: Any, rows: Sequence[Mapping[s
 
 def head_probs(head: PreferenceHead, features_ND: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
     """Softmax of the head's logits on pooled features -> `[N, D, 3]` float32."""
-    parts = [np.asarray(_head_probs(head, jnp.asarray(features_ND[i:i + batch_size])))
-             for i in range(0, len(features_ND), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, head.cfg.num_dims, head.cfg.num_classes), np.float32)
+    parts = [
+        np.asarray(_head_probs(head, jnp.asarray(features_ND[i : i + batch_size])))
+        for i in range(0, len(features_ND), batch_size)
+    ]
+    return (
+        np.concatenate(parts) if parts else np.zeros((0, head.cfg.num_dims, head.cfg.num_classes), np.float32)
+    )
 
 
-def predict_preferences(model: nnx.Module, head: PreferenceHead, tokenizer: Any, rows: Sequence[Mapping[str, Any]],
-                        *, batch_size: int = 8, rule: str = "argmax", return_probs: bool = False):
+def predict_preferences(
+    model: nnx.Module,
+    head: PreferenceHead,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 8,
+    rule: str = "argmax",
+    return_probs: bool = False,
+):
     """The head's P̃ for each row: a list of float32 `[90]` arrays in {0, 0.5, 1} (never all neutral).
 
     The persona prompt follows the head's own config (variant, max tokens), as in its training.
     With return_probs, returns (directions, probs [N, 90, 3]).
     """
     cfg = head.cfg
-    feats = persona_features(model, tokenizer, rows, pooling=cfg.pooling, variant=cfg.persona_variant,
-                             max_tokens=cfg.max_persona_tokens, batch_size=batch_size)
+    feats = persona_features(
+        model,
+        tokenizer,
+        rows,
+        pooling=cfg.pooling,
+        variant=cfg.persona_variant,
+        max_tokens=cfg.max_persona_tokens,
+        batch_size=batch_size,
+    )
     probs = head_probs(head, feats)
     pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
     directions = [pred[i] for i in range(len(rows))]
@@ -443,8 +517,14 @@ def _cfg_get(section: Any, key: str, default: Any) -> Any:
     return getattr(section, key, default)
 
 
-def joint_head_term(model: nnx.Module, head: PreferenceHead, batch: Mapping[str, jax.Array],
-                    cfg: Any, *, n_pairs: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def joint_head_term(
+    model: nnx.Module,
+    head: PreferenceHead,
+    batch: Mapping[str, jax.Array],
+    cfg: Any,
+    *,
+    n_pairs: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The PBA head's term for a joint step: `(pba.weight * CE, metrics)`; pure, jit-friendly.
 
     Reads `batch['persona_ids'/'persona_mask'/'direction']` (`data.batching.collate` with
@@ -467,17 +547,31 @@ def joint_head_term(model: nnx.Module, head: PreferenceHead, batch: Mapping[str,
         logits_BDC = head(hidden_BSD, mask_BS)
         row_mask_B = batch.get("pair_mask")
         cw = _cfg_get(pba, "class_weights", None)
-        norm = None if n_pairs is None else jnp.maximum(jnp.asarray(n_pairs, jnp.float32), 1.0) * logits_BDC.shape[1]
-        ce = head_loss(logits_BDC, batch["direction"], class_weights=None if cw is None else tuple(cw),
-                       focal_gamma=float(_cfg_get(pba, "focal_gamma", 0.0) or 0.0), mask=row_mask_B,
-                       normalizer=norm)
+        norm = (
+            None
+            if n_pairs is None
+            else jnp.maximum(jnp.asarray(n_pairs, jnp.float32), 1.0) * logits_BDC.shape[1]
+        )
+        ce = head_loss(
+            logits_BDC,
+            batch["direction"],
+            class_weights=None if cw is None else tuple(cw),
+            focal_gamma=float(_cfg_get(pba, "focal_gamma", 0.0) or 0.0),
+            mask=row_mask_B,
+            normalizer=norm,
+        )
         labels_BD = direction_to_labels(jnp.asarray(batch["direction"]))
         hit_BD = (jnp.argmax(logits_BDC, axis=-1) == labels_BD).astype(jnp.float32)
-        m_B = jnp.ones(hit_BD.shape[:1], jnp.float32) if row_mask_B is None else jnp.asarray(row_mask_B, jnp.float32)
+        m_B = (
+            jnp.ones(hit_BD.shape[:1], jnp.float32)
+            if row_mask_B is None
+            else jnp.asarray(row_mask_B, jnp.float32)
+        )
         nn_BD = (labels_BD != NEUTRAL).astype(jnp.float32) * m_B[:, None]
         metrics = {
             "head_loss": ce,
-            "head_accuracy": jnp.sum(hit_BD * m_B[:, None]) / jnp.maximum(jnp.sum(m_B) * hit_BD.shape[1], 1.0),
+            "head_accuracy": jnp.sum(hit_BD * m_B[:, None])
+            / jnp.maximum(jnp.sum(m_B) * hit_BD.shape[1], 1.0),
             "head_accuracy_non_neutral": jnp.sum(hit_BD * nn_BD) / jnp.maximum(jnp.sum(nn_BD), 1.0),
         }
     return float(_cfg_get(pba, "weight", 1.0)) * ce, metrics
@@ -490,7 +584,9 @@ _TENSOR_PREFIX = "preference_head."
 
 
 def has_head(hf_dir: str) -> bool:
-    return os.path.isfile(os.path.join(hf_dir, HEAD_WEIGHTS_FILE)) and os.path.isfile(os.path.join(hf_dir, HEAD_CONFIG_FILE))
+    return os.path.isfile(os.path.join(hf_dir, HEAD_WEIGHTS_FILE)) and os.path.isfile(
+        os.path.join(hf_dir, HEAD_CONFIG_FILE)
+    )
 
 
 def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None:
@@ -503,17 +599,21 @@ def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None
 
     cfg = head.cfg if cfg is None else cfg
     os.makedirs(hf_dir, exist_ok=True)
-    tensors = {_TENSOR_PREFIX + n: np.ascontiguousarray(np.asarray(jax.device_get(getattr(head, n).get_value())))
-               for n in _PARAM_NAMES}
+    tensors = {
+        _TENSOR_PREFIX + n: np.ascontiguousarray(np.asarray(jax.device_get(getattr(head, n).get_value())))
+        for n in _PARAM_NAMES
+    }
     save_file(tensors, os.path.join(hf_dir, HEAD_WEIGHTS_FILE), metadata={"format": HEAD_FORMAT})
     meta = {
         "format": HEAD_FORMAT,
         **cfg.to_json(),
         "label_values": list(LABEL_VALUES),
         "label_names": ["negative", "neutral", "positive"],
-        "dim_labels": [{"index": i, "negative": neg, "positive": pos} for i, (neg, pos) in enumerate(dimension_labels())],
+        "dim_labels": [
+            {"index": i, "negative": neg, "positive": pos} for i, (neg, pos) in enumerate(dimension_labels())
+        ],
         "input": "BOS + persona_text(row, persona_variant) ids, left-truncated to max_persona_tokens; "
-                 f"pooled ({cfg.pooling}) final hidden states of the policy",
+        f"pooled ({cfg.pooling}) final hidden states of the policy",
     }
     with open(os.path.join(hf_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
@@ -526,9 +626,11 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
     from safetensors.numpy import load_file
 
     if not has_head(hf_dir):
-        raise CheckpointError(f"{hf_dir}: no preference head ({HEAD_WEIGHTS_FILE} + {HEAD_CONFIG_FILE}); "
-                              "--preference predicted needs a model exported with a preference head "
-                              "(train with pba.enabled and export it)")
+        raise CheckpointError(
+            f"{hf_dir}: no preference head ({HEAD_WEIGHTS_FILE} + {HEAD_CONFIG_FILE}); "
+            "--preference predicted needs a model exported with a preference head "
+            "(train with pba.enabled and export it)"
+        )
     cfg_path = os.path.join(hf_dir, HEAD_CONFIG_FILE)
     try:
         with open(cfg_path, encoding="utf-8") as f:
@@ -538,7 +640,9 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"{cfg_path}: malformed preference head config: {e}") from e
     if tuple(meta.get("label_values", LABEL_VALUES)) != LABEL_VALUES:
-        raise CheckpointError(f"{cfg_path}: label_values {meta.get('label_values')} differ from {list(LABEL_VALUES)}")
+        raise CheckpointError(
+            f"{cfg_path}: label_values {meta.get('label_values')} differ from {list(LABEL_VALUES)}"
+        )
     try:
         tensors = load_file(os.path.join(hf_dir, HEAD_WEIGHTS_FILE))
     except (OSError, SafetensorError) as e:
@@ -551,8 +655,10 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
         if key not in tensors:
             raise CheckpointError(f"{hf_dir}/{HEAD_WEIGHTS_FILE}: missing tensor {key!r}")
         if tuple(tensors[key].shape) != want:
-            raise CheckpointError(f"{hf_dir}/{HEAD_WEIGHTS_FILE}: {key} has shape {tuple(tensors[key].shape)}, "
-                                  f"config {HEAD_CONFIG_FILE} implies {want}")
+            raise CheckpointError(
+                f"{hf_dir}/{HEAD_WEIGHTS_FILE}: {key} has shape {tuple(tensors[key].shape)}, "
+                f"config {HEAD_CONFIG_FILE} implies {want}"
+            )
         var.set_value(jnp.asarray(tensors[key]))
     return head, cfg
 
@@ -576,13 +682,17 @@ def _read_persona_file(path: str) -> dict:
     if not isinstance(obj, dict):
         raise DataError("expected a JSON object with the persona fields of one row", file=path)
     for field in (UGC_FIELD, PAIR_FIELD):
-        if obj.get(field) is not None and not (isinstance(obj[field], list) and all(isinstance(x, dict) for x in obj[field])):
+        if obj.get(field) is not None and not (
+            isinstance(obj[field], list) and all(isinstance(x, dict) for x in obj[field])
+        ):
             raise DataError("expected a list of objects", file=path, field=field)
     if obj.get(DEMO_FIELD) is not None and not isinstance(obj[DEMO_FIELD], str):
         raise DataError("expected a string", file=path, field=DEMO_FIELD)
     if not any(obj.get(f) for f in (UGC_FIELD, PAIR_FIELD, DEMO_FIELD)):
-        raise DataError(f"no persona: none of {UGC_FIELD!r}, {PAIR_FIELD!r}, {DEMO_FIELD!r} is present and non-empty",
-                        file=path)
+        raise DataError(
+            f"no persona: none of {UGC_FIELD!r}, {PAIR_FIELD!r}, {DEMO_FIELD!r} is present and non-empty",
+            file=path,
+        )
     return obj
 
 
@@ -604,7 +714,9 @@ def cli_predict_preferences(args: Any) -> int:
     as_json = bool(getattr(args, "json", False))
     if args.persona is not None:
         row = _read_persona_file(args.persona)
-        [direction], probs = predict_preferences(model, head, tokenizer, [row], batch_size=1, return_probs=True)
+        [direction], probs = predict_preferences(
+            model, head, tokenizer, [row], batch_size=1, return_probs=True
+        )
         text = profile_text(direction)
         if as_json:
             print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
@@ -649,6 +761,9 @@ def cli_predict_preferences(args: Any) -> int:
         for name in ("head", "heuristic"):
             if name in summary:
                 m = {k.removeprefix("heuristic_"): v for k, v in summary[name].items()}
-                print(f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
-                      f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}", file=stream)
+                print(
+                    f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
+                    f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}",
+                    file=stream,
+                )
     return 0
