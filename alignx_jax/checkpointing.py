@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alignx_jax import paths
 from alignx_jax.errors import CheckpointError
 
 ITEMS = ("params", "opt_state", "head", "meta")
@@ -156,7 +157,7 @@ class TrainCheckpointer:
     """Save/restore params + optimizer state (+ head) + JSON meta by step, keeping the newest `keep`."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)  # a gs:// URL stays one: orbax writes it
         # cleanup_tmp_directories: a save cut by a kill leaves `<step>.orbax-checkpoint-tmp-*`; drop it
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max(1, int(keep)),
@@ -176,7 +177,7 @@ class TrainCheckpointer:
         return list(self._mngr.all_steps())
 
     def has_head(self, step: int) -> bool:
-        return os.path.isdir(os.path.join(self.directory, str(int(step)), "head"))
+        return paths.path(os.path.join(self.directory, str(int(step)), "head")).is_dir()
 
     def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any], head: Any = None) -> None:
         """Save one step; the arrays are checked finite and their digests go into meta['checksums']."""
@@ -301,8 +302,11 @@ class TrainCheckpointer:
     def _quarantine(self, step: int) -> str:
         dest = os.path.join(self.directory + BAD_DIR_SUFFIX, f"{step}.{int(time.time())}")
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), dest)
+            paths.path(os.path.dirname(dest)).mkdir(parents=True, exist_ok=True)
+            if paths.is_url(self.directory):
+                paths.path(os.path.join(self.directory, str(step))).rename(dest)
+            else:
+                shutil.move(os.path.join(self.directory, str(step)), dest)
         _sync(f"quarantine_{step}")
         self._mngr.reload()
         return dest
@@ -322,7 +326,7 @@ class TrainCheckpointer:
 
 def read_meta(checkpoints_dir: str, step: int) -> dict[str, Any]:
     """The JSON `meta` item of one saved step (no arrays are read)."""
-    mngr = ocp.CheckpointManager(os.path.abspath(checkpoints_dir), item_names=ITEMS)
+    mngr = ocp.CheckpointManager(paths.absolute(checkpoints_dir), item_names=ITEMS)
     try:
         out = mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except Exception as e:
@@ -335,11 +339,10 @@ def read_meta(checkpoints_dir: str, step: int) -> dict[str, Any]:
 def saved_checksums(checkpoints_dir: str, step: int, item: str) -> dict[str, str] | None:
     """The digests saved with one item of a step, None when the step has no meta or no checksums."""
     path = os.path.join(checkpoints_dir, str(int(step)), "meta", "metadata")
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(paths.path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({first_line(e)})") from None
     return (meta.get("checksums") or {}).get(item) if isinstance(meta, dict) else None

@@ -25,10 +25,10 @@ HANDLERS: dict[str, str] = {
     "data prepare": "alignx_jax.data.sources:cli_prepare",
     "data split": "alignx_jax.data.split:cli_split",
     "synth": "alignx_jax.data.synth:cli_synth",
-    "train": "alignx_jax.train:cli_train",
+    "train": "alignx_jax.train.cli:cli_train",
     "eval": "alignx_jax.evaluate:cli_eval",
     "generate": "alignx_jax.generate:cli_generate",
-    "predict-preferences": "alignx_jax.models.preference_head:cli_predict_preferences",
+    "predict-preferences": "alignx_jax.pba.predict:cli_predict_preferences",
     "plan": "alignx_jax.plan:cli_plan",
     "demo": "alignx_jax.demo:cli_demo",
 }
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="Hugging Face folder or GGUF file -> orbax checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF model folder (config.json + safetensors)")
+    src.add_argument("--hf", help="HF model folder (config.json + safetensors) or hub id org/name[@revision]")
     src.add_argument("--gguf", help="llama.cpp GGUF file (llama/qwen2; dequantized, tokenizer rebuilt)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
@@ -64,8 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
         help="tensor dtype in the safetensors (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--results",
+        action="append",
+        default=None,
+        metavar="RESULTS.json",
+        help="`alignx eval` results for the model card's evaluation table (repeatable; default: those "
+        "found in the workdir)",
     )
     p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 200MB")
     p.add_argument(
@@ -108,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     p = sub.add_parser("eval", help="alignment accuracy on AlignX benchmarks")
-    p.add_argument("--model", required=True, help="HF folder of the policy")
-    p.add_argument("--reference", default="none", help="HF folder of the reference, or 'none'")
+    p.add_argument("--model", required=True, help="HF folder (or hub id org/name[@revision]) of the policy")
+    p.add_argument("--reference", default="none", help="HF folder (or hub id) of the reference, or 'none'")
     p.add_argument(
         "--benchmark",
         action="append",
@@ -123,13 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ugc|pair|demo|p, comma-separated for several (alignx default: all four)",
     )
-    p.add_argument("--preference", default="golden", choices=["golden", "predicted"])
+    p.add_argument(
+        "--preference",
+        default="golden",
+        choices=["golden", "predicted", "profile"],
+        help="PBA's P̃: the row's Preference Direction (golden), the model's head (predicted) or the "
+        "row's `profile` text as the release evaluates (profile)",
+    )
     p.add_argument("--flip", default=None, help="comma-separated dimension indices or labels to reverse in P̃")
     p.add_argument(
         "--prompt-format",
         default=None,
-        choices=["chat", "paper"],
-        help="prompt rendering (default: chat template; paper = the release's strings)",
+        choices=["chat", "paper", "release"],
+        help="prompt rendering (default: the format the model was trained with when its folder records "
+        "it, a release-trained model with paper; else chat). paper = the release's evaluation strings, "
+        "release = its training strings",
+    )
+    p.add_argument(
+        "--reference-prompt",
+        default="same",
+        choices=["same", "ica"],
+        help="the prompt the reference is scored on: the policy's (same) or the row's ICA prompt (ica, "
+        "as the release's reference script does, also for PBA)",
     )
     p.add_argument(
         "--limit",
@@ -155,15 +178,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
         help="parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)",
     )
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
     p = sub.add_parser("generate", help="sample responses with a KV cache")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable for a batch)")
+    p.add_argument(
+        "--model", required=True, help="HF folder, hub id (org/name[@revision]), checkpoint or workdir"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)",
+    )
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        metavar="NAME=PATH",
+        help="generate for every row of a benchmark file (alignx|p-soups|uf-p-4|prism=PATH) into --out",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="FILE.jsonl", help="--benchmark output (appended, resumable)"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="--benchmark: a seeded sample of N rows balanced across personas",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="--benchmark: prompts per generation batch")
+    p.add_argument(
+        "--prompt-format",
+        default=None,
+        choices=["chat", "paper", "release"],
+        help="default: the format the model was trained with when recorded (release -> paper), else chat "
+        "for --prompt and paper for --benchmark",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=8192,
+        help="prompts are left-truncated to this minus 513 tokens (the BOS kept), as the release evaluates",
+    )
     p.add_argument("--persona", default=None, help="JSON file with the persona fields of a row")
     p.add_argument("--method", default="none", choices=["none", "ica", "pba"])
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -243,7 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")
     old_term = _exit_on_sigterm() if args.command == "train" else False
     try:
-        code = _handler_for(args)(args)
+        handler = _handler_for(args)
+        _join_distributed_job()
+        _use_compile_cache(args)
+        code = handler(args)
     except AlignXError as e:
         print(f"alignx: error: {e}", file=sys.stderr)
         return 1
@@ -254,6 +317,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if old_term is not False:
             signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
     return int(code or 0)
+
+
+def _use_compile_cache(args: argparse.Namespace) -> None:
+    """The persistent JAX compilation cache (`alignx_jax.compile_cache`) for the commands that compile:
+    W/.jax_cache for `train` given `--config.workdir=W`, the user cache for eval and generate (`demo`
+    sets its own, OUT/.jax_cache). `JAX_COMPILATION_CACHE_DIR` wins; `ALIGNX_COMPILE_CACHE=0` disables."""
+    if args.command not in ("train", "eval", "generate"):
+        return
+    workdir = None
+    if args.command == "train":
+        given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("--config.workdir=")]
+        if not given or not given[-1]:
+            return  # the workdir is in the config file: the train command applies the cache itself
+        workdir = given[-1]
+    from alignx_jax.compile_cache import use_compile_cache
+
+    use_compile_cache(workdir)
+
+
+def _join_distributed_job() -> None:
+    """Every command joins the multi-process job a launcher describes (launch/local.sh, SLURM, a TPU pod:
+    `alignx_jax.distributed`) before it touches a device; without those variables nothing is imported."""
+    from alignx_jax import distributed
+
+    if distributed.requested():
+        distributed.initialize_from_env()
 
 
 def _exit_on_sigterm():

@@ -276,14 +276,14 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     from flax import nnx
 
     from alignx_jax import sharding as shd
-    from alignx_jax import train
     from alignx_jax.config import load_config
     from alignx_jax.models import hf
+    from alignx_jax.train.state import build_policy, load_tokenizer_for, rules_from_config
 
     cfg = load_config(budget.config, [f"--config.workdir={init_dir}", f"--config.model.init.seed={seed}"])
     mesh = shd.mesh_from_config(cfg.mesh)
-    tokenizer, tokenizer_dir = train.load_tokenizer_for(cfg)
-    model = train.build_policy(cfg, tokenizer, mesh, train.rules_from_config(cfg))
+    tokenizer, tokenizer_dir = load_tokenizer_for(cfg)
+    model = build_policy(cfg, tokenizer, mesh, rules_from_config(cfg))
     tmp = init_dir + ".tmp"
     hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
     os.replace(tmp, init_dir)
@@ -318,13 +318,13 @@ def train_and_export(
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     import shutil
 
-    from alignx_jax import train
     from alignx_jax.models import hf
+    from alignx_jax.train.loop import run_training
 
     cfg = run_config(
         budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed, steps=steps
     )
-    code = train.run_training(cfg)
+    code = run_training(cfg)
     res = hf.resolve_checkpoint(workdir)
     if code != 0 or res.step != int(cfg.train.steps):  # stopped early (signal): not a finished stage
         raise AlignXError(f"demo: training {workdir} stopped at step {res.step}; rerun to resume")
@@ -342,10 +342,10 @@ def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dic
     The demo trains PBA's policy with `pba.enabled=false` (plain DPO on the golden profile): a
     joint head would push a ~250-token persona through the model beside every ~60-token PBA pair,
     several times the step's cost on a CPU, and the two-stage head needs one forward per row."""
-    from alignx_jax import head_training
     from alignx_jax.data import schema
     from alignx_jax.models import hf
     from alignx_jax.models import preference_head as ph
+    from alignx_jax.pba import head_training
     from alignx_jax.tokenizer import load_tokenizer
 
     if ph.has_head(export_dir):

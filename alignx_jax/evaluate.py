@@ -21,7 +21,16 @@ Choices made here (docs/method.md leaves them open):
   * a benchmark NAME given twice (e.g. two UF-P-4 files) is reported per file as `NAME:FILE` plus
     the pooled `NAME`;
   * `--flip` reports, besides the overall accuracy, the accuracy on the pairs whose P~ is
-    non-neutral on at least one flipped dimension (`involved`) and on the others (`rest`).
+    non-neutral on at least one flipped dimension (`involved`) and on the others (`rest`);
+  * PBA's P~ (`--preference`): `golden` = the row's `Preference Direction` (else its `profile`),
+    `profile` = the row's `profile` text as the release's PBA evaluation uses it, `predicted` = the
+    model folder's preference head;
+  * `--reference-prompt`: `same` (default) scores the reference on the policy's prompt; `ica` scores
+    it on the ICA prompt of the same row (whole history, persona `p` unless a persona variant is being
+    scored), as the release's only reference script does, also for a PBA policy;
+  * `--prompt-format` defaults to the one the model was trained with when its folder records it
+    (`trained_prompt_format`; a `release`-trained model is evaluated with `paper`, the release's
+    evaluation input), else `chat`.
 """
 
 from __future__ import annotations
@@ -37,10 +46,13 @@ from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
 
 BENCHMARKS: tuple[str, ...] = ("alignx", "p-soups", "uf-p-4", "prism")
 PERSONA_VARIANTS: tuple[str, ...] = ("ugc", "pair", "demo", "p")
+PREFERENCES: tuple[str, ...] = ("golden", "predicted", "profile")
+REFERENCE_PROMPTS: tuple[str, ...] = ("same", "ica")
 # Per-example rows are matched on these fields when an evaluation resumes.
 KEY_FIELDS: tuple[str, ...] = ("benchmark", "persona", "index")
 # accuracy is reported per persona group (benchmarks.persona_group) when a file has 2..this many
@@ -137,6 +149,56 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
     return out
 
 
+def trained_prompt_format(model_dir: str) -> str | None:
+    """The `data.prompt_format` the model in `model_dir` was trained with, None when not recorded.
+
+    Looked up, in order: the export manifest's `prompt_format` key (`alignx_export.json`); the run
+    config `config.json` of `model_dir` itself (a training workdir) or of the manifest's `source`
+    (the workdir the export came from), when it holds `data.prompt_format`."""
+    from alignx_jax.data.prompts import PROMPT_FORMATS
+
+    def read(path: str) -> Any:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    manifest = read(os.path.join(model_dir, "alignx_export.json"))
+    manifest = manifest if isinstance(manifest, dict) else {}
+    if manifest.get("prompt_format") in PROMPT_FORMATS:
+        return str(manifest["prompt_format"])
+    for folder in (model_dir, manifest.get("source")):
+        if not isinstance(folder, str) or not folder:
+            continue
+        cfg = read(os.path.join(folder, "config.json"))
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if isinstance(data, dict) and data.get("prompt_format") in PROMPT_FORMATS:
+            return str(data["prompt_format"])
+    return None
+
+
+def default_prompt_format(model_dir: str, explicit: str | None, *, fallback: str = "chat") -> str:
+    """`explicit` if given, else the trained format (`release` -> `paper`, the release's evaluation
+    input), else `fallback`. One warning line on stderr when `explicit` differs from the trained one."""
+    from alignx_jax.real_model import resolve_model_path
+
+    try:
+        trained = trained_prompt_format(resolve_model_path(model_dir))
+    except AlignXError:
+        trained = None
+    if explicit is None:
+        return fallback if trained is None else ("paper" if trained == "release" else trained)
+    compatible = {"release": ("release", "paper")}.get(trained or "", (trained,))
+    if trained is not None and explicit not in compatible:
+        print(
+            f"alignx: warning: --prompt-format {explicit} differs from the format {model_dir} was trained "
+            f"with ({trained})",
+            file=sys.stderr,
+        )
+    return explicit
+
+
 def persona_dependent(method: str, preference: str) -> bool:
     """Whether the scored prompt depends on the persona (ICA, or PBA with a predicted P~)."""
     return method == "ica" or (method == "pba" and preference == "predicted")
@@ -208,23 +270,34 @@ def involves(direction: Any, dims: Sequence[int]) -> bool:
 
 class PerExampleLog:
     """The `--per-example` JSONL file: rows already there are reused (resume); new rows are appended
-    and flushed batch by batch, so an interrupted evaluation loses at most one batch."""
+    and flushed batch by batch, so an interrupted evaluation loses at most one batch.
 
-    def __init__(self, path: str | None):
-        self.path = path
+    write=False (the other processes of a multi-process run): read the rows, never write the file.
+    A URL (gs://...) goes through etils.epath; such a file cannot be appended to, so it is rewritten
+    whole after each batch."""
+
+    def __init__(self, path: str | None, *, write: bool = True):
+        self.path = None if path is None else paths.absolute(path)
         self.rows: dict[tuple, dict] = {}
         self._f = None
+        self._write = write
         if path is None:
             return
-        if os.path.isdir(path):
+        p = paths.path(path)
+        if p.is_dir():
             raise DataError("--per-example must be a file, got a folder", file=path)
-        if os.path.exists(path):
+        if p.exists():
             self._read()
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
+        if not write:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not paths.is_url(self.path):
+            self._f = open(self.path, "a", encoding="utf-8")
 
     def _read(self) -> None:
+        if paths.is_url(self.path):
+            self._read_url()
+            return
         with open(self.path, "rb") as f:
             data = f.read()
         lines = data.split(b"\n")
@@ -241,15 +314,31 @@ class PerExampleLog:
             except ValueError as e:
                 # Only the final line may be cut short (killed mid-write): drop it and go on.
                 if last or all(not r.strip() for r in lines[lineno:]):
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good_bytes)
+                    if self._write:
+                        with open(self.path, "r+b") as f:
+                            f.truncate(good_bytes)
                     break
                 raise DataError(f"line {lineno}: not a per-example row ({e})", file=self.path) from None
             good_bytes += len(raw) + (0 if last else 1)
             self.rows[key_of(row)] = row
-        if good_bytes and not data[:good_bytes].endswith(b"\n"):
+        if good_bytes and not data[:good_bytes].endswith(b"\n") and self._write:
             with open(self.path, "ab") as f:  # a complete last row without newline: end it
                 f.write(b"\n")
+
+    def _read_url(self) -> None:
+        lines = paths.path(self.path).read_bytes().split(b"\n")
+        for lineno, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                if not isinstance(row, dict) or any(k not in row for k in KEY_FIELDS):
+                    raise ValueError("not a per-example row")
+            except ValueError as e:
+                if all(not r.strip() for r in lines[lineno:]):  # a cut last line: dropped
+                    break
+                raise DataError(f"line {lineno}: not a per-example row ({e})", file=self.path) from None
+            self.rows[key_of(row)] = row
 
     def get(self, key: tuple) -> dict | None:
         return self.rows.get(key)
@@ -258,6 +347,10 @@ class PerExampleLog:
         rows = list(rows)
         for row in rows:
             self.rows[key_of(row)] = row
+        if self.path is not None and self._write and paths.is_url(self.path):
+            text = "".join(json.dumps(r) + "\n" for r in self.rows.values())
+            paths.path(self.path).write_text(text, encoding="utf-8")
+            return
         if self._f is None:
             return
         for row in rows:
@@ -378,7 +471,7 @@ class SequenceScorer:
     def _pair_logps(self, state, mb, *, chunk):
         from flax import nnx
 
-        from alignx_jax.train import model_pair_logps
+        from alignx_jax.train.step import model_pair_logps
 
         return model_pair_logps(nnx.merge(self.graphdef, state), mb, chunk)
 
@@ -415,9 +508,9 @@ class SequenceScorer:
     def _score_shared(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import jax
 
+        from alignx_jax.batch import to_microbatches
         from alignx_jax.data.batching import share_prompt
         from alignx_jax.sharding import logical_sharding, use_mesh
-        from alignx_jax.train import to_microbatches
 
         B = batch["pair_mask"].shape[0]
         lengths = batch["attention_mask"][:B].sum(-1) + batch["loss_mask"][B:].sum(-1)
@@ -444,6 +537,20 @@ class SequenceScorer:
         self.shapes.add((rows, T))
         lp_B2 = np.asarray(jax.device_get(out_B2), dtype=np.float64)
         return np.concatenate([lp_B2[:, 0], lp_B2[:, 1]])
+
+
+def scorer_on(scorer: Callable, examples_by_index: dict[int, Any], *, pad_id: int) -> Callable:
+    """A scorer that scores, for each pair of the batch it is given, `examples_by_index[index]`
+    instead (the same pairs with another prompt: `--reference-prompt ica`), in the batch's row order."""
+    from alignx_jax.data.batching import collate
+
+    def score(batch: dict[str, np.ndarray]) -> np.ndarray:
+        B = batch["pair_mask"].shape[0]
+        chunk = [examples_by_index[int(i)] for i in batch["index"] if int(i) >= 0]  # dummies come last
+        longest = max([ex.length for ex in chunk] + [1])
+        return scorer(collate(chunk, buckets=length_buckets(longest), pad_id=pad_id, num_pairs=B))
+
+    return score
 
 
 def length_buckets(longest: int, smallest: int = 64) -> tuple[int, ...]:
@@ -509,14 +616,25 @@ class EvalSettings:
     max_length: int = 8192
     beta: float = 0.1
     share_prompt: bool = True  # one row per pair (SequenceScorer): the prompt's compute once
+    reference_prompt: str = "same"  # 'same' | 'ica': the prompt the reference is scored on
 
     def check(self) -> None:
+        from alignx_jax.data.prompts import PROMPT_FORMATS
+
         if self.method not in ("none", "ica", "pba"):
             raise ConfigError(f"--method must be none, ica or pba, got {self.method!r}")
-        if self.preference not in ("golden", "predicted"):
-            raise ConfigError(f"--preference must be golden or predicted, got {self.preference!r}")
-        if self.prompt_format not in ("chat", "paper"):
-            raise ConfigError(f"--prompt-format must be chat or paper, got {self.prompt_format!r}")
+        if self.preference not in PREFERENCES:
+            raise ConfigError(
+                f"--preference must be one of {', '.join(PREFERENCES)}, got {self.preference!r}"
+            )
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(
+                f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}"
+            )
+        if self.reference_prompt not in REFERENCE_PROMPTS:
+            raise ConfigError(
+                f"--reference-prompt must be one of {', '.join(REFERENCE_PROMPTS)}, got {self.reference_prompt!r}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
@@ -539,6 +657,23 @@ def golden_direction(row: dict) -> np.ndarray | None:
     if isinstance(row.get("profile"), str):
         return persona_lib.parse_profile(row["profile"])
     return None
+
+
+def file_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
+    """`--preference profile`: the row's `profile` text as the release's PBA evaluation renders it
+    (flipped through its parsed direction if asked), and that direction when it parses."""
+    from alignx_jax.data import persona as persona_lib
+
+    text = row.get("profile")
+    if not isinstance(text, str):
+        raise DataError("--preference profile needs a `profile` field in every row", file=file, row=index)
+    if not flip:
+        try:
+            return text, persona_lib.parse_profile(text)
+        except DataError:  # free text: rendered as is, no direction to report on
+            return text, None
+    direction = flip_direction(persona_lib.parse_profile(text), flip)
+    return persona_lib.profile_text(direction), direction
 
 
 def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
@@ -571,13 +706,14 @@ class PredictedPreferences:
 
     def __init__(self, model_dir: str, model: Any, tokenizer: Any, *, batch_size: int = 8):
         from alignx_jax.models import preference_head as ph
+        from alignx_jax.pba import predict
 
         if not os.path.isfile(os.path.join(model_dir, ph.HEAD_WEIGHTS_FILE)):
             raise CheckpointError(
                 f"{model_dir}: --preference predicted needs {ph.HEAD_WEIGHTS_FILE} "
                 "(export a PBA run with its head, or use --preference golden)"
             )
-        self._ph = ph
+        self._ph, self._predict = ph, predict
         self.head, self.cfg = ph.load_head(model_dir)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.metrics: dict[str, dict[str, float]] = {}
@@ -586,7 +722,7 @@ class PredictedPreferences:
     def directions(self, rows: Sequence[dict], persona: str, key: str) -> np.ndarray:
         """float32 [N, 90] predicted directions for `rows` under one persona variant."""
         ph = self._ph
-        feats = ph.persona_features(
+        feats = self._predict.persona_features(
             self.model,
             self.tokenizer,
             rows,
@@ -602,7 +738,7 @@ class PredictedPreferences:
             gold_dirs = np.asarray([r["Preference Direction"] for r in gold_rows], dtype=np.float32)
             # the release's averaging rule on the same rows, so the head is judged against the baseline
             self.metrics[key] = _finite(
-                {**ph.head_metrics(pred[gold], gold_dirs), **ph.heuristic_metrics(gold_rows)}
+                {**ph.head_metrics(pred[gold], gold_dirs), **self._predict.heuristic_metrics(gold_rows)}
             )
             self._pooled.append((pred[gold], gold_dirs, gold_rows))
         return pred
@@ -615,7 +751,9 @@ class PredictedPreferences:
             pred = np.concatenate([p for p, _, _ in self._pooled])
             gold = np.concatenate([g for _, g, _ in self._pooled])
             rows = [r for _, _, rs in self._pooled for r in rs]
-            out.update(_finite({**self._ph.head_metrics(pred, gold), **self._ph.heuristic_metrics(rows)}))
+            out.update(
+                _finite({**self._ph.head_metrics(pred, gold), **self._predict.heuristic_metrics(rows)})
+            )
             out["n"] = int(len(rows))
         out["agreement_with_golden"] = self.metrics
         return out
@@ -654,6 +792,8 @@ def _prepare(
                 profile = profile_text(
                     flip_direction(direction, settings.flip) if settings.flip else direction
                 )
+            elif settings.preference == "profile":
+                profile, direction = file_profile(row, settings.flip, file=spec.path, index=i)
             else:
                 profile, direction = golden_profile(row, settings.flip, file=spec.path, index=i)
         ex = make_example(
@@ -683,6 +823,7 @@ def _example_row(
     ref: np.ndarray | None,
     beta: float,
     involved: bool | None,
+    ica_reference: bool = False,
 ) -> dict[str, Any]:
     row = {
         "benchmark": spec.key,
@@ -701,16 +842,19 @@ def _example_row(
     )
     if involved is not None:
         row["flip_involved"] = involved
+    if ica_reference and ref is not None:
+        row["reference_prompt"] = "ica"
     return row
 
 
-def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str) -> None:
+def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str, ica_reference: bool = False) -> None:
     """A resumed row must describe the same token ids and reference setting as this run."""
     same = (
         stored.get("prompt_ids") == list(ex.prompt_ids)
         and stored.get("chosen_ids") == list(ex.chosen_ids)
         and stored.get("rejected_ids") == list(ex.rejected_ids)
         and (stored.get("ref_logp_chosen") is not None) == has_ref
+        and (stored.get("reference_prompt") == "ica") == (has_ref and ica_reference)
     )
     if not same:
         raise DataError(
@@ -765,7 +909,7 @@ def evaluate(
         reference_dir and resolve_model_path(reference_dir),
     )
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
-        if d is not None and not os.path.isdir(d):
+        if d is not None and not paths.path(d).is_dir():
             raise CheckpointError(f"{what}: model folder not found: {d}")
     if (
         settings.method == "pba"
@@ -802,8 +946,13 @@ def evaluate(
         predicted = PredictedPreferences(model_dir, policy, tokenizer, batch_size=settings.batch_size)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     has_ref = reference_dir is not None or ref_scores is not None
+    # --reference-prompt ica: the reference reads the row's ICA prompt (for ICA that is the same prompt)
+    ica_reference = has_ref and settings.reference_prompt == "ica" and settings.method != "ica"
 
-    log = PerExampleLog(per_example)
+    # every process scores every batch (its devices compute their slice of the global mesh); process 0
+    # alone writes the per-example file, and all must resume from the same rows or their batches differ
+    log = PerExampleLog(per_example, write=paths.is_main_process())
+    _check_same_rows_everywhere(log)
     per_key: dict[str, dict[str | None, list[dict]]] = {}
     try:
         for spec, rows in data:
@@ -811,6 +960,11 @@ def evaluate(
                 settings.persona, spec.name, method=settings.method, preference=settings.preference
             ):
                 examples, involved = _prepare(rows, spec, persona, settings, tokenizer, predicted)
+                ica_persona, ica_by_index = persona or "p", {}
+                if ica_reference:
+                    ica_settings = dataclasses.replace(settings, method="ica", flip=())
+                    ica_examples, _ = _prepare(rows, spec, ica_persona, ica_settings, tokenizer, None)
+                    ica_by_index = {ex.index: ex for ex in ica_examples}
                 outcomes: list[dict] = []
                 todo = []
                 for ex, inv in zip(examples, involved):
@@ -818,7 +972,7 @@ def evaluate(
                     if stored is None:
                         todo.append((ex, inv))
                         continue
-                    _check_resumed(stored, ex, has_ref, per_example)
+                    _check_resumed(stored, ex, has_ref, per_example, ica_reference)
                     # recompute `correct` with this run's beta; flip membership from this run
                     outcomes.append(
                         {
@@ -851,6 +1005,15 @@ def evaluate(
                             if ref_scores is None
                             else [*scorers, ref_scores.scorer(spec.key, persona, todo_ex)]
                         )
+                        if ica_reference:
+                            ref_scorer = (
+                                scorers[1]
+                                if ref_scores is None
+                                else ref_scores.scorer(
+                                    spec.key, ica_persona, [ica_by_index[ex.index] for ex in todo_ex]
+                                )
+                            )
+                            run_scorers = [scorers[0], scorer_on(ref_scorer, ica_by_index, pad_id=pad_id)]
                         for chunk, outs in score_batches(
                             todo_ex,
                             run_scorers,
@@ -868,6 +1031,7 @@ def evaluate(
                                     outs[1][j] if has_ref else None,
                                     settings.beta,
                                     inv_by_index[ex.index],
+                                    ica_reference,
                                 )
                                 for j, ex in enumerate(chunk)
                             ]
@@ -879,10 +1043,10 @@ def evaluate(
         log.close()
 
     results: dict[str, Any] = {
-        "model": os.path.abspath(model_dir),
-        "reference": (None if reference_dir is None else os.path.abspath(reference_dir))
+        "model": paths.absolute(model_dir),
+        "reference": (None if reference_dir is None else paths.absolute(reference_dir))
         if ref_scores is None
-        else {"scores": os.path.abspath(ref_scores.path)},
+        else {"scores": paths.absolute(ref_scores.path)},
         "method": settings.method,
         # resolved per benchmark key; null where the prompt does not depend on the persona
         "persona": {
@@ -894,6 +1058,7 @@ def evaluate(
             for spec in benchmarks
         },
         "preference": settings.preference if settings.method == "pba" else None,
+        "reference_prompt": ("ica" if ica_reference else "same") if has_ref else None,
         "prompt_format": settings.prompt_format,
         "max_length": settings.max_length,
         "beta": settings.beta,
@@ -923,6 +1088,22 @@ def evaluate(
     return results
 
 
+def _check_same_rows_everywhere(log: PerExampleLog) -> None:
+    """A multi-process evaluation resumes only if every process read the same per-example rows (a
+    shared file system or URL); otherwise their batches would differ and the collectives hang."""
+    if paths.process_count() <= 1:
+        return
+    from jax.experimental import multihost_utils
+
+    try:
+        multihost_utils.assert_equal(np.int64(len(log.rows)), "per-example rows")
+    except AssertionError:
+        raise ConfigError(
+            f"--per-example {log.path}: the processes read different rows; put it on a file system "
+            "every host sees (or a gs:// URL)"
+        ) from None
+
+
 def _none_if_independent(personas: list[str | None]) -> list[str] | None:
     return None if personas == [None] else personas
 
@@ -949,7 +1130,7 @@ def _format_table(results: dict[str, Any]) -> list[str]:
 
 def cli_eval(args: argparse.Namespace) -> int:
     """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
-    if args.out and os.path.isdir(args.out):
+    if args.out and paths.path(args.out).is_dir():
         raise ConfigError(f"--out must be a file, got a folder: {args.out}")
     specs = parse_benchmark_specs(args.benchmark)
     reference = None if args.reference in (None, "", "none") else args.reference
@@ -958,12 +1139,13 @@ def cli_eval(args: argparse.Namespace) -> int:
         persona=args.persona,
         preference=args.preference,
         flip=parse_flip(args.flip),
-        prompt_format=args.prompt_format or "chat",
+        prompt_format=default_prompt_format(args.model, args.prompt_format),
         limit=args.limit,
         batch_size=args.batch_size,
         max_length=args.max_length,
         beta=args.beta,
         share_prompt=not args.no_share_prompt,
+        reference_prompt=getattr(args, "reference_prompt", "same"),
     )
     try:
         # `--dtype` None: load_pretrained's default (float32)
@@ -978,13 +1160,13 @@ def cli_eval(args: argparse.Namespace) -> int:
         )
     except OSError as e:  # unreadable or unwritable files are the user's to fix
         raise AlignXError(f"eval: {e}") from e
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, args.out)  # never leave a half-written results file
+    if not paths.is_main_process():  # process 0 writes the one results file of a multi-process run
+        return 0
+    out = paths.path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / (out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)  # never leave a half-written results file
     for line in _format_table(results):
         print(line)
     print(f"results: {args.out}")

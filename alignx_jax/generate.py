@@ -181,8 +181,9 @@ def generate(
 # ---- CLI -------------------------------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(path: str):
-    """An HF folder, `alignx import` checkpoint or training workdir (or `smollm2`) and its tokenizer."""
+def load_model_and_tokenizer(path: str, dtype: str | None = None):
+    """An HF folder or hub id, `alignx import` checkpoint or training workdir (or `smollm2`) and its
+    tokenizer. `dtype`: params and compute (None: float32 for HF folders, the stored dtype otherwise)."""
     import os
 
     from alignx_jax.models import hf
@@ -190,16 +191,127 @@ def load_model_and_tokenizer(path: str):
     from alignx_jax.tokenizer import load_tokenizer
 
     path = resolve_model_path(path)
+    kwargs = {} if dtype is None else {"dtype": dtype}
     if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
-        model, tok_dir = hf.load_pretrained(path), path
+        model, tok_dir = hf.load_pretrained(path, **kwargs), path
     else:
-        model, tok_dir = hf.load_checkpoint(path), hf.resolve_checkpoint(path).tokenizer_dir
+        model, tok_dir = hf.load_checkpoint(path, **kwargs), hf.resolve_checkpoint(path).tokenizer_dir
     if tok_dir is None:
         raise CheckpointError(f"{path}: no tokenizer files next to the model")
     return model, load_tokenizer(tok_dir)
 
 
+def _prompt_budget(ids: list[int], fmt: str, max_length: int) -> list[int]:
+    """Left-truncate a prompt to `max_length - reserve` tokens as the release evaluates; the `paper`
+    format's BOS is kept in front of the truncated prompt string."""
+    from alignx_jax.data.batching import reserve
+
+    budget = max_length - reserve(max_length)
+    if fmt == "paper":
+        return ids[:1] + ids[1:][-budget:]
+    return ids[-budget:]
+
+
+def _generate_benchmark(args) -> int:
+    """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
+    method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
+    FILE (a cut last line is dropped), so an interrupted run resumes."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from alignx_jax.data import prompts as prompts_lib
+    from alignx_jax.data import schema
+    from alignx_jax.data.benchmarks import balanced_sample, parse_benchmark_arg, persona_group
+    from alignx_jax.errors import ConfigError
+    from alignx_jax.evaluate import PerExampleLog, default_prompt_format
+
+    if args.prompt:
+        raise ConfigError("give --prompt or --benchmark, not both")
+    if args.persona:
+        raise ConfigError("--persona applies to --prompt; a benchmark row carries its own persona")
+    if not getattr(args, "out", None):
+        raise ConfigError("--benchmark needs --out FILE.jsonl")
+    limit, batch_size = getattr(args, "limit", None), int(getattr(args, "batch_size", 8))
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    name, path = parse_benchmark_arg(args.benchmark)
+    if not os.path.exists(path):
+        raise DataError(f"--benchmark {name}: no such file or folder", file=path)
+    rows, _ = schema.load_rows(path, kind=name)
+    if not rows:
+        raise DataError("benchmark holds no rows", file=path)
+    picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
+    fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="paper")
+    max_length = int(getattr(args, "max_length", 8192))
+    log = PerExampleLog(args.out)
+    try:
+        todo = []
+        for i in picks:
+            done = log.get((name, None, i))
+            if done is None:
+                todo.append(i)
+            elif (done.get("method"), done.get("prompt_format")) != (args.method, fmt):
+                raise DataError(
+                    f"row {i} was generated with --method {done.get('method')} and prompt format "
+                    f"{done.get('prompt_format')}; use a new --out file",
+                    file=args.out,
+                )
+        if not todo:
+            print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
+            return 0
+        model, tokenizer = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
+        ids = {
+            i: _prompt_budget(
+                prompts_lib.prompt_ids(tokenizer, rows[i], method=args.method, fmt=fmt), fmt, max_length
+            )
+            for i in todo
+        }
+        todo.sort(key=lambda i: (-len(ids[i]), i))  # similar lengths batch together: less padding
+        with tqdm(total=len(todo), desc=f"generate {name}", unit="row") as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                # a seed per batch from its rows: a resumed run draws what an uninterrupted one would
+                seed = int(np.random.SeedSequence([int(args.seed), *batch]).generate_state(1)[0] >> 1)
+                outs = generate(
+                    model,
+                    tokenizer,
+                    [ids[i] for i in batch],
+                    max_new_tokens=args.max_new_tokens,
+                    greedy=args.greedy,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    seed=seed,
+                )
+                log.append(
+                    {
+                        "benchmark": name,
+                        "persona": None,
+                        "index": i,
+                        "id": rows[i].get("id", i),
+                        "group": persona_group(rows[i]),
+                        "method": args.method,
+                        "prompt_format": fmt,
+                        "prompt": rows[i]["prompt"],
+                        "output": tokenizer.decode(toks, skip_special_tokens=True),
+                    }
+                    for i, toks in zip(batch, outs)
+                )
+                bar.update(len(batch))
+    finally:
+        log.close()
+    print(f"{args.out}: {len(todo)} rows generated, {len(picks)} in all")
+    return 0
+
+
 def cli_generate(args) -> int:
+    if getattr(args, "benchmark", None):
+        return _generate_benchmark(args)
+    if not args.prompt:
+        raise DataError("give --prompt TEXT (repeatable), or --benchmark NAME=PATH with --out FILE.jsonl")
     for i, text in enumerate(args.prompt):  # the chat template adds tokens to any text: check the text itself
         if not text.strip():
             raise DataError(f"--prompt number {i + 1} is empty; give the text to respond to")
@@ -214,13 +326,20 @@ def cli_generate(args) -> int:
             raise DataError(f"not valid JSON ({e})", file=args.persona) from None
         if not isinstance(persona, dict):
             raise DataError("expected a JSON object with a row's persona fields", file=args.persona)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
     try:
         from alignx_jax.data import prompts as prompts_lib
     except ImportError as e:  # pragma: no cover - the data package ships with the project
         raise AlignXError(f"prompt rendering unavailable ({e})") from e
+    from alignx_jax.evaluate import default_prompt_format
+
+    fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="chat")
     prompt_ids = [
-        prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method)
+        _prompt_budget(
+            prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method, fmt=fmt),
+            fmt,
+            int(getattr(args, "max_length", 8192)),
+        )
         for text in args.prompt
     ]
     outs = generate(

@@ -12,20 +12,31 @@ T=8192 that tensor alone is 4 GiB per sequence). The DPO variants follow TRL's d
         (-(1 - e) log s(beta h) + e log s(-beta h)) / (1 - 2 e)
     hinge:   relu(1 - beta h)
     ipo:     (h - 1 / (2 beta))^2   with length-averaged log-probs (as TRL does for IPO)
+    ipo_sum: (h - 1 / (2 beta))^2   with summed log-probs (as OpenRLHF does)
 
+With no reference (`reference='none'`, TRL's `reference_free=True`) the reference log-probs are 0.
+Two losses never use a reference; with m(y) = log pi(y) / n_tokens(y) the mean log-prob per token:
+
+    orpo (Hong et al. 2024):   -m(y_w) - beta log s(log odds(y_w) - log odds(y_l)),
+                               log odds(y) = m(y) - log(1 - exp(m(y)))
+    simpo (Meng et al. 2024):  -log s(beta m(y_w) - beta m(y_l) - gamma),  gamma = gamma_beta_ratio * beta
+
+`preference_loss(kind, ...)` is the single dispatch point (kinds and their inputs: `PREFERENCE_LOSSES`).
 The optional SFT term is the NLL of the chosen response, `-log pi(y_w) / n_tokens` ("length", the
 default: comparable across lengths) or `-log pi(y_w)` ("sum"), added with weight `sft_weight`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from alignx_jax.models.matmul import dense
 
+# the kinds the trainer accepts today (`train` validates `loss.type` against this); the full menu
+# of `preference_loss` is `PREFERENCE_LOSS_TYPES`
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
 
 
@@ -200,20 +211,54 @@ def _masked_logps(
 # ----------------------------------------------------------------------------- DPO family
 
 
-def _logits(pc, pr, rc, rr):
-    return (pc - pr) - (rc - rr)
+def _logits(pc, pr, rc=None, rr=None):
+    """h = (pc - pr) - (rc - rr); a missing reference (None) counts as log-probs of 0."""
+    h = pc - pr
+    if rc is not None or rr is not None:
+        h = h - (_zero_if_none(rc, pc) - _zero_if_none(rr, pr))
+    return h
+
+
+def _zero_if_none(x, like):
+    return jnp.zeros_like(like) if x is None else x
 
 
 def sigmoid_loss(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0
+    policy_chosen,
+    policy_rejected,
+    ref_chosen=None,
+    ref_rejected=None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
-    """DPO (Rafailov et al.); with label_smoothing > 0 it is conservative DPO (cDPO). Per pair `[B]`."""
+    """DPO (Rafailov et al.); with label_smoothing > 0 it is conservative DPO (cDPO). Per pair `[B]`.
+
+    `ref_chosen = ref_rejected = None` is reference-free DPO (TRL `reference_free=True`): the
+    reference log-probs are taken as 0, so h = log pi(y_w) - log pi(y_l).
+    """
     z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
 
 
+def reference_free_loss(
+    policy_chosen, policy_rejected, beta: float = 0.1, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Reference-free DPO (TRL `reference_free=True`) from policy log-probs only, per pair `[B]`:
+
+        -(1 - e) log s(beta (log pi(y_w) - log pi(y_l))) - e log s(-beta (log pi(y_w) - log pi(y_l)))
+
+    i.e. `sigmoid_loss` with every reference log-prob taken as 0: no second model, no reference pass.
+    """
+    return sigmoid_loss(policy_chosen, policy_rejected, None, None, beta, label_smoothing)
+
+
 def robust_loss(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0
+    policy_chosen,
+    policy_rejected,
+    ref_chosen=None,
+    ref_rejected=None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
     """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate `label_smoothing` < 0.5."""
     z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
@@ -222,13 +267,22 @@ def robust_loss(
     )
 
 
-def hinge_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> jax.Array:
-    """SLiC-style hinge on the implicit reward margin."""
+def hinge_loss(
+    policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, beta: float = 0.1
+) -> jax.Array:
+    """SLiC-style hinge on the implicit reward margin: relu(1 - beta h)."""
     return jax.nn.relu(1.0 - beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
 
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> jax.Array:
-    """IPO (Azar et al.): squared distance of the log-ratio margin to 1/(2 beta)."""
+def ipo_loss(
+    policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, beta: float = 0.1
+) -> jax.Array:
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 beta))^2, beta playing the paper's tau.
+
+    The formula only: it takes whichever log-probs it is given. `preference_loss` feeds it
+    length-averaged log-probs for kind 'ipo' (as TRL's DPOTrainer does) and summed ones for
+    'ipo_sum' (as OpenRLHF's DPOLoss does, whose trainer sums the log-probs).
+    """
     return (_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected) - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -241,9 +295,224 @@ def sft_term(policy_chosen, chosen_tokens, norm: str = "length") -> jax.Array:
     raise ValueError(f"sft norm must be 'length' or 'sum', got {norm!r}")
 
 
+# ----------------------------------------------------------------------------- reference-free losses
+
+# Mean log-probs are clipped to at most this before log(1 - exp(.)): a response the policy is sure
+# of (mean log-prob 0, or a response with no scored token) would give log 0 = -inf.
+MAX_MEAN_LOGP = -1e-6
+
+
+def mean_logps(summed_logps, tokens) -> jax.Array:
+    """Length-averaged log-prob per sequence: summed log-prob / number of response tokens (>= 1)."""
+    return summed_logps / jnp.maximum(tokens, 1.0)
+
+
+def log1m_exp(x) -> jax.Array:
+    """log(1 - exp(x)) for x < 0, without cancellation (Maechler 2012, "Accurately computing
+    log(1 - exp(-|a|))"): log(-expm1(x)) for x > -log 2, log1p(-exp(x)) below. Both branches are
+    finite for x < 0, so the gradient through `jnp.where` is too."""
+    return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def orpo_log_odds_ratio(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens) -> jax.Array:
+    """log odds(y_w) - log odds(y_l) per pair, with log odds(y) = m(y) - log(1 - exp(m(y))) and m the
+    mean log-prob per token, clipped to <= MAX_MEAN_LOGP (Hong et al. 2024)."""
+    mc = jnp.minimum(mean_logps(policy_chosen, chosen_tokens), MAX_MEAN_LOGP)
+    mr = jnp.minimum(mean_logps(policy_rejected, rejected_tokens), MAX_MEAN_LOGP)
+    return (mc - log1m_exp(mc)) - (mr - log1m_exp(mr))
+
+
+def orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float = 0.1) -> jax.Array:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"):
+
+        -m(y_w) + beta * -log s(log odds(y_w) - log odds(y_l))
+
+    per pair `[B]`, m = summed log-prob / tokens (the chosen NLL per token), odds(y) = P / (1 - P)
+    with P = exp(m(y)); beta is the paper's lambda (TRL `ORPOConfig.beta`, default 0.1). TRL averages
+    the NLL over all chosen tokens of the batch; here it is each pair's own mean. No reference.
+    """
+    nll = -mean_logps(policy_chosen, chosen_tokens)
+    ratio = orpo_log_odds_ratio(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens)
+    return nll - beta * jax.nn.log_sigmoid(ratio)
+
+
+def simpo_loss(
+    policy_chosen,
+    policy_rejected,
+    chosen_tokens,
+    rejected_tokens,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.25,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"):
+
+        z = beta m(y_w) - beta m(y_l) - gamma,   gamma = gamma_beta_ratio * beta
+        -(1 - e) log s(z) - e log s(-z)           (e = label_smoothing; 0 is the paper's loss)
+
+    per pair `[B]`, m = summed log-prob / tokens. Defaults are the authors' (beta 2.0, gamma/beta
+    0.25); TRL's CPOTrainer(loss_type="simpo", cpo_alpha=0) takes gamma itself as `simpo_gamma`.
+    """
+    mc = mean_logps(policy_chosen, chosen_tokens)
+    mr = mean_logps(policy_rejected, rejected_tokens)
+    z = beta * (mc - mr) - gamma_beta_ratio * beta
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+class LossSpec(NamedTuple):
+    """What a `preference_loss` kind needs: a reference's log-probs, the response token counts."""
+
+    uses_reference: bool  # False: ref log-probs are ignored (may be None); no reference pass needed
+    needs_tokens: bool  # True: chosen_tokens and rejected_tokens are required
+    default_beta: float
+    rewards: str  # what the reported rewards are: 'sum' beta (pi - ref) | 'mean' beta (m(pi) - m(ref))
+
+
+PREFERENCE_LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(True, False, 0.1, "sum"),
+    "cdpo": LossSpec(True, False, 0.1, "sum"),  # = sigmoid; label_smoothing is the flip rate
+    "robust": LossSpec(True, False, 0.1, "sum"),
+    "hinge": LossSpec(True, False, 0.1, "sum"),
+    "ipo": LossSpec(True, True, 0.1, "mean"),  # TRL: length-averaged log-probs
+    "ipo_sum": LossSpec(True, False, 0.1, "sum"),  # OpenRLHF: summed log-probs
+    "orpo": LossSpec(False, True, 0.1, "mean"),
+    "simpo": LossSpec(False, True, 2.0, "mean"),
+}
+PREFERENCE_LOSS_TYPES: tuple[str, ...] = tuple(PREFERENCE_LOSSES)
+# `reference` of `preference_loss`: the frozen reference's log-probs, or none (taken as 0)
+REFERENCE_INPUTS: tuple[str, ...] = ("policy_ref", "none")
+
+
+def _pair_terms(
+    kind, pc, pr, rc, rr, beta, label_smoothing, gamma_beta_ratio, chosen_tokens, rejected_tokens, reference
+):
+    """(loss per pair, chosen reward, rejected reward) for one kind; inputs already checked."""
+    spec = PREFERENCE_LOSSES[kind]
+    if not spec.uses_reference or reference == "none":
+        rc = rr = None
+    if spec.rewards == "mean":
+        pc_r, pr_r = mean_logps(pc, chosen_tokens), mean_logps(pr, rejected_tokens)
+        rc_r = None if rc is None else mean_logps(rc, chosen_tokens)
+        rr_r = None if rr is None else mean_logps(rr, rejected_tokens)
+    else:
+        pc_r, pr_r, rc_r, rr_r = pc, pr, rc, rr
+    if kind in ("sigmoid", "cdpo"):
+        loss = sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing)
+    elif kind == "robust":
+        loss = robust_loss(pc, pr, rc, rr, beta, label_smoothing)
+    elif kind == "hinge":
+        loss = hinge_loss(pc, pr, rc, rr, beta)
+    elif kind in ("ipo", "ipo_sum"):
+        loss = ipo_loss(pc_r, pr_r, rc_r, rr_r, beta)
+    elif kind == "orpo":
+        loss = orpo_loss(pc, pr, chosen_tokens, rejected_tokens, beta)
+    else:  # simpo
+        loss = simpo_loss(pc, pr, chosen_tokens, rejected_tokens, beta, gamma_beta_ratio, label_smoothing)
+    cr = beta * (pc_r - _zero_if_none(rc_r, pc_r))
+    rj = beta * (pr_r - _zero_if_none(rr_r, pr_r))
+    return loss, cr, rj
+
+
+def _reward_sums(cr, rj, policy_chosen, policy_rejected, pair_mask) -> dict[str, jax.Array]:
+    m = jnp.ones_like(policy_chosen) if pair_mask is None else pair_mask.astype(jnp.float32)
+    return {
+        "reward_accuracy": jnp.sum((cr > rj).astype(jnp.float32) * m),  # strict, as in the paper
+        "rewards_chosen": jnp.sum(cr * m),
+        "rewards_rejected": jnp.sum(rj * m),
+        "margin": jnp.sum((cr - rj) * m),
+        "logps_chosen": jnp.sum(policy_chosen * m),
+        "logps_rejected": jnp.sum(policy_rejected * m),
+        "pairs": jnp.sum(m),
+    }
+
+
+def preference_loss(
+    kind: str,
+    policy_chosen,
+    policy_rejected,
+    ref_chosen=None,
+    ref_rejected=None,
+    *,
+    beta: float | None = None,
+    label_smoothing: float = 0.0,
+    gamma_beta_ratio: float = 0.25,
+    sft_weight: float = 0.0,
+    sft_norm: str = "length",
+    chosen_tokens=None,
+    rejected_tokens=None,
+    reference: str = "policy_ref",
+    pair_mask=None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The one entry point of the loss menu: `(loss per pair [B], metric sums)`.
+
+    Inputs are per-pair summed response log-probs `[B]`; `chosen_tokens` / `rejected_tokens` `[B]`
+    count the scored tokens (required by 'ipo', 'orpo', 'simpo'; see `PREFERENCE_LOSSES`).
+    `reference='policy_ref'` uses `ref_chosen` / `ref_rejected` (required by the DPO kinds);
+    'none' takes them as 0 (reference-free). 'orpo' and 'simpo' never read them. `beta=None` is
+    the kind's default (2.0 for simpo, else 0.1). A weighted SFT term (`sft_term`) is added when
+    `sft_weight` is non-zero, for every kind (ORPO already holds its own NLL term).
+
+    The metric sums (`dpo_sums` keys, to be added over microbatches and divided by `pairs`): rewards
+    are beta * (log pi - log ref) on the log-probs the loss itself compares, i.e. summed for
+    sigmoid/cdpo/robust/hinge/ipo_sum, per-token means for ipo (as TRL), and beta * mean log pi for
+    orpo and simpo (as TRL's ORPO/CPO trainers; no reference); margin = chosen - rejected reward,
+    reward_accuracy = strict chosen > rejected; logps_* are the summed policy log-probs.
+    """
+    if kind not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown loss.type {kind!r}; expected one of {PREFERENCE_LOSS_TYPES}")
+    if reference not in REFERENCE_INPUTS:
+        raise ValueError(f"unknown reference {reference!r}; expected one of {REFERENCE_INPUTS}")
+    spec = PREFERENCE_LOSSES[kind]
+    if spec.needs_tokens and (chosen_tokens is None or rejected_tokens is None):
+        raise ValueError(
+            f"{kind} needs chosen_tokens and rejected_tokens (it uses length-averaged log-probs)"
+        )
+    if spec.uses_reference and reference == "policy_ref" and (ref_chosen is None or ref_rejected is None):
+        raise ValueError(f"{kind} with reference='policy_ref' needs ref_chosen and ref_rejected")
+    beta = spec.default_beta if beta is None else float(beta)
+    pc, pr = policy_chosen, policy_rejected
+    loss, cr, rj = _pair_terms(
+        kind,
+        pc,
+        pr,
+        ref_chosen,
+        ref_rejected,
+        beta,
+        float(label_smoothing),
+        float(gamma_beta_ratio),
+        chosen_tokens,
+        rejected_tokens,
+        reference,
+    )
+    if sft_weight:
+        if chosen_tokens is None:
+            chosen_tokens = jnp.ones_like(pc)
+        loss = loss + sft_weight * sft_term(pc, chosen_tokens, sft_norm)
+    return loss, _reward_sums(cr, rj, pc, pr, pair_mask)
+
+
 def _get(cfg: Any, key: str, default: Any) -> Any:
     # dicts and ConfigDicts both have .get; plain objects (dataclasses) use attributes
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def loss_options(cfg: Any) -> dict[str, Any]:
+    """`preference_loss` keyword arguments from a `loss` config section.
+
+    `reference`: the config's 'none' means reference-free; any other value ('on_the_fly',
+    'precomputed': how the reference log-probs are obtained) means 'policy_ref'.
+    """
+    return {
+        "beta": _get(cfg, "beta", None),
+        "label_smoothing": float(_get(cfg, "label_smoothing", 0.0)),
+        "gamma_beta_ratio": float(_get(cfg, "gamma_beta_ratio", 0.25)),
+        "sft_weight": float(_get(cfg, "sft_weight", 0.0)),
+        "sft_norm": _get(cfg, "sft_norm", "length"),
+        "reference": "none" if _get(cfg, "reference", "policy_ref") == "none" else "policy_ref",
+    }
 
 
 def dpo_per_pair(
@@ -256,32 +525,18 @@ def dpo_per_pair(
     chosen_tokens=None,
     rejected_tokens=None,
 ) -> jax.Array:
-    """Per-pair loss `[B]` (DPO variant plus weighted SFT term) for a `loss` config section."""
-    kind = _get(cfg, "type", "sigmoid")
-    beta = float(_get(cfg, "beta", 0.1))
-    ls = float(_get(cfg, "label_smoothing", 0.0))
-    sft_weight = float(_get(cfg, "sft_weight", 0.0))
-    pc, pr, rc, rr = policy_chosen, policy_rejected, ref_chosen, ref_rejected
-    if kind in ("sigmoid", "cdpo"):
-        loss = sigmoid_loss(pc, pr, rc, rr, beta, ls)
-    elif kind == "robust":
-        loss = robust_loss(pc, pr, rc, rr, beta, ls)
-    elif kind == "hinge":
-        loss = hinge_loss(pc, pr, rc, rr, beta)
-    elif kind == "ipo":
-        if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError(
-                "ipo needs chosen_tokens and rejected_tokens (it uses length-averaged log-probs)"
-            )
-        nc, nr = jnp.maximum(chosen_tokens, 1.0), jnp.maximum(rejected_tokens, 1.0)
-        loss = ipo_loss(pc / nc, pr / nr, rc / nc, rr / nr, beta)
-    else:
-        raise ValueError(f"unknown loss.type {kind!r}; expected one of {LOSS_TYPES}")
-    if sft_weight:
-        if chosen_tokens is None:
-            chosen_tokens = jnp.ones_like(pc)
-        loss = loss + sft_weight * sft_term(pc, chosen_tokens, _get(cfg, "sft_norm", "length"))
-    return loss
+    """Per-pair loss `[B]` (the `loss.type` kind plus weighted SFT term) for a `loss` config section."""
+    per_pair, _ = preference_loss(
+        _get(cfg, "type", "sigmoid"),
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+        **loss_options(cfg),
+    )
+    return per_pair
 
 
 def dpo_metrics(
@@ -296,19 +551,14 @@ def dpo_metrics(
 def dpo_sums(
     policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, pair_mask=None
 ) -> dict[str, jax.Array]:
-    """Masked sums of the reward metrics plus the pair count, to be added over microbatches."""
-    m = jnp.ones_like(policy_chosen) if pair_mask is None else pair_mask.astype(jnp.float32)
-    cr = beta * (policy_chosen - ref_chosen)
-    rr = beta * (policy_rejected - ref_rejected)
-    return {
-        "reward_accuracy": jnp.sum((cr > rr).astype(jnp.float32) * m),  # strict, as in the paper
-        "rewards_chosen": jnp.sum(cr * m),
-        "rewards_rejected": jnp.sum(rr * m),
-        "margin": jnp.sum((cr - rr) * m),
-        "logps_chosen": jnp.sum(policy_chosen * m),
-        "logps_rejected": jnp.sum(policy_rejected * m),
-        "pairs": jnp.sum(m),
-    }
+    """Masked sums of the reward metrics plus the pair count, to be added over microbatches.
+
+    Rewards beta * (summed log pi - summed log ref); a None reference counts as 0 (reference-free).
+    `preference_loss` gives the same keys with each kind's own rewards.
+    """
+    cr = beta * (policy_chosen - _zero_if_none(ref_chosen, policy_chosen))
+    rj = beta * (policy_rejected - _zero_if_none(ref_rejected, policy_rejected))
+    return _reward_sums(cr, rj, policy_chosen, policy_rejected, pair_mask)
 
 
 def dpo_loss(
@@ -322,20 +572,25 @@ def dpo_loss(
     chosen_tokens=None,
     rejected_tokens=None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked-mean loss over pairs and its metrics: loss, reward_accuracy, rewards, margin, logps."""
-    per_pair = dpo_per_pair(
+    """Masked-mean loss over pairs and its metrics: loss, reward_accuracy, rewards, margin, logps.
+
+    The metrics are each kind's own (see `preference_loss`); for the sigmoid/cdpo/robust/hinge kinds
+    they are `dpo_metrics`.
+    """
+    per_pair, sums = preference_loss(
+        _get(cfg, "type", "sigmoid"),
         policy_chosen,
         policy_rejected,
         ref_chosen,
         ref_rejected,
-        cfg,
         chosen_tokens=chosen_tokens,
         rejected_tokens=rejected_tokens,
+        pair_mask=pair_mask,
+        **loss_options(cfg),
     )
     m = jnp.ones_like(per_pair) if pair_mask is None else pair_mask.astype(jnp.float32)
+    n = jnp.maximum(sums.pop("pairs"), 1.0)
+    metrics = {k: v / n for k, v in sums.items()}
     loss = jnp.sum(per_pair * m) / jnp.maximum(jnp.sum(m), 1.0)
-    metrics = dpo_metrics(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(_get(cfg, "beta", 0.1)), pair_mask
-    )
     metrics["loss"] = loss
     return loss, metrics

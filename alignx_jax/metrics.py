@@ -4,6 +4,9 @@ Only process 0 writes (every host computes the same replicated scalars). The JSO
 in append mode and each record is one write of one whole line, flushed, so a resumed run continues
 the same file, a reader (a test, `tail -f`) sees each step as soon as it is logged, and a kill or a
 full disk can only cut the last line. `read_jsonl` drops such a line with a warning.
+
+A URL workdir (gs://...) goes through etils.epath: an object cannot be appended to, so the file is
+rewritten whole at each logged step (and TensorBoard events go to the URL only if tensorboardX can).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import math
 import os
 import sys
 from typing import Any
+
+from alignx_jax import paths
 
 
 def _plain(v: Any) -> Any:
@@ -36,8 +41,34 @@ class MetricsWriter:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._url_records: list[dict[str, Any]] | None = None  # a URL workdir: every record, rewritten
         if not enabled:
             return
+        if paths.is_url(workdir):
+            self._url_path = paths.path(workdir) / "metrics.jsonl"
+            self._url_path.parent.mkdir(parents=True, exist_ok=True)
+            self._url_records = [
+                r for r in read_metrics(workdir) if resume_step is None or _step_of(r) <= resume_step
+            ]
+            self._rewrite_url()
+        else:
+            self._open_local(workdir, resume_step)
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
+                self._tb = None
+            except Exception as e:  # a URL tensorboardX cannot write: the JSONL file still has everything
+                print(f"alignx: warning: no TensorBoard events in {workdir} ({e})", file=sys.stderr)
+                self._tb = None
+
+    def _rewrite_url(self) -> None:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._url_records or [])
+        self._url_path.write_text(text, encoding="utf-8")
+
+    def _open_local(self, workdir: str, resume_step: int | None) -> None:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(path):
@@ -53,27 +84,27 @@ class MetricsWriter:
                 with open(path, "a", encoding="utf-8") as f:
                     f.write("\n")
         self._file = open(path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
-                self._tb = None
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if self._url_records is not None:
+            self._url_records.append(record)
+            self._rewrite_url()
+        else:
+            self._write_local(record)
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}", v, int(step))
+
+    def _write_local(self, record: dict[str, Any]) -> None:
         try:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")  # one write of the whole line
             self._file.flush()
         except OSError as e:  # a full disk: name the file (a failed write() carries no file name)
             raise OSError(e.errno, e.strerror, e.filename or self._file.name) from None
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{k}", v, int(step))
 
     def close(self) -> None:
         if self._file is not None:
@@ -94,10 +125,11 @@ def _step_of(record: dict[str, Any]) -> float:
 def read_jsonl(path: str, *, warn: bool = True) -> list[dict[str, Any]]:
     """The JSON objects of an append-only JSONL file. A line that does not parse (cut by a kill or a
     full disk mid-write) is dropped, with one warning line on stderr naming the file and the line."""
-    if not os.path.exists(path):
+    p = paths.path(path)
+    if not p.exists():
         return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+    with p.open("rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
     out, bad = [], []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():

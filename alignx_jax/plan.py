@@ -166,10 +166,10 @@ def parse_topology(name: str | None) -> Topology:
 
 def decoder_config_for(cfg: ml_collections.ConfigDict):
     """The DecoderConfig a run of `cfg` trains, without loading weights."""
-    from alignx_jax import train
     from alignx_jax.models.decoder import DecoderConfig
+    from alignx_jax.train.state import load_tokenizer_for, run_options
 
-    opts = dict(train._run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
+    opts = dict(run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
     key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
     path = str(cfg.model.hf_path) or str(cfg.model.get("preset", ""))
     if path:
@@ -191,7 +191,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
     init = cfg.model.init
     vocab = int(init.vocab_size)
     if vocab == -1:
-        tok, _ = train.load_tokenizer_for(cfg)
+        tok, _ = load_tokenizer_for(cfg)
         vocab = len(tok)
     hf_cfg = {
         k: init[k]
@@ -299,6 +299,123 @@ def _shard_bytes(sds: Any) -> int:
     return total
 
 
+def plan_batch(
+    cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The step's batch argument as `jax.ShapeDtypeStruct`s with their shardings: `collated` (a loader
+    batch; default `batch.worst_case_collated`, the longest rows the config keeps) through the run's
+    own `batch.BatchBuilder`, so share_prompt / packing / compact_tokens / the joint head's persona
+    shape the plan exactly as they shape `alignx train`'s step."""
+    import jax
+    import numpy as np
+
+    from alignx_jax.batch import BatchBuilder, batch_shardings, worst_case_collated
+    from alignx_jax.train.schema import joint_head
+
+    joint = joint_head(cfg)
+    builder = BatchBuilder.from_config(cfg, mesh, 0, head=joint)
+    if collated is None:
+        collated = worst_case_collated(
+            int(cfg.train.global_batch),
+            max_length=int(cfg.data.max_length),
+            buckets=builder.buckets,
+            pad_id=0,
+            share=builder.share,
+            # (a persona longer than the largest bucket is a ConfigError of `alignx train`; plan the largest)
+            persona_tokens=min(int(cfg.pba.max_persona_tokens), max(builder.buckets)) if joint else None,
+        )
+    host, _ = builder(collated)
+    if cfg.loss.reference == "precomputed":  # as the loop adds it (the reference table's rows)
+        host["ref_logps"] = np.zeros((builder.num_micro, host["pair_mask"].shape[1], 2), np.float32)
+    bsh = batch_shardings(host, mesh, rules)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
+
+
+def lower_step(
+    cfg: ml_collections.ConfigDict, mesh, rules, dcfg=None, *, collated: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Lower the step `alignx train` jits for `cfg` (`train.step.jit_train_step`: same shardings, same
+    donation) on abstract params, optimizer state, reference and `plan_batch`. Returns the lowered
+    computation and its abstract arguments ('params', 'opt_state', 'reference', 'batch')."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from alignx_jax import sharding as shd
+    from alignx_jax.models import preference_head as ph
+    from alignx_jax.models.decoder import Decoder
+    from alignx_jax.train.schema import joint_head
+    from alignx_jax.train.state import HeadCodec, ParamsCodec, make_head_optimizer, make_optimizer
+    from alignx_jax.train.step import jit_train_step
+
+    dcfg = dcfg or decoder_config_for(cfg)
+    abs_model = nnx.eval_shape(lambda: Decoder(dcfg, rngs=nnx.Rngs(0)))
+    codec = ParamsCodec.of(abs_model)
+    params_abs = nnx.to_pure_dict(nnx.state(abs_model))
+    param_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_model), mesh, rules))
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def with_sh(x, sh, dtype=None):
+        return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh)
+
+    params_in = jax.tree.map(with_sh, params_abs, param_sh)
+    ref_in = jax.tree.map(lambda x, sh: with_sh(x, sh, dcfg.compute_dtype), params_abs, param_sh)
+    # the run's own schedule length (its constants are part of the step); 1000 for epoch-based runs
+    total_steps = int(cfg.train.steps) if int(cfg.train.steps) > 0 else 1000
+    tx, _ = make_optimizer(cfg.optim, total_steps, int(cfg.model.get("frozen_layers", 0)))
+    opt_abs = jax.eval_shape(tx.init, params_abs)
+    flat_sh = {tuple(k.key for k in path): sh for path, sh in jax.tree_util.tree_leaves_with_path(param_sh)}
+    by_path = {
+        tuple(k.key for k in path): (flat_sh[tuple(k.key for k in path)], leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params_abs)
+    }
+    opt_sh = _opt_shardings(opt_abs, by_path, rep)
+    opt_in = jax.tree.map(with_sh, opt_abs, opt_sh)
+
+    precomputed = cfg.loss.reference == "precomputed"
+    head_codec = head_tx = None
+    head_b = 0
+    joint = joint_head(cfg)
+    if joint:
+        # joint PBA: the preference head's params and optimizer, and the persona the backbone reads
+        # for it beside every pair, are part of the step
+        hcfg = ph.HeadConfig.from_config(cfg.pba, dcfg.hidden_size, persona_variant=cfg.data.persona)
+        abs_head = nnx.eval_shape(lambda: ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0)))
+        head_codec, head_tx = HeadCodec.of(abs_head), make_head_optimizer(cfg.pba)
+        head_abs = HeadCodec.params(abs_head)
+        head_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_head, nnx.Param), mesh, rules))
+        head_opt_abs = jax.eval_shape(head_tx.init, head_abs)
+        head_in = jax.tree.map(with_sh, head_abs, head_sh)
+        head_opt_in = jax.tree.map(lambda x: with_sh(x, rep), head_opt_abs)
+        head_b = _shard_bytes(head_in) + _shard_bytes(head_opt_in)
+        params_in, opt_in = {"policy": params_in, "head": head_in}, {"policy": opt_in, "head": head_opt_in}
+        param_sh = {"policy": param_sh, "head": head_sh}
+        opt_sh = {"policy": opt_sh, "head": jax.tree.map(lambda _: rep, head_opt_abs)}
+    batch_in = plan_batch(cfg, mesh, rules, collated=collated)
+    jitted = jit_train_step(
+        codec,
+        tx,
+        cfg,
+        param_shardings=param_sh,
+        opt_shardings=opt_sh,
+        replicated=rep,
+        head_codec=head_codec,
+        head_tx=head_tx,
+    )
+    with shd.use_mesh(mesh, rules):
+        lowered = jitted.lower(params_in, opt_in, None if precomputed else ref_in, batch_in)
+    return {
+        "lowered": lowered,
+        "params": params_in,
+        "opt_state": opt_in,
+        "reference": ref_in,
+        "batch": batch_in,
+        "head_bytes": head_b,
+        "precomputed": precomputed,
+        "joint": joint,
+    }
+
+
 def plan(
     cfg: ml_collections.ConfigDict, topology: Topology | None = None, *, devices: list | None = None
 ) -> dict[str, Any]:
@@ -307,14 +424,11 @@ def plan(
     Needs at least `topology.num_devices` JAX devices (see `cli_plan`, which provides stand-ins).
     """
     import jax
-    import numpy as np
     import optax  # noqa: F401  (optax state types in the abstract optimizer state)
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
-    from alignx_jax import losses, train
     from alignx_jax import sharding as shd
-    from alignx_jax.models.decoder import ATTENTION_CHUNK, Decoder
+    from alignx_jax.models.decoder import ATTENTION_CHUNK
+    from alignx_jax.train.state import rules_from_config
 
     topology = topology or parse_topology(None)
     all_devices = list(jax.devices() if devices is None else devices)
@@ -341,7 +455,7 @@ def plan(
         )
         dcfg = dcfg.replace(attention_impl="chunked")
     mesh = shd.mesh_from_config(cfg.mesh, devices=devs)
-    rules = train.rules_from_config(cfg)
+    rules = rules_from_config(cfg)
 
     gb = int(cfg.train.global_batch)
     mb = int(cfg.train.micro_batch or gb)
@@ -354,81 +468,21 @@ def plan(
         notes.append(f"train.micro_batch={mb} does not divide over data*fsdp={batch_ways}: pairs replicated")
 
     t0 = time.perf_counter()
-    abs_model = nnx.eval_shape(lambda: Decoder(dcfg, rngs=nnx.Rngs(0)))
-    codec = train.ParamsCodec.of(abs_model)
-    params_abs = nnx.to_pure_dict(nnx.state(abs_model))
-    param_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_model), mesh, rules))
-    rep = NamedSharding(mesh, PartitionSpec())
-
-    def with_sh(x, sh, dtype=None):
-        return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh)
-
-    params_in = jax.tree.map(with_sh, params_abs, param_sh)
-    ref_in = jax.tree.map(lambda x, sh: with_sh(x, sh, dcfg.compute_dtype), params_abs, param_sh)
-    total_steps = 1000
-    tx, _ = train.make_optimizer(cfg.optim, total_steps, int(cfg.model.get("frozen_layers", 0)))
-    opt_abs = jax.eval_shape(tx.init, params_abs)
-    flat_sh = {tuple(k.key for k in path): sh for path, sh in jax.tree_util.tree_leaves_with_path(param_sh)}
-    by_path = {
-        tuple(k.key for k in path): (flat_sh[tuple(k.key for k in path)], leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params_abs)
-    }
-    opt_sh = _opt_shardings(opt_abs, by_path, rep)
-    opt_in = jax.tree.map(with_sh, opt_abs, opt_sh)
-
-    precomputed = cfg.loss.reference == "precomputed"
-    host = {
-        k: np.zeros((num_micro, mb, 2, T), np.int32)
-        for k in ("input_ids", "attention_mask", "positions", "loss_mask")
-    }
-    if cfg.loss.get("logits_on_responses", True):
-        # the longest response a row keeps (batching.reserve + EOS) sets the scored window
-        from alignx_jax.data import batching
-
-        longest = np.zeros((1, T), np.int32)
-        longest[0, T - min(T - 1, batching.reserve(T) + 1) :] = 1
-        R = losses.scored_window(longest).shape[-1]
-        host["score_index"] = np.zeros((num_micro, mb, 2, min(R, T - 1)), np.int32)
-    host["pair_mask"] = np.zeros((num_micro, mb), np.int32)
-    if precomputed:
-        host["ref_logps"] = np.zeros((num_micro, mb, 2), np.float32)
-    head_kw: dict[str, Any] = {}
-    head_b = 0
-    if train.joint_head(cfg):
-        # joint PBA: the preference head's params and optimizer, and the persona the backbone reads
-        # for it beside every pair (pba.max_persona_tokens ids), are part of the step
-        from alignx_jax.models import preference_head as ph
-
-        hcfg = ph.HeadConfig.from_config(cfg.pba, dcfg.hidden_size, persona_variant=cfg.data.persona)
-        abs_head = nnx.eval_shape(lambda: ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0)))
-        head_codec, head_tx = train.HeadCodec.of(abs_head), train.make_head_optimizer(cfg.pba)
-        head_abs = train.HeadCodec.params(abs_head)
-        head_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_head, nnx.Param), mesh, rules))
-        head_opt_abs = jax.eval_shape(head_tx.init, head_abs)
-        head_in = jax.tree.map(with_sh, head_abs, head_sh)
-        head_opt_in = jax.tree.map(lambda x: with_sh(x, rep), head_opt_abs)
-        head_b = _shard_bytes(head_in) + _shard_bytes(head_opt_in)
-        params_in, opt_in = {"policy": params_in, "head": head_in}, {"policy": opt_in, "head": head_opt_in}
-        param_sh = {"policy": param_sh, "head": head_sh}
-        opt_sh = {"policy": opt_sh, "head": jax.tree.map(lambda _: rep, head_opt_abs)}
-        P = int(cfg.pba.max_persona_tokens)
-        host["persona_ids"] = np.zeros((num_micro, mb, P), np.int32)
-        host["persona_mask"] = np.zeros((num_micro, mb, P), np.int32)
-        host["direction"] = np.zeros((num_micro, mb, 90), np.float32)
-        head_kw = dict(head_codec=head_codec, head_tx=head_tx, pba_cfg=cfg.pba)
+    low = lower_step(cfg, mesh, rules, dcfg)
+    lowered, params_in, opt_in, ref_in, batch_in = (
+        low["lowered"],
+        low["params"],
+        low["opt_state"],
+        low["reference"],
+        low["batch"],
+    )
+    head_b, precomputed, joint = low["head_bytes"], low["precomputed"], low["joint"]
+    if joint:
+        P = batch_in["persona_ids"].shape[-1]
         notes.append(
             f"joint PBA head: its params + optimizer ({head_b} bytes per device) and a "
             f"{P}-token persona per pair are in the compiled step"
         )
-    bsh = train.batch_shardings(host, mesh, rules)
-    batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
-
-    step = train.make_train_step(
-        codec, tx, cfg.loss, precomputed=precomputed, grad_shardings=param_sh, **head_kw
-    )
-    jitted = jax.jit(step, out_shardings=(param_sh, opt_sh, rep), donate_argnums=(0, 1))
-    with shd.use_mesh(mesh, rules):
-        lowered = jitted.lower(params_in, opt_in, None if precomputed else ref_in, batch_in)
     t_lower = time.perf_counter() - t0
     compiled = lowered.compile()
     t_compile = time.perf_counter() - t0 - t_lower
@@ -441,7 +495,7 @@ def plan(
         int(ma.temp_size_in_bytes),
     )
     code = int(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
-    pol = (lambda t: t["policy"]) if head_kw else (lambda t: t)
+    pol = (lambda t: t["policy"]) if joint else (lambda t: t)
     params_b, opt_b = _shard_bytes(pol(params_in)), _shard_bytes(pol(opt_in))
     ref_b = 0 if precomputed else _shard_bytes(ref_in)
     batch_b = _shard_bytes(batch_in)

@@ -4,7 +4,8 @@
 under `<repo>/.cache/models/` (`ALIGNX_CACHE_DIR` moves the `.cache` root): GGUF -> orbax checkpoint
 (`alignx import --gguf`) -> HF folder (`alignx export`). It is built in a temporary sibling folder
 and renamed into place, so an interrupted prepare never leaves a half folder. `resolve_model_path`
-lets `model.hf_path=smollm2` (and `alignx eval/generate --model smollm2`) name it.
+lets `model.hf_path=smollm2` (and `alignx eval/generate --model smollm2`) name it; it also resolves
+hub ids (`alignx_jax.hub`).
 
     python -m alignx_jax.real_model    # prepare (if needed) and print the folder; `make real-model`
 """
@@ -71,9 +72,17 @@ def smollm2_dir(prepare: bool = True) -> str:
 
 
 def resolve_model_path(path: str) -> str:
-    """`smollm2` (any case, when no such folder exists) -> the prepared SmolLM2 folder; else `path`."""
+    """The one resolver of model paths: `smollm2` (any case, when no such folder exists) -> the prepared
+    SmolLM2 folder; a hub id `org/name[@revision]` that is no local path -> its snapshot folder in the
+    Hugging Face cache (`alignx_jax.hub`); anything else -> `path` unchanged (a missing folder is reported
+    by whoever opens it)."""
     if path and str(path).lower() == SMOLLM2 and not os.path.exists(path):
         return smollm2_dir()
+    if path:
+        from alignx_jax import hub
+
+        if hub.parse_hub_id(path) is not None:
+            return hub.resolve_hub_id(path)
     return path
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from alignx_jax import paths
 from alignx_jax.errors import AlignXError, ConfigError
 
 LOCK_FILE = "train.lock"
@@ -82,11 +83,10 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], *, free: Iterable[str
 def read_saved_config(workdir: str) -> dict[str, Any] | None:
     """W/config.json as a dict, None when absent; unreadable is a warning and None."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not paths.path(path).exists():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = json.loads(paths.path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         warn(f"{path}: unreadable ({e}); the resumed run's config is not compared with it")
         return None
@@ -114,7 +114,12 @@ def check_config_change(workdir: str, current: dict[str, Any], *, allow: bool) -
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+    """Write JSON through a temporary file and a rename: a reader never sees half a file (a URL: one
+    object write, which is atomic on gs://)."""
+    text = (obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True)) + "\n"
+    if paths.is_url(path):
+        paths.path(path).write_text(text, encoding="utf-8")
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True))
@@ -151,8 +156,8 @@ def fingerprint(obj: Any) -> str:
 def fingerprint_matches(path: str, want: str) -> bool:
     """Whether derived file `path` exists and its sidecar `path.fingerprint` says `want`."""
     try:
-        with open(path + ".fingerprint", encoding="utf-8") as f:
-            return os.path.exists(path) and f.read().strip() == want
+        with paths.path(path + ".fingerprint").open("r") as f:
+            return paths.path(path).exists() and f.read().strip() == want
     except OSError:
         return False
 
@@ -160,12 +165,15 @@ def fingerprint_matches(path: str, want: str) -> bool:
 def forget_fingerprint(path: str) -> None:
     """Drop the sidecar before rewriting `path`: a rewrite cut half-way is then never taken as current."""
     try:
-        os.remove(path + ".fingerprint")
+        paths.path(path + ".fingerprint").unlink()
     except FileNotFoundError:
         pass
 
 
 def write_fingerprint(path: str, value: str) -> None:
+    if paths.is_url(path):
+        paths.path(path + ".fingerprint").write_text(value + "\n", encoding="utf-8")
+        return
     tmp = f"{path}.fingerprint.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(value + "\n")
@@ -220,6 +228,9 @@ class WorkdirLock:
         )
 
     def acquire(self) -> None:
+        if paths.is_url(self.path):
+            self._acquire_url()
+            return
         import fcntl
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -250,7 +261,30 @@ class WorkdirLock:
             raise
         self._fd = fd
 
+    def _acquire_url(self) -> None:
+        """A URL workdir has no flock: the recorded holder alone decides (as on a file system without it)."""
+        p = paths.path(self.path)
+        try:
+            held = json.loads(p.read_text(encoding="utf-8") or "{}") if p.exists() else {}
+        except ValueError:
+            held = {}
+        host = socket.gethostname()
+        if isinstance(held, dict) and held.get("pid") is not None and held.get("pid") != os.getpid():
+            if held.get("host") != host or _alive(int(held["pid"]), held.get("start")):
+                raise self._busy(held)
+            warn(f"{self.path}: taking over the lock of pid {held['pid']} on {host}, which is gone")
+        me = {"pid": os.getpid(), "host": host, "start": _start_time(os.getpid()), "time": time.time()}
+        p.write_text(json.dumps(me) + "\n", encoding="utf-8")
+        self._url_held = True
+
     def release(self) -> None:
+        if getattr(self, "_url_held", False):
+            self._url_held = False
+            try:
+                paths.path(self.path).write_text("", encoding="utf-8")  # empty = free
+            except OSError:
+                pass
+            return
         if self._fd is None:
             return
         import fcntl

@@ -8,7 +8,7 @@ reference model (so the first-step loss is not trivially log 2 and the check com
 log-probs). A step is: policy forward+backward on chosen and rejected, reference forward, sigmoid
 DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
 
-* JAX: `alignx_jax.train.make_train_step` (the code `alignx train` jits), jitted with the
+* JAX: `alignx_jax.train.step.make_train_step` (the code `alignx train` jits), jitted with the
   parameters and optimizer state donated, batch in the train layout `[1, B, 2, L]` with the
   response window `alignx train` adds by default (`loss.logits_on_responses`: the output layer
   runs on each row's response positions only; `--full-logits` turns it off) and its token
@@ -225,7 +225,7 @@ def _optim_cfg():
 
 
 class JaxStep:
-    """The train.py step, jitted as `alignx train` does (params and optimizer state donated)."""
+    """The `train.step` step, jitted as `alignx train` does (params and optimizer state donated)."""
 
     def __init__(
         self,
@@ -240,21 +240,23 @@ class JaxStep:
         import jax.numpy as jnp
         from flax import nnx
 
-        from alignx_jax import train
+        from alignx_jax.batch import to_microbatches
+        from alignx_jax.train.state import ParamsCodec, make_optimizer
+        from alignx_jax.train.step import make_train_step
 
-        self.codec = train.ParamsCodec.of(policy)
+        self.codec = ParamsCodec.of(policy)
         self.params = nnx.to_pure_dict(nnx.state(policy))
         ref = nnx.to_pure_dict(nnx.state(reference))
         self.ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=policy.cfg.compute_dtype, copy=True), ref)
-        self.tx, _ = train.make_optimizer(_optim_cfg(), total_steps=1000)
+        self.tx, _ = make_optimizer(_optim_cfg(), total_steps=1000)
         self.opt_state = self.tx.init(self.params)
-        step = train.make_train_step(self.codec, self.tx, _loss_cfg(chunk), precomputed=False)
+        step = make_train_step(self.codec, self.tx, _loss_cfg(chunk), precomputed=False)
         # as `alignx train` lays a batch out: with loss.logits_on_responses (the default) the output
         # layer runs only on each row's response window (`score_index`), not on prompt positions
         window = 0 if response_logits else None
         # and with data.compact_tokens (the default) the token-wise layers skip the padding
         tokens = (1, 0) if compact else None
-        self.batch = jax.device_put(train.to_microbatches(setup.data, 1, window=window, tokens=tokens))
+        self.batch = jax.device_put(to_microbatches(setup.data, 1, window=window, tokens=tokens))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         self.compiled = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch).compile()
 
@@ -275,15 +277,17 @@ class JaxStep:
 
 
 def jax_logps(policy, setup: Setup) -> np.ndarray:
-    """Summed response log-probs `[2B]` (chosen rows first) through train.pair_logps."""
+    """Summed response log-probs `[2B]` (chosen rows first) through `train.step.pair_logps`."""
     import jax
     from flax import nnx
 
-    from alignx_jax import train
+    from alignx_jax.batch import to_microbatches
+    from alignx_jax.train.state import ParamsCodec
+    from alignx_jax.train.step import pair_logps
 
-    codec = train.ParamsCodec.of(policy)
-    mb = {k: v[0] for k, v in train.to_microbatches(setup.data, 1).items()}
-    lp = jax.jit(lambda p, b: train.pair_logps(codec, p, b, None))(nnx.to_pure_dict(nnx.state(policy)), mb)
+    codec = ParamsCodec.of(policy)
+    mb = {k: v[0] for k, v in to_microbatches(setup.data, 1).items()}
+    lp = jax.jit(lambda p, b: pair_logps(codec, p, b, None))(nnx.to_pure_dict(nnx.state(policy)), mb)
     lp = np.asarray(lp)
     return np.concatenate([lp[:, 0], lp[:, 1]])
 

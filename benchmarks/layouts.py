@@ -3,7 +3,7 @@
     python benchmarks/layouts.py [--method ica] [--pairs 16] [--steps 10] [--hidden 64] [--pack-length 1024] [--json OUT.json]
 
 The same pairs and the same model (the demo's tiny decoder unless sizes are given) through
-`alignx_jax.train.make_train_step`, jitted as `alignx train` runs it:
+`alignx_jax.train.step.make_train_step`, jitted as `alignx train` runs it:
 
 - `full_logits`:    two rows per pair, output logits at every position (`loss.logits_on_responses=false`)
 - `response_window`: two rows per pair, logits on each row's response window (the default)
@@ -74,9 +74,11 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from alignx_jax import train
+    from alignx_jax.batch import add_token_layout, to_microbatches
     from alignx_jax.data import batching
     from alignx_jax.models.decoder import Decoder, DecoderConfig
+    from alignx_jax.train.state import ParamsCodec, make_optimizer
+    from alignx_jax.train.step import make_train_step
 
     batches, buckets, pad_id, vocab = build_batches(args.method, args.pairs, args.steps + 1)
     cfg = DecoderConfig(
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         max_position_embeddings=2048,
     )
     model = Decoder(cfg, rngs=nnx.Rngs(0))
-    codec = train.ParamsCodec.of(model)
+    codec = ParamsCodec.of(model)
     params0 = nnx.to_pure_dict(nnx.state(model))
     ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params0)
     optim = ml_collections.ConfigDict(
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
             "clip": 1.0,
         }
     )
-    tx, _ = train.make_optimizer(optim, 100)
+    tx, _ = make_optimizer(optim, 100)
     loss_cfg = ml_collections.ConfigDict(
         {
             "type": "sigmoid",
@@ -117,15 +119,15 @@ def main(argv=None) -> int:
             "reference": "on_the_fly",
         }
     )
-    step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
+    step = jax.jit(make_train_step(codec, tx, loss_cfg, precomputed=False))
 
     layouts = {
-        "full_logits": lambda b: train.to_microbatches(b, 1),
-        "response_window": lambda b: train.to_microbatches(b, 1, window=0),
-        "shared_prompt": lambda b: train.to_microbatches(
+        "full_logits": lambda b: to_microbatches(b, 1),
+        "response_window": lambda b: to_microbatches(b, 1, window=0),
+        "shared_prompt": lambda b: to_microbatches(
             batching.share_prompt(b, buckets=buckets, pad_id=pad_id), 1
         ),
-        "packed": lambda b: train.to_microbatches(
+        "packed": lambda b: to_microbatches(
             batching.pack_pairs(
                 batching.share_prompt(b, buckets=buckets, pad_id=pad_id),
                 groups=1,
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
         ),
     }
     for name in ("response_window", "shared_prompt"):  # data.compact_tokens on top (one group of rows)
-        layouts[name + "+compact"] = lambda b, f=layouts[name]: train.add_token_layout(f(b), 1)
+        layouts[name + "+compact"] = lambda b, f=layouts[name]: add_token_layout(f(b), 1)
     results = {}
     for name, layout in layouts.items():
         host = [layout(b) for b in batches]

@@ -4,7 +4,7 @@
 
 From a base point (model size, L, B) it doubles one factor at a time: model width (hidden,
 intermediate and heads x2, so ~x4 matmul params per layer), sequence length, and batch (pairs).
-Each row is the median step time of `alignx_jax.train.make_train_step` (jitted, params and
+Each row is the median step time of `alignx_jax.train.step.make_train_step` (jitted, params and
 optimizer state donated, as `alignx train` runs it) and XLA's per-device bytes for the step
 (`compiled.memory_analysis()`: arguments + outputs - donated + temporaries). CPU only, small sizes.
 """

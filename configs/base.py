@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # parquet/JSONL/JSON file or folder, or TFDS dir; '' -> synthesize into W/data
     c.data.method = "ica"  # 'ica' | 'pba' | 'none'
     c.data.persona = "p"  # 'ugc' | 'pair' | 'demo' | 'p'
-    c.data.prompt_format = "chat"  # 'chat' (tokenizer's template) | 'paper' (the release's strings)
+    # 'chat' (tokenizer's template) | 'paper' (the release's evaluation strings, BOS first) | 'release' (the
+    # release's training input byte for byte: no BOS, ICA without `**Post:**`/demographics, " " + EOS responses)
+    c.data.prompt_format = "chat"
     c.data.max_length = 8192
     c.data.buckets = (1024, 2048, 4096, 8192)
     # one row per pair (prompt, chosen, rejected; batching.share_prompt) instead of two rows that
@@ -147,7 +149,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.pba.hidden = 256
     c.pba.class_weights = (1.0, 1.0, 1.0)  # for the {0, 0.5, 1} classes
     c.pba.mode = "joint"  # 'joint' | 'two_stage'
-    c.pba.preference = "golden"  # P~ in the policy's prompt: 'golden' | 'predicted' | 'mix' (see train.py)
+    # P~ in the policy's prompt: 'golden' (the row's own pair-level direction: the golden-direction variant) |
+    # 'history' (the release: its P~ rule on the row's sampled history) | 'predicted' | 'mix' (see train.py)
+    c.pba.preference = "golden"
     c.pba.mix_predicted = 0.5  # 'mix': the fraction of rows (fixed per row) whose profile is the predicted P~
     c.pba.focal_gamma = 0.0  # > 0: focal CE (1 - p_true)^gamma, against the mostly-neutral labels
     c.pba.max_persona_tokens = 1024  # head input: BOS + the last (n - 1) persona tokens; <= max(data.buckets)
@@ -178,10 +182,11 @@ def release_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.scan_layers = True  # one compiled layer: an 8B model compiles in reasonable time
     c.data.train = ""
     c.data.persona = "p"
-    c.data.prompt_format = "chat"
+    c.data.prompt_format = "release"  # the release's training input (docs/method.md section 6b)
     c.data.max_length = 8192
     c.data.buckets = (1024, 2048, 4096, 8192)
-    c.data.overflow = "drop"  # the release drops longer prompts
+    c.data.overflow = "drop"  # the release drops a pair whose prompt alone reaches max_length - 2
+    c.pba.preference = "history"  # PBA's profile: the release's P~ of the sampled history (used when pba)
     c.loss.type, c.loss.beta, c.loss.reference = "sigmoid", 0.1, "on_the_fly"
     c.loss.logps_chunk = 1024
     c.optim.lr = 5e-7

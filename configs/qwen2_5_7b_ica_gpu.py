@@ -13,4 +13,7 @@ def get_config():
     c = _LLAMA["get_config"]()
     c.model.hf_path = ""  # required on the command line: /models/Qwen2.5-7B-Instruct
     c.loss.logps_chunk = 512
+    # the release's strings are Llama-3's (`<|start_header_id|>`... are not Qwen tokens, and the release
+    # trained no Qwen model): Qwen keeps its own chat template (the project's ICA text, docs/method.md)
+    c.data.prompt_format = "chat"
     return c

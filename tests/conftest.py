@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# in-process `alignx train/eval/generate` calls leave JAX's compilation cache alone (no user-cache writes);
+# tests/test_compile_cache.py checks the cache in fresh processes
+os.environ.setdefault("ALIGNX_COMPILE_CACHE", "0")
 
 TINY = dict(
     hidden_size=64,

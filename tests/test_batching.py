@@ -99,7 +99,9 @@ def test_eval_mode_release_rule(tok):
     full_prompt = prompts.prompt_ids(tok, r, method="ica", fmt="paper")
     full_chosen = batching.response_ids(tok, r["chosen"])[:-1]
     assert len(full_prompt) > 587 and len(full_chosen) > 587
-    assert ex.prompt_ids == full_prompt[-587:] and ex.chosen_ids == full_chosen[-587:] + [tok.eos_token_id]
+    # the prompt string's ids are truncated, then the BOS put back in front (the release keeps its BOS)
+    assert ex.prompt_ids == [tok.bos_token_id] + full_prompt[1:][-587:]
+    assert ex.chosen_ids == full_chosen[-587:] + [tok.eos_token_id]
     assert ex.rejected_ids == batching.response_ids(tok, r["rejected"]) and ex.truncated
     short = batching.make_example(tok, row(), method="ica", max_length=1100, eval_mode=True)
     assert not short.truncated

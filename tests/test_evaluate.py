@@ -578,6 +578,7 @@ def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path
     from alignx_jax.data.persona import profile_text
     from alignx_jax.models import preference_head as ph
     from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.pba import predict
     from alignx_jax.tokenizer import load_tokenizer
 
     model_dir = str(tmp_path / "pba")
@@ -615,7 +616,7 @@ def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path
     rows = load_benchmark("alignx", alignx_file)
     tok = load_tokenizer(model_dir)
     loaded, _ = ph.load_head(model_dir)
-    feats = ph.persona_features(
+    feats = predict.persona_features(
         load_pretrained(model_dir), tok, rows, pooling="mean", variant="pair", max_tokens=64
     )
     pred = ph.predict_direction(ph.head_probs(loaded, feats))

@@ -351,7 +351,7 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     (ready / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert real_model.resolve_model_path("SmolLM2") == str(ready)  # prepared once, reused
-    assert real_model.resolve_model_path("some/dir") == "some/dir" and real_model.resolve_model_path("") == ""
+    assert real_model.resolve_model_path("./dir") == "./dir" and real_model.resolve_model_path("") == ""
     (tmp_path / "smollm2").mkdir()  # a folder of that name wins over the preset
     assert real_model.resolve_model_path("smollm2") == "smollm2"
 

@@ -1,16 +1,23 @@
-"""launch/gpu_host.sh and launch/tpu_pod.sh: argument handling and the commands they generate (--dry-run)."""
+"""launch/*.sh: argument handling and the commands they generate (--dry-run); launch/local.sh's process
+handling (exit status, logs, signal forwarding) with stand-in processes. Real multi-process runs:
+tests/test_multiprocess.py."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = os.path.join(ROOT, "launch", "gpu_host.sh")
 TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
+SLURM = os.path.join(ROOT, "launch", "gpu_multihost.sh")
+LOCAL = os.path.join(ROOT, "launch", "local.sh")
 
 
 def _run(script, *args, env=None):
@@ -80,6 +87,8 @@ def test_tpu_dry_run_copies_installs_and_trains_on_all_workers():
     r = _run(
         TPU,
         "--dry-run",
+        "--run-name",
+        "r1",
         "my-tpu",
         "us-east5-a",
         "configs/llama3_8b_pba_tpu_v5p_64.py",
@@ -88,8 +97,9 @@ def test_tpu_dry_run_copies_installs_and_trains_on_all_workers():
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2
-    scp, ssh = shlex.split(lines[0]), shlex.split(lines[1])
+    assert len(lines) == 3
+    mkdir, scp, ssh = (shlex.split(ln) for ln in lines)
+    assert mkdir[-1] == "--command=mkdir -p alignx-jax"
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert scp[-1] == "my-tpu:alignx-jax/" and "--zone=us-east5-a" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
@@ -97,10 +107,17 @@ def test_tpu_dry_run_copies_installs_and_trains_on_all_workers():
     remote = next(a for a in ssh if a.startswith("--command="))[len("--command=") :]
     parts = [shlex.split(p) for p in remote.split(" && ")]
     assert parts[0] == ["cd", "alignx-jax"]
-    assert any(p[:4] == ["python3", "-m", "pip", "install"] and "jax[tpu]" in p for p in parts)
-    train = parts[-1]
+    # a virtualenv, created once; pip only when pyproject.toml changed since the last install
+    assert "python3 -m venv .venv" in remote and "cmp -s pyproject.toml .venv/alignx-installed.toml" in remote
+    assert any(p[:3] == [".venv/bin/pip", "install", "-q"] and "jax[tpu]" in p for p in parts)
+    assert not any(p[:1] == ["python3"] and "pip" in p for p in parts)  # never the system Python's pip
+    # detached, one log per worker under logs/<run name>
+    detached = remote[remote.index("{ nohup ") :]
+    assert "> logs/r1/worker-$(hostname).log 2>&1 < /dev/null &" in detached
+    assert "echo $! > logs/r1/worker-$(hostname).pid" in detached
+    train = shlex.split(detached[len("{ nohup ") : detached.index(" > logs/r1/")])
     assert train == [
-        "python3",
+        ".venv/bin/python",
         "-m",
         "alignx_jax",
         "train",
@@ -120,15 +137,20 @@ def test_tpu_options():
         "--repo-dir",
         "src/ax",
         "--project=p1",
+        "--run-name=x",
         "t",
         "z",
         "configs/c.py",
+        "--config.workdir=gs://b/w",
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and "--project=p1" in shlex.split(lines[0])
     remote = next(a for a in shlex.split(lines[0]) if a.startswith("--command="))
-    assert "pip" not in remote and remote.startswith("--command=cd src/ax && python3 -m alignx_jax train")
+    assert "pip" not in remote and "-m venv" not in remote
+    assert remote.startswith(
+        "--command=cd src/ax && mkdir -p logs/x && { nohup .venv/bin/python -m alignx_jax train"
+    )
 
 
 @pytest.mark.parametrize(
@@ -138,8 +160,216 @@ def test_tpu_options():
         (("--dry-run", "--bogus", "t", "z", "c.py"), "unknown option"),
         (("--dry-run", "t", "--config.a=1", "z", "c.py"), "before the overrides"),
         (("--dry-run", "t", "z", "c.py", "extra"), "--config.KEY=VALUE"),
+        (("--dry-run", "t", "z", "c.py"), "gs://"),
+        (("--dry-run", "t", "z", "c.py", "--config.workdir=runs/w"), "local path"),
+        (("--dry-run", "--run-name", "a b", "t", "z", "c.py"), "run names"),
+        (("--dry-run", "--logs", "r", "t"), "usage"),
     ],
 )
 def test_tpu_bad_arguments(args, message):
     r = _run(TPU, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def _documented(text: str, script: str, comments: bool = False) -> list[list[str]]:
+    """Every `launch/<script> ...` command of a text (a README, or a script's comments), continuation
+    lines joined."""
+    lines = text.splitlines()
+    if comments:
+        lines = [re.sub(r"^#\s?", "", ln) if ln.startswith("#") else "" for ln in lines]
+    out = []
+    for i, ln in enumerate(lines):
+        m = re.search(rf"launch/{re.escape(script)}\s(.*)", ln)
+        if not m or "[" in m.group(1).split("--config.")[0]:  # usage lines: [--dry-run] ...
+            continue
+        cmd = m.group(1)
+        while cmd.rstrip().endswith("\\") and i + 1 < len(lines):
+            i += 1
+            cmd = cmd.rstrip()[:-1] + " " + lines[i].strip()
+        out.append(shlex.split(cmd.split("   #")[0]))
+    return out
+
+
+def test_documented_tpu_commands_dry_run_with_a_bucket_workdir():
+    docs = {"launch/tpu_pod.sh": _documented(open(TPU).read(), "tpu_pod.sh", comments=True)}
+    readme = os.path.join(ROOT, "README.md")
+    if os.path.isfile(readme):
+        docs["README.md"] = _documented(open(readme).read(), "tpu_pod.sh")
+    found = 0
+    for where, commands in docs.items():
+        for args in commands:
+            if any(a.startswith(("--logs", "--stop", "--attach")) for a in args):
+                continue
+            r = _run(TPU, "--dry-run", *args)
+            assert r.returncode == 0, (where, args, r.stderr)
+            workdirs = [a for a in args if a.startswith("--config.workdir=")]
+            assert workdirs and workdirs[0].startswith("--config.workdir=gs://"), (where, args)
+            assert workdirs[0] in r.stdout.replace("\\", "")
+            found += 1
+    assert found >= 1
+
+
+def test_tpu_logs_and_stop():
+    r = _run(TPU, "--dry-run", "--repo-dir=ax", "--attach", "r1", "t", "z")
+    assert r.returncode == 0, r.stderr
+    cmd = _last_command(r.stdout)
+    assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t"] and "--worker=all" in cmd
+    assert cmd[-1] == "--command=tail -n 100 -F ax/logs/r1/worker-*.log"
+    r = _run(TPU, "--dry-run", "--worker", "3", "--logs", "r1", "t", "z")
+    assert "--worker=3" in _last_command(r.stdout)
+    r = _run(TPU, "--dry-run", "--stop", "r1", "t", "z")
+    assert r.returncode == 0, r.stderr
+    assert _last_command(r.stdout)[-1].startswith(
+        "--command=kill -TERM $(cat alignx-jax/logs/r1/worker-$(hostname).pid)"
+    )
+
+
+def test_slurm_dry_run_one_process_per_host():
+    r = _run(
+        SLURM,
+        "--dry-run",
+        "--nodes",
+        "4",
+        "--partition=gpu",
+        "--logdir",
+        "/shared/logs",
+        "configs/llama3_8b_ica_gpu.py",
+        "--config.workdir=/shared/runs/a b",
+        env={"PYTHON": "/opt/py"},
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    env = dict(shlex.split(ln)[1].split("=", 1) for ln in lines if ln.startswith("export "))
+    assert env["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3,4,5,6,7"  # every GPU of the host, not [SLURM_LOCALID]
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"].split()
+    cmd = _last_command(r.stdout)
+    srun = cmd[: cmd.index("/opt/py")]
+    assert srun[0] == "srun" and "--nodes=4" in srun and "--ntasks-per-node=1" in srun
+    assert "--gpus-per-node=8" in srun and "--partition=gpu" in srun and "--kill-on-bad-exit=1" in srun
+    assert "--output=/shared/logs/node-%n.log" in srun
+    assert cmd[cmd.index("/opt/py") :] == [
+        "/opt/py",
+        "-m",
+        "alignx_jax",
+        "train",
+        "--config=configs/llama3_8b_ica_gpu.py",
+        "--config.workdir=/shared/runs/a b",
+        "--config.train.distributed=true",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--dry-run", "c.py"), "--nodes"),
+        (("--dry-run", "--nodes", "x", "c.py"), "integers"),
+        (("--dry-run", "--nodes", "2", "c.py", "steps=3"), "--config.KEY=VALUE"),
+        (("--dry-run", "--nodes", "2", "--bogus", "c.py"), "unknown option"),
+    ],
+)
+def test_slurm_bad_arguments(args, message):
+    r = _run(SLURM, *args, env={"SLURM_JOB_NUM_NODES": ""})
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- launch/local.sh
+
+
+def test_local_dry_run_names_every_process():
+    r = _run(
+        LOCAL,
+        "--dry-run",
+        "3",
+        "alignx",
+        "train",
+        "--config=configs/tiny_cpu.py",
+        env={"DEVICES_PER_PROCESS": "2", "LOGDIR": "/tmp/l", "COORDINATOR_PORT": "4567", "PYTHON": "/opt/py"},
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.strip().splitlines() if not ln.startswith("#")]
+    assert len(lines) == 3
+    for i, ln in enumerate(lines):
+        words = shlex.split(ln)
+        assert words[-2:] == [">", f"/tmp/l/process_{i}.log"]
+        env = dict(w.split("=", 1) for w in words[1:] if "=" in w and not w.startswith("--"))
+        assert env["ALIGNX_COORDINATOR_ADDRESS"] == "127.0.0.1:4567"
+        assert env["ALIGNX_NUM_PROCESSES"] == "3" and env["ALIGNX_PROCESS_ID"] == str(i)
+        assert env["ALIGNX_CPU_COLLECTIVES"] == "gloo"
+        assert "--xla_force_host_platform_device_count=2" in env["XLA_FLAGS"].split()
+        assert words[words.index("/opt/py") :][:5] == [
+            "/opt/py",
+            "-m",
+            "alignx_jax",
+            "train",
+            "--config=configs/tiny_cpu.py",
+        ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("2",), "usage"),
+        (("x", "alignx", "train"), "positive integer"),
+        (("2", "python", "train"), "'alignx'"),
+    ],
+)
+def test_local_bad_arguments(args, message):
+    r = _run(LOCAL, *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def _stand_in(tmp_path, body: str) -> str:
+    """A PYTHON for local.sh that runs `body` (bash) instead of alignx."""
+    path = tmp_path / "fake_python"
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_local_failure_names_the_process_and_its_log(tmp_path):
+    fake = _stand_in(
+        tmp_path,
+        'echo "process $ALIGNX_PROCESS_ID of $ALIGNX_NUM_PROCESSES"\n'
+        'if [ "$ALIGNX_PROCESS_ID" = 1 ]; then echo "boom: bad things" >&2; exit 3; fi\n'
+        "sleep 30\n",
+    )
+    t0 = time.time()
+    r = _run(
+        LOCAL,
+        "2",
+        "alignx",
+        "eval",
+        env={"PYTHON": fake, "LOGDIR": str(tmp_path / "logs"), "COORDINATOR_PORT": "1", "KILL_AFTER": "2"},
+    )
+    assert r.returncode == 3, r.stderr
+    assert time.time() - t0 < 20  # the healthy process is stopped, not waited for
+    assert "process 1 exited with status 3" in r.stderr and "boom: bad things" in r.stderr
+    assert (tmp_path / "logs" / "process_0.log").read_text().startswith("process 0 of 2")
+
+
+def test_local_forwards_sigterm_and_succeeds(tmp_path):
+    fake = _stand_in(
+        tmp_path,
+        "trap 'echo \"TERM in $ALIGNX_PROCESS_ID\"; exit 0' TERM\n"
+        'echo "ready $ALIGNX_PROCESS_ID"\n'
+        "while :; do sleep 0.1; done\n",
+    )
+    logs = tmp_path / "logs"
+    env = dict(os.environ, PYTHON=fake, LOGDIR=str(logs), COORDINATOR_PORT="1")
+    proc = subprocess.Popen(
+        ["bash", LOCAL, "2", "alignx", "train"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if all(
+            (logs / f"process_{i}.log").exists() and "ready" in (logs / f"process_{i}.log").read_text()
+            for i in range(2)
+        ):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    for i in range(2):
+        assert f"TERM in {i}" in (logs / f"process_{i}.log").read_text()
+    assert "forwarded SIGTERM" in err

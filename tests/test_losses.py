@@ -231,3 +231,240 @@ def test_scored_window_shape_and_rows_without_scores():
         )
         <= 8
     )
+
+
+# ----------------------------------------------------------------------------- the loss menu
+
+
+def _np_mean(summed, n):
+    return summed / np.maximum(n, 1.0)
+
+
+def _np_log1m_exp(x):
+    return np.log(-np.expm1(x))  # float64: accurate for every x < 0
+
+
+def _np_orpo(pc, pr, nc, nr, beta, clip=-1e-6):
+    mc, mr = np.minimum(_np_mean(pc, nc), clip), np.minimum(_np_mean(pr, nr), clip)
+    odds = (mc - _np_log1m_exp(mc)) - (mr - _np_log1m_exp(mr))
+    return -_np_mean(pc, nc) - beta * _np_logsig(odds)
+
+
+def _np_simpo(pc, pr, nc, nr, beta, ratio, ls=0.0):
+    z = beta * _np_mean(pc, nc) - beta * _np_mean(pr, nr) - ratio * beta
+    return -(1 - ls) * _np_logsig(z) - ls * _np_logsig(-z)
+
+
+@pytest.fixture
+def extreme():
+    """Summed log-probs and token counts: ordinary, per-token means near 0, very negative ones."""
+    rng = np.random.default_rng(1)
+    nc = rng.integers(1, 400, size=24).astype(np.float64)
+    nr = rng.integers(1, 400, size=24).astype(np.float64)
+    mean_c = -np.exp(rng.uniform(-11, 3, size=24))  # per-token means from -2e-5 to -20
+    mean_r = -np.exp(rng.uniform(-11, 3, size=24))
+    mean_c[:3] = [-1e-5, -3e-4, -25.0]
+    mean_r[:3] = [-40.0, -2e-5, -1e-3]
+    pc, pr = mean_c * nc, mean_r * nr
+    rc, rr = pc + rng.normal(0, 5, 24), pr + rng.normal(0, 5, 24)
+    # float32-representable, so NumPy (float64) and JAX (float32) see the same numbers; summed
+    # log-probs reach -8000, where float32 differences carry ~5e-4 absolute error: hence rtol 1e-4
+    # below wherever a loss is built from differences of summed log-probs
+    return tuple(a.astype(np.float32).astype(np.float64) for a in (pc, pr, rc, rr, nc, nr))
+
+
+def _finite_grads(fn, *args):
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=tuple(range(len(args))))(*args)
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()
+
+
+def test_log1m_exp_matches_numpy_and_has_finite_gradient():
+    x = np.array([-1e-7, -1e-5, -0.3, -np.log(2.0), -0.9, -5.0, -40.0, -800.0])
+    got = losses.log1m_exp(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), _np_log1m_exp(x), rtol=2e-6, atol=1e-12)
+    g = jax.grad(lambda v: jnp.sum(losses.log1m_exp(v)))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(g), -np.exp(x) / -np.expm1(x), rtol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_matches_numpy(extreme, beta):
+    pc, pr, _, _, nc, nr = extreme
+    args = [jnp.asarray(a, jnp.float32) for a in (pc, pr, nc, nr)]
+    got = losses.orpo_loss(*args, beta)
+    np.testing.assert_allclose(np.asarray(got), _np_orpo(pc, pr, nc, nr, beta), rtol=2e-5, atol=1e-5)
+    _finite_grads(lambda a, b: losses.orpo_loss(a, b, args[2], args[3], beta), args[0], args[1])
+
+
+def test_orpo_hand_computed_pair():
+    # chosen: log-prob -2 over 4 tokens -> m = -0.5; rejected: -6 over 3 tokens -> m = -2; lambda 0.1
+    # log(1 - e^-0.5) = -0.93275213, log odds(y_w) = -0.5 + 0.93275213 = 0.43275213
+    # log(1 - e^-2)   = -0.14541346, log odds(y_l) = -2 + 0.14541346 = -1.85458654
+    # ratio 2.28733867, log s(2.28733867) = -0.09670586
+    # loss = NLL 0.5 + 0.1 * 0.09670586 = 0.50967059
+    got = losses.orpo_loss(
+        jnp.asarray([-2.0]), jnp.asarray([-6.0]), jnp.asarray([4.0]), jnp.asarray([3.0]), 0.1
+    )
+    np.testing.assert_allclose(float(got[0]), 0.50967059, atol=1e-6)
+    ratio = losses.orpo_log_odds_ratio(
+        jnp.asarray([-2.0]), jnp.asarray([-6.0]), jnp.asarray([4.0]), jnp.asarray([3.0])
+    )
+    np.testing.assert_allclose(float(ratio[0]), 2.28733867, atol=1e-6)
+
+
+def test_orpo_certain_or_empty_response_stays_finite():
+    # mean log-prob exactly 0 (a saturated softmax) or no scored token: clipped, no inf/NaN
+    pc, pr = jnp.asarray([0.0, 0.0, -3.0]), jnp.asarray([-5.0, 0.0, 0.0])
+    nc, nr = jnp.asarray([7.0, 0.0, 2.0]), jnp.asarray([5.0, 0.0, 0.0])
+    got = losses.orpo_loss(pc, pr, nc, nr, 0.1)
+    want = _np_orpo(*(np.asarray(a, np.float64) for a in (pc, pr, nc, nr)), 0.1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    _finite_grads(lambda a, b: losses.orpo_loss(a, b, nc, nr, 0.1), pc, pr)
+
+
+@pytest.mark.parametrize(("beta", "ratio", "ls"), [(2.0, 0.25, 0.0), (2.5, 0.5, 0.1)])
+def test_simpo_matches_numpy(extreme, beta, ratio, ls):
+    pc, pr, _, _, nc, nr = extreme
+    args = [jnp.asarray(a, jnp.float32) for a in (pc, pr, nc, nr)]
+    got = losses.simpo_loss(*args, beta, ratio, ls)
+    np.testing.assert_allclose(
+        np.asarray(got), _np_simpo(pc, pr, nc, nr, beta, ratio, ls), rtol=2e-5, atol=1e-5
+    )
+    _finite_grads(lambda a, b: losses.simpo_loss(a, b, args[2], args[3], beta, ratio, ls), args[0], args[1])
+    # equal responses: loss = -log s(-gamma) = log(1 + e^gamma)
+    x, n = jnp.asarray([-12.0]), jnp.asarray([6.0])
+    np.testing.assert_allclose(
+        float(losses.simpo_loss(x, x, n, n, 2.0, 0.25)[0]), np.log1p(np.exp(0.5)), rtol=1e-6
+    )
+
+
+def test_reference_free_dpo(extreme):
+    pc, pr, rc, rr, _, _ = extreme
+    beta = 0.1
+    want = -0.9 * _np_logsig(beta * (pc - pr)) - 0.1 * _np_logsig(-beta * (pc - pr))
+    got = losses.reference_free_loss(jnp.asarray(pc), jnp.asarray(pr), beta, 0.1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    _finite_grads(lambda a, b: losses.reference_free_loss(a, b, beta), jnp.asarray(pc), jnp.asarray(pr))
+    # the dispatch with reference='none' ignores the reference log-probs it is given
+    per, sums = losses.preference_loss(
+        "sigmoid", *map(jnp.asarray, (pc, pr, rc, rr)), beta=beta, label_smoothing=0.1, reference="none"
+    )
+    np.testing.assert_allclose(np.asarray(per), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(sums["rewards_chosen"]), beta * pc.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["margin"]), beta * (pc - pr).sum(), rtol=1e-5)
+    # the same from a config section, and dpo_sums with no reference
+    cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.1, "reference": "none"}
+    np.testing.assert_allclose(
+        np.asarray(losses.dpo_per_pair(*map(jnp.asarray, (pc, pr, rc, rr)), cfg)), want, rtol=1e-5, atol=1e-6
+    )
+    ds = losses.dpo_sums(jnp.asarray(pc), jnp.asarray(pr), None, None, beta)
+    np.testing.assert_allclose(float(ds["rewards_rejected"]), beta * pr.sum(), rtol=1e-5)
+
+
+def test_ipo_sum_and_ipo_mean(extreme):
+    pc, pr, rc, rr, nc, nr = extreme
+    beta = 0.1
+    j = [jnp.asarray(a) for a in (pc, pr, rc, rr)]
+    want_sum = (((pc - pr) - (rc - rr)) - 1 / (2 * beta)) ** 2
+    got, _ = losses.preference_loss("ipo_sum", *j, beta=beta)
+    np.testing.assert_allclose(np.asarray(got), want_sum, rtol=1e-4, atol=1e-4)
+    want_mean = ((pc / nc - pr / nr) - (rc / nc - rr / nr) - 1 / (2 * beta)) ** 2
+    got, sums = losses.preference_loss(
+        "ipo", *j, beta=beta, chosen_tokens=jnp.asarray(nc), rejected_tokens=jnp.asarray(nr)
+    )
+    np.testing.assert_allclose(np.asarray(got), want_mean, rtol=1e-5, atol=1e-5)
+    # TRL reports IPO's rewards on the averaged log-probs it compares
+    np.testing.assert_allclose(float(sums["rewards_chosen"]), beta * np.sum((pc - rc) / nc), rtol=1e-5)
+    for kind in ("ipo", "ipo_sum"):
+        _finite_grads(
+            lambda a, b, c, d, kind=kind: losses.preference_loss(
+                kind, a, b, c, d, beta=beta, chosen_tokens=jnp.asarray(nc), rejected_tokens=jnp.asarray(nr)
+            )[0],
+            *j,
+        )
+
+
+def _np_rewards(kind, pc, pr, rc, rr, nc, nr, beta, reference):
+    if kind in ("orpo", "simpo") or reference == "none":
+        rc = rr = np.zeros_like(pc)
+    if kind in ("ipo", "orpo", "simpo"):
+        pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+    return beta * (pc - rc), beta * (pr - rr)
+
+
+@pytest.mark.parametrize("kind", losses.PREFERENCE_LOSS_TYPES)
+@pytest.mark.parametrize("reference", ["policy_ref", "none"])
+def test_preference_loss_dispatch(extreme, kind, reference):
+    pc, pr, rc, rr, nc, nr = extreme
+    beta, ls, ratio = 0.3, 0.1, 0.4
+    mask = np.ones(24)
+    mask[-5:] = 0
+    per, sums = losses.preference_loss(
+        kind,
+        *map(jnp.asarray, (pc, pr, rc, rr)),
+        beta=beta,
+        label_smoothing=ls,
+        gamma_beta_ratio=ratio,
+        chosen_tokens=jnp.asarray(nc),
+        rejected_tokens=jnp.asarray(nr),
+        reference=reference,
+        pair_mask=jnp.asarray(mask),
+    )
+    r0 = np.zeros_like(pc) if reference == "none" else None
+    h = (pc - pr) - ((rc - rr) if r0 is None else 0.0)
+    hm = (pc / nc - pr / nr) - ((rc / nc - rr / nr) if r0 is None else 0.0)
+    z = beta * h
+    want = {
+        "sigmoid": -(1 - ls) * _np_logsig(z) - ls * _np_logsig(-z),
+        "cdpo": -(1 - ls) * _np_logsig(z) - ls * _np_logsig(-z),
+        "robust": (-(1 - ls) * _np_logsig(z) + ls * _np_logsig(-z)) / (1 - 2 * ls),
+        "hinge": np.maximum(0.0, 1 - z),
+        "ipo": (hm - 1 / (2 * beta)) ** 2,
+        "ipo_sum": (h - 1 / (2 * beta)) ** 2,
+        "orpo": _np_orpo(pc, pr, nc, nr, beta),
+        "simpo": _np_simpo(pc, pr, nc, nr, beta, ratio, ls),
+    }[kind]
+    np.testing.assert_allclose(np.asarray(per), want, rtol=1e-4, atol=1e-4)
+    cr, rj = _np_rewards(kind, pc, pr, rc, rr, nc, nr, beta, reference)
+    keep = mask == 1
+    assert float(sums["pairs"]) == keep.sum()
+    np.testing.assert_allclose(float(sums["rewards_chosen"]), cr[keep].sum(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(float(sums["rewards_rejected"]), rj[keep].sum(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(float(sums["margin"]), (cr - rj)[keep].sum(), rtol=1e-5, atol=1e-4)
+    assert float(sums["reward_accuracy"]) == np.sum((cr > rj)[keep])
+    np.testing.assert_allclose(float(sums["logps_chosen"]), pc[keep].sum(), rtol=1e-5)
+    # dpo_loss on a config section gives the masked mean and the same metrics
+    cfg = {
+        "type": kind,
+        "beta": beta,
+        "label_smoothing": ls,
+        "gamma_beta_ratio": ratio,
+        "reference": reference,
+    }
+    loss, m = losses.dpo_loss(
+        *map(jnp.asarray, (pc, pr, rc, rr)),
+        cfg,
+        pair_mask=jnp.asarray(mask),
+        chosen_tokens=jnp.asarray(nc),
+        rejected_tokens=jnp.asarray(nr),
+    )
+    np.testing.assert_allclose(float(loss), want[keep].mean(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(m["margin"]), (cr - rj)[keep].mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_preference_loss_input_checks():
+    x = jnp.asarray([-3.0, -4.0])
+    for kind in ("ipo", "orpo", "simpo"):
+        with pytest.raises(ValueError, match="needs chosen_tokens"):
+            losses.preference_loss(kind, x, x, x, x)
+    with pytest.raises(ValueError, match="needs ref_chosen"):
+        losses.preference_loss("sigmoid", x, x)
+    with pytest.raises(ValueError, match="unknown reference"):
+        losses.preference_loss("sigmoid", x, x, reference="precomputed")
+    with pytest.raises(ValueError, match="unknown loss.type"):
+        losses.preference_loss("kto", x, x, x, x)
+    # reference-free kinds need no reference; beta defaults per kind (SimPO 2.0)
+    n = jnp.asarray([2.0, 2.0])
+    per, _ = losses.preference_loss("simpo", x, x - 2.0, chosen_tokens=n, rejected_tokens=n)
+    np.testing.assert_allclose(np.asarray(per), np.log1p(np.exp(-(2.0 * 1.0 - 0.5))), rtol=1e-6)
+    assert set(losses.LOSS_TYPES) <= set(losses.PREFERENCE_LOSS_TYPES)

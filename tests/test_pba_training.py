@@ -23,6 +23,7 @@ from alignx_jax.config import load_config
 from alignx_jax.errors import ConfigError
 from alignx_jax.models import preference_head as ph
 from alignx_jax.models.decoder import Decoder, DecoderConfig
+from alignx_jax.pba import predict, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PBA = os.path.join(ROOT, "configs", "tiny_pba.py")
@@ -491,8 +492,8 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
 
 @pytest.mark.slow
 def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
-    from alignx_jax.head_training import full_loss
     from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.pba.head_training import full_loss
     from alignx_jax.tokenizer import load_tokenizer
 
     w = tmp_path / "two"
@@ -513,7 +514,7 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "first-stage preference head" in r.stderr
-    pred = np.load(w / train.PREDICTED_FILE)
+    pred = np.load(w / stages.PREDICTED_FILE)
     assert pred.shape == (32, 90) and set(np.unique(pred)) <= {0.0, 0.5, 1.0}
     assert not (w / "checkpoints" / "2" / "head").exists() and (w / "checkpoints" / "3" / "head").is_dir()
     recs = _records(w)
@@ -528,7 +529,7 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
 
     rows, _ = load_rows(synth_data)
     model = load_pretrained(str(out), dtype="float32")
-    feats = ph.persona_features(
+    feats = predict.persona_features(
         model,
         load_tokenizer(str(out)),
         rows,

@@ -261,3 +261,69 @@ def test_unknown_preset_names_model_preset(capfd):
     err = capfd.readouterr().err
     assert rc == 1 and "model.preset='llama9-1t' is neither a folder nor a preset" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["share_prompt", "two_rows"])
+def test_plan_lowers_the_step_train_runs(tmp_path, share):
+    """`alignx plan`'s step is `alignx train`'s: for a loader batch of a tiny run (data.compact_tokens on,
+    with and without data.share_prompt) the batch arguments and the lowered step are the same, and the
+    plan's default worst-case batch has the layout the run builds."""
+    import jax
+
+    from alignx_jax import sharding as shd
+    from alignx_jax.batch import batch_shardings, put_batch
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import lower_step, plan_batch
+    from alignx_jax.train.loop import Trainer
+    from alignx_jax.train.signals import StopFlag
+    from alignx_jax.train.step import jit_train_step
+
+    cfg = load_config(
+        TINY,
+        [
+            f"--config.workdir={tmp_path / 'w'}",
+            # rows padded past their length (so kept-token indices are in the batch) in either layout
+            f"--config.data.max_length={128 if share else 96}",
+            "--config.data.buckets=(128,256)",
+            "--config.data.compact_tokens=8",
+            f"--config.data.share_prompt={str(share).lower()}",
+            "--config.data.synth_users=8",
+            "--config.train.global_batch=4",
+            "--config.train.micro_batch=2",
+            "--config.loss.logps_chunk=64",
+        ],
+    )
+    trainer, held = Trainer(cfg, StopFlag()), []
+    try:
+        trainer.set_up(held)
+        trainer.open_data()
+        trainer.build_state()
+        coll, _ = next(trainer.loader)
+        host, _ = trainer.builder(coll)
+        batch = put_batch(host, batch_shardings(host, trainer.mesh, trainer.rules))
+        step = jit_train_step(
+            trainer.codec,
+            trainer.tx,
+            cfg,
+            param_shardings=trainer.param_sh,
+            opt_shardings=trainer.opt_sh,
+            replicated=trainer.rep,
+        )
+        with shd.use_mesh(trainer.mesh, trainer.rules):
+            train_text = step.lower(trainer.params, trainer.opt_state, trainer.ref_params, batch).as_text()
+        planned = lower_step(cfg, trainer.mesh, trainer.rules, collated=coll)
+        worst = plan_batch(cfg, trainer.mesh, trainer.rules)
+    finally:
+        for lock in held:
+            lock.release()
+
+    def sig(tree):
+        return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), x.sharding.spec), tree)
+
+    assert ("branch_ids" in batch) == share and "token_index" in batch  # the layouts under test
+    assert sig(planned["batch"]) == sig(batch)
+    assert sig(planned["params"]) == sig(trainer.params)
+    assert planned["lowered"].as_text() == train_text
+    # the worst case: every key of the run's batch (kept-token indices only where padding remains), same dtypes
+    assert set(batch) - {"token_index", "token_slot"} <= set(worst)
+    assert all(worst[k].dtype == batch[k].dtype for k in batch if k in worst)

@@ -25,6 +25,7 @@ from alignx_jax.models.preference_head import (
     labels_to_direction,
     predict_direction,
 )
+from alignx_jax.pba import predict
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def test_heuristic_metrics_use_history_vectors(world):
     expect = head_metrics(
         np.stack([history_direction(r) for r in rows]), np.stack([r["Preference Direction"] for r in rows])
     )
-    got = ph.heuristic_metrics(rows + [dict(rows[0], **{"Preference Direction": None})])
+    got = predict.heuristic_metrics(rows + [dict(rows[0], **{"Preference Direction": None})])
     assert got == {f"heuristic_{k}": v for k, v in expect.items()}
 
 
@@ -246,11 +247,11 @@ def test_persona_prompt_ids_match_batching(tok, world):
     row = world[0]
     for variant in ("p", "demo", "ugc"):
         for n in (16, 4096):
-            ids = ph.persona_prompt_ids(tok, row, variant, max_tokens=n)
+            ids = predict.persona_prompt_ids(tok, row, variant, max_tokens=n)
             ex = make_example(tok, row, method="pba", persona=variant, max_length=4096, persona_length=n)
             assert ids == ex.persona_ids
     full = tok(persona_text(row, "p"), add_special_tokens=False)["input_ids"]
-    short = ph.persona_prompt_ids(tok, row, "p", max_tokens=16)
+    short = predict.persona_prompt_ids(tok, row, "p", max_tokens=16)
     assert short[0] == tok.bos_token_id and short[1:] == full[-15:]  # left-truncated: the end survives
 
 
@@ -292,7 +293,7 @@ def test_folder_without_head_fails_clearly(tmp_path):
 
 
 def test_two_stage_training_reduces_head_loss(tok, world):
-    from alignx_jax.head_training import full_loss, head_config_for, train_head_two_stage
+    from alignx_jax.pba.head_training import full_loss, head_config_for, train_head_two_stage
 
     model = tiny_decoder(tok)
     before_params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
@@ -403,8 +404,8 @@ def test_joint_head_term_gradients_and_descent(tok, world):
 @pytest.fixture(scope="module")
 def exported(tok, world, tmp_path_factory):
     """An HF folder (tiny decoder + tokenizer) with a two-stage-trained head beside it."""
-    from alignx_jax.head_training import train_head_two_stage
     from alignx_jax.models.hf import save_hf
+    from alignx_jax.pba.head_training import train_head_two_stage
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR
 
     out = str(tmp_path_factory.mktemp("pba_export"))
@@ -427,9 +428,9 @@ def test_predict_preferences_matches_loaded_head(tok, world, exported):
     from alignx_jax.models.hf import load_pretrained
 
     out, model, head = exported
-    direct = ph.predict_preferences(model, head, tok, world[:5], batch_size=4)
+    direct = predict.predict_preferences(model, head, tok, world[:5], batch_size=4)
     head2, _ = ph.load_head(out)
-    loaded = ph.predict_preferences(load_pretrained(out), head2, tok, world[:5], batch_size=2)
+    loaded = predict.predict_preferences(load_pretrained(out), head2, tok, world[:5], batch_size=2)
     assert len(direct) == 5 and all(d.shape == (90,) for d in direct)
     for a, b in zip(direct, loaded):
         np.testing.assert_array_equal(a, b)
@@ -494,7 +495,7 @@ def test_head_beats_release_rule_on_held_out_users(tok):
     """Synthetic history TEXT shows the user's leaning while the item vectors are noisy: a head on
     (even random-backbone) features of the text beats the release's averaging rule on new users."""
     from alignx_jax.data.synth import generate_world
-    from alignx_jax.head_training import train_head_two_stage
+    from alignx_jax.pba.head_training import train_head_two_stage
 
     rows = generate_world(500, 1, seed=11).rows
     train, test = rows[:400], rows[400:]
@@ -509,8 +510,8 @@ def test_head_beats_release_rule_on_held_out_users(tok):
         class_weights=(3, 1, 3),
         feature_batch_size=32,
     )
-    pred = np.stack(ph.predict_preferences(model, res.head, tok, test, batch_size=32))
+    pred = np.stack(predict.predict_preferences(model, res.head, tok, test, batch_size=32))
     gold = np.stack([r["Preference Direction"] for r in test])
-    m, h = head_metrics(pred, gold), ph.heuristic_metrics(test)
+    m, h = head_metrics(pred, gold), predict.heuristic_metrics(test)
     assert m["accuracy"] > h["heuristic_accuracy"], (m, h)
     assert m["macro_f1"] > h["heuristic_macro_f1"], (m, h)

@@ -6,11 +6,24 @@ Length rules:
   * `reserve(L) = min(513, L // 2)` is the release's "max length - 513" margin, scaled down for
     small test lengths (it equals 513 for every L >= 1026);
   * eval_mode=True follows docs/method.md section 7 exactly: prompt ids and response ids (before EOS)
-    are each left-truncated to L - reserve(L), so prompt + response may exceed L;
+    are each left-truncated to L - reserve(L), so prompt + response may exceed L; with the `paper`
+    format the prompt string's ids are truncated and the BOS is put back in front (BOS + L - reserve(L));
   * otherwise (training) the pair must fit L: responses (before EOS) are left-truncated to
     L - reserve(L) as the release does, then the prompt is left-truncated so that prompt + the
     longer response + EOS <= L; overflow='drop' instead returns None for any pair that does not
-    fit untruncated (the release drops over-long training prompts).
+    fit untruncated (the release drops over-long training prompts);
+  * prompt_format='release' (training) is the release's own rule (docs/method.md section 6b): each
+    response is `rstrip("\n")` + " " + the EOS token string, tokenized with the text (so a space
+    token precedes EOS); the pair is dropped (overflow='drop') only when the prompt alone reaches
+    L - 2 tokens, otherwise each sequence is cut to L tokens keeping its head, as the tokenizer's
+    right truncation does, with the last token set to EOS. overflow='truncate' left-truncates such a
+    prompt to L - reserve(L) instead of dropping it.
+
+PBA's profile for a row (`pba_preference`): 'golden' renders the `profile` argument or, without one,
+`prompts.resolve_profile`'s choice (the row's `profile`, then its golden `Preference Direction`);
+'history' renders the release's P~ of the *sampled* history (`persona.sampled_preference` over the
+same sample ICA would show; the whole history when no rng is given), falling back to the golden choice
+when no sampled item carries a direction.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ from alignx_jax.errors import ConfigError, DataError
 
 DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 RELEASE_RESERVE = 513
+# where a PBA training row's profile comes from when no explicit `profile` is given (module docstring)
+PBA_PROFILE_SOURCES = ("golden", "history")
 
 
 @dataclasses.dataclass
@@ -59,6 +74,19 @@ def response_ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in ids] + [int(tokenizer.eos_token_id)]
 
 
+def release_response_ids(tokenizer: Any, text: str) -> list[int]:
+    """The release's training response (docs/method.md section 6b): `text.rstrip("\n") + " " + EOS
+    string`, tokenized with no special tokens added, so it ends with a space token and the EOS id."""
+    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    if eos_id is None or not eos:
+        raise DataError("the tokenizer has no EOS token")
+    ids = [int(i) for i in tokenizer(text.rstrip("\n") + " " + eos, add_special_tokens=False)["input_ids"]]
+    if not ids or ids[-1] != int(eos_id):  # a tokenizer that does not parse its EOS string in text
+        ids = [int(i) for i in tokenizer(text.rstrip("\n") + " ", add_special_tokens=False)["input_ids"]]
+        ids.append(int(eos_id))
+    return ids
+
+
 def _left(ids: list[int], n: int) -> list[int]:
     return ids[-n:] if n > 0 else []
 
@@ -77,15 +105,22 @@ def make_example(
     index: int = 0,
     eval_mode: bool = False,
     persona_length: int | None = None,
+    pba_preference: str = "golden",
 ) -> DPOExample | None:
     """Token one row into a `DPOExample` (length rules in the module docstring).
 
     rng: ICA history sampling for training (`persona.row_rng(seed, (epoch, index))`), None = the
     whole history. persona_length: when set, also store `persona_ids` = BOS + the last
     `persona_length - 1` ids of the persona block (for the PBA preference head).
+    pba_preference: where PBA's profile comes from when `profile` is None ('golden' | 'history',
+    module docstring).
     """
     if overflow not in ("truncate", "drop"):
         raise ConfigError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+    if pba_preference not in PBA_PROFILE_SOURCES:
+        raise ConfigError(
+            f"pba_preference must be one of {', '.join(PBA_PROFILE_SOURCES)}, got {pba_preference!r}"
+        )
     if max_length < 4:
         raise ConfigError(f"max_length must be at least 4, got {max_length}")
     # One history sample serves both the prompt and the head input so they describe the same persona.
@@ -97,17 +132,37 @@ def make_example(
         view[persona_lib.UGC_FIELD], view[persona_lib.PAIR_FIELD] = ugc, pairs
     else:
         view = row
+    if method == "pba" and profile is None and pba_preference == "history":
+        sampled = persona_lib.sampled_preference(
+            view.get(persona_lib.UGC_FIELD) or [], view.get(persona_lib.PAIR_FIELD) or []
+        )
+        profile = None if sampled is None else sampled[1]
     prompt = prompts_lib.prompt_ids(
         tokenizer, view, method=method, persona=persona, profile=profile, fmt=prompt_format
     )
     eos = int(tokenizer.eos_token_id)
-    chosen = response_ids(tokenizer, row["chosen"])[:-1]
-    rejected = response_ids(tokenizer, row["rejected"])[:-1]
+    release = prompt_format == "release"
+    respond = release_response_ids if release else response_ids
+    chosen = respond(tokenizer, row["chosen"])[:-1]
+    rejected = respond(tokenizer, row["rejected"])[:-1]
     budget = max_length - reserve(max_length)
     truncated = False
     if eval_mode:
         truncated = len(prompt) > budget or max(len(chosen), len(rejected)) > budget
-        prompt, chosen, rejected = _left(prompt, budget), _left(chosen, budget), _left(rejected, budget)
+        if prompt_format == "paper":  # the release truncates the prompt string's ids, then prepends BOS
+            prompt = prompt[:1] + _left(prompt[1:], budget)
+        else:
+            prompt = _left(prompt, budget)
+        chosen, rejected = _left(chosen, budget), _left(rejected, budget)
+    elif release:
+        if len(prompt) >= max_length - 2:
+            if overflow == "drop":
+                return None
+            truncated = True
+            prompt = _left(prompt, budget)
+        room = max_length - len(prompt) - 1  # response tokens before EOS that fit L
+        truncated = truncated or max(len(chosen), len(rejected)) > room
+        chosen, rejected = chosen[:room], rejected[:room]
     else:
         longest = max(len(chosen), len(rejected)) + 1
         if len(prompt) + longest > max_length:

@@ -5,7 +5,8 @@ Facts from docs/method.md:
     non-neutral dims in index order joined with ", " (1 -> positive label, 0 -> negative label);
   * section 4 - ICA training samples the history (`sample_history`) and renders
     `{ugc}{pairs}{demographics}` (`persona_text`);
-  * section 5 - the release's P~ for a history (`release_direction`).
+  * section 5 - the release's P~ for a history (`release_direction`); section 6b - the release's
+    PBA training profile from the sampled history (`sampled_preference`).
 """
 
 from __future__ import annotations
@@ -187,6 +188,25 @@ def history_direction(row: dict) -> np.ndarray | None:
     if not vectors:
         return None
     return release_direction(np.asarray(vectors, dtype=np.float64))
+
+
+def sampled_preference(ugc: Sequence[dict], pairs: Sequence[dict]) -> tuple[np.ndarray, str] | None:
+    """The release's PBA training profile (docs/method.md section 6b): P~ = `release_direction` of the
+    `Preference Direction` vectors of the *sampled* history items (`sample_history`'s output, UGC then
+    PAIR), and its profile text. None when no given item carries a direction.
+
+    The release's script reads a kind's sampled list even when that kind's count is 0, so such a row
+    reuses the previous row's sample; that depends on row order and is not reproduced: a kind with
+    no sampled item contributes nothing here."""
+    vectors = [
+        item[DIRECTION_FIELD]
+        for item in (*ugc, *pairs)
+        if isinstance(item, dict) and item.get(DIRECTION_FIELD) is not None
+    ]
+    if not vectors:
+        return None
+    direction = release_direction(np.asarray(vectors, dtype=np.float64))
+    return direction, profile_text(direction)
 
 
 def sample_history(row: dict, rng: np.random.Generator) -> tuple[list, list]:

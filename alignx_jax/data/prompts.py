@@ -1,4 +1,5 @@
-"""Prompts for the three methods and their token ids (chat template, or the release's `paper` string).
+"""Prompts for the three methods and their token ids: the chat template (`chat`), the release's
+evaluation string (`paper`) or the release's training string (`release`).
 
 Choices (docs/method.md leaves them open):
   * ICA uses the release's *evaluation* form for training and evaluation alike: the system text
@@ -10,6 +11,12 @@ Choices (docs/method.md leaves them open):
   * PBA's profile, in order of precedence: the `profile` argument (text or a 90-vector), the row's
     `profile` field (P-SOUPS, UF-P-4), the row's golden `Preference Direction`, the release's P~
     from the row's history vectors.
+  * `release` (docs/method.md section 6b) is the release's *training* input, byte for byte: the
+    `paper` template with no BOS; ICA's system "...based on user historical behavior.", the raw task
+    (no `**Post:**`), the header `***Historical Behavior***` and UGC + PAIR with no demographics
+    (persona variants ugc/pair/demo still select one part); PBA's user text also has no `**Post:**`;
+    `none` (which the release does not train) is the same minus the persona section. Its responses
+    and length rule are `batching.make_example`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from alignx_jax.data import persona as persona_lib
 from alignx_jax.errors import DataError
 
 METHODS = ("none", "ica", "pba")
-PROMPT_FORMATS = ("chat", "paper")
+PROMPT_FORMATS = ("chat", "paper", "release")
 
 SYSTEM_ICA = "Generate a task-specific response based on user historical behavior and preferences."
 SYSTEM_PBA = "Generate a task-specific response based on user preferences."
@@ -34,6 +41,13 @@ _RESPONSE = "***Response:***\n\n"
 ICA_USER = _TASK + "***Historical Behavior and User Preferences***\n\n{persona}\n\n" + _RESPONSE
 PBA_USER = _TASK + "***User Preferences***\n\n{profile}\n\n" + _RESPONSE
 NONE_USER = _TASK + _RESPONSE
+
+# The release's training strings (docs/method.md section 6b): the raw task, no `**Post:**` line.
+RELEASE_SYSTEM_ICA = "Generate a task-specific response based on user historical behavior."
+_RELEASE_TASK = "***Task***\n\n{prompt}\n\n"
+RELEASE_ICA_USER = _RELEASE_TASK + "***Historical Behavior***\n\n{persona}\n\n" + _RESPONSE
+RELEASE_PBA_USER = _RELEASE_TASK + "***User Preferences***\n\n{profile}\n\n" + _RESPONSE
+RELEASE_NONE_USER = _RELEASE_TASK + _RESPONSE
 
 # The release's evaluation prompt string (docs/method.md section 7): note the newline after the system
 # text and none after the assistant header.
@@ -49,8 +63,16 @@ def _check_method(method: str) -> None:
         raise DataError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def system_message(method: str) -> str:
+def _check_format(fmt: str) -> None:
+    if fmt not in PROMPT_FORMATS:
+        raise DataError(f"unknown prompt format {fmt!r}; expected one of {', '.join(PROMPT_FORMATS)}")
+
+
+def system_message(method: str, fmt: str = "chat") -> str:
     _check_method(method)
+    _check_format(fmt)
+    if fmt == "release" and method == "ica":
+        return RELEASE_SYSTEM_ICA
     return {"none": SYSTEM_NONE, "ica": SYSTEM_ICA, "pba": SYSTEM_PBA}[method]
 
 
@@ -71,20 +93,32 @@ def resolve_profile(row: dict, profile: Any = None) -> str:
 
 
 def user_message(
-    row: dict, *, method: str, persona: str = "p", profile: Any = None, rng: np.random.Generator | None = None
+    row: dict,
+    *,
+    method: str,
+    persona: str = "p",
+    profile: Any = None,
+    rng: np.random.Generator | None = None,
+    fmt: str = "chat",
 ) -> str:
     """The user turn. ICA with `rng` samples the history as the release's training does
-    (`persona.sample_history`); without it the whole history is shown (evaluation)."""
+    (`persona.sample_history`); without it the whole history is shown (evaluation).
+    fmt='release' gives the release's training text (module docstring); chat and paper share theirs."""
     _check_method(method)
+    _check_format(fmt)
+    release = fmt == "release"
     if method == "none":
-        return NONE_USER.format(prompt=row["prompt"])
+        return (RELEASE_NONE_USER if release else NONE_USER).format(prompt=row["prompt"])
     if method == "pba":
-        return PBA_USER.format(prompt=row["prompt"], profile=resolve_profile(row, profile))
+        template = RELEASE_PBA_USER if release else PBA_USER
+        return template.format(prompt=row["prompt"], profile=resolve_profile(row, profile))
     ugc = pairs = None
     if rng is not None:
         ugc, pairs = persona_lib.sample_history(row, rng)
+    if release and persona == "p":  # the release's ICA training shows UGC + PAIR, no demographics
+        row = {**row, persona_lib.DEMO_FIELD: ""}
     block = persona_lib.persona_text(row, persona, ugc=ugc, pairs=pairs)
-    return ICA_USER.format(prompt=row["prompt"], persona=block)
+    return (RELEASE_ICA_USER if release else ICA_USER).format(prompt=row["prompt"], persona=block)
 
 
 def paper_prompt(system: str, user: str) -> str:
@@ -114,14 +148,17 @@ def prompt_ids(
     chat: the tokenizer's chat template over [system, user] with the generation prompt.
     paper: BOS id, then `paper_prompt(...)` tokenized with no special tokens added (the
     special-token strings inside it become their ids), exactly as the release evaluates.
+    release: the release's training strings in the same template, tokenized with no special tokens
+    added and *no BOS*, exactly as the release trains (docs/method.md section 6b).
     """
-    if fmt not in PROMPT_FORMATS:
-        raise DataError(f"unknown prompt format {fmt!r}; expected one of {', '.join(PROMPT_FORMATS)}")
-    system = system_message(method)
-    user = user_message(row, method=method, persona=persona, profile=profile, rng=rng)
+    _check_format(fmt)
+    system = system_message(method, fmt)
+    user = user_message(row, method=method, persona=persona, profile=profile, rng=rng, fmt=fmt)
     if fmt == "chat":
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if fmt == "release":
+        return [int(i) for i in tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]]
     if tokenizer.bos_token_id is None:
         raise DataError("prompt format 'paper' needs a tokenizer with a BOS token")
     body = tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]

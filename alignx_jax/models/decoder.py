@@ -1,7 +1,13 @@
-"""Llama / Qwen2 decoder-only transformer in Flax NNX, with stacked (scannable) layers.
+"""Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 decoder-only transformer in Flax NNX, with stacked
+(scannable) layers.
 
-`DecoderConfig` maps to and from a Hugging Face `config.json` (model_type `llama` or `qwen2`) and
-adds run options HF does not have (compute/param dtype, remat policy, scan, attention kernel).
+`DecoderConfig` maps to and from a Hugging Face `config.json` (model_type `llama`, `mistral`,
+`qwen2`, `qwen3` or `gemma2`) and adds run options HF does not have (compute/param dtype, remat
+policy, scan, attention kernel). What a family needs is a config field the layer code branches on:
+q/k/v(/o) biases, per-head q/k RMSNorm (`qk_norm`, Qwen3), Gemma's `(1 + w)` RMSNorm, scaled
+embeddings, post-attention/-MLP norms (`sandwich_norms`), GELU-tanh MLP, `query_pre_attn_scalar`,
+attention and final logit soft-capping, and a sliding attention window on all or some layers
+(`sliding_window`, `sliding_layers`; applied in the mask).
 `Decoder` stores every per-layer weight with a leading `layers` axis; the forward pass applies the
 layers with `jax.lax.scan` (`scan_layers=True`, one compiled layer) or an unrolled loop, each
 optionally rematerialised. Every `nnx.Param` carries logical axis names (metadata key
@@ -28,7 +34,18 @@ from alignx_jax.models.compaction import TokenLayout
 from alignx_jax.models.matmul import dense_many
 from alignx_jax.sharding import LOGICAL_AXES_KEY, active_spec, constrain
 
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+# config.json conventions per family: which keys its configs spell out (for a faithful `to_hf`)
+_WRITES_HEAD_DIM = {"llama", "mistral", "qwen3", "gemma2"}  # qwen2 derives it (written if it differs)
+_WRITES_ATTENTION_BIAS = {"llama", "qwen3", "gemma2"}
+_ACT_KEY = {"gemma2": "hidden_activation"}  # the others: hidden_act
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto", "chunked")
@@ -92,6 +109,17 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # ---- family features (read from config.json; the source keys are exported as they came) ----
+    hidden_act: str = "silu"  # gated MLP activation: silu, or gelu_pytorch_tanh (Gemma 2)
+    qk_norm: bool = False  # RMSNorm over head_dim on each q and k head before RoPE (Qwen3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + weight), computed in float32 (Gemma)
+    sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2)
+    scale_embeddings: bool = False  # input embeddings times sqrt(hidden_size) (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/sqrt(this), else 1/sqrt(head_dim)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    sliding_window: int | None = None  # a query sees the keys less than this many positions back
+    sliding_layers: tuple[bool, ...] | None = None  # which layers use the window; None = all
     # how config.json spelled RoPE ("rope_parameters" in transformers 5, else "rope_scaling")
     hf_rope_style: str = "rope_parameters"
     hf_extra_json: str = "{}"  # unmodeled config.json keys, for a faithful export
@@ -122,6 +150,17 @@ class DecoderConfig:
                 f"frozen_layers={self.frozen_layers} must be in [0, num_hidden_layers="
                 f"{self.num_hidden_layers})"
             )
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise CheckpointError(
+                f"unsupported hidden_act {self.hidden_act!r} (supported: {', '.join(HIDDEN_ACTS)})"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise CheckpointError(f"sliding_window={self.sliding_window} must be a positive integer or null")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_hidden_layers:
+            raise CheckpointError(
+                f"layer_types names {len(self.sliding_layers)} layers, num_hidden_layers="
+                f"{self.num_hidden_layers}"
+            )
         for f in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, f))
@@ -135,6 +174,20 @@ class DecoderConfig:
     @property
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def attention_scale(self) -> float:
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)
+
+    def window_cuts(self, keys: int) -> bool:
+        """Whether the sliding window masks anything in attention over `keys` key slots."""
+        return self.sliding_window is not None and self.sliding_window < keys and any(self.layer_is_sliding)
+
+    @property
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        if self.sliding_window is None:
+            return (False,) * self.num_hidden_layers
+        return self.sliding_layers or (True,) * self.num_hidden_layers
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -155,12 +208,18 @@ class DecoderConfig:
         for arch in hf.get("architectures") or []:
             if arch != SUPPORTED_MODEL_TYPES[model_type]:
                 raise CheckpointError(f"unsupported architecture {arch!r} for model_type {model_type!r}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"unsupported hidden_act {hf.get('hidden_act')!r} (only silu)")
+        act_key = _ACT_KEY.get(model_type, "hidden_act")
+        if hf.get(act_key, "silu") not in HIDDEN_ACTS:
+            raise CheckpointError(
+                f"unsupported {act_key} {hf.get(act_key)!r} (supported: {', '.join(HIDDEN_ACTS)})"
+            )
         if hf.get("mlp_bias"):
             raise CheckpointError("unsupported mlp_bias=true")
         if hf.get("use_sliding_window"):
             raise CheckpointError("unsupported use_sliding_window=true")
+        if hf.get("use_bidirectional_attention"):
+            raise CheckpointError("unsupported use_bidirectional_attention=true")
+        modeled = _MODELED_KEYS if act_key == "hidden_act" else _MODELED_KEYS - {"hidden_act"}
         try:
             hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
             rope_params = hf.get("rope_parameters")
@@ -178,13 +237,23 @@ class DecoderConfig:
                 )
             bias = bool(hf.get("attention_bias", False))
             eos = hf.get("eos_token_id")
-            extra = {k: v for k, v in hf.items() if k not in _MODELED_KEYS}
+            extra = {k: v for k, v in hf.items() if k not in modeled}
+            gemma = model_type == "gemma2"
+            layers = int(hf["num_hidden_layers"])
+            # qwen2/qwen3 configs carry a sliding_window they do not use (use_sliding_window=false)
+            window = None if model_type in ("llama", "qwen2", "qwen3") else hf.get("sliding_window", 4096)
+            sliding = None
+            if window is not None and model_type != "mistral":  # Mistral slides on every layer
+                types = hf.get("layer_types") or [
+                    "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+                ]
+                sliding = tuple(t == "sliding_attention" for t in types)
             return cls(
                 model_type=model_type,
                 vocab_size=int(hf["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(hf["intermediate_size"]),
-                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_hidden_layers=layers,
                 num_attention_heads=heads,
                 num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
                 head_dim=int(hf.get("head_dim") or hidden // heads),
@@ -192,10 +261,21 @@ class DecoderConfig:
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=_freeze(scaling) if scaling else None,
-                # Qwen2 always has q/k/v biases and no o bias; Llama's attention_bias covers all four
+                # Qwen2 always has q/k/v biases and no o bias; the others' attention_bias covers all four
                 qkv_bias=True if model_type == "qwen2" else bias,
                 o_bias=False if model_type == "qwen2" else bias,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("qwen2", "gemma2"))),
+                hidden_act=hf.get(act_key, "silu"),
+                qk_norm=model_type == "qwen3",
+                norm_plus_one=gemma,
+                sandwich_norms=gemma,
+                scale_embeddings=gemma,
+                # transformers' Gemma2Config defaults where a key is absent
+                query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else None,
+                attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0) if gemma else None,
+                final_logit_softcapping=hf.get("final_logit_softcapping", 30.0) if gemma else None,
+                sliding_window=None if window is None else int(window),
+                sliding_layers=sliding,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
                 pad_token_id=hf.get("pad_token_id"),
@@ -230,12 +310,15 @@ class DecoderConfig:
                 if isinstance(self.eos_token_id, tuple)
                 else self.eos_token_id,
                 "pad_token_id": self.pad_token_id,
-                "hidden_act": "silu",
             }
         )
-        if self.model_type == "llama":
+        out[_ACT_KEY.get(self.model_type, "hidden_act")] = self.hidden_act
+        if self.model_type in _WRITES_ATTENTION_BIAS:
             out["attention_bias"] = self.qkv_bias
-        if self.model_type == "llama" or self.head_dim != self.hidden_size // self.num_attention_heads:
+        if (
+            self.model_type in _WRITES_HEAD_DIM
+            or self.head_dim != self.hidden_size // self.num_attention_heads
+        ):
             out["head_dim"] = self.head_dim  # Qwen2 configs derive it and carry no such key
         if self.hf_rope_style == "rope_parameters":
             out["rope_parameters"] = {"rope_type": "default", **scaling, "rope_theta": self.rope_theta}
@@ -282,11 +365,18 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
     return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
     # variance in float32 whatever the compute dtype, as HF does
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:  # Gemma: y * (1 + w) in float32, then cast (Llama casts y first)
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft-capping `cap * tanh(x / cap)` (identity for cap None)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 # a finite "minus infinity": fully masked (left-pad) query rows stay NaN-free (uniform weights)
@@ -324,22 +414,30 @@ def _row_blocks(T: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
     return [(a, min(T, a + C), min(T, a + C)) for a in range(0, T, C)]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _sdpa(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal):
-    return _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sdpa(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal, cap=None):
+    return _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal, cap)[0]
 
 
-def _block_scores(q_BKGCH, k_BKSH, bias_BCS, scale):
+def _block_scores(q_BKGCH, k_BKSH, bias_BCS, scale, cap=None, with_slope=False):
+    """Scores `softcap(q.k * scale, cap) + bias`; with `with_slope` also d(scores)/d(q.k * scale)
+    (1 - tanh^2 with soft-capping, else None)."""
     # head-major operands: the dot writes [b, k, g, rows, keys] directly, no transpose of the scores
-    s = jnp.einsum("bkgch,bksh->bkgcs", q_BKGCH, k_BKSH, preferred_element_type=jnp.float32)
-    return s * scale + bias_BCS[:, None, None, :, :]
+    s = jnp.einsum("bkgch,bksh->bkgcs", q_BKGCH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    slope = None
+    if cap is not None:
+        t = jnp.tanh(s / cap)
+        s = cap * t
+        slope = 1.0 - t * t if with_slope else None
+    s = s + bias_BCS[:, None, None, :, :]
+    return (s, slope) if with_slope else s
 
 
-def _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal):
+def _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal, cap=None):
     T, S = q_BKGTH.shape[3], k_BKSH.shape[2]
     outs, maxes, inv_sums = [], [], []
     for a, b, e in _row_blocks(T, S, causal):
-        s = _block_scores(q_BKGTH[:, :, :, a:b], k_BKSH[:, :, :e], bias_BTS[:, a:b, :e], scale)
+        s = _block_scores(q_BKGTH[:, :, :, a:b], k_BKSH[:, :, :e], bias_BTS[:, a:b, :e], scale, cap)
         m_BKGC = jnp.max(s, axis=-1)
         p = jnp.exp(s - m_BKGC[..., None])
         inv_l_BKGC = 1.0 / jnp.sum(p, axis=-1)
@@ -358,7 +456,7 @@ def _sdpa_fwd(q_BKGTH, k_BKSH, v_BKSH, bias_BTS, scale, causal):
     return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, bias_BTS, o_BKGTH, m_BKGT, inv_l_BKGT)
 
 
-def _sdpa_bwd(scale, causal, res, do_BKGTH):
+def _sdpa_bwd(scale, causal, cap, res, do_BKGTH):
     q, k, v, bias, o, m_BKGT, inv_l_BKGT = res
     T, S = q.shape[3], k.shape[2]
     do_BKGTH = do_BKGTH.astype(v.dtype)
@@ -373,15 +471,16 @@ def _sdpa_bwd(scale, causal, res, do_BKGTH):
     for a, b, e in _row_blocks(T, S, causal):
         q_c, do_c, k_e, v_e = q[:, :, :, a:b], do_BKGTH[:, :, :, a:b], k[:, :, :e], v[:, :, :e]
         # p = exp(s - m) / l, as in the forward (exact for fully masked rows, where s - m == 0)
-        p = (
-            jnp.exp(_block_scores(q_c, k_e, bias[:, a:b, :e], scale) - m_BKGT[:, :, :, a:b, None])
-            * inv_l_BKGT[:, :, :, a:b, None]
-        )
+        s, slope = _block_scores(q_c, k_e, bias[:, a:b, :e], scale, cap, with_slope=True)
+        p = jnp.exp(s - m_BKGT[:, :, :, a:b, None]) * inv_l_BKGT[:, :, :, a:b, None]
         dv = dv.at[:, :, :e].add(
             jnp.einsum("bkgcs,bkgch->bksh", p.astype(v.dtype), do_c, preferred_element_type=jnp.float32)
         )
         dp = jnp.einsum("bkgch,bksh->bkgcs", do_c, v_e, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta_BKGT[:, :, :, a:b, None]) * row_scale_BKGT[:, :, :, a:b, None]).astype(q.dtype)
+        ds = p * (dp - delta_BKGT[:, :, :, a:b, None]) * row_scale_BKGT[:, :, :, a:b, None]
+        if slope is not None:  # through the soft-cap's tanh
+            ds = ds * slope
+        ds = ds.astype(q.dtype)
         dqs.append(jnp.einsum("bkgcs,bksh->bkgch", ds, k_e, preferred_element_type=jnp.float32))
         dk = dk.at[:, :, :e].add(jnp.einsum("bkgcs,bkgch->bksh", ds, q_c, preferred_element_type=jnp.float32))
     dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
@@ -391,27 +490,29 @@ def _sdpa_bwd(scale, causal, res, do_BKGTH):
 _sdpa.defvjp(_sdpa_fwd, _sdpa_bwd)
 
 
-def _attention_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, causal: bool = False):
+def _attention_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, causal: bool = False, cap: float | None = None):
     """Exact softmax attention with grouped KV heads. `mask_BTS` is a boolean allowed-mask or an
     additive float bias from `mask_bias`; the custom VJP recomputes the probabilities. `causal`
     promises the mask allows no key after its query (T == S): blocks of query rows then skip the
-    masked upper triangle."""
+    masked upper triangle. `cap`: soft-cap the scaled scores (`softcap`) before the mask."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     causal = causal and k_BSKH.shape[1] == T
     # head-major [B, K, G, T, H]: transposing the [T, H] operands is cheap, the [T, S] scores are not
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
-    o_BKGTH = _sdpa(q_BKGTH, k_BKSH, v_BKSH, _as_bias(mask_BTS), scale, causal)
+    o_BKGTH = _sdpa(q_BKGTH, k_BKSH, v_BKSH, _as_bias(mask_BTS), scale, causal, cap)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = ATTENTION_CHUNK):
+def _attention_chunked(
+    q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = ATTENTION_CHUNK, cap: float | None = None
+):
     """Exact attention one block of query rows at a time, each block rematerialised in the backward
     pass: memory O(chunk * S) per head instead of O(T * S), for long sequences without a flash kernel."""
     B, T, N, H = q_BTNH.shape
     if chunk >= T or T % chunk:
-        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, cap=cap)
     n, S = T // chunk, allowed_BTS.shape[-1]
     q_nBCNH = q_BTNH.reshape(B, n, chunk, N, H).swapaxes(0, 1)
     allowed_nBCS = allowed_BTS.reshape(B, n, chunk, S).swapaxes(0, 1)
@@ -419,7 +520,7 @@ def _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, chunk: int = 
     @jax.checkpoint
     def block(_, xs):
         q_BCNH, allowed_BCS = xs
-        return None, _attention_xla(q_BCNH, k_BSKH, v_BSKH, allowed_BCS, scale)
+        return None, _attention_xla(q_BCNH, k_BSKH, v_BSKH, allowed_BCS, scale, cap=cap)
 
     _, o_nBCNH = jax.lax.scan(block, None, (q_nBCNH, allowed_nBCS))
     return o_nBCNH.swapaxes(0, 1).reshape(B, T, N, H)
@@ -497,16 +598,29 @@ def _attention_splash(q_BTNH, k_BSKH, v_BSKH, segment_BT, scale):
     )(q_BTNH, k_BSKH, v_BSKH, seg_BT)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, impl: str, causal: bool = False):
+def attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    allowed_BTS,
+    impl: str,
+    causal: bool = False,
+    scale: float | None = None,
+    cap: float | None = None,
+):
     """`causal`: the mask is a subset of the causal one (self-attention without a KV cache).
-    With impl "splash", `allowed_BTS` is the segment ids `[B, T]` instead (see `_attention_splash`)."""
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    With impl "splash", `allowed_BTS` is the segment ids `[B, T]` instead (see `_attention_splash`).
+    `scale` defaults to 1/sqrt(head_dim); `cap` soft-caps the scores, which only the "xla" and
+    "chunked" kernels do (`Decoder._attention_impl` picks xla for such a config)."""
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
+    if cap is not None and impl not in ("xla", "chunked"):
+        raise ConfigError(f"attention_impl {impl!r} cannot soft-cap attention logits; use xla")
     if impl == "splash":
         return _attention_splash(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
     if impl == "xla":
-        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, causal)
+        return _attention_xla(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, causal, cap)
     if impl == "chunked":
-        return _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale)
+        return _attention_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, scale, cap=cap)
     if allowed_BTS.dtype != jnp.bool_:
         allowed_BTS = allowed_BTS == 0.0
     return jax.nn.dot_product_attention(
@@ -572,12 +686,16 @@ def decoder_layer(
     With a `layout` (`models.compaction`), `x_BTD`, `cos_BTH` and `sin_BTH` hold only the kept
     tokens (`(B, T)` read `(G, N)`): everything but attention runs on them, and q/k/v are laid
     out as the `[B, T]` rows of `allowed_BTS` for attention only."""
+    norm = partial(rms_norm, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     with jax.named_scope("attention"):
-        h = rms_norm(x_BTD, p["input_norm"]["scale"], cfg.rms_norm_eps)
+        h = norm(x_BTD, p["input_norm"]["scale"])
         a = p["attn"]
         q_BTNH, k_BTKH, v_BTKH = _linears(
             h, [a["q_proj"], a["k_proj"], a["v_proj"]], ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"]
         )
+        if cfg.qk_norm:  # per head, over head_dim (Qwen3)
+            q_BTNH = norm(q_BTNH, a["q_norm"]["scale"])
+            k_BTKH = norm(k_BTKH, a["k_norm"]["scale"])
         q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
         if layout is not None:
@@ -592,19 +710,33 @@ def decoder_layer(
             v_all = jax.lax.dynamic_update_slice(cv, v_BTKH.astype(cv.dtype), (0, cache_index, 0, 0))
             new_kv = (k_all, v_all)
             k_all, v_all = k_all.astype(x_BTD.dtype), v_all.astype(x_BTD.dtype)
-        o_BTNH = attention(q_BTNH, k_all, v_all, allowed_BTS, cfg.attention_impl, causal=cache_kv is None)
+        o_BTNH = attention(
+            q_BTNH,
+            k_all,
+            v_all,
+            allowed_BTS,
+            cfg.attention_impl,
+            causal=cache_kv is None,
+            scale=cfg.attention_scale,
+            cap=cfg.attn_logit_softcapping,
+        )
         if layout is not None:
             o_BTNH = layout.tokens(o_BTNH)
-        x_BTD = x_BTD + _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd")
+        o_BTD = _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd")
+        if cfg.sandwich_norms:
+            o_BTD = norm(o_BTD, p["attn_out_norm"]["scale"])
+        x_BTD = x_BTD + o_BTD
         x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     with jax.named_scope("mlp"):
-        h = rms_norm(x_BTD, p["post_attention_norm"]["scale"], cfg.rms_norm_eps)
+        h = norm(x_BTD, p["post_attention_norm"]["scale"])
         m = p["mlp"]
         g_BTF, u_BTF = _linears(h, [m["gate_proj"], m["up_proj"]], ["btd,df->btf", "btd,df->btf"])
-        act_BTF = constrain(
-            jax.nn.silu(g_BTF) * u_BTF, ("activation_batch", "activation_length", "activation_mlp")
-        )
-        x_BTD = x_BTD + _linear(act_BTF, m["down_proj"], "btf,fd->btd")
+        gate_BTF = jax.nn.silu(g_BTF) if cfg.hidden_act == "silu" else jax.nn.gelu(g_BTF, approximate=True)
+        act_BTF = constrain(gate_BTF * u_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+        m_BTD = _linear(act_BTF, m["down_proj"], "btf,fd->btd")
+        if cfg.sandwich_norms:
+            m_BTD = norm(m_BTD, p["mlp_out_norm"]["scale"])
+        x_BTD = x_BTD + m_BTD
         x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BTD, new_kv
 
@@ -648,8 +780,10 @@ class Proj(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, shape, axes, *, dtype):
-        self.scale = _param(None, shape, axes, dtype, "ones")
+    """`plus_one`: the weight is stored as an offset from 1 (Gemma), so its identity init is 0."""
+
+    def __init__(self, shape, axes, *, dtype, plus_one: bool = False):
+        self.scale = _param(None, shape, axes, dtype, "zeros" if plus_one else "ones")
 
 
 class Attention(nnx.Module):
@@ -694,6 +828,9 @@ class Attention(nnx.Module):
             dtype=dt,
             rngs=rngs,
         )
+        qk = partial(RMSNorm, (L, H), ("layers", "norm"), dtype=dt, plus_one=cfg.norm_plus_one)
+        self.q_norm = qk() if cfg.qk_norm else None
+        self.k_norm = qk() if cfg.qk_norm else None
 
 
 class MLP(nnx.Module):
@@ -711,8 +848,13 @@ class DecoderLayers(nnx.Module):
         L, D = cfg.num_hidden_layers, cfg.hidden_size
         self.attn = Attention(cfg, L, rngs=rngs)
         self.mlp = MLP(cfg, L, rngs=rngs)
-        self.input_norm = RMSNorm((L, D), ("layers", "norm"), dtype=cfg.params_dtype)
-        self.post_attention_norm = RMSNorm((L, D), ("layers", "norm"), dtype=cfg.params_dtype)
+        norm = partial(
+            RMSNorm, (L, D), ("layers", "norm"), dtype=cfg.params_dtype, plus_one=cfg.norm_plus_one
+        )
+        self.input_norm = norm()
+        self.post_attention_norm = norm()  # before the MLP (Gemma 2's pre_feedforward_layernorm)
+        self.attn_out_norm = norm() if cfg.sandwich_norms else None  # Gemma 2's post_attention_layernorm
+        self.mlp_out_norm = norm() if cfg.sandwich_norms else None
 
 
 class Embedding(nnx.Module):
@@ -727,7 +869,7 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg, rngs=rngs)
         self.layers = DecoderLayers(cfg, rngs=rngs)
-        self.norm = RMSNorm((cfg.hidden_size,), ("norm",), dtype=cfg.params_dtype)
+        self.norm = RMSNorm((cfg.hidden_size,), ("norm",), dtype=cfg.params_dtype, plus_one=cfg.norm_plus_one)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
@@ -750,7 +892,13 @@ class Decoder(nnx.Module):
         with jax.named_scope("lm_head"):
             logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, self.output_embedding().astype(h_BTD.dtype))
             logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+            logits_BTV = self.cap_logits(logits_BTV)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+    def cap_logits(self, logits: jax.Array) -> jax.Array:
+        """The config's final logit soft-capping (Gemma 2), identity otherwise: apply it to logits
+        computed from `hidden_states() @ output_embedding()` to get `__call__`'s logits."""
+        return softcap(logits, self.cfg.final_logit_softcapping)
 
     def hidden_states(
         self,
@@ -762,7 +910,8 @@ class Decoder(nnx.Module):
         tokens: TokenLayout | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] (score only the tokens you need against
-        `output_embedding()` instead of materialising [B, T, V]).
+        `output_embedding()` instead of materialising [B, T, V]; then `cap_logits` for a config
+        with final logit soft-capping).
 
         branch_ids_BT: a shared prefix with branches (0 = the prefix, k > 0 = branch k): a token of
         branch k sees the prefix and its own branch only, so one row holds a prompt and both of a
@@ -805,8 +954,20 @@ class Decoder(nnx.Module):
         """The attention kernel this call runs: `auto` is splash on TPU where it applies (rows of a
         multiple of 128, no branches), else `jax.nn.dot_product_attention`'s choice. Splash has no
         KV-cache decode step and tiles rows by 128: decoding and odd lengths (a persona row, a
-        generation prompt) run the XLA kernel; a branch mask it cannot express is an error."""
+        generation prompt) run the XLA kernel; a branch mask it cannot express is an error.
+        Attention logit soft-capping (Gemma 2) is done by the XLA/chunked kernels only (neither splash
+        nor `jax.nn.dot_product_attention` take a cap): such a config runs xla in place of the others.
+        A sliding window shorter than the keys is in the mask; splash has no such mask (auto: xla)."""
         impl = self.cfg.attention_impl
+        if self.cfg.attn_logit_softcapping is not None and impl not in ("xla", "chunked"):
+            return "xla"
+        if impl == "auto" and self.cfg.window_cuts(T) and not cached:
+            return "xla"
+        if impl == "splash" and self.cfg.window_cuts(T) and not cached and T % 128 == 0:
+            raise ConfigError(
+                f"model.attention_impl=splash cannot express sliding_window={self.cfg.sliding_window} "
+                f"on rows of {T} tokens; use attention_impl=xla (or auto)"
+            )
         if impl == "auto" and jax.default_backend() == "tpu" and not cached and not branches and T % 128 == 0:
             return "splash"
         if impl == "splash" and (cached or T % 128):
@@ -852,6 +1013,10 @@ class Decoder(nnx.Module):
                 key_B1S = branch_ids_BT[:, None, :]
                 allowed_BTS &= (key_B1S == 0) | (key_B1S == branch_ids_BT[:, :, None])
             index = None
+            # the window counts positions back (a branch token's distance to the prefix skips the
+            # other branch); padding keys are masked already
+            pos = jnp.asarray(positions_BT)
+            back_BTS = pos[:, :, None] - pos[:, None, :]
         else:
             index = cache["index"]
             S = cache["mask"].shape[1]
@@ -861,11 +1026,20 @@ class Decoder(nnx.Module):
                 positions_BT = seen_B[:, None] + jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
             slot_T = index + jnp.arange(T)
             allowed_BTS = (jnp.arange(S)[None, :] <= slot_T[:, None])[None] & kv_mask_BS[:, None, :]
+            back_BTS = (slot_T[:, None] - jnp.arange(S)[None, :])[
+                None
+            ]  # real tokens sit in consecutive slots
+        # the sliding layers' mask, where the window cuts into this call's keys (else all layers share one)
+        window_BTS = None
+        if cfg.window_cuts(allowed_BTS.shape[-1]):
+            window_BTS = allowed_BTS & (back_BTS < cfg.sliding_window)
 
         # with a layout, the residual stream holds the kept tokens only: (B, T) below read (G, N)
         ids_BT = input_ids_BT if layout is None else layout.tokens(input_ids_BT)
         with jax.named_scope("embed"):
             x_BTD = jnp.take(self.embed_tokens.embedding.get_value(), ids_BT, axis=0).astype(dt)
+            if cfg.scale_embeddings:  # sqrt(D) rounded to the param dtype, as transformers' Gemma does
+                x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.params_dtype).astype(dt)
             x_BTD = constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
         pos_BT = positions_BT if layout is None else layout.tokens(jnp.asarray(positions_BT))
         cos_BTH, sin_BTH = rope_cos_sin(pos_BT, rope_inv_freq(cfg), dt)
@@ -874,10 +1048,16 @@ class Decoder(nnx.Module):
         if impl == "splash":  # the kernel takes the causal mask as given and padding/packing as segments
             seg_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
             mask_BTS = jnp.where(mask_BT, seg_BT.astype(jnp.int32), 0)
+            window_BTS = None  # splash runs only where the window cuts nothing
         elif impl in ("xla", "chunked"):  # the additive bias, built once outside the layer scan
             mask_BTS = mask_bias(allowed_BTS)
+            window_BTS = None if window_BTS is None else mask_bias(window_BTS)
         else:
             mask_BTS = allowed_BTS
+        # per-layer masks: every layer slides (Mistral) -> one mask; some do (Gemma 2) -> a flag per layer
+        sliding_L = np.asarray(cfg.layer_is_sliding)
+        if window_BTS is not None and sliding_L.all():
+            mask_BTS, window_BTS = window_BTS, None
 
         params = nnx.to_pure_dict(nnx.state(self.layers))
         layer = partial(
@@ -887,18 +1067,24 @@ class Decoder(nnx.Module):
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
         def body(x, xs):
-            p, kv = xs
-            x, new_kv = layer(p, x, cos_BTH, sin_BTH, mask_BTS, kv, index, layout)
+            p, kv, sliding = xs
+            if window_BTS is None:
+                mask = mask_BTS
+            elif isinstance(sliding, (bool, np.bool_)):  # unrolled: known per layer
+                mask = window_BTS if sliding else mask_BTS
+            else:
+                mask = jnp.where(sliding, window_BTS, mask_BTS)
+            x, new_kv = layer(p, x, cos_BTH, sin_BTH, mask, kv, index, layout)
             return x, new_kv
 
         kv_stack = None if cache is None else (cache["k"], cache["v"])
 
-        def run_layers(x, p, kv):
+        def run_layers(x, p, kv, sliding):
             if cfg.scan_layers:
-                return jax.lax.scan(body, x, (p, kv))
+                return jax.lax.scan(body, x, (p, kv, None if window_BTS is None else jnp.asarray(sliding)))
             outs = []
             for i in range(jax.tree.leaves(p)[0].shape[0]):
-                x, kv_i = body(x, jax.tree.map(lambda a, i=i: a[i], (p, kv)))
+                x, kv_i = body(x, (*jax.tree.map(lambda a, i=i: a[i], (p, kv)), bool(sliding[i])))
                 outs.append(kv_i)
             return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
@@ -906,11 +1092,13 @@ class Decoder(nnx.Module):
             F = cfg.frozen_layers if cache is None else 0
             if F:  # no gradient below block F: autodiff never differentiates the frozen blocks
                 low = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:F]), params)
-                x_BTD = jax.lax.stop_gradient(run_layers(jax.lax.stop_gradient(x_BTD), low, None)[0])
+                x_BTD = jax.lax.stop_gradient(
+                    run_layers(jax.lax.stop_gradient(x_BTD), low, None, sliding_L[:F])[0]
+                )
                 params = jax.tree.map(lambda a: a[F:], params)
-            x_BTD, new_kv = run_layers(x_BTD, params, kv_stack)
+            x_BTD, new_kv = run_layers(x_BTD, params, kv_stack, sliding_L[F:])
         with jax.named_scope("final_norm"):
-            h_BTD = rms_norm(x_BTD, self.norm.scale.get_value(), cfg.rms_norm_eps)
+            h_BTD = rms_norm(x_BTD, self.norm.scale.get_value(), cfg.rms_norm_eps, cfg.norm_plus_one)
             if layout is not None:
                 h_BTD = layout.rows(h_BTD, B, T)
         new_cache = None

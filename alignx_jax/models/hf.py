@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from alignx_jax import paths
 from alignx_jax.errors import CheckpointError
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 from alignx_jax.sharding import Rules, model_shardings
@@ -234,14 +235,27 @@ def param_maps(cfg: DecoderConfig) -> list[ParamMap]:
         ParamMap(("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", True, _t, _t, rev),
         ParamMap(("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", True, _t, _t, rev),
         ParamMap(("layers", "input_norm", "scale"), L + "input_layernorm.weight", True, same, same),
-        ParamMap(
-            ("layers", "post_attention_norm", "scale"),
-            L + "post_attention_layernorm.weight",
-            True,
-            same,
-            same,
-        ),
     ]
+    # our pre-MLP norm is HF's post_attention_layernorm, or Gemma 2's pre_feedforward_layernorm (its
+    # post_attention_layernorm normalises the attention output: our attn_out_norm)
+    norms = {"post_attention_norm": "post_attention_layernorm"}
+    if cfg.sandwich_norms:
+        norms = {
+            "post_attention_norm": "pre_feedforward_layernorm",
+            "attn_out_norm": "post_attention_layernorm",
+            "mlp_out_norm": "post_feedforward_layernorm",
+        }
+    maps += [
+        ParamMap(("layers", ours, "scale"), L + f"{theirs}.weight", True, same, same)
+        for ours, theirs in norms.items()
+    ]
+    if cfg.qk_norm:
+        maps += [
+            ParamMap(
+                ("layers", "attn", f"{x}_norm", "scale"), L + f"self_attn.{x}_norm.weight", True, same, same
+            )
+            for x in ("q", "k")
+        ]
     if cfg.qkv_bias:
         maps += [
             ParamMap(
@@ -337,7 +351,7 @@ def load_pretrained(
     compute_dtype: str | None = None,
     **run_options: Any,
 ) -> Decoder:
-    """A HF llama/qwen2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
+    """A HF llama/mistral/qwen2/qwen3/gemma2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
     the default device). `compute_dtype` defaults to `dtype`; `run_options` go to DecoderConfig
     (remat, scan_layers, attention_impl)."""
     path = os.fspath(path)
@@ -347,7 +361,7 @@ def load_pretrained(
     state = nnx.state(abstract)
     flat = dict(nnx.to_flat_state(state))
     shardings = dict(nnx.to_flat_state(model_shardings(state, mesh, rules))) if mesh is not None else None
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     pdtype = cfg.params_dtype
     for m in param_maps(cfg):
         var = flat[m.path]
@@ -460,10 +474,16 @@ def save_hf(
     tokenizer_dir: str | None = None,
     source: str | None = None,
     step: int | None = None,
+    base_dir: str | None = None,
 ) -> list[str]:
     """Write a transformers-loadable folder: config.json, generation_config.json, safetensors shards
     with model.safetensors.index.json, the tokenizer files from `tokenizer_dir`, and the manifest
     (`EXPORT_MANIFEST`: `source`, `step` and the files written). Returns the names written.
+
+    generation_config.json is `base_dir`'s (the base model's) byte for byte when it has one, else the
+    token ids only: sampling settings belong to the model card and `alignx generate`, not to it.
+    config.json's `dtype` (and `torch_dtype`, when the base config carries that older name) is the
+    dtype of the saved tensors.
 
     Only files a previous export listed in its manifest are ever removed (its shards of another count);
     `alignx export` writes into a fresh folder and renames it into place (`cli_export`)."""
@@ -517,21 +537,23 @@ def save_hf(
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
     hf_cfg = cfg.to_hf()
-    first = next(iter(flat.values())).get_value()
-    hf_cfg["dtype"] = str(out_dtype or np.dtype(first.dtype))
+    saved = {str(dt) for *_, dt in items}  # the tensors' dtype, as written
+    hf_cfg["dtype"] = saved.pop() if len(saved) == 1 else str(out_dtype or "float32")
+    if "torch_dtype" in hf_cfg:  # transformers < 4.56's name, kept from the base config: the same value
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"]
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    gen = {
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": hf_cfg["eos_token_id"],
-        "pad_token_id": cfg.pad_token_id,
-        "do_sample": True,
-        "temperature": 0.9,
-        "top_k": 10,
-        "top_p": 0.95,
-    }
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump(gen, f, indent=2, sort_keys=True)
+    base_gen = os.path.join(base_dir, "generation_config.json") if base_dir else ""
+    if base_gen and os.path.isfile(base_gen):
+        shutil.copyfile(base_gen, os.path.join(out_dir, "generation_config.json"))
+    else:
+        gen = {
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": hf_cfg["eos_token_id"],
+            "pad_token_id": cfg.pad_token_id,
+        }
+        with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump(gen, f, indent=2, sort_keys=True)
     written = [
         *weight_map.values(),
         "model.safetensors.index.json",
@@ -567,18 +589,21 @@ class ResolvedCheckpoint:
 
 
 def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+    return any(
+        paths.path(os.path.join(folder, n)).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
+    )
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint:
     """A model checkpoint `DIR` (config.json + params/) or a training workdir `W`
     (W/checkpoints/<step>/params, W/reference for config and tokenizer; latest step by default)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    path = paths.absolute(path) if paths.is_url(path) else os.fspath(path)  # a gs:// workdir stays a URL
+    isdir = lambda p: paths.path(p).is_dir()
+    if not isdir(path):
         raise CheckpointError(f"checkpoint folder not found: {path}")
     ckpts = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpts):
-        steps = sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())
+    if isdir(ckpts):
+        steps = sorted(int(p.name) for p in paths.path(ckpts).iterdir() if p.name.isdigit())
         if not steps:
             raise CheckpointError(f"{ckpts}: no saved steps")
         if step is None:
@@ -586,14 +611,14 @@ def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint
         elif step not in steps:
             raise CheckpointError(f"{ckpts}: no step {step} (have {', '.join(map(str, steps))})")
         ref = os.path.join(path, "reference")
-        if not os.path.isfile(os.path.join(ref, "config.json")):
+        if not paths.path(os.path.join(ref, "config.json")).is_file():
             raise CheckpointError(f"{path}: training workdir without reference/config.json")
         params = os.path.join(ckpts, str(step), "params")
-        if not os.path.isdir(params):
+        if not isdir(params):
             raise CheckpointError(f"{os.path.join(ckpts, str(step))}: no params/")
         head = os.path.join(ckpts, str(step), "head")
         return ResolvedCheckpoint(
-            ref, params, ref if _has_tokenizer(ref) else None, step, head if os.path.isdir(head) else None
+            ref, params, ref if _has_tokenizer(ref) else None, step, head if isdir(head) else None
         )
     if step is not None:
         raise CheckpointError(f"{path}: --step applies to training workdirs only (no checkpoints/ here)")
@@ -648,9 +673,9 @@ def _saved_param_checksums(res: ResolvedCheckpoint) -> dict[str, str] | None:
 
     if res.step is not None:
         return saved_checksums(
-            os.path.dirname(os.path.dirname(os.path.abspath(res.params_dir))), res.step, "params"
+            os.path.dirname(os.path.dirname(paths.absolute(res.params_dir))), res.step, "params"
         )
-    path = os.path.join(os.path.dirname(os.path.abspath(res.params_dir)), CHECKSUMS_FILE)
+    path = os.path.join(os.path.dirname(paths.absolute(res.params_dir)), CHECKSUMS_FILE)
     if not os.path.isfile(path):
         return None
     try:
@@ -675,7 +700,7 @@ def load_checkpoint(
     import orbax.checkpoint as ocp
 
     res = resolve_checkpoint(path, step)
-    params_dir = os.path.abspath(res.params_dir)
+    params_dir = paths.absolute(res.params_dir)  # orbax reads gs:// itself
     try:
         meta = ocp.StandardCheckpointer().metadata(params_dir)
         tree = getattr(meta, "item_metadata", meta)
@@ -693,7 +718,7 @@ def load_checkpoint(
     cfg = load_decoder_config(res.config_dir, **_run_options(dtype, compute_dtype, run_options))
     abstract = abstract_decoder(cfg)
     state = nnx.state(abstract, nnx.Param)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     shard_tree = model_shardings(state, mesh, rules) if mesh is not None else None
     target = nnx.to_pure_dict(state)
     shard_pure = (
@@ -743,7 +768,7 @@ def load_checkpoint_head(res: ResolvedCheckpoint):
     hcfg = ph.HeadConfig(**{k: v for k, v in meta["head_config"].items() if k in fields})
     head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0))
     state = nnx.state(head, nnx.Param)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default), nnx.to_pure_dict(state)
     )
@@ -781,20 +806,32 @@ def _remove_head_files(out_dir: str) -> None:
 
 def cli_import(args) -> int:
     from alignx_jax.models import preference_head as ph
+    from alignx_jax.real_model import resolve_model_path
 
-    model = load_pretrained(args.hf, dtype=args.dtype)
+    src = resolve_model_path(args.hf)  # a local folder, or a hub id's snapshot in the HF cache
+    model = load_pretrained(src, dtype=args.dtype)
     head = None
-    if ph.has_head(args.hf):  # read first: a malformed or mismatched head fails before anything is written
-        head, hcfg = ph.load_head(args.hf)
+    if ph.has_head(src):  # read first: a malformed or mismatched head fails before anything is written
+        head, hcfg = ph.load_head(src)
         if hcfg.embed_dim != model.cfg.hidden_size:
             raise CheckpointError(
                 f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
                 f"hidden_size {model.cfg.hidden_size}"
             )
-    save_checkpoint(model, args.out, tokenizer_dir=args.hf if _has_tokenizer(args.hf) else None)
+    save_checkpoint(model, args.out, tokenizer_dir=src if _has_tokenizer(src) else None)
+    from alignx_jax import model_card
+
+    # what an export of this checkpoint keeps of the base: its generation_config.json as it is, and
+    # where it came from (the `--hf` argument, a hub id stays one) with its license, for the model card
+    gen = os.path.join(src, "generation_config.json")
+    if os.path.isfile(gen):
+        shutil.copyfile(gen, os.path.join(args.out, "generation_config.json"))
+    elif os.path.isfile(os.path.join(args.out, "generation_config.json")):
+        os.remove(os.path.join(args.out, "generation_config.json"))
+    model_card.write_base_info(args.out, args.hf, src)
     _remove_head_files(args.out)
     if head is not None:  # kept byte for byte: `alignx export` of this checkpoint copies them back
-        _copy_head_files(args.hf, args.out)
+        _copy_head_files(src, args.out)
     print(
         f"imported {args.hf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
         f"{args.dtype}{', with preference head' if head is not None else ''})"
@@ -899,6 +936,7 @@ def _publish(tmp: str, out: str, keep: list[str]) -> None:
 
 def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str, source: str) -> list[str]:
     """Every file of the export into the fresh folder `tmp`; returns their names."""
+    from alignx_jax import model_card
     from alignx_jax.models import preference_head as ph
 
     files = save_hf(
@@ -909,6 +947,7 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         tokenizer_dir=res.tokenizer_dir,
         source=source,
         step=res.step,
+        base_dir=res.config_dir,  # the base model's generation_config.json, kept as it is
     )
     if res.head_dir is not None:
         if res.step is None:  # an imported model checkpoint: the head files as they came in
@@ -916,7 +955,20 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         else:
             ph.save_head(head, None, tmp)  # float32 always: the head is tiny, --dtype is the policy's
         files += [ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE]
-        write_export_manifest(tmp, files, source=source, step=res.step)
+    files.append(
+        model_card.write_card(
+            tmp,
+            checkpoint=args.checkpoint,
+            config_dir=res.config_dir,
+            source=source,
+            step=res.step,
+            dtype=read_hf_config(tmp).get("dtype", "float32"),
+            has_head=res.head_dir is not None,
+            results_files=getattr(args, "results", None),
+            name=os.path.basename(paths.absolute(args.out).rstrip("/")),
+        )
+    )
+    write_export_manifest(tmp, files, source=source, step=res.step)
     return files
 
 
@@ -927,14 +979,29 @@ def cli_export(args) -> int:
     Files of `--out` that no export wrote are kept (hard links into the new folder), never deleted."""
     from alignx_jax.models import preference_head as ph
 
+    if paths.is_url(args.out):
+        raise CheckpointError(
+            f"--out {args.out}: exports are written to a local folder (renamed into place); export "
+            "locally, then copy it (gsutil -m cp -r / huggingface-cli upload)"
+        )
     out = os.path.abspath(args.out)
     res = resolve_checkpoint(args.checkpoint, args.step)
-    source = os.path.realpath(args.checkpoint)
-    entries, own = _export_target(out, source, bool(getattr(args, "overwrite", False)))
+    source = (
+        paths.absolute(args.checkpoint)
+        if paths.is_url(args.checkpoint)
+        else os.path.realpath(args.checkpoint)
+    )
+    # a multi-process job (launch/local.sh, a pod): every process reads the checkpoint, process 0 writes
+    main = paths.is_main_process()
+    entries, own = (
+        _export_target(out, source, bool(getattr(args, "overwrite", False))) if main else ([], set())
+    )
     model = load_checkpoint(args.checkpoint, res.step)  # verified: finite, and its checksums where saved
     head = None
     if res.head_dir is not None:  # read (and checked) before anything is written
         head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    if not main:
+        return 0
     tmp = _beside(out, "export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

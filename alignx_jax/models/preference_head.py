@@ -1,7 +1,7 @@
 """PBA's preference-vector head: persona -> a distribution over {0, 0.5, 1} for each of the 90 dims.
 
 The head reads the decoder's final hidden states of the *persona-only* prompt (see
-`persona_prompt_ids`), pools them over the persona tokens ('mean' or 'last'), and maps the pooled
+`pba.predict.persona_prompt_ids`), pools them over the persona tokens ('mean' or 'last'), and maps the pooled
 vector through a LayerNorm and a one-hidden-layer MLP to logits `[B, 90, 3]` over `LABEL_VALUES`
 (negative=0, neutral=0.5, positive=1). The release does not ship its P̃ predictor (docs/method.md section 5);
 this head is this project's learned replacement for it.
@@ -10,12 +10,14 @@ What lives here (one concept: the head and its I/O):
   * `HeadConfig`, `PreferenceHead` (NNX; params carry logical axis names so it shards with the model)
   * `direction_to_labels` / `labels_to_direction`, `head_loss` (class-weighted or focal CE)
   * `predict_direction` (argmax or threshold rule, with the release's all-neutral fallback)
-  * `head_metrics` / `heuristic_metrics` (the head vs the release's averaging rule)
-  * `joint_head_term` (the term train.py adds to the DPO loss for joint training)
-  * `save_head` / `load_head` (beside an HF export), `predict_preferences`, `cli_predict_preferences`
+  * `head_metrics` (predicted vs gold directions)
+  * `pad_persona`, `pooled_features`, `head_probs` (tensor-level prediction on pooled features)
+  * `joint_head_term` (the term `train.step` adds to the DPO loss for joint training)
+  * `save_head` / `load_head` (beside an HF export)
 
-`models/` does not import `data/` at module level (ARCHITECTURE.md); the few functions that render
-persona text or read data files import `alignx_jax.data.*` lazily, inside the function.
+`models/` never imports `data/` (an import-linter contract): what renders persona text, reads data
+files or applies the release's P~ rule lives in `alignx_jax.pba` (`pba.predict`: persona_prompt_ids,
+persona_features, predict_preferences, heuristic_metrics, cli_predict_preferences).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignx_jax.errors import CheckpointError, ConfigError, DataError
+from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.sharding import LOGICAL_AXES_KEY
 
 # The class order of the head's last axis; a direction value v has class index round(2 v).
@@ -181,6 +183,11 @@ class PreferenceHead(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- labels and loss
+
+
+def head_params(head: PreferenceHead) -> dict[str, Any]:
+    """The head's trained `nnx.Param`s as a pure dict (what checkpoints store as the `head` item)."""
+    return nnx.to_pure_dict(nnx.state(head, nnx.Param))
 
 
 def direction_to_labels(direction_BD):
@@ -337,59 +344,7 @@ def head_metrics(pred_BD, gold_BD) -> dict[str, float]:
     return out
 
 
-def _gold_rows(rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    return [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
-
-
-def heuristic_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The release's averaging rule (history directions -> P̃) scored against the rows' own direction.
-
-    Keys are `heuristic_<metric>` for each metric of `head_metrics`; rows with no gold are skipped.
-    """
-    from alignx_jax.data.persona import history_direction  # lazy: models/ does not import data/ at import
-
-    idx = _gold_rows(rows)
-    pred = (
-        np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx])
-        if idx
-        else np.zeros((0, NUM_DIMS))
-    )
-    gold = (
-        np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
-        if idx
-        else np.zeros((0, NUM_DIMS))
-    )
-    return {f"heuristic_{k}": v for k, v in head_metrics(pred, gold).items()}
-
-
 # ----------------------------------------------------------------------------- persona input
-
-
-def persona_prompt_ids(
-    tokenizer: Any, row: Mapping[str, Any], variant: str = "p", *, max_tokens: int = 1024
-) -> list[int]:
-    """The head's input ids for one row: BOS, then the persona block's ids, left-truncated.
-
-    The block is `data.persona.persona_text(row, variant)` (the whole history; docs/method.md section 4's
-    `{ugc}{pairs}{demographics}`) tokenized with no special tokens. Truncation keeps the *last*
-    `max_tokens - 1` ids (as the release left-truncates prompts), so the demographic text, which
-    comes last, survives. The BOS id falls back to EOS for tokenizers without one. This is the same
-    rule as `data.batching.make_example(..., persona_length=max_tokens)` uses for joint training
-    (a test checks they agree), so a head sees the same kind of input in training and prediction.
-    """
-    from alignx_jax.data.persona import persona_text  # lazy: models/ does not import data/ at import
-
-    if max_tokens < 2:
-        raise ConfigError(f"max_persona_tokens must be at least 2, got {max_tokens}")
-    body = [
-        int(i) for i in tokenizer(persona_text(dict(row), variant), add_special_tokens=False)["input_ids"]
-    ]
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise CheckpointError(
-            "the tokenizer has neither a BOS nor an EOS token; the preference head needs one"
-        )
-    return [int(bos)] + body[-(max_tokens - 1) :]
 
 
 def pad_persona(
@@ -410,54 +365,21 @@ def pad_persona(
     return ids, mask
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id persona rows are padded with: the tokenizer's pad id, else its EOS, else 0."""
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pid if pid is not None else 0)
 
 
 @functools.partial(nnx.jit, static_argnames=("pooling",))
-def _pooled_features(model: nnx.Module, ids_BS: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:
-    # Module level so that the compiled function is reused across calls (cached per shape).
+def pooled_features(model: nnx.Module, ids_BS: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:
+    """Pooled final hidden states `[B, D]` of persona ids `[B, S]` (jitted once per shape)."""
     return pool_hidden(model.hidden_states(ids_BS, mask_BS), mask_BS, pooling)
 
 
 @nnx.jit
 def _head_probs(head: PreferenceHead, feats_BD: jax.Array) -> jax.Array:
     return jax.nn.softmax(head.classify(feats_BD), axis=-1)
-
-
-def persona_features(
-    model: nnx.Module,
-    tokenizer: Any,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    pooling: str,
-    variant: str = "p",
-    max_tokens: int = 1024,
-    batch_size: int = 8,
-) -> np.ndarray:
-    """Pooled final hidden states of the persona-only prompts, one backbone pass -> `[N, D]` float32.
-
-    Rows are run in order of length (less padding), results come back in input order. Batches are
-    padded to `batch_size` rows so that only the sequence length varies between compilations.
-    """
-    all_ids = [persona_prompt_ids(tokenizer, r, variant, max_tokens=max_tokens) for r in rows]
-    order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
-    out: np.ndarray | None = None
-    pad_id = _pad_id(tokenizer)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
-        feats = np.asarray(
-            jax.device_get(_pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)),
-            dtype=np.float32,
-        )
-        if out is None:
-            out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
-        out[chunk] = feats[: len(chunk)]
-    if out is None:
-        return np.zeros((0, 0), dtype=np.float32)
-    return out
 
 
 def head_probs(head: PreferenceHead, features_ND: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
@@ -469,37 +391,6 @@ def head_probs(head: PreferenceHead, features_ND: np.ndarray, *, batch_size: int
     return (
         np.concatenate(parts) if parts else np.zeros((0, head.cfg.num_dims, head.cfg.num_classes), np.float32)
     )
-
-
-def predict_preferences(
-    model: nnx.Module,
-    head: PreferenceHead,
-    tokenizer: Any,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    batch_size: int = 8,
-    rule: str = "argmax",
-    return_probs: bool = False,
-):
-    """The head's P̃ for each row: a list of float32 `[90]` arrays in {0, 0.5, 1} (never all neutral).
-
-    The persona prompt follows the head's own config (variant, max tokens), as in its training.
-    With return_probs, returns (directions, probs [N, 90, 3]).
-    """
-    cfg = head.cfg
-    feats = persona_features(
-        model,
-        tokenizer,
-        rows,
-        pooling=cfg.pooling,
-        variant=cfg.persona_variant,
-        max_tokens=cfg.max_persona_tokens,
-        batch_size=batch_size,
-    )
-    probs = head_probs(head, feats)
-    pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
-    directions = [pred[i] for i in range(len(rows))]
-    return (directions, probs) if return_probs else directions
 
 
 # ----------------------------------------------------------------------------- joint training term
@@ -531,7 +422,7 @@ def joint_head_term(
     persona_length set) and `pair_mask` (dummy pairs count for nothing). `cfg` is the run config
     (or its `pba` section): `weight`, `stop_gradient` (detach the persona features so the head's
     loss does not move the policy), `class_weights`, optional `focal_gamma`. The returned loss is
-    already weighted: train.py adds it to the DPO loss as is. Metrics are unweighted.
+    already weighted: `train.step` adds it to the DPO loss as is. Metrics are unweighted.
 
     Micro-batching: pass `n_pairs` = real pairs in the *global* batch; the CE is then
     sum(w * ce) / (n_pairs * num_dims) over this micro-batch, so summing the terms of all
@@ -661,109 +552,3 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
             )
         var.set_value(jnp.asarray(tensors[key]))
     return head, cfg
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _read_persona_file(path: str) -> dict:
-    """One row's persona fields from a JSON file (an object, or a list holding exactly one)."""
-    from alignx_jax.data.persona import DEMO_FIELD, PAIR_FIELD, UGC_FIELD
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except OSError as e:
-        raise DataError(f"cannot read persona file: {e.strerror}", file=path) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e}", file=path) from None
-    if isinstance(obj, list) and len(obj) == 1:
-        obj = obj[0]
-    if not isinstance(obj, dict):
-        raise DataError("expected a JSON object with the persona fields of one row", file=path)
-    for field in (UGC_FIELD, PAIR_FIELD):
-        if obj.get(field) is not None and not (
-            isinstance(obj[field], list) and all(isinstance(x, dict) for x in obj[field])
-        ):
-            raise DataError("expected a list of objects", file=path, field=field)
-    if obj.get(DEMO_FIELD) is not None and not isinstance(obj[DEMO_FIELD], str):
-        raise DataError("expected a string", file=path, field=DEMO_FIELD)
-    if not any(obj.get(f) for f in (UGC_FIELD, PAIR_FIELD, DEMO_FIELD)):
-        raise DataError(
-            f"no persona: none of {UGC_FIELD!r}, {PAIR_FIELD!r}, {DEMO_FIELD!r} is present and non-empty",
-            file=path,
-        )
-    return obj
-
-
-def cli_predict_preferences(args: Any) -> int:
-    """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
-
-    --persona: prints the predicted direction and its profile text (or one JSON object).
-    --data: predicts every row; writes JSONL `{index, user_id?, direction, profile}` to --out (else
-    stdout) and, where rows carry a golden direction, prints the head's metrics beside the release
-    averaging rule's on the same rows.
-    """
-    from alignx_jax.data.persona import history_direction, profile_text
-    from alignx_jax.models.hf import load_pretrained
-    from alignx_jax.tokenizer import load_tokenizer
-
-    head, _ = load_head(args.model)  # first: a folder without a head fails before the model loads
-    tokenizer = load_tokenizer(args.model)
-    model = load_pretrained(args.model, dtype="float32")
-    as_json = bool(getattr(args, "json", False))
-    if args.persona is not None:
-        row = _read_persona_file(args.persona)
-        [direction], probs = predict_preferences(
-            model, head, tokenizer, [row], batch_size=1, return_probs=True
-        )
-        text = profile_text(direction)
-        if as_json:
-            print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
-        else:
-            print(f"direction: {[float(x) for x in direction]}")
-            print(f"profile: {text}")
-        return 0
-    from alignx_jax.data.schema import load_rows
-
-    rows, _ = load_rows(args.data)
-    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
-    lines = []
-    for i, (row, d) in enumerate(zip(rows, directions)):
-        rec: dict[str, Any] = {"index": i}
-        if row.get("user_id") is not None:
-            rec["user_id"] = row["user_id"]
-        rec["direction"] = [float(x) for x in d]
-        rec["profile"] = profile_text(d)
-        lines.append(json.dumps(rec))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-    else:
-        print("\n".join(lines))
-    summary: dict[str, Any] = {"rows": len(rows), "out": args.out}
-    idx = _gold_rows(rows)
-    if idx:
-        gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
-        summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
-        with_hist = [i for i in idx if history_direction(rows[i]) is not None]
-        if with_hist:
-            summary["heuristic"] = heuristic_metrics([rows[i] for i in with_hist])
-    # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
-    import sys
-
-    stream = sys.stdout if args.out else sys.stderr
-    if as_json:
-        print(json.dumps(summary), file=stream)
-    else:
-        print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
-        for name in ("head", "heuristic"):
-            if name in summary:
-                m = {k.removeprefix("heuristic_"): v for k, v in summary[name].items()}
-                print(
-                    f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
-                    f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}",
-                    file=stream,
-                )
-    return 0

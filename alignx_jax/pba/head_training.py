@@ -1,11 +1,11 @@
 """Two-stage training of PBA's preference head on a frozen backbone.
 
 Stage 1 runs the backbone once over every row's persona-only prompt and caches the pooled
-features `[N, D]` (`preference_head.persona_features`); stage 2 trains only the head's MLP on
+features `[N, D]` (`pba.predict.persona_features`); stage 2 trains only the head's MLP on
 those features with optax (AdamW), mini-batches drawn with replacement. Since the backbone never
 changes, this costs one forward pass per row plus a few thousand tiny MLP steps, and works on any
 exported policy (`mode='two_stage'` in the `pba` config section). Joint training (head CE added to
-the DPO loss in one step) is `preference_head.joint_head_term`, wired in by train.py.
+the DPO loss in one step) is `preference_head.joint_head_term`, wired in by `train.step`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from alignx_jax.models.preference_head import (
     head_loss,
     head_metrics,
     head_probs,
-    persona_features,
     predict_direction,
 )
+from alignx_jax.pba.predict import persona_features
 
 
 @dataclasses.dataclass

@@ -1,0 +1,87 @@
+"""Joining a multi-process JAX job from the environment, once, before any command touches a device.
+
+`alignx` calls `initialize_from_env()` before it dispatches every command, so that `train`, `eval`,
+`export`, ... all run on the same global mesh when a launcher starts one process per host:
+
+- `ALIGNX_COORDINATOR_ADDRESS=HOST:PORT`, `ALIGNX_NUM_PROCESSES=N`, `ALIGNX_PROCESS_ID=I` (set by
+  `launch/local.sh`): an explicit job, e.g. N processes on 127.0.0.1. On CPU the cross-process
+  collectives go through gloo (`ALIGNX_CPU_COLLECTIVES`, default `gloo`).
+- `ALIGNX_DISTRIBUTED=1`: `jax.distributed.initialize()` with everything detected from the cluster
+  (a Cloud TPU pod slice, SLURM `srun`, Open MPI, ...).
+
+With none of these set nothing happens (one process). `initialize()` is idempotent: a second call
+(e.g. `train.distributed` in a config of a run that the launcher already joined) does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_COORDINATOR = "ALIGNX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "ALIGNX_NUM_PROCESSES"
+ENV_PROCESS_ID = "ALIGNX_PROCESS_ID"
+ENV_DISTRIBUTED = "ALIGNX_DISTRIBUTED"
+ENV_CPU_COLLECTIVES = "ALIGNX_CPU_COLLECTIVES"
+ENV_INIT_TIMEOUT = "ALIGNX_INIT_TIMEOUT"
+
+_TRUE = ("1", "true", "yes", "auto")
+
+
+def requested(environ: dict[str, str] | None = None) -> bool:
+    """Whether the environment describes a multi-process job (cheap: imports nothing)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(ENV_COORDINATOR)) or env.get(ENV_DISTRIBUTED, "").strip().lower() in _TRUE
+
+
+def is_initialized() -> bool:
+    import jax
+
+    return bool(jax.distributed.is_initialized())
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str | None = None,
+    timeout_s: int = 300,
+) -> bool:
+    """`jax.distributed.initialize(...)` unless this process already joined a job; returns True when it
+    joined one now. With no arguments everything comes from the cluster environment."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return False
+    if cpu_collectives:
+        # only the CPU backend reads it; harmless on TPU/GPU where XLA's own collectives are used
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=int(timeout_s),
+    )
+    return True
+
+
+def initialize_from_env(environ: dict[str, str] | None = None) -> bool:
+    """Join the job the environment describes (see the module docstring); False when there is none."""
+    from alignx_jax.errors import ConfigError
+
+    env = os.environ if environ is None else environ
+    if not requested(env):
+        return False
+    timeout = int(env.get(ENV_INIT_TIMEOUT, "300"))
+    collectives = env.get(ENV_CPU_COLLECTIVES, "gloo") or None
+    if env.get(ENV_COORDINATOR):
+        try:
+            n, i = int(env[ENV_NUM_PROCESSES]), int(env[ENV_PROCESS_ID])
+        except (KeyError, ValueError):
+            raise ConfigError(
+                f"{ENV_COORDINATOR} is set: {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} must be integers too"
+            ) from None
+        if not 0 <= i < n:
+            raise ConfigError(f"{ENV_PROCESS_ID}={i} is not in [0, {ENV_NUM_PROCESSES}={n})")
+        return initialize(env[ENV_COORDINATOR], n, i, cpu_collectives=collectives, timeout_s=timeout)
+    return initialize(cpu_collectives=collectives, timeout_s=timeout)

@@ -1,0 +1,259 @@
+"""The README.md model card of an `alignx export` folder, and what it is built from.
+
+The card names the base model (a hub id gets `base_model:` front matter), the method (ICA, PBA or
+non-personalized DPO), the training data and the key training settings (from a workdir's W/config.json),
+eval results (`alignx eval` results files given with `--results`, or found in the workdir), the paper's
+sampling settings for generation (also `alignx generate`'s defaults; they are not written into
+generation_config.json, which stays the base model's), and the base model's license line.
+
+`alignx import` records where a model came from in the checkpoint's `BASE_INFO` file, so an export of an
+imported (or trained-from-imported) checkpoint still knows its base model and license.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+BASE_INFO = "alignx_base.json"  # in an `alignx import` checkpoint: {"base_model", "license"}
+CARD = "README.md"
+# the paper's sampling settings (AlignX release; `alignx generate` defaults)
+SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
+METHODS = {
+    "ica": "ICA (in-context alignment: the persona in the prompt)",
+    "pba": "PBA (preference-bridged alignment: a preference head predicts P̃)",
+    "none": "non-personalized DPO (no persona)",
+}
+
+
+def read_license(folder: str | None) -> str | None:
+    """The `license:` of a HF folder's README.md front matter (or of its BASE_INFO), else None."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    info = read_base_info(folder)
+    if info.get("license"):
+        return str(info["license"])
+    try:
+        with open(os.path.join(folder, CARD), encoding="utf-8") as f:
+            text = f.read(65536)
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", text, re.S)
+    if not m:
+        return None
+    for line in m.group(1).splitlines():
+        k, _, v = line.partition(":")
+        if k.strip() == "license" and v.strip():
+            return v.strip().strip("'\"")
+    return None
+
+
+def read_base_info(folder: str | None) -> dict[str, Any]:
+    try:
+        with open(os.path.join(folder or "", BASE_INFO), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def write_base_info(folder: str, base_model: str, src_folder: str) -> str:
+    """BASE_INFO for an imported checkpoint: the `--hf` argument as given (a hub id stays one)."""
+    info = {"base_model": base_model, "license": read_license(src_folder)}
+    with open(os.path.join(folder, BASE_INFO), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    return BASE_INFO
+
+
+def read_run_config(checkpoint: str) -> dict[str, Any] | None:
+    """W/config.json of a training workdir (the run's whole config), None for a model checkpoint."""
+    try:
+        with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
+    return cfg if ok else None
+
+
+def _is_eval_results(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("benchmarks"), dict)
+
+
+def find_results(checkpoint: str, given: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(path, results) of `alignx eval` results files: `given` ones (each must be one), else those found
+    in a workdir (W/results.json, W/eval*.json, W/eval/*.json)."""
+    from alignx_jax.errors import CheckpointError
+
+    out = []
+    if given:
+        for path in given:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"--results {path}: cannot read it ({e})") from None
+            if not _is_eval_results(data):
+                raise CheckpointError(f"--results {path}: not an `alignx eval` results file (no benchmarks)")
+            out.append((path, data))
+        return out
+    if not os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        return out
+    for pattern in ("results.json", "eval*.json", os.path.join("eval", "*.json")):
+        for path in sorted(glob.glob(os.path.join(checkpoint, pattern))):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if _is_eval_results(data):
+                out.append((path, data))
+    return out
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f}"
+
+
+def _results_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines = ["| results file | method | benchmark | accuracy % | n | 95% CI |", "|---|---|---|---|---|---|"]
+    for path, data in results:
+        for name, b in sorted(data["benchmarks"].items()):
+            if not isinstance(b, dict):
+                continue
+            ci = b.get("ci95") or [None, None]
+            lines.append(
+                f"| {os.path.basename(path)} | {data.get('method', '')} | {name} | {_pct(b.get('accuracy'))} "
+                f"| {b.get('n', '')} | [{_pct(ci[0])}, {_pct(ci[1])}] |"
+            )
+    return lines
+
+
+def build_card(
+    *,
+    name: str,
+    source: str,
+    step: int | None,
+    base_model: str | None,
+    license_: str | None,
+    run_cfg: dict[str, Any] | None,
+    results: list[tuple[str, dict[str, Any]]],
+    dtype: str,
+    has_head: bool,
+) -> str:
+    from alignx_jax.hub import parse_hub_id
+
+    data = (run_cfg or {}).get("data") or {}
+    method = str(data.get("method") or "") or None
+    hub = base_model if base_model and parse_hub_id(base_model) is not None else None
+    front = ["---", "library_name: transformers"]
+    if license_:
+        front.append(f"license: {license_}")
+    if hub:
+        front.append(f"base_model: {hub.split('@')[0]}")
+    front += ["tags:", "- alignx", "- dpo", "- personalized-alignment"]
+    if method in ("ica", "pba"):
+        front.append(f"- {method}")
+    front.append("---")
+    out = [*front, "", f"# {name}", ""]
+    out.append(
+        f"Exported by alignx-jax from `{source}`"
+        + (f" (step {step})" if step is not None else "")
+        + f"; weights in {dtype} safetensors, loadable with `transformers.AutoModelForCausalLM`."
+    )
+    out += ["", f"- Base model: {f'`{base_model}`' if base_model else 'unknown'}"]
+    if run_cfg is not None:
+        loss, optim, train = (run_cfg.get(k) or {} for k in ("loss", "optim", "train"))
+        out.append(f"- Method: {METHODS.get(method or '', method or 'unknown')}")
+        out.append(f"- Training data: `{data.get('train') or 'synthetic users (W/data)'}`")
+        keys = [
+            ("persona", data.get("persona")),
+            ("prompt format", data.get("prompt_format")),
+            ("max length", data.get("max_length")),
+            ("loss", loss.get("type")),
+            ("beta", loss.get("beta")),
+            ("learning rate", optim.get("lr")),
+            ("global batch", train.get("global_batch")),
+            ("steps", train.get("steps")),
+            ("epochs", train.get("epochs")),
+        ]
+        out.append("- Training settings: " + ", ".join(f"{k} {v}" for k, v in keys if v not in (None, "")))
+    else:
+        out.append("- Method: not recorded (a model checkpoint, not a training workdir)")
+    if has_head:
+        out.append(
+            "- Preference head: `preference_head.safetensors` + `preference_head_config.json` "
+            "(PBA's P̃ predictor; `alignx predict-preferences`)"
+        )
+    out += ["", "## Evaluation", ""]
+    if results:
+        out += _results_lines(results)
+    else:
+        out.append("No results recorded (`alignx export --results RESULTS.json` adds `alignx eval` results).")
+    s = SAMPLING
+    out += [
+        "",
+        "## Generation",
+        "",
+        f"The paper samples with temperature {s['temperature']}, top-k {s['top_k']} and top-p {s['top_p']} "
+        "(the defaults of `alignx generate`). `generation_config.json` is the base model's, unchanged; pass "
+        "the settings explicitly:",
+        "",
+        "```python",
+        f"model.generate(**inputs, do_sample=True, temperature={s['temperature']}, top_k={s['top_k']}, "
+        f"top_p={s['top_p']})",
+        "```",
+        "",
+    ]
+    if method == "ica":
+        out += [
+            "Prompts carry the user's persona as in training (`alignx generate --method ica --persona FILE`).",
+            "",
+        ]
+    out += ["## License", "", license_ or "Not recorded: see the base model's license.", ""]
+    return "\n".join(out)
+
+
+def write_card(
+    out_dir: str,
+    *,
+    checkpoint: str,
+    config_dir: str,
+    source: str,
+    step: int | None,
+    dtype: str,
+    has_head: bool,
+    results_files: list[str] | None = None,
+    name: str | None = None,
+) -> str:
+    """Write OUT/README.md for an export of `checkpoint` (a workdir or model checkpoint); returns CARD."""
+    run_cfg = read_run_config(checkpoint) if os.path.isdir(os.path.join(checkpoint, "checkpoints")) else None
+    base_model, license_ = None, None
+    info = read_base_info(checkpoint)
+    if run_cfg is not None:
+        hf_path = str((run_cfg.get("model") or {}).get("hf_path") or "")
+        base_model = hf_path or None
+        info = read_base_info(hf_path) if hf_path and os.path.isdir(hf_path) else {}
+        base_model = info.get("base_model") or base_model
+        license_ = info.get("license") or read_license(config_dir)
+    else:
+        base_model = info.get("base_model")
+        license_ = info.get("license")
+    results = find_results(checkpoint, results_files)
+    text = build_card(
+        name=name or os.path.basename(os.path.abspath(out_dir)),
+        source=source,
+        step=step,
+        base_model=base_model,
+        license_=license_,
+        run_cfg=run_cfg,
+        results=results,
+        dtype=dtype,
+        has_head=has_head,
+    )
+    with open(os.path.join(out_dir, CARD), "w", encoding="utf-8") as f:
+        f.write(text)
+    return CARD

@@ -1,0 +1,43 @@
+"""Paths that may be URLs (gs://bucket/run, s3://...): every file the CLI reads or writes outside the
+trainer's array I/O goes through `etils.epath`, and nothing turns a URL into a local path.
+
+`os.path.abspath("gs://b/w")` is `<cwd>/gs:/b/w`: a silent local folder. `absolute()` keeps URLs as
+they are and makes local paths absolute; `path()` is the `epath.Path` to open/list/rename them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from etils import epath
+
+
+def is_url(p: Any) -> bool:
+    return "://" in os.fspath(p)
+
+
+def absolute(p: Any) -> str:
+    """`p` as an absolute local path, or the URL unchanged."""
+    s = os.fspath(p)
+    return s if is_url(s) else os.path.abspath(s)
+
+
+def path(p: Any) -> epath.Path:
+    """An `epath.Path` (local or remote); the string of a URL round-trips unchanged."""
+    return epath.Path(absolute(p))
+
+
+def is_main_process() -> bool:
+    """Process 0 of a multi-process job (one process: always). Imports jax only if it is loaded."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
+def process_count() -> int:
+    import sys
+
+    jax = sys.modules.get("jax")
+    return 1 if jax is None else int(jax.process_count())

@@ -1,0 +1,254 @@
+"""PBA's data side of the preference head: the persona-only prompt it reads, features and P~
+predictions for data rows, the release's averaging rule as a baseline, and `alignx predict-preferences`.
+
+The head itself (NNX module, loss, tensor-level prediction, save/load) is `models.preference_head`;
+this module joins it to `data.persona` / `data.schema`, which `models/` never imports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignx_jax.data.persona import (
+    DEMO_FIELD,
+    PAIR_FIELD,
+    UGC_FIELD,
+    history_direction,
+    persona_text,
+    profile_text,
+)
+from alignx_jax.data.schema import load_rows
+from alignx_jax.errors import CheckpointError, ConfigError, DataError
+from alignx_jax.models.preference_head import (
+    NUM_DIMS,
+    PreferenceHead,
+    head_metrics,
+    head_probs,
+    load_head,
+    pad_persona,
+    pad_token_id,
+    pooled_features,
+    predict_direction,
+)
+
+
+def gold_rows(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indices of the rows that carry a golden `Preference Direction`."""
+    return [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
+
+
+def heuristic_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The release's averaging rule (history directions -> P̃) scored against the rows' own direction.
+
+    Keys are `heuristic_<metric>` for each metric of `head_metrics`; rows with no gold are skipped.
+    """
+    idx = gold_rows(rows)
+    pred = (
+        np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx])
+        if idx
+        else np.zeros((0, NUM_DIMS))
+    )
+    gold = (
+        np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
+        if idx
+        else np.zeros((0, NUM_DIMS))
+    )
+    return {f"heuristic_{k}": v for k, v in head_metrics(pred, gold).items()}
+
+
+def persona_prompt_ids(
+    tokenizer: Any, row: Mapping[str, Any], variant: str = "p", *, max_tokens: int = 1024
+) -> list[int]:
+    """The head's input ids for one row: BOS, then the persona block's ids, left-truncated.
+
+    The block is `data.persona.persona_text(row, variant)` (the whole history; docs/method.md section 4's
+    `{ugc}{pairs}{demographics}`) tokenized with no special tokens. Truncation keeps the *last*
+    `max_tokens - 1` ids (as the release left-truncates prompts), so the demographic text, which
+    comes last, survives. The BOS id falls back to EOS for tokenizers without one. This is the same
+    rule as `data.batching.make_example(..., persona_length=max_tokens)` uses for joint training
+    (a test checks they agree), so a head sees the same kind of input in training and prediction.
+    """
+    if max_tokens < 2:
+        raise ConfigError(f"max_persona_tokens must be at least 2, got {max_tokens}")
+    body = [
+        int(i) for i in tokenizer(persona_text(dict(row), variant), add_special_tokens=False)["input_ids"]
+    ]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise CheckpointError(
+            "the tokenizer has neither a BOS nor an EOS token; the preference head needs one"
+        )
+    return [int(bos)] + body[-(max_tokens - 1) :]
+
+
+def persona_features(
+    model: nnx.Module,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    pooling: str,
+    variant: str = "p",
+    max_tokens: int = 1024,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """Pooled final hidden states of the persona-only prompts, one backbone pass -> `[N, D]` float32.
+
+    Rows are run in order of length (less padding), results come back in input order. Batches are
+    padded to `batch_size` rows so that only the sequence length varies between compilations.
+    """
+    all_ids = [persona_prompt_ids(tokenizer, r, variant, max_tokens=max_tokens) for r in rows]
+    order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
+    out: np.ndarray | None = None
+    pad_id = pad_token_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
+        feats = np.asarray(
+            jax.device_get(pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)),
+            dtype=np.float32,
+        )
+        if out is None:
+            out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
+        out[chunk] = feats[: len(chunk)]
+    if out is None:
+        return np.zeros((0, 0), dtype=np.float32)
+    return out
+
+
+def predict_preferences(
+    model: nnx.Module,
+    head: PreferenceHead,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 8,
+    rule: str = "argmax",
+    return_probs: bool = False,
+):
+    """The head's P̃ for each row: a list of float32 `[90]` arrays in {0, 0.5, 1} (never all neutral).
+
+    The persona prompt follows the head's own config (variant, max tokens), as in its training.
+    With return_probs, returns (directions, probs [N, 90, 3]).
+    """
+    cfg = head.cfg
+    feats = persona_features(
+        model,
+        tokenizer,
+        rows,
+        pooling=cfg.pooling,
+        variant=cfg.persona_variant,
+        max_tokens=cfg.max_persona_tokens,
+        batch_size=batch_size,
+    )
+    probs = head_probs(head, feats)
+    pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
+    directions = [pred[i] for i in range(len(rows))]
+    return (directions, probs) if return_probs else directions
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def read_persona_file(path: str) -> dict:
+    """One row's persona fields from a JSON file (an object, or a list holding exactly one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read persona file: {e.strerror}", file=path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e}", file=path) from None
+    if isinstance(obj, list) and len(obj) == 1:
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise DataError("expected a JSON object with the persona fields of one row", file=path)
+    for field in (UGC_FIELD, PAIR_FIELD):
+        if obj.get(field) is not None and not (
+            isinstance(obj[field], list) and all(isinstance(x, dict) for x in obj[field])
+        ):
+            raise DataError("expected a list of objects", file=path, field=field)
+    if obj.get(DEMO_FIELD) is not None and not isinstance(obj[DEMO_FIELD], str):
+        raise DataError("expected a string", file=path, field=DEMO_FIELD)
+    if not any(obj.get(f) for f in (UGC_FIELD, PAIR_FIELD, DEMO_FIELD)):
+        raise DataError(
+            f"no persona: none of {UGC_FIELD!r}, {PAIR_FIELD!r}, {DEMO_FIELD!r} is present and non-empty",
+            file=path,
+        )
+    return obj
+
+
+def cli_predict_preferences(args: Any) -> int:
+    """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
+
+    --persona: prints the predicted direction and its profile text (or one JSON object).
+    --data: predicts every row; writes JSONL `{index, user_id?, direction, profile}` to --out (else
+    stdout) and, where rows carry a golden direction, prints the head's metrics beside the release
+    averaging rule's on the same rows.
+    """
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.tokenizer import load_tokenizer
+
+    head, _ = load_head(args.model)  # first: a folder without a head fails before the model loads
+    tokenizer = load_tokenizer(args.model)
+    model = load_pretrained(args.model, dtype="float32")
+    as_json = bool(getattr(args, "json", False))
+    if args.persona is not None:
+        row = read_persona_file(args.persona)
+        [direction], probs = predict_preferences(
+            model, head, tokenizer, [row], batch_size=1, return_probs=True
+        )
+        text = profile_text(direction)
+        if as_json:
+            print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
+        else:
+            print(f"direction: {[float(x) for x in direction]}")
+            print(f"profile: {text}")
+        return 0
+    rows, _ = load_rows(args.data)
+    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
+    lines = []
+    for i, (row, d) in enumerate(zip(rows, directions)):
+        rec: dict[str, Any] = {"index": i}
+        if row.get("user_id") is not None:
+            rec["user_id"] = row["user_id"]
+        rec["direction"] = [float(x) for x in d]
+        rec["profile"] = profile_text(d)
+        lines.append(json.dumps(rec))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
+    summary: dict[str, Any] = {"rows": len(rows), "out": args.out}
+    idx = gold_rows(rows)
+    if idx:
+        gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
+        summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
+        with_hist = [i for i in idx if history_direction(rows[i]) is not None]
+        if with_hist:
+            summary["heuristic"] = heuristic_metrics([rows[i] for i in with_hist])
+    # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
+    stream = sys.stdout if args.out else sys.stderr
+    if as_json:
+        print(json.dumps(summary), file=stream)
+    else:
+        print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
+        for name in ("head", "heuristic"):
+            if name in summary:
+                m = {k.removeprefix("heuristic_"): v for k, v in summary[name].items()}
+                print(
+                    f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
+                    f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}",
+                    file=stream,
+                )
+    return 0

@@ -1,0 +1,515 @@
+"""The training run: start-up, resume, the precomputed reference pass, the step loop, saving.
+
+`run_training(cfg)` is the whole run for a loaded config; a `Trainer` holds its state as attributes
+(the loader, params and optimizer state, counters saved with checkpoints) and each phase is one
+method. What the step computes is `train.step`; what a batch holds is `alignx_jax.batch`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alignx_jax import sharding as shd
+from alignx_jax import workdir as workdir_lib
+from alignx_jax.batch import BatchBuilder, batch_shardings, put_batch
+from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
+from alignx_jax.data import batching, sources
+from alignx_jax.errors import AlignXError, ConfigError
+from alignx_jax.metrics import MetricsWriter
+from alignx_jax.pba import stages as pba_stages
+from alignx_jax.train.schema import joint_head, two_stage_head, uses_predicted, validate_config
+from alignx_jax.train.setup import (
+    derived_fingerprint,
+    ensure_data,
+    prepare_workdir,
+    stopped_in_start_up,
+    sync,
+    write_reference,
+)
+from alignx_jax.train.signals import StopFlag
+from alignx_jax.train.state import (
+    HeadCodec,
+    ParamsCodec,
+    build_policy,
+    load_tokenizer_for,
+    make_head_optimizer,
+    make_optimizer,
+    rules_from_config,
+    tree_shardings,
+)
+from alignx_jax.train.step import describe_nonfinite, jit_train_step, make_ref_logps_fn
+
+
+def run_training(cfg: ml_collections.ConfigDict) -> int:
+    """The whole run for a loaded config; returns the exit status."""
+    stop = StopFlag()
+    stop.install()  # first: a SIGTERM during start-up (data, model, compile) is a clean exit 0
+    held: list[workdir_lib.WorkdirLock] = []
+    try:
+        return Trainer(cfg, stop).run(held)
+    except OSError as e:  # a full disk, a permission: one line naming the file
+        where = e.filename or os.path.abspath(cfg.workdir or ".")
+        raise AlignXError(
+            f"{where}: {e.strerror or e}; the run stopped (rerun the same command to resume from "
+            "the last checkpoint)"
+        ) from None
+    finally:
+        for lock in held:
+            lock.release()
+        stop.restore()
+
+
+class _StoppedInStartUp(Exception):
+    """SIGTERM/SIGINT before the first step: nothing to save, exit 0."""
+
+
+class Trainer:
+    """One run of `alignx train`. `run` calls the phases in order; every phase reads and sets attributes."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, stop: StopFlag):
+        self.cfg = cfg
+        self.stop = stop
+        self.rows_truncated = 0  # rows whose prompt was cut to fit (saved with the loader state)
+        self.skipped_total = 0  # non-finite steps skipped (loss.nan_policy='skip'), saved too
+        self.predicted: np.ndarray | None = None  # [N, 90] first-stage P~, before the first batch
+        self.ref_params: Any = None
+        self.ref_table: np.ndarray | None = None
+        self.head_codec = self.head_tx = self.head_cfg = None
+        self.start = 0
+        self.latest: int | None = None
+
+    # ------------------------------------------------------------------------- phases
+
+    def run(self, held: list) -> int:
+        try:
+            self.set_up(held)
+            self.open_data()
+            self.build_state()
+            self.restore()
+            if self.precomputed:
+                self.precompute_reference()
+            self.step_fn = jit_train_step(
+                self.codec,
+                self.tx,
+                self.cfg,
+                param_shardings=self.param_sh,
+                opt_shardings=self.opt_sh,
+                replicated=self.rep,
+                head_codec=self.head_codec,
+                head_tx=self.head_tx,
+            )
+            self.check_stop()
+        except _StoppedInStartUp:
+            return stopped_in_start_up(self.stop, self.is_main)
+        return self.train()
+
+    def check_stop(self) -> None:
+        if self.stop.signum is not None:
+            raise _StoppedInStartUp
+
+    def set_up(self, held: list) -> None:
+        """Config checks, the mesh, the workdir (taken and checked on the main process)."""
+        cfg = self.cfg
+        validate_config(cfg)
+        if cfg.train.distributed:
+            jax.distributed.initialize()
+        self.mesh = shd.mesh_from_config(cfg.mesh)
+        self.rules = rules_from_config(cfg)
+        self.workdir = os.path.abspath(cfg.workdir)
+        self.is_main = jax.process_index() == 0
+        self.pc, self.pi = jax.process_count(), jax.process_index()
+        if self.is_main:
+            held.append(prepare_workdir(cfg, self.workdir))
+        sync("workdir")
+
+    def open_data(self) -> None:
+        """Tokenizer, data source, loader, batch builder and the run's length in steps."""
+        cfg = self.cfg
+        self.tokenizer, self.tokenizer_dir = load_tokenizer_for(cfg)
+        self.data_path = ensure_data(cfg, self.workdir, self.is_main)
+        self.check_stop()
+        self.source = sources.open_source(self.data_path, skip_bad=bool(cfg.data.skip_bad_rows))
+        self.rows_skipped = int(getattr(self.source, "skipped", 0))
+        if len(self.source) == 0:
+            raise AlignXError(f"{self.data_path}: no training rows")
+        self.gb = gb = int(cfg.train.global_batch)
+        self.num_micro = gb // int(cfg.train.micro_batch or gb)
+        if gb % self.pc or (gb // self.pc) % self.num_micro:
+            raise ConfigError(
+                f"train.global_batch={gb} must split evenly over {self.pc} processes and "
+                f"{self.num_micro} microbatches"
+            )
+        self.seed = int(cfg.train.seed)
+        self.joint = joint_head(cfg)
+        self.two_stage = two_stage_head(cfg)
+        self.use_predicted = uses_predicted(cfg)
+        if (self.use_predicted or self.two_stage) and self.pc > 1:
+            raise ConfigError(
+                "pba.preference predicted/mix and pba.mode=two_stage run on one process; "
+                "use pba.mode=joint with pba.preference=golden on multi-host runs"
+            )
+        self.persona_length = int(cfg.pba.max_persona_tokens) if self.joint else None
+        pad_id = int(self.tokenizer.pad_token_id)
+        self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint)
+        self.loader = self.new_loader()
+        self.total_steps = (
+            int(cfg.train.steps)
+            if cfg.train.steps > 0
+            else max(1, int(cfg.train.epochs) * self.loader.steps_per_epoch)
+        )
+
+    def profile_for(self, index: int) -> np.ndarray | None:
+        """The predicted P~ for this row when the run renders predicted profiles for it, else None (golden)."""
+        if not self.use_predicted:
+            return None
+        # mix: a fixed choice per row, independent of the history-sampling rng and of the epoch
+        if self.cfg.pba.preference == "mix" and (
+            np.random.default_rng([self.seed, 0x5042, int(index)]).random()
+            >= float(self.cfg.pba.mix_predicted)
+        ):
+            return None
+        return self.predicted[index]
+
+    def example(self, row, rng, index):
+        """One row as a DPOExample (the loader's example_fn); counts truncated prompts."""
+        cfg = self.cfg
+        ex = batching.make_example(
+            self.tokenizer,
+            row,
+            method=cfg.data.method,
+            persona=cfg.data.persona,
+            max_length=int(cfg.data.max_length),
+            prompt_format=cfg.data.prompt_format,
+            rng=rng,
+            overflow=cfg.data.overflow,
+            index=index,
+            profile=self.profile_for(index),
+            persona_length=self.persona_length,
+        )
+        self.rows_truncated += int(ex is not None and ex.truncated)
+        return ex
+
+    def new_loader(self) -> sources.TrainLoader:
+        cfg = self.cfg
+        return sources.TrainLoader(
+            self.source,
+            self.example,
+            pairs_per_batch=self.gb // self.pc,
+            pad_id=int(self.tokenizer.pad_token_id),
+            buckets=tuple(int(b) for b in cfg.data.buckets),
+            seed=self.seed,
+            shuffle=bool(cfg.data.shuffle),
+            num_epochs=None,
+            on_drop="pad",
+            shard_index=self.pi,
+            shard_count=self.pc,
+        )
+
+    def build_state(self) -> None:
+        """Policy (and joint head), the reference copy, optimizers and their placements."""
+        cfg, mesh = self.cfg, self.mesh
+        policy = build_policy(cfg, self.tokenizer, mesh, self.rules)
+        write_reference(cfg, policy, self.workdir, self.tokenizer_dir, self.is_main)
+        if self.use_predicted:
+            self.predicted = pba_stages.predicted_directions(
+                cfg,
+                policy,
+                self.tokenizer,
+                self.source,
+                self.workdir,
+                derived_fingerprint(cfg, self.data_path),
+            )
+        self.check_stop()
+        self.codec = ParamsCodec.of(policy)
+        params = nnx.to_pure_dict(nnx.state(policy))
+        hidden_size = int(policy.cfg.hidden_size)
+        del policy
+        compute_dt = jnp.dtype(cfg.model.dtype)
+        # a separate buffer even when dtypes agree: the policy's buffers are donated to the step
+        self.ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=compute_dt, copy=True), params)
+        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps, int(cfg.model.frozen_layers))
+        if self.joint:
+            head = pba_stages.build_head(cfg, hidden_size, mesh, self.rules)
+            self.head_cfg, self.head_codec = head.cfg, HeadCodec.of(head)
+            self.head_tx = make_head_optimizer(cfg.pba)
+            params = {"policy": params, "head": HeadCodec.params(head)}
+            opt_state = {"policy": self.tx.init(params["policy"]), "head": self.head_tx.init(params["head"])}
+            del head
+        else:
+            opt_state = self.tx.init(params)
+        self.param_sh = tree_shardings(params, mesh)
+        self.opt_sh = tree_shardings(opt_state, mesh)
+        self.params = params
+        self.opt_state = jax.device_put(opt_state, self.opt_sh)
+        self.rep = NamedSharding(mesh, PartitionSpec())
+        self.precomputed = cfg.loss.reference == "precomputed"
+
+    def restore(self) -> None:
+        """Open the checkpoints and resume from the newest that verifies, if any."""
+        cfg = self.cfg
+        self.ckpt = TrainCheckpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            keep=int(cfg.checkpoint.keep),
+            async_save=bool(cfg.checkpoint["async"]),
+        )
+        # restore targets (shapes, dtypes, shardings); also what a failed run checks its last checkpoint with
+        params, opt_state = self.params, self.opt_state
+        self.targets = (
+            (abstract_like(params["policy"]), abstract_like(opt_state), abstract_like(params["head"]))
+            if self.joint
+            else (abstract_like(params), abstract_like(opt_state), None)
+        )
+        found = self.ckpt.restore_newest_good(*self.targets, warn=workdir_lib.warn if self.is_main else None)
+        if found is None:
+            return
+        self.latest, restored = found
+        self.params = {"policy": restored[0], "head": restored[3]} if self.joint else restored[0]
+        self.opt_state, meta = restored[1], restored[2]
+        self.loader.set_state(meta["loader"])
+        self.rows_truncated = int(meta.get("rows_truncated", 0))
+        self.skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
+        self.start = int(meta["step"])
+        if self.is_main:
+            print(
+                f"alignx train: resuming from {self.ckpt.directory}/{self.latest} "
+                f"(step {self.start} of {self.total_steps})",
+                file=sys.stderr,
+            )
+
+    def precompute_reference(self) -> None:
+        """loss.reference=precomputed: one pass over the batches this run will see, stored per process;
+        then the frozen copy is freed (its memory goes to training)."""
+        ref_path = os.path.join(self.workdir, f"ref_logps.p{self.pi}.npy")
+        want_shape = (self.total_steps, self.gb // self.pc, 2)
+        # keyed by what the log-probs depend on: a same-shaped table of other data or another model is stale
+        ref_key = derived_fingerprint(self.cfg, self.data_path, shape=want_shape, process=[self.pc, self.pi])
+        if (
+            workdir_lib.fingerprint_matches(ref_path, ref_key)
+            and np.load(ref_path, mmap_mode="r").shape == want_shape
+        ):
+            self.ref_table = np.load(ref_path)
+        else:
+            self.ref_table = self.reference_pass(want_shape)
+            if self.is_main or self.pc > 1:
+                workdir_lib.forget_fingerprint(ref_path)
+                np.save(ref_path + ".tmp.npy", self.ref_table)
+                os.replace(ref_path + ".tmp.npy", ref_path)
+                workdir_lib.write_fingerprint(ref_path, ref_key)
+        self.ref_params = None
+
+    def reference_pass(self, want_shape: tuple[int, int, int]) -> np.ndarray:
+        """The reference log-probs of every pair of every step, `[steps, local pairs, 2]`."""
+        from tqdm import tqdm
+
+        ref_fn = jax.jit(make_ref_logps_fn(self.codec, self.cfg.loss), out_shardings=self.rep)
+        pre_loader = self.new_loader()
+        saved_truncated = self.rows_truncated
+        table = np.zeros(want_shape, np.float32)
+        local_pairs = self.gb // self.pc
+        with shd.use_mesh(self.mesh, self.rules):
+            # the pass takes about a third of the training's time: it shows progress as training does
+            for s in tqdm(
+                range(self.total_steps),
+                desc="reference log-probs",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=not (self.is_main and self.cfg.train.progress),
+            ):
+                self.check_stop()  # nothing is written: the next run does the pass again
+                hb, _ = self.builder(next(pre_loader)[0])
+                # global slot ids tell each process which of the gathered results are its own
+                hb["slot"] = (self.pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(
+                    self.num_micro, -1
+                )
+                batch = put_batch(hb, batch_shardings(hb, self.mesh, self.rules))
+                lp, slot = jax.device_get(ref_fn(self.ref_params, batch))
+                lp, slot = np.asarray(lp).reshape(-1, 2), np.asarray(slot).reshape(-1)
+                mine = slot // local_pairs == self.pi
+                table[s][slot[mine] % local_pairs] = lp[mine]
+        self.rows_truncated = saved_truncated
+        return table
+
+    # ------------------------------------------------------------------------- the loop
+
+    def train(self) -> int:
+        """Steps from `start` to `total_steps`, saving every `checkpoint.every_steps` and on a stop signal."""
+        cfg = self.cfg
+        self.writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=self.start)
+        self.bar = None
+        if self.is_main and cfg.train.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=self.start,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        self.step = self.start
+        self.last_saved = self.latest
+        self.in_a_row = 0  # non-finite steps skipped since the last finite one
+        try:
+            while self.step < self.total_steps:
+                if self.stop.signum is not None:
+                    break
+                self.train_one_step()
+            return self.finish()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+            self.ckpt.close()
+
+    def train_one_step(self) -> None:
+        t0 = time.perf_counter()
+        coll, info = next(self.loader)
+        hb, stats = self.builder(coll)
+        if self.precomputed:
+            hb["ref_logps"] = self.ref_table[self.step].reshape(self.num_micro, -1, 2)
+        batch = put_batch(hb, batch_shardings(hb, self.mesh, self.rules))
+        with shd.use_mesh(self.mesh, self.rules):
+            self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, self.ref_params, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.check_finite(m)
+        m["skipped_nonfinite_steps"] = self.skipped_total
+        final_head = None
+        if self.two_stage and self.step == self.total_steps:  # fit on the final policy, then saved with it
+            final_head = pba_stages.fit_two_stage_head(
+                self.cfg, self.codec.module(self.params), self.tokenizer, self.source
+            )
+            m.update(final_head[2])
+        self.log(m, info, stats, dt)
+        every = max(1, int(self.cfg.checkpoint.every_steps))
+        if self.step % every == 0 or self.step == self.total_steps:
+            self.save(self.step, None if final_head is None else final_head[:2])
+            self.last_saved = self.step
+
+    def check_finite(self, m: dict[str, float]) -> None:
+        """Count a non-finite step (loss.nan_policy) and stop the run when the policy says so."""
+        skip_policy = self.cfg.loss.get("nan_policy", "stop") == "skip"
+        max_skipped = int(self.cfg.loss.get("max_skipped_steps", 10))
+        nonfinite = int(m.pop("nonfinite"))
+        self.in_a_row = self.in_a_row + 1 if nonfinite else 0
+        self.skipped_total += int(nonfinite != 0 and skip_policy)
+        if nonfinite and (not skip_policy or self.in_a_row >= max_skipped):
+            self.params = self.opt_state = None  # the bad state: its memory goes to checking the saved ones
+            raise nonfinite_error(
+                self.ckpt, self.targets, self.step, m, nonfinite, self.in_a_row if skip_policy else 0
+            )
+
+    def log(self, m: dict[str, float], info: dict[str, Any], stats: dict[str, float], dt: float) -> None:
+        step = self.step
+        if step % max(1, int(self.cfg.train.log_every)) == 0 or step == self.total_steps:
+            self.writer.write(
+                step,
+                {
+                    **m,
+                    "learning_rate": float(self.schedule(step - 1)),
+                    "epoch": info["epoch"],
+                    "tokens_per_sec": stats["real_tokens"] * self.pc / dt,
+                    "step_time": dt,
+                    "rows_dropped": info["rows_dropped"],
+                    "rows_truncated": self.rows_truncated,
+                    "rows_skipped": self.rows_skipped,
+                    "padding_fraction": stats["padding_fraction"],
+                    "computed_padding_fraction": stats["computed_padding_fraction"],
+                },
+            )
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}")
+
+    def finish(self) -> int:
+        """After the loop: a stop signal saves the last step; both ways wait for the saves and exit 0."""
+        step, ckpt = self.step, self.ckpt
+        if self.stop.signum is not None and step < self.total_steps:
+            if step > self.start and self.last_saved != step:
+                self.save(step)
+            ckpt.wait()
+            if self.is_main:
+                name = signal.Signals(self.stop.signum).name
+                what = (
+                    f"saved step {step} to {ckpt.directory}"
+                    if step > self.start
+                    else "no step run, nothing to save"
+                )
+                print(
+                    f"alignx train: {name} received: {what}; rerun the same command to resume",
+                    file=sys.stderr,
+                )
+            return 0
+        ckpt.wait()
+        if self.is_main:
+            print(f"alignx train: done, {step} steps; checkpoints in {ckpt.directory}", file=sys.stderr)
+        return 0
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def meta_for(self, step: int, hcfg=None) -> dict[str, Any]:
+        meta = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "seed": self.seed,
+            "loader": self.loader.get_state(),
+            "rows_truncated": self.rows_truncated,
+            "rows_skipped": self.rows_skipped,
+            "skipped_nonfinite_steps": self.skipped_total,
+        }
+        if hcfg is not None:  # `alignx export` rebuilds the head from this
+            meta["head_config"] = hcfg.to_json()
+        return meta
+
+    def save(self, step: int, two_stage_head: tuple[Any, Any] | None = None) -> None:
+        params, opt_state = self.params, self.opt_state
+        if self.joint:
+            self.ckpt.save(
+                step, params["policy"], opt_state, self.meta_for(step, self.head_cfg), head=params["head"]
+            )
+        elif two_stage_head is not None:
+            self.ckpt.save(
+                step, params, opt_state, self.meta_for(step, two_stage_head[0]), head=two_stage_head[1]
+            )
+        else:
+            self.ckpt.save(step, params, opt_state, self.meta_for(step))
+
+
+def nonfinite_error(
+    ckpt: TrainCheckpointer, targets: tuple, step: int, m: dict[str, float], code: int, in_a_row: int
+) -> AlignXError:
+    """The error of a run stopped by a non-finite step, naming the newest saved step that verifies."""
+    ckpt.wait()
+    good = ckpt.newest_good_step(*targets)
+    last = (
+        f"last finite checkpoint: step {good} (a rerun resumes from it)"
+        if good is not None
+        else "no finite checkpoint saved (a rerun starts over)"
+    )
+    what = (
+        f"{describe_nonfinite(code)} not finite (loss {m.get('loss', 0.0):.4g}, "
+        f"grad_norm {m.get('grad_norm', 0.0):.4g})"
+    )
+    if in_a_row:
+        return AlignXError(
+            f"non-finite loss, gradient or update in {in_a_row} steps in a row up to step {step} "
+            f"(loss.max_skipped_steps): {what}; {last}; lower optim.lr"
+        )
+    return AlignXError(
+        f"non-finite loss, gradient or update at step {step}: {what}; step {step} not saved; {last}; "
+        "lower optim.lr, or set loss.nan_policy=skip to skip such steps"
+    )

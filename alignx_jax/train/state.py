@@ -1,0 +1,200 @@
+"""The train state: the policy (and joint PBA head) built from a config, the pure-dict codecs the
+step trains through, the optimizers, and the mesh rules and placements of what is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from alignx_jax import sharding as shd
+from alignx_jax.models.preference_head import head_params
+from alignx_jax.real_model import resolve_model_path
+
+
+def rules_from_config(cfg: ml_collections.ConfigDict) -> shd.Rules:
+    return tuple(
+        (str(name), None if axes is None else (axes if isinstance(axes, str) else tuple(axes)))
+        for name, axes in cfg.sharding.rules
+    )
+
+
+def run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The DecoderConfig options a run sets from `model.*` (remat, scan, attention, frozen layers)."""
+    remat = cfg.model.remat
+    if isinstance(remat, bool):  # True = recompute everything per layer (gradient checkpointing)
+        remat = "full" if remat else "none"
+    return {
+        "remat": str(remat),
+        "scan_layers": bool(cfg.model.scan_layers),
+        "attention_impl": str(cfg.model.attention_impl),
+        "frozen_layers": int(cfg.model.frozen_layers),
+    }
+
+
+def tree_shardings(tree: Any, mesh) -> Any:
+    """Each leaf's NamedSharding (replicated where it has none): the step's out_shardings."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else rep, tree)
+
+
+def load_tokenizer_for(cfg: ml_collections.ConfigDict):
+    """(tokenizer, folder holding its files or None for the shipped one)."""
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    path = resolve_model_path(cfg.model.tokenizer or cfg.model.hf_path) or None
+    tok = load_tokenizer(path)
+    return tok, (path or TINY_TOKENIZER_DIR)
+
+
+def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
+    """The policy Decoder with float32 (param_dtype) master weights placed on the mesh."""
+    from alignx_jax.models import hf
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+
+    opts = run_options(cfg)
+    if cfg.model.hf_path:
+        path = resolve_model_path(cfg.model.hf_path)
+        if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
+            return hf.load_checkpoint(
+                path,
+                dtype=cfg.model.param_dtype,
+                mesh=mesh,
+                rules=rules,
+                compute_dtype=cfg.model.dtype,
+                **opts,
+            )
+        return hf.load_pretrained(
+            path, cfg.model.param_dtype, mesh, rules, compute_dtype=cfg.model.dtype, **opts
+        )
+    init = cfg.model.init
+    hf_cfg = {
+        k: init[k]
+        for k in (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rope_theta",
+            "rms_norm_eps",
+            "max_position_embeddings",
+            "tie_word_embeddings",
+        )
+    }
+    hf_cfg["vocab_size"] = len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size)
+    hf_cfg.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    dcfg = DecoderConfig.from_hf(hf_cfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **opts)
+    model = Decoder(dcfg, rngs=nnx.Rngs(int(init.seed)))
+    return shd.shard_model(model, mesh, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsCodec:
+    """Pure-dict params (what we train, checkpoint and export) <-> the Decoder module."""
+
+    graphdef: Any
+    treedef: Any
+
+    @classmethod
+    def of(cls, model) -> ParamsCodec:
+        graphdef, state = nnx.split(model)
+        pure = nnx.to_pure_dict(state)
+
+        # leaves of the State and of its pure dict must line up one to one (both sort dict keys)
+        def names(tree):
+            return [
+                tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+                for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+            ]
+
+        if names(state) != names(pure):
+            raise RuntimeError("decoder state and its pure dict disagree on leaf order")
+        return cls(graphdef, jax.tree.structure(state))
+
+    def module(self, params: Any):
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadCodec:
+    """Pure-dict params <-> the PreferenceHead. Only `nnx.Param`s are trained; the rest of the
+    head's state (its dropout RNG stream) is a constant, since the joint term runs deterministically."""
+
+    graphdef: Any
+    treedef: Any
+    rest: Any
+
+    @classmethod
+    def of(cls, head) -> HeadCodec:
+        graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+        return cls(graphdef, jax.tree.structure(params), rest)
+
+    @staticmethod
+    def params(head) -> dict[str, Any]:
+        return head_params(head)
+
+    def module(self, params: Any):
+        state = jax.tree.unflatten(self.treedef, jax.tree.leaves(params))
+        return nnx.merge(self.graphdef, state, self.rest)
+
+
+def freeze_lower_layers(frozen_layers: int) -> optax.GradientTransformation:
+    """Zero the updates of the bottom `frozen_layers` blocks and the input embedding (model.frozen_layers):
+    their gradients are already zero, but AdamW's weight decay would still move them."""
+    if not frozen_layers:
+        return optax.identity()
+
+    def zero_frozen(path, u):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if keys[:1] == ["embed_tokens"]:
+            return jnp.zeros_like(u)
+        if keys[:1] == ["layers"]:
+            return u.at[:frozen_layers].set(0)
+        return u
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(zero_frozen, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int, frozen_layers: int = 0
+) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW + global-norm clipping; linear warm-up to lr, cosine to min_lr_ratio * lr."""
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.lr * optim.min_lr_ratio,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.clip) if optim.clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
+        freeze_lower_layers(frozen_layers),
+    )
+    return tx, schedule
+
+
+def make_head_optimizer(pba: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The preference head's own AdamW (constant `pba.lr`), separate from the policy's schedule and clip."""
+    return optax.adamw(float(pba.lr), weight_decay=float(pba.weight_decay))

@@ -1,0 +1,293 @@
+"""The jitted train step: summed pair log-probs through the decoder, the DPO (+ joint PBA head)
+objective with float32 gradients accumulated over microbatches by `lax.scan`, one optimizer update,
+and the in-step non-finite check. `jit_train_step` is the one place the step is jitted, with the
+shardings and donation `alignx train` uses; `alignx plan` lowers the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from alignx_jax import losses
+from alignx_jax.batch import MODEL_INPUTS
+from alignx_jax.models import preference_head as ph
+from alignx_jax.models.compaction import TokenLayout
+from alignx_jax.train.state import HeadCodec, ParamsCodec
+
+
+def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
+    """Summed response log-probs `[b, 2]` (chosen, rejected) for one microbatch `[b, 2, T]`."""
+    return model_pair_logps(codec.module(params), mb, chunk)
+
+
+def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
+    """`pair_logps` for an already merged Decoder."""
+    # data.compact_tokens: the token-wise layers run on the batch's real tokens only
+    tokens = TokenLayout(mb["token_index"], mb["token_slot"]) if "token_index" in mb else None
+    with jax.named_scope("pair_logps"):
+        if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
+            h_NTD = model.hidden_states(
+                mb["input_ids"],
+                mb["attention_mask"],
+                mb["positions"],
+                segment_ids_BT=mb.get("segment_ids"),
+                branch_ids_BT=mb["branch_ids"],
+                tokens=tokens,
+            )
+            w_DV = model.output_embedding().astype(h_NTD.dtype)
+            return losses.flat_logps(
+                h_NTD,
+                w_DV,
+                mb["score_flat"],
+                mb["score_target"],
+                mb["score_slot"],
+                mb["score_valid"],
+                num_slots=2 * mb["pair_mask"].shape[0],
+                chunk=chunk,
+            ).reshape(-1, 2)
+        b, two, T = mb["input_ids"].shape
+        flat = {
+            k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")
+        }
+        h_ND = model.hidden_states(
+            flat["input_ids"], flat["attention_mask"], flat["positions"], tokens=tokens
+        )
+        w_DV = model.output_embedding().astype(h_ND.dtype)
+        if "score_index" in mb:  # logits on the response window only (loss.logits_on_responses)
+            idx = mb["score_index"].reshape(b * two, -1)
+            lp = losses.window_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk)
+        else:
+            lp = losses.sequence_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk)
+        return lp.reshape(b, two)
+
+
+NONFINITE_PARTS = ((1, "loss"), (2, "gradient norm"), (4, "updated params"))
+
+
+def nonfinite_code(losses_: tuple, norms: tuple, new_params: Any) -> jax.Array:
+    """int32 bit set: 1 = a loss, 2 = a gradient norm, 4 = an updated param is NaN/inf (0: all finite)."""
+
+    def all_finite(xs):
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+    return (
+        jnp.where(all_finite(losses_), 0, 1)
+        + jnp.where(all_finite(norms), 0, 2)
+        + jnp.where(all_finite(jax.tree.leaves(new_params)), 0, 4)
+    ).astype(jnp.int32)
+
+
+def describe_nonfinite(code: int) -> str:
+    """'loss, gradient norm' for a `nonfinite_code`."""
+    return ", ".join(name for bit, name in NONFINITE_PARTS if int(code) & bit)
+
+
+def make_train_step(
+    codec: ParamsCodec,
+    tx: optax.GradientTransformation,
+    loss_cfg: ml_collections.ConfigDict,
+    *,
+    precomputed: bool,
+    grad_shardings: Any = None,
+    head_codec: HeadCodec | None = None,
+    head_tx: optax.GradientTransformation | None = None,
+    pba_cfg: ml_collections.ConfigDict | None = None,
+) -> Callable:
+    """`step(params, opt_state, ref_params, batch) -> (params, opt_state, metrics)`, to be jitted.
+
+    batch: input_ids/attention_mask/positions/loss_mask `[M, b, 2, T]`, pair_mask `[M, b]`, and
+    ref_logps `[M, b, 2]` when precomputed. The loss is the mean over all real pairs of the global
+    batch, so it does not depend on how the batch is cut into microbatches.
+
+    Joint PBA (`head_codec` given, with `head_tx` and the `pba` config section): params and
+    opt_state are `{'policy': ..., 'head': ...}`, the batch also holds persona_ids/persona_mask
+    `[M, b, P]` and direction `[M, b, 90]`, and the objective is DPO + `joint_head_term` (weighted
+    by pba.weight). Metrics: `loss` stays the DPO loss (comparable across methods), `total_loss`
+    is the objective, `head_loss` (unweighted CE) / `head_accuracy` / `head_accuracy_non_neutral`
+    are global-batch means, `grad_norm` is the policy's, `head_grad_norm` the head's.
+
+    `metrics['nonfinite']` (`nonfinite_code`) is 0 when the loss, the gradient norm(s) and the updated
+    params are all finite; with `loss.nan_policy='skip'` a step where it is not returns the old params
+    and optimizer state unchanged.
+    """
+    chunk = int(loss_cfg.logps_chunk) or None
+    beta = float(loss_cfg.beta)
+    skip_nonfinite = loss_cfg.get("nan_policy", "stop") == "skip"
+    joint = head_codec is not None
+    if joint and (head_tx is None or pba_cfg is None):
+        raise ValueError("make_train_step: a head_codec needs head_tx and pba_cfg")
+
+    def step(params, opt_state, ref_params, batch):
+        n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
+
+        def micro_grads(mb):
+            """(gradients, metric sums) of one microbatch."""
+            pm = mb["pair_mask"].astype(jnp.float32)
+            ntok = (
+                mb["score_count"].astype(jnp.float32)
+                if "branch_ids" in mb
+                else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
+            )  # [b, 2]
+            if precomputed:
+                ref = mb["ref_logps"]
+            else:
+                ref = jax.lax.stop_gradient(pair_logps(codec, ref_params, mb, chunk))
+
+            def loss_fn(p):
+                model = codec.module(p["policy"] if joint else p)
+                lp = model_pair_logps(model, mb, chunk)
+                per = losses.dpo_per_pair(
+                    lp[:, 0],
+                    lp[:, 1],
+                    ref[:, 0],
+                    ref[:, 1],
+                    loss_cfg,
+                    chosen_tokens=ntok[:, 0],
+                    rejected_tokens=ntok[:, 1],
+                )
+                dpo = jnp.sum(per * pm) / n_pairs
+                if not joint:
+                    return dpo, (lp, {})
+                # the same merged policy reads the persona: one backbone for DPO and the head
+                term, hm = ph.joint_head_term(
+                    model, head_codec.module(p["head"]), mb, pba_cfg, n_pairs=n_pairs
+                )
+                return dpo + term, (lp, {"dpo": dpo, **hm})
+
+            (loss, (lp, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            sums = losses.dpo_sums(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta, pm)
+            sums["loss"] = loss
+            if joint:
+                # per-microbatch means -> sums weighted by their counts, divided once at the end
+                nn = jnp.sum((ph.direction_to_labels(mb["direction"]) != ph.NEUTRAL) * pm[:, None])
+                sums.update(
+                    loss=aux["dpo"],
+                    total_loss=loss,
+                    head_loss=aux["head_loss"],
+                    head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
+                    head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn,
+                    non_neutral=nn,
+                )
+            return grads, sums
+
+        def constrained(grads):
+            return (
+                grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+            )
+
+        def accumulate(carry, mb):
+            grads_acc, sums_acc = carry
+            grads, sums = micro_grads(mb)
+            grads_acc = constrained(jax.tree.map(jnp.add, grads_acc, grads))
+            return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+        num_micro = jax.tree.leaves(batch)[0].shape[0]
+        if num_micro == 1:  # a single microbatch: no accumulator to zero-fill and add into
+            grads, sums = micro_grads(jax.tree.map(lambda x: x[0], batch))
+            grads = constrained(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+        else:
+            zeros = constrained(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            sum_keys = (
+                "reward_accuracy",
+                "rewards_chosen",
+                "rewards_rejected",
+                "margin",
+                "logps_chosen",
+                "logps_rejected",
+                "pairs",
+                "loss",
+            )
+            if joint:
+                sum_keys += (
+                    "total_loss",
+                    "head_loss",
+                    "head_accuracy",
+                    "head_accuracy_non_neutral",
+                    "non_neutral",
+                )
+            init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+            (grads, sums), _ = jax.lax.scan(accumulate, init, batch)
+        if joint:
+            grad_norm = optax.tree.norm(grads["policy"])
+            updates, pol_state = tx.update(grads["policy"], opt_state["policy"], params["policy"])
+            head_updates, head_state = head_tx.update(grads["head"], opt_state["head"], params["head"])
+            new_params = {
+                "policy": optax.apply_updates(params["policy"], updates),
+                "head": optax.apply_updates(params["head"], head_updates),
+            }
+            new_opt_state = {"policy": pol_state, "head": head_state}
+            norms = (grad_norm, optax.tree.norm(grads["head"]))
+        else:
+            grad_norm = optax.tree.norm(grads)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            norms = (grad_norm,)
+        objective = (sums["loss"], sums["total_loss"]) if joint else (sums["loss"],)
+        nonfinite = nonfinite_code(objective, norms, new_params)
+        if skip_nonfinite:  # keep the old state: the update of a non-finite step never lands
+            keep = nonfinite == 0
+            params, opt_state = jax.tree.map(
+                lambda n, o: jnp.where(keep, n, o), (new_params, new_opt_state), (params, opt_state)
+            )
+        else:
+            params, opt_state = new_params, new_opt_state
+        plain = ("loss", "pairs", "total_loss", "head_loss", "head_accuracy_non_neutral", "non_neutral")
+        metrics = {k: v / n_pairs for k, v in sums.items() if k not in plain}
+        metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"], nonfinite=nonfinite)
+        if joint:
+            metrics.update(
+                total_loss=sums["total_loss"],
+                head_loss=sums["head_loss"],
+                head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
+                / jnp.maximum(sums["non_neutral"], 1.0),
+                head_grad_norm=optax.tree.norm(grads["head"]),
+            )
+        return params, opt_state, metrics
+
+    return step
+
+
+def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -> Callable:
+    """`fn(ref_params, batch) -> ([M, b, 2] reference log-probs, batch["slot"])` (precompute pass)."""
+    chunk = int(loss_cfg.logps_chunk) or None
+
+    def fn(ref_params, batch):
+        def micro(_, mb):
+            return None, pair_logps(codec, ref_params, mb, chunk)
+
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        return jax.lax.scan(micro, None, inputs)[1], batch["slot"]
+
+    return fn
+
+
+def jit_train_step(
+    codec: ParamsCodec,
+    tx: optax.GradientTransformation,
+    cfg: ml_collections.ConfigDict,
+    *,
+    param_shardings: Any,
+    opt_shardings: Any,
+    replicated: Any,
+    head_codec: HeadCodec | None = None,
+    head_tx: optax.GradientTransformation | None = None,
+) -> Callable:
+    """`make_train_step` for the run config `cfg`, jitted as `alignx train` runs it (and `alignx plan`
+    lowers it): gradients constrained to the params' shardings, params and optimizer state donated."""
+    step = make_train_step(
+        codec,
+        tx,
+        cfg.loss,
+        precomputed=cfg.loss.reference == "precomputed",
+        grad_shardings=param_shardings,
+        head_codec=head_codec,
+        head_tx=head_tx,
+        pba_cfg=cfg.pba if head_codec is not None else None,
+    )
+    return jax.jit(step, out_shardings=(param_shardings, opt_shardings, replicated), donate_argnums=(0, 1))

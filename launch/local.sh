@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Run any `alignx` command as N processes of one JAX job on this machine (127.0.0.1), each with
+# DEVICES_PER_PROCESS CPU devices: a real multi-process run (gloo collectives) for testing what a pod does.
+#
+#   launch/local.sh [--dry-run] N alignx COMMAND [ARGS ...]
+#
+# e.g. launch/local.sh 2 alignx train --config=configs/tiny_cpu.py --config.workdir=runs/tiny2
+#      (2 processes x 4 devices = one 8-device mesh)
+#
+# Environment:
+#   DEVICES_PER_PROCESS  CPU devices per process (default 4)
+#   LOGDIR               where process_<i>.log go (default runs/local-logs/<time>-<pid>; printed)
+#   PYTHON               interpreter with alignx-jax installed (default: .venv/bin/python if present, else python3)
+#   COORDINATOR_PORT     coordinator port on 127.0.0.1 (default: a free one)
+# Each process gets ALIGNX_COORDINATOR_ADDRESS / ALIGNX_NUM_PROCESSES / ALIGNX_PROCESS_ID, which `alignx`
+# turns into jax.distributed.initialize(...) before it runs the command (alignx_jax/distributed.py).
+# SIGTERM/SIGINT are forwarded to every process. The exit status is 0 when all of them exit 0; otherwise
+# the first failing status, after naming each failed process and the last lines of its log.
+set -euo pipefail
+
+usage() { echo "usage: launch/local.sh [--dry-run] N alignx COMMAND [ARGS ...]" >&2; exit 2; }
+
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
+[ "$#" -ge 3 ] || usage
+n="$1"; shift
+case "$n" in ''|*[!0-9]*) echo "local.sh: N must be a positive integer, got '$n'" >&2; exit 2 ;; esac
+[ "$n" -ge 1 ] || { echo "local.sh: N must be at least 1" >&2; exit 2; }
+[ "$1" = "alignx" ] || { echo "local.sh: the command starts with 'alignx', got '$1'" >&2; exit 2; }
+shift
+devices="${DEVICES_PER_PROCESS:-4}"
+case "$devices" in ''|*[!0-9]*|0) echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2 ;; esac
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
+fi
+logdir="${LOGDIR:-runs/local-logs/$(date +%Y%m%d-%H%M%S)-$$}"
+port="${COORDINATOR_PORT:-}"
+if [ -z "$port" ]; then
+  port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
+
+# XLA_FLAGS: keep the caller's flags, set the device count
+xla_flags="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')"
+xla_flags="${xla_flags} --xla_force_host_platform_device_count=${devices}"
+xla_flags="${xla_flags# }"; xla_flags="${xla_flags#"${xla_flags%%[![:space:]]*}"}"
+
+common_env=(
+  "JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}"
+  "XLA_FLAGS=${xla_flags}"
+  "ALIGNX_COORDINATOR_ADDRESS=127.0.0.1:${port}"
+  "ALIGNX_NUM_PROCESSES=${n}"
+  "ALIGNX_CPU_COLLECTIVES=${ALIGNX_CPU_COLLECTIVES:-gloo}"
+)
+cmd=("$py" -m alignx_jax "$@")
+
+if [ "$dry_run" = 1 ]; then
+  echo "# logs: ${logdir}/process_<i>.log"
+  for ((i = 0; i < n; i++)); do
+    printf -v line '%q ' env "${common_env[@]}" "ALIGNX_PROCESS_ID=$i" "${cmd[@]}"
+    printf '%s > %q\n' "${line% }" "${logdir}/process_${i}.log"
+  done
+  exit 0
+fi
+
+mkdir -p "$logdir"
+echo "local.sh: $n processes x $devices CPU devices, coordinator 127.0.0.1:${port}; logs in ${logdir}/process_<i>.log" >&2
+
+pids=()
+cleanup_signal=""
+forward() {
+  cleanup_signal="$1"
+  for p in "${pids[@]}"; do kill -s "$1" "$p" 2>/dev/null || true; done
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+for ((i = 0; i < n; i++)); do
+  # each process in its own process group would miss a terminal's Ctrl-C: forwarding does it instead
+  env "${common_env[@]}" "ALIGNX_PROCESS_ID=$i" "${cmd[@]}" > "${logdir}/process_${i}.log" 2>&1 < /dev/null &
+  pids+=("$!")
+done
+
+# poll: a process that fails takes the job down (the others would block in a collective until the
+# coordinator's heartbeat timeout), so the rest get SIGTERM, then SIGKILL after KILL_AFTER seconds
+codes=(); for ((i = 0; i < n; i++)); do codes+=(""); done
+running="$n"; failed_at=""; first_failed=""
+while [ "$running" -gt 0 ]; do
+  running=0
+  for ((i = 0; i < n; i++)); do
+    [ -n "${codes[$i]}" ] && continue
+    if kill -0 "${pids[$i]}" 2>/dev/null; then running=$((running + 1)); continue; fi
+    set +e; wait "${pids[$i]}"; rc=$?; set -e
+    codes[$i]="$rc"
+    if [ "$rc" != 0 ] && [ -z "$failed_at" ] && [ -z "$cleanup_signal" ]; then
+      failed_at="$SECONDS"; first_failed="$i"
+      echo "local.sh: process $i exited with status $rc; stopping the others" >&2
+      for ((j = 0; j < n; j++)); do [ -z "${codes[$j]}" ] && kill -s TERM "${pids[$j]}" 2>/dev/null || true; done
+    fi
+  done
+  if [ -n "$failed_at" ] && [ $((SECONDS - failed_at)) -ge "${KILL_AFTER:-30}" ]; then
+    for ((j = 0; j < n; j++)); do [ -z "${codes[$j]}" ] && kill -s KILL "${pids[$j]}" 2>/dev/null || true; done
+  fi
+  [ "$running" -gt 0 ] && sleep 0.2
+done
+
+status=0
+for ((i = 0; i < n; i++)); do
+  rc="${codes[$i]}"
+  if [ "$rc" != 0 ]; then
+    why=""; [ -n "$first_failed" ] && [ "$i" != "$first_failed" ] && why=" (stopped after process ${first_failed} failed)"
+    echo "local.sh: process $i exited with status ${rc}${why}; last lines of ${logdir}/process_${i}.log:" >&2
+    tail -n 20 "${logdir}/process_${i}.log" | sed 's/^/  | /' >&2
+    [ "$status" = 0 ] && status="$rc"
+  fi
+done
+# the status of the process that failed first, not of those stopped because of it
+[ -n "$first_failed" ] && status="${codes[$first_failed]}"
+[ -n "$cleanup_signal" ] && echo "local.sh: forwarded SIG${cleanup_signal} to all processes" >&2
+[ "$status" = 0 ] && echo "local.sh: all $n processes exited 0; logs in ${logdir}" >&2
+exit "$status"

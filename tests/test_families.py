@@ -1,0 +1,338 @@
+"""Mistral, Qwen3 and Gemma 2 vs transformers: float32 logits (left padding, sliding windows, soft-capping),
+KV-cache decoding, and the import/export round trip that transformers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from alignx_jax.cli import main
+from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.models import decoder as dec
+from alignx_jax.models.decoder import DecoderConfig
+from alignx_jax.models.hf import SafetensorsReader, load_pretrained
+from alignx_jax.sharding import variable_axes
+
+T = 12
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def _perturb(model, seed: int) -> None:
+    """Random norm weights and biases (HF inits them to constants, which would hide mapping bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # Gemma's (1 + w) norms get w around 0, the others around 1
+                base = 0.0 if model.config.model_type == "gemma2" else 1.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _hf_config(kind: str, **over):
+    from transformers import Gemma2Config, MistralConfig, Qwen3Config
+
+    from alignx_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    common = dict(
+        vocab_size=len(tok),
+        **TINY,
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if kind == "mistral":  # Mistral-7B-Instruct-v0.2 style, with a window short enough to bite
+        cfg = MistralConfig(**common, rope_theta=1e6, sliding_window=5, rms_norm_eps=1e-5)
+    elif kind == "qwen3":  # q/k norms, an explicit head_dim != hidden / heads, a biased variant
+        cfg = Qwen3Config(
+            **common, head_dim=24, rope_theta=1e6, tie_word_embeddings=True, attention_bias=True
+        )
+    elif kind == "gemma2":  # caps small enough to change the result; sliding on layer 0
+        cfg = Gemma2Config(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            sliding_window=5,
+        )
+    else:
+        raise ValueError(kind)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny(kind: str, out_dir: str, seed: int = 0, **over) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_hf_config(kind, **over), dtype=torch.float32)
+    _perturb(model, seed)
+    model.save_pretrained(out_dir, max_shard_size="1MB")
+    for name in os.listdir(TINY_TOKENIZER_DIR):
+        shutil.copyfile(os.path.join(TINY_TOKENIZER_DIR, name), os.path.join(out_dir, name))
+    return out_dir
+
+
+KINDS = ["mistral", "mistral_nowindow", "qwen3", "gemma2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {
+        "mistral": build_tiny("mistral", str(root / "mistral"), seed=2),
+        "mistral_nowindow": build_tiny("mistral", str(root / "mistral0"), seed=3, sliding_window=None),
+        "qwen3": build_tiny("qwen3", str(root / "qwen3"), seed=4),
+        "gemma2": build_tiny("gemma2", str(root / "gemma2"), seed=5),
+    }
+
+
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    return {k: (load_pretrained(p), _hf_model(p)) for k, p in checkpoints.items()}
+
+
+def _left_padded(seqs, T, pad=5):
+    ids = np.full((len(seqs), T), pad, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s) :] = s
+        mask[b, T - len(s) :] = 1
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _ref(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor(np.asarray(ids)).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers_with_left_padding(models, kind):
+    ours, hf = models[kind]
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(6, 4000, size=n) for n in (T, 7, 3)]
+    ids, mask = _left_padded(seqs, T)
+    logits = np.asarray(jax.jit(lambda i, m: ours(i, m))(ids, mask))
+    assert logits.shape == (3, T, ours.cfg.vocab_size)
+    errs = []
+    for b, s in enumerate(seqs):  # transformers on the unpadded sequence (positions 0..n-1)
+        errs.append(_rel(logits[b, T - len(s) :], _ref(hf, s[None])[0]))
+    full = np.asarray(jax.jit(lambda i: ours(i))(ids[:2]))  # no padding, batched
+    errs.append(_rel(full, _ref(hf, ids[:2])))
+    print(f"{kind}: max relative logit error {max(errs):.2e}")
+    assert max(errs) < 1e-4, errs
+
+
+def test_family_features_bite(models):
+    """The tiny configs exercise what they claim: the window, the caps, the q/k norms."""
+    mistral, gemma, qwen3 = models["mistral"][0], models["gemma2"][0], models["qwen3"][0]
+    assert mistral.cfg.sliding_window == 5 and mistral.cfg.window_cuts(T)
+    assert models["mistral_nowindow"][0].cfg.sliding_window is None
+    assert gemma.cfg.layer_is_sliding == (True, False) and gemma.cfg.sandwich_norms
+    assert gemma.cfg.hidden_act == "gelu_pytorch_tanh" and gemma.cfg.attention_scale == pytest.approx(
+        24**-0.5
+    )
+    assert qwen3.cfg.qk_norm and qwen3.cfg.head_dim == 24 and qwen3.cfg.qkv_bias and qwen3.cfg.o_bias
+    assert qwen3.layers.attn.q_norm.scale.get_value().shape == (2, 24)
+    ids = jnp.arange(6, 6 + T)[None]
+    logits = np.asarray(gemma(ids))
+    assert np.abs(logits).max() < 3.0 and np.abs(logits).max() > 2.0  # final cap 3 in force
+    # without the window (or the attention cap) the logits differ: the tests above would notice
+    for name, change in (("window", dict(sliding_window=None)), ("cap", dict(attn_logit_softcapping=None))):
+        other = _with_cfg(gemma, gemma.cfg.replace(**change))
+        assert _rel(other(ids), logits) > 1e-3, name
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_long_rows_and_unrolled_layers(checkpoints, models, kind):
+    """150 tokens through the query-block kernel, window far shorter; unrolled layers agree."""
+    _, hf = models[kind]
+    ours = load_pretrained(checkpoints[kind], scan_layers=False)
+    L = 150
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(6, 4000, size=n) for n in (L, 97)]
+    ids, mask = _left_padded(seqs, L)
+    logits = np.asarray(nnx.jit(lambda m, i, k: m(i, k))(ours, ids, mask))
+    for b, s in enumerate(seqs):
+        assert _rel(logits[b, L - len(s) :], _ref(hf, s[None])[0]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_kv_cache_with_window_matches_full_forward(models, kind):
+    ours, _ = models[kind]
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(6, 4000, size=n) for n in (9, 5)]
+    ids, mask = _left_padded(seqs, 9)
+    extra = jnp.asarray(rng.integers(6, 4000, size=(2, 4)), jnp.int32)
+    full = jax.jit(lambda i, m: ours(i, m))(
+        jnp.concatenate([ids, extra], 1), jnp.concatenate([mask, jnp.ones_like(extra)], 1)
+    )
+    cache = ours.init_cache(2, 16)
+    step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
+    logits, cache = step(ours, ids, mask, cache)
+    real = np.asarray(mask).astype(bool)
+    assert _rel(np.asarray(logits)[real], np.asarray(full[:, :9])[real]) < 1e-5
+    for t in range(4):
+        logits, cache = step(ours, extra[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache)
+        assert _rel(logits[:, 0], np.asarray(full[:, 9 + t])) < 1e-5
+
+
+def test_softcapped_attention_gradients_match_autodiff():
+    """The custom-VJP kernel with a cap (blocked causal rows) vs plain autodiff of the formula."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    B, L, N, K, H = 2, 80, 4, 2, 8
+    q = 2.0 * jax.random.normal(k1, (B, L, N, H))
+    k = 2.0 * jax.random.normal(k2, (B, L, K, H))
+    v = jax.random.normal(k3, (B, L, K, H))
+    t = jnp.arange(L)
+    allowed = (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < 9)
+    allowed = allowed[None] & (t >= 3)[None, None, :].repeat(B, 0)
+    w = jax.random.normal(jax.random.key(1), (B, L, N, H))
+
+    def plain(q, k, v):
+        kk, vv = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+        s = dec.softcap(jnp.einsum("btnh,bsnh->bnts", q, kk) * 0.3, 1.5)
+        s = jnp.where(allowed[:, None], s, dec.MASK_MIN)
+        return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), vv)
+
+    def kernel(q, k, v):
+        return dec._attention_xla(q, k, v, dec.mask_bias(allowed), 0.3, True, 1.5)
+
+    keep = (t >= 3)[None, :, None, None]  # fully masked query rows: no gradient either way
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * w * keep)
+
+    assert _rel(jax.jit(kernel)(q, k, v) * keep, plain(q, k, v) * keep) < 1e-5
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-4
+
+
+def test_every_new_param_has_logical_axes(models):
+    for ours, _ in models.values():
+        for path, var in nnx.to_flat_state(nnx.state(ours)):
+            axes = variable_axes(var)
+            assert axes is not None and len(axes) == var.get_value().ndim, path
+            if path[0] == "layers":
+                assert axes[0] == "layers" and var.get_value().shape[0] == ours.cfg.num_hidden_layers
+    gemma = models["gemma2"][0]
+    assert variable_axes(gemma.layers.mlp_out_norm.scale) == ("layers", "norm")
+    assert variable_axes(models["qwen3"][0].layers.attn.k_norm.scale) == ("layers", "norm")
+
+
+def test_splash_refuses_a_window_it_cannot_mask(models):
+    ours, _ = models["mistral"]
+    model = _with_cfg(ours, ours.cfg.replace(attention_impl="splash"))
+    with pytest.raises(ConfigError, match="sliding_window=5"):
+        model._attention_impl(128, False, False)
+    auto = _with_cfg(ours, ours.cfg.replace(attention_impl="auto"))
+    assert auto._attention_impl(128, False, False) == "xla"
+    gemma = models["gemma2"][0]
+    for impl in ("splash", "cudnn", "auto"):  # attention soft-capping: the xla kernel
+        assert (
+            _with_cfg(gemma, gemma.cfg.replace(attention_impl=impl))._attention_impl(4, False, False) == "xla"
+        )
+
+
+def _with_cfg(model, cfg):
+    """`model`'s weights under another config (same shapes)."""
+    return nnx.merge(nnx.graphdef(dec.Decoder(cfg, rngs=nnx.Rngs(0))), nnx.state(model))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma2"])
+def test_import_export_round_trip(checkpoints, tmp_path, kind):
+    src = checkpoints[kind]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["import", "--hf", src, "--out", str(ckpt)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--shard-size", "400KB"]) == 0
+    a, b = SafetensorsReader(src), SafetensorsReader(str(out))
+    assert set(a.entries) == set(b.entries)
+    for name in a.entries:
+        assert np.array_equal(np.asarray(a.get(name)), np.asarray(b.get(name))), name
+    with open(os.path.join(src, "config.json")) as f, open(out / "config.json") as g:
+        assert json.load(f) == json.load(g)
+    m1, m2 = _hf_model(src), _hf_model(str(out))
+    ids = torch.arange(6, 20)[None]
+    with torch.no_grad():
+        assert torch.equal(m1(ids).logits, m2(ids).logits)
+
+
+MISTRAL_7B_V02 = {
+    "architectures": ["MistralForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mistral",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+
+
+def test_config_mistral_7b_v02_round_trip():
+    cfg = DecoderConfig.from_hf(MISTRAL_7B_V02)
+    assert cfg.sliding_window is None and cfg.rope_theta == 1e6 and cfg.head_dim == 128
+    assert not cfg.qkv_bias and not cfg.tie_word_embeddings
+    assert cfg.to_hf() == {**MISTRAL_7B_V02, "head_dim": 128, "pad_token_id": None, "rope_scaling": None}
+    v01 = DecoderConfig.from_hf({**MISTRAL_7B_V02, "sliding_window": 4096})
+    assert v01.sliding_window == 4096 and v01.layer_is_sliding == (True,) * 32
+    assert not v01.window_cuts(4096) and v01.window_cuts(4097)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "gemma2", "hidden_activation": "relu"}, "unsupported hidden_activation"),
+        ({"model_type": "gemma2", "use_bidirectional_attention": True}, "bidirectional"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"model_type": "gemma2", "sliding_window": 8, "layer_types": ["full_attention"]}, "layer_types"),
+        ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
+    ],
+)
+def test_family_config_errors(change, match):
+    with pytest.raises(CheckpointError, match=match):
+        DecoderConfig.from_hf({**MISTRAL_7B_V02, "architectures": None, **change})

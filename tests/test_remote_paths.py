@@ -1,0 +1,165 @@
+"""A gs:// workdir, model or results path stays a URL through metrics, workdir, checkpointing, eval and
+export: every file goes through etils.epath, nothing becomes `<cwd>/gs:/...` (os.path.abspath).
+
+The stand-in bucket: `epath.testing.mock_epath` routes every epath call on a `gs://` path to a local
+folder, so the code runs the same path API it runs against Cloud Storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
+
+from alignx_jax import paths
+
+BUCKET = "gs://alignx-test-bucket"
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs://alignx-test-bucket/... -> tmp_path/gcs/alignx-test-bucket/... for every epath operation."""
+    root = tmp_path / "gcs"
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would land here, as tmp_path/gs:/...
+    seen: list[str] = []
+
+    def local(p):
+        s = os.fspath(p)
+        if s.startswith("gs://"):
+            seen.append(s)
+            return str(root / s[len("gs://") :])
+        return s
+
+    def one(fn, p, *a, **kw):
+        return fn(local(p), *a, **kw)
+
+    def two(fn, p, dst, *a, **kw):
+        return fn(local(p), local(dst), *a, **kw)
+
+    def glob(fn, p):
+        return [BUCKET + "/" + os.path.relpath(x, root / BUCKET[5:]) for x in fn(local(p))]
+
+    with epath_testing.mock_epath(
+        open=one,
+        exists=one,
+        isdir=one,
+        listdir=one,
+        makedirs=one,
+        mkdir=one,
+        remove=one,
+        rmtree=one,
+        stat=one,
+        walk=one,
+        glob=glob,
+        rename=two,
+        replace=two,
+        copy=two,
+    ):
+        yield types.SimpleNamespace(root=root, seen=seen, local=lambda u: root / u[len("gs://") :])
+    assert not (tmp_path / "gs:").exists(), "a gs:// path was used as a local path"
+
+
+def test_paths_keep_urls():
+    assert paths.absolute(f"{BUCKET}/w") == f"{BUCKET}/w"
+    assert paths.absolute("rel/w") == os.path.abspath("rel/w")
+    assert str(paths.path(f"{BUCKET}/w") / "x") == f"{BUCKET}/w/x"
+    assert isinstance(paths.path(f"{BUCKET}/w"), epath.Path)
+
+
+def test_metrics_on_a_bucket(fake_gcs):
+    from alignx_jax.metrics import MetricsWriter, read_metrics
+
+    w = f"{BUCKET}/run"
+    m = MetricsWriter(w, tensorboard=False)
+    m.write(1, {"loss": 0.5})
+    m.write(2, {"loss": float("nan")})
+    m.close()
+    assert [r["step"] for r in read_metrics(w)] == [1, 2]
+    m = MetricsWriter(w, tensorboard=False, resume_step=1)  # a resume drops the steps after its checkpoint
+    m.write(2, {"loss": 0.25})
+    m.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(w)] == [(1, 0.5), (2, 0.25)]
+    assert (fake_gcs.local(w) / "metrics.jsonl").is_file()
+
+
+def test_workdir_files_and_lock_on_a_bucket(fake_gcs):
+    from alignx_jax import workdir as wd
+
+    w = f"{BUCKET}/run"
+    paths.path(w).mkdir(parents=True, exist_ok=True)
+    wd.write_json_atomic(f"{w}/config.json", {"a": 1})
+    assert wd.read_saved_config(w) == {"a": 1}
+    wd.write_fingerprint(f"{w}/config.json", "k1")
+    assert wd.fingerprint_matches(f"{w}/config.json", "k1")
+    assert not wd.fingerprint_matches(f"{w}/config.json", "k2")
+    wd.forget_fingerprint(f"{w}/config.json")
+    assert not wd.fingerprint_matches(f"{w}/config.json", "k1")
+    lock = wd.WorkdirLock(w)
+    lock.acquire()
+    held = json.loads((fake_gcs.local(w) / wd.LOCK_FILE).read_text())
+    assert held["pid"] == os.getpid()
+    lock.release()
+    assert (fake_gcs.local(w) / wd.LOCK_FILE).read_text() == ""
+
+
+def test_checkpointer_and_checksums_keep_the_url(fake_gcs, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from alignx_jax import checkpointing as ck
+
+    opened = []
+
+    class FakeManager:  # orbax itself writes gs:// through tensorstore; here only the path is checked
+        def __init__(self, directory, **kw):
+            opened.append(os.fspath(directory))
+
+    monkeypatch.setattr(ocp, "CheckpointManager", FakeManager)
+    c = ck.TrainCheckpointer(f"{BUCKET}/run/checkpoints")
+    assert c.directory == f"{BUCKET}/run/checkpoints" and opened == [f"{BUCKET}/run/checkpoints"]
+    meta = fake_gcs.local(f"{BUCKET}/run/checkpoints") / "3" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"checksums": {"params": {"w": "abc"}}}))
+    assert ck.saved_checksums(f"{BUCKET}/run/checkpoints", 3, "params") == {"w": "abc"}
+    assert ck.saved_checksums(f"{BUCKET}/run/checkpoints", 4, "params") is None
+    assert not c.has_head(3)
+
+
+def test_eval_per_example_file_on_a_bucket(fake_gcs):
+    from alignx_jax.evaluate import PerExampleLog
+
+    url = f"{BUCKET}/eval/per.jsonl"
+    row = {"benchmark": "p-soups", "persona": None, "index": 0, "logp_chosen": -1.0}
+    log = PerExampleLog(url)
+    assert log.path == url
+    log.append([row, {**row, "index": 1}])
+    log.close()
+    again = PerExampleLog(url, write=False)  # another process of a multi-process eval: reads only
+    assert len(again.rows) == 2
+    assert len((fake_gcs.local(url)).read_text().splitlines()) == 2
+
+
+def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
+    from alignx_jax.errors import CheckpointError
+    from alignx_jax.models import hf
+
+    w = f"{BUCKET}/run"
+    local = fake_gcs.local(w)
+    (local / "checkpoints" / "3" / "params").mkdir(parents=True)
+    (local / "checkpoints" / "5" / "params").mkdir(parents=True)
+    (local / "reference").mkdir()
+    (local / "reference" / "config.json").write_text("{}")
+    (local / "reference" / "tokenizer.json").write_text("{}")
+    res = hf.resolve_checkpoint(w)
+    assert res.step == 5
+    assert res.params_dir == f"{w}/checkpoints/5/params"
+    assert res.config_dir == f"{w}/reference" and res.tokenizer_dir == f"{w}/reference"
+    assert res.head_dir is None
+    assert hf.resolve_checkpoint(w, 3).params_dir == f"{w}/checkpoints/3/params"
+    args = types.SimpleNamespace(out=f"{BUCKET}/hf", checkpoint=w, step=None, overwrite=False)
+    with pytest.raises(CheckpointError, match="local folder"):
+        hf.cli_export(args)
