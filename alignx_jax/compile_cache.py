@@ -20,7 +20,7 @@ def cache_dir_for(workdir: str | None = None) -> str | None:
         return None
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    if workdir:
+    if workdir and "://" not in workdir:  # a URL workdir (gs://...): the local user cache below
         return os.path.join(os.path.abspath(workdir), CACHE_NAME)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "alignx", "jax_cache")

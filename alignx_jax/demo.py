@@ -556,8 +556,9 @@ def plot_curves(out: str, workdirs: dict[str, str]) -> str:
             continue
         steps = np.array([r["step"] for r in rows])
         k = max(1, len(rows) // 20)  # a moving average: single batches of a few pairs are noisy
-        for ax, key in zip(axes, ("loss", "reward_accuracy")):
-            y = _smooth(np.array([r[key] for r in rows], dtype=np.float64), k)
+        for ax, key in zip(axes, ("loss", "rewards/accuracies")):
+            # TRL's metric names; "reward_accuracy" is the name in workdirs of earlier versions
+            y = _smooth(np.array([r.get(key, r.get("reward_accuracy")) for r in rows], dtype=np.float64), k)
             ax.plot(steps[len(steps) - len(y) :], y, label=name)
     axes[0].set_title("training loss: DPO + loss.sft_weight x chosen NLL")
     axes[1].set_title("reward accuracy (training batches)")

@@ -465,7 +465,13 @@ class SequenceScorer:
             h_BTD = model.hidden_states(input_ids_BT, attention_mask_BT, positions_BT)
             # logits only on the response window: prompt positions are never scored
             return window_logps(
-                h_BTD, model.output_embedding(), input_ids_BT, loss_mask_BT, score_index_BR, chunk=chunk
+                h_BTD,
+                model.output_embedding(),
+                input_ids_BT,
+                loss_mask_BT,
+                score_index_BR,
+                chunk=chunk,
+                softcap=model.cfg.final_logit_softcapping,  # Gemma 2: as `Decoder.cap_logits`
             )
 
     def _pair_logps(self, state, mb, *, chunk):
@@ -864,8 +870,34 @@ def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str, ica_referenc
         )
 
 
-def _summarize(outcomes: Sequence[dict], flip: Sequence[int]) -> dict[str, Any]:
+LOGP_KEYS = ("logp_chosen", "logp_rejected", "ref_logp_chosen", "ref_logp_rejected")
+
+
+def reward_stats(outcomes: Sequence[dict], beta: float) -> dict[str, float]:
+    """Means over pairs under TRL's metric names (as `alignx train` logs them): `rewards/accuracies`
+    (= `accuracy`), `rewards/chosen`, `rewards/rejected`, `rewards/margins` (rewards as `reward`: beta *
+    (log pi - log ref), the policy's own log-prob without a reference), `logps/chosen`, `logps/rejected`
+    (summed response log-probs). Empty when no outcome carries its log-probs."""
+    have = [o for o in outcomes if o.get("logp_chosen") is not None and o.get("logp_rejected") is not None]
+    if not have:
+        return {}
+    lc = np.array([float(o["logp_chosen"]) for o in have])
+    lr = np.array([float(o["logp_rejected"]) for o in have])
+    rc = np.array([reward(o["logp_chosen"], o.get("ref_logp_chosen"), beta) for o in have])
+    rr = np.array([reward(o["logp_rejected"], o.get("ref_logp_rejected"), beta) for o in have])
+    return {
+        "rewards/accuracies": float(np.mean([bool(o["correct"]) for o in have])),
+        "rewards/chosen": float(rc.mean()),
+        "rewards/rejected": float(rr.mean()),
+        "rewards/margins": float((rc - rr).mean()),
+        "logps/chosen": float(lc.mean()),
+        "logps/rejected": float(lr.mean()),
+    }
+
+
+def _summarize(outcomes: Sequence[dict], flip: Sequence[int], beta: float = 0.1) -> dict[str, Any]:
     stats = accuracy_stats([o["correct"] for o in outcomes])
+    stats.update(reward_stats(outcomes, beta))
     groups: dict[str, list[bool]] = {}
     for o in outcomes:
         if o.get("group") is not None:
@@ -985,6 +1017,7 @@ def evaluate(
                             ),
                             "flip_involved": inv,
                             "group": persona_group(rows[ex.index]),
+                            **{k: stored.get(k) for k in LOGP_KEYS},
                         }
                     )
                 if todo:
@@ -1080,9 +1113,13 @@ def evaluate(
         for key, by_persona in entries:
             nested = name == "alignx" and list(by_persona) != [None] or len(by_persona) > 1
             if nested:
-                results["benchmarks"][key] = {p: _summarize(o, settings.flip) for p, o in by_persona.items()}
+                results["benchmarks"][key] = {
+                    p: _summarize(o, settings.flip, settings.beta) for p, o in by_persona.items()
+                }
             else:
-                results["benchmarks"][key] = _summarize(next(iter(by_persona.values())), settings.flip)
+                results["benchmarks"][key] = _summarize(
+                    next(iter(by_persona.values())), settings.flip, settings.beta
+                )
     if predicted is not None:
         results["preference_head"] = predicted.describe()
     return results

@@ -53,10 +53,15 @@ def token_logps_from_logits(
     return jnp.sum(tok_BT * loss_mask_BT[:, 1:].astype(jnp.float32), axis=-1)
 
 
-def _chunk_logps(h_BCD: jax.Array, w_DV: jax.Array, tgt_BC: jax.Array) -> jax.Array:
-    """log p(tgt | h) for one time chunk; logits in float32 via the matmul's accumulator."""
+def _chunk_logps(
+    h_BCD: jax.Array, w_DV: jax.Array, tgt_BC: jax.Array, softcap: float | None = None
+) -> jax.Array:
+    """log p(tgt | h) for one time chunk; logits in float32 via the matmul's accumulator, soft-capped
+    to `softcap * tanh(logits / softcap)` first when `softcap` is given (Gemma 2's final logits)."""
     B, C, D = h_BCD.shape
     logits_BCV = dense(h_BCD.reshape(B * C, D), w_DV, jnp.float32).reshape(B, C, -1)
+    if softcap:
+        logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     tgt_logit_BC = jnp.take_along_axis(logits_BCV, tgt_BC[..., None], axis=-1)[..., 0]
     return tgt_logit_BC - lse_BC
@@ -69,12 +74,15 @@ def sequence_logps(
     loss_mask_BT: jax.Array,
     *,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Sum over scored positions t of log p(input_ids[t] | input_ids[<t]), from hidden[t-1] -> `[B]`.
 
     `loss_mask_BT[t]` = 1 marks token t as scored (position 0 can never be scored). `chunk` splits
     the T-1 predicting positions into pieces of that many steps, each rematerialised in the backward
-    pass, so peak memory is `[B, chunk, V]` float32 rather than `[B, T, V]`.
+    pass, so peak memory is `[B, chunk, V]` float32 rather than `[B, T, V]`. `softcap`: the model's
+    final logit soft-capping (`Decoder.cfg.final_logit_softcapping`, Gemma 2), applied before the
+    log-softmax as `Decoder.cap_logits` does (None: none). The same for every `*_logps` here.
     """
     with jax.named_scope("sequence_logps"):
         return _masked_logps(
@@ -83,6 +91,7 @@ def sequence_logps(
             input_ids_BT[:, 1:].astype(jnp.int32),
             loss_mask_BT[:, 1:].astype(jnp.float32),
             chunk,
+            softcap,
         )
 
 
@@ -94,6 +103,7 @@ def window_logps(
     score_index_BR: jax.Array,
     *,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """`sequence_logps` computed only at the predicting positions `score_index_BR`.
 
@@ -110,7 +120,7 @@ def window_logps(
         h_BRD = jnp.take_along_axis(hidden_BTD, idx_BR[..., None], axis=1)
         tgt_BR = jnp.take_along_axis(input_ids_BT, idx_BR + 1, axis=1).astype(jnp.int32)
         mask_BR = jnp.take_along_axis(loss_mask_BT, idx_BR + 1, axis=1).astype(jnp.float32) * inside_BR
-        return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk)
+        return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk, softcap)
 
 
 def flat_logps(
@@ -123,6 +133,7 @@ def flat_logps(
     *,
     num_slots: int,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Per-slot sums of log p(target | hidden) over a dense list of S scored tokens -> `[num_slots]`.
 
@@ -139,17 +150,23 @@ def flat_logps(
             target_S.astype(jnp.int32)[None],
             valid_S.astype(jnp.float32)[None],
             chunk,
+            softcap,
         )[0]
         return jax.ops.segment_sum(tok_S, slot_S.astype(jnp.int32), num_segments=num_slots)
 
 
 def _masked_tokens(
-    h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array, chunk: int | None
+    h_BSD: jax.Array,
+    out_embed_DV: jax.Array,
+    tgt_BS: jax.Array,
+    mask_BS: jax.Array,
+    chunk: int | None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Per-token mask * log p(tgt | h) `[B, S]`, optionally in rematerialised chunks of S."""
     s = h_BSD.shape[1]
     if chunk is None:  # a given chunk always rematerialises, even when one chunk covers s
-        return _chunk_logps(h_BSD, out_embed_DV, tgt_BS) * mask_BS
+        return _chunk_logps(h_BSD, out_embed_DV, tgt_BS, softcap) * mask_BS
     chunk = min(chunk, s)
     n = -(-s // chunk)
     pad = n * chunk - s
@@ -162,7 +179,7 @@ def _masked_tokens(
     @jax.checkpoint  # no per-chunk logits kept for the backward pass
     def body(_, xs):
         h_BCD, tgt_BC, m_BC = xs
-        return None, _chunk_logps(h_BCD, out_embed_DV, tgt_BC) * m_BC
+        return None, _chunk_logps(h_BCD, out_embed_DV, tgt_BC, softcap) * m_BC
 
     _, tok_NBC = jax.lax.scan(
         body,
@@ -202,10 +219,15 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
 
 
 def _masked_logps(
-    h_BSD: jax.Array, out_embed_DV: jax.Array, tgt_BS: jax.Array, mask_BS: jax.Array, chunk: int | None
+    h_BSD: jax.Array,
+    out_embed_DV: jax.Array,
+    tgt_BS: jax.Array,
+    mask_BS: jax.Array,
+    chunk: int | None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """sum_s mask[s] * log p(tgt[s] | h[s]), optionally in rematerialised time chunks."""
-    return jnp.sum(_masked_tokens(h_BSD, out_embed_DV, tgt_BS, mask_BS, chunk), axis=-1)
+    return jnp.sum(_masked_tokens(h_BSD, out_embed_DV, tgt_BS, mask_BS, chunk, softcap), axis=-1)
 
 
 # ----------------------------------------------------------------------------- DPO family

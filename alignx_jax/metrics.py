@@ -7,6 +7,11 @@ full disk can only cut the last line. `read_jsonl` drops such a line with a warn
 
 A URL workdir (gs://...) goes through etils.epath: an object cannot be appended to, so the file is
 rewritten whole at each logged step (and TensorBoard events go to the URL only if tensorboardX can).
+
+Train metric names are TRL's (`DPOTrainer`): `loss`, `grad_norm`, `learning_rate`, `rewards/chosen`,
+`rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
+`logits/chosen`, `logits/rejected`; TensorBoard tags are `train/<name>`. `wandb_project` also logs
+every scalar to Weights & Biases under the same `train/<name>` (wandb reads WANDB_MODE=offline etc.).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 from typing import Any
 
 from alignx_jax import paths
+from alignx_jax.errors import ConfigError
 
 
 def _plain(v: Any) -> Any:
@@ -34,16 +40,27 @@ class MetricsWriter:
     """`write(step, metrics)` appends to W/metrics.jsonl and logs scalars under W/tensorboard."""
 
     def __init__(
-        self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        workdir: str,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        wandb_project: str = "",
+        wandb_config: dict[str, Any] | None = None,
     ):
         """`resume_step`: drop records after that step (a run killed after its last checkpoint logged
-        steps that the resumed run will log again)."""
+        steps that the resumed run will log again). `wandb_project` ('' = off): also log to W&B (a
+        ConfigError when wandb is not installed); `wandb_config` is the run config it records."""
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._wandb = None
         self._url_records: list[dict[str, Any]] | None = None  # a URL workdir: every record, rewritten
         if not enabled:
             return
+        if wandb_project:  # first: a missing package fails before any file is touched
+            self._wandb = _wandb_run(wandb_project, workdir, wandb_config)
         if paths.is_url(workdir):
             self._url_path = paths.path(workdir) / "metrics.jsonl"
             self._url_path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +115,13 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"train/{k}", v, int(step))
+        if self._wandb is not None:
+            scalars = {
+                f"train/{k}": v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            self._wandb.log(scalars, step=int(step))
 
     def _write_local(self, record: dict[str, Any]) -> None:
         try:
@@ -113,6 +137,29 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_run(project: str, workdir: str, config: dict[str, Any] | None) -> Any:
+    """A started W&B run (`wandb.init`) in `project`; ConfigError when wandb is not importable."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            f"train.wandb_project={project!r} needs the wandb package: pip install wandb "
+            "(or set train.wandb_project='' to log to metrics.jsonl and TensorBoard only)"
+        ) from None
+    local = None if paths.is_url(workdir) else workdir
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+    return wandb.init(
+        project=project,
+        name=os.path.basename(str(workdir).rstrip("/")) or None,
+        dir=local,
+        config=config or {},
+    )
 
 
 def _step_of(record: dict[str, Any]) -> float:

@@ -34,6 +34,7 @@ FREE_KEYS = (
     "train.epochs",
     "train.log_every",
     "train.progress",
+    "train.wandb_project",
     "train.distributed",
     "train.allow_config_change",
     "train.micro_batch",

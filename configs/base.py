@@ -49,6 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
     # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas flash attention) | "auto" (splash on
     # TPU, else jax.nn.dot_product_attention's pick) | "chunked" (query blocks)
     c.model.attention_impl = "xla"
+    # LoRA (models.lora): train low-rank adapters A [in, r], B [r, out] on the targeted projections only,
+    # base weights frozen (in param_dtype: bfloat16 keeps a QLoRA-style bf16 base); DPO's reference is the
+    # same model with the adapters off. rank 0 = full fine-tuning; alpha 0 = 2 * rank (scale alpha / rank)
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 0.0
+    c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     # --- data
     c.data = ml_collections.ConfigDict()
@@ -84,14 +91,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- loss (release: sigmoid DPO, beta 0.1, no smoothing, no SFT)
     c.loss = ml_collections.ConfigDict()
-    c.loss.type = "sigmoid"  # 'sigmoid' | 'cdpo' | 'robust' | 'hinge' | 'ipo'
+    # 'sigmoid' | 'cdpo' | 'robust' | 'hinge' | 'ipo' (length-averaged log-probs, as TRL) | 'ipo_sum'
+    # (summed, as OpenRLHF) | 'orpo' | 'simpo' (losses.PREFERENCE_LOSSES; orpo and simpo are reference-free:
+    # they never run a reference pass nor keep a reference copy, whatever loss.reference says)
+    c.loss.type = "sigmoid"
+    # used as given for every type: SimPO's authors use beta 2.0 (with gamma_beta_ratio 0.25, gamma 0.5),
+    # so set loss.beta=2.0 with loss.type=simpo (TRL's CPOConfig also keeps 0.1 unless told)
     c.loss.beta = 0.1
+    c.loss.gamma_beta_ratio = 0.25  # SimPO's target margin gamma = gamma_beta_ratio * beta
     c.loss.label_smoothing = 0.0
     c.loss.sft_weight = 0.0
     c.loss.sft_norm = "length"  # 'length' (mean NLL per chosen token) | 'sum'
-    c.loss.reference = (
-        "on_the_fly"  # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data)
-    )
+    # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data) | 'none' (reference-free:
+    # reference log-probs taken as 0, TRL's reference_free=True; no copy, no pass)
+    c.loss.reference = "on_the_fly"
     c.loss.logps_chunk = 512  # time chunk for sequence_logps (peak [B, chunk, V] f32 logits)
     # output logits only on a window covering each row's response (prompt positions need none):
     # the same numbers, a fraction of the output layer's cost when prompts are long
@@ -122,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.distributed = False  # jax.distributed.initialize() (multi-host; set by launch/tpu_pod.sh)
     c.train.progress = True  # tqdm bar on process 0
+    # W&B project the train metrics also go to ('' = off); needs `pip install wandb`; WANDB_MODE=offline
+    # and the other WANDB_* variables are honoured as wandb reads them
+    c.train.wandb_project = ""
     # a resume may change only how long/where/how fast the run goes (train.steps, checkpoint.*, mesh.*, ...;
     # workdir.FREE_KEYS); true also accepts changed model/data/loss/optim keys, with a warning listing them
     c.train.allow_config_change = False

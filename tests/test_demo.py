@@ -121,7 +121,7 @@ def test_targets_and_report_from_results(tmp_path):
     w.mkdir()
     (w / "metrics.jsonl").write_text(
         "".join(
-            json.dumps({"step": s, "loss": 0.7 - s / 100, "reward_accuracy": 0.5}) + "\n"
+            json.dumps({"step": s, "loss": 0.7 - s / 100, "rewards/accuracies": 0.5}) + "\n"
             for s in (1, 2, 3, 2, 3, 4)
         )
     )

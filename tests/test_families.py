@@ -336,3 +336,55 @@ def test_config_mistral_7b_v02_round_trip():
 def test_family_config_errors(change, match):
     with pytest.raises(CheckpointError, match=match):
         DecoderConfig.from_hf({**MISTRAL_7B_V02, "architectures": None, **change})
+
+
+def test_gemma2_dpo_log_probs_apply_the_final_soft_cap(models):
+    """The chunked DPO log-probs (full rows and the response window) and `alignx eval`'s scorer equal
+    transformers' Gemma 2 log-probs, whose logits are soft-capped (cap 3.0 here: it changes them)."""
+    from alignx_jax.evaluate import SequenceScorer
+    from alignx_jax.losses import scored_window
+    from alignx_jax.train.step import model_pair_logps
+
+    ours, hf = models["gemma2"]
+    rng = np.random.default_rng(3)
+    B, T = 2, 14
+    ids = rng.integers(6, 4000, size=(2 * B, T)).astype(np.int32)
+    loss = np.zeros((2 * B, T), np.int32)
+    for r in range(2 * B):
+        loss[r, 4 + r : T - r] = 1  # responses of different lengths
+    with torch.no_grad():
+        logits = hf(torch.tensor(ids).long()).logits.double()
+    tgt = torch.tensor(ids[:, 1:]).long()[..., None]
+
+    def summed(lg):
+        tok = torch.log_softmax(lg, -1)[:, :-1].gather(-1, tgt)[..., 0].numpy()
+        return (tok * loss[:, 1:]).sum(-1)
+
+    want = summed(logits)
+    # the uncapped logits (undo cap * tanh(x / cap)) give other log-probs: the cap matters here
+    cap = ours.cfg.final_logit_softcapping
+    assert np.abs(summed(cap * torch.atanh(logits / cap)) - want).max() > 1e-2
+    pair = lambda x: x.reshape(2, B, T).swapaxes(0, 1)  # [B, 2, T]: chosen rows first
+    mb = {
+        "input_ids": pair(ids),
+        "attention_mask": np.ones((B, 2, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, 2, T)).copy(),
+        "loss_mask": pair(loss),
+    }
+    full = np.asarray(model_pair_logps(ours, mb, chunk=5))
+    win = np.asarray(model_pair_logps(ours, {**mb, "score_index": scored_window(mb["loss_mask"], 4)}, 3))
+    expect = want.reshape(2, B).T
+    np.testing.assert_allclose(full, expect, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(win, expect, rtol=1e-4, atol=1e-4)
+    from alignx_jax.sharding import make_mesh
+
+    scorer = SequenceScorer(ours, make_mesh(devices=jax.devices()[:1]))
+    got = scorer(
+        {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), ids.shape).copy(),
+            "loss_mask": loss,
+        }
+    )
+    np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-4, atol=1e-4)

@@ -163,3 +163,61 @@ def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
     args = types.SimpleNamespace(out=f"{BUCKET}/hf", checkpoint=w, step=None, overwrite=False)
     with pytest.raises(CheckpointError, match="local folder"):
         hf.cli_export(args)
+
+
+def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
+    """`alignx train` with workdir gs://.../run: config, metrics, reference and checkpoints land in the
+    bucket; nothing in a local `gs:` folder (the fixture checks)."""
+    import alignx_jax.train.loop as loop
+    from alignx_jax.train.cli import cli_train
+
+    ckpt_dirs, saved = [], []
+
+    class FakeCheckpointer:  # orbax writes gs:// through tensorstore: here only the path and steps count
+        def __init__(self, directory, **kw):
+            ckpt_dirs.append(directory)
+            self.directory = directory
+
+        def restore_newest_good(self, *a, **kw):
+            return None
+
+        def save(self, step, *a, **kw):
+            saved.append(step)
+            paths.path(f"{self.directory}/{step}").mkdir(parents=True)
+
+        def wait(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "TrainCheckpointer", FakeCheckpointer)
+    w = f"{BUCKET}/run"
+    overrides = [
+        "--config.model.init.hidden_size=32",
+        "--config.model.init.intermediate_size=64",
+        "--config.model.init.head_dim=8",
+        "--config.data.synth_users=4",
+        "--config.data.max_length=128",
+        "--config.data.buckets=(128,)",
+        "--config.loss.logps_chunk=64",
+        "--config.train.global_batch=4",
+        "--config.train.micro_batch=4",
+        "--config.train.steps=2",
+        "--config.checkpoint.every_steps=2",
+        "--config.train.progress=false",
+        f"--config.workdir={w}",
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = types.SimpleNamespace(
+        config_path=os.path.join(root, "configs", "tiny_cpu.py"), overrides=overrides
+    )
+    assert cli_train(args) == 0
+    assert ckpt_dirs == [f"{w}/checkpoints"] and saved == [2]
+    local = fake_gcs.local(w)
+    assert json.loads((local / "config.json").read_text())["workdir"] == w
+    assert [json.loads(x)["step"] for x in (local / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (local / "reference" / "config.json").is_file()
+    assert list((local / "reference").glob("*.safetensors"))
+    assert (local / "data" / "data.parquet").is_file()
+    assert (local / "checkpoints" / "2").is_dir()

@@ -157,7 +157,7 @@ def test_first_step_loss_is_log2_and_params_move(steps):
     p1, o1, m = step(params, tx.init(params), ref, batch)
     np.testing.assert_allclose(float(m["loss"]), np.log(2.0), atol=1e-5)
     assert float(m["pairs"]) == 3.0  # the dummy pair is not counted
-    assert abs(float(m["margin"])) < 1e-5 and float(m["grad_norm"]) > 0
+    assert abs(float(m["rewards/margins"])) < 1e-5 and float(m["grad_norm"]) > 0
     delta = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
     assert delta > 1e-4
     # the second step sees a policy that differs from the reference
@@ -173,7 +173,7 @@ def test_grad_accumulation_matches_one_big_batch(steps):
     params, o, _ = step(params, o, ref, train.to_microbatches(_batch(B=4, seed=4), 2))
     pa, _, ma = step(params, o, ref, train.to_microbatches(b, 1))
     pb, _, mb = step(params, o, ref, train.to_microbatches(b, 2))
-    for k in ("loss", "reward_accuracy", "margin", "grad_norm", "logps_chosen"):
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm", "logps/chosen", "logits/chosen"):
         np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-5, atol=1e-6)
     # Adam divides by sqrt(v): summation-order noise in near-zero grads shows at ~1e-6
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
@@ -189,7 +189,7 @@ def test_precomputed_reference_equals_on_the_fly(steps):
     pa, _, ma = fly(params, o, ref, batch)
     pb, _, mb = pre(params, o, None, {**batch, "ref_logps": np.asarray(lp)})
     np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]), atol=1e-5)
-    np.testing.assert_allclose(float(mb["margin"]), float(ma["margin"]), atol=1e-5)
+    np.testing.assert_allclose(float(mb["rewards/margins"]), float(ma["rewards/margins"]), atol=1e-5)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
@@ -365,15 +365,17 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     rec = [json.loads(line) for line in open(one / "metrics.jsonl")][-1]
     for k in (
         "loss",
-        "reward_accuracy",
+        "rewards/accuracies",
         "learning_rate",
         "grad_norm",
         "tokens_per_sec",
-        "rewards_chosen",
-        "rewards_rejected",
-        "margin",
-        "logps_chosen",
-        "logps_rejected",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
         "rows_dropped",
         "rows_truncated",
         "padding_fraction",
@@ -594,7 +596,7 @@ def test_share_prompt_train_step_equals_two_row_step():
     params, o, _ = step(params, o, ref, train.to_microbatches(two, 2))  # policy != reference from here
     pa, _, ma = step(params, o, ref, train.to_microbatches(two, 2))
     pb, _, mb = step(params, o, ref, train.to_microbatches(one, 2))
-    for k in ("loss", "margin", "reward_accuracy", "grad_norm", "logps_chosen", "logps_rejected"):
+    for k in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "logps/chosen", "logps/rejected"):
         np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-4, atol=1e-5)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
@@ -625,7 +627,7 @@ def test_packed_pairs_give_the_same_log_probs_and_step(steps):
     o = tx.init(params)
     pa, _, ma = step(params, o, ref, train.to_microbatches(one, 2))
     pb, _, mb = step(params, o, ref, train.to_microbatches(packed, 2))
-    for k in ("loss", "grad_norm", "logps_chosen", "logps_rejected"):
+    for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "logits/chosen"):
         np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-5, atol=1e-5)
     # Adam's first update is ~lr * sign(g): summation-order noise in near-zero gradients shows at
     # ~1e-5 on a few elements (lr 1e-2); a wrong mask or offset moves them by ~lr

@@ -30,8 +30,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.models import lora as lora_lib
 from alignx_jax.models.compaction import TokenLayout
-from alignx_jax.models.matmul import dense_many
+from alignx_jax.models.matmul import dense, dense_many
 from alignx_jax.sharding import LOGICAL_AXES_KEY, active_spec, constrain
 
 SUPPORTED_MODEL_TYPES = {
@@ -132,8 +133,13 @@ class DecoderConfig:
     # the bottom `frozen_layers` blocks and the input embedding take no gradient (training only):
     # the backward pass stops at the first trainable block
     frozen_layers: int = 0
+    # LoRA adapters (models.lora): rank 0 = off; alpha 0 = 2 * rank; the projections adapted
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = lora_lib.LORA_TARGETS
 
     def __post_init__(self):
+        lora_lib.check_options(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -174,6 +180,14 @@ class DecoderConfig:
     @property
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def lora_multiplier(self) -> float:
+        """`alpha / rank` of the adapters (0.0 with LoRA off)."""
+        return lora_lib.multiplier(self.lora_rank, self.lora_alpha)
+
+    def lora_on(self, name: str) -> bool:
+        return bool(self.lora_rank) and name in self.lora_targets
 
     @property
     def attention_scale(self) -> float:
@@ -633,18 +647,19 @@ def attention(
     )
 
 
-def _linear(x, p, spec: str):
+def _linear(x, p, spec: str, lora_scale: float = 0.0):
     """`einsum(spec, x, kernel) (+ bias)` as one 2-D matmul over flattened tokens.
 
     The weight gradient then contracts a single token axis: with the (b, t) pair XLA's CPU layout
     assignment writes the [F, B*T] activation gradient transposed (a strided, cache-hostile copy
     per projection) before the dot. The kernel's input axes are the ones it shares with `x`."""
-    return _linears(x, [p], [spec])[0]
+    return _linears(x, [p], [spec], lora_scale)[0]
 
 
-def _linears(x, ps: list, specs: list[str]) -> list:
+def _linears(x, ps: list, specs: list[str], lora_scale: float = 0.0) -> list:
     """`_linear` for several projections of the same `x` (q/k/v, gate/up): one flattened input,
-    one transposed copy of it for all their weight gradients (`models.matmul.dense_many`)."""
+    one transposed copy of it for all their weight gradients (`models.matmul.dense_many`).
+    A projection with `lora_a`/`lora_b` adds `lora_scale * (x @ A) @ B` (`models.lora`; 0 = off)."""
     kernels, shapes = [], []
     for p, spec in zip(ps, specs):
         ins = spec.split("->")[0]
@@ -657,7 +672,14 @@ def _linears(x, ps: list, specs: list[str]) -> list:
     n_in = shapes[0][0]
     lead = x.shape[: x.ndim - n_in]
     x2 = x.reshape(math.prod(lead), -1)
-    ys = dense_many(x2, tuple(kernels))
+    # LoRA: x @ A for every adapted projection rides in the same dense_many (one shared x^T on CPU)
+    adapted = [i for i, p in enumerate(ps) if "lora_a" in p] if lora_scale else []
+    downs = [ps[i]["lora_a"].astype(x.dtype).reshape(x2.shape[1], -1) for i in adapted]
+    ys = dense_many(x2, (*kernels, *downs))
+    ys, xas = list(ys[: len(kernels)]), ys[len(kernels) :]
+    for i, xa in zip(adapted, xas):  # + s * (x @ A) @ B, the scale on the small [N, r] side
+        b = ps[i]["lora_b"].astype(x.dtype)
+        ys[i] = ys[i] + dense(xa * jnp.asarray(lora_scale, x.dtype), b.reshape(b.shape[0], -1))
     out = []
     for y, p, (_, k_out) in zip(ys, ps, shapes):
         y = y.reshape(*lead, *k_out)
@@ -678,6 +700,7 @@ def decoder_layer(
     layout: TokenLayout | None = None,
     *,
     cfg: DecoderConfig,
+    lora_scale: float = 0.0,
 ):
     """One pre-norm block on one layer's params `p`. `allowed_BTS` is the boolean attention mask or
     its additive `mask_bias`. With `cache_kv=(k_BSKH, v_BSKH)` the new keys and
@@ -691,7 +714,10 @@ def decoder_layer(
         h = norm(x_BTD, p["input_norm"]["scale"])
         a = p["attn"]
         q_BTNH, k_BTKH, v_BTKH = _linears(
-            h, [a["q_proj"], a["k_proj"], a["v_proj"]], ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"]
+            h,
+            [a["q_proj"], a["k_proj"], a["v_proj"]],
+            ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"],
+            lora_scale,
         )
         if cfg.qk_norm:  # per head, over head_dim (Qwen3)
             q_BTNH = norm(q_BTNH, a["q_norm"]["scale"])
@@ -722,7 +748,7 @@ def decoder_layer(
         )
         if layout is not None:
             o_BTNH = layout.tokens(o_BTNH)
-        o_BTD = _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd")
+        o_BTD = _linear(o_BTNH, a["o_proj"], "btnh,nhd->btd", lora_scale)
         if cfg.sandwich_norms:
             o_BTD = norm(o_BTD, p["attn_out_norm"]["scale"])
         x_BTD = x_BTD + o_BTD
@@ -730,10 +756,10 @@ def decoder_layer(
     with jax.named_scope("mlp"):
         h = norm(x_BTD, p["post_attention_norm"]["scale"])
         m = p["mlp"]
-        g_BTF, u_BTF = _linears(h, [m["gate_proj"], m["up_proj"]], ["btd,df->btf", "btd,df->btf"])
+        g_BTF, u_BTF = _linears(h, [m["gate_proj"], m["up_proj"]], ["btd,df->btf", "btd,df->btf"], lora_scale)
         gate_BTF = jax.nn.silu(g_BTF) if cfg.hidden_act == "silu" else jax.nn.gelu(g_BTF, approximate=True)
         act_BTF = constrain(gate_BTF * u_BTF, ("activation_batch", "activation_length", "activation_mlp"))
-        m_BTD = _linear(act_BTF, m["down_proj"], "btf,fd->btd")
+        m_BTD = _linear(act_BTF, m["down_proj"], "btf,fd->btd", lora_scale)
         if cfg.sandwich_norms:
             m_BTD = norm(m_BTD, p["mlp_out_norm"]["scale"])
         x_BTD = x_BTD + m_BTD
@@ -867,6 +893,8 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        # the adapters' multiplier on alpha / rank (models.lora): 0.0 = the base model (adapters off)
+        self.lora_scale = 1.0
         self.embed_tokens = Embedding(cfg, rngs=rngs)
         self.layers = DecoderLayers(cfg, rngs=rngs)
         self.norm = RMSNorm((cfg.hidden_size,), ("norm",), dtype=cfg.params_dtype, plus_one=cfg.norm_plus_one)
@@ -877,6 +905,8 @@ class Decoder(nnx.Module):
                 (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype=cfg.params_dtype, rngs=rngs
             )
         )
+        if cfg.lora_rank:  # one key drawn after every base weight: the base is the same as without LoRA
+            lora_lib.add_adapters(self.layers, cfg, rngs.params())
 
     # -- public API --
     def __call__(
@@ -1060,8 +1090,13 @@ class Decoder(nnx.Module):
             mask_BTS, window_BTS = window_BTS, None
 
         params = nnx.to_pure_dict(nnx.state(self.layers))
+        lora_scale = cfg.lora_multiplier * float(self.lora_scale)
+        if not lora_scale:  # adapters off (or none): the base model, no adapter compute
+            params = lora_lib.strip(params)
         layer = partial(
-            decoder_layer, cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl)
+            decoder_layer,
+            cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl),
+            lora_scale=lora_scale,
         )
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)

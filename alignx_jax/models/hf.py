@@ -452,8 +452,15 @@ def read_export_manifest(folder: str) -> dict[str, Any] | None:
 
 
 def write_export_manifest(
-    folder: str, files: list[str], *, source: str | None = None, step: int | None = None
+    folder: str,
+    files: list[str],
+    *,
+    source: str | None = None,
+    step: int | None = None,
+    prompt_format: str | None = None,
 ) -> None:
+    """`prompt_format`: the run's `data.prompt_format` (what `alignx eval`/`generate` default to, via
+    `evaluate.trained_prompt_format`), recorded when known."""
     manifest = {
         "format": "alignx-export",
         "version": 1,
@@ -461,6 +468,8 @@ def write_export_manifest(
         "step": step,
         "files": sorted(set(files) | {EXPORT_MANIFEST}),
     }
+    if prompt_format:
+        manifest["prompt_format"] = prompt_format
     with open(os.path.join(folder, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
 
@@ -487,6 +496,9 @@ def save_hf(
 
     Only files a previous export listed in its manifest are ever removed (its shards of another count);
     `alignx export` writes into a fresh folder and renames it into place (`cli_export`)."""
+    from alignx_jax.models import lora
+
+    model = lora.merged(model)  # LoRA: W + (alpha / r) A @ B, the plain model's tensors
     cfg = model.cfg
     os.makedirs(out_dir, exist_ok=True)
     previous = read_export_manifest(out_dir)
@@ -642,6 +654,9 @@ def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None =
     """`out_dir/config.json` (HF), tokenizer files, `out_dir/params/` (orbax, pure dict of params)."""
     import orbax.checkpoint as ocp
 
+    from alignx_jax.models import lora
+
+    model = lora.merged(model)  # a model checkpoint holds the plain model (adapters folded in)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
@@ -715,15 +730,35 @@ def load_checkpoint(
     if dtype is None:
         dtype = str(next(iter(stored))) if len(stored) == 1 else "float32"
     same_bits = stored == {jnp.dtype(dtype)}  # the saved digests describe the stored dtype's bits
+    from alignx_jax.models import lora
+
+    lora_opts = lora.infer_options(tree)
+    base = None
+    if lora_opts is not None:  # a model.lora run: its rank/targets from the tree, alpha from W/config.json
+        saved = {}
+        if res.step is not None:
+            from alignx_jax.workdir import read_saved_config
+
+            saved = read_saved_config(os.path.dirname(res.config_dir)) or {}
+        lora_opts["lora_alpha"] = float(((saved.get("model") or {}).get("lora") or {}).get("alpha", 0.0))
+        run_options = {**lora_opts, **run_options}
+        if isinstance(tree, dict) and "embed_tokens" not in tree:  # adapters only: the base is W/reference
+            base = load_pretrained(
+                res.config_dir, dtype, mesh, rules, compute_dtype=compute_dtype, **run_options
+            )
     cfg = load_decoder_config(res.config_dir, **_run_options(dtype, compute_dtype, run_options))
     abstract = abstract_decoder(cfg)
     state = nnx.state(abstract, nnx.Param)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     shard_tree = model_shardings(state, mesh, rules) if mesh is not None else None
     target = nnx.to_pure_dict(state)
+    if base is not None:
+        target = lora.split(target)[0]
     shard_pure = (
         nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
     )
+    if base is not None and shard_tree is not None:
+        shard_pure = lora.split(shard_pure)[0]
     # restore in the stored dtype (orbax casts otherwise unsafely), cast after
     abstract_target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure
@@ -740,6 +775,8 @@ def load_checkpoint(
         collect_orphans()
         raise CheckpointError(f"{params_dir}: cannot restore params ({why})")
     verify_tree(restored, _saved_param_checksums(res) if same_bits else None, params_dir)
+    if base is not None:
+        restored = lora.join(restored, lora.split(nnx.to_pure_dict(nnx.state(base, nnx.Param)))[1])
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(nnx.graphdef(abstract), state)
     return model
@@ -968,8 +1005,27 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
             name=os.path.basename(paths.absolute(args.out).rstrip("/")),
         )
     )
-    write_export_manifest(tmp, files, source=source, step=res.step)
+    write_export_manifest(
+        tmp, files, source=source, step=res.step, prompt_format=run_prompt_format(args.checkpoint)
+    )
     return files
+
+
+def run_prompt_format(checkpoint: str) -> str | None:
+    """The `data.prompt_format` of the run that wrote `checkpoint` (a training workdir's config.json),
+    or the one an earlier export recorded (an exported folder's manifest); None when neither says."""
+    for name, pick in (
+        ("config.json", lambda d: (d.get("data") or {}).get("prompt_format")),
+        (EXPORT_MANIFEST, lambda d: d.get("prompt_format")),
+    ):
+        try:
+            data = json.loads(paths.path(os.path.join(checkpoint, name)).read_text(encoding="utf-8"))
+            value = pick(data) if isinstance(data, dict) else None
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def cli_export(args) -> int:

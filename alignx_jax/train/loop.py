@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from alignx_jax import distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, batch_shardings, put_batch
@@ -40,6 +41,7 @@ from alignx_jax.train.setup import (
 from alignx_jax.train.signals import StopFlag
 from alignx_jax.train.state import (
     HeadCodec,
+    LoraCodec,
     ParamsCodec,
     build_policy,
     load_tokenizer_for,
@@ -48,7 +50,12 @@ from alignx_jax.train.state import (
     rules_from_config,
     tree_shardings,
 )
-from alignx_jax.train.step import describe_nonfinite, jit_train_step, make_ref_logps_fn
+from alignx_jax.train.step import (
+    describe_nonfinite,
+    jit_train_step,
+    make_ref_logps_fn,
+    reference_needed,
+)
 
 
 def run_training(cfg: ml_collections.ConfigDict) -> int:
@@ -59,7 +66,7 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
     try:
         return Trainer(cfg, stop).run(held)
     except OSError as e:  # a full disk, a permission: one line naming the file
-        where = e.filename or os.path.abspath(cfg.workdir or ".")
+        where = e.filename or paths.absolute(cfg.workdir or ".")
         raise AlignXError(
             f"{where}: {e.strerror or e}; the run stopped (rerun the same command to resume from "
             "the last checkpoint)"
@@ -115,18 +122,43 @@ class Trainer:
         return self.train()
 
     def check_stop(self) -> None:
-        if self.stop.signum is not None:
+        """Start-up: stop before the first step when a signal arrived (on any process, see `stop_agreed`)."""
+        if self.stop_agreed() is not None:
             raise _StoppedInStartUp
+
+    def stop_agreed(self, step: int | None = None) -> int | None:
+        """The stop signal every process acts on at this boundary, or None to go on.
+
+        One process: its own flag. Several: a SIGTERM may reach one host only (a maintenance event), and a
+        host that saves (a collective) while the others step deadlocks; so every process calls this at the
+        same boundaries and all agree through one tiny all-gather of the flags, ORed with JAX's preemption
+        sync point (`step`: the loop's boundaries; its service is there when jax.distributed is, e.g. TPU).
+        """
+        local = self.stop.signum
+        if getattr(self, "pc", 1) <= 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        agreed = int(np.max(multihost_utils.process_allgather(np.int32(local or 0))))
+        if not agreed and step is not None:
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    agreed = int(signal.SIGTERM)
+            except RuntimeError:  # no preemption sync manager (jax_enable_preemption_service off)
+                pass
+        if agreed and self.stop.signum is None:
+            self.stop.signum = agreed  # a signal to another host: this one stops with it
+        return agreed or None
 
     def set_up(self, held: list) -> None:
         """Config checks, the mesh, the workdir (taken and checked on the main process)."""
         cfg = self.cfg
         validate_config(cfg)
-        if cfg.train.distributed:
-            jax.distributed.initialize()
+        if cfg.train.distributed:  # idempotent: a launcher's job (alignx_jax.distributed) is joined once
+            distributed.initialize()
         self.mesh = shd.mesh_from_config(cfg.mesh)
         self.rules = rules_from_config(cfg)
-        self.workdir = os.path.abspath(cfg.workdir)
+        self.workdir = paths.absolute(cfg.workdir)
         self.is_main = jax.process_index() == 0
         self.pc, self.pi = jax.process_count(), jax.process_index()
         if self.is_main:
@@ -196,6 +228,7 @@ class Trainer:
             index=index,
             profile=self.profile_for(index),
             persona_length=self.persona_length,
+            pba_preference="history" if cfg.pba.preference == "history" else "golden",
         )
         self.rows_truncated += int(ex is not None and ex.truncated)
         return ex
@@ -231,13 +264,16 @@ class Trainer:
                 derived_fingerprint(cfg, self.data_path),
             )
         self.check_stop()
-        self.codec = ParamsCodec.of(policy)
+        self.codec = (LoraCodec if policy.cfg.lora_rank else ParamsCodec).of(policy)
         params = nnx.to_pure_dict(nnx.state(policy))
         hidden_size = int(policy.cfg.hidden_size)
         del policy
         compute_dt = jnp.dtype(cfg.model.dtype)
         # a separate buffer even when dtypes agree: the policy's buffers are donated to the step
-        self.ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=compute_dt, copy=True), params)
+        if self.codec.lora:  # model.lora: the adapters train; the frozen base (also the reference) is apart
+            params, self.ref_params = self.codec.split(params)
+        elif reference_needed(cfg.loss):  # reference-free runs (loss.reference=none, orpo, simpo) keep none
+            self.ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=compute_dt, copy=True), params)
         self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps, int(cfg.model.frozen_layers))
         if self.joint:
             head = pba_stages.build_head(cfg, hidden_size, mesh, self.rules)
@@ -253,7 +289,7 @@ class Trainer:
         self.params = params
         self.opt_state = jax.device_put(opt_state, self.opt_sh)
         self.rep = NamedSharding(mesh, PartitionSpec())
-        self.precomputed = cfg.loss.reference == "precomputed"
+        self.precomputed = cfg.loss.reference == "precomputed" and reference_needed(cfg.loss)
 
     def restore(self) -> None:
         """Open the checkpoints and resume from the newest that verifies, if any."""
@@ -306,7 +342,8 @@ class Trainer:
                 np.save(ref_path + ".tmp.npy", self.ref_table)
                 os.replace(ref_path + ".tmp.npy", ref_path)
                 workdir_lib.write_fingerprint(ref_path, ref_key)
-        self.ref_params = None
+        if not self.codec.lora:  # LoRA: the base stays (the policy is base + adapters)
+            self.ref_params = None
 
     def reference_pass(self, want_shape: tuple[int, int, int]) -> np.ndarray:
         """The reference log-probs of every pair of every step, `[steps, local pairs, 2]`."""
@@ -346,7 +383,13 @@ class Trainer:
     def train(self) -> int:
         """Steps from `start` to `total_steps`, saving every `checkpoint.every_steps` and on a stop signal."""
         cfg = self.cfg
-        self.writer = MetricsWriter(self.workdir, enabled=self.is_main, resume_step=self.start)
+        self.writer = MetricsWriter(
+            self.workdir,
+            enabled=self.is_main,
+            resume_step=self.start,
+            wandb_project=str(cfg.train.get("wandb_project", "")),
+            wandb_config=cfg.to_dict(),
+        )
         self.bar = None
         if self.is_main and cfg.train.progress:
             from tqdm import tqdm
@@ -364,7 +407,7 @@ class Trainer:
         self.in_a_row = 0  # non-finite steps skipped since the last finite one
         try:
             while self.step < self.total_steps:
-                if self.stop.signum is not None:
+                if self.stop_agreed(self.step) is not None:  # the same step on every process
                     break
                 self.train_one_step()
             return self.finish()
@@ -391,7 +434,7 @@ class Trainer:
         final_head = None
         if self.two_stage and self.step == self.total_steps:  # fit on the final policy, then saved with it
             final_head = pba_stages.fit_two_stage_head(
-                self.cfg, self.codec.module(self.params), self.tokenizer, self.source
+                self.cfg, self.codec.policy(self.params, self.ref_params), self.tokenizer, self.source
             )
             m.update(final_head[2])
         self.log(m, info, stats, dt)
@@ -433,7 +476,7 @@ class Trainer:
             )
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['reward_accuracy']:.2f}")
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
 
     def finish(self) -> int:
         """After the loop: a stop signal saves the last step; both ways wait for the saves and exit 0."""

@@ -15,9 +15,11 @@ from alignx_jax.data.batching import reserve
 from alignx_jax.errors import ConfigError
 
 METHODS = ("ica", "pba", "none")
-REFERENCE_MODES = ("on_the_fly", "precomputed")
+# 'none': reference-free (TRL `reference_free=True`): no reference copy, no reference pass
+REFERENCE_MODES = ("on_the_fly", "precomputed", "none")
 PBA_MODES = ("joint", "two_stage")
-PBA_PREFERENCES = ("golden", "predicted", "mix")
+# 'history': the profile built from the row's sampled history (the release's PBA training profile)
+PBA_PREFERENCES = ("golden", "predicted", "mix", "history")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -38,7 +40,7 @@ def two_stage_head(cfg: ml_collections.ConfigDict) -> bool:
 
 def uses_predicted(cfg: ml_collections.ConfigDict) -> bool:
     """Whether the policy's prompts render a first-stage head's predicted P~ (for some rows)."""
-    return cfg.data.method == "pba" and cfg.pba.preference != "golden"
+    return cfg.data.method == "pba" and cfg.pba.preference not in ("golden", "history")
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -60,14 +62,18 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("--config.data.train is required (parquet/JSONL/JSON file or folder)")
     if cfg.data.method not in METHODS:
         raise ConfigError(f"data.method={cfg.data.method!r}: expected one of {', '.join(METHODS)}")
-    if cfg.loss.type not in losses.LOSS_TYPES:
-        raise ConfigError(f"loss.type={cfg.loss.type!r}: expected one of {', '.join(losses.LOSS_TYPES)}")
+    if cfg.loss.type not in losses.PREFERENCE_LOSS_TYPES:
+        raise ConfigError(
+            f"loss.type={cfg.loss.type!r}: expected one of {', '.join(losses.PREFERENCE_LOSS_TYPES)}"
+        )
     if cfg.loss.reference not in REFERENCE_MODES:
         raise ConfigError(
             f"loss.reference={cfg.loss.reference!r}: expected one of {', '.join(REFERENCE_MODES)}"
         )
     if cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta must be positive, got {cfg.loss.beta}")
+    if float(cfg.loss.get("gamma_beta_ratio", 0.25)) < 0:
+        raise ConfigError(f"loss.gamma_beta_ratio must be >= 0, got {cfg.loss.gamma_beta_ratio}")
     if cfg.loss.type == "robust" and not 0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError("loss.label_smoothing must be in [0, 0.5) for the robust loss")
     if cfg.loss.sft_norm not in ("length", "sum"):

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from alignx_jax import paths
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.config import config_to_json
 from alignx_jax.errors import ConfigError
@@ -22,31 +23,59 @@ from alignx_jax.train.signals import StopFlag
 
 
 def ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) -> str:
-    """`data.train`, or synthetic users written into W/data once (as `alignx synth` does)."""
+    """`data.train`, or synthetic users written into W/data once (as `alignx synth` does).
+
+    A URL workdir (gs://...): the loader reads local files, so every process writes the (deterministic,
+    small) synthetic users into a local folder keyed by their settings and reads them from there;
+    process 0 also copies them into W/data, the run's record."""
     if cfg.data.train:
         return cfg.data.train
-    out = os.path.join(workdir, "data")
     key = workdir_lib.fingerprint(
         [int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user), int(cfg.data.synth_seed)]
     )
+    if paths.is_url(workdir):
+        import tempfile
+
+        local = os.path.join(tempfile.gettempdir(), f"alignx-synth-{key[:16]}")
+        _write_synth(cfg, local, key, write=True)
+        remote = paths.path(workdir) / "data"
+        if is_main and not (remote / "data.parquet").exists():
+            remote.mkdir(parents=True, exist_ok=True)
+            for name in os.listdir(local):
+                (remote / name).write_bytes(open(os.path.join(local, name), "rb").read())
+        sync("synth")
+        return local
+    out = os.path.join(workdir, "data")
+    _write_synth(cfg, out, key, write=is_main)
+    sync("synth")
+    return out
+
+
+def _write_synth(cfg: ml_collections.ConfigDict, out: str, key: str, *, write: bool) -> None:
+    """The synthetic users into the local folder `out`, unless there already (of the same settings)."""
     have = os.path.exists(os.path.join(out, "data.parquet"))
     # data written before the key existed is kept; data of other synth settings is written again
     stale = have and os.path.exists(out + ".fingerprint") and not workdir_lib.fingerprint_matches(out, key)
-    if is_main and (not have or stale):
+    if write and (not have or stale):
         from alignx_jax.data import synth
 
         world = synth.generate_world(
             int(cfg.data.synth_users), int(cfg.data.synth_pairs_per_user), int(cfg.data.synth_seed)
         )
-        tmp = out + ".tmp"  # written aside and renamed: a kill mid-write leaves no half parquet file
+        # written aside and renamed: a kill mid-write leaves no half parquet file (one tmp per process:
+        # the processes of a URL-workdir job on one machine may all write the same local folder)
+        tmp = f"{out}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         synth.write_world(world, tmp)
         workdir_lib.forget_fingerprint(out)
         shutil.rmtree(out, ignore_errors=True)  # W/data is the run's own (written here from data.synth_*)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process of this machine renamed its same data first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(os.path.join(out, "data.parquet")):
+                raise
         workdir_lib.write_fingerprint(out, key)
-    sync("synth")
-    return out
 
 
 def sync(name: str) -> None:
@@ -57,11 +86,17 @@ def sync(name: str) -> None:
 
 
 def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool) -> None:
-    """W/reference: the frozen reference as an HF folder with its tokenizer (written once)."""
+    """W/reference: the frozen reference as an HF folder with its tokenizer (written once, by process 0).
+
+    A multi-process run gathers the weights to every host first (one parameter at a time, a collective
+    every process joins), so `alignx export` of its workdir finds the config and tokenizer as in a
+    1-process run. A URL workdir: written to a local folder, then copied."""
     from alignx_jax.models import hf
 
-    ref = os.path.join(workdir, "reference")
-    if os.path.isfile(os.path.join(ref, "config.json")):
+    ref = paths.path(workdir) / "reference"
+    there = (ref / "config.json").is_file()
+    sync("reference-check")  # every process looked before process 0 writes: all take the same branch
+    if there:
         return
     src = resolve_model_path(cfg.model.hf_path)
     is_hf = (
@@ -71,54 +106,84 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
     )
     if is_hf:
         if is_main:  # an HF folder already is the reference: copy its files (no multi-host gather)
-            tmp = ref + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            for name in os.listdir(src):
-                if os.path.isfile(os.path.join(src, name)):
-                    shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-            os.replace(tmp, ref)
-    elif jax.process_count() == 1:
-        tmp = ref + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
-        os.replace(tmp, ref)
-    elif is_main:
-        print(
-            "alignx train: W/reference not written (multi-host run from an orbax checkpoint; "
-            "export the initial checkpoint with `alignx export`)",
-            file=sys.stderr,
-        )
+            _publish_folder(src, ref, copy=True)
+    else:
+        host_model = _gathered(model)
+        if is_main:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="alignx-reference-") as local:
+                tmp = os.path.join(local, "reference")
+                hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir)
+                _publish_folder(tmp, ref, copy=paths.is_url(workdir))
+        del host_model
     sync("reference")
+
+
+def _gathered(model):
+    """`model` with every parameter as a whole host array on this process (one process: `model` itself)."""
+    if jax.process_count() == 1:
+        return model
+    from flax import nnx
+    from jax.experimental import multihost_utils
+
+    graphdef, state = nnx.split(model)
+
+    def gather(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return nnx.merge(graphdef, jax.tree.map(gather, state))
+
+
+def _publish_folder(src: str, dst, *, copy: bool) -> None:
+    """The files of the local folder `src` as the folder `dst` (an epath.Path, maybe a URL), written aside
+    and renamed into place (a local `src` on the same file system is moved when `copy` is False)."""
+    tmp = dst.parent / (dst.name + ".tmp")
+    if tmp.exists():
+        tmp.rmtree()
+    if copy:
+        tmp.mkdir(parents=True)
+        for name in sorted(os.listdir(src)):
+            if os.path.isfile(os.path.join(src, name)):
+                with open(os.path.join(src, name), "rb") as f:
+                    (tmp / name).write_bytes(f.read())
+    else:
+        shutil.move(src, os.fspath(tmp))
+    if dst.exists():
+        dst.rmtree()
+    tmp.rename(dst)
 
 
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib.WorkdirLock:
     """Create W, take its lock, refuse a resume that changes what is trained, write W/config.json."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    w = paths.path(workdir)
+    if w.exists() and not w.is_dir():
         raise ConfigError(f"workdir {workdir}: exists and is a file, not a folder")
     try:
-        os.makedirs(workdir, exist_ok=True)
+        w.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"workdir {workdir}: cannot create it ({e.strerror})") from None
     lock = workdir_lib.WorkdirLock(workdir)
     lock.acquire()
     try:
         current = json.loads(config_to_json(cfg))
-        ckpts = os.path.join(workdir, "checkpoints")
-        if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):  # a resume
+        ckpts = w / "checkpoints"
+        if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):  # a resume
             workdir_lib.check_config_change(
                 workdir, current, allow=bool(cfg.train.get("allow_config_change", False))
             )
         else:  # a fresh start over an earlier run's outputs: the reference folder is the old model's
             saved = workdir_lib.read_saved_config(workdir)
-            ref = os.path.join(workdir, "reference")
+            ref = w / "reference"
             if (
                 saved is not None
-                and os.path.isdir(ref)
+                and ref.is_dir()
                 and any(k.startswith("model.") for k in workdir_lib.changed_keys(saved, current))
             ):
                 workdir_lib.warn(f"{workdir}/config.json names another model; rewriting {ref}")
-                shutil.rmtree(ref)
+                ref.rmtree()
         workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(cfg))
     except BaseException:
         lock.release()

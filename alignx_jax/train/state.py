@@ -38,7 +38,23 @@ def run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "scan_layers": bool(cfg.model.scan_layers),
         "attention_impl": str(cfg.model.attention_impl),
         "frozen_layers": int(cfg.model.frozen_layers),
+        **lora_options(cfg),
     }
+
+
+def lora_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The DecoderConfig LoRA fields from `model.lora` (none when the config has no such section or rank 0)."""
+    from alignx_jax.models import lora
+
+    sec = cfg.model.get("lora")
+    if sec is None:
+        return {}
+    targets = (sec.targets,) if isinstance(sec.targets, str) else tuple(str(t) for t in sec.targets)
+    rank, alpha = sec.rank, float(sec.alpha)
+    lora.check_options(rank, alpha, targets)
+    if not rank:
+        return {}
+    return {"lora_rank": int(rank), "lora_alpha": alpha, "lora_targets": targets}
 
 
 def tree_shardings(tree: Any, mesh) -> Any:
@@ -129,6 +145,59 @@ class ParamsCodec:
 
     def module(self, params: Any):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
+
+    # what the train step calls: the trained `params` and the frozen `ref_params` (full fine-tuning:
+    # the whole policy and the reference copy; LoRA: the adapters and the base, `LoraCodec`)
+    lora = False
+
+    def policy(self, params: Any, ref_params: Any = None):
+        """The policy Decoder from the trained params."""
+        return self.module(params)
+
+    def reference(self, ref_params: Any, params: Any = None):
+        """The reference Decoder."""
+        return self.module(ref_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraCodec(ParamsCodec):
+    """model.lora: the trained params are the adapters (`models.lora.split`), `ref_params` the frozen
+    base weights (in param_dtype); the reference is the same merged module with its adapters off."""
+
+    adapters: Any = None  # ShapeDtypeStructs of the LoRA leaves (the reference pass needs no values)
+
+    lora = True
+
+    @classmethod
+    def of(cls, model) -> LoraCodec:
+        from alignx_jax.models import lora
+
+        plain = ParamsCodec.of(model)
+        shapes = lora.split(nnx.to_pure_dict(nnx.state(model)))[0]
+        return cls(
+            plain.graphdef,
+            plain.treedef,
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes),
+        )
+
+    @staticmethod
+    def split(params: Any) -> tuple[Any, Any]:
+        """Full pure params -> (adapters: trained, base: frozen)."""
+        from alignx_jax.models import lora
+
+        return lora.split(params)
+
+    def policy(self, params: Any, ref_params: Any = None):
+        from alignx_jax.models import lora
+
+        return self.module(lora.join(params, ref_params))
+
+    def reference(self, ref_params: Any, params: Any = None):
+        from alignx_jax.models import lora
+
+        if params is None:  # placeholders: the adapters are skipped with lora_scale 0 (dead code)
+            params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.adapters)
+        return lora.adapters_off(self.module(lora.join(params, ref_params)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,17 @@ def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk:
     return model_pair_logps(codec.module(params), mb, chunk)
 
 
-def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
-    """`pair_logps` for an already merged Decoder."""
+def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None, *, with_logits: bool = False):
+    """`pair_logps` for an already merged Decoder (logits soft-capped as the model's `cap_logits`).
+
+    `with_logits`: `(logps [b, 2], logit sums [b, 2])`, the second the sum over each response's scored
+    tokens of the mean logit over the vocabulary (TRL's `logits/chosen` numerator). The mean over V
+    of `h @ W` is `h @ mean_V(W)`: one `[D]` vector, no `[*, V]` logits. It is the mean of the logits
+    before any final soft-capping (Gemma 2), which is not linear.
+    """
     # data.compact_tokens: the token-wise layers run on the batch's real tokens only
     tokens = TokenLayout(mb["token_index"], mb["token_slot"]) if "token_index" in mb else None
+    cap = getattr(model.cfg, "final_logit_softcapping", None)
     with jax.named_scope("pair_logps"):
         if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
             h_NTD = model.hidden_states(
@@ -41,16 +48,25 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.
                 tokens=tokens,
             )
             w_DV = model.output_embedding().astype(h_NTD.dtype)
-            return losses.flat_logps(
+            num_slots = 2 * mb["pair_mask"].shape[0]
+            lp = losses.flat_logps(
                 h_NTD,
                 w_DV,
                 mb["score_flat"],
                 mb["score_target"],
                 mb["score_slot"],
                 mb["score_valid"],
-                num_slots=2 * mb["pair_mask"].shape[0],
+                num_slots=num_slots,
                 chunk=chunk,
+                softcap=cap,
             ).reshape(-1, 2)
+            if not with_logits:
+                return lp
+            N, T, D = h_NTD.shape
+            h_SD = jnp.take(h_NTD.reshape(N * T, D), mb["score_flat"].astype(jnp.int32), axis=0)
+            mean_S = _mean_logits(h_SD, w_DV) * mb["score_valid"].astype(jnp.float32)
+            sums = jax.ops.segment_sum(mean_S, mb["score_slot"].astype(jnp.int32), num_segments=num_slots)
+            return lp, jax.lax.stop_gradient(sums.reshape(-1, 2))
         b, two, T = mb["input_ids"].shape
         flat = {
             k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")
@@ -61,10 +77,43 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None) -> jax.
         w_DV = model.output_embedding().astype(h_ND.dtype)
         if "score_index" in mb:  # logits on the response window only (loss.logits_on_responses)
             idx = mb["score_index"].reshape(b * two, -1)
-            lp = losses.window_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk)
+            lp = losses.window_logps(
+                h_ND, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk, softcap=cap
+            )
         else:
-            lp = losses.sequence_logps(h_ND, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk)
-        return lp.reshape(b, two)
+            lp = losses.sequence_logps(
+                h_ND, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk, softcap=cap
+            )
+        if not with_logits:
+            return lp.reshape(b, two)
+        mean_NT = _mean_logits(h_ND[:, :-1], w_DV) * flat["loss_mask"][:, 1:].astype(jnp.float32)
+        return lp.reshape(b, two), jax.lax.stop_gradient(jnp.sum(mean_NT, axis=-1).reshape(b, two))
+
+
+def _mean_logits(h_SD: jax.Array, w_DV: jax.Array) -> jax.Array:
+    """Mean over the vocabulary of the logits `h @ w` at each position, as `h @ mean_V(w)` in float32."""
+    w_D = jnp.mean(w_DV.astype(jnp.float32), axis=-1)
+    return jnp.einsum("...d,d->...", h_SD.astype(jnp.float32), w_D)
+
+
+def reference_needed(loss_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the run reads a frozen reference's log-probs: not for `loss.reference='none'`, and never
+    for the reference-free kinds (orpo, simpo: `losses.PREFERENCE_LOSSES[...].uses_reference`), whatever
+    `loss.reference` says (as TRL's ORPOTrainer/CPOTrainer, which take no reference model)."""
+    spec = losses.PREFERENCE_LOSSES.get(loss_cfg.type)
+    return loss_cfg.get("reference", "on_the_fly") != "none" and (spec is None or spec.uses_reference)
+
+
+# the train metrics under TRL's names (DPOTrainer) -> the `losses.preference_loss` metric sums they
+# are the per-pair means of; `logits/*` are token means (see `model_pair_logps`)
+TRL_METRICS = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/margins": "margin",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+}
 
 
 NONFINITE_PARTS = ((1, "loss"), (2, "gradient norm"), (4, "updated params"))
@@ -117,7 +166,9 @@ def make_train_step(
     and optimizer state unchanged.
     """
     chunk = int(loss_cfg.logps_chunk) or None
-    beta = float(loss_cfg.beta)
+    kind = loss_cfg.get("type", "sigmoid")
+    options = losses.loss_options(loss_cfg)
+    use_ref = reference_needed(loss_cfg)
     skip_nonfinite = loss_cfg.get("nan_policy", "stop") == "skip"
     joint = head_codec is not None
     if joint and (head_tx is None or pba_cfg is None):
@@ -134,34 +185,47 @@ def make_train_step(
                 if "branch_ids" in mb
                 else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
             )  # [b, 2]
-            if precomputed:
+            if not use_ref:  # reference-free: no reference pass (ref_params may be None)
+                ref = None
+            elif precomputed:
                 ref = mb["ref_logps"]
             else:
-                ref = jax.lax.stop_gradient(pair_logps(codec, ref_params, mb, chunk))
+                # LoRA: the same base with its adapters off (state.LoraCodec)
+                policy_params = params["policy"] if joint else params
+                ref_model = codec.reference(ref_params, policy_params)
+                ref = jax.lax.stop_gradient(model_pair_logps(ref_model, mb, chunk))
 
             def loss_fn(p):
-                model = codec.module(p["policy"] if joint else p)
-                lp = model_pair_logps(model, mb, chunk)
-                per = losses.dpo_per_pair(
+                model = codec.policy(p["policy"] if joint else p, ref_params)
+                lp, logit_sums = model_pair_logps(model, mb, chunk, with_logits=True)
+                per, sums = losses.preference_loss(
+                    kind,
                     lp[:, 0],
                     lp[:, 1],
-                    ref[:, 0],
-                    ref[:, 1],
-                    loss_cfg,
+                    None if ref is None else ref[:, 0],
+                    None if ref is None else ref[:, 1],
                     chosen_tokens=ntok[:, 0],
                     rejected_tokens=ntok[:, 1],
+                    pair_mask=pm,
+                    **options,
+                )
+                sums.update(
+                    logits_chosen=jnp.sum(logit_sums[:, 0] * pm),
+                    logits_rejected=jnp.sum(logit_sums[:, 1] * pm),
+                    tokens_chosen=jnp.sum(ntok[:, 0] * pm),
+                    tokens_rejected=jnp.sum(ntok[:, 1] * pm),
                 )
                 dpo = jnp.sum(per * pm) / n_pairs
                 if not joint:
-                    return dpo, (lp, {})
+                    return dpo, (sums, {})
                 # the same merged policy reads the persona: one backbone for DPO and the head
                 term, hm = ph.joint_head_term(
                     model, head_codec.module(p["head"]), mb, pba_cfg, n_pairs=n_pairs
                 )
-                return dpo + term, (lp, {"dpo": dpo, **hm})
+                return dpo + term, (sums, {"dpo": dpo, **hm})
 
-            (loss, (lp, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            sums = losses.dpo_sums(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta, pm)
+            (loss, (sums, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            sums = jax.lax.stop_gradient(sums)
             sums["loss"] = loss
             if joint:
                 # per-microbatch means -> sums weighted by their counts, divided once at the end
@@ -200,6 +264,10 @@ def make_train_step(
                 "margin",
                 "logps_chosen",
                 "logps_rejected",
+                "logits_chosen",
+                "logits_rejected",
+                "tokens_chosen",
+                "tokens_rejected",
                 "pairs",
                 "loss",
             )
@@ -237,8 +305,11 @@ def make_train_step(
             )
         else:
             params, opt_state = new_params, new_opt_state
-        plain = ("loss", "pairs", "total_loss", "head_loss", "head_accuracy_non_neutral", "non_neutral")
-        metrics = {k: v / n_pairs for k, v in sums.items() if k not in plain}
+        metrics = {name: sums[key] / n_pairs for name, key in TRL_METRICS.items()}
+        for side in ("chosen", "rejected"):  # token means over the global batch, as TRL
+            metrics[f"logits/{side}"] = sums[f"logits_{side}"] / jnp.maximum(sums[f"tokens_{side}"], 1.0)
+        if joint:
+            metrics["head_accuracy"] = sums["head_accuracy"] / n_pairs
         metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"], nonfinite=nonfinite)
         if joint:
             metrics.update(
@@ -259,7 +330,7 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
 
     def fn(ref_params, batch):
         def micro(_, mb):
-            return None, pair_logps(codec, ref_params, mb, chunk)
+            return None, model_pair_logps(codec.reference(ref_params), mb, chunk)
 
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         return jax.lax.scan(micro, None, inputs)[1], batch["slot"]
@@ -284,7 +355,7 @@ def jit_train_step(
         codec,
         tx,
         cfg.loss,
-        precomputed=cfg.loss.reference == "precomputed",
+        precomputed=cfg.loss.reference == "precomputed" and reference_needed(cfg.loss),
         grad_shardings=param_shardings,
         head_codec=head_codec,
         head_tx=head_tx,

@@ -1,0 +1,226 @@
+"""LoRA (model.lora, models/lora.py): the adapted forward against merged kernels, the reference with
+adapters off, an in-process LoRA DPO step, and a tiny `alignx train` + merged `alignx export`."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignx_jax import train
+from alignx_jax.errors import ConfigError
+from alignx_jax.models import lora
+from alignx_jax.models.compaction import TokenLayout
+from alignx_jax.models.decoder import Decoder, DecoderConfig
+from alignx_jax.train.state import LoraCodec, ParamsCodec
+from alignx_jax.train.step import model_pair_logps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+CFG = DecoderConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+
+def _lora_model(rank=4, alpha=8.0, random_b=True, **kw):
+    m = Decoder(CFG.replace(lora_rank=rank, lora_alpha=alpha, **kw), rngs=nnx.Rngs(0))
+    if random_b:
+        rng = np.random.default_rng(1)
+        for path, var in nnx.to_flat_state(nnx.state(m)):
+            if path[-1] == "lora_b":
+                var.set_value(jnp.asarray(0.2 * rng.standard_normal(var.get_value().shape), jnp.float32))
+    return m
+
+
+def _numpy_merged(m) -> Decoder:
+    """A plain Decoder whose kernels are W + (alpha / r) A @ B, merged in NumPy (float64)."""
+    pure = nnx.to_pure_dict(nnx.state(m))
+    s = m.cfg.lora_alpha / m.cfg.lora_rank
+
+    def go(node):
+        if not isinstance(node, dict):
+            return node
+        out = {k: go(v) for k, v in node.items() if k not in ("lora_a", "lora_b")}
+        if "lora_a" in node:
+            w, a, b = (np.asarray(node[k], np.float64) for k in ("kernel", "lora_a", "lora_b"))
+            L, r = a.shape[0], a.shape[-1]
+            d = np.einsum("lir,lro->lio", a.reshape(L, -1, r), b.reshape(L, r, -1)).reshape(w.shape)
+            out["kernel"] = jnp.asarray((w + s * d).astype(np.float32))
+        return out
+
+    plain = Decoder(CFG, rngs=nnx.Rngs(0))
+    state = nnx.state(plain)
+    nnx.replace_by_pure_dict(state, go(pure))
+    nnx.update(plain, state)
+    return plain
+
+
+IDS = jnp.asarray(np.random.default_rng(0).integers(1, 97, size=(2, 12)), jnp.int32)
+
+
+def test_new_adapters_leave_the_base_model_exactly():
+    base = Decoder(CFG, rngs=nnx.Rngs(0))
+    m = _lora_model(random_b=False)
+    assert jnp.array_equal(base(IDS), m(IDS))  # B = 0, and the base weights are drawn as without LoRA
+    a = m.layers.attn.o_proj.lora_a
+    assert a.get_value().shape == (2, 4, 8, 4)
+    assert a.get_metadata()["logical_axes"] == ("layers", "heads", "head_dim", None)
+    assert m.layers.attn.o_proj.lora_b.get_metadata()["logical_axes"] == ("layers", None, "embed")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_lora_forward_equals_numpy_merged_kernels(scan):
+    m = _lora_model(scan_layers=scan)
+    ref = _numpy_merged(m)
+    got, want = m(IDS), ref(IDS)
+    assert float(jnp.max(jnp.abs(got - Decoder(CFG, rngs=nnx.Rngs(0))(IDS)))) > 1e-2  # adapters matter
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # models.lora.merged (the export path) agrees too
+    np.testing.assert_allclose(np.asarray(lora.merged(m)(IDS)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_gradients_match_autodiff_through_merged_kernels():
+    """The adapter gradients through the fast matmul path (CPU custom VJP) and token compaction
+    against plain autodiff of W + s A @ B."""
+    m = _lora_model()
+    codec = LoraCodec.of(m)
+    adapters, base = codec.split(nnx.to_pure_dict(nnx.state(m)))
+    s = m.cfg.lora_multiplier
+    plain = ParamsCodec.of(Decoder(CFG, rngs=nnx.Rngs(0)))
+    # one group of both rows' first 8 tokens (the rest padding): index [1, 16], slot [1, 24]
+    kept = [r * 12 + t for r in range(2) for t in range(8)]
+    index = jnp.asarray([kept], jnp.int32)
+    slot = jnp.asarray([[kept.index(p) if p in kept else 16 for p in range(24)]], jnp.int32)
+    mask = jnp.asarray(np.arange(12)[None].repeat(2, 0) < 8)
+
+    def loss_lora(ad):
+        h = codec.policy(ad, base).hidden_states(IDS, mask, tokens=TokenLayout(index, slot))
+        return jnp.sum(h[:, :8] ** 2)
+
+    def loss_merged(ad):
+        merged = plain.module(lora.merged_params(lora.join(ad, base), s))
+        return jnp.sum(merged.hidden_states(IDS, mask)[:, :8] ** 2)
+
+    ga, gb = jax.grad(loss_lora)(adapters), jax.grad(loss_merged)(adapters)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        x, y = np.asarray(x), np.asarray(y)  # float32 sums in another order: relative to the largest
+        assert np.max(np.abs(x - y)) <= 1e-2 * np.max(np.abs(y)), (np.max(np.abs(x - y)), np.max(np.abs(y)))
+
+
+def _pair_batch(B=4, T=20, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 97, size=(2 * B, T)).astype(np.int32)
+    attn = np.ones((2 * B, T), np.int32)
+    loss = np.zeros((2 * B, T), np.int32)
+    loss[:, 8:] = 1
+    pos = np.tile(np.arange(T, dtype=np.int32), (2 * B, 1))
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "loss_mask": loss,
+        "positions": pos,
+        "pair_mask": np.ones((B,), np.int32),
+    }
+
+
+def test_reference_with_adapters_off_is_the_base_model():
+    m = _lora_model()
+    codec = LoraCodec.of(m)
+    adapters, base = codec.split(nnx.to_pure_dict(nnx.state(m)))
+    mb = jax.tree.map(lambda x: x[0], train.to_microbatches(_pair_batch(), 1))
+    want = model_pair_logps(Decoder(CFG, rngs=nnx.Rngs(0)), mb, 7)
+    for ref_model in (codec.reference(base, adapters), codec.reference(base)):
+        assert jnp.array_equal(model_pair_logps(ref_model, mb, 7), want)
+    assert float(jnp.max(jnp.abs(model_pair_logps(codec.policy(adapters, base), mb, 7) - want))) > 1e-3
+
+
+def test_lora_dpo_step_trains_adapters_only():
+    m = _lora_model(random_b=False)
+    codec = LoraCodec.of(m)
+    adapters, base = codec.split(nnx.to_pure_dict(nnx.state(m)))
+    base0 = jax.tree.map(np.asarray, base)
+    optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-2, warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip=1.0
+        )
+    )
+    tx, _ = train.make_optimizer(optim, 10)
+    loss_cfg = ml_collections.ConfigDict(
+        dict(type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0, sft_norm="length", logps_chunk=7)
+    )
+    loss_cfg.reference = "on_the_fly"
+    step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
+    batch = train.to_microbatches(_pair_batch(), 2)
+    opt = tx.init(adapters)
+    losses = []
+    for _ in range(4):
+        adapters, opt, met = step(adapters, opt, base, batch)
+        losses.append(float(met["loss"]))
+    np.testing.assert_allclose(losses[0], np.log(2.0), atol=1e-5)
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert all(
+        np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(base0), jax.tree.leaves(base))
+    )
+    assert float(jnp.max(jnp.abs(adapters["layers"]["attn"]["q_proj"]["lora_b"]))) > 0
+
+
+def test_lora_options_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match="unknown projection 'qproj'"):
+        CFG.replace(lora_rank=4, lora_targets=("qproj",))
+    with pytest.raises(ConfigError, match="rank=-1"):
+        CFG.replace(lora_rank=-1)
+
+
+@pytest.mark.slow
+def test_lora_train_and_merged_export_match_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from alignx_jax.models import hf
+    from tests.test_train import SMALL, _alignx, _losses
+
+    w, out = tmp_path / "w", tmp_path / "export"
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}",
+            *SMALL,
+            "--config.train.steps=6",
+            "--config.model.lora.rank=4",
+            "--config.model.lora.alpha=8",
+            "--config.optim.lr=1e-2",
+            "--config.checkpoint.every_steps=6",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    losses = _losses(w)
+    assert min(losses[5], losses[6]) < losses[1] - 1e-3, losses
+    model = hf.load_checkpoint(str(w))  # adapters from the step, base from W/reference
+    assert model.cfg.lora_rank == 4 and model.cfg.lora_alpha == 8.0
+    # the base weights are W/reference's, untouched by training
+    base = hf.load_pretrained(str(w / "reference"))
+    assert jnp.array_equal(
+        model.layers.attn.q_proj.kernel.get_value(), base.layers.attn.q_proj.kernel.get_value()
+    )
+    r = _alignx(["export", "--checkpoint", str(w), "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    ids = np.arange(5, 25)[None]
+    want = np.asarray(model(jnp.asarray(ids)))
+    t = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = t(torch.as_tensor(ids)).logits.numpy()
+    rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert rel < 1e-5, rel
