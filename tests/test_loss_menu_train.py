@@ -189,6 +189,33 @@ def test_config_accepts_the_menu_and_reference_none():
         )
 
 
+def test_eval_reports_the_trl_named_means():
+    from alignx_jax.evaluate import reward_stats
+
+    outs = [
+        {
+            "correct": True,
+            "logp_chosen": -1.0,
+            "logp_rejected": -3.0,
+            "ref_logp_chosen": -2.0,
+            "ref_logp_rejected": -2.0,
+        },
+        {
+            "correct": False,
+            "logp_chosen": -4.0,
+            "logp_rejected": -2.0,
+            "ref_logp_chosen": -2.0,
+            "ref_logp_rejected": -2.0,
+        },
+    ]
+    got = reward_stats(outs, 0.5)
+    assert got["rewards/accuracies"] == 0.5
+    assert got["rewards/chosen"] == pytest.approx(0.5 * (1.0 - 2.0) / 2)  # 0.5 * mean(+1, -2)
+    assert got["rewards/margins"] == pytest.approx(0.5 * ((1.0 + 1.0) + (-2.0 - 0.0)) / 2)
+    assert got["logps/rejected"] == pytest.approx(-2.5)
+    assert reward_stats([{"correct": True}], 0.1) == {}
+
+
 # ----------------------------------------------------------------------------- W&B writer
 
 

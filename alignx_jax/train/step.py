@@ -161,6 +161,10 @@ def make_train_step(
     is the objective, `head_loss` (unweighted CE) / `head_accuracy` / `head_accuracy_non_neutral`
     are global-batch means, `grad_norm` is the policy's, `head_grad_norm` the head's.
 
+    The DPO metrics carry TRL's names (`TRL_METRICS`, plus `logits/chosen` / `logits/rejected`), from
+    `losses.preference_loss` (each `loss.type`'s own rewards). A reference-free run
+    (`reference_needed` false) never reads `ref_params` (None is fine).
+
     `metrics['nonfinite']` (`nonfinite_code`) is 0 when the loss, the gradient norm(s) and the updated
     params are all finite; with `loss.nan_policy='skip'` a step where it is not returns the old params
     and optimizer state unchanged.
