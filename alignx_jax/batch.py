@@ -67,8 +67,25 @@ def agree_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
 
 
+def process_block(mesh, rules=None) -> int:
+    """This process's place k along the global pair axis (axis 1 of `batch_shardings`): its pairs and
+    rows are the k-th equal block of every process's (0 on one process)."""
+    n = jax.process_count()
+    if n == 1:
+        return 0
+    local = int(mesh.shape["data"] * mesh.shape["fsdp"])  # any multiple of the batch shards
+    shape = (1, n * local)
+    sharding = shd.logical_sharding((None, "activation_batch"), mesh, rules, shape)
+    spans = sharding.addressable_devices_indices_map(shape)
+    starts = [idx[1].start or 0 for idx in spans.values()]
+    stops = [shape[1] if idx[1].stop is None else idx[1].stop for idx in spans.values()]
+    if max(stops) - min(starts) != local:
+        raise ValueError("this process's batch shards are not one contiguous block of the pair axis")
+    return min(starts) // local
+
+
 def flat_scores(
-    batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum: int | None = None
+    batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum: int | None = None, block: int = 0
 ) -> dict[str, np.ndarray]:
     """The per-pair scoring plan of a shared/packed batch (`score_index/target/mask [B, 2, R]`,
     optional `score_row [B]`) as one dense list of scored tokens per microbatch.
@@ -78,6 +95,10 @@ def flat_scores(
     `score_flat` (row * T + position within the microbatch's rows), `score_target`, `score_slot`
     (2 * pair + branch within the microbatch) and `score_valid`, each `[M, S]` with S the largest
     microbatch's count rounded up to a power of two (at least `minimum`, 64), and `score_count [M, b, 2]`.
+
+    block: this process's place along the global pair axis (`process_block`): in a multi-process step
+    the rows and pairs of a microbatch are every process's, so `score_flat` and `score_slot` name global
+    rows and pairs (process k's rows follow k * rows and its pairs k * pairs).
     """
     B = batch["pair_mask"].shape[0]
     b = B // num_micro
@@ -88,7 +109,8 @@ def flat_scores(
     for m in range(num_micro):
         ks, js, rs = np.nonzero(mask[m * b : (m + 1) * b])
         k_glob = ks + m * b
-        per.append(((row[k_glob] % n_rows) * T + idx[k_glob, js, rs], tgt[k_glob, js, rs], 2 * ks + js))
+        rows = row[k_glob] % n_rows + block * n_rows
+        per.append((rows * T + idx[k_glob, js, rs], tgt[k_glob, js, rs], 2 * (ks + block * b) + js))
     longest = max([len(f) for f, _, _ in per] + [1])
     S = max(64, int(minimum or 0), 1 << (longest - 1).bit_length())
     flat = np.zeros((num_micro, S), np.int32)
@@ -118,6 +140,7 @@ def to_microbatches(
     window: int | None = None,
     scored: int | None = None,
     tokens: tuple[int, int] | None = None,
+    block: int = 0,
 ) -> dict[str, np.ndarray]:
     """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
 
@@ -147,7 +170,7 @@ def to_microbatches(
             x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
         out[k] = x.reshape(num_micro, n_rows, x.shape[1])
     if shared:
-        out.update(flat_scores(batch, num_micro, out["input_ids"].shape[-1], minimum=scored))
+        out.update(flat_scores(batch, num_micro, out["input_ids"].shape[-1], minimum=scored, block=block))
     for k in () if shared else ("input_ids", "attention_mask", "positions", "loss_mask"):
         x = batch[k]
         if T is not None and x.shape[1] < T:  # widen to the step's common length (mask 0)
@@ -230,9 +253,10 @@ class BatchBuilder:
     pack_length: int = 0
     compact: int = 0  # kept-token sizes per row length; 0 = off
     process_count: int = 1
+    process_block: int = 0  # this process's place along the global pair axis (`process_block`)
 
     @classmethod
-    def from_config(cls, cfg: Any, mesh, pad_id: int, *, head: bool) -> BatchBuilder:
+    def from_config(cls, cfg: Any, mesh, pad_id: int, *, head: bool, rules=None) -> BatchBuilder:
         gb = int(cfg.train.global_batch)
         buckets = tuple(int(b) for b in cfg.data.buckets)
         return cls(
@@ -247,6 +271,8 @@ class BatchBuilder:
             pack_length=int(cfg.data.get("pack_length", 0)) or max(buckets),
             compact=int(cfg.data.get("compact_tokens", 8)),
             process_count=jax.process_count(),
+            # share_prompt's scoring plan names global rows and pairs
+            process_block=process_block(mesh, rules) if cfg.data.get("share_prompt", False) else 0,
         )
 
     def _shared_rows(self, two_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -259,8 +285,17 @@ class BatchBuilder:
             )
         if self.packing:  # several pairs per row of pack_length tokens, packed per microbatch and batch shard
             per_micro = coll["pair_mask"].shape[0] // self.num_micro
-            groups = self.num_micro * (self.batch_shards if per_micro % self.batch_shards == 0 else 1)
-            coll = batching.pack_pairs(coll, groups=groups, length=self.pack_length, pad_id=self.pad_id)
+            shards = max(1, self.batch_shards // self.process_count)  # this process's batch shards
+            groups = self.num_micro * (shards if per_micro % shards == 0 else 1)
+            shared = coll
+            coll = batching.pack_pairs(shared, groups=groups, length=self.pack_length, pad_id=self.pad_id)
+            if self.process_count > 1:  # every process must agree on the rows per group
+                n = coll["input_ids"].shape[0] // groups
+                agreed = agree_max(n)
+                if agreed != n:
+                    coll = batching.pack_pairs(
+                        shared, groups=groups, length=self.pack_length, pad_id=self.pad_id, rows=agreed
+                    )
         return coll
 
     def _compact(self, out: dict[str, np.ndarray]) -> None:
@@ -287,7 +322,9 @@ class BatchBuilder:
         S = None
         if self.share and self.process_count > 1:  # the scored-token list length, too
             S = agree_max(flat_scores(coll, self.num_micro, T)["score_flat"].shape[-1])
-        out = to_microbatches(coll, self.num_micro, T, head=self.head, P=P, window=R, scored=S)
+        out = to_microbatches(
+            coll, self.num_micro, T, head=self.head, P=P, window=R, scored=S, block=self.process_block
+        )
         if self.compact:
             self._compact(out)
         # the share of padded positions the token-wise layers still compute (0 when all are skipped)

@@ -26,7 +26,7 @@ HANDLERS: dict[str, str] = {
     "data split": "alignx_jax.data.split:cli_split",
     "synth": "alignx_jax.data.synth:cli_synth",
     "train": "alignx_jax.train.cli:cli_train",
-    "eval": "alignx_jax.evaluate:cli_eval",
+    "eval": "alignx_jax.evaluate.cli:cli_eval",
     "generate": "alignx_jax.generate:cli_generate",
     "predict-preferences": "alignx_jax.pba.predict:cli_predict_preferences",
     "plan": "alignx_jax.plan:cli_plan",
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         "found in the workdir)",
     )
     p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 200MB")
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="a model.lora run: write its adapters as a PEFT adapter folder (adapter_config.json + "
+        "adapter_model.safetensors, for peft.PeftModel.from_pretrained on the base model) instead of "
+        "the merged model",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -347,13 +354,27 @@ def _join_distributed_job() -> None:
 
 def _exit_on_sigterm():
     """Until `alignx train` installs its own handler (it saves at the next step), a SIGTERM finds nothing
-    to save: exit 0 instead of dying with 143. Returns the previous handler (False off the main thread)."""
+    to save: exit 0 instead of dying with 143. Returns the previous handler (False off the main thread).
 
-    def handler(signum, frame):
-        print("alignx train: SIGTERM received during start-up; nothing to save", file=sys.stderr)
-        sys.stderr.flush()
-        # not SystemExit: raised inside a GC callback (JAX's) it is printed and ignored, and the run goes on
-        os._exit(0)
+    In a multi-process job (`alignx_jax.distributed.requested()`) the signal is only recorded
+    (`distributed.record_signal`): one process leaving alone would leave the others blocked in a
+    collective until the coordinator's heartbeat timeout. The trainer's first agreed check sees it and
+    every process exits 0 together ("received during start-up; nothing to save")."""
+    from alignx_jax import distributed
+
+    if distributed.requested():
+
+        def handler(signum, frame):
+            distributed.record_signal(signum)
+
+    else:
+
+        def handler(signum, frame):
+            print("alignx train: SIGTERM received during start-up; nothing to save", file=sys.stderr)
+            sys.stderr.flush()
+            # not SystemExit: raised inside a GC callback (JAX's) it is printed and ignored, and the run
+            # goes on
+            os._exit(0)
 
     try:
         return signal.signal(signal.SIGTERM, handler)

@@ -26,20 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from alignx_jax.demo import (
-    DEFAULT_PSOUPS,
-    ROOT,
-    Stages,
-    claim_out,
-    pct,
-    plot_curves,
-    read_json,
-    save_figure,
-    split_psoups,
-    use_compile_cache,
-    write_json,
-    write_lines,
-)
+from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, claim_out, split_psoups, use_compile_cache
+from alignx_jax.demo_report import pct, plot_curves, read_json, save_figure, write_json, write_lines
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")

@@ -26,6 +26,23 @@ ENV_INIT_TIMEOUT = "ALIGNX_INIT_TIMEOUT"
 
 _TRUE = ("1", "true", "yes", "auto")
 
+# signals `alignx train`'s start-up handler recorded in a multi-process job, before the trainer's own
+# handler existed (`cli._exit_on_sigterm`; `train.signals.StopFlag.install` takes them over)
+_early_signals: list[int] = []
+
+
+def record_signal(signum: int) -> None:
+    """Remember a stop signal that reached this process during start-up (a signal handler's whole job:
+    the trainer's first agreed check then stops every process together)."""
+    _early_signals.append(int(signum))
+
+
+def take_recorded_signal() -> int | None:
+    """The last signal `record_signal` remembered (None if none), forgetting them all."""
+    last = _early_signals[-1] if _early_signals else None
+    _early_signals.clear()
+    return last
+
 
 def requested(environ: dict[str, str] | None = None) -> bool:
     """Whether the environment describes a multi-process job (cheap: imports nothing)."""

@@ -69,9 +69,12 @@ def _generate_jit(
     cache = model.init_cache(B, T + max_new_tokens)  # created inside: no second copy to donate
     sample = partial(sample_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     with jax.named_scope("prefill"):
-        logits_BTV, cache = model(ids_BT, mask_BT, cache=cache)
+        # the output layer on the last position only: [B, V], not the prompt's [B, T, V] logits
+        h_BTD, cache = model._forward(ids_BT, mask_BT, None, None, cache)
+        w_DV = model.output_embedding().astype(h_BTD.dtype)
+        logits_BV = model.cap_logits(jnp.einsum("bd,dv->bv", h_BTD[:, -1], w_DV))
         key, sub = jax.random.split(key)
-        tok_B = sample(logits_BTV[:, -1], sub)
+        tok_B = sample(logits_BV, sub)
     out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
     done_B = jnp.isin(tok_B, stop_ids)
 

@@ -1,6 +1,6 @@
 """Hugging Face Hub ids as model paths: `org/name` or `org/name@revision` -> a local snapshot folder.
 
-`real_model.resolve_model_path` is the one resolver every model path goes through (`model.hf_path`,
+`models.presets.resolve_model_path` is the one resolver every model path goes through (`model.hf_path`,
 `model.tokenizer`, `alignx import --hf`, `alignx eval --model/--reference`, `alignx generate --model`);
 it calls `resolve_hub_id` for a path that does not exist locally and looks like a hub id.
 

@@ -11,7 +11,8 @@ rewritten whole at each logged step (and TensorBoard events go to the URL only i
 Train metric names are TRL's (`DPOTrainer`): `loss`, `grad_norm`, `learning_rate`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
 `logits/chosen`, `logits/rejected`; TensorBoard tags are `train/<name>`. `wandb_project` also logs
-every scalar to Weights & Biases under the same `train/<name>` (wandb reads WANDB_MODE=offline etc.).
+every scalar to Weights & Biases under the same `train/<name>` (wandb reads WANDB_MODE=offline etc.),
+as one W&B run per workdir (its id in W/wandb_id.txt; a resumed run continues it).
 """
 
 from __future__ import annotations
@@ -159,7 +160,29 @@ def _wandb_run(project: str, workdir: str, config: dict[str, Any] | None) -> Any
         name=os.path.basename(str(workdir).rstrip("/")) or None,
         dir=local,
         config=config or {},
+        id=wandb_run_id(workdir),
+        resume="allow",  # a resumed `alignx train` continues the same W&B run
     )
+
+
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_run_id(workdir: str) -> str:
+    """The workdir's W&B run id: read from W/wandb_id.txt, written there (a new random id) the first
+    time, so every (re)start of a run in W logs to one W&B run."""
+    import secrets
+
+    path = paths.path(workdir) / WANDB_ID_FILE
+    try:
+        run_id = path.read_text(encoding="utf-8").strip()
+    except (OSError, FileNotFoundError):
+        run_id = ""
+    if not run_id:
+        run_id = secrets.token_hex(8)  # W&B ids: letters and digits
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
 
 
 def _step_of(record: dict[str, Any]) -> float:

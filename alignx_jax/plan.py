@@ -234,6 +234,14 @@ def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chun
     opt = 2 * P * 4 // shard  # Adam mu and nu in float32
     ref = P * cb // shard
     grads = 2 * P * 4 // shard  # accumulator + this microbatch's gradients
+    r, A = int(getattr(dcfg, "lora_rank", 0) or 0), P  # A: the trained params' count
+    if r:  # LoRA: float32 adapters train; the frozen base (param_dtype) is the reference too
+        io = {"q_proj": (D, N * H), "k_proj": (D, K * H), "v_proj": (D, K * H), "o_proj": (N * H, D)}
+        io.update(gate_proj=(D, F), up_proj=(D, F), down_proj=(F, D))
+        A = L * sum(r * (i + o) for t, (i, o) in io.items() if t in dcfg.lora_targets)
+        ref, params = params, A * 4 // shard
+        opt = grads = 2 * A * 4 // shard
+        P += A
     gathered = (
         2 * per_layer * cb + 2 * V * D * cb
     )  # one layer (double-buffered) + embedding/head, all-gathered
@@ -258,6 +266,7 @@ def analytic_bytes(dcfg, *, seqs_per_device: int, seq_len: int, shard: int, chun
         "temporaries": temps,
         "total": params + opt + ref + temps,
         "param_count": P,
+        "trainable_count": A,
     }
 
 
@@ -325,7 +334,9 @@ def plan_batch(
             persona_tokens=min(int(cfg.pba.max_persona_tokens), max(builder.buckets)) if joint else None,
         )
     host, _ = builder(collated)
-    if cfg.loss.reference == "precomputed":  # as the loop adds it (the reference table's rows)
+    from alignx_jax.train.step import reference_needed
+
+    if cfg.loss.reference == "precomputed" and reference_needed(cfg.loss):  # as the loop adds it (its rows)
         host["ref_logps"] = np.zeros((builder.num_micro, host["pair_mask"].shape[1], 2), np.float32)
     bsh = batch_shardings(host, mesh, rules)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
@@ -345,12 +356,19 @@ def lower_step(
     from alignx_jax.models import preference_head as ph
     from alignx_jax.models.decoder import Decoder
     from alignx_jax.train.schema import joint_head
-    from alignx_jax.train.state import HeadCodec, ParamsCodec, make_head_optimizer, make_optimizer
+    from alignx_jax.train.state import (
+        HeadCodec,
+        LoraCodec,
+        ParamsCodec,
+        make_head_optimizer,
+        make_optimizer,
+    )
     from alignx_jax.train.step import jit_train_step
 
     dcfg = dcfg or decoder_config_for(cfg)
     abs_model = nnx.eval_shape(lambda: Decoder(dcfg, rngs=nnx.Rngs(0)))
-    codec = ParamsCodec.of(abs_model)
+    lora_on = bool(dcfg.lora_rank)
+    codec = (LoraCodec if lora_on else ParamsCodec).of(abs_model)
     params_abs = nnx.to_pure_dict(nnx.state(abs_model))
     param_sh = nnx.to_pure_dict(shd.model_shardings(nnx.state(abs_model), mesh, rules))
     rep = NamedSharding(mesh, PartitionSpec())
@@ -358,8 +376,14 @@ def lower_step(
     def with_sh(x, sh, dtype=None):
         return jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sh)
 
+    if lora_on:
+        # as `alignx train` splits them: the adapters train (with the optimizer), the frozen base in
+        # param_dtype is `ref_params` (the policy's base and, adapters off, the reference)
+        (params_abs, base_abs), (param_sh, base_sh) = codec.split(params_abs), codec.split(param_sh)
+        ref_in = jax.tree.map(with_sh, base_abs, base_sh)
+    else:
+        ref_in = jax.tree.map(lambda x, sh: with_sh(x, sh, dcfg.compute_dtype), params_abs, param_sh)
     params_in = jax.tree.map(with_sh, params_abs, param_sh)
-    ref_in = jax.tree.map(lambda x, sh: with_sh(x, sh, dcfg.compute_dtype), params_abs, param_sh)
     # the run's own schedule length (its constants are part of the step); 1000 for epoch-based runs
     total_steps = int(cfg.train.steps) if int(cfg.train.steps) > 0 else 1000
     tx, _ = make_optimizer(cfg.optim, total_steps, int(cfg.model.get("frozen_layers", 0)))
@@ -372,7 +396,10 @@ def lower_step(
     opt_sh = _opt_shardings(opt_abs, by_path, rep)
     opt_in = jax.tree.map(with_sh, opt_abs, opt_sh)
 
-    precomputed = cfg.loss.reference == "precomputed"
+    from alignx_jax.train.step import reference_needed
+
+    # no reference copy: precomputed log-probs, or a reference-free loss (as `alignx train` keeps none)
+    precomputed = cfg.loss.reference == "precomputed" or not reference_needed(cfg.loss)
     head_codec = head_tx = None
     head_b = 0
     joint = joint_head(cfg)
@@ -403,7 +430,7 @@ def lower_step(
         head_tx=head_tx,
     )
     with shd.use_mesh(mesh, rules):
-        lowered = jitted.lower(params_in, opt_in, None if precomputed else ref_in, batch_in)
+        lowered = jitted.lower(params_in, opt_in, None if precomputed and not lora_on else ref_in, batch_in)
     return {
         "lowered": lowered,
         "params": params_in,
@@ -411,8 +438,9 @@ def lower_step(
         "reference": ref_in,
         "batch": batch_in,
         "head_bytes": head_b,
-        "precomputed": precomputed,
+        "precomputed": precomputed and not lora_on,  # LoRA keeps its base (the policy's) either way
         "joint": joint,
+        "lora": lora_on,
     }
 
 
@@ -477,6 +505,12 @@ def plan(
         low["batch"],
     )
     head_b, precomputed, joint = low["head_bytes"], low["precomputed"], low["joint"]
+    if low["lora"]:
+        notes.append(
+            f"LoRA rank {dcfg.lora_rank} on {', '.join(dcfg.lora_targets)}: params and optimizer are the "
+            f"adapters' (float32); 'reference' is the frozen base ({dcfg.param_dtype}), which is also the "
+            "reference with the adapters off"
+        )
     if joint:
         P = batch_in["persona_ids"].shape[-1]
         notes.append(
@@ -520,16 +554,19 @@ def plan(
     )
 
     param_table = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params_in):
-        param_table.append(
-            {
-                "name": "/".join(str(k.key) for k in path),
-                "shape": list(leaf.shape),
-                "dtype": str(leaf.dtype),
-                "spec": str(leaf.sharding.spec),
-                "per_device_shape": list(leaf.sharding.shard_shape(leaf.shape)),
-            }
-        )
+    listed = [(params_in, True)] + ([(ref_in, False)] if low["lora"] else [])  # LoRA: adapters, then base
+    for tree, trainable in listed:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            param_table.append(
+                {
+                    "name": "/".join(str(k.key) for k in path),
+                    "shape": list(leaf.shape),
+                    "dtype": str(leaf.dtype),
+                    "spec": str(leaf.sharding.spec),
+                    "per_device_shape": list(leaf.sharding.shard_shape(leaf.shape)),
+                    "trainable": trainable,
+                }
+            )
     report = {
         "topology": topology.name,
         "platform": topology.platform,
@@ -545,6 +582,7 @@ def plan(
         "seqs_per_device_per_micro": seqs_per_device,
         "remat": dcfg.remat,
         "scan_layers": dcfg.scan_layers,
+        "lora_rank": int(dcfg.lora_rank),
         "per_device_bytes": compiled_report,
         "analytic_bytes": estimate,
         "fits": per_device_total <= per_device_limit,
@@ -585,7 +623,8 @@ def format_report(r: dict[str, Any]) -> str:
         "per device          compiled      analytic",
         f"  params        {_gib(c['params']):>12}  {_gib(a['params']):>12}",
         f"  optimizer     {_gib(c['optimizer']):>12}  {_gib(a['optimizer']):>12}",
-        f"  reference     {_gib(c['reference']):>12}  {_gib(a['reference']):>12}",
+        f"  {'base(frozen)' if r.get('lora_rank') else 'reference':<12}  {_gib(c['reference']):>12}  "
+        f"{_gib(a['reference']):>12}",
         f"  batch         {_gib(c['batch']):>12}",
         f"  temporaries   {_gib(c['temporaries']):>12}  {_gib(a['temporaries']):>12}",
         f"  total         {_gib(c['total']):>12}  {_gib(a['total']):>12}",

@@ -198,5 +198,15 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nn
     """Place every variable of `model` on its logical sharding (in place; returns the model)."""
     state = nnx.state(model)
     shardings = model_shardings(state, mesh, rules)
-    nnx.update(model, jax.device_put(state, shardings))
+    nnx.update(model, jax.tree.map(_put, state, shardings))
     return model
+
+
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    """`jax.device_put`, also for a PRNG key array on a mesh of several processes (device_put refuses
+    those there): its key data is placed, then wrapped again."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        spec = PartitionSpec(*sharding.spec, *([None] * (jax.random.key_data(x).ndim - x.ndim)))
+        data = jax.device_put(jax.random.key_data(x), NamedSharding(sharding.mesh, spec))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(x, sharding)

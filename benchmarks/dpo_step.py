@@ -99,7 +99,21 @@ SIZES: dict[str, dict[str, int]] = {
         head_dim=64,
         vocab_size=16384,
     ),
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M-Instruct), ~135M parameters; see SIZE_EXTRA
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+    ),
 }
+# non-integer config keys per size (the others: untied, rope theta 1e4)
+SIZE_EXTRA: dict[str, dict[str, Any]] = {"smollm2": dict(tie_word_embeddings=True, rope_theta=100000.0)}
+# P-SOUPS-like pairs: (prompt, response) token counts around which `--pairs psoups` draws
+PSOUPS_LENGTHS = (250, 50)
 
 
 @dataclasses.dataclass
@@ -110,8 +124,11 @@ class Setup:
     data: dict[str, np.ndarray]  # collated DPO batch, 2B rows (chosen first)
 
 
-def make_setup(size: str, seq_len: int, batch: int, seed: int = 0) -> Setup:
-    """The model description and a synthetic right-padded DPO batch (ARCHITECTURE.md layout)."""
+def make_setup(size: str, seq_len: int, batch: int, seed: int = 0, pairs: str = "fixed") -> Setup:
+    """The model description and a synthetic right-padded DPO batch (ARCHITECTURE.md layout).
+
+    `pairs="psoups"`: P-SOUPS-like pairs instead (prompt ~250 tokens, responses ~50 + EOS, drawn
+    +-15% / +-40%), collated by `data.batching.collate` into its length bucket (`seq_len` ignored)."""
     if size not in SIZES:
         raise SystemExit(f"unknown --model-size {size!r}; one of {', '.join(SIZES)}")
     hf = dict(
@@ -128,6 +145,9 @@ def make_setup(size: str, seq_len: int, batch: int, seed: int = 0) -> Setup:
         pad_token_id=0,
         **SIZES[size],
     )
+    hf.update(SIZE_EXTRA.get(size, {}))
+    if pairs == "psoups":
+        return _psoups_setup(hf, batch, seed)
     rng = np.random.default_rng(seed)
     n, T, V = 2 * batch, seq_len, hf["vocab_size"]
     ids = rng.integers(3, V, size=(n, T), dtype=np.int32)
@@ -153,13 +173,34 @@ def make_setup(size: str, seq_len: int, batch: int, seed: int = 0) -> Setup:
     return Setup(hf, seq_len, batch, data)
 
 
-def param_counts(hf: dict[str, int]) -> tuple[int, int]:
+def _psoups_setup(hf: dict[str, Any], batch: int, seed: int) -> Setup:
+    from alignx_jax.data.batching import DPOExample, collate
+    from alignx_jax.evaluate import length_buckets
+
+    rng = np.random.default_rng(seed)
+    P, R = PSOUPS_LENGTHS
+    V = hf["vocab_size"]
+    ids = lambda k: rng.integers(3, V, size=k).tolist()  # noqa: E731
+    examples = []
+    for i in range(batch):
+        p = int(rng.integers(int(P * 0.85), int(P * 1.15) + 1))
+        c, r = (int(rng.integers(int(R * 0.6), int(R * 1.4) + 1)) for _ in range(2))
+        examples.append(DPOExample([1] + ids(p - 1), ids(c - 1) + [2], ids(r - 1) + [2], index=i))
+    longest = max(ex.length for ex in examples)
+    data = collate(examples, buckets=length_buckets(longest), pad_id=0)
+    data = {k: data[k] for k in ("input_ids", "attention_mask", "loss_mask", "positions", "pair_mask")}
+    hf["max_position_embeddings"] = max(hf["max_position_embeddings"], data["input_ids"].shape[1])
+    return Setup(hf, int(data["input_ids"].shape[1]), batch, data)
+
+
+def param_counts(hf: dict[str, Any]) -> tuple[int, int]:
     """(total parameters, parameters in matmuls excluding the embedding gather)."""
     D, F, L = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
     N, K, H, V = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"], hf["vocab_size"]
     per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
     mm = L * per_layer + D * V
-    return mm + V * D + (2 * L + 1) * D, mm
+    embed = 0 if hf.get("tie_word_embeddings") else V * D  # tied: the output layer is the embedding
+    return mm + embed + (2 * L + 1) * D, mm
 
 
 def model_flops_per_step(hf: dict[str, int], seq_len: int, batch: int, tokens: int | None = None) -> float:
@@ -336,7 +377,7 @@ def torch_models(policy, reference, device: str = "cpu"):
         hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
         tm = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
         missing, unexpected = tm.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if "rotary" not in k]
+        missing = [k for k in missing if "rotary" not in k and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
         if missing or unexpected:
             raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
         return tm.to(device=device, dtype=torch.float32)
@@ -454,13 +495,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     torch_device = "cpu" if args.device == "cpu" else "cuda"
-    setup = make_setup(args.model_size, args.seq_len, args.batch, seed=args.seed)
+    setup = make_setup(args.model_size, args.seq_len, args.batch, seed=args.seed, pairs=args.pairs)
+    args.seq_len = setup.seq_len  # --pairs psoups: the collated length bucket
     positions = 2 * args.batch * args.seq_len
     tokens = int(np.asarray(setup.data["attention_mask"]).sum())  # real tokens: what tokens/s and MFU count
     flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch, tokens)
     flops_positions = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
     out: dict[str, Any] = {
         "model_size": args.model_size,
+        "model_shape": {k: v for k, v in setup.hf_config.items() if k not in ("architectures", "model_type")},
+        "pairs": args.pairs,
         "seq_len": args.seq_len,
         "batch_pairs": args.batch,
         "scan_layers": args.scan_layers,
@@ -543,6 +587,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["torch_compiled_step_times"] = times["torch_compiled"]
         out["torch_compiled_tokens_per_sec"] = tokens / out["torch_compiled_step_seconds"]
         out["jax_vs_torch_compiled"] = out["jax_tokens_per_sec"] / out["torch_compiled_tokens_per_sec"]
+        out["jax_vs_torch_compiled_per_round"] = [
+            t / j for j, t in zip(times["jax"], times["torch_compiled"])
+        ]
 
     # peak: median over the rounds of each round's best matmul rate (measured beside the steps)
     out["peak_flops"] = med(times["peak_flops"])
@@ -576,10 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-size", default="default", choices=sorted(SIZES))
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--pairs",
+        default="fixed",
+        choices=["fixed", "psoups"],
+        help="fixed: 2B rows of --seq-len (prompt L/4, length 3L/4..L); psoups: prompt ~250, responses ~50",
+    )
     p.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument(
         "--steps",
+        "--rounds",
+        dest="steps",
         type=int,
         default=5,
         help="timed rounds; each times one step of every contender plus the peak matmul (medians reported)",

@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     # max_length + the longer response long, so `buckets` must reach that.
     c.data.share_prompt = False
     # pack several share_prompt pairs into rows of `pack_length` tokens (0 = the largest bucket),
-    # attention kept within each pair by segment ids: less padding when lengths vary (one process)
+    # attention kept within each pair by segment ids: less padding when lengths vary
     c.data.packing = False
     c.data.pack_length = 0
     # run the token-wise layers (norms, projections, MLP) on each batch's real tokens only, grouped

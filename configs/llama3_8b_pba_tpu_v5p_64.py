@@ -27,7 +27,7 @@ def get_config():
     c.pba.weight = 1.0
     c.pba.mode = "joint"
     # the release's profile: P~ of the row's sampled history ('golden' = the golden-direction variant);
-    # 'predicted'/'mix' and mode 'two_stage' are single-process only
+    # 'predicted'/'mix' and mode 'two_stage' also run on a pod (every host fits the same first-stage head)
     c.pba.preference = "history"
     c.pba.stop_gradient = True
     c.pba.focal_gamma = 0.0

@@ -3,6 +3,8 @@
 # DEVICES_PER_PROCESS CPU devices: a real multi-process run (gloo collectives) for testing what a pod does.
 #
 #   launch/local.sh [--dry-run] N alignx COMMAND [ARGS ...]
+#   launch/local.sh [--dry-run] N python SCRIPT.py [ARGS ...]   (a script that calls
+#       alignx_jax.distributed.initialize_from_env() itself, e.g. tests/mp_modes.py)
 #
 # e.g. launch/local.sh 2 alignx train --config=configs/tiny_cpu.py --config.workdir=runs/tiny2
 #      (2 processes x 4 devices = one 8-device mesh)
@@ -18,7 +20,7 @@
 # the first failing status, after naming each failed process and the last lines of its log.
 set -euo pipefail
 
-usage() { echo "usage: launch/local.sh [--dry-run] N alignx COMMAND [ARGS ...]" >&2; exit 2; }
+usage() { echo "usage: launch/local.sh [--dry-run] N alignx COMMAND [ARGS ...] | N python SCRIPT [ARGS ...]" >&2; exit 2; }
 
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
@@ -26,7 +28,10 @@ if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 n="$1"; shift
 case "$n" in ''|*[!0-9]*) echo "local.sh: N must be a positive integer, got '$n'" >&2; exit 2 ;; esac
 [ "$n" -ge 1 ] || { echo "local.sh: N must be at least 1" >&2; exit 2; }
-[ "$1" = "alignx" ] || { echo "local.sh: the command starts with 'alignx', got '$1'" >&2; exit 2; }
+case "$1" in
+  alignx|python) kind="$1" ;;
+  *) echo "local.sh: the command starts with 'alignx' or 'python', got '$1'" >&2; exit 2 ;;
+esac
 shift
 devices="${DEVICES_PER_PROCESS:-4}"
 case "$devices" in ''|*[!0-9]*|0) echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2 ;; esac
@@ -54,7 +59,7 @@ common_env=(
   "ALIGNX_NUM_PROCESSES=${n}"
   "ALIGNX_CPU_COLLECTIVES=${ALIGNX_CPU_COLLECTIVES:-gloo}"
 )
-cmd=("$py" -m alignx_jax "$@")
+if [ "$kind" = alignx ]; then cmd=("$py" -m alignx_jax "$@"); else cmd=("$py" "$@"); fi
 
 if [ "$dry_run" = 1 ]; then
   echo "# logs: ${logdir}/process_<i>.log"

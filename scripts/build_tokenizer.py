@@ -223,6 +223,8 @@ def build(out_dir: str, psoups_path: str = DEFAULT_PSOUPS, vocab_size: int = VOC
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg["add_bos_token"] = True
+    if isinstance(cfg.get("extra_special_tokens"), list):  # transformers 5's name; 4.x wants a dict there
+        cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens")  # read by both
     with open(cfg_path, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")

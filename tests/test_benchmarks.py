@@ -113,3 +113,44 @@ def test_names_and_args():
     for bad in ("p-soups", "psoups=x.json", "prism="):
         with pytest.raises(DataError):
             benchmarks.parse_benchmark_arg(bad)
+
+
+# ---- benchmarks/score.py and benchmarks/generate.py (the scripts, on a tiny shape) -------------
+
+
+def _bench_script(name: str):
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(root, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_score_benchmark_tiny(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "score.json"
+    argv = ["--shape", "tiny", "--batch", "2", "--batches", "1", "--prompt-len", "24", "--response-len", "6"]
+    assert _bench_script("score").main([*argv, "--rounds", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("jax_pairs_per_sec", "transformers_pairs_per_sec", "jax_vs_transformers", "model_shape", "machine"):
+        assert key in res
+    assert len(res["jax_vs_transformers_per_round"]) == 1
+    assert res["outputs_identical"] is True and res["max_abs_logp_diff"] <= 1e-3
+
+
+def test_generate_benchmark_tiny(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "generate.json"
+    argv = ["--shape", "tiny", "--batch", "3", "--prompt-len", "20", "--new-tokens", "8", "--rounds", "1"]
+    assert _bench_script("generate").main([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("jax_tokens_per_sec", "transformers_tokens_per_sec", "jax_vs_transformers", "model_shape"):
+        assert key in res
+    assert len(res["jax_vs_transformers_per_round"]) == 1
+    assert res["outputs_identical"] is True and len(set(res["prompt_lengths"])) > 1  # left padding

@@ -53,7 +53,7 @@ def test_real_configs_follow_release_recipe(path):
     assert c.train.seed == 42
     assert (c.model.dtype, c.model.param_dtype, c.model.remat, c.model.scan_layers) == (
         "bfloat16",
-        "float32",
+        "bfloat16" if c.model.lora.rank else "float32",  # LoRA: a frozen bf16 base, float32 adapters
         "full",
         True,
     )

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
-from alignx_jax.models import decoder as dec
+from alignx_jax.models import attention as attn
 from alignx_jax.models.decoder import Decoder, DecoderConfig, rope_inv_freq
 from alignx_jax.models.hf import load_pretrained
 from alignx_jax.sharding import variable_axes
@@ -66,7 +66,7 @@ def test_long_rows_match_transformers(models, kind):
     """150 tokens: the causal attention runs in query blocks (64, 64, 22) against key prefixes."""
     ours, hf = models[kind]
     L = 150
-    assert len(dec._row_blocks(L, L, True)) == 3
+    assert len(attn._row_blocks(L, L, True)) == 3
     rng = np.random.default_rng(1)
     seqs = [rng.integers(6, 4000, size=n) for n in (L, 97)]
     ids, mask = _left_padded(seqs, L)
@@ -282,7 +282,7 @@ def test_random_init_shapes():
 
 
 def test_chunked_attention_equals_xla():
-    from alignx_jax.models import decoder as dec
+    from alignx_jax.models import attention as attn
 
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k1, (2, 8, 4, 16))
@@ -290,6 +290,6 @@ def test_chunked_attention_equals_xla():
     v = jax.random.normal(k3, (2, 8, 2, 16))
     t = jnp.arange(8)
     allowed = (t[None, :] <= t[:, None])[None] & jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1]] * 2, bool)[:, None, :]
-    want = dec._attention_xla(q, k, v, allowed, 0.25)
-    got = jax.jit(lambda *a: dec._attention_chunked(*a, 0.25, chunk=4))(q, k, v, allowed)
+    want = attn._attention_xla(q, k, v, allowed, 0.25)
+    got = jax.jit(lambda *a: attn._attention_chunked(*a, 0.25, chunk=4))(q, k, v, allowed)
     assert _rel(got, want) < 1e-6

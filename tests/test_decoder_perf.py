@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignx_jax.models import attention as attn
 from alignx_jax.models import decoder as dec
 
 
@@ -38,8 +39,8 @@ def _inputs(B=2, T=12, N=4, K=2, H=8):
 def test_forward_matches_reference_bool_and_bias():
     q, k, v, _, allowed = _inputs()
     want = _reference(q, k, v, allowed, 0.35)
-    np.testing.assert_allclose(dec._attention_xla(q, k, v, allowed, 0.35), want, atol=1e-5)
-    np.testing.assert_allclose(dec._attention_xla(q, k, v, dec.mask_bias(allowed), 0.35), want, atol=1e-5)
+    np.testing.assert_allclose(attn._attention_xla(q, k, v, allowed, 0.35), want, atol=1e-5)
+    np.testing.assert_allclose(attn._attention_xla(q, k, v, attn.mask_bias(allowed), 0.35), want, atol=1e-5)
     # fully masked query rows get uniform weights (no NaN), as the where-based softmax does
     assert bool(jnp.all(jnp.isfinite(want)))
 
@@ -50,7 +51,7 @@ def test_custom_vjp_matches_autodiff():
     def loss(f):
         return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, allowed, 0.35)) * w)
 
-    got = jax.jit(jax.grad(loss(dec._attention_xla), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(loss(attn._attention_xla), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-5)
@@ -75,7 +76,7 @@ def test_causal_blocks_match_reference_forward_and_grads():
     """Blocks of query rows against their key prefixes (ragged last block) == the full masked softmax,
     values and gradients, for every mask the decoder builds (all are inside the causal one)."""
     B, T, N, K, H = 4, 150, 4, 2, 8
-    assert [b - a for a, b, _ in dec._row_blocks(T, T, True)] == [64, 64, 22]
+    assert [b - a for a, b, _ in attn._row_blocks(T, T, True)] == [64, 64, 22]
     kq, kk, kv, kw = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(kq, (B, T, N, H))
     k = jax.random.normal(kk, (B, T, K, H))
@@ -86,16 +87,16 @@ def test_causal_blocks_match_reference_forward_and_grads():
 
     def loss(f, causal):
         return lambda q, k, v: jnp.sum(
-            jnp.where(real, jnp.sin(f(q, k, v, dec.mask_bias(allowed), 0.35, causal)), 0) * w
+            jnp.where(real, jnp.sin(f(q, k, v, attn.mask_bias(allowed), 0.35, causal)), 0) * w
         )
 
     want_o = _reference(q, k, v, allowed, 0.35)
-    got_o = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, dec.mask_bias(allowed), 0.35, True))(q, k, v)
+    got_o = jax.jit(lambda q, k, v: attn._attention_xla(q, k, v, dec.mask_bias(allowed), 0.35, True))(q, k, v)
     np.testing.assert_allclose(np.where(real, got_o, 0), np.where(real, want_o, 0), atol=1e-5)
     ref = lambda q, k, v, m, s, c: _reference(q, k, v, allowed, s)
     want = jax.grad(loss(ref, False), argnums=(0, 1, 2))(q, k, v)
     for causal in (True, False):
-        got = jax.jit(jax.grad(loss(dec._attention_xla, causal), argnums=(0, 1, 2)))(q, k, v)
+        got = jax.jit(jax.grad(loss(attn._attention_xla, causal), argnums=(0, 1, 2)))(q, k, v)
         for g, r in zip(got, want):
             np.testing.assert_allclose(g, r, atol=3e-5, rtol=1e-5)
             assert float(jnp.max(jnp.abs(g))) > 1e-3
@@ -107,12 +108,12 @@ def test_causal_blocks_skip_the_upper_triangle():
     B, T, N, K, H = 1, 256, 2, 1, 8
     q = jnp.ones((B, T, N, H))
     kv = jnp.ones((B, T, K, H))
-    bias = dec.mask_bias(jnp.tril(jnp.ones((T, T), bool))[None])
-    f = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, bias, 0.5, True))
+    bias = attn.mask_bias(jnp.tril(jnp.ones((T, T), bool))[None])
+    f = jax.jit(lambda q, k, v: attn._attention_xla(q, k, v, bias, 0.5, True))
     hlo = f.lower(q, kv, kv).compile().as_text()
     assert f"{T},{T}]" not in hlo and f"64,{T}]" in hlo
     flops = f.lower(q, kv, kv).compile().cost_analysis()["flops"]
-    full = jax.jit(lambda q, k, v: dec._attention_xla(q, k, v, bias, 0.5, False)).lower(q, kv, kv).compile()
+    full = jax.jit(lambda q, k, v: attn._attention_xla(q, k, v, bias, 0.5, False)).lower(q, kv, kv).compile()
     assert flops < 0.75 * full.cost_analysis()["flops"]
 
 

@@ -336,7 +336,7 @@ def test_resume_from_partial_file_gives_same_results(capsys, ica_run, llama, tmp
         scored.extend(ex.index for ex in examples)
         yield from real(examples, *a, **kw)
 
-    monkeypatch.setattr(ev, "score_batches", counting)
+    monkeypatch.setattr(ev.scoring, "score_batches", counting)
     out = tmp_path / "r.json"
     code, _, _ = _run(
         capsys,

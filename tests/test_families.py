@@ -16,6 +16,7 @@ from flax import nnx
 
 from alignx_jax.cli import main
 from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.models import attention as attn
 from alignx_jax.models import decoder as dec
 from alignx_jax.models.decoder import DecoderConfig
 from alignx_jax.models.hf import SafetensorsReader, load_pretrained
@@ -227,7 +228,7 @@ def test_softcapped_attention_gradients_match_autodiff():
         return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, axis=-1), vv)
 
     def kernel(q, k, v):
-        return dec._attention_xla(q, k, v, dec.mask_bias(allowed), 0.3, True, 1.5)
+        return attn._attention_xla(q, k, v, dec.mask_bias(allowed), 0.3, True, 1.5)
 
     keep = (t >= 3)[None, :, None, None]  # fully masked query rows: no gradient either way
 

@@ -165,3 +165,22 @@ def test_cli_generate_bad_persona_file(tiny_hf_checkpoints, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_greedy_batch_of_8_left_padded_matches_transformers(tiny_hf_checkpoints, llama, tok):
+    """Eight prompts of different lengths (left padding of 0..~20 tokens, over a 32-token bucket)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        tiny_hf_checkpoints["llama"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    words = "the student explains why the teacher prefers music theory to the history of science".split()
+    prompts = [tok(" ".join(words[: 2 + 2 * i]))["input_ids"] for i in range(8)]
+    assert len({len(p) for p in prompts}) >= 6 and max(map(len, prompts)) - min(map(len, prompts)) >= 10
+    ours = generate(llama, tok, prompts, max_new_tokens=12, greedy=True, stop_ids=NO_STOP)
+    enc = tok.pad({"input_ids": prompts}, return_tensors="pt", padding_side="left")
+    with torch.no_grad():
+        ref = hf.generate(
+            **enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
+        )[:, enc["input_ids"].shape[1] :].tolist()
+    assert ours == ref

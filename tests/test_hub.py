@@ -1,4 +1,4 @@
-"""Hub ids as model paths (`alignx_jax.hub`, through `real_model.resolve_model_path`), offline only.
+"""Hub ids as model paths (`alignx_jax.hub`, through `models.presets.resolve_model_path`), offline only.
 
 The independent reference is a Hugging Face hub cache the test fills itself, in the layout
 huggingface_hub reads (`models--ORG--NAME/{blobs,snapshots/<commit>,refs/<branch>}`, snapshot files

@@ -3,6 +3,7 @@ adapters off, an in-process LoRA DPO step, and a tiny `alignx train` + merged `a
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from alignx_jax import train
-from alignx_jax.errors import ConfigError
+from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models import lora
 from alignx_jax.models.compaction import TokenLayout
 from alignx_jax.models.decoder import Decoder, DecoderConfig
@@ -224,3 +225,31 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
         got = t(torch.as_tensor(ids)).logits.numpy()
     rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
     assert rel < 1e-5, rel
+
+    # --peft: the adapters alone under PEFT's names; PeftModel on the base (W/reference) = the merged export
+    peft = pytest.importorskip("peft")
+    from safetensors.numpy import load_file
+
+    adapter = tmp_path / "adapter"
+    r = _alignx(["export", "--checkpoint", str(w), "--out", str(adapter), "--peft"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    pc = json.loads((adapter / "adapter_config.json").read_text())
+    assert (pc["r"], pc["lora_alpha"], pc["peft_type"]) == (4, 8.0, "LORA")
+    assert set(pc["target_modules"]) == set(lora.LORA_TARGETS)
+    assert os.path.isdir(pc["base_model_name_or_path"])  # no model.hf_path: the run's W/reference
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    hc = json.loads((out / "config.json").read_text())
+    D, F = hc["hidden_size"], hc["intermediate_size"]
+    N, H = hc["num_attention_heads"], hc.get("head_dim") or D // hc["num_attention_heads"]
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, D)
+    assert tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, N * H)
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (D, 4)
+    assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].shape == (F, 4)
+    base_t = AutoModelForCausalLM.from_pretrained(str(w / "reference"), dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base_t, str(adapter)).eval()
+    with torch.no_grad():
+        got_peft = pm(torch.as_tensor(ids)).logits.numpy()
+    assert np.max(np.abs(got_peft - got)) / np.max(np.abs(got)) < 1e-5
+    # a run without LoRA has no adapters to write
+    with pytest.raises(CheckpointError, match="no LoRA adapters"):
+        hf.save_peft(base, str(tmp_path / "no"), base_model_name_or_path="x")

@@ -253,6 +253,14 @@ def test_wandb_writer_logs_the_train_scalars(tmp_path, monkeypatch):
     assert calls["log"] == [(1, {"train/loss": 0.5, "train/rewards/accuracies": 1.0})]
     assert calls["finished"]
     assert read_metrics(str(tmp_path / "w"))[0]["rewards/accuracies"] == 1.0
+    # one W&B run per workdir: its id is stored in W/wandb_id.txt and a resumed run passes it again
+    run_id = calls["init"]["id"]
+    assert calls["init"]["resume"] == "allow" and run_id.isalnum()
+    assert (tmp_path / "w" / "wandb_id.txt").read_text().strip() == run_id
+    MetricsWriter(str(tmp_path / "w"), tensorboard=False, wandb_project="proj", resume_step=1).close()
+    assert calls["init"]["id"] == run_id and calls["init"]["resume"] == "allow"
+    MetricsWriter(str(tmp_path / "other"), tensorboard=False, wandb_project="proj").close()
+    assert calls["init"]["id"] != run_id
 
 
 # ----------------------------------------------------------------------------- release PBA profile

@@ -1,12 +1,14 @@
-"""Real multi-process JAX jobs on this machine: `launch/local.sh 2 alignx ...` starts 2 processes of 4 CPU
-devices each (one 8-device mesh, gloo collectives) and must give what one process of 8 devices gives.
+"""Real multi-process JAX jobs on this machine: `launch/local.sh 2 alignx ...` (or `... 2 python
+tests/mp_modes.py`) starts 2 processes of 4 CPU devices each (one 8-device mesh, gloo collectives) and must
+give what one process of 8 devices gives.
 
-Slow: about four minutes on two cores (one tiny compile per run). The runs are shared by the tests
-through module fixtures; each test names the command it checks.
+Slow: one tiny compile per mode and run; every training mode runs in one launch of 2 processes (and one of
+1 process) that the other tests share (module fixtures); each test names the command it checks.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,29 +23,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 PSOUPS = os.path.join(ROOT, "..", "shared", "benchmarks", "p-soups", "student_phd.json")
+MODES_SCRIPT = os.path.join(ROOT, "tests", "mp_modes.py")
 
 pytestmark = pytest.mark.slow
 
-# tests/test_train.py's tiny run: 8 synthetic users, hidden 32, one 128-token bucket (one compilation);
-# the mesh is the 8 devices of either layout
-TRAIN = [
-    f"--config={TINY}",
-    "--config.model.init.hidden_size=32",
-    "--config.model.init.intermediate_size=64",
-    "--config.model.init.head_dim=8",
-    "--config.data.synth_users=8",
-    "--config.data.max_length=128",
-    "--config.data.buckets=(128,)",
-    "--config.loss.logps_chunk=64",
-    "--config.train.global_batch=8",
-    "--config.train.micro_batch=4",
-    "--config.train.progress=false",
-    "--config.mesh.data=2",
-    "--config.mesh.fsdp=2",
-    "--config.mesh.tensor=2",
-]
-# enough steps that a SIGTERM lands mid-run (test_sigterm_...), which resumes to these same losses
-STEPS = ["--config.train.steps=12", "--config.checkpoint.every_steps=12"]
+
+def _load_mp_modes():
+    spec = importlib.util.spec_from_file_location("mp_modes", MODES_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# tests/mp_modes.py: every training mode; its tiny run (8 synthetic users, hidden 32, one 128-token bucket)
+# on the 8 devices of either layout is also what the `alignx train` commands here run
+MP_MODES = _load_mp_modes()
+TRAIN = [f"--config={TINY}", *MP_MODES.TRAIN]
+STEPS = (
+    MP_MODES.STEPS
+)  # 12 steps: a SIGTERM lands mid-run (test_sigterm_...), which resumes to the same losses
 EVAL = ["--method", "ica", "--limit", "4", "--max-length", "256", "--batch-size", "4"]
 
 
@@ -89,6 +87,11 @@ def _losses(workdir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+def _records(workdir) -> dict[int, dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
 def _logs(logdir) -> str:
     out = []
     for name in sorted(os.listdir(logdir)) if os.path.isdir(logdir) else []:
@@ -99,22 +102,53 @@ def _logs(logdir) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 8-device single-process run and one 2 x 4-device run of the same tiny config."""
+    """tests/mp_modes.py, every training mode one after another (its `two_row` mode: the 12-step tiny run
+    the other tests read), once in one 8-device process and once as `launch/local.sh 2 python
+    tests/mp_modes.py` (2 x 4 devices): one launch each, started together."""
     d = tmp_path_factory.mktemp("mp")
     cache = str(d / "jax_cache")
     t0 = time.perf_counter()
-    r = one_process(["train", *TRAIN, *STEPS, f"--config.workdir={d / 'one'}"], cache)
-    assert r.returncode == 0, r.stderr[-3000:]
-    t1 = time.perf_counter()
-    r = two_processes(["train", *TRAIN, *STEPS, f"--config.workdir={d / 'two'}"], cache, d / "logs-train")
-    assert r.returncode == 0, r.stderr[-3000:] + _logs(d / "logs-train")
-    t2 = time.perf_counter()
-    print(f"train: 1 process {t1 - t0:.0f}s, 2 processes {t2 - t1:.0f}s", file=sys.stderr)
-    return {"dir": d, "cache": cache, "one": d / "one", "two": d / "two"}
+    one = subprocess.Popen(
+        [sys.executable, MODES_SCRIPT, str(d / "modes1")],
+        env=_env(cache, 8),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    env = dict(_env(cache), DEVICES_PER_PROCESS="4", LOGDIR=str(d / "logs-train"))
+    two = subprocess.Popen(
+        ["bash", LOCAL, "2", "python", MODES_SCRIPT, str(d / "modes2")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        _, err1 = one.communicate(timeout=1200)
+        _, err2 = two.communicate(timeout=1200)
+    finally:
+        for p in (one, two):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert one.returncode == 0, err1[-3000:]
+    assert two.returncode == 0, err2[-3000:] + _logs(d / "logs-train")
+    print(f"every mode, 1 and 2 processes: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return {
+        "dir": d,
+        "cache": cache,
+        "modes1": d / "modes1",
+        "modes2": d / "modes2",
+        "one": d / "modes1" / "two_row",
+        "two": d / "modes2" / "two_row",
+    }
 
 
 def test_two_processes_train_like_one(runs):
-    """(a) `launch/local.sh 2 alignx train`: the losses of one 8-device process, to 1e-4."""
+    """(a) 2 processes train (`run_training`, as `alignx train`): the losses of one 8-device process, to
+    1e-4."""
     a, b = _losses(runs["one"]), _losses(runs["two"])
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for s in a:
@@ -193,6 +227,40 @@ def test_eval_over_two_processes_gives_one_process_accuracy(runs, exported):
     assert _logs(d / "logs-eval").count("results: ") == 1
 
 
+def test_every_training_mode_runs_on_two_processes_like_one(runs):
+    """Two-row, shared-prompt, packing (the latter two with token compaction), precomputed reference, PBA
+    joint / two-stage / predicted / mix: 2 x 4 devices give the losses of 1 x 8 devices; each process
+    read only its shard and the checkpoint holds every process's loader state."""
+    from alignx_jax.checkpointing import read_meta
+
+    one, two = runs["modes1"], runs["modes2"]
+    for name in MP_MODES.MODES:
+        a, b = _records(one / name), _records(two / name)
+        last = max(a)
+        assert sorted(a) == sorted(b) == list(range(1, last + 1)), name
+        for s in a:
+            assert abs(a[s]["loss"] - b[s]["loss"]) < 1e-4, (name, s, a[s]["loss"], b[s]["loss"])
+            # the first step's loss is log 2 whatever the pairs: their log-probs name wrong rows or pairs
+            for k in ("logps/chosen", "logps/rejected", "grad_norm"):
+                assert abs(a[s][k] - b[s][k]) <= 1e-5 * max(1.0, abs(a[s][k])), (name, s, k, a[s][k], b[s][k])
+        meta = read_meta(str(two / name / "checkpoints"), last)
+        procs = meta["processes"]
+        assert [p["loader"]["shard_index"] for p in procs] == [0, 1], name
+        assert all(p["loader"]["shard_count"] == 2 for p in procs), name
+        # 4 pairs a step: each process read rows of its own shard only, not the global batch's 8
+        assert [p["loader"]["rows_seen"] for p in procs] == [4 * last, 4 * last], name
+        assert meta["loader"] == procs[0]["loader"]
+        assert "processes" not in read_meta(str(one / name / "checkpoints"), last)
+    assert (two / "share_prompt_precomputed" / "ref_logps.p0.npy").is_file()
+    assert (two / "share_prompt_precomputed" / "ref_logps.p1.npy").is_file()
+    for name in ("pba_joint_predicted", "pba_two_stage_mix"):  # the same first-stage P~, written once
+        np.testing.assert_array_equal(
+            np.load(two / name / "pba_predicted.npy"), np.load(one / name / "pba_predicted.npy")
+        )
+    for name in ("pba_joint", "pba_joint_predicted", "pba_two_stage_mix"):
+        assert (two / name / "checkpoints" / "2" / "head").is_dir(), name
+
+
 def _children(pid: int) -> list[int]:
     """The alignx processes local.sh started (not its polling `sleep`)."""
     try:
@@ -211,6 +279,80 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler installed (/proc/PID/status SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _by_process_id(kids: list[int]) -> dict[int, int]:
+    by_id = {}
+    for k in kids:
+        with open(f"/proc/{k}/environ", "rb") as f:
+            env_k = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        by_id[int(env_k[b"ALIGNX_PROCESS_ID"])] = k
+    return by_id
+
+
+def _finish(proc: subprocess.Popen, kids: list[int], timeout: float, logdir) -> str:
+    """local.sh's stderr once it exits within `timeout`; a hung pair is killed, never left behind."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        err = None
+    finally:
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if err is None:
+        pytest.fail(
+            f"the processes did not stop within {timeout:.0f} s of a SIGTERM to one\n" + _logs(logdir)
+        )
+    return err
+
+
+def test_sigterm_on_one_host_during_start_up_stops_all_with_exit_0(runs):
+    """A SIGTERM to one process before the trainer installs its handler (`alignx`'s start-up handler):
+    in a multi-process job it is recorded, not an exit of that process alone (the other would wait in a
+    collective until the heartbeat timeout); the trainer's first agreed check stops both, exit 0."""
+    d = runs["dir"]
+    w, logdir = d / "early", d / "logs-early"
+    env = dict(_env(runs["cache"]), DEVICES_PER_PROCESS="4", LOGDIR=str(logdir), KILL_AFTER="5")
+    proc = subprocess.Popen(
+        ["bash", LOCAL, "2", "alignx", "train", *TRAIN, *STEPS, f"--config.workdir={w}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 120
+    kids: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        kids = _children(proc.pid)
+        if len(kids) == 2 and all(_catches_sigterm(k) for k in kids):  # `alignx` installed its handler
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None and len(kids) == 2, "the processes ended before they could be signalled"
+    os.kill(_by_process_id(kids)[1], signal.SIGTERM)
+    err = _finish(proc, kids, 240, logdir)
+    assert proc.returncode == 0, err[-2000:] + _logs(logdir)
+    logs = _logs(logdir)
+    assert "SIGTERM received during start-up; nothing to save" in logs and "Traceback" not in logs
+    assert not (w / "metrics.jsonl").exists()
+
+
 def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs):
     """A preemption notice reaches one host: every process saves the same step and exits 0; the same
     command resumes and gives the uninterrupted run's losses."""
@@ -227,34 +369,15 @@ def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs):
         cwd=ROOT,
     )
     metrics = w / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 420
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.1)
     kids = _children(proc.pid)
     assert proc.poll() is None and len(kids) == 2, "the run ended before it could be interrupted"
-    by_id = {}
-    for k in kids:
-        with open(f"/proc/{k}/environ", "rb") as f:
-            env_k = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
-        by_id[int(env_k[b"ALIGNX_PROCESS_ID"])] = k
-    os.kill(by_id[1], signal.SIGTERM)  # the maintenance event of one host
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        err = None
-    finally:  # a hung pair is killed here, never left behind
-        for k in kids:
-            try:
-                os.kill(k, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    if err is None:
-        pytest.fail("the processes did not stop within 60 s of a SIGTERM to one of them\n" + _logs(logdir))
+    os.kill(_by_process_id(kids)[1], signal.SIGTERM)  # the maintenance event of one host
+    err = _finish(proc, kids, 180, logdir)
     assert proc.returncode == 0, err[-2000:] + _logs(logdir)
     stopped = max(_losses(w))
     assert 2 <= stopped < 12

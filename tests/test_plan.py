@@ -50,6 +50,24 @@ def test_llama3_8b_preset_needs_no_weights():
     assert abs(p - 8.03e9) / 8.03e9 < 0.01
 
 
+def test_llama3_8b_lora_config_on_one_gpu():
+    """configs/llama3_8b_ica_lora_gpu.py: rank-16 adapters (41.9M float32), a bf16 base, one device; the
+    compiled plan (README: 60.5 GiB of 80) is minutes of CPU, so here the analytic budget is checked."""
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import GiB, analytic_bytes, decoder_config_for, parse_topology
+
+    cfg = load_config(os.path.join(ROOT, "configs", "llama3_8b_ica_lora_gpu.py"))
+    d = decoder_config_for(cfg)
+    assert (d.lora_rank, d.lora_multiplier, d.param_dtype, d.remat) == (16, 2.0, "bfloat16", "full")
+    topo = parse_topology(cfg.plan.topology)
+    assert (topo.num_devices, topo.bytes_per_device) == (1, 80 * GiB)
+    a = analytic_bytes(d, seqs_per_device=2, seq_len=8192, shard=1, chunk=int(cfg.loss.logps_chunk))
+    assert a["trainable_count"] == 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert a["params"] == 4 * a["trainable_count"]
+    assert a["reference"] == 2 * (a["param_count"] - a["trainable_count"])  # the bf16 base
+    assert a["total"] < 40 * GiB
+
+
 def _state_bytes_on_first_device(tree) -> int:
     import jax
 
@@ -107,6 +125,27 @@ def test_plan_matches_a_real_train_state():
     assert report["analytic_bytes"]["params"] == c["params"]
 
 
+def test_lora_plan_trains_the_adapters_only():
+    """model.lora: the step is lowered as `alignx train` runs it: float32 adapters (and their optimizer)
+    trained, the base frozen in param_dtype (bfloat16 here) and passed as the reference."""
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import parse_topology, plan
+
+    cfg = load_config(TINY, [*SMALL, "--config.model.lora.rank=4", "--config.model.param_dtype=bfloat16"])
+    report = plan(cfg, parse_topology("1@4GiB"))
+    c, a = report["per_device_bytes"], report["analytic_bytes"]
+    trained = [p for p in report["params"] if p["trainable"]]
+    frozen = [p for p in report["params"] if not p["trainable"]]
+    assert trained and all(p["name"].rsplit("/", 1)[-1] in ("lora_a", "lora_b") for p in trained)
+    assert all(p["dtype"] == "float32" for p in trained) and all(p["dtype"] == "bfloat16" for p in frozen)
+    n_adapters = sum(int(np.prod(p["shape"])) for p in trained)
+    n_base = sum(int(np.prod(p["shape"])) for p in frozen)
+    assert n_adapters == a["trainable_count"] and n_adapters + n_base == a["param_count"]
+    assert c["params"] == 4 * n_adapters and c["reference"] == 2 * n_base == a["reference"]
+    assert 8 * n_adapters <= c["optimizer"] <= 8 * n_adapters + 1024  # Adam's mu and nu (and a count)
+    assert report["fits"] and report["lora_rank"] == 4 and any("LoRA rank 4" in n for n in report["notes"])
+
+
 def test_plan_that_does_not_fit_fails_with_numbers(capsys, tmp_path):
     from alignx_jax.cli import main
 
@@ -139,7 +178,7 @@ def test_chunked_attention_matches_xla():
     import jax
     import jax.numpy as jnp
 
-    from alignx_jax.models import decoder as dec
+    from alignx_jax.models import attention as attn
 
     B, T, N, K, H = 2, 64, 4, 2, 8
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -151,10 +190,10 @@ def test_chunked_attention_matches_xla():
     allowed = (t[None, :] <= t[:, None])[None] & mask[:, None, :]
 
     def full(q, k, v):
-        return dec._attention_xla(q, k, v, allowed, 0.3)
+        return attn._attention_xla(q, k, v, allowed, 0.3)
 
     def chunked(q, k, v):
-        return dec._attention_chunked(q, k, v, allowed, 0.3, chunk=16)
+        return attn._attention_chunked(q, k, v, allowed, 0.3, chunk=16)
 
     np.testing.assert_allclose(chunked(q, k, v), full(q, k, v), atol=1e-5)
     g_full = jax.grad(lambda *a: jnp.sum(jnp.sin(full(*a))), argnums=(0, 1, 2))(q, k, v)

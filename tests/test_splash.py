@@ -42,10 +42,11 @@ def test_splash_attention_matches_xla_values_and_grads():
     def loss(impl, mask):
         return lambda q, k, v: jnp.sum(dec.attention(q, k, v, mask, impl, causal=True) * w * keep)
 
-    want = dec.attention(q, k, v, dec.mask_bias(allowed), "xla", causal=True)
+    bias, seg = dec.AttentionMask(bias_BTS=dec.mask_bias(allowed)), dec.AttentionMask(segment_BT=seg)
+    want = dec.attention(q, k, v, bias, "xla", causal=True)
     got = dec.attention(q, k, v, seg, "splash")
     np.testing.assert_allclose(np.asarray(got * keep), np.asarray(want * keep), atol=2e-6)
-    g_want = jax.grad(loss("xla", dec.mask_bias(allowed)), argnums=(0, 1, 2))(q, k, v)
+    g_want = jax.grad(loss("xla", bias), argnums=(0, 1, 2))(q, k, v)
     g_got = jax.grad(loss("splash", seg), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_want, g_got):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)

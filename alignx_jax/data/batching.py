@@ -421,7 +421,7 @@ def share_prompt(
 
 
 def pack_pairs(
-    shared: dict[str, np.ndarray], *, groups: int, length: int, pad_id: int
+    shared: dict[str, np.ndarray], *, groups: int, length: int, pad_id: int, rows: int = 1
 ) -> dict[str, np.ndarray]:
     """Pack `share_prompt` rows (one pair each) several to a row of `length` tokens.
 
@@ -431,7 +431,8 @@ def pack_pairs(
     so rows are `[groups * n, length]`. `segment_ids` (1, 2, ... per pair in a row, 0 on padding)
     keep attention within a pair; positions restart per pair; `score_row [B]` is each pair's row,
     and its score_index moves with the pair's offset in that row. Log-probs are the unpacked
-    layout's (tested); the step runs `groups * n * length` tokens instead of `B * Ts`.
+    layout's (tested); the step runs `groups * n * length` tokens instead of `B * Ts`. `rows`: n at
+    least this (the processes of a multi-process step agree on one n).
     """
     B = shared["pair_mask"].shape[0]
     if groups < 1 or B % groups:
@@ -441,7 +442,7 @@ def pack_pairs(
         raise ValueError(f"a pair of {int(lens.max())} tokens does not fit a packed row of {length}")
     per = B // groups
     placement = []  # per group: list of (pair, row, offset)
-    n = 1
+    n = max(1, int(rows))
     for g in range(groups):
         fill: list[int] = []
         place = []

@@ -262,7 +262,9 @@ def load_gguf(path: str, dtype: str = "float32", *, compute_dtype: str | None = 
 
     src = GGUFFile(path)
     try:
-        cfg = DecoderConfig.from_hf(dict(src.hf_config), **hf._run_options(dtype, compute_dtype, run_options))
+        cfg = DecoderConfig.from_hf(
+            dict(src.hf_config), **hf.decoder_run_options(dtype, compute_dtype, run_options)
+        )
     except CheckpointError as e:
         raise CheckpointError(f"{src.path}: {e}") from None
     abstract = hf.abstract_decoder(cfg)
@@ -298,7 +300,7 @@ def load_gguf(path: str, dtype: str = "float32", *, compute_dtype: str | None = 
             )
         else:
             host = np.asarray(m.to_ours(src.get(m.hf_name), cfg), cfg.params_dtype)
-        var.set_value(hf._place(shape, cfg.params_dtype, device, lambda idx, host=host: host[idx]))
+        var.set_value(hf.place_array(shape, cfg.params_dtype, device, lambda idx, host=host: host[idx]))
         del host
     return nnx.merge(nnx.graphdef(abstract), state), src
 
@@ -340,7 +342,7 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
         if has_tokenizer(src):  # built before anything is written: a bad tokenizer leaves no half checkpoint
             save_gguf_tokenizer(path, tok_dir)
         hf.save_checkpoint(model, out_dir, tokenizer_dir=tok_dir if os.listdir(tok_dir) else None)
-    hf._remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
+    hf.remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
     return model, src
 
 

@@ -319,7 +319,7 @@ def load_decoder_config(folder: str, **run_options: Any) -> DecoderConfig:
         raise CheckpointError(msg if msg.startswith(folder) else f"{folder}: {msg}") from None
 
 
-def _run_options(dtype: str, compute_dtype: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+def decoder_run_options(dtype: str, compute_dtype: str | None, extra: dict[str, Any]) -> dict[str, Any]:
     return {"param_dtype": str(jnp.dtype(dtype)), "dtype": str(jnp.dtype(compute_dtype or dtype)), **extra}
 
 
@@ -328,7 +328,7 @@ def abstract_decoder(cfg: DecoderConfig) -> Decoder:
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
-def _place(shape: tuple[int, ...], dtype, sharding, fill) -> jax.Array:
+def place_array(shape: tuple[int, ...], dtype, sharding, fill) -> jax.Array:
     """Build a global array shard by shard: `fill(index)` returns the host data of one slice.
     Replicas share one host buffer, so host memory holds at most one copy of this param."""
     by_index: dict[Any, list] = {}
@@ -355,7 +355,7 @@ def load_pretrained(
     the default device). `compute_dtype` defaults to `dtype`; `run_options` go to DecoderConfig
     (remat, scan_layers, attention_impl)."""
     path = os.fspath(path)
-    cfg = load_decoder_config(path, **_run_options(dtype, compute_dtype, run_options))
+    cfg = load_decoder_config(path, **decoder_run_options(dtype, compute_dtype, run_options))
     reader = SafetensorsReader(path)
     abstract = abstract_decoder(cfg)
     state = nnx.state(abstract)
@@ -387,7 +387,7 @@ def load_pretrained(
                 [np.asarray(m.to_ours(reader.get(names[i]), cfg)[idx[1:]], dtype=pdtype) for i in layers]
             )
 
-        var.set_value(_place(shape, pdtype, sharding, fill))
+        var.set_value(place_array(shape, pdtype, sharding, fill))
     _check_finite(path, {m: flat[m.path].get_value() for m in param_maps(cfg)})
     return nnx.merge(nnx.graphdef(abstract), state)
 
@@ -581,6 +581,76 @@ def save_hf(
     return sorted(set(written)) + [EXPORT_MANIFEST]
 
 
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def save_peft(
+    model: Decoder, out_dir: str, *, base_model_name_or_path: str, dtype: str | None = None
+) -> list[str]:
+    """Write a LoRA model's adapters as a PEFT adapter folder (`alignx export --peft`):
+    adapter_config.json and adapter_model.safetensors with PEFT's names,
+    `base_model.model.<HF module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
+
+    `peft.PeftModel.from_pretrained(<the base model in transformers>, out_dir)` computes the merged
+    export (`save_hf`): PEFT's `lora_alpha / r` is our multiplier. Returns the names written."""
+    cfg = model.cfg
+    if not cfg.lora_rank:
+        raise CheckpointError("--peft: the checkpoint has no LoRA adapters (train with model.lora.rank > 0)")
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(np.float32)
+    scale = float(model.lora_scale)  # 1.0 for a loaded model; anything else is folded into B
+    rank = int(cfg.lora_rank)
+    tensors: dict[str, np.ndarray] = {}
+    targets = []
+    for m in param_maps(cfg):
+        if m.path[-1] != "kernel" or not m.layered or (*m.path[:-1], "lora_a") not in flat:
+            continue
+        a = _host(flat[(*m.path[:-1], "lora_a")].get_value())  # [L, *in, r]
+        b = _host(flat[(*m.path[:-1], "lora_b")].get_value())  # [L, r, *out]
+        ins, outs = int(np.prod(a.shape[1:-1])), int(np.prod(b.shape[2:]))
+        # PEFT's factors multiply to HF's [out, in] weight: valid when the map is W.reshape(in, out).T
+        probe = np.arange(ins * outs, dtype=np.float64).reshape(*a.shape[1:-1], *b.shape[2:])
+        if not np.array_equal(np.asarray(m.to_hf(probe, cfg)), probe.reshape(ins, outs).T):
+            raise CheckpointError(
+                f"--peft: {m.hf_name} is not a plain linear map of our kernel; export merged"
+            )
+        module = "base_model.model." + m.hf_name.removesuffix(".weight")
+        targets.append(m.path[-2])
+        for i in range(cfg.num_hidden_layers):
+            name = module.format(i=i)
+            tensors[f"{name}.lora_A.weight"] = a[i].reshape(ins, rank).T.astype(out_dtype)
+            tensors[f"{name}.lora_B.weight"] = (scale * b[i].reshape(rank, outs).T).astype(out_dtype)
+    names = sorted(tensors)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_safetensors(
+        os.path.join(out_dir, PEFT_WEIGHTS_FILE),
+        [(n, tensors[n].shape, tensors[n].dtype) for n in names],
+        (tensors[n] for n in names),
+    )
+    peft_cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": float(cfg.lora_alpha or 2 * rank),  # scaling lora_alpha / r = our multiplier
+        "lora_dropout": 0.0,
+        "target_modules": sorted(set(targets)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    with open(os.path.join(out_dir, PEFT_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(peft_cfg, f, indent=2, sort_keys=True)
+    return [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE]
+
+
 # ---- orbax model checkpoints ------------------------------------------------------------------------
 
 
@@ -746,7 +816,7 @@ def load_checkpoint(
             base = load_pretrained(
                 res.config_dir, dtype, mesh, rules, compute_dtype=compute_dtype, **run_options
             )
-    cfg = load_decoder_config(res.config_dir, **_run_options(dtype, compute_dtype, run_options))
+    cfg = load_decoder_config(res.config_dir, **decoder_run_options(dtype, compute_dtype, run_options))
     abstract = abstract_decoder(cfg)
     state = nnx.state(abstract, nnx.Param)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
@@ -833,7 +903,7 @@ def _copy_head_files(src: str, out_dir: str) -> None:
         shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
 
 
-def _remove_head_files(out_dir: str) -> None:
+def remove_head_files(out_dir: str) -> None:
     from alignx_jax.models import preference_head as ph
 
     for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):  # a stale head would pair with the wrong policy
@@ -843,7 +913,7 @@ def _remove_head_files(out_dir: str) -> None:
 
 def cli_import(args) -> int:
     from alignx_jax.models import preference_head as ph
-    from alignx_jax.real_model import resolve_model_path
+    from alignx_jax.models.presets import resolve_model_path
 
     src = resolve_model_path(args.hf)  # a local folder, or a hub id's snapshot in the HF cache
     model = load_pretrained(src, dtype=args.dtype)
@@ -866,7 +936,7 @@ def cli_import(args) -> int:
     elif os.path.isfile(os.path.join(args.out, "generation_config.json")):
         os.remove(os.path.join(args.out, "generation_config.json"))
     model_card.write_base_info(args.out, args.hf, src)
-    _remove_head_files(args.out)
+    remove_head_files(args.out)
     if head is not None:  # kept byte for byte: `alignx export` of this checkpoint copies them back
         _copy_head_files(src, args.out)
     print(
@@ -976,6 +1046,13 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
     from alignx_jax import model_card
     from alignx_jax.models import preference_head as ph
 
+    if getattr(args, "peft", False):  # the adapters alone, for peft.PeftModel on the base model
+        files = save_peft(
+            model, tmp, base_model_name_or_path=peft_base(args.checkpoint, res), dtype=args.dtype
+        )
+        files += copy_tokenizer(res.tokenizer_dir, tmp)
+        write_export_manifest(tmp, files, source=source, step=res.step)
+        return files
     files = save_hf(
         model,
         tmp,
@@ -1009,6 +1086,19 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         tmp, files, source=source, step=res.step, prompt_format=run_prompt_format(args.checkpoint)
     )
     return files
+
+
+def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
+    """adapter_config.json's `base_model_name_or_path`: the run's `model.hf_path` (a hub id or folder, from
+    a training workdir's config.json), else the folder of the base weights (a workdir's `reference`)."""
+    try:
+        data = json.loads(paths.path(os.path.join(checkpoint, "config.json")).read_text(encoding="utf-8"))
+        hf_path = (data.get("model") or {}).get("hf_path") if isinstance(data, dict) else None
+    except (OSError, ValueError, AttributeError):
+        hf_path = None
+    if isinstance(hf_path, str) and (os.path.isdir(hf_path) or re.fullmatch(r"[\w.-]+/[\w.-]+", hf_path)):
+        return os.path.abspath(hf_path) if os.path.isdir(hf_path) else hf_path  # a folder or a hub id
+    return paths.absolute(res.config_dir) if paths.is_url(res.config_dir) else os.path.abspath(res.config_dir)
 
 
 def run_prompt_format(checkpoint: str) -> str | None:

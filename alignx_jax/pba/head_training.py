@@ -30,7 +30,7 @@ from alignx_jax.models.preference_head import (
     head_probs,
     predict_direction,
 )
-from alignx_jax.pba.predict import persona_features
+from alignx_jax.pba.predict import head_persona_features
 
 
 @dataclasses.dataclass
@@ -139,15 +139,7 @@ def train_head_two_stage(
     if not mask.any():
         raise DataError("two-stage head training: no row has a 'Preference Direction' to learn from")
     if features is None:
-        features = persona_features(
-            backbone,
-            tokenizer,
-            rows,
-            pooling=hcfg.pooling,
-            variant=hcfg.persona_variant,
-            max_tokens=hcfg.max_persona_tokens,
-            batch_size=feature_batch_size,
-        )
+        features = head_persona_features(backbone, tokenizer, rows, hcfg, batch_size=feature_batch_size)
     if features.shape != (len(rows), hcfg.embed_dim):
         raise ValueError(
             f"features {features.shape} do not match {len(rows)} rows x embed_dim {hcfg.embed_dim}"

@@ -124,6 +124,27 @@ def persona_features(
     return out
 
 
+def head_persona_features(
+    model: nnx.Module,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    head_cfg: Any,
+    *,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """`persona_features` of the persona prompts a preference head reads: its config's pooling,
+    persona variant and max tokens, as in its training and prediction alike."""
+    return persona_features(
+        model,
+        tokenizer,
+        rows,
+        pooling=head_cfg.pooling,
+        variant=head_cfg.persona_variant,
+        max_tokens=head_cfg.max_persona_tokens,
+        batch_size=batch_size,
+    )
+
+
 def predict_preferences(
     model: nnx.Module,
     head: PreferenceHead,
@@ -140,15 +161,7 @@ def predict_preferences(
     With return_probs, returns (directions, probs [N, 90, 3]).
     """
     cfg = head.cfg
-    feats = persona_features(
-        model,
-        tokenizer,
-        rows,
-        pooling=cfg.pooling,
-        variant=cfg.persona_variant,
-        max_tokens=cfg.max_persona_tokens,
-        batch_size=batch_size,
-    )
+    feats = head_persona_features(model, tokenizer, rows, cfg, batch_size=batch_size)
     probs = head_probs(head, feats)
     pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
     directions = [pred[i] for i in range(len(rows))]

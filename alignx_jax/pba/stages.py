@@ -17,9 +17,9 @@ from flax import nnx
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.models import preference_head as ph
+from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.pba.head_training import train_head_two_stage
 from alignx_jax.pba.predict import persona_features
-from alignx_jax.real_model import resolve_model_path
 
 PREDICTED_FILE = "pba_predicted.npy"
 
@@ -88,13 +88,21 @@ def predicted_directions(
 
     Stored in `W/pba_predicted.npy` so that a resumed run reuses exactly the same profiles; `key`
     (`train.setup.derived_fingerprint`) names the inputs they were computed from: other inputs recompute them.
+    A multi-process run: every process fits the same head on the global mesh (the backbone passes are
+    collectives) and gets the same P~; process 0 writes the file, the others wait for it.
     """
+    from alignx_jax.batch import agree_max
+
     path = os.path.join(workdir, PREDICTED_FILE)
     n = len(source)
+    dirs = None
     if workdir_lib.fingerprint_matches(path, key):
         dirs = np.load(path)
-        if dirs.shape == (n, ph.NUM_DIMS):
-            return dirs
+        if dirs.shape != (n, ph.NUM_DIMS):
+            dirs = None
+    if not agree_max(int(dirs is None)):  # every process takes the same branch
+        return dirs
+    main = jax.process_index() == 0
     t0 = time.perf_counter()
     res = fit_head(cfg, policy, tokenizer, head_rows(cfg, source))
     rows = [source[i] for i in range(n)]
@@ -111,10 +119,17 @@ def predicted_directions(
         )
     )
     dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
-    workdir_lib.forget_fingerprint(path)
-    np.save(path + ".tmp.npy", dirs)
-    os.replace(path + ".tmp.npy", path)
-    workdir_lib.write_fingerprint(path, key)
+    if main:
+        workdir_lib.forget_fingerprint(path)
+        np.save(path + ".tmp.npy", dirs)
+        os.replace(path + ".tmp.npy", path)
+        workdir_lib.write_fingerprint(path, key)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pba-predicted")
+    if not main:
+        return dirs
     gold = [i for i in range(n) if rows[i].get("Preference Direction") is not None]
     acc = ph.head_metrics(dirs[gold], np.asarray([rows[i]["Preference Direction"] for i in gold], np.float32))
     print(

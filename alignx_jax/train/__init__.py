@@ -40,7 +40,8 @@ PBA's preference head (`data.method='pba'`, `pba.enabled`):
     reference stay exact); 'mix' = the predicted P~ for a fixed `pba.mix_predicted` fraction of
     rows (chosen per row from `train.seed`), golden for the rest. The policy so learns to read
     the noisier profiles it will see when evaluated with `--preference predicted`.
-  Predicted profiles and the two-stage head run on one process (ConfigError on multi-host runs).
+  Every mode runs multi-process: the first-stage and two-stage heads run on the global mesh (every
+  process computes the same P~; process 0 writes W/pba_predicted.npy).
 
 Modules (one owner per concept):
   * `train.schema`: allowed values and `validate_config` (the trainer's config rules)

@@ -7,6 +7,7 @@ method. What the step computes is `train.step`; what a batch holds is `alignx_ja
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from alignx_jax import distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
-from alignx_jax.batch import BatchBuilder, batch_shardings, put_batch
+from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, put_batch
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import batching, sources
 from alignx_jax.errors import AlignXError, ConfigError
@@ -186,14 +187,9 @@ class Trainer:
         self.joint = joint_head(cfg)
         self.two_stage = two_stage_head(cfg)
         self.use_predicted = uses_predicted(cfg)
-        if (self.use_predicted or self.two_stage) and self.pc > 1:
-            raise ConfigError(
-                "pba.preference predicted/mix and pba.mode=two_stage run on one process; "
-                "use pba.mode=joint with pba.preference=golden on multi-host runs"
-            )
         self.persona_length = int(cfg.pba.max_persona_tokens) if self.joint else None
         pad_id = int(self.tokenizer.pad_token_id)
-        self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint)
+        self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint, rules=self.rules)
         self.loader = self.new_loader()
         self.total_steps = (
             int(cfg.train.steps)
@@ -312,8 +308,11 @@ class Trainer:
         self.latest, restored = found
         self.params = {"policy": restored[0], "head": restored[3]} if self.joint else restored[0]
         self.opt_state, meta = restored[1], restored[2]
-        self.loader.set_state(meta["loader"])
-        self.rows_truncated = int(meta.get("rows_truncated", 0))
+        own = meta
+        if self.pc > 1 and len(meta.get("processes") or []) == self.pc:  # this process's own shard state
+            own = meta["processes"][self.pi]
+        self.loader.set_state(own["loader"])
+        self.rows_truncated = int(own.get("rows_truncated", 0))
         self.skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
         self.start = int(meta["step"])
         if self.is_main:
@@ -330,10 +329,11 @@ class Trainer:
         want_shape = (self.total_steps, self.gb // self.pc, 2)
         # keyed by what the log-probs depend on: a same-shaped table of other data or another model is stale
         ref_key = derived_fingerprint(self.cfg, self.data_path, shape=want_shape, process=[self.pc, self.pi])
-        if (
+        have = (
             workdir_lib.fingerprint_matches(ref_path, ref_key)
             and np.load(ref_path, mmap_mode="r").shape == want_shape
-        ):
+        )
+        if not agree_max(int(not have)):  # the pass is a collective: every process runs it if one must
             self.ref_table = np.load(ref_path)
         else:
             self.ref_table = self.reference_pass(want_shape)
@@ -436,6 +436,15 @@ class Trainer:
             final_head = pba_stages.fit_two_stage_head(
                 self.cfg, self.codec.policy(self.params, self.ref_params), self.tokenizer, self.source
             )
+            # the same head on every process (deterministic fit): one replicated global array per leaf,
+            # which every process's checkpoint save takes part in
+            final_head = (
+                final_head[0],
+                jax.tree.map(
+                    lambda x: jax.make_array_from_process_local_data(self.rep, np.asarray(x)), final_head[1]
+                ),
+                final_head[2],
+            )
             m.update(final_head[2])
         self.log(m, info, stats, dt)
         every = max(1, int(self.cfg.checkpoint.every_steps))
@@ -505,15 +514,20 @@ class Trainer:
     # ------------------------------------------------------------------------- checkpoints
 
     def meta_for(self, step: int, hcfg=None) -> dict[str, Any]:
+        """The JSON saved with a step (process 0 writes it). Each process reads its own shard of the data:
+        `processes[i]` is process i's loader state and truncation count (gathered from every process;
+        `loader` / `rows_truncated` are process 0's, as a 1-process run saves them)."""
+        own = {"loader": self.loader.get_state(), "rows_truncated": self.rows_truncated}
         meta = {
             "step": step,
             "total_steps": self.total_steps,
             "seed": self.seed,
-            "loader": self.loader.get_state(),
-            "rows_truncated": self.rows_truncated,
+            **own,
             "rows_skipped": self.rows_skipped,
             "skipped_nonfinite_steps": self.skipped_total,
         }
+        if self.pc > 1:
+            meta["processes"] = gather_json(own)
         if hcfg is not None:  # `alignx export` rebuilds the head from this
             meta["head_config"] = hcfg.to_json()
         return meta
@@ -530,6 +544,18 @@ class Trainer:
             )
         else:
             self.ckpt.save(step, params, opt_state, self.meta_for(step))
+
+
+def gather_json(value: Any) -> list[Any]:
+    """`value` (JSON) of every process, in process order: one all-gather of the padded UTF-8 bytes (every
+    process calls it at the same point)."""
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), np.uint8)
+    buf = np.zeros((agree_max(raw.size),), np.uint8)
+    buf[: raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [json.loads(bytes(r).rstrip(b"\0").decode("utf-8")) for r in rows]
 
 
 def nonfinite_error(

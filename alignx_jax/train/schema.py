@@ -7,7 +7,6 @@ refuse the same configs with the same one-line `ConfigError`.
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 
 from alignx_jax import losses
@@ -44,7 +43,18 @@ def uses_predicted(cfg: ml_collections.ConfigDict) -> bool:
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
-    """Consistency checks a key lookup cannot do; each failure is one ConfigError line."""
+    """Consistency checks a key lookup cannot do; each failure is one ConfigError line. The sections
+    are checked in this order (the first failure is the one reported)."""
+    _check_inputs(cfg)
+    _check_loss(cfg)
+    _check_schedule(cfg)
+    _check_layout(cfg)
+    if cfg.data.method == "pba":
+        _check_pba(cfg)
+
+
+def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
+    """The workdir, length buckets, model and training data, and the method."""
     if not cfg.workdir:
         raise ConfigError("--config.workdir is required (the run's output folder)")
     buckets = cfg.data.buckets
@@ -62,6 +72,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("--config.data.train is required (parquet/JSONL/JSON file or folder)")
     if cfg.data.method not in METHODS:
         raise ConfigError(f"data.method={cfg.data.method!r}: expected one of {', '.join(METHODS)}")
+
+
+def _check_loss(cfg: ml_collections.ConfigDict) -> None:
+    """The `loss` section."""
     if cfg.loss.type not in losses.PREFERENCE_LOSS_TYPES:
         raise ConfigError(
             f"loss.type={cfg.loss.type!r}: expected one of {', '.join(losses.PREFERENCE_LOSS_TYPES)}"
@@ -84,24 +98,26 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if int(cfg.loss.get("max_skipped_steps", 10)) < 1:
         raise ConfigError(f"loss.max_skipped_steps must be at least 1, got {cfg.loss.max_skipped_steps}")
+
+
+def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
+    """Batch sizes and the run length (`train`)."""
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch or cfg.train.global_batch
     if gb <= 0 or mb <= 0 or gb % mb:
         raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
     if cfg.train.steps == 0 or cfg.train.steps < -1 or (cfg.train.steps == -1 and cfg.train.epochs <= 0):
         raise ConfigError("train.steps must be positive, or -1 with train.epochs > 0")
+
+
+def _check_layout(cfg: ml_collections.ConfigDict) -> None:
+    """The batch layout: row lengths, shared prompts / packing, kept tokens, the splash kernel."""
     if max(cfg.data.buckets) < cfg.data.max_length:
         raise ConfigError(
             f"data.max_length={cfg.data.max_length} exceeds the largest of data.buckets "
             f"{tuple(cfg.data.buckets)}"
         )
-    if cfg.data.get("packing", False):
-        if not cfg.data.get("share_prompt", False):
-            raise ConfigError("data.packing packs share_prompt rows: set data.share_prompt=true as well")
-        if jax.process_count() > 1:
-            raise ConfigError(
-                "data.packing runs on one process (each host's rows would need a global row "
-                "offset); use data.share_prompt alone on multi-host runs"
-            )
+    if cfg.data.get("packing", False) and not cfg.data.get("share_prompt", False):
+        raise ConfigError("data.packing packs share_prompt rows: set data.share_prompt=true as well")
     if cfg.data.get("share_prompt", False) or cfg.data.get("packing", False):
         longest = int(cfg.data.max_length) + reserve(int(cfg.data.max_length))
         if max(cfg.data.buckets) < longest:
@@ -127,28 +143,29 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                 f"model.attention_impl=splash tiles rows by 128 tokens: data.buckets {odd} "
                 "are not multiples of 128"
             )
-    if cfg.data.method == "pba":
-        pba = cfg.pba
-        if pba.preference not in PBA_PREFERENCES:
-            raise ConfigError(
-                f"pba.preference={pba.preference!r}: expected one of {', '.join(PBA_PREFERENCES)}"
-            )
-        if pba.mode not in PBA_MODES:
-            raise ConfigError(f"pba.mode={pba.mode!r}: expected one of {', '.join(PBA_MODES)}")
-        if not 0.0 <= float(pba.mix_predicted) <= 1.0:
-            raise ConfigError(f"pba.mix_predicted must be in [0, 1], got {pba.mix_predicted}")
-        if float(pba.focal_gamma) < 0:
-            raise ConfigError(f"pba.focal_gamma must be >= 0, got {pba.focal_gamma}")
-        if float(pba.weight) < 0:
-            raise ConfigError(f"pba.weight must be >= 0, got {pba.weight}")
-        if float(pba.lr) <= 0:
-            raise ConfigError(f"pba.lr must be positive, got {pba.lr}")
-        if int(pba.max_persona_tokens) < 2:
-            raise ConfigError(f"pba.max_persona_tokens must be at least 2, got {pba.max_persona_tokens}")
-        if int(pba.head_steps) < 1 or int(pba.head_batch_size) < 1 or int(pba.head_rows) < 0:
-            raise ConfigError("pba.head_steps and pba.head_batch_size must be positive, pba.head_rows >= 0")
-        if joint_head(cfg) and int(pba.max_persona_tokens) > max(cfg.data.buckets):
-            raise ConfigError(
-                f"pba.max_persona_tokens={pba.max_persona_tokens} exceeds the largest of data.buckets "
-                f"{tuple(cfg.data.buckets)} (persona ids are padded to a bucket)"
-            )
+
+
+def _check_pba(cfg: ml_collections.ConfigDict) -> None:
+    """The `pba` section (data.method=pba)."""
+    pba = cfg.pba
+    if pba.preference not in PBA_PREFERENCES:
+        raise ConfigError(f"pba.preference={pba.preference!r}: expected one of {', '.join(PBA_PREFERENCES)}")
+    if pba.mode not in PBA_MODES:
+        raise ConfigError(f"pba.mode={pba.mode!r}: expected one of {', '.join(PBA_MODES)}")
+    if not 0.0 <= float(pba.mix_predicted) <= 1.0:
+        raise ConfigError(f"pba.mix_predicted must be in [0, 1], got {pba.mix_predicted}")
+    if float(pba.focal_gamma) < 0:
+        raise ConfigError(f"pba.focal_gamma must be >= 0, got {pba.focal_gamma}")
+    if float(pba.weight) < 0:
+        raise ConfigError(f"pba.weight must be >= 0, got {pba.weight}")
+    if float(pba.lr) <= 0:
+        raise ConfigError(f"pba.lr must be positive, got {pba.lr}")
+    if int(pba.max_persona_tokens) < 2:
+        raise ConfigError(f"pba.max_persona_tokens must be at least 2, got {pba.max_persona_tokens}")
+    if int(pba.head_steps) < 1 or int(pba.head_batch_size) < 1 or int(pba.head_rows) < 0:
+        raise ConfigError("pba.head_steps and pba.head_batch_size must be positive, pba.head_rows >= 0")
+    if joint_head(cfg) and int(pba.max_persona_tokens) > max(cfg.data.buckets):
+        raise ConfigError(
+            f"pba.max_persona_tokens={pba.max_persona_tokens} exceeds the largest of data.buckets "
+            f"{tuple(cfg.data.buckets)} (persona ids are padded to a bucket)"
+        )

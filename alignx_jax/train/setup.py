@@ -18,7 +18,7 @@ from alignx_jax import paths
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.config import config_to_json
 from alignx_jax.errors import ConfigError
-from alignx_jax.real_model import resolve_model_path
+from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.train.signals import StopFlag
 
 

@@ -1,9 +1,18 @@
-"""SIGTERM/SIGINT during a run: a flag the loop reads at step boundaries (save, then exit 0)."""
+"""SIGTERM/SIGINT during a run: a flag the loop reads at step boundaries (save, then exit 0).
+
+Before the trainer installs its `StopFlag`, `alignx train`'s start-up handler (`cli._exit_on_sigterm`)
+either exits 0 at once (one process: nothing to save) or, in a multi-process job, only records the
+signal (`distributed.record_signal`): a process that left alone would leave the others blocked in a
+collective. `StopFlag.install` takes a recorded signal over, and the trainer's first agreed check (an
+all-gather at a start-up boundary) stops every process together.
+"""
 
 from __future__ import annotations
 
 import signal
 from typing import Any
+
+from alignx_jax import distributed
 
 
 class StopFlag:
@@ -19,6 +28,9 @@ class StopFlag:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread (e.g. called from a worker): no handler
                 pass
+        early = distributed.take_recorded_signal()  # a start-up signal recorded before this flag existed
+        if early is not None and self.signum is None:
+            self.signum = early
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now

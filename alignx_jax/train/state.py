@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from alignx_jax import sharding as shd
 from alignx_jax.models.preference_head import head_params
-from alignx_jax.real_model import resolve_model_path
+from alignx_jax.models.presets import resolve_model_path
 
 
 def rules_from_config(cfg: ml_collections.ConfigDict) -> shd.Rules:
@@ -72,6 +72,29 @@ def load_tokenizer_for(cfg: ml_collections.ConfigDict):
     return tok, (path or TINY_TOKENIZER_DIR)
 
 
+# the `model.init` keys that are config.json keys of the randomly initialised decoder
+INIT_HF_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+
+
+def init_hf_config(init: ml_collections.ConfigDict, vocab_size: int) -> dict:
+    """The HF config.json dict of a `model.init` section (a randomly initialised decoder)."""
+    hf_cfg = {k: init[k] for k in INIT_HF_KEYS}
+    hf_cfg["vocab_size"] = vocab_size
+    return hf_cfg
+
+
 def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     """The policy Decoder with float32 (param_dtype) master weights placed on the mesh."""
     from alignx_jax.models import hf
@@ -93,23 +116,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
             path, cfg.model.param_dtype, mesh, rules, compute_dtype=cfg.model.dtype, **opts
         )
     init = cfg.model.init
-    hf_cfg = {
-        k: init[k]
-        for k in (
-            "model_type",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "rope_theta",
-            "rms_norm_eps",
-            "max_position_embeddings",
-            "tie_word_embeddings",
-        )
-    }
-    hf_cfg["vocab_size"] = len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size)
+    hf_cfg = init_hf_config(init, len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size))
     hf_cfg.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -6,6 +6,7 @@ shardings and donation `alignx train` uses; `alignx plan` lowers the same functi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,196 @@ def describe_nonfinite(code: int) -> str:
     return ", ".join(name for bit, name in NONFINITE_PARTS if int(code) & bit)
 
 
+# the metric sums a step accumulates over microbatches (`losses.preference_loss`'s, the logit and
+# token sums of `microbatch_grads`, the loss), and the joint PBA head's
+SUM_KEYS = (
+    "reward_accuracy",
+    "rewards_chosen",
+    "rewards_rejected",
+    "margin",
+    "logps_chosen",
+    "logps_rejected",
+    "logits_chosen",
+    "logits_rejected",
+    "tokens_chosen",
+    "tokens_rejected",
+    "pairs",
+    "loss",
+)
+JOINT_SUM_KEYS = ("total_loss", "head_loss", "head_accuracy", "head_accuracy_non_neutral", "non_neutral")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What `make_train_step`'s step is built from: the codecs, optimizers and loss options."""
+
+    codec: ParamsCodec
+    tx: optax.GradientTransformation
+    chunk: int | None
+    kind: str
+    options: dict
+    use_ref: bool
+    precomputed: bool
+    skip_nonfinite: bool
+    grad_shardings: Any = None
+    head_codec: HeadCodec | None = None
+    head_tx: optax.GradientTransformation | None = None
+    pba_cfg: ml_collections.ConfigDict | None = None
+
+    @property
+    def joint(self) -> bool:
+        return self.head_codec is not None
+
+    def constrained(self, grads):
+        """`grads` held to the params' shardings (when given)."""
+        if self.grad_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, self.grad_shardings)
+
+
+def _reference_logps(spec: StepSpec, params, ref_params, mb) -> jax.Array | None:
+    """The microbatch's reference log-probs `[b, 2]`: none (reference-free), the precomputed ones, or
+    a forward pass of the reference (for LoRA: the same base with its adapters off)."""
+    if not spec.use_ref:  # reference-free: no reference pass (ref_params may be None)
+        return None
+    if spec.precomputed:
+        return mb["ref_logps"]
+    # LoRA: the same base with its adapters off (state.LoraCodec)
+    policy_params = params["policy"] if spec.joint else params
+    ref_model = spec.codec.reference(ref_params, policy_params)
+    return jax.lax.stop_gradient(model_pair_logps(ref_model, mb, spec.chunk))
+
+
+def _microbatch_loss(spec: StepSpec, p, ref_params, mb, ref, pm, ntok, n_pairs):
+    """`(objective, (metric sums, joint-head terms))` of one microbatch at params `p`."""
+    joint = spec.joint
+    model = spec.codec.policy(p["policy"] if joint else p, ref_params)
+    lp, logit_sums = model_pair_logps(model, mb, spec.chunk, with_logits=True)
+    per, sums = losses.preference_loss(
+        spec.kind,
+        lp[:, 0],
+        lp[:, 1],
+        None if ref is None else ref[:, 0],
+        None if ref is None else ref[:, 1],
+        chosen_tokens=ntok[:, 0],
+        rejected_tokens=ntok[:, 1],
+        pair_mask=pm,
+        **spec.options,
+    )
+    sums.update(
+        logits_chosen=jnp.sum(logit_sums[:, 0] * pm),
+        logits_rejected=jnp.sum(logit_sums[:, 1] * pm),
+        tokens_chosen=jnp.sum(ntok[:, 0] * pm),
+        tokens_rejected=jnp.sum(ntok[:, 1] * pm),
+    )
+    dpo = jnp.sum(per * pm) / n_pairs
+    if not joint:
+        return dpo, (sums, {})
+    # the same merged policy reads the persona: one backbone for DPO and the head
+    term, hm = ph.joint_head_term(model, spec.head_codec.module(p["head"]), mb, spec.pba_cfg, n_pairs=n_pairs)
+    return dpo + term, (sums, {"dpo": dpo, **hm})
+
+
+def microbatch_grads(spec: StepSpec, params, ref_params, mb, n_pairs):
+    """(gradients, metric sums) of one microbatch; the loss is a share of the global batch's mean
+    (`n_pairs` real pairs in all)."""
+    pm = mb["pair_mask"].astype(jnp.float32)
+    ntok = (
+        mb["score_count"].astype(jnp.float32)
+        if "branch_ids" in mb
+        else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
+    )  # [b, 2]
+    ref = _reference_logps(spec, params, ref_params, mb)
+
+    def loss_fn(p):
+        return _microbatch_loss(spec, p, ref_params, mb, ref, pm, ntok, n_pairs)
+
+    (loss, (sums, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    sums = jax.lax.stop_gradient(sums)
+    sums["loss"] = loss
+    if spec.joint:
+        # per-microbatch means -> sums weighted by their counts, divided once at the end
+        nn = jnp.sum((ph.direction_to_labels(mb["direction"]) != ph.NEUTRAL) * pm[:, None])
+        sums.update(
+            loss=aux["dpo"],
+            total_loss=loss,
+            head_loss=aux["head_loss"],
+            head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
+            head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn,
+            non_neutral=nn,
+        )
+    return grads, sums
+
+
+def accumulated_grads(spec: StepSpec, params, ref_params, batch, n_pairs):
+    """float32 gradients and metric sums over the batch's microbatches (`lax.scan` over the leading
+    axis; a single microbatch runs without an accumulator)."""
+
+    def accumulate(carry, mb):
+        grads_acc, sums_acc = carry
+        grads, sums = microbatch_grads(spec, params, ref_params, mb, n_pairs)
+        grads_acc = spec.constrained(jax.tree.map(jnp.add, grads_acc, grads))
+        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    num_micro = jax.tree.leaves(batch)[0].shape[0]
+    if num_micro == 1:  # a single microbatch: no accumulator to zero-fill and add into
+        grads, sums = microbatch_grads(spec, params, ref_params, jax.tree.map(lambda x: x[0], batch), n_pairs)
+        return spec.constrained(jax.tree.map(lambda g: g.astype(jnp.float32), grads)), sums
+    zeros = spec.constrained(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    sum_keys = SUM_KEYS + JOINT_SUM_KEYS if spec.joint else SUM_KEYS
+    init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
+    (grads, sums), _ = jax.lax.scan(accumulate, init, batch)
+    return grads, sums
+
+
+def apply_updates(spec: StepSpec, params, opt_state, grads):
+    """One optimizer update: `(new params, new optimizer state, gradient norms)` (the policy's, then
+    the joint head's)."""
+    if spec.joint:
+        grad_norm = optax.tree.norm(grads["policy"])
+        updates, pol_state = spec.tx.update(grads["policy"], opt_state["policy"], params["policy"])
+        head_updates, head_state = spec.head_tx.update(grads["head"], opt_state["head"], params["head"])
+        new_params = {
+            "policy": optax.apply_updates(params["policy"], updates),
+            "head": optax.apply_updates(params["head"], head_updates),
+        }
+        new_opt_state = {"policy": pol_state, "head": head_state}
+        return new_params, new_opt_state, (grad_norm, optax.tree.norm(grads["head"]))
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = spec.tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt_state, (grad_norm,)
+
+
+def guard_nonfinite(spec: StepSpec, sums, norms, new, old):
+    """`(state, nonfinite_code)`: the new (params, opt_state), or with `loss.nan_policy='skip'` the old
+    one where the loss, a gradient norm or an updated param is not finite."""
+    objective = (sums["loss"], sums["total_loss"]) if spec.joint else (sums["loss"],)
+    nonfinite = nonfinite_code(objective, norms, new[0])
+    if not spec.skip_nonfinite:
+        return new, nonfinite
+    keep = nonfinite == 0  # keep the old state: the update of a non-finite step never lands
+    return jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, old), nonfinite
+
+
+def step_metrics(joint: bool, sums, n_pairs, grad_norm, nonfinite, grads) -> dict[str, jax.Array]:
+    """The step's metrics from the global batch's sums: TRL's names, token means, the loss, the norms."""
+    metrics = {name: sums[key] / n_pairs for name, key in TRL_METRICS.items()}
+    for side in ("chosen", "rejected"):  # token means over the global batch, as TRL
+        metrics[f"logits/{side}"] = sums[f"logits_{side}"] / jnp.maximum(sums[f"tokens_{side}"], 1.0)
+    if joint:
+        metrics["head_accuracy"] = sums["head_accuracy"] / n_pairs
+    metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"], nonfinite=nonfinite)
+    if joint:
+        metrics.update(
+            total_loss=sums["total_loss"],
+            head_loss=sums["head_loss"],
+            head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
+            / jnp.maximum(sums["non_neutral"], 1.0),
+            head_grad_norm=optax.tree.norm(grads["head"]),
+        )
+    return metrics
+
+
 def make_train_step(
     codec: ParamsCodec,
     tx: optax.GradientTransformation,
@@ -169,161 +360,31 @@ def make_train_step(
     params are all finite; with `loss.nan_policy='skip'` a step where it is not returns the old params
     and optimizer state unchanged.
     """
-    chunk = int(loss_cfg.logps_chunk) or None
-    kind = loss_cfg.get("type", "sigmoid")
-    options = losses.loss_options(loss_cfg)
-    use_ref = reference_needed(loss_cfg)
-    skip_nonfinite = loss_cfg.get("nan_policy", "stop") == "skip"
-    joint = head_codec is not None
-    if joint and (head_tx is None or pba_cfg is None):
+    if head_codec is not None and (head_tx is None or pba_cfg is None):
         raise ValueError("make_train_step: a head_codec needs head_tx and pba_cfg")
+    spec = StepSpec(
+        codec=codec,
+        tx=tx,
+        chunk=int(loss_cfg.logps_chunk) or None,
+        kind=loss_cfg.get("type", "sigmoid"),
+        options=losses.loss_options(loss_cfg),
+        use_ref=reference_needed(loss_cfg),
+        precomputed=precomputed,
+        skip_nonfinite=loss_cfg.get("nan_policy", "stop") == "skip",
+        grad_shardings=grad_shardings,
+        head_codec=head_codec,
+        head_tx=head_tx,
+        pba_cfg=pba_cfg,
+    )
 
     def step(params, opt_state, ref_params, batch):
         n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
-
-        def micro_grads(mb):
-            """(gradients, metric sums) of one microbatch."""
-            pm = mb["pair_mask"].astype(jnp.float32)
-            ntok = (
-                mb["score_count"].astype(jnp.float32)
-                if "branch_ids" in mb
-                else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
-            )  # [b, 2]
-            if not use_ref:  # reference-free: no reference pass (ref_params may be None)
-                ref = None
-            elif precomputed:
-                ref = mb["ref_logps"]
-            else:
-                # LoRA: the same base with its adapters off (state.LoraCodec)
-                policy_params = params["policy"] if joint else params
-                ref_model = codec.reference(ref_params, policy_params)
-                ref = jax.lax.stop_gradient(model_pair_logps(ref_model, mb, chunk))
-
-            def loss_fn(p):
-                model = codec.policy(p["policy"] if joint else p, ref_params)
-                lp, logit_sums = model_pair_logps(model, mb, chunk, with_logits=True)
-                per, sums = losses.preference_loss(
-                    kind,
-                    lp[:, 0],
-                    lp[:, 1],
-                    None if ref is None else ref[:, 0],
-                    None if ref is None else ref[:, 1],
-                    chosen_tokens=ntok[:, 0],
-                    rejected_tokens=ntok[:, 1],
-                    pair_mask=pm,
-                    **options,
-                )
-                sums.update(
-                    logits_chosen=jnp.sum(logit_sums[:, 0] * pm),
-                    logits_rejected=jnp.sum(logit_sums[:, 1] * pm),
-                    tokens_chosen=jnp.sum(ntok[:, 0] * pm),
-                    tokens_rejected=jnp.sum(ntok[:, 1] * pm),
-                )
-                dpo = jnp.sum(per * pm) / n_pairs
-                if not joint:
-                    return dpo, (sums, {})
-                # the same merged policy reads the persona: one backbone for DPO and the head
-                term, hm = ph.joint_head_term(
-                    model, head_codec.module(p["head"]), mb, pba_cfg, n_pairs=n_pairs
-                )
-                return dpo + term, (sums, {"dpo": dpo, **hm})
-
-            (loss, (sums, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            sums = jax.lax.stop_gradient(sums)
-            sums["loss"] = loss
-            if joint:
-                # per-microbatch means -> sums weighted by their counts, divided once at the end
-                nn = jnp.sum((ph.direction_to_labels(mb["direction"]) != ph.NEUTRAL) * pm[:, None])
-                sums.update(
-                    loss=aux["dpo"],
-                    total_loss=loss,
-                    head_loss=aux["head_loss"],
-                    head_accuracy=aux["head_accuracy"] * jnp.sum(pm),
-                    head_accuracy_non_neutral=aux["head_accuracy_non_neutral"] * nn,
-                    non_neutral=nn,
-                )
-            return grads, sums
-
-        def constrained(grads):
-            return (
-                grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
-            )
-
-        def accumulate(carry, mb):
-            grads_acc, sums_acc = carry
-            grads, sums = micro_grads(mb)
-            grads_acc = constrained(jax.tree.map(jnp.add, grads_acc, grads))
-            return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        num_micro = jax.tree.leaves(batch)[0].shape[0]
-        if num_micro == 1:  # a single microbatch: no accumulator to zero-fill and add into
-            grads, sums = micro_grads(jax.tree.map(lambda x: x[0], batch))
-            grads = constrained(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
-        else:
-            zeros = constrained(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-            sum_keys = (
-                "reward_accuracy",
-                "rewards_chosen",
-                "rewards_rejected",
-                "margin",
-                "logps_chosen",
-                "logps_rejected",
-                "logits_chosen",
-                "logits_rejected",
-                "tokens_chosen",
-                "tokens_rejected",
-                "pairs",
-                "loss",
-            )
-            if joint:
-                sum_keys += (
-                    "total_loss",
-                    "head_loss",
-                    "head_accuracy",
-                    "head_accuracy_non_neutral",
-                    "non_neutral",
-                )
-            init = (zeros, {k: jnp.zeros((), jnp.float32) for k in sum_keys})
-            (grads, sums), _ = jax.lax.scan(accumulate, init, batch)
-        if joint:
-            grad_norm = optax.tree.norm(grads["policy"])
-            updates, pol_state = tx.update(grads["policy"], opt_state["policy"], params["policy"])
-            head_updates, head_state = head_tx.update(grads["head"], opt_state["head"], params["head"])
-            new_params = {
-                "policy": optax.apply_updates(params["policy"], updates),
-                "head": optax.apply_updates(params["head"], head_updates),
-            }
-            new_opt_state = {"policy": pol_state, "head": head_state}
-            norms = (grad_norm, optax.tree.norm(grads["head"]))
-        else:
-            grad_norm = optax.tree.norm(grads)
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            norms = (grad_norm,)
-        objective = (sums["loss"], sums["total_loss"]) if joint else (sums["loss"],)
-        nonfinite = nonfinite_code(objective, norms, new_params)
-        if skip_nonfinite:  # keep the old state: the update of a non-finite step never lands
-            keep = nonfinite == 0
-            params, opt_state = jax.tree.map(
-                lambda n, o: jnp.where(keep, n, o), (new_params, new_opt_state), (params, opt_state)
-            )
-        else:
-            params, opt_state = new_params, new_opt_state
-        metrics = {name: sums[key] / n_pairs for name, key in TRL_METRICS.items()}
-        for side in ("chosen", "rejected"):  # token means over the global batch, as TRL
-            metrics[f"logits/{side}"] = sums[f"logits_{side}"] / jnp.maximum(sums[f"tokens_{side}"], 1.0)
-        if joint:
-            metrics["head_accuracy"] = sums["head_accuracy"] / n_pairs
-        metrics.update(loss=sums["loss"], grad_norm=grad_norm, pairs=sums["pairs"], nonfinite=nonfinite)
-        if joint:
-            metrics.update(
-                total_loss=sums["total_loss"],
-                head_loss=sums["head_loss"],
-                head_accuracy_non_neutral=sums["head_accuracy_non_neutral"]
-                / jnp.maximum(sums["non_neutral"], 1.0),
-                head_grad_norm=optax.tree.norm(grads["head"]),
-            )
-        return params, opt_state, metrics
+        grads, sums = accumulated_grads(spec, params, ref_params, batch, n_pairs)
+        new_params, new_opt_state, norms = apply_updates(spec, params, opt_state, grads)
+        (params, opt_state), nonfinite = guard_nonfinite(
+            spec, sums, norms, (new_params, new_opt_state), (params, opt_state)
+        )
+        return params, opt_state, step_metrics(spec.joint, sums, n_pairs, norms[0], nonfinite, grads)
 
     return step
 

@@ -1,0 +1,77 @@
+"""`alignx eval`: the command over `evaluate`, writing RESULTS.json and a table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from alignx_jax import paths
+from alignx_jax.errors import AlignXError, ConfigError
+from alignx_jax.evaluate.options import EvalSettings, default_prompt_format, parse_benchmark_specs, parse_flip
+from alignx_jax.evaluate.run import evaluate
+
+
+def _format_table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, entry in results["benchmarks"].items():
+        items = [(None, entry)] if "accuracy" in entry else list(entry.items())
+        for persona, stats in items:
+            name = key if persona is None else f"{key}/{persona}"
+            acc = "n/a" if stats["accuracy"] is None else f"{100 * stats['accuracy']:.2f}%"
+            lo, hi = stats["ci95"]
+            lines.append(f"{name:<28} {acc:>8}  n={stats['n']:<6} 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]")
+            for group, g in (stats.get("by_persona") or {}).items():
+                a = "n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.2f}%"
+                lines.append(f"  persona {group[:60]!r}: {a} n={g['n']}")
+            if "flip" in stats:
+                for part in ("involved", "rest"):
+                    s = stats["flip"][part]
+                    a = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%"
+                    lines.append(f"  flip {part:<21} {a:>8}  n={s['n']}")
+    return lines
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
+    if args.out and paths.path(args.out).is_dir():
+        raise ConfigError(f"--out must be a file, got a folder: {args.out}")
+    specs = parse_benchmark_specs(args.benchmark)
+    reference = None if args.reference in (None, "", "none") else args.reference
+    settings = EvalSettings(
+        method=args.method,
+        persona=args.persona,
+        preference=args.preference,
+        flip=parse_flip(args.flip),
+        prompt_format=default_prompt_format(args.model, args.prompt_format),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        beta=args.beta,
+        share_prompt=not args.no_share_prompt,
+        reference_prompt=getattr(args, "reference_prompt", "same"),
+    )
+    try:
+        # `--dtype` None: load_pretrained's default (float32)
+        results = evaluate(
+            args.model,
+            specs,
+            settings,
+            reference_dir=reference,
+            per_example=args.per_example,
+            dtype=args.dtype,
+            reference_scores=args.reference_scores,
+        )
+    except OSError as e:  # unreadable or unwritable files are the user's to fix
+        raise AlignXError(f"eval: {e}") from e
+    if not paths.is_main_process():  # process 0 writes the one results file of a multi-process run
+        return 0
+    out = paths.path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / (out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)  # never leave a half-written results file
+    for line in _format_table(results):
+        print(line)
+    print(f"results: {args.out}")
+    return 0

@@ -1,0 +1,131 @@
+"""Where PBA's preference direction P~ comes from (`--preference`): the row's golden direction,
+its `profile` text, or the model folder's preference head (`PredictedPreferences`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from alignx_jax.errors import CheckpointError, DataError
+from alignx_jax.evaluate.options import flip_direction
+
+
+def golden_direction(row: dict) -> np.ndarray | None:
+    """The row's golden P~: its `Preference Direction`, else its `profile` parsed back; None if neither."""
+    from alignx_jax.data import persona as persona_lib
+
+    d = row.get(persona_lib.DIRECTION_FIELD)
+    if d is not None:
+        return np.asarray(d, dtype=np.float32)
+    if isinstance(row.get("profile"), str):
+        return persona_lib.parse_profile(row["profile"])
+    return None
+
+
+def file_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
+    """`--preference profile`: the row's `profile` text as the release's PBA evaluation renders it
+    (flipped through its parsed direction if asked), and that direction when it parses."""
+    from alignx_jax.data import persona as persona_lib
+
+    text = row.get("profile")
+    if not isinstance(text, str):
+        raise DataError("--preference profile needs a `profile` field in every row", file=file, row=index)
+    if not flip:
+        try:
+            return text, persona_lib.parse_profile(text)
+        except DataError:  # free text: rendered as is, no direction to report on
+            return text, None
+    direction = flip_direction(persona_lib.parse_profile(text), flip)
+    return persona_lib.profile_text(direction), direction
+
+
+def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
+    """PBA's golden profile text (flipped if asked) and the direction it renders (None if only text)."""
+    from alignx_jax.data import persona as persona_lib
+
+    if row.get(persona_lib.DIRECTION_FIELD) is not None:
+        direction = np.asarray(row[persona_lib.DIRECTION_FIELD], dtype=np.float32)
+    elif isinstance(row.get("profile"), str):
+        if not flip:  # the release's exact string (P-SOUPS) when nothing is changed
+            return row["profile"], golden_direction(row)
+        direction = persona_lib.parse_profile(row["profile"])
+    else:
+        raise DataError(
+            "--preference golden needs a `Preference Direction` or a `profile`", file=file, row=index
+        )
+    if flip:
+        direction = flip_direction(direction, flip)
+    return persona_lib.profile_text(direction), direction
+
+
+class PredictedPreferences:
+    """P~ from the model folder's preference head (PBA with `--preference predicted`).
+
+    The head reads the policy's pooled hidden states of the persona-only prompt; here the persona
+    variant is the one being evaluated (the paper infers P~ from each persona representation), the
+    pooling and token budget are the head's own. Against rows with a golden direction the head's
+    agreement is collected for the results' `preference_head` block.
+    """
+
+    def __init__(self, model_dir: str, model: Any, tokenizer: Any, *, batch_size: int = 8):
+        from alignx_jax.models import preference_head as ph
+        from alignx_jax.pba import predict
+
+        if not os.path.isfile(os.path.join(model_dir, ph.HEAD_WEIGHTS_FILE)):
+            raise CheckpointError(
+                f"{model_dir}: --preference predicted needs {ph.HEAD_WEIGHTS_FILE} "
+                "(export a PBA run with its head, or use --preference golden)"
+            )
+        self._ph, self._predict = ph, predict
+        self.head, self.cfg = ph.load_head(model_dir)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.metrics: dict[str, dict[str, float]] = {}
+        self._pooled: list[tuple[np.ndarray, np.ndarray, list[dict]]] = []
+
+    def directions(self, rows: Sequence[dict], persona: str, key: str) -> np.ndarray:
+        """float32 [N, 90] predicted directions for `rows` under one persona variant."""
+        ph = self._ph
+        feats = self._predict.persona_features(
+            self.model,
+            self.tokenizer,
+            rows,
+            pooling=self.cfg.pooling,
+            variant=persona,
+            max_tokens=self.cfg.max_persona_tokens,
+            batch_size=self.batch_size,
+        )
+        pred = ph.predict_direction(ph.head_probs(self.head, feats)).astype(np.float32)
+        gold = [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
+        if gold:
+            gold_rows = [rows[i] for i in gold]
+            gold_dirs = np.asarray([r["Preference Direction"] for r in gold_rows], dtype=np.float32)
+            # the release's averaging rule on the same rows, so the head is judged against the baseline
+            self.metrics[key] = _finite(
+                {**ph.head_metrics(pred[gold], gold_dirs), **self._predict.heuristic_metrics(gold_rows)}
+            )
+            self._pooled.append((pred[gold], gold_dirs, gold_rows))
+        return pred
+
+    def describe(self) -> dict[str, Any]:
+        """`accuracy`/`macro_f1` of the head and `heuristic_*` of the release rule, pooled over every
+        benchmark/persona scored (rows with a golden direction), plus the per-benchmark breakdown."""
+        out: dict[str, Any] = {"config": self.cfg.to_json()}
+        if self._pooled:
+            pred = np.concatenate([p for p, _, _ in self._pooled])
+            gold = np.concatenate([g for _, g, _ in self._pooled])
+            rows = [r for _, _, rs in self._pooled for r in rs]
+            out.update(
+                _finite({**self._ph.head_metrics(pred, gold), **self._predict.heuristic_metrics(rows)})
+            )
+            out["n"] = int(len(rows))
+        out["agreement_with_golden"] = self.metrics
+        return out
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a class absent from gold and prediction) -> None, so the results stay valid JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}

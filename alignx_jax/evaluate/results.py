@@ -1,0 +1,208 @@
+"""What an evaluation reports: accuracy with its Wilson 95% interval, rewards under TRL's metric
+names, per-persona and `--flip` breakdowns (`summarize`), and the `--per-example` JSONL log
+(`PerExampleLog`, read by `parse_per_example`, which `scoring.StoredScores` reads too)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from alignx_jax import paths
+from alignx_jax.errors import DataError
+
+# Per-example rows are matched on these fields when an evaluation resumes.
+KEY_FIELDS: tuple[str, ...] = ("benchmark", "persona", "index")
+# accuracy is reported per persona group (benchmarks.persona_group) when a file has 2..this many
+MAX_PERSONA_GROUPS = 16
+WILSON_Z95: float = 1.959963984540054
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(k: int, n: int, z: float = WILSON_Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials ((0, 1) when n == 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # exact at the ends (the formula gives 0 / 1 there up to rounding)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return (lo, hi)
+
+
+def accuracy_stats(correct: Sequence[bool]) -> dict[str, Any]:
+    """`{"accuracy", "n", "ci95"}` for a list of per-pair outcomes (accuracy None when empty)."""
+    n = len(correct)
+    k = int(sum(bool(c) for c in correct))
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": (k / n if n else None), "n": n, "ci95": [lo, hi]}
+
+
+def reward(logp: float, ref_logp: float | None, beta: float) -> float:
+    """r(y) = beta * (log pi(y|x) - log pi_ref(y|x)); with no reference, the policy's own log-prob."""
+    return float(logp) if ref_logp is None else beta * (float(logp) - float(ref_logp))
+
+
+def is_correct(
+    logp_chosen: float,
+    logp_rejected: float,
+    ref_logp_chosen: float | None,
+    ref_logp_rejected: float | None,
+    beta: float,
+) -> bool:
+    """r(chosen) > r(rejected), strictly: a tie counts as wrong."""
+    if (ref_logp_chosen is None) != (ref_logp_rejected is None):
+        raise ValueError("both reference log-probs or neither")
+    return reward(logp_chosen, ref_logp_chosen, beta) > reward(logp_rejected, ref_logp_rejected, beta)
+
+
+# ----------------------------------------------------------------------------- per-example file
+
+
+class PerExampleLog:
+    """The `--per-example` JSONL file: rows already there are reused (resume); new rows are appended
+    and flushed batch by batch, so an interrupted evaluation loses at most one batch.
+
+    write=False (the other processes of a multi-process run): read the rows, never write the file.
+    A URL (gs://...) goes through etils.epath; such a file cannot be appended to, so it is rewritten
+    whole after each batch."""
+
+    def __init__(self, path: str | None, *, write: bool = True):
+        self.path = None if path is None else paths.absolute(path)
+        self.rows: dict[tuple, dict] = {}
+        self._f = None
+        self._write = write
+        if path is None:
+            return
+        p = paths.path(path)
+        if p.is_dir():
+            raise DataError("--per-example must be a file, got a folder", file=path)
+        if p.exists():
+            self._read()
+        if not write:
+            return
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not paths.is_url(self.path):
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    def _read(self) -> None:
+        if paths.is_url(self.path):
+            self.rows.update(parse_per_example(paths.path(self.path).read_bytes().split(b"\n"), self.path)[0])
+            return
+        with open(self.path, "rb") as f:
+            data = f.read()
+        rows, good_bytes, cut = parse_per_example(data.split(b"\n"), self.path)
+        self.rows.update(rows)
+        if cut is not None and self._write:  # only the final line may be cut short (killed mid-write)
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+        if good_bytes and not data[:good_bytes].endswith(b"\n") and self._write:
+            with open(self.path, "ab") as f:  # a complete last row without newline: end it
+                f.write(b"\n")
+
+    def get(self, key: tuple) -> dict | None:
+        return self.rows.get(key)
+
+    def append(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        for row in rows:
+            self.rows[key_of(row)] = row
+        if self.path is not None and self._write and paths.is_url(self.path):
+            text = "".join(json.dumps(r) + "\n" for r in self.rows.values())
+            paths.path(self.path).write_text(text, encoding="utf-8")
+            return
+        if self._f is None:
+            return
+        for row in rows:
+            self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def key_of(row: dict) -> tuple:
+    return (row["benchmark"], row["persona"], int(row["index"]))
+
+
+def parse_per_example(
+    lines: Sequence[bytes], path: str, required: Sequence[str] = KEY_FIELDS
+) -> tuple[dict[tuple, dict], int, int | None]:
+    """The rows of a per-example JSONL file split into lines, each a JSON object with the `required`
+    fields, keyed by `key_of`. Only the last non-blank line may be malformed (cut short by a kill
+    mid-write): it is left out; a malformed line before it is a DataError. Returns the rows, the byte
+    length of the lines before the cut one (newlines included) and the cut line's number (or None)."""
+    rows: dict[tuple, dict] = {}
+    good_bytes = 0
+    for lineno, raw in enumerate(lines, start=1):
+        last = lineno == len(lines)
+        if not raw.strip():
+            good_bytes += len(raw) + (0 if last else 1)
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict) or any(k not in row for k in required):
+                raise ValueError("not a per-example row")
+        except ValueError as e:
+            if all(not r.strip() for r in lines[lineno:]):  # a cut last line: the rows before it stand
+                return rows, good_bytes, lineno
+            raise DataError(f"line {lineno}: not a per-example row ({e})", file=path) from None
+        good_bytes += len(raw) + (0 if last else 1)
+        rows[key_of(row)] = row
+    return rows, good_bytes, None
+
+
+LOGP_KEYS = ("logp_chosen", "logp_rejected", "ref_logp_chosen", "ref_logp_rejected")
+
+
+def reward_stats(outcomes: Sequence[dict], beta: float) -> dict[str, float]:
+    """Means over pairs under TRL's metric names (as `alignx train` logs them): `rewards/accuracies`
+    (= `accuracy`), `rewards/chosen`, `rewards/rejected`, `rewards/margins` (rewards as `reward`: beta *
+    (log pi - log ref), the policy's own log-prob without a reference), `logps/chosen`, `logps/rejected`
+    (summed response log-probs). Empty when no outcome carries its log-probs."""
+    have = [o for o in outcomes if o.get("logp_chosen") is not None and o.get("logp_rejected") is not None]
+    if not have:
+        return {}
+    lc = np.array([float(o["logp_chosen"]) for o in have])
+    lr = np.array([float(o["logp_rejected"]) for o in have])
+    rc = np.array([reward(o["logp_chosen"], o.get("ref_logp_chosen"), beta) for o in have])
+    rr = np.array([reward(o["logp_rejected"], o.get("ref_logp_rejected"), beta) for o in have])
+    return {
+        "rewards/accuracies": float(np.mean([bool(o["correct"]) for o in have])),
+        "rewards/chosen": float(rc.mean()),
+        "rewards/rejected": float(rr.mean()),
+        "rewards/margins": float((rc - rr).mean()),
+        "logps/chosen": float(lc.mean()),
+        "logps/rejected": float(lr.mean()),
+    }
+
+
+def summarize(outcomes: Sequence[dict], flip: Sequence[int], beta: float = 0.1) -> dict[str, Any]:
+    stats = accuracy_stats([o["correct"] for o in outcomes])
+    stats.update(reward_stats(outcomes, beta))
+    groups: dict[str, list[bool]] = {}
+    for o in outcomes:
+        if o.get("group") is not None:
+            groups.setdefault(str(o["group"]), []).append(o["correct"])
+    if 1 < len(groups) <= MAX_PERSONA_GROUPS:  # P-SOUPS' two personas; not AlignX's thousands of users
+        stats["by_persona"] = {g: accuracy_stats(c) for g, c in sorted(groups.items())}
+    if flip:
+        inv = [o["correct"] for o in outcomes if o.get("flip_involved")]
+        rest = [o["correct"] for o in outcomes if not o.get("flip_involved")]
+        stats["flip"] = {"dims": list(flip), "involved": accuracy_stats(inv), "rest": accuracy_stats(rest)}
+    return stats

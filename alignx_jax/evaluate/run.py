@@ -1,0 +1,360 @@
+"""`evaluate`: alignment accuracy of a model folder on benchmark files (see the package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from alignx_jax import paths
+from alignx_jax.errors import CheckpointError, ConfigError, DataError
+from alignx_jax.evaluate import scoring
+from alignx_jax.evaluate.options import (
+    BenchmarkSpec,
+    EvalSettings,
+    flip_direction,
+    involves,
+    resolve_personas,
+)
+from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_profile
+from alignx_jax.evaluate.results import LOGP_KEYS, PerExampleLog, is_correct, key_of, summarize
+
+
+def _prepare(
+    rows: Sequence[dict],
+    spec: BenchmarkSpec,
+    persona: str | None,
+    settings: EvalSettings,
+    tokenizer: Any,
+    predicted: PredictedPreferences | None,
+) -> tuple[list[Any], list[bool | None]]:
+    """DPOExamples for one benchmark and persona, and per example whether P~ involves --flip dims."""
+    from alignx_jax.data.batching import make_example
+
+    directions = None
+    if settings.method == "pba" and settings.preference == "predicted":
+        assert predicted is not None
+        directions = predicted.directions(
+            rows, persona or "p", spec.key if persona is None else f"{spec.key}/{persona}"
+        )
+    examples, involved = [], []
+    for i, row in enumerate(rows):
+        profile, direction = None, None
+        if settings.method == "pba":
+            if directions is not None:
+                direction = directions[i]
+                from alignx_jax.data.persona import profile_text
+
+                profile = profile_text(
+                    flip_direction(direction, settings.flip) if settings.flip else direction
+                )
+            elif settings.preference == "profile":
+                profile, direction = file_profile(row, settings.flip, file=spec.path, index=i)
+            else:
+                profile, direction = golden_profile(row, settings.flip, file=spec.path, index=i)
+        ex = make_example(
+            tokenizer,
+            row,
+            method=settings.method,
+            persona=persona or "p",
+            max_length=settings.max_length,
+            prompt_format=settings.prompt_format,
+            profile=profile,
+            index=i,
+            eval_mode=True,
+        )
+        examples.append(ex)
+        # "involves" is judged on the unflipped P~ (flipping keeps neutral dims neutral anyway)
+        involved.append(
+            None if not settings.flip or direction is None else involves(direction, settings.flip)
+        )
+    return examples, involved
+
+
+def _example_row(
+    spec: BenchmarkSpec,
+    persona: str | None,
+    ex: Any,
+    lp: np.ndarray,
+    ref: np.ndarray | None,
+    beta: float,
+    involved: bool | None,
+    ica_reference: bool = False,
+) -> dict[str, Any]:
+    row = {
+        "benchmark": spec.key,
+        "persona": persona,
+        "index": int(ex.index),
+        "prompt_ids": list(ex.prompt_ids),
+        "chosen_ids": list(ex.chosen_ids),
+        "rejected_ids": list(ex.rejected_ids),
+        "logp_chosen": float(lp[0]),
+        "logp_rejected": float(lp[1]),
+        "ref_logp_chosen": None if ref is None else float(ref[0]),
+        "ref_logp_rejected": None if ref is None else float(ref[1]),
+    }
+    row["correct"] = is_correct(
+        row["logp_chosen"], row["logp_rejected"], row["ref_logp_chosen"], row["ref_logp_rejected"], beta
+    )
+    if involved is not None:
+        row["flip_involved"] = involved
+    if ica_reference and ref is not None:
+        row["reference_prompt"] = "ica"
+    return row
+
+
+def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str, ica_reference: bool = False) -> None:
+    """A resumed row must describe the same token ids and reference setting as this run."""
+    same = (
+        stored.get("prompt_ids") == list(ex.prompt_ids)
+        and stored.get("chosen_ids") == list(ex.chosen_ids)
+        and stored.get("rejected_ids") == list(ex.rejected_ids)
+        and (stored.get("ref_logp_chosen") is not None) == has_ref
+        and (stored.get("reference_prompt") == "ica") == (has_ref and ica_reference)
+    )
+    if not same:
+        raise DataError(
+            f"row {key_of(stored)} was written by a run with other settings (prompt, tokenizer, "
+            "max length or reference); use a new --per-example file",
+            file=path,
+        )
+
+
+def evaluate(
+    model_dir: str,
+    benchmarks: Sequence[BenchmarkSpec],
+    settings: EvalSettings,
+    *,
+    reference_dir: str | None = None,
+    per_example: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
+    progress: bool = True,
+    dtype: str | None = None,
+    reference_scores: str | None = None,
+) -> dict[str, Any]:
+    """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
+    reference_scores: a per-example file of the reference model (`StoredScores`), instead of
+    `reference_dir`."""
+    from tqdm.auto import tqdm
+
+    from alignx_jax.data.benchmarks import load_benchmark, persona_group
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.models.presets import resolve_model_path
+    from alignx_jax.sharding import make_mesh
+    from alignx_jax.tokenizer import load_tokenizer
+
+    settings.check()
+    model_dir, reference_dir = (
+        resolve_model_path(model_dir),
+        reference_dir and resolve_model_path(reference_dir),
+    )
+    for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
+        if d is not None and not paths.path(d).is_dir():
+            raise CheckpointError(f"{what}: model folder not found: {d}")
+    if (
+        settings.method == "pba"
+        and settings.preference == "predicted"
+        and not os.path.isfile(os.path.join(model_dir, "preference_head.safetensors"))
+    ):  # fail before loading anything
+        raise CheckpointError(
+            f"{model_dir}: --preference predicted needs preference_head.safetensors "
+            "(export a PBA run with its head, or use --preference golden)"
+        )
+    if reference_dir is not None and reference_scores is not None:
+        raise ConfigError("--reference and --reference-scores are two references; give one")
+    ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
+    # Read every benchmark first: a bad file fails before minutes of model loading.
+    data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+
+    tokenizer = load_tokenizer(model_dir)
+    if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise CheckpointError(f"{model_dir}: the tokenizer has no chat template; use --prompt-format paper")
+    mesh = make_mesh(data=-1) if mesh is None else mesh
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    policy = load_pretrained(model_dir, mesh=mesh, rules=rules, **kwargs)
+    scorers = [scoring.SequenceScorer(policy, mesh, rules, share_prompt=settings.share_prompt)]
+    if reference_dir is not None:
+        reference = load_pretrained(reference_dir, mesh=mesh, rules=rules, **kwargs)
+        if int(reference.cfg.vocab_size) != int(policy.cfg.vocab_size):
+            raise CheckpointError(
+                f"--reference {reference_dir}: vocabulary size {reference.cfg.vocab_size} "
+                f"differs from the policy's {policy.cfg.vocab_size}"
+            )
+        scorers.append(scoring.SequenceScorer(reference, mesh, rules, share_prompt=settings.share_prompt))
+    predicted = None
+    if settings.method == "pba" and settings.preference == "predicted":
+        predicted = PredictedPreferences(model_dir, policy, tokenizer, batch_size=settings.batch_size)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    has_ref = reference_dir is not None or ref_scores is not None
+    # --reference-prompt ica: the reference reads the row's ICA prompt (for ICA that is the same prompt)
+    ica_reference = has_ref and settings.reference_prompt == "ica" and settings.method != "ica"
+
+    # every process scores every batch (its devices compute their slice of the global mesh); process 0
+    # alone writes the per-example file, and all must resume from the same rows or their batches differ
+    log = PerExampleLog(per_example, write=paths.is_main_process())
+    _check_same_rows_everywhere(log)
+    per_key: dict[str, dict[str | None, list[dict]]] = {}
+    try:
+        for spec, rows in data:
+            for persona in resolve_personas(
+                settings.persona, spec.name, method=settings.method, preference=settings.preference
+            ):
+                examples, involved = _prepare(rows, spec, persona, settings, tokenizer, predicted)
+                ica_persona, ica_by_index = persona or "p", {}
+                if ica_reference:
+                    ica_settings = dataclasses.replace(settings, method="ica", flip=())
+                    ica_examples, _ = _prepare(rows, spec, ica_persona, ica_settings, tokenizer, None)
+                    ica_by_index = {ex.index: ex for ex in ica_examples}
+                outcomes: list[dict] = []
+                todo = []
+                for ex, inv in zip(examples, involved):
+                    stored = log.get((spec.key, persona, ex.index))
+                    if stored is None:
+                        todo.append((ex, inv))
+                        continue
+                    _check_resumed(stored, ex, has_ref, per_example, ica_reference)
+                    # recompute `correct` with this run's beta; flip membership from this run
+                    outcomes.append(
+                        {
+                            "correct": is_correct(
+                                stored["logp_chosen"],
+                                stored["logp_rejected"],
+                                stored["ref_logp_chosen"],
+                                stored["ref_logp_rejected"],
+                                settings.beta,
+                            ),
+                            "flip_involved": inv,
+                            "group": persona_group(rows[ex.index]),
+                            **{k: stored.get(k) for k in LOGP_KEYS},
+                        }
+                    )
+                if todo:
+                    inv_by_index = {ex.index: inv for ex, inv in todo}
+                    todo_ex = [ex for ex, _ in todo]
+                    buckets = scoring.length_buckets(
+                        max(
+                            len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
+                            for ex in todo_ex
+                        )
+                    )
+                    desc = spec.key if persona is None else f"{spec.key}/{persona}"
+                    with tqdm(
+                        total=len(todo_ex), desc=desc, unit="pair", disable=not progress, initial=0
+                    ) as bar:
+                        run_scorers = (
+                            scorers
+                            if ref_scores is None
+                            else [*scorers, ref_scores.scorer(spec.key, persona, todo_ex)]
+                        )
+                        if ica_reference:
+                            ref_scorer = (
+                                scorers[1]
+                                if ref_scores is None
+                                else ref_scores.scorer(
+                                    spec.key, ica_persona, [ica_by_index[ex.index] for ex in todo_ex]
+                                )
+                            )
+                            run_scorers = [
+                                scorers[0],
+                                scoring.scorer_on(ref_scorer, ica_by_index, pad_id=pad_id),
+                            ]
+                        for chunk, outs in scoring.score_batches(
+                            todo_ex,
+                            run_scorers,
+                            batch_size=settings.batch_size,
+                            pad_id=pad_id,
+                            buckets=buckets,
+                            multiple=scoring.data_parallel_size(mesh),
+                        ):
+                            new_rows = [
+                                _example_row(
+                                    spec,
+                                    persona,
+                                    ex,
+                                    outs[0][j],
+                                    outs[1][j] if has_ref else None,
+                                    settings.beta,
+                                    inv_by_index[ex.index],
+                                    ica_reference,
+                                )
+                                for j, ex in enumerate(chunk)
+                            ]
+                            log.append(new_rows)
+                            outcomes.extend({**r, "group": persona_group(rows[r["index"]])} for r in new_rows)
+                            bar.update(len(chunk))
+                per_key.setdefault(spec.key, {})[persona] = outcomes
+    finally:
+        log.close()
+
+    results: dict[str, Any] = {
+        "model": paths.absolute(model_dir),
+        "reference": (None if reference_dir is None else paths.absolute(reference_dir))
+        if ref_scores is None
+        else {"scores": paths.absolute(ref_scores.path)},
+        "method": settings.method,
+        # resolved per benchmark key; null where the prompt does not depend on the persona
+        "persona": {
+            spec.key: _none_if_independent(
+                resolve_personas(
+                    settings.persona, spec.name, method=settings.method, preference=settings.preference
+                )
+            )
+            for spec in benchmarks
+        },
+        "preference": settings.preference if settings.method == "pba" else None,
+        "reference_prompt": ("ica" if ica_reference else "same") if has_ref else None,
+        "prompt_format": settings.prompt_format,
+        "max_length": settings.max_length,
+        "beta": settings.beta,
+        "limit": settings.limit,
+        "flip": list(settings.flip) or None,
+        "benchmarks": {},
+    }
+    by_name: dict[str, list[BenchmarkSpec]] = {}
+    for spec in benchmarks:
+        by_name.setdefault(spec.name, []).append(spec)
+    for name, specs in by_name.items():
+        entries = [(spec.key, per_key[spec.key]) for spec in specs]
+        if len(specs) > 1:  # pooled over the files, then each file
+            pooled: dict[str | None, list[dict]] = {}
+            for _, by_persona in entries:
+                for persona, outs in by_persona.items():
+                    pooled.setdefault(persona, []).extend(outs)
+            entries = [(name, pooled)] + entries
+        for key, by_persona in entries:
+            nested = name == "alignx" and list(by_persona) != [None] or len(by_persona) > 1
+            if nested:
+                results["benchmarks"][key] = {
+                    p: summarize(o, settings.flip, settings.beta) for p, o in by_persona.items()
+                }
+            else:
+                results["benchmarks"][key] = summarize(
+                    next(iter(by_persona.values())), settings.flip, settings.beta
+                )
+    if predicted is not None:
+        results["preference_head"] = predicted.describe()
+    return results
+
+
+def _check_same_rows_everywhere(log: PerExampleLog) -> None:
+    """A multi-process evaluation resumes only if every process read the same per-example rows (a
+    shared file system or URL); otherwise their batches would differ and the collectives hang."""
+    if paths.process_count() <= 1:
+        return
+    from jax.experimental import multihost_utils
+
+    try:
+        multihost_utils.assert_equal(np.int64(len(log.rows)), "per-example rows")
+    except AssertionError:
+        raise ConfigError(
+            f"--per-example {log.path}: the processes read different rows; put it on a file system "
+            "every host sees (or a gs:// URL)"
+        ) from None
+
+
+def _none_if_independent(personas: list[str | None]) -> list[str] | None:
+    return None if personas == [None] else personas

