@@ -43,7 +43,7 @@ MODES: dict[str, tuple[str, list[str]]] = {
     "two_row": (TINY, STEPS),  # also the run the other tests of test_multiprocess.py read
     "share_prompt_precomputed": (TINY, [*SHORT, *SHARED, "--config.loss.reference=precomputed"]),
     "packing": (TINY, [*SHORT, *SHARED, "--config.data.packing=true"]),
-    "pba_joint": (TINY_PBA, [*SHORT, *PBA]),
+    # the joint head (golden directions in its loss) while the prompts render predicted profiles
     "pba_joint_predicted": (TINY_PBA, [*SHORT, *PBA, "--config.pba.preference=predicted"]),
     "pba_two_stage_mix": (
         TINY_PBA,

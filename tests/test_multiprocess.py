@@ -257,7 +257,7 @@ def test_every_training_mode_runs_on_two_processes_like_one(runs):
         np.testing.assert_array_equal(
             np.load(two / name / "pba_predicted.npy"), np.load(one / name / "pba_predicted.npy")
         )
-    for name in ("pba_joint", "pba_joint_predicted", "pba_two_stage_mix"):
+    for name in ("pba_joint_predicted", "pba_two_stage_mix"):
         assert (two / name / "checkpoints" / "2" / "head").is_dir(), name
 
 
