@@ -92,7 +92,9 @@ def model_shape(path: str) -> dict[str, Any]:
     return out
 
 
-def psoups_lengths(rng: np.random.Generator, n: int, prompt: int, response: int) -> list[tuple[int, int, int]]:
+def psoups_lengths(
+    rng: np.random.Generator, n: int, prompt: int, response: int
+) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) token counts around P-SOUPS' (prompt ~`prompt`, responses ~`response`)."""
     out = []
     for _ in range(n):

@@ -180,7 +180,7 @@ def _psoups_setup(hf: dict[str, Any], batch: int, seed: int) -> Setup:
     rng = np.random.default_rng(seed)
     P, R = PSOUPS_LENGTHS
     V = hf["vocab_size"]
-    ids = lambda k: rng.integers(3, V, size=k).tolist()  # noqa: E731
+    ids = lambda k: rng.integers(3, V, size=k).tolist()
     examples = []
     for i in range(batch):
         p = int(rng.integers(int(P * 0.85), int(P * 1.15) + 1))
@@ -377,7 +377,11 @@ def torch_models(policy, reference, device: str = "cpu"):
         hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
         tm = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa"))
         missing, unexpected = tm.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if "rotary" not in k and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+        missing = [
+            k
+            for k in missing
+            if "rotary" not in k and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+        ]
         if missing or unexpected:
             raise RuntimeError(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
         return tm.to(device=device, dtype=torch.float32)

@@ -127,7 +127,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-            print(f"round {len(times[name])}/{args.rounds} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"round {len(times[name])}/{args.rounds} {name}: {times[name][-1]:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     n_tok = args.batch * args.new_tokens
     med = statistics.median
     first_diff = [
@@ -173,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(json.dumps(out, indent=2) + "\n")
-    keys = ("jax_tokens_per_sec", "transformers_tokens_per_sec", "jax_vs_transformers", "jax_vs_transformers_per_round", "outputs_identical")
+    keys = (
+        "jax_tokens_per_sec",
+        "transformers_tokens_per_sec",
+        "jax_vs_transformers",
+        "jax_vs_transformers_per_round",
+        "outputs_identical",
+    )
     print(json.dumps({k: out[k] for k in keys}, indent=2))
     return 0
 

@@ -47,8 +47,15 @@ def make_examples(n: int, vocab: int, eos: int, prompt: int, response: int, seed
     rng = np.random.default_rng(seed)
     out = []
     for i, (p, c, r) in enumerate(common.psoups_lengths(rng, n, prompt, response)):
-        ids = lambda k: rng.integers(3, vocab, size=k).tolist()  # noqa: E731
-        out.append(DPOExample(prompt_ids=[1] + ids(p - 1), chosen_ids=ids(c - 1) + [eos], rejected_ids=ids(r - 1) + [eos], index=i))
+        ids = lambda k: rng.integers(3, vocab, size=k).tolist()
+        out.append(
+            DPOExample(
+                prompt_ids=[1] + ids(p - 1),
+                chosen_ids=ids(c - 1) + [eos],
+                rejected_ids=ids(r - 1) + [eos],
+                index=i,
+            )
+        )
     return out
 
 
@@ -115,7 +122,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def jax_round() -> np.ndarray:
         # exactly `alignx eval`'s loop: collate (longest first) + SequenceScorer per batch
-        res = [lp for _, outs in score_batches(examples, [scorer], batch_size=args.batch, pad_id=pad_id, buckets=buckets) for lp in outs]
+        res = [
+            lp
+            for _, outs in score_batches(
+                examples, [scorer], batch_size=args.batch, pad_id=pad_id, buckets=buckets
+            )
+            for lp in outs
+        ]
         return np.concatenate(res)  # [n, 2] in score_batches' (longest-first) order
 
     order = sorted(range(n), key=lambda i: -examples[i].length)
@@ -138,7 +151,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-            print(f"round {len(times[name])}/{args.rounds} {name}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"round {len(times[name])}/{args.rounds} {name}: {times[name][-1]:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     diff = float(np.max(np.abs(j_lp - t_lp)))
     same_decisions = bool(np.array_equal(j_lp[:, 0] > j_lp[:, 1], t_lp[:, 0] > t_lp[:, 1]))
     med = statistics.median
@@ -186,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(json.dumps(out, indent=2) + "\n")
-    keys = ("jax_pairs_per_sec", "transformers_pairs_per_sec", "jax_vs_transformers", "jax_vs_transformers_per_round", "max_abs_logp_diff", "outputs_identical")
+    keys = (
+        "jax_pairs_per_sec",
+        "transformers_pairs_per_sec",
+        "jax_vs_transformers",
+        "jax_vs_transformers_per_round",
+        "max_abs_logp_diff",
+        "outputs_identical",
+    )
     print(json.dumps({k: out[k] for k in keys}, indent=2))
     return 0
 

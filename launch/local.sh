@@ -33,6 +33,9 @@ case "$1" in
   *) echo "local.sh: the command starts with 'alignx' or 'python', got '$1'" >&2; exit 2 ;;
 esac
 shift
+if [ "$kind" = python ] && [ ! -f "${1:-}" ]; then
+  echo "local.sh: 'python' takes a script file, got '${1:-}' (for a command: N alignx COMMAND ...)" >&2; exit 2
+fi
 devices="${DEVICES_PER_PROCESS:-4}"
 case "$devices" in ''|*[!0-9]*|0) echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2 ;; esac
 

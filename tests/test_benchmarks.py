@@ -123,7 +123,9 @@ def _bench_script(name: str):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(root, "benchmarks", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", os.path.join(root, "benchmarks", f"{name}.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -137,7 +139,13 @@ def test_score_benchmark_tiny(tmp_path):
     argv = ["--shape", "tiny", "--batch", "2", "--batches", "1", "--prompt-len", "24", "--response-len", "6"]
     assert _bench_script("score").main([*argv, "--rounds", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    for key in ("jax_pairs_per_sec", "transformers_pairs_per_sec", "jax_vs_transformers", "model_shape", "machine"):
+    for key in (
+        "jax_pairs_per_sec",
+        "transformers_pairs_per_sec",
+        "jax_vs_transformers",
+        "model_shape",
+        "machine",
+    ):
         assert key in res
     assert len(res["jax_vs_transformers_per_round"]) == 1
     assert res["outputs_identical"] is True and res["max_abs_logp_diff"] <= 1e-3

@@ -310,7 +310,8 @@ def test_local_dry_run_names_every_process():
     [
         (("2",), "usage"),
         (("x", "alignx", "train"), "positive integer"),
-        (("2", "python", "train"), "'alignx'"),
+        (("2", "pyton", "train"), "'alignx' or 'python'"),
+        (("2", "python", "train"), "script file"),
     ],
 )
 def test_local_bad_arguments(args, message):

@@ -109,13 +109,21 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
             _publish_folder(src, ref, copy=True)
     else:
         host_model = _gathered(model)
-        if is_main:
+        if is_main and paths.is_url(workdir):  # written locally, then copied to the bucket
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="alignx-reference-") as local:
                 tmp = os.path.join(local, "reference")
                 hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir)
-                _publish_folder(tmp, ref, copy=paths.is_url(workdir))
+                _publish_folder(tmp, ref, copy=True)
+        elif is_main:  # beside its place in W (a full disk names W) and renamed into place
+            tmp = ref.parent / (ref.name + ".tmp")
+            if tmp.exists():
+                tmp.rmtree()
+            hf.save_hf(host_model, os.fspath(tmp), tokenizer_dir=tokenizer_dir)
+            if ref.exists():
+                ref.rmtree()
+            tmp.rename(ref)
         del host_model
     sync("reference")
 
