@@ -167,7 +167,7 @@ def parse_topology(name: str | None) -> Topology:
 def decoder_config_for(cfg: ml_collections.ConfigDict):
     """The DecoderConfig a run of `cfg` trains, without loading weights."""
     from alignx_jax.models.decoder import DecoderConfig
-    from alignx_jax.train.state import load_tokenizer_for, run_options
+    from alignx_jax.train.state import init_hf_config, load_tokenizer_for, run_options
 
     opts = dict(run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
     key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
@@ -193,24 +193,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
     if vocab == -1:
         tok, _ = load_tokenizer_for(cfg)
         vocab = len(tok)
-    hf_cfg = {
-        k: init[k]
-        for k in (
-            "model_type",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "rope_theta",
-            "rms_norm_eps",
-            "max_position_embeddings",
-            "tie_word_embeddings",
-        )
-    }
-    hf_cfg["vocab_size"] = vocab
-    return DecoderConfig.from_hf(hf_cfg, **opts)
+    return DecoderConfig.from_hf(init_hf_config(init, vocab), **opts)
 
 
 # ----------------------------------------------------------------------------- analytic estimate
