@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,47 @@ from alignx_jax.errors import CheckpointError
 ITEMS = ("params", "opt_state", "head", "meta")
 ARRAY_ITEMS = ("params", "opt_state", "head")
 BAD_DIR_SUFFIX = ".bad"  # W/checkpoints.bad/<step>.<time>: steps that failed verification, kept for a look
+
+
+class _RestoreAfterEffects(logging.Filter):
+    """Drops the known after-effects of a failed restore, whose own error is reported once, as one line:
+    orbax's other reads of the damaged step fail too and asyncio logs each as 'Task exception was never
+    retrieved', and reads still in flight finish after its event loop closed ('Event loop is closed',
+    logged by concurrent.futures for each done-callback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if _closed_loop(exc):
+            return False
+        return not (
+            str(record.msg).startswith("Task exception was never retrieved")
+            and "Encountered error while reading array index" in str(exc)
+        )
+
+
+def _closed_loop(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """The same after-effect reaches Python from tensorstore's threads (sys.excepthook or the unraisable
+    hook, depending on the path): those hooks skip it and pass everything else on."""
+    for name in ("concurrent.futures", "asyncio"):
+        logging.getLogger(name).addFilter(_RestoreAfterEffects())
+    except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb):
+        if not _closed_loop(value):
+            except_hook(kind, value, tb)
+
+    def unraisablehook(info):
+        if not _closed_loop(info.exc_value):
+            unraisable_hook(info)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+_quiet_closed_loop_callbacks()
 
 
 def first_line(e: BaseException) -> str:

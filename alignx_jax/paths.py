@@ -41,3 +41,16 @@ def process_count() -> int:
 
     jax = sys.modules.get("jax")
     return 1 if jax is None else int(jax.process_count())
+
+
+def is_dir(p: Any) -> bool:
+    """A folder, local (os) or at a URL (epath)."""
+    return path(p).is_dir() if is_url(p) else os.path.isdir(p)
+
+
+def is_file(p: Any) -> bool:
+    return path(p).is_file() if is_url(p) else os.path.isfile(p)
+
+
+def exists(p: Any) -> bool:
+    return path(p).exists() if is_url(p) else os.path.exists(p)

@@ -33,6 +33,7 @@ FREE_KEYS = (
     "train.steps",
     "train.epochs",
     "train.log_every",
+    "train.eval_every",
     "train.progress",
     "train.wandb_project",
     "train.distributed",
@@ -50,6 +51,7 @@ FREE_KEYS = (
     "loss.nan_policy",
     "loss.max_skipped_steps",
     "data.compact_tokens",
+    "data.eval",
 )
 
 
@@ -136,6 +138,8 @@ def path_signature(path: str) -> list[list[Any]]:
     and changed by any rewrite, without reading the data."""
     if not path:
         return []
+    if paths.is_url(path):
+        return _url_signature(str(path).rstrip("/"))
     if os.path.isfile(path):
         st = os.stat(path)
         return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
@@ -147,6 +151,27 @@ def path_signature(path: str) -> list[list[Any]]:
             st = os.stat(full)
             out.append([os.path.relpath(full, path), st.st_size, st.st_mtime_ns])
     return out
+
+
+def _url_signature(url: str) -> list[list[Any]]:
+    """`path_signature` of a URL (gs://...): [relative name, length, mtime] from the bucket's metadata."""
+    top = paths.path(url)
+    if not top.exists():
+        return []
+    if not top.is_dir():
+        st = top.stat()
+        return [[top.name, st.length, st.mtime]]
+    out, todo = [], [(top, "")]
+    while todo:
+        folder, rel = todo.pop()
+        for child in folder.iterdir():
+            sub = f"{rel}/{child.name}" if rel else child.name
+            if child.is_dir():
+                todo.append((child, sub))
+            else:
+                st = child.stat()
+                out.append([sub, st.length, st.mtime])
+    return sorted(out)
 
 
 def fingerprint(obj: Any) -> str:

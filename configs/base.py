@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     # --- data
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # parquet/JSONL/JSON file or folder, or TFDS dir; '' -> synthesize into W/data
+    # held-out rows (data.train's row format) scored every train.eval_every steps ('' = none)
+    c.data.eval = ""
     c.data.method = "ica"  # 'ica' | 'pba' | 'none'
     c.data.persona = "p"  # 'ugc' | 'pair' | 'demo' | 'p'
     # 'chat' (tokenizer's template) | 'paper' (the release's evaluation strings, BOS first) | 'release' (the
@@ -133,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.micro_batch = 0  # pairs per forward pass (grad accumulation); 0 -> global_batch
     c.train.seed = 42
     c.train.log_every = 1
+    # every N steps (and at the last) score data.eval's rows at the current params: `eval/...` records
+    # in metrics.jsonl (TRL's eval_steps); 0 = off
+    c.train.eval_every = 0
     c.train.distributed = False  # jax.distributed.initialize() (multi-host; set by launch/tpu_pod.sh)
     c.train.progress = True  # tqdm bar on process 0
     # W&B project the train metrics also go to ('' = off); needs `pip install wandb`; WANDB_MODE=offline

@@ -221,3 +221,124 @@ def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
     assert list((local / "reference").glob("*.safetensors"))
     assert (local / "data" / "data.parquet").is_file()
     assert (local / "checkpoints" / "2").is_dir()
+
+
+def _rows(n: int) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def d():
+        return rng.choice([0.0, 0.5, 1.0], size=90).tolist()
+
+    return [
+        {
+            "prompt": f"post {i}",
+            "chosen": f"good answer {i}",
+            "rejected": f"bad answer {i}",
+            "Preference Direction": d(),
+            "Demographic Information": f"I am {20 + i} years old.",
+            "User-Generated Content": [{"prompt": f"ugc {i}", "comment": "c", "Preference Direction": d()}],
+            "Pair-wise Comparative Feedback": [
+                {"prompt": f"pair {i}", "chosen": "c", "rejected": "r", "Preference Direction": d()}
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def test_row_files_and_folders_on_a_bucket(fake_gcs, tmp_path, capsys):
+    """JSON, JSONL and parquet row files, and a folder of them, read from gs:// give the local rows;
+    `alignx data check gs://...` and `alignx data split gs://... --out gs://...` work on them."""
+    import pandas as pd
+
+    from alignx_jax.cli import main
+    from alignx_jax.data import schema, sources
+    from alignx_jax.errors import DataError
+
+    rows = _rows(6)
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "a.json").write_text(json.dumps(rows[:2]))
+    (local / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:4]))
+    (local / "sub").mkdir()
+    pd.DataFrame(rows[4:]).to_parquet(local / "sub" / "c.parquet")
+    (local / "notes.txt").write_text("ignored")
+    url = f"{BUCKET}/data"
+    import shutil
+
+    shutil.copytree(local, fake_gcs.local(url))
+    for name in ("a.json", "b.jsonl", "sub/c.parquet"):
+        got, _ = schema.load_rows(f"{url}/{name}")
+        assert got == schema.load_rows(str(local / name))[0]
+    got, _ = schema.load_rows(url)
+    assert got == schema.load_rows(str(local))[0] and len(got) == 6
+    assert schema.list_files(url) == [f"{url}/a.json", f"{url}/b.jsonl", f"{url}/sub/c.parquet"]
+    assert len(sources.open_source(url)) == 6
+
+    assert main(["data", "check", f"{url}/sub/c.parquet"]) == 0
+    assert main(["data", "check", url]) == 0
+    assert "rows: 6  files: 3" in capsys.readouterr().out
+    assert main(["data", "split", url, "--out", f"{BUCKET}/split", "--test-fraction", "0.5"]) == 0
+    capsys.readouterr()
+    halves = [schema.load_rows(f"{BUCKET}/split/{h}")[0] for h in ("train", "test")]
+    assert sorted(r["prompt"] for h in halves for r in h) == sorted(r["prompt"] for r in rows)
+    assert (fake_gcs.local(f"{BUCKET}/split") / "train" / "sub").is_dir() or (
+        fake_gcs.local(f"{BUCKET}/split") / "test" / "sub"
+    ).is_dir()
+
+    with pytest.raises(DataError, match=f"^{BUCKET}/nope.json: no such file or folder$"):
+        schema.load_rows(f"{BUCKET}/nope.json")
+    assert main(["data", "check", f"{BUCKET}/nope"]) == 1
+    err = capsys.readouterr().err
+    assert f"{BUCKET}/nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hf_model_folder_on_a_bucket_is_copied_once(fake_gcs, tmp_path, monkeypatch, tiny_hf_checkpoints):
+    """model.hf_path=gs://... resolves to a local copy (same logits as the local folder); a second
+    resolve re-uses it without reading the bucket again; a URL without config.json is one line."""
+    import shutil
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from alignx_jax.errors import CheckpointError
+    from alignx_jax.models import presets
+    from alignx_jax.models.hf import load_pretrained
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    src = tiny_hf_checkpoints["llama"]
+    url = f"{BUCKET}/models/llama"
+    shutil.copytree(src, fake_gcs.local(url))
+    got = presets.resolve_model_path(url)
+    assert got.startswith(str(tmp_path / "cache" / "remote")) and os.path.isdir(got)
+    assert sorted(os.listdir(src)) == sorted(n for n in os.listdir(got) if n != presets.REMOTE_MARKER)
+    ids = jnp.asarray([[5, 17, 99, 3, 42]])
+    np.testing.assert_array_equal(
+        np.asarray(load_pretrained(got)(ids)), np.asarray(load_pretrained(src)(ids))
+    )
+
+    fake_gcs.seen.clear()
+    assert presets.resolve_model_path(url + "/") == got  # the complete copy is re-used
+    assert fake_gcs.seen == []
+    assert [p.name for p in (tmp_path / "cache" / "remote").iterdir()] == [os.path.basename(got)]
+
+    with pytest.raises(CheckpointError, match=f"^{BUCKET}/models/none: no config.json") as e:
+        presets.resolve_model_path(f"{BUCKET}/models/none")
+    assert "\n" not in str(e.value)
+
+
+def test_path_signature_of_a_bucket_folder(fake_gcs):
+    """A gs:// data folder's signature (size, mtime per file) changes when a file is rewritten."""
+    from alignx_jax import workdir as wd
+
+    url = f"{BUCKET}/data"
+    (fake_gcs.local(url) / "sub").mkdir(parents=True)
+    (fake_gcs.local(url) / "a.json").write_text("[]")
+    (fake_gcs.local(url) / "sub" / "b.jsonl").write_text("")
+    sig = wd.path_signature(url)
+    assert [x[:2] for x in sig] == [["a.json", 2], ["sub/b.jsonl", 0]]
+    assert wd.path_signature(f"{url}/a.json")[0][:2] == ["a.json", 2]
+    (fake_gcs.local(url) / "a.json").write_text("[ ]")
+    assert wd.path_signature(url) != sig
+    assert wd.path_signature(f"{BUCKET}/none") == []

@@ -16,6 +16,7 @@ Strictness (decided here, tested in tests/test_schema.py):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.data import persona as persona_lib
 from alignx_jax.errors import DataError
 
@@ -195,7 +197,10 @@ def detect_kind(rows: Any) -> str:
 
 def list_files(path: str) -> list[str]:
     """The data files at `path`: the file itself, or a folder's parquet/JSONL/JSON files (recursive,
-    sorted by relative path so that every run reads the same rows in the same order)."""
+    sorted by relative path so that every run reads the same rows in the same order). `path` may be a
+    URL (gs://...): it is listed through etils.epath and the files keep their URLs."""
+    if paths.is_url(path):
+        return _list_url(path)
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
@@ -204,11 +209,56 @@ def list_files(path: str) -> list[str]:
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in files:
-            if os.path.splitext(name)[1].lower() in EXTENSIONS and not name.startswith("."):
+            if _is_data_name(name):
                 found.append(os.path.join(root, name))
     if not found:
         raise DataError("folder holds no .parquet, .jsonl or .json files", file=path)
     return sorted(found, key=lambda p: os.path.relpath(p, path))
+
+
+def _is_data_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in EXTENSIONS and not name.startswith(".")
+
+
+def _list_url(url: str) -> list[str]:
+    url = url.rstrip("/")
+    try:
+        top = paths.path(url)
+        if top.is_file():
+            return [url]
+        if not top.is_dir():
+            raise DataError("no such file or folder", file=url)
+        found: list[tuple[str, str]] = []  # (path relative to url, url of the file)
+        todo = [(top, "")]
+        while todo:
+            folder, rel = todo.pop()
+            for child in folder.iterdir():
+                sub = f"{rel}/{child.name}" if rel else child.name
+                if child.is_dir():
+                    todo.append((child, sub))
+                elif _is_data_name(child.name):
+                    found.append((sub, f"{url}/{sub}"))
+    except DataError:
+        raise
+    except Exception as e:  # the storage client's errors (permissions, network) vary by backend
+        raise DataError(f"cannot list: {_one_line(e)}", file=url) from None
+    if not found:
+        raise DataError("folder holds no .parquet, .jsonl or .json files", file=url)
+    return [u for _, u in sorted(found)]
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def read_parquet_table(path: str):
+    """The pyarrow table of a local or URL (gs://...) parquet file."""
+    import pyarrow.parquet as pq
+
+    if paths.is_url(path):
+        return pq.read_table(io.BytesIO(paths.path(path).read_bytes()))
+    return pq.read_table(path)
 
 
 def file_format(path: str) -> str:
@@ -233,18 +283,21 @@ def read_file(path: str) -> RawFile:
     line for a JSON/JSONL syntax error)."""
     fmt = file_format(path)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         try:
-            rows = pq.read_table(path).to_pylist()  # list columns come back as plain lists
-        except Exception as e:  # pyarrow raises several types for corrupt files
-            raise DataError(f"cannot read parquet: {type(e).__name__}: {e}", file=path) from None
+            rows = read_parquet_table(path).to_pylist()  # list columns come back as plain lists
+        except Exception as e:  # pyarrow (and a bucket's client) raise several types
+            raise DataError(f"cannot read parquet: {_one_line(e)}", file=path) from None
         return RawFile(path, fmt, rows)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if paths.is_url(path):
+            text = paths.path(path).read_bytes().decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read: {e}", file=path) from None
+    except Exception as e:  # a bucket client's own error types
+        raise DataError(f"cannot read: {_one_line(e)}", file=path) from None
     if fmt == "json":
         try:
             rows = json.loads(text)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.errors import ConfigError, DataError
 
 STATE_VERSION = 1
@@ -86,7 +87,7 @@ class ArrayRecordSource:
 
 def find_prepared(path: str) -> str | None:
     """The TFDS version folder under `path` (the data_dir, `alignx/`, or the version folder itself)."""
-    if not os.path.isdir(path):
+    if paths.is_url(path) or not os.path.isdir(path):  # prepared datasets are local folders
         return None
     for pattern in ("dataset_info.json", "*/dataset_info.json", "alignx/*/dataset_info.json"):
         hits = sorted(glob.glob(os.path.join(path, pattern)))
@@ -105,15 +106,16 @@ def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad
         return ArrayRecordSource(prepared, split)
     from alignx_jax.data import schema
 
-    if os.path.isdir(os.path.join(path, split)):
-        path = os.path.join(path, split)
+    sub = f"{path.rstrip('/')}/{split}" if paths.is_url(path) else os.path.join(path, split)
+    if paths.is_dir(sub):
+        path = sub
     rows, skipped = schema.load_rows(path, kind=kind, skip_bad=skip_bad)
     return ListSource(rows, skipped=skipped, path=path)
 
 
 def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "auto") -> dict[str, Any]:
     """Validate `source` and write the `alignx` TFDS dataset (array_record) under `out_dir`."""
-    if not os.path.exists(source):
+    if not paths.exists(source):
         raise DataError("no such file or folder", file=source)
     import tensorflow_datasets as tfds
 
@@ -121,7 +123,7 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
 
     tfds.disable_progress_bar()
     builder = AlignX(
-        source=os.path.abspath(source),
+        source=paths.absolute(source),
         kind=kind,
         skip_bad=skip_bad,
         data_dir=out_dir,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.data import persona as persona_lib
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
@@ -66,21 +67,28 @@ def split_rows(
 
 
 def _write(raw: schema.RawFile, picks: list[int], dest: str) -> None:
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    """The picked rows of `raw` into `dest` (a local path or a URL), in the input's format."""
     if raw.fmt == "parquet":
+        import io
+
         import pyarrow.parquet as pq
 
         # Re-read as a table so the output keeps the input's exact column types.
-        table = pq.read_table(raw.path)
-        pq.write_table(table.take(np.asarray(picks, dtype=np.int64)), dest)
+        table = schema.read_parquet_table(raw.path)
+        buf = io.BytesIO()
+        pq.write_table(table.take(np.asarray(picks, dtype=np.int64)), buf)
+        data = buf.getvalue()
     elif raw.fmt == "json":
-        with open(dest, "w", encoding="utf-8") as f:
-            json.dump([raw.rows[i] for i in picks], f, ensure_ascii=False, indent=4)
-            f.write("\n")
+        data = (json.dumps([raw.rows[i] for i in picks], ensure_ascii=False, indent=4) + "\n").encode("utf-8")
     else:
-        with open(dest, "w", encoding="utf-8") as f:
-            for i in picks:
-                f.write(json.dumps(raw.rows[i], ensure_ascii=False) + "\n")
+        data = "".join(json.dumps(raw.rows[i], ensure_ascii=False) + "\n" for i in picks).encode("utf-8")
+    out = paths.path(dest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if paths.is_url(root) else os.path.join(root, *parts)
 
 
 def cli_split(args: argparse.Namespace) -> int:
@@ -89,7 +97,8 @@ def cli_split(args: argparse.Namespace) -> int:
     if not loaded.rows:
         raise DataError("no rows", file=args.path)
     train, test = split_indices(loaded.rows, by=args.by, test_fraction=args.test_fraction, seed=args.seed)
-    root = args.path if os.path.isdir(args.path) else os.path.dirname(args.path)
+    is_dir = paths.is_dir(args.path)
+    root = args.path.rstrip("/") if is_dir else os.path.dirname(args.path)
     for half, idx in (("train", train), ("test", test)):
         per_file: dict[int, list[int]] = {fi: [] for fi in range(len(loaded.files))}
         for i in idx:
@@ -97,10 +106,17 @@ def cli_split(args: argparse.Namespace) -> int:
             per_file[fi].append(ri)
         for fi, picks in per_file.items():
             raw = loaded.files[fi]
-            rel = os.path.relpath(raw.path, root) if os.path.isdir(args.path) else os.path.basename(raw.path)
-            _write(raw, picks, os.path.join(args.out, half, rel))
+            if not is_dir:
+                rel = os.path.basename(raw.path)
+            else:
+                rel = (
+                    raw.path[len(root) :].lstrip("/")
+                    if paths.is_url(root)
+                    else os.path.relpath(raw.path, root)
+                )
+            _write(raw, picks, _join(args.out, half, rel))
     print(
         f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
-        f"{os.path.join(args.out, 'train')}, {os.path.join(args.out, 'test')}"
+        f"{_join(args.out, 'train')}, {_join(args.out, 'test')}"
     )
     return 0

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
 
@@ -36,8 +37,13 @@ SPLIT_DIRS = ("train", "validation", "test")
 
 def split_sources(source: str) -> dict[str, str]:
     """split name -> path: the folder's train/validation/test sub-folders if it has any, else train."""
-    if os.path.isdir(source):
-        found = {s: os.path.join(source, s) for s in SPLIT_DIRS if os.path.isdir(os.path.join(source, s))}
+    if paths.is_dir(source):
+        join = (
+            (lambda s: f"{source.rstrip('/')}/{s}")
+            if paths.is_url(source)
+            else (lambda s: os.path.join(source, s))
+        )
+        found = {s: join(s) for s in SPLIT_DIRS if paths.is_dir(join(s))}
         if found:
             return found
     return {"train": source}

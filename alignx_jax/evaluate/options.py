@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 
 BENCHMARKS: tuple[str, ...] = ("alignx", "p-soups", "uf-p-4", "prism")
@@ -39,7 +40,7 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
     pairs = []
     for spec in specs:
         name, path = parse_benchmark_arg(spec)
-        if not os.path.exists(path):
+        if not paths.exists(path):  # a local path or a URL (gs://...)
             raise DataError(f"--benchmark {name}: no such file or folder", file=path)
         pairs.append((name, path))
     counts: dict[str, int] = {}

@@ -9,15 +9,21 @@ folder and renamed into place, so an interrupted prepare never leaves a half fol
 `alignx import --hf smollm2`) name it; it also resolves hub ids (`alignx_jax.hub`). It lives in
 models/ because preparing the preset is a weights conversion (`models.gguf`, `models.hf`).
 `python -m alignx_jax.real_model` prepares it from the command line.
+
+A URL model folder (`gs://bucket/llama3-8b`) resolves to a local copy under `<cache>/remote/<sha256 of
+the URL>/`, copied once through etils.epath (into a temporary sibling, renamed into place with a
+`.alignx-complete` marker written last), so every loader (safetensors, tokenizer, config) reads a
+local folder; a later resolve re-uses the complete copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 
-from alignx_jax import hub
+from alignx_jax import hub, paths
 from alignx_jax.errors import CheckpointError
 
 SMOLLM2 = "smollm2"
@@ -75,10 +81,73 @@ def smollm2_dir(prepare: bool = True) -> str:
 def resolve_model_path(path: str) -> str:
     """The one resolver of model paths: `smollm2` (any case, when no such folder exists) -> the prepared
     SmolLM2 folder; a hub id `org/name[@revision]` that is no local path -> its snapshot folder in the
-    Hugging Face cache (`alignx_jax.hub`); anything else -> `path` unchanged (a missing folder is reported
+    Hugging Face cache (`alignx_jax.hub`); a URL folder (gs://...) -> its local copy (`remote_copy`);
+    anything else -> `path` unchanged (a missing folder is reported
     by whoever opens it)."""
     if path and str(path).lower() == SMOLLM2 and not os.path.exists(path):
         return smollm2_dir()
+    if path and paths.is_url(path):
+        return remote_copy(str(path))
     if path and hub.parse_hub_id(path) is not None:
         return hub.resolve_hub_id(path)
     return path
+
+
+REMOTE_MARKER = ".alignx-complete"
+
+
+def remote_dir(url: str) -> str:
+    """The local cache folder of the model folder at `url`."""
+    key = hashlib.sha256(url.rstrip("/").encode("utf-8")).hexdigest()[:24]
+    return os.path.join(cache_root(), "remote", key)
+
+
+def remote_copy(url: str) -> str:
+    """The model folder at `url` (gs://...) as a local folder: copied once (every file, recursively),
+    re-used while its completion marker is there."""
+    url = url.rstrip("/")
+    out = remote_dir(url)
+    if os.path.isfile(os.path.join(out, REMOTE_MARKER)):
+        return out
+    src = paths.path(url)
+    try:
+        has_config = (src / "config.json").is_file()
+    except Exception as e:  # the storage client's errors (permissions, network) vary by backend
+        raise CheckpointError(f"{url}: cannot read the model folder: {_one_line(e)}") from None
+    if not has_config:
+        raise CheckpointError(f"{url}: no config.json there (expected a Hugging Face model folder)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            _copy_tree(src, tmp)
+        except Exception as e:
+            raise CheckpointError(f"{url}: cannot copy the model folder: {_one_line(e)}") from None
+        with open(os.path.join(tmp, REMOTE_MARKER), "w", encoding="utf-8") as f:
+            f.write(url + "\n")  # written last: a folder without it is an interrupted copy
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted copy (no marker) of an earlier run
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first: theirs is as good as ours
+            if not os.path.isfile(os.path.join(out, REMOTE_MARKER)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _copy_tree(src, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for child in src.iterdir():
+        target = os.path.join(dst, child.name)
+        if child.is_dir():
+            _copy_tree(child, target)
+        else:
+            with child.open("rb") as fin, open(target, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 16 << 20)
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

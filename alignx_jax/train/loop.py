@@ -53,6 +53,8 @@ from alignx_jax.train.state import (
 )
 from alignx_jax.train.step import (
     describe_nonfinite,
+    eval_metrics,
+    jit_eval_step,
     jit_train_step,
     make_ref_logps_fn,
     reference_needed,
@@ -117,6 +119,8 @@ class Trainer:
                 head_codec=self.head_codec,
                 head_tx=self.head_tx,
             )
+            if self.eval_every:
+                self.eval_fn = jit_eval_step(self.codec, self.cfg, self.head_codec)
             self.check_stop()
         except _StoppedInStartUp:
             return stopped_in_start_up(self.stop, self.is_main)
@@ -191,6 +195,11 @@ class Trainer:
         pad_id = int(self.tokenizer.pad_token_id)
         self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint, rules=self.rules)
         self.loader = self.new_loader()
+        self.eval_every = int(cfg.train.get("eval_every", 0))
+        if self.eval_every:  # train.eval_every: the held-out rows data.eval, read once per evaluation
+            self.eval_source = sources.open_source(cfg.data.eval, skip_bad=bool(cfg.data.skip_bad_rows))
+            if len(self.eval_source) == 0:
+                raise AlignXError(f"{cfg.data.eval}: no evaluation rows")
         self.total_steps = (
             int(cfg.train.steps)
             if cfg.train.steps > 0
@@ -240,6 +249,23 @@ class Trainer:
             seed=self.seed,
             shuffle=bool(cfg.data.shuffle),
             num_epochs=None,
+            on_drop="pad",
+            shard_index=self.pi,
+            shard_count=self.pc,
+        )
+
+    def eval_loader(self) -> sources.TrainLoader:
+        """One pass over data.eval in file order, each process its shard; the last batch padded."""
+        return sources.TrainLoader(
+            self.eval_source,
+            self.example,
+            pairs_per_batch=self.gb // self.pc,
+            pad_id=int(self.tokenizer.pad_token_id),
+            buckets=tuple(int(b) for b in self.cfg.data.buckets),
+            seed=self.seed,
+            shuffle=False,
+            num_epochs=1,
+            drop_remainder=False,
             on_drop="pad",
             shard_index=self.pi,
             shard_count=self.pc,
@@ -447,10 +473,28 @@ class Trainer:
             )
             m.update(final_head[2])
         self.log(m, info, stats, dt)
+        if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+            self.writer.write(self.step, self.evaluate_held_out())
         every = max(1, int(self.cfg.checkpoint.every_steps))
         if self.step % every == 0 or self.step == self.total_steps:
             self.save(self.step, None if final_head is None else final_head[:2])
             self.last_saved = self.step
+
+    def evaluate_held_out(self) -> dict[str, float]:
+        """The `eval/` metrics (`step.eval_metrics`) of the current params on every data.eval row.
+
+        Every process runs the same number of batches (equal shards), so the jitted sums are global."""
+        saved_truncated = self.rows_truncated  # the held-out rows are not training rows
+        totals: dict[str, float] = {}
+        with shd.use_mesh(self.mesh, self.rules):
+            for coll, _ in self.eval_loader():
+                hb, _ = self.builder(coll)
+                batch = put_batch(hb, batch_shardings(hb, self.mesh, self.rules))
+                sums = jax.device_get(self.eval_fn(self.params, self.ref_params, batch))
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+        self.rows_truncated = saved_truncated
+        return eval_metrics(totals)
 
     def check_finite(self, m: dict[str, float]) -> None:
         """Count a non-finite step (loss.nan_policy) and stop the run when the policy says so."""

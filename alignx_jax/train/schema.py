@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from alignx_jax import losses
+from alignx_jax import losses, paths
 from alignx_jax.data.batching import reserve
 from alignx_jax.errors import ConfigError
 
@@ -48,6 +48,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     _check_inputs(cfg)
     _check_loss(cfg)
     _check_schedule(cfg)
+    _check_eval(cfg)
     _check_layout(cfg)
     if cfg.data.method == "pba":
         _check_pba(cfg)
@@ -107,6 +108,36 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
     if cfg.train.steps == 0 or cfg.train.steps < -1 or (cfg.train.steps == -1 and cfg.train.epochs <= 0):
         raise ConfigError("train.steps must be positive, or -1 with train.epochs > 0")
+
+
+def _check_eval(cfg: ml_collections.ConfigDict) -> None:
+    """The held-out evaluation during training (`train.eval_every`, `data.eval`)."""
+    every, path = int(cfg.train.get("eval_every", 0)), str(cfg.data.get("eval", ""))
+    if every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0 = off), got {every}")
+    if not every:
+        return
+    if not path:
+        raise ConfigError(f"train.eval_every={every} needs --config.data.eval (a held-out rows file)")
+    if not paths.path(path).exists():
+        raise ConfigError(f"data.eval={path}: no such file or folder")
+    # precomputed: the frozen copy is freed after the reference pass (LoRA keeps its base)
+    lora = cfg.model.get("lora")
+    if cfg.loss.reference == "precomputed" and not (lora and lora.rank) and _uses_reference(cfg):
+        raise ConfigError(
+            "train.eval_every needs loss.reference on_the_fly or none (precomputed frees the reference "
+            "the held-out rows are scored against)"
+        )
+    if uses_predicted(cfg):
+        raise ConfigError(
+            f"train.eval_every: pba.preference={cfg.pba.preference} renders predicted profiles of "
+            "training rows only; use golden or history"
+        )
+
+
+def _uses_reference(cfg: ml_collections.ConfigDict) -> bool:
+    spec = losses.PREFERENCE_LOSSES.get(cfg.loss.type)
+    return spec is None or spec.uses_reference
 
 
 def _check_layout(cfg: ml_collections.ConfigDict) -> None:

@@ -427,3 +427,70 @@ def jit_train_step(
         pba_cfg=cfg.pba if head_codec is not None else None,
     )
     return jax.jit(step, out_shardings=(param_shardings, opt_shardings, replicated), donate_argnums=(0, 1))
+
+
+def eval_sums(spec: StepSpec, params, ref_params, mb) -> dict[str, jax.Array]:
+    """`SUM_KEYS` metric sums of one microbatch at `params`, no gradient: `_microbatch_loss`'s forward
+    with the loss summed over the real pairs (`n_pairs` 1)."""
+    pm = mb["pair_mask"].astype(jnp.float32)
+    ntok = (
+        mb["score_count"].astype(jnp.float32)
+        if "branch_ids" in mb
+        else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
+    )  # [b, 2]
+    ref = _reference_logps(spec, params, ref_params, mb)
+    loss, (sums, aux) = _microbatch_loss(spec, params, ref_params, mb, ref, pm, ntok, 1.0)
+    sums["loss"] = aux["dpo"] if spec.joint else loss
+    return {k: sums[k].astype(jnp.float32) for k in SUM_KEYS}
+
+
+def make_eval_step(spec: StepSpec) -> Callable:
+    """Jitted `eval_step(params, ref_params, batch) -> metric sums` (`SUM_KEYS`) over the batch's
+    microbatches (`lax.scan` over the leading axis, as `accumulated_grads`), with no gradient.
+
+    The reference log-probs are a forward pass of `ref_params` (`spec.precomputed` is ignored: a
+    held-out batch has no precomputed table). Sums, not means: batches add up, and the caller divides
+    by `pairs` once."""
+    spec = dataclasses.replace(spec, precomputed=False)
+
+    def eval_step(params, ref_params, batch):
+        def micro(acc, mb):
+            sums = eval_sums(spec, params, ref_params, mb)
+            return jax.tree.map(jnp.add, acc, sums), None
+
+        init = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+        return jax.lax.scan(micro, init, batch)[0]
+
+    return jax.jit(eval_step)
+
+
+def jit_eval_step(codec: ParamsCodec, cfg: ml_collections.ConfigDict, head_codec: HeadCodec | None = None):
+    """`make_eval_step` for the run config `cfg` (the loss options `jit_train_step` uses)."""
+    spec = StepSpec(
+        codec=codec,
+        tx=None,
+        chunk=int(cfg.loss.logps_chunk) or None,
+        kind=cfg.loss.get("type", "sigmoid"),
+        options=losses.loss_options(cfg.loss),
+        use_ref=reference_needed(cfg.loss),
+        precomputed=False,
+        skip_nonfinite=False,
+        head_codec=head_codec,
+        pba_cfg=cfg.pba if head_codec is not None else None,
+    )
+    return make_eval_step(spec)
+
+
+def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """The `eval/` metrics of a held-out pass's summed `SUM_KEYS`: TRL's names as per-pair means (as
+    `step_metrics`), the mean loss, `eval/accuracy` (`alignx eval`'s headline name) and `eval/pairs`."""
+    n = max(float(sums["pairs"]), 1.0)
+    out = {f"eval/{name}": float(sums[key]) / n for name, key in TRL_METRICS.items()}
+    out.update(
+        {
+            "eval/loss": float(sums["loss"]) / n,
+            "eval/accuracy": out["eval/rewards/accuracies"],
+            "eval/pairs": float(sums["pairs"]),
+        }
+    )
+    return out

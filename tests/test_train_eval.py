@@ -1,0 +1,172 @@
+"""Held-out evaluation during training (`train.eval_every`, `data.eval`): the `eval/` records of a tiny
+in-process run, and one evaluation checked against a plain forward and the DPO formulas."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignx_jax import train
+from alignx_jax.config import load_config
+from alignx_jax.data.persona import row_rng
+from alignx_jax.errors import ConfigError
+from alignx_jax.train import loop
+from alignx_jax.train.signals import StopFlag
+from alignx_jax.train.step import jit_eval_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+SMALL = [  # tests/test_train.py's tiny run: 32 synthetic rows, hidden 32, one 128-token bucket
+    "--config.model.init.hidden_size=32",
+    "--config.model.init.intermediate_size=64",
+    "--config.model.init.head_dim=8",
+    "--config.data.synth_users=8",
+    "--config.data.max_length=128",
+    "--config.data.buckets=(128,)",
+    "--config.loss.logps_chunk=64",
+    "--config.train.global_batch=8",
+    "--config.train.micro_batch=4",
+    "--config.train.progress=false",
+]
+NAMES = (
+    "eval/rewards/accuracies",
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+    "eval/loss",
+    "eval/accuracy",
+    "eval/pairs",
+)
+N_EVAL = 11  # one full batch of 8 and one padded with 5 dummy pairs
+
+
+def _row(i: int, rng: np.random.Generator) -> dict:
+    def d():
+        return rng.choice([0.0, 0.5, 1.0], size=90).tolist()
+
+    return {
+        "prompt": f"held-out post {i}",
+        "chosen": f"a kind and careful answer {i}",
+        "rejected": f"no {i}",
+        "Preference Direction": d(),
+        "Demographic Information": f"I am {20 + i} years old.",
+        "User-Generated Content": [{"prompt": f"ugc {i}", "comment": "comment", "Preference Direction": d()}],
+        "Pair-wise Comparative Feedback": [
+            {"prompt": f"pair {i}", "chosen": "c", "rejected": "r", "Preference Direction": d()}
+        ],
+    }
+
+
+def _eval_file(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps([_row(i, rng) for i in range(N_EVAL)]))
+    return str(path)
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(TINY, [f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=4", *extra])
+
+
+def _records(tmp_path):
+    with open(tmp_path / "w" / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_eval_rows_every_n_steps(tmp_path):
+    cfg = _cfg(tmp_path, "--config.train.eval_every=2", f"--config.data.eval={_eval_file(tmp_path)}")
+    assert loop.run_training(cfg) == 0
+    evals = [r for r in _records(tmp_path) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(NAMES) <= set(r), r
+        assert r["eval/pairs"] == N_EVAL
+        assert 0.0 <= r["eval/rewards/accuracies"] <= 1.0
+        assert r["eval/accuracy"] == r["eval/rewards/accuracies"]
+        assert np.isfinite(r["eval/loss"])
+    assert evals[0]["eval/loss"] != evals[1]["eval/loss"]  # the params moved between the two
+
+
+def test_no_eval_rows_when_off(tmp_path):
+    assert loop.run_training(_cfg(tmp_path, "--config.train.steps=2")) == 0
+    assert not any(k.startswith("eval/") for r in _records(tmp_path) for k in r)
+
+
+def _logps(model, prompt, response):
+    """Summed log-probs of `response` after `prompt` by a plain forward (no masks, no chunking)."""
+    ids = jnp.asarray([prompt + response], jnp.int32)
+    logp = jax.nn.log_softmax(model(ids)[0].astype(jnp.float32), axis=-1)
+    pos = np.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return float(jnp.sum(logp[pos, np.asarray(response)]))
+
+
+def test_evaluation_matches_a_plain_forward(tmp_path):
+    """One evaluation at params moved off the reference, against the DPO sigmoid formulas per pair."""
+    cfg = _cfg(tmp_path, "--config.train.eval_every=2", f"--config.data.eval={_eval_file(tmp_path)}")
+    t = loop.Trainer(cfg, StopFlag())
+    held: list = []
+    try:
+        t.set_up(held)
+        t.open_data()
+        t.build_state()
+        key = iter(jax.random.split(jax.random.key(1), 1000))
+        t.params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(key), p.shape, p.dtype), t.params)
+        t.eval_fn = jit_eval_step(t.codec, cfg)
+        got = t.evaluate_held_out()
+        policy, ref = t.codec.module(t.params), t.codec.module(t.ref_params)
+        beta, rows = float(cfg.loss.beta), []
+        for i in range(N_EVAL):
+            ex = t.example(t.eval_source[i], row_rng(t.seed, (0, i)), i)
+            lp = [
+                _logps(m, ex.prompt_ids, r) for m in (policy, ref) for r in (ex.chosen_ids, ex.rejected_ids)
+            ]
+            rows.append((lp[0], lp[1], beta * (lp[0] - lp[2]), beta * (lp[1] - lp[3])))
+    finally:
+        for lock in held:
+            lock.release()
+    pc, pr, rc, rr = (np.asarray(x) for x in zip(*rows))
+    want = {
+        "eval/logps/chosen": pc.mean(),
+        "eval/logps/rejected": pr.mean(),
+        "eval/rewards/chosen": rc.mean(),
+        "eval/rewards/rejected": rr.mean(),
+        "eval/rewards/margins": (rc - rr).mean(),
+        "eval/rewards/accuracies": (rc > rr).mean(),
+        "eval/loss": np.mean(-np.log(1.0 / (1.0 + np.exp(-(rc - rr))))),
+        "eval/pairs": N_EVAL,
+    }
+    assert 0.0 < want["eval/rewards/accuracies"] < 1.0 or want["eval/rewards/margins"] != 0.0
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=2e-4, atol=2e-4, err_msg=name)
+    assert got["eval/accuracy"] == got["eval/rewards/accuracies"]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--config.train.eval_every=2"], "needs --config.data.eval"),
+        (["--config.train.eval_every=2", "--config.data.eval=/no/such/eval.json"], "no such file"),
+        (["--config.train.eval_every=-1"], "eval_every must be >= 0"),
+    ],
+)
+def test_eval_config_errors(tmp_path, extra, needle):
+    with pytest.raises(ConfigError, match=needle):
+        train.validate_config(_cfg(tmp_path, *extra))
+
+
+def test_eval_with_precomputed_reference_is_refused(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "--config.train.eval_every=2",
+        f"--config.data.eval={_eval_file(tmp_path)}",
+        "--config.loss.reference=precomputed",
+    )
+    with pytest.raises(ConfigError, match="on_the_fly or none"):
+        train.validate_config(cfg)
