@@ -160,9 +160,41 @@ def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
     assert res.config_dir == f"{w}/reference" and res.tokenizer_dir == f"{w}/reference"
     assert res.head_dir is None
     assert hf.resolve_checkpoint(w, 3).params_dir == f"{w}/checkpoints/3/params"
-    args = types.SimpleNamespace(out=f"{BUCKET}/hf", checkpoint=w, step=None, overwrite=False)
-    with pytest.raises(CheckpointError, match="local folder"):
+    (local.parent / "foreign").mkdir()
+    (local.parent / "foreign" / "notes.txt").write_text("mine")
+    args = types.SimpleNamespace(out=f"{BUCKET}/foreign", checkpoint=w, step=None, overwrite=False)
+    with pytest.raises(CheckpointError, match="not empty and not an export"):
         hf.cli_export(args)
+    assert (local.parent / "foreign" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def local_export(tmp_path_factory, tiny_hf_checkpoints):
+    """(an imported checkpoint, its export to a local folder), made before any bucket is mocked."""
+    from alignx_jax.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    assert main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(root / "ckpt")]) == 0
+    assert main(["export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "local")]) == 0
+    from alignx_jax.models import hf
+
+    return root / "ckpt", root / "local", hf.load_checkpoint(str(root / "ckpt"))
+
+
+def test_export_to_a_bucket_uploads_the_same_files_as_a_local_export(local_export, fake_gcs, monkeypatch):
+    from alignx_jax.cli import main
+    from alignx_jax.models import hf
+
+    ckpt, local, model = local_export
+    # the mocked bucket reroutes every epath, orbax's local reads too: the checkpoint is read beforehand
+    monkeypatch.setattr(hf, "load_checkpoint", lambda *a, **k: model)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", f"{BUCKET}/hf"]) == 0
+    up = fake_gcs.local(f"{BUCKET}/hf")
+    names = sorted(p.name for p in local.iterdir())
+    assert sorted(p.name for p in up.iterdir()) == names and "alignx_export.json" in names
+    for name in names:
+        if name.endswith((".safetensors", ".json")) and name not in ("alignx_export.json", "README.md"):
+            assert (up / name).read_bytes() == (local / name).read_bytes(), name
 
 
 def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):

@@ -1118,6 +1118,47 @@ def run_prompt_format(checkpoint: str) -> str | None:
     return None
 
 
+def _export_to_bucket(args) -> int:
+    """`alignx export --out gs://...`: the export is written to a local temporary folder, then uploaded
+    file by file with the manifest last (a folder without `alignx_export.json` is an unfinished upload).
+    The target must be absent or empty, or hold an earlier export (`--overwrite`: any folder); files of
+    the target that this export does not write are left as they are."""
+    import tempfile
+
+    from alignx_jax.models import preference_head as ph
+
+    out = paths.path(args.out)
+    foreign = out.exists() and any(out.iterdir()) and not (out / EXPORT_MANIFEST).exists()
+    if foreign and not getattr(args, "overwrite", False):
+        raise CheckpointError(
+            f"--out {args.out}: not empty and not an export; pass --overwrite to write into it"
+        )
+    res = resolve_checkpoint(args.checkpoint, args.step)
+    source = (
+        paths.absolute(args.checkpoint)
+        if paths.is_url(args.checkpoint)
+        else os.path.realpath(args.checkpoint)
+    )
+    model = load_checkpoint(args.checkpoint, res.step)  # verified before anything is written
+    head = None
+    if res.head_dir is not None:
+        head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    if not paths.is_main_process():
+        return 0
+    with tempfile.TemporaryDirectory(prefix="alignx-export-") as local:
+        tmp = os.path.join(local, "export")
+        files = _write_export(args, res, model, head, tmp, source)
+        out.mkdir(parents=True, exist_ok=True)
+        names = [os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns]
+        for name in sorted(n for n in names if n != EXPORT_MANIFEST) + [EXPORT_MANIFEST]:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            with open(os.path.join(tmp, name), "rb") as f:
+                (out / name).write_bytes(f.read())
+    where = f" step {res.step}" if res.step is not None else ""
+    print(f"exported {args.checkpoint}{where} -> {args.out} ({len(files)} files uploaded)")
+    return 0
+
+
 def cli_export(args) -> int:
     """`alignx export`: verify the checkpoint, write the HF folder beside `--out`, rename it into place.
 
@@ -1126,10 +1167,7 @@ def cli_export(args) -> int:
     from alignx_jax.models import preference_head as ph
 
     if paths.is_url(args.out):
-        raise CheckpointError(
-            f"--out {args.out}: exports are written to a local folder (renamed into place); export "
-            "locally, then copy it (gsutil -m cp -r / huggingface-cli upload)"
-        )
+        return _export_to_bucket(args)
     out = os.path.abspath(args.out)
     res = resolve_checkpoint(args.checkpoint, args.step)
     source = (
