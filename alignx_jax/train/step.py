@@ -228,15 +228,18 @@ def _microbatch_loss(spec: StepSpec, p, ref_params, mb, ref, pm, ntok, n_pairs):
     return dpo + term, (sums, {"dpo": dpo, **hm})
 
 
+def _pair_mask_and_tokens(mb) -> tuple[jax.Array, jax.Array]:
+    """The microbatch's real-pair mask `[b]` and scored response tokens per pair `[b, 2]`."""
+    pm = mb["pair_mask"].astype(jnp.float32)
+    if "branch_ids" in mb:  # one row per pair: the scoring plan counts each branch's tokens
+        return pm, mb["score_count"].astype(jnp.float32)
+    return pm, jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
+
+
 def microbatch_grads(spec: StepSpec, params, ref_params, mb, n_pairs):
     """(gradients, metric sums) of one microbatch; the loss is a share of the global batch's mean
     (`n_pairs` real pairs in all)."""
-    pm = mb["pair_mask"].astype(jnp.float32)
-    ntok = (
-        mb["score_count"].astype(jnp.float32)
-        if "branch_ids" in mb
-        else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
-    )  # [b, 2]
+    pm, ntok = _pair_mask_and_tokens(mb)
     ref = _reference_logps(spec, params, ref_params, mb)
 
     def loss_fn(p):
@@ -432,12 +435,7 @@ def jit_train_step(
 def eval_sums(spec: StepSpec, params, ref_params, mb) -> dict[str, jax.Array]:
     """`SUM_KEYS` metric sums of one microbatch at `params`, no gradient: `_microbatch_loss`'s forward
     with the loss summed over the real pairs (`n_pairs` 1)."""
-    pm = mb["pair_mask"].astype(jnp.float32)
-    ntok = (
-        mb["score_count"].astype(jnp.float32)
-        if "branch_ids" in mb
-        else jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
-    )  # [b, 2]
+    pm, ntok = _pair_mask_and_tokens(mb)
     ref = _reference_logps(spec, params, ref_params, mb)
     loss, (sums, aux) = _microbatch_loss(spec, params, ref_params, mb, ref, pm, ntok, 1.0)
     sums["loss"] = aux["dpo"] if spec.joint else loss
