@@ -1118,14 +1118,29 @@ def run_prompt_format(checkpoint: str) -> str | None:
     return None
 
 
+def _export_source(checkpoint: str) -> str:
+    """The checkpoint as the export manifest names it (a URL stays a URL)."""
+    return paths.absolute(checkpoint) if paths.is_url(checkpoint) else os.path.realpath(checkpoint)
+
+
+def _export_inputs(checkpoint: str, res: ResolvedCheckpoint):
+    """(model, head or None), both read and verified (finite, checksums where saved) before anything
+    is written."""
+    from alignx_jax.models import preference_head as ph
+
+    model = load_checkpoint(checkpoint, res.step)
+    head = None
+    if res.head_dir is not None:
+        head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    return model, head
+
+
 def _export_to_bucket(args) -> int:
     """`alignx export --out gs://...`: the export is written to a local temporary folder, then uploaded
     file by file with the manifest last (a folder without `alignx_export.json` is an unfinished upload).
     The target must be absent or empty, or hold an earlier export (`--overwrite`: any folder); files of
     the target that this export does not write are left as they are."""
     import tempfile
-
-    from alignx_jax.models import preference_head as ph
 
     out = paths.path(args.out)
     foreign = out.exists() and any(out.iterdir()) and not (out / EXPORT_MANIFEST).exists()
@@ -1134,15 +1149,8 @@ def _export_to_bucket(args) -> int:
             f"--out {args.out}: not empty and not an export; pass --overwrite to write into it"
         )
     res = resolve_checkpoint(args.checkpoint, args.step)
-    source = (
-        paths.absolute(args.checkpoint)
-        if paths.is_url(args.checkpoint)
-        else os.path.realpath(args.checkpoint)
-    )
-    model = load_checkpoint(args.checkpoint, res.step)  # verified before anything is written
-    head = None
-    if res.head_dir is not None:
-        head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    source = _export_source(args.checkpoint)
+    model, head = _export_inputs(args.checkpoint, res)
     if not paths.is_main_process():
         return 0
     with tempfile.TemporaryDirectory(prefix="alignx-export-") as local:
@@ -1164,26 +1172,18 @@ def cli_export(args) -> int:
 
     `--out` must be absent, empty or an export of the same checkpoint; `--overwrite` allows any folder.
     Files of `--out` that no export wrote are kept (hard links into the new folder), never deleted."""
-    from alignx_jax.models import preference_head as ph
 
     if paths.is_url(args.out):
         return _export_to_bucket(args)
     out = os.path.abspath(args.out)
     res = resolve_checkpoint(args.checkpoint, args.step)
-    source = (
-        paths.absolute(args.checkpoint)
-        if paths.is_url(args.checkpoint)
-        else os.path.realpath(args.checkpoint)
-    )
+    source = _export_source(args.checkpoint)
     # a multi-process job (launch/local.sh, a pod): every process reads the checkpoint, process 0 writes
     main = paths.is_main_process()
     entries, own = (
         _export_target(out, source, bool(getattr(args, "overwrite", False))) if main else ([], set())
     )
-    model = load_checkpoint(args.checkpoint, res.step)  # verified: finite, and its checksums where saved
-    head = None
-    if res.head_dir is not None:  # read (and checked) before anything is written
-        head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    model, head = _export_inputs(args.checkpoint, res)
     if not main:
         return 0
     tmp = _beside(out, "export-tmp")
