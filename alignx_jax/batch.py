@@ -2,25 +2,26 @@
 sharded arrays the jitted step reads. `alignx train`, `alignx plan`, `alignx eval` and the benchmarks
 all build their batches here (`BatchBuilder` for a run config; `to_microbatches` below it).
 
-A collated batch (`data.batching.collate`: 2B rows, chosen first) becomes a dict of NumPy arrays
-`[M, ...]` (M microbatches, axis 1 split over the batch mesh axes by `batch_shardings`):
+A collated batch (`data.batching.collate`: 2B rows, chosen first, a dict of NumPy arrays) becomes one
+typed pytree per layout (`flax.struct` dataclasses; every array `[M, ...]`, M microbatches, axis 1
+split over the batch mesh axes by `batch_shardings`; a part the run does not use is None):
 
-  two-row layout (default): input_ids / attention_mask / positions / loss_mask `[M, b, 2, T]`
-    (chosen, rejected side by side); with `loss.logits_on_responses` also score_index `[M, b, 2, R]`
-    (the response window `losses.window_logps` scores).
-  shared-prompt layout (`data.share_prompt`, `batching.share_prompt`; `data.packing` packs several
-    pairs per row, `batching.pack_pairs`): input_ids / attention_mask / positions / branch_ids
-    (and segment_ids when packed) `[M, rows, T]`; the scored tokens as one flat list per microbatch,
-    score_flat / score_target / score_slot / score_valid `[M, S]`, and score_count `[M, b, 2]`
+  `TwoRowBatch` (default): chosen and rejected rows side by side `[M, b, 2, T]`; with
+    `loss.logits_on_responses` also the response window `losses.window_logps` scores.
+  `SharedPromptBatch` (`data.share_prompt`, `batching.share_prompt`; `data.packing` packs several
+    pairs per row, `batching.pack_pairs`, and adds segment_ids): one row per pair (or several pairs
+    per row) `[M, rows, T]`, the scored tokens as one flat list per microbatch `[M, S]`
     (`flat_scores`).
-  always: pair_mask `[M, b]` (0 = a dummy pair padding the batch).
-  `data.compact_tokens`: token_index `[M, G, N]` / token_slot `[M, G, R]` (`add_token_layout`:
-    the token-wise layers run on N kept tokens per group of rows; absent when nothing is skipped).
-  joint PBA head: persona_ids / persona_mask `[M, b, P]`, direction `[M, b, 90]`.
-  `loss.reference=precomputed`: ref_logps `[M, b, 2]` (added by the loop), slot `[M, b]` (the
-    precompute pass).
+  both: pair_mask (0 = a dummy pair padding the batch), and
+    `tokens`: `KeptTokens` (`data.compact_tokens`, `add_token_layout`: the token-wise layers run on N
+      kept tokens per group of rows; None when nothing is skipped),
+    `head`: `HeadInputs` (the joint PBA head's persona and direction, per pair),
+    ref_logps (`loss.reference=precomputed`: added by the loop),
+    slot (the precompute pass's global pair ids).
 
-`MODEL_INPUTS` names what the decoder's log-prob pass reads (`train.step.pair_logps`).
+Each field's shape is documented once, on its class. `StepBatch` is either layout; `.microbatch(m)`
+is one microbatch (the leading axis dropped), `.model_inputs()` what the decoder's log-prob pass
+reads (`train.step.pair_logps`).
 """
 
 from __future__ import annotations
@@ -31,30 +32,106 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import struct
 from jax.sharding import NamedSharding
 
 from alignx_jax import losses
 from alignx_jax import sharding as shd
 from alignx_jax.data import batching
 from alignx_jax.errors import DataError
+from alignx_jax.models.compaction import TokenLayout
 
-# what `pair_logps` reads from a microbatch (either layout)
-MODEL_INPUTS = (
-    "input_ids",
-    "attention_mask",
-    "positions",
-    "loss_mask",
-    "score_index",
-    "branch_ids",
-    "segment_ids",
-    "score_flat",
-    "score_target",
-    "score_slot",
-    "score_valid",
-    "pair_mask",
-    "token_index",
-    "token_slot",
-)
+Array = Any  # a NumPy array on the host, a jax.Array (or ShapeDtypeStruct) once put on devices
+
+
+class _Batch:
+    """What both layouts give their callers (the fields are the dataclasses')."""
+
+    @property
+    def num_micro(self) -> int:
+        """M, the leading axis of every array (of a whole batch, not of a `microbatch`)."""
+        return int(self.pair_mask.shape[0])
+
+    def microbatch(self, m: int):
+        """Microbatch m: the same struct with every array's leading axis dropped."""
+        return jax.tree.map(lambda x: x[m], self)
+
+    def model_inputs(self):
+        """What the decoder's log-prob pass reads (`train.step.pair_logps`): no head, reference
+        log-probs or slots."""
+        return self.replace(head=None, ref_logps=None, slot=None)
+
+
+@struct.dataclass
+class KeptTokens:
+    """`data.compact_tokens` (`add_token_layout`, `batching.compact_index`): the token-wise layers run
+    on N kept tokens per group of rows (G groups, one per batch shard; `models.compaction`)."""
+
+    token_index: Array  # [M, G, N] slot -> position in the group's flattened rows
+    token_slot: Array  # [M, G, R] position -> slot (N: not kept); R = rows per group * T
+
+    def layout(self) -> TokenLayout:
+        """The `models.compaction.TokenLayout` of one microbatch's arrays `[G, N]`, `[G, R]`."""
+        return TokenLayout(self.token_index, self.token_slot)
+
+
+@struct.dataclass
+class HeadInputs:
+    """The joint PBA head's input and target, per pair (`models.preference_head.joint_head_term`)."""
+
+    persona_ids: Array  # [M, b, P] the persona's tokens (widened to the step's P)
+    persona_mask: Array  # [M, b, P]
+    direction: Array  # [M, b, 90] float32 preference direction
+
+
+@struct.dataclass
+class TwoRowBatch(_Batch):
+    """The default layout: a pair's chosen (index 0) and rejected (1) rows side by side."""
+
+    input_ids: Array  # [M, b, 2, T]
+    attention_mask: Array  # [M, b, 2, T]
+    positions: Array  # [M, b, 2, T]
+    loss_mask: Array  # [M, b, 2, T] 1 on the scored response tokens
+    pair_mask: Array  # [M, b] 0 = a dummy pair padding the batch
+    score_index: Array | None = None  # [M, b, 2, R] `loss.logits_on_responses`: the scored window
+    tokens: KeptTokens | None = None
+    head: HeadInputs | None = None
+    ref_logps: Array | None = None  # [M, b, 2] float32 `loss.reference=precomputed`
+    slot: Array | None = None  # [M, b] the precompute pass's global pair ids
+
+    @property
+    def layout(self) -> str:
+        return "two_rows"
+
+
+@struct.dataclass
+class SharedPromptBatch(_Batch):
+    """`data.share_prompt`: one row per pair (prompt, chosen, rejected; `batching.share_prompt`), or
+    with `data.packing` several pairs per row (`batching.pack_pairs`); the scored tokens as one flat
+    list per microbatch (`flat_scores`)."""
+
+    input_ids: Array  # [M, rows, T]
+    attention_mask: Array  # [M, rows, T]
+    positions: Array  # [M, rows, T]
+    branch_ids: Array  # [M, rows, T] 0 prompt, 1 chosen, 2 rejected
+    score_flat: Array  # [M, S] row * T + position of each scored token
+    score_target: Array  # [M, S] its target token
+    score_slot: Array  # [M, S] 2 * pair + branch
+    score_valid: Array  # [M, S] 0 = padding of the list
+    score_count: Array  # [M, b, 2] scored tokens per response
+    pair_mask: Array  # [M, b] 0 = a dummy pair padding the batch
+    segment_ids: Array | None = None  # [M, rows, T] `data.packing`: which pair a token belongs to
+    tokens: KeptTokens | None = None
+    head: HeadInputs | None = None
+    ref_logps: Array | None = None  # [M, b, 2] float32 `loss.reference=precomputed`
+    slot: Array | None = None  # [M, b] the precompute pass's global pair ids
+
+    @property
+    def layout(self) -> str:
+        return "shared_prompt" if self.segment_ids is None else "packed"
+
+
+StepBatch = TwoRowBatch | SharedPromptBatch  # what the jitted step reads
 
 
 def agree_max(value: int) -> int:
@@ -141,14 +218,14 @@ def to_microbatches(
     scored: int | None = None,
     tokens: tuple[int, int] | None = None,
     block: int = 0,
-) -> dict[str, np.ndarray]:
-    """A collated DPO batch (2B rows, chosen first) -> the step layout `[M, B/M, 2, T]`.
+) -> StepBatch:
+    """A collated DPO batch (2B rows, chosen first; or `batching.share_prompt`'s one row per pair,
+    then a `SharedPromptBatch`) -> the step layout, M = num_micro microbatches of B/M pairs.
 
-    head=True also carries the PBA head's persona_ids/persona_mask `[M, B/M, P]` (widened to P)
-    and direction `[M, B/M, 90]`. window: also carry `score_index [M, B/M, 2, R]` (the response
-    window `losses.window_logps` scores; R at least `window`, 0 = the data's own). tokens=(G, N):
-    also carry `token_index [M, G, N]` / `token_slot [M, G, R]` (`batching.compact_index`: the
-    token-wise layers run on N kept tokens per group of rows; N 0 = the data's own).
+    head=True also carries the PBA head's `HeadInputs` (persona widened to P). window: also carry the
+    two-row layout's `score_index` (R at least `window`, 0 = the data's own). scored: the shared
+    layout's scored-token list length S at least this. tokens=(G, N): also carry `KeptTokens` (N 0 =
+    the data's own). A collated `ref_logps [B, 2]` travels along. block: `flat_scores`.
     """
     if head:
         missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
@@ -159,77 +236,81 @@ def to_microbatches(
             )
     B = batch["pair_mask"].shape[0]
     b = B // num_micro
-    out: dict[str, np.ndarray] = {}
-    shared = "branch_ids" in batch  # batching.share_prompt's layout: rows are pairs already
-    n_rows = batch["input_ids"].shape[0] // num_micro
-    for k in ("input_ids", "attention_mask", "positions", "branch_ids", "segment_ids") if shared else ():
-        if k not in batch:
-            continue
-        x = batch[k]
-        if T is not None and x.shape[1] < T:
-            x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
-        out[k] = x.reshape(num_micro, n_rows, x.shape[1])
-    if shared:
-        out.update(flat_scores(batch, num_micro, out["input_ids"].shape[-1], minimum=scored, block=block))
-    for k in () if shared else ("input_ids", "attention_mask", "positions", "loss_mask"):
-        x = batch[k]
-        if T is not None and x.shape[1] < T:  # widen to the step's common length (mask 0)
-            x = np.pad(x, ((0, 0), (0, T - x.shape[1])))
-        out[k] = np.stack([x[:B], x[B:]], axis=1).reshape(num_micro, b, 2, x.shape[1])
-    if window is not None and not shared:
-        out["score_index"] = losses.scored_window(out["loss_mask"], minimum=max(16, int(window)))
-    out["pair_mask"] = batch["pair_mask"].reshape(num_micro, b)
-    if tokens is not None:
-        add_token_layout(out, int(tokens[0]), int(tokens[1]) or None)
+
+    def widen(x: np.ndarray, to: int | None) -> np.ndarray:  # to the step's common length (mask 0)
+        return np.pad(x, ((0, 0), (0, to - x.shape[1]))) if to is not None and x.shape[1] < to else x
+
+    common: dict[str, Any] = {"pair_mask": batch["pair_mask"].reshape(num_micro, b)}
     if "ref_logps" in batch:
-        out["ref_logps"] = np.asarray(batch["ref_logps"], np.float32).reshape(num_micro, b, 2)
+        common["ref_logps"] = np.asarray(batch["ref_logps"], np.float32).reshape(num_micro, b, 2)
     if head:  # PBA joint: the head's input and target, per pair
-        for k in ("persona_ids", "persona_mask"):
-            x = batch[k]
-            if P is not None and x.shape[1] < P:
-                x = np.pad(x, ((0, 0), (0, P - x.shape[1])))
-            out[k] = x.reshape(num_micro, b, x.shape[1])
-        out["direction"] = np.asarray(batch["direction"], np.float32).reshape(num_micro, b, -1)
+        ids, mask = (widen(batch[k], P) for k in ("persona_ids", "persona_mask"))
+        common["head"] = HeadInputs(
+            persona_ids=ids.reshape(num_micro, b, ids.shape[1]),
+            persona_mask=mask.reshape(num_micro, b, mask.shape[1]),
+            direction=np.asarray(batch["direction"], np.float32).reshape(num_micro, b, -1),
+        )
+    out: StepBatch
+    if "branch_ids" in batch:  # batching.share_prompt's layout: rows are pairs already
+        n_rows = batch["input_ids"].shape[0] // num_micro
+        rows = {
+            k: widen(batch[k], T).reshape(num_micro, n_rows, -1)
+            for k in ("input_ids", "attention_mask", "positions", "branch_ids", "segment_ids")
+            if k in batch
+        }
+        scores = flat_scores(batch, num_micro, rows["input_ids"].shape[-1], minimum=scored, block=block)
+        out = SharedPromptBatch(**rows, **scores, **common)
+    else:
+        pairs = {}
+        for k in ("input_ids", "attention_mask", "positions", "loss_mask"):
+            x = widen(batch[k], T)
+            pairs[k] = np.stack([x[:B], x[B:]], axis=1).reshape(num_micro, b, 2, x.shape[1])
+        if window is not None:
+            pairs["score_index"] = losses.scored_window(pairs["loss_mask"], minimum=max(16, int(window)))
+        out = TwoRowBatch(**pairs, **common)
+    if tokens is not None:
+        out = add_token_layout(out, int(tokens[0]), int(tokens[1]) or None)
     return out
 
 
-def token_mask(out: dict[str, np.ndarray]) -> np.ndarray:
+def token_mask(out: StepBatch) -> np.ndarray:
     """The step layout's attention mask as `[M, rows, T]` (rows in the order the decoder sees them)."""
-    mask = out["attention_mask"]
+    mask = out.attention_mask
     return mask.reshape(mask.shape[0], -1, mask.shape[-1])
 
 
-def add_token_layout(
-    out: dict[str, np.ndarray], groups: int, kept: int | None = None
-) -> dict[str, np.ndarray]:
-    """Add `token_index`/`token_slot` (`batching.compact_index`) to a step batch, in place, unless
-    every position would be kept (then the plain layout is as cheap)."""
+def add_token_layout(out: StepBatch, groups: int, kept: int | None = None) -> StepBatch:
+    """`out` with its `KeptTokens` (`batching.compact_index`, N = `kept`, default the data's own),
+    unless every position would be kept (then the plain layout is as cheap and `out` is returned)."""
     mask = token_mask(out)
     N = batching.kept_tokens(mask, groups) if kept is None else int(kept)
     if mask.shape[1] // groups * mask.shape[2] > N:
-        out.update(batching.compact_index(mask, groups, kept=N))
+        out = out.replace(tokens=KeptTokens(**batching.compact_index(mask, groups, kept=N)))
     return out
 
 
-def batch_shardings(batch: dict[str, np.ndarray], mesh, rules) -> dict[str, NamedSharding]:
-    """Pairs (axis 1) over the batch mesh axes; everything else replicated."""
-    out = {}
-    for k, v in batch.items():
+def batch_shardings(batch: StepBatch, mesh, rules) -> StepBatch:
+    """The batch's shardings (the same struct, a `NamedSharding` per array): pairs (axis 1) over the
+    batch mesh axes; everything else replicated."""
+
+    def one(v):
         axes = (None, "activation_batch") + (None,) * (v.ndim - 2)
         gshape = list(v.shape)
         gshape[1] *= jax.process_count()
-        out[k] = shd.logical_sharding(axes, mesh, rules, gshape)
-    return out
+        return shd.logical_sharding(axes, mesh, rules, gshape)
+
+    return jax.tree.map(one, batch)
 
 
-def put_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+def put_batch(batch: StepBatch, shardings: StepBatch) -> StepBatch:
     """Each process contributes its own pairs; together they form the global batch."""
-    out = {}
-    for k, v in batch.items():
+
+    def one(v, sharding: NamedSharding):
         gshape = list(v.shape)
         gshape[1] *= jax.process_count()
-        out[k] = jax.make_array_from_process_local_data(shardings[k], v, tuple(gshape))
-    return out
+        return jax.make_array_from_process_local_data(sharding, v, tuple(gshape))
+
+    return jax.tree.map(one, batch, shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,14 +346,14 @@ class BatchBuilder:
             pad_id=int(pad_id),
             batch_shards=int(mesh.shape["data"] * mesh.shape["fsdp"]),
             head=bool(head),
-            response_logits=bool(cfg.loss.get("logits_on_responses", True)),
-            share=bool(cfg.data.get("share_prompt", False)),
-            packing=bool(cfg.data.get("packing", False)),
-            pack_length=int(cfg.data.get("pack_length", 0)) or max(buckets),
-            compact=int(cfg.data.get("compact_tokens", 8)),
+            response_logits=bool(cfg.loss.logits_on_responses),
+            share=bool(cfg.data.share_prompt),
+            packing=bool(cfg.data.packing),
+            pack_length=int(cfg.data.pack_length) or max(buckets),
+            compact=int(cfg.data.compact_tokens),
             process_count=jax.process_count(),
             # share_prompt's scoring plan names global rows and pairs
-            process_block=process_block(mesh, rules) if cfg.data.get("share_prompt", False) else 0,
+            process_block=process_block(mesh, rules) if cfg.data.share_prompt else 0,
         )
 
     def _shared_rows(self, two_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -298,14 +379,14 @@ class BatchBuilder:
                     )
         return coll
 
-    def _compact(self, out: dict[str, np.ndarray]) -> None:
+    def _compact(self, out: StepBatch) -> StepBatch:
         """data.compact_tokens: kept tokens per group of rows, one group per local batch shard."""
         local_shards = max(1, self.batch_shards // self.process_count)
-        G = local_shards if out["input_ids"].shape[1] % local_shards == 0 else 1  # axis 1 is the sharded one
+        G = local_shards if out.input_ids.shape[1] % local_shards == 0 else 1  # axis 1 is the sharded one
         N = batching.kept_tokens(token_mask(out), G, self.compact)
-        add_token_layout(out, G, agree_max(N))  # every process must agree on the kept-token count
+        return add_token_layout(out, G, agree_max(N))  # every process must agree on the kept-token count
 
-    def __call__(self, coll: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def __call__(self, coll: dict[str, np.ndarray]) -> tuple[StepBatch, dict[str, float]]:
         """(step batch, padding stats) of one collated batch of this process's pairs."""
         stats = batching.padding_stats(coll)
         if self.share:
@@ -326,12 +407,13 @@ class BatchBuilder:
             coll, self.num_micro, T, head=self.head, P=P, window=R, scored=S, block=self.process_block
         )
         if self.compact:
-            self._compact(out)
+            out = self._compact(out)
         # the share of padded positions the token-wise layers still compute (0 when all are skipped)
         mask = token_mask(out)
+        kept = out.tokens
         computed = (
-            out["token_index"].shape[-1] * out["token_index"].shape[-2] * mask.shape[0]
-            if "token_index" in out
+            kept.token_index.shape[-1] * kept.token_index.shape[-2] * mask.shape[0]
+            if kept is not None
             else mask.size
         )
         stats["computed_padding_fraction"] = float(computed - (mask > 0).sum()) / float(computed)

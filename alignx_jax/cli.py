@@ -18,9 +18,9 @@ from alignx_jax.errors import AlignXError
 
 # sub-command -> "module:function(args) -> int | None"
 HANDLERS: dict[str, str] = {
-    "import": "alignx_jax.models.hf:cli_import",
+    "import": "alignx_jax.export:cli_import",
     "import --gguf": "alignx_jax.models.gguf:cli_import",
-    "export": "alignx_jax.models.hf:cli_export",
+    "export": "alignx_jax.export:cli_export",
     "data check": "alignx_jax.data.schema:cli_check",
     "data prepare": "alignx_jax.data.sources:cli_prepare",
     "data split": "alignx_jax.data.split:cli_split",
@@ -252,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="compile the train step ahead of time and report memory per device")
     _config_args(p)
     p.add_argument("--topology", default=None, help="v5p-64 | 8xH100 | ... (default: the config's)")
+    p.add_argument(
+        "--compiler",
+        default=None,
+        choices=("auto", "tpu", "cpu"),
+        help="tpu: the TPU compiler (needs libtpu, no TPU); cpu: CPU stand-ins; auto (default: the "
+        "config's plan.compiler): tpu for a TPU topology where libtpu is installed, else cpu",
+    )
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.add_argument(
         "--verbose",

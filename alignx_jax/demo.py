@@ -142,7 +142,7 @@ def _take_parquet(src: str, picks: Sequence[int], dest: str) -> None:
 
 def make_synthetic(out: str, budget: Budget, seed: int) -> dict[str, Any]:
     """`alignx synth` into DIR/world, then train/test parquet files split by user and by prompt."""
-    from alignx_jax.data import schema, split, synth
+    from alignx_jax.data import schema, split, synth, synth_measure
 
     world_dir = os.path.join(out, "world")
     synth.cli_synth(
@@ -173,7 +173,9 @@ def make_synthetic(out: str, budget: Budget, seed: int) -> dict[str, Any]:
         "train_rows": len(train),
         "test_rows": len(test),
         "test_prompts": len({rows[i]["prompt"] for i in test}),
-        "measured": synth.measure_world(synth.generate_world(budget.users, budget.pairs_per_user, seed)),
+        "measured": synth_measure.measure_world(
+            synth.generate_world(budget.users, budget.pairs_per_user, seed)
+        ),
     }
     return {**paths, "stats": stats}
 
@@ -278,18 +280,19 @@ def train_and_export(
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     import shutil
 
-    from alignx_jax.models import hf
+    from alignx_jax import export
+    from alignx_jax.models import checkpoint
     from alignx_jax.train.loop import run_training
 
     cfg = run_config(
         budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed, steps=steps
     )
     code = run_training(cfg)
-    res = hf.resolve_checkpoint(workdir)
+    res = checkpoint.resolve_checkpoint(workdir)
     if code != 0 or res.step != int(cfg.train.steps):  # stopped early (signal): not a finished stage
         raise AlignXError(f"demo: training {workdir} stopped at step {res.step}; rerun to resume")
     shutil.rmtree(export_dir, ignore_errors=True)
-    hf.cli_export(
+    export.cli_export(
         argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB")
     )
     return {"workdir": workdir, "export": export_dir, "steps": int(cfg.train.steps)}

@@ -102,17 +102,18 @@ def train_and_export(
     budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int, export_dir: str
 ) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
-    from alignx_jax.models import hf
+    from alignx_jax import export
+    from alignx_jax.models import checkpoint
     from alignx_jax.train.loop import run_training
 
     cfg = run_config(budget, workdir=workdir, model_dir=model_dir, data=data, method=method, seed=seed)
     t0 = time.perf_counter()
     code = run_training(cfg)
-    res = hf.resolve_checkpoint(workdir)
+    res = checkpoint.resolve_checkpoint(workdir)
     if code != 0 or res.step is None:
         raise AlignXError(f"demo: training {workdir} stopped early (exit {code}); rerun to resume")
     seconds = time.perf_counter() - t0
-    hf.cli_export(
+    export.cli_export(
         argparse.Namespace(
             checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB", overwrite=True
         )

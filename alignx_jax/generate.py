@@ -70,7 +70,7 @@ def _generate_jit(
     sample = partial(sample_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     with jax.named_scope("prefill"):
         # the output layer on the last position only: [B, V], not the prompt's [B, T, V] logits
-        h_BTD, cache = model._forward(ids_BT, mask_BT, None, None, cache)
+        h_BTD, cache = model.prefill(ids_BT, mask_BT, cache)
         w_DV = model.output_embedding().astype(h_BTD.dtype)
         logits_BV = model.cap_logits(jnp.einsum("bd,dv->bv", h_BTD[:, -1], w_DV))
         key, sub = jax.random.split(key)
@@ -184,21 +184,29 @@ def generate(
 # ---- CLI -------------------------------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(path: str, dtype: str | None = None):
+def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None):
     """An HF folder or hub id, `alignx import` checkpoint or training workdir (or `smollm2`) and its
-    tokenizer. `dtype`: params and compute (None: float32 for HF folders, the stored dtype otherwise)."""
+    tokenizer. `dtype`: params and compute (None: float32 for HF folders, the stored dtype otherwise).
+    The params are sharded over `mesh` (default: FSDP over this process's devices, so a model larger
+    than one device's memory loads; one device: plain placement)."""
     import os
 
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint, hf
     from alignx_jax.real_model import resolve_model_path
+    from alignx_jax.sharding import make_mesh
     from alignx_jax.tokenizer import load_tokenizer
 
     path = resolve_model_path(path)
-    kwargs = {} if dtype is None else {"dtype": dtype}
+    kwargs: dict = {} if dtype is None else {"dtype": dtype}
+    if mesh is None and jax.local_device_count() > 1:
+        mesh = make_mesh(fsdp=-1, devices=jax.local_devices())
     if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
-        model, tok_dir = hf.load_pretrained(path, **kwargs), path
+        model, tok_dir = hf.load_pretrained(path, mesh=mesh, **kwargs), path
     else:
-        model, tok_dir = hf.load_checkpoint(path, **kwargs), hf.resolve_checkpoint(path).tokenizer_dir
+        model, tok_dir = (
+            checkpoint.load_checkpoint(path, mesh=mesh, **kwargs),
+            checkpoint.resolve_checkpoint(path).tokenizer_dir,
+        )
     if tok_dir is None:
         raise CheckpointError(f"{path}: no tokenizer files next to the model")
     return model, load_tokenizer(tok_dir)

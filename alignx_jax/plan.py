@@ -71,6 +71,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=[128001, 128008, 128009],
         hidden_act="silu",
     ),
+    "llama3-70b": dict(  # Llama-3.1-70B(-Instruct)
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        attention_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        hidden_act="silu",
+    ),
     "qwen2.5-7b": dict(  # Qwen2.5-7B(-Instruct)
         model_type="qwen2",
         architectures=["Qwen2ForCausalLM"],
@@ -110,6 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
+PRESETS["llama3.1-70b"] = PRESETS["llama3-70b"]
 
 
 # ----------------------------------------------------------------------------- topologies
@@ -121,6 +148,8 @@ class Topology:
     num_devices: int  # chips (one JAX device each)
     bytes_per_device: int
     platform: str  # the real platform the plan stands in for: tpu | gpu | cpu
+    # TPU: the chip grid as the TPU compiler's topology description names it (`v5:4x4x8`), '' otherwise
+    tpu_topology: str = ""
 
 
 _TOPOLOGY_TABLE = {"v5p": 95 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
@@ -148,7 +177,7 @@ def parse_topology(name: str | None) -> Topology:
         chips = cores // 2 if gen in ("v5p", "v4") else cores  # v5e/v6e names count chips
         if chips < 1:
             raise ConfigError(f"topology {name!r}: too few cores")
-        return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu")
+        return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu", _tpu_grid(gen, chips))
     m = re.fullmatch(r"(\d+)x(h100|h200|a100|b200)", text, re.I)
     if m:
         return Topology(text, int(m.group(1)), _GPU_TABLE[m.group(2).lower()], "gpu")
@@ -161,6 +190,59 @@ def parse_topology(name: str | None) -> Topology:
     )
 
 
+def _tpu_grid(gen: str, chips: int) -> str:
+    """The chip grid of a `gen` slice of `chips` chips as libtpu names it ('' when none is known):
+    v4/v5p 3-D (`v5:4x4x8`, dimensions multiples of 4 from 64 chips up, as cubic as that allows),
+    v5e/v6e 2-D (`v5e:16x16`)."""
+    if gen in ("v5p", "v4"):
+        triples = [
+            (a, b, chips // (a * b))
+            for a in range(1, chips + 1)
+            for b in range(a, chips + 1)
+            if chips % (a * b) == 0 and chips // (a * b) >= b
+        ]
+        if chips >= 64:
+            triples = [t for t in triples if all(d % 4 == 0 for d in t)]
+        if not triples:
+            return ""
+        a, b, c = min(triples, key=lambda t: (t[2], -t[0]))
+        dims = (b, c, a) if a == 1 else (a, b, c)  # a host of 4 chips is 2x2x1
+        return f"{'v5' if gen == 'v5p' else 'v4'}:{dims[0]}x{dims[1]}x{dims[2]}"
+    pairs = [(a, chips // a) for a in range(1, chips + 1) if chips % a == 0 and chips // a >= a]
+    a, b = min(pairs, key=lambda t: t[1])
+    return f"{gen}:{a}x{b}"
+
+
+def tpu_topology_devices(topology: Topology) -> tuple[list | None, str]:
+    """The TPU compiler's own devices for `topology` (`jax.experimental.topologies`, built by libtpu
+    without a TPU: ahead-of-time compilation for the real chips), or (None, why not)."""
+    import importlib.util
+
+    if topology.platform != "tpu" or not topology.tpu_topology:
+        return None, f"{topology.name} is not a TPU topology"
+    if importlib.util.find_spec("libtpu") is None:
+        return None, "libtpu is not installed (pip install 'alignx-jax[tpu-plan]' adds the TPU compiler)"
+    # only compiling, no chips to hold: several plans (and tests) may load libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies
+
+        desc = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topology.tpu_topology,
+            chip_config_name="megacore" if topology.tpu_topology.startswith(("v4:", "v5:")) else "default",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+        )
+        devices = list(desc.devices)
+    except Exception as e:  # any libtpu failure: fall back to CPU stand-ins, saying why
+        return None, f"libtpu could not describe {topology.tpu_topology}: {type(e).__name__}: {e}"
+    if len(devices) != topology.num_devices:
+        got = f"{len(devices)} devices for {topology.tpu_topology}"
+        return None, f"libtpu described {got}, not {topology.num_devices}"
+    return devices, ""
+
+
 # ----------------------------------------------------------------------------- model description
 
 
@@ -171,7 +253,7 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
 
     opts = dict(run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
     key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
-    path = str(cfg.model.hf_path) or str(cfg.model.get("preset", ""))
+    path = str(cfg.model.hf_path) or str(cfg.model.preset)
     if path:
         if path.lower() in PRESETS:
             return DecoderConfig.from_hf(dict(PRESETS[path.lower()]), **opts)
@@ -291,13 +373,11 @@ def _shard_bytes(sds: Any) -> int:
     return total
 
 
-def plan_batch(
-    cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The step's batch argument as `jax.ShapeDtypeStruct`s with their shardings: `collated` (a loader
-    batch; default `batch.worst_case_collated`, the longest rows the config keeps) through the run's
-    own `batch.BatchBuilder`, so share_prompt / packing / compact_tokens / the joint head's persona
-    shape the plan exactly as they shape `alignx train`'s step."""
+def plan_batch(cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[str, Any] | None = None) -> Any:
+    """The step's batch argument (a `batch.StepBatch`) of `jax.ShapeDtypeStruct`s with their shardings:
+    `collated` (a loader batch; default `batch.worst_case_collated`, the longest rows the config keeps)
+    through the run's own `batch.BatchBuilder`, so share_prompt / packing / compact_tokens / the joint
+    head's persona shape the plan exactly as they shape `alignx train`'s step."""
     import jax
     import numpy as np
 
@@ -320,9 +400,12 @@ def plan_batch(
     from alignx_jax.train.step import reference_needed
 
     if cfg.loss.reference == "precomputed" and reference_needed(cfg.loss):  # as the loop adds it (its rows)
-        host["ref_logps"] = np.zeros((builder.num_micro, host["pair_mask"].shape[1], 2), np.float32)
-    bsh = batch_shardings(host, mesh, rules)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in host.items()}
+        host = host.replace(ref_logps=np.zeros((builder.num_micro, host.pair_mask.shape[1], 2), np.float32))
+    return jax.tree.map(
+        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+        host,
+        batch_shardings(host, mesh, rules),
+    )
 
 
 def lower_step(
@@ -369,7 +452,7 @@ def lower_step(
     params_in = jax.tree.map(with_sh, params_abs, param_sh)
     # the run's own schedule length (its constants are part of the step); 1000 for epoch-based runs
     total_steps = int(cfg.train.steps) if int(cfg.train.steps) > 0 else 1000
-    tx, _ = make_optimizer(cfg.optim, total_steps, int(cfg.model.get("frozen_layers", 0)))
+    tx, _ = make_optimizer(cfg.optim, total_steps, int(cfg.model.frozen_layers))
     opt_abs = jax.eval_shape(tx.init, params_abs)
     flat_sh = {tuple(k.key for k in path): sh for path, sh in jax.tree_util.tree_leaves_with_path(param_sh)}
     by_path = {
@@ -428,11 +511,19 @@ def lower_step(
 
 
 def plan(
-    cfg: ml_collections.ConfigDict, topology: Topology | None = None, *, devices: list | None = None
+    cfg: ml_collections.ConfigDict,
+    topology: Topology | None = None,
+    *,
+    devices: list | None = None,
+    compiler: str | None = None,
 ) -> dict[str, Any]:
     """Compile `cfg`'s train step for `topology` on the devices of this process; return the report.
 
-    Needs at least `topology.num_devices` JAX devices (see `cli_plan`, which provides stand-ins).
+    compiler (default the config's `plan.compiler`): 'tpu' compiles a TPU topology with the TPU
+    compiler itself, on the devices of its topology description (`tpu_topology_devices`: libtpu
+    installed, no TPU needed); 'cpu' with the CPU compiler on stand-in devices; 'auto' the first where
+    it can, else the second, with a note saying why. The stand-ins: at least `topology.num_devices`
+    JAX devices (see `cli_plan`, which provides them), or `devices`.
     """
     import jax
     import optax  # noqa: F401  (optax state types in the abstract optimizer state)
@@ -442,7 +533,18 @@ def plan(
     from alignx_jax.train.state import rules_from_config
 
     topology = topology or parse_topology(None)
-    all_devices = list(jax.devices() if devices is None else devices)
+    notes: list[str] = []
+    compiler = str(compiler or cfg.plan.compiler or "auto").lower()
+    if compiler not in ("auto", "tpu", "cpu"):
+        raise ConfigError(f"plan.compiler={compiler!r}: use auto, tpu or cpu")
+    tpu_devices, why = None, "plan.compiler=cpu"
+    if devices is not None:
+        why = "the devices were given"
+    elif compiler != "cpu":
+        tpu_devices, why = tpu_topology_devices(topology)
+        if tpu_devices is None and compiler == "tpu":
+            raise AlignXError(f"plan.compiler=tpu: {why}")
+    all_devices = list(tpu_devices or (jax.devices() if devices is None else devices))
     n = topology.num_devices or len(all_devices)
     if len(all_devices) < n:
         raise AlignXError(
@@ -451,7 +553,20 @@ def plan(
         )
     devs = all_devices[:n]
     per_device_limit = topology.bytes_per_device or _local_device_bytes(devs)
-    notes: list[str] = []
+    if tpu_devices:
+        compiled_by = "tpu topology"
+    elif devs[0].platform == "cpu":
+        compiled_by = "cpu stand-ins"
+        if topology.platform in ("tpu", "gpu"):
+            if topology.platform == "gpu":
+                why = "JAX describes no GPU topology without GPUs"
+            notes.append(
+                f"compiled by the CPU compiler on {n} stand-in CPU devices, not the {topology.platform.upper()} "
+                f"compiler: {why}. The CPU compiler's fusion, bf16 handling and buffer assignment differ, "
+                "so the bytes are an estimate"
+            )
+    else:
+        compiled_by = f"{devs[0].platform} devices"
 
     dcfg = decoder_config_for(cfg)
     impl = dcfg.attention_impl
@@ -479,6 +594,7 @@ def plan(
         notes.append(f"train.micro_batch={mb} does not divide over data*fsdp={batch_ways}: pairs replicated")
 
     t0 = time.perf_counter()
+    # traced under the mesh: the model picks the target's code paths (sharding.target_platform)
     low = lower_step(cfg, mesh, rules, dcfg)
     lowered, params_in, opt_in, ref_in, batch_in = (
         low["lowered"],
@@ -495,7 +611,7 @@ def plan(
             "reference with the adapters off"
         )
     if joint:
-        P = batch_in["persona_ids"].shape[-1]
+        P = batch_in.head.persona_ids.shape[-1]
         notes.append(
             f"joint PBA head: its params + optimizer ({head_b} bytes per device) and a "
             f"{P}-token persona per pair are in the compiled step"
@@ -555,6 +671,7 @@ def plan(
         "platform": topology.platform,
         "num_devices": n,
         "stand_in": devs[0].platform,
+        "compiler": compiled_by,  # 'tpu topology' (the TPU compiler, libtpu) | 'cpu stand-ins' | 'gpu devices' ...
         "bytes_per_device_limit": per_device_limit,
         "mesh": dict(mesh.shape),
         "model": {"param_count": estimate["param_count"], **dataclasses.asdict(dcfg)},
@@ -596,8 +713,8 @@ def format_report(r: dict[str, Any]) -> str:
     c, a = r["per_device_bytes"], r["analytic_bytes"]
     m = r["model"]
     lines = [
-        f"topology {r['topology']}: {r['num_devices']} devices ({r['platform']}, compiled on {r['stand_in']} "
-        f"stand-ins), limit {_gib(r['bytes_per_device_limit'])} per device",
+        f"topology {r['topology']}: {r['num_devices']} devices ({r['platform']}, compiled on "
+        f"{r.get('compiler', r['stand_in'] + ' stand-ins')}), limit {_gib(r['bytes_per_device_limit'])} per device",
         f"mesh {r['mesh']}; model {m['param_count'] / 1e9:.2f}B params, {m['num_hidden_layers']} layers, "
         f"dtype {m['dtype']}/{m['param_dtype']}, remat {r['remat']}, scan {r['scan_layers']}",
         f"batch: {r['global_batch']} pairs = {r['num_micro']} x {r['micro_batch']}, seq {r['seq_len']}, "
@@ -660,9 +777,7 @@ def _provide_devices(n: int) -> bool:
 
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
-    name = (
-        args.topology or str(cfg.get("plan", {}).get("topology", "")) or None
-    )  # --topology, else the config's
+    name = args.topology or str(cfg.plan.topology) or None  # --topology, else the config's
     topo = parse_topology(name)
     if topo.num_devices and not _provide_devices(topo.num_devices):
         if os.environ.get(_CHILD_ENV):
@@ -680,13 +795,15 @@ def cli_plan(args: argparse.Namespace) -> int:
         ]
         if args.json:
             argv += ["--json", args.json]
+        if getattr(args, "compiler", None):
+            argv += ["--compiler", args.compiler]
         if getattr(args, "verbose", False):
             argv.append("--verbose")
         env = dict(os.environ, **{_CHILD_ENV: "1"})
         env.pop("XLA_FLAGS", None)
         env.pop("JAX_PLATFORMS", None)
         return subprocess.call(argv, env=env)
-    report = plan(cfg, topo)
+    report = plan(cfg, topo, compiler=getattr(args, "compiler", None))
     print(format_report(report))
     if getattr(args, "verbose", False):
         print(_print_params(report))

@@ -23,8 +23,9 @@ from alignx_jax.errors import MeshError
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
-# The metadata key on every nnx.Param holding its logical axis names (one per dimension).
-LOGICAL_AXES_KEY = "logical_axes"
+# The metadata key on every nnx.Param holding its logical axis names (one per dimension): flax's own, so
+# flax tooling (nnx.get_partition_spec, nnx.logical_axis_rules, nnx.get_named_sharding) reads them too.
+LOGICAL_AXES_KEY = "out_sharding"
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -150,6 +151,16 @@ def active_mesh() -> Mesh | None:
     return None if active is None else active[0]
 
 
+def target_platform() -> str:
+    """The platform the code being traced will run on: the active `use_mesh` mesh's devices' (`alignx
+    plan` traces for TPU topology devices from a CPU process), else JAX's default backend. Model code
+    picks platform-specific paths (splash kernel, weight-gradient layout) by this, not the backend."""
+    mesh = active_mesh()
+    if mesh is not None:
+        return str(mesh.devices.flat[0].platform)
+    return jax.default_backend()
+
+
 def active_spec(axes: Sequence[str | None], shape: Sequence[int]) -> tuple[Mesh, PartitionSpec] | None:
     """(mesh, PartitionSpec) of logical `axes` under the active `use_mesh` block; None without one."""
     active = _ACTIVE.get()
@@ -168,6 +179,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 # ---- model state --------------------------------------------------------------------------------
+
+
+def annotated(cls: type[nnx.Variable], value: Any, axes: Sequence[str | None]) -> nnx.Variable:
+    """A `cls` variable (nnx.Param, nnx.LoRAParam) carrying its logical axis names as flax metadata.
+
+    Placed later by `shard_model`, not at creation: models are built before (or without) a mesh, so
+    flax's eager sharding is off for it."""
+    return cls(value, eager_sharding=False, **{LOGICAL_AXES_KEY: tuple(axes)})
 
 
 def variable_axes(v: nnx.Variable) -> tuple[str | None, ...] | None:

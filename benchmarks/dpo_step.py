@@ -327,7 +327,7 @@ def jax_logps(policy, setup: Setup) -> np.ndarray:
     from alignx_jax.train.step import pair_logps
 
     codec = ParamsCodec.of(policy)
-    mb = {k: v[0] for k, v in to_microbatches(setup.data, 1).items()}
+    mb = to_microbatches(setup.data, 1).microbatch(0)
     lp = jax.jit(lambda p, b: pair_logps(codec, p, b, None))(nnx.to_pure_dict(nnx.state(policy)), mb)
     lp = np.asarray(lp)
     return np.concatenate([lp[:, 0], lp[:, 1]])

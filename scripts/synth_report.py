@@ -16,7 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alignx_jax.data.synth import generate_world, measure_world
+from alignx_jax.data.synth import generate_world
+from alignx_jax.data.synth_measure import measure_world
 
 LINES = [
     ("blind_majority", "persona-blind: majority label per (prompt, response), held-out users"),

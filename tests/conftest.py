@@ -12,6 +12,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # in-process `alignx train/eval/generate` calls leave JAX's compilation cache alone (no user-cache writes);
 # tests/test_compile_cache.py checks the cache in fresh processes
 os.environ.setdefault("ALIGNX_COMPILE_CACHE", "0")
+# tests compile hundreds of tiny programs and run each a few times: XLA's backend (LLVM) optimisation is
+# most of their compile time and buys nothing here. Inherited by the CLI subprocesses the tests start;
+# values are unchanged (HLO passes and buffer assignment still run), benchmarks/ and users keep -O2.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 TINY = dict(
     hidden_size=64,

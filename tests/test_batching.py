@@ -211,3 +211,71 @@ def test_collate_options_and_errors(tok):
     assert b["input_ids"].shape == (8, 256)
     assert b["loss_mask"][:3].sum(axis=1).tolist() == [len(e.chosen_ids) for e in exs]
     assert b["loss_mask"][4:7].sum(axis=1).tolist() == [len(e.rejected_ids) for e in exs]
+
+
+@pytest.mark.parametrize(
+    "share,packing,compact,head,response_logits",
+    [
+        (False, False, 0, False, False),
+        (False, False, 8, True, True),
+        (True, False, 0, False, True),
+        (True, False, 8, True, True),
+        (True, True, 8, False, True),
+    ],
+)
+def test_batch_builder_returns_one_typed_struct_per_layout(share, packing, compact, head, response_logits):
+    """`BatchBuilder` gives a `TwoRowBatch` or a `SharedPromptBatch` (segment_ids when packed), with
+    the optional parts (kept tokens, head inputs, response window, reference log-probs) None when off."""
+    import jax
+
+    from alignx_jax.batch import BatchBuilder, HeadInputs, KeptTokens, SharedPromptBatch, TwoRowBatch
+
+    rng = np.random.default_rng(0)
+    exs = [
+        DPOExample(
+            [int(x) for x in rng.integers(5, 50, size=3 + k)],
+            [int(x) for x in rng.integers(5, 50, size=2 + k % 3)] + [4],
+            [int(x) for x in rng.integers(5, 50, size=1 + k % 2)] + [4],
+            direction=np.full(90, 0.5, np.float32),
+            persona_ids=[1, 2, 3][: 1 + k % 3],
+            index=k,
+        )
+        for k in range(6)
+    ]
+    coll = batching.collate(exs, buckets=(16, 32), pad_id=0, num_pairs=8)
+    builder = BatchBuilder(
+        num_micro=2,
+        buckets=(16, 32),
+        pad_id=0,
+        batch_shards=1,
+        head=head,
+        response_logits=response_logits,
+        share=share,
+        packing=packing,
+        pack_length=32,
+        compact=compact,
+    )
+    out, stats = builder(coll)
+    assert type(out) is (SharedPromptBatch if share else TwoRowBatch)
+    assert out.layout == ("packed" if packing else "shared_prompt" if share else "two_rows")
+    assert out.num_micro == 2 and out.pair_mask.shape == (2, 4)
+    assert out.ref_logps is None and out.slot is None  # added by the loop, never by the builder
+    assert isinstance(out.tokens, KeptTokens) if compact else out.tokens is None
+    assert isinstance(out.head, HeadInputs) if head else out.head is None
+    if head:
+        assert out.head.persona_ids.shape[:2] == (2, 4) and out.head.direction.shape == (2, 4, 90)
+    if share:
+        assert (out.segment_ids is not None) == packing and out.score_count.shape == (2, 4, 2)
+        assert out.score_flat.shape == out.score_valid.shape and out.score_flat.shape[0] == 2
+    else:
+        assert out.input_ids.shape[:3] == (2, 4, 2)
+        assert (out.score_index is not None) == response_logits
+    assert 0.0 <= stats["computed_padding_fraction"] < 1.0
+    # a pytree: None parts have no leaves; one microbatch drops the leading axis; replace adds a part
+    leaves = jax.tree.leaves(out)
+    assert all(x.shape[0] == 2 for x in leaves)
+    mb = out.microbatch(1)
+    assert type(mb) is type(out) and all(x.shape == y.shape[1:] for x, y in zip(jax.tree.leaves(mb), leaves))
+    ref = out.replace(ref_logps=np.zeros((2, 4, 2), np.float32))
+    assert len(jax.tree.leaves(ref)) == len(leaves) + 1
+    assert len(jax.tree.leaves(ref.model_inputs())) == len(leaves) - (3 if head else 0)

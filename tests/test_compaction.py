@@ -153,13 +153,11 @@ def test_train_step_with_compaction_equals_the_plain_step(layout):
     o = tx.init(params)
     params, o, _ = step(params, o, ref, train.to_microbatches(_batch(B=4, T=24, seed=20), 2))  # policy != ref
     plain = train.to_microbatches(batch, 2, window=0 if layout == "two_rows" else None)
-    compact = train.add_token_layout(
-        {k: v.copy() for k, v in plain.items()}, 2 if layout == "two_rows" else 1
-    )
-    assert "token_index" in compact and "token_index" not in plain
-    assert (
-        compact["token_index"].shape[-1] * compact["token_index"].shape[-2] < train.token_mask(plain)[0].size
-    )
+    compact = train.add_token_layout(plain, 2 if layout == "two_rows" else 1)
+    assert compact.layout == plain.layout == {"shared": "shared_prompt"}.get(layout, layout)
+    assert compact.tokens is not None and plain.tokens is None
+    kept = compact.tokens.token_index
+    assert kept.shape[-1] * kept.shape[-2] < train.token_mask(plain)[0].size
     pa, _, ma = step(params, o, ref, plain)
     pb, _, mb = step(params, o, ref, compact)
     for k in ("loss", "rewards/margins", "grad_norm", "logps/chosen", "logps/rejected", "logits/chosen"):
@@ -173,6 +171,6 @@ def test_to_microbatches_tokens_option_and_full_rows_keep_the_plain_layout():
     b = _batch(B=4, T=24, seed=5)
     out = train.to_microbatches(b, 2, tokens=(2, 0))
     M, rows, T = train.token_mask(out).shape
-    assert out["token_index"].shape[:2] == (2, 2) and out["token_slot"].shape == (2, 2, rows // 2 * T)
+    assert out.tokens.token_index.shape[:2] == (2, 2) and out.tokens.token_slot.shape == (2, 2, rows // 2 * T)
     full = dict(b, attention_mask=np.ones_like(b["attention_mask"]))
-    assert "token_index" not in train.to_microbatches(full, 2, tokens=(2, 0))  # nothing to skip
+    assert train.to_microbatches(full, 2, tokens=(2, 0)).tokens is None  # nothing to skip

@@ -25,7 +25,40 @@ def test_expected_configs_exist():
         "llama3_8b_ica_gpu.py",
         "qwen2_5_7b_ica_gpu.py",
         "llama3_8b_pba_tpu_v5p_64.py",
+        "llama3_70b_pba_tpu_v5p_256.py",
+        "llama3_70b_pba_gpu_64xh100.py",
     } <= names
+
+
+@pytest.mark.parametrize(
+    "name, topology, mesh, micro",
+    [
+        ("llama3_70b_pba_tpu_v5p_256.py", "v5p-256", (1, -1, 1), 128),
+        ("llama3_70b_pba_gpu_64xh100.py", "64xH100", (1, 8, 8), 8),
+    ],
+)
+def test_70b_configs_name_their_preset_topology_and_mesh(name, topology, mesh, micro):
+    """The 70B PBA configs plan as given (`alignx plan --config=F`): preset, topology, a mesh that
+    covers the topology's devices, joint PBA at the release's sequence and batch."""
+    from alignx_jax.config_schema import validate_config
+    from alignx_jax.plan import parse_topology
+
+    c = load_config(os.path.join(ROOT, "configs", name), [])
+    validate_config(
+        load_config(
+            os.path.join(ROOT, "configs", name),
+            ["--config.workdir=/tmp/w", "--config.model.hf_path=/m", "--config.data.train=/d"],
+        )
+    )  # a run of it (train needs these three)
+    assert (c.model.preset, c.model.hf_path, c.plan.topology) == ("llama3-70b", "", topology)
+    assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == mesh and c.train.micro_batch == micro
+    assert (c.data.method, c.pba.enabled, c.pba.mode) == ("pba", True, "joint") and c.train.distributed
+    assert (c.data.max_length, c.train.global_batch) == (8192, 128)
+    n = parse_topology(topology).num_devices
+    fixed = c.mesh.data * c.mesh.tensor * (c.mesh.fsdp if c.mesh.fsdp > 0 else 1)
+    assert n % fixed == 0 and (c.mesh.fsdp == -1 or fixed == n)
+    batch_ways = c.mesh.data * (c.mesh.fsdp if c.mesh.fsdp > 0 else n // fixed)
+    assert c.train.micro_batch % batch_ways == 0  # whole pairs per batch shard
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

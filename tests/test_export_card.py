@@ -15,7 +15,9 @@ import shutil
 import pytest
 
 from alignx_jax.cli import main
+from alignx_jax.models import checkpoint as checkpoint_lib
 from alignx_jax.models import hf as hf_lib
+from alignx_jax.models.safetensors_io import SafetensorsReader
 
 BASE_GEN = {
     "bos_token_id": 1,
@@ -39,7 +41,7 @@ def _base(src: str, dst) -> str:
 
 
 def _tensor_dtypes(folder: str) -> set[str]:
-    r = hf_lib.SafetensorsReader(folder)
+    r = SafetensorsReader(folder)
     return {str(r.get(n).dtype) for n in r.entries}
 
 
@@ -120,7 +122,7 @@ def test_workdir_export_card(tiny_hf_checkpoints, tmp_path):
     work = tmp_path / "W"
     _base(src, work / "reference")
     m = hf_lib.load_pretrained(src)
-    hf_lib.save_checkpoint(m, str(tmp_path / "tmp"))
+    checkpoint_lib.save_checkpoint(m, str(tmp_path / "tmp"))
     os.makedirs(work / "checkpoints" / "5")
     shutil.move(str(tmp_path / "tmp" / "params"), str(work / "checkpoints" / "5" / "params"))
     run_cfg = {

@@ -19,7 +19,8 @@ from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models import attention as attn
 from alignx_jax.models import decoder as dec
 from alignx_jax.models.decoder import DecoderConfig
-from alignx_jax.models.hf import SafetensorsReader, load_pretrained
+from alignx_jax.models.hf import load_pretrained
+from alignx_jax.models.safetensors_io import SafetensorsReader
 from alignx_jax.sharding import variable_axes
 
 T = 12
@@ -342,6 +343,7 @@ def test_family_config_errors(change, match):
 def test_gemma2_dpo_log_probs_apply_the_final_soft_cap(models):
     """The chunked DPO log-probs (full rows and the response window) and `alignx eval`'s scorer equal
     transformers' Gemma 2 log-probs, whose logits are soft-capped (cap 3.0 here: it changes them)."""
+    from alignx_jax.batch import TwoRowBatch
     from alignx_jax.evaluate import SequenceScorer
     from alignx_jax.losses import scored_window
     from alignx_jax.train.step import model_pair_logps
@@ -366,14 +368,15 @@ def test_gemma2_dpo_log_probs_apply_the_final_soft_cap(models):
     cap = ours.cfg.final_logit_softcapping
     assert np.abs(summed(cap * torch.atanh(logits / cap)) - want).max() > 1e-2
     pair = lambda x: x.reshape(2, B, T).swapaxes(0, 1)  # [B, 2, T]: chosen rows first
-    mb = {
-        "input_ids": pair(ids),
-        "attention_mask": np.ones((B, 2, T), np.int32),
-        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, 2, T)).copy(),
-        "loss_mask": pair(loss),
-    }
+    mb = TwoRowBatch(  # one microbatch
+        input_ids=pair(ids),
+        attention_mask=np.ones((B, 2, T), np.int32),
+        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, 2, T)).copy(),
+        loss_mask=pair(loss),
+        pair_mask=np.ones((B,), np.int32),
+    )
     full = np.asarray(model_pair_logps(ours, mb, chunk=5))
-    win = np.asarray(model_pair_logps(ours, {**mb, "score_index": scored_window(mb["loss_mask"], 4)}, 3))
+    win = np.asarray(model_pair_logps(ours, mb.replace(score_index=scored_window(mb.loss_mask, 4)), 3))
     expect = want.reshape(2, B).T
     np.testing.assert_allclose(full, expect, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(win, expect, rtol=1e-4, atol=1e-4)

@@ -153,7 +153,7 @@ def _all_finite_checkpoints(w):
     """Every saved step restores, verifies (checksums, finiteness) and holds finite params."""
     from flax import nnx
 
-    from alignx_jax.models.hf import load_checkpoint
+    from alignx_jax.models.checkpoint import load_checkpoint
 
     for step in _steps(w):
         model = load_checkpoint(str(w), step)
@@ -385,11 +385,11 @@ def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_p
     # an orbax model checkpoint holding NaN: export, generate and eval refuse it in one line
     import orbax.checkpoint as ocp
 
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint
 
-    model = hf.load_checkpoint(str(run_copy), 2)
+    model = checkpoint.load_checkpoint(str(run_copy), 2)
     bad = tmp_path / "nan_ckpt"
-    hf.save_checkpoint(model, str(bad), tokenizer_dir=str(run_copy / "reference"))
+    checkpoint.save_checkpoint(model, str(bad), tokenizer_dir=str(run_copy / "reference"))
     from flax import nnx
 
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))

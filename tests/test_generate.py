@@ -185,3 +185,38 @@ def test_greedy_batch_of_8_left_padded_matches_transformers(tiny_hf_checkpoints,
             **enc, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
         )[:, enc["input_ids"].shape[1] :].tolist()
     assert ours == ref
+
+
+SHARDED = """
+import json, sys
+import jax
+from alignx_jax.generate import generate, load_model_and_tokenizer
+
+model, tok = load_model_and_tokenizer(sys.argv[1])
+emb = model.embed_tokens.embedding.get_value()
+prompts = json.loads(sys.argv[2])
+out = generate(model, tok, prompts, max_new_tokens=12, greedy=True, stop_ids=[9999])
+print(json.dumps({"devices": len(emb.sharding.device_set), "tokens": out}))
+"""
+
+
+def test_generate_loads_sharded_over_the_devices_and_matches_one_device(tiny_hf_checkpoints, llama, tok):
+    """`alignx generate` places the params over every local device (FSDP): the same greedy tokens."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = _prompts(tok)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED, tiny_hf_checkpoints["llama"], json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["devices"] == 4  # the embedding really is spread over the 4 devices
+    one = generate(llama, tok, prompts, max_new_tokens=12, greedy=True, stop_ids=NO_STOP)
+    assert res["tokens"] == one

@@ -17,7 +17,8 @@ from gguf import GGMLQuantizationType as Q
 from alignx_jax import real_model
 from alignx_jax.cli import main
 from alignx_jax.errors import CheckpointError
-from alignx_jax.models.hf import SafetensorsReader, load_pretrained
+from alignx_jax.models.hf import load_pretrained
+from alignx_jax.models.safetensors_io import SafetensorsReader
 from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
 HIDDEN, INTER, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2

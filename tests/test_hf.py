@@ -12,8 +12,11 @@ import torch
 
 from alignx_jax.cli import main
 from alignx_jax.errors import CheckpointError
+from alignx_jax.models import checkpoint as checkpoint_lib
 from alignx_jax.models import hf as hf_lib
-from alignx_jax.models.hf import SafetensorsReader, load_checkpoint, load_pretrained, resolve_checkpoint
+from alignx_jax.models.checkpoint import load_checkpoint, resolve_checkpoint
+from alignx_jax.models.hf import load_pretrained
+from alignx_jax.models.safetensors_io import SafetensorsReader
 
 
 def _bits(x):
@@ -81,7 +84,7 @@ def test_training_workdir_export_picks_latest_step(tiny_hf_checkpoints, tmp_path
     for step, scale in ((3, 1.0), (7, 2.0)):
         m = load_pretrained(src)
         m.norm.scale.set_value(m.norm.scale.get_value() * scale)
-        hf_lib.save_checkpoint(m, str(tmp_path / f"tmp{step}"))
+        checkpoint_lib.save_checkpoint(m, str(tmp_path / f"tmp{step}"))
         os.makedirs(work / "checkpoints" / str(step))
         shutil.move(str(tmp_path / f"tmp{step}" / "params"), str(work / "checkpoints" / str(step) / "params"))
     res = resolve_checkpoint(str(work))

@@ -111,7 +111,8 @@ def test_missing_local_path_names_it(offline_hub, capsys):
 def test_import_generate_from_hub_id(tiny_hf_checkpoints, offline_hub, tmp_path, capsys):
     fill_hub_cache(offline_hub, "tiny-org/tiny-qwen", tiny_hf_checkpoints["qwen2"])
     from alignx_jax.generate import load_model_and_tokenizer
-    from alignx_jax.models.hf import SafetensorsReader, load_pretrained
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.models.safetensors_io import SafetensorsReader
 
     ckpt = tmp_path / "ckpt"
     assert main(["import", "--hf", "tiny-org/tiny-qwen", "--out", str(ckpt)]) == 0

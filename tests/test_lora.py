@@ -18,6 +18,7 @@ from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models import lora
 from alignx_jax.models.compaction import TokenLayout
 from alignx_jax.models.decoder import Decoder, DecoderConfig
+from alignx_jax.sharding import variable_axes
 from alignx_jax.train.state import LoraCodec, ParamsCodec
 from alignx_jax.train.step import model_pair_logps
 
@@ -76,8 +77,8 @@ def test_new_adapters_leave_the_base_model_exactly():
     assert jnp.array_equal(base(IDS), m(IDS))  # B = 0, and the base weights are drawn as without LoRA
     a = m.layers.attn.o_proj.lora_a
     assert a.get_value().shape == (2, 4, 8, 4)
-    assert a.get_metadata()["logical_axes"] == ("layers", "heads", "head_dim", None)
-    assert m.layers.attn.o_proj.lora_b.get_metadata()["logical_axes"] == ("layers", None, "embed")
+    assert variable_axes(a) == ("layers", "heads", "head_dim", None)
+    assert variable_axes(m.layers.attn.o_proj.lora_b) == ("layers", None, "embed")
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -188,7 +189,7 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint, hf
     from tests.test_train import SMALL, _alignx, _losses
 
     w, out = tmp_path / "w", tmp_path / "export"
@@ -209,7 +210,7 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     assert r.returncode == 0, r.stderr
     losses = _losses(w)
     assert min(losses[5], losses[6]) < losses[1] - 1e-3, losses
-    model = hf.load_checkpoint(str(w))  # adapters from the step, base from W/reference
+    model = checkpoint.load_checkpoint(str(w))  # adapters from the step, base from W/reference
     assert model.cfg.lora_rank == 4 and model.cfg.lora_alpha == 8.0
     # the base weights are W/reference's, untouched by training
     base = hf.load_pretrained(str(w / "reference"))

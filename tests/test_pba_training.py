@@ -158,17 +158,17 @@ def _max_diff(a, b) -> float:
 def test_to_microbatches_carries_persona_and_direction():
     b = _batch(B=4, P=12, dummies=1)
     mb = train.to_microbatches(b, 2, T=30, head=True, P=16)
-    assert mb["persona_ids"].shape == (2, 2, 16) and mb["persona_mask"].shape == (2, 2, 16)
-    assert mb["direction"].shape == (2, 2, 90) and mb["input_ids"].shape == (2, 2, 2, 30)
+    assert mb.head.persona_ids.shape == (2, 2, 16) and mb.head.persona_mask.shape == (2, 2, 16)
+    assert mb.head.direction.shape == (2, 2, 90) and mb.input_ids.shape == (2, 2, 2, 30)
     for k in range(4):
         m, j = divmod(k, 2)
-        np.testing.assert_array_equal(mb["persona_ids"][m, j, :12], b["persona_ids"][k])
-        assert not mb["persona_mask"][m, j, 12:].any()
-        np.testing.assert_array_equal(mb["direction"][m, j], b["direction"][k])
+        np.testing.assert_array_equal(mb.head.persona_ids[m, j, :12], b["persona_ids"][k])
+        assert not mb.head.persona_mask[m, j, 12:].any()
+        np.testing.assert_array_equal(mb.head.direction[m, j], b["direction"][k])
     no_dir = {k: v for k, v in b.items() if k != "direction"}
     with pytest.raises(Exception, match="direction"):
         train.to_microbatches(no_dir, 2, head=True)
-    assert "persona_ids" not in train.to_microbatches(b, 2)  # ICA/none runs: unchanged layout
+    assert train.to_microbatches(b, 2).head is None  # ICA/none runs: unchanged layout
 
 
 def test_stop_gradient_joint_step_moves_policy_exactly_like_weight_0(joint):
@@ -279,7 +279,8 @@ def test_validate_config_accepts_pba_preferences(preference):
 
 
 def test_import_then_export_keeps_the_head_bit_exact(tmp_path):
-    from alignx_jax.models import hf
+    from alignx_jax import export
+    from alignx_jax.models import checkpoint, hf
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     tok = load_tokenizer()
@@ -302,18 +303,19 @@ def test_import_then_export_keeps_the_head_bit_exact(tmp_path):
     )
     ph.save_head(head, None, src)
     ck, out = str(tmp_path / "ck"), str(tmp_path / "out")
-    hf.cli_import(argparse.Namespace(hf=src, out=ck, dtype="float32"))
-    assert hf.resolve_checkpoint(ck).head_dir == ck
-    hf.cli_export(argparse.Namespace(checkpoint=ck, step=None, out=out, dtype=None, shard_size="5GB"))
+    export.cli_import(argparse.Namespace(hf=src, out=ck, dtype="float32"))
+    assert checkpoint.resolve_checkpoint(ck).head_dir == ck
+    export.cli_export(argparse.Namespace(checkpoint=ck, step=None, out=out, dtype=None, shard_size="5GB"))
     for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):
         assert open(os.path.join(src, name), "rb").read() == open(os.path.join(out, name), "rb").read(), name
     # a policy without a head exports without one, even into a folder that had a stale head
     os.remove(os.path.join(ck, ph.HEAD_WEIGHTS_FILE))
-    hf.cli_export(argparse.Namespace(checkpoint=ck, step=None, out=out, dtype=None, shard_size="5GB"))
+    export.cli_export(argparse.Namespace(checkpoint=ck, step=None, out=out, dtype=None, shard_size="5GB"))
     assert not ph.has_head(out) and not os.path.exists(os.path.join(out, ph.HEAD_CONFIG_FILE))
 
 
 def test_import_rejects_a_head_of_another_width(tmp_path):
+    from alignx_jax import export
     from alignx_jax.errors import CheckpointError
     from alignx_jax.models import hf
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
@@ -335,7 +337,7 @@ def test_import_rejects_a_head_of_another_width(tmp_path):
     hf.save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), src, tokenizer_dir=TINY_TOKENIZER_DIR)
     ph.save_head(ph.PreferenceHead(ph.HeadConfig(embed_dim=48, hidden=8), rngs=nnx.Rngs(0)), None, src)
     with pytest.raises(CheckpointError, match="embed_dim 48"):
-        hf.cli_import(argparse.Namespace(hf=src, out=str(tmp_path / "ck"), dtype="float32"))
+        export.cli_import(argparse.Namespace(hf=src, out=str(tmp_path / "ck"), dtype="float32"))
     assert not os.path.exists(tmp_path / "ck")
 
 

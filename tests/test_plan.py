@@ -109,7 +109,7 @@ def test_plan_matches_a_real_train_state():
     host = {
         k: np.zeros((2, 2, 2, T), np.int32) for k in ("input_ids", "attention_mask", "positions", "loss_mask")
     }
-    host["pair_mask"] = np.ones((2, 2), np.int32)
+    host = train.TwoRowBatch(**host, pair_mask=np.ones((2, 2), np.int32))
     batch = train.put_batch(host, train.batch_shardings(host, mesh, rules))
     step = jax.jit(train.make_train_step(codec, tx, cfg.loss, precomputed=False), donate_argnums=(0, 1))
     with shd.use_mesh(mesh, rules):
@@ -281,7 +281,8 @@ def test_the_issue_command_plans_the_tpu_config_without_weights_or_flags(tmp_pat
     assert rep["model"]["param_count"] > 8e9 and rep["seq_len"] == 8192 and rep["global_batch"] == 128
     total = rep["per_device_bytes"]["total"]
     assert 10 * 2**30 < total < 95 * 2**30  # fits the 95 GiB chip with room
-    assert any("splash" in n for n in rep["notes"])  # compiled with the chunked stand-in, and says so
+    # CPU stand-ins: compiled with the chunked stand-in for splash, and says so (libtpu: splash itself)
+    assert rep["compiler"] == "tpu topology" or any("splash" in n for n in rep["notes"])
 
 
 def test_unknown_preset_names_model_preset(capfd):
@@ -310,7 +311,7 @@ def test_plan_lowers_the_step_train_runs(tmp_path, share):
     import jax
 
     from alignx_jax import sharding as shd
-    from alignx_jax.batch import batch_shardings, put_batch
+    from alignx_jax.batch import SharedPromptBatch, TwoRowBatch, batch_shardings, put_batch
     from alignx_jax.config import load_config
     from alignx_jax.plan import lower_step, plan_batch
     from alignx_jax.train.loop import Trainer
@@ -359,10 +360,100 @@ def test_plan_lowers_the_step_train_runs(tmp_path, share):
     def sig(tree):
         return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype), x.sharding.spec), tree)
 
-    assert ("branch_ids" in batch) == share and "token_index" in batch  # the layouts under test
+    # the layouts under test
+    assert isinstance(batch, SharedPromptBatch if share else TwoRowBatch) and batch.tokens is not None
     assert sig(planned["batch"]) == sig(batch)
     assert sig(planned["params"]) == sig(trainer.params)
     assert planned["lowered"].as_text() == train_text
-    # the worst case: every key of the run's batch (kept-token indices only where padding remains), same dtypes
-    assert set(batch) - {"token_index", "token_slot"} <= set(worst)
-    assert all(worst[k].dtype == batch[k].dtype for k in batch if k in worst)
+    # the worst case: the run's layout and fields (kept-token indices only where padding remains), same dtypes
+    assert type(worst) is type(batch)
+    same = jax.tree.map(
+        lambda w, b: w.dtype == b.dtype, worst.replace(tokens=None), batch.replace(tokens=None)
+    )
+    assert all(jax.tree.leaves(same))
+
+
+def test_llama3_70b_preset_and_tpu_grids():
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import PRESETS, analytic_bytes, decoder_config_for, parse_topology
+
+    cfg = load_config(os.path.join(ROOT, "configs", "llama3_70b_pba_tpu_v5p_256.py"), [])
+    d = decoder_config_for(cfg)  # model.preset = llama3-70b: no weights
+    assert (d.num_hidden_layers, d.hidden_size, d.intermediate_size) == (80, 8192, 28672)
+    assert (d.num_attention_heads, d.num_key_value_heads, d.head_dim, d.vocab_size) == (64, 8, 128, 128256)
+    assert not d.tie_word_embeddings and PRESETS["llama3.1-70b"] is PRESETS["llama3-70b"]
+    assert PRESETS["llama3-70b"]["rope_scaling"] == PRESETS["llama3-8b"]["rope_scaling"]
+    p = analytic_bytes(d, seqs_per_device=2, seq_len=8192, shard=128, chunk=1024)["param_count"]
+    assert abs(p - 70.55e9) / 70.55e9 < 0.01
+    # the chip grids libtpu's topology descriptions name (as MaxText's accelerator table)
+    grids = {"v5p-8": "v5:2x2x1", "v5p-64": "v5:2x4x4", "v5p-256": "v5:4x4x8", "v5p-640": "v5:4x4x20"}
+    grids.update({"v4-512": "v4:4x8x8", "v5e-256": "v5e:16x16", "v6e-8": "v6e:2x4"})
+    for name, grid in grids.items():
+        t = parse_topology(name)
+        assert t.tpu_topology == grid and t.platform == "tpu", name
+    assert parse_topology("64xH100").tpu_topology == ""
+
+
+def _libtpu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def test_plan_says_which_compiler_and_why_it_fell_back(monkeypatch):
+    """Without libtpu (or with compiler cpu) a TPU topology is compiled on CPU stand-ins: the report's
+    `compiler` says so and a note says why; compiler tpu then fails instead."""
+    import importlib.util
+
+    from alignx_jax.config import load_config
+    from alignx_jax.errors import AlignXError
+    from alignx_jax.plan import Topology, format_report, plan, tpu_topology_devices
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else find(n, *a))
+    topo = Topology("v5p-8", 1, 4 * 2**30, "tpu", "v5:2x2x1")  # one stand-in device is enough here
+    devices, why = tpu_topology_devices(topo)
+    assert devices is None and "libtpu is not installed" in why
+    rep = plan(load_config(TINY, SMALL), topo)
+    assert rep["compiler"] == "cpu stand-ins"
+    assert any("not the TPU compiler" in n and "libtpu is not installed" in n for n in rep["notes"])
+    assert "compiled on cpu stand-ins" in format_report(rep)
+    rep = plan(load_config(TINY, [*SMALL, "--config.plan.compiler=cpu"]), topo)
+    assert rep["compiler"] == "cpu stand-ins" and any("plan.compiler=cpu" in n for n in rep["notes"])
+    with pytest.raises(AlignXError, match="plan.compiler=tpu: libtpu is not installed"):
+        plan(load_config(TINY, SMALL), topo, compiler="tpu")
+    # a CPU topology is no fallback: no note
+    rep = plan(load_config(TINY, SMALL), Topology("1@4GiB", 1, 4 * 2**30, "cpu"))
+    assert rep["compiler"] == "cpu stand-ins" and not any("stand-in CPU devices" in n for n in rep["notes"])
+
+
+@pytest.mark.skipif(not _libtpu(), reason="needs libtpu (pip install 'alignx-jax[tpu-plan]'); no TPU needed")
+def test_plan_compiles_with_the_tpu_compiler_where_libtpu_is_installed():
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import parse_topology, plan, tpu_topology_devices
+
+    topo = parse_topology("v5p-8")  # 4 chips, one host
+    devices, why = tpu_topology_devices(topo)
+    assert devices is not None and len(devices) == 4 and devices[0].platform == "tpu", why
+    rep = plan(load_config(TINY, SMALL), topo)
+    assert rep["compiler"] == "tpu topology" and rep["num_devices"] == 4
+    assert 0 < rep["per_device_bytes"]["total"] < topo.bytes_per_device
+    assert not any("not the TPU compiler" in n for n in rep["notes"])
+
+
+@pytest.mark.skipif(not _libtpu(), reason="needs libtpu (pip install 'alignx-jax[tpu-plan]'); no TPU needed")
+def test_tpu_plan_traces_the_tpu_code_paths():
+    """Traced for TPU topology devices from a CPU process, the model takes the target's paths
+    (`sharding.target_platform`): the compiled splash kernel, not its interpret mode."""
+    from alignx_jax import sharding as shd
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import decoder_config_for, lower_step, parse_topology, tpu_topology_devices
+    from alignx_jax.train.state import rules_from_config
+
+    devices, why = tpu_topology_devices(parse_topology("v5p-8"))
+    assert devices is not None, why
+    over = ["--config.model.attention_impl=splash", "--config.model.init.head_dim=128"]
+    cfg = load_config(TINY, SMALL + over)
+    mesh = shd.mesh_from_config(cfg.mesh, devices=devices)
+    low = lower_step(cfg, mesh, rules_from_config(cfg), decoder_config_for(cfg))
+    assert "tpu_custom_call" in low["lowered"].as_text()

@@ -144,8 +144,9 @@ def test_eval_per_example_file_on_a_bucket(fake_gcs):
 
 
 def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
+    from alignx_jax import export
     from alignx_jax.errors import CheckpointError
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint
 
     w = f"{BUCKET}/run"
     local = fake_gcs.local(w)
@@ -154,17 +155,17 @@ def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
     (local / "reference").mkdir()
     (local / "reference" / "config.json").write_text("{}")
     (local / "reference" / "tokenizer.json").write_text("{}")
-    res = hf.resolve_checkpoint(w)
+    res = checkpoint.resolve_checkpoint(w)
     assert res.step == 5
     assert res.params_dir == f"{w}/checkpoints/5/params"
     assert res.config_dir == f"{w}/reference" and res.tokenizer_dir == f"{w}/reference"
     assert res.head_dir is None
-    assert hf.resolve_checkpoint(w, 3).params_dir == f"{w}/checkpoints/3/params"
+    assert checkpoint.resolve_checkpoint(w, 3).params_dir == f"{w}/checkpoints/3/params"
     (local.parent / "foreign").mkdir()
     (local.parent / "foreign" / "notes.txt").write_text("mine")
     args = types.SimpleNamespace(out=f"{BUCKET}/foreign", checkpoint=w, step=None, overwrite=False)
     with pytest.raises(CheckpointError, match="not empty and not an export"):
-        hf.cli_export(args)
+        export.cli_export(args)
     assert (local.parent / "foreign" / "notes.txt").read_text() == "mine"
 
 
@@ -176,18 +177,18 @@ def local_export(tmp_path_factory, tiny_hf_checkpoints):
     root = tmp_path_factory.mktemp("export")
     assert main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(root / "ckpt")]) == 0
     assert main(["export", "--checkpoint", str(root / "ckpt"), "--out", str(root / "local")]) == 0
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint
 
-    return root / "ckpt", root / "local", hf.load_checkpoint(str(root / "ckpt"))
+    return root / "ckpt", root / "local", checkpoint.load_checkpoint(str(root / "ckpt"))
 
 
 def test_export_to_a_bucket_uploads_the_same_files_as_a_local_export(local_export, fake_gcs, monkeypatch):
+    from alignx_jax import export
     from alignx_jax.cli import main
-    from alignx_jax.models import hf
 
     ckpt, local, model = local_export
     # the mocked bucket reroutes every epath, orbax's local reads too: the checkpoint is read beforehand
-    monkeypatch.setattr(hf, "load_checkpoint", lambda *a, **k: model)
+    monkeypatch.setattr(export, "load_checkpoint", lambda *a, **k: model)
     assert main(["export", "--checkpoint", str(ckpt), "--out", f"{BUCKET}/hf"]) == 0
     up = fake_gcs.local(f"{BUCKET}/hf")
     names = sorted(p.name for p in local.iterdir())

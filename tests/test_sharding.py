@@ -42,7 +42,8 @@ SCRIPT = textwrap.dedent("""
     from flax import nnx
     from alignx_jax import sharding as sh
     from alignx_jax.errors import MeshError
-    from alignx_jax.models.hf import load_pretrained, load_checkpoint, save_checkpoint
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.models.checkpoint import load_checkpoint, save_checkpoint
 
     src, work = sys.argv[1], sys.argv[2]
     out = {}
@@ -114,3 +115,32 @@ def test_sharded_load_on_fake_2x2x2_mesh(tiny_hf_checkpoints, tmp_path):
     assert out["moved_spec"] == "P('tensor', 'fsdp')"
     assert out["restored_spec"] == "P(None, 'fsdp', 'tensor')" and out["restored_equal"]
     assert out["abstract_spec"] == "P('fsdp', 'tensor')"
+
+
+def test_flax_tooling_reads_the_logical_axes():
+    """The params' logical names are flax's own `out_sharding` metadata: flax's `get_partition_spec`
+    under `logical_axis_rules` (an independent reader) gives the mesh axes our rules give."""
+    from flax import nnx
+
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+    )
+    state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))  # built with no mesh
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), sh.MESH_AXES)  # every axis > 1: no rule is dropped
+    flat = nnx.to_flat_state(state)
+    with nnx.logical_axis_rules(list(sh.DEFAULT_RULES)):
+        theirs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
+    assert len(flat) > 5
+    for path, var in flat:
+        ours = sh.logical_to_spec(sh.variable_axes(var), mesh)
+        assert tuple(theirs[path].get_value()) == tuple(ours), path
+    names = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))  # no rules: the names themselves
+    assert tuple(names[("embed_tokens", "embedding")].get_value()) == ("vocab", "embed")

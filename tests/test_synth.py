@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from alignx_jax.data import synth
+from alignx_jax.data import synth, synth_measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = [
@@ -120,7 +120,7 @@ def test_pair_differs_on_its_dimension_only(world):
 
 
 def test_measured_properties(world):
-    m = synth.measure_world(world, seed=0)
+    m = synth_measure.measure_world(world, seed=0)
     # (a) persona-blind rules are near chance on held-out users
     assert 0.40 <= m["blind_majority"] <= 0.56 and m["blind_majority_seen_fraction"] > 0.5
     assert 0.40 <= m["blind_logreg"] <= 0.56

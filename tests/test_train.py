@@ -107,12 +107,13 @@ def _setup(lr=1e-2):
 def test_to_microbatches_keeps_pairs_together():
     b = _batch(B=4, T=16)
     mb = train.to_microbatches(b, 2, T=20)
-    assert mb["input_ids"].shape == (2, 2, 2, 20) and mb["pair_mask"].shape == (2, 2)
+    assert isinstance(mb, train.TwoRowBatch)
+    assert mb.input_ids.shape == (2, 2, 2, 20) and mb.pair_mask.shape == (2, 2)
     for k in range(4):  # pair k: chosen row k, rejected row 4 + k
         m, j = divmod(k, 2)
-        np.testing.assert_array_equal(mb["input_ids"][m, j, 0, :16], b["input_ids"][k])
-        np.testing.assert_array_equal(mb["input_ids"][m, j, 1, :16], b["input_ids"][4 + k])
-    assert (mb["attention_mask"][..., 16:] == 0).all() and (mb["loss_mask"][..., 16:] == 0).all()
+        np.testing.assert_array_equal(mb.input_ids[m, j, 0, :16], b["input_ids"][k])
+        np.testing.assert_array_equal(mb.input_ids[m, j, 1, :16], b["input_ids"][4 + k])
+    assert (mb.attention_mask[..., 16:] == 0).all() and (mb.loss_mask[..., 16:] == 0).all()
 
 
 def test_schedule_warmup_cosine_to_floor():
@@ -185,9 +186,9 @@ def test_precomputed_reference_equals_on_the_fly(steps):
     o = tx.init(params)
     params, o, _ = fly(params, o, ref, train.to_microbatches(_batch(seed=5), 2))
     batch = train.to_microbatches(_batch(seed=6), 2)
-    lp, _ = steps["ref_fn"](ref, {**batch, "slot": np.zeros((2, 2), np.int32)})
+    lp, _ = steps["ref_fn"](ref, batch.replace(slot=np.zeros((2, 2), np.int32)))
     pa, _, ma = fly(params, o, ref, batch)
-    pb, _, mb = pre(params, o, None, {**batch, "ref_logps": np.asarray(lp)})
+    pb, _, mb = pre(params, o, None, batch.replace(ref_logps=np.asarray(lp)))
     np.testing.assert_allclose(float(mb["loss"]), float(ma["loss"]), atol=1e-5)
     np.testing.assert_allclose(float(mb["rewards/margins"]), float(ma["rewards/margins"]), atol=1e-5)
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
@@ -197,7 +198,7 @@ def test_precomputed_reference_equals_on_the_fly(steps):
 def test_pair_logps_matches_full_logits(steps):
     codec, params = steps["codec"], steps["params"]
     b = _batch(B=2, seed=7)
-    mb = {k: v[0] for k, v in train.to_microbatches(b, 1).items()}
+    mb = train.to_microbatches(b, 1).microbatch(0)
     got = train.pair_logps(codec, params, mb, chunk=5)
     model = codec.module(params)
     logits = model(b["input_ids"], b["attention_mask"], b["positions"])
@@ -573,12 +574,8 @@ def test_share_prompt_layout_gives_the_two_row_log_probs(steps):
         4,
         2,
     )
-    want = train.pair_logps(
-        codec, params, {k: v[0] for k, v in train.to_microbatches(two, 1).items()}, chunk=None
-    )
-    got = train.pair_logps(
-        codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=3
-    )
+    want = train.pair_logps(codec, params, train.to_microbatches(two, 1).microbatch(0), chunk=None)
+    got = train.pair_logps(codec, params, train.to_microbatches(one, 1).microbatch(0), chunk=3)
     np.testing.assert_allclose(np.asarray(got)[:3], np.asarray(want)[:3], rtol=1e-5, atol=1e-4)
     assert (np.asarray(got)[3] == 0).all()  # the dummy pair scores nothing
     # each prompt's tokens are counted (and run) once instead of twice
@@ -615,12 +612,8 @@ def test_packed_pairs_give_the_same_log_probs_and_step(steps):
     for row in range(n_rows):
         segs = packed["segment_ids"][row][packed["attention_mask"][row] == 1]
         assert (np.diff(segs) >= 0).all() and segs[0] == 1
-    want = train.pair_logps(
-        codec, params, {k: v[0] for k, v in train.to_microbatches(one, 1).items()}, chunk=None
-    )
-    got = train.pair_logps(
-        codec, params, {k: v[0] for k, v in train.to_microbatches(packed, 1).items()}, chunk=None
-    )
+    want = train.pair_logps(codec, params, train.to_microbatches(one, 1).microbatch(0), chunk=None)
+    got = train.pair_logps(codec, params, train.to_microbatches(packed, 1).microbatch(0), chunk=None)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
     # and a whole step, with the packing cut per microbatch (2 microbatches = 2 groups)
     step = steps["fly"]

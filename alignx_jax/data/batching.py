@@ -42,6 +42,8 @@ DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 RELEASE_RESERVE = 513
 # where a PBA training row's profile comes from when no explicit `profile` is given (module docstring)
 PBA_PROFILE_SOURCES = ("golden", "history")
+# a row whose prompt alone leaves no room for a response: left-truncate its prompt, or drop the row
+OVERFLOW_POLICIES = ("truncate", "drop")
 
 
 @dataclasses.dataclass
@@ -115,7 +117,7 @@ def make_example(
     pba_preference: where PBA's profile comes from when `profile` is None ('golden' | 'history',
     module docstring).
     """
-    if overflow not in ("truncate", "drop"):
+    if overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     if pba_preference not in PBA_PROFILE_SOURCES:
         raise ConfigError(

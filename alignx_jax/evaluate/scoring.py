@@ -160,22 +160,22 @@ class SequenceScorer:
         lengths = batch["attention_mask"][:B].sum(-1) + batch["loss_mask"][B:].sum(-1)
         # pad id 0: padding is masked out of attention and scoring, its value is never read
         shared = share_prompt(batch, buckets=length_buckets(int(lengths.max())), pad_id=0)
-        mb = {k: v[0] for k, v in to_microbatches(shared, 1).items()}  # one microbatch: drop its axis
-        rows, T = mb["input_ids"].shape
-        S = mb["score_flat"].shape[0]
+        mb = to_microbatches(shared, 1).microbatch(0)  # one microbatch: drop its axis
+        rows, T = mb.input_ids.shape
+        S = mb.score_flat.shape[0]
         chunk = None if S * self.vocab_size <= _LOGITS_BUDGET else max(16, _LOGITS_BUDGET // self.vocab_size)
         row_sharding = logical_sharding(
             ("activation_batch", "activation_length"), self.mesh, self.rules, (rows, T)
         )
-        args = {
-            k: jax.device_put(
+        args = jax.tree.map(
+            lambda v: jax.device_put(
                 np.asarray(v, np.int32),
                 row_sharding
                 if v.shape == (rows, T)
                 else logical_sharding((None,) * v.ndim, self.mesh, self.rules, v.shape),
-            )
-            for k, v in mb.items()
-        }
+            ),
+            mb,
+        )
         with use_mesh(self.mesh, self.rules):
             out_B2 = self._pair_fn(self.state, args, chunk=chunk)
         self.shapes.add((rows, T))

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from alignx_jax.errors import ConfigError
-from alignx_jax.sharding import active_spec
+from alignx_jax.sharding import active_spec, target_platform
 
 # query rows per block of the "chunked" attention (peak scores [B, N, chunk, S] instead of [B, N, T, S])
 ATTENTION_CHUNK = 1024
@@ -297,7 +297,7 @@ def _attention_splash(q_BTNH, k_BSKH, v_BSKH, segment_BT, scale):
 
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    kernel = _splash_kernel(T, N // K, splash_block(T), jax.default_backend() != "tpu")
+    kernel = _splash_kernel(T, N // K, splash_block(T), target_platform() != "tpu")
 
     def local(q_BTNH, k_BSKH, v_BSKH, seg_BT):
         b, _, n, _ = q_BTNH.shape

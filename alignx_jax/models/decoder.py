@@ -11,8 +11,8 @@ scaled embeddings, post-attention/-MLP norms (`sandwich_norms`), GELU-tanh MLP,
 all or some layers (`sliding_window`, `sliding_layers`; applied in the mask).
 `Decoder` stores every per-layer weight with a leading `layers` axis; the forward pass applies the
 layers with `jax.lax.scan` (`scan_layers=True`, one compiled layer) or an unrolled loop, each
-optionally rematerialised. Every `nnx.Param` carries logical axis names (metadata key
-`logical_axes`, see `alignx_jax.sharding`).
+optionally rematerialised. Every `nnx.Param` carries logical axis names (flax's `out_sharding`
+metadata, see `alignx_jax.sharding.annotated`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from alignx_jax.models.config import (  # noqa: F401  (re-exported: the decoder'
     DecoderConfig,
 )
 from alignx_jax.models.matmul import dense, dense_many
-from alignx_jax.sharding import LOGICAL_AXES_KEY, constrain
+from alignx_jax.sharding import annotated, constrain, target_platform
 
 Cache = dict[str, jax.Array]
 
@@ -256,7 +256,7 @@ def _init_value(key: jax.Array | None, shape, dtype, init: str) -> jax.Array:
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal") -> nnx.Param:
     value = _init_value(rngs.params() if init == "normal" else None, shape, dtype, init)
-    return nnx.Param(value, **{LOGICAL_AXES_KEY: tuple(axes)})
+    return annotated(nnx.Param, value, axes)
 
 
 class Proj(nnx.Module):
@@ -382,6 +382,13 @@ class Decoder(nnx.Module):
         computed from `hidden_states() @ output_embedding()` to get `__call__`'s logits."""
         return softcap(logits, self.cfg.final_logit_softcapping)
 
+    def prefill(
+        self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, cache: Cache
+    ) -> tuple[jax.Array, Cache]:
+        """A prompt's final-normed hidden states [B, T, D] and `cache` filled with it (generation scores
+        only the last position against `output_embedding()`, not the prompt's [B, T, V] logits)."""
+        return self._forward(input_ids_BT, attention_mask_BT, None, None, cache)
+
     def hidden_states(
         self,
         input_ids_BT: jax.Array,
@@ -450,7 +457,7 @@ class Decoder(nnx.Module):
                 f"model.attention_impl=splash cannot express sliding_window={self.cfg.sliding_window} "
                 f"on rows of {T} tokens; use attention_impl=xla (or auto)"
             )
-        if impl == "auto" and jax.default_backend() == "tpu" and not cached and not branches and T % 128 == 0:
+        if impl == "auto" and target_platform() == "tpu" and not cached and not branches and T % 128 == 0:
             return "splash"
         if impl == "splash" and (cached or T % 128):
             return "xla"

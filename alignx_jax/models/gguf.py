@@ -76,7 +76,7 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 class GGUFFile:
     """One GGUF file (memory-mapped): its HF-style config dict and its tensors under HF names,
-    with the `__contains__` / `shape` / `get` interface of `hf.SafetensorsReader`."""
+    with the `__contains__` / `shape` / `get` interface of `safetensors_io.SafetensorsReader`."""
 
     def __init__(self, path: str):
         path = os.fspath(path)
@@ -335,14 +335,14 @@ def save_gguf_tokenizer(path: str, out_dir: str) -> None:
 
 def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
     """`alignx import --gguf`: write the model checkpoint `alignx import --hf` writes; returns (model, GGUFFile)."""
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint
 
     model, src = load_gguf(path, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="alignx-gguf-tok-") as tok_dir:
         if has_tokenizer(src):  # built before anything is written: a bad tokenizer leaves no half checkpoint
             save_gguf_tokenizer(path, tok_dir)
-        hf.save_checkpoint(model, out_dir, tokenizer_dir=tok_dir if os.listdir(tok_dir) else None)
-    hf.remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
+        checkpoint.save_checkpoint(model, out_dir, tokenizer_dir=tok_dir if os.listdir(tok_dir) else None)
+    checkpoint.remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
     return model, src
 
 

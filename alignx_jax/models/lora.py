@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import ConfigError
-from alignx_jax.sharding import LOGICAL_AXES_KEY
+from alignx_jax.sharding import annotated, variable_axes
 
 # the decoder's projection names (models.decoder.Attention / MLP) LoRA can adapt
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -80,8 +80,8 @@ def adapters(rngs: nnx.Rngs, kernel_shape, kernel_axes, n_in: int, rank: int) ->
     a = _uniform(rngs.params(), (*lead, *ins, rank), 1.0 / math.sqrt(math.prod(ins)))
     b = jnp.zeros((*lead, rank, *outs), jnp.float32)
     return (
-        nnx.LoRAParam(a, **{LOGICAL_AXES_KEY: a_axes}),
-        nnx.LoRAParam(b, **{LOGICAL_AXES_KEY: b_axes}),
+        annotated(nnx.LoRAParam, a, a_axes),
+        annotated(nnx.LoRAParam, b, b_axes),
     )
 
 
@@ -92,7 +92,7 @@ def add_adapters(layers: nnx.Module, cfg, key: jax.Array) -> None:
             continue
         proj = getattr(layers.attn if name in ATTENTION_PROJS else layers.mlp, name)
         kernel = proj.kernel
-        axes = kernel.get_metadata()[LOGICAL_AXES_KEY]
+        axes = variable_axes(kernel)
         rngs = nnx.Rngs(params=jax.random.fold_in(key, i))
         proj.lora_a, proj.lora_b = adapters(
             rngs, kernel.get_value().shape, axes, KERNEL_INPUTS[name], cfg.lora_rank

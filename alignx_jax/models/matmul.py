@@ -17,9 +17,11 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from alignx_jax.sharding import target_platform
+
 
 def _transposed_wgrad() -> bool:
-    return jax.default_backend() == "cpu"
+    return target_platform() == "cpu"
 
 
 def dense(x_NI: jax.Array, w_IO: jax.Array, out_dtype=None) -> jax.Array:

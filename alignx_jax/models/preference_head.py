@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
-from alignx_jax.sharding import LOGICAL_AXES_KEY
+from alignx_jax.sharding import annotated
 
 # The class order of the head's last axis; a direction value v has class index round(2 v).
 LABEL_VALUES: tuple[float, float, float] = (0.0, 0.5, 1.0)
@@ -122,9 +122,8 @@ class HeadConfig:
 
 
 def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
-    # Logical axis names under sharding.LOGICAL_AXES_KEY, like the decoder's params: sharding.py maps
-    # them to mesh axes (names without a rule, e.g. pref_dims, are replicated; the head is tiny).
-    return nnx.Param(value, **{LOGICAL_AXES_KEY: axes})
+    # logical axis names like the decoder's params: names without a rule (pref_dims) are replicated
+    return annotated(nnx.Param, value, axes)
 
 
 def pool_hidden(hidden_BSD: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:

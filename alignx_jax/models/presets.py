@@ -57,7 +57,7 @@ def smollm2_dir(prepare: bool = True) -> str:
     if os.path.isfile(os.path.join(out, "config.json")) or not prepare:
         return out
     src = gguf_path()
-    from alignx_jax.models import gguf, hf  # they import this module's resolver: imported here
+    from alignx_jax.models import checkpoint, gguf, hf  # they import this module's resolver: imported here
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -66,8 +66,8 @@ def smollm2_dir(prepare: bool = True) -> str:
     try:
         ckpt, folder = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "hf")
         gguf.import_gguf(src, ckpt, dtype="float32")
-        model = hf.load_checkpoint(ckpt)
-        hf.save_hf(model, folder, tokenizer_dir=hf.resolve_checkpoint(ckpt).tokenizer_dir)
+        model = checkpoint.load_checkpoint(ckpt)
+        hf.save_hf(model, folder, tokenizer_dir=checkpoint.resolve_checkpoint(ckpt).tokenizer_dir)
         try:
             os.rename(folder, out)
         except OSError:  # another process finished first: theirs is as good as ours

@@ -59,8 +59,12 @@ are re-exported so `from alignx_jax import train; train.X` keeps working.
 from __future__ import annotations
 
 from alignx_jax.batch import (
-    MODEL_INPUTS,
     BatchBuilder,
+    HeadInputs,
+    KeptTokens,
+    SharedPromptBatch,
+    StepBatch,
+    TwoRowBatch,
     add_token_layout,
     batch_shardings,
     flat_scores,
@@ -107,7 +111,6 @@ from alignx_jax.train.step import (
 
 __all__ = [
     "METHODS",
-    "MODEL_INPUTS",
     "NAN_POLICIES",
     "NONFINITE_PARTS",
     "PBA_MODES",
@@ -116,9 +119,14 @@ __all__ = [
     "REFERENCE_MODES",
     "BatchBuilder",
     "HeadCodec",
+    "HeadInputs",
+    "KeptTokens",
     "ParamsCodec",
+    "SharedPromptBatch",
+    "StepBatch",
     "StopFlag",
     "Trainer",
+    "TwoRowBatch",
     "add_token_layout",
     "batch_shardings",
     "build_head",

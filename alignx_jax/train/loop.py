@@ -195,7 +195,7 @@ class Trainer:
         pad_id = int(self.tokenizer.pad_token_id)
         self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint, rules=self.rules)
         self.loader = self.new_loader()
-        self.eval_every = int(cfg.train.get("eval_every", 0))
+        self.eval_every = int(cfg.train.eval_every)
         if self.eval_every:  # train.eval_every: the held-out rows data.eval, read once per evaluation
             self.eval_source = sources.open_source(cfg.data.eval, skip_bad=bool(cfg.data.skip_bad_rows))
             if len(self.eval_source) == 0:
@@ -393,8 +393,10 @@ class Trainer:
                 self.check_stop()  # nothing is written: the next run does the pass again
                 hb, _ = self.builder(next(pre_loader)[0])
                 # global slot ids tell each process which of the gathered results are its own
-                hb["slot"] = (self.pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(
-                    self.num_micro, -1
+                hb = hb.replace(
+                    slot=(self.pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(
+                        self.num_micro, -1
+                    )
                 )
                 batch = put_batch(hb, batch_shardings(hb, self.mesh, self.rules))
                 lp, slot = jax.device_get(ref_fn(self.ref_params, batch))
@@ -413,7 +415,7 @@ class Trainer:
             self.workdir,
             enabled=self.is_main,
             resume_step=self.start,
-            wandb_project=str(cfg.train.get("wandb_project", "")),
+            wandb_project=cfg.train.wandb_project,
             wandb_config=cfg.to_dict(),
         )
         self.bar = None
@@ -448,7 +450,7 @@ class Trainer:
         coll, info = next(self.loader)
         hb, stats = self.builder(coll)
         if self.precomputed:
-            hb["ref_logps"] = self.ref_table[self.step].reshape(self.num_micro, -1, 2)
+            hb = hb.replace(ref_logps=self.ref_table[self.step].reshape(self.num_micro, -1, 2))
         batch = put_batch(hb, batch_shardings(hb, self.mesh, self.rules))
         with shd.use_mesh(self.mesh, self.rules):
             self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, self.ref_params, batch)
@@ -498,8 +500,8 @@ class Trainer:
 
     def check_finite(self, m: dict[str, float]) -> None:
         """Count a non-finite step (loss.nan_policy) and stop the run when the policy says so."""
-        skip_policy = self.cfg.loss.get("nan_policy", "stop") == "skip"
-        max_skipped = int(self.cfg.loss.get("max_skipped_steps", 10))
+        skip_policy = self.cfg.loss.nan_policy == "skip"
+        max_skipped = int(self.cfg.loss.max_skipped_steps)
         nonfinite = int(m.pop("nonfinite"))
         self.in_a_row = self.in_a_row + 1 if nonfinite else 0
         self.skipped_total += int(nonfinite != 0 and skip_policy)

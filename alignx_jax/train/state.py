@@ -43,12 +43,10 @@ def run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def lora_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The DecoderConfig LoRA fields from `model.lora` (none when the config has no such section or rank 0)."""
+    """The DecoderConfig LoRA fields from `model.lora` (none at rank 0)."""
     from alignx_jax.models import lora
 
-    sec = cfg.model.get("lora")
-    if sec is None:
-        return {}
+    sec = cfg.model.lora
     targets = (sec.targets,) if isinstance(sec.targets, str) else tuple(str(t) for t in sec.targets)
     rank, alpha = sec.rank, float(sec.alpha)
     lora.check_options(rank, alpha, targets)
@@ -97,14 +95,14 @@ def init_hf_config(init: ml_collections.ConfigDict, vocab_size: int) -> dict:
 
 def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     """The policy Decoder with float32 (param_dtype) master weights placed on the mesh."""
-    from alignx_jax.models import hf
+    from alignx_jax.models import checkpoint, hf
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
     opts = run_options(cfg)
     if cfg.model.hf_path:
         path = resolve_model_path(cfg.model.hf_path)
         if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
-            return hf.load_checkpoint(
+            return checkpoint.load_checkpoint(
                 path,
                 dtype=cfg.model.param_dtype,
                 mesh=mesh,

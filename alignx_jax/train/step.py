@@ -16,18 +16,17 @@ import ml_collections
 import optax
 
 from alignx_jax import losses
-from alignx_jax.batch import MODEL_INPUTS
+from alignx_jax.batch import SharedPromptBatch, StepBatch
 from alignx_jax.models import preference_head as ph
-from alignx_jax.models.compaction import TokenLayout
 from alignx_jax.train.state import HeadCodec, ParamsCodec
 
 
-def pair_logps(codec: ParamsCodec, params: Any, mb: dict[str, jax.Array], chunk: int | None) -> jax.Array:
-    """Summed response log-probs `[b, 2]` (chosen, rejected) for one microbatch `[b, 2, T]`."""
+def pair_logps(codec: ParamsCodec, params: Any, mb: StepBatch, chunk: int | None) -> jax.Array:
+    """Summed response log-probs `[b, 2]` (chosen, rejected) for one microbatch (`StepBatch.microbatch`)."""
     return model_pair_logps(codec.module(params), mb, chunk)
 
 
-def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None, *, with_logits: bool = False):
+def model_pair_logps(model, mb: StepBatch, chunk: int | None, *, with_logits: bool = False):
     """`pair_logps` for an already merged Decoder (logits soft-capped as the model's `cap_logits`).
 
     `with_logits`: `(logps [b, 2], logit sums [b, 2])`, the second the sum over each response's scored
@@ -36,27 +35,27 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None, *, with
     before any final soft-capping (Gemma 2), which is not linear.
     """
     # data.compact_tokens: the token-wise layers run on the batch's real tokens only
-    tokens = TokenLayout(mb["token_index"], mb["token_slot"]) if "token_index" in mb else None
+    tokens = None if mb.tokens is None else mb.tokens.layout()
     cap = getattr(model.cfg, "final_logit_softcapping", None)
     with jax.named_scope("pair_logps"):
-        if "branch_ids" in mb:  # one row per pair: prompt, chosen, rejected (batching.share_prompt)
+        if isinstance(mb, SharedPromptBatch):  # one row per pair: prompt, chosen, rejected
             h_NTD = model.hidden_states(
-                mb["input_ids"],
-                mb["attention_mask"],
-                mb["positions"],
-                segment_ids_BT=mb.get("segment_ids"),
-                branch_ids_BT=mb["branch_ids"],
+                mb.input_ids,
+                mb.attention_mask,
+                mb.positions,
+                segment_ids_BT=mb.segment_ids,
+                branch_ids_BT=mb.branch_ids,
                 tokens=tokens,
             )
             w_DV = model.output_embedding().astype(h_NTD.dtype)
-            num_slots = 2 * mb["pair_mask"].shape[0]
+            num_slots = 2 * mb.pair_mask.shape[0]
             lp = losses.flat_logps(
                 h_NTD,
                 w_DV,
-                mb["score_flat"],
-                mb["score_target"],
-                mb["score_slot"],
-                mb["score_valid"],
+                mb.score_flat,
+                mb.score_target,
+                mb.score_slot,
+                mb.score_valid,
                 num_slots=num_slots,
                 chunk=chunk,
                 softcap=cap,
@@ -64,20 +63,21 @@ def model_pair_logps(model, mb: dict[str, jax.Array], chunk: int | None, *, with
             if not with_logits:
                 return lp
             N, T, D = h_NTD.shape
-            h_SD = jnp.take(h_NTD.reshape(N * T, D), mb["score_flat"].astype(jnp.int32), axis=0)
-            mean_S = _mean_logits(h_SD, w_DV) * mb["score_valid"].astype(jnp.float32)
-            sums = jax.ops.segment_sum(mean_S, mb["score_slot"].astype(jnp.int32), num_segments=num_slots)
+            h_SD = jnp.take(h_NTD.reshape(N * T, D), mb.score_flat.astype(jnp.int32), axis=0)
+            mean_S = _mean_logits(h_SD, w_DV) * mb.score_valid.astype(jnp.float32)
+            sums = jax.ops.segment_sum(mean_S, mb.score_slot.astype(jnp.int32), num_segments=num_slots)
             return lp, jax.lax.stop_gradient(sums.reshape(-1, 2))
-        b, two, T = mb["input_ids"].shape
+        b, two, T = mb.input_ids.shape
         flat = {
-            k: mb[k].reshape(b * two, T) for k in ("input_ids", "attention_mask", "positions", "loss_mask")
+            k: getattr(mb, k).reshape(b * two, T)
+            for k in ("input_ids", "attention_mask", "positions", "loss_mask")
         }
         h_ND = model.hidden_states(
             flat["input_ids"], flat["attention_mask"], flat["positions"], tokens=tokens
         )
         w_DV = model.output_embedding().astype(h_ND.dtype)
-        if "score_index" in mb:  # logits on the response window only (loss.logits_on_responses)
-            idx = mb["score_index"].reshape(b * two, -1)
+        if mb.score_index is not None:  # logits on the response window only (loss.logits_on_responses)
+            idx = mb.score_index.reshape(b * two, -1)
             lp = losses.window_logps(
                 h_ND, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk, softcap=cap
             )
@@ -191,7 +191,7 @@ def _reference_logps(spec: StepSpec, params, ref_params, mb) -> jax.Array | None
     if not spec.use_ref:  # reference-free: no reference pass (ref_params may be None)
         return None
     if spec.precomputed:
-        return mb["ref_logps"]
+        return mb.ref_logps
     # LoRA: the same base with its adapters off (state.LoraCodec)
     policy_params = params["policy"] if spec.joint else params
     ref_model = spec.codec.reference(ref_params, policy_params)
@@ -224,16 +224,24 @@ def _microbatch_loss(spec: StepSpec, p, ref_params, mb, ref, pm, ntok, n_pairs):
     if not joint:
         return dpo, (sums, {})
     # the same merged policy reads the persona: one backbone for DPO and the head
-    term, hm = ph.joint_head_term(model, spec.head_codec.module(p["head"]), mb, spec.pba_cfg, n_pairs=n_pairs)
+    head_in = {  # models/ reads arrays, not the batch struct
+        "persona_ids": mb.head.persona_ids,
+        "persona_mask": mb.head.persona_mask,
+        "direction": mb.head.direction,
+        "pair_mask": mb.pair_mask,
+    }
+    term, hm = ph.joint_head_term(
+        model, spec.head_codec.module(p["head"]), head_in, spec.pba_cfg, n_pairs=n_pairs
+    )
     return dpo + term, (sums, {"dpo": dpo, **hm})
 
 
 def _pair_mask_and_tokens(mb) -> tuple[jax.Array, jax.Array]:
     """The microbatch's real-pair mask `[b]` and scored response tokens per pair `[b, 2]`."""
-    pm = mb["pair_mask"].astype(jnp.float32)
-    if "branch_ids" in mb:  # one row per pair: the scoring plan counts each branch's tokens
-        return pm, mb["score_count"].astype(jnp.float32)
-    return pm, jnp.sum(mb["loss_mask"].astype(jnp.float32), axis=-1)
+    pm = mb.pair_mask.astype(jnp.float32)
+    if isinstance(mb, SharedPromptBatch):  # one row per pair: the scoring plan counts each branch's tokens
+        return pm, mb.score_count.astype(jnp.float32)
+    return pm, jnp.sum(mb.loss_mask.astype(jnp.float32), axis=-1)
 
 
 def microbatch_grads(spec: StepSpec, params, ref_params, mb, n_pairs):
@@ -250,7 +258,7 @@ def microbatch_grads(spec: StepSpec, params, ref_params, mb, n_pairs):
     sums["loss"] = loss
     if spec.joint:
         # per-microbatch means -> sums weighted by their counts, divided once at the end
-        nn = jnp.sum((ph.direction_to_labels(mb["direction"]) != ph.NEUTRAL) * pm[:, None])
+        nn = jnp.sum((ph.direction_to_labels(mb.head.direction) != ph.NEUTRAL) * pm[:, None])
         sums.update(
             loss=aux["dpo"],
             total_loss=loss,
@@ -272,9 +280,9 @@ def accumulated_grads(spec: StepSpec, params, ref_params, batch, n_pairs):
         grads_acc = spec.constrained(jax.tree.map(jnp.add, grads_acc, grads))
         return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
 
-    num_micro = jax.tree.leaves(batch)[0].shape[0]
+    num_micro = batch.num_micro
     if num_micro == 1:  # a single microbatch: no accumulator to zero-fill and add into
-        grads, sums = microbatch_grads(spec, params, ref_params, jax.tree.map(lambda x: x[0], batch), n_pairs)
+        grads, sums = microbatch_grads(spec, params, ref_params, batch.microbatch(0), n_pairs)
         return spec.constrained(jax.tree.map(lambda g: g.astype(jnp.float32), grads)), sums
     zeros = spec.constrained(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     sum_keys = SUM_KEYS + JOINT_SUM_KEYS if spec.joint else SUM_KEYS
@@ -344,13 +352,13 @@ def make_train_step(
 ) -> Callable:
     """`step(params, opt_state, ref_params, batch) -> (params, opt_state, metrics)`, to be jitted.
 
-    batch: input_ids/attention_mask/positions/loss_mask `[M, b, 2, T]`, pair_mask `[M, b]`, and
-    ref_logps `[M, b, 2]` when precomputed. The loss is the mean over all real pairs of the global
-    batch, so it does not depend on how the batch is cut into microbatches.
+    batch: a `batch.StepBatch` (either layout, M microbatches), with `ref_logps` when precomputed.
+    The loss is the mean over all real pairs of the global batch, so it does not depend on how the
+    batch is cut into microbatches.
 
     Joint PBA (`head_codec` given, with `head_tx` and the `pba` config section): params and
-    opt_state are `{'policy': ..., 'head': ...}`, the batch also holds persona_ids/persona_mask
-    `[M, b, P]` and direction `[M, b, 90]`, and the objective is DPO + `joint_head_term` (weighted
+    opt_state are `{'policy': ..., 'head': ...}`, the batch also holds its `HeadInputs` (persona and
+    direction), and the objective is DPO + `joint_head_term` (weighted
     by pba.weight). Metrics: `loss` stays the DPO loss (comparable across methods), `total_loss`
     is the objective, `head_loss` (unweighted CE) / `head_accuracy` / `head_accuracy_non_neutral`
     are global-batch means, `grad_norm` is the policy's, `head_grad_norm` the head's.
@@ -381,7 +389,7 @@ def make_train_step(
     )
 
     def step(params, opt_state, ref_params, batch):
-        n_pairs = jnp.maximum(jnp.sum(batch["pair_mask"].astype(jnp.float32)), 1.0)
+        n_pairs = jnp.maximum(jnp.sum(batch.pair_mask.astype(jnp.float32)), 1.0)
         grads, sums = accumulated_grads(spec, params, ref_params, batch, n_pairs)
         new_params, new_opt_state, norms = apply_updates(spec, params, opt_state, grads)
         (params, opt_state), nonfinite = guard_nonfinite(
@@ -393,15 +401,14 @@ def make_train_step(
 
 
 def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -> Callable:
-    """`fn(ref_params, batch) -> ([M, b, 2] reference log-probs, batch["slot"])` (precompute pass)."""
+    """`fn(ref_params, batch) -> ([M, b, 2] reference log-probs, batch.slot)` (precompute pass)."""
     chunk = int(loss_cfg.logps_chunk) or None
 
     def fn(ref_params, batch):
         def micro(_, mb):
             return None, model_pair_logps(codec.reference(ref_params), mb, chunk)
 
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        return jax.lax.scan(micro, None, inputs)[1], batch["slot"]
+        return jax.lax.scan(micro, None, batch.model_inputs())[1], batch.slot
 
     return fn
 

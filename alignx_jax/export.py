@@ -1,0 +1,344 @@
+"""`alignx import` (HF folder -> model checkpoint) and `alignx export` (model checkpoint or training
+workdir -> HF folder, PEFT adapters, or a bucket): the commands, the export target's checks, its
+atomic publication and recovery, and what they read of a run's workdir (its config.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+
+from alignx_jax import paths
+from alignx_jax.errors import CheckpointError
+from alignx_jax.models.checkpoint import (
+    ResolvedCheckpoint,
+    has_tokenizer,
+    load_checkpoint,
+    load_checkpoint_head,
+    remove_head_files,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from alignx_jax.models.decoder import Decoder
+from alignx_jax.models.hf import (
+    EXPORT_MANIFEST,
+    copy_tokenizer,
+    load_pretrained,
+    read_export_manifest,
+    read_hf_config,
+    save_hf,
+    save_peft,
+    write_export_manifest,
+)
+
+
+def _copy_head_files(src: str, out_dir: str) -> None:
+    from alignx_jax.models import preference_head as ph
+
+    for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):
+        shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+def cli_import(args) -> int:
+    from alignx_jax.models import preference_head as ph
+    from alignx_jax.models.presets import resolve_model_path
+
+    src = resolve_model_path(args.hf)  # a local folder, or a hub id's snapshot in the HF cache
+    model = load_pretrained(src, dtype=args.dtype)
+    head = None
+    if ph.has_head(src):  # read first: a malformed or mismatched head fails before anything is written
+        head, hcfg = ph.load_head(src)
+        if hcfg.embed_dim != model.cfg.hidden_size:
+            raise CheckpointError(
+                f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
+                f"hidden_size {model.cfg.hidden_size}"
+            )
+    save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)
+    from alignx_jax import model_card
+
+    # what an export of this checkpoint keeps of the base: its generation_config.json as it is, and
+    # where it came from (the `--hf` argument, a hub id stays one) with its license, for the model card
+    gen = os.path.join(src, "generation_config.json")
+    if os.path.isfile(gen):
+        shutil.copyfile(gen, os.path.join(args.out, "generation_config.json"))
+    elif os.path.isfile(os.path.join(args.out, "generation_config.json")):
+        os.remove(os.path.join(args.out, "generation_config.json"))
+    model_card.write_base_info(args.out, args.hf, src)
+    remove_head_files(args.out)
+    if head is not None:  # kept byte for byte: `alignx export` of this checkpoint copies them back
+        _copy_head_files(src, args.out)
+    print(
+        f"imported {args.hf} -> {args.out} ({model.cfg.model_type}, {model.cfg.num_hidden_layers} layers, "
+        f"{args.dtype}{', with preference head' if head is not None else ''})"
+    )
+    return 0
+
+
+def _beside(out: str, tag: str, pid: int | None = None) -> str:
+    """A hidden sibling of `out` for one process: `.NAME.TAG-PID`."""
+    return os.path.join(
+        os.path.dirname(out), f".{os.path.basename(out)}.{tag}-{os.getpid() if pid is None else pid}"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_export_leftovers(out: str) -> None:
+    """Tidy what a killed export left beside `out`: its half-written folder goes; a folder it had moved
+    aside to swap in the new one comes back when `out` is missing (killed between the two renames)."""
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    for entry in sorted(os.listdir(parent)):
+        m = re.fullmatch(re.escape(f".{name}.") + r"export-(tmp|old)-(\d+)", entry)
+        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.exists(out):
+            os.rename(path, out)
+            print(
+                f"alignx export: warning: restored {out} from {path} (an export was killed while replacing it)",
+                file=sys.stderr,
+            )
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], set[str]]:
+    """(entries of `out`, the files a previous export wrote there), after checking that `out` may be
+    written: absent, empty, an export of the same `source`, or anything with `overwrite`."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out}: is a file, not a folder")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--out {out}: cannot create {e.filename or parent} ({e.strerror})") from None
+    _recover_export_leftovers(out)
+    if not os.path.isdir(out) or not os.listdir(out):
+        return [], set()
+    entries = sorted(os.listdir(out))
+    manifest = read_export_manifest(out)
+    if not overwrite and (manifest is None or manifest.get("source") != source):
+        if manifest is not None:
+            raise CheckpointError(
+                f"--out {out}: holds an export of {manifest.get('source')}; pass --overwrite to "
+                "replace its files, or choose another folder"
+            )
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise CheckpointError(
+            f"--out {out}: not empty and not an alignx export (holds {shown}); pass --overwrite "
+            "to replace the files an export writes (the others are kept), or choose an empty folder"
+        )
+    return entries, {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)  # the same data under a second name: nothing is copied or moved
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _publish(tmp: str, out: str, keep: list[str]) -> None:
+    """Make the complete export folder `tmp` the folder `out`, carrying `out`'s `keep` entries over.
+
+    `out` is replaced by two renames, so it is at every moment either the old folder or the new one;
+    a kill between them leaves the old one beside it, put back by the next export."""
+    for name in keep:
+        src, dst = os.path.join(out, name), os.path.join(tmp, name)
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+    if os.path.isdir(out):
+        old = _beside(out, "export-old")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str, source: str) -> list[str]:
+    """Every file of the export into the fresh folder `tmp`; returns their names."""
+    from alignx_jax import model_card
+    from alignx_jax.models import preference_head as ph
+
+    if getattr(args, "peft", False):  # the adapters alone, for peft.PeftModel on the base model
+        files = save_peft(
+            model, tmp, base_model_name_or_path=peft_base(args.checkpoint, res), dtype=args.dtype
+        )
+        files += copy_tokenizer(res.tokenizer_dir, tmp)
+        write_export_manifest(tmp, files, source=source, step=res.step)
+        return files
+    files = save_hf(
+        model,
+        tmp,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        tokenizer_dir=res.tokenizer_dir,
+        source=source,
+        step=res.step,
+        base_dir=res.config_dir,  # the base model's generation_config.json, kept as it is
+    )
+    if res.head_dir is not None:
+        if res.step is None:  # an imported model checkpoint: the head files as they came in
+            _copy_head_files(res.head_dir, tmp)
+        else:
+            ph.save_head(head, None, tmp)  # float32 always: the head is tiny, --dtype is the policy's
+        files += [ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE]
+    files.append(
+        model_card.write_card(
+            tmp,
+            checkpoint=args.checkpoint,
+            config_dir=res.config_dir,
+            source=source,
+            step=res.step,
+            dtype=read_hf_config(tmp).get("dtype", "float32"),
+            has_head=res.head_dir is not None,
+            results_files=getattr(args, "results", None),
+            name=os.path.basename(paths.absolute(args.out).rstrip("/")),
+        )
+    )
+    write_export_manifest(
+        tmp, files, source=source, step=res.step, prompt_format=run_prompt_format(args.checkpoint)
+    )
+    return files
+
+
+def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
+    """adapter_config.json's `base_model_name_or_path`: the run's `model.hf_path` (a hub id or folder, from
+    a training workdir's config.json), else the folder of the base weights (a workdir's `reference`)."""
+    try:
+        data = json.loads(paths.path(os.path.join(checkpoint, "config.json")).read_text(encoding="utf-8"))
+        hf_path = (data.get("model") or {}).get("hf_path") if isinstance(data, dict) else None
+    except (OSError, ValueError, AttributeError):
+        hf_path = None
+    if isinstance(hf_path, str) and (os.path.isdir(hf_path) or re.fullmatch(r"[\w.-]+/[\w.-]+", hf_path)):
+        return os.path.abspath(hf_path) if os.path.isdir(hf_path) else hf_path  # a folder or a hub id
+    return paths.absolute(res.config_dir) if paths.is_url(res.config_dir) else os.path.abspath(res.config_dir)
+
+
+def run_prompt_format(checkpoint: str) -> str | None:
+    """The `data.prompt_format` of the run that wrote `checkpoint` (a training workdir's config.json),
+    or the one an earlier export recorded (an exported folder's manifest); None when neither says."""
+    for name, pick in (
+        ("config.json", lambda d: (d.get("data") or {}).get("prompt_format")),
+        (EXPORT_MANIFEST, lambda d: d.get("prompt_format")),
+    ):
+        try:
+            data = json.loads(paths.path(os.path.join(checkpoint, name)).read_text(encoding="utf-8"))
+            value = pick(data) if isinstance(data, dict) else None
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _export_source(checkpoint: str) -> str:
+    """The checkpoint as the export manifest names it (a URL stays a URL)."""
+    return paths.absolute(checkpoint) if paths.is_url(checkpoint) else os.path.realpath(checkpoint)
+
+
+def _export_inputs(checkpoint: str, res: ResolvedCheckpoint):
+    """(model, head or None), both read and verified (finite, checksums where saved) before anything
+    is written."""
+    from alignx_jax.models import preference_head as ph
+
+    model = load_checkpoint(checkpoint, res.step)
+    head = None
+    if res.head_dir is not None:
+        head = ph.load_head(res.head_dir)[0] if res.step is None else load_checkpoint_head(res)[0]
+    return model, head
+
+
+def _export_to_bucket(args) -> int:
+    """`alignx export --out gs://...`: the export is written to a local temporary folder, then uploaded
+    file by file with the manifest last (a folder without `alignx_export.json` is an unfinished upload).
+    The target must be absent or empty, or hold an earlier export (`--overwrite`: any folder); files of
+    the target that this export does not write are left as they are."""
+    import tempfile
+
+    out = paths.path(args.out)
+    foreign = out.exists() and any(out.iterdir()) and not (out / EXPORT_MANIFEST).exists()
+    if foreign and not getattr(args, "overwrite", False):
+        raise CheckpointError(
+            f"--out {args.out}: not empty and not an export; pass --overwrite to write into it"
+        )
+    res = resolve_checkpoint(args.checkpoint, args.step)
+    source = _export_source(args.checkpoint)
+    model, head = _export_inputs(args.checkpoint, res)
+    if not paths.is_main_process():
+        return 0
+    with tempfile.TemporaryDirectory(prefix="alignx-export-") as local:
+        tmp = os.path.join(local, "export")
+        files = _write_export(args, res, model, head, tmp, source)
+        out.mkdir(parents=True, exist_ok=True)
+        names = [os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns]
+        for name in sorted(n for n in names if n != EXPORT_MANIFEST) + [EXPORT_MANIFEST]:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            with open(os.path.join(tmp, name), "rb") as f:
+                (out / name).write_bytes(f.read())
+    where = f" step {res.step}" if res.step is not None else ""
+    print(f"exported {args.checkpoint}{where} -> {args.out} ({len(files)} files uploaded)")
+    return 0
+
+
+def cli_export(args) -> int:
+    """`alignx export`: verify the checkpoint, write the HF folder beside `--out`, rename it into place.
+
+    `--out` must be absent, empty or an export of the same checkpoint; `--overwrite` allows any folder.
+    Files of `--out` that no export wrote are kept (hard links into the new folder), never deleted."""
+
+    if paths.is_url(args.out):
+        return _export_to_bucket(args)
+    out = os.path.abspath(args.out)
+    res = resolve_checkpoint(args.checkpoint, args.step)
+    source = _export_source(args.checkpoint)
+    # a multi-process job (launch/local.sh, a pod): every process reads the checkpoint, process 0 writes
+    main = paths.is_main_process()
+    entries, own = (
+        _export_target(out, source, bool(getattr(args, "overwrite", False))) if main else ([], set())
+    )
+    model, head = _export_inputs(args.checkpoint, res)
+    if not main:
+        return 0
+    tmp = _beside(out, "export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        files = _write_export(args, res, model, head, tmp, source)
+        keep = [e for e in entries if e not in own and e not in files]
+        _publish(tmp, out, keep)
+    except OSError as e:  # a full disk, a permission: `out` is as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f": {e.filename}" if e.filename else ""
+        raise CheckpointError(
+            f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    odd = [e for e in keep if e.endswith(".safetensors")]
+    if odd:
+        print(
+            f"alignx export: warning: kept {', '.join(odd)} in {out} (not written by an export; the index names "
+            "the exported shards, but tools that read every *.safetensors file would mix them in)",
+            file=sys.stderr,
+        )
+    where = f" step {res.step}" if res.step is not None else ""
+    extra = " (with preference head)" if res.head_dir is not None else ""
+    print(f"exported {args.checkpoint}{where} -> {args.out}{extra}")
+    return 0

@@ -1,0 +1,273 @@
+"""Orbax model checkpoints: a model checkpoint folder (HF config.json + orbax params/) or a training
+workdir's step, resolved (`resolve_checkpoint`), saved (`save_checkpoint`) and restored
+(`load_checkpoint`, `load_checkpoint_head`) with their saved checksums verified."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignx_jax import paths
+from alignx_jax.errors import CheckpointError
+from alignx_jax.models.decoder import Decoder
+from alignx_jax.models.hf import (
+    abstract_decoder,
+    copy_tokenizer,
+    decoder_run_options,
+    load_decoder_config,
+    load_pretrained,
+)
+from alignx_jax.sharding import Rules, model_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where a model's pieces live: HF config (+ tokenizer) folder and the orbax params folder.
+
+    `head_dir`: the PBA preference head, when the checkpoint has one: for a training workdir the
+    orbax `W/checkpoints/<step>/head` item (its HeadConfig is in that step's meta), for a model
+    checkpoint the folder holding `preference_head.safetensors` + `preference_head_config.json`.
+    """
+
+    config_dir: str
+    params_dir: str
+    tokenizer_dir: str | None
+    step: int | None = None
+    head_dir: str | None = None
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(
+        paths.path(os.path.join(folder, n)).is_file() for n in ("tokenizer.json", "tokenizer_config.json")
+    )
+
+
+def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint:
+    """A model checkpoint `DIR` (config.json + params/) or a training workdir `W`
+    (W/checkpoints/<step>/params, W/reference for config and tokenizer; latest step by default)."""
+    path = paths.absolute(path) if paths.is_url(path) else os.fspath(path)  # a gs:// workdir stays a URL
+    isdir = lambda p: paths.path(p).is_dir()
+    if not isdir(path):
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    ckpts = os.path.join(path, "checkpoints")
+    if isdir(ckpts):
+        steps = sorted(int(p.name) for p in paths.path(ckpts).iterdir() if p.name.isdigit())
+        if not steps:
+            raise CheckpointError(f"{ckpts}: no saved steps")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"{ckpts}: no step {step} (have {', '.join(map(str, steps))})")
+        ref = os.path.join(path, "reference")
+        if not paths.path(os.path.join(ref, "config.json")).is_file():
+            raise CheckpointError(f"{path}: training workdir without reference/config.json")
+        params = os.path.join(ckpts, str(step), "params")
+        if not isdir(params):
+            raise CheckpointError(f"{os.path.join(ckpts, str(step))}: no params/")
+        head = os.path.join(ckpts, str(step), "head")
+        return ResolvedCheckpoint(
+            ref, params, ref if has_tokenizer(ref) else None, step, head if isdir(head) else None
+        )
+    if step is not None:
+        raise CheckpointError(f"{path}: --step applies to training workdirs only (no checkpoints/ here)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path}: no config.json (not a model checkpoint or training workdir)")
+    if not os.path.isdir(os.path.join(path, "params")):
+        raise CheckpointError(
+            f"{path}: no params/ (not a model checkpoint; use `alignx import` for HF folders)"
+        )
+    from alignx_jax.models.preference_head import has_head
+
+    return ResolvedCheckpoint(
+        path,
+        os.path.join(path, "params"),
+        path if has_tokenizer(path) else None,
+        head_dir=path if has_head(path) else None,
+    )
+
+
+def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None = None) -> None:
+    """`out_dir/config.json` (HF), tokenizer files, `out_dir/params/` (orbax, pure dict of params)."""
+    import orbax.checkpoint as ocp
+
+    from alignx_jax.models import lora
+
+    model = lora.merged(model)  # a model checkpoint holds the plain model (adapters folded in)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.cfg.to_hf(), f, indent=2, sort_keys=True)
+    copy_tokenizer(tokenizer_dir, out_dir)
+    from alignx_jax.checkpointing import digests
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    sums, bad = digests(params)
+    if bad:
+        raise CheckpointError(f"{out_dir}: not saved: {bad[0]} holds NaN/inf values")
+    sidecar = os.path.join(out_dir, CHECKSUMS_FILE)
+    if os.path.exists(sidecar):  # dropped first: a rewrite cut half-way is never checked against old sums
+        os.remove(sidecar)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, "params"), params, force=True)
+        ckptr.wait_until_finished()
+    with open(sidecar + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(sums, f, indent=1, sort_keys=True)
+    os.replace(sidecar + ".tmp", sidecar)
+
+
+CHECKSUMS_FILE = "params.checksums.json"  # beside a model checkpoint's params/: `checkpointing.digests`
+
+
+def _saved_param_checksums(res: ResolvedCheckpoint) -> dict[str, str] | None:
+    """The digests saved with a checkpoint's params (training step meta, or a model checkpoint's sidecar)."""
+    from alignx_jax.checkpointing import saved_checksums
+
+    if res.step is not None:
+        return saved_checksums(
+            os.path.dirname(os.path.dirname(paths.absolute(res.params_dir))), res.step, "params"
+        )
+    path = os.path.join(os.path.dirname(paths.absolute(res.params_dir)), CHECKSUMS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+
+
+def load_checkpoint(
+    path: str,
+    step: int | None = None,
+    *,
+    dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules | None = None,
+    compute_dtype: str | None = None,
+    **run_options: Any,
+) -> Decoder:
+    """A model checkpoint or training workdir -> Decoder (params restored straight to their sharding).
+    `dtype` None keeps the stored param dtype."""
+    import orbax.checkpoint as ocp
+
+    res = resolve_checkpoint(path, step)
+    params_dir = paths.absolute(res.params_dir)  # orbax reads gs:// itself
+    try:
+        meta = ocp.StandardCheckpointer().metadata(params_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
+    except Exception as e:  # a half-written or foreign folder
+        from alignx_jax.checkpointing import first_line
+
+        raise CheckpointError(
+            f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {first_line(e)})"
+        ) from None
+    if dtype is None:
+        dtype = str(next(iter(stored))) if len(stored) == 1 else "float32"
+    same_bits = stored == {jnp.dtype(dtype)}  # the saved digests describe the stored dtype's bits
+    from alignx_jax.models import lora
+
+    lora_opts = lora.infer_options(tree)
+    base = None
+    if lora_opts is not None:  # a model.lora run: its rank/targets from the tree, alpha from W/config.json
+        saved = {}
+        if res.step is not None:
+            from alignx_jax.workdir import read_saved_config
+
+            saved = read_saved_config(os.path.dirname(res.config_dir)) or {}
+        lora_opts["lora_alpha"] = float(((saved.get("model") or {}).get("lora") or {}).get("alpha", 0.0))
+        run_options = {**lora_opts, **run_options}
+        if isinstance(tree, dict) and "embed_tokens" not in tree:  # adapters only: the base is W/reference
+            base = load_pretrained(
+                res.config_dir, dtype, mesh, rules, compute_dtype=compute_dtype, **run_options
+            )
+    cfg = load_decoder_config(res.config_dir, **decoder_run_options(dtype, compute_dtype, run_options))
+    abstract = abstract_decoder(cfg)
+    state = nnx.state(abstract, nnx.Param)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
+    shard_tree = model_shardings(state, mesh, rules) if mesh is not None else None
+    target = nnx.to_pure_dict(state)
+    if base is not None:
+        target = lora.split(target)[0]
+    shard_pure = (
+        nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
+    )
+    if base is not None and shard_tree is not None:
+        shard_pure = lora.split(shard_pure)[0]
+    # restore in the stored dtype (orbax casts otherwise unsafely), cast after
+    abstract_target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure
+    )
+    from alignx_jax.checkpointing import collect_orphans, first_line, verify_tree
+
+    why = None
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(params_dir, abstract_target)
+    except Exception as e:
+        why = f"{type(e).__name__}: {first_line(e)}"
+    if why is not None:
+        collect_orphans()
+        raise CheckpointError(f"{params_dir}: cannot restore params ({why})")
+    verify_tree(restored, _saved_param_checksums(res) if same_bits else None, params_dir)
+    if base is not None:
+        restored = lora.join(restored, lora.split(nnx.to_pure_dict(nnx.state(base, nnx.Param)))[1])
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(nnx.graphdef(abstract), state)
+    return model
+
+
+def load_checkpoint_head(res: ResolvedCheckpoint):
+    """The preference head of a resolved checkpoint as (PreferenceHead, HeadConfig), or None."""
+    from alignx_jax.models import preference_head as ph
+
+    if res.head_dir is None:
+        return None
+    if res.step is None:  # a model checkpoint keeps the exported files as they are
+        return ph.load_head(res.head_dir)
+    import orbax.checkpoint as ocp
+
+    from alignx_jax.checkpointing import read_meta
+
+    ckpts = os.path.dirname(os.path.dirname(os.path.abspath(res.head_dir)))
+    meta = read_meta(ckpts, res.step)
+    if "head_config" not in meta:
+        raise CheckpointError(f"{ckpts}/{res.step}: a head/ item but no head_config in its meta")
+    fields = {f.name for f in dataclasses.fields(ph.HeadConfig)}
+    hcfg = ph.HeadConfig(**{k: v for k, v in meta["head_config"].items() if k in fields})
+    head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0))
+    state = nnx.state(head, nnx.Param)
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=default), nnx.to_pure_dict(state)
+    )
+    from alignx_jax.checkpointing import collect_orphans, first_line, saved_checksums, verify_tree
+
+    why = None
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.abspath(res.head_dir), target)
+    except Exception as e:
+        why = f"{type(e).__name__}: {first_line(e)}"
+    if why is not None:
+        collect_orphans()
+        raise CheckpointError(f"{res.head_dir}: cannot restore the preference head ({why})")
+    verify_tree(restored, saved_checksums(ckpts, res.step, "head"), res.head_dir)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(head, state)
+    return head, hcfg
+
+
+def remove_head_files(out_dir: str) -> None:
+    from alignx_jax.models import preference_head as ph
+
+    for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):  # a stale head would pair with the wrong policy
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))

@@ -1,0 +1,140 @@
+"""The run config's one schema (alignx_jax.config_schema): defaults built from the section dataclasses,
+every shipped config loads and validates, a wrong type or value is one ConfigError line naming the key,
+and a config saved by an older version merges over today's defaults."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import glob
+import json
+import os
+
+import ml_collections
+import pytest
+
+from alignx_jax import config_schema as schema
+from alignx_jax import losses
+from alignx_jax.config import config_to_json, load_config
+from alignx_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+
+
+def _variants(path: str) -> list[str]:
+    """`path`, plus `path:quick` when its get_config takes a variant and knows 'quick'."""
+    text = open(path, encoding="utf-8").read()
+    tree = ast.parse(text)
+    get_config = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_config")
+    takes_variant = bool(get_config.args.args)
+    return [path, f"{path}:quick"] if takes_variant and '"quick"' in text else [path]
+
+
+SHIPPED = [v for p in CONFIGS for v in _variants(p)]
+
+
+def _leaves(cfg: ml_collections.ConfigDict, cls: type, prefix: str = ""):
+    for key, tp in schema.section_fields(cls):
+        if dataclasses.is_dataclass(tp):
+            yield from _leaves(cfg[key], tp, f"{prefix}{key}.")
+        else:
+            yield prefix + key, cfg[key], tp
+
+
+def test_default_config_is_the_dataclasses():
+    cfg = schema.default_config()
+    leaves = list(_leaves(cfg, schema.RunConfig))
+    assert len(leaves) > 90
+    for name, value, tp in leaves:
+        assert schema._matches(value, tp), (name, value, tp)
+    # base.py returns exactly this
+    assert config_to_json(load_config(os.path.join(ROOT, "configs", "base.py"))) == config_to_json(cfg)
+    assert cfg.checkpoint["async"] is True
+    assert cfg.loss.type == "sigmoid" and cfg.data.buckets == (1024, 2048, 4096, 8192)
+
+
+def test_loss_types_come_from_losses():
+    assert schema.LossSection.__annotations__["type"].__args__ == losses.PREFERENCE_LOSS_TYPES
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, ROOT))
+def test_shipped_config_loads_and_validates(path, tmp_path):
+    overrides = [f"--config.workdir={tmp_path}/w"]
+    cfg = load_config(path, overrides)
+    schema.check_types(cfg)
+    if not cfg.model.hf_path and not cfg.model.init.enabled:
+        cfg = load_config(path, [*overrides, "--config.model.hf_path=/m"])
+    if not cfg.data.train and cfg.data.synth_users <= 0:
+        cfg = load_config(path, [*overrides, "--config.model.hf_path=/m", "--config.data.train=/d"])
+    schema.validate_config(cfg)
+
+
+def test_quick_variants_are_found():
+    assert any(p.endswith("demo_cpu.py:quick") for p in SHIPPED)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # a value of the wrong type set by a config file or code (an override is parsed by the key's type)
+        (("train", "steps", "abc"), "train.steps='abc': expected an integer"),
+        (("train", "steps", 2.5), "train.steps=2.5: expected an integer"),
+        (("train", "progress", 1), "train.progress=1: expected a boolean"),
+        (("data", "buckets", (256, "x")), "data.buckets=(256, 'x'): expected a tuple of integers"),
+        (("pba", "class_weights", (1.0, 2.0)), "pba.class_weights=(1.0, 2.0): expected a tuple of 3 numbers"),
+        (("loss", "type", "kto"), "loss.type='kto': expected one of sigmoid, "),
+        (("model", "remat", "most"), "model.remat='most': expected one of none, full, dots, dots_no_batch"),
+        (("data", "prompt_format", "raw"), "data.prompt_format='raw': expected one of chat, paper, release"),
+        (("data", "overflow", "cut"), "data.overflow='cut': expected one of truncate, drop"),
+        (("pba", "pooling", "max"), "pba.pooling='max': expected one of mean, last"),
+    ],
+)
+def test_wrong_type_or_value_is_one_line_naming_the_key(override, message):
+    section, key, value = override
+    cfg = load_config(TINY, ["--config.workdir=/tmp/x"])
+    with cfg.unlocked(), cfg[section].ignore_type():
+        cfg[section][key] = value
+    with pytest.raises(ConfigError) as e:
+        schema.validate_config(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_int_is_a_float_and_literal_checked_on_overrides():
+    cfg = load_config(TINY, ["--config.workdir=/tmp/x", "--config.loss.beta=1", "--config.optim.lr=1"])
+    schema.validate_config(cfg)
+    with pytest.raises(ConfigError, match=r"expected an integer, got 'abc'"):
+        load_config(TINY, ["--config.train.steps=abc"])
+    for args in (["--config.loss.nan_policy=ignore"], ["--config.loss.nan_policy", "ignore"]):
+        cfg = load_config(TINY, ["--config.workdir=/tmp/x", *args])
+        with pytest.raises(ConfigError, match=r"^loss\.nan_policy='ignore': expected one of stop, skip$"):
+            schema.validate_config(cfg)
+
+
+def test_missing_and_unknown_keys():
+    cfg = schema.default_config()
+    del cfg.train["eval_every"]
+    with pytest.raises(ConfigError, match=r"config key train\.eval_every is missing"):
+        schema.check_types(cfg)
+    cfg = schema.default_config()
+    cfg.train.stpes = 3
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.stpes'"):
+        schema.check_types(cfg)
+
+
+def test_saved_config_lacking_newer_keys_merges_over_defaults():
+    saved = json.loads(config_to_json(load_config(TINY, ["--config.workdir=/tmp/old"])))
+    del saved["loss"]["nan_policy"], saved["train"]["eval_every"], saved["model"]["lora"]
+    saved["train"]["a_removed_key"] = 1
+    saved["loss"]["beta"] = 0.3
+    cfg = schema.merge_saved(saved)
+    assert cfg.loss.nan_policy == "stop" and cfg.train.eval_every == 0 and cfg.model.lora.rank == 0
+    assert cfg.loss.beta == 0.3 and cfg.workdir == "/tmp/old"
+    assert "a_removed_key" not in cfg.train
+    # JSON lists are the tuples the config held
+    assert cfg.data.buckets == tuple(saved["data"]["buckets"]) and isinstance(cfg.sharding.rules[0], tuple)
+    schema.validate_config(cfg)
+    saved["train"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"saved config: train\.steps='many': expected an integer"):
+        schema.merge_saved(saved)
