@@ -60,6 +60,15 @@ def _closed_loop(exc: BaseException | None) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
+def _abandoned_read(info) -> bool:
+    """A read coroutine of a failed restore, finalized later than `collect_orphans` (still in flight
+    then; the interpreter reports it at exit as 'Exception ignored in: <coroutine ...>')."""
+    name = getattr(info.object, "__qualname__", "") or getattr(info.object, "__name__", "")
+    return "_read_array_index" in str(name) and "Encountered error while reading array index" in str(
+        info.exc_value
+    )
+
+
 def _quiet_closed_loop_callbacks() -> None:
     """The same after-effect reaches Python from tensorstore's threads (sys.excepthook or the unraisable
     hook, depending on the path): those hooks skip it and pass everything else on."""
@@ -72,7 +81,7 @@ def _quiet_closed_loop_callbacks() -> None:
             except_hook(kind, value, tb)
 
     def unraisablehook(info):
-        if not _closed_loop(info.exc_value):
+        if not _closed_loop(info.exc_value) and not _abandoned_read(info):
             unraisable_hook(info)
 
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook

@@ -63,7 +63,7 @@ class RealBudget:
         self.train_rows = 8 if quick else None  # a balanced sample of the training half (None = all)
         self.test_rows = 8 if quick else None  # and of the held-out half
         self.eval_batch = 4 if quick else 8
-        self.max_length = 1024
+        self.max_length = 512 if quick else 1024  # quick: a smoke run, half the tokens per step
         self.samples = 1 if quick else 3  # generations per persona and model
         self.max_new_tokens = 16 if quick else 96
 

@@ -71,32 +71,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=[128001, 128008, 128009],
         hidden_act="silu",
     ),
-    "llama3-70b": dict(  # Llama-3.1-70B(-Instruct)
-        model_type="llama",
-        architectures=["LlamaForCausalLM"],
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        attention_bias=False,
-        tie_word_embeddings=False,
-        bos_token_id=128000,
-        eos_token_id=[128001, 128008, 128009],
-        hidden_act="silu",
-    ),
     "qwen2.5-7b": dict(  # Qwen2.5-7B(-Instruct)
         model_type="qwen2",
         architectures=["Qwen2ForCausalLM"],
@@ -136,6 +110,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 PRESETS["llama3.1-8b"] = PRESETS["llama3-8b"]
+# Llama-3.1-70B(-Instruct): the 8B's card (vocabulary, RoPE, tokens) at these sizes
+PRESETS["llama3-70b"] = dict(
+    PRESETS["llama3-8b"],
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+)
 PRESETS["llama3.1-70b"] = PRESETS["llama3-70b"]
 
 

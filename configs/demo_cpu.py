@@ -70,6 +70,8 @@ def get_config(variant: str = "full"):
 
     if variant == "quick":
         c.train.steps = 6
+        c.data.max_length = 384  # what `alignx demo --quick` trains at (demo.Budget)
+        c.data.buckets = (576,)  # one row length (max_length 384 + the response reserve): one compile
         c.train.global_batch = 4
         c.train.micro_batch = 4
         c.checkpoint.every_steps = 3

@@ -57,11 +57,11 @@ def get_config(variant: str = "full"):
     c.pba.enabled = False  # PBA's policy trains on the file's profile text (no head: P-SOUPS has no vectors)
 
     if variant == "quick":
-        c.train.steps = 3
+        c.train.steps = 2
         c.train.epochs = 1
-        c.train.global_batch = 4
-        c.train.micro_batch = 4
-        c.checkpoint.every_steps = 3
+        c.train.global_batch = 2
+        c.train.micro_batch = 2
+        c.checkpoint.every_steps = 2
     elif variant != "full":
         raise ValueError(f"configs/demo_real.py: unknown variant {variant!r} (full | quick)")
     return c

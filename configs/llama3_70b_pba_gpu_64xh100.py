@@ -11,30 +11,21 @@ Tensor parallelism over the 8 GPUs of a host (NVLink), FSDP over the 8 hosts.
 import os
 import runpy
 
-_BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+# the 70B PBA pod config (release recipe, joint head) with the GPU cluster's attention, mesh and rules
+_PBA_70B = runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_70b_pba_tpu_v5p_256.py")
+)
 
 
 def get_config():
-    c = _BASE["release_recipe"](_BASE["get_config"]())  # seq 8192, global batch 128, remat full, scan
-    c.model.preset = "llama3-70b"  # what `alignx plan` compiles before --config.model.hf_path is given
+    c = _PBA_70B["get_config"]()
     c.plan.topology = "64xH100"
     c.model.attention_impl = "cudnn"  # flash attention through jax.nn.dot_product_attention
-    c.data.method = "pba"
     c.train.micro_batch = 8  # one pair per tensor-parallel group (host) per micro-step: 16 micro-steps
-    c.train.distributed = True  # one process per host (8), wired by jax.distributed
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 8  # tensor: the 8 GPUs of a host; fsdp: the 8 hosts
     # the residual stream between layers (what per-layer remat keeps: 80 x [T, 8192] per sequence) is
     # split over the host's GPUs along the hidden dimension too, gathered for each layer's projections
     c.sharding.rules = tuple(
         (name, "tensor" if name == "activation_embed" else axes) for name, axes in c.sharding.rules
     )
-
-    c.pba.enabled = True
-    c.pba.weight = 1.0
-    c.pba.mode = "joint"
-    c.pba.preference = "history"
-    c.pba.stop_gradient = True
-    c.pba.focal_gamma = 0.0
-    c.pba.max_persona_tokens = 1024  # <= the smallest data bucket, so one persona length per step
-    c.pba.lr = 1e-3
     return c

@@ -11,25 +11,15 @@
 import os
 import runpy
 
-_BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+# the 8B PBA pod config (release recipe, joint head, splash attention, FSDP over every chip) at 70B
+_PBA_8B = runpy.run_path(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b_pba_tpu_v5p_64.py")
+)
 
 
 def get_config():
-    c = _BASE["release_recipe"](_BASE["get_config"]())  # seq 8192, global batch 128, remat full, scan
+    c = _PBA_8B["get_config"]()
     c.model.preset = "llama3-70b"  # what `alignx plan` compiles before --config.model.hf_path is given
     c.plan.topology = "v5p-256"
-    c.model.attention_impl = "splash"  # Pallas splash flash attention (rows are multiples of 128)
-    c.data.method = "pba"
-    c.train.micro_batch = 128  # one pair per chip per micro-step
-    c.train.distributed = True  # one process per TPU host (32 on a v5p-256), wired by jax.distributed
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-
-    c.pba.enabled = True
-    c.pba.weight = 1.0
-    c.pba.mode = "joint"
-    c.pba.preference = "history"
-    c.pba.stop_gradient = True
-    c.pba.focal_gamma = 0.0
-    c.pba.max_persona_tokens = 1024  # <= the smallest data bucket, so one persona length per step
-    c.pba.lr = 1e-3
+    c.train.micro_batch = 128  # one pair per chip per micro-step (32 hosts, one process each)
     return c

@@ -101,3 +101,22 @@ def tiny_hf_checkpoints(tmp_path_factory) -> dict[str, str]:
         "llama": build_tiny_hf("llama", str(root / "llama"), seed=0, max_shard_size="1MB"),
         "qwen2": build_tiny_hf("qwen2", str(root / "qwen2"), seed=1),
     }
+
+
+# The files holding the long end-to-end runs (minutes each on 2 cores) go first: `make test`'s workers
+# take whole files in collection order (`--dist loadfile`), so the short files then fill in beside the
+# long ones instead of one worker finishing a long file alone at the end.
+LONG_FILES = (
+    "test_multiprocess.py",
+    "test_faults.py",
+    "test_demo_real.py",
+    "test_demo.py",
+    "test_train.py",
+    "test_pba_training.py",
+    "test_gguf.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept

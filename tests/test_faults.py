@@ -745,8 +745,9 @@ def _kill_when(proc, w, mode, rng):
 
 @pytest.mark.slow
 def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root):
-    """10 SIGKILLs of a training run (in start-up, mid-step, during checkpoint writes), each followed by a
-    resume, then 3 of its export: the losses are the uninterrupted run's and the export always loads."""
+    """6 SIGKILLs of a training run (in start-up, mid-step, during checkpoint writes: two of each), each
+    followed by a resume, then 3 of its export: the losses are the uninterrupted run's and the export
+    always loads."""
     steps, t0 = 40, time.time()
     args = lambda w: _train_args(w, steps, 2)
     ref = tmp_path / "ref"
@@ -755,7 +756,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     rng = np.random.default_rng(18)
     w = tmp_path / "soak"
     modes = []
-    for k in range(10):
+    for k in range(6):
         mode = ("random", "save", "steps")[k % 3]
         proc = subprocess.Popen(
             _cmd(args(w)),
@@ -782,7 +783,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     out = tmp_path / "hf"
     export = ["export", "--checkpoint", str(w), "--out", str(out)]
     kills = len(modes)
-    for k in range(max(3, 13 - kills)):
+    for k in range(max(3, 9 - kills)):
         proc = subprocess.Popen(
             _cmd(export + (["--step", str(steps - 2)] if k % 2 else [])),
             env=_env(cache_root),
@@ -813,4 +814,4 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
         f"soak: {len(modes)} training kills ({', '.join(modes)}), {kills - len(modes)} export kills, "
         f"{time.time() - t0:.0f}s"
     )
-    assert len(modes) == 10 and kills >= 13
+    assert len(modes) == 6 and kills >= 9
