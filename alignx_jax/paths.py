@@ -8,6 +8,7 @@ they are and makes local paths absolute; `path()` is the `epath.Path` to open/li
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -54,3 +55,16 @@ def is_file(p: Any) -> bool:
 
 def exists(p: Any) -> bool:
     return path(p).exists() if is_url(p) else os.path.exists(p)
+
+
+def files_below(top: epath.Path) -> Iterator[tuple[str, epath.Path]]:
+    """Every file under the folder `top` (local or a URL), at any depth, as (path relative to top, path)."""
+    todo = [(top, "")]
+    while todo:
+        folder, rel = todo.pop()
+        for child in folder.iterdir():
+            sub = f"{rel}/{child.name}" if rel else child.name
+            if child.is_dir():
+                todo.append((child, sub))
+            else:
+                yield sub, child

@@ -161,16 +161,10 @@ def _url_signature(url: str) -> list[list[Any]]:
     if not top.is_dir():
         st = top.stat()
         return [[top.name, st.length, st.mtime]]
-    out, todo = [], [(top, "")]
-    while todo:
-        folder, rel = todo.pop()
-        for child in folder.iterdir():
-            sub = f"{rel}/{child.name}" if rel else child.name
-            if child.is_dir():
-                todo.append((child, sub))
-            else:
-                st = child.stat()
-                out.append([sub, st.length, st.mtime])
+    out = []
+    for sub, child in paths.files_below(top):
+        st = child.stat()
+        out.append([sub, st.length, st.mtime])
     return sorted(out)
 
 

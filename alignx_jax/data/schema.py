@@ -228,16 +228,8 @@ def _list_url(url: str) -> list[str]:
             return [url]
         if not top.is_dir():
             raise DataError("no such file or folder", file=url)
-        found: list[tuple[str, str]] = []  # (path relative to url, url of the file)
-        todo = [(top, "")]
-        while todo:
-            folder, rel = todo.pop()
-            for child in folder.iterdir():
-                sub = f"{rel}/{child.name}" if rel else child.name
-                if child.is_dir():
-                    todo.append((child, sub))
-                elif _is_data_name(child.name):
-                    found.append((sub, f"{url}/{sub}"))
+        # (path relative to url, url of the file)
+        found = [(sub, f"{url}/{sub}") for sub, child in paths.files_below(top) if _is_data_name(child.name)]
     except DataError:
         raise
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
