@@ -44,8 +44,15 @@ from alignx_jax.models.compaction import TokenLayout
 Array = Any  # a NumPy array on the host, a jax.Array (or ShapeDtypeStruct) once put on devices
 
 
+@struct.dataclass(kw_only=True)
 class _Batch:
-    """What both layouts give their callers (the fields are the dataclasses')."""
+    """What both layouts hold and give their callers; each layout adds its rows' fields."""
+
+    pair_mask: Array  # [M, b] 0 = a dummy pair padding the batch
+    tokens: KeptTokens | None = None
+    head: HeadInputs | None = None
+    ref_logps: Array | None = None  # [M, b, 2] float32 `loss.reference=precomputed`
+    slot: Array | None = None  # [M, b] the precompute pass's global pair ids
 
     @property
     def num_micro(self) -> int:
@@ -92,12 +99,7 @@ class TwoRowBatch(_Batch):
     attention_mask: Array  # [M, b, 2, T]
     positions: Array  # [M, b, 2, T]
     loss_mask: Array  # [M, b, 2, T] 1 on the scored response tokens
-    pair_mask: Array  # [M, b] 0 = a dummy pair padding the batch
     score_index: Array | None = None  # [M, b, 2, R] `loss.logits_on_responses`: the scored window
-    tokens: KeptTokens | None = None
-    head: HeadInputs | None = None
-    ref_logps: Array | None = None  # [M, b, 2] float32 `loss.reference=precomputed`
-    slot: Array | None = None  # [M, b] the precompute pass's global pair ids
 
     @property
     def layout(self) -> str:
@@ -119,12 +121,7 @@ class SharedPromptBatch(_Batch):
     score_slot: Array  # [M, S] 2 * pair + branch
     score_valid: Array  # [M, S] 0 = padding of the list
     score_count: Array  # [M, b, 2] scored tokens per response
-    pair_mask: Array  # [M, b] 0 = a dummy pair padding the batch
     segment_ids: Array | None = None  # [M, rows, T] `data.packing`: which pair a token belongs to
-    tokens: KeptTokens | None = None
-    head: HeadInputs | None = None
-    ref_logps: Array | None = None  # [M, b, 2] float32 `loss.reference=precomputed`
-    slot: Array | None = None  # [M, b] the precompute pass's global pair ids
 
     @property
     def layout(self) -> str:

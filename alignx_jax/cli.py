@@ -29,7 +29,7 @@ HANDLERS: dict[str, str] = {
     "eval": "alignx_jax.evaluate.cli:cli_eval",
     "generate": "alignx_jax.generate:cli_generate",
     "predict-preferences": "alignx_jax.pba.predict:cli_predict_preferences",
-    "plan": "alignx_jax.plan:cli_plan",
+    "plan": "alignx_jax.plan.cli:cli_plan",
     "demo": "alignx_jax.demo:cli_demo",
 }
 
@@ -44,10 +44,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignx", description="AlignX personalized alignment in JAX/Flax.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _dtype_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """`--dtype` of the commands that load a model in a chosen dtype (default: theirs, as `help_text` says)."""
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=help_text)
 
+
+def _add_import(sub) -> None:
     p = sub.add_parser("import", help="Hugging Face folder or GGUF file -> orbax checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="HF model folder (config.json + safetensors) or hub id org/name[@revision]")
@@ -55,18 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="orbax checkpoint or training workdir -> Hugging Face folder")
     p.add_argument(
         "--checkpoint", required=True, help="checkpoint folder (from `import`) or a training workdir"
     )
     p.add_argument("--step", type=int, default=None, help="workdir step to export (default: latest)")
     p.add_argument("--out", required=True, help="output HF folder")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="tensor dtype in the safetensors (default: the checkpoint's)",
-    )
+    _dtype_arg(p, "tensor dtype in the safetensors (default: the checkpoint's)")
     p.add_argument(
         "--results",
         action="append",
@@ -90,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "an export writes, leave the others",
     )
 
+
+def _add_data(sub) -> None:
     pdata = sub.add_parser("data", help="data tools: check, prepare, split")
     dsub = pdata.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = dsub.add_parser("check", help="validate AlignX rows or a benchmark file; print counts")
@@ -113,15 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
+
+def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic AlignX-schema users (parquet)")
     p.add_argument("--out", required=True)
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--pairs-per-user", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="DPO training (ICA / PBA / non-personalized) from a config")
     _config_args(p)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="alignment accuracy on AlignX benchmarks")
     p.add_argument("--model", required=True, help="HF folder (or hub id org/name[@revision]) of the policy")
     p.add_argument("--reference", default="none", help="HF folder (or hub id) of the reference, or 'none'")
@@ -182,24 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)",
-    )
+    _dtype_arg(p, "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)")
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample responses with a KV cache")
     p.add_argument(
         "--model", required=True, help="HF folder, hub id (org/name[@revision]), checkpoint or workdir"
     )
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)",
+    _dtype_arg(
+        p, "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)"
     )
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
     p.add_argument(
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
+
+def _add_predict_preferences(sub) -> None:
     p = sub.add_parser("predict-preferences", help="predict P̃ and the profile text with the preference head")
     p.add_argument("--model", required=True)
     g = p.add_mutually_exclusive_group(required=True)
@@ -249,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSONL output for --data")
     p.add_argument("--json", action="store_true")
 
+
+def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="compile the train step ahead of time and report memory per device")
     _config_args(p)
     p.add_argument("--topology", default=None, help="v5p-64 | 8xH100 | ... (default: the config's)")
@@ -266,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also list every parameter: name, shape, partition spec and per-device shape",
     )
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="small-scale reproduction: synth -> train -> export -> eval -> report")
     p.add_argument(
         "--out", default=None, help="output folder (default runs/demo, with --real runs/demo-real)"
@@ -282,6 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)",
     )
     p.add_argument("--seed", type=int, default=0)
+
+
+_SUBCOMMANDS = (
+    _add_import,
+    _add_export,
+    _add_data,
+    _add_synth,
+    _add_train,
+    _add_eval,
+    _add_generate,
+    _add_predict_preferences,
+    _add_plan,
+    _add_demo,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignx", description="AlignX personalized alignment in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _SUBCOMMANDS:  # in `alignx --help` order
+        add(sub)
     return parser
 
 

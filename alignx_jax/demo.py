@@ -202,32 +202,40 @@ def _limited_copy(path: str, limit: int | None, dest: str) -> str:
 # ----------------------------------------------------------------------------- models
 
 
+# the synthetic demo trains PBA's policy without the joint head (`attach_head` says why)
+PBA_HEAD_OFF = ("--config.pba.enabled=false",)
+
+
 def run_config(
-    budget: Budget,
+    budget: Any,
     *,
     workdir: str,
-    init_dir: str,
+    model_dir: str,
     data: str,
     method: str,
     seed: int,
     steps: int | None = None,
+    config_file: str = DEMO_CONFIG,
+    overrides: Sequence[str] = PBA_HEAD_OFF,
 ):
-    """The demo's training config for one run (configs/demo_cpu.py plus the run's overrides)."""
+    """A demo's training config for one run: `budget.config` (a variant of `config_file`) with the
+    run's workdir, starting model, rows, method, seed and the budget's max_length, `steps` (None: the
+    config's), then `overrides`."""
     from alignx_jax.config import load_config
 
-    if not os.path.isfile(DEMO_CONFIG):
-        raise ConfigError(f"demo config not found: {DEMO_CONFIG} (run from a source checkout)")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"demo config not found: {config_file} (run from a source checkout)")
     return load_config(
         budget.config,
         [
             f"--config.workdir={workdir}",
-            f"--config.model.hf_path={init_dir}",
+            f"--config.model.hf_path={model_dir}",
             f"--config.data.train={data}",
             f"--config.data.method={method}",
-            "--config.pba.enabled=false",
             f"--config.train.seed={seed + 42}",
             f"--config.data.max_length={budget.max_length}",
             *([f"--config.train.steps={steps}"] if steps else []),
+            *overrides,
         ],
     )
 
@@ -266,27 +274,16 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     }
 
 
-def train_and_export(
-    budget: Budget,
-    *,
-    workdir: str,
-    init_dir: str,
-    data: str,
-    method: str,
-    seed: int,
-    export_dir: str,
-    steps: int | None = None,
-) -> dict[str, Any]:
-    """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
+def train_and_export(cfg: Any, export_dir: str) -> dict[str, Any]:
+    """`alignx train` of a `run_config` (resumes from its workdir's checkpoints) then `alignx export`
+    of the last step."""
     import shutil
 
     from alignx_jax import export
     from alignx_jax.models import checkpoint
     from alignx_jax.train.loop import run_training
 
-    cfg = run_config(
-        budget, workdir=workdir, init_dir=init_dir, data=data, method=method, seed=seed, steps=steps
-    )
+    workdir = cfg.workdir
     code = run_training(cfg)
     res = checkpoint.resolve_checkpoint(workdir)
     if code != 0 or res.step != int(cfg.train.steps):  # stopped early (signal): not a finished stage
@@ -296,6 +293,24 @@ def train_and_export(
         argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB")
     )
     return {"workdir": workdir, "export": export_dir, "steps": int(cfg.train.steps)}
+
+
+def train_stages(
+    stages: Stages,
+    d: dict[str, str],
+    run_names: dict[str, str],
+    train: Callable[[str, str, str], Any],
+    prefix: str = "",
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each method of `run_names` trained and exported as stage `{prefix}train/{m}`: `train(m,
+    workdir, export_dir)` into DIR/runs/NAME and DIR/models/NAME, NAME = `run_names[m]`; returns
+    (export folders by method, workdirs by run name)."""
+    exports, workdirs = {}, {}
+    for m, name in run_names.items():
+        workdirs[name] = os.path.join(d["runs"], name)
+        exports[m] = os.path.join(d["models"], name)
+        stages.run(f"{prefix}train/{m}", lambda m=m, name=name: train(m, workdirs[name], exports[m]))
+    return exports, workdirs
 
 
 def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dict[str, Any]:
@@ -314,7 +329,7 @@ def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dic
     if ph.has_head(export_dir):
         return {"mode": "joint"}
     cfg = run_config(
-        budget, workdir=os.path.dirname(export_dir), init_dir=export_dir, data=data, method="pba", seed=seed
+        budget, workdir=os.path.dirname(export_dir), model_dir=export_dir, data=data, method="pba", seed=seed
     )
     rows, _ = schema.load_rows(data)
     model = hf.load_pretrained(export_dir)
@@ -402,109 +417,21 @@ def run_demo(
     os.makedirs(out, exist_ok=True)
     claim_out(out, {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None})
 
-    names = ["synth", "init"]
-    for m in METHODS:
-        names += [f"train/{m}"]
-    names += ["head/pba", "eval/base"] + [f"eval/{k}" for k in SYNTH_ROWS if k != "base"]
-    if have_psoups:
-        names += (
-            ["psoups/split"]
-            + [f"psoups/train/{m}" for m in METHODS]
-            + ["psoups/head"]
-            + [f"psoups/eval/{k}" for k in PSOUPS_ROWS]
-        )
-    stages = Stages(out, names, progress)
+    stages = Stages(out, _stage_names(have_psoups), progress)
     d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
     init_dir = os.path.join(d["models"], "init")
     results: dict[str, Any] = {"synthetic": {}, "p_soups": {}}
     try:
         data = stages.run("synth", lambda: make_synthetic(os.path.join(d["data"], "synth"), budget, seed))
         init = stages.run("init", lambda: make_init(budget, init_dir, seed))
-
-        def train_methods(prefix: str, train_data: str, **options):
-            """Each of METHODS trained from init and exported, as stage `{prefix}train/{m}` and run
-            `{prefix}{RUN_NAMES[m]}` ("/" -> "_"): (export folders by method, workdirs by run name)."""
-            exports, workdirs = {}, {}
-            for m in METHODS:
-                name = prefix.replace("/", "_") + RUN_NAMES[m]
-                workdirs[name] = os.path.join(d["runs"], name)
-                exports[m] = os.path.join(d["models"], name)
-                stages.run(
-                    f"{prefix}train/{m}",
-                    lambda m=m, name=name: train_and_export(
-                        budget,
-                        workdir=workdirs[name],
-                        init_dir=init_dir,
-                        data=train_data,
-                        method=m,
-                        seed=seed,
-                        export_dir=exports[m],
-                        **options,
-                    ),
-                )
-            return exports, workdirs
-
-        exports, workdirs = train_methods("", data["train"])
+        exports, workdirs = _train_methods(stages, budget, d, init_dir, seed, "", data["train"])
         head = stages.run(
             "head/pba", lambda: attach_head(budget, export_dir=exports["pba"], data=data["train"], seed=seed)
         )
-
-        def synth_eval(key, model, ref, method, pref="golden"):
-            return stages.run(
-                f"eval/{key}",
-                lambda: run_eval(
-                    budget,
-                    model_dir=model,
-                    reference_dir=ref,
-                    name="alignx",
-                    path=data["test"],
-                    method=method,
-                    preference=pref,
-                    out_json=os.path.join(d["eval"], "synthetic", f"{key}.json"),
-                    limit=budget.eval_limit,
-                ),
-            )
-
-        syn = results["synthetic"]
-        syn["base"] = synth_eval("base", init_dir, None, "ica")
-        syn["non_personalized"] = synth_eval("non_personalized", exports["none"], init_dir, "none")
-        syn["ica"] = synth_eval("ica", exports["ica"], init_dir, "ica")
-        syn["pba_predicted"] = synth_eval("pba_predicted", exports["pba"], init_dir, "pba", "predicted")
-        syn["pba_golden"] = synth_eval("pba_golden", exports["pba"], init_dir, "pba", "golden")
-
+        results["synthetic"] = _synthetic_evals(stages, budget, d, init_dir, exports, data["test"])
         ps: dict[str, Any] = {"file": psoups}
         if have_psoups:
-            split = stages.run(
-                "psoups/split", lambda: split_psoups(psoups, os.path.join(d["data"], "p-soups"), seed)
-            )
-            train_file = _limited_copy(
-                split["train"],
-                budget.psoups_train_limit,
-                os.path.join(d["data"], "p-soups", "train_quick", "rows.json"),
-            )
-            ps_exports, ps_workdirs = train_methods("psoups/", train_file, steps=budget.psoups_steps)
-
-            def ps_eval(key, model, method):
-                return stages.run(
-                    f"psoups/eval/{key}",
-                    lambda: run_eval(
-                        budget,
-                        model_dir=model,
-                        reference_dir=init_dir,
-                        name="p-soups",
-                        path=split["test"],
-                        method=method,
-                        preference="golden",
-                        limit=budget.psoups_eval_limit,
-                        out_json=os.path.join(d["eval"], "p_soups", f"{key}.json"),
-                    ),
-                )
-
-            # P-SOUPS rows carry no direction vectors: there is no head to train, PBA uses `profile`
-            stages.run("psoups/head", lambda: {"mode": "none: PBA on P-SOUPS uses the row's profile"})
-            ps["non_personalized"] = ps_eval("non_personalized", ps_exports["none"], "none")
-            ps["ica"] = ps_eval("ica", ps_exports["ica"], "ica")
-            ps["pba_profile"] = ps_eval("pba_profile", ps_exports["pba"], "pba")
+            ps.update(_psoups_part(stages, budget, d, init_dir, seed, psoups))
         else:
             ps["skipped"] = f"P-SOUPS file not found: {psoups}"
             print(f"alignx demo: {ps['skipped']}; skipping the P-SOUPS part", file=sys.stderr)
@@ -529,6 +456,110 @@ def run_demo(
     plot_accuracy(out, results)
     plot_curves(out, workdirs)
     return results
+
+
+def _stage_names(have_psoups: bool) -> list[str]:
+    """Every stage of the demo, in order (the progress bar's total)."""
+    names = ["synth", "init", *(f"train/{m}" for m in METHODS), "head/pba", "eval/base"]
+    names += [f"eval/{k}" for k in SYNTH_ROWS if k != "base"]
+    if have_psoups:
+        names += (
+            ["psoups/split"]
+            + [f"psoups/train/{m}" for m in METHODS]
+            + ["psoups/head"]
+            + [f"psoups/eval/{k}" for k in PSOUPS_ROWS]
+        )
+    return names
+
+
+def _train_methods(
+    stages: Stages,
+    budget: Budget,
+    d: dict[str, str],
+    init_dir: str,
+    seed: int,
+    prefix: str,
+    data: str,
+    steps: int | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each of METHODS trained from init on `data` and exported (`train_stages`), as run
+    `{prefix}{RUN_NAMES[m]}` ("/" -> "_"), `steps` steps each (None: the config's)."""
+    run_names = {m: prefix.replace("/", "_") + RUN_NAMES[m] for m in METHODS}
+
+    def train(m: str, workdir: str, export_dir: str) -> dict[str, Any]:
+        cfg = run_config(
+            budget, workdir=workdir, model_dir=init_dir, data=data, method=m, seed=seed, steps=steps
+        )
+        return train_and_export(cfg, export_dir)
+
+    return train_stages(stages, d, run_names, train, prefix)
+
+
+def _synthetic_evals(
+    stages: Stages, budget: Budget, d: dict[str, str], init_dir: str, exports: dict[str, str], test: str
+) -> dict[str, Any]:
+    """The held-out users' rows scored per SYNTH_ROWS (stages `eval/{row}`); the base model with no
+    reference, the trained ones with init as reference."""
+    # row: (model, reference, method, preference)
+    runs = {
+        "base": (init_dir, None, "ica", "golden"),
+        "non_personalized": (exports["none"], init_dir, "none", "golden"),
+        "ica": (exports["ica"], init_dir, "ica", "golden"),
+        "pba_predicted": (exports["pba"], init_dir, "pba", "predicted"),
+        "pba_golden": (exports["pba"], init_dir, "pba", "golden"),
+    }
+    syn: dict[str, Any] = {}
+    for key, (model, ref, method, pref) in runs.items():
+        syn[key] = stages.run(
+            f"eval/{key}",
+            lambda key=key, model=model, ref=ref, method=method, pref=pref: run_eval(
+                budget,
+                model_dir=model,
+                reference_dir=ref,
+                name="alignx",
+                path=test,
+                method=method,
+                preference=pref,
+                out_json=os.path.join(d["eval"], "synthetic", f"{key}.json"),
+                limit=budget.eval_limit,
+            ),
+        )
+    return syn
+
+
+def _psoups_part(
+    stages: Stages, budget: Budget, d: dict[str, str], init_dir: str, seed: int, psoups: str
+) -> dict[str, Any]:
+    """Split the P-SOUPS file by prompt, train METHODS on its train half and score them on the
+    other half's prompts (PBA with the row's `profile`): accuracy per PSOUPS_ROWS."""
+    split = stages.run("psoups/split", lambda: split_psoups(psoups, os.path.join(d["data"], "p-soups"), seed))
+    train_file = _limited_copy(
+        split["train"],
+        budget.psoups_train_limit,
+        os.path.join(d["data"], "p-soups", "train_quick", "rows.json"),
+    )
+    ps_exports, _ = _train_methods(
+        stages, budget, d, init_dir, seed, "psoups/", train_file, steps=budget.psoups_steps
+    )
+    # P-SOUPS rows carry no direction vectors: there is no head to train, PBA uses `profile`
+    stages.run("psoups/head", lambda: {"mode": "none: PBA on P-SOUPS uses the row's profile"})
+    ps: dict[str, Any] = {}
+    for key, method in zip(PSOUPS_ROWS, METHODS):
+        ps[key] = stages.run(
+            f"psoups/eval/{key}",
+            lambda key=key, method=method: run_eval(
+                budget,
+                model_dir=ps_exports[method],
+                reference_dir=init_dir,
+                name="p-soups",
+                path=split["test"],
+                method=method,
+                preference="golden",
+                limit=budget.psoups_eval_limit,
+                out_json=os.path.join(d["eval"], "p_soups", f"{key}.json"),
+            ),
+        )
+    return ps
 
 
 def cli_demo(args: argparse.Namespace) -> int:

@@ -26,23 +26,31 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from alignx_jax.demo import DEFAULT_PSOUPS, ROOT, Stages, claim_out, split_psoups, use_compile_cache
-from alignx_jax.demo_report import pct, plot_curves, read_json, save_figure, write_json, write_lines
-from alignx_jax.errors import AlignXError, ConfigError, DataError
+from alignx_jax.demo import (
+    DEFAULT_PSOUPS,
+    ROOT,
+    Stages,
+    claim_out,
+    run_config,
+    split_psoups,
+    train_stages,
+    use_compile_cache,
+)
+from alignx_jax.demo_report import PAPER, pct, plot_curves, read_json, save_figure, write_json, write_lines
+from alignx_jax.errors import AlignXError, DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
 METHODS = ("none", "ica", "pba")
 TRAINED = {"none": "non_personalized", "ica": "ica", "pba": "pba_profile"}
 BASE = {"none": "base_none", "ica": "base_ica", "pba": "base_pba"}
 ROWS = ("base_none", "base_ica", "base_pba", "non_personalized", "ica", "pba_profile")
-# The paper's P-SOUPS column (docs/method.md section 8) beside each row; None = no such row.
+# The paper's P-SOUPS column (docs/method.md section 8) beside each row; None = no such row. The
+# trained rows' numbers are the synthetic demo's P-SOUPS ones (`demo_report.PAPER`).
 PAPER_PSOUPS = {
     "base_none": None,
     "base_ica": ("Llama-3-8B-Instruct", 49.44),
     "base_pba": None,
-    "non_personalized": None,
-    "ica": ("ICA, full", 63.33),
-    "pba_profile": ("PBA, full", 81.69),
+    **{key: (paper if paper[0] else None) for key, paper in PAPER["p_soups"].items()},
 }
 TARGETS = (
     "ica >= non_personalized + 0.10",
@@ -80,24 +88,6 @@ def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
     return dest
 
 
-def run_config(budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int):
-    from alignx_jax.config import load_config
-
-    if not os.path.isfile(REAL_CONFIG):
-        raise ConfigError(f"demo config not found: {REAL_CONFIG} (run from a source checkout)")
-    return load_config(
-        budget.config,
-        [
-            f"--config.workdir={workdir}",
-            f"--config.model.hf_path={model_dir}",
-            f"--config.data.train={data}",
-            f"--config.data.method={method}",
-            f"--config.train.seed={seed + 42}",
-            f"--config.data.max_length={budget.max_length}",
-        ],
-    )
-
-
 def train_and_export(
     budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int, export_dir: str
 ) -> dict[str, Any]:
@@ -106,7 +96,16 @@ def train_and_export(
     from alignx_jax.models import checkpoint
     from alignx_jax.train.loop import run_training
 
-    cfg = run_config(budget, workdir=workdir, model_dir=model_dir, data=data, method=method, seed=seed)
+    cfg = run_config(
+        budget,
+        workdir=workdir,
+        model_dir=model_dir,
+        data=data,
+        method=method,
+        seed=seed,
+        config_file=REAL_CONFIG,
+        overrides=(),
+    )
     t0 = time.perf_counter()
     code = run_training(cfg)
     res = checkpoint.resolve_checkpoint(workdir)
@@ -362,52 +361,25 @@ def run_real_demo(
     stages = Stages(out, names, progress)
     d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
     ps: dict[str, Any] = {"file": psoups}
-    workdirs: dict[str, str] = {}
     try:
         model_dir = stages.run("model", lambda: real_model.smollm2_dir())
         split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
-        for m in METHODS:  # the untouched model; its per-example files are the trained runs' reference
-            ps[BASE[m]] = stages.run(
-                f"eval/{BASE[m]}",
-                lambda m=m: score(
-                    budget,
-                    model_dir=model_dir,
-                    path=split["test"],
-                    method=m,
-                    reference_scores=None,
-                    out_json=os.path.join(d["eval"], f"{BASE[m]}.json"),
-                ),
+        ps.update(_base_evals(stages, budget, d, model_dir, split["test"]))
+
+        def train(m: str, workdir: str, export_dir: str) -> dict[str, Any]:
+            return train_and_export(
+                budget,
+                workdir=workdir,
+                model_dir=model_dir,
+                data=split["train"],
+                method=m,
+                seed=seed,
+                export_dir=export_dir,
             )
-        exports = {}
-        for m in METHODS:
-            name = TRAINED[m]
-            workdirs[name] = os.path.join(d["runs"], name)
-            exports[name] = os.path.join(d["models"], name)
-            stages.run(
-                f"train/{m}",
-                lambda m=m, name=name: train_and_export(
-                    budget,
-                    workdir=workdirs[name],
-                    model_dir=model_dir,
-                    data=split["train"],
-                    method=m,
-                    seed=seed,
-                    export_dir=exports[name],
-                ),
-            )
-        for m in METHODS:
-            name = TRAINED[m]
-            ps[name] = stages.run(
-                f"eval/{name}",
-                lambda m=m, name=name: score(
-                    budget,
-                    model_dir=exports[name],
-                    path=split["test"],
-                    method=m,
-                    reference_scores=per_example_path(os.path.join(d["eval"], f"{BASE[m]}.json")),
-                    out_json=os.path.join(d["eval"], f"{name}.json"),
-                ),
-            )
+
+        by_method, workdirs = train_stages(stages, d, TRAINED, train)
+        exports = {TRAINED[m]: path for m, path in by_method.items()}
+        ps.update(_trained_evals(stages, budget, d, exports, split["test"]))
         generations = stages.run(
             "samples", lambda: sample_generations(budget, models=exports, test_path=split["test"], seed=seed)
         )
@@ -435,6 +407,48 @@ def run_real_demo(
     plot_accuracy(out, ps)
     plot_curves(out, workdirs)
     return results
+
+
+def _base_evals(
+    stages: Stages, budget: RealBudget, d: dict[str, str], model_dir: str, test: str
+) -> dict[str, Any]:
+    """The untouched model scored with each method's prompt (stages `eval/{BASE[m]}`); its
+    per-example files are the trained runs' reference."""
+    return {
+        BASE[m]: stages.run(
+            f"eval/{BASE[m]}",
+            lambda m=m: score(
+                budget,
+                model_dir=model_dir,
+                path=test,
+                method=m,
+                reference_scores=None,
+                out_json=os.path.join(d["eval"], f"{BASE[m]}.json"),
+            ),
+        )
+        for m in METHODS
+    }
+
+
+def _trained_evals(
+    stages: Stages, budget: RealBudget, d: dict[str, str], exports: dict[str, str], test: str
+) -> dict[str, Any]:
+    """Each trained model scored with its method's prompt against the base model's scores (stages
+    `eval/{TRAINED[m]}`)."""
+    return {
+        TRAINED[m]: stages.run(
+            f"eval/{TRAINED[m]}",
+            lambda m=m: score(
+                budget,
+                model_dir=exports[TRAINED[m]],
+                path=test,
+                method=m,
+                reference_scores=per_example_path(os.path.join(d["eval"], f"{BASE[m]}.json")),
+                out_json=os.path.join(d["eval"], f"{TRAINED[m]}.json"),
+            ),
+        )
+        for m in METHODS
+    }
 
 
 def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ default: comparable across lengths) or `-log pi(y_w)` ("sum"), added with weight
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -72,6 +73,7 @@ def sequence_logps(
     out_embed_DV: jax.Array,
     input_ids_BT: jax.Array,
     loss_mask_BT: jax.Array,
+    score_index_BR: jax.Array | None = None,
     *,
     chunk: int | None = None,
     softcap: float | None = None,
@@ -79,48 +81,36 @@ def sequence_logps(
     """Sum over scored positions t of log p(input_ids[t] | input_ids[<t]), from hidden[t-1] -> `[B]`.
 
     `loss_mask_BT[t]` = 1 marks token t as scored (position 0 can never be scored). `chunk` splits
-    the T-1 predicting positions into pieces of that many steps, each rematerialised in the backward
+    the predicting positions into pieces of that many steps, each rematerialised in the backward
     pass, so peak memory is `[B, chunk, V]` float32 rather than `[B, T, V]`. `softcap`: the model's
     final logit soft-capping (`Decoder.cfg.final_logit_softcapping`, Gemma 2), applied before the
     log-softmax as `Decoder.cap_logits` does (None: none). The same for every `*_logps` here.
-    """
-    with jax.named_scope("sequence_logps"):
-        return _masked_logps(
-            hidden_BTD[:, :-1],
-            out_embed_DV,
-            input_ids_BT[:, 1:].astype(jnp.int32),
-            loss_mask_BT[:, 1:].astype(jnp.float32),
-            chunk,
-            softcap,
-        )
 
-
-def window_logps(
-    hidden_BTD: jax.Array,
-    out_embed_DV: jax.Array,
-    input_ids_BT: jax.Array,
-    loss_mask_BT: jax.Array,
-    score_index_BR: jax.Array,
-    *,
-    chunk: int | None = None,
-    softcap: float | None = None,
-) -> jax.Array:
-    """`sequence_logps` computed only at the predicting positions `score_index_BR`.
-
+    `score_index_BR` (`window_logps`): compute only at these predicting positions, the same value.
     The output layer is the costly part of a step at a small model or a large vocabulary, and a
-    DPO row scores only its response: the prompt's positions never need logits. `score_index_BR`
-    (from `scored_window`) must cover every scored token's predicting position; indices past the
-    row's end count as unscored. Same value as `sequence_logps` on the same inputs.
+    DPO row scores only its response: the prompt's positions never need logits. The window (from
+    `scored_window`) must cover every scored token's predicting position; indices past the row's
+    end count as unscored.
     """
-    with jax.named_scope("window_logps"):
-        T = hidden_BTD.shape[1]
-        idx_BR = score_index_BR.astype(jnp.int32)
-        inside_BR = idx_BR < T - 1
-        idx_BR = jnp.minimum(idx_BR, T - 2)
-        h_BRD = jnp.take_along_axis(hidden_BTD, idx_BR[..., None], axis=1)
-        tgt_BR = jnp.take_along_axis(input_ids_BT, idx_BR + 1, axis=1).astype(jnp.int32)
-        mask_BR = jnp.take_along_axis(loss_mask_BT, idx_BR + 1, axis=1).astype(jnp.float32) * inside_BR
-        return _masked_logps(h_BRD, out_embed_DV, tgt_BR, mask_BR, chunk, softcap)
+    with jax.named_scope("sequence_logps" if score_index_BR is None else "window_logps"):
+        if score_index_BR is None:
+            h_BSD, tgt_BS, mask_BS = hidden_BTD[:, :-1], input_ids_BT[:, 1:], loss_mask_BT[:, 1:]
+        else:
+            T = hidden_BTD.shape[1]
+            idx_BS = score_index_BR.astype(jnp.int32)
+            inside_BS = idx_BS < T - 1
+            idx_BS = jnp.minimum(idx_BS, T - 2)
+            h_BSD = jnp.take_along_axis(hidden_BTD, idx_BS[..., None], axis=1)
+            tgt_BS = jnp.take_along_axis(input_ids_BT, idx_BS + 1, axis=1)
+            mask_BS = jnp.take_along_axis(loss_mask_BT, idx_BS + 1, axis=1).astype(jnp.float32) * inside_BS
+        tok_BS = _masked_tokens(
+            h_BSD, out_embed_DV, tgt_BS.astype(jnp.int32), mask_BS.astype(jnp.float32), chunk, softcap
+        )
+        return jnp.sum(tok_BS, axis=-1)
+
+
+# `sequence_logps` at the response window `score_index_BR` (its fifth argument, required here)
+window_logps = sequence_logps
 
 
 def flat_logps(
@@ -218,18 +208,6 @@ def scored_window(loss_mask_BT: Any, minimum: int = 16) -> Any:
     return (start[..., None] + np.arange(window, dtype=np.int32)).astype(np.int32)
 
 
-def _masked_logps(
-    h_BSD: jax.Array,
-    out_embed_DV: jax.Array,
-    tgt_BS: jax.Array,
-    mask_BS: jax.Array,
-    chunk: int | None,
-    softcap: float | None = None,
-) -> jax.Array:
-    """sum_s mask[s] * log p(tgt[s] | h[s]), optionally in rematerialised time chunks."""
-    return jnp.sum(_masked_tokens(h_BSD, out_embed_DV, tgt_BS, mask_BS, chunk, softcap), axis=-1)
-
-
 # ----------------------------------------------------------------------------- DPO family
 
 
@@ -245,6 +223,16 @@ def _zero_if_none(x, like):
     return jnp.zeros_like(like) if x is None else x
 
 
+def _smoothed_log_sigmoid(z, label_smoothing: float, robust: bool = False) -> jax.Array:
+    """-(1 - e) log s(z) - e log s(-z) (e the label-flip rate); robust: (-(1 - e) log s(z) +
+    e log s(-z)) / (1 - 2 e), unbiased under that flip rate (Chowdhury et al. 2024)."""
+    if robust:
+        return (
+            -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)
+        ) / (1.0 - 2.0 * label_smoothing)
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
 def sigmoid_loss(
     policy_chosen,
     policy_rejected,
@@ -252,14 +240,17 @@ def sigmoid_loss(
     ref_rejected=None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    *,
+    robust: bool = False,
 ) -> jax.Array:
     """DPO (Rafailov et al.); with label_smoothing > 0 it is conservative DPO (cDPO). Per pair `[B]`.
 
     `ref_chosen = ref_rejected = None` is reference-free DPO (TRL `reference_free=True`): the
-    reference log-probs are taken as 0, so h = log pi(y_w) - log pi(y_l).
+    reference log-probs are taken as 0, so h = log pi(y_w) - log pi(y_l). `robust`: robust DPO
+    (`robust_loss`) instead of cDPO.
     """
     z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    return _smoothed_log_sigmoid(z, label_smoothing, robust)
 
 
 def reference_free_loss(
@@ -274,19 +265,8 @@ def reference_free_loss(
     return sigmoid_loss(policy_chosen, policy_rejected, None, None, beta, label_smoothing)
 
 
-def robust_loss(
-    policy_chosen,
-    policy_rejected,
-    ref_chosen=None,
-    ref_rejected=None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> jax.Array:
-    """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate `label_smoothing` < 0.5."""
-    z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)) / (
-        1.0 - 2.0 * label_smoothing
-    )
+# Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate `label_smoothing` < 0.5
+robust_loss = functools.partial(sigmoid_loss, robust=True)
 
 
 def hinge_loss(
@@ -378,7 +358,7 @@ def simpo_loss(
     mc = mean_logps(policy_chosen, chosen_tokens)
     mr = mean_logps(policy_rejected, rejected_tokens)
     z = beta * (mc - mr) - gamma_beta_ratio * beta
-    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    return _smoothed_log_sigmoid(z, label_smoothing)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -421,10 +401,8 @@ def _pair_terms(
         rr_r = None if rr is None else mean_logps(rr, rejected_tokens)
     else:
         pc_r, pr_r, rc_r, rr_r = pc, pr, rc, rr
-    if kind in ("sigmoid", "cdpo"):
-        loss = sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing)
-    elif kind == "robust":
-        loss = robust_loss(pc, pr, rc, rr, beta, label_smoothing)
+    if kind in ("sigmoid", "cdpo", "robust"):
+        loss = sigmoid_loss(pc, pr, rc, rr, beta, label_smoothing, robust=kind == "robust")
     elif kind == "hinge":
         loss = hinge_loss(pc, pr, rc, rr, beta)
     elif kind in ("ipo", "ipo_sum"):
@@ -537,27 +515,23 @@ def loss_options(cfg: Any) -> dict[str, Any]:
     }
 
 
-def dpo_per_pair(
-    policy_chosen,
-    policy_rejected,
-    ref_chosen,
-    ref_rejected,
-    cfg: Any,
-    *,
-    chosen_tokens=None,
-    rejected_tokens=None,
-) -> jax.Array:
-    """Per-pair loss `[B]` (the `loss.type` kind plus weighted SFT term) for a `loss` config section."""
-    per_pair, _ = preference_loss(
+def _config_loss(cfg: Any, policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs):
+    """`preference_loss` of a `loss` config section's kind and options (`loss_options`)."""
+    return preference_loss(
         _get(cfg, "type", "sigmoid"),
         policy_chosen,
         policy_rejected,
         ref_chosen,
         ref_rejected,
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
+        **inputs,
         **loss_options(cfg),
     )
+
+
+def dpo_per_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: Any, **tokens) -> jax.Array:
+    """Per-pair loss `[B]` (the `loss.type` kind plus weighted SFT term) for a `loss` config section;
+    `tokens`: `preference_loss`'s chosen_tokens / rejected_tokens where the kind needs them."""
+    per_pair, _ = _config_loss(cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, **tokens)
     return per_pair
 
 
@@ -599,8 +573,8 @@ def dpo_loss(
     The metrics are each kind's own (see `preference_loss`); for the sigmoid/cdpo/robust/hinge kinds
     they are `dpo_metrics`.
     """
-    per_pair, sums = preference_loss(
-        _get(cfg, "type", "sigmoid"),
+    per_pair, sums = _config_loss(
+        cfg,
         policy_chosen,
         policy_rejected,
         ref_chosen,
@@ -608,7 +582,6 @@ def dpo_loss(
         chosen_tokens=chosen_tokens,
         rejected_tokens=rejected_tokens,
         pair_mask=pair_mask,
-        **loss_options(cfg),
     )
     m = jnp.ones_like(per_pair) if pair_mask is None else pair_mask.astype(jnp.float32)
     n = jnp.maximum(sums.pop("pairs"), 1.0)

@@ -125,15 +125,7 @@ def make_example(
         )
     if max_length < 4:
         raise ConfigError(f"max_length must be at least 4, got {max_length}")
-    # One history sample serves both the prompt and the head input so they describe the same persona.
-    ugc = pairs = None
-    if rng is not None and method in ("ica", "pba"):
-        ugc, pairs = persona_lib.sample_history(row, rng)
-        # prompts_lib re-samples from rng when given one; hand it the sample through a view row.
-        view = dict(row)
-        view[persona_lib.UGC_FIELD], view[persona_lib.PAIR_FIELD] = ugc, pairs
-    else:
-        view = row
+    view = _history_view(row, method, rng)
     if method == "pba" and profile is None and pba_preference == "history":
         sampled = persona_lib.sampled_preference(
             view.get(persona_lib.UGC_FIELD) or [], view.get(persona_lib.PAIR_FIELD) or []
@@ -143,10 +135,58 @@ def make_example(
         tokenizer, view, method=method, persona=persona, profile=profile, fmt=prompt_format
     )
     eos = int(tokenizer.eos_token_id)
-    release = prompt_format == "release"
-    respond = release_response_ids if release else response_ids
-    chosen = respond(tokenizer, row["chosen"])[:-1]
-    rejected = respond(tokenizer, row["rejected"])[:-1]
+    respond = release_response_ids if prompt_format == "release" else response_ids
+    fitted = _fit(
+        prompt,
+        respond(tokenizer, row["chosen"])[:-1],
+        respond(tokenizer, row["rejected"])[:-1],
+        max_length=max_length,
+        prompt_format=prompt_format,
+        overflow=overflow,
+        eval_mode=eval_mode,
+    )
+    if fitted is None:
+        return None
+    prompt, chosen, rejected, truncated = fitted
+    direction = row.get(persona_lib.DIRECTION_FIELD)
+    persona_ids = None
+    if persona_length is not None:
+        persona_ids = _persona_ids(tokenizer, view, persona, persona_length, eos)
+    return DPOExample(
+        prompt_ids=list(prompt),
+        chosen_ids=chosen + [eos],
+        rejected_ids=rejected + [eos],
+        direction=None if direction is None else np.asarray(direction, dtype=np.float32),
+        persona_ids=persona_ids,
+        index=int(index),
+        truncated=truncated,
+    )
+
+
+def _history_view(row: dict, method: str, rng: np.random.Generator | None) -> dict:
+    """The row as the prompt and the head input see it: with `rng` (ICA/PBA training) its history
+    replaced by one sample, so both describe the same persona; else the row itself."""
+    if rng is None or method not in ("ica", "pba"):
+        return row
+    ugc, pairs = persona_lib.sample_history(row, rng)
+    # prompts_lib re-samples from rng when given one; hand it the sample through a view row.
+    view = dict(row)
+    view[persona_lib.UGC_FIELD], view[persona_lib.PAIR_FIELD] = ugc, pairs
+    return view
+
+
+def _fit(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    *,
+    max_length: int,
+    prompt_format: str,
+    overflow: str,
+    eval_mode: bool,
+) -> tuple[list[int], list[int], list[int], bool] | None:
+    """(prompt, chosen, rejected, truncated) cut to the length rules (module docstring); the
+    responses without their EOS. None: the row is over length and `overflow` is 'drop'."""
     budget = max_length - reserve(max_length)
     truncated = False
     if eval_mode:
@@ -156,7 +196,7 @@ def make_example(
         else:
             prompt = _left(prompt, budget)
         chosen, rejected = _left(chosen, budget), _left(rejected, budget)
-    elif release:
+    elif prompt_format == "release":
         if len(prompt) >= max_length - 2:
             if overflow == "drop":
                 return None
@@ -174,24 +214,18 @@ def make_example(
             chosen, rejected = _left(chosen, budget), _left(rejected, budget)
             longest = max(len(chosen), len(rejected)) + 1
             prompt = _left(prompt, max_length - longest)
-    direction = row.get(persona_lib.DIRECTION_FIELD)
-    persona_ids = None
-    if persona_length is not None:
-        if persona_length < 2:
-            raise ConfigError(f"persona_length must be at least 2, got {persona_length}")
-        text = persona_lib.persona_text(view, persona)
-        body = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-        persona_ids = [int(bos)] + _left(body, persona_length - 1)
-    return DPOExample(
-        prompt_ids=list(prompt),
-        chosen_ids=chosen + [eos],
-        rejected_ids=rejected + [eos],
-        direction=None if direction is None else np.asarray(direction, dtype=np.float32),
-        persona_ids=persona_ids,
-        index=int(index),
-        truncated=truncated,
-    )
+    return prompt, chosen, rejected, truncated
+
+
+def _persona_ids(tokenizer: Any, view: dict, persona: str, persona_length: int, eos: int) -> list[int]:
+    """BOS (EOS when the tokenizer has none) + the last `persona_length - 1` ids of the persona
+    block: the PBA preference head's input."""
+    if persona_length < 2:
+        raise ConfigError(f"persona_length must be at least 2, got {persona_length}")
+    text = persona_lib.persona_text(view, persona)
+    body = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    return [int(bos)] + _left(body, persona_length - 1)
 
 
 def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
@@ -405,12 +439,9 @@ def share_prompt(
         smask[k, 0, :c], smask[k, 1, :r] = 1, 1
         if not attn[k].any():
             attn[k, 0] = 1  # a dummy pair: one attended token, as collate does
-    out = {
-        key: v
-        for key, v in batch.items()
-        if key not in ("input_ids", "attention_mask", "loss_mask", "positions")
-    }
-    out.update(
+    return _relaid(
+        batch,
+        ("loss_mask",),
         input_ids=ids,
         attention_mask=attn,
         positions=pos,
@@ -419,6 +450,15 @@ def share_prompt(
         score_target=stgt,
         score_mask=smask,
     )
+
+
+def _relaid(
+    batch: dict[str, np.ndarray], dropped: Sequence[str], **arrays: np.ndarray
+) -> dict[str, np.ndarray]:
+    """`batch` in a new row layout: its per-row arrays (`dropped` and those in `arrays`) replaced by
+    `arrays`, every per-pair array (head inputs, pair ids, ...) kept as it was."""
+    out = {key: v for key, v in batch.items() if key not in (*dropped, *arrays)}
+    out.update(arrays)
     return out
 
 
@@ -486,12 +526,9 @@ def pack_pairs(
     for row in range(N):
         if not attn[row].any():
             attn[row, 0], seg[row, 0] = 1, 1  # an empty row: one attended token, as collate does
-    out = {
-        key: v
-        for key, v in shared.items()
-        if key not in ("input_ids", "attention_mask", "positions", "branch_ids", "score_index")
-    }
-    out.update(
+    return _relaid(
+        shared,
+        (),
         input_ids=ids,
         attention_mask=attn,
         positions=pos,
@@ -500,4 +537,3 @@ def pack_pairs(
         score_index=sidx,
         score_row=row_of,
     )
-    return out

@@ -253,27 +253,23 @@ def _get(item: Any, key: str, field: str, j: int) -> str:
     return item[key]
 
 
-def _ugc_block(items: Sequence[dict]) -> str:
-    if not items:
-        return ""
-    body = "".join(
-        f"{i}. *Post:*\n{_get(it, 'prompt', UGC_FIELD, i - 1)}\n\n"
-        f"*Comment:*\n{_get(it, 'comment', UGC_FIELD, i - 1)}\n\n"
-        for i, it in enumerate(items, start=1)
-    )
-    return UGC_HEADER + body
+# each history kind's block: its header and, per item, the (label, row key) of each part in order
+_BLOCKS = {
+    UGC_FIELD: (UGC_HEADER, (("Post", "prompt"), ("Comment", "comment"))),
+    PAIR_FIELD: (PAIR_HEADER, (("Post", "prompt"), ("Chosen", "chosen"), ("Rejected", "rejected"))),
+}
 
 
-def _pair_block(items: Sequence[dict]) -> str:
+def _history_block(field: str, items: Sequence[dict]) -> str:
+    """The numbered items of one history kind under its header ("" for none)."""
     if not items:
         return ""
+    header, parts = _BLOCKS[field]
     body = "".join(
-        f"{i}. *Post:*\n{_get(it, 'prompt', PAIR_FIELD, i - 1)}\n\n"
-        f"*Chosen:*\n{_get(it, 'chosen', PAIR_FIELD, i - 1)}\n\n"
-        f"*Rejected:*\n{_get(it, 'rejected', PAIR_FIELD, i - 1)}\n\n"
+        f"{i}. " + "".join(f"*{label}:*\n{_get(it, key, field, i - 1)}\n\n" for label, key in parts)
         for i, it in enumerate(items, start=1)
     )
-    return PAIR_HEADER + body
+    return header + body
 
 
 def persona_text(
@@ -294,9 +290,9 @@ def persona_text(
         raise DataError(f"expected a string, got {type(demo).__name__}", field=DEMO_FIELD)
     parts = []
     if variant in ("ugc", "p"):
-        parts.append(_ugc_block(ugc))
+        parts.append(_history_block(UGC_FIELD, ugc))
     if variant in ("pair", "p"):
-        parts.append(_pair_block(pairs))
+        parts.append(_history_block(PAIR_FIELD, pairs))
     if variant in ("demo", "p"):
         parts.append(demo)
     return "".join(parts)

@@ -123,29 +123,27 @@ def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str, ica_referenc
         )
 
 
-def evaluate(
-    model_dir: str,
-    benchmarks: Sequence[BenchmarkSpec],
-    settings: EvalSettings,
-    *,
-    reference_dir: str | None = None,
-    per_example: str | None = None,
-    mesh: Any = None,
-    rules: Any = None,
-    progress: bool = True,
-    dtype: str | None = None,
-    reference_scores: str | None = None,
-) -> dict[str, Any]:
-    """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
-    reference_scores: a per-example file of the reference model (`StoredScores`), instead of
-    `reference_dir`."""
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class _Scoring:
+    """What every benchmark and persona is scored with: the models, the tokenizer, the reference setting."""
 
-    from alignx_jax.data.benchmarks import load_benchmark, persona_group
-    from alignx_jax.models.hf import load_pretrained
+    settings: EvalSettings
+    tokenizer: Any
+    mesh: Any
+    scorers: list[Any]  # the policy's, then the reference model's when there is one
+    ref_scores: scoring.StoredScores | None
+    predicted: PredictedPreferences | None
+    pad_id: int
+    has_ref: bool
+    ica_reference: bool  # --reference-prompt ica: the reference reads the row's ICA prompt
+    progress: bool
+
+
+def _check_inputs(
+    model_dir: str, reference_dir: str | None, settings: EvalSettings, reference_scores: str | None
+) -> tuple[str, str | None]:
+    """The model folders resolved and checked before anything is loaded."""
     from alignx_jax.models.presets import resolve_model_path
-    from alignx_jax.sharding import make_mesh
-    from alignx_jax.tokenizer import load_tokenizer
 
     settings.check()
     model_dir, reference_dir = (
@@ -166,9 +164,24 @@ def evaluate(
         )
     if reference_dir is not None and reference_scores is not None:
         raise ConfigError("--reference and --reference-scores are two references; give one")
-    ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
-    # Read every benchmark first: a bad file fails before minutes of model loading.
-    data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+    return model_dir, reference_dir
+
+
+def _load_scoring(
+    model_dir: str,
+    reference_dir: str | None,
+    settings: EvalSettings,
+    ref_scores: scoring.StoredScores | None,
+    *,
+    mesh: Any,
+    rules: Any,
+    dtype: str | None,
+    progress: bool,
+) -> _Scoring:
+    """The tokenizer, the policy (and reference) scorers and the preference head a run scores with."""
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.sharding import make_mesh
+    from alignx_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -192,128 +205,133 @@ def evaluate(
     has_ref = reference_dir is not None or ref_scores is not None
     # --reference-prompt ica: the reference reads the row's ICA prompt (for ICA that is the same prompt)
     ica_reference = has_ref and settings.reference_prompt == "ica" and settings.method != "ica"
+    return _Scoring(
+        settings, tokenizer, mesh, scorers, ref_scores, predicted, pad_id, has_ref, ica_reference, progress
+    )
 
-    # every process scores every batch (its devices compute their slice of the global mesh); process 0
-    # alone writes the per-example file, and all must resume from the same rows or their batches differ
-    log = PerExampleLog(per_example, write=paths.is_main_process())
-    _check_same_rows_everywhere(log)
-    per_key: dict[str, dict[str | None, list[dict]]] = {}
-    try:
-        for spec, rows in data:
-            for persona in resolve_personas(
-                settings.persona, spec.name, method=settings.method, preference=settings.preference
-            ):
-                examples, involved = _prepare(rows, spec, persona, settings, tokenizer, predicted)
-                ica_persona, ica_by_index = persona or "p", {}
-                if ica_reference:
-                    ica_settings = dataclasses.replace(settings, method="ica", flip=())
-                    ica_examples, _ = _prepare(rows, spec, ica_persona, ica_settings, tokenizer, None)
-                    ica_by_index = {ex.index: ex for ex in ica_examples}
-                outcomes: list[dict] = []
-                todo = []
-                for ex, inv in zip(examples, involved):
-                    stored = log.get((spec.key, persona, ex.index))
-                    if stored is None:
-                        todo.append((ex, inv))
-                        continue
-                    _check_resumed(stored, ex, has_ref, per_example, ica_reference)
-                    # recompute `correct` with this run's beta; flip membership from this run
-                    outcomes.append(
-                        {
-                            "correct": is_correct(
-                                stored["logp_chosen"],
-                                stored["logp_rejected"],
-                                stored["ref_logp_chosen"],
-                                stored["ref_logp_rejected"],
-                                settings.beta,
-                            ),
-                            "flip_involved": inv,
-                            "group": persona_group(rows[ex.index]),
-                            **{k: stored.get(k) for k in LOGP_KEYS},
-                        }
-                    )
-                if todo:
-                    inv_by_index = {ex.index: inv for ex, inv in todo}
-                    todo_ex = [ex for ex, _ in todo]
-                    buckets = scoring.length_buckets(
-                        max(
-                            len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
-                            for ex in todo_ex
-                        )
-                    )
-                    desc = spec.key if persona is None else f"{spec.key}/{persona}"
-                    with tqdm(
-                        total=len(todo_ex), desc=desc, unit="pair", disable=not progress, initial=0
-                    ) as bar:
-                        run_scorers = (
-                            scorers
-                            if ref_scores is None
-                            else [*scorers, ref_scores.scorer(spec.key, persona, todo_ex)]
-                        )
-                        if ica_reference:
-                            ref_scorer = (
-                                scorers[1]
-                                if ref_scores is None
-                                else ref_scores.scorer(
-                                    spec.key, ica_persona, [ica_by_index[ex.index] for ex in todo_ex]
-                                )
-                            )
-                            run_scorers = [
-                                scorers[0],
-                                scoring.scorer_on(ref_scorer, ica_by_index, pad_id=pad_id),
-                            ]
-                        for chunk, outs in scoring.score_batches(
-                            todo_ex,
-                            run_scorers,
-                            batch_size=settings.batch_size,
-                            pad_id=pad_id,
-                            buckets=buckets,
-                            multiple=scoring.data_parallel_size(mesh),
-                        ):
-                            new_rows = [
-                                _example_row(
-                                    spec,
-                                    persona,
-                                    ex,
-                                    outs[0][j],
-                                    outs[1][j] if has_ref else None,
-                                    settings.beta,
-                                    inv_by_index[ex.index],
-                                    ica_reference,
-                                )
-                                for j, ex in enumerate(chunk)
-                            ]
-                            log.append(new_rows)
-                            outcomes.extend({**r, "group": persona_group(rows[r["index"]])} for r in new_rows)
-                            bar.update(len(chunk))
-                per_key.setdefault(spec.key, {})[persona] = outcomes
-    finally:
-        log.close()
 
-    results: dict[str, Any] = {
-        "model": paths.absolute(model_dir),
-        "reference": (None if reference_dir is None else paths.absolute(reference_dir))
-        if ref_scores is None
-        else {"scores": paths.absolute(ref_scores.path)},
-        "method": settings.method,
-        # resolved per benchmark key; null where the prompt does not depend on the persona
-        "persona": {
-            spec.key: _none_if_independent(
-                resolve_personas(
-                    settings.persona, spec.name, method=settings.method, preference=settings.preference
+def _resumed(
+    sc: _Scoring,
+    log: PerExampleLog,
+    per_example: str | None,
+    spec: BenchmarkSpec,
+    persona: str | None,
+    rows,
+    examples,
+    involved,
+) -> tuple[list[dict], list[tuple[Any, bool | None]]]:
+    """The outcomes of the examples the per-example file already holds, and the (example, involved) to score."""
+    from alignx_jax.data.benchmarks import persona_group
+
+    outcomes: list[dict] = []
+    todo = []
+    for ex, inv in zip(examples, involved):
+        stored = log.get((spec.key, persona, ex.index))
+        if stored is None:
+            todo.append((ex, inv))
+            continue
+        _check_resumed(stored, ex, sc.has_ref, per_example, sc.ica_reference)
+        # recompute `correct` with this run's beta; flip membership from this run
+        outcomes.append(
+            {
+                "correct": is_correct(
+                    stored["logp_chosen"],
+                    stored["logp_rejected"],
+                    stored["ref_logp_chosen"],
+                    stored["ref_logp_rejected"],
+                    sc.settings.beta,
+                ),
+                "flip_involved": inv,
+                "group": persona_group(rows[ex.index]),
+                **{k: stored.get(k) for k in LOGP_KEYS},
+            }
+        )
+    return outcomes, todo
+
+
+def _scorers_for(sc: _Scoring, spec: BenchmarkSpec, persona: str | None, todo_ex: list, ica_by_index: dict):
+    """The policy's scorer, then the reference's: a model, stored scores, or either on the ICA prompt."""
+    run_scorers = (
+        sc.scorers
+        if sc.ref_scores is None
+        else [*sc.scorers, sc.ref_scores.scorer(spec.key, persona, todo_ex)]
+    )
+    if sc.ica_reference:
+        ref_scorer = (
+            sc.scorers[1]
+            if sc.ref_scores is None
+            else sc.ref_scores.scorer(spec.key, persona or "p", [ica_by_index[ex.index] for ex in todo_ex])
+        )
+        run_scorers = [sc.scorers[0], scoring.scorer_on(ref_scorer, ica_by_index, pad_id=sc.pad_id)]
+    return run_scorers
+
+
+def _score_todo(
+    sc: _Scoring, log: PerExampleLog, spec: BenchmarkSpec, persona: str | None, rows, todo, ica_by_index: dict
+) -> list[dict]:
+    """Score the examples not yet in the per-example file, append them to it, return their outcomes."""
+    from tqdm.auto import tqdm
+
+    from alignx_jax.data.benchmarks import persona_group
+
+    inv_by_index = {ex.index: inv for ex, inv in todo}
+    todo_ex = [ex for ex, _ in todo]
+    buckets = scoring.length_buckets(
+        max(len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in todo_ex)
+    )
+    desc = spec.key if persona is None else f"{spec.key}/{persona}"
+    outcomes: list[dict] = []
+    with tqdm(total=len(todo_ex), desc=desc, unit="pair", disable=not sc.progress, initial=0) as bar:
+        for chunk, outs in scoring.score_batches(
+            todo_ex,
+            _scorers_for(sc, spec, persona, todo_ex, ica_by_index),
+            batch_size=sc.settings.batch_size,
+            pad_id=sc.pad_id,
+            buckets=buckets,
+            multiple=scoring.data_parallel_size(sc.mesh),
+        ):
+            new_rows = [
+                _example_row(
+                    spec,
+                    persona,
+                    ex,
+                    outs[0][j],
+                    outs[1][j] if sc.has_ref else None,
+                    sc.settings.beta,
+                    inv_by_index[ex.index],
+                    sc.ica_reference,
                 )
-            )
-            for spec in benchmarks
-        },
-        "preference": settings.preference if settings.method == "pba" else None,
-        "reference_prompt": ("ica" if ica_reference else "same") if has_ref else None,
-        "prompt_format": settings.prompt_format,
-        "max_length": settings.max_length,
-        "beta": settings.beta,
-        "limit": settings.limit,
-        "flip": list(settings.flip) or None,
-        "benchmarks": {},
-    }
+                for j, ex in enumerate(chunk)
+            ]
+            log.append(new_rows)
+            outcomes.extend({**r, "group": persona_group(rows[r["index"]])} for r in new_rows)
+            bar.update(len(chunk))
+    return outcomes
+
+
+def _score_persona(
+    sc: _Scoring, log: PerExampleLog, per_example: str | None, spec: BenchmarkSpec, rows, persona: str | None
+) -> list[dict]:
+    """The outcomes of one benchmark file under one persona variant: resumed rows, then the rest scored."""
+    examples, involved = _prepare(rows, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
+    ica_by_index = {}
+    if sc.ica_reference:
+        ica_settings = dataclasses.replace(sc.settings, method="ica", flip=())
+        ica_examples, _ = _prepare(rows, spec, persona or "p", ica_settings, sc.tokenizer, None)
+        ica_by_index = {ex.index: ex for ex in ica_examples}
+    outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
+    if todo:
+        outcomes.extend(_score_todo(sc, log, spec, persona, rows, todo, ica_by_index))
+    return outcomes
+
+
+def _summaries(
+    benchmarks: Sequence[BenchmarkSpec],
+    per_key: dict[str, dict[str | None, list[dict]]],
+    settings: EvalSettings,
+) -> dict[str, Any]:
+    """Accuracy per benchmark key (per persona where there are several); a NAME given twice also pooled."""
+    summaries: dict[str, Any] = {}
     by_name: dict[str, list[BenchmarkSpec]] = {}
     for spec in benchmarks:
         by_name.setdefault(spec.name, []).append(spec)
@@ -328,15 +346,91 @@ def evaluate(
         for key, by_persona in entries:
             nested = name == "alignx" and list(by_persona) != [None] or len(by_persona) > 1
             if nested:
-                results["benchmarks"][key] = {
+                summaries[key] = {
                     p: summarize(o, settings.flip, settings.beta) for p, o in by_persona.items()
                 }
             else:
-                results["benchmarks"][key] = summarize(
-                    next(iter(by_persona.values())), settings.flip, settings.beta
+                summaries[key] = summarize(next(iter(by_persona.values())), settings.flip, settings.beta)
+    return summaries
+
+
+def _results_header(
+    model_dir: str, reference_dir: str | None, benchmarks: Sequence[BenchmarkSpec], sc: _Scoring
+) -> dict[str, Any]:
+    """The settings a results file records beside its accuracies."""
+    settings = sc.settings
+    return {
+        "model": paths.absolute(model_dir),
+        "reference": (None if reference_dir is None else paths.absolute(reference_dir))
+        if sc.ref_scores is None
+        else {"scores": paths.absolute(sc.ref_scores.path)},
+        "method": settings.method,
+        # resolved per benchmark key; null where the prompt does not depend on the persona
+        "persona": {
+            spec.key: _none_if_independent(
+                resolve_personas(
+                    settings.persona, spec.name, method=settings.method, preference=settings.preference
                 )
-    if predicted is not None:
-        results["preference_head"] = predicted.describe()
+            )
+            for spec in benchmarks
+        },
+        "preference": settings.preference if settings.method == "pba" else None,
+        "reference_prompt": ("ica" if sc.ica_reference else "same") if sc.has_ref else None,
+        "prompt_format": settings.prompt_format,
+        "max_length": settings.max_length,
+        "beta": settings.beta,
+        "limit": settings.limit,
+        "flip": list(settings.flip) or None,
+        "benchmarks": {},
+    }
+
+
+def evaluate(
+    model_dir: str,
+    benchmarks: Sequence[BenchmarkSpec],
+    settings: EvalSettings,
+    *,
+    reference_dir: str | None = None,
+    per_example: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
+    progress: bool = True,
+    dtype: str | None = None,
+    reference_scores: str | None = None,
+) -> dict[str, Any]:
+    """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
+    reference_scores: a per-example file of the reference model (`StoredScores`), instead of
+    `reference_dir`."""
+    from alignx_jax.data.benchmarks import load_benchmark
+
+    model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
+    ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
+    # Read every benchmark first: a bad file fails before minutes of model loading.
+    data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+    sc = _load_scoring(
+        model_dir, reference_dir, settings, ref_scores, mesh=mesh, rules=rules, dtype=dtype, progress=progress
+    )
+
+    # every process scores every batch (its devices compute their slice of the global mesh); process 0
+    # alone writes the per-example file, and all must resume from the same rows or their batches differ
+    log = PerExampleLog(per_example, write=paths.is_main_process())
+    _check_same_rows_everywhere(log)
+    per_key: dict[str, dict[str | None, list[dict]]] = {}
+    try:
+        for spec, rows in data:
+            for persona in resolve_personas(
+                settings.persona, spec.name, method=settings.method, preference=settings.preference
+            ):
+                per_key.setdefault(spec.key, {})[persona] = _score_persona(
+                    sc, log, per_example, spec, rows, persona
+                )
+    finally:
+        log.close()
+
+    results = _results_header(model_dir, reference_dir, benchmarks, sc)
+    results["benchmarks"] = _summaries(benchmarks, per_key, settings)
+    if sc.predicted is not None:
+        results["preference_head"] = sc.predicted.describe()
     return results
 
 

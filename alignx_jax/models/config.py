@@ -31,24 +31,29 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto", "chunked")
 # query rows per block of the "chunked" attention (peak scores [B, N, chunk, S] instead of [B, N, T, S])
-# HF keys DecoderConfig models itself; everything else in config.json is carried through untouched.
-_MODELED_KEYS = {
+# the config.json keys that fix a decoder's architecture (with vocab_size): all a randomly initialised
+# one needs (`train.state.init_hf_config`)
+ARCHITECTURE_KEYS = (
     "model_type",
-    "architectures",
-    "vocab_size",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",
-    "max_position_embeddings",
-    "rms_norm_eps",
     "rope_theta",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
+# HF keys DecoderConfig models itself; everything else in config.json is carried through untouched.
+_MODELED_KEYS = {
+    *ARCHITECTURE_KEYS,
+    "architectures",
+    "vocab_size",
     "rope_scaling",
     "rope_parameters",
     "attention_bias",
-    "tie_word_embeddings",
     "bos_token_id",
     "eos_token_id",
     "pad_token_id",

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alignx_jax import sharding as shd
+from alignx_jax.models.config import ARCHITECTURE_KEYS
 from alignx_jax.models.preference_head import head_params
 from alignx_jax.models.presets import resolve_model_path
 
@@ -30,11 +31,8 @@ def rules_from_config(cfg: ml_collections.ConfigDict) -> shd.Rules:
 
 def run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The DecoderConfig options a run sets from `model.*` (remat, scan, attention, frozen layers)."""
-    remat = cfg.model.remat
-    if isinstance(remat, bool):  # True = recompute everything per layer (gradient checkpointing)
-        remat = "full" if remat else "none"
     return {
-        "remat": str(remat),
+        "remat": str(cfg.model.remat),
         "scan_layers": bool(cfg.model.scan_layers),
         "attention_impl": str(cfg.model.attention_impl),
         "frozen_layers": int(cfg.model.frozen_layers),
@@ -70,25 +68,9 @@ def load_tokenizer_for(cfg: ml_collections.ConfigDict):
     return tok, (path or TINY_TOKENIZER_DIR)
 
 
-# the `model.init` keys that are config.json keys of the randomly initialised decoder
-INIT_HF_KEYS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rope_theta",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-)
-
-
 def init_hf_config(init: ml_collections.ConfigDict, vocab_size: int) -> dict:
     """The HF config.json dict of a `model.init` section (a randomly initialised decoder)."""
-    hf_cfg = {k: init[k] for k in INIT_HF_KEYS}
+    hf_cfg = {k: init[k] for k in ARCHITECTURE_KEYS}  # `model.init` spells them as config.json does
     hf_cfg["vocab_size"] = vocab_size
     return hf_cfg
 

@@ -1,0 +1,95 @@
+"""`alignx plan`'s handler: stand-in CPU devices for the topology (in a child process when JAX already
+started with fewer), the report printed and written as JSON, an error when the step does not fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from alignx_jax.config import load_config
+from alignx_jax.errors import AlignXError
+from alignx_jax.plan.planner import plan
+from alignx_jax.plan.render import does_not_fit, format_report, param_lines
+from alignx_jax.plan.topology import parse_topology
+
+_CHILD_ENV = "ALIGNX_PLAN_CHILD"
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # older/newer jax: assume the worst
+        return "jax" in sys.modules
+
+
+def _provide_devices(n: int) -> bool:
+    """Make sure this process will see >= n CPU devices. False when jax already started with fewer
+    (the caller then re-runs the command in a child process)."""
+    if _backends_initialized():
+        import jax
+
+        return jax.device_count() >= n
+    flags, have = [], 1
+    for f in os.environ.get("XLA_FLAGS", "").split():
+        if f.startswith("--xla_force_host_platform_device_count="):
+            have = int(f.split("=", 1)[1])  # never lower a count someone else asked for
+        else:
+            flags.append(f)
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={max(n, have)}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    return True
+
+
+def _plan_in_child(args: argparse.Namespace, topology_name: str) -> int:
+    """This command again in a fresh process, whose JAX starts with the stand-in devices."""
+    argv = [
+        sys.executable,
+        "-m",
+        "alignx_jax",
+        "plan",
+        "--config",
+        args.config_path,
+        *(getattr(args, "overrides", []) or []),
+        "--topology",
+        topology_name,
+    ]
+    if args.json:
+        argv += ["--json", args.json]
+    if getattr(args, "compiler", None):
+        argv += ["--compiler", args.compiler]
+    if getattr(args, "verbose", False):
+        argv.append("--verbose")
+    env = dict(os.environ, **{_CHILD_ENV: "1"})
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_PLATFORMS", None)
+    return subprocess.call(argv, env=env)
+
+
+def cli_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
+    name = args.topology or str(cfg.plan.topology) or None  # --topology, else the config's
+    topo = parse_topology(name)
+    if topo.num_devices and not _provide_devices(topo.num_devices):
+        if os.environ.get(_CHILD_ENV):
+            raise AlignXError(f"could not provide {topo.num_devices} stand-in devices for {topo.name}")
+        return _plan_in_child(args, name)
+    report = plan(cfg, topo, compiler=getattr(args, "compiler", None))
+    print(format_report(report))
+    if getattr(args, "verbose", False):
+        print(param_lines(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+            f.write("\n")
+    if not report["fits"]:
+        raise AlignXError(does_not_fit(args.config_path, report))
+    return 0
