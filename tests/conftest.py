@@ -103,11 +103,10 @@ def tiny_hf_checkpoints(tmp_path_factory) -> dict[str, str]:
     }
 
 
-# The files holding the long end-to-end runs (minutes each on 2 cores) go first: `make test`'s workers
-# take whole files in collection order (`--dist loadfile`), so the short files then fill in beside the
-# long ones instead of one worker finishing a long file alone at the end.
+# The files holding the long end-to-end runs (minutes each on 2 cores) go first, roughly longest first, so
+# the short files fill in beside them instead of one worker running a long file alone at the end.
 LONG_FILES = (
-    "test_multiprocess.py",
+    "test_multiprocess.py",  # > 2 tests, so its worker does not also take the next file at the start
     "test_faults.py",
     "test_demo_real.py",
     "test_demo.py",
@@ -115,6 +114,14 @@ LONG_FILES = (
     "test_pba_training.py",
     "test_gguf.py",
 )
+
+
+def pytest_configure(config):
+    # xdist loadfile deals whole files from a queue (1 per worker at start, +1 while a worker's file has <= 2
+    # tests left) in collection order only without --loadscope-reorder, its default sort by test count
+    # (which put these 2-6-test files last): turned off here so LONG_FILES start first
+    if getattr(config.option, "loadscopereorder", None):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -35,7 +35,14 @@ TRAIN = [
 # enough steps that a SIGTERM lands mid-run (test_sigterm_...), which resumes to these same losses
 STEPS = ["--config.train.steps=12", "--config.checkpoint.every_steps=12"]
 SHARED = ["--config.data.share_prompt=true", "--config.data.buckets=(256,)"]
-PBA = ["--config.pba.max_persona_tokens=128", "--config.pba.head_steps=20", "--config.pba.head_batch_size=8"]
+PBA = [
+    "--config.pba.max_persona_tokens=128",
+    "--config.pba.head_steps=20",
+    "--config.pba.head_batch_size=8",
+    # token compaction in 1/4 steps: both steps keep 3/4 of the positions, one compiled step (in 1/8 steps,
+    # the default, they kept 6/8 then 5/8: a second compile of each PBA step in every process)
+    "--config.data.compact_tokens=4",
+]
 SHORT = ["--config.train.steps=2", "--config.checkpoint.every_steps=2"]
 # mode -> (config file, overrides); modes are combined where they are independent (one compilation each);
 # token compaction (data.compact_tokens, on by default) keeps about half of the rows of 256 where used

@@ -136,6 +136,10 @@ def runs(tmp_path_factory):
     assert one.returncode == 0, err1[-3000:]
     assert two.returncode == 0, err2[-3000:] + _logs(d / "logs-train")
     print(f"every mode, 1 and 2 processes: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    # each mode's seconds in the 1-process launch (mp_modes.py's lines): where this fixture's time goes
+    print(
+        "".join(ln + "\n" for ln in err1.splitlines() if ln.startswith("mp_modes: ")), file=sys.stderr, end=""
+    )
     return {
         "dir": d,
         "cache": cache,

@@ -99,12 +99,31 @@ def test_no_eval_rows_when_off(tmp_path):
     assert not any(k.startswith("eval/") for r in _records(tmp_path) for k in r)
 
 
-def _logps(model, prompt, response):
-    """Summed log-probs of `response` after `prompt` by a plain forward (no masks, no chunking)."""
-    ids = jnp.asarray([prompt + response], jnp.int32)
-    logp = jax.nn.log_softmax(model(ids)[0].astype(jnp.float32), axis=-1)
-    pos = np.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
-    return float(jnp.sum(logp[pos, np.asarray(response)]))
+def _plain_logps(codec, params_list, pairs):
+    """Summed log-probs of each response after its prompt by a plain forward (no masks, no chunking, no
+    packing): every prompt+response row right-padded to one length and run as one batch, so the causal
+    forward is compiled once (jit) rather than run op by op per example; right padding only adds positions
+    after each response, which a causal decoder's earlier logits never see. -> one [len(pairs)] array of
+    log-probs per (params, which) in `params_list` x ('chosen', 'rejected') order."""
+    rows = [(p, r) for p, c, rj in pairs for r in (c, rj)]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, (p, r) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = p + r
+
+    @jax.jit
+    def forward(params, ids):
+        return jax.nn.log_softmax(codec.module(params)(ids).astype(jnp.float32), axis=-1)
+
+    out = []
+    for params in params_list:
+        logp = np.asarray(forward(params, jnp.asarray(ids)))
+        sums = []
+        for i, (p, r) in enumerate(rows):
+            pos = np.arange(len(p) - 1, len(p) + len(r) - 1)
+            sums.append(float(logp[i, pos, np.asarray(r)].sum()))
+        out += [np.asarray(sums[0::2]), np.asarray(sums[1::2])]
+    return out
 
 
 def test_evaluation_matches_a_plain_forward(tmp_path):
@@ -120,18 +139,16 @@ def test_evaluation_matches_a_plain_forward(tmp_path):
         t.params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(key), p.shape, p.dtype), t.params)
         t.eval_fn = jit_eval_step(t.codec, cfg)
         got = t.evaluate_held_out()
-        policy, ref = t.codec.module(t.params), t.codec.module(t.ref_params)
-        beta, rows = float(cfg.loss.beta), []
+        beta = float(cfg.loss.beta)
+        pairs = []
         for i in range(N_EVAL):
             ex = t.example(t.eval_source[i], row_rng(t.seed, (0, i)), i)
-            lp = [
-                _logps(m, ex.prompt_ids, r) for m in (policy, ref) for r in (ex.chosen_ids, ex.rejected_ids)
-            ]
-            rows.append((lp[0], lp[1], beta * (lp[0] - lp[2]), beta * (lp[1] - lp[3])))
+            pairs.append((list(ex.prompt_ids), list(ex.chosen_ids), list(ex.rejected_ids)))
+        pc, pr, ref_c, ref_r = _plain_logps(t.codec, [t.params, t.ref_params], pairs)
     finally:
         for lock in held:
             lock.release()
-    pc, pr, rc, rr = (np.asarray(x) for x in zip(*rows))
+    rc, rr = beta * (pc - ref_c), beta * (pr - ref_r)
     want = {
         "eval/logps/chosen": pc.mean(),
         "eval/logps/rejected": pr.mean(),
