@@ -402,6 +402,15 @@ def use_compile_cache(out: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def open_out(out: str, settings: dict[str, Any]) -> dict[str, str]:
+    """OUT made and claimed for these settings (`claim_out`: a rerun must match them), its compilation
+    cache on -> its data/models/runs/eval subfolders by name."""
+    os.makedirs(out, exist_ok=True)
+    use_compile_cache(out)
+    claim_out(out, settings)
+    return {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
+
+
 def run_demo(
     out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0, progress: bool = True
 ) -> dict[str, Any]:
@@ -409,16 +418,12 @@ def run_demo(
     t_start = time.perf_counter()
     budget = Budget(quick)
     out = os.path.abspath(out)
-    use_compile_cache(out)
     psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
     if psoups != os.path.abspath(DEFAULT_PSOUPS) and not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file", file=psoups)
     have_psoups = os.path.isfile(psoups)
-    os.makedirs(out, exist_ok=True)
-    claim_out(out, {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None})
-
+    d = open_out(out, {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None})
     stages = Stages(out, _stage_names(have_psoups), progress)
-    d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
     init_dir = os.path.join(d["models"], "init")
     results: dict[str, Any] = {"synthetic": {}, "p_soups": {}}
     try:

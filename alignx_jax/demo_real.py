@@ -30,11 +30,10 @@ from alignx_jax.demo import (
     DEFAULT_PSOUPS,
     ROOT,
     Stages,
-    claim_out,
+    open_out,
     run_config,
     split_psoups,
     train_stages,
-    use_compile_cache,
 )
 from alignx_jax.demo_report import PAPER, pct, plot_curves, read_json, save_figure, write_json, write_lines
 from alignx_jax.errors import AlignXError, DataError
@@ -346,9 +345,7 @@ def run_real_demo(
     psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
     if not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
-    os.makedirs(out, exist_ok=True)
-    use_compile_cache(out)
-    claim_out(out, {"real": True, "quick": quick, "seed": seed, "psoups": psoups})
+    d = open_out(out, {"real": True, "quick": quick, "seed": seed, "psoups": psoups})
 
     names = [
         "model",
@@ -359,7 +356,6 @@ def run_real_demo(
         "samples",
     ]
     stages = Stages(out, names, progress)
-    d = {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
     ps: dict[str, Any] = {"file": psoups}
     try:
         model_dir = stages.run("model", lambda: real_model.smollm2_dir())

@@ -211,6 +211,11 @@ def tiny_ggufs(tmp_path_factory):
     return out
 
 
+@pytest.mark.skipif(
+    int(__import__("transformers").__version__.split(".")[0]) < 5,
+    reason="the reference, transformers' GGUF loading before 5.0, reads these files' RoPE settings "
+    "differently (position 0 agrees, later positions do not)",
+)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_gguf_import_export_matches_transformers(tiny_ggufs, tmp_path, kind, capsys):
     path, weights = tiny_ggufs[kind]

@@ -72,7 +72,8 @@ def test_bfloat16_export_and_reimport(tiny_hf_checkpoints, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    # "auto": the dtype the export declares (transformers 5 defaults to it, 4.x to float32)
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="auto")
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16
 
 

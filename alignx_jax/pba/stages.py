@@ -19,7 +19,7 @@ from alignx_jax import workdir as workdir_lib
 from alignx_jax.models import preference_head as ph
 from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.pba.head_training import train_head_two_stage
-from alignx_jax.pba.predict import persona_features
+from alignx_jax.pba.predict import head_persona_features
 
 PREDICTED_FILE = "pba_predicted.npy"
 
@@ -109,14 +109,7 @@ def predicted_directions(
     feats = (
         res.features
         if int(cfg.pba.head_rows) <= 0 or int(cfg.pba.head_rows) >= n
-        else persona_features(
-            policy,
-            tokenizer,
-            rows,
-            pooling=res.cfg.pooling,
-            variant=res.cfg.persona_variant,
-            max_tokens=res.cfg.max_persona_tokens,
-        )
+        else head_persona_features(policy, tokenizer, rows, res.cfg)
     )
     dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
     if main:
