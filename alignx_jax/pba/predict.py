@@ -134,10 +134,15 @@ def head_persona_features(
 ) -> np.ndarray:
     """`persona_features` of the persona prompts a preference head reads: its config's pooling,
     persona variant and max tokens, as in its training and prediction alike."""
-    # the settings the head was trained with, so training and prediction read the persona alike
-    trained = {"pooling": head_cfg.pooling, "variant": head_cfg.persona_variant}
-    trained["max_tokens"] = head_cfg.max_persona_tokens
-    return persona_features(model, tokenizer, rows, batch_size=batch_size, **trained)
+    return persona_features(
+        model,
+        tokenizer,
+        rows,
+        pooling=head_cfg.pooling,
+        variant=head_cfg.persona_variant,
+        max_tokens=head_cfg.max_persona_tokens,
+        batch_size=batch_size,
+    )
 
 
 def predict_preferences(
