@@ -124,6 +124,7 @@ def score(
 ) -> dict[str, Any]:
     """`alignx eval` on the P-SOUPS half; returns {"accuracy", "n", "ci95", "by_persona"}."""
     from alignx_jax import evaluate as ev
+    from alignx_jax.config import load_config
 
     settings = ev.EvalSettings(
         method=method,
@@ -138,6 +139,9 @@ def score(
         settings,
         reference_scores=reference_scores,
         per_example=per_example_path(out_json),
+        dtype=load_config(
+            budget.config
+        ).model.dtype,  # the recipe's compute dtype, for base and trained alike
     )
     write_json(out_json, results)
     entry = results["benchmarks"]["p-soups"]

@@ -341,7 +341,8 @@ def measure_peak_flops(dtype: str = "float32", repeats: int = 5) -> float:
     for n in (1024, 2048):
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-        f = jax.jit(lambda x, y: x @ y)
+        # a float32 result: bf16 x bf16 -> bf16 takes XLA's slow upcast path on CPU (models/matmul.py)
+        f = jax.jit(lambda x, y: jax.numpy.dot(x, y, preferred_element_type="float32"))
         f(a, b).block_until_ready()
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -426,10 +427,21 @@ def torch_dpo_loss(policy, reference, b: dict[str, Any]):
 
 
 class TorchStep:
-    def __init__(self, policy, reference, setup: Setup, device: str = "cpu", compiled: bool = False):
+    def __init__(
+        self,
+        policy,
+        reference,
+        setup: Setup,
+        device: str = "cpu",
+        compiled: bool = False,
+        dtype: str = "float32",
+    ):
         import torch
 
         self.policy, self.reference = policy, reference
+        # --dtype bfloat16: torch's mixed precision (float32 weights and optimizer, bf16 autocast
+        # compute), as the JAX side's model.dtype=bfloat16 with float32 parameters
+        self.autocast = dtype != "float32"
         self.b = torch_batch(setup, device)
         self.opt = torch.optim.AdamW(
             policy.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
@@ -440,7 +452,8 @@ class TorchStep:
     def __call__(self) -> float:
         import torch
 
-        loss = self.loss_fn(self.policy, self.reference, self.b)
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.loss_fn(self.policy, self.reference, self.b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.opt.step()
@@ -507,6 +520,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops_positions = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
     out: dict[str, Any] = {
         "model_size": args.model_size,
+        "dtype": args.dtype,
         "model_shape": {k: v for k, v in setup.hf_config.items() if k not in ("architectures", "model_type")},
         "pairs": args.pairs,
         "seq_len": args.seq_len,
@@ -532,7 +546,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_start": list(os.getloadavg()),
     }
     policy, reference = jax_models(
-        setup, scan_layers=args.scan_layers, remat=args.remat, attention_impl=args.attention_impl
+        setup, args.dtype, scan_layers=args.scan_layers, remat=args.remat, attention_impl=args.attention_impl
     )
     # torch copies first: the JAX step donates (invalidates) the policy's buffers
     t_pol, t_ref = torch_models(policy, reference, torch_device)
@@ -545,9 +559,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["jax_compile_seconds"] = time.perf_counter() - t0
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
     del policy, reference
-    contenders: dict[str, Any] = {"jax": jstep, "torch": TorchStep(t_pol, t_ref, setup, torch_device)}
+    contenders: dict[str, Any] = {
+        "jax": jstep,
+        "torch": TorchStep(t_pol, t_ref, setup, torch_device, dtype=args.dtype),
+    }
     if args.compile:
-        contenders["torch_compiled"] = TorchStep(c_pol, t_ref, setup, torch_device, compiled=True)
+        contenders["torch_compiled"] = TorchStep(
+            c_pol, t_ref, setup, torch_device, compiled=True, dtype=args.dtype
+        )
 
     # warm-up (compilation, allocator, first-touch), then the interleaved timed rounds
     warm_losses: dict[str, list[float]] = {name: [] for name in contenders}
@@ -557,15 +576,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             warm_losses[name].append(loss)
             if name == "torch_compiled" and i == 0:
                 out["torch_compile_seconds"] = dt
-    measure_peak_flops(repeats=1)  # compile the matmuls outside the timed rounds
+    measure_peak_flops(args.dtype, repeats=1)  # compile the matmuls outside the timed rounds
     try:
-        res = interleaved_rounds(contenders, args.steps, peak=lambda: measure_peak_flops(repeats=2))
+        res = interleaved_rounds(
+            contenders, args.steps, peak=lambda: measure_peak_flops(args.dtype, repeats=2)
+        )
     except Exception as e:  # inductor needs a working C++ toolchain; report, do not crash
         if "torch_compiled" not in contenders:
             raise
         out["torch_compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         contenders.pop("torch_compiled")
-        res = interleaved_rounds(contenders, args.steps, peak=lambda: measure_peak_flops(repeats=2))
+        res = interleaved_rounds(
+            contenders, args.steps, peak=lambda: measure_peak_flops(args.dtype, repeats=2)
+        )
     times, losses = res["times"], res["losses"]
     all_losses = {k: warm_losses[k] + losses[k] for k in contenders}
 
@@ -635,6 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of both sides (parameters and optimizer stay float32; torch: autocast); "
+        "the peak matmul is measured in it",
+    )
     p.add_argument(
         "--steps",
         "--rounds",

@@ -1,7 +1,7 @@
 """Where the JAX DPO step's time goes on CPU: per-op totals from one profiled step.
 
-    python benchmarks/profile_step.py [--model-size s] [--seq-len 512] [--batch 2] [--scan-layers 1]
-        [--remat none] [--chunk 0] [--top 25] [--dump-hlo OUT.txt]
+    python benchmarks/profile_step.py [--model-size s] [--seq-len 512] [--batch 2] [--pairs fixed|psoups]
+        [--dtype float32|bfloat16] [--scan-layers 1] [--remat none] [--chunk 0] [--top 25] [--dump-hlo OUT.txt]
 
 Runs `alignx_jax.train`'s step (built by dpo_step.JaxStep) under `jax.profiler.trace`, then sums
 `event.duration_ns` by event name from the xplane with `jax.profiler.ProfileData` (no TensorBoard
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-size", default="s")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--pairs", default="fixed", choices=("fixed", "psoups"), help="as dpo_step.py --pairs")
+    p.add_argument("--dtype", default="float32", help="model.dtype (compute); parameters stay float32")
     p.add_argument("--scan-layers", type=int, default=1)
     p.add_argument("--remat", default="none")
     p.add_argument("--chunk", type=int, default=0)
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
     import dpo_step as b
     import jax
 
-    setup = b.make_setup(args.model_size, args.seq_len, args.batch)
-    pol, ref = b.jax_models(setup, scan_layers=bool(args.scan_layers), remat=args.remat)
+    setup = b.make_setup(args.model_size, args.seq_len, args.batch, pairs=args.pairs)
+    pol, ref = b.jax_models(setup, args.dtype, scan_layers=bool(args.scan_layers), remat=args.remat)
     step = b.JaxStep(pol, ref, setup, chunk=args.chunk)
     if args.dump_hlo:
         with open(args.dump_hlo, "w") as f:

@@ -17,7 +17,9 @@ _BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 def get_config(variant: str = "full"):
     c = _BASE["get_config"]()
     c.model.hf_path = "smollm2"  # the shipped real model (alignx_jax.real_model; `make real-model`)
-    c.model.dtype = "float32"  # CPU: bf16 matmuls are no faster here
+    # bf16 compute, float32 parameters and optimizer: on CPUs with AVX-512-BF16/AMX the bf16 matmuls run
+    # 3-4x faster (BENCHMARKS.md §4); `alignx demo --real` scores in the same dtype
+    c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # 135M parameters: activations of a few pairs fit easily
     c.model.scan_layers = True

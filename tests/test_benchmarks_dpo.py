@@ -82,3 +82,20 @@ def test_flops_and_peak(bench):
     # at least 8 N_mm per token (6 policy + 2 reference), plus attention
     assert f > 8 * mm * 2 * 2 * 64
     assert bench.measure_peak_flops(repeats=1) > 1e8
+
+
+def test_bf16_steps_agree_with_float32(bench):
+    """--dtype bfloat16: both sides compute in bf16 over float32 weights (JAX model.dtype, torch
+    autocast) and land within bf16 rounding of the float32 loss; the bf16 peak is measured."""
+    setup = bench.make_setup("tiny", 48, 2, seed=3)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        policy, reference = bench.jax_models(setup, dtype)
+        t_pol, t_ref = bench.torch_models(policy, reference)
+        jstep = bench.JaxStep(policy, reference, setup)
+        losses[dtype] = (jstep(), bench.TorchStep(t_pol, t_ref, setup, dtype=dtype)())
+    (j32, t32), (j16, t16) = losses["float32"], losses["bfloat16"]
+    assert abs(j32 - t32) < 1e-4
+    assert j16 != j32 and t16 != t32  # bf16 rounding shows: the dtype reached both sides
+    assert abs(j16 - j32) < 0.02 and abs(t16 - t32) < 0.02
+    assert bench.measure_peak_flops("bfloat16", repeats=1) > 1e8

@@ -140,6 +140,37 @@ def test_dense_weight_gradient_equals_autodiff():
     np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(want[1]), rtol=0.05, atol=0.3)
 
 
+def test_dense_bf16_products_stay_bf16_on_cpu():
+    """bf16 in, bf16 out: the same values and gradients as a plain bf16 `jnp.dot`, and every dot of
+    the forward and backward pass takes bf16 operands (XLA's CPU backend upcasts a bf16 -> bf16 dot,
+    or one with a transposed-layout operand, to a float32 dot: 3-4x slower on AVX-512-BF16/AMX)."""
+    import re
+
+    from alignx_jax.models.matmul import dense
+
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (64, 32), jnp.bfloat16)
+    w = jax.random.normal(kw, (32, 48), jnp.bfloat16)
+    g = jax.random.normal(kg, (64, 48), jnp.bfloat16)
+    f = lambda d: lambda x, w: jnp.sum((d(x, w) * g).astype(jnp.float32))
+    out = jax.jit(dense)(x, w)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(jnp.dot(x, w), np.float32))
+    grad = jax.jit(jax.grad(f(dense), argnums=(0, 1)))
+    got, want = grad(x, w), jax.grad(f(jnp.dot), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.02, atol=0.1)
+    if jax.default_backend() == "cpu":
+        hlo = grad.lower(x, w).compile().as_text()
+        dots = re.findall(r"= f32\[[0-9,]*\]\{[0-9,]*\} dot\(([^)]*)\)", hlo)
+        fused = re.findall(
+            r"\((param_[0-9.]+): (\w+)\[[0-9,]+\], (param_[0-9.]+): (\w+)\[[0-9,]+\]\) -> f32", hlo
+        )
+        assert dots, hlo[-2000:]
+        assert all(a == b == "bf16" for _, a, _, b in fused), fused
+
+
 def test_layer_scan_saves_no_attention_probabilities():
     """The scanned step keeps no [L, B, K, G, T, S] residual (the probabilities are recomputed)."""
     from flax import nnx

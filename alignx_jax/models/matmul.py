@@ -8,6 +8,10 @@ contraction axis minor) and runs on Eigen at about 70 GFLOP/s for an output laye
 materialises `x^T` (the smaller operand: tokens x d_in) behind an optimization barrier, which keeps
 the algebraic simplifier from folding the transpose back into the dot. Values are unchanged; on
 GPU and TPU the plain autodiff rule is used.
+
+Low-precision products on CPU accumulate into a float32 result that is then rounded: XLA's CPU
+backend runs a bf16 x bf16 -> bf16 dot as a float32 dot of upcast copies, while bf16 inputs with a
+float32 result reach the bf16 (AMX/AVX-512-BF16) kernels. The values are the same either way.
 """
 
 from __future__ import annotations
@@ -43,21 +47,37 @@ def _products(x_NI, ws_IO, out_dtype):
     return tuple(jnp.dot(x_NI, w, preferred_element_type=out_dtype) for w in ws_IO)
 
 
+def _products_f32(x_NI, ws_IO, out_dtype):
+    # CPU: a float32 result keeps bf16 inputs on the fast kernels (module docstring)
+    acc = jnp.float32 if jnp.finfo(out_dtype).bits < 32 else out_dtype
+    return tuple(jnp.dot(x_NI, w, preferred_element_type=acc).astype(out_dtype) for w in ws_IO)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dense_many(x_NI, ws_IO, out_dtype):
-    return _products(x_NI, ws_IO, out_dtype)
+    return _products_f32(x_NI, ws_IO, out_dtype)
 
 
 def _dense_many_fwd(x_NI, ws_IO, out_dtype):
-    return _products(x_NI, ws_IO, out_dtype), (x_NI, ws_IO)
+    return _products_f32(x_NI, ws_IO, out_dtype), (x_NI, ws_IO)
+
+
+def _transposed(a_MN: jax.Array) -> jax.Array:
+    """`a.T` written out row-major. A bare transpose behind the barrier can still become a layout
+    change of the same buffer, which the bf16 dot kernels do not take (they fall back to float32)."""
+    m, n = a_MN.shape
+    return jax.lax.optimization_barrier(a_MN.T.reshape(m * n)).reshape(n, m)
 
 
 def _dense_many_bwd(out_dtype, res, dys_NO):
     x_NI, ws_IO = res
     dys_NO = [dy.astype(x_NI.dtype) for dy in dys_NO]
-    dx_NI = sum(jnp.dot(dy, w.T, preferred_element_type=jnp.float32) for dy, w in zip(dys_NO, ws_IO))
+    low = jnp.finfo(x_NI.dtype).bits < 32
+    # bf16: w^T written out too, for the same kernels (a small copy: the weight, not the tokens)
+    wts_OI = [_transposed(w) if low else w.T for w in ws_IO]
+    dx_NI = sum(jnp.dot(dy, wt, preferred_element_type=jnp.float32) for dy, wt in zip(dys_NO, wts_OI))
     # x^T materialised once, so every weight-gradient dot is a plain [I, N] x [N, O] product
-    xt_IN = jax.lax.optimization_barrier(x_NI.T)
+    xt_IN = _transposed(x_NI)
     dws_IO = tuple(
         jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype) for dy, w in zip(dys_NO, ws_IO)
     )
