@@ -24,6 +24,7 @@ HANDLERS: dict[str, str] = {
     "data check": "alignx_jax.data.schema:cli_check",
     "data prepare": "alignx_jax.data.sources:cli_prepare",
     "data split": "alignx_jax.data.split:cli_split",
+    "data contrast": "alignx_jax.data.contrast:cli_contrast",
     "synth": "alignx_jax.data.synth:cli_synth",
     "train": "alignx_jax.train.cli:cli_train",
     "eval": "alignx_jax.evaluate.cli:cli_eval",
@@ -91,7 +92,7 @@ def _add_export(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    pdata = sub.add_parser("data", help="data tools: check, prepare, split")
+    pdata = sub.add_parser("data", help="data tools: check, prepare, split, contrast")
     dsub = pdata.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = dsub.add_parser("check", help="validate AlignX rows or a benchmark file; print counts")
     p.add_argument("path", help="parquet/JSONL/JSON file or folder")
@@ -113,6 +114,15 @@ def _add_data(sub) -> None:
     p.add_argument("--test-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p = dsub.add_parser(
+        "contrast",
+        help="a two-persona file (P-SOUPS) plus each pair under the other persona with chosen and rejected swapped",
+    )
+    p.add_argument("path", help="JSON list or JSONL file of exactly two opposite personas")
+    p.add_argument(
+        "--seed", type=int, default=0, help="which other-persona row lends each contrast row its context"
+    )
+    p.add_argument("--out", required=True, help="file to write (the input's format)")
 
 
 def _add_synth(sub) -> None:

@@ -156,6 +156,9 @@ class DataSection:
     overflow: Overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
     skip_bad_rows: bool = False  # drop (and count) malformed rows instead of stopping
     shuffle: bool = True  # shuffle rows every epoch (seeded by train.seed)
+    # > 0: batches of rows of similar token length, from groups of this many batches (less padding;
+    # each row is tokenized once more per epoch to measure it); 0 = off
+    length_groups: int = 0
     synth_users: int = (
         0  # > 0: synthesize this many users into W/data when `train` is ''; 0: train is required
     )
@@ -562,6 +565,8 @@ def _uses_reference(cfg: ml_collections.ConfigDict) -> bool:
 def _check_layout(cfg: ml_collections.ConfigDict) -> None:
     """The batch layout: row lengths, shared prompts / packing, kept tokens, the splash kernel."""
     data = cfg.data
+    if data.length_groups < 0:
+        raise ConfigError(f"data.length_groups={data.length_groups}: expected 0 (off) or a number of batches")
     if max(data.buckets) < data.max_length:
         raise ConfigError(
             f"data.max_length={data.max_length} exceeds the largest of data.buckets {tuple(data.buckets)}"

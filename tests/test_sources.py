@@ -253,3 +253,50 @@ def test_partial_last_batch_and_all_rejected():
         num_epochs=1,
     )
     assert [int(b["pair_mask"].sum()) for b, _ in padded] == [0, 0, 0]  # equal steps on every host
+
+
+def _len_example(row, rng, index):
+    # lengths 3..40 that depend on the row only, so a grouped batch is visibly homogeneous
+    n = 3 + (index * 37) % 38
+    return DPOExample(prompt_ids=[5] * n, chosen_ids=[6, 2], rejected_ids=[7, 2], index=index)
+
+
+def _len_of(row, rng, index):
+    return _len_example(row, rng, index).length
+
+
+def test_length_groups_cut_padding_keep_rows_and_resume():
+    kw = dict(pairs_per_batch=4, pad_id=0, buckets=(8, 16, 32, 64), seed=5, shard_index=0, shard_count=1)
+    plain = TrainLoader(_rows(83), _len_example, num_epochs=2, **kw)
+    grouped = TrainLoader(_rows(83), _len_example, num_epochs=2, length_groups=5, length_fn=_len_of, **kw)
+    for e in (0, 1):
+        a, b = plain.shard_order(e), grouped.shard_order(e)
+        assert sorted(a.tolist()) == sorted(b.tolist())  # the same rows each epoch...
+        assert a[80:].tolist() == b[80:].tolist()  # ...the rows past the last full batch stay last
+        assert b.tolist() != a.tolist()
+    assert grouped.shard_order(0).tolist() != grouped.shard_order(1).tolist()  # reshuffled per epoch
+
+    def padding(loader):
+        return sum(int(bt["input_ids"].size - bt["attention_mask"].sum()) for bt, _ in loader)
+
+    assert padding(grouped) < 0.5 * padding(plain)
+    # each group of 5 batches holds rows of one length band: the batch's spread is small
+    order = grouped.shard_order(0)
+    for k in range(0, 80, 4):
+        lens = [_len_of(None, None, int(i)) for i in order[k : k + 4]]
+        assert max(lens) - min(lens) <= 12
+
+    first = TrainLoader(_rows(83), _len_example, num_epochs=2, length_groups=5, length_fn=_len_of, **kw)
+    it = iter(first)
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(first.get_state()))
+    again = TrainLoader(_rows(83), _len_example, num_epochs=2, length_groups=5, length_fn=_len_of, **kw)
+    again.set_state(state)
+    assert all(
+        _same(x, y) for x, y in zip([next(it) for _ in range(4)], [next(iter(again)) for _ in range(4)])
+    )
+    with pytest.raises(ConfigError, match="length_groups"):
+        TrainLoader(_rows(83), _len_example, num_epochs=2, **kw).set_state(state)
+    with pytest.raises(ConfigError, match="length_groups"):
+        TrainLoader(_rows(83), _len_example, length_groups=2, **kw)  # no length_fn

@@ -14,6 +14,10 @@ Batch layout and determinism (per epoch e, seed s):
   * order: a permutation of all rows drawn from (s, e); host h of H takes positions h, h+H, ... of
     it, cut to floor(N / H) rows, so every host has the same number of steps (a multi-host step
     must be entered by all hosts);
+  * length_groups=K (`data.length_groups`): the shuffled shard is cut into groups of K batches, each
+    group sorted by the rows' token length (`length_fn`) and cut into batches, the batches of a group
+    in a seeded random order; rows past the last full batch stay last. Batches then hold rows of
+    similar length (little padding); the order is still a function of (s, e) alone;
   * example i of epoch e gets `rng = persona.row_rng(s, (e, i))`: the same history sample for the
     same row and epoch, however the batches are cut or resumed;
   * on_drop="pad" (default): every batch consumes exactly `pairs_per_batch` shard rows; rows the
@@ -176,9 +180,13 @@ class TrainLoader:
         shard_index: int | None = None,
         shard_count: int | None = None,
         collate_fn: Callable[..., dict] | None = None,
+        length_groups: int = 0,
+        length_fn: Callable[[Any, np.random.Generator, int], int] | None = None,
     ):
         if pairs_per_batch < 1:
             raise ConfigError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
+        if length_groups < 0 or (length_groups and length_fn is None):
+            raise ConfigError(f"length_groups must be >= 0 (with a length_fn), got {length_groups}")
         if on_drop not in ("pad", "refill"):
             raise ConfigError(f"on_drop must be 'pad' or 'refill', got {on_drop!r}")
         if shard_index is None or shard_count is None:
@@ -215,6 +223,7 @@ class TrainLoader:
                 return batching.collate(exs, pad_id=self.pad_id, num_pairs=self.pairs_per_batch, **kw)
 
         self.collate_fn = collate_fn
+        self.length_groups, self.length_fn = int(length_groups), length_fn
         self._epoch, self._position, self._step = 0, 0, 0
         self._rows_seen, self._rows_dropped = 0, 0
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -242,8 +251,30 @@ class TrainLoader:
         else:
             perm = np.arange(self.num_rows)
         order = perm[self.shard_index :: self.shard_count][: self.shard_size]
+        if self.length_groups and self.shuffle:
+            order = self._length_grouped(order, epoch)
         self._order_cache = (epoch, order)
         return order
+
+    def _length_grouped(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        """`order` regrouped by token length (module docstring); the rows past the last full batch
+        keep their place at the end, so every batch is still a fixed slice of the shard."""
+        b = self.pairs_per_batch
+        full = len(order) - len(order) % b
+        lengths = np.asarray(
+            [
+                self.length_fn(self.source[int(i)], self._example_rng(epoch, int(i)), int(i))
+                for i in order[:full]
+            ]
+        )
+        rng = np.random.default_rng([self.seed, epoch, 0x4C47])
+        span = self.length_groups * b
+        batches = []
+        for s in range(0, full, span):
+            group = order[s : s + span][np.argsort(-lengths[s : s + span], kind="stable")]
+            cut = [group[k : k + b] for k in range(0, len(group), b)]
+            batches += [cut[j] for j in rng.permutation(len(cut))]
+        return np.concatenate([*batches, order[full:]]).astype(order.dtype)
 
     def _example_rng(self, epoch: int, index: int) -> np.random.Generator:
         from alignx_jax.data.persona import row_rng
@@ -261,6 +292,7 @@ class TrainLoader:
             "pairs_per_batch": self.pairs_per_batch,
             "shuffle": self.shuffle,
             "on_drop": self.on_drop,
+            "length_groups": self.length_groups,
             "epoch": self._epoch,
             "position": self._position,
             "step": self._step,
@@ -285,6 +317,11 @@ class TrainLoader:
                     f"cannot resume the data loader: saved {key}={state.get(key)!r} but this run "
                     f"has {getattr(self, key)!r} (same data, seed and hosts are needed)"
                 )
+        if int(state.get("length_groups", 0)) != self.length_groups:  # absent: saved before the option
+            raise ConfigError(
+                f"cannot resume the data loader: saved length_groups={state.get('length_groups', 0)!r} but "
+                f"this run has {self.length_groups!r} (same data, seed and hosts are needed)"
+            )
         self._epoch, self._position, self._step = (
             int(state["epoch"]),
             int(state["position"]),

@@ -220,8 +220,25 @@ class Trainer:
 
     def example(self, row, rng, index):
         """One row as a DPOExample (the loader's example_fn); counts truncated prompts."""
+        ex = self._make_example(row, rng, index)
+        self.rows_truncated += int(ex is not None and ex.truncated)
+        return ex
+
+    def example_length(self, row, rng, index) -> int:
+        """The row's token length as a batch would hold it (`data.length_groups`); counts nothing."""
+        ex = self._make_example(row, rng, index)
+        if ex is None:
+            return 0
+        # data.share_prompt rows hold the prompt and both responses
+        return (
+            len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids)
+            if self.cfg.data.share_prompt
+            else ex.length
+        )
+
+    def _make_example(self, row, rng, index):
         cfg = self.cfg
-        ex = batching.make_example(
+        return batching.make_example(
             self.tokenizer,
             row,
             method=cfg.data.method,
@@ -235,8 +252,6 @@ class Trainer:
             persona_length=self.persona_length,
             pba_preference="history" if cfg.pba.preference == "history" else "golden",
         )
-        self.rows_truncated += int(ex is not None and ex.truncated)
-        return ex
 
     def new_loader(self) -> sources.TrainLoader:
         cfg = self.cfg
@@ -252,6 +267,8 @@ class Trainer:
             on_drop="pad",
             shard_index=self.pi,
             shard_count=self.pc,
+            length_groups=int(cfg.data.length_groups),
+            length_fn=self.example_length,
         )
 
     def eval_loader(self) -> sources.TrainLoader:

@@ -1,0 +1,92 @@
+"""Persona-contrast pairs (`alignx data contrast`): each pair again under the other persona, swapped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignx_jax.cli import main
+from alignx_jax.data.contrast import contrast_rows
+from alignx_jax.errors import DataError
+
+# labels of the preference space, as P-SOUPS profiles are written (the validator reads them)
+PROFILES = [
+    ["Young, Concise communication style", "Young, High Extraversion, Concise communication style"],
+    [
+        "Older, Detailed communication style",
+        "Older, Concerned about complexity, Detailed communication style",
+    ],
+    ["Likes science", "Likes humor"],
+]
+
+
+def psoups_rows(per_persona=(3, 2)):
+    rows = []
+    for p, n in enumerate(per_persona):
+        for k in range(n):
+            rows.append(
+                {
+                    "prompt": f"prompt {p}-{k}",
+                    "chosen": f"style {p} answer {k}",
+                    "rejected": f"style {1 - p} answer {k}",
+                    "ground_truth_persona": f"persona {p}",
+                    "profile": PROFILES[p][k % 2],
+                    "Pair-wise Comparative Feedback": [
+                        {"prompt": f"h{p}{k}", "chosen": "x", "rejected": "y"}
+                    ],
+                }
+            )
+    return rows
+
+
+def test_contrast_rows_swap_labels_under_the_other_persona():
+    rows = psoups_rows()
+    out = contrast_rows(rows, seed=1)
+    assert out[: len(rows)] == rows and len(out) == 2 * len(rows)
+    for row, con in zip(rows, out[len(rows) :]):
+        assert (con["prompt"], con["chosen"], con["rejected"]) == (
+            row["prompt"],
+            row["rejected"],
+            row["chosen"],
+        )
+        assert con["ground_truth_persona"] != row["ground_truth_persona"]
+        # the whole context (profile, history pairs) is one real row of the other persona
+        donors = [r for r in rows if r["ground_truth_persona"] == con["ground_truth_persona"]]
+        assert any(all(con[k] == d[k] for k in ("profile", "Pair-wise Comparative Feedback")) for d in donors)
+    assert contrast_rows(rows, seed=1) == out  # seeded
+    assert any(contrast_rows(rows, seed=s) != out for s in range(2, 8))
+
+
+@pytest.mark.parametrize("personas", [(4,), (2, 2, 2)])
+def test_contrast_needs_exactly_two_personas(personas):
+    with pytest.raises(DataError, match=f"exactly two .* found {len(personas)}"):
+        contrast_rows(psoups_rows(personas), file="f.json")
+
+
+def test_cli_contrast_writes_the_input_format(tmp_path, capsys):
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps(psoups_rows()))
+    out = tmp_path / "o" / "contrast.json"
+    assert main(["data", "contrast", str(src), "--out", str(out), "--seed", "3"]) == 0
+    assert json.loads(out.read_text()) == contrast_rows(psoups_rows(), seed=3)
+    jl = tmp_path / "train.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in psoups_rows()))
+    assert main(["data", "contrast", str(jl), "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 10
+
+
+def test_cli_contrast_bad_input_is_one_line(tmp_path, capsys):
+    src = tmp_path / "bad.json"
+    rows = psoups_rows()
+    del rows[2]["chosen"]
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "c.json"
+    assert main(["data", "contrast", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json" in err[0] and "row 2" in err[0]
+    assert not out.exists()  # nothing written
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(psoups_rows((3,))))
+    assert main(["data", "contrast", str(one), "--out", str(out)]) == 1
+    assert "exactly two" in capsys.readouterr().err and not out.exists()
