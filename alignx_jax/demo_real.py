@@ -6,14 +6,11 @@ Stages (each skipped when its marker exists; training resumes like `alignx train
   1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once).
   2. split   - `alignx data split FILE --by prompt --test-fraction 0.5`; --quick takes seeded samples
                of each half balanced across the file's personas (`benchmarks.balanced_sample`).
-     contrast - the training half plus each pair under the other persona with chosen and rejected
-               swapped (`alignx data contrast`; P-SOUPS' two personas are opposite), for ICA and PBA.
   3. base    - the untouched model scored on the held-out half with no persona, with the ICA prompt
                and with the PBA prompt (`alignx eval --reference none`); each per-example file is
                then the reference of the model trained with that prompt (`--reference-scores`).
-  4. train   - configs/demo_real.py, one recipe and budget, for data.method none (the plain rows, as
-               many steps), ica and pba (the row's `profile` text) on the contrast rows; each exported
-               to HF format (`alignx export`).
+  4. train   - configs/demo_real.py, one recipe and budget, for data.method none, ica, pba (the row's
+               `profile` text); each exported to HF format (`alignx export`).
   5. eval    - `alignx eval` of each trained model on the held-out half, the base model as reference.
   6. samples - three sampled responses per persona for one held-out prompt from each trained model.
   7. report  - DIR/results.json, DIR/report.md (per persona, beside the paper's P-SOUPS column),
@@ -62,12 +59,6 @@ TARGETS = (
     "seconds <= 3600",
 )
 SAMPLING = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's generation settings
-# ICA and PBA train on the persona-contrast rows (`alignx data contrast`: every pair also under the
-# other persona, labels swapped), which only a model that reads the persona can fit; the
-# non-personalized model trains on the plain rows for as many steps (the same budget: CONTRAST_EPOCHS
-# epochs of half as many pairs), since swapped pairs without a persona would only contradict each other.
-CONTRAST = ("ica", "pba")
-CONTRAST_EPOCHS = 2
 
 
 class RealBudget:
@@ -97,15 +88,7 @@ def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
 
 
 def train_and_export(
-    budget: RealBudget,
-    *,
-    workdir: str,
-    model_dir: str,
-    data: str,
-    method: str,
-    seed: int,
-    export_dir: str,
-    overrides: Sequence[str] = (),
+    budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int, export_dir: str
 ) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     from alignx_jax import export
@@ -120,7 +103,7 @@ def train_and_export(
         method=method,
         seed=seed,
         config_file=REAL_CONFIG,
-        overrides=overrides,
+        overrides=(),
     )
     t0 = time.perf_counter()
     code = run_training(cfg)
@@ -371,7 +354,6 @@ def run_real_demo(
     names = [
         "model",
         "split",
-        "contrast",
         *(f"eval/{BASE[m]}" for m in METHODS),
         *(f"train/{m}" for m in METHODS),
         *(f"eval/{TRAINED[m]}" for m in METHODS),
@@ -382,7 +364,6 @@ def run_real_demo(
     try:
         model_dir = stages.run("model", lambda: real_model.smollm2_dir())
         split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
-        contrast = stages.run("contrast", lambda: _contrast(split["train"], d["data"], seed))
         ps.update(_base_evals(stages, budget, d, model_dir, split["test"]))
 
         def train(m: str, workdir: str, export_dir: str) -> dict[str, Any]:
@@ -390,11 +371,10 @@ def run_real_demo(
                 budget,
                 workdir=workdir,
                 model_dir=model_dir,
-                data=contrast if m in CONTRAST else split["train"],
+                data=split["train"],
                 method=m,
                 seed=seed,
                 export_dir=export_dir,
-                overrides=() if m in CONTRAST else (f"--config.train.epochs={CONTRAST_EPOCHS}",),
             )
 
         by_method, workdirs = train_stages(stages, d, TRAINED, train)
@@ -478,17 +458,6 @@ def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[st
     )
     test = balanced_copy(split["test"], budget.test_rows, seed, os.path.join(data_dir, "quick", "test.json"))
     return {"train": train, "test": test}
-
-
-def _contrast(train: str, data_dir: str, seed: int) -> str:
-    """The training rows plus their persona-contrast rows (`alignx data contrast`), as a JSON list."""
-    from alignx_jax.data.contrast import contrast_rows
-
-    with open(train, encoding="utf-8") as f:
-        rows = json.load(f)
-    dest = os.path.join(data_dir, "contrast", os.path.basename(train))
-    write_json(dest, contrast_rows(rows, seed, file=train))
-    return dest
 
 
 def print_summary(results: dict[str, Any], out: str, lines: Sequence[str]) -> None:
