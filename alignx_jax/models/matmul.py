@@ -21,7 +21,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from alignx_jax.sharding import target_platform
+from alignx_jax.sharding import active_mesh, target_platform
 
 
 def _transposed_wgrad() -> bool:
@@ -62,22 +62,32 @@ def _dense_many_fwd(x_NI, ws_IO, out_dtype):
     return _products_f32(x_NI, ws_IO, out_dtype), (x_NI, ws_IO)
 
 
-def _transposed(a_MN: jax.Array) -> jax.Array:
-    """`a.T` written out row-major. A bare transpose behind the barrier can still become a layout
-    change of the same buffer, which the bf16 dot kernels do not take (they fall back to float32)."""
+def _transposed(a_MN: jax.Array, row_major: bool) -> jax.Array:
+    """`a.T` behind a barrier; `row_major`: written out row-major through a flat copy. A bare transpose
+    behind the barrier can still become a layout change of the same buffer, which the bf16 dot kernels
+    do not take (they fall back to float32). The flat copy loses a sharded axis, so it is only used
+    on one device (across devices XLA would gather the whole operand: `alignx plan` of an 8B FSDP
+    step grew from 27 to 100 GiB of temporaries)."""
+    if not row_major:
+        return jax.lax.optimization_barrier(a_MN.T)
     m, n = a_MN.shape
     return jax.lax.optimization_barrier(a_MN.T.reshape(m * n)).reshape(n, m)
+
+
+def _one_device() -> bool:
+    mesh = active_mesh()
+    return mesh is None or mesh.devices.size == 1
 
 
 def _dense_many_bwd(out_dtype, res, dys_NO):
     x_NI, ws_IO = res
     dys_NO = [dy.astype(x_NI.dtype) for dy in dys_NO]
-    low = jnp.finfo(x_NI.dtype).bits < 32
-    # bf16: w^T written out too, for the same kernels (a small copy: the weight, not the tokens)
-    wts_OI = [_transposed(w) if low else w.T for w in ws_IO]
+    # bf16 on one device: x^T and w^T written out row-major for the bf16 kernels (w^T: a small copy)
+    row_major = jnp.finfo(x_NI.dtype).bits < 32 and _one_device()
+    wts_OI = [_transposed(w, True) if row_major else w.T for w in ws_IO]
     dx_NI = sum(jnp.dot(dy, wt, preferred_element_type=jnp.float32) for dy, wt in zip(dys_NO, wts_OI))
     # x^T materialised once, so every weight-gradient dot is a plain [I, N] x [N, O] product
-    xt_IN = _transposed(x_NI)
+    xt_IN = _transposed(x_NI, row_major)
     dws_IO = tuple(
         jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype) for dy, w in zip(dys_NO, ws_IO)
     )
