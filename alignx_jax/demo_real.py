@@ -139,9 +139,7 @@ def score(
         settings,
         reference_scores=reference_scores,
         per_example=per_example_path(out_json),
-        dtype=load_config(
-            budget.config
-        ).model.dtype,  # the recipe's compute dtype, for base and trained alike
+        dtype=load_config(budget.config).model.dtype,  # the recipe's, for base and trained models alike
     )
     write_json(out_json, results)
     entry = results["benchmarks"]["p-soups"]

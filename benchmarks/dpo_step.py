@@ -452,7 +452,7 @@ class TorchStep:
     def __call__(self) -> float:
         import torch
 
-        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.loss_fn(self.policy, self.reference, self.b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)

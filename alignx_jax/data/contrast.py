@@ -15,17 +15,13 @@ number of personas is refused.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.data.benchmarks import persona_group
 from alignx_jax.errors import DataError
-
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def contrast_rows(rows: Sequence[dict], seed: int = 0, *, file: str | None = None) -> list[dict]:
@@ -55,23 +51,15 @@ def contrast_rows(rows: Sequence[dict], seed: int = 0, *, file: str | None = Non
 
 def cli_contrast(args: argparse.Namespace) -> int:
     """`alignx data contrast PATH --out FILE [--seed S]` (JSON list or JSONL, as the input)."""
-    raw = schema.read_file(args.path)
-    if raw.fmt not in ("json", "jsonl"):
-        raise DataError(f"persona contrast reads a JSON list or JSONL file, not {raw.fmt}", file=args.path)
-    for i, message in raw.line_errors.items():
-        raise DataError(message, file=args.path, row=i)
+    from alignx_jax.data.split import write_rows
+
+    loaded = schema.load(args.path)  # every row validated (file and row named) before anything is written
+    if len(loaded.files) != 1 or loaded.files[0].fmt not in ("json", "jsonl"):
+        raise DataError("persona contrast reads one JSON list or JSONL file", file=args.path)
+    raw = loaded.files[0]
     if not raw.rows:
         raise DataError("no rows", file=args.path)
-    kind = schema.detect_kind(raw.rows)
-    for i, row in enumerate(raw.rows):  # a malformed row fails here, named, before anything is written
-        schema.validate_row(row, kind=kind, file=args.path, index=i)
     rows = contrast_rows(raw.rows, args.seed, file=args.path)
-    if raw.fmt == "json":
-        text = json.dumps(rows, ensure_ascii=False, indent=4) + "\n"
-    else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    out = paths.path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(text.encode("utf-8"))
+    write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
     print(f"persona contrast: {len(raw.rows)} rows + {len(rows) - len(raw.rows)} contrast rows -> {args.out}")
     return 0

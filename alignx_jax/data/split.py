@@ -66,7 +66,7 @@ def split_rows(
     return [rows[i] for i in train], [rows[i] for i in test]
 
 
-def _write(raw: schema.RawFile, picks: list[int], dest: str) -> None:
+def write_rows(raw: schema.RawFile, picks: list[int], dest: str) -> None:
     """The picked rows of `raw` into `dest` (a local path or a URL), in the input's format."""
     if raw.fmt == "parquet":
         import io
@@ -114,7 +114,7 @@ def cli_split(args: argparse.Namespace) -> int:
                     if paths.is_url(root)
                     else os.path.relpath(raw.path, root)
                 )
-            _write(raw, picks, _join(args.out, half, rel))
+            write_rows(raw, picks, _join(args.out, half, rel))
     print(
         f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
         f"{_join(args.out, 'train')}, {_join(args.out, 'test')}"
