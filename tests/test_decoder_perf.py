@@ -194,3 +194,78 @@ def test_layer_scan_saves_no_attention_probabilities():
 
     hlo = jax.jit(jax.grad(f)).lower(state).as_text()
     assert f"3x2x2x2x{T}x{T}x" not in hlo and f"3x2x4x{T}x{T}x" not in hlo
+
+
+def test_dense_takes_float32_kernels_of_a_bf16_model():
+    """A float32 kernel with bf16 activations: the product of the bf16-rounded kernel (as a cast
+    before the call gave), and the kernel's gradient in float32, close to autodiff through the cast."""
+    from alignx_jax.models.matmul import dense
+
+    kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(kx, (64, 32), jnp.bfloat16)
+    w = jax.random.normal(kw, (32, 48), jnp.float32)
+    g = jax.random.normal(kg, (64, 48), jnp.float32)
+    out = jax.jit(dense)(x, w)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(out, np.float32), np.asarray(jax.jit(dense)(x, w.astype(jnp.bfloat16)), np.float32)
+    )
+    f = lambda d: lambda x, w: jnp.sum(d(x, w).astype(jnp.float32) * g)
+    got = jax.jit(jax.grad(f(dense), argnums=(0, 1)))(x, w)
+    want = jax.grad(f(lambda x, w: jnp.dot(x, w.astype(x.dtype))), argnums=(0, 1))(x, w)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0.02, atol=0.1)
+
+
+def test_bf16_layer_scan_keeps_no_bf16_kernel_or_carry_stack():
+    """bf16 compute over float32 parameters, scanned layers, on CPU: the backward's per-layer stacks
+    hold no bf16 copy of a kernel and the carry stacks as float32 (XLA's CPU backend updates a bf16
+    [L, ...] stack by converting all of it for every layer; `model.remat=full` keeps the carry alone)."""
+    import re
+
+    from flax import nnx
+
+    if jax.default_backend() != "cpu":
+        return
+    L, B, T, D, F = 3, 2, 16, 32, 64
+    cfg = dec.DecoderConfig(
+        vocab_size=64,
+        hidden_size=D,
+        intermediate_size=F,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        dtype="bfloat16",
+        param_dtype="float32",
+    )
+    model = dec.Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = jnp.ones((B, T), jnp.int32)
+
+    def f(state):
+        return jnp.sum(nnx.merge(graphdef, state).hidden_states(ids).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(f)).lower(state).compile().as_text()
+    stacks = set(re.findall(r"(bf16|f32)\[(" + str(L) + r",[0-9,]+)\]", hlo))
+    for shape in (f"{L},{D},{F}", f"{L},{F},{D}", f"{L},{D},{D}"):
+        assert ("bf16", shape) not in stacks, (shape, sorted(stacks))
+    assert ("f32", f"{L},{B},{T},{D}") in stacks, sorted(stacks)  # the carry
+    # the values: the same gradient as the unscanned (unrolled) stack, which stacks nothing
+    unrolled = dec.Decoder(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0))
+    g_un, s_un = nnx.split(unrolled)
+    want = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(g_un, s).hidden_states(ids).astype(jnp.float32))))(
+        s_un
+    )
+    got = jax.jit(jax.grad(f))(state)
+    pairs = [
+        (np.asarray(a, np.float32), np.asarray(b, np.float32))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    ]
+    scale = max(np.linalg.norm(b) for _, b in pairs)  # bf16 rounding: relative to the largest gradient
+    for a, b in pairs:
+        assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b) + 1e-3 * scale, (
+            a.shape,
+            np.linalg.norm(a - b),
+        )

@@ -125,7 +125,7 @@ def _linears(x, ps: list, specs: list[str], lora_scale: float = 0.0) -> list:
         ins = spec.split("->")[0]
         xs, ks = ins.split(",")
         n_in = sum(1 for c in ks if c in xs)
-        kernel = p["kernel"].astype(x.dtype)
+        kernel = p["kernel"]  # cast to x's dtype inside dense_many (its residuals keep the parameter)
         k_in, k_out = kernel.shape[:n_in], kernel.shape[n_in:]
         kernels.append(kernel.reshape(math.prod(k_in), math.prod(k_out)))
         shapes.append((n_in, k_out))
@@ -134,11 +134,11 @@ def _linears(x, ps: list, specs: list[str], lora_scale: float = 0.0) -> list:
     x2 = x.reshape(math.prod(lead), -1)
     # LoRA: x @ A for every adapted projection rides in the same dense_many (one shared x^T on CPU)
     adapted = [i for i, p in enumerate(ps) if "lora_a" in p] if lora_scale else []
-    downs = [ps[i]["lora_a"].astype(x.dtype).reshape(x2.shape[1], -1) for i in adapted]
+    downs = [ps[i]["lora_a"].reshape(x2.shape[1], -1) for i in adapted]
     ys = dense_many(x2, (*kernels, *downs))
     ys, xas = list(ys[: len(kernels)]), ys[len(kernels) :]
     for i, xa in zip(adapted, xas):  # + s * (x @ A) @ B, the scale on the small [N, r] side
-        b = ps[i]["lora_b"].astype(x.dtype)
+        b = ps[i]["lora_b"]
         ys[i] = ys[i] + dense(xa * jnp.asarray(lora_scale, x.dtype), b.reshape(b.shape[0], -1))
     out = []
     for y, p, (_, k_out) in zip(ys, ps, shapes):
@@ -541,6 +541,11 @@ class Decoder(nnx.Module):
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
+        # CPU, low precision, scanned: the carry travels as float32 holding the same bf16 values.
+        # Autodiff stacks the carry per layer, and XLA's CPU backend updates a bf16 [L, ...] stack by
+        # converting all of it for every layer (a cost growing as L^2); a float32 stack is updated in place.
+        wide_carry = cfg.scan_layers and jnp.finfo(dt).bits < 32 and target_platform() == "cpu"
+
         def body(x, xs):
             p, kv, sliding = xs
             if window is None:
@@ -549,14 +554,16 @@ class Decoder(nnx.Module):
                 layer_mask = window if sliding else mask
             else:
                 layer_mask = window.where(sliding, mask)
-            x, new_kv = layer(p, x, cos, sin, layer_mask, kv, index, layout)
-            return x, new_kv
+            x, new_kv = layer(p, x.astype(dt), cos, sin, layer_mask, kv, index, layout)
+            return (x.astype(jnp.float32) if wide_carry else x), new_kv
 
         kv_stack = None if cache is None else (cache["k"], cache["v"])
 
         def run_layers(x, p, kv, sliding):
             if cfg.scan_layers:
-                return jax.lax.scan(body, x, (p, kv, None if window is None else jnp.asarray(sliding)))
+                xs = (p, kv, None if window is None else jnp.asarray(sliding))
+                x, new_kv = jax.lax.scan(body, x.astype(jnp.float32) if wide_carry else x, xs)
+                return x.astype(dt), new_kv
             outs = []
             for i in range(jax.tree.leaves(p)[0].shape[0]):
                 x, kv_i = body(x, (*jax.tree.map(lambda a, i=i: a[i], (p, kv)), bool(sliding[i])))

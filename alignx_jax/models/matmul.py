@@ -30,7 +30,8 @@ def _transposed_wgrad() -> bool:
 
 def dense(x_NI: jax.Array, w_IO: jax.Array, out_dtype=None) -> jax.Array:
     """`x @ w` for `x [N, I]`, `w [I, O]` (result in `out_dtype`, default x's dtype, accumulated
-    in it as `preferred_element_type`)."""
+    in it as `preferred_element_type`). A wider `w` (float32 parameters of a bf16 model) is cast to
+    x's dtype for the product; its gradient comes back in w's dtype."""
     return dense_many(x_NI, (w_IO,), out_dtype)[0]
 
 
@@ -39,8 +40,12 @@ def dense_many(x_NI: jax.Array, ws_IO: tuple[jax.Array, ...], out_dtype=None) ->
     `x^T` in the backward pass on CPU. The kernels stay separate arrays (their shardings too)."""
     ws_IO, out_dtype = tuple(ws_IO), jnp.dtype(out_dtype or x_NI.dtype)
     if not _transposed_wgrad():
-        return _products(x_NI, ws_IO, out_dtype)
-    return _dense_many(x_NI, ws_IO, out_dtype)
+        return _products(x_NI, _cast(ws_IO, x_NI.dtype), out_dtype)
+    return _dense_many(x_NI, ws_IO, out_dtype, jnp.dtype(x_NI.dtype))
+
+
+def _cast(ws, dtype) -> tuple[jax.Array, ...]:
+    return tuple(w.astype(dtype) for w in ws)
 
 
 def _products(x_NI, ws_IO, out_dtype):
@@ -53,13 +58,17 @@ def _products_f32(x_NI, ws_IO, out_dtype):
     return tuple(jnp.dot(x_NI, w, preferred_element_type=acc).astype(out_dtype) for w in ws_IO)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_many(x_NI, ws_IO, out_dtype):
-    return _products_f32(x_NI, ws_IO, out_dtype)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_many(x_NI, ws_IO, out_dtype, dtype):
+    return _products_f32(x_NI, _cast(ws_IO, dtype), out_dtype)
 
 
-def _dense_many_fwd(x_NI, ws_IO, out_dtype):
-    return _products_f32(x_NI, ws_IO, out_dtype), (x_NI, ws_IO)
+def _dense_many_fwd(x_NI, ws_IO, out_dtype, dtype):
+    # The residuals are float32 and the kernels uncast: under a layer scan each residual becomes a
+    # [L, ...] stack, and XLA's CPU backend updates a bf16 stack by converting all of it to float32
+    # and back for every layer (a cost growing as L^2); a float32 stack is updated in place.
+    x_res = x_NI.astype(jnp.float32) if jnp.finfo(dtype).bits < 32 else x_NI
+    return _products_f32(x_NI, _cast(ws_IO, dtype), out_dtype), (x_res, ws_IO)
 
 
 def _transposed(a_MN: jax.Array, row_major: bool) -> jax.Array:
@@ -79,19 +88,19 @@ def _one_device() -> bool:
     return mesh is None or mesh.devices.size == 1
 
 
-def _dense_many_bwd(out_dtype, res, dys_NO):
-    x_NI, ws_IO = res
-    dys_NO = [dy.astype(x_NI.dtype) for dy in dys_NO]
+def _dense_many_bwd(out_dtype, dtype, res, dys_NO):
+    x_NI, ws_IO = res[0].astype(dtype), res[1]
+    dys_NO = [dy.astype(dtype) for dy in dys_NO]
     # bf16 on one device: x^T and w^T written out row-major for the bf16 kernels (w^T: a small copy)
-    row_major = jnp.finfo(x_NI.dtype).bits < 32 and _one_device()
-    wts_OI = [_transposed(w, True) if row_major else w.T for w in ws_IO]
+    row_major = jnp.finfo(dtype).bits < 32 and _one_device()
+    wts_OI = [_transposed(w, True) if row_major else w.T for w in _cast(ws_IO, dtype)]
     dx_NI = sum(jnp.dot(dy, wt, preferred_element_type=jnp.float32) for dy, wt in zip(dys_NO, wts_OI))
     # x^T materialised once, so every weight-gradient dot is a plain [I, N] x [N, O] product
     xt_IN = _transposed(x_NI, row_major)
     dws_IO = tuple(
         jnp.dot(xt_IN, dy, preferred_element_type=jnp.float32).astype(w.dtype) for dy, w in zip(dys_NO, ws_IO)
     )
-    return dx_NI.astype(x_NI.dtype), dws_IO
+    return dx_NI.astype(dtype), dws_IO
 
 
 _dense_many.defvjp(_dense_many_fwd, _dense_many_bwd)
