@@ -22,7 +22,7 @@ def get_config(variant: str = "full"):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     # recompute each block in the backward: on CPU in bf16 this is faster than keeping the blocks'
-    # bf16 residuals, which the layer scan stacks per layer (BENCHMARKS.md §4: 19.9 -> 16.1 s a step)
+    # bf16 residuals, which the layer scan stacks per layer (BENCHMARKS.md §4)
     c.model.remat = "full"
     c.model.scan_layers = True
     c.model.frozen_layers = 22  # train the top 8 of 30 blocks: the backward pass stops there

@@ -48,13 +48,17 @@ def _cast(ws, dtype) -> tuple[jax.Array, ...]:
     return tuple(w.astype(dtype) for w in ws)
 
 
+def _low_precision(dtype) -> bool:
+    return jnp.finfo(dtype).bits < 32
+
+
 def _products(x_NI, ws_IO, out_dtype):
     return tuple(jnp.dot(x_NI, w, preferred_element_type=out_dtype) for w in ws_IO)
 
 
 def _products_f32(x_NI, ws_IO, out_dtype):
     # CPU: a float32 result keeps bf16 inputs on the fast kernels (module docstring)
-    acc = jnp.float32 if jnp.finfo(out_dtype).bits < 32 else out_dtype
+    acc = jnp.float32 if _low_precision(out_dtype) else out_dtype
     return tuple(jnp.dot(x_NI, w, preferred_element_type=acc).astype(out_dtype) for w in ws_IO)
 
 
@@ -67,7 +71,7 @@ def _dense_many_fwd(x_NI, ws_IO, out_dtype, dtype):
     # The residuals are float32 and the kernels uncast: under a layer scan each residual becomes a
     # [L, ...] stack, and XLA's CPU backend updates a bf16 stack by converting all of it to float32
     # and back for every layer (a cost growing as L^2); a float32 stack is updated in place.
-    x_res = x_NI.astype(jnp.float32) if jnp.finfo(dtype).bits < 32 else x_NI
+    x_res = x_NI.astype(jnp.float32) if _low_precision(dtype) else x_NI
     return _products_f32(x_NI, _cast(ws_IO, dtype), out_dtype), (x_res, ws_IO)
 
 
@@ -75,8 +79,7 @@ def _transposed(a_MN: jax.Array, row_major: bool) -> jax.Array:
     """`a.T` behind a barrier; `row_major`: written out row-major through a flat copy. A bare transpose
     behind the barrier can still become a layout change of the same buffer, which the bf16 dot kernels
     do not take (they fall back to float32). The flat copy loses a sharded axis, so it is only used
-    on one device (across devices XLA would gather the whole operand: `alignx plan` of an 8B FSDP
-    step grew from 27 to 100 GiB of temporaries)."""
+    on one device (across devices XLA would gather the whole operand, as `alignx plan` of an FSDP step shows)."""
     if not row_major:
         return jax.lax.optimization_barrier(a_MN.T)
     m, n = a_MN.shape
@@ -92,7 +95,7 @@ def _dense_many_bwd(out_dtype, dtype, res, dys_NO):
     x_NI, ws_IO = res[0].astype(dtype), res[1]
     dys_NO = [dy.astype(dtype) for dy in dys_NO]
     # bf16 on one device: x^T and w^T written out row-major for the bf16 kernels (w^T: a small copy)
-    row_major = jnp.finfo(dtype).bits < 32 and _one_device()
+    row_major = _low_precision(dtype) and _one_device()
     wts_OI = [_transposed(w, True) if row_major else w.T for w in _cast(ws_IO, dtype)]
     dx_NI = sum(jnp.dot(dy, wt, preferred_element_type=jnp.float32) for dy, wt in zip(dys_NO, wts_OI))
     # x^T materialised once, so every weight-gradient dot is a plain [I, N] x [N, O] product
