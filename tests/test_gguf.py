@@ -69,8 +69,9 @@ def _llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_tokenizer(w: gguf.GGUFWriter) -> int:
-    """The shipped tiny byte-level BPE as GGUF metadata (gpt2 model, Llama-3 split); returns its size."""
+def _add_tokenizer(w: gguf.GGUFWriter, pre: str = "llama-bpe", add_bos: bool = False) -> int:
+    """The shipped tiny byte-level BPE as GGUF metadata (gpt2 model, Llama-3 split unless `pre` says
+    another); returns its size."""
     with open(os.path.join(TINY_TOKENIZER_DIR, "tokenizer.json"), encoding="utf-8") as f:
         tj = json.load(f)
     vocab = tj["model"]["vocab"]
@@ -78,14 +79,14 @@ def _add_tokenizer(w: gguf.GGUFWriter) -> int:
     special = {t["id"] for t in tj["added_tokens"] if t["special"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
     w.add_token_merges(merges)
     w.add_bos_token_id(vocab["<|begin_of_text|>"])
     w.add_eos_token_id(vocab["<|eot_id|>"])
     w.add_pad_token_id(vocab["<|pad|>"])
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(CHATML)
     return len(tokens)
 
@@ -130,6 +131,7 @@ def write_gguf(
     quant_override=None,
     rope_freqs: np.ndarray | None = None,
     orig_ctx: int | None = None,
+    tokenizer: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """A tiny GGUF as llama.cpp's converter writes one; returns the HF-layout float32 weights it came from.
     `quant_override`: {gguf tensor name: raw type} written as zero bytes of that type."""
@@ -146,7 +148,7 @@ def write_gguf(
         w.add_rope_dimension_count(HEAD_DIM)
     if orig_ctx is not None:
         w.add_rope_scaling_orig_ctx_len(orig_ctx)
-    vocab = _add_tokenizer(w)
+    vocab = _add_tokenizer(w, **(tokenizer or {}))
     weights = hf_weights(kind, vocab, seed)
     quants = LLAMA_QUANTS if kind == "llama" else QWEN2_QUANTS
     back = {v: k for k, v in HF_NAMES.items()}
@@ -269,6 +271,78 @@ def test_gguf_import_export_matches_transformers(tiny_ggufs, tmp_path, kind, cap
 
     direct = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     assert tok("Hello, world!")["input_ids"] == direct("Hello, world!")["input_ids"]
+
+
+_TOKENIZER_TEXTS = (
+    "Hello, world!",
+    "  leading spaces and\ttabs\n\nnewlines",
+    "Numbers 1234567 and 3.14159, the 42nd",
+    "Unicode: café naïve 日本語 😀 — dash",
+    "<|begin_of_text|>user\nHi<|eot_id|>\n",
+    "don't I'll we've THEY'RE",
+    "code: def f(x):\n    return x**2  # ok\n",
+)
+
+
+@pytest.mark.parametrize(
+    "pre,add_bos", [("llama-bpe", False), ("qwen2", True), ("smollm", False), ("default", True)]
+)
+def test_byte_level_tokenizer_matches_transformers(tmp_path, pre, add_bos):
+    """The torch-free byte-level BPE built from GGUF metadata tokenizes, decodes and applies the chat
+    template as transformers' own GGUF tokenizer does (each split a vocabulary can name, BOS or not)."""
+    from transformers import AutoTokenizer
+
+    from alignx_jax.models.gguf import GGUFFile, byte_level_tokenizer
+
+    path = str(tmp_path / "t.gguf")
+    write_gguf(path, "llama", tokenizer={"pre": pre, "add_bos": add_bos})
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    ours = byte_level_tokenizer(GGUFFile(path))
+    for text in _TOKENIZER_TEXTS:
+        want = ref(text)["input_ids"]
+        assert ours(text)["input_ids"] == want, text
+        assert ours.decode(want) == ref.decode(want)
+        assert ours.decode(want, skip_special_tokens=True) == ref.decode(want, skip_special_tokens=True)
+    assert (want[0] == ref.bos_token_id) == add_bos
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    # transformers may append a default `<|endoftext|>` past the file's vocabulary; we add no token
+    assert len(ours) == len(GGUFFile(path).field("tokenizer.ggml.tokens"))
+    msgs = [{"role": "user", "content": "Hi there 12"}]
+    kw = dict(add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(msgs, **kw) == ref.apply_chat_template(msgs, **kw)
+
+
+_NO_TORCH = (
+    "import sys; sys.modules['torch'] = None; from alignx_jax.cli import main; "
+    "sys.exit(main(['import', '--gguf', sys.argv[1], '--out', sys.argv[2]]))"
+)
+
+
+def test_gguf_import_needs_no_torch(tmp_path):
+    """`alignx import --gguf` without torch (a plain `make install`): byte-level vocabularies are built
+    here; a vocabulary only transformers' torch-based reader builds is a one-line error saying so."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    path, other = str(tmp_path / "t.gguf"), str(tmp_path / "o.gguf")
+    write_gguf(path, "llama")
+    write_gguf(other, "llama", tokenizer={"pre": "tekken"})  # a split transformers knows and we do not
+    run = [sys.executable, "-c", _NO_TORCH]
+    done = subprocess.run([*run, path, str(tmp_path / "ckpt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tok = load_tokenizer(str(tmp_path / "ckpt"))
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    assert tok(_TOKENIZER_TEXTS[2])["input_ids"] == ref(_TOKENIZER_TEXTS[2])["input_ids"]
+    failed = subprocess.run([*run, other, str(tmp_path / "ckpt2")], capture_output=True, text=True)
+    lines = [ln for ln in failed.stderr.splitlines() if ln.startswith("alignx: error:")]
+    assert failed.returncode == 1 and len(lines) == 1 and "needs torch" in lines[0] and other in lines[0]
+    assert not (tmp_path / "ckpt2").exists()  # nothing half-written
+    assert (
+        main(["import", "--gguf", other, "--out", str(tmp_path / "ckpt3")]) == 0
+    )  # with torch: transformers'
 
 
 def test_llama3_rope_freqs_become_rope_parameters(tmp_path):

@@ -5,7 +5,8 @@ tensors from the `gguf` package's reader, dequantized to float32 by `gguf.quants
 tensor at a time and renamed to the HF names `hf.param_maps` uses. llama.cpp's converter permutes
 the rows of a llama q/k projection (its RoPE pairs neighbours, HF's rotate-half pairs halves); we
 undo that, as transformers' GGUF loader does (qwen2 files are not permuted). The tokenizer and chat
-template are rebuilt by transformers from the same metadata (`save_gguf_tokenizer`).
+template come from the same metadata (`save_gguf_tokenizer`): byte-level BPE vocabularies are built
+here with the `tokenizers` library, so a plain install (no torch) imports them; others by transformers.
 """
 
 from __future__ import annotations
@@ -318,19 +319,140 @@ def has_tokenizer(src: GGUFFile) -> bool:
     return src.reader.get_field("tokenizer.ggml.tokens") is not None
 
 
-def save_gguf_tokenizer(path: str, out_dir: str) -> None:
-    """The file's tokenizer and chat template, built by transformers, saved as tokenizer files."""
-    from transformers import AutoTokenizer
+# GPT-2's split of text into pre-tokens, and the splits of the vocabularies (`tokenizer.ggml.pre`) that
+# learned their merges on other splits; transformers' GGUF tokenizer uses the same table
+_GPT2_PRE = ("default", "gpt2", "smollm")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
-    path = os.path.abspath(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (a byte-level vocabulary spells its tokens in it)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in kept else next(extra)) for b in range(256)}
+
+
+def byte_level_tokenizer(src: GGUFFile):
+    """A byte-level BPE vocabulary (`tokenizer.ggml.model` gpt2: Llama-3, Qwen2, SmolLM2) as a
+    transformers fast tokenizer, built with the `tokenizers` library from the file's metadata alone
+    (transformers' own GGUF tokenizer needs torch to read the file). None for a `tokenizer.ggml.pre`
+    split this table does not know (transformers builds those)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = str(src.field("tokenizer.ggml.pre", "default"))
+    if pre not in _GPT2_PRE and pre not in _PRE_SPLITS:
+        return None
+    tokens = [str(t) for t in src.field("tokenizer.ggml.tokens")]
+    types = list(src.field("tokenizer.ggml.token_type", []) or [])
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    # a token with a character outside the byte alphabet is spelled in it from its UTF-8 bytes
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(tokens)
+    }
+    merges = [tuple(m.split(" ")) for m in src.field("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
         )
+    )
+    if pre in _PRE_SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # control tokens stay whole and special; one spelled outside the byte alphabet is a mislabel (skipped)
+    tok.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, k in zip(tokens, types)
+            if k == _CONTROL and set(t) <= alphabet
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types)
+            if k == _USER_DEFINED and t in vocab
+        ]
+    )
+
+    def special(key: str) -> str | None:
+        i = src.field(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None else None
+
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    add_bos = bool(src.field("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(src.field("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    ends = [(bos, vocab[bos])] * add_bos + [(eos, vocab[eos])] * (add_eos and eos != bos)
+    single = ["$A:0"]
+    if add_bos:
+        single = [f"{bos}:0", *single]
+    if add_eos:
+        single = [*single, f"{eos}:0"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=[*single, *(s.replace("$A:0", "$B:1") for s in single)], special_tokens=ends
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=special("unknown_token_id"),
+        pad_token=special("padding_token_id"),
+        chat_template=src.field("tokenizer.chat_template"),
+    )
+
+
+def save_gguf_tokenizer(src: GGUFFile, out_dir: str) -> None:
+    """The file's tokenizer and chat template as tokenizer files: byte-level BPE vocabularies built
+    here from the metadata (no torch needed), others by transformers' GGUF tokenizer (which reads the
+    file with torch)."""
+    path = os.path.abspath(src.path)
+    try:
+        tok = byte_level_tokenizer(src) if src.field("tokenizer.ggml.model") == "gpt2" else None
+        if tok is None:
+            kind = f"tokenizer.ggml.model {src.field('tokenizer.ggml.model')!r}, pre {src.field('tokenizer.ggml.pre')!r}"
+            tok = _transformers_gguf_tokenizer(path, kind)
         tok.save_pretrained(out_dir)
-    except Exception as e:  # transformers' own message, on one line
+    except CheckpointError:
+        raise
+    except Exception as e:  # the library's own message, on one line
         msg = " ".join(str(e).split())
         raise CheckpointError(f"{path}: cannot build its tokenizer ({type(e).__name__}: {msg})") from None
+
+
+def _transformers_gguf_tokenizer(path: str, kind: str):
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    if importlib.util.find_spec("torch") is None:
+        raise CheckpointError(
+            f"{path}: its tokenizer ({kind}) is built by transformers' GGUF reader, which needs "
+            "torch (pip install torch)"
+        )
+    return AutoTokenizer.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+    )
 
 
 def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
@@ -340,7 +462,7 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
     model, src = load_gguf(path, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="alignx-gguf-tok-") as tok_dir:
         if has_tokenizer(src):  # built before anything is written: a bad tokenizer leaves no half checkpoint
-            save_gguf_tokenizer(path, tok_dir)
+            save_gguf_tokenizer(src, tok_dir)
         checkpoint.save_checkpoint(model, out_dir, tokenizer_dir=tok_dir if os.listdir(tok_dir) else None)
     checkpoint.remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
     return model, src
