@@ -116,6 +116,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> dict[str, Any]:
+    """Family/model and the vector/matrix extensions that decide the CPU's float32 and bf16 speed
+    (the same model name covers CPUs with and without AMX exposed to a VM)."""
+    out: dict[str, Any] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = (s.strip() for s in line.partition(":"))
+                if key in ("cpu family", "model") and key not in out:
+                    out[key.replace(" ", "_")] = int(value)
+                elif key == "flags":
+                    have = set(value.split())
+                    out["flags"] = sorted(have & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+                    break
+    except OSError:
+        pass
+    return out
+
+
 def cpu_pressure() -> str | None:
     try:
         with open("/proc/pressure/cpu", encoding="utf-8") as f:
@@ -130,6 +149,7 @@ def machine() -> dict[str, Any]:
 
     return {
         "machine": cpu_model(),
+        "cpu": cpu_features(),
         "cpu_count": os.cpu_count(),
         "jax_version": jax.__version__,
         "torch_version": torch.__version__,

@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,8 +45,11 @@ from typing import Any
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import _smollm2 as common  # noqa: E402  (the machine description every benchmark reports)
 
 BETA = 0.1
 LR = 1e-4
@@ -540,7 +542,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "jax_version": jax.__version__,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "machine": _cpu_model(),
+        "machine": common.cpu_model(),
+        "cpu": common.cpu_features(),
         "cpu_count": os.cpu_count(),
         "timing": "interleaved rounds, medians",
         "load_average_start": list(os.getloadavg()),
@@ -632,18 +635,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out[mfu_key + "_per_round"] = [flops / j / pk for j, pk in zip(times["jax"], times["peak_flops"])]
     out["load_average_end"] = list(os.getloadavg())
     return out
-
-
-def _cpu_model() -> str:
-    """`lscpu`'s model name (platform.processor() is empty on most Linux builds)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_parser() -> argparse.ArgumentParser:
