@@ -396,28 +396,33 @@ def byte_level_tokenizer(src: GGUFFile):
         ]
     )
 
-    def special(key: str) -> str | None:
-        i = src.field(f"tokenizer.ggml.{key}")
-        return tokens[int(i)] if i is not None else None
+    def special(key: str) -> tuple[str | None, int | None]:
+        i = src.field(f"tokenizer.ggml.{key}_token_id")
+        return (tokens[int(i)], int(i)) if i is not None else (None, None)
 
-    bos, eos = special("bos_token_id"), special("eos_token_id")
-    add_bos = bool(src.field("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(src.field("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    ends = [(bos, vocab[bos])] * add_bos + [(eos, vocab[eos])] * (add_eos and eos != bos)
-    single = ["$A:0"]
-    if add_bos:
-        single = [f"{bos}:0", *single]
-    if add_eos:
-        single = [*single, f"{eos}:0"]
+    (bos, bos_id), (eos, eos_id) = special("bos"), special("eos")
+    # llama.cpp's add_bos/add_eos flags become the post-processor's template
+    marks = [(bos, bos_id)] * bool(bos and src.field("tokenizer.ggml.add_bos_token", False))
+    tail = [(eos, eos_id)] * bool(eos and src.field("tokenizer.ggml.add_eos_token", False))
+
+    def template(seq: str, type_id: int) -> list[str]:
+        return [
+            *(f"{t}:{type_id}" for t, _ in marks),
+            f"${seq}:{type_id}",
+            *(f"{t}:{type_id}" for t, _ in tail),
+        ]
+
     tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=[*single, *(s.replace("$A:0", "$B:1") for s in single)], special_tokens=ends
+        single=template("A", 0),
+        pair=template("A", 0) + template("B", 1),
+        special_tokens=list({*marks, *tail}),
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=bos,
         eos_token=eos,
-        unk_token=special("unknown_token_id"),
-        pad_token=special("padding_token_id"),
+        unk_token=special("unknown")[0],
+        pad_token=special("padding")[0],
         chat_template=src.field("tokenizer.chat_template"),
     )
 
