@@ -60,6 +60,8 @@ def score(model_dir: str, path: str, dtype: str) -> tuple[float, list[bool]]:
 
     settings = ev.EvalSettings(method="pba", persona=None, preference="golden", batch_size=8, max_length=1024)
     per_example = os.path.join(os.path.dirname(path), f"per_example.{dtype}.jsonl")
+    if os.path.exists(per_example):  # evaluate resumes from a per-example file: each round scores anew
+        os.remove(per_example)
     t = time.perf_counter()
     ev.evaluate(
         model_dir,
