@@ -73,7 +73,7 @@ def score(model_dir: str, path: str, dtype: str) -> tuple[float, list[bool]]:
     seconds = time.perf_counter() - t
     with open(per_example, encoding="utf-8") as f:
         rows = sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["index"])
-    return seconds, [r["logp_chosen"] > r["logp_rejected"] for r in rows]
+    return seconds, [bool(r["correct"]) for r in rows]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -347,13 +347,13 @@ def _byte_alphabet() -> dict[int, str]:
 def byte_level_tokenizer(src: GGUFFile):
     """A byte-level BPE vocabulary (`tokenizer.ggml.model` gpt2: Llama-3, Qwen2, SmolLM2) as a
     transformers fast tokenizer, built with the `tokenizers` library from the file's metadata alone
-    (transformers' own GGUF tokenizer needs torch to read the file). None for a `tokenizer.ggml.pre`
-    split this table does not know (transformers builds those)."""
+    (transformers' own GGUF tokenizer needs torch to read the file). None for another vocabulary
+    model or a `tokenizer.ggml.pre` split this table does not know (transformers builds those)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     pre = str(src.field("tokenizer.ggml.pre", "default"))
-    if pre not in _GPT2_PRE and pre not in _PRE_SPLITS:
+    if src.field("tokenizer.ggml.model") != "gpt2" or (pre not in _GPT2_PRE and pre not in _PRE_SPLITS):
         return None
     tokens = [str(t) for t in src.field("tokenizer.ggml.tokens")]
     types = list(src.field("tokenizer.ggml.token_type", []) or [])
@@ -433,7 +433,7 @@ def save_gguf_tokenizer(src: GGUFFile, out_dir: str) -> None:
     file with torch)."""
     path = os.path.abspath(src.path)
     try:
-        tok = byte_level_tokenizer(src) if src.field("tokenizer.ggml.model") == "gpt2" else None
+        tok = byte_level_tokenizer(src)
         if tok is None:
             kind = f"tokenizer.ggml.model {src.field('tokenizer.ggml.model')!r}, pre {src.field('tokenizer.ggml.pre')!r}"
             tok = _transformers_gguf_tokenizer(path, kind)
