@@ -45,9 +45,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _dtype_arg(p: argparse.ArgumentParser, help_text: str) -> None:
-    """`--dtype` of the commands that load a model in a chosen dtype (default: theirs, as `help_text` says)."""
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help=help_text)
+def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -> None:
+    """`--dtype` of the commands that load a model in a chosen dtype (default: theirs, as `help_text` says);
+    `auto` (scoring and generation): bfloat16 on GPU/TPU and CPUs with AMX, else float32."""
+    choices = ["float32", "bfloat16", "float16", *(["auto"] if auto else [])]
+    p.add_argument("--dtype", default=None, choices=choices, help=help_text)
 
 
 def _add_import(sub) -> None:
@@ -199,7 +201,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--beta", type=float, default=0.1)
-    _dtype_arg(p, "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)")
+    _dtype_arg(
+        p,
+        "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models; auto: bfloat16 "
+        "on GPU/TPU and CPUs with AMX, else float32)",
+        auto=True,
+    )
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
@@ -210,7 +217,10 @@ def _add_generate(sub) -> None:
         "--model", required=True, help="HF folder, hub id (org/name[@revision]), checkpoint or workdir"
     )
     _dtype_arg(
-        p, "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)"
+        p,
+        "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints; "
+        "auto: bfloat16 on GPU/TPU and CPUs with AMX, else float32)",
+        auto=True,
     )
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
     p.add_argument(

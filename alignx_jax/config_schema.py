@@ -33,6 +33,7 @@ from alignx_jax.data import persona as persona_lib
 from alignx_jax.data import prompts as prompts_lib
 from alignx_jax.data.batching import OVERFLOW_POLICIES, reserve
 from alignx_jax.errors import ConfigError
+from alignx_jax.hardware import AUTO, COMPUTE_DTYPES
 from alignx_jax.models import config as model_config
 from alignx_jax.models import lora as lora_lib
 from alignx_jax.models import preference_head
@@ -114,7 +115,9 @@ class ModelSection:
     preset: str = ""
     tokenizer: str = ""  # '' -> the hf_path's tokenizer, or the shipped tiny one for random init
     init: InitSection = dataclasses.field(default_factory=InitSection)  # sizes for random init
-    dtype: str = "bfloat16"  # compute dtype
+    # compute dtype: float32 | bfloat16 | float16 | auto (bfloat16 on GPU/TPU and on CPUs with AMX, else
+    # float32: alignx_jax.hardware)
+    dtype: str = "bfloat16"
     param_dtype: str = "float32"  # master weights
     remat: RematPolicy = "full"  # per-layer gradient checkpointing
     scan_layers: bool = True  # one compiled layer scanned over the stack (fast compiles)
@@ -507,6 +510,10 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)"
         )
+    for key in ("dtype", "param_dtype"):
+        allowed = (*COMPUTE_DTYPES, AUTO) if key == "dtype" else COMPUTE_DTYPES
+        if cfg.model[key] not in allowed:
+            raise ConfigError(f"model.{key}={cfg.model[key]!r}: expected one of {', '.join(allowed)}")
     if not cfg.model.hf_path and not cfg.model.init.enabled:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:

@@ -124,7 +124,6 @@ def score(
 ) -> dict[str, Any]:
     """`alignx eval` on the P-SOUPS half; returns {"accuracy", "n", "ci95", "by_persona"}."""
     from alignx_jax import evaluate as ev
-    from alignx_jax.config import load_config
 
     settings = ev.EvalSettings(
         method=method,
@@ -139,11 +138,19 @@ def score(
         settings,
         reference_scores=reference_scores,
         per_example=per_example_path(out_json),
-        dtype=load_config(budget.config).model.dtype,  # the recipe's, for base and trained models alike
+        dtype=compute_dtype(budget),  # the recipe's, for base and trained models alike
     )
     write_json(out_json, results)
     entry = results["benchmarks"]["p-soups"]
     return {k: entry[k] for k in ("accuracy", "n", "ci95", "by_persona") if k in entry}
+
+
+def compute_dtype(budget: RealBudget) -> str:
+    """The recipe's model.dtype as this machine computes it (`auto`: alignx_jax.hardware)."""
+    from alignx_jax.config import load_config
+    from alignx_jax.hardware import resolve_dtype
+
+    return resolve_dtype(str(load_config(budget.config).model.dtype))
 
 
 def per_example_path(out_json: str) -> str:
@@ -393,6 +400,7 @@ def run_real_demo(
         "seed": seed,
         "config": budget.config,
         "model": model_dir,
+        "compute_dtype": compute_dtype(budget),
         "split": split,
         "stage_seconds": {n: read_json(stages.marker(n))["seconds"] for n in names},
         "budget": {k: v for k, v in vars(budget).items() if k != "config"},

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import AlignXError, CheckpointError, DataError
+from alignx_jax.hardware import resolve_dtype
 from alignx_jax.models.decoder import Decoder
 
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this to reuse compilations
@@ -197,7 +198,7 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None):
     from alignx_jax.tokenizer import load_tokenizer
 
     path = resolve_model_path(path)
-    kwargs: dict = {} if dtype is None else {"dtype": dtype}
+    kwargs: dict = {} if dtype is None else {"dtype": resolve_dtype(dtype)}
     if mesh is None and jax.local_device_count() > 1:
         mesh = make_mesh(fsdp=-1, devices=jax.local_devices())
     if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):

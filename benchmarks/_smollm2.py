@@ -4,12 +4,13 @@ the same weights on both sides, P-SOUPS-like token lengths, and interleaved timi
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 from typing import Any
 
 import numpy as np
+
+from alignx_jax import hardware
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json), as LlamaConfig keywords.
 SMOLLM2_SHAPE: dict[str, Any] = dict(
@@ -105,34 +106,7 @@ def psoups_lengths(
     return out
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_features() -> dict[str, Any]:
-    """Family/model and the vector/matrix extensions that decide the CPU's float32 and bf16 speed
-    (the same model name covers CPUs with and without AMX exposed to a VM)."""
-    out: dict[str, Any] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = (s.strip() for s in line.partition(":"))
-                if key in ("cpu family", "model") and key not in out:
-                    out[key.replace(" ", "_")] = int(value)
-                elif key == "flags":
-                    have = set(value.split())
-                    out["flags"] = sorted(have & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-                    break
-    except OSError:
-        pass
-    return out
+cpu_model, cpu_features = hardware.cpu_model, hardware.cpu_features  # the benchmarks' `machine` and `cpu`
 
 
 def cpu_pressure() -> str | None:

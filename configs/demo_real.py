@@ -17,9 +17,10 @@ _BASE = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 def get_config(variant: str = "full"):
     c = _BASE["get_config"]()
     c.model.hf_path = "smollm2"  # the shipped real model (alignx_jax.real_model; `make real-model`)
-    # bf16 compute, float32 parameters and optimizer: on CPUs with AVX-512-BF16/AMX the bf16 matmuls run
-    # 3-4x faster (BENCHMARKS.md §4); `alignx demo --real` scores in the same dtype
-    c.model.dtype = "bfloat16"
+    # float32 parameters and optimizer; compute in bf16 where it is fast (GPU/TPU, CPUs with AMX: 2.5-4x
+    # float32's products) and in float32 on other CPUs, where bf16 is slower (BENCHMARKS.md §4);
+    # `alignx demo --real` scores in the same dtype
+    c.model.dtype = "auto"
     c.model.param_dtype = "float32"
     # recompute each block in the backward: on CPU in bf16 this is faster than keeping the blocks'
     # bf16 residuals, which the layer scan stacks per layer (BENCHMARKS.md §4)

@@ -21,6 +21,7 @@ from alignx_jax.evaluate.options import (
 )
 from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_profile
 from alignx_jax.evaluate.results import LOGP_KEYS, PerExampleLog, is_correct, key_of, summarize
+from alignx_jax.hardware import resolve_dtype
 
 
 def _prepare(
@@ -187,7 +188,7 @@ def _load_scoring(
     if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{model_dir}: the tokenizer has no chat template; use --prompt-format paper")
     mesh = make_mesh(data=-1) if mesh is None else mesh
-    kwargs = {} if dtype is None else {"dtype": dtype}
+    kwargs = {} if dtype is None else {"dtype": resolve_dtype(dtype)}
     policy = load_pretrained(model_dir, mesh=mesh, rules=rules, **kwargs)
     scorers = [scoring.SequenceScorer(policy, mesh, rules, share_prompt=settings.share_prompt)]
     if reference_dir is not None:

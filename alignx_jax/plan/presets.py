@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 
 from alignx_jax.errors import ConfigError
+from alignx_jax.hardware import resolve_dtype
 
 # one HF config.json a row: model type, then these sizes
 _SIZE_KEYS = (
@@ -82,7 +83,9 @@ def decoder_config_for(cfg: ml_collections.ConfigDict):
     from alignx_jax.models.decoder import DecoderConfig
     from alignx_jax.train.state import init_hf_config, load_tokenizer_for, run_options
 
-    opts = dict(run_options(cfg), dtype=str(cfg.model.dtype), param_dtype=str(cfg.model.param_dtype))
+    # `auto` as the target computes it: a named topology is an accelerator's, '' is this machine
+    dtype = resolve_dtype(str(cfg.model.dtype), backend="accelerator" if cfg.plan.topology else None)
+    opts = dict(run_options(cfg), dtype=dtype, param_dtype=str(cfg.model.param_dtype))
     key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
     path = str(cfg.model.hf_path) or str(cfg.model.preset)
     if path:

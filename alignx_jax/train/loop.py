@@ -7,6 +7,7 @@ method. What the step computes is `train.step`; what a batch holds is `alignx_ja
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, put_batch
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import batching, sources
 from alignx_jax.errors import AlignXError, ConfigError
+from alignx_jax.hardware import describe_auto, resolve_dtype
 from alignx_jax.metrics import MetricsWriter
 from alignx_jax.pba import stages as pba_stages
 from alignx_jax.train.schema import joint_head, two_stage_head, uses_predicted, validate_config
@@ -78,6 +80,19 @@ def run_training(cfg: ml_collections.ConfigDict) -> int:
         for lock in held:
             lock.release()
         stop.restore()
+
+
+def with_concrete_dtype(cfg: ml_collections.ConfigDict, say: bool = False) -> ml_collections.ConfigDict:
+    """`cfg` with model.dtype=auto made concrete for this machine (`hardware.resolve_dtype`); the
+    workdir's config.json keeps `auto`, so the same command on another machine picks that machine's."""
+    dtype = resolve_dtype(str(cfg.model.dtype))
+    if dtype == cfg.model.dtype:
+        return cfg
+    if say:
+        print(f"alignx train: model.dtype {describe_auto(dtype)}", file=sys.stderr)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.dtype = dtype
+    return cfg
 
 
 class _StoppedInStartUp(Exception):
@@ -169,6 +184,7 @@ class Trainer:
         if self.is_main:
             held.append(prepare_workdir(cfg, self.workdir))
         sync("workdir")
+        self.cfg = cfg = with_concrete_dtype(cfg, self.is_main)
 
     def open_data(self) -> None:
         """Tokenizer, data source, loader, batch builder and the run's length in steps."""

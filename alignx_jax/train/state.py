@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alignx_jax import sharding as shd
+from alignx_jax.hardware import resolve_dtype
 from alignx_jax.models.config import ARCHITECTURE_KEYS
 from alignx_jax.models.preference_head import head_params
 from alignx_jax.models.presets import resolve_model_path
@@ -81,6 +82,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
     opts = run_options(cfg)
+    dtype = resolve_dtype(str(cfg.model.dtype))  # `auto`: this machine's (alignx_jax.hardware)
     if cfg.model.hf_path:
         path = resolve_model_path(cfg.model.hf_path)
         if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
@@ -89,12 +91,10 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
                 dtype=cfg.model.param_dtype,
                 mesh=mesh,
                 rules=rules,
-                compute_dtype=cfg.model.dtype,
+                compute_dtype=dtype,
                 **opts,
             )
-        return hf.load_pretrained(
-            path, cfg.model.param_dtype, mesh, rules, compute_dtype=cfg.model.dtype, **opts
-        )
+        return hf.load_pretrained(path, cfg.model.param_dtype, mesh, rules, compute_dtype=dtype, **opts)
     init = cfg.model.init
     hf_cfg = init_hf_config(init, len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size))
     hf_cfg.update(
@@ -102,7 +102,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    dcfg = DecoderConfig.from_hf(hf_cfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, **opts)
+    dcfg = DecoderConfig.from_hf(hf_cfg, dtype=dtype, param_dtype=cfg.model.param_dtype, **opts)
     model = Decoder(dcfg, rngs=nnx.Rngs(int(init.seed)))
     return shd.shard_model(model, mesh, rules)
 

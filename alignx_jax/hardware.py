@@ -1,0 +1,76 @@
+"""What this machine computes fast: the CPU's model and extensions, and the compute dtype `auto` picks.
+
+`model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs and on CPUs
+with AMX, float32 on other CPUs, where a bf16 product runs slower than a float32 one even with AVX-512-BF16
+(BENCHMARKS.md, "float32 or bf16 depends on the CPU").
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from typing import Any
+
+AUTO = "auto"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# the CPU flags that decide float32 vs bf16 speed; reported by every benchmark beside the model name
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_model(path: str = CPUINFO) -> str:
+    """The CPU's model name (`platform.processor()` where there is no /proc/cpuinfo)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features(path: str = CPUINFO) -> dict[str, Any]:
+    """Family, model and the `SPEED_FLAGS` the CPU has ({} where there is no /proc/cpuinfo): one model
+    name covers VMs with and without AMX exposed."""
+    out: dict[str, Any] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = (s.strip() for s in line.partition(":"))
+                if key in ("cpu family", "model") and key.replace(" ", "_") not in out:
+                    out[key.replace(" ", "_")] = int(value)
+                elif key == "flags":
+                    out["flags"] = sorted(set(value.split()) & set(SPEED_FLAGS))
+                    break
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    return "amx_bf16" in cpu_features().get("flags", ())
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> str:
+    """A compute dtype name, with `auto` made concrete for `backend` (default: JAX's default backend)."""
+    if name != AUTO:
+        return name
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return "bfloat16"
+    return "bfloat16" if _cpu_has_amx() else "float32"
+
+
+def describe_auto(resolved: str) -> str:
+    """Why `auto` became `resolved` here, for the one log line of a run."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend != "cpu":
+        return f"auto -> {resolved} ({backend})"
+    return f"auto -> {resolved} (CPU {'with' if _cpu_has_amx() else 'without'} AMX)"

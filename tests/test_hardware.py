@@ -1,0 +1,152 @@
+"""`alignx_jax.hardware`: the CPU's speed flags and the compute dtype `auto` picks, through the config,
+`alignx train`, `alignx eval|generate --dtype auto` and `alignx plan`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignx_jax import hardware
+from alignx_jax.config import load_config
+from alignx_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 {extra}
+processor\t: 1
+cpu family\t: 7
+model\t\t: 1
+flags\t\t: fpu
+"""
+
+
+def test_cpu_features_reads_family_model_and_the_speed_flags(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text(CPUINFO.format(extra="amx_bf16 amx_tile sha_ni"))
+    assert hardware.cpu_features(str(f)) == {
+        "cpu_family": 6,
+        "model": 207,
+        "flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"],
+    }
+    assert hardware.cpu_model(str(f)) == "Intel(R) Xeon(R) Processor"
+    assert hardware.cpu_features(str(tmp_path / "absent")) == {}
+
+
+@pytest.mark.parametrize(
+    "name, backend, amx, want",
+    [
+        ("float32", "gpu", True, "float32"),  # a named dtype is never changed
+        ("bfloat16", "cpu", False, "bfloat16"),
+        ("auto", "gpu", False, "bfloat16"),
+        ("auto", "tpu", False, "bfloat16"),
+        ("auto", "accelerator", False, "bfloat16"),
+        ("auto", "cpu", True, "bfloat16"),
+        ("auto", "cpu", False, "float32"),
+    ],
+)
+def test_resolve_dtype(monkeypatch, name, backend, amx, want):
+    monkeypatch.setattr(hardware, "_cpu_has_amx", lambda: amx)
+    assert hardware.resolve_dtype(name, backend) == want
+
+
+def test_auto_on_this_machine_follows_its_amx_flag():
+    import jax
+
+    amx = "amx_bf16" in hardware.cpu_features().get("flags", ())
+    want = "bfloat16" if jax.default_backend() != "cpu" or amx else "float32"
+    assert hardware.resolve_dtype("auto") == want
+    assert hardware.describe_auto(want).startswith(f"auto -> {want} (")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.dtype=fp8", "model.dtype='fp8': expected one of float32, bfloat16, float16, auto"),
+        ("--config.model.param_dtype=auto", "model.param_dtype='auto': expected one of float32"),
+    ],
+)
+def test_config_refuses_an_unknown_dtype_in_one_line(override, message):
+    from alignx_jax.train import validate_config
+
+    cfg = load_config(TINY, ["--config.workdir=/tmp/x", override])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_concrete_dtype_copies_the_config(monkeypatch, capsys):
+    from alignx_jax.train import loop
+
+    monkeypatch.setattr(loop, "resolve_dtype", lambda name: "float32" if name == "auto" else name)
+    cfg = load_config(TINY, ["--config.workdir=/tmp/x", "--config.model.dtype=auto"])
+    got = loop.with_concrete_dtype(cfg, say=True)
+    assert got.model.dtype == "float32" and cfg.model.dtype == "auto"  # the caller's config is untouched
+    assert "model.dtype auto -> float32" in capsys.readouterr().err
+    explicit = load_config(TINY, ["--config.workdir=/tmp/x"])
+    assert loop.with_concrete_dtype(explicit) is explicit
+
+
+def test_plan_resolves_auto_for_its_target():
+    from alignx_jax.plan import decoder_config_for
+
+    base = ["--config.workdir=/tmp/x", "--config.model.dtype=auto", "--config.model.preset=smollm2"]
+    tpu = decoder_config_for(load_config(TINY, [*base, "--config.plan.topology=v5p-8"]))
+    assert tpu.dtype == "bfloat16"  # a named topology is an accelerator's
+    here = decoder_config_for(load_config(TINY, base))
+    assert here.dtype == hardware.resolve_dtype("auto")
+
+
+def _alignx(args, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "alignx_jax", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def test_train_with_auto_dtype_says_what_it_picked_and_keeps_auto_in_the_workdir(tmp_path):
+    w = tmp_path / "w"
+    small = [
+        "--config.model.init.hidden_size=32",
+        "--config.model.init.intermediate_size=64",
+        "--config.model.init.head_dim=8",
+        "--config.data.synth_users=4",
+        "--config.data.max_length=128",
+        "--config.data.buckets=(128,)",
+        "--config.train.global_batch=4",
+        "--config.train.steps=1",
+        "--config.train.progress=false",
+    ]
+    r = _alignx(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", *small, "--config.model.dtype=auto"], tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    picked = hardware.resolve_dtype("auto")
+    assert f"alignx train: model.dtype auto -> {picked}" in r.stderr
+    assert json.load(open(w / "config.json"))["model"]["dtype"] == "auto"  # the next machine picks its own
+    # `--dtype auto` of scoring and generation is accepted by the CLI
+    from alignx_jax.cli import build_parser
+
+    for cmd in (
+        ["eval", "--model", "m", "--benchmark", "p-soups=f", "--out", "o.json"],
+        ["generate", "--model", "m"],
+    ):
+        assert build_parser().parse_args([*cmd, "--dtype", "auto"]).dtype == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "--checkpoint", "c", "--out", "o", "--dtype", "auto"])
