@@ -96,14 +96,18 @@ def test_with_concrete_dtype_copies_the_config(monkeypatch, capsys):
     assert loop.with_concrete_dtype(explicit) is explicit
 
 
-def test_plan_resolves_auto_for_its_target():
+def test_plan_resolves_auto_for_its_target_platform():
     from alignx_jax.plan import decoder_config_for
+    from alignx_jax.plan.topology import parse_topology
 
-    base = ["--config.workdir=/tmp/x", "--config.model.dtype=auto", "--config.model.preset=smollm2"]
-    tpu = decoder_config_for(load_config(TINY, [*base, "--config.plan.topology=v5p-8"]))
-    assert tpu.dtype == "bfloat16"  # a named topology is an accelerator's
-    here = decoder_config_for(load_config(TINY, base))
-    assert here.dtype == hardware.resolve_dtype("auto")
+    cfg = load_config(
+        TINY, ["--config.workdir=/tmp/x", "--config.model.dtype=auto", "--config.model.preset=smollm2"]
+    )
+    for name in ("v5p-8", "8xH100"):
+        assert decoder_config_for(cfg, parse_topology(name).platform).dtype == "bfloat16"
+    here = hardware.resolve_dtype("auto")
+    assert decoder_config_for(cfg, parse_topology(None).platform).dtype == here  # 'local': this machine
+    assert decoder_config_for(cfg).dtype == here
 
 
 def _alignx(args, tmp_path):

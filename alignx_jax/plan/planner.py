@@ -140,7 +140,7 @@ def plan(
     comp = choose_compilation(topology, str(compiler or cfg.plan.compiler or "auto").lower(), devices)
     devs, notes = comp.devices, list(comp.notes)
     per_device_limit = topology.bytes_per_device or local_device_bytes(devs)
-    dcfg = _attention_for_stand_ins(decoder_config_for(cfg), devs, topology, notes)
+    dcfg = _attention_for_stand_ins(decoder_config_for(cfg, topology.platform), devs, topology, notes)
     mesh = shd.mesh_from_config(cfg.mesh, devices=devs)
     rules = rules_from_config(cfg)
     layout = _batch_layout(cfg, mesh, notes)

@@ -78,13 +78,13 @@ PRESETS["llama3-70b"] = dict(
 PRESETS["llama3.1-70b"] = PRESETS["llama3-70b"]
 
 
-def decoder_config_for(cfg: ml_collections.ConfigDict):
-    """The DecoderConfig a run of `cfg` trains, without loading weights."""
+def decoder_config_for(cfg: ml_collections.ConfigDict, platform: str | None = None):
+    """The DecoderConfig a run of `cfg` trains, without loading weights. `platform` (tpu | gpu | cpu; None or
+    'local': this machine's) is the one model.dtype=auto is made concrete for."""
     from alignx_jax.models.decoder import DecoderConfig
     from alignx_jax.train.state import init_hf_config, load_tokenizer_for, run_options
 
-    # `auto` as the target computes it: a named topology is an accelerator's, '' is this machine
-    dtype = resolve_dtype(str(cfg.model.dtype), backend="accelerator" if cfg.plan.topology else None)
+    dtype = resolve_dtype(str(cfg.model.dtype), backend=None if platform in (None, "local") else platform)
     opts = dict(run_options(cfg), dtype=dtype, param_dtype=str(cfg.model.param_dtype))
     key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
     path = str(cfg.model.hf_path) or str(cfg.model.preset)
