@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -110,33 +108,11 @@ def test_plan_resolves_auto_for_its_target_platform():
     assert decoder_config_for(cfg).dtype == here
 
 
-def _alignx(args, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "alignx_jax", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-
-
 def test_train_with_auto_dtype_says_what_it_picked_and_keeps_auto_in_the_workdir(tmp_path):
+    from tests.test_train import SMALL, _alignx
+
     w = tmp_path / "w"
-    small = [
-        "--config.model.init.hidden_size=32",
-        "--config.model.init.intermediate_size=64",
-        "--config.model.init.head_dim=8",
-        "--config.data.synth_users=4",
-        "--config.data.max_length=128",
-        "--config.data.buckets=(128,)",
-        "--config.train.global_batch=4",
-        "--config.train.steps=1",
-        "--config.train.progress=false",
-    ]
+    small = [*SMALL, "--config.train.steps=1"]
     r = _alignx(
         ["train", f"--config={TINY}", f"--config.workdir={w}", *small, "--config.model.dtype=auto"], tmp_path
     )
