@@ -49,6 +49,8 @@ def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -
     """`--dtype` of the commands that load a model in a chosen dtype (default: theirs, as `help_text` says);
     `auto` (scoring and generation): bfloat16 on GPU/TPU and CPUs with AMX, else float32."""
     choices = ["float32", "bfloat16", "float16", *(["auto"] if auto else [])]
+    if auto:
+        help_text += "; auto: bfloat16 on GPU/TPU and on CPUs with AMX, else float32"
     p.add_argument("--dtype", default=None, choices=choices, help=help_text)
 
 
@@ -203,8 +205,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--beta", type=float, default=0.1)
     _dtype_arg(
         p,
-        "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models; auto: bfloat16 "
-        "on GPU/TPU and CPUs with AMX, else float32)",
+        "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)",
         auto=True,
     )
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
@@ -218,8 +219,7 @@ def _add_generate(sub) -> None:
     )
     _dtype_arg(
         p,
-        "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints; "
-        "auto: bfloat16 on GPU/TPU and CPUs with AMX, else float32)",
+        "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)",
         auto=True,
     )
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
