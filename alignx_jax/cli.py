@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from alignx_jax.errors import AlignXError
+from alignx_jax.hardware import AUTO, COMPUTE_DTYPES
 
 # sub-command -> "module:function(args) -> int | None"
 HANDLERS: dict[str, str] = {
@@ -48,7 +49,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -> None:
     """`--dtype` of the commands that load a model in a chosen dtype (default: theirs, as `help_text` says);
     `auto` (scoring and generation): bfloat16 on GPU/TPU and CPUs with AMX, else float32."""
-    choices = ["float32", "bfloat16", "float16", *(["auto"] if auto else [])]
+    choices = [*COMPUTE_DTYPES, *([AUTO] if auto else [])]
     if auto:
         help_text += "; auto: bfloat16 on GPU/TPU and on CPUs with AMX, else float32"
     p.add_argument("--dtype", default=None, choices=choices, help=help_text)

@@ -62,6 +62,8 @@ SFT_NORMS: tuple[str, ...] = get_args(SftNorm)
 LossType = Literal[losses.PREFERENCE_LOSS_TYPES]  # type: ignore[valid-type]
 RematPolicy = Literal[model_config.REMAT_POLICIES]  # type: ignore[valid-type]
 AttentionImpl = Literal[model_config.ATTENTION_IMPLS]  # type: ignore[valid-type]
+ComputeDtype = Literal[(*COMPUTE_DTYPES, AUTO)]  # type: ignore[valid-type]
+ParamDtype = Literal[COMPUTE_DTYPES]  # type: ignore[valid-type]
 PersonaVariant = Literal[persona_lib.PERSONA_VARIANTS]  # type: ignore[valid-type]
 PromptFormat = Literal[prompts_lib.PROMPT_FORMATS]  # type: ignore[valid-type]
 Overflow = Literal[OVERFLOW_POLICIES]  # type: ignore[valid-type]
@@ -115,10 +117,9 @@ class ModelSection:
     preset: str = ""
     tokenizer: str = ""  # '' -> the hf_path's tokenizer, or the shipped tiny one for random init
     init: InitSection = dataclasses.field(default_factory=InitSection)  # sizes for random init
-    # compute dtype: float32 | bfloat16 | float16 | auto (bfloat16 on GPU/TPU and on CPUs with AMX, else
-    # float32: alignx_jax.hardware)
-    dtype: str = "bfloat16"
-    param_dtype: str = "float32"  # master weights
+    # compute dtype; auto: bfloat16 on GPU/TPU and on CPUs with AMX, else float32 (alignx_jax.hardware)
+    dtype: ComputeDtype = "bfloat16"
+    param_dtype: ParamDtype = "float32"  # master weights
     remat: RematPolicy = "full"  # per-layer gradient checkpointing
     scan_layers: bool = True  # one compiled layer scanned over the stack (fast compiles)
     # train only the top blocks: the bottom `frozen_layers` blocks and the input embedding (so a tied
@@ -510,10 +511,6 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)"
         )
-    for key in ("dtype", "param_dtype"):
-        allowed = (*COMPUTE_DTYPES, AUTO) if key == "dtype" else COMPUTE_DTYPES
-        if cfg.model[key] not in allowed:
-            raise ConfigError(f"model.{key}={cfg.model[key]!r}: expected one of {', '.join(allowed)}")
     if not cfg.model.hf_path and not cfg.model.init.enabled:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:

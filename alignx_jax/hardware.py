@@ -38,8 +38,9 @@ def cpu_features(path: str = CPUINFO) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 key, _, value = (s.strip() for s in line.partition(":"))
-                if key in ("cpu family", "model") and key.replace(" ", "_") not in out:
-                    out[key.replace(" ", "_")] = int(value)
+                name = key.replace(" ", "_")
+                if key in ("cpu family", "model") and name not in out:  # the first processor's
+                    out[name] = int(value)
                 elif key == "flags":
                     out["flags"] = sorted(set(value.split()) & set(SPEED_FLAGS))
                     break
