@@ -21,6 +21,7 @@ from flax import nnx
 from alignx_jax.errors import AlignXError, CheckpointError, DataError
 from alignx_jax.hardware import resolve_dtype
 from alignx_jax.models.decoder import Decoder
+from alignx_jax.sharding import target_platform
 
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this to reuse compilations
 
@@ -49,7 +50,7 @@ def sample_token(
     return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer"))
 def _generate_jit(
     graphdef,
     state,
@@ -64,6 +65,7 @@ def _generate_jit(
     max_new_tokens: int,
     greedy: bool,
     top_k: int,
+    per_layer: bool,
 ):
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
@@ -76,6 +78,9 @@ def _generate_jit(
         logits_BV = model.cap_logits(jnp.einsum("bd,dv->bv", h_BTD[:, -1], w_DV))
         key, sub = jax.random.split(key)
         tok_B = sample(logits_BV, sub)
+    params = None
+    if per_layer:  # sliced once here, not per layer at every step of the loop (Decoder.layer_params)
+        params, cache = model.layer_params(per_layer=True), model.per_layer_cache(cache)
     out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
     done_B = jnp.isin(tok_B, stop_ids)
 
@@ -86,7 +91,9 @@ def _generate_jit(
     def step(carry):
         i, tok_B, cache, done_B, out_BN, key = carry
         with jax.named_scope("decode_step"):
-            logits_B1V, cache = model(tok_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache)
+            logits_B1V, cache = model(
+                tok_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache, layer_params=params
+            )
             key, sub = jax.random.split(key)
             nxt_B = sample(logits_B1V[:, 0], sub)
             nxt_B = jnp.where(done_B, pad_id, nxt_B)  # finished rows emit padding
@@ -97,6 +104,14 @@ def _generate_jit(
     carry = (jnp.int32(1), tok_B, cache, done_B, out_BN, key)
     _, _, _, _, out_BN, _ = jax.lax.while_loop(cond, step, carry)
     return out_BN
+
+
+def per_layer_decode(model: Decoder) -> bool:
+    """Whether the decode loop runs unrolled over per-layer copies of the weights and KV cache (taken
+    once per call) rather than scanned over the stacked ones: on CPU, where the scan's slice of each
+    stacked weight is a copy made at every step (a decode step there is bound by memory traffic).
+    Not on GPU/TPU, where the copies would double the weights' device memory."""
+    return target_platform() == "cpu"
 
 
 def _stop_ids(model: Decoder, tokenizer) -> list[int]:
@@ -122,11 +137,13 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
     stop_ids: list[int] | None = None,
+    per_layer: bool | None = None,
 ) -> list[list[int]]:
     """Generated token ids per prompt, ending with the stop token that ended it (if any).
 
     `prompts` are token-id lists, or strings tokenized with the tokenizer's defaults (BOS added);
-    use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts."""
+    use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts. `per_layer`: decode over
+    per-layer copies of the weights and cache (None: `per_layer_decode(model)`)."""
     if not prompts:
         return []
     if max_new_tokens < 1:
@@ -168,6 +185,7 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         greedy=bool(greedy),
         top_k=int(top_k),
+        per_layer=per_layer_decode(model) if per_layer is None else bool(per_layer),
     )
     out = np.asarray(out)
     results = []

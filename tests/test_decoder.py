@@ -106,7 +106,10 @@ def test_scan_unrolled_and_remat_agree(tiny_hf_checkpoints, models):
             assert _rel(b, a) < 1e-4, options  # relative to the tensor's scale: summation order differs
 
 
-def test_kv_cache_matches_full_forward(models):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_kv_cache_matches_full_forward(models, per_layer):
+    """The stacked cache (scanned layers) and the per-layer one (`layer_params(per_layer=True)`,
+    what CPU decoding uses) against the forward pass without a cache."""
     ours, _ = models["qwen2"]
     rng = np.random.default_rng(1)
     seqs = [rng.integers(6, 4000, size=n) for n in (9, 5)]
@@ -115,8 +118,12 @@ def test_kv_cache_matches_full_forward(models):
     full = jax.jit(lambda i, m: ours(i, m))(
         jnp.concatenate([ids, extra], 1), jnp.concatenate([mask, jnp.ones_like(extra)], 1)
     )
-    cache = ours.init_cache(2, 16)
-    step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
+    cache = ours.init_cache(2, 16, per_layer=per_layer)
+    if per_layer:
+        assert len(cache["k"]) == ours.cfg.num_hidden_layers and cache["k"][0].shape == (2, 2, 16, 16)
+    step = nnx.jit(
+        lambda m, i, k, c: m(i, k, cache=c, layer_params=m.layer_params(per_layer=True) if per_layer else None)
+    )
     logits, cache = step(ours, ids, mask, cache)
     real = np.asarray(mask).astype(bool)  # pad rows attend to nothing: their logits are arbitrary
     assert _rel(np.asarray(logits)[real], np.asarray(full[:, :9])[real]) < 1e-5

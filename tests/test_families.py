@@ -190,8 +190,9 @@ def test_long_rows_and_unrolled_layers(checkpoints, models, kind):
         assert _rel(logits[b, L - len(s) :], _ref(hf, s[None])[0]) < 1e-4
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("kind", ["mistral", "gemma2"])
-def test_kv_cache_with_window_matches_full_forward(models, kind):
+def test_kv_cache_with_window_matches_full_forward(models, kind, per_layer):
     ours, _ = models[kind]
     rng = np.random.default_rng(1)
     seqs = [rng.integers(6, 4000, size=n) for n in (9, 5)]
@@ -201,8 +202,16 @@ def test_kv_cache_with_window_matches_full_forward(models, kind):
         jnp.concatenate([ids, extra], 1), jnp.concatenate([mask, jnp.ones_like(extra)], 1)
     )
     cache = ours.init_cache(2, 16)
-    step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
-    logits, cache = step(ours, ids, mask, cache)
+    if per_layer:  # what generation runs: `prefill` into the empty stacked cache, then per-layer decoding
+        step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c, layer_params=m.layer_params(per_layer=True)))
+        prefill = nnx.jit(lambda m, i, k, c: m.prefill(i, k, c))
+        h, cache = prefill(ours, ids, mask, cache)
+        logits = ours.cap_logits(jnp.einsum("btd,dv->btv", h, ours.output_embedding()))
+        assert int(cache["index"]) == 9
+        cache = ours.per_layer_cache(cache)
+    else:
+        step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
+        logits, cache = step(ours, ids, mask, cache)
     real = np.asarray(mask).astype(bool)
     assert _rel(np.asarray(logits)[real], np.asarray(full[:, :9])[real]) < 1e-5
     for t in range(4):

@@ -77,6 +77,18 @@ def test_cached_decode_equals_recomputing(tiny_hf_checkpoints, tok):
     assert out == seq[len(prompt) :]
 
 
+def test_per_layer_and_scanned_decoding_agree(llama, tok):
+    """CPU decodes over per-layer weights and cache (`per_layer_decode`); GPU/TPU scan the stacked
+    ones: the same tokens, greedy and sampled, and a mismatched cache form is refused."""
+    prompts = _prompts(tok)
+    for kw in (dict(greedy=True), dict(seed=7)):
+        a = generate(llama, tok, prompts, max_new_tokens=10, stop_ids=NO_STOP, per_layer=True, **kw)
+        b = generate(llama, tok, prompts, max_new_tokens=10, stop_ids=NO_STOP, per_layer=False, **kw)
+        assert a == b
+    with pytest.raises(ValueError, match="per-layer cache"):
+        llama(jnp.ones((1, 1), jnp.int32), cache=llama.init_cache(1, 4), layer_params=llama.layer_params(True))
+
+
 def test_stops_at_eos_and_pads_finished_rows(llama, tok):
     prompts = _prompts(tok)
     free = generate(llama, tok, prompts, max_new_tokens=12, greedy=True, stop_ids=NO_STOP)

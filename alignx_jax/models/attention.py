@@ -220,12 +220,17 @@ def _attention_xla(q_BTNH, k_BSKH, v_BSKH, bias_BTS, scale, causal: bool = False
     `mask_bias` (a boolean allowed-mask is turned into it); the custom VJP recomputes the probabilities. `causal`
     promises the mask allows no key after its query (T == S): blocks of query rows then skip the
     masked upper triangle. `cap`: soft-cap the scaled scores (`softcap`) before the mask."""
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    causal = causal and k_BSKH.shape[1] == T
     # head-major [B, K, G, T, H]: transposing the [T, H] operands is cheap, the [T, S] scores are not
-    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    return _attention_xla_head_major(q_BTNH, k_BKSH, v_BKSH, bias_BTS, scale, causal, cap)
+
+
+def _attention_xla_head_major(q_BTNH, k_BKSH, v_BKSH, bias_BTS, scale, causal=False, cap=None):
+    """`_attention_xla` on keys and values already head-major (a KV cache kept as [B, K, S, H])."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    causal = causal and k_BKSH.shape[2] == T
+    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     o_BKGTH = _sdpa(q_BKGTH, k_BKSH, v_BKSH, _as_bias(bias_BTS), scale, causal, cap)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -359,3 +364,17 @@ def attention(
         scale=scale,
         implementation="cudnn" if impl == "cudnn" else None,
     )
+
+
+def cached_attention(
+    q_BTNH, k_BKSH, v_BKSH, mask: AttentionMask, impl: str, scale: float | None = None, cap: float | None = None
+):
+    """`attention` of T new queries over a KV cache kept head-major, [B, K, S, H]: the layout the xla
+    kernel multiplies in, so a decode step copies no cache into it (a [B, S, K, H] cache costs a
+    transposed copy of every layer's keys and values per step). Other kernels get [B, S, K, H]."""
+    if impl == "xla":
+        scale = 1.0 / math.sqrt(q_BTNH.shape[-1]) if scale is None else scale
+        bias_BTS = mask.bias_BTS if mask.bias_BTS is not None else mask.allowed_BTS
+        return _attention_xla_head_major(q_BTNH, k_BKSH, v_BKSH, bias_BTS, scale, cap=cap)
+    k_BSKH, v_BSKH = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
+    return attention(q_BTNH, k_BSKH, v_BSKH, mask, impl, scale=scale, cap=cap)

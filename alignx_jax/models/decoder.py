@@ -34,6 +34,7 @@ from alignx_jax.models.attention import (  # noqa: F401  (re-exported: the decod
     MASK_MIN,
     AttentionMask,
     attention,
+    cached_attention,
     cached_attention_allowed,
     causal_block_rows,
     kernel_mask,
@@ -53,7 +54,10 @@ from alignx_jax.models.config import (  # noqa: F401  (re-exported: the decoder'
 from alignx_jax.models.matmul import dense, dense_many
 from alignx_jax.sharding import annotated, constrain, target_platform
 
-Cache = dict[str, jax.Array]
+# k/v: [L, B, K, S, H] stacked, or (`init_cache(per_layer=True)`) tuples of L arrays [B, K, S, H]
+Cache = dict[str, jax.Array | tuple[jax.Array, ...]]
+# the blocks' params: one dict of [L, ...] arrays, or (`Decoder.layer_params(per_layer=True)`) L dicts
+LayerParams = dict | tuple[dict, ...]
 
 
 # ---- building blocks (pure functions over arrays) ----------------------------------------------
@@ -164,7 +168,9 @@ def decoder_layer(
 ):
     """One pre-norm block on one layer's params `p`. `mask` is the attention mask in the form
     `cfg.attention_impl` takes (`models.attention.kernel_mask`). With `cache_kv=(k_BSKH, v_BSKH)`
-    the new keys and values are written at `cache_index` and attention reads the whole cache.
+    (head-major, [B, K, S, H]) the new keys and values are written at `cache_index` and attention
+    reads the whole cache; `cache_index=None` is a prefill into an empty cache (written from slot 0,
+    attention causal over the new tokens alone, as without a cache).
 
     The residual stream `x` and RoPE's `cos`/`sin` are `[B, T, D]` / `[B, T, H]`, or with a
     `layout` (`models.compaction`) the kept tokens only, `[G, N, D]` / `[G, N, H]`: everything but
@@ -191,24 +197,39 @@ def decoder_layer(
             B, T = mask.rows
             q_BTNH, k_BTKH, v_BTKH = (layout.rows(t, B, T) for t in (q, k, v))
         q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
-        if cache_kv is None:
-            k_all, v_all, new_kv = k_BTKH, v_BTKH, None
-        else:
-            ck, cv = cache_kv
-            k_all = jax.lax.dynamic_update_slice(ck, k_BTKH.astype(ck.dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cv, v_BTKH.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_kv = (k_all, v_all)
-            k_all, v_all = k_all.astype(x.dtype), v_all.astype(x.dtype)
-        o_BTNH = attention(
-            q_BTNH,
-            k_all,
-            v_all,
-            mask,
-            cfg.attention_impl,
-            causal=cache_kv is None,
-            scale=cfg.attention_scale,
-            cap=cfg.attn_logit_softcapping,
-        )
+        if cache_kv is not None and cache_index is None:  # a fresh cache: the prompt sees only itself
+            ck_BKSH, cv_BKSH = cache_kv
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, 0, 0))
+                for c, t in ((ck_BKSH, k_BTKH), (cv_BKSH, v_BTKH))
+            )
+        if cache_kv is None or cache_index is None:
+            new_kv = None if cache_kv is None else new_kv
+            o_BTNH = attention(
+                q_BTNH,
+                k_BTKH,
+                v_BTKH,
+                mask,
+                cfg.attention_impl,
+                causal=True,
+                scale=cfg.attention_scale,
+                cap=cfg.attn_logit_softcapping,
+            )
+        else:  # the cache is head-major [B, K, S, H]: the new tokens' keys/values go in at cache_index
+            ck_BKSH, cv_BKSH = cache_kv
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                for c, t in ((ck_BKSH, k_BTKH), (cv_BKSH, v_BTKH))
+            )
+            o_BTNH = cached_attention(
+                q_BTNH,
+                new_kv[0].astype(x.dtype),
+                new_kv[1].astype(x.dtype),
+                mask,
+                cfg.attention_impl,
+                scale=cfg.attention_scale,
+                cap=cfg.attn_logit_softcapping,
+            )
         o = o_BTNH if layout is None else layout.tokens(o_BTNH)  # back to x's token axes
         o = _linear(o, a["o_proj"], "btnh,nhd->btd", lora_scale)
         if cfg.sandwich_norms:
@@ -368,9 +389,14 @@ class Decoder(nnx.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: Cache | None = None,
+        layer_params: LayerParams | None = None,
     ):
-        """Logits [B, T, V] in the compute dtype; `(logits, new_cache)` when a cache is given."""
-        h_BTD, new_cache = self._forward(input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache)
+        """Logits [B, T, V] in the compute dtype; `(logits, new_cache)` when a cache is given.
+        `layer_params`: `self.layer_params(per_layer=True)` taken once outside a decode loop, with a
+        per-layer cache (the layers then run unrolled, each reading its weights where they lie)."""
+        h_BTD, new_cache = self._forward(
+            input_ids_BT, attention_mask_BT, positions_BT, segment_ids_BT, cache, layer_params=layer_params
+        )
         with jax.named_scope("lm_head"):
             logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, self.output_embedding().astype(h_BTD.dtype))
             logits_BTV = constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
@@ -383,11 +409,31 @@ class Decoder(nnx.Module):
         return softcap(logits, self.cfg.final_logit_softcapping)
 
     def prefill(
-        self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array, cache: Cache
+        self,
+        input_ids_BT: jax.Array,
+        attention_mask_BT: jax.Array,
+        cache: Cache,
+        layer_params: LayerParams | None = None,
     ) -> tuple[jax.Array, Cache]:
-        """A prompt's final-normed hidden states [B, T, D] and `cache` filled with it (generation scores
-        only the last position against `output_embedding()`, not the prompt's [B, T, V] logits)."""
-        return self._forward(input_ids_BT, attention_mask_BT, None, None, cache)
+        """A prompt's final-normed hidden states [B, T, D] and the empty `cache` (`init_cache`) filled
+        with it from slot 0 (generation scores only the last position against `output_embedding()`,
+        not the prompt's [B, T, V] logits). Attention is the causal one over the prompt alone, not
+        over the whole (still empty) cache."""
+        return self._forward(
+            input_ids_BT, attention_mask_BT, None, None, cache, layer_params=layer_params, fresh_cache=True
+        )
+
+    def layer_params(self, per_layer: bool = False) -> LayerParams:
+        """The blocks' params as the forward pass reads them (LoRA adapters dropped while they are
+        off): one dict of stacked [L, ...] arrays, or with `per_layer` a tuple of L dicts sliced out
+        of it. A decode loop takes the per-layer form once, before the loop: the scan's per-layer
+        slice of a stacked weight is a copy on XLA's CPU backend, made again at every step."""
+        params = nnx.to_pure_dict(nnx.state(self.layers))
+        if not self.cfg.lora_multiplier * float(self.lora_scale):  # the base model: no adapter compute
+            params = lora_lib.strip(params)
+        if not per_layer:
+            return params
+        return tuple(jax.tree.map(lambda a, i=i: a[i], params) for i in range(self.cfg.num_hidden_layers))
 
     def hidden_states(
         self,
@@ -426,17 +472,28 @@ class Decoder(nnx.Module):
             return (jax.lax.stop_gradient(w_VD) if self.cfg.frozen_layers else w_VD).T
         return self.lm_head.kernel.get_value()
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-        """An empty KV cache: k/v [L, B, S, K, H], key-validity mask [B, S], write index."""
+    def init_cache(self, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> Cache:
+        """An empty KV cache: k/v [L, B, K, S, H], key-validity mask [B, S], write index; with
+        `per_layer`, k/v are tuples of L arrays [B, K, S, H] (for `layer_params(per_layer=True)`:
+        each layer's slots are then updated in place, not sliced out of and back into a stack)."""
         cfg = self.cfg
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # head-major: what attention reads
         dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch, max_len), jnp.bool_),
-            "index": jnp.zeros((), jnp.int32),
-        }
+        L = cfg.num_hidden_layers
+        k, v = (
+            (tuple(jnp.zeros(shape, dtype) for _ in range(L)) for _ in "kv")
+            if per_layer
+            else (jnp.zeros((L, *shape), dtype) for _ in "kv")
+        )
+        return {"k": k, "v": v, "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
+
+    @staticmethod
+    def per_layer_cache(cache: Cache) -> Cache:
+        """A stacked cache as `init_cache(per_layer=True)` holds it (a prefill scanned over the stacked
+        layers, then decoding unrolled over `layer_params(per_layer=True)`)."""
+        if isinstance(cache["k"], tuple):
+            return cache
+        return {**cache, "k": tuple(cache["k"]), "v": tuple(cache["v"])}
 
     # -- implementation --
     def _attention_impl(self, T: int, cached: bool, branches: bool) -> str:
@@ -477,6 +534,8 @@ class Decoder(nnx.Module):
         cache,
         branch_ids_BT=None,
         layout: TokenLayout | None = None,
+        layer_params: LayerParams | None = None,
+        fresh_cache: bool = False,
     ):
         cfg = self.cfg
         dt = cfg.compute_dtype
@@ -490,14 +549,21 @@ class Decoder(nnx.Module):
             raise ValueError("segment_ids and a KV cache cannot be combined")
         if cache is not None and layout is not None:
             raise ValueError("token compaction and a KV cache cannot be combined")
+        per_layer = isinstance(layer_params, tuple)
+        if cache is not None and per_layer != isinstance(cache["k"], tuple):
+            raise ValueError("per-layer params go with a per-layer cache (init_cache(per_layer=True)) and back")
+        if per_layer and cache is None:
+            raise ValueError("per-layer params are for KV-cached decoding; pass a per-layer cache")
 
-        if cache is None:
+        if cache is None or fresh_cache:
             if positions_BT is None:  # left padding: count only real tokens
                 positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
             allowed_BTS, back_BTS = self_attention_allowed(
                 mask_BT, positions_BT, segment_ids_BT, branch_ids_BT
             )
-            index = None
+            index = None  # decoder_layer: no cache, or an empty one written from slot 0
+            if fresh_cache:
+                kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, 0))
         else:
             index = cache["index"]
             kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index))
@@ -520,7 +586,7 @@ class Decoder(nnx.Module):
         pos = positions_BT if layout is None else layout.tokens(jnp.asarray(positions_BT))
         cos, sin = rope_cos_sin(pos, rope_inv_freq(cfg), dt)
 
-        impl = self._attention_impl(T, cache is not None, branch_ids_BT is not None)
+        impl = self._attention_impl(T, cache is not None and not fresh_cache, branch_ids_BT is not None)
         mask = kernel_mask(impl, allowed_BTS, mask_BT, segment_ids_BT)
         # splash runs only where the window cuts nothing
         window = None if window_BTS is None or impl == "splash" else kernel_mask(impl, window_BTS, mask_BT)
@@ -529,10 +595,8 @@ class Decoder(nnx.Module):
         if window is not None and sliding_L.all():
             mask, window = window, None
 
-        params = nnx.to_pure_dict(nnx.state(self.layers))
+        params = self.layer_params() if layer_params is None else layer_params
         lora_scale = cfg.lora_multiplier * float(self.lora_scale)
-        if not lora_scale:  # adapters off (or none): the base model, no adapter compute
-            params = lora_lib.strip(params)
         layer = partial(
             decoder_layer,
             cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl),
@@ -560,6 +624,12 @@ class Decoder(nnx.Module):
         kv_stack = None if cache is None else (cache["k"], cache["v"])
 
         def run_layers(x, p, kv, sliding):
+            if per_layer:  # unrolled over separate arrays: no slice of a stack, the cache updated in place
+                outs = []
+                for i, p_i in enumerate(p):
+                    x, kv_i = body(x, (p_i, (kv[0][i], kv[1][i]), bool(sliding[i])))
+                    outs.append(kv_i)
+                return x.astype(dt), (tuple(k for k, _ in outs), tuple(v for _, v in outs))
             if cfg.scan_layers:
                 xs = (p, kv, None if window is None else jnp.asarray(sliding))
                 x, new_kv = jax.lax.scan(body, x.astype(jnp.float32) if wide_carry else x, xs)
@@ -582,7 +652,8 @@ class Decoder(nnx.Module):
             h_BTD = h if layout is None else layout.rows(h, B, T)
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": index + T}
+            start = 0 if fresh_cache else index
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": start + T}
         return h_BTD, new_cache
 
 
