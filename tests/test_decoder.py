@@ -122,7 +122,9 @@ def test_kv_cache_matches_full_forward(models, per_layer):
     if per_layer:
         assert len(cache["k"]) == ours.cfg.num_hidden_layers and cache["k"][0].shape == (2, 2, 16, 16)
     step = nnx.jit(
-        lambda m, i, k, c: m(i, k, cache=c, layer_params=m.layer_params(per_layer=True) if per_layer else None)
+        lambda m, i, k, c: m(
+            i, k, cache=c, layer_params=m.layer_params(per_layer=True) if per_layer else None
+        )
     )
     logits, cache = step(ours, ids, mask, cache)
     real = np.asarray(mask).astype(bool)  # pad rows attend to nothing: their logits are arbitrary

@@ -86,7 +86,9 @@ def test_per_layer_and_scanned_decoding_agree(llama, tok):
         b = generate(llama, tok, prompts, max_new_tokens=10, stop_ids=NO_STOP, per_layer=False, **kw)
         assert a == b
     with pytest.raises(ValueError, match="per-layer cache"):
-        llama(jnp.ones((1, 1), jnp.int32), cache=llama.init_cache(1, 4), layer_params=llama.layer_params(True))
+        llama(
+            jnp.ones((1, 1), jnp.int32), cache=llama.init_cache(1, 4), layer_params=llama.layer_params(True)
+        )
 
 
 def test_stops_at_eos_and_pads_finished_rows(llama, tok):

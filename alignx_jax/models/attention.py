@@ -367,7 +367,13 @@ def attention(
 
 
 def cached_attention(
-    q_BTNH, k_BKSH, v_BKSH, mask: AttentionMask, impl: str, scale: float | None = None, cap: float | None = None
+    q_BTNH,
+    k_BKSH,
+    v_BKSH,
+    mask: AttentionMask,
+    impl: str,
+    scale: float | None = None,
+    cap: float | None = None,
 ):
     """`attention` of T new queries over a KV cache kept head-major, [B, K, S, H]: the layout the xla
     kernel multiplies in, so a decode step copies no cache into it (a [B, S, K, H] cache costs a

@@ -218,7 +218,9 @@ def decoder_layer(
         else:  # the cache is head-major [B, K, S, H]: the new tokens' keys/values go in at cache_index
             ck_BKSH, cv_BKSH = cache_kv
             new_kv = tuple(
-                jax.lax.dynamic_update_slice(c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+                jax.lax.dynamic_update_slice(
+                    c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0)
+                )
                 for c, t in ((ck_BKSH, k_BTKH), (cv_BKSH, v_BTKH))
             )
             o_BTNH = cached_attention(
@@ -485,7 +487,12 @@ class Decoder(nnx.Module):
             if per_layer
             else (jnp.zeros((L, *shape), dtype) for _ in "kv")
         )
-        return {"k": k, "v": v, "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
+        return {
+            "k": k,
+            "v": v,
+            "mask": jnp.zeros((batch, max_len), jnp.bool_),
+            "index": jnp.zeros((), jnp.int32),
+        }
 
     @staticmethod
     def per_layer_cache(cache: Cache) -> Cache:
@@ -551,7 +558,9 @@ class Decoder(nnx.Module):
             raise ValueError("token compaction and a KV cache cannot be combined")
         per_layer = isinstance(layer_params, tuple)
         if cache is not None and per_layer != isinstance(cache["k"], tuple):
-            raise ValueError("per-layer params go with a per-layer cache (init_cache(per_layer=True)) and back")
+            raise ValueError(
+                "per-layer params go with a per-layer cache (init_cache(per_layer=True)) and back"
+            )
         if per_layer and cache is None:
             raise ValueError("per-layer params are for KV-cached decoding; pass a per-layer cache")
 
