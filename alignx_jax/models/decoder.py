@@ -197,14 +197,14 @@ def decoder_layer(
             B, T = mask.rows
             q_BTNH, k_BTKH, v_BTKH = (layout.rows(t, B, T) for t in (q, k, v))
         q_BTNH = constrain(q_BTNH, ("activation_batch", "activation_length", "activation_heads", None))
-        if cache_kv is not None and cache_index is None:  # a fresh cache: the prompt sees only itself
-            ck_BKSH, cv_BKSH = cache_kv
+        new_kv = None
+        if cache_kv is not None:  # head-major [B, K, S, H]: the new keys/values go in at their slots
+            at = 0 if cache_index is None else cache_index
             new_kv = tuple(
-                jax.lax.dynamic_update_slice(c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, 0, 0))
-                for c, t in ((ck_BKSH, k_BTKH), (cv_BKSH, v_BTKH))
+                jax.lax.dynamic_update_slice(c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, at, 0))
+                for c, t in zip(cache_kv, (k_BTKH, v_BTKH))
             )
-        if cache_kv is None or cache_index is None:
-            new_kv = None if cache_kv is None else new_kv
+        if cache_index is None:  # no cache, or an empty one: the tokens attend (causally) to themselves
             o_BTNH = attention(
                 q_BTNH,
                 k_BTKH,
@@ -215,14 +215,7 @@ def decoder_layer(
                 scale=cfg.attention_scale,
                 cap=cfg.attn_logit_softcapping,
             )
-        else:  # the cache is head-major [B, K, S, H]: the new tokens' keys/values go in at cache_index
-            ck_BKSH, cv_BKSH = cache_kv
-            new_kv = tuple(
-                jax.lax.dynamic_update_slice(
-                    c, t.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0)
-                )
-                for c, t in ((ck_BKSH, k_BTKH), (cv_BKSH, v_BTKH))
-            )
+        else:
             o_BTNH = cached_attention(
                 q_BTNH,
                 new_kv[0].astype(x.dtype),
