@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import AlignXError, CheckpointError, DataError
-from alignx_jax.hardware import resolve_dtype
+from alignx_jax.hardware import available_memory_bytes, resolve_dtype
 from alignx_jax.models.decoder import Decoder
 from alignx_jax.sharding import target_platform
 
@@ -106,12 +106,17 @@ def _generate_jit(
     return out_BN
 
 
-def per_layer_decode(model: Decoder) -> bool:
+def per_layer_decode(model: Decoder, available: int | None = None) -> bool:
     """Whether the decode loop runs unrolled over per-layer copies of the weights and KV cache (taken
     once per call) rather than scanned over the stacked ones: on CPU, where the scan's slice of each
-    stacked weight is a copy made at every step (a decode step there is bound by memory traffic).
-    Not on GPU/TPU, where the copies would double the weights' device memory."""
-    return target_platform() == "cpu"
+    stacked weight is a copy made at every step (a decode step there is bound by memory traffic),
+    when the copy takes at most half of the host memory available (`available` bytes, default: the
+    system's figure). Not on GPU/TPU, where the copies would double the weights' device memory."""
+    if target_platform() != "cpu":
+        return False
+    available = available_memory_bytes() if available is None else available
+    copy = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(model.layer_params()))
+    return available is None or 2 * copy <= available
 
 
 def _stop_ids(model: Decoder, tokenizer) -> list[int]:

@@ -1,4 +1,5 @@
-"""What this machine computes fast: the CPU's model and extensions, and the compute dtype `auto` picks.
+"""What this machine computes fast: the CPU's model and extensions, and the compute dtype `auto` picks;
+and how much host memory is free (`available_memory_bytes`, for choices that copy weights).
 
 `model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs and on CPUs
 with AMX, float32 on other CPUs, where a bf16 product runs slower than a float32 one even with AVX-512-BF16
@@ -75,3 +76,16 @@ def describe_auto(resolved: str) -> str:
     if backend != "cpu":
         return f"auto -> {resolved} ({backend})"
     return f"auto -> {resolved} (CPU {'with' if _cpu_has_amx() else 'without'} AMX)"
+
+
+def available_memory_bytes(path: str = "/proc/meminfo") -> int | None:
+    """Host memory available to a new allocation without swapping (`MemAvailable`); None where the
+    system does not say."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -13,7 +13,7 @@ from flax import nnx
 
 import alignx_jax
 from alignx_jax.cli import main
-from alignx_jax.generate import generate, sample_token
+from alignx_jax.generate import generate, per_layer_decode, sample_token
 from alignx_jax.models.hf import load_pretrained
 from alignx_jax.tokenizer import load_tokenizer
 
@@ -85,6 +85,8 @@ def test_per_layer_and_scanned_decoding_agree(llama, tok):
         a = generate(llama, tok, prompts, max_new_tokens=10, stop_ids=NO_STOP, per_layer=True, **kw)
         b = generate(llama, tok, prompts, max_new_tokens=10, stop_ids=NO_STOP, per_layer=False, **kw)
         assert a == b
+    assert per_layer_decode(llama)  # CPU, and the copy is tiny
+    assert not per_layer_decode(llama, available=1024)  # the copy would not fit: scan the stack
     with pytest.raises(ValueError, match="per-layer cache"):
         llama(
             jnp.ones((1, 1), jnp.int32), cache=llama.init_cache(1, 4), layer_params=llama.layer_params(True)

@@ -40,6 +40,15 @@ def test_cpu_features_reads_family_model_and_the_speed_flags(tmp_path):
     assert hardware.cpu_features(str(tmp_path / "absent")) == {}
 
 
+def test_available_memory_reads_meminfo(tmp_path):
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n")
+    assert hardware.available_memory_bytes(str(info)) == 20000000 * 1024
+    info.write_text("MemTotal:       24000000 kB\n")
+    assert hardware.available_memory_bytes(str(info)) is None
+    assert hardware.available_memory_bytes(str(tmp_path / "absent")) is None
+
+
 @pytest.mark.parametrize(
     "name, backend, amx, want",
     [
