@@ -106,13 +106,19 @@ def _generate_jit(
     return out_BN
 
 
-def per_layer_decode(model: Decoder, available: int | None = None) -> bool:
+# below this many new tokens the unrolled decode loop's longer compile (~10 s more for SmolLM2's 30 layers)
+# outweighs what it saves per step (float32 ~50 ms, bf16 ~230 ms on a 2-core CPU: BENCHMARKS.md §4)
+PER_LAYER_MIN_NEW_TOKENS = 64
+
+
+def per_layer_decode(model: Decoder, max_new_tokens: int, available: int | None = None) -> bool:
     """Whether the decode loop runs unrolled over per-layer copies of the weights and KV cache (taken
     once per call) rather than scanned over the stacked ones: on CPU, where the scan's slice of each
-    stacked weight is a copy made at every step (a decode step there is bound by memory traffic),
-    when the copy takes at most half of the host memory available (`available` bytes, default: the
-    system's figure). Not on GPU/TPU, where the copies would double the weights' device memory."""
-    if target_platform() != "cpu":
+    stacked weight is a copy made at every step (a decode step there is bound by memory traffic), for
+    at least `PER_LAYER_MIN_NEW_TOKENS` new tokens, when the copy takes at most half of the host memory
+    available (`available` bytes, default: the system's figure). Not on GPU/TPU, where the copies
+    would double the weights' device memory."""
+    if target_platform() != "cpu" or max_new_tokens < PER_LAYER_MIN_NEW_TOKENS:
         return False
     available = available_memory_bytes() if available is None else available
     copy = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(model.layer_params()))
@@ -148,7 +154,7 @@ def generate(
 
     `prompts` are token-id lists, or strings tokenized with the tokenizer's defaults (BOS added);
     use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts. `per_layer`: decode over
-    per-layer copies of the weights and cache (None: `per_layer_decode(model)`)."""
+    per-layer copies of the weights and cache (None: `per_layer_decode`)."""
     if not prompts:
         return []
     if max_new_tokens < 1:
@@ -190,7 +196,7 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         greedy=bool(greedy),
         top_k=int(top_k),
-        per_layer=per_layer_decode(model) if per_layer is None else bool(per_layer),
+        per_layer=per_layer_decode(model, max_new_tokens) if per_layer is None else bool(per_layer),
     )
     out = np.asarray(out)
     results = []
