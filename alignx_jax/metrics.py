@@ -73,9 +73,7 @@ class MetricsWriter:
             self._open_local(workdir, resume_step)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
             except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
                 self._tb = None
             except Exception as e:  # a URL tensorboardX cannot write: the JSONL file still has everything
@@ -141,6 +139,21 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: it imports torch only to accept torch tensors
+    (~3 s of every start-up); we log floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _wandb_run(project: str, workdir: str, config: dict[str, Any] | None) -> Any:

@@ -7,6 +7,7 @@ The tiny tokenizer (built by `scripts/build_tokenizer.py`) has Llama-3-style spe
 
 from __future__ import annotations
 
+import json
 import os
 
 from alignx_jax.errors import CheckpointError
@@ -30,15 +31,35 @@ def load_tokenizer(path: str | None = None):
         for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     ):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is needed
-
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = _tokenizer_class(path).from_pretrained(path, local_files_only=True)
     except Exception as e:  # a broken folder is the user's to fix: say which
         raise CheckpointError(f"{path}: cannot load tokenizer: {type(e).__name__}: {e}") from e
     if tok.pad_token_id is None:  # Llama-3 ships none; batching needs one that is never scored
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer_class(path: str):
+    """The class to load `path` with: AutoTokenizer, whose imports pull in torch (~3 s of a CLI start-up),
+    except for a tokenizer-only folder (no model `config.json`, so no model type for AutoTokenizer to map)
+    declaring the plain fast class, which AutoTokenizer loads as that class."""
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            declared = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    if (
+        declared in ("PreTrainedTokenizerFast", "TokenizersBackend")
+        and os.path.exists(os.path.join(path, "tokenizer.json"))
+        and not os.path.exists(os.path.join(path, "config.json"))
+    ):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer  # heavy import: only when a tokenizer is needed
+
+    return AutoTokenizer
 
 
 def stop_token_ids(tokenizer) -> list[int]:

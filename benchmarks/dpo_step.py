@@ -278,6 +278,7 @@ class JaxStep:
         chunk: int = 0,
         response_logits: bool = True,
         compact: bool = True,
+        compiler_options: dict[str, Any] | None = None,
     ):
         import jax
         import jax.numpy as jnp
@@ -301,7 +302,8 @@ class JaxStep:
         tokens = (1, 0) if compact else None
         self.batch = jax.device_put(to_microbatches(setup.data, 1, window=window, tokens=tokens))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
-        self.compiled = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch).compile()
+        lowered = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch)
+        self.compiled = lowered.compile(compiler_options=compiler_options)
 
     def __call__(self) -> float:
         self.params, self.opt_state, m = self.compiled(

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# in-process `alignx train/eval/generate` calls leave JAX's compilation cache alone (no user-cache writes);
+# in-process `alignx train/eval/generate` calls leave the user's compilation cache alone;
 # tests/test_compile_cache.py checks the cache in fresh processes
 os.environ.setdefault("ALIGNX_COMPILE_CACHE", "0")
+# one JAX compilation cache for the whole session, every xdist worker and every CLI subprocess the tests
+# start (they compile the same tiny programs again and again: test_train.py 300 -> 218 s alone), in a
+# temporary folder made by the controller, inherited by the workers, removed at the end; never the user's
+_OWN_CACHE = None
+if "ALIGNX_TEST_JAX_CACHE" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="alignx-tests-jax-cache-")
+    os.environ["ALIGNX_TEST_JAX_CACHE"] = _OWN_CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["ALIGNX_TEST_JAX_CACHE"]
+# programs compiled in under 0.2 s are not worth a file each
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 # tests compile hundreds of tiny programs and run each a few times: XLA's backend (LLVM) optimisation is
 # most of their compile time and buys nothing here. Inherited by the CLI subprocesses the tests start;
 # values are unchanged (HLO passes and buffer assignment still run), benchmarks/ and users keep -O2.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# under `pytest -n N` the workers share the cores: torch's OpenMP threads spin at their barriers while a
+# core runs the other worker (a 2-thread torch forward 2.3x slower than 1 thread beside one busy core)
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 TINY = dict(
     hidden_size=64,
@@ -122,6 +138,11 @@ def pytest_configure(config):
     # (which put these 2-6-test files last): turned off here so LONG_FILES start first
     if getattr(config.option, "loadscopereorder", None):
         config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:  # the process that made the session's compilation cache
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

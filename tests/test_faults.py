@@ -4,7 +4,7 @@ the one `alignx:` line, and that no file outside the command's own outputs chang
 
 Training runs are tiny (hidden 32, one 128-token bucket, a few steps) subprocesses of the real CLI, sharing
 one JAX compilation cache; those tests are `slow` (end-to-end, ~4 minutes together on 2 cores), as is the
-soak test, which SIGKILLs a run and its export at random moments (~2 minutes).
+soak test, which SIGKILLs a run and its export at random moments (~1 minute).
 """
 
 from __future__ import annotations
@@ -745,10 +745,9 @@ def _kill_when(proc, w, mode, rng):
 
 @pytest.mark.slow
 def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root):
-    """6 SIGKILLs of a training run (in start-up, mid-step, during checkpoint writes: two of each), each
-    followed by a resume, then 3 of its export: the losses are the uninterrupted run's and the export
-    always loads."""
-    steps, t0 = 40, time.time()
+    """3 SIGKILLs of a training run (in start-up, mid-step, during a checkpoint write), each followed by a
+    resume, then 3 of its export: the losses are the uninterrupted run's and the export always loads."""
+    steps, t0 = 24, time.time()
     args = lambda w: _train_args(w, steps, 2)
     ref = tmp_path / "ref"
     r = _alignx(args(ref), cache_root)
@@ -756,8 +755,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     rng = np.random.default_rng(18)
     w = tmp_path / "soak"
     modes = []
-    for k in range(6):
-        mode = ("random", "save", "steps")[k % 3]
+    for mode in ("random", "save", "steps"):
         proc = subprocess.Popen(
             _cmd(args(w)),
             env=_env(cache_root),
@@ -783,7 +781,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     out = tmp_path / "hf"
     export = ["export", "--checkpoint", str(w), "--out", str(out)]
     kills = len(modes)
-    for k in range(max(3, 9 - kills)):
+    for k in range(max(3, 6 - kills)):
         proc = subprocess.Popen(
             _cmd(export + (["--step", str(steps - 2)] if k % 2 else [])),
             env=_env(cache_root),
@@ -814,4 +812,4 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
         f"soak: {len(modes)} training kills ({', '.join(modes)}), {kills - len(modes)} export kills, "
         f"{time.time() - t0:.0f}s"
     )
-    assert len(modes) == 6 and kills >= 9
+    assert len(modes) == 3 and kills >= 6

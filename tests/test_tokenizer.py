@@ -106,3 +106,22 @@ def test_build_script_reproduces_shipped_files(tmp_path):
     a, b = built["tokenizer_config.json"], shipped["tokenizer_config.json"]
     assert set(a) ^ set(b) <= by_version, set(a) ^ set(b)
     assert {k: a[k] for k in set(a) & set(b)} == {k: b[k] for k in set(a) & set(b)}
+
+
+def test_plain_fast_tokenizers_load_as_auto_tokenizer_would_and_without_torch(tok, tiny_hf_checkpoints):
+    """`load_tokenizer` skips AutoTokenizer (whose imports pull in torch) only for the class it resolves
+    to anyway: the same class, ids, specials and chat template as AutoTokenizer's load."""
+    from transformers import AutoTokenizer
+
+    text = "Hello there <|eot_id|> world, 123"
+    for path in (TINY_TOKENIZER_DIR, *tiny_hf_checkpoints.values()):
+        ours, auto = load_tokenizer(path), AutoTokenizer.from_pretrained(path, local_files_only=True)
+        assert type(ours) is type(auto), path
+        assert ours(text)["input_ids"] == auto(text)["input_ids"]
+        assert ours.all_special_ids == auto.all_special_ids and ours.chat_template == auto.chat_template
+    probe = (
+        "import sys; from alignx_jax.tokenizer import load_tokenizer; load_tokenizer(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
