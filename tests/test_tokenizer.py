@@ -108,7 +108,7 @@ def test_build_script_reproduces_shipped_files(tmp_path):
     assert {k: a[k] for k in set(a) & set(b)} == {k: b[k] for k in set(a) & set(b)}
 
 
-def test_plain_fast_tokenizers_load_as_auto_tokenizer_would_and_without_torch(tok, tiny_hf_checkpoints):
+def test_plain_fast_tokenizers_load_as_auto_tokenizer_would_and_without_torch(tiny_hf_checkpoints):
     """`load_tokenizer` skips AutoTokenizer (whose imports pull in torch) only for the class it resolves
     to anyway: the same class, ids, specials and chat template as AutoTokenizer's load."""
     from transformers import AutoTokenizer
