@@ -92,7 +92,7 @@ class InitSection:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    seed: int = 0
+    seed: int = 0  # random init; also the new adapters of a model.lora run on loaded weights
 
 
 @dataclasses.dataclass

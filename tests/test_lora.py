@@ -254,3 +254,81 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     # a run without LoRA has no adapters to write
     with pytest.raises(CheckpointError, match="no LoRA adapters"):
         hf.save_peft(base, str(tmp_path / "no"), base_model_name_or_path="x")
+
+
+@pytest.mark.parametrize("source", ["hf", "checkpoint"])
+def test_loaded_weights_get_new_seeded_adapters_and_compute_their_base(tiny_hf_checkpoints, tmp_path, source):
+    """An HF folder or a plain model checkpoint holds no adapters: a model.lora load draws new ones (A
+    random from the seed, B zeros), real arrays placed on the mesh, and the model computes its base."""
+    from alignx_jax.models import checkpoint, hf
+    from alignx_jax.sharding import make_mesh
+
+    src = tiny_hf_checkpoints["llama"]
+    if source == "checkpoint":
+        path = str(tmp_path / "ckpt")
+        checkpoint.save_checkpoint(hf.load_pretrained(src), path)
+
+        def load(**kw):
+            return checkpoint.load_checkpoint(path, dtype="float32", **kw)
+    else:
+
+        def load(**kw):
+            return hf.load_pretrained(src, "float32", **kw)
+
+    def adapters_of(m):
+        return {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(m)) if p[-1] in lora.LORA_KEYS}
+
+    plain = load()
+    m = load(mesh=make_mesh(fsdp=-1), lora_rank=4, adapter_seed=3)
+    same, other = (
+        adapters_of(load(lora_rank=4, adapter_seed=3)),
+        adapters_of(load(lora_rank=4, adapter_seed=4)),
+    )
+    got = adapters_of(m)
+    assert len(got) == 2 * len(lora.LORA_TARGETS)
+    for p, x in got.items():
+        assert isinstance(x, jax.Array) and x.dtype == jnp.float32, (p, type(x))
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(same[p]))  # seeded
+        if p[-1] == "lora_b":
+            assert not np.any(np.asarray(x)), p
+        else:
+            assert np.any(np.asarray(x)) and not np.array_equal(np.asarray(x), np.asarray(other[p])), p
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 200, size=(2, 9)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(plain(ids)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_train_from_an_hf_folder_with_precomputed_reference(tiny_hf_checkpoints, tmp_path):
+    """`alignx train` with model.lora on pretrained weights (the adapters are new) and the reference
+    log-probs computed once before training: it trains the adapters and leaves the base as it was."""
+    from tests.test_train import SMALL, _alignx, _losses
+
+    w = tmp_path / "w"
+    r = _alignx(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}",
+            *SMALL,
+            f"--config.model.hf_path={tiny_hf_checkpoints['llama']}",
+            "--config.model.init.enabled=false",
+            "--config.train.steps=3",
+            "--config.model.lora.rank=4",
+            "--config.loss.reference=precomputed",
+            "--config.optim.lr=1e-2",
+            "--config.checkpoint.every_steps=3",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = _losses(w)
+    assert sorted(losses) == [1, 2, 3] and abs(losses[1] - np.log(2.0)) < 1e-4, losses  # B = 0 at step 1
+    assert (w / "ref_logps.p0.npy").is_file()
+    from alignx_jax.models import checkpoint, hf
+
+    model = checkpoint.load_checkpoint(str(w))  # the step's adapters on W/reference's base
+    base = hf.load_pretrained(tiny_hf_checkpoints["llama"])
+    assert jnp.array_equal(
+        model.layers.mlp.up_proj.kernel.get_value(), base.layers.mlp.up_proj.kernel.get_value()
+    )
+    assert float(jnp.max(jnp.abs(model.layers.mlp.up_proj.lora_b.get_value()))) > 0  # B moved from zeros

@@ -22,6 +22,7 @@ from alignx_jax.models.hf import (
     decoder_run_options,
     load_decoder_config,
     load_pretrained,
+    place_array,
 )
 from alignx_jax.sharding import Rules, model_shardings
 
@@ -150,10 +151,12 @@ def load_checkpoint(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules | None = None,
     compute_dtype: str | None = None,
+    adapter_seed: int = 0,
     **run_options: Any,
 ) -> Decoder:
     """A model checkpoint or training workdir -> Decoder (params restored straight to their sharding).
-    `dtype` None keeps the stored param dtype."""
+    `dtype` None keeps the stored param dtype. A `lora_rank` run option on a checkpoint without adapters
+    gives new ones drawn from `adapter_seed` (`models.lora.new_adapters`)."""
     import orbax.checkpoint as ocp
 
     res = resolve_checkpoint(path, step)
@@ -194,13 +197,15 @@ def load_checkpoint(
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     shard_tree = model_shardings(state, mesh, rules) if mesh is not None else None
     target = nnx.to_pure_dict(state)
-    if base is not None:
-        target = lora.split(target)[0]
+    # the stored part: the adapters alone (base from W/reference), the base alone (new adapters), or all
+    part = 0 if base is not None else 1 if cfg.lora_rank and lora_opts is None else None
+    if part is not None:
+        target = lora.split(target)[part]
     shard_pure = (
         nnx.to_pure_dict(shard_tree) if shard_tree is not None else jax.tree.map(lambda _: default, target)
     )
-    if base is not None and shard_tree is not None:
-        shard_pure = lora.split(shard_pure)[0]
+    if part is not None and shard_tree is not None:
+        shard_pure = lora.split(shard_pure)[part]
     # restore in the stored dtype (orbax casts otherwise unsafely), cast after
     abstract_target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure
@@ -219,6 +224,19 @@ def load_checkpoint(
     verify_tree(restored, _saved_param_checksums(res) if same_bits else None, params_dir)
     if base is not None:
         restored = lora.join(restored, lora.split(nnx.to_pure_dict(nnx.state(base, nnx.Param)))[1])
+    elif part == 1:
+        flat = dict(nnx.to_flat_state(state))
+        shard_flat = dict(nnx.to_flat_state(shard_tree)) if shard_tree is not None else {}
+        new = {}
+        for p, host in lora.new_adapters(abstract.layers, cfg, jax.random.key(adapter_seed)).items():
+            sharding = shard_flat[p].get_value() if p in shard_flat else default
+            node = new
+            for k in p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = place_array(
+                host.shape, flat[p].get_value().dtype, sharding, lambda idx, h=host: h[idx]
+            )
+        restored = lora.join(new, restored)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(nnx.graphdef(abstract), state)
     return model

@@ -225,11 +225,13 @@ def load_pretrained(
     rules: Rules | None = None,
     *,
     compute_dtype: str | None = None,
+    adapter_seed: int = 0,
     **run_options: Any,
 ) -> Decoder:
     """A HF llama/mistral/qwen2/qwen3/gemma2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
     the default device). `compute_dtype` defaults to `dtype`; `run_options` go to DecoderConfig
-    (remat, scan_layers, attention_impl)."""
+    (remat, scan_layers, attention_impl, lora_*). With `lora_rank` the adapters are new ones drawn from
+    `adapter_seed` (`models.lora.new_adapters`): the folder holds the base model only."""
     path = os.fspath(path)
     cfg = load_decoder_config(path, **decoder_run_options(dtype, compute_dtype, run_options))
     reader = SafetensorsReader(path)
@@ -265,6 +267,15 @@ def load_pretrained(
 
         var.set_value(place_array(shape, pdtype, sharding, fill))
     _check_finite(path, {m: flat[m.path].get_value() for m in param_maps(cfg)})
+    if cfg.lora_rank:
+        from alignx_jax.models import lora
+
+        for p, host in lora.new_adapters(abstract.layers, cfg, jax.random.key(adapter_seed)).items():
+            sharding = shardings[p].get_value() if shardings is not None else default
+            var = flat[p]
+            var.set_value(
+                place_array(host.shape, var.get_value().dtype, sharding, lambda idx, h=host: h[idx])
+            )
     return nnx.merge(nnx.graphdef(abstract), state)
 
 

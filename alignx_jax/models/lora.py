@@ -99,6 +99,26 @@ def add_adapters(layers: nnx.Module, cfg, key: jax.Array) -> None:
         )
 
 
+def new_adapters(layers: nnx.Module, cfg, key: jax.Array) -> dict[tuple[str, ...], np.ndarray]:
+    """Host values of new adapters, by state path (`("layers", "attn", "q_proj", "lora_a")`), for a
+    decoder whose base weights come from files that hold none (an HF folder, a plain model checkpoint):
+    drawn as `add_adapters` draws them (A random, B zeros), so the loaded model still computes its base.
+    `layers` may be abstract (`nnx.eval_shape`): only the kernels' shapes and logical axes are read."""
+    out = {}
+    for i, name in enumerate(LORA_TARGETS):
+        if name not in cfg.lora_targets:
+            continue
+        group = "attn" if name in ATTENTION_PROJS else "mlp"
+        kernel = getattr(getattr(layers, group), name).kernel
+        rngs = nnx.Rngs(params=jax.random.fold_in(key, i))
+        a, b = adapters(
+            rngs, kernel.get_value().shape, variable_axes(kernel), KERNEL_INPUTS[name], cfg.lora_rank
+        )
+        out[("layers", group, name, "lora_a")] = np.asarray(a.get_value())
+        out[("layers", group, name, "lora_b")] = np.asarray(b.get_value())
+    return out
+
+
 def has_adapters(tree: Any) -> bool:
     return any(_is_lora(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree))
 

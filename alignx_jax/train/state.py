@@ -85,6 +85,8 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     dtype = resolve_dtype(str(cfg.model.dtype))  # `auto`: this machine's (alignx_jax.hardware)
     if cfg.model.hf_path:
         path = resolve_model_path(cfg.model.hf_path)
+        # the files hold the base model: model.lora's new adapters are drawn from model.init.seed
+        loaded = {**opts, "adapter_seed": int(cfg.model.init.seed)}
         if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
             return checkpoint.load_checkpoint(
                 path,
@@ -92,9 +94,9 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
                 mesh=mesh,
                 rules=rules,
                 compute_dtype=dtype,
-                **opts,
+                **loaded,
             )
-        return hf.load_pretrained(path, cfg.model.param_dtype, mesh, rules, compute_dtype=dtype, **opts)
+        return hf.load_pretrained(path, cfg.model.param_dtype, mesh, rules, compute_dtype=dtype, **loaded)
     init = cfg.model.init
     hf_cfg = init_hf_config(init, len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size))
     hf_cfg.update(
