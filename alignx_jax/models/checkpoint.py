@@ -20,9 +20,9 @@ from alignx_jax.models.hf import (
     abstract_decoder,
     copy_tokenizer,
     decoder_run_options,
+    fill_new_adapters,
     load_decoder_config,
     load_pretrained,
-    place_array,
 )
 from alignx_jax.sharding import Rules, model_shardings
 
@@ -224,19 +224,9 @@ def load_checkpoint(
     verify_tree(restored, _saved_param_checksums(res) if same_bits else None, params_dir)
     if base is not None:
         restored = lora.join(restored, lora.split(nnx.to_pure_dict(nnx.state(base, nnx.Param)))[1])
-    elif part == 1:
-        flat = dict(nnx.to_flat_state(state))
-        shard_flat = dict(nnx.to_flat_state(shard_tree)) if shard_tree is not None else {}
-        new = {}
-        for p, host in lora.new_adapters(abstract.layers, cfg, jax.random.key(adapter_seed)).items():
-            sharding = shard_flat[p].get_value() if p in shard_flat else default
-            node = new
-            for k in p[:-1]:
-                node = node.setdefault(k, {})
-            node[p[-1]] = place_array(
-                host.shape, flat[p].get_value().dtype, sharding, lambda idx, h=host: h[idx]
-            )
-        restored = lora.join(new, restored)
+    elif part == 1:  # the restore below sets the base only
+        shard_flat = dict(nnx.to_flat_state(shard_tree)) if shard_tree is not None else None
+        fill_new_adapters(abstract, cfg, dict(nnx.to_flat_state(state)), shard_flat, default, adapter_seed)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(nnx.graphdef(abstract), state)
     return model

@@ -268,15 +268,22 @@ def load_pretrained(
         var.set_value(place_array(shape, pdtype, sharding, fill))
     _check_finite(path, {m: flat[m.path].get_value() for m in param_maps(cfg)})
     if cfg.lora_rank:
-        from alignx_jax.models import lora
-
-        for p, host in lora.new_adapters(abstract.layers, cfg, jax.random.key(adapter_seed)).items():
-            sharding = shardings[p].get_value() if shardings is not None else default
-            var = flat[p]
-            var.set_value(
-                place_array(host.shape, var.get_value().dtype, sharding, lambda idx, h=host: h[idx])
-            )
+        fill_new_adapters(abstract, cfg, flat, shardings, default, adapter_seed)
     return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def fill_new_adapters(
+    abstract: Decoder, cfg: DecoderConfig, flat: dict, shardings, default, seed: int
+) -> None:
+    """model.lora on files that hold the base model only: set each adapter variable in `flat` (the
+    abstract decoder's flat state) to a new adapter (`models.lora.new_adapters`, drawn from `seed`),
+    placed per `shardings` (flat like it; None: on `default`)."""
+    from alignx_jax.models import lora
+
+    for p, host in lora.new_adapters(abstract.layers, cfg, jax.random.key(seed)).items():
+        var = flat[p]
+        sharding = shardings[p].get_value() if shardings is not None else default
+        var.set_value(place_array(host.shape, var.get_value().dtype, sharding, lambda idx, h=host: h[idx]))
 
 
 def _check_finite(folder: str, values: dict[ParamMap, jax.Array]) -> None:

@@ -85,18 +85,24 @@ def adapters(rngs: nnx.Rngs, kernel_shape, kernel_axes, n_in: int, rank: int) ->
     )
 
 
+def _targeted(layers: nnx.Module, cfg):
+    """(key index, projection name, its group 'attn'|'mlp', the projection module) per model.lora target."""
+    for i, name in enumerate(LORA_TARGETS):
+        if name in cfg.lora_targets:
+            group = "attn" if name in ATTENTION_PROJS else "mlp"
+            yield i, name, group, getattr(getattr(layers, group), name)
+
+
+def _draw(proj: nnx.Module, name: str, cfg, key: jax.Array, i: int) -> tuple[nnx.LoRAParam, nnx.LoRAParam]:
+    kernel = proj.kernel
+    rngs = nnx.Rngs(params=jax.random.fold_in(key, i))
+    return adapters(rngs, kernel.get_value().shape, variable_axes(kernel), KERNEL_INPUTS[name], cfg.lora_rank)
+
+
 def add_adapters(layers: nnx.Module, cfg, key: jax.Array) -> None:
     """Give each targeted projection of `DecoderLayers` its (lora_a, lora_b)."""
-    for i, name in enumerate(LORA_TARGETS):
-        if name not in cfg.lora_targets:
-            continue
-        proj = getattr(layers.attn if name in ATTENTION_PROJS else layers.mlp, name)
-        kernel = proj.kernel
-        axes = variable_axes(kernel)
-        rngs = nnx.Rngs(params=jax.random.fold_in(key, i))
-        proj.lora_a, proj.lora_b = adapters(
-            rngs, kernel.get_value().shape, axes, KERNEL_INPUTS[name], cfg.lora_rank
-        )
+    for i, name, _, proj in _targeted(layers, cfg):
+        proj.lora_a, proj.lora_b = _draw(proj, name, cfg, key, i)
 
 
 def new_adapters(layers: nnx.Module, cfg, key: jax.Array) -> dict[tuple[str, ...], np.ndarray]:
@@ -105,15 +111,8 @@ def new_adapters(layers: nnx.Module, cfg, key: jax.Array) -> dict[tuple[str, ...
     drawn as `add_adapters` draws them (A random, B zeros), so the loaded model still computes its base.
     `layers` may be abstract (`nnx.eval_shape`): only the kernels' shapes and logical axes are read."""
     out = {}
-    for i, name in enumerate(LORA_TARGETS):
-        if name not in cfg.lora_targets:
-            continue
-        group = "attn" if name in ATTENTION_PROJS else "mlp"
-        kernel = getattr(getattr(layers, group), name).kernel
-        rngs = nnx.Rngs(params=jax.random.fold_in(key, i))
-        a, b = adapters(
-            rngs, kernel.get_value().shape, variable_axes(kernel), KERNEL_INPUTS[name], cfg.lora_rank
-        )
+    for i, name, group, proj in _targeted(layers, cfg):
+        a, b = _draw(proj, name, cfg, key, i)
         out[("layers", group, name, "lora_a")] = np.asarray(a.get_value())
         out[("layers", group, name, "lora_b")] = np.asarray(b.get_value())
     return out
