@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -148,3 +151,16 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: file order kept
+
+
+def run_cli(args) -> subprocess.CompletedProcess:
+    """`alignx ARGS` through `cli.main` in this test process, as `subprocess.run` would report it (returncode,
+    stdout, stderr). Its imports and compiled programs are already warm here: a tiny `alignx train` takes
+    ~2.5 s against ~10 s as a new process. Tests of what needs a process of its own (a signal or a kill, a
+    file-size limit, a device count, a second holder of a workdir) start one."""
+    from alignx_jax.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["alignx", *map(str, args)], code, out.getvalue(), err.getvalue())

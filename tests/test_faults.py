@@ -2,9 +2,10 @@
 later run (issue 18). Each test breaks one thing the way it breaks in the field and checks the exit status,
 the one `alignx:` line, and that no file outside the command's own outputs changed.
 
-Training runs are tiny (hidden 32, one 128-token bucket, a few steps) subprocesses of the real CLI, sharing
-one JAX compilation cache; those tests are `slow` (end-to-end, ~4 minutes together on 2 cores), as is the
-soak test, which SIGKILLs a run and its export at random moments (~1 minute).
+Training runs are tiny (hidden 32, one 128-token bucket, a few steps) runs of the real CLI (`cli.main`), in
+this process unless the fault needs a process of its own (a signal, a kill, a file-size limit, a second
+holder of the workdir); those tests are `slow` (end-to-end), as is the soak test, which SIGKILLs a run and
+its export at random moments.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from alignx_jax.cli import main
 
@@ -43,11 +45,12 @@ SMALL = [
 # ----------------------------------------------------------------------------- helpers
 
 
-def _env(cache_root):
+def _env():
+    """A CLI subprocess's environment: one CPU device; the session's JAX compilation cache (tests/conftest.py),
+    which the in-process runs fill too, with every program kept (the tiny ones recompile in each process)."""
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     )
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_root / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)
     return env
@@ -63,13 +66,8 @@ SMALL_DISK = (
 
 
 def _cmd(args):
+    """`alignx ARGS` as a process of its own (for a signal, a kill or a file-size limit)."""
     return [sys.executable, "-m", "alignx_jax", *args]
-
-
-def _alignx(args, cache_root, timeout=600, **kw):
-    return subprocess.run(
-        _cmd(args), env=_env(cache_root), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw
-    )
 
 
 def _train_args(w, steps=4, every=2, *extra):
@@ -85,8 +83,8 @@ def _train_args(w, steps=4, every=2, *extra):
     ]
 
 
-def _train(w, cache_root, steps=4, every=2, *extra):
-    return _alignx(_train_args(w, steps, every, *extra), cache_root)
+def _train(w, steps=4, every=2, *extra):
+    return run_cli(_train_args(w, steps, every, *extra))
 
 
 def _lines(text):
@@ -162,15 +160,10 @@ def _all_finite_checkpoints(w):
 
 
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("faults_cache")
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, cache_root):
+def base_run(tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4 (copied by the tests that break it)."""
     w = tmp_path_factory.mktemp("base") / "W"
-    r = _train(w, cache_root)
+    r = _train(w)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _steps(w) == [2, 4]
     return w
@@ -214,16 +207,16 @@ def tiny_hf(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_nan_run_stops_at_the_step_and_leaves_no_nonfinite_checkpoint(tmp_path, cache_root):
+def test_nan_run_stops_at_the_step_and_leaves_no_nonfinite_checkpoint(tmp_path):
     w = tmp_path / "W"
-    r = _train(w, cache_root, 8, 1, "--config.optim.lr=1e9")
+    r = _train(w, 8, 1, "--config.optim.lr=1e9")
     line = _one_error(r, "non-finite", "at step", "not saved", "last finite checkpoint: step")
     bad = int(line.split("at step ")[1].split(":")[0])
     assert _steps(w) and max(_steps(w)) == bad - 1, (line, _steps(w))
     assert f"last finite checkpoint: step {bad - 1}" in line
     _all_finite_checkpoints(w)
     # the newest checkpoint exports and the export is finite
-    r = _alignx(["export", "--checkpoint", str(w), "--out", str(tmp_path / "hf")], cache_root)
+    r = run_cli(["export", "--checkpoint", str(w), "--out", str(tmp_path / "hf")])
     assert r.returncode == 0, r.stderr[-2000:]
     from alignx_jax.models.hf import load_pretrained
 
@@ -231,11 +224,10 @@ def test_nan_run_stops_at_the_step_and_leaves_no_nonfinite_checkpoint(tmp_path, 
 
 
 @pytest.mark.slow
-def test_skip_policy_skips_counts_and_stops_after_max_in_a_row(tmp_path, cache_root):
+def test_skip_policy_skips_counts_and_stops_after_max_in_a_row(tmp_path):
     w = tmp_path / "W"
     r = _train(
         w,
-        cache_root,
         12,
         2,
         "--config.optim.lr=1e9",
@@ -327,18 +319,18 @@ def test_skip_policy_step_keeps_the_old_state():
 
 
 @pytest.mark.slow
-def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_copy, tmp_path, cache_root):
+def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_copy, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "my_other_model.safetensors").write_bytes(b"not ours" * 100)
     (out / "config.json").write_text('{"mine": true}')
     (out / "notes.txt").write_text("keep me")
     before = _snapshot(tmp_path, skip=[run_copy])
-    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out)], cache_root)
+    r = run_cli(["export", "--checkpoint", str(run_copy), "--out", str(out)])
     _one_error(r, str(out), "not empty", "--overwrite")
     assert _snapshot(tmp_path, skip=[run_copy]) == before
 
-    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out), "--overwrite"], cache_root)
+    r = run_cli(["export", "--checkpoint", str(run_copy), "--out", str(out), "--overwrite"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning: kept my_other_model.safetensors" in r.stderr
     assert (out / "my_other_model.safetensors").read_bytes() == b"not ours" * 100
@@ -349,9 +341,8 @@ def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_c
     assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]  # no temporary folder left
 
     # the same model again, into its own export: no flag needed; a stale shard of its own goes, others stay
-    r = _alignx(
-        ["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2", "--shard-size", "200KB"],
-        cache_root,
+    r = run_cli(
+        ["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2", "--shard-size", "200KB"]
     )
     assert r.returncode == 0, r.stderr[-2000:]
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
@@ -364,12 +355,12 @@ def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_c
     # another model into it: refused
     other = tmp_path / "other_ckpt"
     shutil.copytree(run_copy, other)
-    r = _alignx(["export", "--checkpoint", str(other), "--out", str(out)], cache_root)
+    r = run_cli(["export", "--checkpoint", str(other), "--out", str(out)])
     _one_error(r, "holds an export of", "--overwrite")
 
 
 @pytest.mark.slow
-def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_path, cache_root, capsys):
+def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_path, capsys):
     path = _largest_data_file(run_copy / "checkpoints" / "4")
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # 4 KiB overwritten, size unchanged
@@ -440,9 +431,9 @@ def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, t
 
 
 @pytest.mark.slow
-def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_path, cache_root):
+def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_path):
     out = tmp_path / "hf"
-    r = _alignx(["export", "--checkpoint", str(run_copy), "--out", str(out)], cache_root)
+    r = run_cli(["export", "--checkpoint", str(run_copy), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     before = _snapshot(tmp_path, skip=[run_copy])
 
@@ -453,7 +444,7 @@ def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_
             SMALL_DISK,
             *_cmd(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2"])[1:],
         ],
-        env=_env(cache_root),
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -480,11 +471,11 @@ def test_export_out_under_a_file_is_one_line(run_copy, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path, cache_root):
+def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path):
     w = tmp_path / "W"
     r = subprocess.run(
         [sys.executable, "-c", SMALL_DISK, *_cmd(_train_args(w))[1:]],
-        env=_env(cache_root),
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -492,7 +483,7 @@ def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path,
     )
     line = _one_error(r, "File too large", str(w), "rerun the same command")
     assert ".safetensors" in line or "checkpoints" in line or "metrics" in line, line
-    r = _train(w, cache_root)
+    r = _train(w)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(_losses(w)) == [1, 2, 3, 4] and _steps(w) == [2, 4]
 
@@ -520,10 +511,10 @@ def test_killed_export_is_recovered_by_the_next_one(run_copy, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cut_metrics_line_is_dropped_with_a_warning(run_copy, cache_root):
+def test_cut_metrics_line_is_dropped_with_a_warning(run_copy):
     with open(run_copy / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.6')  # a kill mid-write
-    r = _train(run_copy, cache_root, 6, 2)
+    r = _train(run_copy, 6, 2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "metrics.jsonl: the last line is cut" in r.stderr
     assert sorted(_losses(run_copy)) == list(range(1, 7))
@@ -537,7 +528,7 @@ def test_cut_metrics_line_is_dropped_with_a_warning(run_copy, cache_root):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
-def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, cache_root, damage):
+def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, damage):
     path = _largest_data_file(run_copy / "checkpoints" / "4")
     if damage == "truncate":
         os.truncate(path, os.path.getsize(path) // 3)
@@ -546,7 +537,7 @@ def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, cache
         data[len(data) // 3 : len(data) // 3 + 4096] = os.urandom(4096)
         open(path, "wb").write(bytes(data))
     before = _snapshot(tmp_path, skip=[run_copy])
-    r = _train(run_copy, cache_root, 6, 2)
+    r = _train(run_copy, 6, 2)
     assert r.returncode == 0, r.stderr[-3000:]
     warn = [ln for ln in _lines(r.stderr) if "warning:" in ln and "checkpoints/4" in ln]
     assert len(warn) == 1 and "resuming from step 2" in warn[0], r.stderr[-3000:]
@@ -559,10 +550,10 @@ def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, cache
 
 
 @pytest.mark.slow
-def test_no_checkpoint_verifies_is_one_line(run_copy, cache_root):
+def test_no_checkpoint_verifies_is_one_line(run_copy):
     for step in (2, 4):
         os.truncate(_largest_data_file(run_copy / "checkpoints" / str(step)), 100)
-    r = _train(run_copy, cache_root, 6, 2)
+    r = _train(run_copy, 6, 2)
     _one_error(r, "no saved step verifies", "checkpoints/4", "delete")
     assert _steps(run_copy) == [2, 4]  # nothing moved when nothing verifies
 
@@ -570,7 +561,7 @@ def test_no_checkpoint_verifies_is_one_line(run_copy, cache_root):
 # ----------------------------------------------------------------------------- 6. one line, not a traceback
 
 
-def test_bad_bucket_value_is_one_line(tmp_path, cache_root):
+def test_bad_bucket_value_is_one_line(tmp_path):
     from alignx_jax import train
     from alignx_jax.config import load_config
     from alignx_jax.errors import ConfigError
@@ -579,7 +570,7 @@ def test_bad_bucket_value_is_one_line(tmp_path, cache_root):
     with pytest.raises(ConfigError, match="data.buckets="):
         train.validate_config(cfg)
     (tmp_path / "afile").write_text("x")
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={tmp_path / 'afile'}"], cache_root)
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={tmp_path / 'afile'}"])
     _one_error(r, "afile", "is a file")
     assert (tmp_path / "afile").read_text() == "x"
 
@@ -626,11 +617,11 @@ def test_generate_empty_prompt_is_one_line(tiny_hf, capsys):
 
 
 @pytest.mark.slow
-def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, cache_root):
+def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
     w = tmp_path / "W"
     first = subprocess.Popen(
         _cmd(_train_args(w, 400, 1000)),
-        env=_env(cache_root),
+        env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
@@ -640,42 +631,40 @@ def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(t
         while time.time() < deadline and not (w / "metrics.jsonl").exists():
             assert first.poll() is None, "the first run ended early"
             time.sleep(0.1)
-        r = _train(w, cache_root, 400, 1000)
+        r = _train(w, 400, 1000)
         _one_error(r, "in use by alignx train", f"pid {first.pid}", f"host {socket.gethostname()}")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert json.loads((w / "train.lock").read_text())["pid"] == first.pid  # left by the killed run
-    r = _train(w, cache_root, 2, 1000)
+    r = _train(w, 2, 1000)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"taking over the lock of pid {first.pid}" in r.stderr
     assert (w / "train.lock").read_text() == ""  # released
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_config_unless_allowed(run_copy, cache_root):
+def test_resume_refuses_a_changed_config_unless_allowed(run_copy):
     before = (run_copy / "config.json").read_text()
-    r = _train(run_copy, cache_root, 6, 2, "--config.optim.lr=1e9", "--config.loss.beta=0.2")
+    r = _train(run_copy, 6, 2, "--config.optim.lr=1e9", "--config.loss.beta=0.2")
     _one_error(r, "resuming with a different config", "loss.beta", "optim.lr", "allow_config_change")
     assert (run_copy / "config.json").read_text() == before and _steps(run_copy) == [2, 4]
-    r = _train(
-        run_copy, cache_root, 6, 2, "--config.optim.lr=2e-3", "--config.train.allow_config_change=true"
-    )
+    r = _train(run_copy, 6, 2, "--config.optim.lr=2e-3", "--config.train.allow_config_change=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: resuming with a changed config" in r.stderr and "optim.lr" in r.stderr
     assert json.loads((run_copy / "config.json").read_text())["optim"]["lr"] == 2e-3
 
 
 @pytest.mark.slow
-def test_precomputed_reference_is_recomputed_when_the_data_changes(tmp_path, cache_root):
+def test_precomputed_reference_is_recomputed_when_the_data_changes(tmp_path):
     w = tmp_path / "W"
     pre = ["--config.loss.reference=precomputed"]
-    assert _train(w, cache_root, 2, 100, *pre).returncode == 0
+    assert _train(w, 2, 100, *pre).returncode == 0
     table = np.load(w / "ref_logps.p0.npy")
     key = (w / "ref_logps.p0.npy.fingerprint").read_text()
     shutil.rmtree(w / "checkpoints")  # a fresh start in the same workdir, on other (same-sized) data
     (w / "metrics.jsonl").unlink()
-    r = _train(w, cache_root, 2, 100, *pre, "--config.data.synth_seed=7")
+    r = _train(w, 2, 100, *pre, "--config.data.synth_seed=7")
     assert r.returncode == 0, r.stderr[-3000:]
     again = np.load(w / "ref_logps.p0.npy")
     assert again.shape == table.shape and not np.allclose(again, table)
@@ -683,12 +672,12 @@ def test_precomputed_reference_is_recomputed_when_the_data_changes(tmp_path, cac
 
 
 @pytest.mark.slow
-def test_sigterm_during_start_up_exits_0(tmp_path, cache_root):
+def test_sigterm_during_start_up_exits_0(tmp_path):
     for k, wait_for in enumerate(("import", "lock")):
         w = tmp_path / f"W{k}"
         proc = subprocess.Popen(
             _cmd(_train_args(w, 4, 2)),
-            env=_env(cache_root),
+            env=_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -744,13 +733,13 @@ def _kill_when(proc, w, mode, rng):
 
 
 @pytest.mark.slow
-def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root):
+def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path):
     """3 SIGKILLs of a training run (in start-up, mid-step, during a checkpoint write), each followed by a
     resume, then 3 of its export: the losses are the uninterrupted run's and the export always loads."""
     steps, t0 = 24, time.time()
     args = lambda w: _train_args(w, steps, 2)
     ref = tmp_path / "ref"
-    r = _alignx(args(ref), cache_root)
+    r = run_cli(args(ref))
     assert r.returncode == 0, r.stderr[-3000:]
     rng = np.random.default_rng(18)
     w = tmp_path / "soak"
@@ -758,7 +747,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     for mode in ("random", "save", "steps"):
         proc = subprocess.Popen(
             _cmd(args(w)),
-            env=_env(cache_root),
+            env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -770,7 +759,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
             break  # finished before the kill: the remaining kills go to the export
         modes.append(mode)
         proc.stderr.close()
-    r = _alignx(args(w), cache_root)
+    r = run_cli(args(w))
     assert r.returncode == 0 and "moved to" not in r.stderr, r.stderr[-3000:]  # no saved step was damaged
     want, got = _losses(ref), _losses(w)
     assert sorted(got) == list(range(1, steps + 1))
@@ -784,7 +773,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
     for k in range(max(3, 6 - kills)):
         proc = subprocess.Popen(
             _cmd(export + (["--step", str(steps - 2)] if k % 2 else [])),
-            env=_env(cache_root),
+            env=_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
@@ -805,7 +794,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path, cache_root
         kills += 1
         if out.exists():  # never half an export: the old folder or the new one
             load_pretrained(str(out))
-    r = _alignx(export, cache_root)
+    r = run_cli(export)
     assert r.returncode == 0, r.stderr[-3000:]
     load_pretrained(str(out))
     print(

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from conftest import run_cli
 
 from alignx_jax import hardware
 from alignx_jax.config import load_config
@@ -118,13 +119,11 @@ def test_plan_resolves_auto_for_its_target_platform():
 
 
 def test_train_with_auto_dtype_says_what_it_picked_and_keeps_auto_in_the_workdir(tmp_path):
-    from tests.test_train import SMALL, _alignx
+    from tests.test_train import SMALL
 
     w = tmp_path / "w"
     small = [*SMALL, "--config.train.steps=1"]
-    r = _alignx(
-        ["train", f"--config={TINY}", f"--config.workdir={w}", *small, "--config.model.dtype=auto"], tmp_path
-    )
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={w}", *small, "--config.model.dtype=auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     picked = hardware.resolve_dtype("auto")
     assert f"alignx train: model.dtype auto -> {picked}" in r.stderr

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import run_cli
 from flax import nnx
 
 from alignx_jax import train
@@ -190,10 +191,10 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from alignx_jax.models import checkpoint, hf
-    from tests.test_train import SMALL, _alignx, _losses
+    from tests.test_train import SMALL, _losses
 
     w, out = tmp_path / "w", tmp_path / "export"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY}",
@@ -204,8 +205,7 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
             "--config.model.lora.alpha=8",
             "--config.optim.lr=1e-2",
             "--config.checkpoint.every_steps=6",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr
     losses = _losses(w)
@@ -217,7 +217,7 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     assert jnp.array_equal(
         model.layers.attn.q_proj.kernel.get_value(), base.layers.attn.q_proj.kernel.get_value()
     )
-    r = _alignx(["export", "--checkpoint", str(w), "--out", str(out)], tmp_path)
+    r = run_cli(["export", "--checkpoint", str(w), "--out", str(out)])
     assert r.returncode == 0, r.stderr
     ids = np.arange(5, 25)[None]
     want = np.asarray(model(jnp.asarray(ids)))
@@ -232,7 +232,7 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     from safetensors.numpy import load_file
 
     adapter = tmp_path / "adapter"
-    r = _alignx(["export", "--checkpoint", str(w), "--out", str(adapter), "--peft"], tmp_path)
+    r = run_cli(["export", "--checkpoint", str(w), "--out", str(adapter), "--peft"])
     assert r.returncode == 0, r.stderr
     pc = json.loads((adapter / "adapter_config.json").read_text())
     assert (pc["r"], pc["lora_alpha"], pc["peft_type"]) == (4, 8.0, "LORA")
@@ -301,10 +301,10 @@ def test_loaded_weights_get_new_seeded_adapters_and_compute_their_base(tiny_hf_c
 def test_lora_train_from_an_hf_folder_with_precomputed_reference(tiny_hf_checkpoints, tmp_path):
     """`alignx train` with model.lora on pretrained weights (the adapters are new) and the reference
     log-probs computed once before training: it trains the adapters and leaves the base as it was."""
-    from tests.test_train import SMALL, _alignx, _losses
+    from tests.test_train import SMALL, _losses
 
     w = tmp_path / "w"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY}",
@@ -317,8 +317,7 @@ def test_lora_train_from_an_hf_folder_with_precomputed_reference(tiny_hf_checkpo
             "--config.loss.reference=precomputed",
             "--config.optim.lr=1e-2",
             "--config.checkpoint.every_steps=3",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     losses = _losses(w)

@@ -1,5 +1,6 @@
 """PBA's preference head wired into training and export: the joint step (in-process, tiny), the
-import/export round trip, and `alignx train/export/eval` end to end (subprocesses, slow)."""
+import/export round trip, and `alignx train/export/eval` end to end (the CLI's `main`, slow; the SIGTERM'd
+run in a process of its own)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import run_cli
 from flax import nnx
 
 from alignx_jax import train
@@ -357,25 +359,15 @@ SMALL = [
 ]
 
 
-def _env(tmp_path):
+def _env():
+    """The SIGTERM'd run's environment: the session's JAX compilation cache (tests/conftest.py), every program
+    kept; the other CLI runs here go through `run_cli`, in this process."""
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     )
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)
     return env
-
-
-def _alignx(args, tmp_path, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "alignx_jax", *args],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 def _records(workdir):
@@ -386,27 +378,7 @@ def _records(workdir):
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("pba_synth") / "users"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alignx_jax",
-            "synth",
-            "--out",
-            str(out),
-            "--users",
-            "8",
-            "--pairs-per-user",
-            "4",
-            "--seed",
-            "1",
-        ],
-        env=_env(out.parent),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    r = run_cli(["synth", "--out", str(out), "--users", "8", "--pairs-per-user", "4", "--seed", "1"])
     assert r.returncode == 0, r.stderr[-2000:]
     return str(out)
 
@@ -422,7 +394,7 @@ def _restore_head_item(workdir, step):
 @pytest.mark.slow
 def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
     w = tmp_path / "joint"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY_PBA}",
@@ -431,8 +403,7 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
             *SMALL,
             "--config.train.steps=8",
             "--config.checkpoint.every_steps=4",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(w)
@@ -444,7 +415,7 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
         assert (w / "checkpoints" / str(s) / "head").is_dir()
 
     out = tmp_path / "hf"
-    r = _alignx(["export", "--checkpoint", str(w), "--out", str(out)], tmp_path)
+    r = run_cli(["export", "--checkpoint", str(w), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / ph.HEAD_WEIGHTS_FILE).exists() and (out / ph.HEAD_CONFIG_FILE).exists()
     head, hcfg = ph.load_head(str(out))
@@ -458,7 +429,7 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
     AutoModelForCausalLM.from_pretrained(str(out))
 
     res = tmp_path / "eval.json"
-    r = _alignx(
+    r = run_cli(
         [
             "eval",
             "--model",
@@ -477,8 +448,7 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
             "256",
             "--out",
             str(res),
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     block = json.loads(res.read_text())["preference_head"]
@@ -499,7 +469,7 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     from alignx_jax.tokenizer import load_tokenizer
 
     w = tmp_path / "two"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY_PBA}",
@@ -511,8 +481,7 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
             "--config.pba.mode=two_stage",
             "--config.pba.preference=mix",
             "--config.pba.mix_predicted=0.5",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "first-stage preference head" in r.stderr
@@ -523,7 +492,7 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     assert "head_loss" in recs[3] and "head_accuracy" in recs[3] and "head_loss" not in recs[2]
 
     out = tmp_path / "hf"
-    r = _alignx(["export", "--checkpoint", str(w), "--out", str(out)], tmp_path)
+    r = run_cli(["export", "--checkpoint", str(w), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     head, hcfg = ph.load_head(str(out))
     # the fitted head beats a fresh one on the frozen final policy's features
@@ -552,7 +521,7 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
         "--config.checkpoint.every_steps=100",
     ]
     full = tmp_path / "full"
-    r = _alignx(["train", f"--config={TINY_PBA}", f"--config.workdir={full}", *args], tmp_path)
+    r = run_cli(["train", f"--config={TINY_PBA}", f"--config.workdir={full}", *args])
     assert r.returncode == 0, r.stderr[-3000:]
     want = _records(full)
 
@@ -567,7 +536,7 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
             f"--config.workdir={part}",
             *args,
         ],
-        env=_env(tmp_path),
+        env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -585,7 +554,7 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
     assert proc.returncode == 0, err[-3000:]
     stopped = max(_records(part))
     assert 2 <= stopped < 6 and (part / "checkpoints" / str(stopped) / "head").is_dir()
-    r = _alignx(["train", f"--config={TINY_PBA}", f"--config.workdir={part}", *args], tmp_path)
+    r = run_cli(["train", f"--config={TINY_PBA}", f"--config.workdir={part}", *args])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
     got = _records(part)

@@ -1,4 +1,5 @@
-"""The DPO train step (in-process, tiny) and the `alignx train` contracts (subprocesses, slow)."""
+"""The DPO train step (tiny) and the `alignx train` contracts (the CLI's `main`, slow; a process of its own
+where the contract needs one: a signal, eight devices)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import run_cli
 from flax import nnx
 
 from alignx_jax import train
@@ -257,7 +259,7 @@ def test_validate_config_requires_workdir_and_inputs():
         train.validate_config(load_config(real, ["--config.workdir=/tmp/x", "--config.model.hf_path=/m"]))
 
 
-# ----------------------------------------------------------------------------- CLI (subprocess)
+# ----------------------------------------------------------------------------- CLI
 
 # a tiny run: 32 synthetic rows, hidden 32, one 128-token bucket (one compilation)
 SMALL = [
@@ -274,11 +276,12 @@ SMALL = [
 ]
 
 
-def _env(tmp_path, devices: int | None = None):
+def _env(devices: int | None = None):
+    """A CLI subprocess's environment (a run that is signalled, or needs a device count): the session's JAX
+    compilation cache (tests/conftest.py) with every program kept."""
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     )
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path.parent / "jax_cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.pop("XLA_FLAGS", None)
     if devices:
@@ -286,10 +289,11 @@ def _env(tmp_path, devices: int | None = None):
     return env
 
 
-def _alignx(args, tmp_path, devices=None, timeout=600):
+def _alignx(args, devices, timeout=600):
+    """`alignx ARGS` as a process of its own with `devices` CPU devices (run_cli runs the rest in this one)."""
     return subprocess.run(
         [sys.executable, "-m", "alignx_jax", *args],
-        env=_env(tmp_path, devices),
+        env=_env(devices),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -304,9 +308,7 @@ def _losses(workdir):
 
 
 def test_bad_config_key_is_one_line_exit_1(tmp_path):
-    r = _alignx(
-        ["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.train.stesp=3"], tmp_path
-    )
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.train.stesp=3"])
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert lines == [lines[-1]] and lines[0].startswith("alignx: error:") and "train.stesp" in lines[0], (
@@ -316,15 +318,14 @@ def test_bad_config_key_is_one_line_exit_1(tmp_path):
 
 
 def test_impossible_mesh_is_one_line_exit_1(tmp_path):
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY}",
             f"--config.workdir={tmp_path}/w",
             "--config.mesh.data=3",
             "--config.mesh.fsdp=1",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 1, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -337,7 +338,7 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     # default) keeps about half of them, in one group of rows on 1 device and 4 (one per batch shard) on 8
     steps = ["--config.train.steps=3", "--config.checkpoint.every_steps=3", "--config.data.buckets=(256,)"]
     one = tmp_path / "one"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY}",
@@ -347,8 +348,7 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
             "--config.mesh.data=1",
             "--config.mesh.fsdp=1",
             "--config.mesh.tensor=1",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     eight = tmp_path / "eight"
@@ -363,7 +363,6 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
             "--config.mesh.fsdp=2",
             "--config.mesh.tensor=2",
         ],
-        tmp_path,
         devices=8,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -405,7 +404,7 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     # data.compact_tokens (the default): the token-wise layers compute at most the batch's padding share
     assert 0.0 <= rec["computed_padding_fraction"] < 0.5 * rec["padding_fraction"]
     # the training checkpoint exports through `alignx export --checkpoint W`
-    r = _alignx(["export", "--checkpoint", str(one), "--out", str(tmp_path / "hf")], tmp_path)
+    r = run_cli(["export", "--checkpoint", str(one), "--out", str(tmp_path / "hf")])
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "hf" / "config.json").exists()
 
@@ -414,7 +413,7 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     steps = ["--config.train.steps=7", "--config.checkpoint.every_steps=100"]
     full = tmp_path / "full"
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={full}", *SMALL, *steps], tmp_path)
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={full}", *SMALL, *steps])
     assert r.returncode == 0, r.stderr[-3000:]
     want = _losses(full)
 
@@ -430,7 +429,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
         *steps,
     ]
     proc = subprocess.Popen(
-        cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
     metrics = part / "metrics.jsonl"
     deadline = time.time() + 300
@@ -447,7 +446,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert 2 <= stopped < 7
     assert (part / "checkpoints" / str(stopped)).is_dir()
 
-    r = _alignx(["train", f"--config={TINY}", f"--config.workdir={part}", *SMALL, *steps], tmp_path)
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={part}", *SMALL, *steps])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
     got = _losses(part)
@@ -462,7 +461,7 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
     runs = {}
     for mode in ("on_the_fly", "precomputed"):
         w = tmp_path / mode
-        r = _alignx(
+        r = run_cli(
             [
                 "train",
                 f"--config={TINY}",
@@ -470,8 +469,7 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
                 *SMALL,
                 *steps,
                 f"--config.loss.reference={mode}",
-            ],
-            tmp_path,
+            ]
         )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[mode] = _losses(w)
@@ -483,7 +481,7 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     w = tmp_path / "nan"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY}",
@@ -493,8 +491,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
             "--config.checkpoint.every_steps=1",
             "--config.optim.lr=1e30",
             "--config.optim.clip=0.0",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
@@ -523,7 +520,7 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
     src = tmp_path / "hf"
     save_hf(Decoder(cfg, rngs=nnx.Rngs(3)), str(src), tokenizer_dir=TINY_TOKENIZER_DIR)
     w = tmp_path / "w"
-    r = _alignx(
+    r = run_cli(
         [
             "train",
             f"--config={TINY}",
@@ -532,8 +529,7 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
             f"--config.model.hf_path={src}",
             "--config.model.dtype=bfloat16",
             "--config.train.steps=2",
-        ],
-        tmp_path,
+        ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
     losses_ = _losses(w)
