@@ -73,6 +73,9 @@ def get_config(variant: str = "full"):
         # share one compiled step (with 512 as well, the PBA run's longer profile prompts compiled a second)
         c.data.max_length = 512  # what `alignx demo --real --quick` trains at (demo_real.RealBudget)
         c.data.buckets = (832,)
+        # and the same two pairs: grouped by length, PBA's longer prompts picked other pairs, whose longest
+        # response needed another scored window (a power of two) and so another compile of the step
+        c.data.length_groups = 0
     elif variant != "full":
         raise ValueError(f"configs/demo_real.py: unknown variant {variant!r} (full | quick)")
     return c

@@ -329,7 +329,8 @@ class Trainer:
             params, self.ref_params = self.codec.split(params)
         elif reference_needed(cfg.loss):  # reference-free runs (loss.reference=none, orpo, simpo) keep none
             self.ref_params = jax.tree.map(lambda x: jnp.array(x, dtype=compute_dt, copy=True), params)
-        self.tx, self.schedule = make_optimizer(cfg.optim, self.total_steps, int(cfg.model.frozen_layers))
+        self.tx, schedule = make_optimizer(cfg.optim, self.total_steps, int(cfg.model.frozen_layers))
+        self.schedule = jax.jit(schedule)  # the logged rate: one compiled program, not one per eager op
         if self.joint:
             head = pba_stages.build_head(cfg, hidden_size, mesh, self.rules)
             self.head_cfg, self.head_codec = head.cfg, HeadCodec.of(head)
