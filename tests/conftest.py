@@ -11,6 +11,8 @@ import tempfile
 
 import pytest
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # in-process `alignx train/eval/generate` calls leave the user's compilation cache alone;
@@ -155,12 +157,25 @@ def pytest_collection_modifyitems(config, items):
 
 def run_cli(args) -> subprocess.CompletedProcess:
     """`alignx ARGS` through `cli.main` in this test process, as `subprocess.run` would report it (returncode,
-    stdout, stderr). Its imports and compiled programs are already warm here: a tiny `alignx train` takes
-    ~2.5 s against ~10 s as a new process. Tests of what needs a process of its own (a signal or a kill, a
-    file-size limit, a device count, a second holder of a workdir) start one."""
+    stdout, stderr): its imports and compiled programs are already warm here. Tests of what needs a process
+    of its own (a signal or a kill, a file-size limit, a device count, a second holder of a workdir) start
+    one with `cli_env`."""
     from alignx_jax.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
     return subprocess.CompletedProcess(["alignx", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def cli_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: `devices` CPU devices (default one), this checkout importable,
+    and the session's JAX compilation cache, which the `run_cli` runs fill too, keeping every program."""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.pop("XLA_FLAGS", None)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 from alignx_jax.cli import main
 
@@ -43,17 +43,6 @@ SMALL = [
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _env():
-    """A CLI subprocess's environment: one CPU device; the session's JAX compilation cache (tests/conftest.py),
-    which the in-process runs fill too, with every program kept (the tiny ones recompile in each process)."""
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.pop("XLA_FLAGS", None)
-    return env
 
 
 # `python -c SMALL_DISK -m alignx_jax ...`: writes past 200 KB fail with EFBIG, as a full disk fails them with
@@ -444,7 +433,7 @@ def test_export_that_runs_out_of_space_leaves_the_previous_export(run_copy, tmp_
             SMALL_DISK,
             *_cmd(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2"])[1:],
         ],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -475,7 +464,7 @@ def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path)
     w = tmp_path / "W"
     r = subprocess.run(
         [sys.executable, "-c", SMALL_DISK, *_cmd(_train_args(w))[1:]],
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -621,7 +610,7 @@ def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(t
     w = tmp_path / "W"
     first = subprocess.Popen(
         _cmd(_train_args(w, 400, 1000)),
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
@@ -677,7 +666,7 @@ def test_sigterm_during_start_up_exits_0(tmp_path):
         w = tmp_path / f"W{k}"
         proc = subprocess.Popen(
             _cmd(_train_args(w, 4, 2)),
-            env=_env(),
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -747,7 +736,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path):
     for mode in ("random", "save", "steps"):
         proc = subprocess.Popen(
             _cmd(args(w)),
-            env=_env(),
+            env=cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -773,7 +762,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path):
     for k in range(max(3, 6 - kills)):
         proc = subprocess.Popen(
             _cmd(export + (["--step", str(steps - 2)] if k % 2 else [])),
-            env=_env(),
+            env=cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,

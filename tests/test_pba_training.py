@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from flax import nnx
 
 from alignx_jax import train
@@ -359,17 +359,6 @@ SMALL = [
 ]
 
 
-def _env():
-    """The SIGTERM'd run's environment: the session's JAX compilation cache (tests/conftest.py), every program
-    kept; the other CLI runs here go through `run_cli`, in this process."""
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
 def _records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: r for r in (json.loads(line) for line in f)}
@@ -536,7 +525,7 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
             f"--config.workdir={part}",
             *args,
         ],
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

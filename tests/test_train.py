@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_env, run_cli
 from flax import nnx
 
 from alignx_jax import train
@@ -276,24 +276,11 @@ SMALL = [
 ]
 
 
-def _env(devices: int | None = None):
-    """A CLI subprocess's environment (a run that is signalled, or needs a device count): the session's JAX
-    compilation cache (tests/conftest.py) with every program kept."""
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.pop("XLA_FLAGS", None)
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
 def _alignx(args, devices, timeout=600):
     """`alignx ARGS` as a process of its own with `devices` CPU devices (run_cli runs the rest in this one)."""
     return subprocess.run(
         [sys.executable, "-m", "alignx_jax", *args],
-        env=_env(devices),
+        env=cli_env(devices),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -429,7 +416,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
         *steps,
     ]
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
     metrics = part / "metrics.jsonl"
     deadline = time.time() + 300
