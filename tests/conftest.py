@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -32,6 +33,31 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 # most of their compile time and buys nothing here. Inherited by the CLI subprocesses the tests start;
 # values are unchanged (HLO passes and buffer assignment still run), benchmarks/ and users keep -O2.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA's CPU fusion emitters (its default) compile each fused loop for longer than its older loop emitters;
+# the tests' tiny programs compile far more than they run (test_train.py + test_lora.py: 325 -> 182 s).
+# Probed once by the controller (a newer XLA that drops the flag would refuse to start), then inherited
+# by the workers and, through `xla_flags`, by every subprocess the tests start.
+_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
+if "ALIGNX_TEST_XLA_FLAGS" not in os.environ:
+    _probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"],
+        env=dict(os.environ, XLA_FLAGS=_FAST_COMPILE, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        timeout=300,
+    )
+    os.environ["ALIGNX_TEST_XLA_FLAGS"] = _FAST_COMPILE if _probe.returncode == 0 else ""
+TEST_XLA_FLAGS = os.environ["ALIGNX_TEST_XLA_FLAGS"].split()
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a test subprocess: the tests' compile flags and `devices` CPU devices (default one)."""
+    return " ".join(
+        [*TEST_XLA_FLAGS, *([f"--xla_force_host_platform_device_count={devices}"] if devices else [])]
+    )
+
+
+_flags = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in TEST_XLA_FLAGS if f not in _flags])
 # under `pytest -n N` the workers share the cores: torch's OpenMP threads spin at their barriers while a
 # core runs the other worker (a 2-thread torch forward 2.3x slower than 1 thread beside one busy core)
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
@@ -175,7 +201,5 @@ def cli_env(devices: int | None = None) -> dict[str, str]:
         os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     )
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.pop("XLA_FLAGS", None)
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     return env

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from alignx_jax import cli
 from alignx_jax import evaluate as ev
@@ -531,7 +532,7 @@ def test_eight_devices_match_one(ica_run, llama, tmp_path):
     import sys
 
     per = tmp_path / "per.jsonl"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [
             sys.executable,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import xla_flags
 from flax import nnx
 
 import alignx_jax
@@ -224,7 +225,7 @@ def test_generate_loads_sharded_over_the_devices_and_matches_one_device(tiny_hf_
     import sys
 
     prompts = _prompts(tok)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED, tiny_hf_checkpoints["llama"], json.dumps(prompts)],
         capture_output=True,
