@@ -33,8 +33,8 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 # most of their compile time and buys nothing here. Inherited by the CLI subprocesses the tests start;
 # values are unchanged (HLO passes and buffer assignment still run), benchmarks/ and users keep -O2.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# XLA's CPU fusion emitters (its default) compile each fused loop for longer than its older loop emitters;
-# the tests' tiny programs compile far more than they run (test_train.py + test_lora.py: 325 -> 182 s).
+# XLA's CPU fusion emitters (its default) compile each fused loop for longer than its older loop emitters,
+# and the tests' tiny programs compile far more than they run (README, Tests).
 # Probed once by the controller (a newer XLA that drops the flag would refuse to start), then inherited
 # by the workers and, through `xla_flags`, by every subprocess the tests start.
 _FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
