@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import xla_flags
+from conftest import cli_env
 
 from alignx_jax import cli
 from alignx_jax import evaluate as ev
@@ -532,7 +532,7 @@ def test_eight_devices_match_one(ica_run, llama, tmp_path):
     import sys
 
     per = tmp_path / "per.jsonl"
-    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
+    env = cli_env(devices=8)
     proc = subprocess.run(
         [
             sys.executable,

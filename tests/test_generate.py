@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import xla_flags
+from conftest import cli_env
 from flax import nnx
 
 import alignx_jax
@@ -220,12 +220,11 @@ print(json.dumps({"devices": len(emb.sharding.device_set), "tokens": out}))
 
 def test_generate_loads_sharded_over_the_devices_and_matches_one_device(tiny_hf_checkpoints, llama, tok):
     """`alignx generate` places the params over every local device (FSDP): the same greedy tokens."""
-    import os
     import subprocess
     import sys
 
     prompts = _prompts(tok)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
+    env = cli_env(devices=4)
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED, tiny_hf_checkpoints["llama"], json.dumps(prompts)],
         capture_output=True,

@@ -11,7 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import xla_flags
+from conftest import cli_env
 
 from alignx_jax import sharding as sh
 from alignx_jax.errors import MeshError
@@ -36,9 +36,7 @@ def test_single_device_mesh_and_errors():
 
 
 SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from alignx_jax import sharding as sh
@@ -89,7 +87,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_load_on_fake_2x2x2_mesh(tiny_hf_checkpoints, tmp_path):
-    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    env = cli_env(devices=8)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, tiny_hf_checkpoints["llama"], str(tmp_path / "ckpt")],
         capture_output=True,

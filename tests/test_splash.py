@@ -136,8 +136,7 @@ def test_config_check_names_what_splash_cannot_do(override, message):
 
 
 SHARDED = textwrap.dedent("""
-    import json, os, sys
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+    import json, sys
     sys.path.insert(0, sys.argv[1])
     import jax, jax.numpy as jnp
     from flax import nnx
@@ -163,11 +162,11 @@ SHARDED = textwrap.dedent("""
 
 def test_splash_on_an_8_device_mesh_matches_one_device(tmp_path):
     # imported here: SHARDED imports this module in a process without tests/ on its path
-    from conftest import xla_flags
+    from conftest import cli_env
 
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
-    env = dict(os.environ, XLA_FLAGS=xla_flags())
+    env = cli_env(devices=8)
     r = subprocess.run(
         [sys.executable, str(script), ROOT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
     )
