@@ -46,6 +46,7 @@ from alignx_jax.demo_report import (  # noqa: F401  (re-exported: the demo's rep
     write_report,
 )
 from alignx_jax.errors import AlignXError, ConfigError, DataError
+from alignx_jax.hardware import use_fast_cpu_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.py")
@@ -72,6 +73,9 @@ class Budget:
         # P-SOUPS rows are ~3x longer (long, long-tailed responses): fewer steps, so the whole demo stays
         # within 15 minutes on 2 cores (None = the config's)
         self.psoups_steps = None if quick else 80
+        # in an 80-step run a compiled step shape (~8 s here) costs as much as ~10 steps: buckets twice as
+        # wide as the config's halve the shapes for a few % more padding (None = the config's)
+        self.psoups_buckets = None if quick else tuple(range(128, 1153, 128))
         self.head_steps = 30 if quick else 1500
         self.eval_batch = 8 if quick else 16
         self.max_length = 384 if quick else 768
@@ -215,12 +219,13 @@ def run_config(
     method: str,
     seed: int,
     steps: int | None = None,
+    buckets: Sequence[int] | None = None,
     config_file: str = DEMO_CONFIG,
     overrides: Sequence[str] = PBA_HEAD_OFF,
 ):
     """A demo's training config for one run: `budget.config` (a variant of `config_file`) with the
-    run's workdir, starting model, rows, method, seed and the budget's max_length, `steps` (None: the
-    config's), then `overrides`."""
+    run's workdir, starting model, rows, method, seed and the budget's max_length, `steps` and
+    `buckets` (None: the config's), then `overrides`."""
     from alignx_jax.config import load_config
 
     if not os.path.isfile(config_file):
@@ -235,6 +240,7 @@ def run_config(
             f"--config.train.seed={seed + 42}",
             f"--config.data.max_length={budget.max_length}",
             *([f"--config.train.steps={steps}"] if steps else []),
+            *([f"--config.data.buckets={tuple(buckets)}"] if buckets else []),
             *overrides,
         ],
     )
@@ -486,14 +492,22 @@ def _train_methods(
     prefix: str,
     data: str,
     steps: int | None = None,
+    buckets: Sequence[int] | None = None,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Each of METHODS trained from init on `data` and exported (`train_stages`), as run
-    `{prefix}{RUN_NAMES[m]}` ("/" -> "_"), `steps` steps each (None: the config's)."""
+    `{prefix}{RUN_NAMES[m]}` ("/" -> "_"), `steps` steps each with `buckets` (None: the config's)."""
     run_names = {m: prefix.replace("/", "_") + RUN_NAMES[m] for m in METHODS}
 
     def train(m: str, workdir: str, export_dir: str) -> dict[str, Any]:
         cfg = run_config(
-            budget, workdir=workdir, model_dir=init_dir, data=data, method=m, seed=seed, steps=steps
+            budget,
+            workdir=workdir,
+            model_dir=init_dir,
+            data=data,
+            method=m,
+            seed=seed,
+            steps=steps,
+            buckets=buckets,
         )
         return train_and_export(cfg, export_dir)
 
@@ -544,7 +558,15 @@ def _psoups_part(
         os.path.join(d["data"], "p-soups", "train_quick", "rows.json"),
     )
     ps_exports, _ = _train_methods(
-        stages, budget, d, init_dir, seed, "psoups/", train_file, steps=budget.psoups_steps
+        stages,
+        budget,
+        d,
+        init_dir,
+        seed,
+        "psoups/",
+        train_file,
+        steps=budget.psoups_steps,
+        buckets=budget.psoups_buckets,
     )
     # P-SOUPS rows carry no direction vectors: there is no head to train, PBA uses `profile`
     stages.run("psoups/head", lambda: {"mode": "none: PBA on P-SOUPS uses the row's profile"})
@@ -578,6 +600,8 @@ def cli_demo(args: argparse.Namespace) -> int:
         demo_real.print_summary(results, out, demo_real.format_table(results))
         return 0
     args.out = args.out or "runs/demo"
+    # the tiny model's programs compile for longer than they run: XLA's quicker CPU compile (hardware.py)
+    use_fast_cpu_compile()
     results = run_demo(args.out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed))
     for line in format_table(results):
         print(line)

@@ -1,5 +1,6 @@
 """What this machine computes fast: the CPU's model and extensions, and the compute dtype `auto` picks;
-and how much host memory is free (`available_memory_bytes`, for choices that copy weights).
+how much host memory is free (`available_memory_bytes`, for choices that copy weights); and the XLA flag
+that compiles small CPU programs faster (`use_fast_cpu_compile`).
 
 `model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs and on CPUs
 with AMX, float32 on other CPUs, where a bf16 product runs slower than a float32 one even with AVX-512-BF16
@@ -9,7 +10,10 @@ with AMX, float32 on other CPUs, where a bf16 product runs slower than a float32
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import subprocess
+import sys
 from typing import Any
 
 AUTO = "auto"
@@ -89,3 +93,46 @@ def available_memory_bytes(path: str = "/proc/meminfo") -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def backends_initialized() -> bool:
+    """Whether JAX has started its backends (after which XLA_FLAGS and the device count are fixed)."""
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # older/newer jax: assume the worst
+        return "jax" in sys.modules
+
+
+# XLA's CPU fusion emitters (its default) compile each fused loop for longer than its older loop emitters;
+# a tiny model's step compiles for longer than it runs (BENCHMARKS.md, "Compiling tiny programs")
+FAST_CPU_COMPILE = "--xla_cpu_use_fusion_emitters=false"
+
+
+@functools.cache
+def fast_cpu_compile_flags() -> tuple[str, ...]:
+    """(FAST_CPU_COMPILE,) when this jaxlib's XLA accepts it, else (): probed once in a subprocess, since
+    XLA refuses to start on a flag it does not know."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices()"],
+        env=dict(os.environ, XLA_FLAGS=FAST_CPU_COMPILE, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        timeout=300,
+    )
+    return (FAST_CPU_COMPILE,) if probe.returncode == 0 else ()
+
+
+def use_fast_cpu_compile() -> bool:
+    """Add FAST_CPU_COMPILE to this process's XLA_FLAGS (a CPU-only flag: GPU/TPU programs are unchanged).
+    Only before JAX starts its backends, which read XLA_FLAGS once; a setting of the flag in XLA_FLAGS
+    already is the user's and wins. Returns whether the flag is in effect."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    name = FAST_CPU_COMPILE.split("=", 1)[0]
+    given = [f for f in flags if f.split("=", 1)[0] == name]
+    if given:
+        return given[-1] == FAST_CPU_COMPILE
+    if backends_initialized() or not fast_cpu_compile_flags():
+        return False
+    os.environ["XLA_FLAGS"] = " ".join([*flags, FAST_CPU_COMPILE])
+    return True

@@ -7,10 +7,11 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import pytest
+
+from alignx_jax import hardware
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,19 +34,11 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 # most of their compile time and buys nothing here. Inherited by the CLI subprocesses the tests start;
 # values are unchanged (HLO passes and buffer assignment still run), benchmarks/ and users keep -O2.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# XLA's CPU fusion emitters (its default) compile each fused loop for longer than its older loop emitters,
-# and the tests' tiny programs compile far more than they run (README, Tests).
-# Probed once by the controller (a newer XLA that drops the flag would refuse to start), then inherited
-# by the workers and, through `xla_flags`, by every subprocess the tests start.
-_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
+# XLA's quicker CPU compile (hardware.FAST_CPU_COMPILE): the tests' tiny programs compile far more than
+# they run (README, Tests). Probed once by the controller, then inherited by the workers and, through
+# `xla_flags`, by every subprocess the tests start.
 if "ALIGNX_TEST_XLA_FLAGS" not in os.environ:
-    _probe = subprocess.run(
-        [sys.executable, "-c", "import jax; jax.devices()"],
-        env=dict(os.environ, XLA_FLAGS=_FAST_COMPILE, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        timeout=300,
-    )
-    os.environ["ALIGNX_TEST_XLA_FLAGS"] = _FAST_COMPILE if _probe.returncode == 0 else ""
+    os.environ["ALIGNX_TEST_XLA_FLAGS"] = " ".join(hardware.fast_cpu_compile_flags())
 TEST_XLA_FLAGS = os.environ["ALIGNX_TEST_XLA_FLAGS"].split()
 
 

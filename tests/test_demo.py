@@ -127,3 +127,15 @@ def test_targets_and_report_from_results(tmp_path):
     )
     assert [r["step"] for r in demo.read_metrics(str(w))] == [1, 2, 3, 4]
     assert os.path.isfile(demo.plot_curves(str(tmp_path), {"run": str(w)}))
+
+
+def test_psoups_runs_train_with_the_budgets_wider_buckets(tmp_path):
+    full, quick = demo.Budget(quick=False), demo.Budget(quick=True)
+    kw = dict(workdir=str(tmp_path / "w"), model_dir="/m", data="/d.json", method="ica", seed=0)
+    cfg = demo.run_config(full, steps=full.psoups_steps, buckets=full.psoups_buckets, **kw)
+    assert tuple(cfg.data.buckets) == full.psoups_buckets and cfg.train.steps == 80
+    default = demo.run_config(full, **kw)  # the synthetic runs keep the config's buckets
+    assert len(default.data.buckets) > len(cfg.data.buckets) and max(default.data.buckets) == max(
+        cfg.data.buckets
+    )
+    assert quick.psoups_buckets is None

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import run_cli
+from conftest import TEST_XLA_FLAGS, run_cli
 
 from alignx_jax import hardware
 from alignx_jax.config import load_config
@@ -138,3 +138,40 @@ def test_train_with_auto_dtype_says_what_it_picked_and_keeps_auto_in_the_workdir
         assert build_parser().parse_args([*cmd, "--dtype", "auto"]).dtype == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--checkpoint", "c", "--out", "o", "--dtype", "auto"])
+
+
+def test_fast_cpu_compile_probe_refuses_a_flag_this_xla_does_not_know(monkeypatch):
+    monkeypatch.setattr(hardware, "FAST_CPU_COMPILE", "--xla_cpu_no_such_flag_anywhere=false")
+    hardware.fast_cpu_compile_flags.cache_clear()
+    try:
+        assert hardware.fast_cpu_compile_flags() == ()
+    finally:
+        hardware.fast_cpu_compile_flags.cache_clear()
+
+
+def test_fast_cpu_compile_keeps_the_users_setting_and_a_started_backend(monkeypatch):
+    name = hardware.FAST_CPU_COMPILE.split("=")[0]
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_dump_hlo_as_text {name}=true")
+    assert hardware.use_fast_cpu_compile() is False
+    assert os.environ["XLA_FLAGS"] == f"--xla_dump_hlo_as_text {name}=true"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_hlo_as_text")
+    import jax
+
+    jax.devices()  # this process's backend has started: its flags can no longer change
+    assert hardware.use_fast_cpu_compile() is False
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_hlo_as_text"
+
+
+def test_fast_cpu_compile_is_set_before_jax_starts_and_jax_then_runs():
+    import subprocess
+    import sys
+
+    script = (
+        "import os; from alignx_jax import hardware as h; on = h.use_fast_cpu_compile(); "
+        "import jax, jax.numpy as jnp; print(on, os.environ['XLA_FLAGS'], float(jax.jit(jnp.sum)(jnp.ones(3))))"
+    )
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = bool(TEST_XLA_FLAGS)  # the controller's probe of this XLA
+    assert out.stdout.split() == ([str(want)] + ([hardware.FAST_CPU_COMPILE] if want else []) + ["3.0"])

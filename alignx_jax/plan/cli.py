@@ -11,6 +11,7 @@ import sys
 
 from alignx_jax.config import load_config
 from alignx_jax.errors import AlignXError
+from alignx_jax.hardware import backends_initialized
 from alignx_jax.plan.planner import plan
 from alignx_jax.plan.render import does_not_fit, format_report, param_lines
 from alignx_jax.plan.topology import parse_topology
@@ -18,19 +19,10 @@ from alignx_jax.plan.topology import parse_topology
 _CHILD_ENV = "ALIGNX_PLAN_CHILD"
 
 
-def _backends_initialized() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):  # older/newer jax: assume the worst
-        return "jax" in sys.modules
-
-
 def _provide_devices(n: int) -> bool:
     """Make sure this process will see >= n CPU devices. False when jax already started with fewer
     (the caller then re-runs the command in a child process)."""
-    if _backends_initialized():
+    if backends_initialized():
         import jax
 
         return jax.device_count() >= n
