@@ -538,75 +538,90 @@ class Decoder(nnx.Module):
         fresh_cache: bool = False,
     ):
         cfg = self.cfg
-        dt = cfg.compute_dtype
         B, T = input_ids_BT.shape
         mask_BT = (
             jnp.ones((B, T), jnp.bool_)
             if attention_mask_BT is None
             else jnp.asarray(attention_mask_BT).astype(jnp.bool_)
         )
-        if cache is not None and segment_ids_BT is not None:
-            raise ValueError("segment_ids and a KV cache cannot be combined")
-        if cache is not None and layout is not None:
-            raise ValueError("token compaction and a KV cache cannot be combined")
         per_layer = isinstance(layer_params, tuple)
-        if cache is not None and per_layer != isinstance(cache["k"], tuple):
-            raise ValueError(
-                "per-layer params go with a per-layer cache (init_cache(per_layer=True)) and back"
-            )
-        if per_layer and cache is None:
-            raise ValueError("per-layer params are for KV-cached decoding; pass a per-layer cache")
+        _check_call(cache, segment_ids_BT, layout, per_layer)
+        seen = _visible_keys(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT, cache, fresh_cache)
+        positions_BT, allowed_BTS, back_BTS, kv_mask_BS, index = seen
 
-        if cache is None or fresh_cache:
-            if positions_BT is None:  # left padding: count only real tokens
-                positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
-            allowed_BTS, back_BTS = self_attention_allowed(
-                mask_BT, positions_BT, segment_ids_BT, branch_ids_BT
-            )
-            index = None  # decoder_layer: no cache, or an empty one written from slot 0
-            if fresh_cache:
-                kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, 0))
-        else:
-            index = cache["index"]
-            kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index))
-            if positions_BT is None:  # continue counting real tokens already in the cache
-                seen_B = jnp.sum(cache["mask"], axis=-1)
-                positions_BT = seen_B[:, None] + jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
-            allowed_BTS, back_BTS = cached_attention_allowed(kv_mask_BS, index, T)
-        # the sliding layers' mask, where the window cuts into this call's keys (else all layers share one)
+        # with a layout, the residual stream holds the kept tokens only: [G, N, ...] for [B, T, ...]
+        x = self._embed(input_ids_BT if layout is None else layout.tokens(input_ids_BT))
+        pos = positions_BT if layout is None else layout.tokens(jnp.asarray(positions_BT))
+        cos, sin = rope_cos_sin(pos, rope_inv_freq(cfg), cfg.compute_dtype)
+
+        impl = self._attention_impl(T, cache is not None and not fresh_cache, branch_ids_BT is not None)
+        mask, window = self._layer_masks(impl, allowed_BTS, back_BTS, mask_BT, segment_ids_BT)
+        params = self.layer_params() if layer_params is None else layer_params
+        run = partial(
+            self._run_layers,
+            impl=impl,
+            mask=mask,
+            window=window,
+            cos=cos,
+            sin=sin,
+            index=index,
+            layout=layout,
+        )
+        sliding_L = np.asarray(cfg.layer_is_sliding)
+        kv_stack = None if cache is None else (cache["k"], cache["v"])
+        with jax.named_scope("layers"):
+            F = cfg.frozen_layers if cache is None else 0
+            if F:  # no gradient below block F: autodiff never differentiates the frozen blocks
+                low = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:F]), params)
+                x = jax.lax.stop_gradient(run(jax.lax.stop_gradient(x), low, None, sliding_L[:F])[0])
+                params = jax.tree.map(lambda a: a[F:], params)
+            x, new_kv = run(x, params, kv_stack, sliding_L[F:])
+        with jax.named_scope("final_norm"):
+            h = rms_norm(x, self.norm.scale.get_value(), cfg.rms_norm_eps, cfg.norm_plus_one)
+            h_BTD = h if layout is None else layout.rows(h, B, T)
+        new_cache = None
+        if cache is not None:
+            start = 0 if fresh_cache else index
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": start + T}
+        return h_BTD, new_cache
+
+    def _embed(self, ids):
+        """The residual stream's start: the token embeddings in the compute dtype."""
+        cfg = self.cfg
+        with jax.named_scope("embed"):
+            x = jnp.take(self.embed_tokens.embedding.get_value(), ids, axis=0).astype(cfg.compute_dtype)
+            if cfg.scale_embeddings:  # sqrt(D) rounded to the param dtype, as transformers' Gemma does
+                x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.params_dtype).astype(cfg.compute_dtype)
+            return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def _layer_masks(self, impl, allowed_BTS, back_BTS, mask_BT, segment_ids_BT):
+        """(mask, window): the attention mask in `impl`'s form, and the sliding layers' own where the
+        window cuts into this call's keys (None when every layer shares `mask`)."""
+        cfg = self.cfg
         window_BTS = None
         if cfg.window_cuts(allowed_BTS.shape[-1]):
             window_BTS = allowed_BTS & (back_BTS < cfg.sliding_window)
-
-        # with a layout, the residual stream holds the kept tokens only: [G, N, ...] for [B, T, ...]
-        ids = input_ids_BT if layout is None else layout.tokens(input_ids_BT)
-        with jax.named_scope("embed"):
-            x = jnp.take(self.embed_tokens.embedding.get_value(), ids, axis=0).astype(dt)
-            if cfg.scale_embeddings:  # sqrt(D) rounded to the param dtype, as transformers' Gemma does
-                x = x * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.params_dtype).astype(dt)
-            x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        pos = positions_BT if layout is None else layout.tokens(jnp.asarray(positions_BT))
-        cos, sin = rope_cos_sin(pos, rope_inv_freq(cfg), dt)
-
-        impl = self._attention_impl(T, cache is not None and not fresh_cache, branch_ids_BT is not None)
         mask = kernel_mask(impl, allowed_BTS, mask_BT, segment_ids_BT)
         # splash runs only where the window cuts nothing
         window = None if window_BTS is None or impl == "splash" else kernel_mask(impl, window_BTS, mask_BT)
-        # per-layer masks: every layer slides (Mistral) -> one mask; some do (Gemma 2) -> a flag per layer
-        sliding_L = np.asarray(cfg.layer_is_sliding)
-        if window is not None and sliding_L.all():
+        # every layer slides (Mistral) -> one mask; some do (Gemma 2) -> a flag per layer picks
+        if window is not None and np.asarray(cfg.layer_is_sliding).all():
             mask, window = window, None
+        return mask, window
 
-        params = self.layer_params() if layer_params is None else layer_params
-        lora_scale = cfg.lora_multiplier * float(self.lora_scale)
+    def _run_layers(self, x, params, kv, sliding, *, impl, mask, window, cos, sin, index, layout):
+        """The decoder layers over the residual stream x: unrolled over a per-layer tuple of params
+        (decoding, each layer's cache updated in place), scanned over the stacked ones
+        (`model.scan_layers`), else unrolled over slices of the stack. Returns (x, new k/v or None)."""
+        cfg = self.cfg
+        dt = cfg.compute_dtype
         layer = partial(
             decoder_layer,
             cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl),
-            lora_scale=lora_scale,
+            lora_scale=cfg.lora_multiplier * float(self.lora_scale),
         )
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-
         # CPU, low precision, scanned: the carry travels as float32 holding the same bf16 values.
         # Autodiff stacks the carry per layer, and XLA's CPU backend updates a bf16 [L, ...] stack by
         # converting all of it for every layer (a cost growing as L^2); a float32 stack is updated in place.
@@ -623,40 +638,55 @@ class Decoder(nnx.Module):
             x, new_kv = layer(p, x.astype(dt), cos, sin, layer_mask, kv, index, layout)
             return (x.astype(jnp.float32) if wide_carry else x), new_kv
 
-        kv_stack = None if cache is None else (cache["k"], cache["v"])
-
-        def run_layers(x, p, kv, sliding):
-            if per_layer:  # unrolled over separate arrays: no slice of a stack, the cache updated in place
-                outs = []
-                for i, p_i in enumerate(p):
-                    x, kv_i = body(x, (p_i, (kv[0][i], kv[1][i]), bool(sliding[i])))
-                    outs.append(kv_i)
-                return x.astype(dt), (tuple(k for k, _ in outs), tuple(v for _, v in outs))
-            if cfg.scan_layers:
-                xs = (p, kv, None if window is None else jnp.asarray(sliding))
-                x, new_kv = jax.lax.scan(body, x.astype(jnp.float32) if wide_carry else x, xs)
-                return x.astype(dt), new_kv
+        if isinstance(params, tuple):  # unrolled over separate arrays: no slice of a stack
             outs = []
-            for i in range(jax.tree.leaves(p)[0].shape[0]):
-                x, kv_i = body(x, (*jax.tree.map(lambda a, i=i: a[i], (p, kv)), bool(sliding[i])))
+            for i, p_i in enumerate(params):
+                x, kv_i = body(x, (p_i, (kv[0][i], kv[1][i]), bool(sliding[i])))
                 outs.append(kv_i)
-            return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            return x.astype(dt), (tuple(k for k, _ in outs), tuple(v for _, v in outs))
+        if cfg.scan_layers:
+            xs = (params, kv, None if window is None else jnp.asarray(sliding))
+            x, new_kv = jax.lax.scan(body, x.astype(jnp.float32) if wide_carry else x, xs)
+            return x.astype(dt), new_kv
+        outs = []
+        for i in range(jax.tree.leaves(params)[0].shape[0]):
+            x, kv_i = body(x, (*jax.tree.map(lambda a, i=i: a[i], (params, kv)), bool(sliding[i])))
+            outs.append(kv_i)
+        return x, None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-        with jax.named_scope("layers"):
-            F = cfg.frozen_layers if cache is None else 0
-            if F:  # no gradient below block F: autodiff never differentiates the frozen blocks
-                low = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:F]), params)
-                x = jax.lax.stop_gradient(run_layers(jax.lax.stop_gradient(x), low, None, sliding_L[:F])[0])
-                params = jax.tree.map(lambda a: a[F:], params)
-            x, new_kv = run_layers(x, params, kv_stack, sliding_L[F:])
-        with jax.named_scope("final_norm"):
-            h = rms_norm(x, self.norm.scale.get_value(), cfg.rms_norm_eps, cfg.norm_plus_one)
-            h_BTD = h if layout is None else layout.rows(h, B, T)
-        new_cache = None
-        if cache is not None:
-            start = 0 if fresh_cache else index
-            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": start + T}
-        return h_BTD, new_cache
+
+def _check_call(cache, segment_ids_BT, layout, per_layer: bool) -> None:
+    """The combinations a forward call cannot run, as errors."""
+    if cache is not None and segment_ids_BT is not None:
+        raise ValueError("segment_ids and a KV cache cannot be combined")
+    if cache is not None and layout is not None:
+        raise ValueError("token compaction and a KV cache cannot be combined")
+    if cache is not None and per_layer != isinstance(cache["k"], tuple):
+        raise ValueError("per-layer params go with a per-layer cache (init_cache(per_layer=True)) and back")
+    if per_layer and cache is None:
+        raise ValueError("per-layer params are for KV-cached decoding; pass a per-layer cache")
+
+
+def _visible_keys(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT, cache, fresh_cache: bool):
+    """Which keys each query sees: (positions_BT, allowed_BTS, back_BTS (how far back each key is),
+    kv_mask_BS (the cache's key mask after this call; None without a cache), index (the cache slot this
+    call writes from; None when it starts at 0)). Positions, when not given, count real tokens only
+    (left padding), continuing from those already in the cache."""
+    kv_mask_BS, index = None, None
+    if cache is None or fresh_cache:
+        if positions_BT is None:
+            positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
+        allowed_BTS, back_BTS = self_attention_allowed(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT)
+        if fresh_cache:  # an empty cache written from slot 0
+            kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, 0))
+    else:
+        index = cache["index"]
+        kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, index))
+        if positions_BT is None:
+            seen_B = jnp.sum(cache["mask"], axis=-1)
+            positions_BT = seen_B[:, None] + jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
+        allowed_BTS, back_BTS = cached_attention_allowed(kv_mask_BS, index, T=mask_BT.shape[1])
+    return positions_BT, allowed_BTS, back_BTS, kv_mask_BS, index
 
 
 def param_count(model: Decoder) -> int:
