@@ -60,6 +60,7 @@ def _t(x, cfg):
 
 
 def param_maps(cfg: DecoderConfig) -> list[ParamMap]:
+    """Every param of a model of `cfg` and the HF tensor(s) it maps to."""
     D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     # HF Linear weights are [out, in]; ours are [in, out...] split into heads
     q_in = lambda w, c: np.asarray(w).T.reshape(D, N, H)
@@ -72,45 +73,29 @@ def param_maps(cfg: DecoderConfig) -> list[ParamMap]:
     qb_in = lambda b, c: np.asarray(b).reshape(N, H)
     kb_in = lambda b, c: np.asarray(b).reshape(K, H)
     flat = lambda b, c: np.asarray(b).reshape(-1)
-    L = "model.layers.{i}."
     rev = lambda s: s[::-1]
     heads_in = lambda s: (s[1] * s[2], s[0])
     heads_out = lambda s: (s[2], s[0] * s[1])
     heads_bias = lambda s: (s[0] * s[1],)
+
+    def layer(ours: str, theirs: str, to_ours=same, to_hf=same, hf_shape=None) -> ParamMap:
+        """layers.OURS (dotted) <-> model.layers.{i}.THEIRS, one HF tensor per layer."""
+        return ParamMap(
+            ("layers", *ours.split(".")), f"model.layers.{{i}}.{theirs}", True, to_ours, to_hf, hf_shape
+        )
+
     maps = [
         ParamMap(("embed_tokens", "embedding"), "model.embed_tokens.weight", False, same, same),
         ParamMap(("norm", "scale"), "model.norm.weight", False, same, same),
-        ParamMap(
-            ("layers", "attn", "q_proj", "kernel"), L + "self_attn.q_proj.weight", True, q_in, q_out, heads_in
+        layer("attn.q_proj.kernel", "self_attn.q_proj.weight", q_in, q_out, heads_in),
+        layer("attn.k_proj.kernel", "self_attn.k_proj.weight", kv_in, kv_out, heads_in),
+        layer("attn.v_proj.kernel", "self_attn.v_proj.weight", kv_in, kv_out, heads_in),
+        layer("attn.o_proj.kernel", "self_attn.o_proj.weight", o_in, o_out, heads_out),
+        *(
+            layer(f"mlp.{x}.kernel", f"mlp.{x}.weight", _t, _t, rev)
+            for x in ("gate_proj", "up_proj", "down_proj")
         ),
-        ParamMap(
-            ("layers", "attn", "k_proj", "kernel"),
-            L + "self_attn.k_proj.weight",
-            True,
-            kv_in,
-            kv_out,
-            heads_in,
-        ),
-        ParamMap(
-            ("layers", "attn", "v_proj", "kernel"),
-            L + "self_attn.v_proj.weight",
-            True,
-            kv_in,
-            kv_out,
-            heads_in,
-        ),
-        ParamMap(
-            ("layers", "attn", "o_proj", "kernel"),
-            L + "self_attn.o_proj.weight",
-            True,
-            o_in,
-            o_out,
-            heads_out,
-        ),
-        ParamMap(("layers", "mlp", "gate_proj", "kernel"), L + "mlp.gate_proj.weight", True, _t, _t, rev),
-        ParamMap(("layers", "mlp", "up_proj", "kernel"), L + "mlp.up_proj.weight", True, _t, _t, rev),
-        ParamMap(("layers", "mlp", "down_proj", "kernel"), L + "mlp.down_proj.weight", True, _t, _t, rev),
-        ParamMap(("layers", "input_norm", "scale"), L + "input_layernorm.weight", True, same, same),
+        layer("input_norm.scale", "input_layernorm.weight"),
     ]
     # our pre-MLP norm is HF's post_attention_layernorm, or Gemma 2's pre_feedforward_layernorm (its
     # post_attention_layernorm normalises the attention output: our attn_out_norm)
@@ -121,48 +106,17 @@ def param_maps(cfg: DecoderConfig) -> list[ParamMap]:
             "attn_out_norm": "post_attention_layernorm",
             "mlp_out_norm": "post_feedforward_layernorm",
         }
-    maps += [
-        ParamMap(("layers", ours, "scale"), L + f"{theirs}.weight", True, same, same)
-        for ours, theirs in norms.items()
-    ]
+    maps += [layer(f"{ours}.scale", f"{theirs}.weight") for ours, theirs in norms.items()]
     if cfg.qk_norm:
-        maps += [
-            ParamMap(
-                ("layers", "attn", f"{x}_norm", "scale"), L + f"self_attn.{x}_norm.weight", True, same, same
-            )
-            for x in ("q", "k")
-        ]
+        maps += [layer(f"attn.{x}_norm.scale", f"self_attn.{x}_norm.weight") for x in ("q", "k")]
     if cfg.qkv_bias:
         maps += [
-            ParamMap(
-                ("layers", "attn", "q_proj", "bias"),
-                L + "self_attn.q_proj.bias",
-                True,
-                qb_in,
-                flat,
-                heads_bias,
-            ),
-            ParamMap(
-                ("layers", "attn", "k_proj", "bias"),
-                L + "self_attn.k_proj.bias",
-                True,
-                kb_in,
-                flat,
-                heads_bias,
-            ),
-            ParamMap(
-                ("layers", "attn", "v_proj", "bias"),
-                L + "self_attn.v_proj.bias",
-                True,
-                kb_in,
-                flat,
-                heads_bias,
-            ),
+            layer("attn.q_proj.bias", "self_attn.q_proj.bias", qb_in, flat, heads_bias),
+            layer("attn.k_proj.bias", "self_attn.k_proj.bias", kb_in, flat, heads_bias),
+            layer("attn.v_proj.bias", "self_attn.v_proj.bias", kb_in, flat, heads_bias),
         ]
     if cfg.o_bias:
-        maps.append(
-            ParamMap(("layers", "attn", "o_proj", "bias"), L + "self_attn.o_proj.bias", True, same, same)
-        )
+        maps.append(layer("attn.o_proj.bias", "self_attn.o_proj.bias"))
     if not cfg.tie_word_embeddings:
         maps.append(ParamMap(("lm_head", "kernel"), "lm_head.weight", False, _t, _t, rev))
     return maps
@@ -398,68 +352,13 @@ def save_hf(
     previous = read_export_manifest(out_dir)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     out_dtype = np.dtype(jnp.dtype(dtype)) if dtype else None
-    # the list of HF tensors, in HF order (per layer, then globals)
-    items: list[tuple[str, ParamMap, int | None, tuple[int, ...], np.dtype]] = []
-    for m in param_maps(cfg):
-        arr = flat[m.path].get_value()
-        dt = out_dtype or np.dtype(arr.dtype)
-        per_layer = arr.shape[1:] if m.layered else arr.shape
-        hf_shape = m.expected_hf_shape(per_layer)
-        for i in range(cfg.num_hidden_layers) if m.layered else [None]:
-            items.append((m.hf_name.format(i=i) if m.layered else m.hf_name, m, i, hf_shape, dt))
-    order = {n: k for k, n in enumerate(sorted(n for n, *_ in items))}
-    items.sort(key=lambda t: order[t[0]])
-    limit = parse_size(shard_size)
-    shards: list[list] = [[]]
-    used = 0
-    for it in items:
-        nbytes = int(np.prod(it[3], dtype=np.int64)) * it[4].itemsize
-        if shards[-1] and used + nbytes > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(it)
-        used += nbytes
-
-    cache: dict[tuple[str, ...], np.ndarray] = {}
-
-    def produce(shard):
-        for _name, m, i, _, dt in shard:
-            if m.path not in cache:  # one whole param on the host at a time
-                cache.clear()
-                cache[m.path] = _host(flat[m.path].get_value())
-            src = cache[m.path] if i is None else cache[m.path][i]
-            yield np.asarray(m.to_hf(src, cfg)).astype(dt)
-
-    weight_map: dict[str, str] = {}
-    total = 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(
-            os.path.join(out_dir, fname), [(n, s, d) for n, _, _, s, d in shard], produce(shard)
-        )
-        for name, *_rest in shard:
-            weight_map[name] = fname
-        total += sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for *_, s, d in shard)
+    items = _hf_tensors(cfg, flat, out_dtype)
+    weight_map = _write_shards(out_dir, cfg, flat, _shards(items, parse_size(shard_size)))
+    total = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for *_, shape, dt in items)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-    hf_cfg = cfg.to_hf()
     saved = {str(dt) for *_, dt in items}  # the tensors' dtype, as written
-    hf_cfg["dtype"] = saved.pop() if len(saved) == 1 else str(out_dtype or "float32")
-    if "torch_dtype" in hf_cfg:  # transformers < 4.56's name, kept from the base config: the same value
-        hf_cfg["torch_dtype"] = hf_cfg["dtype"]
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    base_gen = os.path.join(base_dir, "generation_config.json") if base_dir else ""
-    if base_gen and os.path.isfile(base_gen):
-        shutil.copyfile(base_gen, os.path.join(out_dir, "generation_config.json"))
-    else:
-        gen = {
-            "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": hf_cfg["eos_token_id"],
-            "pad_token_id": cfg.pad_token_id,
-        }
-        with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-            json.dump(gen, f, indent=2, sort_keys=True)
+    _write_hf_configs(out_dir, cfg, saved.pop() if len(saved) == 1 else str(out_dtype or "float32"), base_dir)
     written = [
         *weight_map.values(),
         "model.safetensors.index.json",
@@ -473,6 +372,82 @@ def save_hf(
             os.remove(stale)
     write_export_manifest(out_dir, written, source=source, step=step)
     return sorted(set(written)) + [EXPORT_MANIFEST]
+
+
+# one HF tensor to write: (HF name, its map, layer index or None, HF shape, dtype written)
+_HFTensor = tuple[str, ParamMap, int | None, tuple[int, ...], np.dtype]
+
+
+def _hf_tensors(cfg: DecoderConfig, flat: dict, out_dtype: np.dtype | None) -> list[_HFTensor]:
+    """Every HF tensor of the model, sorted by name (as transformers writes them)."""
+    items: list[_HFTensor] = []
+    for m in param_maps(cfg):
+        arr = flat[m.path].get_value()
+        dt = out_dtype or np.dtype(arr.dtype)
+        hf_shape = m.expected_hf_shape(arr.shape[1:] if m.layered else arr.shape)
+        for i in range(cfg.num_hidden_layers) if m.layered else [None]:
+            items.append((m.hf_name.format(i=i) if m.layered else m.hf_name, m, i, hf_shape, dt))
+    return sorted(items, key=lambda t: t[0])
+
+
+def _shards(items: list[_HFTensor], limit: int) -> list[list[_HFTensor]]:
+    """`items` cut, in order, into shards of at most `limit` bytes (a larger tensor alone in its own)."""
+    shards: list[list[_HFTensor]] = [[]]
+    used = 0
+    for it in items:
+        nbytes = int(np.prod(it[3], dtype=np.int64)) * it[4].itemsize
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(it)
+        used += nbytes
+    return shards
+
+
+def _write_shards(
+    out_dir: str, cfg: DecoderConfig, flat: dict, shards: list[list[_HFTensor]]
+) -> dict[str, str]:
+    """The safetensors files, one param on the host at a time; returns the index's weight_map."""
+    cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    def produce(shard):
+        for _name, m, i, _, dt in shard:
+            if m.path not in cache:  # one whole param on the host at a time
+                cache.clear()
+                cache[m.path] = _host(flat[m.path].get_value())
+            src = cache[m.path] if i is None else cache[m.path][i]
+            yield np.asarray(m.to_hf(src, cfg)).astype(dt)
+
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(
+            os.path.join(out_dir, fname), [(n, s, d) for n, _, _, s, d in shard], produce(shard)
+        )
+        weight_map.update((name, fname) for name, *_ in shard)
+    return weight_map
+
+
+def _write_hf_configs(out_dir: str, cfg: DecoderConfig, saved_dtype: str, base_dir: str | None) -> None:
+    """config.json (its `dtype`, and `torch_dtype` when the base config carries that older name, is the
+    saved tensors' dtype) and generation_config.json (`base_dir`'s byte for byte, else the token ids)."""
+    hf_cfg = cfg.to_hf()
+    hf_cfg["dtype"] = saved_dtype
+    if "torch_dtype" in hf_cfg:  # transformers < 4.56's name, kept from the base config: the same value
+        hf_cfg["torch_dtype"] = saved_dtype
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    base_gen = os.path.join(base_dir, "generation_config.json") if base_dir else ""
+    if base_gen and os.path.isfile(base_gen):
+        shutil.copyfile(base_gen, os.path.join(out_dir, "generation_config.json"))
+        return
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": hf_cfg["eos_token_id"],
+        "pad_token_id": cfg.pad_token_id,
+    }
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2, sort_keys=True)
 
 
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
