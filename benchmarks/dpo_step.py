@@ -56,6 +56,16 @@ LR = 1e-4
 
 # Llama-style sizes (HF config names). "default" is ~36M parameters.
 SIZES: dict[str, dict[str, int]] = {
+    # `make demo`'s model (configs/demo_cpu.py with the shipped 4096-word tokenizer)
+    "demo": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        vocab_size=4096,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=192,
@@ -303,7 +313,9 @@ class JaxStep:
         self.batch = jax.device_put(to_microbatches(setup.data, 1, window=window, tokens=tokens))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         lowered = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch)
+        t0 = time.perf_counter()
         self.compiled = lowered.compile(compiler_options=compiler_options)
+        self.compile_seconds = time.perf_counter() - t0
 
     def __call__(self) -> float:
         self.params, self.opt_state, m = self.compiled(
