@@ -73,8 +73,8 @@ class Budget:
         # P-SOUPS rows are ~3x longer (long, long-tailed responses): fewer steps, so the whole demo stays
         # within 15 minutes on 2 cores (None = the config's)
         self.psoups_steps = None if quick else 80
-        # in an 80-step run a compiled step shape (~8 s here) costs as much as ~10 steps: buckets twice as
-        # wide as the config's halve the shapes for a few % more padding (None = the config's)
+        # an 80-step run is compile-bound: buckets twice as wide as the config's halve its compiled step
+        # shapes for a few % more padding (BENCHMARKS.md §6; None = the config's)
         self.psoups_buckets = None if quick else tuple(range(128, 1153, 128))
         self.head_steps = 30 if quick else 1500
         self.eval_batch = 8 if quick else 16

@@ -106,7 +106,7 @@ def backends_initialized() -> bool:
 
 
 # XLA's CPU fusion emitters (its default) compile each fused loop for longer than its older loop emitters;
-# a tiny model's step compiles for longer than it runs (BENCHMARKS.md, "Compiling tiny programs")
+# a tiny model's step compiles for longer than it runs (BENCHMARKS.md §6, compiling tiny programs)
 FAST_CPU_COMPILE = "--xla_cpu_use_fusion_emitters=false"
 
 
