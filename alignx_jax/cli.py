@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from alignx_jax.errors import AlignXError
-from alignx_jax.hardware import AUTO, COMPUTE_DTYPES
+from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS
 
 # sub-command -> "module:function(args) -> int | None"
 HANDLERS: dict[str, str] = {
@@ -53,6 +53,17 @@ def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -
     if auto:
         help_text += "; auto: bfloat16 on GPU/TPU and on CPUs with AMX, else float32"
     p.add_argument("--dtype", default=None, choices=choices, help=help_text)
+
+
+def _cpu_matmul_arg(p: argparse.ArgumentParser) -> None:
+    """`--cpu-matmul` of the commands that run a model (`model.cpu_matmul` of a training config)."""
+    p.add_argument(
+        "--cpu-matmul",
+        default=AUTO,
+        choices=CPU_MATMULS,
+        help="the library XLA's CPU backend calls for matrix products (CPU only); auto: oneDNN for float32 "
+        "models of hidden size >= 256 on Intel CPUs (not for generation), else YNNPACK",
+    )
 
 
 def _add_import(sub) -> None:
@@ -209,6 +220,7 @@ def _add_eval(sub) -> None:
         "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)",
         auto=True,
     )
+    _cpu_matmul_arg(p)
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
@@ -223,6 +235,7 @@ def _add_generate(sub) -> None:
         "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)",
         auto=True,
     )
+    _cpu_matmul_arg(p)
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
     p.add_argument(
         "--benchmark",

@@ -10,8 +10,12 @@ of compiling them (the train step of a 7-8B model takes minutes to compile).
 from __future__ import annotations
 
 import os
+import warnings
 
 CACHE_NAME = ".jax_cache"
+# XLA cannot serialize a CPU program whose products run in oneDNN (model.cpu_matmul): JAX warns at each such
+# compile that it could not cache it, and compiles it again in the next process; nothing a user can act on
+UNCACHEABLE_ONEDNN = r"Error writing persistent compilation cache entry .*onednn-fusion"
 
 
 def cache_dir_for(workdir: str | None = None) -> str | None:
@@ -30,6 +34,8 @@ def use_compile_cache(workdir: str | None = None, *, min_compile_secs: float = 0
     """Point JAX's persistent compilation cache at `cache_dir_for(workdir)` unless JAX already has one;
     returns the folder in use (None: off). Call before the first compilation; cheap and idempotent."""
     import jax
+
+    warnings.filterwarnings("ignore", message=UNCACHEABLE_ONEDNN, category=UserWarning)
 
     current = jax.config.jax_compilation_cache_dir
     if current:

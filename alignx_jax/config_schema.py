@@ -33,7 +33,7 @@ from alignx_jax.data import persona as persona_lib
 from alignx_jax.data import prompts as prompts_lib
 from alignx_jax.data.batching import OVERFLOW_POLICIES, reserve
 from alignx_jax.errors import ConfigError
-from alignx_jax.hardware import AUTO, COMPUTE_DTYPES
+from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS
 from alignx_jax.models import config as model_config
 from alignx_jax.models import lora as lora_lib
 from alignx_jax.models import preference_head
@@ -62,6 +62,7 @@ SFT_NORMS: tuple[str, ...] = get_args(SftNorm)
 LossType = Literal[losses.PREFERENCE_LOSS_TYPES]  # type: ignore[valid-type]
 RematPolicy = Literal[model_config.REMAT_POLICIES]  # type: ignore[valid-type]
 AttentionImpl = Literal[model_config.ATTENTION_IMPLS]  # type: ignore[valid-type]
+CpuMatmul = Literal[CPU_MATMULS]  # type: ignore[valid-type]
 ComputeDtype = Literal[(*COMPUTE_DTYPES, AUTO)]  # type: ignore[valid-type]
 ParamDtype = Literal[COMPUTE_DTYPES]  # type: ignore[valid-type]
 PersonaVariant = Literal[persona_lib.PERSONA_VARIANTS]  # type: ignore[valid-type]
@@ -128,6 +129,9 @@ class ModelSection:
     # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas flash attention) | "auto" (splash on
     # TPU, else jax.nn.dot_product_attention's pick) | "chunked" (query blocks)
     attention_impl: AttentionImpl = "xla"
+    # the library XLA's CPU backend calls for matrix products: "ynnpack" (XLA's default) | "onednn" | "auto"
+    # (oneDNN for float32 models of hidden size >= 256 on Intel CPUs, not for generation; alignx_jax.hardware)
+    cpu_matmul: CpuMatmul = "auto"
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)  # LoRA adapters (rank 0 = off)
 
 

@@ -7,6 +7,7 @@ Sampling follows the release's win-rate setting by default (temperature 0.9, top
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import types
@@ -50,8 +51,7 @@ def sample_token(
     return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer"))
-def _generate_jit(
+def _generate(
     graphdef,
     state,
     ids_BT,
@@ -104,6 +104,14 @@ def _generate_jit(
     carry = (jnp.int32(1), tok_B, cache, done_B, out_BN, key)
     _, _, _, _, out_BN, _ = jax.lax.while_loop(cond, step, carry)
     return out_BN
+
+
+@functools.cache
+def _generate_program(options: tuple[tuple[str, Any], ...]) -> Any:
+    """`_generate` jitted with a model's XLA options (`DecoderConfig.compiler_options`), one jitted function
+    per set of options so its compiles are reused."""
+    static = ("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer")
+    return jax.jit(_generate, static_argnames=static, compiler_options=dict(options) or None)
 
 
 # below this many new tokens the unrolled decode loop's longer compile (~10 s more for SmolLM2's 30 layers)
@@ -183,7 +191,8 @@ def generate(
         ids[b, T - len(p) :] = p
         mask[b, T - len(p) :] = 1
     graphdef, state = nnx.split(model)
-    out = _generate_jit(
+    program = _generate_program(model.cfg.compiler_options_key(decode=True))
+    out = program(
         graphdef,
         state,
         jnp.asarray(ids),
@@ -214,11 +223,11 @@ def generate(
 # ---- CLI -------------------------------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None):
+def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu_matmul: str = "auto"):
     """An HF folder or hub id, `alignx import` checkpoint or training workdir (or `smollm2`) and its
     tokenizer. `dtype`: params and compute (None: float32 for HF folders, the stored dtype otherwise).
     The params are sharded over `mesh` (default: FSDP over this process's devices, so a model larger
-    than one device's memory loads; one device: plain placement)."""
+    than one device's memory loads; one device: plain placement). `cpu_matmul`: `DecoderConfig.cpu_matmul`."""
     import os
 
     from alignx_jax.models import checkpoint, hf
@@ -227,7 +236,9 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None):
     from alignx_jax.tokenizer import load_tokenizer
 
     path = resolve_model_path(path)
-    kwargs: dict = {} if dtype is None else {"dtype": resolve_dtype(dtype)}
+    kwargs: dict = {"cpu_matmul": cpu_matmul}
+    if dtype is not None:
+        kwargs["dtype"] = resolve_dtype(dtype)
     if mesh is None and jax.local_device_count() > 1:
         mesh = make_mesh(fsdp=-1, devices=jax.local_devices())
     if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
@@ -303,7 +314,9 @@ def _generate_benchmark(args) -> int:
         if not todo:
             print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
             return 0
-        model, tokenizer = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
+        )
         ids = {
             i: _prompt_budget(
                 prompts_lib.prompt_ids(tokenizer, rows[i], method=args.method, fmt=fmt), fmt, max_length
@@ -367,7 +380,9 @@ def cli_generate(args) -> int:
             raise DataError(f"not valid JSON ({e})", file=args.persona) from None
         if not isinstance(persona, dict):
             raise DataError("expected a JSON object with a row's persona fields", file=args.persona)
-    model, tokenizer = load_model_and_tokenizer(args.model, getattr(args, "dtype", None))
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
+    )
     try:
         from alignx_jax.data import prompts as prompts_lib
     except ImportError as e:  # pragma: no cover - the data package ships with the project

@@ -1,6 +1,7 @@
 """What this machine computes fast: the CPU's model and extensions, and the compute dtype `auto` picks;
-how much host memory is free (`available_memory_bytes`, for choices that copy weights); and the XLA flag
-that compiles small CPU programs faster (`use_fast_cpu_compile`).
+how much host memory is free (`available_memory_bytes`, for choices that copy weights); the XLA flag
+that compiles small CPU programs faster (`use_fast_cpu_compile`); and the library XLA's CPU backend calls for
+matrix products (`cpu_matmul_library`, `model.cpu_matmul`).
 
 `model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs and on CPUs
 with AMX, float32 on other CPUs, where a bf16 product runs slower than a float32 one even with AVX-512-BF16
@@ -17,22 +18,28 @@ import sys
 from typing import Any
 
 AUTO = "auto"
+CPU_MATMULS = (AUTO, "ynnpack", "onednn")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # the CPU flags that decide float32 vs bf16 speed; reported by every benchmark beside the model name
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_model(path: str = CPUINFO) -> str:
-    """The CPU's model name (`platform.processor()` where there is no /proc/cpuinfo)."""
+def _cpuinfo_field(key: str, path: str) -> str | None:
+    """The first processor's `key` line of /proc/cpuinfo (None where there is no such line or file)."""
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model(path: str = CPUINFO) -> str:
+    """The CPU's model name (`platform.processor()` where there is no /proc/cpuinfo)."""
+    return _cpuinfo_field("model name", path) or platform.processor() or platform.machine()
 
 
 def cpu_features(path: str = CPUINFO) -> dict[str, Any]:
@@ -52,6 +59,11 @@ def cpu_features(path: str = CPUINFO) -> dict[str, Any]:
     except (OSError, ValueError):
         pass
     return out
+
+
+def cpu_vendor(path: str = CPUINFO) -> str:
+    """The CPU's `vendor_id` (GenuineIntel, AuthenticAMD; '' where there is no /proc/cpuinfo)."""
+    return _cpuinfo_field("vendor_id", path) or ""
 
 
 @functools.cache
@@ -136,3 +148,62 @@ def use_fast_cpu_compile() -> bool:
         return False
     os.environ["XLA_FLAGS"] = " ".join([*flags, FAST_CPU_COMPILE])
     return True
+
+
+# XLA's CPU backend hands matrix products to YNNPACK by default; these compiler options hand each product to
+# oneDNN instead, one oneDNN call per dot: XLA's grouping of several dots into one oneDNN graph
+# (LIBRARY_FUSION_TYPE_DOT) fails to compile a DPO step's backward pass (BENCHMARKS.md §7)
+ONEDNN_DOTS: dict[str, Any] = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "xla_cpu_experimental_ynn_fusion_type": "",
+}
+# `auto` takes oneDNN for float32 models at least this wide on Intel CPUs, where its products beat YNNPACK's;
+# narrower (make demo's 64-wide model) and bf16 steps ran slower with it (BENCHMARKS.md §7)
+ONEDNN_MIN_WIDTH = 256
+
+
+@functools.cache
+def onednn_dots_available() -> bool:
+    """Whether this jaxlib's XLA compiles a product with `ONEDNN_DOTS` (an unknown option fails the compile,
+    a Python error rather than a crash, so the check runs in this process)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    try:
+        jax.jit(jnp.dot).lower(x, x).compile(compiler_options=ONEDNN_DOTS)
+    except Exception:  # any refusal means: not on this jaxlib
+        return False
+    return True
+
+
+def cpu_matmul_library(
+    choice: str, dtype: str, width: int, backend: str | None = None, *, decode: bool = False
+) -> str | None:
+    """The library XLA's CPU backend calls for the products of a `dtype` model of hidden size `width`:
+    'ynnpack' or 'onednn'; '' off the CPU (the choice is CPU-only); None when `choice` is 'onednn' and this
+    jaxlib has no oneDNN dots. `auto`: oneDNN for float32 models of width >= ONEDNN_MIN_WIDTH on Intel CPUs
+    (where it was measured faster), YNNPACK otherwise and for `decode` programs (KV-cache generation, whose
+    few-row products ran slower in oneDNN: BENCHMARKS.md §7)."""
+    if choice not in CPU_MATMULS:
+        raise ValueError(f"cpu matmul library {choice!r} is not one of {', '.join(CPU_MATMULS)}")
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu":
+        return ""
+    if choice == AUTO:
+        wide_f32 = dtype == "float32" and width >= ONEDNN_MIN_WIDTH and not decode
+        choice = "onednn" if wide_f32 and cpu_vendor() == "GenuineIntel" else "ynnpack"
+        if choice == "onednn" and not onednn_dots_available():
+            return "ynnpack"
+    if choice == "onednn" and not onednn_dots_available():
+        return None
+    return choice
+
+
+def compiler_options(library: str | None) -> dict[str, Any]:
+    """The per-compilation XLA options (`jax.jit(..., compiler_options=)`) of `cpu_matmul_library`'s answer."""
+    return dict(ONEDNN_DOTS) if library == "onednn" else {}

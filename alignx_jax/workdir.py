@@ -46,6 +46,7 @@ FREE_KEYS = (
     "model.remat",
     "model.attention_impl",
     "model.scan_layers",
+    "model.cpu_matmul",
     "loss.logps_chunk",
     "loss.logits_on_responses",
     "loss.nan_policy",

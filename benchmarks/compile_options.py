@@ -1,7 +1,7 @@
 """One DPO step compiled under several sets of XLA CPU options: compile seconds and step seconds.
 
     python benchmarks/compile_options.py [--model-size demo] [--seq-len 512] [--batch 16] [--rounds 6] \
-        [--no-compact] [--json OUT.json]
+        [--pairs fixed|psoups] [--dtype float32|bfloat16] [--no-compact] [--only NAME ...] [--json OUT.json]
 
 Each variant is the same `alignx_jax.train` step (dpo_step.JaxStep: same weights, same batch) compiled with
 its options passed per compilation (`compiled = jit(...).lower(...).compile(compiler_options=...)`), so all
@@ -12,7 +12,9 @@ changes on a shared machine hit every variant alike):
 * `fast_compile`: `alignx_jax.hardware.FAST_CPU_COMPILE` (XLA's older CPU loop emitters, what `alignx demo`
   and the tests turn on);
 * `O0`: the backend optimisation level 0 that `JAX_DISABLE_MOST_OPTIMIZATIONS=1` sets (the tests' setting);
-* `O0_fast_compile`: both.
+* `O0_fast_compile`: both;
+* `onednn`: `alignx_jax.hardware.ONEDNN_DOTS`, each matrix product handed to oneDNN instead of YNNPACK (what
+  `model.cpu_matmul=onednn` compiles with; `auto` takes it for wide float32 models on Intel CPUs).
 
 JSON: per variant `compile_seconds` (`lower(...).compile()` alone; tracing and lowering are shared),
 `step_seconds` (median over rounds) with its per-round list, `step_vs_default_per_round`, and the first
@@ -40,22 +42,28 @@ O0 = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": 
 
 
 def variants() -> dict[str, dict]:
-    from alignx_jax.hardware import FAST_CPU_COMPILE
+    from alignx_jax.hardware import FAST_CPU_COMPILE, ONEDNN_DOTS
 
     name, value = FAST_CPU_COMPILE.lstrip("-").split("=")
     fast = {name: value == "true"}
-    return {"default": {}, "fast_compile": fast, "O0": O0, "O0_fast_compile": {**O0, **fast}}
+    return {
+        "default": {},
+        "fast_compile": fast,
+        "O0": O0,
+        "O0_fast_compile": {**O0, **fast},
+        "onednn": dict(ONEDNN_DOTS),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    setup = dpo_step.make_setup(args.model_size, args.seq_len, args.batch)
+    setup = dpo_step.make_setup(args.model_size, args.seq_len, args.batch, pairs=args.pairs)
     steps, out = {}, {"variants": {}}
     for name, opts in variants().items():
         if args.only and name not in args.only:
             continue
-        policy, reference = dpo_step.jax_models(setup)
-        step = dpo_step.JaxStep(policy, reference, setup, compact=args.compact, compiler_options=opts or None)
+        policy, reference = dpo_step.jax_models(setup, args.dtype)
+        step = dpo_step.JaxStep(policy, reference, setup, compact=args.compact, compiler_options=opts)
         out["variants"][name] = {
             "compiler_options": opts,
             "compile_seconds": step.compile_seconds,
@@ -81,6 +89,8 @@ def run(args: argparse.Namespace) -> dict:
         model_size=args.model_size,
         seq_len=setup.seq_len,
         batch=args.batch,
+        pairs=args.pairs,
+        dtype=args.dtype,
         compact=args.compact,
         machine=common.machine(),
     )
@@ -93,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=16, help="pairs per step")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--pairs", default="fixed", choices=["fixed", "psoups"], help="as dpo_step.py's --pairs")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument(
         "--no-compact", dest="compact", action="store_false", help="data.compact_tokens=0 (the demo's)"
     )

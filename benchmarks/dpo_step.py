@@ -51,6 +51,8 @@ for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import _smollm2 as common  # noqa: E402  (the machine description every benchmark reports)
 
+from alignx_jax import hardware  # noqa: E402
+
 BETA = 0.1
 LR = 1e-4
 
@@ -234,9 +236,10 @@ def jax_models(
     scan_layers: bool = True,
     remat: str = "none",
     attention_impl: str = "xla",
+    cpu_matmul: str = "auto",
 ):
     """(policy Decoder, reference Decoder) with seeds 0 and 1; the run options are the config's
-    `model.scan_layers`, `model.remat` and `model.attention_impl`."""
+    `model.scan_layers`, `model.remat`, `model.attention_impl` and `model.cpu_matmul`."""
     from flax import nnx
 
     from alignx_jax.models.decoder import Decoder, DecoderConfig
@@ -248,6 +251,7 @@ def jax_models(
         remat=remat,
         scan_layers=scan_layers,
         attention_impl=attention_impl,
+        cpu_matmul=cpu_matmul,
     )
     return Decoder(dcfg, rngs=nnx.Rngs(0)), Decoder(dcfg, rngs=nnx.Rngs(1))
 
@@ -313,6 +317,9 @@ class JaxStep:
         self.batch = jax.device_put(to_microbatches(setup.data, 1, window=window, tokens=tokens))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         lowered = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch)
+        # None: the model's own options, as `alignx train` compiles it (model.cpu_matmul); {}: XLA's defaults
+        if compiler_options is None:
+            compiler_options = self.codec.compiler_options
         t0 = time.perf_counter()
         self.compiled = lowered.compile(compiler_options=compiler_options)
         self.compile_seconds = time.perf_counter() - t0
@@ -544,6 +551,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scan_layers": args.scan_layers,
         "remat": args.remat,
         "attention_impl": args.attention_impl,
+        "cpu_matmul": args.cpu_matmul,
         "tokens_per_step": tokens,
         "positions_per_step": positions,
         "jax_logits_on_responses": args.response_logits,
@@ -563,7 +571,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_start": list(os.getloadavg()),
     }
     policy, reference = jax_models(
-        setup, args.dtype, scan_layers=args.scan_layers, remat=args.remat, attention_impl=args.attention_impl
+        setup,
+        args.dtype,
+        scan_layers=args.scan_layers,
+        remat=args.remat,
+        attention_impl=args.attention_impl,
+        cpu_matmul=args.cpu_matmul,
+    )
+    # what model.cpu_matmul resolved to on this machine ('' off the CPU)
+    out["cpu_matmul_library"] = hardware.cpu_matmul_library(
+        args.cpu_matmul, args.dtype, setup.hf_config["hidden_size"]
     )
     # torch copies first: the JAX step donates (invalidates) the policy's buffers
     t_pol, t_ref = torch_models(policy, reference, torch_device)
@@ -683,6 +700,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", type=int, default=1, help="model.scan_layers of the JAX model (1/0)")
     p.add_argument("--remat", default="none", help="model.remat of the JAX model")
     p.add_argument("--attention-impl", default="xla", help="model.attention_impl of the JAX model")
+    p.add_argument(
+        "--cpu-matmul",
+        default="auto",
+        choices=["auto", "ynnpack", "onednn"],
+        help="model.cpu_matmul of the JAX model: the library XLA's CPU backend calls for products",
+    )
     p.add_argument(
         "--full-logits",
         dest="response_logits",

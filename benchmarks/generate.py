@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_attn": args.torch_attn,
         "rounds": args.rounds,
         **common.machine(),
+        "cpu_matmul": args.cpu_matmul,
         "cpu_pressure_start": common.cpu_pressure(),
         "load_average_start": list(os.getloadavg()),
     }
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = make_prompts(args.batch, shape["vocab_size"], args.prompt_len, args.seed, tokenizer)
     out["prompt_lengths"] = [len(p) for p in prompts]
     pad_id = 2
-    model = load_pretrained(path)
+    model = load_pretrained(path, cpu_matmul=args.cpu_matmul)
     tmodel = common.torch_model(path, args.torch_attn)
 
     T = max(len(p) for p in prompts)
@@ -166,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument(
+        "--cpu-matmul",
+        default="auto",
+        choices=["auto", "ynnpack", "onednn"],
+        help="the JAX model's model.cpu_matmul (the library XLA's CPU backend calls for products)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")
     return p

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_attn": args.torch_attn,
         "rounds": args.rounds,
         **common.machine(),
+        "cpu_matmul": args.cpu_matmul,
         "cpu_pressure_start": common.cpu_pressure(),
         "load_average_start": list(os.getloadavg()),
     }
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pad_id = eos
 
     mesh = make_mesh(data=-1)
-    policy = load_pretrained(path, mesh=mesh)
+    policy = load_pretrained(path, mesh=mesh, cpu_matmul=args.cpu_matmul)
     scorer = SequenceScorer(policy, mesh, None, share_prompt=True)
     tmodel = common.torch_model(path, args.torch_attn)
     tscore = torch_scorer(tmodel)
@@ -192,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-len", type=int, default=50)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument(
+        "--cpu-matmul",
+        default="auto",
+        choices=["auto", "ynnpack", "onednn"],
+        help="the JAX model's model.cpu_matmul (the library XLA's CPU backend calls for products)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="OUT.json")
     return p

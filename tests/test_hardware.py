@@ -38,6 +38,8 @@ def test_cpu_features_reads_family_model_and_the_speed_flags(tmp_path):
         "flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f"],
     }
     assert hardware.cpu_model(str(f)) == "Intel(R) Xeon(R) Processor"
+    assert hardware.cpu_vendor(str(f)) == "GenuineIntel"
+    assert hardware.cpu_vendor(str(tmp_path / "absent")) == ""
     assert hardware.cpu_features(str(tmp_path / "absent")) == {}
 
 

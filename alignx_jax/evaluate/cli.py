@@ -60,6 +60,7 @@ def cli_eval(args: argparse.Namespace) -> int:
             reference_dir=reference,
             per_example=args.per_example,
             dtype=args.dtype,
+            cpu_matmul=args.cpu_matmul,
             reference_scores=args.reference_scores,
         )
     except OSError as e:  # unreadable or unwritable files are the user's to fix

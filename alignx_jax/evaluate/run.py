@@ -178,6 +178,7 @@ def _load_scoring(
     rules: Any,
     dtype: str | None,
     progress: bool,
+    cpu_matmul: str = "auto",
 ) -> _Scoring:
     """The tokenizer, the policy (and reference) scorers and the preference head a run scores with."""
     from alignx_jax.models.hf import load_pretrained
@@ -188,7 +189,9 @@ def _load_scoring(
     if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{model_dir}: the tokenizer has no chat template; use --prompt-format paper")
     mesh = make_mesh(data=-1) if mesh is None else mesh
-    kwargs = {} if dtype is None else {"dtype": resolve_dtype(dtype)}
+    kwargs: dict[str, Any] = {"cpu_matmul": cpu_matmul}
+    if dtype is not None:
+        kwargs["dtype"] = resolve_dtype(dtype)
     policy = load_pretrained(model_dir, mesh=mesh, rules=rules, **kwargs)
     scorers = [scoring.SequenceScorer(policy, mesh, rules, share_prompt=settings.share_prompt)]
     if reference_dir is not None:
@@ -398,10 +401,11 @@ def evaluate(
     progress: bool = True,
     dtype: str | None = None,
     reference_scores: str | None = None,
+    cpu_matmul: str = "auto",
 ) -> dict[str, Any]:
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
-    `reference_dir`."""
+    `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`)."""
     from alignx_jax.data.benchmarks import load_benchmark
 
     model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
@@ -409,7 +413,15 @@ def evaluate(
     # Read every benchmark first: a bad file fails before minutes of model loading.
     data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
     sc = _load_scoring(
-        model_dir, reference_dir, settings, ref_scores, mesh=mesh, rules=rules, dtype=dtype, progress=progress
+        model_dir,
+        reference_dir,
+        settings,
+        ref_scores,
+        mesh=mesh,
+        rules=rules,
+        dtype=dtype,
+        progress=progress,
+        cpu_matmul=cpu_matmul,
     )
 
     # every process scores every batch (its devices compute their slice of the global mesh); process 0

@@ -87,8 +87,9 @@ class SequenceScorer:
         self.share_prompt = share_prompt
         self.vocab_size = int(model.cfg.vocab_size)
         self.shapes: set[tuple[int, int]] = set()  # compiled (rows, length) shapes, for tests/logs
-        self._fn = jax.jit(self._logps, static_argnames=("chunk",))
-        self._pair_fn = jax.jit(self._pair_logps, static_argnames=("chunk",))
+        options = model.cfg.compiler_options() or None  # model.cpu_matmul
+        self._fn = jax.jit(self._logps, static_argnames=("chunk",), compiler_options=options)
+        self._pair_fn = jax.jit(self._pair_logps, static_argnames=("chunk",), compiler_options=options)
 
     def _logps(
         self, state, input_ids_BT, attention_mask_BT, positions_BT, loss_mask_BT, score_index_BR, *, chunk

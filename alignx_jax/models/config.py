@@ -12,6 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from alignx_jax import hardware
 from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models import lora as lora_lib
 
@@ -111,6 +112,7 @@ class DecoderConfig:
     remat: str = "none"
     scan_layers: bool = True
     attention_impl: str = "xla"
+    cpu_matmul: str = "auto"  # the library XLA's CPU backend calls for products (hardware.CPU_MATMULS)
     # the bottom `frozen_layers` blocks and the input embedding take no gradient (training only):
     # the backward pass stops at the first trainable block
     frozen_layers: int = 0
@@ -131,6 +133,10 @@ class DecoderConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"attention_impl {self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
+        if self.cpu_matmul not in hardware.CPU_MATMULS:
+            raise ConfigError(
+                f"cpu_matmul {self.cpu_matmul!r} is not one of {', '.join(hardware.CPU_MATMULS)}"
             )
         if not 0 <= self.frozen_layers < self.num_hidden_layers:
             raise ConfigError(
@@ -187,6 +193,24 @@ class DecoderConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    def compiler_options(self, decode: bool = False) -> dict[str, Any]:
+        """The XLA options every program of this model is compiled with (`jax.jit(..., compiler_options=)`):
+        the CPU matmul library of `cpu_matmul` (`hardware.cpu_matmul_library`; `decode`: a generation
+        program); {} off the CPU."""
+        library = hardware.cpu_matmul_library(
+            self.cpu_matmul, str(self.compute_dtype), self.hidden_size, decode=decode
+        )
+        if library is None:
+            raise ConfigError(
+                "model.cpu_matmul=onednn: this jaxlib's XLA CPU backend cannot hand products to oneDNN; "
+                "use auto or ynnpack"
+            )
+        return hardware.compiler_options(library)
+
+    def compiler_options_key(self, decode: bool = False) -> tuple[tuple[str, Any], ...]:
+        """`compiler_options()` as sorted (name, value) pairs: hashable, for a cache of jitted functions."""
+        return tuple(sorted(self.compiler_options(decode).items()))
 
     def replace(self, **changes: Any) -> DecoderConfig:
         return dataclasses.replace(self, **changes)

@@ -370,10 +370,20 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(pid if pid is not None else 0)
 
 
-@functools.partial(nnx.jit, static_argnames=("pooling",))
 def pooled_features(model: nnx.Module, ids_BS: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:
-    """Pooled final hidden states `[B, D]` of persona ids `[B, S]` (jitted once per shape)."""
-    return pool_hidden(model.hidden_states(ids_BS, mask_BS), mask_BS, pooling)
+    """Pooled final hidden states `[B, D]` of persona ids `[B, S]` (jitted once per shape, with the
+    model's compile options)."""
+    graphdef, state = nnx.split(model)
+    program = _pooled_program(model.cfg.compiler_options_key())
+    return program(graphdef, state, ids_BS, mask_BS, pooling=pooling)
+
+
+@functools.cache
+def _pooled_program(options: tuple[tuple[str, Any], ...]) -> Any:
+    def pooled(graphdef, state, ids_BS, mask_BS, pooling):
+        return pool_hidden(nnx.merge(graphdef, state).hidden_states(ids_BS, mask_BS), mask_BS, pooling)
+
+    return jax.jit(pooled, static_argnames=("graphdef", "pooling"), compiler_options=dict(options) or None)
 
 
 @nnx.jit

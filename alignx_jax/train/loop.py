@@ -57,8 +57,8 @@ from alignx_jax.train.step import (
     describe_nonfinite,
     eval_metrics,
     jit_eval_step,
+    jit_ref_logps,
     jit_train_step,
-    make_ref_logps_fn,
     reference_needed,
 )
 
@@ -409,7 +409,7 @@ class Trainer:
         """The reference log-probs of every pair of every step, `[steps, local pairs, 2]`."""
         from tqdm import tqdm
 
-        ref_fn = jax.jit(make_ref_logps_fn(self.codec, self.cfg.loss), out_shardings=self.rep)
+        ref_fn = jit_ref_logps(self.codec, self.cfg.loss, self.rep)
         pre_loader = self.new_loader()
         saved_truncated = self.rows_truncated
         table = np.zeros(want_shape, np.float32)

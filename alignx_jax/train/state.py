@@ -31,11 +31,13 @@ def rules_from_config(cfg: ml_collections.ConfigDict) -> shd.Rules:
 
 
 def run_options(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The DecoderConfig options a run sets from `model.*` (remat, scan, attention, frozen layers)."""
+    """The DecoderConfig options a run sets from `model.*` (remat, scan, attention, CPU matmuls, frozen
+    layers)."""
     return {
         "remat": str(cfg.model.remat),
         "scan_layers": bool(cfg.model.scan_layers),
         "attention_impl": str(cfg.model.attention_impl),
+        "cpu_matmul": str(cfg.model.cpu_matmul),
         "frozen_layers": int(cfg.model.frozen_layers),
         **lora_options(cfg),
     }
@@ -115,6 +117,8 @@ class ParamsCodec:
 
     graphdef: Any
     treedef: Any
+    # the model's XLA compile options (`DecoderConfig.compiler_options`), as sorted (name, value) pairs
+    options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def of(cls, model) -> ParamsCodec:
@@ -130,7 +134,12 @@ class ParamsCodec:
 
         if names(state) != names(pure):
             raise RuntimeError("decoder state and its pure dict disagree on leaf order")
-        return cls(graphdef, jax.tree.structure(state))
+        return cls(graphdef, jax.tree.structure(state), model.cfg.compiler_options_key())
+
+    @property
+    def compiler_options(self) -> dict[str, Any] | None:
+        """What every program of the model is jitted with (`jax.jit(..., compiler_options=)`)."""
+        return dict(self.options) or None
 
     def module(self, params: Any):
         return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, jax.tree.leaves(params)))
@@ -166,7 +175,8 @@ class LoraCodec(ParamsCodec):
         return cls(
             plain.graphdef,
             plain.treedef,
-            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes),
+            plain.options,
+            adapters=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes),
         )
 
     @staticmethod

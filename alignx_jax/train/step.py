@@ -413,6 +413,17 @@ def make_ref_logps_fn(codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict) -
     return fn
 
 
+def jit_ref_logps(
+    codec: ParamsCodec, loss_cfg: ml_collections.ConfigDict, out_shardings: Any = None
+) -> Callable:
+    """`make_ref_logps_fn` jitted as `alignx train`'s precompute pass runs it (the model's compile options)."""
+    return jax.jit(
+        make_ref_logps_fn(codec, loss_cfg),
+        out_shardings=out_shardings,
+        compiler_options=codec.compiler_options,
+    )
+
+
 def jit_train_step(
     codec: ParamsCodec,
     tx: optax.GradientTransformation,
@@ -436,7 +447,12 @@ def jit_train_step(
         head_tx=head_tx,
         pba_cfg=cfg.pba if head_codec is not None else None,
     )
-    return jax.jit(step, out_shardings=(param_shardings, opt_shardings, replicated), donate_argnums=(0, 1))
+    return jax.jit(
+        step,
+        out_shardings=(param_shardings, opt_shardings, replicated),
+        donate_argnums=(0, 1),
+        compiler_options=codec.compiler_options,
+    )
 
 
 def eval_sums(spec: StepSpec, params, ref_params, mb) -> dict[str, jax.Array]:
@@ -466,7 +482,7 @@ def make_eval_step(spec: StepSpec) -> Callable:
         init = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
         return jax.lax.scan(micro, init, batch)[0]
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, compiler_options=spec.codec.compiler_options)
 
 
 def jit_eval_step(codec: ParamsCodec, cfg: ml_collections.ConfigDict, head_codec: HeadCodec | None = None):
