@@ -244,3 +244,15 @@ def test_train_config_key_is_checked_in_one_line_and_reaches_the_decoder():
     assert "\n" not in str(e.value)
     cfg = load_config(tiny, ["--config.workdir=/tmp/x", "--config.model.cpu_matmul=onednn"])
     assert run_options(cfg)["cpu_matmul"] == "onednn"
+
+
+def test_a_plan_for_another_platform_leaves_this_hosts_cpu_matmul_out():
+    import os
+
+    from alignx_jax.config import load_config
+    from alignx_jax.plan.presets import decoder_config_for
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
+    cfg = load_config(tiny, ["--config.workdir=/tmp/x", "--config.model.cpu_matmul=onednn"])
+    assert decoder_config_for(cfg, platform="tpu").cpu_matmul == "ynnpack"
+    assert decoder_config_for(cfg, platform="cpu").cpu_matmul == "onednn"

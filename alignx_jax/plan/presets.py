@@ -86,6 +86,8 @@ def decoder_config_for(cfg: ml_collections.ConfigDict, platform: str | None = No
 
     dtype = resolve_dtype(str(cfg.model.dtype), backend=None if platform in (None, "local") else platform)
     opts = dict(run_options(cfg), dtype=dtype, param_dtype=str(cfg.model.param_dtype))
+    if platform not in (None, "local", "cpu"):  # this host's CPU matmul library is no part of a TPU/GPU plan
+        opts["cpu_matmul"] = "ynnpack"
     key = "model.hf_path" if cfg.model.hf_path else "model.preset"  # the one named in an error
     path = str(cfg.model.hf_path) or str(cfg.model.preset)
     if path:
