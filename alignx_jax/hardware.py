@@ -61,6 +61,7 @@ def cpu_features(path: str = CPUINFO) -> dict[str, Any]:
     return out
 
 
+@functools.cache  # asked at every generate / persona-features call: read /proc/cpuinfo once
 def cpu_vendor(path: str = CPUINFO) -> str:
     """The CPU's `vendor_id` (GenuineIntel, AuthenticAMD; '' where there is no /proc/cpuinfo)."""
     return _cpuinfo_field("vendor_id", path) or ""
