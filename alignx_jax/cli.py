@@ -62,7 +62,8 @@ def _cpu_matmul_arg(p: argparse.ArgumentParser) -> None:
         default=AUTO,
         choices=CPU_MATMULS,
         help="the library XLA's CPU backend calls for matrix products (CPU only); auto: oneDNN for float32 "
-        "models of hidden size >= 256 on Intel CPUs (not for generation), else YNNPACK",
+        "models of hidden size >= 256 on Intel CPUs with AVX-512 (not for generation), else YNNPACK; onednn "
+        "is refused on other CPUs",
     )
 
 

@@ -72,6 +72,11 @@ def _cpu_has_amx() -> bool:
     return "amx_bf16" in cpu_features().get("flags", ())
 
 
+@functools.cache
+def cpu_has_avx512() -> bool:
+    return "avx512f" in cpu_features().get("flags", ())
+
+
 def resolve_dtype(name: str, backend: str | None = None) -> str:
     """A compute dtype name, with `auto` made concrete for `backend` (default: JAX's default backend)."""
     if name != AUTO:
@@ -179,14 +184,29 @@ def onednn_dots_available() -> bool:
     return True
 
 
+def onednn_refusal() -> str | None:
+    """Why `model.cpu_matmul=onednn` cannot run on this host, or None where it can: this jaxlib must hand
+    products to oneDNN, and the CPU must be of the kind it was verified on (Intel with AVX-512); on an AMD
+    EPYC with AVX2 XLA's oneDNN batched products hung or corrupted the heap (BENCHMARKS.md §7)."""
+    if not onednn_dots_available():
+        return "this jaxlib's XLA CPU backend cannot hand products to oneDNN"
+    if cpu_vendor() != "GenuineIntel" or not cpu_has_avx512():
+        cpu = f"{cpu_vendor() or 'unknown vendor'}, {'' if cpu_has_avx512() else 'no '}AVX-512"
+        return (
+            f"XLA's oneDNN products are enabled on Intel CPUs with AVX-512 only, not on this one ({cpu}): "
+            "on an AMD EPYC with AVX2 its batched products hung or crashed (BENCHMARKS.md §7)"
+        )
+    return None
+
+
 def cpu_matmul_library(
     choice: str, dtype: str, width: int, backend: str | None = None, *, decode: bool = False
 ) -> str | None:
     """The library XLA's CPU backend calls for the products of a `dtype` model of hidden size `width`:
-    'ynnpack' or 'onednn'; '' off the CPU (the choice is CPU-only); None when `choice` is 'onednn' and this
-    jaxlib has no oneDNN dots. `auto`: oneDNN for float32 models of width >= ONEDNN_MIN_WIDTH on Intel CPUs
-    (where it was measured faster), YNNPACK otherwise and for `decode` programs (KV-cache generation, whose
-    few-row products ran slower in oneDNN: BENCHMARKS.md §7)."""
+    'ynnpack' or 'onednn'; '' off the CPU (the choice is CPU-only); None when `choice` is 'onednn' and
+    `onednn_refusal()` says why it cannot be. `auto`: oneDNN for float32 models of width >= ONEDNN_MIN_WIDTH
+    where it may run (Intel CPUs with AVX-512, where it was measured faster), YNNPACK otherwise and for
+    `decode` programs (KV-cache generation, whose few-row products ran slower in oneDNN: BENCHMARKS.md §7)."""
     if choice not in CPU_MATMULS:
         raise ValueError(f"cpu matmul library {choice!r} is not one of {', '.join(CPU_MATMULS)}")
     if backend is None:
@@ -197,10 +217,8 @@ def cpu_matmul_library(
         return ""
     if choice == AUTO:
         wide_f32 = dtype == "float32" and width >= ONEDNN_MIN_WIDTH and not decode
-        choice = "onednn" if wide_f32 and cpu_vendor() == "GenuineIntel" else "ynnpack"
-        if choice == "onednn" and not onednn_dots_available():
-            return "ynnpack"
-    if choice == "onednn" and not onednn_dots_available():
+        return "onednn" if wide_f32 and onednn_refusal() is None else "ynnpack"
+    if choice == "onednn" and onednn_refusal() is not None:
         return None
     return choice
 

@@ -19,21 +19,24 @@ ONEDNN = "__onednn_fusion"  # the fusion kind XLA gives a product handed to oneD
 
 
 @pytest.mark.parametrize(
-    "choice, dtype, width, vendor, backend, want",
+    "choice, dtype, width, vendor, avx512, backend, want",
     [
-        ("auto", "float32", 576, "GenuineIntel", "cpu", "onednn"),
-        ("auto", "float32", 256, "GenuineIntel", "cpu", "onednn"),
-        ("auto", "float32", 255, "GenuineIntel", "cpu", "ynnpack"),  # make demo's narrow model
-        ("auto", "bfloat16", 576, "GenuineIntel", "cpu", "ynnpack"),  # bf16 products: YNNPACK is faster
-        ("auto", "float32", 576, "AuthenticAMD", "cpu", "ynnpack"),  # not measured there
-        ("onednn", "bfloat16", 64, "AuthenticAMD", "cpu", "onednn"),  # a named library is taken as is
-        ("ynnpack", "float32", 576, "GenuineIntel", "cpu", "ynnpack"),
-        ("auto", "float32", 576, "GenuineIntel", "gpu", ""),  # a CPU-only choice
-        ("onednn", "float32", 576, "GenuineIntel", "tpu", ""),
+        ("auto", "float32", 576, "GenuineIntel", True, "cpu", "onednn"),
+        ("auto", "float32", 256, "GenuineIntel", True, "cpu", "onednn"),
+        ("auto", "float32", 255, "GenuineIntel", True, "cpu", "ynnpack"),  # make demo's narrow model
+        ("auto", "bfloat16", 576, "GenuineIntel", True, "cpu", "ynnpack"),  # bf16 products: YNNPACK is faster
+        ("auto", "float32", 576, "AuthenticAMD", True, "cpu", "ynnpack"),  # not verified there
+        ("auto", "float32", 576, "GenuineIntel", False, "cpu", "ynnpack"),  # nor without AVX-512
+        ("onednn", "bfloat16", 64, "GenuineIntel", True, "cpu", "onednn"),  # a named library is taken as is
+        ("onednn", "float32", 576, "AuthenticAMD", False, "cpu", None),  # refused: it hung or crashed there
+        ("ynnpack", "float32", 576, "GenuineIntel", True, "cpu", "ynnpack"),
+        ("auto", "float32", 576, "GenuineIntel", True, "gpu", ""),  # a CPU-only choice
+        ("onednn", "float32", 576, "AuthenticAMD", False, "tpu", ""),
     ],
 )
-def test_library_rule(monkeypatch, choice, dtype, width, vendor, backend, want):
+def test_library_rule(monkeypatch, choice, dtype, width, vendor, avx512, backend, want):
     monkeypatch.setattr(hardware, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(hardware, "cpu_has_avx512", lambda: avx512)
     monkeypatch.setattr(hardware, "onednn_dots_available", lambda: True)
     assert hardware.cpu_matmul_library(choice, dtype, width, backend) == want
     # generation's few-row products: auto keeps YNNPACK, a named library is taken as is
@@ -42,8 +45,23 @@ def test_library_rule(monkeypatch, choice, dtype, width, vendor, backend, want):
     assert hardware.compiler_options(want) == (hardware.ONEDNN_DOTS if want == "onednn" else {})
 
 
+def test_on_an_unverified_cpu_a_named_onednn_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(hardware, "cpu_has_avx512", lambda: False)
+    cfg = _model("onednn", width=32).cfg
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ConfigError) as e:
+            cfg.compiler_options()
+        msg = str(e.value)
+        assert msg.startswith("model.cpu_matmul=onednn: XLA's oneDNN products are enabled on Intel CPUs with")
+        assert "(AuthenticAMD, no AVX-512)" in msg and msg.endswith("use auto or ynnpack")
+        assert "\n" not in msg
+    assert _model("auto", width=576).cfg.compiler_options() == {}  # auto stays on YNNPACK
+
+
 def test_without_onednn_auto_falls_back_and_a_named_onednn_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(hardware, "cpu_has_avx512", lambda: True)
     monkeypatch.setattr(hardware, "onednn_dots_available", lambda: False)
     assert hardware.cpu_matmul_library("auto", "float32", 576, "cpu") == "ynnpack"
     assert hardware.cpu_matmul_library("onednn", "float32", 576, "cpu") is None
@@ -88,8 +106,10 @@ def _optimizer():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU compiler choice")
-def test_onednn_train_step_equals_the_ynnpack_step():
+def test_onednn_train_step_equals_the_ynnpack_step(monkeypatch):
     """One DPO step (forward, backward, AdamW update) compiled with each library, from the same weights."""
+    # as on a CPU where oneDNN is enabled; this model's small products ran on the EPYC that refuses it too
+    monkeypatch.setattr(hardware, "onednn_refusal", lambda: None)
     out = {}
     batch = train.to_microbatches(_batch(B=4, T=24, seed=3), 2)
     tx = _optimizer()
@@ -197,11 +217,18 @@ def test_eval_and_generate_take_cpu_matmul_from_the_command_line(tiny_hf_checkpo
     if not os.path.isfile(psoups):
         pytest.skip("P-SOUPS file not available")
     llama = tiny_hf_checkpoints["llama"]
+    bench = ["--benchmark", f"p-soups={psoups}", "--limit", "4", "--max-length", "256"]
+    refusal = hardware.onednn_refusal()
+    if refusal is not None:  # this CPU: the command refuses oneDNN in one line, before any work
+        r = run_cli(
+            ["eval", "--model", llama, "--cpu-matmul", "onednn", *bench, "--out", tmp_path / "o.json"]
+        )
+        assert r.returncode != 0 and not (tmp_path / "o.json").exists()
+        assert f"model.cpu_matmul=onednn: {refusal}; use auto or ynnpack" in r.stderr, r.stderr
     scores, tokens = {}, {}
-    for library in ("ynnpack", "onednn"):
+    for library in ("ynnpack", "onednn") if refusal is None else ("ynnpack",):
         per = tmp_path / f"{library}.jsonl"
         args = ["--model", llama, "--cpu-matmul", library]
-        bench = ["--benchmark", f"p-soups={psoups}", "--limit", "4", "--max-length", "256"]
         r = run_cli(["eval", *args, *bench, "--per-example", per, "--out", tmp_path / f"{library}.json"])
         assert r.returncode == 0, r.stderr
         scores[library] = [json.loads(line) for line in per.read_text().splitlines()]
@@ -219,11 +246,13 @@ def test_eval_and_generate_take_cpu_matmul_from_the_command_line(tiny_hf_checkpo
         )
         assert r.returncode == 0, r.stderr
         tokens[library] = json.loads(r.stdout.strip().splitlines()[0])["token_ids"]
-    assert tokens["onednn"] == tokens["ynnpack"]
-    assert len(scores["onednn"]) == len(scores["ynnpack"]) == 4
-    for a, b in zip(scores["ynnpack"], scores["onednn"]):
-        for k in ("logp_chosen", "logp_rejected"):
-            np.testing.assert_allclose(b[k], a[k], rtol=1e-5)
+    assert len(scores["ynnpack"]) == 4 and len(tokens["ynnpack"]) == 6
+    if refusal is None:
+        assert tokens["onednn"] == tokens["ynnpack"]
+        assert len(scores["onednn"]) == 4
+        for a, b in zip(scores["ynnpack"], scores["onednn"]):
+            for k in ("logp_chosen", "logp_rejected"):
+                np.testing.assert_allclose(b[k], a[k], rtol=1e-5)
     with pytest.raises(SystemExit) as e:  # argparse's usage error
         run_cli(["generate", "--model", llama, "--cpu-matmul", "mkl", "--prompt", "Hi"])
     assert e.value.code == 2

@@ -202,10 +202,7 @@ class DecoderConfig:
             self.cpu_matmul, str(self.compute_dtype), self.hidden_size, decode=decode
         )
         if library is None:
-            raise ConfigError(
-                "model.cpu_matmul=onednn: this jaxlib's XLA CPU backend cannot hand products to oneDNN; "
-                "use auto or ynnpack"
-            )
+            raise ConfigError(f"model.cpu_matmul=onednn: {hardware.onednn_refusal()}; use auto or ynnpack")
         return hardware.compiler_options(library)
 
     def compiler_options_key(self, decode: bool = False) -> tuple[tuple[str, Any], ...]:
