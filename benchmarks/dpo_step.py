@@ -28,7 +28,8 @@ too: both sides are handed the same padded tensor, and the ratio is the same eit
 6 N_mm + attention for the policy (forward+backward)
 and 2 N_mm + attention for the reference forward, where N_mm excludes the embedding gather and
 attention is 4 L_layers T D_attn per token (full, un-halved score matrix, as computed here).
-`peak_flops` is the median over rounds of the best 1024^2 / 2048^2 float32 JAX matmul rate.
+`peak_flops` is the median over rounds of the best square JAX matmul rate in `--dtype`
+(1024^2 / 2048^2 on a CPU, 4096^2 / 8192^2 on a GPU).
 """
 
 from __future__ import annotations
@@ -123,9 +124,22 @@ SIZES: dict[str, dict[str, int]] = {
         head_dim=64,
         vocab_size=49152,
     ),
+    # Llama-3.2-1B's shape, ~1.24B parameters: the 1B-class step of the GPU measurements
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+    ),
 }
 # non-integer config keys per size (the others: untied, rope theta 1e4)
-SIZE_EXTRA: dict[str, dict[str, Any]] = {"smollm2": dict(tie_word_embeddings=True, rope_theta=100000.0)}
+SIZE_EXTRA: dict[str, dict[str, Any]] = {
+    "smollm2": dict(tie_word_embeddings=True, rope_theta=100000.0),
+    "1b": dict(tie_word_embeddings=True, rope_theta=500000.0),
+}
 # P-SOUPS-like pairs: (prompt, response) token counts around which `--pairs psoups` draws
 PSOUPS_LENGTHS = (250, 50)
 
@@ -357,11 +371,12 @@ def jax_logps(policy, setup: Setup) -> np.ndarray:
 
 
 def measure_peak_flops(dtype: str = "float32", repeats: int = 5) -> float:
-    """Best FLOP/s of a square matmul (1024^2 and 2048^2) in JAX on the default device."""
+    """Best FLOP/s of a square matmul in JAX on the default device: 1024^2 and 2048^2 on a CPU,
+    4096^2 and 8192^2 on an accelerator (where a 2048^2 product is over before its launch cost is)."""
     import jax
 
     best = 0.0
-    for n in (1024, 2048):
+    for n in (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192):
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         # a float32 result: bf16 x bf16 -> bf16 takes XLA's slow upcast path on CPU (models/matmul.py)
@@ -528,6 +543,8 @@ def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[st
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
+    else:  # torch shares the GPU: JAX takes memory as it needs it, not 75% of the card up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import copy
 
     import jax

@@ -49,6 +49,21 @@ def xla_flags(devices: int | None = None) -> str:
     )
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", os.path.join(root, "benchmarks", f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
 _flags = os.environ.get("XLA_FLAGS", "").split()
 os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in TEST_XLA_FLAGS if f not in _flags])
 # under `pytest -n N` the workers share the cores: torch's OpenMP threads spin at their barriers while a

@@ -119,17 +119,9 @@ def test_names_and_args():
 
 
 def _bench_script(name: str):
-    import importlib.util
-    import sys
+    from conftest import load_benchmark
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(
-        f"bench_{name}", os.path.join(root, "benchmarks", f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 def test_score_benchmark_tiny(tmp_path):

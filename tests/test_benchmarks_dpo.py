@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "dpo_step_bench", os.path.join(ROOT, "benchmarks", "dpo_step.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    return _bench()
+    return load_benchmark("dpo_step")
 
 
 def test_param_count_formula_matches_model(bench):

@@ -52,7 +52,7 @@ def test_splash_attention_matches_xla_values_and_grads():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
 
 
-def _model(impl):
+def _model(impl, **options):
     cfg = dec.DecoderConfig(
         vocab_size=97,
         hidden_size=32,
@@ -63,7 +63,7 @@ def _model(impl):
         head_dim=8,
         attention_impl=impl,
     )
-    return dec.Decoder(cfg, rngs=nnx.Rngs(0))
+    return dec.Decoder(cfg.replace(**options), rngs=nnx.Rngs(0))
 
 
 def _rows(B=4, T=128):
@@ -106,10 +106,24 @@ def test_splash_falls_back_where_it_cannot_run_and_refuses_branches():
     assert model._attention_impl(128, cached=True, branches=False) == "xla"  # KV-cache decoding
     with pytest.raises(ConfigError, match="branch mask"):
         model._attention_impl(128, cached=False, branches=True)
-    # off TPU, auto is jax.nn.dot_product_attention's choice
-    assert _model("auto")._attention_impl(128, cached=False, branches=False) == "auto"
+    # off TPU and GPU, auto is the xla kernel
+    assert _model("auto")._attention_impl(128, cached=False, branches=False) == "xla"
     with pytest.raises(ConfigError, match="multiple of 128"):
         dec.splash_block(200)
+
+
+def test_auto_takes_cudnn_on_a_gpu_where_it_applies(monkeypatch):
+    """`auto` on a GPU: cuDNN flash attention for a half-precision model without a KV cache, the xla
+    kernel otherwise (float32 inputs, decoding, a head_dim cuDNN does not tile); splash on a TPU."""
+    monkeypatch.setattr(dec, "target_platform", lambda: "gpu")
+    model, bf16 = _model("auto"), _model("auto", dtype="bfloat16")
+    assert bf16._attention_impl(100, cached=False, branches=True) == "cudnn"
+    assert bf16._attention_impl(1, cached=True, branches=False) == "xla"
+    assert model._attention_impl(100, cached=False, branches=False) == "xla"  # float32
+    wide = _model("auto", dtype="bfloat16", head_dim=160)
+    assert wide._attention_impl(100, cached=False, branches=False) == "xla"
+    monkeypatch.setattr(dec, "target_platform", lambda: "tpu")
+    assert bf16._attention_impl(128, cached=False, branches=False) == "splash"
 
 
 @pytest.mark.parametrize(

@@ -498,7 +498,8 @@ class Decoder(nnx.Module):
     # -- implementation --
     def _attention_impl(self, T: int, cached: bool, branches: bool) -> str:
         """The attention kernel this call runs: `auto` is splash on TPU where it applies (rows of a
-        multiple of 128, no branches), else `jax.nn.dot_product_attention`'s choice. Splash has no
+        multiple of 128, no branches), cuDNN flash attention on a GPU where it applies (a bf16/fp16
+        compute dtype, head_dim a multiple of 8 up to 128, no KV cache), else xla. Splash has no
         KV-cache decode step and tiles rows by 128: decoding and odd lengths (a persona row, a
         generation prompt) run the XLA kernel; a branch mask it cannot express is an error.
         Attention logit soft-capping (Gemma 2) is done by the XLA/chunked kernels only (neither splash
@@ -516,6 +517,9 @@ class Decoder(nnx.Module):
             )
         if impl == "auto" and target_platform() == "tpu" and not cached and not branches and T % 128 == 0:
             return "splash"
+        if impl == "auto":
+            # on an H200 the cuDNN kernel ran a 1B-class bf16 step 1.22x as fast as xla (BENCHMARKS.md §8)
+            return "cudnn" if target_platform() == "gpu" and self._cudnn_applies(cached) else "xla"
         if impl == "splash" and (cached or T % 128):
             return "xla"
         if impl == "splash" and branches:
@@ -524,6 +528,12 @@ class Decoder(nnx.Module):
                 "use attention_impl=xla (or auto) with share_prompt"
             )
         return impl
+
+    def _cudnn_applies(self, cached: bool) -> bool:
+        """Whether cuDNN's flash kernel takes this model's attention: half-precision inputs and a
+        head_dim it tiles (multiples of 8 up to 128); KV-cache decoding stays on xla."""
+        H = self.cfg.head_dim
+        return not cached and self.cfg.dtype in ("bfloat16", "float16") and H % 8 == 0 and H <= 128
 
     def _forward(
         self,

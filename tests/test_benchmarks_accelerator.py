@@ -1,0 +1,38 @@
+"""benchmarks/accelerator_step.py: each variant of the train step in its own process, same numbers."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return load_benchmark("accelerator_step")
+
+
+def test_variants_agree_and_a_failed_variant_is_recorded(bench):
+    """The blocked and one-block attention kernels give the same first loss in separate processes;
+    cuDNN attention cannot run on a CPU and is recorded with its error line while the others run."""
+    flags = "--model-size tiny --seq-len 64 --batch 2 --dtype float32 --steps 1 --warmup 1"
+    args = bench.build_parser().parse_args([*flags.split(), "--variants", "default,cudnn,one_block"])
+    out = bench.run_all(args)
+    default, cudnn, one_block = (out["variants"][v] for v in ("default", "cudnn", "one_block"))
+    assert default["step_seconds"] > 0 and one_block["step_seconds"] > 0
+    assert default["model_flops_per_step"] == one_block["model_flops_per_step"] > 0
+    assert one_block["loss_diff_vs_default"] < 1e-5
+    assert one_block["speedup_vs_default"] > 0
+    assert "step_seconds" not in cudnn and "cudnn" in cudnn["error"].lower()
+
+
+def test_unknown_variant_is_refused(bench):
+    args = bench.build_parser().parse_args(["--variants", "default,flash"])
+    with pytest.raises(SystemExit, match="unknown flash"):
+        bench.run_all(args)
+
+
+def test_error_line_is_the_exception(bench):
+    stderr = "Traceback (most recent call last):\n  File x\njaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: oom\n\nnote\n"
+    assert bench._error_line(stderr) == "jaxlib.XlaRuntimeError: RESOURCE_EXHAUSTED: oom"
