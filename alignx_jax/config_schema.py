@@ -127,7 +127,7 @@ class ModelSection:
     # output layer too) get no gradient and no update; the backward pass stops above them (0 = all train)
     frozen_layers: int = 0
     # "xla" | "cudnn" (GPU flash attention) | "splash" (TPU Pallas flash attention) | "auto" (splash on
-    # TPU, else jax.nn.dot_product_attention's pick) | "chunked" (query blocks)
+    # TPU, cudnn on a GPU for bf16/fp16 models, where each applies; else xla) | "chunked" (query blocks)
     attention_impl: AttentionImpl = "xla"
     # the library XLA's CPU backend calls for matrix products: "ynnpack" (XLA's default) | "onednn" | "auto"
     # (oneDNN for float32 models of hidden size >= 256 on Intel CPUs, not for generation; alignx_jax.hardware)

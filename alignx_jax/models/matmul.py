@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from alignx_jax.sharding import active_mesh, target_platform
 
 
-def _transposed_wgrad() -> bool:
+def transposed_wgrad() -> bool:
+    """Whether `dense` takes the CPU weight-gradient rule (`x^T` written out, float32 residuals): on a
+    CPU only; on an H200 it ran a 1B-class step out of memory (BENCHMARKS.md §8)."""
     return target_platform() == "cpu"
 
 
@@ -39,7 +41,7 @@ def dense_many(x_NI: jax.Array, ws_IO: tuple[jax.Array, ...], out_dtype=None) ->
     """`tuple(x @ w for w in ws)`: several projections of one input (q/k/v, gate/up) that share one
     `x^T` in the backward pass on CPU. The kernels stay separate arrays (their shardings too)."""
     ws_IO, out_dtype = tuple(ws_IO), jnp.dtype(out_dtype or x_NI.dtype)
-    if not _transposed_wgrad():
+    if not transposed_wgrad():
         return _products(x_NI, _cast(ws_IO, x_NI.dtype), out_dtype)
     return _dense_many(x_NI, ws_IO, out_dtype, jnp.dtype(x_NI.dtype))
 
