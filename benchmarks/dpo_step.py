@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -516,28 +517,39 @@ def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]
     return losses, times
 
 
-def _timed(step) -> tuple[float, float]:
+def _timed(step) -> tuple[float, float, dict[str, float]]:
+    """(loss, seconds, the process's minor page faults and kernel CPU seconds during the step)."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     loss = step()
-    return loss, time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return loss, dt, {"minor_faults": r1.ru_minflt - r0.ru_minflt, "sys_seconds": r1.ru_stime - r0.ru_stime}
 
 
-def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[str, list[float]]:
+def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[str, Any]:
     """Time one step of every contender per round, in turn, `rounds` times (plus one peak-matmul
     measurement per round when `peak` is given): a load change on the shared machine then hits all
-    of them alike, and per-round ratios stay meaningful even when absolute times drift."""
+    of them alike, and per-round ratios stay meaningful even when absolute times drift. Each step's
+    page faults and kernel time are kept too: memory one contender hands back to the OS and the
+    next one faults in again is paid inside the step (BENCHMARKS.md §7)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
+    os_costs: dict[str, dict[str, list[float]]] = {
+        name: {"minor_faults": [], "sys_seconds": []} for name in steps
+    }
     if peak is not None:
         times["peak_flops"] = []
     for _ in range(rounds):
         for name, step in steps.items():
-            loss, dt = _timed(step)
+            loss, dt, cost = _timed(step)
             losses[name].append(loss)
             times[name].append(dt)
+            for k, v in cost.items():
+                os_costs[name][k].append(v)
         if peak is not None:
             times["peak_flops"].append(peak())
-    return {"times": times, "losses": losses}
+    return {"times": times, "losses": losses, "os_costs": os_costs}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -623,7 +635,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warm_losses: dict[str, list[float]] = {name: [] for name in contenders}
     for name, step in contenders.items():
         for i in range(args.warmup):
-            loss, dt = _timed(step)
+            loss, dt, _ = _timed(step)
             warm_losses[name].append(loss)
             if name == "torch_compiled" and i == 0:
                 out["torch_compile_seconds"] = dt
@@ -655,6 +667,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         jax_step_times=times["jax"],
         torch_step_times=times["torch"],
         peak_flops_rounds=times["peak_flops"],
+        # per contender, per round: minor page faults and kernel CPU seconds of its step
+        os_costs_per_step=res["os_costs"],
     )
     out["jax_tokens_per_sec"] = tokens / out["jax_step_seconds"]
     out["torch_tokens_per_sec"] = tokens / out["torch_step_seconds"]

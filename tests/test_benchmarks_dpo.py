@@ -84,3 +84,19 @@ def test_bf16_steps_agree_with_float32(bench):
     assert j16 != j32 and t16 != t32  # bf16 rounding shows: the dtype reached both sides
     assert abs(j16 - j32) < 0.02 and abs(t16 - t32) < 0.02
     assert bench.measure_peak_flops("bfloat16", repeats=1) > 1e8
+
+
+def test_interleaved_rounds_count_each_steps_page_faults(bench):
+    """A step that touches 40 MB of fresh memory shows its page faults; one that allocates nothing
+    does not; every contender gets one time, loss and cost per round."""
+
+    def fresh():
+        # glibc maps a 40 MB block afresh (past its 32 MB mmap threshold) and bytearray zeroes every page
+        return float(len(bytearray(40_000_000)))
+
+    res = bench.interleaved_rounds({"fresh": fresh, "idle": lambda: 0.0}, rounds=3)
+    costs = res["os_costs"]
+    assert res["losses"]["fresh"] == [4e7] * 3 and len(res["times"]["idle"]) == 3
+    assert len(costs["fresh"]["sys_seconds"]) == 3
+    assert min(costs["fresh"]["minor_faults"]) > 5000  # 40 MB in 4 KiB pages is ~9800
+    assert max(costs["idle"]["minor_faults"]) < 1000
