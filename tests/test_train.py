@@ -386,8 +386,11 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
         "rows_truncated",
         "padding_fraction",
         "computed_padding_fraction",
+        "host/page_faults",
+        "host/kernel_seconds",
     ):
         assert k in rec, k
+    assert rec["host/page_faults"] >= 0 and 0 <= rec["host/kernel_seconds"] < 60
     # data.compact_tokens (the default): the token-wise layers compute at most the batch's padding share
     assert 0.0 <= rec["computed_padding_fraction"] < 0.5 * rec["padding_fraction"]
     # the training checkpoint exports through `alignx export --checkpoint W`

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -480,7 +481,7 @@ class Trainer:
             self.ckpt.close()
 
     def train_one_step(self) -> None:
-        t0 = time.perf_counter()
+        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         coll, info = next(self.loader)
         hb, stats = self.builder(coll)
         if self.precomputed:
@@ -489,9 +490,12 @@ class Trainer:
         with shd.use_mesh(self.mesh, self.rules):
             self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, self.ref_params, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt = time.perf_counter() - t0
+        dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         self.step += 1
         self.check_finite(m)
+        # memory the step's runtime frees and faults in again costs kernel time on some CPU VMs (BENCHMARKS.md §9)
+        m["host/page_faults"] = float(r1.ru_minflt - r0.ru_minflt)
+        m["host/kernel_seconds"] = r1.ru_stime - r0.ru_stime
         m["skipped_nonfinite_steps"] = self.skipped_total
         final_head = None
         if self.two_stage and self.step == self.total_steps:  # fit on the final policy, then saved with it
