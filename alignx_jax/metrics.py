@@ -20,11 +20,27 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 from typing import Any
 
 from alignx_jax import paths
 from alignx_jax.errors import ConfigError
+
+
+def host_usage() -> resource.struct_rusage:
+    """This process's resource usage now: the start of a `host_costs` interval."""
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def host_costs(since: resource.struct_rusage) -> dict[str, float]:
+    """This process's minor page faults and kernel CPU seconds since `since` (`host_usage()`): memory a
+    runtime frees and faults in again every step costs kernel time on some CPU VMs (BENCHMARKS.md §9)."""
+    now = host_usage()
+    return {
+        "page_faults": float(now.ru_minflt - since.ru_minflt),
+        "kernel_seconds": now.ru_stime - since.ru_stime,
+    }
 
 
 def _plain(v: Any) -> Any:

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import _smollm2 as common  # noqa: E402  (the machine description every benchmark reports)
 
-from alignx_jax import hardware  # noqa: E402
+from alignx_jax import hardware, metrics  # noqa: E402
 
 BETA = 0.1
 LR = 1e-4
@@ -518,13 +517,10 @@ def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float]]
 
 
 def _timed(step) -> tuple[float, float, dict[str, float]]:
-    """(loss, seconds, the process's minor page faults and kernel CPU seconds during the step)."""
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
+    """(loss, seconds, the process's page faults and kernel CPU seconds during the step)."""
+    r0, t0 = metrics.host_usage(), time.perf_counter()
     loss = step()
-    dt = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return loss, dt, {"minor_faults": r1.ru_minflt - r0.ru_minflt, "sys_seconds": r1.ru_stime - r0.ru_stime}
+    return loss, time.perf_counter() - t0, metrics.host_costs(r0)
 
 
 def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[str, Any]:
@@ -532,12 +528,10 @@ def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[st
     measurement per round when `peak` is given): a load change on the shared machine then hits all
     of them alike, and per-round ratios stay meaningful even when absolute times drift. Each step's
     page faults and kernel time are kept too: memory one contender hands back to the OS and the
-    next one faults in again is paid inside the step (BENCHMARKS.md §7)."""
+    next one faults in again is paid inside the step (BENCHMARKS.md §9)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
-    os_costs: dict[str, dict[str, list[float]]] = {
-        name: {"minor_faults": [], "sys_seconds": []} for name in steps
-    }
+    os_costs: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
     if peak is not None:
         times["peak_flops"] = []
     for _ in range(rounds):
@@ -546,7 +540,7 @@ def interleaved_rounds(steps: dict[str, Any], rounds: int, peak=None) -> dict[st
             losses[name].append(loss)
             times[name].append(dt)
             for k, v in cost.items():
-                os_costs[name][k].append(v)
+                os_costs[name].setdefault(k, []).append(v)
         if peak is not None:
             times["peak_flops"].append(peak())
     return {"times": times, "losses": losses, "os_costs": os_costs}

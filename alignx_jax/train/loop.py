@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -31,7 +30,7 @@ from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import batching, sources
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.hardware import describe_auto, resolve_dtype
-from alignx_jax.metrics import MetricsWriter
+from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
 from alignx_jax.pba import stages as pba_stages
 from alignx_jax.train.schema import joint_head, two_stage_head, uses_predicted, validate_config
 from alignx_jax.train.setup import (
@@ -481,7 +480,7 @@ class Trainer:
             self.ckpt.close()
 
     def train_one_step(self) -> None:
-        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        t0, r0 = time.perf_counter(), host_usage()
         coll, info = next(self.loader)
         hb, stats = self.builder(coll)
         if self.precomputed:
@@ -490,12 +489,10 @@ class Trainer:
         with shd.use_mesh(self.mesh, self.rules):
             self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, self.ref_params, batch)
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        dt, host = time.perf_counter() - t0, host_costs(r0)
         self.step += 1
         self.check_finite(m)
-        # memory the step's runtime frees and faults in again costs kernel time on some CPU VMs (BENCHMARKS.md §9)
-        m["host/page_faults"] = float(r1.ru_minflt - r0.ru_minflt)
-        m["host/kernel_seconds"] = r1.ru_stime - r0.ru_stime
+        m.update({f"host/{k}": v for k, v in host.items()})
         m["skipped_nonfinite_steps"] = self.skipped_total
         final_head = None
         if self.two_stage and self.step == self.total_steps:  # fit on the final policy, then saved with it
