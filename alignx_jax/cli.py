@@ -453,6 +453,14 @@ def _exit_on_sigterm():
 
 
 def run() -> None:  # console-script entry point
+    from alignx_jax.allocator import preload_for_cli
+
+    try:
+        # before anything else is imported: may re-execute this process with mimalloc preloaded
+        preload_for_cli(sys.argv[1:])
+    except AlignXError as e:
+        print(f"alignx: error: {e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(main())
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import hardware
+from alignx_jax import allocator, hardware
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json), as LlamaConfig keywords.
 SMOLLM2_SHAPE: dict[str, Any] = dict(
@@ -117,6 +117,12 @@ def cpu_pressure() -> str | None:
         return None
 
 
+def preload_allocator() -> None:
+    """Re-execute this benchmark with the host allocator `alignx` would run a CPU job with (ALIGNX_ALLOCATOR,
+    default auto: mimalloc; `system` measures glibc's). Both contenders share the process and so the allocator."""
+    allocator.reexec(os.environ.get(allocator.ENV) or "auto", cpu_job=True)
+
+
 def machine() -> dict[str, Any]:
     import jax
     import torch
@@ -129,6 +135,7 @@ def machine() -> dict[str, Any]:
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "jax_backend": jax.default_backend(),
+        "allocator": allocator.active(),
     }
 
 

@@ -52,7 +52,7 @@ for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import _smollm2 as common  # noqa: E402  (the machine description every benchmark reports)
 
-from alignx_jax import hardware, metrics  # noqa: E402
+from alignx_jax import allocator, hardware, metrics  # noqa: E402
 
 BETA = 0.1
 LR = 1e-4
@@ -589,6 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "machine": common.cpu_model(),
         "cpu": common.cpu_features(),
+        "allocator": allocator.active(),
         "cpu_count": os.cpu_count(),
         "timing": "interleaved rounds, medians",
         "load_average_start": list(os.getloadavg()),
@@ -780,4 +781,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    common.preload_allocator()  # before JAX starts
     sys.exit(main())

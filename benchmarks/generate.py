@@ -196,4 +196,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    common.preload_allocator()  # before JAX starts
     sys.exit(main())

@@ -27,6 +27,7 @@ USED_INDIRECTLY = {
     "array-record": "TFDS's array_record file format, read and written by tensorflow-datasets",
     "pytest-timeout": "a pytest plugin",
     "accelerate": "transformers' GGUF loading in tests/test_gguf.py",
+    "cmeel-mimalloc": "a shared library preloaded into CPU jobs (alignx_jax/allocator.py), found by its metadata",
 }
 OPTIONAL_IN_TESTS = {"tensorflow"}  # tests/test_sources.py checks it is absent
 # imported by the package only when a setting asks for it (a missing one is a one-line ConfigError)

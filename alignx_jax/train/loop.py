@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from alignx_jax import distributed, paths
+from alignx_jax import allocator, distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, put_batch
@@ -185,6 +185,13 @@ class Trainer:
             held.append(prepare_workdir(cfg, self.workdir))
         sync("workdir")
         self.cfg = cfg = with_concrete_dtype(cfg, self.is_main)
+        if self.is_main and jax.default_backend() == "cpu":
+            # whether each step faults its temporaries in again (host/page_faults) depends on it
+            choice = os.environ.get(allocator.ENV) or "auto"
+            print(
+                f"alignx train: host allocator {allocator.active()} ({allocator.ENV}={choice})",
+                file=sys.stderr,
+            )
 
     def open_data(self) -> None:
         """Tokenizer, data source, loader, batch builder and the run's length in steps."""
