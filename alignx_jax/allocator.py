@@ -126,6 +126,8 @@ def plan(
 def reexec(choice: str, cpu_job: bool) -> None:
     """Re-execute this process (same interpreter and arguments) with the allocator `choice` picks, if that
     is not the one it runs with; returns only when nothing needs to change."""
+    if choice in CHOICES and (not sys.platform.startswith("linux") or not sys.executable):
+        return  # LD_PRELOAD is the Linux loader's; an embedded interpreter cannot be re-executed
     new = plan(choice, cpu_job, os.environ, mimalloc_library(), accelerator_plugin(), total_memory_bytes())
     if new is None:
         return
