@@ -25,7 +25,7 @@ def test_auto_preloads_mimalloc_into_cpu_jobs_only():
     new = _plan(env={"PATH": "/bin", "LD_PRELOAD": "/x/libfoo.so"})
     assert new["LD_PRELOAD"] == f"{LIB}:/x/libfoo.so"  # ahead of the user's own preloads, which stay
     assert new["PATH"] == "/bin" and new[allocator.EXECED] == "1"
-    assert new["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert new["MIMALLOC_PURGE_DELAY"] == "-1" and new["MIMALLOC_ARENA_EAGER_COMMIT"] == "0"
     assert new["MIMALLOC_ARENA_RESERVE"] == new["MIMALLOC_ARENA_MAX_OBJECT_SIZE"] == "24GiB"
     assert (
         _plan(memory=23 * GIB + 5)["MIMALLOC_ARENA_RESERVE"] == "24GiB"
@@ -85,7 +85,7 @@ f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)
 x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 8192)) / 64, jnp.ones((8192, 8))
 f(x, w, v).block_until_ready()
 faults = []
-for _ in range(3):
+for _ in range(8):
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x, w, v).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
@@ -108,9 +108,10 @@ def test_mimalloc_keeps_xla_temporaries_that_glibc_faults_in_again(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[choice] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["system"]["allocator"] == "system" and out["mimalloc"]["allocator"] == "mimalloc"
-    # glibc: each call maps its 256 MB again (65k pages); mimalloc: the same pages again
+    # glibc: each call maps its 256 MB again (65k pages); mimalloc: the same pages again, once the arena holds
+    # what calls overlapping with the previous one's late free need (a second block, rarely)
     assert min(out["system"]["faults"]) > 30_000, out
-    assert max(out["mimalloc"]["faults"]) < 1_000, out
+    assert sum(n > 1_000 for n in out["mimalloc"]["faults"]) <= 2, out
 
 
 @needs_wheel

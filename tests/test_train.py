@@ -18,7 +18,7 @@ import pytest
 from conftest import cli_env, run_cli
 from flax import nnx
 
-from alignx_jax import train
+from alignx_jax import allocator, train
 from alignx_jax.config import load_config
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 
@@ -353,6 +353,13 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
         devices=8,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # that process ran as `alignx` runs: re-executed with mimalloc preloaded where the wheel is installed
+    expect = (
+        "mimalloc"
+        if allocator.mimalloc_library() and os.environ.get(allocator.ENV, "auto") != "system"
+        else ""
+    )
+    assert f"alignx train: host allocator {expect}" in r.stderr, r.stderr[-3000:]
     a, b = _losses(one), _losses(eight)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose(a[1], np.log(2.0), atol=1e-5)
