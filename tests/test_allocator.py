@@ -25,7 +25,7 @@ def test_auto_preloads_mimalloc_into_cpu_jobs_only():
     new = _plan(env={"PATH": "/bin", "LD_PRELOAD": "/x/libfoo.so"})
     assert new["LD_PRELOAD"] == f"{LIB}:/x/libfoo.so"  # ahead of the user's own preloads, which stay
     assert new["PATH"] == "/bin" and new[allocator.EXECED] == "1"
-    assert new["MIMALLOC_PURGE_DELAY"] == "-1" and new["MIMALLOC_ARENA_EAGER_COMMIT"] == "0"
+    assert new["MIMALLOC_PURGE_DELAY"] == "-1"
     assert new["MIMALLOC_ARENA_RESERVE"] == new["MIMALLOC_ARENA_MAX_OBJECT_SIZE"] == "24GiB"
     assert (
         _plan(memory=23 * GIB + 5)["MIMALLOC_ARENA_RESERVE"] == "24GiB"
@@ -67,7 +67,10 @@ def test_cli_command_picks_the_job_kind(monkeypatch):
     monkeypatch.delenv(allocator.ENV)
     allocator.preload_for_cli(["data", "check", "f.json"])
     allocator.preload_for_cli(["--help"])
-    assert seen == [("system", True), ("auto", False), ("auto", False)]
+    # the synthetic demo's tiny programs gain nothing; the real-model demo's do
+    allocator.preload_for_cli(["demo", "--out", "d"])
+    allocator.preload_for_cli(["demo", "--real", "--out", "d"])
+    assert seen == [("system", True), ("auto", False), ("auto", False), ("auto", False), ("auto", True)]
 
 
 needs_wheel = pytest.mark.skipif(
