@@ -9,9 +9,8 @@ purging off, keeps the freed pages and hands them to the next step, whatever its
 An allocator is chosen when a process starts, so `alignx` re-executes itself once with `LD_PRELOAD` set
 (`preload_for_cli`, before anything else is imported; the process id stays the same). `ALIGNX_ALLOCATOR`:
 
-- `auto` (the default): mimalloc for the commands that run a model (`runs_large_programs`) where JAX will run
-  on the CPU (no GPU/TPU plugin installed, or `JAX_PLATFORMS=cpu`) and the wheel is installed; else the
-  system's;
+- `auto` (the default): mimalloc for the commands that run a model (`CPU_COMMANDS`) where JAX will run on the
+  CPU (no GPU/TPU plugin installed, or `JAX_PLATFORMS=cpu`) and the wheel is installed; else the system's;
 - `mimalloc`: mimalloc for every command (a one-line error where the wheel is missing);
 - `system`: the C library's `malloc`.
 
@@ -137,19 +136,10 @@ def reexec(choice: str, cpu_job: bool) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], new)
 
 
-def runs_large_programs(argv: Sequence[str]) -> bool:
-    """Whether `alignx ARGV` runs the programs mimalloc pays off for: a model-running command, except the
-    synthetic `demo` (without `--real`), whose tiny programs gain nothing and whose many compiles ran 20%
-    slower with mimalloc's arena (BENCHMARKS.md §9)."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command == "demo":
-        return "--real" in argv
-    return command in CPU_COMMANDS
-
-
 def preload_for_cli(argv: Sequence[str]) -> None:
     """`alignx`'s choice for the sub-command in `argv` (`ALIGNX_ALLOCATOR`, default auto)."""
-    reexec(os.environ.get(ENV, "auto") or "auto", cpu_job=runs_large_programs(argv))
+    command = next((a for a in argv if not a.startswith("-")), None)
+    reexec(os.environ.get(ENV, "auto") or "auto", cpu_job=command in CPU_COMMANDS)
 
 
 def active() -> str:

@@ -67,10 +67,8 @@ def test_cli_command_picks_the_job_kind(monkeypatch):
     monkeypatch.delenv(allocator.ENV)
     allocator.preload_for_cli(["data", "check", "f.json"])
     allocator.preload_for_cli(["--help"])
-    # the synthetic demo's tiny programs gain nothing; the real-model demo's do
     allocator.preload_for_cli(["demo", "--out", "d"])
-    allocator.preload_for_cli(["demo", "--real", "--out", "d"])
-    assert seen == [("system", True), ("auto", False), ("auto", False), ("auto", False), ("auto", True)]
+    assert seen == [("system", True), ("auto", False), ("auto", False), ("auto", True)]
 
 
 needs_wheel = pytest.mark.skipif(
