@@ -136,10 +136,15 @@ def reexec(choice: str, cpu_job: bool) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], new)
 
 
+def configured() -> str:
+    """The choice `ALIGNX_ALLOCATOR` makes (unset or empty: auto)."""
+    return os.environ.get(ENV) or "auto"
+
+
 def preload_for_cli(argv: Sequence[str]) -> None:
     """`alignx`'s choice for the sub-command in `argv` (`ALIGNX_ALLOCATOR`, default auto)."""
     command = next((a for a in argv if not a.startswith("-")), None)
-    reexec(os.environ.get(ENV, "auto") or "auto", cpu_job=command in CPU_COMMANDS)
+    reexec(configured(), cpu_job=command in CPU_COMMANDS)
 
 
 def active() -> str:

@@ -120,7 +120,7 @@ def cpu_pressure() -> str | None:
 def preload_allocator() -> None:
     """Re-execute this benchmark with the host allocator `alignx` would run a CPU job with (ALIGNX_ALLOCATOR,
     default auto: mimalloc; `system` measures glibc's). Both contenders share the process and so the allocator."""
-    allocator.reexec(os.environ.get(allocator.ENV) or "auto", cpu_job=True)
+    allocator.reexec(allocator.configured(), cpu_job=True)
 
 
 def machine() -> dict[str, Any]:

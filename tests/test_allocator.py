@@ -27,9 +27,8 @@ def test_auto_preloads_mimalloc_into_cpu_jobs_only():
     assert new["PATH"] == "/bin" and new[allocator.EXECED] == "1"
     assert new["MIMALLOC_PURGE_DELAY"] == "-1"
     assert new["MIMALLOC_ARENA_RESERVE"] == new["MIMALLOC_ARENA_MAX_OBJECT_SIZE"] == "24GiB"
-    assert (
-        _plan(memory=23 * GIB + 5)["MIMALLOC_ARENA_RESERVE"] == "24GiB"
-    )  # rounded up: one arena holds it all
+    # rounded up: one arena holds it all
+    assert _plan(memory=23 * GIB + 5)["MIMALLOC_ARENA_RESERVE"] == "24GiB"
     assert _plan(cpu_job=False) is None  # `alignx data ...` gains nothing
     assert _plan(accelerator="jax_cuda12_plugin") is None
     assert _plan(library=None) is None  # the wheel is missing: the system allocator, no error
@@ -71,6 +70,14 @@ def test_cli_command_picks_the_job_kind(monkeypatch):
     assert seen == [("system", True), ("auto", False), ("auto", False), ("auto", True)]
 
 
+def _env_without_allocator_settings() -> dict[str, str]:
+    """This environment less any allocator choice, preload or mimalloc setting: each test sets its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIMALLOC_", "ALIGNX_ALLOCATOR"))}
+    env.pop("LD_PRELOAD", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
 needs_wheel = pytest.mark.skipif(
     allocator.mimalloc_library() is None or not sys.platform.startswith("linux"),
     reason="the cmeel-mimalloc wheel is not installed",
@@ -98,9 +105,7 @@ print(json.dumps({"allocator": allocator.active(), "faults": faults}))
 def test_mimalloc_keeps_xla_temporaries_that_glibc_faults_in_again(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIMALLOC_", "ALIGNX_ALLOCATOR"))}
-    env.update(JAX_PLATFORMS="cpu", GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
-    env.pop("LD_PRELOAD", None)
+    env = dict(_env_without_allocator_settings(), GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
     out = {}
     for choice in ("system", "mimalloc"):
         proc = subprocess.run(
@@ -117,24 +122,23 @@ def test_mimalloc_keeps_xla_temporaries_that_glibc_faults_in_again(tmp_path):
 
 @needs_wheel
 def test_alignx_reexecutes_itself_with_the_preload(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIMALLOC_", "ALIGNX_ALLOCATOR"))}
-    env.pop("LD_PRELOAD", None)
-    env["JAX_PLATFORMS"] = "cpu"
+    env = _env_without_allocator_settings()
     # `alignx generate` with a missing checkpoint fails at once, after the re-execution
-    cmd = [sys.executable, "-m", "alignx_jax", "generate", "--model", str(tmp_path / "none"), "--prompt", "x"]
+    args = ["generate", "--model", str(tmp_path / "none"), "--prompt", "x"]
+    # `python -m alignx_jax ARGS`, printing the preload its final process ran with
     probe = (
         "import os, runpy, sys; sys.argv[0] = 'alignx'; import atexit; "
         "atexit.register(lambda: print('PRELOAD=' + os.environ.get('LD_PRELOAD', ''), file=sys.stderr)); "
         "runpy.run_module('alignx_jax', run_name='__main__')"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", probe, *cmd[3:]], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "alignx: error:" in proc.stderr
     assert f"PRELOAD={allocator.mimalloc_library()}" in proc.stderr
     env[allocator.ENV] = "system"
     proc = subprocess.run(
-        [sys.executable, "-c", probe, *cmd[3:]], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1 and "PRELOAD=\n" in proc.stderr, proc.stderr[-2000:]

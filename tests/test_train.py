@@ -354,11 +354,7 @@ def test_train_writes_workdir_and_8_device_mesh_matches_1_device(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     # that process ran as `alignx` runs: re-executed with mimalloc preloaded where the wheel is installed
-    expect = (
-        "mimalloc"
-        if allocator.mimalloc_library() and os.environ.get(allocator.ENV, "auto") != "system"
-        else ""
-    )
+    expect = "mimalloc" if allocator.mimalloc_library() and allocator.configured() != "system" else ""
     assert f"alignx train: host allocator {expect}" in r.stderr, r.stderr[-3000:]
     a, b = _losses(one), _losses(eight)
     assert sorted(a) == sorted(b) == [1, 2, 3]

@@ -187,9 +187,8 @@ class Trainer:
         self.cfg = cfg = with_concrete_dtype(cfg, self.is_main)
         if self.is_main and jax.default_backend() == "cpu":
             # whether each step faults its temporaries in again (host/page_faults) depends on it
-            choice = os.environ.get(allocator.ENV) or "auto"
             print(
-                f"alignx train: host allocator {allocator.active()} ({allocator.ENV}={choice})",
+                f"alignx train: host allocator {allocator.active()} ({allocator.ENV}={allocator.configured()})",
                 file=sys.stderr,
             )
 
