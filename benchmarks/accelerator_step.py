@@ -45,6 +45,10 @@ for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import dpo_step  # noqa: E402  (the step, the batch and the FLOP count this benchmark shares)
 
+# launch/gpu_host.sh's XLA_PYTHON_CLIENT_MEM_FRACTION: JAX's default 0.75 leaves too little of the card for
+# the 1B step at logps_chunk 1024-2048 (BENCHMARKS.md section 8)
+LAUNCHER_MEM_FRACTION = "0.95"
+
 VARIANTS: dict[str, str] = {
     "default": "as `alignx train` compiles it on this platform",
     "no_compact": "data.compact_tokens=0",
@@ -158,13 +162,22 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "timing": "median of --steps steps after --warmup, one process per variant",
         "variants": {},
     }
+    # each child runs as launch/gpu_host.sh starts `alignx train` (its memory fraction) unless the caller set it
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", LAUNCHER_MEM_FRACTION)
+    out["xla_python_client_mem_fraction"] = env["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+    out["xla_flags"] = env.get("XLA_FLAGS", "")
     with tempfile.TemporaryDirectory() as tmp:
         for v in names:
             path = os.path.join(tmp, v + ".json")
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(
-                    _child_argv(args, v, path), capture_output=True, text=True, timeout=args.variant_timeout
+                    _child_argv(args, v, path),
+                    capture_output=True,
+                    text=True,
+                    timeout=args.variant_timeout,
+                    env=env,
                 )
                 if proc.returncode == 0:
                     with open(path, encoding="utf-8") as f:
@@ -197,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=512, help="loss.logps_chunk (the config's default)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=1024,
+        help="loss.logps_chunk (the shipped GPU/TPU configs' release recipe)",
+    )
     p.add_argument("--remat", default="none", help="model.remat of every variant but remat_full")
     p.add_argument("--attention-impl", default="xla", help="model.attention_impl of every variant but cudnn")
     p.add_argument(

@@ -34,12 +34,12 @@ if [ "$dry_run" = 0 ] && [ ! -f "$config" ]; then echo "gpu_host.sh: config file
 # XLA GPU flags (see the XLA GPU flag guidance used by JAX LLM trainers):
 #  - latency hiding scheduler: overlap FSDP all-gathers / reduce-scatters with compute;
 #  - larger collective combine thresholds: fewer, bigger NCCL calls for the per-layer FSDP traffic;
-#  - triton gemm off: cuBLAS is faster for the bf16 dense matmuls of a Llama-sized decoder.
+#  - XLA's own gemm choice (Triton or cuBLAS) is kept: forcing cuBLAS (--xla_gpu_enable_triton_gemm=false)
+#    made the 1B bf16 DPO step slower on an H200 (BENCHMARKS.md section 8).
 xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true"
 xla_flags+=" --xla_gpu_all_gather_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_all_reduce_combine_threshold_bytes=134217728"
-xla_flags+=" --xla_gpu_enable_triton_gemm=false"
 [ -n "${ALIGNX_EXTRA_XLA_FLAGS:-}" ] && xla_flags+=" ${ALIGNX_EXTRA_XLA_FLAGS}"
 
 env_vars=(

@@ -64,7 +64,6 @@ xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true"
 xla_flags+=" --xla_gpu_all_gather_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_all_reduce_combine_threshold_bytes=134217728"
-xla_flags+=" --xla_gpu_enable_triton_gemm=false"
 [ -n "${ALIGNX_EXTRA_XLA_FLAGS:-}" ] && xla_flags+=" ${ALIGNX_EXTRA_XLA_FLAGS}"
 device_ids="$(seq -s, 0 $((gpus - 1)))"
 

@@ -13,9 +13,11 @@ def bench():
     return load_benchmark("accelerator_step")
 
 
-def test_variants_agree_and_a_failed_variant_is_recorded(bench):
+def test_variants_agree_and_a_failed_variant_is_recorded(bench, monkeypatch):
     """The blocked and one-block attention kernels give the same first loss in separate processes;
-    cuDNN attention cannot run on a CPU and is recorded with its error line while the others run."""
+    cuDNN attention cannot run on a CPU and is recorded with its error line while the others run.
+    The children get the launcher's memory fraction."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     flags = "--model-size tiny --seq-len 64 --batch 2 --dtype float32 --steps 1 --warmup 1"
     args = bench.build_parser().parse_args([*flags.split(), "--variants", "default,cudnn,one_block"])
     out = bench.run_all(args)
@@ -25,6 +27,7 @@ def test_variants_agree_and_a_failed_variant_is_recorded(bench):
     assert one_block["loss_diff_vs_default"] < 1e-5
     assert one_block["speedup_vs_default"] > 0
     assert "step_seconds" not in cudnn and "cudnn" in cudnn["error"].lower()
+    assert out["xla_python_client_mem_fraction"] == "0.95" and args.chunk == 1024
 
 
 def test_unknown_variant_is_refused(bench):
