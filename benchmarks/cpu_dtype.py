@@ -147,4 +147,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    common.preload_allocator()  # before JAX starts: the allocator `alignx` runs CPU jobs with
     sys.exit(main())

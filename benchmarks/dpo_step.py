@@ -19,7 +19,8 @@ DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
   sigmoid DPO, `clip_grad_norm_`, `torch.optim.AdamW`. `torch.compile` of the same loss function
   (forward+backward through AOTAutograd/inductor) is timed too.
 
-After `--warmup` steps of each, the JAX step, the torch step, the compiled torch step and a peak
+After one step of each alone (the compiles) and `--warmup` untimed rounds of all of them in the
+timed order (`warm_round_seconds`), the JAX step, the torch step, the compiled torch step and a peak
 matmul are timed in turn, one each per round, for `--steps` rounds (so load changes on a shared
 machine hit all of them alike); the reported times are medians over rounds. tokens/s
 counts the batch's real tokens (`tokens_per_step`; `positions_per_step` = 2 * B * L counts the padding
@@ -626,27 +627,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c_pol, t_ref, setup, torch_device, compiled=True, dtype=args.dtype
         )
 
-    # warm-up (compilation, allocator, first-touch), then the interleaved timed rounds
+    # warm-up: each contender's first step alone (its compile), then --warmup untimed rounds in the timed
+    # order: the contenders share the process's allocator, and one's step after the others' can grow it
+    # (huge pages faulted in with compaction) until the interleaving reaches its steady state (BENCHMARKS.md §9)
     warm_losses: dict[str, list[float]] = {name: [] for name in contenders}
     for name, step in contenders.items():
-        for i in range(args.warmup):
-            loss, dt, _ = _timed(step)
-            warm_losses[name].append(loss)
-            if name == "torch_compiled" and i == 0:
-                out["torch_compile_seconds"] = dt
+        loss, dt, _ = _timed(step)
+        warm_losses[name].append(loss)
+        if name == "torch_compiled":
+            out["torch_compile_seconds"] = dt
     measure_peak_flops(args.dtype, repeats=1)  # compile the matmuls outside the timed rounds
+
+    def peak() -> float:
+        return measure_peak_flops(args.dtype, repeats=2)
+
     try:
-        res = interleaved_rounds(
-            contenders, args.steps, peak=lambda: measure_peak_flops(args.dtype, repeats=2)
-        )
+        warm = interleaved_rounds(contenders, args.warmup, peak=peak)
+        for name in contenders:
+            warm_losses[name] += warm["losses"][name]
+        out["warm_round_seconds"] = {k: v for k, v in warm["times"].items() if k != "peak_flops"}
+        res = interleaved_rounds(contenders, args.steps, peak=peak)
     except Exception as e:  # inductor needs a working C++ toolchain; report, do not crash
         if "torch_compiled" not in contenders:
             raise
         out["torch_compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         contenders.pop("torch_compiled")
-        res = interleaved_rounds(
-            contenders, args.steps, peak=lambda: measure_peak_flops(args.dtype, repeats=2)
-        )
+        res = interleaved_rounds(contenders, args.steps, peak=peak)
     times, losses = res["times"], res["losses"]
     all_losses = {k: warm_losses[k] + losses[k] for k in contenders}
 
@@ -721,7 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="timed rounds; each times one step of every contender plus the peak matmul (medians reported)",
     )
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed rounds of all contenders after each one's first (compiling) step",
+    )
     p.add_argument("--chunk", type=int, default=0, help="loss.logps_chunk for the JAX step (0 = one chunk)")
     p.add_argument("--scan-layers", type=int, default=1, help="model.scan_layers of the JAX model (1/0)")
     p.add_argument("--remat", default="none", help="model.remat of the JAX model")
@@ -754,8 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.warmup < 1:
-        args.warmup = 1  # the first step compiles (torch.compile) and is never timed
+    args.warmup = max(0, args.warmup)
     out = run(args)
     text = json.dumps(out, indent=2)
     if args.json:

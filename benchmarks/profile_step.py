@@ -52,7 +52,11 @@ def main(argv=None) -> int:
     step()
     t0 = time.perf_counter()
     step()
-    print(f"unprofiled step: {time.perf_counter() - t0:.3f} s  load {os.getloadavg()}")
+    from alignx_jax import allocator
+
+    print(
+        f"unprofiled step: {time.perf_counter() - t0:.3f} s  load {os.getloadavg()}  allocator {allocator.active()}"
+    )
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             t0 = time.perf_counter()
@@ -153,4 +157,8 @@ def op_scopes(hlo: str) -> dict[str, tuple[str, str]]:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _smollm2
+
+    _smollm2.preload_allocator()  # before JAX starts: the allocator `alignx` runs CPU jobs with
     sys.exit(main())

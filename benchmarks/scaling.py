@@ -116,4 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _smollm2
+
+    _smollm2.preload_allocator()  # before JAX starts: the allocator `alignx` runs CPU jobs with
     sys.exit(main())

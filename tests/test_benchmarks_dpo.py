@@ -105,3 +105,21 @@ def test_interleaved_rounds_count_each_steps_page_faults(bench):
     # 10240 pages of 4 KiB (20 where the kernel backs the mapping with 2 MiB pages)
     assert min(costs["fresh"]["page_faults"]) >= 20
     assert max(costs["idle"]["page_faults"]) < min(costs["fresh"]["page_faults"])
+
+
+def test_run_warms_every_contender_in_the_timed_order(bench, tmp_path):
+    """The whole benchmark on the tiny model: an untimed interleaved round after the warm-ups (its times
+    kept apart), then per-round times and ratios of the timed rounds only; the losses run on from the
+    warm-up (the second JAX loss is the first warm-up's successor, not a repeat)."""
+    import json
+
+    out = tmp_path / "out.json"
+    argv = "--model-size tiny --seq-len 64 --batch 2 --steps 2 --warmup 1 --no-compile --json"
+    assert bench.main([*argv.split(), str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["warm_round_seconds"]) == {"jax", "torch"}
+    assert [len(v) for v in res["warm_round_seconds"].values()] == [1, 1]
+    assert min(min(v) for v in res["warm_round_seconds"].values()) > 0
+    assert len(res["jax_step_times"]) == len(res["jax_vs_torch_per_round"]) == 2
+    assert res["jax_loss_step2"] != res["jax_loss"]
+    assert abs(res["jax_loss"] - res["torch_loss"]) < 1e-4
