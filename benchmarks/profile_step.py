@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py [--model-size s] [--seq-len 512] [--batch 2] [--pairs fixed|psoups]
         [--dtype float32|bfloat16] [--scan-layers 1] [--remat none] [--chunk 0] [--top 25] [--dump-hlo OUT.txt]
+        [--trace-warmup 1]
 
 Runs `alignx_jax.train`'s step (built by dpo_step.JaxStep) under `jax.profiler.trace`, then sums
 `event.duration_ns` by event name from the xplane with `jax.profiler.ProfileData` (no TensorBoard
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=0)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--dump-hlo", default=None)
+    p.add_argument("--trace-warmup", type=int, default=1, help="traced steps run and discarded first")
     p.add_argument("--no-dots", action="store_true", help="list only non-matmul ops (the fusion overheads)")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,6 +59,11 @@ def main(argv=None) -> int:
     print(
         f"unprofiled step: {time.perf_counter() - t0:.3f} s  load {os.getloadavg()}  allocator {allocator.active()}"
     )
+    for _ in range(args.trace_warmup):
+        # a first traced step can fault its temporaries in afresh (the profiler's buffers take memory
+        # the allocator had kept for them): trace once more and keep the second
+        with tempfile.TemporaryDirectory() as d, jax.profiler.trace(d):
+            step()
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             t0 = time.perf_counter()
