@@ -3,8 +3,9 @@
 XLA's CPU client allocates each execution's temporaries with `malloc` and frees them when it ends. glibc hands
 blocks that large back to the kernel, so every training step faults all of its temporaries in again and the
 kernel zeroes them: a quarter to a third of a step's CPU time on the VMs of BENCHMARKS.md §9. mimalloc (the
-PyPI wheel `cmeel-mimalloc`), preloaded with one address-space arena as large as the host's memory and with
-purging off, keeps the freed pages and hands them to the next step, whatever its shape.
+PyPI wheel `cmeel-mimalloc`), preloaded with one address-space arena as large as the host's memory, with
+purging off and without transparent huge pages, keeps the freed pages and hands them to the next step, whatever
+its shape.
 
 An allocator is chosen when a process starts, so `alignx` re-executes itself once with `LD_PRELOAD` set
 (`preload_for_cli`, before anything else is imported; the process id stays the same). `ALIGNX_ALLOCATOR`:
@@ -86,6 +87,10 @@ def mimalloc_settings(memory_bytes: int) -> dict[str, str]:
         "MIMALLOC_ARENA_MAX_OBJECT_SIZE": gib,
         # never return freed pages: a purged page is faulted in again by the next step
         "MIMALLOC_PURGE_DELAY": "-1",
+        # no transparent huge pages for this process (and its children): where the kernel compacts memory on
+        # a huge-page fault, the arena's growth stalled a step for 13-58 s of kernel time, mid-run too
+        # (BENCHMARKS.md §9)
+        "MIMALLOC_ALLOW_THP": "0",
     }
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ def test_auto_preloads_mimalloc_into_cpu_jobs_only():
     new = _plan(env={"PATH": "/bin", "LD_PRELOAD": "/x/libfoo.so"})
     assert new["LD_PRELOAD"] == f"{LIB}:/x/libfoo.so"  # ahead of the user's own preloads, which stay
     assert new["PATH"] == "/bin" and new[allocator.EXECED] == "1"
-    assert new["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert new["MIMALLOC_PURGE_DELAY"] == "-1" and new["MIMALLOC_ALLOW_THP"] == "0"
     assert new["MIMALLOC_ARENA_RESERVE"] == new["MIMALLOC_ARENA_MAX_OBJECT_SIZE"] == "24GiB"
     # rounded up: one arena holds it all
     assert _plan(memory=23 * GIB + 5)["MIMALLOC_ARENA_RESERVE"] == "24GiB"
@@ -129,6 +130,9 @@ def test_alignx_reexecutes_itself_with_the_preload(tmp_path):
     probe = (
         "import os, runpy, sys; sys.argv[0] = 'alignx'; import atexit; "
         "atexit.register(lambda: print('PRELOAD=' + os.environ.get('LD_PRELOAD', ''), file=sys.stderr)); "
+        # the kernel's own word on whether mimalloc turned huge pages off for the process
+        "atexit.register(lambda: print([ln.strip() for ln in open('/proc/self/status') if ln.startswith('THP_')], "
+        "file=sys.stderr)); "
         "runpy.run_module('alignx_jax', run_name='__main__')"
     )
     proc = subprocess.run(
@@ -137,6 +141,8 @@ def test_alignx_reexecutes_itself_with_the_preload(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "alignx: error:" in proc.stderr
     assert f"PRELOAD={allocator.mimalloc_library()}" in proc.stderr
+    if "THP_enabled" in Path("/proc/self/status").read_text():  # Linux 5.0 and later say it
+        assert "'THP_enabled:\\t0'" in proc.stderr, proc.stderr[-2000:]
     env[allocator.ENV] = "system"
     proc = subprocess.run(
         [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300
