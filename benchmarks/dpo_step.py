@@ -765,7 +765,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.warmup = max(0, args.warmup)
     out = run(args)
     text = json.dumps(out, indent=2)
     if args.json:

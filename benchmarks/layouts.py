@@ -187,8 +187,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _smollm2
+    import _smollm2  # beside this script, which Python puts first on sys.path
 
     _smollm2.preload_allocator()  # before JAX starts: the allocator `alignx` runs CPU jobs with
     raise SystemExit(main())

@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     import dpo_step as b
     import jax
 
+    from alignx_jax import allocator
+
     setup = b.make_setup(args.model_size, args.seq_len, args.batch, pairs=args.pairs)
     pol, ref = b.jax_models(setup, args.dtype, scan_layers=bool(args.scan_layers), remat=args.remat)
     step = b.JaxStep(pol, ref, setup, chunk=args.chunk)
@@ -54,8 +56,6 @@ def main(argv=None) -> int:
     step()
     t0 = time.perf_counter()
     step()
-    from alignx_jax import allocator
-
     print(
         f"unprofiled step: {time.perf_counter() - t0:.3f} s  load {os.getloadavg()}  allocator {allocator.active()}"
     )
@@ -164,8 +164,7 @@ def op_scopes(hlo: str) -> dict[str, tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _smollm2
+    import _smollm2  # beside this script, which Python puts first on sys.path
 
     _smollm2.preload_allocator()  # before JAX starts: the allocator `alignx` runs CPU jobs with
     sys.exit(main())
