@@ -14,6 +14,10 @@ DPO loss (beta 0.1), global-norm clip 1.0, AdamW (constant lr).
   runs on each row's response positions only; `--full-logits` turns it off) and its token
   compaction (`data.compact_tokens`: norms, projections and MLP run on the real tokens only,
   attention on the padded rows; `--no-compact` turns it off).
+  `--layout shared_prompt` (the default with `--pairs psoups`, as configs/demo_real.py trains
+  P-SOUPS) hands it `data.share_prompt`'s one row per pair instead: each prompt runs once, not twice;
+  tokens/s still counts the pairs' tokens, `cpu_mfu` the tokens the step computes
+  (`jax_tokens_computed_per_step`), `cpu_mfu_pair_tokens` the pairs' tokens.
 * PyTorch: a TRL-style step written with torch: `LlamaForCausalLM` (sdpa attention), one
   forward over the concatenated chosen+rejected batch, float32 `log_softmax` + gather, masked sum,
   sigmoid DPO, `clip_grad_norm_`, `torch.optim.AdamW`. `torch.compile` of the same loss function
@@ -308,6 +312,7 @@ class JaxStep:
         response_logits: bool = True,
         compact: bool = True,
         compiler_options: dict[str, Any] | None = None,
+        share_prompt: bool = False,
     ):
         import jax
         import jax.numpy as jnp
@@ -329,7 +334,9 @@ class JaxStep:
         window = 0 if response_logits else None
         # and with data.compact_tokens (the default) the token-wise layers skip the padding
         tokens = (1, 0) if compact else None
-        self.batch = jax.device_put(to_microbatches(setup.data, 1, window=window, tokens=tokens))
+        self.batch = jax.device_put(
+            to_microbatches(jax_layout(setup, share_prompt), 1, window=window, tokens=tokens)
+        )
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         lowered = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch)
         # None: the model's own options, as `alignx train` compiles it (model.cpu_matmul); {}: XLA's defaults
@@ -353,6 +360,21 @@ class JaxStep:
             - ma.alias_size_in_bytes
             + ma.temp_size_in_bytes
         )
+
+
+def jax_layout(setup: Setup, share_prompt: bool) -> dict[str, np.ndarray]:
+    """The batch the JAX step is handed: the collated two rows per pair, or with `share_prompt` one row
+    per pair (prompt, chosen, rejected; `data.share_prompt=true`), padded to the same kind of bucket."""
+    if not share_prompt:
+        return setup.data
+    from alignx_jax.data import batching
+    from alignx_jax.evaluate import length_buckets
+
+    lengths = np.asarray(setup.data["attention_mask"]).sum(1)
+    prompts = np.asarray(setup.data["loss_mask"]).argmax(1)
+    B = setup.batch
+    longest = int(max(lengths[k] + lengths[B + k] - prompts[k] for k in range(B)))
+    return batching.share_prompt(setup.data, buckets=length_buckets(longest), pad_id=0)
 
 
 def jax_logps(policy, setup: Setup) -> np.ndarray:
@@ -565,6 +587,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = int(np.asarray(setup.data["attention_mask"]).sum())  # real tokens: what tokens/s and MFU count
     flops = model_flops_per_step(setup.hf_config, args.seq_len, args.batch, tokens)
     flops_positions = model_flops_per_step(setup.hf_config, args.seq_len, args.batch)
+    # the JAX side's layout: `auto` is what the shipped recipe for such pairs trains with (P-SOUPS:
+    # configs/demo_real.py's data.share_prompt=true; the fixed rows: the schema default, two rows)
+    share = args.layout == "shared_prompt" or (args.layout == "auto" and args.pairs == "psoups")
+    jax_data = jax_layout(setup, share)
+    # what the JAX step computes: with a shared prompt each pair's prompt once, so fewer tokens than the
+    # pairs hold; its MFU counts these (the hardware's work), tokens/s the pairs' tokens (the user's work)
+    jax_tokens = int(np.asarray(jax_data["attention_mask"]).sum())
+    jax_len = int(jax_data["input_ids"].shape[1])
+    jax_flops = model_flops_per_step(setup.hf_config, jax_len, 1, jax_tokens) if share else flops
+    jax_positions = int(jax_data["input_ids"].size)
+    jax_flops_positions = (
+        model_flops_per_step(setup.hf_config, jax_len, 1, jax_positions) if share else flops_positions
+    )
     out: dict[str, Any] = {
         "model_size": args.model_size,
         "dtype": args.dtype,
@@ -577,6 +612,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "attention_impl": args.attention_impl,
         "cpu_matmul": args.cpu_matmul,
         "tokens_per_step": tokens,
+        "jax_layout": "shared_prompt" if share else "two_rows",
+        "jax_tokens_computed_per_step": jax_tokens,
+        "jax_positions_per_step": jax_positions,
+        "jax_model_flops_per_step": jax_flops,
         "positions_per_step": positions,
         "jax_logits_on_responses": args.response_logits,
         "jax_compact_tokens": args.compact,
@@ -613,7 +652,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     jstep = JaxStep(
-        policy, reference, setup, chunk=args.chunk, response_logits=args.response_logits, compact=args.compact
+        policy,
+        reference,
+        setup,
+        chunk=args.chunk,
+        response_logits=args.response_logits,
+        compact=args.compact,
+        share_prompt=share,
     )
     out["jax_compile_seconds"] = time.perf_counter() - t0
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()
@@ -687,15 +732,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # peak: median over the rounds of each round's best matmul rate (measured beside the steps)
     out["peak_flops"] = med(times["peak_flops"])
     mfu_key = "cpu_mfu" if args.device == "cpu" else "gpu_mfu"
-    out[mfu_key] = flops / out["jax_step_seconds"] / out["peak_flops"]
+    out[mfu_key] = jax_flops / out["jax_step_seconds"] / out["peak_flops"]
     out["torch_mfu"] = flops / out["torch_step_seconds"] / out["peak_flops"]
     # the same with padded positions counted as work (the definition of the earlier BENCHMARKS rows)
-    out[mfu_key + "_all_positions"] = flops_positions / out["jax_step_seconds"] / out["peak_flops"]
+    out[mfu_key + "_all_positions"] = jax_flops_positions / out["jax_step_seconds"] / out["peak_flops"]
     out["torch_mfu_all_positions"] = flops_positions / out["torch_step_seconds"] / out["peak_flops"]
     out["jax_vs_torch"] = out["jax_tokens_per_sec"] / out["torch_tokens_per_sec"]
     # per-round ratios: robust to load drifting between rounds
     out["jax_vs_torch_per_round"] = [t / j for j, t in zip(times["jax"], times["torch"])]
-    out[mfu_key + "_per_round"] = [flops / j / pk for j, pk in zip(times["jax"], times["peak_flops"])]
+    out[mfu_key + "_per_round"] = [jax_flops / j / pk for j, pk in zip(times["jax"], times["peak_flops"])]
+    # the pairs' model FLOPs over the JAX step's time: above cpu_mfu by what the shared prompt saves
+    out[mfu_key + "_pair_tokens"] = flops / out["jax_step_seconds"] / out["peak_flops"]
     out["load_average_end"] = list(os.getloadavg())
     return out
 
@@ -711,6 +758,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed: 2B rows of --seq-len (prompt L/4, length 3L/4..L); psoups: prompt ~250, responses ~50",
     )
     p.add_argument("--batch", type=int, default=4, help="pairs per step (2x sequences)")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "two_rows", "shared_prompt"],
+        help="JAX batch layout: two rows per pair as the torch side, or one row per pair with the prompt "
+        "once (data.share_prompt=true); auto: shared_prompt for --pairs psoups (configs/demo_real.py's "
+        "recipe), two_rows otherwise (the schema default)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     p.add_argument(
         "--dtype",
@@ -771,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     keys = (
+        "jax_layout",
         "jax_tokens_per_sec",
         "torch_tokens_per_sec",
         "torch_compiled_tokens_per_sec",

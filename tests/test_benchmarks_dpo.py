@@ -123,3 +123,37 @@ def test_run_warms_every_contender_in_the_timed_order(bench, tmp_path):
     assert len(res["jax_step_times"]) == len(res["jax_vs_torch_per_round"]) == 2
     assert res["jax_loss_step2"] != res["jax_loss"]
     assert abs(res["jax_loss"] - res["torch_loss"]) < 1e-4
+
+
+def test_shared_prompt_layout_computes_the_same_steps(bench, tmp_path):
+    """--layout shared_prompt hands the JAX step one row per pair (each prompt once): the same first-
+    and second-step losses as torch's two rows, fewer tokens computed; `auto` picks it for P-SOUPS pairs
+    (configs/demo_real.py's data.share_prompt) and two rows for the fixed ones."""
+    import json
+
+    setup = bench.make_setup("tiny", 0, 2, seed=3, pairs="psoups")
+    shared = bench.jax_layout(setup, True)
+    assert shared["input_ids"].shape[0] == 2 and "branch_ids" in shared
+    real2, real1 = int(setup.data["attention_mask"].sum()), int(shared["attention_mask"].sum())
+    prompts = setup.data["loss_mask"].argmax(1)[:2]
+    assert real1 == real2 - int(prompts.sum())  # each pair's prompt runs once
+    assert bench.jax_layout(setup, False) is setup.data
+
+    out = tmp_path / "out.json"
+    argv = "--model-size tiny --pairs psoups --batch 2 --steps 1 --warmup 1 --no-compile --json"
+    assert bench.main([*argv.split(), str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["jax_layout"] == "shared_prompt"
+    assert res["jax_tokens_computed_per_step"] < res["tokens_per_step"]
+    assert res["cpu_mfu_pair_tokens"] > res["cpu_mfu"]
+    # a distinct reference, so not log 2 (the tiny random models differ by ~6e-4 there), and equal to
+    # torch's two-row loss far inside that
+    assert abs(res["jax_loss"] - np.log(2.0)) > 2e-4
+    assert abs(res["jax_loss"] - res["torch_loss"]) < 2e-5
+    assert abs(res["jax_loss_step2"] - res["torch_loss_step2"]) < 1e-3
+    assert abs(res["jax_loss_step2"] - res["jax_loss"]) > 1e-3
+
+    argv = "--model-size tiny --seq-len 64 --batch 2 --steps 1 --warmup 0 --no-compile --json"
+    assert bench.main([*argv.split(), str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["jax_layout"] == "two_rows" and res["jax_tokens_computed_per_step"] == res["tokens_per_step"]
