@@ -140,6 +140,12 @@ def _add_data(sub) -> None:
         "--seed", type=int, default=0, help="which other-persona row lends each contrast row its context"
     )
     p.add_argument("--out", required=True, help="file to write (the input's format)")
+    p.add_argument(
+        "--twins",
+        action="store_true",
+        help="each row (seeded order) followed by its contrast row: train with data.shuffle=false, "
+        "data.length_groups=0 and an even batch so every batch holds whole twins",
+    )
 
 
 def _add_synth(sub) -> None:

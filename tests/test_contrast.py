@@ -58,6 +58,30 @@ def test_contrast_rows_swap_labels_under_the_other_persona():
     assert any(contrast_rows(rows, seed=s) != out for s in range(2, 8))
 
 
+def test_twins_follow_their_rows_in_a_seeded_order(tmp_path, capsys):
+    rows = psoups_rows()
+    plain = contrast_rows(rows, seed=2)
+    twins = contrast_rows(rows, seed=2, twins=True)
+    n = len(rows)
+    assert sorted(map(json.dumps, twins)) == sorted(map(json.dumps, plain))  # the same rows, reordered
+    order = [rows.index(twins[2 * i]) for i in range(n)]
+    assert sorted(order) == list(range(n)) and order != list(range(n))  # each row once, shuffled
+    for i, k in enumerate(order):  # ... and right after it, its own twin: same pair, labels swapped
+        row, twin = twins[2 * i], twins[2 * i + 1]
+        assert (twin["prompt"], twin["chosen"], twin["rejected"]) == (
+            row["prompt"],
+            row["rejected"],
+            row["chosen"],
+        )
+        assert twin["ground_truth_persona"] != row["ground_truth_persona"]
+        assert twin == plain[n + k]
+    src, out = tmp_path / "train.json", tmp_path / "twins.json"
+    src.write_text(json.dumps(rows))
+    assert main(["data", "contrast", str(src), "--out", str(out), "--seed", "2", "--twins"]) == 0
+    assert json.loads(out.read_text()) == twins
+    assert "as twins" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("personas", [(4,), (2, 2, 2)])
 def test_contrast_needs_exactly_two_personas(personas):
     with pytest.raises(DataError, match=f"exactly two .* found {len(personas)}"):

@@ -9,7 +9,12 @@ other persona) with chosen and rejected swapped: the same two responses with opp
 only the persona tells them apart. It is only true of files built that way; a file with any other
 number of personas is refused.
 
-    alignx data contrast TRAIN.json --out TRAIN_CONTRAST.json [--seed S]
+`twins=True` (`--twins`) orders the output as twins instead: the rows in a seeded order, each followed
+at once by its contrast row. Trained in file order (`data.shuffle=false`, `data.length_groups=0`, an even
+batch), every batch holds whole twins, so a preference that ignores the persona cancels within the
+batch and only reading the persona lowers the loss (README, "A real model", for what it did).
+
+    alignx data contrast TRAIN.json --out TRAIN_CONTRAST.json [--seed S] [--twins]
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from alignx_jax.data.benchmarks import persona_group
 from alignx_jax.errors import DataError
 
 
-def contrast_rows(rows: Sequence[dict], seed: int = 0, *, file: str | None = None) -> list[dict]:
-    """The rows, then one contrast row per row (module docstring), in the same order."""
+def contrast_rows(
+    rows: Sequence[dict], seed: int = 0, *, file: str | None = None, twins: bool = False
+) -> list[dict]:
+    """The rows, then one contrast row per row (module docstring), in the same order; with `twins`,
+    each row (in a seeded order) followed by its contrast row."""
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         group = persona_group(row)
@@ -42,11 +50,13 @@ def contrast_rows(rows: Sequence[dict], seed: int = 0, *, file: str | None = Non
     rng = np.random.default_rng(seed)
     first, second = sorted(groups)
     other = {first: groups[second], second: groups[first]}
-    out = list(rows)
+    swapped = []
     for row in rows:
         ctx = rows[int(rng.choice(other[str(persona_group(row))]))]
-        out.append({**ctx, "prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"]})
-    return out
+        swapped.append({**ctx, "prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"]})
+    if not twins:
+        return [*rows, *swapped]
+    return [r for i in rng.permutation(len(rows)) for r in (rows[int(i)], swapped[int(i)])]
 
 
 def cli_contrast(args: argparse.Namespace) -> int:
@@ -59,7 +69,11 @@ def cli_contrast(args: argparse.Namespace) -> int:
     raw = loaded.files[0]
     if not raw.rows:
         raise DataError("no rows", file=args.path)
-    rows = contrast_rows(raw.rows, args.seed, file=args.path)
+    twins = bool(getattr(args, "twins", False))
+    rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=twins)
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
-    print(f"persona contrast: {len(raw.rows)} rows + {len(rows) - len(raw.rows)} contrast rows -> {args.out}")
+    order = ", as twins (train in file order, even batches)" if twins else ""
+    print(
+        f"persona contrast: {len(raw.rows)} rows + {len(rows) - len(raw.rows)} contrast rows{order} -> {args.out}"
+    )
     return 0
