@@ -312,7 +312,7 @@ class JaxStep:
         response_logits: bool = True,
         compact: bool = True,
         compiler_options: dict[str, Any] | None = None,
-        share_prompt: bool = False,
+        data: dict[str, np.ndarray] | None = None,
     ):
         import jax
         import jax.numpy as jnp
@@ -334,9 +334,9 @@ class JaxStep:
         window = 0 if response_logits else None
         # and with data.compact_tokens (the default) the token-wise layers skip the padding
         tokens = (1, 0) if compact else None
-        self.batch = jax.device_put(
-            to_microbatches(jax_layout(setup, share_prompt), 1, window=window, tokens=tokens)
-        )
+        # `data`: the host batch in the layout to run (`jax_layout`); None: the collated two rows
+        data = setup.data if data is None else data
+        self.batch = jax.device_put(to_microbatches(data, 1, window=window, tokens=tokens))
         self.jitted = jax.jit(step, donate_argnums=(0, 1))
         lowered = self.jitted.lower(self.params, self.opt_state, self.ref_params, self.batch)
         # None: the model's own options, as `alignx train` compiles it (model.cpu_matmul); {}: XLA's defaults
@@ -370,11 +370,8 @@ def jax_layout(setup: Setup, share_prompt: bool) -> dict[str, np.ndarray]:
     from alignx_jax.data import batching
     from alignx_jax.evaluate import length_buckets
 
-    lengths = np.asarray(setup.data["attention_mask"]).sum(1)
-    prompts = np.asarray(setup.data["loss_mask"]).argmax(1)
-    B = setup.batch
-    longest = int(max(lengths[k] + lengths[B + k] - prompts[k] for k in range(B)))
-    return batching.share_prompt(setup.data, buckets=length_buckets(longest), pad_id=0)
+    # a prompt and two responses fit in twice a row; share_prompt takes the smallest bucket that holds them
+    return batching.share_prompt(setup.data, buckets=length_buckets(2 * setup.seq_len), pad_id=0)
 
 
 def jax_logps(policy, setup: Setup) -> np.ndarray:
@@ -593,13 +590,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     jax_data = jax_layout(setup, share)
     # what the JAX step computes: with a shared prompt each pair's prompt once, so fewer tokens than the
     # pairs hold; its MFU counts these (the hardware's work), tokens/s the pairs' tokens (the user's work)
+    # (with two rows these equal `tokens`, `positions`, `flops` and `flops_positions`)
     jax_tokens = int(np.asarray(jax_data["attention_mask"]).sum())
     jax_len = int(jax_data["input_ids"].shape[1])
-    jax_flops = model_flops_per_step(setup.hf_config, jax_len, 1, jax_tokens) if share else flops
     jax_positions = int(jax_data["input_ids"].size)
-    jax_flops_positions = (
-        model_flops_per_step(setup.hf_config, jax_len, 1, jax_positions) if share else flops_positions
-    )
+    jax_flops = model_flops_per_step(setup.hf_config, jax_len, 1, jax_tokens)
+    jax_flops_positions = model_flops_per_step(setup.hf_config, jax_len, 1, jax_positions)
     out: dict[str, Any] = {
         "model_size": args.model_size,
         "dtype": args.dtype,
@@ -658,7 +654,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chunk=args.chunk,
         response_logits=args.response_logits,
         compact=args.compact,
-        share_prompt=share,
+        data=jax_data,
     )
     out["jax_compile_seconds"] = time.perf_counter() - t0
     out["jax_peak_memory_bytes"] = jstep.peak_memory_bytes()

@@ -69,10 +69,9 @@ def cli_contrast(args: argparse.Namespace) -> int:
     raw = loaded.files[0]
     if not raw.rows:
         raise DataError("no rows", file=args.path)
-    twins = bool(getattr(args, "twins", False))
-    rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=twins)
+    rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins)
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
-    order = ", as twins (train in file order, even batches)" if twins else ""
+    order = ", as twins (train in file order, even batches)" if args.twins else ""
     print(
         f"persona contrast: {len(raw.rows)} rows + {len(rows) - len(raw.rows)} contrast rows{order} -> {args.out}"
     )
