@@ -143,8 +143,8 @@ def _add_data(sub) -> None:
     p.add_argument(
         "--twins",
         action="store_true",
-        help="each row (seeded order) followed by its contrast row: train with data.shuffle=false, "
-        "data.length_groups=0 and an even batch so every batch holds whole twins",
+        help="each row (seeded order) followed by its contrast row: train with data.twins=true and an "
+        "even batch so every batch holds whole twins",
     )
 
 

@@ -167,6 +167,9 @@ class DataSection:
     # > 0: batches of rows of similar token length, from groups of this many batches (less padding;
     # each row is tokenized once more per epoch to measure it); 0 = off
     length_groups: int = 0
+    # rows 2k and 2k+1 are twins (`alignx data contrast --twins`): shuffled, sharded and length-grouped
+    # as one unit, so with an even batch per host both are in one batch
+    twins: bool = False
     synth_users: int = (
         0  # > 0: synthesize this many users into W/data when `train` is ''; 0: train is required
     )

@@ -5,12 +5,15 @@
 Stages (each skipped when its marker exists; training resumes like `alignx train`):
   1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once).
   2. split   - `alignx data split FILE --by prompt --test-fraction 0.5`; --quick takes seeded samples
-               of each half balanced across the file's personas (`benchmarks.balanced_sample`).
+               of each half balanced across the file's personas (`benchmarks.balanced_sample`); then
+               `alignx data contrast --twins` of the training half: each pair followed by its twin (the
+               same pair under the other persona, chosen and rejected swapped), what ICA and PBA train on.
   3. base    - the untouched model scored on the held-out half with no persona, with the ICA prompt
                and with the PBA prompt (`alignx eval --reference none`); each per-example file is
                then the reference of the model trained with that prompt (`--reference-scores`).
-  4. train   - configs/demo_real.py, one recipe and budget, for data.method none, ica, pba (the row's
-               `profile` text); each exported to HF format (`alignx export`).
+  4. train   - configs/demo_real.py, one recipe and budget (the same steps of the same batch), for
+               data.method none (on the training half: twins cancel without a persona), ica and pba (the
+               row's `profile` text; on the twins, `data.twins=true`); each exported (`alignx export`).
   5. eval    - `alignx eval` of each trained model on the held-out half, the base model as reference.
   6. samples - three sampled responses per persona for one held-out prompt from each trained model.
   7. report  - DIR/results.json, DIR/report.md (per persona, beside the paper's P-SOUPS column),
@@ -26,6 +29,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from alignx_jax.data import contrast
+from alignx_jax.data.benchmarks import persona_group
 from alignx_jax.demo import (
     DEFAULT_PSOUPS,
     ROOT,
@@ -87,8 +92,30 @@ def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
     return dest
 
 
+def run_steps(budget: RealBudget, train: str) -> int:
+    """Every run's steps: the recipe's `train.steps`, or `train.epochs` passes over the twins of the
+    training half (two rows per training pair)."""
+    from alignx_jax.config import load_config
+
+    cfg = load_config(budget.config)
+    if int(cfg.train.steps) > 0:
+        return int(cfg.train.steps)
+    with open(train, encoding="utf-8") as f:
+        rows = 2 * len(json.load(f))
+    return max(1, int(cfg.train.epochs) * (rows // int(cfg.train.global_batch)))
+
+
 def train_and_export(
-    budget: RealBudget, *, workdir: str, model_dir: str, data: str, method: str, seed: int, export_dir: str
+    budget: RealBudget,
+    *,
+    workdir: str,
+    model_dir: str,
+    data: str,
+    method: str,
+    seed: int,
+    export_dir: str,
+    steps: int,
+    twins: bool,
 ) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     from alignx_jax import export
@@ -102,8 +129,9 @@ def train_and_export(
         data=data,
         method=method,
         seed=seed,
+        steps=steps,
         config_file=REAL_CONFIG,
-        overrides=(),
+        overrides=(f"--config.data.twins={twins}", "--config.train.epochs=0"),
     )
     t0 = time.perf_counter()
     code = run_training(cfg)
@@ -371,15 +399,21 @@ def run_real_demo(
         split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
         ps.update(_base_evals(stages, budget, d, model_dir, split["test"]))
 
+        steps = run_steps(budget, split["train"])
+
         def train(m: str, workdir: str, export_dir: str) -> dict[str, Any]:
+            # the twins' labels cancel without a persona; a file of other than two personas has none
+            personal = m != "none" and split["twins"] is not None
             return train_and_export(
                 budget,
                 workdir=workdir,
                 model_dir=model_dir,
-                data=split["train"],
+                data=split["twins"] if personal else split["train"],
                 method=m,
                 seed=seed,
                 export_dir=export_dir,
+                steps=steps,
+                twins=personal,
             )
 
         by_method, workdirs = train_stages(stages, d, TRAINED, train)
@@ -402,6 +436,7 @@ def run_real_demo(
         "model": model_dir,
         "compute_dtype": compute_dtype(budget),
         "split": split,
+        "steps_per_run": steps,
         "stage_seconds": {n: read_json(stages.marker(n))["seconds"] for n in names},
         "budget": {k: v for k, v in vars(budget).items() if k != "config"},
         "this_run_seconds": time.perf_counter() - t_start,
@@ -463,7 +498,16 @@ def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[st
         split["train"], budget.train_rows, seed, os.path.join(data_dir, "quick", "train.json")
     )
     test = balanced_copy(split["test"], budget.test_rows, seed, os.path.join(data_dir, "quick", "test.json"))
-    return {"train": train, "test": test}
+    with open(train, encoding="utf-8") as f:
+        personas = {persona_group(row) for row in json.load(f)}
+    if len(personas) != 2 or None in personas:  # twins need two opposite personas (data.contrast)
+        print(
+            f"demo: {len(personas)} personas in the training half, not two: ICA and PBA train on it, no twins"
+        )
+        return {"train": train, "test": test, "twins": None}
+    twins = os.path.join(data_dir, "twins", os.path.basename(psoups))
+    contrast.cli_contrast(argparse.Namespace(path=train, seed=seed, out=twins, twins=True))
+    return {"train": train, "test": test, "twins": twins}
 
 
 def print_summary(results: dict[str, Any], out: str, lines: Sequence[str]) -> None:

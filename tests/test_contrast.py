@@ -7,7 +7,7 @@ import json
 import pytest
 
 from alignx_jax.cli import main
-from alignx_jax.data.contrast import contrast_rows
+from alignx_jax.data.contrast import check_twins, contrast_rows
 from alignx_jax.errors import DataError
 
 # labels of the preference space, as P-SOUPS profiles are written (the validator reads them)
@@ -80,6 +80,13 @@ def test_twins_follow_their_rows_in_a_seeded_order(tmp_path, capsys):
     assert main(["data", "contrast", str(src), "--out", str(out), "--seed", "2", "--twins"]) == 0
     assert json.loads(out.read_text()) == twins
     assert "as twins" in capsys.readouterr().out
+    check_twins(twins)  # what data.twins checks before training
+    with pytest.raises(DataError, match="t.json, row 3: data.twins: rows 2 and 3 are not twins"):
+        check_twins(
+            [*twins[:3], twins[5], twins[4], twins[3], *twins[6:]], file="t.json"
+        )  # twins out of place
+    with pytest.raises(DataError, match="odd number"):
+        check_twins(twins[:-1])
 
 
 @pytest.mark.parametrize("personas", [(4,), (2, 2, 2)])

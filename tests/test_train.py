@@ -471,6 +471,30 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
         assert abs(runs["precomputed"][s] - runs["on_the_fly"][s]) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [[], ["--config.data.share_prompt=true", "--config.data.buckets=(192,)"]],
+    ids=["two_rows", "shared"],
+)
+def test_precomputed_reference_reuses_a_later_epochs_pairs(tmp_path, layout):
+    # 32 rows, batch 8, 8 steps: epoch 2 holds the same pairs (method none: no per-epoch persona
+    # sample) in other batches, so its reference log-probs are reused, not computed; every step's
+    # loss must still equal the on-the-fly reference's, which recomputes them
+    steps = ["--config.train.steps=8", "--config.checkpoint.every_steps=100", "--config.data.method=none"]
+    runs, err = {}, {}
+    for mode in ("on_the_fly", "precomputed"):
+        w = tmp_path / mode
+        r = run_cli(
+            ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *steps, *layout]
+            + [f"--config.loss.reference={mode}"]
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[mode], err[mode] = _losses(w), r.stderr
+    assert "reference log-probs of 8 steps, 4 computed (4 reused" in err["precomputed"]
+    for s in range(1, 9):
+        assert abs(runs["precomputed"][s] - runs["on_the_fly"][s]) < 1e-5, s
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     w = tmp_path / "nan"

@@ -64,6 +64,17 @@ class DPOExample:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
+def example_key(ex: DPOExample) -> bytes:
+    """What a pair's log-probs depend on, as a digest: its prompt, chosen and rejected ids."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
+        h.update(np.asarray(ids, np.int64).tobytes())
+        h.update(b"|")  # where one part ends: [1, 2] + [3] is not [1] + [2, 3]
+    return h.digest()
+
+
 def reserve(max_length: int) -> int:
     return min(RELEASE_RESERVE, max_length // 2)
 

@@ -10,9 +10,10 @@ only the persona tells them apart. It is only true of files built that way; a fi
 number of personas is refused.
 
 `twins=True` (`--twins`) orders the output as twins instead: the rows in a seeded order, each followed
-at once by its contrast row. Trained in file order (`data.shuffle=false`, `data.length_groups=0`, an even
-batch), every batch holds whole twins, so a preference that ignores the persona cancels within the
-batch and only reading the persona lowers the loss (README, "A real model", for what it did).
+at once by its contrast row. Trained with `data.twins=true` (the loader shuffles, shards and
+length-groups each twin as one unit; an even batch per host), every batch holds whole twins, so a
+preference that ignores the persona cancels within the batch and only reading the persona lowers the
+loss (README, "A real model", for what it did). `check_twins` is the loader's check of such a file.
 
     alignx data contrast TRAIN.json --out TRAIN_CONTRAST.json [--seed S] [--twins]
 """
@@ -59,6 +60,23 @@ def contrast_rows(
     return [r for i in rng.permutation(len(rows)) for r in (rows[int(i)], swapped[int(i)])]
 
 
+def check_twins(rows: Sequence[dict], file: str | None = None) -> None:
+    """`data.twins`: rows 2k and 2k+1 must be twins (the same prompt, chosen and rejected swapped)."""
+    if len(rows) % 2:
+        raise DataError(
+            f"data.twins: {len(rows)} rows, an odd number (rows 2k and 2k+1 are twins)", file=file
+        )
+    for k in range(0, len(rows), 2):
+        a, b = rows[k], rows[k + 1]
+        if a["prompt"] != b["prompt"] or a["chosen"] != b["rejected"] or a["rejected"] != b["chosen"]:
+            raise DataError(
+                f"data.twins: rows {k} and {k + 1} are not twins (the same prompt with chosen and rejected "
+                "swapped; write the file with `alignx data contrast --twins`)",
+                file=file,
+                row=k + 1,
+            )
+
+
 def cli_contrast(args: argparse.Namespace) -> int:
     """`alignx data contrast PATH --out FILE [--seed S]` (JSON list or JSONL, as the input)."""
     from alignx_jax.data.split import write_rows
@@ -71,7 +89,7 @@ def cli_contrast(args: argparse.Namespace) -> int:
         raise DataError("no rows", file=args.path)
     rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins)
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
-    order = ", as twins (train in file order, even batches)" if args.twins else ""
+    order = ", as twins (train with data.twins=true, an even batch)" if args.twins else ""
     print(
         f"persona contrast: {len(raw.rows)} rows + {len(rows) - len(raw.rows)} contrast rows{order} -> {args.out}"
     )

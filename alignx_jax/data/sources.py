@@ -18,6 +18,9 @@ Batch layout and determinism (per epoch e, seed s):
     group sorted by the rows' token length (`length_fn`) and cut into batches, the batches of a group
     in a seeded random order; rows past the last full batch stay last. Batches then hold rows of
     similar length (little padding); the order is still a function of (s, e) alone;
+  * twins (`data.twins`, files of `alignx data contrast --twins`): rows 2k and 2k+1 are one unit
+    that the order, the host shards and the length groups move as a whole (a unit's length is its
+    longer row's), so with an even batch both land in one batch;
   * example i of epoch e gets `rng = persona.row_rng(s, (e, i))`: the same history sample for the
     same row and epoch, however the batches are cut or resumed;
   * on_drop="pad" (default): every batch consumes exactly `pairs_per_batch` shard rows; rows the
@@ -182,6 +185,7 @@ class TrainLoader:
         collate_fn: Callable[..., dict] | None = None,
         length_groups: int = 0,
         length_fn: Callable[[Any, np.random.Generator, int], int] | None = None,
+        twins: bool = False,
     ):
         if pairs_per_batch < 1:
             raise ConfigError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
@@ -206,7 +210,14 @@ class TrainLoader:
         )
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
         self.num_rows = len(source)
-        self.shard_size = self.num_rows // self.shard_count
+        # rows that move as one (module docstring, twins)
+        self.unit = 2 if twins else 1
+        if self.num_rows % self.unit or self.pairs_per_batch % self.unit:
+            raise DataError(
+                f"data.twins: {self.num_rows} rows and batches of {self.pairs_per_batch} pairs per host must "
+                "both be even (rows 2k and 2k+1 are twins and share a batch)"
+            )
+        self.shard_size = self.num_rows // self.unit // self.shard_count * self.unit
         if self.shard_size == 0:
             raise DataError(f"{self.num_rows} rows cannot feed {self.shard_count} hosts")
         if self.steps_per_epoch == 0:
@@ -246,11 +257,13 @@ class TrainLoader:
         """Row indices this host reads in `epoch`, in order."""
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
+        units = self.num_rows // self.unit
         if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            perm = np.random.default_rng([self.seed, epoch]).permutation(units)
         else:
-            perm = np.arange(self.num_rows)
-        order = perm[self.shard_index :: self.shard_count][: self.shard_size]
+            perm = np.arange(units)
+        mine = perm[self.shard_index :: self.shard_count][: self.shard_size // self.unit]
+        order = (mine[:, None] * self.unit + np.arange(self.unit)).reshape(-1)
         if self.length_groups and self.shuffle:
             order = self._length_grouped(order, epoch)
         self._order_cache = (epoch, order)
@@ -259,7 +272,7 @@ class TrainLoader:
     def _length_grouped(self, order: np.ndarray, epoch: int) -> np.ndarray:
         """`order` regrouped by token length (module docstring); the rows past the last full batch
         keep their place at the end, so every batch is still a fixed slice of the shard."""
-        b = self.pairs_per_batch
+        b, u = self.pairs_per_batch, self.unit
         full = len(order) - len(order) % b
         lengths = np.asarray(
             [
@@ -267,11 +280,13 @@ class TrainLoader:
                 for i in order[:full]
             ]
         )
+        # sorted by unit (twins: the longer row's length), batches cut in rows
+        units_UR, lengths_U = order[:full].reshape(-1, u), lengths.reshape(-1, u).max(-1)
         rng = np.random.default_rng([self.seed, epoch, 0x4C47])
-        span = self.length_groups * b
+        span = self.length_groups * b // u
         batches = []
-        for s in range(0, full, span):
-            group = order[s : s + span][np.argsort(-lengths[s : s + span], kind="stable")]
+        for s in range(0, len(units_UR), span):
+            group = units_UR[s : s + span][np.argsort(-lengths_U[s : s + span], kind="stable")].reshape(-1)
             cut = [group[k : k + b] for k in range(0, len(group), b)]
             batches += [cut[j] for j in rng.permutation(len(cut))]
         return np.concatenate([*batches, order[full:]]).astype(order.dtype)
@@ -293,6 +308,7 @@ class TrainLoader:
             "shuffle": self.shuffle,
             "on_drop": self.on_drop,
             "length_groups": self.length_groups,
+            "twins": self.unit == 2,
             "epoch": self._epoch,
             "position": self._position,
             "step": self._step,
@@ -321,6 +337,11 @@ class TrainLoader:
             raise ConfigError(
                 f"cannot resume the data loader: saved length_groups={state.get('length_groups', 0)!r} but "
                 f"this run has {self.length_groups!r} (same data, seed and hosts are needed)"
+            )
+        if bool(state.get("twins", False)) != (self.unit == 2):  # absent: saved before the option
+            raise ConfigError(
+                f"cannot resume the data loader: saved twins={state.get('twins', False)!r} but this run "
+                f"has {self.unit == 2!r} (same data, seed and hosts are needed)"
             )
         self._epoch, self._position, self._step = (
             int(state["epoch"]),

@@ -9,7 +9,8 @@ microbatches before one AdamW update. Params are float32 master weights; the dec
 `model.dtype` (bf16 on accelerators). The reference is a frozen copy of the initial weights in the
 compute dtype (`loss.reference=on_the_fly`), or its log-probs are computed once in a pass over the
 exact batch sequence the run will see and stored as `W/ref_logps.p<process>.npy`
-(`loss.reference=precomputed`; the frozen copy is then freed before training).
+(`loss.reference=precomputed`; a step whose pairs were all scored before, the same tokens in an
+earlier epoch, reuses them; the frozen copy is then freed before training).
 
 Workdir `W`: `config.json`, `reference/` (HF folder of the frozen reference + tokenizer),
 `metrics.jsonl`, `tensorboard/`, `checkpoints/<step>/{params,opt_state,head?,meta}`. SIGTERM/SIGINT

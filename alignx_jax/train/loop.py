@@ -27,7 +27,7 @@ from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, put_batch
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
-from alignx_jax.data import batching, sources
+from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.hardware import describe_auto, resolve_dtype
 from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
@@ -202,6 +202,8 @@ class Trainer:
         self.rows_skipped = int(getattr(self.source, "skipped", 0))
         if len(self.source) == 0:
             raise AlignXError(f"{self.data_path}: no training rows")
+        if cfg.data.twins:
+            contrast.check_twins([self.source[i] for i in range(len(self.source))], file=self.data_path)
         self.gb = gb = int(cfg.train.global_batch)
         self.num_micro = gb // int(cfg.train.micro_batch or gb)
         if gb % self.pc or (gb // self.pc) % self.num_micro:
@@ -275,11 +277,11 @@ class Trainer:
             pba_preference="history" if cfg.pba.preference == "history" else "golden",
         )
 
-    def new_loader(self) -> sources.TrainLoader:
+    def new_loader(self, example_fn=None) -> sources.TrainLoader:
         cfg = self.cfg
         return sources.TrainLoader(
             self.source,
-            self.example,
+            example_fn or self.example,
             pairs_per_batch=self.gb // self.pc,
             pad_id=int(self.tokenizer.pad_token_id),
             buckets=tuple(int(b) for b in cfg.data.buckets),
@@ -291,6 +293,7 @@ class Trainer:
             shard_count=self.pc,
             length_groups=int(cfg.data.length_groups),
             length_fn=self.example_length,
+            twins=bool(cfg.data.twins),
         )
 
     def eval_loader(self) -> sources.TrainLoader:
@@ -411,15 +414,29 @@ class Trainer:
         if not self.codec.lora:  # LoRA: the base stays (the policy is base + adapters)
             self.ref_params = None
 
-    def reference_pass(self, want_shape: tuple[int, int, int]) -> np.ndarray:
-        """The reference log-probs of every pair of every step, `[steps, local pairs, 2]`."""
+    def reference_pass(self, want_shape: tuple[int, int, int], reuse: bool = True) -> np.ndarray:
+        """The reference log-probs of every pair of every step, `[steps, local pairs, 2]`.
+
+        With `reuse`, a step whose pairs were all scored before (the same tokens: a later epoch of rows
+        whose prompts do not vary by epoch) takes their log-probs instead of running the model again."""
         from tqdm import tqdm
 
         ref_fn = jit_ref_logps(self.codec, self.cfg.loss, self.rep)
-        pre_loader = self.new_loader()
+        keys: list[
+            bytes | None
+        ] = []  # this step's pairs, in batch order (None: a row the example fn dropped)
+        scored: dict[bytes, np.ndarray] = {}
+
+        def recorded(row, rng, index):
+            ex = self.example(row, rng, index)
+            keys.append(None if ex is None else batching.example_key(ex))
+            return ex
+
+        pre_loader = self.new_loader(example_fn=recorded)
         saved_truncated = self.rows_truncated
         table = np.zeros(want_shape, np.float32)
         local_pairs = self.gb // self.pc
+        computed = 0
         with shd.use_mesh(self.mesh, self.rules):
             # the pass takes about a third of the training's time: it shows progress as training does
             for s in tqdm(
@@ -431,7 +448,15 @@ class Trainer:
                 disable=not (self.is_main and self.cfg.train.progress),
             ):
                 self.check_stop()  # nothing is written: the next run does the pass again
-                hb, _ = self.builder(next(pre_loader)[0])
+                keys.clear()
+                raw = next(pre_loader)[0]
+                real = [k for k in keys if k is not None]  # the batch's pairs; dummies follow them
+                # the pass is a collective: every process computes this step if one has a new pair
+                if reuse and not agree_max(int(not all(k in scored for k in real))):
+                    table[s, : len(real)] = [scored[k] for k in real]
+                    continue
+                computed += 1
+                hb, _ = self.builder(raw)
                 # global slot ids tell each process which of the gathered results are its own
                 hb = hb.replace(
                     slot=(self.pi * local_pairs + np.arange(local_pairs, dtype=np.int32)).reshape(
@@ -443,7 +468,14 @@ class Trainer:
                 lp, slot = np.asarray(lp).reshape(-1, 2), np.asarray(slot).reshape(-1)
                 mine = slot // local_pairs == self.pi
                 table[s][slot[mine] % local_pairs] = lp[mine]
+                scored.update((k, table[s, j]) for j, k in enumerate(real))
         self.rows_truncated = saved_truncated
+        if self.is_main:
+            print(
+                f"alignx train: reference log-probs of {self.total_steps} steps, {computed} computed "
+                f"({self.total_steps - computed} reused: their pairs were scored before)",
+                file=sys.stderr,
+            )
         return table
 
     # ------------------------------------------------------------------------- the loop
