@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignx_jax.data import contrast
-from alignx_jax.data.benchmarks import persona_group
 from alignx_jax.demo import (
     DEFAULT_PSOUPS,
     ROOT,
@@ -499,8 +498,8 @@ def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[st
     )
     test = balanced_copy(split["test"], budget.test_rows, seed, os.path.join(data_dir, "quick", "test.json"))
     with open(train, encoding="utf-8") as f:
-        personas = {persona_group(row) for row in json.load(f)}
-    if len(personas) != 2 or None in personas:  # twins need two opposite personas (data.contrast)
+        personas = contrast.persona_groups(json.load(f))
+    if len(personas) != 2 or None in personas:  # what contrast_rows needs
         print(
             f"demo: {len(personas)} personas in the training half, not two: ICA and PBA train on it, no twins"
         )

@@ -121,3 +121,10 @@ def test_cli_contrast_bad_input_is_one_line(tmp_path, capsys):
     one.write_text(json.dumps(psoups_rows((3,))))
     assert main(["data", "contrast", str(one), "--out", str(out)]) == 1
     assert "exactly two" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_row_without_persona_is_named():
+    rows = psoups_rows()
+    del rows[3]["ground_truth_persona"]
+    with pytest.raises(DataError, match=r"f.json, row 3: persona contrast: a row names no persona"):
+        contrast_rows(rows, file="f.json")

@@ -30,19 +30,28 @@ from alignx_jax.data.benchmarks import persona_group
 from alignx_jax.errors import DataError
 
 
+def persona_groups(rows: Sequence[dict]) -> dict[str | None, list[int]]:
+    """Row indices by `persona_group` (key None: the rows that name no persona); `contrast_rows`
+    needs exactly two groups and no None."""
+    groups: dict[str | None, list[int]] = {}
+    for i, row in enumerate(rows):
+        group = persona_group(row)
+        groups.setdefault(None if group is None else str(group), []).append(i)
+    return groups
+
+
 def contrast_rows(
     rows: Sequence[dict], seed: int = 0, *, file: str | None = None, twins: bool = False
 ) -> list[dict]:
     """The rows, then one contrast row per row (module docstring), in the same order; with `twins`,
     each row (in a seeded order) followed by its contrast row."""
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        group = persona_group(row)
-        if group is None:
-            raise DataError(
-                "persona contrast: a row names no persona (ground_truth_persona or user_id)", file=file, row=i
-            )
-        groups.setdefault(str(group), []).append(i)
+    groups = persona_groups(rows)
+    if None in groups:
+        raise DataError(
+            "persona contrast: a row names no persona (ground_truth_persona or user_id)",
+            file=file,
+            row=groups[None][0],
+        )
     if len(groups) != 2:
         raise DataError(
             f"persona contrast needs exactly two (opposite) personas, as a P-SOUPS file holds; found {len(groups)}",

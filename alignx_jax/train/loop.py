@@ -414,17 +414,16 @@ class Trainer:
         if not self.codec.lora:  # LoRA: the base stays (the policy is base + adapters)
             self.ref_params = None
 
-    def reference_pass(self, want_shape: tuple[int, int, int], reuse: bool = True) -> np.ndarray:
+    def reference_pass(self, want_shape: tuple[int, int, int]) -> np.ndarray:
         """The reference log-probs of every pair of every step, `[steps, local pairs, 2]`.
 
-        With `reuse`, a step whose pairs were all scored before (the same tokens: a later epoch of rows
+        A step whose pairs were all scored before (the same tokens: a later epoch of rows
         whose prompts do not vary by epoch) takes their log-probs instead of running the model again."""
         from tqdm import tqdm
 
         ref_fn = jit_ref_logps(self.codec, self.cfg.loss, self.rep)
-        keys: list[
-            bytes | None
-        ] = []  # this step's pairs, in batch order (None: a row the example fn dropped)
+        # this step's pairs, in batch order (None: a row the example fn dropped)
+        keys: list[bytes | None] = []
         scored: dict[bytes, np.ndarray] = {}
 
         def recorded(row, rng, index):
@@ -452,7 +451,7 @@ class Trainer:
                 raw = next(pre_loader)[0]
                 real = [k for k in keys if k is not None]  # the batch's pairs; dummies follow them
                 # the pass is a collective: every process computes this step if one has a new pair
-                if reuse and not agree_max(int(not all(k in scored for k in real))):
+                if not agree_max(int(not all(k in scored for k in real))):
                     table[s, : len(real)] = [scored[k] for k in real]
                     continue
                 computed += 1
