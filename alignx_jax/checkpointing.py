@@ -69,11 +69,25 @@ def _abandoned_read(info) -> bool:
     )
 
 
+class _ItemMetadataNotice(logging.Filter):
+    """Drops orbax's warning that an item folder (`W/checkpoints/<step>/params`) has no metadata file of its
+    own: a CheckpointManager step keeps it one level up, so every read of a training step's params logged it
+    as though something were missing. The warning about any other folder passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Metadata file does not exist") or not record.args:
+            return True
+        missing = str(record.args[0])
+        step_dir = os.path.dirname(os.path.dirname(missing))
+        return not os.path.exists(os.path.join(step_dir, os.path.basename(missing)))
+
+
 def _quiet_closed_loop_callbacks() -> None:
     """The same after-effect reaches Python from tensorstore's threads (sys.excepthook or the unraisable
     hook, depending on the path): those hooks skip it and pass everything else on."""
     for name in ("concurrent.futures", "asyncio"):
         logging.getLogger(name).addFilter(_RestoreAfterEffects())
+    logging.getLogger("absl").addFilter(_ItemMetadataNotice())
     except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
 
     def excepthook(kind, value, tb):

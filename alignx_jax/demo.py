@@ -398,19 +398,12 @@ def run_eval(
 # ----------------------------------------------------------------------------- the demo
 
 
-def use_compile_cache(out: str) -> None:
-    """Keep XLA executables in OUT/.jax_cache: the runs share step and scorer shapes, and a rerun
-    compiles nothing (unless the user already chose a cache)."""
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 def open_out(out: str, settings: dict[str, Any]) -> dict[str, str]:
     """OUT made and claimed for these settings (`claim_out`: a rerun must match them), its compilation
-    cache on -> its data/models/runs/eval subfolders by name."""
+    cache on (`compile_cache`: OUT/.jax_cache, unless the user chose one or turned it off) -> its
+    data/models/runs/eval subfolders by name."""
+    from alignx_jax.compile_cache import use_compile_cache
+
     os.makedirs(out, exist_ok=True)
     use_compile_cache(out)
     claim_out(out, settings)

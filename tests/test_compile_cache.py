@@ -58,3 +58,35 @@ def test_generate_uses_the_user_cache_and_the_environment_wins(tmp_path):
     mine = tmp_path / "mine"
     assert _probe(tmp_path, "eval", JAX_COMPILATION_CACHE_DIR=str(mine)) == str(mine)
     assert _probe(tmp_path, "data") == "None"  # commands that do not compile leave JAX as it is
+
+
+DEMO_PROBE = """
+import sys
+import jax
+from alignx_jax import demo
+demo.open_out(sys.argv[1], {"probe": True})
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_demo_caches_in_its_output_unless_turned_off(tmp_path):
+    """`alignx demo` keeps its executables in OUT/.jax_cache, and obeys the same switches as the CLI."""
+    e = {
+        k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "ALIGNX_COMPILE_CACHE")
+    }
+    e["JAX_PLATFORMS"] = "cpu"
+
+    def used(out, **env):
+        r = subprocess.run(
+            [sys.executable, "-c", DEMO_PROBE, str(out)],
+            env={**e, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1]
+
+    assert used(tmp_path / "a") == str(tmp_path / "a" / ".jax_cache")
+    assert used(tmp_path / "b", ALIGNX_COMPILE_CACHE="0") in ("None", "")
+    assert used(tmp_path / "c", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")

@@ -308,7 +308,7 @@ def test_skip_policy_step_keeps_the_old_state():
 
 
 @pytest.mark.slow
-def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_copy, tmp_path):
+def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_copy, tmp_path, caplog):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "my_other_model.safetensors").write_bytes(b"not ours" * 100)
@@ -322,6 +322,8 @@ def test_export_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(run_c
     r = run_cli(["export", "--checkpoint", str(run_copy), "--out", str(out), "--overwrite"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "warning: kept my_other_model.safetensors" in r.stderr
+    # a training step's params folder keeps its metadata one level up: nothing is missing, nothing said
+    assert not [x for x in caplog.records if "Metadata file does not exist" in x.getMessage()]
     assert (out / "my_other_model.safetensors").read_bytes() == b"not ours" * 100
     assert (out / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "config.json").read_text()).get("mine") is None  # a file an export writes
@@ -791,3 +793,24 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path):
         f"{time.time() - t0:.0f}s"
     )
     assert len(modes) == 3 and kills >= 6
+
+
+def test_missing_metadata_is_still_reported_outside_a_checkpoint_step(tmp_path):
+    """The quieted orbax notice is only the item folder's: a folder whose step has no metadata either (a
+    half-written or foreign folder) is still reported."""
+    import logging
+
+    from alignx_jax.checkpointing import _ItemMetadataNotice
+
+    def kept(folder):
+        path = str(folder / "params" / "_CHECKPOINT_METADATA")
+        record = logging.LogRecord(
+            "absl", logging.WARNING, "x", 1, "Metadata file does not exist: %s", (path,), None
+        )
+        return _ItemMetadataNotice().filter(record)
+
+    step = tmp_path / "checkpoints" / "7"
+    (step / "params").mkdir(parents=True)
+    assert kept(step)  # nothing above it either
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    assert not kept(step)  # the step's own metadata: the item folder lacks nothing

@@ -159,6 +159,9 @@ def load_checkpoint(
     gives new ones drawn from `adapter_seed` (`models.lora.new_adapters`)."""
     import orbax.checkpoint as ocp
 
+    # before orbax's first read: its log filters (a training step's params folder is not "missing" metadata)
+    from alignx_jax.checkpointing import collect_orphans, first_line, verify_tree
+
     res = resolve_checkpoint(path, step)
     params_dir = paths.absolute(res.params_dir)  # orbax reads gs:// itself
     try:
@@ -167,8 +170,6 @@ def load_checkpoint(
         tree = getattr(tree, "tree", tree)
         stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
     except Exception as e:  # a half-written or foreign folder
-        from alignx_jax.checkpointing import first_line
-
         raise CheckpointError(
             f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {first_line(e)})"
         ) from None
@@ -210,8 +211,6 @@ def load_checkpoint(
     abstract_target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure
     )
-    from alignx_jax.checkpointing import collect_orphans, first_line, verify_tree
-
     why = None
     try:
         with ocp.StandardCheckpointer() as ckptr:
