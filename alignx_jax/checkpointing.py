@@ -87,7 +87,6 @@ def _quiet_closed_loop_callbacks() -> None:
     hook, depending on the path): those hooks skip it and pass everything else on."""
     for name in ("concurrent.futures", "asyncio"):
         logging.getLogger(name).addFilter(_RestoreAfterEffects())
-    logging.getLogger("absl").addFilter(_ItemMetadataNotice())
     except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
 
     def excepthook(kind, value, tb):
@@ -102,6 +101,7 @@ def _quiet_closed_loop_callbacks() -> None:
 
 
 _quiet_closed_loop_callbacks()
+logging.getLogger("absl").addFilter(_ItemMetadataNotice())  # orbax logs through absl
 
 
 def first_line(e: BaseException) -> str:

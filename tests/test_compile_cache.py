@@ -21,13 +21,18 @@ jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(7.0)).block_until_ready()
 """
 
 
-def _probe(tmp_path, *argv, **env):
+def _probe(tmp_path, *argv, script=PROBE, **env):
     e = {
         k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "ALIGNX_COMPILE_CACHE")
     }
     e.update({"JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path / "xdg"), **env})
     r = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv], env=e, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script, *argv],
+        env=e,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().splitlines()[-1]
@@ -71,21 +76,9 @@ print(jax.config.jax_compilation_cache_dir)
 
 def test_demo_caches_in_its_output_unless_turned_off(tmp_path):
     """`alignx demo` keeps its executables in OUT/.jax_cache, and obeys the same switches as the CLI."""
-    e = {
-        k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "ALIGNX_COMPILE_CACHE")
-    }
-    e["JAX_PLATFORMS"] = "cpu"
 
     def used(out, **env):
-        r = subprocess.run(
-            [sys.executable, "-c", DEMO_PROBE, str(out)],
-            env={**e, **env},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stderr
-        return r.stdout.strip().splitlines()[-1]
+        return _probe(tmp_path, str(out), script=DEMO_PROBE, **env)
 
     assert used(tmp_path / "a") == str(tmp_path / "a" / ".jax_cache")
     assert used(tmp_path / "b", ALIGNX_COMPILE_CACHE="0") in ("None", "")
