@@ -146,6 +146,13 @@ def _add_data(sub) -> None:
         help="each row (seeded order) followed by its contrast row: train with data.twins=true and an "
         "even batch so every batch holds whole twins",
     )
+    p.add_argument(
+        "--originals",
+        type=int,
+        default=1,
+        help="each row this many times, then its contrast row once (not with --twins): at 2, a preference "
+        "the two personas share keeps a third of its weight (the contrast rows alone cancel it)",
+    )
 
 
 def _add_synth(sub) -> None:

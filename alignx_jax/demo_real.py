@@ -6,14 +6,14 @@ Stages (each skipped when its marker exists; training resumes like `alignx train
   1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once).
   2. split   - `alignx data split FILE --by prompt --test-fraction 0.5`; --quick takes seeded samples
                of each half balanced across the file's personas (`benchmarks.balanced_sample`); then
-               `alignx data contrast --twins` of the training half: each pair followed by its twin (the
-               same pair under the other persona, chosen and rejected swapped), what ICA and PBA train on.
+               `alignx data contrast --originals 2` of the training half: its pairs twice, then each pair
+               once under the other persona with chosen and rejected swapped, what ICA and PBA train on.
   3. base    - the untouched model scored on the held-out half with no persona, with the ICA prompt
                and with the PBA prompt (`alignx eval --reference none`); each per-example file is
                then the reference of the model trained with that prompt (`--reference-scores`).
   4. train   - configs/demo_real.py, one recipe and budget (the same steps of the same batch), for
-               data.method none (on the training half: twins cancel without a persona), ica and pba (the
-               row's `profile` text; on the twins, `data.twins=true`); each exported (`alignx export`).
+               data.method none (on the training half: a contrast row contradicts its pair without the
+               persona), ica and pba (the row's `profile` text; on the contrast file); each exported.
   5. eval    - `alignx eval` of each trained model on the held-out half, the base model as reference.
   6. samples - three sampled responses per persona for one held-out prompt from each trained model.
   7. report  - DIR/results.json, DIR/report.md (per persona, beside the paper's P-SOUPS column),
@@ -63,6 +63,9 @@ TARGETS = (
     "seconds <= 3600",
 )
 SAMPLING = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's generation settings
+# ICA and PBA train on the training half twice plus its contrast rows (`alignx data contrast --originals`):
+# twins alone erased the preference friendly_unfriendly's personas share (README, A real model)
+ORIGINALS = 2
 
 
 class RealBudget:
@@ -92,8 +95,8 @@ def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
 
 
 def run_steps(budget: RealBudget, train: str) -> int:
-    """Every run's steps: the recipe's `train.steps`, or `train.epochs` passes over the twins of the
-    training half (two rows per training pair)."""
+    """Every run's steps: the recipe's `train.steps`, or `train.epochs` passes of two rows per training
+    pair (the size of the training half with one contrast row per pair)."""
     from alignx_jax.config import load_config
 
     cfg = load_config(budget.config)
@@ -114,7 +117,6 @@ def train_and_export(
     seed: int,
     export_dir: str,
     steps: int,
-    twins: bool,
 ) -> dict[str, Any]:
     """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
     from alignx_jax import export
@@ -130,7 +132,7 @@ def train_and_export(
         seed=seed,
         steps=steps,
         config_file=REAL_CONFIG,
-        overrides=(f"--config.data.twins={twins}", "--config.train.epochs=0"),
+        overrides=("--config.train.epochs=0",),
     )
     t0 = time.perf_counter()
     code = run_training(cfg)
@@ -381,7 +383,9 @@ def run_real_demo(
     psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
     if not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
-    d = open_out(out, {"real": True, "quick": quick, "seed": seed, "psoups": psoups})
+    # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
+    settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
+    d = open_out(out, settings)
 
     names = [
         "model",
@@ -401,18 +405,17 @@ def run_real_demo(
         steps = run_steps(budget, split["train"])
 
         def train(m: str, workdir: str, export_dir: str) -> dict[str, Any]:
-            # the twins' labels cancel without a persona; a file of other than two personas has none
-            personal = m != "none" and split["twins"] is not None
+            # a contrast row contradicts its pair without a persona; a file of other than two personas has none
+            personal = m != "none" and split["contrast"] is not None
             return train_and_export(
                 budget,
                 workdir=workdir,
                 model_dir=model_dir,
-                data=split["twins"] if personal else split["train"],
+                data=split["contrast"] if personal else split["train"],
                 method=m,
                 seed=seed,
                 export_dir=export_dir,
                 steps=steps,
-                twins=personal,
             )
 
         by_method, workdirs = train_stages(stages, d, TRAINED, train)
@@ -501,12 +504,15 @@ def _split(psoups: str, data_dir: str, budget: RealBudget, seed: int) -> dict[st
         personas = contrast.persona_groups(json.load(f))
     if len(personas) != 2 or None in personas:  # what contrast_rows needs
         print(
-            f"demo: {len(personas)} personas in the training half, not two: ICA and PBA train on it, no twins"
+            f"demo: {len(personas)} personas in the training half, not two: ICA and PBA train on it, "
+            "no contrast rows"
         )
-        return {"train": train, "test": test, "twins": None}
-    twins = os.path.join(data_dir, "twins", os.path.basename(psoups))
-    contrast.cli_contrast(argparse.Namespace(path=train, seed=seed, out=twins, twins=True))
-    return {"train": train, "test": test, "twins": twins}
+        return {"train": train, "test": test, "contrast": None}
+    path = os.path.join(data_dir, "contrast", os.path.basename(psoups))
+    contrast.cli_contrast(
+        argparse.Namespace(path=train, seed=seed, out=path, twins=False, originals=ORIGINALS)
+    )
+    return {"train": train, "test": test, "contrast": path}
 
 
 def print_summary(results: dict[str, Any], out: str, lines: Sequence[str]) -> None:

@@ -1,14 +1,14 @@
 """`alignx demo --real`: SmolLM2-135M-Instruct (the `smollm2` preset) personalized on a P-SOUPS split.
 
 The demo (alignx_jax/demo_real.py) loads this file once per run and sets, by override, what differs
-between runs: `workdir`, `data.train`, `data.method`, `data.twins` and `train.steps` (the same for all
-three runs: `train.epochs` passes over the twins). ICA and PBA train on persona-contrast twins of the
-training half (`alignx data contrast --twins`), the non-personalized run on the training half itself
-with `data.twins=false` (a twin's labels cancel without the persona). `configs/demo_real.py:quick` is
-the few-minute budget of `alignx demo --real --quick`.
+between runs: `workdir`, `data.train`, `data.method` and `train.steps` (the same for all three runs:
+`train.epochs` passes of two rows per training pair). ICA and PBA train on the training half twice plus
+its persona-contrast rows (`alignx data contrast --originals 2`), the non-personalized run on the
+training half itself (a contrast row contradicts its pair without the persona).
+`configs/demo_real.py:quick` is the few-minute budget of `alignx demo --real --quick`.
 
-    alignx data contrast TRAIN.json --out TWINS.json --twins
-    alignx train --config=configs/demo_real.py --config.workdir=W --config.data.train=TWINS.json \
+    alignx data contrast TRAIN.json --out CONTRAST.json --originals 2
+    alignx train --config=configs/demo_real.py --config.workdir=W --config.data.train=CONTRAST.json \
         --config.data.method=ica
 """
 
@@ -43,9 +43,9 @@ def get_config(variant: str = "full"):
     c.data.buckets = tuple(range(128, 1537, 64))
     c.data.share_prompt = True  # one row per pair: the ~370-token ICA prompt runs once
     c.data.length_groups = 8  # batches of similar length: ~27% fewer positions on the PBA rows
-    # rows 2k, 2k+1 are twins (the same pair under both personas, labels swapped) kept in one batch:
-    # a preference that ignores the persona cancels, only reading the persona lowers the loss
-    c.data.twins = True
+    # not twins in one batch: they cancel a preference both personas share, which friendly_unfriendly's
+    # have (README, A real model); the contrast rows beside each pair twice keep a third of it
+    c.data.twins = False
     c.data.compact_tokens = 0  # 64-token buckets leave little padding; each kept size is a compile
     c.data.overflow = "truncate"
 
@@ -61,9 +61,10 @@ def get_config(variant: str = "full"):
     c.optim.weight_decay = 0.0
 
     c.train.steps = -1
-    # two passes over the twins: in one (of batch 8 or of 4) the persona was barely read
+    # two passes of two rows per training pair (as two passes over twins, where one pass, of batch 8 or
+    # of 4, barely read the persona)
     c.train.epochs = 2
-    c.train.global_batch = 8  # four twins
+    c.train.global_batch = 8
     c.train.micro_batch = 8
     c.train.seed = 42
     c.train.log_every = 1
@@ -85,7 +86,7 @@ def get_config(variant: str = "full"):
         # share one compiled step (with 512 as well, the PBA run's longer profile prompts compiled a second)
         c.data.max_length = 512  # what `alignx demo --real --quick` trains at (demo_real.RealBudget)
         c.data.buckets = (832,)
-        # and the same twin for ICA and PBA: grouped by length, PBA's longer prompts picked other pairs, whose
+        # and the same pairs for ICA and PBA: grouped by length, PBA's longer prompts picked other pairs, whose
         # longest response needed another scored window (a power of two) and so another compile of the step
         c.data.length_groups = 0
     elif variant != "full":

@@ -89,6 +89,22 @@ def test_twins_follow_their_rows_in_a_seeded_order(tmp_path, capsys):
         check_twins(twins[:-1])
 
 
+def test_originals_keep_each_row_k_times_before_the_contrast_rows(tmp_path, capsys):
+    # at K=2 a preference both personas share is asserted twice and contradicted once per pair
+    rows = psoups_rows()
+    one = contrast_rows(rows, seed=1)
+    two = contrast_rows(rows, seed=1, originals=2)
+    assert two == rows + one  # the same contrast rows, the originals once more in front
+    src, out = tmp_path / "train.json", tmp_path / "mixed.json"
+    src.write_text(json.dumps(rows))
+    assert main(["data", "contrast", str(src), "--out", str(out), "--seed", "1", "--originals", "2"]) == 0
+    assert json.loads(out.read_text()) == two
+    assert "2 x 5 rows + 5 contrast rows" in capsys.readouterr().out
+    for bad in ({"originals": 0}, {"originals": 2, "twins": True}):
+        with pytest.raises(DataError, match=r"f.json: persona contrast: originals="):
+            contrast_rows(rows, file="f.json", **bad)
+
+
 @pytest.mark.parametrize("personas", [(4,), (2, 2, 2)])
 def test_contrast_needs_exactly_two_personas(personas):
     with pytest.raises(DataError, match=f"exactly two .* found {len(personas)}"):

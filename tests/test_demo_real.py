@@ -34,10 +34,10 @@ def test_targets_follow_the_issue_rule():
 
 
 @pytest.mark.parametrize("per_persona", [(6, 5), (11,), (4, 4, 3)])
-def test_split_writes_twins_for_two_personas_only(tmp_path, per_persona):
-    # ICA and PBA train on twins of the training half when it holds two opposite personas (P-SOUPS);
-    # any other file still runs the demo, on its training half, with no twins
-    from alignx_jax.data.contrast import check_twins
+def test_split_writes_contrast_rows_for_two_personas_only(tmp_path, per_persona):
+    # ICA and PBA train on the training half twice plus its contrast rows when it holds two personas
+    # (P-SOUPS); any other file still runs the demo, on its training half, with no contrast rows
+    from alignx_jax.data.contrast import contrast_rows
     from tests.test_contrast import psoups_rows
 
     src = tmp_path / "p.json"
@@ -49,13 +49,15 @@ def test_split_writes_twins_for_two_personas_only(tmp_path, per_persona):
     with open(split["train"], encoding="utf-8") as f:
         train = json.load(f)
     if len(per_persona) != 2:
-        assert split["twins"] is None
+        assert split["contrast"] is None
         return
-    with open(split["twins"], encoding="utf-8") as f:
-        twins = json.load(f)
-    check_twins(twins)
-    assert len(twins) == 2 * len(train)
-    assert sorted(json.dumps(r) for r in twins[::2]) == sorted(json.dumps(r) for r in train)
+    with open(split["contrast"], encoding="utf-8") as f:
+        mixed = json.load(f)
+    assert demo_real.ORIGINALS == 2 and len(mixed) == 3 * len(train)
+    assert mixed[: 2 * len(train)] == train + train
+    swapped = mixed[2 * len(train) :]
+    assert [(r["chosen"], r["rejected"]) for r in swapped] == [(r["rejected"], r["chosen"]) for r in train]
+    assert mixed == contrast_rows(train, 0, originals=2)
 
 
 @pytest.mark.slow
@@ -104,14 +106,11 @@ def test_real_quick_demo_runs_the_whole_chain(tmp_path):
         assert len(by_persona) == 2 and all(len(t) == 1 for t in by_persona.values())
     report = (out / "report.md").read_text()
     assert "| ica |" in report and "63.33" in report and "81.69" in report  # the paper's P-SOUPS column
-    # ICA and PBA trained on the training half's twins, the non-personalized run on the half itself,
-    # all three for the same steps of the same batch
+    # ICA and PBA trained on the training half's contrast file, the non-personalized run on the half
+    # itself, all three for the same steps of the same batch
     cfgs = {n: json.loads((out / "runs" / n / "config.json").read_text()) for n in gens["models"]}
-    assert {n: c["data"]["twins"] for n, c in cfgs.items()} == {
-        "non_personalized": False,
-        "ica": True,
-        "pba_profile": True,
-    }
+    assert not any(c["data"]["twins"] for c in cfgs.values())
+    assert os.path.basename(os.path.dirname(cfgs["ica"]["data"]["train"])) == "contrast"
     assert (
         cfgs["ica"]["data"]["train"]
         == cfgs["pba_profile"]["data"]["train"]

@@ -15,7 +15,14 @@ length-groups each twin as one unit; an even batch per host), every batch holds 
 preference that ignores the persona cancels within the batch and only reading the persona lowers the
 loss (README, "A real model", for what it did). `check_twins` is the loader's check of such a file.
 
-    alignx data contrast TRAIN.json --out TRAIN_CONTRAST.json [--seed S] [--twins]
+The twins assume the personas are opposed on every pair. Where both prefer the same kind of answer
+over a plain one (P-SOUPS friendly_unfriendly: each persona's chosen answer is styled its way, the
+rejected one mostly plain), that shared preference is real and the twins erase it. `originals=K`
+(`--originals K`, not with twins) writes each row K times before the contrast rows: at K=2 a
+persona-blind preference keeps a third of its weight (two rows for it, one against) and reading the
+persona still pays.
+
+    alignx data contrast TRAIN.json --out TRAIN_CONTRAST.json [--seed S] [--twins | --originals K]
 """
 
 from __future__ import annotations
@@ -41,10 +48,21 @@ def persona_groups(rows: Sequence[dict]) -> dict[str | None, list[int]]:
 
 
 def contrast_rows(
-    rows: Sequence[dict], seed: int = 0, *, file: str | None = None, twins: bool = False
+    rows: Sequence[dict],
+    seed: int = 0,
+    *,
+    file: str | None = None,
+    twins: bool = False,
+    originals: int = 1,
 ) -> list[dict]:
-    """The rows, then one contrast row per row (module docstring), in the same order; with `twins`,
-    each row (in a seeded order) followed by its contrast row."""
+    """The rows (`originals` times over), then one contrast row per row (module docstring), in the same
+    order; with `twins`, each row (in a seeded order) followed by its contrast row."""
+    if originals < 1 or (twins and originals != 1):
+        raise DataError(
+            f"persona contrast: originals={originals}; it must be >= 1, and 1 with twins (a twin is one row "
+            "and its contrast row)",
+            file=file,
+        )
     groups = persona_groups(rows)
     if None in groups:
         raise DataError(
@@ -65,7 +83,7 @@ def contrast_rows(
         ctx = rows[int(rng.choice(other[str(persona_group(row))]))]
         swapped.append({**ctx, "prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"]})
     if not twins:
-        return [*rows, *swapped]
+        return [*(list(rows) * originals), *swapped]
     return [r for i in rng.permutation(len(rows)) for r in (rows[int(i)], swapped[int(i)])]
 
 
@@ -96,10 +114,10 @@ def cli_contrast(args: argparse.Namespace) -> int:
     raw = loaded.files[0]
     if not raw.rows:
         raise DataError("no rows", file=args.path)
-    rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins)
+    originals = args.originals
+    rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins, originals=originals)
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
     order = ", as twins (train with data.twins=true, an even batch)" if args.twins else ""
-    print(
-        f"persona contrast: {len(raw.rows)} rows + {len(rows) - len(raw.rows)} contrast rows{order} -> {args.out}"
-    )
+    kept = f"{originals} x {len(raw.rows)}" if originals > 1 else f"{len(raw.rows)}"
+    print(f"persona contrast: {kept} rows + {len(raw.rows)} contrast rows{order} -> {args.out}")
     return 0
