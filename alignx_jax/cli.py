@@ -48,10 +48,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -> None:
     """`--dtype` of the commands that load a model in a chosen dtype (default: theirs, as `help_text` says);
-    `auto` (scoring and generation): bfloat16 on GPU/TPU and CPUs with AMX, else float32."""
+    `auto` (scoring and generation): bfloat16 on GPU/TPU, CPUs with AMX, AMD CPUs with AVX-512-BF16, else float32."""
     choices = [*COMPUTE_DTYPES, *([AUTO] if auto else [])]
     if auto:
-        help_text += "; auto: bfloat16 on GPU/TPU and on CPUs with AMX, else float32"
+        help_text += (
+            "; auto: bfloat16 on GPU/TPU, on CPUs with AMX and AMD ones with AVX-512-BF16, else float32"
+        )
     p.add_argument("--dtype", default=None, choices=choices, help=help_text)
 
 

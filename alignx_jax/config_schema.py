@@ -118,7 +118,7 @@ class ModelSection:
     preset: str = ""
     tokenizer: str = ""  # '' -> the hf_path's tokenizer, or the shipped tiny one for random init
     init: InitSection = dataclasses.field(default_factory=InitSection)  # sizes for random init
-    # compute dtype; auto: bfloat16 on GPU/TPU and on CPUs with AMX, else float32 (alignx_jax.hardware)
+    # compute dtype; auto: bfloat16 on GPU/TPU, CPUs with AMX, AMD CPUs with AVX-512-BF16, else float32 (alignx_jax.hardware)
     dtype: ComputeDtype = "bfloat16"
     param_dtype: ParamDtype = "float32"  # master weights
     remat: RematPolicy = "full"  # per-layer gradient checkpointing

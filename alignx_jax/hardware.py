@@ -3,9 +3,9 @@ how much host memory is free (`available_memory_bytes`, for choices that copy we
 that compiles small CPU programs faster (`use_fast_cpu_compile`); and the library XLA's CPU backend calls for
 matrix products (`cpu_matmul_library`, `model.cpu_matmul`).
 
-`model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs and on CPUs
-with AMX, float32 on other CPUs, where a bf16 product runs slower than a float32 one even with AVX-512-BF16
-(BENCHMARKS.md, "float32 or bf16 depends on the CPU").
+`model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs, on CPUs
+with AMX and on AMD CPUs with AVX-512-BF16, float32 on other CPUs, where a bf16 product runs slower than a
+float32 one (an Intel CPU with AVX-512-BF16 but no AMX; BENCHMARKS.md, "float32 or bf16 depends on the CPU").
 """
 
 from __future__ import annotations
@@ -67,9 +67,20 @@ def cpu_vendor(path: str = CPUINFO) -> str:
     return _cpuinfo_field("vendor_id", path) or ""
 
 
+def bf16_fast_cpu(path: str = CPUINFO) -> str | None:
+    """Why a bf16 product beats a float32 one on this CPU (None where it does not): AMX tiles, or an AMD
+    core's AVX-512-BF16 dot (Zen 4: 1.6x the float32 product); an Intel core's without AMX ran at 0.56x."""
+    flags = cpu_features(path).get("flags", ())
+    if "amx_bf16" in flags:
+        return "CPU with AMX"
+    if "avx512_bf16" in flags and _cpuinfo_field("vendor_id", path) == "AuthenticAMD":
+        return "AMD CPU with AVX-512-BF16"
+    return None
+
+
 @functools.cache
-def _cpu_has_amx() -> bool:
-    return "amx_bf16" in cpu_features().get("flags", ())
+def _cpu_bf16_fast() -> str | None:
+    return bf16_fast_cpu()
 
 
 @functools.cache
@@ -87,7 +98,7 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
         backend = jax.default_backend()
     if backend != "cpu":
         return "bfloat16"
-    return "bfloat16" if _cpu_has_amx() else "float32"
+    return "bfloat16" if _cpu_bf16_fast() else "float32"
 
 
 def describe_auto(resolved: str) -> str:
@@ -97,7 +108,7 @@ def describe_auto(resolved: str) -> str:
     backend = jax.default_backend()
     if backend != "cpu":
         return f"auto -> {resolved} ({backend})"
-    return f"auto -> {resolved} (CPU {'with' if _cpu_has_amx() else 'without'} AMX)"
+    return f"auto -> {resolved} ({_cpu_bf16_fast() or 'CPU without AMX, not an AMD one with AVX-512-BF16'})"
 
 
 def available_memory_bytes(path: str = "/proc/meminfo") -> int | None:

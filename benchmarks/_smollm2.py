@@ -125,15 +125,19 @@ def preload_allocator() -> None:
 
 def machine() -> dict[str, Any]:
     import jax
-    import torch
+
+    try:  # torch is the contender of most benchmarks here, not of all (cpu_dtype.py runs without it)
+        import torch
+    except ImportError:
+        torch = None
 
     return {
         "machine": cpu_model(),
         "cpu": cpu_features(),
         "cpu_count": os.cpu_count(),
         "jax_version": jax.__version__,
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__ if torch else None,
+        "torch_threads": torch.get_num_threads() if torch else None,
         "jax_backend": jax.default_backend(),
         "allocator": allocator.active(),
     }

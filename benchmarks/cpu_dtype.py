@@ -11,7 +11,7 @@
   and whether the two dtypes made the same chosen > rejected decisions.
 
 `bf16_vs_float32` (>1: bf16 faster) is what to read: CPUs with AMX run bf16 products several times
-faster than float32, CPUs with AVX-512-BF16 alone about as fast (BENCHMARKS.md §4), and the
+faster than float32, an Intel one with AVX-512-BF16 alone slower, an AMD Zen 4 one 1.6x (BENCHMARKS.md §4), and the
 `model.dtype` of a CPU recipe (configs/demo_real.py) should follow it.
 """
 

@@ -22,7 +22,8 @@ def get_config(variant: str = "full"):
     c = _BASE["get_config"]()
     c.model.hf_path = "smollm2"  # the shipped real model (alignx_jax.real_model; `make real-model`)
     # float32 parameters and optimizer; compute in bf16 where it is fast (GPU/TPU, CPUs with AMX: 2.5-4x
-    # float32's products) and in float32 on other CPUs, where bf16 is slower (BENCHMARKS.md §4);
+    # float32's products, AMD CPUs with AVX-512-BF16: 1.6x) and in float32 on other CPUs, where bf16 is
+    # slower (BENCHMARKS.md §4);
     # `alignx demo --real` scores in the same dtype
     c.model.dtype = "auto"
     c.model.param_dtype = "float32"

@@ -65,15 +65,33 @@ def test_available_memory_reads_meminfo(tmp_path):
     ],
 )
 def test_resolve_dtype(monkeypatch, name, backend, amx, want):
-    monkeypatch.setattr(hardware, "_cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(hardware, "_cpu_bf16_fast", lambda: "CPU with AMX" if amx else None)
     assert hardware.resolve_dtype(name, backend) == want
 
 
-def test_auto_on_this_machine_follows_its_amx_flag():
+@pytest.mark.parametrize(
+    "vendor, flags, want",
+    [
+        ("GenuineIntel", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "CPU with AMX"),
+        ("GenuineIntel", "avx2 avx512f avx512_bf16", None),  # Xeon model 207 without AMX: bf16 0.56x
+        ("AuthenticAMD", "avx2 avx512f avx512_bf16", "AMD CPU with AVX-512-BF16"),  # Zen 4: 1.6x
+        ("AuthenticAMD", "avx2", None),  # Zen 3
+        ("AuthenticAMD", "avx2 avx512f", None),
+    ],
+)
+def test_bf16_fast_cpu_reads_vendor_and_flags(tmp_path, vendor, flags, want):
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: fpu {flags}\n"
+    )
+    assert hardware.bf16_fast_cpu(str(info)) == want
+
+
+def test_auto_on_this_machine_follows_its_cpu():
     import jax
 
-    amx = "amx_bf16" in hardware.cpu_features().get("flags", ())
-    want = "bfloat16" if jax.default_backend() != "cpu" or amx else "float32"
+    fast = hardware.bf16_fast_cpu() is not None
+    want = "bfloat16" if jax.default_backend() != "cpu" or fast else "float32"
     assert hardware.resolve_dtype("auto") == want
     assert hardware.describe_auto(want).startswith(f"auto -> {want} (")
 
