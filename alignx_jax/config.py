@@ -27,6 +27,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"alignx_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:  # Python imports .py files only: a .json or .yaml gives no loader
+        raise ConfigError(f"{path}: not a Python config file (a .py file that defines get_config())")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]

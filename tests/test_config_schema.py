@@ -138,3 +138,14 @@ def test_saved_config_lacking_newer_keys_merges_over_defaults():
     saved["train"]["steps"] = "many"
     with pytest.raises(ConfigError, match=r"saved config: train\.steps='many': expected an integer"):
         schema.merge_saved(saved)
+
+
+@pytest.mark.parametrize("name", ["config.json", "config.yaml"])
+def test_a_config_that_is_not_python_is_refused_in_one_line(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"model": {}}\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == f"{path}: not a Python config file (a .py file that defines get_config())"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "absent.py"))
