@@ -67,20 +67,16 @@ def cpu_vendor(path: str = CPUINFO) -> str:
     return _cpuinfo_field("vendor_id", path) or ""
 
 
+@functools.cache  # asked by every resolve_dtype / describe_auto: read /proc/cpuinfo once
 def bf16_fast_cpu(path: str = CPUINFO) -> str | None:
     """Why a bf16 product beats a float32 one on this CPU (None where it does not): AMX tiles, or an AMD
     core's AVX-512-BF16 dot (Zen 4: 1.6x the float32 product); an Intel core's without AMX ran at 0.56x."""
     flags = cpu_features(path).get("flags", ())
     if "amx_bf16" in flags:
         return "CPU with AMX"
-    if "avx512_bf16" in flags and _cpuinfo_field("vendor_id", path) == "AuthenticAMD":
+    if "avx512_bf16" in flags and cpu_vendor(path) == "AuthenticAMD":
         return "AMD CPU with AVX-512-BF16"
     return None
-
-
-@functools.cache
-def _cpu_bf16_fast() -> str | None:
-    return bf16_fast_cpu()
 
 
 @functools.cache
@@ -98,7 +94,7 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
         backend = jax.default_backend()
     if backend != "cpu":
         return "bfloat16"
-    return "bfloat16" if _cpu_bf16_fast() else "float32"
+    return "bfloat16" if bf16_fast_cpu() else "float32"
 
 
 def describe_auto(resolved: str) -> str:
@@ -108,7 +104,7 @@ def describe_auto(resolved: str) -> str:
     backend = jax.default_backend()
     if backend != "cpu":
         return f"auto -> {resolved} ({backend})"
-    return f"auto -> {resolved} ({_cpu_bf16_fast() or 'CPU without AMX, not an AMD one with AVX-512-BF16'})"
+    return f"auto -> {resolved} ({bf16_fast_cpu() or 'CPU without AMX, not an AMD one with AVX-512-BF16'})"
 
 
 def available_memory_bytes(path: str = "/proc/meminfo") -> int | None:

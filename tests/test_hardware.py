@@ -65,7 +65,7 @@ def test_available_memory_reads_meminfo(tmp_path):
     ],
 )
 def test_resolve_dtype(monkeypatch, name, backend, amx, want):
-    monkeypatch.setattr(hardware, "_cpu_bf16_fast", lambda: "CPU with AMX" if amx else None)
+    monkeypatch.setattr(hardware, "bf16_fast_cpu", lambda: "CPU with AMX" if amx else None)
     assert hardware.resolve_dtype(name, backend) == want
 
 
