@@ -68,6 +68,7 @@ ParamDtype = Literal[COMPUTE_DTYPES]  # type: ignore[valid-type]
 PersonaVariant = Literal[persona_lib.PERSONA_VARIANTS]  # type: ignore[valid-type]
 PromptFormat = Literal[prompts_lib.PROMPT_FORMATS]  # type: ignore[valid-type]
 Overflow = Literal[OVERFLOW_POLICIES]  # type: ignore[valid-type]
+History = Literal[persona_lib.HISTORY_MODES]  # type: ignore[valid-type]
 Pooling = Literal[preference_head.POOLINGS]  # type: ignore[valid-type]
 # logical axis name -> a mesh axis, several, or None (replicated); sharding.DEFAULT_RULES
 ShardingRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -170,6 +171,10 @@ class DataSection:
     # rows 2k and 2k+1 are twins (`alignx data contrast --twins`): shuffled, sharded and length-grouped
     # as one unit, so with an even batch per host both are in one batch
     twins: bool = False
+    # what a training prompt shows of the persona's history (ICA, and PBA's 'history' profile): 'sample'
+    # (the release: a fresh draw of up to 4 items per row and epoch), 'fixed' (one draw per row for all
+    # epochs, so `loss.reference=precomputed` reuses later epochs), 'all' (the whole history, as eval)
+    history: History = "sample"
     synth_users: int = (
         0  # > 0: synthesize this many users into W/data when `train` is ''; 0: train is required
     )

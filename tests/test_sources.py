@@ -14,7 +14,7 @@ import pytest
 
 from alignx_jax.data import synth
 from alignx_jax.data.batching import DPOExample
-from alignx_jax.data.persona import row_rng
+from alignx_jax.data.persona import HISTORY_MODES, row_rng
 from alignx_jax.data.sources import ListSource, TrainLoader, open_source, prepare
 from alignx_jax.errors import ConfigError, DataError
 
@@ -170,6 +170,36 @@ def test_rng_is_per_seed_epoch_index():
     )
     list(loader)
     assert draws == {i: int(row_rng(3, (0, i)).integers(1 << 30)) for i in range(20)}
+
+
+def test_history_modes_sample_fixed_all():
+    """data.history: 'sample' draws per (epoch, row), 'fixed' repeats epoch 0's draw, 'all' passes None."""
+    for mode in HISTORY_MODES:
+        draws = {}
+
+        def spy(row, rng, index, draws=draws):
+            draws.setdefault(index, []).append(None if rng is None else int(rng.integers(1 << 30)))
+            return _fake_example(row, row_rng(3, (0, index)), index)
+
+        loader = TrainLoader(
+            _rows(12), spy, pairs_per_batch=4, pad_id=0, buckets=(8,), seed=3, shard_index=0,
+            shard_count=1, num_epochs=2, history=mode,
+        )  # fmt: skip
+        list(loader)
+        epoch = {e: {i: int(row_rng(3, (e, i)).integers(1 << 30)) for i in range(12)} for e in (0, 1)}
+        want = {
+            "sample": {i: [epoch[0][i], epoch[1][i]] for i in range(12)},
+            "fixed": {i: [epoch[0][i]] * 2 for i in range(12)},
+            "all": {i: [None, None] for i in range(12)},
+        }[mode]
+        assert draws == want, mode
+        state = loader.get_state()
+        assert state["history"] == mode
+        other = "all" if mode != "all" else "sample"
+        with pytest.raises(ConfigError, match="history"):
+            _loader(n=12, history=other).set_state(state)
+    with pytest.raises(ConfigError, match="data.history must be one of"):
+        _loader(history="some")
 
 
 def test_shards_are_disjoint_and_equal():

@@ -495,6 +495,21 @@ def test_precomputed_reference_reuses_a_later_epochs_pairs(tmp_path, layout):
         assert abs(runs["precomputed"][s] - runs["on_the_fly"][s]) < 1e-5, s
 
 
+@pytest.mark.parametrize("history,computed", [("fixed", 4), ("all", 4), ("sample", 8)])
+def test_ica_history_modes_and_reference_reuse(tmp_path, history, computed):
+    # ICA's prompt holds its history sample: a fresh one per epoch ('sample') makes epoch 2's pairs new
+    # tokens, one per row ('fixed') or the whole history ('all') repeats them, so they are reused
+    steps = ["--config.train.steps=8", "--config.checkpoint.every_steps=100", "--config.data.method=ica"]
+    w = tmp_path / history
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *steps]
+        + ["--config.loss.reference=precomputed", f"--config.data.history={history}"]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"reference log-probs of 8 steps, {computed} computed ({8 - computed} reused" in r.stderr
+    assert all(np.isfinite(v) for v in _losses(w).values())
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     w = tmp_path / "nan"

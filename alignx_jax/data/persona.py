@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax.errors import DataError
+from alignx_jax.errors import ConfigError, DataError
 
 NUM_DIMS = 90
 PERSONA_VARIANTS = ("ugc", "pair", "demo", "p")
@@ -30,6 +30,10 @@ DEMO_FIELD = "Demographic Information"
 DIRECTION_FIELD = "Preference Direction"
 # The release's sampling: at most this many history items of each kind in a training prompt.
 MAX_HISTORY = 4
+# What a training prompt shows of the history (`data.history`): 'sample' a fresh release draw per row
+# and epoch, 'fixed' one draw per row for every epoch (epoch 0's), 'all' the whole history, as
+# evaluation shows it
+HISTORY_MODES = ("sample", "fixed", "all")
 
 _SPACE_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "preference_space.json"
@@ -244,6 +248,18 @@ def row_rng(seed: int, key: Any) -> np.random.Generator:
     """A generator determined by (seed, key) only, e.g. key=(epoch, row_index): reruns and resumed
     runs draw the same history sample for the same row and epoch, whatever the batch order."""
     return np.random.default_rng(np.random.SeedSequence(_key_ints((seed, key))))
+
+
+def history_rng(mode: str, seed: int, epoch: int, index: int) -> np.random.Generator | None:
+    """The history-sampling generator of row `index` in `epoch` under `data.history` = mode
+    (HISTORY_MODES); None shows the whole history (`sample_history` is not called)."""
+    if mode == "sample":
+        return row_rng(seed, (epoch, index))
+    if mode == "fixed":
+        return row_rng(seed, (0, index))  # epoch 0's draw: a run's first epoch is the same as with 'sample'
+    if mode == "all":
+        return None
+    raise ConfigError(f"data.history must be one of {', '.join(HISTORY_MODES)}, got {mode!r}")
 
 
 def _get(item: Any, key: str, field: str, j: int) -> str:

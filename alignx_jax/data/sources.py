@@ -21,8 +21,9 @@ Batch layout and determinism (per epoch e, seed s):
   * twins (`data.twins`, files of `alignx data contrast --twins`): rows 2k and 2k+1 are one unit
     that the order, the host shards and the length groups move as a whole (a unit's length is its
     longer row's), so with an even batch both land in one batch;
-  * example i of epoch e gets `rng = persona.row_rng(s, (e, i))`: the same history sample for the
-    same row and epoch, however the batches are cut or resumed;
+  * example i of epoch e gets `rng = persona.history_rng(history, s, e, i)` (`data.history`; 'sample':
+    `persona.row_rng(s, (e, i))`): the same history sample for the same row and epoch, however the
+    batches are cut or resumed;
   * on_drop="pad" (default): every batch consumes exactly `pairs_per_batch` shard rows; rows the
     example_fn rejects (None) become dummy pairs (pair_mask 0). Steps per epoch are exact and equal
     on every host. on_drop="refill": rejected rows are replaced by the next rows so batches are full;
@@ -186,6 +187,7 @@ class TrainLoader:
         length_groups: int = 0,
         length_fn: Callable[[Any, np.random.Generator, int], int] | None = None,
         twins: bool = False,
+        history: str = "sample",
     ):
         if pairs_per_batch < 1:
             raise ConfigError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
@@ -210,6 +212,10 @@ class TrainLoader:
         )
         self.shard_index, self.shard_count = int(shard_index), int(shard_count)
         self.num_rows = len(source)
+        from alignx_jax.data.persona import history_rng
+
+        history_rng(history, 0, 0, 0)  # a one-line ConfigError for an unknown mode, before any row
+        self.history = history
         # rows that move as one (module docstring, twins)
         self.unit = 2 if twins else 1
         if self.num_rows % self.unit or self.pairs_per_batch % self.unit:
@@ -291,10 +297,10 @@ class TrainLoader:
             batches += [cut[j] for j in rng.permutation(len(cut))]
         return np.concatenate([*batches, order[full:]]).astype(order.dtype)
 
-    def _example_rng(self, epoch: int, index: int) -> np.random.Generator:
-        from alignx_jax.data.persona import row_rng
+    def _example_rng(self, epoch: int, index: int) -> np.random.Generator | None:
+        from alignx_jax.data.persona import history_rng
 
-        return row_rng(self.seed, (epoch, index))
+        return history_rng(self.history, self.seed, epoch, index)
 
     # -- state
     def get_state(self) -> dict[str, Any]:
@@ -309,6 +315,7 @@ class TrainLoader:
             "on_drop": self.on_drop,
             "length_groups": self.length_groups,
             "twins": self.unit == 2,
+            "history": self.history,
             "epoch": self._epoch,
             "position": self._position,
             "step": self._step,
@@ -342,6 +349,11 @@ class TrainLoader:
             raise ConfigError(
                 f"cannot resume the data loader: saved twins={state.get('twins', False)!r} but this run "
                 f"has {self.unit == 2!r} (same data, seed and hosts are needed)"
+            )
+        if state.get("history", "sample") != self.history:  # absent: saved before the option
+            raise ConfigError(
+                f"cannot resume the data loader: saved history={state.get('history', 'sample')!r} but this "
+                f"run has {self.history!r} (the same history sample per row is needed)"
             )
         self._epoch, self._position, self._step = (
             int(state["epoch"]),

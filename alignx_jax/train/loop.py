@@ -294,6 +294,7 @@ class Trainer:
             length_groups=int(cfg.data.length_groups),
             length_fn=self.example_length,
             twins=bool(cfg.data.twins),
+            history=str(cfg.data.history),
         )
 
     def eval_loader(self) -> sources.TrainLoader:
@@ -311,6 +312,7 @@ class Trainer:
             on_drop="pad",
             shard_index=self.pi,
             shard_count=self.pc,
+            history="all",  # held-out rows are scored as `alignx eval` scores them: the whole history
         )
 
     def build_state(self) -> None:
