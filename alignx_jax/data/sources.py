@@ -326,6 +326,9 @@ class TrainLoader:
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ConfigError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self.get_state()
+        # options added after the state's first version: absent from an older state means their default
+        later = {"length_groups": 0, "twins": False, "history": "sample"}
         for key in (
             "seed",
             "num_rows",
@@ -334,27 +337,14 @@ class TrainLoader:
             "pairs_per_batch",
             "shuffle",
             "on_drop",
+            *later,
         ):
-            if state.get(key) != getattr(self, key):
+            saved = state.get(key, later.get(key))
+            if saved != mine[key]:
                 raise ConfigError(
-                    f"cannot resume the data loader: saved {key}={state.get(key)!r} but this run "
-                    f"has {getattr(self, key)!r} (same data, seed and hosts are needed)"
+                    f"cannot resume the data loader: saved {key}={saved!r} but this run has {mine[key]!r} "
+                    "(the same data, data options, seed and hosts are needed)"
                 )
-        if int(state.get("length_groups", 0)) != self.length_groups:  # absent: saved before the option
-            raise ConfigError(
-                f"cannot resume the data loader: saved length_groups={state.get('length_groups', 0)!r} but "
-                f"this run has {self.length_groups!r} (same data, seed and hosts are needed)"
-            )
-        if bool(state.get("twins", False)) != (self.unit == 2):  # absent: saved before the option
-            raise ConfigError(
-                f"cannot resume the data loader: saved twins={state.get('twins', False)!r} but this run "
-                f"has {self.unit == 2!r} (same data, seed and hosts are needed)"
-            )
-        if state.get("history", "sample") != self.history:  # absent: saved before the option
-            raise ConfigError(
-                f"cannot resume the data loader: saved history={state.get('history', 'sample')!r} but this "
-                f"run has {self.history!r} (the same history sample per row is needed)"
-            )
         self._epoch, self._position, self._step = (
             int(state["epoch"]),
             int(state["position"]),
