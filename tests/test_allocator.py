@@ -94,7 +94,7 @@ f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)
 x, w, v = jnp.ones((8192, 64)), jnp.ones((64, 8192)) / 64, jnp.ones((8192, 8))
 f(x, w, v).block_until_ready()
 faults = []
-for _ in range(8):
+for _ in range(12):
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x, w, v).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
@@ -115,10 +115,11 @@ def test_mimalloc_keeps_xla_temporaries_that_glibc_faults_in_again(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[choice] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["system"]["allocator"] == "system" and out["mimalloc"]["allocator"] == "mimalloc"
-    # glibc: each call maps its 256 MB again (65k pages); mimalloc: the same pages again, once the arena holds
-    # what calls overlapping with the previous one's late free need (a second block, rarely)
+    # glibc: each call maps its 256 MB again (65k pages), every time; mimalloc: the same pages again once the
+    # arena holds what calls overlapping with the previous one's late free need: a block or two, more while
+    # another process loads the machine (4 calls under xdist -n 2), so the test asks for the settled state
     assert min(out["system"]["faults"]) > 30_000, out
-    assert sum(n > 1_000 for n in out["mimalloc"]["faults"]) <= 2, out
+    assert max(out["mimalloc"]["faults"][-6:]) < 1_000, out
 
 
 @needs_wheel
