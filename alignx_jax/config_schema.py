@@ -197,8 +197,9 @@ class LossSection:
     label_smoothing: float = 0.0  # cDPO/robust: the assumed fraction of flipped labels
     sft_weight: float = 0.0  # weight of the chosen response's NLL added to the loss (0 = none)
     sft_norm: SftNorm = "length"  # 'length' (mean NLL per chosen token) | 'sum'
-    # 'on_the_fly' (frozen copy) | 'precomputed' (one pass, stored by the data) | 'none' (reference-free:
-    # reference log-probs taken as 0, TRL's reference_free=True; no copy, no pass)
+    # 'on_the_fly' (frozen copy; with model.frozen_layers it runs on the policy's pass of the frozen blocks)
+    # | 'precomputed' (one pass, stored by the data) | 'none' (reference-free: reference log-probs taken
+    # as 0, TRL's reference_free=True; no copy, no pass)
     reference: ReferenceMode = "on_the_fly"
     logps_chunk: int = 512  # time chunk for sequence_logps (peak [B, chunk, V] f32 logits)
     # output logits only on a window covering each row's response (prompt positions need none):

@@ -66,6 +66,10 @@ SAMPLING = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's gener
 # ICA and PBA train on the training half twice plus its contrast rows (`alignx data contrast --originals`):
 # twins alone erased the preference friendly_unfriendly's personas share (README, A real model)
 ORIGINALS = 2
+# loss.reference per run where it differs from the config's on_the_fly: the non-personalized run's later
+# epochs repeat its batches, which a precomputed pass scores once (32 of 148; BENCHMARKS.md §4, "The
+# reference on the frozen blocks"); `--quick` keeps one compiled step for all three runs
+REFERENCE = {"none": "precomputed"}
 
 
 class RealBudget:
@@ -132,7 +136,14 @@ def train_and_export(
         seed=seed,
         steps=steps,
         config_file=REAL_CONFIG,
-        overrides=("--config.train.epochs=0",),
+        overrides=(
+            "--config.train.epochs=0",
+            *(
+                [f"--config.loss.reference={REFERENCE[method]}"]
+                if method in REFERENCE and not budget.quick
+                else []
+            ),
+        ),
     )
     t0 = time.perf_counter()
     code = run_training(cfg)

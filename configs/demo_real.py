@@ -53,7 +53,11 @@ def get_config(variant: str = "full"):
     c.loss.type = "sigmoid"
     c.loss.beta = 0.1
     c.loss.sft_weight = 0.0
-    c.loss.reference = "precomputed"  # one forward pass of the initial model, then no second model
+    # the reference on the policy's pass of the frozen blocks (only the blocks above the cut run twice):
+    # a precomputed pass would score 148 (ICA: the history is drawn again every epoch) and 112 (PBA) of
+    # the 148 batches, each at ~1.4x the step's added cost (BENCHMARKS.md §4); the non-personalized run,
+    # whose later epochs repeat its batches, precomputes (alignx_jax/demo_real.py, REFERENCE)
+    c.loss.reference = "on_the_fly"
     c.loss.logps_chunk = 0
 
     c.optim.lr = 5e-4  # adapters take a larger rate than full fine-tuning

@@ -459,6 +459,37 @@ class Decoder(nnx.Module):
             layout=tokens,
         )[0]
 
+    def hidden_states_with_reference(
+        self,
+        reference: Decoder,
+        input_ids_BT: jax.Array,
+        attention_mask_BT: jax.Array | None = None,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        branch_ids_BT: jax.Array | None = None,
+        tokens: TokenLayout | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """`(policy, reference)` final-normed hidden states [B, T, D] (each as `hidden_states` of its
+        model; the reference's under stop_gradient) from one pass of the bottom `frozen_layers` blocks:
+        the frozen blocks are this model's, which are the reference's (same weights, never updated), so
+        only the blocks above the cut run twice. `reference` is the same architecture (for LoRA the
+        base with its adapters off, `lora.adapters_off`)."""
+        if not self.cfg.frozen_layers:
+            raise ValueError(
+                "hidden_states_with_reference shares the frozen blocks: model.frozen_layers is 0"
+            )
+        h_BTD, _, h_ref_BTD = self._forward(
+            input_ids_BT,
+            attention_mask_BT,
+            positions_BT,
+            segment_ids_BT,
+            None,
+            branch_ids_BT=branch_ids_BT,
+            layout=tokens,
+            reference=reference,
+        )
+        return h_BTD, h_ref_BTD
+
     def output_embedding(self) -> jax.Array:
         """The output projection [D, V] (the transposed input embedding when tied)."""
         if self.lm_head is None:
@@ -546,6 +577,7 @@ class Decoder(nnx.Module):
         layout: TokenLayout | None = None,
         layer_params: LayerParams | None = None,
         fresh_cache: bool = False,
+        reference: Decoder | None = None,
     ):
         cfg = self.cfg
         B, T = input_ids_BT.shape
@@ -585,15 +617,27 @@ class Decoder(nnx.Module):
                 low = jax.tree.map(lambda a: jax.lax.stop_gradient(a[:F]), params)
                 x = jax.lax.stop_gradient(run(jax.lax.stop_gradient(x), low, None, sliding_L[:F])[0])
                 params = jax.tree.map(lambda a: a[F:], params)
+            x_ref = None
+            if reference is not None:  # the reference's own blocks above the cut, from the shared trunk
+                with jax.named_scope("reference"):
+                    top = jax.tree.map(lambda a: jax.lax.stop_gradient(a[F:]), reference.layer_params())
+                    lora_scale = reference.cfg.lora_multiplier * float(reference.lora_scale)
+                    x_ref = run(x, top, None, sliding_L[F:], lora_scale=lora_scale)[0]
             x, new_kv = run(x, params, kv_stack, sliding_L[F:])
+
+        def final(module, x):
+            h = rms_norm(x, module.norm.scale.get_value(), cfg.rms_norm_eps, cfg.norm_plus_one)
+            return h if layout is None else layout.rows(h, B, T)
+
         with jax.named_scope("final_norm"):
-            h = rms_norm(x, self.norm.scale.get_value(), cfg.rms_norm_eps, cfg.norm_plus_one)
-            h_BTD = h if layout is None else layout.rows(h, B, T)
+            h_BTD = final(self, x)
         new_cache = None
         if cache is not None:
             start = 0 if fresh_cache else index
             new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": kv_mask_BS, "index": start + T}
-        return h_BTD, new_cache
+        if reference is None:
+            return h_BTD, new_cache
+        return h_BTD, new_cache, jax.lax.stop_gradient(final(reference, x_ref))
 
     def _embed(self, ids):
         """The residual stream's start: the token embeddings in the compute dtype."""
@@ -619,16 +663,19 @@ class Decoder(nnx.Module):
             mask, window = window, None
         return mask, window
 
-    def _run_layers(self, x, params, kv, sliding, *, impl, mask, window, cos, sin, index, layout):
+    def _run_layers(
+        self, x, params, kv, sliding, *, impl, mask, window, cos, sin, index, layout, lora_scale=None
+    ):
         """The decoder layers over the residual stream x: unrolled over a per-layer tuple of params
         (decoding, each layer's cache updated in place), scanned over the stacked ones
-        (`model.scan_layers`), else unrolled over slices of the stack. Returns (x, new k/v or None)."""
+        (`model.scan_layers`), else unrolled over slices of the stack. Returns (x, new k/v or None).
+        `lora_scale`: the adapters' multiplier of the model whose `params` these are (default: this one's)."""
         cfg = self.cfg
         dt = cfg.compute_dtype
         layer = partial(
             decoder_layer,
             cfg=cfg if impl == cfg.attention_impl else cfg.replace(attention_impl=impl),
-            lora_scale=cfg.lora_multiplier * float(self.lora_scale),
+            lora_scale=cfg.lora_multiplier * float(self.lora_scale) if lora_scale is None else lora_scale,
         )
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)

@@ -7,7 +7,8 @@ One optimizer step = one call of a jitted function on the whole global batch: th
 holds both halves of its pairs), and `lax.scan` accumulates float32 gradients over the M
 microbatches before one AdamW update. Params are float32 master weights; the decoder computes in
 `model.dtype` (bf16 on accelerators). The reference is a frozen copy of the initial weights in the
-compute dtype (`loss.reference=on_the_fly`), or its log-probs are computed once in a pass over the
+compute dtype (`loss.reference=on_the_fly`; with `model.frozen_layers` it runs on the policy's pass of
+the frozen blocks, so only the blocks above the cut run twice), or its log-probs are computed once in a pass over the
 exact batch sequence the run will see and stored as `W/ref_logps.p<process>.npy`
 (`loss.reference=precomputed`; a step whose pairs were all scored before, the same tokens in an
 earlier epoch, reuses them; the frozen copy is then freed before training).

@@ -26,69 +26,80 @@ def pair_logps(codec: ParamsCodec, params: Any, mb: StepBatch, chunk: int | None
     return model_pair_logps(codec.module(params), mb, chunk)
 
 
-def model_pair_logps(model, mb: StepBatch, chunk: int | None, *, with_logits: bool = False):
+def model_pair_logps(model, mb: StepBatch, chunk: int | None, *, with_logits: bool = False, reference=None):
     """`pair_logps` for an already merged Decoder (logits soft-capped as the model's `cap_logits`).
 
     `with_logits`: `(logps [b, 2], logit sums [b, 2])`, the second the sum over each response's scored
     tokens of the mean logit over the vocabulary (TRL's `logits/chosen` numerator). The mean over V
     of `h @ W` is `h @ mean_V(W)`: one `[D]` vector, no `[*, V]` logits. It is the mean of the logits
     before any final soft-capping (Gemma 2), which is not linear.
+
+    `reference`: the reference Decoder of a model with frozen blocks; its log-probs `[b, 2]` (no
+    gradient) come last in the returned tuple, from its blocks above the cut run on the policy's pass
+    of the frozen ones (`Decoder.hidden_states_with_reference`).
     """
     # data.compact_tokens: the token-wise layers run on the batch's real tokens only
     tokens = None if mb.tokens is None else mb.tokens.layout()
-    cap = getattr(model.cfg, "final_logit_softcapping", None)
-    with jax.named_scope("pair_logps"):
-        if isinstance(mb, SharedPromptBatch):  # one row per pair: prompt, chosen, rejected
-            h_NTD = model.hidden_states(
-                mb.input_ids,
-                mb.attention_mask,
-                mb.positions,
-                segment_ids_BT=mb.segment_ids,
-                branch_ids_BT=mb.branch_ids,
-                tokens=tokens,
-            )
-            w_DV = model.output_embedding().astype(h_NTD.dtype)
-            num_slots = 2 * mb.pair_mask.shape[0]
-            lp = losses.flat_logps(
-                h_NTD,
-                w_DV,
-                mb.score_flat,
-                mb.score_target,
-                mb.score_slot,
-                mb.score_valid,
-                num_slots=num_slots,
-                chunk=chunk,
-                softcap=cap,
-            ).reshape(-1, 2)
-            if not with_logits:
-                return lp
-            N, T, D = h_NTD.shape
-            h_SD = jnp.take(h_NTD.reshape(N * T, D), mb.score_flat.astype(jnp.int32), axis=0)
-            mean_S = _mean_logits(h_SD, w_DV) * mb.score_valid.astype(jnp.float32)
-            sums = jax.ops.segment_sum(mean_S, mb.score_slot.astype(jnp.int32), num_segments=num_slots)
-            return lp, jax.lax.stop_gradient(sums.reshape(-1, 2))
+    if isinstance(mb, SharedPromptBatch):  # one row per pair: prompt, chosen, rejected
+        flat = None
+        rows = (mb.input_ids, mb.attention_mask, mb.positions)
+        kw = {"segment_ids_BT": mb.segment_ids, "branch_ids_BT": mb.branch_ids, "tokens": tokens}
+    else:  # two rows per pair, chosen and rejected
         b, two, T = mb.input_ids.shape
         flat = {
             k: getattr(mb, k).reshape(b * two, T)
             for k in ("input_ids", "attention_mask", "positions", "loss_mask")
         }
-        h_ND = model.hidden_states(
-            flat["input_ids"], flat["attention_mask"], flat["positions"], tokens=tokens
-        )
-        w_DV = model.output_embedding().astype(h_ND.dtype)
-        if mb.score_index is not None:  # logits on the response window only (loss.logits_on_responses)
-            idx = mb.score_index.reshape(b * two, -1)
-            lp = losses.window_logps(
-                h_ND, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk, softcap=cap
-            )
+        rows = (flat["input_ids"], flat["attention_mask"], flat["positions"])
+        kw = {"tokens": tokens}
+    with jax.named_scope("pair_logps"):
+        if reference is None:
+            h, h_ref = model.hidden_states(*rows, **kw), None
         else:
-            lp = losses.sequence_logps(
-                h_ND, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk, softcap=cap
-            )
-        if not with_logits:
-            return lp.reshape(b, two)
-        mean_NT = _mean_logits(h_ND[:, :-1], w_DV) * flat["loss_mask"][:, 1:].astype(jnp.float32)
-        return lp.reshape(b, two), jax.lax.stop_gradient(jnp.sum(mean_NT, axis=-1).reshape(b, two))
+            h, h_ref = model.hidden_states_with_reference(reference, *rows, **kw)
+        out = (_response_logps(model, mb, h, flat, chunk),)
+        if with_logits:
+            out += (_logit_sums(mb, h, model.output_embedding().astype(h.dtype), flat),)
+        if reference is not None:
+            out += (jax.lax.stop_gradient(_response_logps(reference, mb, h_ref, flat, chunk)),)
+    return out[0] if len(out) == 1 else out
+
+
+def _response_logps(model, mb: StepBatch, h, flat: dict | None, chunk: int | None) -> jax.Array:
+    """`[b, 2]` summed log-probs of each pair's responses from `model`'s final hidden states `h`."""
+    w_DV = model.output_embedding().astype(h.dtype)
+    cap = getattr(model.cfg, "final_logit_softcapping", None)
+    if flat is None:  # shared prompt: the scoring plan's tokens, one slot per response
+        lp = losses.flat_logps(
+            h,
+            w_DV,
+            mb.score_flat,
+            mb.score_target,
+            mb.score_slot,
+            mb.score_valid,
+            num_slots=2 * mb.pair_mask.shape[0],
+            chunk=chunk,
+            softcap=cap,
+        )
+    elif mb.score_index is not None:  # logits on the response window only (loss.logits_on_responses)
+        idx = mb.score_index.reshape(h.shape[0], -1)
+        lp = losses.window_logps(h, w_DV, flat["input_ids"], flat["loss_mask"], idx, chunk=chunk, softcap=cap)
+    else:
+        lp = losses.sequence_logps(h, w_DV, flat["input_ids"], flat["loss_mask"], chunk=chunk, softcap=cap)
+    return lp.reshape(-1, 2)
+
+
+def _logit_sums(mb: StepBatch, h, w_DV, flat: dict | None) -> jax.Array:
+    """`[b, 2]` sums over each response's scored tokens of the mean logit over the vocabulary."""
+    if flat is None:  # shared prompt: the scoring plan's tokens
+        N, T, D = h.shape
+        num_slots = 2 * mb.pair_mask.shape[0]
+        h_SD = jnp.take(h.reshape(N * T, D), mb.score_flat.astype(jnp.int32), axis=0)
+        mean_S = _mean_logits(h_SD, w_DV) * mb.score_valid.astype(jnp.float32)
+        sums = jax.ops.segment_sum(mean_S, mb.score_slot.astype(jnp.int32), num_segments=num_slots)
+        return jax.lax.stop_gradient(sums.reshape(-1, 2))
+    mean_NT = _mean_logits(h[:, :-1], w_DV) * flat["loss_mask"][:, 1:].astype(jnp.float32)
+    return jax.lax.stop_gradient(jnp.sum(mean_NT, axis=-1).reshape(-1, 2))
 
 
 def _mean_logits(h_SD: jax.Array, w_DV: jax.Array) -> jax.Array:
@@ -185,16 +196,28 @@ class StepSpec:
         return jax.lax.with_sharding_constraint(grads, self.grad_shardings)
 
 
+def _reference_model(spec: StepSpec, params, ref_params):
+    """The reference Decoder (for LoRA: the same base with its adapters off, state.LoraCodec)."""
+    policy_params = params["policy"] if spec.joint else params
+    return spec.codec.reference(ref_params, jax.lax.stop_gradient(policy_params))
+
+
+def _reference_on_trunk(spec: StepSpec, cfg) -> bool:
+    """Whether the reference runs inside the policy's pass: a reference pass of a model with frozen
+    blocks shares them (`model_pair_logps(reference=)`), so only the blocks above the cut run twice."""
+    return spec.use_ref and not spec.precomputed and cfg.frozen_layers > 0
+
+
 def _reference_logps(spec: StepSpec, params, ref_params, mb) -> jax.Array | None:
-    """The microbatch's reference log-probs `[b, 2]`: none (reference-free), the precomputed ones, or
-    a forward pass of the reference (for LoRA: the same base with its adapters off)."""
+    """The microbatch's reference log-probs `[b, 2]`: none (reference-free, or computed in the
+    policy's pass, `_reference_on_trunk`), the precomputed ones, or a forward pass of the reference."""
     if not spec.use_ref:  # reference-free: no reference pass (ref_params may be None)
         return None
     if spec.precomputed:
         return mb.ref_logps
-    # LoRA: the same base with its adapters off (state.LoraCodec)
-    policy_params = params["policy"] if spec.joint else params
-    ref_model = spec.codec.reference(ref_params, policy_params)
+    ref_model = _reference_model(spec, params, ref_params)
+    if _reference_on_trunk(spec, ref_model.cfg):
+        return None
     return jax.lax.stop_gradient(model_pair_logps(ref_model, mb, spec.chunk))
 
 
@@ -202,7 +225,11 @@ def _microbatch_loss(spec: StepSpec, p, ref_params, mb, ref, pm, ntok, n_pairs):
     """`(objective, (metric sums, joint-head terms))` of one microbatch at params `p`."""
     joint = spec.joint
     model = spec.codec.policy(p["policy"] if joint else p, ref_params)
-    lp, logit_sums = model_pair_logps(model, mb, spec.chunk, with_logits=True)
+    if _reference_on_trunk(spec, model.cfg):  # one pass of the frozen blocks for policy and reference
+        ref_model = _reference_model(spec, p, ref_params)
+        lp, logit_sums, ref = model_pair_logps(model, mb, spec.chunk, with_logits=True, reference=ref_model)
+    else:
+        lp, logit_sums = model_pair_logps(model, mb, spec.chunk, with_logits=True)
     per, sums = losses.preference_loss(
         spec.kind,
         lp[:, 0],
