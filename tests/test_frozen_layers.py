@@ -109,14 +109,14 @@ def _codec_and_params(lora: bool):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_hidden_states_with_reference_equal_each_models_own_pass(lora):
+def test_hidden_states_with_the_reference_equal_each_models_own_pass(lora):
     codec, params, ref_params = _codec_and_params(lora)
     # a policy that differs from the reference above the cut, the same below it
     params = {**params, "layers": jax.tree.map(lambda a: a.at[2:].add(0.05), params["layers"])}
     policy = codec.policy(params, ref_params)
     reference = codec.reference(ref_params, params)
     ids_BT = jnp.asarray(np.random.default_rng(4).integers(1, 97, size=(3, 10)), jnp.int32)
-    h, h_ref = policy.hidden_states_with_reference(reference, ids_BT)
+    h, h_ref = policy.hidden_states(ids_BT, reference=reference)
     np.testing.assert_allclose(np.asarray(h), np.asarray(policy.hidden_states(ids_BT)), rtol=1e-6, atol=1e-6)
     want_ref = reference.hidden_states(ids_BT)
     np.testing.assert_allclose(np.asarray(h_ref), np.asarray(want_ref), rtol=1e-6, atol=1e-6)

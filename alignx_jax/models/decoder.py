@@ -438,7 +438,8 @@ class Decoder(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         branch_ids_BT: jax.Array | None = None,
         tokens: TokenLayout | None = None,
-    ) -> jax.Array:
+        reference: Decoder | None = None,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Final-normed hidden states [B, T, D] (score only the tokens you need against
         `output_embedding()` instead of materialising [B, T, V]; then `cap_logits` for a config
         with final logit soft-capping).
@@ -448,37 +449,14 @@ class Decoder(nnx.Module):
         pair's responses (`batching.share_prompt`) with the attention each has in a row of its own.
         tokens: run the token-wise layers on these kept tokens only (`models.compaction`; the
         batch's real tokens, from `batching.compact_index`); positions not kept come back as zeros.
+        reference: `(policy, reference)` hidden states (the reference's under stop_gradient) from one
+        pass of the bottom `frozen_layers` blocks, which are this model's and the reference's (the same
+        weights, never updated), so only the blocks above the cut run twice; `reference` is the same
+        architecture (for LoRA the base with its adapters off, `lora.adapters_off`).
         """
-        return self._forward(
-            input_ids_BT,
-            attention_mask_BT,
-            positions_BT,
-            segment_ids_BT,
-            None,
-            branch_ids_BT=branch_ids_BT,
-            layout=tokens,
-        )[0]
-
-    def hidden_states_with_reference(
-        self,
-        reference: Decoder,
-        input_ids_BT: jax.Array,
-        attention_mask_BT: jax.Array | None = None,
-        positions_BT: jax.Array | None = None,
-        segment_ids_BT: jax.Array | None = None,
-        branch_ids_BT: jax.Array | None = None,
-        tokens: TokenLayout | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """`(policy, reference)` final-normed hidden states [B, T, D] (each as `hidden_states` of its
-        model; the reference's under stop_gradient) from one pass of the bottom `frozen_layers` blocks:
-        the frozen blocks are this model's, which are the reference's (same weights, never updated), so
-        only the blocks above the cut run twice. `reference` is the same architecture (for LoRA the
-        base with its adapters off, `lora.adapters_off`)."""
-        if not self.cfg.frozen_layers:
-            raise ValueError(
-                "hidden_states_with_reference shares the frozen blocks: model.frozen_layers is 0"
-            )
-        h_BTD, _, h_ref_BTD = self._forward(
+        if reference is not None and not self.cfg.frozen_layers:
+            raise ValueError("hidden_states(reference=) shares the frozen blocks: model.frozen_layers is 0")
+        out = self._forward(
             input_ids_BT,
             attention_mask_BT,
             positions_BT,
@@ -488,7 +466,7 @@ class Decoder(nnx.Module):
             layout=tokens,
             reference=reference,
         )
-        return h_BTD, h_ref_BTD
+        return out[0] if reference is None else (out[0], out[2])
 
     def output_embedding(self) -> jax.Array:
         """The output projection [D, V] (the transposed input embedding when tied)."""

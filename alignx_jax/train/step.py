@@ -36,7 +36,7 @@ def model_pair_logps(model, mb: StepBatch, chunk: int | None, *, with_logits: bo
 
     `reference`: the reference Decoder of a model with frozen blocks; its log-probs `[b, 2]` (no
     gradient) come last in the returned tuple, from its blocks above the cut run on the policy's pass
-    of the frozen ones (`Decoder.hidden_states_with_reference`).
+    of the frozen ones (`Decoder.hidden_states(reference=)`).
     """
     # data.compact_tokens: the token-wise layers run on the batch's real tokens only
     tokens = None if mb.tokens is None else mb.tokens.layout()
@@ -56,7 +56,7 @@ def model_pair_logps(model, mb: StepBatch, chunk: int | None, *, with_logits: bo
         if reference is None:
             h, h_ref = model.hidden_states(*rows, **kw), None
         else:
-            h, h_ref = model.hidden_states_with_reference(reference, *rows, **kw)
+            h, h_ref = model.hidden_states(*rows, **kw, reference=reference)
         out = (_response_logps(model, mb, h, flat, chunk),)
         if with_logits:
             out += (_logit_sums(mb, h, model.output_embedding().astype(h.dtype), flat),)
