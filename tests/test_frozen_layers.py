@@ -121,6 +121,9 @@ def test_hidden_states_with_the_reference_equal_each_models_own_pass(lora):
     want_ref = reference.hidden_states(ids_BT)
     np.testing.assert_allclose(np.asarray(h_ref), np.asarray(want_ref), rtol=1e-6, atol=1e-6)
     assert float(jnp.max(jnp.abs(h - h_ref))) > 1e-3  # the two really differ above the cut
+    plain = Decoder(_cfg(0).replace(vocab_size=97), rngs=nnx.Rngs(3))  # no frozen blocks to share
+    with pytest.raises(ValueError, match="frozen_layers is 0"):
+        plain.hidden_states(ids_BT, reference=plain)
 
 
 @pytest.mark.parametrize("lora", [False, True])
