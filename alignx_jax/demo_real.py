@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from alignx_jax import demo
 from alignx_jax.data import contrast
 from alignx_jax.demo import (
     DEFAULT_PSOUPS,
@@ -40,7 +41,7 @@ from alignx_jax.demo import (
     train_stages,
 )
 from alignx_jax.demo_report import PAPER, pct, plot_curves, read_json, save_figure, write_json, write_lines
-from alignx_jax.errors import AlignXError, DataError
+from alignx_jax.errors import DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
 METHODS = ("none", "ica", "pba")
@@ -122,11 +123,8 @@ def train_and_export(
     export_dir: str,
     steps: int,
 ) -> dict[str, Any]:
-    """`alignx train` (resumes from W's checkpoints) then `alignx export` of the last step."""
-    from alignx_jax import export
-    from alignx_jax.models import checkpoint
-    from alignx_jax.train.loop import run_training
-
+    """`alignx train` of this recipe (resumes from W's checkpoints) then `alignx export` of the last
+    step (`demo.train_and_export`: a run stopped by a signal is not a finished stage)."""
     cfg = run_config(
         budget,
         workdir=workdir,
@@ -146,17 +144,8 @@ def train_and_export(
         ),
     )
     t0 = time.perf_counter()
-    code = run_training(cfg)
-    res = checkpoint.resolve_checkpoint(workdir)
-    if code != 0 or res.step is None:
-        raise AlignXError(f"demo: training {workdir} stopped early (exit {code}); rerun to resume")
-    seconds = time.perf_counter() - t0
-    export.cli_export(
-        argparse.Namespace(
-            checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB", overwrite=True
-        )
-    )
-    return {"workdir": workdir, "export": export_dir, "steps": int(res.step), "train_seconds": seconds}
+    done = demo.train_and_export(cfg, export_dir)
+    return {**done, "train_seconds": time.perf_counter() - t0}
 
 
 def score(

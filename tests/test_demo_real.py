@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from alignx_jax import demo, demo_real
+from alignx_jax.errors import AlignXError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +59,45 @@ def test_split_writes_contrast_rows_for_two_personas_only(tmp_path, per_persona)
     swapped = mixed[2 * len(train) :]
     assert [(r["chosen"], r["rejected"]) for r in swapped] == [(r["rejected"], r["chosen"]) for r in train]
     assert mixed == contrast_rows(train, 0, originals=2)
+
+
+def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypatch):
+    # a SIGTERM stops `alignx train` with exit 0 and a checkpoint short of the budget: the demo must
+    # stop there (a rerun resumes), not export and score the partial model as the stage's result
+    from alignx_jax import export
+    from alignx_jax.models import checkpoint
+    from alignx_jax.train import loop
+
+    ran, exported = [], []
+    monkeypatch.setattr(loop, "run_training", lambda cfg: ran.append(cfg) or 0)
+    monkeypatch.setattr(
+        checkpoint,
+        "resolve_checkpoint",
+        lambda path, step=None: checkpoint.ResolvedCheckpoint("c", "p", None, 7),
+    )
+    monkeypatch.setattr(export, "cli_export", exported.append)
+    kwargs = dict(model_dir="m", data="d.json", method="ica", seed=0, steps=140)
+    with pytest.raises(AlignXError, match=r"demo: training .*ica stopped at step 7; rerun to resume"):
+        demo_real.train_and_export(
+            demo_real.RealBudget(quick=False),
+            workdir=str(tmp_path / "ica"),
+            export_dir=str(tmp_path / "e"),
+            **kwargs,
+        )
+    assert int(ran[0].train.steps) == 140 and not exported
+    # the same budget finished: exported, with the steps it ran
+    monkeypatch.setattr(
+        checkpoint,
+        "resolve_checkpoint",
+        lambda path, step=None: checkpoint.ResolvedCheckpoint("c", "p", None, 140),
+    )
+    done = demo_real.train_and_export(
+        demo_real.RealBudget(quick=False),
+        workdir=str(tmp_path / "ica"),
+        export_dir=str(tmp_path / "e"),
+        **kwargs,
+    )
+    assert done["steps"] == 140 and len(exported) == 1 and exported[0].checkpoint == str(tmp_path / "ica")
 
 
 @pytest.mark.slow
