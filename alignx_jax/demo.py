@@ -286,19 +286,23 @@ def train_and_export(cfg: Any, export_dir: str) -> dict[str, Any]:
     import shutil
 
     from alignx_jax import export
-    from alignx_jax.models import checkpoint
     from alignx_jax.train.loop import run_training
 
-    workdir = cfg.workdir
+    workdir, steps = cfg.workdir, int(cfg.train.steps)
+    ckpts = os.path.join(workdir, "checkpoints")
     code = run_training(cfg)
-    res = checkpoint.resolve_checkpoint(workdir)
-    if code != 0 or res.step != int(cfg.train.steps):  # stopped early (signal): not a finished stage
-        raise AlignXError(f"demo: training {workdir} stopped at step {res.step}; rerun to resume")
+    # a signal stops training with exit 0, at a saved step short of the budget or before the first
+    # save: not a finished stage
+    if code != 0 or not os.path.isdir(os.path.join(ckpts, str(steps))):
+        saved = [int(p) for p in (os.listdir(ckpts) if os.path.isdir(ckpts) else ()) if p.isdigit()]
+        raise AlignXError(
+            f"demo: training {workdir} stopped at step {max(saved, default=0)} of {steps}; rerun to resume"
+        )
     shutil.rmtree(export_dir, ignore_errors=True)
     export.cli_export(
         argparse.Namespace(checkpoint=workdir, step=None, out=export_dir, dtype=None, shard_size="5GB")
     )
-    return {"workdir": workdir, "export": export_dir, "steps": int(cfg.train.steps)}
+    return {"workdir": workdir, "export": export_dir, "steps": steps}
 
 
 def train_stages(

@@ -62,42 +62,44 @@ def test_split_writes_contrast_rows_for_two_personas_only(tmp_path, per_persona)
 
 
 def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypatch):
-    # a SIGTERM stops `alignx train` with exit 0 and a checkpoint short of the budget: the demo must
-    # stop there (a rerun resumes), not export and score the partial model as the stage's result
+    # a SIGTERM stops `alignx train` with exit 0, at a saved step short of the budget or before its
+    # first save: the demo must stop there (a rerun resumes), not export and score the partial model
     from alignx_jax import export
-    from alignx_jax.models import checkpoint
     from alignx_jax.train import loop
 
+    workdir, saved = tmp_path / "ica", []
     ran, exported = [], []
-    monkeypatch.setattr(loop, "run_training", lambda cfg: ran.append(cfg) or 0)
-    monkeypatch.setattr(
-        checkpoint,
-        "resolve_checkpoint",
-        lambda path, step=None: checkpoint.ResolvedCheckpoint("c", "p", None, 7),
-    )
+
+    def train(cfg):  # the steps the "run" got to save before its stop
+        ran.append(cfg)
+        for step in saved:
+            (workdir / "checkpoints" / str(step) / "params").mkdir(parents=True, exist_ok=True)
+        return 0
+
+    monkeypatch.setattr(loop, "run_training", train)
     monkeypatch.setattr(export, "cli_export", exported.append)
-    kwargs = dict(model_dir="m", data="d.json", method="ica", seed=0, steps=140)
-    with pytest.raises(AlignXError, match=r"demo: training .*ica stopped at step 7; rerun to resume"):
-        demo_real.train_and_export(
+
+    def run():
+        return demo_real.train_and_export(
             demo_real.RealBudget(quick=False),
-            workdir=str(tmp_path / "ica"),
-            export_dir=str(tmp_path / "e"),
-            **kwargs,
+            workdir=str(workdir),
+            export_dir=str(tmp_path / "export"),
+            model_dir="m",
+            data="d.json",
+            method="ica",
+            seed=0,
+            steps=140,
         )
+
+    for stopped_at in (0, 7):  # before its first save, then after a save at step 7
+        saved.extend([stopped_at] if stopped_at else [])
+        with pytest.raises(
+            AlignXError, match=rf"demo: training .*ica stopped at step {stopped_at} of 140; rerun"
+        ):
+            run()
     assert int(ran[0].train.steps) == 140 and not exported
-    # the same budget finished: exported, with the steps it ran
-    monkeypatch.setattr(
-        checkpoint,
-        "resolve_checkpoint",
-        lambda path, step=None: checkpoint.ResolvedCheckpoint("c", "p", None, 140),
-    )
-    done = demo_real.train_and_export(
-        demo_real.RealBudget(quick=False),
-        workdir=str(tmp_path / "ica"),
-        export_dir=str(tmp_path / "e"),
-        **kwargs,
-    )
-    assert done["steps"] == 140 and len(exported) == 1 and exported[0].checkpoint == str(tmp_path / "ica")
+    saved.append(140)  # the budget finished: exported, with the steps it ran
+    assert run()["steps"] == 140 and [a.checkpoint for a in exported] == [str(workdir)]
 
 
 @pytest.mark.slow
