@@ -282,6 +282,25 @@ def test_save_load_bit_exact_and_config(tmp_path):
         ph.load_head(str(tmp_path))
 
 
+def test_a_save_cut_short_leaves_no_head(tmp_path, monkeypatch):
+    # `alignx demo` keeps a head it finds (`has_head`): a save killed while writing must not leave one
+    head = PreferenceHead(HeadConfig(embed_dim=16, hidden=8), rngs=nnx.Rngs(0))
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill, mid-write of the config
+
+    monkeypatch.setattr(ph.json, "dump", cut)
+    with pytest.raises(KeyboardInterrupt):
+        ph.save_head(head, None, str(tmp_path))
+    assert not ph.has_head(str(tmp_path)) and not (tmp_path / HEAD_CONFIG_FILE).exists()
+    monkeypatch.undo()
+    ph.save_head(head, None, str(tmp_path))
+    assert ph.has_head(str(tmp_path)) and ph.load_head(str(tmp_path))[1] == head.cfg
+    assert not [
+        p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")
+    ]  # the save again took its place
+
+
 def test_folder_without_head_fails_clearly(tmp_path):
     with pytest.raises(
         CheckpointError, match="--preference predicted needs a model exported with a preference head"

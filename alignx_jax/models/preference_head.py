@@ -503,7 +503,11 @@ def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None
         _TENSOR_PREFIX + n: np.ascontiguousarray(np.asarray(jax.device_get(getattr(head, n).get_value())))
         for n in _PARAM_NAMES
     }
-    save_file(tensors, os.path.join(hf_dir, HEAD_WEIGHTS_FILE), metadata={"format": HEAD_FORMAT})
+    # each file whole or absent, the config (which `has_head` also needs) last: a first save cut short
+    # leaves no head (`alignx demo` then fits it again), never one that half loads
+    weights = os.path.join(hf_dir, HEAD_WEIGHTS_FILE)
+    save_file(tensors, weights + ".tmp", metadata={"format": HEAD_FORMAT})
+    os.replace(weights + ".tmp", weights)
     meta = {
         "format": HEAD_FORMAT,
         **cfg.to_json(),
@@ -515,9 +519,11 @@ def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None
         "input": "BOS + persona_text(row, persona_variant) ids, left-truncated to max_persona_tokens; "
         f"pooled ({cfg.pooling}) final hidden states of the policy",
     }
-    with open(os.path.join(hf_dir, HEAD_CONFIG_FILE), "w", encoding="utf-8") as f:
+    config = os.path.join(hf_dir, HEAD_CONFIG_FILE)
+    with open(config + ".tmp", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
+    os.replace(config + ".tmp", config)
 
 
 def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
