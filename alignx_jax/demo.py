@@ -90,6 +90,14 @@ def claim_out(out: str, settings: dict[str, Any]) -> None:
     path = os.path.join(out, "demo_settings.json")
     if os.path.isfile(path) and read_json(path) != settings:
         raise ConfigError(f"{out} holds a demo run with other settings ({read_json(path)}); use a new --out")
+    # the demo writes, and replaces, data/ models/ runs/ eval/ and its reports in OUT: never in a folder
+    # of the user's (a demo stopped before its first claim leaves at most its compilation cache)
+    foreign = sorted(set(os.listdir(out)) - {".jax_cache"}) if not os.path.isfile(path) else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"--out {out}: not empty and not a demo folder (holds {shown}); use a new or empty folder"
+        )
     write_json(path, settings)
 
 
@@ -409,8 +417,8 @@ def open_out(out: str, settings: dict[str, Any]) -> dict[str, str]:
     from alignx_jax.compile_cache import use_compile_cache
 
     os.makedirs(out, exist_ok=True)
-    use_compile_cache(out)
     claim_out(out, settings)
+    use_compile_cache(out)
     return {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
 
 

@@ -93,6 +93,22 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
         demo.run_demo(str(out), quick=True, seed=0, psoups=None, progress=False)
 
 
+def test_a_folder_of_the_users_is_refused_as_out(tmp_path):
+    from alignx_jax.errors import ConfigError
+
+    out = tmp_path / "mine"
+    (out / "models" / "ica").mkdir(parents=True)  # the demo would replace a folder of this name
+    (out / "report.md").write_text("my notes")
+    with pytest.raises(
+        ConfigError, match=r"--out .*mine: not empty and not a demo folder \(holds models, report.md\)"
+    ):
+        demo.run_demo(str(out), quick=True, seed=0, psoups=None, progress=False)
+    assert (out / "report.md").read_text() == "my notes" and sorted(p.name for p in out.iterdir()) == [
+        "models",
+        "report.md",
+    ]
+
+
 def test_targets_and_report_from_results(tmp_path):
     def e(acc):
         return {"accuracy": acc, "n": 100, "ci95": [acc - 0.05, acc + 0.05]}
