@@ -74,8 +74,13 @@ def _add_import(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf", help="HF model folder (config.json + safetensors) or hub id org/name[@revision]")
     src.add_argument("--gguf", help="llama.cpp GGUF file (llama/qwen2; dequantized, tokenizer rebuilt)")
-    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--out", required=True, help="output checkpoint folder: new, empty or an earlier import's")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into any folder (files an import does not write are kept)",
+    )
 
 
 def _add_export(sub) -> None:

@@ -14,6 +14,7 @@ from alignx_jax import paths
 from alignx_jax.errors import CheckpointError
 from alignx_jax.models.checkpoint import (
     ResolvedCheckpoint,
+    check_import_target,
     has_tokenizer,
     load_checkpoint,
     load_checkpoint_head,
@@ -45,6 +46,7 @@ def cli_import(args) -> int:
     from alignx_jax.models import preference_head as ph
     from alignx_jax.models.presets import resolve_model_path
 
+    check_import_target(args.out, bool(getattr(args, "overwrite", False)))
     src = resolve_model_path(args.hf)  # a local folder, or a hub id's snapshot in the HF cache
     model = load_pretrained(src, dtype=args.dtype)
     head = None

@@ -347,6 +347,36 @@ def test_gguf_import_needs_no_torch(tmp_path):
     )  # with torch: transformers'
 
 
+def test_import_writes_only_into_its_own_folders(tmp_path, capsys):
+    # an import replaces config.json, the tokenizer files and generation_config.json: a folder of the
+    # user's (here an HF model folder) is refused unless --overwrite, and keeps the files it does not write
+    path = str(tmp_path / "t.gguf")
+    write_gguf(path, "llama")
+    mine = tmp_path / "hf_model"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "model.safetensors").write_bytes(b"weights")
+    capsys.readouterr()
+    assert main(["import", "--gguf", path, "--out", str(mine)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and f"--out {mine}: not empty and not an alignx checkpoint (holds model.safetensors)" in err[0]
+    )
+    assert (mine / "config.json").read_text() == '{"mine": true}' and sorted(os.listdir(mine)) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    assert main(["import", "--gguf", path, "--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "model.safetensors").read_bytes() == b"weights" and (mine / "params").is_dir()
+    # the same command again, into its own earlier import: no --overwrite needed
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "--gguf", path, "--out", str(ckpt)]) == 0
+    assert main(["import", "--gguf", path, "--out", str(ckpt)]) == 0
+    assert main(["import", "--gguf", path, "--out", path]) == 1  # a file
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
 def test_llama3_rope_freqs_become_rope_parameters(tmp_path):
     """llama.cpp writes Llama-3.1 RoPE scaling as a rope_freqs tensor; the config gets it back."""
     factor, low, high, old_ctx = 8.0, 1.0, 4.0, 32

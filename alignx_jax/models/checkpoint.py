@@ -272,6 +272,31 @@ def load_checkpoint_head(res: ResolvedCheckpoint):
     return head, hcfg
 
 
+def check_import_target(out: str, overwrite: bool) -> None:
+    """`alignx import --out`: absent, empty or holding only what an import writes (an earlier import,
+    or one cut short); any other folder only with `overwrite` (the files an import does not write are kept).
+    An import replaces config.json, the tokenizer files and generation_config.json: in a folder of the
+    user's (an HF model folder, say) those are theirs."""
+    from alignx_jax.model_card import BASE_INFO
+    from alignx_jax.models import preference_head as ph
+    from alignx_jax.models.hf import TOKENIZER_FILES
+
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out}: is a file, not a folder")
+    if overwrite or not os.path.isdir(out):
+        return
+    written = {"config.json", "generation_config.json", BASE_INFO, ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE}
+    written |= set(TOKENIZER_FILES)
+    # params/, its checksums and orbax's temporary folders
+    foreign = sorted(n for n in os.listdir(out) if n not in written and not n.startswith("params"))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise CheckpointError(
+            f"--out {out}: not empty and not an alignx checkpoint (holds {shown}); pass --overwrite to write "
+            "into it (its other files are kept), or choose an empty folder"
+        )
+
+
 def remove_head_files(out_dir: str) -> None:
     from alignx_jax.models import preference_head as ph
 

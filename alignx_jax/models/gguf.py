@@ -474,6 +474,9 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
 
 
 def cli_import(args) -> int:
+    from alignx_jax.models import checkpoint
+
+    checkpoint.check_import_target(args.out, bool(getattr(args, "overwrite", False)))
     model, src = import_gguf(args.gguf, args.out, dtype=args.dtype)
     tok = "" if has_tokenizer(src) else ", no tokenizer in the file"
     print(
