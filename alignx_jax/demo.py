@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.demo_report import (  # noqa: F401  (re-exported: the demo's report and writers)
     PAPER,
     TARGETS,
@@ -94,9 +95,9 @@ def claim_out(out: str, settings: dict[str, Any]) -> None:
     # of the user's (a demo stopped before its first claim leaves at most its compilation cache)
     foreign = sorted(set(os.listdir(out)) - {".jax_cache"}) if not os.path.isfile(path) else []
     if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise ConfigError(
-            f"--out {out}: not empty and not a demo folder (holds {shown}); use a new or empty folder"
+            f"--out {out}: not empty and not a demo folder (holds {paths.listing(foreign)}); use a new or "
+            "empty folder"
         )
     write_json(path, settings)
 

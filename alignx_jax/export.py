@@ -135,9 +135,8 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
                 f"--out {out}: holds an export of {manifest.get('source')}; pass --overwrite to "
                 "replace its files, or choose another folder"
             )
-        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
         raise CheckpointError(
-            f"--out {out}: not empty and not an alignx export (holds {shown}); pass --overwrite "
+            f"--out {out}: not empty and not an alignx export (holds {paths.listing(entries)}); pass --overwrite "
             "to replace the files an export writes (the others are kept), or choose an empty folder"
         )
     return entries, {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}

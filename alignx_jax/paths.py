@@ -57,6 +57,12 @@ def exists(p: Any) -> bool:
     return path(p).exists() if is_url(p) else os.path.exists(p)
 
 
+def listing(names: list[str], shown: int = 4) -> str:
+    """The first `shown` of a folder's `names` for a one-line error ("a, b, c, d and 3 more")."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def files_below(top: epath.Path) -> Iterator[tuple[str, epath.Path]]:
     """Every file under the folder `top` (local or a URL), at any depth, as (path relative to top, path)."""
     todo = [(top, "")]

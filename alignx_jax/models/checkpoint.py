@@ -290,9 +290,9 @@ def check_import_target(out: str, overwrite: bool) -> None:
     # params/, its checksums and orbax's temporary folders
     foreign = sorted(n for n in os.listdir(out) if n not in written and not n.startswith("params"))
     if foreign:
-        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise CheckpointError(
-            f"--out {out}: not empty and not an alignx checkpoint (holds {shown}); pass --overwrite to write "
+            f"--out {out}: not empty and not an alignx checkpoint (holds {paths.listing(foreign)}); pass "
+            "--overwrite to write "
             "into it (its other files are kept), or choose an empty folder"
         )
 
