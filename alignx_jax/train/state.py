@@ -119,6 +119,7 @@ class ParamsCodec:
     treedef: Any
     # the model's XLA compile options (`DecoderConfig.compiler_options`), as sorted (name, value) pairs
     options: tuple[tuple[str, Any], ...] = ()
+    frozen_layers: int = 0  # the model's `frozen_layers`: the train step's reference shares those blocks
 
     @classmethod
     def of(cls, model) -> ParamsCodec:
@@ -134,7 +135,9 @@ class ParamsCodec:
 
         if names(state) != names(pure):
             raise RuntimeError("decoder state and its pure dict disagree on leaf order")
-        return cls(graphdef, jax.tree.structure(state), model.cfg.compiler_options_key())
+        return cls(
+            graphdef, jax.tree.structure(state), model.cfg.compiler_options_key(), model.cfg.frozen_layers
+        )
 
     @property
     def compiler_options(self) -> dict[str, Any] | None:
@@ -176,6 +179,7 @@ class LoraCodec(ParamsCodec):
             plain.graphdef,
             plain.treedef,
             plain.options,
+            plain.frozen_layers,
             adapters=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes),
         )
 

@@ -202,10 +202,10 @@ def _reference_model(spec: StepSpec, params, ref_params):
     return spec.codec.reference(ref_params, jax.lax.stop_gradient(policy_params))
 
 
-def _reference_on_trunk(spec: StepSpec, cfg) -> bool:
+def _reference_on_trunk(spec: StepSpec) -> bool:
     """Whether the reference runs inside the policy's pass: a reference pass of a model with frozen
     blocks shares them (`model_pair_logps(reference=)`), so only the blocks above the cut run twice."""
-    return spec.use_ref and not spec.precomputed and cfg.frozen_layers > 0
+    return spec.use_ref and not spec.precomputed and spec.codec.frozen_layers > 0
 
 
 def _reference_logps(spec: StepSpec, params, ref_params, mb) -> jax.Array | None:
@@ -215,17 +215,16 @@ def _reference_logps(spec: StepSpec, params, ref_params, mb) -> jax.Array | None
         return None
     if spec.precomputed:
         return mb.ref_logps
-    ref_model = _reference_model(spec, params, ref_params)
-    if _reference_on_trunk(spec, ref_model.cfg):
+    if _reference_on_trunk(spec):
         return None
-    return jax.lax.stop_gradient(model_pair_logps(ref_model, mb, spec.chunk))
+    return jax.lax.stop_gradient(model_pair_logps(_reference_model(spec, params, ref_params), mb, spec.chunk))
 
 
 def _microbatch_loss(spec: StepSpec, p, ref_params, mb, ref, pm, ntok, n_pairs):
     """`(objective, (metric sums, joint-head terms))` of one microbatch at params `p`."""
     joint = spec.joint
     model = spec.codec.policy(p["policy"] if joint else p, ref_params)
-    if _reference_on_trunk(spec, model.cfg):  # one pass of the frozen blocks for policy and reference
+    if _reference_on_trunk(spec):  # one pass of the frozen blocks for policy and reference
         ref_model = _reference_model(spec, p, ref_params)
         lp, logit_sums, ref = model_pair_logps(model, mb, spec.chunk, with_logits=True, reference=ref_model)
     else:
