@@ -122,9 +122,10 @@ def train_and_export(
     seed: int,
     export_dir: str,
     steps: int,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """`alignx train` of this recipe (resumes from W's checkpoints) then `alignx export` of the last
-    step (`demo.train_and_export`: a run stopped by a signal is not a finished stage)."""
+    """`alignx train` of this recipe (resumes from W's checkpoints), `overrides` last, then `alignx export`
+    of the last step (`demo.train_and_export`: a run stopped by a signal is not a finished stage)."""
     cfg = run_config(
         budget,
         workdir=workdir,
@@ -141,6 +142,7 @@ def train_and_export(
                 if method in REFERENCE and not budget.quick
                 else []
             ),
+            *overrides,
         ),
     )
     t0 = time.perf_counter()
@@ -149,14 +151,22 @@ def train_and_export(
 
 
 def score(
-    budget: RealBudget, *, model_dir: str, path: str, method: str, out_json: str, reference_scores: str | None
+    budget: RealBudget,
+    *,
+    model_dir: str,
+    path: str,
+    method: str,
+    out_json: str,
+    reference_scores: str | None,
+    persona: str = "p",
 ) -> dict[str, Any]:
-    """`alignx eval` on the P-SOUPS half; returns {"accuracy", "n", "ci95", "by_persona"}."""
+    """`alignx eval` on the P-SOUPS half (ICA's prompts show persona variant `persona`); returns
+    {"accuracy", "n", "ci95", "by_persona"}."""
     from alignx_jax import evaluate as ev
 
     settings = ev.EvalSettings(
         method=method,
-        persona="p" if method == "ica" else None,
+        persona=persona if method == "ica" else None,
         preference="golden",
         batch_size=budget.eval_batch,
         max_length=budget.max_length,

