@@ -15,7 +15,9 @@ by its one-line `ground_truth_persona` (the line as the demographic text, `data.
 it the same way, with the base model scored on those prompts as reference: ICA given the persona as plainly
 as a sentence can say it, instead of reading it from the history pairs.
 
-Models and scores go under DIR (default RUN/../NAME.persona_ceiling); a rerun reuses finished models.
+Models and scores go under DIR (default RUN/../NAME.persona_ceiling), which must be new, empty or this
+script's for the same RUN (`demo.claim_out`); each training and scoring is a stage (`demo.Stages`) that a
+rerun, after a stop, finds done.
 JSON: `file`, `personas` (per persona: `train_rows`, `steps`, `by_persona` accuracies of its model),
 `routed` (`accuracy`, `n`), `line` (with --line: `accuracy`, `n`, `ci95`, `by_persona`, `base`), `run`
 (RUN's non_personalized, ica and pba_profile accuracies), `seconds`.
@@ -27,14 +29,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from alignx_jax import allocator, demo_real  # noqa: E402
+from alignx_jax import allocator, demo, demo_real  # noqa: E402
 from alignx_jax.data import persona as persona_lib  # noqa: E402
 from alignx_jax.data.contrast import persona_groups  # noqa: E402
 from alignx_jax.demo_report import read_json, write_json  # noqa: E402
@@ -70,21 +71,21 @@ def read_run(run: str) -> dict[str, Any]:
     }
 
 
-def per_persona_models(run: str, info: dict[str, Any], budget: Any, out: str) -> dict[str, Any]:
+def per_persona_models(
+    run: str, info: dict[str, Any], budget: Any, out: str, stages: demo.Stages
+) -> dict[str, Any]:
     """Each persona's non-personalized model, scored on the whole held-out half."""
     rows = _load(info["split"]["train"])
-    groups = persona_groups(rows)
-    if None in groups or len(groups) < 2:
-        raise DataError("the training half needs two or more named personas", file=info["split"]["train"])
     reference = demo_real.per_example_path(os.path.join(run, "eval", "base_none.json"))
     found = {}
-    for i, (name, idx) in enumerate(sorted(groups.items())):
+    for i, (name, idx) in enumerate(persona_order(rows)):
         data = os.path.join(out, f"persona{i}", "train.json")
         write_json(data, [rows[j] for j in idx])
         steps = demo_real.run_steps(budget, data)
         model = os.path.join(out, f"persona{i}", "model")
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            demo_real.train_and_export(
+        stages.run(
+            f"train/persona{i}",
+            lambda data=data, model=model, steps=steps, i=i: demo_real.train_and_export(
                 budget,
                 workdir=os.path.join(out, f"persona{i}", "run"),
                 model_dir=info["model"],
@@ -93,22 +94,34 @@ def per_persona_models(run: str, info: dict[str, Any], budget: Any, out: str) ->
                 seed=info["seed"],
                 export_dir=model,
                 steps=steps,
-            )
-        scored = demo_real.score(
-            budget,
-            model_dir=model,
-            path=info["split"]["test"],
-            method="none",
-            out_json=os.path.join(out, f"persona{i}", "eval.json"),
-            reference_scores=reference,
+            ),
+        )
+        scored = stages.run(
+            f"eval/persona{i}",
+            lambda model=model, i=i: demo_real.score(
+                budget,
+                model_dir=model,
+                path=info["split"]["test"],
+                method="none",
+                out_json=os.path.join(out, f"persona{i}", "eval.json"),
+                reference_scores=reference,
+            ),
         )
         found[name] = {
             "train_rows": len(idx),
             "steps": steps,
-            "by_persona": {g: s["accuracy"] for g, s in scored["by_persona"].items()},
-            "n_by_persona": {g: s["n"] for g, s in scored["by_persona"].items()},
+            "by_persona": {g: e["accuracy"] for g, e in scored["by_persona"].items()},
+            "n_by_persona": {g: e["n"] for g, e in scored["by_persona"].items()},
         }
     return found
+
+
+def persona_order(rows: list[dict]) -> list[tuple[str, list[int]]]:
+    """The training half's personas, sorted, with their row indices: persona0, persona1, ..."""
+    groups = persona_groups(rows)
+    if None in groups or len(groups) < 2:
+        raise DataError("the training half needs two or more named personas (ground_truth_persona)")
+    return sorted((str(k), v) for k, v in groups.items())
 
 
 def routed(personas: dict[str, Any]) -> dict[str, Any]:
@@ -131,26 +144,30 @@ def with_line(path: str, dest: str) -> str:
     return dest
 
 
-def line_model(run: str, info: dict[str, Any], budget: Any, out: str) -> dict[str, Any]:
+def line_model(run: str, info: dict[str, Any], budget: Any, out: str, stages: demo.Stages) -> dict[str, Any]:
     """The demo's ICA recipe with the persona given as its one line (module docstring)."""
     if info["split"].get("contrast") is None:
         raise DataError("--line needs the run's contrast rows (a file of two personas)", file=run)
     d = os.path.join(out, "line")
     train = with_line(info["split"]["contrast"], os.path.join(d, "train.json"))
     test = with_line(info["split"]["test"], os.path.join(d, "test.json"))
-    base_json = os.path.join(d, "base.json")
-    base = demo_real.score(
-        budget,
-        model_dir=info["model"],
-        path=test,
-        method="ica",
-        out_json=base_json,
-        reference_scores=None,
-        persona="demo",
-    )
-    model = os.path.join(d, "model")
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        demo_real.train_and_export(
+    model, base_json = os.path.join(d, "model"), os.path.join(d, "base.json")
+
+    def score(model_dir: str, out_json: str, reference: str | None) -> dict[str, Any]:
+        return demo_real.score(
+            budget,
+            model_dir=model_dir,
+            path=test,
+            method="ica",
+            out_json=out_json,
+            reference_scores=reference,
+            persona="demo",
+        )
+
+    base = stages.run("eval/line_base", lambda: score(info["model"], base_json, None))
+    stages.run(
+        "train/line",
+        lambda: demo_real.train_and_export(
             budget,
             workdir=os.path.join(d, "run"),
             model_dir=info["model"],
@@ -160,15 +177,11 @@ def line_model(run: str, info: dict[str, Any], budget: Any, out: str) -> dict[st
             export_dir=model,
             steps=demo_real.run_steps(budget, info["split"]["train"]),  # the demo's ICA budget
             overrides=("--config.data.persona=demo",),
-        )
-    scored = demo_real.score(
-        budget,
-        model_dir=model,
-        path=test,
-        method="ica",
-        out_json=os.path.join(d, "eval.json"),
-        reference_scores=demo_real.per_example_path(base_json),
-        persona="demo",
+        ),
+    )
+    scored = stages.run(
+        "eval/line",
+        lambda: score(model, os.path.join(d, "eval.json"), demo_real.per_example_path(base_json)),
     )
     return {**scored, "base": base["accuracy"]}
 
@@ -182,21 +195,34 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     allocator.reexec(allocator.configured(), cpu_job=True)  # the host allocator `alignx train` runs with
     try:
-        t0 = time.perf_counter()
         run = os.path.abspath(args.run)
         info = read_run(run)
         out = os.path.abspath(args.out or run.rstrip(os.sep) + ".persona_ceiling")
+        if out == run or out.startswith(run + os.sep):
+            raise DataError("--out must be outside the run it reads", file=out)
+        os.makedirs(out, exist_ok=True)
+        demo.claim_out(out, {"persona_ceiling": run})
         budget = demo_real.RealBudget(info["quick"])
-        personas = per_persona_models(run, info, budget, out)
-        result: dict[str, Any] = {
-            "file": info["results"]["file"],
-            "personas": personas,
-            "routed": routed(personas),
-            "run": {k: info["results"][k]["accuracy"] for k in ("non_personalized", "ica", "pba_profile")},
-        }
-        if args.line:
-            result["line"] = line_model(run, info, budget, out)
-        result["seconds"] = time.perf_counter() - t0
+        n = len(persona_order(_load(info["split"]["train"])))
+        names = [f"{kind}/persona{i}" for i in range(n) for kind in ("train", "eval")]
+        names += ["eval/line_base", "train/line", "eval/line"] if args.line else []
+        stages = demo.Stages(out, names)
+        try:
+            personas = per_persona_models(run, info, budget, out, stages)
+            result: dict[str, Any] = {
+                "file": info["results"]["file"],
+                "personas": personas,
+                "routed": routed(personas),
+                "run": {
+                    k: info["results"][k]["accuracy"] for k in ("non_personalized", "ica", "pba_profile")
+                },
+            }
+            if args.line:
+                result["line"] = line_model(run, info, budget, out, stages)
+        finally:
+            stages.close()
+        # every stage's time, also those a rerun found done
+        result["seconds"] = sum(read_json(stages.marker(n))["seconds"] for n in names)
     except AlignXError as e:
         print(f"persona_ceiling: error: {e}", file=sys.stderr)
         return 1

@@ -120,19 +120,19 @@ def needs_real(test):
 REAL_ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
 
 
+def _run_real(*args: str) -> None:
+    """`python ARGS` on the real model, in the source tree; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=1500, env=REAL_ENV, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def quick_real_run(tmp_path_factory):
     """One `alignx demo --real --quick` folder for this file's slow tests (xdist keeps a file on one worker)."""
     out = tmp_path_factory.mktemp("demo_real") / "real"
-    proc = subprocess.run(
-        [sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env=REAL_ENV,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_real("-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out))
     return out
 
 
@@ -180,15 +180,7 @@ def test_real_quick_demo_runs_the_whole_chain(quick_real_run):
     )
     assert len({(c["train"]["steps"], c["train"]["global_batch"]) for c in cfgs.values()}) == 1
     # a rerun finds every stage done and rewrites the same results
-    proc = subprocess.run(
-        [sys.executable, "-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=REAL_ENV,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_real("-m", "alignx_jax", "demo", "--real", "--quick", "--out", str(out))
     assert json.loads((out / "results.json").read_text())["p_soups"] == ps
 
 
@@ -215,15 +207,7 @@ def test_persona_ceiling_trains_one_model_per_persona_beside_a_finished_run(quic
     run = quick_real_run
     before = _files(run)
     out, result = tmp_path / "ceiling", tmp_path / "ceiling.json"
-    proc = subprocess.run(
-        [sys.executable, CEILING, str(run), "--out", str(out), "--line", "--json", str(result)],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env=REAL_ENV,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_real(CEILING, str(run), "--out", str(out), "--line", "--json", str(result))
     assert _files(run) == before  # the run it reads is left as it was
     got = json.loads(result.read_text())
     split = json.loads((run / "stages" / "split.json").read_text())["value"]
@@ -254,9 +238,16 @@ def test_persona_ceiling_trains_one_model_per_persona_beside_a_finished_run(quic
     assert [r["Demographic Information"] for r in line_rows] == [r["ground_truth_persona"] for r in test_rows]
     line_cfg = json.loads((out / "line" / "run" / "config.json").read_text())
     assert (line_cfg["data"]["persona"], line_cfg["data"]["method"]) == ("demo", "ica")
-    assert (
-        got["line"]["n"] == 8 and 0.0 <= got["line"]["accuracy"] <= 1.0 and 0.0 <= got["line"]["base"] <= 1.0
-    )
+    assert got["line"]["n"] == 8 and 0.0 <= got["line"]["accuracy"] <= 1.0
+    assert 0.0 <= got["line"]["base"] <= 1.0
+    # the same command again finds every stage done and writes the same numbers
+    _run_real(CEILING, str(run), "--out", str(out), "--line", "--json", str(tmp_path / "again.json"))
+    assert json.loads((tmp_path / "again.json").read_text()) == got
+
+
+def _ceiling(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, CEILING, *args, "--json", str(tmp_path / "x.json")]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
 
 
 def test_persona_ceiling_refuses_a_folder_that_is_not_a_finished_real_demo(tmp_path):
@@ -268,11 +259,30 @@ def test_persona_ceiling_refuses_a_folder_that_is_not_a_finished_real_demo(tmp_p
         (tmp_path / "none", "no demo_settings.json"),
         (tmp_path / "run", "no stages/model.json"),
     ):
-        proc = subprocess.run(
-            [sys.executable, CEILING, str(folder), "--json", str(tmp_path / "x.json")],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
+        proc = _ceiling(tmp_path, str(folder))
         assert proc.returncode == 1 and not (tmp_path / "x.json").exists()
         assert proc.stderr.count("\n") == 1 and says in proc.stderr and str(folder) in proc.stderr
+
+
+def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
+    run = tmp_path / "run"
+    for name, value in (
+        ("demo_settings.json", {"real": True, "quick": True, "seed": 0}),
+        ("stages/model.json", {"value": "MODEL"}),
+        ("stages/split.json", {"value": {"train": "T", "test": "H", "contrast": None}}),
+        ("results.json", {"p_soups": {}}),
+        ("eval/base_none.json", {}),
+    ):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(json.dumps(value))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for out, says in (
+        (mine, "not empty and not a demo folder (holds notes.txt)"),
+        (run / "c", "outside the run"),
+    ):
+        proc = _ceiling(tmp_path, str(run), "--out", str(out))
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+    assert not (run / "c").exists()
