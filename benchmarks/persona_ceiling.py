@@ -42,11 +42,6 @@ from alignx_jax.demo_report import read_json, write_json  # noqa: E402
 from alignx_jax.errors import AlignXError, DataError  # noqa: E402
 
 
-def _load(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def read_run(run: str) -> dict[str, Any]:
     """RUN's settings, model folder, split and results, or a one-line error naming what is missing."""
     need = (
@@ -72,13 +67,19 @@ def read_run(run: str) -> dict[str, Any]:
 
 
 def per_persona_models(
-    run: str, info: dict[str, Any], budget: Any, out: str, stages: demo.Stages
+    run: str,
+    info: dict[str, Any],
+    budget: Any,
+    out: str,
+    stages: demo.Stages,
+    rows: list[dict],
+    order: list[tuple[str, list[int]]],
 ) -> dict[str, Any]:
-    """Each persona's non-personalized model, scored on the whole held-out half."""
-    rows = _load(info["split"]["train"])
+    """Each persona's non-personalized model (`order`: `persona_order` of the training half's `rows`),
+    scored on the whole held-out half."""
     reference = demo_real.per_example_path(os.path.join(run, "eval", "base_none.json"))
     found = {}
-    for i, (name, idx) in enumerate(persona_order(rows)):
+    for i, (name, idx) in enumerate(order):
         data = os.path.join(out, f"persona{i}", "train.json")
         write_json(data, [rows[j] for j in idx])
         steps = demo_real.run_steps(budget, data)
@@ -135,7 +136,7 @@ def routed(personas: dict[str, Any]) -> dict[str, Any]:
 
 def with_line(path: str, dest: str) -> str:
     """`path`'s rows with the one-line ground-truth persona as the demographic text."""
-    rows = _load(path)
+    rows = read_json(path)
     for i, row in enumerate(rows):
         if not isinstance(row.get("ground_truth_persona"), str):
             raise DataError("--line needs a string ground_truth_persona", file=path, row=i)
@@ -203,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(out, exist_ok=True)
         demo.claim_out(out, {"persona_ceiling": run})
         budget = demo_real.RealBudget(info["quick"])
-        n = len(persona_order(_load(info["split"]["train"])))
-        names = [f"{kind}/persona{i}" for i in range(n) for kind in ("train", "eval")]
+        rows = read_json(info["split"]["train"])
+        order = persona_order(rows)
+        names = [f"{kind}/persona{i}" for i in range(len(order)) for kind in ("train", "eval")]
         names += ["eval/line_base", "train/line", "eval/line"] if args.line else []
         stages = demo.Stages(out, names)
         try:
-            personas = per_persona_models(run, info, budget, out, stages)
+            personas = per_persona_models(run, info, budget, out, stages, rows, order)
             result: dict[str, Any] = {
                 "file": info["results"]["file"],
                 "personas": personas,

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from alignx_jax import demo, demo_real
+from alignx_jax.demo_report import read_json
 from alignx_jax.errors import AlignXError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,11 +195,6 @@ def _files(folder) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _rows(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 CEILING = os.path.join(ROOT, "benchmarks", "persona_ceiling.py")
 
 
@@ -211,7 +207,7 @@ def test_persona_ceiling_trains_one_model_per_persona_beside_a_finished_run(quic
     assert _files(run) == before  # the run it reads is left as it was
     got = json.loads(result.read_text())
     split = json.loads((run / "stages" / "split.json").read_text())["value"]
-    test_rows, train_rows = _rows(split["test"]), _rows(split["train"])
+    test_rows, train_rows = read_json(split["test"]), read_json(split["train"])
     names = sorted({r["ground_truth_persona"] for r in test_rows})
     assert sorted(got["personas"]) == names and len(names) == 2
     # each persona's model trained on that persona's training rows only, for the quick budget's one step
@@ -220,7 +216,7 @@ def test_persona_ceiling_trains_one_model_per_persona_beside_a_finished_run(quic
             r["ground_truth_persona"] == name for r in train_rows
         )
         assert got["personas"][name]["steps"] == 1
-        assert {r["ground_truth_persona"] for r in _rows(out / f"persona{i}" / "train.json")} == {name}
+        assert {r["ground_truth_persona"] for r in read_json(out / f"persona{i}" / "train.json")} == {name}
     # routed, recounted from each model's per-example decisions on its own persona's rows
     right = n = 0
     for i, name in enumerate(names):
@@ -234,7 +230,7 @@ def test_persona_ceiling_trains_one_model_per_persona_beside_a_finished_run(quic
     ps = json.loads((run / "results.json").read_text())["p_soups"]
     assert got["run"] == {k: ps[k]["accuracy"] for k in ("non_personalized", "ica", "pba_profile")}
     # --line: ICA's prompts show the one-line persona as the whole persona block
-    line_rows = _rows(out / "line" / "test.json")
+    line_rows = read_json(out / "line" / "test.json")
     assert [r["Demographic Information"] for r in line_rows] == [r["ground_truth_persona"] for r in test_rows]
     line_cfg = json.loads((out / "line" / "run" / "config.json").read_text())
     assert (line_cfg["data"]["persona"], line_cfg["data"]["method"]) == ("demo", "ica")
