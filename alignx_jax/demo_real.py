@@ -65,7 +65,7 @@ TARGETS = (
 )
 SAMPLING = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's generation settings
 # ICA and PBA train on the training half twice plus its contrast rows (`alignx data contrast --originals`):
-# twins alone erased the preference friendly_unfriendly's personas share (README, A real model)
+# twins alone erased the preference friendly_unfriendly's personas share (docs/recipes.md, section 2)
 ORIGINALS = 2
 # loss.reference per run where it differs from the config's on_the_fly: the non-personalized run's later
 # epochs repeat its batches, which a precomputed pass scores once (32 of 148; BENCHMARKS.md §4, "The

@@ -32,7 +32,7 @@ def get_config(variant: str = "full"):
     c.model.remat = "full"
     c.model.scan_layers = True
     # LoRA on every projection of the top 15 of 30 blocks: with twins, the top 8 blocks fully trained
-    # stayed at chance, adapters learned to read the persona (README, A real model); the backward pass
+    # stayed at chance, adapters learned to read the persona (docs/recipes.md, section 2); the backward pass
     # stops at block 15, ~0.6x the step of adapters on all 30
     c.model.frozen_layers = 15
     c.model.lora.rank = 16
@@ -45,7 +45,7 @@ def get_config(variant: str = "full"):
     c.data.share_prompt = True  # one row per pair: the ~370-token ICA prompt runs once
     c.data.length_groups = 8  # batches of similar length: ~27% fewer positions on the PBA rows
     # not twins in one batch: they cancel a preference both personas share, which friendly_unfriendly's
-    # have (README, A real model); the contrast rows beside each pair twice keep a third of it
+    # have (docs/recipes.md, section 2); the contrast rows beside each pair twice keep a third of it
     c.data.twins = False
     c.data.compact_tokens = 0  # 64-token buckets leave little padding; each kept size is a compile
     c.data.overflow = "truncate"

@@ -13,7 +13,7 @@ number of personas is refused.
 at once by its contrast row. Trained with `data.twins=true` (the loader shuffles, shards and
 length-groups each twin as one unit; an even batch per host), every batch holds whole twins, so a
 preference that ignores the persona cancels within the batch and only reading the persona lowers the
-loss (README, "A real model", for what it did). `check_twins` is the loader's check of such a file.
+loss (docs/recipes.md, section 2, for what it did). `check_twins` is the loader's check of such a file.
 
 The twins assume the personas are opposed on every pair. Where both prefer the same kind of answer
 over a plain one (P-SOUPS friendly_unfriendly: each persona's chosen answer is styled its way, the
