@@ -61,9 +61,10 @@ demo-quick: install
 tokenizer: install
 	$(PY) scripts/build_tokenizer.py --out alignx_jax/assets/tokenizer
 
-# the real model on a P-SOUPS file (default ../shared's student_phd.json; PSOUPS=FILE for another)
+# the real model on a P-SOUPS file (default ../shared's student_phd.json; PSOUPS=FILE for another, MODEL=DIR
+# for another model than the shipped SmolLM2)
 demo-real: real-model
-	$(VENV)/bin/alignx demo --real --out runs/demo-real $(if $(PSOUPS),--p-soups $(PSOUPS))
+	$(VENV)/bin/alignx demo --real --out runs/demo-real $(if $(PSOUPS),--p-soups $(PSOUPS)) $(if $(MODEL),--model $(MODEL))
 
 # SmolLM2-135M-Instruct as an HF folder under .cache/models/ (`model.hf_path=smollm2`); fast when cached
 real-model: install

@@ -339,6 +339,12 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute), for tests")
     p.add_argument(
+        "--model",
+        default=None,
+        help="with --real: the model to personalize instead of the shipped SmolLM2, an HF folder, "
+        "a hub id or a gs:// folder (as model.hf_path)",
+    )
+    p.add_argument(
         "--p-soups",
         default=None,
         help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)",

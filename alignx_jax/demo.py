@@ -601,10 +601,12 @@ def cli_demo(args: argparse.Namespace) -> int:
 
         out = args.out or "runs/demo-real"
         results = demo_real.run_real_demo(
-            out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed)
+            out, quick=bool(args.quick), psoups=args.p_soups, seed=int(args.seed), model=args.model
         )
         demo_real.print_summary(results, out, demo_real.format_table(results))
         return 0
+    if getattr(args, "model", None) is not None:
+        raise ConfigError("--model needs --real: the synthetic demo trains its own tiny random model")
     args.out = args.out or "runs/demo"
     # the tiny model's programs compile for longer than they run: XLA's quicker CPU compile (hardware.py)
     use_fast_cpu_compile()

@@ -1,9 +1,10 @@
 """`alignx demo --real`: a real pretrained model (SmolLM2-135M-Instruct) personalized on real P-SOUPS rows.
 
-    alignx demo --real --out runs/demo-real [--p-soups FILE] [--quick] [--seed S]
+    alignx demo --real --out runs/demo-real [--p-soups FILE] [--model MODEL] [--quick] [--seed S]
 
 Stages (each skipped when its marker exists; training resumes like `alignx train`):
-  1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once).
+  1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once), or `--model`:
+               any HF folder, hub id or URL folder `model.hf_path` takes (`model_folder`).
   2. split   - `alignx data split FILE --by prompt --test-fraction 0.5`; --quick takes seeded samples
                of each half balanced across the file's personas (`benchmarks.balanced_sample`); then
                `alignx data contrast --originals 2` of the training half: its pairs twice, then each pair
@@ -41,7 +42,7 @@ from alignx_jax.demo import (
     train_stages,
 )
 from alignx_jax.demo_report import PAPER, pct, plot_curves, read_json, save_figure, write_json, write_lines
-from alignx_jax.errors import DataError
+from alignx_jax.errors import ConfigError, DataError
 
 REAL_CONFIG = os.path.join(ROOT, "configs", "demo_real.py")
 METHODS = ("none", "ica", "pba")
@@ -71,6 +72,34 @@ ORIGINALS = 2
 # epochs repeat its batches, which a precomputed pass scores once (32 of 148; BENCHMARKS.md §4, "The
 # reference on the frozen blocks"); `--quick` keeps one compiled step for all three runs
 REFERENCE = {"none": "precomputed"}
+SHIPPED_NAME = "SmolLM2-135M-Instruct"  # the model without --model
+
+
+def model_folder(model: str | None) -> str:
+    """`--model`: None or `smollm2` -> the shipped SmolLM2 folder (prepared once); an HF folder, a hub id
+    or a URL folder -> its local folder (`resolve_model_path`, as `model.hf_path`), which must hold a
+    config.json (else a one-line ConfigError naming it)."""
+    from alignx_jax import real_model
+    from alignx_jax.models.presets import SMOLLM2, resolve_model_path
+
+    if model is None or (model.lower() == SMOLLM2 and not os.path.exists(model)):
+        return real_model.smollm2_dir()
+    path = resolve_model_path(model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--model {model}: not a Hugging Face model folder (no config.json in {path})")
+    return os.path.abspath(path)
+
+
+def model_name(model: str | None) -> str:
+    """What the report and plot call the model."""
+    return SHIPPED_NAME if model is None or model.lower() == "smollm2" else model.rstrip("/")
+
+
+def frozen_layers(model_dir: str) -> int:
+    """The recipe's frozen blocks for any model: its bottom half (SmolLM2: 15 of 30, configs/demo_real.py)."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    return int(cfg.get("text_config", cfg)["num_hidden_layers"]) // 2
 
 
 class RealBudget:
@@ -137,6 +166,7 @@ def train_and_export(
         config_file=REAL_CONFIG,
         overrides=(
             "--config.train.epochs=0",
+            f"--config.model.frozen_layers={frozen_layers(model_dir)}",
             *(
                 [f"--config.loss.reference={REFERENCE[method]}"]
                 if method in REFERENCE and not budget.quick
@@ -274,12 +304,12 @@ def write_report(
     ps = results["p_soups"]
     personas = _persona_names(ps)
     lines = [
-        "# alignx demo --real: SmolLM2-135M-Instruct personalized on P-SOUPS",
+        f"# alignx demo --real: {info.get('model_name', SHIPPED_NAME)} personalized on P-SOUPS",
         "",
         f"File: `{ps.get('file')}`, split by prompt (half held out); {results['seconds']:.0f} s wall.",
         "",
         "Alignment accuracy (%) on the held-out prompts with its 95% Wilson interval, per persona, beside",
-        "the paper's P-SOUPS column (docs/method.md section 8; its models are 8B, ours 135M). Base rows: the",
+        "the paper's P-SOUPS column (docs/method.md section 8; its models are 8B). Base rows: the",
         "untouched model, no reference; trained rows: the base model as reference.",
         "",
         "| row | accuracy | n | 95% CI | " + " | ".join(p[:40] for p in personas) + " | paper row | paper |",
@@ -331,7 +361,7 @@ def write_generations(out: str, generations: dict[str, Any]) -> str:
     return write_lines(os.path.join(out, "generations.md"), lines)
 
 
-def plot_accuracy(out: str, ps: dict[str, Any]) -> str:
+def plot_accuracy(out: str, ps: dict[str, Any], name: str = SHIPPED_NAME) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,7 +392,7 @@ def plot_accuracy(out: str, ps: dict[str, Any]) -> str:
     ax.set_xticklabels(keys, rotation=20, ha="right")
     ax.set_ylim(0, 100)
     ax.set_ylabel("alignment accuracy (%)")
-    ax.set_title("SmolLM2-135M-Instruct on P-SOUPS, held-out prompts")
+    ax.set_title(f"{name} on P-SOUPS, held-out prompts")
     ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, os.path.join(out, "accuracy.png"))
 
@@ -382,11 +412,16 @@ def format_table(results: dict[str, Any]) -> list[str]:
 
 
 def run_real_demo(
-    out: str, *, quick: bool = False, psoups: str | None = None, seed: int = 0, progress: bool = True
+    out: str,
+    *,
+    quick: bool = False,
+    psoups: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """The whole chain; returns the results dict written to OUT/results.json."""
-    from alignx_jax import real_model
-
+    """The whole chain; returns the results dict written to OUT/results.json. `model`: `--model` (None:
+    the shipped SmolLM2)."""
     t_start = time.perf_counter()
     budget = RealBudget(quick)
     out = os.path.abspath(out)
@@ -395,6 +430,9 @@ def run_real_demo(
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
     settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
+    if model_name(model) != SHIPPED_NAME:  # a folder of the shipped model's runs keeps its settings
+        settings["model"] = model
+        model_folder(model)  # a wrong --model is refused before anything is written
     d = open_out(out, settings)
 
     names = [
@@ -408,7 +446,7 @@ def run_real_demo(
     stages = Stages(out, names, progress)
     ps: dict[str, Any] = {"file": psoups}
     try:
-        model_dir = stages.run("model", lambda: real_model.smollm2_dir())
+        model_dir = stages.run("model", lambda: model_folder(model))
         split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
         ps.update(_base_evals(stages, budget, d, model_dir, split["test"]))
 
@@ -446,6 +484,7 @@ def run_real_demo(
         "seed": seed,
         "config": budget.config,
         "model": model_dir,
+        "model_name": model_name(model),
         "compute_dtype": compute_dtype(budget),
         "split": split,
         "steps_per_run": steps,
@@ -457,7 +496,7 @@ def run_real_demo(
     write_json(os.path.join(out, "generations.json"), generations)
     write_generations(out, generations)
     write_report(out, results, info, generations)
-    plot_accuracy(out, ps)
+    plot_accuracy(out, ps, model_name(model))
     plot_curves(out, workdirs)
     return results
 

@@ -33,7 +33,8 @@ def get_config(variant: str = "full"):
     c.model.scan_layers = True
     # LoRA on every projection of the top 15 of 30 blocks: with twins, the top 8 blocks fully trained
     # stayed at chance, adapters learned to read the persona (docs/recipes.md, section 2); the backward pass
-    # stops at block 15, ~0.6x the step of adapters on all 30
+    # stops at block 15, ~0.6x the step of adapters on all 30; `alignx demo --real --model` freezes the
+    # bottom half of any other model the same way (demo_real.frozen_layers)
     c.model.frozen_layers = 15
     c.model.lora.rank = 16
 

@@ -79,13 +79,15 @@ def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypa
 
     monkeypatch.setattr(loop, "run_training", train)
     monkeypatch.setattr(export, "cli_export", exported.append)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"num_hidden_layers": 30}))
 
     def run():
         return demo_real.train_and_export(
             demo_real.RealBudget(quick=False),
             workdir=str(workdir),
             export_dir=str(tmp_path / "export"),
-            model_dir="m",
+            model_dir=str(tmp_path / "m"),
             data="d.json",
             method="ica",
             seed=0,
@@ -99,6 +101,7 @@ def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypa
         ):
             run()
     assert int(ran[0].train.steps) == 140 and not exported
+    assert int(ran[0].model.frozen_layers) == 15  # the recipe's bottom half of the model's 30 blocks
     saved.append(140)  # the budget finished: exported, with the steps it ran
     assert run()["steps"] == 140 and [a.checkpoint for a in exported] == [str(workdir)]
 
@@ -282,3 +285,70 @@ def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
     assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
     assert not (run / "c").exists()
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "alignx_jax", "demo", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=REAL_ENV)
+
+
+def test_model_is_refused_without_real_and_when_it_is_no_model_folder(tmp_path):
+    psoups = tmp_path / "p.json"
+    psoups.write_text("[]")
+    (tmp_path / "empty").mkdir()
+    for args, says in (
+        (("--model", str(tmp_path), "--out", str(tmp_path / "a")), "--model needs --real"),
+        (
+            (
+                "--real",
+                "--model",
+                str(tmp_path / "empty"),
+                "--p-soups",
+                str(psoups),
+                "--out",
+                str(tmp_path / "b"),
+            ),
+            f"--model {tmp_path / 'empty'}: not a Hugging Face model folder (no config.json",
+        ),
+    ):
+        proc = _demo(*args)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(demo.DEFAULT_PSOUPS), reason="P-SOUPS file not available")
+def test_real_demo_personalizes_a_model_given_by_path(tmp_path):
+    """`--model`: the whole chain on another HF folder (a tiny random Qwen2 here), its bottom half frozen."""
+    from conftest import build_tiny_hf
+
+    model = build_tiny_hf("qwen2", str(tmp_path / "qwen2"), seed=1)
+    with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+        hf_cfg = json.load(f)
+    hf_cfg["max_position_embeddings"] = 1024  # the quick run's rows are 832 tokens
+    with open(os.path.join(model, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_cfg, f)
+    out = tmp_path / "run"
+    _run_real("-m", "alignx_jax", "demo", "--real", "--quick", "--model", model, "--out", str(out))
+    res = json.loads((out / "results.json").read_text())
+    assert all(res["p_soups"][key]["n"] == 8 for key in demo_real.ROWS)
+    assert read_json(str(out / "stages" / "model.json"))["value"] == os.path.abspath(model)
+    for name in ("non_personalized", "ica", "pba_profile"):
+        cfg = json.loads((out / "runs" / name / "config.json").read_text())
+        # the recipe's LoRA on the top half of the blocks: 1 of this model's 2 frozen (15 of SmolLM2's 30)
+        assert cfg["model"]["hf_path"] == os.path.abspath(model) and cfg["model"]["frozen_layers"] == 1
+        assert cfg["model"]["lora"]["rank"] == 16
+    assert (out / "report.md").read_text().startswith(f"# alignx demo --real: {model} personalized")
+    # the folder is this model's: the same command with the shipped model is refused, nothing touched
+    before = _files(out)
+    proc = _demo("--real", "--quick", "--out", str(out))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "other settings" in proc.stderr
+    assert _files(out) == before
+
+
+def test_the_recipe_freezes_the_bottom_half_of_any_model(tmp_path):
+    for layers, frozen in ((30, 15), (2, 1), (25, 12)):
+        (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+        assert demo_real.frozen_layers(str(tmp_path)) == frozen
+    assert demo_real.model_name(None) == demo_real.model_name("SmolLM2") == "SmolLM2-135M-Instruct"
+    assert demo_real.model_name("org/name/") == "org/name"
