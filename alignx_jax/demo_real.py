@@ -80,19 +80,33 @@ def model_folder(model: str | None) -> str:
     or a URL folder -> its local folder (`resolve_model_path`, as `model.hf_path`), which must hold a
     config.json (else a one-line ConfigError naming it)."""
     from alignx_jax import real_model
-    from alignx_jax.models.presets import SMOLLM2, resolve_model_path
+    from alignx_jax.models.presets import resolve_model_path
 
-    if model is None or (model.lower() == SMOLLM2 and not os.path.exists(model)):
+    if shipped(model):
         return real_model.smollm2_dir()
     path = resolve_model_path(model)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"--model {model}: not a Hugging Face model folder (no config.json in {path})")
+        hint = (
+            "; `alignx import --gguf` then `alignx export` make one of a GGUF file"
+            if path.endswith(".gguf")
+            else ""
+        )
+        raise ConfigError(
+            f"--model {model}: not a Hugging Face model folder (no config.json in {path}){hint}"
+        )
     return os.path.abspath(path)
+
+
+def shipped(model: str | None) -> bool:
+    """Whether `--model` names the shipped SmolLM2: absent, or `smollm2` where no such folder exists."""
+    from alignx_jax.models.presets import SMOLLM2
+
+    return model is None or (model.lower() == SMOLLM2 and not os.path.exists(model))
 
 
 def model_name(model: str | None) -> str:
     """What the report and plot call the model."""
-    return SHIPPED_NAME if model is None or model.lower() == "smollm2" else model.rstrip("/")
+    return SHIPPED_NAME if shipped(model) else model.rstrip("/")
 
 
 def frozen_layers(model_dir: str) -> int:
@@ -430,7 +444,7 @@ def run_real_demo(
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
     settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
-    if model_name(model) != SHIPPED_NAME:  # a folder of the shipped model's runs keeps its settings
+    if not shipped(model):  # a folder of the shipped model's runs keeps its settings
         settings["model"] = model
         model_folder(model)  # a wrong --model is refused before anything is written
     d = open_out(out, settings)

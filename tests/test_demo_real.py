@@ -346,9 +346,14 @@ def test_real_demo_personalizes_a_model_given_by_path(tmp_path):
     assert _files(out) == before
 
 
-def test_the_recipe_freezes_the_bottom_half_of_any_model(tmp_path):
+def test_the_recipe_freezes_the_bottom_half_of_any_model(tmp_path, monkeypatch):
     for layers, frozen in ((30, 15), (2, 1), (25, 12)):
         (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
         assert demo_real.frozen_layers(str(tmp_path)) == frozen
     assert demo_real.model_name(None) == demo_real.model_name("SmolLM2") == "SmolLM2-135M-Instruct"
     assert demo_real.model_name("org/name/") == "org/name"
+    (tmp_path / "smollm2").mkdir()  # a folder of that name is a model of the user's, not the shipped one
+    monkeypatch.chdir(tmp_path)
+    assert not demo_real.shipped("smollm2") and demo_real.model_name("smollm2") == "smollm2"
+    with pytest.raises(AlignXError, match=r"m\.gguf: not a Hugging Face model folder .*alignx import --gguf"):
+        demo_real.model_folder(str(tmp_path / "m.gguf"))
