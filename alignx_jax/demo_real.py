@@ -445,7 +445,7 @@ def run_real_demo(
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
     settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
     if not shipped(model):  # a folder of the shipped model's runs keeps its settings
-        settings["model"] = model
+        settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
         model_folder(model)  # a wrong --model is refused before anything is written
     d = open_out(out, settings)
 

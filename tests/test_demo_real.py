@@ -287,9 +287,10 @@ def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
     assert not (run / "c").exists()
 
 
-def _demo(*args: str) -> subprocess.CompletedProcess:
+def _demo(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "alignx_jax", "demo", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=REAL_ENV)
+    env = dict(REAL_ENV, PYTHONPATH=ROOT)  # the source tree's package from any folder
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def test_model_is_refused_without_real_and_when_it_is_no_model_folder(tmp_path):
@@ -339,6 +340,10 @@ def test_real_demo_personalizes_a_model_given_by_path(tmp_path):
         assert cfg["model"]["hf_path"] == os.path.abspath(model) and cfg["model"]["frozen_layers"] == 1
         assert cfg["model"]["lora"]["rank"] == 16
     assert (out / "report.md").read_text().startswith(f"# alignx demo --real: {model} personalized")
+    # the same model named from another folder finds every stage done
+    again = _demo("--real", "--quick", "--model", "qwen2", "--out", str(out), cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["p_soups"] == res["p_soups"]
     # the folder is this model's: the same command with the shipped model is refused, nothing touched
     before = _files(out)
     proc = _demo("--real", "--quick", "--out", str(out))
