@@ -545,6 +545,7 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
+        max_position_embeddings=64,  # under the run's data.max_length=128: a warning, not an error
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -564,6 +565,11 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
         ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    warning = (
+        "alignx train: warning: data.max_length=128 exceeds the model's max_position_embeddings=64: rows "
+        "that long use positions it was not trained at"
+    )
+    assert r.stderr.count(warning) == 1, r.stderr[-3000:]
     losses_ = _losses(w)
     # bf16 policy vs bf16 reference: same weights, but the two forwards fuse differently in bf16
     np.testing.assert_allclose(losses_[1], np.log(2.0), atol=2e-4)

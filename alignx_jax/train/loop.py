@@ -50,6 +50,7 @@ from alignx_jax.train.state import (
     load_tokenizer_for,
     make_head_optimizer,
     make_optimizer,
+    past_context,
     rules_from_config,
     tree_shardings,
 )
@@ -319,6 +320,8 @@ class Trainer:
         """Policy (and joint head), the reference copy, optimizers and their placements."""
         cfg, mesh = self.cfg, self.mesh
         policy = build_policy(cfg, self.tokenizer, mesh, self.rules)
+        if self.is_main and (warning := past_context(cfg, policy.cfg)):
+            workdir_lib.warn(warning)
         write_reference(cfg, policy, self.workdir, self.tokenizer_dir, self.is_main)
         if self.use_predicted:
             self.predicted = pba_stages.predicted_directions(

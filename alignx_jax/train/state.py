@@ -111,6 +111,18 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     return shd.shard_model(model, mesh, rules)
 
 
+def past_context(cfg: ml_collections.ConfigDict, model_cfg: Any) -> str | None:
+    """A warning when the run's rows can reach positions the model was not built for (`data.max_length`
+    over its `max_position_embeddings`), else None: RoPE computes any position, so nothing else says so."""
+    longest, context = int(cfg.data.max_length), int(model_cfg.max_position_embeddings)
+    if longest <= context:
+        return None
+    return (
+        f"data.max_length={longest} exceeds the model's max_position_embeddings={context}: rows that long "
+        "use positions it was not trained at"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamsCodec:
     """Pure-dict params (what we train, checkpoint and export) <-> the Decoder module."""
