@@ -177,7 +177,11 @@ def _add_train(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="alignment accuracy on AlignX benchmarks")
-    p.add_argument("--model", required=True, help="HF folder (or hub id org/name[@revision]) of the policy")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF folder (or hub id org/name[@revision], or .gguf file) of the policy",
+    )
     p.add_argument("--reference", default="none", help="HF folder (or hub id) of the reference, or 'none'")
     p.add_argument(
         "--benchmark",
@@ -249,7 +253,9 @@ def _add_eval(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample responses with a KV cache")
     p.add_argument(
-        "--model", required=True, help="HF folder, hub id (org/name[@revision]), checkpoint or workdir"
+        "--model",
+        required=True,
+        help="HF folder, hub id (org/name[@revision]), .gguf file, checkpoint or workdir",
     )
     _dtype_arg(
         p,
@@ -342,7 +348,7 @@ def _add_demo(sub) -> None:
         "--model",
         default=None,
         help="with --real: the model to personalize instead of the shipped SmolLM2, an HF folder, "
-        "a hub id or a gs:// folder (as model.hf_path)",
+        "a hub id, a .gguf file or a gs:// folder (as model.hf_path)",
     )
     p.add_argument(
         "--p-soups",

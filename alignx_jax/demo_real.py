@@ -76,9 +76,9 @@ SHIPPED_NAME = "SmolLM2-135M-Instruct"  # the model without --model
 
 
 def model_folder(model: str | None) -> str:
-    """`--model`: None or `smollm2` -> the shipped SmolLM2 folder (prepared once); an HF folder, a hub id
-    or a URL folder -> its local folder (`resolve_model_path`, as `model.hf_path`), which must hold a
-    config.json (else a one-line ConfigError naming it)."""
+    """`--model`: None or `smollm2` -> the shipped SmolLM2 folder (prepared once); an HF folder, a hub id,
+    a .gguf file or a URL folder -> its local folder (`resolve_model_path`, as `model.hf_path`), which must
+    hold a config.json (else a one-line ConfigError naming it)."""
     from alignx_jax import real_model
     from alignx_jax.models.presets import resolve_model_path
 
@@ -86,14 +86,9 @@ def model_folder(model: str | None) -> str:
         return real_model.smollm2_dir()
     path = resolve_model_path(model)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        hint = (
-            "; `alignx import --gguf` then `alignx export` make one of a GGUF file"
-            if path.endswith(".gguf")
-            else ""
-        )
-        raise ConfigError(
-            f"--model {model}: not a Hugging Face model folder (no config.json in {path}){hint}"
-        )
+        if path.lower().endswith(".gguf"):  # an existing one resolved to its converted folder
+            raise ConfigError(f"--model {model}: no such GGUF file")
+        raise ConfigError(f"--model {model}: not a Hugging Face model folder (no config.json in {path})")
     return os.path.abspath(path)
 
 

@@ -360,5 +360,5 @@ def test_the_recipe_freezes_the_bottom_half_of_any_model(tmp_path, monkeypatch):
     (tmp_path / "smollm2").mkdir()  # a folder of that name is a model of the user's, not the shipped one
     monkeypatch.chdir(tmp_path)
     assert not demo_real.shipped("smollm2") and demo_real.model_name("smollm2") == "smollm2"
-    with pytest.raises(AlignXError, match=r"m\.gguf: not a Hugging Face model folder .*alignx import --gguf"):
+    with pytest.raises(AlignXError, match=r"m\.gguf: no such GGUF file"):
         demo_real.model_folder(str(tmp_path / "m.gguf"))

@@ -578,3 +578,38 @@ def test_smollm2_matches_transformers(smollm2):
     want_ids = out[0, len(prompt) :].tolist()
     print(f"SmolLM2 greedy: {tok.decode(got)!r}")
     assert got == want_ids and len(got) == 20  # a story runs past 20 tokens: every step compared
+
+
+def test_a_gguf_file_is_a_model_path(tiny_ggufs, tmp_path, monkeypatch, capsys):
+    """`model.hf_path`, `alignx eval|generate --model` and `alignx demo --real --model` take a .gguf file:
+    converted once into the cache, as `alignx import --gguf` then `alignx export` make it, and again when
+    the file changes."""
+    import shutil
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    shutil.copyfile(tiny_ggufs["qwen2"][0], src)
+    folder = real_model.resolve_model_path(str(src))
+    assert folder.startswith(str(tmp_path / "cache" / "models" / "gguf" / "m-"))
+    assert sorted(os.listdir(os.path.dirname(folder))) == [os.path.basename(folder)]  # no temporary left
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    assert main(["import", "--gguf", str(src), "--out", str(ckpt)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    ours, exported = SafetensorsReader(folder), SafetensorsReader(str(out))
+    assert sorted(ours.entries) == sorted(exported.entries)
+    for name in ours.entries:
+        np.testing.assert_array_equal(ours.get(name), exported.get(name))
+    stamp = os.stat(os.path.join(folder, "config.json")).st_mtime_ns
+    assert real_model.resolve_model_path(str(src)) == folder  # converted once
+    assert os.stat(os.path.join(folder, "config.json")).st_mtime_ns == stamp
+    capsys.readouterr()
+    generated = {}
+    for model in (str(src), folder):
+        args = ["generate", "--model", model, "--prompt", "Hello there", "--max-new-tokens", "4", "--greedy"]
+        assert main(args) == 0
+        generated[model] = capsys.readouterr().out
+    assert generated[str(src)] == generated[folder] and generated[folder].strip()
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a replaced file is converted again
+    again = real_model.resolve_model_path(str(src))
+    assert again != folder and os.path.isfile(os.path.join(again, "config.json"))

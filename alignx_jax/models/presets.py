@@ -6,7 +6,8 @@ under `<repo>/.cache/models/` (`ALIGNX_CACHE_DIR` moves the `.cache` root): GGUF
 (`models.gguf.import_gguf`) -> HF folder (`models.hf.save_hf`). It is built in a temporary sibling
 folder and renamed into place, so an interrupted prepare never leaves a half folder.
 `resolve_model_path` lets `model.hf_path=smollm2` (and `alignx eval/generate --model smollm2`,
-`alignx import --hf smollm2`) name it; it also resolves hub ids (`alignx_jax.hub`). It lives in
+`alignx import --hf smollm2`) name it; it also resolves hub ids (`alignx_jax.hub`) and any .gguf file,
+converted the same way once into `<cache>/models/gguf/` (`gguf_folder`). It lives in
 models/ because preparing the preset is a weights conversion (`models.gguf`, `models.hf`).
 `python -m alignx_jax.real_model` prepares it from the command line.
 
@@ -56,12 +57,29 @@ def smollm2_dir(prepare: bool = True) -> str:
     out = os.path.join(cache_root(), "models", SMOLLM2_FOLDER)
     if os.path.isfile(os.path.join(out, "config.json")) or not prepare:
         return out
-    src = gguf_path()
+    return _hf_folder_of_gguf(gguf_path(), out)
+
+
+def gguf_folder(src: str) -> str:
+    """A GGUF file as an HF folder, made once under `<cache>/models/gguf/NAME-KEY` (KEY: the file's absolute
+    path, size and modification time, so a replaced file is converted again)."""
+    st = os.stat(src)
+    ident = f"{os.path.abspath(src)}\0{st.st_size}\0{st.st_mtime_ns}"
+    key = hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16]
+    name = f"{os.path.splitext(os.path.basename(src))[0]}-{key}"
+    out = os.path.join(cache_root(), "models", "gguf", name)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    return _hf_folder_of_gguf(src, out)
+
+
+def _hf_folder_of_gguf(src: str, out: str) -> str:
+    """GGUF -> orbax checkpoint (float32) -> HF folder `out`, built in a temporary sibling and renamed into place."""
     from alignx_jax.models import checkpoint, gguf, hf  # they import this module's resolver: imported here
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{SMOLLM2_FOLDER}.tmp-{os.getpid()}")
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         ckpt, folder = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "hf")
@@ -81,11 +99,14 @@ def smollm2_dir(prepare: bool = True) -> str:
 def resolve_model_path(path: str) -> str:
     """The one resolver of model paths: `smollm2` (any case, when no such folder exists) -> the prepared
     SmolLM2 folder; a hub id `org/name[@revision]` that is no local path -> its snapshot folder in the
-    Hugging Face cache (`alignx_jax.hub`); a URL folder (gs://...) -> its local copy (`remote_copy`);
+    Hugging Face cache (`alignx_jax.hub`); a .gguf file -> its HF folder, converted once (`gguf_folder`);
+    a URL folder (gs://...) -> its local copy (`remote_copy`);
     anything else -> `path` unchanged (a missing folder is reported
     by whoever opens it)."""
     if path and str(path).lower() == SMOLLM2 and not os.path.exists(path):
         return smollm2_dir()
+    if path and str(path).lower().endswith(".gguf") and os.path.isfile(path):
+        return gguf_folder(str(path))
     if path and paths.is_url(path):
         return remote_copy(str(path))
     if path and hub.parse_hub_id(path) is not None:
