@@ -112,7 +112,8 @@ class LoraSection:
 class ModelSection:
     """model: an HF folder (or `alignx import` checkpoint) or, when hf_path is '', random init."""
 
-    hf_path: str = ""  # an HF folder, hub id, .gguf file, `alignx import` checkpoint or preset; '' = random init
+    # an HF folder, hub id, .gguf file, `alignx import` checkpoint or preset; '' = random init
+    hf_path: str = ""
     # the architecture `alignx plan` compiles when hf_path is '' (a preset: llama3-8b, qwen2.5-7b, smollm2):
     # a config can be planned before any weights exist; training still needs hf_path. `smollm2` is also a
     # real model: hf_path='smollm2' trains SmolLM2-135M-Instruct, prepared once by `make real-model`

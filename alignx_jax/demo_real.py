@@ -100,8 +100,11 @@ def shipped(model: str | None) -> bool:
 
 
 def model_name(model: str | None) -> str:
-    """What the report and plot call the model."""
-    return SHIPPED_NAME if shipped(model) else model.rstrip("/")
+    """What the report and plot call the model: a local folder or file by its name, else as given."""
+    if shipped(model):
+        return SHIPPED_NAME
+    name = model.rstrip("/")
+    return os.path.basename(name) if os.path.exists(name) else name
 
 
 def frozen_layers(model_dir: str) -> int:

@@ -339,7 +339,7 @@ def test_real_demo_personalizes_a_model_given_by_path(tmp_path):
         # the recipe's LoRA on the top half of the blocks: 1 of this model's 2 frozen (15 of SmolLM2's 30)
         assert cfg["model"]["hf_path"] == os.path.abspath(model) and cfg["model"]["frozen_layers"] == 1
         assert cfg["model"]["lora"]["rank"] == 16
-    assert (out / "report.md").read_text().startswith(f"# alignx demo --real: {model} personalized")
+    assert (out / "report.md").read_text().startswith("# alignx demo --real: qwen2 personalized")
     # the same model named from another folder finds every stage done
     again = _demo("--real", "--quick", "--model", "qwen2", "--out", str(out), cwd=str(tmp_path))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -360,5 +360,6 @@ def test_the_recipe_freezes_the_bottom_half_of_any_model(tmp_path, monkeypatch):
     (tmp_path / "smollm2").mkdir()  # a folder of that name is a model of the user's, not the shipped one
     monkeypatch.chdir(tmp_path)
     assert not demo_real.shipped("smollm2") and demo_real.model_name("smollm2") == "smollm2"
+    assert demo_real.model_name(str(tmp_path / "smollm2") + "/") == "smollm2"  # a local one by its name
     with pytest.raises(AlignXError, match=r"m\.gguf: no such GGUF file"):
         demo_real.model_folder(str(tmp_path / "m.gguf"))
