@@ -89,6 +89,13 @@ def model_folder(model: str | None) -> str:
         if path.lower().endswith(".gguf"):  # an existing one resolved to its converted folder
             raise ConfigError(f"--model {model}: no such GGUF file")
         raise ConfigError(f"--model {model}: not a Hugging Face model folder (no config.json in {path})")
+    from alignx_jax.tokenizer import load_tokenizer
+
+    if not getattr(load_tokenizer(path), "chat_template", None):  # configs/demo_real.py: prompt_format chat
+        raise ConfigError(
+            f"--model {model}: its tokenizer has no chat template, and the real demo's prompts are chat "
+            "prompts (an instruct model's folder has one)"
+        )
     return os.path.abspath(path)
 
 

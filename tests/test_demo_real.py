@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -363,3 +364,15 @@ def test_the_recipe_freezes_the_bottom_half_of_any_model(tmp_path, monkeypatch):
     assert demo_real.model_name(str(tmp_path / "smollm2") + "/") == "smollm2"  # a local one by its name
     with pytest.raises(AlignXError, match=r"m\.gguf: no such GGUF file"):
         demo_real.model_folder(str(tmp_path / "m.gguf"))
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR
+
+    base = tmp_path / "base"  # a base model's folder: a tokenizer without a chat template
+    shutil.copytree(TINY_TOKENIZER_DIR, base)
+    (base / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    for extra in base.glob("chat_template.*"):
+        extra.unlink()
+    with pytest.raises(AlignXError, match=r"base: its tokenizer has no chat template"):
+        demo_real.model_folder(str(base))
