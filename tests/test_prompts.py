@@ -170,3 +170,29 @@ def test_chat_prompt_ids(tok):
     assert prompts.prompt_ids(tok, row, method="none") != ids
     with pytest.raises(DataError, match="prompt format"):
         prompts.prompt_ids(tok, row, method="none", fmt="llama")
+
+
+# Gemma's chat template in short: it refuses a system turn
+NO_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+    "{% endif %}"
+)
+
+
+def test_chat_template_without_a_system_role_gets_the_system_text_in_the_user_turn():
+    if not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+        pytest.skip("shipped tokenizer not built")
+    tok = load_test_tokenizer()  # its own copy: the template is changed below
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    row = dict(ROW, profile="Older, Likes travel")
+    for method, system in (("pba", prompts.SYSTEM_PBA), ("none", prompts.system_message("none"))):
+        text = tok.decode(prompts.prompt_ids(tok, row, method=method, fmt="chat"))
+        user = prompts.user_message(row, method=method)
+        assert text == (
+            f"<|begin_of_text|><start_of_turn>user\n{system}\n\n{user.strip()}<end_of_turn>\n<start_of_turn>model\n"
+        )
+    tok.chat_template = "{{ raise_exception('broken') }}"  # a template that fails either way still fails
+    with pytest.raises(Exception, match="broken"):
+        prompts.prompt_ids(tok, row, method="pba", fmt="chat")

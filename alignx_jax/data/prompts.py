@@ -145,7 +145,8 @@ def prompt_ids(
 ) -> list[int]:
     """Prompt token ids, ending where the response starts.
 
-    chat: the tokenizer's chat template over [system, user] with the generation prompt.
+    chat: the tokenizer's chat template over [system, user] with the generation prompt; a template that
+    refuses a system turn (Gemma's raises) gets one user turn, the system text, a blank line, the user text.
     paper: BOS id, then `paper_prompt(...)` tokenized with no special tokens added (the
     special-token strings inside it become their ids), exactly as the release evaluates.
     release: the release's training strings in the same template, tokenized with no special tokens
@@ -155,8 +156,14 @@ def prompt_ids(
     system = system_message(method, fmt)
     user = user_message(row, method=method, persona=persona, profile=profile, rng=rng, fmt=fmt)
     if fmt == "chat":
+        from jinja2.exceptions import TemplateError
+
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        try:
+            return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        except TemplateError:  # a template with no system role (Gemma's): the system text heads the user turn
+            merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
+            return _ids(tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=True))
     if fmt == "release":
         return [int(i) for i in tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]]
     if tokenizer.bos_token_id is None:
