@@ -605,7 +605,7 @@ def cli_demo(args: argparse.Namespace) -> int:
         )
         demo_real.print_summary(results, out, demo_real.format_table(results))
         return 0
-    if getattr(args, "model", None) is not None:
+    if args.model is not None:
         raise ConfigError("--model needs --real: the synthetic demo trains its own tiny random model")
     args.out = args.out or "runs/demo"
     # the tiny model's programs compile for longer than they run: XLA's quicker CPU compile (hardware.py)

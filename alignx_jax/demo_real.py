@@ -79,12 +79,9 @@ def model_folder(model: str | None) -> str:
     """`--model`: None or `smollm2` -> the shipped SmolLM2 folder (prepared once); an HF folder, a hub id,
     a .gguf file or a URL folder -> its local folder (`resolve_model_path`, as `model.hf_path`), which must
     hold a config.json (else a one-line ConfigError naming it)."""
-    from alignx_jax import real_model
-    from alignx_jax.models.presets import resolve_model_path
+    from alignx_jax.models.presets import SMOLLM2, resolve_model_path
 
-    if shipped(model):
-        return real_model.smollm2_dir()
-    path = resolve_model_path(model)
+    path = resolve_model_path(SMOLLM2 if model is None else model)
     if not os.path.isfile(os.path.join(path, "config.json")):
         if path.lower().endswith(".gguf"):  # an existing one resolved to its converted folder
             raise ConfigError(f"--model {model}: no such GGUF file")
@@ -100,10 +97,10 @@ def model_folder(model: str | None) -> str:
 
 
 def shipped(model: str | None) -> bool:
-    """Whether `--model` names the shipped SmolLM2: absent, or `smollm2` where no such folder exists."""
-    from alignx_jax.models.presets import SMOLLM2
+    """Whether `--model` names the shipped SmolLM2: absent, or `smollm2` as `model.hf_path` reads it."""
+    from alignx_jax.models.presets import names_smollm2
 
-    return model is None or (model.lower() == SMOLLM2 and not os.path.exists(model))
+    return model is None or names_smollm2(model)
 
 
 def model_name(model: str | None) -> str:
@@ -449,9 +446,10 @@ def run_real_demo(
         raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
     settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
+    given = None  # --model's folder, resolved and checked once, before anything is written
     if not shipped(model):  # a folder of the shipped model's runs keeps its settings
         settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
-        model_folder(model)  # a wrong --model is refused before anything is written
+        given = model_folder(model)
     d = open_out(out, settings)
 
     names = [
@@ -465,7 +463,7 @@ def run_real_demo(
     stages = Stages(out, names, progress)
     ps: dict[str, Any] = {"file": psoups}
     try:
-        model_dir = stages.run("model", lambda: model_folder(model))
+        model_dir = stages.run("model", lambda: given or model_folder(None))
         split = stages.run("split", lambda: _split(psoups, d["data"], budget, seed))
         ps.update(_base_evals(stages, budget, d, model_dir, split["test"]))
 

@@ -96,6 +96,12 @@ def _hf_folder_of_gguf(src: str, out: str) -> str:
     return out
 
 
+def names_smollm2(path: str | None) -> bool:
+    """Whether a model path names the shipped SmolLM2: `smollm2` in any case, where no such file or folder
+    exists (a user's own `smollm2` folder wins)."""
+    return bool(path) and str(path).lower() == SMOLLM2 and not os.path.exists(path)
+
+
 def resolve_model_path(path: str) -> str:
     """The one resolver of model paths: `smollm2` (any case, when no such folder exists) -> the prepared
     SmolLM2 folder; a hub id `org/name[@revision]` that is no local path -> its snapshot folder in the
@@ -103,7 +109,7 @@ def resolve_model_path(path: str) -> str:
     a URL folder (gs://...) -> its local copy (`remote_copy`);
     anything else -> `path` unchanged (a missing folder is reported
     by whoever opens it)."""
-    if path and str(path).lower() == SMOLLM2 and not os.path.exists(path):
+    if names_smollm2(path):
         return smollm2_dir()
     if path and str(path).lower().endswith(".gguf") and os.path.isfile(path):
         return gguf_folder(str(path))
