@@ -125,11 +125,16 @@ def needs_real(test):
 REAL_ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="0")
 
 
+def _python(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """`python ARGS` in `cwd` with the source tree's package."""
+    env = dict(REAL_ENV, PYTHONPATH=ROOT)  # the source tree's package from any folder
+    cmd = [sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=cwd)
+
+
 def _run_real(*args: str) -> None:
     """`python ARGS` on the real model, in the source tree; it must succeed."""
-    proc = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=1500, env=REAL_ENV, cwd=ROOT
-    )
+    proc = _python(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -289,9 +294,7 @@ def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
 
 
 def _demo(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "alignx_jax", "demo", *args]
-    env = dict(REAL_ENV, PYTHONPATH=ROOT)  # the source tree's package from any folder
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
+    return _python("-m", "alignx_jax", "demo", *args, cwd=cwd)
 
 
 def test_model_is_refused_without_real_and_when_it_is_no_model_folder(tmp_path):
