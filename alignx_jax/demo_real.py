@@ -4,7 +4,7 @@
 
 Stages (each skipped when its marker exists; training resumes like `alignx train`):
   1. model   - the shipped SmolLM2 as an HF folder (`real_model.smollm2_dir`, prepared once), or `--model`:
-               any HF folder, hub id or URL folder `model.hf_path` takes (`model_folder`).
+               any HF folder, hub id, .gguf file or URL folder `model.hf_path` takes (`model_folder`).
   2. split   - `alignx data split FILE --by prompt --test-fraction 0.5`; --quick takes seeded samples
                of each half balanced across the file's personas (`benchmarks.balanced_sample`); then
                `alignx data contrast --originals 2` of the training half: its pairs twice, then each pair
