@@ -182,7 +182,12 @@ def _add_eval(sub) -> None:
         required=True,
         help="HF folder (or hub id org/name[@revision], or .gguf file) of the policy",
     )
-    p.add_argument("--reference", default="none", help="HF folder (or hub id) of the reference, or 'none'")
+    p.add_argument(
+        "--reference",
+        default="none",
+        help="HF folder (or hub id) of the reference, or 'none' (the default: the policy's own log-probs, "
+        "the paper's base-model rows)",
+    )
     p.add_argument(
         "--benchmark",
         action="append",
@@ -238,7 +243,13 @@ def _add_eval(sub) -> None:
         help="score chosen and rejected as two rows (default: one row per pair, the prompt once)",
     )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=8192)
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=8192,
+        help="prompts and responses are each left-truncated to this minus 513 tokens (minus half of it "
+        "below 1026), as the release evaluates",
+    )
     p.add_argument("--beta", type=float, default=0.1)
     _dtype_arg(
         p,
@@ -291,7 +302,8 @@ def _add_generate(sub) -> None:
         "--max-length",
         type=int,
         default=8192,
-        help="prompts are left-truncated to this minus 513 tokens (the BOS kept), as the release evaluates",
+        help="prompts are left-truncated to this minus 513 tokens (minus half of it below 1026) as the "
+        "release evaluates; the paper format puts its BOS back in front",
     )
     p.add_argument("--persona", default=None, help="JSON file with the persona fields of a row")
     p.add_argument("--method", default="none", choices=["none", "ica", "pba"])

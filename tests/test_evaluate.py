@@ -174,6 +174,18 @@ def test_bad_benchmark_is_one_line_exit_1(capsys, tmp_path, spec, needle):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text("{}")
+    code, _, err = _run(
+        capsys, "--model", str(workdir), "--benchmark", f"p-soups={PSOUPS}", "--out", str(tmp_path / "r.json")
+    )
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "holds no HF weights" in lines[0]
+    assert f"alignx export --checkpoint {workdir} --out HF_DIR" in lines[0]
+
+
 def test_predicted_without_head_fails_clearly(capsys, llama, tmp_path):
     code, _, err = _run(
         capsys,
@@ -234,6 +246,13 @@ def test_results_json_keys_and_interval(ica_run, llama):
     ):
         assert key in res
     assert res["model"] == os.path.abspath(llama) and res["reference"] is None
+    # the resolved scoring settings (--dtype auto picks per machine)
+    assert (res["dtype"], res["param_dtype"], res["batch_size"], res["share_prompt"]) == (
+        "float32",
+        "float32",
+        4,
+        True,
+    )
     assert (res["method"], res["prompt_format"], res["max_length"], res["beta"], res["limit"]) == (
         "ica",
         "chat",
@@ -247,9 +266,8 @@ def test_results_json_keys_and_interval(ica_run, llama):
     assert entry["n"] == LIMIT and entry["accuracy"] == pytest.approx(k / LIMIT)
     assert entry["ci95"] == pytest.approx(list(ev.wilson_interval(k, LIMIT)))
     assert entry["ci95"][0] <= entry["accuracy"] <= entry["ci95"][1]
-    assert {(r["benchmark"], r["persona"], r["index"]) for r in ica_run["rows"]} == {
-        ("p-soups", "p", i) for i in range(LIMIT)
-    }
+    assert {(r["benchmark"], r["persona"]) for r in ica_run["rows"]} == {("p-soups", "p")}
+    assert len({r["index"] for r in ica_run["rows"]}) == LIMIT
 
 
 def test_padding_does_not_change_logp(llama):
@@ -723,6 +741,29 @@ def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, cap
     )
     with open(tmp_path / "s.json", encoding="utf-8") as f:
         assert json.load(f)["reference"] == {"scores": os.path.abspath(base_per)}
+    # rows are named by their row number in the file, so a smaller --limit (its sample is part of
+    # the larger one) reuses the reference's scores
+    two = [*common[:4], "--limit", "2", *common[6:]]
+    assert (
+        _run(
+            capsys,
+            "--model",
+            policy,
+            "--reference-scores",
+            base_per,
+            *two,
+            "--per-example",
+            str(tmp_path / "two.jsonl"),
+            "--out",
+            str(tmp_path / "two.json"),
+        )[0]
+        == 0
+    )
+    by_index = {r["index"]: r for r in a}
+    small = _read_jsonl(tmp_path / "two.jsonl")
+    assert len(small) == 2 and {r["index"] for r in small} < set(by_index)
+    for r in small:
+        assert r["ref_logp_chosen"] == pytest.approx(by_index[r["index"]]["ref_logp_chosen"], rel=1e-6)
     # scored with another prompt (method pba): the token ids differ -> one line, exit 1
     code, _, err = _run(
         capsys,
@@ -745,6 +786,32 @@ def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, cap
     assert code == 1 and len(errors) == 1 and "base.jsonl" in errors[0] and "example" in errors[0]
 
 
+def test_a_persona_variant_no_row_has_is_warned(capsys, llama, tmp_path):
+    """P-SOUPS rows carry history pairs, no comments: --persona ugc scores empty personas, and says so."""
+    code, _, err = _run(
+        capsys,
+        "--model",
+        llama,
+        "--benchmark",
+        f"p-soups={PSOUPS}",
+        "--method",
+        "ica",
+        "--persona",
+        "ugc,pair",
+        "--limit",
+        "2",
+        "--max-length",
+        str(MAX_LEN),
+        "--out",
+        str(tmp_path / "r.json"),
+    )
+    warned = [line for line in err.splitlines() if line.startswith("alignx: warning:")]
+    assert code == 0 and warned == [
+        f"alignx: warning: {PSOUPS}: no row has a persona under --persona ugc; its prompts are scored "
+        "with an empty one"
+    ]
+
+
 def test_limit_is_a_balanced_seeded_sample_and_accuracy_is_reported_per_persona(ica_run):
     """P-SOUPS files hold each persona's rows in a block: --limit must not take one persona only."""
     from alignx_jax.data.benchmarks import balanced_sample, load_benchmark, persona_group
@@ -760,6 +827,8 @@ def test_limit_is_a_balanced_seeded_sample_and_accuracy_is_reported_per_persona(
     assert [r["prompt"] for r in load_benchmark("p-soups", PSOUPS, limit=10)] == [
         rows[i]["prompt"] for i in picks
     ]
+    # per-example rows name the file's row numbers, not positions in the sample
+    assert sorted(r["index"] for r in ica_run["rows"]) == balanced_sample(rows, LIMIT, seed=0)
     entry = ica_run["results"]["benchmarks"]["p-soups"]
     assert sum(g["n"] for g in entry["by_persona"].values()) == entry["n"] == LIMIT
     assert len(entry["by_persona"]) == 2

@@ -64,6 +64,16 @@ def balanced_sample(rows: Sequence[dict], n: int, seed: int = 0) -> list[int]:
 def load_benchmark(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> list[dict]:
     """Read one benchmark's rows (every row validated as `name`); with `limit`, a seeded sample of
     that many rows balanced across personas (`balanced_sample`)."""
+    rows, picks = benchmark_sample(name, path, limit=limit, seed=seed)
+    return [rows[i] for i in picks]
+
+
+def benchmark_sample(
+    name: str, path: str, *, limit: int | None = None, seed: int = 0
+) -> tuple[list[dict], list[int]]:
+    """Every row of one benchmark (validated as `name`) and the row numbers taken: all of them, or
+    with `limit` the balanced sample `load_benchmark` returns. Results name rows by these numbers,
+    so a run with one --limit can reuse another's per-example scores."""
     if name not in BENCHMARK_KINDS:
         raise DataError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_KINDS)}")
     if limit is not None and limit < 1:
@@ -71,4 +81,4 @@ def load_benchmark(name: str, path: str, *, limit: int | None = None, seed: int 
     rows, _ = schema.load_rows(path, kind=name)
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
-    return rows if limit is None else [rows[i] for i in balanced_sample(rows, limit, seed)]
+    return rows, list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed)

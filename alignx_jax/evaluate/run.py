@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,27 +27,30 @@ from alignx_jax.hardware import resolve_dtype
 
 def _prepare(
     rows: Sequence[dict],
+    picks: Sequence[int],
     spec: BenchmarkSpec,
     persona: str | None,
     settings: EvalSettings,
     tokenizer: Any,
     predicted: PredictedPreferences | None,
 ) -> tuple[list[Any], list[bool | None]]:
-    """DPOExamples for one benchmark and persona, and per example whether P~ involves --flip dims."""
+    """DPOExamples for the rows `picks` of one benchmark under one persona, each indexed by its row
+    number in `rows`, and per example whether P~ involves --flip dims."""
     from alignx_jax.data.batching import make_example
 
     directions = None
     if settings.method == "pba" and settings.preference == "predicted":
         assert predicted is not None
         directions = predicted.directions(
-            rows, persona or "p", spec.key if persona is None else f"{spec.key}/{persona}"
+            [rows[i] for i in picks], persona or "p", spec.key if persona is None else f"{spec.key}/{persona}"
         )
     examples, involved = [], []
-    for i, row in enumerate(rows):
+    for k, i in enumerate(picks):
+        row = rows[i]
         profile, direction = None, None
         if settings.method == "pba":
             if directions is not None:
-                direction = directions[i]
+                direction = directions[k]
                 from alignx_jax.data.persona import profile_text
 
                 profile = profile_text(
@@ -138,6 +142,7 @@ class _Scoring:
     has_ref: bool
     ica_reference: bool  # --reference-prompt ica: the reference reads the row's ICA prompt
     progress: bool
+    dtypes: dict[str, str]  # the models' resolved compute and parameter dtypes, recorded in results
 
 
 def _check_inputs(
@@ -154,6 +159,11 @@ def _check_inputs(
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
         if d is not None and not paths.path(d).is_dir():
             raise CheckpointError(f"{what}: model folder not found: {d}")
+        if d is not None and os.path.isdir(d) and not any(n.endswith(".safetensors") for n in os.listdir(d)):
+            raise CheckpointError(
+                f"{what}: {d} holds no HF weights (*.safetensors); a training workdir or orbax checkpoint is "
+                f"scored after `alignx export --checkpoint {d} --out HF_DIR`"
+            )
     if (
         settings.method == "pba"
         and settings.preference == "predicted"
@@ -209,8 +219,19 @@ def _load_scoring(
     has_ref = reference_dir is not None or ref_scores is not None
     # --reference-prompt ica: the reference reads the row's ICA prompt (for ICA that is the same prompt)
     ica_reference = has_ref and settings.reference_prompt == "ica" and settings.method != "ica"
+    dtypes = {"dtype": str(policy.cfg.dtype), "param_dtype": str(policy.cfg.param_dtype)}
     return _Scoring(
-        settings, tokenizer, mesh, scorers, ref_scores, predicted, pad_id, has_ref, ica_reference, progress
+        settings,
+        tokenizer,
+        mesh,
+        scorers,
+        ref_scores,
+        predicted,
+        pad_id,
+        has_ref,
+        ica_reference,
+        progress,
+        dtypes,
     )
 
 
@@ -314,14 +335,29 @@ def _score_todo(
 
 
 def _score_persona(
-    sc: _Scoring, log: PerExampleLog, per_example: str | None, spec: BenchmarkSpec, rows, persona: str | None
+    sc: _Scoring,
+    log: PerExampleLog,
+    per_example: str | None,
+    spec: BenchmarkSpec,
+    rows,
+    picks,
+    persona: str | None,
 ) -> list[dict]:
-    """The outcomes of one benchmark file under one persona variant: resumed rows, then the rest scored."""
-    examples, involved = _prepare(rows, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
+    """The outcomes of the rows `picks` of one benchmark file under one persona variant: resumed
+    rows, then the rest scored."""
+    from alignx_jax.data.persona import persona_text
+
+    if persona is not None and not any(persona_text(rows[i], persona) for i in picks):
+        print(
+            f"alignx: warning: {spec.path}: no row has a persona under --persona {persona}; its prompts "
+            "are scored with an empty one",
+            file=sys.stderr,
+        )
+    examples, involved = _prepare(rows, picks, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
     ica_by_index = {}
     if sc.ica_reference:
         ica_settings = dataclasses.replace(sc.settings, method="ica", flip=())
-        ica_examples, _ = _prepare(rows, spec, persona or "p", ica_settings, sc.tokenizer, None)
+        ica_examples, _ = _prepare(rows, picks, spec, persona or "p", ica_settings, sc.tokenizer, None)
         ica_by_index = {ex.index: ex for ex in ica_examples}
     outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
     if todo:
@@ -385,6 +421,9 @@ def _results_header(
         "beta": settings.beta,
         "limit": settings.limit,
         "flip": list(settings.flip) or None,
+        **sc.dtypes,
+        "batch_size": settings.batch_size,
+        "share_prompt": settings.share_prompt,
         "benchmarks": {},
     }
 
@@ -406,12 +445,12 @@ def evaluate(
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
     `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`)."""
-    from alignx_jax.data.benchmarks import load_benchmark
+    from alignx_jax.data.benchmarks import benchmark_sample
 
     model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
     ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
     # Read every benchmark first: a bad file fails before minutes of model loading.
-    data = [(spec, load_benchmark(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+    data = [(spec, *benchmark_sample(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
     sc = _load_scoring(
         model_dir,
         reference_dir,
@@ -430,12 +469,12 @@ def evaluate(
     _check_same_rows_everywhere(log)
     per_key: dict[str, dict[str | None, list[dict]]] = {}
     try:
-        for spec, rows in data:
+        for spec, rows, picks in data:
             for persona in resolve_personas(
                 settings.persona, spec.name, method=settings.method, preference=settings.preference
             ):
                 per_key.setdefault(spec.key, {})[persona] = _score_persona(
-                    sc, log, per_example, spec, rows, persona
+                    sc, log, per_example, spec, rows, picks, persona
                 )
     finally:
         log.close()
