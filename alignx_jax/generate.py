@@ -370,16 +370,16 @@ def cli_generate(args) -> int:
         if not text.strip():
             raise DataError(f"--prompt number {i + 1} is empty; give the text to respond to")
     persona: dict[str, Any] = {}
+    if args.method != "none" and not args.persona:
+        raise DataError(f"--method {args.method} needs --persona FILE.json (the persona fields of a row)")
     if args.persona:
-        try:
-            with open(args.persona, encoding="utf-8") as f:
-                persona = json.load(f)
-        except OSError as e:
-            raise DataError(f"cannot read persona file: {e}", file=args.persona) from None
-        except ValueError as e:
-            raise DataError(f"not valid JSON ({e})", file=args.persona) from None
-        if not isinstance(persona, dict):
-            raise DataError("expected a JSON object with a row's persona fields", file=args.persona)
+        from alignx_jax.data.schema import read_persona_file
+
+        persona = read_persona_file(args.persona, needs=args.method)
+        if args.method == "none":  # the non-personalized prompt reads no persona
+            print(
+                f"alignx: warning: --persona {args.persona} is not read with --method none", file=sys.stderr
+            )
     model, tokenizer = load_model_and_tokenizer(
         args.model, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
     )

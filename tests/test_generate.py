@@ -185,6 +185,42 @@ def test_cli_generate_bad_persona_file(tiny_hf_checkpoints, tmp_path, capsys):
     assert len(err) == 1 and str(bad) in err[0]
 
 
+@pytest.mark.parametrize(
+    "method, persona, needle",
+    [
+        ("ica", None, "--method ica needs --persona"),
+        ("pba", {"Preference Direction": [0.5, 2]}, "expected 90 values, got 2"),
+        ("pba", {"Demographic Information": "A nurse."}, "no profile for PBA"),
+        ("ica", {"Demographic Information": 5}, "expected a string, got int"),
+        ("ica", {"Preference Direction": [0.5] * 90}, "no persona"),
+        ("pba", {"profile": "x"}, "unknown preference label"),
+    ],
+)
+def test_cli_generate_persona_problems_are_one_line(
+    tiny_hf_checkpoints, tmp_path, capsys, method, persona, needle
+):
+    """A persona the method cannot use is refused before the model loads, naming the file."""
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "x", "--method", method]
+    path = tmp_path / "persona.json"
+    if persona is not None:
+        path.write_text(json.dumps(persona))
+        argv += ["--persona", str(path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alignx: error:") and needle in err[0], err
+    if persona is not None:
+        assert str(path) in err[0]
+
+
+def test_cli_generate_warns_that_method_none_reads_no_persona(tiny_hf_checkpoints, tmp_path, capsys):
+    path = tmp_path / "persona.json"
+    path.write_text(json.dumps({"Demographic Information": "A nurse."}))
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "x", "--persona", str(path)]
+    assert main([*argv, "--max-new-tokens", "2", "--greedy"]) == 0
+    err = capsys.readouterr().err
+    assert f"alignx: warning: --persona {path} is not read with --method none" in err
+
+
 def test_greedy_batch_of_8_left_padded_matches_transformers(tiny_hf_checkpoints, llama, tok):
     """Eight prompts of different lengths (left padding of 0..~20 tokens, over a 32-token bucket)."""
     from transformers import AutoModelForCausalLM

@@ -491,6 +491,9 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
             os.link(os.path.join(out, name), bare / name)
     assert main(["predict-preferences", "--model", str(bare), "--persona", str(pfile)]) == 1
     assert "needs a model exported with a preference head" in capsys.readouterr().err
+    missing = str(tmp_path / "nope")
+    assert main(["predict-preferences", "--model", missing, "--persona", str(pfile)]) == 1
+    assert capsys.readouterr().err.strip() == f"alignx: error: model folder not found: {missing}"
 
 
 def test_transformers_loads_policy_with_head_beside_it(exported):

@@ -182,6 +182,53 @@ def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | N
     return out
 
 
+PERSONA_NEEDS = ("none", "ica", "pba")
+
+
+def read_persona_file(path: str, *, needs: str = "ica") -> dict:
+    """One row's persona fields from a JSON file (an object, or a list holding exactly one), each
+    checked as a data row's is. `needs` says what the file must hold: ica a persona (comments, pairs
+    or demographics), pba a profile (`profile`, a `Preference Direction` or history vectors), none
+    nothing more."""
+    if needs not in PERSONA_NEEDS:
+        raise ValueError(f"needs={needs!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read persona file: {e.strerror}", file=path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e}", file=path) from None
+    if isinstance(obj, list) and len(obj) == 1:
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise DataError("expected a JSON object with the persona fields of one row", file=path)
+    where = {"file": path, "row": None}
+    out = dict(obj)
+    out[UGC] = _items(obj, UGC, where=where, item_fields=("prompt", "comment"), direction_required=False)
+    out[PAIR] = _items(
+        obj, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"), direction_required=False
+    )
+    out[DEMO] = _text(obj, DEMO, where=where, required=False, blank_ok=True) or ""
+    d = obj.get(DIRECTION)
+    out[DIRECTION] = None if d is None else _direction(d, where=where, field_name=DIRECTION)
+    profile = _text(obj, "profile", where=where, required=False, blank_ok=False)
+    if profile is not None:
+        try:
+            persona_lib.parse_profile(profile)
+        except DataError as e:
+            raise DataError(str(e), field="profile", **where) from None
+    if needs == "ica" and not (out[UGC] or out[PAIR] or out[DEMO].strip()):
+        raise DataError(
+            f"no persona: none of {UGC!r}, {PAIR!r}, {DEMO!r} is present and non-empty", file=path
+        )
+    if needs == "pba" and profile is None and d is None and persona_lib.history_direction(out) is None:
+        raise DataError(
+            f"no profile for PBA: no 'profile', no {DIRECTION!r} and no history item with one", file=path
+        )
+    return out
+
+
 def detect_kind(rows: Any) -> str:
     """auto, from a row or a sample of rows: AlignX if any has a `Preference Direction`, P-SOUPS
     if any has profile + ground_truth_persona, else the generic benchmark shape (validated as

@@ -531,6 +531,8 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"model folder not found: {hf_dir}")
     if not has_head(hf_dir):
         raise CheckpointError(
             f"{hf_dir}: no preference head ({HEAD_WEIGHTS_FILE} + {HEAD_CONFIG_FILE}); "

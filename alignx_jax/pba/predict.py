@@ -19,15 +19,12 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.data.persona import (
-    DEMO_FIELD,
-    PAIR_FIELD,
-    UGC_FIELD,
     history_direction,
     persona_text,
     profile_text,
 )
-from alignx_jax.data.schema import load_rows
-from alignx_jax.errors import CheckpointError, ConfigError, DataError
+from alignx_jax.data.schema import load_rows, read_persona_file
+from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models.preference_head import (
     NUM_DIMS,
     PreferenceHead,
@@ -171,34 +168,6 @@ def predict_preferences(
 # ----------------------------------------------------------------------------- CLI
 
 
-def read_persona_file(path: str) -> dict:
-    """One row's persona fields from a JSON file (an object, or a list holding exactly one)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except OSError as e:
-        raise DataError(f"cannot read persona file: {e.strerror}", file=path) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e}", file=path) from None
-    if isinstance(obj, list) and len(obj) == 1:
-        obj = obj[0]
-    if not isinstance(obj, dict):
-        raise DataError("expected a JSON object with the persona fields of one row", file=path)
-    for field in (UGC_FIELD, PAIR_FIELD):
-        if obj.get(field) is not None and not (
-            isinstance(obj[field], list) and all(isinstance(x, dict) for x in obj[field])
-        ):
-            raise DataError("expected a list of objects", file=path, field=field)
-    if obj.get(DEMO_FIELD) is not None and not isinstance(obj[DEMO_FIELD], str):
-        raise DataError("expected a string", file=path, field=DEMO_FIELD)
-    if not any(obj.get(f) for f in (UGC_FIELD, PAIR_FIELD, DEMO_FIELD)):
-        raise DataError(
-            f"no persona: none of {UGC_FIELD!r}, {PAIR_FIELD!r}, {DEMO_FIELD!r} is present and non-empty",
-            file=path,
-        )
-    return obj
-
-
 def cli_predict_preferences(args: Any) -> int:
     """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
 
@@ -215,7 +184,7 @@ def cli_predict_preferences(args: Any) -> int:
     model = load_pretrained(args.model, dtype="float32")
     as_json = bool(getattr(args, "json", False))
     if args.persona is not None:
-        row = read_persona_file(args.persona)
+        row = read_persona_file(args.persona, needs="ica")
         [direction], probs = predict_preferences(
             model, head, tokenizer, [row], batch_size=1, return_probs=True
         )
