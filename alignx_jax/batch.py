@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding
 from alignx_jax import losses
 from alignx_jax import sharding as shd
 from alignx_jax.data import batching
-from alignx_jax.errors import DataError
+from alignx_jax.errors import DataError, MeshError
 from alignx_jax.models.compaction import TokenLayout
 
 Array = Any  # a NumPy array on the host, a jax.Array (or ShapeDtypeStruct) once put on devices
@@ -299,12 +299,31 @@ def batch_shardings(batch: StepBatch, mesh, rules) -> StepBatch:
     return jax.tree.map(one, batch)
 
 
+def check_pair_split(sharding: NamedSharding, gshape: tuple[int, ...]) -> None:
+    """MeshError unless this process's devices hold exactly its own block of the global pair axis
+    (axis 1): a pair axis the batch shards do not divide is replicated (`logical_to_spec`), which one
+    process can do with its own pairs and several cannot."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    spans = sharding.addressable_devices_indices_map(gshape).values()
+    starts = [idx[1].start or 0 for idx in spans]
+    stops = [gshape[1] if idx[1].stop is None else idx[1].stop for idx in spans]
+    if gshape[1] % n or max(stops) - min(starts) != gshape[1] // n:
+        ways = int(sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"])
+        raise MeshError(
+            f"a microbatch's {gshape[1]} pairs (rows) do not split over the mesh's data*fsdp={ways} batch "
+            f"shards of {n} processes; make train.micro_batch a multiple of {ways}"
+        )
+
+
 def put_batch(batch: StepBatch, shardings: StepBatch) -> StepBatch:
     """Each process contributes its own pairs; together they form the global batch."""
 
     def one(v, sharding: NamedSharding):
         gshape = list(v.shape)
         gshape[1] *= jax.process_count()
+        check_pair_split(sharding, tuple(gshape))
         return jax.make_array_from_process_local_data(sharding, v, tuple(gshape))
 
     return jax.tree.map(one, batch, shardings)

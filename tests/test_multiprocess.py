@@ -396,3 +396,21 @@ def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs):
     assert sorted(b) == sorted(a)
     for s in a:
         assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+
+
+def test_pairs_that_do_not_split_over_the_processes_are_one_line(tmp_path):
+    """`launch/local.sh 2 alignx train --config=configs/tiny_cpu.py`: its 4-pair microbatches over fsdp=8
+    (one process replicates them) cannot be split between 2 processes: one line on each, exit 1."""
+    w = tmp_path / "w"
+    r = two_processes(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", "--config.train.steps=1"],
+        str(tmp_path / "cache"),
+        tmp_path / "logs",
+    )
+    logs = _logs(tmp_path / "logs")
+    want = (
+        "alignx: error: a microbatch's 4 pairs (rows) do not split over the mesh's data*fsdp=8 batch shards "
+        "of 2 processes; make train.micro_batch a multiple of 8"
+    )
+    assert r.returncode == 1 and logs.count(want) == 2 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert not (w / "checkpoints").exists() or not os.listdir(w / "checkpoints")
