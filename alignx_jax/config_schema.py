@@ -34,6 +34,7 @@ from alignx_jax.data import prompts as prompts_lib
 from alignx_jax.data.batching import OVERFLOW_POLICIES, reserve
 from alignx_jax.errors import ConfigError
 from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS
+from alignx_jax.metrics import has_wandb, wandb_missing
 from alignx_jax.models import config as model_config
 from alignx_jax.models import lora as lora_lib
 from alignx_jax.models import preference_head
@@ -529,6 +530,8 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:
         raise ConfigError("--config.data.train is required (parquet/JSONL/JSON file or folder)")
+    if cfg.train.wandb_project and not has_wandb():  # before any file is written
+        raise ConfigError(wandb_missing(cfg.train.wandb_project))
 
 
 def _check_loss(cfg: ml_collections.ConfigDict) -> None:

@@ -17,6 +17,7 @@ as one W&B run per workdir (its id in W/wandb_id.txt; a resumed run continues it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -172,15 +173,27 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def has_wandb() -> bool:
+    """Whether `import wandb` can work (the config check asks before anything is written)."""
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except ValueError:  # imported already, without a spec (a test's stand-in)
+        return True
+
+
+def wandb_missing(project: str) -> str:
+    return (
+        f"train.wandb_project={project!r} needs the wandb package: pip install wandb "
+        "(or set train.wandb_project='' to log to metrics.jsonl and TensorBoard only)"
+    )
+
+
 def _wandb_run(project: str, workdir: str, config: dict[str, Any] | None) -> Any:
     """A started W&B run (`wandb.init`) in `project`; ConfigError when wandb is not importable."""
     try:
         import wandb
     except ImportError:
-        raise ConfigError(
-            f"train.wandb_project={project!r} needs the wandb package: pip install wandb "
-            "(or set train.wandb_project='' to log to metrics.jsonl and TensorBoard only)"
-        ) from None
+        raise ConfigError(wandb_missing(project)) from None
     local = None if paths.is_url(workdir) else workdir
     if local is not None:
         os.makedirs(local, exist_ok=True)

@@ -101,6 +101,19 @@ def test_wrong_type_or_value_is_one_line_naming_the_key(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
+def test_wandb_project_without_wandb_is_refused_by_the_config_check(monkeypatch, tmp_path):
+    """Before the workdir or the checkpoint manager exists: one line, nothing written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not importable
+    cfg = load_config(TINY, [f"--config.workdir={tmp_path}/w", "--config.train.wandb_project=proj"])
+    with pytest.raises(
+        ConfigError, match=r"^train\.wandb_project='proj' needs the wandb package: pip install wandb"
+    ):
+        schema.validate_config(cfg)
+    assert not (tmp_path / "w").exists()
+
+
 def test_int_is_a_float_and_literal_checked_on_overrides():
     cfg = load_config(TINY, ["--config.workdir=/tmp/x", "--config.loss.beta=1", "--config.optim.lr=1"])
     schema.validate_config(cfg)

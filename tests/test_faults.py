@@ -814,3 +814,12 @@ def test_missing_metadata_is_still_reported_outside_a_checkpoint_step(tmp_path):
     assert kept(step)  # nothing above it either
     (step / "_CHECKPOINT_METADATA").write_text("{}")
     assert not kept(step)  # the step's own metadata: the item folder lacks nothing
+
+
+@pytest.mark.parametrize("key", ["model.hf_path", "model.tokenizer"])
+def test_a_missing_model_folder_names_the_key_that_gave_it(tmp_path, capsys, key):
+    missing = tmp_path / "nope"
+    argv = ["train", f"--config={TINY}", f"--config.workdir={tmp_path / 'w'}", f"--config.{key}={missing}"]
+    assert main(argv) == 1
+    errors = [x for x in _lines(capsys.readouterr().err) if x.startswith("alignx: error:")]
+    assert errors == [f"alignx: error: {key}: folder not found: {missing}"]

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alignx_jax import sharding as shd
+from alignx_jax.errors import CheckpointError
 from alignx_jax.hardware import resolve_dtype
 from alignx_jax.models.config import ARCHITECTURE_KEYS
 from alignx_jax.models.preference_head import head_params
@@ -66,7 +67,10 @@ def load_tokenizer_for(cfg: ml_collections.ConfigDict):
     """(tokenizer, folder holding its files or None for the shipped one)."""
     from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.hf_path"
     path = resolve_model_path(cfg.model.tokenizer or cfg.model.hf_path) or None
+    if path is not None and not os.path.isdir(path):  # name the key the user set
+        raise CheckpointError(f"{key}: folder not found: {path}")
     tok = load_tokenizer(path)
     return tok, (path or TINY_TOKENIZER_DIR)
 
