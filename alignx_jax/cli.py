@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = overrides
     if overrides and args.command not in ("train", "plan"):
         parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")
-    old_term = _exit_on_sigterm() if args.command == "train" else False
+    old_term = _exit_on_sigterm(_joins_a_job(overrides)) if args.command == "train" else False
     try:
         handler = _handler_for(args)
         _join_distributed_job()
@@ -466,17 +466,27 @@ def _join_distributed_job() -> None:
         distributed.initialize_from_env()
 
 
-def _exit_on_sigterm():
+def _joins_a_job(overrides: Sequence[str]) -> bool:
+    """Whether this `alignx train` is one process of a multi-process job: its environment says so
+    (`distributed.requested()`, launch/local.sh) or `--config.train.distributed=true` does (how
+    launch/tpu_pod.sh and launch/gpu_multihost.sh join the job)."""
+    from alignx_jax import distributed
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("--config.train.distributed=")]
+    return distributed.requested() or (bool(given) and given[-1].strip().lower() in ("1", "true", "yes"))
+
+
+def _exit_on_sigterm(multi_process: bool):
     """Until `alignx train` installs its own handler (it saves at the next step), a SIGTERM finds nothing
     to save: exit 0 instead of dying with 143. Returns the previous handler (False off the main thread).
 
-    In a multi-process job (`alignx_jax.distributed.requested()`) the signal is only recorded
-    (`distributed.record_signal`): one process leaving alone would leave the others blocked in a
-    collective until the coordinator's heartbeat timeout. The trainer's first agreed check sees it and
-    every process exits 0 together ("received during start-up; nothing to save")."""
+    In a multi-process job (`_joins_a_job`) the signal is only recorded (`distributed.record_signal`):
+    one process leaving alone would leave the others blocked in a collective until the coordinator's
+    heartbeat timeout. The trainer's first agreed check sees it and every process exits 0 together
+    ("received during start-up; nothing to save")."""
     from alignx_jax import distributed
 
-    if distributed.requested():
+    if multi_process:
 
         def handler(signum, frame):
             distributed.record_signal(signum)

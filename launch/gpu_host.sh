@@ -18,7 +18,7 @@ args=()
 for a in "$@"; do
   case "$a" in
     --dry-run) dry_run=1 ;;
-    -h|--help) usage ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$a") ;;
   esac
 done

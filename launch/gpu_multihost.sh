@@ -40,7 +40,7 @@ while [ "$#" -gt 0 ]; do
     --account=*) account="${1#*=}" ;;
     --time=*) time_limit="${1#*=}" ;;
     --logdir=*) logdir="${1#*=}" ;;
-    -h|--help) usage ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --config.*) args+=("$1") ;;
     -*) echo "gpu_multihost.sh: unknown option '$1'" >&2; usage ;;
     *) args+=("$1") ;;
@@ -55,7 +55,9 @@ for o in "${overrides[@]+"${overrides[@]}"}"; do
   case "$o" in --config.*=*) ;; *) echo "gpu_multihost.sh: overrides look like --config.KEY=VALUE, got '$o'" >&2; exit 2 ;; esac
 done
 [ -n "$nodes" ] || { echo "gpu_multihost.sh: --nodes N (or run inside an allocation)" >&2; exit 2; }
-case "$nodes$gpus" in *[!0-9]*) echo "gpu_multihost.sh: --nodes and --gpus-per-node are integers" >&2; exit 2 ;; esac
+for v in "$nodes" "$gpus"; do
+  case "$v" in ''|*[!0-9]*|0*) echo "gpu_multihost.sh: --nodes and --gpus-per-node are positive integers, got '$v'" >&2; exit 2 ;; esac
+done
 if [ "$dry_run" = 0 ] && [ ! -f "$config" ]; then echo "gpu_multihost.sh: config file not found: $config" >&2; exit 2; fi
 logdir="${logdir:-runs/slurm-logs/${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}"
 

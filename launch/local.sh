@@ -6,7 +6,7 @@
 #   launch/local.sh [--dry-run] N python SCRIPT.py [ARGS ...]   (a script that calls
 #       alignx_jax.distributed.initialize_from_env() itself, e.g. tests/mp_modes.py)
 #
-# e.g. launch/local.sh 2 alignx train --config=configs/tiny_cpu.py --config.workdir=runs/tiny2
+# e.g. launch/local.sh 2 alignx train --config=configs/tiny_cpu.py --config.workdir=runs/tiny2 --config.train.micro_batch=8
 #      (2 processes x 4 devices = one 8-device mesh)
 #
 # Environment:
@@ -21,6 +21,7 @@
 set -euo pipefail
 
 usage() { echo "usage: launch/local.sh [--dry-run] N alignx COMMAND [ARGS ...] | N python SCRIPT [ARGS ...]" >&2; exit 2; }
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
@@ -68,7 +69,7 @@ if [ "$dry_run" = 1 ]; then
   echo "# logs: ${logdir}/process_<i>.log"
   for ((i = 0; i < n; i++)); do
     printf -v line '%q ' env "${common_env[@]}" "ALIGNX_PROCESS_ID=$i" "${cmd[@]}"
-    printf '%s > %q\n' "${line% }" "${logdir}/process_${i}.log"
+    printf '%s > %q 2>&1 < /dev/null &\n' "${line% }" "${logdir}/process_${i}.log"
   done
   exit 0
 fi

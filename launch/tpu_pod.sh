@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU VM pod slice: copy the repository to every worker, install it into a virtualenv
+# Train on a Cloud TPU VM pod slice: copy the package to every worker, install it into a virtualenv
 # there (once), and start `alignx train` on all workers at once, detached (one process per host;
 # jax.distributed wires them up). The run survives the ssh session; each worker logs to
 # REPO_DIR/logs/RUN_NAME/worker-<hostname>.log.
@@ -14,8 +14,8 @@
 #      launch/tpu_pod.sh --logs pba8b my-v5p-64 us-east5-a     # follow every worker's log (Ctrl-C stops tailing)
 #      launch/tpu_pod.sh --stop pba8b my-v5p-64 us-east5-a     # SIGTERM on every worker: save and exit
 #
-# A v5p-64 is 32 chips on 8 hosts of 4 chips: 8 workers, 8 processes. CONFIG is a path inside the
-# repository (resolved on the workers). The workdir must be shared by every host (gs://...): each
+# A v5p-64 is 32 chips on 8 hosts of 4 chips: 8 workers, 8 processes. CONFIG is a file under configs/
+# (copied with alignx_jax/, pyproject.toml and README.md; resolved on the workers). The workdir must be shared by every host (gs://...): each
 # host writes its checkpoint shards there; --local-workdir allows a path (an NFS mount on every host).
 # --dry-run prints the gcloud commands instead of running them. Rerunning the same command resumes
 # from the workdir's last checkpoint (after a preemption, recreate the slice and rerun it).
@@ -52,7 +52,7 @@ while [ "$#" -gt 0 ]; do
     --logs=*|--attach=*) mode="logs"; run_name="${1#*=}" ;;
     --stop) [ "$#" -ge 2 ] || usage; mode="stop"; run_name="$2"; shift ;;
     --stop=*) mode="stop"; run_name="${1#--stop=}" ;;
-    -h|--help) usage ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --config.*) pos+=("$1") ;;
     -*) echo "tpu_pod.sh: unknown option '$1'" >&2; usage ;;
     *) pos+=("$1") ;;
@@ -76,6 +76,7 @@ run_cmds() {  # print (--dry-run) or run each command string
 
 if [ "$mode" != "train" ]; then
   [ "${#pos[@]}" -eq 2 ] || usage
+  [ -n "$run_name" ] || { echo "tpu_pod.sh: --$mode needs the run's name" >&2; exit 2; }
   tpu="${pos[0]}"; zone="${pos[1]}"
   common=("--zone=${zone}" "--worker=${worker}")
   [ -n "$project" ] && common+=("--project=${project}")
@@ -111,6 +112,12 @@ fi
 [ -n "$run_name" ] || run_name="$(date +%Y%m%d-%H%M%S)"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "$copy" = 1 ]; then  # the workers get configs/ (below) and read CONFIG from there
+  case "$config" in
+    configs/*) [ -f "$root/$config" ] || { echo "tpu_pod.sh: no such config: $root/$config" >&2; exit 2; } ;;
+    *) echo "tpu_pod.sh: CONFIG is a path under configs/ (what is copied to the workers), got '$config'" >&2; exit 2 ;;
+  esac
+fi
 common=("--zone=${zone}" "--worker=all")
 [ -n "$project" ] && common+=("--project=${project}")
 

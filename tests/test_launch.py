@@ -30,6 +30,16 @@ def _run(script, *args, env=None):
     )
 
 
+@pytest.mark.parametrize("script", [GPU, TPU, SLURM, LOCAL], ids=os.path.basename)
+def test_scripts_are_executable_and_help_prints_their_header(script):
+    """README runs them as `launch/NAME.sh ...`: executable in the checkout (git keeps the mode)."""
+    assert os.access(script, os.X_OK), f"{script} is not executable (git update-index --chmod=+x)"
+    r = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    with open(script, encoding="utf-8") as f:
+        second_line = f.read().splitlines()[1].lstrip("# ")
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == second_line, (r.returncode, r.stdout[:200])
+
+
 def _last_command(out: str) -> list[str]:
     return shlex.split(out.strip().splitlines()[-1])
 
@@ -166,6 +176,9 @@ def test_tpu_options():
         (("--dry-run", "t", "z", "c.py", "--config.workdir=runs/w"), "local path"),
         (("--dry-run", "--run-name", "a b", "t", "z", "c.py"), "run names"),
         (("--dry-run", "--logs", "r", "t"), "usage"),
+        (("--dry-run", "--stop=", "t", "z"), "--stop needs the run's name"),
+        (("--dry-run", "t", "z", "elsewhere/c.py", "--config.workdir=gs://b/r"), "a path under configs/"),
+        (("--dry-run", "t", "z", "configs/nope.py", "--config.workdir=gs://b/r"), "no such config"),
     ],
 )
 def test_tpu_bad_arguments(args, message):
@@ -265,6 +278,9 @@ def test_slurm_dry_run_one_process_per_host():
     [
         (("--dry-run", "c.py"), "--nodes"),
         (("--dry-run", "--nodes", "x", "c.py"), "integers"),
+        (("--dry-run", "--nodes", "0", "c.py"), "positive integers, got '0'"),
+        (("--dry-run", "--nodes", "2", "--gpus-per-node", "0", "c.py"), "positive integers, got '0'"),
+        (("--dry-run", "--nodes", "2", "--gpus-per-node", "", "c.py"), "positive integers, got ''"),
         (("--dry-run", "--nodes", "2", "c.py", "steps=3"), "--config.KEY=VALUE"),
         (("--dry-run", "--nodes", "2", "--bogus", "c.py"), "unknown option"),
     ],
@@ -292,7 +308,7 @@ def test_local_dry_run_names_every_process():
     assert len(lines) == 3
     for i, ln in enumerate(lines):
         words = shlex.split(ln)
-        assert words[-2:] == [">", f"/tmp/l/process_{i}.log"]
+        assert words[-6:] == [">", f"/tmp/l/process_{i}.log", "2>&1", "<", "/dev/null", "&"]  # as launched
         env = dict(w.split("=", 1) for w in words[1:] if "=" in w and not w.startswith("--"))
         assert env["ALIGNX_COORDINATOR_ADDRESS"] == "127.0.0.1:4567"
         assert env["ALIGNX_NUM_PROCESSES"] == "3" and env["ALIGNX_PROCESS_ID"] == str(i)
@@ -376,3 +392,30 @@ def test_local_forwards_sigterm_and_succeeds(tmp_path):
     for i in range(2):
         assert f"TERM in {i}" in (logs / f"process_{i}.log").read_text()
     assert "forwarded SIGTERM" in err
+
+
+def test_the_multi_host_launchers_commands_record_a_start_up_sigterm(monkeypatch):
+    """tpu_pod.sh and gpu_multihost.sh join the job with --config.train.distributed=true (no ALIGNX_*
+    variables): `alignx train` must then record a SIGTERM that arrives during start-up instead of one
+    host exiting alone (cli._exit_on_sigterm)."""
+    from alignx_jax import cli, distributed
+
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_DISTRIBUTED):
+        monkeypatch.delenv(name, raising=False)
+    slurm = _run(SLURM, "--dry-run", "--nodes", "2", "configs/llama3_8b_ica_gpu.py", "--config.workdir=/s/w")
+    tpu = _run(
+        TPU,
+        "--dry-run",
+        "--no-copy",
+        "t",
+        "z",
+        "configs/llama3_8b_pba_tpu_v5p_64.py",
+        "--config.workdir=gs://b/w",
+    )
+    remote = _last_command(tpu.stdout)[-1].split("nohup ", 1)[1].split(" >", 1)[0]
+    for words in (_last_command(slurm.stdout), shlex.split(remote)):
+        overrides = [w for w in words if w.startswith("--config.")]
+        assert "--config.train.distributed=true" in overrides
+        assert cli._joins_a_job(overrides)
+    assert not cli._joins_a_job(["--config.workdir=/w"])
+    assert not cli._joins_a_job(["--config.train.distributed=true", "--config.train.distributed=false"])
