@@ -158,7 +158,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "remat": args.remat,
         "attention_impl": args.attention_impl,
-        "machine": dpo_step.common.cpu_model(),
+        **dpo_step.common.machine(),
         "timing": "median of --steps steps after --warmup, one process per variant",
         "variants": {},
     }

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         pairs=args.pairs,
         dtype=args.dtype,
         compact=args.compact,
-        machine=common.machine(),
+        **common.machine(),
     )
     return out
 

@@ -28,6 +28,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _smollm2, also when imported by a test
 
 
 def build_batches(method: str, pairs: int, n_batches: int, seed: int = 0):
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
             "step_seconds": med,
             "pairs_per_sec": args.pairs / med,
             "second_step_loss": second_loss,
-            "tokens_in_model": int(np.mean([h["input_ids"].size for h in host])),
+            "tokens_in_model": int(np.mean([h.input_ids.size for h in host])),
         }
         print(
             f"{name:16s} step {med * 1e3:8.1f} ms  {args.pairs / med:7.1f} pairs/s  "
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     base = results["full_logits"]["step_seconds"]
     for r in results.values():
         r["speedup_vs_full_logits"] = base / r["step_seconds"]
+    import _smollm2  # beside this script
+
     out = {
         "method": args.method,
         "pairs": args.pairs,
@@ -178,6 +181,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "layouts": results,
         "devices": str(jax.devices()[0].platform),
+        **_smollm2.machine(),
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

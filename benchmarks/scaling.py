@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['flops_per_sec'] / 1e9:6.1f} GFLOP/s  {row['memory_bytes'] / 2**20:8.1f} MiB",
             flush=True,
         )
-    out = {"rows": rows, "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count()}
+    out = {"rows": rows, "load_average": list(os.getloadavg()), **bench.common.machine()}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)

@@ -154,3 +154,17 @@ def test_generate_benchmark_tiny(tmp_path):
         assert key in res
     assert len(res["jax_vs_transformers_per_round"]) == 1
     assert res["outputs_identical"] is True and len(set(res["prompt_lengths"])) > 1  # left padding
+
+
+@pytest.mark.slow
+def test_layouts_benchmark_tiny(tmp_path):
+    """`python benchmarks/layouts.py`: every layout runs the same step (equal losses after one update)
+    and the JSON names the machine."""
+    out = tmp_path / "layouts.json"
+    assert _bench_script("layouts").main(["--pairs", "2", "--steps", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = {"full_logits", "response_window", "shared_prompt", "packed"}
+    assert names <= set(res["layouts"]) and {"cpu", "machine", "allocator"} <= set(res)
+    losses = [r["second_step_loss"] for r in res["layouts"].values()]
+    assert max(losses) - min(losses) < 1e-4, losses
+    assert all(r["step_seconds"] > 0 and r["tokens_in_model"] > 0 for r in res["layouts"].values())
