@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default="fixed", choices=["fixed", "psoups"])
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="steps run before timing (at least 1: the compile)")
     p.add_argument(
         "--chunk",
         type=int,
