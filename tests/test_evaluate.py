@@ -698,43 +698,22 @@ def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, cap
     ref_dir, policy = llama, str(tmp_path / "policy")
     build_tiny_hf("llama", policy, seed=5)  # another llama of the same shape: the policy
     base_per = str(tmp_path / "base.jsonl")
-    assert (
-        _run(
-            capsys, "--model", ref_dir, *common, "--per-example", base_per, "--out", str(tmp_path / "b.json")
-        )[0]
-        == 0
-    )
-    assert (
-        _run(
-            capsys,
-            "--model",
-            policy,
-            "--reference",
-            ref_dir,
-            *common,
+
+    def scored(name: str, *args: str) -> list[dict]:
+        """`alignx eval ARGS` with a per-example file NAME.jsonl and results NAME.json: its rows."""
+        argv = [
+            *args,
             "--per-example",
-            str(tmp_path / "a.jsonl"),
+            str(tmp_path / f"{name}.jsonl"),
             "--out",
-            str(tmp_path / "a.json"),
-        )[0]
-        == 0
-    )
-    assert (
-        _run(
-            capsys,
-            "--model",
-            policy,
-            "--reference-scores",
-            base_per,
-            *common,
-            "--per-example",
-            str(tmp_path / "s.jsonl"),
-            "--out",
-            str(tmp_path / "s.json"),
-        )[0]
-        == 0
-    )
-    a, s = _read_jsonl(tmp_path / "a.jsonl"), _read_jsonl(tmp_path / "s.jsonl")
+            str(tmp_path / f"{name}.json"),
+        ]
+        assert _run(capsys, *argv)[0] == 0
+        return _read_jsonl(tmp_path / f"{name}.jsonl")
+
+    scored("base", "--model", ref_dir, *common)
+    a = scored("a", "--model", policy, "--reference", ref_dir, *common)
+    s = scored("s", "--model", policy, "--reference-scores", base_per, *common)
     assert [r["correct"] for r in a] == [r["correct"] for r in s]
     np.testing.assert_allclose(
         [r["ref_logp_chosen"] for r in s], [r["ref_logp_chosen"] for r in a], rtol=1e-6
@@ -743,24 +722,10 @@ def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, cap
         assert json.load(f)["reference"] == {"scores": os.path.abspath(base_per)}
     # rows are named by their row number in the file, so a smaller --limit (its sample is part of
     # the larger one) reuses the reference's scores
-    two = [*common[:4], "--limit", "2", *common[6:]]
-    assert (
-        _run(
-            capsys,
-            "--model",
-            policy,
-            "--reference-scores",
-            base_per,
-            *two,
-            "--per-example",
-            str(tmp_path / "two.jsonl"),
-            "--out",
-            str(tmp_path / "two.json"),
-        )[0]
-        == 0
+    small = scored(
+        "two", "--model", policy, "--reference-scores", base_per, *common[:4], "--limit", "2", *common[6:]
     )
     by_index = {r["index"]: r for r in a}
-    small = _read_jsonl(tmp_path / "two.jsonl")
     assert len(small) == 2 and {r["index"] for r in small} < set(by_index)
     for r in small:
         assert r["ref_logp_chosen"] == pytest.approx(by_index[r["index"]]["ref_logp_chosen"], rel=1e-6)
@@ -788,23 +753,9 @@ def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, cap
 
 def test_a_persona_variant_no_row_has_is_warned(capsys, llama, tmp_path):
     """P-SOUPS rows carry history pairs, no comments: --persona ugc scores empty personas, and says so."""
-    code, _, err = _run(
-        capsys,
-        "--model",
-        llama,
-        "--benchmark",
-        f"p-soups={PSOUPS}",
-        "--method",
-        "ica",
-        "--persona",
-        "ugc,pair",
-        "--limit",
-        "2",
-        "--max-length",
-        str(MAX_LEN),
-        "--out",
-        str(tmp_path / "r.json"),
-    )
+    argv = ["--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--persona", "ugc,pair"]
+    argv += ["--limit", "2", "--max-length", str(MAX_LEN), "--out", str(tmp_path / "r.json")]
+    code, _, err = _run(capsys, *argv)
     warned = [line for line in err.splitlines() if line.startswith("alignx: warning:")]
     assert code == 0 and warned == [
         f"alignx: warning: {PSOUPS}: no row has a persona under --persona ugc; its prompts are scored "
