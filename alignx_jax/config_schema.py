@@ -318,7 +318,8 @@ class PlanSection:
 
 @dataclasses.dataclass
 class RunConfig:
-    """A whole run config: the release's DPO recipe (docs/method.md section 6) by default."""
+    """A whole run config: the release's DPO hyper-parameters (docs/method.md section 6) by default; its
+    exact training input is `configs/base.py`'s `release_recipe` (section 6b)."""
 
     workdir: str = ""  # required: W/ holds config.json, metrics.jsonl, reference/, checkpoints/
     model: ModelSection = dataclasses.field(default_factory=ModelSection)

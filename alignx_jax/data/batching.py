@@ -8,10 +8,11 @@ Length rules:
   * eval_mode=True follows docs/method.md section 7 exactly: prompt ids and response ids (before EOS)
     are each left-truncated to L - reserve(L), so prompt + response may exceed L; with the `paper`
     format the prompt string's ids are truncated and the BOS is put back in front (BOS + L - reserve(L));
-  * otherwise (training) the pair must fit L: responses (before EOS) are left-truncated to
-    L - reserve(L) as the release does, then the prompt is left-truncated so that prompt + the
-    longer response + EOS <= L; overflow='drop' instead returns None for any pair that does not
-    fit untruncated (the release drops over-long training prompts);
+  * otherwise (training with `chat`/`paper`) the pair must fit L: responses (before EOS) are
+    left-truncated to L - reserve(L) (section 7's evaluation rule, applied to training), then the
+    prompt is left-truncated so that prompt + the longer response + EOS <= L; overflow='drop' instead
+    returns None for any pair that does not fit untruncated (stricter than the release, which drops
+    a pair only for its prompt's length and cuts the response: the `release` format below);
   * prompt_format='release' (training) is the release's own rule (docs/method.md section 6b): each
     response is `rstrip("\n")` + " " + the EOS token string, tokenized with the text (so a space
     token precedes EOS); the pair is dropped (overflow='drop') only when the prompt alone reaches

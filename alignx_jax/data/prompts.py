@@ -2,9 +2,10 @@
 evaluation string (`paper`) or the release's training string (`release`).
 
 Choices (docs/method.md leaves them open):
-  * ICA uses the release's *evaluation* form for training and evaluation alike: the system text
-    "...based on user historical behavior and preferences.", the task under `***Task***` and the
-    full `{ugc}{pairs}{demographics}` block (the release's training script differs; see docs/method.md section 4).
+  * `chat` and `paper` give ICA the release's *evaluation* form for training and evaluation alike: the
+    system text "...based on user historical behavior and preferences.", the task under `***Task***` and
+    the full `{ugc}{pairs}{demographics}` block; `release` is the release's training form instead
+    (docs/method.md sections 4 and 6b).
   * `none` (the non-personalised DPO baseline) keeps the same framing minus everything personal:
     system "Generate a task-specific response." and the user message without the persona section.
     (The paper's base-model rows are *not* this: they use the ICA prompt with the base model.)
