@@ -365,7 +365,8 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--p-soups",
         default=None,
-        help="P-SOUPS file (default: ../shared/benchmarks/p-soups/student_phd.json)",
+        help="P-SOUPS file (default: shared/benchmarks/p-soups/student_phd.json in the folder that holds this "
+        "repository, not the working directory's ../shared)",
     )
     p.add_argument("--seed", type=int, default=0)
 

@@ -85,9 +85,13 @@ class Budget:
 # ----------------------------------------------------------------------------- small helpers
 
 
-def claim_out(out: str, settings: dict[str, Any]) -> None:
-    """OUT/demo_settings.json: a rerun with other settings (budget, seed, data) must not reuse this
-    one's stages, so it is refused."""
+def check_out(out: str, settings: dict[str, Any]) -> None:
+    """ConfigError unless OUT is absent, empty or an earlier demo's folder with these settings (read
+    only: a demo checks it before its slow first steps, such as converting a model)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: a file, not a folder; use a new or empty folder")
+    if not os.path.isdir(out):
+        return
     path = os.path.join(out, "demo_settings.json")
     if os.path.isfile(path) and read_json(path) != settings:
         raise ConfigError(f"{out} holds a demo run with other settings ({read_json(path)}); use a new --out")
@@ -99,7 +103,13 @@ def claim_out(out: str, settings: dict[str, Any]) -> None:
             f"--out {out}: not empty and not a demo folder (holds {paths.listing(foreign)}); use a new or "
             "empty folder"
         )
-    write_json(path, settings)
+
+
+def claim_out(out: str, settings: dict[str, Any]) -> None:
+    """OUT/demo_settings.json: a rerun with other settings (budget, seed, data) must not reuse this
+    one's stages, so it is refused (`check_out`)."""
+    check_out(out, settings)
+    write_json(os.path.join(out, "demo_settings.json"), settings)
 
 
 class Stages:
@@ -417,6 +427,7 @@ def open_out(out: str, settings: dict[str, Any]) -> dict[str, str]:
     data/models/runs/eval subfolders by name."""
     from alignx_jax.compile_cache import use_compile_cache
 
+    check_out(out, settings)
     os.makedirs(out, exist_ok=True)
     claim_out(out, settings)
     use_compile_cache(out)

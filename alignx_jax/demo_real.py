@@ -36,6 +36,7 @@ from alignx_jax.demo import (
     DEFAULT_PSOUPS,
     ROOT,
     Stages,
+    check_out,
     open_out,
     run_config,
     split_psoups,
@@ -449,6 +450,7 @@ def run_real_demo(
     given = None  # --model's folder, resolved and checked once, before anything is written
     if not shipped(model):  # a folder of the shipped model's runs keeps its settings
         settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
+        check_out(out, settings)  # a refused --out before a conversion or download
         given = model_folder(model)
     d = open_out(out, settings)
 

@@ -212,7 +212,8 @@ def plot_curves(out: str, workdirs: dict[str, str]) -> str:
         for ax, key in zip(axes, ("loss", "rewards/accuracies")):
             # TRL's metric names; "reward_accuracy" is the name in workdirs of earlier versions
             y = _smooth(np.array([r.get(key, r.get("reward_accuracy")) for r in rows], dtype=np.float64), k)
-            ax.plot(steps[len(steps) - len(y) :], y, label=name)
+            # markers where there are few points: a one-step run (--quick) is a dot, not an invisible line
+            ax.plot(steps[len(steps) - len(y) :], y, label=name, marker="o" if len(y) < 10 else None)
     axes[0].set_title("training loss: DPO + loss.sft_weight x chosen NLL")
     axes[1].set_title("reward accuracy (training batches)")
     for ax in axes:

@@ -109,6 +109,18 @@ def test_a_folder_of_the_users_is_refused_as_out(tmp_path):
     ]
 
 
+def test_a_file_as_out_is_one_line(tmp_path):
+    from alignx_jax.errors import ConfigError
+
+    out = tmp_path / "afile.txt"
+    out.write_text("mine")
+    with pytest.raises(
+        ConfigError, match=r"^--out .*afile.txt: a file, not a folder; use a new or empty folder$"
+    ):
+        demo.run_demo(str(out), quick=True, seed=0, psoups=None, progress=False)
+    assert out.read_text() == "mine"
+
+
 def test_targets_and_report_from_results(tmp_path):
     def e(acc):
         return {"accuracy": acc, "n": 100, "ci95": [acc - 0.05, acc + 0.05]}

@@ -319,6 +319,13 @@ def test_model_is_refused_without_real_and_when_it_is_no_model_folder(tmp_path):
         proc = _demo(*args)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # a refused --out is refused before --model is resolved (a GGUF conversion, a hub download)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    proc = _demo("--real", "--model", str(tmp_path / "empty"), "--p-soups", str(psoups), "--out", str(mine))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "not empty and not a demo folder (holds notes.txt)" in proc.stderr
 
 
 @pytest.mark.slow
