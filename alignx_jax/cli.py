@@ -432,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AlignXError as e:
         print(f"alignx: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an output the system refuses (a read-only folder, a file where a folder goes)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"alignx: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("alignx: interrupted", file=sys.stderr)
         return 130

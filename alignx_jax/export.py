@@ -57,8 +57,11 @@ def cli_import(args) -> int:
                 f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
                 f"hidden_size {model.cfg.hidden_size}"
             )
-    save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)
     from alignx_jax import model_card
+
+    os.makedirs(args.out, exist_ok=True)
+    model_card.write_base_info(args.out, args.hf, src)  # first: it marks the folder as an import's
+    save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)
 
     # what an export of this checkpoint keeps of the base: its generation_config.json as it is, and
     # where it came from (the `--hf` argument, a hub id stays one) with its license, for the model card
@@ -67,7 +70,6 @@ def cli_import(args) -> int:
         shutil.copyfile(gen, os.path.join(args.out, "generation_config.json"))
     elif os.path.isfile(os.path.join(args.out, "generation_config.json")):
         os.remove(os.path.join(args.out, "generation_config.json"))
-    model_card.write_base_info(args.out, args.hf, src)
     remove_head_files(args.out)
     if head is not None:  # kept byte for byte: `alignx export` of this checkpoint copies them back
         _copy_head_files(src, args.out)

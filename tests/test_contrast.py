@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -144,3 +145,13 @@ def test_a_row_without_persona_is_named():
     del rows[3]["ground_truth_persona"]
     with pytest.raises(DataError, match=r"f.json, row 3: persona contrast: a row names no persona"):
         contrast_rows(rows, file="f.json")
+
+
+def test_cli_contrast_refuses_to_overwrite_its_input(tmp_path, capsys):
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps(psoups_rows()))
+    before = src.read_text()
+    assert main(["data", "contrast", str(src), "--out", str(src)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out would overwrite this input file" in err[0] and src.read_text() == before
+    assert os.listdir(tmp_path) == ["train.json"]  # no temporary file left either

@@ -783,3 +783,20 @@ def test_limit_is_a_balanced_seeded_sample_and_accuracy_is_reported_per_persona(
     entry = ica_run["results"]["benchmarks"]["p-soups"]
     assert sum(g["n"] for g in entry["by_persona"].values()) == entry["n"] == LIMIT
     assert len(entry["by_persona"]) == 2
+
+
+def test_a_file_that_is_not_a_per_example_file_is_refused_not_truncated(tmp_path):
+    """Only the head of a row cut by a kill is dropped from the end of a per-example file; a user's
+    notes given as --per-example (or generate --out) are refused and left as they were."""
+    from alignx_jax.errors import DataError
+    from alignx_jax.evaluate import PerExampleLog, parse_per_example
+
+    row = json.dumps({"benchmark": "p-soups", "persona": "p", "index": 3}).encode()
+    rows, good, cut = parse_per_example([row, b'{"benchmark": "p-so'], "f")
+    assert list(rows) == [("p-soups", "p", 3)] and good == len(row) + 1 and cut == 2
+    notes = tmp_path / "notes.txt"
+    for text in ("my precious notes", '{"a": 1}', f"{row.decode()}\nnot json at the end"):
+        notes.write_text(text)
+        with pytest.raises(DataError, match=r"notes.txt: line \d: not a per-example row .*; give a new file"):
+            PerExampleLog(str(notes))
+        assert notes.read_text() == text

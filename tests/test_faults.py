@@ -823,3 +823,18 @@ def test_a_missing_model_folder_names_the_key_that_gave_it(tmp_path, capsys, key
     assert main(argv) == 1
     errors = [x for x in _lines(capsys.readouterr().err) if x.startswith("alignx: error:")]
     assert errors == [f"alignx: error: {key}: folder not found: {missing}"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["synth", "--out", "{f}", "--users", "4"],
+        ["synth", "--out", "{f}/sub", "--users", "4"],
+    ],
+)
+def test_an_output_the_system_refuses_is_one_line(tmp_path, capsys, argv):
+    """A file where the command makes a folder (or a read-only place): the OS error as one line."""
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    line = _main_error(capsys, [a.format(f=f) for a in argv], str(f))
+    assert ("File exists" in line or "Not a directory" in line) and f.read_text() == "mine"

@@ -361,8 +361,18 @@ def test_import_writes_only_into_its_own_folders(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         len(err) == 1
-        and f"--out {mine}: not empty and not an alignx checkpoint (holds model.safetensors)" in err[0]
+        and f"--out {mine}: not empty and not an alignx checkpoint (holds config.json, model.safetensors)"
+        in err[0]
     )
+    # only files an import also writes, but no import's own record (alignx_base.json, written first) nor
+    # params/: the user's, refused the same way
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text('{"mine": true}')
+    (theirs / "tokenizer.json").write_text("{}")
+    assert main(["import", "--gguf", path, "--out", str(theirs)]) == 1
+    assert "not an alignx checkpoint (holds config.json, tokenizer.json)" in capsys.readouterr().err
+    assert (theirs / "config.json").read_text() == '{"mine": true}' and len(os.listdir(theirs)) == 2
     assert (mine / "config.json").read_text() == '{"mine": true}' and sorted(os.listdir(mine)) == [
         "config.json",
         "model.safetensors",

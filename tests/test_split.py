@@ -122,3 +122,14 @@ def test_cli_split_bad_fraction(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(2, 2)))
     assert main(["data", "split", str(path), "--test-fraction", "1.5", "--out", str(tmp_path / "o")]) == 1
     assert "test fraction" in capsys.readouterr().err
+
+
+def test_cli_split_refuses_to_overwrite_its_input(tmp_path, capsys):
+    """`data split out/train/d.jsonl --out out` would write out/train/d.jsonl: refused before anything is written."""
+    path = tmp_path / "train" / "d.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(4, 2)))
+    before = path.read_text()
+    assert main(["data", "split", str(path), "--by", "row", "--out", str(tmp_path)]) == 1
+    assert "--out would overwrite this input file" in capsys.readouterr().err
+    assert path.read_text() == before and sorted(os.listdir(tmp_path)) == ["train"]

@@ -106,7 +106,7 @@ def check_twins(rows: Sequence[dict], file: str | None = None) -> None:
 
 def cli_contrast(args: argparse.Namespace) -> int:
     """`alignx data contrast PATH --out FILE [--seed S]` (JSON list or JSONL, as the input)."""
-    from alignx_jax.data.split import write_rows
+    from alignx_jax.data.split import refuse_overwriting_inputs, write_rows
 
     loaded = schema.load(args.path)  # every row validated (file and row named) before anything is written
     if len(loaded.files) != 1 or loaded.files[0].fmt not in ("json", "jsonl"):
@@ -116,6 +116,7 @@ def cli_contrast(args: argparse.Namespace) -> int:
         raise DataError("no rows", file=args.path)
     originals = args.originals
     rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins, originals=originals)
+    refuse_overwriting_inputs([raw.path], [args.out])
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
     order = ", as twins (train with data.twins=true, an even batch)" if args.twins else ""
     kept = f"{originals} x {len(raw.rows)}" if originals > 1 else f"{len(raw.rows)}"

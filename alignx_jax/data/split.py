@@ -84,7 +84,25 @@ def write_rows(raw: schema.RawFile, picks: list[int], dest: str) -> None:
         data = "".join(json.dumps(raw.rows[i], ensure_ascii=False) + "\n" for i in picks).encode("utf-8")
     out = paths.path(dest)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
+    if paths.is_url(dest):
+        out.write_bytes(data)
+        return
+    tmp = f"{dest}.tmp-{os.getpid()}"  # renamed into place: a kill leaves no cut file under dest's name
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+
+
+def refuse_overwriting_inputs(inputs: list[str], dests: list[str]) -> None:
+    """DataError when an output would replace one of the command's own input files."""
+
+    def key(p: str) -> str:
+        return p if paths.is_url(p) else os.path.realpath(p)
+
+    ins = {key(p): p for p in inputs}
+    for d in dests:
+        if key(d) in ins:
+            raise DataError("--out would overwrite this input file; choose another --out", file=ins[key(d)])
 
 
 def _join(root: str, *parts: str) -> str:
@@ -99,6 +117,7 @@ def cli_split(args: argparse.Namespace) -> int:
     train, test = split_indices(loaded.rows, by=args.by, test_fraction=args.test_fraction, seed=args.seed)
     is_dir = paths.is_dir(args.path)
     root = args.path.rstrip("/") if is_dir else os.path.dirname(args.path)
+    writes = []
     for half, idx in (("train", train), ("test", test)):
         per_file: dict[int, list[int]] = {fi: [] for fi in range(len(loaded.files))}
         for i in idx:
@@ -114,7 +133,10 @@ def cli_split(args: argparse.Namespace) -> int:
                     if paths.is_url(root)
                     else os.path.relpath(raw.path, root)
                 )
-            write_rows(raw, picks, _join(args.out, half, rel))
+            writes.append((raw, picks, _join(args.out, half, rel)))
+    refuse_overwriting_inputs([raw.path for raw in loaded.files], [dest for _, _, dest in writes])
+    for raw, picks, dest in writes:
+        write_rows(raw, picks, dest)
     print(
         f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
         f"{_join(args.out, 'train')}, {_join(args.out, 'test')}"

@@ -144,9 +144,11 @@ def parse_per_example(
     lines: Sequence[bytes], path: str, required: Sequence[str] = KEY_FIELDS
 ) -> tuple[dict[tuple, dict], int, int | None]:
     """The rows of a per-example JSONL file split into lines, each a JSON object with the `required`
-    fields, keyed by `key_of`. Only the last non-blank line may be malformed (cut short by a kill
-    mid-write): it is left out; a malformed line before it is a DataError. Returns the rows, the byte
-    length of the lines before the cut one (newlines included) and the cut line's number (or None)."""
+    fields, keyed by `key_of`. Only the last non-blank line may be cut short (by a kill mid-write: the
+    head of a JSON object that does not parse): it is left out; any other malformed line is a DataError
+    (so a file that is not ours, such as notes given by mistake, is refused, not truncated). Returns the
+    rows, the byte length of the lines before the cut one (newlines included) and the cut line's number
+    (or None)."""
     rows: dict[tuple, dict] = {}
     good_bytes = 0
     for lineno, raw in enumerate(lines, start=1):
@@ -159,9 +161,12 @@ def parse_per_example(
             if not isinstance(row, dict) or any(k not in row for k in required):
                 raise ValueError("not a per-example row")
         except ValueError as e:
-            if all(not r.strip() for r in lines[lineno:]):  # a cut last line: the rows before it stand
+            cut = raw.lstrip().startswith(b'{"') and isinstance(e, json.JSONDecodeError)
+            if cut and all(not r.strip() for r in lines[lineno:]):  # the rows before a cut last line stand
                 return rows, good_bytes, lineno
-            raise DataError(f"line {lineno}: not a per-example row ({e})", file=path) from None
+            raise DataError(
+                f"line {lineno}: not a per-example row ({e}); give a new file", file=path
+            ) from None
         good_bytes += len(raw) + (0 if last else 1)
         rows[key_of(row)] = row
     return rows, good_bytes, None

@@ -288,7 +288,10 @@ def check_import_target(out: str, overwrite: bool) -> None:
     written = {"config.json", "generation_config.json", BASE_INFO, ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE}
     written |= set(TOKENIZER_FILES)
     # params/, its checksums and orbax's temporary folders
-    foreign = sorted(n for n in os.listdir(out) if n not in written and not n.startswith("params"))
+    names = os.listdir(out)
+    foreign = sorted(n for n in names if n not in written and not n.startswith("params"))
+    if names and not any(n == BASE_INFO or n.startswith("params") for n in names):
+        foreign = sorted(names)  # an import writes BASE_INFO first: without it, not even a cut-short import
     if foreign:
         raise CheckpointError(
             f"--out {out}: not empty and not an alignx checkpoint (holds {paths.listing(foreign)}); pass "

@@ -462,12 +462,15 @@ def _transformers_gguf_tokenizer(path: str, kind: str):
 
 def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
     """`alignx import --gguf`: write the model checkpoint `alignx import --hf` writes; returns (model, GGUFFile)."""
+    from alignx_jax import model_card
     from alignx_jax.models import checkpoint
 
     model, src = load_gguf(path, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="alignx-gguf-tok-") as tok_dir:
         if has_tokenizer(src):  # built before anything is written: a bad tokenizer leaves no half checkpoint
             save_gguf_tokenizer(src, tok_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        model_card.write_base_info(out_dir, path, None)  # first: it marks the folder as an import's
         checkpoint.save_checkpoint(model, out_dir, tokenizer_dir=tok_dir if os.listdir(tok_dir) else None)
     checkpoint.remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
     return model, src

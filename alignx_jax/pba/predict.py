@@ -23,7 +23,7 @@ from alignx_jax.data.persona import (
     persona_text,
     profile_text,
 )
-from alignx_jax.data.schema import load_rows, read_persona_file
+from alignx_jax.data.schema import list_files, load_rows, read_persona_file
 from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models.preference_head import (
     NUM_DIMS,
@@ -196,6 +196,10 @@ def cli_predict_preferences(args: Any) -> int:
             print(f"profile: {text}")
         return 0
     rows, _ = load_rows(args.data)
+    if args.out:  # before the model runs
+        from alignx_jax.data.split import refuse_overwriting_inputs
+
+        refuse_overwriting_inputs(list_files(args.data), [args.out])
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
     lines = []
     for i, (row, d) in enumerate(zip(rows, directions)):
