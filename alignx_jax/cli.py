@@ -424,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and args.command not in ("train", "plan"):
         parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")
     old_term = _exit_on_sigterm(_joins_a_job(overrides)) if args.command == "train" else False
+    old_stop = _stop_at_once() if args.command in STOP_AT_ONCE else None
     try:
         handler = _handler_for(args)
         _join_distributed_job()
@@ -442,7 +443,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if old_term is not False:
             signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+        for signum, old in (old_stop or {}).items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
     return int(code or 0)
+
+
+# commands whose outputs are written whole and renamed into place, or appended row by row and resumed
+STOP_AT_ONCE = ("eval", "generate", "predict-preferences", "data", "synth", "import", "export")
+
+
+def _stop_at_once() -> dict | None:
+    """SIGINT/SIGTERM end a STOP_AT_ONCE command at once (one line; exit 130 / 143): it has nothing to
+    save, and a KeyboardInterrupt raised inside JAX's garbage-collection callback would be printed and
+    ignored, the run going on to exit 0. Returns the previous handlers (None off the main thread)."""
+
+    def handler(signum, frame):
+        say = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+        print(f"alignx: {say}; rerun the same command to resume or redo it", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    try:
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        return None
 
 
 def _use_compile_cache(args: argparse.Namespace) -> None:

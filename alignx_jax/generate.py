@@ -298,7 +298,7 @@ def _generate_benchmark(args) -> int:
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
     fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="paper")
     max_length = int(getattr(args, "max_length", 8192))
-    log = PerExampleLog(args.out)
+    log = PerExampleLog(args.out, flag="--out")
     try:
         todo = []
         for i in picks:

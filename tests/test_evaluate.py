@@ -800,3 +800,22 @@ def test_a_file_that_is_not_a_per_example_file_is_refused_not_truncated(tmp_path
         with pytest.raises(DataError, match=r"notes.txt: line \d: not a per-example row .*; give a new file"):
             PerExampleLog(str(notes))
         assert notes.read_text() == text
+
+
+def test_a_non_finite_log_prob_in_a_per_example_file_is_refused(tmp_path):
+    from alignx_jax.errors import DataError
+    from alignx_jax.evaluate import PerExampleLog
+
+    path = tmp_path / "per.jsonl"
+    row = {
+        "benchmark": "p-soups",
+        "persona": "p",
+        "index": 0,
+        "logp_chosen": float("nan"),
+        "logp_rejected": -1.0,
+    }
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"per.jsonl: line 1: logp_chosen is nan; give a new file"):
+        PerExampleLog(str(path))
+    with pytest.raises(DataError, match=r": --out must be a file, got a folder$"):
+        PerExampleLog(str(tmp_path), flag="--out")

@@ -838,3 +838,31 @@ def test_an_output_the_system_refuses_is_one_line(tmp_path, capsys, argv):
     f.write_text("mine")
     line = _main_error(capsys, [a.format(f=f) for a in argv], str(f))
     assert ("File exists" in line or "Not a directory" in line) and f.read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sig, code, says", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped")]
+)
+def test_a_signal_ends_a_command_other_than_train_at_once(tmp_path, sig, code, says):
+    """`alignx synth` (as every command but train, demo and plan): one line, 128 + the signal, and no
+    output under its name (a KeyboardInterrupt inside JAX's GC callback used to be ignored)."""
+    out = tmp_path / "synth"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignx_jax", "synth", "--out", str(out), "--users", "50000"],
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # past the imports, into the generation
+    assert proc.poll() is None, "synth ended before the signal"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert (
+        proc.returncode == code
+        and err.strip()
+        == f"alignx: {says}"
+        + ("" if sig == signal.SIGINT else " by SIGTERM")
+        + "; rerun the same command to resume or redo it"
+    ), err
+    assert not (out / "data.parquet").exists()

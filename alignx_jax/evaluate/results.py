@@ -79,7 +79,7 @@ class PerExampleLog:
     A URL (gs://...) goes through etils.epath; such a file cannot be appended to, so it is rewritten
     whole after each batch."""
 
-    def __init__(self, path: str | None, *, write: bool = True):
+    def __init__(self, path: str | None, *, write: bool = True, flag: str = "--per-example"):
         self.path = None if path is None else paths.absolute(path)
         self.rows: dict[tuple, dict] = {}
         self._f = None
@@ -88,7 +88,7 @@ class PerExampleLog:
             return
         p = paths.path(path)
         if p.is_dir():
-            raise DataError("--per-example must be a file, got a folder", file=path)
+            raise DataError(f"{flag} must be a file, got a folder", file=path)
         if p.exists():
             self._read()
         if not write:
@@ -160,6 +160,9 @@ def parse_per_example(
             row = json.loads(raw)
             if not isinstance(row, dict) or any(k not in row for k in required):
                 raise ValueError("not a per-example row")
+            bad = [k for k in LOGP_KEYS if isinstance(row.get(k), float) and not math.isfinite(row[k])]
+            if bad:  # nothing non-finite is loaded (a NaN would pass as a wrong decision)
+                raise DataError(f"line {lineno}: {bad[0]} is {row[bad[0]]}; give a new file", file=path)
         except ValueError as e:
             cut = raw.lstrip().startswith(b'{"') and isinstance(e, json.JSONDecodeError)
             if cut and all(not r.strip() for r in lines[lineno:]):  # the rows before a cut last line stand

@@ -24,7 +24,7 @@ from alignx_jax.data.persona import (
     profile_text,
 )
 from alignx_jax.data.schema import list_files, load_rows, read_persona_file
-from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.models.preference_head import (
     NUM_DIMS,
     PreferenceHead,
@@ -196,6 +196,8 @@ def cli_predict_preferences(args: Any) -> int:
             print(f"profile: {text}")
         return 0
     rows, _ = load_rows(args.data)
+    if not rows:
+        raise DataError("no rows", file=args.data)
     if args.out:  # before the model runs
         from alignx_jax.data.split import refuse_overwriting_inputs
 
