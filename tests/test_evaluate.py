@@ -411,6 +411,22 @@ def test_resume_refuses_other_settings(capsys, ica_run, llama, tmp_path):
     assert code == 1 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
+def test_resume_refuses_another_models_rows(capsys, ica_run, tmp_path):
+    """Another model with the same tokenizer writes the same token ids: the rows name their model."""
+    from conftest import build_tiny_hf
+
+    other = build_tiny_hf("llama", str(tmp_path / "other"), seed=5)
+    part = tmp_path / "per.jsonl"
+    shutil.copyfile(ica_run["per"], part)
+    assert {r["model"] for r in ica_run["rows"]} == {ica_run["results"]["model"]}
+    argv = ["--model", other, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", str(LIMIT)]
+    argv += ["--max-length", str(MAX_LEN), "--per-example", str(part), "--out", str(tmp_path / "r.json")]
+    capsys.readouterr()  # the model build's progress bars
+    code, _, err = _run(capsys, *argv)
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+    assert code == 1 and len(errors) == 1 and "was scored with another model" in errors[0]
+
+
 # ----------------------------------------------------------------------------- AlignX rows, flip
 
 

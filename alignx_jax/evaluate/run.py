@@ -88,6 +88,7 @@ def _example_row(
     beta: float,
     involved: bool | None,
     ica_reference: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
     row = {
         "benchmark": spec.key,
@@ -108,11 +109,21 @@ def _example_row(
         row["flip_involved"] = involved
     if ica_reference and ref is not None:
         row["reference_prompt"] = "ica"
+    if model is not None:  # a resumed file must be this model's (the token ids alone do not say so)
+        row["model"] = model
     return row
 
 
-def _check_resumed(stored: dict, ex: Any, has_ref: bool, path: str, ica_reference: bool = False) -> None:
-    """A resumed row must describe the same token ids and reference setting as this run."""
+def _check_resumed(
+    stored: dict, ex: Any, has_ref: bool, path: str, ica_reference: bool = False, model: str | None = None
+) -> None:
+    """A resumed row must describe the same model (rows of older files name none), token ids and reference
+    setting as this run."""
+    if model is not None and stored.get("model") not in (None, model):
+        raise DataError(
+            f"row {key_of(stored)} was scored with another model ({stored['model']}); use a new --per-example file",
+            file=path,
+        )
     same = (
         stored.get("prompt_ids") == list(ex.prompt_ids)
         and stored.get("chosen_ids") == list(ex.chosen_ids)
@@ -142,6 +153,7 @@ class _Scoring:
     has_ref: bool
     ica_reference: bool  # --reference-prompt ica: the reference reads the row's ICA prompt
     progress: bool
+    model: str  # the policy folder, absolute: every per-example row records it
     dtypes: dict[str, str]  # the models' resolved compute and parameter dtypes, recorded in results
 
 
@@ -231,6 +243,7 @@ def _load_scoring(
         has_ref,
         ica_reference,
         progress,
+        paths.absolute(model_dir),
         dtypes,
     )
 
@@ -255,7 +268,7 @@ def _resumed(
         if stored is None:
             todo.append((ex, inv))
             continue
-        _check_resumed(stored, ex, sc.has_ref, per_example, sc.ica_reference)
+        _check_resumed(stored, ex, sc.has_ref, per_example, sc.ica_reference, sc.model)
         # recompute `correct` with this run's beta; flip membership from this run
         outcomes.append(
             {
@@ -325,6 +338,7 @@ def _score_todo(
                     sc.settings.beta,
                     inv_by_index[ex.index],
                     sc.ica_reference,
+                    sc.model,
                 )
                 for j, ex in enumerate(chunk)
             ]
