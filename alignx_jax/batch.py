@@ -149,7 +149,7 @@ def process_block(mesh, rules=None) -> int:
         return 0
     local = int(mesh.shape["data"] * mesh.shape["fsdp"])  # any multiple of the batch shards
     shape = (1, n * local)
-    sharding = shd.logical_sharding((None, "activation_batch"), mesh, rules, shape)
+    sharding = pair_sharding(shape, mesh, rules)
     spans = sharding.addressable_devices_indices_map(shape)
     starts = [idx[1].start or 0 for idx in spans.values()]
     stops = [shape[1] if idx[1].stop is None else idx[1].stop for idx in spans.values()]
@@ -291,12 +291,17 @@ def batch_shardings(batch: StepBatch, mesh, rules) -> StepBatch:
     batch mesh axes; everything else replicated."""
 
     def one(v):
-        axes = (None, "activation_batch") + (None,) * (v.ndim - 2)
         gshape = list(v.shape)
         gshape[1] *= jax.process_count()
-        return shd.logical_sharding(axes, mesh, rules, gshape)
+        return pair_sharding(tuple(gshape), mesh, rules)
 
     return jax.tree.map(one, batch)
+
+
+def pair_sharding(gshape: tuple[int, ...], mesh, rules=None) -> NamedSharding:
+    """An array of global shape `gshape` with its pair axis (axis 1) over the batch mesh axes."""
+    axes = (None, "activation_batch") + (None,) * (len(gshape) - 2)
+    return shd.logical_sharding(axes, mesh, rules, gshape)
 
 
 def check_pair_split(sharding: NamedSharding, gshape: tuple[int, ...]) -> None:
@@ -315,6 +320,11 @@ def check_pair_split(sharding: NamedSharding, gshape: tuple[int, ...]) -> None:
             f"a microbatch's {gshape[1]} pairs (rows) do not split over the mesh's data*fsdp={ways} batch "
             f"shards of {n} processes; make train.micro_batch a multiple of {ways}"
         )
+
+
+def check_microbatch_split(pairs: int, mesh, rules=None) -> None:
+    """`check_pair_split` for a microbatch of `pairs` pairs, before any batch exists (a run's start-up)."""
+    check_pair_split(pair_sharding((1, pairs), mesh, rules), (1, pairs))
 
 
 def put_batch(batch: StepBatch, shardings: StepBatch) -> StepBatch:

@@ -106,9 +106,10 @@ def check_out(out: str, settings: dict[str, Any]) -> None:
 
 
 def claim_out(out: str, settings: dict[str, Any]) -> None:
-    """OUT/demo_settings.json: a rerun with other settings (budget, seed, data) must not reuse this
-    one's stages, so it is refused (`check_out`)."""
+    """OUT made, with OUT/demo_settings.json: a rerun with other settings (budget, seed, data) must not
+    reuse this one's stages, so it is refused (`check_out`)."""
     check_out(out, settings)
+    os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "demo_settings.json"), settings)
 
 
@@ -427,8 +428,6 @@ def open_out(out: str, settings: dict[str, Any]) -> dict[str, str]:
     data/models/runs/eval subfolders by name."""
     from alignx_jax.compile_cache import use_compile_cache
 
-    check_out(out, settings)
-    os.makedirs(out, exist_ok=True)
     claim_out(out, settings)
     use_compile_cache(out)
     return {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}

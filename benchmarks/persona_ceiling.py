@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.abspath(args.out or run.rstrip(os.sep) + ".persona_ceiling")
         if out == run or out.startswith(run + os.sep):
             raise DataError("--out must be outside the run it reads", file=out)
-        os.makedirs(out, exist_ok=True)
         demo.claim_out(out, {"persona_ceiling": run})
         budget = demo_real.RealBudget(info["quick"])
         rows = read_json(info["split"]["train"])

@@ -149,17 +149,9 @@ def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | N
         for key in (DIRECTION, DEMO, UGC, PAIR):
             if key not in row:
                 raise DataError("missing", field=key, **where)
-    d = row.get(DIRECTION)
-    if d is None and kind == "alignx":
+    if row.get(DIRECTION) is None and kind == "alignx":
         raise DataError("missing", field=DIRECTION, **where)
-    out[DIRECTION] = None if d is None else _direction(d, where=where, field_name=DIRECTION)
-    out[DEMO] = _text(row, DEMO, where=where, required=False, blank_ok=True) or ""
-    out[UGC] = _items(
-        row, UGC, where=where, item_fields=("prompt", "comment"), direction_required=(kind == "alignx")
-    )
-    out[PAIR] = _items(
-        row, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"), direction_required=False
-    )
+    out.update(_persona_fields(row, where, ugc_directions=kind == "alignx"))
     psoups = kind == "p-soups"
     for key in ("profile", "ground_truth_persona"):
         value = _text(row, key, where=where, required=psoups, blank_ok=not psoups or key == "profile")
@@ -168,10 +160,7 @@ def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | N
         else:
             out[key] = value
     if psoups:
-        try:  # the release writes profiles with the preference space's labels: check them
-            persona_lib.parse_profile(out["profile"])
-        except DataError as e:
-            raise DataError(str(e), field="profile", **where) from None
+        _check_profile(out["profile"], where)
         if not out[PAIR]:
             raise DataError("P-SOUPS rows need history pairs", field=PAIR, **where)
     for key in ("user_id", "source"):
@@ -180,6 +169,30 @@ def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | N
                 f"expected a string or integer, got {type(row[key]).__name__}", field=key, **where
             )
     return out
+
+
+def _persona_fields(row: dict, where: dict, *, ugc_directions: bool) -> dict:
+    """A row's persona fields normalised: the direction (or None), the demographic text ("" if absent)
+    and both history lists (`ugc_directions`: every comment must carry a direction, as in AlignX)."""
+    d = row.get(DIRECTION)
+    return {
+        DIRECTION: None if d is None else _direction(d, where=where, field_name=DIRECTION),
+        DEMO: _text(row, DEMO, where=where, required=False, blank_ok=True) or "",
+        UGC: _items(
+            row, UGC, where=where, item_fields=("prompt", "comment"), direction_required=ugc_directions
+        ),
+        PAIR: _items(
+            row, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"), direction_required=False
+        ),
+    }
+
+
+def _check_profile(profile: str, where: dict) -> None:
+    """The release writes profiles with the preference space's labels: a profile must parse as one."""
+    try:
+        persona_lib.parse_profile(profile)
+    except DataError as e:
+        raise DataError(str(e), field="profile", **where) from None
 
 
 PERSONA_NEEDS = ("none", "ica", "pba")
@@ -204,25 +217,20 @@ def read_persona_file(path: str, *, needs: str = "ica") -> dict:
     if not isinstance(obj, dict):
         raise DataError("expected a JSON object with the persona fields of one row", file=path)
     where = {"file": path, "row": None}
-    out = dict(obj)
-    out[UGC] = _items(obj, UGC, where=where, item_fields=("prompt", "comment"), direction_required=False)
-    out[PAIR] = _items(
-        obj, PAIR, where=where, item_fields=("prompt", "chosen", "rejected"), direction_required=False
-    )
-    out[DEMO] = _text(obj, DEMO, where=where, required=False, blank_ok=True) or ""
-    d = obj.get(DIRECTION)
-    out[DIRECTION] = None if d is None else _direction(d, where=where, field_name=DIRECTION)
+    out = {**obj, **_persona_fields(obj, where, ugc_directions=False)}
     profile = _text(obj, "profile", where=where, required=False, blank_ok=False)
     if profile is not None:
-        try:
-            persona_lib.parse_profile(profile)
-        except DataError as e:
-            raise DataError(str(e), field="profile", **where) from None
+        _check_profile(profile, where)
     if needs == "ica" and not (out[UGC] or out[PAIR] or out[DEMO].strip()):
         raise DataError(
             f"no persona: none of {UGC!r}, {PAIR!r}, {DEMO!r} is present and non-empty", file=path
         )
-    if needs == "pba" and profile is None and d is None and persona_lib.history_direction(out) is None:
+    if (
+        needs == "pba"
+        and profile is None
+        and out[DIRECTION] is None
+        and persona_lib.history_direction(out) is None
+    ):
         raise DataError(
             f"no profile for PBA: no 'profile', no {DIRECTION!r} and no history item with one", file=path
         )

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from alignx_jax import allocator, distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
-from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_pair_split, put_batch
+from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_microbatch_split, put_batch
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError
@@ -219,13 +219,10 @@ class Trainer:
         self.persona_length = int(cfg.pba.max_persona_tokens) if self.joint else None
         pad_id = int(self.tokenizer.pad_token_id)
         self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint, rules=self.rules)
-        if (
-            not self.builder.packing
-        ):  # a microbatch's pairs split over the processes (put_batch checks packed rows)
-            shape = (1, gb // self.num_micro)
-            check_pair_split(
-                shd.logical_sharding((None, "activation_batch"), self.mesh, self.rules, shape), shape
-            )
+        # a microbatch's pairs must split over the processes: checked now, before the first batch
+        # (put_batch checks packed rows, whose count the data decides)
+        if not self.builder.packing:
+            check_microbatch_split(gb // self.num_micro, self.mesh, self.rules)
         self.loader = self.new_loader()
         self.eval_every = int(cfg.train.eval_every)
         if self.eval_every:  # train.eval_every: the held-out rows data.eval, read once per evaluation
