@@ -7,6 +7,7 @@ they are and makes local paths absolute; `path()` is the `epath.Path` to open/li
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -74,3 +75,29 @@ def files_below(top: epath.Path) -> Iterator[tuple[str, epath.Path]]:
                 todo.append((child, sub))
             else:
                 yield sub, child
+
+
+def write_all(files: dict[str, bytes]) -> None:
+    """Write every `dest: data` of one output: all under temporary names first, then each renamed into
+    place, so a kill leaves either none of the outputs or all of them (a URL is written in place)."""
+    staged = []
+    try:
+        for dest, data in files.items():
+            out = path(dest)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if is_url(dest):
+                out.write_bytes(data)
+                continue
+            tmp = os.path.join(os.path.dirname(out), f".{out.name}.tmp-{os.getpid()}")
+            staged.append((tmp, os.fspath(out)))
+            with open(tmp, "wb") as f:
+                f.write(data)
+        for _, dest in staged:  # the one way a rename below could fail part-way
+            if os.path.isdir(dest):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
+        for tmp, dest in staged:
+            os.replace(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)

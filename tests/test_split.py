@@ -133,3 +133,16 @@ def test_cli_split_refuses_to_overwrite_its_input(tmp_path, capsys):
     assert main(["data", "split", str(path), "--by", "row", "--out", str(tmp_path)]) == 1
     assert "--out would overwrite this input file" in capsys.readouterr().err
     assert path.read_text() == before and sorted(os.listdir(tmp_path)) == ["train"]
+
+
+def test_cli_split_writes_both_halves_or_neither(tmp_path, capsys):
+    """An output that fails part-way (here test/ is a file) leaves no train/ half behind, and no temporaries."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(4, 2)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "test").write_text("a user's file\n")
+    assert main(["data", "split", str(path), "--by", "row", "--out", str(out)]) == 1
+    assert "alignx: error:" in capsys.readouterr().err
+    assert (out / "test").read_text() == "a user's file\n"
+    assert [f for _, _, files in os.walk(out / "train") for f in files] == []  # no half, no temporary

@@ -171,3 +171,12 @@ def test_cli_synth_then_data_check(tmp_path):
 def test_bad_arguments_are_user_errors(tmp_path):
     r = _cli("synth", "--out", str(tmp_path / "x"), "--users", "1")
     assert r.returncode == 1 and "alignx: error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_synth_writes_rows_and_users_or_neither(tmp_path):
+    """A failing second output (here .users.json is a folder) leaves no data.parquet without its users."""
+    out = tmp_path / "syn"
+    (out / ".users.json").mkdir(parents=True)
+    r = _cli("synth", "--out", str(out), "--users", "4", "--pairs-per-user", "2")
+    assert r.returncode == 1 and "alignx: error:" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(out)) == [".users.json"]

@@ -66,8 +66,8 @@ def split_rows(
     return [rows[i] for i in train], [rows[i] for i in test]
 
 
-def write_rows(raw: schema.RawFile, picks: list[int], dest: str) -> None:
-    """The picked rows of `raw` into `dest` (a local path or a URL), in the input's format."""
+def rows_bytes(raw: schema.RawFile, picks: list[int]) -> bytes:
+    """The picked rows of `raw` as a file in the input's format."""
     if raw.fmt == "parquet":
         import io
 
@@ -77,20 +77,15 @@ def write_rows(raw: schema.RawFile, picks: list[int], dest: str) -> None:
         table = schema.read_parquet_table(raw.path)
         buf = io.BytesIO()
         pq.write_table(table.take(np.asarray(picks, dtype=np.int64)), buf)
-        data = buf.getvalue()
-    elif raw.fmt == "json":
-        data = (json.dumps([raw.rows[i] for i in picks], ensure_ascii=False, indent=4) + "\n").encode("utf-8")
-    else:
-        data = "".join(json.dumps(raw.rows[i], ensure_ascii=False) + "\n" for i in picks).encode("utf-8")
-    out = paths.path(dest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if paths.is_url(dest):
-        out.write_bytes(data)
-        return
-    tmp = f"{dest}.tmp-{os.getpid()}"  # renamed into place: a kill leaves no cut file under dest's name
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
+        return buf.getvalue()
+    if raw.fmt == "json":
+        return (json.dumps([raw.rows[i] for i in picks], ensure_ascii=False, indent=4) + "\n").encode("utf-8")
+    return "".join(json.dumps(raw.rows[i], ensure_ascii=False) + "\n" for i in picks).encode("utf-8")
+
+
+def write_rows(raw: schema.RawFile, picks: list[int], dest: str) -> None:
+    """The picked rows of `raw` into `dest` (a local path or a URL), in the input's format."""
+    paths.write_all({dest: rows_bytes(raw, picks)})
 
 
 def refuse_overwriting_inputs(inputs: list[str], dests: list[str]) -> None:
@@ -135,8 +130,8 @@ def cli_split(args: argparse.Namespace) -> int:
                 )
             writes.append((raw, picks, _join(args.out, half, rel)))
     refuse_overwriting_inputs([raw.path for raw in loaded.files], [dest for _, _, dest in writes])
-    for raw, picks, dest in writes:
-        write_rows(raw, picks, dest)
+    # both halves renamed into place together: a kill leaves no train/ without its test/
+    paths.write_all({dest: rows_bytes(raw, picks) for raw, picks, dest in writes})
     print(
         f"split {len(loaded.rows)} rows by {args.by}: train {len(train)}, test {len(test)} -> "
         f"{_join(args.out, 'train')}, {_join(args.out, 'test')}"

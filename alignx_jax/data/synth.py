@@ -30,6 +30,7 @@ data readers take every .json under a folder as rows, and skip dot-files). Same 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.data.synth_world import BASES, FILLER_DEMOGRAPHICS, POSTS, WORLD, WORLD_DIMS
 from alignx_jax.errors import AlignXError
 
@@ -326,15 +328,15 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    os.makedirs(out_dir, exist_ok=True)
     schema = _arrow_schema()
     table = pa.Table.from_pylist(world.rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
     data_path = os.path.join(out_dir, "data.parquet")
-    pq.write_table(table, data_path)
     users_path = os.path.join(out_dir, USERS_FILE)
     labels = _labels()
-    with open(users_path, "w") as f:
-        json.dump(
+    users = (
+        json.dumps(
             {
                 "about": "Hidden directions of the synthetic users (alignx synth); rows carry user_id.",
                 "seed": world.seed,
@@ -357,11 +359,13 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
                     for u in world.users
                 ],
             },
-            f,
             indent=1,
             sort_keys=False,
         )
-        f.write("\n")
+        + "\n"
+    )
+    # the rows and their users' directions renamed into place together: a kill leaves both or neither
+    paths.write_all({data_path: buf.getvalue(), users_path: users.encode("utf-8")})
     return {"data": data_path, "users": users_path}
 
 
@@ -380,6 +384,8 @@ def _labels() -> dict[int, tuple[str, str]]:
 
 def cli_synth(args: argparse.Namespace) -> int:
     world = generate_world(args.users, args.pairs_per_user, args.seed)
-    paths = write_world(world, args.out)
-    print(f"synth: {len(world.users)} users, {len(world.rows)} rows -> {paths['data']} (+ {paths['users']})")
+    written = write_world(world, args.out)
+    print(
+        f"synth: {len(world.users)} users, {len(world.rows)} rows -> {written['data']} (+ {written['users']})"
+    )
     return 0
