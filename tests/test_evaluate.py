@@ -835,3 +835,38 @@ def test_a_non_finite_log_prob_in_a_per_example_file_is_refused(tmp_path):
         PerExampleLog(str(path))
     with pytest.raises(DataError, match=r": --out must be a file, got a folder$"):
         PerExampleLog(str(tmp_path), flag="--out")
+
+
+def test_benchmark_rows_know_their_file_and_a_split_folder_is_refused(tmp_path):
+    """A benchmark folder's rows carry (file, row there) for errors; an `alignx data split` output
+    (train/ beside test/) is refused, since scoring it whole would score its training half."""
+    from alignx_jax.data.benchmarks import benchmark_sample
+    from alignx_jax.errors import DataError
+
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b", "profile": "free text"} for i in range(5)]
+    folder = tmp_path / "ufp4"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps(rows[:2]))
+    (folder / "b.json").write_text(json.dumps(rows[2:]))
+    sample = benchmark_sample("uf-p-4", str(folder))
+    assert sample.picks == [0, 1, 2, 3, 4]
+    assert sample.places[3] == (str(folder / "b.json"), 1)
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    (tmp_path / "split" / "test").mkdir()
+    (tmp_path / "split" / "test" / "a.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"split folders train/, test/: name the one to score .*split/test"):
+        benchmark_sample("uf-p-4", str(tmp_path / "split"))
+
+
+def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():
+    """`--preference golden|profile` with a profile that is not the preference space's labels: the text
+    as it is (no direction to report); `--flip` needs the labels and names the file and row."""
+    from alignx_jax.errors import DataError
+    from alignx_jax.evaluate.profiles import file_profile, golden_profile
+
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "profile": "The user prefers concise answers."}
+    assert golden_profile(row, (), file="f.json", index=3) == (row["profile"], None)
+    assert file_profile(row, (), file="f.json", index=3) == (row["profile"], None)
+    for render in (golden_profile, file_profile):
+        with pytest.raises(DataError, match=r"^f\.json, row 3: --flip needs a `profile`"):
+            render(row, (4,), file="f.json", index=3)

@@ -233,8 +233,11 @@ def test_heuristic_metrics_use_history_vectors(world):
     expect = head_metrics(
         np.stack([history_direction(r) for r in rows]), np.stack([r["Preference Direction"] for r in rows])
     )
-    got = predict.heuristic_metrics(rows + [dict(rows[0], **{"Preference Direction": None})])
-    assert got == {f"heuristic_{k}": v for k, v in expect.items()}
+    no_history = {"User-Generated Content": [], "Pair-wise Comparative Feedback": []}
+    got = predict.heuristic_metrics(
+        rows + [dict(rows[0], **{"Preference Direction": None}), dict(rows[1], **no_history)]
+    )  # a row with no gold, and one with gold but no history vector for the rule: both skipped
+    assert got == {f"heuristic_{k}": v for k, v in expect.items()} and got["heuristic_n"] == 10
 
 
 # ----------------------------------------------------------------------------- persona input

@@ -187,6 +187,17 @@ def _good():
             "Pair-wise Comparative Feedback",
             "expected a list",
         ),
+        # half an emoji (a lone surrogate) is no text any tokenizer or writer takes
+        (
+            lambda r: r.update(chosen="nice \ud83d"),
+            "chosen",
+            "not valid Unicode text: \\ud83d at character 5",
+        ),
+        (
+            lambda r: r["User-Generated Content"][0].update(comment="\udc00"),
+            "User-Generated Content[0].comment",
+            "not valid Unicode text",
+        ),
     ],
 )
 def test_validate_row_rejects(mutate, field, message):
@@ -253,3 +264,24 @@ def test_auto_kind_is_not_fooled_by_a_broken_first_row(tmp_path):
     assert e.value.row == 0 and e.value.field == "Preference Direction"
     got, skipped = schema.load_rows(str(tmp_path / "d.jsonl"), skip_bad=True)
     assert skipped == 1 and len(got) == 2
+
+
+def test_byte_order_mark_dot_folders_and_jsonl_named_json(tmp_path):
+    """A BOM (Windows editors) is read past; dot-folders (.ipynb_checkpoints copies) are skipped like
+    dot-files; JSONL content in a .json file gets a hint that says so, not "truncated"."""
+    rng = np.random.default_rng(5)
+    rows = [alignx_row(i, rng) for i in range(4)]
+    (tmp_path / "a.json").write_text("\ufeff" + json.dumps(rows[:2]), encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(
+        "\ufeff" + "".join(json.dumps(r) + "\n" for r in rows[2:]), encoding="utf-8"
+    )
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.json").write_text(json.dumps(rows[:2]))
+    got, _ = schema.load_rows(str(tmp_path))
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in rows]
+    jsonl_as_json = tmp_path / "rows.json"
+    jsonl_as_json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        DataError, match=r"rows\.json.*Extra data \(one JSON value per line: name a JSONL file"
+    ):
+        schema.load_rows(str(jsonl_as_json))

@@ -15,7 +15,7 @@ import pytest
 from alignx_jax.data import synth
 from alignx_jax.data.batching import DPOExample
 from alignx_jax.data.persona import HISTORY_MODES, row_rng
-from alignx_jax.data.sources import ListSource, TrainLoader, open_source, prepare
+from alignx_jax.data.sources import HELD_OUT, ListSource, TrainLoader, open_source, prepare
 from alignx_jax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +85,12 @@ def test_prepare_splits_and_skip_bad_rows(synth_dir, tmp_path):
     assert open_source(str(src), split="test").rows == rows[4:]  # raw folders pick the split too
     with pytest.raises(DataError):
         open_source(str(tmp_path / "ok"), split="validation")
+    # data.eval's HELD_OUT: the test half of a split or prepared folder, never its training half
+    for folder in (src, tmp_path / "ok"):
+        held = open_source(str(folder), split=HELD_OUT, skip_bad=True)
+        assert [held[i] for i in range(len(held))] == rows[4:]
+    held = open_source(str(src / "test" / "rows.jsonl"), split=HELD_OUT)  # a file: its rows
+    assert len(held) == 2 and held.where(1) == (str(src / "test" / "rows.jsonl"), 1)
 
 
 # ------------------------------------------------------------------ loader

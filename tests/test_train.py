@@ -687,3 +687,45 @@ def test_pack_pairs_rejects_a_pair_longer_than_the_row():
     _, one = _shared_prompt_batches(B=4, dummies=0, seed=14)
     with pytest.raises(ValueError, match="does not fit a packed row"):
         batching.pack_pairs(one, groups=1, length=4, pad_id=0)
+
+
+def test_a_run_whose_every_row_is_dropped_is_an_error(tmp_path):
+    """data.overflow=drop with a max length no row fits: a warning at the first empty step, then one
+    error line (exit 1) instead of a run that trained on nothing and said done."""
+    w = tmp_path / "w"
+    fit_nothing = [
+        "--config.data.max_length=16",
+        "--config.data.buckets=(16,)",
+        "--config.loss.logps_chunk=16",
+        "--config.data.overflow=drop",
+    ]
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *fit_nothing, "--config.train.steps=2"]
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "warning: step 1 had no pair" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("alignx: error:") and "no step of this run had a pair" in last, r.stderr[-2000:]
+
+
+def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
+    """A row PBA cannot render a profile for fails naming the file it is in and its row there."""
+    from alignx_jax.data.synth import generate_world
+
+    rows = generate_world(4, 2, seed=0).rows
+    folder = tmp_path / "data"
+    folder.mkdir()
+    keep = ("prompt", "chosen", "rejected")  # the benchmark shape: no profile, direction or history
+    (folder / "a.jsonl").write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows[:3]))
+    (folder / "b.jsonl").write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows[3:6]))
+    pba = os.path.join(ROOT, "configs", "tiny_pba.py")
+    r = run_cli(
+        ["train", f"--config={pba}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
+        + [f"--config.data.train={folder}", "--config.data.shuffle=false", "--config.train.global_batch=2"]
+        + ["--config.train.micro_batch=2", "--config.pba.max_persona_tokens=128"]
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"alignx: error: {folder / 'a.jsonl'}, row 0: PBA needs a profile"), r.stderr[
+        -2000:
+    ]

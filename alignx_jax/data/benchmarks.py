@@ -12,10 +12,12 @@ A path may be a file or a folder (UF-P-4 ships four files: they are read in sort
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
 
@@ -64,21 +66,40 @@ def balanced_sample(rows: Sequence[dict], n: int, seed: int = 0) -> list[int]:
 def load_benchmark(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> list[dict]:
     """Read one benchmark's rows (every row validated as `name`); with `limit`, a seeded sample of
     that many rows balanced across personas (`balanced_sample`)."""
-    rows, picks = benchmark_sample(name, path, limit=limit, seed=seed)
-    return [rows[i] for i in picks]
+    sample = benchmark_sample(name, path, limit=limit, seed=seed)
+    return [sample.rows[i] for i in sample.picks]
 
 
-def benchmark_sample(
-    name: str, path: str, *, limit: int | None = None, seed: int = 0
-) -> tuple[list[dict], list[int]]:
-    """Every row of one benchmark (validated as `name`) and the row numbers taken: all of them, or
-    with `limit` the balanced sample `load_benchmark` returns. Results name rows by these numbers,
-    so a run with one --limit can reuse another's per-example scores."""
+@dataclass(frozen=True)
+class BenchmarkSample:
+    """Every row of one benchmark, the row numbers taken, and where each row is (its file, its row there)."""
+
+    rows: list[dict]
+    picks: list[int]
+    places: list[tuple[str, int]]
+
+
+def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> BenchmarkSample:
+    """Every row of one benchmark (validated as `name`; a folder's files in sorted order) and the row
+    numbers taken: all of them, or with `limit` the balanced sample `load_benchmark` returns. Results
+    name rows by these numbers, so a run with one --limit can reuse another's per-example scores."""
     if name not in BENCHMARK_KINDS:
         raise DataError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_KINDS)}")
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be positive, got {limit}")
-    rows, _ = schema.load_rows(path, kind=name)
+    halves = [h for h in ("train", "validation", "test") if paths.is_dir(f"{path.rstrip('/')}/{h}")]
+    if (
+        paths.is_dir(path) and halves
+    ):  # `alignx data split`'s output: scoring it whole would score its training half
+        raise DataError(
+            f"holds the split folders {', '.join(h + '/' for h in halves)}: name the one to score "
+            f"(e.g. {path.rstrip('/')}/{halves[-1]})",
+            file=path,
+        )
+    loaded = schema.load(path, kind=name)
+    rows = loaded.rows
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
-    return rows, list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed)
+    places = [(loaded.files[fi].path, ri) for fi, ri in loaded.origin]
+    picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed)
+    return BenchmarkSample(rows, picks, places)

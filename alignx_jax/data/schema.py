@@ -105,6 +105,15 @@ def _text(
         raise DataError(f"expected a string, got {type(value).__name__}", field=field_name, **where)
     if not blank_ok and not value.strip():
         raise DataError("is empty", field=field_name, **where)
+    try:
+        value.encode("utf-8")
+    except (
+        UnicodeEncodeError
+    ) as e:  # a lone surrogate ("\ud83d", half an emoji): no tokenizer or writer takes it
+        bad = value[e.start : e.end].encode("unicode_escape").decode("ascii")
+        raise DataError(
+            f"not valid Unicode text: {bad} at character {e.start}", field=field_name, **where
+        ) from None
     return value
 
 
@@ -206,7 +215,7 @@ def read_persona_file(path: str, *, needs: str = "ica") -> dict:
     if needs not in PERSONA_NEEDS:
         raise ValueError(f"needs={needs!r}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is read past
             obj = json.load(f)
     except OSError as e:
         raise DataError(f"cannot read persona file: {e.strerror}", file=path) from None
@@ -262,7 +271,8 @@ def list_files(path: str) -> list[str]:
         raise DataError("no such file or folder", file=path)
     found = []
     for root, dirs, files in os.walk(path):
-        dirs.sort()
+        # dot-folders (.ipynb_checkpoints, .git) hold copies, not data: skipped as dot-files are
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if _is_data_name(name):
                 found.append(os.path.join(root, name))
@@ -284,7 +294,11 @@ def _list_url(url: str) -> list[str]:
         if not top.is_dir():
             raise DataError("no such file or folder", file=url)
         # (path relative to url, url of the file)
-        found = [(sub, f"{url}/{sub}") for sub, child in paths.files_below(top) if _is_data_name(child.name)]
+        found = [
+            (sub, f"{url}/{sub}")
+            for sub, child in paths.files_below(top)
+            if _is_data_name(child.name) and not any(part.startswith(".") for part in sub.split("/"))
+        ]
     except DataError:
         raise
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
@@ -345,13 +359,18 @@ def read_file(path: str) -> RawFile:
         raise DataError(f"cannot read: {e}", file=path) from None
     except Exception as e:  # a bucket client's own error types
         raise DataError(f"cannot read: {_one_line(e)}", file=path) from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write UTF-8
     if fmt == "json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
+            hint = (
+                "one JSON value per line: name a JSONL file .jsonl"
+                if e.msg == "Extra data"
+                else "truncated or corrupt file?"
+            )
             raise DataError(
-                f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} (truncated or corrupt file?)",
-                file=path,
+                f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} ({hint})", file=path
             ) from None
         if not isinstance(rows, list):
             raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)

@@ -49,19 +49,32 @@ STATE_VERSION = 1
 class RowSource(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> dict: ...
+    def where(self, index: int) -> tuple[str, int]: ...
 
 
 class ListSource:
     """Rows held in memory (raw files, validated by schema.load_rows)."""
 
-    def __init__(self, rows: Sequence[dict], *, skipped: int = 0, path: str = ""):
+    def __init__(
+        self,
+        rows: Sequence[dict],
+        *,
+        skipped: int = 0,
+        path: str = "",
+        places: Sequence[tuple[str, int]] | None = None,
+    ):
         self.rows, self.skipped, self.path = list(rows), skipped, path
+        self.places = places  # per row: (its file, its row number there)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         return self.rows[index]
+
+    def where(self, index: int) -> tuple[str, int]:
+        """(file, row number) of row `index`, for an error that names it."""
+        return self.places[index] if self.places is not None else (self.path, index)
 
     def __repr__(self) -> str:
         return f"ListSource({self.path!r}, rows={len(self.rows)})"
@@ -89,6 +102,10 @@ class ArrayRecordSource:
 
         return decode_row(self._ds[int(index)]["row"])
 
+    def where(self, index: int) -> tuple[str, int]:
+        """(dataset and split, record number) of row `index`, for an error that names it."""
+        return f"{self.path} split {self.split}", index
+
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.path!r}, split={self.split!r}, rows={len(self)})"
 
@@ -104,21 +121,39 @@ def find_prepared(path: str) -> str | None:
     return None
 
 
+HELD_OUT = "held_out"  # open_source's split for evaluation rows: validation, else test, else the only rows
+
+
+def _held_out_split(splits: set[str]) -> str:
+    return next((s for s in ("validation", "test") if s in splits), "train")
+
+
 def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad: bool = False) -> RowSource:
     """Random access to rows: a prepared TFDS folder (`alignx data prepare --out`) or raw files.
 
-    For raw folders holding `train/`, `test/` ... sub-folders (`alignx data split`), `split` picks one.
+    For raw folders holding `train/`, `test/` ... sub-folders (`alignx data split`), `split` picks one;
+    HELD_OUT (`data.eval`) picks validation, else test, so a split's training half is never its eval set.
     """
     prepared = find_prepared(path)
     if prepared is not None:
+        if split == HELD_OUT:
+            import tensorflow_datasets as tfds
+
+            split = _held_out_split(set(tfds.builder_from_directory(prepared).info.splits))
         return ArrayRecordSource(prepared, split)
     from alignx_jax.data import schema
 
-    sub = f"{path.rstrip('/')}/{split}" if paths.is_url(path) else os.path.join(path, split)
+    def sub_of(name: str) -> str:
+        return f"{path.rstrip('/')}/{name}" if paths.is_url(path) else os.path.join(path, name)
+
+    if split == HELD_OUT:
+        split = _held_out_split({name for name in ("validation", "test") if paths.is_dir(sub_of(name))})
+    sub = sub_of(split)
     if paths.is_dir(sub):
         path = sub
-    rows, skipped = schema.load_rows(path, kind=kind, skip_bad=skip_bad)
-    return ListSource(rows, skipped=skipped, path=path)
+    loaded = schema.load(path, kind=kind, skip_bad=skip_bad)
+    places = [(loaded.files[fi].path, ri) for fi, ri in loaded.origin]
+    return ListSource(loaded.rows, skipped=loaded.skipped, path=path, places=places)
 
 
 def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "auto") -> dict[str, Any]:

@@ -20,7 +20,10 @@ def _format_table(results: dict[str, Any]) -> list[str]:
             name = key if persona is None else f"{key}/{persona}"
             acc = "n/a" if stats["accuracy"] is None else f"{100 * stats['accuracy']:.2f}%"
             lo, hi = stats["ci95"]
-            lines.append(f"{name:<28} {acc:>8}  n={stats['n']:<6} 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]")
+            cut = f"  ({stats['truncated']} cut to --max-length)" if stats.get("truncated") else ""
+            lines.append(
+                f"{name:<28} {acc:>8}  n={stats['n']:<6} 95% CI [{100 * lo:.1f}, {100 * hi:.1f}]{cut}"
+            )
             for group, g in (stats.get("by_persona") or {}).items():
                 a = "n/a" if g["accuracy"] is None else f"{100 * g['accuracy']:.2f}%"
                 lines.append(f"  persona {group[:60]!r}: {a} n={g['n']}")

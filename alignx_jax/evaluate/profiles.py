@@ -15,14 +15,15 @@ from alignx_jax.evaluate.options import flip_direction
 
 
 def golden_direction(row: dict) -> np.ndarray | None:
-    """The row's golden P~: its `Preference Direction`, else its `profile` parsed back; None if neither."""
+    """The row's golden P~: its `Preference Direction`, else its `profile` parsed back; None if neither
+    (or a free-text profile)."""
     from alignx_jax.data import persona as persona_lib
 
     d = row.get(persona_lib.DIRECTION_FIELD)
     if d is not None:
         return np.asarray(d, dtype=np.float32)
     if isinstance(row.get("profile"), str):
-        return persona_lib.parse_profile(row["profile"])
+        return _parsed(row["profile"])
     return None
 
 
@@ -35,12 +36,29 @@ def file_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tu
     if not isinstance(text, str):
         raise DataError("--preference profile needs a `profile` field in every row", file=file, row=index)
     if not flip:
-        try:
-            return text, persona_lib.parse_profile(text)
-        except DataError:  # free text: rendered as is, no direction to report on
-            return text, None
-    direction = flip_direction(persona_lib.parse_profile(text), flip)
+        return text, _parsed(text)
+    direction = flip_direction(_flippable(text, file=file, index=index), flip)
     return persona_lib.profile_text(direction), direction
+
+
+def _parsed(text: str) -> np.ndarray | None:
+    """A profile's direction, or None for free text (rendered as is, no direction to report on)."""
+    from alignx_jax.data import persona as persona_lib
+
+    try:
+        return persona_lib.parse_profile(text)
+    except DataError:
+        return None
+
+
+def _flippable(text: str, *, file: str, index: int) -> np.ndarray:
+    """The direction `--flip` changes: the profile must be the preference space's labels."""
+    direction = _parsed(text)
+    if direction is None:
+        raise DataError(
+            "--flip needs a `profile` made of the preference space's labels", file=file, row=index
+        )
+    return direction
 
 
 def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
@@ -51,8 +69,8 @@ def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> 
         direction = np.asarray(row[persona_lib.DIRECTION_FIELD], dtype=np.float32)
     elif isinstance(row.get("profile"), str):
         if not flip:  # the release's exact string (P-SOUPS) when nothing is changed
-            return row["profile"], golden_direction(row)
-        direction = persona_lib.parse_profile(row["profile"])
+            return row["profile"], _parsed(row["profile"])
+        direction = _flippable(row["profile"], file=file, index=index)
     else:
         raise DataError(
             "--preference golden needs a `Preference Direction` or a `profile`", file=file, row=index

@@ -203,6 +203,8 @@ def reward_stats(outcomes: Sequence[dict], beta: float) -> dict[str, float]:
 def summarize(outcomes: Sequence[dict], flip: Sequence[int], beta: float = 0.1) -> dict[str, Any]:
     stats = accuracy_stats([o["correct"] for o in outcomes])
     stats.update(reward_stats(outcomes, beta))
+    # pairs whose prompt or a response was cut to --max-length (docs/method.md section 7)
+    stats["truncated"] = sum(bool(o.get("truncated")) for o in outcomes)
     groups: dict[str, list[bool]] = {}
     for o in outcomes:
         if o.get("group") is not None:

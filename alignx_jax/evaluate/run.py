@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from alignx_jax import paths
+from alignx_jax.data.benchmarks import BenchmarkSample, benchmark_sample
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.evaluate import scoring
 from alignx_jax.evaluate.options import (
@@ -26,18 +27,18 @@ from alignx_jax.hardware import resolve_dtype
 
 
 def _prepare(
-    rows: Sequence[dict],
-    picks: Sequence[int],
+    sample: BenchmarkSample,
     spec: BenchmarkSpec,
     persona: str | None,
     settings: EvalSettings,
     tokenizer: Any,
     predicted: PredictedPreferences | None,
 ) -> tuple[list[Any], list[bool | None]]:
-    """DPOExamples for the rows `picks` of one benchmark under one persona, each indexed by its row
-    number in `rows`, and per example whether P~ involves --flip dims."""
+    """DPOExamples for the rows `sample.picks` of one benchmark under one persona, each indexed by its
+    row number in `sample.rows`, and per example whether P~ involves --flip dims."""
     from alignx_jax.data.batching import make_example
 
+    rows, picks, places = sample.rows, sample.picks, sample.places
     directions = None
     if settings.method == "pba" and settings.preference == "predicted":
         assert predicted is not None
@@ -57,9 +58,9 @@ def _prepare(
                     flip_direction(direction, settings.flip) if settings.flip else direction
                 )
             elif settings.preference == "profile":
-                profile, direction = file_profile(row, settings.flip, file=spec.path, index=i)
+                profile, direction = file_profile(row, settings.flip, file=places[i][0], index=places[i][1])
             else:
-                profile, direction = golden_profile(row, settings.flip, file=spec.path, index=i)
+                profile, direction = golden_profile(row, settings.flip, file=places[i][0], index=places[i][1])
         ex = make_example(
             tokenizer,
             row,
@@ -281,6 +282,7 @@ def _resumed(
                 ),
                 "flip_involved": inv,
                 "group": persona_group(rows[ex.index]),
+                "truncated": ex.truncated,
                 **{k: stored.get(k) for k in LOGP_KEYS},
             }
         )
@@ -343,7 +345,10 @@ def _score_todo(
                 for j, ex in enumerate(chunk)
             ]
             log.append(new_rows)
-            outcomes.extend({**r, "group": persona_group(rows[r["index"]])} for r in new_rows)
+            outcomes.extend(
+                {**r, "group": persona_group(rows[r["index"]]), "truncated": ex.truncated}
+                for ex, r in zip(chunk, new_rows)
+            )
             bar.update(len(chunk))
     return outcomes
 
@@ -353,25 +358,25 @@ def _score_persona(
     log: PerExampleLog,
     per_example: str | None,
     spec: BenchmarkSpec,
-    rows,
-    picks,
+    sample: BenchmarkSample,
     persona: str | None,
 ) -> list[dict]:
     """The outcomes of the rows `picks` of one benchmark file under one persona variant: resumed
     rows, then the rest scored."""
     from alignx_jax.data.persona import persona_text
 
+    rows, picks = sample.rows, sample.picks
     if persona is not None and not any(persona_text(rows[i], persona) for i in picks):
         print(
             f"alignx: warning: {spec.path}: no row has a persona under --persona {persona}; its prompts "
             "are scored with an empty one",
             file=sys.stderr,
         )
-    examples, involved = _prepare(rows, picks, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
+    examples, involved = _prepare(sample, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
     ica_by_index = {}
     if sc.ica_reference:
         ica_settings = dataclasses.replace(sc.settings, method="ica", flip=())
-        ica_examples, _ = _prepare(rows, picks, spec, persona or "p", ica_settings, sc.tokenizer, None)
+        ica_examples, _ = _prepare(sample, spec, persona or "p", ica_settings, sc.tokenizer, None)
         ica_by_index = {ex.index: ex for ex in ica_examples}
     outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
     if todo:
@@ -459,12 +464,11 @@ def evaluate(
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
     `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`)."""
-    from alignx_jax.data.benchmarks import benchmark_sample
 
     model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
     ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
     # Read every benchmark first: a bad file fails before minutes of model loading.
-    data = [(spec, *benchmark_sample(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+    data = [(spec, benchmark_sample(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
     sc = _load_scoring(
         model_dir,
         reference_dir,
@@ -483,12 +487,12 @@ def evaluate(
     _check_same_rows_everywhere(log)
     per_key: dict[str, dict[str | None, list[dict]]] = {}
     try:
-        for spec, rows, picks in data:
+        for spec, sample in data:
             for persona in resolve_personas(
                 settings.persona, spec.name, method=settings.method, preference=settings.preference
             ):
                 per_key.setdefault(spec.key, {})[persona] = _score_persona(
-                    sc, log, per_example, spec, rows, picks, persona
+                    sc, log, per_example, spec, sample, persona
                 )
     finally:
         log.close()

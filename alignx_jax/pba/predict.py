@@ -46,9 +46,10 @@ def gold_rows(rows: Sequence[Mapping[str, Any]]) -> list[int]:
 def heuristic_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The release's averaging rule (history directions -> P̃) scored against the rows' own direction.
 
-    Keys are `heuristic_<metric>` for each metric of `head_metrics`; rows with no gold are skipped.
+    Keys are `heuristic_<metric>` for each metric of `head_metrics` (`heuristic_n` rows); rows with no
+    gold, or no history vector for the rule to average, are skipped.
     """
-    idx = gold_rows(rows)
+    idx = [i for i in gold_rows(rows) if history_direction(rows[i]) is not None]
     pred = (
         np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx])
         if idx
@@ -222,9 +223,9 @@ def cli_predict_preferences(args: Any) -> int:
     if idx:
         gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
         summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
-        with_hist = [i for i in idx if history_direction(rows[i]) is not None]
-        if with_hist:
-            summary["heuristic"] = heuristic_metrics([rows[i] for i in with_hist])
+        heuristic = heuristic_metrics([rows[i] for i in idx])
+        if heuristic["heuristic_n"]:
+            summary["heuristic"] = heuristic
     # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
     stream = sys.stdout if args.out else sys.stderr
     if as_json:
@@ -236,7 +237,7 @@ def cli_predict_preferences(args: Any) -> int:
                 m = {k.removeprefix("heuristic_"): v for k, v in summary[name].items()}
                 print(
                     f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
-                    f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}",
+                    f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']:.0f} rows)",
                     file=stream,
                 )
     return 0

@@ -28,7 +28,7 @@ from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_microbatch_split, put_batch
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import batching, contrast, sources
-from alignx_jax.errors import AlignXError, ConfigError
+from alignx_jax.errors import AlignXError, ConfigError, DataError
 from alignx_jax.hardware import describe_auto, resolve_dtype
 from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
 from alignx_jax.pba import stages as pba_stages
@@ -108,6 +108,7 @@ class Trainer:
         self.stop = stop
         self.rows_truncated = 0  # rows whose prompt was cut to fit (saved with the loader state)
         self.skipped_total = 0  # non-finite steps skipped (loss.nan_policy='skip'), saved too
+        self.empty_steps = 0  # steps of this invocation whose batch kept no pair (every row dropped)
         self.predicted: np.ndarray | None = None  # [N, 90] first-stage P~, before the first batch
         self.ref_params: Any = None
         self.ref_table: np.ndarray | None = None
@@ -226,9 +227,13 @@ class Trainer:
         self.loader = self.new_loader()
         self.eval_every = int(cfg.train.eval_every)
         if self.eval_every:  # train.eval_every: the held-out rows data.eval, read once per evaluation
-            self.eval_source = sources.open_source(cfg.data.eval, skip_bad=bool(cfg.data.skip_bad_rows))
+            self.eval_source = sources.open_source(
+                cfg.data.eval, split=sources.HELD_OUT, skip_bad=bool(cfg.data.skip_bad_rows)
+            )
             if len(self.eval_source) == 0:
                 raise AlignXError(f"{cfg.data.eval}: no evaluation rows")
+            if self.is_main:  # which split of a split or prepared folder is scored
+                print(f"alignx train: held-out rows {self.eval_source!r}", file=sys.stderr)
         self.total_steps = (
             int(cfg.train.steps)
             if cfg.train.steps > 0
@@ -247,11 +252,15 @@ class Trainer:
             return None
         return self.predicted[index]
 
-    def example(self, row, rng, index):
-        """One row as a DPOExample (the loader's example_fn); counts truncated prompts."""
-        ex = self._make_example(row, rng, index)
+    def example(self, row, rng, index, source=None):
+        """One row of `source` (data.train's by default) as a DPOExample (the loader's example_fn);
+        counts truncated prompts."""
+        ex = self._make_example(row, rng, index, source)
         self.rows_truncated += int(ex is not None and ex.truncated)
         return ex
+
+    def eval_example(self, row, rng, index):
+        return self.example(row, rng, index, self.eval_source)
 
     def example_length(self, row, rng, index) -> int:
         """The row's token length as a batch would hold it (`data.length_groups`); counts nothing."""
@@ -265,7 +274,16 @@ class Trainer:
             else ex.length
         )
 
-    def _make_example(self, row, rng, index):
+    def _make_example(self, row, rng, index, source=None):
+        try:
+            return self._make_example_of(row, rng, index)
+        except DataError as e:
+            if e.file is not None:
+                raise
+            file, at = (source or self.source).where(index)  # a row-level error names its file and row
+            raise DataError(str(e), file=file, row=at) from None
+
+    def _make_example_of(self, row, rng, index):
         cfg = self.cfg
         return batching.make_example(
             self.tokenizer,
@@ -306,7 +324,7 @@ class Trainer:
         """One pass over data.eval in file order, each process its shard; the last batch padded."""
         return sources.TrainLoader(
             self.eval_source,
-            self.example,
+            self.eval_example,
             pairs_per_batch=self.gb // self.pc,
             pad_id=int(self.tokenizer.pad_token_id),
             buckets=tuple(int(b) for b in self.cfg.data.buckets),
@@ -538,6 +556,7 @@ class Trainer:
         dt, host = time.perf_counter() - t0, host_costs(r0)
         self.step += 1
         self.check_finite(m)
+        self.check_pairs(m)
         m.update({f"host/{k}": v for k, v in host.items()})
         m["skipped_nonfinite_steps"] = self.skipped_total
         final_head = None
@@ -578,6 +597,18 @@ class Trainer:
                     totals[k] = totals.get(k, 0.0) + float(v)
         self.rows_truncated = saved_truncated
         return eval_metrics(totals)
+
+    def check_pairs(self, m: dict[str, float]) -> None:
+        """Say so when a step's batch kept no pair: data.overflow=drop dropped every row of it."""
+        if m["pairs"] > 0:
+            return
+        self.empty_steps += 1
+        if self.empty_steps == 1 and self.is_main:
+            print(
+                f"alignx train: warning: step {self.step} had no pair: every row of its batch was dropped "
+                f"(longer than data.max_length={self.cfg.data.max_length} under data.overflow=drop)",
+                file=sys.stderr,
+            )
 
     def check_finite(self, m: dict[str, float]) -> None:
         """Count a non-finite step (loss.nan_policy) and stop the run when the policy says so."""
@@ -634,7 +665,15 @@ class Trainer:
                 )
             return 0
         ckpt.wait()
+        if self.empty_steps and self.empty_steps == step - self.start:
+            raise DataError(
+                f"no step of this run had a pair: every row was dropped (longer than data.max_length="
+                f"{self.cfg.data.max_length} under data.overflow=drop)",
+                file=self.data_path,
+            )
         if self.is_main:
+            if self.empty_steps:
+                print(f"alignx train: warning: {self.empty_steps} steps had no pair", file=sys.stderr)
             print(f"alignx train: done, {step} steps; checkpoints in {ckpt.directory}", file=sys.stderr)
         return 0
 
