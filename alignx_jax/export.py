@@ -34,6 +34,10 @@ from alignx_jax.models.hf import (
     write_export_manifest,
 )
 
+# what transformers may load from a folder besides the export's own files: other weights, their index,
+# or adapters (an adapter_config.json makes from_pretrained load a PEFT adapter)
+WEIGHT_FILE = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack|gguf)|.+\.index\.json|adapter_config\.json")
+
 
 def _copy_head_files(src: str, out_dir: str) -> None:
     from alignx_jax.models import preference_head as ph
@@ -43,11 +47,19 @@ def _copy_head_files(src: str, out_dir: str) -> None:
 
 
 def cli_import(args) -> int:
+    from alignx_jax import model_card
     from alignx_jax.models import preference_head as ph
     from alignx_jax.models.presets import resolve_model_path
 
     check_import_target(args.out, bool(getattr(args, "overwrite", False)))
     src = resolve_model_path(args.hf)  # a local folder, or a hub id's snapshot in the HF cache
+    if os.path.isdir(src) and os.path.realpath(src) == os.path.realpath(args.out):
+        raise CheckpointError(f"--out {args.out}: is the --hf folder itself; import into another folder")
+    if os.path.isdir(os.path.join(src, "checkpoints")) and model_card.read_run_config(src) is not None:
+        raise CheckpointError(
+            f"{args.hf}: a training workdir, not an HF folder; `alignx export --checkpoint {args.hf} --out DIR` "
+            "makes an HF folder of it"
+        )
     model = load_pretrained(src, dtype=args.dtype)
     head = None
     if ph.has_head(src):  # read first: a malformed or mismatched head fails before anything is written
@@ -57,8 +69,6 @@ def cli_import(args) -> int:
                 f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
                 f"hidden_size {model.cfg.hidden_size}"
             )
-    from alignx_jax import model_card
-
     os.makedirs(args.out, exist_ok=True)
     model_card.write_base_info(args.out, args.hf, src)  # first: it marks the folder as an import's
     save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)
@@ -166,6 +176,7 @@ def _publish(tmp: str, out: str, keep: list[str]) -> None:
         else:
             _link_or_copy(src, dst)
     if os.path.isdir(out):
+        shutil.copymode(out, tmp)  # the folder's permissions stay the user's
         old = _beside(out, "export-old")
         os.rename(out, old)
         os.rename(tmp, out)
@@ -222,15 +233,30 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
 
 
 def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
-    """adapter_config.json's `base_model_name_or_path`: the run's `model.hf_path` (a hub id or folder, from
-    a training workdir's config.json), else the folder of the base weights (a workdir's `reference`)."""
-    try:
-        data = json.loads(paths.path(os.path.join(checkpoint, "config.json")).read_text(encoding="utf-8"))
-        hf_path = (data.get("model") or {}).get("hf_path") if isinstance(data, dict) else None
-    except (OSError, ValueError, AttributeError):
-        hf_path = None
-    if isinstance(hf_path, str) and (os.path.isdir(hf_path) or re.fullmatch(r"[\w.-]+/[\w.-]+", hf_path)):
-        return os.path.abspath(hf_path) if os.path.isdir(hf_path) else hf_path  # a folder or a hub id
+    """adapter_config.json's `base_model_name_or_path`: the base the run recorded in W/reference (else its
+    `model.hf_path`) when that is a hub id or an HF folder transformers loads, else the folder of the base
+    weights themselves (a workdir's `reference`: e.g. for a run on an `alignx import` checkpoint)."""
+    from alignx_jax import model_card
+    from alignx_jax.hub import parse_hub_id
+
+    base = model_card.read_base_info(os.path.join(checkpoint, "reference")).get("base_model")
+    if not isinstance(base, str) or not base:
+        try:
+            data = json.loads(paths.path(os.path.join(checkpoint, "config.json")).read_text(encoding="utf-8"))
+            base = (data.get("model") or {}).get("hf_path") if isinstance(data, dict) else None
+        except (OSError, ValueError, AttributeError):
+            base = None
+    if isinstance(base, str) and base:
+        hub = parse_hub_id(base)
+        if hub is not None:
+            return hub[0]
+        loadable = (
+            os.path.isdir(base)
+            and os.path.isfile(os.path.join(base, "config.json"))
+            and any(n.endswith(".safetensors") for n in os.listdir(base))
+        )
+        if loadable:
+            return os.path.abspath(base)
     return paths.absolute(res.config_dir) if paths.is_url(res.config_dir) else os.path.abspath(res.config_dir)
 
 
@@ -308,7 +334,7 @@ def cli_export(args) -> int:
 
     if paths.is_url(args.out):
         return _export_to_bucket(args)
-    out = os.path.abspath(args.out)
+    out = os.path.realpath(args.out)  # a link to a folder: the folder is replaced, the link kept
     res = resolve_checkpoint(args.checkpoint, args.step)
     source = _export_source(args.checkpoint)
     # a multi-process job (launch/local.sh, a pod): every process reads the checkpoint, process 0 writes
@@ -324,6 +350,12 @@ def cli_export(args) -> int:
     try:
         files = _write_export(args, res, model, head, tmp, source)
         keep = [e for e in entries if e not in own and e not in files]
+        stale = [e for e in keep if WEIGHT_FILE.fullmatch(e)]
+        if stale:  # transformers would load them instead of the export (model.safetensors beats an index)
+            raise CheckpointError(
+                f"--out {out}: holds {paths.listing(stale)}, weights this export does not write, which "
+                "transformers would load instead of it or with it; remove them or choose another folder"
+            )
         _publish(tmp, out, keep)
     except OSError as e:  # a full disk, a permission: `out` is as it was
         shutil.rmtree(tmp, ignore_errors=True)
@@ -334,13 +366,6 @@ def cli_export(args) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    odd = [e for e in keep if e.endswith(".safetensors")]
-    if odd:
-        print(
-            f"alignx export: warning: kept {', '.join(odd)} in {out} (not written by an export; the index names "
-            "the exported shards, but tools that read every *.safetensors file would mix them in)",
-            file=sys.stderr,
-        )
     where = f" step {res.step}" if res.step is not None else ""
     extra = " (with preference head)" if res.head_dir is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out}{extra}")

@@ -60,11 +60,26 @@ def read_base_info(folder: str | None) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def write_base_info(folder: str, base_model: str, src_folder: str) -> str:
-    """BASE_INFO for an imported checkpoint: the `--hf` argument as given (a hub id stays one)."""
-    info = {"base_model": base_model, "license": read_license(src_folder)}
+def base_record(model_path: str, src_folder: str | None) -> dict[str, Any]:
+    """What BASE_INFO records of a model path as the user gave it, decided now (from the directory it was
+    given in): a hub id or URL stays one, a local path becomes absolute (read later from elsewhere, `m/x`
+    would pass for a hub id), an imported checkpoint passes on the base it recorded."""
+    from alignx_jax.hub import parse_hub_id
+
+    info = read_base_info(src_folder) if src_folder and os.path.isdir(src_folder) else {}
+    if info.get("base_model"):
+        return {"base_model": info["base_model"], "license": info.get("license") or read_license(src_folder)}
+    local = parse_hub_id(model_path) is None and "://" not in model_path and os.path.exists(model_path)
+    return {
+        "base_model": os.path.abspath(model_path) if local else model_path,
+        "license": read_license(src_folder),
+    }
+
+
+def write_base_info(folder: str, base_model: str, src_folder: str | None) -> str:
+    """BASE_INFO for an imported checkpoint (the `--hf` argument) or a run's W/reference (`model.hf_path`)."""
     with open(os.path.join(folder, BASE_INFO), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+        json.dump(base_record(base_model, src_folder), f, indent=2, sort_keys=True)
     return BASE_INFO
 
 
@@ -121,14 +136,19 @@ def _pct(x: Any) -> str:
 def _results_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     lines = ["| results file | method | benchmark | accuracy % | n | 95% CI |", "|---|---|---|---|---|---|"]
     for path, data in results:
-        for name, b in sorted(data["benchmarks"].items()):
-            if not isinstance(b, dict):
+        for key, entry in sorted(data["benchmarks"].items()):
+            if not isinstance(entry, dict):
                 continue
-            ci = b.get("ci95") or [None, None]
-            lines.append(
-                f"| {os.path.basename(path)} | {data.get('method', '')} | {name} | {_pct(b.get('accuracy'))} "
-                f"| {b.get('n', '')} | [{_pct(ci[0])}, {_pct(ci[1])}] |"
-            )
+            # one result, or one per persona variant (AlignX-test: {ugc, pair, demo, p})
+            items = [(key, entry)] if "accuracy" in entry else [(f"{key}/{v}", b) for v, b in entry.items()]
+            for name, b in items:
+                if not isinstance(b, dict):
+                    continue
+                ci = b.get("ci95") or [None, None]
+                lines.append(
+                    f"| {os.path.basename(path)} | {data.get('method', '')} | {name} | {_pct(b.get('accuracy'))} "
+                    f"| {b.get('n', '')} | [{_pct(ci[0])}, {_pct(ci[1])}] |"
+                )
     return lines
 
 
@@ -236,7 +256,10 @@ def write_card(
     if run_cfg is not None:
         hf_path = str((run_cfg.get("model") or {}).get("hf_path") or "")
         base_model = hf_path or None
-        info = read_base_info(hf_path) if hf_path and os.path.isdir(hf_path) else {}
+        # what training recorded in W/reference (runs before it: model.hf_path, read from here)
+        info = read_base_info(os.path.join(checkpoint, "reference"))
+        if not info.get("base_model"):
+            info = read_base_info(hf_path) if hf_path and os.path.isdir(hf_path) else {}
         base_model = info.get("base_model") or base_model
         license_ = info.get("license") or read_license(config_dir)
     else:

@@ -166,3 +166,121 @@ def test_bad_results_file_is_one_line(tiny_hf_checkpoints, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not an `alignx eval` results file" in err
     assert not out.exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".out.")]
+
+
+# ----------------------------------------------------------------------------- what an export may not carry
+
+
+def test_float16_overflow_is_an_error_not_a_saved_inf(tiny_hf_checkpoints, tmp_path):
+    """A weight past float16's 65504 would be saved as inf (and refused by eval later): one error now."""
+    import jax.numpy as jnp
+
+    from alignx_jax.errors import CheckpointError
+
+    model = hf_lib.load_pretrained(tiny_hf_checkpoints["llama"])
+    kernel = model.layers.mlp.down_proj.kernel
+    kernel.set_value(kernel.get_value().at[0, 0, 0].set(1e6))
+    with pytest.raises(
+        CheckpointError, match=r"down_proj\.weight: holds values too large for float16.*1e\+06"
+    ):
+        hf_lib.save_hf(model, str(tmp_path / "f16"), dtype="float16")
+    hf_lib.save_hf(model, str(tmp_path / "bf16"), dtype="bfloat16")  # bfloat16 holds it
+    assert (
+        float(jnp.max(hf_lib.load_pretrained(str(tmp_path / "bf16")).layers.mlp.down_proj.kernel.get_value()))
+        > 9e5
+    )
+
+
+def test_a_nan_preference_head_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from alignx_jax.errors import CheckpointError
+    from alignx_jax.models import preference_head as ph
+
+    cfg = ph.HeadConfig(embed_dim=16)
+    ph.save_head(ph.PreferenceHead(cfg, rngs=__import__("flax").nnx.Rngs(0)), cfg, str(tmp_path))
+    path = str(tmp_path / ph.HEAD_WEIGHTS_FILE)
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].copy()
+    tensors[key].flat[0] = float("nan")
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=rf"{key} holds NaN/inf values"):
+        ph.load_head(str(tmp_path))
+
+
+def test_a_second_import_replaces_the_first_ones_tokenizer_files(tiny_hf_checkpoints, tmp_path):
+    """A re-import into an earlier import's folder: no stale chat_template.jinja of the first tokenizer."""
+    ckpt = tmp_path / "ckpt"
+    first = tmp_path / "first"
+    shutil.copytree(tiny_hf_checkpoints["llama"], first)
+    (first / "chat_template.jinja").write_text("{{ 'stale' }}")
+    assert main(["import", "--hf", str(first), "--out", str(ckpt)]) == 0
+    assert (ckpt / "chat_template.jinja").is_file()
+    assert main(["import", "--hf", tiny_hf_checkpoints["llama"], "--out", str(ckpt)]) == 0
+    assert not (ckpt / "chat_template.jinja").exists()
+    own = json.loads((ckpt / "alignx_base.json").read_text())
+    assert own["base_model"] == os.path.abspath(tiny_hf_checkpoints["llama"])
+
+
+def test_import_refuses_its_own_folder_and_a_workdir(tiny_hf_checkpoints, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny_hf_checkpoints["llama"], mine)
+    before = sorted(os.listdir(mine))
+    assert main(["import", "--hf", str(mine), "--out", str(mine), "--overwrite"]) == 1
+    assert "is the --hf folder itself" in capsys.readouterr().err and sorted(os.listdir(mine)) == before
+    work = tmp_path / "W"
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "config.json").write_text(json.dumps({"model": {}, "data": {}}))
+    assert main(["import", "--hf", str(work), "--out", str(tmp_path / "x")]) == 1
+    assert "a training workdir, not an HF folder; `alignx export" in capsys.readouterr().err
+
+
+def test_export_through_a_link_keeps_the_link_and_the_folder_mode(tiny_hf_checkpoints, tmp_path):
+    ckpt, real, link = tmp_path / "ckpt", tmp_path / "exports", tmp_path / "link"
+    assert main(["import", "--hf", tiny_hf_checkpoints["llama"], "--out", str(ckpt)]) == 0
+    real.mkdir(mode=0o700)
+    os.chmod(real, 0o700)
+    link.symlink_to(real)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(link)]) == 0
+    assert link.is_symlink() and (real / "config.json").is_file()
+    assert (os.stat(real).st_mode & 0o777) == 0o700
+    assert not [p for p in tmp_path.iterdir() if ".export-" in p.name]
+
+
+def test_peft_base_is_a_loadable_base(tmp_path):
+    """adapter_config.json's base: a hub id as recorded, an HF folder made absolute, and for anything
+    transformers cannot load (an `alignx import` checkpoint) the run's own W/reference."""
+    from types import SimpleNamespace
+
+    from alignx_jax.export import peft_base
+
+    work = tmp_path / "W"
+    (work / "reference").mkdir(parents=True)
+    res = SimpleNamespace(config_dir=str(work / "reference"))
+
+    def recorded(base):
+        (work / "reference" / "alignx_base.json").write_text(json.dumps({"base_model": base}))
+        return peft_base(str(work), res)
+
+    assert recorded("HuggingFaceTB/SmolLM2-135M-Instruct@main") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hf_folder = tmp_path / "hf"
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")
+    (hf_folder / "model.safetensors").write_bytes(b"")
+    assert recorded(str(hf_folder)) == str(hf_folder)
+    imported = tmp_path / "imported"
+    (imported / "params").mkdir(parents=True)
+    (imported / "config.json").write_text("{}")
+    assert recorded(str(imported)) == str(work / "reference")
+
+
+def test_card_lists_per_persona_results():
+    from alignx_jax.model_card import _results_lines
+
+    stats = {"accuracy": 0.5, "n": 4, "ci95": [0.2, 0.8]}
+    lines = _results_lines(
+        [("/r/a.json", {"method": "pba", "benchmarks": {"alignx": {"ugc": stats, "p": stats}}})]
+    )
+    assert "| a.json | pba | alignx/p | 50.0 | 4 | [20.0, 80.0] |" in lines
+    assert "| a.json | pba | alignx/ugc | 50.0 | 4 | [20.0, 80.0] |" in lines

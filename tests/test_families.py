@@ -339,6 +339,23 @@ def test_config_mistral_7b_v02_round_trip():
     assert not v01.window_cuts(4096) and v01.window_cuts(4097)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
+def test_an_absent_tie_word_embeddings_is_transformers_default(family):
+    """A config.json without the key: the family's transformers default (only Gemma2Config ties), or the
+    file's lm_head.weight would be ignored."""
+    import transformers
+
+    default = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+    }[family]().tie_word_embeddings
+    hf = {k: v for k, v in MISTRAL_7B_V02.items() if k not in ("tie_word_embeddings", "architectures")}
+    assert DecoderConfig.from_hf({**hf, "model_type": family}).tie_word_embeddings == default
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -552,6 +553,11 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
     )
     src = tmp_path / "hf"
     save_hf(Decoder(cfg, rngs=nnx.Rngs(3)), str(src), tokenizer_dir=TINY_TOKENIZER_DIR)
+    # model.tokenizer: the same vocabulary, another tokenizer_config.json (what the export must ship)
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER_DIR, tok_dir)
+    tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "model_max_length": 77}))
     w = tmp_path / "w"
     r = run_cli(
         [
@@ -560,6 +566,7 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
             f"--config.workdir={w}",
             *SMALL,
             f"--config.model.hf_path={src}",
+            f"--config.model.tokenizer={tok_dir}",
             "--config.model.dtype=bfloat16",
             "--config.train.steps=2",
         ]
@@ -575,10 +582,14 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
     np.testing.assert_allclose(losses_[1], np.log(2.0), atol=2e-4)
     assert losses_[2] != losses_[1]
     copied = sorted(p.name for p in (w / "reference").iterdir())
-    assert copied == sorted(p.name for p in src.iterdir())
+    assert copied == sorted([p.name for p in src.iterdir()] + ["alignx_base.json"])
     assert (w / "reference" / "model-00001-of-00001.safetensors").read_bytes() == (
         src / "model-00001-of-00001.safetensors"
     ).read_bytes()
+    ref_tok = (w / "reference" / "tokenizer_config.json").read_bytes()
+    assert ref_tok == (tok_dir / "tokenizer_config.json").read_bytes()  # model.tokenizer's, not hf_path's
+    base = json.loads((w / "reference" / "alignx_base.json").read_text())
+    assert base["base_model"] == str(src)  # absolute: an export from another directory still finds it
 
 
 def test_metrics_writer_appends_and_drops_steps_after_resume_point(tmp_path):

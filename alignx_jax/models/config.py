@@ -280,7 +280,8 @@ class DecoderConfig:
                 # Qwen2 always has q/k/v biases and no o bias; the others' attention_bias covers all four
                 qkv_bias=True if model_type == "qwen2" else bias,
                 o_bias=False if model_type == "qwen2" else bias,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("qwen2", "gemma2"))),
+                # absent: transformers' default for the family (Gemma2Config ties, Qwen2Config does not)
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma2")),
                 hidden_act=hf.get(act_key, "silu"),
                 qk_norm=model_type == "qwen3",
                 norm_plus_one=gemma,

@@ -241,6 +241,8 @@ class GGUFFile:
             raise CheckpointError(
                 f"{self.path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be dequantized ({e})"
             ) from None
+        if not np.isfinite(w).all():  # named here, by the file's own tensor name, before anything is written
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} holds NaN/inf values")
         if self.arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             c = self.hf_config
             w = _unpermute_rows(

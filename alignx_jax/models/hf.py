@@ -276,10 +276,14 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 def copy_tokenizer(src: str | None, out_dir: str) -> list[str]:
-    """Copy the tokenizer files of `src` into `out_dir`; returns their names."""
+    """Copy the tokenizer files of `src` into `out_dir`, removing tokenizer files of another tokenizer
+    there (an earlier import's chat_template.jinja would override this one's); returns their names."""
     if not src or not os.path.isdir(src):
         return []
     names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in TOKENIZER_FILES:
+        if name not in names and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     for name in names:
         shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
     return names
@@ -404,6 +408,18 @@ def _shards(items: list[_HFTensor], limit: int) -> list[list[_HFTensor]]:
     return shards
 
 
+def _cast_finite(x: np.ndarray, dt: np.dtype, name: str) -> np.ndarray:
+    """`x` as `dt`; a value the cast turns into inf (float16 tops out at 65504) is an error, not a saved inf."""
+    with np.errstate(over="ignore"):
+        out = x.astype(dt)
+    if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+        raise CheckpointError(
+            f"{name}: holds values too large for {np.dtype(dt).name} (|x| up to {float(np.max(np.abs(x))):.4g}); "
+            "export with --dtype bfloat16 or float32"
+        )
+    return out
+
+
 def _write_shards(
     out_dir: str, cfg: DecoderConfig, flat: dict, shards: list[list[_HFTensor]]
 ) -> dict[str, str]:
@@ -416,7 +432,7 @@ def _write_shards(
                 cache.clear()
                 cache[m.path] = _host(flat[m.path].get_value())
             src = cache[m.path] if i is None else cache[m.path][i]
-            yield np.asarray(m.to_hf(src, cfg)).astype(dt)
+            yield _cast_finite(np.asarray(m.to_hf(src, cfg)), dt, _name)
 
     weight_map: dict[str, str] = {}
     for k, shard in enumerate(shards):
@@ -487,8 +503,12 @@ def save_peft(
         targets.append(m.path[-2])
         for i in range(cfg.num_hidden_layers):
             name = module.format(i=i)
-            tensors[f"{name}.lora_A.weight"] = a[i].reshape(ins, rank).T.astype(out_dtype)
-            tensors[f"{name}.lora_B.weight"] = (scale * b[i].reshape(rank, outs).T).astype(out_dtype)
+            tensors[f"{name}.lora_A.weight"] = _cast_finite(
+                a[i].reshape(ins, rank).T, out_dtype, f"{name}.lora_A"
+            )
+            tensors[f"{name}.lora_B.weight"] = _cast_finite(
+                scale * b[i].reshape(rank, outs).T, out_dtype, f"{name}.lora_B"
+            )
     names = sorted(tensors)
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(

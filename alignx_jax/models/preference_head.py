@@ -567,5 +567,7 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
                 f"{hf_dir}/{HEAD_WEIGHTS_FILE}: {key} has shape {tuple(tensors[key].shape)}, "
                 f"config {HEAD_CONFIG_FILE} implies {want}"
             )
+        if not np.isfinite(tensors[key]).all():  # a corrupt head would predict silently wrong P~
+            raise CheckpointError(f"{hf_dir}/{HEAD_WEIGHTS_FILE}: {key} holds NaN/inf values")
         var.set_value(jnp.asarray(tensors[key]))
     return head, cfg

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from alignx_jax import paths
+from alignx_jax import model_card, paths
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.config import config_to_json
 from alignx_jax.errors import ConfigError
@@ -106,7 +106,16 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
     )
     if is_hf:
         if is_main:  # an HF folder already is the reference: copy its files (no multi-host gather)
-            _publish_folder(src, ref, copy=True)
+            files = {n: os.path.join(src, n) for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))}
+            if tokenizer_dir and os.path.realpath(tokenizer_dir) != os.path.realpath(src):
+                # model.tokenizer's files, not the weights folder's: an export ships what the run trained with
+                files = {n: p for n, p in files.items() if n not in hf.TOKENIZER_FILES}
+                files.update(
+                    (n, os.path.join(tokenizer_dir, n))
+                    for n in hf.TOKENIZER_FILES
+                    if os.path.isfile(os.path.join(tokenizer_dir, n))
+                )
+            _publish_folder(files, ref)
     else:
         host_model = _gathered(model)
         if is_main and paths.is_url(workdir):  # written locally, then copied to the bucket
@@ -115,7 +124,7 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
             with tempfile.TemporaryDirectory(prefix="alignx-reference-") as local:
                 tmp = os.path.join(local, "reference")
                 hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir)
-                _publish_folder(tmp, ref, copy=True)
+                _publish_folder(tmp, ref)
         elif is_main:  # beside its place in W (a full disk names W) and renamed into place
             tmp = ref.parent / (ref.name + ".tmp")
             if tmp.exists():
@@ -125,6 +134,11 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
                 ref.rmtree()
             tmp.rename(ref)
         del host_model
+    if is_main and cfg.model.hf_path:
+        # where the base came from, decided here (a relative path is relative to this directory): the
+        # export's model card and PEFT adapter config read it
+        info = model_card.base_record(str(cfg.model.hf_path), src if src and os.path.isdir(src) else None)
+        (ref / model_card.BASE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
     sync("reference")
 
 
@@ -145,20 +159,18 @@ def _gathered(model):
     return nnx.merge(graphdef, jax.tree.map(gather, state))
 
 
-def _publish_folder(src: str, dst, *, copy: bool) -> None:
-    """The files of the local folder `src` as the folder `dst` (an epath.Path, maybe a URL), written aside
-    and renamed into place (a local `src` on the same file system is moved when `copy` is False)."""
+def _publish_folder(src: str | dict[str, str], dst) -> None:
+    """The files `src` (a local folder's, or {name: local path}) as the folder `dst` (an epath.Path, maybe
+    a URL), written aside and renamed into place."""
     tmp = dst.parent / (dst.name + ".tmp")
     if tmp.exists():
         tmp.rmtree()
-    if copy:
-        tmp.mkdir(parents=True)
-        for name in sorted(os.listdir(src)):
-            if os.path.isfile(os.path.join(src, name)):
-                with open(os.path.join(src, name), "rb") as f:
-                    (tmp / name).write_bytes(f.read())
-    else:
-        shutil.move(src, os.fspath(tmp))
+    if isinstance(src, str):
+        src = {n: os.path.join(src, n) for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))}
+    tmp.mkdir(parents=True)
+    for name, path in sorted(src.items()):
+        with open(path, "rb") as f:
+            (tmp / name).write_bytes(f.read())
     if dst.exists():
         dst.rmtree()
     tmp.rename(dst)
