@@ -17,6 +17,7 @@ falls back to the newest step that verifies, moving the bad ones to `W/checkpoin
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -211,6 +212,32 @@ def verify_tree(tree: Any, expected: dict[str, str] | None, where: str) -> None:
 # ----------------------------------------------------------------------------- the manager
 
 
+META_DIGEST = "meta_sha256"  # in a step's meta: the digest of the rest of it (`meta_digest`)
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a step's JSON meta as canonical JSON (what JSON round-trips: a tuple is saved as a list)."""
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _raised_in_barrier(e: BaseException) -> bool:
+    """Whether `e` came out of orbax's process barrier itself (then every process has been through it)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("sync_global_processes", "sync_global_devices"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _all_processes(ok: bool) -> bool:
+    """`ok` on every process (an all-gather every process joins)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok], np.int32))))
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -254,10 +281,11 @@ class TrainCheckpointer:
             sums[item], bad = digests(tree)
             if bad:  # never write a state that cannot be resumed from
                 raise CheckpointError(f"step {step}: {item} {bad[0]} holds NaN/inf values; not saved")
+        meta = {**meta, "checksums": sums}
         items = dict(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({**meta, "checksums": sums}),
+            meta=ocp.args.JsonSave({**meta, META_DIGEST: meta_digest(meta)}),
         )
         if head is not None:  # an item left out of the Composite is simply not written for this step
             items["head"] = ocp.args.StandardSave(head)
@@ -293,22 +321,49 @@ class TrainCheckpointer:
                     f"{where}: no head/ item (the run that wrote it trained no preference head)"
                 )
             items["head"] = ocp.args.StandardRestore(abstract_head)
-        why = None
+        why, in_barrier = None, False
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
         except Exception as e:  # a truncated, half-written or different-model checkpoint
             why = f"{type(e).__name__}: {first_line(e)}"
+            in_barrier = _raised_in_barrier(e)
         if why is not None:  # outside the handler: the failed read's frames are free to be collected
             collect_orphans()
+        if jax.process_count() > 1:
+            # a file only this process reads can fail here alone: every process must then give the step
+            # up together, or the others wait in orbax's barrier and verify_tree's collectives for ever
+            if why is not None and not in_barrier:
+                self._join_restore_barrier()
+            if not _all_processes(why is None):
+                why = why or "it failed to restore on another process"
+        if why is not None:
             raise CheckpointError(f"{where}: cannot restore ({why})")
         meta = dict(out["meta"])
         if verify:
+            # the step, the loader position and the counters a resume continues from, and the arrays' digests
+            saved = meta.pop(META_DIGEST, None)
+            if saved is not None and saved != meta_digest(meta):
+                raise CheckpointError(f"{where}/meta: does not match its checksum (corrupt data)")
+            if int(meta.get("step", step)) != int(step):
+                raise CheckpointError(f"{where}/meta: names step {meta.get('step')} (corrupt data)")
             sums = meta.get("checksums") or {}
             for item in ARRAY_ITEMS:
                 if item in items:
                     verify_tree(out[item], sums.get(item), f"{where}/{item}")
         res = (out["params"], out["opt_state"], meta)
         return res + (out["head"],) if abstract_head is not None else res
+
+    def _join_restore_barrier(self) -> None:
+        """The barrier orbax's Checkpointer.restore ends with, which a process whose read failed never
+        reached: the processes whose read succeeded wait in it."""
+        from orbax.checkpoint._src.multihost import multihost as ocp_multihost
+
+        ckptr = self._mngr._checkpointer  # orbax keeps the key's parts here (0.12): private, so looked up
+        prefix = getattr(ckptr, "_barrier_sync_key_prefix", None)
+        ocp_multihost.sync_global_processes(
+            ocp_multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix),
+            processes=getattr(ckptr, "_active_processes", None),
+        )
 
     def restore_newest_good(
         self,

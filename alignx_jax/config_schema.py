@@ -554,6 +554,11 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
     if cfg.train.steps == 0 or cfg.train.steps < -1 or (cfg.train.steps == -1 and cfg.train.epochs <= 0):
         raise ConfigError("train.steps must be positive, or -1 with train.epochs > 0")
+    for key in ("every_steps", "keep"):
+        if cfg.checkpoint[key] < 1:
+            raise ConfigError(f"checkpoint.{key} must be at least 1, got {cfg.checkpoint[key]}")
+    if cfg.train.log_every < 1:
+        raise ConfigError(f"train.log_every must be at least 1, got {cfg.train.log_every}")
 
 
 def _check_eval(cfg: ml_collections.ConfigDict) -> None:

@@ -84,6 +84,39 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], *, free: Iterable[str
     return [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and not is_free(k, free)]
 
 
+# what `alignx train` writes in W (besides LOCK_FILE and W/.jax_cache): a folder that holds any of these
+# but no run's config.json or lock is someone else's, and a run would replace them
+RUN_ENTRIES = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoints",
+    "checkpoints.bad",
+    "reference",
+    "reference.tmp",
+    "tensorboard",
+    "data",
+    "data.fingerprint",
+)
+
+
+def check_run_folder(workdir: str) -> None:
+    """ConfigError when W exists, is no earlier run's folder (no lock, no run config.json) and holds
+    files a run writes: they are the user's, and a run would replace them. Read only (every process)."""
+    w = paths.path(workdir)
+    if not w.is_dir():
+        return
+    names = sorted(p.name for p in w.iterdir())
+    saved = read_saved_config(workdir) if "config.json" in names else None
+    if LOCK_FILE in names or (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
+        return
+    clash = [n for n in names if n in RUN_ENTRIES or n.startswith(("ref_logps.", "pba_predicted."))]
+    if clash:
+        raise ConfigError(
+            f"workdir {workdir}: not an alignx run's folder, and holds {paths.listing(clash)}, which a run "
+            "writes and replaces; choose a new or empty folder (or a run's own workdir)"
+        )
+
+
 def read_saved_config(workdir: str) -> dict[str, Any] | None:
     """W/config.json as a dict, None when absent; unreadable is a warning and None."""
     path = os.path.join(workdir, "config.json")

@@ -230,6 +230,21 @@ def test_skip_policy_skips_counts_and_stops_after_max_in_a_row(tmp_path):
     _all_finite_checkpoints(w)
 
 
+@pytest.mark.slow
+def test_skip_policy_counts_the_skipped_steps_before_a_resume(tmp_path):
+    """The steps skipped in a row before a stop count after the resume: the run stops where an
+    uninterrupted one does (each rerun used to start the count again, walking past the limit)."""
+    skip = ["--config.optim.lr=1e9", "--config.loss.nan_policy=skip", "--config.loss.max_skipped_steps=3"]
+    skip += ["--config.optim.warmup_ratio=0", "--config.optim.min_lr_ratio=1"]  # one lr whatever train.steps
+    whole = _one_error(_train(tmp_path / "A", 12, 1, *skip), "steps in a row up to step")
+    w = tmp_path / "B"
+    stop = int(whole.split("up to step ")[1].split(" ")[0].rstrip(";:,"))
+    r = _train(w, stop - 1, 1, *skip)  # ends one step short of the limit, with steps skipped in a row
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _one_error(_train(w, 12, 1, *skip), "steps in a row up to step")
+    assert f"up to step {stop}" in resumed, (whole, resumed)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_skip_policy_step_keeps_the_old_state():
     """In the jitted step: a non-finite update is flagged and, with nan_policy=skip, not applied."""
@@ -521,10 +536,15 @@ def test_cut_metrics_line_is_dropped_with_a_warning(run_copy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "meta"])
 def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, damage):
     path = _largest_data_file(run_copy / "checkpoints" / "4")
-    if damage == "truncate":
+    if damage == "meta":  # valid JSON, one digit more: the loader would resume from another row
+        meta = run_copy / "checkpoints" / "4" / "meta" / "metadata"
+        text = meta.read_text()
+        assert '"rows_seen": ' in text
+        meta.write_text(text.replace('"rows_seen": ', '"rows_seen": 1', 1))
+    elif damage == "truncate":
         os.truncate(path, os.path.getsize(path) // 3)
     else:
         data = bytearray(open(path, "rb").read())
@@ -647,6 +667,39 @@ def test_resume_refuses_a_changed_config_unless_allowed(run_copy):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: resuming with a changed config" in r.stderr and "optim.lr" in r.stderr
     assert json.loads((run_copy / "config.json").read_text())["optim"]["lr"] == 2e-3
+
+
+@pytest.mark.slow
+def test_a_failed_resume_leaves_the_config_of_its_checkpoints(run_copy):
+    """A resume allowed to change the model that then restores no step: W/config.json still describes the
+    checkpoints, so the original command resumes (it was rewritten first, and that command refused)."""
+    before = (run_copy / "config.json").read_text()
+    r = _train(
+        run_copy, 6, 2, "--config.model.init.hidden_size=16", "--config.train.allow_config_change=true"
+    )
+    _one_error(r, "no saved step verifies")
+    assert (run_copy / "config.json").read_text() == before
+    r = _train(run_copy, 6, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(step 4 of 6)" in r.stderr
+
+
+def test_a_user_folder_as_workdir_is_refused_untouched(tmp_path):
+    """A folder that is no run's (no lock, no run config.json) but holds names a run writes and replaces:
+    one line, nothing touched; a folder of other files is a workdir, and they are kept."""
+    w = tmp_path / "W"
+    (w / "data").mkdir(parents=True)
+    (w / "data" / "mine.csv").write_text("a,b\n")
+    (w / "metrics.jsonl").write_text('{"step": 3}\n')
+    before = _snapshot(tmp_path)
+    line = _one_error(_train(w, 1, 1), "not an alignx run's folder", "data, metrics.jsonl")
+    assert "choose a new or empty folder" in line and _snapshot(tmp_path) == before
+    other = tmp_path / "O"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    r = _train(other, 1, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (other / "notes.txt").read_text() == "keep me" and (other / "checkpoints" / "1").is_dir()
 
 
 @pytest.mark.slow

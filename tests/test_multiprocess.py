@@ -414,3 +414,30 @@ def test_pairs_that_do_not_split_over_the_processes_are_one_line(tmp_path):
     )
     assert r.returncode == 1 and logs.count(want) == 2 and "Traceback" not in logs, r.stderr[-2000:] + logs
     assert not (w / "checkpoints").exists() or not os.listdir(w / "checkpoints")
+
+
+def test_a_step_one_process_cannot_read_is_given_up_by_all(runs):
+    """A checkpoint file only process 1 reads is cut short: both processes give that step up together
+    (moved to checkpoints.bad/), resume from the step before and end with the uninterrupted losses (the
+    process that read its files waited in orbax's barrier and verify_tree's collectives for ever)."""
+    d = runs["dir"]
+    w = d / "cut"
+    args = [*TRAIN, "--config.train.steps=4", "--config.checkpoint.every_steps=2", f"--config.workdir={w}"]
+    r = two_processes(["train", *args], runs["cache"], d / "logs-cut1")
+    assert r.returncode == 0, r.stderr[-3000:] + _logs(d / "logs-cut1")
+    before = _losses(w)
+    own = [p for p in (w / "checkpoints" / "4" / "params").glob("ocdbt.process_1/d/*") if p.is_file()]
+    assert own, sorted(str(p) for p in (w / "checkpoints" / "4").rglob("*"))
+    biggest = max(own, key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    # the metrics of steps 3-4 go with the step, as after any fallback
+    r = two_processes(["train", *args], runs["cache"], d / "logs-cut2", timeout=300)
+    logs = _logs(d / "logs-cut2")
+    assert r.returncode == 0, r.stderr[-3000:] + logs
+    assert "resuming from step 2" in logs and "Traceback" not in logs, logs
+    assert [p.name.split(".")[0] for p in (w.parent / "cut" / "checkpoints.bad").iterdir()] == ["4"]
+    after = _losses(w)
+    assert sorted(after) == sorted(before) == [1, 2, 3, 4]
+    for s in before:
+        assert abs(before[s] - after[s]) < 1e-6, (s, before[s], after[s])

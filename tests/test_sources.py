@@ -266,6 +266,13 @@ def test_partial_last_batch_and_all_rejected():
     batches = list(loader)
     assert loader.steps_per_epoch == 11 == len(batches)
     assert batches[-1][1]["rows_seen"] == 42
+    # one pass over 9 held-out rows on 2 hosts: every row once (5 + 4), as many batches on each host
+    hosts = [_loader(n=9, num_epochs=1, drop_remainder=False, shard_index=i, shard_count=2) for i in range(2)]
+    seen = [list(h) for h in hosts]
+    assert len(seen[0]) == len(seen[1]) == 2
+    assert [b[-1][1]["rows_seen"] for b in seen] == [5, 4]
+    indices = [i for b in seen for batch, _ in b for i in batch["index"][batch["pair_mask"] > 0]]
+    assert sorted(int(i) for i in indices) == [i for i in range(9) if i % 7 != 3]  # 3 is _fake_example's drop
     never = TrainLoader(
         _rows(12),
         lambda row, rng, i: None,

@@ -238,6 +238,9 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.loss.reference=cached", "loss.reference"),
         ("--config.data.max_length=4096", "largest of data.buckets"),
         ("--config.data.compact_tokens=-1", "data.compact_tokens=-1"),
+        ("--config.checkpoint.every_steps=0", "checkpoint.every_steps must be at least 1, got 0"),
+        ("--config.checkpoint.keep=-1", "checkpoint.keep must be at least 1, got -1"),
+        ("--config.train.log_every=0", "train.log_every must be at least 1"),
     ],
 )
 def test_validate_config_errors(override, message):

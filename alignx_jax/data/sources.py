@@ -258,7 +258,12 @@ class TrainLoader:
                 f"data.twins: {self.num_rows} rows and batches of {self.pairs_per_batch} pairs per host must "
                 "both be even (rows 2k and 2k+1 are twins and share a batch)"
             )
-        self.shard_size = self.num_rows // self.unit // self.shard_count * self.unit
+        units = self.num_rows // self.unit
+        # drop_remainder=False (one pass over held-out rows): every row once, a shorter shard padded to the
+        # longest so that every host runs as many batches; else equal shards, the rest next epoch
+        self.shard_size = (
+            units // self.shard_count if drop_remainder else -(-units // self.shard_count)
+        ) * self.unit
         if self.shard_size == 0:
             raise DataError(f"{self.num_rows} rows cannot feed {self.shard_count} hosts")
         if self.steps_per_epoch == 0:
@@ -414,6 +419,9 @@ class TrainLoader:
             # In pad mode a batch owns a fixed slice of the shard; in refill mode it reads on until full.
             limit = self._position + self.pairs_per_batch if self.on_drop == "pad" else self.shard_size
             while self._position < min(limit, self.shard_size) and len(examples) < self.pairs_per_batch:
+                if self._position >= len(order):  # a shorter shard's end (drop_remainder=False): padding
+                    self._position += 1
+                    continue
                 index = int(order[self._position])
                 self._position += 1
                 self._rows_seen += 1

@@ -40,6 +40,7 @@ from alignx_jax.train.setup import (
     stopped_in_start_up,
     sync,
     write_reference,
+    write_run_config,
 )
 from alignx_jax.train.signals import StopFlag
 from alignx_jax.train.state import (
@@ -108,6 +109,9 @@ class Trainer:
         self.stop = stop
         self.rows_truncated = 0  # rows whose prompt was cut to fit (saved with the loader state)
         self.skipped_total = 0  # non-finite steps skipped (loss.nan_policy='skip'), saved too
+        self.in_a_row = (
+            0  # of those, skipped since the last finite step: saved, so a resume stops where a run would
+        )
         self.empty_steps = 0  # steps of this invocation whose batch kept no pair (every row dropped)
         self.predicted: np.ndarray | None = None  # [N, 90] first-stage P~, before the first batch
         self.ref_params: Any = None
@@ -183,8 +187,10 @@ class Trainer:
         self.workdir = paths.absolute(cfg.workdir)
         self.is_main = jax.process_index() == 0
         self.pc, self.pi = jax.process_count(), jax.process_index()
+        workdir_lib.check_run_folder(self.workdir)  # on every process: all refuse a user's folder together
         if self.is_main:
             held.append(prepare_workdir(cfg, self.workdir))
+        self.cfg_given = cfg  # what W/config.json records (`auto` dtypes as given)
         sync("workdir")
         self.cfg = cfg = with_concrete_dtype(cfg, self.is_main)
         if self.is_main and jax.default_backend() == "cpu":
@@ -402,6 +408,8 @@ class Trainer:
         if found is None:
             return
         self.latest, restored = found
+        if self.is_main:  # a step restored: now W/config.json may say this run's config
+            write_run_config(self.cfg_given, self.workdir)
         self.params = {"policy": restored[0], "head": restored[3]} if self.joint else restored[0]
         self.opt_state, meta = restored[1], restored[2]
         own = meta
@@ -410,6 +418,7 @@ class Trainer:
         self.loader.set_state(own["loader"])
         self.rows_truncated = int(own.get("rows_truncated", 0))
         self.skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
+        self.in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         self.start = int(meta["step"])
         if self.is_main:
             print(
@@ -530,7 +539,6 @@ class Trainer:
             )
         self.step = self.start
         self.last_saved = self.latest
-        self.in_a_row = 0  # non-finite steps skipped since the last finite one
         try:
             while self.step < self.total_steps:
                 if self.stop_agreed(self.step) is not None:  # the same step on every process
@@ -691,6 +699,7 @@ class Trainer:
             **own,
             "rows_skipped": self.rows_skipped,
             "skipped_nonfinite_steps": self.skipped_total,
+            "nonfinite_in_a_row": self.in_a_row,
         }
         if self.pc > 1:
             meta["processes"] = gather_json(own)

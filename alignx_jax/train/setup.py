@@ -176,8 +176,14 @@ def _publish_folder(src: str | dict[str, str], dst) -> None:
     tmp.rename(dst)
 
 
+def write_run_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """W/config.json: the run's resolved config."""
+    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(cfg))
+
+
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib.WorkdirLock:
-    """Create W, take its lock, refuse a resume that changes what is trained, write W/config.json."""
+    """Create W, take its lock, refuse a resume that changes what is trained, write W/config.json (a
+    fresh start; a resume's is written by `write_run_config` once a step has restored)."""
     w = paths.path(workdir)
     if w.exists() and not w.is_dir():
         raise ConfigError(f"workdir {workdir}: exists and is a file, not a folder")
@@ -202,7 +208,9 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib
             ):
                 workdir_lib.warn(f"{workdir}/config.json names another model; rewriting {ref}")
                 ref.rmtree()
-        workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(cfg))
+            # a resume writes it once a step has restored (`write_run_config`): a failed resume with a
+            # changed config must leave W/config.json describing the checkpoints
+            write_run_config(cfg, workdir)
     except BaseException:
         lock.release()
         raise
