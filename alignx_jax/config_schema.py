@@ -21,6 +21,7 @@ choices (`METHODS`, `REFERENCE_MODES`, ...) are defined here.
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -504,29 +505,46 @@ def uses_predicted(cfg: ml_collections.ConfigDict) -> bool:
 # ----------------------------------------------------------------------------- validation
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_config(cfg: ml_collections.ConfigDict, *, inputs: bool = True) -> None:
     """The schema (`check_types`), then the consistency checks a key lookup cannot do; each failure is
     one ConfigError line. The sections are checked in this order (the first failure is the one
-    reported)."""
+    reported). `inputs=False` (`alignx plan`): the workdir, weights and data a run needs are not asked."""
     check_types(cfg)
-    _check_inputs(cfg)
+    if inputs:
+        _check_inputs(cfg)
+    else:
+        _check_buckets(cfg)
     _check_loss(cfg)
     _check_schedule(cfg)
     _check_eval(cfg)
     _check_layout(cfg)
+    _check_sharding(cfg)
     if cfg.data.method == "pba":
         _check_pba(cfg)
+
+
+def _check_sharding(cfg: ml_collections.ConfigDict) -> None:
+    """`sharding.rules` name known logical axes and mesh axes: a misspelt one would leave its arrays
+    replicated on every device, silently."""
+    from alignx_jax.sharding import LOGICAL_AXES, MESH_AXES
+
+    for name, axes in cfg.sharding.rules:
+        if name not in LOGICAL_AXES:
+            raise ConfigError(
+                f"sharding.rules: unknown logical axis {name!r} (known: {', '.join(LOGICAL_AXES)})"
+            )
+        for ax in () if axes is None else ((axes,) if isinstance(axes, str) else axes):
+            if ax not in MESH_AXES:
+                raise ConfigError(
+                    f"sharding.rules: {name!r} -> unknown mesh axis {ax!r} (mesh axes: {', '.join(MESH_AXES)})"
+                )
 
 
 def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
     """The workdir, length buckets, model and training data."""
     if not cfg.workdir:
         raise ConfigError("--config.workdir is required (the run's output folder)")
-    buckets = cfg.data.buckets
-    if not buckets or any(b <= 0 for b in buckets):
-        raise ConfigError(
-            f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)"
-        )
+    _check_buckets(cfg)
     if not cfg.model.hf_path and not cfg.model.init.enabled:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:
@@ -535,9 +553,17 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(wandb_missing(cfg.train.wandb_project))
 
 
+def _check_buckets(cfg: ml_collections.ConfigDict) -> None:
+    buckets = cfg.data.buckets
+    if not buckets or any(b <= 0 for b in buckets):
+        raise ConfigError(
+            f"data.buckets={buckets!r}: expected a tuple of positive integers, e.g. (1024, 2048)"
+        )
+
+
 def _check_loss(cfg: ml_collections.ConfigDict) -> None:
     """The `loss` section (its allowed values are checked by `check_types`)."""
-    if cfg.loss.beta <= 0:
+    if not cfg.loss.beta > 0 or not math.isfinite(cfg.loss.beta):  # `not >`: NaN fails too
         raise ConfigError(f"loss.beta must be positive, got {cfg.loss.beta}")
     if cfg.loss.gamma_beta_ratio < 0:
         raise ConfigError(f"loss.gamma_beta_ratio must be >= 0, got {cfg.loss.gamma_beta_ratio}")
@@ -559,6 +585,24 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"checkpoint.{key} must be at least 1, got {cfg.checkpoint[key]}")
     if cfg.train.log_every < 1:
         raise ConfigError(f"train.log_every must be at least 1, got {cfg.train.log_every}")
+    if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    init = cfg.model.init
+    if init.enabled:  # a random-init model's shape: sizes that make no decoder are one line, not a traceback
+        sizes = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+        for key in (*sizes, "head_dim"):
+            if key in init and init[key] is not None and init[key] < 1:
+                raise ConfigError(f"model.init.{key} must be positive, got {init[key]}")
+        if "vocab_size" in init and init.vocab_size != -1 and init.vocab_size < 1:
+            raise ConfigError(
+                f"model.init.vocab_size must be positive (or -1: the tokenizer's), got {init.vocab_size}"
+            )
 
 
 def _check_eval(cfg: ml_collections.ConfigDict) -> None:

@@ -73,12 +73,21 @@ def initialize(
     if cpu_collectives:
         # only the CPU backend reads it; harmless on TPU/GPU where XLA's own collectives are used
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=int(timeout_s),
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=int(timeout_s),
+        )
+    except (ValueError, RuntimeError) as e:  # no job to join here (e.g. a pod config run off the pod)
+        from alignx_jax.errors import ConfigError
+
+        text = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"cannot join a multi-process JAX job ({type(e).__name__}: {text}); on one machine set "
+            "--config.train.distributed=false, or start it with a launcher in launch/"
+        ) from None
     return True
 
 
@@ -102,3 +111,27 @@ def initialize_from_env(environ: dict[str, str] | None = None) -> bool:
             raise ConfigError(f"{ENV_PROCESS_ID}={i} is not in [0, {ENV_NUM_PROCESSES}={n})")
         return initialize(env[ENV_COORDINATOR], n, i, cpu_collectives=collectives, timeout_s=timeout)
     return initialize(cpu_collectives=collectives, timeout_s=timeout)
+
+
+def agree(error: BaseException | None, what: str) -> None:
+    """Every process of a job learns whether any of them failed at this point, and all stop together:
+    the one that failed re-raises its error, the others raise a line pointing at it (else they would
+    wait in the next collective for ever, or exit 0 beside a failed process). One process: re-raises."""
+    import jax
+
+    if jax.process_count() <= 1:
+        if error is not None:
+            raise error
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from alignx_jax.errors import AlignXError
+
+    failed = np.asarray(multihost_utils.process_allgather(np.asarray([error is not None], np.int32))).reshape(
+        -1
+    )
+    if error is not None:
+        raise error
+    if failed.any():
+        raise AlignXError(f"{what} failed on process {int(np.argmax(failed))} (its log has the error line)")

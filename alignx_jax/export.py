@@ -10,7 +10,7 @@ import re
 import shutil
 import sys
 
-from alignx_jax import paths
+from alignx_jax import distributed, paths
 from alignx_jax.errors import CheckpointError
 from alignx_jax.models.checkpoint import (
     ResolvedCheckpoint,
@@ -37,6 +37,11 @@ from alignx_jax.models.hf import (
 # what transformers may load from a folder besides the export's own files: other weights, their index,
 # or adapters (an adapter_config.json makes from_pretrained load a PEFT adapter)
 WEIGHT_FILE = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack|gguf)|.+\.index\.json|adapter_config\.json")
+# the weight files an export itself writes (`save_hf`, `save_peft`, the PBA head)
+EXPORT_NAMES = re.compile(
+    r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|adapter_model\.safetensors"
+    r"|adapter_config\.json|preference_head\.safetensors"
+)
 
 
 def _copy_head_files(src: str, out_dir: str) -> None:
@@ -141,6 +146,17 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
         return [], set()
     entries = sorted(os.listdir(out))
     manifest = read_export_manifest(out)
+    own = {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
+    # weights of another model, which transformers would load instead of the export or with it (named
+    # here, before anything is read; a stale shard of another count is caught once the names are known)
+    foreign = [
+        e for e in entries if WEIGHT_FILE.fullmatch(e) and e not in own and not EXPORT_NAMES.fullmatch(e)
+    ]
+    if foreign and (overwrite or manifest is not None):
+        raise CheckpointError(
+            f"--out {out}: holds {paths.listing(foreign)}, weights no export wrote, which transformers would "
+            "load instead of the export or with it; remove them or choose another folder"
+        )
     if not overwrite and (manifest is None or manifest.get("source") != source):
         if manifest is not None:
             raise CheckpointError(
@@ -151,7 +167,7 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
             f"--out {out}: not empty and not an alignx export (holds {paths.listing(entries)}); pass --overwrite "
             "to replace the files an export writes (the others are kept), or choose an empty folder"
         )
-    return entries, {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
+    return entries, own
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -339,9 +355,13 @@ def cli_export(args) -> int:
     source = _export_source(args.checkpoint)
     # a multi-process job (launch/local.sh, a pod): every process reads the checkpoint, process 0 writes
     main = paths.is_main_process()
-    entries, own = (
-        _export_target(out, source, bool(getattr(args, "overwrite", False))) if main else ([], set())
-    )
+    entries, own, problem = [], set(), None
+    if main:
+        try:
+            entries, own = _export_target(out, source, bool(getattr(args, "overwrite", False)))
+        except CheckpointError as e:
+            problem = e
+    distributed.agree(problem, "--out")  # a refused --out stops every process before the collective read
     model, head = _export_inputs(args.checkpoint, res)
     if not main:
         return 0

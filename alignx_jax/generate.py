@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, CheckpointError, DataError
 from alignx_jax.hardware import available_memory_bytes, resolve_dtype
 from alignx_jax.models.decoder import Decoder
@@ -298,7 +299,14 @@ def _generate_benchmark(args) -> int:
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
     fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="paper")
     max_length = int(getattr(args, "max_length", 8192))
-    log = PerExampleLog(args.out, flag="--out")
+    # a multi-process job: every process generates on its own devices, process 0 alone writes
+    main = paths.is_main_process()
+    problem, log = None, None
+    try:
+        log = PerExampleLog(args.out, flag="--out", write=main)
+    except (AlignXError, OSError) as e:
+        problem = e if isinstance(e, AlignXError) else AlignXError(f"--out {args.out}: {e}")
+    distributed.agree(problem, "--out")
     try:
         todo = []
         for i in picks:
@@ -312,7 +320,8 @@ def _generate_benchmark(args) -> int:
                     file=args.out,
                 )
         if not todo:
-            print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
+            if main:
+                print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
             return 0
         model, tokenizer = load_model_and_tokenizer(
             args.model, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
@@ -324,7 +333,7 @@ def _generate_benchmark(args) -> int:
             for i in todo
         }
         todo.sort(key=lambda i: (-len(ids[i]), i))  # similar lengths batch together: less padding
-        with tqdm(total=len(todo), desc=f"generate {name}", unit="row") as bar:
+        with tqdm(total=len(todo), desc=f"generate {name}", unit="row", disable=not main) as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 # a seed per batch from its rows: a resumed run draws what an uninterrupted one would
@@ -357,7 +366,8 @@ def _generate_benchmark(args) -> int:
                 bar.update(len(batch))
     finally:
         log.close()
-    print(f"{args.out}: {len(todo)} rows generated, {len(picks)} in all")
+    if main:
+        print(f"{args.out}: {len(todo)} rows generated, {len(picks)} in all")
     return 0
 
 
@@ -409,6 +419,8 @@ def cli_generate(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
+    if not paths.is_main_process():  # a multi-process job: process 0 prints
+        return 0
     for p_ids, toks in zip(prompt_ids, outs):
         text = tokenizer.decode(toks, skip_special_tokens=True)
         if args.json:

@@ -77,6 +77,19 @@ def files_below(top: epath.Path) -> Iterator[tuple[str, epath.Path]]:
                 yield sub, child
 
 
+def check_writable(dest: str) -> None:
+    """OSError now when the file `dest` could not be written later (its folder cannot be made or written);
+    a URL is left to its write."""
+    if is_url(dest):
+        return
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".{os.path.basename(dest)}.probe-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+
+
 def write_all(files: dict[str, bytes]) -> None:
     """Write every `dest: data` of one output: all under temporary names first, then each renamed into
     place, so a kill leaves either none of the outputs or all of them (a URL is written in place)."""

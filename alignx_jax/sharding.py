@@ -54,6 +54,11 @@ DEFAULT_RULES: Rules = (
 )
 
 
+# every logical axis name a parameter or activation carries (the rules' names, and the preference head's
+# own, which no default rule shards); `sharding.rules` may name only these
+LOGICAL_AXES: tuple[str, ...] = (*(name for name, _ in DEFAULT_RULES), "pref_dims", "pref_classes")
+
+
 def _rule_dict(rules: Rules | None) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for name, axes in DEFAULT_RULES if rules is None else rules:

@@ -12,6 +12,7 @@ _LLAMA = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 def get_config():
     c = _LLAMA["get_config"]()
     c.model.hf_path = ""  # required on the command line: /models/Qwen2.5-7B-Instruct
+    c.model.preset = "qwen2.5-7b"  # what `alignx plan` compiles without weights (not the Llama base's)
     c.loss.logps_chunk = 512
     # the release's strings are Llama-3's (`<|start_header_id|>`... are not Qwen tokens, and the release
     # trained no Qwen model): Qwen keeps its own chat template (the project's ICA text, docs/method.md)

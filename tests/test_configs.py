@@ -61,6 +61,14 @@ def test_70b_configs_name_their_preset_topology_and_mesh(name, topology, mesh, m
     assert c.train.micro_batch % batch_ways == 0  # whole pairs per batch shard
 
 
+@pytest.mark.parametrize("path", REAL, ids=os.path.basename)
+def test_real_configs_plan_their_own_model(path):
+    """`alignx plan` compiles model.preset without weights: the model the file is named for (the Qwen
+    config inherited the Llama one's preset and planned Llama-3-8B)."""
+    c = load_config(path, [])
+    assert c.model.preset and c.model.preset.replace(".", "_").replace("-", "_") in os.path.basename(path)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_loads_with_all_sections(path):
     c = load_config(path, ["--config.workdir=/tmp/w"])

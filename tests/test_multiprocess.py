@@ -441,3 +441,39 @@ def test_a_step_one_process_cannot_read_is_given_up_by_all(runs):
     assert sorted(after) == sorted(before) == [1, 2, 3, 4]
     for s in before:
         assert abs(before[s] - after[s]) < 1e-6, (s, before[s], after[s])
+
+
+def test_generate_writes_once_and_a_refusal_on_process_0_stops_every_process(runs, exported, tmp_path):
+    """`launch/local.sh 2 alignx generate --out`: each row once (every process wrote it); an --out only
+    process 0 writes and refuses (eval's results file, export's folder) ends both processes with one line
+    at once (the other used to wait in a collective, or exit 0)."""
+    from alignx_jax.data.synth import generate_world, write_world
+
+    data = tmp_path / "syn"
+    write_world(generate_world(4, 2, seed=0), str(data))
+    r = two_processes(
+        ["generate", "--model", str(exported["hf2"]), "--benchmark", f"alignx={data / 'data.parquet'}"]
+        + ["--limit", "4", "--max-new-tokens", "4", "--greedy", "--out", str(tmp_path / "g.jsonl")],
+        runs["cache"],
+        tmp_path / "logs-gen",
+    )
+    assert r.returncode == 0, r.stderr[-3000:] + _logs(tmp_path / "logs-gen")
+    rows = [json.loads(x) for x in open(tmp_path / "g.jsonl")]
+    assert sorted(x["index"] for x in rows) == sorted({x["index"] for x in rows}) and len(rows) == 4
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for name, argv in (
+        ("export", ["export", "--checkpoint", str(runs["two"]), "--out", str(foreign)]),
+        (
+            "eval",
+            ["eval", "--model", str(exported["hf2"]), "--benchmark", f"alignx={data / 'data.parquet'}"]
+            + ["--limit", "2", "--out", "/proc/no/such/results.json"],
+        ),
+    ):
+        logdir = tmp_path / f"logs-{name}"
+        r = two_processes(argv, runs["cache"], logdir, timeout=120)
+        logs = _logs(logdir)
+        assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+        assert logs.count("alignx: error:") == 2 and "failed on process 0" in logs, logs
+    assert os.listdir(foreign) == ["notes.txt"]

@@ -34,6 +34,13 @@ def test_parse_topology():
     assert (t.num_devices, t.bytes_per_device) == (4, 512 * 1024**2)
     with pytest.raises(ConfigError, match="unknown topology"):
         parse_topology("v9-12")
+    for odd, says in (
+        ("v5p-7", "even number of TensorCores"),
+        ("0xH100", "at least one GPU"),
+        ("0@1GiB", "one device"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            parse_topology(odd)  # not a silent plan of 3 chips, or of this machine's devices
 
 
 def test_llama3_8b_preset_needs_no_weights():
@@ -172,6 +179,50 @@ def test_unknown_model_path_is_a_config_error(capfd):
         ]
     )
     assert rc == 1 and "preset" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("--config.loss.beta=-1", "loss.beta must be positive"),  # what train refuses is not planned
+        ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive"),
+        ("--config.sharding.rules=(('embed','fsbp'),)", "unknown mesh axis 'fsbp'"),
+    ],
+)
+def test_plan_refuses_what_train_refuses(capsys, override, says):
+    from alignx_jax.cli import main
+
+    assert main(["plan", "--config", TINY, override]) == 1
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_plan_reads_a_workdirs_model_and_a_config_arg_error_is_one_line(capsys, tmp_path):
+    """A training workdir as model.hf_path plans W/reference's model (its config.json is the run's); a
+    `file.py:arg` its get_config does not take is one line."""
+    from alignx_jax.cli import main
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+    from alignx_jax.models.hf import save_hf
+
+    w = tmp_path / "W"
+    (w / "checkpoints").mkdir(parents=True)
+    (w / "config.json").write_text(json.dumps({"model": {}, "data": {}}))
+    cfg = DecoderConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+    )
+    save_hf(Decoder(cfg, rngs=__import__("flax").nnx.Rngs(0)), str(w / "reference"))
+    out = tmp_path / "p.json"
+    assert main(["plan", "--config", TINY, f"--config.model.hf_path={w}", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["model"]["hidden_size"] == 48
+    capsys.readouterr()
+    assert main(["plan", "--config", f"{TINY}:quick"]) == 1
+    assert "get_config() with 'quick' failed: TypeError" in capsys.readouterr().err
 
 
 def test_chunked_attention_matches_xla():

@@ -305,9 +305,7 @@ def test_a_save_cut_short_leaves_no_head(tmp_path, monkeypatch):
 
 
 def test_folder_without_head_fails_clearly(tmp_path):
-    with pytest.raises(
-        CheckpointError, match="--preference predicted needs a model exported with a preference head"
-    ):
+    with pytest.raises(CheckpointError, match="an export of a PBA run that trained one"):
         ph.load_head(str(tmp_path))
 
 
@@ -493,7 +491,7 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
         if name not in (HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
             os.link(os.path.join(out, name), bare / name)
     assert main(["predict-preferences", "--model", str(bare), "--persona", str(pfile)]) == 1
-    assert "needs a model exported with a preference head" in capsys.readouterr().err
+    assert "an export of a PBA run that trained one" in capsys.readouterr().err
     missing = str(tmp_path / "nope")
     assert main(["predict-preferences", "--model", missing, "--persona", str(pfile)]) == 1
     assert capsys.readouterr().err.strip() == f"alignx: error: model folder not found: {missing}"

@@ -241,6 +241,12 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.checkpoint.every_steps=0", "checkpoint.every_steps must be at least 1, got 0"),
         ("--config.checkpoint.keep=-1", "checkpoint.keep must be at least 1, got -1"),
         ("--config.train.log_every=0", "train.log_every must be at least 1"),
+        ("--config.optim.lr=nan", "optim.lr must be positive, got nan"),
+        ("--config.loss.beta=nan", "loss.beta must be positive, got nan"),
+        ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
+        ("--config.model.init.vocab_size=-2", "model.init.vocab_size must be positive (or -1"),
+        ("--config.sharding.rules=(('embd','fsdp'),)", "unknown logical axis 'embd'"),
+        ("--config.sharding.rules=(('embed','fsbp'),)", "'embed' -> unknown mesh axis 'fsbp'"),
     ],
 )
 def test_validate_config_errors(override, message):

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from alignx_jax import paths
+from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.evaluate.options import EvalSettings, default_prompt_format, parse_benchmark_specs, parse_flip
 from alignx_jax.evaluate.run import evaluate
@@ -39,6 +39,14 @@ def cli_eval(args: argparse.Namespace) -> int:
     """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
     if args.out and paths.path(args.out).is_dir():
         raise ConfigError(f"--out must be a file, got a folder: {args.out}")
+    # process 0 writes RESULTS.json at the end: a place it cannot write fails now, on every process
+    problem = None
+    if paths.is_main_process() and args.out:
+        try:
+            paths.check_writable(args.out)
+        except OSError as e:
+            problem = AlignXError(f"--out {args.out}: cannot be written ({e.strerror or e})")
+    distributed.agree(problem, "--out")
     specs = parse_benchmark_specs(args.benchmark)
     reference = None if args.reference in (None, "", "none") else args.reference
     settings = EvalSettings(

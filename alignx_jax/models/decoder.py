@@ -529,6 +529,11 @@ class Decoder(nnx.Module):
         if impl == "auto":
             # on an H200 the cuDNN kernel ran a 1B-class bf16 step 1.22x as fast as xla (BENCHMARKS.md §8)
             return "cudnn" if target_platform() == "gpu" and self._cudnn_applies(cached) else "xla"
+        if impl == "cudnn" and target_platform() != "gpu":  # else jax's own error, a long traceback
+            raise ConfigError(
+                f"model.attention_impl=cudnn needs a GPU (these devices are {target_platform()}); "
+                "use attention_impl=auto (cudnn where it applies) or xla"
+            )
         if impl == "splash" and (cached or T % 128):
             return "xla"
         if impl == "splash" and branches:

@@ -535,9 +535,8 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
         raise CheckpointError(f"model folder not found: {hf_dir}")
     if not has_head(hf_dir):
         raise CheckpointError(
-            f"{hf_dir}: no preference head ({HEAD_WEIGHTS_FILE} + {HEAD_CONFIG_FILE}); "
-            "--preference predicted needs a model exported with a preference head "
-            "(train with pba.enabled and export it)"
+            f"{hf_dir}: no preference head ({HEAD_WEIGHTS_FILE} + {HEAD_CONFIG_FILE}); the model must be "
+            "an export of a PBA run that trained one (pba.enabled)"
         )
     cfg_path = os.path.join(hf_dir, HEAD_CONFIG_FILE)
     try:

@@ -8,7 +8,6 @@ this module joins it to `data.persona` / `data.schema`, which `models/` never im
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignx_jax import distributed, paths
 from alignx_jax.data.persona import (
     history_direction,
     persona_text,
@@ -190,6 +190,8 @@ def cli_predict_preferences(args: Any) -> int:
             model, head, tokenizer, [row], batch_size=1, return_probs=True
         )
         text = profile_text(direction)
+        if not paths.is_main_process():  # a multi-process job: process 0 prints
+            return 0
         if as_json:
             print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
         else:
@@ -203,7 +205,16 @@ def cli_predict_preferences(args: Any) -> int:
         from alignx_jax.data.split import refuse_overwriting_inputs
 
         refuse_overwriting_inputs(list_files(args.data), [args.out])
+        problem = None  # process 0 writes it at the end: a place it cannot write fails now, everywhere
+        if paths.is_main_process():
+            try:
+                paths.check_writable(args.out)
+            except OSError as e:
+                problem = DataError(f"--out cannot be written ({e.strerror or e})", file=args.out)
+        distributed.agree(problem, "--out")
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
+    if not paths.is_main_process():
+        return 0
     lines = []
     for i, (row, d) in enumerate(zip(rows, directions)):
         rec: dict[str, Any] = {"index": i}
@@ -212,10 +223,8 @@ def cli_predict_preferences(args: Any) -> int:
         rec["direction"] = [float(x) for x in d]
         rec["profile"] = profile_text(d)
         lines.append(json.dumps(rec))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
+    if args.out:  # under a temporary name, renamed into place
+        paths.write_all({args.out: "".join(line + "\n" for line in lines).encode("utf-8")})
     else:
         print("\n".join(lines))
     summary: dict[str, Any] = {"rows": len(rows), "out": args.out}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from alignx_jax.config import load_config
+from alignx_jax.config_schema import validate_config
 from alignx_jax.errors import AlignXError
 from alignx_jax.hardware import backends_initialized
 from alignx_jax.plan.planner import plan
@@ -68,6 +69,7 @@ def _plan_in_child(args: argparse.Namespace, topology_name: str) -> int:
 
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
+    validate_config(cfg, inputs=False)  # what `alignx train` would refuse is not planned
     name = args.topology or str(cfg.plan.topology) or None  # --topology, else the config's
     topo = parse_topology(name)
     if topo.num_devices and not _provide_devices(topo.num_devices):

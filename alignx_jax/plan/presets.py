@@ -97,7 +97,9 @@ def decoder_config_for(cfg: ml_collections.ConfigDict, platform: str | None = No
             from alignx_jax.models import hf
 
             folder = path
-            if not os.path.isfile(os.path.join(folder, "config.json")):  # training workdir
+            if os.path.isdir(os.path.join(path, "checkpoints")) or not os.path.isfile(
+                os.path.join(path, "config.json")
+            ):  # a training workdir (its config.json is the run's): the model is W/reference's
                 folder = os.path.join(path, "reference")
             return hf.load_decoder_config(folder, **opts)
         raise ConfigError(f"{key}={path!r} is neither a folder nor a preset ({', '.join(sorted(PRESETS))})")

@@ -45,13 +45,19 @@ def parse_topology(name: str | None) -> Topology:
     if m:
         gen, cores = m.group(1).lower(), int(m.group(2))
         chips = cores // 2 if gen in ("v5p", "v4") else cores  # v5e/v6e names count chips
-        if chips < 1:
-            raise ConfigError(f"topology {name!r}: too few cores")
+        if chips < 1 or (gen in ("v5p", "v4") and cores % 2):
+            raise ConfigError(
+                f"topology {name!r}: a {gen} slice has an even number of TensorCores, 2 or more"
+            )
         return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu", _tpu_grid(gen, chips))
     m = re.fullmatch(r"(\d+)x(h100|h200|a100|b200)", text, re.I)
+    if m and int(m.group(1)) < 1:
+        raise ConfigError(f"topology {name!r}: at least one GPU")
     if m:
         return Topology(text, int(m.group(1)), _GPU_TABLE[m.group(2).lower()], "gpu")
     m = re.fullmatch(r"(\d+)@(.+)", text)
+    if m and int(m.group(1)) < 1:
+        raise ConfigError(f"topology {name!r}: at least one device")
     if m:
         return Topology(text, int(m.group(1)), parse_bytes(m.group(2)), "cpu")
     raise ConfigError(

@@ -183,6 +183,11 @@ class Trainer:
         if cfg.train.distributed:  # idempotent: a launcher's job (alignx_jax.distributed) is joined once
             distributed.initialize()
         self.mesh = shd.mesh_from_config(cfg.mesh)
+        if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":  # before any loading
+            raise ConfigError(
+                f"model.attention_impl=cudnn needs a GPU (this machine's devices are {jax.default_backend()}); "
+                "use --config.model.attention_impl=auto (cudnn where it applies) or xla"
+            )
         self.rules = rules_from_config(cfg)
         self.workdir = paths.absolute(cfg.workdir)
         self.is_main = jax.process_index() == 0
@@ -656,6 +661,9 @@ class Trainer:
     def finish(self) -> int:
         """After the loop: a stop signal saves the last step; both ways wait for the saves and exit 0."""
         step, ckpt = self.step, self.ckpt
+        if self.bar is not None:  # closed first: the lines below print on their own line, not the bar's
+            self.bar.close()
+            self.bar = None
         if self.stop.signum is not None and step < self.total_steps:
             if step > self.start and self.last_saved != step:
                 self.save(step)
