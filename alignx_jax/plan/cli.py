@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from alignx_jax import paths
 from alignx_jax.config import load_config
 from alignx_jax.config_schema import validate_config
 from alignx_jax.errors import AlignXError
@@ -70,6 +71,11 @@ def _plan_in_child(args: argparse.Namespace, topology_name: str) -> int:
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
     validate_config(cfg, inputs=False)  # what `alignx train` would refuse is not planned
+    if args.json:  # before a compile that takes minutes at 70B
+        try:
+            paths.check_writable(args.json)
+        except OSError as e:
+            raise AlignXError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
     name = args.topology or str(cfg.plan.topology) or None  # --topology, else the config's
     topo = parse_topology(name)
     if topo.num_devices and not _provide_devices(topo.num_devices):
@@ -81,9 +87,7 @@ def cli_plan(args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         print(param_lines(report))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
-            f.write("\n")
+        paths.write_all({args.json: (json.dumps(report, indent=2, default=str) + "\n").encode("utf-8")})
     if not report["fits"]:
         raise AlignXError(does_not_fit(args.config_path, report))
     return 0
