@@ -418,6 +418,8 @@ class BatchBuilder:
         if self.share:
             coll = self._shared_rows(coll)
             stats = batching.padding_stats(coll)
+        if self.head:
+            coll = batching.with_dummy_head_inputs(coll, self.pad_id)
         # every process must agree on the step's lengths
         T = agree_max(coll["input_ids"].shape[1])
         P = agree_max(coll["persona_ids"].shape[1]) if self.head and "persona_ids" in coll else None

@@ -516,7 +516,7 @@ def validate_config(cfg: ml_collections.ConfigDict, *, inputs: bool = True) -> N
         _check_buckets(cfg)
     _check_loss(cfg)
     _check_schedule(cfg)
-    _check_eval(cfg)
+    _check_eval(cfg, inputs)
     _check_layout(cfg)
     _check_sharding(cfg)
     if cfg.data.method == "pba":
@@ -605,8 +605,8 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
             )
 
 
-def _check_eval(cfg: ml_collections.ConfigDict) -> None:
-    """The held-out evaluation during training (`train.eval_every`, `data.eval`)."""
+def _check_eval(cfg: ml_collections.ConfigDict, inputs: bool = True) -> None:
+    """The held-out evaluation during training (`train.eval_every`, `data.eval`; `inputs`: that it exists)."""
     every, path = cfg.train.eval_every, cfg.data.eval
     if every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0 = off), got {every}")
@@ -614,7 +614,7 @@ def _check_eval(cfg: ml_collections.ConfigDict) -> None:
         return
     if not path:
         raise ConfigError(f"train.eval_every={every} needs --config.data.eval (a held-out rows file)")
-    if not paths.path(path).exists():
+    if inputs and not paths.path(path).exists():
         raise ConfigError(f"data.eval={path}: no such file or folder")
     # precomputed: the frozen copy is freed after the reference pass (LoRA keeps its base)
     if cfg.loss.reference == "precomputed" and not cfg.model.lora.rank and _uses_reference(cfg):

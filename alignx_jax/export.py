@@ -37,11 +37,6 @@ from alignx_jax.models.hf import (
 # what transformers may load from a folder besides the export's own files: other weights, their index,
 # or adapters (an adapter_config.json makes from_pretrained load a PEFT adapter)
 WEIGHT_FILE = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack|gguf)|.+\.index\.json|adapter_config\.json")
-# the weight files an export itself writes (`save_hf`, `save_peft`, the PBA head)
-EXPORT_NAMES = re.compile(
-    r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|adapter_model\.safetensors"
-    r"|adapter_config\.json|preference_head\.safetensors"
-)
 
 
 def _copy_head_files(src: str, out_dir: str) -> None:
@@ -147,11 +142,9 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
     entries = sorted(os.listdir(out))
     manifest = read_export_manifest(out)
     own = {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
-    # weights of another model, which transformers would load instead of the export or with it (named
-    # here, before anything is read; a stale shard of another count is caught once the names are known)
-    foreign = [
-        e for e in entries if WEIGHT_FILE.fullmatch(e) and e not in own and not EXPORT_NAMES.fullmatch(e)
-    ]
+    # weights no earlier export here wrote (another model's), which transformers would load instead of
+    # the export or with it: refused here, before anything is read, on every process of a job
+    foreign = [e for e in entries if WEIGHT_FILE.fullmatch(e) and e not in own]
     if foreign and (overwrite or manifest is not None):
         raise CheckpointError(
             f"--out {out}: holds {paths.listing(foreign)}, weights no export wrote, which transformers would "

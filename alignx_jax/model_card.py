@@ -52,10 +52,14 @@ def read_license(folder: str | None) -> str | None:
 
 
 def read_base_info(folder: str | None) -> dict[str, Any]:
+    """BASE_INFO of a local or URL (gs://) folder; {} when it has none."""
+    from alignx_jax import paths
+
+    if not folder:
+        return {}
     try:
-        with open(os.path.join(folder or "", BASE_INFO), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+        info = json.loads(paths.path(os.path.join(folder, BASE_INFO)).read_text(encoding="utf-8"))
+    except Exception:  # absent or unreadable (a bucket client raises its own types): no record
         return {}
     return info if isinstance(info, dict) else {}
 

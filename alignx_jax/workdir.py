@@ -99,9 +99,10 @@ RUN_ENTRIES = (
 )
 
 
-def check_run_folder(workdir: str) -> None:
+def check_run_folder(workdir: str, *, writes_data: bool = True) -> None:
     """ConfigError when W exists, is no earlier run's folder (no lock, no run config.json) and holds
-    files a run writes: they are the user's, and a run would replace them. Read only (every process)."""
+    files a run writes: they are the user's, and a run would replace them. `writes_data`: the run
+    writes W/data (synthetic users); else a `data/` there is the user's input. Read only (every process)."""
     w = paths.path(workdir)
     if not w.is_dir():
         return
@@ -109,7 +110,8 @@ def check_run_folder(workdir: str) -> None:
     saved = read_saved_config(workdir) if "config.json" in names else None
     if LOCK_FILE in names or (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
         return
-    clash = [n for n in names if n in RUN_ENTRIES or n.startswith(("ref_logps.", "pba_predicted."))]
+    ours = RUN_ENTRIES if writes_data else tuple(n for n in RUN_ENTRIES if not n.startswith("data"))
+    clash = [n for n in names if n in ours or n.startswith(("ref_logps.", "pba_predicted."))]
     if clash:
         raise ConfigError(
             f"workdir {workdir}: not an alignx run's folder, and holds {paths.listing(clash)}, which a run "

@@ -279,3 +279,19 @@ def test_batch_builder_returns_one_typed_struct_per_layout(share, packing, compa
     ref = out.replace(ref_logps=np.zeros((2, 4, 2), np.float32))
     assert len(jax.tree.leaves(ref)) == len(leaves) + 1
     assert len(jax.tree.leaves(ref.model_inputs())) == len(leaves) - (3 if head else 0)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_batch_without_a_real_pair_still_carries_the_head_inputs(share):
+    """Joint PBA: a batch whose rows were all dropped (or a shorter shard's last one-pass batch) gets
+    dummy head inputs, like the other processes' batches (it raised alone, the others hung)."""
+    from alignx_jax.batch import BatchBuilder
+
+    coll = batching.collate([], buckets=(16,), pad_id=0, num_pairs=4)
+    assert "persona_ids" not in coll
+    builder = BatchBuilder(
+        num_micro=1, buckets=(16,), pad_id=0, batch_shards=1, head=True, response_logits=False, share=share
+    )
+    out, _ = builder(coll)
+    assert out.head.persona_ids.shape[:2] == (1, 4) and int(out.pair_mask.sum()) == 0
+    np.testing.assert_array_equal(out.head.direction, np.full((1, 4, 90), 0.5, np.float32))

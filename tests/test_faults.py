@@ -922,3 +922,16 @@ def test_a_signal_ends_a_command_other_than_train_at_once(tmp_path, sig, code, s
         + "; rerun the same command to resume or redo it"
     ), err
     assert not (out / "data.parquet").exists()
+
+
+def test_a_users_data_folder_in_the_workdir_is_an_input_not_a_clash(tmp_path):
+    """W/data is the run's own only when it writes synthetic users there; with data.train set it is the
+    user's input and the folder is a workdir."""
+    from alignx_jax.errors import ConfigError
+    from alignx_jax.workdir import check_run_folder
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "rows.jsonl").write_text("{}\n")
+    check_run_folder(str(tmp_path), writes_data=False)
+    with pytest.raises(ConfigError, match="holds data, which a run writes"):
+        check_run_folder(str(tmp_path), writes_data=True)

@@ -325,6 +325,23 @@ def collate(
     return batch
 
 
+def with_dummy_head_inputs(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """A batch with no real pair (every row of its slice dropped, or a shorter shard's last one-pass
+    batch) carries the PBA head's inputs as dummies: the other processes' batches have them, and the
+    joint step (and its collectives) must see the same arrays everywhere."""
+    if batch["pair_mask"].any() or "persona_ids" in batch:
+        return batch
+    B = batch["pair_mask"].shape[0]
+    persona_mask = np.zeros((B, 1), dtype=np.int32)
+    persona_mask[:, 0] = 1  # one attended token, as collate's dummies
+    return {
+        **batch,
+        "direction": np.full((B, persona_lib.NUM_DIMS), 0.5, dtype=np.float32),
+        "persona_ids": np.full((B, 1), pad_id, dtype=np.int32),
+        "persona_mask": persona_mask,
+    }
+
+
 def padding_stats(batch: dict[str, np.ndarray]) -> dict[str, float]:
     """Real vs padded tokens in a collated batch (dummy pairs count as padding)."""
     B = batch["pair_mask"].shape[0]

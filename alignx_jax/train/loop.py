@@ -192,7 +192,8 @@ class Trainer:
         self.workdir = paths.absolute(cfg.workdir)
         self.is_main = jax.process_index() == 0
         self.pc, self.pi = jax.process_count(), jax.process_index()
-        workdir_lib.check_run_folder(self.workdir)  # on every process: all refuse a user's folder together
+        # on every process: all refuse a user's folder together
+        workdir_lib.check_run_folder(self.workdir, writes_data=not cfg.data.train)
         if self.is_main:
             held.append(prepare_workdir(cfg, self.workdir))
         self.cfg_given = cfg  # what W/config.json records (`auto` dtypes as given)
@@ -411,10 +412,10 @@ class Trainer:
         )
         found = self.ckpt.restore_newest_good(*self.targets, warn=workdir_lib.warn if self.is_main else None)
         if found is None:
+            if self.is_main:  # no step to resume (orbax lists none): this run's config is the workdir's
+                write_run_config(self.cfg_given, self.workdir)
             return
         self.latest, restored = found
-        if self.is_main:  # a step restored: now W/config.json may say this run's config
-            write_run_config(self.cfg_given, self.workdir)
         self.params = {"policy": restored[0], "head": restored[3]} if self.joint else restored[0]
         self.opt_state, meta = restored[1], restored[2]
         own = meta
@@ -425,7 +426,8 @@ class Trainer:
         self.skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
         self.in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         self.start = int(meta["step"])
-        if self.is_main:
+        if self.is_main:  # a step restored and its loader state taken: now W/config.json may say this run's
+            write_run_config(self.cfg_given, self.workdir)
             print(
                 f"alignx train: resuming from {self.ckpt.directory}/{self.latest} "
                 f"(step {self.start} of {self.total_steps})",
@@ -590,7 +592,7 @@ class Trainer:
         self.log(m, info, stats, dt)
         if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
             self.writer.write(self.step, self.evaluate_held_out())
-        every = max(1, int(self.cfg.checkpoint.every_steps))
+        every = int(self.cfg.checkpoint.every_steps)
         if self.step % every == 0 or self.step == self.total_steps:
             self.save(self.step, None if final_head is None else final_head[:2])
             self.last_saved = self.step
@@ -598,7 +600,8 @@ class Trainer:
     def evaluate_held_out(self) -> dict[str, float]:
         """The `eval/` metrics (`step.eval_metrics`) of the current params on every data.eval row.
 
-        Every process runs the same number of batches (equal shards), so the jitted sums are global."""
+        Every process runs the same number of batches (a shorter shard's last one padded), so the jitted
+        sums are global."""
         saved_truncated = self.rows_truncated  # the held-out rows are not training rows
         totals: dict[str, float] = {}
         with shd.use_mesh(self.mesh, self.rules):

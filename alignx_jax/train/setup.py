@@ -104,6 +104,12 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
         and os.path.isfile(os.path.join(src, "config.json"))
         and any(n.endswith(".safetensors") for n in os.listdir(src))
     )
+    # where the base came from, decided here (a relative path is relative to this directory), for the
+    # export's model card and PEFT adapter config; written inside the folder before it is renamed in
+    extra: dict[str, bytes] = {}
+    if cfg.model.hf_path:
+        info = model_card.base_record(str(cfg.model.hf_path), src if src and os.path.isdir(src) else None)
+        extra[model_card.BASE_INFO] = json.dumps(info, indent=2, sort_keys=True).encode("utf-8")
     if is_hf:
         if is_main:  # an HF folder already is the reference: copy its files (no multi-host gather)
             files = {n: os.path.join(src, n) for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))}
@@ -115,7 +121,7 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
                     for n in hf.TOKENIZER_FILES
                     if os.path.isfile(os.path.join(tokenizer_dir, n))
                 )
-            _publish_folder(files, ref)
+            _publish_folder(files, ref, extra)
     else:
         host_model = _gathered(model)
         if is_main and paths.is_url(workdir):  # written locally, then copied to the bucket
@@ -124,21 +130,18 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
             with tempfile.TemporaryDirectory(prefix="alignx-reference-") as local:
                 tmp = os.path.join(local, "reference")
                 hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir)
-                _publish_folder(tmp, ref)
+                _publish_folder(tmp, ref, extra)
         elif is_main:  # beside its place in W (a full disk names W) and renamed into place
             tmp = ref.parent / (ref.name + ".tmp")
             if tmp.exists():
                 tmp.rmtree()
             hf.save_hf(host_model, os.fspath(tmp), tokenizer_dir=tokenizer_dir)
+            for name, data in extra.items():
+                (tmp / name).write_bytes(data)
             if ref.exists():
                 ref.rmtree()
             tmp.rename(ref)
         del host_model
-    if is_main and cfg.model.hf_path:
-        # where the base came from, decided here (a relative path is relative to this directory): the
-        # export's model card and PEFT adapter config read it
-        info = model_card.base_record(str(cfg.model.hf_path), src if src and os.path.isdir(src) else None)
-        (ref / model_card.BASE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
     sync("reference")
 
 
@@ -159,9 +162,9 @@ def _gathered(model):
     return nnx.merge(graphdef, jax.tree.map(gather, state))
 
 
-def _publish_folder(src: str | dict[str, str], dst) -> None:
-    """The files `src` (a local folder's, or {name: local path}) as the folder `dst` (an epath.Path, maybe
-    a URL), written aside and renamed into place."""
+def _publish_folder(src: str | dict[str, str], dst, extra: dict[str, bytes] | None = None) -> None:
+    """The files `src` (a local folder's, or {name: local path}) and `extra` ({name: bytes}) as the folder
+    `dst` (an epath.Path, maybe a URL), written aside and renamed into place."""
     tmp = dst.parent / (dst.name + ".tmp")
     if tmp.exists():
         tmp.rmtree()
@@ -171,6 +174,8 @@ def _publish_folder(src: str | dict[str, str], dst) -> None:
     for name, path in sorted(src.items()):
         with open(path, "rb") as f:
             (tmp / name).write_bytes(f.read())
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
     if dst.exists():
         dst.rmtree()
     tmp.rename(dst)
