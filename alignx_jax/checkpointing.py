@@ -356,9 +356,12 @@ class TrainCheckpointer:
     def _join_restore_barrier(self) -> None:
         """The barrier orbax's Checkpointer.restore ends with, which a process whose read failed never
         reached: the processes whose read succeeded wait in it."""
-        from orbax.checkpoint._src.multihost import multihost as ocp_multihost
+        try:  # orbax's own barrier function and the key's parts (0.12): private, so looked up
+            from orbax.checkpoint._src.multihost import multihost as ocp_multihost
 
-        ckptr = self._mngr._checkpointer  # orbax keeps the key's parts here (0.12): private, so looked up
+            ckptr = self._mngr._checkpointer
+        except (ImportError, AttributeError):  # another orbax layout: the others' barrier times out instead
+            return
         prefix = getattr(ckptr, "_barrier_sync_key_prefix", None)
         ocp_multihost.sync_global_processes(
             ocp_multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix),

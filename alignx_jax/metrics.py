@@ -90,7 +90,10 @@ class MetricsWriter:
             self._open_local(workdir, resume_step)
         if tensorboard:
             try:
-                self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
+                # a resume hides the events of steps after its checkpoint (a killed run logged them;
+                # this one logs them again): TensorBoard purges from purge_step on
+                purge = None if resume_step is None else int(resume_step) + 1
+                self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
                 self._tb = None
             except Exception as e:  # a URL tensorboardX cannot write: the JSONL file still has everything

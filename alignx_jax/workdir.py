@@ -96,6 +96,7 @@ RUN_ENTRIES = (
     "tensorboard",
     "data",
     "data.fingerprint",
+    "wandb_id.txt",
 )
 
 

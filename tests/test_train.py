@@ -749,3 +749,34 @@ def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     assert last.startswith(f"alignx: error: {folder / 'a.jsonl'}, row 0: PBA needs a profile"), r.stderr[
         -2000:
     ]
+
+
+def test_a_resumed_writer_purges_the_tensorboard_steps_after_its_checkpoint(tmp_path):
+    """A run killed after its checkpoint at step 2 logged steps 3-4; the resumed run logs them again: its
+    event file starts with TensorBoard's purge marker at step 3 (SessionLog START), so the killed run's
+    3-4 are hidden instead of shown twice (metrics.jsonl is cut back the same way)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    from alignx_jax.metrics import MetricsWriter
+
+    first = MetricsWriter(str(tmp_path))
+    for step in (1, 2, 3, 4):
+        first.write(step, {"loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # a second event file (their names carry the second)
+    second = MetricsWriter(str(tmp_path), resume_step=2)
+    second.write(3, {"loss": 30.0})
+    second.close()
+    files = sorted((tmp_path / "tensorboard").iterdir())
+    assert len(files) == 2
+    data, i, starts = files[-1].read_bytes(), 0, []
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+        if event.HasField("session_log"):
+            starts.append((event.step, event.session_log.status))
+        i += 12 + n + 4
+    assert starts == [(3, event_pb2.SessionLog.START)]
+    assert [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [1.0, 2.0, 30.0]
