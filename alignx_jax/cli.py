@@ -195,7 +195,12 @@ def _add_eval(sub) -> None:
         metavar="NAME=PATH",
         help="alignx|p-soups|uf-p-4|prism=PATH (repeatable)",
     )
-    p.add_argument("--method", default="ica", choices=["none", "ica", "pba"])
+    p.add_argument(
+        "--method",
+        default="ica",
+        choices=["none", "ica", "pba"],
+        help="the prompt: none (no persona), ica (the persona in context, default) or pba (a profile)",
+    )
     p.add_argument(
         "--persona",
         default=None,
