@@ -24,16 +24,22 @@ class DataError(AlignXError):
     """A malformed data row or file. The message names the file, the 0-based row and the field."""
 
     def __init__(
-        self, message: str, *, file: str | None = None, row: int | None = None, field: str | None = None
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        line: int | None = None,
     ):
         where = []
         if file is not None:
             where.append(str(file))
-        if row is not None:
-            where.append(f"row {row}")
+        if row is not None:  # `line`: the row's 1-based line in a JSONL file, where blank lines shift it
+            where.append(f"row {row}" + (f" (line {line})" if line is not None and line != row + 1 else ""))
         if field is not None:
             where.append(f"field {field!r}")
-        self.file, self.row, self.field = file, row, field
+        self.message, self.file, self.row, self.field = message, file, row, field
         super().__init__(": ".join([", ".join(where), message]) if where else message)
 
 

@@ -285,3 +285,14 @@ def test_byte_order_mark_dot_folders_and_jsonl_named_json(tmp_path):
         DataError, match=r"rows\.json.*Extra data \(one JSON value per line: name a JSONL file"
     ):
         schema.load_rows(str(jsonl_as_json))
+
+
+def test_a_jsonl_row_after_blank_lines_is_named_by_its_line_too(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    path.write_text(json.dumps(good) + "\n\n\n" + json.dumps({**good, "chosen": 5}) + "\n")
+    with pytest.raises(DataError, match=r"rows\.jsonl, row 1 \(line 4\), field 'chosen': expected a string"):
+        schema.load_rows(str(path), kind="uf-p-4")
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": 5}) + "\n")  # no blank line
+    with pytest.raises(DataError, match=r"rows\.jsonl, row 1, field 'chosen'"):
+        schema.load_rows(str(path), kind="uf-p-4")

@@ -337,6 +337,7 @@ class RawFile:
     fmt: str
     rows: list[Any]
     line_errors: dict[int, str] = field(default_factory=dict)
+    lines: list[int] | None = None  # JSONL: each row's 1-based line (blank lines are no rows)
 
 
 def read_file(path: str) -> RawFile:
@@ -375,16 +376,17 @@ def read_file(path: str) -> RawFile:
         if not isinstance(rows, list):
             raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)
         return RawFile(path, fmt, rows)
-    rows, errors = [], {}
+    rows, errors, lines = [], {}, []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        lines.append(lineno)
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             errors[len(rows)] = f"line {lineno}: invalid JSON: {e.msg}"
             rows.append(None)
-    return RawFile(path, fmt, rows, errors)
+    return RawFile(path, fmt, rows, errors, lines)
 
 
 @dataclass
@@ -411,7 +413,14 @@ def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
             try:
                 if ri in raw.line_errors:
                     raise DataError(raw.line_errors[ri], file=raw.path)
-                rows.append(validate_row(row, kind=kind, file=raw.path, index=ri))
+                try:
+                    rows.append(validate_row(row, kind=kind, file=raw.path, index=ri))
+                except DataError as e:
+                    if raw.lines is None or e.row != ri:
+                        raise
+                    raise DataError(
+                        e.message, file=raw.path, row=ri, field=e.field, line=raw.lines[ri]
+                    ) from None
                 origin.append((fi, ri))
             except DataError:
                 if not skip_bad:
