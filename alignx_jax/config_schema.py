@@ -516,6 +516,7 @@ def validate_config(cfg: ml_collections.ConfigDict, *, inputs: bool = True) -> N
         _check_buckets(cfg)
     _check_loss(cfg)
     _check_schedule(cfg)
+    _check_model(cfg)
     _check_eval(cfg, inputs)
     _check_layout(cfg)
     _check_sharding(cfg)
@@ -574,7 +575,7 @@ def _check_loss(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
-    """Batch sizes and the run length (`train`)."""
+    """Batch sizes, the run length, the learning rate, logging and saving."""
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch or cfg.train.global_batch
     if gb <= 0 or mb <= 0 or gb % mb:
         raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
@@ -587,8 +588,12 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.log_every must be at least 1, got {cfg.train.log_every}")
     if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+
+
+def _check_model(cfg: ml_collections.ConfigDict) -> None:
+    """A random-init model's shape (`model.init`): sizes that make no decoder are one line, not a traceback."""
     init = cfg.model.init
-    if init.enabled:  # a random-init model's shape: sizes that make no decoder are one line, not a traceback
+    if init.enabled:
         sizes = (
             "hidden_size",
             "intermediate_size",

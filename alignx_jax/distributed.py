@@ -113,6 +113,21 @@ def initialize_from_env(environ: dict[str, str] | None = None) -> bool:
     return initialize(cpu_collectives=collectives, timeout_s=timeout)
 
 
+def check_output(dest: str, flag: str) -> None:
+    """Process 0 writes `dest` at the end of a command: a place it cannot write fails now (a one-line
+    AlignXError naming `flag`), on every process, before minutes of work."""
+    from alignx_jax import paths
+    from alignx_jax.errors import AlignXError
+
+    problem = None
+    if paths.is_main_process():
+        try:
+            paths.check_writable(dest)
+        except OSError as e:
+            problem = AlignXError(f"{flag} {dest}: cannot be written ({e.strerror or e})")
+    agree(problem, flag)
+
+
 def agree(error: BaseException | None, what: str) -> None:
     """Every process of a job learns whether any of them failed at this point, and all stop together:
     the one that failed re-raises its error, the others raise a line pointing at it (else they would
@@ -128,9 +143,8 @@ def agree(error: BaseException | None, what: str) -> None:
 
     from alignx_jax.errors import AlignXError
 
-    failed = np.asarray(multihost_utils.process_allgather(np.asarray([error is not None], np.int32))).reshape(
-        -1
-    )
+    flags = multihost_utils.process_allgather(np.asarray([error is not None], np.int32))
+    failed = np.asarray(flags).reshape(-1)  # one flag per process
     if error is not None:
         raise error
     if failed.any():

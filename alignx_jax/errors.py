@@ -39,7 +39,7 @@ class DataError(AlignXError):
             where.append(f"row {row}" + (f" (line {line})" if line is not None and line != row + 1 else ""))
         if field is not None:
             where.append(f"field {field!r}")
-        self.message, self.file, self.row, self.field = message, file, row, field
+        self.file, self.row, self.field = file, row, field
         super().__init__(": ".join([", ".join(where), message]) if where else message)
 
 

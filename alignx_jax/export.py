@@ -249,12 +249,8 @@ def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
     from alignx_jax.hub import parse_hub_id
 
     base = model_card.read_base_info(os.path.join(checkpoint, "reference")).get("base_model")
-    if not isinstance(base, str) or not base:
-        try:
-            data = json.loads(paths.path(os.path.join(checkpoint, "config.json")).read_text(encoding="utf-8"))
-            base = (data.get("model") or {}).get("hf_path") if isinstance(data, dict) else None
-        except (OSError, ValueError, AttributeError):
-            base = None
+    if not isinstance(base, str) or not base:  # a workdir written before W/reference recorded it
+        base = (model_card.read_run_config(checkpoint) or {"model": {}})["model"].get("hf_path")
     if isinstance(base, str) and base:
         hub = parse_hub_id(base)
         if hub is not None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignx_jax import distributed, paths
+from alignx_jax import paths
 from alignx_jax.errors import AlignXError, CheckpointError, DataError
 from alignx_jax.hardware import available_memory_bytes, resolve_dtype
 from alignx_jax.models.decoder import Decoder
@@ -301,12 +301,7 @@ def _generate_benchmark(args) -> int:
     max_length = int(getattr(args, "max_length", 8192))
     # a multi-process job: every process generates on its own devices, process 0 alone writes
     main = paths.is_main_process()
-    problem, log = None, None
-    try:
-        log = PerExampleLog(args.out, flag="--out", write=main)
-    except (AlignXError, OSError) as e:
-        problem = e if isinstance(e, AlignXError) else AlignXError(f"--out {args.out}: {e}")
-    distributed.agree(problem, "--out")
+    log = PerExampleLog.for_job(args.out, flag="--out")
     try:
         todo = []
         for i in picks:

@@ -88,11 +88,13 @@ def write_base_info(folder: str, base_model: str, src_folder: str | None) -> str
 
 
 def read_run_config(checkpoint: str) -> dict[str, Any] | None:
-    """W/config.json of a training workdir (the run's whole config), None for a model checkpoint."""
+    """W/config.json of a training workdir, local or a URL (the run's whole config), None for a model
+    checkpoint."""
+    from alignx_jax import paths
+
     try:
-        with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
+        cfg = json.loads(paths.path(os.path.join(checkpoint, "config.json")).read_text(encoding="utf-8"))
+    except Exception:  # absent or unreadable (a bucket client raises its own types)
         return None
     ok = isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
     return cfg if ok else None

@@ -88,9 +88,8 @@ def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: in
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be positive, got {limit}")
     halves = [h for h in ("train", "validation", "test") if paths.is_dir(f"{path.rstrip('/')}/{h}")]
-    if (
-        paths.is_dir(path) and halves
-    ):  # `alignx data split`'s output: scoring it whole would score its training half
+    # `alignx data split`'s output: scoring it whole would score its training half
+    if paths.is_dir(path) and halves:
         raise DataError(
             f"holds the split folders {', '.join(h + '/' for h in halves)}: name the one to score "
             f"(e.g. {path.rstrip('/')}/{halves[-1]})",
@@ -100,6 +99,5 @@ def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: in
     rows = loaded.rows
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
-    places = [(loaded.files[fi].path, ri) for fi, ri in loaded.origin]
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed)
-    return BenchmarkSample(rows, picks, places)
+    return BenchmarkSample(rows, picks, loaded.places)

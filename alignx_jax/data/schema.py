@@ -143,9 +143,12 @@ def _items(
     return out
 
 
-def validate_row(row: Any, *, kind: str, file: str | None = None, index: int | None = None) -> dict:
-    """Check one row of `kind` (alignx | p-soups | uf-p-4 | prism) and return it normalised."""
-    where = {"file": file, "row": index}
+def validate_row(
+    row: Any, *, kind: str, file: str | None = None, index: int | None = None, line: int | None = None
+) -> dict:
+    """Check one row of `kind` (alignx | p-soups | uf-p-4 | prism) and return it normalised; `line`: its
+    line in a JSONL file, named in errors beside the row number."""
+    where = {"file": file, "row": index, "line": line}
     if kind not in KINDS[1:]:
         raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS[1:])}")
     if not isinstance(row, dict):
@@ -399,6 +402,11 @@ class Loaded:
     files: list[RawFile]
     origin: list[tuple[int, int]]  # per kept row: (file number, row number in that file)
 
+    @property
+    def places(self) -> list[tuple[str, int]]:
+        """Per kept row: (its file's path, its row number there), for errors that name it."""
+        return [(self.files[fi].path, ri) for fi, ri in self.origin]
+
 
 def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
     """`load_rows` with provenance: files read, the kind used and each row's (file, row)."""
@@ -413,14 +421,8 @@ def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
             try:
                 if ri in raw.line_errors:
                     raise DataError(raw.line_errors[ri], file=raw.path)
-                try:
-                    rows.append(validate_row(row, kind=kind, file=raw.path, index=ri))
-                except DataError as e:
-                    if raw.lines is None or e.row != ri:
-                        raise
-                    raise DataError(
-                        e.message, file=raw.path, row=ri, field=e.field, line=raw.lines[ri]
-                    ) from None
+                line = None if raw.lines is None else raw.lines[ri]
+                rows.append(validate_row(row, kind=kind, file=raw.path, index=ri, line=line))
                 origin.append((fi, ri))
             except DataError:
                 if not skip_bad:

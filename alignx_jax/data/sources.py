@@ -46,6 +46,13 @@ from alignx_jax.errors import ConfigError, DataError
 STATE_VERSION = 1
 
 
+HELD_OUT = "held_out"  # open_source's split for evaluation rows: validation, else test, else the only rows
+
+
+def _held_out_split(splits: set[str]) -> str:
+    return next((s for s in ("validation", "test") if s in splits), "train")
+
+
 class RowSource(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> dict: ...
@@ -87,6 +94,8 @@ class ArrayRecordSource:
         import tensorflow_datasets as tfds
 
         builder = tfds.builder_from_directory(dataset_dir)
+        if split == HELD_OUT:
+            split = _held_out_split(set(builder.info.splits))
         if split not in builder.info.splits:
             raise DataError(
                 f"no split {split!r} (has: {', '.join(sorted(builder.info.splits))})", file=dataset_dir
@@ -121,13 +130,6 @@ def find_prepared(path: str) -> str | None:
     return None
 
 
-HELD_OUT = "held_out"  # open_source's split for evaluation rows: validation, else test, else the only rows
-
-
-def _held_out_split(splits: set[str]) -> str:
-    return next((s for s in ("validation", "test") if s in splits), "train")
-
-
 def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad: bool = False) -> RowSource:
     """Random access to rows: a prepared TFDS folder (`alignx data prepare --out`) or raw files.
 
@@ -136,10 +138,6 @@ def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad
     """
     prepared = find_prepared(path)
     if prepared is not None:
-        if split == HELD_OUT:
-            import tensorflow_datasets as tfds
-
-            split = _held_out_split(set(tfds.builder_from_directory(prepared).info.splits))
         return ArrayRecordSource(prepared, split)
     from alignx_jax.data import schema
 
@@ -152,8 +150,7 @@ def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad
     if paths.is_dir(sub):
         path = sub
     loaded = schema.load(path, kind=kind, skip_bad=skip_bad)
-    places = [(loaded.files[fi].path, ri) for fi, ri in loaded.origin]
-    return ListSource(loaded.rows, skipped=loaded.skipped, path=path, places=places)
+    return ListSource(loaded.rows, skipped=loaded.skipped, path=path, places=loaded.places)
 
 
 def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "auto") -> dict[str, Any]:

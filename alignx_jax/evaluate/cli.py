@@ -39,14 +39,8 @@ def cli_eval(args: argparse.Namespace) -> int:
     """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
     if args.out and paths.path(args.out).is_dir():
         raise ConfigError(f"--out must be a file, got a folder: {args.out}")
-    # process 0 writes RESULTS.json at the end: a place it cannot write fails now, on every process
-    problem = None
-    if paths.is_main_process() and args.out:
-        try:
-            paths.check_writable(args.out)
-        except OSError as e:
-            problem = AlignXError(f"--out {args.out}: cannot be written ({e.strerror or e})")
-    distributed.agree(problem, "--out")
+    if args.out:
+        distributed.check_output(args.out, "--out")
     specs = parse_benchmark_specs(args.benchmark)
     reference = None if args.reference in (None, "", "none") else args.reference
     settings = EvalSettings(

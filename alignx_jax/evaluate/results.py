@@ -97,6 +97,21 @@ class PerExampleLog:
         if not paths.is_url(self.path):
             self._f = open(self.path, "a", encoding="utf-8")
 
+    @classmethod
+    def for_job(cls, path: str | None, *, flag: str = "--per-example") -> PerExampleLog:
+        """The log as every process of a job opens it: process 0 writes, the others read; a path process 0
+        cannot open stops every process together (`distributed.agree`), not only it."""
+        from alignx_jax import distributed
+        from alignx_jax.errors import AlignXError
+
+        problem, log = None, None
+        try:
+            log = cls(path, write=paths.is_main_process(), flag=flag)
+        except (AlignXError, OSError) as e:
+            problem = e if isinstance(e, AlignXError) else AlignXError(f"{flag} {path}: {e}")
+        distributed.agree(problem, flag)
+        return log
+
     def _read(self) -> None:
         if paths.is_url(self.path):
             self.rows.update(parse_per_example(paths.path(self.path).read_bytes().split(b"\n"), self.path)[0])

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import distributed, paths
+from alignx_jax import paths
 from alignx_jax.data.benchmarks import BenchmarkSample, benchmark_sample
-from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
+from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.evaluate import scoring
 from alignx_jax.evaluate.options import (
     BenchmarkSpec,
@@ -483,12 +483,7 @@ def evaluate(
 
     # every process scores every batch (its devices compute their slice of the global mesh); process 0
     # alone writes the per-example file, and all must resume from the same rows or their batches differ
-    problem = None
-    try:  # process 0 alone opens it for writing: a path it cannot write stops every process, not only it
-        log = PerExampleLog(per_example, write=paths.is_main_process())
-    except (AlignXError, OSError) as e:
-        problem = e if isinstance(e, AlignXError) else AlignXError(f"--per-example {per_example}: {e}")
-    distributed.agree(problem, "--per-example")
+    log = PerExampleLog.for_job(per_example)
     _check_same_rows_everywhere(log)
     per_key: dict[str, dict[str | None, list[dict]]] = {}
     try:

@@ -205,13 +205,7 @@ def cli_predict_preferences(args: Any) -> int:
         from alignx_jax.data.split import refuse_overwriting_inputs
 
         refuse_overwriting_inputs(list_files(args.data), [args.out])
-        problem = None  # process 0 writes it at the end: a place it cannot write fails now, everywhere
-        if paths.is_main_process():
-            try:
-                paths.check_writable(args.out)
-            except OSError as e:
-                problem = DataError(f"--out cannot be written ({e.strerror or e})", file=args.out)
-        distributed.agree(problem, "--out")
+        distributed.check_output(args.out, "--out")
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
     if not paths.is_main_process():
         return 0

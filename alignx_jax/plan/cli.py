@@ -71,7 +71,8 @@ def _plan_in_child(args: argparse.Namespace, topology_name: str) -> int:
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
     validate_config(cfg, inputs=False)  # what `alignx train` would refuse is not planned
-    if args.json:  # before a compile that takes minutes at 70B
+    if args.json:  # before a compile that takes minutes at 70B (not distributed.check_output: it would
+        # start JAX's backends before the stand-in devices are set)
         try:
             paths.check_writable(args.json)
         except OSError as e:

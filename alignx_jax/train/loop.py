@@ -109,9 +109,8 @@ class Trainer:
         self.stop = stop
         self.rows_truncated = 0  # rows whose prompt was cut to fit (saved with the loader state)
         self.skipped_total = 0  # non-finite steps skipped (loss.nan_policy='skip'), saved too
-        self.in_a_row = (
-            0  # of those, skipped since the last finite step: saved, so a resume stops where a run would
-        )
+        # of those, skipped since the last finite step: saved, so a resume stops where a run would
+        self.in_a_row = 0
         self.empty_steps = 0  # steps of this invocation whose batch kept no pair (every row dropped)
         self.predicted: np.ndarray | None = None  # [N, 90] first-stage P~, before the first batch
         self.ref_params: Any = None
@@ -411,8 +410,8 @@ class Trainer:
             else (abstract_like(params), abstract_like(opt_state), None)
         )
         found = self.ckpt.restore_newest_good(*self.targets, warn=workdir_lib.warn if self.is_main else None)
-        if found is None:
-            if self.is_main:  # no step to resume (orbax lists none): this run's config is the workdir's
+        if found is None:  # a fresh start (or no step orbax lists): this run's config is the workdir's
+            if self.is_main:
                 write_run_config(self.cfg_given, self.workdir)
             return
         self.latest, restored = found

@@ -112,7 +112,7 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
         extra[model_card.BASE_INFO] = json.dumps(info, indent=2, sort_keys=True).encode("utf-8")
     if is_hf:
         if is_main:  # an HF folder already is the reference: copy its files (no multi-host gather)
-            files = {n: os.path.join(src, n) for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))}
+            files = _folder_files(src)
             if tokenizer_dir and os.path.realpath(tokenizer_dir) != os.path.realpath(src):
                 # model.tokenizer's files, not the weights folder's: an export ships what the run trained with
                 files = {n: p for n, p in files.items() if n not in hf.TOKENIZER_FILES}
@@ -162,6 +162,11 @@ def _gathered(model):
     return nnx.merge(graphdef, jax.tree.map(gather, state))
 
 
+def _folder_files(folder: str) -> dict[str, str]:
+    """{name: path} of the files (not folders) directly in the local `folder`."""
+    return {n: os.path.join(folder, n) for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))}
+
+
 def _publish_folder(src: str | dict[str, str], dst, extra: dict[str, bytes] | None = None) -> None:
     """The files `src` (a local folder's, or {name: local path}) and `extra` ({name: bytes}) as the folder
     `dst` (an epath.Path, maybe a URL), written aside and renamed into place."""
@@ -169,7 +174,7 @@ def _publish_folder(src: str | dict[str, str], dst, extra: dict[str, bytes] | No
     if tmp.exists():
         tmp.rmtree()
     if isinstance(src, str):
-        src = {n: os.path.join(src, n) for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))}
+        src = _folder_files(src)
     tmp.mkdir(parents=True)
     for name, path in sorted(src.items()):
         with open(path, "rb") as f:
@@ -187,8 +192,9 @@ def write_run_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib.WorkdirLock:
-    """Create W, take its lock, refuse a resume that changes what is trained, write W/config.json (a
-    fresh start; a resume's is written by `write_run_config` once a step has restored)."""
+    """Create W, take its lock, refuse a resume that changes what is trained. W/config.json is written
+    once the restore's outcome is known (`write_run_config`): a failed resume with a changed config must
+    leave it describing the checkpoints."""
     w = paths.path(workdir)
     if w.exists() and not w.is_dir():
         raise ConfigError(f"workdir {workdir}: exists and is a file, not a folder")
@@ -213,9 +219,6 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib
             ):
                 workdir_lib.warn(f"{workdir}/config.json names another model; rewriting {ref}")
                 ref.rmtree()
-            # a resume writes it once a step has restored (`write_run_config`): a failed resume with a
-            # changed config must leave W/config.json describing the checkpoints
-            write_run_config(cfg, workdir)
     except BaseException:
         lock.release()
         raise
