@@ -141,25 +141,34 @@ def agree_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
 
 
-def process_block(mesh, rules=None) -> int:
-    """This process's place k along the global pair axis (axis 1 of `batch_shardings`): its pairs and
-    rows are the k-th equal block of every process's (0 on one process)."""
-    n = jax.process_count()
-    if n == 1:
-        return 0
-    local = int(mesh.shape["data"] * mesh.shape["fsdp"])  # any multiple of the batch shards
-    shape = (1, n * local)
-    sharding = pair_sharding(shape, mesh, rules)
-    spans = sharding.addressable_devices_indices_map(shape)
-    starts = [idx[1].start or 0 for idx in spans.values()]
-    stops = [shape[1] if idx[1].stop is None else idx[1].stop for idx in spans.values()]
-    if max(stops) - min(starts) != local:
-        raise ValueError("this process's batch shards are not one contiguous block of the pair axis")
-    return min(starts) // local
+def process_shards(mesh, rules=None) -> tuple[int, ...]:
+    """The batch shards (of the mesh's data*fsdp, in pair-axis order) this process's devices hold,
+    ascending; () on one process. A TPU pod's topology-ordered mesh interleaves the hosts, so they need not
+    be one block: `jax.make_array_from_process_local_data` lays a process's rows over them in this order."""
+    if jax.process_count() == 1:
+        return ()
+    ways = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    shape = (1, ways)
+    spans = pair_sharding(shape, mesh, rules).addressable_devices_indices_map(shape)
+    return tuple(sorted({idx[1].start or 0 for idx in spans.values()}))
+
+
+def to_global(local: np.ndarray, n_local: int, shards: tuple[int, ...]) -> np.ndarray:
+    """This process's indices along a pair or row axis of `n_local` -> the global batch's: its part is
+    `len(shards)` equal runs, one per batch shard in `shards` (`process_shards`; () = one process)."""
+    if not shards:
+        return local
+    per = n_local // len(shards)
+    return np.asarray(shards)[local // per] * per + local % per
 
 
 def flat_scores(
-    batch: dict[str, np.ndarray], num_micro: int, T: int, *, minimum: int | None = None, block: int = 0
+    batch: dict[str, np.ndarray],
+    num_micro: int,
+    T: int,
+    *,
+    minimum: int | None = None,
+    shards: tuple[int, ...] = (),
 ) -> dict[str, np.ndarray]:
     """The per-pair scoring plan of a shared/packed batch (`score_index/target/mask [B, 2, R]`,
     optional `score_row [B]`) as one dense list of scored tokens per microbatch.
@@ -170,9 +179,9 @@ def flat_scores(
     (2 * pair + branch within the microbatch) and `score_valid`, each `[M, S]` with S the largest
     microbatch's count rounded up to a power of two (at least `minimum`, 64), and `score_count [M, b, 2]`.
 
-    block: this process's place along the global pair axis (`process_block`): in a multi-process step
-    the rows and pairs of a microbatch are every process's, so `score_flat` and `score_slot` name global
-    rows and pairs (process k's rows follow k * rows and its pairs k * pairs).
+    shards: this process's batch shards (`process_shards`): in a multi-process step the rows and pairs of
+    a microbatch are every process's, so `score_flat` and `score_slot` name global rows and pairs
+    (`to_global`).
     """
     B = batch["pair_mask"].shape[0]
     b = B // num_micro
@@ -183,8 +192,8 @@ def flat_scores(
     for m in range(num_micro):
         ks, js, rs = np.nonzero(mask[m * b : (m + 1) * b])
         k_glob = ks + m * b
-        rows = row[k_glob] % n_rows + block * n_rows
-        per.append((rows * T + idx[k_glob, js, rs], tgt[k_glob, js, rs], 2 * (ks + block * b) + js))
+        rows = to_global(row[k_glob] % n_rows, n_rows, shards)
+        per.append((rows * T + idx[k_glob, js, rs], tgt[k_glob, js, rs], 2 * to_global(ks, b, shards) + js))
     longest = max([len(f) for f, _, _ in per] + [1])
     S = max(64, int(minimum or 0), 1 << (longest - 1).bit_length())
     flat = np.zeros((num_micro, S), np.int32)
@@ -214,7 +223,7 @@ def to_microbatches(
     window: int | None = None,
     scored: int | None = None,
     tokens: tuple[int, int] | None = None,
-    block: int = 0,
+    shards: tuple[int, ...] = (),
 ) -> StepBatch:
     """A collated DPO batch (2B rows, chosen first; or `batching.share_prompt`'s one row per pair,
     then a `SharedPromptBatch`) -> the step layout, M = num_micro microbatches of B/M pairs.
@@ -222,7 +231,7 @@ def to_microbatches(
     head=True also carries the PBA head's `HeadInputs` (persona widened to P). window: also carry the
     two-row layout's `score_index` (R at least `window`, 0 = the data's own). scored: the shared
     layout's scored-token list length S at least this. tokens=(G, N): also carry `KeptTokens` (N 0 =
-    the data's own). A collated `ref_logps [B, 2]` travels along. block: `flat_scores`.
+    the data's own). A collated `ref_logps [B, 2]` travels along. shards: `flat_scores`.
     """
     if head:
         missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
@@ -255,7 +264,7 @@ def to_microbatches(
             for k in ("input_ids", "attention_mask", "positions", "branch_ids", "segment_ids")
             if k in batch
         }
-        scores = flat_scores(batch, num_micro, rows["input_ids"].shape[-1], minimum=scored, block=block)
+        scores = flat_scores(batch, num_micro, rows["input_ids"].shape[-1], minimum=scored, shards=shards)
         out = SharedPromptBatch(**rows, **scores, **common)
     else:
         pairs = {}
@@ -305,20 +314,32 @@ def pair_sharding(gshape: tuple[int, ...], mesh, rules=None) -> NamedSharding:
 
 
 def check_pair_split(sharding: NamedSharding, gshape: tuple[int, ...]) -> None:
-    """MeshError unless this process's devices hold exactly its own block of the global pair axis
-    (axis 1): a pair axis the batch shards do not divide is replicated (`logical_to_spec`), which one
-    process can do with its own pairs and several cannot."""
+    """MeshError unless this process's devices hold exactly its share of the global pair axis (axis 1),
+    in whole batch shards (one block or several: `process_shards`): a pair axis the batch shards do not
+    divide is replicated (`logical_to_spec`), which one process can do with its own pairs and several cannot."""
     n = jax.process_count()
     if n == 1:
         return
-    spans = sharding.addressable_devices_indices_map(gshape).values()
-    starts = [idx[1].start or 0 for idx in spans]
-    stops = [gshape[1] if idx[1].stop is None else idx[1].stop for idx in spans]
-    if gshape[1] % n or max(stops) - min(starts) != gshape[1] // n:
-        ways = int(sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"])
+    ways = int(sharding.mesh.shape["data"] * sharding.mesh.shape["fsdp"])
+    if ways % n:
+        raise MeshError(
+            f"the mesh's data*fsdp={ways} batch shards do not split over {n} processes: make "
+            f"mesh.data*mesh.fsdp a multiple of {n} (mesh.tensor must not span processes)"
+        )
+    spans = {
+        (idx[1].start or 0, gshape[1] if idx[1].stop is None else idx[1].stop)
+        for idx in sharding.addressable_devices_indices_map(gshape).values()
+    }
+    held = sum(stop - start for start, stop in spans)
+    if gshape[1] % ways:
         raise MeshError(
             f"a microbatch's {gshape[1]} pairs (rows) do not split over the mesh's data*fsdp={ways} batch "
             f"shards of {n} processes; make train.micro_batch a multiple of {ways}"
+        )
+    if held != gshape[1] // n:  # a process's devices span more batch shards than its share
+        raise MeshError(
+            f"this process's devices hold {held} of a microbatch's {gshape[1]} pairs, not 1/{n} of them: "
+            "mesh.tensor must not span processes"
         )
 
 
@@ -360,7 +381,7 @@ class BatchBuilder:
     pack_length: int = 0
     compact: int = 0  # kept-token sizes per row length; 0 = off
     process_count: int = 1
-    process_block: int = 0  # this process's place along the global pair axis (`process_block`)
+    process_shards: tuple[int, ...] = ()  # this process's batch shards (`process_shards`)
 
     @classmethod
     def from_config(cls, cfg: Any, mesh, pad_id: int, *, head: bool, rules=None) -> BatchBuilder:
@@ -379,7 +400,7 @@ class BatchBuilder:
             compact=int(cfg.data.compact_tokens),
             process_count=jax.process_count(),
             # share_prompt's scoring plan names global rows and pairs
-            process_block=process_block(mesh, rules) if cfg.data.share_prompt else 0,
+            process_shards=process_shards(mesh, rules) if cfg.data.share_prompt else (),
         )
 
     def _shared_rows(self, two_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -432,7 +453,7 @@ class BatchBuilder:
         if self.share and self.process_count > 1:  # the scored-token list length, too
             S = agree_max(flat_scores(coll, self.num_micro, T)["score_flat"].shape[-1])
         out = to_microbatches(
-            coll, self.num_micro, T, head=self.head, P=P, window=R, scored=S, block=self.process_block
+            coll, self.num_micro, T, head=self.head, P=P, window=R, scored=S, shards=self.process_shards
         )
         if self.compact:
             out = self._compact(out)

@@ -295,7 +295,9 @@ def _add_generate(sub) -> None:
         default=None,
         help="--benchmark: a seeded sample of N rows balanced across personas",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="--benchmark: prompts per generation batch")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="--benchmark: prompts per generation batch (default 8)"
+    )
     p.add_argument(
         "--prompt-format",
         default=None,
@@ -313,11 +315,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--persona", default=None, help="JSON file with the persona fields of a row")
     p.add_argument("--method", default="none", choices=["none", "ica", "pba"])
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true", help="argmax (the sampling flags do not apply)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0.9 (the paper's)")
+    p.add_argument("--top-k", type=int, default=None, help="default 10 (the paper's); 0: no top-k filter")
+    p.add_argument("--top-p", type=float, default=None, help="default 0.95 (the paper's)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="in [0, 2**32); a row's sample depends on it and the row alone"
+    )
     p.add_argument("--json", action="store_true")
 
 

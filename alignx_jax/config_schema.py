@@ -604,6 +604,13 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
         for key in (*sizes, "head_dim"):
             if key in init and init[key] is not None and init[key] < 1:
                 raise ConfigError(f"model.init.{key} must be positive, got {init[key]}")
+        if init.get("head_dim") is not None and init.head_dim % 2:  # rotary embeddings turn pairs of dims
+            raise ConfigError(f"model.init.head_dim must be even (rotary embeddings), got {init.head_dim}")
+        heads, kv = init.get("num_attention_heads"), init.get("num_key_value_heads")
+        if heads is not None and kv is not None and heads % kv:
+            raise ConfigError(
+                f"model.init.num_attention_heads={heads} must be a multiple of model.init.num_key_value_heads={kv}"
+            )
         if "vocab_size" in init and init.vocab_size != -1 and init.vocab_size < 1:
             raise ConfigError(
                 f"model.init.vocab_size must be positive (or -1: the tokenizer's), got {init.vocab_size}"

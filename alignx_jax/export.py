@@ -64,11 +64,7 @@ def cli_import(args) -> int:
     head = None
     if ph.has_head(src):  # read first: a malformed or mismatched head fails before anything is written
         head, hcfg = ph.load_head(src)
-        if hcfg.embed_dim != model.cfg.hidden_size:
-            raise CheckpointError(
-                f"{args.hf}: preference head embed_dim {hcfg.embed_dim} != the model's "
-                f"hidden_size {model.cfg.hidden_size}"
-            )
+        ph.check_backbone(hcfg, model.cfg.hidden_size, args.hf)
     os.makedirs(args.out, exist_ok=True)
     model_card.write_base_info(args.out, args.hf, src)  # first: it marks the folder as an import's
     save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)

@@ -30,14 +30,16 @@ PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this to reuse c
 
 def sample_token(
     logits_BV: jax.Array,
-    key: jax.Array,
+    keys_B: jax.Array,
     *,
     greedy: bool,
     temperature: jax.Array,
     top_k: int,
     top_p: jax.Array,
 ) -> jax.Array:
-    """Next token ids [B]: argmax, or temperature -> top-k -> top-p (nucleus) -> categorical."""
+    """Next token ids [B]: argmax, or temperature -> top-k -> top-p (nucleus) -> categorical, transformers'
+    order; each row draws with its own key (`keys_B`). Top-k keeps exactly k tokens (transformers also
+    keeps those tied with the k-th)."""
     logits_BV = logits_BV.astype(jnp.float32)
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -48,7 +50,7 @@ def sample_token(
     probs_BK = jax.nn.softmax(vals_BK, axis=-1)
     before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
     vals_BK = jnp.where(before_BK < top_p, vals_BK, -jnp.inf)  # the top token always survives
-    choice_B = jax.random.categorical(key, vals_BK, axis=-1)
+    choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BK)
     return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
@@ -57,7 +59,7 @@ def _generate(
     state,
     ids_BT,
     mask_BT,
-    key,
+    keys_B,
     stop_ids,
     pad_id,
     temperature,
@@ -71,14 +73,18 @@ def _generate(
     model = nnx.merge(graphdef, state)
     B, T = ids_BT.shape
     cache = model.init_cache(B, T + max_new_tokens)  # created inside: no second copy to donate
-    sample = partial(sample_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    draw = partial(sample_token, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def sample(logits_BV, i):
+        # token i of row b draws with fold_in(row key b, i): a row's tokens do not depend on its batch
+        return draw(logits_BV, jax.vmap(jax.random.fold_in, (0, None))(keys_B, i))
+
     with jax.named_scope("prefill"):
         # the output layer on the last position only: [B, V], not the prompt's [B, T, V] logits
         h_BTD, cache = model.prefill(ids_BT, mask_BT, cache)
         w_DV = model.output_embedding().astype(h_BTD.dtype)
         logits_BV = model.cap_logits(jnp.einsum("bd,dv->bv", h_BTD[:, -1], w_DV))
-        key, sub = jax.random.split(key)
-        tok_B = sample(logits_BV, sub)
+        tok_B = sample(logits_BV, 0)
     params = None
     if per_layer:  # sliced once here, not per layer at every step of the loop (Decoder.layer_params)
         params, cache = model.layer_params(per_layer=True), model.per_layer_cache(cache)
@@ -86,24 +92,23 @@ def _generate(
     done_B = jnp.isin(tok_B, stop_ids)
 
     def cond(carry):
-        i, _, _, done_B, _, _ = carry
+        i, _, _, done_B, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done_B)
 
     def step(carry):
-        i, tok_B, cache, done_B, out_BN, key = carry
+        i, tok_B, cache, done_B, out_BN = carry
         with jax.named_scope("decode_step"):
             logits_B1V, cache = model(
                 tok_B[:, None], jnp.ones((B, 1), jnp.int32), cache=cache, layer_params=params
             )
-            key, sub = jax.random.split(key)
-            nxt_B = sample(logits_B1V[:, 0], sub)
+            nxt_B = sample(logits_B1V[:, 0], i)
             nxt_B = jnp.where(done_B, pad_id, nxt_B)  # finished rows emit padding
             out_BN = jax.lax.dynamic_update_slice(out_BN, nxt_B[:, None], (0, i))
             done_B = done_B | jnp.isin(nxt_B, stop_ids)
-        return i + 1, nxt_B, cache, done_B, out_BN, key
+        return i + 1, nxt_B, cache, done_B, out_BN
 
-    carry = (jnp.int32(1), tok_B, cache, done_B, out_BN, key)
-    _, _, _, _, out_BN, _ = jax.lax.while_loop(cond, step, carry)
+    carry = (jnp.int32(1), tok_B, cache, done_B, out_BN)
+    _, _, _, _, out_BN = jax.lax.while_loop(cond, step, carry)
     return out_BN
 
 
@@ -134,15 +139,72 @@ def per_layer_decode(model: Decoder, max_new_tokens: int, available: int | None 
     return available is None or 2 * copy <= available
 
 
+def _generation_config_eos(tokenizer) -> list[int]:
+    """The eos ids of `generation_config.json` beside the tokenizer (the model's folder: an HF folder, a
+    checkpoint, a workdir's reference/): transformers' `generate` stops on them too, and some models list
+    their end-of-turn token only there (Gemma-2's `<end_of_turn>`). Its sampling settings are not read."""
+    import os
+
+    folder = getattr(tokenizer, "name_or_path", None)
+    path = os.path.join(folder, "generation_config.json") if isinstance(folder, str) and folder else ""
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed generation config: {e}") from e
+    eos = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos if i is not None):
+        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return [i for i in eos if i is not None]
+
+
 def _stop_ids(model: Decoder, tokenizer) -> list[int]:
     from alignx_jax.tokenizer import stop_token_ids
 
     ids = set(stop_token_ids(tokenizer)) if tokenizer is not None else set()
+    ids.update(_generation_config_eos(tokenizer))
     eos = model.cfg.eos_token_id
     ids.update(eos if isinstance(eos, tuple) else ([eos] if eos is not None else []))
     if not ids:
         raise CheckpointError("no stop token: neither the tokenizer nor the model config names an EOS id")
     return sorted(ids)
+
+
+@functools.cache
+def _warn_past_context(limit: int) -> None:
+    # once per process: a benchmark's batches would repeat it (transformers warns too, and goes on)
+    print(
+        f"alignx: warning: prompt + max_new_tokens exceed the model's max_position_embeddings ({limit}); "
+        "positions past it are extrapolated",
+        file=sys.stderr,
+    )
+
+
+SEED_LIMIT = 2**32  # jax.random.key(seed) keeps 32 bits here: 2**32 would draw what 0 draws
+
+
+def check_sampling(
+    *, greedy: bool, temperature: float, top_k: int, top_p: float, seed: int, names=None
+) -> None:
+    """The sampling settings transformers accepts (it raises on the others): temperature finite and > 0,
+    top_k >= 0 (0: off), top_p in [0, 1], seed in [0, 2**32). `names` maps each to the flag to name."""
+    import math
+
+    name = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed", **(names or {})}
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise DataError(f"{name['seed']} must be in [0, 2**32), got {seed}")
+    if greedy:
+        return
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise DataError(
+            f"{name['temperature']} must be a finite number > 0 (or use greedy), got {temperature}"
+        )
+    if top_k < 0:
+        raise DataError(f"{name['top_k']} must be >= 0 (0: no top-k filter), got {top_k}")
+    if not 0.0 <= top_p <= 1.0:  # NaN fails too
+        raise DataError(f"{name['top_p']} must be in [0, 1], got {top_p}")
 
 
 def generate(
@@ -158,18 +220,25 @@ def generate(
     seed: int = 0,
     stop_ids: list[int] | None = None,
     per_layer: bool | None = None,
+    row_ids: list[int] | None = None,
 ) -> list[list[int]]:
     """Generated token ids per prompt, ending with the stop token that ended it (if any).
 
     `prompts` are token-id lists, or strings tokenized with the tokenizer's defaults (BOS added);
-    use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts. `per_layer`: decode over
-    per-layer copies of the weights and cache (None: `per_layer_decode`)."""
+    use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts. Row b samples with the key
+    `fold_in(key(seed), row_ids[b])` (default: b), so its tokens do not depend on which rows share its
+    batch (up to float rounding of the padded batch). `per_layer`: decode over per-layer copies of the
+    weights and cache (None: `per_layer_decode`)."""
     if not prompts:
         return []
     if max_new_tokens < 1:
         raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy and temperature <= 0:
-        raise DataError(f"temperature must be > 0 (or use greedy), got {temperature}")
+    check_sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    row_ids = list(range(len(prompts))) if row_ids is None else [int(i) for i in row_ids]
+    if len(row_ids) != len(prompts) or not all(0 <= i < SEED_LIMIT for i in row_ids):
+        raise DataError(
+            f"row_ids: one id in [0, 2**32) per prompt, got {len(row_ids)} for {len(prompts)} prompts"
+        )
     if isinstance(prompts[0], str):
         if tokenizer is None:
             raise DataError("text prompts need a tokenizer")
@@ -178,10 +247,22 @@ def generate(
         prompts = [list(tokenizer(p)["input_ids"]) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise DataError("empty prompt")
+    V = int(model.cfg.vocab_size)
+    for b, p in enumerate(prompts):  # an id past the embedding table reads NaN: silent garbage tokens
+        if min(p) < 0 or max(p) >= V:
+            raise DataError(
+                f"prompt {b + 1}: token id {max(p) if max(p) >= V else min(p)} is outside the model's vocabulary (size {V})"
+            )
     stops = list(stop_ids) if stop_ids is not None else _stop_ids(model, tokenizer)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     pad_id = model.cfg.pad_token_id if pad_id is None else pad_id
-    pad_id = stops[0] if pad_id is None else int(pad_id)
+    if pad_id is None or not 0 <= int(pad_id) < V:
+        # a pad token added to the tokenizer but not the embeddings: padding is masked, any id in range serves
+        pad_id = next((i for i in stops if 0 <= i < V), 0)
+    pad_id = int(pad_id)
+    limit = model.cfg.max_position_embeddings
+    if limit and max(len(p) for p in prompts) + max_new_tokens > int(limit):
+        _warn_past_context(int(limit))
 
     B = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -191,6 +272,9 @@ def generate(
     for b, p in enumerate(prompts):  # left padding: every row's last prompt token sits at T-1
         ids[b, T - len(p) :] = p
         mask[b, T - len(p) :] = 1
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(
+        jax.random.key(int(seed)), jnp.asarray(row_ids, jnp.uint32)
+    )
     graphdef, state = nnx.split(model)
     program = _generate_program(model.cfg.compiler_options_key(decode=True))
     out = program(
@@ -198,7 +282,7 @@ def generate(
         state,
         jnp.asarray(ids),
         jnp.asarray(mask),
-        jax.random.key(seed),
+        keys_B,
         jnp.asarray(stops, jnp.int32),
         jnp.int32(pad_id),
         jnp.float32(temperature),
@@ -265,6 +349,49 @@ def _prompt_budget(ids: list[int], fmt: str, max_length: int) -> list[int]:
     return ids[-budget:]
 
 
+SAMPLING_DEFAULTS = {"temperature": 0.9, "top_k": 10, "top_p": 0.95}  # the paper's win-rate setting
+
+
+def _cli_settings(args) -> dict[str, Any]:
+    """What decides a row's output, from the flags, checked before the model loads: the sampling
+    settings (the paper's where not given; none with --greedy, which warns about any given), the seed,
+    --max-new-tokens and --max-length."""
+    from alignx_jax.errors import ConfigError
+
+    given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k, None) is not None]
+    sampling = {
+        k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in SAMPLING_DEFAULTS.items()
+    }
+    if args.greedy and given and paths.is_main_process():
+        print(f"alignx: warning: {', '.join(given)} not used with --greedy", file=sys.stderr)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    max_length = int(getattr(args, "max_length", 8192))
+    if max_length < 4:  # eval's rule: the prompt keeps max_length minus the response's reserve
+        raise ConfigError(f"--max-length must be at least 4, got {max_length}")
+    check_sampling(
+        greedy=bool(args.greedy),
+        seed=int(args.seed),
+        **sampling,
+        names={"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"},
+    )
+    return {
+        "greedy": bool(args.greedy),
+        **(dict.fromkeys(sampling) if args.greedy else sampling),
+        "seed": None if args.greedy else int(args.seed),
+        "max_new_tokens": int(args.max_new_tokens),
+        "max_length": max_length,
+    }
+
+
+def _model_identity(model: str, dtype: str | None) -> dict[str, Any]:
+    """The model a benchmark file's rows came from (a local path made absolute), for resumes to compare."""
+    import os
+
+    local = not paths.is_url(model) and os.path.exists(model)
+    return {"model": os.path.realpath(model) if local else model, "dtype": dtype}
+
+
 def _generate_benchmark(args) -> int:
     """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
     method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
@@ -285,7 +412,9 @@ def _generate_benchmark(args) -> int:
         raise ConfigError("--persona applies to --prompt; a benchmark row carries its own persona")
     if not getattr(args, "out", None):
         raise ConfigError("--benchmark needs --out FILE.jsonl")
-    limit, batch_size = getattr(args, "limit", None), int(getattr(args, "batch_size", 8))
+    settings = {**_model_identity(args.model, getattr(args, "dtype", None)), **_cli_settings(args)}
+    limit = getattr(args, "limit", None)
+    batch_size = 8 if getattr(args, "batch_size", None) is None else int(args.batch_size)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be positive, got {limit}")
     if batch_size < 1:
@@ -298,7 +427,7 @@ def _generate_benchmark(args) -> int:
         raise DataError("benchmark holds no rows", file=path)
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
     fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="paper")
-    max_length = int(getattr(args, "max_length", 8192))
+    max_length = settings["max_length"]
     # a multi-process job: every process generates on its own devices, process 0 alone writes
     main = paths.is_main_process()
     log = PerExampleLog.for_job(args.out, flag="--out")
@@ -308,10 +437,29 @@ def _generate_benchmark(args) -> int:
             done = log.get((name, None, i))
             if done is None:
                 todo.append(i)
-            elif (done.get("method"), done.get("prompt_format")) != (args.method, fmt):
+                continue
+            # a resume appends to what an earlier command generated: it must be the same job
+            if (done.get("method"), done.get("prompt_format")) != (args.method, fmt):
                 raise DataError(
                     f"row {i} was generated with --method {done.get('method')} and prompt format "
                     f"{done.get('prompt_format')}; use a new --out file",
+                    file=args.out,
+                )
+            if done.get("prompt") != rows[i]["prompt"]:
+                raise DataError(
+                    f"row {i} was generated for another prompt than {path}'s row {i} (another file under "
+                    f"the name {name}?); use a new --out file",
+                    file=args.out,
+                )
+            before = done.get("settings")
+            if (
+                before is not None and before != settings
+            ):  # files written before settings were kept: not compared
+                changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+                raise DataError(
+                    f"row {i} was generated with other settings ("
+                    + ", ".join(f"{k} {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
+                    + "); use a new --out file",
                     file=args.out,
                 )
         if not todo:
@@ -331,18 +479,17 @@ def _generate_benchmark(args) -> int:
         with tqdm(total=len(todo), desc=f"generate {name}", unit="row", disable=not main) as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                # a seed per batch from its rows: a resumed run draws what an uninterrupted one would
-                seed = int(np.random.SeedSequence([int(args.seed), *batch]).generate_state(1)[0] >> 1)
+                # each row draws by its own index: a resumed run, or another --batch-size, draws what an
+                # uninterrupted one would
                 outs = generate(
                     model,
                     tokenizer,
                     [ids[i] for i in batch],
-                    max_new_tokens=args.max_new_tokens,
-                    greedy=args.greedy,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    seed=seed,
+                    max_new_tokens=settings["max_new_tokens"],
+                    greedy=settings["greedy"],
+                    **_sampling_of(settings),
+                    seed=int(args.seed),
+                    row_ids=batch,
                 )
                 log.append(
                     {
@@ -355,6 +502,7 @@ def _generate_benchmark(args) -> int:
                         "prompt_format": fmt,
                         "prompt": rows[i]["prompt"],
                         "output": tokenizer.decode(toks, skip_special_tokens=True),
+                        "settings": settings,
                     }
                     for i, toks in zip(batch, outs)
                 )
@@ -366,11 +514,22 @@ def _generate_benchmark(args) -> int:
     return 0
 
 
+def _sampling_of(settings: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s temperature/top_k/top_p from the settings (greedy keeps none: any value passes)."""
+    return {k: (v if settings[k] is None else settings[k]) for k, v in SAMPLING_DEFAULTS.items()}
+
+
 def cli_generate(args) -> int:
+    from alignx_jax.errors import ConfigError
+
     if getattr(args, "benchmark", None):
         return _generate_benchmark(args)
     if not args.prompt:
         raise DataError("give --prompt TEXT (repeatable), or --benchmark NAME=PATH with --out FILE.jsonl")
+    for flag, value in (("--out", args.out), ("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None:  # a --prompt run prints; these would be ignored
+            raise ConfigError(f"{flag} applies to --benchmark, not to --prompt")
+    settings = _cli_settings(args)
     for i, text in enumerate(args.prompt):  # the chat template adds tokens to any text: check the text itself
         if not text.strip():
             raise DataError(f"--prompt number {i + 1} is empty; give the text to respond to")
@@ -399,7 +558,7 @@ def cli_generate(args) -> int:
         _prompt_budget(
             prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method, fmt=fmt),
             fmt,
-            int(getattr(args, "max_length", 8192)),
+            settings["max_length"],
         )
         for text in args.prompt
     ]
@@ -407,12 +566,10 @@ def cli_generate(args) -> int:
         model,
         tokenizer,
         prompt_ids,
-        max_new_tokens=args.max_new_tokens,
-        greedy=args.greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+        max_new_tokens=settings["max_new_tokens"],
+        greedy=settings["greedy"],
+        **_sampling_of(settings),
+        seed=int(args.seed),
     )
     if not paths.is_main_process():  # a multi-process job: process 0 prints
         return 0

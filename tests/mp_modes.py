@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
 TINY_PBA = os.path.join(ROOT, "configs", "tiny_pba.py")
@@ -56,7 +58,42 @@ MODES: dict[str, tuple[str, list[str]]] = {
         TINY_PBA,
         [*SHORT, *PBA, "--config.pba.mode=two_stage", "--config.pba.preference=mix"],
     ),
+    # a TPU pod's mesh order: the hosts' devices alternate along the batch axes (`_interleave_hosts`), so a
+    # process's pairs are batch shards 0, 2, 4, 6 of 8, not one block; packed shared-prompt rows name them
+    "packing_interleaved": (
+        TINY,
+        [
+            *SHORT,
+            *SHARED,
+            "--config.data.packing=true",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=8",
+            "--config.mesh.tensor=1",
+            "--config.train.micro_batch=8",
+        ],
+    ),
 }
+INTERLEAVED = {"packing_interleaved"}
+
+
+def _interleave_hosts() -> None:
+    """`sharding.make_mesh` as `mesh_utils.create_device_mesh` orders a TPU slice's chips: consecutive
+    mesh positions alternate between the processes (on one process: a reordering that changes nothing)."""
+    import jax
+    from jax.sharding import Mesh
+
+    from alignx_jax import sharding
+
+    plain = sharding.make_mesh
+
+    def make_mesh(data=1, fsdp=1, tensor=1, devices=None):
+        mesh = plain(data, fsdp, tensor, devices)
+        flat = list(mesh.devices.flat)
+        rank = {d: sorted(x.id for x in flat if x.process_index == d.process_index).index(d.id) for d in flat}
+        order = sorted(flat, key=lambda d: (rank[d] if jax.process_count() > 1 else d.id, d.process_index))
+        return Mesh(np.asarray(order, dtype=object).reshape(mesh.devices.shape), mesh.axis_names)
+
+    sharding.make_mesh = make_mesh
 
 
 def main(argv: list[str]) -> int:
@@ -69,8 +106,20 @@ def main(argv: list[str]) -> int:
     from alignx_jax.train.loop import run_training
 
     out, names = argv[0], argv[1:] or list(MODES)
+    plain_mesh = None
     for name in names:
         path, extra = MODES[name]
+        from alignx_jax import sharding
+
+        plain_mesh = plain_mesh or sharding.make_mesh
+        sharding.make_mesh = plain_mesh
+        if name in INTERLEAVED:
+            _interleave_hosts()
+            if jax.process_count() > 1:  # the layout this mode is for: process k holds shards k, k+2, ...
+                from alignx_jax.batch import process_shards
+
+                held = process_shards(sharding.make_mesh(1, -1, 1))
+                assert held == tuple(range(jax.process_index(), 8, 2)), held
         t0 = time.perf_counter()
         cfg = load_config(path, [*TRAIN, *extra, f"--config.workdir={os.path.join(out, name)}"])
         code = run_training(cfg)

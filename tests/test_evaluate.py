@@ -605,6 +605,40 @@ def test_eight_devices_match_one(ica_run, llama, tmp_path):
 
 
 @pytest.mark.slow
+def test_weights_too_large_for_a_device_are_sharded_fsdp_with_the_same_scores(llama, tmp_path):
+    """`default_mesh`: replicated weights while they fit a device with room to spare; else FSDP over all 8
+    (CPU) devices, each holding 1/8 of every weight, with the replicated run's log-probs and decisions."""
+    import subprocess
+    import sys
+
+    code = f"""
+from alignx_jax.evaluate import run
+from alignx_jax.evaluate.options import BenchmarkSpec, EvalSettings
+w = run.weight_bytes({llama!r})
+assert w > 0
+settings = EvalSettings(method="ica", prompt_format="paper", limit={LIMIT}, max_length={MAX_LEN}, batch_size=3)
+for name, per_device in (("replicated", 16 * w), ("fsdp", 4 * w)):
+    mesh = run.default_mesh([{llama!r}], per_device=per_device)
+    assert dict(mesh.shape) == ({{"data": 8, "fsdp": 1, "tensor": 1}} if name == "replicated" else
+                                {{"data": 1, "fsdp": 8, "tensor": 1}}), (name, mesh.shape)
+    run.evaluate({llama!r}, [BenchmarkSpec("p-soups", {PSOUPS!r}, "p-soups")], settings,
+                 per_example={str(tmp_path)!r} + f"/{{name}}.jsonl", mesh=mesh, progress=False)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(devices=8), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = {ev.key_of(r): r for r in _read_jsonl(tmp_path / "replicated.jsonl")}
+    rows = _read_jsonl(tmp_path / "fsdp.jsonl")
+    assert len(rows) == len(want) == LIMIT
+    for r in rows:
+        assert r["correct"] == want[ev.key_of(r)]["correct"]
+        for side in ("chosen", "rejected"):  # sums of ~100 token log-probs: a few float32 ulps apart
+            w = want[ev.key_of(r)][f"logp_{side}"]
+            assert abs(r[f"logp_{side}"] - w) <= 1e-6 * max(1.0, abs(w)), (r[f"logp_{side}"], w)
+
+
+@pytest.mark.slow
 def test_predicted_preferences_use_the_head(capsys, llama, alignx_file, tmp_path):
     """PBA with a (random) exported head: P~ comes from the head, per persona variant, and the
     results carry the head's config and its agreement with the golden directions."""

@@ -14,6 +14,7 @@ from flax import nnx
 
 import alignx_jax
 from alignx_jax.cli import main
+from alignx_jax.errors import CheckpointError, DataError
 from alignx_jax.generate import generate, per_layer_decode, sample_token
 from alignx_jax.models.hf import load_pretrained
 from alignx_jax.tokenizer import load_tokenizer
@@ -116,9 +117,54 @@ def test_sampling_is_seeded_and_filtered(llama, tok):
     assert alignx_jax.generate is not None and callable(alignx_jax.generate)
 
 
+def test_a_rows_sample_depends_on_its_seed_and_id_not_on_its_batch(llama, tok):
+    a, b, c = _prompts(tok)
+    kw = dict(max_new_tokens=10, seed=3, stop_ids=NO_STOP)
+    batch = generate(llama, tok, [a, b, c], **kw)
+    assert generate(llama, tok, [c, a], row_ids=[2, 0], **kw) == [batch[2], batch[0]]
+    assert generate(llama, tok, [b], row_ids=[1], **kw) == [batch[1]]
+    assert generate(llama, tok, [a], row_ids=[5], **kw) != [batch[0]]  # another id: another draw
+    with pytest.raises(DataError, match="row_ids"):
+        generate(llama, tok, [a, b], row_ids=[0], **kw)
+
+
+def test_stop_ids_include_generation_config_eos(tiny_hf_checkpoints, tmp_path, llama, tok):
+    import shutil
+
+    from alignx_jax.generate import _stop_ids
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_hf_checkpoints["llama"], folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, 77]}))
+    assert 77 not in _stop_ids(llama, tok)
+    assert 77 in _stop_ids(llama, load_tokenizer(str(folder)))  # transformers' generate stops there too
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(CheckpointError, match="eos_token_id must be an id or a list"):
+        _stop_ids(llama, load_tokenizer(str(folder)))
+
+
+def test_a_pad_id_past_the_embeddings_pads_with_a_valid_id(llama, tok):
+    # a pad token added to the tokenizer, not the model: its id read NaN embeddings into every padded row
+    class Padded:
+        def __init__(self, inner, pad):
+            self.inner, self.pad_token_id = inner, pad
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    prompts = _prompts(tok)
+    want = generate(llama, tok, prompts, max_new_tokens=6, greedy=True, stop_ids=NO_STOP)
+    got = generate(
+        llama, Padded(tok, llama.cfg.vocab_size), prompts, max_new_tokens=6, greedy=True, stop_ids=NO_STOP
+    )
+    assert got == want
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        generate(llama, tok, [[1, llama.cfg.vocab_size]], max_new_tokens=2, greedy=True)
+
+
 def test_sample_token_respects_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.1, 0.06, 0.04]] * 2000))
-    keys = jax.random.split(jax.random.key(0), 1)[0]
+    keys = jax.random.split(jax.random.key(0), 2000)  # a key per row
     k2 = np.asarray(
         sample_token(
             logits, keys, greedy=False, temperature=jnp.float32(1.0), top_k=2, top_p=jnp.float32(1.0)
@@ -132,7 +178,7 @@ def test_sample_token_respects_top_k_and_top_p():
     )
     assert set(p.tolist()) == {0, 1, 2}  # 0.5 + 0.3 < 0.85 so the third token is the last kept
     g = sample_token(
-        logits[:1], keys, greedy=True, temperature=jnp.float32(1.0), top_k=10, top_p=jnp.float32(0.9)
+        logits[:1], keys[:1], greedy=True, temperature=jnp.float32(1.0), top_k=10, top_p=jnp.float32(0.9)
     )
     assert int(g[0]) == 0
 

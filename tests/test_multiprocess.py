@@ -246,6 +246,10 @@ def test_every_training_mode_runs_on_two_processes_like_one(runs):
             # the first step's loss is log 2 whatever the pairs: their log-probs name wrong rows or pairs
             for k in ("logps/chosen", "logps/rejected", "grad_norm"):
                 assert abs(a[s][k] - b[s][k]) <= 1e-5 * max(1.0, abs(a[s][k])), (name, s, k, a[s][k], b[s][k])
+            # the data counters are the job's, not process 0's shard's
+            for k in ("rows_truncated", "rows_dropped", "rows_skipped"):
+                assert a[s][k] == b[s][k], (name, s, k, a[s][k], b[s][k])
+            assert abs(a[s]["padding_fraction"] - b[s]["padding_fraction"]) < 1e-6, (name, s)
         meta = read_meta(str(two / name / "checkpoints"), last)
         procs = meta["processes"]
         assert [p["loader"]["shard_index"] for p in procs] == [0, 1], name

@@ -554,3 +554,31 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
     a, b = _restore_head_item(full, 6), _restore_head_item(part, 6)
     for name in a:
         np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=1e-5, atol=1e-6)
+
+
+def test_two_stage_on_rows_without_a_direction_is_refused_before_the_first_step(tmp_path, synth_data):
+    # the head is fit after the last step: found there, the steps (and the last one's checkpoint) were lost
+    from alignx_jax.data.schema import load_rows
+
+    rows, _ = load_rows(synth_data)
+    data = tmp_path / "no_direction.jsonl"
+    data.write_text("".join(json.dumps(dict(r, **{"Preference Direction": None})) + "\n" for r in rows))
+    w = tmp_path / "w"
+    r = run_cli(
+        [
+            "train",
+            f"--config={TINY_PBA}",
+            f"--config.workdir={w}",
+            f"--config.data.train={data}",
+            *SMALL,
+            "--config.train.steps=2",
+            "--config.pba.mode=two_stage",
+        ]
+    )
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("alignx: error:")]
+    assert err == [
+        f"alignx: error: pba.mode=two_stage: none of the {len(rows)} training rows the head is fit on "
+        "(pba.head_rows) has a 'Preference Direction' to learn from; use data with one, or pba.enabled=false"
+    ], r.stderr[-2000:]
+    assert not (w / "metrics.jsonl").exists() and not (w / "checkpoints").exists()

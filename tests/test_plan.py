@@ -41,6 +41,44 @@ def test_parse_topology():
     ):
         with pytest.raises(ConfigError, match=says):
             parse_topology(odd)  # not a silent plan of 3 chips, or of this machine's devices
+    # the hosts (JAX processes) each topology has: what `alignx train` there checks its batch split against
+    hosts = {
+        n: parse_topology(n).hosts
+        for n in ("v5p-8", "v5p-64", "v5p-256", "v5e-8", "v5e-16", "8xH100", "64xH100", "4@1GiB")
+    }
+    assert hosts == {
+        "v5p-8": 1,
+        "v5p-64": 8,
+        "v5p-256": 32,
+        "v5e-8": 1,
+        "v5e-16": 4,
+        "8xH100": 1,
+        "64xH100": 8,
+        "4@1GiB": 1,
+    }
+
+
+def test_plan_refuses_a_batch_split_train_refuses_on_the_topologys_hosts():
+    from jax.sharding import Mesh
+
+    from alignx_jax.config import load_config
+    from alignx_jax.errors import MeshError
+    from alignx_jax.plan.planner import _batch_layout
+
+    # stand-in meshes only need their shape: _batch_layout reads mesh.shape
+    mesh = lambda d, f, t: Mesh(np.empty((d, f, t), dtype=object), ("data", "fsdp", "tensor"))
+    cfg = load_config(TINY, ["--config.train.global_batch=8", "--config.train.micro_batch=4"])
+    notes: list[str] = []
+    assert _batch_layout(cfg, mesh(1, 32, 1), notes, hosts=1)["micro_batch"] == 4  # one host replicates
+    assert "pairs replicated" in notes[0]
+    with pytest.raises(
+        MeshError, match="4 pairs do not split over the mesh's data\\*fsdp=32 batch shards of 8 hosts"
+    ):
+        _batch_layout(cfg, mesh(1, 32, 1), [], hosts=8)
+    with pytest.raises(MeshError, match="mesh.tensor must not span hosts"):
+        _batch_layout(cfg, mesh(1, 4, 8), [], hosts=8)
+    cfg = load_config(TINY, ["--config.train.global_batch=64", "--config.train.micro_batch=32"])
+    assert _batch_layout(cfg, mesh(1, 32, 1), [], hosts=8)["seqs_per_device"] == 2
 
 
 def test_llama3_8b_preset_needs_no_weights():

@@ -240,6 +240,30 @@ def test_heuristic_metrics_use_history_vectors(world):
     assert got == {f"heuristic_{k}": v for k, v in expect.items()} and got["heuristic_n"] == 10
 
 
+def test_heuristic_reads_the_history_the_persona_variant_shows_and_scores_the_head_on_its_rows(world):
+    from alignx_jax.data.persona import PAIR_FIELD, UGC_FIELD, release_direction
+
+    rows = world[:8]
+    gold = np.stack([r["Preference Direction"] for r in rows])
+    # the rule under 'ugc' averages the comments' vectors only; 'demo' shows no history: nothing to score
+    ugc_only = np.stack(
+        [release_direction(np.asarray([it["Preference Direction"] for it in r[UGC_FIELD]])) for r in rows]
+    )
+    got = predict.heuristic_metrics(rows, variant="ugc")
+    assert got == {f"heuristic_{k}": v for k, v in head_metrics(ugc_only, gold).items()}
+    assert any(r[PAIR_FIELD] for r in rows) and got != predict.heuristic_metrics(rows)
+    assert predict.heuristic_metrics(rows, variant="demo")["heuristic_n"] == 0
+    # with the head's P~: the head on exactly the rows the rule scored (one with no history is left out)
+    head_pred = np.where(gold > 0.5, 1.0, 0.5)  # a stand-in prediction, not the gold
+    bare = dict(rows[0], **{UGC_FIELD: [], PAIR_FIELD: []})
+    both = predict.heuristic_metrics([bare, *rows[1:]], head_pred, variant=["p"] * 8)
+    expect = head_metrics(head_pred[1:], gold[1:])
+    assert both["heuristic_n"] == 7 and "heuristic_head_n" not in both
+    assert {k: both[f"heuristic_head_{k}"] for k in expect if k != "n"} == {
+        k: v for k, v in expect.items() if k != "n"
+    }
+
+
 # ----------------------------------------------------------------------------- persona input
 
 
@@ -304,6 +328,25 @@ def test_a_save_cut_short_leaves_no_head(tmp_path, monkeypatch):
     ]  # the save again took its place
 
 
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        (lambda m: [m], "a JSON object expected"),
+        (lambda m: dict(m, embed_dim="abc"), "embed_dim must be an integer"),
+        (lambda m: dict(m, embed_dim="16"), "embed_dim must be an integer"),
+        (lambda m: dict(m, pooling="max"), "pba.pooling must be one of"),
+        (lambda m: dict(m, label_values=5), "label_values 5 differ"),
+    ],
+)
+def test_a_malformed_head_config_is_one_error_naming_the_file(tmp_path, edit, why):
+    ph.save_head(PreferenceHead(HeadConfig(embed_dim=16, hidden=8), rngs=nnx.Rngs(0)), None, str(tmp_path))
+    path = tmp_path / HEAD_CONFIG_FILE
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(CheckpointError, match=why) as e:
+        ph.load_head(str(tmp_path))
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
 def test_folder_without_head_fails_clearly(tmp_path):
     with pytest.raises(CheckpointError, match="an export of a PBA run that trained one"):
         ph.load_head(str(tmp_path))
@@ -327,6 +370,13 @@ def test_two_stage_training_reduces_head_loss(tok, world):
     l1 = full_loss(res.head, res.features, world, class_weights=(2, 1, 2))
     assert l1 < 0.5 * l0, (l0, l1)
     assert res.losses[-1] < res.losses[0]
+    # the loss joint training uses: sum(w * CE) over rows x 90 dims (not over the weights' sum), in numpy
+    logits = np.asarray(res.head.classify(jnp.asarray(res.features)), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    labels = np.rint(np.stack([r["Preference Direction"] for r in world]) * 2).astype(int)
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    w = np.asarray([2.0, 1.0, 2.0])[labels]
+    np.testing.assert_allclose(l1, (w * nll).sum() / (len(world) * 90), rtol=1e-5)
     # The backbone is frozen.
     after_params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     assert all(
@@ -484,6 +534,41 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     )
     recs = [json.loads(line) for line in jl.read_text().splitlines()]
     assert [r["index"] for r in recs] == list(range(6)) and recs[0]["user_id"] == world[0]["user_id"]
+    assert "file" not in recs[0]  # one file: the index is its row
+    # the rule scores the rows with history vectors: the head's figures on those same rows beside it
+    h = summary["heuristic"]
+    assert h["heuristic_n"] == 6 and h["heuristic_head_accuracy"] == summary["head"]["accuracy"]
+
+    # a folder of several files: each record names its own file and row there
+    folder = tmp_path / "folder"
+    os.makedirs(folder)
+    (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world[:2]))
+    (folder / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in world[2:5]))
+    jl2 = tmp_path / "pred" / "f.jsonl"
+    assert main(["predict-preferences", "--model", out, "--data", str(folder), "--out", str(jl2)]) == 0
+    capsys.readouterr()
+    recs = [json.loads(line) for line in jl2.read_text().splitlines()]
+    assert [(os.path.basename(r["file"]), r["row"]) for r in recs] == [
+        ("a.jsonl", 0),
+        ("a.jsonl", 1),
+        ("b.jsonl", 0),
+        ("b.jsonl", 1),
+        ("b.jsonl", 2),
+    ]
+    assert [r["index"] for r in recs] == list(range(5)) and recs[3]["user_id"] == world[3]["user_id"]
+
+    # a head beside a model of another width: one line, before any prediction
+    narrow = tmp_path / "narrow"
+    from alignx_jax.models.hf import save_hf
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR
+
+    save_hf(tiny_decoder(tok, hidden=16), str(narrow), tokenizer_dir=TINY_TOKENIZER_DIR)
+    for name in (HEAD_WEIGHTS_FILE, HEAD_CONFIG_FILE):
+        os.link(os.path.join(out, name), narrow / name)
+    assert main(["predict-preferences", "--model", str(narrow), "--persona", str(pfile)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"alignx: error: {narrow}: preference head embed_dim 32 != the model's hidden_size 16"
+    )
 
     bare = tmp_path / "bare"
     os.makedirs(bare)

@@ -426,3 +426,69 @@ def test_generate_benchmark_writes_one_line_per_row_and_resumes(capsys, tiny_hf_
     assert "already generated" in capsys.readouterr().err
     # another method into the same file is refused
     assert cli.main([*argv[:6], "pba", *argv[7:]]) == 1
+    assert "--method ica" in capsys.readouterr().err
+    # other sampling settings or another model into the same file: refused, naming what changed
+    assert cli.main([*argv, "--temperature", "0.5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "other settings (temperature 0.9, now 0.5)" in err, err
+    assert cli.main([*argv[:2], tiny_hf_checkpoints["qwen2"], *argv[3:]]) == 1
+    assert "other settings (model " in capsys.readouterr().err
+    # each row samples by its own index: the resumed file's rows equal one run's at another batch size
+    whole = tmp_path / "whole.jsonl"
+    assert cli.main([*argv[:-5], str(whole), "--max-new-tokens", "3", "--batch-size", "3"]) == 0
+    by_id = {r["id"]: r["output"] for r in _jsonl(whole)}
+    assert {r["id"]: r["output"] for r in rows} == by_id
+
+
+def test_generate_flag_checks_are_one_line_before_the_model_loads(
+    capsys, tiny_hf_checkpoints, bench, tmp_path
+):
+    from alignx_jax import cli
+
+    base = ["generate", "--model", str(tmp_path / "no_such_model"), "--prompt", "Hi"]
+    cases = [
+        (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+        (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+        (["--top-p", "-1"], "--top-p must be in [0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in [0, 1]"),
+        (["--top-k", "-5"], "--top-k must be >= 0"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--seed", str(2**32)], "--seed must be in [0, 2**32)"),
+        (["--max-length", "0"], "--max-length must be at least 4"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--out", str(tmp_path / "x.jsonl")], "--out applies to --benchmark"),
+        (["--limit", "0"], "--limit applies to --benchmark"),
+        (["--batch-size", "3"], "--batch-size applies to --benchmark"),
+    ]
+    for extra, why in cases:
+        assert cli.main([*base, *extra]) == 1, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("alignx: error: " + why) and "\n" not in err, (extra, err)
+    out = tmp_path / "gen.jsonl"
+    bench_argv = [
+        "generate",
+        "--model",
+        str(tmp_path / "nope"),
+        "--benchmark",
+        f"alignx={bench}",
+        "--out",
+        str(out),
+    ]
+    assert cli.main([*bench_argv, "--seed", "-1"]) == 1
+    assert "--seed must be in" in capsys.readouterr().err and not out.exists()  # before the model, no file
+    # --greedy with sampling flags: they are named as unused
+    r = cli.main(
+        [
+            "generate",
+            "--model",
+            tiny_hf_checkpoints["llama"],
+            "--prompt",
+            "Hi",
+            "--greedy",
+            "--top-k",
+            "3",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
+    assert r == 0 and "alignx: warning: --top-k not used with --greedy" in capsys.readouterr().err

@@ -245,6 +245,11 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.loss.beta=nan", "loss.beta must be positive, got nan"),
         ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
         ("--config.model.init.vocab_size=-2", "model.init.vocab_size must be positive (or -1"),
+        ("--config.model.init.head_dim=7", "model.init.head_dim must be even (rotary embeddings"),
+        (
+            "--config.model.init.num_key_value_heads=3",
+            "model.init.num_attention_heads=4 must be a multiple of model.init.num_key_value_heads=3",
+        ),
         ("--config.sharding.rules=(('embd','fsdp'),)", "unknown logical axis 'embd'"),
         ("--config.sharding.rules=(('embed','fsbp'),)", "'embed' -> unknown mesh axis 'fsbp'"),
     ],
@@ -312,6 +317,17 @@ def test_bad_config_key_is_one_line_exit_1(tmp_path):
         r.stderr
     )
     assert "Traceback" not in r.stderr
+
+
+def test_a_random_model_smaller_than_the_tokenizer_is_one_line_not_a_nan_loss(tmp_path):
+    # ids past the embedding table read NaN: the run stopped with "non-finite loss ... lower optim.lr"
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", "--config.model.init.vocab_size=100"]
+    )
+    assert r.returncode == 1, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("alignx: error:")]
+    assert len(err) == 1 and "model.init.vocab_size=100 is smaller than the tokenizer's" in err[0], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "w" / "checkpoints").exists()
 
 
 def test_impossible_mesh_is_one_line_exit_1(tmp_path):

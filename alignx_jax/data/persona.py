@@ -181,11 +181,18 @@ def _history(row: dict, field: str) -> list[dict]:
     return list(items) if items is not None else []
 
 
-def history_direction(row: dict) -> np.ndarray | None:
-    """The release's P~ from the row's UGC and PAIR items' directions; None if no item has one."""
+# The history kinds each persona variant shows (`persona_text`): what the release rule may average
+_VARIANT_HISTORY = {"p": (UGC_FIELD, PAIR_FIELD), "ugc": (UGC_FIELD,), "pair": (PAIR_FIELD,), "demo": ()}
+
+
+def history_direction(row: dict, variant: str = "p") -> np.ndarray | None:
+    """The release's P~ from the directions of the history items persona `variant` shows (UGC and
+    PAIR for 'p'); None if no such item has one."""
+    if variant not in _VARIANT_HISTORY:
+        raise DataError(f"unknown persona variant {variant!r}; expected one of {', '.join(PERSONA_VARIANTS)}")
     vectors = [
         item[DIRECTION_FIELD]
-        for field in (UGC_FIELD, PAIR_FIELD)
+        for field in _VARIANT_HISTORY[variant]
         for item in _history(row, field)
         if item.get(DIRECTION_FIELD) is not None
     ]

@@ -159,6 +159,11 @@ def prompt_ids(
     if fmt == "chat":
         from jinja2.exceptions import TemplateError
 
+        if getattr(tokenizer, "chat_template", None) is None:  # transformers' own error is a traceback
+            raise DataError(
+                "prompt format 'chat' needs a tokenizer with a chat template (this one has none: a base "
+                "model?); use the paper or release format"
+            )
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         try:
             return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
@@ -168,6 +173,8 @@ def prompt_ids(
     if fmt == "release":
         return [int(i) for i in tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]]
     if tokenizer.bos_token_id is None:
-        raise DataError("prompt format 'paper' needs a tokenizer with a BOS token")
+        raise DataError(
+            "prompt format 'paper' needs a tokenizer with a BOS token; use the chat or release format"
+        )
     body = tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]
     return [int(tokenizer.bos_token_id)] + [int(i) for i in body]

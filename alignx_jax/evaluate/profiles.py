@@ -100,9 +100,10 @@ class PredictedPreferences:
             )
         self._ph, self._predict = ph, predict
         self.head, self.cfg = ph.load_head(model_dir)
+        ph.check_backbone(self.cfg, model.cfg.hidden_size, model_dir)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.metrics: dict[str, dict[str, float]] = {}
-        self._pooled: list[tuple[np.ndarray, np.ndarray, list[dict]]] = []
+        self._pooled: list[tuple[np.ndarray, np.ndarray, list[dict], str]] = []  # pred, gold, rows, variant
 
     def directions(self, rows: Sequence[dict], persona: str, key: str) -> np.ndarray:
         """float32 [N, 90] predicted directions for `rows` under one persona variant."""
@@ -121,11 +122,14 @@ class PredictedPreferences:
         if gold:
             gold_rows = [rows[i] for i in gold]
             gold_dirs = np.asarray([r["Preference Direction"] for r in gold_rows], dtype=np.float32)
-            # the release's averaging rule on the same rows, so the head is judged against the baseline
+            # the release's averaging rule, and the head on the rows the rule could score (like for like)
             self.metrics[key] = _finite(
-                {**ph.head_metrics(pred[gold], gold_dirs), **self._predict.heuristic_metrics(gold_rows)}
+                {
+                    **ph.head_metrics(pred[gold], gold_dirs),
+                    **self._predict.heuristic_metrics(gold_rows, pred[gold], variant=persona),
+                }
             )
-            self._pooled.append((pred[gold], gold_dirs, gold_rows))
+            self._pooled.append((pred[gold], gold_dirs, gold_rows, persona))
         return pred
 
     def describe(self) -> dict[str, Any]:
@@ -133,12 +137,13 @@ class PredictedPreferences:
         benchmark/persona scored (rows with a golden direction), plus the per-benchmark breakdown."""
         out: dict[str, Any] = {"config": self.cfg.to_json()}
         if self._pooled:
-            pred = np.concatenate([p for p, _, _ in self._pooled])
-            gold = np.concatenate([g for _, g, _ in self._pooled])
-            rows = [r for _, _, rs in self._pooled for r in rs]
-            out.update(
-                _finite({**self._ph.head_metrics(pred, gold), **self._predict.heuristic_metrics(rows)})
-            )
+            pred = np.concatenate([p for p, _, _, _ in self._pooled])
+            gold = np.concatenate([g for _, g, _, _ in self._pooled])
+            rows = [r for _, _, rs, _ in self._pooled for r in rs]
+            # each block's persona variant decides which history the rule may average
+            variants = [v for p, _, _, v in self._pooled for _ in range(len(p))]
+            rule = self._predict.heuristic_metrics(rows, pred, variant=variants)
+            out.update(_finite({**self._ph.head_metrics(pred, gold), **rule}))
             out["n"] = int(len(rows))
         out["agreement_with_golden"] = self.metrics
         return out

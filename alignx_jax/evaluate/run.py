@@ -140,6 +140,42 @@ def _check_resumed(
         )
 
 
+def weight_bytes(folder: str | None) -> int:
+    """Bytes of a model folder's weights on disk: its `*.safetensors`, else an orbax `params/` tree."""
+    if not folder or not os.path.isdir(folder):
+        return 0
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
+    if not files:
+        files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "params")) for f in fs]
+    return sum(os.path.getsize(f) for f in files)
+
+
+def default_mesh(folders: Sequence[str | None], per_device: int | None = None) -> Any:
+    """Every device scores its slice of each batch; the weights are replicated on each (no gathers) while
+    they take at most a quarter of a device's memory (`per_device` bytes, default: the device's, or its
+    share of the host's on CPU), counted in float32 (twice a bf16 file), else sharded FSDP over all the
+    devices, as `alignx generate` loads them (a 70B model on 8 GPUs). Process 0 decides for every process."""
+    import jax
+
+    from alignx_jax.hardware import available_memory_bytes
+    from alignx_jax.sharding import make_mesh
+
+    if jax.device_count() == 1:
+        return make_mesh(data=-1)
+    if per_device is None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        per_device = stats.get("bytes_limit")
+        if per_device is None:  # CPU devices share the host's memory
+            avail = available_memory_bytes()
+            per_device = None if avail is None else avail // jax.local_device_count()
+    shard = per_device is not None and 2 * sum(weight_bytes(f) for f in folders) > per_device // 4
+    if jax.process_count() > 1:  # one mesh for all: hosts may see different free memory
+        from jax.experimental import multihost_utils
+
+        shard = bool(multihost_utils.broadcast_one_to_all(np.int32(shard)))
+    return make_mesh(fsdp=-1) if shard else make_mesh(data=-1)
+
+
 @dataclasses.dataclass
 class _Scoring:
     """What every benchmark and persona is scored with: the models, the tokenizer, the reference setting."""
@@ -205,13 +241,12 @@ def _load_scoring(
 ) -> _Scoring:
     """The tokenizer, the policy (and reference) scorers and the preference head a run scores with."""
     from alignx_jax.models.hf import load_pretrained
-    from alignx_jax.sharding import make_mesh
     from alignx_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{model_dir}: the tokenizer has no chat template; use --prompt-format paper")
-    mesh = make_mesh(data=-1) if mesh is None else mesh
+    mesh = default_mesh([model_dir, reference_dir]) if mesh is None else mesh
     kwargs: dict[str, Any] = {"cpu_matmul": cpu_matmul}
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)

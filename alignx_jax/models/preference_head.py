@@ -93,7 +93,10 @@ class HeadConfig:
                 f"preference head: num_classes must be {len(LABEL_VALUES)} (labels {LABEL_VALUES})"
             )
         for name in ("embed_dim", "hidden", "num_dims", "max_persona_tokens"):
-            if int(getattr(self, name)) <= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):  # e.g. "64" from a hand-edited file
+                raise ConfigError(f"preference head: {name} must be an integer, got {value!r}")
+            if value <= 0:
                 raise ConfigError(f"preference head: {name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"preference head: dropout must be in [0, 1), got {self.dropout}")
@@ -526,6 +529,14 @@ def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None
     os.replace(config + ".tmp", config)
 
 
+def check_backbone(cfg: HeadConfig, hidden_size: int, where: str) -> None:
+    """A head reads its backbone's pooled hidden states, so its width must be the model's."""
+    if int(cfg.embed_dim) != int(hidden_size):
+        raise CheckpointError(
+            f"{where}: preference head embed_dim {cfg.embed_dim} != the model's hidden_size {hidden_size}"
+        )
+
+
 def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
     """Read a head written by `save_head`; CheckpointError when the folder has none."""
     from safetensors import SafetensorError
@@ -542,11 +553,15 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
     try:
         with open(cfg_path, encoding="utf-8") as f:
             meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON object expected, got {type(meta).__name__}")
         fields = {f.name for f in dataclasses.fields(HeadConfig)}
         cfg = HeadConfig(**{k: v for k, v in meta.items() if k in fields})
-    except (OSError, json.JSONDecodeError, TypeError) as e:
+    # HeadConfig's own checks (ConfigError) name config keys; here the file is what is wrong
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{cfg_path}: malformed preference head config: {e}") from e
-    if tuple(meta.get("label_values", LABEL_VALUES)) != LABEL_VALUES:
+    labels = meta.get("label_values", list(LABEL_VALUES))
+    if not isinstance(labels, list) or tuple(labels) != LABEL_VALUES:
         raise CheckpointError(
             f"{cfg_path}: label_values {meta.get('label_values')} differ from {list(LABEL_VALUES)}"
         )

@@ -96,7 +96,11 @@ def _train_step(
     def loss_fn(params):
         head = nnx.merge(graphdef, params, rest)
         logits = head.classify(x_BD, deterministic=False)
-        loss = head_loss(logits, d_BK, class_weights=class_weights, focal_gamma=focal_gamma, mask=m_B)
+        # joint training's normalisation (rows x dims, not the class weights' sum): one loss scale in both modes
+        norm = jnp.maximum(jnp.sum(m_B), 1.0) * d_BK.shape[1]
+        loss = head_loss(
+            logits, d_BK, class_weights=class_weights, focal_gamma=focal_gamma, mask=m_B, normalizer=norm
+        )
         return loss, nnx.state(head, nnx.Not(nnx.Param))  # dropout RNG counters advance
 
     (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -191,4 +195,9 @@ def full_loss(
     """The head loss over all rows with a direction (for before/after comparisons)."""
     gold, mask = _directions(rows)
     logits = head.classify(jnp.asarray(features))
-    return float(head_loss(logits, gold, class_weights=class_weights, focal_gamma=focal_gamma, mask=mask))
+    norm = max(float(mask.sum()), 1.0) * gold.shape[1]  # as in training
+    return float(
+        head_loss(
+            logits, gold, class_weights=class_weights, focal_gamma=focal_gamma, mask=mask, normalizer=norm
+        )
+    )

@@ -23,11 +23,12 @@ from alignx_jax.data.persona import (
     persona_text,
     profile_text,
 )
-from alignx_jax.data.schema import list_files, load_rows, read_persona_file
+from alignx_jax.data.schema import list_files, load, read_persona_file
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.models.preference_head import (
     NUM_DIMS,
     PreferenceHead,
+    check_backbone,
     head_metrics,
     head_probs,
     load_head,
@@ -43,24 +44,39 @@ def gold_rows(rows: Sequence[Mapping[str, Any]]) -> list[int]:
     return [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
 
 
-def heuristic_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def heuristic_metrics(
+    rows: Sequence[Mapping[str, Any]],
+    head_pred: np.ndarray | None = None,
+    *,
+    variant: str | Sequence[str] = "p",
+) -> dict[str, float]:
     """The release's averaging rule (history directions -> P̃) scored against the rows' own direction.
 
-    Keys are `heuristic_<metric>` for each metric of `head_metrics` (`heuristic_n` rows); rows with no
-    gold, or no history vector for the rule to average, are skipped.
+    Keys are `heuristic_<metric>` for each metric of `head_metrics` (`heuristic_n` rows). The rule reads
+    the history items the persona `variant` (one, or one per row) shows, none for 'demo'; rows with no
+    gold, or no such item with a direction, are skipped. `head_pred` ([len(rows), 90], the head's P̃ of
+    the same rows) adds `heuristic_head_<metric>`: the head on exactly the rule's rows.
     """
-    idx = [i for i in gold_rows(rows) if history_direction(rows[i]) is not None]
-    pred = (
-        np.stack([np.asarray(history_direction(rows[i]), np.float32) for i in idx])
-        if idx
-        else np.zeros((0, NUM_DIMS))
-    )
-    gold = (
-        np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
-        if idx
-        else np.zeros((0, NUM_DIMS))
-    )
-    return {f"heuristic_{k}": v for k, v in head_metrics(pred, gold).items()}
+    variants = [variant] * len(rows) if isinstance(variant, str) else list(variant)
+    idx = [i for i in gold_rows(rows) if history_direction(rows[i], variants[i]) is not None]
+
+    def stacked(vectors) -> np.ndarray:
+        return np.stack([np.asarray(v, np.float32) for v in vectors]) if idx else np.zeros((0, NUM_DIMS))
+
+    gold = stacked(rows[i]["Preference Direction"] for i in idx)
+    out = {
+        f"heuristic_{k}": v
+        for k, v in head_metrics(stacked(history_direction(rows[i], variants[i]) for i in idx), gold).items()
+    }
+    if head_pred is not None:
+        out.update(
+            {
+                f"heuristic_head_{k}": v
+                for k, v in head_metrics(stacked(head_pred[i] for i in idx), gold).items()
+            }
+        )
+        del out["heuristic_head_n"]  # = heuristic_n
+    return out
 
 
 def persona_prompt_ids(
@@ -72,8 +88,10 @@ def persona_prompt_ids(
     `{ugc}{pairs}{demographics}`) tokenized with no special tokens. Truncation keeps the *last*
     `max_tokens - 1` ids (as the release left-truncates prompts), so the demographic text, which
     comes last, survives. The BOS id falls back to EOS for tokenizers without one. This is the same
-    rule as `data.batching.make_example(..., persona_length=max_tokens)` uses for joint training
-    (a test checks they agree), so a head sees the same kind of input in training and prediction.
+    rule as `data.batching.make_example(..., persona_length=max_tokens)` uses for joint training (a
+    test checks they agree on a whole history); there the history is the row's training sample
+    (`data.history`, as the prompt shows it), so a joint head learns from the partial histories the
+    policy sees and predicts from the whole one. Two-stage and first-stage heads fit on whole histories.
     """
     if max_tokens < 2:
         raise ConfigError(f"max_persona_tokens must be at least 2, got {max_tokens}")
@@ -173,16 +191,18 @@ def cli_predict_preferences(args: Any) -> int:
     """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
 
     --persona: prints the predicted direction and its profile text (or one JSON object).
-    --data: predicts every row; writes JSONL `{index, user_id?, direction, profile}` to --out (else
+    --data: predicts every row; writes JSONL `{index, file?, row?, user_id?, direction, profile}` (file
+    and row in it when the data is several files) to --out (else
     stdout) and, where rows carry a golden direction, prints the head's metrics beside the release
     averaging rule's on the same rows.
     """
     from alignx_jax.models.hf import load_pretrained
     from alignx_jax.tokenizer import load_tokenizer
 
-    head, _ = load_head(args.model)  # first: a folder without a head fails before the model loads
+    head, hcfg = load_head(args.model)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(args.model)
     model = load_pretrained(args.model, dtype="float32")
+    check_backbone(hcfg, model.cfg.hidden_size, args.model)
     as_json = bool(getattr(args, "json", False))
     if args.persona is not None:
         row = read_persona_file(args.persona, needs="ica")
@@ -198,7 +218,10 @@ def cli_predict_preferences(args: Any) -> int:
             print(f"direction: {[float(x) for x in direction]}")
             print(f"profile: {text}")
         return 0
-    rows, _ = load_rows(args.data)
+    loaded = load(args.data)
+    rows = loaded.rows
+    # a folder's rows are numbered through its files: each record also names its own file and row
+    places = loaded.places if len(loaded.files) > 1 else None
     if not rows:
         raise DataError("no rows", file=args.data)
     if args.out:  # before the model runs
@@ -212,6 +235,8 @@ def cli_predict_preferences(args: Any) -> int:
     lines = []
     for i, (row, d) in enumerate(zip(rows, directions)):
         rec: dict[str, Any] = {"index": i}
+        if places is not None:
+            rec["file"], rec["row"] = places[i]
         if row.get("user_id") is not None:
             rec["user_id"] = row["user_id"]
         rec["direction"] = [float(x) for x in d]
@@ -226,7 +251,7 @@ def cli_predict_preferences(args: Any) -> int:
     if idx:
         gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
         summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
-        heuristic = heuristic_metrics([rows[i] for i in idx])
+        heuristic = heuristic_metrics(rows, np.stack(directions), variant=hcfg.persona_variant)
         if heuristic["heuristic_n"]:
             summary["heuristic"] = heuristic
     # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
@@ -235,12 +260,26 @@ def cli_predict_preferences(args: Any) -> int:
         print(json.dumps(summary), file=stream)
     else:
         print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
-        for name in ("head", "heuristic"):
-            if name in summary:
-                m = {k.removeprefix("heuristic_"): v for k, v in summary[name].items()}
-                print(
-                    f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
-                    f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']:.0f} rows)",
-                    file=stream,
-                )
+        lines = []
+        if "head" in summary:
+            lines.append(("head", summary["head"]))
+        if "heuristic" in summary:
+            h = summary["heuristic"]
+            rule = {
+                k.removeprefix("heuristic_"): v for k, v in h.items() if not k.startswith("heuristic_head_")
+            }
+            lines.append(("heuristic", rule))
+            if rule["n"] != summary["head"]["n"]:  # the rule skips rows without history vectors
+                on_rule_rows = {
+                    k.removeprefix("heuristic_head_"): v
+                    for k, v in h.items()
+                    if k.startswith("heuristic_head_")
+                }
+                lines.append(("head on the heuristic's rows", {**on_rule_rows, "n": rule["n"]}))
+        for name, m in lines:
+            print(
+                f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
+                f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']:.0f} rows)",
+                file=stream,
+            )
     return 0

@@ -16,6 +16,8 @@ from flax import nnx
 
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
+from alignx_jax.data.persona import DIRECTION_FIELD
+from alignx_jax.errors import DataError
 from alignx_jax.models import preference_head as ph
 from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.pba.head_training import train_head_two_stage
@@ -42,14 +44,29 @@ def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
     return shd.shard_model(head, mesh, rules)
 
 
-def head_rows(cfg: ml_collections.ConfigDict, source) -> list[dict]:
-    """The rows a first/two-stage head is fit on: all, or a seeded subset of `pba.head_rows`."""
-    n = len(source)
+def _head_row_indices(cfg: ml_collections.ConfigDict, n: int) -> list[int]:
     k = int(cfg.pba.head_rows)
     if k <= 0 or k >= n:
-        return [source[i] for i in range(n)]
-    idx = np.sort(np.random.default_rng([int(cfg.pba.seed), n]).choice(n, k, replace=False))
-    return [source[int(i)] for i in idx]
+        return list(range(n))
+    return [
+        int(i) for i in np.sort(np.random.default_rng([int(cfg.pba.seed), n]).choice(n, k, replace=False))
+    ]
+
+
+def head_rows(cfg: ml_collections.ConfigDict, source) -> list[dict]:
+    """The rows a first/two-stage head is fit on: all, or a seeded subset of `pba.head_rows`."""
+    return [source[i] for i in _head_row_indices(cfg, len(source))]
+
+
+def check_head_rows(cfg: ml_collections.ConfigDict, source) -> None:
+    """Before the first step: the head a two-stage run fits after its last step needs a row with a
+    `Preference Direction` among its head rows (found at the end, the run's steps would be lost)."""
+    idx = _head_row_indices(cfg, len(source))
+    if not any(source[i].get(DIRECTION_FIELD) is not None for i in idx):
+        raise DataError(
+            f"pba.mode=two_stage: none of the {len(idx)} training rows the head is fit on (pba.head_rows) "
+            f"has a '{DIRECTION_FIELD}' to learn from; use data with one, or pba.enabled=false"
+        )
 
 
 def fit_head(cfg: ml_collections.ConfigDict, backbone, tokenizer, rows: list[dict]):

@@ -8,7 +8,7 @@ from typing import Any
 
 import ml_collections
 
-from alignx_jax.errors import ConfigError
+from alignx_jax.errors import ConfigError, MeshError
 from alignx_jax.plan.lowering import lower_step
 from alignx_jax.plan.memory import analytic_bytes, shard_bytes
 from alignx_jax.plan.presets import decoder_config_for
@@ -33,13 +33,24 @@ def _attention_for_stand_ins(dcfg, devs: list, topology: Topology, notes: list[s
     return dcfg.replace(attention_impl="chunked")
 
 
-def _batch_layout(cfg: ml_collections.ConfigDict, mesh, notes: list[str]) -> dict[str, int]:
-    """Pairs per step and micro-step, sequence length, and the ways the batch splits over devices."""
+def _batch_layout(cfg: ml_collections.ConfigDict, mesh, notes: list[str], hosts: int = 1) -> dict[str, int]:
+    """Pairs per step and micro-step, sequence length, and the ways the batch splits over devices. On
+    several hosts, what `alignx train` refuses there (`batch.check_pair_split`) is refused here too."""
     gb = int(cfg.train.global_batch)
     mb = int(cfg.train.micro_batch or gb)
     if gb <= 0 or mb <= 0 or gb % mb:
         raise ConfigError(f"train.global_batch={gb} must be a positive multiple of train.micro_batch={mb}")
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if hosts > 1 and batch_ways % hosts:
+        raise MeshError(
+            f"the mesh's data*fsdp={batch_ways} batch shards do not split over the topology's {hosts} hosts: make "
+            f"mesh.data*mesh.fsdp a multiple of {hosts} (mesh.tensor must not span hosts)"
+        )
+    if hosts > 1 and mb % batch_ways:
+        raise MeshError(
+            f"a microbatch's {mb} pairs do not split over the mesh's data*fsdp={batch_ways} batch shards of "
+            f"{hosts} hosts; make train.micro_batch a multiple of {batch_ways}"
+        )
     if mb % batch_ways:
         notes.append(f"train.micro_batch={mb} does not divide over data*fsdp={batch_ways}: pairs replicated")
     return {
@@ -143,7 +154,7 @@ def plan(
     dcfg = _attention_for_stand_ins(decoder_config_for(cfg, topology.platform), devs, topology, notes)
     mesh = shd.mesh_from_config(cfg.mesh, devices=devs)
     rules = rules_from_config(cfg)
-    layout = _batch_layout(cfg, mesh, notes)
+    layout = _batch_layout(cfg, mesh, notes, topology.hosts)
 
     t0 = time.perf_counter()
     # traced under the mesh: the model picks the target's code paths (sharding.target_platform)

@@ -20,6 +20,7 @@ class Topology:
     platform: str  # the real platform the plan stands in for: tpu | gpu | cpu
     # TPU: the chip grid as the TPU compiler's topology description names it (`v5:4x4x8`), '' otherwise
     tpu_topology: str = ""
+    hosts: int = 1  # JAX processes: each holds its own part of every batch (`batch.check_pair_split`)
 
 
 _TOPOLOGY_TABLE = {"v5p": 95 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
@@ -49,12 +50,15 @@ def parse_topology(name: str | None) -> Topology:
             raise ConfigError(
                 f"topology {name!r}: a {gen} slice has an even number of TensorCores, 2 or more"
             )
-        return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu", _tpu_grid(gen, chips))
+        # v4/v5p hosts drive 4 chips; v5e/v6e slices of up to 8 chips are one host, larger ones 4 chips a host
+        hosts = max(1, chips // 4) if gen in ("v5p", "v4") or chips > 8 else 1
+        return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu", _tpu_grid(gen, chips), hosts)
     m = re.fullmatch(r"(\d+)x(h100|h200|a100|b200)", text, re.I)
     if m and int(m.group(1)) < 1:
         raise ConfigError(f"topology {name!r}: at least one GPU")
     if m:
-        return Topology(text, int(m.group(1)), _GPU_TABLE[m.group(2).lower()], "gpu")
+        gpus = int(m.group(1))
+        return Topology(text, gpus, _GPU_TABLE[m.group(2).lower()], "gpu", hosts=-(-gpus // 8))  # 8 a host
     m = re.fullmatch(r"(\d+)@(.+)", text)
     if m and int(m.group(1)) < 1:
         raise ConfigError(f"topology {name!r}: at least one device")

@@ -227,6 +227,8 @@ class Trainer:
         self.seed = int(cfg.train.seed)
         self.joint = joint_head(cfg)
         self.two_stage = two_stage_head(cfg)
+        if self.two_stage:
+            pba_stages.check_head_rows(cfg, self.source)
         self.use_predicted = uses_predicted(cfg)
         self.persona_length = int(cfg.pba.max_persona_tokens) if self.joint else None
         pad_id = int(self.tokenizer.pad_token_id)
@@ -638,22 +640,37 @@ class Trainer:
                 self.ckpt, self.targets, self.step, m, nonfinite, self.in_a_row if skip_policy else 0
             )
 
+    def data_counters(self, info: dict[str, Any], stats: dict[str, float]) -> dict[str, float]:
+        """The logged data counters of the whole job: each process reads its own shard, so its counts are
+        summed and its padding fractions averaged (every process's batch has the same agreed shape)."""
+        counts = [stats["real_tokens"], info["rows_dropped"], self.rows_truncated]
+        fractions = [stats["padding_fraction"], stats["computed_padding_fraction"]]
+        if self.pc > 1:  # one all-gather, at the same steps on every process
+            from jax.experimental import multihost_utils
+
+            rows = np.asarray(multihost_utils.process_allgather(np.asarray(counts + fractions, np.float32)))
+            rows = rows.reshape(self.pc, -1)
+            counts, fractions = rows[:, :3].sum(0).tolist(), rows[:, 3:].mean(0).tolist()
+        out: dict[str, float] = {
+            k: int(round(v)) for k, v in zip(("real_tokens", "rows_dropped", "rows_truncated"), counts)
+        }
+        out["rows_skipped"] = self.rows_skipped  # every process reads the whole source's row checks
+        out["padding_fraction"], out["computed_padding_fraction"] = (float(f) for f in fractions)
+        return out
+
     def log(self, m: dict[str, float], info: dict[str, Any], stats: dict[str, float], dt: float) -> None:
         step = self.step
         if step % max(1, int(self.cfg.train.log_every)) == 0 or step == self.total_steps:
+            data = self.data_counters(info, stats)
             self.writer.write(
                 step,
                 {
                     **m,
                     "learning_rate": float(self.schedule(step - 1)),
                     "epoch": info["epoch"],
-                    "tokens_per_sec": stats["real_tokens"] * self.pc / dt,
+                    "tokens_per_sec": data.pop("real_tokens") / dt,
                     "step_time": dt,
-                    "rows_dropped": info["rows_dropped"],
-                    "rows_truncated": self.rows_truncated,
-                    "rows_skipped": self.rows_skipped,
-                    "padding_fraction": stats["padding_fraction"],
-                    "computed_padding_fraction": stats["computed_padding_fraction"],
+                    **data,
                 },
             )
         if self.bar is not None:

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from alignx_jax import sharding as shd
-from alignx_jax.errors import CheckpointError
+from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.hardware import resolve_dtype
 from alignx_jax.models.config import ARCHITECTURE_KEYS
 from alignx_jax.models.preference_head import head_params
@@ -104,6 +104,11 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
             )
         return hf.load_pretrained(path, cfg.model.param_dtype, mesh, rules, compute_dtype=dtype, **loaded)
     init = cfg.model.init
+    if init.vocab_size != -1 and int(init.vocab_size) < len(tokenizer):  # past the table: NaN embeddings
+        raise ConfigError(
+            f"model.init.vocab_size={init.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
+            "use -1 (the tokenizer's) or at least that"
+        )
     hf_cfg = init_hf_config(init, len(tokenizer) if init.vocab_size == -1 else int(init.vocab_size))
     hf_cfg.update(
         bos_token_id=tokenizer.bos_token_id,
