@@ -443,6 +443,9 @@ class BatchBuilder:
             coll = batching.with_dummy_head_inputs(coll, self.pad_id)
         # every process must agree on the step's lengths
         T = agree_max(coll["input_ids"].shape[1])
+        if coll["input_ids"].shape[1] < T:  # widened to another process's length: padding is counted in it
+            total = coll["input_ids"].shape[0] * T
+            stats["padding_fraction"] = (total - stats["real_tokens"]) / total
         P = agree_max(coll["persona_ids"].shape[1]) if self.head and "persona_ids" in coll else None
         R = (
             agree_max(losses.scored_window(coll["loss_mask"]).shape[-1])

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax import paths
-from alignx_jax.errors import AlignXError, CheckpointError, DataError
+from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
 from alignx_jax.hardware import available_memory_bytes, resolve_dtype
 from alignx_jax.models.decoder import Decoder
 from alignx_jax.sharding import target_platform
@@ -49,7 +49,8 @@ def sample_token(
     vals_BK, idx_BK = jax.lax.top_k(logits_BV / temperature, k)
     probs_BK = jax.nn.softmax(vals_BK, axis=-1)
     before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
-    vals_BK = jnp.where(before_BK < top_p, vals_BK, -jnp.inf)  # the top token always survives
+    # the top token always survives (top_p = 0 keeps it alone, as transformers does)
+    vals_BK = jnp.where((before_BK < top_p) | (jnp.arange(k) == 0), vals_BK, -jnp.inf)
     choice_B = jax.vmap(jax.random.categorical)(keys_B, vals_BK)
     return jnp.take_along_axis(idx_BK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
@@ -194,17 +195,17 @@ def check_sampling(
 
     name = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed", **(names or {})}
     if not 0 <= int(seed) < SEED_LIMIT:
-        raise DataError(f"{name['seed']} must be in [0, 2**32), got {seed}")
+        raise ConfigError(f"{name['seed']} must be in [0, 2**32), got {seed}")
     if greedy:
         return
     if not (math.isfinite(temperature) and temperature > 0):
-        raise DataError(
+        raise ConfigError(
             f"{name['temperature']} must be a finite number > 0 (or use greedy), got {temperature}"
         )
     if top_k < 0:
-        raise DataError(f"{name['top_k']} must be >= 0 (0: no top-k filter), got {top_k}")
+        raise ConfigError(f"{name['top_k']} must be >= 0 (0: no top-k filter), got {top_k}")
     if not 0.0 <= top_p <= 1.0:  # NaN fails too
-        raise DataError(f"{name['top_p']} must be in [0, 1], got {top_p}")
+        raise ConfigError(f"{name['top_p']} must be in [0, 1], got {top_p}")
 
 
 def generate(
@@ -232,7 +233,7 @@ def generate(
     if not prompts:
         return []
     if max_new_tokens < 1:
-        raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     row_ids = list(range(len(prompts))) if row_ids is None else [int(i) for i in row_ids]
     if len(row_ids) != len(prompts) or not all(0 <= i < SEED_LIMIT for i in row_ids):
@@ -356,7 +357,6 @@ def _cli_settings(args) -> dict[str, Any]:
     """What decides a row's output, from the flags, checked before the model loads: the sampling
     settings (the paper's where not given; none with --greedy, which warns about any given), the seed,
     --max-new-tokens and --max-length."""
-    from alignx_jax.errors import ConfigError
 
     given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k, None) is not None]
     sampling = {
@@ -403,7 +403,6 @@ def _generate_benchmark(args) -> int:
     from alignx_jax.data import prompts as prompts_lib
     from alignx_jax.data import schema
     from alignx_jax.data.benchmarks import balanced_sample, parse_benchmark_arg, persona_group
-    from alignx_jax.errors import ConfigError
     from alignx_jax.evaluate import PerExampleLog, default_prompt_format
 
     if args.prompt:
@@ -520,7 +519,6 @@ def _sampling_of(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def cli_generate(args) -> int:
-    from alignx_jax.errors import ConfigError
 
     if getattr(args, "benchmark", None):
         return _generate_benchmark(args)

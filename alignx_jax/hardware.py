@@ -233,3 +233,15 @@ def cpu_matmul_library(
 def compiler_options(library: str | None) -> dict[str, Any]:
     """The per-compilation XLA options (`jax.jit(..., compiler_options=)`) of `cpu_matmul_library`'s answer."""
     return dict(ONEDNN_DOTS) if library == "onednn" else {}
+
+
+def local_device_bytes(devs) -> int:
+    """Memory of one of `devs`: the accelerator's own (`memory_stats`), else on CPU the host's shared by
+    them; 0 when neither is known."""
+    stats = devs[0].memory_stats() if hasattr(devs[0], "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:  # CPU: the host's memory shared by its devices
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, len(devs))
+    except (ValueError, OSError):
+        return 0

@@ -58,6 +58,16 @@ MODES: dict[str, tuple[str, list[str]]] = {
         TINY_PBA,
         [*SHORT, *PBA, "--config.pba.mode=two_stage", "--config.pba.preference=mix"],
     ),
+    # two buckets: a process whose rows fit the shorter is widened to the other's (its padding counted in it)
+    "two_row_buckets": (
+        TINY,
+        [
+            *SHORT,
+            "--config.data.max_length=512",
+            "--config.data.buckets=(256,512)",
+            "--config.data.compact_tokens=0",
+        ],
+    ),
     # a TPU pod's mesh order: the hosts' devices alternate along the batch axes (`_interleave_hosts`), so a
     # process's pairs are batch shards 0, 2, 4, 6 of 8, not one block; packed shared-prompt rows name them
     "packing_interleaved": (

@@ -295,3 +295,16 @@ def test_a_batch_without_a_real_pair_still_carries_the_head_inputs(share):
     out, _ = builder(coll)
     assert out.head.persona_ids.shape[:2] == (1, 4) and int(out.pair_mask.sum()) == 0
     np.testing.assert_array_equal(out.head.direction, np.full((1, 4, 90), 0.5, np.float32))
+
+
+def test_to_global_lays_a_process_rows_over_its_batch_shards_in_order():
+    """A process's part of the pair/row axis is its batch shards, ascending (one block on a CPU mesh,
+    interleaved with the other hosts' on a TPU pod's): local index -> global index."""
+    from alignx_jax.batch import to_global
+
+    local = np.arange(8)
+    np.testing.assert_array_equal(to_global(local, 8, ()), local)  # one process
+    # process 1 of 2 holding shards 4-7 of 8 as one block: its rows follow process 0's 8
+    np.testing.assert_array_equal(to_global(local, 8, (4, 5, 6, 7)), local + 8)
+    # interleaved: shards 1, 3, 5, 7 of 8, two rows each
+    np.testing.assert_array_equal(to_global(local, 8, (1, 3, 5, 7)), [2, 3, 6, 7, 10, 11, 14, 15])

@@ -614,11 +614,11 @@ def test_weights_too_large_for_a_device_are_sharded_fsdp_with_the_same_scores(ll
     code = f"""
 from alignx_jax.evaluate import run
 from alignx_jax.evaluate.options import BenchmarkSpec, EvalSettings
-w = run.weight_bytes({llama!r})
+w = 4 * run.parameter_count({llama!r})  # float32
 assert w > 0
 settings = EvalSettings(method="ica", prompt_format="paper", limit={LIMIT}, max_length={MAX_LEN}, batch_size=3)
-for name, per_device in (("replicated", 16 * w), ("fsdp", 4 * w)):
-    mesh = run.default_mesh([{llama!r}], per_device=per_device)
+for name, per_device in (("replicated", 16 * w), ("fsdp", 2 * w)):
+    mesh = run.default_mesh([{llama!r}], 4, per_device=per_device)
     assert dict(mesh.shape) == ({{"data": 8, "fsdp": 1, "tensor": 1}} if name == "replicated" else
                                 {{"data": 1, "fsdp": 8, "tensor": 1}}), (name, mesh.shape)
     run.evaluate({llama!r}, [BenchmarkSpec("p-soups", {PSOUPS!r}, "p-soups")], settings,

@@ -140,35 +140,33 @@ def _check_resumed(
         )
 
 
-def weight_bytes(folder: str | None) -> int:
-    """Bytes of a model folder's weights on disk: its `*.safetensors`, else an orbax `params/` tree."""
-    if not folder or not os.path.isdir(folder):
+def parameter_count(folder: str | None) -> int:
+    """The parameters of a model folder's safetensors (headers only; the index's files; no preference head)."""
+    from alignx_jax.models.preference_head import TENSOR_PREFIX
+    from alignx_jax.models.safetensors_io import SafetensorsReader
+
+    if not folder:
         return 0
-    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
-    if not files:
-        files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "params")) for f in fs]
-    return sum(os.path.getsize(f) for f in files)
+    entries = SafetensorsReader(folder).entries
+    return sum(
+        int(np.prod(e[3], dtype=np.int64)) for k, e in entries.items() if not k.startswith(TENSOR_PREFIX)
+    )
 
 
-def default_mesh(folders: Sequence[str | None], per_device: int | None = None) -> Any:
+def default_mesh(folders: Sequence[str | None], itemsize: int = 4, per_device: int | None = None) -> Any:
     """Every device scores its slice of each batch; the weights are replicated on each (no gathers) while
     they take at most a quarter of a device's memory (`per_device` bytes, default: the device's, or its
-    share of the host's on CPU), counted in float32 (twice a bf16 file), else sharded FSDP over all the
-    devices, as `alignx generate` loads them (a 70B model on 8 GPUs). Process 0 decides for every process."""
+    share of the host's on CPU) at `itemsize` bytes a parameter (the dtype they load in), else sharded FSDP
+    over all the devices, as `alignx generate` loads them (a 70B model on 8 GPUs). Process 0 decides."""
     import jax
 
-    from alignx_jax.hardware import available_memory_bytes
+    from alignx_jax.hardware import local_device_bytes
     from alignx_jax.sharding import make_mesh
 
     if jax.device_count() == 1:
         return make_mesh(data=-1)
-    if per_device is None:
-        stats = jax.local_devices()[0].memory_stats() or {}
-        per_device = stats.get("bytes_limit")
-        if per_device is None:  # CPU devices share the host's memory
-            avail = available_memory_bytes()
-            per_device = None if avail is None else avail // jax.local_device_count()
-    shard = per_device is not None and 2 * sum(weight_bytes(f) for f in folders) > per_device // 4
+    per_device = local_device_bytes(jax.local_devices()) if per_device is None else per_device
+    shard = bool(per_device) and itemsize * sum(parameter_count(f) for f in folders) > per_device // 4
     if jax.process_count() > 1:  # one mesh for all: hosts may see different free memory
         from jax.experimental import multihost_utils
 
@@ -246,10 +244,13 @@ def _load_scoring(
     tokenizer = load_tokenizer(model_dir)
     if settings.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{model_dir}: the tokenizer has no chat template; use --prompt-format paper")
-    mesh = default_mesh([model_dir, reference_dir]) if mesh is None else mesh
     kwargs: dict[str, Any] = {"cpu_matmul": cpu_matmul}
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)
+    if mesh is None:  # HF folders load in float32 unless --dtype says otherwise
+        import jax.numpy as jnp
+
+        mesh = default_mesh([model_dir, reference_dir], jnp.dtype(kwargs.get("dtype", "float32")).itemsize)
     policy = load_pretrained(model_dir, mesh=mesh, rules=rules, **kwargs)
     scorers = [scoring.SequenceScorer(policy, mesh, rules, share_prompt=settings.share_prompt)]
     if reference_dir is not None:

@@ -483,7 +483,7 @@ def joint_head_term(
 # ----------------------------------------------------------------------------- export / import
 
 _PARAM_NAMES: tuple[str, ...] = ("norm_scale", "norm_bias", "w_in", "b_in", "w_out", "b_out")
-_TENSOR_PREFIX = "preference_head."
+TENSOR_PREFIX = "preference_head."  # the head's tensor names in its safetensors file
 
 
 def has_head(hf_dir: str) -> bool:
@@ -503,7 +503,7 @@ def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None
     cfg = head.cfg if cfg is None else cfg
     os.makedirs(hf_dir, exist_ok=True)
     tensors = {
-        _TENSOR_PREFIX + n: np.ascontiguousarray(np.asarray(jax.device_get(getattr(head, n).get_value())))
+        TENSOR_PREFIX + n: np.ascontiguousarray(np.asarray(jax.device_get(getattr(head, n).get_value())))
         for n in _PARAM_NAMES
     }
     # each file whole or absent, the config (which `has_head` also needs) last: a first save cut short
@@ -571,7 +571,7 @@ def load_head(hf_dir: str) -> tuple[PreferenceHead, HeadConfig]:
         raise CheckpointError(f"{os.path.join(hf_dir, HEAD_WEIGHTS_FILE)}: cannot read: {e}") from e
     head = PreferenceHead(cfg, rngs=nnx.Rngs(0))  # tiny; real arrays so it can be trained further
     for n in _PARAM_NAMES:
-        key = _TENSOR_PREFIX + n
+        key = TENSOR_PREFIX + n
         var = getattr(head, n)
         want = tuple(var.get_value().shape)
         if key not in tensors:

@@ -58,6 +58,8 @@ def heuristic_metrics(
     the same rows) adds `heuristic_head_<metric>`: the head on exactly the rule's rows.
     """
     variants = [variant] * len(rows) if isinstance(variant, str) else list(variant)
+    if len(variants) != len(rows):
+        raise ValueError(f"heuristic_metrics: {len(variants)} persona variants for {len(rows)} rows")
     idx = [i for i in gold_rows(rows) if history_direction(rows[i], variants[i]) is not None]
 
     def stacked(vectors) -> np.ndarray:

@@ -9,10 +9,11 @@ from typing import Any
 import ml_collections
 
 from alignx_jax.errors import ConfigError, MeshError
+from alignx_jax.hardware import local_device_bytes
 from alignx_jax.plan.lowering import lower_step
 from alignx_jax.plan.memory import analytic_bytes, shard_bytes
 from alignx_jax.plan.presets import decoder_config_for
-from alignx_jax.plan.topology import Topology, choose_compilation, local_device_bytes, parse_topology
+from alignx_jax.plan.topology import Topology, choose_compilation, parse_topology
 
 
 def _attention_for_stand_ins(dcfg, devs: list, topology: Topology, notes: list[str]):

@@ -170,13 +170,3 @@ def choose_compilation(topology: Topology, compiler: str, devices: list | None) 
     else:
         compiled_by = f"{devs[0].platform} devices"
     return Compilation(devs, compiled_by, notes)
-
-
-def local_device_bytes(devs) -> int:
-    stats = devs[0].memory_stats() if hasattr(devs[0], "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    try:  # CPU: the host's memory shared by its devices
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, len(devs))
-    except (ValueError, OSError):
-        return 0
