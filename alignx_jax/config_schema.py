@@ -570,6 +570,12 @@ def _check_loss(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"loss.gamma_beta_ratio must be >= 0, got {cfg.loss.gamma_beta_ratio}")
     if cfg.loss.type == "robust" and not 0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError("loss.label_smoothing must be in [0, 0.5) for the robust loss")
+    if not 0 <= cfg.loss.label_smoothing <= 0.5:  # a flipped-label fraction; past 0.5 it trains backwards
+        raise ConfigError(f"loss.label_smoothing must be in [0, 0.5], got {cfg.loss.label_smoothing}")
+    if not cfg.loss.sft_weight >= 0:
+        raise ConfigError(f"loss.sft_weight must be >= 0 (0 = none), got {cfg.loss.sft_weight}")
+    if cfg.loss.logps_chunk < 0:
+        raise ConfigError(f"loss.logps_chunk must be >= 0 (0 = one chunk), got {cfg.loss.logps_chunk}")
     if cfg.loss.max_skipped_steps < 1:
         raise ConfigError(f"loss.max_skipped_steps must be at least 1, got {cfg.loss.max_skipped_steps}")
 
@@ -656,6 +662,12 @@ def _check_layout(cfg: ml_collections.ConfigDict) -> None:
         )
     if data.packing and not data.share_prompt:
         raise ConfigError("data.packing packs share_prompt rows: set data.share_prompt=true as well")
+    if data.pack_length and not data.pack_length >= max(data.buckets):
+        # a shared row may take the largest bucket: found in a batch, a longer pair stopped the run there
+        raise ConfigError(
+            f"data.pack_length={data.pack_length}: 0 (the largest bucket) or at least the largest of "
+            f"data.buckets, {max(data.buckets)}, which a shared row may fill"
+        )
     if data.share_prompt:
         longest = data.max_length + reserve(data.max_length)
         if max(data.buckets) < longest:

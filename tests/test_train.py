@@ -246,6 +246,13 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
         ("--config.model.init.vocab_size=-2", "model.init.vocab_size must be positive (or -1"),
         ("--config.model.init.head_dim=7", "model.init.head_dim must be even (rotary embeddings"),
+        ("--config.loss.logps_chunk=-1", "loss.logps_chunk must be >= 0"),
+        ("--config.loss.label_smoothing=1.5", "loss.label_smoothing must be in"),
+        ("--config.loss.sft_weight=-1.0", "loss.sft_weight must be >= 0"),
+        (
+            "--config.data.pack_length=100",
+            "data.pack_length=100: 0",
+        ),
         (
             "--config.model.init.num_key_value_heads=3",
             "model.init.num_attention_heads=4 must be a multiple of model.init.num_key_value_heads=3",
