@@ -392,6 +392,26 @@ def _model_identity(model: str, dtype: str | None) -> dict[str, Any]:
     return {"model": os.path.realpath(model) if local else model, "dtype": dtype}
 
 
+def _other_job(
+    done: dict[str, Any], *, method: str, fmt: str, prompt: str, where: str, settings: dict[str, Any]
+) -> str | None:
+    """How a row already in the --out file was generated differently from this command, or None. Rows
+    written before `settings` were recorded are compared on method, format and prompt only."""
+    if (done.get("method"), done.get("prompt_format")) != (method, fmt):
+        return f"with --method {done.get('method')} and prompt format {done.get('prompt_format')}"
+    if done.get("prompt") != prompt:
+        return f"for another prompt than {where}"
+    before = done.get("settings")
+    if before is not None and before != settings:
+        changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+        return (
+            "with other settings ("
+            + ", ".join(f"{k} {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
+            + ")"
+        )
+    return None
+
+
 def _generate_benchmark(args) -> int:
     """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
     method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
@@ -437,30 +457,12 @@ def _generate_benchmark(args) -> int:
             if done is None:
                 todo.append(i)
                 continue
-            # a resume appends to what an earlier command generated: it must be the same job
-            if (done.get("method"), done.get("prompt_format")) != (args.method, fmt):
-                raise DataError(
-                    f"row {i} was generated with --method {done.get('method')} and prompt format "
-                    f"{done.get('prompt_format')}; use a new --out file",
-                    file=args.out,
-                )
-            if done.get("prompt") != rows[i]["prompt"]:
-                raise DataError(
-                    f"row {i} was generated for another prompt than {path}'s row {i} (another file under "
-                    f"the name {name}?); use a new --out file",
-                    file=args.out,
-                )
-            before = done.get("settings")
-            if (
-                before is not None and before != settings
-            ):  # files written before settings were kept: not compared
-                changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
-                raise DataError(
-                    f"row {i} was generated with other settings ("
-                    + ", ".join(f"{k} {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
-                    + "); use a new --out file",
-                    file=args.out,
-                )
+            where = f"{path}'s row {i} (another file under the name {name}?)"
+            problem = _other_job(
+                done, method=args.method, fmt=fmt, prompt=rows[i]["prompt"], where=where, settings=settings
+            )
+            if problem:  # a resume appends to what an earlier command generated: it must be the same job
+                raise DataError(f"row {i} was generated {problem}; use a new --out file", file=args.out)
         if not todo:
             if main:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
@@ -519,7 +521,6 @@ def _sampling_of(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def cli_generate(args) -> int:
-
     if getattr(args, "benchmark", None):
         return _generate_benchmark(args)
     if not args.prompt:

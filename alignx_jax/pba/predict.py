@@ -262,23 +262,23 @@ def cli_predict_preferences(args: Any) -> int:
         print(json.dumps(summary), file=stream)
     else:
         print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
-        lines = []
+        table = []
         if "head" in summary:
-            lines.append(("head", summary["head"]))
+            table.append(("head", summary["head"]))
         if "heuristic" in summary:
             h = summary["heuristic"]
             rule = {
                 k.removeprefix("heuristic_"): v for k, v in h.items() if not k.startswith("heuristic_head_")
             }
-            lines.append(("heuristic", rule))
+            table.append(("heuristic", rule))
             if rule["n"] != summary["head"]["n"]:  # the rule skips rows without history vectors
                 on_rule_rows = {
                     k.removeprefix("heuristic_head_"): v
                     for k, v in h.items()
                     if k.startswith("heuristic_head_")
                 }
-                lines.append(("head on the heuristic's rows", {**on_rule_rows, "n": rule["n"]}))
-        for name, m in lines:
+                table.append(("head on the heuristic's rows", {**on_rule_rows, "n": rule["n"]}))
+        for name, m in table:
             print(
                 f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
                 f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']:.0f} rows)",
