@@ -33,6 +33,7 @@ from alignx_jax.models.hf import (
     save_peft,
     write_export_manifest,
 )
+from alignx_jax.models.safetensors_io import holds_safetensors
 
 # what transformers may load from a folder besides the export's own files: other weights, their index,
 # or adapters (an adapter_config.json makes from_pretrained load a PEFT adapter)
@@ -251,11 +252,7 @@ def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
         hub = parse_hub_id(base)
         if hub is not None:
             return hub[0]
-        loadable = (
-            os.path.isdir(base)
-            and os.path.isfile(os.path.join(base, "config.json"))
-            and any(n.endswith(".safetensors") for n in os.listdir(base))
-        )
+        loadable = holds_safetensors(base) and os.path.isfile(os.path.join(base, "config.json"))
         if loadable:
             return os.path.abspath(base)
     return paths.absolute(res.config_dir) if paths.is_url(res.config_dir) else os.path.abspath(res.config_dir)

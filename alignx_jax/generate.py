@@ -23,6 +23,7 @@ from alignx_jax import paths
 from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
 from alignx_jax.hardware import available_memory_bytes, resolve_dtype
 from alignx_jax.models.decoder import Decoder
+from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.sharding import target_platform
 
 PROMPT_BUCKET = 32  # prompt lengths are padded to a multiple of this to reuse compilations
@@ -314,7 +315,6 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
     tokenizer. `dtype`: params and compute (None: float32 for HF folders, the stored dtype otherwise).
     The params are sharded over `mesh` (default: FSDP over this process's devices, so a model larger
     than one device's memory loads; one device: plain placement). `cpu_matmul`: `DecoderConfig.cpu_matmul`."""
-    import os
 
     from alignx_jax.models import checkpoint, hf
     from alignx_jax.real_model import resolve_model_path
@@ -327,7 +327,7 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
         kwargs["dtype"] = resolve_dtype(dtype)
     if mesh is None and jax.local_device_count() > 1:
         mesh = make_mesh(fsdp=-1, devices=jax.local_devices())
-    if os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+    if holds_safetensors(path):
         model, tok_dir = hf.load_pretrained(path, mesh=mesh, **kwargs), path
     else:
         model, tok_dir = (

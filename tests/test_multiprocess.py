@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -360,9 +361,10 @@ def test_sigterm_on_one_host_during_start_up_stops_all_with_exit_0(runs):
     assert not (w / "metrics.jsonl").exists()
 
 
-def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs):
-    """A preemption notice reaches one host: every process saves the same step and exits 0; the same
-    command resumes and gives the uninterrupted run's losses."""
+@pytest.fixture(scope="module")
+def sigterm_run(runs):
+    """The 12-step run of 2 processes, stopped by a SIGTERM to process 1 after its second step, with a
+    copy of its workdir as the stop left it (for a resume on another process count)."""
     d = runs["dir"]
     w, logdir = d / "sig", d / "logs-sig"
     env = dict(_env(runs["cache"]), DEVICES_PER_PROCESS="4", LOGDIR=str(logdir), KILL_AFTER="5")
@@ -386,12 +388,19 @@ def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs):
     os.kill(_by_process_id(kids)[1], signal.SIGTERM)  # the maintenance event of one host
     err = _finish(proc, kids, 180, logdir)
     assert proc.returncode == 0, err[-2000:] + _logs(logdir)
-    stopped = max(_losses(w))
+    shutil.copytree(w, d / "sig-copy")
+    return {"workdir": w, "copy": d / "sig-copy", "args": args, "logdir": logdir, "stopped": max(_losses(w))}
+
+
+def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs, sigterm_run):
+    """A preemption notice reaches one host: every process saves the same step and exits 0; the same
+    command resumes and gives the uninterrupted run's losses."""
+    d, w, args, stopped = runs["dir"], sigterm_run["workdir"], sigterm_run["args"], sigterm_run["stopped"]
     assert 2 <= stopped < 12
     # the same step on both processes: one checkpoint, complete (every process wrote its shards)
     assert sorted(int(n) for n in os.listdir(w / "checkpoints") if n.isdigit()) == [stopped]
     assert (w / "checkpoints" / str(stopped) / "params").is_dir()
-    logs = _logs(logdir)
+    logs = _logs(sigterm_run["logdir"])
     assert "rerun the same command to resume" in logs and "Traceback" not in logs
     r = two_processes(["train", *args], runs["cache"], d / "logs-resume")  # the same command
     assert r.returncode == 0, r.stderr[-3000:] + _logs(d / "logs-resume")
@@ -400,6 +409,29 @@ def test_sigterm_on_one_host_saves_on_all_and_exits_0(runs):
     assert sorted(b) == sorted(a)
     for s in a:
         assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(runs, sigterm_run):
+    """The stopped 2-process run resumed by 1 process (the same 8-device mesh, as after moving to a slice
+    of other hosts): each process's data position is shared out, the same global batches follow, and the
+    losses are the uninterrupted 2-process run's; the job's row counters add up as before."""
+    from alignx_jax.checkpointing import read_meta
+
+    w, stopped = sigterm_run["copy"], sigterm_run["stopped"]
+    args = [a for a in sigterm_run["args"] if not a.startswith("--config.workdir=")]
+    r = one_process(["train", *args, f"--config.workdir={w}"], runs["cache"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "saved by 2 processes, this run has 1: the data position is shared out" in r.stderr
+    a, b = _records(runs["two"]), _records(w)
+    assert sorted(b) == sorted(a) == list(range(1, 13))
+    for s in range(stopped + 1, 13):
+        assert abs(a[s]["loss"] - b[s]["loss"]) < 1e-4, (s, a[s]["loss"], b[s]["loss"])
+        assert a[s]["rows_truncated"] == b[s]["rows_truncated"], s
+    procs = read_meta(str(runs["two"] / "checkpoints"), 12)["processes"]
+    one = read_meta(str(w / "checkpoints"), 12)
+    assert "processes" not in one and one["loader"]["shard_count"] == 1
+    assert one["loader"]["rows_seen"] == sum(p["loader"]["rows_seen"] for p in procs)
+    assert one["loader"]["position"] == sum(p["loader"]["position"] for p in procs)
 
 
 def test_pairs_that_do_not_split_over_the_processes_are_one_line(tmp_path):

@@ -218,6 +218,80 @@ def test_shards_are_disjoint_and_equal():
     assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
 
 
+def _global_steps(hosts, steps, states=None):
+    """`steps` global batches of `hosts` loaders (their sorted row indices, each host's rows_seen), resumed
+    from `states` (every host's saved state) when given; then the hosts' states."""
+    if states is not None:
+        for h in hosts:
+            h.set_states(json.loads(json.dumps(states)))  # as a checkpoint's JSON holds them
+    its = [iter(h) for h in hosts]
+    out = []
+    for _ in range(steps):
+        parts = [next(it) for it in its]
+        out.append(
+            (sorted(i for b, _ in parts for i in b["idx"]), sum(info["rows_seen"] for _, info in parts))
+        )
+    return out, [h.get_state() for h in hosts]
+
+
+@pytest.mark.parametrize("twins", [False, True])
+def test_resume_on_another_host_count_reads_the_same_global_batches(twins):
+    """A run of H hosts stopped at step s (mid-epoch and past an epoch's end) and resumed on H' hosts reads
+    the global batches (row sets) an uninterrupted H-host run reads, and the row counters add up the same."""
+
+    def hosts(count, n=102):
+        return [
+            TrainLoader(
+                _rows(n),
+                _fake_example,
+                pairs_per_batch=24 // count,
+                pad_id=0,
+                seed=3,
+                shard_index=h,
+                shard_count=count,
+                twins=twins,
+                collate_fn=lambda exs: {"idx": [e.index for e in exs]},
+            )
+            for h in range(count)
+        ]
+
+    for before, after in ((2, 1), (1, 2), (2, 3), (3, 4), (4, 2), (6, 1)):
+        whole, _ = _global_steps(hosts(before), 20)  # 4 steps an epoch: floor(102 / 24)
+        for stop in (5, 11):
+            _, states = _global_steps(hosts(before), stop)
+            rest, _ = _global_steps(hosts(after), 20 - stop, states)
+            assert rest == whole[stop:], (before, after, stop)
+    # an H-host run resumed on H hosts takes each host's own state (as before)
+    _, states = _global_steps(hosts(2), 3)
+    assert _global_steps(hosts(2), 2, states)[0] == _global_steps(hosts(2), 5)[0][3:]
+
+
+def test_resume_on_another_host_count_refuses_what_it_cannot_continue():
+    def states(count, **kw):
+        loaders = [
+            _loader(n=60, pairs_per_batch=8 // count, shard_index=h, shard_count=count, **kw)
+            for h in range(count)
+        ]
+        for ld in loaders:
+            next(iter(ld))
+        return [ld.get_state() for ld in loaders]
+
+    with pytest.raises(
+        ConfigError, match=r"data.length_groups=2 orders each host's own rows.*resume on 2 hosts"
+    ):
+        _loader(n=60, pairs_per_batch=8, length_groups=2, length_fn=lambda r, g, i: 1).set_states(
+            states(2, length_groups=2, length_fn=lambda r, g, i: 1)
+        )
+    with pytest.raises(ConfigError, match="the global batch must stay the same"):
+        _loader(n=60, pairs_per_batch=4).set_states(states(2))
+    lagging = states(2)
+    lagging[1]["position"] += 4
+    with pytest.raises(ConfigError, match="different positions"):
+        _loader(n=60, pairs_per_batch=8).set_states(lagging)
+    with pytest.raises(ConfigError, match="seed"):  # set_state's own checks still apply
+        _loader(n=60, pairs_per_batch=8, seed=4).set_states(states(2))
+
+
 def test_refill_mode_fills_batches():
     loader = _loader(n=40, num_epochs=1, on_drop="refill")
     batches = list(loader)

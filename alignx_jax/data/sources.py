@@ -28,6 +28,12 @@ Batch layout and determinism (per epoch e, seed s):
     example_fn rejects (None) become dummy pairs (pair_mask 0). Steps per epoch are exact and equal
     on every host. on_drop="refill": rejected rows are replaced by the next rows so batches are full;
     steps per epoch are then an upper bound (and hosts may disagree if they drop differently).
+
+Resuming on another host count (`set_states`): with on_drop="pad" and no length groups, step k of
+epoch e reads rows perm[k*G : (k+1)*G] of the epoch's order whatever the count H (G: the global batch,
+host h the ones at h, h+H, ...), and an epoch has floor(N / G) steps for any H; so H' hosts resume at
+the same step of the same epoch, each at position k * G/H', and the same global batches follow (each
+host holds other rows of them). The cumulative row counters are shared out so they add up as before.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ HELD_OUT = "held_out"  # open_source's split for evaluation rows: validation, el
 
 def _held_out_split(splits: set[str]) -> str:
     return next((s for s in ("validation", "test") if s in splits), "train")
+
+
+def host_share(total: int, index: int, count: int) -> int:
+    """Host `index`'s part of a job-wide counter spread over `count` hosts (the parts add up to `total`)."""
+    return total // count + (index < total % count)
 
 
 class RowSource(Protocol):
@@ -388,6 +399,53 @@ class TrainLoader:
             int(state["step"]),
         )
         self._rows_seen, self._rows_dropped = int(state["rows_seen"]), int(state["rows_dropped"])
+
+    def set_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """Resume from the states every host of the saved run wrote (`states[i]`: host i's). On as many
+        hosts, each takes its own; on another count, this host's share of where they were (module
+        docstring, resuming on another host count): the same global batches follow."""
+        saved = len(states)
+        if saved == self.shard_count:
+            return self.set_state(states[self.shard_index])
+        if not states or any(s.get("shard_count") != saved for s in states):
+            raise ConfigError(
+                f"cannot resume the data loader: the checkpoint holds {saved} host states, which name "
+                f"{sorted({s.get('shard_count') for s in states})} hosts"
+            )
+        first = states[0]
+        if len({(s.get("epoch"), s.get("position"), s.get("step")) for s in states}) > 1:
+            raise ConfigError("cannot resume the data loader: the saved hosts stopped at different positions")
+        # only pad-mode, ungrouped shards are strided slices of one order, whose step k is the same rows
+        # perm[k*G : (k+1)*G] for any host count; grouping sorts each host's own shard
+        if first.get("on_drop") != "pad" or (first.get("length_groups", 0) and first.get("shuffle")):
+            raise ConfigError(
+                f"cannot resume on {self.shard_count} hosts the data loader of a run on {saved}: "
+                f"data.length_groups={first.get('length_groups', 0)} orders each host's own rows, so "
+                f"another count reads other batches (resume on {saved} hosts, or start a new workdir)"
+            )
+        if first.get("pairs_per_batch", 0) * saved != self.pairs_per_batch * self.shard_count:
+            raise ConfigError(
+                f"cannot resume the data loader: the saved run read {first.get('pairs_per_batch')} pairs per "
+                f"host on {saved} hosts, this one {self.pairs_per_batch} on {self.shard_count} (the global batch "
+                "must stay the same)"
+            )
+        done, rest = divmod(int(first["position"]), int(first["pairs_per_batch"]))
+        if rest:
+            raise ConfigError(
+                f"cannot resume the data loader: saved position {first['position']} is mid-batch"
+            )
+        seen, dropped = (sum(int(s[k]) for s in states) for k in ("rows_seen", "rows_dropped"))
+        self.set_state(
+            {
+                **first,
+                "shard_index": self.shard_index,
+                "shard_count": self.shard_count,
+                "pairs_per_batch": self.pairs_per_batch,
+                "position": done * self.pairs_per_batch,
+                "rows_seen": host_share(seen, self.shard_index, self.shard_count),
+                "rows_dropped": host_share(dropped, self.shard_index, self.shard_count),
+            }
+        )
 
     # -- iteration
     def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, int]]]:

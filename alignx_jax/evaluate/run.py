@@ -24,6 +24,7 @@ from alignx_jax.evaluate.options import (
 from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_profile
 from alignx_jax.evaluate.results import LOGP_KEYS, PerExampleLog, is_correct, key_of, summarize
 from alignx_jax.hardware import resolve_dtype
+from alignx_jax.models.safetensors_io import holds_safetensors
 
 
 def _prepare(
@@ -206,7 +207,7 @@ def _check_inputs(
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
         if d is not None and not paths.path(d).is_dir():
             raise CheckpointError(f"{what}: model folder not found: {d}")
-        if d is not None and os.path.isdir(d) and not any(n.endswith(".safetensors") for n in os.listdir(d)):
+        if d is not None and os.path.isdir(d) and not holds_safetensors(d):
             raise CheckpointError(
                 f"{what}: {d} holds no HF weights (*.safetensors); a training workdir or orbax checkpoint is "
                 f"scored after `alignx export --checkpoint {d} --out HF_DIR`"

@@ -27,6 +27,11 @@ _ST_DTYPES = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
+def holds_safetensors(folder: str) -> bool:
+    """Whether `folder` is a local folder holding a *.safetensors file (a HF weights folder, not an orbax one)."""
+    return os.path.isdir(folder) and any(n.endswith(".safetensors") for n in os.listdir(folder))
+
+
 class SafetensorsReader:
     """Every tensor of a HF folder (single file or sharded index), memory-mapped on demand."""
 

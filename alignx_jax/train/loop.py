@@ -419,11 +419,14 @@ class Trainer:
         self.latest, restored = found
         self.params = {"policy": restored[0], "head": restored[3]} if self.joint else restored[0]
         self.opt_state, meta = restored[1], restored[2]
-        own = meta
-        if self.pc > 1 and len(meta.get("processes") or []) == self.pc:  # this process's own shard state
-            own = meta["processes"][self.pi]
-        self.loader.set_state(own["loader"])
-        self.rows_truncated = int(own.get("rows_truncated", 0))
+        # each saved process's loader state and truncation count (a 1-process run saves only its own)
+        saved = meta.get("processes") or [meta]
+        self.loader.set_states([p["loader"] for p in saved])
+        if len(saved) == self.pc:
+            self.rows_truncated = int(saved[self.pi].get("rows_truncated", 0))
+        else:  # another process count: the job's count, shared out as the loader shares its counters
+            total = sum(int(p.get("rows_truncated", 0)) for p in saved)
+            self.rows_truncated = sources.host_share(total, self.pi, self.pc)
         self.skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
         self.in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         self.start = int(meta["step"])
@@ -434,6 +437,12 @@ class Trainer:
                 f"(step {self.start} of {self.total_steps})",
                 file=sys.stderr,
             )
+            if len(saved) != self.pc:
+                print(
+                    f"alignx train: the checkpoint was saved by {len(saved)} processes, this run has {self.pc}: "
+                    "the data position is shared out over them (the same global batches follow)",
+                    file=sys.stderr,
+                )
 
     def precompute_reference(self) -> None:
         """loss.reference=precomputed: one pass over the batches this run will see, stored per process;

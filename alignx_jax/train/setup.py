@@ -19,6 +19,7 @@ from alignx_jax import workdir as workdir_lib
 from alignx_jax.config import config_to_json
 from alignx_jax.errors import ConfigError
 from alignx_jax.models.presets import resolve_model_path
+from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.train.signals import StopFlag
 
 
@@ -99,11 +100,7 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
     if there:
         return
     src = resolve_model_path(cfg.model.hf_path)
-    is_hf = (
-        bool(src)
-        and os.path.isfile(os.path.join(src, "config.json"))
-        and any(n.endswith(".safetensors") for n in os.listdir(src))
-    )
+    is_hf = bool(src) and holds_safetensors(src) and os.path.isfile(os.path.join(src, "config.json"))
     # where the base came from, decided here (a relative path is relative to this directory), for the
     # export's model card and PEFT adapter config; written inside the folder before it is renamed in
     extra: dict[str, bytes] = {}
