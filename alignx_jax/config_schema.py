@@ -656,6 +656,10 @@ def _check_layout(cfg: ml_collections.ConfigDict) -> None:
     data = cfg.data
     if data.length_groups < 0:
         raise ConfigError(f"data.length_groups={data.length_groups}: expected 0 (off) or a number of batches")
+    if data.length_groups and not data.shuffle:  # the loader groups shuffled shards only
+        raise ConfigError(
+            "data.length_groups regroups the shuffled order: it needs data.shuffle=true (or set it 0)"
+        )
     if max(data.buckets) < data.max_length:
         raise ConfigError(
             f"data.max_length={data.max_length} exceeds the largest of data.buckets {tuple(data.buckets)}"

@@ -1,7 +1,7 @@
 """Tiny PBA run on CPU: as tiny_cpu.py, with the profile-text prompt and the preference head trained jointly.
 
 `--config.pba.mode=two_stage` fits the head on the final policy instead; `--config.pba.preference=predicted`
-(or `mix`) renders profiles from a first-stage head's P~ (see alignx_jax/train.py).
+(or `mix`) renders profiles from a first-stage head's P~ (see alignx_jax/pba/stages.py).
 """
 
 import os

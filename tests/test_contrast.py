@@ -82,10 +82,16 @@ def test_twins_follow_their_rows_in_a_seeded_order(tmp_path, capsys):
     assert json.loads(out.read_text()) == twins
     assert "as twins" in capsys.readouterr().out
     check_twins(twins)  # what data.twins checks before training
-    with pytest.raises(DataError, match="t.json, row 3: data.twins: rows 2 and 3 are not twins"):
+    with pytest.raises(
+        DataError, match="t.json, row 3: data.twins: rows 2 and 3 of the training rows are not twins"
+    ):
         check_twins(
             [*twins[:3], twins[5], twins[4], twins[3], *twins[6:]], file="t.json"
         )  # twins out of place
+    with pytest.raises(
+        DataError, match="f.json, row 13: data.twins: rows 2 and 3"
+    ):  # the row's own file and row
+        check_twins([*twins[:3], twins[5], *twins[4:]][: len(twins)], where=lambda i: ("f.json", i + 10))
     with pytest.raises(DataError, match="odd number"):
         check_twins(twins[:-1])
 
@@ -155,3 +161,8 @@ def test_cli_contrast_refuses_to_overwrite_its_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out would overwrite this input file" in err[0] and src.read_text() == before
     assert os.listdir(tmp_path) == ["train.json"]  # no temporary file left either
+    # written in the input's format: an --out named for another is refused (JSONL in a .json file was)
+    for name in ("c.jsonl", "c.txt"):
+        assert main(["data", "contrast", str(src), "--out", str(tmp_path / name)]) == 1
+        assert "--out must name a .json file, as the input" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["train.json"]

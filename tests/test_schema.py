@@ -296,3 +296,20 @@ def test_a_jsonl_row_after_blank_lines_is_named_by_its_line_too(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": 5}) + "\n")  # no blank line
     with pytest.raises(DataError, match=r"rows\.jsonl, row 1, field 'chosen'"):
         schema.load_rows(str(path), kind="uf-p-4")
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 raw (json.dumps(ensure_ascii=False) writes them so):
+    a JSONL line ends at a newline only, so such rows load, and `data split` writes halves that load too."""
+    rng = np.random.default_rng(0)
+    rows = [alignx_row(i, rng) for i in range(6)]
+    rows[2]["chosen"] = "one\u2028two\u2029three\x85four\x0cfive"
+    path = tmp_path / "ls.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    loaded = schema.load(str(path))
+    assert len(loaded.rows) == 6 and loaded.rows[2]["chosen"] == rows[2]["chosen"]
+    assert schema.head_rows(str(path))[2]["chosen"] == rows[2]["chosen"]
+    out = tmp_path / "split"
+    assert main(["data", "split", str(path), "--by", "row", "--out", str(out)]) == 0
+    halves = [schema.load(str(out / half)) for half in ("train", "test")]
+    assert sorted(r["chosen"] for h in halves for r in h.rows) == sorted(r["chosen"] for r in loaded.rows)

@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import pytest
 
+from alignx_jax.data import schema as schema_mod
 from alignx_jax.data import synth
 from alignx_jax.data.batching import DPOExample
 from alignx_jax.data.persona import HISTORY_MODES, row_rng
-from alignx_jax.data.sources import HELD_OUT, ListSource, TrainLoader, open_source, prepare
+from alignx_jax.data.sources import HELD_OUT, ListSource, TrainLoader, find_prepared, open_source, prepare
 from alignx_jax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +80,8 @@ def test_prepare_splits_and_skip_bad_rows(synth_dir, tmp_path):
     assert r.returncode == 1 and "rows.jsonl" in r.stderr and "Traceback" not in r.stderr
     assert not glob.glob(str(tmp_path / "bad" / "**" / "*.array_record*"), recursive=True)
     result = prepare(str(src), str(tmp_path / "ok"), skip_bad=True)
+    first = result["splits"]["train"].pop("first_skipped")  # the skipped row, named
+    assert "rows.jsonl, row 1" in first and "rejected" in first, first
     assert result["splits"] == {"train": {"rows": 4, "skipped": 1}, "test": {"rows": 2, "skipped": 0}}
     test_rows = open_source(str(tmp_path / "ok"), split="test")
     assert [test_rows[i] for i in range(2)] == rows[4:]
@@ -463,3 +466,95 @@ def test_twins_stay_in_one_batch_through_shuffle_hosts_and_length_groups():
         TrainLoader(_rows(83), _len_example, twins=True, **grouped)  # a row without its twin
     with pytest.raises(DataError, match="even"):
         TrainLoader(_rows(84), _len_example, twins=True, **{**grouped, "pairs_per_batch": 3})
+
+
+def test_prepare_streams_keeps_extra_parquet_values_and_leaves_no_trace_on_failure(
+    synth_dir, tmp_path, monkeypatch
+):
+    """`data prepare` reads one file at a time (rows and order as the raw reader's), keeps extra parquet
+    fields JSON has no type for (timestamps, decimals, bytes) as text, and a bad row leaves --out as it was:
+    no half-written TFDS folders, a user's file untouched."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [open_source(synth_dir)[i] for i in range(6)]
+    src = tmp_path / "src"
+    src.mkdir()
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    extra = [dict(r, when=when, price=decimal.Decimal("1.50"), blob=b"\x00\x01") for r in rows[:3]]
+    pq.write_table(pa.Table.from_pylist(extra), src / "a.parquet")
+    (src / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    seen = []
+    real_read = schema_mod.read_file
+
+    def counting(path):
+        seen.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(schema_mod, "read_file", counting)
+    result = prepare(str(src), str(tmp_path / "ok"))
+    monkeypatch.undo()
+    assert result["splits"] == {"train": {"rows": 6, "skipped": 0}}
+    assert seen == [str(src / "a.parquet"), str(src / "b.jsonl")]  # each file read once, in order
+    got = open_source(str(tmp_path / "ok"))
+    assert [got[i] for i in range(3, 6)] == rows[3:]
+    assert got[0]["when"] == "2024-01-02T03:04:05" and got[0]["price"] == "1.50" and got[0]["blob"] == "AAE="
+    assert {k: v for k, v in got[0].items() if k not in ("when", "price", "blob")} == rows[0]
+    # a bad row in the second file: one line naming it; a new --out is not left behind, a user's keeps its file
+    (src / "b.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps({**rows[4], "chosen": 5}) + "\n")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for out in (tmp_path / "new", user):
+        r = _cli("data", "prepare", "--source", str(src), "--out", str(out))
+        assert r.returncode == 1 and "b.jsonl, row 1, field 'chosen'" in r.stderr, r.stderr
+        assert "Downloading and preparing" not in r.stdout + r.stderr
+    assert not (tmp_path / "new").exists()
+    assert sorted(os.listdir(user)) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
+    # a version folder already there (a killed run's, another tool's) is refused, not taken as finished
+    (tmp_path / "half" / "alignx" / "1.0.0").mkdir(parents=True)
+    with pytest.raises(DataError, match="already exists"):
+        prepare(str(src), str(tmp_path / "half"))
+
+
+def test_folders_that_look_prepared_or_split_but_are_not_read_silently(synth_dir, tmp_path):
+    """Another tool's dataset_info.json is not a prepared dataset; data files beside a folder's split
+    sub-folders are refused (no command reads them); a prepared folder handed to `data check` says so."""
+    rows = [open_source(synth_dir)[i] for i in range(4)]
+    hf = tmp_path / "hf"
+    (hf / "train").mkdir(parents=True)
+    (hf / "train" / "dataset_info.json").write_text(json.dumps({"citation": "", "features": {}}))
+    assert find_prepared(str(hf)) is None
+    mix = tmp_path / "mix"
+    (mix / "train").mkdir(parents=True)
+    (mix / "train" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (mix / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    for call in (lambda: open_source(str(mix)), lambda: prepare(str(mix), str(tmp_path / "out"))):
+        with pytest.raises(
+            DataError, match=r"1 data file\(s\) beside the split folders train/ would not be read"
+        ):
+            call()
+    prepared = prepare(str(synth_dir), str(tmp_path / "p"))["dataset_dir"]
+    for path in (str(tmp_path / "p"), prepared):
+        r = _cli("data", "check", path)
+        assert r.returncode == 1 and "a prepared dataset (`alignx data prepare`)" in r.stderr, r.stderr
+
+
+def test_skipped_rows_are_named_where_training_reads_them(synth_dir, tmp_path, capsys):
+    """data.skip_bad_rows: `alignx train` warns how many rows were left out and names the first."""
+    from alignx_jax.train.loop import _warn_skipped
+
+    rows = [open_source(synth_dir)[i] for i in range(3)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[1]) + "\n")
+    source = open_source(str(path), skip_bad=True)
+    assert len(source) == 2 and source.skipped == 1
+    _warn_skipped(source, "training", is_main=True)
+    err = capsys.readouterr().err
+    assert "warning: 1 training row(s) skipped (data.skip_bad_rows), the first:" in err
+    assert "rows.jsonl: line 2: invalid JSON" in err, err
+    _warn_skipped(open_source(synth_dir, skip_bad=True), "training", is_main=True)  # none skipped: silent
+    assert capsys.readouterr().err == ""

@@ -146,3 +146,17 @@ def test_cli_split_writes_both_halves_or_neither(tmp_path, capsys):
     assert "alignx: error:" in capsys.readouterr().err
     assert (out / "test").read_text() == "a user's file\n"
     assert [f for _, _, files in os.walk(out / "train") for f in files] == []  # no half, no temporary
+
+
+def test_cli_split_refuses_an_out_holding_another_splits_files(tmp_path, capsys):
+    """Splitting a.jsonl, then b.jsonl into the same --out left both in train/ and test/, read as one data
+    set: refused; the same file split again (its own halves, replaced) is not."""
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(4, 2)))
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert main(["data", "split", str(tmp_path / "a.jsonl"), "--by", "row", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["data", "split", str(tmp_path / "b.jsonl"), "--by", "row", "--out", str(out)]) == 1
+    assert "--out holds another split's file" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "train")) == ["a.jsonl"]

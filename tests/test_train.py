@@ -269,6 +269,17 @@ def test_validate_config_errors(override, message):
         train.validate_config(cfg)
 
 
+def test_length_groups_without_shuffle_is_refused():
+    """The loader groups the shuffled order only: data.length_groups with data.shuffle=false did nothing."""
+    from alignx_jax.errors import ConfigError
+
+    cfg = load_config(
+        TINY, ["--config.workdir=/tmp/x", "--config.data.length_groups=4", "--config.data.shuffle=false"]
+    )
+    with pytest.raises(ConfigError, match="data.length_groups regroups the shuffled order"):
+        train.validate_config(cfg)
+
+
 def test_validate_config_requires_workdir_and_inputs():
     from alignx_jax.errors import ConfigError
 

@@ -28,7 +28,8 @@ persona still pays.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -87,8 +88,11 @@ def contrast_rows(
     return [r for i in rng.permutation(len(rows)) for r in (rows[int(i)], swapped[int(i)])]
 
 
-def check_twins(rows: Sequence[dict], file: str | None = None) -> None:
-    """`data.twins`: rows 2k and 2k+1 must be twins (the same prompt, chosen and rejected swapped)."""
+def check_twins(
+    rows: Sequence[dict], file: str | None = None, where: Callable[[int], tuple[str, int]] | None = None
+) -> None:
+    """`data.twins`: rows 2k and 2k+1 must be twins (the same prompt, chosen and rejected swapped).
+    `where(i)`: the (file, row) that row i came from (a folder's or a checked source's), for the error."""
     if len(rows) % 2:
         raise DataError(
             f"data.twins: {len(rows)} rows, an odd number (rows 2k and 2k+1 are twins)", file=file
@@ -96,11 +100,12 @@ def check_twins(rows: Sequence[dict], file: str | None = None) -> None:
     for k in range(0, len(rows), 2):
         a, b = rows[k], rows[k + 1]
         if a["prompt"] != b["prompt"] or a["chosen"] != b["rejected"] or a["rejected"] != b["chosen"]:
+            named = (file, k + 1) if where is None else where(k + 1)
             raise DataError(
-                f"data.twins: rows {k} and {k + 1} are not twins (the same prompt with chosen and rejected "
-                "swapped; write the file with `alignx data contrast --twins`)",
-                file=file,
-                row=k + 1,
+                f"data.twins: rows {k} and {k + 1} of the training rows are not twins (the same prompt with "
+                "chosen and rejected swapped; write the file with `alignx data contrast --twins`)",
+                file=named[0],
+                row=named[1],
             )
 
 
@@ -116,6 +121,11 @@ def cli_contrast(args: argparse.Namespace) -> int:
         raise DataError("no rows", file=args.path)
     originals = args.originals
     rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins, originals=originals)
+    if schema.EXTENSIONS.get(os.path.splitext(args.out)[1].lower()) != raw.fmt:  # written as the input is
+        raise DataError(
+            f"--out must name a .{raw.fmt} file, as the input (it is written in the input's format)",
+            file=args.out,
+        )
     refuse_overwriting_inputs([raw.path], [args.out])
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
     order = ", as twins (train with data.twins=true, an even batch)" if args.twins else ""

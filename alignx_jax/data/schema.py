@@ -16,10 +16,12 @@ Strictness (decided here, tested in tests/test_schema.py):
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,6 +274,12 @@ def list_files(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise DataError("no such file or folder", file=path)
+    if any(glob.glob(os.path.join(path, *["*"] * depth, "features.json")) for depth in range(3)):
+        raise DataError(
+            "a prepared dataset (`alignx data prepare`), which train and eval read; data check, split and "
+            "contrast read the parquet/JSON(L) files it was made from",
+            file=path,
+        )
     found = []
     for root, dirs, files in os.walk(path):
         # dot-folders (.ipynb_checkpoints, .git) hold copies, not data: skipped as dot-files are
@@ -282,6 +290,32 @@ def list_files(path: str) -> list[str]:
     if not found:
         raise DataError("folder holds no .parquet, .jsonl or .json files", file=path)
     return sorted(found, key=lambda p: os.path.relpath(p, path))
+
+
+SPLIT_DIRS = ("train", "validation", "test")  # `alignx data split`'s sub-folders, one split each
+
+
+def split_folders(path: str) -> dict[str, str]:
+    """A folder's split sub-folders (split name -> path), {} where it has none. Data files beside them
+    are an error naming one: no command would read them."""
+    if not paths.is_dir(path):
+        return {}
+    url = paths.is_url(path)
+
+    def join(sub: str) -> str:
+        return f"{path.rstrip('/')}/{sub}" if url else os.path.join(path, sub)
+
+    found = {s: join(s) for s in SPLIT_DIRS if paths.is_dir(join(s))}
+    if found:
+        inside = tuple(p.rstrip("/") + ("/" if url else os.sep) for p in found.values())
+        stray = [f for f in list_files(path) if not f.startswith(inside)]
+        if stray:
+            raise DataError(
+                f"{len(stray)} data file(s) beside the split folders {'/, '.join(found)}/ would not be read, "
+                f"e.g. {stray[0]} (move them into a split folder or give their own path)",
+                file=path,
+            )
+    return found
 
 
 def _is_data_name(name: str) -> bool:
@@ -380,7 +414,9 @@ def read_file(path: str) -> RawFile:
             raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)
         return RawFile(path, fmt, rows)
     rows, errors, lines = [], {}, []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" alone ends a line: str.splitlines also cuts at U+2028, U+0085 and others, which JSON strings may hold raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         lines.append(lineno)
@@ -401,6 +437,7 @@ class Loaded:
     kind: str
     files: list[RawFile]
     origin: list[tuple[int, int]]  # per kept row: (file number, row number in that file)
+    first_skipped: str | None = None  # skip_bad: the first skipped row's error, naming it
 
     @property
     def places(self) -> list[tuple[str, int]]:
@@ -415,20 +452,85 @@ def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
     files = [read_file(p) for p in list_files(path)]
     if kind == "auto":
         kind = detect_kind([r for f in files for r in f.rows[:100]])
-    rows, origin, skipped = [], [], 0
+    rows, origin, skipped, first_skipped = [], [], 0, None
     for fi, raw in enumerate(files):
-        for ri, row in enumerate(raw.rows):
-            try:
-                if ri in raw.line_errors:
-                    raise DataError(raw.line_errors[ri], file=raw.path)
-                line = None if raw.lines is None else raw.lines[ri]
-                rows.append(validate_row(row, kind=kind, file=raw.path, index=ri, line=line))
+        for ri, valid in _validated(raw, kind, skip_bad):
+            if isinstance(valid, str):
+                skipped, first_skipped = skipped + 1, first_skipped or valid
+            else:
+                rows.append(valid)
                 origin.append((fi, ri))
-            except DataError:
-                if not skip_bad:
-                    raise
-                skipped += 1
-    return Loaded(rows, skipped, kind, files, origin)
+    return Loaded(rows, skipped, kind, files, origin, first_skipped)
+
+
+def _validated(raw: RawFile, kind: str, skip_bad: bool) -> Iterator[tuple[int, dict | str]]:
+    """(row number, normalised row) for each row of one file; under skip_bad a bad row's is its error."""
+    for ri, row in enumerate(raw.rows):
+        try:
+            if ri in raw.line_errors:
+                raise DataError(raw.line_errors[ri], file=raw.path)
+            line = None if raw.lines is None else raw.lines[ri]
+            valid: dict | str = validate_row(row, kind=kind, file=raw.path, index=ri, line=line)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            valid = str(e)
+        yield ri, valid
+
+
+def head_rows(path: str, n: int = 100) -> list[Any]:
+    """The first `n` raw rows of one file, reading a local parquet or JSONL file only that far (a JSON
+    list is parsed whole; a line that is not JSON is skipped here, `read_file` names it)."""
+    fmt = file_format(path)
+    if fmt == "json" or paths.is_url(path):
+        return read_file(path).rows[:n]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
+        except Exception as e:  # pyarrow raises several types
+            raise DataError(f"cannot read parquet: {_one_line(e)}", file=path) from None
+        return [] if batch is None else batch.to_pylist()
+    rows: list[Any] = []
+    try:
+        with open(path, encoding="utf-8") as f:  # a file's lines end at line breaks only, not at U+2028
+            for line in f:
+                if len(rows) >= n:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line.removeprefix("\ufeff")))
+                except json.JSONDecodeError:
+                    continue
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read: {e}", file=path) from None
+    return rows
+
+
+def iter_rows(
+    path: str, *, kind: str = "auto", skip_bad: bool = False, counts: dict[str, int] | None = None
+) -> Iterator[tuple[dict, str, int]]:
+    """`load`'s rows as (row, file, row number there), reading one file at a time: a data set larger than
+    memory streams (`alignx data prepare`). `counts` gets "rows" and "skipped" as they go (and
+    "first_skipped", the first skipped row's error)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    names = list_files(path)
+    if kind == "auto":  # as `load`: the first 100 rows of each file
+        kind = detect_kind([r for name in names for r in head_rows(name)])
+    counts = {} if counts is None else counts
+    counts.update(rows=0, skipped=0)
+    for name in names:
+        raw = read_file(name)
+        for ri, valid in _validated(raw, kind, skip_bad):
+            if isinstance(valid, str):
+                counts["skipped"] += 1
+                counts.setdefault("first_skipped", valid)
+            else:
+                counts["rows"] += 1
+                yield valid, raw.path, ri
 
 
 def load_rows(path: str, *, kind: str = "auto", skip_bad: bool = False) -> tuple[list[dict], int]:

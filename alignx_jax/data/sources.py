@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -80,8 +81,10 @@ class ListSource:
         skipped: int = 0,
         path: str = "",
         places: Sequence[tuple[str, int]] | None = None,
+        first_skipped: str | None = None,
     ):
         self.rows, self.skipped, self.path = list(rows), skipped, path
+        self.first_skipped = first_skipped  # the first skipped row's error (data.skip_bad_rows)
         self.places = places  # per row: (its file, its row number there)
 
     def __len__(self) -> int:
@@ -135,10 +138,22 @@ def find_prepared(path: str) -> str | None:
     if paths.is_url(path) or not os.path.isdir(path):  # prepared datasets are local folders
         return None
     for pattern in ("dataset_info.json", "*/dataset_info.json", "alignx/*/dataset_info.json"):
-        hits = sorted(glob.glob(os.path.join(path, pattern)))
+        hits = [h for h in sorted(glob.glob(os.path.join(path, pattern))) if _alignx_info(h)]
         if hits:
             return os.path.dirname(hits[-1])  # highest version string last
     return None
+
+
+def _alignx_info(info_path: str) -> bool:
+    """Whether a dataset_info.json is this builder's (another tool's, a Hugging Face `save_to_disk`, is not)."""
+    import json
+
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("name") == "alignx"
 
 
 def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad: bool = False) -> RowSource:
@@ -152,16 +167,18 @@ def open_source(path: str, *, split: str = "train", kind: str = "auto", skip_bad
         return ArrayRecordSource(prepared, split)
     from alignx_jax.data import schema
 
-    def sub_of(name: str) -> str:
-        return f"{path.rstrip('/')}/{name}" if paths.is_url(path) else os.path.join(path, name)
-
+    splits = schema.split_folders(path)  # data files beside train/, test/ ... are refused there
     if split == HELD_OUT:
-        split = _held_out_split({name for name in ("validation", "test") if paths.is_dir(sub_of(name))})
-    sub = sub_of(split)
-    if paths.is_dir(sub):
-        path = sub
+        split = _held_out_split(set(splits) & {"validation", "test"})
+    path = splits.get(split, path)
     loaded = schema.load(path, kind=kind, skip_bad=skip_bad)
-    return ListSource(loaded.rows, skipped=loaded.skipped, path=path, places=loaded.places)
+    return ListSource(
+        loaded.rows,
+        skipped=loaded.skipped,
+        path=path,
+        places=loaded.places,
+        first_skipped=loaded.first_skipped,
+    )
 
 
 def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "auto") -> dict[str, Any]:
@@ -180,12 +197,32 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
         data_dir=out_dir,
         file_format="array_record",
     )
-    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    if os.path.exists(builder.data_dir):  # TFDS would take any folder there as its finished dataset
         raise DataError(
             "a prepared dataset already exists there; choose another --out or remove it",
             file=builder.data_dir,
         )
-    builder.download_and_prepare()
+    parent = os.path.dirname(builder.data_dir)  # OUT/alignx: TFDS writes OUT/alignx/incomplete.* first
+    before = set(os.listdir(parent)) if os.path.isdir(parent) else set()
+    downloads = os.path.join(out_dir, "downloads")  # TFDS makes OUT/downloads/extracted, empty here
+    had_out, had_downloads = os.path.exists(out_dir), os.path.exists(downloads)
+    try:
+        builder.download_and_prepare()
+    except BaseException:  # a bad row, Ctrl-C: this call's temporary folders go, nothing else
+        for name in set(os.listdir(parent)) - before if os.path.isdir(parent) else ():
+            if name.startswith("incomplete."):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        failed = True
+        raise
+    else:
+        failed = False
+    finally:  # the empty folders this call made (OUT too when it failed): never a folder that was there
+        made = [] if had_downloads else [os.path.join(downloads, "extracted"), downloads]
+        if failed:
+            made += [parent] * (not before) + [out_dir] * (not had_out)
+        for empty in made:
+            if os.path.isdir(empty) and not os.listdir(empty):
+                os.rmdir(empty)
     files = sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*")))
     return {"dataset_dir": builder.data_dir, "splits": builder.counts, "files": files}
 
@@ -193,7 +230,8 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
 def cli_prepare(args: argparse.Namespace) -> int:
     result = prepare(args.source, args.out, skip_bad=args.skip_bad_rows)
     for split, c in result["splits"].items():
-        print(f"{split}: {c['rows']} rows written, {c['skipped']} skipped")
+        first = f" (the first: {c['first_skipped']})" if c.get("first_skipped") else ""
+        print(f"{split}: {c['rows']} rows written, {c['skipped']} skipped{first}")
     print(f"prepared: {result['dataset_dir']} ({len(result['files'])} array_record file(s))")
     return 0
 

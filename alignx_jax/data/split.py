@@ -100,6 +100,22 @@ def refuse_overwriting_inputs(inputs: list[str], dests: list[str]) -> None:
             raise DataError("--out would overwrite this input file; choose another --out", file=ins[key(d)])
 
 
+def _refuse_other_splits(out: str, dests: set[str]) -> None:
+    """A data file of another split in OUT/train or OUT/test would be read beside this one as one data set."""
+    for half in ("train", "test"):
+        try:
+            there = schema.list_files(_join(out, half)) if paths.is_dir(_join(out, half)) else []
+        except DataError:  # an empty folder (no data files) holds nothing that would be read
+            there = []
+        other = [f for f in there if f not in dests]
+        if other:
+            raise DataError(
+                f"--out holds another split's file {other[0]}, which would be read with this one; "
+                "choose another --out or remove it",
+                file=out,
+            )
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts]) if paths.is_url(root) else os.path.join(root, *parts)
 
@@ -130,6 +146,7 @@ def cli_split(args: argparse.Namespace) -> int:
                 )
             writes.append((raw, picks, _join(args.out, half, rel)))
     refuse_overwriting_inputs([raw.path for raw in loaded.files], [dest for _, _, dest in writes])
+    _refuse_other_splits(args.out, {dest for _, _, dest in writes})
     # both halves renamed into place together: a kill leaves no train/ without its test/
     paths.write_all({dest: rows_bytes(raw, picks) for raw, picks, dest in writes})
     print(

@@ -20,45 +20,45 @@ split each) is given at construction (`source=`), or as the TFDS manual dir.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
-import os
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
-
-SPLIT_DIRS = ("train", "validation", "test")
 
 
 def split_sources(source: str) -> dict[str, str]:
     """split name -> path: the folder's train/validation/test sub-folders if it has any, else train."""
-    if paths.is_dir(source):
-        join = (
-            (lambda s: f"{source.rstrip('/')}/{s}")
-            if paths.is_url(source)
-            else (lambda s: os.path.join(source, s))
-        )
-        found = {s: join(s) for s in SPLIT_DIRS if paths.is_dir(join(s))}
-        if found:
-            return found
-    return {"train": source}
+    return schema.split_folders(source) or {"train": source}
 
 
 def _json_default(x: Any) -> Any:
+    """Parquet values JSON lacks, in a text form (an extra field is kept, not interpreted)."""
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, np.generic):
         return x.item()
+    if isinstance(x, (datetime.date, datetime.time)):  # datetime.datetime too
+        return x.isoformat()
+    if isinstance(x, (decimal.Decimal, datetime.timedelta)):
+        return str(x)
+    if isinstance(x, (bytes, bytearray)):
+        return base64.b64encode(bytes(x)).decode("ascii")
     raise TypeError(f"cannot serialize {type(x).__name__}")
 
 
-def encode_row(row: dict) -> str:
-    return json.dumps(row, ensure_ascii=False, default=_json_default)
+def encode_row(row: dict, file: str | None = None, index: int | None = None) -> str:
+    try:
+        return json.dumps(row, ensure_ascii=False, default=_json_default)
+    except (TypeError, ValueError) as e:  # a value of a type JSON has no form for
+        raise DataError(f"cannot store the row as JSON: {e}", file=file, row=index) from None
 
 
 def decode_row(value: Any) -> dict:
@@ -87,6 +87,14 @@ class AlignX(tfds.core.GeneratorBasedBuilder):
         self.counts: dict[str, dict[str, int]] = {}  # split -> {"rows", "skipped"}, filled while preparing
         super().__init__(**kwargs)
 
+    # TFDS prints "Downloading and preparing ..." before the rows are read and "Subsequent calls will reuse
+    # this data" after, neither true here (nothing downloads; a rerun is refused): `alignx` says what it wrote
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
@@ -101,16 +109,17 @@ class AlignX(tfds.core.GeneratorBasedBuilder):
         source = self._source or (str(dl_manager.manual_dir) if dl_manager.manual_dir else None)
         if not source:
             raise DataError("the alignx builder needs a source file or folder")
-        # Validate every split before writing anything: a bad row fails here, as a clean DataError.
-        loaded = {}
-        for split, path in split_sources(source).items():
-            rows, skipped = schema.load_rows(path, kind=self._kind, skip_bad=self._skip_bad)
-            if not rows:
-                raise DataError("no valid rows to prepare", file=path)
-            self.counts[split] = {"rows": len(rows), "skipped": skipped}
-            loaded[split] = rows
-        return {split: self._generate_examples(rows) for split, rows in loaded.items()}
+        splits = split_sources(source)
+        for path in splits.values():  # the files are listed (a missing or empty folder fails) before writing
+            schema.list_files(path)
+        return {split: self._generate_examples(split, path) for split, path in splits.items()}
 
-    def _generate_examples(self, rows: list[dict]):  # type: ignore[override]
-        for i, row in enumerate(rows):
-            yield i, {"row": encode_row(row), "index": i}
+    def _generate_examples(self, split: str, path: str):  # type: ignore[override]
+        """The split's rows, validated as they stream one file at a time (memory: one file, not the data
+        set); a bad row is a DataError that ends the preparation, whose temporary folder `prepare` removes."""
+        counts = self.counts.setdefault(split, {})
+        rows = schema.iter_rows(path, kind=self._kind, skip_bad=self._skip_bad, counts=counts)
+        for i, (row, file, index) in enumerate(rows):
+            yield i, {"row": encode_row(row, file, index), "index": i}
+        if not counts["rows"]:
+            raise DataError("no valid rows to prepare", file=path)

@@ -4,7 +4,7 @@ laid out for the CPU backend.
 Autodiff writes a linear layer's weight gradient as `dot(x, dy)` contracting the token axis of both
 operands. On XLA's CPU backend that dot cannot go to the YNNPACK kernels (they want the lhs
 contraction axis minor) and runs on Eigen at about 70 GFLOP/s for an output layer's shape, against
-160 for the same product with `x` transposed first (`benchmarks/BENCHMARKS.md`, §1). The custom VJP
+160 for the same product with `x` transposed first (BENCHMARKS.md, §1). The custom VJP
 materialises `x^T` (the smaller operand: tokens x d_in) behind an optimization barrier, which keeps
 the algebraic simplifier from folding the transpose back into the dot. Values are unchanged; on
 GPU and TPU the plain autodiff rule is used.

@@ -213,10 +213,12 @@ class Trainer:
         self.check_stop()
         self.source = sources.open_source(self.data_path, skip_bad=bool(cfg.data.skip_bad_rows))
         self.rows_skipped = int(getattr(self.source, "skipped", 0))
+        _warn_skipped(self.source, "training", self.is_main)
         if len(self.source) == 0:
             raise AlignXError(f"{self.data_path}: no training rows")
         if cfg.data.twins:
-            contrast.check_twins([self.source[i] for i in range(len(self.source))], file=self.data_path)
+            rows = [self.source[i] for i in range(len(self.source))]
+            contrast.check_twins(rows, file=self.data_path, where=self.source.where)
         self.gb = gb = int(cfg.train.global_batch)
         self.num_micro = gb // int(cfg.train.micro_batch or gb)
         if gb % self.pc or (gb // self.pc) % self.num_micro:
@@ -243,6 +245,7 @@ class Trainer:
             self.eval_source = sources.open_source(
                 cfg.data.eval, split=sources.HELD_OUT, skip_bad=bool(cfg.data.skip_bad_rows)
             )
+            _warn_skipped(self.eval_source, "held-out", self.is_main)
             if len(self.eval_source) == 0:
                 raise AlignXError(f"{cfg.data.eval}: no evaluation rows")
             if self.is_main:  # which split of a split or prepared folder is scored
@@ -793,3 +796,11 @@ def nonfinite_error(
         f"non-finite loss, gradient or update at step {step}: {what}; step {step} not saved; {last}; "
         "lower optim.lr, or set loss.nan_policy=skip to skip such steps"
     )
+
+
+def _warn_skipped(source: sources.RowSource, what: str, is_main: bool) -> None:
+    """data.skip_bad_rows: how many rows were left out, and the first one's error (naming its file and row)."""
+    if is_main and getattr(source, "skipped", 0):
+        workdir_lib.warn(
+            f"{source.skipped} {what} row(s) skipped (data.skip_bad_rows), the first: {source.first_skipped}"
+        )
