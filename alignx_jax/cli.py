@@ -446,6 +446,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"alignx: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # a bucket's client library (gcsfs for gs://) missing: epath's words, one line
+        if "install" not in str(e).lower():
+            raise
+        print(
+            f"alignx: error: {' '.join(str(e).split())} (for gs://: pip install 'alignx-jax[gcs]')",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("alignx: interrupted", file=sys.stderr)
         return 130

@@ -416,7 +416,6 @@ def _generate_benchmark(args) -> int:
     """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
     method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
     FILE (a cut last line is dropped), so an interrupted run resumes."""
-    import os
 
     from tqdm.auto import tqdm
 
@@ -439,7 +438,7 @@ def _generate_benchmark(args) -> int:
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     name, path = parse_benchmark_arg(args.benchmark)
-    if not os.path.exists(path):
+    if not paths.exists(path):  # a bucket's file too (gs://)
         raise DataError(f"--benchmark {name}: no such file or folder", file=path)
     rows, _ = schema.load_rows(path, kind=name)
     if not rows:

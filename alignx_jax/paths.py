@@ -25,9 +25,17 @@ def absolute(p: Any) -> str:
     return s if is_url(s) else os.path.abspath(s)
 
 
+# the URL schemes etils.epath opens (through fsspec: gcsfs for gs://, s3fs for s3://)
+SCHEMES = ("gs", "s3", "az", "abfs")
+
+
 def path(p: Any) -> epath.Path:
     """An `epath.Path` (local or remote); the string of a URL round-trips unchanged."""
-    return epath.Path(absolute(p))
+    s = absolute(p)
+    if is_url(s) and s.split("://", 1)[0] not in SCHEMES:  # epath's own error is a KeyError traceback
+        # an OSError naming the path: `alignx` prints it as one line (errors.py sits above this module)
+        raise OSError(errno.EINVAL, f"not a local path nor a {'/'.join(f'{x}://' for x in SCHEMES)} URL", s)
+    return epath.Path(s)
 
 
 def is_main_process() -> bool:

@@ -129,7 +129,7 @@ if [ "$install" = 1 ]; then
   # a virtualenv beside the code, installed once (again only when pyproject.toml changed)
   remote+=" && { [ -x .venv/bin/python ] || python3 -m venv .venv; }"
   remote+=" && { cmp -s pyproject.toml .venv/alignx-installed.toml || { .venv/bin/pip install -q -U pip"
-  remote+=" && .venv/bin/pip install -q -e . 'jax[tpu]' && cp pyproject.toml .venv/alignx-installed.toml; }; }"
+  remote+=" && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]' && cp pyproject.toml .venv/alignx-installed.toml; }; }"
 fi
 train=(.venv/bin/python -m alignx_jax train "--config=${config}" "${overrides[@]+"${overrides[@]}"}" "--config.train.distributed=true")
 # detached: nohup, stdin closed, output to this host's log; the pid file is what --stop signals

@@ -141,6 +141,12 @@ def test_eval_per_example_file_on_a_bucket(fake_gcs):
     again = PerExampleLog(url, write=False)  # another process of a multi-process eval: reads only
     assert len(again.rows) == 2
     assert len((fake_gcs.local(url)).read_text().splitlines()) == 2
+    from alignx_jax.evaluate.scoring import StoredScores
+
+    stored = StoredScores(
+        url
+    )  # `eval --reference-scores gs://...`: the file eval wrote there (was "no such file")
+    assert len(stored.rows) == 2
 
 
 def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
@@ -375,3 +381,21 @@ def test_path_signature_of_a_bucket_folder(fake_gcs):
     (fake_gcs.local(url) / "a.json").write_text("[ ]")
     assert wd.path_signature(url) != sig
     assert wd.path_signature(f"{BUCKET}/none") == []
+
+
+def test_a_missing_bucket_client_or_an_unknown_scheme_is_one_line(monkeypatch, capsys):
+    """gs:// without gcsfs (what epath raises: an ImportError asking to install it) and a scheme epath does
+    not open (file://, its own error a KeyError traceback): one `alignx: error:` line each, exit 1."""
+    from alignx_jax.cli import main
+
+    def no_client(_):
+        raise ImportError("Please install gcsfs to access Google Storage")
+
+    assert main(["data", "check", "file:///tmp/rows.json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "file:///tmp/rows.json" in err[0], err
+    assert "not a local path nor a gs:///s3:///az:///abfs:// URL" in err[0]
+    monkeypatch.setattr(paths.epath, "Path", no_client)
+    assert main(["data", "check", "gs://bucket/rows.json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Please install gcsfs" in err[0] and "alignx-jax[gcs]" in err[0], err

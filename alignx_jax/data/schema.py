@@ -29,7 +29,7 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.data import persona as persona_lib
-from alignx_jax.errors import DataError
+from alignx_jax.errors import AlignXError, DataError
 
 DIRECTION = persona_lib.DIRECTION_FIELD
 DEMO = persona_lib.DEMO_FIELD
@@ -336,7 +336,10 @@ def _list_url(url: str) -> list[str]:
             for sub, child in paths.files_below(top)
             if _is_data_name(child.name) and not any(part.startswith(".") for part in sub.split("/"))
         ]
-    except DataError:
+    except (
+        AlignXError,
+        ImportError,
+    ):  # a DataError, paths' unknown scheme, a missing client (cli says which)
         raise
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
         raise DataError(f"cannot list: {_one_line(e)}", file=url) from None

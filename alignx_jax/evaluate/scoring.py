@@ -3,13 +3,13 @@ the model (`SequenceScorer`) or from an earlier run's per-example file (`StoredS
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.errors import DataError
 from alignx_jax.evaluate.results import KEY_FIELDS, parse_per_example
 
@@ -24,11 +24,10 @@ class StoredScores:
     ids as this run's example."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
+        if not paths.is_file(path):  # a bucket's file too: `eval --per-example gs://...` writes one
             raise DataError("--reference-scores: no such file", file=path)
         self.path = path
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+        lines = paths.path(path).read_bytes().split(b"\n")
         self.rows, _, cut = parse_per_example(lines, path, (*KEY_FIELDS, "logp_chosen"))
         if cut is not None:  # a cut last line: the rows before it stand
             print(f"alignx: warning: {path}: line {cut} is cut short; ignored", file=sys.stderr)
