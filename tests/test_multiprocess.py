@@ -434,6 +434,31 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, sigterm_run):
     assert one["loader"]["position"] == sum(p["loader"]["position"] for p in procs)
 
 
+def test_a_workdir_in_use_stops_every_process_with_one_line(tmp_path):
+    """Process 0 finds the workdir's lock held by a live `alignx train` (here this test's process): both
+    processes stop at once, process 0 naming the holder and process 1 pointing at it (process 1 waited in
+    the next collective until gloo's deadline, a 56-line traceback)."""
+    from alignx_jax.workdir import WorkdirLock
+
+    w = tmp_path / "w"
+    w.mkdir()
+    lock = WorkdirLock(str(w))
+    lock.acquire()
+    try:
+        r = two_processes(
+            ["train", *TRAIN, "--config.train.steps=1", f"--config.workdir={w}"],
+            str(tmp_path / "cache"),
+            tmp_path / "logs",
+            timeout=240,
+        )
+    finally:
+        lock.release()
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert f"is in use by alignx train pid {os.getpid()}" in logs
+    assert "preparing the workdir failed on process 0 (its log has the error line)" in logs
+
+
 def test_pairs_that_do_not_split_over_the_processes_are_one_line(tmp_path):
     """`launch/local.sh 2 alignx train --config=configs/tiny_cpu.py`: its 4-pair microbatches over fsdp=8
     (one process replicates them) cannot be split between 2 processes: one line on each, exit 1."""

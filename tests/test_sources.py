@@ -495,14 +495,23 @@ def test_prepare_streams_keeps_extra_parquet_values_and_leaves_no_trace_on_failu
         return real_read(path)
 
     monkeypatch.setattr(schema_mod, "read_file", counting)
+    monkeypatch.setattr(schema_mod, "PARQUET_CHUNK", 2)  # the parquet file in record batches of 2 rows
     result = prepare(str(src), str(tmp_path / "ok"))
     monkeypatch.undo()
     assert result["splits"] == {"train": {"rows": 6, "skipped": 0}}
-    assert seen == [str(src / "a.parquet"), str(src / "b.jsonl")]  # each file read once, in order
+    assert seen == [str(src / "b.jsonl")]  # the JSONL file read once whole; the parquet one batch by batch
     got = open_source(str(tmp_path / "ok"))
     assert [got[i] for i in range(3, 6)] == rows[3:]
     assert got[0]["when"] == "2024-01-02T03:04:05" and got[0]["price"] == "1.50" and got[0]["blob"] == "AAE="
     assert {k: v for k, v in got[0].items() if k not in ("when", "price", "blob")} == rows[0]
+    # a bad row in a later record batch of a parquet file is named by its row in the file
+    bad = [dict(r) for r in rows]
+    bad[4]["rejected"] = None
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    monkeypatch.setattr(schema_mod, "PARQUET_CHUNK", 2)
+    with pytest.raises(DataError, match=r"bad.parquet, row 4, field 'rejected'"):
+        prepare(str(tmp_path / "bad.parquet"), str(tmp_path / "badout"))
+    monkeypatch.undo()
     # a bad row in the second file: one line naming it; a new --out is not left behind, a user's keeps its file
     (src / "b.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps({**rows[4], "chosen": 5}) + "\n")
     user = tmp_path / "user"

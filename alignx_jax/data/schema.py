@@ -466,13 +466,15 @@ def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
     return Loaded(rows, skipped, kind, files, origin, first_skipped)
 
 
-def _validated(raw: RawFile, kind: str, skip_bad: bool) -> Iterator[tuple[int, dict | str]]:
-    """(row number, normalised row) for each row of one file; under skip_bad a bad row's is its error."""
-    for ri, row in enumerate(raw.rows):
+def _validated(raw: RawFile, kind: str, skip_bad: bool, offset: int = 0) -> Iterator[tuple[int, dict | str]]:
+    """(row number, normalised row) for each row of one file (or of its chunk whose first row is row
+    `offset`); under skip_bad a bad row's is its error."""
+    for i, row in enumerate(raw.rows):
+        ri = offset + i
         try:
-            if ri in raw.line_errors:
-                raise DataError(raw.line_errors[ri], file=raw.path)
-            line = None if raw.lines is None else raw.lines[ri]
+            if i in raw.line_errors:
+                raise DataError(raw.line_errors[i], file=raw.path)
+            line = None if raw.lines is None else raw.lines[i]
             valid: dict | str = validate_row(row, kind=kind, file=raw.path, index=ri, line=line)
         except DataError as e:
             if not skip_bad:
@@ -526,14 +528,37 @@ def iter_rows(
     counts = {} if counts is None else counts
     counts.update(rows=0, skipped=0)
     for name in names:
-        raw = read_file(name)
-        for ri, valid in _validated(raw, kind, skip_bad):
-            if isinstance(valid, str):
-                counts["skipped"] += 1
-                counts.setdefault("first_skipped", valid)
-            else:
-                counts["rows"] += 1
-                yield valid, raw.path, ri
+        for raw, offset in _file_chunks(name):
+            for ri, valid in _validated(raw, kind, skip_bad, offset):
+                if isinstance(valid, str):
+                    counts["skipped"] += 1
+                    counts.setdefault("first_skipped", valid)
+                else:
+                    counts["rows"] += 1
+                    yield valid, raw.path, ri
+
+
+PARQUET_CHUNK = 4096  # rows of a local parquet file read at a time by `iter_rows`
+
+
+def _file_chunks(path: str) -> Iterator[tuple[RawFile, int]]:
+    """One file's raw rows as (chunk, row number of its first row): a local parquet file a record batch at
+    a time (a release-sized file streams too), any other file whole."""
+    if file_format(path) != "parquet" or paths.is_url(path):
+        yield read_file(path), 0
+        return
+    import pyarrow.parquet as pq
+
+    offset = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_CHUNK):
+            rows = batch.to_pylist()
+            yield RawFile(path, "parquet", rows), offset
+            offset += len(rows)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises several types (a truncated file mid-way too)
+        raise DataError(f"cannot read parquet: {_one_line(e)}", file=path) from None
 
 
 def load_rows(path: str, *, kind: str = "auto", skip_bad: bool = False) -> tuple[list[dict], int]:

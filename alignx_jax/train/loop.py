@@ -193,8 +193,13 @@ class Trainer:
         self.pc, self.pi = jax.process_count(), jax.process_index()
         # on every process: all refuse a user's folder together
         workdir_lib.check_run_folder(self.workdir, writes_data=not cfg.data.train)
+        error = None
         if self.is_main:
-            held.append(prepare_workdir(cfg, self.workdir))
+            try:
+                held.append(prepare_workdir(cfg, self.workdir))
+            except Exception as e:  # a held lock, a changed config: the other processes stop too, not wait
+                error = e
+        distributed.agree(error, "preparing the workdir")
         self.cfg_given = cfg  # what W/config.json records (`auto` dtypes as given)
         sync("workdir")
         self.cfg = cfg = with_concrete_dtype(cfg, self.is_main)
