@@ -567,3 +567,19 @@ def test_skipped_rows_are_named_where_training_reads_them(synth_dir, tmp_path, c
     assert "rows.jsonl: line 2: invalid JSON" in err, err
     _warn_skipped(open_source(synth_dir, skip_bad=True), "training", is_main=True)  # none skipped: silent
     assert capsys.readouterr().err == ""
+
+
+def test_prepare_memory_benchmark_runs_and_reports_each_reader(tmp_path):
+    """benchmarks/prepare_memory.py (BENCHMARKS.md §10) at a toy size: every reader ran in its own process
+    and reported a peak above the bare imports' (the prepared rows are all there)."""
+    from conftest import load_benchmark
+
+    out = tmp_path / "m.json"
+    assert (
+        load_benchmark("prepare_memory").main(["--users", "8", "--pairs-per-user", "3", "--json", str(out)])
+        == 0
+    )
+    got = json.loads(out.read_text())
+    assert got["rows"] == 24
+    assert all(got[k]["peak_rss_mib"] > 10 for k in ("baseline", "prepare", "load_rows"))
+    assert got["load_rows"]["peak_rss_mib"] >= got["baseline"]["peak_rss_mib"]
