@@ -237,6 +237,46 @@ def write_fingerprint(path: str, value: str) -> None:
     os.replace(tmp, path + ".fingerprint")
 
 
+def save_array(path: str, array: Any) -> None:
+    """`np.save` of a derived array: through a temporary file and a rename (a URL: saved in memory and
+    uploaded as one object write, atomic on gs://; np.save and os.replace cannot open a URL)."""
+    import io
+
+    import numpy as np
+
+    if paths.is_url(path):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        paths.path(path).write_bytes(buf.getvalue())
+        return
+    np.save(path + ".tmp.npy", array)
+    os.replace(path + ".tmp.npy", path)
+
+
+def load_array(path: str) -> Any:
+    """The array `save_array` wrote (a URL: downloaded whole)."""
+    import io
+
+    import numpy as np
+
+    if paths.is_url(path):
+        return np.load(io.BytesIO(paths.path(path).read_bytes()))
+    return np.load(path)
+
+
+def array_shape(path: str) -> tuple[int, ...]:
+    """The shape of a saved array without reading its data (a URL: only the .npy header)."""
+    import numpy as np
+
+    if not paths.is_url(path):
+        return np.load(path, mmap_mode="r").shape
+    fmt = np.lib.format
+    with paths.path(path).open("rb") as f:
+        version = fmt.read_magic(f)
+        header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        return header(f)[0]
+
+
 # ----------------------------------------------------------------------------- the lock
 
 

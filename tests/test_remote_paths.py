@@ -204,13 +204,15 @@ def test_export_to_a_bucket_uploads_the_same_files_as_a_local_export(local_expor
             assert (up / name).read_bytes() == (local / name).read_bytes(), name
 
 
-def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
-    """`alignx train` with workdir gs://.../run: config, metrics, reference and checkpoints land in the
-    bucket; nothing in a local `gs:` folder (the fixture checks)."""
+def _train_on_a_bucket(monkeypatch, w, *extra, config="tiny_cpu.py"):
+    """`alignx train` of a few tiny steps with workdir `w` (a URL) and a stand-in checkpointer (orbax writes
+    gs:// through tensorstore): (the checkpointer's directories, the steps it saved, the bucket's
+    metrics.jsonl steps at each save)."""
     import alignx_jax.train.loop as loop
+    from alignx_jax.metrics import read_metrics
     from alignx_jax.train.cli import cli_train
 
-    ckpt_dirs, saved = [], []
+    ckpt_dirs, saved, logged = [], [], []
 
     class FakeCheckpointer:  # orbax writes gs:// through tensorstore: here only the path and steps count
         def __init__(self, directory, **kw):
@@ -222,7 +224,8 @@ def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
 
         def save(self, step, *a, **kw):
             saved.append(step)
-            paths.path(f"{self.directory}/{step}").mkdir(parents=True)
+            logged.append([r["step"] for r in read_metrics(w)])  # what a kill now would leave
+            paths.path(f"{self.directory}/{step}").mkdir(parents=True, exist_ok=True)
 
         def wait(self):
             pass
@@ -231,7 +234,6 @@ def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
             pass
 
     monkeypatch.setattr(loop, "TrainCheckpointer", FakeCheckpointer)
-    w = f"{BUCKET}/run"
     overrides = [
         "--config.model.init.hidden_size=32",
         "--config.model.init.intermediate_size=64",
@@ -246,12 +248,19 @@ def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
         "--config.checkpoint.every_steps=2",
         "--config.train.progress=false",
         f"--config.workdir={w}",
+        *extra,
     ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = types.SimpleNamespace(
-        config_path=os.path.join(root, "configs", "tiny_cpu.py"), overrides=overrides
-    )
+    args = types.SimpleNamespace(config_path=os.path.join(root, "configs", config), overrides=overrides)
     assert cli_train(args) == 0
+    return ckpt_dirs, saved, logged
+
+
+def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
+    """`alignx train` with workdir gs://.../run: config, metrics, reference and checkpoints land in the
+    bucket; nothing in a local `gs:` folder (the fixture checks)."""
+    w = f"{BUCKET}/run"
+    ckpt_dirs, saved, _ = _train_on_a_bucket(monkeypatch, w)
     assert ckpt_dirs == [f"{w}/checkpoints"] and saved == [2]
     local = fake_gcs.local(w)
     assert json.loads((local / "config.json").read_text())["workdir"] == w
@@ -260,6 +269,43 @@ def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
     assert list((local / "reference").glob("*.safetensors"))
     assert (local / "data" / "data.parquet").is_file()
     assert (local / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.parametrize(
+    "config, extra, stored",
+    [
+        ("tiny_cpu.py", ["--config.loss.reference=precomputed"], "ref_logps.p0.npy"),
+        (
+            "tiny_pba.py",
+            [
+                "--config.pba.preference=predicted",
+                "--config.pba.max_persona_tokens=128",
+                "--config.pba.head_steps=5",
+            ],
+            "pba_predicted.npy",
+        ),
+    ],
+    ids=["precomputed-reference", "pba-predicted"],
+)
+def test_derived_arrays_on_a_bucket_workdir(fake_gcs, monkeypatch, capsys, config, extra, stored):
+    """loss.reference=precomputed (ref_logps.p0.npy) and pba.preference=predicted (pba_predicted.npy) on
+    a gs:// workdir: the array is uploaded (np.save/os.replace on the URL was 'No such file'), with its
+    fingerprint, and a second run reads it back from the bucket instead of computing it again."""
+    import numpy as np
+
+    w = f"{BUCKET}/derived"
+    _train_on_a_bucket(monkeypatch, w, *extra, config=config)
+    local = fake_gcs.local(w)
+    first = np.load(local / stored)
+    assert (local / f"{stored}.fingerprint").is_file()
+    assert not [p.name for p in local.iterdir() if ".tmp" in p.name]
+    capsys.readouterr()
+    (local / "config.json").unlink()  # a fresh run in the same workdir: reuses the derived array
+    (local / "train.lock").write_text("")
+    _train_on_a_bucket(monkeypatch, w, *extra, config=config)
+    err = capsys.readouterr().err
+    assert "reference log-probs of" not in err and "first-stage preference head" not in err, err
+    np.testing.assert_array_equal(np.load(local / stored), first)
 
 
 def _rows(n: int) -> list[dict]:

@@ -114,7 +114,7 @@ def predicted_directions(
     n = len(source)
     dirs = None
     if workdir_lib.fingerprint_matches(path, key):
-        dirs = np.load(path)
+        dirs = workdir_lib.load_array(path)
         if dirs.shape != (n, ph.NUM_DIMS):
             dirs = None
     if not agree_max(int(dirs is None)):  # every process takes the same branch
@@ -131,8 +131,7 @@ def predicted_directions(
     dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
     if main:
         workdir_lib.forget_fingerprint(path)
-        np.save(path + ".tmp.npy", dirs)
-        os.replace(path + ".tmp.npy", path)
+        workdir_lib.save_array(path, dirs)  # a gs:// workdir too
         workdir_lib.write_fingerprint(path, key)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

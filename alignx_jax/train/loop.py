@@ -461,16 +461,15 @@ class Trainer:
         ref_key = derived_fingerprint(self.cfg, self.data_path, shape=want_shape, process=[self.pc, self.pi])
         have = (
             workdir_lib.fingerprint_matches(ref_path, ref_key)
-            and np.load(ref_path, mmap_mode="r").shape == want_shape
+            and workdir_lib.array_shape(ref_path) == want_shape
         )
         if not agree_max(int(not have)):  # the pass is a collective: every process runs it if one must
-            self.ref_table = np.load(ref_path)
+            self.ref_table = workdir_lib.load_array(ref_path)
         else:
             self.ref_table = self.reference_pass(want_shape)
             if self.is_main or self.pc > 1:
                 workdir_lib.forget_fingerprint(ref_path)
-                np.save(ref_path + ".tmp.npy", self.ref_table)
-                os.replace(ref_path + ".tmp.npy", ref_path)
+                workdir_lib.save_array(ref_path, self.ref_table)  # a gs:// workdir too
                 workdir_lib.write_fingerprint(ref_path, ref_key)
         if not self.codec.lora:  # LoRA: the base stays (the policy is base + adapters)
             self.ref_params = None
