@@ -6,7 +6,10 @@ the same file, a reader (a test, `tail -f`) sees each step as soon as it is logg
 full disk can only cut the last line. `read_jsonl` drops such a line with a warning.
 
 A URL workdir (gs://...) goes through etils.epath: an object cannot be appended to, so the file is
-rewritten whole at each logged step (and TensorBoard events go to the URL only if tensorboardX can).
+rewritten whole, at most every `URL_REWRITE_SECONDS` (rewriting it at each step uploads O(steps^2) bytes and
+passes Cloud Storage's one write a second to one object), at each checkpoint save (`flush`; the trainer
+calls it, so nothing logged up to a checkpoint is lost to a kill) and at `close` (and TensorBoard events
+go to the URL only if tensorboardX can).
 
 Train metric names are TRL's (`DPOTrainer`): `loss`, `grad_norm`, `learning_rate`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
@@ -23,6 +26,7 @@ import math
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 from alignx_jax import paths
@@ -54,6 +58,9 @@ def _plain(v: Any) -> Any:
     return f if math.isfinite(f) else str(f)  # JSON has no NaN/inf literal
 
 
+URL_REWRITE_SECONDS = 30.0
+
+
 class MetricsWriter:
     """`write(step, metrics)` appends to W/metrics.jsonl and logs scalars under W/tensorboard."""
 
@@ -66,15 +73,20 @@ class MetricsWriter:
         resume_step: int | None = None,
         wandb_project: str = "",
         wandb_config: dict[str, Any] | None = None,
+        url_rewrite_seconds: float = URL_REWRITE_SECONDS,
     ):
         """`resume_step`: drop records after that step (a run killed after its last checkpoint logged
         steps that the resumed run will log again). `wandb_project` ('' = off): also log to W&B (a
-        ConfigError when wandb is not installed); `wandb_config` is the run config it records."""
+        ConfigError when wandb is not installed); `wandb_config` is the run config it records.
+        `url_rewrite_seconds`: a URL workdir's file is rewritten at most this often (and at `flush`)."""
         self.enabled = enabled
         self._file = None
         self._tb = None
         self._wandb = None
         self._url_records: list[dict[str, Any]] | None = None  # a URL workdir: every record, rewritten
+        self._url_every = float(url_rewrite_seconds)
+        self._url_dirty = False  # records not yet in the bucket
+        self._url_written = 0.0
         if not enabled:
             return
         if wandb_project:  # first: a missing package fails before any file is touched
@@ -103,6 +115,13 @@ class MetricsWriter:
     def _rewrite_url(self) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._url_records or [])
         self._url_path.write_text(text, encoding="utf-8")
+        self._url_dirty, self._url_written = False, time.monotonic()
+
+    def flush(self) -> None:
+        """Put every record logged so far in W/metrics.jsonl (a local file has them already): the trainer
+        calls it at each checkpoint save, which a resume cuts the file back to."""
+        if self._url_records is not None and self._url_dirty:
+            self._rewrite_url()
 
     def _open_local(self, workdir: str, resume_step: int | None) -> None:
         os.makedirs(workdir, exist_ok=True)
@@ -127,7 +146,9 @@ class MetricsWriter:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         if self._url_records is not None:
             self._url_records.append(record)
-            self._rewrite_url()
+            self._url_dirty = True
+            if time.monotonic() - self._url_written >= self._url_every:
+                self._rewrite_url()
         else:
             self._write_local(record)
         if self._tb is not None:
@@ -150,6 +171,7 @@ class MetricsWriter:
             raise OSError(e.errno, e.strerror, e.filename or self._file.name) from None
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -87,6 +87,37 @@ def test_metrics_on_a_bucket(fake_gcs):
     assert (fake_gcs.local(w) / "metrics.jsonl").is_file()
 
 
+def test_metrics_on_a_bucket_are_rewritten_at_most_every_30_seconds(fake_gcs, monkeypatch):
+    """An object cannot be appended to: metrics.jsonl was rewritten whole at every logged step (O(steps^2)
+    bytes, past Cloud Storage's one write a second to an object). Now: at most every 30 s, at `flush` (a
+    checkpoint save) and at `close`."""
+    from alignx_jax import metrics
+    from alignx_jax.metrics import MetricsWriter, read_metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    w = f"{BUCKET}/run"
+    m = MetricsWriter(w, tensorboard=False)
+
+    def uploaded():
+        return [r["step"] for r in read_metrics(w)]
+
+    for step in range(1, 6):
+        clock[0] += 1
+        m.write(step, {"loss": 0.5})
+    assert uploaded() == []
+    clock[0] += 30
+    m.write(6, {"loss": 0.5})
+    assert uploaded() == [1, 2, 3, 4, 5, 6]
+    m.write(7, {"loss": 0.5})
+    assert uploaded() == [1, 2, 3, 4, 5, 6]
+    m.flush()
+    assert uploaded() == [1, 2, 3, 4, 5, 6, 7]
+    m.write(8, {"loss": 0.5})
+    m.close()
+    assert uploaded() == list(range(1, 9))
+
+
 def test_workdir_files_and_lock_on_a_bucket(fake_gcs):
     from alignx_jax import workdir as wd
 
@@ -260,11 +291,13 @@ def test_tiny_training_run_on_a_bucket_workdir(fake_gcs, monkeypatch):
     """`alignx train` with workdir gs://.../run: config, metrics, reference and checkpoints land in the
     bucket; nothing in a local `gs:` folder (the fixture checks)."""
     w = f"{BUCKET}/run"
-    ckpt_dirs, saved, _ = _train_on_a_bucket(monkeypatch, w)
-    assert ckpt_dirs == [f"{w}/checkpoints"] and saved == [2]
+    ckpt_dirs, saved, logged = _train_on_a_bucket(monkeypatch, w, "--config.train.steps=3")
+    assert ckpt_dirs == [f"{w}/checkpoints"] and saved == [2, 3]
+    # metrics.jsonl is rewritten every 30 s, and at each save: a kill after a checkpoint loses no step of it
+    assert logged == [[1, 2], [1, 2, 3]]
     local = fake_gcs.local(w)
     assert json.loads((local / "config.json").read_text())["workdir"] == w
-    assert [json.loads(x)["step"] for x in (local / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["step"] for x in (local / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (local / "reference" / "config.json").is_file()
     assert list((local / "reference").glob("*.safetensors"))
     assert (local / "data" / "data.parquet").is_file()

@@ -751,6 +751,8 @@ class Trainer:
         return meta
 
     def save(self, step: int, two_stage_head: tuple[Any, Any] | None = None) -> None:
+        # a URL metrics file is rewritten every 30 s: a kill after this checkpoint keeps the steps up to it
+        self.writer.flush()
         params, opt_state = self.params, self.opt_state
         if self.joint:
             self.ckpt.save(
