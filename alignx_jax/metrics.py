@@ -101,16 +101,7 @@ class MetricsWriter:
         else:
             self._open_local(workdir, resume_step)
         if tensorboard:
-            try:
-                # a resume hides the events of steps after its checkpoint (a killed run logged them;
-                # this one logs them again): TensorBoard purges from purge_step on
-                purge = None if resume_step is None else int(resume_step) + 1
-                self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), purge_step=purge)
-            except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
-                self._tb = None
-            except Exception as e:  # a URL tensorboardX cannot write: the JSONL file still has everything
-                print(f"alignx: warning: no TensorBoard events in {workdir} ({e})", file=sys.stderr)
-                self._tb = None
+            self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"), resume_step)
 
     def _rewrite_url(self) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._url_records or [])
@@ -181,6 +172,61 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+# the URL schemes tensorboardX writes, and the client each needs (module, what to install); any other
+# scheme it takes for a local folder (`az://b/w` becomes ./az:/b/w)
+_TB_URL_CLIENTS = {
+    "gs": ("google.cloud.storage", "google-cloud-storage: pip install -e '.[gcs]'"),
+    "s3": ("boto3", "boto3: pip install boto3"),
+}
+_TB_WARNED: set[str] = set()  # one warning per URL per process, not one per MetricsWriter
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package; a stand-in without a spec
+        return False
+
+
+def url_tensorboard_problem(logdir: str) -> str | None:
+    """Why tensorboardX cannot write events to the URL `logdir` (None: it may). Asked before the writer is
+    made: without its client tensorboardX raises an ImportError, and its half-made GCS writer then prints
+    a traceback from __del__."""
+    scheme = logdir.split("://", 1)[0]
+    if scheme not in _TB_URL_CLIENTS:
+        return f"tensorboardX writes only {' and '.join(f'{x}://' for x in _TB_URL_CLIENTS)} URLs"
+    module, install = _TB_URL_CLIENTS[scheme]
+    return None if _importable(module) else f"tensorboardX needs {install}"
+
+
+def _tensorboard_writer(logdir: str, resume_step: int | None) -> Any:
+    """tensorboardX's SummaryWriter on `logdir`, or None (a warning line when a URL cannot take events)."""
+    why = url_tensorboard_problem(logdir) if paths.is_url(logdir) else None
+    if why is not None:
+        if logdir not in _TB_WARNED:
+            _TB_WARNED.add(logdir)
+            print(
+                f"alignx: warning: no TensorBoard events in {logdir} ({why}); metrics.jsonl has every step",
+                file=sys.stderr,
+            )
+        return None
+    try:
+        writer_class = _summary_writer_class()
+    except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
+        return None
+    # a resume hides the events of steps after its checkpoint (a killed run logged them; this one logs them
+    # again): TensorBoard purges from purge_step on
+    purge = None if resume_step is None else int(resume_step) + 1
+    try:
+        return writer_class(logdir, purge_step=purge)
+    except Exception as e:  # a URL tensorboardX cannot write: the JSONL file still has everything
+        print(
+            f"alignx: warning: no TensorBoard events in {logdir} ({' '.join(str(e).split())})",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _summary_writer_class():

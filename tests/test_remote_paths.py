@@ -118,6 +118,39 @@ def test_metrics_on_a_bucket_are_rewritten_at_most_every_30_seconds(fake_gcs, mo
     assert uploaded() == list(range(1, 9))
 
 
+def test_tensorboard_on_a_bucket_without_its_client_is_one_warning(fake_gcs, monkeypatch, capsys):
+    """tensorboardX on gs:// without google-cloud-storage raised an ImportError that was taken for 'no
+    tensorboardX' (silence), and its half-made writer printed a traceback from __del__. Now: one warning
+    line per URL naming the extra, no writer made; metrics.jsonl is written as before."""
+    import gc
+    import sys
+
+    from alignx_jax import metrics
+    from alignx_jax.metrics import MetricsWriter, read_metrics
+
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # `import google.cloud.storage` fails
+    monkeypatch.setattr(metrics, "_TB_WARNED", set(), raising=False)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    w = f"{BUCKET}/run"
+    for _ in range(2):  # a second writer on the same workdir does not warn again
+        m = MetricsWriter(w, resume_step=0)
+        assert m._tb is None
+        m.write(1, {"loss": 0.5})
+        m.close()
+    gc.collect()
+    assert unraisable == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"alignx: warning: no TensorBoard events in {w}/tensorboard (tensorboardX needs google-cloud-storage: "
+        "pip install -e '.[gcs]'); metrics.jsonl has every step"
+    ], err
+    assert [r["step"] for r in read_metrics(w)] == [1]
+    assert not (fake_gcs.local(w) / "tensorboard").exists()
+    # a scheme tensorboardX does not know it would write to a local folder named `az:`
+    assert "only gs:// and s3://" in metrics.url_tensorboard_problem("az://c/run/tensorboard")
+
+
 def test_workdir_files_and_lock_on_a_bucket(fake_gcs):
     from alignx_jax import workdir as wd
 
