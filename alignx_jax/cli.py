@@ -444,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except OSError as e:  # an output the system refuses (a read-only folder, a file where a folder goes)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"alignx: error: {where}{e.strerror or e}", file=sys.stderr)
+        # a bucket's refusal is several lines ("Forbidden: ...\n403 ..."): one line
+        print(f"alignx: error: {where}{' '.join(str(e.strerror or e).split())}", file=sys.stderr)
         return 1
     except ImportError as e:  # a bucket's client library (gcsfs for gs://) missing: epath's words, one line
         if "install" not in str(e).lower():

@@ -124,7 +124,9 @@ def check_output(dest: str, flag: str) -> None:
         try:
             paths.check_writable(dest)
         except OSError as e:
-            problem = AlignXError(f"{flag} {dest}: cannot be written ({e.strerror or e})")
+            # a bucket's refusal is several lines ("Forbidden: ...\n403 ..."): one line
+            why = " ".join(str(e.strerror or e).split())
+            problem = AlignXError(f"{flag} {dest}: cannot be written ({why})")
     agree(problem, flag)
 
 

@@ -86,9 +86,18 @@ def files_below(top: epath.Path) -> Iterator[tuple[str, epath.Path]]:
 
 
 def check_writable(dest: str) -> None:
-    """OSError now when the file `dest` could not be written later (its folder cannot be made or written);
-    a URL is left to its write."""
+    """OSError now when the file `dest` could not be written later (its folder cannot be made or written).
+    A URL: a small object beside it is written and deleted (a read-only bucket refuses it now, not after
+    the work that ends in the write)."""
     if is_url(dest):
+        out = path(dest)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        try:
+            probe.unlink()
+        except OSError:  # allowed to create objects but not to delete them: `dest` can still be written
+            pass
         return
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)

@@ -27,6 +27,8 @@ def fake_gcs(tmp_path, monkeypatch):
     root.mkdir()
     monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would land here, as tmp_path/gs:/...
     seen: list[str] = []
+    written: list[str] = []  # URLs opened for writing, made, renamed to or removed
+    readonly: list[str] = []  # URL prefixes whose writes are refused as Cloud Storage does (403)
 
     def local(p):
         s = os.fspath(p)
@@ -35,10 +37,23 @@ def fake_gcs(tmp_path, monkeypatch):
             return str(root / s[len("gs://") :])
         return s
 
+    def writes(p):
+        s = os.fspath(p)
+        if s.startswith("gs://"):
+            written.append(s)
+            if s.startswith(tuple(readonly)):  # gcsfs's words for a 403
+                raise OSError(f"Forbidden: {s[5:]}\n403 caller does not have storage.objects.create access")
+
     def one(fn, p, *a, **kw):
+        mode = str(a[0] if a else kw.get("mode", "r"))
+        if fn.__name__ in ("makedirs", "mkdir", "remove", "rmtree") or (
+            fn.__name__ == "open" and any(c in mode for c in "wax+")
+        ):
+            writes(p)
         return fn(local(p), *a, **kw)
 
     def two(fn, p, dst, *a, **kw):
+        writes(dst)
         return fn(local(p), local(dst), *a, **kw)
 
     def glob(fn, p):
@@ -60,7 +75,9 @@ def fake_gcs(tmp_path, monkeypatch):
         replace=two,
         copy=two,
     ):
-        yield types.SimpleNamespace(root=root, seen=seen, local=lambda u: root / u[len("gs://") :])
+        yield types.SimpleNamespace(
+            root=root, seen=seen, written=written, readonly=readonly, local=lambda u: root / u[len("gs://") :]
+        )
     assert not (tmp_path / "gs:").exists(), "a gs:// path was used as a local path"
 
 
@@ -211,6 +228,37 @@ def test_eval_per_example_file_on_a_bucket(fake_gcs):
         url
     )  # `eval --reference-scores gs://...`: the file eval wrote there (was "no such file")
     assert len(stored.rows) == 2
+
+
+def test_eval_out_on_a_bucket_is_probed_first_and_written_in_place(fake_gcs, monkeypatch, capsys):
+    """`alignx eval --out gs://...`: a bucket that refuses writes is one error line before the evaluation
+    (it was found after it, check_writable leaving URLs alone); a writable one gets RESULTS.json in place,
+    with no `r.json.tmp` object, and the probe object is gone."""
+    from alignx_jax.cli import main
+    from alignx_jax.evaluate import cli as eval_cli
+
+    runs = []
+
+    def evaluate(*a, **kw):  # the evaluation itself is not what is tested: it records that it ran
+        runs.append(a)
+        return {"benchmarks": {}}
+
+    monkeypatch.setattr(eval_cli, "evaluate", evaluate)
+    bench = f"{BUCKET}/bench.json"
+    fake_gcs.local(bench).parent.mkdir(parents=True)
+    fake_gcs.local(bench).write_text("[]")
+    fake_gcs.readonly.append(f"{BUCKET}/ro/")
+    argv = ["eval", "--model", "none", "--prompt-format", "chat", "--benchmark", f"alignx={bench}", "--out"]
+    assert main([*argv, f"{BUCKET}/ro/r.json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert runs == [] and len(err) == 1, err
+    assert err[0].startswith(f"alignx: error: --out {BUCKET}/ro/r.json: cannot be written (Forbidden: "), err
+    fake_gcs.written.clear()
+    assert main([*argv, f"{BUCKET}/rw/r.json"]) == 0
+    assert len(runs) == 1
+    assert json.loads(fake_gcs.local(f"{BUCKET}/rw/r.json").read_text()) == {"benchmarks": {}}
+    assert [p.name for p in fake_gcs.local(f"{BUCKET}/rw").iterdir()] == ["r.json"]
+    assert not [u for u in fake_gcs.written if u.endswith(".tmp")], fake_gcs.written
 
 
 def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):

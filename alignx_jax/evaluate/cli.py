@@ -72,11 +72,9 @@ def cli_eval(args: argparse.Namespace) -> int:
         raise AlignXError(f"eval: {e}") from e
     if not paths.is_main_process():  # process 0 writes the one results file of a multi-process run
         return 0
-    out = paths.path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / (out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)  # never leave a half-written results file
+    # never a half-written results file: a local one through a temporary name and a rename, a URL in place
+    # (one object write is atomic; a rename there is a copy that leaves a temporary object behind on failure)
+    paths.write_all({args.out: (json.dumps(results, indent=2) + "\n").encode("utf-8")})
     for line in _format_table(results):
         print(line)
     print(f"results: {args.out}")

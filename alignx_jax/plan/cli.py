@@ -76,7 +76,8 @@ def cli_plan(args: argparse.Namespace) -> int:
         try:
             paths.check_writable(args.json)
         except OSError as e:
-            raise AlignXError(f"--json {args.json}: cannot be written ({e.strerror or e})") from None
+            why = " ".join(str(e.strerror or e).split())  # a bucket's refusal is several lines
+            raise AlignXError(f"--json {args.json}: cannot be written ({why})") from None
     name = args.topology or str(cfg.plan.topology) or None  # --topology, else the config's
     topo = parse_topology(name)
     if topo.num_devices and not _provide_devices(topo.num_devices):
