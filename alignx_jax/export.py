@@ -25,6 +25,7 @@ from alignx_jax.models.checkpoint import (
 from alignx_jax.models.decoder import Decoder
 from alignx_jax.models.hf import (
     EXPORT_MANIFEST,
+    EXPORT_UPLOAD,
     copy_tokenizer,
     load_pretrained,
     read_export_manifest,
@@ -137,7 +138,15 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
     if not os.path.isdir(out) or not os.listdir(out):
         return [], set()
     entries = sorted(os.listdir(out))
-    manifest = read_export_manifest(out)
+    return entries, _check_target(out, entries, read_export_manifest(out), source, overwrite)
+
+
+def _check_target(
+    out: str, entries: list[str], manifest: dict | None, source: str, overwrite: bool
+) -> set[str]:
+    """The files an earlier export listed in `manifest`, after checking that the folder `out` (its
+    `entries`, not empty; local or a bucket's) may be written: an export of the same `source`, or
+    anything with `overwrite`, but never one holding weights no export wrote."""
     own = {os.path.basename(str(f)) for f in (manifest or {}).get("files", [])}
     # weights no earlier export here wrote (another model's), which transformers would load instead of
     # the export or with it: refused here, before anything is read, on every process of a job
@@ -157,7 +166,20 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
             f"--out {out}: not empty and not an alignx export (holds {paths.listing(entries)}); pass --overwrite "
             "to replace the files an export writes (the others are kept), or choose an empty folder"
         )
-    return entries, own
+    return own
+
+
+def _kept(out: str, entries: list[str], own: set[str], files: list[str]) -> list[str]:
+    """The entries of `out` an export writing `files` keeps: neither its own nor an earlier export's
+    (those go); refused when one is weights, which transformers would load instead of the export."""
+    keep = [e for e in entries if e not in own and e not in files]
+    stale = [e for e in keep if WEIGHT_FILE.fullmatch(e)]
+    if stale:  # transformers would load them instead of the export (model.safetensors beats an index)
+        raise CheckpointError(
+            f"--out {out}: holds {paths.listing(stale)}, weights this export does not write, which "
+            "transformers would load instead of it or with it; remove them or choose another folder"
+        )
+    return keep
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -292,36 +314,72 @@ def _export_inputs(checkpoint: str, res: ResolvedCheckpoint):
     return model, head
 
 
+def _bucket_target(url: str, source: str, overwrite: bool) -> tuple[list[str], set[str]]:
+    """`_export_target` of a bucket folder: (its entries, the files earlier exports wrote there), after
+    the same checks on its listing and manifest (an unfinished upload's `EXPORT_UPLOAD`: a rerun of it
+    needs no --overwrite and finds no foreign weights)."""
+    out = paths.path(url)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {url}: is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return [], set()
+    manifest = read_export_manifest(url) or read_export_manifest(url, EXPORT_UPLOAD)
+    return entries, _check_target(url, entries, manifest, source, overwrite)
+
+
 def _export_to_bucket(args) -> int:
     """`alignx export --out gs://...`: the export is written to a local temporary folder, then uploaded
-    file by file with the manifest last (a folder without `alignx_export.json` is an unfinished upload).
-    The target must be absent or empty, or hold an earlier export (`--overwrite`: any folder); files of
-    the target that this export does not write are left as they are."""
+    file by file. The target is checked as a local one (`_check_target`, `_kept`). `EXPORT_UPLOAD` goes
+    up first and the old manifest is deleted, the new one uploaded last, so a folder without
+    `alignx_export.json` is an unfinished upload; an earlier export's files this one does not write are
+    removed, the others kept."""
     import tempfile
 
     out = paths.path(args.out)
-    foreign = out.exists() and any(out.iterdir()) and not (out / EXPORT_MANIFEST).exists()
-    if foreign and not getattr(args, "overwrite", False):
-        raise CheckpointError(
-            f"--out {args.out}: not empty and not an export; pass --overwrite to write into it"
-        )
     res = resolve_checkpoint(args.checkpoint, args.step)
     source = _export_source(args.checkpoint)
+    main = paths.is_main_process()
+    entries, own, problem = [], set(), None
+    if main:
+        try:
+            entries, own = _bucket_target(args.out, source, bool(getattr(args, "overwrite", False)))
+        except CheckpointError as e:
+            problem = e
+    distributed.agree(problem, "--out")  # a refused --out stops every process before the collective read
     model, head = _export_inputs(args.checkpoint, res)
-    if not paths.is_main_process():
+    if not main:
         return 0
     with tempfile.TemporaryDirectory(prefix="alignx-export-") as local:
         tmp = os.path.join(local, "export")
         files = _write_export(args, res, model, head, tmp, source)
-        out.mkdir(parents=True, exist_ok=True)
-        names = [os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns]
-        for name in sorted(n for n in names if n != EXPORT_MANIFEST) + [EXPORT_MANIFEST]:
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            with open(os.path.join(tmp, name), "rb") as f:
-                (out / name).write_bytes(f.read())
+        _kept(args.out, entries, own, files)  # refuses other weights before the bucket is touched
+        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns)
+        upload = {**(read_export_manifest(tmp) or {}), "files": sorted(own | set(names))}
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # first: a kill from here on leaves an unfinished upload that a rerun may replace as its own
+            (out / EXPORT_UPLOAD).write_text(json.dumps(upload, indent=2, sort_keys=True), encoding="utf-8")
+            (out / EXPORT_MANIFEST).unlink(missing_ok=True)
+            for name in sorted(own - set(names) - {EXPORT_MANIFEST}):  # e.g. shards of another count
+                if name in entries:
+                    (out / name).unlink(missing_ok=True)
+            for name in [n for n in names if n != EXPORT_MANIFEST] + [EXPORT_MANIFEST]:
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                with open(os.path.join(tmp, name), "rb") as f:
+                    (out / name).write_bytes(f.read())
+            (out / EXPORT_UPLOAD).unlink()
+        except OSError as e:
+            raise CheckpointError(
+                f"--out {args.out}: upload failed ({e.strerror or _one_line(e)}); run the export again"
+            ) from None
     where = f" step {res.step}" if res.step is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out} ({len(files)} files uploaded)")
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def cli_export(args) -> int:
@@ -351,14 +409,7 @@ def cli_export(args) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         files = _write_export(args, res, model, head, tmp, source)
-        keep = [e for e in entries if e not in own and e not in files]
-        stale = [e for e in keep if WEIGHT_FILE.fullmatch(e)]
-        if stale:  # transformers would load them instead of the export (model.safetensors beats an index)
-            raise CheckpointError(
-                f"--out {out}: holds {paths.listing(stale)}, weights this export does not write, which "
-                "transformers would load instead of it or with it; remove them or choose another folder"
-            )
-        _publish(tmp, out, keep)
+        _publish(tmp, out, _kept(out, entries, own, files))
     except OSError as e:  # a full disk, a permission: `out` is as it was
         shutil.rmtree(tmp, ignore_errors=True)
         where = f": {e.filename}" if e.filename else ""

@@ -282,7 +282,7 @@ def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
     (local.parent / "foreign").mkdir()
     (local.parent / "foreign" / "notes.txt").write_text("mine")
     args = types.SimpleNamespace(out=f"{BUCKET}/foreign", checkpoint=w, step=None, overwrite=False)
-    with pytest.raises(CheckpointError, match="not empty and not an export"):
+    with pytest.raises(CheckpointError, match="not empty and not an alignx export"):
         export.cli_export(args)
     assert (local.parent / "foreign" / "notes.txt").read_text() == "mine"
 
@@ -314,6 +314,59 @@ def test_export_to_a_bucket_uploads_the_same_files_as_a_local_export(local_expor
     for name in names:
         if name.endswith((".safetensors", ".json")) and name not in ("alignx_export.json", "README.md"):
             assert (up / name).read_bytes() == (local / name).read_bytes(), name
+
+
+def test_export_to_a_bucket_checks_the_target_as_a_local_export(
+    local_export, fake_gcs, monkeypatch, tmp_path, capsys
+):
+    """The bucket target gets a local target's checks: other weights are refused even with --overwrite,
+    an export of another checkpoint needs --overwrite; a re-export removes the earlier export's shards;
+    a killed upload has no manifest (the old one goes first) and its rerun needs no --overwrite."""
+    import shutil
+
+    from alignx_jax import export
+    from alignx_jax.cli import main
+    from alignx_jax.models.hf import EXPORT_MANIFEST, EXPORT_UPLOAD
+
+    ckpt, local, model = local_export
+    monkeypatch.setattr(export, "load_checkpoint", lambda *a, **k: model)
+    other = tmp_path / "other-ckpt"
+    shutil.copytree(ckpt, other)  # another checkpoint (source) with the same weights
+
+    foreign = fake_gcs.local(f"{BUCKET}/foreign")
+    foreign.mkdir(parents=True)
+    (foreign / "model.safetensors").write_bytes(b"another model")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", f"{BUCKET}/foreign", "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors, weights no export wrote" in err[0], err
+    assert sorted(p.name for p in foreign.iterdir()) == ["model.safetensors"]
+
+    url, up = f"{BUCKET}/hf", fake_gcs.local(f"{BUCKET}/hf")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", url, "--shard-size", "20KB"]) == 0
+    shards = sorted(p.name for p in up.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert main(["export", "--checkpoint", str(other), "--out", url]) == 1
+    assert "holds an export of" in capsys.readouterr().err
+    assert json.loads((up / EXPORT_MANIFEST).read_text())["source"] == os.path.realpath(ckpt)
+    assert main(["export", "--checkpoint", str(other), "--out", url, "--overwrite"]) == 0
+    assert json.loads((up / EXPORT_MANIFEST).read_text())["source"] == os.path.realpath(other)
+    assert sorted(p.name for p in up.iterdir()) == sorted(p.name for p in local.iterdir())  # no old shards
+
+    real_open = open
+
+    def killed(name, *a, **k):  # the upload dies at config.json: the folder must not look complete
+        if os.fspath(name).endswith("config.json") and "alignx-export-" in os.fspath(name):
+            raise OSError(5, "Input/output error")
+        return real_open(name, *a, **k)
+
+    monkeypatch.setattr(export, "open", killed, raising=False)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", url, "--overwrite"]) == 1
+    assert "upload failed" in capsys.readouterr().err
+    assert not (up / EXPORT_MANIFEST).exists() and (up / EXPORT_UPLOAD).is_file()
+    monkeypatch.setattr(export, "open", real_open, raising=False)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", url]) == 0  # its rerun: no --overwrite
+    assert json.loads((up / EXPORT_MANIFEST).read_text())["source"] == os.path.realpath(ckpt)
+    assert sorted(p.name for p in up.iterdir()) == sorted(p.name for p in local.iterdir())
 
 
 def _train_on_a_bucket(monkeypatch, w, *extra, config="tiny_cpu.py"):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignx_jax import paths
 from alignx_jax.errors import CheckpointError
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 from alignx_jax.models.safetensors_io import SafetensorsReader, write_safetensors
@@ -290,13 +291,20 @@ def copy_tokenizer(src: str | None, out_dir: str) -> list[str]:
 
 
 EXPORT_MANIFEST = "alignx_export.json"  # in every exported folder: what wrote it and the files it wrote
+# beside it while an upload (`alignx export --out gs://...`) is under way: the manifest of the export
+# being uploaded, its files also those of the export it replaces; a folder with it and without
+# EXPORT_MANIFEST is an unfinished upload
+EXPORT_UPLOAD = "alignx_export.upload.json"
 
 
-def read_export_manifest(folder: str) -> dict[str, Any] | None:
-    """The manifest of an exported folder, None when it has none (or an unreadable one)."""
+def read_export_manifest(folder: str, name: str = EXPORT_MANIFEST) -> dict[str, Any] | None:
+    """The manifest of an exported folder (local or a URL), None when it has none (or an unreadable one)."""
     try:
-        with open(os.path.join(folder, EXPORT_MANIFEST), encoding="utf-8") as f:
-            manifest = json.load(f)
+        if paths.is_url(folder):  # an upload (`alignx export --out gs://...`), a bucket model folder
+            manifest = json.loads((paths.path(folder) / name).read_text(encoding="utf-8"))
+        else:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                manifest = json.load(f)
     except (OSError, ValueError):
         return None
     ok = isinstance(manifest, dict) and isinstance(manifest.get("files"), list)
