@@ -570,14 +570,98 @@ def test_hf_model_folder_on_a_bucket_is_copied_once(fake_gcs, tmp_path, monkeypa
         np.asarray(load_pretrained(got)(ids)), np.asarray(load_pretrained(src)(ids))
     )
 
-    fake_gcs.seen.clear()
-    assert presets.resolve_model_path(url + "/") == got  # the complete copy is re-used
-    assert fake_gcs.seen == []
+    def no_copy(*a):
+        raise AssertionError("copied again")
+
+    with monkeypatch.context() as m:
+        m.setattr(presets, "_copy_entries", no_copy)
+        assert presets.resolve_model_path(url + "/") == got  # the complete copy is re-used
     assert [p.name for p in (tmp_path / "cache" / "remote").iterdir()] == [os.path.basename(got)]
 
     with pytest.raises(CheckpointError, match=f"^{BUCKET}/models/none: no config.json") as e:
         presets.resolve_model_path(f"{BUCKET}/models/none")
     assert "\n" not in str(e.value)
+
+
+def test_a_rewritten_bucket_model_folder_is_copied_again(
+    fake_gcs, tmp_path, monkeypatch, tiny_hf_checkpoints
+):
+    """The cached copy of a gs:// model folder is re-used while the folder's listing (size, mtime) is the
+    one copied: a re-export to the same URL is copied again; an unfinished export upload is refused."""
+    import shutil
+
+    from alignx_jax.errors import CheckpointError
+    from alignx_jax.models import presets
+    from alignx_jax.models.hf import EXPORT_MANIFEST, EXPORT_UPLOAD
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{BUCKET}/models/llama"
+    up = fake_gcs.local(url)
+    shutil.copytree(tiny_hf_checkpoints["llama"], up)
+    (up / EXPORT_MANIFEST).write_text(json.dumps({"files": ["config.json"], "source": "/runs/a"}))
+    got = presets.resolve_model_path(url)
+    assert json.loads(open(os.path.join(got, EXPORT_MANIFEST)).read())["source"] == "/runs/a"
+
+    (up / EXPORT_MANIFEST).write_text(json.dumps({"files": ["config.json"], "source": "/runs/b"}))
+    later = os.stat(up / EXPORT_MANIFEST).st_mtime + 5  # the same size; uploaded later (epath: whole seconds)
+    os.utime(up / EXPORT_MANIFEST, (later, later))
+    assert presets.resolve_model_path(url) == got  # a re-export to the same URL: copied again
+    assert json.loads(open(os.path.join(got, EXPORT_MANIFEST)).read())["source"] == "/runs/b"
+    assert [p.name for p in (tmp_path / "cache" / "remote").iterdir()] == [os.path.basename(got)]
+
+    (up / EXPORT_UPLOAD).write_text("{}")  # a re-upload under way (or killed): its manifest deleted first
+    (up / EXPORT_MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=f"^{url}: an unfinished `alignx export` upload") as e:
+        presets.resolve_model_path(url)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bucket_training_workdir_copies_only_its_latest_step(fake_gcs, tmp_path, monkeypatch):
+    """`--model gs://.../W` (a training workdir): the local copy holds W/config.json, W/reference and the
+    latest step without its optimizer state; not the other steps, data, metrics or tensorboard."""
+    from alignx_jax.models import checkpoint, presets
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"{BUCKET}/runs/w"
+    w = fake_gcs.local(url)
+    files = {
+        "config.json": '{"data": {"prompt_format": "chat"}}',
+        "metrics.jsonl": "{}",
+        "data/data.parquet": "rows",
+        "tensorboard/events": "ev",
+        "reference/config.json": "{}",
+        "reference/tokenizer.json": "{}",
+        "reference/model.safetensors": "base",
+        "checkpoints/3/params/d/a": "p3",
+        "checkpoints/3/opt_state/d/a": "o3",
+        "checkpoints/5/params/d/a": "p5",
+        "checkpoints/5/params/_METADATA": "m5",
+        "checkpoints/5/opt_state/d/a": "o5",
+        "checkpoints/5/meta/metadata": "{}",
+        "checkpoints/5/head/d/a": "h5",
+        "checkpoints/6.orbax-checkpoint-tmp-1/params/d/a": "unfinished",
+    }
+    for name, text in files.items():
+        (w / name).parent.mkdir(parents=True, exist_ok=True)
+        (w / name).write_text(text)
+    got = presets.resolve_model_path(url)
+    copied = sorted(
+        os.path.relpath(os.path.join(d, n), got)
+        for d, _, ns in os.walk(got)
+        for n in ns
+        if n != presets.REMOTE_MARKER
+    )
+    assert copied == sorted(
+        n
+        for n in files
+        if n.startswith(("config.json", "reference/", "checkpoints/5/")) and "opt_state" not in n
+    )
+    res = checkpoint.resolve_checkpoint(got)
+    assert res.step == 5 and res.params_dir == os.path.join(got, "checkpoints", "5", "params")
+    (w / "checkpoints/7/params").mkdir(parents=True)  # a newer step: copied in place of step 5
+    (w / "checkpoints/7/params/a").write_text("p7")
+    assert presets.resolve_model_path(url) == got and checkpoint.resolve_checkpoint(got).step == 7
+    assert not os.path.exists(os.path.join(got, "checkpoints", "5"))
 
 
 def test_path_signature_of_a_bucket_folder(fake_gcs):

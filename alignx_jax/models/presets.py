@@ -12,17 +12,22 @@ models/ because preparing the preset is a weights conversion (`models.gguf`, `mo
 `python -m alignx_jax.real_model` prepares it from the command line.
 
 A URL model folder (`gs://bucket/llama3-8b`) resolves to a local copy under `<cache>/remote/<sha256 of
-the URL>/`, copied once through etils.epath (into a temporary sibling, renamed into place with a
-`.alignx-complete` marker written last), so every loader (safetensors, tokenizer, config) reads a
-local folder; a later resolve re-uses the complete copy.
+the URL>/`, copied through etils.epath (into a temporary sibling, renamed into place with a
+`.alignx-complete` marker written last, which records the folder's listing: name, size, mtime of each
+file), so every loader (safetensors, tokenizer, config) reads a local folder; a later resolve re-uses the
+copy while the listing is the same and copies again when it is not (a re-export to the same URL). A
+training workdir copies only what loading its latest step reads; an unfinished `alignx export` upload
+is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+from typing import Any
 
 from alignx_jax import hub, paths
 from alignx_jax.errors import CheckpointError
@@ -130,50 +135,122 @@ def remote_dir(url: str) -> str:
 
 
 def remote_copy(url: str) -> str:
-    """The model folder at `url` (gs://...) as a local folder: copied once (every file, recursively),
-    re-used while its completion marker is there."""
+    """The model folder at `url` (gs://...) as a local folder: copied (`_remote_entries`: an HF folder's
+    every file, a training workdir's only what loading its latest step reads) and re-used while its
+    completion marker records the folder's current listing (name, size, mtime of each file copied), so
+    a folder rewritten since (a re-export) is copied again. An unfinished `alignx export` upload is refused."""
+    from alignx_jax.models.hf import EXPORT_MANIFEST, EXPORT_UPLOAD  # hf imports this module
+
     url = url.rstrip("/")
     out = remote_dir(url)
-    if os.path.isfile(os.path.join(out, REMOTE_MARKER)):
-        return out
     src = paths.path(url)
     try:
         has_config = (src / "config.json").is_file()
+        entries = _remote_entries(src) if has_config else []
+        signature = _signature(entries)
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
         raise CheckpointError(f"{url}: cannot read the model folder: {_one_line(e)}") from None
     if not has_config:
         raise CheckpointError(f"{url}: no config.json there (expected a Hugging Face model folder)")
+    names = {rel for rel, _, _ in entries}
+    if EXPORT_UPLOAD in names and EXPORT_MANIFEST not in names:
+        raise CheckpointError(
+            f"{url}: an unfinished `alignx export` upload ({EXPORT_UPLOAD}, no {EXPORT_MANIFEST}); "
+            "wait for it to end or run the export again"
+        )
+    want = json.dumps({"url": url, "files": signature}, sort_keys=True)
+    if _marker(out) == want:
+        return out
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         try:
-            _copy_tree(src, tmp)
+            _copy_entries(entries, tmp)
+            again = _signature(_remote_entries(src))
         except Exception as e:
             raise CheckpointError(f"{url}: cannot copy the model folder: {_one_line(e)}") from None
+        if again != signature:  # rewritten while it was copied: the copy may mix two versions
+            raise CheckpointError(f"{url}: changed while it was copied (an upload under way?); try again")
         with open(os.path.join(tmp, REMOTE_MARKER), "w", encoding="utf-8") as f:
-            f.write(url + "\n")  # written last: a folder without it is an interrupted copy
-        shutil.rmtree(out, ignore_errors=True)  # an interrupted copy (no marker) of an earlier run
+            f.write(want)  # written last: a folder without it is an interrupted copy
+        if _marker(out) == want:  # another process of this host finished first: theirs is kept
+            return out
+        if os.path.isdir(out):  # an older copy (a process still reading it keeps its open files)
+            os.rename(out, old)
         try:
             os.rename(tmp, out)
         except OSError:  # another process finished first: theirs is as good as ours
-            if not os.path.isfile(os.path.join(out, REMOTE_MARKER)):
+            if _marker(out) != want:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
-def _copy_tree(src, dst: str) -> None:
-    os.makedirs(dst, exist_ok=True)
-    for child in src.iterdir():
-        target = os.path.join(dst, child.name)
+def _marker(out: str) -> str | None:
+    try:
+        with open(os.path.join(out, REMOTE_MARKER), encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _remote_entries(src) -> list[tuple[str, Any, bool]]:
+    """(relative name, epath, is a folder) of what a local copy of the folder `src` holds: all of an HF
+    folder; of a training workdir (a checkpoints/ folder), what `load_checkpoint` and `generate` read
+    of its latest step: config.json, reference/ (config, tokenizer, and the base weights a LoRA
+    checkpoint of adapters alone loads) and checkpoints/STEP/ without its optimizer state; not its
+    other steps, data or logs."""
+    ckpts = src / "checkpoints"
+    if not ckpts.is_dir():
+        return list(_tree(src))
+    out = [("config.json", src / "config.json", False), ("checkpoints", ckpts, True)]
+    if (src / "reference").is_dir():
+        out += [("reference", src / "reference", True), *_tree(src / "reference", "reference")]
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())  # resolve_checkpoint's rule
+    if steps:
+        step = f"checkpoints/{steps[-1]}"
+        out += [(step, src / step, True), *_tree(src / step, step, skip=("opt_state",))]
+    return out
+
+
+def _tree(top, rel: str = "", skip: tuple[str, ...] = ()):
+    """(relative name, epath, is a folder) of everything under `top` but its `skip` entries, sorted."""
+    for child in sorted(top.iterdir(), key=lambda p: p.name):
+        if child.name in skip:
+            continue
+        sub = f"{rel}/{child.name}" if rel else child.name
         if child.is_dir():
-            _copy_tree(child, target)
+            yield sub, child, True
+            yield from _tree(child, sub)
         else:
-            with child.open("rb") as fin, open(target, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 16 << 20)
+            yield sub, child, False
+
+
+def _signature(entries: list[tuple[str, Any, bool]]) -> list[list[Any]]:
+    """[relative name, size, mtime] of each file (`workdir.path_signature`'s form), JSON round-tripped."""
+    sig = []
+    for rel, p, is_dir in entries:
+        if not is_dir:
+            st = p.stat()
+            sig.append([rel, st.length, st.mtime])
+    return json.loads(json.dumps(sorted(sig)))
+
+
+def _copy_entries(entries: list[tuple[str, Any, bool]], dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for rel, p, is_dir in entries:
+        target = os.path.join(dst, rel)
+        if is_dir:
+            os.makedirs(target, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with p.open("rb") as fin, open(target, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 16 << 20)
 
 
 def _one_line(e: Exception) -> str:
