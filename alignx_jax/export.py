@@ -54,7 +54,7 @@ def cli_import(args) -> int:
     from alignx_jax.models.presets import resolve_model_path
 
     check_import_target(args.out, bool(getattr(args, "overwrite", False)))
-    src = resolve_model_path(args.hf)  # a local folder, or a hub id's snapshot in the HF cache
+    src = resolve_model_path(args.hf, model=True)  # a local folder, or a hub id's snapshot in the HF cache
     if os.path.isdir(src) and os.path.realpath(src) == os.path.realpath(args.out):
         raise CheckpointError(f"--out {args.out}: is the --hf folder itself; import into another folder")
     if os.path.isdir(os.path.join(src, "checkpoints")) and model_card.read_run_config(src) is not None:

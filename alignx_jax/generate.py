@@ -321,7 +321,7 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
     from alignx_jax.sharding import make_mesh
     from alignx_jax.tokenizer import load_tokenizer
 
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, model=True)
     kwargs: dict = {"cpu_matmul": cpu_matmul}
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)

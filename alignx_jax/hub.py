@@ -10,10 +10,18 @@ nothing is downloaded: a cached snapshot is used, a missing one is a one-line er
 read at each call (huggingface_hub reads it once, at import). Only what a model folder needs is fetched:
 configs, safetensors, tokenizer files, the model card and license (never `original/` consolidated
 checkpoints or PyTorch `.bin` weights).
+
+A full 40-hex commit whose snapshot is cached is used with no network call (a commit cannot change).
+Otherwise one `repo_info` request, with a timeout (`HF_HUB_ETAG_TIMEOUT`, default 10 s) and no retries,
+first checks that the hub answers: when it does not, the cache alone is used (a missing snapshot is the
+one-line error at once, not huggingface_hub's ~25 s of retries). huggingface_hub's warnings (each retry,
+each fallback) are silenced while a hub id resolves unless `HF_HUB_VERBOSITY` asks for more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 
@@ -32,6 +40,7 @@ ALLOW_PATTERNS = [
     "LICENSE*",
 ]
 IGNORE_PATTERNS = ["original/*", "*.bin", "*.pth", "*.pt", "*.gguf", "*.onnx", "*.h5", "*.msgpack"]
+_COMMIT = re.compile(r"[0-9a-f]{40}")  # a full commit sha, as huggingface_hub names snapshot folders
 
 
 def parse_hub_id(path: str) -> tuple[str, str | None] | None:
@@ -64,9 +73,52 @@ def cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
-def resolve_hub_id(path: str) -> str:
+def _repo_folder(repo_id: str, cache: str | None = None) -> str:
+    """The cache folder of model `repo_id` (`models--ORG--NAME`), as huggingface_hub lays it out."""
+    return os.path.join(cache or cache_dir(), "models--" + repo_id.replace("/", "--"))
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub logs every retry and cache fallback as a warning (a dozen lines for one missing
+    model); what went wrong is our one error line. A verbosity the user asked for is kept."""
+    log = logging.getLogger("huggingface_hub")
+    old = log.level
+    if log.getEffectiveLevel() >= logging.WARNING:
+        log.setLevel(max(logging.ERROR, log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 10)
+    except ValueError:
+        return 10.0
+
+
+def _unreachable(repo_id: str, revision: str | None, endpoint: str | None, token: str | None) -> str | None:
+    """Why the hub cannot be reached (one short phrase), or None when it answers. One request, with a
+    timeout and no retries: huggingface_hub's own client has no timeout, and its listing retries a
+    refused or unresolvable connection 5 times (1+2+4+8+8 s) before falling back to the cache."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(endpoint=endpoint, token=token).repo_info(repo_id, revision=revision, timeout=_timeout())
+    except Exception as e:  # the HTTP client's error classes differ between huggingface_hub releases
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int) and status < 500:  # it answered (not found, gated...): the download says
+            return None
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}".rstrip(": ")
+    return None
+
+
+def resolve_hub_id(path: str, *, model: bool = False) -> str:
     """The local snapshot folder of the hub id `path` (`org/name[@revision]`), downloaded unless cached
-    or offline. CheckpointError (one line) when it cannot be had."""
+    or offline. `model`: the snapshot must hold a model (config.json), not a tokenizer alone.
+    CheckpointError (one line) when it cannot be had."""
     parsed = parse_hub_id(path)
     if parsed is None:
         raise CheckpointError(f"{path}: not a Hugging Face hub id (org/name or org/name@revision)")
@@ -76,34 +128,59 @@ def resolve_hub_id(path: str) -> str:
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise CheckpointError(f"{path}: looks like a hub id, but huggingface_hub is missing ({e})") from None
     cache, is_offline = cache_dir(), offline()
-    try:
-        folder = snapshot_download(
+    endpoint, token = os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None
+
+    def snapshot(local_only: bool) -> str:
+        return snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=cache,
-            token=os.environ.get("HF_TOKEN") or None,
-            local_files_only=is_offline,
+            endpoint=endpoint,
+            token=token,
+            local_files_only=local_only,
             allow_patterns=ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,
         )
-    except Exception as e:  # the hub's error classes moved between huggingface_hub releases
-        kind = type(e).__name__
-        at = f" at revision {revision}" if revision else ""
-        if is_offline:
-            raise CheckpointError(
-                f"{path}: not a local folder, and hub model {repo_id}{at} is not in the Hugging Face cache "
-                f"{cache} (HF_HUB_OFFLINE is set: nothing is downloaded; download it once online, or "
-                "give a local folder)"
-            ) from None
-        if kind in ("RepositoryNotFoundError", "GatedRepoError"):
-            why = "not found, or gated/private: set HF_TOKEN to a token with access"
-        elif kind == "RevisionNotFoundError":
-            why = f"no revision {revision!r}"
-        elif kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-            why = "the hub is unreachable and it is not in the cache"
-        else:
-            why = " ".join(str(e).split())[:300] or kind
-        raise CheckpointError(f"{path}: not a local folder, and hub model {repo_id}{at}: {why}") from None
+
+    at = f" at revision {revision}" if revision else ""
+    folder, down = None, None
+    with _quiet_hub_logs():
+        cached_commit = revision is not None and _COMMIT.fullmatch(revision) is not None
+        if cached_commit and os.path.isdir(os.path.join(_repo_folder(repo_id, cache), "snapshots", revision)):
+            try:  # a commit never changes: its cached snapshot needs no network call
+                folder = snapshot(local_only=True)
+            except Exception:  # an incomplete snapshot: completed online below
+                folder = None
+        if folder is None:
+            down = None if is_offline else _unreachable(repo_id, revision, endpoint, token)
+            try:
+                folder = snapshot(local_only=is_offline or down is not None)
+            except Exception as e:  # the hub's error classes moved between huggingface_hub releases
+                kind = type(e).__name__
+                if is_offline:
+                    raise CheckpointError(
+                        f"{path}: not a local folder, and hub model {repo_id}{at} is not in the Hugging Face "
+                        f"cache {cache} (HF_HUB_OFFLINE is set: nothing is downloaded; download it once "
+                        "online, or give a local folder)"
+                    ) from None
+                if down is not None:
+                    why = f"the hub is unreachable ({down}) and it is not in the cache {cache}"
+                elif kind in ("RepositoryNotFoundError", "GatedRepoError"):
+                    why = "not found, or gated/private: set HF_TOKEN to a token with access"
+                elif kind == "RevisionNotFoundError":
+                    why = f"no revision {revision!r}"
+                elif kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+                    why = "the hub is unreachable and it is not in the cache"
+                else:
+                    why = " ".join(str(e).split())[:300] or kind
+                raise CheckpointError(
+                    f"{path}: not a local folder, and hub model {repo_id}{at}: {why}"
+                ) from None
+    folder = str(folder)
+    if model and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CheckpointError(
+            f"{path}: hub model {repo_id}{at} has no config.json (a tokenizer alone?), not a model to load"
+        )
     if not any(os.path.isfile(os.path.join(folder, n)) for n in ("config.json", "tokenizer_config.json")):
         raise CheckpointError(f"{path}: hub snapshot {folder} has no config.json (not a transformers model)")
-    return str(folder)
+    return folder

@@ -129,3 +129,110 @@ def test_import_generate_from_hub_id(tiny_hf_checkpoints, offline_hub, tmp_path,
     assert np.array_equal(emb, ref.get("model.embed_tokens.weight")) and tok.eos_token_id is not None
     again = load_pretrained(resolve_model_path("tiny-org/tiny-qwen@main"), dtype="bfloat16")
     assert again.embed_tokens.embedding.get_value().dtype.name == "bfloat16"
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """An empty hub cache under a tmp HF_HOME, online (no HF_HUB_OFFLINE) but with no network: every
+    name lookup is recorded and fails as an unresolvable host does. Returns (cache, lookups).
+    (huggingface_hub also fetches its agent registry from huggingface.co once a process, whatever the
+    endpoint: the requests to the hub are those to HF_ENDPOINT's host.)"""
+    import socket
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    return str(home / "hub"), lookups
+
+
+def test_cached_commit_resolves_with_no_network_call(tiny_hf_checkpoints, unreachable_hub, capfd):
+    """A commit cannot change: its cached snapshot is used as it is (huggingface_hub would list the
+    commit's files online first, retrying an unreachable hub for ~25 s with a warning line each time)."""
+    cache, lookups = unreachable_hub
+    snap = fill_hub_cache(cache, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-llama@{COMMIT}"), snap)
+    assert lookups == []
+    assert capfd.readouterr().err == ""
+
+
+def test_unreachable_hub_is_one_quick_line(tiny_hf_checkpoints, unreachable_hub, capfd):
+    """No network and no HF_HUB_OFFLINE: one request finds the hub unreachable, then the cache alone
+    answers, with no retries and no warnings (an uncached commit took ~25 s and 12 lines)."""
+    import time
+
+    cache, lookups = unreachable_hub
+    snap = fill_hub_cache(cache, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"], refs=("main", "v1"))
+    assert os.path.samefile(resolve_model_path("tiny-org/tiny-llama@v1"), snap)  # a cached branch
+    assert lookups.count("127.0.0.1") == 1
+    other = "f" * 40
+    for path in (f"tiny-org/tiny-llama@{other}", f"meta-llama/Llama-3.1-8B-Instruct@{other}", "org/policy"):
+        lookups.clear()
+        t = time.monotonic()
+        with pytest.raises(CheckpointError) as e:
+            resolve_model_path(path)
+        assert time.monotonic() - t < 5 and lookups.count("127.0.0.1") == 1, (path, lookups)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(path) and "hub is unreachable" in msg and cache in msg
+    assert capfd.readouterr().err == ""
+    assert main(["generate", "--model", f"org/policy@{other}", "--prompt", "hi"]) == 1
+    err = capfd.readouterr().err.strip()
+    assert err.count("\n") == 0 and "hub is unreachable" in err, err
+
+
+@pytest.mark.timeout(60)
+def test_silent_hub_times_out(tiny_hf_checkpoints, offline_hub, monkeypatch):
+    """A hub that takes the connection and never answers (a firewall that drops replies) costs one
+    HF_HUB_ETAG_TIMEOUT, not forever (huggingface_hub's client has no timeout)."""
+    import socket
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    there = [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", silent.getsockname())]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: there)  # every host is the silent one
+    snap = fill_hub_cache(offline_hub, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    try:
+        t = time.monotonic()
+        assert os.path.samefile(resolve_model_path("tiny-org/tiny-llama"), snap)
+        with pytest.raises(CheckpointError, match="hub is unreachable"):
+            resolve_model_path("tiny-org/other")
+        assert time.monotonic() - t < 15
+    finally:
+        silent.close()
+
+
+def test_a_tokenizer_alone_is_no_model(tiny_hf_checkpoints, offline_hub, capsys):
+    """A hub id holding only a tokenizer serves model.tokenizer; as a model the error names the id, not
+    the snapshot folder in the cache."""
+    import shutil
+
+    tok = os.path.join(offline_hub, "src")
+    os.makedirs(tok)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_hf_checkpoints["llama"], name), tok)
+    snap = fill_hub_cache(offline_hub, "tok-org/tok", tok)
+    assert os.path.samefile(resolve_model_path("tok-org/tok"), snap)  # as model.tokenizer
+    with open("x.json", "w") as f:
+        json.dump([], f)
+    for argv in (
+        ["generate", "--model", "tok-org/tok", "--prompt", "hi"],
+        ["import", "--hf", "tok-org/tok", "--out", "ckpt"],
+        ["eval", "--model", "tok-org/tok", "--benchmark", "p-soups=x.json", "--out", "r.json"],
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "tok-org/tok" in err and "no config.json" in err, (argv, err)
+        assert "snapshots" not in err, err

@@ -201,8 +201,8 @@ def _check_inputs(
 
     settings.check()
     model_dir, reference_dir = (
-        resolve_model_path(model_dir),
-        reference_dir and resolve_model_path(reference_dir),
+        resolve_model_path(model_dir, model=True),
+        reference_dir and resolve_model_path(reference_dir, model=True),
     )
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
         if d is not None and not paths.path(d).is_dir():

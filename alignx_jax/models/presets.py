@@ -107,13 +107,14 @@ def names_smollm2(path: str | None) -> bool:
     return bool(path) and str(path).lower() == SMOLLM2 and not os.path.exists(path)
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, *, model: bool = False) -> str:
     """The one resolver of model paths: `smollm2` (any case, when no such folder exists) -> the prepared
     SmolLM2 folder; a hub id `org/name[@revision]` that is no local path -> its snapshot folder in the
     Hugging Face cache (`alignx_jax.hub`); a .gguf file -> its HF folder, converted once (`gguf_folder`);
     a URL folder (gs://...) -> its local copy (`remote_copy`);
     anything else -> `path` unchanged (a missing folder is reported
-    by whoever opens it)."""
+    by whoever opens it). `model`: a hub id must name a model, not a tokenizer alone (the error names the
+    id, not its snapshot folder)."""
     if names_smollm2(path):
         return smollm2_dir()
     if path and str(path).lower().endswith(".gguf") and os.path.isfile(path):
@@ -121,7 +122,7 @@ def resolve_model_path(path: str) -> str:
     if path and paths.is_url(path):
         return remote_copy(str(path))
     if path and hub.parse_hub_id(path) is not None:
-        return hub.resolve_hub_id(path)
+        return hub.resolve_hub_id(path, model=model)
     return path
 
 

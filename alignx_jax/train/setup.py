@@ -99,7 +99,7 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
     sync("reference-check")  # every process looked before process 0 writes: all take the same branch
     if there:
         return
-    src = resolve_model_path(cfg.model.hf_path)
+    src = resolve_model_path(cfg.model.hf_path, model=True)
     is_hf = bool(src) and holds_safetensors(src) and os.path.isfile(os.path.join(src, "config.json"))
     # where the base came from, decided here (a relative path is relative to this directory), for the
     # export's model card and PEFT adapter config; written inside the folder before it is renamed in

@@ -90,7 +90,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     opts = run_options(cfg)
     dtype = resolve_dtype(str(cfg.model.dtype))  # `auto`: this machine's (alignx_jax.hardware)
     if cfg.model.hf_path:
-        path = resolve_model_path(cfg.model.hf_path)
+        path = resolve_model_path(cfg.model.hf_path, model=True)
         # the files hold the base model: model.lora's new adapters are drawn from model.init.seed
         loaded = {**opts, "adapter_seed": int(cfg.model.init.seed)}
         if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
