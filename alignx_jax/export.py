@@ -219,9 +219,8 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
     from alignx_jax.models import preference_head as ph
 
     if getattr(args, "peft", False):  # the adapters alone, for peft.PeftModel on the base model
-        files = save_peft(
-            model, tmp, base_model_name_or_path=peft_base(args.checkpoint, res), dtype=args.dtype
-        )
+        base, revision = peft_base(args.checkpoint, res)
+        files = save_peft(model, tmp, base_model_name_or_path=base, revision=revision, dtype=args.dtype)
         files += copy_tokenizer(res.tokenizer_dir, tmp)
         write_export_manifest(tmp, files, source=source, step=res.step)
         return files
@@ -260,10 +259,11 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
     return files
 
 
-def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
-    """adapter_config.json's `base_model_name_or_path`: the base the run recorded in W/reference (else its
-    `model.hf_path`) when that is a hub id or an HF folder transformers loads, else the folder of the base
-    weights themselves (a workdir's `reference`: e.g. for a run on an `alignx import` checkpoint)."""
+def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> tuple[str, str | None]:
+    """adapter_config.json's (`base_model_name_or_path`, `revision`): the base the run recorded in
+    W/reference (else its `model.hf_path`) when that is a hub id (with its `@revision`, else None) or an HF
+    folder transformers loads, else the folder of the base weights themselves (a workdir's `reference`:
+    e.g. for a run on an `alignx import` checkpoint)."""
     from alignx_jax import model_card
     from alignx_jax.hub import parse_hub_id
 
@@ -272,12 +272,15 @@ def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> str:
         base = (model_card.read_run_config(checkpoint) or {"model": {}})["model"].get("hf_path")
     if isinstance(base, str) and base:
         hub = parse_hub_id(base)
-        if hub is not None:
-            return hub[0]
+        if hub is not None:  # the revision too: peft loads the base's main branch, which moves on
+            return hub
         loadable = holds_safetensors(base) and os.path.isfile(os.path.join(base, "config.json"))
         if loadable:
-            return os.path.abspath(base)
-    return paths.absolute(res.config_dir) if paths.is_url(res.config_dir) else os.path.abspath(res.config_dir)
+            return os.path.abspath(base), None
+    folder = (
+        paths.absolute(res.config_dir) if paths.is_url(res.config_dir) else os.path.abspath(res.config_dir)
+    )
+    return folder, None
 
 
 def run_prompt_format(checkpoint: str) -> str | None:

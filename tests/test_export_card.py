@@ -146,6 +146,7 @@ def test_workdir_export_card(tiny_hf_checkpoints, tmp_path):
     assert card.data.base_model == "meta-llama/Llama-3.1-8B-Instruct" and card.data.license == "llama3.1"
     assert "pba" in card.data.tags
     text = card.text
+    assert "- Base model: `meta-llama/Llama-3.1-8B-Instruct@main`" in text  # the revision trained on
     assert "(step 5)" in text and "PBA" in text and "`/data/alignx/train`" in text
     assert "beta 0.1" in text and "learning rate 5e-07" in text and "global batch 128" in text
     assert "| pba.json | pba | p-soups | 68.1 | 40 |" in text and "notes.json" not in text
@@ -263,16 +264,18 @@ def test_peft_base_is_a_loadable_base(tmp_path):
         (work / "reference" / "alignx_base.json").write_text(json.dumps({"base_model": base}))
         return peft_base(str(work), res)
 
-    assert recorded("HuggingFaceTB/SmolLM2-135M-Instruct@main") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # a hub id keeps its revision (adapter_config.json's `revision`): the base's main moves on
+    assert recorded("HuggingFaceTB/SmolLM2-135M-Instruct@v1") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "v1")
+    assert recorded("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
     hf_folder = tmp_path / "hf"
     hf_folder.mkdir()
     (hf_folder / "config.json").write_text("{}")
     (hf_folder / "model.safetensors").write_bytes(b"")
-    assert recorded(str(hf_folder)) == str(hf_folder)
+    assert recorded(str(hf_folder)) == (str(hf_folder), None)
     imported = tmp_path / "imported"
     (imported / "params").mkdir(parents=True)
     (imported / "config.json").write_text("{}")
-    assert recorded(str(imported)) == str(work / "reference")
+    assert recorded(str(imported)) == (str(work / "reference"), None)
 
 
 def test_card_lists_per_persona_results():

@@ -332,3 +332,56 @@ def test_lora_train_from_an_hf_folder_with_precomputed_reference(tiny_hf_checkpo
         model.layers.mlp.up_proj.kernel.get_value(), base.layers.mlp.up_proj.kernel.get_value()
     )
     assert float(jnp.max(jnp.abs(model.layers.mlp.up_proj.lora_b.get_value()))) > 0  # B moved from zeros
+
+
+@pytest.mark.slow
+def test_peft_export_of_a_hub_revision_names_the_revision(tiny_hf_checkpoints, tmp_path, monkeypatch):
+    """A run on `model.hf_path=ORG/NAME@v1`: adapter_config.json names the base's revision, so
+    `AutoPeftModelForCausalLM` puts the adapters on the weights they were trained on after the hub's main
+    has moved to others (without it peft loads main)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from conftest import build_tiny_hf
+    from peft import AutoPeftModelForCausalLM
+
+    from alignx_jax.models import checkpoint
+    from tests.test_hub import COMMIT, fill_hub_cache
+    from tests.test_train import SMALL
+
+    cache = str(tmp_path / "hf_home" / "hub")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    fill_hub_cache(cache, "tiny-org/tiny", tiny_hf_checkpoints["llama"], refs=("v1",))
+    moved = build_tiny_hf("llama", str(tmp_path / "moved"), seed=7)  # main: other weights, same shapes
+    fill_hub_cache(cache, "tiny-org/tiny", moved, commit="f" * 40, refs=("main",))
+    assert COMMIT != "f" * 40
+    w, adapter = tmp_path / "w", tmp_path / "adapter"
+    r = run_cli(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}",
+            *SMALL,
+            "--config.model.hf_path=tiny-org/tiny@v1",
+            "--config.model.init.enabled=false",
+            "--config.train.steps=2",
+            "--config.model.lora.rank=4",
+            "--config.optim.lr=1e-2",
+            "--config.checkpoint.every_steps=2",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["export", "--checkpoint", str(w), "--out", str(adapter), "--peft"])
+    assert r.returncode == 0, r.stderr
+    pc = json.loads((adapter / "adapter_config.json").read_text())
+    assert (pc["base_model_name_or_path"], pc["revision"]) == ("tiny-org/tiny", "v1")
+    ids = np.arange(5, 25)[None]
+    want = np.asarray(checkpoint.load_checkpoint(str(w))(jnp.asarray(ids)))  # the run's adapters on v1
+    pm = AutoPeftModelForCausalLM.from_pretrained(
+        str(adapter), cache_dir=cache, local_files_only=True, dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        got = pm(torch.as_tensor(ids)).logits.numpy()
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5

@@ -478,14 +478,20 @@ PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safe
 
 
 def save_peft(
-    model: Decoder, out_dir: str, *, base_model_name_or_path: str, dtype: str | None = None
+    model: Decoder,
+    out_dir: str,
+    *,
+    base_model_name_or_path: str,
+    revision: str | None = None,
+    dtype: str | None = None,
 ) -> list[str]:
     """Write a LoRA model's adapters as a PEFT adapter folder (`alignx export --peft`):
     adapter_config.json and adapter_model.safetensors with PEFT's names,
     `base_model.model.<HF module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`.
 
     `peft.PeftModel.from_pretrained(<the base model in transformers>, out_dir)` computes the merged
-    export (`save_hf`): PEFT's `lora_alpha / r` is our multiplier. Returns the names written."""
+    export (`save_hf`): PEFT's `lora_alpha / r` is our multiplier. `revision`: the base's hub revision
+    (PEFT's `revision`, which `AutoPeftModelForCausalLM` loads the base at). Returns the names written."""
     cfg = model.cfg
     if not cfg.lora_rank:
         raise CheckpointError("--peft: the checkpoint has no LoRA adapters (train with model.lora.rank > 0)")
@@ -528,6 +534,7 @@ def save_peft(
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
         "r": rank,
         "lora_alpha": float(cfg.lora_alpha or 2 * rank),  # scaling lora_alpha / r = our multiplier
         "lora_dropout": 0.0,
