@@ -448,11 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alignx: error: {where}{' '.join(str(e.strerror or e).split())}", file=sys.stderr)
         return 1
     except ImportError as e:  # a bucket's client library (gcsfs for gs://) missing: epath's words, one line
-        if "install" not in str(e).lower():
+        if not any(client in str(e) for client in ("gcsfs", "s3fs", "adlfs", "Google Storage")):
             raise
         print(
-            f"alignx: error: {' '.join(str(e).split())} (for gs://: pip install 'alignx-jax[gcs]')",
-            file=sys.stderr,
+            f"alignx: error: {' '.join(str(e).split())} (pip install -e '.[gcs]' for gs://)", file=sys.stderr
         )
         return 1
     except KeyboardInterrupt:

@@ -349,6 +349,8 @@ def _export_to_bucket(args) -> int:
             entries, own = _bucket_target(args.out, source, bool(getattr(args, "overwrite", False)))
         except CheckpointError as e:
             problem = e
+        except Exception as e:  # the bucket client's own errors (a 403, no credentials): one line, all stop
+            problem = CheckpointError(f"--out {args.out}: cannot list it ({_one_line(e)})")
     distributed.agree(problem, "--out")  # a refused --out stops every process before the collective read
     model, head = _export_inputs(args.checkpoint, res)
     if not main:

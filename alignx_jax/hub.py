@@ -145,8 +145,8 @@ def resolve_hub_id(path: str, *, model: bool = False) -> str:
     at = f" at revision {revision}" if revision else ""
     folder, down = None, None
     with _quiet_hub_logs():
-        cached_commit = revision is not None and _COMMIT.fullmatch(revision) is not None
-        if cached_commit and os.path.isdir(os.path.join(_repo_folder(repo_id, cache), "snapshots", revision)):
+        pinned_commit = revision is not None and _COMMIT.fullmatch(revision) is not None
+        if pinned_commit and os.path.isdir(os.path.join(_repo_folder(repo_id, cache), "snapshots", revision)):
             try:  # a commit never changes: its cached snapshot needs no network call
                 folder = snapshot(local_only=True)
             except Exception:  # an incomplete snapshot: completed online below

@@ -91,9 +91,16 @@ def check_writable(dest: str) -> None:
     the work that ends in the write)."""
     if is_url(dest):
         out = path(dest)
-        out.parent.mkdir(parents=True, exist_ok=True)
         probe = out.parent / f".{out.name}.probe-{os.getpid()}"
-        probe.write_bytes(b"")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+        except OSError:
+            raise
+        except (
+            Exception
+        ) as e:  # a client's own error (gcsfs HttpError, missing credentials): callers catch OSError
+            raise OSError(errno.EACCES, f"{type(e).__name__}: {e}", dest) from None
         try:
             probe.unlink()
         except OSError:  # allowed to create objects but not to delete them: `dest` can still be written

@@ -3,7 +3,8 @@ reader training uses on parquet/JSON paths (`schema.load_rows`, every row held),
 
     python benchmarks/prepare_memory.py [--users 500] [--pairs-per-user 40] --json OUT.json
 
-Each reader runs in a process of its own (`python -m alignx_jax data prepare`, and a `load_rows` call), so
+Each reader runs in a process of its own (`sources.prepare`, what `alignx data prepare` calls, and
+`schema.load_rows`), so
 its peak resident set is its own (the child's VmHWM); `baseline` is a child that imports the
 same modules and reads nothing. TFDS's writer buffers up to 1 GiB of serialized rows in memory before it
 spills them to disk (tensorflow_datasets/core/shuffle.py, MAX_MEM_BUFFER_SIZE), which caps `prepare` above

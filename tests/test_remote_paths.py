@@ -662,6 +662,13 @@ def test_a_bucket_training_workdir_copies_only_its_latest_step(fake_gcs, tmp_pat
     (w / "checkpoints/7/params/a").write_text("p7")
     assert presets.resolve_model_path(url) == got and checkpoint.resolve_checkpoint(got).step == 7
     assert not os.path.exists(os.path.join(got, "checkpoints", "5"))
+    # step 5's params were adapters alone (no embed_tokens in its tree): the base weights came along; a step
+    # holding the whole model does not need them (an 8B base is 16 GB)
+    assert os.path.isfile(os.path.join(got, "reference", "model.safetensors"))
+    (w / "checkpoints/8/params").mkdir(parents=True)
+    (w / "checkpoints/8/params/_METADATA").write_text('{"tree": {"embed_tokens": {}}}')
+    assert presets.resolve_model_path(url) == got and checkpoint.resolve_checkpoint(got).step == 8
+    assert sorted(os.listdir(os.path.join(got, "reference"))) == ["config.json", "tokenizer.json"]
 
 
 def test_path_signature_of_a_bucket_folder(fake_gcs):
@@ -695,4 +702,4 @@ def test_a_missing_bucket_client_or_an_unknown_scheme_is_one_line(monkeypatch, c
     monkeypatch.setattr(paths.epath, "Path", no_client)
     assert main(["data", "check", "gs://bucket/rows.json"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Please install gcsfs" in err[0] and "alignx-jax[gcs]" in err[0], err
+    assert len(err) == 1 and "Please install gcsfs" in err[0] and "pip install -e '.[gcs]'" in err[0], err

@@ -274,10 +274,10 @@ def list_files(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise DataError("no such file or folder", file=path)
-    if any(glob.glob(os.path.join(path, *["*"] * depth, "features.json")) for depth in range(3)):
+    if any(glob.glob(os.path.join(glob.escape(path), *["*"] * depth, "features.json")) for depth in range(3)):
         raise DataError(
-            "a prepared dataset (`alignx data prepare`), which train and eval read; data check, split and "
-            "contrast read the parquet/JSON(L) files it was made from",
+            "a TFDS dataset folder: `alignx data prepare`'s (train and eval read it; data check, split and "
+            "contrast read the parquet/JSON(L) files it was made from) or another builder's, not rows",
             file=path,
         )
     found = []

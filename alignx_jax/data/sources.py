@@ -203,23 +203,24 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
             file=builder.data_dir,
         )
     parent = os.path.dirname(builder.data_dir)  # OUT/alignx: TFDS writes OUT/alignx/incomplete.* first
-    before = set(os.listdir(parent)) if os.path.isdir(parent) else set()
+    had_parent = os.path.isdir(parent)
+    before = set(os.listdir(parent)) if had_parent else set()
     downloads = os.path.join(out_dir, "downloads")  # TFDS makes OUT/downloads/extracted, empty here
     had_out, had_downloads = os.path.exists(out_dir), os.path.exists(downloads)
     try:
         builder.download_and_prepare()
     except BaseException:  # a bad row, Ctrl-C: this call's temporary folders go, nothing else
+        failed = True
         for name in set(os.listdir(parent)) - before if os.path.isdir(parent) else ():
             if name.startswith("incomplete."):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        failed = True
         raise
     else:
         failed = False
     finally:  # the empty folders this call made (OUT too when it failed): never a folder that was there
         made = [] if had_downloads else [os.path.join(downloads, "extracted"), downloads]
         if failed:
-            made += [parent] * (not before) + [out_dir] * (not had_out)
+            made += [parent] * (not had_parent) + [out_dir] * (not had_out)
         for empty in made:
             if os.path.isdir(empty) and not os.listdir(empty):
                 os.rmdir(empty)
@@ -451,16 +452,22 @@ class TrainLoader:
                 f"{sorted({s.get('shard_count') for s in states})} hosts"
             )
         first = states[0]
-        if len({(s.get("epoch"), s.get("position"), s.get("step")) for s in states}) > 1:
-            raise ConfigError("cannot resume the data loader: the saved hosts stopped at different positions")
         # only pad-mode, ungrouped shards are strided slices of one order, whose step k is the same rows
         # perm[k*G : (k+1)*G] for any host count; grouping sorts each host's own shard
-        if first.get("on_drop") != "pad" or (first.get("length_groups", 0) and first.get("shuffle")):
+        why = (
+            f"on_drop={first.get('on_drop')!r} refills each host's batches from its own rows"
+            if first.get("on_drop") != "pad"
+            else f"data.length_groups={first.get('length_groups')} orders each host's own rows"
+            if first.get("length_groups", 0) and first.get("shuffle")
+            else None
+        )
+        if why:
             raise ConfigError(
-                f"cannot resume on {self.shard_count} hosts the data loader of a run on {saved}: "
-                f"data.length_groups={first.get('length_groups', 0)} orders each host's own rows, so "
+                f"cannot resume on {self.shard_count} hosts the data loader of a run on {saved}: {why}, so "
                 f"another count reads other batches (resume on {saved} hosts, or start a new workdir)"
             )
+        if len({(s.get("epoch"), s.get("position"), s.get("step")) for s in states}) > 1:
+            raise ConfigError("cannot resume the data loader: the saved hosts stopped at different positions")
         if first.get("pairs_per_batch", 0) * saved != self.pairs_per_batch * self.shard_count:
             raise ConfigError(
                 f"cannot resume the data loader: the saved run read {first.get('pairs_per_batch')} pairs per "

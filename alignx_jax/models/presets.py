@@ -210,13 +210,29 @@ def _remote_entries(src) -> list[tuple[str, Any, bool]]:
     if not ckpts.is_dir():
         return list(_tree(src))
     out = [("config.json", src / "config.json", False), ("checkpoints", ckpts, True)]
-    if (src / "reference").is_dir():
-        out += [("reference", src / "reference", True), *_tree(src / "reference", "reference")]
     steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())  # resolve_checkpoint's rule
-    if steps:
-        step = f"checkpoints/{steps[-1]}"
+    step = f"checkpoints/{steps[-1]}" if steps else None
+    if (src / "reference").is_dir():
+        # the base weights only where the step's params are adapters alone (no embed_tokens in its tree)
+        whole = step is not None and _holds_whole_model(src / step / "params")
+        skip = tuple(
+            p.name for p in (src / "reference").iterdir() if whole and p.name.endswith(".safetensors")
+        )
+        skip += ("model.safetensors.index.json",) if whole else ()
+        out += [("reference", src / "reference", True), *_tree(src / "reference", "reference", skip=skip)]
+    if step is not None:
         out += [(step, src / step, True), *_tree(src / step, step, skip=("opt_state",))]
     return out
+
+
+def _holds_whole_model(params) -> bool:
+    """Whether an orbax params folder holds the whole model (its tree metadata names the embedding), not
+    LoRA adapters alone, whose base load_checkpoint reads from W/reference. Unknown: False (copy the base)."""
+    meta = params / "_METADATA"
+    try:
+        return meta.is_file() and b"embed_tokens" in meta.read_bytes()
+    except OSError:
+        return False
 
 
 def _tree(top, rel: str = "", skip: tuple[str, ...] = ()):

@@ -752,7 +752,14 @@ class Trainer:
 
     def save(self, step: int, two_stage_head: tuple[Any, Any] | None = None) -> None:
         # a URL metrics file is rewritten every 30 s: a kill after this checkpoint keeps the steps up to it
-        self.writer.flush()
+        try:
+            self.writer.flush()
+        except (
+            Exception
+        ) as e:  # a bucket's hiccup must not cost the checkpoint (a preemption's save above all)
+            workdir_lib.warn(
+                f"metrics.jsonl not written before step {step}'s checkpoint ({e}); retried later"
+            )
         params, opt_state = self.params, self.opt_state
         if self.joint:
             self.ckpt.save(
