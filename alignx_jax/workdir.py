@@ -6,6 +6,11 @@ predicted profiles, synthetic data) so that a changed input recomputes them inst
 (released by the kernel when the process dies) and the pid/host in it name the holder in the error
 a second run gets; a lock left by a killed run (its pid dead on this host) is taken over with a
 warning. An empty lock file is a free one.
+
+A URL workdir (gs://) has no flock and its holder may be on a host that is gone (a pod preempted and
+recreated has other host names): the holder rewrites its lock's `refreshed` time every
+`URL_LOCK_REFRESH_SECONDS` from a thread, and a lock of another host not refreshed for
+`URL_LOCK_STALE_SECONDS` is a dead run's, taken over with a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from alignx_jax import paths
 from alignx_jax.errors import AlignXError, ConfigError
 
 LOCK_FILE = "train.lock"
+URL_LOCK_REFRESH_SECONDS = 60.0
+URL_LOCK_STALE_SECONDS = 600.0  # ten missed refreshes: no live holder is that late
 
 # keys a resumed run may change: how long it runs, how it logs and saves, the layout it runs on, and
 # memory/speed settings that compute the same numbers. Everything else in model / data / loss / optim /
@@ -318,10 +325,15 @@ class WorkdirLock:
 
     def _busy(self, held: dict[str, Any]) -> AlignXError:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held["time"])) if "time" in held else "?"
+        stale = (
+            f"; a lock on a bucket not refreshed for {URL_LOCK_STALE_SECONDS / 60:.0f} minutes is taken over"
+            if paths.is_url(self.path)
+            else ""
+        )
         return AlignXError(
             f"{os.path.dirname(self.path)} is in use by alignx train pid {held.get('pid', '?')} on "
             f"host {held.get('host', '?')} (since {since}); wait for it or stop it (if that run is "
-            f"gone, delete {self.path})"
+            f"gone, delete {self.path}{stale})"
         )
 
     def acquire(self) -> None:
@@ -367,16 +379,53 @@ class WorkdirLock:
             held = {}
         host = socket.gethostname()
         if isinstance(held, dict) and held.get("pid") is not None and held.get("pid") != os.getpid():
-            if held.get("host") != host or _alive(int(held["pid"]), held.get("start")):
+            age = time.time() - float(held.get("refreshed", held.get("time", 0)) or 0)
+            if held.get("host") == host:
+                if _alive(int(held["pid"]), held.get("start")):
+                    raise self._busy(held)
+                warn(f"{self.path}: taking over the lock of pid {held['pid']} on {host}, which is gone")
+            elif age < URL_LOCK_STALE_SECONDS:
                 raise self._busy(held)
-            warn(f"{self.path}: taking over the lock of pid {held['pid']} on {host}, which is gone")
-        me = {"pid": os.getpid(), "host": host, "start": _start_time(os.getpid()), "time": time.time()}
-        p.write_text(json.dumps(me) + "\n", encoding="utf-8")
+            else:
+                warn(
+                    f"{self.path}: taking over the lock of pid {held['pid']} on host {held.get('host')}, "
+                    f"not refreshed for {age:.0f} s (its run is gone)"
+                )
+        now = time.time()
+        self._me = {
+            "pid": os.getpid(),
+            "host": host,
+            "start": _start_time(os.getpid()),
+            "time": now,
+            "refreshed": now,
+        }
+        p.write_text(json.dumps(self._me) + "\n", encoding="utf-8")
         self._url_held = True
+        import threading
+
+        self._stop_refresh = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="alignx-lock-refresh", daemon=True)
+        self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        """The URL lock's heartbeat (module docstring); a failed write is retried at the next beat."""
+        while not self._stop_refresh.wait(URL_LOCK_REFRESH_SECONDS):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Rewrite the held URL lock with the time now."""
+        if getattr(self, "_url_held", False):
+            try:
+                self._me["refreshed"] = time.time()
+                paths.path(self.path).write_text(json.dumps(self._me) + "\n", encoding="utf-8")
+            except Exception:  # a bucket's hiccup: the next beat writes it; ten in a row make it stale
+                pass
 
     def release(self) -> None:
         if getattr(self, "_url_held", False):
             self._url_held = False
+            self._stop_refresh.set()
+            self._refresher.join(timeout=30)
             try:
                 paths.path(self.path).write_text("", encoding="utf-8")  # empty = free
             except OSError:

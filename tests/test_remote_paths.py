@@ -188,6 +188,45 @@ def test_workdir_files_and_lock_on_a_bucket(fake_gcs):
     assert (fake_gcs.local(w) / wd.LOCK_FILE).read_text() == ""
 
 
+def test_a_bucket_lock_is_refreshed_and_a_stale_one_of_another_host_taken_over(fake_gcs, monkeypatch, capsys):
+    """A pod preempted and recreated has other host names, so a dead run's lock on a bucket could not be
+    told from a live one's (a rerun was refused until train.lock was deleted): the holder refreshes it, and
+    another host's lock not refreshed for URL_LOCK_STALE_SECONDS is taken over with a warning."""
+    import time
+
+    from alignx_jax import workdir as wd
+    from alignx_jax.errors import AlignXError
+
+    w = f"{BUCKET}/pod"
+    paths.path(w).mkdir(parents=True, exist_ok=True)
+    lock_file = fake_gcs.local(w) / wd.LOCK_FILE
+
+    def other(age):
+        t = time.time() - age
+        lock_file.write_text(
+            json.dumps({"pid": 4242, "host": "t1v-gone-w-0", "time": t - 99, "refreshed": t})
+        )
+
+    other(60)  # a live run elsewhere (refreshed a minute ago)
+    with pytest.raises(AlignXError, match="pid 4242 on host t1v-gone-w-0.*not refreshed for 10 minutes"):
+        wd.WorkdirLock(w).acquire()
+    other(wd.URL_LOCK_STALE_SECONDS + 5)
+    lock = wd.WorkdirLock(w)
+    lock.acquire()
+    assert (
+        "taking over the lock of pid 4242 on host t1v-gone-w-0, not refreshed for 60"
+        in capsys.readouterr().err
+    )
+    held = json.loads(lock_file.read_text())
+    assert held["pid"] == os.getpid() and lock._refresher.is_alive()
+    first = held["refreshed"]
+    time.sleep(0.01)
+    lock.refresh()  # what the thread does every URL_LOCK_REFRESH_SECONDS
+    assert json.loads(lock_file.read_text())["refreshed"] > first
+    lock.release()
+    assert lock_file.read_text() == "" and not lock._refresher.is_alive()
+
+
 def test_checkpointer_and_checksums_keep_the_url(fake_gcs, monkeypatch):
     import orbax.checkpoint as ocp
 
