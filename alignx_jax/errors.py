@@ -8,6 +8,12 @@ on stderr and exits 1.
 from __future__ import annotations
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """Another library's exception as one line: its type and its message, whitespace collapsed (a bucket
+    client's or pyarrow's message runs over several lines)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
 class AlignXError(Exception):
     """An error the user can fix; its message is printed as a single line."""
 

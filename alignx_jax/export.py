@@ -11,7 +11,7 @@ import shutil
 import sys
 
 from alignx_jax import distributed, paths
-from alignx_jax.errors import CheckpointError
+from alignx_jax.errors import CheckpointError, one_line
 from alignx_jax.models.checkpoint import (
     ResolvedCheckpoint,
     check_import_target,
@@ -350,7 +350,7 @@ def _export_to_bucket(args) -> int:
         except CheckpointError as e:
             problem = e
         except Exception as e:  # the bucket client's own errors (a 403, no credentials): one line, all stop
-            problem = CheckpointError(f"--out {args.out}: cannot list it ({_one_line(e)})")
+            problem = CheckpointError(f"--out {args.out}: cannot list it ({one_line(e)})")
     distributed.agree(problem, "--out")  # a refused --out stops every process before the collective read
     model, head = _export_inputs(args.checkpoint, res)
     if not main:
@@ -376,15 +376,11 @@ def _export_to_bucket(args) -> int:
             (out / EXPORT_UPLOAD).unlink()
         except OSError as e:
             raise CheckpointError(
-                f"--out {args.out}: upload failed ({e.strerror or _one_line(e)}); run the export again"
+                f"--out {args.out}: upload failed ({e.strerror or one_line(e)}); run the export again"
             ) from None
     where = f" step {res.step}" if res.step is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out} ({len(files)} files uploaded)")
     return 0
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def cli_export(args) -> int:

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 
-from alignx_jax.errors import CheckpointError
+from alignx_jax.errors import CheckpointError, one_line
 
 # org/name, optionally @revision (a branch, tag or commit); the names as the Hub allows them
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
@@ -111,7 +111,7 @@ def _unreachable(repo_id: str, revision: str | None, endpoint: str | None, token
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(status, int) and status < 500:  # it answered (not found, gated...): the download says
             return None
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}".rstrip(": ")
+        return one_line(e, 160).rstrip(": ")
     return None
 
 

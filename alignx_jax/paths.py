@@ -97,9 +97,8 @@ def check_writable(dest: str) -> None:
             probe.write_bytes(b"")
         except OSError:
             raise
-        except (
-            Exception
-        ) as e:  # a client's own error (gcsfs HttpError, missing credentials): callers catch OSError
+        # a client's own error (gcsfs HttpError, missing credentials) as the OSError callers catch
+        except Exception as e:
             raise OSError(errno.EACCES, f"{type(e).__name__}: {e}", dest) from None
         try:
             probe.unlink()

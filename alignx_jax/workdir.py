@@ -260,6 +260,14 @@ def save_array(path: str, array: Any) -> None:
     os.replace(path + ".tmp.npy", path)
 
 
+def save_derived(path: str, array: Any, key: str) -> None:
+    """A derived array and its fingerprint `key`: the old fingerprint goes first, so a kill mid-write
+    leaves an array no fingerprint vouches for (recomputed), never a stale one that matches."""
+    forget_fingerprint(path)
+    save_array(path, array)
+    write_fingerprint(path, key)
+
+
 def load_array(path: str) -> Any:
     """The array `save_array` wrote (a URL: downloaded whole)."""
     import io

@@ -29,7 +29,7 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.data import persona as persona_lib
-from alignx_jax.errors import AlignXError, DataError
+from alignx_jax.errors import AlignXError, DataError, one_line
 
 DIRECTION = persona_lib.DIRECTION_FIELD
 DEMO = persona_lib.DEMO_FIELD
@@ -336,21 +336,14 @@ def _list_url(url: str) -> list[str]:
             for sub, child in paths.files_below(top)
             if _is_data_name(child.name) and not any(part.startswith(".") for part in sub.split("/"))
         ]
-    except (
-        AlignXError,
-        ImportError,
-    ):  # a DataError, paths' unknown scheme, a missing client (cli says which)
+    # a DataError, paths' unknown scheme, a missing client (which cli names): as they are
+    except (AlignXError, ImportError):
         raise
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
-        raise DataError(f"cannot list: {_one_line(e)}", file=url) from None
+        raise DataError(f"cannot list: {one_line(e)}", file=url) from None
     if not found:
         raise DataError("folder holds no .parquet, .jsonl or .json files", file=url)
     return [u for _, u in sorted(found)]
-
-
-def _one_line(e: Exception) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}"
 
 
 def read_parquet_table(path: str):
@@ -388,7 +381,7 @@ def read_file(path: str) -> RawFile:
         try:
             rows = read_parquet_table(path).to_pylist()  # list columns come back as plain lists
         except Exception as e:  # pyarrow (and a bucket's client) raise several types
-            raise DataError(f"cannot read parquet: {_one_line(e)}", file=path) from None
+            raise DataError(f"cannot read parquet: {one_line(e)}", file=path) from None
         return RawFile(path, fmt, rows)
     try:
         if paths.is_url(path):
@@ -399,7 +392,7 @@ def read_file(path: str) -> RawFile:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read: {e}", file=path) from None
     except Exception as e:  # a bucket client's own error types
-        raise DataError(f"cannot read: {_one_line(e)}", file=path) from None
+        raise DataError(f"cannot read: {one_line(e)}", file=path) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write UTF-8
     if fmt == "json":
         try:
@@ -484,19 +477,12 @@ def _validated(raw: RawFile, kind: str, skip_bad: bool, offset: int = 0) -> Iter
 
 
 def head_rows(path: str, n: int = 100) -> list[Any]:
-    """The first `n` raw rows of one file, reading a local parquet or JSONL file only that far (a JSON
-    list is parsed whole; a line that is not JSON is skipped here, `read_file` names it)."""
-    fmt = file_format(path)
-    if fmt == "json" or paths.is_url(path):
-        return read_file(path).rows[:n]
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
-        except Exception as e:  # pyarrow raises several types
-            raise DataError(f"cannot read parquet: {_one_line(e)}", file=path) from None
-        return [] if batch is None else batch.to_pylist()
+    """The first `n` raw rows of one file, reading a local parquet or JSONL file only that far (a parquet
+    file: its first record batch; a JSON list is parsed whole; a JSONL line that is not JSON is skipped
+    here, `read_file` names it)."""
+    if file_format(path) != "jsonl" or paths.is_url(path):  # a parquet file's first record batch, else whole
+        first = next(_file_chunks(path), None)
+        return [] if first is None else first[0].rows[:n]
     rows: list[Any] = []
     try:
         with open(path, encoding="utf-8") as f:  # a file's lines end at line breaks only, not at U+2028
@@ -555,10 +541,8 @@ def _file_chunks(path: str) -> Iterator[tuple[RawFile, int]]:
             rows = batch.to_pylist()
             yield RawFile(path, "parquet", rows), offset
             offset += len(rows)
-    except DataError:
-        raise
     except Exception as e:  # pyarrow raises several types (a truncated file mid-way too)
-        raise DataError(f"cannot read parquet: {_one_line(e)}", file=path) from None
+        raise DataError(f"cannot read parquet: {one_line(e)}", file=path) from None
 
 
 def load_rows(path: str, *, kind: str = "auto", skip_bad: bool = False) -> tuple[list[dict], int]:

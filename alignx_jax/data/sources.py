@@ -454,13 +454,11 @@ class TrainLoader:
         first = states[0]
         # only pad-mode, ungrouped shards are strided slices of one order, whose step k is the same rows
         # perm[k*G : (k+1)*G] for any host count; grouping sorts each host's own shard
-        why = (
-            f"on_drop={first.get('on_drop')!r} refills each host's batches from its own rows"
-            if first.get("on_drop") != "pad"
-            else f"data.length_groups={first.get('length_groups')} orders each host's own rows"
-            if first.get("length_groups", 0) and first.get("shuffle")
-            else None
-        )
+        why = None
+        if first.get("on_drop") != "pad":
+            why = f"on_drop={first.get('on_drop')!r} refills each host's batches from its own rows"
+        elif first.get("length_groups", 0) and first.get("shuffle"):
+            why = f"data.length_groups={first.get('length_groups')} orders each host's own rows"
         if why:
             raise ConfigError(
                 f"cannot resume on {self.shard_count} hosts the data loader of a run on {saved}: {why}, so "

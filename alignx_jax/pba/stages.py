@@ -130,9 +130,7 @@ def predicted_directions(
     )
     dirs = ph.predict_direction(ph.head_probs(res.head, feats)).astype(np.float32)
     if main:
-        workdir_lib.forget_fingerprint(path)
-        workdir_lib.save_array(path, dirs)  # a gs:// workdir too
-        workdir_lib.write_fingerprint(path, key)
+        workdir_lib.save_derived(path, dirs, key)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

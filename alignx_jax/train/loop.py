@@ -468,9 +468,7 @@ class Trainer:
         else:
             self.ref_table = self.reference_pass(want_shape)
             if self.is_main or self.pc > 1:
-                workdir_lib.forget_fingerprint(ref_path)
-                workdir_lib.save_array(ref_path, self.ref_table)  # a gs:// workdir too
-                workdir_lib.write_fingerprint(ref_path, ref_key)
+                workdir_lib.save_derived(ref_path, self.ref_table, ref_key)
         if not self.codec.lora:  # LoRA: the base stays (the policy is base + adapters)
             self.ref_params = None
 
@@ -754,9 +752,8 @@ class Trainer:
         # a URL metrics file is rewritten every 30 s: a kill after this checkpoint keeps the steps up to it
         try:
             self.writer.flush()
-        except (
-            Exception
-        ) as e:  # a bucket's hiccup must not cost the checkpoint (a preemption's save above all)
+        # a bucket's hiccup must not cost the checkpoint (a preemption's save above all)
+        except Exception as e:
             workdir_lib.warn(
                 f"metrics.jsonl not written before step {step}'s checkpoint ({e}); retried later"
             )
