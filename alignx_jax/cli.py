@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from alignx_jax.errors import AlignXError
-from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS
+from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS, MATMUL_PRECISIONS
 
 # sub-command -> "module:function(args) -> int | None"
 HANDLERS: dict[str, str] = {
@@ -55,6 +55,17 @@ def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -
             "; auto: bfloat16 on GPU/TPU, on CPUs with AMX and AMD ones with AVX-512-BF16, else float32"
         )
     p.add_argument("--dtype", default=None, choices=choices, help=help_text)
+
+
+def _matmul_precision_arg(p: argparse.ArgumentParser) -> None:
+    """`--matmul-precision` of the commands that run a model (`model.matmul_precision` of a training config)."""
+    p.add_argument(
+        "--matmul-precision",
+        default=AUTO,
+        choices=MATMUL_PRECISIONS,
+        help="jax.default_matmul_precision of the model's products; auto: highest for a float32 model on a "
+        "GPU/TPU (their default rounds float32 inputs: TF32, one bfloat16 pass), else default",
+    )
 
 
 def _cpu_matmul_arg(p: argparse.ArgumentParser) -> None:
@@ -262,6 +273,7 @@ def _add_eval(sub) -> None:
         auto=True,
     )
     _cpu_matmul_arg(p)
+    _matmul_precision_arg(p)
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
@@ -279,6 +291,7 @@ def _add_generate(sub) -> None:
         auto=True,
     )
     _cpu_matmul_arg(p)
+    _matmul_precision_arg(p)
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
     p.add_argument(
         "--benchmark",

@@ -34,7 +34,7 @@ from alignx_jax.data import persona as persona_lib
 from alignx_jax.data import prompts as prompts_lib
 from alignx_jax.data.batching import OVERFLOW_POLICIES, reserve
 from alignx_jax.errors import ConfigError
-from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS
+from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS, MATMUL_PRECISIONS
 from alignx_jax.metrics import has_wandb, wandb_missing
 from alignx_jax.models import config as model_config
 from alignx_jax.models import lora as lora_lib
@@ -65,6 +65,7 @@ LossType = Literal[losses.PREFERENCE_LOSS_TYPES]  # type: ignore[valid-type]
 RematPolicy = Literal[model_config.REMAT_POLICIES]  # type: ignore[valid-type]
 AttentionImpl = Literal[model_config.ATTENTION_IMPLS]  # type: ignore[valid-type]
 CpuMatmul = Literal[CPU_MATMULS]  # type: ignore[valid-type]
+MatmulPrecision = Literal[MATMUL_PRECISIONS]  # type: ignore[valid-type]
 ComputeDtype = Literal[(*COMPUTE_DTYPES, AUTO)]  # type: ignore[valid-type]
 ParamDtype = Literal[COMPUTE_DTYPES]  # type: ignore[valid-type]
 PersonaVariant = Literal[persona_lib.PERSONA_VARIANTS]  # type: ignore[valid-type]
@@ -136,6 +137,9 @@ class ModelSection:
     # the library XLA's CPU backend calls for matrix products: "ynnpack" (XLA's default) | "onednn" | "auto"
     # (oneDNN for float32 models of hidden size >= 256 on Intel CPUs, not for generation; alignx_jax.hardware)
     cpu_matmul: CpuMatmul = "auto"
+    # jax.default_matmul_precision of the run's programs: "default" | "high" | "highest" | "auto" (highest for a
+    # float32 model on a GPU/TPU, whose default product rounds float32 inputs; else default; alignx_jax.hardware)
+    matmul_precision: MatmulPrecision = "auto"
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)  # LoRA adapters (rank 0 = off)
 
 

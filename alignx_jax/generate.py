@@ -21,7 +21,7 @@ from flax import nnx
 
 from alignx_jax import paths
 from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
-from alignx_jax.hardware import available_memory_bytes, resolve_dtype
+from alignx_jax.hardware import available_memory_bytes, matmul_precision, resolve_dtype
 from alignx_jax.models.decoder import Decoder
 from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.sharding import target_platform
@@ -223,6 +223,7 @@ def generate(
     stop_ids: list[int] | None = None,
     per_layer: bool | None = None,
     row_ids: list[int] | None = None,
+    precision: str = "auto",
 ) -> list[list[int]]:
     """Generated token ids per prompt, ending with the stop token that ended it (if any).
 
@@ -230,7 +231,7 @@ def generate(
     use `alignx_jax.data.prompts.prompt_ids` for chat-formatted prompts. Row b samples with the key
     `fold_in(key(seed), row_ids[b])` (default: b), so its tokens do not depend on which rows share its
     batch (up to float rounding of the padded batch). `per_layer`: decode over per-layer copies of the
-    weights and cache (None: `per_layer_decode`)."""
+    weights and cache (None: `per_layer_decode`). `precision`: the products' `hardware.matmul_precision`."""
     if not prompts:
         return []
     if max_new_tokens < 1:
@@ -279,21 +280,22 @@ def generate(
     )
     graphdef, state = nnx.split(model)
     program = _generate_program(model.cfg.compiler_options_key(decode=True))
-    out = program(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        keys_B,
-        jnp.asarray(stops, jnp.int32),
-        jnp.int32(pad_id),
-        jnp.float32(temperature),
-        jnp.float32(top_p),
-        max_new_tokens=int(max_new_tokens),
-        greedy=bool(greedy),
-        top_k=int(top_k),
-        per_layer=per_layer_decode(model, max_new_tokens) if per_layer is None else bool(per_layer),
-    )
+    with matmul_precision(precision, str(model.cfg.dtype)):  # read when the program is traced
+        out = program(
+            graphdef,
+            state,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            keys_B,
+            jnp.asarray(stops, jnp.int32),
+            jnp.int32(pad_id),
+            jnp.float32(temperature),
+            jnp.float32(top_p),
+            max_new_tokens=int(max_new_tokens),
+            greedy=bool(greedy),
+            top_k=int(top_k),
+            per_layer=per_layer_decode(model, max_new_tokens) if per_layer is None else bool(per_layer),
+        )
     out = np.asarray(out)
     results = []
     stop_set = set(stops)
@@ -490,6 +492,7 @@ def _generate_benchmark(args) -> int:
                     **_sampling_of(settings),
                     seed=int(args.seed),
                     row_ids=batch,
+                    precision=getattr(args, "matmul_precision", "auto"),
                 )
                 log.append(
                     {
@@ -568,6 +571,7 @@ def cli_generate(args) -> int:
         greedy=settings["greedy"],
         **_sampling_of(settings),
         seed=int(args.seed),
+        precision=getattr(args, "matmul_precision", "auto"),
     )
     if not paths.is_main_process():  # a multi-process job: process 0 prints
         return 0

@@ -6,20 +6,28 @@ matrix products (`cpu_matmul_library`, `model.cpu_matmul`).
 `model.dtype = "auto"` (and `alignx eval|generate --dtype auto`) is bfloat16 on GPUs and TPUs, on CPUs
 with AMX and on AMD CPUs with AVX-512-BF16, float32 on other CPUs, where a bf16 product runs slower than a
 float32 one (an Intel CPU with AVX-512-BF16 but no AMX; BENCHMARKS.md, "float32 or bf16 depends on the CPU").
+
+`model.matmul_precision = "auto"` (and `--matmul-precision auto`) multiplies a float32 model's matrices in full
+float32 on a GPU or TPU too, where JAX's default product rounds float32 inputs (to TensorFloat-32 on an NVIDIA
+GPU, to one bfloat16 pass on a TPU): float32 then means what it means on a CPU and in transformers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 AUTO = "auto"
 CPU_MATMULS = (AUTO, "ynnpack", "onednn")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# `jax.default_matmul_precision` levels a run may ask for; auto: `resolve_matmul_precision`
+MATMUL_PRECISIONS = (AUTO, "default", "high", "highest")
 # the CPU flags that decide float32 vs bf16 speed; reported by every benchmark beside the model name
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 CPUINFO = "/proc/cpuinfo"
@@ -95,6 +103,36 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
     if backend != "cpu":
         return "bfloat16"
     return "bfloat16" if bf16_fast_cpu() else "float32"
+
+
+def resolve_matmul_precision(name: str, dtype: str, backend: str | None = None) -> str:
+    """A `MATMUL_PRECISIONS` name with `auto` made concrete for a model computing in `dtype` (resolved, not
+    `auto`) on `backend` (default: JAX's default backend): `highest` for float32 off the CPU, whose default
+    product rounds float32 inputs (a float32 GPU eval's logits were 1.5e-3 off transformers', BENCHMARKS.md
+    section 8), else `default` (a CPU multiplies float32 in full; bf16/fp16 inputs have nothing to round)."""
+    if name != AUTO:
+        return name
+    if dtype != "float32":
+        return "default"
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return "highest" if backend != "cpu" else "default"
+
+
+@contextlib.contextmanager
+def matmul_precision(name: str, dtype: str, backend: str | None = None) -> Iterator[str]:
+    """Trace the block's programs at `resolve_matmul_precision(name, dtype, backend)` (it is yielded); JAX reads
+    the level when a program is traced, and jit's cache keys carry it, so a program traced outside is not reused."""
+    level = resolve_matmul_precision(name, dtype, backend)
+    if level == "default":
+        yield level
+        return
+    import jax
+
+    with jax.default_matmul_precision(level):
+        yield level
 
 
 def describe_auto(resolved: str) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import cli_env
 
-from alignx_jax import cli
+from alignx_jax import cli, hardware
 from alignx_jax import evaluate as ev
 from alignx_jax.errors import ConfigError
 
@@ -261,6 +261,8 @@ def test_results_json_keys_and_interval(ica_run, llama):
         LIMIT,
     )
     assert res["persona"] == {"p-soups": ["p"]}
+    # auto: a float32 model's products are full float32 everywhere; on a CPU that is JAX's default
+    assert res["matmul_precision"] == hardware.resolve_matmul_precision("auto", "float32")
     entry = res["benchmarks"]["p-soups"]
     k = sum(r["correct"] for r in ica_run["rows"])
     assert entry["n"] == LIMIT and entry["accuracy"] == pytest.approx(k / LIMIT)
@@ -904,3 +906,33 @@ def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():
     for render in (golden_profile, file_profile):
         with pytest.raises(DataError, match=r"^f\.json, row 3: --flip needs a `profile`"):
             render(row, (4,), file="f.json", index=3)
+
+
+def test_matmul_precision_reaches_the_scoring_programs(capsys, ica_run, llama, tmp_path, monkeypatch):
+    """`--matmul-precision highest` is the level JAX reads when the scoring programs are traced (a GPU's
+    float32 default is TF32); on a CPU float32 is multiplied in full either way: the same log-probs."""
+    import jax
+
+    seen = []
+    for name in ("_logps", "_pair_logps"):
+        original = getattr(ev.scoring.SequenceScorer, name)
+
+        def spy(self, *a, _original=original, **k):
+            seen.append(jax.config.jax_default_matmul_precision)  # read at trace time
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(ev.scoring.SequenceScorer, name, spy)
+    out, per = tmp_path / "r.json", tmp_path / "per.jsonl"
+    code, _, err = _run(
+        capsys,
+        *("--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", str(LIMIT)),
+        *("--max-length", str(MAX_LEN), "--batch-size", "4", "--matmul-precision", "highest"),
+        *("--per-example", str(per), "--out", str(out)),
+    )
+    assert code == 0, err
+    assert seen and set(seen) == {"highest"}
+    assert json.loads(out.read_text())["matmul_precision"] == "highest"
+    got = {r["index"]: r for r in _read_jsonl(per)}
+    for r in ica_run["rows"]:
+        for k in ("logp_chosen", "logp_rejected"):
+            assert got[r["index"]][k] == pytest.approx(r[k], rel=1e-6, abs=1e-4)

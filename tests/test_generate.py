@@ -319,3 +319,31 @@ def test_generate_loads_sharded_over_the_devices_and_matches_one_device(tiny_hf_
     assert res["devices"] == 4  # the embedding really is spread over the 4 devices
     one = generate(llama, tok, prompts, max_new_tokens=12, greedy=True, stop_ids=NO_STOP)
     assert res["tokens"] == one
+
+
+def test_cli_matmul_precision_reaches_the_generation_program(
+    tiny_hf_checkpoints, llama, tok, capsys, monkeypatch
+):
+    """`--matmul-precision highest` is the level JAX reads when the generation program is traced; on a CPU
+    float32 is multiplied in full either way: the same tokens."""
+    from alignx_jax import generate as gen
+
+    seen = []
+    original = gen._generate
+
+    def spy(*a, **k):
+        seen.append(jax.config.jax_default_matmul_precision)  # read at trace time
+        return original(*a, **k)
+
+    monkeypatch.setattr(gen, "_generate", spy)
+    gen._generate_program.cache_clear()  # a program jitted earlier would not call the spy
+    try:
+        argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "Tell me about owls"]
+        code = main([*argv, "--max-new-tokens", "6", "--greedy", "--json", "--matmul-precision", "highest"])
+    finally:
+        gen._generate_program.cache_clear()
+    assert code == 0
+    assert seen and set(seen) == {"highest"}
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    want = generate(llama, tok, [got["prompt_ids"]], max_new_tokens=6, greedy=True)[0]
+    assert got["token_ids"] == want

@@ -70,6 +70,46 @@ def test_resolve_dtype(monkeypatch, name, backend, amx, want):
 
 
 @pytest.mark.parametrize(
+    "name, dtype, backend, want",
+    [
+        ("auto", "float32", "gpu", "highest"),  # TF32 by default
+        ("auto", "float32", "tpu", "highest"),  # one bfloat16 pass by default
+        ("auto", "float32", "cpu", "default"),  # full float32 already
+        ("auto", "bfloat16", "gpu", "default"),  # nothing to round
+        ("auto", "float16", "tpu", "default"),
+        ("high", "float32", "cpu", "high"),  # a named level is never changed
+        ("default", "float32", "gpu", "default"),
+    ],
+)
+def test_resolve_matmul_precision(name, dtype, backend, want):
+    assert hardware.resolve_matmul_precision(name, dtype, backend) == want
+
+
+def test_matmul_precision_is_read_when_a_program_is_traced():
+    """The level reaches the traced products, and a jitted function traced outside the block is traced
+    again inside it (jit's cache keys carry the level), not reused at the default."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a, b: jnp.einsum("ij,jk->ik", a, b))
+    x = jnp.ones((4, 4), jnp.float32)
+
+    def precisions(fn):
+        return [
+            e.params.get("precision") for e in jax.make_jaxpr(fn)(x, x).jaxpr.eqns[0].params["jaxpr"].eqns
+        ]
+
+    assert f(x, x).shape == (4, 4) and precisions(f) == [None]
+    with hardware.matmul_precision("auto", "float32", "gpu") as level:
+        assert level == "highest"
+        assert precisions(f) == [(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)]
+        assert "HIGHEST" in f.lower(x, x).as_text()
+    with hardware.matmul_precision("auto", "float32", "cpu") as level:
+        assert level == "default" and precisions(f) == [None]
+    assert precisions(f) == [None]  # the block's level ends with it
+
+
+@pytest.mark.parametrize(
     "vendor, flags, want",
     [
         ("GenuineIntel", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "CPU with AMX"),
@@ -158,6 +198,29 @@ def test_train_with_auto_dtype_says_what_it_picked_and_keeps_auto_in_the_workdir
         assert build_parser().parse_args([*cmd, "--dtype", "auto"]).dtype == "auto"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "--checkpoint", "c", "--out", "o", "--dtype", "auto"])
+
+
+def test_train_says_a_matmul_precision_other_than_default_and_refuses_an_unknown_one(tmp_path):
+    from tests.test_train import SMALL
+
+    w = tmp_path / "w"
+    small = [*SMALL, "--config.train.steps=1"]
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", *small, "--config.model.matmul_precision=high"]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "alignx train: model.matmul_precision high" in r.stderr
+    r = run_cli(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}2",
+            *small,
+            "--config.model.matmul_precision=tf32",
+        ]
+    )
+    assert r.returncode == 1
+    assert "model.matmul_precision='tf32': expected one of auto, default, high, highest" in r.stderr
 
 
 def test_fast_cpu_compile_probe_refuses_a_flag_this_xla_does_not_know(monkeypatch):

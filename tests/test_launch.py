@@ -18,6 +18,9 @@ GPU = os.path.join(ROOT, "launch", "gpu_host.sh")
 TPU = os.path.join(ROOT, "launch", "tpu_pod.sh")
 SLURM = os.path.join(ROOT, "launch", "gpu_multihost.sh")
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
+GPU_SMOKE = os.path.join(
+    ROOT, "scripts", "gpu_smoke.sh"
+)  # the CLI end to end on a GPU (BENCHMARKS.md section 8)
 
 
 def _run(script, *args, env=None):
@@ -30,7 +33,7 @@ def _run(script, *args, env=None):
     )
 
 
-@pytest.mark.parametrize("script", [GPU, TPU, SLURM, LOCAL], ids=os.path.basename)
+@pytest.mark.parametrize("script", [GPU, TPU, SLURM, LOCAL, GPU_SMOKE], ids=os.path.basename)
 def test_scripts_are_executable_and_help_prints_their_header(script):
     """README runs them as `launch/NAME.sh ...`: executable in the checkout (git keeps the mode)."""
     assert os.access(script, os.X_OK), f"{script} is not executable (git update-index --chmod=+x)"

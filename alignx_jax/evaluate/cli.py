@@ -66,6 +66,7 @@ def cli_eval(args: argparse.Namespace) -> int:
             per_example=args.per_example,
             dtype=args.dtype,
             cpu_matmul=args.cpu_matmul,
+            matmul_precision=args.matmul_precision,
             reference_scores=args.reference_scores,
         )
     except OSError as e:  # unreadable or unwritable files are the user's to fix

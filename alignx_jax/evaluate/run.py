@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import paths
+from alignx_jax import hardware, paths
 from alignx_jax.data.benchmarks import BenchmarkSample, benchmark_sample
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.evaluate import scoring
@@ -497,10 +497,12 @@ def evaluate(
     dtype: str | None = None,
     reference_scores: str | None = None,
     cpu_matmul: str = "auto",
+    matmul_precision: str = "auto",
 ) -> dict[str, Any]:
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
-    `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`)."""
+    `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`).
+    matmul_precision: `hardware.matmul_precision`'s level for the scoring programs (`--matmul-precision`)."""
 
     model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
     ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
@@ -524,17 +526,20 @@ def evaluate(
     _check_same_rows_everywhere(log)
     per_key: dict[str, dict[str | None, list[dict]]] = {}
     try:
-        for spec, sample in data:
-            for persona in resolve_personas(
-                settings.persona, spec.name, method=settings.method, preference=settings.preference
-            ):
-                per_key.setdefault(spec.key, {})[persona] = _score_persona(
-                    sc, log, per_example, spec, sample, persona
-                )
+        # the programs are traced inside: JAX reads the level then
+        with hardware.matmul_precision(matmul_precision, sc.dtypes["dtype"]) as level:
+            for spec, sample in data:
+                for persona in resolve_personas(
+                    settings.persona, spec.name, method=settings.method, preference=settings.preference
+                ):
+                    per_key.setdefault(spec.key, {})[persona] = _score_persona(
+                        sc, log, per_example, spec, sample, persona
+                    )
     finally:
         log.close()
 
     results = _results_header(model_dir, reference_dir, benchmarks, sc)
+    results["matmul_precision"] = level
     results["benchmarks"] = _summaries(benchmarks, per_key, settings)
     if sc.predicted is not None:
         results["preference_head"] = sc.predicted.describe()

@@ -25,6 +25,7 @@ from alignx_jax.data.persona import (
 )
 from alignx_jax.data.schema import list_files, load, read_persona_file
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
+from alignx_jax.hardware import AUTO, matmul_precision
 from alignx_jax.models.preference_head import (
     NUM_DIMS,
     PreferenceHead,
@@ -179,8 +180,10 @@ def predict_preferences(
     With return_probs, returns (directions, probs [N, 90, 3]).
     """
     cfg = head.cfg
-    feats = head_persona_features(model, tokenizer, rows, cfg, batch_size=batch_size)
-    probs = head_probs(head, feats)
+    # a float32 model's products in full float32 on a GPU/TPU too, as in training's auto (alignx_jax.hardware)
+    with matmul_precision(AUTO, str(model.cfg.dtype)):
+        feats = head_persona_features(model, tokenizer, rows, cfg, batch_size=batch_size)
+        probs = head_probs(head, feats)
     pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
     directions = [pred[i] for i in range(len(rows))]
     return (directions, probs) if return_probs else directions

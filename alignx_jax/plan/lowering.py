@@ -8,6 +8,7 @@ from typing import Any
 
 import ml_collections
 
+from alignx_jax import hardware
 from alignx_jax.plan.memory import shard_bytes
 from alignx_jax.plan.presets import decoder_config_for
 
@@ -189,7 +190,10 @@ def lower_step(
         head_codec=None if head is None else head.codec,
         head_tx=None if head is None else head.tx,
     )
-    with shd.use_mesh(mesh, rules):
+    # at the precision `alignx train` traces the step with on the devices compiled for
+    platform = str(mesh.devices.flat[0].platform)
+    precision = hardware.matmul_precision(str(cfg.model.matmul_precision), str(dcfg.dtype), platform)
+    with shd.use_mesh(mesh, rules), precision:
         lowered = jitted.lower(params_in, opt_in, None if precomputed and not lora_on else ref_in, batch_in)
     return {
         "lowered": lowered,

@@ -29,7 +29,7 @@ from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_mic
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError, DataError
-from alignx_jax.hardware import describe_auto, resolve_dtype
+from alignx_jax.hardware import AUTO, describe_auto, matmul_precision, resolve_dtype
 from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
 from alignx_jax.pba import stages as pba_stages
 from alignx_jax.train.schema import joint_head, two_stage_head, uses_predicted, validate_config
@@ -123,28 +123,39 @@ class Trainer:
 
     def run(self, held: list) -> int:
         try:
-            self.set_up(held)
-            self.open_data()
-            self.build_state()
-            self.restore()
-            if self.precomputed:
-                self.precompute_reference()
-            self.step_fn = jit_train_step(
-                self.codec,
-                self.tx,
-                self.cfg,
-                param_shardings=self.param_sh,
-                opt_shardings=self.opt_sh,
-                replicated=self.rep,
-                head_codec=self.head_codec,
-                head_tx=self.head_tx,
-            )
-            if self.eval_every:
-                self.eval_fn = jit_eval_step(self.codec, self.cfg, self.head_codec)
-            self.check_stop()
+            self.set_up(held)  # checks the config and makes model.dtype concrete
         except _StoppedInStartUp:
             return stopped_in_start_up(self.stop, self.is_main)
-        return self.train()
+        # every program the run traces multiplies at model.matmul_precision (JAX reads it at trace time)
+        with matmul_precision(str(self.cfg.model.matmul_precision), str(self.cfg.model.dtype)) as level:
+            if self.is_main and level != "default":
+                given = str(self.cfg.model.matmul_precision)
+                why = f"auto -> {level} ({self.cfg.model.dtype} on {jax.default_backend()})"
+                print(
+                    f"alignx train: model.matmul_precision {why if given == AUTO else given}", file=sys.stderr
+                )
+            try:
+                self.open_data()
+                self.build_state()
+                self.restore()
+                if self.precomputed:
+                    self.precompute_reference()
+                self.step_fn = jit_train_step(
+                    self.codec,
+                    self.tx,
+                    self.cfg,
+                    param_shardings=self.param_sh,
+                    opt_shardings=self.opt_sh,
+                    replicated=self.rep,
+                    head_codec=self.head_codec,
+                    head_tx=self.head_tx,
+                )
+                if self.eval_every:
+                    self.eval_fn = jit_eval_step(self.codec, self.cfg, self.head_codec)
+                self.check_stop()
+            except _StoppedInStartUp:
+                return stopped_in_start_up(self.stop, self.is_main)
+            return self.train()
 
     def check_stop(self) -> None:
         """Start-up: stop before the first step when a signal arrived (on any process, see `stop_agreed`)."""
