@@ -47,7 +47,7 @@ from alignx_jax.demo_report import (  # noqa: F401  (re-exported: the demo's rep
     write_report,
 )
 from alignx_jax.errors import AlignXError, ConfigError, DataError
-from alignx_jax.hardware import use_fast_cpu_compile
+from alignx_jax.hardware import AUTO, matmul_precision, use_fast_cpu_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_cpu.py")
@@ -364,9 +364,16 @@ def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dic
     rows, _ = schema.load_rows(data)
     model = hf.load_pretrained(export_dir)
     tokenizer = load_tokenizer(export_dir)
-    res = head_training.train_head_two_stage(
-        model, tokenizer, rows, cfg, steps=budget.head_steps, seed=seed, feature_batch_size=budget.eval_batch
-    )
+    with matmul_precision(AUTO, str(model.cfg.dtype)):  # as `alignx train`'s two-stage head
+        res = head_training.train_head_two_stage(
+            model,
+            tokenizer,
+            rows,
+            cfg,
+            steps=budget.head_steps,
+            seed=seed,
+            feature_batch_size=budget.eval_batch,
+        )
     ph.save_head(res.head, res.cfg, export_dir)
     return {
         "mode": "two_stage",

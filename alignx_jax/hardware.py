@@ -108,8 +108,9 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
 def resolve_matmul_precision(name: str, dtype: str, backend: str | None = None) -> str:
     """A `MATMUL_PRECISIONS` name with `auto` made concrete for a model computing in `dtype` (resolved, not
     `auto`) on `backend` (default: JAX's default backend): `highest` for float32 off the CPU, whose default
-    product rounds float32 inputs (a float32 GPU eval's logits were 1.5e-3 off transformers', BENCHMARKS.md
-    section 8), else `default` (a CPU multiplies float32 in full; bf16/fp16 inputs have nothing to round)."""
+    product rounds float32 inputs (a float32 model's logits on an H100 were 7e-3, 1.5e-3 of their scale, off
+    transformers' there, BENCHMARKS.md section 8), else `default` (a CPU multiplies float32 in full; bf16/fp16
+    inputs have nothing to round; the preference head's float32 products ask for `highest` themselves)."""
     if name != AUTO:
         return name
     if dtype != "float32":
@@ -125,13 +126,13 @@ def resolve_matmul_precision(name: str, dtype: str, backend: str | None = None) 
 def matmul_precision(name: str, dtype: str, backend: str | None = None) -> Iterator[str]:
     """Trace the block's programs at `resolve_matmul_precision(name, dtype, backend)` (it is yielded); JAX reads
     the level when a program is traced, and jit's cache keys carry it, so a program traced outside is not reused."""
-    level = resolve_matmul_precision(name, dtype, backend)
-    if level == "default":
-        yield level
-        return
     import jax
 
-    with jax.default_matmul_precision(level):
+    level = resolve_matmul_precision(name, dtype, backend)
+    if level == "default" and jax.config.jax_default_matmul_precision is None:
+        yield level  # nothing to set: the programs trace exactly as without the block
+        return
+    with jax.default_matmul_precision(level):  # also undoes a level JAX_DEFAULT_MATMUL_PRECISION set
         yield level
 
 

@@ -54,6 +54,7 @@ FREE_KEYS = (
     "model.attention_impl",
     "model.scan_layers",
     "model.cpu_matmul",
+    "model.matmul_precision",
     "loss.logps_chunk",
     "loss.logits_on_responses",
     "loss.nan_policy",

@@ -97,8 +97,6 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         losses.append(step())
         times.append(time.perf_counter() - t0)
     hlo = step.compiled.as_text()
-    cost = step.compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     peak = dpo_step.measure_peak_flops(args.dtype, repeats=5)
     sec = statistics.median(times)
     out = {
@@ -111,8 +109,6 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_bytes": step.peak_memory_bytes(),
         # whether XLA recomputed to fit the card (its recomputed FLOPs are in no MFU here)
         "remat_instructions": remat_instructions(hlo),
-        # XLA's own FLOP count of the compiled step (custom calls, cuDNN attention among them, count none)
-        "xla_flops_per_step": float(cost.get("flops", 0.0)),
         "tokens_per_step": tokens,
         "model_flops_per_step": flops,
         "first_loss": losses[0],
@@ -130,8 +126,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
 def remat_instructions(hlo_text: str) -> int:
     """Instructions XLA's rematerialization pass added to fit the device's memory: it names each copy
-    `NAME.remat` (`.remat2`, ... for later copies)."""
-    return len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.-]+\.remat\d*\s*=", hlo_text, flags=re.MULTILINE))
+    `NAME.remat` (`NAME.remat2` for a copy of a copy, `NAME.remat.1` where a name repeats)."""
+    return len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.-]+\.remat\d*(?:\.\d+)?\s*=", hlo_text, flags=re.MULTILINE))
 
 
 def _child_argv(args: argparse.Namespace, variant: str, out_path: str) -> list[str]:

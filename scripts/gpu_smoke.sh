@@ -6,25 +6,30 @@
 #
 #   scripts/gpu_smoke.sh OUT_DIR P_SOUPS_FILE
 #
-# PYTHON (default: python3) is the interpreter with alignx-jax and torch. Each step prints its exit status and
-# seconds; one run's output is in benchmarks/results/2026-12-06-h100/cli_smoke.log (BENCHMARKS.md section 8).
+# OUT_DIR must be new or empty. PYTHON (default: python3) is the interpreter with alignx-jax and torch. Each
+# step prints its exit status and seconds. An earlier form of these steps ran on an H100: its output is
+# benchmarks/results/2026-12-06-h100/cli_smoke.log (BENCHMARKS.md section 8).
 set -uo pipefail
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 [ $# -eq 2 ] || { usage >&2; exit 2; }
-O=$1 BENCH=$2 W=$1/w PY=${PYTHON:-python3}
-[ -f "$BENCH" ] || { echo "gpu_smoke.sh: no such file: $BENCH" >&2; exit 2; }
-mkdir -p "$O"
+[ -f "$2" ] || { echo "gpu_smoke.sh: no such file: $2" >&2; exit 2; }
+if [ -e "$1" ] && [ -n "$(ls -A "$1")" ]; then echo "gpu_smoke.sh: OUT_DIR is not empty: $1" >&2; exit 2; fi
+mkdir -p "$1"
+O=$(cd "$1" && pwd) BENCH=$(cd "$(dirname "$2")" && pwd)/$(basename "$2") PY=${PYTHON:-python3}
+W=$O/w
+cd "$(dirname "$0")/.." || exit 2  # the launcher and configs/ are named from the repository's root
 step() { echo "== $*"; local s=$SECONDS; "$@"; local rc=$?; echo "   rc=$rc [$((SECONDS - s)) s]"; }
 train=(launch/gpu_host.sh configs/tiny_pba.py "--config.workdir=$W" --config.model.dtype=auto
   --config.model.attention_impl=auto --config.train.steps=300 --config.checkpoint.every_steps=100)
 
 PYTHON=$PY "${train[@]}" >"$O/train1.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 1200); do sleep 0.1; grep -qE '"step": 60[,}]' "$W/metrics.jsonl" 2>/dev/null && break; done
-pkill -TERM -f "alignx_jax train --config=configs/tiny_pba.py"
-wait $pid
+pid=$!  # gpu_host.sh execs the trainer: this is its process
+for _ in $(seq 1 1800); do sleep 0.1; grep -qE '"step": 60[,}]' "$W/metrics.jsonl" 2>/dev/null && break; done
+kill -TERM "$pid"
+wait "$pid"
 echo "first run rc=$? after SIGTERM"; grep -v "step/s" "$O/train1.log" | tail -3
+grep -q "SIGTERM received: saved step" "$O/train1.log" || echo "gpu_smoke.sh: the first run saved no step on SIGTERM"
 step env PYTHON="$PY" "${train[@]}" >"$O/train2.log" 2>&1
 grep -v "step/s" "$O/train2.log" | tail -3
 "$PY" - "$W/metrics.jsonl" <<'PY'

@@ -26,8 +26,8 @@ def test_variants_agree_and_a_failed_variant_is_recorded(bench, monkeypatch):
     assert default["model_flops_per_step"] == one_block["model_flops_per_step"] > 0
     assert one_block["loss_diff_vs_default"] < 1e-5
     assert one_block["speedup_vs_default"] > 0
-    # a CPU has no device memory limit to fit: nothing is rematerialized; XLA's own count is reported
-    assert default["remat_instructions"] == 0 and default["xla_flops_per_step"] > 0
+    # a CPU has no device memory limit to fit: nothing is rematerialized
+    assert default["remat_instructions"] == 0
     assert "step_seconds" not in cudnn and "cudnn" in cudnn["error"].lower()
     assert out["xla_python_client_mem_fraction"] == "0.95" and args.chunk == 1024
 
@@ -48,6 +48,7 @@ def test_remat_instructions_counts_the_copies_xla_named(bench):
   %fusion.12 = f32[8,64]{1,0} fusion(f32[8,64]{1,0} %p0), kind=kLoop
   %fusion.12.remat = f32[8,64]{1,0} fusion(f32[8,64]{1,0} %p0), kind=kLoop
   ROOT %dot.3.remat2 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="remat"}
+  %fusion.12.remat.1 = f32[8,64]{1,0} fusion(f32[8,64]{1,0} %p0), kind=kLoop
   %add.1 = f32[8]{0} add(%fusion.12.remat, %x)
 """
-    assert bench.remat_instructions(hlo) == 2
+    assert bench.remat_instructions(hlo) == 3

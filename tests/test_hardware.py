@@ -107,6 +107,9 @@ def test_matmul_precision_is_read_when_a_program_is_traced():
     with hardware.matmul_precision("auto", "float32", "cpu") as level:
         assert level == "default" and precisions(f) == [None]
     assert precisions(f) == [None]  # the block's level ends with it
+    # a level set around the block (as JAX_DEFAULT_MATMUL_PRECISION does) is undone by `default`
+    with jax.default_matmul_precision("high"), hardware.matmul_precision("default", "float32", "gpu"):
+        assert precisions(f) == [(jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)]
 
 
 @pytest.mark.parametrize(
@@ -200,8 +203,20 @@ def test_train_with_auto_dtype_says_what_it_picked_and_keeps_auto_in_the_workdir
         build_parser().parse_args(["export", "--checkpoint", "c", "--out", "o", "--dtype", "auto"])
 
 
-def test_train_says_a_matmul_precision_other_than_default_and_refuses_an_unknown_one(tmp_path):
+def test_train_says_a_matmul_precision_other_than_default_and_refuses_an_unknown_one(tmp_path, monkeypatch):
+    """The level is the one JAX reads when the train step is traced, and the log says it."""
+    import jax
+
+    from alignx_jax.train import step
     from tests.test_train import SMALL
+
+    seen, original = [], step.model_pair_logps
+
+    def spy(*a, **k):
+        seen.append(jax.config.jax_default_matmul_precision)  # read at trace time
+        return original(*a, **k)
+
+    monkeypatch.setattr(step, "model_pair_logps", spy)
 
     w = tmp_path / "w"
     small = [*SMALL, "--config.train.steps=1"]
@@ -210,6 +225,7 @@ def test_train_says_a_matmul_precision_other_than_default_and_refuses_an_unknown
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "alignx train: model.matmul_precision high" in r.stderr
+    assert seen and set(seen) == {"high"}
     r = run_cli(
         [
             "train",

@@ -129,6 +129,11 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
     return annotated(nnx.Param, value, axes)
 
 
+# the head computes in float32 whatever the backbone's dtype; its products are tiny, so full float32 on a
+# GPU/TPU too, whose default rounds float32 inputs (alignx_jax.hardware.matmul_precision)
+FULL = jax.lax.Precision.HIGHEST
+
+
 def pool_hidden(hidden_BSD: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.Array:
     """Pool hidden states over the persona tokens (mask 1) -> `[B, D]` float32.
 
@@ -136,7 +141,7 @@ def pool_hidden(hidden_BSD: jax.Array, mask_BS: jax.Array, pooling: str) -> jax.
     """
     mask_BS = mask_BS.astype(jnp.float32)
     if pooling == "mean":
-        total_BD = jnp.einsum("bsd,bs->bd", hidden_BSD.astype(jnp.float32), mask_BS)
+        total_BD = jnp.einsum("bsd,bs->bd", hidden_BSD.astype(jnp.float32), mask_BS, precision=FULL)
         return total_BD / jnp.maximum(jnp.sum(mask_BS, axis=-1, keepdims=True), 1.0)
     if pooling == "last":
         pos_BS = jnp.arange(mask_BS.shape[-1])[None, :] * (mask_BS > 0)
@@ -175,9 +180,9 @@ class PreferenceHead(nnx.Module):
             mu_B1 = jnp.mean(x_BD, axis=-1, keepdims=True)
             var_B1 = jnp.var(x_BD, axis=-1, keepdims=True)
             x_BD = (x_BD - mu_B1) * jax.lax.rsqrt(var_B1 + 1e-5) * self.norm_scale[...] + self.norm_bias[...]
-            h_BH = jax.nn.gelu(x_BD @ self.w_in[...] + self.b_in[...])
+            h_BH = jax.nn.gelu(jnp.matmul(x_BD, self.w_in[...], precision=FULL) + self.b_in[...])
             h_BH = self.dropout(h_BH, deterministic=deterministic)
-            return jnp.einsum("bh,hkc->bkc", h_BH, self.w_out[...]) + self.b_out[...]
+            return jnp.einsum("bh,hkc->bkc", h_BH, self.w_out[...], precision=FULL) + self.b_out[...]
 
     def __call__(self, hidden_BSD: jax.Array, mask_BS: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """Persona hidden states `[B, S, D]` + mask `[B, S]` -> logits `[B, 90, 3]`."""
