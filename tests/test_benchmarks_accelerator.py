@@ -19,12 +19,14 @@ def test_variants_agree_and_a_failed_variant_is_recorded(bench, monkeypatch):
     The children get the launcher's memory fraction."""
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
     flags = "--model-size tiny --seq-len 64 --batch 2 --dtype float32 --steps 1 --warmup 1"
-    args = bench.build_parser().parse_args([*flags.split(), "--variants", "default,cudnn,one_block"])
+    args = bench.build_parser().parse_args([*flags.split(), "--variants", "default,cudnn,xla,one_block"])
     out = bench.run_all(args)
     default, cudnn, one_block = (out["variants"][v] for v in ("default", "cudnn", "one_block"))
     assert default["step_seconds"] > 0 and one_block["step_seconds"] > 0
     assert default["model_flops_per_step"] == one_block["model_flops_per_step"] > 0
     assert one_block["loss_diff_vs_default"] < 1e-5
+    # the default's attention is auto, on a CPU the xla kernel: the same program as the xla variant
+    assert args.attention_impl == "auto" and out["variants"]["xla"]["loss_diff_vs_default"] == 0.0
     assert one_block["speedup_vs_default"] > 0
     # a CPU has no device memory limit to fit: nothing is rematerialized
     assert default["remat_instructions"] == 0
