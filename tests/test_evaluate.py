@@ -936,3 +936,15 @@ def test_matmul_precision_reaches_the_scoring_programs(capsys, ica_run, llama, t
     for r in ica_run["rows"]:
         for k in ("logp_chosen", "logp_rejected"):
             assert got[r["index"]][k] == pytest.approx(r[k], rel=1e-6, abs=1e-4)
+
+
+def test_rows_past_the_models_positions_are_warned_once_with_the_cure(capsys, llama, tmp_path):
+    """The tiny llama knows 256 positions: at --max-length 1024 P-SOUPS rows reach past them (scored, one
+    warning line naming the flag that fits them); at --max-length 256 every row fits and nothing is said."""
+    base = ("--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "2")
+    code, _, err = _run(capsys, *base, "--max-length", "1024", "--out", str(tmp_path / "a.json"))
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "max_position_embeddings" in ln]
+    assert len(lines) == 1 and "max_position_embeddings (256); --max-length 256 cuts them" in lines[0]
+    code, _, err = _run(capsys, *base, "--max-length", "256", "--out", str(tmp_path / "b.json"))
+    assert code == 0 and "max_position_embeddings" not in err

@@ -89,7 +89,18 @@ def test_cli_split_json_keeps_raw_rows(tmp_path, capsys):
     assert len(train) + len(test) == 600 and 100 < len(test) < 200
     assert all(r in raw for r in test[:20]) and set(test[0]) == set(raw[0])  # not the normalised dicts
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-    assert "train" in capsys.readouterr().out
+    out_err = capsys.readouterr()
+    assert "train" in out_err.out and "warning" not in out_err.err  # --by prompt: both personas in each half
+
+
+@needs_psoups
+def test_cli_split_by_user_of_rows_without_user_ids_says_it_splits_personas(tmp_path, capsys):
+    """P-SOUPS rows have no user_id: --by user groups them by ground_truth_persona, two groups, one a half."""
+    assert main(["data", "split", PSOUPS, "--by", "user", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "no row has a user_id" in err and "(2 groups)" in err and "--by prompt" in err
+    with open(tmp_path / "out" / "test" / "student_phd.json") as f:
+        assert len({r["ground_truth_persona"] for r in json.load(f)}) == 1
 
 
 def test_cli_split_parquet_and_jsonl_folder(tmp_path):

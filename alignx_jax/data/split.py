@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -126,6 +127,14 @@ def cli_split(args: argparse.Namespace) -> int:
     if not loaded.rows:
         raise DataError("no rows", file=args.path)
     train, test = split_indices(loaded.rows, by=args.by, test_fraction=args.test_fraction, seed=args.seed)
+    keys = {_user_key(r) for r in loaded.rows} if args.by == "user" else set()
+    if keys and all(k.startswith("persona:") for k in keys):  # P-SOUPS: no user ids, a few personas
+        print(
+            f"alignx: warning: {args.path}: no row has a user_id: --by user grouped the rows by "
+            f"ground_truth_persona ({len(keys)} groups), so each half holds whole personas; --by prompt "
+            "keeps every persona in both halves",
+            file=sys.stderr,
+        )
     is_dir = paths.is_dir(args.path)
     root = args.path.rstrip("/") if is_dir else os.path.dirname(args.path)
     writes = []

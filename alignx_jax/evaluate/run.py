@@ -390,6 +390,19 @@ def _score_todo(
     return outcomes
 
 
+def _warn_past_positions(spec: BenchmarkSpec, examples: list, limit: int) -> None:
+    """One line when rows reach past the model's trained positions: RoPE computes any position, so they
+    are scored (as transformers would score them), but their scores are extrapolated."""
+    longest = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
+    over = sum(n > limit for n in longest) if limit else 0
+    if over:
+        print(
+            f"alignx: warning: {spec.path}: {over} of {len(examples)} rows are longer ({max(longest)} tokens) "
+            f"than the model's max_position_embeddings ({limit}); --max-length {limit} cuts them to fit",
+            file=sys.stderr,
+        )
+
+
 def _score_persona(
     sc: _Scoring,
     log: PerExampleLog,
@@ -410,6 +423,7 @@ def _score_persona(
             file=sys.stderr,
         )
     examples, involved = _prepare(sample, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
+    _warn_past_positions(spec, examples, sc.scorers[0].max_positions)
     ica_by_index = {}
     if sc.ica_reference:
         ica_settings = dataclasses.replace(sc.settings, method="ica", flip=())

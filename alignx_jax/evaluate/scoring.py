@@ -85,6 +85,7 @@ class SequenceScorer:
         self.mesh, self.rules = mesh, rules
         self.share_prompt = share_prompt
         self.vocab_size = int(model.cfg.vocab_size)
+        self.max_positions = int(model.cfg.max_position_embeddings or 0)  # 0: no limit known
         self.shapes: set[tuple[int, int]] = set()  # compiled (rows, length) shapes, for tests/logs
         options = model.cfg.compiler_options() or None  # model.cpu_matmul
         self._fn = jax.jit(self._logps, static_argnames=("chunk",), compiler_options=options)
