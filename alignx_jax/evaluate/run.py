@@ -397,7 +397,7 @@ def _warn_past_positions(spec: BenchmarkSpec, examples: list, limit: int) -> Non
     over = sum(n > limit for n in longest) if limit else 0
     if over:
         print(
-            f"alignx: warning: {spec.path}: {over} of {len(examples)} rows are longer ({max(longest)} tokens) "
+            f"alignx: warning: {spec.path}: {over} of {len(examples)} rows to score are longer ({max(longest)} tokens) "
             f"than the model's max_position_embeddings ({limit}); --max-length {limit} cuts them to fit",
             file=sys.stderr,
         )
@@ -423,13 +423,13 @@ def _score_persona(
             file=sys.stderr,
         )
     examples, involved = _prepare(sample, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
-    _warn_past_positions(spec, examples, sc.scorers[0].max_positions)
     ica_by_index = {}
     if sc.ica_reference:
         ica_settings = dataclasses.replace(sc.settings, method="ica", flip=())
         ica_examples, _ = _prepare(sample, spec, persona or "p", ica_settings, sc.tokenizer, None)
         ica_by_index = {ex.index: ex for ex in ica_examples}
     outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
+    _warn_past_positions(spec, [ex for ex, _ in todo], sc.scorers[0].max_positions)  # the rows scored now
     if todo:
         outcomes.extend(_score_todo(sc, log, spec, persona, rows, todo, ica_by_index))
     return outcomes
