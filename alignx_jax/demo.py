@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -307,10 +308,17 @@ def train_and_export(cfg: Any, export_dir: str) -> dict[str, Any]:
 
     from alignx_jax import export
     from alignx_jax.train.loop import run_training
+    from alignx_jax.train.signals import StopFlag
 
     workdir, steps = cfg.workdir, int(cfg.train.steps)
     ckpts = os.path.join(workdir, "checkpoints")
-    code = run_training(cfg)
+    stop = StopFlag()
+    code = run_training(cfg, stop)
+    if stop.signum is not None:  # in the last step the run finishes and saves; the demo stops all the same
+        raise AlignXError(
+            f"demo: {signal.Signals(stop.signum).name} during training {workdir}; its steps are saved, rerun "
+            "to go on"
+        )
     # a signal stops training with exit 0, at a saved step short of the budget or before the first
     # save: not a finished stage
     if code != 0 or not os.path.isdir(os.path.join(ckpts, str(steps))):
@@ -429,13 +437,32 @@ def run_eval(
 # ----------------------------------------------------------------------------- the demo
 
 
-def open_out(out: str, settings: dict[str, Any]) -> dict[str, str]:
-    """OUT made and claimed for these settings (`claim_out`: a rerun must match them), its compilation
-    cache on (`compile_cache`: OUT/.jax_cache, unless the user chose one or turned it off) -> its
-    data/models/runs/eval subfolders by name."""
+def check_inputs(out: str, inputs: dict[str, str]) -> None:
+    """OUT/demo_inputs.json records each input (a flag's file or folder: its files' sizes and modification
+    times) at the first run; a rerun whose inputs changed since is refused, since the stages it would reuse
+    were computed from the old ones (the settings hold only their paths)."""
+    from alignx_jax.workdir import path_signature
+
+    path = os.path.join(out, "demo_inputs.json")
+    before = read_json(path) if os.path.isfile(path) else {}
+    now = {flag: path_signature(where) for flag, where in inputs.items()}
+    for flag, signature in now.items():
+        if flag in before and before[flag] != signature:
+            raise ConfigError(
+                f"{out}: {flag} {inputs[flag]} changed since this folder's first run (its files' sizes or "
+                "times), and its finished stages used the old one; use a new --out"
+            )
+    write_json(path, {**before, **now})
+
+
+def open_out(out: str, settings: dict[str, Any], inputs: dict[str, str] | None = None) -> dict[str, str]:
+    """OUT made and claimed for these settings (`claim_out`: a rerun must match them) and `inputs`
+    (`check_inputs`), its compilation cache on (`compile_cache`: OUT/.jax_cache, unless the user chose one
+    or turned it off) -> its data/models/runs/eval subfolders by name."""
     from alignx_jax.compile_cache import use_compile_cache
 
     claim_out(out, settings)
+    check_inputs(out, inputs or {})
     use_compile_cache(out)
     return {k: os.path.join(out, k) for k in ("data", "models", "runs", "eval")}
 
@@ -451,7 +478,8 @@ def run_demo(
     if psoups != os.path.abspath(DEFAULT_PSOUPS) and not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file", file=psoups)
     have_psoups = os.path.isfile(psoups)
-    d = open_out(out, {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None})
+    settings = {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None}
+    d = open_out(out, settings, {"--p-soups": psoups} if have_psoups else None)
     stages = Stages(out, _stage_names(have_psoups), progress)
     init_dir = os.path.join(d["models"], "init")
     results: dict[str, Any] = {"synthetic": {}, "p_soups": {}}

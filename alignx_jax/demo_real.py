@@ -147,7 +147,7 @@ def balanced_copy(path: str, n: int | None, seed: int, dest: str) -> str:
 
 def run_steps(budget: RealBudget, train: str) -> int:
     """Every run's steps: the recipe's `train.steps`, or `train.epochs` passes of two rows per training
-    pair (the size of the training half with one contrast row per pair)."""
+    pair (the recipe's count; the contrast file the runs train on holds three, `ORIGINALS` + 1)."""
     from alignx_jax.config import load_config
 
     cfg = load_config(budget.config)
@@ -444,7 +444,17 @@ def run_real_demo(
     out = os.path.abspath(out)
     psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
     if not os.path.isfile(psoups):
-        raise DataError("--p-soups: no such file (the real demo needs a P-SOUPS file)", file=psoups)
+        raise DataError(
+            "--p-soups: no such file (the real demo needs a P-SOUPS file, e.g. student_phd.json of the "
+            "AlignX release's benchmark/P-Soups/)",
+            file=psoups,
+        )
+    for config in (
+        REAL_CONFIG,
+        budget.config.split(":")[0],
+    ):  # before the split: configs/ is in checkouts only
+        if not os.path.isfile(config):
+            raise ConfigError(f"demo config not found: {config} (run from a source checkout)")
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
     settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
     given = None  # --model's folder, resolved and checked once, before anything is written
@@ -452,7 +462,8 @@ def run_real_demo(
         settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
         check_out(out, settings)  # a refused --out before a conversion or download
         given = model_folder(model)
-    d = open_out(out, settings)
+    inputs = {"--p-soups": psoups, **({"--model": given} if given and os.path.exists(given) else {})}
+    d = open_out(out, settings, inputs)
 
     names = [
         "model",

@@ -167,3 +167,28 @@ def test_psoups_runs_train_with_the_budgets_wider_buckets(tmp_path):
         cfg.data.buckets
     )
     assert quick.psoups_buckets is None
+
+
+def test_a_rerun_whose_input_changed_is_refused(tmp_path):
+    """OUT/demo_inputs.json: the same inputs pass again; a P-SOUPS file or model folder rewritten since the
+    first run is refused in one line naming its flag (the stages a rerun reuses were computed from it)."""
+    from alignx_jax.demo import check_inputs
+    from alignx_jax.errors import ConfigError
+
+    out, data, model = tmp_path / "out", tmp_path / "p.json", tmp_path / "model"
+    out.mkdir()
+    model.mkdir()
+    data.write_text("[]")
+    (model / "config.json").write_text("{}")
+    inputs = {"--p-soups": str(data), "--model": str(model)}
+    check_inputs(str(out), inputs)
+    check_inputs(str(out), inputs)  # unchanged: reused
+    (model / "model.safetensors").write_bytes(b"new weights")
+    with pytest.raises(ConfigError, match=r"--model .*model changed since this folder's first run") as e:
+        check_inputs(str(out), inputs)
+    assert "\n" not in str(e.value)
+    (model / "model.safetensors").unlink()
+    check_inputs(str(out), inputs)  # as it was
+    data.write_text('[{"prompt": "x"}]')
+    with pytest.raises(ConfigError, match=r"--p-soups .*p.json changed"):
+        check_inputs(str(out), inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -72,10 +73,13 @@ def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypa
     workdir, saved = tmp_path / "ica", []
     ran, exported = [], []
 
-    def train(cfg):  # the steps the "run" got to save before its stop
+    signals = []  # a signal the "run" got (in its last step it still finishes and saves, exit 0)
+
+    def train(cfg, stop):  # the steps the "run" got to save before its stop
         ran.append(cfg)
         for step in saved:
             (workdir / "checkpoints" / str(step) / "params").mkdir(parents=True, exist_ok=True)
+        stop.signum = signals.pop() if signals else None
         return 0
 
     monkeypatch.setattr(loop, "run_training", train)
@@ -103,7 +107,12 @@ def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypa
             run()
     assert int(ran[0].train.steps) == 140 and not exported
     assert int(ran[0].model.frozen_layers) == 15  # the recipe's bottom half of the model's 30 blocks
-    saved.append(140)  # the budget finished: exported, with the steps it ran
+    saved.append(140)  # the budget finished, but a Ctrl-C came in its last step: the demo stops too
+    signals.append(signal.SIGINT)
+    with pytest.raises(AlignXError, match=r"demo: SIGINT during training .*ica; its steps are saved, rerun"):
+        run()
+    assert not exported
+    # the rerun: finished, exported, with the steps it ran
     assert run()["steps"] == 140 and [a.checkpoint for a in exported] == [str(workdir)]
 
 

@@ -65,9 +65,10 @@ from alignx_jax.train.step import (
 )
 
 
-def run_training(cfg: ml_collections.ConfigDict) -> int:
-    """The whole run for a loaded config; returns the exit status."""
-    stop = StopFlag()
+def run_training(cfg: ml_collections.ConfigDict, stop: StopFlag | None = None) -> int:
+    """The whole run for a loaded config; returns the exit status. `stop`: the caller's flag, to learn after
+    the run whether a signal came (one in the last step finishes the run, saved, with exit 0 too)."""
+    stop = stop or StopFlag()
     stop.install()  # first: a SIGTERM during start-up (data, model, compile) is a clean exit 0
     held: list[workdir_lib.WorkdirLock] = []
     try:
