@@ -356,6 +356,25 @@ def test_an_absent_tie_word_embeddings_is_transformers_default(family):
     assert DecoderConfig.from_hf({**hf, "model_type": family}).tie_word_embeddings == default
 
 
+def test_gemma2_without_hidden_activation_is_gelu_tanh(checkpoints, models, tmp_path):
+    """A Gemma 2 config.json with `hidden_act` but no `hidden_activation` (what transformers' Gemma2 MLP
+    reads): Gemma2Config's default GELU-tanh, not silu (max logit difference 1.0 against transformers)."""
+    import transformers
+
+    src = tmp_path / "gemma2"
+    shutil.copytree(checkpoints["gemma2"], src)
+    with open(src / "config.json") as f:
+        hf_cfg = json.load(f)
+    hf_cfg.pop("hidden_activation")
+    hf_cfg["hidden_act"] = "gelu_pytorch_tanh"
+    with open(src / "config.json", "w") as f:
+        json.dump(hf_cfg, f)
+    ours = load_pretrained(str(src))
+    assert ours.cfg.hidden_act == transformers.Gemma2Config().hidden_activation == "gelu_pytorch_tanh"
+    ids = np.arange(6, 6 + T)[None]
+    assert _rel(ours(jnp.asarray(ids)), _ref(_hf_model(str(src)), ids)) < 1e-4
+
+
 @pytest.mark.parametrize(
     "change,match",
     [

@@ -27,6 +27,8 @@ SUPPORTED_MODEL_TYPES = {
 _WRITES_HEAD_DIM = {"llama", "mistral", "qwen3", "gemma2"}  # qwen2 derives it (written if it differs)
 _WRITES_ATTENTION_BIAS = {"llama", "qwen3", "gemma2"}
 _ACT_KEY = {"gemma2": "hidden_activation"}  # the others: hidden_act
+# the activation transformers' config class assumes where config.json omits the key (the others: silu)
+_ACT_DEFAULT = {"gemma2": "gelu_pytorch_tanh"}
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -225,7 +227,8 @@ class DecoderConfig:
             if arch != SUPPORTED_MODEL_TYPES[model_type]:
                 raise CheckpointError(f"unsupported architecture {arch!r} for model_type {model_type!r}")
         act_key = _ACT_KEY.get(model_type, "hidden_act")
-        if hf.get(act_key, "silu") not in HIDDEN_ACTS:
+        act = hf.get(act_key, _ACT_DEFAULT.get(model_type, "silu"))
+        if act not in HIDDEN_ACTS:
             raise CheckpointError(
                 f"unsupported {act_key} {hf.get(act_key)!r} (supported: {', '.join(HIDDEN_ACTS)})"
             )
@@ -282,7 +285,7 @@ class DecoderConfig:
                 o_bias=False if model_type == "qwen2" else bias,
                 # absent: transformers' default for the family (Gemma2Config ties, Qwen2Config does not)
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma2")),
-                hidden_act=hf.get(act_key, "silu"),
+                hidden_act=act,
                 qk_norm=model_type == "qwen3",
                 norm_plus_one=gemma,
                 sandwich_norms=gemma,
