@@ -383,11 +383,34 @@ def test_gemma2_without_hidden_activation_is_gelu_tanh(checkpoints, models, tmp_
         ({"sliding_window": 0}, "sliding_window"),
         ({"model_type": "gemma2", "sliding_window": 8, "layer_types": ["full_attention"]}, "layer_types"),
         ({"model_type": "qwen3", "use_sliding_window": True}, "use_sliding_window"),
+        (
+            {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+            "quantization_config.quant_method='bitsandbytes'",
+        ),
     ],
 )
 def test_family_config_errors(change, match):
     with pytest.raises(CheckpointError, match=match):
         DecoderConfig.from_hf({**MISTRAL_7B_V02, "architectures": None, **change})
+
+
+def test_an_integer_weight_is_refused_not_cast(checkpoints, tmp_path):
+    """An int8 tensor under a weight's name (bitsandbytes / compressed-tensors int8 files, the same shape as
+    the float weight) is a one-line error naming it: cast to float it loaded as silent garbage."""
+    from alignx_jax.models.safetensors_io import write_safetensors
+
+    src = tmp_path / "int8"
+    shutil.copytree(checkpoints["mistral"], src)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with open(src / "model.safetensors.index.json") as f:
+        shard = str(src / json.load(f)["weight_map"][name])
+    reader = SafetensorsReader(str(src))
+    here = [n for n, e in reader.entries.items() if e[0] == shard]
+    arrays = {n: np.array(reader.get(n)) for n in here}
+    arrays[name] = np.clip(np.round(arrays[name] * 100), -127, 127).astype(np.int8)
+    write_safetensors(shard, [(n, a.shape, a.dtype) for n, a in arrays.items()], iter(arrays.values()))
+    with pytest.raises(CheckpointError, match=f"{name}' is int8, not floating point"):
+        load_pretrained(str(src))
 
 
 def test_gemma2_dpo_log_probs_apply_the_final_soft_cap(models):

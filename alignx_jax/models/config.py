@@ -232,6 +232,13 @@ class DecoderConfig:
             raise CheckpointError(
                 f"unsupported {act_key} {hf.get(act_key)!r} (supported: {', '.join(HIDDEN_ACTS)})"
             )
+        quant = hf.get("quantization_config")
+        if quant:  # packed/int8 tensors and scales: read as plain weights they are silent garbage
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise CheckpointError(
+                f"unsupported quantized checkpoint (quantization_config.quant_method={method!r}); "
+                "use the unquantized model"
+            )
         if hf.get("mlp_bias"):
             raise CheckpointError("unsupported mlp_bias=true")
         if hf.get("use_sliding_window"):

@@ -205,6 +205,11 @@ def load_pretrained(
         for name in names:
             if name not in reader:
                 raise CheckpointError(f"{path}: missing tensor {name!r}")
+            if not jnp.issubdtype(reader.dtype(name), jnp.floating):  # an int8 weight cast would be garbage
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is {np.dtype(reader.dtype(name)).name}, not floating point "
+                    "(a quantized checkpoint?)"
+                )
             want = m.expected_hf_shape(shape[1:] if m.layered else shape)
             if tuple(reader.shape(name)) != tuple(want):
                 raise CheckpointError(

@@ -100,6 +100,9 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][3]
 
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.entries[name][2])
+
     def get(self, name: str) -> np.ndarray:
         if name not in self.entries:
             raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
