@@ -240,7 +240,13 @@ def test_config_qwen2_and_rope_parameters():
     [
         ({"model_type": "gpt2"}, "unsupported model_type"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "unsupported architecture"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "unsupported rope type"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks 'low_freq_factor'"),
+        ({"rope_scaling": {"type": "linear"}}, "lacks 'factor'"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}},
+            "partial_rotary",
+        ),
         ({"hidden_act": "gelu"}, "unsupported hidden_act"),
         ({"hidden_size": "big"}, "malformed"),
     ],
@@ -256,20 +262,47 @@ def test_config_errors(change, match):
         DecoderConfig.from_hf(LLAMA31, remat="sometimes")
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0}, LLAMA31["rope_scaling"]])
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 2.0},
+        LLAMA31["rope_scaling"],
+        {k: v for k, v in LLAMA31["rope_scaling"].items() if k != "original_max_position_embeddings"},
+        YARN,  # Qwen2.5's long-context setting
+        {**YARN, "type": "yarn", "rope_type": None},  # as Qwen's README spells it
+        {**YARN, "attention_factor": 1.25, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+        {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5},
+        {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 8192},
+    ],
+)
 def test_rope_frequencies_match_transformers(scaling):
+    """inv_freq and the cos/sin factor against transformers' own RoPE init (YaRN's factor is not 1)."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    from alignx_jax.models.decoder import rope_attention_factor
+
+    if scaling and scaling.get("rope_type", "") is None:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_type"}
     hf = {**LLAMA31, "rope_scaling": scaling}
-    ours = rope_inv_freq(DecoderConfig.from_hf(hf))
+    cfg = DecoderConfig.from_hf(hf)
+    ours, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
     hcfg = LlamaConfig(**{k: v for k, v in hf.items() if k not in ("model_type", "architectures")})
-    rope_type = (scaling or {}).get("rope_type", "default")
+    rope_type = hcfg.rope_parameters["rope_type"]
     if rope_type == "default":
-        ref = 1.0 / (500000.0 ** (np.arange(0, 128, 2, dtype=np.float32) / 128))
+        ref, ref_factor = 1.0 / (500000.0 ** (np.arange(0, 128, 2, dtype=np.float32) / 128)), 1.0
     else:
-        ref = ROPE_INIT_FUNCTIONS[rope_type](hcfg, "cpu")[0].numpy()
+        ref, ref_factor = ROPE_INIT_FUNCTIONS[rope_type](hcfg, "cpu")
+        ref = ref.numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    assert factor == pytest.approx(ref_factor, rel=1e-12)
+    if rope_type == "yarn":  # the scaling does something here
+        plain = rope_inv_freq(cfg.replace(rope_scaling=None))
+        assert not np.allclose(ours, plain) and factor != 1.0
 
 
 def test_random_init_shapes():

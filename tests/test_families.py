@@ -252,6 +252,39 @@ def test_softcapped_attention_gradients_match_autodiff():
         assert _rel(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_yarn_rope_matches_transformers(tmp_path, spelling):
+    """Qwen2.5/Qwen3's long-context YaRN RoPE (refused before) over 40 tokens, past the original
+    context of 16: transformers' logits, as transformers 5 saves it and as Qwen's README spells it
+    (`rope_theta` + `rope_scaling` with `type`); KV-cached decoding agrees with the full forward."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    src = build_tiny("qwen3", str(tmp_path / "yarn"), seed=6, rope_parameters={**yarn, "rope_theta": 1e6})
+    if spelling == "rope_scaling":
+        with open(os.path.join(src, "config.json")) as f:
+            hf_cfg = json.load(f)
+        hf_cfg.pop("rope_parameters")
+        hf_cfg.update(rope_theta=1e6, rope_scaling={**yarn, "type": "yarn"})
+        del hf_cfg["rope_scaling"]["rope_type"]
+        with open(os.path.join(src, "config.json"), "w") as f:
+            json.dump(hf_cfg, f)
+    ours = load_pretrained(src)
+    assert dec.rope_attention_factor(ours.cfg) == pytest.approx(0.1 * np.log(4.0) + 1)
+    ids = np.random.default_rng(2).integers(6, 4000, size=(1, 40))
+    full = np.asarray(jax.jit(lambda i: ours(i))(jnp.asarray(ids, jnp.int32)))
+    assert _rel(full, _ref(_hf_model(src), ids)) < 1e-5
+    plain = _with_cfg(ours, ours.cfg.replace(rope_scaling=None))
+    assert _rel(plain(jnp.asarray(ids, jnp.int32)), full) > 1e-3  # YaRN changes these logits
+    step = nnx.jit(lambda m, i, k, c: m(i, k, cache=c))
+    logits, cache = step(
+        ours, jnp.asarray(ids[:, :36], jnp.int32), jnp.ones((1, 36), jnp.int32), ours.init_cache(1, 40)
+    )
+    for t in range(36, 40):
+        logits, cache = step(
+            ours, jnp.asarray(ids[:, t : t + 1], jnp.int32), jnp.ones((1, 1), jnp.int32), cache
+        )
+        assert _rel(logits[:, 0], full[:, t]) < 1e-5
+
+
 def test_every_new_param_has_logical_axes(models):
     for ours, _ in models.values():
         for path, var in nnx.to_flat_state(nnx.state(ours)):

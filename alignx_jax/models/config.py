@@ -30,7 +30,10 @@ _ACT_KEY = {"gemma2": "hidden_activation"}  # the others: hidden_act
 # the activation transformers' config class assumes where config.json omits the key (the others: silu)
 _ACT_DEFAULT = {"gemma2": "gelu_pytorch_tanh"}
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# the rope_scaling keys each type cannot do without (original_max_position_embeddings defaults, as in
+# transformers, to max_position_embeddings; YaRN's factor null is derived from that pair)
+_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto", "chunked")
 # query rows per block of the "chunked" attention (peak scores [B, N, chunk, S] instead of [B, N, T, S])
@@ -260,6 +263,13 @@ class DecoderConfig:
             if rope_type not in ROPE_TYPES:
                 raise CheckpointError(
                     f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
+                )
+            for key in _ROPE_KEYS.get(rope_type, ()):
+                if scaling.get(key) is None:
+                    raise CheckpointError(f"{style} of rope type {rope_type!r} lacks {key!r}")
+            if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:  # we rotate whole heads
+                raise CheckpointError(
+                    f"unsupported partial_rotary_factor={scaling['partial_rotary_factor']} in {style}"
                 )
             bias = bool(hf.get("attention_bias", False))
             eos = hf.get("eos_token_id")
