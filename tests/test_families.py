@@ -1,4 +1,4 @@
-"""Mistral, Qwen3 and Gemma 2 vs transformers: float32 logits (left padding, sliding windows, soft-capping),
+"""Mistral, Qwen3, Gemma and Gemma 2 vs transformers: float32 logits (left padding, sliding windows, soft-capping),
 KV-cache decoding, and the import/export round trip that transformers loads."""
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ def _perturb(model, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:  # Gemma's (1 + w) norms get w around 0, the others around 1
-                base = 0.0 if model.config.model_type == "gemma2" else 1.0
+                base = 0.0 if model.config.model_type in ("gemma", "gemma2") else 1.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def _hf_config(kind: str, **over):
-    from transformers import Gemma2Config, MistralConfig, Qwen3Config
+    from transformers import Gemma2Config, GemmaConfig, MistralConfig, Qwen3Config
 
     from alignx_jax.tokenizer import load_tokenizer
 
@@ -75,6 +75,8 @@ def _hf_config(kind: str, **over):
             final_logit_softcapping=3.0,
             sliding_window=5,
         )
+    elif kind == "gemma":  # Gemma 7B style: (1 + w) norms, scaled embeddings, GELU-tanh, tied, no window
+        cfg = GemmaConfig(**common, head_dim=24, attention_bias=True)
     else:
         raise ValueError(kind)
     for k, v in over.items():
@@ -96,7 +98,7 @@ def build_tiny(kind: str, out_dir: str, seed: int = 0, **over) -> str:
     return out_dir
 
 
-KINDS = ["mistral", "mistral_nowindow", "qwen3", "gemma2"]
+KINDS = ["mistral", "mistral_nowindow", "qwen3", "gemma", "gemma2"]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,7 @@ def checkpoints(tmp_path_factory):
         "mistral": build_tiny("mistral", str(root / "mistral"), seed=2),
         "mistral_nowindow": build_tiny("mistral", str(root / "mistral0"), seed=3, sliding_window=None),
         "qwen3": build_tiny("qwen3", str(root / "qwen3"), seed=4),
+        "gemma": build_tiny("gemma", str(root / "gemma"), seed=7),
         "gemma2": build_tiny("gemma2", str(root / "gemma2"), seed=5),
     }
 
@@ -316,7 +319,7 @@ def _with_cfg(model, cfg):
     return nnx.merge(nnx.graphdef(dec.Decoder(cfg, rngs=nnx.Rngs(0))), nnx.state(model))
 
 
-@pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma2"])
+@pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma", "gemma2"])
 def test_import_export_round_trip(checkpoints, tmp_path, kind):
     src = checkpoints[kind]
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
@@ -372,7 +375,7 @@ def test_config_mistral_7b_v02_round_trip():
     assert not v01.window_cuts(4096) and v01.window_cuts(4097)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
 def test_an_absent_tie_word_embeddings_is_transformers_default(family):
     """A config.json without the key: the family's transformers default (only Gemma2Config ties), or the
     file's lm_head.weight would be ignored."""
@@ -383,10 +386,33 @@ def test_an_absent_tie_word_embeddings_is_transformers_default(family):
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "gemma": transformers.GemmaConfig,
         "gemma2": transformers.Gemma2Config,
     }[family]().tie_word_embeddings
     hf = {k: v for k, v in MISTRAL_7B_V02.items() if k not in ("tie_word_embeddings", "architectures")}
     assert DecoderConfig.from_hf({**hf, "model_type": family}).tie_word_embeddings == default
+
+
+def test_gemma_released_gelu_is_the_tanh_approximation(checkpoints, models, tmp_path):
+    """Gemma 7B's config.json says hidden_act "gelu" (refused as a model_type before): transformers'
+    GemmaConfig reads it as gelu_pytorch_tanh, and so do we; (1 + w) norms, scaled embeddings, tied head."""
+    src = tmp_path / "gemma"
+    shutil.copytree(checkpoints["gemma"], src)
+    with open(src / "config.json") as f:
+        hf_cfg = json.load(f)
+    with open(src / "config.json", "w") as f:
+        json.dump({**hf_cfg, "hidden_act": "gelu"}, f)
+    ours = load_pretrained(str(src))
+    cfg = ours.cfg
+    assert cfg.hidden_act == "gelu_pytorch_tanh" and cfg.tie_word_embeddings and cfg.qkv_bias and cfg.o_bias
+    assert cfg.norm_plus_one and cfg.scale_embeddings and cfg.sliding_window is None
+    assert (
+        not cfg.sandwich_norms and cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None
+    )
+    ids = np.arange(6, 6 + T)[None]
+    assert _rel(ours(jnp.asarray(ids)), _ref(_hf_model(str(src)), ids)) < 1e-4
+    silu = _with_cfg(ours, cfg.replace(hidden_act="silu"))  # the activation shows in these logits
+    assert _rel(silu(jnp.asarray(ids)), ours(jnp.asarray(ids))) > 1e-3
 
 
 def test_gemma2_without_hidden_activation_is_gelu_tanh(checkpoints, models, tmp_path):

@@ -1,5 +1,5 @@
 """`DecoderConfig`: the decoder's Hugging Face `config.json` schema (model_type `llama`, `mistral`,
-`qwen2`, `qwen3` or `gemma2`), read and written faithfully (`from_hf` / `to_hf`), plus the run
+`qwen2`, `qwen3`, `gemma` or `gemma2`), read and written faithfully (`from_hf` / `to_hf`), plus the run
 options HF does not have (compute/param dtype, remat policy, scan, attention kernel, frozen blocks,
 LoRA). What a model family needs is a field the layer code (`models.decoder`) branches on."""
 
@@ -21,14 +21,23 @@ SUPPORTED_MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
 }
 # config.json conventions per family: which keys its configs spell out (for a faithful `to_hf`)
-_WRITES_HEAD_DIM = {"llama", "mistral", "qwen3", "gemma2"}  # qwen2 derives it (written if it differs)
-_WRITES_ATTENTION_BIAS = {"llama", "qwen3", "gemma2"}
+_WRITES_HEAD_DIM = {
+    "llama",
+    "mistral",
+    "qwen3",
+    "gemma",
+    "gemma2",
+}  # qwen2 derives it (written if it differs)
+_WRITES_ATTENTION_BIAS = {"llama", "qwen3", "gemma", "gemma2"}
 _ACT_KEY = {"gemma2": "hidden_activation"}  # the others: hidden_act
 # the activation transformers' config class assumes where config.json omits the key (the others: silu)
-_ACT_DEFAULT = {"gemma2": "gelu_pytorch_tanh"}
+_ACT_DEFAULT = {"gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh"}
+# Gemma's releases say hidden_act "gelu" and mean the tanh approximation (GemmaConfig rewrites it so)
+_ACT_ALIASES = {"gemma": {"gelu": "gelu_pytorch_tanh"}}
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # the rope_scaling keys each type cannot do without (original_max_position_embeddings defaults, as in
@@ -231,6 +240,7 @@ class DecoderConfig:
                 raise CheckpointError(f"unsupported architecture {arch!r} for model_type {model_type!r}")
         act_key = _ACT_KEY.get(model_type, "hidden_act")
         act = hf.get(act_key, _ACT_DEFAULT.get(model_type, "silu"))
+        act = _ACT_ALIASES.get(model_type, {}).get(act, act)
         if act not in HIDDEN_ACTS:
             raise CheckpointError(
                 f"unsupported {act_key} {hf.get(act_key)!r} (supported: {', '.join(HIDDEN_ACTS)})"
@@ -275,9 +285,12 @@ class DecoderConfig:
             eos = hf.get("eos_token_id")
             extra = {k: v for k, v in hf.items() if k not in modeled}
             gemma = model_type == "gemma2"
+            gemma_like = model_type in ("gemma", "gemma2")  # (1 + w) norms, scaled embeddings
             layers = int(hf["num_hidden_layers"])
             # qwen2/qwen3 configs carry a sliding_window they do not use (use_sliding_window=false)
-            window = None if model_type in ("llama", "qwen2", "qwen3") else hf.get("sliding_window", 4096)
+            window = (
+                None if model_type in ("llama", "qwen2", "qwen3", "gemma") else hf.get("sliding_window", 4096)
+            )
             sliding = None
             if window is not None and model_type != "mistral":  # Mistral slides on every layer
                 types = hf.get("layer_types") or [
@@ -300,13 +313,13 @@ class DecoderConfig:
                 # Qwen2 always has q/k/v biases and no o bias; the others' attention_bias covers all four
                 qkv_bias=True if model_type == "qwen2" else bias,
                 o_bias=False if model_type == "qwen2" else bias,
-                # absent: transformers' default for the family (Gemma2Config ties, Qwen2Config does not)
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma2")),
+                # absent: transformers' default for the family (the Gemma configs tie, Qwen2Config does not)
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma_like)),
                 hidden_act=act,
                 qk_norm=model_type == "qwen3",
-                norm_plus_one=gemma,
+                norm_plus_one=gemma_like,
                 sandwich_norms=gemma,
-                scale_embeddings=gemma,
+                scale_embeddings=gemma_like,
                 # transformers' Gemma2Config defaults where a key is absent
                 query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else None,
                 attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0) if gemma else None,

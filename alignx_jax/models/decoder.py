@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 decoder-only transformer in Flax NNX, with stacked
+"""Llama / Mistral / Qwen2 / Qwen3 / Gemma / Gemma 2 decoder-only transformer in Flax NNX, with stacked
 (scannable) layers.
 
 The config (`DecoderConfig`, HF `config.json` in and out) lives in `models.config` and the

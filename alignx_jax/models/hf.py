@@ -183,7 +183,7 @@ def load_pretrained(
     adapter_seed: int = 0,
     **run_options: Any,
 ) -> Decoder:
-    """A HF llama/mistral/qwen2/qwen3/gemma2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
+    """A HF llama/mistral/qwen2/qwen3/gemma/gemma2 folder -> Decoder with params in `dtype` (placed per `mesh`/`rules`, else on
     the default device). `compute_dtype` defaults to `dtype`; `run_options` go to DecoderConfig
     (remat, scan_layers, attention_impl, lora_*). With `lora_rank` the adapters are new ones drawn from
     `adapter_seed` (`models.lora.new_adapters`): the folder holds the base model only."""
