@@ -57,19 +57,9 @@ def _dtype_arg(p: argparse.ArgumentParser, help_text: str, auto: bool = False) -
     p.add_argument("--dtype", default=None, choices=choices, help=help_text)
 
 
-def _matmul_precision_arg(p: argparse.ArgumentParser) -> None:
-    """`--matmul-precision` of the commands that run a model (`model.matmul_precision` of a training config)."""
-    p.add_argument(
-        "--matmul-precision",
-        default=AUTO,
-        choices=MATMUL_PRECISIONS,
-        help="jax.default_matmul_precision of the model's products; auto: highest for a float32 model on a "
-        "GPU/TPU (their default rounds float32 inputs: TF32, one bfloat16 pass), else default",
-    )
-
-
-def _cpu_matmul_arg(p: argparse.ArgumentParser) -> None:
-    """`--cpu-matmul` of the commands that run a model (`model.cpu_matmul` of a training config)."""
+def _matmul_args(p: argparse.ArgumentParser) -> None:
+    """How the commands that run a model multiply: `--cpu-matmul` and `--matmul-precision` (a training
+    config's `model.cpu_matmul` and `model.matmul_precision`)."""
     p.add_argument(
         "--cpu-matmul",
         default=AUTO,
@@ -77,6 +67,13 @@ def _cpu_matmul_arg(p: argparse.ArgumentParser) -> None:
         help="the library XLA's CPU backend calls for matrix products (CPU only); auto: oneDNN for float32 "
         "models of hidden size >= 256 on Intel CPUs with AVX-512 (not for generation), else YNNPACK; onednn "
         "is refused on other CPUs",
+    )
+    p.add_argument(
+        "--matmul-precision",
+        default=AUTO,
+        choices=MATMUL_PRECISIONS,
+        help="jax.default_matmul_precision of the model's products; auto: highest for a float32 model on a "
+        "GPU/TPU (their default rounds float32 inputs: TF32, one bfloat16 pass), else default",
     )
 
 
@@ -272,8 +269,7 @@ def _add_eval(sub) -> None:
         "parameter/compute dtype for scoring (default float32; bfloat16 for 7-8B models)",
         auto=True,
     )
-    _cpu_matmul_arg(p)
-    _matmul_precision_arg(p)
+    _matmul_args(p)
     p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
     p.add_argument("--out", required=True, metavar="RESULTS.json")
 
@@ -290,8 +286,7 @@ def _add_generate(sub) -> None:
         "parameter/compute dtype (default: float32 for HF folders, the stored dtype for checkpoints)",
         auto=True,
     )
-    _cpu_matmul_arg(p)
-    _matmul_precision_arg(p)
+    _matmul_args(p)
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
     p.add_argument(
         "--benchmark",
