@@ -114,13 +114,16 @@ def claim_out(out: str, settings: dict[str, Any]) -> None:
     write_json(os.path.join(out, "demo_settings.json"), settings)
 
 
+STAGES_DIR = "stages"  # OUT/stages/NAME.json: a finished stage's marker
+
+
 class Stages:
     """Runs named stages once: a stage whose marker file exists is skipped on a rerun."""
 
     def __init__(self, out: str, names: Sequence[str], progress: bool = True):
         from tqdm.auto import tqdm
 
-        self.dir = os.path.join(out, "stages")
+        self.dir = os.path.join(out, STAGES_DIR)
         os.makedirs(self.dir, exist_ok=True)
         self.bar = tqdm(
             total=len(names),
@@ -314,17 +317,17 @@ def train_and_export(cfg: Any, export_dir: str) -> dict[str, Any]:
     ckpts = os.path.join(workdir, "checkpoints")
     stop = StopFlag()
     code = run_training(cfg, stop)
-    if stop.signum is not None:  # in the last step the run finishes and saves; the demo stops all the same
-        raise AlignXError(
-            f"demo: {signal.Signals(stop.signum).name} during training {workdir}; its steps are saved, rerun "
-            "to go on"
-        )
     # a signal stops training with exit 0, at a saved step short of the budget or before the first
     # save: not a finished stage
     if code != 0 or not os.path.isdir(os.path.join(ckpts, str(steps))):
         saved = [int(p) for p in (os.listdir(ckpts) if os.path.isdir(ckpts) else ()) if p.isdigit()]
         raise AlignXError(
             f"demo: training {workdir} stopped at step {max(saved, default=0)} of {steps}; rerun to resume"
+        )
+    if stop.signum is not None:  # in the last step the run finishes and saves; the demo stops all the same
+        raise AlignXError(
+            f"demo: {signal.Signals(stop.signum).name} in the last step of training {workdir}, which was "
+            "saved; rerun to go on"
         )
     shutil.rmtree(export_dir, ignore_errors=True)
     export.cli_export(
@@ -446,8 +449,10 @@ def check_inputs(out: str, inputs: dict[str, str]) -> None:
     path = os.path.join(out, "demo_inputs.json")
     before = read_json(path) if os.path.isfile(path) else {}
     now = {flag: path_signature(where) for flag, where in inputs.items()}
+    stages = os.path.join(out, STAGES_DIR)
+    finished = os.path.isdir(stages) and any(n.endswith(".json") for n in os.listdir(stages))
     for flag, signature in now.items():
-        if flag in before and before[flag] != signature:
+        if finished and flag in before and before[flag] != signature:  # no stage yet: nothing stale
             raise ConfigError(
                 f"{out}: {flag} {inputs[flag]} changed since this folder's first run (its files' sizes or "
                 "times), and its finished stages used the old one; use a new --out"

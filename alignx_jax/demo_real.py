@@ -18,7 +18,7 @@ Stages (each skipped when its marker exists; training resumes like `alignx train
   5. eval    - `alignx eval` of each trained model on the held-out half, the base model as reference.
   6. samples - three sampled responses per persona for one held-out prompt from each trained model.
   7. report  - DIR/results.json, DIR/report.md (per persona, beside the paper's P-SOUPS column),
-               DIR/accuracy.png, DIR/curves.png, DIR/generations.md.
+               DIR/accuracy.png, DIR/curves.png, DIR/generations.json and DIR/generations.md.
 """
 
 from __future__ import annotations
@@ -449,10 +449,8 @@ def run_real_demo(
             "AlignX release's benchmark/P-Soups/)",
             file=psoups,
         )
-    for config in (
-        REAL_CONFIG,
-        budget.config.split(":")[0],
-    ):  # before the split: configs/ is in checkouts only
+    # before the split: configs/ is in source checkouts only (demo_real.py reads base.py beside it)
+    for config in (REAL_CONFIG, os.path.join(os.path.dirname(REAL_CONFIG), "base.py")):
         if not os.path.isfile(config):
             raise ConfigError(f"demo config not found: {config} (run from a source checkout)")
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
@@ -462,7 +460,7 @@ def run_real_demo(
         settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
         check_out(out, settings)  # a refused --out before a conversion or download
         given = model_folder(model)
-    inputs = {"--p-soups": psoups, **({"--model": given} if given and os.path.exists(given) else {})}
+    inputs = {"--p-soups": psoups, **({"--model": given} if given else {})}
     d = open_out(out, settings, inputs)
 
     names = [

@@ -91,6 +91,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     step = dpo_step.JaxStep(policy, reference, setup, chunk=args.chunk, compact=v != "no_compact")
     compile_s = time.perf_counter() - t0
+    # what `--attention-impl auto` (or a variant's) became for these rows: the JSON names the kernel timed
+    kernel = policy._attention_impl(setup.seq_len, cached=False, branches=False)
     del policy, reference
     losses = [step() for _ in range(args.warmup)]
     times = []
@@ -108,6 +110,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
         "compile_seconds": compile_s,
+        "attention_kernel": kernel,
         "peak_memory_bytes": step.peak_memory_bytes(),
         # whether XLA recomputed to fit the card (its recomputed FLOPs are in no MFU here)
         "remat_instructions": remat_instructions(hlo),

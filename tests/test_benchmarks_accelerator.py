@@ -27,6 +27,7 @@ def test_variants_agree_and_a_failed_variant_is_recorded(bench, monkeypatch):
     assert one_block["loss_diff_vs_default"] < 1e-5
     # the default's attention is auto, on a CPU the xla kernel: the same program as the xla variant
     assert args.attention_impl == "auto" and out["variants"]["xla"]["loss_diff_vs_default"] == 0.0
+    assert default["attention_kernel"] == one_block["attention_kernel"] == "xla"
     assert one_block["speedup_vs_default"] > 0
     # a CPU has no device memory limit to fit: nothing is rematerialized
     assert default["remat_instructions"] == 0

@@ -171,7 +171,8 @@ def test_psoups_runs_train_with_the_budgets_wider_buckets(tmp_path):
 
 def test_a_rerun_whose_input_changed_is_refused(tmp_path):
     """OUT/demo_inputs.json: the same inputs pass again; a P-SOUPS file or model folder rewritten since the
-    first run is refused in one line naming its flag (the stages a rerun reuses were computed from it)."""
+    first run is refused in one line naming its flag once a stage finished (a rerun would reuse it), and
+    taken as the new input before any has."""
     from alignx_jax.demo import check_inputs
     from alignx_jax.errors import ConfigError
 
@@ -182,6 +183,10 @@ def test_a_rerun_whose_input_changed_is_refused(tmp_path):
     (model / "config.json").write_text("{}")
     inputs = {"--p-soups": str(data), "--model": str(model)}
     check_inputs(str(out), inputs)
+    data.write_text("[ ]")  # fixed after a first run that stopped before any stage finished: taken
+    check_inputs(str(out), inputs)
+    (out / "stages").mkdir()
+    (out / "stages" / "split.json").write_text("{}")
     check_inputs(str(out), inputs)  # unchanged: reused
     (model / "model.safetensors").write_bytes(b"new weights")
     with pytest.raises(ConfigError, match=r"--model .*model changed since this folder's first run") as e:

@@ -109,7 +109,9 @@ def test_training_stopped_by_a_signal_is_not_a_finished_stage(tmp_path, monkeypa
     assert int(ran[0].model.frozen_layers) == 15  # the recipe's bottom half of the model's 30 blocks
     saved.append(140)  # the budget finished, but a Ctrl-C came in its last step: the demo stops too
     signals.append(signal.SIGINT)
-    with pytest.raises(AlignXError, match=r"demo: SIGINT during training .*ica; its steps are saved, rerun"):
+    with pytest.raises(
+        AlignXError, match=r"demo: SIGINT in the last step of training .*ica, which was saved; rerun"
+    ):
         run()
     assert not exported
     # the rerun: finished, exported, with the steps it ran

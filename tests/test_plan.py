@@ -444,6 +444,10 @@ def test_plan_lowers_the_step_train_runs(tmp_path, share):
         worst = plan_batch(cfg, trainer.mesh, trainer.rules)
         cfg.model.matmul_precision = "highest"  # train traces its step at the level; so does the plan
         highest = lower_step(cfg, trainer.mesh, trainer.rules, collated=coll)["lowered"].as_text()
+        cfg.model.matmul_precision = "auto"  # a float32 model planned for a GPU: highest, as train runs there
+        for_gpu = lower_step(cfg, trainer.mesh, trainer.rules, collated=coll, platform="gpu")[
+            "lowered"
+        ].as_text()
     finally:
         for lock in held:
             lock.release()
@@ -456,7 +460,7 @@ def test_plan_lowers_the_step_train_runs(tmp_path, share):
     assert sig(planned["batch"]) == sig(batch)
     assert sig(planned["params"]) == sig(trainer.params)
     assert planned["lowered"].as_text() == train_text
-    assert "HIGHEST" not in train_text and "HIGHEST" in highest
+    assert "HIGHEST" not in train_text and "HIGHEST" in highest and "HIGHEST" in for_gpu
     # the worst case: the run's layout and fields (kept-token indices only where padding remains), same dtypes
     assert type(worst) is type(batch)
     same = jax.tree.map(

@@ -144,11 +144,18 @@ def _abstract_head(cfg: ml_collections.ConfigDict, mesh, rules, dcfg, rep) -> _A
 
 
 def lower_step(
-    cfg: ml_collections.ConfigDict, mesh, rules, dcfg=None, *, collated: dict[str, Any] | None = None
+    cfg: ml_collections.ConfigDict,
+    mesh,
+    rules,
+    dcfg=None,
+    *,
+    collated: dict[str, Any] | None = None,
+    platform: str | None = None,
 ) -> dict[str, Any]:
     """Lower the step `alignx train` jits for `cfg` (`train.step.jit_train_step`: same shardings, same
     donation) on abstract params, optimizer state, reference and `plan_batch`. Returns the lowered
-    computation and its abstract arguments ('params', 'opt_state', 'reference', 'batch')."""
+    computation and its abstract arguments ('params', 'opt_state', 'reference', 'batch'). `platform`: the
+    one the plan is for (a topology's, where CPU devices stand in for it; default: the mesh's devices')."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from alignx_jax import sharding as shd
@@ -190,8 +197,8 @@ def lower_step(
         head_codec=None if head is None else head.codec,
         head_tx=None if head is None else head.tx,
     )
-    # at the precision `alignx train` traces the step with on the devices compiled for
-    platform = str(mesh.devices.flat[0].platform)
+    # at the precision `alignx train` traces the step with on the platform planned for
+    platform = platform or str(mesh.devices.flat[0].platform)
     precision = hardware.matmul_precision(str(cfg.model.matmul_precision), str(dcfg.dtype), platform)
     with shd.use_mesh(mesh, rules), precision:
         lowered = jitted.lower(params_in, opt_in, None if precomputed and not lora_on else ref_in, batch_in)

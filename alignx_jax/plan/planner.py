@@ -159,7 +159,9 @@ def plan(
 
     t0 = time.perf_counter()
     # traced under the mesh: the model picks the target's code paths (sharding.target_platform)
-    low = lower_step(cfg, mesh, rules, dcfg)
+    low = lower_step(
+        cfg, mesh, rules, dcfg, platform=None if topology.platform == "local" else topology.platform
+    )
     notes += _step_notes(low, dcfg)
     t_lower = time.perf_counter() - t0
     compiled = low["lowered"].compile()
