@@ -125,17 +125,15 @@ class Trainer:
     def run(self, held: list) -> int:
         try:
             self.set_up(held)  # checks the config and makes model.dtype concrete
-        except _StoppedInStartUp:
-            return stopped_in_start_up(self.stop, self.is_main)
-        # every program the run traces multiplies at model.matmul_precision (JAX reads it at trace time)
-        with matmul_precision(str(self.cfg.model.matmul_precision), str(self.cfg.model.dtype)) as level:
-            if self.is_main and level != "default":
-                given = str(self.cfg.model.matmul_precision)
-                why = f"auto -> {level} ({self.cfg.model.dtype} on {jax.default_backend()})"
-                print(
-                    f"alignx train: model.matmul_precision {why if given == AUTO else given}", file=sys.stderr
-                )
-            try:
+            # every program the run traces multiplies at model.matmul_precision (JAX reads it at trace time)
+            given = str(self.cfg.model.matmul_precision)
+            with matmul_precision(given, str(self.cfg.model.dtype)) as level:
+                if self.is_main and level != "default":
+                    why = f"auto -> {level} ({self.cfg.model.dtype} on {jax.default_backend()})"
+                    print(
+                        f"alignx train: model.matmul_precision {why if given == AUTO else given}",
+                        file=sys.stderr,
+                    )
                 self.open_data()
                 self.build_state()
                 self.restore()
@@ -154,9 +152,9 @@ class Trainer:
                 if self.eval_every:
                     self.eval_fn = jit_eval_step(self.codec, self.cfg, self.head_codec)
                 self.check_stop()
-            except _StoppedInStartUp:
-                return stopped_in_start_up(self.stop, self.is_main)
-            return self.train()
+                return self.train()  # raises no _StoppedInStartUp: its stops are step-boundary saves
+        except _StoppedInStartUp:
+            return stopped_in_start_up(self.stop, self.is_main)
 
     def check_stop(self) -> None:
         """Start-up: stop before the first step when a signal arrived (on any process, see `stop_agreed`)."""
