@@ -76,6 +76,45 @@ _MODELED_KEYS = {
 }
 
 
+def _refuse_unmodeled(hf: dict[str, Any]) -> None:
+    """CheckpointError for a config.json feature the layer code does not model (loaded, it would be wrong)."""
+    quant = hf.get("quantization_config")
+    if quant:  # packed/int8 tensors and scales: read as plain weights they are silent garbage
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise CheckpointError(
+            f"unsupported quantized checkpoint (quantization_config.quant_method={method!r}); "
+            "use the unquantized model"
+        )
+    for key in ("mlp_bias", "use_sliding_window", "use_bidirectional_attention"):
+        if hf.get(key):
+            raise CheckpointError(f"unsupported {key}=true")
+
+
+def _rope_of(hf: dict[str, Any]) -> tuple[str, dict[str, Any], float]:
+    """(the key config.json spells RoPE under, its scaling settings less the theta, the theta), checked
+    for a type the decoder computes and the keys that type needs (transformers 5's `rope_parameters`, or
+    the older `rope_scaling` beside a top-level `rope_theta`)."""
+    rope_params = hf.get("rope_parameters")
+    style = "rope_parameters" if isinstance(rope_params, dict) else "rope_scaling"
+    if style == "rope_parameters":
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    else:
+        scaling = dict(hf.get("rope_scaling") or {})
+        theta = float(hf.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise CheckpointError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    for key in _ROPE_KEYS.get(rope_type, ()):
+        if scaling.get(key) is None:
+            raise CheckpointError(f"{style} of rope type {rope_type!r} lacks {key!r}")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:  # we rotate whole heads
+        raise CheckpointError(
+            f"unsupported partial_rotary_factor={scaling['partial_rotary_factor']} in {style}"
+        )
+    return style, scaling, theta
+
+
 def _freeze(x: Any) -> Any:
     """Dicts/lists -> sorted tuples so the config stays hashable (it is static under jit)."""
     if isinstance(x, dict):
@@ -245,42 +284,11 @@ class DecoderConfig:
             raise CheckpointError(
                 f"unsupported {act_key} {hf.get(act_key)!r} (supported: {', '.join(HIDDEN_ACTS)})"
             )
-        quant = hf.get("quantization_config")
-        if quant:  # packed/int8 tensors and scales: read as plain weights they are silent garbage
-            method = quant.get("quant_method") if isinstance(quant, dict) else quant
-            raise CheckpointError(
-                f"unsupported quantized checkpoint (quantization_config.quant_method={method!r}); "
-                "use the unquantized model"
-            )
-        if hf.get("mlp_bias"):
-            raise CheckpointError("unsupported mlp_bias=true")
-        if hf.get("use_sliding_window"):
-            raise CheckpointError("unsupported use_sliding_window=true")
-        if hf.get("use_bidirectional_attention"):
-            raise CheckpointError("unsupported use_bidirectional_attention=true")
+        _refuse_unmodeled(hf)
         modeled = _MODELED_KEYS if act_key == "hidden_act" else _MODELED_KEYS - {"hidden_act"}
         try:
             hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-            rope_params = hf.get("rope_parameters")
-            style = "rope_parameters" if isinstance(rope_params, dict) else "rope_scaling"
-            if style == "rope_parameters":
-                scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-                theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-            else:
-                scaling = dict(hf.get("rope_scaling") or {})
-                theta = float(hf.get("rope_theta", 10000.0))
-            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-            if rope_type not in ROPE_TYPES:
-                raise CheckpointError(
-                    f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})"
-                )
-            for key in _ROPE_KEYS.get(rope_type, ()):
-                if scaling.get(key) is None:
-                    raise CheckpointError(f"{style} of rope type {rope_type!r} lacks {key!r}")
-            if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:  # we rotate whole heads
-                raise CheckpointError(
-                    f"unsupported partial_rotary_factor={scaling['partial_rotary_factor']} in {style}"
-                )
+            style, scaling, theta = _rope_of(hf)
             bias = bool(hf.get("attention_bias", False))
             eos = hf.get("eos_token_id")
             extra = {k: v for k, v in hf.items() if k not in modeled}
