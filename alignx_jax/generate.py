@@ -414,6 +414,26 @@ def _other_job(
     return None
 
 
+def _not_yet_generated(
+    log, name: str, path: str, rows: list, picks: list[int], args, fmt: str, settings
+) -> list[int]:
+    """The picked rows --out does not hold yet; a row it holds must come from the same job (a resume appends
+    to what an earlier command generated), else a DataError naming the row."""
+    todo = []
+    for i in picks:
+        done = log.get((name, None, i))
+        if done is None:
+            todo.append(i)
+            continue
+        where = f"{path}'s row {i} (another file under the name {name}?)"
+        problem = _other_job(
+            done, method=args.method, fmt=fmt, prompt=rows[i]["prompt"], where=where, settings=settings
+        )
+        if problem:
+            raise DataError(f"row {i} was generated {problem}; use a new --out file", file=args.out)
+    return todo
+
+
 def _generate_benchmark(args) -> int:
     """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
     method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
@@ -452,18 +472,7 @@ def _generate_benchmark(args) -> int:
     main = paths.is_main_process()
     log = PerExampleLog.for_job(args.out, flag="--out")
     try:
-        todo = []
-        for i in picks:
-            done = log.get((name, None, i))
-            if done is None:
-                todo.append(i)
-                continue
-            where = f"{path}'s row {i} (another file under the name {name}?)"
-            problem = _other_job(
-                done, method=args.method, fmt=fmt, prompt=rows[i]["prompt"], where=where, settings=settings
-            )
-            if problem:  # a resume appends to what an earlier command generated: it must be the same job
-                raise DataError(f"row {i} was generated {problem}; use a new --out file", file=args.out)
+        todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings)
         if not todo:
             if main:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
