@@ -3,7 +3,7 @@
 
 The config (`DecoderConfig`, HF `config.json` in and out) lives in `models.config` and the
 attention kernels and mask in `models.attention`; both are re-exported here. This module holds the
-layers: pure functions over arrays (RoPE, RMSNorm, the projections, `decoder_layer`) and the NNX
+layers: pure functions over arrays (RMSNorm, the projections, `decoder_layer`; RoPE is `models.rope`) and the NNX
 modules that store the weights (`Decoder`). What a family needs is a config field the layer code
 branches on: q/k/v(/o) biases, per-head q/k RMSNorm (`qk_norm`, Qwen3), Gemma's `(1 + w)` RMSNorm,
 scaled embeddings, post-attention/-MLP norms (`sandwich_norms`), GELU-tanh MLP,
@@ -52,6 +52,12 @@ from alignx_jax.models.config import (  # noqa: F401  (re-exported: the decoder'
     DecoderConfig,
 )
 from alignx_jax.models.matmul import dense, dense_many
+from alignx_jax.models.rope import (
+    apply_rope,
+    rope_attention_factor,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from alignx_jax.sharding import annotated, constrain, target_platform
 
 # k/v: [L, B, K, S, H] stacked, or (`init_cache(per_layer=True)`) tuples of L arrays [B, K, S, H]
@@ -61,83 +67,6 @@ LayerParams = dict | tuple[dict, ...]
 
 
 # ---- building blocks (pure functions over arrays) ----------------------------------------------
-
-
-def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim/2] with the config's scaling (default, linear, llama3, yarn)."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    scaling = cfg.rope_scaling_dict or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    # transformers' default for the context the model was pretrained at: max_position_embeddings
-    old_ctx = float(scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
-    if kind == "linear":
-        inv = inv / float(scaling["factor"])
-    elif kind == "llama3":
-        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        inv = np.where(medium, blended, scaled)
-    elif kind == "yarn":
-        # YaRN (Qwen2.5/Qwen3 long context): dims turning fewer than beta_slow times over the old
-        # context are interpolated (/ factor), more than beta_fast times kept, a linear ramp between.
-        factor = _yarn_factor(cfg, scaling)
-        fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
-        turns_dim = lambda turns: (
-            dim * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
-        )
-        low, high = turns_dim(fast), turns_dim(slow)
-        if scaling.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        high = high + 0.001 if low == high else high  # transformers' guard against a zero-width ramp
-        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
-        inv = (inv / factor) * ramp + inv * (1 - ramp)
-    return inv.astype(np.float32)
-
-
-def _yarn_factor(cfg: DecoderConfig, scaling: dict) -> float:
-    """YaRN's `factor`; null: the ratio of max_position_embeddings to the original context (transformers)."""
-    if scaling.get("factor") is not None:
-        return float(scaling["factor"])
-    old_ctx = scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
-    return cfg.max_position_embeddings / float(old_ctx)
-
-
-def rope_attention_factor(cfg: DecoderConfig) -> float:
-    """What cos and sin are multiplied by: YaRN's attention temperature (`attention_factor`, else
-    0.1 ln(factor) + 1, or with mscale/mscale_all_dim their ratio), 1.0 for the other RoPE types."""
-    scaling = cfg.rope_scaling_dict or {}
-    if scaling.get("rope_type", scaling.get("type")) != "yarn":
-        return 1.0
-    if scaling.get("attention_factor") is not None:
-        return float(scaling["attention_factor"])
-    factor = _yarn_factor(cfg, scaling)
-    mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    return mscale(float(m)) / mscale(float(m_all)) if m and m_all else mscale(1.0)
-
-
-def rope_cos_sin(
-    positions_BT: jax.Array, inv_freq: np.ndarray, dtype, scale: float = 1.0
-) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, H] of the positions, times `scale` (`rope_attention_factor`) in float32."""
-    freqs_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)  # HF's rotate-half layout
-    if scale == 1.0:
-        return jnp.cos(emb_BTH).astype(dtype), jnp.sin(emb_BTH).astype(dtype)
-    return (jnp.cos(emb_BTH) * scale).astype(dtype), (jnp.sin(emb_BTH) * scale).astype(dtype)
-
-
-def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    half = x_BTNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
