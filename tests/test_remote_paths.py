@@ -412,7 +412,7 @@ def _train_on_a_bucket(monkeypatch, w, *extra, config="tiny_cpu.py"):
     """`alignx train` of a few tiny steps with workdir `w` (a URL) and a stand-in checkpointer (orbax writes
     gs:// through tensorstore): (the checkpointer's directories, the steps it saved, the bucket's
     metrics.jsonl steps at each save)."""
-    import alignx_jax.train.loop as loop
+    import alignx_jax.train.checkpoints as train_checkpoints
     from alignx_jax.metrics import read_metrics
     from alignx_jax.train.cli import cli_train
 
@@ -437,7 +437,7 @@ def _train_on_a_bucket(monkeypatch, w, *extra, config="tiny_cpu.py"):
         def close(self):
             pass
 
-    monkeypatch.setattr(loop, "TrainCheckpointer", FakeCheckpointer)
+    monkeypatch.setattr(train_checkpoints, "TrainCheckpointer", FakeCheckpointer)
     overrides = [
         "--config.model.init.hidden_size=32",
         "--config.model.init.intermediate_size=64",

@@ -53,6 +53,7 @@ Modules (one owner per concept):
   * `train.setup`: workdir, data, reference folder, derived-file fingerprints
   * `train.signals`: the SIGTERM/SIGINT stop flag
   * `train.loop`: `run_training` and its `Trainer`
+  * `train.checkpoints`: the `Trainer`'s checkpoints (saved meta, save, resume, the non-finite error)
   * `train.cli`: `alignx train`
 The batch layout is `alignx_jax.batch`; PBA's head steps are `alignx_jax.pba`. The names below
 are re-exported so `from alignx_jax import train; train.X` keeps working.
