@@ -22,14 +22,14 @@ choices (`METHODS`, `REFERENCE_MODES`, ...) are defined here.
 import dataclasses
 import functools
 import math
-import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args
 
 import ml_collections
 
 from alignx_jax import losses, paths
+from alignx_jax.config_types import describe_type, matches_type
 from alignx_jax.data import persona as persona_lib
 from alignx_jax.data import prompts as prompts_lib
 from alignx_jax.data.batching import OVERFLOW_POLICIES, reserve
@@ -392,68 +392,13 @@ def _lay(node: ml_collections.ConfigDict, saved: Mapping[str, Any], cls: type, p
             _lay(node[key], value, tp, name + ".")
             continue
         value = _tuples(value)
-        if not _matches(value, tp):
-            raise ConfigError(f"saved config: {name}={value!r}: expected {_describe(tp)}")
+        if not matches_type(value, tp):
+            raise ConfigError(f"saved config: {name}={value!r}: expected {describe_type(tp)}")
         with node.ignore_type():
             node[key] = value
 
 
 # ----------------------------------------------------------------------------- types
-
-
-def _is_union(tp: Any) -> bool:
-    return get_origin(tp) is Union or isinstance(tp, types.UnionType)
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether `value` is of the schema type `tp` (an int is a float; a list is a tuple)."""
-    if tp is Any:
-        return True
-    if tp is type(None):
-        return value is None
-    if _is_union(tp):
-        return any(_matches(value, t) for t in get_args(tp))
-    if get_origin(tp) is Literal:
-        return any(type(value) is type(a) and value == a for a in get_args(tp))
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if get_origin(tp) is tuple:
-        if not isinstance(value, (tuple, list)):
-            return False
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, t) for v, t in zip(value, args))
-    return isinstance(value, tp)
-
-
-_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "None"}
-_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
-
-
-def _describe(tp: Any) -> str:
-    """`tp` in words, for an error line: 'an integer', 'a tuple of integers', 'one of a, b'."""
-    if tp in _NAMES:
-        return _NAMES[tp]
-    if _is_union(tp):
-        return " or ".join(_describe(t) for t in get_args(tp))
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(str(a) for a in get_args(tp))
-    if get_origin(tp) is tuple:
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            inner = _PLURALS.get(args[0]) or f"({_describe(args[0])})s"
-            return f"a tuple of {inner}"
-        if len(set(args)) == 1 and args[0] in _PLURALS:
-            return f"a tuple of {len(args)} {_PLURALS[args[0]]}"
-        return f"a tuple ({', '.join(_describe(t) for t in args)})"
-    return getattr(tp, "__name__", str(tp))
 
 
 def check_types(cfg: ml_collections.ConfigDict) -> None:
@@ -476,8 +421,8 @@ def _check_section(node: Any, cls: type, prefix: str) -> None:
         value = node[key]
         if dataclasses.is_dataclass(tp):
             _check_section(value, tp, name + ".")
-        elif not _matches(value, tp):
-            raise ConfigError(f"{name}={value!r}: expected {_describe(tp)}")
+        elif not matches_type(value, tp):
+            raise ConfigError(f"{name}={value!r}: expected {describe_type(tp)}")
     extra = sorted(set(node.keys()) - {k for k, _ in known})
     if extra:
         raise ConfigError(f"unknown config key {prefix + extra[0]!r} (not in alignx_jax.config_schema)")
