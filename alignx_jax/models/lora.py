@@ -27,7 +27,7 @@ from flax import nnx
 from alignx_jax.errors import ConfigError
 from alignx_jax.sharding import annotated, variable_axes
 
-# the decoder's projection names (models.decoder.Attention / MLP) LoRA can adapt
+# the decoder's projection names (models.weights.Attention / MLP) LoRA can adapt
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_KEYS = ("lora_a", "lora_b")
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
