@@ -169,7 +169,7 @@ class DataSection:
     # The value is the kept-token sizes per row length (kept count rounded up to 1/8 of the
     # positions: at most 8 compiled step shapes per bucket, <= 1/8 padding computed); 0 = off.
     compact_tokens: int = 8
-    overflow: Overflow = "drop"  # release: longer prompts dropped; 'truncate' left-truncates the prompt
+    overflow: Overflow = "drop"  # a pair over max_length: skip it, or 'truncate' it to fit (batching._fit)
     skip_bad_rows: bool = False  # drop (and count) malformed rows instead of stopping
     shuffle: bool = True  # shuffle rows every epoch (seeded by train.seed)
     # > 0: batches of rows of similar token length, from groups of this many batches (less padding;
@@ -293,7 +293,7 @@ class PBASection:
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # for the {0, 0.5, 1} classes
     mode: PbaMode = "joint"  # 'joint' (trained in the DPO step) | 'two_stage' (fit on the final policy)
     # P~ in the policy's prompt: 'golden' (the row's own pair-level direction: the golden-direction variant) |
-    # 'history' (the release: its P~ rule on the row's sampled history) | 'predicted' | 'mix' (see train.py)
+    # 'history' (the release: its P~ rule on the row's sampled history) | 'predicted' | 'mix' (see train/loop.py)
     preference: PbaPreference = "golden"
     mix_predicted: float = (
         0.5  # 'mix': the fraction of rows (fixed per row) whose profile is the predicted P~

@@ -8,7 +8,7 @@ Stages (each skipped when its outputs are complete; training resumes like `align
   2. init    - one random-init tiny decoder saved as an HF folder (DIR/models/init): every run
                starts from it and uses it as the frozen reference, and it is the `base` row.
   3. train   - the same config and budget (configs/demo_cpu.py) for `data.method` none, ica, pba;
-               export each (`alignx export`); PBA gets its preference head: joint if train.py
+               export each (`alignx export`); PBA gets its preference head: joint if training
                wrote one, else the two-stage head trainer on the PBA policy's backbone.
   4. eval    - `alignx eval` on the held-out users: non_personalized, ica (persona P),
                pba_predicted, pba_golden, and base (the initial model, ICA prompt, no reference).

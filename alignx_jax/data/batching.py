@@ -43,7 +43,8 @@ DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192)
 RELEASE_RESERVE = 513
 # where a PBA training row's profile comes from when no explicit `profile` is given (module docstring)
 PBA_PROFILE_SOURCES = ("golden", "history")
-# a row whose prompt alone leaves no room for a response: left-truncate its prompt, or drop the row
+# a training pair over max_length (release format: a prompt that leaves no room for a response): cut its
+# ids from the left to fit, or drop the pair (`_fit`)
 OVERFLOW_POLICIES = ("truncate", "drop")
 
 

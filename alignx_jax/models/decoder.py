@@ -140,8 +140,8 @@ def decoder_layer(
     lora_scale: float = 0.0,
 ):
     """One pre-norm block on one layer's params `p`. `mask` is the attention mask in the form
-    `cfg.attention_impl` takes (`models.attention.kernel_mask`). With `cache_kv=(k_BSKH, v_BSKH)`
-    (head-major, [B, K, S, H]) the new keys and values are written at `cache_index` and attention
+    `cfg.attention_impl` takes (`models.attention.kernel_mask`). With `cache_kv=(k_BKSH, v_BKSH)`
+    (head-major) the new keys and values are written at `cache_index` and attention
     reads the whole cache; `cache_index=None` is a prefill into an empty cache (written from slot 0,
     attention causal over the new tokens alone, as without a cache).
 
@@ -400,7 +400,7 @@ class Decoder(nnx.Module):
         if impl == "auto" and target_platform() == "tpu" and not cached and not branches and T % 128 == 0:
             return "splash"
         if impl == "auto":
-            # on an H200 the cuDNN kernel ran a 1B-class bf16 step 1.22x as fast as xla (BENCHMARKS.md §8)
+            # the cuDNN kernel is the faster one where it applies (BENCHMARKS.md §8)
             return "cudnn" if target_platform() == "gpu" and self._cudnn_applies(cached) else "xla"
         if impl == "cudnn" and target_platform() != "gpu":  # else jax's own error, a long traceback
             raise ConfigError(
