@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -94,6 +95,15 @@ def test_prepare_splits_and_skip_bad_rows(synth_dir, tmp_path):
         assert [held[i] for i in range(len(held))] == rows[4:]
     held = open_source(str(src / "test" / "rows.jsonl"), split=HELD_OUT)  # a file: its rows
     assert len(held) == 2 and held.where(1) == (str(src / "test" / "rows.jsonl"), 1)
+
+
+def test_prepare_leaves_no_temporary_folder(synth_dir, tmp_path, monkeypatch):
+    """TFDS's builder made an empty tmp*tfds folder per prepare (a look in its public bucket) and left it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert prepare(synth_dir, str(tmp_path / "out"))["splits"]["train"]["rows"] == 90
+    assert os.listdir(tmp) == []
 
 
 # ------------------------------------------------------------------ loader

@@ -3,9 +3,10 @@
 Runs without TensorFlow (not installed here; tests/test_sources.py asserts that): TFDS 4.9's
 `GeneratorBasedBuilder` with `file_format='array_record'` serializes examples with its own
 protobuf/numpy code path, and `as_data_source()` / `tfds.data_source` / `tfds.builder_from_directory`
-read them back through `array_record` random access. Two TFDS details matter here:
-  * `_info()` builds `tfds.core.DatasetInfo` directly: `dataset_info_from_configs` wants a package
-    folder with metadata files next to the builder's module, which a library module does not have;
+read them back through `array_record` random access. Some TFDS details matter here:
+  * `_info()` builds a `tfds.core.DatasetInfo` directly: `dataset_info_from_configs` wants a package
+    folder with metadata files next to the builder's module, which a library module does not have; its
+    `initialize_from_bucket` does nothing (TFDS's left an empty folder in /tmp at every construction);
   * `code_path` is overridden: TFDS 4.9.10 derives it through `importlib_resources.abc`, a
     backport it only installs on Python < 3.9, so on 3.11 any builder living in a package fails
     with ModuleNotFoundError. The module's own file is the right answer anyway;
@@ -65,6 +66,13 @@ def decode_row(value: Any) -> dict:
     return json.loads(value.decode("utf-8") if isinstance(value, bytes) else value)
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    # TFDS's version makes an empty /tmp/tmp*tfds folder it never removes, then looks in its public
+    # bucket for a precomputed info, where this dataset never is
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class AlignX(tfds.core.GeneratorBasedBuilder):
     """AlignX-schema preference rows from local files (one JSON string per row)."""
 
@@ -96,7 +104,7 @@ class AlignX(tfds.core.GeneratorBasedBuilder):
         pass
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             description="AlignX personalized preference rows (prompt, chosen, rejected, persona fields), "
             "each stored as one JSON string.",
