@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,39 @@ def test_prepare_leaves_no_temporary_folder(synth_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     assert prepare(synth_dir, str(tmp_path / "out"))["splits"]["train"]["rows"] == 90
     assert os.listdir(tmp) == []
+
+
+def test_prepare_lists_the_source_once(synth_dir, tmp_path, monkeypatch):
+    """A split folder is walked once per prepare (it was walked for the stray-file check, then each split
+    twice more); a TFDS folder inside a split is still refused before anything is written."""
+    rows = [open_source(synth_dir)[i] for i in range(4)]
+    src = tmp_path / "src"
+    for split, part in (("train", rows[:3]), ("test", rows[3:])):
+        (src / split / "sub").mkdir(parents=True)
+        (src / split / "sub" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    walked, real_walk = [], os.walk
+
+    def counting(top, *a, **kw):
+        if str(top).startswith(str(src)):
+            walked.append(str(top))
+        return real_walk(top, *a, **kw)
+
+    monkeypatch.setattr(os, "walk", counting)
+    result = prepare(str(src), str(tmp_path / "out"))
+    assert result["splits"] == {"train": {"rows": 3, "skipped": 0}, "test": {"rows": 1, "skipped": 0}}
+    assert walked == [str(src)]
+    monkeypatch.undo()
+    tfds_folder = src / "test" / "alignx" / "1.0.0"  # a TFDS dataset 3 levels below src, 2 below test/
+    tfds_folder.mkdir(parents=True)
+    for name in ("features.json", "dataset_info.json"):
+        (tfds_folder / name).write_text("{}")
+    with pytest.raises(DataError, match=r"test: a TFDS dataset folder"):
+        prepare(str(src), str(tmp_path / "out2"))
+    shutil.rmtree(src / "test" / "alignx")
+    (src / "validation").mkdir()  # an empty split folder, refused as before
+    with pytest.raises(DataError, match=r"validation: folder holds no .parquet, .jsonl or .json files"):
+        prepare(str(src), str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()
 
 
 # ------------------------------------------------------------------ loader

@@ -274,12 +274,7 @@ def list_files(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise DataError("no such file or folder", file=path)
-    if any(glob.glob(os.path.join(glob.escape(path), *["*"] * depth, "features.json")) for depth in range(3)):
-        raise DataError(
-            "a TFDS dataset folder: `alignx data prepare`'s (train and eval read it; data check, split and "
-            "contrast read the parquet/JSON(L) files it was made from) or another builder's, not rows",
-            file=path,
-        )
+    refuse_tfds_folder(path)
     found = []
     for root, dirs, files in os.walk(path):
         # dot-folders (.ipynb_checkpoints, .git) hold copies, not data: skipped as dot-files are
@@ -288,8 +283,21 @@ def list_files(path: str) -> list[str]:
             if _is_data_name(name):
                 found.append(os.path.join(root, name))
     if not found:
-        raise DataError("folder holds no .parquet, .jsonl or .json files", file=path)
+        raise DataError(NO_DATA_FILES, file=path)
     return sorted(found, key=lambda p: os.path.relpath(p, path))
+
+
+NO_DATA_FILES = "folder holds no .parquet, .jsonl or .json files"
+
+
+def refuse_tfds_folder(path: str) -> None:
+    """A DataError where the local folder `path` holds a TFDS dataset up to 2 levels down."""
+    if any(glob.glob(os.path.join(glob.escape(path), *["*"] * depth, "features.json")) for depth in range(3)):
+        raise DataError(
+            "a TFDS dataset folder: `alignx data prepare`'s (train and eval read it; data check, split and "
+            "contrast read the parquet/JSON(L) files it was made from) or another builder's, not rows",
+            file=path,
+        )
 
 
 SPLIT_DIRS = ("train", "validation", "test")  # `alignx data split`'s sub-folders, one split each
@@ -298,6 +306,12 @@ SPLIT_DIRS = ("train", "validation", "test")  # `alignx data split`'s sub-folder
 def split_folders(path: str) -> dict[str, str]:
     """A folder's split sub-folders (split name -> path), {} where it has none. Data files beside them
     are an error naming one: no command would read them."""
+    return {split: folder for split, (folder, _) in split_listing(path).items()}
+
+
+def split_listing(path: str) -> dict[str, tuple[str, list[str]]]:
+    """`split_folders` with each split's data files (`list_files`' order; [] for an empty sub-folder), from
+    one listing of `path`."""
     if not paths.is_dir(path):
         return {}
     url = paths.is_url(path)
@@ -306,16 +320,18 @@ def split_folders(path: str) -> dict[str, str]:
         return f"{path.rstrip('/')}/{sub}" if url else os.path.join(path, sub)
 
     found = {s: join(s) for s in SPLIT_DIRS if paths.is_dir(join(s))}
-    if found:
-        inside = tuple(p.rstrip("/") + ("/" if url else os.sep) for p in found.values())
-        stray = [f for f in list_files(path) if not f.startswith(inside)]
-        if stray:
-            raise DataError(
-                f"{len(stray)} data file(s) beside the split folders {'/, '.join(found)}/ would not be read, "
-                f"e.g. {stray[0]} (move them into a split folder or give their own path)",
-                file=path,
-            )
-    return found
+    if not found:
+        return {}
+    inside = {s: p.rstrip("/") + ("/" if url else os.sep) for s, p in found.items()}
+    files = list_files(path)
+    stray = [f for f in files if not f.startswith(tuple(inside.values()))]
+    if stray:
+        raise DataError(
+            f"{len(stray)} data file(s) beside the split folders {'/, '.join(found)}/ would not be read, "
+            f"e.g. {stray[0]} (move them into a split folder or give their own path)",
+            file=path,
+        )
+    return {s: (folder, [f for f in files if f.startswith(inside[s])]) for s, folder in found.items()}
 
 
 def _is_data_name(name: str) -> bool:
@@ -342,7 +358,7 @@ def _list_url(url: str) -> list[str]:
     except Exception as e:  # the storage client's errors (permissions, network) vary by backend
         raise DataError(f"cannot list: {one_line(e)}", file=url) from None
     if not found:
-        raise DataError("folder holds no .parquet, .jsonl or .json files", file=url)
+        raise DataError(NO_DATA_FILES, file=url)
     return [u for _, u in sorted(found)]
 
 
@@ -501,14 +517,19 @@ def head_rows(path: str, n: int = 100) -> list[Any]:
 
 
 def iter_rows(
-    path: str, *, kind: str = "auto", skip_bad: bool = False, counts: dict[str, int] | None = None
+    path: str,
+    *,
+    kind: str = "auto",
+    skip_bad: bool = False,
+    counts: dict[str, int] | None = None,
+    files: list[str] | None = None,
 ) -> Iterator[tuple[dict, str, int]]:
     """`load`'s rows as (row, file, row number there), reading one file at a time: a data set larger than
     memory streams (`alignx data prepare`). `counts` gets "rows" and "skipped" as they go (and
-    "first_skipped", the first skipped row's error)."""
+    "first_skipped", the first skipped row's error). `files`: `list_files(path)` where the caller has it."""
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
-    names = list_files(path)
+    names = list_files(path) if files is None else files
     if kind == "auto":  # as `load`: the first 100 rows of each file
         kind = detect_kind([r for name in names for r in head_rows(name)])
     counts = {} if counts is None else counts

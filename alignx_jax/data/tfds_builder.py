@@ -31,13 +31,21 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
 
 
-def split_sources(source: str) -> dict[str, str]:
-    """split name -> path: the folder's train/validation/test sub-folders if it has any, else train."""
-    return schema.split_folders(source) or {"train": source}
+def split_sources(source: str) -> dict[str, tuple[str, list[str]]]:
+    """split name -> (path, its data files): the folder's train/validation/test sub-folders if it has any,
+    else train. `source` is listed once; a missing or empty folder fails here, before anything is written."""
+    splits = schema.split_listing(source)
+    for path, files in splits.values():  # as list_files(path) would refuse them
+        if not files:
+            raise DataError(schema.NO_DATA_FILES, file=path)
+        if not paths.is_url(path):
+            schema.refuse_tfds_folder(path)
+    return splits or {"train": (source, schema.list_files(source))}
 
 
 def _json_default(x: Any) -> Any:
@@ -118,15 +126,13 @@ class AlignX(tfds.core.GeneratorBasedBuilder):
         if not source:
             raise DataError("the alignx builder needs a source file or folder")
         splits = split_sources(source)
-        for path in splits.values():  # the files are listed (a missing or empty folder fails) before writing
-            schema.list_files(path)
-        return {split: self._generate_examples(split, path) for split, path in splits.items()}
+        return {split: self._generate_examples(split, path, files) for split, (path, files) in splits.items()}
 
-    def _generate_examples(self, split: str, path: str):  # type: ignore[override]
+    def _generate_examples(self, split: str, path: str, files: list[str]):  # type: ignore[override]
         """The split's rows, validated as they stream one file at a time (memory: one file, not the data
         set); a bad row is a DataError that ends the preparation, whose temporary folder `prepare` removes."""
         counts = self.counts.setdefault(split, {})
-        rows = schema.iter_rows(path, kind=self._kind, skip_bad=self._skip_bad, counts=counts)
+        rows = schema.iter_rows(path, kind=self._kind, skip_bad=self._skip_bad, counts=counts, files=files)
         for i, (row, file, index) in enumerate(rows):
             yield i, {"row": encode_row(row, file, index), "index": i}
         if not counts["rows"]:
