@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
@@ -211,3 +212,33 @@ def cli_env(devices: int | None = None) -> dict[str, str]:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["XLA_FLAGS"] = xla_flags(devices)
     return env
+
+
+def count_reads(monkeypatch, root) -> collections.Counter:
+    """Bytes read through Python's `open` from each file under `root` (keyed by its path) from now on: reads
+    of a local file, and those of a gs:// file under the stand-in bucket (tests/test_remote_paths.py)."""
+    import builtins
+
+    read: collections.Counter = collections.Counter()
+    real_open, root = builtins.open, os.fspath(root)
+
+    class Counted(io.FileIO):  # the two calls BufferedReader reads a raw file with
+        def readinto(self, b):
+            n = super().readinto(b)
+            read[self.name] += n or 0
+            return n
+
+        def readall(self):
+            data = super().readall()
+            read[self.name] += len(data)
+            return data
+
+    def counting_open(file, mode="r", encoding=None, **kwargs):
+        path = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        if not path.startswith(root) or any(c in mode for c in "wax+") or set(kwargs) - {"errors", "newline"}:
+            return real_open(file, mode, encoding=encoding, **kwargs)
+        f = io.BufferedReader(Counted(path))
+        return f if "b" in mode else io.TextIOWrapper(f, encoding=encoding, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return read

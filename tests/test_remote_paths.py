@@ -585,6 +585,36 @@ def test_row_files_and_folders_on_a_bucket(fake_gcs, tmp_path, capsys):
     assert f"{BUCKET}/nope" in err and len(err.strip().splitlines()) == 1
 
 
+def test_prepare_from_a_bucket_reads_each_file_once(fake_gcs, tmp_path, monkeypatch):
+    """`data prepare gs://...` finds the kind from each file's first rows reading only as far as they go (it
+    read every file at a URL whole for them, then again for its rows), and writes every row."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import count_reads
+
+    from alignx_jax.data import sources
+
+    rng = np.random.default_rng(1)
+    rows = [dict(r, chosen=rng.bytes(2000).hex()) for r in _rows(900)]  # 4 kB a row that compresses little
+    url = f"{BUCKET}/rows"
+    local = fake_gcs.local(url)
+    local.mkdir(parents=True)
+    (local / "a.json").write_text(json.dumps(rows, indent=1))
+    (local / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # pages of a few rows: as a default file's 1 MiB pages are a small part of a large file
+    pq.write_table(
+        pa.Table.from_pylist(rows), local / "c.parquet", data_page_size=1 << 14, write_batch_size=8
+    )
+    read = count_reads(monkeypatch, fake_gcs.root)
+    result = sources.prepare(url, str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert result["splits"] == {"train": {"rows": 2700, "skipped": 0}}
+    for name in ("a.json", "b.jsonl", "c.parquet"):  # once whole, plus a head of 100 rows of 900 (was twice)
+        size = (local / name).stat().st_size
+        assert size <= read[str(local / name)] < 1.5 * size, (name, size, read)
+
+
 def test_hf_model_folder_on_a_bucket_is_copied_once(fake_gcs, tmp_path, monkeypatch, tiny_hf_checkpoints):
     """model.hf_path=gs://... resolves to a local copy (same logits as the local folder); a second
     resolve re-uses it without reading the bucket again; a URL without config.json is one line."""

@@ -13,6 +13,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import count_reads
 
 from alignx_jax.data import schema as schema_mod
 from alignx_jax.data import synth
@@ -138,6 +139,24 @@ def test_prepare_lists_the_source_once(synth_dir, tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"validation: folder holds no .parquet, .jsonl or .json files"):
         prepare(str(src), str(tmp_path / "out2"))
     assert not (tmp_path / "out2").exists()
+
+
+def test_prepare_reads_each_file_once(synth_dir, tmp_path, monkeypatch):
+    """The kind is found from each file's first 100 rows before any row is written, reading a JSON file only
+    as far as they go: it was read whole for them, then again for its rows (a file at a URL too:
+    tests/test_remote_paths.py)."""
+    rows = [open_source(synth_dir)[i] for i in range(90)] * 10
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.json").write_text(json.dumps(rows, indent=1))
+    (src / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = count_reads(monkeypatch, src)
+    result = prepare(str(src), str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert result["splits"] == {"train": {"rows": 1800, "skipped": 0}}
+    for name in ("a.json", "b.jsonl"):  # once whole, plus the head: a tenth of the rows, twice at most
+        size = (src / name).stat().st_size
+        assert size <= read[str(src / name)] < 1.3 * size, (name, size, read)
 
 
 # ------------------------------------------------------------------ loader

@@ -493,26 +493,95 @@ def _validated(raw: RawFile, kind: str, skip_bad: bool, offset: int = 0) -> Iter
 
 
 def head_rows(path: str, n: int = 100) -> list[Any]:
-    """The first `n` raw rows of one file, reading a local parquet or JSONL file only that far (a parquet
-    file: its first record batch; a JSON list is parsed whole; a JSONL line that is not JSON is skipped
-    here, `read_file` names it)."""
-    if file_format(path) != "jsonl" or paths.is_url(path):  # a parquet file's first record batch, else whole
-        first = next(_file_chunks(path), None)
-        return [] if first is None else first[0].rows[:n]
-    rows: list[Any] = []
+    """The first `n` raw rows of one file (local or a URL), reading it only as far as they go: a parquet
+    file's first record batch, a JSONL file's first lines, a JSON list's first items. A JSONL line that is
+    not JSON is skipped here and a JSON syntax error ends the items (`read_file` names either)."""
+    fmt = file_format(path)
     try:
-        with open(path, encoding="utf-8") as f:  # a file's lines end at line breaks only, not at U+2028
-            for line in f:
-                if len(rows) >= n:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line.removeprefix("\ufeff")))
-                except json.JSONDecodeError:
-                    continue
+        with paths.path(path).open("rb") if paths.is_url(path) else open(path, "rb") as f:
+            if fmt == "parquet":
+                return _parquet_head(f, n, path)
+            if fmt == "jsonl":
+                return _jsonl_head(f, n)
+            return _json_list_head(io.TextIOWrapper(f, encoding="utf-8-sig"), n)
+    except DataError:
+        raise
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read: {e}", file=path) from None
+    except Exception as e:  # a bucket client's own error types
+        raise DataError(f"cannot read: {one_line(e)}", file=path) from None
+
+
+def _parquet_head(f: Any, n: int, path: str) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    try:
+        # pages streamed as needed: each column's first, not the whole row group (often the whole file)
+        reader = pq.ParquetFile(f, buffer_size=1 << 14, pre_buffer=False)
+        first = next(reader.iter_batches(batch_size=n), None)
+    except Exception as e:  # pyarrow raises several types
+        raise DataError(f"cannot read parquet: {one_line(e)}", file=path) from None
+    return [] if first is None else first.to_pylist()
+
+
+def _jsonl_head(f: Any, n: int) -> list[Any]:
+    rows: list[Any] = []
+    for line in f:  # a binary file's lines end at b"\n" only, as read_file's (not at U+2028)
+        if len(rows) >= n:
+            break
+        text = line.decode("utf-8").removeprefix("\ufeff")
+        if not text.strip():
+            continue
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+HEAD_CHUNK = 1 << 16  # characters of a JSON file `head_rows` reads first (then as many again as it holds)
+
+
+def _json_list_head(f: io.TextIOBase, n: int) -> list[Any]:
+    """The first `n` items of the JSON list in the text file `f`, read no further than they end ([] where
+    it holds no list)."""
+    decoder = json.JSONDecoder()
+    buf, pos, rows = "", 0, []
+
+    def more() -> bool:  # reads as long as the buffer: a long item is decoded a logarithmic number of times
+        nonlocal buf
+        chunk = f.read(max(HEAD_CHUNK, len(buf)))
+        buf += chunk
+        return bool(chunk)
+
+    def token() -> str:  # the next character past JSON white space ("" at the end of the file)
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos : pos + 1]
+
+    if token() != "[":
+        return []
+    pos += 1
+    while len(rows) < n and token():
+        start, size = pos, len(buf)
+        try:
+            item, pos = decoder.raw_decode(buf, start)
+        except json.JSONDecodeError:
+            pos = -1
+        sep = token() if pos >= 0 else None
+        if sep in (",", "]"):
+            rows.append(item)
+            if sep == "]":
+                break
+            pos += 1
+            continue
+        # an item cut off at the buffer's end goes on past it (a number too: "0.5" read as far as "0.")
+        pos = start
+        if len(buf) == size and not more():
+            break
     return rows
 
 
@@ -530,7 +599,9 @@ def iter_rows(
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
     names = list_files(path) if files is None else files
-    if kind == "auto":  # as `load`: the first 100 rows of each file
+    # the kind comes from every file's first 100 rows (as `load`'s) before any row is validated: a second
+    # pass, kept cheap by reading each file only as far as those rows
+    if kind == "auto":
         kind = detect_kind([r for name in names for r in head_rows(name)])
     counts = {} if counts is None else counts
     counts.update(rows=0, skipped=0)
