@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from conftest import count_reads
+from conftest import count_reads, run_cli
 
 from alignx_jax.data import schema as schema_mod
 from alignx_jax.data import synth
@@ -157,6 +157,56 @@ def test_prepare_reads_each_file_once(synth_dir, tmp_path, monkeypatch):
     for name in ("a.json", "b.jsonl"):  # once whole, plus the head: a tenth of the rows, twice at most
         size = (src / name).stat().st_size
         assert size <= read[str(src / name)] < 1.3 * size, (name, size, read)
+
+
+def test_a_killed_prepares_folder_goes_with_the_next_prepare(synth_dir, tmp_path):
+    """A SIGKILLed prepare leaves OUT/alignx/incomplete.* and OUT/downloads/extracted: the next prepare into
+    OUT removes them, holding OUT/alignx's flock (as every prepare does while it writes) and finding only
+    TFDS's files there; a folder of that name holding another file is kept and named; while another prepare
+    holds the flock, one is refused and touches nothing."""
+    import fcntl
+    import signal
+
+    out = tmp_path / "out"
+    kill_at_first_row = (
+        "import os, signal, sys\n"
+        "from alignx_jax.data import sources, tfds_builder\n"
+        "tfds_builder.encode_row = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sources.prepare(sys.argv[1], sys.argv[2])\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", kill_at_first_row, synth_dir, str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=180,
+    )
+    assert r.returncode == -signal.SIGKILL
+    (left,) = glob.glob(str(out / "alignx" / "incomplete.*"))
+    assert (out / "downloads" / "extracted").is_dir()
+    # what a kill later on leaves there too: a shard and a TFDS temporary file
+    with open(os.path.join(left, "alignx-train.array_record-00000-of-00001"), "wb") as f:
+        f.write(b"\0" * 64)
+    with open(os.path.join(left, f"incomplete.{'0' * 32}.features.json"), "w") as f:
+        f.write("{")
+    user = out / "alignx" / "incomplete.USER01_1.0.0"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (out / "alignx" / "incomplete.notes").mkdir()
+    fd = os.open(out / "alignx", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another prepare writing there
+        with pytest.raises(DataError, match="another `alignx data prepare` is writing there"):
+            prepare(synth_dir, str(out))
+    finally:
+        os.close(fd)
+    assert len(os.listdir(left)) == 2 and (out / "downloads" / "extracted").is_dir()
+    r = run_cli(["data", "prepare", "--source", synth_dir, "--out", out])
+    assert r.returncode == 0, r.stderr
+    assert f"removed {left}: the unfinished folder of a prepare that was killed" in r.stdout
+    assert f"alignx: warning: {user}: " in r.stderr and f"rm -r {user}" in r.stderr
+    assert sorted(os.listdir(out)) == ["alignx"]
+    assert sorted(os.listdir(out / "alignx")) == ["1.0.0", "incomplete.USER01_1.0.0", "incomplete.notes"]
+    assert (user / "notes.txt").read_text() == "mine" and len(open_source(str(out))) == 90
 
 
 # ------------------------------------------------------------------ loader

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -207,17 +208,25 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
     before = set(os.listdir(parent)) if had_parent else set()
     downloads = os.path.join(out_dir, "downloads")  # TFDS makes OUT/downloads/extracted, empty here
     had_out, had_downloads = os.path.exists(out_dir), os.path.exists(downloads)
+    lock, removed, kept, writing, failed = None, [], [], False, True
     try:
+        if not paths.is_url(out_dir):
+            os.makedirs(parent, exist_ok=True)
+            lock = _lock_folder(parent)
+            removed, kept = _remove_killed_runs_folders(parent, proven=lock is not None)
+            # a killed prepare's empty OUT/downloads/extracted go with its folder (they are no user's)
+            had_downloads = had_downloads and not removed
+        writing = True
         builder.download_and_prepare()
+        failed = False
     except BaseException:  # a bad row, Ctrl-C: this call's temporary folders go, nothing else
-        failed = True
-        for name in set(os.listdir(parent)) - before if os.path.isdir(parent) else ():
+        for name in set(os.listdir(parent)) - before if writing and os.path.isdir(parent) else ():
             if name.startswith("incomplete."):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         raise
-    else:
-        failed = False
     finally:  # the empty folders this call made (OUT too when it failed): never a folder that was there
+        if lock is not None:
+            os.close(lock)
         made = [] if had_downloads else [os.path.join(downloads, "extracted"), downloads]
         if failed:
             made += [parent] * (not had_parent) + [out_dir] * (not had_out)
@@ -225,11 +234,77 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
             if os.path.isdir(empty) and not os.listdir(empty):
                 os.rmdir(empty)
     files = sorted(glob.glob(os.path.join(builder.data_dir, "*.array_record*")))
-    return {"dataset_dir": builder.data_dir, "splits": builder.counts, "files": files}
+    return {
+        "dataset_dir": builder.data_dir,
+        "splits": builder.counts,
+        "files": files,
+        "removed": removed,
+        "kept": kept,
+    }
+
+
+# TFDS's unfinished version folder (utils.incomplete_dir) and the files it writes there: the shards, the
+# JSON files, their temporary names (utils.incomplete_file(s)) and the shuffler's buckets (writer.py, shuffle.py)
+_INCOMPLETE_DIR = re.compile(r"incomplete\.[A-Z0-9]{6}_\d+\.\d+\.\d+")
+_TFDS_FILE = re.compile(
+    r"(incomplete\.[0-9a-f]{32}\.)?(alignx-[a-z]+\.array_record-\d{5}-of-\d{5}(_index\.json)?"
+    r"|dataset_info\.json|features\.json)|bucket_[0-9a-f-]{36}_\d{3}\.tmp"
+)
+
+
+def _lock_folder(folder: str) -> int | None:
+    """An open descriptor of `folder` holding its flock (released when closed, or by the kernel when the
+    process dies); None where the file system has no flock. Another holder: a DataError."""
+    import errno
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise DataError(
+                "another `alignx data prepare` is writing there; wait for it or choose another --out",
+                file=folder,
+            ) from None
+        return None  # ENOLCK, EOPNOTSUPP
+    return fd
+
+
+def _remove_killed_runs_folders(parent: str, *, proven: bool) -> tuple[list[str], list[str]]:
+    """(removed, kept): OUT/alignx's unfinished TFDS folders, a killed prepare's (no cleanup runs on SIGKILL).
+    One is removed where that is proven: this process holds OUT/alignx's flock (`proven`; every prepare holds
+    it while it writes, so none is writing there) and the folder holds only files TFDS writes."""
+    removed, kept = [], []
+    for name in sorted(os.listdir(parent)):
+        folder = os.path.join(parent, name)
+        if not _INCOMPLETE_DIR.fullmatch(name) or not os.path.isdir(folder):
+            continue
+        ours = not os.path.islink(folder) and all(
+            e.is_file(follow_symlinks=False) and _TFDS_FILE.fullmatch(e.name) for e in os.scandir(folder)
+        )
+        if proven and ours:
+            shutil.rmtree(folder)
+            removed.append(folder)
+        else:
+            kept.append(folder)
+    return removed, kept
 
 
 def cli_prepare(args: argparse.Namespace) -> int:
+    import sys
+
     result = prepare(args.source, args.out, skip_bad=args.skip_bad_rows)
+    for folder in result["removed"]:
+        print(f"removed {folder}: the unfinished folder of a prepare that was killed")
+    for folder in result["kept"]:
+        print(
+            f"alignx: warning: {folder}: an unfinished TFDS folder, a killed prepare's or one this process "
+            f"cannot tell is (no flock here, or files TFDS does not write); once no prepare writes to "
+            f"{args.out}, remove it: rm -r {folder}",
+            file=sys.stderr,
+        )
     for split, c in result["splits"].items():
         first = f" (the first: {c['first_skipped']})" if c.get("first_skipped") else ""
         print(f"{split}: {c['rows']} rows written, {c['skipped']} skipped{first}")
