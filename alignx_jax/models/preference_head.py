@@ -6,6 +6,8 @@ vector through a LayerNorm and a one-hidden-layer MLP to logits `[B, 90, 3]` ove
 (negative=0, neutral=0.5, positive=1). The release does not ship its P̃ predictor (docs/method.md section 5);
 this head is this project's learned replacement for it.
 
+Shape suffixes: D is the backbone's hidden width, K the 90 preference dims, C the 3 classes.
+
 What lives here (one concept: the head and its I/O):
   * `HeadConfig`, `PreferenceHead` (NNX; params carry logical axis names so it shards with the model)
   * `direction_to_labels` / `labels_to_direction`, `head_loss` (class-weighted or focal CE)
@@ -197,22 +199,22 @@ def head_params(head: PreferenceHead) -> dict[str, Any]:
     return nnx.to_pure_dict(nnx.state(head, nnx.Param))
 
 
-def direction_to_labels(direction_BD):
+def direction_to_labels(direction_BK):
     """Direction values {0, 0.5, 1} -> class indices {0, 1, 2} (int32); numpy in, numpy out."""
-    xp = np if isinstance(direction_BD, (np.ndarray, list, tuple)) else jnp
-    d = xp.asarray(direction_BD, dtype=xp.float32)
+    xp = np if isinstance(direction_BK, (np.ndarray, list, tuple)) else jnp
+    d = xp.asarray(direction_BK, dtype=xp.float32)
     return xp.clip(xp.round(d * 2.0), 0, 2).astype(xp.int32)
 
 
-def labels_to_direction(labels_BD):
+def labels_to_direction(labels_BK):
     """Class indices {0, 1, 2} -> direction values {0, 0.5, 1} (float32)."""
-    xp = np if isinstance(labels_BD, (np.ndarray, list, tuple)) else jnp
-    return xp.asarray(LABEL_VALUES, dtype=xp.float32)[xp.asarray(labels_BD)]
+    xp = np if isinstance(labels_BK, (np.ndarray, list, tuple)) else jnp
+    return xp.asarray(LABEL_VALUES, dtype=xp.float32)[xp.asarray(labels_BK)]
 
 
 def head_loss(
-    logits_BDC: jax.Array,
-    direction_BD: jax.Array,
+    logits_BKC: jax.Array,
+    direction_BK: jax.Array,
     *,
     class_weights: Sequence[float] | None = None,
     focal_gamma: float = 0.0,
@@ -224,45 +226,45 @@ def head_loss(
     Most dims of most rows are neutral, so plain CE learns "always neutral"; `class_weights`
     (per class, in `LABEL_VALUES` order) and/or focal loss (`focal_gamma` > 0 scales each term by
     (1 - p_true)^gamma) push it to the rare non-neutral labels. `mask` is `[B]` (rows, e.g. padding
-    pairs or rows with no direction) or `[B, D]`. The mean is weighted: sum(w m l) / sum(w m);
+    pairs or rows with no direction) or `[B, K]`. The mean is weighted: sum(w m l) / sum(w m);
     with `normalizer` it is sum(w m l) / normalizer (additive over micro-batches).
     """
-    labels_BD = direction_to_labels(jnp.asarray(direction_BD))
-    logp_BDC = jax.nn.log_softmax(logits_BDC.astype(jnp.float32), axis=-1)
-    logp_BD = jnp.take_along_axis(logp_BDC, labels_BD[..., None], axis=-1)[..., 0]
-    nll_BD = -logp_BD
+    labels_BK = direction_to_labels(jnp.asarray(direction_BK))
+    logp_BKC = jax.nn.log_softmax(logits_BKC.astype(jnp.float32), axis=-1)
+    logp_BK = jnp.take_along_axis(logp_BKC, labels_BK[..., None], axis=-1)[..., 0]
+    nll_BK = -logp_BK
     if focal_gamma:
-        nll_BD = nll_BD * (1.0 - jnp.exp(logp_BD)) ** focal_gamma
-    w_BD = jnp.ones_like(nll_BD)
+        nll_BK = nll_BK * (1.0 - jnp.exp(logp_BK)) ** focal_gamma
+    w_BK = jnp.ones_like(nll_BK)
     if class_weights is not None:
         cw = jnp.asarray(class_weights, jnp.float32)
-        w_BD = cw[labels_BD]
+        w_BK = cw[labels_BK]
     if mask is not None:
         m = jnp.asarray(mask, jnp.float32)
-        w_BD = w_BD * (m[:, None] if m.ndim == 1 else m)
+        w_BK = w_BK * (m[:, None] if m.ndim == 1 else m)
     if normalizer is not None:
-        return jnp.sum(w_BD * nll_BD) / normalizer
-    return jnp.sum(w_BD * nll_BD) / jnp.maximum(jnp.sum(w_BD), 1e-8)
+        return jnp.sum(w_BK * nll_BK) / normalizer
+    return jnp.sum(w_BK * nll_BK) / jnp.maximum(jnp.sum(w_BK), 1e-8)
 
 
 # ----------------------------------------------------------------------------- decision rule
 
 
-def expected_direction(probs_BDC) -> np.ndarray:
+def expected_direction(probs_BKC) -> np.ndarray:
     """E[v] = p(neg) 0 + p(neu) 0.5 + p(pos) 1 per dim (float64), the analogue of the release's mean."""
-    p = np.asarray(probs_BDC, dtype=np.float64)
+    p = np.asarray(probs_BKC, dtype=np.float64)
     p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-30)
     return p @ np.asarray(LABEL_VALUES, dtype=np.float64)
 
 
-def release_fallback(values_D: np.ndarray) -> np.ndarray:
+def release_fallback(values_K: np.ndarray) -> np.ndarray:
     """The release's rule for an all-neutral row, applied to one row of scores in [0, 1].
 
     docs/method.md section 5: if 1 - max < min, the dims equal to the max become 1; else (an exact tie
     1 - max == min included) the dims equal to the min become 0; the rest stay 0.5. "Equal" allows
     `_EPS` as `data.persona.release_direction` does, so tied dims all flip together.
     """
-    v = np.asarray(values_D, dtype=np.float64)
+    v = np.asarray(values_K, dtype=np.float64)
     out = np.full(v.shape, 0.5, dtype=np.float32)
     hi, lo = v.max(), v.min()
     if 1.0 - hi < lo - _EPS:
@@ -273,13 +275,13 @@ def release_fallback(values_D: np.ndarray) -> np.ndarray:
 
 
 def predict_direction(
-    probs_BDC,
+    probs_BKC,
     *,
     rule: str = "argmax",
     pos_threshold: float = RELEASE_POS_THRESHOLD,
     neg_threshold: float = RELEASE_NEG_THRESHOLD,
 ) -> np.ndarray:
-    """Head probabilities `[B, D, 3]` -> a direction `[B, D]` in {0, 0.5, 1} (float32, numpy).
+    """Head probabilities `[B, K, 3]` -> a direction `[B, K]` in {0, 0.5, 1} (float32, numpy).
 
     rule='argmax': the most probable class. Ties: if neutral is among the most probable classes,
     or negative and positive tie for the top, the dim is neutral (undecided -> no claim).
@@ -289,10 +291,10 @@ def predict_direction(
     Fallback (both rules): a row that comes out all-neutral gets `release_fallback(E)`, i.e. the
     release's fallback applied to E as it is applied to the mean — so a profile is never empty.
     """
-    p = np.asarray(probs_BDC, dtype=np.float64)
+    p = np.asarray(probs_BKC, dtype=np.float64)
     if p.ndim != 3 or p.shape[-1] != len(LABEL_VALUES):
-        raise ValueError(f"predict_direction expects probabilities [B, D, 3], got shape {p.shape}")
-    E_BD = expected_direction(p)
+        raise ValueError(f"predict_direction expects probabilities [B, K, 3], got shape {p.shape}")
+    E_BK = expected_direction(p)
     if rule == "argmax":
         is_max = p == p.max(axis=-1, keepdims=True)
         undecided = is_max[..., NEUTRAL] | (is_max[..., NEGATIVE] & is_max[..., POSITIVE])
@@ -303,28 +305,28 @@ def predict_direction(
                 f"predict_direction: neg_threshold {neg_threshold} must be < pos_threshold {pos_threshold}"
             )
         out = np.where(
-            pos_threshold - _EPS <= E_BD, 1.0, np.where(neg_threshold + _EPS >= E_BD, 0.0, 0.5)
+            pos_threshold - _EPS <= E_BK, 1.0, np.where(neg_threshold + _EPS >= E_BK, 0.0, 0.5)
         ).astype(np.float32)
     else:
         raise ConfigError(f"predict_direction: rule must be one of {RULES}, got {rule!r}")
     for b in np.nonzero(np.all(out == 0.5, axis=-1))[0]:
-        out[b] = release_fallback(E_BD[b])
+        out[b] = release_fallback(E_BK[b])
     return out
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
-def head_metrics(pred_BD, gold_BD) -> dict[str, float]:
+def head_metrics(pred_BK, gold_BK) -> dict[str, float]:
     """Per-dim agreement of predicted and gold directions (rows with gold None must be dropped).
 
-    accuracy: exact match averaged over all B x D entries; accuracy_non_neutral: over the entries
+    accuracy: exact match averaged over all B x K entries; accuracy_non_neutral: over the entries
     whose gold is non-neutral (the ones that end up in profile text); macro_f1: the mean of the
     per-class F1 over {0, 0.5, 1}, leaving out a class absent from both gold and prediction;
     f1_negative / f1_neutral / f1_positive: the per-class F1 (nan when absent from both).
     """
-    pred = direction_to_labels(np.asarray(pred_BD, dtype=np.float32))
-    gold = direction_to_labels(np.asarray(gold_BD, dtype=np.float32))
+    pred = direction_to_labels(np.asarray(pred_BK, dtype=np.float32))
+    gold = direction_to_labels(np.asarray(gold_BK, dtype=np.float32))
     if pred.shape != gold.shape:
         raise ValueError(f"head_metrics: prediction {pred.shape} and gold {gold.shape} differ in shape")
     out: dict[str, float] = {"n": float(gold.shape[0]) if gold.ndim else 0.0}
@@ -400,7 +402,7 @@ def _head_probs(head: PreferenceHead, feats_BD: jax.Array) -> jax.Array:
 
 
 def head_probs(head: PreferenceHead, features_ND: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
-    """Softmax of the head's logits on pooled features -> `[N, D, 3]` float32."""
+    """Softmax of the head's logits on pooled features -> `[N, K, 3]` float32."""
     parts = [
         np.asarray(_head_probs(head, jnp.asarray(features_ND[i : i + batch_size])))
         for i in range(0, len(features_ND), batch_size)
@@ -452,35 +454,35 @@ def joint_head_term(
         hidden_BSD = model.hidden_states(ids_BS, mask_BS)
         if _cfg_get(pba, "stop_gradient", True):
             hidden_BSD = jax.lax.stop_gradient(hidden_BSD)
-        logits_BDC = head(hidden_BSD, mask_BS)
+        logits_BKC = head(hidden_BSD, mask_BS)
         row_mask_B = batch.get("pair_mask")
         cw = _cfg_get(pba, "class_weights", None)
         norm = (
             None
             if n_pairs is None
-            else jnp.maximum(jnp.asarray(n_pairs, jnp.float32), 1.0) * logits_BDC.shape[1]
+            else jnp.maximum(jnp.asarray(n_pairs, jnp.float32), 1.0) * logits_BKC.shape[1]
         )
         ce = head_loss(
-            logits_BDC,
+            logits_BKC,
             batch["direction"],
             class_weights=None if cw is None else tuple(cw),
             focal_gamma=float(_cfg_get(pba, "focal_gamma", 0.0) or 0.0),
             mask=row_mask_B,
             normalizer=norm,
         )
-        labels_BD = direction_to_labels(jnp.asarray(batch["direction"]))
-        hit_BD = (jnp.argmax(logits_BDC, axis=-1) == labels_BD).astype(jnp.float32)
+        labels_BK = direction_to_labels(jnp.asarray(batch["direction"]))
+        hit_BK = (jnp.argmax(logits_BKC, axis=-1) == labels_BK).astype(jnp.float32)
         m_B = (
-            jnp.ones(hit_BD.shape[:1], jnp.float32)
+            jnp.ones(hit_BK.shape[:1], jnp.float32)
             if row_mask_B is None
             else jnp.asarray(row_mask_B, jnp.float32)
         )
-        nn_BD = (labels_BD != NEUTRAL).astype(jnp.float32) * m_B[:, None]
+        nn_BK = (labels_BK != NEUTRAL).astype(jnp.float32) * m_B[:, None]
         metrics = {
             "head_loss": ce,
-            "head_accuracy": jnp.sum(hit_BD * m_B[:, None])
-            / jnp.maximum(jnp.sum(m_B) * hit_BD.shape[1], 1.0),
-            "head_accuracy_non_neutral": jnp.sum(hit_BD * nn_BD) / jnp.maximum(jnp.sum(nn_BD), 1.0),
+            "head_accuracy": jnp.sum(hit_BK * m_B[:, None])
+            / jnp.maximum(jnp.sum(m_B) * hit_BK.shape[1], 1.0),
+            "head_accuracy_non_neutral": jnp.sum(hit_BK * nn_BK) / jnp.maximum(jnp.sum(nn_BK), 1.0),
         }
     return float(_cfg_get(pba, "weight", 1.0)) * ce, metrics
 
