@@ -231,7 +231,7 @@ def to_microbatches(
     head=True also carries the PBA head's `HeadInputs` (persona widened to P). window: also carry the
     two-row layout's `score_index` (R at least `window`, 0 = the data's own). scored: the shared
     layout's scored-token list length S at least this. tokens=(G, N): also carry `KeptTokens` (N 0 =
-    the data's own). A collated `ref_logps [B, 2]` travels along. shards: `flat_scores`.
+    the data's own). shards: `flat_scores`.
     """
     if head:
         missing = [k for k in ("persona_ids", "persona_mask", "direction") if k not in batch]
@@ -247,8 +247,6 @@ def to_microbatches(
         return np.pad(x, ((0, 0), (0, to - x.shape[1]))) if to is not None and x.shape[1] < to else x
 
     common: dict[str, Any] = {"pair_mask": batch["pair_mask"].reshape(num_micro, b)}
-    if "ref_logps" in batch:
-        common["ref_logps"] = np.asarray(batch["ref_logps"], np.float32).reshape(num_micro, b, 2)
     if head:  # PBA joint: the head's input and target, per pair
         ids, mask = (widen(batch[k], P) for k in ("persona_ids", "persona_mask"))
         common["head"] = HeadInputs(
