@@ -45,7 +45,6 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto", "chunked")
-# query rows per block of the "chunked" attention (peak scores [B, N, chunk, S] instead of [B, N, T, S])
 # the config.json keys that fix a decoder's architecture (with vocab_size): all a randomly initialised
 # one needs (`train.state.init_hf_config`)
 ARCHITECTURE_KEYS = (
