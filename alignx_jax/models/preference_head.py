@@ -437,8 +437,9 @@ def joint_head_term(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The PBA head's term for a joint step: `(pba.weight * CE, metrics)`; pure, jit-friendly.
 
-    Reads `batch['persona_ids'/'persona_mask'/'direction']` (`data.batching.collate` with
-    persona_length set) and `pair_mask` (dummy pairs count for nothing). `cfg` is the run config
+    Reads `batch['persona_ids'/'persona_mask'/'direction']` and `pair_mask` (dummy pairs count for
+    nothing): plain arrays, which `train.step` takes from the microbatch's `batch.HeadInputs`
+    (persona ids from `data.batching.make_example` with persona_length set). `cfg` is the run config
     (or its `pba` section): `weight`, `stop_gradient` (detach the persona features so the head's
     loss does not move the policy), `class_weights`, optional `focal_gamma`. The returned loss is
     already weighted: `train.step` adds it to the DPO loss as is. Metrics are unweighted.

@@ -3,8 +3,9 @@
 `alignx train --config=CONFIG.py --config.workdir=W [--config.KEY=VALUE ...]`
 
 One optimizer step = one call of a jitted function on the whole global batch: the batch arrives as
-`[M, b, 2, T]` (M microbatches of b pairs, chosen and rejected side by side so a device always
-holds both halves of its pairs), and `lax.scan` accumulates float32 gradients over the M
+M microbatches (`alignx_jax.batch`: `TwoRowBatch` `[M, b, 2, T]`, b pairs with chosen and rejected
+side by side so a device always holds both halves of its pairs, or `SharedPromptBatch` `[M, rows, T]`,
+one row per pair or packed pairs), and `lax.scan` accumulates float32 gradients over the M
 microbatches before one AdamW update. Params are float32 master weights; the decoder computes in
 `model.dtype` (bf16 on accelerators). The reference is a frozen copy of the initial weights in the
 compute dtype (`loss.reference=on_the_fly`; with `model.frozen_layers` it runs on the policy's pass of
