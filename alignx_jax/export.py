@@ -254,7 +254,7 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         )
     )
     write_export_manifest(
-        tmp, files, source=source, step=res.step, prompt_format=run_prompt_format(args.checkpoint)
+        tmp, files, source=source, step=res.step, prompt_format=trained_prompt_format(args.checkpoint)
     )
     return files
 
@@ -283,20 +283,35 @@ def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> tuple[str, str | None
     return folder, None
 
 
-def run_prompt_format(checkpoint: str) -> str | None:
-    """The `data.prompt_format` of the run that wrote `checkpoint` (a training workdir's config.json),
-    or the one an earlier export recorded (an exported folder's manifest); None when neither says."""
-    for name, pick in (
-        ("config.json", lambda d: (d.get("data") or {}).get("prompt_format")),
-        (EXPORT_MANIFEST, lambda d: d.get("prompt_format")),
-    ):
+def trained_prompt_format(folder: str) -> str | None:
+    """The `data.prompt_format` the model in `folder` was trained with, None when not recorded; the
+    one owner of this lookup (`alignx export` records it, `alignx eval`/`generate` default to it).
+
+    Looked up, in order: the export manifest's `prompt_format` (`EXPORT_MANIFEST`, an exported folder);
+    the run config `config.json` of `folder` itself (a training workdir) or of the manifest's local
+    `source` (the workdir the export came from), when it holds `data.prompt_format`. `folder` may be a
+    bucket URL (`alignx export gs://.../W`)."""
+    from alignx_jax.data.prompts import PROMPT_FORMATS
+
+    def read(path: str) -> dict:
         try:
-            data = json.loads(paths.path(os.path.join(checkpoint, name)).read_text(encoding="utf-8"))
-            value = pick(data) if isinstance(data, dict) else None
-        except (OSError, ValueError, AttributeError):
+            data = json.loads(paths.path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    manifest = read(os.path.join(folder, EXPORT_MANIFEST))
+    if manifest.get("prompt_format") in PROMPT_FORMATS:
+        return str(manifest["prompt_format"])
+    source = manifest.get("source")
+    # a bucket source is not read: eval/generate would otherwise reach for the network for a default
+    source = source if isinstance(source, str) and source and not paths.is_url(source) else None
+    for run_dir in (folder, source):
+        if run_dir is None:
             continue
-        if isinstance(value, str) and value:
-            return value
+        data = read(os.path.join(run_dir, "config.json")).get("data")
+        if isinstance(data, dict) and data.get("prompt_format") in PROMPT_FORMATS:
+            return str(data["prompt_format"])
     return None
 
 

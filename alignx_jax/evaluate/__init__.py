@@ -29,7 +29,7 @@ Choices made here (docs/method.md leaves them open):
     it on the ICA prompt of the same row (whole history, persona `p` unless a persona variant is being
     scored), as the release's only reference script does, also for a PBA policy;
   * `--prompt-format` defaults to the one the model was trained with when its folder records it
-    (`trained_prompt_format`; a `release`-trained model is evaluated with `paper`, the release's
+    (`export.trained_prompt_format`; a `release`-trained model is evaluated with `paper`, the release's
     evaluation input), else `chat`.
 """
 
@@ -50,7 +50,6 @@ from alignx_jax.evaluate.options import (
     parse_flip,
     persona_dependent,
     resolve_personas,
-    trained_prompt_format,
 )
 from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_direction, golden_profile
 from alignx_jax.evaluate.results import (
@@ -77,6 +76,7 @@ from alignx_jax.evaluate.scoring import (
     score_batches,
     scorer_on,
 )
+from alignx_jax.export import trained_prompt_format
 
 __all__ = [
     "BENCHMARKS",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.errors import AlignXError, ConfigError, DataError
+from alignx_jax.export import trained_prompt_format
 
 BENCHMARKS: tuple[str, ...] = ("alignx", "p-soups", "uf-p-4", "prism")
 PERSONA_VARIANTS: tuple[str, ...] = ("ugc", "pair", "demo", "p")
@@ -60,35 +60,6 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
         used.add(key)
         out.append(BenchmarkSpec(name, path, key))
     return out
-
-
-def trained_prompt_format(model_dir: str) -> str | None:
-    """The `data.prompt_format` the model in `model_dir` was trained with, None when not recorded.
-
-    Looked up, in order: the export manifest's `prompt_format` key (`alignx_export.json`); the run
-    config `config.json` of `model_dir` itself (a training workdir) or of the manifest's `source`
-    (the workdir the export came from), when it holds `data.prompt_format`."""
-    from alignx_jax.data.prompts import PROMPT_FORMATS
-
-    def read(path: str) -> Any:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    manifest = read(os.path.join(model_dir, "alignx_export.json"))
-    manifest = manifest if isinstance(manifest, dict) else {}
-    if manifest.get("prompt_format") in PROMPT_FORMATS:
-        return str(manifest["prompt_format"])
-    for folder in (model_dir, manifest.get("source")):
-        if not isinstance(folder, str) or not folder:
-            continue
-        cfg = read(os.path.join(folder, "config.json"))
-        data = cfg.get("data") if isinstance(cfg, dict) else None
-        if isinstance(data, dict) and data.get("prompt_format") in PROMPT_FORMATS:
-            return str(data["prompt_format"])
-    return None
 
 
 def default_prompt_format(model_dir: str, explicit: str | None, *, fallback: str = "chat") -> str:

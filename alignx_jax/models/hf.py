@@ -325,7 +325,7 @@ def write_export_manifest(
     prompt_format: str | None = None,
 ) -> None:
     """`prompt_format`: the run's `data.prompt_format` (what `alignx eval`/`generate` default to, via
-    `evaluate.trained_prompt_format`), recorded when known."""
+    `export.trained_prompt_format`), recorded when known."""
     manifest = {
         "format": "alignx-export",
         "version": 1,
