@@ -83,7 +83,6 @@ class HeadConfig:
     pooling: str = "mean"
     num_dims: int = NUM_DIMS
     num_classes: int = len(LABEL_VALUES)
-    dropout: float = 0.0
     persona_variant: str = "p"
     max_persona_tokens: int = 1024
 
@@ -100,8 +99,6 @@ class HeadConfig:
                 raise ConfigError(f"preference head: {name} must be an integer, got {value!r}")
             if value <= 0:
                 raise ConfigError(f"preference head: {name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"preference head: dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
     def from_config(cls, pba: Any, embed_dim: int, **extra: Any) -> HeadConfig:
@@ -111,7 +108,6 @@ class HeadConfig:
             embed_dim=int(embed_dim),
             hidden=int(get("hidden", 256)),
             pooling=str(get("pooling", "mean")),
-            dropout=float(get("dropout", 0.0) or 0.0),
         )
         for key in ("persona_variant", "max_persona_tokens"):
             if get(key, None) is not None:
@@ -169,12 +165,11 @@ class PreferenceHead(nnx.Module):
             init_out(rngs.params(), (H, K, C), jnp.float32), ("mlp", "pref_dims", "pref_classes")
         )
         self.b_out = _param(jnp.zeros((K, C), jnp.float32), ("pref_dims", "pref_classes"))
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def pool(self, hidden_BSD: jax.Array, mask_BS: jax.Array) -> jax.Array:
         return pool_hidden(hidden_BSD, mask_BS, self.cfg.pooling)
 
-    def classify(self, feats_BD: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def classify(self, feats_BD: jax.Array) -> jax.Array:
         """Pooled features `[B, D]` -> logits `[B, num_dims, num_classes]` (float32)."""
         with jax.named_scope("preference_head"):
             x_BD = feats_BD.astype(jnp.float32)
@@ -183,12 +178,11 @@ class PreferenceHead(nnx.Module):
             var_B1 = jnp.var(x_BD, axis=-1, keepdims=True)
             x_BD = (x_BD - mu_B1) * jax.lax.rsqrt(var_B1 + 1e-5) * self.norm_scale[...] + self.norm_bias[...]
             h_BH = jax.nn.gelu(jnp.matmul(x_BD, self.w_in[...], precision=FULL) + self.b_in[...])
-            h_BH = self.dropout(h_BH, deterministic=deterministic)
             return jnp.einsum("bh,hkc->bkc", h_BH, self.w_out[...], precision=FULL) + self.b_out[...]
 
-    def __call__(self, hidden_BSD: jax.Array, mask_BS: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(self, hidden_BSD: jax.Array, mask_BS: jax.Array) -> jax.Array:
         """Persona hidden states `[B, S, D]` + mask `[B, S]` -> logits `[B, 90, 3]`."""
-        return self.classify(self.pool(hidden_BSD, mask_BS), deterministic=deterministic)
+        return self.classify(self.pool(hidden_BSD, mask_BS))
 
 
 # ----------------------------------------------------------------------------- labels and loss
@@ -447,7 +441,7 @@ def joint_head_term(
     Micro-batching: pass `n_pairs` = real pairs in the *global* batch; the CE is then
     sum(w * ce) / (n_pairs * num_dims) over this micro-batch, so summing the terms of all
     micro-batches gives the global-batch mean (like the DPO sum / n_pairs). Without it the CE is the
-    class-weighted mean over this batch's real rows. The head runs deterministically (no dropout).
+    class-weighted mean over this batch's real rows.
     """
     pba = _pba_section(cfg)
     ids_BS, mask_BS = batch["persona_ids"], batch["persona_mask"]

@@ -75,12 +75,11 @@ def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "tx", "class_weights", "focal_gamma"), donate_argnums=(1, 2, 3)
+    jax.jit, static_argnames=("graphdef", "tx", "class_weights", "focal_gamma"), donate_argnums=(1, 2)
 )
 def _train_step(
     graphdef: nnx.GraphDef,
     params: nnx.State,
-    rest: nnx.State,
     opt_state: Any,
     x_BD: jax.Array,
     d_BK: jax.Array,
@@ -94,18 +93,17 @@ def _train_step(
     costs no Python graph traversal and the compilation is shared by every training call."""
 
     def loss_fn(params):
-        head = nnx.merge(graphdef, params, rest)
-        logits = head.classify(x_BD, deterministic=False)
+        head = nnx.merge(graphdef, params)
+        logits = head.classify(x_BD)
         # joint training's normalisation (rows x dims, not the class weights' sum): one loss scale in both modes
         norm = jnp.maximum(jnp.sum(m_B), 1.0) * d_BK.shape[1]
-        loss = head_loss(
+        return head_loss(
             logits, d_BK, class_weights=class_weights, focal_gamma=focal_gamma, mask=m_B, normalizer=norm
         )
-        return loss, nnx.state(head, nnx.Not(nnx.Param))  # dropout RNG counters advance
 
-    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
 def train_head_two_stage(
@@ -149,10 +147,10 @@ def train_head_two_stage(
             f"features {features.shape} do not match {len(rows)} rows x embed_dim {hcfg.embed_dim}"
         )
 
-    head = PreferenceHead(hcfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)) if head is None else head
+    head = PreferenceHead(hcfg, rngs=nnx.Rngs(params=seed)) if head is None else head
     tx = _adamw(float(lr), float(weight_decay))
     cw = None if class_weights is None else tuple(float(w) for w in class_weights)
-    graphdef, params, rest = nnx.split(head, nnx.Param, ...)
+    graphdef, params = nnx.split(head, nnx.Param)  # the head's whole state is its params
     opt_state = tx.init(params)
 
     # Only rows with a direction are drawn; with replacement so every batch has the same shape.
@@ -163,10 +161,9 @@ def train_head_two_stage(
     losses: list[float] = []
     for t in range(steps):
         pick = jnp.asarray(rng.choice(pool, size=batch_size, replace=True))
-        params, rest, opt_state, loss = _train_step(
+        params, opt_state, loss = _train_step(
             graphdef,
             params,
-            rest,
             opt_state,
             feats_j[pick],
             gold_j[pick],
@@ -177,7 +174,7 @@ def train_head_two_stage(
         )
         if t % log_every == 0 or t == steps - 1:
             losses.append(float(loss))
-    nnx.update(head, params, rest)
+    nnx.update(head, params)
     pred = predict_direction(head_probs(head, features[pool]))
     return TwoStageResult(
         head=head, cfg=hcfg, losses=losses, train_metrics=head_metrics(pred, gold[pool]), features=features

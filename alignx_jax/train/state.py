@@ -226,8 +226,8 @@ class LoraCodec(ParamsCodec):
 
 @dataclasses.dataclass(frozen=True)
 class HeadCodec:
-    """Pure-dict params <-> the PreferenceHead. Only `nnx.Param`s are trained; the rest of the
-    head's state (its dropout RNG stream) is a constant, since the joint term runs deterministically."""
+    """Pure-dict params <-> the PreferenceHead. Only `nnx.Param`s are trained; `rest`, any other state
+    of the head (none today), is carried as a constant."""
 
     graphdef: Any
     treedef: Any
