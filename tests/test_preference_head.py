@@ -81,6 +81,16 @@ def test_label_order_and_conversions():
     np.testing.assert_array_equal(np.asarray(direction_to_labels(jnp.asarray(d))), [[0, 1, 2, 2]])
 
 
+def test_the_head_agrees_with_the_persona_preference_space():
+    """models/ may not import data/, so the head keeps its own NUM_DIMS and label reader: they must
+    agree with data.persona, the validated owner of the preference space."""
+    from alignx_jax.data import persona
+
+    assert ph.NUM_DIMS == persona.NUM_DIMS == HeadConfig(embed_dim=8).num_dims
+    want = [(d["negative_label"], d["positive_label"]) for d in persona.load_preference_space()]
+    assert ph.dimension_labels() == want
+
+
 def test_output_shape_axes_and_pooling():
     from alignx_jax.sharding import variable_axes
 

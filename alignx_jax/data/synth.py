@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 
 from alignx_jax import paths
+from alignx_jax.data.persona import NUM_DIMS, load_preference_space
 from alignx_jax.data.synth_world import BASES, FILLER_DEMOGRAPHICS, POSTS, WORLD, WORLD_DIMS
 from alignx_jax.errors import AlignXError
 
-NUM_DIMS = 90
 NEUTRAL = 0.5
 PAIR_LABEL_NOISE = 0.05  # a user's own choices are not perfectly consistent
 TEXT_NOISE = 0.05  # a history text sometimes shows the opposite leaning
@@ -334,7 +334,7 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     pq.write_table(table, buf)
     data_path = os.path.join(out_dir, "data.parquet")
     users_path = os.path.join(out_dir, USERS_FILE)
-    labels = _labels()
+    space = load_preference_space()
     users = (
         json.dumps(
             {
@@ -344,8 +344,8 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
                     {
                         "index": d.index,
                         "name": d.name,
-                        "positive_label": labels[d.index][0],
-                        "negative_label": labels[d.index][1],
+                        "positive_label": space[d.index]["positive_label"],
+                        "negative_label": space[d.index]["negative_label"],
                     }
                     for d in WORLD
                 ],
@@ -373,13 +373,6 @@ def load_users(out_dir: str) -> dict[str, Any]:
     """The hidden-direction file `alignx synth` wrote into `out_dir`."""
     with open(os.path.join(out_dir, USERS_FILE)) as f:
         return json.load(f)
-
-
-def _labels() -> dict[int, tuple[str, str]]:
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "preference_space.json")
-    with open(path) as f:
-        dims = json.load(f)["dimensions"]
-    return {d["index"]: (d["positive_label"], d["negative_label"]) for d in dims}
 
 
 def cli_synth(args: argparse.Namespace) -> int:
