@@ -10,7 +10,6 @@ import sys
 
 from alignx_jax.errors import CheckpointError
 from alignx_jax.models.presets import (  # noqa: F401  (re-exported)
-    PRESETS,
     REPO_ROOT,
     SMOLLM2,
     SMOLLM2_FOLDER,

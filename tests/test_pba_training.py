@@ -454,8 +454,8 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
 @pytest.mark.slow
 def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     from alignx_jax.models.hf import load_pretrained
-    from alignx_jax.pba.head_training import full_loss
     from alignx_jax.tokenizer import load_tokenizer
+    from tests.test_preference_head import full_loss
 
     w = tmp_path / "two"
     r = run_cli(

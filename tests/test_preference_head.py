@@ -365,8 +365,17 @@ def test_folder_without_head_fails_clearly(tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
+def full_loss(head, features, rows, *, class_weights=None) -> float:
+    """The head loss over every row with a direction, normalised as training's (rows x dims): the
+    before/after measure of the training tests."""
+    keep = [i for i, r in enumerate(rows) if r.get("Preference Direction") is not None]
+    gold = np.asarray([rows[i]["Preference Direction"] for i in keep], np.float32)
+    logits = head.classify(jnp.asarray(np.asarray(features)[keep]))
+    return float(head_loss(logits, gold, class_weights=class_weights, normalizer=len(keep) * gold.shape[1]))
+
+
 def test_two_stage_training_reduces_head_loss(tok, world):
-    from alignx_jax.pba.head_training import full_loss, head_config_for, train_head_two_stage
+    from alignx_jax.pba.head_training import head_config_for, train_head_two_stage
 
     model = tiny_decoder(tok)
     before_params = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))

@@ -69,7 +69,7 @@ def test_parquet_schema_and_users_file(tmp_path):
         for it in r["Pair-wise Comparative Feedback"]:
             assert set(it) == {"prompt", "chosen", "rejected", "Preference Direction"}
             assert len(it["Preference Direction"]) == 90
-    users = synth.load_users(out)
+    users = json.loads(open(os.path.join(out, synth.USERS_FILE)).read())
     assert len(users["users"]) == 12
     by_id = {u["user_id"]: u for u in users["users"]}
     for _, r in df.iterrows():  # the row's golden direction is its user's hidden direction

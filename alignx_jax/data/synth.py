@@ -369,12 +369,6 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     return {"data": data_path, "users": users_path}
 
 
-def load_users(out_dir: str) -> dict[str, Any]:
-    """The hidden-direction file `alignx synth` wrote into `out_dir`."""
-    with open(os.path.join(out_dir, USERS_FILE)) as f:
-        return json.load(f)
-
-
 def cli_synth(args: argparse.Namespace) -> int:
     world = generate_world(args.users, args.pairs_per_user, args.seed)
     written = write_world(world, args.out)

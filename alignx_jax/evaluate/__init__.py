@@ -51,7 +51,7 @@ from alignx_jax.evaluate.options import (
     persona_dependent,
     resolve_personas,
 )
-from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_direction, golden_profile
+from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_profile
 from alignx_jax.evaluate.results import (
     KEY_FIELDS,
     LOGP_KEYS,
@@ -100,7 +100,6 @@ __all__ = [
     "evaluate",
     "file_profile",
     "flip_direction",
-    "golden_direction",
     "golden_profile",
     "involves",
     "is_correct",

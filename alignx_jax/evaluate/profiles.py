@@ -14,19 +14,6 @@ from alignx_jax.errors import CheckpointError, DataError
 from alignx_jax.evaluate.options import flip_direction
 
 
-def golden_direction(row: dict) -> np.ndarray | None:
-    """The row's golden P~: its `Preference Direction`, else its `profile` parsed back; None if neither
-    (or a free-text profile)."""
-    from alignx_jax.data import persona as persona_lib
-
-    d = row.get(persona_lib.DIRECTION_FIELD)
-    if d is not None:
-        return np.asarray(d, dtype=np.float32)
-    if isinstance(row.get("profile"), str):
-        return _parsed(row["profile"])
-    return None
-
-
 def file_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
     """`--preference profile`: the row's `profile` text as the release's PBA evaluation renders it
     (flipped through its parsed direction if asked), and that direction when it parses."""

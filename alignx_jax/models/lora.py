@@ -118,10 +118,6 @@ def new_adapters(layers: nnx.Module, cfg, key: jax.Array) -> dict[tuple[str, ...
     return out
 
 
-def has_adapters(tree: Any) -> bool:
-    return any(_is_lora(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree))
-
-
 def _key(k) -> Any:
     return getattr(k, "key", getattr(k, "name", k))
 

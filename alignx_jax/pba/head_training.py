@@ -179,22 +179,3 @@ def train_head_two_stage(
     return TwoStageResult(
         head=head, cfg=hcfg, losses=losses, train_metrics=head_metrics(pred, gold[pool]), features=features
     )
-
-
-def full_loss(
-    head: PreferenceHead,
-    features: np.ndarray,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    class_weights: Sequence[float] | None = None,
-    focal_gamma: float = 0.0,
-) -> float:
-    """The head loss over all rows with a direction (for before/after comparisons)."""
-    gold, mask = _directions(rows)
-    logits = head.classify(jnp.asarray(features))
-    norm = max(float(mask.sum()), 1.0) * gold.shape[1]  # as in training
-    return float(
-        head_loss(
-            logits, gold, class_weights=class_weights, focal_gamma=focal_gamma, mask=mask, normalizer=norm
-        )
-    )
