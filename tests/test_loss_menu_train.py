@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignx_jax import train
+from alignx_jax import config_schema, train
 from alignx_jax.config import load_config
 from alignx_jax.errors import ConfigError
 from alignx_jax.losses import token_logps_from_logits
 from alignx_jax.models.decoder import Decoder, DecoderConfig
-from alignx_jax.train import schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
@@ -273,7 +272,7 @@ def test_release_pba_config_validates():
     )
     assert cfg.pba.preference == "history"
     train.validate_config(cfg)
-    assert not schema.uses_predicted(cfg)
+    assert not config_schema.uses_predicted(cfg)
 
 
 def _vec(**dims):

@@ -42,7 +42,7 @@ def plan_batch(cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[st
     import numpy as np
 
     from alignx_jax.batch import BatchBuilder, batch_shardings, worst_case_collated
-    from alignx_jax.train.schema import joint_head
+    from alignx_jax.config_schema import joint_head
 
     joint = joint_head(cfg)
     builder = BatchBuilder.from_config(cfg, mesh, 0, head=joint)
@@ -159,7 +159,7 @@ def lower_step(
     from jax.sharding import NamedSharding, PartitionSpec
 
     from alignx_jax import sharding as shd
-    from alignx_jax.train.schema import joint_head
+    from alignx_jax.config_schema import joint_head
     from alignx_jax.train.step import jit_train_step, reference_needed
 
     dcfg = dcfg or decoder_config_for(cfg)

@@ -47,7 +47,6 @@ PBA's preference head (`data.method='pba'`, `pba.enabled`):
   process computes the same P~; process 0 writes W/pba_predicted.npy).
 
 Modules (one owner per concept):
-  * `train.schema`: allowed values and `validate_config` (the trainer's config rules)
   * `train.state`: policy building, params/head codecs, optimizers, mesh rules, run options
   * `train.step`: the jitted step (`make_train_step`, `jit_train_step`), reference log-probs,
     non-finite detection
@@ -56,8 +55,9 @@ Modules (one owner per concept):
   * `train.loop`: `run_training` and its `Trainer`
   * `train.checkpoints`: the `Trainer`'s checkpoints (saved meta, save, resume, the non-finite error)
   * `train.cli`: `alignx train`
-The batch layout is `alignx_jax.batch`; PBA's head steps are `alignx_jax.pba`. The names below
-are re-exported so `from alignx_jax import train; train.X` keeps working.
+The config's rules (allowed values, `validate_config`, `joint_head`, ...) are `alignx_jax.config_schema`'s,
+the batch layout is `alignx_jax.batch`; PBA's head steps are `alignx_jax.pba`. The names below are
+re-exported so `from alignx_jax import train; train.X` keeps working.
 """
 
 from __future__ import annotations
@@ -76,10 +76,7 @@ from alignx_jax.batch import (
     to_microbatches,
     token_mask,
 )
-from alignx_jax.pba.stages import PREDICTED_FILE, build_head
-from alignx_jax.train.cli import cli_train
-from alignx_jax.train.loop import Trainer, run_training
-from alignx_jax.train.schema import (
+from alignx_jax.config_schema import (
     METHODS,
     NAN_POLICIES,
     PBA_MODES,
@@ -89,6 +86,9 @@ from alignx_jax.train.schema import (
     joint_head,
     validate_config,
 )
+from alignx_jax.pba.stages import PREDICTED_FILE, build_head
+from alignx_jax.train.cli import cli_train
+from alignx_jax.train.loop import Trainer, run_training
 from alignx_jax.train.setup import derived_fingerprint
 from alignx_jax.train.signals import StopFlag
 from alignx_jax.train.state import (

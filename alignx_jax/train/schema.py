@@ -1,10 +1,6 @@
-"""The trainer's config rules, as the trainer's modules import them: the allowed values,
-`validate_config`, and the questions the other modules ask of a config (`head_enabled`, `joint_head`,
-`two_stage_head`, `uses_predicted`).
-
-They are defined once, with every key's type and default, in `alignx_jax.config_schema`; this module
-re-exports them, so `alignx train`, `alignx plan` and the demos refuse the same configs with the same
-one-line `ConfigError`.
+"""A re-export of `alignx_jax.config_schema`'s rules for `train.loop`, its last importer; every other
+module imports `config_schema`, the one owner of the config's keys, defaults and checks. Delete this
+module once `train.loop` imports `config_schema` too.
 """
 
 from __future__ import annotations
