@@ -2,7 +2,7 @@
 
 XLA's CPU client allocates each execution's temporaries with `malloc` and frees them when it ends. glibc hands
 blocks that large back to the kernel, so every training step faults all of its temporaries in again and the
-kernel zeroes them: a quarter to a third of a step's CPU time on the VMs of BENCHMARKS.md §9. mimalloc (the
+kernel zeroes them, a large share of a step's CPU time (BENCHMARKS.md §9). mimalloc (the
 PyPI wheel `cmeel-mimalloc`), preloaded with one address-space arena as large as the host's memory, with
 purging off and without transparent huge pages, keeps the freed pages and hands them to the next step, whatever
 its shape.

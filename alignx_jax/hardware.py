@@ -108,8 +108,8 @@ def resolve_dtype(name: str, backend: str | None = None) -> str:
 def resolve_matmul_precision(name: str, dtype: str, backend: str | None = None) -> str:
     """A `MATMUL_PRECISIONS` name with `auto` made concrete for a model computing in `dtype` (resolved, not
     `auto`) on `backend` (default: JAX's default backend): `highest` for float32 off the CPU, whose default
-    product rounds float32 inputs (a float32 model's logits on an H100 were 7e-3, 1.5e-3 of their scale, off
-    transformers' there, BENCHMARKS.md section 8), else `default` (a CPU multiplies float32 in full; bf16/fp16
+    product rounds float32 inputs (a float32 model's logits then drift visibly from transformers',
+    BENCHMARKS.md §8), else `default` (a CPU multiplies float32 in full; bf16/fp16
     inputs have nothing to round; the preference head's float32 products ask for `highest` themselves)."""
     if name != AUTO:
         return name

@@ -3,8 +3,8 @@ laid out for the CPU backend.
 
 Autodiff writes a linear layer's weight gradient as `dot(x, dy)` contracting the token axis of both
 operands. On XLA's CPU backend that dot cannot go to the YNNPACK kernels (they want the lhs
-contraction axis minor) and runs on Eigen at about 70 GFLOP/s for an output layer's shape, against
-160 for the same product with `x` transposed first (BENCHMARKS.md, §1). The custom VJP
+contraction axis minor) and runs on Eigen, far slower than the same product with `x` transposed
+first (BENCHMARKS.md §1). The custom VJP
 materialises `x^T` (the smaller operand: tokens x d_in) behind an optimization barrier, which keeps
 the algebraic simplifier from folding the transpose back into the dot. Values are unchanged; on
 GPU and TPU the plain autodiff rule is used.
@@ -26,7 +26,7 @@ from alignx_jax.sharding import active_mesh, target_platform
 
 def transposed_wgrad() -> bool:
     """Whether `dense` takes the CPU weight-gradient rule (`x^T` written out, float32 residuals): on a
-    CPU only; on an H200 it ran a 1B-class step out of memory (BENCHMARKS.md §8)."""
+    CPU only, since on a GPU those copies cost memory a large step cannot spare (BENCHMARKS.md §8)."""
     return target_platform() == "cpu"
 
 
