@@ -28,7 +28,6 @@ default: comparable across lengths) or `-log pi(y_w)` ("sum"), added with weight
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -242,26 +241,10 @@ def sigmoid_loss(
 
     `ref_chosen = ref_rejected = None` is reference-free DPO (TRL `reference_free=True`): the
     reference log-probs are taken as 0, so h = log pi(y_w) - log pi(y_l). `robust`: robust DPO
-    (`robust_loss`) instead of cDPO.
+    (Chowdhury et al. 2024, unbiased under label-flip rate `label_smoothing` < 0.5) instead of cDPO.
     """
     z = beta * _logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return _smoothed_log_sigmoid(z, label_smoothing, robust)
-
-
-def reference_free_loss(
-    policy_chosen, policy_rejected, beta: float = 0.1, label_smoothing: float = 0.0
-) -> jax.Array:
-    """Reference-free DPO (TRL `reference_free=True`) from policy log-probs only, per pair `[B]`:
-
-        -(1 - e) log s(beta (log pi(y_w) - log pi(y_l))) - e log s(-beta (log pi(y_w) - log pi(y_l)))
-
-    i.e. `sigmoid_loss` with every reference log-prob taken as 0: no second model, no reference pass.
-    """
-    return sigmoid_loss(policy_chosen, policy_rejected, None, None, beta, label_smoothing)
-
-
-# Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate `label_smoothing` < 0.5
-robust_loss = functools.partial(sigmoid_loss, robust=True)
 
 
 def hinge_loss(
@@ -448,9 +431,11 @@ def preference_loss(
     `reference='policy_ref'` uses `ref_chosen` / `ref_rejected` (required by the DPO kinds);
     'none' takes them as 0 (reference-free). 'orpo' and 'simpo' never read them. `beta=None` is
     the kind's default (2.0 for simpo, else 0.1). A weighted SFT term (`sft_term`) is added when
-    `sft_weight` is non-zero, for every kind (ORPO already holds its own NLL term).
+    `sft_weight` is non-zero, for every kind (ORPO already holds its own NLL term); `sft_norm='length'`
+    needs `chosen_tokens`.
 
-    The metric sums (`dpo_sums` keys, to be added over microbatches and divided by `pairs`): rewards
+    The metric sums (`reward_accuracy`, `rewards_chosen`, `rewards_rejected`, `margin`, `logps_chosen`,
+    `logps_rejected` and `pairs`, to be added over microbatches and divided by `pairs`): rewards
     are beta * (log pi - log ref) on the log-probs the loss itself compares, i.e. summed for
     sigmoid/cdpo/robust/hinge/ipo_sum, per-token means for ipo (as TRL), and beta * mean log pi for
     orpo and simpo (as TRL's ORPO/CPO trainers; no reference); margin = chosen - rejected reward,
@@ -483,8 +468,8 @@ def preference_loss(
         reference,
     )
     if sft_weight:
-        if chosen_tokens is None:
-            chosen_tokens = jnp.ones_like(pc)
+        if sft_norm == "length" and chosen_tokens is None:  # not silently the summed NLL
+            raise ValueError("sft_norm='length' needs chosen_tokens (the NLL is a mean per chosen token)")
         loss = loss + sft_weight * sft_term(pc, chosen_tokens, sft_norm)
     return loss, _reward_sums(cr, rj, pc, pr, pair_mask)
 
@@ -508,79 +493,3 @@ def loss_options(cfg: Any) -> dict[str, Any]:
         "sft_norm": _get(cfg, "sft_norm", "length"),
         "reference": "none" if _get(cfg, "reference", "policy_ref") == "none" else "policy_ref",
     }
-
-
-def _config_loss(cfg: Any, policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs):
-    """`preference_loss` of a `loss` config section's kind and options (`loss_options`)."""
-    return preference_loss(
-        _get(cfg, "type", "sigmoid"),
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        **inputs,
-        **loss_options(cfg),
-    )
-
-
-def dpo_per_pair(policy_chosen, policy_rejected, ref_chosen, ref_rejected, cfg: Any, **tokens) -> jax.Array:
-    """Per-pair loss `[B]` (the `loss.type` kind plus weighted SFT term) for a `loss` config section;
-    `tokens`: `preference_loss`'s chosen_tokens / rejected_tokens where the kind needs them."""
-    per_pair, _ = _config_loss(cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, **tokens)
-    return per_pair
-
-
-def dpo_metrics(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, pair_mask=None
-) -> dict[str, jax.Array]:
-    """Masked-mean reward metrics (sums when reduce over microbatches is needed: see `dpo_sums`)."""
-    sums = dpo_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, pair_mask)
-    n = jnp.maximum(sums.pop("pairs"), 1.0)
-    return {k: v / n for k, v in sums.items()}
-
-
-def dpo_sums(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, pair_mask=None
-) -> dict[str, jax.Array]:
-    """Masked sums of the reward metrics plus the pair count, to be added over microbatches.
-
-    Rewards beta * (summed log pi - summed log ref); a None reference counts as 0 (reference-free).
-    `preference_loss` gives the same keys with each kind's own rewards.
-    """
-    cr = beta * (policy_chosen - _zero_if_none(ref_chosen, policy_chosen))
-    rj = beta * (policy_rejected - _zero_if_none(ref_rejected, policy_rejected))
-    return _reward_sums(cr, rj, policy_chosen, policy_rejected, pair_mask)
-
-
-def dpo_loss(
-    policy_chosen,
-    policy_rejected,
-    ref_chosen,
-    ref_rejected,
-    cfg: Any,
-    *,
-    pair_mask=None,
-    chosen_tokens=None,
-    rejected_tokens=None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked-mean loss over pairs and its metrics: loss, reward_accuracy, rewards, margin, logps.
-
-    The metrics are each kind's own (see `preference_loss`); for the sigmoid/cdpo/robust/hinge kinds
-    they are `dpo_metrics`.
-    """
-    per_pair, sums = _config_loss(
-        cfg,
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
-        pair_mask=pair_mask,
-    )
-    m = jnp.ones_like(per_pair) if pair_mask is None else pair_mask.astype(jnp.float32)
-    n = jnp.maximum(sums.pop("pairs"), 1.0)
-    metrics = {k: v / n for k, v in sums.items()}
-    loss = jnp.sum(per_pair * m) / jnp.maximum(jnp.sum(m), 1.0)
-    metrics["loss"] = loss
-    return loss, metrics

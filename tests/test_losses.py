@@ -39,12 +39,11 @@ def test_robust(logps, ls):
     beta = 0.1
     z = beta * _h(*logps)
     want = (-(1 - ls) * _np_logsig(z) + ls * _np_logsig(-z)) / (1 - 2 * ls)
-    got = losses.robust_loss(*map(jnp.asarray, logps), beta, ls)
+    got, _ = losses.preference_loss("robust", *map(jnp.asarray, logps), beta=beta, label_smoothing=ls)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
     if ls:  # robust differs from cDPO once there is smoothing
-        assert not np.allclose(
-            np.asarray(got), np.asarray(losses.sigmoid_loss(*map(jnp.asarray, logps), beta, ls))
-        )
+        cdpo, _ = losses.preference_loss("cdpo", *map(jnp.asarray, logps), beta=beta, label_smoothing=ls)
+        assert not np.allclose(np.asarray(got), np.asarray(cdpo))
 
 
 def test_hinge(logps):
@@ -61,61 +60,70 @@ def test_ipo_length_averaged(logps):
     nr = np.arange(16, 0, -1, dtype=np.float64) * 2
     pc, pr, rc, rr = logps
     want = ((pc / nc - pr / nr) - (rc / nc - rr / nr) - 1 / (2 * beta)) ** 2
-    got = losses.dpo_per_pair(
+    got, _ = losses.preference_loss(
+        "ipo",
         *map(jnp.asarray, logps),
-        {"type": "ipo", "beta": beta},
+        beta=beta,
         chosen_tokens=jnp.asarray(nc),
         rejected_tokens=jnp.asarray(nr),
     )
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
-        losses.dpo_per_pair(*map(jnp.asarray, logps), {"type": "ipo", "beta": beta})
+        losses.preference_loss("ipo", *map(jnp.asarray, logps), beta=beta)
 
 
 @pytest.mark.parametrize("norm", ["length", "sum"])
 def test_sft_term_added(logps, norm):
     pc = logps[0]
     n = np.full(16, 7.0)
-    base = losses.dpo_per_pair(*map(jnp.asarray, logps), {"type": "sigmoid", "beta": 0.1})
-    got = losses.dpo_per_pair(
+    base, _ = losses.preference_loss("sigmoid", *map(jnp.asarray, logps), beta=0.1)
+    got, _ = losses.preference_loss(
+        "sigmoid",
         *map(jnp.asarray, logps),
-        {"type": "sigmoid", "beta": 0.1, "sft_weight": 0.5, "sft_norm": norm},
+        beta=0.1,
+        sft_weight=0.5,
+        sft_norm=norm,
         chosen_tokens=jnp.asarray(n),
     )
     nll = -pc / n if norm == "length" else -pc
     np.testing.assert_allclose(np.asarray(got) - np.asarray(base), 0.5 * nll, rtol=1e-5)
+    # the mean per token needs the token counts: without them it is an error, not the summed NLL
+    no_tokens = lambda: losses.preference_loss(
+        "sigmoid", *map(jnp.asarray, logps), beta=0.1, sft_weight=0.5, sft_norm=norm
+    )
+    if norm == "length":
+        with pytest.raises(ValueError, match="sft_norm='length' needs chosen_tokens"):
+            no_tokens()
+    else:
+        np.testing.assert_allclose(np.asarray(no_tokens()[0]) - np.asarray(base), 0.5 * nll, rtol=1e-5)
 
 
-def test_dpo_loss_metrics_masked(logps):
+def test_metric_sums_masked(logps):
     pc, pr, rc, rr = logps
     mask = np.ones(16)
     mask[-3:] = 0
     beta = 0.1
-    loss, m = losses.dpo_loss(
-        *map(jnp.asarray, logps), {"type": "sigmoid", "beta": beta}, pair_mask=jnp.asarray(mask)
+    per, sums = losses.preference_loss(
+        "sigmoid", *map(jnp.asarray, logps), beta=beta, pair_mask=jnp.asarray(mask)
     )
     keep = mask == 1
-    want = np.mean(-_np_logsig(beta * _h(*logps))[keep])
-    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    # the per-pair loss is unmasked; the mask weighs the metric sums (and the step's mean)
+    np.testing.assert_allclose(np.asarray(per), -_np_logsig(beta * _h(*logps)), rtol=1e-5)
+    assert float(sums["pairs"]) == keep.sum()
+    m = {k: float(v) / keep.sum() for k, v in sums.items()}  # the step's means over real pairs
     cr, rj = beta * (pc - rc), beta * (pr - rr)
-    np.testing.assert_allclose(float(m["reward_accuracy"]), np.mean((cr > rj)[keep]), rtol=1e-6)
-    np.testing.assert_allclose(float(m["margin"]), np.mean((cr - rj)[keep]), rtol=1e-5)
-    np.testing.assert_allclose(float(m["rewards_chosen"]), np.mean(cr[keep]), rtol=1e-5)
-    np.testing.assert_allclose(float(m["logps_rejected"]), np.mean(pr[keep]), rtol=1e-5)
+    np.testing.assert_allclose(m["reward_accuracy"], np.mean((cr > rj)[keep]), rtol=1e-6)
+    np.testing.assert_allclose(m["margin"], np.mean((cr - rj)[keep]), rtol=1e-5)
+    np.testing.assert_allclose(m["rewards_chosen"], np.mean(cr[keep]), rtol=1e-5)
+    np.testing.assert_allclose(m["logps_rejected"], np.mean(pr[keep]), rtol=1e-5)
 
 
 def test_equal_policy_and_reference_is_log2():
     x = jnp.asarray([-3.0, -10.0, -1.5])
     y = jnp.asarray([-4.0, -2.0, -7.0])
-    loss, m = losses.dpo_loss(x, y, x, y, {"type": "sigmoid", "beta": 0.1})
-    np.testing.assert_allclose(float(loss), np.log(2.0), atol=1e-6)
-    assert float(m["reward_accuracy"]) == 0.0  # ties are not correct: strictly greater
-
-
-def test_unknown_loss_type():
-    x = jnp.zeros(2)
-    with pytest.raises(ValueError, match="unknown loss.type"):
-        losses.dpo_per_pair(x, x, x, x, {"type": "kto"})
+    per, sums = losses.preference_loss("sigmoid", x, y, x, y, beta=0.1)
+    np.testing.assert_allclose(np.asarray(per), np.log(2.0), atol=1e-6)
+    assert float(sums["reward_accuracy"]) == 0.0  # ties are not correct: strictly greater
 
 
 def _rand_problem(seed=0, b=3, t=13, d=8, v=37):
@@ -342,9 +350,9 @@ def test_reference_free_dpo(extreme):
     pc, pr, rc, rr, _, _ = extreme
     beta = 0.1
     want = -0.9 * _np_logsig(beta * (pc - pr)) - 0.1 * _np_logsig(-beta * (pc - pr))
-    got = losses.reference_free_loss(jnp.asarray(pc), jnp.asarray(pr), beta, 0.1)
+    got = losses.sigmoid_loss(jnp.asarray(pc), jnp.asarray(pr), None, None, beta, 0.1)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
-    _finite_grads(lambda a, b: losses.reference_free_loss(a, b, beta), jnp.asarray(pc), jnp.asarray(pr))
+    _finite_grads(lambda a, b: losses.sigmoid_loss(a, b, None, None, beta), jnp.asarray(pc), jnp.asarray(pr))
     # the dispatch with reference='none' ignores the reference log-probs it is given
     per, sums = losses.preference_loss(
         "sigmoid", *map(jnp.asarray, (pc, pr, rc, rr)), beta=beta, label_smoothing=0.1, reference="none"
@@ -352,13 +360,13 @@ def test_reference_free_dpo(extreme):
     np.testing.assert_allclose(np.asarray(per), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(sums["rewards_chosen"]), beta * pc.sum(), rtol=1e-5)
     np.testing.assert_allclose(float(sums["margin"]), beta * (pc - pr).sum(), rtol=1e-5)
-    # the same from a config section, and dpo_sums with no reference
-    cfg = {"type": "sigmoid", "beta": beta, "label_smoothing": 0.1, "reference": "none"}
-    np.testing.assert_allclose(
-        np.asarray(losses.dpo_per_pair(*map(jnp.asarray, (pc, pr, rc, rr)), cfg)), want, rtol=1e-5, atol=1e-6
+    np.testing.assert_allclose(float(sums["rewards_rejected"]), beta * pr.sum(), rtol=1e-5)
+    # the same from a config section: its reference 'none' is the dispatch's
+    cfg = {"beta": beta, "label_smoothing": 0.1, "reference": "none"}
+    per, _ = losses.preference_loss(
+        "sigmoid", *map(jnp.asarray, (pc, pr, rc, rr)), **losses.loss_options(cfg)
     )
-    ds = losses.dpo_sums(jnp.asarray(pc), jnp.asarray(pr), None, None, beta)
-    np.testing.assert_allclose(float(ds["rewards_rejected"]), beta * pr.sum(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(per), want, rtol=1e-5, atol=1e-6)
 
 
 def test_ipo_sum_and_ipo_mean(extreme):
@@ -433,23 +441,18 @@ def test_preference_loss_dispatch(extreme, kind, reference):
     np.testing.assert_allclose(float(sums["margin"]), (cr - rj)[keep].sum(), rtol=1e-5, atol=1e-4)
     assert float(sums["reward_accuracy"]) == np.sum((cr > rj)[keep])
     np.testing.assert_allclose(float(sums["logps_chosen"]), pc[keep].sum(), rtol=1e-5)
-    # dpo_loss on a config section gives the masked mean and the same metrics
-    cfg = {
-        "type": kind,
-        "beta": beta,
-        "label_smoothing": ls,
-        "gamma_beta_ratio": ratio,
-        "reference": reference,
-    }
-    loss, m = losses.dpo_loss(
+    # a config section's options (`loss_options`, as train.step passes them) give the same
+    cfg = {"beta": beta, "label_smoothing": ls, "gamma_beta_ratio": ratio, "reference": reference}
+    per_cfg, sums_cfg = losses.preference_loss(
+        kind,
         *map(jnp.asarray, (pc, pr, rc, rr)),
-        cfg,
-        pair_mask=jnp.asarray(mask),
         chosen_tokens=jnp.asarray(nc),
         rejected_tokens=jnp.asarray(nr),
+        pair_mask=jnp.asarray(mask),
+        **losses.loss_options(cfg),
     )
-    np.testing.assert_allclose(float(loss), want[keep].mean(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(float(m["margin"]), (cr - rj)[keep].mean(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(per_cfg), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(sums_cfg["margin"]), (cr - rj)[keep].sum(), rtol=1e-5, atol=1e-4)
 
 
 def test_preference_loss_input_checks():
