@@ -25,13 +25,13 @@ from alignx_jax import allocator, distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_microbatch_split, put_batch
+from alignx_jax.config_schema import joint_head, two_stage_head, uses_predicted, validate_config
 from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 from alignx_jax.hardware import AUTO, describe_auto, matmul_precision, resolve_dtype
 from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
 from alignx_jax.pba import stages as pba_stages
 from alignx_jax.train.checkpoints import TrainerCheckpoints, nonfinite_error
-from alignx_jax.train.schema import joint_head, two_stage_head, uses_predicted, validate_config
 from alignx_jax.train.setup import (
     derived_fingerprint,
     ensure_data,
