@@ -127,7 +127,7 @@ def test_parse_flip_indices_and_labels():
     assert ev.parse_flip("Older,High Extraversion") == (0, 3)  # either label of a dimension
     # a label that itself contains ", " is matched whole
     label = "Dislikes a certain form of creative expression (e.g., art, writing, music)"
-    from alignx_jax.data.persona import load_preference_space
+    from alignx_jax.preference_space import load_preference_space
 
     dim = next(
         d["index"] for d in load_preference_space() if label in (d["positive_label"], d["negative_label"])

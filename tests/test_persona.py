@@ -11,6 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from alignx_jax import preference_space
 from alignx_jax.data import persona
 from alignx_jax.errors import DataError
 
@@ -25,12 +26,12 @@ PSOUPS = os.path.join(
 
 
 def test_preference_space():
-    space = persona.load_preference_space()
+    space = preference_space.load_preference_space()
     assert len(space) == 90 and [d["index"] for d in space] == list(range(90))
     labels = [d[k] for d in space for k in ("positive_label", "negative_label")]
     assert len(set(labels)) == 180
     space[0]["positive_label"] = "changed"  # callers get copies
-    assert persona.load_preference_space()[0]["positive_label"] == "Young"
+    assert preference_space.load_preference_space()[0]["positive_label"] == "Young"
 
 
 def test_profile_text_example_from_method():

@@ -81,14 +81,19 @@ def test_label_order_and_conversions():
     np.testing.assert_array_equal(np.asarray(direction_to_labels(jnp.asarray(d))), [[0, 1, 2, 2]])
 
 
-def test_the_head_agrees_with_the_persona_preference_space():
-    """models/ may not import data/, so the head keeps its own NUM_DIMS and label reader: they must
-    agree with data.persona, the validated owner of the preference space."""
+def test_the_head_and_the_personas_share_one_preference_space():
+    """The head's dims and labels and data.persona's come from alignx_jax.preference_space, which reads
+    the shipped asset in index order."""
+    import json
+
+    from alignx_jax import preference_space
     from alignx_jax.data import persona
 
-    assert ph.NUM_DIMS == persona.NUM_DIMS == HeadConfig(embed_dim=8).num_dims
-    want = [(d["negative_label"], d["positive_label"]) for d in persona.load_preference_space()]
-    assert ph.dimension_labels() == want
+    assert ph.NUM_DIMS == persona.NUM_DIMS == HeadConfig(embed_dim=8).num_dims == 90
+    with open(preference_space.SPACE_PATH, encoding="utf-8") as f:
+        dims = sorted(json.load(f)["dimensions"], key=lambda d: d["index"])
+    assert ph.dimension_labels() == [(d["negative_label"], d["positive_label"]) for d in dims]
+    assert preference_space.load_preference_space() == dims
 
 
 def test_output_shape_axes_and_pooling():

@@ -1,4 +1,5 @@
-"""Personas: the 90-dim preference space, profile text, the release's P~ rule and the persona block.
+"""Personas: profile text over the 90-dim preference space (`alignx_jax.preference_space`), the
+release's P~ rule and the persona block.
 
 Facts from docs/method.md:
   * section 1 - a direction is 90 values in {0, 0.5, 1}; profile text = the labels of the
@@ -13,16 +14,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from alignx_jax.errors import ConfigError, DataError
+from alignx_jax.preference_space import NUM_DIMS, dimensions, release_rule
 
-NUM_DIMS = 90
 PERSONA_VARIANTS = ("ugc", "pair", "demo", "p")
 UGC_FIELD = "User-Generated Content"
 PAIR_FIELD = "Pair-wise Comparative Feedback"
@@ -35,33 +34,15 @@ MAX_HISTORY = 4
 # evaluation shows it
 HISTORY_MODES = ("sample", "fixed", "all")
 
-_SPACE_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "preference_space.json"
-)
-
 UGC_HEADER = "**This person has commented on some posts:**\n\n"
 PAIR_HEADER = "**This person has chosen or rejected comments on some posts:**\n\n"
-
-
-@functools.lru_cache(maxsize=1)
-def _space() -> tuple[dict, ...]:
-    with open(_SPACE_PATH, encoding="utf-8") as f:
-        dims = json.load(f)["dimensions"]
-    if len(dims) != NUM_DIMS or [d["index"] for d in dims] != list(range(NUM_DIMS)):
-        raise DataError(f"{_SPACE_PATH}: expected dimensions 0..{NUM_DIMS - 1} in order")
-    return tuple(dims)
-
-
-def load_preference_space() -> list[dict]:
-    """The 90 dimensions (index, category, positive_label, negative_label) from the package copy."""
-    return [dict(d) for d in _space()]
 
 
 @functools.lru_cache(maxsize=1)
 def _label_table() -> dict[str, tuple[int, float]]:
     """label -> (dimension, value); every one of the 180 labels is distinct."""
     table: dict[str, tuple[int, float]] = {}
-    for d in _space():
+    for d in dimensions():
         table[d["positive_label"]] = (d["index"], 1.0)
         table[d["negative_label"]] = (d["index"], 0.0)
     assert len(table) == 2 * NUM_DIMS
@@ -84,7 +65,7 @@ def profile_text(direction: Any) -> str:
     """Labels of the non-neutral dims in index order, joined with ", " ("" when all neutral)."""
     arr = check_direction(direction)
     labels = []
-    for d, v in zip(_space(), arr):
+    for d, v in zip(dimensions(), arr):
         if v == 1.0:
             labels.append(d["positive_label"])
         elif v == 0.0:
@@ -151,29 +132,13 @@ def parse_profile(text: str) -> np.ndarray:
 
 
 def release_direction(vectors: np.ndarray) -> np.ndarray:
-    """The release's P~ for a history (docs/method.md section 5), float32 [90].
-
-    Mean of the items' directions, then >= 0.6 -> 1, <= 0.4 -> 0, else 0.5. If no dimension is
-    left non-neutral: when 1 - max < min the dims equal to the max become 1, otherwise the dims
-    equal to the min become 0 (so an exact tie 1 - max == min takes the "min -> 0" branch); the
-    rest stay 0.5. Comparisons allow 1e-9 so that mathematically equal means (which can differ
-    in the last bit after float division) count as equal.
-    """
+    """The release's P~ for a history (docs/method.md section 5), float32 [90]: the release's rule
+    (`preference_space.release_rule`: thresholds 0.6 / 0.4, then its fallback) on the mean of the
+    items' directions."""
     vecs = np.asarray(vectors, dtype=np.float64)
     if vecs.ndim != 2 or vecs.shape[1] != NUM_DIMS or vecs.shape[0] == 0:
         raise ValueError(f"release_direction: expected [n>0, {NUM_DIMS}] vectors, got shape {vecs.shape}")
-    eps = 1e-9
-    mean = vecs.mean(axis=0)
-    out = np.full((NUM_DIMS,), 0.5, dtype=np.float64)
-    out[mean >= 0.6 - eps] = 1.0
-    out[mean <= 0.4 + eps] = 0.0
-    if not (out != 0.5).any():
-        hi, lo = mean.max(), mean.min()
-        if (1.0 - hi) < lo - eps:
-            out[np.abs(mean - hi) <= eps] = 1.0
-        else:
-            out[np.abs(mean - lo) <= eps] = 0.0
-    return out.astype(np.float32)
+    return release_rule(vecs.mean(axis=0))
 
 
 def _history(row: dict, field: str) -> list[dict]:

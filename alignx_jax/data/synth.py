@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from alignx_jax import paths
-from alignx_jax.data.persona import NUM_DIMS, load_preference_space
 from alignx_jax.data.synth_world import BASES, FILLER_DEMOGRAPHICS, POSTS, WORLD, WORLD_DIMS
 from alignx_jax.errors import AlignXError
+from alignx_jax.preference_space import NUM_DIMS, load_preference_space
 
 NEUTRAL = 0.5
 PAIR_LABEL_NOISE = 0.05  # a user's own choices are not perfectly consistent

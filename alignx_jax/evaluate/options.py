@@ -108,7 +108,7 @@ def parse_flip(value: str | None) -> tuple[int, ...]:
     dimension, case-insensitive); labels may themselves contain ", " so pieces are re-joined."""
     if value is None or not value.strip():
         return ()
-    from alignx_jax.data.persona import NUM_DIMS, load_preference_space
+    from alignx_jax.preference_space import NUM_DIMS, load_preference_space
 
     labels: dict[str, int] = {}
     for d in load_preference_space():

@@ -37,35 +37,25 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.preference_space import (
+    NUM_DIMS,
+    RELEASE_NEG_THRESHOLD,
+    RELEASE_POS_THRESHOLD,
+    dimension_labels,
+    release_fallback,
+    threshold_direction,
+)
 from alignx_jax.sharding import annotated
 
 # The class order of the head's last axis; a direction value v has class index round(2 v).
 LABEL_VALUES: tuple[float, float, float] = (0.0, 0.5, 1.0)
 NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
-NUM_DIMS: int = 90
 POOLINGS: tuple[str, ...] = ("mean", "last")
 RULES: tuple[str, ...] = ("argmax", "threshold")
-# The release's thresholds on the mean of history directions (docs/method.md section 5).
-RELEASE_POS_THRESHOLD: float = 0.6
-RELEASE_NEG_THRESHOLD: float = 0.4
-# Tolerance of threshold and tie comparisons, the same as data.persona.release_direction's.
-_EPS: float = 1e-9
 
 HEAD_WEIGHTS_FILE: str = "preference_head.safetensors"
 HEAD_CONFIG_FILE: str = "preference_head_config.json"
 HEAD_FORMAT: str = "alignx-preference-head/1"
-
-_SPACE_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "preference_space.json"
-)
-
-
-def dimension_labels() -> list[tuple[str, str]]:
-    """(negative_label, positive_label) of the 90 dims, in vector order, from the package asset."""
-    with open(_SPACE_PATH, encoding="utf-8") as f:
-        dims = json.load(f)["dimensions"]
-    return [(d["negative_label"], d["positive_label"]) for d in sorted(dims, key=lambda d: d["index"])]
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -251,23 +241,6 @@ def expected_direction(probs_BKC) -> np.ndarray:
     return p @ np.asarray(LABEL_VALUES, dtype=np.float64)
 
 
-def release_fallback(values_K: np.ndarray) -> np.ndarray:
-    """The release's rule for an all-neutral row, applied to one row of scores in [0, 1].
-
-    docs/method.md section 5: if 1 - max < min, the dims equal to the max become 1; else (an exact tie
-    1 - max == min included) the dims equal to the min become 0; the rest stay 0.5. "Equal" allows
-    `_EPS` as `data.persona.release_direction` does, so tied dims all flip together.
-    """
-    v = np.asarray(values_K, dtype=np.float64)
-    out = np.full(v.shape, 0.5, dtype=np.float32)
-    hi, lo = v.max(), v.min()
-    if 1.0 - hi < lo - _EPS:
-        out[np.abs(v - hi) <= _EPS] = 1.0
-    else:
-        out[np.abs(v - lo) <= _EPS] = 0.0
-    return out
-
-
 def predict_direction(
     probs_BKC,
     *,
@@ -298,9 +271,7 @@ def predict_direction(
             raise ConfigError(
                 f"predict_direction: neg_threshold {neg_threshold} must be < pos_threshold {pos_threshold}"
             )
-        out = np.where(
-            pos_threshold - _EPS <= E_BK, 1.0, np.where(neg_threshold + _EPS >= E_BK, 0.0, 0.5)
-        ).astype(np.float32)
+        out = threshold_direction(E_BK, pos_threshold, neg_threshold)
     else:
         raise ConfigError(f"predict_direction: rule must be one of {RULES}, got {rule!r}")
     for b in np.nonzero(np.all(out == 0.5, axis=-1))[0]:
