@@ -18,8 +18,9 @@ What lives here (one concept: the head and its I/O):
   * `save_head` / `load_head` (beside an HF export)
 
 `models/` never imports `data/` (an import-linter contract): what renders persona text, reads data
-files or applies the release's P~ rule lives in `alignx_jax.pba` (`pba.predict`: persona_prompt_ids,
-persona_features, predict_preferences, heuristic_metrics, cli_predict_preferences).
+files or applies the release's P~ rule to a history lives in `alignx_jax.pba` (`pba.predict`:
+persona_prompt_ids, persona_features, predict_preferences, heuristic_metrics, cli_predict_preferences);
+the dimensions and the rule itself are `alignx_jax.preference_space`'s.
 """
 
 from __future__ import annotations
