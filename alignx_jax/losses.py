@@ -22,6 +22,8 @@ Two losses never use a reference; with m(y) = log pi(y) / n_tokens(y) the mean l
     simpo (Meng et al. 2024):  -log s(beta m(y_w) - beta m(y_l) - gamma),  gamma = gamma_beta_ratio * beta
 
 `preference_loss(kind, ...)` is the single dispatch point (kinds and their inputs: `PREFERENCE_LOSSES`).
+Its options are plain keyword arguments: this module reads no config (`train.step.loss_options` turns
+the run's `loss` section into them).
 The optional SFT term is the NLL of the chosen response, `-log pi(y_w) / n_tokens` ("length", the
 default: comparable across lengths) or `-log pi(y_w)` ("sum"), added with weight `sft_weight`.
 """
@@ -472,24 +474,3 @@ def preference_loss(
             raise ValueError("sft_norm='length' needs chosen_tokens (the NLL is a mean per chosen token)")
         loss = loss + sft_weight * sft_term(pc, chosen_tokens, sft_norm)
     return loss, _reward_sums(cr, rj, pc, pr, pair_mask)
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    # dicts and ConfigDicts both have .get; plain objects (dataclasses) use attributes
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
-def loss_options(cfg: Any) -> dict[str, Any]:
-    """`preference_loss` keyword arguments from a `loss` config section.
-
-    `reference`: the config's 'none' means reference-free; any other value ('on_the_fly',
-    'precomputed': how the reference log-probs are obtained) means 'policy_ref'.
-    """
-    return {
-        "beta": _get(cfg, "beta", None),
-        "label_smoothing": float(_get(cfg, "label_smoothing", 0.0)),
-        "gamma_beta_ratio": float(_get(cfg, "gamma_beta_ratio", 0.25)),
-        "sft_weight": float(_get(cfg, "sft_weight", 0.0)),
-        "sft_norm": _get(cfg, "sft_norm", "length"),
-        "reference": "none" if _get(cfg, "reference", "policy_ref") == "none" else "policy_ref",
-    }

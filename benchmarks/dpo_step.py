@@ -276,19 +276,11 @@ def jax_models(
 
 
 def _loss_cfg(chunk: int):
-    import ml_collections
+    """The schema's `loss` section (sigmoid DPO, reference on the fly) at BETA and time chunk `chunk`."""
+    from alignx_jax import config_schema
 
-    c = ml_collections.ConfigDict(
-        dict(
-            type="sigmoid",
-            beta=BETA,
-            label_smoothing=0.0,
-            sft_weight=0.0,
-            sft_norm="length",
-            reference="on_the_fly",
-            logps_chunk=chunk,
-        )
-    )
+    c = config_schema.default_config().loss
+    c.update(beta=BETA, logps_chunk=chunk)
     return c
 
 

@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
+    from alignx_jax import config_schema
     from alignx_jax.batch import add_token_layout, to_microbatches
     from alignx_jax.data import batching
     from alignx_jax.models.decoder import Decoder, DecoderConfig
@@ -109,17 +110,8 @@ def main(argv=None) -> int:
         }
     )
     tx, _ = make_optimizer(optim, 100)
-    loss_cfg = ml_collections.ConfigDict(
-        {
-            "type": "sigmoid",
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-            "sft_weight": 0.0,
-            "sft_norm": "length",
-            "logps_chunk": 0,
-            "reference": "on_the_fly",
-        }
-    )
+    loss_cfg = config_schema.default_config().loss  # the release's sigmoid DPO, reference on the fly
+    loss_cfg.logps_chunk = 0
     step = jax.jit(make_train_step(codec, tx, loss_cfg, precomputed=False))
 
     layouts = {

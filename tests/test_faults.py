@@ -253,7 +253,7 @@ def test_skip_policy_step_keeps_the_old_state():
     import ml_collections
     from flax import nnx
 
-    from alignx_jax import train
+    from alignx_jax import config_schema, train
     from alignx_jax.models.decoder import Decoder, DecoderConfig
 
     model = Decoder(
@@ -297,17 +297,8 @@ def test_skip_policy_step_keeps_the_old_state():
         },
         1,
     )
-    loss_cfg = ml_collections.ConfigDict(
-        {
-            "type": "sigmoid",
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-            "sft_weight": 0.0,
-            "sft_norm": "length",
-            "logps_chunk": 0,
-            "nan_policy": "skip",
-        }
-    )
+    loss_cfg = config_schema.default_config().loss
+    loss_cfg.update(logps_chunk=0, nan_policy="skip")
     step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
     opt = tx.init(params)
     p1, o1, m = step(jax.tree.map(jnp.copy, params), opt, ref, batch)

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_cli
 from flax import nnx
 
-from alignx_jax import train
+from alignx_jax import config_schema, train
 from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models import lora
 from alignx_jax.models.compaction import TokenLayout
@@ -159,10 +159,8 @@ def test_lora_dpo_step_trains_adapters_only():
         )
     )
     tx, _ = train.make_optimizer(optim, 10)
-    loss_cfg = ml_collections.ConfigDict(
-        dict(type="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0, sft_norm="length", logps_chunk=7)
-    )
-    loss_cfg.reference = "on_the_fly"
+    loss_cfg = config_schema.default_config().loss  # the release's sigmoid DPO, reference on the fly
+    loss_cfg.logps_chunk = 7
     step = jax.jit(train.make_train_step(codec, tx, loss_cfg, precomputed=False))
     batch = train.to_microbatches(_pair_batch(), 2)
     opt = tx.init(adapters)

@@ -65,19 +65,9 @@ def _batch(B=4, T=24, seed=0):
 
 
 def _loss_cfg(**kw):
-    c = ml_collections.ConfigDict(
-        {
-            "type": "sigmoid",
-            "beta": 0.1,
-            "gamma_beta_ratio": 0.25,
-            "label_smoothing": 0.0,
-            "sft_weight": 0.0,
-            "sft_norm": "length",
-            "logps_chunk": 7,
-            "reference": "on_the_fly",
-        }
-    )
-    c.update(kw)
+    """The schema's `loss` section with a small logps chunk and `kw` set."""
+    c = config_schema.default_config().loss
+    c.update({"logps_chunk": 7, **kw})
     return c
 
 

@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignx_jax import losses
+from alignx_jax import config_schema, losses
+from alignx_jax.train.step import loss_options
+
+
+def _loss_section(**kw):
+    """The schema's `loss` section with `kw` set (what `train.step.loss_options` reads)."""
+    c = config_schema.default_config().loss
+    c.update(kw)
+    return c
 
 
 def _np_logsig(x):
@@ -362,10 +370,8 @@ def test_reference_free_dpo(extreme):
     np.testing.assert_allclose(float(sums["margin"]), beta * (pc - pr).sum(), rtol=1e-5)
     np.testing.assert_allclose(float(sums["rewards_rejected"]), beta * pr.sum(), rtol=1e-5)
     # the same from a config section: its reference 'none' is the dispatch's
-    cfg = {"beta": beta, "label_smoothing": 0.1, "reference": "none"}
-    per, _ = losses.preference_loss(
-        "sigmoid", *map(jnp.asarray, (pc, pr, rc, rr)), **losses.loss_options(cfg)
-    )
+    cfg = _loss_section(beta=beta, label_smoothing=0.1, reference="none")
+    per, _ = losses.preference_loss("sigmoid", *map(jnp.asarray, (pc, pr, rc, rr)), **loss_options(cfg))
     np.testing.assert_allclose(np.asarray(per), want, rtol=1e-5, atol=1e-6)
 
 
@@ -441,15 +447,22 @@ def test_preference_loss_dispatch(extreme, kind, reference):
     np.testing.assert_allclose(float(sums["margin"]), (cr - rj)[keep].sum(), rtol=1e-5, atol=1e-4)
     assert float(sums["reward_accuracy"]) == np.sum((cr > rj)[keep])
     np.testing.assert_allclose(float(sums["logps_chosen"]), pc[keep].sum(), rtol=1e-5)
-    # a config section's options (`loss_options`, as train.step passes them) give the same
-    cfg = {"beta": beta, "label_smoothing": ls, "gamma_beta_ratio": ratio, "reference": reference}
+    # a config section's options (`train.step.loss_options`, as the step passes them) give the same;
+    # the config's reference 'on_the_fly' is the dispatch's 'policy_ref'
+    cfg = _loss_section(
+        type=kind,
+        beta=beta,
+        label_smoothing=ls,
+        gamma_beta_ratio=ratio,
+        reference="none" if reference == "none" else "on_the_fly",
+    )
     per_cfg, sums_cfg = losses.preference_loss(
         kind,
         *map(jnp.asarray, (pc, pr, rc, rr)),
         chosen_tokens=jnp.asarray(nc),
         rejected_tokens=jnp.asarray(nr),
         pair_mask=jnp.asarray(mask),
-        **losses.loss_options(cfg),
+        **loss_options(cfg),
     )
     np.testing.assert_allclose(np.asarray(per_cfg), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(float(sums_cfg["margin"]), (cr - rj)[keep].sum(), rtol=1e-5, atol=1e-4)

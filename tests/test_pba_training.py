@@ -20,7 +20,7 @@ import pytest
 from conftest import cli_env, run_cli
 from flax import nnx
 
-from alignx_jax import train
+from alignx_jax import config_schema, train
 from alignx_jax.config import load_config
 from alignx_jax.errors import ConfigError
 from alignx_jax.models import preference_head as ph
@@ -87,17 +87,10 @@ def _batch(B=4, T=24, P=16, vocab=97, seed=0, dummies=0):
 
 
 def _loss_cfg():
-    return ml_collections.ConfigDict(
-        {
-            "type": "sigmoid",
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-            "sft_weight": 0.0,
-            "sft_norm": "length",
-            "logps_chunk": 7,
-            "reference": "on_the_fly",
-        }
-    )
+    """The schema's `loss` section (the release's sigmoid DPO) with a small logps chunk."""
+    c = config_schema.default_config().loss
+    c.logps_chunk = 7
+    return c
 
 
 def _pba_cfg(**kw):

@@ -19,7 +19,7 @@ import pytest
 from conftest import cli_env, run_cli
 from flax import nnx
 
-from alignx_jax import allocator, train
+from alignx_jax import allocator, config_schema, train
 from alignx_jax.config import load_config
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 
@@ -71,18 +71,9 @@ def _batch(B=4, T=24, vocab=97, seed=0, dummies=0):
 
 
 def _loss_cfg(**kw):
-    c = ml_collections.ConfigDict(
-        {
-            "type": "sigmoid",
-            "beta": 0.1,
-            "label_smoothing": 0.0,
-            "sft_weight": 0.0,
-            "sft_norm": "length",
-            "logps_chunk": 7,
-            "reference": "on_the_fly",
-        }
-    )
-    c.update(kw)
+    """The schema's `loss` section (the release's sigmoid DPO) with a small logps chunk and `kw` set."""
+    c = config_schema.default_config().loss
+    c.update({"logps_chunk": 7, **kw})
     return c
 
 

@@ -113,7 +113,21 @@ def reference_needed(loss_cfg: ml_collections.ConfigDict) -> bool:
     for the reference-free kinds (orpo, simpo: `losses.PREFERENCE_LOSSES[...].uses_reference`), whatever
     `loss.reference` says (as TRL's ORPOTrainer/CPOTrainer, which take no reference model)."""
     spec = losses.PREFERENCE_LOSSES.get(loss_cfg.type)
-    return loss_cfg.get("reference", "on_the_fly") != "none" and (spec is None or spec.uses_reference)
+    return loss_cfg.reference != "none" and (spec is None or spec.uses_reference)
+
+
+def loss_options(loss_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`losses.preference_loss`'s keyword arguments from the run's `loss` section (every key read by
+    attribute: config_schema owns the defaults). `reference`: the config's 'none' is reference-free;
+    'on_the_fly' and 'precomputed' (how the reference log-probs are obtained) are 'policy_ref'."""
+    return {
+        "beta": float(loss_cfg.beta),
+        "label_smoothing": float(loss_cfg.label_smoothing),
+        "gamma_beta_ratio": float(loss_cfg.gamma_beta_ratio),
+        "sft_weight": float(loss_cfg.sft_weight),
+        "sft_norm": loss_cfg.sft_norm,
+        "reference": "none" if loss_cfg.reference == "none" else "policy_ref",
+    }
 
 
 # the train metrics under TRL's names (DPOTrainer) -> the `losses.preference_loss` metric sums they
@@ -403,11 +417,11 @@ def make_train_step(
         codec=codec,
         tx=tx,
         chunk=int(loss_cfg.logps_chunk) or None,
-        kind=loss_cfg.get("type", "sigmoid"),
-        options=losses.loss_options(loss_cfg),
+        kind=loss_cfg.type,
+        options=loss_options(loss_cfg),
         use_ref=reference_needed(loss_cfg),
         precomputed=precomputed,
-        skip_nonfinite=loss_cfg.get("nan_policy", "stop") == "skip",
+        skip_nonfinite=loss_cfg.nan_policy == "skip",
         grad_shardings=grad_shardings,
         head_codec=head_codec,
         head_tx=head_tx,
@@ -517,8 +531,8 @@ def jit_eval_step(codec: ParamsCodec, cfg: ml_collections.ConfigDict, head_codec
         codec=codec,
         tx=None,
         chunk=int(cfg.loss.logps_chunk) or None,
-        kind=cfg.loss.get("type", "sigmoid"),
-        options=losses.loss_options(cfg.loss),
+        kind=cfg.loss.type,
+        options=loss_options(cfg.loss),
         use_ref=reference_needed(cfg.loss),
         precomputed=False,
         skip_nonfinite=False,
