@@ -436,7 +436,6 @@ def _joint_batch(tok, rows, persona_length=64):
 
 
 def test_joint_head_term_gradients_and_descent(tok, world):
-    import ml_collections
     import optax
 
     model = tiny_decoder(tok)
@@ -445,8 +444,8 @@ def test_joint_head_term_gradients_and_descent(tok, world):
     assert batch["pair_mask"].tolist() == [1] * 6 + [0]
 
     def cfg(stop):
-        return ml_collections.ConfigDict(
-            {"pba": {"weight": 0.5, "stop_gradient": stop, "class_weights": (2.0, 1.0, 2.0)}}
+        return ph.HeadTermOptions(
+            weight=0.5, stop_gradient=stop, class_weights=(2.0, 1.0, 2.0), focal_gamma=0.0
         )
 
     loss, metrics = ph.joint_head_term(model, head, batch, cfg(True))
@@ -454,9 +453,7 @@ def test_joint_head_term_gradients_and_descent(tok, world):
     assert 0.0 <= float(metrics["head_accuracy"]) <= 1.0
     # Micro-batching: with the global pair count, the terms of two halves add up to the whole's
     # (unit class weights: then the per-batch mean and the n_pairs form agree).
-    c1 = ml_collections.ConfigDict(
-        {"pba": {"weight": 1.0, "stop_gradient": True, "class_weights": (1.0, 1.0, 1.0)}}
-    )
+    c1 = ph.HeadTermOptions(weight=1.0, stop_gradient=True, class_weights=(1.0, 1.0, 1.0), focal_gamma=0.0)
     whole = ph.joint_head_term(model, head, batch, c1)[0]
     halves = [
         {k: v[sl] for k, v in batch.items() if k in ("persona_ids", "persona_mask", "direction", "pair_mask")}

@@ -14,7 +14,7 @@ What lives here (one concept: the head and its I/O):
   * `predict_direction` (argmax or threshold rule, with the release's all-neutral fallback)
   * `head_metrics` (predicted vs gold directions)
   * `pad_persona`, `pooled_features`, `head_probs` (tensor-level prediction on pooled features)
-  * `joint_head_term` (the term `train.step` adds to the DPO loss for joint training)
+  * `HeadTermOptions`, `joint_head_term` (the term `train.step` adds to the DPO loss for joint training)
   * `save_head` / `load_head` (beside an HF export)
 
 `models/` never imports `data/` (an import-linter contract): what renders persona text, reads data
@@ -381,33 +381,31 @@ def head_probs(head: PreferenceHead, features_ND: np.ndarray, *, batch_size: int
 # ----------------------------------------------------------------------------- joint training term
 
 
-def _pba_section(cfg: Any) -> Any:
-    if hasattr(cfg, "pba"):
-        return cfg.pba
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class HeadTermOptions:
+    """How `joint_head_term` weighs the head's CE; the values of the run's `pba` section, which
+    `train.step` reads (models/ reads no config)."""
 
-
-def _cfg_get(section: Any, key: str, default: Any) -> Any:
-    if hasattr(section, "get"):
-        return section.get(key, default)
-    return getattr(section, key, default)
+    weight: float  # the term is weight * CE
+    stop_gradient: bool  # detach the persona features: the head's loss does not move the policy
+    class_weights: tuple[float, ...] | None  # per class in LABEL_VALUES order; None: unweighted
+    focal_gamma: float  # > 0: focal CE (`head_loss`)
 
 
 def joint_head_term(
     model: nnx.Module,
     head: PreferenceHead,
     batch: Mapping[str, jax.Array],
-    cfg: Any,
+    options: HeadTermOptions,
     *,
     n_pairs: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The PBA head's term for a joint step: `(pba.weight * CE, metrics)`; pure, jit-friendly.
+    """The PBA head's term for a joint step: `(options.weight * CE, metrics)`; pure, jit-friendly.
 
     Reads `batch['persona_ids'/'persona_mask'/'direction']` and `pair_mask` (dummy pairs count for
     nothing): plain arrays, which `train.step` takes from the microbatch's `batch.HeadInputs`
-    (persona ids from `data.batching.make_example` with persona_length set). `cfg` is the run config
-    (or its `pba` section): `weight`, `stop_gradient` (detach the persona features so the head's
-    loss does not move the policy), `class_weights`, optional `focal_gamma`. The returned loss is
+    (persona ids from `data.batching.make_example` with persona_length set). `options`
+    (`HeadTermOptions`): `weight`, `stop_gradient`, `class_weights`, `focal_gamma`. The returned loss is
     already weighted: `train.step` adds it to the DPO loss as is. Metrics are unweighted.
 
     Micro-batching: pass `n_pairs` = real pairs in the *global* batch; the CE is then
@@ -415,15 +413,13 @@ def joint_head_term(
     micro-batches gives the global-batch mean (like the DPO sum / n_pairs). Without it the CE is the
     class-weighted mean over this batch's real rows.
     """
-    pba = _pba_section(cfg)
     ids_BS, mask_BS = batch["persona_ids"], batch["persona_mask"]
     with jax.named_scope("pba_head_term"):
         hidden_BSD = model.hidden_states(ids_BS, mask_BS)
-        if _cfg_get(pba, "stop_gradient", True):
+        if options.stop_gradient:
             hidden_BSD = jax.lax.stop_gradient(hidden_BSD)
         logits_BKC = head(hidden_BSD, mask_BS)
         row_mask_B = batch.get("pair_mask")
-        cw = _cfg_get(pba, "class_weights", None)
         norm = (
             None
             if n_pairs is None
@@ -432,8 +428,8 @@ def joint_head_term(
         ce = head_loss(
             logits_BKC,
             batch["direction"],
-            class_weights=None if cw is None else tuple(cw),
-            focal_gamma=float(_cfg_get(pba, "focal_gamma", 0.0) or 0.0),
+            class_weights=options.class_weights,
+            focal_gamma=options.focal_gamma,
             mask=row_mask_B,
             normalizer=norm,
         )
@@ -451,7 +447,7 @@ def joint_head_term(
             / jnp.maximum(jnp.sum(m_B) * hit_BK.shape[1], 1.0),
             "head_accuracy_non_neutral": jnp.sum(hit_BK * nn_BK) / jnp.maximum(jnp.sum(nn_BK), 1.0),
         }
-    return float(_cfg_get(pba, "weight", 1.0)) * ce, metrics
+    return options.weight * ce, metrics
 
 
 # ----------------------------------------------------------------------------- export / import

@@ -130,6 +130,16 @@ def loss_options(loss_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def head_term_options(pba_cfg: ml_collections.ConfigDict) -> ph.HeadTermOptions:
+    """`preference_head.joint_head_term`'s options from the run's `pba` section (read by attribute)."""
+    return ph.HeadTermOptions(
+        weight=float(pba_cfg.weight),
+        stop_gradient=bool(pba_cfg.stop_gradient),
+        class_weights=tuple(float(w) for w in pba_cfg.class_weights),
+        focal_gamma=float(pba_cfg.focal_gamma),
+    )
+
+
 # the train metrics under TRL's names (DPOTrainer) -> the `losses.preference_loss` metric sums they
 # are the per-pair means of; `logits/*` are token means (see `model_pair_logps`)
 TRL_METRICS = {
@@ -197,7 +207,7 @@ class StepSpec:
     grad_shardings: Any = None
     head_codec: HeadCodec | None = None
     head_tx: optax.GradientTransformation | None = None
-    pba_cfg: ml_collections.ConfigDict | None = None
+    head_options: ph.HeadTermOptions | None = None  # joint PBA: the head term's (`head_term_options`)
 
     @property
     def joint(self) -> bool:
@@ -271,7 +281,7 @@ def _microbatch_loss(spec: StepSpec, p, ref_params, mb, ref, pm, ntok, n_pairs):
         "pair_mask": mb.pair_mask,
     }
     term, hm = ph.joint_head_term(
-        model, spec.head_codec.module(p["head"]), head_in, spec.pba_cfg, n_pairs=n_pairs
+        model, spec.head_codec.module(p["head"]), head_in, spec.head_options, n_pairs=n_pairs
     )
     return dpo + term, (sums, {"dpo": dpo, **hm})
 
@@ -425,7 +435,7 @@ def make_train_step(
         grad_shardings=grad_shardings,
         head_codec=head_codec,
         head_tx=head_tx,
-        pba_cfg=pba_cfg,
+        head_options=head_term_options(pba_cfg) if head_codec is not None else None,
     )
 
     def step(params, opt_state, ref_params, batch):
@@ -537,7 +547,7 @@ def jit_eval_step(codec: ParamsCodec, cfg: ml_collections.ConfigDict, head_codec
         precomputed=False,
         skip_nonfinite=False,
         head_codec=head_codec,
-        pba_cfg=cfg.pba if head_codec is not None else None,
+        head_options=head_term_options(cfg.pba) if head_codec is not None else None,
     )
     return make_eval_step(spec)
 
