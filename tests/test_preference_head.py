@@ -406,22 +406,15 @@ def test_two_stage_training_reduces_head_loss(tok, world):
     assert all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before_params), jax.tree.leaves(after_params))
     )
-    # A run config's pba section works as cfg too.
-    import ml_collections
+    # A run config works as cfg too: its pba section and data.persona.
+    from alignx_jax import config_schema
 
-    run = ml_collections.ConfigDict(
-        {
-            "pba": {
-                "hidden": 16,
-                "pooling": "last",
-                "class_weights": (1.0, 1.0, 1.0),
-                "max_persona_tokens": 128,
-            },
-            "data": {"persona": "p"},
-        }
-    )
+    run = config_schema.default_config()
+    run.pba.update(hidden=16, pooling="last", max_persona_tokens=128)
+    run.data.persona = "demo"
     hc = head_config_for(model, run)
     assert (hc.hidden, hc.pooling, hc.embed_dim, hc.max_persona_tokens) == (16, "last", 32, 128)
+    assert hc.persona_variant == "demo"
 
 
 def _joint_batch(tok, rows, persona_length=64):

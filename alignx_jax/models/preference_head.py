@@ -67,6 +67,7 @@ class HeadConfig:
 
     `embed_dim` is the backbone's hidden size D. `persona_variant` and `max_persona_tokens` fix how
     the persona-only prompt is built (`persona_prompt_ids`), so that prediction reproduces training.
+    A run's head is `pba.head_training.head_config` of its config (models/ reads no config).
     """
 
     embed_dim: int
@@ -90,21 +91,6 @@ class HeadConfig:
                 raise ConfigError(f"preference head: {name} must be an integer, got {value!r}")
             if value <= 0:
                 raise ConfigError(f"preference head: {name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_config(cls, pba: Any, embed_dim: int, **extra: Any) -> HeadConfig:
-        """From a config's `pba` section (ConfigDict or dict) plus the backbone's hidden size."""
-        get = (lambda k, d: pba.get(k, d)) if hasattr(pba, "get") else (lambda k, d: getattr(pba, k, d))
-        kw: dict[str, Any] = dict(
-            embed_dim=int(embed_dim),
-            hidden=int(get("hidden", 256)),
-            pooling=str(get("pooling", "mean")),
-        )
-        for key in ("persona_variant", "max_persona_tokens"):
-            if get(key, None) is not None:
-                kw[key] = get(key, None)
-        kw.update(extra)
-        return cls(**kw)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -54,18 +54,24 @@ def _directions(rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarr
     return gold, mask
 
 
+def head_config(cfg: Any, embed_dim: int) -> HeadConfig:
+    """The HeadConfig a run config asks for on a backbone of hidden size `embed_dim`: `pba.hidden`,
+    `pba.pooling`, `pba.max_persona_tokens`, and `data.persona` (the head reads the persona variant the
+    policy reads); every key read by attribute (config_schema owns the defaults)."""
+    return HeadConfig(
+        embed_dim=int(embed_dim),
+        hidden=int(cfg.pba.hidden),
+        pooling=str(cfg.pba.pooling),
+        persona_variant=cfg.data.persona,
+        max_persona_tokens=cfg.pba.max_persona_tokens,
+    )
+
+
 def head_config_for(backbone: nnx.Module, cfg: Any) -> HeadConfig:
-    """A HeadConfig for `backbone` from a HeadConfig, a run config (its `pba` section) or a dict."""
+    """A HeadConfig for `backbone`: `cfg` itself when it is one, else `head_config` of a run config."""
     if isinstance(cfg, HeadConfig):
         return cfg
-    pba = cfg.pba if hasattr(cfg, "pba") else cfg
-    extra = {}
-    data = getattr(cfg, "data", None)
-    if data is not None and hasattr(data, "get") and data.get("persona") is not None:
-        extra["persona_variant"] = data.get(
-            "persona"
-        )  # the head reads the same persona variant as the policy
-    return HeadConfig.from_config(pba, backbone.cfg.hidden_size, **extra)
+    return head_config(cfg, backbone.cfg.hidden_size)
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,17 +132,17 @@ def train_head_two_stage(
 ) -> TwoStageResult:
     """Train a preference head on a frozen `backbone` (see the module docstring).
 
-    cfg: a HeadConfig, or a run config / `pba` section (`pooling`, `hidden`, `class_weights`,
-    optional `focal_gamma`); explicit `class_weights`/`focal_gamma` arguments win. `features`
+    cfg: a HeadConfig, or a run config (`head_config`, and `pba.class_weights`, `pba.focal_gamma`);
+    explicit `class_weights`/`focal_gamma` arguments win. `features`
     skips stage 1 (they must come from the same backbone, pooling and persona rule). Rows without
     a `Preference Direction` are ignored by the loss; a set with none is a DataError.
     """
     hcfg = head_config_for(backbone, cfg)
-    pba = None if isinstance(cfg, HeadConfig) else (cfg.pba if hasattr(cfg, "pba") else cfg)
-    if class_weights is None and pba is not None and pba.get("class_weights") is not None:
-        class_weights = tuple(pba.get("class_weights"))
+    pba = None if isinstance(cfg, HeadConfig) else cfg.pba
+    if class_weights is None and pba is not None:
+        class_weights = tuple(pba.class_weights)
     if not focal_gamma and pba is not None:
-        focal_gamma = float(pba.get("focal_gamma", 0.0) or 0.0)
+        focal_gamma = float(pba.focal_gamma)
     gold, mask = _directions(rows)
     if not mask.any():
         raise DataError("two-stage head training: no row has a 'Preference Direction' to learn from")

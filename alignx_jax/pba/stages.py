@@ -20,7 +20,7 @@ from alignx_jax.data.persona import DIRECTION_FIELD
 from alignx_jax.errors import DataError
 from alignx_jax.models import preference_head as ph
 from alignx_jax.models.presets import resolve_model_path
-from alignx_jax.pba.head_training import train_head_two_stage
+from alignx_jax.pba.head_training import head_config, train_head_two_stage
 from alignx_jax.pba.predict import head_persona_features
 
 PREDICTED_FILE = "pba_predicted.npy"
@@ -29,7 +29,7 @@ PREDICTED_FILE = "pba_predicted.npy"
 def build_head(cfg: ml_collections.ConfigDict, hidden_size: int, mesh, rules):
     """The joint run's PreferenceHead, placed on the mesh. Initialised from `model.hf_path`'s own head
     when that folder has one of the same shape and input rule (an exported or imported PBA model)."""
-    hcfg = ph.HeadConfig.from_config(cfg.pba, hidden_size, persona_variant=cfg.data.persona)
+    hcfg = head_config(cfg, hidden_size)
     head = ph.PreferenceHead(hcfg, rngs=nnx.Rngs(int(cfg.pba.seed)))
     src = resolve_model_path(cfg.model.hf_path)
     if src and os.path.isdir(src) and ph.has_head(src):

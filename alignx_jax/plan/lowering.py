@@ -129,9 +129,10 @@ def _abstract_head(cfg: ml_collections.ConfigDict, mesh, rules, dcfg, rep) -> _A
 
     from alignx_jax import sharding as shd
     from alignx_jax.models import preference_head as ph
+    from alignx_jax.pba.head_training import head_config
     from alignx_jax.train.state import HeadCodec, make_head_optimizer
 
-    hcfg = ph.HeadConfig.from_config(cfg.pba, dcfg.hidden_size, persona_variant=cfg.data.persona)
+    hcfg = head_config(cfg, dcfg.hidden_size)
     abs_head = nnx.eval_shape(lambda: ph.PreferenceHead(hcfg, rngs=nnx.Rngs(0)))
     head_codec, head_tx = HeadCodec.of(abs_head), make_head_optimizer(cfg.pba)
     head_abs = HeadCodec.params(abs_head)
