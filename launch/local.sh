@@ -16,7 +16,9 @@
 #   COORDINATOR_PORT     coordinator port on 127.0.0.1 (default: a free one)
 # Each process gets ALIGNX_COORDINATOR_ADDRESS / ALIGNX_NUM_PROCESSES / ALIGNX_PROCESS_ID, which `alignx`
 # turns into jax.distributed.initialize(...) before it runs the command (alignx_jax/distributed.py).
-# SIGTERM/SIGINT are forwarded to every process. The exit status is 0 when all of them exit 0; otherwise
+# SIGTERM/SIGINT are forwarded to every process, once (each runs in a process group of its own, so that a
+# terminal's Ctrl-C or a signal to this script's group reaches it from here alone), SIGHUP as SIGTERM;
+# this script waits for them all. The exit status is 0 when all of them exit 0; otherwise
 # the first failing status, after naming each failed process and the last lines of its log.
 set -euo pipefail
 
@@ -85,12 +87,18 @@ forward() {
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
+trap 'forward TERM' HUP  # the terminal went away: the processes, in groups of their own, would not hear of it
 
+# each process in a process group of its own (job control, for the launches only): a terminal's Ctrl-C or a
+# signal to this script's group (`timeout`, a scheduler) reaches it once, through `forward`. In this group it
+# got the terminal's SIGINT and then the forwarded one: `alignx train`'s second Ctrl-C, which stops at once
+# without saving, while the others waited in a collective until JAX's shutdown timeout
+set -m
 for ((i = 0; i < n; i++)); do
-  # each process in its own process group would miss a terminal's Ctrl-C: forwarding does it instead
   env "${common_env[@]}" "ALIGNX_PROCESS_ID=$i" "${cmd[@]}" > "${logdir}/process_${i}.log" 2>&1 < /dev/null &
   pids+=("$!")
 done
+set +m
 
 # poll: a process that fails takes the job down (the others would block in a collective until the
 # coordinator's heartbeat timeout), so the rest get SIGTERM, then SIGKILL after KILL_AFTER seconds
@@ -112,7 +120,9 @@ while [ "$running" -gt 0 ]; do
   if [ -n "$failed_at" ] && [ $((SECONDS - failed_at)) -ge "${KILL_AFTER:-30}" ]; then
     for ((j = 0; j < n; j++)); do [ -z "${codes[$j]}" ] && kill -s KILL "${pids[$j]}" 2>/dev/null || true; done
   fi
-  [ "$running" -gt 0 ] && sleep 0.2
+  # a signal to this script's group ends this `sleep` too: no reason to leave (set -e would end the script
+  # at once, exit 143/130, its processes running on without it)
+  if [ "$running" -gt 0 ]; then sleep 0.2 || true; fi
 done
 
 status=0

@@ -397,6 +397,51 @@ def test_local_forwards_sigterm_and_succeeds(tmp_path):
     assert "forwarded SIGTERM" in err
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_local_a_signal_to_its_process_group_reaches_each_process_once_and_is_waited_for(tmp_path, sig):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group) or `timeout`'s SIGTERM to its group: each
+    process gets the signal once (a second SIGINT is `alignx train`'s stop-now, nothing saved: 4 real
+    processes then stopped unsaved, or hung 5 minutes in a collective), and local.sh waits for them and
+    exits 0 (it used to exit 130/143 at once: its polling `sleep` died of the signal under set -e)."""
+    fake = _stand_in(
+        tmp_path,
+        "n=0; trap 'n=$((n+1))' INT TERM\n"
+        'echo "ready $ALIGNX_PROCESS_ID"\n'
+        'while [ "$n" = 0 ]; do sleep 0.05; done\n'
+        "for _ in 1 2 3 4 5 6 7 8 9 10; do sleep 0.1; done\n"  # a second delivery would arrive by now
+        'echo "signals $n in $ALIGNX_PROCESS_ID"\n',
+    )
+    logs = tmp_path / "logs"
+    env = dict(os.environ, PYTHON=fake, LOGDIR=str(logs), COORDINATOR_PORT="1")
+    proc = subprocess.Popen(
+        ["bash", LOCAL, "2", "alignx", "train"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if all(
+                (logs / f"process_{i}.log").exists() and "ready" in (logs / f"process_{i}.log").read_text()
+                for i in range(2)
+            ):
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # local.sh's group; its processes are in groups of their own
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, err
+    assert f"forwarded {sig.name}" in err
+    for i in range(2):  # waited for: each has finished, having had the signal once
+        assert f"signals 1 in {i}" in (logs / f"process_{i}.log").read_text(), err
+
+
 def test_the_multi_host_launchers_commands_record_a_start_up_sigterm(monkeypatch):
     """tpu_pod.sh and gpu_multihost.sh join the job with --config.train.distributed=true (no ALIGNX_*
     variables): `alignx train` must then record a SIGTERM that arrives during start-up instead of one
