@@ -477,6 +477,42 @@ def test_pairs_that_do_not_split_over_the_processes_are_one_line(tmp_path):
     assert not (w / "checkpoints").exists() or not os.listdir(w / "checkpoints")
 
 
+def test_a_pba_head_over_an_fsdp_axis_across_processes_fits_like_one_process(tmp_path):
+    """`pba.mode=two_stage`, `pba.preference=mix` on `mesh.fsdp=8` over 2 processes (tiny_pba.py's own
+    fsdp=-1 mesh, as a pod's): the backbone's pooled persona features come back sharded over both processes'
+    devices and every process gathers them (fetched as they were, they were a RuntimeError on every process:
+    in the first-stage P~ at start-up, and in the two-stage head after the last step). The losses, P~ and
+    the final head's metrics are one 8-device process's."""
+    cache = str(tmp_path / "cache")
+    args = [
+        f"--config={MP_MODES.TINY_PBA}",
+        *MP_MODES.TRAIN,
+        *MP_MODES.PBA,
+        *MP_MODES.SHORT,
+        "--config.pba.mode=two_stage",
+        "--config.pba.preference=mix",
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=8",
+        "--config.mesh.tensor=1",
+        "--config.train.micro_batch=8",
+    ]
+    r = two_processes(["train", *args, f"--config.workdir={tmp_path / 'two'}"], cache, tmp_path / "logs")
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 0 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    r = one_process(["train", *args, f"--config.workdir={tmp_path / 'one'}"], cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for s in a:
+        assert abs(a[s]["loss"] - b[s]["loss"]) < 1e-4, (s, a[s]["loss"], b[s]["loss"])
+    for k in ("head_accuracy", "head_accuracy_non_neutral", "head_loss"):  # the two-stage head, last step
+        assert abs(a[2][k] - b[2][k]) < 1e-4, (k, a[2][k], b[2][k])
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "two" / "pba_predicted.npy"), np.load(tmp_path / "one" / "pba_predicted.npy")
+    )
+    assert (tmp_path / "two" / "checkpoints" / "2" / "head").is_dir()
+
+
 def test_a_step_one_process_cannot_read_is_given_up_by_all(runs):
     """A checkpoint file only process 1 reads is cut short: both processes give that step up together
     (moved to checkpoints.bad/), resume from the step before and end with the uninterrupted losses (the

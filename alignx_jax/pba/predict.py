@@ -123,6 +123,8 @@ def persona_features(
 
     Rows are run in order of length (less padding), results come back in input order. Batches are
     padded to `batch_size` rows so that only the sequence length varies between compilations.
+    A backbone sharded over the devices of several processes (mesh.fsdp across hosts) may leave a
+    batch's features sharded over them too: they are gathered, on every process (each runs the pass).
     """
     all_ids = [persona_prompt_ids(tokenizer, r, variant, max_tokens=max_tokens) for r in rows]
     order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
@@ -131,10 +133,12 @@ def persona_features(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
-        feats = np.asarray(
-            jax.device_get(pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)),
-            dtype=np.float32,
-        )
+        feats = pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)
+        if not feats.is_fully_addressable:  # the same sharding on every process: all gather, or none
+            from jax.experimental import multihost_utils
+
+            feats = multihost_utils.process_allgather(feats, tiled=True)
+        feats = np.asarray(jax.device_get(feats), dtype=np.float32)
         if out is None:
             out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
         out[chunk] = feats[: len(chunk)]
