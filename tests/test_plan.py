@@ -32,12 +32,18 @@ def test_parse_topology():
     assert (t.num_devices, t.bytes_per_device, t.platform) == (8, 80 * GiB, "gpu")
     t = parse_topology("4@512MiB")
     assert (t.num_devices, t.bytes_per_device) == (4, 512 * 1024**2)
+    assert parse_topology("2@1.5GiB").bytes_per_device == int(1.5 * GiB)
+    assert parse_topology("2@.5GiB").bytes_per_device == GiB // 2
     with pytest.raises(ConfigError, match="unknown topology"):
         parse_topology("v9-12")
     for odd, says in (
         ("v5p-7", "even number of TensorCores"),
         ("0xH100", "at least one GPU"),
         ("0@1GiB", "one device"),
+        ("2@0GiB", "under one byte"),  # not this machine's memory in its place
+        ("2@0.1B", "under one byte"),
+        ("2@1..5GiB", "cannot read a memory size"),  # not float()'s traceback
+        ("2@.GiB", "cannot read a memory size"),
     ):
         with pytest.raises(ConfigError, match=says):
             parse_topology(odd)  # not a silent plan of 3 chips, or of this machine's devices

@@ -25,15 +25,20 @@ class Topology:
 
 _TOPOLOGY_TABLE = {"v5p": 95 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
 _GPU_TABLE = {"h100": 80 * GiB, "h200": 141 * GiB, "a100": 80 * GiB, "b200": 180 * GiB}
-_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*$", re.I)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*$", re.I)
 
 
 def parse_bytes(text: str) -> int:
+    """`80GiB`, `512MiB`, `1.5GB` (binary units either way) -> bytes; anything else, or a size under one
+    byte (a device of 0 bytes would be planned against this machine's memory instead), is a ConfigError."""
     m = _SIZE_RE.match(text)
     if not m:
         raise ConfigError(f"cannot read a memory size from {text!r} (e.g. 80GiB, 512MiB)")
     unit = (m.group(2) or "B").upper().replace("I", "")
-    return int(float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024**2, "GB": GiB, "TB": 1024**4}[unit])
+    size = int(float(m.group(1)) * {"B": 1, "KB": 1024, "MB": 1024**2, "GB": GiB, "TB": 1024**4}[unit])
+    if size < 1:
+        raise ConfigError(f"memory size {text!r} is under one byte; give a device's memory (e.g. 80GiB)")
+    return size
 
 
 def parse_topology(name: str | None) -> Topology:
