@@ -174,6 +174,27 @@ def test_bad_benchmark_is_one_line_exit_1(capsys, tmp_path, spec, needle):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_the_same_benchmark_file_twice_is_refused(tmp_path):
+    """One file named twice (however spelt) would be scored twice and pooled as twice the pairs; files of one
+    name in two folders are two benchmarks, each keyed by its file."""
+    from alignx_jax.errors import DataError
+
+    (tmp_path / "x").mkdir()
+    for p in (tmp_path / "a.json", tmp_path / "x" / "a.json"):
+        p.write_text("[]")
+    same = [f"p-soups={tmp_path / 'a.json'}", f"p-soups={tmp_path / 'x' / '..' / 'a.json'}"]
+    with pytest.raises(DataError, match="given twice with the same path"):
+        ev.parse_benchmark_specs(same)
+    specs = ev.parse_benchmark_specs(
+        [f"p-soups={tmp_path / 'a.json'}", f"p-soups={tmp_path / 'x' / 'a.json'}"]
+    )
+    assert [s.key for s in specs] == ["p-soups:a", "p-soups:a.2"]
+    assert [s.key for s in ev.parse_benchmark_specs([same[0], f"prism={tmp_path / 'a.json'}"])] == [
+        "p-soups",
+        "prism",
+    ]
+
+
 def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)

@@ -37,11 +37,16 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
     """`NAME=PATH` strings -> specs; a bad name, a missing `=PATH` or a missing path is a DataError."""
     from alignx_jax.data.benchmarks import parse_benchmark_arg
 
-    pairs = []
+    pairs, seen = [], set()
     for spec in specs:
         name, path = parse_benchmark_arg(spec)
         if not paths.exists(path):  # a local path or a URL (gs://...)
             raise DataError(f"--benchmark {name}: no such file or folder", file=path)
+        # the same file twice (`a.json`, `./a.json`) would be scored twice and counted twice in NAME's pool
+        where = path.rstrip("/") if paths.is_url(path) else os.path.realpath(path)
+        if (name, where) in seen:
+            raise DataError(f"--benchmark {name} given twice with the same path", file=path)
+        seen.add((name, where))
         pairs.append((name, path))
     counts: dict[str, int] = {}
     for name, _ in pairs:
@@ -53,10 +58,8 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
             stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
             key = f"{name}:{stem}"
             k = 2
-            while key in used:
+            while key in used:  # files of one name in other folders
                 key, k = f"{name}:{stem}.{k}", k + 1
-        if key in used:
-            raise DataError(f"--benchmark {name} given twice with the same path", file=path)
         used.add(key)
         out.append(BenchmarkSpec(name, path, key))
     return out
