@@ -195,6 +195,35 @@ def test_the_same_benchmark_file_twice_is_refused(tmp_path):
     ]
 
 
+def test_out_never_replaces_an_input_or_a_file_that_is_not_results(capsys, tmp_path):
+    """--out replaces an earlier results file only: the benchmark file itself, the --per-example file and any
+    other existing file (notes, a model's config.json) are refused in one line before anything loads, and
+    left as they were."""
+    bench = tmp_path / "bench.json"
+    bench.write_bytes(open(PSOUPS, "rb").read())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    per = tmp_path / "per.jsonl"
+    for out, extra, needle in (
+        (bench, [], "is the --benchmark p-soups file"),
+        (per, ["--per-example", str(per)], "is the --per-example file"),
+        (notes, [], "is not an `alignx eval` results file"),
+    ):
+        before = out.read_bytes() if out.exists() else None
+        code, _, err = _run(
+            capsys, "--model", str(tmp_path), "--benchmark", f"p-soups={bench}", "--out", str(out), *extra
+        )
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and needle in lines[0], err
+        assert (out.read_bytes() if out.exists() else None) == before
+    # an earlier results file is what --out replaces: the check passes it (the missing model fails next)
+    (tmp_path / "r.json").write_text(json.dumps({"model": "m", "benchmarks": {}}))
+    code, _, err = _run(
+        capsys, "--model", str(tmp_path), "--benchmark", f"p-soups={bench}", "--out", str(tmp_path / "r.json")
+    )
+    assert code == 1 and "holds no HF weights" in err
+
+
 def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from alignx_jax import distributed, paths
@@ -35,6 +36,34 @@ def _format_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _refuse_foreign_out(args: argparse.Namespace, specs: list) -> None:
+    """--out replaces an earlier results file only: never one of the run's inputs (a benchmark file, the
+    --per-example or --reference-scores file) and never another existing file (notes, a data set, the
+    model's config.json), which it would overwrite with no way back."""
+    from alignx_jax.data.schema import list_files
+
+    out = args.out
+    if paths.is_url(out):
+        return
+    real = os.path.realpath(out)
+    inputs = [("--per-example", args.per_example), ("--reference-scores", args.reference_scores)]
+    for spec in specs:
+        inputs += [(f"--benchmark {spec.name}", f) for f in list_files(spec.path) if not paths.is_url(f)]
+    for what, path in inputs:
+        if path and not paths.is_url(path) and os.path.realpath(path) == real:
+            raise ConfigError(f"--out {out} is the {what} file; give another --out")
+    if os.path.isfile(out):
+        try:
+            with open(out, "rb") as f:
+                earlier = json.loads(f.read())
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and isinstance(earlier.get("benchmarks"), dict)):
+            raise ConfigError(
+                f"--out {out} exists and is not an `alignx eval` results file; give a new file (or remove it)"
+            )
+
+
 def cli_eval(args: argparse.Namespace) -> int:
     """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
     if args.out and paths.path(args.out).is_dir():
@@ -43,6 +72,8 @@ def cli_eval(args: argparse.Namespace) -> int:
         distributed.check_output(args.out, "--out")
     specs = parse_benchmark_specs(args.benchmark)
     reference = None if args.reference in (None, "", "none") else args.reference
+    if args.out:
+        _refuse_foreign_out(args, specs)
     settings = EvalSettings(
         method=args.method,
         persona=args.persona,
