@@ -68,7 +68,9 @@ def cli_import(args) -> int:
         head, hcfg = ph.load_head(src)
         ph.check_backbone(hcfg, model.cfg.hidden_size, args.hf)
     os.makedirs(args.out, exist_ok=True)
-    model_card.write_base_info(args.out, args.hf, src)  # first: it marks the folder as an import's
+    # first: it marks the folder as an import's; the trained prompt format goes with the weights, so an
+    # export of this checkpoint defaults eval/generate to it as the imported folder did
+    model_card.write_base_info(args.out, args.hf, src, prompt_format=trained_prompt_format(src))
     save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)
 
     # what an export of this checkpoint keeps of the base: its generation_config.json as it is, and
@@ -289,7 +291,8 @@ def trained_prompt_format(folder: str) -> str | None:
 
     Looked up, in order: the export manifest's `prompt_format` (`EXPORT_MANIFEST`, an exported folder);
     the run config `config.json` of `folder` itself (a training workdir) or of the manifest's local
-    `source` (the workdir the export came from), when it holds `data.prompt_format`. `folder` may be a
+    `source` (the workdir the export came from), when it holds `data.prompt_format`; the `prompt_format`
+    an `alignx import` checkpoint kept of its export (`model_card.BASE_INFO`). `folder` may be a
     bucket URL (`alignx export gs://.../W`)."""
     from alignx_jax.data.prompts import PROMPT_FORMATS
 
@@ -312,7 +315,10 @@ def trained_prompt_format(folder: str) -> str | None:
         data = read(os.path.join(run_dir, "config.json")).get("data")
         if isinstance(data, dict) and data.get("prompt_format") in PROMPT_FORMATS:
             return str(data["prompt_format"])
-    return None
+    from alignx_jax.model_card import BASE_INFO
+
+    imported = read(os.path.join(folder, BASE_INFO)).get("prompt_format")
+    return str(imported) if imported in PROMPT_FORMATS else None
 
 
 def _export_source(checkpoint: str) -> str:

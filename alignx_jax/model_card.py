@@ -18,7 +18,9 @@ import os
 import re
 from typing import Any
 
-BASE_INFO = "alignx_base.json"  # in an `alignx import` checkpoint: {"base_model", "license"}
+BASE_INFO = (
+    "alignx_base.json"  # in an `alignx import` checkpoint: {"base_model", "license", "prompt_format"?}
+)
 CARD = "README.md"
 # the paper's sampling settings (AlignX release; `alignx generate` defaults)
 SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
@@ -80,10 +82,17 @@ def base_record(model_path: str, src_folder: str | None) -> dict[str, Any]:
     }
 
 
-def write_base_info(folder: str, base_model: str, src_folder: str | None) -> str:
-    """BASE_INFO for an imported checkpoint (the `--hf` argument) or a run's W/reference (`model.hf_path`)."""
+def write_base_info(
+    folder: str, base_model: str, src_folder: str | None, *, prompt_format: str | None = None
+) -> str:
+    """BASE_INFO for an imported checkpoint (the `--hf` argument) or a run's W/reference (`model.hf_path`).
+    `prompt_format`: the format the imported model was trained with (its export recorded it), kept so an
+    export of the checkpoint records it again (`export.trained_prompt_format`)."""
+    record = base_record(base_model, src_folder)
+    if prompt_format:
+        record["prompt_format"] = prompt_format
     with open(os.path.join(folder, BASE_INFO), "w", encoding="utf-8") as f:
-        json.dump(base_record(base_model, src_folder), f, indent=2, sort_keys=True)
+        json.dump(record, f, indent=2, sort_keys=True)
     return BASE_INFO
 
 

@@ -391,6 +391,31 @@ def test_default_prompt_format_follows_the_training(tmp_path, capsys):
     assert ev.default_prompt_format(str(hf_dir), "chat") == "chat" and capsys.readouterr().err == ""
 
 
+def test_import_then_export_keeps_the_trained_prompt_format(tiny_hf_checkpoints, tmp_path, capsys):
+    """An export records the format its run trained with, and eval/generate default to it; `alignx import`
+    of that export and an export of the checkpoint keep it (they dropped it: a release-trained model was
+    then scored with `chat` prompts instead of `paper`, other log-probs from the same weights)."""
+    import shutil
+
+    from alignx_jax import cli
+    from alignx_jax import evaluate as ev
+
+    src = tmp_path / "trained"
+    shutil.copytree(tiny_hf_checkpoints["llama"], src)
+    (src / "alignx_export.json").write_text(json.dumps({"files": [], "prompt_format": "release"}))
+    assert ev.default_prompt_format(str(src), None) == "paper"
+    assert cli.main(["import", "--hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
+    assert ev.trained_prompt_format(str(tmp_path / "ckpt")) == "release"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "again")]) == 0
+    manifest = json.loads((tmp_path / "again" / "alignx_export.json").read_text())
+    assert manifest["prompt_format"] == "release"
+    assert ev.default_prompt_format(str(tmp_path / "again"), None) == "paper"
+    # a model with no recorded format stays without one
+    assert cli.main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(tmp_path / "plain")]) == 0
+    assert ev.trained_prompt_format(str(tmp_path / "plain")) is None
+    capsys.readouterr()
+
+
 def test_generate_benchmark_writes_one_line_per_row_and_resumes(capsys, tiny_hf_checkpoints, bench, tmp_path):
     from alignx_jax import cli
 
