@@ -300,6 +300,15 @@ def test_import_then_export_keeps_the_head_bit_exact(tmp_path):
     ck, out = str(tmp_path / "ck"), str(tmp_path / "out")
     export.cli_import(argparse.Namespace(hf=src, out=ck, dtype="float32"))
     assert checkpoint.resolve_checkpoint(ck).head_dir == ck
+    # the head's safetensors file does not make the orbax checkpoint look like an HF folder: generate (and a
+    # run's model.hf_path) load its params/, eval points to export (they read the missing HF weights)
+    from alignx_jax.generate import load_model_and_tokenizer
+    from alignx_jax.models.safetensors_io import NOT_MODEL_WEIGHTS, holds_safetensors
+
+    assert ph.HEAD_WEIGHTS_FILE in NOT_MODEL_WEIGHTS
+    assert holds_safetensors(src) and not holds_safetensors(ck)
+    model, _ = load_model_and_tokenizer(ck)
+    assert model.cfg.hidden_size == 32
     export.cli_export(argparse.Namespace(checkpoint=ck, step=None, out=out, dtype=None, shard_size="5GB"))
     for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):
         assert open(os.path.join(src, name), "rb").read() == open(os.path.join(out, name), "rb").read(), name

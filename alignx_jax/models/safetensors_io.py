@@ -27,9 +27,17 @@ _ST_DTYPES = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
+# *.safetensors files that are no model weights: the preference head beside a PBA model, which an
+# `alignx import` checkpoint (orbax params/) keeps too, so it must not make that folder look like an HF one
+NOT_MODEL_WEIGHTS = frozenset({"preference_head.safetensors"})
+
+
 def holds_safetensors(folder: str) -> bool:
-    """Whether `folder` is a local folder holding a *.safetensors file (a HF weights folder, not an orbax one)."""
-    return os.path.isdir(folder) and any(n.endswith(".safetensors") for n in os.listdir(folder))
+    """Whether `folder` is a local folder holding a *.safetensors file of model weights (a HF weights
+    folder, not an orbax one; a preference head's file alone does not count)."""
+    return os.path.isdir(folder) and any(
+        n.endswith(".safetensors") and n not in NOT_MODEL_WEIGHTS for n in os.listdir(folder)
+    )
 
 
 class SafetensorsReader:
