@@ -546,6 +546,7 @@ def test_alignx_persona_variants_reported_separately(capsys, llama, alignx_file,
     assert code == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res["benchmarks"]["alignx"]) == {"ugc", "demo"} and res["prompt_format"] == "paper"
+    assert res["benchmark_paths"] == {"alignx": os.path.abspath(alignx_file)}  # what was scored
     assert all(res["benchmarks"]["alignx"][p]["n"] == 3 for p in ("ugc", "demo"))
     rows = _read_jsonl(per)
     assert sorted((r["persona"], r["index"]) for r in rows) == [

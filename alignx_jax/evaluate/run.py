@@ -474,6 +474,8 @@ def _results_header(
         "reference": (None if reference_dir is None else paths.absolute(reference_dir))
         if sc.ref_scores is None
         else {"scores": paths.absolute(sc.ref_scores.path)},
+        # the file or folder each benchmark key scored (a key alone does not say which P-SOUPS file)
+        "benchmark_paths": {spec.key: paths.absolute(spec.path) for spec in benchmarks},
         "method": settings.method,
         # resolved per benchmark key; null where the prompt does not depend on the persona
         "persona": {
