@@ -105,6 +105,8 @@ def check_writable(dest: str) -> None:
         except OSError:  # allowed to create objects but not to delete them: `dest` can still be written
             pass
         return
+    if os.path.isdir(dest):  # the write's rename would fail there, after the work
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", dest)
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f".{os.path.basename(dest)}.probe-{os.getpid()}")

@@ -209,6 +209,19 @@ def test_plan_that_does_not_fit_fails_with_numbers(capsys, tmp_path):
     assert report["fits"] is False and report["per_device_bytes"]["total"] > 1024**2
 
 
+def test_json_that_is_a_folder_fails_before_the_compile(capsys, tmp_path):
+    """--json naming a folder is one line before anything compiles (it was the rename's "Is a directory" after
+    the compile, naming no flag)."""
+    from alignx_jax.cli import main
+
+    rc = main(["plan", "--config", TINY, *SMALL, "--topology", "1@1MiB", "--json", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.strip().splitlines() == [
+        f"alignx: error: --json {tmp_path}: cannot be written (a folder, not a file)"
+    ]
+    assert "fits" not in out  # nothing planned
+
+
 def test_unknown_model_path_is_a_config_error(capfd):
     from alignx_jax.cli import main
 
