@@ -540,7 +540,9 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in world[:6]))
     jl = tmp_path / "pred" / "p.jsonl"
     assert main(["predict-preferences", "--model", out, "--data", str(data), "--out", str(jl), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "persona features" in captured.err and "6/6" in captured.err  # a data set's progress on stderr
     assert (
         summary["rows"] == 6
         and "accuracy" in summary["head"]

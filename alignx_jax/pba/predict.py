@@ -118,6 +118,7 @@ def persona_features(
     variant: str = "p",
     max_tokens: int = 1024,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> np.ndarray:
     """Pooled final hidden states of the persona-only prompts, one backbone pass -> `[N, D]` float32.
 
@@ -125,23 +126,29 @@ def persona_features(
     padded to `batch_size` rows so that only the sequence length varies between compilations.
     A backbone sharded over the devices of several processes (mesh.fsdp across hosts) may leave a
     batch's features sharded over them too: they are gathered, on every process (each runs the pass).
+    `progress`: a tqdm bar of the rows (`alignx predict-preferences --data`, on process 0).
     """
+    from tqdm.auto import tqdm
+
     all_ids = [persona_prompt_ids(tokenizer, r, variant, max_tokens=max_tokens) for r in rows]
     order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
     out: np.ndarray | None = None
     pad_id = pad_token_id(tokenizer)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
-        feats = pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)
-        if not feats.is_fully_addressable:  # the same sharding on every process: all gather, or none
-            from jax.experimental import multihost_utils
+    show = progress and paths.is_main_process()
+    with tqdm(total=len(order), desc="persona features", unit="row", disable=not show) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)
+            feats = pooled_features(model, jnp.asarray(ids), jnp.asarray(mask), pooling)
+            if not feats.is_fully_addressable:  # the same sharding on every process: all gather, or none
+                from jax.experimental import multihost_utils
 
-            feats = multihost_utils.process_allgather(feats, tiled=True)
-        feats = np.asarray(jax.device_get(feats), dtype=np.float32)
-        if out is None:
-            out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
-        out[chunk] = feats[: len(chunk)]
+                feats = multihost_utils.process_allgather(feats, tiled=True)
+            feats = np.asarray(jax.device_get(feats), dtype=np.float32)
+            if out is None:
+                out = np.zeros((len(rows), feats.shape[-1]), dtype=np.float32)
+            out[chunk] = feats[: len(chunk)]
+            bar.update(len(chunk))
     if out is None:
         return np.zeros((0, 0), dtype=np.float32)
     return out
@@ -154,6 +161,7 @@ def head_persona_features(
     head_cfg: Any,
     *,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> np.ndarray:
     """`persona_features` of the persona prompts a preference head reads: its config's pooling,
     persona variant and max tokens, as in its training and prediction alike."""
@@ -165,6 +173,7 @@ def head_persona_features(
         variant=head_cfg.persona_variant,
         max_tokens=head_cfg.max_persona_tokens,
         batch_size=batch_size,
+        progress=progress,
     )
 
 
@@ -177,16 +186,17 @@ def predict_preferences(
     batch_size: int = 8,
     rule: str = "argmax",
     return_probs: bool = False,
+    progress: bool = False,
 ):
     """The head's P̃ for each row: a list of float32 `[90]` arrays in {0, 0.5, 1} (never all neutral).
 
     The persona prompt follows the head's own config (variant, max tokens), as in its training.
-    With return_probs, returns (directions, probs [N, 90, 3]).
+    With return_probs, returns (directions, probs [N, 90, 3]). `progress`: a bar of the rows.
     """
     cfg = head.cfg
     # a float32 model's products in full float32 on a GPU/TPU too, as in training's auto (alignx_jax.hardware)
     with matmul_precision(AUTO, str(model.cfg.dtype)):
-        feats = head_persona_features(model, tokenizer, rows, cfg, batch_size=batch_size)
+        feats = head_persona_features(model, tokenizer, rows, cfg, batch_size=batch_size, progress=progress)
         probs = head_probs(head, feats)
     pred = predict_direction(probs, rule=rule) if len(rows) else np.zeros((0, cfg.num_dims), np.float32)
     directions = [pred[i] for i in range(len(rows))]
@@ -238,7 +248,7 @@ def cli_predict_preferences(args: Any) -> int:
 
         refuse_overwriting_inputs(list_files(args.data), [args.out])
         distributed.check_output(args.out, "--out")
-    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8)
+    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
     if not paths.is_main_process():
         return 0
     lines = []
