@@ -535,6 +535,11 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     assert main(["predict-preferences", "--model", out, "--persona", str(pfile), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(rec["direction"]) == 90 and rec["profile"] == profile_text(rec["direction"]) and rec["profile"]
+    # --out is --data's: with --persona it would be neither written nor mentioned
+    lone = tmp_path / "lone.jsonl"
+    assert main(["predict-preferences", "--model", out, "--persona", str(pfile), "--out", str(lone)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out applies to --data" in err[0] and not lone.exists()
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in world[:6]))

@@ -218,6 +218,8 @@ def cli_predict_preferences(args: Any) -> int:
     from alignx_jax.models.hf import load_pretrained
     from alignx_jax.tokenizer import load_tokenizer
 
+    if args.persona is not None and args.out:  # not written, and not a word said: refused
+        raise ConfigError("--out applies to --data; with --persona the result is printed (--json for JSON)")
     head, hcfg = load_head(args.model)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(args.model)
     model = load_pretrained(args.model, dtype="float32")
