@@ -93,6 +93,25 @@ def test_cli_split_json_keeps_raw_rows(tmp_path, capsys):
     assert "train" in out_err.out and "warning" not in out_err.err  # --by prompt: both personas in each half
 
 
+def test_cli_split_refuses_an_empty_half(tmp_path, capsys):
+    """A half of no rows is a file data check, eval and train refuse: one line, nothing written (it was a
+    `[]` file and exit 0), whether the fraction asks for it or the rows form one group."""
+    rows = synthetic_rows(n_users=2, per_user=2)
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({**r, "prompt": "same"}) + "\n" for r in rows))
+    for path, extra, half in (
+        (src, ["--test-fraction", "0"], "test"),
+        (src, ["--test-fraction", "1"], "train"),
+        (one, ["--by", "prompt"], "test"),  # one prompt: one group, all in train
+    ):
+        out = tmp_path / f"out-{half}-{path.stem}"
+        assert main(["data", "split", str(path), "--out", str(out), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"the {half} half would hold no rows" in err[0] and not out.exists()
+
+
 @needs_psoups
 def test_cli_split_by_user_of_rows_without_user_ids_says_it_splits_personas(tmp_path, capsys):
     """P-SOUPS rows have no user_id: --by user groups them by ground_truth_persona, two groups, one a half."""

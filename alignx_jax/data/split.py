@@ -127,6 +127,20 @@ def cli_split(args: argparse.Namespace) -> int:
     if not loaded.rows:
         raise DataError("no rows", file=args.path)
     train, test = split_indices(loaded.rows, by=args.by, test_fraction=args.test_fraction, seed=args.seed)
+    for half, idx in (("train", train), ("test", test)):
+        if not idx:  # a file of no rows, which data check, eval and train refuse: not written
+            groups = len(
+                {
+                    i if args.by == "row" else r["prompt"] if args.by == "prompt" else _user_key(r)
+                    for i, r in enumerate(loaded.rows)
+                }
+            )
+            raise DataError(
+                f"--by {args.by} --test-fraction {args.test_fraction}: the {half} half would hold no rows "
+                f"({len(loaded.rows)} rows in {groups} group(s)); give a fraction strictly between 0 and 1 "
+                "and data of two groups or more",
+                file=args.path,
+            )
     keys = {_user_key(r) for r in loaded.rows} if args.by == "user" else set()
     if keys and all(k.startswith("persona:") for k in keys):  # P-SOUPS: no user ids, a few personas
         print(
