@@ -93,6 +93,21 @@ def test_cli_split_json_keeps_raw_rows(tmp_path, capsys):
     assert "train" in out_err.out and "warning" not in out_err.err  # --by prompt: both personas in each half
 
 
+def test_cli_split_refuses_an_out_holding_its_input(tmp_path, capsys):
+    """`data split DIR --out DIR` (or a file's own folder as --out) put train/ and test/ beside the input
+    files: a folder train and eval then refused. One line, the folder left as it was."""
+    rows = synthetic_rows(n_users=2, per_user=2)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path in (folder, folder / "rows.jsonl"):
+        assert main(["data", "split", str(path), "--by", "row", "--out", str(folder)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds the input file" in err[0]
+        assert sorted(os.listdir(folder)) == ["rows.jsonl"]
+    assert main(["data", "split", str(folder), "--by", "row", "--out", str(tmp_path / "halves")]) == 0
+
+
 def test_cli_split_refuses_an_empty_half(tmp_path, capsys):
     """A half of no rows is a file data check, eval and train refuse: one line, nothing written (it was a
     `[]` file and exit 0), whether the fraction asks for it or the rows form one group."""

@@ -101,6 +101,21 @@ def refuse_overwriting_inputs(inputs: list[str], dests: list[str]) -> None:
             raise DataError("--out would overwrite this input file; choose another --out", file=ins[key(d)])
 
 
+def _refuse_inputs_inside(out: str, inputs: list[str]) -> None:
+    """An input file inside `out` would sit beside the train/ and test/ written there: a folder every
+    reader refuses (`schema.split_folders`), so `data split DIR --out DIR` would spoil its own input folder."""
+    if paths.is_url(out):
+        return
+    root = os.path.realpath(out).rstrip(os.sep) + os.sep
+    inside = [p for p in inputs if not paths.is_url(p) and os.path.realpath(p).startswith(root)]
+    if inside:
+        raise DataError(
+            f"--out {out} holds the input file {inside[0]}: the train/ and test/ written beside it would make "
+            f"{out} a folder train and eval refuse; choose an --out outside the input",
+            file=out,
+        )
+
+
 def _refuse_other_splits(out: str, dests: set[str]) -> None:
     """A data file of another split in OUT/train or OUT/test would be read beside this one as one data set."""
     for half in ("train", "test"):
@@ -169,6 +184,7 @@ def cli_split(args: argparse.Namespace) -> int:
                 )
             writes.append((raw, picks, _join(args.out, half, rel)))
     refuse_overwriting_inputs([raw.path for raw in loaded.files], [dest for _, _, dest in writes])
+    _refuse_inputs_inside(args.out, [raw.path for raw in loaded.files])
     _refuse_other_splits(args.out, {dest for _, _, dest in writes})
     # both halves renamed into place together: a kill leaves no train/ without its test/
     paths.write_all({dest: rows_bytes(raw, picks) for raw, picks, dest in writes})
