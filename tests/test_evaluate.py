@@ -174,6 +174,17 @@ def test_bad_benchmark_is_one_line_exit_1(capsys, tmp_path, spec, needle):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf")])
+def test_beta_must_be_finite_and_positive(beta):
+    """--beta inf scored every pair wrong (inf * 0 = NaN rewards) and wrote NaN and Infinity into the
+    results, which strict JSON readers refuse; train refuses it as loss.beta too."""
+    from alignx_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--beta must be a finite number > 0"):
+        ev.EvalSettings(beta=beta).check()
+    ev.EvalSettings(beta=1e-3).check()
+
+
 def test_the_same_benchmark_file_twice_is_refused(tmp_path):
     """One file named twice (however spelt) would be scored twice and pooled as twice the pairs; files of one
     name in two folders are two benchmarks, each keyed by its file."""

@@ -189,7 +189,7 @@ class EvalSettings:
             raise ConfigError(f"--limit must be positive, got {self.limit}")
         if self.max_length < 4:
             raise ConfigError(f"--max-length must be at least 4, got {self.max_length}")
-        if not self.beta > 0:
-            raise ConfigError(f"--beta must be positive, got {self.beta}")
+        if not (self.beta > 0 and np.isfinite(self.beta)):  # inf: inf * 0 = NaN rewards, every pair wrong
+            raise ConfigError(f"--beta must be a finite number > 0, got {self.beta}")
         if self.flip and self.method != "pba":
             raise ConfigError("--flip reverses dimensions of P~ and needs --method pba")
