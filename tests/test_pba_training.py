@@ -302,11 +302,14 @@ def test_import_then_export_keeps_the_head_bit_exact(tmp_path):
     assert checkpoint.resolve_checkpoint(ck).head_dir == ck
     # the head's safetensors file does not make the orbax checkpoint look like an HF folder: generate (and a
     # run's model.hf_path) load its params/, eval points to export (they read the missing HF weights)
+    from alignx_jax.errors import CheckpointError
     from alignx_jax.generate import load_model_and_tokenizer
     from alignx_jax.models.safetensors_io import NOT_MODEL_WEIGHTS, holds_safetensors
 
     assert ph.HEAD_WEIGHTS_FILE in NOT_MODEL_WEIGHTS
     assert holds_safetensors(src) and not holds_safetensors(ck)
+    with pytest.raises(CheckpointError, match="no \\*.safetensors files"):  # not "missing tensor ..."
+        hf.load_pretrained(ck)
     model, _ = load_model_and_tokenizer(ck)
     assert model.cfg.hidden_size == 32
     export.cli_export(argparse.Namespace(checkpoint=ck, step=None, out=out, dtype=None, shard_size="5GB"))

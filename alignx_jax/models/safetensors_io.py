@@ -54,7 +54,9 @@ class SafetensorsReader:
                 raise CheckpointError(f"{index}: malformed index ({e})") from None
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            files = sorted(
+                f for f in os.listdir(folder) if f.endswith(".safetensors") and f not in NOT_MODEL_WEIGHTS
+            )
         if not files:
             raise CheckpointError(f"{folder}: no *.safetensors files")
         self.entries: dict[str, tuple[str, int, Any, tuple[int, ...]]] = {}
