@@ -36,6 +36,20 @@ HANDLERS: dict[str, str] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error (an unknown flag, an invalid choice, a missing argument) is one line on stderr,
+    `alignx eval: error: ... (see alignx eval --help)`, and argparse's exit status 2, not its usage block.
+    Sub-parsers are of this class too (`add_subparsers` makes them of the parent's class); `--help`
+    still prints the whole help."""
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -403,10 +417,20 @@ _SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignx", description="AlignX personalized alignment in JAX/Flax.")
+    parser = _Parser(prog="alignx", description="AlignX personalized alignment in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:  # in `alignx --help` order
         add(sub)
+    return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)sub-command's parser that parsed `args`: `alignx data check`'s for `data check`."""
+    for name in (args.command, getattr(args, "data_command", None)):
+        commands = getattr(parser, "commands", None)
+        if commands is None or name not in commands.choices:
+            break
+        parser = commands.choices[name]
     return parser
 
 
@@ -436,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except AlignXError as e:
             print(f"alignx: error: {e}", file=sys.stderr)
             return 1
-    args = parser.parse_args(rest)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:  # named by the sub-command's parser, whose --help lists its flags
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = overrides
     if overrides and args.command not in ("train", "plan"):
         parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")

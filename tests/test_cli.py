@@ -1,0 +1,67 @@
+"""The command line's usage errors: one line on stderr naming the sub-command, exit status 2 (README)."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignx_jax.cli import build_parser, main
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "usage:" not in err, err
+    return err.strip()
+
+
+def _commands():
+    parser = build_parser()
+    for name, p in parser.commands.choices.items():
+        if getattr(p, "commands", None) is not None:
+            yield from ([name, sub] for sub in p.commands.choices)
+        else:
+            yield [name]
+
+
+@pytest.mark.parametrize("command", list(_commands()), ids=" ".join)
+def test_every_sub_command_refuses_an_unknown_flag_in_one_line(command, capsys):
+    prog = "alignx " + " ".join(command)
+    err = _usage_error([*command, "--no-such-flag"], capsys)
+    # the required arguments come first when missing; either way the sub-command's name and its --help
+    assert err.startswith(f"{prog}: error: ") and err.endswith(f"(see {prog} --help)"), err
+
+
+def test_usage_errors_are_one_line(capsys):
+    err = _usage_error(
+        ["eval", "--model", "m", "--benchmark", "b=x", "--out", "o", "--method", "bogus"], capsys
+    )
+    assert err == (
+        "alignx eval: error: argument --method: invalid choice: 'bogus' (choose from 'none', 'ica', 'pba') "
+        "(see alignx eval --help)"
+    )
+    err = _usage_error(["eval", "--model", "m", "--benchmark", "b=x", "--out", "o", "--bogus", "1"], capsys)
+    assert err == "alignx eval: error: unrecognized arguments: --bogus 1 (see alignx eval --help)"
+    err = _usage_error(["eval", "--model", "m"], capsys)
+    assert err.startswith("alignx eval: error: the following arguments are required: --benchmark, --out")
+    assert _usage_error(["bogus"], capsys).startswith(
+        "alignx: error: argument COMMAND: invalid choice: 'bogus'"
+    )
+    assert _usage_error([], capsys).startswith("alignx: error: the following arguments are required: COMMAND")
+    err = _usage_error(["data", "bogus"], capsys)
+    assert err.startswith("alignx data: error: argument DATA_COMMAND: invalid choice: 'bogus'")
+    err = _usage_error(["data", "check", "p", "--kind", "x"], capsys)
+    assert err.startswith("alignx data check: error: argument --kind: invalid choice: 'x'")
+    err = _usage_error(["generate", "--model", "m", "--prompt", "p", "--top-k", "x"], capsys)
+    assert (
+        err == "alignx generate: error: argument --top-k: invalid int value: 'x' (see alignx generate --help)"
+    )
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["data", "check", "--help"]])
+def test_help_is_still_the_whole_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: alignx") and "options:" in out and out.count("\n") > 5
