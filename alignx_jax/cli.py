@@ -226,16 +226,21 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--persona",
         default=None,
-        help="ugc|pair|demo|p, comma-separated for several (alignx default: all four)",
+        help="ugc|pair|demo|p, comma-separated for several (alignx default: all four); for the prompts that "
+        "show a persona: --method ica, --method pba --preference predicted",
     )
     p.add_argument(
         "--preference",
-        default="golden",
+        default=None,
         choices=["golden", "predicted", "profile"],
-        help="PBA's P̃: the row's Preference Direction (golden), the model's head (predicted) or the "
-        "row's `profile` text as the release evaluates (profile)",
+        help="PBA's P̃ (--method pba only): the row's Preference Direction (golden, the default), the model's "
+        "head (predicted) or the row's `profile` text as the release evaluates (profile)",
     )
-    p.add_argument("--flip", default=None, help="comma-separated dimension indices or labels to reverse in P̃")
+    p.add_argument(
+        "--flip",
+        default=None,
+        help="comma-separated dimension indices or labels to reverse in P̃ (--method pba)",
+    )
     p.add_argument(
         "--prompt-format",
         default=None,

@@ -185,6 +185,39 @@ def test_beta_must_be_finite_and_positive(beta):
     ev.EvalSettings(beta=1e-3).check()
 
 
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (
+            ["--method", "none", "--preference", "predicted"],
+            "--preference chooses PBA's P~ and needs --method pba",
+        ),
+        (
+            ["--method", "ica", "--preference", "golden"],
+            "--preference chooses PBA's P~ and needs --method pba",
+        ),
+        (["--method", "none", "--persona", "ugc"], "(--method none shows no persona)"),
+        (
+            ["--method", "pba", "--persona", "ugc"],
+            "(--method pba --preference golden shows the row's direction)",
+        ),
+        (["--method", "pba", "--preference", "profile", "--persona", "p"], "shows the row's profile)"),
+        (["--method", "none", "--flip", "3"], "--flip reverses dimensions of P~ and needs --method pba"),
+    ],
+)
+def test_a_flag_the_method_does_not_read_is_refused_in_one_line(capsys, tmp_path, flags, needle):
+    """`--method none` silently ignored `--preference` and `--persona` (and PBA with a golden or file
+    profile ignored `--persona`) while `--flip` was refused: each is refused, before any model loads."""
+    argv = ["--model", str(tmp_path / "no-model"), "--benchmark", f"p-soups={PSOUPS}", *flags]
+    code, _, err = _run(capsys, *argv, "--out", str(tmp_path / "r.json"))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("alignx: error: --"), err
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "r.json").exists()
+    ev.EvalSettings(method="ica", persona="ugc").check()  # the prompts that show a persona take it
+    ev.EvalSettings(method="pba", preference="predicted", persona="ugc").check()
+
+
 def test_the_same_benchmark_file_twice_is_refused(tmp_path):
     """One file named twice (however spelt) would be scored twice and pooled as twice the pairs; files of one
     name in two folders are two benchmarks, each keyed by its file."""

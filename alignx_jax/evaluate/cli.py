@@ -74,10 +74,12 @@ def cli_eval(args: argparse.Namespace) -> int:
     reference = None if args.reference in (None, "", "none") else args.reference
     if args.out:
         _refuse_foreign_out(args, specs)
+    if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
+        raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
     settings = EvalSettings(
         method=args.method,
         persona=args.persona,
-        preference=args.preference,
+        preference=args.preference or "golden",
         flip=parse_flip(args.flip),
         prompt_format=default_prompt_format(args.model, args.prompt_format),
         limit=args.limit,

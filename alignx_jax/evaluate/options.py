@@ -193,3 +193,12 @@ class EvalSettings:
             raise ConfigError(f"--beta must be a finite number > 0, got {self.beta}")
         if self.flip and self.method != "pba":
             raise ConfigError("--flip reverses dimensions of P~ and needs --method pba")
+        if self.persona is not None and not persona_dependent(self.method, self.preference):
+            shows = {"none": "no persona", "golden": "the row's direction", "profile": "the row's profile"}
+            what = "none" if self.method == "none" else self.preference
+            raise ConfigError(
+                f"--persona chooses the persona variant the prompt shows and needs --method ica or --method pba "
+                f"--preference predicted (--method {self.method}"
+                + (f" --preference {self.preference}" if self.method == "pba" else "")
+                + f" shows {shows.get(what, 'no persona variant')})"
+            )
