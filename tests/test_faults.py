@@ -610,6 +610,42 @@ def test_data_check_warns_on_chosen_equal_rejected_and_strict_fails(tmp_path, ca
     _main_error(capsys, ["data", "check", "--strict", str(path)], "row 1", "chosen == rejected")
 
 
+def test_data_check_warns_on_duplicated_rows_and_strict_fails(tmp_path, capsys):
+    """An exactly repeated row was not reported, and `data split --by row` can put its copies in both
+    halves (a test row trained on): a warning naming the first copy, the row it repeats and the count."""
+    import copy
+
+    from test_schema import alignx_row, write_jsonl
+
+    rng = np.random.default_rng(0)
+    rows = [alignx_row(i, rng) for i in range(4)]
+    rows[2], rows[3] = copy.deepcopy(rows[0]), copy.deepcopy(rows[0])
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, rows)
+    assert main(["data", "check", str(path)]) == 0
+    err = _lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"alignx: warning: {path}, row 2: the same row as row 0,"), err
+    assert "--by row" in err[0] and err[0].endswith("; 2 rows repeat an earlier row"), err
+    _main_error(capsys, ["data", "check", "--strict", str(path)], "row 2", "the same row as row 0")
+    # a copy in another file of a folder names that file; a row differing in one field is no copy
+    folder = tmp_path / "f"
+    folder.mkdir()
+    other = copy.deepcopy(rows[1])
+    other["chosen"] += " (edited)"
+    write_jsonl(folder / "a.jsonl", rows[:2])
+    write_jsonl(folder / "b.jsonl", [other, rows[1]])
+    assert main(["data", "check", str(folder)]) == 0
+    err = _lines(capsys.readouterr().err)
+    assert (
+        len(err) == 1
+        and f"{folder / 'b.jsonl'}, row 1: the same row as row 1 of {folder / 'a.jsonl'}" in err[0]
+    )
+    assert "rows repeat" not in err[0], err
+    write_jsonl(folder / "b.jsonl", [other])
+    assert main(["data", "check", str(folder)]) == 0
+    assert _lines(capsys.readouterr().err) == []
+
+
 def test_generate_empty_prompt_is_one_line(tiny_hf, capsys):
     _main_error(
         capsys,

@@ -688,21 +688,61 @@ def summary(loaded: Loaded) -> list[str]:
 
 
 def warnings_for(loaded: Loaded) -> list[DataError]:
-    """Rows that are legal but useless, one DataError per kind of problem (naming the first such row):
-    a pair whose chosen and rejected responses are the same text gives DPO nothing to learn."""
+    """Rows that are legal but useless or harmful, one DataError per kind of problem (naming the first such
+    row): a pair whose chosen and rejected responses are the same text gives DPO nothing to learn; a row
+    that repeats an earlier one exactly is counted twice, and `data split --by row` can put one copy in
+    each half (a test row trained on)."""
+    out = []
     same = [i for i, r in enumerate(loaded.rows) if r["chosen"] == r["rejected"]]
-    if not same:
-        return []
-    fi, ri = loaded.origin[same[0]]
-    more = f"; {len(same)} rows like this" if len(same) > 1 else ""
-    return [
-        DataError(
-            f"chosen == rejected: the pair gives DPO no signal{more}",
-            file=loaded.files[fi].path,
-            row=ri,
-            field="rejected",
+    if same:
+        fi, ri = loaded.origin[same[0]]
+        more = f"; {len(same)} rows like this" if len(same) > 1 else ""
+        out.append(
+            DataError(
+                f"chosen == rejected: the pair gives DPO no signal{more}",
+                file=loaded.files[fi].path,
+                row=ri,
+                field="rejected",
+            )
         )
-    ]
+    dup = _duplicates(loaded.rows)
+    if dup:
+        (first, earlier), n = dup
+        fi, ri = loaded.origin[first]
+        efi, eri = loaded.origin[earlier]
+        of = "" if efi == fi else f" of {loaded.files[efi].path}"
+        more = f"; {n} rows repeat an earlier row" if n > 1 else ""
+        out.append(
+            DataError(
+                f"the same row as row {eri}{of}, every field: `alignx data split --by row` can put one copy "
+                f"in each half (a test row trained on){more}",
+                file=loaded.files[fi].path,
+                row=ri,
+            )
+        )
+    return out
+
+
+def _duplicates(rows: list[dict]) -> tuple[tuple[int, int], int] | None:
+    """((the first row that repeats an earlier one exactly, that earlier row), how many rows repeat an
+    earlier one), or None. Rows are compared normalised, by a digest of every field."""
+    import hashlib
+    import json
+
+    def plain(o):
+        return o.tolist() if hasattr(o, "tolist") else str(o)
+
+    seen: dict[bytes, int] = {}
+    first, n = None, 0
+    for i, r in enumerate(rows):
+        key = hashlib.blake2b(
+            json.dumps(r, sort_keys=True, default=plain).encode("utf-8"), digest_size=16
+        ).digest()
+        j = seen.setdefault(key, i)
+        if j != i:
+            n += 1
+            first = first or (i, j)
+    return None if first is None else (first, n)
 
 
 def cli_check(args: argparse.Namespace) -> int:
