@@ -386,6 +386,21 @@ def _cli_settings(args) -> dict[str, Any]:
     }
 
 
+def _resolved_dtype(model: str, dtype: str | None) -> str:
+    """The dtype `load_model_and_tokenizer(model, dtype)` loads in: `auto` made concrete for this machine,
+    and none given the model's own (float32 for an HF folder, the stored one for a checkpoint)."""
+    if dtype is not None:
+        return resolve_dtype(dtype)
+    from alignx_jax.real_model import resolve_model_path
+
+    path = resolve_model_path(model, model=True)
+    if holds_safetensors(path):
+        return "float32"
+    from alignx_jax.models import checkpoint
+
+    return checkpoint.default_dtype(path)
+
+
 def _model_identity(model: str, dtype: str | None) -> dict[str, Any]:
     """The model a benchmark file's rows came from (a local path made absolute), for resumes to compare."""
     import os
@@ -466,6 +481,8 @@ def _generate_benchmark(args) -> int:
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
+    # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none
+    settings["dtype"] = _resolved_dtype(args.model, settings["dtype"])
     fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="paper")
     max_length = settings["max_length"]
     # a multi-process job: every process generates on its own devices, process 0 alone writes
@@ -478,7 +495,7 @@ def _generate_benchmark(args) -> int:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
             return 0
         model, tokenizer = load_model_and_tokenizer(
-            args.model, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
+            args.model, settings["dtype"], cpu_matmul=getattr(args, "cpu_matmul", "auto")
         )
         ids = {
             i: _prompt_budget(

@@ -347,3 +347,22 @@ def test_cli_matmul_precision_reaches_the_generation_program(
     got = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     want = generate(llama, tok, [got["prompt_ids"]], max_new_tokens=6, greedy=True)[0]
     assert got["token_ids"] == want
+
+
+def test_benchmark_rows_record_the_resolved_dtype(tiny_hf_checkpoints, tmp_path):
+    """`alignx generate --benchmark` recorded `"dtype": null` (no --dtype) or `"auto"` in each row's
+    settings: it records the dtype the model loads in, read before any model loads (a resume compares it)."""
+    from alignx_jax.generate import _resolved_dtype
+    from alignx_jax.hardware import resolve_dtype
+
+    hf = tiny_hf_checkpoints["llama"]
+    assert _resolved_dtype(hf, None) == "float32"  # an HF folder's default
+    assert _resolved_dtype(hf, "bfloat16") == "bfloat16"
+    assert _resolved_dtype(hf, "auto") == resolve_dtype("auto") != "auto"
+    ck = str(tmp_path / "ck")
+    assert main(["import", "--hf", hf, "--out", ck, "--dtype", "bfloat16"]) == 0
+    assert _resolved_dtype(ck, None) == "bfloat16"  # a checkpoint's default: its stored dtype
+    assert _resolved_dtype(ck, "float32") == "float32"
+    from alignx_jax.models.checkpoint import load_checkpoint
+
+    assert str(load_checkpoint(ck).cfg.dtype) == "bfloat16"

@@ -440,6 +440,7 @@ def test_generate_benchmark_writes_one_line_per_row_and_resumes(capsys, tiny_hf_
     assert len(first) == 2 and len({r["id"] for r in first}) == 2
     for r in first:
         assert set(r) >= {"id", "prompt", "output"} and r["prompt_format"] == "paper" and r["method"] == "ica"
+        assert r["settings"]["dtype"] == "float32"  # the dtype the model loaded in, not the flag's none
     # an interrupted run: the last line cut short; the rerun keeps what is there and adds the rest
     data = out.read_bytes()
     out.write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 1] + b'{"benchmark": "al')

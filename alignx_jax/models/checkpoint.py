@@ -143,6 +143,35 @@ def _saved_param_checksums(res: ResolvedCheckpoint) -> dict[str, str] | None:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
 
 
+def _params_metadata(params_dir: str) -> tuple[Any, set]:
+    """A params folder's orbax metadata tree and the dtypes of its arrays (no array is read)."""
+    import orbax.checkpoint as ocp
+
+    # before orbax's first read: its log filters (a training step's params folder is not "missing" metadata)
+    from alignx_jax.checkpointing import first_line
+
+    try:
+        meta = ocp.StandardCheckpointer().metadata(params_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        return tree, {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
+    except Exception as e:  # a half-written or foreign folder
+        raise CheckpointError(
+            f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {first_line(e)})"
+        ) from None
+
+
+def _default_dtype(stored: set) -> str:
+    """What a checkpoint loads in when no dtype is given: the stored one, float32 when it holds several."""
+    return str(next(iter(stored))) if len(stored) == 1 else "float32"
+
+
+def default_dtype(path: str, step: int | None = None) -> str:
+    """The dtype `load_checkpoint(path, step)` loads in when given none, read from the metadata alone."""
+    res = resolve_checkpoint(path, step)
+    return _default_dtype(_params_metadata(paths.absolute(res.params_dir))[1])
+
+
 def load_checkpoint(
     path: str,
     step: int | None = None,
@@ -164,17 +193,9 @@ def load_checkpoint(
 
     res = resolve_checkpoint(path, step)
     params_dir = paths.absolute(res.params_dir)  # orbax reads gs:// itself
-    try:
-        meta = ocp.StandardCheckpointer().metadata(params_dir)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
-    except Exception as e:  # a half-written or foreign folder
-        raise CheckpointError(
-            f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {first_line(e)})"
-        ) from None
+    tree, stored = _params_metadata(params_dir)
     if dtype is None:
-        dtype = str(next(iter(stored))) if len(stored) == 1 else "float32"
+        dtype = _default_dtype(stored)
     same_bits = stored == {jnp.dtype(dtype)}  # the saved digests describe the stored dtype's bits
     from alignx_jax.models import lora
 
