@@ -8,8 +8,9 @@ they are and makes local paths absolute; `path()` is the `epath.Path` to open/li
 from __future__ import annotations
 
 import errno
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from etils import epath
@@ -139,3 +140,49 @@ def write_all(files: dict[str, bytes]) -> None:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def read_json(p: str) -> Any:
+    """The local file `p` as one JSON value; None when it cannot be read or is not JSON."""
+    try:
+        with open(p, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def first_json_line(p: str) -> Any:
+    """The first non-blank line of the local JSONL file `p` as JSON; None when there is none, the file
+    cannot be read or the line is not JSON (a file of another kind: notes, a JSON list)."""
+    try:
+        with open(p, "rb") as f:
+            for line in f:
+                if line.strip():
+                    return json.loads(line)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def refuse_to_replace(
+    flag: str,
+    dest: str,
+    inputs: Iterable[tuple[str, str | None]],
+    is_own: Callable[[str], bool],
+    own: str,
+) -> str | None:
+    """Why a command must not write its output `dest` (given as `flag`), as one line; None when it may.
+
+    An output replaces an earlier output of the same command only: never one of the command's
+    `inputs` (`(what, path)` pairs: a data file, a model's config.json), which it would overwrite with
+    no way back, and never another existing file (notes, a data set), which `is_own(dest)` tells from
+    the command's own output by its content; `own` names that output in the line. A URL is not checked."""
+    if is_url(dest):
+        return None
+    real = os.path.realpath(dest)
+    for what, p in inputs:
+        if p and not is_url(p) and os.path.realpath(p) == real:
+            return f"{flag} {dest} is the {what} file; give another {flag}"
+    if os.path.isfile(dest) and not is_own(dest):
+        return f"{flag} {dest} exists and is not {own}; give a new file (or remove it)"
+    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 from alignx_jax import distributed, paths
@@ -42,26 +41,17 @@ def _refuse_foreign_out(args: argparse.Namespace, specs: list) -> None:
     model's config.json), which it would overwrite with no way back."""
     from alignx_jax.data.schema import list_files
 
-    out = args.out
-    if paths.is_url(out):
-        return
-    real = os.path.realpath(out)
     inputs = [("--per-example", args.per_example), ("--reference-scores", args.reference_scores)]
     for spec in specs:
         inputs += [(f"--benchmark {spec.name}", f) for f in list_files(spec.path) if not paths.is_url(f)]
-    for what, path in inputs:
-        if path and not paths.is_url(path) and os.path.realpath(path) == real:
-            raise ConfigError(f"--out {out} is the {what} file; give another --out")
-    if os.path.isfile(out):
-        try:
-            with open(out, "rb") as f:
-                earlier = json.loads(f.read())
-        except (OSError, ValueError):
-            earlier = None
-        if not (isinstance(earlier, dict) and isinstance(earlier.get("benchmarks"), dict)):
-            raise ConfigError(
-                f"--out {out} exists and is not an `alignx eval` results file; give a new file (or remove it)"
-            )
+
+    def is_results(p: str) -> bool:
+        earlier = paths.read_json(p)
+        return isinstance(earlier, dict) and isinstance(earlier.get("benchmarks"), dict)
+
+    problem = paths.refuse_to_replace("--out", args.out, inputs, is_results, "an `alignx eval` results file")
+    if problem:
+        raise ConfigError(problem)
 
 
 def cli_eval(args: argparse.Namespace) -> int:
