@@ -559,6 +559,10 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     # the rule scores the rows with history vectors: the head's figures on those same rows beside it
     h = summary["heuristic"]
     assert h["heuristic_n"] == 6 and h["heuristic_head_accuracy"] == summary["head"]["accuracy"]
+    # a rerun onto its own earlier --out replaces it
+    assert main(["predict-preferences", "--model", out, "--data", str(data), "--out", str(jl)]) == 0
+    capsys.readouterr()
+    assert [json.loads(line) for line in jl.read_text().splitlines()] == recs
 
     # a folder of several files: each record names its own file and row there
     folder = tmp_path / "folder"
@@ -644,3 +648,31 @@ def test_head_beats_release_rule_on_held_out_users(tok):
     m, h = head_metrics(pred, gold), predict.heuristic_metrics(test)
     assert m["accuracy"] > h["heuristic_accuracy"], (m, h)
     assert m["macro_f1"] > h["heuristic_macro_f1"], (m, h)
+
+
+@pytest.mark.parametrize("target", ["notes", "data", "config"])
+def test_predict_preferences_out_never_replaces_an_input_or_another_file(target, world, tmp_path, capsys):
+    """--out replaces an earlier predictions file only: notes, the --data file itself and the model's
+    config.json are refused in one line naming --out and the file, before the model loads, and left
+    byte-identical; an earlier predictions file passes the check (the head-less model fails next)."""
+    from alignx_jax.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in world[:2]))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    out = {"notes": notes, "data": data, "config": model / "config.json"}[target]
+    before = out.read_bytes()
+    assert main(["predict-preferences", "--model", str(model), "--data", str(data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}" in err[0] and out.read_bytes() == before, err
+    earlier = tmp_path / "pred.jsonl"
+    earlier.write_text(json.dumps({"index": 0, "direction": [0.5] * 90, "profile": ""}) + "\n")
+    assert (
+        main(["predict-preferences", "--model", str(model), "--data", str(data), "--out", str(earlier)]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "--out" not in err and "head" in err.lower(), err

@@ -206,6 +206,25 @@ def predict_preferences(
 # ----------------------------------------------------------------------------- CLI
 
 
+def _is_predictions(p: str) -> bool:
+    """Whether the file `p` is an earlier `alignx predict-preferences --out` (its first row's keys)."""
+    row = paths.first_json_line(p)
+    return isinstance(row, dict) and {"index", "direction", "profile"} <= row.keys()
+
+
+def _refuse_foreign_out(args: Any) -> None:
+    """--out replaces an earlier predictions file only: never a --data file or a file of the --model
+    folder (its config.json: the model would no longer load), never another existing file (notes)."""
+    inputs = [("--data", f) for f in list_files(args.data)] if args.data else []
+    if not paths.is_url(args.model) and paths.is_dir(args.model):
+        inputs += [(f"--model {name}", str(f)) for name, f in paths.files_below(paths.path(args.model))]
+    problem = paths.refuse_to_replace(
+        "--out", args.out, inputs, _is_predictions, "an `alignx predict-preferences` predictions file"
+    )
+    if problem:
+        raise ConfigError(problem)
+
+
 def cli_predict_preferences(args: Any) -> int:
     """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
 
@@ -220,6 +239,8 @@ def cli_predict_preferences(args: Any) -> int:
 
     if args.persona is not None and args.out:  # not written, and not a word said: refused
         raise ConfigError("--out applies to --data; with --persona the result is printed (--json for JSON)")
+    if args.out:  # before the model loads
+        _refuse_foreign_out(args)
     head, hcfg = load_head(args.model)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(args.model)
     model = load_pretrained(args.model, dtype="float32")
@@ -246,9 +267,6 @@ def cli_predict_preferences(args: Any) -> int:
     if not rows:
         raise DataError("no rows", file=args.data)
     if args.out:  # before the model runs
-        from alignx_jax.data.split import refuse_overwriting_inputs
-
-        refuse_overwriting_inputs(list_files(args.data), [args.out])
         distributed.check_output(args.out, "--out")
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
     if not paths.is_main_process():
