@@ -207,6 +207,36 @@ def test_plan_that_does_not_fit_fails_with_numbers(capsys, tmp_path):
     assert "needs" in err and "1.0 MiB" in err and "temporaries" in err and "Traceback" not in err
     report = json.loads(out.read_text())  # the report is written even when it does not fit
     assert report["fits"] is False and report["per_device_bytes"]["total"] > 1024**2
+    # a rerun onto its own earlier report replaces it
+    out.write_text(json.dumps({**report, "fits": "earlier"}))
+    assert main(["plan", "--config", TINY, *SMALL, "--topology", "1@1MiB", "--json", str(out)]) == 1
+    capsys.readouterr()
+    assert json.loads(out.read_text())["fits"] is False
+
+
+@pytest.mark.parametrize("target", ["notes", "config", "hf_config"])
+def test_json_never_replaces_an_input_or_another_file(target, capsys, tmp_path):
+    """--json replaces an earlier plan report only: notes, the --config file and model.hf_path's
+    config.json are refused in one line naming --json and the file, before anything compiles, and left
+    byte-identical."""
+    from alignx_jax.cli import main
+
+    config = tmp_path / "cfg.py"
+    config.write_bytes(open(TINY, "rb").read())
+    base = os.path.join(os.path.dirname(TINY), "base.py")  # the config imports it from beside itself
+    (tmp_path / "base.py").write_bytes(open(base, "rb").read())
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}\n')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    out = {"notes": notes, "config": config, "hf_config": hf / "config.json"}[target]
+    before = out.read_bytes()
+    rc = main(["plan", "--config", str(config), *SMALL, f"--config.model.hf_path={hf}", "--json", str(out)])
+    std, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and f"--json {out}" in lines[0], err
+    assert out.read_bytes() == before and "fits" not in std
 
 
 def test_json_that_is_a_folder_fails_before_the_compile(capsys, tmp_path):
