@@ -128,6 +128,11 @@ def test_cli_contrast_writes_the_input_format(tmp_path, capsys):
     jl.write_text("".join(json.dumps(r) + "\n" for r in psoups_rows()))
     assert main(["data", "contrast", str(jl), "--out", str(tmp_path / "c.jsonl")]) == 0
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 10
+    # a rerun onto its own earlier output replaces it (another seed, --twins: still a contrast file)
+    assert main(["data", "contrast", str(src), "--out", str(out), "--seed", "4", "--twins"]) == 0
+    assert json.loads(out.read_text()) == contrast_rows(psoups_rows(), seed=4, twins=True)
+    assert main(["data", "contrast", str(jl), "--out", str(tmp_path / "c.jsonl"), "--originals", "2"]) == 0
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 15
 
 
 def test_cli_contrast_bad_input_is_one_line(tmp_path, capsys):
@@ -159,10 +164,34 @@ def test_cli_contrast_refuses_to_overwrite_its_input(tmp_path, capsys):
     before = src.read_text()
     assert main(["data", "contrast", str(src), "--out", str(src)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--out would overwrite this input file" in err[0] and src.read_text() == before
+    assert len(err) == 1 and f"--out {src} is the input file" in err[0] and src.read_text() == before
     assert os.listdir(tmp_path) == ["train.json"]  # no temporary file left either
     # written in the input's format: an --out named for another is refused (JSONL in a .json file was)
     for name in ("c.jsonl", "c.txt"):
         assert main(["data", "contrast", str(src), "--out", str(tmp_path / name)]) == 1
         assert "--out must name a .json file, as the input" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["train.json"]
+
+
+@pytest.mark.parametrize("target", ["notes", "config", "data"])
+def test_cli_contrast_never_replaces_a_file_that_is_not_its_output(target, tmp_path, capsys):
+    """An existing --out must be an earlier contrast file: notes, a model folder's config.json and a data
+    file of plain rows (another persona file) are refused in one line naming --out and the file, and
+    left byte-identical."""
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps(psoups_rows()))
+    (tmp_path / "model").mkdir()
+    out = {"notes": "notes.json", "config": "model/config.json", "data": "other.json"}[target]
+    out = tmp_path / out
+    out.write_text(
+        {
+            "notes": "my notes\n",
+            "config": json.dumps({"model_type": "llama", "hidden_size": 48}),
+            "data": json.dumps(psoups_rows((3, 5))),
+        }[target]
+    )
+    before = out.read_bytes()
+    assert main(["data", "contrast", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out} exists and is not an `alignx data contrast` file" in err[0], err
+    assert out.read_bytes() == before

@@ -28,14 +28,16 @@ persona still pays.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.data.benchmarks import persona_group
-from alignx_jax.errors import DataError
+from alignx_jax.errors import AlignXError, DataError
 
 
 def persona_groups(rows: Sequence[dict]) -> dict[str | None, list[int]]:
@@ -109,9 +111,24 @@ def check_twins(
             )
 
 
+def _is_contrast_file(p: str) -> bool:
+    """Whether the file `p` is an earlier `alignx data contrast` output: data rows, each beside its
+    contrast row (the same prompt with chosen and rejected swapped), as nothing else is."""
+    try:
+        rows = [r for f in schema.load(p).files for r in f.rows]
+    except (AlignXError, OSError, ValueError):
+        return False
+
+    def key(r: dict, a: str, b: str) -> str:
+        return json.dumps([r.get("prompt"), r.get(a), r.get(b)], sort_keys=True, default=str)
+
+    pairs = {key(r, "chosen", "rejected") for r in rows}
+    return bool(rows) and all(key(r, "rejected", "chosen") in pairs for r in rows)
+
+
 def cli_contrast(args: argparse.Namespace) -> int:
     """`alignx data contrast PATH --out FILE [--seed S]` (JSON list or JSONL, as the input)."""
-    from alignx_jax.data.split import refuse_overwriting_inputs, write_rows
+    from alignx_jax.data.split import write_rows
 
     loaded = schema.load(args.path)  # every row validated (file and row named) before anything is written
     if len(loaded.files) != 1 or loaded.files[0].fmt not in ("json", "jsonl"):
@@ -119,6 +136,11 @@ def cli_contrast(args: argparse.Namespace) -> int:
     raw = loaded.files[0]
     if not raw.rows:
         raise DataError("no rows", file=args.path)
+    problem = paths.refuse_to_replace(
+        "--out", args.out, [("input", raw.path)], _is_contrast_file, "an `alignx data contrast` file"
+    )
+    if problem:
+        raise DataError(problem)
     originals = args.originals
     rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins, originals=originals)
     if schema.EXTENSIONS.get(os.path.splitext(args.out)[1].lower()) != raw.fmt:  # written as the input is
@@ -126,7 +148,6 @@ def cli_contrast(args: argparse.Namespace) -> int:
             f"--out must name a .{raw.fmt} file, as the input (it is written in the input's format)",
             file=args.out,
         )
-    refuse_overwriting_inputs([raw.path], [args.out])
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)
     order = ", as twins (train with data.twins=true, an even batch)" if args.twins else ""
     kept = f"{originals} x {len(raw.rows)}" if originals > 1 else f"{len(raw.rows)}"
