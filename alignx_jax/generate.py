@@ -487,7 +487,7 @@ def _generate_benchmark(args) -> int:
     max_length = settings["max_length"]
     # a multi-process job: every process generates on its own devices, process 0 alone writes
     main = paths.is_main_process()
-    log = PerExampleLog.for_job(args.out, flag="--out")
+    log = PerExampleLog.for_job(args.out, flag="--out", kind="generate")
     try:
         todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings)
         if not todo:

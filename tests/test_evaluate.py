@@ -938,7 +938,7 @@ def test_a_file_that_is_not_a_per_example_file_is_refused_not_truncated(tmp_path
     from alignx_jax.errors import DataError
     from alignx_jax.evaluate import PerExampleLog, parse_per_example
 
-    row = json.dumps({"benchmark": "p-soups", "persona": "p", "index": 3}).encode()
+    row = json.dumps({"benchmark": "p-soups", "persona": "p", "index": 3, "logp_chosen": -1.0}).encode()
     rows, good, cut = parse_per_example([row, b'{"benchmark": "p-so'], "f")
     assert list(rows) == [("p-soups", "p", 3)] and good == len(row) + 1 and cut == 2
     notes = tmp_path / "notes.txt"

@@ -366,3 +366,44 @@ def test_benchmark_rows_record_the_resolved_dtype(tiny_hf_checkpoints, tmp_path)
     from alignx_jax.models.checkpoint import load_checkpoint
 
     assert str(load_checkpoint(ck).cfg.dtype) == "bfloat16"
+
+
+EVAL_ROW = {"benchmark": "p", "persona": None, "index": 0, "logp_chosen": -1.0, "logp_rejected": -2.0}
+GENERATE_ROW = {"benchmark": "p", "persona": None, "index": 0, "id": 0, "method": "ica", "output": "hi"}
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_one_commands_row_file_is_refused_by_the_other(command, tiny_hf_checkpoints, tmp_path, capsys):
+    """generate --out and eval --per-example append to a file of their own rows only: the other command's
+    file is refused in one line naming the flag and the file, before the model loads, and left
+    byte-identical (rows of two kinds in one file are neither command's)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = tmp_path / "bench.json"
+    bench.write_bytes(
+        open(os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json"), "rb").read()
+    )
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text(json.dumps(EVAL_ROW if command == "generate" else GENERATE_ROW) + "\n")
+    before = theirs.read_bytes()
+    flag = "--out" if command == "generate" else "--per-example"
+    model = tiny_hf_checkpoints["llama"]
+    argv = [
+        command,
+        "--model",
+        model,
+        "--benchmark",
+        f"p-soups={bench}",
+        "--method",
+        "ica",
+        flag,
+        str(theirs),
+    ]
+    if command == "eval":
+        argv += ["--out", str(tmp_path / "r.json")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    other = "`alignx eval --per-example`" if command == "generate" else "`alignx generate --out`"
+    assert len(err) == 1 and f"{flag} {theirs} holds {other} rows" in err[0], err
+    assert theirs.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["bench.json", "theirs.jsonl"]

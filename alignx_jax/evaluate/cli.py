@@ -9,6 +9,7 @@ from typing import Any
 from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.evaluate.options import EvalSettings, default_prompt_format, parse_benchmark_specs, parse_flip
+from alignx_jax.evaluate.results import refuse_other_rows
 from alignx_jax.evaluate.run import evaluate
 
 
@@ -66,6 +67,8 @@ def cli_eval(args: argparse.Namespace) -> int:
         _refuse_foreign_out(args, specs)
     if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
         raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
+    # before the model loads: --per-example appends to eval's own rows only (not to generate's)
+    refuse_other_rows(args.per_example, "--per-example", "eval")
     settings = EvalSettings(
         method=args.method,
         persona=args.persona,

@@ -17,6 +17,12 @@ from alignx_jax.errors import DataError
 
 # Per-example rows are matched on these fields when an evaluation resumes.
 KEY_FIELDS: tuple[str, ...] = ("benchmark", "persona", "index")
+# The two commands that append rows to a JSONL file of the user's naming, and the fields every row of
+# each holds: one command's file given to the other would mix two kinds of rows (`refuse_other_rows`).
+ROW_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "eval": ("`alignx eval --per-example`", (*KEY_FIELDS, "logp_chosen")),
+    "generate": ("`alignx generate --out`", (*KEY_FIELDS, "output")),
+}
 # accuracy is reported per persona group (benchmarks.persona_group) when a file has 2..this many
 MAX_PERSONA_GROUPS = 16
 WILSON_Z95: float = 1.959963984540054
@@ -79,7 +85,9 @@ class PerExampleLog:
     A URL (gs://...) goes through etils.epath; such a file cannot be appended to, so it is rewritten
     whole after each batch."""
 
-    def __init__(self, path: str | None, *, write: bool = True, flag: str = "--per-example"):
+    def __init__(
+        self, path: str | None, *, write: bool = True, flag: str = "--per-example", kind: str = "eval"
+    ):
         self.path = None if path is None else paths.absolute(path)
         self.rows: dict[tuple, dict] = {}
         self._f = None
@@ -89,6 +97,7 @@ class PerExampleLog:
         p = paths.path(path)
         if p.is_dir():
             raise DataError(f"{flag} must be a file, got a folder", file=path)
+        refuse_other_rows(path, flag, kind)
         if p.exists():
             self._read()
         if not write:
@@ -98,7 +107,7 @@ class PerExampleLog:
             self._f = open(self.path, "a", encoding="utf-8")
 
     @classmethod
-    def for_job(cls, path: str | None, *, flag: str = "--per-example") -> PerExampleLog:
+    def for_job(cls, path: str | None, *, flag: str = "--per-example", kind: str = "eval") -> PerExampleLog:
         """The log as every process of a job opens it: process 0 writes, the others read; a path process 0
         cannot open stops every process together (`distributed.agree`), not only it."""
         from alignx_jax import distributed
@@ -106,7 +115,7 @@ class PerExampleLog:
 
         problem, log = None, None
         try:
-            log = cls(path, write=paths.is_main_process(), flag=flag)
+            log = cls(path, write=paths.is_main_process(), flag=flag, kind=kind)
         except (AlignXError, OSError) as e:
             problem = e if isinstance(e, AlignXError) else AlignXError(f"{flag} {path}: {e}")
         distributed.agree(problem, flag)
@@ -149,6 +158,24 @@ class PerExampleLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def refuse_other_rows(path: str | None, flag: str, kind: str) -> None:
+    """DataError when the existing local file `path`, which a `kind` command (a key of ROW_KINDS) would
+    append to, holds rows of another kind: its first row is a JSON object without that kind's fields (the
+    other command's rows are named as such). An empty file passes; so does a first row cut short by a kill
+    and text that is not rows at all, which `parse_per_example` refuses as it reads the file."""
+    if path is None or paths.is_url(path) or not os.path.isfile(path):
+        return
+    row = paths.first_json_line(path)
+    if not isinstance(row, dict) or any(k not in row for k in KEY_FIELDS):
+        return
+    label, fields = ROW_KINDS[kind]
+    if all(k in row for k in fields):
+        return
+    other = [lbl for k, (lbl, f) in ROW_KINDS.items() if k != kind and all(x in row for x in f)]
+    held = f"{other[0]} rows" if other else f"rows without {[k for k in fields if k not in row][0]!r}"
+    raise DataError(f"{flag} {path} holds {held}, not {label} rows; give a new file")
 
 
 def key_of(row: dict) -> tuple:
