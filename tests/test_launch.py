@@ -369,6 +369,18 @@ def test_local_failure_names_the_process_and_its_log(tmp_path):
     assert (tmp_path / "logs" / "process_0.log").read_text().startswith("process 0 of 2")
 
 
+def _wait_until_ready(logs, n: int, seconds: float = 20) -> None:
+    """Until each of the n stand-in processes has logged "ready" (its signal traps are set)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if all(
+            (logs / f"process_{i}.log").exists() and "ready" in (logs / f"process_{i}.log").read_text()
+            for i in range(n)
+        ):
+            return
+        time.sleep(0.05)
+
+
 def test_local_forwards_sigterm_and_succeeds(tmp_path):
     fake = _stand_in(
         tmp_path,
@@ -381,14 +393,7 @@ def test_local_forwards_sigterm_and_succeeds(tmp_path):
     proc = subprocess.Popen(
         ["bash", LOCAL, "2", "alignx", "train"], env=env, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if all(
-            (logs / f"process_{i}.log").exists() and "ready" in (logs / f"process_{i}.log").read_text()
-            for i in range(2)
-        ):
-            break
-        time.sleep(0.05)
+    _wait_until_ready(logs, 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
@@ -421,14 +426,7 @@ def test_local_a_signal_to_its_process_group_reaches_each_process_once_and_is_wa
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if all(
-                (logs / f"process_{i}.log").exists() and "ready" in (logs / f"process_{i}.log").read_text()
-                for i in range(2)
-            ):
-                break
-            time.sleep(0.05)
+        _wait_until_ready(logs, 2)
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=20)
     finally:
