@@ -543,6 +543,24 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.log_every must be at least 1, got {cfg.train.log_every}")
     if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    _check_optim(cfg.optim)
+
+
+def _check_optim(optim: ml_collections.ConfigDict) -> None:
+    """The rest of the optimizer: a NaN or out-of-range value here would train on a NaN or negative
+    learning rate, or fail deep in the schedule with a traceback (`not <=`: NaN fails every check)."""
+    ranges = {
+        "warmup_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+        "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+        "b1": ("in [0, 1)", lambda v: 0 <= v < 1),
+        "b2": ("in [0, 1)", lambda v: 0 <= v < 1),
+        "eps": ("positive and finite", lambda v: 0 < v < math.inf),
+        "weight_decay": (">= 0 and finite", lambda v: 0 <= v < math.inf),
+        "clip": (">= 0 and finite (0 = no clipping)", lambda v: 0 <= v < math.inf),
+    }
+    for key, (what, ok) in ranges.items():
+        if not ok(optim[key]):
+            raise ConfigError(f"optim.{key} must be {what}, got {optim[key]}")
 
 
 def _check_model(cfg: ml_collections.ConfigDict) -> None:
@@ -657,8 +675,10 @@ def _check_pba(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"pba.focal_gamma must be >= 0, got {pba.focal_gamma}")
     if pba.weight < 0:
         raise ConfigError(f"pba.weight must be >= 0, got {pba.weight}")
-    if pba.lr <= 0:
-        raise ConfigError(f"pba.lr must be positive, got {pba.lr}")
+    if not 0 < pba.lr < math.inf:  # `not <`: NaN fails too
+        raise ConfigError(f"pba.lr must be positive and finite, got {pba.lr}")
+    if not 0 <= pba.weight_decay < math.inf:
+        raise ConfigError(f"pba.weight_decay must be >= 0 and finite, got {pba.weight_decay}")
     if pba.max_persona_tokens < 2:
         raise ConfigError(f"pba.max_persona_tokens must be at least 2, got {pba.max_persona_tokens}")
     if pba.head_steps < 1 or pba.head_batch_size < 1 or pba.head_rows < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,6 +234,13 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.checkpoint.keep=-1", "checkpoint.keep must be at least 1, got -1"),
         ("--config.train.log_every=0", "train.log_every must be at least 1"),
         ("--config.optim.lr=nan", "optim.lr must be positive, got nan"),
+        ("--config.optim.warmup_ratio=nan", "optim.warmup_ratio must be in [0, 1], got nan"),
+        ("--config.optim.warmup_ratio=-0.5", "optim.warmup_ratio must be in [0, 1], got -0.5"),
+        ("--config.optim.min_lr_ratio=-1", "optim.min_lr_ratio must be in [0, 1], got -1"),
+        ("--config.optim.b2=1", "optim.b2 must be in [0, 1), got 1"),
+        ("--config.optim.eps=0", "optim.eps must be positive and finite, got 0"),
+        ("--config.optim.clip=nan", "optim.clip must be >= 0 and finite (0 = no clipping), got nan"),
+        ("--config.optim.weight_decay=inf", "optim.weight_decay must be >= 0 and finite, got inf"),
         ("--config.loss.beta=nan", "loss.beta must be positive, got nan"),
         ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
         ("--config.model.init.vocab_size=-2", "model.init.vocab_size must be positive (or -1"),
@@ -256,7 +264,7 @@ def test_validate_config_errors(override, message):
     from alignx_jax.errors import ConfigError
 
     cfg = load_config(TINY, ["--config.workdir=/tmp/x", override])
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train.validate_config(cfg)
 
 
