@@ -574,7 +574,7 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
             "num_attention_heads",
             "num_key_value_heads",
         )
-        for key in (*sizes, "head_dim"):
+        for key in (*sizes, "head_dim", "max_position_embeddings"):
             if key in init and init[key] is not None and init[key] < 1:
                 raise ConfigError(f"model.init.{key} must be positive, got {init[key]}")
         if init.get("head_dim") is not None and init.head_dim % 2:  # rotary embeddings turn pairs of dims
@@ -621,6 +621,8 @@ def _uses_reference(cfg: ml_collections.ConfigDict) -> bool:
 def _check_layout(cfg: ml_collections.ConfigDict) -> None:
     """The batch layout: row lengths, shared prompts / packing, kept tokens, the splash kernel."""
     data = cfg.data
+    if data.max_length < 4:  # a prompt token, a response token and the specials (batching.py)
+        raise ConfigError(f"data.max_length must be at least 4, got {data.max_length}")
     if data.length_groups < 0:
         raise ConfigError(f"data.length_groups={data.length_groups}: expected 0 (off) or a number of batches")
     if data.length_groups and not data.shuffle:  # the loader groups shuffled shards only

@@ -243,6 +243,11 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.optim.weight_decay=inf", "optim.weight_decay must be >= 0 and finite, got inf"),
         ("--config.loss.beta=nan", "loss.beta must be positive, got nan"),
         ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
+        ("--config.data.max_length=0", "data.max_length must be at least 4, got 0"),
+        (
+            "--config.model.init.max_position_embeddings=0",
+            "model.init.max_position_embeddings must be positive, got 0",
+        ),
         ("--config.model.init.vocab_size=-2", "model.init.vocab_size must be positive (or -1"),
         ("--config.model.init.head_dim=7", "model.init.head_dim must be even (rotary embeddings"),
         ("--config.loss.logps_chunk=-1", "loss.logps_chunk must be >= 0"),
