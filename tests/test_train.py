@@ -766,6 +766,25 @@ def test_a_run_whose_every_row_is_dropped_is_an_error(tmp_path):
     assert last.startswith("alignx: error:") and "no step of this run had a pair" in last, r.stderr[-2000:]
 
 
+def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):
+    """A data.train smaller than one global batch: the loader's message named its own arguments
+    (pairs_per_batch, drop_remainder), which no --config flag sets."""
+    from alignx_jax.data.synth import generate_world
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(generate_world(4, 2, seed=0).rows[0]) + "\n")
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
+        + [f"--config.data.train={data}"]
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"alignx: error: {data}: 1 training rows make no full batch of train.global_batch=8 pairs; "
+        "lower train.global_batch or add rows"
+    ), r.stderr[-2000:]
+
+
 def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     """A row PBA cannot render a profile for fails naming the file it is in and its row there."""
     from alignx_jax.data.synth import generate_world

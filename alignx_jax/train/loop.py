@@ -251,6 +251,14 @@ class Trainer(TrainerCheckpoints):
         # (put_batch checks packed rows, whose count the data decides)
         if not self.builder.packing:
             check_microbatch_split(gb // self.num_micro, self.mesh, self.rules)
+        # the loader's own message names its arguments (pairs_per_batch, drop_remainder), not config keys
+        unit = 2 if cfg.data.twins else 1
+        if len(self.source) // unit // self.pc * unit < gb // self.pc:
+            hosts = f" over {self.pc} processes" if self.pc > 1 else ""
+            raise ConfigError(
+                f"{self.data_path}: {len(self.source)} training rows make no full batch of "
+                f"train.global_batch={gb} pairs{hosts}; lower train.global_batch or add rows"
+            )
         self.loader = self.new_loader()
         self.eval_every = int(cfg.train.eval_every)
         if self.eval_every:  # train.eval_every: the held-out rows data.eval, read once per evaluation
