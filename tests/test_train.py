@@ -244,6 +244,7 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.loss.beta=nan", "loss.beta must be positive, got nan"),
         ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
         ("--config.data.max_length=0", "data.max_length must be at least 4, got 0"),
+        ("--config.data.synth_pairs_per_user=0", "data.synth_pairs_per_user must be at least 1"),
         (
             "--config.model.init.max_position_embeddings=0",
             "model.init.max_position_embeddings must be positive, got 0",
