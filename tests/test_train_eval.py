@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from alignx_jax import train
 from alignx_jax.config import load_config
@@ -186,3 +187,14 @@ def test_eval_with_precomputed_reference_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="on_the_fly or none"):
         train.validate_config(cfg)
+
+
+def test_data_eval_without_eval_every_is_a_warning_not_silently_unused(tmp_path):
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
+        + ["--config.data.eval=/no/such/eval.json"]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (
+        "alignx train: warning: data.eval=/no/such/eval.json is not read: train.eval_every=0" in r.stderr
+    ), r.stderr[-2000:]

@@ -261,6 +261,12 @@ class Trainer(TrainerCheckpoints):
             )
         self.loader = self.new_loader()
         self.eval_every = int(cfg.train.eval_every)
+        if not self.eval_every and cfg.data.eval and self.is_main:  # not silently unused
+            print(
+                f"alignx train: warning: data.eval={cfg.data.eval} is not read: train.eval_every=0 "
+                "(set train.eval_every=N to score it every N steps)",
+                file=sys.stderr,
+            )
         if self.eval_every:  # train.eval_every: the held-out rows data.eval, read once per evaluation
             self.eval_source = sources.open_source(
                 cfg.data.eval, split=sources.HELD_OUT, skip_bad=bool(cfg.data.skip_bad_rows)
