@@ -113,6 +113,11 @@ def check_run_folder(workdir: str, *, writes_data: bool = True) -> None:
     files a run writes: they are the user's, and a run would replace them. `writes_data`: the run
     writes W/data (synthetic users); else a `data/` there is the user's input. Read only (every process)."""
     w = paths.path(workdir)
+    if w.name in RUN_FOLDERS and _is_run_folder(w.parent):
+        raise ConfigError(
+            f"workdir {workdir}: the {w.name}/ folder of the run in {w.parent}, which that run writes and "
+            "prunes; choose a new folder"
+        )
     if not w.is_dir():
         return
     names = sorted(p.name for p in w.iterdir())
@@ -126,6 +131,23 @@ def check_run_folder(workdir: str, *, writes_data: bool = True) -> None:
             f"workdir {workdir}: not an alignx run's folder, and holds {paths.listing(clash)}, which a run "
             "writes and replaces; choose a new or empty folder (or a run's own workdir)"
         )
+
+
+# a run's own sub-folders: another run made in one would mix its files with that run's
+RUN_FOLDERS = ("checkpoints", "checkpoints.bad", "reference", "reference.tmp", "tensorboard")
+
+
+def _is_run_folder(folder: Any) -> bool:
+    """`folder` holds a run's lock or its config.json (a run config: a `model` section). Read only."""
+    try:
+        if (folder / LOCK_FILE).exists():
+            return True
+        if not (folder / "config.json").exists():
+            return False
+    except OSError:
+        return False
+    saved = read_saved_config(str(folder))
+    return isinstance(saved, dict) and isinstance(saved.get("model"), dict)
 
 
 def read_saved_config(workdir: str) -> dict[str, Any] | None:

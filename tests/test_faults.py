@@ -962,3 +962,20 @@ def test_a_users_data_folder_in_the_workdir_is_an_input_not_a_clash(tmp_path):
     check_run_folder(str(tmp_path), writes_data=False)
     with pytest.raises(ConfigError, match="holds data, which a run writes"):
         check_run_folder(str(tmp_path), writes_data=True)
+
+
+def test_a_workdir_inside_a_runs_own_folders_is_refused(tmp_path):
+    """W/checkpoints of another run as a workdir: the new run's files land among that run's checkpoints."""
+    import json
+
+    from alignx_jax.errors import ConfigError
+    from alignx_jax.workdir import check_run_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {}}))
+    for name in ("checkpoints", "tensorboard", "reference"):
+        with pytest.raises(ConfigError, match=f"^workdir .*: the {name}/ folder of the run in "):
+            check_run_folder(str(run / name))
+    check_run_folder(str(run / "other"))  # any other sub-folder is a workdir of its own
+    check_run_folder(str(tmp_path / "checkpoints"))  # tmp_path is no run
