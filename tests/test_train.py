@@ -786,6 +786,31 @@ def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):
     ), r.stderr[-2000:]
 
 
+def test_resuming_on_changed_data_names_the_checkpoint_and_the_data(tmp_path):
+    from alignx_jax.data.synth import generate_world
+
+    rows = generate_world(8, 4, seed=0).rows
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "train",
+        f"--config={TINY}",
+        f"--config.workdir={tmp_path}/w",
+        *SMALL,
+        f"--config.data.train={data}",
+    ]
+    r = run_cli([*args, "--config.train.steps=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))  # a row less
+    r = run_cli([*args, "--config.train.steps=2"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"alignx: error: {tmp_path}/w/checkpoints/1 with data.train={data}: cannot resume the data loader: "
+        f"saved num_rows={len(rows)} but this run has {len(rows) - 1}"
+    ), r.stderr[-2000:]
+
+
 def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     """A row PBA cannot render a profile for fails naming the file it is in and its row there."""
     from alignx_jax.data.synth import generate_world

@@ -19,7 +19,7 @@ from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import agree_max
 from alignx_jax.checkpointing import TrainCheckpointer, abstract_like
 from alignx_jax.data import sources
-from alignx_jax.errors import AlignXError
+from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.train.setup import write_run_config
 from alignx_jax.train.step import describe_nonfinite
 
@@ -52,7 +52,12 @@ class TrainerCheckpoints:
         self.opt_state, meta = restored[1], restored[2]
         # each saved process's loader state and truncation count (a 1-process run saves only its own)
         saved = meta.get("processes") or [meta]
-        self.loader.set_states([p["loader"] for p in saved])
+        try:
+            self.loader.set_states([p["loader"] for p in saved])
+        except ConfigError as e:  # name the checkpoint and the data it no longer matches
+            raise ConfigError(
+                f"{self.ckpt.directory}/{self.latest} with data.train={self.data_path}: {e}"
+            ) from None
         if len(saved) == self.pc:
             self.rows_truncated = int(saved[self.pi].get("rows_truncated", 0))
         else:  # another process count: the job's count, shared out as the loader shares its counters
