@@ -544,6 +544,11 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
     for key in ("every_steps", "keep"):
         if cfg.checkpoint[key] < 1:
             raise ConfigError(f"checkpoint.{key} must be at least 1, got {cfg.checkpoint[key]}")
+    for section, key in (("train", "seed"), ("data", "synth_seed"), ("pba", "seed")):
+        if cfg[section][key] < 0:  # numpy's seeds are non-negative: a traceback at the first batch
+            raise ConfigError(f"{section}.{key} must be >= 0, got {cfg[section][key]}")
+    if cfg.model.init.get("seed") is not None and cfg.model.init.seed < 0:
+        raise ConfigError(f"model.init.seed must be >= 0, got {cfg.model.init.seed}")
     if cfg.train.log_every < 1:
         raise ConfigError(f"train.log_every must be at least 1, got {cfg.train.log_every}")
     if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):

@@ -244,6 +244,9 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.loss.beta=nan", "loss.beta must be positive, got nan"),
         ("--config.model.init.hidden_size=-64", "model.init.hidden_size must be positive, got -64"),
         ("--config.data.max_length=0", "data.max_length must be at least 4, got 0"),
+        ("--config.train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("--config.data.synth_seed=-3", "data.synth_seed must be >= 0, got -3"),
+        ("--config.model.init.seed=-1", "model.init.seed must be >= 0, got -1"),
         ("--config.data.synth_pairs_per_user=0", "data.synth_pairs_per_user must be at least 1"),
         (
             "--config.model.init.max_position_embeddings=0",
