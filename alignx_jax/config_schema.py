@@ -499,6 +499,8 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
     if not cfg.data.train and cfg.data.synth_users <= 0:
         raise ConfigError("--config.data.train is required (parquet/JSONL/JSON file or folder)")
+    if not cfg.data.train and cfg.data.synth_users == 1:  # `alignx synth --users` needs two
+        raise ConfigError("data.synth_users must be at least 2 (data.train '' makes synthetic users), got 1")
     if not cfg.data.train and cfg.data.synth_pairs_per_user < 1:  # before W/data is written
         raise ConfigError(
             f"data.synth_pairs_per_user must be at least 1 (data.train '' makes synthetic users), "

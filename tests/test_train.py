@@ -248,6 +248,7 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.data.synth_seed=-3", "data.synth_seed must be >= 0, got -3"),
         ("--config.model.init.seed=-1", "model.init.seed must be >= 0, got -1"),
         ("--config.data.synth_pairs_per_user=0", "data.synth_pairs_per_user must be at least 1"),
+        ("--config.data.synth_users=1", "data.synth_users must be at least 2"),
         (
             "--config.model.init.max_position_embeddings=0",
             "model.init.max_position_embeddings must be positive, got 0",
