@@ -13,6 +13,7 @@ import os
 import ml_collections
 import pytest
 
+from alignx_jax import config_rules as rules
 from alignx_jax import config_schema as schema
 from alignx_jax import losses
 from alignx_jax.config import config_to_json, load_config
@@ -69,7 +70,7 @@ def test_shipped_config_loads_and_validates(path, tmp_path):
         cfg = load_config(path, [*overrides, "--config.model.hf_path=/m"])
     if not cfg.data.train and cfg.data.synth_users <= 0:
         cfg = load_config(path, [*overrides, "--config.model.hf_path=/m", "--config.data.train=/d"])
-    schema.validate_config(cfg)
+    rules.validate_config(cfg)
 
 
 def test_quick_variants_are_found():
@@ -98,7 +99,7 @@ def test_wrong_type_or_value_is_one_line_naming_the_key(override, message):
     with cfg.unlocked(), cfg[section].ignore_type():
         cfg[section][key] = value
     with pytest.raises(ConfigError) as e:
-        schema.validate_config(cfg)
+        rules.validate_config(cfg)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
@@ -111,19 +112,19 @@ def test_wandb_project_without_wandb_is_refused_by_the_config_check(monkeypatch,
     with pytest.raises(
         ConfigError, match=r"^train\.wandb_project='proj' needs the wandb package: pip install wandb"
     ):
-        schema.validate_config(cfg)
+        rules.validate_config(cfg)
     assert not (tmp_path / "w").exists()
 
 
 def test_int_is_a_float_and_literal_checked_on_overrides():
     cfg = load_config(TINY, ["--config.workdir=/tmp/x", "--config.loss.beta=1", "--config.optim.lr=1"])
-    schema.validate_config(cfg)
+    rules.validate_config(cfg)
     with pytest.raises(ConfigError, match=r"expected an integer, got 'abc'"):
         load_config(TINY, ["--config.train.steps=abc"])
     for args in (["--config.loss.nan_policy=ignore"], ["--config.loss.nan_policy", "ignore"]):
         cfg = load_config(TINY, ["--config.workdir=/tmp/x", *args])
         with pytest.raises(ConfigError, match=r"^loss\.nan_policy='ignore': expected one of stop, skip$"):
-            schema.validate_config(cfg)
+            rules.validate_config(cfg)
 
 
 def test_missing_and_unknown_keys():
@@ -148,7 +149,7 @@ def test_saved_config_lacking_newer_keys_merges_over_defaults():
     assert "a_removed_key" not in cfg.train
     # JSON lists are the tuples the config held
     assert cfg.data.buckets == tuple(saved["data"]["buckets"]) and isinstance(cfg.sharding.rules[0], tuple)
-    schema.validate_config(cfg)
+    rules.validate_config(cfg)
     saved["train"]["steps"] = "many"
     with pytest.raises(ConfigError, match=r"saved config: train\.steps='many': expected an integer"):
         schema.merge_saved(saved)

@@ -40,7 +40,7 @@ def test_expected_configs_exist():
 def test_70b_configs_name_their_preset_topology_and_mesh(name, topology, mesh, micro):
     """The 70B PBA configs plan as given (`alignx plan --config=F`): preset, topology, a mesh that
     covers the topology's devices, joint PBA at the release's sequence and batch."""
-    from alignx_jax.config_schema import validate_config
+    from alignx_jax.config_rules import validate_config
     from alignx_jax.plan import parse_topology
 
     c = load_config(os.path.join(ROOT, "configs", name), [])

@@ -156,15 +156,15 @@ def test_config_refuses_an_unknown_dtype_in_one_line(override, message):
 
 
 def test_with_concrete_dtype_copies_the_config(monkeypatch, capsys):
-    from alignx_jax.train import loop
+    from alignx_jax.train import setup
 
-    monkeypatch.setattr(loop, "resolve_dtype", lambda name: "float32" if name == "auto" else name)
+    monkeypatch.setattr(setup, "resolve_dtype", lambda name: "float32" if name == "auto" else name)
     cfg = load_config(TINY, ["--config.workdir=/tmp/x", "--config.model.dtype=auto"])
-    got = loop.with_concrete_dtype(cfg, say=True)
+    got = setup.with_concrete_dtype(cfg, say=True)
     assert got.model.dtype == "float32" and cfg.model.dtype == "auto"  # the caller's config is untouched
     assert "model.dtype auto -> float32" in capsys.readouterr().err
     explicit = load_config(TINY, ["--config.workdir=/tmp/x"])
-    assert loop.with_concrete_dtype(explicit) is explicit
+    assert setup.with_concrete_dtype(explicit) is explicit
 
 
 def test_plan_resolves_auto_for_its_target_platform():

@@ -669,18 +669,18 @@ def test_folders_that_look_prepared_or_split_but_are_not_read_silently(synth_dir
 
 def test_skipped_rows_are_named_where_training_reads_them(synth_dir, tmp_path, capsys):
     """data.skip_bad_rows: `alignx train` warns how many rows were left out and names the first."""
-    from alignx_jax.train.loop import _warn_skipped
+    from alignx_jax.train.setup import warn_skipped
 
     rows = [open_source(synth_dir)[i] for i in range(3)]
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[1]) + "\n")
     source = open_source(str(path), skip_bad=True)
     assert len(source) == 2 and source.skipped == 1
-    _warn_skipped(source, "training", is_main=True)
+    warn_skipped(source, "training", is_main=True)
     err = capsys.readouterr().err
     assert "warning: 1 training row(s) skipped (data.skip_bad_rows), the first:" in err
     assert "rows.jsonl: line 2: invalid JSON" in err, err
-    _warn_skipped(open_source(synth_dir, skip_bad=True), "training", is_main=True)  # none skipped: silent
+    warn_skipped(open_source(synth_dir, skip_bad=True), "training", is_main=True)  # none skipped: silent
     assert capsys.readouterr().err == ""
 
 

@@ -11,7 +11,7 @@ import sys
 
 from alignx_jax import paths
 from alignx_jax.config import load_config
-from alignx_jax.config_schema import validate_config
+from alignx_jax.config_rules import validate_config
 from alignx_jax.errors import AlignXError
 from alignx_jax.hardware import backends_initialized
 from alignx_jax.plan.planner import plan

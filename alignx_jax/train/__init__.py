@@ -55,7 +55,8 @@ Modules (one owner per concept):
   * `train.loop`: `run_training` and its `Trainer`
   * `train.checkpoints`: the `Trainer`'s checkpoints (saved meta, save, resume, the non-finite error)
   * `train.cli`: `alignx train`
-The config's rules (allowed values, `validate_config`, `joint_head`, ...) are `alignx_jax.config_schema`'s,
+The config's rules (allowed values, `joint_head`, ...) are `alignx_jax.config_schema`'s, `validate_config` is
+`alignx_jax.config_rules`'s,
 the batch layout is `alignx_jax.batch`; PBA's head steps are `alignx_jax.pba`. The names below are
 re-exported so `from alignx_jax import train; train.X` keeps working.
 """
@@ -76,6 +77,7 @@ from alignx_jax.batch import (
     to_microbatches,
     token_mask,
 )
+from alignx_jax.config_rules import validate_config
 from alignx_jax.config_schema import (
     METHODS,
     NAN_POLICIES,
@@ -84,7 +86,6 @@ from alignx_jax.config_schema import (
     REFERENCE_MODES,
     head_enabled,
     joint_head,
-    validate_config,
 )
 from alignx_jax.pba.stages import PREDICTED_FILE, build_head
 from alignx_jax.train.cli import cli_train

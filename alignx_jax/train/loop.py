@@ -7,7 +7,6 @@ method. What the step computes is `train.step`; what a batch holds is `alignx_ja
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import sys
@@ -25,10 +24,11 @@ from alignx_jax import allocator, distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_microbatch_split, put_batch
-from alignx_jax.config_schema import joint_head, two_stage_head, uses_predicted, validate_config
+from alignx_jax.config_rules import validate_config
+from alignx_jax.config_schema import joint_head, two_stage_head, uses_predicted
 from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError, DataError
-from alignx_jax.hardware import AUTO, describe_auto, matmul_precision, resolve_dtype
+from alignx_jax.hardware import AUTO, matmul_precision
 from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
 from alignx_jax.pba import stages as pba_stages
 from alignx_jax.train.checkpoints import TrainerCheckpoints, nonfinite_error
@@ -38,6 +38,8 @@ from alignx_jax.train.setup import (
     prepare_workdir,
     stopped_in_start_up,
     sync,
+    warn_skipped,
+    with_concrete_dtype,
     write_reference,
 )
 from alignx_jax.train.signals import StopFlag
@@ -80,19 +82,6 @@ def run_training(cfg: ml_collections.ConfigDict, stop: StopFlag | None = None) -
         for lock in held:
             lock.release()
         stop.restore()
-
-
-def with_concrete_dtype(cfg: ml_collections.ConfigDict, say: bool = False) -> ml_collections.ConfigDict:
-    """`cfg` with model.dtype=auto made concrete for this machine (`hardware.resolve_dtype`); the
-    workdir's config.json keeps `auto`, so the same command on another machine picks that machine's."""
-    dtype = resolve_dtype(str(cfg.model.dtype))
-    if dtype == cfg.model.dtype:
-        return cfg
-    if say:
-        print(f"alignx train: model.dtype {describe_auto(dtype)}", file=sys.stderr)
-    cfg = copy.deepcopy(cfg)
-    cfg.model.dtype = dtype
-    return cfg
 
 
 class _StoppedInStartUp(Exception):
@@ -225,7 +214,7 @@ class Trainer(TrainerCheckpoints):
         self.check_stop()
         self.source = sources.open_source(self.data_path, skip_bad=bool(cfg.data.skip_bad_rows))
         self.rows_skipped = int(getattr(self.source, "skipped", 0))
-        _warn_skipped(self.source, "training", self.is_main)
+        warn_skipped(self.source, "training", self.is_main)
         if len(self.source) == 0:
             raise AlignXError(f"{self.data_path}: no training rows")
         if cfg.data.twins:
@@ -271,7 +260,7 @@ class Trainer(TrainerCheckpoints):
             self.eval_source = sources.open_source(
                 cfg.data.eval, split=sources.HELD_OUT, skip_bad=bool(cfg.data.skip_bad_rows)
             )
-            _warn_skipped(self.eval_source, "held-out", self.is_main)
+            warn_skipped(self.eval_source, "held-out", self.is_main)
             if len(self.eval_source) == 0:
                 raise AlignXError(f"{cfg.data.eval}: no evaluation rows")
             if self.is_main:  # which split of a split or prepared folder is scored
@@ -698,11 +687,3 @@ class Trainer(TrainerCheckpoints):
                 print(f"alignx train: warning: {self.empty_steps} steps had no pair", file=sys.stderr)
             print(f"alignx train: done, {step} steps; checkpoints in {ckpt.directory}", file=sys.stderr)
         return 0
-
-
-def _warn_skipped(source: sources.RowSource, what: str, is_main: bool) -> None:
-    """data.skip_bad_rows: how many rows were left out, and the first one's error (naming its file and row)."""
-    if is_main and getattr(source, "skipped", 0):
-        workdir_lib.warn(
-            f"{source.skipped} {what} row(s) skipped (data.skip_bad_rows), the first: {source.first_skipped}"
-        )

@@ -4,6 +4,7 @@ synthetic users written once), the reference HF folder, and the fingerprint of d
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from alignx_jax import model_card, paths
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.config import config_to_json
 from alignx_jax.errors import ConfigError
+from alignx_jax.hardware import describe_auto, resolve_dtype
 from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.train.signals import StopFlag
@@ -245,3 +247,24 @@ def derived_fingerprint(cfg: ml_collections.ConfigDict, data_path: str, **extra:
             **extra,
         }
     )
+
+
+def warn_skipped(source: Any, what: str, is_main: bool) -> None:
+    """data.skip_bad_rows: how many rows were left out, and the first one's error (naming its file and row)."""
+    if is_main and getattr(source, "skipped", 0):
+        workdir_lib.warn(
+            f"{source.skipped} {what} row(s) skipped (data.skip_bad_rows), the first: {source.first_skipped}"
+        )
+
+
+def with_concrete_dtype(cfg: ml_collections.ConfigDict, say: bool = False) -> ml_collections.ConfigDict:
+    """`cfg` with model.dtype=auto made concrete for this machine (`hardware.resolve_dtype`); the
+    workdir's config.json keeps `auto`, so the same command on another machine picks that machine's."""
+    dtype = resolve_dtype(str(cfg.model.dtype))
+    if dtype == cfg.model.dtype:
+        return cfg
+    if say:
+        print(f"alignx train: model.dtype {describe_auto(dtype)}", file=sys.stderr)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.dtype = dtype
+    return cfg
