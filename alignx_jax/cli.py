@@ -22,7 +22,7 @@ HANDLERS: dict[str, str] = {
     "import": "alignx_jax.export:cli_import",
     "import --gguf": "alignx_jax.models.gguf:cli_import",
     "export": "alignx_jax.export:cli_export",
-    "data check": "alignx_jax.data.schema:cli_check",
+    "data check": "alignx_jax.data.check:cli_check",
     "data prepare": "alignx_jax.data.sources:cli_prepare",
     "data split": "alignx_jax.data.split:cli_split",
     "data contrast": "alignx_jax.data.contrast:cli_contrast",
