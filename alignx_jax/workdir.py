@@ -120,10 +120,9 @@ def check_run_folder(workdir: str, *, writes_data: bool = True) -> None:
         )
     if not w.is_dir():
         return
-    names = sorted(p.name for p in w.iterdir())
-    saved = read_saved_config(workdir) if "config.json" in names else None
-    if LOCK_FILE in names or (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
+    if _is_run_folder(w):
         return
+    names = sorted(p.name for p in w.iterdir())
     ours = RUN_ENTRIES if writes_data else tuple(n for n in RUN_ENTRIES if not n.startswith("data"))
     clash = [n for n in names if n in ours or n.startswith(("ref_logps.", "pba_predicted."))]
     if clash:
@@ -142,11 +141,9 @@ def _is_run_folder(folder: Any) -> bool:
     try:
         if (folder / LOCK_FILE).exists():
             return True
-        if not (folder / "config.json").exists():
-            return False
+        saved = read_saved_config(str(folder))  # None when there is none
     except OSError:
         return False
-    saved = read_saved_config(str(folder))
     return isinstance(saved, dict) and isinstance(saved.get("model"), dict)
 
 
