@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
+from alignx_jax.models.safetensors_io import HEAD_WEIGHTS_FILE
 from alignx_jax.preference_space import (
     NUM_DIMS,
     RELEASE_NEG_THRESHOLD,
@@ -54,7 +55,6 @@ NEGATIVE, NEUTRAL, POSITIVE = 0, 1, 2
 POOLINGS: tuple[str, ...] = ("mean", "last")
 RULES: tuple[str, ...] = ("argmax", "threshold")
 
-HEAD_WEIGHTS_FILE: str = "preference_head.safetensors"
 HEAD_CONFIG_FILE: str = "preference_head_config.json"
 HEAD_FORMAT: str = "alignx-preference-head/1"
 

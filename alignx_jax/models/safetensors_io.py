@@ -27,17 +27,22 @@ _ST_DTYPES = {
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
-# *.safetensors files that are no model weights: the preference head beside a PBA model, which an
-# `alignx import` checkpoint (orbax params/) keeps too, so it must not make that folder look like an HF one
-NOT_MODEL_WEIGHTS = frozenset({"preference_head.safetensors"})
+# the preference head's weights beside a PBA model (models.preference_head saves it under this name), which
+# an `alignx import` checkpoint (orbax params/) keeps too: no model weights, so it must not make that folder
+# look like an HF one
+HEAD_WEIGHTS_FILE = "preference_head.safetensors"
+NOT_MODEL_WEIGHTS = frozenset({HEAD_WEIGHTS_FILE})
+
+
+def weight_files(folder: str) -> list[str]:
+    """The names of the local `folder`'s *.safetensors files of model weights, sorted (not the head's)."""
+    return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") and n not in NOT_MODEL_WEIGHTS)
 
 
 def holds_safetensors(folder: str) -> bool:
     """Whether `folder` is a local folder holding a *.safetensors file of model weights (a HF weights
     folder, not an orbax one; a preference head's file alone does not count)."""
-    return os.path.isdir(folder) and any(
-        n.endswith(".safetensors") and n not in NOT_MODEL_WEIGHTS for n in os.listdir(folder)
-    )
+    return os.path.isdir(folder) and bool(weight_files(folder))
 
 
 class SafetensorsReader:
@@ -54,9 +59,7 @@ class SafetensorsReader:
                 raise CheckpointError(f"{index}: malformed index ({e})") from None
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(
-                f for f in os.listdir(folder) if f.endswith(".safetensors") and f not in NOT_MODEL_WEIGHTS
-            )
+            files = weight_files(folder)
         if not files:
             raise CheckpointError(f"{folder}: no *.safetensors files")
         self.entries: dict[str, tuple[str, int, Any, tuple[int, ...]]] = {}
