@@ -114,8 +114,6 @@ def _check_schedule(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.init.seed must be >= 0, got {cfg.model.init.seed}")
     if cfg.train.log_every < 1:
         raise ConfigError(f"train.log_every must be at least 1, got {cfg.train.log_every}")
-    if not cfg.optim.lr > 0 or not math.isfinite(cfg.optim.lr):
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     _check_optim(cfg.optim)
 
 
@@ -123,6 +121,7 @@ def _check_optim(optim: ml_collections.ConfigDict) -> None:
     """The rest of the optimizer: a NaN or out-of-range value here would train on a NaN or negative
     learning rate, or fail deep in the schedule with a traceback (`not <=`: NaN fails every check)."""
     ranges = {
+        "lr": ("positive", lambda v: 0 < v < math.inf),
         "warmup_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
         "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
         "b1": ("in [0, 1)", lambda v: 0 <= v < 1),
