@@ -769,6 +769,12 @@ def test_a_run_whose_every_row_is_dropped_is_an_error(tmp_path):
     assert "warning: step 1 had no pair" in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("alignx: error:") and "no step of this run had a pair" in last, r.stderr[-2000:]
+    # nothing saved: a checkpoint of no training would make the same command's rerun say done (exit 0)
+    assert not list((w / "checkpoints").glob("*")), sorted((w / "checkpoints").iterdir())
+    again = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *fit_nothing, "--config.train.steps=2"]
+    )
+    assert again.returncode == 1 and "no step of this run had a pair" in again.stderr, again.stderr[-2000:]
 
 
 def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):

@@ -570,7 +570,8 @@ class Trainer(TrainerCheckpoints):
         if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.total_steps):
             self.writer.write(self.step, self.evaluate_held_out())
         every = int(self.cfg.checkpoint.every_steps)
-        if self.step % every == 0 or self.step == self.total_steps:
+        # a run that has trained on no pair yet saves nothing: its checkpoint would make a rerun say done
+        if (self.step % every == 0 or self.step == self.total_steps) and not self.trained_nothing():
             self.save(self.step, None if final_head is None else final_head[:2])
             self.last_saved = self.step
 
@@ -590,6 +591,10 @@ class Trainer(TrainerCheckpoints):
                     totals[k] = totals.get(k, 0.0) + float(v)
         self.rows_truncated = saved_truncated
         return eval_metrics(totals)
+
+    def trained_nothing(self) -> bool:
+        """Every step from step 0 kept no pair (a resumed run's checkpoint had pairs: none is saved without)."""
+        return self.start == 0 and self.empty_steps == self.step
 
     def check_pairs(self, m: dict[str, float]) -> None:
         """Say so when a step's batch kept no pair: data.overflow=drop dropped every row of it."""
@@ -660,23 +665,25 @@ class Trainer(TrainerCheckpoints):
             self.bar.close()
             self.bar = None
         if self.stop.signum is not None and step < self.total_steps:
-            if step > self.start and self.last_saved != step:
+            saves = step > self.start and not self.trained_nothing()
+            if saves and self.last_saved != step:
                 self.save(step)
             ckpt.wait()
             if self.is_main:
                 name = signal.Signals(self.stop.signum).name
-                what = (
-                    f"saved step {step} to {ckpt.directory}"
-                    if step > self.start
-                    else "no step run, nothing to save"
-                )
+                if saves:
+                    what = f"saved step {step} to {ckpt.directory}"
+                elif step > self.start:
+                    what = "no step had a pair yet (every row dropped), nothing to save"
+                else:
+                    what = "no step run, nothing to save"
                 print(
                     f"alignx train: {name} received: {what}; rerun the same command to resume",
                     file=sys.stderr,
                 )
             return 0
         ckpt.wait()
-        if self.empty_steps and self.empty_steps == step - self.start:
+        if self.trained_nothing():
             raise DataError(
                 f"no step of this run had a pair: every row was dropped (longer than data.max_length="
                 f"{self.cfg.data.max_length} under data.overflow=drop)",
