@@ -230,6 +230,20 @@ def _head_like(head_params):
     return train.HeadCodec.of(head).module(head_params)
 
 
+def test_head_codec_rebuilds_the_head_from_its_params_alone():
+    head = ph.PreferenceHead(ph.HeadConfig(embed_dim=32, hidden=16, max_persona_tokens=16), rngs=nnx.Rngs(1))
+    feats_BD = jax.random.normal(jax.random.key(0), (4, 32))
+    params = jax.tree.map(lambda x: x + 0.5, train.HeadCodec.params(head))  # not the codec's own values
+    rebuilt = train.HeadCodec.of(head).module(params)
+    np.testing.assert_array_equal(np.asarray(rebuilt.w_in[...]), np.asarray(params["w_in"]))
+    nnx.update(head, params)
+    np.testing.assert_array_equal(np.asarray(rebuilt.classify(feats_BD)), np.asarray(head.classify(feats_BD)))
+    # the codec carries no state beside the params: a head that had some is refused, not half rebuilt
+    head.counter = nnx.BatchStat(jnp.zeros(()))
+    with pytest.raises(ValueError, match="Non-exhaustive"):
+        train.HeadCodec.of(head)
+
+
 def test_joint_steps_reduce_the_head_loss(joint):
     step = joint["steps"]["sg"]
     params, opt = _copy(joint["params"]), _copy(joint["opt"])

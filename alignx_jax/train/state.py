@@ -226,17 +226,15 @@ class LoraCodec(ParamsCodec):
 
 @dataclasses.dataclass(frozen=True)
 class HeadCodec:
-    """Pure-dict params <-> the PreferenceHead. Only `nnx.Param`s are trained; `rest`, any other state
-    of the head (none today), is carried as a constant."""
+    """Pure-dict params <-> the PreferenceHead, whose whole state is its trained `nnx.Param`s."""
 
     graphdef: Any
     treedef: Any
-    rest: Any
 
     @classmethod
     def of(cls, head) -> HeadCodec:
-        graphdef, params, rest = nnx.split(head, nnx.Param, ...)
-        return cls(graphdef, jax.tree.structure(params), rest)
+        graphdef, params = nnx.split(head, nnx.Param)  # flax refuses a head with any other state
+        return cls(graphdef, jax.tree.structure(params))
 
     @staticmethod
     def params(head) -> dict[str, Any]:
@@ -244,7 +242,7 @@ class HeadCodec:
 
     def module(self, params: Any):
         state = jax.tree.unflatten(self.treedef, jax.tree.leaves(params))
-        return nnx.merge(self.graphdef, state, self.rest)
+        return nnx.merge(self.graphdef, state)
 
 
 def freeze_lower_layers(frozen_layers: int) -> optax.GradientTransformation:
