@@ -11,7 +11,7 @@ from flax import nnx
 
 from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models import attention as attn
-from alignx_jax.models.decoder import Decoder, DecoderConfig, rope_inv_freq
+from alignx_jax.models.decoder import Decoder, DecoderConfig, rope_attention_factor, rope_inv_freq
 from alignx_jax.models.hf import load_pretrained
 from alignx_jax.sharding import variable_axes
 
@@ -284,8 +284,6 @@ def test_rope_frequencies_match_transformers(scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from alignx_jax.models.decoder import rope_attention_factor
-
     if scaling and scaling.get("rope_type", "") is None:
         scaling = {k: v for k, v in scaling.items() if k != "rope_type"}
     hf = {**LLAMA31, "rope_scaling": scaling}
@@ -303,6 +301,23 @@ def test_rope_frequencies_match_transformers(scaling):
     if rope_type == "yarn":  # the scaling does something here
         plain = rope_inv_freq(cfg.replace(rope_scaling=None))
         assert not np.allclose(ours, plain) and factor != 1.0
+
+
+def test_rope_scaling_is_parsed_once_for_every_reader():
+    """`DecoderConfig.rope`: the type under either spelling, and the pretraining context defaulting to
+    max_position_embeddings (transformers' rule), which rope_inv_freq and YaRN's null factor both read."""
+    cfg = DecoderConfig.from_hf({**LLAMA31, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert (cfg.rope.rope_type, cfg.rope.original_max_position_embeddings) == ("linear", 131072.0)
+    assert cfg.rope.settings == {"type": "linear", "factor": 2.0}
+    assert DecoderConfig.from_hf({**LLAMA31, "rope_scaling": None}).rope.rope_type == "default"
+    yarn = DecoderConfig.from_hf(
+        {
+            **LLAMA31,
+            "rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 8192},
+        }
+    )
+    assert yarn.rope.original_max_position_embeddings == 8192.0
+    assert rope_attention_factor(yarn) == pytest.approx(0.1 * np.log(131072 / 8192) + 1)
 
 
 def test_random_init_shapes():

@@ -89,6 +89,28 @@ def _refuse_unmodeled(hf: dict[str, Any]) -> None:
             raise CheckpointError(f"unsupported {key}=true")
 
 
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """HF's RoPE scaling settings (`rope_scaling`, or `rope_parameters` less the theta), parsed here only:
+    the type, the context the model was pretrained at, and all the settings as config.json gave them
+    (the type's own keys: factor, low_freq_factor, beta_fast, attention_factor, ...)."""
+
+    rope_type: str
+    original_max_position_embeddings: float
+    settings: dict[str, Any]  # built afresh on each `DecoderConfig.rope` read (never hashed nor shared)
+
+    @staticmethod
+    def type_of(scaling: dict[str, Any]) -> str:
+        return scaling.get("rope_type", scaling.get("type", "default"))  # older configs spell it `type`
+
+    @classmethod
+    def parse(cls, scaling: dict[str, Any] | None, max_position_embeddings: int) -> RopeScaling:
+        scaling = dict(scaling or {})
+        # transformers' default for the context the model was pretrained at: max_position_embeddings
+        old_ctx = float(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+        return cls(cls.type_of(scaling), old_ctx, scaling)
+
+
 def _rope_of(hf: dict[str, Any]) -> tuple[str, dict[str, Any], float]:
     """(the key config.json spells RoPE under, its scaling settings less the theta, the theta), checked
     for a type the decoder computes and the keys that type needs (transformers 5's `rope_parameters`, or
@@ -101,7 +123,7 @@ def _rope_of(hf: dict[str, Any]) -> tuple[str, dict[str, Any], float]:
     else:
         scaling = dict(hf.get("rope_scaling") or {})
         theta = float(hf.get("rope_theta", 10000.0))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = RopeScaling.type_of(scaling)
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
     for key in _ROPE_KEYS.get(rope_type, ()):
@@ -245,6 +267,10 @@ class DecoderConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def rope(self) -> RopeScaling:
+        return RopeScaling.parse(self.rope_scaling_dict, self.max_position_embeddings)
 
     def compiler_options(self, decode: bool = False) -> dict[str, Any]:
         """The XLA options every program of this model is compiled with (`jax.jit(..., compiler_options=)`):

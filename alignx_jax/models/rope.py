@@ -10,17 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignx_jax.models.config import DecoderConfig
+from alignx_jax.models.config import DecoderConfig, RopeScaling
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
     """Inverse RoPE frequencies [head_dim/2] with the config's scaling (default, linear, llama3, yarn)."""
     dim = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    scaling = cfg.rope_scaling_dict or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    # transformers' default for the context the model was pretrained at: max_position_embeddings
-    old_ctx = float(scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+    rope = cfg.rope
+    kind, scaling, old_ctx = rope.rope_type, rope.settings, rope.original_max_position_embeddings
     if kind == "linear":
         inv = inv / float(scaling["factor"])
     elif kind == "llama3":
@@ -36,7 +34,7 @@ def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
     elif kind == "yarn":
         # YaRN (Qwen2.5/Qwen3 long context): dims turning fewer than beta_slow times over the old
         # context are interpolated (/ factor), more than beta_fast times kept, a linear ramp between.
-        factor = _yarn_factor(cfg, scaling)
+        factor = _yarn_factor(cfg, rope)
         fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
         turns_dim = lambda turns: (
             dim * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
@@ -51,23 +49,23 @@ def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def _yarn_factor(cfg: DecoderConfig, scaling: dict) -> float:
+def _yarn_factor(cfg: DecoderConfig, rope: RopeScaling) -> float:
     """YaRN's `factor`; null: the ratio of max_position_embeddings to the original context (transformers)."""
-    if scaling.get("factor") is not None:
-        return float(scaling["factor"])
-    old_ctx = scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
-    return cfg.max_position_embeddings / float(old_ctx)
+    if rope.settings.get("factor") is not None:
+        return float(rope.settings["factor"])
+    return cfg.max_position_embeddings / rope.original_max_position_embeddings
 
 
 def rope_attention_factor(cfg: DecoderConfig) -> float:
     """What cos and sin are multiplied by: YaRN's attention temperature (`attention_factor`, else
     0.1 ln(factor) + 1, or with mscale/mscale_all_dim their ratio), 1.0 for the other RoPE types."""
-    scaling = cfg.rope_scaling_dict or {}
-    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+    rope = cfg.rope
+    if rope.rope_type != "yarn":
         return 1.0
+    scaling = rope.settings
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
-    factor = _yarn_factor(cfg, scaling)
+    factor = _yarn_factor(cfg, rope)
     mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
     m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
     return mscale(float(m)) / mscale(float(m_all)) if m and m_all else mscale(1.0)
