@@ -67,6 +67,25 @@ def exists(p: Any) -> bool:
     return path(p).exists() if is_url(p) else os.path.exists(p)
 
 
+class LockHeld(Exception):
+    """`try_flock`: another open file description holds the flock (its caller says whose, in its words)."""
+
+
+def try_flock(fd: int) -> bool:
+    """Take `fd`'s exclusive flock without waiting (released when `fd` closes, or by the kernel when the
+    process dies): True when taken, False where the file system has no flock (ENOLCK, EOPNOTSUPP); another
+    holder: `LockHeld`."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise LockHeld(e) from None
+        return False
+    return True
+
+
 def listing(names: list[str], shown: int = 4) -> str:
     """The first `shown` of a folder's `names` for a one-line error ("a, b, c, d and 3 more")."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""

@@ -15,7 +15,6 @@ recreated has other host names): the holder rewrites its lock's `refreshed` time
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -368,16 +367,12 @@ class WorkdirLock:
         if paths.is_url(self.path):
             self._acquire_url()
             return
-        import fcntl
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise self._busy(self._holder(fd)) from None
-                # no flock on this file system (ENOLCK, EOPNOTSUPP): the recorded holder alone decides
+                paths.try_flock(fd)  # False, no flock on this file system: the recorded holder alone decides
+            except paths.LockHeld:
+                raise self._busy(self._holder(fd)) from None
             held = self._holder(fd)
             host = socket.gethostname()
             if held.get("pid") is not None and held.get("pid") != os.getpid():

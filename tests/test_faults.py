@@ -657,6 +657,60 @@ def test_generate_empty_prompt_is_one_line(tiny_hf, capsys):
 # ----------------------------------------------------------------------------- also: lock, config, reference
 
 
+def test_a_held_flock_and_a_file_system_without_one_are_told_apart_alike(tmp_path, monkeypatch):
+    """paths.try_flock classifies flock for the workdir lock and prepare's folder lock: held by another open
+    file, both refuse (the workdir naming its recorded holder); no flock (ENOLCK), both go on, the workdir
+    lock deciding by its recorded holder alone."""
+    import errno
+    import fcntl
+
+    from alignx_jax import paths, workdir
+    from alignx_jax.data import sources
+    from alignx_jax.errors import AlignXError, DataError
+
+    w = tmp_path / "W"
+    w.mkdir()
+    first = workdir.WorkdirLock(str(w))
+    first.acquire()
+    try:
+        with pytest.raises(AlignXError, match=f"in use by alignx train pid {os.getpid()} "):
+            workdir.WorkdirLock(str(w)).acquire()
+    finally:
+        first.release()
+    fd = sources._lock_folder(str(tmp_path))
+    try:
+        with pytest.raises(DataError, match="another `alignx data prepare` is writing there"):
+            sources._lock_folder(str(tmp_path))
+    finally:
+        os.close(fd)
+
+    def flock_failing(code):
+        def flock(fd, op):
+            raise OSError(code, os.strerror(code))
+
+        return flock
+
+    monkeypatch.setattr(fcntl, "flock", flock_failing(errno.ENOLCK))
+    fds = len(os.listdir("/proc/self/fd"))
+    assert sources._lock_folder(str(tmp_path)) is None and len(os.listdir("/proc/self/fd")) == fds
+    host = socket.gethostname()
+    (w / "train.lock").write_text(json.dumps({"pid": os.getppid(), "host": host, "start": None}))
+    with pytest.raises(AlignXError, match=f"in use by alignx train pid {os.getppid()} "):
+        workdir.WorkdirLock(str(w)).acquire()
+    (w / "train.lock").write_text("")
+    lock = workdir.WorkdirLock(str(w))
+    lock.acquire()
+    assert json.loads((w / "train.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    monkeypatch.setattr(fcntl, "flock", flock_failing(errno.EACCES))  # some systems' "held" (flock(2))
+    fd = os.open(w, os.O_RDONLY)
+    try:
+        with pytest.raises(paths.LockHeld):
+            paths.try_flock(fd)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
     w = tmp_path / "W"

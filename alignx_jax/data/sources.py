@@ -255,21 +255,19 @@ _TFDS_FILE = re.compile(
 def _lock_folder(folder: str) -> int | None:
     """An open descriptor of `folder` holding its flock (released when closed, or by the kernel when the
     process dies); None where the file system has no flock. Another holder: a DataError."""
-    import errno
-    import fcntl
-
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
+        held = paths.try_flock(fd)
+    except paths.LockHeld:
         os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise DataError(
-                "another `alignx data prepare` is writing there; wait for it or choose another --out",
-                file=folder,
-            ) from None
-        return None  # ENOLCK, EOPNOTSUPP
-    return fd
+        raise DataError(
+            "another `alignx data prepare` is writing there; wait for it or choose another --out",
+            file=folder,
+        ) from None
+    if held:
+        return fd
+    os.close(fd)
+    return None  # no flock on this file system
 
 
 def _remove_killed_runs_folders(parent: str, *, proven: bool) -> tuple[list[str], list[str]]:
