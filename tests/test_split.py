@@ -205,3 +205,26 @@ def test_cli_split_refuses_an_out_holding_another_splits_files(tmp_path, capsys)
     assert main(["data", "split", str(tmp_path / "b.jsonl"), "--by", "row", "--out", str(out)]) == 1
     assert "--out holds another split's file" in capsys.readouterr().err
     assert sorted(os.listdir(out / "train")) == ["a.jsonl"]
+
+
+def test_cli_split_computes_each_rows_group_once(tmp_path, capsys, monkeypatch):
+    """`data split --by user` json-dumped each row's history three times (the split, the empty-half check,
+    the persona warning): once now, and the check and the warning still count the groups."""
+    rows = [{**r, "ground_truth_persona": r["user_id"]} for r in synthetic_rows(n_users=3, per_user=2)]
+    for r in rows:
+        del r["user_id"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    user_key = split._user_key
+    monkeypatch.setattr(split, "_user_key", lambda r: calls.append(1) or user_key(r))
+    assert main(["data", "split", str(path), "--by", "user", "--out", str(tmp_path / "o")]) == 0
+    assert len(calls) == len(rows) and "ground_truth_persona (3 groups)" in capsys.readouterr().err
+    calls.clear()
+    assert (
+        main(
+            ["data", "split", str(path), "--by", "user", "--test-fraction", "0", "--out", str(tmp_path / "z")]
+        )
+        == 1
+    )
+    assert len(calls) == len(rows) and f"({len(rows)} rows in 3 group(s))" in capsys.readouterr().err

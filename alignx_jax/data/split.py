@@ -37,17 +37,26 @@ def _user_key(row: dict) -> str:
     return "history:" + json.dumps(fields, sort_keys=True, ensure_ascii=False)
 
 
+def group_keys(rows: Sequence[dict], by: str) -> list:
+    """Each row's group under `by` (rows of one key land in the same half)."""
+    if by not in SPLIT_BY:
+        raise DataError(f"unknown split key {by!r}; expected one of {', '.join(SPLIT_BY)}")
+    return [
+        i if by == "row" else (r["prompt"] if by == "prompt" else _user_key(r)) for i, r in enumerate(rows)
+    ]
+
+
 def split_indices(
     rows: Sequence[dict], *, by: str = "prompt", test_fraction: float = 0.5, seed: int = 0
 ) -> tuple[list[int], list[int]]:
     """Indices of the train and test rows (see the module docstring)."""
-    if by not in SPLIT_BY:
-        raise DataError(f"unknown split key {by!r}; expected one of {', '.join(SPLIT_BY)}")
+    return split_keys(group_keys(rows, by), test_fraction=test_fraction, seed=seed)
+
+
+def split_keys(keys: Sequence, *, test_fraction: float = 0.5, seed: int = 0) -> tuple[list[int], list[int]]:
+    """`split_indices` of rows whose `group_keys` are `keys`."""
     if not 0.0 <= test_fraction <= 1.0:
         raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
-    keys = [
-        i if by == "row" else (r["prompt"] if by == "prompt" else _user_key(r)) for i, r in enumerate(rows)
-    ]
     groups = list(dict.fromkeys(keys))  # first-appearance order: independent of hash seeds
     n_test = int(round(test_fraction * len(groups)))
     if len(groups) >= 2 and 0.0 < test_fraction < 1.0:
@@ -141,26 +150,22 @@ def cli_split(args: argparse.Namespace) -> int:
     loaded = schema.load(args.path)
     if not loaded.rows:
         raise DataError("no rows", file=args.path)
-    train, test = split_indices(loaded.rows, by=args.by, test_fraction=args.test_fraction, seed=args.seed)
+    keys = group_keys(loaded.rows, args.by)
+    train, test = split_keys(keys, test_fraction=args.test_fraction, seed=args.seed)
+    groups = set(keys)
     for half, idx in (("train", train), ("test", test)):
         if not idx:  # a file of no rows, which data check, eval and train refuse: not written
-            groups = len(
-                {
-                    i if args.by == "row" else r["prompt"] if args.by == "prompt" else _user_key(r)
-                    for i, r in enumerate(loaded.rows)
-                }
-            )
             raise DataError(
                 f"--by {args.by} --test-fraction {args.test_fraction}: the {half} half would hold no rows "
-                f"({len(loaded.rows)} rows in {groups} group(s)); give a fraction strictly between 0 and 1 "
-                "and data of two groups or more",
+                f"({len(loaded.rows)} rows in {len(groups)} group(s)); give a fraction strictly between 0 "
+                "and 1 and data of two groups or more",
                 file=args.path,
             )
-    keys = {_user_key(r) for r in loaded.rows} if args.by == "user" else set()
-    if keys and all(k.startswith("persona:") for k in keys):  # P-SOUPS: no user ids, a few personas
+    # P-SOUPS: no user ids, a few personas
+    if args.by == "user" and all(k.startswith("persona:") for k in groups):
         print(
             f"alignx: warning: {args.path}: no row has a user_id: --by user grouped the rows by "
-            f"ground_truth_persona ({len(keys)} groups), so each half holds whole personas; --by prompt "
+            f"ground_truth_persona ({len(groups)} groups), so each half holds whole personas; --by prompt "
             "keeps every persona in both halves",
             file=sys.stderr,
         )
