@@ -585,6 +585,27 @@ def test_row_files_and_folders_on_a_bucket(fake_gcs, tmp_path, capsys):
     assert f"{BUCKET}/nope" in err and len(err.strip().splitlines()) == 1
 
 
+def test_data_split_refuses_a_bucket_out_holding_its_input(fake_gcs, capsys):
+    """`data split gs://B/a --out gs://B/a` put train/ and test/ beside the input file, a folder train and
+    eval then refused (only a local --out was checked); an --out whose half would replace the input is
+    refused as locally. One line each, nothing written."""
+    from alignx_jax.cli import main
+
+    data = fake_gcs.local(BUCKET)
+    for name in ("a/rows.jsonl", "b/train/t.jsonl"):
+        (data / name).parent.mkdir(parents=True)
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in _rows(4)))
+    for src, out, words in (
+        (f"{BUCKET}/a", f"{BUCKET}/a/", f"--out {BUCKET}/a/ holds the input file {BUCKET}/a/rows.jsonl"),
+        (f"{BUCKET}/b/train/t.jsonl", f"{BUCKET}/b", "--out would overwrite this input file"),
+    ):
+        before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+        assert main(["data", "split", src, "--by", "row", "--out", out]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+        assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
+
+
 def test_prepare_from_a_bucket_reads_each_file_once(fake_gcs, tmp_path, monkeypatch):
     """`data prepare gs://...` finds the kind from each file's first rows reading only as far as they go (it
     read every file at a URL whole for them, then again for its rows), and writes every row."""

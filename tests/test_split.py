@@ -180,6 +180,22 @@ def test_cli_split_refuses_to_overwrite_its_input(tmp_path, capsys):
     assert path.read_text() == before and sorted(os.listdir(tmp_path)) == ["train"]
 
 
+def test_cli_split_refuses_to_overwrite_its_input_through_a_symlinked_half(tmp_path, capsys):
+    """OUT/train a link to the input's folder: the input is not inside OUT, but OUT/train/d.jsonl is the
+    input itself; refused before anything is written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(4, 2)))
+    before = path.read_text()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train").symlink_to(src)
+    assert main(["data", "split", str(path), "--by", "row", "--out", str(out)]) == 1
+    assert "--out would overwrite this input file" in capsys.readouterr().err
+    assert path.read_text() == before and sorted(os.listdir(out)) == ["train"]
+
+
 def test_cli_split_writes_both_halves_or_neither(tmp_path, capsys):
     """An output that fails part-way (here test/ is a file) leaves no train/ half behind, and no temporaries."""
     path = tmp_path / "d.jsonl"

@@ -98,25 +98,21 @@ def write_rows(raw: schema.RawFile, picks: list[int], dest: str) -> None:
     paths.write_all({dest: rows_bytes(raw, picks)})
 
 
-def refuse_overwriting_inputs(inputs: list[str], dests: list[str]) -> None:
-    """DataError when an output would replace one of the command's own input files."""
+def _refuse_inputs_inside(out: str, inputs: list[str], dests: list[str]) -> None:
+    """DataError when an input file lies inside `out`, local or a URL: a dest that names it would replace
+    it; else it would sit beside the train/ and test/ written there, a folder every reader refuses
+    (`schema.split_folders`), so `data split DIR --out DIR` would spoil its own input folder."""
 
     def key(p: str) -> str:
         return p if paths.is_url(p) else os.path.realpath(p)
 
     ins = {key(p): p for p in inputs}
-    for d in dests:
+    for d in dests:  # by resolved path: a symlinked OUT/train can lead outside `out`
         if key(d) in ins:
             raise DataError("--out would overwrite this input file; choose another --out", file=ins[key(d)])
-
-
-def _refuse_inputs_inside(out: str, inputs: list[str]) -> None:
-    """An input file inside `out` would sit beside the train/ and test/ written there: a folder every
-    reader refuses (`schema.split_folders`), so `data split DIR --out DIR` would spoil its own input folder."""
-    if paths.is_url(out):
-        return
-    root = os.path.realpath(out).rstrip(os.sep) + os.sep
-    inside = [p for p in inputs if not paths.is_url(p) and os.path.realpath(p).startswith(root)]
+    url = paths.is_url(out)
+    root = out.rstrip("/") + "/" if url else os.path.realpath(out).rstrip(os.sep) + os.sep
+    inside = [p for p in inputs if paths.is_url(p) == url and key(p).startswith(root)]
     if inside:
         raise DataError(
             f"--out {out} holds the input file {inside[0]}: the train/ and test/ written beside it would make "
@@ -188,8 +184,7 @@ def cli_split(args: argparse.Namespace) -> int:
                     else os.path.relpath(raw.path, root)
                 )
             writes.append((raw, picks, _join(args.out, half, rel)))
-    refuse_overwriting_inputs([raw.path for raw in loaded.files], [dest for _, _, dest in writes])
-    _refuse_inputs_inside(args.out, [raw.path for raw in loaded.files])
+    _refuse_inputs_inside(args.out, [raw.path for raw in loaded.files], [dest for _, _, dest in writes])
     _refuse_other_splits(args.out, {dest for _, _, dest in writes})
     # both halves renamed into place together: a kill leaves no train/ without its test/
     paths.write_all({dest: rows_bytes(raw, picks) for raw, picks, dest in writes})
