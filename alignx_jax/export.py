@@ -294,16 +294,10 @@ def trained_prompt_format(folder: str) -> str | None:
     `source` (the workdir the export came from), when it holds `data.prompt_format`; the `prompt_format`
     an `alignx import` checkpoint kept of its export (`model_card.BASE_INFO`). `folder` may be a
     bucket URL (`alignx export gs://.../W`)."""
+    from alignx_jax import model_card
     from alignx_jax.data.prompts import PROMPT_FORMATS
 
-    def read(path: str) -> dict:
-        try:
-            data = json.loads(paths.path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    manifest = read(os.path.join(folder, EXPORT_MANIFEST))
+    manifest = read_export_manifest(folder) or {}
     if manifest.get("prompt_format") in PROMPT_FORMATS:
         return str(manifest["prompt_format"])
     source = manifest.get("source")
@@ -312,12 +306,10 @@ def trained_prompt_format(folder: str) -> str | None:
     for run_dir in (folder, source):
         if run_dir is None:
             continue
-        data = read(os.path.join(run_dir, "config.json")).get("data")
-        if isinstance(data, dict) and data.get("prompt_format") in PROMPT_FORMATS:
+        data = (model_card.read_run_config(run_dir) or {}).get("data", {})
+        if data.get("prompt_format") in PROMPT_FORMATS:
             return str(data["prompt_format"])
-    from alignx_jax.model_card import BASE_INFO
-
-    imported = read(os.path.join(folder, BASE_INFO)).get("prompt_format")
+    imported = model_card.read_base_info(folder).get("prompt_format")
     return str(imported) if imported in PROMPT_FORMATS else None
 
 

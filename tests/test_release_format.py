@@ -377,7 +377,7 @@ def test_default_prompt_format_follows_the_training(tmp_path, capsys):
     assert ev.trained_prompt_format(str(hf_dir)) is None
     assert ev.default_prompt_format(str(hf_dir), None) == "chat"
     # an export that names its source workdir: the run's config.json says how it was trained
-    (work / "config.json").write_text(json.dumps({"data": {"prompt_format": "release"}}))
+    (work / "config.json").write_text(json.dumps({"model": {}, "data": {"prompt_format": "release"}}))
     (hf_dir / "alignx_export.json").write_text(json.dumps({"files": [], "source": str(work)}))
     assert ev.trained_prompt_format(str(hf_dir)) == "release"
     assert ev.default_prompt_format(str(hf_dir), None) == "paper"  # the release evaluates with paper
@@ -389,6 +389,26 @@ def test_default_prompt_format_follows_the_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning" in err and "(chat)" in err
     assert ev.default_prompt_format(str(hf_dir), "chat") == "chat" and capsys.readouterr().err == ""
+
+
+def test_trained_prompt_format_of_corrupt_or_missing_records_is_none(tmp_path, capsys):
+    """A manifest, run config or import record that is missing, not JSON or not an object records no
+    format: None, no error, and the next record in the lookup still counts."""
+    from alignx_jax import evaluate as ev
+    from alignx_jax.model_card import BASE_INFO
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    assert ev.trained_prompt_format(str(folder)) is None
+    for text in ("{", "[]"):
+        for name in ("alignx_export.json", "config.json", BASE_INFO):
+            (folder / name).write_text(text)
+        assert ev.trained_prompt_format(str(folder)) is None
+    (folder / BASE_INFO).write_text(json.dumps({"prompt_format": "release"}))
+    assert ev.trained_prompt_format(str(folder)) == "release"
+    (folder / "config.json").write_text(json.dumps({"model": {}, "data": {"prompt_format": "paper"}}))
+    assert ev.trained_prompt_format(str(folder)) == "paper"
+    assert capsys.readouterr().err == ""
 
 
 def test_import_then_export_keeps_the_trained_prompt_format(tiny_hf_checkpoints, tmp_path, capsys):
