@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -19,7 +20,15 @@ from alignx_jax.data import schema as schema_mod
 from alignx_jax.data import synth
 from alignx_jax.data.batching import DPOExample
 from alignx_jax.data.persona import HISTORY_MODES, row_rng
-from alignx_jax.data.sources import HELD_OUT, ListSource, TrainLoader, find_prepared, open_source, prepare
+from alignx_jax.data.sources import (
+    HELD_OUT,
+    ListSource,
+    TrainLoader,
+    find_prepared,
+    open_source,
+    prepare,
+    shard_rows,
+)
 from alignx_jax.errors import ConfigError, DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,6 +341,26 @@ def test_shards_are_disjoint_and_equal():
         parts.append({int(x) for x in loader.shard_order(0)})
     assert all(len(p) == 16 for p in parts)
     assert not (parts[0] & parts[1]) and not (parts[1] & parts[2]) and not (parts[0] & parts[2])
+
+
+def test_shard_rows_is_the_loaders_shard():
+    """`shard_rows` is what `alignx train` asks to refuse, in config keys, data of no full batch before
+    the loader is built: the loader's shards are that long, and it refuses exactly the shards shorter than
+    a batch."""
+    for n, hosts, twins, ppb in itertools.product((7, 8, 12, 50), (1, 2, 3), (False, True), (2, 4, 6)):
+        if twins and n % 2:  # twins come in whole pairs (the loader's own error)
+            continue
+        for drop in (True, False):
+            rows = shard_rows(n, hosts, twins=twins, drop_remainder=drop)
+            kw = dict(n=n, shard_count=hosts, twins=twins, pairs_per_batch=ppb, drop_remainder=drop)
+            if drop and rows < ppb:
+                with pytest.raises((ConfigError, DataError), match="make no full batch|cannot feed"):
+                    _loader(**kw)
+                continue
+            loaders = [_loader(shard_index=h, **kw) for h in range(hosts)]
+            assert loaders[0].shard_size == rows
+            lengths = [len(loader.shard_order(0)) for loader in loaders]
+            assert (set(lengths) == {rows}) if drop else (max(lengths) == rows), (kw, lengths, rows)
 
 
 def _global_steps(hosts, steps, states=None):

@@ -315,6 +315,15 @@ def cli_prepare(args: argparse.Namespace) -> int:
 ExampleFn = Callable[[dict, np.random.Generator, int], Any]
 
 
+def shard_rows(num_rows: int, shard_count: int, *, twins: bool = False, drop_remainder: bool = True) -> int:
+    """Rows of one host's shard in a `TrainLoader` epoch: equal shards of whole twin pairs, the rest next
+    epoch; with drop_remainder=False (one pass over held-out rows) the longest shard, which every host is
+    padded to so that each runs as many batches."""
+    unit = 2 if twins else 1
+    units = num_rows // unit
+    return (units // shard_count if drop_remainder else -(-units // shard_count)) * unit
+
+
 class TrainLoader:
     """Shuffled, sharded, resumable iterator of collated DPO batches.
 
@@ -378,12 +387,9 @@ class TrainLoader:
                 f"data.twins: {self.num_rows} rows and batches of {self.pairs_per_batch} pairs per host must "
                 "both be even (rows 2k and 2k+1 are twins and share a batch)"
             )
-        units = self.num_rows // self.unit
-        # drop_remainder=False (one pass over held-out rows): every row once, a shorter shard padded to the
-        # longest so that every host runs as many batches; else equal shards, the rest next epoch
-        self.shard_size = (
-            units // self.shard_count if drop_remainder else -(-units // self.shard_count)
-        ) * self.unit
+        self.shard_size = shard_rows(
+            self.num_rows, self.shard_count, twins=twins, drop_remainder=drop_remainder
+        )
         if self.shard_size == 0:
             raise DataError(f"{self.num_rows} rows cannot feed {self.shard_count} hosts")
         if self.steps_per_epoch == 0:

@@ -241,8 +241,7 @@ class Trainer(TrainerCheckpoints):
         if not self.builder.packing:
             check_microbatch_split(gb // self.num_micro, self.mesh, self.rules)
         # the loader's own message names its arguments (pairs_per_batch, drop_remainder), not config keys
-        unit = 2 if cfg.data.twins else 1
-        if len(self.source) // unit // self.pc * unit < gb // self.pc:
+        if sources.shard_rows(len(self.source), self.pc, twins=bool(cfg.data.twins)) < gb // self.pc:
             hosts = f" over {self.pc} processes" if self.pc > 1 else ""
             raise ConfigError(
                 f"{self.data_path}: {len(self.source)} training rows make no full batch of "
