@@ -268,6 +268,36 @@ def test_out_never_replaces_an_input_or_a_file_that_is_not_results(capsys, tmp_p
     assert code == 1 and "holds no HF weights" in err
 
 
+def test_a_bad_per_example_file_is_refused_before_the_model_path_is_resolved(capsys, monkeypatch, tmp_path):
+    """--per-example's one check (the log's own, as it opens) runs before the model path is resolved (a hub
+    id would download there) or loaded: a file of generate's rows, or a folder, is refused in one line ahead
+    of a missing --model's error, and a file is left as it was."""
+    from alignx_jax.models import presets
+
+    resolved = []
+    real = presets.resolve_model_path
+    monkeypatch.setattr(presets, "resolve_model_path", lambda p, **kw: resolved.append(p) or real(p, **kw))
+    theirs = tmp_path / "generated.jsonl"
+    row = {"benchmark": "p", "persona": None, "index": 0, "id": 0, "method": "ica", "output": "hi"}
+    theirs.write_text(json.dumps(row) + "\n")
+    before = theirs.read_bytes()
+    folder = tmp_path / "per"
+    folder.mkdir()
+    argv = ["--model", str(tmp_path / "no-model"), "--benchmark", f"p-soups={PSOUPS}"]
+    argv += ["--out", str(tmp_path / "r.json")]
+    code, _, err = _run(capsys, *argv)  # without --per-example: the model path is what fails
+    assert code == 1 and "model folder not found" in err and resolved, err
+    for per, needle in (
+        (theirs, f"--per-example {theirs} holds `alignx generate --out` rows, not"),
+        (folder, "--per-example must be a file, got a folder"),
+    ):
+        resolved.clear()
+        code, _, err = _run(capsys, *argv, "--per-example", str(per))
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and needle in lines[0] and not resolved, err
+    assert theirs.read_bytes() == before and not (tmp_path / "r.json").exists()
+
+
 def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import closing
 from typing import Any
 
 from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.evaluate.options import EvalSettings, default_prompt_format, parse_benchmark_specs, parse_flip
-from alignx_jax.evaluate.results import refuse_other_rows
+from alignx_jax.evaluate.results import PerExampleLog
 from alignx_jax.evaluate.run import evaluate
 
 
@@ -67,36 +68,38 @@ def cli_eval(args: argparse.Namespace) -> int:
         _refuse_foreign_out(args, specs)
     if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
         raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
-    # before the model loads: --per-example appends to eval's own rows only (not to generate's)
-    refuse_other_rows(args.per_example, "--per-example", "eval")
-    settings = EvalSettings(
-        method=args.method,
-        persona=args.persona,
-        preference=args.preference or "golden",
-        flip=parse_flip(args.flip),
-        prompt_format=default_prompt_format(args.model, args.prompt_format),
-        limit=args.limit,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        beta=args.beta,
-        share_prompt=not args.no_share_prompt,
-        reference_prompt=getattr(args, "reference_prompt", "same"),
-    )
-    try:
-        # `--dtype` None: load_pretrained's default (float32)
-        results = evaluate(
-            args.model,
-            specs,
-            settings,
-            reference_dir=reference,
-            per_example=args.per_example,
-            dtype=args.dtype,
-            cpu_matmul=args.cpu_matmul,
-            matmul_precision=args.matmul_precision,
-            reference_scores=args.reference_scores,
+    # opened before the model path resolves (a hub id downloads there, for the trained prompt format): the
+    # file's own check refuses another command's rows (eval's --per-example appends to eval's own) up front
+    with closing(PerExampleLog.for_job(args.per_example)) as log:
+        settings = EvalSettings(
+            method=args.method,
+            persona=args.persona,
+            preference=args.preference or "golden",
+            flip=parse_flip(args.flip),
+            prompt_format=default_prompt_format(args.model, args.prompt_format),
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            beta=args.beta,
+            share_prompt=not args.no_share_prompt,
+            reference_prompt=getattr(args, "reference_prompt", "same"),
         )
-    except OSError as e:  # unreadable or unwritable files are the user's to fix
-        raise AlignXError(f"eval: {e}") from e
+        try:
+            # `--dtype` None: load_pretrained's default (float32)
+            results = evaluate(
+                args.model,
+                specs,
+                settings,
+                reference_dir=reference,
+                per_example=args.per_example,
+                per_example_log=log,
+                dtype=args.dtype,
+                cpu_matmul=args.cpu_matmul,
+                matmul_precision=args.matmul_precision,
+                reference_scores=args.reference_scores,
+            )
+        except OSError as e:  # unreadable or unwritable files are the user's to fix
+            raise AlignXError(f"eval: {e}") from e
     if not paths.is_main_process():  # process 0 writes the one results file of a multi-process run
         return 0
     # never a half-written results file: a local one through a temporary name and a rename, a URL in place

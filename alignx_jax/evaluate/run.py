@@ -507,6 +507,7 @@ def evaluate(
     *,
     reference_dir: str | None = None,
     per_example: str | None = None,
+    per_example_log: PerExampleLog | None = None,
     mesh: Any = None,
     rules: Any = None,
     progress: bool = True,
@@ -518,30 +519,33 @@ def evaluate(
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
     `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`).
-    matmul_precision: `hardware.matmul_precision`'s level for the scoring programs (`--matmul-precision`)."""
+    matmul_precision: `hardware.matmul_precision`'s level for the scoring programs (`--matmul-precision`).
+    per_example_log: `per_example` already opened by the caller (`PerExampleLog.for_job`), which closes it;
+    None: opened here, first."""
 
-    model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
-    ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
-    # Read every benchmark first: a bad file fails before minutes of model loading.
-    data = [(spec, benchmark_sample(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
-    sc = _load_scoring(
-        model_dir,
-        reference_dir,
-        settings,
-        ref_scores,
-        mesh=mesh,
-        rules=rules,
-        dtype=dtype,
-        progress=progress,
-        cpu_matmul=cpu_matmul,
-    )
-
-    # every process scores every batch (its devices compute their slice of the global mesh); process 0
-    # alone writes the per-example file, and all must resume from the same rows or their batches differ
-    log = PerExampleLog.for_job(per_example)
-    _check_same_rows_everywhere(log)
-    per_key: dict[str, dict[str | None, list[dict]]] = {}
+    # first, before anything is resolved or loaded: the file's own check refuses another command's rows (or
+    # a folder, or lines that are not rows) up front; every process opens it, process 0 alone writes it,
+    # and all must resume from the same rows or their batches differ
+    log = PerExampleLog.for_job(per_example) if per_example_log is None else per_example_log
     try:
+        _check_same_rows_everywhere(log)
+        model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
+        ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
+        # Read every benchmark first: a bad file fails before minutes of model loading.
+        data = [(spec, benchmark_sample(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+        sc = _load_scoring(
+            model_dir,
+            reference_dir,
+            settings,
+            ref_scores,
+            mesh=mesh,
+            rules=rules,
+            dtype=dtype,
+            progress=progress,
+            cpu_matmul=cpu_matmul,
+        )
+        # every process scores every batch (its devices compute their slice of the global mesh)
+        per_key: dict[str, dict[str | None, list[dict]]] = {}
         # the programs are traced inside: JAX reads the level then
         with hardware.matmul_precision(matmul_precision, sc.dtypes["dtype"]) as level:
             for spec, sample in data:
@@ -552,7 +556,8 @@ def evaluate(
                         sc, log, per_example, spec, sample, persona
                     )
     finally:
-        log.close()
+        if per_example_log is None:
+            log.close()
 
     results = _results_header(model_dir, reference_dir, benchmarks, sc)
     results["matmul_precision"] = level
