@@ -650,11 +650,31 @@ def test_head_beats_release_rule_on_held_out_users(tok):
     assert m["macro_f1"] > h["heuristic_macro_f1"], (m, h)
 
 
-@pytest.mark.parametrize("target", ["notes", "data", "config"])
+@pytest.mark.parametrize("out", [False, True])
+def test_predict_preferences_reads_data_before_the_model(out, tmp_path, capsys):
+    """--data is read before anything of --model: a missing or empty one is its line, not the head-less
+    model's, with --out or without."""
+    from alignx_jax.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    extra = ["--out", str(tmp_path / "pred.jsonl")] if out else []
+    for data, needle in ((tmp_path / "missing.jsonl", "no such file or folder"), (empty, "no rows")):
+        assert main(["predict-preferences", "--model", str(model), "--data", str(data), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(data) in err[0] and needle in err[0], err
+    assert not (tmp_path / "pred.jsonl").exists()
+
+
+@pytest.mark.parametrize("target", ["notes", "data", "data_folder", "config"])
 def test_predict_preferences_out_never_replaces_an_input_or_another_file(target, world, tmp_path, capsys):
-    """--out replaces an earlier predictions file only: notes, the --data file itself and the model's
-    config.json are refused in one line naming --out and the file, before the model loads, and left
-    byte-identical; an earlier predictions file passes the check (the head-less model fails next)."""
+    """--out replaces an earlier predictions file only: notes, the --data file itself, a file of a --data
+    folder and the model's config.json are refused in one line naming --out and the file, before the model
+    loads, and left byte-identical; an earlier predictions file passes the check (the head-less model fails
+    next)."""
     from alignx_jax.cli import main
 
     model = tmp_path / "model"
@@ -662,11 +682,16 @@ def test_predict_preferences_out_never_replaces_an_input_or_another_file(target,
     (model / "config.json").write_text('{"model_type": "llama"}\n')
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in world[:2]))
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    (folder / "part.jsonl").write_bytes(data.read_bytes())
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    out = {"notes": notes, "data": data, "config": model / "config.json"}[target]
+    inputs = {"data": data, "data_folder": folder / "part.jsonl", "config": model / "config.json"}
+    out = {"notes": notes, **inputs}[target]
+    given = folder if target == "data_folder" else data
     before = out.read_bytes()
-    assert main(["predict-preferences", "--model", str(model), "--data", str(data), "--out", str(out)]) == 1
+    assert main(["predict-preferences", "--model", str(model), "--data", str(given), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out {out}" in err[0] and out.read_bytes() == before, err
     earlier = tmp_path / "pred.jsonl"

@@ -38,14 +38,12 @@ def _format_table(results: dict[str, Any]) -> list[str]:
 
 
 def _refuse_foreign_out(args: argparse.Namespace, specs: list) -> None:
-    """--out replaces an earlier results file only: never one of the run's inputs (a benchmark file, the
-    --per-example or --reference-scores file) and never another existing file (notes, a data set, the
-    model's config.json), which it would overwrite with no way back."""
-    from alignx_jax.data.schema import list_files
-
+    """--out replaces an earlier results file only: never a file the command line names (a --benchmark file,
+    the --per-example or --reference-scores file), named as such, and never another existing file (a
+    --benchmark folder's files, notes, the model's config.json), which it would overwrite with no way back."""
     inputs = [("--per-example", args.per_example), ("--reference-scores", args.reference_scores)]
-    for spec in specs:
-        inputs += [(f"--benchmark {spec.name}", f) for f in list_files(spec.path) if not paths.is_url(f)]
+    # a --benchmark folder is not listed (a bucket's listing is remote): its files are refused as not results
+    inputs += [(f"--benchmark {spec.name}", spec.path) for spec in specs]
 
     def is_results(p: str) -> bool:
         earlier = paths.read_json(p)

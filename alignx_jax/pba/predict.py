@@ -23,7 +23,7 @@ from alignx_jax.data.persona import (
     persona_text,
     profile_text,
 )
-from alignx_jax.data.schema import list_files, load, read_persona_file
+from alignx_jax.data.schema import load, read_persona_file
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.hardware import AUTO, matmul_precision
 from alignx_jax.models.preference_head import (
@@ -213,11 +213,10 @@ def _is_predictions(p: str) -> bool:
 
 
 def _refuse_foreign_out(args: Any) -> None:
-    """--out replaces an earlier predictions file only: never a --data file or a file of the --model
-    folder (its config.json: the model would no longer load), never another existing file (notes)."""
-    inputs = [("--data", f) for f in list_files(args.data)] if args.data else []
-    if not paths.is_url(args.model) and paths.is_dir(args.model):
-        inputs += [(f"--model {name}", str(f)) for name, f in paths.files_below(paths.path(args.model))]
+    """--out replaces an earlier predictions file only: never the --data file (named as such), never another
+    existing file (a --data folder's files, the --model folder's config.json: the model would no longer
+    load, notes), which `_is_predictions` tells from predictions; neither folder is walked for it."""
+    inputs = [("--data", args.data)] if args.data else []
     problem = paths.refuse_to_replace(
         "--out", args.out, inputs, _is_predictions, "an `alignx predict-preferences` predictions file"
     )
@@ -241,6 +240,10 @@ def cli_predict_preferences(args: Any) -> int:
         raise ConfigError("--out applies to --data; with --persona the result is printed (--json for JSON)")
     if args.out:  # before the model loads
         _refuse_foreign_out(args)
+    # --data read before the model loads: a missing, empty or malformed one fails first
+    loaded = None if args.data is None else load(args.data)
+    if loaded is not None and not loaded.rows:
+        raise DataError("no rows", file=args.data)
     head, hcfg = load_head(args.model)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(args.model)
     model = load_pretrained(args.model, dtype="float32")
@@ -260,12 +263,9 @@ def cli_predict_preferences(args: Any) -> int:
             print(f"direction: {[float(x) for x in direction]}")
             print(f"profile: {text}")
         return 0
-    loaded = load(args.data)
     rows = loaded.rows
     # a folder's rows are numbered through its files: each record also names its own file and row
     places = loaded.places if len(loaded.files) > 1 else None
-    if not rows:
-        raise DataError("no rows", file=args.data)
     if args.out:  # before the model runs
         distributed.check_output(args.out, "--out")
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)

@@ -74,15 +74,14 @@ def _is_plan(p: str) -> bool:
     return isinstance(report, dict) and {"topology", "per_device_bytes", "fits"} <= report.keys()
 
 
-def _refuse_foreign_json(dest: str, config_path: str, cfg) -> None:
-    """--json replaces an earlier plan report only: never the --config file or a file of the
-    model.hf_path folder (its config.json), never another existing file (notes, a data set)."""
+def _refuse_foreign_json(dest: str, config_path: str) -> None:
+    """--json replaces an earlier plan report only: never the --config file (named as such), never another
+    existing file (model.hf_path's config.json, notes, a data set), which `_is_plan` tells from a report;
+    the model.hf_path folder is not walked for it."""
     config_file = config_path.rsplit(":", 1)[0] if ":" in os.path.basename(config_path) else config_path
-    inputs = [("--config", config_file)]
-    hf = str(cfg.model.hf_path)
-    if hf and not paths.is_url(hf) and os.path.isdir(hf):
-        inputs += [(f"model.hf_path {name}", str(f)) for name, f in paths.files_below(paths.path(hf))]
-    problem = paths.refuse_to_replace("--json", dest, inputs, _is_plan, "an `alignx plan --json` report")
+    problem = paths.refuse_to_replace(
+        "--json", dest, [("--config", config_file)], _is_plan, "an `alignx plan --json` report"
+    )
     if problem:
         raise AlignXError(problem)
 
@@ -92,7 +91,7 @@ def cli_plan(args: argparse.Namespace) -> int:
     validate_config(cfg, inputs=False)  # what `alignx train` would refuse is not planned
     if args.json:  # before a compile that takes minutes at 70B (not distributed.check_output: it would
         # start JAX's backends before the stand-in devices are set)
-        _refuse_foreign_json(args.json, args.config_path, cfg)
+        _refuse_foreign_json(args.json, args.config_path)
         try:
             paths.check_writable(args.json)
         except OSError as e:
