@@ -386,14 +386,12 @@ def _cli_settings(args) -> dict[str, Any]:
     }
 
 
-def _resolved_dtype(model: str, dtype: str | None) -> str:
-    """The dtype `load_model_and_tokenizer(model, dtype)` loads in: `auto` made concrete for this machine,
-    and none given the model's own (float32 for an HF folder, the stored one for a checkpoint)."""
+def _resolved_dtype(path: str, dtype: str | None) -> str:
+    """The dtype `load_model_and_tokenizer(path, dtype)` loads in: `auto` made concrete for this machine,
+    and none given the model's own (float32 for an HF folder, the stored one for a checkpoint). `path`: a
+    model path already resolved (`resolve_model_path`)."""
     if dtype is not None:
         return resolve_dtype(dtype)
-    from alignx_jax.real_model import resolve_model_path
-
-    path = resolve_model_path(model, model=True)
     if holds_safetensors(path):
         return "float32"
     from alignx_jax.models import checkpoint
@@ -460,6 +458,7 @@ def _generate_benchmark(args) -> int:
     from alignx_jax.data import schema
     from alignx_jax.data.benchmarks import balanced_sample, parse_benchmark_arg, persona_group
     from alignx_jax.evaluate import PerExampleLog, default_prompt_format
+    from alignx_jax.real_model import resolve_model_path
 
     if args.prompt:
         raise ConfigError("give --prompt or --benchmark, not both")
@@ -481,9 +480,13 @@ def _generate_benchmark(args) -> int:
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
+    # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
+    model_path = resolve_model_path(args.model, model=True)
     # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none
-    settings["dtype"] = _resolved_dtype(args.model, settings["dtype"])
-    fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="paper")
+    settings["dtype"] = _resolved_dtype(model_path, settings["dtype"])
+    fmt = default_prompt_format(
+        args.model, getattr(args, "prompt_format", None), fallback="paper", resolved=model_path
+    )
     max_length = settings["max_length"]
     # a multi-process job: every process generates on its own devices, process 0 alone writes
     main = paths.is_main_process()
@@ -495,7 +498,7 @@ def _generate_benchmark(args) -> int:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
             return 0
         model, tokenizer = load_model_and_tokenizer(
-            args.model, settings["dtype"], cpu_matmul=getattr(args, "cpu_matmul", "auto")
+            model_path, settings["dtype"], cpu_matmul=getattr(args, "cpu_matmul", "auto")
         )
         ids = {
             i: _prompt_budget(

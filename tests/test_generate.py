@@ -368,6 +368,50 @@ def test_benchmark_rows_record_the_resolved_dtype(tiny_hf_checkpoints, tmp_path)
     assert str(load_checkpoint(ck).cfg.dtype) == "bfloat16"
 
 
+def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, monkeypatch, capsys):
+    """`generate --benchmark` resolves --model once (a hub id's snapshot, a gs:// folder's copy): the dtype
+    its rows record, the trained prompt format and the load all read the folder it gives; a rerun with every
+    row generated still reads the dtype and format for its check, and loads no model."""
+    import os
+    import shutil
+
+    from alignx_jax import generate as gen
+    from alignx_jax import real_model
+    from alignx_jax.models import presets
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_hf_checkpoints["llama"], trained)
+    (trained / "alignx_export.json").write_text(json.dumps({"files": [], "prompt_format": "chat"}))
+    hf = str(trained)
+    asked, loaded = [], []
+    real_resolve, real_load = presets.resolve_model_path, gen.load_model_and_tokenizer
+
+    def resolve(p, **kw):  # "alias" stands for a path that resolves elsewhere, as a hub id does
+        asked.append(p)
+        return hf if p == "alias" else real_resolve(p, **kw)
+
+    for module in (presets, real_model):
+        monkeypatch.setattr(module, "resolve_model_path", resolve)
+    monkeypatch.setattr(
+        gen, "load_model_and_tokenizer", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw)
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json")
+    out = tmp_path / "gen.jsonl"
+    argv = ["generate", "--model", "alias", "--benchmark", f"p-soups={bench}", "--method", "ica"]
+    argv += ["--out", str(out), "--limit", "1", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    assert asked.count("alias") == 1 and loaded == [hf], (asked, loaded)
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    # read from the resolved folder: the HF folder's own dtype and its trained format (not the fallback paper)
+    assert row["settings"]["dtype"] == "float32" and row["prompt_format"] == "chat", row
+    asked.clear()
+    loaded.clear()
+    capsys.readouterr()
+    assert main(argv) == 0 and "all 1 rows already generated" in capsys.readouterr().err
+    assert asked == ["alias"] and loaded == []
+
+
 EVAL_ROW = {"benchmark": "p", "persona": None, "index": 0, "logp_chosen": -1.0, "logp_rejected": -2.0}
 GENERATE_ROW = {"benchmark": "p", "persona": None, "index": 0, "id": 0, "method": "ica", "output": "hi"}
 

@@ -65,13 +65,16 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
     return out
 
 
-def default_prompt_format(model_dir: str, explicit: str | None, *, fallback: str = "chat") -> str:
+def default_prompt_format(
+    model_dir: str, explicit: str | None, *, fallback: str = "chat", resolved: str | None = None
+) -> str:
     """`explicit` if given, else the trained format (`release` -> `paper`, the release's evaluation
-    input), else `fallback`. One warning line on stderr when `explicit` differs from the trained one."""
+    input), else `fallback`. One warning line on stderr when `explicit` differs from the trained one.
+    `resolved`: `model_dir` already resolved (`resolve_model_path`), read instead of resolving it again."""
     from alignx_jax.models.presets import resolve_model_path
 
     try:
-        trained = trained_prompt_format(resolve_model_path(model_dir))
+        trained = trained_prompt_format(resolved or resolve_model_path(model_dir))
     except AlignXError:
         trained = None
     if explicit is None:
