@@ -428,7 +428,7 @@ def _other_job(
 
 
 def _not_yet_generated(
-    log, name: str, path: str, rows: list, picks: list[int], args, fmt: str, settings
+    log, name: str, path: str, rows: list, picks: list[int], args, fmt: str, settings, default_dtype: str
 ) -> list[int]:
     """The picked rows --out does not hold yet; a row it holds must come from the same job (a resume appends
     to what an earlier command generated), else a DataError naming the row."""
@@ -438,6 +438,11 @@ def _not_yet_generated(
         if done is None:
             todo.append(i)
             continue
+        before = done.get("settings")
+        if before is not None and "dtype" in before and before["dtype"] is None:
+            # rows written before the resolved dtype was recorded hold None: the model's own, which is now
+            # recorded as what it resolves to (`auto` stays: it depended on the machine that generated)
+            done = {**done, "settings": {**before, "dtype": default_dtype}}
         where = f"{path}'s row {i} (another file under the name {name}?)"
         problem = _other_job(
             done, method=args.method, fmt=fmt, prompt=rows[i]["prompt"], where=where, settings=settings
@@ -483,7 +488,8 @@ def _generate_benchmark(args) -> int:
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
     model_path = resolve_model_path(args.model, model=True)
     # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none
-    settings["dtype"] = _resolved_dtype(model_path, settings["dtype"])
+    given_dtype = settings["dtype"]
+    settings["dtype"] = _resolved_dtype(model_path, given_dtype)
     fmt = default_prompt_format(
         args.model, getattr(args, "prompt_format", None), fallback="paper", resolved=model_path
     )
@@ -492,7 +498,8 @@ def _generate_benchmark(args) -> int:
     main = paths.is_main_process()
     log = PerExampleLog.for_job(args.out, flag="--out", kind="generate")
     try:
-        todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings)
+        default_dtype = settings["dtype"] if given_dtype is None else _resolved_dtype(model_path, None)
+        todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype)
         if not todo:
             if main:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)

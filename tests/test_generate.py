@@ -412,6 +412,29 @@ def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, m
     assert asked == ["alias"] and loaded == []
 
 
+def test_rows_recorded_with_a_null_dtype_resume_as_the_models_own(tiny_hf_checkpoints, tmp_path, capsys):
+    """Rows written before the resolved dtype was recorded hold `"dtype": null` (the model's own): a rerun
+    without --dtype, or with the dtype null stood for, resumes them; another --dtype is refused."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json")
+    out = tmp_path / "gen.jsonl"
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"p-soups={bench}"]
+    argv += ["--method", "ica", "--out", str(out), "--limit", "1", "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    row["settings"]["dtype"] = None  # as an older alignx wrote it
+    out.write_text(json.dumps(row) + "\n")
+    for extra in ([], ["--dtype", "float32"]):
+        capsys.readouterr()
+        assert main(argv + extra) == 0 and "all 1 rows already generated" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(argv + ["--dtype", "bfloat16"]) == 1
+    err = capsys.readouterr().err
+    assert "dtype 'float32', now 'bfloat16'" in err and len(err.strip().splitlines()) == 1, err
+
+
 EVAL_ROW = {"benchmark": "p", "persona": None, "index": 0, "logp_chosen": -1.0, "logp_rejected": -2.0}
 GENERATE_ROW = {"benchmark": "p", "persona": None, "index": 0, "id": 0, "method": "ica", "output": "hi"}
 
