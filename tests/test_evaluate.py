@@ -309,6 +309,28 @@ def test_a_bad_per_example_file_is_refused_before_the_model_path_is_resolved(cap
     assert theirs.read_bytes() == before and not (tmp_path / "r.json").exists()
 
 
+def test_eval_resolves_the_model_path_once(capsys, monkeypatch, llama, tmp_path):
+    """`alignx eval` resolves --model once (a hub id's snapshot, a gs:// folder's listing and copy): the
+    trained prompt format and the scoring read the folder it gives."""
+    from alignx_jax.models import presets
+
+    asked = []
+    real = presets.resolve_model_path
+
+    def resolve(p, **kw):  # "alias" stands for a path that resolves elsewhere, as a hub id does
+        asked.append(p)
+        return llama if p == "alias" else real(p, **kw)
+
+    monkeypatch.setattr(presets, "resolve_model_path", resolve)
+    out = tmp_path / "r.json"
+    code, _, err = _run(
+        capsys, "--model", "alias", "--benchmark", f"p-soups={PSOUPS}", "--limit", "2", "--out", str(out)
+    )
+    assert code == 0, err
+    assert asked.count("alias") == 1, asked
+    assert json.loads(out.read_text())["model"] == llama
+
+
 def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)

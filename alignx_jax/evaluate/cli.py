@@ -69,12 +69,16 @@ def cli_eval(args: argparse.Namespace) -> int:
     # opened before the model path resolves (a hub id downloads there, for the trained prompt format): the
     # file's own check refuses another command's rows (eval's --per-example appends to eval's own) up front
     with closing(PerExampleLog.for_job(args.per_example)) as log:
+        # resolved once (a hub id's snapshot, a gs:// folder's copy): the trained format and evaluate read it
+        from alignx_jax.models.presets import resolve_model_path
+
+        model_path = resolve_model_path(args.model, model=True)
         settings = EvalSettings(
             method=args.method,
             persona=args.persona,
             preference=args.preference or "golden",
             flip=parse_flip(args.flip),
-            prompt_format=default_prompt_format(args.model, args.prompt_format),
+            prompt_format=default_prompt_format(args.model, args.prompt_format, resolved=model_path),
             limit=args.limit,
             batch_size=args.batch_size,
             max_length=args.max_length,
@@ -85,7 +89,7 @@ def cli_eval(args: argparse.Namespace) -> int:
         try:
             # `--dtype` None: load_pretrained's default (float32)
             results = evaluate(
-                args.model,
+                model_path,
                 specs,
                 settings,
                 reference_dir=reference,
