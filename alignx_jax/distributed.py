@@ -16,6 +16,7 @@ With none of these set nothing happens (one process). `initialize()` is idempote
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 ENV_COORDINATOR = "ALIGNX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "ALIGNX_NUM_PROCESSES"
@@ -127,6 +128,21 @@ def check_output(dest: str, flag: str) -> None:
             # a bucket's refusal is several lines ("Forbidden: ...\n403 ..."): one line
             why = " ".join(str(e.strerror or e).split())
             problem = AlignXError(f"{flag} {dest}: cannot be written ({why})")
+    agree(problem, flag)
+
+
+def refuse_on_main(why: Callable[[], str | None], flag: str) -> None:
+    """Process 0 alone writes the output `flag` names, so whether the file there may be replaced is its to
+    judge: `why()` (one line, None when it may: `paths.refuse_to_replace`) runs on process 0 only, of the
+    file on its disk (another host's disk may hold another file under the same path), and every process
+    stops on its answer (a ConfigError there, a line pointing at it on the others)."""
+    from alignx_jax import paths
+    from alignx_jax.errors import ConfigError
+
+    problem = None
+    if paths.is_main_process():
+        line = why()
+        problem = None if line is None else ConfigError(line)
     agree(problem, flag)
 
 

@@ -574,3 +574,55 @@ def test_generate_writes_once_and_a_refusal_on_process_0_stops_every_process(run
         assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
         assert logs.count("alignx: error:") == 2 and "failed on process 0" in logs, logs
     assert os.listdir(foreign) == ["notes.txt"]
+
+
+def _on_own_disks(tmp_path, argv, cache, logdir, timeout=300) -> subprocess.CompletedProcess:
+    """`launch/local.sh 2` of `alignx ARGV`, each process in its own folder tmp_path/host<i> (the local
+    disk of its host: a relative path names another file on each)."""
+    wrap = tmp_path / "on_own_disk.py"
+    wrap.write_text(
+        "import os, sys\n"
+        "os.chdir(os.path.join(sys.argv[1], 'host' + os.environ['ALIGNX_PROCESS_ID']))\n"
+        "from alignx_jax.cli import main\n"
+        "sys.exit(main(sys.argv[2:]))\n"
+    )
+    env = dict(_env(cache), DEVICES_PER_PROCESS="1", LOGDIR=str(logdir), KILL_AFTER="5")
+    return subprocess.run(
+        ["bash", LOCAL, "2", "python", str(wrap), str(tmp_path), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_an_out_file_on_another_hosts_disk_is_process_0s_to_judge(tmp_path, tiny_hf_checkpoints):
+    """eval --out and predict-preferences --out are written by process 0 alone, so its disk decides whether
+    the file there may be replaced, for every process: a foreign file on process 0's disk stops both in one
+    line each (process 1 went on to the model), and one on process 1's disk (where nothing is written) is
+    no reason to stop (process 1 refused alone; process 0 waited in a collective until JAX's timeout)."""
+    cache = str(tmp_path / "cache")
+    for i in (0, 1):
+        (tmp_path / f"host{i}").mkdir()
+    (tmp_path / "host0" / "r.json").write_text("my notes\n")
+    bench = ["--benchmark", f"p-soups={PSOUPS}", "--method", "none", "--limit", "2", "--max-length", "64"]
+    no_model = str(tmp_path / "no_model")
+    for name, argv in (
+        ("eval", ["eval", "--model", no_model, *bench, "--out", "r.json"]),
+        ("predict", ["predict-preferences", "--model", no_model, "--data", PSOUPS, "--out", "r.json"]),
+    ):
+        r = _on_own_disks(tmp_path, argv, cache, tmp_path / f"logs-{name}")
+        logs = _logs(tmp_path / f"logs-{name}")
+        assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+        assert "exists and is not" in logs and "--out failed on process 0" in logs, logs
+        assert "no_model" not in logs, logs  # neither process went on to the model
+    (tmp_path / "host0" / "r.json").rename(tmp_path / "host1" / "r.json")
+    model = tiny_hf_checkpoints["qwen2"]
+    r = _on_own_disks(
+        tmp_path, ["eval", "--model", model, *bench, "--out", "r.json"], cache, tmp_path / "logs"
+    )
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 0, r.stderr[-2000:] + logs
+    assert json.loads((tmp_path / "host0" / "r.json").read_text())["benchmarks"]
+    assert (tmp_path / "host1" / "r.json").read_text() == "my notes\n"

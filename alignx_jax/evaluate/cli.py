@@ -40,7 +40,8 @@ def _format_table(results: dict[str, Any]) -> list[str]:
 def _refuse_foreign_out(args: argparse.Namespace, specs: list) -> None:
     """--out replaces an earlier results file only: never a file the command line names (a --benchmark file,
     the --per-example or --reference-scores file), named as such, and never another existing file (a
-    --benchmark folder's files, notes, the model's config.json), which it would overwrite with no way back."""
+    --benchmark folder's files, notes, the model's config.json), which it would overwrite with no way back.
+    Process 0, which writes it, judges the file on its disk for every process (`distributed.refuse_on_main`)."""
     inputs = [("--per-example", args.per_example), ("--reference-scores", args.reference_scores)]
     # a --benchmark folder is not listed (a bucket's listing is remote): its files are refused as not results
     inputs += [(f"--benchmark {spec.name}", spec.path) for spec in specs]
@@ -49,9 +50,12 @@ def _refuse_foreign_out(args: argparse.Namespace, specs: list) -> None:
         earlier = paths.read_json(p)
         return isinstance(earlier, dict) and isinstance(earlier.get("benchmarks"), dict)
 
-    problem = paths.refuse_to_replace("--out", args.out, inputs, is_results, "an `alignx eval` results file")
-    if problem:
-        raise ConfigError(problem)
+    distributed.refuse_on_main(
+        lambda: paths.refuse_to_replace(
+            "--out", args.out, inputs, is_results, "an `alignx eval` results file"
+        ),
+        "--out",
+    )
 
 
 def cli_eval(args: argparse.Namespace) -> int:

@@ -215,13 +215,15 @@ def _is_predictions(p: str) -> bool:
 def _refuse_foreign_out(args: Any) -> None:
     """--out replaces an earlier predictions file only: never the --data file (named as such), never another
     existing file (a --data folder's files, the --model folder's config.json: the model would no longer
-    load, notes), which `_is_predictions` tells from predictions; neither folder is walked for it."""
+    load, notes), which `_is_predictions` tells from predictions; neither folder is walked for it. Process
+    0, which writes it, judges the file on its disk for every process (`distributed.refuse_on_main`)."""
     inputs = [("--data", args.data)] if args.data else []
-    problem = paths.refuse_to_replace(
-        "--out", args.out, inputs, _is_predictions, "an `alignx predict-preferences` predictions file"
+    distributed.refuse_on_main(
+        lambda: paths.refuse_to_replace(
+            "--out", args.out, inputs, _is_predictions, "an `alignx predict-preferences` predictions file"
+        ),
+        "--out",
     )
-    if problem:
-        raise ConfigError(problem)
 
 
 def cli_predict_preferences(args: Any) -> int:
