@@ -195,13 +195,18 @@ def refuse_to_replace(
     An output replaces an earlier output of the same command only: never one of the command's
     `inputs` (`(what, path)` pairs: a data file, a model's config.json), which it would overwrite with
     no way back, and never another existing file (notes, a data set), which `is_own(dest)` tells from
-    the command's own output by its content; `own` names that output in the line. A URL is not checked."""
-    if is_url(dest):
-        return None
-    real = os.path.realpath(dest)
+    the command's own output by its content; `own` names that output in the line. A URL `dest` is compared
+    with the URL inputs as written (as `data split` compares them); a bucket object's content is not read."""
+    url = is_url(dest)
+
+    def key(p: str) -> str:
+        return p if url else os.path.realpath(p)
+
     for what, p in inputs:
-        if p and not is_url(p) and os.path.realpath(p) == real:
+        if p and is_url(p) == url and key(p) == key(dest):
             return f"{flag} {dest} is the {what} file; give another {flag}"
+    if url:
+        return None
     if os.path.isfile(dest) and not is_own(dest):
         return f"{flag} {dest} exists and is not {own}; give a new file (or remove it)"
     return None

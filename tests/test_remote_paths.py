@@ -606,6 +606,47 @@ def test_data_split_refuses_a_bucket_out_holding_its_input(fake_gcs, capsys):
         assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before
 
 
+def test_an_out_on_a_bucket_never_replaces_an_input_there(fake_gcs, tmp_path, capsys):
+    """contrast, predict-preferences and eval --out naming one of their input files on a bucket are refused
+    in one line before any model is read, as a local one is (and as data split refuses it: the path itself
+    is compared): contrast and predict-preferences did so before paths.refuse_to_replace, which left every
+    URL --out unchecked (contrast overwrote its input with exit 0)."""
+    from alignx_jax.cli import main
+
+    psoups = [
+        {
+            "prompt": f"p{i}",
+            "chosen": f"c{i}",
+            "rejected": f"r{i}",
+            "ground_truth_persona": f"persona {i % 2}",
+        }
+        for i in range(4)
+    ]
+    files = {"ps.json": json.dumps(psoups), "rows.jsonl": "".join(json.dumps(r) + "\n" for r in _rows(2))}
+    for name, text in files.items():
+        (fake_gcs.local(BUCKET) / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake_gcs.local(BUCKET) / name).write_text(text)
+    no_model = str(tmp_path / "no_model")
+    for argv, words in (
+        (["data", "contrast", f"{BUCKET}/ps.json", "--out", f"{BUCKET}/ps.json"], "is the input file"),
+        (
+            ["predict-preferences", "--model", no_model, "--data", f"{BUCKET}/rows.jsonl"]
+            + ["--out", f"{BUCKET}/rows.jsonl"],
+            "is the --data file",
+        ),
+        (
+            ["eval", "--model", no_model, "--benchmark", f"p-soups={BUCKET}/ps.json", "--method", "none"]
+            + ["--out", f"{BUCKET}/ps.json"],
+            "is the --benchmark p-soups file",
+        ),
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    for name, text in files.items():
+        assert (fake_gcs.local(BUCKET) / name).read_text() == text
+
+
 def test_prepare_from_a_bucket_reads_each_file_once(fake_gcs, tmp_path, monkeypatch):
     """`data prepare gs://...` finds the kind from each file's first rows reading only as far as they go (it
     read every file at a URL whole for them, then again for its rows), and writes every row."""
