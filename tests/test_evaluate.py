@@ -239,6 +239,27 @@ def test_the_same_benchmark_file_twice_is_refused(tmp_path):
     ]
 
 
+def test_a_benchmark_file_inside_a_benchmark_folder_of_its_name_is_refused(tmp_path):
+    """A folder and a file in it under one NAME give that file twice as surely as `a.json` and `./a.json`:
+    it was scored twice and pooled as twice its pairs; refused naming the file. The folder under another
+    NAME is another benchmark (not pooled with it)."""
+    from alignx_jax.errors import DataError
+
+    (tmp_path / "x").mkdir()
+    for name in ("a.json", "b.json"):
+        (tmp_path / "x" / name).write_text("[]")
+    for pair in (
+        [f"p-soups={tmp_path / 'x'}", f"p-soups={tmp_path / 'x' / 'b.json'}"],
+        [f"p-soups={tmp_path / 'x' / 'a.json'}", f"p-soups={tmp_path / 'x' / '..' / 'x'}"],
+    ):
+        with pytest.raises(
+            DataError, match=r"/x/(a|b)\.json: --benchmark p-soups gives this file twice \(also"
+        ):
+            ev.parse_benchmark_specs(pair)
+    specs = ev.parse_benchmark_specs([f"p-soups={tmp_path / 'x'}", f"prism={tmp_path / 'x' / 'a.json'}"])
+    assert [s.key for s in specs] == ["p-soups", "prism"]
+
+
 def test_out_never_replaces_an_input_or_a_file_that_is_not_results(capsys, tmp_path):
     """--out replaces an earlier results file only: the benchmark file itself, the --per-example file and any
     other existing file (notes, a model's config.json) are refused in one line before anything loads, and

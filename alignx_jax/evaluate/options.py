@@ -36,17 +36,24 @@ class BenchmarkSpec:
 def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
     """`NAME=PATH` strings -> specs; a bad name, a missing `=PATH` or a missing path is a DataError."""
     from alignx_jax.data.benchmarks import parse_benchmark_arg
+    from alignx_jax.data.schema import list_files
 
-    pairs, seen = [], set()
+    def where(p: str) -> str:
+        return p.rstrip("/") if paths.is_url(p) else os.path.realpath(p)
+
+    pairs, seen, files = [], set(), {}
     for spec in specs:
         name, path = parse_benchmark_arg(spec)
         if not paths.exists(path):  # a local path or a URL (gs://...)
             raise DataError(f"--benchmark {name}: no such file or folder", file=path)
         # the same file twice (`a.json`, `./a.json`) would be scored twice and counted twice in NAME's pool
-        where = path.rstrip("/") if paths.is_url(path) else os.path.realpath(path)
-        if (name, where) in seen:
+        if (name, where(path)) in seen:
             raise DataError(f"--benchmark {name} given twice with the same path", file=path)
-        seen.add((name, where))
+        seen.add((name, where(path)))
+        for f in list_files(path):  # so would a file of a folder given too (its rows are the folder's)
+            earlier = files.setdefault((name, where(f)), path)
+            if earlier != path:
+                raise DataError(f"--benchmark {name} gives this file twice (also in {earlier})", file=f)
         pairs.append((name, path))
     counts: dict[str, int] = {}
     for name, _ in pairs:
