@@ -196,15 +196,20 @@ def refuse_to_replace(
     `inputs` (`(what, path)` pairs: a data file, a model's config.json), which it would overwrite with
     no way back, and never another existing file (notes, a data set), which `is_own(dest)` tells from
     the command's own output by its content; `own` names that output in the line. A URL `dest` is compared
-    with the URL inputs as written (as `data split` compares them); a bucket object's content is not read."""
+    with the URL inputs as written (as `data split` compares them); a bucket object's content is not read.
+    Nor is `dest` inside an input folder (a --benchmark or --data folder)."""
     url = is_url(dest)
 
     def key(p: str) -> str:
         return p if url else os.path.realpath(p)
 
+    sep = "/" if url else os.sep
     for what, p in inputs:
         if p and is_url(p) == url and key(p) == key(dest):
             return f"{flag} {dest} is the {what} file; give another {flag}"
+        # by name, no listing: a new file there would also be read as one of the folder's files next time
+        if p and is_url(p) == url and key(dest).startswith(key(p).rstrip(sep) + sep):
+            return f"{flag} {dest} lies inside the {what} folder {p}; give another {flag}"
     if url:
         return None
     if os.path.isfile(dest) and not is_own(dest):

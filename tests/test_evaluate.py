@@ -281,17 +281,19 @@ def test_out_never_replaces_an_input_or_a_file_that_is_not_results(capsys, tmp_p
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and needle in lines[0], err
         assert (out.read_bytes() if out.exists() else None) == before
-    # a file of a --benchmark folder (not listed for this): refused as any file that is not results
+    # a file of a --benchmark folder, or a new one there (the next eval of the folder would read it as a
+    # benchmark file): refused by name, the folder not listed
     (tmp_path / "folder").mkdir()
     inner = tmp_path / "folder" / "bench.json"
     inner.write_bytes(bench.read_bytes())
-    code, _, err = _run(
-        capsys, "--model", str(tmp_path), "--benchmark", f"p-soups={inner.parent}", "--out", str(inner)
-    )
-    lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 1, err
-    assert f"--out {inner} exists and is not an `alignx eval` results file" in lines[0], err
-    assert inner.read_bytes() == bench.read_bytes()
+    for out in (inner, inner.parent / "results.json"):
+        code, _, err = _run(
+            capsys, "--model", str(tmp_path), "--benchmark", f"p-soups={inner.parent}", "--out", str(out)
+        )
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, err
+        assert f"--out {out} lies inside the --benchmark p-soups folder {inner.parent}" in lines[0], err
+    assert inner.read_bytes() == bench.read_bytes() and not (inner.parent / "results.json").exists()
     # an earlier results file is what --out replaces: the check passes it (the missing model fails next)
     (tmp_path / "r.json").write_text(json.dumps({"model": "m", "benchmarks": {}}))
     code, _, err = _run(

@@ -639,6 +639,16 @@ def test_an_out_on_a_bucket_never_replaces_an_input_there(fake_gcs, tmp_path, ca
             + ["--out", f"{BUCKET}/ps.json"],
             "is the --benchmark p-soups file",
         ),
+        (  # a folder: its files by name, not listed (a new file there would be read with them next time)
+            ["eval", "--model", no_model, "--benchmark", f"p-soups={BUCKET}/", "--method", "none"]
+            + ["--out", f"{BUCKET}/ps.json"],
+            f"lies inside the --benchmark p-soups folder {BUCKET}/",
+        ),
+        (
+            ["predict-preferences", "--model", no_model, "--data", BUCKET]
+            + ["--out", f"{BUCKET}/new/predictions.jsonl"],
+            f"lies inside the --data folder {BUCKET}",
+        ),
     ):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
