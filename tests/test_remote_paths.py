@@ -326,6 +326,35 @@ def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
     assert (local.parent / "foreign" / "notes.txt").read_text() == "mine"
 
 
+def test_a_bucket_runs_preference_head_is_read_from_the_bucket(fake_gcs, monkeypatch):
+    """`alignx export --checkpoint gs://.../run` of a PBA run reads its head's meta and orbax item at the URL
+    (os.path.abspath made it a local `CWD/gs:/...` path, as the params are not)."""
+    from alignx_jax import checkpointing
+    from alignx_jax.models import checkpoint
+
+    w = f"{BUCKET}/run"
+    local = fake_gcs.local(w)
+    for item in ("params", "head"):
+        (local / "checkpoints" / "4" / item).mkdir(parents=True)
+    (local / "reference").mkdir()
+    (local / "reference" / "config.json").write_text("{}")
+    res = checkpoint.resolve_checkpoint(w)
+    assert res.head_dir == f"{w}/checkpoints/4/head"
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def read_meta(ckpts, step):
+        asked.append((ckpts, step))
+        raise Stop
+
+    monkeypatch.setattr(checkpointing, "read_meta", read_meta)
+    with pytest.raises(Stop):
+        checkpoint.load_checkpoint_head(res)
+    assert asked == [(f"{w}/checkpoints", 4)]
+
+
 @pytest.fixture(scope="module")
 def local_export(tmp_path_factory, tiny_hf_checkpoints):
     """(an imported checkpoint, its export to a local folder), made before any bucket is mocked."""

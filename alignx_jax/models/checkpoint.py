@@ -264,7 +264,7 @@ def load_checkpoint_head(res: ResolvedCheckpoint):
 
     from alignx_jax.checkpointing import read_meta
 
-    ckpts = os.path.dirname(os.path.dirname(os.path.abspath(res.head_dir)))
+    ckpts = os.path.dirname(os.path.dirname(paths.absolute(res.head_dir)))  # a gs:// run stays a URL
     meta = read_meta(ckpts, res.step)
     if "head_config" not in meta:
         raise CheckpointError(f"{ckpts}/{res.step}: a head/ item but no head_config in its meta")
@@ -281,7 +281,7 @@ def load_checkpoint_head(res: ResolvedCheckpoint):
     why = None
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.abspath(res.head_dir), target)
+            restored = ckptr.restore(paths.absolute(res.head_dir), target)  # orbax reads gs:// itself
     except Exception as e:
         why = f"{type(e).__name__}: {first_line(e)}"
     if why is not None:
