@@ -127,8 +127,13 @@ def check_writable(dest: str) -> None:
         return
     if os.path.isdir(dest):  # the write's rename would fail there, after the work
         raise IsADirectoryError(errno.EISDIR, "a folder, not a file", dest)
+    # probed in the nearest folder that exists, none made: a command refused later leaves no empty
+    # folders behind (the write makes them)
     folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, "a file where a folder would go", folder)
     probe = os.path.join(folder, f".{os.path.basename(dest)}.probe-{os.getpid()}")
     with open(probe, "wb"):
         pass

@@ -354,6 +354,23 @@ def test_eval_resolves_the_model_path_once(capsys, monkeypatch, llama, tmp_path)
     assert json.loads(out.read_text())["model"] == llama
 
 
+def test_a_refused_eval_leaves_no_folders_for_its_out(capsys, tmp_path):
+    """--out's writability is probed without making its folders (the write makes them): a command refused
+    after that check (a flag its method does not read) left `new/sub/` behind; a file where a folder of
+    --out would go is still refused up front."""
+    from alignx_jax import paths
+
+    out = tmp_path / "new" / "sub" / "r.json"
+    argv = ["--model", str(tmp_path), "--benchmark", f"p-soups={PSOUPS}", "--out", str(out)]
+    code, _, err = _run(capsys, *argv, "--method", "ica", "--preference", "golden")
+    assert code == 1 and "--preference" in err and not (tmp_path / "new").exists(), err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        paths.check_writable(str(tmp_path / "file" / "sub" / "r.json"))
+    paths.check_writable(str(out))  # writable: nothing made, no probe left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
     workdir = tmp_path / "run"
     (workdir / "checkpoints").mkdir(parents=True)
