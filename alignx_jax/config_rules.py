@@ -67,6 +67,12 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
             f"data.synth_pairs_per_user must be at least 1 (data.train '' makes synthetic users), "
             f"got {cfg.data.synth_pairs_per_user}"
         )
+    synth_rows = int(cfg.data.synth_users) * int(cfg.data.synth_pairs_per_user)
+    if not cfg.data.train and synth_rows < int(cfg.train.global_batch):  # before W/data is written
+        raise ConfigError(
+            f"data.synth_users x data.synth_pairs_per_user = {synth_rows} synthetic rows make no full batch "
+            f"of train.global_batch={cfg.train.global_batch} pairs; raise them or lower train.global_batch"
+        )
     if cfg.train.wandb_project and not has_wandb():  # before any file is written
         raise ConfigError(wandb_missing(cfg.train.wandb_project))
 

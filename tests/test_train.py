@@ -777,6 +777,20 @@ def test_a_run_whose_every_row_is_dropped_is_an_error(tmp_path):
     assert again.returncode == 1 and "no step of this run had a pair" in again.stderr, again.stderr[-2000:]
 
 
+def test_too_few_synthetic_rows_for_a_batch_is_refused_before_the_workdir(tmp_path):
+    """data.train '' with data.synth_users x data.synth_pairs_per_user under one global batch: refused in
+    one line naming the keys before W/data (and the lock, the fingerprint) is written; it failed after."""
+    w = tmp_path / "w"
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", "--config.data.synth_users=4"]
+        + ["--config.data.synth_pairs_per_user=2", "--config.train.global_batch=16"]
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("alignx: error:"), r.stderr[-2000:]
+    assert "data.synth_users x data.synth_pairs_per_user = 8 synthetic rows" in lines[-1], lines[-1]
+    assert "train.global_batch=16" in lines[-1] and not w.exists()
+
+
 def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):
     """A data.train smaller than one global batch: the loader's message named its own arguments
     (pairs_per_batch, drop_remainder), which no --config flag sets."""
