@@ -112,11 +112,13 @@ def check_run_folder(workdir: str, *, writes_data: bool = True) -> None:
     files a run writes: they are the user's, and a run would replace them. `writes_data`: the run
     writes W/data (synthetic users); else a `data/` there is the user's input. Read only (every process)."""
     w = paths.path(workdir)
-    if w.name in RUN_FOLDERS and _is_run_folder(w.parent):
-        raise ConfigError(
-            f"workdir {workdir}: the {w.name}/ folder of the run in {w.parent}, which that run writes and "
-            "prunes; choose a new folder"
-        )
+    for a in (w, *w.parents):  # by name first: a folder is asked only when named as a run's sub-folder
+        if a.name in RUN_FOLDERS and _is_run_folder(a.parent):
+            where = f"the {a.name}/ folder" if a == w else f"inside the {a.name}/ folder"
+            raise ConfigError(
+                f"workdir {workdir}: {where} of the run in {a.parent}, which that run writes and prunes; "
+                "choose a new folder"
+            )
     if not w.is_dir():
         return
     if _is_run_folder(w):

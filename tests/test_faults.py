@@ -1019,7 +1019,8 @@ def test_a_users_data_folder_in_the_workdir_is_an_input_not_a_clash(tmp_path):
 
 
 def test_a_workdir_inside_a_runs_own_folders_is_refused(tmp_path):
-    """W/checkpoints of another run as a workdir: the new run's files land among that run's checkpoints."""
+    """W/checkpoints of another run (or a folder inside it) as a workdir: the new run's files land among
+    that run's checkpoints."""
     import json
 
     from alignx_jax.errors import ConfigError
@@ -1031,5 +1032,11 @@ def test_a_workdir_inside_a_runs_own_folders_is_refused(tmp_path):
     for name in ("checkpoints", "tensorboard", "reference"):
         with pytest.raises(ConfigError, match=f"^workdir .*: the {name}/ folder of the run in "):
             check_run_folder(str(run / name))
+        # deeper too: a workdir W/checkpoints/x/w was taken
+        with pytest.raises(
+            ConfigError, match=f"^workdir .*: inside the {name}/ folder of the run in {run}, "
+        ):
+            check_run_folder(str(run / name / "new" / "w"))
     check_run_folder(str(run / "other"))  # any other sub-folder is a workdir of its own
+    check_run_folder(str(run / "other" / "checkpoints" / "w"))  # run/other is no run
     check_run_folder(str(tmp_path / "checkpoints"))  # tmp_path is no run
