@@ -224,7 +224,8 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         base, revision = peft_base(args.checkpoint, res)
         files = save_peft(model, tmp, base_model_name_or_path=base, revision=revision, dtype=args.dtype)
         files += copy_tokenizer(res.tokenizer_dir, tmp)
-        write_export_manifest(tmp, files, source=source, step=res.step)
+        fmt = trained_prompt_format(args.checkpoint)  # recorded as a full export's is
+        write_export_manifest(tmp, files, source=source, step=res.step, prompt_format=fmt)
         return files
     files = save_hf(
         model,

@@ -236,6 +236,12 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     assert (pc["r"], pc["lora_alpha"], pc["peft_type"]) == (4, 8.0, "LORA")
     assert set(pc["target_modules"]) == set(lora.LORA_TARGETS)
     assert os.path.isdir(pc["base_model_name_or_path"])  # no model.hf_path: the run's W/reference
+    # the trained prompt format is recorded as a full export's is (it was left out of an adapter export)
+    from alignx_jax.export import trained_prompt_format
+
+    assert trained_prompt_format(str(adapter)) == trained_prompt_format(str(out)) is not None
+    manifest = json.loads((adapter / "alignx_export.json").read_text())
+    assert manifest["prompt_format"] == json.loads((out / "alignx_export.json").read_text())["prompt_format"]
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     hc = json.loads((out / "config.json").read_text())
     D, F = hc["hidden_size"], hc["intermediate_size"]
