@@ -369,6 +369,11 @@ def test_a_refused_eval_leaves_no_folders_for_its_out(capsys, tmp_path):
         paths.check_writable(str(tmp_path / "file" / "sub" / "r.json"))
     paths.check_writable(str(out))  # writable: nothing made, no probe left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    # a folder as --out: judged with the rest on process 0, the one writer
+    code, _, err = _run(
+        capsys, "--model", str(tmp_path), "--benchmark", f"p-soups={PSOUPS}", "--out", str(tmp_path)
+    )
+    assert code == 1 and f"--out {tmp_path}: cannot be written (a folder, not a file)" in err, err
 
 
 def test_a_folder_without_hf_weights_points_to_export(capsys, tmp_path):
