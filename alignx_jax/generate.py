@@ -460,8 +460,7 @@ def _generate_benchmark(args) -> int:
     from tqdm.auto import tqdm
 
     from alignx_jax.data import prompts as prompts_lib
-    from alignx_jax.data import schema
-    from alignx_jax.data.benchmarks import balanced_sample, parse_benchmark_arg, persona_group
+    from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg, persona_group
     from alignx_jax.evaluate import PerExampleLog, default_prompt_format
     from alignx_jax.real_model import resolve_model_path
 
@@ -481,10 +480,9 @@ def _generate_benchmark(args) -> int:
     name, path = parse_benchmark_arg(args.benchmark)
     if not paths.exists(path):  # a bucket's file too (gs://)
         raise DataError(f"--benchmark {name}: no such file or folder", file=path)
-    rows, _ = schema.load_rows(path, kind=name)
-    if not rows:
-        raise DataError("benchmark holds no rows", file=path)
-    picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit)  # eval --limit's rows
+    # eval's loader: a split folder is refused, and --limit takes eval --limit's rows
+    sample = benchmark_sample(name, path, limit=limit)
+    rows, picks = sample.rows, sample.picks
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
     model_path = resolve_model_path(args.model, model=True)
     # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none

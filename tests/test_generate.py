@@ -474,3 +474,28 @@ def test_one_commands_row_file_is_refused_by_the_other(command, tiny_hf_checkpoi
     other = "`alignx eval --per-example`" if command == "generate" else "`alignx generate --out`"
     assert len(err) == 1 and f"{flag} {theirs} holds {other} rows" in err[0], err
     assert theirs.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["bench.json", "theirs.jsonl"]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_split_folder_benchmark_is_refused_as_eval_refuses_it(
+    command, tiny_hf_checkpoints, tmp_path, capsys
+):
+    """`alignx generate --benchmark NAME=DIR` on an `alignx data split` output generated for both halves (its
+    training rows too) where `alignx eval` refuses the folder; both read benchmarks with eval's loader and
+    refuse it in one line naming the half to score, before the model loads, writing nothing."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = json.load(open(os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json")))
+    for half, part in (("train", rows[:4]), ("test", rows[300:304])):
+        (tmp_path / "split" / half).mkdir(parents=True)
+        (tmp_path / "split" / half / "rows.json").write_text(json.dumps(part))
+    split = tmp_path / "split"
+    out = tmp_path / ("gen.jsonl" if command == "generate" else "r.json")
+    argv = [command, "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"p-soups={split}", "--out", out]
+    if command == "generate":
+        argv += ["--method", "ica", "--max-new-tokens", "2"]
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the split folders train/, test/: name the one to score" in err[0], err
+    assert f"{split}/test" in err[0] and not out.exists()
