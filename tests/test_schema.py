@@ -313,3 +313,25 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     assert main(["data", "split", str(path), "--by", "row", "--out", str(out)]) == 0
     halves = [schema.load(str(out / half)) for half in ("train", "test")]
     assert sorted(r["chosen"] for h in halves for r in h.rows) == sorted(r["chosen"] for r in loaded.rows)
+
+
+@pytest.mark.parametrize("command", [["data", "check"], ["data", "split"]])
+def test_data_files_beside_split_folders_are_refused_as_train_refuses_them(command, tmp_path, capsys):
+    """`alignx data check` passed (and `data split` read) a folder holding train/ and test/ beside another
+    data file, which `alignx train`, `eval` and `data prepare` refuse: no split holds it. Both refuse it in
+    the readers' one line naming the file, and write nothing."""
+    rng = np.random.default_rng(7)
+    for half in ("train", "test"):
+        (tmp_path / "d" / half).mkdir(parents=True)
+        write_jsonl(tmp_path / "d" / half / "rows.jsonl", [alignx_row(i, rng) for i in range(4)])
+    write_jsonl(tmp_path / "d" / "extra.jsonl", [alignx_row(9, rng)])
+    extra = ["--out", str(tmp_path / "out")] if command[1] == "split" else []
+    assert main([*command, str(tmp_path / "d"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and "1 data file(s) beside the split folders train/, test/ would not be read" in err
+    )
+    assert "extra.jsonl" in err and not (tmp_path / "out").exists()
+    (tmp_path / "d" / "extra.jsonl").unlink()  # the split folders alone still check
+    assert main(["data", "check", str(tmp_path / "d")]) == 0

@@ -457,6 +457,7 @@ def load(path: str, *, kind: str = "auto", skip_bad: bool = False) -> Loaded:
     """`load_rows` with provenance: files read, the kind used and each row's (file, row)."""
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    split_folders(path)  # a data file beside train/, test/ ... is refused here as train and eval refuse it
     files = [read_file(p) for p in list_files(path)]
     if kind == "auto":
         kind = detect_kind([r for f in files for r in f.rows[:100]])
