@@ -166,3 +166,20 @@ def test_export_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="shard size"):
         hf_lib.parse_size("lots")
     assert hf_lib.parse_size("200MB") == 200_000_000 and hf_lib.parse_size("5GB") == 5 * 10**9
+
+
+def test_export_of_a_step_folder_names_the_workdir_and_step(tmp_path, capsys):
+    """`alignx export --checkpoint W/checkpoints/N` (a step folder, whose config lives in W/reference) said
+    only `no config.json (not a model checkpoint or training workdir)`; it names the workdir and the step to
+    give instead. A folder of that name outside a workdir keeps the plain error."""
+    w = tmp_path / "w"
+    (w / "reference").mkdir(parents=True)
+    (w / "checkpoints" / "7" / "params").mkdir(parents=True)
+    step = w / "checkpoints" / "7"
+    assert main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"a saved step of the training workdir {w}" in err[0], err
+    assert f"alignx export --checkpoint {w} --step 7" in err[0] and not (tmp_path / "o").exists()
+    (w / "reference").rmdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        resolve_checkpoint(str(step))

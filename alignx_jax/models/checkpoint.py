@@ -49,6 +49,24 @@ def has_tokenizer(folder: str) -> bool:
     )
 
 
+def _refuse_step_folder(path: str) -> None:
+    """A CheckpointError naming the workdir and step where `path` is a training workdir's W/checkpoints/N."""
+    step_dir = path.rstrip("/")
+    ckpts = os.path.dirname(step_dir)
+    workdir = os.path.dirname(ckpts)
+    name = os.path.basename(step_dir)
+    # a step folder holds params/ but its config and tokenizer are W/reference's
+    if (
+        os.path.basename(ckpts) == "checkpoints"
+        and name.isdigit()
+        and paths.path(workdir).joinpath("reference").is_dir()
+    ):
+        raise CheckpointError(
+            f"{path}: a saved step of the training workdir {workdir}, not a checkpoint on its own; name the "
+            f"workdir (`alignx export --checkpoint {workdir} --step {int(name)}`)"
+        )
+
+
 def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint:
     """A model checkpoint `DIR` (config.json + params/) or a training workdir `W`
     (W/checkpoints/<step>/params, W/reference for config and tokenizer; latest step by default)."""
@@ -78,6 +96,7 @@ def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint
     if step is not None:
         raise CheckpointError(f"{path}: --step applies to training workdirs only (no checkpoints/ here)")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        _refuse_step_folder(path)
         raise CheckpointError(f"{path}: no config.json (not a model checkpoint or training workdir)")
     if not os.path.isdir(os.path.join(path, "params")):
         raise CheckpointError(
