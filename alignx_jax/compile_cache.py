@@ -38,9 +38,11 @@ def use_compile_cache(workdir: str | None = None, *, min_compile_secs: float = 0
     warnings.filterwarnings("ignore", message=UNCACHEABLE_ONEDNN, category=UserWarning)
 
     current = jax.config.jax_compilation_cache_dir
-    if current:
-        return current
     path = cache_dir_for(workdir)
+    # JAX read JAX_COMPILATION_CACHE_DIR at import: that variable only chooses the folder, what goes into it
+    # is as for ours; a folder set otherwise (jax.config, in code) is kept with its settings
+    if current and not (path is not None and current == path == os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+        return current
     if path is None:
         return None
     jax.config.update("jax_compilation_cache_dir", path)

@@ -65,6 +65,20 @@ def test_generate_uses_the_user_cache_and_the_environment_wins(tmp_path):
     assert _probe(tmp_path, "data") == "None"  # commands that do not compile leave JAX as it is
 
 
+def test_the_environments_folder_keeps_every_executable_as_ours_does(tmp_path, monkeypatch):
+    """`JAX_COMPILATION_CACHE_DIR` chooses the folder (README), but JAX's own 1 s threshold stayed in force
+    there, so a command's quick compiles (the probe's, every tiny eval program) were never written and a
+    rerun compiled them again; the commands' threshold applies to that folder too, as to their own folders.
+    `ALIGNX_COMPILE_CACHE=0` leaves JAX's own settings as they are."""
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)  # conftest's 0.2 s
+    mine = tmp_path / "mine"
+    assert _probe(tmp_path, "eval", JAX_COMPILATION_CACHE_DIR=str(mine)) == str(mine)
+    assert os.listdir(mine)  # the sub-second compile was written
+    off = tmp_path / "off"
+    assert _probe(tmp_path, "eval", JAX_COMPILATION_CACHE_DIR=str(off), ALIGNX_COMPILE_CACHE="0") == str(off)
+    assert not off.exists() or not os.listdir(off)  # JAX's own setting, untouched
+
+
 DEMO_PROBE = """
 import sys
 import jax
