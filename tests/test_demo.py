@@ -89,8 +89,13 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
     out = tmp_path / "d"
     out.mkdir()
     (out / "demo_settings.json").write_text(json.dumps({"quick": False, "seed": 5, "psoups": None}))
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings") as e:
         demo.run_demo(str(out), quick=True, seed=0, psoups=None, progress=False)
+    # it says what differs (it printed the earlier run's whole settings, which named no --model it lacked)
+    assert "other settings (quick False, now True, seed 5, now 0, psoups None, now " in str(e.value), e.value
+    (out / "demo_settings.json").write_text(json.dumps({"real": True, "quick": True, "seed": 0}))
+    with pytest.raises(ConfigError, match=r"other settings \(model None, now 'HuggingFaceTB/x'\)"):
+        demo.check_out(str(out), {"real": True, "quick": True, "seed": 0, "model": "HuggingFaceTB/x"})
 
 
 def test_a_folder_of_the_users_is_refused_as_out(tmp_path):
