@@ -470,7 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = overrides
     if overrides and args.command not in ("train", "plan"):
-        parser.error(f"--config.* overrides only apply to train and plan, not {args.command}")
+        _command_parser(parser, args).error(
+            f"--config.* overrides only apply to train and plan, not {args.command}"
+        )
     old_term = _exit_on_sigterm(_joins_a_job(overrides)) if args.command == "train" else False
     old_stop = _stop_at_once() if args.command in STOP_AT_ONCE else None
     try:

@@ -65,3 +65,27 @@ def test_help_is_still_the_whole_help(argv, capsys):
         main(argv)
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith("usage: alignx") and "options:" in out and out.count("\n") > 5
+
+
+@pytest.mark.parametrize("command", [c for c in _commands() if c[0] not in ("train", "plan")], ids=" ".join)
+def test_config_overrides_outside_train_and_plan_name_the_sub_command(command, capsys):
+    """`--config.KEY=VALUE` given to another command was `alignx: error: ... (see alignx --help)`, naming no
+    sub-command; it is a usage error of that sub-command, as an unknown flag is."""
+    prog = "alignx " + " ".join(command)
+    required = {
+        "import": ["--hf", "h", "--out", "o"],
+        "export": ["--checkpoint", "c", "--out", "o"],
+        "eval": ["--model", "m", "--benchmark", "b=x", "--out", "o"],
+        "generate": ["--model", "m"],
+        "predict-preferences": ["--model", "m", "--persona", "p"],
+        "synth": ["--out", "o", "--users", "2"],
+        "demo": ["--out", "o"],
+        "data check": ["p"],
+        "data prepare": ["--source", "s", "--out", "o"],
+        "data split": ["p", "--out", "o"],
+        "data contrast": ["p", "--out", "o"],
+    }[" ".join(command)]
+    err = _usage_error([*command, *required, "--config.train.steps=3"], capsys)
+    assert err == (
+        f"{prog}: error: --config.* overrides only apply to train and plan, not {command[0]} (see {prog} --help)"
+    ), err
