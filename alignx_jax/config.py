@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,11 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        return raw
+        value = raw
+    names = isinstance(current, (tuple, list)) and bool(current) and all(isinstance(v, str) for v in current)
+    if names and isinstance(value, str):
+        # a list of names given bare (q_proj,v_proj or q_proj v_proj), which a Python literal would quote
+        return type(current)(p for p in re.split(r"[\s,]+", value.strip().strip("()[]")) if p)
     if isinstance(current, (tuple, list)) and isinstance(value, list):
         value = type(current)(value)
     return value

@@ -141,6 +141,27 @@ def test_override_types_and_errors():
         load_config(path, ["--config.train.steps=many"])
 
 
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("q_proj,v_proj", ("q_proj", "v_proj")),
+        ("q_proj, v_proj", ("q_proj", "v_proj")),
+        ("q_proj v_proj", ("q_proj", "v_proj")),
+        ("(q_proj,v_proj)", ("q_proj", "v_proj")),
+        ("q_proj", ("q_proj",)),
+        ("('q_proj', 'v_proj')", ("q_proj", "v_proj")),  # Python's literal, as before
+        ("['o_proj']", ("o_proj",)),
+    ],
+)
+def test_a_list_of_names_overrides_without_python_quotes(raw, want):
+    """`--config.model.lora.targets=q_proj,v_proj` (the way `data.buckets=256,512` is given) was
+    ml_collections' `Could not override field 'targets' (reference) ... cannot be casted to type <class
+    'tuple'>`: only a quoted Python tuple worked. Bare names, comma- or space-separated, are the tuple."""
+    path = os.path.join(ROOT, "configs", "tiny_cpu.py")
+    c = load_config(path, [f"--config.model.lora.targets={raw}"])
+    assert tuple(c.model.lora.targets) == want
+
+
 def test_override_value_as_the_next_argument():
     """`--config.KEY VALUE` (two arguments) works like `--config.KEY=VALUE`, typed the same way."""
     path = os.path.join(ROOT, "configs", "tiny_cpu.py")
