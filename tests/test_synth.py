@@ -180,3 +180,25 @@ def test_synth_writes_rows_and_users_or_neither(tmp_path):
     r = _cli("synth", "--out", str(out), "--users", "4", "--pairs-per-user", "2")
     assert r.returncode == 1 and "alignx: error:" in r.stderr and "Traceback" not in r.stderr
     assert sorted(os.listdir(out)) == [".users.json"]
+
+
+@pytest.mark.parametrize("other", ["rows.jsonl", "train/rows.jsonl"])
+def test_an_out_holding_other_data_is_refused(tmp_path, other):
+    """`alignx synth --out DIR` wrote DIR/data.parquet beside whatever data DIR held: another data set's
+    file, read with the synthetic rows as one data set, or an `alignx data split` output's train/ and
+    test/, which every reader then refuses. It is refused in one line naming the file, and DIR is left as
+    it was; a rerun over its own earlier output still replaces it."""
+    from conftest import run_cli
+
+    out = tmp_path / "d"
+    (out / other).parent.mkdir(parents=True, exist_ok=True)
+    (out / other).write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    (out / "notes.txt").write_text("not data")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    r = run_cli(["synth", "--out", out, "--users", "4", "--pairs-per-user", "2"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--out holds another data file {out / other}" in r.stderr, r.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    own = tmp_path / "own"
+    for _ in range(2):
+        assert run_cli(["synth", "--out", own, "--users", "4", "--pairs-per-user", "2"]).returncode == 0

@@ -40,7 +40,7 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.data.synth_world import BASES, FILLER_DEMOGRAPHICS, POSTS, WORLD, WORLD_DIMS
-from alignx_jax.errors import AlignXError
+from alignx_jax.errors import AlignXError, DataError
 from alignx_jax.preference_space import NUM_DIMS, load_preference_space
 
 NEUTRAL = 0.5
@@ -369,7 +369,29 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     return {"data": data_path, "users": users_path}
 
 
+def _refuse_other_data(out: str) -> None:
+    """A DataError when OUT holds a data file other than an earlier synth's rows: readers of OUT would read
+    it with the synthetic rows as one data set (or, beside a data split's train/ and test/, refuse OUT)."""
+    from alignx_jax.data import schema
+
+    if not paths.is_dir(out):
+        return
+    try:
+        files = schema.list_files(out)
+    except DataError:  # no data files at all
+        return
+    own = os.path.join(out, "data.parquet")
+    other = [f for f in files if os.path.normpath(f) != os.path.normpath(own)]
+    if other:
+        raise DataError(
+            f"--out holds another data file {other[0]}, which would be read with the synthetic rows as one "
+            "data set; choose another --out or remove it",
+            file=out,
+        )
+
+
 def cli_synth(args: argparse.Namespace) -> int:
+    _refuse_other_data(args.out)
     world = generate_world(args.users, args.pairs_per_user, args.seed)
     written = write_world(world, args.out)
     print(
