@@ -5,13 +5,14 @@ runs it before anything is written, `alignx plan` before anything compiles (`inp
 # no `from __future__ import annotations`, as in config_schema
 
 import math
+import os
 
 import ml_collections
 
 from alignx_jax import losses, paths
 from alignx_jax.config_schema import check_types, joint_head, uses_predicted
 from alignx_jax.data.batching import reserve
-from alignx_jax.errors import ConfigError
+from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.metrics import has_wandb, wandb_missing
 
 
@@ -75,6 +76,23 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.train.wandb_project and not has_wandb():  # before any file is written
         raise ConfigError(wandb_missing(cfg.train.wandb_project))
+
+
+def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
+    """A data.train, model.hf_path or model.tokenizer that names nothing: the same line the loaders give,
+    before the workdir is taken (it was left holding only its lock). `alignx train` asks it right after
+    `validate_config`."""
+    from alignx_jax.hub import parse_hub_id
+    from alignx_jax.models.presets import names_smollm2
+
+    if cfg.data.train and not paths.exists(cfg.data.train):
+        raise DataError("no such file or folder", file=cfg.data.train)
+    for key in ("hf_path", "tokenizer"):
+        path = str(cfg.model[key])
+        # a hub id, the shipped model's name or a URL is resolved (and reported) where it is loaded
+        named = path and not paths.is_url(path) and not names_smollm2(path) and parse_hub_id(path) is None
+        if named and not os.path.exists(path):
+            raise CheckpointError(f"model.{key}: folder not found: {path}")
 
 
 def _check_buckets(cfg: ml_collections.ConfigDict) -> None:

@@ -791,6 +791,24 @@ def test_too_few_synthetic_rows_for_a_batch_is_refused_before_the_workdir(tmp_pa
     assert "train.global_batch=16" in lines[-1] and not w.exists()
 
 
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        ("--config.data.train={missing}", "{missing}: no such file or folder"),
+        ("--config.model.tokenizer={missing}", "model.tokenizer: folder not found: {missing}"),
+    ],
+    ids=["data.train", "model.tokenizer"],
+)
+def test_a_missing_input_path_is_refused_before_the_workdir(tmp_path, given, words):
+    """A data.train or model path that names nothing: the loader's one line, now before the workdir is
+    taken (a new workdir was left holding only its lock)."""
+    w, missing = tmp_path / "w", str(tmp_path / "nope")
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={w}", given.format(missing=missing)])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and words.format(missing=missing) in last, r.stderr[-2000:]
+    assert not w.exists()
+
+
 def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):
     """A data.train smaller than one global batch: the loader's message named its own arguments
     (pairs_per_batch, drop_remainder), which no --config flag sets."""

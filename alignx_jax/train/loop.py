@@ -24,7 +24,7 @@ from alignx_jax import allocator, distributed, paths
 from alignx_jax import sharding as shd
 from alignx_jax import workdir as workdir_lib
 from alignx_jax.batch import BatchBuilder, agree_max, batch_shardings, check_microbatch_split, put_batch
-from alignx_jax.config_rules import validate_config
+from alignx_jax.config_rules import check_input_paths, validate_config
 from alignx_jax.config_schema import joint_head, two_stage_head, uses_predicted
 from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError, DataError
@@ -175,6 +175,7 @@ class Trainer(TrainerCheckpoints):
         """Config checks, the mesh, the workdir (taken and checked on the main process)."""
         cfg = self.cfg
         validate_config(cfg)
+        check_input_paths(cfg)  # before the workdir is taken
         if cfg.train.distributed:  # idempotent: a launcher's job (alignx_jax.distributed) is joined once
             distributed.initialize()
         self.mesh = shd.mesh_from_config(cfg.mesh)
