@@ -55,6 +55,8 @@ def cli_import(args) -> int:
 
     check_import_target(args.out, bool(getattr(args, "overwrite", False)))
     src = resolve_model_path(args.hf, model=True)  # a local folder, or a hub id's snapshot in the HF cache
+    if not os.path.isdir(src):  # named here: the loader's line names neither the flag nor the path once
+        raise CheckpointError(f"--hf: model folder not found: {args.hf}")
     if os.path.isdir(src) and os.path.realpath(src) == os.path.realpath(args.out):
         raise CheckpointError(f"--out {args.out}: is the --hf folder itself; import into another folder")
     if os.path.isdir(os.path.join(src, "checkpoints")) and model_card.read_run_config(src) is not None:

@@ -451,8 +451,9 @@ def test_unsupported_quant_type_names_the_tensor(tmp_path, capsys):
 
 
 def test_gguf_errors_are_one_line(tmp_path, capsys):
-    assert main(["import", "--gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "c")]) == 1
-    assert "GGUF file not found" in _one_error_line(capsys)
+    missing = str(tmp_path / "none.gguf")
+    assert main(["import", "--gguf", missing, "--out", str(tmp_path / "c")]) == 1
+    assert _one_error_line(capsys) == f"alignx: error: --gguf: GGUF file not found: {missing}"
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     assert main(["import", "--gguf", str(tmp_path / "junk.gguf"), "--out", str(tmp_path / "c")]) == 1
     assert "not a readable GGUF file" in _one_error_line(capsys)

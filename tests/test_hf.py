@@ -156,6 +156,13 @@ def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsy
     assert folder in err[0]
 
 
+def test_import_of_a_missing_hf_folder_names_the_flag_and_the_path_once(tmp_path, capsys):
+    missing = str(tmp_path / "nope")
+    assert main(["import", "--hf", missing, "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"alignx: error: --hf: model folder not found: {missing}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1

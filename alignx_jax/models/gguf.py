@@ -482,6 +482,8 @@ def cli_import(args) -> int:
     from alignx_jax.models import checkpoint
 
     checkpoint.check_import_target(args.out, bool(getattr(args, "overwrite", False)))
+    if not os.path.isfile(args.gguf):  # the flag named, as `import --hf` names its own
+        raise CheckpointError(f"--gguf: GGUF file not found: {args.gguf}")
     model, src = import_gguf(args.gguf, args.out, dtype=args.dtype)
     tok = "" if has_tokenizer(src) else ", no tokenizer in the file"
     print(
