@@ -341,6 +341,17 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
     return model, load_tokenizer(tok_dir)
 
 
+def _model_flag(model: str) -> str:
+    """`--model` resolved (`resolve_model_path`: a hub id's snapshot, a gs:// folder's copy, a .gguf's
+    folder); one that names no folder is refused in eval's words, naming the flag."""
+    from alignx_jax.real_model import resolve_model_path
+
+    path = resolve_model_path(model, model=True)
+    if not paths.is_dir(path):  # the loaders' lines name neither the flag nor the kind of folder wanted
+        raise CheckpointError(f"--model: model folder not found: {model}")
+    return path
+
+
 def _prompt_budget(ids: list[int], fmt: str, max_length: int) -> list[int]:
     """Left-truncate a prompt to `max_length - reserve` tokens as the release evaluates; the `paper`
     format's BOS is kept in front of the truncated prompt string."""
@@ -462,7 +473,6 @@ def _generate_benchmark(args) -> int:
     from alignx_jax.data import prompts as prompts_lib
     from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg, persona_group
     from alignx_jax.evaluate import PerExampleLog, default_prompt_format
-    from alignx_jax.real_model import resolve_model_path
 
     if args.prompt:
         raise ConfigError("give --prompt or --benchmark, not both")
@@ -484,7 +494,7 @@ def _generate_benchmark(args) -> int:
     sample = benchmark_sample(name, path, limit=limit)
     rows, picks = sample.rows, sample.picks
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
-    model_path = resolve_model_path(args.model, model=True)
+    model_path = _model_flag(args.model)
     # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none
     given_dtype = settings["dtype"]
     settings["dtype"] = _resolved_dtype(model_path, given_dtype)
@@ -579,8 +589,9 @@ def cli_generate(args) -> int:
             print(
                 f"alignx: warning: --persona {args.persona} is not read with --method none", file=sys.stderr
             )
+    model_path = _model_flag(args.model)  # resolved once: the load and the trained format read it
     model, tokenizer = load_model_and_tokenizer(
-        args.model, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
+        model_path, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
     )
     try:
         from alignx_jax.data import prompts as prompts_lib
@@ -588,7 +599,9 @@ def cli_generate(args) -> int:
         raise AlignXError(f"prompt rendering unavailable ({e})") from e
     from alignx_jax.evaluate import default_prompt_format
 
-    fmt = default_prompt_format(args.model, getattr(args, "prompt_format", None), fallback="chat")
+    fmt = default_prompt_format(
+        args.model, getattr(args, "prompt_format", None), fallback="chat", resolved=model_path
+    )
     prompt_ids = [
         _prompt_budget(
             prompts_lib.prompt_ids(tokenizer, {**persona, "prompt": text}, method=args.method, fmt=fmt),

@@ -412,6 +412,26 @@ def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, m
     assert asked == ["alias"] and loaded == []
 
 
+@pytest.mark.parametrize("mode", ["--prompt", "--benchmark"])
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "float32"]])
+def test_a_missing_model_names_the_flag_as_eval_does(mode, dtype, tmp_path, capsys):
+    """A --model that names nothing is eval's one line, naming the flag and the path once, before any --out
+    file is opened (with --dtype the load was reached after the empty file had been made)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json")
+    missing = str(tmp_path / "nope")
+    argv = ["generate", "--model", missing, *dtype, "--max-new-tokens", "2"]
+    if mode == "--prompt":
+        argv += ["--prompt", "Hi"]
+    else:
+        argv += ["--benchmark", f"p-soups={bench}", "--out", str(tmp_path / "gen.jsonl"), "--limit", "1"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == f"alignx: error: --model: model folder not found: {missing}"
+    assert os.listdir(tmp_path) == []
+
+
 def test_rows_recorded_with_a_null_dtype_resume_as_the_models_own(tiny_hf_checkpoints, tmp_path, capsys):
     """Rows written before the resolved dtype was recorded hold `"dtype": null` (the model's own): a rerun
     without --dtype, or with the dtype null stood for, resumes them; another --dtype is refused."""

@@ -604,7 +604,7 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     assert "an export of a PBA run that trained one" in capsys.readouterr().err
     missing = str(tmp_path / "nope")
     assert main(["predict-preferences", "--model", missing, "--persona", str(pfile)]) == 1
-    assert capsys.readouterr().err.strip() == f"alignx: error: model folder not found: {missing}"
+    assert capsys.readouterr().err.strip() == f"alignx: error: --model: model folder not found: {missing}"
 
 
 def test_transformers_loads_policy_with_head_beside_it(exported):

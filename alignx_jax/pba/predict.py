@@ -8,6 +8,7 @@ this module joins it to `data.persona` / `data.schema`, which `models/` never im
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -246,6 +247,8 @@ def cli_predict_preferences(args: Any) -> int:
     loaded = None if args.data is None else load(args.data)
     if loaded is not None and not loaded.rows:
         raise DataError("no rows", file=args.data)
+    if not os.path.isdir(args.model):  # eval's line, naming the flag (load_head's names the folder alone)
+        raise CheckpointError(f"--model: model folder not found: {args.model}")
     head, hcfg = load_head(args.model)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(args.model)
     model = load_pretrained(args.model, dtype="float32")
