@@ -567,6 +567,9 @@ def _sampling_of(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def cli_generate(args) -> int:
+    from alignx_jax.evaluate import check_cpu_matmul
+
+    check_cpu_matmul(getattr(args, "cpu_matmul", "auto"))
     if getattr(args, "benchmark", None):
         return _generate_benchmark(args)
     if not args.prompt:

@@ -245,6 +245,18 @@ def onednn_refusal() -> str | None:
     return None
 
 
+def cpu_matmul_refusal(choice: str, backend: str | None = None) -> str | None:
+    """Why `choice` cannot be this host's CPU matmul library (`cpu_matmul_library` answers None), or None
+    where it can, or where it does not apply (off the CPU)."""
+    if choice != "onednn":
+        return None
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return onednn_refusal() if backend == "cpu" else None
+
+
 def cpu_matmul_library(
     choice: str, dtype: str, width: int, backend: str | None = None, *, decode: bool = False
 ) -> str | None:

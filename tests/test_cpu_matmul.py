@@ -224,7 +224,7 @@ def test_eval_and_generate_take_cpu_matmul_from_the_command_line(tiny_hf_checkpo
             ["eval", "--model", llama, "--cpu-matmul", "onednn", *bench, "--out", tmp_path / "o.json"]
         )
         assert r.returncode != 0 and not (tmp_path / "o.json").exists()
-        assert f"model.cpu_matmul=onednn: {refusal}; use auto or ynnpack" in r.stderr, r.stderr
+        assert f"--cpu-matmul onednn: {refusal}; use auto or ynnpack" in r.stderr, r.stderr
     scores, tokens = {}, {}
     for library in ("ynnpack", "onednn") if refusal is None else ("ynnpack",):
         per = tmp_path / f"{library}.jsonl"
@@ -256,6 +256,36 @@ def test_eval_and_generate_take_cpu_matmul_from_the_command_line(tiny_hf_checkpo
     with pytest.raises(SystemExit) as e:  # argparse's usage error
         run_cli(["generate", "--model", llama, "--cpu-matmul", "mkl", "--prompt", "Hi"])
     assert e.value.code == 2
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU compiler choice")
+@pytest.mark.parametrize("command", ["eval", "generate --prompt", "generate --benchmark"])
+def test_a_refused_cpu_matmul_flag_names_the_flag_before_the_model_loads(
+    command, tiny_hf_checkpoints, tmp_path, monkeypatch
+):
+    """`alignx eval|generate --cpu-matmul onednn` where this host refuses oneDNN: one line naming the flag
+    (the model's own check names a training config's `model.cpu_matmul`), before any model loads or any
+    output is written."""
+    import os
+
+    from conftest import run_cli
+
+    from alignx_jax.models import hf
+
+    monkeypatch.setattr(hardware, "onednn_refusal", lambda: "not on this test's CPU")
+    monkeypatch.setattr(hf, "load_pretrained", lambda *a, **kw: pytest.fail("the model was loaded"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    psoups = os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json")
+    bench = ["--benchmark", f"p-soups={psoups}"]
+    args = {
+        "eval": ["eval", *bench, "--out", tmp_path / "r.json"],
+        "generate --prompt": ["generate", "--prompt", "Hi"],
+        "generate --benchmark": ["generate", *bench, "--out", tmp_path / "gen.jsonl"],
+    }[command]
+    r = run_cli([*args, "--model", tiny_hf_checkpoints["llama"], "--cpu-matmul", "onednn"])
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "alignx: error: --cpu-matmul onednn: not on this test's CPU; use auto or ynnpack\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_train_config_key_is_checked_in_one_line_and_reaches_the_decoder():

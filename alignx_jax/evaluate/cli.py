@@ -9,7 +9,13 @@ from typing import Any
 
 from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, ConfigError
-from alignx_jax.evaluate.options import EvalSettings, default_prompt_format, parse_benchmark_specs, parse_flip
+from alignx_jax.evaluate.options import (
+    EvalSettings,
+    check_cpu_matmul,
+    default_prompt_format,
+    parse_benchmark_specs,
+    parse_flip,
+)
 from alignx_jax.evaluate.results import PerExampleLog
 from alignx_jax.evaluate.run import evaluate
 
@@ -68,6 +74,7 @@ def cli_eval(args: argparse.Namespace) -> int:
         _refuse_foreign_out(args, specs)
     if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
         raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
+    check_cpu_matmul(args.cpu_matmul)
     # opened before the model path resolves (a hub id downloads there, for the trained prompt format): the
     # file's own check refuses another command's rows (eval's --per-example appends to eval's own) up front
     with closing(PerExampleLog.for_job(args.per_example)) as log:

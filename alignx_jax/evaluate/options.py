@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import paths
+from alignx_jax import hardware, paths
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 from alignx_jax.export import trained_prompt_format
 
@@ -70,6 +70,14 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
         used.add(key)
         out.append(BenchmarkSpec(name, path, key))
     return out
+
+
+def check_cpu_matmul(choice: str) -> None:
+    """`--cpu-matmul` refused up front where this host cannot run it, in a line naming the flag: the model's
+    own check (`DecoderConfig.compiler_options`) names a training config's key, and only once it is loaded."""
+    why = hardware.cpu_matmul_refusal(choice)
+    if why is not None:
+        raise ConfigError(f"--cpu-matmul {choice}: {why}; use auto or ynnpack")
 
 
 def default_prompt_format(
