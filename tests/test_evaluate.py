@@ -302,6 +302,26 @@ def test_out_never_replaces_an_input_or_a_file_that_is_not_results(capsys, tmp_p
     assert code == 1 and "holds no HF weights" in err
 
 
+def test_a_refused_eval_leaves_no_per_example_file(capsys, tmp_path):
+    """The --per-example log opens before the model path resolves, but its file (and folders) are made with
+    the first row: an eval refused before scoring (a missing --model) left an empty file in new folders."""
+    from alignx_jax.evaluate import PerExampleLog
+
+    per = tmp_path / "new" / "sub" / "per.jsonl"
+    argv = ["--model", str(tmp_path / "no-model"), "--benchmark", f"p-soups={PSOUPS}"]
+    code, _, err = _run(capsys, *argv, "--per-example", str(per), "--out", str(tmp_path / "r.json"))
+    assert code == 1 and "model folder not found" in err and not (tmp_path / "new").exists(), err
+    log = PerExampleLog(str(per))  # the first row makes the file
+    assert not per.exists()
+    row = {"benchmark": "p-soups", "persona": "p", "index": 0, "logp_chosen": -1.0, "logp_rejected": -2.0}
+    log.append([row])
+    log.close()
+    assert [json.loads(x) for x in per.read_text().splitlines()] == [row]
+    (tmp_path / "file").write_text("x")  # a file where its folder would go: still refused as it opens
+    with pytest.raises(NotADirectoryError):
+        PerExampleLog(str(tmp_path / "file" / "per.jsonl"))
+
+
 def test_a_bad_per_example_file_is_refused_before_the_model_path_is_resolved(capsys, monkeypatch, tmp_path):
     """--per-example's one check (the log's own, as it opens) runs before the model path is resolved (a hub
     id would download there) or loaded: a file of generate's rows, or a folder, is refused in one line ahead

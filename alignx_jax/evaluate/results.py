@@ -91,6 +91,7 @@ class PerExampleLog:
         self.path = None if path is None else paths.absolute(path)
         self.rows: dict[tuple, dict] = {}
         self._f = None
+        self._new = False  # a local file not made yet (`append` makes it and its folders)
         self._write = write
         if path is None:
             return
@@ -102,9 +103,13 @@ class PerExampleLog:
             self._read()
         if not write:
             return
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if not paths.is_url(self.path):
+        if paths.is_url(self.path):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        elif p.exists():
             self._f = open(self.path, "a", encoding="utf-8")
+        else:  # made with its first row: a command refused before then (a bad --model) leaves no empty file
+            paths.check_writable(self.path)
+            self._new = True
 
     @classmethod
     def for_job(cls, path: str | None, *, flag: str = "--per-example", kind: str = "eval") -> PerExampleLog:
@@ -147,6 +152,10 @@ class PerExampleLog:
             text = "".join(json.dumps(r) + "\n" for r in self.rows.values())
             paths.path(self.path).write_text(text, encoding="utf-8")
             return
+        if self._new:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+            self._new = False
         if self._f is None:
             return
         for row in rows:
