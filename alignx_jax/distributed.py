@@ -15,7 +15,6 @@ With none of these set nothing happens (one process). `initialize()` is idempote
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Callable
 
@@ -123,9 +122,7 @@ def check_output(dest: str, flag: str) -> None:
 
     problem = None
     if paths.is_main_process():
-        try:
-            if paths.path(dest).is_dir():  # local or a bucket's: the write would fail after the work
-                raise IsADirectoryError(errno.EISDIR, "a folder, not a file", dest)
+        try:  # a folder there too, local or a bucket's (a storage client's own error as an OSError)
             paths.check_writable(dest)
         except OSError as e:
             # a bucket's refusal is several lines ("Forbidden: ...\n403 ..."): one line

@@ -106,13 +106,15 @@ def files_below(top: epath.Path) -> Iterator[tuple[str, epath.Path]]:
 
 
 def check_writable(dest: str) -> None:
-    """OSError now when the file `dest` could not be written later (its folder cannot be made or written).
-    A URL: a small object beside it is written and deleted (a read-only bucket refuses it now, not after
-    the work that ends in the write)."""
+    """OSError now when the file `dest` could not be written later (a folder there, or its folder cannot be
+    made or written). A URL: a small object beside it is written and deleted (a read-only bucket refuses
+    it now, not after the work that ends in the write)."""
     if is_url(dest):
         out = path(dest)
         probe = out.parent / f".{out.name}.probe-{os.getpid()}"
         try:
+            if out.is_dir():  # the write would fail there, after the work
+                raise IsADirectoryError(errno.EISDIR, "a folder, not a file", dest)
             out.parent.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
         except OSError:

@@ -300,6 +300,34 @@ def test_eval_out_on_a_bucket_is_probed_first_and_written_in_place(fake_gcs, mon
     assert not [u for u in fake_gcs.written if u.endswith(".tmp")], fake_gcs.written
 
 
+def test_a_bucket_clients_own_error_at_the_outs_first_look_is_one_line(fake_gcs, monkeypatch, capsys):
+    """The folder check of a URL --out is the first call to the bucket: a storage client's own error there
+    (missing credentials: not an OSError) is check_output's one line, as at the probe that follows; it
+    escaped as a traceback, and on process 0 alone of a job (the others waiting in `agree`)."""
+    from alignx_jax import distributed
+    from alignx_jax.cli import main
+    from alignx_jax.errors import AlignXError
+    from alignx_jax.evaluate import cli as eval_cli
+
+    class DefaultCredentialsError(Exception):  # google.auth's, as gcsfs raises it
+        pass
+
+    def no_credentials(self):
+        raise DefaultCredentialsError("Your default credentials were not found.")
+
+    monkeypatch.setattr(type(paths.path(BUCKET)), "is_dir", no_credentials)
+    with pytest.raises(AlignXError, match=r"^--out gs://.*/r\.json: cannot be written \(Default"):
+        distributed.check_output(f"{BUCKET}/r.json", "--out")
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **kw: pytest.fail("evaluated"))
+    bench = f"{BUCKET}/bench.json"
+    fake_gcs.local(bench).parent.mkdir(parents=True)
+    fake_gcs.local(bench).write_text("[]")
+    argv = ["eval", "--model", "none", "--prompt-format", "chat", "--benchmark", f"alignx={bench}"]
+    assert main([*argv, "--out", f"{BUCKET}/r.json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignx: error: --out {BUCKET}/r.json: cannot be"), err
+
+
 def test_export_reads_a_bucket_workdir_and_refuses_a_bucket_out(fake_gcs):
     from alignx_jax import export
     from alignx_jax.errors import CheckpointError
