@@ -94,15 +94,13 @@ def check_out(out: str, settings: dict[str, Any]) -> None:
     if not os.path.isdir(out):
         return
     path = os.path.join(out, "demo_settings.json")
-    before = read_json(path) if os.path.isfile(path) else None
-    if before is not None and before != settings:
-        # what changed, as `alignx generate` words it: a key the earlier run had not is None there
-        changed = [
-            k
-            for k in (*before, *(k for k in settings if k not in before))
-            if before.get(k) != settings.get(k)
-        ]
-        what = ", ".join(f"{k} {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
+    before = read_json(path) if os.path.isfile(path) else settings
+    if before != settings:
+        what = repr(before)  # not a settings object at all (null, a list)
+        if isinstance(before, dict):  # what changed, as `alignx generate` words it (a key it had not: None)
+            keys = (*before, *(k for k in settings if k not in before))
+            changed = [k for k in keys if before.get(k) != settings.get(k)]
+            what = ", ".join(f"{k} {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
         raise ConfigError(f"{out} holds a demo run with other settings ({what}); use a new --out")
     # the demo writes, and replaces, data/ models/ runs/ eval/ and its reports in OUT: never in a folder
     # of the user's (a demo stopped before its first claim leaves at most its compilation cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,13 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
     (out / "demo_settings.json").write_text(json.dumps({"real": True, "quick": True, "seed": 0}))
     with pytest.raises(ConfigError, match=r"other settings \(model None, now 'HuggingFaceTB/x'\)"):
         demo.check_out(str(out), {"real": True, "quick": True, "seed": 0, "model": "HuggingFaceTB/x"})
+    # settings that are no JSON object (null, a list) are other settings too, in one line
+    for text in ("null", "[1, 2]"):
+        (out / "demo_settings.json").write_text(text)
+        with pytest.raises(
+            ConfigError, match=rf"other settings \({re.escape(text.replace('null', 'None'))}\)"
+        ):
+            demo.check_out(str(out), {"real": True, "quick": True, "seed": 0})
 
 
 def test_a_folder_of_the_users_is_refused_as_out(tmp_path):
