@@ -490,6 +490,9 @@ def _generate_benchmark(args) -> int:
     name, path = parse_benchmark_arg(args.benchmark)
     if not paths.exists(path):  # a bucket's file too (gs://)
         raise DataError(f"--benchmark {name}: no such file or folder", file=path)
+    problem = paths.refuse_inside_inputs("--out", args.out, [(f"--benchmark {name}", path)])
+    if problem:  # appended to: never the benchmark, nor a file the next read of its folder takes for data
+        raise ConfigError(problem)
     # eval's loader: a split folder is refused, and --limit takes eval --limit's rows
     sample = benchmark_sample(name, path, limit=limit)
     rows, picks = sample.rows, sample.picks

@@ -190,6 +190,25 @@ def first_json_line(p: str) -> Any:
     return None
 
 
+def refuse_inside_inputs(flag: str, dest: str, inputs: Iterable[tuple[str, str | None]]) -> str | None:
+    """Why the output `dest` (given as `flag`) must not be written, as one line, when it is one of the
+    `inputs` (`(what, path)` pairs) or lies inside an input folder (a --benchmark or --data folder: the
+    next read of it would take the file for data); None when neither. By name, no listing: a URL against
+    the URL inputs as written, a local path by its real path."""
+    url = is_url(dest)
+
+    def key(p: str) -> str:
+        return p if url else os.path.realpath(p)
+
+    sep = "/" if url else os.sep
+    for what, p in inputs:
+        if p and is_url(p) == url and key(p) == key(dest):
+            return f"{flag} {dest} is the {what} file; give another {flag}"
+        if p and is_url(p) == url and key(dest).startswith(key(p).rstrip(sep) + sep):
+            return f"{flag} {dest} lies inside the {what} folder {p}; give another {flag}"
+    return None
+
+
 def refuse_to_replace(
     flag: str,
     dest: str,
@@ -204,19 +223,11 @@ def refuse_to_replace(
     no way back, and never another existing file (notes, a data set), which `is_own(dest)` tells from
     the command's own output by its content; `own` names that output in the line. A URL `dest` is compared
     with the URL inputs as written (as `data split` compares them); a bucket object's content is not read.
-    Nor is `dest` inside an input folder (a --benchmark or --data folder)."""
+    Nor is `dest` inside an input folder (`refuse_inside_inputs`)."""
     url = is_url(dest)
-
-    def key(p: str) -> str:
-        return p if url else os.path.realpath(p)
-
-    sep = "/" if url else os.sep
-    for what, p in inputs:
-        if p and is_url(p) == url and key(p) == key(dest):
-            return f"{flag} {dest} is the {what} file; give another {flag}"
-        # by name, no listing: a new file there would also be read as one of the folder's files next time
-        if p and is_url(p) == url and key(dest).startswith(key(p).rstrip(sep) + sep):
-            return f"{flag} {dest} lies inside the {what} folder {p}; give another {flag}"
+    problem = refuse_inside_inputs(flag, dest, inputs)
+    if problem:
+        return problem
     if url:
         return None
     if os.path.isfile(dest) and not is_own(dest):

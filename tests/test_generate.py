@@ -460,6 +460,42 @@ GENERATE_ROW = {"benchmark": "p", "persona": None, "index": 0, "id": 0, "method"
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_row_file_inside_the_benchmark_folder_is_refused(command, tiny_hf_checkpoints, tmp_path, capsys):
+    """generate --out and eval --per-example append rows: inside the --benchmark folder they would be read as
+    one of its data files by the next eval or generate of it; refused by name in one line, nothing made."""
+    import os
+    import shutil
+
+    from alignx_jax.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    shutil.copy(os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json"), folder)
+    rows = folder / "rows.jsonl"
+    argv = [
+        command,
+        "--model",
+        tiny_hf_checkpoints["llama"],
+        "--benchmark",
+        f"p-soups={folder}",
+        "--limit",
+        "1",
+    ]
+    if command == "generate":
+        argv += ["--out", str(rows), "--max-new-tokens", "2"]
+    else:
+        argv += ["--out", str(tmp_path / "r.json"), "--per-example", str(rows)]
+    flag = "--out" if command == "generate" else "--per-example"
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} {rows} lies inside the --benchmark p-soups folder {folder}" in err[0], (
+        err
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["student_phd.json"]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
 def test_one_commands_row_file_is_refused_by_the_other(command, tiny_hf_checkpoints, tmp_path, capsys):
     """generate --out and eval --per-example append to a file of their own rows only: the other command's
     file is refused in one line naming the flag and the file, before the model loads, and left

@@ -75,6 +75,13 @@ def cli_eval(args: argparse.Namespace) -> int:
     if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
         raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
     check_cpu_matmul(args.cpu_matmul)
+    # appended to: never an input, nor a file inside a --benchmark folder (the next read takes it for data)
+    if args.per_example:
+        inputs = [("--reference-scores", args.reference_scores)]
+        inputs += [(f"--benchmark {spec.name}", spec.path) for spec in specs]
+        problem = paths.refuse_inside_inputs("--per-example", args.per_example, inputs)
+        if problem:
+            raise ConfigError(problem)
     # opened before the model path resolves (a hub id downloads there, for the trained prompt format): the
     # file's own check refuses another command's rows (eval's --per-example appends to eval's own) up front
     with closing(PerExampleLog.for_job(args.per_example)) as log:
