@@ -626,3 +626,45 @@ def test_an_out_file_on_another_hosts_disk_is_process_0s_to_judge(tmp_path, tiny
     assert r.returncode == 0, r.stderr[-2000:] + logs
     assert json.loads((tmp_path / "host0" / "r.json").read_text())["benchmarks"]
     assert (tmp_path / "host1" / "r.json").read_text() == "my notes\n"
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_eval_without_a_shared_prompt_over_two_processes_gives_one_process_rows(
+    tmp_path, tiny_hf_checkpoints
+):
+    """`launch/local.sh 2 alignx eval --no-share-prompt`: each pair scored as two rows, their log-probs
+    sharded over both processes' devices, which every process gathers (fetched as they were, a
+    RuntimeError on every process): one 8-device process's rows and results."""
+    cache = str(tmp_path / "cache")
+    common = ["eval", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
+    common += [
+        "--method",
+        "none",
+        "--limit",
+        "4",
+        "--max-length",
+        "64",
+        "--batch-size",
+        "4",
+        "--no-share-prompt",
+    ]
+    r = one_process(
+        [*common, "--per-example", str(tmp_path / "e1.jsonl"), "--out", str(tmp_path / "e1.json")], cache
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = two_processes(
+        [*common, "--per-example", str(tmp_path / "e2.jsonl"), "--out", str(tmp_path / "e2.json")],
+        cache,
+        tmp_path / "logs",
+        timeout=300,
+    )
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 0 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    one, two = json.load(open(tmp_path / "e1.json")), json.load(open(tmp_path / "e2.json"))
+    assert two["benchmarks"] == one["benchmarks"] and not two["share_prompt"]
+    rows1 = {(x["persona"], x["index"]): x for x in map(json.loads, open(tmp_path / "e1.jsonl"))}
+    rows2 = {(x["persona"], x["index"]): x for x in map(json.loads, open(tmp_path / "e2.jsonl"))}
+    assert sorted(rows2) == sorted(rows1) and len(rows1) == 4
+    for k, want in rows1.items():
+        for f in ("logp_chosen", "logp_rejected"):
+            assert abs(rows2[k][f] - want[f]) < 1e-4, (k, f, rows2[k][f], want[f])

@@ -148,7 +148,7 @@ class SequenceScorer:
         with use_mesh(self.mesh, self.rules):
             out = self._fn(self.state, *args, chunk=chunk)
         self.shapes.add((rows, T))
-        return np.asarray(jax.device_get(out), dtype=np.float64)
+        return _fetch(out)
 
     def _score_shared(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import jax
@@ -180,8 +180,20 @@ class SequenceScorer:
         with use_mesh(self.mesh, self.rules):
             out_B2 = self._pair_fn(self.state, args, chunk=chunk)
         self.shapes.add((rows, T))
-        lp_B2 = np.asarray(jax.device_get(out_B2), dtype=np.float64)
+        lp_B2 = _fetch(out_B2)
         return np.concatenate([lp_B2[:, 0], lp_B2[:, 1]])
+
+
+def _fetch(out: Any) -> np.ndarray:
+    """A scoring program's output as float64 numpy on every process: on a mesh of several processes the
+    output is sharded over devices of them all (fetched as it is, a RuntimeError), so each gathers it."""
+    import jax
+
+    if isinstance(out, jax.Array) and not out.is_fully_addressable:  # the same on every process
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return np.asarray(jax.device_get(out), dtype=np.float64)
 
 
 def scorer_on(scorer: Callable, examples_by_index: dict[int, Any], *, pad_id: int) -> Callable:
