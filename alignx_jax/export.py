@@ -128,6 +128,12 @@ def _recover_export_leftovers(out: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _export_failed(out: str, e: OSError) -> CheckpointError:
+    """The one line of an export whose folder beside `out` could not be written (`out` left as it was)."""
+    where = f": {e.filename}" if e.filename else ""
+    return CheckpointError(f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged")
+
+
 def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], set[str]]:
     """(entries of `out`, the files a previous export wrote there), after checking that `out` may be
     written: absent, empty, an export of the same `source`, or anything with `overwrite`."""
@@ -139,6 +145,15 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
     except OSError as e:
         raise CheckpointError(f"--out {out}: cannot create {e.filename or parent} ({e.strerror})") from None
     _recover_export_leftovers(out)
+    # the folder the export is written in beside `out`: one that cannot be made fails now, not after the
+    # checkpoint is read, and on every process of a job (the others had exited 0 beside process 0's error)
+    probe = _beside(out, "export-tmp")
+    shutil.rmtree(probe, ignore_errors=True)
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise _export_failed(out, e) from None
     if not os.path.isdir(out) or not os.listdir(out):
         return [], set()
     entries = sorted(os.listdir(out))
@@ -429,10 +444,7 @@ def cli_export(args) -> int:
         _publish(tmp, out, _kept(out, entries, own, files))
     except OSError as e:  # a full disk, a permission: `out` is as it was
         shutil.rmtree(tmp, ignore_errors=True)
-        where = f": {e.filename}" if e.filename else ""
-        raise CheckpointError(
-            f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged"
-        ) from None
+        raise _export_failed(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -668,3 +668,20 @@ def test_eval_without_a_shared_prompt_over_two_processes_gives_one_process_rows(
     for k, want in rows1.items():
         for f in ("logp_chosen", "logp_rejected"):
             assert abs(rows2[k][f] - want[f]) < 1e-4, (k, f, rows2[k][f], want[f])
+
+
+def test_an_export_folder_process_0_cannot_write_stops_every_process_before_the_read(tmp_path):
+    """`launch/local.sh 2 alignx export --out` beside which process 0 cannot make its folder (here under
+    /proc): one line on each process, exit 1 on both, before the checkpoint is read (process 0 failed
+    after reading it, its write refused, while process 1 had exited 0)."""
+    cache, w = str(tmp_path / "cache"), tmp_path / "w"
+    r = one_process(["train", *TRAIN, "--config.train.steps=1", f"--config.workdir={w}"], cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = "/proc/alignx-no-export"
+    r = two_processes(["export", "--checkpoint", str(w), "--out", out], cache, tmp_path / "logs", timeout=120)
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert "process 1 exited with status 1" in r.stderr, r.stderr[-2000:]
+    assert f"alignx: error: --out {out}: export failed (" in logs and f"{out} is unchanged" in logs, logs
+    assert "--out failed on process 0 (its log has the error line)" in logs, logs
+    assert logs.count("alignx: error:") == 2, logs
