@@ -685,3 +685,46 @@ def test_an_export_folder_process_0_cannot_write_stops_every_process_before_the_
     assert f"alignx: error: --out {out}: export failed (" in logs and f"{out} is unchanged" in logs, logs
     assert "--out failed on process 0 (its log has the error line)" in logs, logs
     assert logs.count("alignx: error:") == 2, logs
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_a_per_example_write_that_fails_on_process_0_stops_every_process(tmp_path, tiny_hf_checkpoints):
+    """`launch/local.sh 2 alignx eval --per-example` whose second batch process 0 cannot append (a full
+    disk): both processes stop there with one line each, exit 1 (process 1 went on to the next batch's
+    collective, where both waited until JAX's shutdown barrier aborted them minutes later)."""
+    wrap = tmp_path / "full_disk.py"
+    wrap.write_text(
+        "import errno, os, sys\n"
+        "from alignx_jax import distributed\n"
+        "distributed.initialize_from_env()\n"
+        "from alignx_jax.evaluate import results\n"
+        "append, calls = results.PerExampleLog.append, []\n"
+        "def full(self, rows):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2 and os.environ['ALIGNX_PROCESS_ID'] == '0':\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', self.path)\n"
+        "    return append(self, rows)\n"
+        "results.PerExampleLog.append = full\n"
+        "from alignx_jax.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    rows = tmp_path / "rows.jsonl"
+    argv = ["eval", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
+    argv += ["--method", "none", "--limit", "3", "--batch-size", "1", "--max-length", "64"]
+    argv += ["--per-example", str(rows), "--out", str(tmp_path / "r.json")]
+    env = dict(_env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / "logs"))
+    r = subprocess.run(
+        ["bash", LOCAL, "2", "python", str(wrap), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert "process 1 exited with status 1 " in r.stderr, r.stderr[-2000:]  # not killed by local.sh
+    assert "alignx: error: eval: [Errno 28] No space left on device" in logs, logs
+    assert "alignx: error: --per-example failed on process 0 (its log has the error line)" in logs, logs
+    assert len(rows.read_text().splitlines()) == 1  # the first batch's row, for a resume
+    assert not (tmp_path / "r.json").exists()
