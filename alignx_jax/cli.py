@@ -477,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_stop = _stop_at_once() if args.command in STOP_AT_ONCE else None
     try:
         handler = _handler_for(args)
-        _join_distributed_job()
+        if _join_distributed_job() and old_stop is not None:
+            _stop_at_once()  # jax.distributed.initialize's preemption notifier took SIGTERM over: a run went on
         _use_compile_cache(args)
         code = handler(args)
     except AlignXError as e:
@@ -544,13 +545,13 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
     use_compile_cache(workdir)
 
 
-def _join_distributed_job() -> None:
+def _join_distributed_job() -> bool:
     """Every command joins the multi-process job a launcher describes (launch/local.sh, SLURM, a TPU pod:
-    `alignx_jax.distributed`) before it touches a device; without those variables nothing is imported."""
+    `alignx_jax.distributed`) before it touches a device; without those variables nothing is imported.
+    True when this process joined one now."""
     from alignx_jax import distributed
 
-    if distributed.requested():
-        distributed.initialize_from_env()
+    return distributed.requested() and distributed.initialize_from_env()
 
 
 def _joins_a_job(overrides: Sequence[str]) -> bool:

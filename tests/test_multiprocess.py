@@ -728,3 +728,39 @@ def test_a_per_example_write_that_fails_on_process_0_stops_every_process(tmp_pat
     assert "alignx: error: --per-example failed on process 0 (its log has the error line)" in logs, logs
     assert len(rows.read_text().splitlines()) == 1  # the first batch's row, for a resume
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_a_sigterm_stops_a_multi_process_eval_at_once(tmp_path, tiny_hf_checkpoints):
+    """SIGTERM to every process of `launch/local.sh 2 alignx eval` (a pod's stop) after its first batch:
+    each stops at once, exit 143, one line each (jax.distributed.initialize's preemption notifier had taken
+    SIGTERM over from `alignx`'s handler: the eval ran to its end and exited 0)."""
+    wrap = tmp_path / "sigterm.py"
+    wrap.write_text(
+        "import os, signal, sys\n"
+        "from alignx_jax.evaluate import results\n"
+        "append = results.PerExampleLog.append\n"
+        "def then_stop(self, rows):\n"
+        "    append(self, rows)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "results.PerExampleLog.append = then_stop\n"
+        "from alignx_jax.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    rows = tmp_path / "rows.jsonl"
+    argv = ["eval", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
+    argv += ["--method", "none", "--limit", "3", "--batch-size", "1", "--max-length", "64"]
+    argv += ["--per-example", str(rows), "--out", str(tmp_path / "r.json")]
+    env = dict(_env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / "logs"))
+    r = subprocess.run(
+        ["bash", LOCAL, "2", "python", str(wrap), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 143 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert logs.count("alignx: stopped by SIGTERM; rerun the same command to resume or redo it") == 2, logs
+    assert len(rows.read_text().splitlines()) == 1 and not (tmp_path / "r.json").exists()
