@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignx_jax import paths
+from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
 from alignx_jax.hardware import available_memory_bytes, matmul_precision, resolve_dtype
 from alignx_jax.models.decoder import Decoder
@@ -463,6 +463,19 @@ def _not_yet_generated(
     return todo
 
 
+def _rows_of_main(todo: list[int]) -> list[int]:
+    """Process 0's `todo` on every process of a job (the rows its --out file does not hold yet)."""
+    if paths.process_count() <= 1:
+        return todo
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(todo))))
+    if n == 0:
+        return []
+    mine = np.asarray(todo if paths.is_main_process() else [0] * n, np.int32)
+    return [int(i) for i in np.asarray(multihost_utils.broadcast_one_to_all(mine))]
+
+
 def _generate_benchmark(args) -> int:
     """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
     method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
@@ -510,7 +523,16 @@ def _generate_benchmark(args) -> int:
     log = PerExampleLog.for_job(args.out, flag="--out", kind="generate")
     try:
         default_dtype = settings["dtype"] if given_dtype is None else _resolved_dtype(model_path, None)
-        todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype)
+        # process 0 writes --out, so the file on its disk decides which rows are left, for every process:
+        # all then run the same batches, each followed by one agreed check of its write
+        todo, problem = [], None
+        if main:
+            try:
+                todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype)
+            except AlignXError as e:
+                problem = e
+        distributed.agree(problem, "--out")
+        todo = _rows_of_main(todo)
         if not todo:
             if main:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
@@ -541,21 +563,27 @@ def _generate_benchmark(args) -> int:
                     row_ids=batch,
                     precision=getattr(args, "matmul_precision", "auto"),
                 )
-                log.append(
-                    {
-                        "benchmark": name,
-                        "persona": None,
-                        "index": i,
-                        "id": rows[i].get("id", i),
-                        "group": persona_group(rows[i]),
-                        "method": args.method,
-                        "prompt_format": fmt,
-                        "prompt": rows[i]["prompt"],
-                        "output": tokenizer.decode(toks, skip_special_tokens=True),
-                        "settings": settings,
-                    }
-                    for i, toks in zip(batch, outs)
-                )
+                problem = None
+                try:
+                    log.append(
+                        {
+                            "benchmark": name,
+                            "persona": None,
+                            "index": i,
+                            "id": rows[i].get("id", i),
+                            "group": persona_group(rows[i]),
+                            "method": args.method,
+                            "prompt_format": fmt,
+                            "prompt": rows[i]["prompt"],
+                            "output": tokenizer.decode(toks, skip_special_tokens=True),
+                            "settings": settings,
+                        }
+                        for i, toks in zip(batch, outs)
+                    )
+                except OSError as e:  # a full disk: on the one writer, process 0
+                    problem = e
+                # every process stops with it (else the others generated on, and process 0 waited for them)
+                distributed.agree(problem, "--out")
                 bar.update(len(batch))
     finally:
         log.close()

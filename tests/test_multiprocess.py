@@ -764,3 +764,55 @@ def test_a_sigterm_stops_a_multi_process_eval_at_once(tmp_path, tiny_hf_checkpoi
     assert r.returncode == 143 and "Traceback" not in logs, r.stderr[-2000:] + logs
     assert logs.count("alignx: stopped by SIGTERM; rerun the same command to resume or redo it") == 2, logs
     assert len(rows.read_text().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_a_generate_row_write_that_fails_on_process_0_stops_every_process(tmp_path, tiny_hf_checkpoints):
+    """`launch/local.sh 2 alignx generate --benchmark --out` whose second batch process 0 cannot append (a
+    full disk): both stop there, one line each, exit 1 (process 1 generated every other row and exited 0,
+    while process 0 waited for it in JAX's shutdown barrier). The rows to generate are process 0's, whose
+    --out decides: a resume on another host's disk generates the same batches on every process."""
+    wrap = tmp_path / "full_disk.py"
+    wrap.write_text(
+        "import errno, os, sys\n"
+        "from alignx_jax import distributed\n"
+        "distributed.initialize_from_env()\n"
+        "from alignx_jax.evaluate import results\n"
+        "append, calls = results.PerExampleLog.append, []\n"
+        "def full(self, rows):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2 and os.environ['ALIGNX_PROCESS_ID'] == '0' and 'FULL' in os.environ:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', self.path)\n"
+        "    return append(self, rows)\n"
+        "results.PerExampleLog.append = full\n"
+        "from alignx_jax.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "g.jsonl"
+    argv = ["generate", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
+    argv += ["--limit", "3", "--batch-size", "1", "--max-new-tokens", "2", "--greedy", "--out", str(out)]
+
+    def launch(name: str, **extra: str) -> tuple[subprocess.CompletedProcess, str]:
+        env = dict(
+            _env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / name), **extra
+        )
+        r = subprocess.run(
+            ["bash", LOCAL, "2", "python", str(wrap), *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        return r, _logs(tmp_path / name)
+
+    r, logs = launch("logs-full", FULL="1")
+    assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert "process 1 exited with status 1 " in r.stderr, r.stderr[-2000:]  # not stopped by local.sh
+    assert "alignx: error: --out failed on process 0 (its log has the error line)" in logs, logs
+    assert "No space left on device" in logs, logs
+    assert len(out.read_text().splitlines()) == 1  # the first batch's row
+    r, logs = launch("logs-resume")  # the rest, once, by both processes together
+    assert r.returncode == 0, r.stderr[-2000:] + logs
+    assert f"{out}: 2 rows generated, 3 in all" in logs, logs
+    assert len({json.loads(x)["index"] for x in out.read_text().splitlines()}) == 3
