@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from alignx_jax.errors import AlignXError
+from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.hardware import AUTO, COMPUTE_DTYPES, CPU_MATMULS, MATMUL_PRECISIONS
 
 # sub-command -> "module:function(args) -> int | None"
@@ -477,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_stop = _stop_at_once() if args.command in STOP_AT_ONCE else None
     try:
         handler = _handler_for(args)
+        _refuse_one_process_command_in_a_job(args)
         if _join_distributed_job() and old_stop is not None:
             _stop_at_once()  # jax.distributed.initialize's preemption notifier took SIGTERM over: a run went on
         _use_compile_cache(args)
@@ -543,6 +544,22 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
     from alignx_jax.compile_cache import use_compile_cache
 
     use_compile_cache(workdir)
+
+
+# host-side writers of one folder: every process of a job would write it (import's orbax save refuses
+# arrays of one host, prepare's lock refuses the second writer), and they use no other host's devices
+ONE_PROCESS_COMMANDS = ("import", "data prepare")
+
+
+def _refuse_one_process_command_in_a_job(args: argparse.Namespace) -> None:
+    from alignx_jax import distributed
+
+    name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    if name in ONE_PROCESS_COMMANDS and distributed.requested():
+        raise ConfigError(
+            f"alignx {name} runs as one process and this one is part of a multi-process job "
+            "(launch/local.sh or ALIGNX_* variables); run it without the launcher"
+        )
 
 
 def _join_distributed_job() -> bool:

@@ -89,3 +89,20 @@ def test_config_overrides_outside_train_and_plan_name_the_sub_command(command, c
     assert err == (
         f"{prog}: error: --config.* overrides only apply to train and plan, not {command[0]} (see {prog} --help)"
     ), err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["import", "--hf", "H", "--out", "O"], ["data", "prepare", "--source", "SRC", "--out", "O"]],
+    ids=["import", "data prepare"],
+)
+def test_one_process_commands_refuse_a_multi_process_job(argv, monkeypatch, capsys, tmp_path):
+    """Under launch/local.sh every process ran `import` (an orbax traceback: arrays of one host) or `data
+    prepare` (all but one refused by its lock): one line on each process instead, before anything is read."""
+    monkeypatch.setenv("ALIGNX_COORDINATOR_ADDRESS", "127.0.0.1:1")  # a job that is never joined
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    name = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
+    assert len(err) == 1 and f"alignx {name} runs as one process" in err[0], err
+    assert not list(tmp_path.iterdir())
