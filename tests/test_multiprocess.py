@@ -100,6 +100,42 @@ def _logs(logdir) -> str:
     return "\n".join(out)
 
 
+# the row append of eval --per-example / generate --out on process 0 fails at its second batch (a full
+# disk) where FULL is set
+FULL_DISK_ON_PROCESS_0 = (
+    "import errno, os\n"
+    "from alignx_jax import distributed\n"
+    "distributed.initialize_from_env()\n"
+    "from alignx_jax.evaluate import results\n"
+    "append, calls = results.PerExampleLog.append, []\n"
+    "def full(self, rows):\n"
+    "    calls.append(1)\n"
+    "    if len(calls) == 2 and os.environ['ALIGNX_PROCESS_ID'] == '0' and 'FULL' in os.environ:\n"
+    "        raise OSError(errno.ENOSPC, 'No space left on device', self.path)\n"
+    "    return append(self, rows)\n"
+    "results.PerExampleLog.append = full\n"
+)
+
+
+def _launch_patched_cli(tmp_path, patch: str, argv: list[str], logdir: str = "logs", **extra: str):
+    """`launch/local.sh 2` of `alignx ARGV` after the Python lines `patch` (one device per process):
+    (the completed launcher, the processes' logs)."""
+    wrap = tmp_path / "patched_cli.py"
+    wrap.write_text(
+        "import sys\n" + patch + "from alignx_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(_env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / logdir), **extra)
+    r = subprocess.run(
+        ["bash", LOCAL, "2", "python", str(wrap), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    return r, _logs(tmp_path / logdir)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """tests/mp_modes.py, every training mode one after another (its `two_row` mode: the 12-step tiny run
@@ -692,36 +728,11 @@ def test_a_per_example_write_that_fails_on_process_0_stops_every_process(tmp_pat
     """`launch/local.sh 2 alignx eval --per-example` whose second batch process 0 cannot append (a full
     disk): both processes stop there with one line each, exit 1 (process 1 went on to the next batch's
     collective, where both waited until JAX's shutdown barrier aborted them minutes later)."""
-    wrap = tmp_path / "full_disk.py"
-    wrap.write_text(
-        "import errno, os, sys\n"
-        "from alignx_jax import distributed\n"
-        "distributed.initialize_from_env()\n"
-        "from alignx_jax.evaluate import results\n"
-        "append, calls = results.PerExampleLog.append, []\n"
-        "def full(self, rows):\n"
-        "    calls.append(1)\n"
-        "    if len(calls) == 2 and os.environ['ALIGNX_PROCESS_ID'] == '0':\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device', self.path)\n"
-        "    return append(self, rows)\n"
-        "results.PerExampleLog.append = full\n"
-        "from alignx_jax.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     rows = tmp_path / "rows.jsonl"
     argv = ["eval", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
     argv += ["--method", "none", "--limit", "3", "--batch-size", "1", "--max-length", "64"]
     argv += ["--per-example", str(rows), "--out", str(tmp_path / "r.json")]
-    env = dict(_env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / "logs"))
-    r = subprocess.run(
-        ["bash", LOCAL, "2", "python", str(wrap), *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    logs = _logs(tmp_path / "logs")
+    r, logs = _launch_patched_cli(tmp_path, FULL_DISK_ON_PROCESS_0, argv, FULL="1")
     assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
     assert "process 1 exited with status 1 " in r.stderr, r.stderr[-2000:]  # not killed by local.sh
     assert "alignx: error: eval: [Errno 28] No space left on device" in logs, logs
@@ -735,32 +746,20 @@ def test_a_sigterm_stops_a_multi_process_eval_at_once(tmp_path, tiny_hf_checkpoi
     """SIGTERM to every process of `launch/local.sh 2 alignx eval` (a pod's stop) after its first batch:
     each stops at once, exit 143, one line each (jax.distributed.initialize's preemption notifier had taken
     SIGTERM over from `alignx`'s handler: the eval ran to its end and exited 0)."""
-    wrap = tmp_path / "sigterm.py"
-    wrap.write_text(
-        "import os, signal, sys\n"
+    then_stop = (
+        "import os, signal\n"
         "from alignx_jax.evaluate import results\n"
         "append = results.PerExampleLog.append\n"
         "def then_stop(self, rows):\n"
         "    append(self, rows)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "results.PerExampleLog.append = then_stop\n"
-        "from alignx_jax.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
     )
     rows = tmp_path / "rows.jsonl"
     argv = ["eval", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
     argv += ["--method", "none", "--limit", "3", "--batch-size", "1", "--max-length", "64"]
     argv += ["--per-example", str(rows), "--out", str(tmp_path / "r.json")]
-    env = dict(_env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / "logs"))
-    r = subprocess.run(
-        ["bash", LOCAL, "2", "python", str(wrap), *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    logs = _logs(tmp_path / "logs")
+    r, logs = _launch_patched_cli(tmp_path, then_stop, argv)
     assert r.returncode == 143 and "Traceback" not in logs, r.stderr[-2000:] + logs
     assert logs.count("alignx: stopped by SIGTERM; rerun the same command to resume or redo it") == 2, logs
     assert len(rows.read_text().splitlines()) == 1 and not (tmp_path / "r.json").exists()
@@ -772,39 +771,12 @@ def test_a_generate_row_write_that_fails_on_process_0_stops_every_process(tmp_pa
     full disk): both stop there, one line each, exit 1 (process 1 generated every other row and exited 0,
     while process 0 waited for it in JAX's shutdown barrier). The rows to generate are process 0's, whose
     --out decides: a resume on another host's disk generates the same batches on every process."""
-    wrap = tmp_path / "full_disk.py"
-    wrap.write_text(
-        "import errno, os, sys\n"
-        "from alignx_jax import distributed\n"
-        "distributed.initialize_from_env()\n"
-        "from alignx_jax.evaluate import results\n"
-        "append, calls = results.PerExampleLog.append, []\n"
-        "def full(self, rows):\n"
-        "    calls.append(1)\n"
-        "    if len(calls) == 2 and os.environ['ALIGNX_PROCESS_ID'] == '0' and 'FULL' in os.environ:\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device', self.path)\n"
-        "    return append(self, rows)\n"
-        "results.PerExampleLog.append = full\n"
-        "from alignx_jax.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     out = tmp_path / "g.jsonl"
     argv = ["generate", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
     argv += ["--limit", "3", "--batch-size", "1", "--max-new-tokens", "2", "--greedy", "--out", str(out)]
 
     def launch(name: str, **extra: str) -> tuple[subprocess.CompletedProcess, str]:
-        env = dict(
-            _env(str(tmp_path / "cache")), DEVICES_PER_PROCESS="1", LOGDIR=str(tmp_path / name), **extra
-        )
-        r = subprocess.run(
-            ["bash", LOCAL, "2", "python", str(wrap), *argv],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
-        return r, _logs(tmp_path / name)
+        return _launch_patched_cli(tmp_path, FULL_DISK_ON_PROCESS_0, argv, name, **extra)
 
     r, logs = launch("logs-full", FULL="1")
     assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
