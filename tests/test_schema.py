@@ -335,3 +335,68 @@ def test_data_files_beside_split_folders_are_refused_as_train_refuses_them(comma
     assert "extra.jsonl" in err and not (tmp_path / "out").exists()
     (tmp_path / "d" / "extra.jsonl").unlink()  # the split folders alone still check
     assert main(["data", "check", str(tmp_path / "d")]) == 0
+
+
+@pytest.mark.parametrize(
+    "kind, mutate, field, meant",
+    [
+        # a benchmark's persona fields are optional: a near-miss spelling left its persona part empty, unsaid
+        (
+            "prism",
+            lambda r: r.update({"Demographic information": r.pop("Demographic Information")}),
+            "Demographic information",
+            "Demographic Information",
+        ),
+        (
+            "uf-p-4",
+            lambda r: r.update({"user_generated_content": r.pop("User-Generated Content")}),
+            "user_generated_content",
+            "User-Generated Content",
+        ),
+        ("prism", lambda r: r.update({"User ID": "u1"}), "User ID", "user_id"),
+        (
+            "alignx",
+            lambda r: r.update({"preference direction": r.pop("Preference Direction")}),
+            "preference direction",
+            "Preference Direction",
+        ),
+        # a pair's direction is optional too: its misspelling dropped the vector
+        (
+            "prism",
+            lambda r: r["Pair-wise Comparative Feedback"][1].update(
+                {"Preference_Direction": r["Pair-wise Comparative Feedback"][1].pop("Preference Direction")}
+            ),
+            "Pair-wise Comparative Feedback[1].Preference_Direction",
+            "Preference Direction",
+        ),
+    ],
+)
+def test_validate_row_refuses_misspelled_fields(kind, mutate, field, meant):
+    row = _good()
+    mutate(row)
+    with pytest.raises(DataError) as e:
+        schema.validate_row(row, kind=kind, file="f.json", index=3)
+    assert e.value.field == field and e.value.row == 3 and e.value.file == "f.json"
+    assert f"spelled {meant!r}" in str(e.value)
+
+
+def test_misspelled_field_beside_the_real_one_is_kept(tmp_path):
+    row = _good()
+    row["demographic information"] = "a note of the collector"  # the real field is there: an extra field
+    row["Source"] = "reddit"  # nothing reads `source`: its look-alike is just another extra field
+    out = schema.validate_row(row, kind="alignx")
+    assert out["Source"] == "reddit"
+    assert out["demographic information"] == "a note of the collector"
+    assert out["Demographic Information"] == row["Demographic Information"]
+
+
+def test_data_check_names_a_misspelled_persona_field(tmp_path, capsys):
+    rows = [
+        {"prompt": f"p{i}", "chosen": "a", "rejected": "b", "Demographic information": "age 30"}
+        for i in range(2)
+    ]
+    (tmp_path / "prism.json").write_text(json.dumps(rows))
+    assert main(["data", "check", "--kind", "prism", str(tmp_path / "prism.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prism.json, row 0, field 'Demographic information'" in err[0]
+    assert "'Demographic Information'" in err[0]

@@ -10,7 +10,9 @@ Strictness (decided here, tested in tests/test_schema.py):
   * history items: every text field must be a str, but may be empty (real comments can be);
   * history lists: at most 4 items; item directions 90 values in {0, 0.5, 1} when present
     (required on UGC items of AlignX rows, optional on pairs: P-SOUPS has none);
-  * unknown extra fields are kept unchanged.
+  * unknown extra fields are kept unchanged, except one spelled like a field this reader knows but
+    not exactly (`Demographic information`, `user-generated content`, `preference_direction`) while
+    that field is absent: it would be read as nothing, so it is an error naming the right spelling.
 """
 
 from __future__ import annotations
@@ -39,6 +41,47 @@ MAX_HISTORY = persona_lib.MAX_HISTORY
 _ALLOWED = frozenset((0.0, 0.5, 1.0))
 _SCALARS = frozenset((float, int, str, bool, type(None)))
 _FLOAT = {float}
+ROW_FIELDS = frozenset(
+    (
+        "prompt",
+        "chosen",
+        "rejected",
+        DIRECTION,
+        DEMO,
+        UGC,
+        PAIR,
+        "profile",
+        "ground_truth_persona",
+        "user_id",
+        "source",
+    )
+)
+ITEM_FIELDS = frozenset(("prompt", "comment", "chosen", "rejected", DIRECTION))
+
+
+def _spelling(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+# nothing reads `source`: a `Source` column is data of its own, not a misspelling
+_ROW_SPELLINGS = {_spelling(f): f for f in ROW_FIELDS - {"source"}}
+_ITEM_SPELLINGS = {_spelling(f): f for f in ITEM_FIELDS}
+
+
+def _refuse_misspelled(obj: dict, known: frozenset, *, where: dict, prefix: str = "") -> None:
+    """A DataError for a key spelled like a known field but not exactly, where that field is absent: its
+    value would be kept as an extra field and the known one read as empty (a persona part lost unsaid)."""
+    if obj.keys() <= known:  # the common case, one set operation per row
+        return
+    spellings = _ROW_SPELLINGS if known is ROW_FIELDS else _ITEM_SPELLINGS
+    for key in obj.keys() - known:
+        meant = spellings.get(_spelling(key)) if isinstance(key, str) else None
+        if meant is not None and obj.get(meant) is None:
+            raise DataError(
+                f"unknown field (it would be ignored): the field is spelled {meant!r}",
+                field=f"{prefix}{key}",
+                **where,
+            )
 
 
 def _plain(value: Any) -> Any:
@@ -130,6 +173,7 @@ def _items(
         name = f"{key}[{j}]"
         if not isinstance(item, dict):
             raise DataError(f"expected an object, got {type(item).__name__}", field=name, **where)
+        _refuse_misspelled(item, ITEM_FIELDS, where=where, prefix=f"{name}.")
         norm = {}
         for f in item_fields:
             norm[f] = _text(item, f, where=where, field_name=f"{name}.{f}", blank_ok=True)
@@ -152,6 +196,7 @@ def validate_row(
     if not isinstance(row, dict):
         raise DataError(f"expected an object, got {type(row).__name__}", **where)
     row = _plain(row)
+    _refuse_misspelled(row, ROW_FIELDS, where=where)
     out = dict(row)  # extra fields are kept as they are
     for key in ("prompt", "chosen", "rejected"):
         out[key] = _text(row, key, where=where)
@@ -227,6 +272,7 @@ def read_persona_file(path: str, *, needs: str = "ica") -> dict:
     if not isinstance(obj, dict):
         raise DataError("expected a JSON object with the persona fields of one row", file=path)
     where = {"file": path, "row": None}
+    _refuse_misspelled(obj, ROW_FIELDS, where=where)
     out = {**obj, **_persona_fields(obj, where, ugc_directions=False)}
     profile = _text(obj, "profile", where=where, required=False, blank_ok=False)
     if profile is not None:
