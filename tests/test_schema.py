@@ -400,3 +400,25 @@ def test_data_check_names_a_misspelled_persona_field(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prism.json, row 0, field 'Demographic information'" in err[0]
     assert "'Demographic Information'" in err[0]
+
+
+def test_a_benchmark_file_with_golden_directions_is_read_as_a_benchmark(tmp_path, capsys):
+    """UF-P-4 rows carry a golden `Preference Direction` beside the `profile` PBA reads and only some
+    persona fields: auto-detected as AlignX, every row failed on a missing `Demographic Information`
+    (train, prepare and predict-preferences have no --kind to say otherwise)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(3):
+        row = alignx_row(i, rng, n_ugc=0, n_pair=2)
+        del row["Demographic Information"], row["User-Generated Content"]
+        row["profile"] = "Older, Likes humor"
+        rows.append(row)
+    assert schema.detect_kind(rows) == "uf-p-4"
+    assert schema.detect_kind([alignx_row(0, rng)]) == "alignx"
+    write_jsonl(tmp_path / "honesty.jsonl", rows)
+    assert main(["data", "check", str(tmp_path / "honesty.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "kind: uf-p-4" in out and "directions: 3 rows" in out
+    counts: dict = {}
+    streamed = list(schema.iter_rows(str(tmp_path / "honesty.jsonl"), counts=counts))
+    assert counts["rows"] == 3 and streamed[0][0]["Preference Direction"] == rows[0]["Preference Direction"]

@@ -294,12 +294,14 @@ def read_persona_file(path: str, *, needs: str = "ica") -> dict:
 
 
 def detect_kind(rows: Any) -> str:
-    """auto, from a row or a sample of rows: AlignX if any has a `Preference Direction`, P-SOUPS
-    if any has profile + ground_truth_persona, else the generic benchmark shape (validated as
-    uf-p-4; prism is the same shape). Looking at several rows keeps one broken first row from
-    turning a whole AlignX file into a leniently checked benchmark."""
+    """auto, from a row or a sample of rows: AlignX if any has a `Preference Direction` and none a
+    `profile`, P-SOUPS if any has profile + ground_truth_persona, else the generic benchmark shape
+    (validated as uf-p-4; prism is the same shape). Looking at several rows keeps one broken first row
+    from turning a whole AlignX file into a leniently checked benchmark. A `profile` marks a benchmark:
+    UF-P-4 rows carry one beside their golden direction (and often no comments or demographics), AlignX
+    rows never do."""
     sample = [r for r in ([rows] if isinstance(rows, dict) else rows) if isinstance(r, dict)]
-    if any(r.get(DIRECTION) is not None for r in sample):
+    if any(r.get(DIRECTION) is not None for r in sample) and not any("profile" in r for r in sample):
         return "alignx"
     if any("profile" in r and "ground_truth_persona" in r for r in sample):
         return "p-soups"
