@@ -734,7 +734,8 @@ def test_a_per_example_write_that_fails_on_process_0_stops_every_process(tmp_pat
     argv += ["--per-example", str(rows), "--out", str(tmp_path / "r.json")]
     r, logs = _launch_patched_cli(tmp_path, FULL_DISK_ON_PROCESS_0, argv, FULL="1")
     assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
-    assert "process 1 exited with status 1 " in r.stderr, r.stderr[-2000:]  # not killed by local.sh
+    # on its own, not stopped by local.sh (which may then stop process 0, still shutting down, after its line)
+    assert "process 1 exited with status 1" in r.stderr, r.stderr[-2000:]
     assert "alignx: error: eval: [Errno 28] No space left on device" in logs, logs
     assert "alignx: error: --per-example failed on process 0 (its log has the error line)" in logs, logs
     assert len(rows.read_text().splitlines()) == 1  # the first batch's row, for a resume
@@ -780,7 +781,8 @@ def test_a_generate_row_write_that_fails_on_process_0_stops_every_process(tmp_pa
 
     r, logs = launch("logs-full", FULL="1")
     assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
-    assert "process 1 exited with status 1 " in r.stderr, r.stderr[-2000:]  # not stopped by local.sh
+    # on its own, not stopped by local.sh (which may then stop process 0, still shutting down, after its line)
+    assert "process 1 exited with status 1" in r.stderr, r.stderr[-2000:]
     assert "alignx: error: --out failed on process 0 (its log has the error line)" in logs, logs
     assert "No space left on device" in logs, logs
     assert len(out.read_text().splitlines()) == 1  # the first batch's row
