@@ -51,13 +51,11 @@ def _copy_head_files(src: str, out_dir: str) -> None:
 def cli_import(args) -> int:
     from alignx_jax import model_card
     from alignx_jax.models import preference_head as ph
-    from alignx_jax.models.presets import resolve_model_path
+    from alignx_jax.models.presets import resolve_model_folder
 
     check_import_target(args.out, bool(getattr(args, "overwrite", False)))
-    src = resolve_model_path(args.hf, model=True)  # a local folder, or a hub id's snapshot in the HF cache
-    if not os.path.isdir(src):  # named here: the loader's line names neither the flag nor the path once
-        raise CheckpointError(f"--hf: model folder not found: {args.hf}")
-    if os.path.isdir(src) and os.path.realpath(src) == os.path.realpath(args.out):
+    src = resolve_model_folder(args.hf, "--hf")  # a local folder, or a hub id's snapshot in the HF cache
+    if os.path.realpath(src) == os.path.realpath(args.out):
         raise CheckpointError(f"--out {args.out}: is the --hf folder itself; import into another folder")
     if os.path.isdir(os.path.join(src, "checkpoints")) and model_card.read_run_config(src) is not None:
         raise CheckpointError(

@@ -23,6 +23,7 @@ from alignx_jax import distributed, paths
 from alignx_jax.errors import AlignXError, CheckpointError, ConfigError, DataError
 from alignx_jax.hardware import available_memory_bytes, matmul_precision, resolve_dtype
 from alignx_jax.models.decoder import Decoder
+from alignx_jax.models.presets import resolve_model_folder
 from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.sharding import target_platform
 
@@ -341,17 +342,6 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
     return model, load_tokenizer(tok_dir)
 
 
-def _model_flag(model: str) -> str:
-    """`--model` resolved (`resolve_model_path`: a hub id's snapshot, a gs:// folder's copy, a .gguf's
-    folder); one that names no folder is refused in eval's words, naming the flag."""
-    from alignx_jax.real_model import resolve_model_path
-
-    path = resolve_model_path(model, model=True)
-    if not paths.is_dir(path):  # the loaders' lines name neither the flag nor the kind of folder wanted
-        raise CheckpointError(f"--model: model folder not found: {model}")
-    return path
-
-
 def _prompt_budget(ids: list[int], fmt: str, max_length: int) -> list[int]:
     """Left-truncate a prompt to `max_length - reserve` tokens as the release evaluates; the `paper`
     format's BOS is kept in front of the truncated prompt string."""
@@ -510,7 +500,7 @@ def _generate_benchmark(args) -> int:
     sample = benchmark_sample(name, path, limit=limit)
     rows, picks = sample.rows, sample.picks
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
-    model_path = _model_flag(args.model)
+    model_path = resolve_model_folder(args.model, "--model")
     # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none
     given_dtype = settings["dtype"]
     settings["dtype"] = _resolved_dtype(model_path, given_dtype)
@@ -623,7 +613,7 @@ def cli_generate(args) -> int:
             print(
                 f"alignx: warning: --persona {args.persona} is not read with --method none", file=sys.stderr
             )
-    model_path = _model_flag(args.model)  # resolved once: the load and the trained format read it
+    model_path = resolve_model_folder(args.model, "--model")  # once: the load and the trained format read it
     model, tokenizer = load_model_and_tokenizer(
         model_path, getattr(args, "dtype", None), cpu_matmul=getattr(args, "cpu_matmul", "auto")
     )

@@ -197,16 +197,14 @@ def _check_inputs(
     model_dir: str, reference_dir: str | None, settings: EvalSettings, reference_scores: str | None
 ) -> tuple[str, str | None]:
     """The model folders resolved and checked before anything is loaded."""
-    from alignx_jax.models.presets import resolve_model_path
+    from alignx_jax.models.presets import resolve_model_folder
 
     settings.check()
     model_dir, reference_dir = (
-        resolve_model_path(model_dir, model=True),
-        reference_dir and resolve_model_path(reference_dir, model=True),
+        resolve_model_folder(model_dir, "--model"),
+        reference_dir and resolve_model_folder(reference_dir, "--reference"),
     )
     for d, what in ((model_dir, "--model"), (reference_dir, "--reference")):
-        if d is not None and not paths.path(d).is_dir():
-            raise CheckpointError(f"{what}: model folder not found: {d}")
         if d is not None and os.path.isdir(d) and not holds_safetensors(d):
             raise CheckpointError(
                 f"{what}: {d} holds no HF weights (*.safetensors); a training workdir or orbax checkpoint is "

@@ -125,6 +125,15 @@ def resolve_model_path(path: str, *, model: bool = False) -> str:
     return path
 
 
+def resolve_model_folder(path: str, flag: str) -> str:
+    """A command's model flag (`flag` PATH) resolved (`resolve_model_path`), refused in one line naming the
+    flag and the path as given when it names no folder (the loaders' lines name neither)."""
+    resolved = resolve_model_path(path, model=True)
+    if not paths.is_dir(resolved):
+        raise CheckpointError(f"{flag}: model folder not found: {path}")
+    return resolved
+
+
 REMOTE_MARKER = ".alignx-complete"
 
 
