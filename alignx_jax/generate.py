@@ -553,9 +553,8 @@ def _generate_benchmark(args) -> int:
                     row_ids=batch,
                     precision=getattr(args, "matmul_precision", "auto"),
                 )
-                problem = None
-                try:
-                    log.append(
+                log.append_agreed(
+                    (
                         {
                             "benchmark": name,
                             "persona": None,
@@ -569,11 +568,9 @@ def _generate_benchmark(args) -> int:
                             "settings": settings,
                         }
                         for i, toks in zip(batch, outs)
-                    )
-                except OSError as e:  # a full disk: on the one writer, process 0
-                    problem = e
-                # every process stops with it (else the others generated on, and process 0 waited for them)
-                distributed.agree(problem, "--out")
+                    ),
+                    "--out",
+                )
                 bar.update(len(batch))
     finally:
         log.close()

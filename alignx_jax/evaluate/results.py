@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import paths
+from alignx_jax import distributed, paths
 from alignx_jax.errors import DataError
 
 # Per-example rows are matched on these fields when an evaluation resumes.
@@ -162,6 +162,20 @@ class PerExampleLog:
             self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
+
+    def append_agreed(self, rows: Iterable[dict], flag: str) -> None:
+        """`append`, then (a file given) one check every process of a job makes: a write that failed on
+        process 0, the one writer (a full disk), stops them all at this batch (else the others went on into
+        the next batch's collectives, or generated on while process 0 waited for them). `flag` names it."""
+        problem = None
+        try:
+            self.append(rows)
+        except OSError as e:
+            problem = e
+        if self.path is not None:
+            distributed.agree(problem, flag)
+        elif problem is not None:
+            raise problem
 
     def close(self) -> None:
         if self._f is not None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import distributed, hardware, paths
+from alignx_jax import hardware, paths
 from alignx_jax.data.benchmarks import BenchmarkSample, benchmark_sample
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.evaluate import scoring
@@ -379,15 +379,7 @@ def _score_todo(
                 )
                 for j, ex in enumerate(chunk)
             ]
-            problem = None
-            try:
-                log.append(new_rows)
-            except OSError as e:  # a full disk: on the one writer, process 0
-                problem = e
-            if log.path is not None:  # every process stops with it (else they waited in the next batch)
-                distributed.agree(problem, "--per-example")
-            elif problem is not None:
-                raise problem
+            log.append_agreed(new_rows, "--per-example")
             outcomes.extend(
                 {**r, "group": persona_group(rows[r["index"]]), "truncated": ex.truncated}
                 for ex, r in zip(chunk, new_rows)
