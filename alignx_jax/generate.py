@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 import types
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -453,8 +454,17 @@ def _not_yet_generated(
     return todo
 
 
-def _rows_of_main(todo: list[int]) -> list[int]:
-    """Process 0's `todo` on every process of a job (the rows its --out file does not hold yet)."""
+def _rows_left_on_main(find: Callable[[], list[int]]) -> list[int]:
+    """The rows left to generate, as `find()` on process 0 says (it writes --out, so the file on its disk
+    decides), on every process of a job: all then run the same batches. Its refusal (rows of another job)
+    stops every process."""
+    todo, problem = [], None
+    if paths.is_main_process():
+        try:
+            todo = find()
+        except AlignXError as e:
+            problem = e
+    distributed.agree(problem, "--out")
     if paths.process_count() <= 1:
         return todo
     from jax.experimental import multihost_utils
@@ -464,6 +474,23 @@ def _rows_of_main(todo: list[int]) -> list[int]:
         return []
     mine = np.asarray(todo if paths.is_main_process() else [0] * n, np.int32)
     return [int(i) for i in np.asarray(multihost_utils.broadcast_one_to_all(mine))]
+
+
+def _benchmark_flags(args) -> tuple[int | None, int]:
+    """`generate --benchmark`'s own flags checked: (--limit, --batch-size)."""
+    if args.prompt:
+        raise ConfigError("give --prompt or --benchmark, not both")
+    if args.persona:
+        raise ConfigError("--persona applies to --prompt; a benchmark row carries its own persona")
+    if not getattr(args, "out", None):
+        raise ConfigError("--benchmark needs --out FILE.jsonl")
+    limit = getattr(args, "limit", None)
+    batch_size = 8 if getattr(args, "batch_size", None) is None else int(args.batch_size)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be positive, got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
+    return limit, batch_size
 
 
 def _generate_benchmark(args) -> int:
@@ -477,19 +504,8 @@ def _generate_benchmark(args) -> int:
     from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg, persona_group
     from alignx_jax.evaluate import PerExampleLog, default_prompt_format
 
-    if args.prompt:
-        raise ConfigError("give --prompt or --benchmark, not both")
-    if args.persona:
-        raise ConfigError("--persona applies to --prompt; a benchmark row carries its own persona")
-    if not getattr(args, "out", None):
-        raise ConfigError("--benchmark needs --out FILE.jsonl")
+    limit, batch_size = _benchmark_flags(args)
     settings = {**_model_identity(args.model, getattr(args, "dtype", None)), **_cli_settings(args)}
-    limit = getattr(args, "limit", None)
-    batch_size = 8 if getattr(args, "batch_size", None) is None else int(args.batch_size)
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be positive, got {limit}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     name, path = parse_benchmark_arg(args.benchmark)
     if not paths.exists(path):  # a bucket's file too (gs://)
         raise DataError(f"--benchmark {name}: no such file or folder", file=path)
@@ -513,16 +529,10 @@ def _generate_benchmark(args) -> int:
     log = PerExampleLog.for_job(args.out, flag="--out", kind="generate")
     try:
         default_dtype = settings["dtype"] if given_dtype is None else _resolved_dtype(model_path, None)
-        # process 0 writes --out, so the file on its disk decides which rows are left, for every process:
-        # all then run the same batches, each followed by one agreed check of its write
-        todo, problem = [], None
-        if main:
-            try:
-                todo = _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype)
-            except AlignXError as e:
-                problem = e
-        distributed.agree(problem, "--out")
-        todo = _rows_of_main(todo)
+        # each batch is then followed by one agreed check of its write (`append_agreed`)
+        todo = _rows_left_on_main(
+            lambda: _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype)
+        )
         if not todo:
             if main:
                 print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
