@@ -59,23 +59,29 @@ def _check_inputs(cfg: ml_collections.ConfigDict) -> None:
     _check_buckets(cfg)
     if not cfg.model.hf_path and not cfg.model.init.enabled:
         raise ConfigError("--config.model.hf_path is required (an HF folder or `alignx import` checkpoint)")
-    if not cfg.data.train and cfg.data.synth_users <= 0:
+    if not cfg.data.train:  # synthetic users, written into W/data: checked before that
+        _check_synth(cfg)
+    if cfg.train.wandb_project and not has_wandb():  # before any file is written
+        raise ConfigError(wandb_missing(cfg.train.wandb_project))
+
+
+def _check_synth(cfg: ml_collections.ConfigDict) -> None:
+    """`data.train` '': the synthetic users' sizes (as `alignx synth` takes them) and one global batch."""
+    if cfg.data.synth_users <= 0:
         raise ConfigError("--config.data.train is required (parquet/JSONL/JSON file or folder)")
-    if not cfg.data.train and cfg.data.synth_users == 1:  # `alignx synth --users` needs two
+    if cfg.data.synth_users == 1:  # `alignx synth --users` needs two
         raise ConfigError("data.synth_users must be at least 2 (data.train '' makes synthetic users), got 1")
-    if not cfg.data.train and cfg.data.synth_pairs_per_user < 1:  # before W/data is written
+    if cfg.data.synth_pairs_per_user < 1:
         raise ConfigError(
             f"data.synth_pairs_per_user must be at least 1 (data.train '' makes synthetic users), "
             f"got {cfg.data.synth_pairs_per_user}"
         )
     synth_rows = int(cfg.data.synth_users) * int(cfg.data.synth_pairs_per_user)
-    if not cfg.data.train and synth_rows < int(cfg.train.global_batch):  # before W/data is written
+    if synth_rows < int(cfg.train.global_batch):
         raise ConfigError(
             f"data.synth_users x data.synth_pairs_per_user = {synth_rows} synthetic rows make no full batch "
             f"of train.global_batch={cfg.train.global_batch} pairs; raise them or lower train.global_batch"
         )
-    if cfg.train.wandb_project and not has_wandb():  # before any file is written
-        raise ConfigError(wandb_missing(cfg.train.wandb_project))
 
 
 def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
