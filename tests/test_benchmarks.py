@@ -76,6 +76,18 @@ def test_uf_p_4_and_prism(tmp_path):
     assert [r["prompt"] for r in prism] == [_uf_rows()[pick[0]]["prompt"]]
 
 
+def test_a_benchmark_of_json_lines_in_a_json_file_loads(tmp_path):
+    """Hugging Face `Dataset.to_json` writes JSON Lines into a .json file: the benchmark loads from it, as
+    train data does, and a broken line is named by its number."""
+    path = tmp_path / "prism.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _uf_rows()))
+    rows = benchmarks.load_benchmark("prism", str(path))
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in _uf_rows()]
+    path.write_text(json.dumps(_uf_rows()[0]) + "\n" + json.dumps(_uf_rows()[1])[:-1] + "\n")
+    with pytest.raises(DataError, match=r"prism\.json: line 2: invalid JSON"):
+        benchmarks.load_benchmark("prism", str(path))
+
+
 def test_missing_response_is_named(tmp_path):
     bad = _uf_rows()
     del bad[1]["chosen"]

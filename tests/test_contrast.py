@@ -133,6 +133,12 @@ def test_cli_contrast_writes_the_input_format(tmp_path, capsys):
     assert json.loads(out.read_text()) == contrast_rows(psoups_rows(), seed=4, twins=True)
     assert main(["data", "contrast", str(jl), "--out", str(tmp_path / "c.jsonl"), "--originals", "2"]) == 0
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 15
+    # JSON Lines in a .json file (Hugging Face `to_json`): a .json --out, written as JSON Lines too
+    hf = tmp_path / "hf.json"
+    hf.write_text(jl.read_text())
+    assert main(["data", "contrast", str(hf), "--out", str(tmp_path / "hf_c.json"), "--seed", "3"]) == 0
+    written = (tmp_path / "hf_c.json").read_text().splitlines()
+    assert [json.loads(line) for line in written] == contrast_rows(psoups_rows(), seed=3)
 
 
 def test_cli_contrast_bad_input_is_one_line(tmp_path, capsys):

@@ -268,7 +268,7 @@ def test_auto_kind_is_not_fooled_by_a_broken_first_row(tmp_path):
 
 def test_byte_order_mark_dot_folders_and_jsonl_named_json(tmp_path):
     """A BOM (Windows editors) is read past; dot-folders (.ipynb_checkpoints copies) are skipped like
-    dot-files; JSONL content in a .json file gets a hint that says so, not "truncated"."""
+    dot-files; objects one after another that are not one per line get a hint that says so, not "truncated"."""
     rng = np.random.default_rng(5)
     rows = [alignx_row(i, rng) for i in range(4)]
     (tmp_path / "a.json").write_text("\ufeff" + json.dumps(rows[:2]), encoding="utf-8")
@@ -279,12 +279,46 @@ def test_byte_order_mark_dot_folders_and_jsonl_named_json(tmp_path):
     (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.json").write_text(json.dumps(rows[:2]))
     got, _ = schema.load_rows(str(tmp_path))
     assert [r["prompt"] for r in got] == [r["prompt"] for r in rows]
-    jsonl_as_json = tmp_path / "rows.json"
-    jsonl_as_json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pretty = tmp_path / "rows.json"
+    pretty.write_text("".join(json.dumps(r, indent=2) + "\n" for r in rows))
+    second = len(json.dumps(rows[0], indent=2).splitlines()) + 1  # the line the second object starts on
     with pytest.raises(
-        DataError, match=r"rows\.json.*Extra data \(one JSON value per line: name a JSONL file"
+        DataError, match=rf"rows\.json.*line {second}, column 1: Extra data \(more than one JSON"
     ):
-        schema.load_rows(str(jsonl_as_json))
+        schema.load_rows(str(pretty))
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("bom", ["", "\ufeff"])
+def test_json_lines_in_a_json_file_load_as_jsonl(newline, bom, tmp_path):
+    """Hugging Face `Dataset.to_json` writes JSON Lines into a .json file: it loads (one row too), its kind
+    is read from its first rows when streamed, and a broken line is named by its number."""
+    rng = np.random.default_rng(3)
+    rows = [alignx_row(i, rng) for i in range(4)]
+    path = tmp_path / "train.json"
+    path.write_text(bom + "".join(json.dumps(r) + newline for r in rows), encoding="utf-8", newline="")
+    loaded = schema.load(str(path))
+    assert loaded.kind == "alignx" and [r["prompt"] for r in loaded.rows] == [r["prompt"] for r in rows]
+    assert [r["prompt"] for r, _, _ in schema.iter_rows(str(path))] == [r["prompt"] for r in rows]
+    assert [r["prompt"] for r in schema.head_rows(str(path), 3)] == [r["prompt"] for r in rows[:3]]
+    path.write_text(bom + json.dumps(rows[0]) + newline, encoding="utf-8", newline="")
+    assert [r["prompt"] for r in schema.load_rows(str(path))[0]] == [rows[0]["prompt"]]
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2][:-5]  # cut short
+    path.write_text(bom + newline.join(lines) + newline, encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=r"train\.json: line 3: invalid JSON"):
+        schema.load_rows(str(path))
+    lines[2] = json.dumps({**rows[2], "chosen": 5})
+    path.write_text(bom + newline.join(lines) + newline, encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=r"train\.json, row 2, field 'chosen'"):
+        schema.load_rows(str(path))
+
+
+def test_a_pretty_printed_object_in_a_json_file_is_still_no_list_of_rows(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}, indent=2))
+    with pytest.raises(DataError, match=r"one\.json: expected a JSON list of rows, got dict"):
+        schema.load_rows(str(path))
 
 
 def test_a_jsonl_row_after_blank_lines_is_named_by_its_line_too(tmp_path):

@@ -143,9 +143,11 @@ def cli_contrast(args: argparse.Namespace) -> int:
         raise DataError(problem)
     originals = args.originals
     rows = contrast_rows(raw.rows, args.seed, file=args.path, twins=args.twins, originals=originals)
-    if schema.EXTENSIONS.get(os.path.splitext(args.out)[1].lower()) != raw.fmt:  # written as the input is
+    # written as the input is (JSON Lines in a .json input: JSON Lines in a .json file)
+    if schema.EXTENSIONS.get(os.path.splitext(args.out)[1].lower()) != schema.file_format(raw.path):
         raise DataError(
-            f"--out must name a .{raw.fmt} file, as the input (it is written in the input's format)",
+            f"--out must name a .{schema.file_format(raw.path)} file, as the input (it is written in the "
+            "input's format)",
             file=args.out,
         )
     write_rows(schema.RawFile(raw.path, raw.fmt, rows), list(range(len(rows))), args.out)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -424,7 +425,8 @@ def file_format(path: str) -> str:
 
 @dataclass
 class RawFile:
-    """One file's raw rows (None where a JSONL line is not valid JSON) and its format."""
+    """One file's raw rows (None where a JSONL line is not valid JSON) and the format they were read in
+    (jsonl for JSON Lines in a .json file too; `file_format(path)` is its name's)."""
 
     path: str
     fmt: str
@@ -434,8 +436,8 @@ class RawFile:
 
 
 def read_file(path: str) -> RawFile:
-    """Raw rows of one file. Unreadable or truncated files are a DataError naming the file (and the
-    line for a JSON/JSONL syntax error)."""
+    """Raw rows of one file (a .json file holding JSON Lines comes back as JSONL). Unreadable or truncated
+    files are a DataError naming the file (and the line for a JSON/JSONL syntax error)."""
     fmt = file_format(path)
     if fmt == "parquet":
         try:
@@ -455,20 +457,11 @@ def read_file(path: str) -> RawFile:
         raise DataError(f"cannot read: {one_line(e)}", file=path) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write UTF-8
     if fmt == "json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            hint = (
-                "one JSON value per line: name a JSONL file .jsonl"
-                if e.msg == "Extra data"
-                else "truncated or corrupt file?"
-            )
-            raise DataError(
-                f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} ({hint})", file=path
-            ) from None
-        if not isinstance(rows, list):
-            raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)
-        return RawFile(path, fmt, rows)
+        return _read_json(path, text)
+    return _read_jsonl(path, text)
+
+
+def _read_jsonl(path: str, text: str) -> RawFile:
     rows, errors, lines = [], {}, []
     # "\n" alone ends a line: str.splitlines also cuts at U+2028, U+0085 and others, which JSON strings may hold raw
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -481,7 +474,34 @@ def read_file(path: str) -> RawFile:
         except json.JSONDecodeError as e:
             errors[len(rows)] = f"line {lineno}: invalid JSON: {e.msg}"
             rows.append(None)
-    return RawFile(path, fmt, rows, errors, lines)
+    return RawFile(path, "jsonl", rows, errors, lines)
+
+
+def _read_json(path: str, text: str) -> RawFile:
+    """A .json file: a JSON list of rows, or JSON Lines (what Hugging Face `Dataset.to_json` writes), which
+    is read as a .jsonl file: one object per line, a broken line named by its number."""
+    jsonl = text.lstrip().startswith("{")
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        if jsonl:
+            as_lines = _read_jsonl(path, text)
+            # some line is an object of its own: JSON Lines (a broken object spread over lines is not)
+            if any(isinstance(r, dict) for r in as_lines.rows):
+                return as_lines
+        hint = (
+            "more than one JSON value: a .json file holds one list of rows, or one object per line"
+            if e.msg == "Extra data"
+            else "truncated or corrupt file?"
+        )
+        raise DataError(
+            f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg} ({hint})", file=path
+        ) from None
+    if isinstance(rows, dict) and jsonl and len(text.strip().split("\n")) == 1:
+        return _read_jsonl(path, text)  # JSON Lines of one row
+    if not isinstance(rows, list):
+        raise DataError(f"expected a JSON list of rows, got {type(rows).__name__}", file=path)
+    return RawFile(path, "json", rows)
 
 
 @dataclass
@@ -547,7 +567,7 @@ def head_rows(path: str, n: int = 100) -> list[Any]:
             if fmt == "parquet":
                 return _parquet_head(f, n, path)
             if fmt == "jsonl":
-                return _jsonl_head(f, n)
+                return _jsonl_head((line.decode("utf-8") for line in f), n)
             return _json_list_head(io.TextIOWrapper(f, encoding="utf-8-sig"), n)
     except DataError:
         raise
@@ -569,12 +589,13 @@ def _parquet_head(f: Any, n: int, path: str) -> list[Any]:
     return [] if first is None else first.to_pylist()
 
 
-def _jsonl_head(f: Any, n: int) -> list[Any]:
+def _jsonl_head(lines: Iterable[str], n: int) -> list[Any]:
+    """The first `n` rows of JSON Lines (`lines` end at "\n" only, as read_file's: not at U+2028)."""
     rows: list[Any] = []
-    for line in f:  # a binary file's lines end at b"\n" only, as read_file's (not at U+2028)
+    for line in lines:
         if len(rows) >= n:
             break
-        text = line.decode("utf-8").removeprefix("\ufeff")
+        text = line.removeprefix("\ufeff")
         if not text.strip():
             continue
         try:
@@ -588,8 +609,9 @@ HEAD_CHUNK = 1 << 16  # characters of a JSON file `head_rows` reads first (then 
 
 
 def _json_list_head(f: io.TextIOBase, n: int) -> list[Any]:
-    """The first `n` items of the JSON list in the text file `f`, read no further than they end ([] where
-    it holds no list)."""
+    """The first `n` items of the JSON list in the text file `f`, read no further than they end, or its
+    first `n` rows where it holds JSON Lines (read_file reads such a .json file as JSONL); [] where it
+    holds neither."""
     decoder = json.JSONDecoder()
     buf, pos, rows = "", 0, []
 
@@ -607,7 +629,10 @@ def _json_list_head(f: io.TextIOBase, n: int) -> list[Any]:
             if pos < len(buf) or not more():
                 return buf[pos : pos + 1]
 
-    if token() != "[":
+    first = token()
+    if first == "{":
+        return _jsonl_head(_lines_from(buf[pos:], f), n)
+    if first != "[":
         return []
     pos += 1
     while len(rows) < n and token():
@@ -628,6 +653,19 @@ def _json_list_head(f: io.TextIOBase, n: int) -> list[Any]:
         if len(buf) == size and not more():
             break
     return rows
+
+
+def _lines_from(start: str, f: io.TextIOBase) -> Iterator[str]:
+    """The lines of `start` and the rest of `f` after it, each cut at "\n" only, read a chunk at a time."""
+    pending: list[str] = []  # the unfinished line's pieces: joined once, however many chunks it spans
+    for chunk in itertools.chain([start], iter(lambda: f.read(HEAD_CHUNK), "")):
+        first, *done = chunk.split("\n")
+        pending.append(first)
+        if done:
+            yield "".join(pending)
+            yield from done[:-1]
+            pending = [done[-1]]
+    yield "".join(pending)
 
 
 def iter_rows(
