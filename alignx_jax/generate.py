@@ -493,6 +493,20 @@ def _benchmark_flags(args) -> tuple[int | None, int]:
     return limit, batch_size
 
 
+def _check_profiles(sample) -> None:
+    """--method pba: each picked row's profile, before the model loads; a DataError names the row."""
+    from alignx_jax.data import prompts as prompts_lib
+    from alignx_jax.data.persona import row_profile
+
+    for i in sample.picks:
+        file, at = sample.places[i]
+        row_profile(sample.rows[i], file=file, index=at)
+        try:
+            prompts_lib.resolve_profile(sample.rows[i])
+        except DataError as e:  # no profile, direction or history vector: one line naming the row
+            raise DataError(str(e), file=file, row=at) from None
+
+
 def _generate_benchmark(args) -> int:
     """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
     method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
@@ -515,6 +529,8 @@ def _generate_benchmark(args) -> int:
     # eval's loader: a split folder is refused, and --limit takes eval --limit's rows
     sample = benchmark_sample(name, path, limit=limit)
     rows, picks = sample.rows, sample.picks
+    if args.method == "pba":
+        _check_profiles(sample)
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
     model_path = resolve_model_folder(args.model, "--model")
     # the rows record (and a resume compares) the dtype the model computes in, not the flag's `auto` or none

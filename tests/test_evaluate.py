@@ -1131,6 +1131,37 @@ def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():
             render(row, (4,), file="f.json", index=3)
 
 
+def test_a_blank_profile_is_refused_where_pba_would_render_it(tmp_path):
+    """A P-SOUPS row with a blank `profile` loads (ICA never reads it); PBA's `--preference profile`, and
+    `golden` on a row with no direction, refuse it naming file, row and field; a direction wins over it."""
+    from alignx_jax.data.benchmarks import benchmark_sample
+    from alignx_jax.data.persona import profile_text
+    from alignx_jax.errors import DataError
+    from alignx_jax.evaluate.profiles import file_profile, golden_profile
+
+    rows = [
+        {
+            "prompt": f"p{i}",
+            "chosen": "a",
+            "rejected": "b",
+            "ground_truth_persona": "g",
+            "profile": "  " if i == 1 else "Likes science",
+            "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "x", "rejected": "y"}],
+        }
+        for i in range(2)
+    ]
+    (tmp_path / "ps.json").write_text(json.dumps(rows))
+    sample = benchmark_sample("p-soups", str(tmp_path / "ps.json"))
+    file, at = sample.places[1]
+    for render in (golden_profile, file_profile):
+        assert render(sample.rows[0], (), file=file, index=0)[0] == "Likes science"
+        with pytest.raises(DataError, match=r"ps\.json, row 1, field 'profile': is empty"):
+            render(sample.rows[1], (), file=file, index=at)
+    direction = [0.5] * 89 + [1.0]
+    golden = {**sample.rows[1], "Preference Direction": direction}
+    assert golden_profile(golden, (), file=file, index=at)[0] == profile_text(direction) != ""
+
+
 def test_matmul_precision_reaches_the_scoring_programs(capsys, ica_run, llama, tmp_path, monkeypatch):
     """`--matmul-precision highest` is the level JAX reads when the scoring programs are traced (a GPU's
     float32 default is TF32); on a CPU float32 is multiplied in full either way: the same log-probs."""

@@ -412,6 +412,41 @@ def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, m
     assert asked == ["alias"] and loaded == []
 
 
+def test_a_blank_benchmark_profile_is_refused_before_pba_loads_a_model(
+    tiny_hf_checkpoints, tmp_path, monkeypatch, capsys
+):
+    """`generate --benchmark --method pba` rendered a blank `profile` as a prompt with no preferences; it is
+    one line naming file, row and field before any model loads (ICA, which never reads it, generates)."""
+    from alignx_jax import generate as gen
+
+    rows = [
+        {
+            "prompt": f"p{i}",
+            "chosen": "a",
+            "rejected": "b",
+            "ground_truth_persona": "g",
+            "profile": "" if i == 1 else "Likes science",
+            "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "x", "rejected": "y"}],
+        }
+        for i in range(2)
+    ]
+    bench = tmp_path / "ps.json"
+    bench.write_text(json.dumps(rows))
+    loaded = []
+    real_load = gen.load_model_and_tokenizer
+    monkeypatch.setattr(
+        gen, "load_model_and_tokenizer", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw)
+    )
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"p-soups={bench}"]
+    argv += ["--max-new-tokens", "1"]
+    assert main([*argv, "--method", "pba", "--out", str(tmp_path / "pba.jsonl")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bench}, row 1, field 'profile': is empty" in err[0], err
+    assert loaded == []
+    assert main([*argv, "--method", "ica", "--out", str(tmp_path / "ica.jsonl")]) == 0
+    assert len((tmp_path / "ica.jsonl").read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize("mode", ["--prompt", "--benchmark"])
 @pytest.mark.parametrize("dtype", [[], ["--dtype", "float32"]])
 def test_a_missing_model_names_the_flag_as_eval_does(mode, dtype, tmp_path, capsys):

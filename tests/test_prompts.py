@@ -121,6 +121,11 @@ def test_pba_profile_precedence():
     assert prompts.resolve_profile(dict(row, **{"Preference Direction": None})) == "Likes humor"
     with pytest.raises(DataError, match="needs a profile"):
         prompts.resolve_profile(ROW)
+    # a blank `profile` would be a PBA prompt with no preferences: one line naming the field
+    for blank in ("", " \n"):
+        with pytest.raises(DataError, match=r"^field 'profile': is empty: a PBA prompt would show no"):
+            prompts.user_message(dict(row, profile=blank), method="pba")
+        assert ROW["prompt"] in prompts.user_message(dict(ROW, profile=blank), method="ica")  # not read
 
 
 def test_ica_training_sampling_uses_rng():

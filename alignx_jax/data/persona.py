@@ -61,6 +61,17 @@ def check_direction(direction: Any, what: str = "direction") -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def row_profile(row: dict, *, file: str | None = None, index: int | None = None) -> str | None:
+    """The row's `profile` text for a PBA prompt, None where it has none. A blank one is a DataError naming
+    the field (and `file`, row `index`): the prompt would show no preferences, as no profile would."""
+    text = row.get("profile")
+    if isinstance(text, str) and not text.strip():
+        raise DataError(
+            "is empty: a PBA prompt would show no preferences", file=file, row=index, field="profile"
+        )
+    return text
+
+
 def profile_text(direction: Any) -> str:
     """Labels of the non-neutral dims in index order, joined with ", " ("" when all neutral)."""
     arr = check_direction(direction)

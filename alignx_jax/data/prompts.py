@@ -81,8 +81,9 @@ def resolve_profile(row: dict, profile: Any = None) -> str:
     """The PBA profile text for `row` (precedence in the module docstring)."""
     if profile is not None:
         return profile if isinstance(profile, str) else persona_lib.profile_text(np.asarray(profile))
-    if isinstance(row.get("profile"), str):
-        return row["profile"]
+    text = persona_lib.row_profile(row)
+    if isinstance(text, str):
+        return text
     if row.get(persona_lib.DIRECTION_FIELD) is not None:
         return persona_lib.profile_text(row[persona_lib.DIRECTION_FIELD])
     derived = persona_lib.history_direction(row)

@@ -19,7 +19,7 @@ def file_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tu
     (flipped through its parsed direction if asked), and that direction when it parses."""
     from alignx_jax.data import persona as persona_lib
 
-    text = row.get("profile")
+    text = persona_lib.row_profile(row, file=file, index=index)
     if not isinstance(text, str):
         raise DataError("--preference profile needs a `profile` field in every row", file=file, row=index)
     if not flip:
@@ -54,10 +54,10 @@ def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> 
 
     if row.get(persona_lib.DIRECTION_FIELD) is not None:
         direction = np.asarray(row[persona_lib.DIRECTION_FIELD], dtype=np.float32)
-    elif isinstance(row.get("profile"), str):
+    elif isinstance(text := persona_lib.row_profile(row, file=file, index=index), str):
         if not flip:  # the release's exact string (P-SOUPS) when nothing is changed
-            return row["profile"], _parsed(row["profile"])
-        direction = _flippable(row["profile"], file=file, index=index)
+            return text, _parsed(text)
+        direction = _flippable(text, file=file, index=index)
     else:
         raise DataError(
             "--preference golden needs a `Preference Direction` or a `profile`", file=file, row=index
