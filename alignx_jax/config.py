@@ -77,7 +77,26 @@ def _parse_value(raw: str, current: Any, key: str) -> Any:
         return type(current)(p for p in re.split(r"[\s,]+", value.strip().strip("()[]")) if p)
     if isinstance(current, (tuple, list)) and isinstance(value, list):
         value = type(current)(value)
+    if isinstance(current, (tuple, list)) and not isinstance(value, (tuple, list)) and value is not None:
+        return _one_item_or_refused(raw, value, current, key)
     return value
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _one_item_or_refused(raw: str, value: Any, current: Sequence, key: str) -> Any:
+    """A list-valued key given one value that is no list: a bare number of a key of numbers is its one
+    item; anything else (`256 512` for `256,512`) one ConfigError naming the key and the form it takes,
+    not ml_collections' "cannot be casted to type <class 'tuple'>"."""
+    if current and all(map(_number, current)):
+        if _number(value):
+            return type(current)([value])
+        kind = "integers" if all(isinstance(v, int) for v in current) else "numbers"
+        like = ",".join(map(str, current))
+        raise ConfigError(f"--config.{key}: expected comma-separated {kind} like {like}, got {raw!r}")
+    raise ConfigError(f"--config.{key}: expected a tuple written as a Python literal, got {raw!r}")
 
 
 def _join_values(argv: Sequence[str], is_override) -> list[tuple[bool, str]]:

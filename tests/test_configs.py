@@ -162,6 +162,39 @@ def test_a_list_of_names_overrides_without_python_quotes(raw, want):
     assert tuple(c.model.lora.targets) == want
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.buckets=256 512",
+            "--config.data.buckets: expected comma-separated integers like 256,512,1024, got '256 512'",
+        ),
+        (
+            "data.buckets=256,x",
+            "--config.data.buckets: expected comma-separated integers like 256,512,1024, got '256,x'",
+        ),
+        (
+            "pba.class_weights=1 2 3",
+            "--config.pba.class_weights: expected comma-separated numbers like 1.0,1.0,1.0, got '1 2 3'",
+        ),
+        (
+            "sharding.rules=batch data",
+            "--config.sharding.rules: expected a tuple written as a Python literal, got 'batch data'",
+        ),
+    ],
+)
+def test_a_list_key_given_no_list_is_one_line_naming_the_form(override, message):
+    """`--config.data.buckets=256 512` (a space for a comma) was ml_collections' `Could not override field
+    'buckets' (reference). 256 512 is of original type <class 'str'> and cannot be casted to type <class
+    'tuple'>`: every list-valued key now names itself and the form it takes; one number is a one-item list."""
+    path = os.path.join(ROOT, "configs", "tiny_cpu.py")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [f"--config.{override}"])
+    assert str(e.value) == message
+    assert tuple(load_config(path, ["--config.data.buckets=2048"]).data.buckets) == (2048,)
+    assert tuple(load_config(path, ["--config.data.buckets=256,512"]).data.buckets) == (256, 512)
+
+
 def test_override_value_as_the_next_argument():
     """`--config.KEY VALUE` (two arguments) works like `--config.KEY=VALUE`, typed the same way."""
     path = os.path.join(ROOT, "configs", "tiny_cpu.py")
