@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -115,6 +116,27 @@ def _rewrite_without(folder, drop=None, reshape=None):
         tensors[reshape] = tensors[reshape][:-1]
     del r
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_load_decoder_config_names_the_folder_once(tmp_path):
+    """`checkpoint folder not found: DIR` came back as `DIR: checkpoint folder not found: DIR` to callers
+    that had not checked the folder first (train and plan); config.json's own problems name it once too."""
+    folder = tmp_path / "m"
+    at, config = re.escape(str(folder)), re.escape(str(folder / "config.json"))
+    expected = [
+        (None, f"^checkpoint folder not found: {at}$"),
+        ("", f"^{at}: no config.json$"),
+        ("{not json", f"^{config}: malformed config.json"),
+        ('{"model_type": "gpt2"}', f"^{at}: unsupported model_type 'gpt2'"),
+    ]
+    for text, message in expected:
+        if text is not None:
+            folder.mkdir(exist_ok=True)
+            if text:
+                (folder / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message) as e:
+            hf_lib.load_decoder_config(str(folder))
+        assert str(e.value).count(str(folder)) == 1, e.value
 
 
 @pytest.mark.parametrize(

@@ -423,6 +423,26 @@ def test_the_issue_command_plans_the_tpu_config_without_weights_or_flags(tmp_pat
     assert rep["compiler"] == "tpu topology" or any("splash" in n for n in rep["notes"])
 
 
+def test_a_folder_holding_no_model_is_named_once_as_given(capsys, tmp_path):
+    """model.hf_path naming a folder with no config.json and no reference/ was `DIR/reference: checkpoint
+    folder not found: DIR/reference` (the folder twice, and one the user never named); a config.json the
+    decoder cannot read names the folder once too."""
+    from alignx_jax.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plan", "--config", TINY, f"--config.model.hf_path={empty}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"alignx: error: model.hf_path={str(empty)!r}: no config.json and no reference/ (an HF model "
+        "folder holds config.json, a training workdir its model in reference/)"
+    )
+    (empty / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert main(["plan", "--config", TINY, f"--config.model.hf_path={empty}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count(str(empty)) == 1 and "unsupported model_type 'bert'" in err, err
+
+
 def test_unknown_preset_names_model_preset(capfd):
     from alignx_jax.cli import main
 

@@ -143,11 +143,12 @@ def read_hf_config(folder: str) -> dict[str, Any]:
 
 
 def load_decoder_config(folder: str, **run_options: Any) -> DecoderConfig:
+    """The DecoderConfig of an HF folder; every CheckpointError names the folder (or its config.json) once."""
+    hf_config = read_hf_config(folder)  # its errors name the folder or the file already
     try:
-        return DecoderConfig.from_hf(read_hf_config(folder), **run_options)
-    except CheckpointError as e:
-        msg = str(e)
-        raise CheckpointError(msg if msg.startswith(folder) else f"{folder}: {msg}") from None
+        return DecoderConfig.from_hf(hf_config, **run_options)
+    except CheckpointError as e:  # from_hf sees a dict only
+        raise CheckpointError(f"{folder}: {e}") from None
 
 
 def decoder_run_options(dtype: str, compute_dtype: str | None, extra: dict[str, Any]) -> dict[str, Any]:

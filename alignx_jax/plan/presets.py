@@ -97,10 +97,19 @@ def decoder_config_for(cfg: ml_collections.ConfigDict, platform: str | None = No
             from alignx_jax.models import hf
 
             folder = path
-            if os.path.isdir(os.path.join(path, "checkpoints")) or not os.path.isfile(
+            workdir = os.path.isdir(os.path.join(path, "checkpoints"))
+            if workdir or not os.path.isfile(
                 os.path.join(path, "config.json")
             ):  # a training workdir (its config.json is the run's): the model is W/reference's
                 folder = os.path.join(path, "reference")
+            if not os.path.isdir(folder):  # named as the user gave it, not as the reference/ looked for
+                held = (
+                    "a training workdir without reference/" if workdir else "no config.json and no reference/"
+                )
+                raise ConfigError(
+                    f"{key}={path!r}: {held} (an HF model folder holds config.json, a training workdir its "
+                    "model in reference/)"
+                )
             return hf.load_decoder_config(folder, **opts)
         raise ConfigError(f"{key}={path!r} is neither a folder nor a preset ({', '.join(sorted(PRESETS))})")
     if not cfg.model.init.enabled:
