@@ -50,6 +50,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+def _seed(text: str) -> int:
+    """A `--seed` value: numpy's seeds are non-negative (a negative one was a traceback at the first draw)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
@@ -158,7 +169,7 @@ def _add_data(sub) -> None:
     p.add_argument("path")
     p.add_argument("--by", default="prompt", choices=["prompt", "user", "row"])
     p.add_argument("--test-fraction", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True)
     p = dsub.add_parser(
         "contrast",
@@ -166,7 +177,7 @@ def _add_data(sub) -> None:
     )
     p.add_argument("path", help="JSON list or JSONL file of exactly two opposite personas")
     p.add_argument(
-        "--seed", type=int, default=0, help="which other-persona row lends each contrast row its context"
+        "--seed", type=_seed, default=0, help="which other-persona row lends each contrast row its context"
     )
     p.add_argument("--out", required=True, help="file to write (the input's format)")
     p.add_argument(
@@ -189,7 +200,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--pairs-per-user", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def _add_train(sub) -> None:
@@ -404,7 +415,7 @@ def _add_demo(sub) -> None:
         help="P-SOUPS file (default: shared/benchmarks/p-soups/student_phd.json in the folder that holds this "
         "repository, not the working directory's ../shared)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 _SUBCOMMANDS = (

@@ -59,6 +59,26 @@ def test_usage_errors_are_one_line(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "command, rest",
+    [
+        ("data split", ["d.json", "--out", "o"]),
+        ("data contrast", ["d.json", "--out", "o.json"]),
+        ("synth", ["--out", "o"]),
+        ("demo", ["--out", "o"]),
+    ],
+)
+def test_a_negative_seed_is_a_usage_error(command, rest, capsys):
+    """`--seed -1` was numpy's traceback (`expected non-negative integer`) once the rows were read."""
+    argv, prog = [*command.split(), *rest], f"alignx {command}"
+    err = _usage_error([*argv, "--seed", "-1"], capsys)
+    assert (
+        err == f"{prog}: error: argument --seed: must be a non-negative integer, got -1 (see {prog} --help)"
+    )
+    err = _usage_error([*argv, "--seed", "x"], capsys)
+    assert err == f"{prog}: error: argument --seed: invalid int value: 'x' (see {prog} --help)"
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["data", "check", "--help"]])
 def test_help_is_still_the_whole_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
