@@ -79,6 +79,19 @@ def test_prepare_roundtrip(synth_dir, tmp_path):
     assert len(ds) == 90 and json.loads(ds[7]["row"])["prompt"] == raw[7]["prompt"] and ds[7]["index"] == 7
 
 
+def test_prepare_refuses_an_out_inside_the_source_folder(synth_dir, tmp_path):
+    """`prepare --source DIR --out DIR/prepared` wrote TFDS's dataset_info.json and features.json into DIR,
+    whose next read (data check, train, this prepare again) took them for rows: `expected a JSON list of
+    rows, got dict`. It is refused before anything is written; an --out beside the source works."""
+    src = tmp_path / "src"
+    shutil.copytree(synth_dir, src)
+    for out in (src / "prepared", src):
+        with pytest.raises(DataError, match=r"src: --out .* is inside the source folder"):
+            prepare(str(src), str(out))
+    assert sorted(os.listdir(src)) == sorted(os.listdir(synth_dir))
+    assert prepare(str(src / "data.parquet"), str(tmp_path / "beside"))["splits"]["train"]["rows"] == 90
+
+
 def test_prepare_splits_and_skip_bad_rows(synth_dir, tmp_path):
     rows = [open_source(synth_dir)[i] for i in range(6)]
     src = tmp_path / "src"

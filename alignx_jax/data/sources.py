@@ -186,6 +186,7 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
     """Validate `source` and write the `alignx` TFDS dataset (array_record) under `out_dir`."""
     if not paths.exists(source):
         raise DataError("no such file or folder", file=source)
+    _refuse_out_inside_source(source, out_dir)
     import tensorflow_datasets as tfds
 
     from alignx_jax.data.tfds_builder import AlignX
@@ -241,6 +242,23 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
         "removed": removed,
         "kept": kept,
     }
+
+
+def _refuse_out_inside_source(source: str, out_dir: str) -> None:
+    """A DataError where `out_dir` is the source folder or lies inside it: its TFDS files (dataset_info.json,
+    features.json) would be read as rows by the next read of the source, this command's rerun too."""
+    if not paths.is_dir(source) or paths.is_url(source) != paths.is_url(out_dir):
+        return
+
+    def key(p: str) -> str:
+        return p.rstrip("/") + "/" if paths.is_url(p) else os.path.realpath(p).rstrip(os.sep) + os.sep
+
+    if key(out_dir).startswith(key(source)):
+        raise DataError(
+            f"--out {out_dir} is inside the source folder: the next read of {source} would take the prepared "
+            "dataset's JSON files for rows; choose an --out outside it",
+            file=source,
+        )
 
 
 # TFDS's unfinished version folder (utils.incomplete_dir) and the files it writes there: the shards, the
