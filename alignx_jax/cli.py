@@ -558,8 +558,9 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
 
 
 # host-side writers of one folder: every process of a job would write it (import's orbax save refuses
-# arrays of one host, prepare's lock refuses the second writer), and they use no other host's devices
-ONE_PROCESS_COMMANDS = ("import", "data prepare")
+# arrays of one host, prepare's lock refuses the second writer, synth, split and contrast write the same
+# files from every process), and they use no other host's devices
+ONE_PROCESS_COMMANDS = ("import", "data prepare", "synth", "data split", "data contrast")
 
 
 def _refuse_one_process_command_in_a_job(args: argparse.Namespace) -> None:

@@ -113,12 +113,19 @@ def test_config_overrides_outside_train_and_plan_name_the_sub_command(command, c
 
 @pytest.mark.parametrize(
     "argv",
-    [["import", "--hf", "H", "--out", "O"], ["data", "prepare", "--source", "SRC", "--out", "O"]],
-    ids=["import", "data prepare"],
+    [
+        ["import", "--hf", "H", "--out", "O"],
+        ["data", "prepare", "--source", "SRC", "--out", "O"],
+        ["synth", "--out", "O", "--users", "2"],
+        ["data", "split", "P", "--out", "O"],
+        ["data", "contrast", "P", "--out", "O.json"],
+    ],
+    ids=["import", "data prepare", "synth", "data split", "data contrast"],
 )
 def test_one_process_commands_refuse_a_multi_process_job(argv, monkeypatch, capsys, tmp_path):
-    """Under launch/local.sh every process ran `import` (an orbax traceback: arrays of one host) or `data
-    prepare` (all but one refused by its lock): one line on each process instead, before anything is read."""
+    """Under launch/local.sh every process ran `import` (an orbax traceback: arrays of one host), `data
+    prepare` (all but one refused by its lock) or synth, split and contrast (the same files written by every
+    process at once): one line on each process instead, before anything is read."""
     monkeypatch.setenv("ALIGNX_COORDINATOR_ADDRESS", "127.0.0.1:1")  # a job that is never joined
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 1

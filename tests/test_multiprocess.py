@@ -790,3 +790,21 @@ def test_a_generate_row_write_that_fails_on_process_0_stops_every_process(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:] + logs
     assert f"{out}: 2 rows generated, 3 in all" in logs, logs
     assert len({json.loads(x)["index"] for x in out.read_text().splitlines()}) == 3
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_synth_and_split_refuse_a_multi_process_job_on_every_process(tmp_path):
+    """`launch/local.sh 2 alignx synth` and `... data split` wrote the same files from both processes at
+    once: each process refuses in one line, exit 1, nothing written."""
+    cache = str(tmp_path / "cache")
+    for name, argv in (
+        ("synth", ["synth", "--out", str(tmp_path / "synth"), "--users", "2"]),
+        ("data split", ["data", "split", PSOUPS, "--out", str(tmp_path / "split")]),
+    ):
+        logdir = tmp_path / f"logs-{name.replace(' ', '-')}"
+        r = two_processes(argv, cache, logdir, timeout=120)
+        logs = _logs(logdir)
+        assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+        line = f"alignx: error: alignx {name} runs as one process and this one is part of a multi-process job"
+        assert logs.count(line) == 2, logs
+    assert not (tmp_path / "synth").exists() and not (tmp_path / "split").exists()
