@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 ENV_COORDINATOR = "ALIGNX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "ALIGNX_NUM_PROCESSES"
@@ -26,6 +27,8 @@ ENV_CPU_COLLECTIVES = "ALIGNX_CPU_COLLECTIVES"
 ENV_INIT_TIMEOUT = "ALIGNX_INIT_TIMEOUT"
 
 _TRUE = ("1", "true", "yes", "auto")
+
+T = TypeVar("T")
 
 # signals `alignx train`'s start-up handler recorded in a multi-process job, before the trainer's own
 # handler existed (`cli._exit_on_sigterm`; `train.signals.StopFlag.install` takes them over)
@@ -144,6 +147,23 @@ def refuse_on_main(why: Callable[[], str | None], flag: str) -> None:
         line = why()
         problem = None if line is None else ConfigError(line)
     agree(problem, flag)
+
+
+def write_on_main(write: Callable[[], T], flag: str) -> T | None:
+    """`write()` on process 0 alone, the one writer of a job's final output (`flag` names it), then every
+    process stops on its outcome: a write that fails there (a full disk) fails them all (its error there, a
+    line pointing at it on the others), not process 0 alone beside the others' exit 0. Returns what
+    `write()` returned (None on the other processes)."""
+    from alignx_jax import paths
+
+    problem, written = None, None
+    if paths.is_main_process():
+        try:
+            written = write()
+        except Exception as e:  # re-raised by `agree` on process 0, after the others learnt of it
+            problem = e
+    agree(problem, flag)
+    return written
 
 
 def agree(error: BaseException | None, what: str) -> None:

@@ -382,31 +382,38 @@ def _export_to_bucket(args) -> int:
             problem = CheckpointError(f"--out {args.out}: cannot list it ({one_line(e)})")
     distributed.agree(problem, "--out")  # a refused --out stops every process before the collective read
     model, head = _export_inputs(args.checkpoint, res)
+
+    def upload() -> list[str]:  # on process 0 alone; the files written
+        with tempfile.TemporaryDirectory(prefix="alignx-export-") as local:
+            tmp = os.path.join(local, "export")
+            files = _write_export(args, res, model, head, tmp, source)
+            _kept(args.out, entries, own, files)  # refuses other weights before the bucket is touched
+            names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns)
+            manifest = {**(read_export_manifest(tmp) or {}), "files": sorted(own | set(names))}
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                # first: a kill from here on leaves an unfinished upload that a rerun may replace as its own
+                (out / EXPORT_UPLOAD).write_text(
+                    json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8"
+                )
+                (out / EXPORT_MANIFEST).unlink(missing_ok=True)
+                for name in sorted(own - set(names) - {EXPORT_MANIFEST}):  # e.g. shards of another count
+                    if name in entries:
+                        (out / name).unlink(missing_ok=True)
+                for name in [n for n in names if n != EXPORT_MANIFEST] + [EXPORT_MANIFEST]:
+                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                    with open(os.path.join(tmp, name), "rb") as f:
+                        (out / name).write_bytes(f.read())
+                (out / EXPORT_UPLOAD).unlink()
+            except OSError as e:
+                raise CheckpointError(
+                    f"--out {args.out}: upload failed ({e.strerror or one_line(e)}); run the export again"
+                ) from None
+        return files
+
+    files = distributed.write_on_main(upload, "--out")  # a failed upload fails every process
     if not main:
         return 0
-    with tempfile.TemporaryDirectory(prefix="alignx-export-") as local:
-        tmp = os.path.join(local, "export")
-        files = _write_export(args, res, model, head, tmp, source)
-        _kept(args.out, entries, own, files)  # refuses other weights before the bucket is touched
-        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, ns in os.walk(tmp) for n in ns)
-        upload = {**(read_export_manifest(tmp) or {}), "files": sorted(own | set(names))}
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            # first: a kill from here on leaves an unfinished upload that a rerun may replace as its own
-            (out / EXPORT_UPLOAD).write_text(json.dumps(upload, indent=2, sort_keys=True), encoding="utf-8")
-            (out / EXPORT_MANIFEST).unlink(missing_ok=True)
-            for name in sorted(own - set(names) - {EXPORT_MANIFEST}):  # e.g. shards of another count
-                if name in entries:
-                    (out / name).unlink(missing_ok=True)
-            for name in [n for n in names if n != EXPORT_MANIFEST] + [EXPORT_MANIFEST]:
-                (out / name).parent.mkdir(parents=True, exist_ok=True)
-                with open(os.path.join(tmp, name), "rb") as f:
-                    (out / name).write_bytes(f.read())
-            (out / EXPORT_UPLOAD).unlink()
-        except OSError as e:
-            raise CheckpointError(
-                f"--out {args.out}: upload failed ({e.strerror or one_line(e)}); run the export again"
-            ) from None
     where = f" step {res.step}" if res.step is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out} ({len(files)} files uploaded)")
     return 0
@@ -433,19 +440,23 @@ def cli_export(args) -> int:
             problem = e
     distributed.agree(problem, "--out")  # a refused --out stops every process before the collective read
     model, head = _export_inputs(args.checkpoint, res)
+
+    def write() -> None:  # on process 0 alone
+        tmp = _beside(out, "export-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            files = _write_export(args, res, model, head, tmp, source)
+            _publish(tmp, out, _kept(out, entries, own, files))
+        except OSError as e:  # a full disk, a permission: `out` is as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _export_failed(out, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    distributed.write_on_main(write, "--out")  # a failed write fails every process
     if not main:
         return 0
-    tmp = _beside(out, "export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        files = _write_export(args, res, model, head, tmp, source)
-        _publish(tmp, out, _kept(out, entries, own, files))
-    except OSError as e:  # a full disk, a permission: `out` is as it was
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _export_failed(out, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     where = f" step {res.step}" if res.step is not None else ""
     extra = " (with preference head)" if res.head_dir is not None else ""
     print(f"exported {args.checkpoint}{where} -> {args.out}{extra}")

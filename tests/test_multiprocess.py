@@ -808,3 +808,46 @@ def test_synth_and_split_refuse_a_multi_process_job_on_every_process(tmp_path):
         line = f"alignx: error: alignx {name} runs as one process and this one is part of a multi-process job"
         assert logs.count(line) == 2, logs
     assert not (tmp_path / "synth").exists() and not (tmp_path / "split").exists()
+
+
+# the final write of eval --out (paths.write_all) and of export (its rename into place) fails on process 0 (a
+# full disk)
+LAST_WRITE_FAILS_ON_PROCESS_0 = (
+    "import errno, os\n"
+    "from alignx_jax import distributed\n"
+    "distributed.initialize_from_env()\n"
+    "from alignx_jax import export, paths\n"
+    "def full(*args, **kwargs):\n"
+    "    if os.environ['ALIGNX_PROCESS_ID'] == '0':\n"
+    "        raise OSError(errno.ENOSPC, 'No space left on device', 'the-full-disk')\n"
+    "paths.write_all = export._publish = full\n"
+)
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_a_last_write_that_fails_on_process_0_fails_every_process(tmp_path, tiny_hf_checkpoints):
+    """`launch/local.sh 2 alignx eval --out` and `... export` whose final write process 0 cannot make (a full
+    disk): one line on each process, exit 1 on both (process 0 failed while process 1 exited 0)."""
+    ckpt = tmp_path / "ckpt"
+    r = one_process(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(ckpt)], str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    bench = ["--benchmark", f"p-soups={PSOUPS}", "--method", "none", "--limit", "2", "--max-length", "64"]
+    for name, argv, line in (
+        (
+            "eval",
+            ["eval", "--model", tiny_hf_checkpoints["qwen2"], *bench, "--out", str(tmp_path / "r.json")],
+            "alignx: error: the-full-disk: No space left on device",
+        ),
+        (
+            "export",
+            ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
+            f"alignx: error: --out {tmp_path / 'hf'}: export failed (No space left on device: the-full-disk)",
+        ),
+    ):
+        r, logs = _launch_patched_cli(tmp_path, LAST_WRITE_FAILS_ON_PROCESS_0, argv, f"logs-{name}")
+        assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+        # on its own, not stopped by local.sh after process 0 failed
+        assert "process 1 exited with status 1" in r.stderr, r.stderr[-2000:]
+        assert line in logs, logs
+        assert "alignx: error: --out failed on process 0 (its log has the error line)" in logs, logs
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "hf").exists()

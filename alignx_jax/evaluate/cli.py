@@ -118,11 +118,14 @@ def cli_eval(args: argparse.Namespace) -> int:
             )
         except OSError as e:  # unreadable or unwritable files are the user's to fix
             raise AlignXError(f"eval: {e}") from e
-    if not paths.is_main_process():  # process 0 writes the one results file of a multi-process run
-        return 0
     # never a half-written results file: a local one through a temporary name and a rename, a URL in place
-    # (one object write is atomic; a rename there is a copy that leaves a temporary object behind on failure)
-    paths.write_all({args.out: (json.dumps(results, indent=2) + "\n").encode("utf-8")})
+    # (one object write is atomic; a rename there is a copy that leaves a temporary object behind on failure);
+    # process 0 writes the one results file of a multi-process run, and every process exits on its outcome
+    distributed.write_on_main(
+        lambda: paths.write_all({args.out: (json.dumps(results, indent=2) + "\n").encode("utf-8")}), "--out"
+    )
+    if not paths.is_main_process():
+        return 0
     for line in _format_table(results):
         print(line)
     print(f"results: {args.out}")

@@ -274,8 +274,6 @@ def cli_predict_preferences(args: Any) -> int:
     if args.out:  # before the model runs
         distributed.check_output(args.out, "--out")
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
-    if not paths.is_main_process():
-        return 0
     lines = []
     for i, (row, d) in enumerate(zip(rows, directions)):
         rec: dict[str, Any] = {"index": i}
@@ -286,9 +284,14 @@ def cli_predict_preferences(args: Any) -> int:
         rec["direction"] = [float(x) for x in d]
         rec["profile"] = profile_text(d)
         lines.append(json.dumps(rec))
-    if args.out:  # under a temporary name, renamed into place
-        paths.write_all({args.out: "".join(line + "\n" for line in lines).encode("utf-8")})
-    else:
+    if args.out:  # under a temporary name, renamed into place; every process exits on process 0's write
+        distributed.write_on_main(
+            lambda: paths.write_all({args.out: "".join(line + "\n" for line in lines).encode("utf-8")}),
+            "--out",
+        )
+    if not paths.is_main_process():
+        return 0
+    if not args.out:
         print("\n".join(lines))
     summary: dict[str, Any] = {"rows": len(rows), "out": args.out}
     idx = gold_rows(rows)
