@@ -851,3 +851,20 @@ def test_a_last_write_that_fails_on_process_0_fails_every_process(tmp_path, tiny
         assert line in logs, logs
         assert "alignx: error: --out failed on process 0 (its log has the error line)" in logs, logs
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_data_file_one_host_lacks_stops_every_process_before_the_workdir(tmp_path):
+    """`launch/local.sh 2 alignx train` whose data.train is on process 0's disk only: both processes stop
+    with one line each, exit 1, before the workdir is taken (process 1 refused alone; process 0 took the
+    workdir and waited for it in the next collective)."""
+    for i in (0, 1):
+        (tmp_path / f"host{i}").mkdir()
+    (tmp_path / "host0" / "rows.jsonl").write_text("")  # only its existence is checked before the join
+    argv = ["train", *TRAIN, "--config.train.steps=1", "--config.workdir=w", "--config.data.train=rows.jsonl"]
+    r = _on_own_disks(tmp_path, argv, str(tmp_path / "cache"), tmp_path / "logs", timeout=120)
+    logs = _logs(tmp_path / "logs")
+    assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert "process 0 exited with status 1" in r.stderr and "process 1 exited with status 1" in r.stderr
+    assert "rows.jsonl: no such file or folder" in logs, logs
+    assert "alignx: error: checking the input paths failed on process 1 (its log has the error line)" in logs
+    assert not (tmp_path / "host0" / "w").exists() and not (tmp_path / "host1" / "w").exists()

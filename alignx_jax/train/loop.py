@@ -175,9 +175,17 @@ class Trainer(TrainerCheckpoints):
         """Config checks, the mesh, the workdir (taken and checked on the main process)."""
         cfg = self.cfg
         validate_config(cfg)
-        check_input_paths(cfg)  # before the workdir is taken
+        missing = None
+        try:
+            check_input_paths(cfg)  # before the workdir is taken
+        except AlignXError as e:
+            missing = e
         if cfg.train.distributed:  # idempotent: a launcher's job (alignx_jax.distributed) is joined once
             distributed.initialize()
+        if distributed.is_initialized():  # a path one host lacks stops all (the others waited for it)
+            distributed.agree(missing, "checking the input paths")
+        elif missing is not None:
+            raise missing
         self.mesh = shd.mesh_from_config(cfg.mesh)
         if cfg.model.attention_impl == "cudnn" and jax.default_backend() != "gpu":  # before any loading
             raise ConfigError(
