@@ -511,12 +511,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignx: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        lost = _peer_lost(e)
+        if lost is None:
+            raise
+        # the others' collectives fail with a long traceback (gloo's) when one process of a job is stopped
+        print(
+            f"alignx {args.command}: another process of the job stopped ({lost}); its log says why",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # not a return: JAX's shutdown barrier at exit waits for the gone process until its heartbeat
+        # timeout (minutes), then aborts with a stack dump
+        os._exit(1)
     finally:
         if old_term is not False:
             signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
         for signum, old in (old_stop or {}).items():
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
     return int(code or 0)
+
+
+# how a gloo collective (CPU) fails when a peer process is gone: its TCP pair's read or write error
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def _peer_lost(e: Exception) -> str | None:
+    """The one-line cause when `e` is a gloo collective of a multi-process job that failed because another
+    process of it went away (stopped by a signal, killed); None for any other error, and in one process."""
+    text = " ".join(str(e).split())
+    if "Gloo" not in text or not any(p in text for p in _PEER_LOST) or "jax" not in sys.modules:
+        return None
+    import jax
+
+    if not jax.distributed.is_initialized() or jax.process_count() <= 1:
+        return None
+    return text[:300]
 
 
 # commands whose outputs are written whole and renamed into place, or appended row by row and resumed

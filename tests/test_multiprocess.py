@@ -868,3 +868,58 @@ def test_a_data_file_one_host_lacks_stops_every_process_before_the_workdir(tmp_p
     assert "rows.jsonl: no such file or folder" in logs, logs
     assert "alignx: error: checking the input paths failed on process 1 (its log has the error line)" in logs
     assert not (tmp_path / "host0" / "w").exists() and not (tmp_path / "host1" / "w").exists()
+
+
+@pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
+def test_a_sigterm_to_one_process_of_an_eval_is_one_line_on_the_other(tmp_path, tiny_hf_checkpoints):
+    """SIGTERM to process 1 alone of a 2-process `alignx eval` (one host of a pod stopped) after its first
+    batch: process 1 stops (143), process 0, whose next collective loses its peer, says so in one line and
+    exits 1 at once (a 50-line gloo traceback, then JAX's shutdown barrier aborted it minutes later). Started
+    without launch/local.sh, which would stop process 0 itself."""
+    wrap = tmp_path / "stop_process_1.py"
+    wrap.write_text(
+        "import os, signal, sys\n"
+        "from alignx_jax.evaluate import results\n"
+        "append = results.PerExampleLog.append\n"
+        "def then_stop(self, rows):\n"
+        "    append(self, rows)\n"
+        "    if os.environ['ALIGNX_PROCESS_ID'] == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "results.PerExampleLog.append = then_stop\n"
+        "from alignx_jax.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["eval", "--model", tiny_hf_checkpoints["qwen2"], "--benchmark", f"p-soups={PSOUPS}"]
+    argv += ["--method", "none", "--limit", "3", "--batch-size", "1", "--max-length", "64"]
+    argv += ["--per-example", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "r.json")]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(str(tmp_path / "cache"), 1), ALIGNX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
+    env.update(ALIGNX_NUM_PROCESSES="2", ALIGNX_CPU_COLLECTIVES="gloo")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(wrap), *argv],
+            env=dict(env, ALIGNX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        (_, err0), (_, err1) = (p.communicate(timeout=90) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert procs[1].returncode == 143, err1[-2000:]
+    assert "alignx: stopped by SIGTERM" in err1, err1[-2000:]
+    assert procs[0].returncode == 1 and "Traceback" not in err0, err0[-3000:]
+    lines = [ln for ln in err0.splitlines() if "alignx" in ln]
+    assert len(lines) == 1 and lines[0].startswith("alignx eval: another process of the job stopped ("), err0
+    assert "Gloo" in lines[0] and not (tmp_path / "r.json").exists()
