@@ -352,6 +352,37 @@ def test_a_bad_per_example_file_is_refused_before_the_model_path_is_resolved(cap
     assert theirs.read_bytes() == before and not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["--limit", "0"], "--limit must be positive, got 0"),
+        (["--beta", "0"], "--beta must be a finite number > 0"),
+        (["--max-length", "2"], "--max-length must be at least 4"),
+    ],
+)
+def test_a_bad_flag_is_refused_before_the_model_is_resolved(capsys, monkeypatch, tmp_path, flags, needle):
+    """A plain bad flag is named before --model resolves: an uncached hub id offline (HF_HUB_OFFLINE=1) was
+    reported instead of `--batch-size 0`, and a hub id online would have downloaded first."""
+    from alignx_jax.models import presets
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = []
+    real = presets.resolve_model_path
+    monkeypatch.setattr(presets, "resolve_model_path", lambda p, **kw: resolved.append(p) or real(p, **kw))
+    argv = ["--model", "org/not-cached", "--benchmark", f"p-soups={PSOUPS}"]
+    argv += ["--out", str(tmp_path / "r.json")]
+    code, _, err = _run(capsys, *argv)  # the flags good: the hub id is what fails
+    assert code == 1 and "not in the Hugging Face cache" in err and resolved == ["org/not-cached"], err
+    resolved.clear()
+    code, _, err = _run(capsys, *argv, *flags)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and needle in lines[0] and not resolved, err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_eval_resolves_the_model_path_once(capsys, monkeypatch, llama, tmp_path):
     """`alignx eval` resolves --model once (a hub id's snapshot, a gs:// folder's listing and copy): the
     trained prompt format and the scoring read the folder it gives."""

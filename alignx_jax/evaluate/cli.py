@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from contextlib import closing
 from typing import Any
@@ -66,15 +67,31 @@ def _refuse_foreign_out(args: argparse.Namespace, specs: list) -> None:
 
 def cli_eval(args: argparse.Namespace) -> int:
     """`alignx eval`: write RESULTS.json and print one line per benchmark (and persona)."""
+    # the flags alone first: a bad one is named before anything reads a disk or resolves a hub id
+    if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
+        raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
+    settings = EvalSettings(
+        method=args.method,
+        persona=args.persona,
+        preference=args.preference or "golden",
+        flip=parse_flip(args.flip),
+        # the flag's, else chat until the model resolves and its trained format replaces it (below)
+        prompt_format=args.prompt_format or "chat",
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        beta=args.beta,
+        share_prompt=not args.no_share_prompt,
+        reference_prompt=getattr(args, "reference_prompt", "same"),
+    )
+    settings.check()
+    check_cpu_matmul(args.cpu_matmul)
     if args.out:  # process 0's disk judges it (a folder there too) for every process
         distributed.check_output(args.out, "--out")
     specs = parse_benchmark_specs(args.benchmark)
     reference = None if args.reference in (None, "", "none") else args.reference
     if args.out:
         _refuse_foreign_out(args, specs)
-    if args.preference is not None and args.method != "pba":  # given, not the default: refused as --flip is
-        raise ConfigError("--preference chooses PBA's P~ and needs --method pba")
-    check_cpu_matmul(args.cpu_matmul)
     # appended to: never an input, nor a file inside a --benchmark folder (the next read takes it for data)
     if args.per_example:
         inputs = [("--reference-scores", args.reference_scores)]
@@ -89,18 +106,8 @@ def cli_eval(args: argparse.Namespace) -> int:
         from alignx_jax.models.presets import resolve_model_path
 
         model_path = resolve_model_path(args.model, model=True)
-        settings = EvalSettings(
-            method=args.method,
-            persona=args.persona,
-            preference=args.preference or "golden",
-            flip=parse_flip(args.flip),
-            prompt_format=default_prompt_format(args.model, args.prompt_format, resolved=model_path),
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            beta=args.beta,
-            share_prompt=not args.no_share_prompt,
-            reference_prompt=getattr(args, "reference_prompt", "same"),
+        settings = dataclasses.replace(
+            settings, prompt_format=default_prompt_format(args.model, args.prompt_format, resolved=model_path)
         )
         try:
             # `--dtype` None: load_pretrained's default (float32)
