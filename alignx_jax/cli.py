@@ -365,7 +365,12 @@ def _add_generate(sub) -> None:
 
 def _add_predict_preferences(sub) -> None:
     p = sub.add_parser("predict-preferences", help="predict P̃ and the profile text with the preference head")
-    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF folder with the preference head beside the policy (or hub id org/name[@revision], or "
+        "gs:// folder), as eval's --model",
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--persona", help="JSON file with one row's persona fields")
     g.add_argument("--data", help="data set to annotate")

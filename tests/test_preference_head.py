@@ -607,6 +607,31 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"alignx: error: --model: model folder not found: {missing}"
 
 
+def test_predict_preferences_resolves_a_hub_id_as_eval_does(exported, world, tmp_path, monkeypatch, capsys):
+    """predict-preferences --model resolves as eval and generate do (`presets.resolve_model_folder`): a cached
+    hub id predicts as its snapshot folder does; an uncached one offline is the hub's one line (its own
+    os.path.isdir check called any hub id a missing folder)."""
+    from alignx_jax.cli import main
+    from tests.test_hub import fill_hub_cache
+
+    out, _, _ = exported
+    persona = {k: world[0][k] for k in ("User-Generated Content", "Pair-wise Comparative Feedback")}
+    pfile = tmp_path / "persona.json"
+    pfile.write_text(json.dumps(persona))
+    assert main(["predict-preferences", "--model", out, "--persona", str(pfile), "--json"]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    fill_hub_cache(str(tmp_path / "hf_home" / "hub"), "tiny-org/pba", out)
+    assert main(["predict-preferences", "--model", "tiny-org/pba", "--persona", str(pfile), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == local
+    assert main(["predict-preferences", "--model", "tiny-org/absent", "--persona", str(pfile)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not in the Hugging Face cache" in err, err
+
+
 def test_transformers_loads_policy_with_head_beside_it(exported):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM

@@ -8,7 +8,6 @@ this module joins it to `data.persona` / `data.schema`, which `models/` never im
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -237,6 +236,7 @@ def cli_predict_preferences(args: Any) -> int:
     averaging rule's on the same rows.
     """
     from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.models.presets import resolve_model_folder
     from alignx_jax.tokenizer import load_tokenizer
 
     if args.persona is not None and args.out:  # not written, and not a word said: refused
@@ -247,12 +247,12 @@ def cli_predict_preferences(args: Any) -> int:
     loaded = None if args.data is None else load(args.data)
     if loaded is not None and not loaded.rows:
         raise DataError("no rows", file=args.data)
-    if not os.path.isdir(args.model):  # eval's line, naming the flag (load_head's names the folder alone)
-        raise CheckpointError(f"--model: model folder not found: {args.model}")
-    head, hcfg = load_head(args.model)  # first: a folder without a head fails before the model loads
-    tokenizer = load_tokenizer(args.model)
-    model = load_pretrained(args.model, dtype="float32")
-    check_backbone(hcfg, model.cfg.hidden_size, args.model)
+    # resolved as eval and generate resolve it (a hub id, `smollm2`, a gs:// folder), in their one line
+    model_path = resolve_model_folder(args.model, "--model")
+    head, hcfg = load_head(model_path)  # first: a folder without a head fails before the model loads
+    tokenizer = load_tokenizer(model_path)
+    model = load_pretrained(model_path, dtype="float32")
+    check_backbone(hcfg, model.cfg.hidden_size, model_path)
     as_json = bool(getattr(args, "json", False))
     if args.persona is not None:
         row = read_persona_file(args.persona, needs="ica")
