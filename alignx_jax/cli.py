@@ -244,8 +244,9 @@ def _add_eval(sub) -> None:
         "--preference",
         default=None,
         choices=["golden", "predicted", "profile"],
-        help="PBA's P̃ (--method pba only): the row's Preference Direction (golden, the default), the model's "
-        "head (predicted) or the row's `profile` text as the release evaluates (profile)",
+        help="PBA's P̃ (--method pba only): the row's Preference Direction, else its `profile` (golden, the "
+        "default, as PBA training's golden), the model's head (predicted) or the row's `profile` text as the "
+        "release evaluates (profile)",
     )
     p.add_argument(
         "--flip",

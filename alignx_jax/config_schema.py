@@ -291,7 +291,7 @@ class PBASection:
     hidden: int = 256  # the head's hidden width
     class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # for the {0, 0.5, 1} classes
     mode: PbaMode = "joint"  # 'joint' (trained in the DPO step) | 'two_stage' (fit on the final policy)
-    # P~ in the policy's prompt: 'golden' (the row's own pair-level direction: the golden-direction variant) |
+    # P~ in the policy's prompt: 'golden' (the row's own pair-level direction, else its `profile`) |
     # 'history' (the release: its P~ rule on the row's sampled history) | 'predicted' | 'mix' (see train/loop.py)
     preference: PbaPreference = "golden"
     mix_predicted: float = (

@@ -116,7 +116,10 @@ def test_pba_profile_precedence():
     vec[1] = 1
     assert prompts.resolve_profile(row, vec) == "Female"
     assert prompts.resolve_profile(row, "free text") == "free text"
-    assert prompts.resolve_profile(dict(row, profile="Likes art"), None) == "Likes art"
+    # the golden P~ is the row's direction: a `profile` beside it (UF-P-4's shape) is not read
+    assert prompts.resolve_profile(dict(row, profile="Likes art"), None) == "Older"
+    no_direction = dict(row, **{"Preference Direction": None})
+    assert prompts.resolve_profile(dict(no_direction, profile="Likes art"), None) == "Likes art"
     assert prompts.resolve_profile(row) == "Older"
     assert prompts.resolve_profile(dict(row, **{"Preference Direction": None})) == "Likes humor"
     with pytest.raises(DataError, match="needs a profile"):
@@ -201,3 +204,28 @@ def test_chat_template_without_a_system_role_gets_the_system_text_in_the_user_tu
     tok.chat_template = "{{ raise_exception('broken') }}"  # a template that fails either way still fails
     with pytest.raises(Exception, match="broken"):
         prompts.prompt_ids(tok, row, method="pba", fmt="chat")
+
+
+def test_training_and_eval_take_one_golden_profile_from_a_row_holding_both(tok):
+    """A UF-P-4-shaped row carries its golden `Preference Direction` and a `profile`: PBA training's 'golden'
+    (`batching.make_example`) and `alignx eval --preference golden` (`golden_profile`) render the same P~,
+    the direction (docs/method.md: the golden P~ is the row's own direction); training took the profile."""
+    from alignx_jax.data.batching import make_example
+    from alignx_jax.evaluate.profiles import golden_profile
+
+    golden = np.full(90, 0.5)
+    golden[0] = 0  # "Older"
+    row = dict(ROW, **{"Preference Direction": golden.tolist()}, profile="Likes art")
+    text, direction = golden_profile(row, (), file="uf.json", index=0)
+    assert text == "Older" == prompts.resolve_profile(row)
+    np.testing.assert_array_equal(direction, golden)
+    trained = make_example(tok, row, method="pba", max_length=4096, prompt_format="paper")
+    scored = make_example(tok, row, method="pba", max_length=4096, prompt_format="paper", profile=text)
+    assert trained.prompt_ids == scored.prompt_ids
+    user = prompts.user_message(row, method="pba")
+    assert "***User Preferences***\n\nOlder\n\n" in user and "Likes art" not in user
+    # the profile is the golden P~ only of a row with no direction (P-SOUPS)
+    bare = dict(row, **{"Preference Direction": None})
+    assert (
+        golden_profile(bare, (), file="uf.json", index=0)[0] == "Likes art" == prompts.resolve_profile(bare)
+    )

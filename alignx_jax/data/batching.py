@@ -21,7 +21,8 @@ Length rules:
     prompt to L - reserve(L) instead of dropping it.
 
 PBA's profile for a row (`pba_preference`): 'golden' renders the `profile` argument or, without one,
-`prompts.resolve_profile`'s choice (the row's `profile`, then its golden `Preference Direction`);
+`prompts.resolve_profile`'s choice (the row's golden P~, `prompts.golden_preference`: its
+`Preference Direction`, else its `profile`, as `alignx eval --preference golden` takes it);
 'history' renders the release's P~ of the *sampled* history (`persona.sampled_preference` over the
 same sample ICA would show; the whole history when no rng is given), falling back to the golden choice
 when no sampled item carries a direction.

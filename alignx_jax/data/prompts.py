@@ -10,8 +10,8 @@ Choices (docs/method.md leaves them open):
     system "Generate a task-specific response." and the user message without the persona section.
     (The paper's base-model rows are *not* this: they use the ICA prompt with the base model.)
   * PBA's profile, in order of precedence: the `profile` argument (text or a 90-vector), the row's
-    `profile` field (P-SOUPS, UF-P-4), the row's golden `Preference Direction`, the release's P~
-    from the row's history vectors.
+    golden P~ (`golden_preference`: its `Preference Direction`, else its `profile` field, as P-SOUPS
+    rows carry no direction), the release's P~ from the row's history vectors.
   * `release` (docs/method.md section 6b) is the release's *training* input, byte for byte: the
     `paper` template with no BOS; ICA's system "...based on user historical behavior.", the raw task
     (no `**Post:**`), the header `***Historical Behavior***` and UGC + PAIR with no demographics
@@ -77,15 +77,26 @@ def system_message(method: str, fmt: str = "chat") -> str:
     return {"none": SYSTEM_NONE, "ica": SYSTEM_ICA, "pba": SYSTEM_PBA}[method]
 
 
+def golden_preference(
+    row: Mapping[str, Any], *, file: str | None = None, index: int | None = None
+) -> np.ndarray | str | None:
+    """The row's golden P~ (docs/method.md sections 2 and 5): its own `Preference Direction` (float32 [90]),
+    else its `profile` text (P-SOUPS carries no direction), else None. The one owner of that order: PBA
+    training's 'golden' profile (`resolve_profile`) and `alignx eval --preference golden` both read it."""
+    direction = row.get(persona_lib.DIRECTION_FIELD)
+    if direction is not None:
+        return np.asarray(direction, dtype=np.float32)
+    text = persona_lib.row_profile(row, file=file, index=index)  # a blank one is refused, naming the row
+    return text if isinstance(text, str) else None
+
+
 def resolve_profile(row: dict, profile: Any = None) -> str:
     """The PBA profile text for `row` (precedence in the module docstring)."""
     if profile is not None:
         return profile if isinstance(profile, str) else persona_lib.profile_text(np.asarray(profile))
-    text = persona_lib.row_profile(row)
-    if isinstance(text, str):
-        return text
-    if row.get(persona_lib.DIRECTION_FIELD) is not None:
-        return persona_lib.profile_text(row[persona_lib.DIRECTION_FIELD])
+    golden = golden_preference(row)
+    if golden is not None:
+        return golden if isinstance(golden, str) else persona_lib.profile_text(golden)
     derived = persona_lib.history_direction(row)
     if derived is None:
         raise DataError(

@@ -49,19 +49,22 @@ def _flippable(text: str, *, file: str, index: int) -> np.ndarray:
 
 
 def golden_profile(row: dict, flip: Sequence[int], *, file: str, index: int) -> tuple[str, np.ndarray | None]:
-    """PBA's golden profile text (flipped if asked) and the direction it renders (None if only text)."""
+    """PBA's golden profile text (flipped if asked) and the direction it renders (None if only text): the
+    row's P~ as training's 'golden' takes it (`prompts.golden_preference`)."""
     from alignx_jax.data import persona as persona_lib
+    from alignx_jax.data.prompts import golden_preference
 
-    if row.get(persona_lib.DIRECTION_FIELD) is not None:
-        direction = np.asarray(row[persona_lib.DIRECTION_FIELD], dtype=np.float32)
-    elif isinstance(text := persona_lib.row_profile(row, file=file, index=index), str):
-        if not flip:  # the release's exact string (P-SOUPS) when nothing is changed
-            return text, _parsed(text)
-        direction = _flippable(text, file=file, index=index)
-    else:
+    golden = golden_preference(row, file=file, index=index)
+    if golden is None:
         raise DataError(
             "--preference golden needs a `Preference Direction` or a `profile`", file=file, row=index
         )
+    if isinstance(golden, str):
+        if not flip:  # the release's exact string (P-SOUPS) when nothing is changed
+            return golden, _parsed(golden)
+        direction = _flippable(golden, file=file, index=index)
+    else:
+        direction = golden
     if flip:
         direction = flip_direction(direction, flip)
     return persona_lib.profile_text(direction), direction
