@@ -272,7 +272,8 @@ def _add_eval(sub) -> None:
         "--limit",
         type=int,
         default=None,
-        help="score a seeded sample of N rows per benchmark, balanced across personas",
+        help="score a seeded sample of N rows per --benchmark, balanced across personas; a folder's N are "
+        "taken from its files in turn (UF-P-4: about N/4 of each file), the same rows every run",
     )
     p.add_argument(
         "--reference-scores",
@@ -332,7 +333,8 @@ def _add_generate(sub) -> None:
         "--limit",
         type=int,
         default=None,
-        help="--benchmark: a seeded sample of N rows balanced across personas",
+        help="--benchmark: a seeded sample of N rows balanced across personas (a folder's files in turn), "
+        "eval --limit's rows",
     )
     p.add_argument(
         "--batch-size", type=int, default=None, help="--benchmark: prompts per generation batch (default 8)"

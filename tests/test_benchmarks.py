@@ -180,3 +180,34 @@ def test_layouts_benchmark_tiny(tmp_path):
     losses = [r["second_step_loss"] for r in res["layouts"].values()]
     assert max(losses) - min(losses) < 1e-4, losses
     assert all(r["step_seconds"] > 0 and r["tokens_in_model"] > 0 for r in res["layouts"].values())
+
+
+def test_limit_on_a_folder_takes_its_files_in_turn(tmp_path):
+    """`--limit N` on a UF-P-4 folder (four files, rows with no persona group) samples every file evenly,
+    the same rows every run, a smaller N's rows inside a larger N's; it took the N rows out of the pool as if
+    one file, so a file could be missing from the sample. A short file's share goes to the others."""
+    names = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+    for k, name in enumerate(names):
+        rows = [{"prompt": f"{name} {i}", "chosen": "a", "rejected": "b"} for i in range(12 if k else 2)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+
+    def per_file(limit: int) -> list[int]:
+        sample = benchmarks.benchmark_sample("uf-p-4", str(tmp_path), limit=limit)
+        assert sample.picks == sorted(sample.picks)
+        files = [os.path.basename(sample.places[i][0]) for i in sample.picks]
+        return [files.count(f"{name}.json") for name in names]
+
+    assert per_file(8) == [2, 2, 2, 2]
+    assert per_file(11) == [2, 3, 3, 3]
+    assert per_file(20) == [2, 6, 6, 6]  # the 2-row file is spent: the others take turns
+    small = benchmarks.benchmark_sample("uf-p-4", str(tmp_path), limit=6).picks
+    large = benchmarks.benchmark_sample("uf-p-4", str(tmp_path), limit=14).picks
+    assert (
+        set(small) <= set(large)
+        and large == benchmarks.benchmark_sample("uf-p-4", str(tmp_path), limit=14).picks
+    )
+    # a file alone samples as before: its persona groups in turn, from the same seed
+    one = json.loads((tmp_path / "honesty.json").read_text())
+    assert benchmarks.benchmark_sample("uf-p-4", str(tmp_path / "honesty.json"), limit=5).picks == (
+        benchmarks.balanced_sample(one, 5, seed=0)
+    )

@@ -40,32 +40,49 @@ def persona_group(row: dict) -> str | None:
     return group if group is not None else row.get("user_id")
 
 
-def balanced_sample(rows: Sequence[dict], n: int, seed: int = 0) -> list[int]:
+def balanced_sample(
+    rows: Sequence[dict], n: int, seed: int = 0, *, files: Sequence[str] | None = None
+) -> list[int]:
     """`n` row indices, a seeded sample balanced across `persona_group`s, in file order.
 
     Benchmark files hold one persona's rows in a block (P-SOUPS: 300 rows of each of two): the
     first n rows would be one persona, a score that says nothing about personalization. Groups
-    take turns, each in a seeded random order, until n rows are taken."""
+    take turns, each in a seeded random order, until n rows are taken. `files` (each row's file, a
+    folder's files in order): the files take turns first, each offering its own persona-balanced
+    order, so a UF-P-4 folder's sample holds about n / 4 rows of each file. A smaller n's sample is
+    part of a larger one's."""
     if n >= len(rows):
         return list(range(len(rows)))
     rng = np.random.default_rng(seed)
+    by_file: dict[str, list[int]] = {}
+    for i in range(len(rows)):
+        by_file.setdefault("" if files is None else files[i], []).append(i)
+    # one rng through the files in order: a single file draws exactly as before files took turns
+    orders = [_persona_order(rows, members, rng) for members in by_file.values()]
+    return sorted(_take_turns(orders)[:n])
+
+
+def _persona_order(rows: Sequence[dict], members: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """`members` in the order `balanced_sample` takes them: persona groups in turn, each seeded-shuffled."""
     groups: dict[Any, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(persona_group(row), []).append(i)
+    for i in members:
+        groups.setdefault(persona_group(rows[i]), []).append(i)
+    # each group's permutation is taken from its end
     queues = [
-        list(rng.permutation(members)) for _, members in sorted(groups.items(), key=lambda kv: str(kv[0]))
+        [int(i) for i in rng.permutation(g)][::-1]
+        for _, g in sorted(groups.items(), key=lambda kv: str(kv[0]))
     ]
-    picks: list[int] = []
-    while len(picks) < n:
-        for q in queues:
-            if q and len(picks) < n:
-                picks.append(int(q.pop()))
-    return sorted(picks)
+    return _take_turns(queues)
+
+
+def _take_turns(queues: Sequence[Sequence[int]]) -> list[int]:
+    """The queues' items interleaved: the first of each, then the second of each, ... (an emptied one skipped)."""
+    return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
 
 
 def load_benchmark(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> list[dict]:
     """Read one benchmark's rows (every row validated as `name`); with `limit`, a seeded sample of
-    that many rows balanced across personas (`balanced_sample`)."""
+    that many rows balanced across a folder's files and the personas (`balanced_sample`)."""
     sample = benchmark_sample(name, path, limit=limit, seed=seed)
     return [sample.rows[i] for i in sample.picks]
 
@@ -81,7 +98,8 @@ class BenchmarkSample:
 
 def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> BenchmarkSample:
     """Every row of one benchmark (validated as `name`; a folder's files in sorted order) and the row
-    numbers taken: all of them, or with `limit` the balanced sample `load_benchmark` returns. Results
+    numbers taken: all of them, or with `limit` the sample balanced across the files and personas
+    (`balanced_sample`) `load_benchmark` returns. Results
     name rows by these numbers, so a run with one --limit can reuse another's per-example scores."""
     if name not in BENCHMARK_KINDS:
         raise DataError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_KINDS)}")
@@ -99,5 +117,7 @@ def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: in
     rows = loaded.rows
     if not rows:
         raise DataError("benchmark holds no rows", file=path)
-    picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed)
+    # a folder's files take turns (`balanced_sample`), so --limit samples each of them, not the first ones
+    files = [f for f, _ in loaded.places] if len(loaded.files) > 1 else None
+    picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed, files=files)
     return BenchmarkSample(rows, picks, loaded.places)
