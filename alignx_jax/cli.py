@@ -266,7 +266,7 @@ def _add_eval(sub) -> None:
         default="same",
         choices=["same", "ica"],
         help="the prompt the reference is scored on: the policy's (same) or the row's ICA prompt (ica, "
-        "as the release's reference script does, also for PBA)",
+        "as the release's reference script does, also for PBA; needs --reference or --reference-scores)",
     )
     p.add_argument(
         "--limit",

@@ -359,6 +359,12 @@ def test_a_bad_per_example_file_is_refused_before_the_model_path_is_resolved(cap
         (["--limit", "0"], "--limit must be positive, got 0"),
         (["--beta", "0"], "--beta must be a finite number > 0"),
         (["--max-length", "2"], "--max-length must be at least 4"),
+        # ignored with no reference (results said nothing of it): refused as --flip without pba is
+        (
+            ["--reference-prompt", "ica"],
+            "--reference-prompt ica chooses the prompt the reference is scored on",
+        ),
+        (["--reference", "org/ref", "--reference-scores", "s.jsonl"], "two references; give one"),
     ],
 )
 def test_a_bad_flag_is_refused_before_the_model_is_resolved(capsys, monkeypatch, tmp_path, flags, needle):

@@ -13,6 +13,7 @@ from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.evaluate.options import (
     EvalSettings,
     check_cpu_matmul,
+    check_reference_flags,
     default_prompt_format,
     parse_benchmark_specs,
     parse_flip,
@@ -85,11 +86,12 @@ def cli_eval(args: argparse.Namespace) -> int:
         reference_prompt=getattr(args, "reference_prompt", "same"),
     )
     settings.check()
+    reference = None if args.reference in (None, "", "none") else args.reference
+    check_reference_flags(reference, args.reference_scores, settings.reference_prompt)
     check_cpu_matmul(args.cpu_matmul)
     if args.out:  # process 0's disk judges it (a folder there too) for every process
         distributed.check_output(args.out, "--out")
     specs = parse_benchmark_specs(args.benchmark)
-    reference = None if args.reference in (None, "", "none") else args.reference
     if args.out:
         _refuse_foreign_out(args, specs)
     # appended to: never an input, nor a file inside a --benchmark folder (the next read takes it for data)

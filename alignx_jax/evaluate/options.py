@@ -80,6 +80,20 @@ def check_cpu_matmul(choice: str) -> None:
         raise ConfigError(f"--cpu-matmul {choice}: {why}; use auto or ynnpack")
 
 
+def check_reference_flags(
+    reference_dir: str | None, reference_scores: str | None, reference_prompt: str
+) -> None:
+    """The reference flags among themselves, before either is read: one reference at most, and
+    `--reference-prompt ica` only with one (with none it would be ignored)."""
+    if reference_dir is not None and reference_scores is not None:
+        raise ConfigError("--reference and --reference-scores are two references; give one")
+    if reference_prompt != "same" and reference_dir is None and reference_scores is None:
+        raise ConfigError(
+            f"--reference-prompt {reference_prompt} chooses the prompt the reference is scored on and needs "
+            "--reference or --reference-scores"
+        )
+
+
 def default_prompt_format(
     model_dir: str, explicit: str | None, *, fallback: str = "chat", resolved: str | None = None
 ) -> str:

@@ -17,6 +17,7 @@ from alignx_jax.evaluate import scoring
 from alignx_jax.evaluate.options import (
     BenchmarkSpec,
     EvalSettings,
+    check_reference_flags,
     flip_direction,
     involves,
     resolve_personas,
@@ -200,6 +201,7 @@ def _check_inputs(
     from alignx_jax.models.presets import resolve_model_folder
 
     settings.check()
+    check_reference_flags(reference_dir, reference_scores, settings.reference_prompt)
     model_dir, reference_dir = (
         resolve_model_folder(model_dir, "--model"),
         reference_dir and resolve_model_folder(reference_dir, "--reference"),
@@ -219,8 +221,6 @@ def _check_inputs(
             f"{model_dir}: --preference predicted needs preference_head.safetensors "
             "(export a PBA run with its head, or use --preference golden)"
         )
-    if reference_dir is not None and reference_scores is not None:
-        raise ConfigError("--reference and --reference-scores are two references; give one")
     return model_dir, reference_dir
 
 
