@@ -694,6 +694,24 @@ def test_predict_preferences_reads_data_before_the_model(out, tmp_path, capsys):
     assert not (tmp_path / "pred.jsonl").exists()
 
 
+def test_predict_preferences_reads_the_persona_file_before_the_model(tmp_path, capsys):
+    """--persona is read before --model resolves and loads, as --data is: a missing or malformed file was
+    reported only after the model had loaded (or after a missing model's line)."""
+    from alignx_jax.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for persona in (tmp_path / "missing.json", bad):
+        for m in (model, tmp_path / "no-model"):
+            assert main(["predict-preferences", "--model", str(m), "--persona", str(persona)]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and str(persona) in err[0] and "--model" not in err[0], err
+            assert "preference head" not in err[0], err
+
+
 @pytest.mark.parametrize("target", ["notes", "data", "data_folder", "config"])
 def test_predict_preferences_out_never_replaces_an_input_or_another_file(target, world, tmp_path, capsys):
     """--out replaces an earlier predictions file only: notes, the --data file itself, a file of a --data

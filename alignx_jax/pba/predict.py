@@ -243,8 +243,9 @@ def cli_predict_preferences(args: Any) -> int:
         raise ConfigError("--out applies to --data; with --persona the result is printed (--json for JSON)")
     if args.out:  # before the model loads
         _refuse_foreign_out(args)
-    # --data read before the model loads: a missing, empty or malformed one fails first
+    # --data or --persona read before the model resolves and loads: a missing, empty or malformed one fails first
     loaded = None if args.data is None else load(args.data)
+    persona_row = None if args.persona is None else read_persona_file(args.persona, needs="ica")
     if loaded is not None and not loaded.rows:
         raise DataError("no rows", file=args.data)
     # resolved as eval and generate resolve it (a hub id, `smollm2`, a gs:// folder), in their one line
@@ -254,10 +255,9 @@ def cli_predict_preferences(args: Any) -> int:
     model = load_pretrained(model_path, dtype="float32")
     check_backbone(hcfg, model.cfg.hidden_size, model_path)
     as_json = bool(getattr(args, "json", False))
-    if args.persona is not None:
-        row = read_persona_file(args.persona, needs="ica")
+    if persona_row is not None:
         [direction], probs = predict_preferences(
-            model, head, tokenizer, [row], batch_size=1, return_probs=True
+            model, head, tokenizer, [persona_row], batch_size=1, return_probs=True
         )
         text = profile_text(direction)
         if not paths.is_main_process():  # a multi-process job: process 0 prints
