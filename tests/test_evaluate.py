@@ -365,6 +365,9 @@ def test_a_bad_per_example_file_is_refused_before_the_model_path_is_resolved(cap
             "--reference-prompt ica chooses the prompt the reference is scored on",
         ),
         (["--reference", "org/ref", "--reference-scores", "s.jsonl"], "two references; give one"),
+        # read first when the benchmarks were scored, after the models had loaded
+        (["--method", "ica", "--persona", "ugc,zz"], "--persona: unknown variant 'zz'"),
+        (["--method", "ica", "--persona", ","], "--persona: empty list"),
     ],
 )
 def test_a_bad_flag_is_refused_before_the_model_is_resolved(capsys, monkeypatch, tmp_path, flags, needle):

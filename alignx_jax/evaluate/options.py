@@ -129,6 +129,11 @@ def resolve_personas(value: str | None, benchmark: str, *, method: str, preferen
         return [None]
     if value is None:
         return list(PERSONA_VARIANTS) if benchmark == "alignx" else ["p"]
+    return parse_personas(value)
+
+
+def parse_personas(value: str) -> list[str]:
+    """`--persona ugc,pair` -> the variants, each once; an empty list or an unknown variant is a ConfigError."""
     variants = [v.strip().lower() for v in value.split(",") if v.strip()]
     if not variants:
         raise ConfigError("--persona: empty list")
@@ -234,3 +239,5 @@ class EvalSettings:
                 + (f" --preference {self.preference}" if self.method == "pba" else "")
                 + f" shows {shows.get(what, 'no persona variant')})"
             )
+        if self.persona is not None:  # here, not first when the benchmarks are scored (after the models load)
+            parse_personas(self.persona)
