@@ -712,6 +712,23 @@ def test_predict_preferences_reads_the_persona_file_before_the_model(tmp_path, c
             assert "preference head" not in err[0], err
 
 
+def test_predict_preferences_refuses_an_unwritable_out_before_the_model(world, tmp_path, capsys):
+    """An --out that cannot be written is its one line before the model loads (it came after the load, so
+    after a missing head's line, or minutes of loading an 8B model)."""
+    from alignx_jax.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}\n')
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in world[:2]))
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "pred.jsonl"  # under a file: no folder can be made there
+    assert main(["predict-preferences", "--model", str(model), "--data", str(data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: cannot be written" in err[0], err
+
+
 @pytest.mark.parametrize("target", ["notes", "data", "data_folder", "config"])
 def test_predict_preferences_out_never_replaces_an_input_or_another_file(target, world, tmp_path, capsys):
     """--out replaces an earlier predictions file only: notes, the --data file itself, a file of a --data

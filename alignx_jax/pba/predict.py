@@ -241,8 +241,9 @@ def cli_predict_preferences(args: Any) -> int:
 
     if args.persona is not None and args.out:  # not written, and not a word said: refused
         raise ConfigError("--out applies to --data; with --persona the result is printed (--json for JSON)")
-    if args.out:  # before the model loads
+    if args.out:  # before the model loads; process 0's disk judges it for every process
         _refuse_foreign_out(args)
+        distributed.check_output(args.out, "--out")
     # --data or --persona read before the model resolves and loads: a missing, empty or malformed one fails first
     loaded = None if args.data is None else load(args.data)
     persona_row = None if args.persona is None else read_persona_file(args.persona, needs="ica")
@@ -271,8 +272,6 @@ def cli_predict_preferences(args: Any) -> int:
     rows = loaded.rows
     # a folder's rows are numbered through its files: each record also names its own file and row
     places = loaded.places if len(loaded.files) > 1 else None
-    if args.out:  # before the model runs
-        distributed.check_output(args.out, "--out")
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
     lines = []
     for i, (row, d) in enumerate(zip(rows, directions)):
