@@ -124,10 +124,12 @@ def test_pba_profile_precedence():
     assert prompts.resolve_profile(dict(row, **{"Preference Direction": None})) == "Likes humor"
     with pytest.raises(DataError, match="needs a profile"):
         prompts.resolve_profile(ROW)
-    # a blank `profile` would be a PBA prompt with no preferences: one line naming the field
+    # a blank `profile` read for a PBA prompt (no direction beside it) is one line naming the field
     for blank in ("", " \n"):
         with pytest.raises(DataError, match=r"^field 'profile': is empty: a PBA prompt would show no"):
-            prompts.user_message(dict(row, profile=blank), method="pba")
+            prompts.user_message(dict(no_direction, profile=blank), method="pba")
+        # beside a direction the direction is read
+        assert "Older" in prompts.user_message(dict(row, profile=blank), method="pba")
         assert ROW["prompt"] in prompts.user_message(dict(ROW, profile=blank), method="ica")  # not read
 
 
