@@ -254,6 +254,31 @@ def test_missing_path_and_empty_folder(tmp_path, capsys):
     assert "no .parquet" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, text", [("e.jsonl", ""), ("e.json", ""), ("w.json", " \n\n"), ("e.parquet", "")]
+)
+def test_an_empty_file_of_any_format_holds_no_rows(name, text, tmp_path, capsys):
+    """A 0-byte .json (or .parquet) was "invalid JSON ... truncated or corrupt file?" where an empty .jsonl
+    was "no rows": an empty file is no rows in any format, alone and beside a file of rows."""
+    empty = tmp_path / "alone" / name
+    empty.parent.mkdir()
+    empty.write_text(text)
+    for args in (["check", str(empty)], ["split", str(empty), "--out", str(tmp_path / "o")]):
+        assert main(["data", *args]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"alignx: error: {empty}: no rows"]
+    assert schema.head_rows(str(empty)) == [] and [r for r, _, _ in schema.iter_rows(str(empty))] == []
+    folder = tmp_path / "beside"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    write_jsonl(folder / "rows.jsonl", [alignx_row(i, np.random.default_rng(i)) for i in range(2)])
+    assert len(schema.load_rows(str(folder))[0]) == 2
+    assert len(list(schema.iter_rows(str(folder)))) == 2
+    assert main(["data", "split", str(folder), "--by", "row", "--out", str(tmp_path / "halves")]) == 0
+    assert (tmp_path / "halves" / "train" / name).exists()  # written back as the input was: no rows
+    assert len(schema.load_rows(str(tmp_path / "halves" / "train"))[0]) == 1
+
+
 def test_auto_kind_is_not_fooled_by_a_broken_first_row(tmp_path):
     rng = np.random.default_rng(7)
     rows = [alignx_row(i, rng) for i in range(3)]

@@ -443,6 +443,8 @@ def read_file(path: str) -> RawFile:
         try:
             rows = read_parquet_table(path).to_pylist()  # list columns come back as plain lists
         except Exception as e:  # pyarrow (and a bucket's client) raise several types
+            if is_empty_file(path):
+                return RawFile(path, fmt, [])
             raise DataError(f"cannot read parquet: {one_line(e)}", file=path) from None
         return RawFile(path, fmt, rows)
     try:
@@ -456,9 +458,20 @@ def read_file(path: str) -> RawFile:
     except Exception as e:  # a bucket client's own error types
         raise DataError(f"cannot read: {one_line(e)}", file=path) from None
     text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write UTF-8
+    if not text.strip():  # an empty file of any format holds no rows, as an empty .jsonl always did
+        return RawFile(path, fmt, [], lines=[] if fmt == "jsonl" else None)
     if fmt == "json":
         return _read_json(path, text)
     return _read_jsonl(path, text)
+
+
+def is_empty_file(path: str) -> bool:
+    """Whether the file at `path` (local or a URL) holds 0 bytes: no rows in any format (False where it
+    cannot be asked)."""
+    try:
+        return (paths.path(path).stat().length if paths.is_url(path) else os.path.getsize(path)) == 0
+    except Exception:  # a bucket client's own error types: the caller names the read's error
+        return False
 
 
 def _read_jsonl(path: str, text: str) -> RawFile:
@@ -585,6 +598,8 @@ def _parquet_head(f: Any, n: int, path: str) -> list[Any]:
         reader = pq.ParquetFile(f, buffer_size=1 << 14, pre_buffer=False)
         first = next(reader.iter_batches(batch_size=n), None)
     except Exception as e:  # pyarrow raises several types
+        if is_empty_file(path):
+            return []
         raise DataError(f"cannot read parquet: {one_line(e)}", file=path) from None
     return [] if first is None else first.to_pylist()
 
@@ -717,6 +732,9 @@ def _file_chunks(path: str) -> Iterator[tuple[RawFile, int]]:
             yield RawFile(path, "parquet", rows), offset
             offset += len(rows)
     except Exception as e:  # pyarrow raises several types (a truncated file mid-way too)
+        if offset == 0 and is_empty_file(path):
+            yield RawFile(path, "parquet", []), 0
+            return
         raise DataError(f"cannot read parquet: {one_line(e)}", file=path) from None
 
 

@@ -78,6 +78,8 @@ def split_rows(
 
 def rows_bytes(raw: schema.RawFile, picks: list[int]) -> bytes:
     """The picked rows of `raw` as a file in the input's format."""
+    if raw.fmt == "parquet" and not raw.rows and schema.is_empty_file(raw.path):
+        return b""  # a 0-byte input (no rows, no columns) is written as it was: pyarrow cannot read it
     if raw.fmt == "parquet":
         import io
 
