@@ -108,6 +108,27 @@ def test_cli_split_refuses_an_out_holding_its_input(tmp_path, capsys):
     assert main(["data", "split", str(folder), "--by", "row", "--out", str(tmp_path / "halves")]) == 0
 
 
+def test_cli_split_refuses_a_split_folder(tmp_path, capsys):
+    """`data split` of its own output (train/ and test/) shuffled both halves together and wrote
+    OUT/train/train/...: refused in one line naming the folder, as eval and generate refuse it; a half
+    named on its own splits."""
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(n_users=4, per_user=2)))
+    halves = tmp_path / "halves"
+    assert main(["data", "split", str(src), "--by", "user", "--out", str(halves)]) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["data", "split", str(halves), "--by", "user", "--out", str(again)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"alignx: error: {halves}: holds the split folders train/, test/: name the one to split "
+        f"(e.g. {halves}/test)"
+    ]
+    assert not again.exists()
+    assert main(["data", "split", str(halves / "train"), "--by", "row", "--out", str(again)]) == 0
+    assert sorted(os.listdir(again / "train")) == ["rows.jsonl"]
+
+
 def test_cli_split_refuses_an_empty_half(tmp_path, capsys):
     """A half of no rows is a file data check, eval and train refuse: one line, nothing written (it was a
     `[]` file and exit 0), whether the fraction asks for it or the rows form one group."""

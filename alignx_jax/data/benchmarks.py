@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import paths
 from alignx_jax.data import schema
 from alignx_jax.errors import DataError
 
@@ -105,14 +104,7 @@ def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: in
         raise DataError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARK_KINDS)}")
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be positive, got {limit}")
-    halves = [h for h in ("train", "validation", "test") if paths.is_dir(f"{path.rstrip('/')}/{h}")]
-    # `alignx data split`'s output: scoring it whole would score its training half
-    if paths.is_dir(path) and halves:
-        raise DataError(
-            f"holds the split folders {', '.join(h + '/' for h in halves)}: name the one to score "
-            f"(e.g. {path.rstrip('/')}/{halves[-1]})",
-            file=path,
-        )
+    schema.refuse_split_folder(path, "score")  # scored whole, it would score its training half too
     loaded = schema.load(path, kind=name)
     rows = loaded.rows
     if not rows:

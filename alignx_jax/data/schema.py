@@ -348,6 +348,18 @@ def refuse_tfds_folder(path: str) -> None:
 SPLIT_DIRS = ("train", "validation", "test")  # `alignx data split`'s sub-folders, one split each
 
 
+def refuse_split_folder(path: str, verb: str) -> None:
+    """A DataError where `path` is a folder holding split folders (`alignx data split`'s output): read
+    whole, its halves would be read as one data set; `verb` says what to name one of them for."""
+    halves = [h for h in SPLIT_DIRS if paths.is_dir(f"{path.rstrip('/')}/{h}")]
+    if paths.is_dir(path) and halves:
+        raise DataError(
+            f"holds the split folders {', '.join(h + '/' for h in halves)}: name the one to {verb} "
+            f"(e.g. {path.rstrip('/')}/{halves[-1]})",
+            file=path,
+        )
+
+
 def split_folders(path: str) -> dict[str, str]:
     """A folder's split sub-folders (split name -> path), {} where it has none. Data files beside them
     are an error naming one: no command would read them."""

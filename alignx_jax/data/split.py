@@ -145,6 +145,9 @@ def _join(root: str, *parts: str) -> str:
 
 def cli_split(args: argparse.Namespace) -> int:
     """`alignx data split PATH --by prompt|user|row --test-fraction F --seed S --out DIR`."""
+    schema.split_folders(args.path)  # a data file beside train/, test/ ...: the readers' own line first
+    # split whole, both halves would be shuffled together and written to OUT/train/train/..., OUT/train/test/...
+    schema.refuse_split_folder(args.path, "split")
     loaded = schema.load(args.path)
     if not loaded.rows:
         raise DataError("no rows", file=args.path)
