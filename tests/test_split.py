@@ -11,6 +11,7 @@ import pytest
 
 from alignx_jax.cli import main
 from alignx_jax.data import schema, split
+from alignx_jax.errors import DataError
 
 PSOUPS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -106,6 +107,24 @@ def test_cli_split_refuses_an_out_holding_its_input(tmp_path, capsys):
         assert len(err) == 1 and "holds the input file" in err[0]
         assert sorted(os.listdir(folder)) == ["rows.jsonl"]
     assert main(["data", "split", str(folder), "--by", "row", "--out", str(tmp_path / "halves")]) == 0
+
+
+def test_by_user_keeps_user_ids_of_different_json_types_apart(tmp_path, capsys):
+    """user_id 1, "1" and true were one user (`id:1`, `id:True` == 1 in a set too): the schema reads a
+    string or an integer, so true is refused naming its file, row and field, and 1 and "1" are two users."""
+    rows = synthetic_rows(n_users=2, per_user=1)
+    rows[0]["user_id"], rows[1]["user_id"] = 1, "1"
+    assert split.group_keys(rows, "user")[0] != split.group_keys(rows, "user")[1]
+    train, test = split.split_rows(rows, by="user", test_fraction=0.5, seed=0)
+    assert len(train) == len(test) == 1
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[0], "user_id": True}]))
+    assert main(["data", "split", str(src), "--by", "user", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rows.jsonl, row 2" in err[0], err
+    assert "field 'user_id': expected a string or integer, got bool" in err[0], err
+    with pytest.raises(DataError, match="field 'source': expected a string or integer, got bool"):
+        schema.validate_row({**rows[0], "source": False}, kind="alignx")
 
 
 def test_cli_split_refuses_a_split_folder(tmp_path, capsys):

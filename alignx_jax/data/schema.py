@@ -10,6 +10,7 @@ Strictness (decided here, tested in tests/test_schema.py):
   * history items: every text field must be a str, but may be empty (real comments can be);
   * history lists: at most 4 items; item directions 90 values in {0, 0.5, 1} when present
     (required on UGC items of AlignX rows, optional on pairs: P-SOUPS has none);
+  * user_id, source: a string or an integer when present (1 and "1" are two ids; true is none);
   * unknown extra fields are kept unchanged, except one spelled like a field this reader knows but
     not exactly (`Demographic information`, `user-generated content`, `preference_direction`) while
     that field is absent: it would be read as nothing, so it is an error naming the right spelling.
@@ -220,10 +221,10 @@ def validate_row(
         if not out[PAIR]:
             raise DataError("P-SOUPS rows need history pairs", field=PAIR, **where)
     for key in ("user_id", "source"):
-        if key in row and row[key] is not None and not isinstance(row[key], (str, int)):
-            raise DataError(
-                f"expected a string or integer, got {type(row[key]).__name__}", field=key, **where
-            )
+        value = row.get(key)
+        # a bool is an int to Python (True == 1) but no id: `data split --by user` would group it with 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise DataError(f"expected a string or integer, got {type(value).__name__}", field=key, **where)
     return out
 
 

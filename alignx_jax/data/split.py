@@ -30,7 +30,7 @@ SPLIT_BY = ("prompt", "user", "row")
 
 def _user_key(row: dict) -> str:
     if row.get("user_id") is not None:
-        return f"id:{row['user_id']}"
+        return f"id:{json.dumps(row['user_id'])}"  # 1 and "1" are two users: the key keeps the JSON type
     if row.get("ground_truth_persona") is not None:
         return f"persona:{row['ground_truth_persona']}"
     fields = {k: row.get(k) for k in (persona_lib.DEMO_FIELD, persona_lib.UGC_FIELD, persona_lib.PAIR_FIELD)}
