@@ -45,8 +45,13 @@ class DataError(AlignXError):
             where.append(f"row {row}" + (f" (line {line})" if line is not None and line != row + 1 else ""))
         if field is not None:
             where.append(f"field {field!r}")
-        self.file, self.row, self.field = file, row, field
+        self.file, self.row, self.field, self.line, self.message = file, row, field, line, message
         super().__init__(": ".join([", ".join(where), message]) if where else message)
+
+    def at(self, *, file: str | None, row: int | None) -> DataError:
+        """This error named at `file`, row `row`: a row-level check that did not know where its row lives
+        keeps its field and wording, as the callers that pass file and row word it."""
+        return DataError(self.message, file=file, row=row, field=self.field, line=self.line)
 
 
 class MeshError(ConfigError):

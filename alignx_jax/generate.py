@@ -504,7 +504,7 @@ def _check_profiles(sample) -> None:
         try:
             prompts_lib.resolve_profile(sample.rows[i])
         except DataError as e:  # no profile, direction or history vector: one line naming the row
-            raise DataError(str(e), file=file, row=at) from None
+            raise e.at(file=file, row=at) from None
 
 
 def _generate_benchmark(args) -> int:

@@ -876,6 +876,33 @@ def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     ]
 
 
+def test_a_blank_pba_profile_is_worded_as_eval_and_generate_word_it(tmp_path):
+    """A blank `profile` failed training as `FILE, row N: field 'profile': is empty` (the loop's own
+    rewording of persona.row_profile's error) where eval and generate say `FILE, row N, field 'profile':
+    ...`: one wording, the owner's."""
+    from alignx_jax.data.persona import row_profile
+    from alignx_jax.data.synth import generate_world
+    from alignx_jax.errors import DataError
+
+    rows = generate_world(2, 2, seed=0).rows
+    keep = ("prompt", "chosen", "rejected")  # the benchmark shape: the profile is the only P~
+    data = [{**{k: r[k] for k in keep}, "profile": "  " if i == 1 else "Concise"} for i, r in enumerate(rows)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    with pytest.raises(DataError) as owner:
+        row_profile(data[1], file=str(path), index=1)
+    pba = os.path.join(ROOT, "configs", "tiny_pba.py")
+    r = run_cli(
+        ["train", f"--config={pba}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
+        + [f"--config.data.train={path}", "--config.data.shuffle=false", "--config.train.global_batch=2"]
+        + ["--config.train.micro_batch=2", "--config.pba.max_persona_tokens=128"]
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"alignx: error: {owner.value}", r.stderr[-2000:]
+    assert str(owner.value).startswith(f"{path}, row 1, field 'profile': is empty")
+
+
 def test_a_resumed_writer_purges_the_tensorboard_steps_after_its_checkpoint(tmp_path):
     """A run killed after its checkpoint at step 2 logged steps 3-4; the resumed run logs them again: its
     event file starts with TensorBoard's purge marker at step 3 (SessionLog START), so the killed run's

@@ -320,7 +320,7 @@ class Trainer(TrainerCheckpoints):
             if e.file is not None:
                 raise
             file, at = (source or self.source).where(index)  # a row-level error names its file and row
-            raise DataError(str(e), file=file, row=at) from None
+            raise e.at(file=file, row=at) from None
 
     def _make_example_of(self, row, rng, index):
         cfg = self.cfg
