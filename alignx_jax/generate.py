@@ -332,15 +332,28 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
     if mesh is None and jax.local_device_count() > 1:
         mesh = make_mesh(fsdp=-1, devices=jax.local_devices())
     if holds_safetensors(path):
-        model, tok_dir = hf.load_pretrained(path, mesh=mesh, **kwargs), path
+        model = hf.load_pretrained(path, mesh=mesh, **kwargs)
     else:
-        model, tok_dir = (
-            checkpoint.load_checkpoint(path, mesh=mesh, **kwargs),
-            checkpoint.resolve_checkpoint(path).tokenizer_dir,
-        )
+        model = checkpoint.load_checkpoint(path, mesh=mesh, **kwargs)
+    return model, load_tokenizer(_tokenizer_dir(path))
+
+
+def _tokenizer_dir(path: str) -> str:
+    """The tokenizer folder of the model folder `path` (`resolve_model_path`'s), read without its weights."""
+    from alignx_jax.models import checkpoint
+
+    tok_dir = path if holds_safetensors(path) else checkpoint.resolve_checkpoint(path).tokenizer_dir
     if tok_dir is None:
         raise CheckpointError(f"{path}: no tokenizer files next to the model")
-    return model, load_tokenizer(tok_dir)
+    return tok_dir
+
+
+def prompt_ids_sha256(ids: list[int]) -> str:
+    """A row's prompt token ids as `generate --benchmark` records them: what a resume compares (the ids
+    decide the output with the settings; the row's text alone does not say how its persona was rendered)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(ids).encode("ascii")).hexdigest()
 
 
 def _prompt_budget(ids: list[int], fmt: str, max_length: int) -> list[int]:
@@ -410,14 +423,28 @@ def _model_identity(model: str, dtype: str | None) -> dict[str, Any]:
 
 
 def _other_job(
-    done: dict[str, Any], *, method: str, fmt: str, prompt: str, where: str, settings: dict[str, Any]
+    done: dict[str, Any],
+    *,
+    method: str,
+    fmt: str,
+    prompt: str,
+    where: str,
+    settings: dict[str, Any],
+    ids_sha256: str | None = None,
 ) -> str | None:
     """How a row already in the --out file was generated differently from this command, or None. Rows
-    written before `settings` were recorded are compared on method, format and prompt only."""
+    written before `settings` (or their prompt ids' hash) were recorded are compared on method, format and
+    prompt only."""
     if (done.get("method"), done.get("prompt_format")) != (method, fmt):
         return f"with --method {done.get('method')} and prompt format {done.get('prompt_format')}"
     if done.get("prompt") != prompt:
         return f"for another prompt than {where}"
+    before_sha = done.get("prompt_ids_sha256")
+    if before_sha is not None and ids_sha256 is not None and before_sha != ids_sha256:
+        # the same task, rendered otherwise: another profile, persona or template rule, or tokenizer
+        return (
+            f"from other prompt token ids than {where} now renders (its persona or profile shown otherwise?)"
+        )
     before = done.get("settings")
     if before is not None and before != settings:
         changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
@@ -430,10 +457,20 @@ def _other_job(
 
 
 def _not_yet_generated(
-    log, name: str, path: str, rows: list, picks: list[int], args, fmt: str, settings, default_dtype: str
+    log,
+    name: str,
+    path: str,
+    rows: list,
+    picks: list[int],
+    args,
+    fmt: str,
+    settings,
+    default_dtype: str,
+    ids: dict[int, list[int]],
 ) -> list[int]:
     """The picked rows --out does not hold yet; a row it holds must come from the same job (a resume appends
-    to what an earlier command generated), else a DataError naming the row."""
+    to what an earlier command generated: its prompt token ids `ids[i]` too), else a DataError naming the
+    row."""
     todo = []
     for i in picks:
         done = log.get((name, None, i))
@@ -447,7 +484,13 @@ def _not_yet_generated(
             done = {**done, "settings": {**before, "dtype": default_dtype}}
         where = f"{path}'s row {i} (another file under the name {name}?)"
         problem = _other_job(
-            done, method=args.method, fmt=fmt, prompt=rows[i]["prompt"], where=where, settings=settings
+            done,
+            method=args.method,
+            fmt=fmt,
+            prompt=rows[i]["prompt"],
+            where=where,
+            settings=settings,
+            ids_sha256=prompt_ids_sha256(ids[i]),
         )
         if problem:
             raise DataError(f"row {i} was generated {problem}; use a new --out file", file=args.out)
@@ -540,6 +583,16 @@ def _generate_benchmark(args) -> int:
         args.model, getattr(args, "prompt_format", None), fallback="paper", resolved=model_path
     )
     max_length = settings["max_length"]
+    from alignx_jax.tokenizer import load_tokenizer
+
+    # the tokenizer alone, before the model: a resume compares the rows' prompt ids
+    tokenizer = load_tokenizer(_tokenizer_dir(model_path))
+    ids = {
+        i: _prompt_budget(
+            prompts_lib.prompt_ids(tokenizer, rows[i], method=args.method, fmt=fmt), fmt, max_length
+        )
+        for i in picks
+    }
     # a multi-process job: every process generates on its own devices, process 0 alone writes
     main = paths.is_main_process()
     log = PerExampleLog.for_job(args.out, flag="--out", kind="generate")
@@ -547,7 +600,7 @@ def _generate_benchmark(args) -> int:
         default_dtype = settings["dtype"] if given_dtype is None else _resolved_dtype(model_path, None)
         # each batch is then followed by one agreed check of its write (`append_agreed`)
         todo = _rows_left_on_main(
-            lambda: _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype)
+            lambda: _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype, ids)
         )
         if not todo:
             if main:
@@ -556,12 +609,6 @@ def _generate_benchmark(args) -> int:
         model, tokenizer = load_model_and_tokenizer(
             model_path, settings["dtype"], cpu_matmul=getattr(args, "cpu_matmul", "auto")
         )
-        ids = {
-            i: _prompt_budget(
-                prompts_lib.prompt_ids(tokenizer, rows[i], method=args.method, fmt=fmt), fmt, max_length
-            )
-            for i in todo
-        }
         todo.sort(key=lambda i: (-len(ids[i]), i))  # similar lengths batch together: less padding
         with tqdm(total=len(todo), desc=f"generate {name}", unit="row", disable=not main) as bar:
             for start in range(0, len(todo), batch_size):
@@ -590,6 +637,7 @@ def _generate_benchmark(args) -> int:
                             "method": args.method,
                             "prompt_format": fmt,
                             "prompt": rows[i]["prompt"],
+                            "prompt_ids_sha256": prompt_ids_sha256(ids[i]),
                             "output": tokenizer.decode(toks, skip_special_tokens=True),
                             "settings": settings,
                         }

@@ -490,6 +490,54 @@ def test_rows_recorded_with_a_null_dtype_resume_as_the_models_own(tiny_hf_checkp
     assert "dtype 'float32', now 'bfloat16'" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_resume_compares_the_rendered_prompt_ids(tiny_hf_checkpoints, tmp_path, monkeypatch, capsys):
+    """A resume compared method, format, task prompt and settings, not the PBA profile a row's prompt shows:
+    rows written under another profile rule (or another file's profiles under the same name) resumed
+    silently. Each row records its prompt ids' hash; a rerun that renders other ids is one line naming the row,
+    before any model loads; the same rendering resumes."""
+    from alignx_jax import generate as gen
+    from alignx_jax.data import prompts as prompts_lib
+
+    rows = [{"prompt": f"task {i}", "chosen": "a", "rejected": "b", "profile": "Concise"} for i in range(2)]
+    bench = tmp_path / "uf.json"
+    bench.write_text(json.dumps(rows))
+    out = tmp_path / "gen.jsonl"
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"uf-p-4={bench}"]
+    argv += ["--method", "pba", "--out", str(out), "--max-new-tokens", "1", "--greedy"]
+    assert main(argv) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({r["prompt_ids_sha256"] for r in written}) == 2  # the task is part of the prompt ids
+    capsys.readouterr()
+    assert main(argv) == 0 and "all 2 rows already generated" in capsys.readouterr().err
+    loaded = []
+    real_load = gen.load_model_and_tokenizer
+    monkeypatch.setattr(
+        gen, "load_model_and_tokenizer", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw)
+    )
+    real_resolve = prompts_lib.resolve_profile
+    for change in ("rule", "file"):
+        with monkeypatch.context() as m:
+            if change == "rule":  # another profile rule renders the same row otherwise
+                m.setattr(
+                    prompts_lib, "resolve_profile", lambda row, profile=None: real_resolve(row) + ", Formal"
+                )
+            else:
+                bench.write_text(json.dumps([rows[0], {**rows[1], "profile": "Verbose"}]))
+            assert main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        row = 0 if change == "rule" else 1
+        assert len(err) == 1 and err[0].startswith(
+            f"alignx: error: {out}: row {row} was generated from other "
+        ), err
+        assert "prompt token ids" in err[0] and "use a new --out file" in err[0], err
+    assert loaded == [] and out.read_text().count("\n") == 2
+    # rows of an older alignx hold no hash: compared as before, on method, format, prompt and settings
+    out.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "prompt_ids_sha256"}) + "\n" for r in written)
+    )
+    assert main(argv) == 0 and "all 2 rows already generated" in capsys.readouterr().err
+
+
 EVAL_ROW = {"benchmark": "p", "persona": None, "index": 0, "logp_chosen": -1.0, "logp_rejected": -2.0}
 GENERATE_ROW = {"benchmark": "p", "persona": None, "index": 0, "id": 0, "method": "ica", "output": "hi"}
 
