@@ -777,6 +777,46 @@ def test_a_run_whose_every_row_is_dropped_is_an_error(tmp_path):
     assert again.returncode == 1 and "no step of this run had a pair" in again.stderr, again.stderr[-2000:]
 
 
+def test_steps_without_pairs_are_counted_over_a_resume(tmp_path):
+    """The end-of-run count of steps that kept no pair is the whole run's: saved with each checkpoint, so
+    a run resumed part way says what the uninterrupted run says (it counted the resumed invocation's
+    alone); a checkpoint saved before the count was kept resumes counting from 0."""
+    from alignx_jax.checkpointing import META_DIGEST, meta_digest
+
+    # one pair a step, some rows longer than max_length: some steps keep no pair
+    some_dropped = [
+        "--config.data.max_length=192",
+        "--config.data.buckets=(192,)",
+        "--config.loss.logps_chunk=64",
+        "--config.data.overflow=drop",
+        "--config.train.global_batch=1",
+        "--config.train.micro_batch=1",
+    ]
+
+    def train_to(w, steps):
+        r = run_cli(
+            ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, *some_dropped]
+            + [f"--config.train.steps={steps}"]
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        counts = re.findall(r"warning: (\d+) steps had no pair", r.stderr)
+        return int(counts[0]) if counts else 0
+
+    whole = train_to(tmp_path / "whole", 8)
+    first = train_to(tmp_path / "split", 4)
+    assert 0 < first < whole < 8, (first, whole)  # steps with and without pairs on both sides of step 4
+    assert train_to(tmp_path / "split", 8) == whole
+    # an older checkpoint: its meta without the count (and its digest made again)
+    old = tmp_path / "old"
+    assert train_to(old, 4) == first
+    meta_file = old / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("steps_without_pairs") == first
+    meta.pop(META_DIGEST)
+    meta_file.write_text(json.dumps({**meta, META_DIGEST: meta_digest(meta)}))
+    assert train_to(old, 8) == whole - first
+
+
 def test_too_few_synthetic_rows_for_a_batch_is_refused_before_the_workdir(tmp_path):
     """data.train '' with data.synth_users x data.synth_pairs_per_user under one global batch: refused in
     one line naming the keys before W/data (and the lock, the fingerprint) is written; it failed after."""

@@ -65,6 +65,7 @@ class TrainerCheckpoints:
             self.rows_truncated = sources.host_share(total, self.pi, self.pc)
         self.skipped_total = int(meta.get("skipped_nonfinite_steps", 0))
         self.in_a_row = int(meta.get("nonfinite_in_a_row", 0))
+        self.empty_steps = int(meta.get("steps_without_pairs", 0))  # an older checkpoint's: counted from here
         self.start = int(meta["step"])
         if self.is_main:  # a step restored and its loader state taken: now W/config.json may say this run's
             write_run_config(self.cfg_given, self.workdir)
@@ -93,6 +94,7 @@ class TrainerCheckpoints:
             "rows_skipped": self.rows_skipped,
             "skipped_nonfinite_steps": self.skipped_total,
             "nonfinite_in_a_row": self.in_a_row,
+            "steps_without_pairs": self.empty_steps,
         }
         if self.pc > 1:
             meta["processes"] = gather_json(own)

@@ -98,7 +98,8 @@ class Trainer(TrainerCheckpoints):
         self.skipped_total = 0  # non-finite steps skipped (loss.nan_policy='skip'), saved too
         # of those, skipped since the last finite step: saved, so a resume stops where a run would
         self.in_a_row = 0
-        self.empty_steps = 0  # steps of this invocation whose batch kept no pair (every row dropped)
+        self.empty_steps = 0  # steps of the run whose batch kept no pair (every row dropped), saved too
+        self.warned_empty = False  # this invocation said which step was the first without a pair
         self.predicted: np.ndarray | None = None  # [N, 90] first-stage P~, before the first batch
         self.ref_params: Any = None
         self.ref_table: np.ndarray | None = None
@@ -609,7 +610,8 @@ class Trainer(TrainerCheckpoints):
         if m["pairs"] > 0:
             return
         self.empty_steps += 1
-        if self.empty_steps == 1 and self.is_main:
+        if not self.warned_empty and self.is_main:
+            self.warned_empty = True
             print(
                 f"alignx train: warning: step {self.step} had no pair: every row of its batch was dropped "
                 f"(longer than data.max_length={self.cfg.data.max_length} under data.overflow=drop)",
