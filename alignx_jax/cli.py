@@ -671,7 +671,12 @@ def run() -> None:  # console-script entry point
     except AlignXError as e:
         print(f"alignx: error: {e}", file=sys.stderr)
         sys.exit(1)
-    sys.exit(main())
+    code = main()
+    if code == 130:  # a second Ctrl-C cut a computation XLA's threads may still run: teardown crashed on it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1005,6 +1005,40 @@ def test_a_signal_ends_a_command_other_than_train_at_once(tmp_path, sig, code, s
     assert not (out / "data.parquet").exists()
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_in_a_step_exits_130(tmp_path):
+    """Two Ctrl-C in the first step (its compile): the second stops at once, one line, exit 130. The
+    interrupt cut a computation XLA's threads still ran, and the interpreter's teardown crashed on it
+    (exit 139, 'Segmentation fault'). Twice: it did not crash every time."""
+    env = {k: v for k, v in cli_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["ALIGNX_COMPILE_CACHE"] = "0"  # the step compiles (a cached program loads too fast to be cut)
+    for attempt in range(2):
+        w = tmp_path / f"w{attempt}"
+        proc = subprocess.Popen(
+            _cmd(_train_args(w, 50, 50)),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and not (w / "config.json").exists():
+            time.sleep(0.005)  # written at the restore, just before the first step compiles
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        lines = _lines(err)
+        # a second Ctrl-C that came after the first step's save (a loaded machine) ends it as the first did
+        assert (proc.returncode, lines[-1]) == (130, "alignx: interrupted") or (
+            proc.returncode == 0 and "SIGINT received: saved step" in lines[-1]
+        ), (proc.returncode, err[-2000:])
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-2000:]
+        assert (w / "train.lock").read_text() == ""  # released on the way out
+
+
 def test_a_users_data_folder_in_the_workdir_is_an_input_not_a_clash(tmp_path):
     """W/data is the run's own only when it writes synthetic users there; with data.train set it is the
     user's input and the folder is a workdir."""
