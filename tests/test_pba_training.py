@@ -524,6 +524,35 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
 
 
 @pytest.mark.slow
+def test_two_stage_resumed_at_its_last_step_without_a_head_is_refused(tmp_path, synth_data):
+    """pba.mode=two_stage fits the head after the last step: a run stopped at step 1 and resumed with
+    train.steps=1 ran no step and said done with no head to export; now one line, W/config.json kept."""
+    import shutil
+
+    w = tmp_path / "two"
+    args = [
+        "train",
+        f"--config={TINY_PBA}",
+        f"--config.workdir={w}",
+        f"--config.data.train={synth_data}",
+        *SMALL,
+        "--config.checkpoint.every_steps=1",
+        "--config.pba.mode=two_stage",
+    ]
+    r = run_cli([*args, "--config.train.steps=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (w / "checkpoints" / "2" / "head").is_dir() and not (w / "checkpoints" / "1" / "head").exists()
+    shutil.rmtree(w / "checkpoints" / "2")  # as a run stopped after step 1
+    r = run_cli([*args, "--config.train.steps=1"])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("alignx: error:"), r.stderr[-3000:]
+    assert "checkpoints/1: step 1 has no preference head" in last and "train.steps above 1" in last, last
+    assert json.loads((w / "config.json").read_text())["train"]["steps"] == 2
+    r = run_cli([*args, "--config.train.steps=2"])
+    assert r.returncode == 0 and (w / "checkpoints" / "2" / "head").is_dir(), r.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
     args = [
         f"--config.data.train={synth_data}",

@@ -67,6 +67,13 @@ class TrainerCheckpoints:
         self.in_a_row = int(meta.get("nonfinite_in_a_row", 0))
         self.empty_steps = int(meta.get("steps_without_pairs", 0))  # an older checkpoint's: counted from here
         self.start = int(meta["step"])
+        if self.two_stage and self.start >= self.total_steps and not self.ckpt.has_head(self.latest):
+            # the head is fit after the last step: a run resumed at (or past) its end would run none
+            raise ConfigError(
+                f"{self.ckpt.directory}/{self.latest}: step {self.start} has no preference head and this run "
+                f"of {self.total_steps} steps has no step left to fit it after (pba.mode=two_stage); rerun "
+                f"with train.steps above {self.start}"
+            )
         if self.is_main:  # a step restored and its loader state taken: now W/config.json may say this run's
             write_run_config(self.cfg_given, self.workdir)
             print(
