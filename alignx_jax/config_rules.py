@@ -5,7 +5,6 @@ runs it before anything is written, `alignx plan` before anything compiles (`inp
 # no `from __future__ import annotations`, as in config_schema
 
 import math
-import os
 
 import ml_collections
 
@@ -86,21 +85,17 @@ def _check_synth(cfg: ml_collections.ConfigDict) -> None:
 
 def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
     """A data.train, model.hf_path or model.tokenizer that names nothing: the same line the loaders give,
-    before the workdir is taken (it was left holding only its lock). A hub id, the shipped model's name
-    or a URL is resolved here (downloaded, prepared or copied once; its loader resolves it again from the
-    cache). `alignx train` asks it right after `validate_config`."""
-    from alignx_jax.hub import parse_hub_id
-    from alignx_jax.models.presets import names_smollm2, resolve_model_path
+    before the workdir is taken (it was left holding only its lock). A hub id, the shipped model's name,
+    a URL or a .gguf file is resolved here (downloaded, prepared, copied or converted once; its loader
+    resolves it again from the cache). `alignx train` asks it right after `validate_config`."""
+    from alignx_jax.models.presets import resolve_model_path
 
     if cfg.data.train and not paths.exists(cfg.data.train):
         raise DataError("no such file or folder", file=cfg.data.train)
     for key in ("hf_path", "tokenizer"):
         path = str(cfg.model[key])
-        if not path:
-            continue
-        if paths.is_url(path) or names_smollm2(path) or parse_hub_id(path) is not None:
-            resolve_model_path(path, model=key == "hf_path")  # its one-line refusal, before the workdir
-        elif not os.path.exists(path):
+        # a hub id, smollm2, a URL or a .gguf file gives its own one-line refusal; a file is no folder either
+        if path and not paths.is_dir(resolve_model_path(path, model=key == "hf_path")):
             raise CheckpointError(f"model.{key}: folder not found: {path}")
 
 

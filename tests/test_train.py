@@ -849,6 +849,24 @@ def test_a_missing_input_path_is_refused_before_the_workdir(tmp_path, given, wor
     assert not w.exists()
 
 
+@pytest.mark.parametrize("key", ["model.hf_path", "model.tokenizer"])
+@pytest.mark.parametrize("given", ["a file", "an empty folder"])
+def test_a_model_path_that_is_no_model_folder_is_refused_before_the_workdir(tmp_path, key, given):
+    """A file, or a folder without tokenizer files, as a model path: the loader's one line, before the
+    workdir is taken (a new workdir was left holding only its lock)."""
+    w, bad = tmp_path / "w", tmp_path / "m"
+    if given == "a file":
+        bad.write_text("not a model")
+        words = f"{key}: folder not found: {bad}"
+    else:
+        bad.mkdir()
+        words = f"{bad}: no tokenizer files"
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={w}", f"--config.{key}={bad}"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and words in lines[-1], r.stderr[-2000:]
+    assert len(lines) == 1 and not w.exists(), r.stderr[-2000:]
+
+
 def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):
     """A data.train smaller than one global batch: the loader's message named its own arguments
     (pairs_per_batch, drop_remainder), which no --config flag sets."""

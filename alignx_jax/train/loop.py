@@ -173,7 +173,7 @@ class Trainer(TrainerCheckpoints):
         return agreed or None
 
     def set_up(self, held: list) -> None:
-        """Config checks, the mesh, the workdir (taken and checked on the main process)."""
+        """Config checks, the mesh, the tokenizer, the workdir (taken and checked on the main process)."""
         cfg = self.cfg
         validate_config(cfg)
         missing = None
@@ -194,6 +194,8 @@ class Trainer(TrainerCheckpoints):
                 "use --config.model.attention_impl=auto (cudnn where it applies) or xla"
             )
         self.rules = rules_from_config(cfg)
+        # before the workdir is taken: a model folder without tokenizer files left W holding only its lock
+        self.tokenizer, self.tokenizer_dir = load_tokenizer_for(cfg)
         self.workdir = paths.absolute(cfg.workdir)
         self.is_main = jax.process_index() == 0
         self.pc, self.pi = jax.process_count(), jax.process_index()
@@ -217,9 +219,8 @@ class Trainer(TrainerCheckpoints):
             )
 
     def open_data(self) -> None:
-        """Tokenizer, data source, loader, batch builder and the run's length in steps."""
+        """Data source, loader, batch builder and the run's length in steps."""
         cfg = self.cfg
-        self.tokenizer, self.tokenizer_dir = load_tokenizer_for(cfg)
         self.data_path = ensure_data(cfg, self.workdir, self.is_main)
         self.check_stop()
         self.source = sources.open_source(self.data_path, skip_bad=bool(cfg.data.skip_bad_rows))
