@@ -867,6 +867,30 @@ def test_a_model_path_that_is_no_model_folder_is_refused_before_the_workdir(tmp_
     assert len(lines) == 1 and not w.exists(), r.stderr[-2000:]
 
 
+def test_model_paths_resolve_after_the_job_is_joined(tmp_path, monkeypatch):
+    """train.distributed=true: the job is joined before model.hf_path resolves (preparing smollm2 or
+    converting a .gguf runs JAX, and jax.distributed.initialize must come before any computation)."""
+    from alignx_jax import distributed
+    from alignx_jax.errors import ConfigError
+    from alignx_jax.models import presets
+
+    calls = []
+
+    def join(*a, **k):
+        calls.append("join")
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(distributed, "initialize", join)
+    monkeypatch.setattr(presets, "resolve_model_path", lambda path, **k: calls.append("resolve") or path)
+    w = tmp_path / "w"
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", "--config.model.hf_path=smollm2"]
+        + ["--config.train.distributed=true"]
+    )
+    assert r.returncode == 1 and r.stderr.strip().endswith("stopped here"), r.stderr[-2000:]
+    assert calls == ["join"] and not w.exists()
+
+
 def test_fewer_rows_than_a_batch_is_one_line_naming_the_config_keys(tmp_path):
     """A data.train smaller than one global batch: the loader's message named its own arguments
     (pairs_per_batch, drop_remainder), which no --config flag sets."""

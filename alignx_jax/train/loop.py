@@ -176,13 +176,14 @@ class Trainer(TrainerCheckpoints):
         """Config checks, the mesh, the tokenizer, the workdir (taken and checked on the main process)."""
         cfg = self.cfg
         validate_config(cfg)
-        missing = None
-        try:
-            check_input_paths(cfg)  # before the workdir is taken
-        except AlignXError as e:
-            missing = e
         if cfg.train.distributed:  # idempotent: a launcher's job (alignx_jax.distributed) is joined once
             distributed.initialize()
+        missing = None
+        try:
+            # before the workdir is taken; after the job is joined: preparing smollm2 or a .gguf runs JAX
+            check_input_paths(cfg)
+        except AlignXError as e:
+            missing = e
         if distributed.is_initialized():  # a path one host lacks stops all (the others waited for it)
             distributed.agree(missing, "checking the input paths")
         elif missing is not None:
