@@ -30,6 +30,8 @@ if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 [ "$#" -ge 3 ] || usage
 n="$1"; shift
 case "$n" in ''|*[!0-9]*) echo "local.sh: N must be a positive integer, got '$n'" >&2; exit 2 ;; esac
+[ "${#n}" -le 6 ] || { echo "local.sh: N must be at most 999999, got '$n'" >&2; exit 2; }  # past 18 digits it wraps
+n=$((10#$n))  # decimal: bash's arithmetic reads 08 as bad octal (no process ran, exit 0) and 010 as 8
 [ "$n" -ge 1 ] || { echo "local.sh: N must be at least 1" >&2; exit 2; }
 case "$1" in
   alignx|python) kind="$1" ;;
@@ -40,7 +42,9 @@ if [ "$kind" = python ] && [ ! -f "${1:-}" ]; then
   echo "local.sh: 'python' takes a script file, got '${1:-}' (for a command: N alignx COMMAND ...)" >&2; exit 2
 fi
 devices="${DEVICES_PER_PROCESS:-4}"
-case "$devices" in ''|*[!0-9]*|0) echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2 ;; esac
+case "$devices" in ''|*[!0-9]*|???????*) echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2 ;; esac
+devices=$((10#$devices))  # 00 is 0 devices, 08 a decimal 8
+[ "$devices" -ge 1 ] || { echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2; }
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-}"

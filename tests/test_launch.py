@@ -333,11 +333,32 @@ def test_local_dry_run_names_every_process():
         (("x", "alignx", "train"), "positive integer"),
         (("2", "pyton", "train"), "'alignx' or 'python'"),
         (("2", "python", "train"), "script file"),
+        (("00", "alignx", "train"), "at least 1"),
+        (("99999999999999999999", "alignx", "train"), "at most 999999"),
     ],
 )
 def test_local_bad_arguments(args, message):
     r = _run(LOCAL, *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("devices", ["0", "00", "x", "99999999999999999999"])
+def test_local_bad_devices_per_process(devices):
+    r = _run(LOCAL, "--dry-run", "2", "alignx", "train", env={"DEVICES_PER_PROCESS": devices})
+    assert r.returncode == 2 and "DEVICES_PER_PROCESS must be a positive integer" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("n, devices, count", [("08", "08", 8), ("010", "010", 10)])
+def test_local_counts_with_leading_zeros_are_decimal(n, devices, count):
+    """bash arithmetic reads 08 as a bad octal (no process ran, exit 0) and 010 as 8 (8 processes waiting
+    for a 10-process job)."""
+    r = _run(LOCAL, "--dry-run", n, "alignx", "train", env={"DEVICES_PER_PROCESS": devices})
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    lines = [ln for ln in r.stdout.strip().splitlines() if not ln.startswith("#")]
+    assert len(lines) == count
+    env = dict(w.split("=", 1) for w in shlex.split(lines[-1]) if "=" in w and not w.startswith("--"))
+    assert env["ALIGNX_NUM_PROCESSES"] == str(count) and env["ALIGNX_PROCESS_ID"] == str(count - 1)
+    assert f"--xla_force_host_platform_device_count={count}" in env["XLA_FLAGS"].split()
 
 
 def _stand_in(tmp_path, body: str) -> str:
