@@ -7,7 +7,7 @@
 #   launch/tpu_pod.sh [--dry-run] [--no-copy] [--no-install] [--repo-dir DIR] [--project P] \
 #                     [--run-name NAME] [--local-workdir] TPU_NAME ZONE CONFIG [--config.KEY=VALUE ...]
 #   launch/tpu_pod.sh [--dry-run] [--repo-dir DIR] [--project P] [--worker W] --logs NAME TPU_NAME ZONE
-#   launch/tpu_pod.sh [--dry-run] [--repo-dir DIR] [--project P] --stop NAME TPU_NAME ZONE
+#   launch/tpu_pod.sh [--dry-run] [--repo-dir DIR] [--project P] [--worker W] --stop NAME TPU_NAME ZONE
 #
 # e.g. launch/tpu_pod.sh --run-name pba8b my-v5p-64 us-east5-a configs/llama3_8b_pba_tpu_v5p_64.py \
 #          --config.workdir=gs://my-bucket/pba8b --config.model.hf_path=/mnt/llama --config.data.train=/mnt/alignx
@@ -19,39 +19,40 @@
 # host writes its checkpoint shards there; --local-workdir allows a path (an NFS mount on every host).
 # --dry-run prints the gcloud commands instead of running them. Rerunning the same command resumes
 # from the workdir's last checkpoint (after a preemption, recreate the slice and rerun it).
-# --attach is --logs. --worker W: one worker's log instead of all (--logs).
+# --attach is --logs. --worker W: one worker's log instead of all (--logs), or SIGTERM on that worker alone
+# (--stop; the others agree on the stop at their next step).
 set -euo pipefail
 
 usage() {
   cat >&2 <<'EOF'
 usage: launch/tpu_pod.sh [--dry-run] [--no-copy] [--no-install] [--repo-dir DIR] [--project P] [--run-name NAME] [--local-workdir] TPU_NAME ZONE CONFIG [--config.KEY=VALUE ...]
        launch/tpu_pod.sh [--dry-run] [--repo-dir DIR] [--project P] [--worker W] --logs|--attach NAME TPU_NAME ZONE
-       launch/tpu_pod.sh [--dry-run] [--repo-dir DIR] [--project P] --stop NAME TPU_NAME ZONE
+       launch/tpu_pod.sh [--dry-run] [--repo-dir DIR] [--project P] [--worker W] --stop NAME TPU_NAME ZONE
 EOF
   exit 2
 }
 
 dry_run=0; copy=1; install=1; repo_dir="alignx-jax"; project=""; run_name=""; local_workdir=0
 mode="train"; worker="all"
-pos=()
+pos=(); train_only=(); worker_given=""; modes=()
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
-    --no-copy) copy=0 ;;
-    --no-install) install=0 ;;
-    --local-workdir) local_workdir=1 ;;
+    --no-copy) copy=0; train_only+=("$1") ;;
+    --no-install) install=0; train_only+=("$1") ;;
+    --local-workdir) local_workdir=1; train_only+=("$1") ;;
     --repo-dir) [ "$#" -ge 2 ] || usage; repo_dir="$2"; shift ;;
     --repo-dir=*) repo_dir="${1#--repo-dir=}" ;;
     --project) [ "$#" -ge 2 ] || usage; project="$2"; shift ;;
     --project=*) project="${1#--project=}" ;;
-    --run-name) [ "$#" -ge 2 ] || usage; run_name="$2"; shift ;;
-    --run-name=*) run_name="${1#--run-name=}" ;;
-    --worker) [ "$#" -ge 2 ] || usage; worker="$2"; shift ;;
-    --worker=*) worker="${1#--worker=}" ;;
-    --logs|--attach) [ "$#" -ge 2 ] || usage; mode="logs"; run_name="$2"; shift ;;
-    --logs=*|--attach=*) mode="logs"; run_name="${1#*=}" ;;
-    --stop) [ "$#" -ge 2 ] || usage; mode="stop"; run_name="$2"; shift ;;
-    --stop=*) mode="stop"; run_name="${1#--stop=}" ;;
+    --run-name) [ "$#" -ge 2 ] || usage; run_name="$2"; train_only+=("$1"); shift ;;
+    --run-name=*) run_name="${1#--run-name=}"; train_only+=("--run-name") ;;
+    --worker) [ "$#" -ge 2 ] || usage; worker="$2"; worker_given="$1"; shift ;;
+    --worker=*) worker="${1#--worker=}"; worker_given="--worker" ;;
+    --logs|--attach) [ "$#" -ge 2 ] || usage; mode="logs"; run_name="$2"; modes+=("$1"); shift ;;
+    --logs=*|--attach=*) mode="logs"; run_name="${1#*=}"; modes+=("${1%%=*}") ;;
+    --stop) [ "$#" -ge 2 ] || usage; mode="stop"; run_name="$2"; modes+=("$1"); shift ;;
+    --stop=*) mode="stop"; run_name="${1#--stop=}"; modes+=("--stop") ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --config.*) pos+=("$1") ;;
     -*) echo "tpu_pod.sh: unknown option '$1'" >&2; usage ;;
@@ -59,6 +60,17 @@ while [ "$#" -gt 0 ]; do
   esac
   shift
 done
+# each option applies to one mode: the others would be dropped without a word (--worker 3 started training on
+# every worker; --logs a --run-name b followed run b)
+if [ "${#modes[@]}" -gt 1 ]; then
+  echo "tpu_pod.sh: give one of --logs/--attach and --stop, got ${modes[*]}" >&2; exit 2
+fi
+if [ "$mode" = "train" ] && [ -n "$worker_given" ]; then
+  echo "tpu_pod.sh: --worker applies to --logs and --stop (a run starts on every worker)" >&2; exit 2
+fi
+if [ "$mode" != "train" ] && [ "${#train_only[@]}" -gt 0 ]; then
+  echo "tpu_pod.sh: ${train_only[0]} applies to starting a run, not to ${modes[0]}" >&2; exit 2
+fi
 case "$run_name" in
   *[!A-Za-z0-9._-]*) echo "tpu_pod.sh: run names use letters, digits, . _ -, got '$run_name'" >&2; exit 2 ;;
 esac

@@ -182,6 +182,17 @@ def test_tpu_options():
         (("--dry-run", "--stop=", "t", "z"), "--stop needs the run's name"),
         (("--dry-run", "t", "z", "elsewhere/c.py", "--config.workdir=gs://b/r"), "a path under configs/"),
         (("--dry-run", "t", "z", "configs/nope.py", "--config.workdir=gs://b/r"), "no such config"),
+        # an option of another mode is refused, not dropped: a run starts on every worker, --logs follows NAME
+        (
+            ("--dry-run", "--worker", "3", "t", "z", "configs/c.py", "--config.workdir=gs://b/r"),
+            "--worker applies to --logs and --stop",
+        ),
+        (("--dry-run", "--logs", "a", "--run-name", "b", "t", "z"), "--run-name applies to starting a run"),
+        (
+            ("--dry-run", "--no-copy", "--stop=a", "t", "z"),
+            "--no-copy applies to starting a run, not to --stop",
+        ),
+        (("--dry-run", "--attach", "a", "--stop", "a", "t", "z"), "one of --logs/--attach and --stop"),
     ],
 )
 def test_tpu_bad_arguments(args, message):
@@ -235,6 +246,8 @@ def test_tpu_logs_and_stop():
     assert cmd[-1] == "--command=tail -n 100 -F ax/logs/r1/worker-*.log"
     r = _run(TPU, "--dry-run", "--worker", "3", "--logs", "r1", "t", "z")
     assert "--worker=3" in _last_command(r.stdout)
+    r = _run(TPU, "--dry-run", "--worker=2", "--stop", "r1", "t", "z")
+    assert r.returncode == 0 and "--worker=2" in _last_command(r.stdout), r.stderr
     r = _run(TPU, "--dry-run", "--stop", "r1", "t", "z")
     assert r.returncode == 0, r.stderr
     assert _last_command(r.stdout)[-1].startswith(
