@@ -54,8 +54,14 @@ fi
 logdir="${LOGDIR:-runs/local-logs/$(date +%Y%m%d-%H%M%S)-$$}"
 port="${COORDINATOR_PORT:-}"
 if [ -z "$port" ]; then
-  port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # set -e alone ended the script here without a word (exit 127 after bash's own line, or 1 for a PYTHON that ran)
+  port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null)" \
+    || { echo "local.sh: PYTHON '$py' could not run (give an interpreter with alignx-jax installed)" >&2; exit 2; }
 fi
+case "$port" in
+  ''|*[!0-9]*|0*|??????*) echo "local.sh: COORDINATOR_PORT must be a port number (1-65535), got '$port'" >&2; exit 2 ;;
+esac
+[ "$port" -le 65535 ] || { echo "local.sh: COORDINATOR_PORT must be a port number (1-65535), got '$port'" >&2; exit 2; }
 
 # XLA_FLAGS: keep the caller's flags, set the device count
 xla_flags="$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')"

@@ -361,6 +361,26 @@ def test_local_bad_devices_per_process(devices):
     assert r.returncode == 2 and "DEVICES_PER_PROCESS must be a positive integer" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("port", ["abc", "0", "08", "70000"])
+def test_local_bad_coordinator_port(port):
+    r = _run(LOCAL, "--dry-run", "2", "alignx", "train", env={"COORDINATOR_PORT": port})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"local.sh: COORDINATOR_PORT must be a port number (1-65535), got '{port}'\n"
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python", "/bin/false"])
+def test_local_an_interpreter_that_cannot_pick_the_port_is_named(tmp_path, python):
+    """It ended under set -e: exit 127 after bash's `line 57: ...`, or exit 1 without a word."""
+    r = _run(
+        LOCAL, "2", "alignx", "train", env={"PYTHON": python, "COORDINATOR_PORT": "", "LOGDIR": str(tmp_path)}
+    )
+    assert r.returncode == 2, r.stderr
+    assert (
+        r.stderr
+        == f"local.sh: PYTHON '{python}' could not run (give an interpreter with alignx-jax installed)\n"
+    )
+
+
 @pytest.mark.parametrize("n, devices, count", [("08", "08", 8), ("010", "010", 10)])
 def test_local_counts_with_leading_zeros_are_decimal(n, devices, count):
     """bash arithmetic reads 08 as a bad octal (no process ran, exit 0) and 010 as 8 (8 processes waiting
