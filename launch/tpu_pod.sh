@@ -19,6 +19,7 @@
 # host writes its checkpoint shards there; --local-workdir allows a path (an NFS mount on every host).
 # --dry-run prints the gcloud commands instead of running them. Rerunning the same command resumes
 # from the workdir's last checkpoint (after a preemption, recreate the slice and rerun it).
+# --repo-dir DIR: the code's folder on the workers (default alignx-jax, under the home folder; ~/DIR is DIR).
 # --attach is --logs. --worker W: one worker's log instead of all (--logs), or SIGTERM on that worker alone
 # (--stop; the others agree on the stop at their next step).
 set -euo pipefail
@@ -71,6 +72,12 @@ fi
 if [ "$mode" != "train" ] && [ "${#train_only[@]}" -gt 0 ]; then
   echo "tpu_pod.sh: ${train_only[0]} applies to starting a run, not to ${modes[0]}" >&2; exit 2
 fi
+# ~/DIR as DIR: a relative path starts at the remote home for ssh and scp alike, where %q made ~ a literal
+# folder for ssh (the code went to ~/DIR, the run to ~/\~/DIR); an empty one copied to the remote /
+case "$repo_dir" in "~/"?*) repo_dir="${repo_dir#"~/"}" ;; esac
+case "$repo_dir" in
+  ""|"~"*) echo "tpu_pod.sh: --repo-dir is a folder on the workers (relative to the home folder, or absolute), got '$repo_dir'" >&2; exit 2 ;;
+esac
 case "$run_name" in
   *[!A-Za-z0-9._-]*) echo "tpu_pod.sh: run names use letters, digits, . _ -, got '$run_name'" >&2; exit 2 ;;
 esac

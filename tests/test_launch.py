@@ -193,6 +193,8 @@ def test_tpu_options():
             "--no-copy applies to starting a run, not to --stop",
         ),
         (("--dry-run", "--attach", "a", "--stop", "a", "t", "z"), "one of --logs/--attach and --stop"),
+        (("--dry-run", "--repo-dir=", "--logs", "r", "t", "z"), "--repo-dir is a folder on the workers"),
+        (("--dry-run", "--repo-dir", "~bob/ax", "--stop", "r", "t", "z"), "got '~bob/ax'"),
     ],
 )
 def test_tpu_bad_arguments(args, message):
@@ -236,6 +238,17 @@ def test_documented_tpu_commands_dry_run_with_a_bucket_workdir():
             assert workdirs[0] in r.stdout.replace("\\", "")
             found += 1
     assert found >= 1
+
+
+def test_tpu_repo_dir_under_the_home_folder_is_one_folder_for_ssh_and_scp():
+    """`--repo-dir ~/ax`: scp copied to the home's ax/ while ssh's shell-quoted `\\~/ax` ran in a folder named ~."""
+    r = _run(
+        TPU, "--dry-run", "--repo-dir", "~/ax", "t", "z", "configs/tiny_cpu.py", "--config.workdir=gs://b/w"
+    )
+    assert r.returncode == 0, r.stderr
+    mkdir, scp, start = (shlex.split(ln) for ln in r.stdout.strip().splitlines())
+    assert mkdir[-1] == "--command=mkdir -p ax" and scp[-1] == "t:ax/"
+    assert start[-1].startswith("--command=cd ax && ")
 
 
 def test_tpu_logs_and_stop():
