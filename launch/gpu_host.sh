@@ -8,7 +8,7 @@
 #
 # --dry-run prints the environment and the command instead of running them.
 # PYTHON (default: python3) picks the interpreter that has alignx-jax installed.
-# Extra XLA flags can be appended through ALIGNX_EXTRA_XLA_FLAGS.
+# Extra XLA flags can be appended through ALIGNX_EXTRA_XLA_FLAGS (XLA_FLAGS itself is replaced, with a warning).
 set -euo pipefail
 
 usage() { echo "usage: launch/gpu_host.sh [--dry-run] CONFIG [--config.KEY=VALUE ...]" >&2; exit 2; }
@@ -41,6 +41,9 @@ xla_flags+=" --xla_gpu_all_gather_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_all_reduce_combine_threshold_bytes=134217728"
 [ -n "${ALIGNX_EXTRA_XLA_FLAGS:-}" ] && xla_flags+=" ${ALIGNX_EXTRA_XLA_FLAGS}"
+if [ -n "${XLA_FLAGS:-}" ]; then  # replaced below: the caller's flags were dropped without a word
+  echo "gpu_host.sh: warning: XLA_FLAGS from the environment is replaced; give extra flags in ALIGNX_EXTRA_XLA_FLAGS" >&2
+fi
 
 env_vars=(
   "XLA_FLAGS=${xla_flags}"

@@ -67,6 +67,9 @@ xla_flags+=" --xla_gpu_all_gather_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
 xla_flags+=" --xla_gpu_all_reduce_combine_threshold_bytes=134217728"
 [ -n "${ALIGNX_EXTRA_XLA_FLAGS:-}" ] && xla_flags+=" ${ALIGNX_EXTRA_XLA_FLAGS}"
+if [ -n "${XLA_FLAGS:-}" ]; then  # replaced below: the caller's flags were dropped without a word
+  echo "gpu_multihost.sh: warning: XLA_FLAGS from the environment is replaced; give extra flags in ALIGNX_EXTRA_XLA_FLAGS" >&2
+fi
 device_ids="$(seq -s, 0 $((gpus - 1)))"
 
 env_vars=(

@@ -83,6 +83,20 @@ def test_gpu_extra_flags_and_dry_run_anywhere():
     assert _last_command(r.stdout)[-1] == "--config=configs/x.py"
 
 
+@pytest.mark.parametrize("script, args", [(GPU, ()), (SLURM, ("--nodes", "2"))], ids=["gpu_host", "slurm"])
+def test_gpu_a_callers_xla_flags_are_replaced_with_a_warning(script, args):
+    """They were dropped without a word; ALIGNX_EXTRA_XLA_FLAGS is the way to add flags."""
+    r = _run(script, "--dry-run", *args, "configs/x.py", env={"XLA_FLAGS": "--xla_dump_to=/tmp/d"})
+    assert r.returncode == 0, r.stderr
+    assert "--xla_dump_to" not in r.stdout
+    name = os.path.basename(script)
+    assert r.stderr == (
+        f"{name}: warning: XLA_FLAGS from the environment is replaced; give extra flags in ALIGNX_EXTRA_XLA_FLAGS\n"
+    )
+    quiet = _run(script, "--dry-run", *args, "configs/x.py", env={"XLA_FLAGS": ""})
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
