@@ -527,6 +527,8 @@ def _benchmark_flags(args) -> tuple[int | None, int]:
         raise ConfigError("--persona applies to --prompt; a benchmark row carries its own persona")
     if not getattr(args, "out", None):
         raise ConfigError("--benchmark needs --out FILE.jsonl")
+    if getattr(args, "json", False):  # it was dropped without a word: --out's rows are JSON lines already
+        raise ConfigError("--json applies to --prompt, not to --benchmark (--out holds JSON lines)")
     limit = getattr(args, "limit", None)
     batch_size = 8 if getattr(args, "batch_size", None) is None else int(args.batch_size)
     if limit is not None and limit < 1:

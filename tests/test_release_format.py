@@ -522,6 +522,10 @@ def test_generate_flag_checks_are_one_line_before_the_model_loads(
     ]
     assert cli.main([*bench_argv, "--seed", "-1"]) == 1
     assert "--seed must be in" in capsys.readouterr().err and not out.exists()  # before the model, no file
+    assert cli.main([*bench_argv, "--json"]) == 1
+    err = capsys.readouterr().err
+    assert err == "alignx: error: --json applies to --prompt, not to --benchmark (--out holds JSON lines)\n"
+    assert not out.exists()
     # --greedy with sampling flags: they are named as unused
     r = cli.main(
         [
