@@ -361,7 +361,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="default 10 (the paper's); 0: no top-k filter")
     p.add_argument("--top-p", type=float, default=None, help="default 0.95 (the paper's)")
     p.add_argument(
-        "--seed", type=int, default=0, help="in [0, 2**32); a row's sample depends on it and the row alone"
+        "--seed",
+        type=int,
+        default=None,
+        help="in [0, 2**32), default 0; a row's sample depends on it and the row alone",
     )
     p.add_argument("--json", action="store_true")
 

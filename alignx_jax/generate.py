@@ -376,6 +376,9 @@ def _cli_settings(args) -> dict[str, Any]:
     --max-new-tokens and --max-length."""
 
     given = [f"--{k.replace('_', '-')}" for k in SAMPLING_DEFAULTS if getattr(args, k, None) is not None]
+    if getattr(args, "seed", None) is not None:  # None: not given (0); greedy draws nothing with it either
+        given.append("--seed")
+    seed = 0 if getattr(args, "seed", None) is None else int(args.seed)
     sampling = {
         k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in SAMPLING_DEFAULTS.items()
     }
@@ -388,14 +391,14 @@ def _cli_settings(args) -> dict[str, Any]:
         raise ConfigError(f"--max-length must be at least 4, got {max_length}")
     check_sampling(
         greedy=bool(args.greedy),
-        seed=int(args.seed),
+        seed=seed,
         **sampling,
         names={"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"},
     )
     return {
         "greedy": bool(args.greedy),
         **(dict.fromkeys(sampling) if args.greedy else sampling),
-        "seed": None if args.greedy else int(args.seed),
+        "seed": None if args.greedy else seed,
         "max_new_tokens": int(args.max_new_tokens),
         "max_length": max_length,
     }
@@ -624,7 +627,7 @@ def _generate_benchmark(args) -> int:
                     max_new_tokens=settings["max_new_tokens"],
                     greedy=settings["greedy"],
                     **_sampling_of(settings),
-                    seed=int(args.seed),
+                    seed=settings["seed"] or 0,  # None under --greedy, which draws nothing
                     row_ids=batch,
                     precision=getattr(args, "matmul_precision", "auto"),
                 )
@@ -714,7 +717,7 @@ def cli_generate(args) -> int:
         max_new_tokens=settings["max_new_tokens"],
         greedy=settings["greedy"],
         **_sampling_of(settings),
-        seed=int(args.seed),
+        seed=settings["seed"] or 0,
         precision=getattr(args, "matmul_precision", "auto"),
     )
     if not paths.is_main_process():  # a multi-process job: process 0 prints

@@ -542,3 +542,9 @@ def test_generate_flag_checks_are_one_line_before_the_model_loads(
         ]
     )
     assert r == 0 and "alignx: warning: --top-k not used with --greedy" in capsys.readouterr().err
+    # --seed too (it was taken without a word); a refused one still stops before the model loads
+    greedy = ["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "Hi", "--greedy"]
+    assert cli.main([*greedy, "--seed", "5", "--max-new-tokens", "2"]) == 0
+    assert "alignx: warning: --seed not used with --greedy" in capsys.readouterr().err
+    assert cli.main([*greedy, "--max-new-tokens", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err
