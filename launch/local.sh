@@ -14,6 +14,7 @@
 #   LOGDIR               where process_<i>.log go (default runs/local-logs/<time>-<pid>; printed)
 #   PYTHON               interpreter with alignx-jax installed (default: .venv/bin/python if present, else python3)
 #   COORDINATOR_PORT     coordinator port on 127.0.0.1 (default: a free one)
+#   KILL_AFTER           seconds the others get, after one process failed and they had SIGTERM, before SIGKILL (default 30)
 # Each process gets ALIGNX_COORDINATOR_ADDRESS / ALIGNX_NUM_PROCESSES / ALIGNX_PROCESS_ID, which `alignx`
 # turns into jax.distributed.initialize(...) before it runs the command (alignx_jax/distributed.py).
 # SIGTERM/SIGINT are forwarded to every process, once (each runs in a process group of its own, so that a
@@ -45,6 +46,10 @@ devices="${DEVICES_PER_PROCESS:-4}"
 case "$devices" in ''|*[!0-9]*|???????*) echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2 ;; esac
 devices=$((10#$devices))  # 00 is 0 devices, 08 a decimal 8
 [ "$devices" -ge 1 ] || { echo "local.sh: DEVICES_PER_PROCESS must be a positive integer" >&2; exit 2; }
+kill_after="${KILL_AFTER:-30}"
+# it is compared in the polling loop, where a word was an error line every 0.2 s and no SIGKILL ever
+case "$kill_after" in ''|*[!0-9]*|??????*) echo "local.sh: KILL_AFTER must be a number of seconds, got '$kill_after'" >&2; exit 2 ;; esac
+kill_after=$((10#$kill_after))
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-}"
@@ -127,7 +132,7 @@ while [ "$running" -gt 0 ]; do
       for ((j = 0; j < n; j++)); do [ -z "${codes[$j]}" ] && kill -s TERM "${pids[$j]}" 2>/dev/null || true; done
     fi
   done
-  if [ -n "$failed_at" ] && [ $((SECONDS - failed_at)) -ge "${KILL_AFTER:-30}" ]; then
+  if [ -n "$failed_at" ] && [ $((SECONDS - failed_at)) -ge "$kill_after" ]; then
     for ((j = 0; j < n; j++)); do [ -z "${codes[$j]}" ] && kill -s KILL "${pids[$j]}" 2>/dev/null || true; done
   fi
   # a signal to this script's group ends this `sleep` too: no reason to leave (set -e would end the script

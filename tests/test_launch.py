@@ -388,6 +388,13 @@ def test_local_bad_devices_per_process(devices):
     assert r.returncode == 2 and "DEVICES_PER_PROCESS must be a positive integer" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("kill_after", ["abc", "-1", "1.5"])
+def test_local_bad_kill_after(kill_after):
+    r = _run(LOCAL, "--dry-run", "2", "alignx", "train", env={"KILL_AFTER": kill_after})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"local.sh: KILL_AFTER must be a number of seconds, got '{kill_after}'\n"
+
+
 @pytest.mark.parametrize("port", ["abc", "0", "08", "70000"])
 def test_local_bad_coordinator_port(port):
     r = _run(LOCAL, "--dry-run", "2", "alignx", "train", env={"COORDINATOR_PORT": port})
