@@ -13,7 +13,9 @@
 # The workdir, model and data must be on storage every host sees (a shared file system or gs://).
 # Logs: LOGDIR/node-<n>.log (default runs/slurm-logs/<job id or time>). A preempted or requeued job
 # (`sbatch --requeue`) resumes from the workdir's last checkpoint when the same command runs again.
-# Environment: PYTHON (default python3), ALIGNX_EXTRA_XLA_FLAGS, the XLA/NCCL settings of gpu_host.sh.
+# --nodes and --gpus-per-node default to the allocation's (SLURM_JOB_NUM_NODES, SLURM_GPUS_PER_NODE), else
+# GPUS_PER_NODE, else 8 GPUs.
+# Environment: PYTHON (default python3), GPUS_PER_NODE, ALIGNX_EXTRA_XLA_FLAGS, the XLA/NCCL settings of gpu_host.sh.
 set -euo pipefail
 
 usage() {
@@ -21,7 +23,9 @@ usage() {
   exit 2
 }
 
-dry_run=0; nodes="${SLURM_JOB_NUM_NODES:-}"; gpus="${GPUS_PER_NODE:-8}"; partition=""; account=""; time_limit=""
+# inside an allocation its own GPU count per node (SLURM_GPUS_PER_NODE: "4" or "TYPE:4"), else GPUS_PER_NODE, else 8
+slurm_gpus="${SLURM_GPUS_PER_NODE:-}"; slurm_gpus="${slurm_gpus##*:}"
+dry_run=0; nodes="${SLURM_JOB_NUM_NODES:-}"; gpus="${slurm_gpus:-${GPUS_PER_NODE:-8}}"; partition=""; account=""; time_limit=""
 logdir=""
 args=()
 while [ "$#" -gt 0 ]; do

@@ -317,6 +317,25 @@ def test_slurm_dry_run_one_process_per_host():
 
 
 @pytest.mark.parametrize(
+    "env, args, want",
+    [
+        ({"SLURM_GPUS_PER_NODE": "4"}, (), 4),
+        ({"SLURM_GPUS_PER_NODE": "h100:4", "GPUS_PER_NODE": "2"}, (), 4),
+        ({"GPUS_PER_NODE": "2"}, (), 2),
+        ({"SLURM_GPUS_PER_NODE": "4"}, ("--gpus-per-node", "2"), 2),
+    ],
+    ids=["allocation", "typed-allocation", "env", "flag"],
+)
+def test_slurm_gpus_per_node_defaults_to_the_allocations(env, args, want):
+    """Inside `salloc --gpus-per-node=4` srun must not ask for 8 (it fails on a 4-GPU node)."""
+    r = _run(SLURM, "--dry-run", "--nodes", "2", *args, "configs/llama3_8b_ica_gpu.py", env=env)
+    assert r.returncode == 0, r.stderr
+    env_lines = [shlex.split(ln)[1] for ln in r.stdout.splitlines() if ln.startswith("export ")]
+    assert "JAX_LOCAL_DEVICE_IDS=" + ",".join(map(str, range(want))) in env_lines
+    assert f"--gpus-per-node={want}" in _last_command(r.stdout)
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         (("--dry-run", "c.py"), "--nodes"),
