@@ -935,6 +935,24 @@ def test_resuming_on_changed_data_names_the_checkpoint_and_the_data(tmp_path):
     ), r.stderr[-2000:]
 
 
+def test_resuming_past_the_asked_steps_is_refused_before_the_config_is_rewritten(tmp_path):
+    """train.steps under the checkpoint's step: it said "resuming (step 4 of 2)", "done, 4 steps" and
+    recorded train.steps=2 in W/config.json beside step 4's weights; now one line, config.json kept. The
+    same steps again (a finished run rerun) still says done."""
+    w = tmp_path / "w"
+    args = ["train", f"--config={TINY}", f"--config.workdir={w}", *SMALL, "--config.checkpoint.every_steps=2"]
+    r = run_cli([*args, "--config.train.steps=4"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli([*args, "--config.train.steps=2"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1].startswith("alignx: error:"), r.stderr[-2000:]
+    assert f"{w}/checkpoints/4: step 4 is past this run's 2 steps (train.steps=2)" in lines[-1], lines[-1]
+    assert "train.steps >= 4" in lines[-1] and "done" not in r.stderr, r.stderr[-2000:]
+    assert json.loads((w / "config.json").read_text())["train"]["steps"] == 4
+    r = run_cli([*args, "--config.train.steps=4"])
+    assert r.returncode == 0 and "done, 4 steps" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     """A row PBA cannot render a profile for fails naming the file it is in and its row there."""
     from alignx_jax.data.synth import generate_world

@@ -74,6 +74,18 @@ class TrainerCheckpoints:
                 f"of {self.total_steps} steps has no step left to fit it after (pba.mode=two_stage); rerun "
                 f"with train.steps above {self.start}"
             )
+        if self.start > self.total_steps:
+            # the weights are step N's: W/config.json and the export's card would record the fewer steps
+            asked = (
+                f"train.steps={cfg.train.steps}"
+                if cfg.train.steps > 0
+                else f"train.epochs={cfg.train.epochs}"
+            )
+            raise ConfigError(
+                f"{self.ckpt.directory}/{self.latest}: step {self.start} is past this run's {self.total_steps} "
+                f"steps ({asked}); rerun with train.steps >= {self.start}, or use a new workdir for a "
+                "shorter run"
+            )
         if self.is_main:  # a step restored and its loader state taken: now W/config.json may say this run's
             write_run_config(self.cfg_given, self.workdir)
             print(
