@@ -84,10 +84,12 @@ def _check_synth(cfg: ml_collections.ConfigDict) -> None:
 
 
 def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
-    """A data.train, model.hf_path or model.tokenizer that names nothing: the same line the loaders give,
-    before the workdir is taken (it was left holding only its lock). A hub id, the shipped model's name,
+    """A data.train, model.hf_path or model.tokenizer that names nothing, or a model.hf_path folder that
+    holds no model (no config.json, no weights): the same line the loaders give, before the workdir is
+    taken (it was left holding only its lock). A hub id, the shipped model's name,
     a URL or a .gguf file is resolved here (downloaded, prepared, copied or converted once; its loader
     resolves it again from the cache). `alignx train` asks it right after `validate_config`."""
+    from alignx_jax.models.checkpoint import check_model_folder
     from alignx_jax.models.presets import resolve_model_path
 
     if cfg.data.train and not paths.exists(cfg.data.train):
@@ -95,8 +97,11 @@ def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
     for key in ("hf_path", "tokenizer"):
         path = str(cfg.model[key])
         # a hub id, smollm2, a URL or a .gguf file gives its own one-line refusal; a file is no folder either
-        if path and not paths.is_dir(resolve_model_path(path, model=key == "hf_path")):
+        folder = resolve_model_path(path, model=key == "hf_path") if path else ""
+        if path and not paths.is_dir(folder):
             raise CheckpointError(f"model.{key}: folder not found: {path}")
+        if path and key == "hf_path":  # tokenizer files alone are no model: its loader's line, now
+            check_model_folder(folder)
 
 
 def _check_buckets(cfg: ml_collections.ConfigDict) -> None:

@@ -853,17 +853,42 @@ def test_a_missing_input_path_is_refused_before_the_workdir(tmp_path, given, wor
 @pytest.mark.parametrize("given", ["a file", "an empty folder"])
 def test_a_model_path_that_is_no_model_folder_is_refused_before_the_workdir(tmp_path, key, given):
     """A file, or a folder without tokenizer files, as a model path: the loader's one line, before the
-    workdir is taken (a new workdir was left holding only its lock)."""
+    workdir is taken (a new workdir was left holding only its lock). An empty model.hf_path folder is
+    refused as no model first (check_input_paths), before its tokenizer is loaded."""
     w, bad = tmp_path / "w", tmp_path / "m"
     if given == "a file":
         bad.write_text("not a model")
         words = f"{key}: folder not found: {bad}"
     else:
         bad.mkdir()
-        words = f"{bad}: no tokenizer files"
+        words = f"{bad}: no config.json" if key == "model.hf_path" else f"{bad}: no tokenizer files"
     r = run_cli(["train", f"--config={TINY}", f"--config.workdir={w}", f"--config.{key}={bad}"])
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and words in lines[-1], r.stderr[-2000:]
+    assert len(lines) == 1 and not w.exists(), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "holds, words",
+    [
+        ((), "{m}: no config.json"),
+        (("config.json",), "{m}: no *.safetensors files"),
+        (("params/",), "{m}: no config.json (not a model checkpoint or training workdir)"),
+    ],
+    ids=["tokenizer files only", "no weights", "params/ without config.json"],
+)
+def test_a_model_folder_of_tokenizer_files_is_refused_before_the_workdir(tmp_path, holds, words):
+    """A model.hf_path folder with tokenizer files (its tokenizer loads) but no model: the model loader's
+    line, before the workdir is taken (it failed building the policy and left W holding its lock)."""
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR
+
+    w, m = tmp_path / "w", tmp_path / "m"
+    shutil.copytree(TINY_TOKENIZER_DIR, m)
+    for name in holds:
+        (m / name).mkdir() if name.endswith("/") else (m / name).write_text("{}")
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={w}", f"--config.model.hf_path={m}"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1] == f"alignx: error: {words.format(m=m)}", r.stderr[-2000:]
     assert len(lines) == 1 and not w.exists(), r.stderr[-2000:]
 
 

@@ -23,7 +23,9 @@ from alignx_jax.models.hf import (
     fill_new_adapters,
     load_decoder_config,
     load_pretrained,
+    read_hf_config,
 )
+from alignx_jax.models.safetensors_io import SafetensorsReader
 from alignx_jax.sharding import Rules, model_shardings
 
 
@@ -65,6 +67,23 @@ def _refuse_step_folder(path: str) -> None:
             f"{path}: a saved step of the training workdir {workdir}, not a checkpoint on its own; name the "
             f"workdir (`alignx export --checkpoint {workdir} --step {int(name)}`)"
         )
+
+
+def is_checkpoint_layout(path: str) -> bool:
+    """Whether the local model folder `path` is this project's (a model checkpoint's params/ or a training
+    workdir's checkpoints/), which `load_checkpoint` reads; any other model folder is a HF one
+    (`hf.load_pretrained`)."""
+    return os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def check_model_folder(path: str) -> None:
+    """The CheckpointError its loader gives the local model folder `path` when it holds no model (no
+    config.json, no weights), without loading it."""
+    if is_checkpoint_layout(path):
+        resolve_checkpoint(path)
+    else:
+        read_hf_config(path)
+        SafetensorsReader(path)  # reads only the headers
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint:

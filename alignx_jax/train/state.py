@@ -93,7 +93,7 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
         path = resolve_model_path(cfg.model.hf_path, model=True)
         # the files hold the base model: model.lora's new adapters are drawn from model.init.seed
         loaded = {**opts, "adapter_seed": int(cfg.model.init.seed)}
-        if os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        if checkpoint.is_checkpoint_layout(path):
             return checkpoint.load_checkpoint(
                 path,
                 dtype=cfg.model.param_dtype,
