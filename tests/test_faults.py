@@ -1074,3 +1074,43 @@ def test_a_workdir_inside_a_runs_own_folders_is_refused(tmp_path):
     check_run_folder(str(run / "other"))  # any other sub-folder is a workdir of its own
     check_run_folder(str(run / "other" / "checkpoints" / "w"))  # run/other is no run
     check_run_folder(str(tmp_path / "checkpoints"))  # tmp_path is no run
+
+
+def test_a_dangling_symlink_workdir_is_named_as_one(tmp_path, capsys):
+    """A workdir that is a symlink to a missing folder: mkdir's 'cannot create it (File exists)' named
+    neither the link nor its target."""
+    w, target = tmp_path / "w", tmp_path / "gone" / "run"
+    w.symlink_to(target)
+    _main_error(
+        capsys,
+        _train_args(w, 1, 1),
+        f"workdir {w}: a symlink to a missing {target}; create that folder or choose another workdir",
+    )
+    assert w.is_symlink() and not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize(
+    "code, hint",
+    [
+        ("EACCES", "give this user access to it (or choose another workdir), then rerun the same command"),
+        ("EROFS", "choose a workdir on a writable file system"),
+    ],
+)
+def test_a_workdir_that_cannot_be_written_says_so_not_rerun(tmp_path, capsys, monkeypatch, code, hint):
+    """A workdir this user may not write (or on a read-only file system): its line ended 'rerun the same
+    command to resume', which fails the same way. (As root, chmod stops nothing: the write is refused
+    as the kernel refuses it.)"""
+    import errno
+
+    w = tmp_path / "w"
+    w.mkdir()
+    real_open = os.open
+
+    def refused(path, *a, **k):
+        if os.fspath(path).startswith(str(w)):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), os.fspath(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", refused)
+    line = _main_error(capsys, _train_args(w, 1, 1), f"{w}/train.lock: {os.strerror(getattr(errno, code))}")
+    assert line.endswith(f"; the run stopped ({hint})") and "resume" not in line, line

@@ -7,6 +7,7 @@ method. What the step computes is `train.step`; what a batch holds is `alignx_ja
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -74,14 +75,20 @@ def run_training(cfg: ml_collections.ConfigDict, stop: StopFlag | None = None) -
         return Trainer(cfg, stop).run(held)
     except OSError as e:  # a full disk, a permission: one line naming the file
         where = e.filename or paths.absolute(cfg.workdir or ".")
-        raise AlignXError(
-            f"{where}: {e.strerror or e}; the run stopped (rerun the same command to resume from "
-            "the last checkpoint)"
-        ) from None
+        raise AlignXError(f"{where}: {e.strerror or e}; the run stopped ({_rerun_hint(e)})") from None
     finally:
         for lock in held:
             lock.release()
         stop.restore()
+
+
+def _rerun_hint(e: OSError) -> str:
+    """What to do after the OSError `e` stopped a run: the same command resumes, unless it may not write there."""
+    if e.errno == errno.EROFS:
+        return "choose a workdir on a writable file system"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "give this user access to it (or choose another workdir), then rerun the same command"
+    return "rerun the same command to resume from the last checkpoint"
 
 
 class _StoppedInStartUp(Exception):

@@ -197,6 +197,12 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib
     w = paths.path(workdir)
     if w.exists() and not w.is_dir():
         raise ConfigError(f"workdir {workdir}: exists and is a file, not a folder")
+    if not paths.is_url(workdir) and os.path.islink(workdir) and not os.path.exists(workdir):
+        # mkdir's own word for it is "File exists"
+        raise ConfigError(
+            f"workdir {workdir}: a symlink to a missing {os.path.realpath(workdir)}; create that folder or "
+            "choose another workdir"
+        )
     try:
         w.mkdir(parents=True, exist_ok=True)
     except OSError as e:
