@@ -251,6 +251,7 @@ class TrainSection:
     wandb_project: str = ""
     # a resume may change only how long/where/how fast the run goes (train.steps, checkpoint.*, mesh.*, ...;
     # workdir.FREE_KEYS); true also accepts changed model/data/loss/optim keys, with a warning listing them
+    # (not data.synth_*: W/data is what the checkpoints trained on)
     allow_config_change: bool = False
 
 

@@ -181,6 +181,30 @@ def check_config_change(workdir: str, current: dict[str, Any], *, allow: bool) -
     return keys
 
 
+# the settings of the synthetic users a run with no data.train writes into W/data
+SYNTH_KEYS = ("data.synth_users", "data.synth_pairs_per_user", "data.synth_seed")
+
+
+def check_synth_kept(workdir: str, current: dict[str, Any]) -> None:
+    """Refuse (ConfigError) a resume on synthetic users (no data.train, now and before) whose settings
+    changed, even with train.allow_config_change: W/data, which its checkpoints trained on, would be
+    rewritten, and the resume would fail on the new rows."""
+    saved = read_saved_config(workdir)
+    if saved is None:
+        return
+    a, b = flatten(saved), flatten(current)
+    if a.get("data.train") or b.get("data.train"):
+        return
+    keys = [k for k in SYNTH_KEYS if k in a and k in b and a[k] != b[k]]
+    if keys:
+        shown = ", ".join(f"{k} ({a[k]!r} -> {b[k]!r})" for k in keys)
+        raise ConfigError(
+            f"{workdir}/config.json: resuming on other synthetic data: {shown}; its checkpoints trained on "
+            f"{workdir}/data (train.allow_config_change keeps the data); rerun with the saved data.synth_* "
+            "settings or use a fresh workdir"
+        )
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON through a temporary file and a rename: a reader never sees half a file (a URL: one
     object write, which is atomic on gs://)."""

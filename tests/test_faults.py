@@ -765,6 +765,30 @@ def test_a_failed_resume_leaves_the_config_of_its_checkpoints(run_copy):
     assert "(step 4 of 6)" in r.stderr
 
 
+def test_resuming_on_other_synthetic_users_is_refused_even_when_allowed(tmp_path):
+    """data.synth_users changed on resume with train.allow_config_change: W/data was rewritten under the
+    checkpoints that trained on it and the resume then failed on the loader's row count; now one line,
+    before W/data (or W/config.json) is touched. Another change the flag allows still resumes."""
+    w = tmp_path / "w"
+    assert _train(w, 2, 2).returncode == 0
+    before = _snapshot(w / "data"), (w / "data.fingerprint").read_text(), (w / "config.json").read_text()
+    r = _train(w, 4, 2, "--config.data.synth_users=16", "--config.train.allow_config_change=true")
+    line = _one_error(
+        r,
+        f"{w}/config.json: resuming on other synthetic data: data.synth_users (8 -> 16)",
+        f"trained on {w}/data",
+        "fresh workdir",
+    )
+    assert "num_rows" not in line and "warning: resuming with a changed config" not in r.stderr, r.stderr
+    assert (
+        _snapshot(w / "data"),
+        (w / "data.fingerprint").read_text(),
+        (w / "config.json").read_text(),
+    ) == before
+    r = _train(w, 4, 2, "--config.optim.lr=2e-3", "--config.train.allow_config_change=true")
+    assert r.returncode == 0 and "(step 2 of 4)" in r.stderr, r.stderr[-3000:]
+
+
 def test_a_user_folder_as_workdir_is_refused_untouched(tmp_path):
     """A folder that is no run's (no lock, no run config.json) but holds names a run writes and replaces:
     one line, nothing touched; a folder of other files is a workdir, and they are kept."""

@@ -213,7 +213,10 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib
         current = json.loads(config_to_json(cfg))
         ckpts = w / "checkpoints"
         if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):  # a resume
-            workdir_lib.check_config_change(workdir, current, allow=bool(cfg.train.allow_config_change))
+            allow = bool(cfg.train.allow_config_change)
+            if allow:  # before W/data is rewritten (without allow, the change is refused as any other)
+                workdir_lib.check_synth_kept(workdir, current)
+            workdir_lib.check_config_change(workdir, current, allow=allow)
         else:  # a fresh start over an earlier run's outputs: the reference folder is the old model's
             saved = workdir_lib.read_saved_config(workdir)
             ref = w / "reference"
