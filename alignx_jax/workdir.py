@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -338,6 +340,27 @@ def array_shape(path: str) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------- the lock
+
+
+# what a run writes aside as `NAME.tmp<pid>` and renames into W: the synthetic users, config.json, fingerprints
+_TMP_ENTRY = re.compile(r"(data|config\.json|.+\.fingerprint)\.tmp(\d+)")
+
+
+def remove_dead_tmp(workdir: str) -> None:
+    """Remove what a killed run left half-written in the local W (`_TMP_ENTRY` of a pid gone from this
+    host); the caller holds W's lock, so no live run of it is writing them."""
+    for name in sorted(os.listdir(workdir)):
+        m = _TMP_ENTRY.fullmatch(name)
+        if m is None or int(m.group(2)) == os.getpid() or _alive(int(m.group(2)), None):
+            continue
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 def _start_time(pid: int) -> str | None:

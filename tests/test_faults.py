@@ -789,6 +789,29 @@ def test_resuming_on_other_synthetic_users_is_refused_even_when_allowed(tmp_path
     assert r.returncode == 0 and "(step 2 of 4)" in r.stderr, r.stderr[-3000:]
 
 
+def test_what_a_killed_run_left_aside_is_removed_when_the_workdir_is_next_taken(tmp_path):
+    """A kill during the synthetic users' write (or config.json's, a fingerprint's) left W/data.tmp<pid>
+    for ever; the next run on W removes those of pids that are gone, and keeps a live one's and any other
+    name."""
+    w = tmp_path / "w"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid, live = int(dead.stdout), os.getppid()
+    w.mkdir()
+    (w / f"data.tmp{pid}").mkdir()
+    (w / f"data.tmp{pid}" / "data.parquet").write_bytes(b"half")
+    (w / f"config.json.tmp{pid}").write_text("{")
+    (w / f"data.fingerprint.tmp{pid}").write_text("")
+    (w / f"data.tmp{live}").mkdir()
+    (w / f"notes.tmp{pid}").write_text("mine")
+    r = _train(w, 1, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    left = sorted(p.name for p in w.iterdir() if ".tmp" in p.name)
+    assert left == [f"data.tmp{live}", f"notes.tmp{pid}"], left
+    assert (w / "data" / "data.parquet").is_file()
+
+
 def test_a_user_folder_as_workdir_is_refused_untouched(tmp_path):
     """A folder that is no run's (no lock, no run config.json) but holds names a run writes and replaces:
     one line, nothing touched; a folder of other files is a workdir, and they are kept."""

@@ -210,6 +210,8 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib
     lock = workdir_lib.WorkdirLock(workdir)
     lock.acquire()
     try:
+        if not paths.is_url(workdir):  # a URL is written in place, never aside
+            workdir_lib.remove_dead_tmp(workdir)
         current = json.loads(config_to_json(cfg))
         ckpts = w / "checkpoints"
         if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):  # a resume
