@@ -132,6 +132,24 @@ def _export_failed(out: str, e: OSError) -> CheckpointError:
     return CheckpointError(f"--out {out}: export failed ({e.strerror or e}{where}); {out} is unchanged")
 
 
+def _refuse_own_folder(out: str, checkpoint: str, res: ResolvedCheckpoint) -> None:
+    """A CheckpointError where `out` (real path or URL) is `checkpoint` or holds a folder the export reads:
+    publishing the export replaces `out` whole, and --overwrite would put an HF config.json over the run's."""
+
+    def key(p: str) -> str:
+        return paths.absolute(p).rstrip("/") if paths.is_url(p) else os.path.realpath(p)
+
+    target = key(out)
+    if target == key(checkpoint):
+        raise CheckpointError(f"--out {out}: is the --checkpoint folder itself; export into another folder")
+    read = (checkpoint, res.config_dir, res.params_dir, res.tokenizer_dir, res.head_dir)
+    if any(f and (key(f) == target or key(f).startswith(target.rstrip("/") + "/")) for f in read):
+        raise CheckpointError(
+            f"--out {out}: is or holds a folder of --checkpoint {checkpoint}, which the export would "
+            "replace; export into another folder"
+        )
+
+
 def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], set[str]]:
     """(entries of `out`, the files a previous export wrote there), after checking that `out` may be
     written: absent, empty, an export of the same `source`, or anything with `overwrite`."""
@@ -375,6 +393,7 @@ def _export_to_bucket(args) -> int:
     entries, own, problem = [], set(), None
     if main:
         try:
+            _refuse_own_folder(args.out, args.checkpoint, res)
             entries, own = _bucket_target(args.out, source, bool(getattr(args, "overwrite", False)))
         except CheckpointError as e:
             problem = e
@@ -435,6 +454,7 @@ def cli_export(args) -> int:
     entries, own, problem = [], set(), None
     if main:
         try:
+            _refuse_own_folder(out, args.checkpoint, res)
             entries, own = _export_target(out, source, bool(getattr(args, "overwrite", False)))
         except CheckpointError as e:
             problem = e

@@ -100,6 +100,35 @@ def test_training_workdir_export_picks_latest_step(tiny_hf_checkpoints, tmp_path
     assert len(err) == 1 and "no step 5" in err[0] and "3, 7" in err[0]
 
 
+def test_export_refuses_an_out_that_is_or_holds_the_checkpoint(tiny_hf_checkpoints, tmp_path, capsys):
+    """`--out W --overwrite` (or W's parent, or W/checkpoints) exported into the workdir being exported:
+    its run config.json was replaced by the HF one and the whole folder renamed aside and rebuilt."""
+    src = tiny_hf_checkpoints["llama"]
+    work = tmp_path / "runs" / "W"
+    shutil.copytree(src, work / "reference")
+    checkpoint_lib.save_checkpoint(load_pretrained(src), str(tmp_path / "tmp"))
+    os.makedirs(work / "checkpoints" / "3")
+    shutil.move(str(tmp_path / "tmp" / "params"), str(work / "checkpoints" / "3" / "params"))
+    (work / "config.json").write_text('{"model": {"hf_path": "run config"}}')
+    before = sorted(os.listdir(work))
+    for out, needle in (
+        (work, "is the --checkpoint folder itself"),
+        (tmp_path / "runs", "is or holds a folder of --checkpoint"),
+        (work / "checkpoints", "is or holds a folder of --checkpoint"),
+    ):
+        assert main(["export", "--checkpoint", str(work), "--out", str(out), "--overwrite"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {os.path.realpath(out)}: {needle}" in err[0], err
+    assert (work / "config.json").read_text() == '{"model": {"hf_path": "run config"}}'
+    assert sorted(os.listdir(work)) == before and sorted(os.listdir(tmp_path / "runs")) == ["W"]
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "--hf", src, "--out", str(ckpt)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(ckpt / ".." / "ckpt"), "--overwrite"]) == 1
+    assert "is the --checkpoint folder itself" in capsys.readouterr().err
+    assert not (ckpt / "model.safetensors.index.json").exists()
+    assert main(["export", "--checkpoint", str(work), "--out", str(work / "hf")]) == 0  # inside it: new
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return str(dst)
