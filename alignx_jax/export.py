@@ -28,6 +28,7 @@ from alignx_jax.models.hf import (
     EXPORT_UPLOAD,
     copy_tokenizer,
     load_pretrained,
+    parse_size,
     read_export_manifest,
     read_hf_config,
     save_hf,
@@ -378,6 +379,14 @@ def _bucket_target(url: str, source: str, overwrite: bool) -> tuple[list[str], s
     return entries, _check_target(url, entries, manifest, source, overwrite)
 
 
+def _check_flags(args) -> None:
+    """The flags' own errors, before the checkpoint is resolved and read (minutes for a large model)."""
+    try:
+        parse_size(getattr(args, "shard_size", "5GB"))
+    except CheckpointError as e:
+        raise CheckpointError(f"--shard-size: {e}") from None
+
+
 def _export_to_bucket(args) -> int:
     """`alignx export --out gs://...`: the export is written to a local temporary folder, then uploaded
     file by file. The target is checked as a local one (`_check_target`, `_kept`). `EXPORT_UPLOAD` goes
@@ -444,6 +453,7 @@ def cli_export(args) -> int:
     `--out` must be absent, empty or an export of the same checkpoint; `--overwrite` allows any folder.
     Files of `--out` that no export wrote are kept (hard links into the new folder), never deleted."""
 
+    _check_flags(args)
     if paths.is_url(args.out):
         return _export_to_bucket(args)
     out = os.path.realpath(args.out)  # a link to a folder: the folder is replaced, the link kept

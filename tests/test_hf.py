@@ -226,6 +226,29 @@ def test_export_errors(tmp_path, capsys):
     assert hf_lib.parse_size("200MB") == 200_000_000 and hf_lib.parse_size("5GB") == 5 * 10**9
 
 
+@pytest.mark.parametrize("size", ["lots", "0", "0.1B"])
+def test_export_refuses_a_bad_shard_size_before_reading_the_checkpoint(
+    tiny_hf_checkpoints, tmp_path, capsys, monkeypatch, size
+):
+    """A malformed --shard-size was read when the shards were written, after the whole checkpoint had been
+    loaded and verified; one under a byte put every tensor in a file of its own."""
+    from alignx_jax import export
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(ckpt)]) == 0
+    capsys.readouterr()
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint was read before --shard-size was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint", no_load)
+    out = tmp_path / "o"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--shard-size", size]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignx: error: --shard-size: shard size {size!r}"), err
+    assert not out.exists()
+
+
 def test_export_of_a_step_folder_names_the_workdir_and_step(tmp_path, capsys):
     """`alignx export --checkpoint W/checkpoints/N` (a step folder, whose config lives in W/reference) said
     only `no config.json (not a model checkpoint or training workdir)`; it names the workdir and the step to

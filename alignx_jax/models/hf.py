@@ -275,7 +275,10 @@ def parse_size(size: str | int) -> int:
     if not m:
         raise CheckpointError(f"shard size {size!r} is not like 5GB or 200MB")
     unit = (m.group(2) or "B").upper().replace("IB", "B")
-    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+    size_bytes = int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+    if size_bytes < 1:  # every tensor would go in a file of its own
+        raise CheckpointError(f"shard size {size!r} is under one byte (e.g. 5GB, 200MB)")
+    return size_bytes
 
 
 def _host(x: jax.Array) -> np.ndarray:
