@@ -15,6 +15,7 @@ from alignx_jax.errors import CheckpointError, one_line
 from alignx_jax.models.checkpoint import (
     ResolvedCheckpoint,
     check_import_target,
+    has_lora_adapters,
     has_tokenizer,
     load_checkpoint,
     load_checkpoint_head,
@@ -387,6 +388,12 @@ def _check_flags(args) -> None:
         raise CheckpointError(f"--shard-size: {e}") from None
 
 
+def _check_peft(args, res: ResolvedCheckpoint) -> None:
+    """--peft on a checkpoint without adapters, refused from its metadata before its arrays are read."""
+    if getattr(args, "peft", False) and not has_lora_adapters(res):
+        raise CheckpointError("--peft: the checkpoint has no LoRA adapters (train with model.lora.rank > 0)")
+
+
 def _export_to_bucket(args) -> int:
     """`alignx export --out gs://...`: the export is written to a local temporary folder, then uploaded
     file by file. The target is checked as a local one (`_check_target`, `_kept`). `EXPORT_UPLOAD` goes
@@ -398,6 +405,7 @@ def _export_to_bucket(args) -> int:
     out = paths.path(args.out)
     res = resolve_checkpoint(args.checkpoint, args.step)
     source = _export_source(args.checkpoint)
+    _check_peft(args, res)
     main = paths.is_main_process()
     entries, own, problem = [], set(), None
     if main:
@@ -459,6 +467,7 @@ def cli_export(args) -> int:
     out = os.path.realpath(args.out)  # a link to a folder: the folder is replaced, the link kept
     res = resolve_checkpoint(args.checkpoint, args.step)
     source = _export_source(args.checkpoint)
+    _check_peft(args, res)
     # a multi-process job (launch/local.sh, a pod): every process reads the checkpoint, process 0 writes
     main = paths.is_main_process()
     entries, own, problem = [], set(), None

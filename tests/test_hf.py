@@ -249,6 +249,30 @@ def test_export_refuses_a_bad_shard_size_before_reading_the_checkpoint(
     assert not out.exists()
 
 
+def test_export_peft_of_a_checkpoint_without_adapters_is_refused_before_reading_it(
+    tiny_hf_checkpoints, tmp_path, capsys, monkeypatch
+):
+    """`--peft` on a full model was refused when the adapters were written, after the whole checkpoint had
+    been loaded and verified; the params' metadata says there are none."""
+    from alignx_jax import export
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(ckpt)]) == 0
+    capsys.readouterr()
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint was read before --peft was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint", no_load)
+    out = tmp_path / "o"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--peft"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "alignx: error: --peft: the checkpoint has no LoRA adapters (train with model.lora.rank > 0)"
+    ]
+    assert not out.exists()
+
+
 def test_export_of_a_step_folder_names_the_workdir_and_step(tmp_path, capsys):
     """`alignx export --checkpoint W/checkpoints/N` (a step folder, whose config lives in W/reference) said
     only `no config.json (not a model checkpoint or training workdir)`; it names the workdir and the step to

@@ -210,6 +210,13 @@ def default_dtype(path: str, step: int | None = None) -> str:
     return _default_dtype(_params_metadata(paths.absolute(res.params_dir))[1])
 
 
+def has_lora_adapters(res: ResolvedCheckpoint) -> bool:
+    """Whether the resolved checkpoint's params hold LoRA adapters, read from the metadata alone."""
+    from alignx_jax.models import lora
+
+    return lora.infer_options(_params_metadata(paths.absolute(res.params_dir))[0]) is not None
+
+
 def load_checkpoint(
     path: str,
     step: int | None = None,
