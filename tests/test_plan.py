@@ -34,10 +34,15 @@ def test_parse_topology():
     assert (t.num_devices, t.bytes_per_device) == (4, 512 * 1024**2)
     assert parse_topology("2@1.5GiB").bytes_per_device == int(1.5 * GiB)
     assert parse_topology("2@.5GiB").bytes_per_device == GiB // 2
+    assert [parse_topology(n).num_devices for n in ("v5p-17920", "v4-8192", "v5e-256")] == [8960, 4096, 256]
     with pytest.raises(ConfigError, match="unknown topology"):
         parse_topology("v9-12")
     for odd, says in (
         ("v5p-7", "even number of TensorCores"),
+        ("v5e-512", "the largest v5e slice is v5e-256 "),
+        ("v4-8200", "the largest v4 slice is v4-8192 "),
+        ("v6e-257", "the largest v6e slice is v6e-256 "),
+        ("v5p-179200", "the largest v5p slice is v5p-17920 "),  # a typo: 89600 stand-in devices
         ("0xH100", "at least one GPU"),
         ("0@1GiB", "one device"),
         ("2@0GiB", "under one byte"),  # not this machine's memory in its place

@@ -24,6 +24,9 @@ class Topology:
 
 
 _TOPOLOGY_TABLE = {"v5p": 95 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v6e": 32 * GiB}
+# the chips of each generation's largest slice (a whole pod): a mistyped count beyond it would have the
+# plan make that many stand-in devices (a v5p-179200: minutes of grid search, then gigabytes of devices)
+_MAX_CHIPS = {"v5p": 8960, "v5e": 256, "v4": 4096, "v6e": 256}
 _GPU_TABLE = {"h100": 80 * GiB, "h200": 141 * GiB, "a100": 80 * GiB, "b200": 180 * GiB}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*$", re.I)
 
@@ -54,6 +57,11 @@ def parse_topology(name: str | None) -> Topology:
         if chips < 1 or (gen in ("v5p", "v4") and cores % 2):
             raise ConfigError(
                 f"topology {name!r}: a {gen} slice has an even number of TensorCores, 2 or more"
+            )
+        if chips > _MAX_CHIPS[gen]:
+            largest = _MAX_CHIPS[gen] * (2 if gen in ("v5p", "v4") else 1)
+            raise ConfigError(
+                f"topology {name!r}: the largest {gen} slice is {gen}-{largest} ({_MAX_CHIPS[gen]} chips)"
             )
         # v4/v5p hosts drive 4 chips; v5e/v6e slices of up to 8 chips are one host, larger ones 4 chips a host
         hosts = max(1, chips // 4) if gen in ("v5p", "v4") or chips > 8 else 1
