@@ -207,6 +207,31 @@ def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsy
     assert folder in err[0]
 
 
+def test_import_to_an_out_that_cannot_be_made_fails_before_reading_the_model(
+    tiny_hf_checkpoints, tmp_path, capsys, monkeypatch
+):
+    """`--out ""` and `--out FILE/sub` failed at the folder's creation, after the whole model had been read,
+    with the OSError's bare text (`alignx: error: No such file or directory`, no flag, no path)."""
+    from alignx_jax import export
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was read before --out was checked")
+
+    monkeypatch.setattr(export, "load_pretrained", no_load)
+    (tmp_path / "f").write_text("a file")
+    for out, line in (
+        ("", "alignx: error: --out: an empty path; name the checkpoint folder"),
+        (
+            str(tmp_path / "f" / "sub"),
+            f"alignx: error: --out {tmp_path / 'f' / 'sub'}: cannot be written (a file where a folder would "
+            f"go: {tmp_path / 'f'})",
+        ),
+    ):
+        assert main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", out]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert (tmp_path / "f").read_text() == "a file" and sorted(os.listdir(tmp_path)) == ["f"]
+
+
 def test_import_of_a_missing_hf_folder_names_the_flag_and_the_path_once(tmp_path, capsys):
     missing = str(tmp_path / "nope")
     assert main(["import", "--hf", missing, "--out", str(tmp_path / "out")]) == 1

@@ -347,8 +347,16 @@ def check_import_target(out: str, overwrite: bool) -> None:
     from alignx_jax.models import preference_head as ph
     from alignx_jax.models.hf import TOKENIZER_FILES
 
+    if not out:
+        raise CheckpointError("--out: an empty path; name the checkpoint folder")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise CheckpointError(f"--out {out}: is a file, not a folder")
+    if not os.path.lexists(out):  # a folder that cannot be made fails now, not after the model is read
+        try:
+            paths.check_writable(out)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            raise CheckpointError(f"--out {out}: cannot be written ({e.strerror or e}{where})") from None
     if overwrite or not os.path.isdir(out):
         return
     written = {"config.json", "generation_config.json", BASE_INFO, ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE}
