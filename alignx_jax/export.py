@@ -386,6 +386,13 @@ def _check_flags(args) -> None:
         parse_size(getattr(args, "shard_size", "5GB"))
     except CheckpointError as e:
         raise CheckpointError(f"--shard-size: {e}") from None
+    results = getattr(args, "results", None)
+    if results and getattr(args, "peft", False):  # an adapter folder has no model card to put them in
+        raise CheckpointError("--results: --peft writes no model card; export without --peft for one")
+    if results:
+        from alignx_jax import model_card
+
+        model_card.find_results(args.checkpoint, results)  # each given file must be eval results
 
 
 def _check_peft(args, res: ResolvedCheckpoint) -> None:

@@ -298,6 +298,36 @@ def test_export_peft_of_a_checkpoint_without_adapters_is_refused_before_reading_
     assert not out.exists()
 
 
+def test_export_checks_results_before_reading_the_checkpoint(
+    tiny_hf_checkpoints, tmp_path, capsys, monkeypatch
+):
+    """A --results file that is no eval results was refused when the model card was written, after the whole
+    checkpoint had been loaded and verified; with --peft (no model card) it was ignored without a word."""
+    from alignx_jax import export
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "--hf", tiny_hf_checkpoints["qwen2"], "--out", str(ckpt)]) == 0
+    capsys.readouterr()
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint was read before --results was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint", no_load)
+    (tmp_path / "r.json").write_text('{"benchmarks": {}}')
+    out = tmp_path / "o"
+    for extra, line in (
+        (
+            ["--results", str(ckpt / "config.json")],
+            f"--results {ckpt / 'config.json'}: not an `alignx eval` results file (no benchmarks)",
+        ),
+        (["--results", str(tmp_path / "r.json"), "--peft"], "--results: --peft writes no model card"),
+    ):
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"alignx: error: {line}"), err
+    assert not out.exists()
+
+
 def test_export_of_a_step_folder_names_the_workdir_and_step(tmp_path, capsys):
     """`alignx export --checkpoint W/checkpoints/N` (a step folder, whose config lives in W/reference) said
     only `no config.json (not a model checkpoint or training workdir)`; it names the workdir and the step to
