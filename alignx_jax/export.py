@@ -382,6 +382,9 @@ def _bucket_target(url: str, source: str, overwrite: bool) -> tuple[list[str], s
 
 def _check_flags(args) -> None:
     """The flags' own errors, before the checkpoint is resolved and read (minutes for a large model)."""
+    for flag, value in (("--checkpoint", args.checkpoint), ("--out", args.out)):
+        if not value:  # not the working directory in its place
+            raise CheckpointError(f"{flag}: an empty path; name a folder")
     try:
         parse_size(getattr(args, "shard_size", "5GB"))
     except CheckpointError as e:

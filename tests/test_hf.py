@@ -239,11 +239,20 @@ def test_import_of_a_missing_hf_folder_names_the_flag_and_the_path_once(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_export_errors(tmp_path, capsys):
+def test_export_errors(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     assert main(["export", "--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no config.json" in err[0]
+    # an empty path was the working directory: `--out ""` named it (or exported into it with --overwrite)
+    monkeypatch.chdir(tmp_path)
+    for argv, line in (
+        (["--checkpoint", "", "--out", "o"], "--checkpoint: an empty path; name a folder"),
+        (["--checkpoint", "empty", "--out", ""], "--out: an empty path; name a folder"),
+    ):
+        assert main(["export", *argv, "--overwrite"]) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [f"alignx: error: {line}"]
+    assert sorted(os.listdir(tmp_path)) == ["empty"]
     with pytest.raises(CheckpointError, match="not found"):
         resolve_checkpoint(str(tmp_path / "nowhere"))
     with pytest.raises(CheckpointError, match="shard size"):
