@@ -257,6 +257,18 @@ def test_json_that_is_a_folder_fails_before_the_compile(capsys, tmp_path):
     assert "fits" not in out  # nothing planned
 
 
+def test_empty_json_fails_before_the_compile(capsys):
+    """`--json ""` (an unset shell variable) planned and wrote no report, without a word."""
+    from alignx_jax.cli import main
+
+    rc = main(["plan", "--config", TINY, *SMALL, "--topology", "1@1MiB", "--json", ""])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.strip().splitlines() == [
+        "alignx: error: --json: an empty path; name the report file"
+    ]
+    assert "fits" not in out  # nothing planned
+
+
 def test_unknown_model_path_is_a_config_error(capfd):
     from alignx_jax.cli import main
 

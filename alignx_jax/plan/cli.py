@@ -89,6 +89,8 @@ def _refuse_foreign_json(dest: str, config_path: str) -> None:
 def cli_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
     validate_config(cfg, inputs=False)  # what `alignx train` would refuse is not planned
+    if args.json is not None and not args.json:  # not a plan whose report silently goes nowhere
+        raise AlignXError("--json: an empty path; name the report file")
     if args.json:  # before a compile that takes minutes at 70B (not distributed.check_output: it would
         # start JAX's backends before the stand-in devices are set)
         _refuse_foreign_json(args.json, args.config_path)
