@@ -34,6 +34,7 @@ from alignx_jax.models.hf import (
     read_hf_config,
     save_hf,
     save_peft,
+    unread_tensors,
     write_export_manifest,
 )
 from alignx_jax.models.safetensors_io import holds_safetensors
@@ -65,6 +66,13 @@ def cli_import(args) -> int:
             "makes an HF folder of it"
         )
     model = load_pretrained(src, dtype=args.dtype)
+    unread = unread_tensors(src, model.cfg)
+    if unread:  # weights of something config.json does not describe: the import computes without them
+        print(
+            f"alignx import: warning: {args.hf}: {len(unread)} tensor(s) not part of a {model.cfg.model_type} "
+            f"model as config.json describes it, not imported: {paths.listing(unread)}",
+            file=sys.stderr,
+        )
     head = None
     if ph.has_head(src):  # read first: a malformed or mismatched head fails before anything is written
         head, hcfg = ph.load_head(src)

@@ -232,6 +232,28 @@ def test_import_to_an_out_that_cannot_be_made_fails_before_reading_the_model(
     assert (tmp_path / "f").read_text() == "a file" and sorted(os.listdir(tmp_path)) == ["f"]
 
 
+def test_import_warns_of_tensors_it_does_not_read(tiny_hf_checkpoints, tmp_path, capsys):
+    """Tensors config.json's model has no place for (an MLP bias without `mlp_bias`, another model's
+    weights) were dropped without a word; RoPE's inv_freq buffers and a tied model's lm_head are not
+    weights transformers reads either, and stay unmentioned."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy(tiny_hf_checkpoints["qwen2"], tmp_path / "extra")
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # qwen2 here ties it
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    tensors["model.layers.1.mlp.up_proj.bias"] = np.ones(128, np.float32)
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert main(["import", "--hf", folder, "--out", str(tmp_path / "ckpt")]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"alignx import: warning: {folder}: 1 tensor(s) not part of a qwen2 model as config.json describes "
+        "it, not imported: model.layers.1.mlp.up_proj.bias"
+    ]
+    assert main(["import", "--hf", tiny_hf_checkpoints["llama"], "--out", str(tmp_path / "plain")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_import_of_a_missing_hf_folder_names_the_flag_and_the_path_once(tmp_path, capsys):
     missing = str(tmp_path / "nope")
     assert main(["import", "--hf", missing, "--out", str(tmp_path / "out")]) == 1

@@ -174,6 +174,20 @@ def place_array(shape: tuple[int, ...], dtype, sharding, fill) -> jax.Array:
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
+def unread_tensors(path: str, cfg: DecoderConfig) -> list[str]:
+    """The tensors of the HF folder `path` that `load_pretrained` does not read for `cfg`, sorted, less
+    those transformers drops too (RoPE's stored inv_freq buffers; the output head of a tied model)."""
+    read = set()
+    for m in param_maps(cfg):
+        read |= {m.hf_name.format(i=i) for i in range(cfg.num_hidden_layers)} if m.layered else {m.hf_name}
+    benign = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    return sorted(
+        n
+        for n in SafetensorsReader(path).entries
+        if n not in read and n not in benign and not n.endswith("rotary_emb.inv_freq")
+    )
+
+
 def load_pretrained(
     path: str,
     dtype: str = "float32",
