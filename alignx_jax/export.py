@@ -82,6 +82,12 @@ def cli_import(args) -> int:
     # export of this checkpoint defaults eval/generate to it as the imported folder did
     model_card.write_base_info(args.out, args.hf, src, prompt_format=trained_prompt_format(src))
     save_checkpoint(model, args.out, tokenizer_dir=src if has_tokenizer(src) else None)
+    if not has_tokenizer(src):  # the checkpoint and its export have none: eval and generate refuse them
+        print(
+            f"alignx import: warning: {args.hf}: no tokenizer files (tokenizer.json / tokenizer_config.json); "
+            "the checkpoint has none (train with model.tokenizer set; copy them in for eval and generate)",
+            file=sys.stderr,
+        )
 
     # what an export of this checkpoint keeps of the base: its generation_config.json as it is, and
     # where it came from (the `--hf` argument, a hub id stays one) with its license, for the model card

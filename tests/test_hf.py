@@ -254,6 +254,24 @@ def test_import_warns_of_tensors_it_does_not_read(tiny_hf_checkpoints, tmp_path,
     assert capsys.readouterr().err == ""
 
 
+def test_import_of_a_folder_without_tokenizer_warns(tiny_hf_checkpoints, tmp_path, capsys):
+    """An HF folder without tokenizer files imported into a checkpoint without one, without a word: the
+    export of it was refused by eval and generate, far from the cause."""
+    folder = _copy(tiny_hf_checkpoints["qwen2"], tmp_path / "notok")
+    for name in hf_lib.TOKENIZER_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    assert main(["import", "--hf", folder, "--out", str(tmp_path / "ckpt")]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        f"alignx import: warning: {folder}: no tokenizer files (tokenizer.json / tokenizer_config.json); the "
+        "checkpoint has none (train with model.tokenizer set; copy them in for eval and generate)"
+    ]
+    assert out.startswith(f"imported {folder} -> ") and not checkpoint_lib.has_tokenizer(
+        str(tmp_path / "ckpt")
+    )
+
+
 def test_import_of_a_missing_hf_folder_names_the_flag_and_the_path_once(tmp_path, capsys):
     missing = str(tmp_path / "nope")
     assert main(["import", "--hf", missing, "--out", str(tmp_path / "out")]) == 1
