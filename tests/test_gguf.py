@@ -468,6 +468,23 @@ def test_hf_and_gguf_are_mutually_exclusive(tmp_path, capsys):
     assert e.value.code == 2 and "one of the arguments --hf --gguf is required" in capsys.readouterr().err
 
 
+def test_plan_takes_a_gguf_model_path(tiny_ggufs, tmp_path, monkeypatch):
+    """`model.hf_path=FILE.gguf` trains (the file converted once) but `alignx plan` refused it as "neither a
+    folder nor a preset"; the plan reads the architecture from the file's metadata, converting nothing."""
+    from alignx_jax.config import load_config
+    from alignx_jax.models.gguf import load_gguf
+    from alignx_jax.plan import decoder_config_for
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    path, _ = tiny_ggufs["qwen2"]
+    tiny = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tiny_cpu.py")
+    cfg = load_config(tiny, [f"--config.model.hf_path={path}", "--config.model.init.enabled=false"])
+    planned = decoder_config_for(cfg).to_hf()
+    loaded = load_gguf(path)[0].cfg.to_hf()
+    assert planned == loaded and planned["model_type"] == "qwen2"
+    assert not (tmp_path / "cache").exists()
+
+
 def test_resolve_model_path(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
     ready = tmp_path / "cache" / "models" / "smollm2-135m-instruct"

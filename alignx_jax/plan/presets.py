@@ -93,6 +93,15 @@ def decoder_config_for(cfg: ml_collections.ConfigDict, platform: str | None = No
     if path:
         if path.lower() in PRESETS:
             return DecoderConfig.from_hf(dict(PRESETS[path.lower()]), **opts)
+        if path.lower().endswith(".gguf") and os.path.isfile(path):  # as train takes it: its metadata
+            from alignx_jax.errors import CheckpointError
+            from alignx_jax.models.gguf import GGUFFile
+
+            src = GGUFFile(path)  # the header alone: no tensor is read, nothing converted
+            try:
+                return DecoderConfig.from_hf(dict(src.hf_config), **opts)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         if os.path.isdir(path):
             from alignx_jax.models import hf
 
