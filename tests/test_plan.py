@@ -257,6 +257,19 @@ def test_json_that_is_a_folder_fails_before_the_compile(capsys, tmp_path):
     assert "fits" not in out  # nothing planned
 
 
+def test_a_bad_topology_names_the_flag_or_the_key(capsys):
+    """`unknown topology 'v5p'` said neither whether --topology or the config's plan.topology held it."""
+    from alignx_jax.cli import main
+
+    for argv, where in (
+        (["--topology", "v5p"], "--topology"),
+        (["--config.plan.topology=v5p"], "plan.topology"),
+    ):
+        assert main(["plan", "--config", TINY, *SMALL, *argv]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"alignx: error: {where}: unknown topology 'v5p': "), err
+
+
 def test_empty_json_fails_before_the_compile(capsys):
     """`--json ""` (an unset shell variable) planned and wrote no report, without a word."""
     from alignx_jax.cli import main

@@ -12,7 +12,7 @@ import sys
 from alignx_jax import paths
 from alignx_jax.config import load_config
 from alignx_jax.config_rules import validate_config
-from alignx_jax.errors import AlignXError
+from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.hardware import backends_initialized
 from alignx_jax.plan.planner import plan
 from alignx_jax.plan.render import does_not_fit, format_report, param_lines
@@ -100,7 +100,10 @@ def cli_plan(args: argparse.Namespace) -> int:
             why = " ".join(str(e.strerror or e).split())  # a bucket's refusal is several lines
             raise AlignXError(f"--json {args.json}: cannot be written ({why})") from None
     name = args.topology or str(cfg.plan.topology) or None  # --topology, else the config's
-    topo = parse_topology(name)
+    try:
+        topo = parse_topology(name)
+    except ConfigError as e:  # named where it came from: the flag or the config's key
+        raise ConfigError(f"{'--topology' if args.topology else 'plan.topology'}: {e}") from None
     if topo.num_devices and not _provide_devices(topo.num_devices):
         if os.environ.get(_CHILD_ENV):
             raise AlignXError(f"could not provide {topo.num_devices} stand-in devices for {topo.name}")
