@@ -389,3 +389,32 @@ def test_peft_export_of_a_hub_revision_names_the_revision(tiny_hf_checkpoints, t
     with torch.no_grad():
         got = pm(torch.as_tensor(ids)).logits.numpy()
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-5
+
+
+def test_float32_export_of_a_bfloat16_base_keeps_the_adapters_unrounded(tiny_hf_checkpoints, tmp_path):
+    """A bf16 base (model.param_dtype=bfloat16) trains `x @ W + s (x @ A) @ B` with the update unrounded, but
+    its merged kernels were stored in W's bfloat16 before `--dtype float32` cast them: updates under W's
+    rounding step were lost, and the float32 export computed another model than the one trained."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from alignx_jax.models.hf import load_pretrained, save_hf
+
+    src = tiny_hf_checkpoints["llama"]
+    model = load_pretrained(src, dtype="bfloat16", compute_dtype="float32", lora_rank=4)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    rng = np.random.default_rng(0)
+    for path, var in flat.items():
+        if path[-1] == "lora_b":  # small updates: a few of bf16's rounding steps of W at most
+            b = var.get_value()
+            var.set_value(jnp.asarray(1e-3 * rng.standard_normal(b.shape), b.dtype))
+    ids = np.arange(5, 25)[None]
+    want = np.asarray(model(jnp.asarray(ids)), np.float32)
+    save_hf(model, str(tmp_path / "f32"), dtype="float32", tokenizer_dir=src)
+    t = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = t(torch.as_tensor(ids)).logits.numpy()
+    base = np.asarray(lora.adapters_off(model)(jnp.asarray(ids)), np.float32)
+    moved = np.max(np.abs(want - base))
+    assert moved > 1e-3, moved  # the adapters change the logits
+    assert np.max(np.abs(got - want)) < 1e-3 * moved, (np.max(np.abs(got - want)), moved)

@@ -381,7 +381,9 @@ def save_hf(
     `alignx export` writes into a fresh folder and renames it into place (`cli_export`)."""
     from alignx_jax.models import lora
 
-    model = lora.merged(model)  # LoRA: W + (alpha / r) A @ B, the plain model's tensors
+    # LoRA: W + (alpha / r) A @ B, the plain model's tensors; kept in float32 for a given dtype, so the sum is
+    # rounded once, to that dtype (and checked against float16's range), not first to the base's
+    model = lora.merged(model, jnp.float32 if dtype else None)
     cfg = model.cfg
     os.makedirs(out_dir, exist_ok=True)
     previous = read_export_manifest(out_dir)

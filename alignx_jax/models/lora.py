@@ -174,9 +174,9 @@ def delta(a: jax.Array, b: jax.Array, n_in: int, scale: float) -> jax.Array:
     return (scale * jnp.einsum("lir,lro->lio", a2, b2)).reshape(L, *ins, *outs)
 
 
-def merged_params(params: dict, scale: float) -> dict:
+def merged_params(params: dict, scale: float, dtype: Any = None) -> dict:
     """The pure params dict with each adapter folded into its kernel, `W + scale * A @ B` (computed
-    in float32, stored in W's dtype), and no LoRA leaves: the plain decoder's params."""
+    in float32, stored in `dtype`, default W's), and no LoRA leaves: the plain decoder's params."""
 
     def go(node):
         if not isinstance(node, dict):
@@ -185,14 +185,15 @@ def merged_params(params: dict, scale: float) -> dict:
         if "lora_a" in node:
             w = node["kernel"]
             d = delta(node["lora_a"], node["lora_b"], w.ndim - node["lora_b"].ndim + 1, scale)
-            out["kernel"] = (jnp.asarray(w, jnp.float32) + d).astype(w.dtype)
+            out["kernel"] = (jnp.asarray(w, jnp.float32) + d).astype(dtype or w.dtype)
         return out
 
     return go(params)
 
 
-def merged(model):
-    """A plain Decoder (LoRA off) whose kernels hold the model's adapters folded in (export)."""
+def merged(model, dtype: Any = None):
+    """A plain Decoder (LoRA off) whose kernels hold the model's adapters folded in (export), stored in
+    `dtype` (default the base's: a wider one keeps updates under the base's rounding step)."""
     from alignx_jax.models.decoder import Decoder
 
     cfg = model.cfg
@@ -202,7 +203,7 @@ def merged(model):
     base_cfg = cfg.replace(lora_rank=0)
     abstract = nnx.eval_shape(lambda: Decoder(base_cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(abstract)
-    nnx.replace_by_pure_dict(state, merged_params(params, cfg.lora_multiplier * model.lora_scale))
+    nnx.replace_by_pure_dict(state, merged_params(params, cfg.lora_multiplier * model.lora_scale, dtype))
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
