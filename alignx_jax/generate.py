@@ -544,14 +544,12 @@ def _benchmark_flags(args) -> tuple[int | None, int]:
 def _check_profiles(sample) -> None:
     """--method pba: each picked row's profile, before the model loads; a DataError names the row."""
     from alignx_jax.data import prompts as prompts_lib
-    from alignx_jax.data.persona import row_profile
 
     for i in sample.picks:
-        file, at = sample.places[i]
-        row_profile(sample.rows[i], file=file, index=at)
         try:
             prompts_lib.resolve_profile(sample.rows[i])
-        except DataError as e:  # no profile, direction or history vector: one line naming the row
+        except DataError as e:  # a blank profile read, or none and no direction: one line naming the row
+            file, at = sample.places[i]
             raise e.at(file=file, row=at) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -445,6 +446,9 @@ def test_a_blank_benchmark_profile_is_refused_before_pba_loads_a_model(
     assert loaded == []
     assert main([*argv, "--method", "ica", "--out", str(tmp_path / "ica.jsonl")]) == 0
     assert len((tmp_path / "ica.jsonl").read_text().splitlines()) == 2
+    # beside a golden direction (read first) a blank profile is not read: no refusal
+    with_direction = dict(rows[1], **{"Preference Direction": [0.5] * 89 + [1.0]})
+    gen._check_profiles(types.SimpleNamespace(rows=[with_direction], picks=[0], places=[(str(bench), 1)]))
 
 
 @pytest.mark.parametrize("mode", ["--prompt", "--benchmark"])
