@@ -442,12 +442,6 @@ def _other_job(
         return f"with --method {done.get('method')} and prompt format {done.get('prompt_format')}"
     if done.get("prompt") != prompt:
         return f"for another prompt than {where}"
-    before_sha = done.get("prompt_ids_sha256")
-    if before_sha is not None and ids_sha256 is not None and before_sha != ids_sha256:
-        # the same task, rendered otherwise: another profile, persona or template rule, or tokenizer
-        return (
-            f"from other prompt token ids than {where} now renders (its persona or profile shown otherwise?)"
-        )
     before = done.get("settings")
     if before is not None and before != settings:
         changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
@@ -455,6 +449,12 @@ def _other_job(
             "with other settings ("
             + ", ".join(f"{k} {before.get(k)!r}, now {settings.get(k)!r}" for k in changed)
             + ")"
+        )
+    before_sha = done.get("prompt_ids_sha256")
+    if before_sha is not None and ids_sha256 is not None and before_sha != ids_sha256:
+        # the same task and settings, rendered otherwise: another profile, persona or template rule
+        return (
+            f"from other prompt token ids than {where} now renders (its persona or profile shown otherwise?)"
         )
     return None
 
