@@ -20,6 +20,7 @@
 # --dry-run prints the gcloud commands instead of running them. Rerunning the same command resumes
 # from the workdir's last checkpoint (after a preemption, recreate the slice and rerun it).
 # --repo-dir DIR: the code's folder on the workers (default alignx-jax, under the home folder; ~/DIR is DIR).
+#   One word of letters, digits and . _ / + @ % = : , - (the old scp protocol splits others).
 # --attach is --logs. --worker W: one worker's log instead of all (--logs), or SIGTERM on that worker alone
 # (--stop; the others agree on the stop at their next step).
 set -euo pipefail
@@ -77,6 +78,8 @@ fi
 case "$repo_dir" in "~/"?*) repo_dir="${repo_dir#"~/"}" ;; esac
 case "$repo_dir" in
   ""|"~"*) echo "tpu_pod.sh: --repo-dir is a folder on the workers (relative to the home folder, or absolute), got '$repo_dir'" >&2; exit 2 ;;
+  # scp's remote path is split by the workers' shell under the old scp protocol (not under SFTP): one word only
+  *[!A-Za-z0-9._/+@%=:,-]*) echo "tpu_pod.sh: --repo-dir uses letters, digits and . _ / + @ % = : , - (scp may split others), got '$repo_dir'" >&2; exit 2 ;;
 esac
 case "$run_name" in
   *[!A-Za-z0-9._-]*) echo "tpu_pod.sh: run names use letters, digits, . _ -, got '$run_name'" >&2; exit 2 ;;

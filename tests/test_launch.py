@@ -209,6 +209,11 @@ def test_tpu_options():
         (("--dry-run", "--attach", "a", "--stop", "a", "t", "z"), "one of --logs/--attach and --stop"),
         (("--dry-run", "--repo-dir=", "--logs", "r", "t", "z"), "--repo-dir is a folder on the workers"),
         (("--dry-run", "--repo-dir", "~bob/ax", "--stop", "r", "t", "z"), "got '~bob/ax'"),
+        (
+            ("--dry-run", "--repo-dir", "my ax", "t", "z", "configs/c.py"),
+            "scp may split others), got 'my ax'",
+        ),
+        (("--dry-run", "--repo-dir=a;b", "--logs", "r", "t", "z"), "got 'a;b'"),
     ],
 )
 def test_tpu_bad_arguments(args, message):
