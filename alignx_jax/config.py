@@ -160,10 +160,29 @@ class _null:
         return False
 
 
+# the keys that name a file or folder: a leading `~` in them is the user's home, as a shell would expand it
+PATH_KEYS = ("workdir", "data.train", "data.eval", "model.hf_path", "model.tokenizer")
+
+
+def expand_home(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`~/x` or `~user/x` in the `PATH_KEYS` as that home's x (URLs, presets and hub ids start otherwise):
+    a shell leaves `--config.workdir=~/x` as written (a `~` after `=`), and a run made a `./~/x` folder."""
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        value = node.get(leaf) if isinstance(node, ml_collections.ConfigDict) else None
+        if isinstance(value, str) and value.startswith("~"):
+            node[leaf] = os.path.expanduser(value)
+    return cfg
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load a config file, apply overrides, and lock it so that later typos fail loudly."""
+    """Load a config file, apply overrides, expand `~` in its paths and lock it so that later typos fail
+    loudly."""
     cfg = load_config_file(path)
-    cfg = apply_overrides(cfg, overrides)
+    cfg = expand_home(apply_overrides(cfg, overrides))
     cfg.lock()
     return cfg
 

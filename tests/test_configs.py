@@ -81,6 +81,37 @@ def test_config_loads_with_all_sections(path):
     assert '"workdir": "/tmp/w"' in config_to_json(c)
 
 
+def test_a_home_tilde_in_path_keys_is_the_home_folder(tmp_path, monkeypatch):
+    """`--config.workdir=~/x`: bash leaves a `~` after `=` as written, and the run made a `./~/x` folder;
+    the path keys expand it as the shell would, URLs and names stay as given."""
+    from alignx_jax import paths
+    from alignx_jax.train.setup import prepare_workdir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    path = os.path.join(ROOT, "configs", "tiny_cpu.py")
+    c = load_config(
+        path,
+        [
+            "--config.workdir=~/x",
+            "--config.data.train=~/d.jsonl",
+            "--config.data.eval=~",
+            "--config.model.hf_path=~/m",
+            "--config.model.tokenizer=~/t",
+        ],
+    )
+    assert (c.workdir, c.data.train, c.data.eval) == (f"{home}/x", f"{home}/d.jsonl", str(home))
+    assert (c.model.hf_path, c.model.tokenizer) == (f"{home}/m", f"{home}/t")
+    prepare_workdir(c, paths.absolute(c.workdir)).release()  # what `alignx train` makes of the workdir
+    assert (home / "x" / "train.lock").is_file() and not (tmp_path / "~").exists()
+    kept = load_config(
+        path, ["--config.workdir=gs://b/~/x", "--config.model.hf_path=org/~m", "--config.data.train=a~"]
+    )
+    assert (kept.workdir, kept.model.hf_path, kept.data.train) == ("gs://b/~/x", "org/~m", "a~")
+
+
 @pytest.mark.parametrize("path", REAL, ids=os.path.basename)
 def test_real_configs_follow_release_recipe(path):
     c = load_config(path, ["--config.model.hf_path=/m", "--config.data.train=/d"])
