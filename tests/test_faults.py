@@ -1136,6 +1136,20 @@ def test_a_dangling_symlink_workdir_is_named_as_one(tmp_path, capsys):
     assert w.is_symlink() and not (tmp_path / "gone").exists()
 
 
+def test_a_dangling_symlink_above_the_workdir_is_named_as_one(tmp_path, capsys):
+    """A symlink to a missing folder partway up the workdir's path (runs/a/w, runs a dangling link):
+    mkdir's 'cannot create it (File exists)' named neither the link nor its target."""
+    link, target = tmp_path / "runs", tmp_path / "gone" / "runs"
+    link.symlink_to(target)
+    w = link / "a" / "w"
+    _main_error(
+        capsys,
+        _train_args(w, 1, 1),
+        f"workdir {w}: {link} is a symlink to a missing {target}; create that folder or choose another workdir",
+    )
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
 @pytest.mark.parametrize(
     "code, hint",
     [

@@ -190,6 +190,21 @@ def write_run_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(cfg))
 
 
+def _refuse_dangling_link(workdir: str) -> None:
+    """ConfigError naming a symlink to a missing folder at the local `workdir` or on its way up (the
+    nearest part that exists): mkdir's own word for it is "File exists"."""
+    part = os.path.abspath(workdir)
+    while not os.path.lexists(part) and os.path.dirname(part) != part:
+        part = os.path.dirname(part)
+    if not os.path.islink(part) or os.path.exists(part):
+        return
+    which = "" if part == os.path.abspath(workdir) else f"{part} is "
+    raise ConfigError(
+        f"workdir {workdir}: {which}a symlink to a missing {os.path.realpath(part)}; create that folder or "
+        "choose another workdir"
+    )
+
+
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib.WorkdirLock:
     """Create W, take its lock, refuse a resume that changes what is trained. W/config.json is written
     once the restore's outcome is known (`write_run_config`): a failed resume with a changed config must
@@ -197,12 +212,8 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> workdir_lib
     w = paths.path(workdir)
     if w.exists() and not w.is_dir():
         raise ConfigError(f"workdir {workdir}: exists and is a file, not a folder")
-    if not paths.is_url(workdir) and os.path.islink(workdir) and not os.path.exists(workdir):
-        # mkdir's own word for it is "File exists"
-        raise ConfigError(
-            f"workdir {workdir}: a symlink to a missing {os.path.realpath(workdir)}; create that folder or "
-            "choose another workdir"
-        )
+    if not paths.is_url(workdir):
+        _refuse_dangling_link(workdir)
     try:
         w.mkdir(parents=True, exist_ok=True)
     except OSError as e:
