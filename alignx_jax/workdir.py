@@ -343,23 +343,24 @@ def array_shape(path: str) -> tuple[int, ...]:
 
 
 # what a run writes aside as `NAME.tmp<pid>` and renames into W: the synthetic users, config.json, fingerprints
-_TMP_ENTRY = re.compile(r"(data|config\.json|.+\.fingerprint)\.tmp(\d+)")
+_TMP_ENTRY = re.compile(r"(data|config\.json|.+\.fingerprint)\.tmp(?P<pid>\d+)")
 
 
-def remove_dead_tmp(workdir: str) -> None:
-    """Remove what a killed run left half-written in the local W (`_TMP_ENTRY` of a pid gone from this
-    host); the caller holds W's lock, so no live run of it is writing them."""
-    for name in sorted(os.listdir(workdir)):
-        m = _TMP_ENTRY.fullmatch(name)
-        if m is None or int(m.group(2)) == os.getpid() or _alive(int(m.group(2)), None):
+def remove_dead_tmp(folder: str, entry: re.Pattern[str] = _TMP_ENTRY) -> None:
+    """Remove what a killed run left half-written in the local `folder` (an `entry` whose `pid` is gone
+    from this host): W, whose lock the caller holds, or another folder whose entries name the pid that
+    writes them (the system's temporary folder, where a URL workdir's synthetic users are written)."""
+    for name in sorted(os.listdir(folder)):
+        m = entry.fullmatch(name)
+        if m is None or int(m.group("pid")) == os.getpid() or _alive(int(m.group("pid")), None):
             continue
-        path = os.path.join(workdir, name)
+        path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             try:
                 os.remove(path)
-            except FileNotFoundError:
+            except OSError:  # gone already, or another user's in a shared folder: left, as a folder is
                 pass
 
 

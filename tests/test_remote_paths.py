@@ -901,3 +901,46 @@ def test_a_missing_bucket_client_or_an_unknown_scheme_is_one_line(monkeypatch, c
     assert main(["data", "check", "gs://bucket/rows.json"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Please install gcsfs" in err[0] and "pip install -e '.[gcs]'" in err[0], err
+
+
+def test_a_killed_runs_local_synthetic_users_are_removed_by_the_next_bucket_run(
+    fake_gcs, tmp_path, monkeypatch
+):
+    """A gs:// workdir's synthetic users are written aside in the system's temporary folder
+    (`alignx-synth-KEY.tmpPID`) and renamed: a kill left that folder there for good. The next run removes
+    those of pids gone from this host, and nothing of a live pid or of another program."""
+    import subprocess
+    import tempfile
+
+    from alignx_jax.config import load_config
+    from alignx_jax.train.setup import ensure_data
+
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process holds now
+    dead = [
+        systmp / f"alignx-synth-0123456789abcdef.tmp{gone.pid}",
+        systmp / f"alignx-synth-0123456789abcdef.fingerprint.tmp{gone.pid}",
+    ]
+    dead[0].mkdir()
+    (dead[0] / "data.parquet").write_bytes(b"half")
+    dead[1].write_text("half")
+    kept = [
+        systmp / f"alignx-synth-0123456789abcdef.tmp{os.getppid()}",  # a live run's, being written
+        systmp / f"other.tmp{gone.pid}",  # another program's
+        systmp / f"alignx-synth-notakey.tmp{gone.pid}",
+    ]
+    for p in kept:
+        p.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(
+        os.path.join(root, "configs", "tiny_cpu.py"),
+        ["--config.data.synth_users=4", f"--config.workdir={BUCKET}/run"],
+    )
+    local = ensure_data(cfg, cfg.workdir, True)
+    assert os.path.dirname(local) == str(systmp) and os.path.isfile(os.path.join(local, "data.parquet"))
+    assert not any(p.exists() for p in dead)
+    assert all(p.is_dir() for p in kept)
+    assert (fake_gcs.local(f"{BUCKET}/run") / "data" / "data.parquet").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -24,6 +25,9 @@ from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.train.signals import StopFlag
 
+# what `_write_synth` writes aside (and renames) for a URL workdir in the system's temporary folder
+_LOCAL_SYNTH_TMP = re.compile(r"alignx-synth-[0-9a-f]{16}(\.fingerprint)?\.tmp(?P<pid>\d+)")
+
 
 def ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) -> str:
     """`data.train`, or synthetic users written into W/data once (as `alignx synth` does).
@@ -40,6 +44,7 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) -> 
         import tempfile
 
         local = os.path.join(tempfile.gettempdir(), f"alignx-synth-{key[:16]}")
+        workdir_lib.remove_dead_tmp(tempfile.gettempdir(), _LOCAL_SYNTH_TMP)  # a killed run's, never renamed
         _write_synth(cfg, local, key, write=True)
         remote = paths.path(workdir) / "data"
         if is_main and not (remote / "data.parquet").exists():
