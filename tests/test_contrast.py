@@ -118,6 +118,18 @@ def test_contrast_needs_exactly_two_personas(personas):
         contrast_rows(psoups_rows(personas), file="f.json")
 
 
+def test_user_ids_1_and_quoted_1_are_two_personas():
+    """The persona is keyed with its JSON type, as `data split` keys users: str(group) made user_id 1 and
+    "1" one persona (a file of two personas was refused as one)."""
+    rows = [{k: v for k, v in r.items() if k != "ground_truth_persona"} for r in psoups_rows((2, 2))]
+    for r, uid in zip(rows, [1, 1, "1", "1"]):
+        r["user_id"] = uid
+    out = contrast_rows(rows, seed=0)
+    assert [type(c["user_id"]) for c in out[len(rows) :]] == [str, str, int, int]
+    with pytest.raises(DataError, match="found 3"):
+        contrast_rows([*rows, {**rows[0], "user_id": 2}])
+
+
 def test_cli_contrast_writes_the_input_format(tmp_path, capsys):
     src = tmp_path / "train.json"
     src.write_text(json.dumps(psoups_rows()))

@@ -36,17 +36,16 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.data import schema
-from alignx_jax.data.benchmarks import persona_group
+from alignx_jax.data.benchmarks import persona_key
 from alignx_jax.errors import AlignXError, DataError
 
 
 def persona_groups(rows: Sequence[dict]) -> dict[str | None, list[int]]:
-    """Row indices by `persona_group` (key None: the rows that name no persona); `contrast_rows`
+    """Row indices by `persona_key` (key None: the rows that name no persona); `contrast_rows`
     needs exactly two groups and no None."""
     groups: dict[str | None, list[int]] = {}
     for i, row in enumerate(rows):
-        group = persona_group(row)
-        groups.setdefault(None if group is None else str(group), []).append(i)
+        groups.setdefault(persona_key(row), []).append(i)
     return groups
 
 
@@ -83,7 +82,7 @@ def contrast_rows(
     other = {first: groups[second], second: groups[first]}
     swapped = []
     for row in rows:
-        ctx = rows[int(rng.choice(other[str(persona_group(row))]))]
+        ctx = rows[int(rng.choice(other[persona_key(row)]))]
         swapped.append({**ctx, "prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"]})
     if not twins:
         return [*(list(rows) * originals), *swapped]
