@@ -115,9 +115,10 @@ def _unreachable(repo_id: str, revision: str | None, endpoint: str | None, token
     return None
 
 
-def resolve_hub_id(path: str, *, model: bool = False) -> str:
+def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False) -> str:
     """The local snapshot folder of the hub id `path` (`org/name[@revision]`), downloaded unless cached
     or offline. `model`: the snapshot must hold a model (config.json), not a tokenizer alone.
+    `config_only`: fetch config.json alone (`alignx plan` reads no weights); the folder may hold only it.
     CheckpointError (one line) when it cannot be had."""
     parsed = parse_hub_id(path)
     if parsed is None:
@@ -138,8 +139,8 @@ def resolve_hub_id(path: str, *, model: bool = False) -> str:
             endpoint=endpoint,
             token=token,
             local_files_only=local_only,
-            allow_patterns=ALLOW_PATTERNS,
-            ignore_patterns=IGNORE_PATTERNS,
+            allow_patterns=["config.json"] if config_only else ALLOW_PATTERNS,
+            ignore_patterns=None if config_only else IGNORE_PATTERNS,
         )
 
     at = f" at revision {revision}" if revision else ""

@@ -265,3 +265,39 @@ def test_train_refuses_an_unresolvable_model_before_the_workdir(
     assert err.count("\n") == 0 and err.startswith("alignx: error:"), err
     assert ("not in the Hugging Face cache" if "/" in given else "SmolLM2 weights are not installed") in err
     assert sorted(os.listdir(w)) == ["mine.txt"] if existing else not w.exists()
+
+
+def test_plan_takes_a_hub_id_as_train_does_reading_its_config_alone(
+    tiny_hf_checkpoints, offline_hub, tmp_path, monkeypatch
+):
+    """`alignx plan` refused a hub id as model.hf_path ("neither a folder nor a preset") that `alignx
+    train` resolves; it plans the snapshot's config.json and asks the hub for that file alone."""
+    import huggingface_hub
+
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import decoder_config_for
+
+    fill_hub_cache(offline_hub, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("allow_patterns"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
+    cfg = load_config(tiny, ["--config.model.hf_path=tiny-org/tiny-llama@main"])
+    d = decoder_config_for(cfg)
+    want = json.load(open(os.path.join(tiny_hf_checkpoints["llama"], "config.json")))
+    assert (d.hidden_size, d.num_hidden_layers, d.vocab_size) == (
+        want["hidden_size"],
+        want["num_hidden_layers"],
+        want["vocab_size"],
+    )
+    assert asked == [["config.json"]]  # no weights, no tokenizer asked for
+    out = tmp_path / "plan.json"
+    small = ["--config.data.max_length=128", "--config.data.buckets=(128,)", "--config.train.global_batch=4"]
+    argv = ["plan", "--config", tiny, *small, "--config.train.micro_batch=2", "--json", str(out)]
+    assert main([*argv, "--config.model.hf_path=tiny-org/tiny-llama"]) == 0
+    assert json.loads(out.read_text())["model"]["hidden_size"] == want["hidden_size"]

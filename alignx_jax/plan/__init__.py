@@ -11,7 +11,8 @@ arguments (params, optimizer state, reference, batch) + outputs - donated aliase
 (activations, gradients, gathered weights). An analytic estimate is printed beside it. A step
 that does not fit the topology's memory per device is an AlignXError with the numbers.
 
-`model.hf_path` may be an HF folder / `alignx import` checkpoint, or a built-in preset name
+`model.hf_path` may be an HF folder / `alignx import` checkpoint, a hub id `org/name[@revision]` (its
+config.json alone is fetched), or a built-in preset name
 (`llama3-8b`, `qwen2.5-7b`, `smollm2`, see PRESETS) so that no weights are needed to plan; with hf_path ''
 the config's `model.preset` is planned. The topology is `--topology`, else the config's
 `plan.topology`, else this machine's devices.

@@ -8,6 +8,7 @@ from typing import Any
 
 import ml_collections
 
+from alignx_jax import hub
 from alignx_jax.errors import ConfigError
 from alignx_jax.hardware import resolve_dtype
 
@@ -102,6 +103,10 @@ def decoder_config_for(cfg: ml_collections.ConfigDict, platform: str | None = No
                 return DecoderConfig.from_hf(dict(src.hf_config), **opts)
             except CheckpointError as e:
                 raise CheckpointError(f"{path}: {e}") from None
+        if hub.parse_hub_id(path) is not None:  # as train resolves it, but config.json alone: no weights
+            from alignx_jax.models import hf
+
+            return hf.load_decoder_config(hub.resolve_hub_id(path, model=True, config_only=True), **opts)
         if os.path.isdir(path):
             from alignx_jax.models import hf
 
