@@ -132,7 +132,11 @@ def _add_export(sub) -> None:
         help="`alignx eval` results for the model card's evaluation table (repeatable; default: those "
         "found in the workdir)",
     )
-    p.add_argument("--shard-size", default="5GB", help="max safetensors shard size, e.g. 5GB, 200MB")
+    p.add_argument(
+        "--shard-size",
+        default="5GB",
+        help="max safetensors shard size, e.g. 5GB, 200MB (GB/MB decimal, GiB/MiB 1024-based)",
+    )
     p.add_argument(
         "--peft",
         action="store_true",

@@ -300,6 +300,14 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     assert hf_lib.parse_size("200MB") == 200_000_000 and hf_lib.parse_size("5GB") == 5 * 10**9
 
 
+@pytest.mark.parametrize("size", ["5GiB", "200MiB", "3KiB", "2gib", "5GB", "200MB", "3KB"])
+def test_shard_size_units_are_read_as_transformers_reads_them(size):
+    """--shard-size read GiB/MiB/KiB as powers of 10 (as GB); transformers' own reader is the reference."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    assert hf_lib.parse_size(size) == convert_file_size_to_int(size)
+
+
 @pytest.mark.parametrize("size", ["lots", "0", "0.1B"])
 def test_export_refuses_a_bad_shard_size_before_reading_the_checkpoint(
     tiny_hf_checkpoints, tmp_path, capsys, monkeypatch, size

@@ -288,8 +288,10 @@ def parse_size(size: str | int) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not m:
         raise CheckpointError(f"shard size {size!r} is not like 5GB or 200MB")
-    unit = (m.group(2) or "B").upper().replace("IB", "B")
-    size_bytes = int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+    unit = (m.group(2) or "B").upper()
+    # GB/MB/KB decimal, GiB/MiB/KiB binary: as transformers' convert_file_size_to_int reads them
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    size_bytes = int(float(m.group(1)) * scale[unit])
     if size_bytes < 1:  # every tensor would go in a file of its own
         raise CheckpointError(f"shard size {size!r} is under one byte (e.g. 5GB, 200MB)")
     return size_bytes
