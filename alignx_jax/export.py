@@ -27,6 +27,7 @@ from alignx_jax.models.decoder import Decoder
 from alignx_jax.models.hf import (
     EXPORT_MANIFEST,
     EXPORT_UPLOAD,
+    TOKENIZER_FILES,
     copy_tokenizer,
     load_pretrained,
     parse_size,
@@ -49,6 +50,41 @@ def _copy_head_files(src: str, out_dir: str) -> None:
 
     for name in (ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE):
         shutil.copyfile(os.path.join(src, name), os.path.join(out_dir, name))
+
+
+def _check_tokenizer(src: str, given: str) -> None:
+    """The tokenizer files of `src` loaded as eval and generate load them (`tokenizer.load_tokenizer`);
+    CheckpointError naming `given` (the --hf argument) and the file that does not load."""
+    from alignx_jax.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(src)
+    except CheckpointError as e:
+        why = one_line(e.__cause__) if e.__cause__ is not None else str(e)
+        raise CheckpointError(
+            f"{given}: cannot load the tokenizer from {_unloadable_tokenizer_file(src)} ({why}); "
+            "fix or remove it"
+        ) from None
+
+
+def _unloadable_tokenizer_file(src: str) -> str:
+    """Which of `src`'s tokenizer files does not load: one that is no JSON, else a tokenizer.json the
+    tokenizers library refuses, else all of them (the loader's error is about how they combine)."""
+    present = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in (n for n in present if n.endswith(".json")):
+        try:
+            with open(os.path.join(src, name), encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError):
+            return name
+    if "tokenizer.json" in present:
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(os.path.join(src, "tokenizer.json"))
+        except Exception:  # the library's one error type carries no file name
+            return "tokenizer.json"
+    return " / ".join(present)
 
 
 def cli_import(args) -> int:
@@ -77,6 +113,8 @@ def cli_import(args) -> int:
     if ph.has_head(src):  # read first: a malformed or mismatched head fails before anything is written
         head, hcfg = ph.load_head(src)
         ph.check_backbone(hcfg, model.cfg.hidden_size, args.hf)
+    if has_tokenizer(src):  # a broken one imported fine and failed in eval/generate, far from its cause
+        _check_tokenizer(src, args.hf)
     os.makedirs(args.out, exist_ok=True)
     # first: it marks the folder as an import's; the trained prompt format goes with the weights, so an
     # export of this checkpoint defaults eval/generate to it as the imported folder did

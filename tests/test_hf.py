@@ -272,6 +272,23 @@ def test_import_of_a_folder_without_tokenizer_warns(tiny_hf_checkpoints, tmp_pat
     )
 
 
+@pytest.mark.parametrize("broken", ["truncated", "not_a_tokenizer"])
+def test_import_refuses_an_invalid_tokenizer_before_writing(tiny_hf_checkpoints, tmp_path, capsys, broken):
+    """An HF folder whose tokenizer.json does not load imported and exported fine; eval and generate
+    failed on it later. The import loads it as they do and names the file, writing nothing."""
+    folder = _copy(tiny_hf_checkpoints["qwen2"], tmp_path / "badtok")
+    path = os.path.join(folder, "tokenizer.json")
+    text = open(path, encoding="utf-8").read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[: len(text) // 2] if broken == "truncated" else '{"version": "1.0", "model": {}}')
+    out = tmp_path / "ckpt"
+    assert main(["import", "--hf", folder, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    head = f"alignx: error: {folder}: cannot load the tokenizer from tokenizer.json ("
+    assert len(err) == 1 and err[0].startswith(head) and err[0].endswith("); fix or remove it"), err
+    assert not out.exists()
+
+
 def test_import_of_a_missing_hf_folder_names_the_flag_and_the_path_once(tmp_path, capsys):
     missing = str(tmp_path / "nope")
     assert main(["import", "--hf", missing, "--out", str(tmp_path / "out")]) == 1
