@@ -69,6 +69,35 @@ def test_parse_topology():
     }
 
 
+def test_a_tpu_count_no_slice_has_is_refused():
+    """`v5e-3` or `v5p-6` were planned on grids no TPU slice has (`v5e:1x3`, `v5:1x3x1`)."""
+    from alignx_jax.errors import ConfigError
+    from alignx_jax.plan import parse_topology
+
+    for odd, says in (
+        ("v5e-3", "'v5e-3': no v5e slice has 3 chips; e.g. v5e-1, v5e-4, v5e-8, "),
+        ("v6e-2", "'v6e-2': no v6e slice has 2 chips; e.g. v6e-1, v6e-4, "),
+        ("v5p-6", "'v5p-6': no v5p slice has 3 chips; e.g. v5p-8, v5p-16, "),
+        ("v5p-2", "'v5p-2': no v5p slice has 1 chip; e.g. v5p-8, "),
+        ("v4-24", "'v4-24': no v4 slice has 12 chips; e.g. v4-8, "),
+        ("v5p-144", "'v5p-144': no v5p slice has 72 chips; .* then multiples of 128"),  # 4x4x4.5
+    ):
+        with pytest.raises(ConfigError, match=says) as e:
+            parse_topology(odd)
+        assert "\n" not in str(e.value)
+    grids = {
+        "v5e-1": "v5e:1x1",
+        "v5e-4": "v5e:2x2",
+        "v6e-32": "v6e:4x8",
+        "v6e-128": "v6e:8x16",
+        "v4-16": "v4:2x2x2",
+        "v5p-32": "v5:2x2x4",
+        "v5p-128": "v5:4x4x4",
+        "v5p-384": "v5:4x4x12",
+    }
+    assert {n: parse_topology(n).tpu_topology for n in grids} == grids
+
+
 def test_plan_refuses_a_batch_split_train_refuses_on_the_topologys_hosts():
     from jax.sharding import Mesh
 

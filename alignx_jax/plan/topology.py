@@ -63,6 +63,11 @@ def parse_topology(name: str | None) -> Topology:
             raise ConfigError(
                 f"topology {name!r}: the largest {gen} slice is {gen}-{largest} ({_MAX_CHIPS[gen]} chips)"
             )
+        if not _is_slice(gen, chips):  # a grid libtpu has no slice of (a 3-chip v5e, a 6-core v5p)
+            raise ConfigError(
+                f"topology {name!r}: no {gen} slice has {chips} chip{'s' * (chips != 1)}; "
+                f"e.g. {_slice_names(gen)}"
+            )
         # v4/v5p hosts drive 4 chips; v5e/v6e slices of up to 8 chips are one host, larger ones 4 chips a host
         hosts = max(1, chips // 4) if gen in ("v5p", "v4") or chips > 8 else 1
         return Topology(text, chips, _TOPOLOGY_TABLE[gen], "tpu", _tpu_grid(gen, chips), hosts)
@@ -81,6 +86,23 @@ def parse_topology(name: str | None) -> Topology:
         f"unknown topology {name!r}: use v5p-64 (v4/v5e/v6e too), 8xH100 (h200/a100/b200), "
         "or N@SIZE such as 8@16GiB"
     )
+
+
+def _is_slice(gen: str, chips: int) -> bool:
+    """Whether a `gen` slice of `chips` chips exists: v4/v5p a host (2x2x1), 2x2x2, 2x2x4, 2x4x4, then the
+    grids of `_tpu_grid` whose sides are multiples of 4 (so 64 chips a step); v5e/v6e one chip, or 2x2 and
+    each grid doubling a side of the last (2x4, 4x4, ... 16x16)."""
+    powers_of_two = chips & (chips - 1) == 0
+    if gen in ("v5p", "v4"):
+        return chips % 64 == 0 if chips >= 64 else powers_of_two and chips >= 4
+    return powers_of_two and chips != 2
+
+
+def _slice_names(gen: str) -> str:
+    """A few slice names of `gen`, as its names count (TensorCores for v4/v5p, chips for v5e/v6e)."""
+    if gen in ("v5p", "v4"):
+        return ", ".join(f"{gen}-{2 * c}" for c in (4, 8, 16, 32, 64)) + ", then multiples of 128"
+    return ", ".join(f"{gen}-{c}" for c in (1, 4, 8, 16, 32, 64, 128, 256))
 
 
 def _tpu_grid(gen: str, chips: int) -> str:
