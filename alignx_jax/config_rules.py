@@ -286,6 +286,13 @@ def _check_pba(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"pba.lr must be positive and finite, got {pba.lr}")
     if not 0 <= pba.weight_decay < math.inf:
         raise ConfigError(f"pba.weight_decay must be >= 0 and finite, got {pba.weight_decay}")
+    weights = tuple(pba.class_weights)
+    # a negative weight ascends that class's CE, all zeros leave the head untrained: both silently
+    if not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(
+            f"pba.class_weights must be finite and >= 0 with one above 0, got {weights} "
+            "(for the classes 0, 0.5, 1)"
+        )
     if pba.max_persona_tokens < 2:
         raise ConfigError(f"pba.max_persona_tokens must be at least 2, got {pba.max_persona_tokens}")
     if pba.head_steps < 1 or pba.head_batch_size < 1 or pba.head_rows < 0:

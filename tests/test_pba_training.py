@@ -265,6 +265,9 @@ def test_joint_steps_reduce_the_head_loss(joint):
         ("--config.pba.lr=nan", "pba.lr must be positive and finite, got nan"),
         ("--config.pba.weight_decay=-1.0", "pba.weight_decay must be >= 0 and finite"),
         ("--config.pba.max_persona_tokens=2048", "pba.max_persona_tokens=2048 exceeds"),
+        # a negative weight trained the head away from its class; all zeros left it untrained, silently
+        ("--config.pba.class_weights=1.0,-1.0,1.0", "pba.class_weights must be finite and >= 0 with one"),
+        ("--config.pba.class_weights=0,0,0", "pba.class_weights must be finite and >= 0 with one above 0"),
     ],
 )
 def test_validate_config_pba_errors(override, message):
