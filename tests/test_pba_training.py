@@ -636,3 +636,37 @@ def test_two_stage_on_rows_without_a_direction_is_refused_before_the_first_step(
         "(pba.head_rows) has a 'Preference Direction' to learn from; use data with one, or pba.enabled=false"
     ], r.stderr[-2000:]
     assert not (w / "metrics.jsonl").exists() and not (w / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("preference", ["predicted", "mix"])
+def test_predicted_profiles_from_rows_without_a_direction_are_refused_in_setup(
+    tmp_path, synth_data, preference
+):
+    # the first-stage head has nothing to learn from: it failed after the reference was written, worded
+    # as "two-stage head training" whatever pba.mode said
+    from alignx_jax.data.schema import load_rows
+
+    rows, _ = load_rows(synth_data)
+    data = tmp_path / "no_direction.jsonl"
+    data.write_text("".join(json.dumps(dict(r, **{"Preference Direction": None})) + "\n" for r in rows))
+    w = tmp_path / "w"
+    r = run_cli(
+        [
+            "train",
+            f"--config={TINY_PBA}",
+            f"--config.workdir={w}",
+            f"--config.data.train={data}",
+            *SMALL,
+            "--config.train.steps=2",
+            "--config.pba.enabled=false",
+            f"--config.pba.preference={preference}",
+        ]
+    )
+    assert r.returncode == 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("alignx: error:")]
+    assert err == [
+        f"alignx: error: pba.preference={preference}: none of the {len(rows)} training rows the head is fit "
+        "on (pba.head_rows) has a 'Preference Direction' to learn from; use data with one, or "
+        "pba.preference=golden or history"
+    ], r.stderr[-2000:]
+    assert not (w / "reference").exists() and not (w / stages.PREDICTED_FILE).exists()

@@ -58,14 +58,20 @@ def head_rows(cfg: ml_collections.ConfigDict, source) -> list[dict]:
     return [source[i] for i in _head_row_indices(cfg, len(source))]
 
 
-def check_head_rows(cfg: ml_collections.ConfigDict, source) -> None:
-    """Before the first step: the head a two-stage run fits after its last step needs a row with a
-    `Preference Direction` among its head rows (found at the end, the run's steps would be lost)."""
+def check_head_rows(cfg: ml_collections.ConfigDict, source, *, first_stage: bool = False) -> None:
+    """Before the first step: the head a two-stage run fits after its last step, or (`first_stage`) the one
+    whose P~ `pba.preference` predicted/mix renders, needs a row with a `Preference Direction` among its
+    head rows (found at the end, the run's steps would be lost; found in setup, the reference written)."""
     idx = _head_row_indices(cfg, len(source))
     if not any(source[i].get(DIRECTION_FIELD) is not None for i in idx):
+        setting, instead = (
+            (f"pba.preference={cfg.pba.preference}", "pba.preference=golden or history")
+            if first_stage
+            else ("pba.mode=two_stage", "pba.enabled=false")
+        )
         raise DataError(
-            f"pba.mode=two_stage: none of the {len(idx)} training rows the head is fit on (pba.head_rows) "
-            f"has a '{DIRECTION_FIELD}' to learn from; use data with one, or pba.enabled=false"
+            f"{setting}: none of the {len(idx)} training rows the head is fit on (pba.head_rows) "
+            f"has a '{DIRECTION_FIELD}' to learn from; use data with one, or {instead}"
         )
 
 

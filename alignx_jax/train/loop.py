@@ -252,6 +252,8 @@ class Trainer(TrainerCheckpoints):
         if self.two_stage:
             pba_stages.check_head_rows(cfg, self.source)
         self.use_predicted = uses_predicted(cfg)
+        if self.use_predicted:
+            pba_stages.check_head_rows(cfg, self.source, first_stage=True)
         self.persona_length = int(cfg.pba.max_persona_tokens) if self.joint else None
         pad_id = int(self.tokenizer.pad_token_id)
         self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint, rules=self.rules)
