@@ -280,8 +280,13 @@ def _check_pba(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"pba.mix_predicted must be in [0, 1], got {pba.mix_predicted}")
     if pba.focal_gamma < 0:
         raise ConfigError(f"pba.focal_gamma must be >= 0, got {pba.focal_gamma}")
-    if pba.weight < 0:
-        raise ConfigError(f"pba.weight must be >= 0, got {pba.weight}")
+    if not 0 <= pba.weight < math.inf:  # `not <=`: NaN fails too
+        raise ConfigError(f"pba.weight must be >= 0 and finite, got {pba.weight}")
+    if joint_head(cfg) and pba.weight == 0:  # the joint head's only gradient is pba.weight x its CE
+        raise ConfigError(
+            "pba.weight=0 with pba.mode=joint leaves the preference head untrained; "
+            "set pba.weight > 0, pba.mode=two_stage or pba.enabled=false"
+        )
     if not 0 < pba.lr < math.inf:  # `not <`: NaN fails too
         raise ConfigError(f"pba.lr must be positive and finite, got {pba.lr}")
     if not 0 <= pba.weight_decay < math.inf:

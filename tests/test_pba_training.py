@@ -268,6 +268,10 @@ def test_joint_steps_reduce_the_head_loss(joint):
         # a negative weight trained the head away from its class; all zeros left it untrained, silently
         ("--config.pba.class_weights=1.0,-1.0,1.0", "pba.class_weights must be finite and >= 0 with one"),
         ("--config.pba.class_weights=0,0,0", "pba.class_weights must be finite and >= 0 with one above 0"),
+        ("--config.pba.weight=nan", "pba.weight must be >= 0 and finite, got nan"),
+        ("--config.pba.weight=-1.0", "pba.weight must be >= 0 and finite, got -1.0"),
+        # the joint head's gradient is weight x CE: it was exported untrained, its P~ used by eval
+        ("--config.pba.weight=0.0", "pba.weight=0 with pba.mode=joint leaves the preference head untrained"),
     ],
 )
 def test_validate_config_pba_errors(override, message):
