@@ -278,8 +278,8 @@ def _check_pba(cfg: ml_collections.ConfigDict) -> None:
     pba = cfg.pba
     if not 0.0 <= pba.mix_predicted <= 1.0:
         raise ConfigError(f"pba.mix_predicted must be in [0, 1], got {pba.mix_predicted}")
-    if pba.focal_gamma < 0:
-        raise ConfigError(f"pba.focal_gamma must be >= 0, got {pba.focal_gamma}")
+    if not 0 <= pba.focal_gamma < math.inf:  # NaN made the head's loss NaN
+        raise ConfigError(f"pba.focal_gamma must be >= 0 and finite, got {pba.focal_gamma}")
     if not 0 <= pba.weight < math.inf:  # `not <=`: NaN fails too
         raise ConfigError(f"pba.weight must be >= 0 and finite, got {pba.weight}")
     if joint_head(cfg) and pba.weight == 0:  # the joint head's only gradient is pba.weight x its CE
