@@ -448,6 +448,8 @@ def two_stage_head(cfg: ml_collections.ConfigDict) -> bool:
 
 def uses_predicted(cfg: ml_collections.ConfigDict) -> bool:
     """Whether the policy's prompts render a first-stage head's predicted P~ (for some rows)."""
+    if cfg.pba.preference == "mix" and cfg.pba.mix_predicted == 0:  # no row: no first-stage head to fit
+        return False
     return cfg.data.method == "pba" and cfg.pba.preference not in ("golden", "history")
 
 

@@ -676,3 +676,20 @@ def test_predicted_profiles_from_rows_without_a_direction_are_refused_in_setup(
         "pba.preference=golden or history"
     ], r.stderr[-2000:]
     assert not (w / "reference").exists() and not (w / stages.PREDICTED_FILE).exists()
+
+
+@pytest.mark.parametrize("fraction, predicted", [(0.0, False), (0.25, True), (1.0, True)])
+def test_mix_fits_a_first_stage_head_only_when_some_row_renders_its_profile(fraction, predicted):
+    # pba.mix_predicted=0 renders every row's golden profile: the first-stage head (a persona pass over
+    # every training row) was fit and its P~ never read
+    cfg = load_config(
+        TINY_PBA,
+        ["--config.workdir=/tmp/x", "--config.pba.preference=mix", f"--config.pba.mix_predicted={fraction}"],
+    )
+    assert config_schema.uses_predicted(cfg) is predicted
+    cfg.train.eval_every, cfg.data.eval = 2, ROOT  # held-out scoring reads golden profiles only
+    if predicted:
+        with pytest.raises(ConfigError, match="renders predicted profiles of training rows only"):
+            train.validate_config(cfg)
+    else:
+        train.validate_config(cfg)
