@@ -460,9 +460,15 @@ def read_meta(checkpoints_dir: str, step: int) -> dict[str, Any]:
 
 
 def saved_checksums(checkpoints_dir: str, step: int, item: str) -> dict[str, str] | None:
-    """The digests saved with one item of a step, None when the step has no meta or no checksums."""
-    path = os.path.join(checkpoints_dir, str(int(step)), "meta", "metadata")
+    """The digests saved with one item of a step, None when there is no such step or its meta has no
+    checksums (written before they existed); CheckpointError when the step's meta is gone."""
+    step_dir = os.path.join(checkpoints_dir, str(int(step)))
+    path = os.path.join(step_dir, "meta", "metadata")
     if not paths.path(path).is_file():
+        if paths.path(step_dir).is_dir():  # every step is saved with its meta: train refuses it too
+            raise CheckpointError(
+                f"{path}: not found (the step's meta, with its checksums; a damaged checkpoint)"
+            )
         return None
     try:
         meta = json.loads(paths.path(path).read_text(encoding="utf-8"))

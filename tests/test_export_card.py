@@ -125,6 +125,8 @@ def test_workdir_export_card(tiny_hf_checkpoints, tmp_path):
     checkpoint_lib.save_checkpoint(m, str(tmp_path / "tmp"))
     os.makedirs(work / "checkpoints" / "5")
     shutil.move(str(tmp_path / "tmp" / "params"), str(work / "checkpoints" / "5" / "params"))
+    (work / "checkpoints" / "5" / "meta").mkdir()  # a saved step's meta (no checksums: an older one's)
+    (work / "checkpoints" / "5" / "meta" / "metadata").write_text("{}")
     run_cfg = {
         "workdir": str(work),
         "model": {"hf_path": "meta-llama/Llama-3.1-8B-Instruct@main"},

@@ -395,6 +395,35 @@ def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_p
     )
 
 
+def test_export_of_a_step_whose_meta_is_gone_is_one_line_naming_it(run_copy, tmp_path, capsys):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from alignx_jax.models import checkpoint
+
+    # step 4's params replaced by other finite values: its saved checksums are what tells them apart
+    model = checkpoint.load_checkpoint(str(run_copy), 4)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["norm"]["scale"] = params["norm"]["scale"] + 1.0
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(str(run_copy / "checkpoints" / "4" / "params"), params, force=True)
+    _main_error(
+        capsys,
+        ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")],
+        "norm/scale",
+        "checksum",
+    )
+    # without the meta that holds those checksums the step is refused as train refuses it, not exported
+    meta = run_copy / "checkpoints" / "4" / "meta" / "metadata"
+    meta.unlink()
+    _main_error(capsys, ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")], str(meta))
+    _main_error(
+        capsys, ["generate", "--model", str(run_copy), "--prompt", "hi", "--max-new-tokens", "2"], str(meta)
+    )
+    assert not (tmp_path / "hf").exists()
+    assert main(["export", "--checkpoint", str(run_copy), "--step", "2", "--out", str(tmp_path / "hf")]) == 0
+
+
 def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 

@@ -89,6 +89,10 @@ def test_training_workdir_export_picks_latest_step(tiny_hf_checkpoints, tmp_path
         checkpoint_lib.save_checkpoint(m, str(tmp_path / f"tmp{step}"))
         os.makedirs(work / "checkpoints" / str(step))
         shutil.move(str(tmp_path / f"tmp{step}" / "params"), str(work / "checkpoints" / str(step) / "params"))
+        (
+            work / "checkpoints" / str(step) / "meta"
+        ).mkdir()  # a saved step's meta (an older one's: no checksums)
+        (work / "checkpoints" / str(step) / "meta" / "metadata").write_text("{}")
     res = resolve_checkpoint(str(work))
     assert res.step == 7 and res.tokenizer_dir == str(work / "reference")
     latest = load_checkpoint(str(work))
@@ -109,6 +113,8 @@ def test_export_refuses_an_out_that_is_or_holds_the_checkpoint(tiny_hf_checkpoin
     checkpoint_lib.save_checkpoint(load_pretrained(src), str(tmp_path / "tmp"))
     os.makedirs(work / "checkpoints" / "3")
     shutil.move(str(tmp_path / "tmp" / "params"), str(work / "checkpoints" / "3" / "params"))
+    (work / "checkpoints" / "3" / "meta").mkdir()  # a saved step's meta (no checksums: an older one's)
+    (work / "checkpoints" / "3" / "meta" / "metadata").write_text("{}")
     (work / "config.json").write_text('{"model": {"hf_path": "run config"}}')
     before = sorted(os.listdir(work))
     for out, needle in (
