@@ -424,6 +424,29 @@ def test_export_of_a_step_whose_meta_is_gone_is_one_line_naming_it(run_copy, tmp
     assert main(["export", "--checkpoint", str(run_copy), "--step", "2", "--out", str(tmp_path / "hf")]) == 0
 
 
+def test_export_of_params_without_their_orbax_metadata_is_one_line(run_copy, tmp_path, capsys):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from alignx_jax.models import checkpoint
+
+    # other finite values, then the file the stored dtypes are read from deleted: the checksums must still
+    # be checked, or these weights are exported as step 4's
+    model = checkpoint.load_checkpoint(str(run_copy), 4)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["norm"]["scale"] = params["norm"]["scale"] + 1.0
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(str(run_copy / "checkpoints" / "4" / "params"), params, force=True)
+    gone = run_copy / "checkpoints" / "4" / "params" / "_METADATA"
+    gone.unlink()
+    out = ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")]
+    _main_error(capsys, out, str(gone))
+    # a zeroed manifest: orbax's own warning is not a second line before the error
+    os.truncate(run_copy / "checkpoints" / "2" / "params" / "manifest.ocdbt", 0)
+    _main_error(capsys, [*out, "--step", "2"], "checkpoints/2/params")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 

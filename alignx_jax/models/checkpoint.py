@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -188,15 +189,32 @@ def _params_metadata(params_dir: str) -> tuple[Any, set]:
     # before orbax's first read: its log filters (a training step's params folder is not "missing" metadata)
     from alignx_jax.checkpointing import first_line
 
+    # orbax reads the tree without it as an empty one: no stored dtype, so no checksum would be checked
+    if not paths.path(os.path.join(params_dir, "_METADATA")).is_file():
+        raise CheckpointError(f"{params_dir}/_METADATA: not found (a damaged checkpoint)")
+    quiet = _MetadataFailure()
+    logging.getLogger("absl").addFilter(quiet)  # orbax logs its failure as a warning and goes on
     try:
         meta = ocp.StandardCheckpointer().metadata(params_dir)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
-        return tree, {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
+        stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(tree) if hasattr(x, "dtype")}
     except Exception as e:  # a half-written or foreign folder
         raise CheckpointError(
             f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {first_line(e)})"
         ) from None
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    if not stored:
+        raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint (orbax read no array's metadata)")
+    return tree, stored
+
+
+class _MetadataFailure(logging.Filter):
+    """Drops orbax's warning that it could not read an item's metadata (`_params_metadata` says so itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to get item metadata")
 
 
 def _default_dtype(stored: set) -> str:
