@@ -128,7 +128,8 @@ def collect_orphans() -> None:
 # ----------------------------------------------------------------------------- array digests
 
 
-def _leaf_name(path) -> str:
+def leaf_name(path) -> str:
+    """A tree path as 'a/b/0' (a dict key and a list index alike)."""
     parts = []
     for k in path:
         for attr in ("key", "idx", "name"):
@@ -183,7 +184,7 @@ def digests(tree: Any) -> tuple[dict[str, str], list[str]]:
     sums, finite = jax.device_get(_digest_tree(tree))
     names, bad = {}, []
     for (path, _), dig, ok in zip(named, jax.tree.leaves(sums), jax.tree.leaves(finite)):
-        name = _leaf_name(path)
+        name = leaf_name(path)
         d = np.asarray(dig, np.uint32)
         names[name] = f"{int(d[0]):08x}{int(d[1]):08x}"
         if not bool(ok):

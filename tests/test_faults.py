@@ -447,6 +447,57 @@ def test_export_of_params_without_their_orbax_metadata_is_one_line(run_copy, tmp
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_checkpoint_loaded_in_another_dtype_is_still_checked_against_its_checksums(run_copy, capsys):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from alignx_jax.errors import CheckpointError
+    from alignx_jax.models import checkpoint
+
+    good = checkpoint.load_checkpoint(str(run_copy), 4)
+    want = nnx.to_pure_dict(nnx.state(good, nnx.Param))
+    half = checkpoint.load_checkpoint(str(run_copy), 4, dtype="bfloat16")
+    got = nnx.to_pure_dict(nnx.state(half, nnx.Param))
+    assert got["norm"]["scale"].dtype == np.dtype("bfloat16")
+    np.testing.assert_array_equal(
+        np.asarray(got["embed_tokens"]["embedding"]),
+        np.asarray(want["embed_tokens"]["embedding"].astype("bfloat16")),
+    )
+    # a weight float16 cannot hold is named, not loaded as inf
+    state = nnx.state(good, nnx.Param)
+    big = nnx.to_pure_dict(state)
+    big["norm"]["scale"] = big["norm"]["scale"] * 0 + 1e6
+    nnx.replace_by_pure_dict(state, big)
+    nnx.update(good, state)
+    checkpoint.save_checkpoint(good, str(run_copy.parent / "big"), tokenizer_dir=str(run_copy / "reference"))
+    assert checkpoint.load_checkpoint(str(run_copy.parent / "big"), dtype="bfloat16") is not None
+    with pytest.raises(CheckpointError, match="norm/scale holds NaN/inf"):
+        checkpoint.load_checkpoint(str(run_copy.parent / "big"), dtype="float16")
+    # other finite values under step 4's checksums: refused in bfloat16 (dtype=auto's pick on a GPU) too
+    want["norm"]["scale"] = want["norm"]["scale"] + 1.0
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(str(run_copy / "checkpoints" / "4" / "params"), want, force=True)
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(CheckpointError, match="norm/scale does not match its checksum"):
+            checkpoint.load_checkpoint(str(run_copy), 4, dtype=dtype)
+    _main_error(
+        capsys,
+        [
+            "generate",
+            "--model",
+            str(run_copy),
+            "--dtype",
+            "bfloat16",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ],
+        "norm/scale",
+        "checksum",
+    )
+
+
 def test_loading_an_hf_folder_with_nonfinite_tensors_names_the_tensor(tiny_hf, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 

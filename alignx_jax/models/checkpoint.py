@@ -252,14 +252,13 @@ def load_checkpoint(
     import orbax.checkpoint as ocp
 
     # before orbax's first read: its log filters (a training step's params folder is not "missing" metadata)
-    from alignx_jax.checkpointing import collect_orphans, first_line, verify_tree
+    from alignx_jax.checkpointing import collect_orphans, first_line, leaf_name, verify_tree
 
     res = resolve_checkpoint(path, step)
     params_dir = paths.absolute(res.params_dir)  # orbax reads gs:// itself
     tree, stored = _params_metadata(params_dir)
     if dtype is None:
         dtype = _default_dtype(stored)
-    same_bits = stored == {jnp.dtype(dtype)}  # the saved digests describe the stored dtype's bits
     from alignx_jax.models import lora
 
     lora_opts = lora.infer_options(tree)
@@ -291,9 +290,17 @@ def load_checkpoint(
     )
     if part is not None and shard_tree is not None:
         shard_pure = lora.split(shard_pure)[part]
-    # restore in the stored dtype (orbax casts otherwise unsafely), cast after
-    abstract_target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure
+    # restore each array in its stored dtype (orbax casts otherwise unsafely, and the saved digests are of
+    # the stored bits), cast after it is verified
+    stored_dtypes = {
+        leaf_name(p): jnp.dtype(x.dtype)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if hasattr(x, "dtype")
+    }
+    abstract_target = jax.tree_util.tree_map_with_path(
+        lambda p, a, s: jax.ShapeDtypeStruct(a.shape, stored_dtypes.get(leaf_name(p), a.dtype), sharding=s),
+        target,
+        shard_pure,
     )
     why = None
     try:
@@ -304,7 +311,11 @@ def load_checkpoint(
     if why is not None:
         collect_orphans()
         raise CheckpointError(f"{params_dir}: cannot restore params ({why})")
-    verify_tree(restored, _saved_param_checksums(res) if same_bits else None, params_dir)
+    verify_tree(restored, _saved_param_checksums(res), params_dir)
+    cast = _cast_like(restored, target)
+    if cast is not restored:  # a weight float16 cannot hold is an inf now: named, as a saved one is
+        verify_tree(cast, None, params_dir)
+    restored = cast
     if base is not None:
         restored = lora.join(restored, lora.split(nnx.to_pure_dict(nnx.state(base, nnx.Param)))[1])
     elif part == 1:  # the restore below sets the base only
@@ -313,6 +324,22 @@ def load_checkpoint(
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(nnx.graphdef(abstract), state)
     return model
+
+
+def _cast_like(tree: Any, like: Any) -> Any:
+    """`tree`'s arrays in `like`'s dtypes (`tree` itself when none differs), each stored-dtype array freed
+    once cast (peak: one more array)."""
+    if all(x.dtype == a.dtype for x, a in zip(jax.tree.leaves(tree), jax.tree.leaves(like))):
+        return tree
+
+    def cast(x: jax.Array, a: Any) -> jax.Array:
+        if x.dtype == a.dtype:
+            return x
+        y = x.astype(a.dtype)
+        x.delete()
+        return y
+
+    return jax.tree.map(cast, tree, like)
 
 
 def load_checkpoint_head(res: ResolvedCheckpoint):
