@@ -83,6 +83,14 @@ class _ItemMetadataNotice(logging.Filter):
         return not os.path.exists(os.path.join(step_dir, os.path.basename(missing)))
 
 
+class MetadataFailure(logging.Filter):
+    """Drops orbax's warning that it could not read an item's metadata (the caller says so itself, or the
+    restore that follows fails or verifies)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to get item metadata")
+
+
 def _quiet_closed_loop_callbacks() -> None:
     """The same after-effect reaches Python from tensorstore's threads (sys.excepthook or the unraisable
     hook, depending on the path): those hooks skip it and pass everything else on."""
@@ -210,6 +218,42 @@ def verify_tree(tree: Any, expected: dict[str, str] | None, where: str) -> None:
         )
 
 
+def in_stored_dtypes(abstract: Any, stored: dict[str, Any]) -> Any:
+    """The restore target `abstract` (ShapeDtypeStructs) with each array in its stored dtype (`stored`: {leaf
+    name: dtype}; a leaf it lacks keeps its own): the saved digests are of the stored bits."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: jax.ShapeDtypeStruct(
+            a.shape, stored.get(leaf_name(p), a.dtype), sharding=getattr(a, "sharding", None)
+        ),
+        abstract,
+    )
+
+
+def stored_dtypes(metadata_tree: Any) -> dict[str, Any]:
+    """{leaf name: dtype} of an orbax item's metadata tree."""
+    return {
+        leaf_name(p): jnp.dtype(x.dtype)
+        for p, x in jax.tree_util.tree_flatten_with_path(metadata_tree)[0]
+        if hasattr(x, "dtype")
+    }
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+    """`tree`'s arrays in `like`'s dtypes (`tree` itself when none differs), each stored-dtype array freed
+    once cast (peak: one more array)."""
+    if all(x.dtype == a.dtype for x, a in zip(jax.tree.leaves(tree), jax.tree.leaves(like))):
+        return tree
+
+    def cast(x: jax.Array, a: Any) -> jax.Array:
+        if x.dtype == a.dtype:
+            return x
+        y = x.astype(a.dtype)
+        x.delete()
+        return y
+
+    return jax.tree.map(cast, tree, like)
+
+
 # ----------------------------------------------------------------------------- the manager
 
 
@@ -311,17 +355,19 @@ class TrainCheckpointer:
         and against the digest saved with it (CheckpointError naming the first that fails).
         """
         where = f"{self.directory}/{step}"
-        items = dict(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(),
-        )
+        # each array restored in its stored dtype (a resume may change model.param_dtype), cast once verified
+        wanted = {"params": abstract_params, "opt_state": abstract_opt_state}
         if abstract_head is not None:
             if not self.has_head(step):
                 raise CheckpointError(
                     f"{where}: no head/ item (the run that wrote it trained no preference head)"
                 )
-            items["head"] = ocp.args.StandardRestore(abstract_head)
+            wanted["head"] = abstract_head
+        items = {
+            item: ocp.args.StandardRestore(in_stored_dtypes(tree, self._stored_dtypes(step, item)))
+            for item, tree in wanted.items()
+        }
+        items["meta"] = ocp.args.JsonRestore()
         why, in_barrier = None, False
         try:
             out = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
@@ -351,8 +397,27 @@ class TrainCheckpointer:
             for item in ARRAY_ITEMS:
                 if item in items:
                     verify_tree(out[item], sums.get(item), f"{where}/{item}")
-        res = (out["params"], out["opt_state"], meta)
-        return res + (out["head"],) if abstract_head is not None else res
+        cast = {item: cast_like(out[item], tree) for item, tree in wanted.items()}
+        if verify and any(cast[item] is not out[item] for item in wanted):  # an overflow of the new dtype
+            for item in wanted:
+                verify_tree(cast[item], None, f"{where}/{item}")
+        res = (cast["params"], cast["opt_state"], meta)
+        return res + (cast["head"],) if abstract_head is not None else res
+
+    def _stored_dtypes(self, step: int, item: str) -> dict[str, Any]:
+        """{leaf name: dtype} an item of a step was saved in; {} when its metadata is unreadable (the restore
+        then reads it in the target's dtypes, and fails or verifies as it would)."""
+        quiet = MetadataFailure()
+        logging.getLogger("absl").addFilter(quiet)  # orbax logs a failed read as a warning and goes on
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                meta = ckptr.metadata(os.path.join(self.directory, str(int(step)), item))
+        except Exception:
+            return {}
+        finally:
+            logging.getLogger("absl").removeFilter(quiet)
+        tree = getattr(meta, "item_metadata", meta)
+        return stored_dtypes(getattr(tree, "tree", tree))
 
     def _join_restore_barrier(self) -> None:
         """The barrier orbax's Checkpointer.restore ends with, which a process whose read failed never

@@ -658,6 +658,20 @@ def test_damaged_newest_checkpoint_falls_back_one_step(run_copy, tmp_path, damag
 
 
 @pytest.mark.slow
+def test_an_allowed_param_dtype_change_resumes_from_the_verified_newest_step(run_copy):
+    # the saved float32 bits are checked against their checksums, then cast: not "corrupt data, delete them"
+    r = _train(
+        run_copy, 6, 2, "--config.model.param_dtype=bfloat16", "--config.train.allow_config_change=true"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(step 4 of 6)" in r.stderr and "moved to" not in r.stderr, r.stderr[-3000:]
+    assert _steps(run_copy) == [2, 4, 6] and not (run_copy / "checkpoints.bad").exists()
+    from alignx_jax.models.checkpoint import default_dtype
+
+    assert default_dtype(str(run_copy), 6) == "bfloat16" and default_dtype(str(run_copy), 4) == "float32"
+
+
+@pytest.mark.slow
 def test_no_checkpoint_verifies_is_one_line(run_copy):
     for step in (2, 4):
         os.truncate(_largest_data_file(run_copy / "checkpoints" / str(step)), 100)

@@ -187,12 +187,12 @@ def _params_metadata(params_dir: str) -> tuple[Any, set]:
     import orbax.checkpoint as ocp
 
     # before orbax's first read: its log filters (a training step's params folder is not "missing" metadata)
-    from alignx_jax.checkpointing import first_line
+    from alignx_jax.checkpointing import MetadataFailure, first_line
 
     # orbax reads the tree without it as an empty one: no stored dtype, so no checksum would be checked
     if not paths.path(os.path.join(params_dir, "_METADATA")).is_file():
         raise CheckpointError(f"{params_dir}/_METADATA: not found (a damaged checkpoint)")
-    quiet = _MetadataFailure()
+    quiet = MetadataFailure()
     logging.getLogger("absl").addFilter(quiet)  # orbax logs its failure as a warning and goes on
     try:
         meta = ocp.StandardCheckpointer().metadata(params_dir)
@@ -208,13 +208,6 @@ def _params_metadata(params_dir: str) -> tuple[Any, set]:
     if not stored:
         raise CheckpointError(f"{params_dir}: unreadable orbax checkpoint (orbax read no array's metadata)")
     return tree, stored
-
-
-class _MetadataFailure(logging.Filter):
-    """Drops orbax's warning that it could not read an item's metadata (`_params_metadata` says so itself)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to get item metadata")
 
 
 def _default_dtype(stored: set) -> str:
@@ -252,7 +245,14 @@ def load_checkpoint(
     import orbax.checkpoint as ocp
 
     # before orbax's first read: its log filters (a training step's params folder is not "missing" metadata)
-    from alignx_jax.checkpointing import collect_orphans, first_line, leaf_name, verify_tree
+    from alignx_jax.checkpointing import (
+        cast_like,
+        collect_orphans,
+        first_line,
+        in_stored_dtypes,
+        stored_dtypes,
+        verify_tree,
+    )
 
     res = resolve_checkpoint(path, step)
     params_dir = paths.absolute(res.params_dir)  # orbax reads gs:// itself
@@ -292,15 +292,9 @@ def load_checkpoint(
         shard_pure = lora.split(shard_pure)[part]
     # restore each array in its stored dtype (orbax casts otherwise unsafely, and the saved digests are of
     # the stored bits), cast after it is verified
-    stored_dtypes = {
-        leaf_name(p): jnp.dtype(x.dtype)
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if hasattr(x, "dtype")
-    }
-    abstract_target = jax.tree_util.tree_map_with_path(
-        lambda p, a, s: jax.ShapeDtypeStruct(a.shape, stored_dtypes.get(leaf_name(p), a.dtype), sharding=s),
-        target,
-        shard_pure,
+    abstract_target = in_stored_dtypes(
+        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shard_pure),
+        stored_dtypes(tree),
     )
     why = None
     try:
@@ -312,7 +306,7 @@ def load_checkpoint(
         collect_orphans()
         raise CheckpointError(f"{params_dir}: cannot restore params ({why})")
     verify_tree(restored, _saved_param_checksums(res), params_dir)
-    cast = _cast_like(restored, target)
+    cast = cast_like(restored, target)
     if cast is not restored:  # a weight float16 cannot hold is an inf now: named, as a saved one is
         verify_tree(cast, None, params_dir)
     restored = cast
@@ -324,22 +318,6 @@ def load_checkpoint(
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(nnx.graphdef(abstract), state)
     return model
-
-
-def _cast_like(tree: Any, like: Any) -> Any:
-    """`tree`'s arrays in `like`'s dtypes (`tree` itself when none differs), each stored-dtype array freed
-    once cast (peak: one more array)."""
-    if all(x.dtype == a.dtype for x, a in zip(jax.tree.leaves(tree), jax.tree.leaves(like))):
-        return tree
-
-    def cast(x: jax.Array, a: Any) -> jax.Array:
-        if x.dtype == a.dtype:
-            return x
-        y = x.astype(a.dtype)
-        x.delete()
-        return y
-
-    return jax.tree.map(cast, tree, like)
 
 
 def load_checkpoint_head(res: ResolvedCheckpoint):
