@@ -223,6 +223,15 @@ def split_psoups(path: str, out: str, seed: int) -> dict[str, str]:
     return {"train": os.path.join(out, "train", name), "test": os.path.join(out, "test", name)}
 
 
+def check_psoups(path: str) -> None:
+    """`--p-soups` read as P-SOUPS rows before any stage runs: a row missing a field the P-SOUPS stages read
+    (`profile`, `ground_truth_persona`) failed only at its stage, after the stages before it had trained."""
+    from alignx_jax.data import schema
+
+    if not schema.load(path, kind="p-soups").rows:
+        raise DataError("--p-soups: the file holds no rows", file=path)
+
+
 def _limited_copy(path: str, limit: int | None, dest: str) -> str:
     """The first `limit` rows of a JSON-list file (the quick run's tiny training set)."""
     if limit is None:
@@ -489,6 +498,8 @@ def run_demo(
     if psoups != os.path.abspath(DEFAULT_PSOUPS) and not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file", file=psoups)
     have_psoups = os.path.isfile(psoups)
+    if have_psoups:
+        check_psoups(psoups)
     settings = {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None}
     d = open_out(out, settings, {"--p-soups": psoups} if have_psoups else None)
     stages = Stages(out, _stage_names(have_psoups), progress)

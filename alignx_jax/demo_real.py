@@ -37,6 +37,7 @@ from alignx_jax.demo import (
     ROOT,
     Stages,
     check_out,
+    check_psoups,
     open_out,
     run_config,
     split_psoups,
@@ -460,6 +461,7 @@ def run_real_demo(
         settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
         check_out(out, settings)  # a refused --out before a conversion or download
         given = model_folder(model)
+    check_psoups(psoups)  # after --model's checks, before anything is written
     inputs = {"--p-soups": psoups, **({"--model": given} if given else {})}
     d = open_out(out, settings, inputs)
 

@@ -84,6 +84,29 @@ def test_missing_psoups_file_is_a_one_line_error(tmp_path):
     )
 
 
+@pytest.mark.parametrize("real", [False, True])
+def test_a_psoups_file_the_stages_cannot_read_is_refused_before_any_stage(capsys, tmp_path, real):
+    """A --p-soups file without `profile` (or with no rows) is refused in one line naming it before anything is
+    written: it failed at the P-SOUPS stages, after the stages before them had trained."""
+    from alignx_jax.cli import main
+
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "ground_truth_persona": "g"}
+    row["Pair-wise Comparative Feedback"] = [{"prompt": "q", "chosen": "c", "rejected": "d"}]
+    for name, rows, says in (
+        ("noprof.json", [row], "field 'profile': missing"),
+        ("none.json", [], "no rows"),
+    ):
+        psoups = tmp_path / name
+        psoups.write_text(json.dumps(rows))
+        out = tmp_path / f"d-{real}-{name}"
+        capsys.readouterr()
+        argv = ["demo", *(["--real"] if real else []), "--quick", "--out", str(out), "--p-soups", str(psoups)]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and name in err, err
+        assert not out.exists()
+
+
 def test_other_settings_in_the_same_out_are_refused(tmp_path):
     from alignx_jax.errors import ConfigError
 
