@@ -1234,11 +1234,37 @@ def test_matmul_precision_reaches_the_scoring_programs(capsys, ica_run, llama, t
 
 def test_rows_past_the_models_positions_are_warned_once_with_the_cure(capsys, llama, tmp_path):
     """The tiny llama knows 256 positions: at --max-length 1024 P-SOUPS rows reach past them (scored, one
-    warning line naming the flag that fits them); at --max-length 256 every row fits and nothing is said."""
-    base = ("--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "2")
+    warning line naming the flag that fits them); at that --max-length every row fits and nothing is said.
+    256 itself does not: the prompt and a response keep 128 ids each, then the EOS (257)."""
+    base = ("--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "12")
     code, _, err = _run(capsys, *base, "--max-length", "1024", "--out", str(tmp_path / "a.json"))
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if "max_position_embeddings" in ln]
-    assert len(lines) == 1 and "max_position_embeddings (256); --max-length 256 cuts them" in lines[0]
-    code, _, err = _run(capsys, *base, "--max-length", "256", "--out", str(tmp_path / "b.json"))
+    assert len(lines) == 1 and "max_position_embeddings (256); --max-length 254 cuts them" in lines[0]
+    code, _, err = _run(capsys, *base, "--max-length", "254", "--out", str(tmp_path / "b.json"))
     assert code == 0 and "max_position_embeddings" not in err
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "paper"])
+def test_the_max_length_the_warning_names_is_the_largest_whose_rows_fit(prompt_format):
+    """`fitting_max_length` against the truncation itself: at it the longest rows fit the positions, one
+    more does not (below and past the 1026 where the reserve stops being half)."""
+    from alignx_jax.data.batching import _fit
+    from alignx_jax.evaluate.run import fitting_max_length
+
+    def longest(max_length):
+        ids = list(range(5000))
+        prompt, chosen, _, _ = _fit(
+            ids,
+            ids,
+            ids,
+            max_length=max_length,
+            prompt_format=prompt_format,
+            overflow="truncate",
+            eval_mode=True,
+        )
+        return len(prompt) + len(chosen) + 1  # + EOS
+
+    for positions in (256, 257, 1000, 2048, 2051, 4096):
+        fits = fitting_max_length(positions, prompt_format)
+        assert longest(fits) <= positions < longest(fits + 1), (positions, fits)

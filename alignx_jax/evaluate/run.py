@@ -388,7 +388,19 @@ def _score_todo(
     return outcomes
 
 
-def _warn_past_positions(spec: BenchmarkSpec, examples: list, limit: int) -> None:
+def fitting_max_length(positions: int, prompt_format: str) -> int:
+    """The largest `--max-length` whose scored rows fit `positions`: the prompt and each response are cut
+    to `max_length - reserve(max_length)` ids each (`data.batching._fit`), then EOS (and `paper`'s BOS)."""
+    from alignx_jax.data.batching import RELEASE_RESERVE
+
+    budget = (
+        positions - 1 - (prompt_format == "paper")
+    ) // 2  # the most ids the prompt and a response may keep
+    # max_length - min(513, max_length // 2) <= budget: L - 513 past 1026, else ceil(L / 2)
+    return budget + RELEASE_RESERVE if budget >= RELEASE_RESERVE else 2 * budget
+
+
+def _warn_past_positions(spec: BenchmarkSpec, examples: list, limit: int, prompt_format: str) -> None:
     """One line when rows reach past the model's trained positions: RoPE computes any position, so they
     are scored (as transformers would score them), but their scores are extrapolated."""
     longest = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
@@ -396,7 +408,8 @@ def _warn_past_positions(spec: BenchmarkSpec, examples: list, limit: int) -> Non
     if over:
         print(
             f"alignx: warning: {spec.path}: {over} of {len(examples)} rows to score are longer ({max(longest)} tokens) "
-            f"than the model's max_position_embeddings ({limit}); --max-length {limit} cuts them to fit",
+            f"than the model's max_position_embeddings ({limit}); --max-length "
+            f"{fitting_max_length(limit, prompt_format)} cuts them to fit",
             file=sys.stderr,
         )
 
@@ -427,7 +440,9 @@ def _score_persona(
         ica_examples, _ = _prepare(sample, spec, persona or "p", ica_settings, sc.tokenizer, None)
         ica_by_index = {ex.index: ex for ex in ica_examples}
     outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
-    _warn_past_positions(spec, [ex for ex, _ in todo], sc.scorers[0].max_positions)  # the rows scored now
+    _warn_past_positions(
+        spec, [ex for ex, _ in todo], sc.scorers[0].max_positions, sc.settings.prompt_format
+    )  # the rows scored now
     if todo:
         outcomes.extend(_score_todo(sc, log, spec, persona, rows, todo, ica_by_index))
     return outcomes
