@@ -663,6 +663,12 @@ def _psoups_part(
 
 
 def cli_demo(args: argparse.Namespace) -> int:
+    from alignx_jax.generate import SEED_LIMIT
+
+    # its training keys (and --real's samples) keep 32 bits: a larger one aliased a smaller or, past 2**63, was
+    # a traceback after the synthetic data was written
+    if int(args.seed) >= SEED_LIMIT:
+        raise ConfigError(f"--seed must be below 2**32, got {args.seed}")
     if getattr(args, "real", False):
         from alignx_jax import demo_real
 

@@ -107,6 +107,24 @@ def test_a_psoups_file_the_stages_cannot_read_is_refused_before_any_stage(capsys
         assert not out.exists()
 
 
+@pytest.mark.parametrize("real", [False, True])
+def test_a_seed_past_32_bits_is_refused_before_anything_is_written(capsys, tmp_path, real):
+    """The JAX keys keep a seed's low 32 bits (2**32 initialized what 0 does); past 2**63 it was a traceback
+    after the synthetic data was written."""
+    from alignx_jax.cli import main
+
+    for seed in (2**32, 2**64):
+        out = tmp_path / f"d-{real}-{seed}"
+        capsys.readouterr()
+        assert (
+            main(["demo", *(["--real"] if real else []), "--quick", "--out", str(out), "--seed", str(seed)])
+            == 1
+        )
+        err = capsys.readouterr().err
+        assert err == f"alignx: error: --seed must be below 2**32, got {seed}\n", err
+        assert not out.exists()
+
+
 def test_other_settings_in_the_same_out_are_refused(tmp_path):
     from alignx_jax.errors import ConfigError
 
