@@ -71,6 +71,10 @@ def test_quick_demo_writes_every_file_and_reruns_from_its_stages(tmp_path):
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     res2 = json.loads((out / "results.json").read_text())
     assert res2["synthetic"] == res["synthetic"] and res2["p_soups"] == res["p_soups"]
+    # its time counts the stages it reused (it reported its own second or two as the demo's)
+    stage_seconds = sum(json.loads(p.read_text())["seconds"] for p in (out / "stages").iterdir())
+    assert res2["seconds"] >= stage_seconds > 0
+    assert f"({res2['seconds']:.0f} s wall)" in (out / "report.md").read_text()
     stages = {p: json.loads((out / "stages" / p).read_text()) for p in os.listdir(out / "stages")}
     # init, synth, 3 trainings, the head, 5 evaluations; the P-SOUPS split adds its own stages
     assert len(stages) >= (12 if os.path.isfile(demo.DEFAULT_PSOUPS) else 11)
