@@ -691,6 +691,27 @@ def test_resume_refuses_another_models_rows(capsys, ica_run, tmp_path):
     assert code == 1 and len(errors) == 1 and "was scored with another model" in errors[0]
 
 
+def test_resume_refuses_rows_of_another_reference_or_dtype(capsys, ica_run, llama, tmp_path):
+    """The token ids do not say which reference or dtype scored a row: a resumed run with another --reference
+    (or none) or --dtype is refused, never counted beside its own rows."""
+    from conftest import build_tiny_hf
+
+    ref = build_tiny_hf("llama", str(tmp_path / "ref"), seed=5)
+    part = tmp_path / "per.jsonl"
+    base = ["--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "2"]
+    base += ["--max-length", str(MAX_LEN), "--per-example", str(part), "--out", str(tmp_path / "r.json")]
+    capsys.readouterr()  # the model build's progress bars
+    assert _run(capsys, *base, "--reference", ref)[0] == 0
+    for flags, says in (
+        (["--reference", llama], f"another reference ({os.path.abspath(ref)}, now {os.path.abspath(llama)})"),
+        (["--reference", ref, "--dtype", "bfloat16"], "another dtype (float32, now bfloat16)"),
+    ):
+        code, _, err = _run(capsys, *base, *flags, "--limit", "4")
+        errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+        assert code == 1 and len(errors) == 1 and says in errors[0], err
+    assert len(part.read_text().splitlines()) == 2  # nothing of the refused runs was appended
+
+
 # ----------------------------------------------------------------------------- AlignX rows, flip
 
 

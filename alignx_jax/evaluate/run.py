@@ -92,6 +92,7 @@ def _example_row(
     involved: bool | None,
     ica_reference: bool = False,
     model: str | None = None,
+    scored_with: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     row = {
         "benchmark": spec.key,
@@ -114,19 +115,33 @@ def _example_row(
         row["reference_prompt"] = "ica"
     if model is not None:  # a resumed file must be this model's (the token ids alone do not say so)
         row["model"] = model
+    row.update(scored_with or {})
     return row
 
 
 def _check_resumed(
-    stored: dict, ex: Any, has_ref: bool, path: str, ica_reference: bool = False, model: str | None = None
+    stored: dict,
+    ex: Any,
+    has_ref: bool,
+    path: str,
+    ica_reference: bool = False,
+    model: str | None = None,
+    scored_with: dict[str, Any] | None = None,
 ) -> None:
-    """A resumed row must describe the same model (rows of older files name none), token ids and reference
-    setting as this run."""
+    """A resumed row must describe the same model, reference and dtype (rows of older files name none), token
+    ids and reference setting as this run."""
     if model is not None and stored.get("model") not in (None, model):
         raise DataError(
             f"row {key_of(stored)} was scored with another model ({stored['model']}); use a new --per-example file",
             file=path,
         )
+    for key, value in (scored_with or {}).items():  # the ids alone do not say which reference or dtype
+        if key in stored and stored[key] != value:
+            raise DataError(
+                f"row {key_of(stored)} was scored with another {key} ({stored[key]}, now {value}); use a new "
+                "--per-example file",
+                file=path,
+            )
     same = (
         stored.get("prompt_ids") == list(ex.prompt_ids)
         and stored.get("chosen_ids") == list(ex.chosen_ids)
@@ -192,6 +207,7 @@ class _Scoring:
     progress: bool
     model: str  # the policy folder, absolute: every per-example row records it
     dtypes: dict[str, str]  # the models' resolved compute and parameter dtypes, recorded in results
+    scored_with: dict[str, Any]  # the reference and compute dtype: every per-example row records them
 
 
 def _check_inputs(
@@ -281,7 +297,15 @@ def _load_scoring(
         progress,
         paths.absolute(model_dir),
         dtypes,
+        {"reference": _reference_name(reference_dir, ref_scores), "dtype": dtypes["dtype"]},
     )
+
+
+def _reference_name(reference_dir: str | None, ref_scores: scoring.StoredScores | None) -> Any:
+    """The reference as the results file names it: its folder, `{"scores": FILE}` or None."""
+    if ref_scores is not None:
+        return {"scores": paths.absolute(ref_scores.path)}
+    return None if reference_dir is None else paths.absolute(reference_dir)
 
 
 def _resumed(
@@ -304,7 +328,7 @@ def _resumed(
         if stored is None:
             todo.append((ex, inv))
             continue
-        _check_resumed(stored, ex, sc.has_ref, per_example, sc.ica_reference, sc.model)
+        _check_resumed(stored, ex, sc.has_ref, per_example, sc.ica_reference, sc.model, sc.scored_with)
         # recompute `correct` with this run's beta; flip membership from this run
         outcomes.append(
             {
@@ -376,6 +400,7 @@ def _score_todo(
                     inv_by_index[ex.index],
                     sc.ica_reference,
                     sc.model,
+                    sc.scored_with,
                 )
                 for j, ex in enumerate(chunk)
             ]
@@ -477,16 +502,12 @@ def _summaries(
     return summaries
 
 
-def _results_header(
-    model_dir: str, reference_dir: str | None, benchmarks: Sequence[BenchmarkSpec], sc: _Scoring
-) -> dict[str, Any]:
+def _results_header(model_dir: str, benchmarks: Sequence[BenchmarkSpec], sc: _Scoring) -> dict[str, Any]:
     """The settings a results file records beside its accuracies."""
     settings = sc.settings
     return {
         "model": paths.absolute(model_dir),
-        "reference": (None if reference_dir is None else paths.absolute(reference_dir))
-        if sc.ref_scores is None
-        else {"scores": paths.absolute(sc.ref_scores.path)},
+        "reference": sc.scored_with["reference"],
         # the file or folder each benchmark key scored (a key alone does not say which P-SOUPS file)
         "benchmark_paths": {spec.key: paths.absolute(spec.path) for spec in benchmarks},
         "method": settings.method,
@@ -572,7 +593,7 @@ def evaluate(
         if per_example_log is None:
             log.close()
 
-    results = _results_header(model_dir, reference_dir, benchmarks, sc)
+    results = _results_header(model_dir, benchmarks, sc)
     results["matmul_precision"] = level
     results["benchmarks"] = _summaries(benchmarks, per_key, settings)
     if sc.predicted is not None:
