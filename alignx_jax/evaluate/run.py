@@ -418,9 +418,8 @@ def fitting_max_length(positions: int, prompt_format: str) -> int:
     to `max_length - reserve(max_length)` ids each (`data.batching._fit`), then EOS (and `paper`'s BOS)."""
     from alignx_jax.data.batching import RELEASE_RESERVE
 
-    budget = (
-        positions - 1 - (prompt_format == "paper")
-    ) // 2  # the most ids the prompt and a response may keep
+    # the most ids the prompt and a response may keep
+    budget = (positions - 1 - (prompt_format == "paper")) // 2
     # max_length - min(513, max_length // 2) <= budget: L - 513 past 1026, else ceil(L / 2)
     return budget + RELEASE_RESERVE if budget >= RELEASE_RESERVE else 2 * budget
 
@@ -465,9 +464,8 @@ def _score_persona(
         ica_examples, _ = _prepare(sample, spec, persona or "p", ica_settings, sc.tokenizer, None)
         ica_by_index = {ex.index: ex for ex in ica_examples}
     outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
-    _warn_past_positions(
-        spec, [ex for ex, _ in todo], sc.scorers[0].max_positions, sc.settings.prompt_format
-    )  # the rows scored now
+    # the rows scored now
+    _warn_past_positions(spec, [ex for ex, _ in todo], sc.scorers[0].max_positions, sc.settings.prompt_format)
     if todo:
         outcomes.extend(_score_todo(sc, log, spec, persona, rows, todo, ica_by_index))
     return outcomes
