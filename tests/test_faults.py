@@ -395,18 +395,22 @@ def test_export_of_a_corrupt_or_nonfinite_checkpoint_is_one_line(run_copy, tmp_p
     )
 
 
-def test_export_of_a_step_whose_meta_is_gone_is_one_line_naming_it(run_copy, tmp_path, capsys):
+def _other_finite_params_at_step_4(run_copy) -> None:
+    """Step 4's params replaced by other finite values: only its saved checksums tell them apart."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from alignx_jax.models import checkpoint
 
-    # step 4's params replaced by other finite values: its saved checksums are what tells them apart
     model = checkpoint.load_checkpoint(str(run_copy), 4)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params["norm"]["scale"] = params["norm"]["scale"] + 1.0
     with ocp.StandardCheckpointer() as ck:
         ck.save(str(run_copy / "checkpoints" / "4" / "params"), params, force=True)
+
+
+def test_export_of_a_step_whose_meta_is_gone_is_one_line_naming_it(run_copy, tmp_path, capsys):
+    _other_finite_params_at_step_4(run_copy)
     _main_error(
         capsys,
         ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")],
@@ -425,18 +429,9 @@ def test_export_of_a_step_whose_meta_is_gone_is_one_line_naming_it(run_copy, tmp
 
 
 def test_export_of_params_without_their_orbax_metadata_is_one_line(run_copy, tmp_path, capsys):
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from alignx_jax.models import checkpoint
-
-    # other finite values, then the file the stored dtypes are read from deleted: the checksums must still
-    # be checked, or these weights are exported as step 4's
-    model = checkpoint.load_checkpoint(str(run_copy), 4)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params["norm"]["scale"] = params["norm"]["scale"] + 1.0
-    with ocp.StandardCheckpointer() as ck:
-        ck.save(str(run_copy / "checkpoints" / "4" / "params"), params, force=True)
+    # the file the stored dtypes are read from deleted: the checksums must still be checked, or these
+    # weights are exported as step 4's
+    _other_finite_params_at_step_4(run_copy)
     gone = run_copy / "checkpoints" / "4" / "params" / "_METADATA"
     gone.unlink()
     out = ["export", "--checkpoint", str(run_copy), "--out", str(tmp_path / "hf")]

@@ -616,25 +616,21 @@ def test_joint_sigterm_resume_is_exact(tmp_path, synth_data):
         np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=1e-5, atol=1e-6)
 
 
-def test_two_stage_on_rows_without_a_direction_is_refused_before_the_first_step(tmp_path, synth_data):
-    # the head is fit after the last step: found there, the steps (and the last one's checkpoint) were lost
+def _train_on_rows_without_a_direction(tmp_path, synth_data, *overrides):
+    """(the rows, W, the finished process) of a 2-step tiny PBA train on rows whose directions are gone."""
     from alignx_jax.data.schema import load_rows
 
     rows, _ = load_rows(synth_data)
     data = tmp_path / "no_direction.jsonl"
     data.write_text("".join(json.dumps(dict(r, **{"Preference Direction": None})) + "\n" for r in rows))
     w = tmp_path / "w"
-    r = run_cli(
-        [
-            "train",
-            f"--config={TINY_PBA}",
-            f"--config.workdir={w}",
-            f"--config.data.train={data}",
-            *SMALL,
-            "--config.train.steps=2",
-            "--config.pba.mode=two_stage",
-        ]
-    )
+    args = [f"--config={TINY_PBA}", f"--config.workdir={w}", f"--config.data.train={data}", *SMALL]
+    return rows, w, run_cli(["train", *args, "--config.train.steps=2", *overrides])
+
+
+def test_two_stage_on_rows_without_a_direction_is_refused_before_the_first_step(tmp_path, synth_data):
+    # the head is fit after the last step: found there, the steps (and the last one's checkpoint) were lost
+    rows, w, r = _train_on_rows_without_a_direction(tmp_path, synth_data, "--config.pba.mode=two_stage")
     assert r.returncode == 1
     err = [line for line in r.stderr.splitlines() if line.startswith("alignx: error:")]
     assert err == [
@@ -650,23 +646,8 @@ def test_predicted_profiles_from_rows_without_a_direction_are_refused_in_setup(
 ):
     # the first-stage head has nothing to learn from: it failed after the reference was written, worded
     # as "two-stage head training" whatever pba.mode said
-    from alignx_jax.data.schema import load_rows
-
-    rows, _ = load_rows(synth_data)
-    data = tmp_path / "no_direction.jsonl"
-    data.write_text("".join(json.dumps(dict(r, **{"Preference Direction": None})) + "\n" for r in rows))
-    w = tmp_path / "w"
-    r = run_cli(
-        [
-            "train",
-            f"--config={TINY_PBA}",
-            f"--config.workdir={w}",
-            f"--config.data.train={data}",
-            *SMALL,
-            "--config.train.steps=2",
-            "--config.pba.enabled=false",
-            f"--config.pba.preference={preference}",
-        ]
+    rows, w, r = _train_on_rows_without_a_direction(
+        tmp_path, synth_data, "--config.pba.enabled=false", f"--config.pba.preference={preference}"
     )
     assert r.returncode == 1
     err = [line for line in r.stderr.splitlines() if line.startswith("alignx: error:")]
