@@ -203,6 +203,21 @@ def run_cli(args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["alignx", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
+def psoups_rows_with_a_blank_profile(blank: str) -> list[dict]:
+    """Two P-SOUPS rows, the second with the `profile` `blank` (PBA refuses it, ICA never reads it)."""
+    return [
+        {
+            "prompt": f"p{i}",
+            "chosen": "a",
+            "rejected": "b",
+            "ground_truth_persona": "g",
+            "profile": blank if i == 1 else "Likes science",
+            "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "x", "rejected": "y"}],
+        }
+        for i in range(2)
+    ]
+
+
 def cli_env(devices: int | None = None) -> dict[str, str]:
     """The environment of a CLI subprocess: `devices` CPU devices (default one), this checkout importable,
     and the session's JAX compilation cache, which the `run_cli` runs fill too, keeping every program."""

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import cli_env
+from conftest import cli_env, psoups_rows_with_a_blank_profile
 
 from alignx_jax import cli, hardware
 from alignx_jax import evaluate as ev
@@ -1200,17 +1200,7 @@ def test_a_blank_profile_is_refused_where_pba_would_render_it(tmp_path):
     from alignx_jax.errors import DataError
     from alignx_jax.evaluate.profiles import file_profile, golden_profile
 
-    rows = [
-        {
-            "prompt": f"p{i}",
-            "chosen": "a",
-            "rejected": "b",
-            "ground_truth_persona": "g",
-            "profile": "  " if i == 1 else "Likes science",
-            "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "x", "rejected": "y"}],
-        }
-        for i in range(2)
-    ]
+    rows = psoups_rows_with_a_blank_profile("  ")
     (tmp_path / "ps.json").write_text(json.dumps(rows))
     sample = benchmark_sample("p-soups", str(tmp_path / "ps.json"))
     file, at = sample.places[1]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env
+from conftest import cli_env, psoups_rows_with_a_blank_profile
 from flax import nnx
 
 import alignx_jax
@@ -420,17 +420,7 @@ def test_a_blank_benchmark_profile_is_refused_before_pba_loads_a_model(
     one line naming file, row and field before any model loads (ICA, which never reads it, generates)."""
     from alignx_jax import generate as gen
 
-    rows = [
-        {
-            "prompt": f"p{i}",
-            "chosen": "a",
-            "rejected": "b",
-            "ground_truth_persona": "g",
-            "profile": "" if i == 1 else "Likes science",
-            "Pair-wise Comparative Feedback": [{"prompt": "q", "chosen": "x", "rejected": "y"}],
-        }
-        for i in range(2)
-    ]
+    rows = psoups_rows_with_a_blank_profile("")
     bench = tmp_path / "ps.json"
     bench.write_text(json.dumps(rows))
     loaded = []
