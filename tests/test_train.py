@@ -978,6 +978,16 @@ def test_resuming_past_the_asked_steps_is_refused_before_the_config_is_rewritten
     assert r.returncode == 0 and "done, 4 steps" in r.stderr, r.stderr[-2000:]
 
 
+def _one_pba_step(tmp_path, data):
+    """One tiny PBA step on `data` (in file order, two rows a batch), the finished process."""
+    pba = os.path.join(ROOT, "configs", "tiny_pba.py")
+    return run_cli(
+        ["train", f"--config={pba}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
+        + [f"--config.data.train={data}", "--config.data.shuffle=false", "--config.train.global_batch=2"]
+        + ["--config.train.micro_batch=2", "--config.pba.max_persona_tokens=128"]
+    )
+
+
 def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     """A row PBA cannot render a profile for fails naming the file it is in and its row there."""
     from alignx_jax.data.synth import generate_world
@@ -988,12 +998,7 @@ def test_a_pba_row_without_a_profile_names_its_file_and_row(tmp_path):
     keep = ("prompt", "chosen", "rejected")  # the benchmark shape: no profile, direction or history
     (folder / "a.jsonl").write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows[:3]))
     (folder / "b.jsonl").write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows[3:6]))
-    pba = os.path.join(ROOT, "configs", "tiny_pba.py")
-    r = run_cli(
-        ["train", f"--config={pba}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
-        + [f"--config.data.train={folder}", "--config.data.shuffle=false", "--config.train.global_batch=2"]
-        + ["--config.train.micro_batch=2", "--config.pba.max_persona_tokens=128"]
-    )
+    r = _one_pba_step(tmp_path, folder)
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"alignx: error: {folder / 'a.jsonl'}, row 0: PBA needs a profile"), r.stderr[
@@ -1016,12 +1021,7 @@ def test_a_blank_pba_profile_is_worded_as_eval_and_generate_word_it(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in data))
     with pytest.raises(DataError) as owner:
         row_profile(data[1], file=str(path), index=1)
-    pba = os.path.join(ROOT, "configs", "tiny_pba.py")
-    r = run_cli(
-        ["train", f"--config={pba}", f"--config.workdir={tmp_path}/w", *SMALL, "--config.train.steps=1"]
-        + [f"--config.data.train={path}", "--config.data.shuffle=false", "--config.train.global_batch=2"]
-        + ["--config.train.micro_batch=2", "--config.pba.max_persona_tokens=128"]
-    )
+    r = _one_pba_step(tmp_path, path)
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"alignx: error: {owner.value}", r.stderr[-2000:]
