@@ -11,7 +11,6 @@ A path may be a file or a folder (UF-P-4 ships four files: they are read in sort
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +37,6 @@ def persona_group(row: dict) -> str | None:
     """Whose preference a row states: P-SOUPS' `ground_truth_persona`, else the row's `user_id`."""
     group = row.get("ground_truth_persona")
     return group if group is not None else row.get("user_id")
-
-
-def persona_key(row: dict) -> str | None:
-    """`persona_group` as a key that keeps its JSON type (user_id 1 and "1" are two personas, as in
-    `data split`); None when the row names no persona."""
-    group = persona_group(row)
-    return None if group is None else json.dumps(group, ensure_ascii=False)
 
 
 def balanced_sample(

@@ -36,16 +36,16 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.data import schema
-from alignx_jax.data.benchmarks import persona_key
+from alignx_jax.data.benchmarks import persona_group
 from alignx_jax.errors import AlignXError, DataError
 
 
-def persona_groups(rows: Sequence[dict]) -> dict[str | None, list[int]]:
-    """Row indices by `persona_key` (key None: the rows that name no persona); `contrast_rows`
-    needs exactly two groups and no None."""
-    groups: dict[str | None, list[int]] = {}
+def persona_groups(rows: Sequence[dict]) -> dict[str | int | None, list[int]]:
+    """Row indices by `persona_group`, as it is (key None: the rows that name no persona; user_id 1 and "1"
+    are two personas, as in `data split`); `contrast_rows` needs exactly two groups and no None."""
+    groups: dict[str | int | None, list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault(persona_key(row), []).append(i)
+        groups.setdefault(persona_group(row), []).append(i)
     return groups
 
 
@@ -78,11 +78,11 @@ def contrast_rows(
             file=file,
         )
     rng = np.random.default_rng(seed)
-    first, second = sorted(groups)
+    first, second = groups  # each maps to the other: their order changes nothing
     other = {first: groups[second], second: groups[first]}
     swapped = []
     for row in rows:
-        ctx = rows[int(rng.choice(other[persona_key(row)]))]
+        ctx = rows[int(rng.choice(other[persona_group(row)]))]
         swapped.append({**ctx, "prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"]})
     if not twins:
         return [*(list(rows) * originals), *swapped]
