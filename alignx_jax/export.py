@@ -190,14 +190,10 @@ def _refuse_own_folder(out: str, checkpoint: str, res: ResolvedCheckpoint) -> No
     """A CheckpointError where `out` (real path or URL) is `checkpoint` or holds a folder the export reads:
     publishing the export replaces `out` whole, and --overwrite would put an HF config.json over the run's."""
 
-    def key(p: str) -> str:
-        return paths.absolute(p).rstrip("/") if paths.is_url(p) else os.path.realpath(p)
-
-    target = key(out)
-    if target == key(checkpoint):
+    if paths.is_url(out) == paths.is_url(checkpoint) and paths.place(out) == paths.place(checkpoint):
         raise CheckpointError(f"--out {out}: is the --checkpoint folder itself; export into another folder")
     read = (checkpoint, res.config_dir, res.params_dir, res.tokenizer_dir, res.head_dir)
-    if any(f and (key(f) == target or key(f).startswith(target.rstrip("/") + "/")) for f in read):
+    if any(f and paths.within(f, out) for f in read):
         raise CheckpointError(
             f"--out {out}: is or holds a folder of --checkpoint {checkpoint}, which the export would "
             "replace; export into another folder"

@@ -190,21 +190,28 @@ def first_json_line(p: str) -> Any:
     return None
 
 
+def place(p: str) -> str:
+    """`p` as a place to compare with another, by name (nothing is listed): a local path's real path, a URL
+    as written less a trailing '/'."""
+    return p.rstrip("/") if is_url(p) else os.path.realpath(p)
+
+
+def within(p: str, folder: str) -> bool:
+    """Whether `p` is the place `folder` or lies inside it (`place`; a URL and a local path never meet)."""
+    if is_url(p) != is_url(folder):
+        return False
+    sep = "/" if is_url(folder) else os.sep
+    return place(p) == place(folder) or place(p).startswith(place(folder).rstrip(sep) + sep)
+
+
 def refuse_inside_inputs(flag: str, dest: str, inputs: Iterable[tuple[str, str | None]]) -> str | None:
     """Why the output `dest` (given as `flag`) must not be written, as one line, when it is one of the
     `inputs` (`(what, path)` pairs) or lies inside an input folder (a --benchmark or --data folder: the
-    next read of it would take the file for data); None when neither. By name, no listing: a URL against
-    the URL inputs as written, a local path by its real path."""
-    url = is_url(dest)
-
-    def key(p: str) -> str:
-        return p if url else os.path.realpath(p)
-
-    sep = "/" if url else os.sep
+    next read of it would take the file for data); None when neither. By name (`place`, `within`)."""
     for what, p in inputs:
-        if p and is_url(p) == url and key(p) == key(dest):
+        if p and is_url(p) == is_url(dest) and place(p) == place(dest):
             return f"{flag} {dest} is the {what} file; give another {flag}"
-        if p and is_url(p) == url and key(dest).startswith(key(p).rstrip(sep) + sep):
+        if p and within(dest, p):
             return f"{flag} {dest} lies inside the {what} folder {p}; give another {flag}"
     return None
 

@@ -944,3 +944,21 @@ def test_a_killed_runs_local_synthetic_users_are_removed_by_the_next_bucket_run(
     assert not any(p.exists() for p in dead)
     assert all(p.is_dir() for p in kept)
     assert (fake_gcs.local(f"{BUCKET}/run") / "data" / "data.parquet").is_file()
+
+
+def test_within_compares_places_by_name(tmp_path):
+    """`paths.within`: a folder itself or a path under it, local by real path (a link leads where it
+    points), a URL as written less a trailing '/'; a URL and a local path never meet."""
+    from alignx_jax import paths
+
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "src")
+    assert paths.within(str(tmp_path / "src"), str(tmp_path / "src"))
+    assert paths.within(str(tmp_path / "link" / "sub" / "out"), str(tmp_path / "src"))
+    assert not paths.within(str(tmp_path / "srcx"), str(tmp_path / "src"))
+    assert not paths.within(str(tmp_path), str(tmp_path / "src"))
+    assert paths.within("gs://b/data/", "gs://b/data") and paths.within("gs://b/data/x", "gs://b/data/")
+    assert not paths.within("gs://b/datax", "gs://b/data")
+    assert not paths.within("gs://b/data", str(tmp_path))
+    # an output named with a trailing '/' is still the input folder itself
+    assert paths.refuse_inside_inputs("--out", "gs://b/in/", [("--data", "gs://b/in")]) is not None

@@ -247,13 +247,7 @@ def prepare(source: str, out_dir: str, *, skip_bad: bool = False, kind: str = "a
 def _refuse_out_inside_source(source: str, out_dir: str) -> None:
     """A DataError where `out_dir` is the source folder or lies inside it: its TFDS files (dataset_info.json,
     features.json) would be read as rows by the next read of the source, this command's rerun too."""
-    if not paths.is_dir(source) or paths.is_url(source) != paths.is_url(out_dir):
-        return
-
-    def key(p: str) -> str:
-        return p.rstrip("/") + "/" if paths.is_url(p) else os.path.realpath(p).rstrip(os.sep) + os.sep
-
-    if key(out_dir).startswith(key(source)):
+    if paths.is_dir(source) and paths.within(out_dir, source):
         raise DataError(
             f"--out {out_dir} is inside the source folder: the next read of {source} would take the prepared "
             "dataset's JSON files for rows; choose an --out outside it",

@@ -38,20 +38,17 @@ def parse_benchmark_specs(specs: Sequence[str]) -> list[BenchmarkSpec]:
     from alignx_jax.data.benchmarks import parse_benchmark_arg
     from alignx_jax.data.schema import list_files
 
-    def where(p: str) -> str:
-        return p.rstrip("/") if paths.is_url(p) else os.path.realpath(p)
-
     pairs, seen, files = [], set(), {}
     for spec in specs:
         name, path = parse_benchmark_arg(spec)
         if not paths.exists(path):  # a local path or a URL (gs://...)
             raise DataError(f"--benchmark {name}: no such file or folder", file=path)
         # the same file twice (`a.json`, `./a.json`) would be scored twice and counted twice in NAME's pool
-        if (name, where(path)) in seen:
+        if (name, paths.place(path)) in seen:
             raise DataError(f"--benchmark {name} given twice with the same path", file=path)
-        seen.add((name, where(path)))
+        seen.add((name, paths.place(path)))
         for f in list_files(path):  # so would a file of a folder given too (its rows are the folder's)
-            earlier = files.setdefault((name, where(f)), path)
+            earlier = files.setdefault((name, paths.place(f)), path)
             if earlier != path:
                 raise DataError(f"--benchmark {name} gives this file twice (also in {earlier})", file=f)
         pairs.append((name, path))
