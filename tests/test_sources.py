@@ -686,6 +686,25 @@ def test_prepare_streams_keeps_extra_parquet_values_and_leaves_no_trace_on_failu
         prepare(str(src), str(tmp_path / "half"))
 
 
+def test_prepare_names_a_lone_surrogate_in_an_extra_field(synth_dir, tmp_path):
+    """An extra field holding half an emoji ("\\ud83d" in JSON) passed the row checks (they read only the
+    fields they know) and stopped `data prepare` with TFDS's traceback: one line naming the row and field."""
+    rows = [open_source(synth_dir)[i] for i in range(2)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "note": "\ud83d half"}) + "\n")
+    with pytest.raises(
+        DataError, match=r"rows.jsonl, row 1, field 'note': .*not valid Unicode text: \\ud83d"
+    ):
+        prepare(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    path.write_text(json.dumps({**rows[0], "\ud83d": 1}) + "\n")  # in a field's name too
+    with pytest.raises(DataError, match=r"rows.jsonl, row 0, field '\\ud83d'"):
+        prepare(str(path), str(tmp_path / "out"))
+    path.write_text(json.dumps({**rows[0], "note": "\ud83d\ude00 مرحبا"}) + "\n")  # a whole emoji is stored
+    prepare(str(path), str(tmp_path / "out"))
+    assert open_source(str(tmp_path / "out"))[0]["note"] == "\U0001f600 مرحبا"
+
+
 def test_folders_that_look_prepared_or_split_but_are_not_read_silently(synth_dir, tmp_path):
     """Another tool's dataset_info.json is not a prepared dataset; data files beside a folder's split
     sub-folders are refused (no command reads them); a prepared folder handed to `data check` says so."""

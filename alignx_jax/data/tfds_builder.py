@@ -65,9 +65,32 @@ def _json_default(x: Any) -> Any:
 
 def encode_row(row: dict, file: str | None = None, index: int | None = None) -> str:
     try:
-        return json.dumps(row, ensure_ascii=False, default=_json_default)
+        text = json.dumps(row, ensure_ascii=False, default=_json_default)
     except (TypeError, ValueError) as e:  # a value of a type JSON has no form for
         raise DataError(f"cannot store the row as JSON: {e}", file=file, row=index) from None
+    try:
+        text.encode("utf-8")  # TFDS's Text feature stores UTF-8: its own error is a traceback
+    except UnicodeEncodeError:
+        key, bad = _lone_surrogate(row)
+        raise DataError(
+            f"cannot store the row: not valid Unicode text: {bad}",
+            file=file,
+            row=index,
+            field=key,  # named by its repr, which escapes a surrogate
+        ) from None
+    return text
+
+
+def _lone_surrogate(row: dict) -> tuple[str, str]:
+    """(the field, the character escaped) of the first lone surrogate ("\\ud83d", half an emoji) in a row's
+    field names or values: schema refuses them in the fields it reads, an extra field keeps its own."""
+    for key, value in row.items():
+        for text in (key, json.dumps(value, ensure_ascii=False, default=_json_default)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return key, text[e.start : e.end].encode("unicode_escape").decode("ascii")
+    raise AssertionError("the row's JSON holds no lone surrogate")
 
 
 def decode_row(value: Any) -> dict:
