@@ -107,6 +107,21 @@ def test_eval_mode_release_rule(tok):
     assert not short.truncated
 
 
+def test_eval_mode_truncated_flag_counts_only_what_was_cut(tok):
+    """A paper prompt of BOS + exactly L - reserve(L) ids is not cut (the BOS is put back in front, outside
+    the budget) but was flagged truncated, and `alignx eval` counted the row as cut to --max-length."""
+    r = row()
+    full = prompts.prompt_ids(tok, r, method="ica", fmt="paper")
+    fits = 2 * (len(full) - 1)  # budget = L - L // 2 = len(full) - 1: the body exactly
+    assert batching.reserve(fits) == fits // 2 and len(batching.response_ids(tok, r["chosen"])) < fits // 2
+    ex = batching.make_example(tok, r, method="ica", max_length=fits, eval_mode=True, prompt_format="paper")
+    assert ex.prompt_ids == full and not ex.truncated
+    cut = batching.make_example(
+        tok, r, method="ica", max_length=fits - 2, eval_mode=True, prompt_format="paper"
+    )
+    assert cut.prompt_ids == full[:1] + full[2:] and cut.truncated
+
+
 def test_training_sample_and_persona_ids(tok):
     r = row()
     a = batching.make_example(

@@ -204,12 +204,14 @@ def _fit(
     budget = max_length - reserve(max_length)
     truncated = False
     if eval_mode:
-        truncated = len(prompt) > budget or max(len(chosen), len(rejected)) > budget
+        before = len(prompt), len(chosen), len(rejected)
         if prompt_format == "paper":  # the release truncates the prompt string's ids, then prepends BOS
             prompt = prompt[:1] + _left(prompt[1:], budget)
         else:
             prompt = _left(prompt, budget)
         chosen, rejected = _left(chosen, budget), _left(rejected, budget)
+        # what was cut, not what is over the budget: a paper prompt's BOS is not counted in it
+        truncated = (len(prompt), len(chosen), len(rejected)) != before
     elif prompt_format == "release":
         if len(prompt) >= max_length - 2:
             if overflow == "drop":
