@@ -461,6 +461,24 @@ def test_data_check_names_a_misspelled_persona_field(tmp_path, capsys):
     assert "'Demographic Information'" in err[0]
 
 
+def test_a_null_profile_column_does_not_make_alignx_rows_a_benchmark(tmp_path):
+    """An AlignX parquet with a `profile` column left null (rows merged from files that had one) was
+    detected as uf-p-4, so a comment without its direction, an error in AlignX rows, passed unsaid."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(4)
+    rows = [{**alignx_row(i, rng), "profile": None} for i in range(3)]
+    assert schema.detect_kind(rows) == "alignx"
+    rows[2]["User-Generated Content"][1]["Preference Direction"] = None
+    path = tmp_path / "merged.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError, match=r"merged.parquet, row 2, field 'User-Generated Content\[1\]"):
+        schema.load(str(path))
+    rows[0]["profile"] = "Older, Likes humor"  # a profile that is there still marks a benchmark
+    assert schema.detect_kind(rows) == "uf-p-4"
+
+
 def test_a_benchmark_file_with_golden_directions_is_read_as_a_benchmark(tmp_path, capsys):
     """UF-P-4 rows carry a golden `Preference Direction` beside the `profile` PBA reads and only some
     persona fields: auto-detected as AlignX, every row failed on a missing `Demographic Information`

@@ -303,7 +303,8 @@ def detect_kind(rows: Any) -> str:
     UF-P-4 rows carry one beside their golden direction (and often no comments or demographics), AlignX
     rows never do."""
     sample = [r for r in ([rows] if isinstance(rows, dict) else rows) if isinstance(r, dict)]
-    if any(r.get(DIRECTION) is not None for r in sample) and not any("profile" in r for r in sample):
+    # a null profile is none (as validate_row reads it): a parquet column only some merged rows fill
+    if any(r.get(DIRECTION) is not None for r in sample) and all(r.get("profile") is None for r in sample):
         return "alignx"
     if any("profile" in r and "ground_truth_persona" in r for r in sample):
         return "p-soups"
