@@ -135,7 +135,8 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--shard-size",
         default="5GB",
-        help="max safetensors shard size, e.g. 5GB, 200MB (GB/MB decimal, GiB/MiB 1024-based)",
+        help="max safetensors shard size, e.g. 5GB, 200MB (as transformers' max_shard_size: GB/MB/TB decimal, "
+        "GiB/MiB/TiB 1024-based, Gb/Mb bits)",
     )
     p.add_argument(
         "--peft",

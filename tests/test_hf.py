@@ -323,15 +323,38 @@ def test_export_errors(tmp_path, capsys, monkeypatch):
     assert hf_lib.parse_size("200MB") == 200_000_000 and hf_lib.parse_size("5GB") == 5 * 10**9
 
 
-@pytest.mark.parametrize("size", ["5GiB", "200MiB", "3KiB", "2gib", "5GB", "200MB", "3KB"])
+@pytest.mark.parametrize(
+    "size",
+    ["5GiB", "200MiB", "3KiB", "2gib", "2GIB", "5GB", "200MB", "3KB", "5gB", "5Gb", "5gb", "7Mb", "3kb"],
+)
 def test_shard_size_units_are_read_as_transformers_reads_them(size):
-    """--shard-size read GiB/MiB/KiB as powers of 10 (as GB); transformers' own reader is the reference."""
+    """--shard-size read GiB/MiB/KiB as powers of 10 (as GB), and 5Gb (gigabits) as 5GB; transformers' own
+    reader is the reference."""
     from transformers.utils.hub import convert_file_size_to_int
 
     assert hf_lib.parse_size(size) == convert_file_size_to_int(size)
 
 
-@pytest.mark.parametrize("size", ["lots", "0", "0.1B"])
+@pytest.mark.parametrize(
+    "size, size_bytes",
+    [
+        ("2TB", 2 * 10**12),
+        ("2TiB", 2 * 2**40),
+        ("2tib", 2 * 2**40),
+        ("2Tb", 2 * 10**12 // 8),
+        ("1.1GB", 1_100_000_000),
+        ("1.5GiB", 3 * 2**29),
+        ("300", 300),
+        ("300B", 300),
+        ("300b", 300 // 8),
+    ],
+)
+def test_shard_size_units_transformers_does_not_read(size, size_bytes):
+    """--shard-size had no TB/TiB; past transformers' units the same rules hold (a lowercase b is bits)."""
+    assert hf_lib.parse_size(size) == size_bytes
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "0.1B", "5PB", "5 G B"])
 def test_export_refuses_a_bad_shard_size_before_reading_the_checkpoint(
     tiny_hf_checkpoints, tmp_path, capsys, monkeypatch, size
 ):

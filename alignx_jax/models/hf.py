@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -282,16 +283,24 @@ def _check_finite(folder: str, values: dict[ParamMap, jax.Array]) -> None:
 # ---- export -----------------------------------------------------------------------------------------
 
 
+# a size unit's bytes, upper-cased: B, KB..TB decimal, KiB..TiB 1024-based
+_SIZE_UNITS = {"B": 1, **{f"{p}B": 10 ** (3 * k) for k, p in enumerate("KMGT", 1)}}
+_SIZE_UNITS.update({f"{p}IB": 2 ** (10 * k) for k, p in enumerate("KMGT", 1)})
+
+
 def parse_size(size: str | int) -> int:
+    """`--shard-size` in bytes, read as transformers' `convert_file_size_to_int` reads `max_shard_size`:
+    5GB is 5 * 10**9, 5GiB 5 * 2**30 (either case), and a decimal unit ending in a lowercase b is bits
+    (5Gb, 5gb: 5 * 10**9 // 8). Beyond it: TB/TiB, B (bytes; b bits), no unit (bytes), fractions (1.5GB)."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
     if not m:
         raise CheckpointError(f"shard size {size!r} is not like 5GB or 200MB")
-    unit = (m.group(2) or "B").upper()
-    # GB/MB/KB decimal, GiB/MiB/KiB binary: as transformers' convert_file_size_to_int reads them
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    size_bytes = int(float(m.group(1)) * scale[unit])
+    unit = m.group(2) or "B"
+    exact = Fraction(m.group(1)) * _SIZE_UNITS[unit.upper()]  # exact: 1.1GB is 1_100_000_000 bytes
+    bits = unit.endswith("b") and unit[-2:-1].upper() != "I"  # transformers: GiB/gib are bytes either way
+    size_bytes = int(exact // 8 if bits else exact)
     if size_bytes < 1:  # every tensor would go in a file of its own
         raise CheckpointError(f"shard size {size!r} is under one byte (e.g. 5GB, 200MB)")
     return size_bytes
