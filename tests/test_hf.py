@@ -213,6 +213,47 @@ def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsy
     assert folder in err[0]
 
 
+def _drop_config_keys(folder, *keys):
+    path = os.path.join(folder, "config.json")
+    cfg = json.loads(open(path).read())
+    for key in keys:
+        cfg.pop(key)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("kind, family_default", [("llama", 2048), ("qwen2", 32768)])
+def test_import_without_max_position_embeddings_keeps_transformers_default(
+    tiny_hf_checkpoints, tmp_path, capsys, kind, family_default
+):
+    """A config.json without max_position_embeddings was imported and exported with 8192, not the family's
+    own default that transformers loads it with (LlamaConfig 2048, Qwen2Config 32768)."""
+    from transformers import AutoConfig
+
+    src = _copy(tiny_hf_checkpoints[kind], tmp_path / "src")
+    _drop_config_keys(src, "max_position_embeddings")
+    assert AutoConfig.from_pretrained(src).max_position_embeddings == family_default
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["import", "--hf", src, "--out", str(ckpt)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == family_default
+    assert AutoConfig.from_pretrained(str(out)).max_position_embeddings == family_default
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
+def test_config_defaults_are_the_transformers_config_class_defaults(model_type):
+    """The keys config.json may omit take the value transformers' config class of the family gives them."""
+    from transformers import AutoConfig
+
+    from alignx_jax.models.config import DecoderConfig
+
+    hf = {"model_type": model_type, "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32}
+    cfg = DecoderConfig.from_hf({**hf, "num_hidden_layers": 2, "num_attention_heads": 2})
+    theirs = AutoConfig.for_model(model_type)
+    assert cfg.max_position_embeddings == theirs.max_position_embeddings
+    assert cfg.tie_word_embeddings == theirs.tie_word_embeddings
+
+
 def test_import_to_an_out_that_cannot_be_made_fails_before_reading_the_model(
     tiny_hf_checkpoints, tmp_path, capsys, monkeypatch
 ):

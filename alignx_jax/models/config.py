@@ -6,6 +6,7 @@ LoRA). What a model family needs is a field the layer code (`models.decoder`) br
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -73,6 +74,23 @@ _MODELED_KEYS = {
     "pad_token_id",
     "hidden_act",
 }
+
+
+@functools.cache
+def _transformers_config(model_type: str) -> Any:
+    from transformers import AutoConfig  # heavy (it may import torch): only for a key config.json omits
+
+    return AutoConfig.for_model(model_type)
+
+
+def transformers_default(model_type: str, key: str) -> Any:
+    """The value transformers' config class of `model_type` gives `key` where config.json omits it
+    (LlamaConfig's max_position_embeddings 2048, Qwen2Config's 32768): the model transformers loads."""
+    return getattr(_transformers_config(model_type), key)
+
+
+def transformers_config_name(model_type: str) -> str:
+    return type(_transformers_config(model_type)).__name__
 
 
 def _refuse_unmodeled(hf: dict[str, Any]) -> None:
@@ -339,7 +357,11 @@ class DecoderConfig:
                 num_attention_heads=heads,
                 num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
                 head_dim=int(hf.get("head_dim") or hidden // heads),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+                max_position_embeddings=int(
+                    hf["max_position_embeddings"]
+                    if "max_position_embeddings" in hf
+                    else transformers_default(model_type, "max_position_embeddings")
+                ),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=_freeze(scaling) if scaling else None,
@@ -347,7 +369,11 @@ class DecoderConfig:
                 qkv_bias=True if model_type == "qwen2" else bias,
                 o_bias=False if model_type == "qwen2" else bias,
                 # absent: transformers' default for the family (the Gemma configs tie, Qwen2Config does not)
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma_like)),
+                tie_word_embeddings=bool(
+                    hf["tie_word_embeddings"]
+                    if "tie_word_embeddings" in hf
+                    else transformers_default(model_type, "tie_word_embeddings")
+                ),
                 hidden_act=act,
                 qk_norm=model_type == "qwen3",
                 norm_plus_one=gemma_like,
