@@ -254,6 +254,54 @@ def test_config_defaults_are_the_transformers_config_class_defaults(model_type):
     assert cfg.tie_word_embeddings == theirs.tie_word_embeddings
 
 
+def test_tied_qwen2_folder_without_tie_word_embeddings_is_one_clear_line(
+    tiny_hf_checkpoints, tmp_path, capsys
+):
+    """A tied qwen2 folder (no lm_head.weight) whose config.json omits tie_word_embeddings: Qwen2Config
+    unties by default, and transformers loads it with a random output head; the import said only
+    'missing tensor' before. With the key set either way the folder's own word stands."""
+    from transformers import AutoModelForCausalLM
+
+    src = _copy(tiny_hf_checkpoints["qwen2"], tmp_path / "src")
+    assert "lm_head.weight" not in SafetensorsReader(src)
+    _drop_config_keys(src, "tie_word_embeddings")
+    theirs = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    head, embed = theirs.lm_head.weight, theirs.model.embed_tokens.weight
+    assert not torch.equal(head, embed)  # transformers drew a random head
+    capsys.readouterr()
+    assert main(["import", "--hf", src, "--out", str(tmp_path / "ckpt")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"alignx: error: {src}: no 'lm_head.weight' and config.json does not set tie_word_embeddings, which "
+        "Qwen2Config defaults to false (transformers would load a random output head); if the head is "
+        'embed_tokens, add "tie_word_embeddings": true to config.json'
+    ]
+    cfg = json.loads(open(os.path.join(src, "config.json")).read())
+    json.dump({**cfg, "tie_word_embeddings": False}, open(os.path.join(src, "config.json"), "w"))
+    assert main(["import", "--hf", src, "--out", str(tmp_path / "ckpt")]) == 1
+    assert "missing tensor 'lm_head.weight'" in capsys.readouterr().err
+    json.dump({**cfg, "tie_word_embeddings": True}, open(os.path.join(src, "config.json"), "w"))
+    assert main(["import", "--hf", src, "--out", str(tmp_path / "ckpt")]) == 0
+
+
+def test_tied_gemma_folder_without_tie_word_embeddings_ties(tmp_path):
+    """GemmaConfig ties by default: a folder without lm_head.weight and without the key loads tied."""
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    cfg = GemmaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp_path / "g")
+    _drop_config_keys(str(tmp_path / "g"), "tie_word_embeddings")
+    model = load_pretrained(str(tmp_path / "g"))
+    assert model.cfg.tie_word_embeddings and model.cfg.to_hf()["tie_word_embeddings"] is True
+
+
 def test_import_to_an_out_that_cannot_be_made_fails_before_reading_the_model(
     tiny_hf_checkpoints, tmp_path, capsys, monkeypatch
 ):

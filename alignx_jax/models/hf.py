@@ -23,6 +23,7 @@ from flax import nnx
 
 from alignx_jax import paths
 from alignx_jax.errors import CheckpointError
+from alignx_jax.models.config import transformers_config_name
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 from alignx_jax.models.safetensors_io import SafetensorsReader, write_safetensors
 from alignx_jax.sharding import Rules, model_shardings
@@ -206,6 +207,7 @@ def load_pretrained(
     path = os.fspath(path)
     cfg = load_decoder_config(path, **decoder_run_options(dtype, compute_dtype, run_options))
     reader = SafetensorsReader(path)
+    _check_output_head(path, cfg, reader)
     abstract = abstract_decoder(cfg)
     state = nnx.state(abstract)
     flat = dict(nnx.to_flat_state(state))
@@ -246,6 +248,20 @@ def load_pretrained(
     if cfg.lora_rank:
         fill_new_adapters(abstract, cfg, flat, shardings, default, adapter_seed)
     return nnx.merge(nnx.graphdef(abstract), state)
+
+
+def _check_output_head(path: str, cfg: DecoderConfig, reader: SafetensorsReader) -> None:
+    """A tied model's folder whose config.json omits tie_word_embeddings, for a family transformers unties
+    by default: one line saying so (not 'missing tensor'); transformers would draw a random head."""
+    if cfg.tie_word_embeddings or "lm_head.weight" in reader or "model.embed_tokens.weight" not in reader:
+        return
+    if "tie_word_embeddings" in read_hf_config(path):  # untied on purpose: the missing tensor is the error
+        return
+    raise CheckpointError(
+        f"{path}: no 'lm_head.weight' and config.json does not set tie_word_embeddings, which "
+        f"{transformers_config_name(cfg.model_type)} defaults to false (transformers would load a random "
+        'output head); if the head is embed_tokens, add "tie_word_embeddings": true to config.json'
+    )
 
 
 def fill_new_adapters(
