@@ -49,6 +49,11 @@ def test_parse_topology():
         ("2@0.1B", "under one byte"),
         ("2@1..5GiB", "cannot read a memory size"),  # not float()'s traceback
         ("2@.GiB", "cannot read a memory size"),
+        # not 'unknown topology': the count is what is wrong
+        ("-8xH100", "the device count '-8' is not a whole number"),
+        ("1.5xH100", "the device count '1.5' is not a whole number"),
+        ("-1@1GiB", "the device count '-1' is not a whole number"),
+        ("8.0@1GiB", "the device count '8.0' is not a whole number"),
     ):
         with pytest.raises(ConfigError, match=says):
             parse_topology(odd)  # not a silent plan of 3 chips, or of this machine's devices

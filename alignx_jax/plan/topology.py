@@ -82,6 +82,11 @@ def parse_topology(name: str | None) -> Topology:
         raise ConfigError(f"topology {name!r}: at least one device")
     if m:
         return Topology(text, int(m.group(1)), parse_bytes(m.group(2)), "cpu")
+    m = re.fullmatch(r"(.+?)(x(?:h100|h200|a100|b200)|@.+)", text, re.I)
+    if m:  # -8xH100, 1.5@16GiB: a count that is no whole number, not an unknown name
+        raise ConfigError(
+            f"topology {name!r}: the device count {m.group(1)!r} is not a whole number (e.g. 8xH100, 8@16GiB)"
+        )
     raise ConfigError(
         f"unknown topology {name!r}: use v5p-64 (v4/v5e/v6e too), 8xH100 (h200/a100/b200), "
         "or N@SIZE such as 8@16GiB"
