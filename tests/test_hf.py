@@ -182,11 +182,14 @@ def test_load_decoder_config_names_the_folder_once(tmp_path):
         ("bad_json", "malformed config.json"),
         ("unsupported", "unsupported model_type 'gpt2'"),
         ("no_safetensors", "no *.safetensors"),
+        ("bin_only", "no *.safetensors files (it holds pytorch_model.bin, transformers' older format"),
         ("missing_tensor", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
         ("wrong_shape", "model.norm.weight"),
     ],
 )
 def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsys, case, needle):
+    from transformers import AutoModelForCausalLM
+
     src = tiny_hf_checkpoints["qwen2"]
     folder = str(tmp_path / "bad")
     if case != "missing_folder":
@@ -200,8 +203,15 @@ def test_import_errors_exit_1_with_one_line(tiny_hf_checkpoints, tmp_path, capsy
         cfg = json.load(open(os.path.join(folder, "config.json")))
         cfg["model_type"] = "gpt2"
         json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
-    elif case == "no_safetensors":
+    elif case in ("no_safetensors", "bin_only"):
         os.remove(os.path.join(folder, "model.safetensors"))
+    if (
+        case == "bin_only"
+    ):  # what transformers < 4.35 saved: transformers loads it, import said only the above
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+        AutoModelForCausalLM.from_pretrained(folder)
+        capsys.readouterr()
     elif case == "missing_tensor":
         _rewrite_without(folder, drop="model.layers.1.mlp.up_proj.weight")
     elif case == "wrong_shape":

@@ -61,7 +61,17 @@ class SafetensorsReader:
         else:
             files = weight_files(folder)
         if not files:
-            raise CheckpointError(f"{folder}: no *.safetensors files")
+            listed = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            # pytorch_model*.bin only: a training_args.bin beside safetensors-less files is no model
+            bins = [n for n in listed if n.startswith("pytorch_model") and n.endswith(".bin")]
+            # transformers' older pickle format: loading it needs torch, which the package does not import
+            hint = (
+                f" (it holds {bins[0]}, transformers' older format: save the model from transformers "
+                "with save_pretrained for safetensors)"
+                if bins
+                else ""
+            )
+            raise CheckpointError(f"{folder}: no *.safetensors files{hint}")
         self.entries: dict[str, tuple[str, int, Any, tuple[int, ...]]] = {}
         for name in files:
             self._read_header(os.path.join(folder, name))
