@@ -61,10 +61,23 @@ def _seed(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A path flag's value with `~` or `~user` at its start as that home (URLs and hub ids start otherwise):
+    a shell leaves `--out=~/x` as written (a `~` after `=`), and a command made a `./~` folder."""
+    return os.path.expanduser(text) if text.startswith("~") else text
+
+
+def _named_path(text: str) -> str:
+    """A `NAME=PATH` flag's value (`--benchmark`) with `_path`'s `~` expanded in its PATH."""
+    name, sep, where = text.partition("=")
+    return f"{name}{sep}{_path(where)}" if sep else text
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         dest="config_path",
+        type=_path,
         required=True,
         help="ml-collections config file (configs/*.py); then --config.KEY=VALUE (or --config.KEY VALUE) "
         "overrides",
@@ -105,9 +118,15 @@ def _matmul_args(p: argparse.ArgumentParser) -> None:
 def _add_import(sub) -> None:
     p = sub.add_parser("import", help="Hugging Face folder or GGUF file -> orbax checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", help="HF model folder (config.json + safetensors) or hub id org/name[@revision]")
-    src.add_argument("--gguf", help="llama.cpp GGUF file (llama/qwen2; dequantized, tokenizer rebuilt)")
-    p.add_argument("--out", required=True, help="output checkpoint folder: new, empty or an earlier import's")
+    src.add_argument(
+        "--hf", type=_path, help="HF model folder (config.json + safetensors) or hub id org/name[@revision]"
+    )
+    src.add_argument(
+        "--gguf", type=_path, help="llama.cpp GGUF file (llama/qwen2; dequantized, tokenizer rebuilt)"
+    )
+    p.add_argument(
+        "--out", type=_path, required=True, help="output checkpoint folder: new, empty or an earlier import's"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     p.add_argument(
         "--overwrite",
@@ -119,14 +138,18 @@ def _add_import(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="orbax checkpoint or training workdir -> Hugging Face folder")
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder (from `import`) or a training workdir"
+        "--checkpoint",
+        type=_path,
+        required=True,
+        help="checkpoint folder (from `import`) or a training workdir",
     )
     p.add_argument("--step", type=int, default=None, help="workdir step to export (default: latest)")
-    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--out", type=_path, required=True, help="output HF folder")
     _dtype_arg(p, "tensor dtype in the safetensors (default: the checkpoint's)")
     p.add_argument(
         "--results",
         action="append",
+        type=_path,
         default=None,
         metavar="RESULTS.json",
         help="`alignx eval` results for the model card's evaluation table (repeatable; default: those "
@@ -157,7 +180,7 @@ def _add_data(sub) -> None:
     pdata = sub.add_parser("data", help="data tools: check, prepare, split, contrast")
     dsub = pdata.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = dsub.add_parser("check", help="validate AlignX rows or a benchmark file; print counts")
-    p.add_argument("path", help="parquet/JSONL/JSON file or folder")
+    p.add_argument("path", type=_path, help="parquet/JSONL/JSON file or folder")
     p.add_argument("--kind", default="auto", choices=["auto", "alignx", "p-soups", "uf-p-4", "prism"])
     p.add_argument(
         "--strict",
@@ -165,26 +188,26 @@ def _add_data(sub) -> None:
         help="warnings (legal but useless rows, e.g. chosen == rejected) are errors: exit 1",
     )
     p = dsub.add_parser("prepare", help="AlignX parquet -> TFDS array_record dataset")
-    p.add_argument("--source", required=True, help="parquet/JSONL/JSON file or folder")
-    p.add_argument("--out", required=True, help="TFDS data_dir to write")
+    p.add_argument("--source", type=_path, required=True, help="parquet/JSONL/JSON file or folder")
+    p.add_argument("--out", type=_path, required=True, help="TFDS data_dir to write")
     p.add_argument(
         "--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing"
     )
     p = dsub.add_parser("split", help="split a data set into DIR/train and DIR/test")
-    p.add_argument("path")
+    p.add_argument("path", type=_path)
     p.add_argument("--by", default="prompt", choices=["prompt", "user", "row"])
     p.add_argument("--test-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_path, required=True)
     p = dsub.add_parser(
         "contrast",
         help="a two-persona file (P-SOUPS) plus each pair under the other persona with chosen and rejected swapped",
     )
-    p.add_argument("path", help="JSON list or JSONL file of exactly two opposite personas")
+    p.add_argument("path", type=_path, help="JSON list or JSONL file of exactly two opposite personas")
     p.add_argument(
         "--seed", type=_seed, default=0, help="which other-persona row lends each contrast row its context"
     )
-    p.add_argument("--out", required=True, help="file to write (the input's format)")
+    p.add_argument("--out", type=_path, required=True, help="file to write (the input's format)")
     p.add_argument(
         "--twins",
         action="store_true",
@@ -202,7 +225,7 @@ def _add_data(sub) -> None:
 
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write synthetic AlignX-schema users (parquet)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_path, required=True)
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--pairs-per-user", type=int, default=4)
     p.add_argument("--seed", type=_seed, default=0)
@@ -217,11 +240,13 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="alignment accuracy on AlignX benchmarks")
     p.add_argument(
         "--model",
+        type=_path,
         required=True,
         help="HF folder (or hub id org/name[@revision], or .gguf file) of the policy",
     )
     p.add_argument(
         "--reference",
+        type=_path,
         default="none",
         help="HF folder (or hub id) of the reference, or 'none' (the default: the policy's own log-probs, "
         "the paper's base-model rows)",
@@ -229,6 +254,7 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--benchmark",
         action="append",
+        type=_named_path,
         required=True,
         metavar="NAME=PATH",
         help="alignx|p-soups|uf-p-4|prism=PATH (repeatable)",
@@ -282,6 +308,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument(
         "--reference-scores",
+        type=_path,
         default=None,
         metavar="FILE.jsonl",
         help="the reference's log-probs from an earlier `alignx eval --per-example` of it (instead of "
@@ -307,14 +334,15 @@ def _add_eval(sub) -> None:
         auto=True,
     )
     _matmul_args(p)
-    p.add_argument("--per-example", default=None, metavar="FILE.jsonl")
-    p.add_argument("--out", required=True, metavar="RESULTS.json")
+    p.add_argument("--per-example", type=_path, default=None, metavar="FILE.jsonl")
+    p.add_argument("--out", type=_path, required=True, metavar="RESULTS.json")
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample responses with a KV cache")
     p.add_argument(
         "--model",
+        type=_path,
         required=True,
         help="HF folder, hub id (org/name[@revision]), .gguf file, checkpoint or workdir",
     )
@@ -327,12 +355,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable for a batch)")
     p.add_argument(
         "--benchmark",
+        type=_named_path,
         default=None,
         metavar="NAME=PATH",
         help="generate for every row of a benchmark file (alignx|p-soups|uf-p-4|prism=PATH) into --out",
     )
     p.add_argument(
-        "--out", default=None, metavar="FILE.jsonl", help="--benchmark output (appended, resumable)"
+        "--out",
+        type=_path,
+        default=None,
+        metavar="FILE.jsonl",
+        help="--benchmark output (appended, resumable)",
     )
     p.add_argument(
         "--limit",
@@ -358,7 +391,7 @@ def _add_generate(sub) -> None:
         help="prompts are left-truncated to this minus 513 tokens (minus half of it below 1026) as the "
         "release evaluates; the paper format puts its BOS back in front",
     )
-    p.add_argument("--persona", default=None, help="JSON file with the persona fields of a row")
+    p.add_argument("--persona", type=_path, default=None, help="JSON file with the persona fields of a row")
     p.add_argument("--method", default="none", choices=["none", "ica", "pba"])
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--greedy", action="store_true", help="argmax (the sampling flags do not apply)")
@@ -378,14 +411,15 @@ def _add_predict_preferences(sub) -> None:
     p = sub.add_parser("predict-preferences", help="predict P̃ and the profile text with the preference head")
     p.add_argument(
         "--model",
+        type=_path,
         required=True,
         help="HF folder with the preference head beside the policy (or hub id org/name[@revision], or "
         "gs:// folder), as eval's --model",
     )
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--persona", help="JSON file with one row's persona fields")
-    g.add_argument("--data", help="data set to annotate")
-    p.add_argument("--out", default=None, help="JSONL output for --data")
+    g.add_argument("--persona", type=_path, help="JSON file with one row's persona fields")
+    g.add_argument("--data", type=_path, help="data set to annotate")
+    p.add_argument("--out", type=_path, default=None, help="JSONL output for --data")
     p.add_argument("--json", action="store_true")
 
 
@@ -400,7 +434,7 @@ def _add_plan(sub) -> None:
         help="tpu: the TPU compiler (needs libtpu, no TPU); cpu: CPU stand-ins; auto (default: the "
         "config's plan.compiler): tpu for a TPU topology where libtpu is installed, else cpu",
     )
-    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--json", type=_path, default=None, metavar="OUT.json")
     p.add_argument(
         "--verbose",
         action="store_true",
@@ -411,7 +445,10 @@ def _add_plan(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="small-scale reproduction: synth -> train -> export -> eval -> report")
     p.add_argument(
-        "--out", default=None, help="output folder (default runs/demo, with --real runs/demo-real)"
+        "--out",
+        type=_path,
+        default=None,
+        help="output folder (default runs/demo, with --real runs/demo-real)",
     )
     p.add_argument(
         "--real",
@@ -421,12 +458,14 @@ def _add_demo(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets (about a minute), for tests")
     p.add_argument(
         "--model",
+        type=_path,
         default=None,
         help="with --real: the model to personalize instead of the shipped SmolLM2, an HF folder, "
         "a hub id, a .gguf file or a gs:// folder (as model.hf_path)",
     )
     p.add_argument(
         "--p-soups",
+        type=_path,
         default=None,
         help="P-SOUPS file (default: shared/benchmarks/p-soups/student_phd.json in the folder that holds this "
         "repository, not the working directory's ../shared)",
@@ -598,7 +637,7 @@ def _use_compile_cache(args: argparse.Namespace) -> None:
         given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("--config.workdir=")]
         if not given or not given[-1]:
             return  # the workdir is in the config file: the train command applies the cache itself
-        workdir = given[-1]
+        workdir = _path(given[-1])  # as the config's workdir (`config.expand_home`), not a `./~` cache
     from alignx_jax.compile_cache import use_compile_cache
 
     use_compile_cache(workdir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from alignx_jax.cli import build_parser, main
@@ -133,3 +135,82 @@ def test_one_process_commands_refuse_a_multi_process_job(argv, monkeypatch, caps
     name = " ".join(argv[:2] if argv[0] == "data" else argv[:1])
     assert len(err) == 1 and f"alignx {name} runs as one process" in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+# every path flag of every sub-command: (argv, the flag's dest, the value it holds with HOME=/h)
+PATH_FLAGS = [
+    (["import", "--hf=~/m", "--out=~/o"], {"hf": "/h/m", "out": "/h/o"}),
+    (["import", "--gguf=~/m.gguf", "--out=o"], {"gguf": "/h/m.gguf", "out": "o"}),
+    (
+        ["export", "--checkpoint=~/c", "--out=~/o", "--results=~/r.json", "--results=r2.json"],
+        {"checkpoint": "/h/c", "out": "/h/o", "results": ["/h/r.json", "r2.json"]},
+    ),
+    (["data", "check", "~/d.json"], {"path": "/h/d.json"}),
+    (["data", "prepare", "--source=~/s", "--out=~/o"], {"source": "/h/s", "out": "/h/o"}),
+    (["data", "split", "~/d.json", "--out=~/o"], {"path": "/h/d.json", "out": "/h/o"}),
+    (["data", "contrast", "~/d.json", "--out=~/o.json"], {"path": "/h/d.json", "out": "/h/o.json"}),
+    (["synth", "--out=~/o"], {"out": "/h/o"}),
+    (["train", "--config=~/c.py"], {"config_path": "/h/c.py"}),
+    (["plan", "--config=~/c.py", "--json=~/p.json"], {"config_path": "/h/c.py", "json": "/h/p.json"}),
+    (
+        [
+            "eval",
+            "--model=~/m",
+            "--reference=~/r",
+            "--benchmark=p-soups=~/b.json",
+            "--benchmark=alignx=gs://b/~/x",
+            "--reference-scores=~/s.jsonl",
+            "--per-example=~/e.jsonl",
+            "--out=~/o.json",
+        ],
+        {
+            "model": "/h/m",
+            "reference": "/h/r",
+            "benchmark": ["p-soups=/h/b.json", "alignx=gs://b/~/x"],
+            "reference_scores": "/h/s.jsonl",
+            "per_example": "/h/e.jsonl",
+            "out": "/h/o.json",
+        },
+    ),
+    (
+        ["generate", "--model=~/m", "--benchmark=prism=~/b", "--out=~/o.jsonl", "--persona=~/p.json"],
+        {"model": "/h/m", "benchmark": "prism=/h/b", "out": "/h/o.jsonl", "persona": "/h/p.json"},
+    ),
+    (
+        ["predict-preferences", "--model=~/m", "--data=~/d", "--out=~/o.jsonl"],
+        {"model": "/h/m", "data": "/h/d", "out": "/h/o.jsonl"},
+    ),
+    (
+        ["predict-preferences", "--model=org/m", "--persona=~/p.json"],
+        {"model": "org/m", "persona": "/h/p.json"},
+    ),
+    (
+        ["demo", "--out=~/o", "--model=~/m", "--p-soups=~/p.json"],
+        {"out": "/h/o", "model": "/h/m", "p_soups": "/h/p.json"},
+    ),
+    (["eval", "--model=gs://b/m", "--benchmark=alignx=a~", "--out=o~"], {"model": "gs://b/m", "out": "o~"}),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, held", PATH_FLAGS, ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else ""
+)
+def test_every_path_flag_expands_a_home_tilde(argv, held, monkeypatch):
+    """`--out=~/x`: bash leaves a `~` after `=` as written, and a command made a `./~/x` folder (or found
+    "no such file"); every path flag expands it as the shell would (`~user` too), URLs and hub ids stay."""
+    monkeypatch.setenv("HOME", "/h")
+    args = build_parser().parse_args(argv)
+    assert {k: getattr(args, k) for k in held} == held
+    root_home = os.path.expanduser("~root")  # a `~user` every system knows
+    assert build_parser().parse_args(["synth", "--out=~root/x"]).out == os.path.join(root_home, "x")
+    assert not root_home.startswith("~")
+
+
+def test_an_out_under_a_home_tilde_is_written_in_that_home(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--out=~/w", "--users", "2", "--pairs-per-user", "1"]) == 0
+    assert (home / "w" / "data.parquet").is_file() and not (tmp_path / "~").exists()
+    capsys.readouterr()

@@ -97,3 +97,12 @@ def test_demo_caches_in_its_output_unless_turned_off(tmp_path):
     assert used(tmp_path / "a") == str(tmp_path / "a" / ".jax_cache")
     assert used(tmp_path / "b", ALIGNX_COMPILE_CACHE="0") in ("None", "")
     assert used(tmp_path / "c", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine")) == str(tmp_path / "mine")
+
+
+def test_a_home_tilde_workdir_caches_in_that_home(tmp_path):
+    """`--config.workdir=~/W` (a `~` the shell leaves after `=`): the config expands it, and the cache the
+    command line chose before it went to a `./~/W/.jax_cache` folder of the working directory."""
+    home = tmp_path / "home"
+    used = _probe(tmp_path, "train", "--config.workdir=~/W", HOME=str(home))
+    assert used == str(home / "W" / ".jax_cache")
+    assert os.listdir(home / "W" / ".jax_cache") and not (tmp_path / "~").exists()
