@@ -95,7 +95,7 @@ def check_out(out: str, settings: dict[str, Any]) -> None:
         return
     path = os.path.join(out, "demo_settings.json")
     before = read_json(path) if os.path.isfile(path) else settings
-    if before != settings:
+    if _placed(before) != _placed(settings):
         what = repr(before)  # not a settings object at all (null, a list)
         if isinstance(before, dict):  # what changed, as `alignx generate` words it (a key it had not: None)
             keys = (*before, *(k for k in settings if k not in before))
@@ -110,6 +110,15 @@ def check_out(out: str, settings: dict[str, Any]) -> None:
             f"--out {out}: not empty and not a demo folder (holds {paths.listing(foreign)}); use a new or "
             "empty folder"
         )
+
+
+def _placed(settings: Any) -> Any:
+    """`settings` with each local path (`psoups`, a `model` folder) as the place it names (`paths.place`):
+    one file reached through a link or another checkout's `../shared` link is the same input, and a
+    folder recorded before settings held real paths still matches."""
+    if not isinstance(settings, dict):
+        return settings
+    return {k: paths.place(v) if isinstance(v, str) and os.path.isabs(v) else v for k, v in settings.items()}
 
 
 def claim_out(out: str, settings: dict[str, Any]) -> None:
@@ -497,12 +506,13 @@ def run_demo(
     budget = Budget(quick)
     out = os.path.abspath(out)
     psoups = os.path.abspath(psoups or DEFAULT_PSOUPS)
-    if psoups != os.path.abspath(DEFAULT_PSOUPS) and not os.path.isfile(psoups):
+    # the default reached through a link (another checkout's ../shared) is still the default: skipped if absent
+    if paths.place(psoups) != paths.place(DEFAULT_PSOUPS) and not os.path.isfile(psoups):
         raise DataError("--p-soups: no such file", file=psoups)
     have_psoups = os.path.isfile(psoups)
     if have_psoups:
         check_psoups(psoups)
-    settings = {"quick": quick, "seed": seed, "psoups": psoups if have_psoups else None}
+    settings = {"quick": quick, "seed": seed, "psoups": paths.place(psoups) if have_psoups else None}
     d = open_out(out, settings, {"--p-soups": psoups} if have_psoups else None)
     stages = Stages(out, _stage_names(have_psoups), progress)
     init_dir = os.path.join(d["models"], "init")

@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from alignx_jax import demo
+from alignx_jax import demo, paths
 from alignx_jax.data import contrast
 from alignx_jax.demo import (
     DEFAULT_PSOUPS,
@@ -455,10 +455,16 @@ def run_real_demo(
         if not os.path.isfile(config):
             raise ConfigError(f"demo config not found: {config} (run from a source checkout)")
     # the recipe's training file is part of what a rerun must match (a folder from the twins recipe is refused)
-    settings = {"real": True, "quick": quick, "seed": seed, "psoups": psoups, "contrast_originals": ORIGINALS}
+    settings = {
+        "real": True,
+        "quick": quick,
+        "seed": seed,
+        "psoups": paths.place(psoups),
+        "contrast_originals": ORIGINALS,
+    }
     given = None  # --model's folder, resolved and checked once, before anything is written
     if not shipped(model):  # a folder of the shipped model's runs keeps its settings
-        settings["model"] = os.path.abspath(model) if os.path.exists(model) else model  # as from any folder
+        settings["model"] = paths.place(model) if os.path.exists(model) else model  # as from any folder
         check_out(out, settings)  # a refused --out before a conversion or download
         given = model_folder(model)
     check_psoups(psoups)  # after --model's checks, before anything is written

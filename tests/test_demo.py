@@ -255,3 +255,59 @@ def test_a_rerun_whose_input_changed_is_refused(tmp_path):
     data.write_text('[{"prompt": "x"}]')
     with pytest.raises(ConfigError, match=r"--p-soups .*p.json changed"):
         check_inputs(str(out), inputs)
+
+
+def _psoups_file(path) -> str:
+    row = {
+        "prompt": "p",
+        "chosen": "a",
+        "rejected": "b",
+        "ground_truth_persona": "g",
+        "profile": "Likes science",
+    }
+    row["Pair-wise Comparative Feedback"] = [{"prompt": "q", "chosen": "c", "rejected": "d"}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([row]))
+    return str(path)
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_a_psoups_file_reached_through_a_link_is_the_same_input(tmp_path, real):
+    """A demo folder made from one checkout (its `../shared` a link, as /tmp/shared to /work/shared) was
+    refused from another as "other settings": the P-SOUPS path was compared as written. The same file
+    through a link passes on to the input check (here: refusing a rewritten file); another file is refused."""
+    from alignx_jax import demo_real
+    from alignx_jax.errors import ConfigError
+
+    given = _psoups_file(tmp_path / "shared" / "p.json")
+    other = _psoups_file(tmp_path / "shared" / "q.json")
+    (tmp_path / "link").symlink_to(tmp_path / "shared", target_is_directory=True)
+    out = tmp_path / "d"
+    (out / "stages").mkdir(parents=True)
+    (out / "stages" / "split.json").write_text("{}")  # a finished stage: a changed input is refused
+    settings = {"quick": True, "seed": 0, "psoups": str(tmp_path / "link" / "p.json")}
+    if real:
+        settings = {"real": True, **settings, "contrast_originals": demo_real.ORIGINALS}
+    (out / "demo_settings.json").write_text(json.dumps(settings))  # as the other checkout recorded it
+    (out / "demo_inputs.json").write_text(json.dumps({"--p-soups": [["p.json", 1, 1]]}))
+    run = demo_real.run_real_demo if real else demo.run_demo
+    with pytest.raises(ConfigError, match=r"--p-soups .*p.json changed since this folder's first run"):
+        run(str(out), quick=True, seed=0, psoups=given, progress=False)
+    with pytest.raises(ConfigError, match=r"other settings \(psoups '.*/p.json', now '.*/shared/q.json'\)"):
+        run(str(out), quick=True, seed=0, psoups=other, progress=False)
+
+
+def test_the_default_psoups_through_a_link_is_still_the_default(tmp_path, monkeypatch):
+    """The default file missing is skipped (the demo runs without its P-SOUPS part); given through a link
+    (another checkout's `../shared`) it was "--p-soups: no such file"."""
+    from alignx_jax.errors import ConfigError, DataError
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "shared", target_is_directory=True)
+    monkeypatch.setattr(demo, "DEFAULT_PSOUPS", str(tmp_path / "shared" / "missing.json"))
+    out = tmp_path / "afile.txt"  # refused next, before any stage: the check above passed
+    out.write_text("mine")
+    with pytest.raises(ConfigError, match="a file, not a folder"):
+        demo.run_demo(str(out), quick=True, psoups=str(tmp_path / "link" / "missing.json"), progress=False)
+    with pytest.raises(DataError, match="no such file"):  # another missing file is no default
+        demo.run_demo(str(out), quick=True, psoups=str(tmp_path / "shared" / "other.json"), progress=False)
