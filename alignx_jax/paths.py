@@ -196,6 +196,17 @@ def place(p: str) -> str:
     return p.rstrip("/") if is_url(p) else os.path.realpath(p)
 
 
+def same_place(a: Any, b: Any) -> bool:
+    """Whether two recorded inputs name one place (`place`: a relative, linked or trailing-'/' spelling of
+    it is the same input, another file is not); a URL and a local path never meet, a dict (`{"scores":
+    FILE}`) compares key by key, anything else (None, a number) as it is."""
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        return a == b or (is_url(a) == is_url(b) and place(a) == place(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_place(a[k], b[k]) for k in a)
+    return a == b
+
+
 def within(p: str, folder: str) -> bool:
     """Whether `p` is the place `folder` or lies inside it (`place`; a URL and a local path never meet)."""
     if is_url(p) != is_url(folder):

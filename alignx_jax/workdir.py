@@ -88,9 +88,14 @@ def is_free(key: str, free: Iterable[str] = FREE_KEYS) -> bool:
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], *, free: Iterable[str] = FREE_KEYS) -> list[str]:
     """Dotted keys whose value differs between two config dicts, minus the free ones. Only keys both name
-    are compared: a key added by a newer version is absent from an older run's config.json."""
+    are compared: a key added by a newer version is absent from an older run's config.json. An input path
+    (`config.PATH_KEYS`) differs when it names another place (`paths.same_place`), not another spelling."""
+    from alignx_jax.config import PATH_KEYS
+
     a, b = flatten(old), flatten(new)
-    return [k for k in sorted(set(a) & set(b)) if a[k] != b[k] and not is_free(k, free)]
+    # an input path as another spelling of the same place (relative, linked, a trailing '/') is no change
+    same = {k: paths.same_place(a[k], b[k]) if k in PATH_KEYS else a[k] == b[k] for k in set(a) & set(b)}
+    return [k for k in sorted(same) if not same[k] and not is_free(k, free)]
 
 
 # what `alignx train` writes in W (besides LOCK_FILE and W/.jax_cache): a folder that holds any of these

@@ -1211,6 +1211,43 @@ def test_a_users_data_folder_in_the_workdir_is_an_input_not_a_clash(tmp_path):
         check_run_folder(str(tmp_path), writes_data=True)
 
 
+def test_a_resume_takes_its_inputs_in_any_spelling_and_refuses_other_ones(tmp_path, monkeypatch):
+    """W/config.json records data.train and model.hf_path as given: a resume naming the same file absolute,
+    relative, through a link or with a trailing '/' was 'resuming with a different config'; another file,
+    or another hub id, still is."""
+    from alignx_jax.errors import ConfigError
+    from alignx_jax.workdir import check_config_change
+
+    (tmp_path / "data").mkdir()
+    for name in ("d.jsonl", "e.jsonl"):
+        (tmp_path / "data" / name).write_text("{}\n")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    w = tmp_path / "w"
+    w.mkdir()
+
+    def config(train: str, hf_path: str) -> dict:
+        return {
+            "data": {"train": train},
+            "model": {"hf_path": hf_path, "tokenizer": None},
+            "loss": {"beta": 0.1},
+        }
+
+    (w / "config.json").write_text(json.dumps(config("data/d.jsonl", "m")))
+    for train, hf_path in (
+        (str(tmp_path / "data" / "d.jsonl"), str(tmp_path / "m") + "/"),
+        ("link/d.jsonl", "./m"),
+        ("./data//d.jsonl", "link/../m"),
+    ):
+        assert check_config_change(str(w), config(train, hf_path), allow=False) == []
+    with pytest.raises(ConfigError, match=r"data.train \('data/d.jsonl' -> 'link/e.jsonl'\)"):
+        check_config_change(str(w), config("link/e.jsonl", "m"), allow=False)
+    (w / "config.json").write_text(json.dumps(config("data/d.jsonl", "org/a")))
+    with pytest.raises(ConfigError, match=r"model.hf_path \('org/a' -> 'org/b'\)"):
+        check_config_change(str(w), config("data/d.jsonl", "org/b"), allow=False)
+
+
 def test_a_workdir_inside_a_runs_own_folders_is_refused(tmp_path):
     """W/checkpoints of another run (or a folder inside it) as a workdir: the new run's files land among
     that run's checkpoints."""

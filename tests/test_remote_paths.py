@@ -962,3 +962,27 @@ def test_within_compares_places_by_name(tmp_path):
     assert not paths.within("gs://b/data", str(tmp_path))
     # an output named with a trailing '/' is still the input folder itself
     assert paths.refuse_inside_inputs("--out", "gs://b/in/", [("--data", "gs://b/in")]) is not None
+
+
+def test_same_place_is_one_input_however_it_is_spelled(tmp_path, monkeypatch):
+    """`paths.same_place`, what the resume checks compare recorded inputs with: a relative, linked or
+    trailing-'/' spelling of a place is that place; another file, or a URL against a local path, is not."""
+    from alignx_jax import paths
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "d.json").write_text("[]")
+    (tmp_path / "src" / "e.json").write_text("[]")
+    (tmp_path / "link").symlink_to(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    real = str(tmp_path / "src" / "d.json")
+    for spelling in ("src/d.json", "./src//d.json", str(tmp_path / "link" / "d.json"), "link/../src/d.json"):
+        assert paths.same_place(spelling, real), spelling
+    assert paths.same_place(str(tmp_path / "src") + "/", "link")
+    assert not paths.same_place("src/e.json", real) and not paths.same_place("src/d.jsonx", real)
+    assert paths.same_place("gs://b/w/", "gs://b/w") and not paths.same_place("gs://b/w", "gs://b/wx")
+    assert not paths.same_place("gs://b/w", "gs:/b/w")  # a local folder named so, not the bucket
+    assert paths.same_place({"scores": "src/d.json"}, {"scores": real})
+    assert not paths.same_place({"scores": real}, {"scores": real, "x": 1}) and not paths.same_place(
+        None, real
+    )
+    assert paths.same_place(None, None) and not paths.same_place("", ".")
