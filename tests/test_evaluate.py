@@ -1279,3 +1279,34 @@ def test_the_max_length_the_warning_names_is_the_largest_whose_rows_fit(prompt_f
     for positions in (256, 257, 1000, 2048, 2051, 4096):
         fits = fitting_max_length(positions, prompt_format)
         assert longest(fits) <= positions < longest(fits + 1), (positions, fits)
+
+
+def test_a_resume_takes_the_model_and_reference_through_a_link(tmp_path):
+    """A --per-example row names its model and reference folders (absolute): a resume naming the same folders
+    through a link was 'scored with another model'; other folders and another dtype are still refused."""
+    from types import SimpleNamespace
+
+    from alignx_jax.errors import DataError
+    from alignx_jax.evaluate.run import _check_resumed
+
+    for name in ("m", "r", "other"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "lm").symlink_to(tmp_path / "m")
+    (tmp_path / "lr").symlink_to(tmp_path / "r")
+    ex = SimpleNamespace(prompt_ids=[1], chosen_ids=[2], rejected_ids=[3])
+    stored = {"benchmark": "p-soups", "persona": None, "index": 0, "prompt_ids": [1], "chosen_ids": [2]}
+    stored.update(rejected_ids=[3], ref_logp_chosen=-1.0, model=str(tmp_path / "m"))
+    stored.update(reference=str(tmp_path / "r"), dtype="float32")
+
+    def resume(model: str, reference: str, dtype: str = "float32") -> None:
+        scored_with = {"reference": str(tmp_path / reference), "dtype": dtype}
+        _check_resumed(stored, ex, True, "per.jsonl", model=str(tmp_path / model), scored_with=scored_with)
+
+    resume("lm", "lr")
+    resume("m", "lr")
+    with pytest.raises(DataError, match="scored with another model"):
+        resume("other", "r")
+    with pytest.raises(DataError, match="scored with another reference"):
+        resume("m", "other")
+    with pytest.raises(DataError, match=r"scored with another dtype \(float32, now bfloat16\)"):
+        resume("lm", "lr", "bfloat16")

@@ -130,13 +130,17 @@ def _check_resumed(
 ) -> None:
     """A resumed row must describe the same model, reference and dtype (rows of older files name none), token
     ids and reference setting as this run."""
-    if model is not None and stored.get("model") not in (None, model):
+    # the folder through a link or another spelling is the same model (`paths.same_place`)
+    if model is not None and stored.get("model") is not None and not paths.same_place(stored["model"], model):
         raise DataError(
             f"row {key_of(stored)} was scored with another model ({stored['model']}); use a new --per-example file",
             file=path,
         )
     for key, value in (scored_with or {}).items():  # the ids alone do not say which reference or dtype
-        if key in stored and stored[key] != value:
+        if key not in stored:
+            continue
+        # the reference folder (or scores file) through a link or another spelling is the same reference
+        if not (paths.same_place(stored[key], value) if key == "reference" else stored[key] == value):
             raise DataError(
                 f"row {key_of(stored)} was scored with another {key} ({stored[key]}, now {value}); use a new "
                 "--per-example file",
