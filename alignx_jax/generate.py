@@ -422,7 +422,7 @@ def _model_identity(model: str, dtype: str | None) -> dict[str, Any]:
     import os
 
     local = not paths.is_url(model) and os.path.exists(model)
-    return {"model": os.path.realpath(model) if local else model, "dtype": dtype}
+    return {"model": paths.place(model) if local or paths.is_url(model) else model, "dtype": dtype}
 
 
 def _other_job(
@@ -443,6 +443,8 @@ def _other_job(
     if done.get("prompt") != prompt:
         return f"for another prompt than {where}"
     before = done.get("settings")
+    if isinstance(before, dict) and paths.is_url(before.get("model") or ""):  # recorded with its trailing '/'
+        before = {**before, "model": paths.place(before["model"])}
     if before is not None and before != settings:
         changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
         return (

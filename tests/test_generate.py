@@ -632,3 +632,30 @@ def test_a_split_folder_benchmark_is_refused_as_eval_refuses_it(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds the split folders train/, test/: name the one to score" in err[0], err
     assert f"{split}/test" in err[0] and not out.exists()
+
+
+def test_a_resume_takes_its_model_in_any_spelling(tmp_path):
+    """A --benchmark file's rows record their model by place: a gs:// folder recorded with its trailing
+    '/' (as earlier versions wrote it) or a local folder through a link is the same model; another is not."""
+    from alignx_jax.generate import _model_identity, _other_job
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    done = {"method": "none", "prompt_format": "paper", "prompt": "p"}
+    job = {"method": "none", "fmt": "paper", "prompt": "p", "where": "row 0"}
+    for recorded, given in (
+        ("gs://b/m/", "gs://b/m"),
+        ("gs://b/m", "gs://b/m/"),
+        (str(tmp_path / "m"), "link"),
+    ):
+        settings = _model_identity(str(tmp_path / given) if given == "link" else given, "float32")
+        assert (
+            _other_job(
+                {**done, "settings": {"model": recorded, "dtype": "float32"}}, settings=settings, **job
+            )
+            is None
+        )
+    other = _model_identity("gs://b/other/", "float32")
+    assert other["model"] == "gs://b/other"
+    said = _other_job({**done, "settings": {"model": "gs://b/m/", "dtype": "float32"}}, settings=other, **job)
+    assert said == "with other settings (model 'gs://b/m', now 'gs://b/other')"
