@@ -94,7 +94,7 @@ def cli_import(args) -> int:
 
     check_import_target(args.out, bool(getattr(args, "overwrite", False)))
     src = resolve_model_folder(args.hf, "--hf")  # a local folder, or a hub id's snapshot in the HF cache
-    if os.path.realpath(src) == os.path.realpath(args.out):
+    if paths.same_place(src, args.out):
         raise CheckpointError(f"--out {args.out}: is the --hf folder itself; import into another folder")
     if os.path.isdir(os.path.join(src, "checkpoints")) and model_card.read_run_config(src) is not None:
         raise CheckpointError(
@@ -241,7 +241,8 @@ def _check_target(
             f"--out {out}: holds {paths.listing(foreign)}, weights no export wrote, which transformers would "
             "load instead of the export or with it; remove them or choose another folder"
         )
-    if not overwrite and (manifest is None or manifest.get("source") != source):
+    # by place: `gs://b/w/` (as an earlier version recorded it) is the export of `gs://b/w`
+    if not overwrite and (manifest is None or not paths.same_place(manifest.get("source"), source)):
         if manifest is not None:
             raise CheckpointError(
                 f"--out {out}: holds an export of {manifest.get('source')}; pass --overwrite to "
@@ -398,8 +399,8 @@ def trained_prompt_format(folder: str) -> str | None:
 
 
 def _export_source(checkpoint: str) -> str:
-    """The checkpoint as the export manifest names it (a URL stays a URL)."""
-    return paths.absolute(checkpoint) if paths.is_url(checkpoint) else os.path.realpath(checkpoint)
+    """The checkpoint as the export manifest names it: its place (a URL stays a URL, less a trailing '/')."""
+    return paths.place(checkpoint)
 
 
 def _export_inputs(checkpoint: str, res: ResolvedCheckpoint):

@@ -986,3 +986,16 @@ def test_same_place_is_one_input_however_it_is_spelled(tmp_path, monkeypatch):
         None, real
     )
     assert paths.same_place(None, None) and not paths.same_place("", ".")
+
+
+def test_an_export_of_a_bucket_checkpoint_is_its_own_however_the_url_ends():
+    """The export manifest names its checkpoint by place: `--checkpoint gs://b/w/` and `gs://b/w` are one
+    source (an export into a folder of the other was 'holds an export of'); another checkpoint is not."""
+    from alignx_jax import export
+    from alignx_jax.errors import CheckpointError
+
+    assert export._export_source(f"{BUCKET}/w/") == export._export_source(f"{BUCKET}/w") == f"{BUCKET}/w"
+    manifest = {"source": f"{BUCKET}/w/", "files": ["config.json"]}  # as an earlier version recorded it
+    assert export._check_target("hf", ["config.json"], manifest, f"{BUCKET}/w", False) == {"config.json"}
+    with pytest.raises(CheckpointError, match=f"holds an export of {BUCKET}/w/; pass --overwrite"):
+        export._check_target("hf", ["config.json"], manifest, f"{BUCKET}/wx", False)
