@@ -105,16 +105,13 @@ def _refuse_inputs_inside(out: str, inputs: list[str], dests: list[str]) -> None
     it; else it would sit beside the train/ and test/ written there, a folder every reader refuses
     (`schema.split_folders`), so `data split DIR --out DIR` would spoil its own input folder."""
 
-    def key(p: str) -> str:
-        return p if paths.is_url(p) else os.path.realpath(p)
-
-    ins = {key(p): p for p in inputs}
-    for d in dests:  # by resolved path: a symlinked OUT/train can lead outside `out`
-        if key(d) in ins:
-            raise DataError("--out would overwrite this input file; choose another --out", file=ins[key(d)])
-    url = paths.is_url(out)
-    root = out.rstrip("/") + "/" if url else os.path.realpath(out).rstrip(os.sep) + os.sep
-    inside = [p for p in inputs if paths.is_url(p) == url and key(p).startswith(root)]
+    ins = {paths.place(p): p for p in inputs}
+    for d in dests:  # by place: a symlinked OUT/train can lead outside `out`
+        if paths.place(d) in ins:
+            raise DataError(
+                "--out would overwrite this input file; choose another --out", file=ins[paths.place(d)]
+            )
+    inside = [p for p in inputs if paths.within(p, out) and paths.place(p) != paths.place(out)]
     if inside:
         raise DataError(
             f"--out {out} holds the input file {inside[0]}: the train/ and test/ written beside it would make "
