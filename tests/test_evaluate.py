@@ -712,6 +712,31 @@ def test_resume_refuses_rows_of_another_reference_or_dtype(capsys, ica_run, llam
     assert len(part.read_text().splitlines()) == 2  # nothing of the refused runs was appended
 
 
+def test_resume_refuses_rows_of_another_matmul_precision(capsys, ica_run, llama, tmp_path):
+    """The level --matmul-precision resolved to is recorded in every row: a resume at another level is refused
+    in one line naming the file and both levels; rows of older files, which name none, are resumed as rows
+    without a dtype are."""
+    level = ica_run["results"]["matmul_precision"]
+    assert {r["matmul_precision"] for r in ica_run["rows"]} == {level}
+    other = "high" if level != "high" else "highest"
+    part = tmp_path / "per.jsonl"
+    two = open(ica_run["per"], encoding="utf-8").read().splitlines()[:2]
+    part.write_text("\n".join(two) + "\n", encoding="utf-8")
+    argv = ["--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", str(LIMIT)]
+    argv += ["--max-length", str(MAX_LEN), "--batch-size", "4", "--per-example", str(part)]
+    argv += ["--out", str(tmp_path / "r.json"), "--matmul-precision", other]
+    code, _, err = _run(capsys, *argv)
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+    assert code == 1 and len(errors) == 1, err
+    assert str(part) in errors[0] and f"another matmul_precision ({level}, now {other})" in errors[0]
+    assert part.read_text().splitlines() == two  # nothing of the refused run was appended
+    old = [{k: v for k, v in json.loads(line).items() if k != "matmul_precision"} for line in two]
+    part.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
+    assert _run(capsys, *argv)[0] == 0
+    rows = _read_jsonl(part)
+    assert len(rows) == LIMIT and rows[:2] == old and {r["matmul_precision"] for r in rows[2:]} == {other}
+
+
 # ----------------------------------------------------------------------------- AlignX rows, flip
 
 

@@ -128,15 +128,15 @@ def _check_resumed(
     model: str | None = None,
     scored_with: dict[str, Any] | None = None,
 ) -> None:
-    """A resumed row must describe the same model, reference and dtype (rows of older files name none), token
-    ids and reference setting as this run."""
+    """A resumed row must describe the same model, reference, dtype and matmul precision (rows of older files
+    name none), token ids and reference setting as this run."""
     # the folder through a link or another spelling is the same model (`paths.same_place`)
     if model is not None and stored.get("model") is not None and not paths.same_place(stored["model"], model):
         raise DataError(
             f"row {key_of(stored)} was scored with another model ({stored['model']}); use a new --per-example file",
             file=path,
         )
-    for key, value in (scored_with or {}).items():  # the ids alone do not say which reference or dtype
+    for key, value in (scored_with or {}).items():  # the ids alone name no reference, dtype or precision
         if key not in stored:
             continue
         # the reference folder (or scores file) through a link or another spelling is the same reference
@@ -211,7 +211,8 @@ class _Scoring:
     progress: bool
     model: str  # the policy folder, absolute: every per-example row records it
     dtypes: dict[str, str]  # the models' resolved compute and parameter dtypes, recorded in results
-    scored_with: dict[str, Any]  # the reference and compute dtype: every per-example row records them
+    # the reference, compute dtype and matmul precision: every per-example row records them
+    scored_with: dict[str, Any]
 
 
 def _check_inputs(
@@ -584,6 +585,8 @@ def evaluate(
         per_key: dict[str, dict[str | None, list[dict]]] = {}
         # the programs are traced inside: JAX reads the level then
         with hardware.matmul_precision(matmul_precision, sc.dtypes["dtype"]) as level:
+            # decided only now (auto reads the dtype): rows of another level would mix silently on a resume
+            sc.scored_with["matmul_precision"] = level
             for spec, sample in data:
                 for persona in resolve_personas(
                     settings.persona, spec.name, method=settings.method, preference=settings.preference
