@@ -1112,6 +1112,55 @@ def test_reference_scores_file_equals_scoring_the_reference(llama, tmp_path, cap
     assert code == 1 and len(errors) == 1 and "base.jsonl" in errors[0] and "example" in errors[0]
 
 
+def test_reference_scores_of_another_dtype_precision_or_max_length_are_refused(llama, tmp_path, capsys):
+    """The same token ids give other log-probs at another compute dtype or matmul precision, and another
+    --max-length cuts other ids: each is refused in one line naming the file and what differs, before anything
+    is written. Rows of older files, which record neither setting, are taken as a resume takes them."""
+    from conftest import build_tiny_hf
+
+    policy = build_tiny_hf(
+        "llama", str(tmp_path / "policy"), seed=5
+    )  # another model: the point of a reference
+    base_per = tmp_path / "base.jsonl"
+    common = ["--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", "2"]
+    argv = ["--model", llama, *common, "--max-length", str(MAX_LEN), "--per-example", str(base_per)]
+    capsys.readouterr()  # the model build's progress bars
+    assert _run(capsys, *argv, "--out", str(tmp_path / "base.json"))[0] == 0
+    level = json.loads((tmp_path / "base.json").read_text())["matmul_precision"]
+    other = "high" if level != "high" else "highest"
+    run = [
+        "--model",
+        policy,
+        *common,
+        "--reference-scores",
+        str(base_per),
+        "--per-example",
+        str(tmp_path / "p.jsonl"),
+    ]
+    run += ["--out", str(tmp_path / "r.json")]
+    for flags, says in (
+        (
+            ["--max-length", str(MAX_LEN), "--dtype", "bfloat16"],
+            "scored with another dtype (float32, now bfloat16)",
+        ),
+        (
+            ["--max-length", str(MAX_LEN), "--matmul-precision", other],
+            f"scored with another matmul_precision ({level}, now {other})",
+        ),
+        (["--max-length", "512"], "was scored on other token ids"),  # P-SOUPS rows are cut at 256
+    ):
+        code, _, err = _run(capsys, *run, *flags)
+        errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+        assert code == 1 and len(errors) == 1 and str(base_per) in errors[0] and says in errors[0], err
+        assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "r.json").exists()
+    rows = _read_jsonl(base_per)
+    old = [{k: v for k, v in r.items() if k not in ("dtype", "matmul_precision")} for r in rows]
+    base_per.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
+    assert _run(capsys, *run, "--max-length", str(MAX_LEN), "--matmul-precision", other)[0] == 0
+    got = {r["index"]: r["ref_logp_chosen"] for r in _read_jsonl(tmp_path / "p.jsonl")}
+    assert got == {r["index"]: r["logp_chosen"] for r in rows}
+
+
 def test_a_persona_variant_no_row_has_is_warned(capsys, llama, tmp_path):
     """P-SOUPS rows carry history pairs, no comments: --persona ugc scores empty personas, and says so."""
     argv = ["--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--persona", "ugc,pair"]

@@ -355,19 +355,18 @@ def _resumed(
 
 def _scorers_for(sc: _Scoring, spec: BenchmarkSpec, persona: str | None, todo_ex: list, ica_by_index: dict):
     """The policy's scorer, then the reference's: a model, stored scores, or either on the ICA prompt."""
-    run_scorers = (
-        sc.scorers
+    if not sc.ica_reference:
+        if sc.ref_scores is None:
+            return sc.scorers
+        return [*sc.scorers, sc.ref_scores.scorer(spec.key, persona, todo_ex, sc.scored_with)]
+    ref_scorer = (
+        sc.scorers[1]
         if sc.ref_scores is None
-        else [*sc.scorers, sc.ref_scores.scorer(spec.key, persona, todo_ex)]
-    )
-    if sc.ica_reference:
-        ref_scorer = (
-            sc.scorers[1]
-            if sc.ref_scores is None
-            else sc.ref_scores.scorer(spec.key, persona or "p", [ica_by_index[ex.index] for ex in todo_ex])
+        else sc.ref_scores.scorer(
+            spec.key, persona or "p", [ica_by_index[ex.index] for ex in todo_ex], sc.scored_with
         )
-        run_scorers = [sc.scorers[0], scoring.scorer_on(ref_scorer, ica_by_index, pad_id=sc.pad_id)]
-    return run_scorers
+    )
+    return [sc.scorers[0], scoring.scorer_on(ref_scorer, ica_by_index, pad_id=sc.pad_id)]
 
 
 def _score_todo(

@@ -21,7 +21,7 @@ class StoredScores:
     """`--reference-scores FILE`: the reference model's log-probs from an earlier `alignx eval
     --per-example FILE` of that model on the same benchmark, prompts and persona, so a reference
     scored once serves every policy trained from it. Read only; a row must carry the same token
-    ids as this run's example."""
+    ids as this run's example and its dtype and matmul precision (`SAME_SETTINGS`)."""
 
     def __init__(self, path: str):
         if not paths.is_file(path):  # a bucket's file too: `eval --per-example gs://...` writes one
@@ -32,9 +32,17 @@ class StoredScores:
         if cut is not None:  # a cut last line: the rows before it stand
             print(f"alignx: warning: {path}: line {cut} is cut short; ignored", file=sys.stderr)
 
-    def scorer(self, benchmark: str, persona: str | None, examples: Sequence[Any]) -> Callable:
-        """A scorer (batch -> float64 [2B], as SequenceScorer) that looks the batch's examples up."""
-        by_index = {int(ex.index): ex for ex in examples}
+    def scorer(
+        self,
+        benchmark: str,
+        persona: str | None,
+        examples: Sequence[Any],
+        scored_with: dict[str, Any] | None = None,
+    ) -> Callable:
+        """A scorer (batch -> float64 [2B], as SequenceScorer) that looks the batch's examples up. Every
+        example's row is checked first, before anything is scored: it must exist, hold the example's token ids
+        and have been scored at the `scored_with` values of `SAME_SETTINGS` it records (this run's)."""
+        found = {int(ex.index): self._row(benchmark, persona, ex, scored_with or {}) for ex in examples}
 
         def score(batch: dict[str, np.ndarray]) -> np.ndarray:
             B = batch["pair_mask"].shape[0]
@@ -42,27 +50,46 @@ class StoredScores:
             for k, i in enumerate(int(x) for x in batch["index"]):
                 if i < 0:  # a dummy pair
                     continue
-                row = self.rows.get((benchmark, persona, i))
-                if row is None:
-                    raise DataError(
-                        f"no reference row for benchmark {benchmark!r}, persona {persona!r}, example {i}",
-                        file=self.path,
-                    )
-                ex = by_index[i]
-                if (row.get("prompt_ids"), row.get("chosen_ids"), row.get("rejected_ids")) != (
-                    list(ex.prompt_ids),
-                    list(ex.chosen_ids),
-                    list(ex.rejected_ids),
-                ):
-                    raise DataError(
-                        f"example {i} was scored on other token ids (prompt format, method, tokenizer "
-                        "or max length differ)",
-                        file=self.path,
-                    )
+                row = found[i]
                 out[k], out[B + k] = row["logp_chosen"], row["logp_rejected"]
             return out
 
         return score
+
+    def _row(self, benchmark: str, persona: str | None, ex: Any, scored_with: dict[str, Any]) -> dict:
+        """The row of one example, refused where it cannot stand for the reference on this run's pair."""
+        i = int(ex.index)
+        row = self.rows.get((benchmark, persona, i))
+        if row is None:
+            raise DataError(
+                f"no reference row for benchmark {benchmark!r}, persona {persona!r}, example {i}",
+                file=self.path,
+            )
+        # the ids are the cut ones: another --max-length, prompt format, method or persona shows here
+        if (row.get("prompt_ids"), row.get("chosen_ids"), row.get("rejected_ids")) != (
+            list(ex.prompt_ids),
+            list(ex.chosen_ids),
+            list(ex.rejected_ids),
+        ):
+            raise DataError(
+                f"example {i} was scored on other token ids (prompt format, method, tokenizer "
+                "or max length differ)",
+                file=self.path,
+            )
+        for key in SAME_SETTINGS:  # rows of older files name none: taken as they are, as a resume takes them
+            if key in row and key in scored_with and row[key] != scored_with[key]:
+                raise DataError(
+                    f"example {i} was scored with another {key} ({row[key]}, now {scored_with[key]}); score "
+                    "the reference with this run's settings",
+                    file=self.path,
+                )
+        return row
+
+
+# What a --reference-scores row must share with this run besides its token ids: the same ids give other
+# log-probs at another compute dtype or matmul precision (`--reference DIR` loads at this run's), so the
+# reward's difference would carry rounding, not training. Its model and its own reference may differ.
+SAME_SETTINGS: tuple[str, ...] = ("dtype", "matmul_precision")
 
 
 # ----------------------------------------------------------------------------- scoring
