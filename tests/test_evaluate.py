@@ -1252,6 +1252,55 @@ def test_benchmark_rows_know_their_file_and_a_split_folder_is_refused(tmp_path):
         benchmark_sample("uf-p-4", str(tmp_path / "split"))
 
 
+def test_a_benchmark_folder_reports_each_file_beside_the_pooled_entry(capsys, llama, tmp_path):
+    """`--benchmark uf-p-4=DIR` of several files: the pooled `uf-p-4` entry as before, then one `uf-p-4:FILE`
+    entry per file whose rows were scored (`.2` for a second file of one name), named with its file in
+    `benchmark_paths`; a resumed run reports the same."""
+    with open(PSOUPS, encoding="utf-8") as f:
+        src = json.load(f)
+    # UF-P-4's shape: the task, the responses and history pairs (the first rows: one persona, short prompts)
+    rows = [
+        {k: r[k] for k in ("prompt", "chosen", "rejected", "Pair-wise Comparative Feedback")} for r in src[:7]
+    ]
+    folder = tmp_path / "ufp4"
+    (folder / "sub").mkdir(parents=True)
+    layout = {"helpfulness.json": rows[:3], "honesty.json": rows[3:5], "sub/helpfulness.json": rows[5:]}
+    for name, part in layout.items():
+        (folder / name).write_text(json.dumps(part), encoding="utf-8")
+    out, per = tmp_path / "r.json", tmp_path / "per.jsonl"
+    argv = [
+        "--model",
+        llama,
+        "--benchmark",
+        f"uf-p-4={folder}",
+        "--method",
+        "ica",
+        "--max-length",
+        str(MAX_LEN),
+    ]
+    argv += ["--per-example", str(per), "--out", str(out)]
+    code, printed, err = _run(capsys, *argv)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    keys = ["uf-p-4", "uf-p-4:helpfulness", "uf-p-4:honesty", "uf-p-4:helpfulness.2"]
+    assert list(res["benchmarks"]) == keys
+    assert res["benchmark_paths"] == dict(zip(keys, [str(folder), *(str(folder / n) for n in layout)]))
+    assert set(res["persona"]) == set(keys)
+    correct = [r["correct"] for r in sorted(_read_jsonl(per), key=lambda r: r["index"])]
+    assert {r["benchmark"] for r in _read_jsonl(per)} == {"uf-p-4"}  # the rows stay the folder's
+    for key, (lo, hi) in zip(keys, [(0, 7), (0, 3), (3, 5), (5, 7)]):
+        entry = res["benchmarks"][key]
+        assert entry["n"] == hi - lo and entry["accuracy"] == pytest.approx(np.mean(correct[lo:hi]))
+        assert any(line.startswith(key + " ") for line in printed.splitlines())
+    assert _run(capsys, *argv)[0] == 0  # every row resumed
+    assert json.loads(out.read_text())["benchmarks"] == res["benchmarks"]
+    # --limit 2 samples two of the three files: the third has no entry
+    code, _, err = _run(capsys, *argv[:-4], "--limit", "2", "--out", str(tmp_path / "two.json"))
+    two = json.loads((tmp_path / "two.json").read_text())["benchmarks"]
+    assert code == 0 and two["uf-p-4"]["n"] == 2 and len(two) == 3
+    assert all(two[k]["n"] == 1 for k in list(two)[1:])
+
+
 def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():
     """`--preference golden|profile` with a profile that is not the preference space's labels: the text
     as it is (no direction to report); `--flip` needs the labels and names the file and row."""

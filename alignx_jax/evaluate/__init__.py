@@ -19,7 +19,8 @@ Choices made here (docs/method.md leaves them open):
     When the prompt does not depend on the persona (--method none, or pba with the golden P~) each
     benchmark is scored once and reported without a persona level;
   * a benchmark NAME given twice (e.g. two UF-P-4 files) is reported per file as `NAME:FILE` plus
-    the pooled `NAME`;
+    the pooled `NAME`; a folder of several files (a UF-P-4 folder) is reported as its key (pooled) plus
+    `KEY:FILE` for each file some scored row is in (`.2`, ... where two files share a name);
   * `--flip` reports, besides the overall accuracy, the accuracy on the pairs whose P~ is
     non-neutral on at least one flipped dimension (`involved`) and on the others (`rest`);
   * PBA's P~ (`--preference`): `golden` = the row's `Preference Direction` (else its `profile`),

@@ -344,6 +344,7 @@ def _resumed(
                     stored["ref_logp_rejected"],
                     sc.settings.beta,
                 ),
+                "index": ex.index,
                 "flip_involved": inv,
                 "group": persona_group(rows[ex.index]),
                 "truncated": ex.truncated,
@@ -475,12 +476,55 @@ def _score_persona(
     return outcomes
 
 
+def _folder_files(
+    benchmarks: Sequence[BenchmarkSpec], data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]]
+) -> dict[str, dict[str, str]]:
+    """Per benchmark key scored from a folder of several files (a UF-P-4 folder): `KEY:FILE` (the file's name
+    less its extension; `.2`, ... where two share one) -> the file, for the files some scored row is in, in the
+    folder's order. A key never repeats a benchmark key or a pooled NAME."""
+    used = {spec.key for spec in benchmarks} | {spec.name for spec in benchmarks}
+    out: dict[str, dict[str, str]] = {}
+    for spec, sample in data:
+        if len({f for f, _ in sample.places}) < 2:
+            continue
+        # picks are in file order, so the files come in the folder's order
+        files = list(dict.fromkeys(sample.places[i][0] for i in sample.picks))
+        keys: dict[str, str] = {}
+        for f in files:
+            stem = os.path.splitext(os.path.basename(f))[0]
+            key, k = f"{spec.key}:{stem}", 2
+            while key in used:
+                key, k = f"{spec.key}:{stem}.{k}", k + 1
+            used.add(key)
+            keys[key] = f
+        out[spec.key] = keys
+    return out
+
+
+def _per_file(
+    per_key: dict[str, dict[str | None, list[dict]]],
+    data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]],
+    files: dict[str, dict[str, str]],
+) -> dict[str, dict[str | None, list[dict]]]:
+    """The outcomes of each `_folder_files` key: its folder's outcomes of the rows in its file."""
+    out: dict[str, dict[str | None, list[dict]]] = {}
+    for spec, sample in data:
+        for key, f in files.get(spec.key, {}).items():
+            out[key] = {
+                persona: [o for o in outs if sample.places[o["index"]][0] == f]
+                for persona, outs in per_key[spec.key].items()
+            }
+    return out
+
+
 def _summaries(
     benchmarks: Sequence[BenchmarkSpec],
     per_key: dict[str, dict[str | None, list[dict]]],
     settings: EvalSettings,
+    files: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per benchmark key (per persona where there are several); a NAME given twice also pooled."""
+    """Accuracy per benchmark key (per persona where there are several); a NAME given twice also pooled;
+    a folder's files (`files`, from `_folder_files`; their outcomes in `per_key`) each after its folder's."""
     summaries: dict[str, Any] = {}
     by_name: dict[str, list[BenchmarkSpec]] = {}
     for spec in benchmarks:
@@ -493,7 +537,11 @@ def _summaries(
                 for persona, outs in by_persona.items():
                     pooled.setdefault(persona, []).extend(outs)
             entries = [(name, pooled)] + entries
-        for key, by_persona in entries:
+        with_files = []
+        for key, by_persona in entries:  # a folder's own files after it: the folder's entry stays their pool
+            with_files.append((key, by_persona))
+            with_files += [(f, per_key[f]) for f in (files or {}).get(key, {})]
+        for key, by_persona in with_files:
             nested = name == "alignx" and list(by_persona) != [None] or len(by_persona) > 1
             if nested:
                 summaries[key] = {
@@ -504,23 +552,35 @@ def _summaries(
     return summaries
 
 
-def _results_header(model_dir: str, benchmarks: Sequence[BenchmarkSpec], sc: _Scoring) -> dict[str, Any]:
-    """The settings a results file records beside its accuracies."""
+def _results_header(
+    model_dir: str,
+    benchmarks: Sequence[BenchmarkSpec],
+    sc: _Scoring,
+    files: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The settings a results file records beside its accuracies; a folder's file keys (`_folder_files`)
+    are named with their file and their folder's personas."""
     settings = sc.settings
+    files = files or {}
     return {
         "model": paths.absolute(model_dir),
         "reference": sc.scored_with["reference"],
         # the file or folder each benchmark key scored (a key alone does not say which P-SOUPS file)
-        "benchmark_paths": {spec.key: paths.absolute(spec.path) for spec in benchmarks},
+        "benchmark_paths": {
+            key: paths.absolute(path)
+            for spec in benchmarks
+            for key, path in [(spec.key, spec.path), *files.get(spec.key, {}).items()]
+        },
         "method": settings.method,
         # resolved per benchmark key; null where the prompt does not depend on the persona
         "persona": {
-            spec.key: _none_if_independent(
+            key: _none_if_independent(
                 resolve_personas(
                     settings.persona, spec.name, method=settings.method, preference=settings.preference
                 )
             )
             for spec in benchmarks
+            for key in [spec.key, *files.get(spec.key, {})]
         },
         "preference": settings.preference if settings.method == "pba" else None,
         "reference_prompt": ("ica" if sc.ica_reference else "same") if sc.has_ref else None,
@@ -597,9 +657,12 @@ def evaluate(
         if per_example_log is None:
             log.close()
 
-    results = _results_header(model_dir, benchmarks, sc)
+    files = _folder_files(benchmarks, data)
+    results = _results_header(model_dir, benchmarks, sc, files)
     results["matmul_precision"] = level
-    results["benchmarks"] = _summaries(benchmarks, per_key, settings)
+    results["benchmarks"] = _summaries(
+        benchmarks, {**per_key, **_per_file(per_key, data, files)}, settings, files
+    )
     if sc.predicted is not None:
         results["preference_head"] = sc.predicted.describe()
     return results
