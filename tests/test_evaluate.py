@@ -1202,8 +1202,15 @@ def test_a_file_that_is_not_a_per_example_file_is_refused_not_truncated(tmp_path
     from alignx_jax.evaluate import PerExampleLog, parse_per_example
 
     row = json.dumps({"benchmark": "p-soups", "persona": "p", "index": 3, "logp_chosen": -1.0}).encode()
-    rows, good, cut = parse_per_example([row, b'{"benchmark": "p-so'], "f")
-    assert list(rows) == [("p-soups", "p", 3)] and good == len(row) + 1 and cut == 2
+    for head in (b'{"benchmark": "p-so', b"{", b'{"'):  # cut anywhere, down to the row's first byte
+        rows, good, cut = parse_per_example([row, head], "f")
+        assert list(rows) == [("p-soups", "p", 3)] and good == len(row) + 1 and cut == 2
+    part = tmp_path / "cut.jsonl"
+    part.write_bytes(row + b"\n{")
+    log = PerExampleLog(str(part))
+    log.close()
+    assert list(log.rows) == [("p-soups", "p", 3)]
+    assert part.read_bytes() == row + b"\n"  # the cut head is gone, the next row is appended after it
     notes = tmp_path / "notes.txt"
     for text in ("my precious notes", '{"a": 1}', f"{row.decode()}\nnot json at the end"):
         notes.write_text(text)

@@ -229,7 +229,8 @@ def parse_per_example(
             if bad:  # nothing non-finite is loaded (a NaN would pass as a wrong decision)
                 raise DataError(f"line {lineno}: {bad[0]} is {row[bad[0]]}; give a new file", file=path)
         except ValueError as e:
-            cut = raw.lstrip().startswith(b'{"') and isinstance(e, json.JSONDecodeError)
+            # a kill may cut a row anywhere, down to its opening brace
+            cut = raw.lstrip().startswith(b"{") and isinstance(e, json.JSONDecodeError)
             if cut and all(not r.strip() for r in lines[lineno:]):  # the rows before a cut last line stand
                 return rows, good_bytes, lineno
             raise DataError(
