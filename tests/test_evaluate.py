@@ -1238,6 +1238,45 @@ def test_a_non_finite_log_prob_in_a_per_example_file_is_refused(tmp_path):
         PerExampleLog(str(tmp_path), flag="--out")
 
 
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ({"logp_rejected": "-1.5"}, "line 2: logp_rejected is '-1.5', not a number; give a new file"),
+        ({"ref_logp_chosen": [1.0]}, "line 2: ref_logp_chosen is [1.0], not a number; give a new file"),
+        ({"index": "two"}, "line 2: not a per-example row (invalid literal"),
+        ({"index": None}, "line 2: not a per-example row (int() argument"),
+        ({"persona": ["p"]}, "line 2: not a per-example row (unhashable type"),
+    ],
+)
+def test_a_per_example_row_of_the_wrong_types_is_one_line(tmp_path, edit, says):
+    """A row edited by hand: a log-prob that is no number, an index that is no integer (it failed as a
+    traceback where the rows are keyed or the log-probs summed) is refused naming its line."""
+    from alignx_jax.errors import DataError
+
+    row = {"benchmark": "p-soups", "persona": "p", "index": 0, "logp_chosen": -1.0, "logp_rejected": -2.0}
+    path = tmp_path / "per.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "index": 1, **edit}) + "\n")
+    with pytest.raises(DataError) as e:
+        ev.PerExampleLog(str(path))
+    assert f"per.jsonl: {says}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_resumed_or_reference_row_without_its_log_probs_is_one_line(capsys, ica_run, llama, tmp_path):
+    """A row without a log-prob eval needs (hand-edited) is refused in one line naming the file and the field,
+    on a resume and in --reference-scores (a KeyError traceback before)."""
+    rows = [dict(r) for r in ica_run["rows"]]
+    del rows[1]["logp_rejected"]
+    part = tmp_path / "per.jsonl"
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    base = ["--model", llama, "--benchmark", f"p-soups={PSOUPS}", "--method", "ica", "--limit", str(LIMIT)]
+    base += ["--max-length", str(MAX_LEN), "--out", str(tmp_path / "r.json")]
+    for flags in (["--per-example", str(part)], ["--reference-scores", str(part)]):
+        code, _, err = _run(capsys, *base, *flags)
+        errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+        assert code == 1 and len(errors) == 1, err
+        assert str(part) in errors[0] and "has no logp_rejected" in errors[0]
+
+
 def test_benchmark_rows_know_their_file_and_a_split_folder_is_refused(tmp_path):
     """A benchmark folder's rows carry (file, row there) for errors; an `alignx data split` output
     (train/ beside test/) is refused, since scoring it whole would score its training half."""

@@ -228,7 +228,13 @@ def parse_per_example(
             bad = [k for k in LOGP_KEYS if isinstance(row.get(k), float) and not math.isfinite(row[k])]
             if bad:  # nothing non-finite is loaded (a NaN would pass as a wrong decision)
                 raise DataError(f"line {lineno}: {bad[0]} is {row[bad[0]]}; give a new file", file=path)
-        except ValueError as e:
+            odd = [k for k in LOGP_KEYS if row.get(k) is not None and not _is_number(row[k])]
+            if odd:  # read as a number by every use (a string or a list would fail there as a traceback)
+                raise DataError(
+                    f"line {lineno}: {odd[0]} is {row[odd[0]]!r}, not a number; give a new file", file=path
+                )
+            rows[key_of(row)] = row  # an index that is no integer or a persona that is a list fails here
+        except (ValueError, TypeError) as e:
             # a kill may cut a row anywhere, down to its opening brace
             cut = raw.lstrip().startswith(b"{") and isinstance(e, json.JSONDecodeError)
             if cut and all(not r.strip() for r in lines[lineno:]):  # the rows before a cut last line stand
@@ -237,8 +243,17 @@ def parse_per_example(
                 f"line {lineno}: not a per-example row ({e}); give a new file", file=path
             ) from None
         good_bytes += len(raw) + (0 if last else 1)
-        rows[key_of(row)] = row
     return rows, good_bytes, None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def missing_logps(row: dict, with_reference: bool) -> list[str]:
+    """The log-prob fields a row scored with (or without) a reference must hold and does not (a row edited by
+    hand, or written by something else: eval writes them all)."""
+    return [k for k in (LOGP_KEYS if with_reference else LOGP_KEYS[:2]) if row.get(k) is None]
 
 
 LOGP_KEYS = ("logp_chosen", "logp_rejected", "ref_logp_chosen", "ref_logp_rejected")

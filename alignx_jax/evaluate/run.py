@@ -23,7 +23,14 @@ from alignx_jax.evaluate.options import (
     resolve_personas,
 )
 from alignx_jax.evaluate.profiles import PredictedPreferences, file_profile, golden_profile
-from alignx_jax.evaluate.results import LOGP_KEYS, PerExampleLog, is_correct, key_of, summarize
+from alignx_jax.evaluate.results import (
+    LOGP_KEYS,
+    PerExampleLog,
+    is_correct,
+    key_of,
+    missing_logps,
+    summarize,
+)
 from alignx_jax.hardware import resolve_dtype
 from alignx_jax.models.safetensors_io import holds_safetensors
 
@@ -159,6 +166,9 @@ def _check_resumed(
             "max length or reference); use a new --per-example file",
             file=path,
         )
+    missing = missing_logps(stored, has_ref)
+    if missing:
+        raise DataError(f"row {key_of(stored)} has no {missing[0]}; use a new --per-example file", file=path)
 
 
 def parameter_count(folder: str | None) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.errors import DataError
-from alignx_jax.evaluate.results import KEY_FIELDS, parse_per_example
+from alignx_jax.evaluate.results import KEY_FIELDS, missing_logps, parse_per_example
 
 # Upper bound on the float32 logits one chunk of `sequence_logps` may hold (elements).
 _LOGITS_BUDGET: int = 1 << 27
@@ -76,6 +76,9 @@ class StoredScores:
                 "or max length differ)",
                 file=self.path,
             )
+        missing = missing_logps(row, with_reference=False)
+        if missing:
+            raise DataError(f"example {i} has no {missing[0]}", file=self.path)
         for key in SAME_SETTINGS:  # rows of older files name none: taken as they are, as a resume takes them
             if key in row and key in scored_with and row[key] != scored_with[key]:
                 raise DataError(
