@@ -1464,7 +1464,14 @@ def test_a_resume_takes_the_model_and_reference_through_a_link(tmp_path):
     (tmp_path / "lr").symlink_to(tmp_path / "r")
     ex = SimpleNamespace(prompt_ids=[1], chosen_ids=[2], rejected_ids=[3])
     stored = {"benchmark": "p-soups", "persona": None, "index": 0, "prompt_ids": [1], "chosen_ids": [2]}
-    stored.update(rejected_ids=[3], ref_logp_chosen=-1.0, model=str(tmp_path / "m"))
+    stored.update(
+        rejected_ids=[3],
+        ref_logp_chosen=-1.0,
+        ref_logp_rejected=-2.0,
+        logp_chosen=-1.0,
+        logp_rejected=-2.0,
+        model=str(tmp_path / "m"),
+    )
     stored.update(reference=str(tmp_path / "r"), dtype="float32")
 
     def resume(model: str, reference: str, dtype: str = "float32") -> None:
