@@ -91,6 +91,19 @@ class MetadataFailure(logging.Filter):
         return not str(record.msg).startswith("Failed to get item metadata")
 
 
+class _SaveFailureReport(logging.Filter):
+    """Drops orbax's tracebacks of a failed background save (its commit thread's and its finalize thread's,
+    a full disk's say): the `TrainCheckpointer` save, wait or close that meets the error next raises it as
+    one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (
+            "Commit callback in background save thread" in msg
+            or "[wait_until_finished] Save Finalize thread" in msg
+        )
+
+
 def _quiet_closed_loop_callbacks() -> None:
     """The same after-effect reaches Python from tensorstore's threads (sys.excepthook or the unraisable
     hook, depending on the path): those hooks skip it and pass everything else on."""
@@ -111,6 +124,7 @@ def _quiet_closed_loop_callbacks() -> None:
 
 _quiet_closed_loop_callbacks()
 logging.getLogger("absl").addFilter(_ItemMetadataNotice())  # orbax logs through absl
+logging.getLogger("absl").addFilter(_SaveFailureReport())
 
 
 def first_line(e: BaseException) -> str:

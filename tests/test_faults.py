@@ -10,8 +10,10 @@ its export at random moments.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -584,6 +586,41 @@ def test_disk_full_during_training_is_one_line_and_the_rerun_completes(tmp_path)
     r = _train(w)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(_losses(w)) == [1, 2, 3, 4] and _steps(w) == [2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full_at", [2, 4])
+def test_a_checkpoint_write_failing_in_the_background_is_one_line(
+    base_run, tmp_path, monkeypatch, caplog, full_at
+):
+    """A full disk under an asynchronous save fails in orbax's background threads (the error meets the next
+    save, or the wait at the end): one line, not their two logged tracebacks before it; the steps saved
+    before stay, and the same command then ends where an uninterrupted run does."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    from alignx_jax.checkpointing import saved_checksums
+
+    commit = async_checkpointer._background_wait_for_commit_futures
+
+    def disk_full_at_one_step(directory, *args, **kwargs):
+        if os.path.basename(str(directory)).split(".")[0] == str(full_at):  # the step (or its tmp folder)
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(str(directory), "d"))
+        return commit(directory, *args, **kwargs)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full_at_one_step)
+    w = tmp_path / "W"
+    r = _train(w)
+    _one_error(r, "No space left on device", str(w))
+    logged = [rec.getMessage()[:200] for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert not logged, logged
+    assert _steps(w) == [s for s in (2,) if s < full_at]
+    monkeypatch.undo()
+    r = _train(w)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(_losses(w)) == [1, 2, 3, 4] and _steps(w) == [2, 4]
+    for item in ("params", "opt_state"):
+        got, want = (saved_checksums(str(x / "checkpoints"), 4, item) for x in (w, base_run))
+        assert got == want, item
 
 
 @pytest.mark.slow
