@@ -348,6 +348,8 @@ class TrainCheckpointer:
         )
         if head is not None:  # an item left out of the Composite is simply not written for this step
             items["head"] = ocp.args.StandardSave(head)
+        # orbax waits for the previous save first: its failed write is named as that, not as this step's
+        self.wait()
         try:
             self._mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # a full disk, or an earlier async save that failed

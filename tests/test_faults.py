@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -610,7 +611,8 @@ def test_a_checkpoint_write_failing_in_the_background_is_one_line(
     monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full_at_one_step)
     w = tmp_path / "W"
     r = _train(w)
-    _one_error(r, "No space left on device", str(w))
+    line = _one_error(r, "a checkpoint write failed", "No space left on device", str(w))
+    assert re.findall(r"checkpoints/(\d+)", line) == [str(full_at)], line  # the step whose write failed
     logged = [rec.getMessage()[:200] for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert not logged, logged
     assert _steps(w) == [s for s in (2,) if s < full_at]
