@@ -916,6 +916,33 @@ def test_a_failed_resume_leaves_the_config_of_its_checkpoints(run_copy):
     assert "(step 4 of 6)" in r.stderr
 
 
+def test_synthetic_users_cut_before_their_fingerprint_are_written_again(tmp_path, monkeypatch):
+    """A kill after W/data was renamed into place but before W/data.fingerprint was written left data that
+    no fingerprint names, which is kept as data from before fingerprints: a rerun with other synthetic users
+    (no step saved yet, so no resume to refuse it) then trained on the killed run's users."""
+    from alignx_jax import workdir as workdir_lib
+    from alignx_jax.config import load_config
+    from alignx_jax.data import sources
+    from alignx_jax.train.setup import ensure_data
+
+    class Killed(Exception):
+        pass
+
+    def killed(path, value):
+        raise Killed(path)
+
+    w = str(tmp_path / "W")
+    cfg = lambda users: load_config(TINY, [f"--config.workdir={w}", f"--config.data.synth_users={users}"])
+    with monkeypatch.context() as m:
+        m.setattr(workdir_lib, "write_fingerprint", killed)
+        with pytest.raises(Killed):
+            ensure_data(cfg(4), w, True)
+    data = ensure_data(cfg(8), w, True)
+    rows = len(sources.open_source(data))
+    assert rows == 8 * cfg(8).data.synth_pairs_per_user, rows
+    assert os.path.isfile(data + ".fingerprint")  # named now: a later change of settings is seen
+
+
 def test_resuming_on_other_synthetic_users_is_refused_even_when_allowed(tmp_path):
     """data.synth_users changed on resume with train.allow_config_change: W/data was rewritten under the
     checkpoints that trained on it and the resume then failed on the loader's row count; now one line,

@@ -77,13 +77,15 @@ def _write_synth(cfg: ml_collections.ConfigDict, out: str, key: str, *, write: b
         synth.write_world(world, tmp)
         workdir_lib.forget_fingerprint(out)
         shutil.rmtree(out, ignore_errors=True)  # W/data is the run's own (written here from data.synth_*)
+        # named before the rename: a kill between the two leaves no data (written again), never data that
+        # no fingerprint names (kept as data from before fingerprints, whatever the settings)
+        workdir_lib.write_fingerprint(out, key)
         try:
             os.replace(tmp, out)
         except OSError:  # another process of this machine renamed its same data first
             shutil.rmtree(tmp, ignore_errors=True)
             if not os.path.exists(os.path.join(out, "data.parquet")):
                 raise
-        workdir_lib.write_fingerprint(out, key)
 
 
 def sync(name: str) -> None:
