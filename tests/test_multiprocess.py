@@ -510,7 +510,31 @@ def test_pairs_that_do_not_split_over_the_processes_are_one_line(tmp_path):
         "of 2 processes; make train.micro_batch a multiple of 8"
     )
     assert r.returncode == 1 and logs.count(want) == 2 and "Traceback" not in logs, r.stderr[-2000:] + logs
-    assert not (w / "checkpoints").exists() or not os.listdir(w / "checkpoints")
+    assert not w.exists()  # refused before the workdir was taken (it held a lock and synthetic data)
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before_the_workdir(tmp_path):
+    """train.global_batch=6 in microbatches of 3 over 2 processes: 3 pairs a process are no whole number of
+    its 2 microbatches. One line on each process, exit 1, and the workdir never created (it was refused after
+    process 0 took it and wrote the synthetic users there)."""
+    w = tmp_path / "w"
+    r = two_processes(
+        [
+            "train",
+            *TRAIN,
+            "--config.train.steps=1",
+            "--config.train.global_batch=6",
+            "--config.train.micro_batch=3",
+            f"--config.workdir={w}",
+        ],
+        str(tmp_path / "cache"),
+        tmp_path / "logs",
+        timeout=240,
+    )
+    logs = _logs(tmp_path / "logs")
+    want = "alignx: error: train.global_batch=6 must split evenly over 2 processes and 2 microbatches"
+    assert r.returncode == 1 and logs.count(want) == 2 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert not w.exists()
 
 
 def test_a_pba_head_over_an_fsdp_axis_across_processes_fits_like_one_process(tmp_path):

@@ -95,6 +95,24 @@ class _StoppedInStartUp(Exception):
     """SIGTERM/SIGINT before the first step: nothing to save, exit 0."""
 
 
+def batch_split_error(cfg: ml_collections.ConfigDict, mesh, rules) -> AlignXError | None:
+    """The one-line error of a global batch that does not split over the processes and microbatches, or of a
+    microbatch whose pairs do not split over the processes' batch shards (None when both split)."""
+    gb, pc = int(cfg.train.global_batch), jax.process_count()
+    num_micro = gb // int(cfg.train.micro_batch or gb)
+    if gb % pc or (gb // pc) % num_micro:
+        return ConfigError(
+            f"train.global_batch={gb} must split evenly over {pc} processes and {num_micro} microbatches"
+        )
+    if cfg.data.packing:  # put_batch checks packed rows, whose count the data decides
+        return None
+    try:
+        check_microbatch_split(gb // num_micro, mesh, rules)
+    except AlignXError as e:
+        return e
+    return None
+
+
 class Trainer(TrainerCheckpoints):
     """One run of `alignx train`. `run` calls the phases in order; every phase reads and sets attributes."""
 
@@ -202,6 +220,8 @@ class Trainer(TrainerCheckpoints):
                 "use --config.model.attention_impl=auto (cudnn where it applies) or xla"
             )
         self.rules = rules_from_config(cfg)
+        # before the workdir is taken: a batch that cannot split left W holding its lock and synthetic data
+        distributed.agree(batch_split_error(cfg, self.mesh, self.rules), "checking the batch split")
         # before the workdir is taken: a model folder without tokenizer files left W holding only its lock
         self.tokenizer, self.tokenizer_dir = load_tokenizer_for(cfg)
         self.workdir = paths.absolute(cfg.workdir)
@@ -241,11 +261,6 @@ class Trainer(TrainerCheckpoints):
             contrast.check_twins(rows, file=self.data_path, where=self.source.where)
         self.gb = gb = int(cfg.train.global_batch)
         self.num_micro = gb // int(cfg.train.micro_batch or gb)
-        if gb % self.pc or (gb // self.pc) % self.num_micro:
-            raise ConfigError(
-                f"train.global_batch={gb} must split evenly over {self.pc} processes and "
-                f"{self.num_micro} microbatches"
-            )
         self.seed = int(cfg.train.seed)
         self.joint = joint_head(cfg)
         self.two_stage = two_stage_head(cfg)
@@ -257,10 +272,6 @@ class Trainer(TrainerCheckpoints):
         self.persona_length = int(cfg.pba.max_persona_tokens) if self.joint else None
         pad_id = int(self.tokenizer.pad_token_id)
         self.builder = BatchBuilder.from_config(cfg, self.mesh, pad_id, head=self.joint, rules=self.rules)
-        # a microbatch's pairs must split over the processes: checked now, before the first batch
-        # (put_batch checks packed rows, whose count the data decides)
-        if not self.builder.packing:
-            check_microbatch_split(gb // self.num_micro, self.mesh, self.rules)
         # the loader's own message names its arguments (pairs_per_batch, drop_remainder), not config keys
         if sources.shard_rows(len(self.source), self.pc, twins=bool(cfg.data.twins)) < gb // self.pc:
             hosts = f" over {self.pc} processes" if self.pc > 1 else ""
