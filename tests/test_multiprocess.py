@@ -537,6 +537,36 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_before
     assert not w.exists()
 
 
+def test_a_packed_run_whose_tensor_axis_spans_the_processes_is_refused_before_the_workdir(tmp_path):
+    """data.packing on mesh.tensor=8 over 2 processes of 4 devices: its one batch shard cannot be split
+    between them. One line on each, exit 1, and no workdir (packed rows skipped the start-up check: the line
+    came at the first step, after the reference, config.json and the synthetic users were written)."""
+    w = tmp_path / "w"
+    r = two_processes(
+        [
+            "train",
+            *TRAIN,
+            *MP_MODES.SHARED,
+            "--config.data.packing=true",
+            "--config.train.steps=1",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=1",
+            "--config.mesh.tensor=8",
+            f"--config.workdir={w}",
+        ],
+        str(tmp_path / "cache"),
+        tmp_path / "logs",
+        timeout=240,
+    )
+    logs = _logs(tmp_path / "logs")
+    want = (
+        "alignx: error: the mesh's data*fsdp=1 batch shards do not split over 2 processes: make "
+        "mesh.data*mesh.fsdp a multiple of 2 (mesh.tensor must not span processes)"
+    )
+    assert r.returncode == 1 and logs.count(want) == 2 and "Traceback" not in logs, r.stderr[-2000:] + logs
+    assert not w.exists()
+
+
 def test_a_pba_head_over_an_fsdp_axis_across_processes_fits_like_one_process(tmp_path):
     """`pba.mode=two_stage`, `pba.preference=mix` on `mesh.fsdp=8` over 2 processes (tiny_pba.py's own
     fsdp=-1 mesh, as a pod's): the backbone's pooled persona features come back sharded over both processes'

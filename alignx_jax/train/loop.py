@@ -96,18 +96,20 @@ class _StoppedInStartUp(Exception):
 
 
 def batch_split_error(cfg: ml_collections.ConfigDict, mesh, rules) -> AlignXError | None:
-    """The one-line error of a global batch that does not split over the processes and microbatches, or of a
-    microbatch whose pairs do not split over the processes' batch shards (None when both split)."""
+    """The one-line error of a global batch that does not split over the processes and microbatches, of a
+    microbatch whose pairs do not split over the processes' batch shards, or of batch shards that do not
+    split over the processes (None when all split)."""
     gb, pc = int(cfg.train.global_batch), jax.process_count()
     num_micro = gb // int(cfg.train.micro_batch or gb)
     if gb % pc or (gb // pc) % num_micro:
         return ConfigError(
             f"train.global_batch={gb} must split evenly over {pc} processes and {num_micro} microbatches"
         )
-    if cfg.data.packing:  # put_batch checks packed rows, whose count the data decides
-        return None
+    # data.packing: the data decides a microbatch's rows (put_batch checks them); the mesh's layout is checked
+    # now, with one row per batch shard
+    rows = int(mesh.shape["data"] * mesh.shape["fsdp"]) if cfg.data.packing else gb // num_micro
     try:
-        check_microbatch_split(gb // num_micro, mesh, rules)
+        check_microbatch_split(rows, mesh, rules)
     except AlignXError as e:
         return e
     return None
