@@ -659,3 +659,31 @@ def test_a_resume_takes_its_model_in_any_spelling(tmp_path):
     assert other["model"] == "gs://b/other"
     said = _other_job({**done, "settings": {"model": "gs://b/m/", "dtype": "float32"}}, settings=other, **job)
     assert said == "with other settings (model 'gs://b/m', now 'gs://b/other')"
+
+
+def test_a_benchmark_resume_drops_a_last_row_cut_at_any_byte(tiny_hf_checkpoints, tmp_path, capsys):
+    """A kill mid-write may leave any head of --out's last row, down to its `{` alone (which was refused
+    as a line that is not a row, so the run could not resume): the head is dropped and the row generated
+    again, as an uninterrupted run wrote it."""
+    from alignx_jax.evaluate import PerExampleLog
+
+    rows = [{"prompt": f"task {i}", "chosen": "a", "rejected": "b"} for i in range(2)]
+    bench = tmp_path / "uf.json"
+    bench.write_text(json.dumps(rows))
+    out = tmp_path / "gen.jsonl"
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"uf-p-4={bench}"]
+    argv += ["--out", str(out), "--max-new-tokens", "2", "--greedy"]
+    assert main(argv) == 0
+    full = out.read_bytes()
+    first, last = full.splitlines(keepends=True)
+    for cut in range(1, len(last) - 1):  # every head of the last row short of its closing brace
+        out.write_bytes(first + last[:cut])
+        log = PerExampleLog(str(out), flag="--out", kind="generate")
+        log.close()
+        assert [k[2] for k in log.rows] == [json.loads(first)["index"]], last[:cut]
+        assert out.read_bytes() == first, last[:cut]
+    out.write_bytes(first + b"{")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "1 rows generated, 2 in all" in capsys.readouterr().out
+    assert out.read_bytes() == full

@@ -235,8 +235,9 @@ def parse_per_example(
                 )
             rows[key_of(row)] = row  # an index that is no integer or a persona that is a list fails here
         except (ValueError, TypeError) as e:
-            # a kill may cut a row anywhere, down to its opening brace
-            cut = raw.lstrip().startswith(b"{") and isinstance(e, json.JSONDecodeError)
+            head = raw.strip()
+            # a kill may cut a row anywhere, down to its opening brace (`{` alone: the head of a row all the same)
+            cut = (head == b"{" or head.startswith(b'{"')) and isinstance(e, json.JSONDecodeError)
             if cut and all(not r.strip() for r in lines[lineno:]):  # the rows before a cut last line stand
                 return rows, good_bytes, lineno
             raise DataError(
