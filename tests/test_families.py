@@ -1,5 +1,5 @@
 """Mistral, Qwen3, Gemma and Gemma 2 vs transformers: float32 logits (left padding, sliding windows, soft-capping),
-KV-cache decoding, and the import/export round trip that transformers loads."""
+KV-cache decoding, greedy generation, and the import/export round trip that transformers loads."""
 
 from __future__ import annotations
 
@@ -220,6 +220,26 @@ def test_kv_cache_with_window_matches_full_forward(models, kind, per_layer):
     for t in range(4):
         logits, cache = step(ours, extra[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache)
         assert _rel(logits[:, 0], np.asarray(full[:, 9 + t])) < 1e-5
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generation_matches_transformers_generate(models, kind, per_layer):
+    """`generate`'s greedy tokens, scanned and per-layer decoding, equal transformers' `generate` on each
+    prompt alone: a 3-token prompt left-padded beside a 40-token one (across the 32-token bucket), and
+    20 new tokens, far past the 5-token windows."""
+    from alignx_jax.generate import generate
+
+    ours, hf = models[kind]
+    rng = np.random.default_rng(2)
+    prompts = [[int(t) for t in rng.integers(6, 4000, size=n)] for n in (3, 40)]
+    got = generate(ours, None, prompts, max_new_tokens=20, greedy=True, stop_ids=[9999], per_layer=per_layer)
+    for p, g in zip(prompts, got):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert g == out[0, len(p) :].tolist()
 
 
 def test_softcapped_attention_gradients_match_autodiff():
