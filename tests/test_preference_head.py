@@ -607,6 +607,28 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"alignx: error: --model: model folder not found: {missing}"
 
 
+def test_predict_preferences_json_summary_is_strict_json(world, exported, tmp_path, capsys):
+    """A metric with nothing to count (non-neutral accuracy when every gold direction is neutral) is NaN:
+    --json printed it as `NaN`, which is not JSON (jq, JSON.parse refuse it); it is null, as in eval's
+    results, and the table still shows nan."""
+    from alignx_jax.cli import main
+
+    out, _, _ = exported
+    data = tmp_path / "neutral.jsonl"
+    data.write_text("".join(json.dumps({**r, "Preference Direction": [0.5] * 90}) + "\n" for r in world[:3]))
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} in the --json summary")
+
+    argv = ["predict-preferences", "--model", out, "--data", str(data), "--out", str(tmp_path / "p.jsonl")]
+    assert main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=no_nan)
+    assert summary["head"]["accuracy_non_neutral"] is None and summary["head"]["n"] == 3
+    assert summary["heuristic"]["heuristic_head_accuracy_non_neutral"] is None
+    assert main(argv) == 0
+    assert "non-neutral accuracy nan" in capsys.readouterr().out
+
+
 def test_predict_preferences_resolves_a_hub_id_as_eval_does(exported, world, tmp_path, monkeypatch, capsys):
     """predict-preferences --model resolves as eval and generate do (`presets.resolve_model_folder`): a cached
     hub id predicts as its snapshot folder does; an uncached one offline is the hub's one line (its own

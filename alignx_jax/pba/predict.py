@@ -8,6 +8,7 @@ this module joins it to `data.persona` / `data.schema`, which `models/` never im
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -226,6 +227,11 @@ def _refuse_foreign_out(args: Any) -> None:
     )
 
 
+def _nan_to_none(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A metrics block with each NaN (a class absent from gold and prediction, no non-neutral gold) None."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+
+
 def cli_predict_preferences(args: Any) -> int:
     """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
 
@@ -303,7 +309,9 @@ def cli_predict_preferences(args: Any) -> int:
     # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
     stream = sys.stdout if args.out else sys.stderr
     if as_json:
-        print(json.dumps(summary), file=stream)
+        # NaN (a metric with nothing to count) is no JSON: null, as in eval's results
+        strict = {k: _nan_to_none(v) if isinstance(v, dict) else v for k, v in summary.items()}
+        print(json.dumps(strict, allow_nan=False), file=stream)
     else:
         print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
         table = []
