@@ -379,6 +379,42 @@ def full_loss(head, features, rows, *, class_weights=None) -> float:
     return float(head_loss(logits, gold, class_weights=class_weights, normalizer=len(keep) * gold.shape[1]))
 
 
+def test_an_explicit_focal_gamma_of_zero_wins_over_the_run_configs(world):
+    """`train_head_two_stage`'s explicit arguments win over the run config's `pba` settings: focal_gamma=0.0
+    (plain CE) was taken for "not given", so the config's focal gamma trained the head instead."""
+    import types
+
+    import ml_collections
+
+    from alignx_jax.pba.head_training import train_head_two_stage
+
+    def run_config(focal_gamma):
+        return ml_collections.ConfigDict(
+            {
+                "pba": {
+                    "hidden": 16,
+                    "pooling": "mean",
+                    "max_persona_tokens": 64,
+                    "class_weights": (1.0, 1.0, 1.0),
+                    "focal_gamma": focal_gamma,
+                },
+                "data": {"persona": "p"},
+            }
+        )
+
+    backbone = types.SimpleNamespace(cfg=types.SimpleNamespace(hidden_size=8))
+    feats = np.random.default_rng(0).normal(size=(len(world), 8)).astype(np.float32)
+
+    def losses(cfg, **kw):
+        res = train_head_two_stage(backbone, None, world, cfg, features=feats, steps=3, batch_size=8, **kw)
+        return res.losses
+
+    plain, focal = losses(run_config(0.0)), losses(run_config(2.0))
+    assert plain != focal
+    assert losses(run_config(2.0), focal_gamma=0.0) == plain
+    assert losses(run_config(0.0), focal_gamma=2.0) == focal
+
+
 def test_two_stage_training_reduces_head_loss(tok, world):
     from alignx_jax.pba.head_training import head_config_for, train_head_two_stage
 

@@ -125,7 +125,7 @@ def train_head_two_stage(
     batch_size: int = 64,
     weight_decay: float = 1e-4,
     class_weights: Sequence[float] | None = None,
-    focal_gamma: float = 0.0,
+    focal_gamma: float | None = None,
     feature_batch_size: int = 8,
     seed: int = 0,
     log_every: int = 50,
@@ -141,8 +141,8 @@ def train_head_two_stage(
     pba = None if isinstance(cfg, HeadConfig) else cfg.pba
     if class_weights is None and pba is not None:
         class_weights = tuple(pba.class_weights)
-    if not focal_gamma and pba is not None:
-        focal_gamma = float(pba.focal_gamma)
+    if focal_gamma is None:  # None, not 0.0, is "not given": an explicit 0.0 (plain CE) wins too
+        focal_gamma = 0.0 if pba is None else float(pba.focal_gamma)
     gold, mask = _directions(rows)
     if not mask.any():
         raise DataError("two-stage head training: no row has a 'Preference Direction' to learn from")
