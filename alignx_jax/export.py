@@ -265,6 +265,14 @@ def _kept(out: str, entries: list[str], own: set[str], files: list[str]) -> list
             f"--out {out}: holds {paths.listing(stale)}, weights this export does not write, which "
             "transformers would load instead of it or with it; remove them or choose another folder"
         )
+    # another tokenizer's files beside this export's (a chat_template.jinja, a special_tokens_map.json)
+    # override its chat template and eos; where the export writes no tokenizer they are the user's, kept
+    other = [e for e in keep if e in TOKENIZER_FILES] if any(f in TOKENIZER_FILES for f in files) else []
+    if other:
+        raise CheckpointError(
+            f"--out {out}: holds {paths.listing(other)}, tokenizer files this export does not write, which "
+            "transformers would load with its tokenizer; remove them or choose another folder"
+        )
     return keep
 
 

@@ -289,3 +289,43 @@ def test_card_lists_per_persona_results():
     )
     assert "| a.json | pba | alignx/p | 50.0 | 4 | [20.0, 80.0] |" in lines
     assert "| a.json | pba | alignx/ugc | 50.0 | 4 | [20.0, 80.0] |" in lines
+
+
+def test_overwrite_refuses_another_tokenizers_files_and_keeps_the_users(
+    tiny_hf_checkpoints, tmp_path, capsys
+):
+    """`--overwrite` into a folder holding another tokenizer's chat_template.jinja / special_tokens_map.json:
+    kept beside the export's tokenizer they made transformers load another chat template and eos. Where the
+    export writes no tokenizer, tokenizer files copied in by the user are theirs and stay."""
+    from transformers import AutoTokenizer
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["import", "--hf", tiny_hf_checkpoints["llama"], "--out", str(ckpt)]) == 0
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("{{ 'another template' }}")
+    (out / "special_tokens_map.json").write_text('{"eos_token": "<|end_of_text|>"}')
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "chat_template.jinja, special_tokens_map.json" in err, err
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "special_tokens_map.json"]
+    (out / "chat_template.jinja").unlink()
+    (out / "special_tokens_map.json").unlink()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+    want = AutoTokenizer.from_pretrained(tiny_hf_checkpoints["llama"])
+    got = AutoTokenizer.from_pretrained(str(out))
+    assert (got.chat_template, got.eos_token) == (want.chat_template, want.eos_token)
+
+    # a checkpoint without a tokenizer: the user's copied-in tokenizer files stay through a re-export
+    bare_src, bare, bare_out = tmp_path / "bare_src", tmp_path / "bare", tmp_path / "bare_out"
+    shutil.copytree(tiny_hf_checkpoints["qwen2"], bare_src)
+    for name in hf_lib.TOKENIZER_FILES:
+        if (bare_src / name).exists():
+            (bare_src / name).unlink()
+    assert main(["import", "--hf", str(bare_src), "--out", str(bare)]) == 0
+    assert main(["export", "--checkpoint", str(bare), "--out", str(bare_out)]) == 0
+    for name in os.listdir(tiny_hf_checkpoints["qwen2"]):
+        if name in hf_lib.TOKENIZER_FILES:
+            shutil.copyfile(os.path.join(tiny_hf_checkpoints["qwen2"], name), bare_out / name)
+    assert main(["export", "--checkpoint", str(bare), "--out", str(bare_out)]) == 0
+    assert AutoTokenizer.from_pretrained(str(bare_out)).eos_token == want.eos_token
