@@ -346,12 +346,23 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
             has_head=res.head_dir is not None,
             results_files=getattr(args, "results", None),
             name=os.path.basename(paths.absolute(args.out).rstrip("/")),
+            scored_this=lambda model: _export_of(model, source, res.step),
         )
     )
     write_export_manifest(
         tmp, files, source=source, step=res.step, prompt_format=trained_prompt_format(args.checkpoint)
     )
     return files
+
+
+def _export_of(model: str, source: str, step: int | None) -> bool:
+    """Whether the folder `model` (an `alignx eval` results file's) may be an export of `source` at `step`:
+    false only for an export folder whose manifest names another checkpoint or step; a bucket folder is not
+    read (the card would otherwise reach for the network)."""
+    manifest = None if paths.is_url(model) else read_export_manifest(model)
+    if manifest is None:
+        return True
+    return paths.same_place(manifest.get("source"), source) and manifest.get("step") == step
 
 
 def peft_base(checkpoint: str, res: ResolvedCheckpoint) -> tuple[str, str | None]:

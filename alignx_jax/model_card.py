@@ -2,9 +2,10 @@
 
 The card names the base model (a hub id gets `base_model:` front matter), the method (ICA, PBA or
 non-personalized DPO), the training data and the key training settings (from a workdir's W/config.json),
-eval results (`alignx eval` results files given with `--results`, or found in the workdir), the paper's
-sampling settings for generation (also `alignx generate`'s defaults; they are not written into
-generation_config.json, which stays the base model's), and the base model's license line.
+eval results (`alignx eval` results files given with `--results`, or found in the workdir and not
+scoring another step's or model's export), the paper's sampling settings for generation (also `alignx
+generate`'s defaults; they are not written into generation_config.json, which stays the base model's),
+and the base model's license line.
 
 `alignx import` records where a model came from in the checkpoint's `BASE_INFO` file, so an export of an
 imported (or trained-from-imported) checkpoint still knows its base model and license.
@@ -16,6 +17,7 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 BASE_INFO = (
@@ -113,9 +115,12 @@ def _is_eval_results(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("benchmarks"), dict)
 
 
-def find_results(checkpoint: str, given: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+def find_results(
+    checkpoint: str, given: list[str] | None, scored_this: Callable[[str], bool] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """(path, results) of `alignx eval` results files: `given` ones (each must be one), else those found
-    in a workdir (W/results.json, W/eval*.json, W/eval/*.json)."""
+    in a workdir (W/results.json, W/eval*.json, W/eval/*.json) whose recorded `model` folder
+    `scored_this` accepts (all without it, or without a recorded `model`)."""
     from alignx_jax.errors import CheckpointError
 
     out = []
@@ -139,7 +144,11 @@ def find_results(checkpoint: str, given: list[str] | None) -> list[tuple[str, di
                     data = json.load(f)
             except (OSError, ValueError):
                 continue
-            if _is_eval_results(data):
+            model = data.get("model") if isinstance(data, dict) else None
+            # a file scoring another model (the base, another step's export) holds no numbers of this one
+            if _is_eval_results(data) and (
+                scored_this is None or not isinstance(model, str) or scored_this(model)
+            ):
                 out.append((path, data))
     return out
 
@@ -263,8 +272,10 @@ def write_card(
     has_head: bool,
     results_files: list[str] | None = None,
     name: str | None = None,
+    scored_this: Callable[[str], bool] | None = None,
 ) -> str:
-    """Write OUT/README.md for an export of `checkpoint` (a workdir or model checkpoint); returns CARD."""
+    """Write OUT/README.md for an export of `checkpoint` (a workdir or model checkpoint); returns CARD.
+    `scored_this`: `find_results`' test of a found results file's model folder."""
     run_cfg = read_run_config(checkpoint) if os.path.isdir(os.path.join(checkpoint, "checkpoints")) else None
     base_model, license_ = None, None
     info = read_base_info(checkpoint)
@@ -280,7 +291,7 @@ def write_card(
     else:
         base_model = info.get("base_model")
         license_ = info.get("license")
-    results = find_results(checkpoint, results_files)
+    results = find_results(checkpoint, results_files, scored_this)
     text = build_card(
         name=name or os.path.basename(os.path.abspath(out_dir)),
         source=source,

@@ -329,3 +329,38 @@ def test_overwrite_refuses_another_tokenizers_files_and_keeps_the_users(
             shutil.copyfile(os.path.join(tiny_hf_checkpoints["qwen2"], name), bare_out / name)
     assert main(["export", "--checkpoint", str(bare), "--out", str(bare_out)]) == 0
     assert AutoTokenizer.from_pretrained(str(bare_out)).eos_token == want.eos_token
+
+
+def test_card_leaves_out_found_results_of_another_step_or_model(tiny_hf_checkpoints, tmp_path):
+    """Results files found in the workdir that scored another step's export or another model (W/reference,
+    itself an export of another source) are not this export's numbers: the card leaves them out; a file
+    scoring this step's export, or naming no model folder it can check, stays."""
+    src = tiny_hf_checkpoints["qwen2"]
+    work = tmp_path / "W"
+    shutil.copytree(src, work / "reference")
+    hf_lib.write_export_manifest(str(work / "reference"), [], source="Qwen/Qwen2.5-0.5B", step=None)
+    checkpoint_lib.save_checkpoint(hf_lib.load_pretrained(src), str(tmp_path / "tmp"))
+    for step in (2, 5):
+        os.makedirs(work / "checkpoints" / str(step) / "meta")
+        (work / "checkpoints" / str(step) / "meta" / "metadata").write_text("{}")
+        shutil.copytree(tmp_path / "tmp" / "params", work / "checkpoints" / str(step) / "params")
+    run_cfg = {"model": {}, "data": {"method": "ica"}, "loss": {}, "optim": {}, "train": {}}
+    (work / "config.json").write_text(json.dumps(run_cfg))
+    os.makedirs(work / "eval")
+    for step in (2, 5):
+        (tmp_path / f"hf{step}").mkdir()
+        hf_lib.write_export_manifest(str(tmp_path / f"hf{step}"), [], source=str(work), step=step)
+    scored = {"step5": tmp_path / "hf5", "step2": tmp_path / "hf2", "base": work / "reference"}
+    for name, model in scored.items():
+        data = json.loads(open(_results(work / "eval" / f"{name}.json")).read())
+        (work / "eval" / f"{name}.json").write_text(json.dumps({**data, "model": str(model)}))
+    _results(work / "eval" / "older.json")  # a results file recording no model: kept
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(work), "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    assert "(step 5)" in text and "| step5.json |" in text and "| older.json |" in text
+    assert "step2.json" not in text and "base.json" not in text
+    # --step 2: that step's results, not the latest's
+    assert main(["export", "--checkpoint", str(work), "--out", str(out), "--step", "2"]) == 0
+    text = (out / "README.md").read_text()
+    assert "(step 2)" in text and "| step2.json |" in text and "step5.json" not in text
