@@ -7,6 +7,7 @@ Sampling follows the release's win-rate setting by default (temperature 0.9, top
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -320,22 +321,33 @@ def load_model_and_tokenizer(path: str, dtype: str | None = None, mesh=None, cpu
     The params are sharded over `mesh` (default: FSDP over this process's devices, so a model larger
     than one device's memory loads; one device: plain placement). `cpu_matmul`: `DecoderConfig.cpu_matmul`."""
 
-    from alignx_jax.models import checkpoint, hf
     from alignx_jax.real_model import resolve_model_path
-    from alignx_jax.sharding import make_mesh
     from alignx_jax.tokenizer import load_tokenizer
 
     path = resolve_model_path(path, model=True)
+    return _load_resolved_model(path, dtype, mesh, cpu_matmul), load_tokenizer(_tokenizer_dir(path))
+
+
+def load_model(path: str, dtype: str | None = None, mesh=None, cpu_matmul: str = "auto"):
+    """`load_model_and_tokenizer`'s model alone, for a caller that has read the tokenizer already."""
+    from alignx_jax.real_model import resolve_model_path
+
+    return _load_resolved_model(resolve_model_path(path, model=True), dtype, mesh, cpu_matmul)
+
+
+def _load_resolved_model(path: str, dtype: str | None, mesh, cpu_matmul: str):
+    """`load_model`'s model of `path`, a model path already resolved (`resolve_model_path`)."""
+    from alignx_jax.models import checkpoint, hf
+    from alignx_jax.sharding import make_mesh
+
     kwargs: dict = {"cpu_matmul": cpu_matmul}
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)
     if mesh is None and jax.local_device_count() > 1:
         mesh = make_mesh(fsdp=-1, devices=jax.local_devices())
     if holds_safetensors(path):
-        model = hf.load_pretrained(path, mesh=mesh, **kwargs)
-    else:
-        model = checkpoint.load_checkpoint(path, mesh=mesh, **kwargs)
-    return model, load_tokenizer(_tokenizer_dir(path))
+        return hf.load_pretrained(path, mesh=mesh, **kwargs)
+    return checkpoint.load_checkpoint(path, mesh=mesh, **kwargs)
 
 
 def _tokenizer_dir(path: str) -> str:
@@ -555,16 +567,26 @@ def _check_profiles(sample) -> None:
             raise e.at(file=file, row=at) from None
 
 
-def _generate_benchmark(args) -> int:
-    """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
-    method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
-    FILE (a cut last line is dropped), so an interrupted run resumes."""
+@dataclasses.dataclass(frozen=True)
+class _BenchmarkJob:
+    """What `generate --benchmark` was asked, checked before the tokenizer or model loads."""
 
-    from tqdm.auto import tqdm
+    name: str  # the benchmark's name, as its rows record it
+    path: str  # its file or folder
+    rows: list[dict]
+    picks: list[int]  # the rows to generate (--limit's)
+    batch_size: int
+    model_path: str  # --model resolved once: the dtype, trained format and load read it
+    fmt: str  # the prompt format
+    given_dtype: str | None  # --dtype as given (None: the model's own)
+    settings: dict[str, Any]  # what each row records and a resume compares (the dtype resolved)
 
-    from alignx_jax.data import prompts as prompts_lib
-    from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg, persona_group
-    from alignx_jax.evaluate import PerExampleLog, default_prompt_format
+
+def _benchmark_job(args) -> _BenchmarkJob:
+    """`generate --benchmark`'s flags, benchmark rows (PBA's profiles too) and model folder checked, in
+    the order their errors are reported."""
+    from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg
+    from alignx_jax.evaluate import default_prompt_format
 
     limit, batch_size = _benchmark_flags(args)
     settings = {**_model_identity(args.model, getattr(args, "dtype", None)), **_cli_settings(args)}
@@ -576,7 +598,6 @@ def _generate_benchmark(args) -> int:
         raise ConfigError(problem)
     # eval's loader: a split folder is refused, and --limit takes eval --limit's rows
     sample = benchmark_sample(name, path, limit=limit)
-    rows, picks = sample.rows, sample.picks
     if args.method == "pba":
         _check_profiles(sample)
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it
@@ -587,74 +608,112 @@ def _generate_benchmark(args) -> int:
     fmt = default_prompt_format(
         args.model, getattr(args, "prompt_format", None), fallback="paper", resolved=model_path
     )
-    max_length = settings["max_length"]
+    return _BenchmarkJob(
+        name, path, sample.rows, sample.picks, batch_size, model_path, fmt, given_dtype, settings
+    )
+
+
+def _benchmark_prompt_ids(tokenizer, job: _BenchmarkJob, method: str) -> dict[int, list[int]]:
+    """Each picked row's prompt token ids, cut to --max-length's prompt budget."""
+    from alignx_jax.data import prompts as prompts_lib
+
+    return {
+        i: _prompt_budget(
+            prompts_lib.prompt_ids(tokenizer, job.rows[i], method=method, fmt=job.fmt),
+            job.fmt,
+            job.settings["max_length"],
+        )
+        for i in job.picks
+    }
+
+
+def _benchmark_record(job: _BenchmarkJob, method: str, i: int, prompt_ids: list[int], output: str) -> dict:
+    """Row `i`'s line of the --out file."""
+    from alignx_jax.data.benchmarks import persona_group
+
+    row = job.rows[i]
+    return {
+        "benchmark": job.name,
+        "persona": None,
+        "index": i,
+        "id": row.get("id", i),
+        "group": persona_group(row),
+        "method": method,
+        "prompt_format": job.fmt,
+        "prompt": row["prompt"],
+        "prompt_ids_sha256": prompt_ids_sha256(prompt_ids),
+        "output": output,
+        "settings": job.settings,
+    }
+
+
+def _generate_rows(log, model, tokenizer, job: _BenchmarkJob, ids, todo: list[int], args) -> None:
+    """Generate the rows `todo` batch by batch, each batch appended to `log` (one agreed check of its write,
+    `append_agreed`) before the next starts."""
+    from tqdm.auto import tqdm
+
+    settings = job.settings
+    todo = sorted(todo, key=lambda i: (-len(ids[i]), i))  # similar lengths batch together: less padding
+    main = paths.is_main_process()
+    with tqdm(total=len(todo), desc=f"generate {job.name}", unit="row", disable=not main) as bar:
+        for start in range(0, len(todo), job.batch_size):
+            batch = todo[start : start + job.batch_size]
+            # each row draws by its own index: a resumed run, or another --batch-size, draws what an
+            # uninterrupted one would
+            outs = generate(
+                model,
+                tokenizer,
+                [ids[i] for i in batch],
+                max_new_tokens=settings["max_new_tokens"],
+                greedy=settings["greedy"],
+                **_sampling_of(settings),
+                seed=settings["seed"] or 0,  # None under --greedy, which draws nothing
+                row_ids=batch,
+                precision=getattr(args, "matmul_precision", "auto"),
+            )
+            decoded = (tokenizer.decode(toks, skip_special_tokens=True) for toks in outs)
+            log.append_agreed(
+                (_benchmark_record(job, args.method, i, ids[i], out) for i, out in zip(batch, decoded)),
+                "--out",
+            )
+            bar.update(len(batch))
+
+
+def _generate_benchmark(args) -> int:
+    """`alignx generate --benchmark NAME=PATH --out FILE.jsonl`: one line per row (benchmark, index, id,
+    method, prompt_format, prompt, output), appended batch by batch; a rerun skips the rows already in
+    FILE (a cut last line is dropped), so an interrupted run resumes."""
+    from alignx_jax.evaluate import PerExampleLog
     from alignx_jax.tokenizer import load_tokenizer
 
+    job = _benchmark_job(args)
     # the tokenizer alone, before the model: a resume compares the rows' prompt ids
-    tokenizer = load_tokenizer(_tokenizer_dir(model_path))
-    ids = {
-        i: _prompt_budget(
-            prompts_lib.prompt_ids(tokenizer, rows[i], method=args.method, fmt=fmt), fmt, max_length
-        )
-        for i in picks
-    }
+    tokenizer = load_tokenizer(_tokenizer_dir(job.model_path))
+    ids = _benchmark_prompt_ids(tokenizer, job, args.method)
     # a multi-process job: every process generates on its own devices, process 0 alone writes
     main = paths.is_main_process()
     log = PerExampleLog.for_job(args.out, flag="--out", kind="generate")
     try:
-        default_dtype = settings["dtype"] if given_dtype is None else _resolved_dtype(model_path, None)
-        # each batch is then followed by one agreed check of its write (`append_agreed`)
+        settings = job.settings
+        default_dtype = (
+            settings["dtype"] if job.given_dtype is None else _resolved_dtype(job.model_path, None)
+        )
         todo = _rows_left_on_main(
-            lambda: _not_yet_generated(log, name, path, rows, picks, args, fmt, settings, default_dtype, ids)
+            lambda: _not_yet_generated(
+                log, job.name, job.path, job.rows, job.picks, args, job.fmt, settings, default_dtype, ids
+            )
         )
         if not todo:
             if main:
-                print(f"{args.out}: all {len(picks)} rows already generated", file=sys.stderr)
+                print(f"{args.out}: all {len(job.picks)} rows already generated", file=sys.stderr)
             return 0
-        model, tokenizer = load_model_and_tokenizer(
-            model_path, settings["dtype"], cpu_matmul=getattr(args, "cpu_matmul", "auto")
-        )
-        todo.sort(key=lambda i: (-len(ids[i]), i))  # similar lengths batch together: less padding
-        with tqdm(total=len(todo), desc=f"generate {name}", unit="row", disable=not main) as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                # each row draws by its own index: a resumed run, or another --batch-size, draws what an
-                # uninterrupted one would
-                outs = generate(
-                    model,
-                    tokenizer,
-                    [ids[i] for i in batch],
-                    max_new_tokens=settings["max_new_tokens"],
-                    greedy=settings["greedy"],
-                    **_sampling_of(settings),
-                    seed=settings["seed"] or 0,  # None under --greedy, which draws nothing
-                    row_ids=batch,
-                    precision=getattr(args, "matmul_precision", "auto"),
-                )
-                log.append_agreed(
-                    (
-                        {
-                            "benchmark": name,
-                            "persona": None,
-                            "index": i,
-                            "id": rows[i].get("id", i),
-                            "group": persona_group(rows[i]),
-                            "method": args.method,
-                            "prompt_format": fmt,
-                            "prompt": rows[i]["prompt"],
-                            "prompt_ids_sha256": prompt_ids_sha256(ids[i]),
-                            "output": tokenizer.decode(toks, skip_special_tokens=True),
-                            "settings": settings,
-                        }
-                        for i, toks in zip(batch, outs)
-                    ),
-                    "--out",
-                )
-                bar.update(len(batch))
+        # the model alone: its tokenizer is read above
+        model = load_model(job.model_path, settings["dtype"], cpu_matmul=getattr(args, "cpu_matmul", "auto"))
+        _generate_rows(log, model, tokenizer, job, ids, todo, args)
     finally:
         log.close()
     if main:
-        print(f"{args.out}: {len(todo)} rows generated, {len(picks)} in all")
+        print(f"{args.out}: {len(todo)} rows generated, {len(job.picks)} in all")
     return 0
 
 

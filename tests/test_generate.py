@@ -378,14 +378,15 @@ def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, m
 
     from alignx_jax import generate as gen
     from alignx_jax import real_model
+    from alignx_jax import tokenizer as tokenizer_lib
     from alignx_jax.models import presets
 
     trained = tmp_path / "trained"
     shutil.copytree(tiny_hf_checkpoints["llama"], trained)
     (trained / "alignx_export.json").write_text(json.dumps({"files": [], "prompt_format": "chat"}))
     hf = str(trained)
-    asked, loaded = [], []
-    real_resolve, real_load = presets.resolve_model_path, gen.load_model_and_tokenizer
+    asked, loaded, tokenizers = [], [], []
+    real_resolve, real_load = presets.resolve_model_path, gen.load_model
 
     def resolve(p, **kw):  # "alias" stands for a path that resolves elsewhere, as a hub id does
         asked.append(p)
@@ -393,8 +394,12 @@ def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, m
 
     for module in (presets, real_model):
         monkeypatch.setattr(module, "resolve_model_path", resolve)
+    monkeypatch.setattr(gen, "load_model", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw))
+    real_tokenizer = tokenizer_lib.load_tokenizer
     monkeypatch.setattr(
-        gen, "load_model_and_tokenizer", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw)
+        tokenizer_lib,
+        "load_tokenizer",
+        lambda p, *a, **kw: tokenizers.append(p) or real_tokenizer(p, *a, **kw),
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bench = os.path.join(root, "..", "shared", "benchmarks", "p-soups", "student_phd.json")
@@ -403,6 +408,7 @@ def test_benchmark_resolves_the_model_path_once(tiny_hf_checkpoints, tmp_path, m
     argv += ["--out", str(out), "--limit", "1", "--max-new-tokens", "2"]
     assert main(argv) == 0
     assert asked.count("alias") == 1 and loaded == [hf], (asked, loaded)
+    assert tokenizers == [hf]  # read once: the resume's prompt ids and the decoding share it
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     # read from the resolved folder: the HF folder's own dtype and its trained format (not the fallback paper)
     assert row["settings"]["dtype"] == "float32" and row["prompt_format"] == "chat", row
@@ -424,10 +430,8 @@ def test_a_blank_benchmark_profile_is_refused_before_pba_loads_a_model(
     bench = tmp_path / "ps.json"
     bench.write_text(json.dumps(rows))
     loaded = []
-    real_load = gen.load_model_and_tokenizer
-    monkeypatch.setattr(
-        gen, "load_model_and_tokenizer", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw)
-    )
+    real_load = gen.load_model
+    monkeypatch.setattr(gen, "load_model", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw))
     argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"p-soups={bench}"]
     argv += ["--max-new-tokens", "1"]
     assert main([*argv, "--method", "pba", "--out", str(tmp_path / "pba.jsonl")]) == 1
@@ -504,10 +508,8 @@ def test_a_resume_compares_the_rendered_prompt_ids(tiny_hf_checkpoints, tmp_path
     capsys.readouterr()
     assert main(argv) == 0 and "all 2 rows already generated" in capsys.readouterr().err
     loaded = []
-    real_load = gen.load_model_and_tokenizer
-    monkeypatch.setattr(
-        gen, "load_model_and_tokenizer", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw)
-    )
+    real_load = gen.load_model
+    monkeypatch.setattr(gen, "load_model", lambda p, *a, **kw: loaded.append(p) or real_load(p, *a, **kw))
     real_resolve = prompts_lib.resolve_profile
     for change in ("rule", "file"):
         with monkeypatch.context() as m:
