@@ -232,19 +232,9 @@ def _nan_to_none(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
 
-def cli_predict_preferences(args: Any) -> int:
-    """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
-
-    --persona: prints the predicted direction and its profile text (or one JSON object).
-    --data: predicts every row; writes JSONL `{index, file?, row?, user_id?, direction, profile}` (file
-    and row in it when the data is several files) to --out (else
-    stdout) and, where rows carry a golden direction, prints the head's metrics beside the release
-    averaging rule's on the same rows.
-    """
-    from alignx_jax.models.hf import load_pretrained
-    from alignx_jax.models.presets import resolve_model_folder
-    from alignx_jax.tokenizer import load_tokenizer
-
+def _read_inputs(args: Any):
+    """predict-preferences' flags, --out and its input checked, before the model resolves and loads: the
+    --data rows read (`schema.load`, else None) and the --persona row (else None)."""
     if args.persona is not None and args.out:  # not written, and not a word said: refused
         raise ConfigError("--out applies to --data; with --persona the result is printed (--json for JSON)")
     if args.out:  # before the model loads; process 0's disk judges it for every process
@@ -255,30 +245,43 @@ def cli_predict_preferences(args: Any) -> int:
     persona_row = None if args.persona is None else read_persona_file(args.persona, needs="ica")
     if loaded is not None and not loaded.rows:
         raise DataError("no rows", file=args.data)
+    return loaded, persona_row
+
+
+def _load_head_model(model_arg: str):
+    """The --model folder's (head, head config, tokenizer, float32 backbone), the backbone checked to fit
+    the head."""
+    from alignx_jax.models.hf import load_pretrained
+    from alignx_jax.models.presets import resolve_model_folder
+    from alignx_jax.tokenizer import load_tokenizer
+
     # resolved as eval and generate resolve it (a hub id, `smollm2`, a gs:// folder), in their one line
-    model_path = resolve_model_folder(args.model, "--model")
+    model_path = resolve_model_folder(model_arg, "--model")
     head, hcfg = load_head(model_path)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(model_path)
     model = load_pretrained(model_path, dtype="float32")
     check_backbone(hcfg, model.cfg.hidden_size, model_path)
-    as_json = bool(getattr(args, "json", False))
-    if persona_row is not None:
-        [direction], probs = predict_preferences(
-            model, head, tokenizer, [persona_row], batch_size=1, return_probs=True
-        )
-        text = profile_text(direction)
-        if not paths.is_main_process():  # a multi-process job: process 0 prints
-            return 0
-        if as_json:
-            print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
-        else:
-            print(f"direction: {[float(x) for x in direction]}")
-            print(f"profile: {text}")
+    return head, hcfg, tokenizer, model
+
+
+def _print_persona_prediction(model, head, tokenizer, persona_row, as_json: bool) -> int:
+    """--persona: its predicted direction and profile text, printed by process 0."""
+    [direction], probs = predict_preferences(
+        model, head, tokenizer, [persona_row], batch_size=1, return_probs=True
+    )
+    text = profile_text(direction)
+    if not paths.is_main_process():  # a multi-process job: process 0 prints
         return 0
-    rows = loaded.rows
-    # a folder's rows are numbered through its files: each record also names its own file and row
-    places = loaded.places if len(loaded.files) > 1 else None
-    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
+    if as_json:
+        print(json.dumps({"direction": [float(x) for x in direction], "profile": text}))
+    else:
+        print(f"direction: {[float(x) for x in direction]}")
+        print(f"profile: {text}")
+    return 0
+
+
+def _prediction_lines(rows, directions, places) -> list[str]:
+    """--data's JSONL records, one a row; `places` (each row's file and row number, else None) adds them."""
     lines = []
     for i, (row, d) in enumerate(zip(rows, directions)):
         rec: dict[str, Any] = {"index": i}
@@ -289,6 +292,72 @@ def cli_predict_preferences(args: Any) -> int:
         rec["direction"] = [float(x) for x in d]
         rec["profile"] = profile_text(d)
         lines.append(json.dumps(rec))
+    return lines
+
+
+def _prediction_summary(rows, directions, hcfg, out: str | None) -> dict[str, Any]:
+    """The row count and --out, and where rows carry a golden direction the head's metrics on them beside
+    the release averaging rule's."""
+    summary: dict[str, Any] = {"rows": len(rows), "out": out}
+    idx = gold_rows(rows)
+    if idx:
+        gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
+        summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
+        heuristic = heuristic_metrics(rows, np.stack(directions), variant=hcfg.persona_variant)
+        if heuristic["heuristic_n"]:
+            summary["heuristic"] = heuristic
+    return summary
+
+
+def _print_summary(summary: Mapping[str, Any], out: str | None, as_json: bool) -> None:
+    """`_prediction_summary` printed: one JSON object, or a line and a table of the metrics."""
+    # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
+    stream = sys.stdout if out else sys.stderr
+    if as_json:
+        # NaN (a metric with nothing to count) is no JSON: null, as in eval's results
+        strict = {k: _nan_to_none(v) if isinstance(v, dict) else v for k, v in summary.items()}
+        print(json.dumps(strict, allow_nan=False), file=stream)
+        return
+    print(f"predicted P~ for {summary['rows']} rows" + (f" -> {out}" if out else ""), file=stream)
+    table = []
+    if "head" in summary:
+        table.append(("head", summary["head"]))
+    if "heuristic" in summary:
+        h = summary["heuristic"]
+        rule = {k.removeprefix("heuristic_"): v for k, v in h.items() if not k.startswith("heuristic_head_")}
+        table.append(("heuristic", rule))
+        if rule["n"] != summary["head"]["n"]:  # the rule skips rows without history vectors
+            on_rule_rows = {
+                k.removeprefix("heuristic_head_"): v for k, v in h.items() if k.startswith("heuristic_head_")
+            }
+            table.append(("head on the heuristic's rows", {**on_rule_rows, "n": rule["n"]}))
+    for name, m in table:
+        print(
+            f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
+            f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']:.0f} rows)",
+            file=stream,
+        )
+
+
+def cli_predict_preferences(args: Any) -> int:
+    """`alignx predict-preferences --model HF_DIR (--persona FILE.json | --data PATH) [--out F.jsonl] [--json]`.
+
+    --persona: prints the predicted direction and its profile text (or one JSON object).
+    --data: predicts every row; writes JSONL `{index, file?, row?, user_id?, direction, profile}` (file
+    and row in it when the data is several files) to --out (else
+    stdout) and, where rows carry a golden direction, prints the head's metrics beside the release
+    averaging rule's on the same rows.
+    """
+    loaded, persona_row = _read_inputs(args)
+    head, hcfg, tokenizer, model = _load_head_model(args.model)
+    as_json = bool(getattr(args, "json", False))
+    if persona_row is not None:
+        return _print_persona_prediction(model, head, tokenizer, persona_row, as_json)
+    rows = loaded.rows
+    # a folder's rows are numbered through its files: each record also names its own file and row
+    places = loaded.places if len(loaded.files) > 1 else None
+    directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
+    lines = _prediction_lines(rows, directions, places)
     if args.out:  # under a temporary name, renamed into place; every process exits on process 0's write
         distributed.write_on_main(
             lambda: paths.write_all({args.out: "".join(line + "\n" for line in lines).encode("utf-8")}),
@@ -298,42 +367,5 @@ def cli_predict_preferences(args: Any) -> int:
         return 0
     if not args.out:
         print("\n".join(lines))
-    summary: dict[str, Any] = {"rows": len(rows), "out": args.out}
-    idx = gold_rows(rows)
-    if idx:
-        gold = np.stack([np.asarray(rows[i]["Preference Direction"], np.float32) for i in idx])
-        summary["head"] = head_metrics(np.stack([directions[i] for i in idx]), gold)
-        heuristic = heuristic_metrics(rows, np.stack(directions), variant=hcfg.persona_variant)
-        if heuristic["heuristic_n"]:
-            summary["heuristic"] = heuristic
-    # With --out, stdout carries the summary; without, stdout is the JSONL and the summary goes to stderr.
-    stream = sys.stdout if args.out else sys.stderr
-    if as_json:
-        # NaN (a metric with nothing to count) is no JSON: null, as in eval's results
-        strict = {k: _nan_to_none(v) if isinstance(v, dict) else v for k, v in summary.items()}
-        print(json.dumps(strict, allow_nan=False), file=stream)
-    else:
-        print(f"predicted P~ for {len(rows)} rows" + (f" -> {args.out}" if args.out else ""), file=stream)
-        table = []
-        if "head" in summary:
-            table.append(("head", summary["head"]))
-        if "heuristic" in summary:
-            h = summary["heuristic"]
-            rule = {
-                k.removeprefix("heuristic_"): v for k, v in h.items() if not k.startswith("heuristic_head_")
-            }
-            table.append(("heuristic", rule))
-            if rule["n"] != summary["head"]["n"]:  # the rule skips rows without history vectors
-                on_rule_rows = {
-                    k.removeprefix("heuristic_head_"): v
-                    for k, v in h.items()
-                    if k.startswith("heuristic_head_")
-                }
-                table.append(("head on the heuristic's rows", {**on_rule_rows, "n": rule["n"]}))
-        for name, m in table:
-            print(
-                f"  {name:9s} accuracy {m['accuracy']:.4f}  non-neutral accuracy "
-                f"{m['accuracy_non_neutral']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['n']:.0f} rows)",
-                file=stream,
-            )
+    _print_summary(_prediction_summary(rows, directions, hcfg, args.out), args.out, as_json)
     return 0
