@@ -644,6 +644,61 @@ def test_train_from_hf_folder_copies_reference(tmp_path):
     assert base["base_model"] == str(src)  # absolute: an export from another directory still finds it
 
 
+def test_train_from_an_imported_checkpoint_keeps_the_bases_stop_tokens(tmp_path):
+    """W/reference of a run from an imported checkpoint (and so its export, and `alignx generate --model W`)
+    keeps the base's generation_config.json, whose eos ids may name a stop token config.json's do not
+    (Gemma-2's <end_of_turn>); it was rebuilt from config.json's eos id alone."""
+    from alignx_jax.models.hf import save_hf
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer()
+    cfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    src = tmp_path / "hf"
+    save_hf(Decoder(cfg, rngs=nnx.Rngs(3)), str(src), tokenizer_dir=TINY_TOKENIZER_DIR)
+    greedy = ["--prompt", "Hi", "--greedy", "--max-new-tokens", "8", "--json", "--prompt-format", "chat"]
+
+    def generated(model) -> list[int]:
+        r = run_cli(["generate", "--model", model, *greedy])
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout)["token_ids"]
+
+    base = generated(src)
+    k = next(i for i, t in enumerate(base) if i > 0 and t not in base[:i])  # not its first token
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": [tok.eos_token_id, base[k]]}
+    (src / "generation_config.json").write_text(json.dumps(gen, indent=1))
+    assert run_cli(["import", "--hf", src, "--out", tmp_path / "ckpt"]).returncode == 0
+    w = tmp_path / "w"
+    r = run_cli(
+        [
+            "train",
+            f"--config={TINY}",
+            f"--config.workdir={w}",
+            *SMALL,
+            f"--config.model.hf_path={tmp_path / 'ckpt'}",
+            "--config.optim.lr=1e-12",  # the policy stays the base: its greedy tokens are the base's
+            "--config.train.steps=2",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = (src / "generation_config.json").read_bytes()
+    assert (w / "reference" / "generation_config.json").read_bytes() == want
+    assert generated(w) == base[: k + 1]  # stopped at the base's extra stop token
+    assert run_cli(["export", "--checkpoint", w, "--out", tmp_path / "out"]).returncode == 0
+    assert (tmp_path / "out" / "generation_config.json").read_bytes() == want
+
+
 def test_metrics_writer_appends_and_drops_steps_after_resume_point(tmp_path):
     from alignx_jax.metrics import MetricsWriter, read_metrics
 

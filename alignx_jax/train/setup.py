@@ -129,19 +129,28 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
                 )
             _publish_folder(files, ref, extra)
     else:
+        from alignx_jax.models import checkpoint
+
+        # a model checkpoint's or workdir's generation_config.json is its base's: it may list stop tokens
+        # (Gemma-2's <end_of_turn>) that config.json's eos_token_id does not
+        base_dir = (
+            checkpoint.resolve_checkpoint(src).config_dir
+            if src and checkpoint.is_checkpoint_layout(src)
+            else None
+        )
         host_model = _gathered(model)
         if is_main and paths.is_url(workdir):  # written locally, then copied to the bucket
             import tempfile
 
             with tempfile.TemporaryDirectory(prefix="alignx-reference-") as local:
                 tmp = os.path.join(local, "reference")
-                hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir)
+                hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir, base_dir=base_dir)
                 _publish_folder(tmp, ref, extra)
         elif is_main:  # beside its place in W (a full disk names W) and renamed into place
             tmp = ref.parent / (ref.name + ".tmp")
             if tmp.exists():
                 tmp.rmtree()
-            hf.save_hf(host_model, os.fspath(tmp), tokenizer_dir=tokenizer_dir)
+            hf.save_hf(host_model, os.fspath(tmp), tokenizer_dir=tokenizer_dir, base_dir=base_dir)
             for name, data in extra.items():
                 (tmp / name).write_bytes(data)
             if ref.exists():
