@@ -394,8 +394,6 @@ def _cli_settings(args) -> dict[str, Any]:
     sampling = {
         k: (v if getattr(args, k, None) is None else getattr(args, k)) for k, v in SAMPLING_DEFAULTS.items()
     }
-    if args.greedy and given and paths.is_main_process():
-        print(f"alignx: warning: {', '.join(given)} not used with --greedy", file=sys.stderr)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     max_length = int(getattr(args, "max_length", 8192))
@@ -407,6 +405,9 @@ def _cli_settings(args) -> dict[str, Any]:
         **sampling,
         names={"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"},
     )
+    # after the checks: a refused flag (--greedy --seed -1) is one error line, not also named as unused
+    if args.greedy and given and paths.is_main_process():
+        print(f"alignx: warning: {', '.join(given)} not used with --greedy", file=sys.stderr)
     return {
         "greedy": bool(args.greedy),
         **(dict.fromkeys(sampling) if args.greedy else sampling),

@@ -546,5 +546,8 @@ def test_generate_flag_checks_are_one_line_before_the_model_loads(
     greedy = ["generate", "--model", tiny_hf_checkpoints["llama"], "--prompt", "Hi", "--greedy"]
     assert cli.main([*greedy, "--seed", "5", "--max-new-tokens", "2"]) == 0
     assert "alignx: warning: --seed not used with --greedy" in capsys.readouterr().err
+    # a refused one is refused alone: it was first named as unused, then refused
+    assert cli.main([*greedy, "--seed", "-1", "--top-k", "3"]) == 1
+    assert capsys.readouterr().err == "alignx: error: --seed must be in [0, 2**32), got -1\n"
     assert cli.main([*greedy, "--max-new-tokens", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
