@@ -81,17 +81,6 @@ def test_prompt_left_truncation(tok):
     assert batching.make_example(tok, row(), method="none", max_length=128, overflow="drop") is not None
 
 
-def test_paper_prompt_left_truncation_keeps_its_bos(tok):
-    """A `paper` training prompt cut to fit L keeps BOS first (its eval_mode does); it started mid-text."""
-    r = row(prompt=words(300))
-    full = prompts.prompt_ids(tok, r, method="ica", fmt="paper")
-    ex = batching.make_example(tok, r, method="ica", max_length=128, prompt_format="paper")
-    longest = max(len(ex.chosen_ids), len(ex.rejected_ids))
-    assert ex.truncated and len(ex.prompt_ids) + longest == 128
-    assert ex.prompt_ids == [tok.bos_token_id] + full[1:][-(len(ex.prompt_ids) - 1) :]
-    assert ex.prompt_ids.count(tok.bos_token_id) == 1
-
-
 def test_response_left_truncation(tok):
     r = row(chosen=words(400, "music"))
     ex = batching.make_example(tok, r, method="none", max_length=128)

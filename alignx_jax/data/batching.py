@@ -10,8 +10,7 @@ Length rules:
     format the prompt string's ids are truncated and the BOS is put back in front (BOS + L - reserve(L));
   * otherwise (training with `chat`/`paper`) the pair must fit L: responses (before EOS) are
     left-truncated to L - reserve(L) (section 7's evaluation rule, applied to training), then the
-    prompt is left-truncated so that prompt + the longer response + EOS <= L (a `paper` prompt keeps
-    its BOS in front, as in eval_mode); overflow='drop' instead
+    prompt is left-truncated so that prompt + the longer response + EOS <= L; overflow='drop' instead
     returns None for any pair that does not fit untruncated (stricter than the release, which drops
     a pair only for its prompt's length and cuts the response: the `release` format below);
   * prompt_format='release' (training) is the release's own rule (docs/method.md section 6b): each
@@ -230,10 +229,7 @@ def _fit(
             truncated = True
             chosen, rejected = _left(chosen, budget), _left(rejected, budget)
             longest = max(len(chosen), len(rejected)) + 1
-            if prompt_format == "paper":  # the paper prompt's BOS stays first, as in eval_mode
-                prompt = prompt[:1] + _left(prompt[1:], max_length - longest - 1)
-            else:
-                prompt = _left(prompt, max_length - longest)
+            prompt = _left(prompt, max_length - longest)
     return prompt, chosen, rejected, truncated
 
 
