@@ -122,6 +122,19 @@ def test_eval_mode_truncated_flag_counts_only_what_was_cut(tok):
     assert cut.prompt_ids == full[:1] + full[2:] and cut.truncated
 
 
+def test_paper_training_prompt_keeps_its_bos_when_cut(tok):
+    """A `paper` training prompt cut to fit keeps its BOS in front (BOS + the left-truncated rest), as
+    evaluation does, and the pair still fits L; it lost the BOS to the left cut."""
+    r = row(prompt=words(300))
+    full = prompts.prompt_ids(tok, r, method="none", fmt="paper")
+    ex = batching.make_example(tok, r, method="none", max_length=128, prompt_format="paper")
+    longest = max(len(ex.chosen_ids), len(ex.rejected_ids))
+    assert ex.truncated and len(full) + longest > 128
+    assert ex.prompt_ids[0] == tok.bos_token_id and ex.prompt_ids.count(tok.bos_token_id) == 1
+    assert ex.prompt_ids[1:] == full[-(len(ex.prompt_ids) - 1) :]
+    assert len(ex.prompt_ids) + longest == 128
+
+
 def test_training_sample_and_persona_ids(tok):
     r = row()
     a = batching.make_example(

@@ -10,7 +10,9 @@ Length rules:
     format the prompt string's ids are truncated and the BOS is put back in front (BOS + L - reserve(L));
   * otherwise (training with `chat`/`paper`) the pair must fit L: responses (before EOS) are
     left-truncated to L - reserve(L) (section 7's evaluation rule, applied to training), then the
-    prompt is left-truncated so that prompt + the longer response + EOS <= L; overflow='drop' instead
+    prompt is left-truncated so that prompt + the longer response + EOS <= L (with `paper`, as in
+    eval_mode, its BOS is kept in front: BOS + the left-truncated rest, the BOS counted in L); these
+    cuts apply only to a pair that does not fit untruncated; overflow='drop' instead
     returns None for any pair that does not fit untruncated (stricter than the release, which drops
     a pair only for its prompt's length and cuts the response: the `release` format below);
   * prompt_format='release' (training) is the release's own rule (docs/method.md section 6b): each
@@ -105,6 +107,11 @@ def release_response_ids(tokenizer: Any, text: str) -> list[int]:
 
 def _left(ids: list[int], n: int) -> list[int]:
     return ids[-n:] if n > 0 else []
+
+
+def _left_after_bos(prompt: list[int], n: int) -> list[int]:
+    """A `paper` prompt cut as the release cuts it: its BOS, then the last `n` ids of the rest."""
+    return prompt[:1] + _left(prompt[1:], n)
 
 
 def make_example(
@@ -206,7 +213,7 @@ def _fit(
     if eval_mode:
         before = len(prompt), len(chosen), len(rejected)
         if prompt_format == "paper":  # the release truncates the prompt string's ids, then prepends BOS
-            prompt = prompt[:1] + _left(prompt[1:], budget)
+            prompt = _left_after_bos(prompt, budget)
         else:
             prompt = _left(prompt, budget)
         chosen, rejected = _left(chosen, budget), _left(rejected, budget)
@@ -229,7 +236,11 @@ def _fit(
             truncated = True
             chosen, rejected = _left(chosen, budget), _left(rejected, budget)
             longest = max(len(chosen), len(rejected)) + 1
-            prompt = _left(prompt, max_length - longest)
+            room = max_length - longest  # >= reserve(L) - 1 >= 1: the BOS always fits
+            if prompt_format == "paper":  # as eval: BOS in front, the rest cut (BOS counted in L)
+                prompt = _left_after_bos(prompt, room - 1)
+            else:
+                prompt = _left(prompt, room)
     return prompt, chosen, rejected, truncated
 
 
