@@ -135,6 +135,77 @@ def test_paper_training_prompt_keeps_its_bos_when_cut(tok):
     assert len(ex.prompt_ids) + longest == 128
 
 
+def suffix(ids: list[int], n: int) -> list[int]:
+    """The last n ids (all of them when n >= len(ids), none when n <= 0)."""
+    return ids[max(0, len(ids) - n) :] if n > 0 else []
+
+
+def _expected_fit(prompt, chosen, rejected, L, fmt, overflow, eval_mode):
+    """The module docstring's length rules, written out case by case (what `_fit` must return)."""
+    budget = L - batching.reserve(L)
+    if eval_mode:  # section 7: each part cut to the budget on its own; paper keeps its BOS outside it
+        p = prompt[:1] + suffix(prompt[1:], budget) if fmt == "paper" else suffix(prompt, budget)
+        return p, suffix(chosen, budget), suffix(rejected, budget)
+    if fmt == "release":  # dropped only for the prompt's own length; else the heads kept, EOS last
+        if len(prompt) >= L - 2:
+            if overflow == "drop":
+                return None
+            prompt = suffix(prompt, budget)
+        room = L - len(prompt) - 1
+        return prompt, chosen[:room], rejected[:room]
+    if len(prompt) + max(len(chosen), len(rejected)) + 1 <= L:  # fits: untouched
+        return prompt, chosen, rejected
+    if overflow == "drop":
+        return None
+    chosen, rejected = suffix(chosen, budget), suffix(rejected, budget)
+    room = L - max(len(chosen), len(rejected)) - 1
+    p = prompt[:1] + suffix(prompt[1:], room - 1) if fmt == "paper" else suffix(prompt, room)
+    return p, chosen, rejected
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+@pytest.mark.parametrize("overflow", batching.OVERFLOW_POLICIES)
+@pytest.mark.parametrize("fmt", ["chat", "paper", "release"])
+def test_fit_keeps_the_documented_length_invariants(fmt, overflow, eval_mode):
+    """Random prompt/response lengths at small L: every cut keeps what the module docstring says (the
+    prompt's tail, paper's BOS in front, the response tail, or the release's heads), the pair fits L in
+    training, and only the documented pairs are dropped."""
+    rng = np.random.default_rng([len(fmt), overflow == "drop", eval_mode])
+    BOS = 0
+    for _ in range(300):
+        L = int(rng.integers(16, 65))
+        n_p, n_c, n_r = (int(n) for n in rng.integers(0, 2 * L, size=3))
+        body = list(range(100, 100 + n_p))
+        prompt = [BOS] + body if fmt == "paper" else body + [7]  # never empty; paper's ids start with BOS
+        chosen, rejected = list(range(1000, 1000 + n_c)), list(range(3000, 3000 + n_r))
+        got = batching._fit(
+            prompt, chosen, rejected, max_length=L, prompt_format=fmt, overflow=overflow, eval_mode=eval_mode
+        )
+        want = _expected_fit(prompt, chosen, rejected, L, fmt, overflow, eval_mode)
+        case = (L, len(prompt), n_c, n_r)
+        if want is None:
+            assert got is None, case
+            continue
+        assert got is not None, case
+        p, c, r, truncated = got
+        assert (p, c, r) == want, case
+        assert truncated == ((p, c, r) != (prompt, chosen, rejected)), case
+        if fmt == "paper":
+            assert p[0] == BOS and p.count(BOS) == 1, case
+        longest = max(len(c), len(r)) + 1  # + EOS
+        if eval_mode:
+            budget = L - batching.reserve(L)
+            assert len(p) - (fmt == "paper") <= budget and longest - 1 <= budget, case
+            continue
+        assert len(p) + longest <= L, case
+        if truncated and fmt != "release":  # the prompt is cut no further than the fit needs
+            assert len(p) == len(prompt) or len(p) + longest == L, case
+        ex = DPOExample(prompt_ids=p, chosen_ids=c + [4], rejected_ids=r + [4])
+        batch = batching.collate([ex], pad_id=5, buckets=(64,))
+        last = batch["attention_mask"].sum(axis=1) - 1  # each row's last real token: its EOS
+        assert batch["input_ids"][[0, 1], last].tolist() == [4, 4], case
+
+
 def test_training_sample_and_persona_ids(tok):
     r = row()
     a = batching.make_example(
