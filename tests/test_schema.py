@@ -240,6 +240,26 @@ def test_check_summary(tmp_path, capsys):
     assert f"mean {np.mean(nn):.1f}" in out
 
 
+def test_check_counts_each_split_of_a_split_folder(tmp_path, capsys):
+    """A `data split` folder's totals add train/ and test/ together (train reads train/ alone): each split
+    gets its own line under them; a plain folder gets none."""
+    rng = np.random.default_rng(7)
+    rows = [alignx_row(i, rng, n_ugc=1, n_pair=2) for i in range(9)]
+    for half, part in (("train", rows[:6]), ("test", rows[6:])):
+        (tmp_path / half).mkdir()
+        pd.DataFrame(part[:2]).to_parquet(tmp_path / half / "a.parquet")
+        pd.DataFrame(part[2:]).to_parquet(tmp_path / half / "b.parquet")
+    assert main(["data", "check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [
+        "rows: 9  files: 4  kind: alignx  skipped: 0",
+        "split train/: 6 rows  files: 2",
+        "split test/: 3 rows  files: 2",
+    ]
+    assert main(["data", "check", str(tmp_path / "train")]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("split ")]
+
+
 @needs_psoups
 def test_check_psoups_persona_counts(capsys):
     assert main(["data", "check", PSOUPS, "--kind", "p-soups"]) == 0

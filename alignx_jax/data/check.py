@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from alignx_jax.data.schema import DEMO, DIRECTION, PAIR, UGC, Loaded, load
+from alignx_jax.data.schema import DEMO, DIRECTION, PAIR, UGC, Loaded, load, split_listing
 from alignx_jax.errors import DataError
 
 
@@ -51,6 +51,19 @@ def summary(loaded: Loaded) -> list[str]:
     if users:
         lines.append(f"users: {len(users)}")
     return lines
+
+
+def split_lines(path: str, loaded: Loaded) -> list[str]:
+    """One line per split sub-folder of `path` (`alignx data split`'s train/, test/ ...), none for a plain
+    file or folder: the totals add the splits together, while `alignx train` reads train/ alone."""
+    listing = split_listing(path)
+    if not listing:
+        return []
+    split_of = {f: split for split, (_, files) in listing.items() for f in files}
+    kept = Counter(split_of[loaded.files[fi].path] for fi, _ in loaded.origin)
+    return [
+        f"split {split}/: {kept[split]} rows  files: {len(files)}" for split, (_, files) in listing.items()
+    ]
 
 
 def warnings_for(loaded: Loaded) -> list[DataError]:
@@ -122,7 +135,9 @@ def cli_check(args: argparse.Namespace) -> int:
     warnings = warnings_for(loaded)
     if warnings and getattr(args, "strict", False):
         raise warnings[0]
-    for line in summary(loaded):
+    lines = summary(loaded)
+    lines[1:1] = split_lines(args.path, loaded)  # under the totals line, which counts every split
+    for line in lines:
         print(line)
     for w in warnings:
         print(f"alignx: warning: {w}", file=sys.stderr)
