@@ -39,7 +39,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: defines no get_config()")
     try:
         cfg = module.get_config(arg) if arg is not None else module.get_config()
-    except (TypeError, ValueError, KeyError) as e:  # `file.py:arg` the file takes no or another argument
+    except Exception as e:  # `file.py:arg` the file takes no or another argument; or the file's own error
         said = f"with {arg!r}" if arg is not None else "without an argument"
         raise ConfigError(f"{path}: get_config() {said} failed: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):

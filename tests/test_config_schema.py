@@ -164,3 +164,21 @@ def test_a_config_that_is_not_python_is_refused_in_one_line(tmp_path, name):
     assert str(e.value) == f"{path}: not a Python config file (a .py file that defines get_config())"
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "absent.py"))
+
+
+@pytest.mark.parametrize(
+    "body, said",
+    [
+        ('def get_config():\n    raise RuntimeError("boom")\n', "RuntimeError: boom"),
+        ("def get_config():\n    return undefined_name\n", "NameError: name 'undefined_name' is not defined"),
+        ("def get_config():\n    return get_config()\n", "RecursionError: "),
+    ],
+)
+def test_a_get_config_that_raises_is_one_line_naming_the_file(tmp_path, body, said):
+    """Any error of the file's get_config(), not only a wrong argument's TypeError: one line, no traceback."""
+    path = tmp_path / "broken.py"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    text = str(e.value)
+    assert text.startswith(f"{path}: get_config() without an argument failed: {said}") and "\n" not in text
