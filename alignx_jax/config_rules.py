@@ -13,6 +13,7 @@ from alignx_jax.config_schema import check_types, joint_head, uses_predicted
 from alignx_jax.data.batching import reserve
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.metrics import has_wandb, wandb_missing
+from alignx_jax.models import lora as lora_lib
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, inputs: bool = True) -> None:
@@ -169,7 +170,15 @@ def _check_optim(optim: ml_collections.ConfigDict) -> None:
 
 
 def _check_model(cfg: ml_collections.ConfigDict) -> None:
-    """A random-init model's shape (`model.init`): sizes that make no decoder are one line, not a traceback."""
+    """`model.lora`, `model.frozen_layers` and a random-init model's shape (`model.init`): values that make
+    no decoder are one line, not a traceback, and refused before the workdir is taken (the model build
+    refused them after it, leaving W holding its lock and data)."""
+    lora = cfg.model.lora
+    targets = (lora.targets,) if isinstance(lora.targets, str) else tuple(lora.targets)
+    lora_lib.check_options(lora.rank, lora.alpha, targets)
+    frozen = cfg.model.frozen_layers
+    if frozen < 0:
+        raise ConfigError(f"model.frozen_layers must be >= 0 (0 = every block trains), got {frozen}")
     init = cfg.model.init
     if init.enabled:
         sizes = (
@@ -192,6 +201,12 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
         if "vocab_size" in init and init.vocab_size != -1 and init.vocab_size < 1:
             raise ConfigError(
                 f"model.init.vocab_size must be positive (or -1: the tokenizer's), got {init.vocab_size}"
+            )
+        # the random-init stack's depth is known here; a loaded model's only once its config.json is read
+        if not cfg.model.hf_path and not cfg.model.preset and frozen >= init.num_hidden_layers:
+            raise ConfigError(
+                f"model.frozen_layers={frozen} must be below model.init.num_hidden_layers="
+                f"{init.num_hidden_layers}"
             )
 
 

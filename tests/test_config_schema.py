@@ -182,3 +182,51 @@ def test_a_get_config_that_raises_is_one_line_naming_the_file(tmp_path, body, sa
         load_config(str(path))
     text = str(e.value)
     assert text.startswith(f"{path}: get_config() without an argument failed: {said}") and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.model.lora.rank=-1"], "model.lora.rank=-1 must be a non-negative integer (0 = LoRA off)"),
+        (["--config.model.lora.alpha=-2"], "model.lora.alpha=-2.0 must be >= 0 (0 = 2 * rank)"),
+        (
+            ["--config.model.lora.targets=q_prj"],
+            "model.lora.targets: unknown projection 'q_prj' (known: q_proj,",
+        ),
+        (
+            ["--config.model.frozen_layers=-1"],
+            "model.frozen_layers must be >= 0 (0 = every block trains), got -1",
+        ),
+        (
+            ["--config.model.frozen_layers=2"],
+            "model.frozen_layers=2 must be below model.init.num_hidden_layers=2",
+        ),
+    ],
+)
+def test_lora_and_frozen_layers_are_checked_by_the_config_check(overrides, message):
+    """Refused by validate_config (train and plan), not by the model build after the workdir is taken."""
+    for inputs in (True, False):
+        cfg = load_config(TINY, ["--config.workdir=/tmp/x", *overrides])
+        with pytest.raises(ConfigError) as e:
+            rules.validate_config(cfg, inputs=inputs)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    # a loaded model's depth is unknown here (its build checks it); a valid combination passes
+    hf = ["--config.workdir=/tmp/x", "--config.model.hf_path=/m", "--config.model.frozen_layers=2"]
+    rules.validate_config(load_config(TINY, hf))
+    ok = [
+        "--config.model.frozen_layers=1",
+        "--config.model.lora.rank=4",
+        "--config.model.lora.targets=q_proj",
+    ]
+    rules.validate_config(load_config(TINY, ["--config.workdir=/tmp/x", *ok]))
+
+
+def test_a_bad_lora_rank_leaves_no_workdir(tmp_path, capsys):
+    from alignx_jax.cli import main
+
+    w = tmp_path / "w"
+    argv = ["train", f"--config={TINY}", f"--config.workdir={w}", "--config.model.lora.rank=-1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "alignx: error: model.lora.rank=-1 must be a non-negative integer (0 = LoRA off)"
+    assert not w.exists()
