@@ -313,6 +313,8 @@ def _check_pba(cfg: ml_collections.ConfigDict) -> None:
             f"pba.class_weights must be finite and >= 0 with one above 0, got {weights} "
             "(for the classes 0, 0.5, 1)"
         )
+    if pba.hidden < 1:  # the head's build refused it once the workdir was taken (its lock, data, reference)
+        raise ConfigError(f"pba.hidden must be at least 1 (the head's hidden width), got {pba.hidden}")
     if pba.max_persona_tokens < 2:
         raise ConfigError(f"pba.max_persona_tokens must be at least 2, got {pba.max_persona_tokens}")
     if pba.head_steps < 1 or pba.head_batch_size < 1 or pba.head_rows < 0:

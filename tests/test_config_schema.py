@@ -230,3 +230,13 @@ def test_a_bad_lora_rank_leaves_no_workdir(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "alignx: error: model.lora.rank=-1 must be a non-negative integer (0 = LoRA off)"
     assert not w.exists()
+
+
+@pytest.mark.parametrize("hidden", [0, -3])
+def test_pba_hidden_is_checked_by_the_config_check(hidden):
+    pba = ["--config.data.method=pba", "--config.pba.enabled=true"]
+    cfg = load_config(TINY, ["--config.workdir=/tmp/x", *pba, f"--config.pba.hidden={hidden}"])
+    with pytest.raises(ConfigError) as e:
+        rules.validate_config(cfg)
+    assert str(e.value) == f"pba.hidden must be at least 1 (the head's hidden width), got {hidden}"
+    rules.validate_config(load_config(TINY, ["--config.workdir=/tmp/x", *pba, "--config.pba.hidden=1"]))
