@@ -117,14 +117,14 @@ def _check_loss(cfg: ml_collections.ConfigDict) -> None:
     """The `loss` section (its allowed values are checked by `check_types`)."""
     if not cfg.loss.beta > 0 or not math.isfinite(cfg.loss.beta):  # `not >`: NaN fails too
         raise ConfigError(f"loss.beta must be positive, got {cfg.loss.beta}")
-    if cfg.loss.gamma_beta_ratio < 0:
-        raise ConfigError(f"loss.gamma_beta_ratio must be >= 0, got {cfg.loss.gamma_beta_ratio}")
+    if not 0 <= cfg.loss.gamma_beta_ratio < math.inf:  # `not <=`: a NaN or inf margin made every loss NaN
+        raise ConfigError(f"loss.gamma_beta_ratio must be >= 0 and finite, got {cfg.loss.gamma_beta_ratio}")
     if cfg.loss.type == "robust" and not 0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError("loss.label_smoothing must be in [0, 0.5) for the robust loss")
     if not 0 <= cfg.loss.label_smoothing <= 0.5:  # a flipped-label fraction; past 0.5 it trains backwards
         raise ConfigError(f"loss.label_smoothing must be in [0, 0.5], got {cfg.loss.label_smoothing}")
-    if not cfg.loss.sft_weight >= 0:
-        raise ConfigError(f"loss.sft_weight must be >= 0 (0 = none), got {cfg.loss.sft_weight}")
+    if not 0 <= cfg.loss.sft_weight < math.inf:
+        raise ConfigError(f"loss.sft_weight must be >= 0 and finite (0 = none), got {cfg.loss.sft_weight}")
     if cfg.loss.logps_chunk < 0:
         raise ConfigError(f"loss.logps_chunk must be >= 0 (0 = one chunk), got {cfg.loss.logps_chunk}")
     if cfg.loss.max_skipped_steps < 1:

@@ -258,6 +258,10 @@ def test_pair_logps_matches_full_logits(steps):
         ("--config.loss.logps_chunk=-1", "loss.logps_chunk must be >= 0"),
         ("--config.loss.label_smoothing=1.5", "loss.label_smoothing must be in"),
         ("--config.loss.sft_weight=-1.0", "loss.sft_weight must be >= 0"),
+        ("--config.loss.sft_weight=inf", "loss.sft_weight must be >= 0 and finite (0 = none), got inf"),
+        ("--config.loss.gamma_beta_ratio=nan", "loss.gamma_beta_ratio must be >= 0 and finite, got nan"),
+        ("--config.loss.gamma_beta_ratio=inf", "loss.gamma_beta_ratio must be >= 0 and finite, got inf"),
+        ("--config.loss.gamma_beta_ratio=-1", "loss.gamma_beta_ratio must be >= 0 and finite, got -1.0"),
         (
             "--config.data.pack_length=100",
             "data.pack_length=100: 0",
