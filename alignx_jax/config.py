@@ -8,6 +8,7 @@ Overrides name existing keys only; a wrong or misspelt key is a `ConfigError` na
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import os
@@ -135,11 +136,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         node = cfg
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ConfigError(f"unknown config key {'.'.join(parts[: depth + 1])!r} in --config.{key}")
+                name = ".".join(parts[: depth + 1])
+                raise ConfigError(f"unknown config key {name!r} in --config.{key}{did_you_mean(cfg, name)}")
             node = node[part]
         leaf = parts[-1]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"unknown config key {key!r} in --config.{key}")
+            raise ConfigError(f"unknown config key {key!r} in --config.{key}{did_you_mean(cfg, key)}")
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             raise ConfigError(f"--config.{key} names a section, not a value")
@@ -150,6 +152,31 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         except (TypeError, KeyError) as e:
             raise ConfigError(f"--config.{key}={raw}: {e}") from None
     return cfg
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a nested ConfigDict (sections and values) as a dotted name."""
+    if not isinstance(node, ml_collections.ConfigDict):
+        return []
+    out = []
+    for k in node:
+        out += [prefix + k, *_dotted_keys(node[k], f"{prefix}{k}.")]
+    return out
+
+
+def did_you_mean(cfg: ml_collections.ConfigDict, name: str) -> str:
+    """' (did you mean KEY?)' naming the config key nearest to the unknown dotted `name` (a one-letter
+    typo, or the right name in another section: train.lr -> optim.lr); '' when none is near."""
+    known = [k for k in _dotted_keys(cfg) if k != name and not k.startswith(name + ".")]  # not itself
+    *parents, leaf = name.split(".")
+    depth = len(parents)
+    siblings = [k for k in known if k.count(".") == depth and k.rsplit(".", 1)[0] == ".".join(parents)]
+    near = difflib.get_close_matches(name, siblings, n=1, cutoff=0.8) if parents else []
+    near = near or difflib.get_close_matches(
+        name, [k for k in known if k.count(".") == depth], n=1, cutoff=0.8
+    )
+    near = near or [k for k in known if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f" (did you mean {near[0]}?)" if near else ""
 
 
 class _null:

@@ -29,6 +29,7 @@ from typing import Any, Literal, get_args
 import ml_collections
 
 from alignx_jax import losses
+from alignx_jax.config import did_you_mean
 from alignx_jax.config_types import describe_type, matches_type
 from alignx_jax.data import persona as persona_lib
 from alignx_jax.data import prompts as prompts_lib
@@ -404,10 +405,10 @@ def _lay(node: ml_collections.ConfigDict, saved: Mapping[str, Any], cls: type, p
 def check_types(cfg: ml_collections.ConfigDict) -> None:
     """Every schema key present, no other key, each value of its field's type and each Literal field one
     of its values; the first failure is one ConfigError line naming the key."""
-    _check_section(cfg, RunConfig, "")
+    _check_section(cfg, RunConfig, "", cfg)
 
 
-def _check_section(node: Any, cls: type, prefix: str) -> None:
+def _check_section(node: Any, cls: type, prefix: str, root: ml_collections.ConfigDict) -> None:
     if not isinstance(node, (ml_collections.ConfigDict, Mapping)):
         raise ConfigError(f"{prefix.rstrip('.')}={node!r}: expected a section ({cls.__name__})")
     known = section_fields(cls)
@@ -420,12 +421,14 @@ def _check_section(node: Any, cls: type, prefix: str) -> None:
             )
         value = node[key]
         if dataclasses.is_dataclass(tp):
-            _check_section(value, tp, name + ".")
+            _check_section(value, tp, name + ".", root)
         elif not matches_type(value, tp):
             raise ConfigError(f"{name}={value!r}: expected {describe_type(tp)}")
     extra = sorted(set(node.keys()) - {k for k, _ in known})
     if extra:
-        raise ConfigError(f"unknown config key {prefix + extra[0]!r} (not in alignx_jax.config_schema)")
+        name = prefix + extra[0]
+        near = did_you_mean(root, name) if isinstance(root, ml_collections.ConfigDict) else ""
+        raise ConfigError(f"unknown config key {name!r} (not in alignx_jax.config_schema){near}")
 
 
 # ----------------------------------------------------------------------------- questions asked of a config

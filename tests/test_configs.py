@@ -173,6 +173,42 @@ def test_override_types_and_errors():
 
 
 @pytest.mark.parametrize(
+    "key, message",
+    [
+        (
+            "train.stpes",
+            "unknown config key 'train.stpes' in --config.train.stpes (did you mean train.steps?)",
+        ),
+        ("trian.steps", "unknown config key 'trian' in --config.trian.steps (did you mean train?)"),
+        ("train.lr", "unknown config key 'train.lr' in --config.train.lr (did you mean optim.lr?)"),
+        (
+            "checkpoint.async_",
+            "unknown config key 'checkpoint.async_' in --config.checkpoint.async_ (did you mean checkpoint.async?)",
+        ),
+        ("optim.schedule", "unknown config key 'optim.schedule' in --config.optim.schedule"),  # none near
+    ],
+)
+def test_an_unknown_key_names_the_nearest_known_one(key, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(ROOT, "configs", "tiny_cpu.py"), [f"--config.{key}=3"])
+    assert str(e.value) == message
+
+
+def test_an_unknown_key_set_by_a_config_file_names_the_nearest_known_one():
+    from alignx_jax.config_schema import check_types
+
+    c = load_config(os.path.join(ROOT, "configs", "tiny_cpu.py"), [])
+    with c.unlocked():
+        c.data.prompt_fromat = "paper"
+    with pytest.raises(ConfigError) as e:
+        check_types(c)
+    assert str(e.value) == (
+        "unknown config key 'data.prompt_fromat' (not in alignx_jax.config_schema) "
+        "(did you mean data.prompt_format?)"
+    )
+
+
+@pytest.mark.parametrize(
     "raw, want",
     [
         ("q_proj,v_proj", ("q_proj", "v_proj")),
