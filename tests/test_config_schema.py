@@ -240,3 +240,15 @@ def test_pba_hidden_is_checked_by_the_config_check(hidden):
         rules.validate_config(cfg)
     assert str(e.value) == f"pba.hidden must be at least 1 (the head's hidden width), got {hidden}"
     rules.validate_config(load_config(TINY, ["--config.workdir=/tmp/x", *pba, "--config.pba.hidden=1"]))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, ROOT))
+def test_shipped_config_validates_for_plan_and_its_saved_json_reads_back_the_same(path):
+    """`alignx plan --config=F` checks the file as given (no workdir, weights or data); W/config.json read
+    back (`merge_saved`) is the same config: tuples stay tuples, floats and None stay themselves."""
+    cfg = load_config(path)
+    rules.validate_config(cfg, inputs=False)
+    back = schema.merge_saved(json.loads(config_to_json(cfg)))
+    assert back.to_dict() == cfg.to_dict()  # a list where a tuple was differs here
+    assert config_to_json(back) == config_to_json(cfg)
+    assert isinstance(back.data.buckets, tuple) and isinstance(back.sharding.rules[0], tuple)
