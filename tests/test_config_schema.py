@@ -188,7 +188,9 @@ def test_a_get_config_that_raises_is_one_line_naming_the_file(tmp_path, body, sa
     "overrides, message",
     [
         (["--config.model.lora.rank=-1"], "model.lora.rank=-1 must be a non-negative integer (0 = LoRA off)"),
-        (["--config.model.lora.alpha=-2"], "model.lora.alpha=-2.0 must be >= 0 (0 = 2 * rank)"),
+        (["--config.model.lora.alpha=-2"], "model.lora.alpha=-2.0 must be >= 0 and finite (0 = 2 * rank)"),
+        (["--config.model.lora.alpha=nan"], "model.lora.alpha=nan must be >= 0 and finite (0 = 2 * rank)"),
+        (["--config.model.lora.alpha=inf"], "model.lora.alpha=inf must be >= 0 and finite (0 = 2 * rank)"),
         (
             ["--config.model.lora.targets=q_prj"],
             "model.lora.targets: unknown projection 'q_prj' (known: q_proj,",

@@ -47,8 +47,8 @@ def check_options(rank: int, alpha: float, targets: tuple[str, ...]) -> None:
     """One-line ConfigErrors for `model.lora.*`."""
     if int(rank) != rank or rank < 0:
         raise ConfigError(f"model.lora.rank={rank} must be a non-negative integer (0 = LoRA off)")
-    if alpha < 0:
-        raise ConfigError(f"model.lora.alpha={alpha} must be >= 0 (0 = 2 * rank)")
+    if not 0 <= alpha < math.inf:  # `not <=`: a NaN alpha scaled every adapter to NaN
+        raise ConfigError(f"model.lora.alpha={alpha} must be >= 0 and finite (0 = 2 * rank)")
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad:
         raise ConfigError(
