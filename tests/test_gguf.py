@@ -70,12 +70,25 @@ def _llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, pre: str = "llama-bpe", add_bos: bool = False) -> int:
+def _add_tokenizer(
+    w: gguf.GGUFWriter,
+    pre: str = "llama-bpe",
+    add_bos: bool = False,
+    rename: dict[str, str] | None = None,
+    eos: str = "<|eot_id|>",
+    eot: str | None = None,
+    eom: str | None = None,
+) -> int:
     """The shipped tiny byte-level BPE as GGUF metadata (gpt2 model, Llama-3 split unless `pre` says
-    another); returns its size."""
+    another; special tokens spelled as in `rename`, eos/eot/eom ids naming the tokens so spelled);
+    returns its size."""
     with open(os.path.join(TINY_TOKENIZER_DIR, "tokenizer.json"), encoding="utf-8") as f:
         tj = json.load(f)
     vocab = tj["model"]["vocab"]
+    for old, new in (rename or {}).items():  # special tokens are in no merge: renaming them is safe
+        vocab[new] = vocab.pop(old)
+        for t in tj["added_tokens"]:
+            t["content"] = new if t["content"] == old else t["content"]
     tokens = sorted(vocab, key=vocab.get)
     special = {t["id"] for t in tj["added_tokens"] if t["special"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
@@ -85,7 +98,11 @@ def _add_tokenizer(w: gguf.GGUFWriter, pre: str = "llama-bpe", add_bos: bool = F
     w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
     w.add_token_merges(merges)
     w.add_bos_token_id(vocab["<|begin_of_text|>"])
-    w.add_eos_token_id(vocab["<|eot_id|>"])
+    w.add_eos_token_id(vocab[eos])
+    if eot is not None:
+        w.add_eot_token_id(vocab[eot])
+    if eom is not None:
+        w.add_eom_token_id(vocab[eom])
     w.add_pad_token_id(vocab["<|pad|>"])
     w.add_add_bos_token(add_bos)
     w.add_chat_template(CHATML)
@@ -386,6 +403,55 @@ def test_import_writes_only_into_its_own_folders(tmp_path, capsys):
     assert main(["import", "--gguf", path, "--out", str(ckpt)]) == 0
     assert main(["import", "--gguf", path, "--out", path]) == 1  # a file
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+GEMMA_LIKE = {"rename": {"<|end_of_text|>": "<eos>", "<|eot_id|>": "<end_of_turn>"}, "eos": "<eos>"}
+
+
+def test_end_of_turn_ids_reach_generation_config_and_generate(tmp_path, monkeypatch, capsys):
+    """A chat GGUF's end-of-turn token (`tokenizer.ggml.eot_token_id`, then `eom_token_id`) that is not its
+    eos: the converted folder's generation_config.json lists eos first, then it, as HF's configs of such
+    models do, and `alignx generate` stops at both; config.json keeps the eos alone."""
+    from alignx_jax.generate import _stop_ids
+    from alignx_jax.models.checkpoint import load_checkpoint
+    from alignx_jax.models.gguf import GGUFFile
+
+    monkeypatch.setenv("ALIGNX_CACHE_DIR", str(tmp_path / "cache"))
+    path = str(tmp_path / "gemma-like.gguf")
+    write_gguf(path, "llama", tokenizer={**GEMMA_LIKE, "eot": "<end_of_turn>"})
+    tokens = list(GGUFFile(path).field("tokenizer.ggml.tokens"))
+    eos, eot = tokens.index("<eos>"), tokens.index("<end_of_turn>")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    assert main(["import", "--gguf", path, "--out", str(ckpt)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    folder = real_model.resolve_model_path(path)
+    for d in (ckpt, out, folder):
+        gen = json.loads(open(os.path.join(d, "generation_config.json"), encoding="utf-8").read())
+        assert gen["eos_token_id"] == [eos, eot], d
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == eos
+    model = load_checkpoint(str(ckpt))
+    for d in (ckpt, folder):  # the ids `alignx generate --model D` stops at: read beside its tokenizer
+        tok = load_tokenizer(str(d))
+        assert tok.eos_token == "<eos>" and {eos, eot} <= set(_stop_ids(model, tok))
+
+    # Llama-3.1's three: eos <|end_of_text|>, eot <|eot_id|>, eom <|eom_id|>
+    l31 = str(tmp_path / "llama31.gguf")
+    rename = {"<|start_header_id|>": "<|eom_id|>"}
+    write_gguf(
+        l31,
+        "llama",
+        tokenizer={"rename": rename, "eos": "<|end_of_text|>", "eot": "<|eot_id|>", "eom": "<|eom_id|>"},
+    )
+    tokens = list(GGUFFile(l31).field("tokenizer.ggml.tokens"))
+    want = [tokens.index(t) for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")]
+    assert GGUFFile(l31).eos_token_ids() == want
+
+    # an eot that is the eos (or none, as in SmolLM2's file): the one id, as before
+    same = str(tmp_path / "same.gguf")
+    write_gguf(same, "llama", tokenizer={"eot": "<|eot_id|>"})
+    assert main(["import", "--gguf", same, "--out", str(tmp_path / "same")]) == 0
+    gen = json.loads((tmp_path / "same" / "generation_config.json").read_text())
+    assert gen == {"bos_token_id": 0, "eos_token_id": tokens.index("<|eot_id|>"), "pad_token_id": 5}
 
 
 def test_llama3_rope_freqs_become_rope_parameters(tmp_path):

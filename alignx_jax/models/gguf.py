@@ -132,6 +132,16 @@ class GGUFFile:
             return default
         return f.contents()
 
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end a response: eos, then the end-of-turn and end-of-message ids (Llama-3.1's
+        `<|eot_id|>`, `<|eom_id|>`; Gemma-2's `<end_of_turn>`) where they differ from it."""
+        ids: list[int] = []
+        for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+            value = self.field(f"tokenizer.ggml.{key}")
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+        return ids
+
     def _config(self) -> dict[str, Any]:
         a = self.arch
         need = {
@@ -474,8 +484,19 @@ def import_gguf(path: str, out_dir: str, *, dtype: str = "float32"):
         os.makedirs(out_dir, exist_ok=True)
         model_card.write_base_info(out_dir, path, None)  # first: it marks the folder as an import's
         checkpoint.save_checkpoint(model, out_dir, tokenizer_dir=tok_dir if os.listdir(tok_dir) else None)
+    write_generation_config(src, model.cfg, out_dir)
     checkpoint.remove_head_files(out_dir)  # a stale head from an earlier import would pair with this model
     return model, src
+
+
+def write_generation_config(src: GGUFFile, cfg, out_dir: str) -> None:
+    """The checkpoint's generation_config.json (an export copies it): the file's eos and end-of-turn ids,
+    which config.json's one eos id cannot list; replaces an earlier import's."""
+    from alignx_jax.models import hf
+
+    ids = src.eos_token_ids()
+    eos = ids if len(ids) > 1 else (ids[0] if ids else cfg.to_hf()["eos_token_id"])
+    hf.write_generation_config(out_dir, cfg.bos_token_id, eos, cfg.pad_token_id)
 
 
 def cli_import(args) -> int:

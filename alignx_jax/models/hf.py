@@ -517,11 +517,15 @@ def _write_hf_configs(out_dir: str, cfg: DecoderConfig, saved_dtype: str, base_d
     if base_gen and os.path.isfile(base_gen):
         shutil.copyfile(base_gen, os.path.join(out_dir, "generation_config.json"))
         return
-    gen = {
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": hf_cfg["eos_token_id"],
-        "pad_token_id": cfg.pad_token_id,
-    }
+    write_generation_config(out_dir, cfg.bos_token_id, hf_cfg["eos_token_id"], cfg.pad_token_id)
+
+
+def write_generation_config(
+    out_dir: str, bos_id: int | None, eos: int | list[int] | None, pad_id: int | None
+) -> None:
+    """`out_dir/generation_config.json` with the token ids only: `eos` an id, or a list (eos first, then the
+    end-of-turn ids transformers' `generate` also stops at)."""
+    gen = {"bos_token_id": bos_id, "eos_token_id": eos, "pad_token_id": pad_id}
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
 

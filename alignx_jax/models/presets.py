@@ -89,7 +89,9 @@ def _hf_folder_of_gguf(src: str, out: str) -> str:
         ckpt, folder = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "hf")
         gguf.import_gguf(src, ckpt, dtype="float32")
         model = checkpoint.load_checkpoint(ckpt)
-        hf.save_hf(model, folder, tokenizer_dir=checkpoint.resolve_checkpoint(ckpt).tokenizer_dir)
+        res = checkpoint.resolve_checkpoint(ckpt)
+        # base_dir: the import's generation_config.json, which lists the file's end-of-turn ids
+        hf.save_hf(model, folder, tokenizer_dir=res.tokenizer_dir, base_dir=res.config_dir)
         try:
             os.rename(folder, out)
         except OSError:  # another process finished first: theirs is as good as ours
