@@ -2,7 +2,8 @@
 one model step per token, no recompiles per token), for left-padded batches of prompts.
 
 Sampling follows the release's win-rate setting by default (temperature 0.9, top-k 10, top-p 0.95);
-`greedy=True` takes the argmax. Generation stops per row at EOS / `<|eot_id|>` / `<|end_of_text|>`.
+`greedy=True` takes the argmax. Generation stops per row at the
+tokenizer's EOS or an eos id of the generation_config.json beside it or of the model config.
 """
 
 from __future__ import annotations
@@ -144,32 +145,10 @@ def per_layer_decode(model: Decoder, max_new_tokens: int, available: int | None 
     return available is None or 2 * copy <= available
 
 
-def _generation_config_eos(tokenizer) -> list[int]:
-    """The eos ids of `generation_config.json` beside the tokenizer (the model's folder: an HF folder, a
-    checkpoint, a workdir's reference/): transformers' `generate` stops on them too, and some models list
-    their end-of-turn token only there (Gemma-2's `<end_of_turn>`). Its sampling settings are not read."""
-    import os
-
-    folder = getattr(tokenizer, "name_or_path", None)
-    path = os.path.join(folder, "generation_config.json") if isinstance(folder, str) and folder else ""
-    if not path or not os.path.isfile(path):
-        return []
-    try:
-        with open(path, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: malformed generation config: {e}") from e
-    eos = eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos if i is not None):
-        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
-    return [i for i in eos if i is not None]
-
-
 def _stop_ids(model: Decoder, tokenizer) -> list[int]:
     from alignx_jax.tokenizer import stop_token_ids
 
     ids = set(stop_token_ids(tokenizer)) if tokenizer is not None else set()
-    ids.update(_generation_config_eos(tokenizer))
     eos = model.cfg.eos_token_id
     ids.update(eos if isinstance(eos, tuple) else ([eos] if eos is not None else []))
     if not ids:

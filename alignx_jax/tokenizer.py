@@ -14,9 +14,6 @@ from alignx_jax.errors import CheckpointError
 
 TINY_TOKENIZER_DIR: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
 
-# Ids a generation loop should stop at, besides `tokenizer.eos_token_id`.
-STOP_TOKENS: tuple[str, ...] = ("<|eot_id|>", "<|end_of_text|>")
-
 
 def load_tokenizer(path: str | None = None):
     """Load a `transformers` tokenizer from `path` (local files only); None -> the shipped tiny one.
@@ -62,9 +59,28 @@ def _tokenizer_class(path: str):
     return AutoTokenizer
 
 
+def generation_config_eos_ids(tokenizer) -> list[int]:
+    """The eos ids of `generation_config.json` beside the tokenizer (the model's folder: an HF folder, a
+    checkpoint, a workdir's reference/): transformers' `generate` stops on them too, and some models list
+    their end-of-turn token only there (Gemma-2's `<end_of_turn>`). Its sampling settings are not read."""
+    folder = getattr(tokenizer, "name_or_path", None)
+    path = os.path.join(folder, "generation_config.json") if isinstance(folder, str) and folder else ""
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed generation config: {e}") from e
+    eos = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos if i is not None):
+        raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}")
+    return [i for i in eos if i is not None]
+
+
 def stop_token_ids(tokenizer) -> list[int]:
-    """The token ids that end a generated response (eos plus Llama-3's turn/text ends)."""
+    """The token ids that end a generated response: the tokenizer's eos and the eos ids of the
+    generation_config.json beside it (no token is a stop token by its spelling)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in STOP_TOKENS if t in vocab)
+    ids.update(generation_config_eos_ids(tokenizer))
     return sorted(ids)

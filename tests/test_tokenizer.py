@@ -37,7 +37,7 @@ def test_special_tokens_are_llama3_style(tok):
         ]
     }
     assert len(set(ids.values())) == 6 and all(i < 6 for i in ids.values())
-    assert set(stop_token_ids(tok)) == {ids["<|eot_id|>"], ids["<|end_of_text|>"]}
+    assert stop_token_ids(tok) == [ids["<|eot_id|>"]]  # no generation_config.json beside it: its eos alone
     # special-token strings inside text become their ids (the release's `paper` prompts rely on it)
     enc = tok("<|start_header_id|>user<|end_header_id|>", add_special_tokens=False)["input_ids"]
     assert enc[0] == ids["<|start_header_id|>"] and enc[-1] == ids["<|end_header_id|>"]
@@ -125,3 +125,34 @@ def test_plain_fast_tokenizers_load_as_auto_tokenizer_would_and_without_torch(ti
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def _word_tokenizer(folder, tokens: list[str], eos: str):
+    """A one-word-per-token tokenizer folder with `tokens` as its vocabulary (ids in order) and `eos`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=inner, eos_token=eos, unk_token=tokens[0]).save_pretrained(
+        folder
+    )
+    return load_tokenizer(str(folder))
+
+
+def test_stop_ids_are_the_tokenizers_eos_and_its_generation_config_eos(tmp_path):
+    """No spelling is a stop token by name: a ChatML vocabulary that also holds Llama-3's `<|end_of_text|>`
+    stops at its eos alone; a Gemma-like folder stops at its generation_config.json's eos ids too."""
+    chatml = ["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "hi"]
+    tok = _word_tokenizer(tmp_path / "chatml", chatml, "<|im_end|>")
+    assert stop_token_ids(tok) == [2]
+    gemma = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "hi"]
+    (tmp_path / "gemma").mkdir()
+    (tmp_path / "gemma" / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4]}))
+    tok = _word_tokenizer(tmp_path / "gemma", gemma, "<eos>")
+    assert stop_token_ids(tok) == [1, 4]
+    (tmp_path / "gemma" / "generation_config.json").write_text(json.dumps({"eos_token_id": 4}))
+    assert stop_token_ids(tok) == [1, 4]
+    (tmp_path / "gemma" / "generation_config.json").write_text('{"eos_token_id": [1, "x"]}')
+    with pytest.raises(CheckpointError, match="eos_token_id must be an id or a list of ids"):
+        stop_token_ids(tok)
