@@ -708,3 +708,9 @@ def test_a_gguf_file_is_a_model_path(tiny_ggufs, tmp_path, monkeypatch, capsys):
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a replaced file is converted again
     again = real_model.resolve_model_path(str(src))
     assert again != folder and os.path.isfile(os.path.join(again, "config.json"))
+    from alignx_jax.models import presets
+
+    # a folder an earlier conversion wrote is made again (the end-of-turn ids it did not list)
+    monkeypatch.setattr(presets, "GGUF_CONVERSION", presets.GGUF_CONVERSION + 1)
+    newer = real_model.resolve_model_path(str(src))
+    assert newer not in (folder, again) and os.path.isfile(os.path.join(newer, "config.json"))

@@ -64,11 +64,15 @@ def smollm2_dir(prepare: bool = True) -> str:
     return _hf_folder_of_gguf(gguf_path(), out)
 
 
+# what a conversion writes: a folder made by an earlier version is made again (2: end-of-turn ids listed)
+GGUF_CONVERSION = 2
+
+
 def gguf_folder(src: str) -> str:
     """A GGUF file as an HF folder, made once under `<cache>/models/gguf/NAME-KEY` (KEY: the file's absolute
-    path, size and modification time, so a replaced file is converted again)."""
+    path, size and modification time, so a replaced file is converted again, and `GGUF_CONVERSION`)."""
     st = os.stat(src)
-    ident = f"{os.path.abspath(src)}\0{st.st_size}\0{st.st_mtime_ns}"
+    ident = f"{os.path.abspath(src)}\0{st.st_size}\0{st.st_mtime_ns}\0{GGUF_CONVERSION}"
     key = hashlib.sha256(ident.encode("utf-8")).hexdigest()[:16]
     name = f"{os.path.splitext(os.path.basename(src))[0]}-{key}"
     out = os.path.join(cache_root(), "models", "gguf", name)
