@@ -176,6 +176,21 @@ def _results_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _lora_settings(model: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A model.lora run's rank, alpha (0 stands for 2 * rank) and target modules; none without LoRA."""
+    lora = model.get("lora") or {}
+    rank = lora.get("rank") or 0
+    if not rank:
+        return []
+    targets = lora.get("targets")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    return [
+        ("LoRA rank", rank),
+        ("LoRA alpha", f"{float(lora.get('alpha') or 2 * rank):g}"),
+        ("LoRA target modules", "/".join(str(t) for t in targets)),
+    ]
+
+
 def build_card(
     *,
     name: str,
@@ -210,7 +225,8 @@ def build_card(
     )
     out += ["", f"- Base model: {f'`{base_model}`' if base_model else 'unknown'}"]
     if run_cfg is not None:
-        loss, optim, train = (run_cfg.get(k) or {} for k in ("loss", "optim", "train"))
+        model, loss, optim, train = (run_cfg.get(k) or {} for k in ("model", "loss", "optim", "train"))
+        lora = _lora_settings(model)
         out.append(f"- Method: {METHODS.get(method or '', method or 'unknown')}")
         out.append(f"- Training data: `{data.get('train') or 'synthetic users (W/data)'}`")
         keys = [
@@ -223,8 +239,14 @@ def build_card(
             ("global batch", train.get("global_batch")),
             ("steps", train.get("steps")),
             ("epochs", train.get("epochs")),
+            *lora,
         ]
         out.append("- Training settings: " + ", ".join(f"{k} {v}" for k, v in keys if v not in (None, "")))
+        if lora:  # the export is the merged model: nothing else tells it came from adapters
+            out.append(
+                "- Weights: LoRA adapters merged into the base model's (W + alpha / rank * A B); "
+                "`alignx export --peft` writes the adapters alone"
+            )
     else:
         out.append("- Method: not recorded (a model checkpoint, not a training workdir)")
     if has_head:

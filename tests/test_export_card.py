@@ -364,3 +364,43 @@ def test_card_leaves_out_found_results_of_another_step_or_model(tiny_hf_checkpoi
     assert main(["export", "--checkpoint", str(work), "--out", str(out), "--step", "2"]) == 0
     text = (out / "README.md").read_text()
     assert "(step 2)" in text and "| step2.json |" in text and "step5.json" not in text
+
+
+def _card(run_cfg, *, step=7, base_model=None) -> str:
+    from alignx_jax.model_card import build_card
+
+    return build_card(
+        name="out",
+        source="/w",
+        step=step,
+        base_model=base_model,
+        license_=None,
+        run_cfg=run_cfg,
+        results=[],
+        dtype="float32",
+        has_head=False,
+    )
+
+
+def _run_cfg(**sections) -> dict:
+    cfg = {"model": {"hf_path": "org/base"}, "data": {"method": "ica"}, "loss": {}, "optim": {}, "train": {}}
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value}
+    return cfg
+
+
+def _settings(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("- Training settings: "))
+
+
+def test_card_of_a_lora_run_names_its_adapters():
+    """The export of a model.lora run is the base with the adapters merged in: the card says so, with the
+    rank, alpha (0: 2 * rank) and target modules; a run without LoRA says nothing of it."""
+    lora = {"rank": 8, "alpha": 32.0, "targets": ["q_proj", "v_proj"]}
+    text = _card(_run_cfg(model={"lora": lora}), base_model="org/base")
+    assert "LoRA rank 8, LoRA alpha 32, LoRA target modules q_proj/v_proj" in _settings(text)
+    assert "LoRA adapters merged into the base model's" in text and "--peft" in text
+    text = _card(_run_cfg(model={"lora": {"rank": 4, "alpha": 0.0, "targets": "o_proj"}}))
+    assert "LoRA rank 4, LoRA alpha 8, LoRA target modules o_proj" in _settings(text)
+    text = _card(_run_cfg(model={"lora": {"rank": 0, "alpha": 0.0, "targets": ["q_proj"]}}))
+    assert "LoRA" not in text
