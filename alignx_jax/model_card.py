@@ -176,6 +176,15 @@ def _results_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _steps_settings(train: dict[str, Any], step: int | None) -> list[tuple[str, Any]]:
+    """The card's steps/epochs: train.steps as set, or for -1 the steps the exported checkpoint ran."""
+    steps, epochs = train.get("steps"), train.get("epochs")
+    if steps != -1:  # a fixed step count: train.epochs is not read
+        return [("steps", steps)]
+    # -1: as many steps as `epochs` passes over the data take
+    return [("steps", None if step is None else f"{step} (set by epochs)"), ("epochs", epochs)]
+
+
 def _lora_settings(model: dict[str, Any]) -> list[tuple[str, Any]]:
     """A model.lora run's rank, alpha (0 stands for 2 * rank) and target modules; none without LoRA."""
     lora = model.get("lora") or {}
@@ -237,8 +246,7 @@ def build_card(
             ("beta", loss.get("beta")),
             ("learning rate", optim.get("lr")),
             ("global batch", train.get("global_batch")),
-            ("steps", train.get("steps")),
-            ("epochs", train.get("epochs")),
+            *_steps_settings(train, step),
             *lora,
         ]
         out.append("- Training settings: " + ", ".join(f"{k} {v}" for k, v in keys if v not in (None, "")))

@@ -404,3 +404,12 @@ def test_card_of_a_lora_run_names_its_adapters():
     assert "LoRA rank 4, LoRA alpha 8, LoRA target modules o_proj" in _settings(text)
     text = _card(_run_cfg(model={"lora": {"rank": 0, "alpha": 0.0, "targets": ["q_proj"]}}))
     assert "LoRA" not in text
+
+
+def test_card_of_an_epochs_driven_run_gives_the_steps_it_ran():
+    """train.steps -1 (as many steps as train.epochs take) is the checkpoint's step on the card, not
+    "steps -1"; a fixed train.steps leaves out train.epochs, which such a run does not read."""
+    text = _settings(_card(_run_cfg(train={"steps": -1, "epochs": 2}), step=12))
+    assert "steps 12 (set by epochs), epochs 2" in text and "-1" not in text
+    text = _settings(_card(_run_cfg(train={"steps": 300, "epochs": 1}), step=300))
+    assert "steps 300" in text and "epochs" not in text
