@@ -176,6 +176,17 @@ def _results_lines(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _base_text(base_model: str | None, run_cfg: dict[str, Any] | None) -> str:
+    """The card's base model: the recorded one, a scratch run's random init, else unknown."""
+    if base_model:
+        return f"`{base_model}`"
+    model = (run_cfg or {}).get("model") or {}
+    # no model.hf_path: training started from random weights (config_rules requires model.init.enabled)
+    if run_cfg is not None and not model.get("hf_path") and (model.get("init") or {}).get("enabled"):
+        return "none: randomly initialised (`model.init`), trained from scratch"
+    return "unknown"
+
+
 def _steps_settings(train: dict[str, Any], step: int | None) -> list[tuple[str, Any]]:
     """The card's steps/epochs: train.steps as set, or for -1 the steps the exported checkpoint ran."""
     steps, epochs = train.get("steps"), train.get("epochs")
@@ -232,7 +243,7 @@ def build_card(
         + (f" (step {step})" if step is not None else "")
         + f"; weights in {dtype} safetensors, loadable with `transformers.AutoModelForCausalLM`."
     )
-    out += ["", f"- Base model: {f'`{base_model}`' if base_model else 'unknown'}"]
+    out += ["", f"- Base model: {_base_text(base_model, run_cfg)}"]
     if run_cfg is not None:
         model, loss, optim, train = (run_cfg.get(k) or {} for k in ("model", "loss", "optim", "train"))
         lora = _lora_settings(model)

@@ -413,3 +413,11 @@ def test_card_of_an_epochs_driven_run_gives_the_steps_it_ran():
     assert "steps 12 (set by epochs), epochs 2" in text and "-1" not in text
     text = _settings(_card(_run_cfg(train={"steps": 300, "epochs": 1}), step=300))
     assert "steps 300" in text and "epochs" not in text
+
+
+def test_card_of_a_scratch_run_says_it_was_randomly_initialised():
+    """A run with no model.hf_path (model.init) has no base model: "randomly initialised", not
+    "unknown"; a model checkpoint that recorded no base stays unknown."""
+    scratch = _run_cfg(model={"hf_path": "", "init": {"enabled": True}})
+    assert "- Base model: none: randomly initialised (`model.init`)" in _card(scratch)
+    assert "- Base model: unknown" in _card(None)
