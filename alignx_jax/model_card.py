@@ -4,8 +4,8 @@ The card names the base model (a hub id gets `base_model:` front matter), the me
 non-personalized DPO), the training data and the key training settings (from a workdir's W/config.json),
 eval results (`alignx eval` results files given with `--results`, or found in the workdir and not
 scoring another step's or model's export), the paper's sampling settings for generation (also `alignx
-generate`'s defaults; they are not written into generation_config.json, which stays the base model's),
-and the base model's license line.
+generate`'s defaults; they are not written into generation_config.json, which stays the base model's, or
+holds the token ids alone where there was none to keep), and the base model's license line.
 
 `alignx import` records where a model came from in the checkpoint's `BASE_INFO` file, so an export of an
 imported (or trained-from-imported) checkpoint still knows its base model and license.
@@ -26,6 +26,8 @@ BASE_INFO = (
 CARD = "README.md"
 # the paper's sampling settings (AlignX release; `alignx generate` defaults)
 SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
+# what `models.hf.save_hf` writes into generation_config.json where it has no base model's to keep
+TOKEN_ID_KEYS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id"})
 METHODS = {
     "ica": "ICA (in-context alignment: the persona in the prompt)",
     "pba": "PBA (preference-bridged alignment: a preference head predicts P̃)",
@@ -211,6 +213,16 @@ def _lora_settings(model: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
 
 
+def _holds_sampling_settings(folder: str) -> bool:
+    """Whether `folder`'s generation_config.json holds more than token ids (the base model's, kept)."""
+    try:
+        with open(os.path.join(folder, "generation_config.json"), encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(gen, dict) and bool(set(gen) - TOKEN_ID_KEYS)
+
+
 def build_card(
     *,
     name: str,
@@ -222,7 +234,9 @@ def build_card(
     results: list[tuple[str, dict[str, Any]]],
     dtype: str,
     has_head: bool,
+    base_generation: bool = True,
 ) -> str:
+    """`base_generation`: generation_config.json is the base model's (else it holds the token ids alone)."""
     from alignx_jax.hub import parse_hub_id
 
     data = (run_cfg or {}).get("data") or {}
@@ -284,8 +298,13 @@ def build_card(
         "## Generation",
         "",
         f"The paper samples with temperature {s['temperature']}, top-k {s['top_k']} and top-p {s['top_p']} "
-        "(the defaults of `alignx generate`). `generation_config.json` is the base model's, unchanged; pass "
-        "the settings explicitly:",
+        "(the defaults of `alignx generate`). "
+        + (
+            "`generation_config.json` is the base model's, unchanged"
+            if base_generation
+            else "`generation_config.json` holds only the token ids (bos, eos, pad), no sampling settings"
+        )
+        + "; pass the settings explicitly:",
         "",
         "```python",
         f"model.generate(**inputs, do_sample=True, temperature={s['temperature']}, top_k={s['top_k']}, "
@@ -343,6 +362,8 @@ def write_card(
         results=results,
         dtype=dtype,
         has_head=has_head,
+        # the file save_hf wrote: the base's kept, else the token ids alone (no base, or a base without one)
+        base_generation=_holds_sampling_settings(out_dir),
     )
     with open(os.path.join(out_dir, CARD), "w", encoding="utf-8") as f:
         f.write(text)

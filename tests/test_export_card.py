@@ -421,3 +421,28 @@ def test_card_of_a_scratch_run_says_it_was_randomly_initialised():
     scratch = _run_cfg(model={"hf_path": "", "init": {"enabled": True}})
     assert "- Base model: none: randomly initialised (`model.init`)" in _card(scratch)
     assert "- Base model: unknown" in _card(None)
+
+
+def test_card_says_which_generation_config_the_export_holds(tmp_path):
+    """The card's generation_config.json sentence is true of the file written: the base model's kept as
+    it is, or the token ids alone where there was none to keep (a run from scratch, a base without one)."""
+    from alignx_jax.model_card import write_card
+
+    texts = {}
+    for kind, gen in (("base", BASE_GEN), ("ids", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})):
+        out = tmp_path / kind
+        out.mkdir()
+        (out / "generation_config.json").write_text(json.dumps(gen))
+        write_card(
+            str(out),
+            checkpoint=str(tmp_path),
+            config_dir=str(tmp_path),
+            source="s",
+            step=None,
+            dtype="float32",
+            has_head=False,
+        )
+        texts[kind] = (out / "README.md").read_text()
+    assert "`generation_config.json` is the base model's, unchanged" in texts["base"]
+    assert "`generation_config.json` holds only the token ids (bos, eos, pad)" in texts["ids"]
+    assert "base model's, unchanged" not in texts["ids"]
