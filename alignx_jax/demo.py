@@ -381,8 +381,9 @@ def train_stages(
 
 
 def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dict[str, Any]:
-    """PBA's preference head: kept when the export has one, else trained two-stage on the PBA
-    policy's frozen backbone over the training rows' persona P, then saved beside the policy.
+    """PBA's preference head: kept when the export's head was fit jointly with the policy (its config
+    records it), else trained two-stage on the PBA policy's frozen backbone over the training rows'
+    persona P, then saved beside the policy (recorded as two-stage) and listed in the export's manifest.
 
     The demo trains PBA's policy with `pba.enabled=false` (plain DPO on the golden profile): a
     joint head would push a ~250-token persona through the model beside every ~60-token PBA pair,
@@ -393,8 +394,10 @@ def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dic
     from alignx_jax.pba import head_training
     from alignx_jax.tokenizer import load_tokenizer
 
-    if ph.has_head(export_dir):
+    if ph.has_head(export_dir) and ph.head_training(export_dir) == "joint":
         return {"mode": "joint"}
+    # any other head is an earlier two-stage fit whose stage was cut short (or one that recorded nothing):
+    # fit again, so the stage records its steps and loss
     cfg = run_config(
         budget, workdir=os.path.dirname(export_dir), model_dir=export_dir, data=data, method="pba", seed=seed
     )
@@ -411,7 +414,9 @@ def attach_head(budget: Budget, *, export_dir: str, data: str, seed: int) -> dic
             seed=seed,
             feature_batch_size=budget.eval_batch,
         )
-    ph.save_head(res.head, res.cfg, export_dir)
+    # listed first: a re-export over the folder then replaces the head (its own file), whenever this stops
+    hf.list_in_export_manifest(export_dir, [ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE])
+    ph.save_head(res.head, res.cfg, export_dir, training="two_stage")
     return {
         "mode": "two_stage",
         "steps": budget.head_steps,

@@ -333,7 +333,10 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         if res.step is None:  # an imported model checkpoint: the head files as they came in
             _copy_head_files(res.head_dir, tmp)
         else:
-            ph.save_head(head, None, tmp)  # float32 always: the head is tiny, --dtype is the policy's
+            # float32 always: the head is tiny, --dtype is the policy's; how it was fit, from the run's pba.mode
+            pba = (model_card.read_run_config(args.checkpoint) or {}).get("pba") or {}
+            training = pba.get("mode") if pba.get("mode") in ph.HEAD_TRAININGS else None
+            ph.save_head(head, None, tmp, training=training)
         files += [ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE]
     files.append(
         model_card.write_card(

@@ -311,3 +311,35 @@ def test_the_default_psoups_through_a_link_is_still_the_default(tmp_path, monkey
         demo.run_demo(str(out), quick=True, psoups=str(tmp_path / "link" / "missing.json"), progress=False)
     with pytest.raises(DataError, match="no such file"):  # another missing file is no default
         demo.run_demo(str(out), quick=True, psoups=str(tmp_path / "shared" / "other.json"), progress=False)
+
+
+def test_attach_head_records_a_two_stage_head_and_lists_it_in_the_export(tmp_path):
+    """The demo's two-stage head records how it was fit and is listed in the export's manifest (a re-export
+    over the folder replaces it as its own); a two-stage head left by a demo killed before the stage's
+    record is fit again, not reported as "joint"; a head the export recorded as joint is kept."""
+    from alignx_jax import export
+    from alignx_jax.models import hf
+    from alignx_jax.models import preference_head as ph
+
+    budget = demo.Budget(quick=True)
+    data = demo.make_synthetic(str(tmp_path / "data"), budget, 0)
+    model_dir = str(tmp_path / "pba")
+    demo.make_init(budget, model_dir, 0)
+    first = demo.attach_head(budget, export_dir=model_dir, data=data["train"], seed=0)
+    assert first["mode"] == "two_stage" and first["steps"] == budget.head_steps
+    listed = set(hf.read_export_manifest(model_dir)["files"])
+    assert {ph.HEAD_WEIGHTS_FILE, ph.HEAD_CONFIG_FILE} <= listed
+    # a re-export writing the policy's files alone keeps none of the head's
+    entries = sorted(os.listdir(model_dir))
+    kept = export._kept(model_dir, entries, listed, ["config.json", "model.safetensors"])
+    assert ph.HEAD_WEIGHTS_FILE not in kept and ph.HEAD_CONFIG_FILE not in kept
+    # the head saved, its stage unrecorded: the rerun fits it again and says so
+    again = demo.attach_head(budget, export_dir=model_dir, data=data["train"], seed=0)
+    assert again["mode"] == "two_stage" and set(again) == set(first)
+    assert ph.head_training(model_dir) == "two_stage"
+    # a joint run's head, as `alignx export` records it: kept as it is
+    head, hcfg = ph.load_head(model_dir)
+    ph.save_head(head, hcfg, model_dir, training="joint")
+    before = (tmp_path / "pba" / ph.HEAD_WEIGHTS_FILE).read_bytes()
+    assert demo.attach_head(budget, export_dir=model_dir, data=data["train"], seed=0) == {"mode": "joint"}
+    assert (tmp_path / "pba" / ph.HEAD_WEIGHTS_FILE).read_bytes() == before

@@ -439,6 +439,7 @@ def test_joint_train_export_eval_end_to_end(tmp_path, synth_data):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / ph.HEAD_WEIGHTS_FILE).exists() and (out / ph.HEAD_CONFIG_FILE).exists()
     head, hcfg = ph.load_head(str(out))
+    assert ph.head_training(str(out)) == "joint"  # how it was fit, recorded from the run's pba.mode
     assert hcfg.embed_dim == 32 and hcfg.max_persona_tokens == 128 and hcfg.persona_variant == "p"
     stored = _restore_head_item(w, 8)
     for name, arr in stored.items():
@@ -515,6 +516,7 @@ def test_two_stage_with_predicted_profiles(tmp_path, synth_data):
     r = run_cli(["export", "--checkpoint", str(w), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     head, hcfg = ph.load_head(str(out))
+    assert ph.head_training(str(out)) == "two_stage"
     # the fitted head beats a fresh one on the frozen final policy's features
     from alignx_jax.data.schema import load_rows
 

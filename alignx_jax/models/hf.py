@@ -384,6 +384,20 @@ def write_export_manifest(
         json.dump(manifest, f, indent=2, sort_keys=True)
 
 
+def list_in_export_manifest(folder: str, names: list[str]) -> None:
+    """Add `names` to the files the export manifest of the local `folder` lists (files written into the
+    export after it, e.g. `alignx demo`'s preference head), so a re-export over it replaces them as its
+    own; CheckpointError when `folder` holds no manifest."""
+    manifest = read_export_manifest(folder)
+    if manifest is None:
+        raise CheckpointError(f"{folder}: no {EXPORT_MANIFEST} to list {', '.join(names)} in")
+    manifest["files"] = sorted(set(manifest["files"]) | set(names))
+    path = os.path.join(folder, EXPORT_MANIFEST)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)  # whole or as it was: a half-written manifest would read as none
+
+
 def save_hf(
     model: Decoder,
     out_dir: str,

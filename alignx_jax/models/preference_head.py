@@ -57,6 +57,8 @@ RULES: tuple[str, ...] = ("argmax", "threshold")
 
 HEAD_CONFIG_FILE: str = "preference_head_config.json"
 HEAD_FORMAT: str = "alignx-preference-head/1"
+# how a saved head was fit, recorded in its config json: with the policy, or on the frozen final policy
+HEAD_TRAININGS: tuple[str, ...] = ("joint", "two_stage")
 
 # ----------------------------------------------------------------------------- config
 
@@ -448,8 +450,11 @@ def has_head(hf_dir: str) -> bool:
     )
 
 
-def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None:
-    """Write `preference_head.safetensors` + `preference_head_config.json` into `hf_dir`.
+def save_head(
+    head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str, *, training: str | None = None
+) -> None:
+    """Write `preference_head.safetensors` + `preference_head_config.json` into `hf_dir`; `training` (one
+    of `HEAD_TRAININGS`, None: not recorded) is how it was fit, which `head_training` reads back.
 
     Separate files with names transformers does not read, so the policy folder still loads with
     `AutoModelForCausalLM.from_pretrained` unchanged. Tensors keep their dtype (bit-exact round trip).
@@ -478,11 +483,27 @@ def save_head(head: PreferenceHead, cfg: HeadConfig | None, hf_dir: str) -> None
         "input": "BOS + persona_text(row, persona_variant) ids, left-truncated to max_persona_tokens; "
         f"pooled ({cfg.pooling}) final hidden states of the policy",
     }
+    if training is not None:
+        if training not in HEAD_TRAININGS:
+            raise ConfigError(f"preference head training must be one of {HEAD_TRAININGS}, got {training!r}")
+        meta["training"] = training
     config = os.path.join(hf_dir, HEAD_CONFIG_FILE)
     with open(config + ".tmp", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
     os.replace(config + ".tmp", config)
+
+
+def head_training(hf_dir: str) -> str | None:
+    """How the head in `hf_dir` was fit, as `save_head` recorded it (one of `HEAD_TRAININGS`); None when
+    it recorded none (a head saved before it did) or the folder has no readable head config."""
+    try:
+        with open(os.path.join(hf_dir, HEAD_CONFIG_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    training = meta.get("training") if isinstance(meta, dict) else None
+    return training if training in HEAD_TRAININGS else None
 
 
 def check_backbone(cfg: HeadConfig, hidden_size: int, where: str) -> None:
