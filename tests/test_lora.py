@@ -217,6 +217,10 @@ def test_lora_train_and_merged_export_match_transformers(tmp_path):
     )
     r = run_cli(["export", "--checkpoint", str(w), "--out", str(out)])
     assert r.returncode == 0, r.stderr
+    # the card of a LoRA run from scratch: its adapters, its steps, no base and no base generation config
+    card = (out / "README.md").read_text()
+    assert "LoRA rank 4, LoRA alpha 8, LoRA target modules q_proj/" in card and "steps 6" in card
+    assert "randomly initialised" in card and "holds only the token ids" in card
     ids = np.arange(5, 25)[None]
     want = np.asarray(model(jnp.asarray(ids)))
     t = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
