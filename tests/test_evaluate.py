@@ -1313,6 +1313,9 @@ def test_a_benchmark_folder_reports_each_file_beside_the_pooled_entry(capsys, ll
     layout = {"helpfulness.json": rows[:3], "honesty.json": rows[3:5], "sub/helpfulness.json": rows[5:]}
     for name, part in layout.items():
         (folder / name).write_text(json.dumps(part), encoding="utf-8")
+    # files that hold no rows: read without an error, named in one warning line each, and given no entry
+    (folder / "empty.jsonl").write_text("", encoding="utf-8")
+    (folder / "sub" / "none.json").write_text("[]", encoding="utf-8")
     out, per = tmp_path / "r.json", tmp_path / "per.jsonl"
     argv = [
         "--model",
@@ -1327,6 +1330,12 @@ def test_a_benchmark_folder_reports_each_file_beside_the_pooled_entry(capsys, ll
     argv += ["--per-example", str(per), "--out", str(out)]
     code, printed, err = _run(capsys, *argv)
     assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("alignx: warning:")]
+    assert warned == [
+        f"alignx: warning: {folder / name}: holds no rows; --benchmark uf-p-4={folder} scores the folder's "
+        "other files (this one gets no entry of its own)"
+        for name in ("empty.jsonl", "sub/none.json")
+    ]
     res = json.loads(out.read_text())
     keys = ["uf-p-4", "uf-p-4:helpfulness", "uf-p-4:honesty", "uf-p-4:helpfulness.2"]
     assert list(res["benchmarks"]) == keys

@@ -12,7 +12,7 @@ A path may be a file or a folder (UF-P-4 ships four files: they are read in sort
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,11 +88,13 @@ def load_benchmark(name: str, path: str, *, limit: int | None = None, seed: int 
 
 @dataclass(frozen=True)
 class BenchmarkSample:
-    """Every row of one benchmark, the row numbers taken, and where each row is (its file, its row there)."""
+    """Every row of one benchmark, the row numbers taken, where each row is (its file, its row there), and
+    every file read, in order (one that holds no rows is in no place)."""
 
     rows: list[dict]
     picks: list[int]
     places: list[tuple[str, int]]
+    files: list[str] = field(default_factory=list)
 
 
 def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: int = 0) -> BenchmarkSample:
@@ -112,4 +114,4 @@ def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: in
     # a folder's files take turns (`balanced_sample`), so --limit samples each of them, not the first ones
     files = [f for f, _ in loaded.places] if len(loaded.files) > 1 else None
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed, files=files)
-    return BenchmarkSample(rows, picks, loaded.places)
+    return BenchmarkSample(rows, picks, loaded.places, [f.path for f in loaded.files])

@@ -486,6 +486,20 @@ def _score_persona(
     return outcomes
 
 
+def _warn_empty_files(data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]]) -> None:
+    """One line per file of a benchmark folder that holds no rows (an empty file, `[]`): it is read without
+    an error, and scores nothing."""
+    for spec, sample in data:
+        with_rows = {f for f, _ in sample.places}
+        for f in sample.files:
+            if f not in with_rows:
+                print(
+                    f"alignx: warning: {f}: holds no rows; --benchmark {spec.name}={spec.path} scores the "
+                    "folder's other files (this one gets no entry of its own)",
+                    file=sys.stderr,
+                )
+
+
 def _folder_files(
     benchmarks: Sequence[BenchmarkSpec], data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]]
 ) -> dict[str, dict[str, str]]:
@@ -639,6 +653,7 @@ def evaluate(
         ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
         # Read every benchmark first: a bad file fails before minutes of model loading.
         data = [(spec, benchmark_sample(spec.name, spec.path, limit=settings.limit)) for spec in benchmarks]
+        _warn_empty_files(data)
         sc = _load_scoring(
             model_dir,
             reference_dir,
