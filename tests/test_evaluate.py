@@ -782,7 +782,7 @@ def alignx_file(tmp_path_factory) -> str:
 
 def test_alignx_persona_variants_reported_separately(capsys, llama, alignx_file, tmp_path):
     per = tmp_path / "per.jsonl"
-    code, out, _ = _run(
+    code, out, err = _run(
         capsys,
         "--model",
         llama,
@@ -802,6 +802,12 @@ def test_alignx_persona_variants_reported_separately(capsys, llama, alignx_file,
         str(tmp_path / "r.json"),
     )
     assert code == 0
+    # row 1's demographics are blank: its demo prompt shows no persona, and one line says so
+    warned = [line for line in err.splitlines() if line.startswith("alignx: warning:")]
+    assert warned == [
+        f"alignx: warning: {alignx_file}: 1 of 3 rows to score have no persona under --persona demo; their "
+        "prompts are scored with an empty one"
+    ]
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res["benchmarks"]["alignx"]) == {"ugc", "demo"} and res["prompt_format"] == "paper"
     assert res["benchmark_paths"] == {"alignx": os.path.abspath(alignx_file)}  # what was scored

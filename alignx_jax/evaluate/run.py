@@ -466,10 +466,17 @@ def _score_persona(
     from alignx_jax.data.persona import persona_text
 
     rows, picks = sample.rows, sample.picks
-    if persona is not None and not any(persona_text(rows[i], persona) for i in picks):
+    bare = 0 if persona is None else sum(not persona_text(rows[i], persona) for i in picks)
+    if bare and bare == len(picks):
         print(
             f"alignx: warning: {spec.path}: no row has a persona under --persona {persona}; its prompts "
             "are scored with an empty one",
+            file=sys.stderr,
+        )
+    elif bare:  # a few rows without that variant's fields would otherwise pass unnoticed in the accuracy
+        print(
+            f"alignx: warning: {spec.path}: {bare} of {len(picks)} rows to score have no persona under "
+            f"--persona {persona}; their prompts are scored with an empty one",
             file=sys.stderr,
         )
     examples, involved = _prepare(sample, spec, persona, sc.settings, sc.tokenizer, sc.predicted)
