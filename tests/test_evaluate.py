@@ -522,7 +522,7 @@ def test_results_json_keys_and_interval(ica_run, llama):
         0.1,
         LIMIT,
     )
-    assert res["persona"] == {"p-soups": ["p"]}
+    assert res["persona"] == {"p-soups": ["p"]} and res["rows_scored"] == {"p-soups": LIMIT}
     # auto: a float32 model's products are full float32 everywhere; on a CPU that is JAX's default
     assert res["matmul_precision"] == hardware.resolve_matmul_precision("auto", "float32")
     entry = res["benchmarks"]["p-soups"]
@@ -1353,13 +1353,19 @@ def test_a_benchmark_folder_reports_each_file_beside_the_pooled_entry(capsys, ll
         entry = res["benchmarks"][key]
         assert entry["n"] == hi - lo and entry["accuracy"] == pytest.approx(np.mean(correct[lo:hi]))
         assert any(line.startswith(key + " ") for line in printed.splitlines())
-    assert _run(capsys, *argv)[0] == 0  # every row resumed
-    assert json.loads(out.read_text())["benchmarks"] == res["benchmarks"]
+    assert res["limit"] is None and res["rows_scored"] == dict(zip(keys, [7, 3, 2, 2]))
+    # every row resumed; a --limit past the folder's 7 rows is recorded as given, beside the rows it scored
+    assert _run(capsys, *argv, "--limit", "50")[0] == 0
+    again = json.loads(out.read_text())
+    assert again["benchmarks"] == res["benchmarks"]
+    assert again["limit"] == 50 and again["rows_scored"] == res["rows_scored"]
     # --limit 2 samples two of the three files: the third has no entry
     code, _, err = _run(capsys, *argv[:-4], "--limit", "2", "--out", str(tmp_path / "two.json"))
-    two = json.loads((tmp_path / "two.json").read_text())["benchmarks"]
+    two_results = json.loads((tmp_path / "two.json").read_text())
+    two = two_results["benchmarks"]
     assert code == 0 and two["uf-p-4"]["n"] == 2 and len(two) == 3
     assert all(two[k]["n"] == 1 for k in list(two)[1:])
+    assert two_results["rows_scored"] == {k: two[k]["n"] for k in two}
 
 
 def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():

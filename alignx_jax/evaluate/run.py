@@ -587,12 +587,18 @@ def _results_header(
     model_dir: str,
     benchmarks: Sequence[BenchmarkSpec],
     sc: _Scoring,
+    data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]],
     files: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The settings a results file records beside its accuracies; a folder's file keys (`_folder_files`)
-    are named with their file and their folder's personas."""
+    are named with their file and their folder's personas, and the rows each key scored (`data`'s picks)."""
     settings = sc.settings
     files = files or {}
+    scored = {
+        key: sum(f is None or sample.places[i][0] == f for i in sample.picks)
+        for spec, sample in data
+        for key, f in [(spec.key, None), *files.get(spec.key, {}).items()]
+    }
     return {
         "model": paths.absolute(model_dir),
         "reference": sc.scored_with["reference"],
@@ -619,6 +625,8 @@ def _results_header(
         "max_length": settings.max_length,
         "beta": settings.beta,
         "limit": settings.limit,
+        # the rows each key scored (per persona): --limit's count, or all the rows of a benchmark holding fewer
+        "rows_scored": scored,
         "flip": list(settings.flip) or None,
         **sc.dtypes,
         "batch_size": settings.batch_size,
@@ -690,7 +698,7 @@ def evaluate(
             log.close()
 
     files = _folder_files(benchmarks, data)
-    results = _results_header(model_dir, benchmarks, sc, files)
+    results = _results_header(model_dir, benchmarks, sc, data, files)
     results["matmul_precision"] = level
     results["benchmarks"] = _summaries(
         benchmarks, {**per_key, **_per_file(per_key, data, files)}, settings, files
