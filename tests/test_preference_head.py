@@ -643,6 +643,32 @@ def test_cli_predict_preferences(tok, world, exported, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"alignx: error: --model: model folder not found: {missing}"
 
 
+def test_predict_preferences_names_a_checkpoint_or_workdir_and_the_export_that_makes_an_hf_folder(
+    world, exported, tmp_path, capsys
+):
+    """An `alignx import` checkpoint (its head copied in) or a training workdir as --model: one line saying
+    which it is and the `alignx export` that makes the HF folder predict-preferences reads (the checkpoint's
+    line said only "no *.safetensors files", the workdir's that it held no preference head)."""
+    from alignx_jax.cli import main
+
+    out, _, _ = exported
+    pfile = tmp_path / "persona.json"
+    pfile.write_text(json.dumps({"Demographic Information": "A student who likes quick meals."}))
+    ckpt = tmp_path / "ckpt"
+    assert main(["import", "--hf", out, "--out", str(ckpt)]) == 0
+    assert ph.has_head(str(ckpt))  # the import keeps the head: the head is not what is missing
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "10" / "params").mkdir(parents=True)
+    (workdir / "reference").mkdir()
+    (workdir / "reference" / "config.json").write_text('{"model_type": "llama"}\n')
+    capsys.readouterr()
+    for model, what in ((ckpt, "an alignx model checkpoint"), (workdir, "a training workdir")):
+        assert main(["predict-preferences", "--model", str(model), "--persona", str(pfile)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"alignx: error: --model {model}: {what}"), err
+        assert f"`alignx export --checkpoint {model} --out HF_DIR` makes the HF folder" in err[0], err
+
+
 def test_predict_preferences_json_summary_is_strict_json(world, exported, tmp_path, capsys):
     """A metric with nothing to count (non-neutral accuracy when every gold direction is neutral) is NaN:
     --json printed it as `NaN`, which is not JSON (jq, JSON.parse refuse it); it is null, as in eval's

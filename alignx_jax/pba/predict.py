@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -248,6 +249,26 @@ def _read_inputs(args: Any):
     return loaded, persona_row
 
 
+def _refuse_checkpoint(model_arg: str, model_path: str) -> None:
+    """A CheckpointError naming it where --model is this project's orbax checkpoint or training workdir, which
+    predict-preferences does not read (its loader's line said only that the folder held no *.safetensors,
+    a workdir's that it held no preference head)."""
+    from alignx_jax.models.checkpoint import is_checkpoint_layout
+    from alignx_jax.models.safetensors_io import holds_safetensors
+
+    if holds_safetensors(model_path) or not is_checkpoint_layout(model_path):
+        return
+    what = (
+        "a training workdir"
+        if os.path.isdir(os.path.join(model_path, "checkpoints"))
+        else "an alignx model checkpoint (orbax params/, as `alignx import` writes)"
+    )
+    raise CheckpointError(
+        f"--model {model_arg}: {what}, not an HF folder; `alignx export --checkpoint {model_arg} --out HF_DIR` "
+        "makes the HF folder predict-preferences reads"
+    )
+
+
 def _load_head_model(model_arg: str):
     """The --model folder's (head, head config, tokenizer, float32 backbone), the backbone checked to fit
     the head."""
@@ -257,6 +278,7 @@ def _load_head_model(model_arg: str):
 
     # resolved as eval and generate resolve it (a hub id, `smollm2`, a gs:// folder), in their one line
     model_path = resolve_model_folder(model_arg, "--model")
+    _refuse_checkpoint(model_arg, model_path)
     head, hcfg = load_head(model_path)  # first: a folder without a head fails before the model loads
     tokenizer = load_tokenizer(model_path)
     model = load_pretrained(model_path, dtype="float32")
