@@ -669,6 +669,34 @@ def test_predict_preferences_names_a_checkpoint_or_workdir_and_the_export_that_m
         assert f"`alignx export --checkpoint {model} --out HF_DIR` makes the HF folder" in err[0], err
 
 
+def test_predict_preferences_counts_data_rows_with_no_persona_in_one_warning(
+    world, exported, tmp_path, capsys
+):
+    """--data rows without comments, history pairs or demographics are predicted from BOS alone: they are
+    predicted (a real file may hold a few; --persona refuses such a persona), and one line counts them."""
+    from alignx_jax.cli import main
+
+    out, _, _ = exported
+    empty = {
+        "User-Generated Content": [],
+        "Pair-wise Comparative Feedback": [],
+        "Demographic Information": "",
+    }
+    bare = [{**r, **empty} for r in world[3:5]]
+    data = tmp_path / "rows.jsonl"
+    for rows, warned in ((world[:3], []), ([*world[:3], *bare], [2])):
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        jl = tmp_path / "p.jsonl"
+        assert main(["predict-preferences", "--model", out, "--data", str(data), "--out", str(jl)]) == 0
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignx: warning:")]
+        assert err == [
+            f"alignx: warning: {data}: {n} of {len(rows)} rows have no persona the head reads (persona variant "
+            "p: no comments, history pairs or demographics); their P~ is predicted from BOS alone"
+            for n in warned
+        ]
+        assert len(jl.read_text().splitlines()) == len(rows)
+
+
 def test_predict_preferences_json_summary_is_strict_json(world, exported, tmp_path, capsys):
     """A metric with nothing to count (non-neutral accuracy when every gold direction is neutral) is NaN:
     --json printed it as `NaN`, which is not JSON (jq, JSON.parse refuse it); it is null, as in eval's

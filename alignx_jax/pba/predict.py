@@ -302,6 +302,20 @@ def _print_persona_prediction(model, head, tokenizer, persona_row, as_json: bool
     return 0
 
 
+def _warn_bare_rows(data: str, rows: Sequence[Mapping[str, Any]], variant: str) -> None:
+    """One line counting the --data rows whose persona under the head's variant is empty: their P~ comes from
+    BOS alone (--persona refuses such a persona; a real file may hold a few, so they are predicted)."""
+    bare = sum(not persona_text(dict(r), variant) for r in rows)
+    if bare and paths.is_main_process():
+        lacks = {"ugc": "comments", "pair": "history pairs", "demo": "demographics"}
+        print(
+            f"alignx: warning: {data}: {bare} of {len(rows)} rows have no persona the head reads (persona "
+            f"variant {variant}: no {lacks.get(variant, 'comments, history pairs or demographics')}); their "
+            "P~ is predicted from BOS alone",
+            file=sys.stderr,
+        )
+
+
 def _prediction_lines(rows, directions, places) -> list[str]:
     """--data's JSONL records, one a row; `places` (each row's file and row number, else None) adds them."""
     lines = []
@@ -376,6 +390,7 @@ def cli_predict_preferences(args: Any) -> int:
     if persona_row is not None:
         return _print_persona_prediction(model, head, tokenizer, persona_row, as_json)
     rows = loaded.rows
+    _warn_bare_rows(args.data, rows, hcfg.persona_variant)
     # a folder's rows are numbered through its files: each record also names its own file and row
     places = loaded.places if len(loaded.files) > 1 else None
     directions = predict_preferences(model, head, tokenizer, rows, batch_size=8, progress=True)
