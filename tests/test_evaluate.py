@@ -1366,6 +1366,19 @@ def test_a_benchmark_folder_reports_each_file_beside_the_pooled_entry(capsys, ll
     assert code == 0 and two["uf-p-4"]["n"] == 2 and len(two) == 3
     assert all(two[k]["n"] == 1 for k in list(two)[1:])
     assert two_results["rows_scored"] == {k: two[k]["n"] for k in two}
+    # each row records its file and its row there: a file added in front shifts the indices of the rows
+    # after it, and the refused resume says so in one line instead of blaming other settings
+    per_rows = sorted(_read_jsonl(per), key=lambda r: r["index"])
+    places = [(str(folder / name), i) for name, part in layout.items() for i in range(len(part))]
+    assert [(r["file"], r["row"]) for r in per_rows] == places
+    (folder / "added.json").write_text(json.dumps(rows[6:] + rows[:1]), encoding="utf-8")
+    code, _, err = _run(capsys, *argv)
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+    assert code == 1 and errors == [
+        f"alignx: error: {per}: row ('uf-p-4', 'p', 0) was scored on {folder / 'helpfulness.json'} row 0, and "
+        f"index 0 is now {folder / 'added.json'} row 0 (a file added to or removed from the benchmark folder "
+        "shifts the later files' rows); use a new --per-example file"
+    ]
 
 
 def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():

@@ -251,6 +251,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def moved_row(stored: dict, place: tuple[str, int] | None) -> str | None:
+    """Where a per-example row recording its benchmark file and row (`file`, `row`) names another row than the
+    example of its index now (`place`: its file and row there): the words saying so, else None (rows of older
+    files record neither). A file added to or removed from a benchmark folder shifts the later files' rows."""
+    if place is None or not isinstance(stored.get("file"), str) or not isinstance(stored.get("row"), int):
+        return None
+    file, row = place
+    if paths.same_place(stored["file"], file) and stored["row"] == row:
+        return None
+    return (
+        f"was scored on {stored['file']} row {stored['row']}, and index {key_of(stored)[2]} is now {paths.absolute(file)} "
+        f"row {row} (a file added to or removed from the benchmark folder shifts the later files' rows)"
+    )
+
+
 def missing_logps(row: dict, with_reference: bool) -> list[str]:
     """The log-prob fields a row scored with (or without) a reference must hold and does not (a row edited by
     hand, or written by something else: eval writes them all)."""

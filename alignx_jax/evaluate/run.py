@@ -29,6 +29,7 @@ from alignx_jax.evaluate.results import (
     is_correct,
     key_of,
     missing_logps,
+    moved_row,
     summarize,
 )
 from alignx_jax.hardware import resolve_dtype
@@ -100,6 +101,7 @@ def _example_row(
     ica_reference: bool = False,
     model: str | None = None,
     scored_with: dict[str, Any] | None = None,
+    place: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     row = {
         "benchmark": spec.key,
@@ -122,6 +124,8 @@ def _example_row(
         row["reference_prompt"] = "ica"
     if model is not None:  # a resumed file must be this model's (the token ids alone do not say so)
         row["model"] = model
+    if place is not None:  # a resume refused for other ids can say the index now names another file's row
+        row["file"], row["row"] = paths.absolute(place[0]), int(place[1])
     row.update(scored_with or {})
     return row
 
@@ -134,9 +138,11 @@ def _check_resumed(
     ica_reference: bool = False,
     model: str | None = None,
     scored_with: dict[str, Any] | None = None,
+    place: tuple[str, int] | None = None,
 ) -> None:
     """A resumed row must describe the same model, reference, dtype and matmul precision (rows of older files
-    name none), token ids and reference setting as this run."""
+    name none), token ids and reference setting as this run. `place`: the example's file and row there now,
+    named beside the row's own where other ids come from another file's row."""
     # the folder through a link or another spelling is the same model (`paths.same_place`)
     if model is not None and stored.get("model") is not None and not paths.same_place(stored["model"], model):
         raise DataError(
@@ -161,6 +167,9 @@ def _check_resumed(
         and (stored.get("reference_prompt") == "ica") == (has_ref and ica_reference)
     )
     if not same:
+        moved = moved_row(stored, place)
+        if moved:
+            raise DataError(f"row {key_of(stored)} {moved}; use a new --per-example file", file=path)
         raise DataError(
             f"row {key_of(stored)} was written by a run with other settings (prompt, tokenizer, "
             "max length or reference); use a new --per-example file",
@@ -329,7 +338,7 @@ def _resumed(
     per_example: str | None,
     spec: BenchmarkSpec,
     persona: str | None,
-    rows,
+    sample: BenchmarkSample,
     examples,
     involved,
 ) -> tuple[list[dict], list[tuple[Any, bool | None]]]:
@@ -343,7 +352,16 @@ def _resumed(
         if stored is None:
             todo.append((ex, inv))
             continue
-        _check_resumed(stored, ex, sc.has_ref, per_example, sc.ica_reference, sc.model, sc.scored_with)
+        _check_resumed(
+            stored,
+            ex,
+            sc.has_ref,
+            per_example,
+            sc.ica_reference,
+            sc.model,
+            sc.scored_with,
+            sample.places[ex.index],
+        )
         # recompute `correct` with this run's beta; flip membership from this run
         outcomes.append(
             {
@@ -356,7 +374,7 @@ def _resumed(
                 ),
                 "index": ex.index,
                 "flip_involved": inv,
-                "group": persona_group(rows[ex.index]),
+                "group": persona_group(sample.rows[ex.index]),
                 "truncated": ex.truncated,
                 **{k: stored.get(k) for k in LOGP_KEYS},
             }
@@ -381,7 +399,13 @@ def _scorers_for(sc: _Scoring, spec: BenchmarkSpec, persona: str | None, todo_ex
 
 
 def _score_todo(
-    sc: _Scoring, log: PerExampleLog, spec: BenchmarkSpec, persona: str | None, rows, todo, ica_by_index: dict
+    sc: _Scoring,
+    log: PerExampleLog,
+    spec: BenchmarkSpec,
+    persona: str | None,
+    sample: BenchmarkSample,
+    todo,
+    ica_by_index: dict,
 ) -> list[dict]:
     """Score the examples not yet in the per-example file, append them to it, return their outcomes."""
     from tqdm.auto import tqdm
@@ -416,12 +440,13 @@ def _score_todo(
                     sc.ica_reference,
                     sc.model,
                     sc.scored_with,
+                    sample.places[ex.index],
                 )
                 for j, ex in enumerate(chunk)
             ]
             log.append_agreed(new_rows, "--per-example")
             outcomes.extend(
-                {**r, "group": persona_group(rows[r["index"]]), "truncated": ex.truncated}
+                {**r, "group": persona_group(sample.rows[r["index"]]), "truncated": ex.truncated}
                 for ex, r in zip(chunk, new_rows)
             )
             bar.update(len(chunk))
@@ -485,11 +510,11 @@ def _score_persona(
         ica_settings = dataclasses.replace(sc.settings, method="ica", flip=())
         ica_examples, _ = _prepare(sample, spec, persona or "p", ica_settings, sc.tokenizer, None)
         ica_by_index = {ex.index: ex for ex in ica_examples}
-    outcomes, todo = _resumed(sc, log, per_example, spec, persona, rows, examples, involved)
+    outcomes, todo = _resumed(sc, log, per_example, spec, persona, sample, examples, involved)
     # the rows scored now
     _warn_past_positions(spec, [ex for ex, _ in todo], sc.scorers[0].max_positions, sc.settings.prompt_format)
     if todo:
-        outcomes.extend(_score_todo(sc, log, spec, persona, rows, todo, ica_by_index))
+        outcomes.extend(_score_todo(sc, log, spec, persona, sample, todo, ica_by_index))
     return outcomes
 
 
