@@ -224,6 +224,49 @@ def test_training_sample_and_persona_ids(tok):
     assert tok.decode(a.prompt_ids).count("*Comment:*") == len(sample_u)
 
 
+@pytest.mark.parametrize("variant, shown, hidden", [("ugc", 0, 1), ("pair", 1, 0)])
+def test_single_kind_variant_samples_only_its_kind_for_prompt_profile_and_head(tok, variant, shown, hidden):
+    r = row()
+    d_ugc, d_pair = np.full(90, 0.5), np.full(90, 0.5)
+    d_ugc[0], d_pair[1] = 1, 1
+    for item in r[persona.UGC_FIELD]:
+        item[persona.DIRECTION_FIELD] = d_ugc.tolist()
+    r[persona.PAIR_FIELD] = [
+        {
+            "prompt": f"Pets {i}?",
+            "chosen": "Dogs.",
+            "rejected": "None.",
+            persona.DIRECTION_FIELD: d_pair.tolist(),
+        }
+        for i in range(4)
+    ]
+    # every item of the shown kind has one direction, so every sample's profile is that direction's text
+    want_profile = persona.profile_text((d_ugc, d_pair)[shown])
+    want_prompt = prompts.prompt_ids(tok, r, method="pba", persona=variant, profile=want_profile)
+    header = (persona.UGC_HEADER, persona.PAIR_HEADER)[shown].strip()
+    for index in range(40):
+        rng = persona.row_rng(3, (0, index))
+        ex = batching.make_example(
+            tok,
+            r,
+            method="pba",
+            persona=variant,
+            max_length=1024,
+            rng=rng,
+            persona_length=512,
+            pba_preference="history",
+        )
+        assert ex.prompt_ids == want_prompt, index
+        head_text = tok.decode(ex.persona_ids[1:])
+        assert header in head_text, index  # the head always sees a sample of the shown kind
+        ica = tok.decode(
+            batching.make_example(
+                tok, r, method="ica", persona=variant, max_length=1024, rng=persona.row_rng(3, (0, index))
+            ).prompt_ids
+        )
+        assert header in ica and (persona.UGC_HEADER, persona.PAIR_HEADER)[hidden].strip() not in ica, index
+
+
 def test_bucket_length():
     assert batching.bucket_length(1, (8, 16)) == 8
     assert batching.bucket_length(8, (16, 8)) == 8

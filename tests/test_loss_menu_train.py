@@ -306,7 +306,7 @@ def test_trainer_example_renders_the_sampled_history_profile():
     checked = 0
     for index in range(12):
         ex = trainer.example(row, persona.row_rng(7, (0, index)), index)
-        ugc, pairs = persona.sample_history(row, persona.row_rng(7, (0, index)))
+        ugc, pairs = persona.sample_history(row, persona.row_rng(7, (0, index)), cfg.data.persona)
         sampled = persona.sampled_preference(ugc, pairs)
         if sampled is None:
             continue

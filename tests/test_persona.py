@@ -190,6 +190,62 @@ def test_sample_history_short_lists():
     assert persona.sample_history(_history_row(0, 0), rng) == ([], [])
 
 
+def _release_sample(row: dict, rng: np.random.Generator) -> tuple[list, list]:
+    """The release's rule over both kinds, as `sample_history` drew it for every variant before."""
+    ugc, pairs = row.get(persona.UGC_FIELD) or [], row.get(persona.PAIR_FIELD) or []
+    n_ugc = min(int(rng.integers(0, 5)), len(ugc))
+    n_pair = min(int(rng.integers(0, 5)), len(pairs))
+    if n_ugc == 0 and n_pair == 0:
+        n_ugc, n_pair = min(4, len(ugc)), min(4, len(pairs))
+    pick_u = rng.permutation(len(ugc))[:n_ugc] if n_ugc else []
+    pick_p = rng.permutation(len(pairs))[:n_pair] if n_pair else []
+    return [ugc[i] for i in pick_u], [pairs[i] for i in pick_p]
+
+
+def test_sample_history_p_draws_the_release_samples():
+    # 'p' (the release's variant) must keep drawing exactly the same items from the same rng stream.
+    for n_ugc in range(7):
+        for n_pair in range(7):
+            row = _history_row(n_ugc, n_pair)
+            for seed in range(40):
+                got = persona.sample_history(row, persona.row_rng(seed, (0, n_ugc * 7 + n_pair)))
+                want = _release_sample(row, persona.row_rng(seed, (0, n_ugc * 7 + n_pair)))
+                assert got == want, (n_ugc, n_pair, seed)
+                assert persona.sample_history(row, persona.row_rng(seed, (1, 0)), "p") == _release_sample(
+                    row, persona.row_rng(seed, (1, 0))
+                )
+
+
+@pytest.mark.parametrize("variant, shown", [("ugc", 0), ("pair", 1)])
+def test_sample_history_single_kind_variants_always_show_their_kind(variant, shown):
+    row = _history_row(4, 4)
+    rng = np.random.default_rng(2)
+    n = 20000
+    sizes = Counter()
+    for _ in range(n):
+        sample = persona.sample_history(row, rng, variant)
+        assert sample[1 - shown] == []  # the hidden kind is never drawn
+        sizes[len(sample[shown])] += 1
+    # the release rule over the shown kind alone: a count of 0 takes min(4, len) instead
+    assert 0 not in sizes
+    for k in (1, 2, 3):
+        assert abs(sizes[k] / n - 1 / 5) < 0.015, (k, sizes)
+    assert abs(sizes[4] / n - 2 / 5) < 0.015, sizes
+    short = _history_row(2, 2)
+    assert {len(persona.sample_history(short, rng, variant)[shown]) for _ in range(200)} == {1, 2}
+    assert persona.sample_history(_history_row(0, 0) if shown else _history_row(0, 4), rng, variant) == (
+        [],
+        [],
+    )
+
+
+def test_sample_history_demo_draws_nothing():
+    rng = np.random.default_rng(3)
+    assert all(persona.sample_history(_history_row(4, 4), rng, "demo") == ([], []) for _ in range(50))
+    with pytest.raises(DataError, match="unknown persona variant 'x'"):
+        persona.sample_history(_history_row(4, 4), rng, "x")
+
+
 def test_row_rng_is_deterministic_and_keyed():
     a = persona.row_rng(42, (3, 17)).integers(0, 1 << 30, size=5)
     b = persona.row_rng(42, (3, 17)).integers(0, 1 << 30, size=5)

@@ -148,6 +148,24 @@ def test_ica_training_sampling_uses_rng():
     assert all(f"u{i}" in full for i in range(4)) and all(f"p{i}" in full for i in range(4))
 
 
+@pytest.mark.parametrize("variant, shown, hidden", [("ugc", "u", "p"), ("pair", "p", "u")])
+def test_ica_training_sample_of_a_single_kind_variant_always_shows_history(variant, shown, hidden):
+    row = dict(ROW)
+    row["User-Generated Content"] = [{"prompt": f"u{i}", "comment": "c"} for i in range(4)]
+    row["Pair-wise Comparative Feedback"] = [
+        {"prompt": f"p{i}", "chosen": "x", "rejected": "y"} for i in range(4)
+    ]
+    header = persona.UGC_HEADER if variant == "ugc" else persona.PAIR_HEADER
+    for index in range(200):
+        text = prompts.user_message(row, method="ica", persona=variant, rng=persona.row_rng(0, (0, index)))
+        shown_items = sum(f"{shown}{i}\n" in text for i in range(4))
+        # the release rule over the shown kind: 1..4 of its items, never an empty history
+        assert header in text and 1 <= shown_items <= 4, index
+        assert not any(f"{hidden}{i}\n" in text for i in range(4)), index
+    demo = prompts.user_message(row, method="ica", persona="demo", rng=persona.row_rng(0, (0, 1)))
+    assert demo == prompts.user_message(row, method="ica", persona="demo")
+
+
 def test_paper_prompt_ids(tok):
     ids = prompts.prompt_ids(tok, ROW, method="ica", fmt="paper")
     system, user = prompts.SYSTEM_ICA, prompts.user_message(ROW, method="ica")

@@ -26,8 +26,8 @@ PBA's profile for a row (`pba_preference`): 'golden' renders the `profile` argum
 `prompts.resolve_profile`'s choice (the row's golden P~, `prompts.golden_preference`: its
 `Preference Direction`, else its `profile`, as `alignx eval --preference golden` takes it);
 'history' renders the release's P~ of the *sampled* history (`persona.sampled_preference` over the
-same sample ICA would show; the whole history when no rng is given), falling back to the golden choice
-when no sampled item carries a direction.
+same sample ICA would show: the kinds the persona variant shows; the whole history when no rng is given),
+falling back to the golden choice when no sampled item carries a direction.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def make_example(
         )
     if max_length < 4:
         raise ConfigError(f"max_length must be at least 4, got {max_length}")
-    view = _history_view(row, method, rng)
+    view = _history_view(row, method, persona, rng)
     if method == "pba" and profile is None and pba_preference == "history":
         sampled = persona_lib.sampled_preference(
             view.get(persona_lib.UGC_FIELD) or [], view.get(persona_lib.PAIR_FIELD) or []
@@ -184,12 +184,13 @@ def make_example(
     )
 
 
-def _history_view(row: dict, method: str, rng: np.random.Generator | None) -> dict:
+def _history_view(row: dict, method: str, persona: str, rng: np.random.Generator | None) -> dict:
     """The row as the prompt and the head input see it: with `rng` (ICA/PBA training) its history
-    replaced by one sample, so both describe the same persona; else the row itself."""
+    replaced by one sample of the kinds persona variant `persona` shows (the others emptied), so both
+    describe the same persona; else the row itself."""
     if rng is None or method not in ("ica", "pba"):
         return row
-    ugc, pairs = persona_lib.sample_history(row, rng)
+    ugc, pairs = persona_lib.sample_history(row, rng, persona)
     # prompts_lib re-samples from rng when given one; hand it the sample through a view row.
     view = dict(row)
     view[persona_lib.UGC_FIELD], view[persona_lib.PAIR_FIELD] = ugc, pairs

@@ -196,21 +196,29 @@ def sampled_preference(ugc: Sequence[dict], pairs: Sequence[dict]) -> tuple[np.n
     return direction, profile_text(direction)
 
 
-def sample_history(row: dict, rng: np.random.Generator) -> tuple[list, list]:
-    """The release's training-time history sample (docs/method.md section 4): (ugc_items, pair_items).
+def sample_history(row: dict, rng: np.random.Generator, variant: str = "p") -> tuple[list, list]:
+    """The release's training-time history sample (docs/method.md section 4): (ugc_items, pair_items),
+    drawn over the kinds persona `variant` shows (`_VARIANT_HISTORY`); a kind it hides comes back [].
 
-    n_ugc = min(randint(0, 4), len(UGC)), n_pair = min(randint(0, 4), len(PAIR)) with randint
-    inclusive; if both are 0, take min(4, len) of each. Items are drawn without replacement, in
-    the order drawn.
+    Per shown kind, n = min(randint(0, 4), len) with randint inclusive; if every shown n is 0, take
+    min(4, len) of each shown kind (for 'p' this is the release's rule over UGC and PAIR). Items are
+    drawn without replacement, in the order drawn; 'demo' draws nothing.
     """
-    ugc, pairs = _history(row, UGC_FIELD), _history(row, PAIR_FIELD)
-    n_ugc = min(int(rng.integers(0, MAX_HISTORY + 1)), len(ugc))
-    n_pair = min(int(rng.integers(0, MAX_HISTORY + 1)), len(pairs))
-    if n_ugc == 0 and n_pair == 0:
-        n_ugc, n_pair = min(MAX_HISTORY, len(ugc)), min(MAX_HISTORY, len(pairs))
-    pick_u = rng.permutation(len(ugc))[:n_ugc] if n_ugc else []
-    pick_p = rng.permutation(len(pairs))[:n_pair] if n_pair else []
-    return [ugc[i] for i in pick_u], [pairs[i] for i in pick_p]
+    if variant not in _VARIANT_HISTORY:
+        raise DataError(f"unknown persona variant {variant!r}; expected one of {', '.join(PERSONA_VARIANTS)}")
+    shown = _VARIANT_HISTORY[variant]
+    fields = (UGC_FIELD, PAIR_FIELD)
+    lists = {field: _history(row, field) if field in shown else [] for field in fields}
+    # the rng stream, in the release's order: every shown kind's count, then every non-empty draw
+    counts = {field: min(int(rng.integers(0, MAX_HISTORY + 1)), len(lists[field])) for field in shown}
+    if not any(counts.values()):
+        counts = {field: min(MAX_HISTORY, len(lists[field])) for field in shown}
+    picked = {
+        field: [lists[field][i] for i in rng.permutation(len(lists[field]))[: counts[field]]]
+        for field in shown
+        if counts[field]
+    }
+    return picked.get(UGC_FIELD, []), picked.get(PAIR_FIELD, [])
 
 
 def _key_ints(key: Any) -> list[int]:

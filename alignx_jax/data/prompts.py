@@ -115,7 +115,7 @@ def user_message(
     fmt: str = "chat",
 ) -> str:
     """The user turn. ICA with `rng` samples the history as the release's training does
-    (`persona.sample_history`); without it the whole history is shown (evaluation).
+    (`persona.sample_history`, over the kinds persona variant `persona` shows); without it the whole history is shown (evaluation).
     fmt='release' gives the release's training text (module docstring); chat and paper share theirs."""
     _check_method(method)
     _check_format(fmt)
@@ -127,7 +127,7 @@ def user_message(
         return template.format(prompt=row["prompt"], profile=resolve_profile(row, profile))
     ugc = pairs = None
     if rng is not None:
-        ugc, pairs = persona_lib.sample_history(row, rng)
+        ugc, pairs = persona_lib.sample_history(row, rng, persona)
     if release and persona == "p":  # the release's ICA training shows UGC + PAIR, no demographics
         row = {**row, persona_lib.DEMO_FIELD: ""}
     block = persona_lib.persona_text(row, persona, ugc=ugc, pairs=pairs)
