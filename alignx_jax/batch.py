@@ -480,12 +480,13 @@ def worst_case_collated(
     persona_tokens: int | None = None,
 ) -> dict[str, np.ndarray]:
     """A collated batch of `pairs` pairs at the longest rows a run of these settings keeps: a prompt and
-    both responses filling `max_length` (responses of `batching.reserve` + EOS tokens; with `share`,
-    short enough that prompt + both fit the largest bucket), every pair real, a direction and a
-    `persona_tokens`-long persona when given. What `alignx plan` compiles the step for."""
+    both responses filling `max_length` (responses of `batching.reserve` + EOS tokens; with `share`, a
+    one-token prompt and two responses of `max_length - 1` tokens with EOS, the row of
+    `batching.shared_row_bound`), every pair real, a direction and a `persona_tokens`-long persona when
+    given. What `alignx plan` compiles the step for."""
     r = min(max_length - 1, batching.reserve(max_length) + 1)
-    if share:
-        r = max(1, min(r, max(buckets) - max_length))
+    if share:  # a one-token prompt, then two responses of equal length fill the bound
+        r = (batching.shared_row_bound(max_length) - 1) // 2
     ex = batching.DPOExample(
         prompt_ids=[1] * (max_length - r),
         chosen_ids=[2] * r,

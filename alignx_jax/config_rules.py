@@ -10,7 +10,7 @@ import ml_collections
 
 from alignx_jax import losses, paths
 from alignx_jax.config_schema import check_types, joint_head, uses_predicted
-from alignx_jax.data.batching import reserve
+from alignx_jax.data.batching import shared_row_bound
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.metrics import has_wandb, wandb_missing
 from alignx_jax.models import lora as lora_lib
@@ -262,12 +262,14 @@ def _check_layout(cfg: ml_collections.ConfigDict) -> None:
             f"data.buckets, {max(data.buckets)}, which a shared row may fill"
         )
     if data.share_prompt:
-        longest = data.max_length + reserve(data.max_length)
+        # a kept pair with a short prompt and two long responses: found past the largest bucket, it
+        # stopped the run partway
+        longest = shared_row_bound(data.max_length)
         if max(data.buckets) < longest:
             raise ConfigError(
-                f"data.share_prompt: rows hold a prompt and both responses, up to data.max_length + "
-                f"{reserve(data.max_length)} = {longest} tokens, beyond the largest of "
-                f"data.buckets {tuple(data.buckets)}"
+                f"data.share_prompt: rows hold a prompt and both responses, up to 2 x data.max_length - 1 = "
+                f"{longest} tokens, beyond the largest of data.buckets {tuple(data.buckets)}: add a bucket "
+                f"of at least {longest} or lower data.max_length"
             )
     if data.compact_tokens < 0:
         raise ConfigError(

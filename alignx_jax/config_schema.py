@@ -158,7 +158,7 @@ class DataSection:
     buckets: tuple[int, ...] = (1024, 2048, 4096, 8192)  # row lengths batches are padded to
     # one row per pair (prompt, chosen, rejected; batching.share_prompt) instead of two rows that
     # repeat the prompt: the same log-probs, the prompt's compute once. Rows are then up to
-    # max_length + the longer response long, so `buckets` must reach that.
+    # 2 * max_length - 1 tokens (batching.shared_row_bound), so `buckets` must reach that.
     share_prompt: bool = False
     # pack several share_prompt pairs into rows of `pack_length` tokens (0 = the largest bucket),
     # attention kept within each pair by segment ids: less padding when lengths vary

@@ -77,7 +77,8 @@ class Budget:
         self.psoups_steps = None if quick else 80
         # an 80-step run is compile-bound: buckets twice as wide as the config's halve its compiled step
         # shapes for a few % more padding (BENCHMARKS.md §6; None = the config's)
-        self.psoups_buckets = None if quick else tuple(range(128, 1153, 128))
+        # (up to 1536: a shared row takes up to 2 x max_length - 1 tokens)
+        self.psoups_buckets = None if quick else tuple(range(128, 1537, 128))
         self.head_steps = 30 if quick else 1500
         self.eval_batch = 8 if quick else 16
         self.max_length = 384 if quick else 768

@@ -23,7 +23,8 @@ def get_config(variant: str = "full"):
     c.data.max_length = 768
     # 64-token steps: a batch pads to its longest row, not to the next power of two (ICA rows at
     # bucket 512 were 45% padding); each length (x each response window) costs one compile
-    c.data.buckets = tuple(range(64, 1153, 64))
+    # up to 1536: a shared row (share_prompt below) takes up to 2 x max_length - 1 tokens
+    c.data.buckets = tuple(range(64, 1537, 64))
     # one row per pair: an ICA prompt (~330 tokens) runs once, not once per response
     c.data.share_prompt = True
     # 64-token buckets already leave little padding, and at 0.66M parameters a step runs in
@@ -71,7 +72,9 @@ def get_config(variant: str = "full"):
     if variant == "quick":
         c.train.steps = 2  # a smoke run: every stage of the chain, each training saving twice
         c.data.max_length = 384  # what `alignx demo --quick` trains at (demo.Budget)
-        c.data.buckets = (576,)  # one row length (max_length 384 + the response reserve): one compile
+        # one row length in practice (max_length 384 + the response reserve): one compile; 768 holds the
+        # rare shared row past it (up to 2 x max_length - 1)
+        c.data.buckets = (576, 768)
         c.train.global_batch = 4
         c.train.micro_batch = 4
         c.checkpoint.every_steps = 1

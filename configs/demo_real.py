@@ -42,7 +42,7 @@ def get_config(variant: str = "full"):
     c.data.persona = "p"  # P-SOUPS rows carry history pairs only: P = PAIR
     c.data.prompt_format = "chat"  # the instruct model's own ChatML template
     c.data.max_length = 1024
-    c.data.buckets = tuple(range(128, 1537, 64))
+    c.data.buckets = tuple(range(128, 2049, 64))  # a shared row takes up to 2 x max_length - 1 tokens
     c.data.share_prompt = True  # one row per pair: the ~370-token ICA prompt runs once
     c.data.length_groups = 8  # batches of similar length: ~27% fewer positions on the PBA rows
     # not twins in one batch: they cancel a preference both personas share, which friendly_unfriendly's
@@ -88,10 +88,11 @@ def get_config(variant: str = "full"):
         c.train.global_batch = 2
         c.train.micro_batch = 2
         c.checkpoint.every_steps = 1
-        # one row length, 832, that holds any pair (max_length 512 + the response reserve): the three runs
-        # share one compiled step (with 512 as well, the PBA run's longer profile prompts compiled a second)
+        # one row length, 832, that holds the demo's pairs (max_length 512 + the response reserve): the three
+        # runs share one compiled step (with 512 as well, the PBA run's longer profile prompts compiled a
+        # second); 1024 holds any shared row (up to 2 x max_length - 1), compiled only if one needs it
         c.data.max_length = 512  # what `alignx demo --real --quick` trains at (demo_real.RealBudget)
-        c.data.buckets = (832,)
+        c.data.buckets = (832, 1024)
         # and the same pairs for ICA and PBA: grouped by length, PBA's longer prompts picked other pairs, whose
         # longest response needed another scored window (a power of two) and so another compile of the step
         c.data.length_groups = 0

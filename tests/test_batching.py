@@ -198,6 +198,8 @@ def test_fit_keeps_the_documented_length_invariants(fmt, overflow, eval_mode):
             assert len(p) - (fmt == "paper") <= budget and longest - 1 <= budget, case
             continue
         assert len(p) + longest <= L, case
+        # as one share_prompt row (each response with its EOS): within the bound the config check uses
+        assert len(p) + len(c) + len(r) + 2 <= batching.shared_row_bound(L), case
         if truncated and fmt != "release":  # the prompt is cut no further than the fit needs
             assert len(p) == len(prompt) or len(p) + longest == L, case
         ex = DPOExample(prompt_ids=p, chosen_ids=c + [4], rejected_ids=r + [4])

@@ -103,6 +103,41 @@ def test_wrong_type_or_value_is_one_line_naming_the_key(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("fmt", ["chat", "paper", "release"])
+def test_share_prompt_buckets_must_hold_the_longest_kept_pair(fmt):
+    """A kept pair with a short prompt and two long responses is 2 x max_length - 1 tokens as one row: a
+    largest bucket below that is refused up front, in one line (found in a batch, it stopped the run)."""
+    from alignx_jax.data import batching
+
+    def config(buckets):
+        return load_config(
+            TINY,
+            [
+                "--config.workdir=/tmp/x",
+                "--config.data.max_length=128",
+                f"--config.data.prompt_format={fmt}",
+                "--config.data.share_prompt=true",
+                f"--config.data.buckets={buckets}",
+            ],
+        )
+
+    for buckets in ("(192,)", "(128,254)"):  # 192 = 128 + reserve(128), the bound the check used before
+        with pytest.raises(ConfigError) as e:
+            rules.validate_config(config(buckets))
+        message = str(e.value)
+        assert "\n" not in message and "data.buckets" in message and "data.max_length" in message, message
+        assert "255 tokens" in message, message
+    # the largest kept pair fits a bucket of exactly the bound, which stays accepted
+    rules.validate_config(config("(128,255)"))
+    L = 128
+    longest = batching._fit(
+        [1], [2] * (L - 2), [3] * (L - 2), max_length=L, prompt_format=fmt, overflow="drop", eval_mode=False
+    )
+    assert longest is not None and not longest[3]  # kept whole
+    p, c, r, _ = longest
+    assert len(p) + (len(c) + 1) + (len(r) + 1) == batching.shared_row_bound(L) == 255
+
+
 def test_wandb_project_without_wandb_is_refused_by_the_config_check(monkeypatch, tmp_path):
     """Before the workdir or the checkpoint manager exists: one line, nothing written."""
     import sys

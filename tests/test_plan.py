@@ -602,6 +602,23 @@ def test_plan_lowers_the_step_train_runs(tmp_path, share):
     assert all(jax.tree.leaves(same))
 
 
+def test_share_prompt_worst_case_is_the_longest_kept_pair():
+    """`alignx plan`'s shared-row worst case is the longest row a kept pair makes (a one-token prompt and
+    two responses filling max_length: `batching.shared_row_bound`), not max_length + the reserve."""
+    from alignx_jax.batch import worst_case_collated
+    from alignx_jax.data import batching
+
+    L, buckets = 128, (128, 200, 256)
+    coll = worst_case_collated(2, max_length=L, buckets=buckets, pad_id=0, share=True)
+    shared = batching.share_prompt(coll, buckets=buckets, pad_id=0)
+    assert shared["input_ids"].shape == (2, 256)  # 255 tokens: past 200, where L + reserve(L) = 192 fit
+    assert shared["attention_mask"].sum(axis=1).tolist() == [batching.shared_row_bound(L)] * 2 == [255] * 2
+    assert shared["score_mask"].sum(axis=2).tolist() == [[L - 1, L - 1]] * 2  # each response + EOS
+    # the two-row worst case is unchanged: rows of max_length
+    two = worst_case_collated(2, max_length=L, buckets=buckets, pad_id=0)
+    assert two["attention_mask"].sum(axis=1).tolist() == [L] * 4
+
+
 def test_llama3_70b_preset_and_tpu_grids():
     from alignx_jax.config import load_config
     from alignx_jax.plan import PRESETS, analytic_bytes, decoder_config_for, parse_topology

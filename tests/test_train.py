@@ -530,7 +530,7 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path):
 
 @pytest.mark.parametrize(
     "layout",
-    [[], ["--config.data.share_prompt=true", "--config.data.buckets=(192,)"]],
+    [[], ["--config.data.share_prompt=true", "--config.data.buckets=(256,)"]],
     ids=["two_rows", "shared"],
 )
 def test_precomputed_reference_reuses_a_later_epochs_pairs(tmp_path, layout):
