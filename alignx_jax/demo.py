@@ -311,7 +311,7 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     mesh = shd.mesh_from_config(cfg.mesh)
     tokenizer, tokenizer_dir = load_tokenizer_for(cfg)
     model = build_policy(cfg, tokenizer, mesh, rules_from_config(cfg))
-    tmp = init_dir + ".tmp"
+    tmp = paths.tmp_path(init_dir)
     hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
     os.replace(tmp, init_dir)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from alignx_jax import paths
+
 # The paper's alignment accuracy (docs/method.md section 8) beside each demo row: AlignX-test persona P
 # for the synthetic users, P-SOUPS for the P-SOUPS split. None = the paper has no such row.
 PAPER = {
@@ -38,7 +40,7 @@ TARGETS = (
 
 def write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = paths.tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")

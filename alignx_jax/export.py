@@ -151,23 +151,14 @@ def _beside(out: str, tag: str, pid: int | None = None) -> str:
     )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover_export_leftovers(out: str) -> None:
-    """Tidy what a killed export left beside `out`: its half-written folder goes; a folder it had moved
-    aside to swap in the new one comes back when `out` is missing (killed between the two renames)."""
+    """Tidy what a killed export left beside `out`: its half-written folder goes (`paths.tmp_path` removes
+    its own; `export-tmp` is an earlier version's name); a folder it had moved aside to swap in the new one
+    comes back when `out` is missing (killed between the two renames)."""
     parent, name = os.path.dirname(out), os.path.basename(out)
     for entry in sorted(os.listdir(parent)):
         m = re.fullmatch(re.escape(f".{name}.") + r"export-(tmp|old)-(\d+)", entry)
-        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+        if not m or int(m.group(2)) == os.getpid() or paths.pid_alive(int(m.group(2))):
             continue
         path = os.path.join(parent, entry)
         if m.group(1) == "old" and not os.path.exists(out):
@@ -213,7 +204,7 @@ def _export_target(out: str, source: str, overwrite: bool) -> tuple[list[str], s
     _recover_export_leftovers(out)
     # the folder the export is written in beside `out`: one that cannot be made fails now, not after the
     # checkpoint is read, and on every process of a job (the others had exited 0 beside process 0's error)
-    probe = _beside(out, "export-tmp")
+    probe = paths.tmp_path(out)
     shutil.rmtree(probe, ignore_errors=True)
     try:
         os.mkdir(probe)
@@ -562,7 +553,7 @@ def cli_export(args) -> int:
     model, head = _export_inputs(args.checkpoint, res)
 
     def write() -> None:  # on process 0 alone
-        tmp = _beside(out, "export-tmp")
+        tmp = paths.tmp_path(out)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             files = _write_export(args, res, model, head, tmp, source)

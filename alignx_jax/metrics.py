@@ -119,9 +119,10 @@ class MetricsWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(path):
             keep = [r for r in read_metrics(workdir) if _step_of(r) <= resume_step]
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
+            tmp = paths.tmp_path(path)
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-            os.replace(path + ".tmp", path)
+            os.replace(tmp, path)
         elif os.path.exists(path) and os.path.getsize(path):
             with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -142,6 +145,60 @@ def check_writable(dest: str) -> None:
     os.remove(probe)
 
 
+# `tmp_path`'s names: `.NAME.tmp-HOST-PID` (HOST may hold '-'; PID is the digits after the last one)
+_TMP_ENTRY = re.compile(r"\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)")
+
+
+def tmp_path(dest: Any) -> str:
+    """This process's temporary name beside the local file or folder `dest`, which it writes and then renames
+    onto `dest`: `.NAME.tmp-HOST-PID`, the one pattern `remove_dead_tmp` matches. What a killed writer left
+    there for the same `dest` is removed first: a retry does not pile them up."""
+    folder, name = os.path.split(os.fspath(dest))
+    remove_dead_tmp(folder or ".", re.compile(re.escape(name)))
+    return os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def remove_dead_tmp(folder: str, names: re.Pattern[str] | None = None) -> None:
+    """Remove the `tmp_path` entries in the local `folder` (of a file whose name `names` matches, all when
+    None) that a killed process left: its HOST is this one and its PID runs no more. Another host's (a
+    shared file system) or a live process's is kept, whoever holds the folder's lock."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:  # no folder yet: nothing left in it
+        return
+    host = socket.gethostname()
+    for entry in entries:
+        m = _TMP_ENTRY.fullmatch(entry)
+        if (
+            m is None
+            or m.group("host") != host
+            or (names is not None and not names.fullmatch(m.group("name")))
+        ):
+            continue
+        pid = int(m.group("pid"))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        path = os.path.join(folder, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:  # gone already, or another user's in a shared folder: left, as a folder is
+                pass
+
+
 def write_all(files: dict[str, bytes]) -> None:
     """Write every `dest: data` of one output: all under temporary names first, then each renamed into
     place, so a kill leaves either none of the outputs or all of them (a URL is written in place)."""
@@ -153,7 +210,7 @@ def write_all(files: dict[str, bytes]) -> None:
             if is_url(dest):
                 out.write_bytes(data)
                 continue
-            tmp = os.path.join(os.path.dirname(out), f".{out.name}.tmp-{os.getpid()}")
+            tmp = tmp_path(out)
             staged.append((tmp, os.fspath(out)))
             with open(tmp, "wb") as f:
                 f.write(data)

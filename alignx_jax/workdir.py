@@ -219,7 +219,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
     if paths.is_url(path):
         paths.path(path).write_text(text, encoding="utf-8")
         return
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = paths.tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True))
         f.write("\n")
@@ -290,7 +290,7 @@ def write_fingerprint(path: str, value: str) -> None:
     if paths.is_url(path):
         paths.path(path + ".fingerprint").write_text(value + "\n", encoding="utf-8")
         return
-    tmp = f"{path}.fingerprint.tmp{os.getpid()}"
+    tmp = paths.tmp_path(path + ".fingerprint")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(value + "\n")
     os.replace(tmp, path + ".fingerprint")
@@ -308,8 +308,10 @@ def save_array(path: str, array: Any) -> None:
         np.save(buf, array)
         paths.path(path).write_bytes(buf.getvalue())
         return
-    np.save(path + ".tmp.npy", array)
-    os.replace(path + ".tmp.npy", path)
+    tmp = paths.tmp_path(path)
+    with open(tmp, "wb") as f:  # a file object: np.save given a name would add `.npy` to it
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def save_derived(path: str, array: Any, key: str) -> None:
@@ -347,16 +349,17 @@ def array_shape(path: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- the lock
 
 
-# what a run writes aside as `NAME.tmp<pid>` and renames into W: the synthetic users, config.json, fingerprints
-_TMP_ENTRY = re.compile(r"(data|config\.json|.+\.fingerprint)\.tmp(?P<pid>\d+)")
+# the `NAME.tmp<pid>` names earlier versions wrote aside in W: a killed run's are still removed
+_OLD_TMP_ENTRY = re.compile(r"(data|config\.json|.+\.fingerprint)\.tmp(?P<pid>\d+)")
 
 
-def remove_dead_tmp(folder: str, entry: re.Pattern[str] = _TMP_ENTRY) -> None:
-    """Remove what a killed run left half-written in the local `folder` (an `entry` whose `pid` is gone
-    from this host): W, whose lock the caller holds, or another folder whose entries name the pid that
-    writes them (the system's temporary folder, where a URL workdir's synthetic users are written)."""
+def remove_dead_tmp(folder: str) -> None:
+    """Remove what a killed process left half-written in the local W, whose lock the caller holds: every
+    `paths.tmp_path` entry of a process gone from this host (`paths.remove_dead_tmp`; another host's or a
+    live process's, e.g. an `alignx eval --out` into W beside the run, is kept), and the older names."""
+    paths.remove_dead_tmp(folder)
     for name in sorted(os.listdir(folder)):
-        m = entry.fullmatch(name)
+        m = _OLD_TMP_ENTRY.fullmatch(name)
         if m is None or int(m.group("pid")) == os.getpid() or _alive(int(m.group("pid")), None):
             continue
         path = os.path.join(folder, name)
@@ -379,12 +382,8 @@ def _start_time(pid: int) -> str | None:
 
 
 def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not paths.pid_alive(pid):
         return False
-    except PermissionError:  # exists, another user's
-        return True
     now = _start_time(pid)
     return start is None or now is None or now == start  # a different start time: the pid was reused
 

@@ -638,6 +638,7 @@ def test_killed_export_is_recovered_by_the_next_one(run_copy, tmp_path, capsys):
     os.rename(out, tmp_path / f".hf.export-old-{pid}")
     (tmp_path / f".hf.export-tmp-{pid}").mkdir()
     (tmp_path / f".hf.export-tmp-{pid}" / "model-00001-of-00001.safetensors").write_bytes(b"half")
+    (tmp_path / f".hf.tmp-{socket.gethostname()}-{pid}").mkdir()  # this version's name for it
     assert main(["export", "--checkpoint", str(run_copy), "--out", str(out), "--step", "2"]) == 0
     assert "restored" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["W", "hf"]
@@ -968,9 +969,9 @@ def test_resuming_on_other_synthetic_users_is_refused_even_when_allowed(tmp_path
 
 
 def test_what_a_killed_run_left_aside_is_removed_when_the_workdir_is_next_taken(tmp_path):
-    """A kill during the synthetic users' write (or config.json's, a fingerprint's) left W/data.tmp<pid>
-    for ever; the next run on W removes those of pids that are gone, and keeps a live one's and any other
-    name."""
+    """A kill during the synthetic users' write (or config.json's, a fingerprint's, the metrics' cut-back, a
+    derived array's) left its temporary beside it for ever; the next run on W removes those of pids gone from
+    this host, and keeps a live one's, another host's (a shared file system) and any other name."""
     w = tmp_path / "w"
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -983,11 +984,56 @@ def test_what_a_killed_run_left_aside_is_removed_when_the_workdir_is_next_taken(
     (w / f"data.fingerprint.tmp{pid}").write_text("")
     (w / f"data.tmp{live}").mkdir()
     (w / f"notes.tmp{pid}").write_text("mine")
+    host = socket.gethostname()
+    for name in ("data", "metrics.jsonl", "ref_logps.npy", "config.json.fingerprint"):  # this version's names
+        (w / f".{name}.tmp-{host}-{pid}").write_text("half")
+    (w / f".data.tmp-{host}-{live}").mkdir()
+    (w / f".data.tmp-{host}x-{pid}").mkdir()  # another host's: its pid says nothing here
     r = _train(w, 1, 1)
     assert r.returncode == 0, r.stderr[-3000:]
     left = sorted(p.name for p in w.iterdir() if ".tmp" in p.name)
-    assert left == [f"data.tmp{live}", f"notes.tmp{pid}"], left
+    assert left == [
+        f".data.tmp-{host}-{live}",
+        f".data.tmp-{host}x-{pid}",
+        f"data.tmp{live}",
+        f"notes.tmp{pid}",
+    ], left
     assert (w / "data" / "data.parquet").is_file()
+
+
+def test_every_temporary_a_killed_workdir_write_leaves_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """Each writer into W, cut between its write and its rename (the kill), leaves a temporary of
+    `paths.tmp_path`'s one pattern, which `remove_dead_tmp` removes once its pid is gone (the derived arrays'
+    `X.npy.tmp.npy` and the metrics' `metrics.jsonl.tmp` were left for ever)."""
+    from alignx_jax import workdir as workdir_lib
+    from alignx_jax.metrics import MetricsWriter
+
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    writes = [
+        lambda: workdir_lib.save_derived(str(w / "ref_logps.npy"), np.zeros(3), "k"),
+        lambda: workdir_lib.write_json_atomic(str(w / "config.json"), {"a": 1}),
+        lambda: workdir_lib.write_fingerprint(str(w / "data"), "k"),
+        lambda: MetricsWriter(str(w), tensorboard=False, resume_step=1),
+    ]
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: int(dead.stdout))  # the writer is the process that is gone
+        m.setattr(os, "replace", killed)
+        for write in writes:
+            with pytest.raises(KeyboardInterrupt):
+                write()
+    left = sorted(p.name for p in w.iterdir() if p.name != "metrics.jsonl")
+    assert len(left) == len(writes) and all(p.startswith(".") and ".tmp-" in p for p in left), left
+    workdir_lib.remove_dead_tmp(str(w))
+    assert sorted(p.name for p in w.iterdir()) == ["metrics.jsonl"]
 
 
 def test_a_user_folder_as_workdir_is_refused_untouched(tmp_path):
@@ -1138,7 +1184,7 @@ def test_soak_sigkill_at_random_moments_then_resume_matches(tmp_path):
             while (
                 time.time() < deadline
                 and proc.poll() is None
-                and not any(p.name.startswith(".hf.export-tmp-") for p in tmp_path.iterdir())
+                and not any(p.name.startswith(".hf.tmp-") for p in tmp_path.iterdir())
             ):
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.05))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import types
 
 import pytest
@@ -907,8 +908,8 @@ def test_a_killed_runs_local_synthetic_users_are_removed_by_the_next_bucket_run(
     fake_gcs, tmp_path, monkeypatch
 ):
     """A gs:// workdir's synthetic users are written aside in the system's temporary folder
-    (`alignx-synth-KEY.tmpPID`) and renamed: a kill left that folder there for good. The next run removes
-    those of pids gone from this host, and nothing of a live pid or of another program."""
+    (`.alignx-synth-KEY.tmp-HOST-PID`) and renamed: a kill left that folder there for good. The next run
+    removes those of pids gone from this host, and nothing of a live pid, another host or another program."""
     import subprocess
     import tempfile
 
@@ -920,17 +921,19 @@ def test_a_killed_runs_local_synthetic_users_are_removed_by_the_next_bucket_run(
     monkeypatch.setattr(tempfile, "tempdir", str(systmp))
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid no process holds now
+    host = socket.gethostname()
     dead = [
-        systmp / f"alignx-synth-0123456789abcdef.tmp{gone.pid}",
-        systmp / f"alignx-synth-0123456789abcdef.fingerprint.tmp{gone.pid}",
+        systmp / f".alignx-synth-0123456789abcdef.tmp-{host}-{gone.pid}",
+        systmp / f".alignx-synth-0123456789abcdef.fingerprint.tmp-{host}-{gone.pid}",
     ]
     dead[0].mkdir()
     (dead[0] / "data.parquet").write_bytes(b"half")
     dead[1].write_text("half")
     kept = [
-        systmp / f"alignx-synth-0123456789abcdef.tmp{os.getppid()}",  # a live run's, being written
-        systmp / f"other.tmp{gone.pid}",  # another program's
-        systmp / f"alignx-synth-notakey.tmp{gone.pid}",
+        systmp / f".alignx-synth-0123456789abcdef.tmp-{host}-{os.getppid()}",  # a live run's, being written
+        systmp / f".alignx-synth-0123456789abcdef.tmp-{host}x-{gone.pid}",  # another host's (a shared /tmp)
+        systmp / f".other.tmp-{host}-{gone.pid}",  # another program's
+        systmp / f".alignx-synth-notakey.tmp-{host}-{gone.pid}",
     ]
     for p in kept:
         p.mkdir()

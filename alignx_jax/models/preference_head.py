@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alignx_jax import paths
 from alignx_jax.errors import CheckpointError, ConfigError
 from alignx_jax.models.safetensors_io import HEAD_WEIGHTS_FILE
 from alignx_jax.preference_space import (
@@ -470,8 +471,9 @@ def save_head(
     # each file whole or absent, the config (which `has_head` also needs) last: a first save cut short
     # leaves no head (`alignx demo` then fits it again), never one that half loads
     weights = os.path.join(hf_dir, HEAD_WEIGHTS_FILE)
-    save_file(tensors, weights + ".tmp", metadata={"format": HEAD_FORMAT})
-    os.replace(weights + ".tmp", weights)
+    tmp = paths.tmp_path(weights)
+    save_file(tensors, tmp, metadata={"format": HEAD_FORMAT})
+    os.replace(tmp, weights)
     meta = {
         "format": HEAD_FORMAT,
         **cfg.to_json(),
@@ -488,10 +490,11 @@ def save_head(
             raise ConfigError(f"preference head training must be one of {HEAD_TRAININGS}, got {training!r}")
         meta["training"] = training
     config = os.path.join(hf_dir, HEAD_CONFIG_FILE)
-    with open(config + ".tmp", "w", encoding="utf-8") as f:
+    tmp = paths.tmp_path(config)
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
-    os.replace(config + ".tmp", config)
+    os.replace(tmp, config)
 
 
 def head_training(hf_dir: str) -> str | None:

@@ -87,7 +87,7 @@ def _hf_folder_of_gguf(src: str, out: str) -> str:
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    tmp = paths.tmp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         ckpt, folder = os.path.join(tmp, "checkpoint"), os.path.join(tmp, "hf")
@@ -178,7 +178,7 @@ def remote_copy(url: str) -> str:
         return out
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    tmp = paths.tmp_path(out)
     old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -25,8 +25,8 @@ from alignx_jax.models.presets import resolve_model_path
 from alignx_jax.models.safetensors_io import holds_safetensors
 from alignx_jax.train.signals import StopFlag
 
-# what `_write_synth` writes aside (and renames) for a URL workdir in the system's temporary folder
-_LOCAL_SYNTH_TMP = re.compile(r"alignx-synth-[0-9a-f]{16}(\.fingerprint)?\.tmp(?P<pid>\d+)")
+# the local folders (and fingerprints) `_write_synth` writes aside for a URL workdir in the system's temporary folder
+_LOCAL_SYNTH = re.compile(r"alignx-synth-[0-9a-f]{16}(\.fingerprint)?")
 
 
 def ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) -> str:
@@ -44,7 +44,7 @@ def ensure_data(cfg: ml_collections.ConfigDict, workdir: str, is_main: bool) -> 
         import tempfile
 
         local = os.path.join(tempfile.gettempdir(), f"alignx-synth-{key[:16]}")
-        workdir_lib.remove_dead_tmp(tempfile.gettempdir(), _LOCAL_SYNTH_TMP)  # a killed run's, never renamed
+        paths.remove_dead_tmp(tempfile.gettempdir(), _LOCAL_SYNTH)  # a killed run's, never renamed
         _write_synth(cfg, local, key, write=True)
         remote = paths.path(workdir) / "data"
         if is_main and not (remote / "data.parquet").exists():
@@ -72,7 +72,7 @@ def _write_synth(cfg: ml_collections.ConfigDict, out: str, key: str, *, write: b
         )
         # written aside and renamed: a kill mid-write leaves no half parquet file (one tmp per process:
         # the processes of a URL-workdir job on one machine may all write the same local folder)
-        tmp = f"{out}.tmp{os.getpid()}"
+        tmp = paths.tmp_path(out)
         shutil.rmtree(tmp, ignore_errors=True)
         synth.write_world(world, tmp)
         workdir_lib.forget_fingerprint(out)
@@ -147,7 +147,7 @@ def write_reference(cfg, model, workdir: str, tokenizer_dir: str, is_main: bool)
                 hf.save_hf(host_model, tmp, tokenizer_dir=tokenizer_dir, base_dir=base_dir)
                 _publish_folder(tmp, ref, extra)
         elif is_main:  # beside its place in W (a full disk names W) and renamed into place
-            tmp = ref.parent / (ref.name + ".tmp")
+            tmp = paths.path(paths.tmp_path(ref))
             if tmp.exists():
                 tmp.rmtree()
             hf.save_hf(host_model, os.fspath(tmp), tokenizer_dir=tokenizer_dir, base_dir=base_dir)
@@ -185,7 +185,8 @@ def _folder_files(folder: str) -> dict[str, str]:
 def _publish_folder(src: str | dict[str, str], dst, extra: dict[str, bytes] | None = None) -> None:
     """The files `src` (a local folder's, or {name: local path}) and `extra` ({name: bytes}) as the folder
     `dst` (an epath.Path, maybe a URL), written aside and renamed into place."""
-    tmp = dst.parent / (dst.name + ".tmp")
+    # a URL has no dead-temp sweep: its one `NAME.tmp` is cleared here by the next write instead
+    tmp = dst.parent / (dst.name + ".tmp") if paths.is_url(dst) else paths.path(paths.tmp_path(dst))
     if tmp.exists():
         tmp.rmtree()
     if isinstance(src, str):
