@@ -5,7 +5,8 @@
 dict, `meta` JSON (step, rng seed, data-loader state, and for a head its `HeadConfig` under
 `head_config`). Saves are asynchronous by default: the step loop continues while the arrays are
 written; `wait()` blocks until the last save is durable (before exit and before deciding a run is
-finished).
+finished), and `check_background()` raises a failed background write's error without waiting (a
+one-process run's trainer calls it every step).
 
 Integrity: `meta['checksums']` holds a digest of every saved array (`digests`: two position-weighted
 uint32 sums of the array's bits, computed on the devices in one jitted pass, so they do not depend on
@@ -521,6 +522,14 @@ class TrainCheckpointer:
             self._mngr.wait_until_finished()
         except Exception as e:  # the background write failed (e.g. a full disk)
             raise CheckpointError(f"{self.directory}: a checkpoint write failed ({first_line(e)})") from None
+
+    def check_background(self) -> None:
+        """`wait`'s CheckpointError once a background write has failed; returns at once while one still runs.
+        Cheap enough for every step: a failed save stops the run then, not at the next save."""
+        # not orbax's check_for_errors: it takes the error from under its finalize thread, which may then
+        # finalize the failed step's folder as a checkpoint
+        if not self._mngr.is_saving_in_progress():
+            self.wait()  # every background thread is done: nothing is waited for, a failure is raised
 
     def close(self) -> None:
         try:

@@ -625,6 +625,31 @@ def test_a_checkpoint_write_failing_in_the_background_is_one_line(
         assert got == want, item
 
 
+def test_a_failed_background_checkpoint_write_stops_the_run_before_the_next_save(tmp_path, monkeypatch):
+    """The write of step 8 fails in orbax's background threads: the run stops with the same one line within
+    a step or so, not after training on to the next save at step 12; step 8's folder is never taken as a
+    checkpoint, step 4's is kept, and the rerun resumes from it."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    commit = async_checkpointer._background_wait_for_commit_futures
+
+    def disk_full_at_step_8(directory, *args, **kwargs):
+        if os.path.basename(str(directory)).split(".")[0] == "8":  # the step (or its tmp folder)
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(str(directory), "d"))
+        return commit(directory, *args, **kwargs)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full_at_step_8)
+    w = tmp_path / "W"
+    r = _train(w, 12, 4)
+    line = _one_error(r, "a checkpoint write failed", "No space left on device", str(w))
+    assert re.findall(r"checkpoints/(\d+)", line) == ["8"], line
+    assert max(_losses(w)) < 12 and _steps(w) == [4], (sorted(_losses(w)), _steps(w))
+    monkeypatch.undo()
+    r = _train(w, 12, 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(_losses(w)) == list(range(1, 13)) and _steps(w) == [4, 8, 12]
+
+
 @pytest.mark.slow
 def test_killed_export_is_recovered_by_the_next_one(run_copy, tmp_path, capsys):
     """A kill between the two renames leaves the old folder beside the target: the next export puts it back

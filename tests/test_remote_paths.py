@@ -492,6 +492,9 @@ def _train_on_a_bucket(monkeypatch, w, *extra, config="tiny_cpu.py"):
         def wait(self):
             pass
 
+        def check_background(self):
+            pass
+
         def close(self):
             pass
 

@@ -560,6 +560,9 @@ class Trainer(TrainerCheckpoints):
             while self.step < self.total_steps:
                 if self.stop_agreed(self.step) is not None:  # the same step on every process
                     break
+                # several processes would each see it at their own step: theirs meet at the next save's wait
+                if self.pc <= 1:
+                    self.ckpt.check_background()
                 self.train_one_step()
             return self.finish()
         finally:
