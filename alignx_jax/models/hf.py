@@ -393,9 +393,10 @@ def list_in_export_manifest(folder: str, names: list[str]) -> None:
         raise CheckpointError(f"{folder}: no {EXPORT_MANIFEST} to list {', '.join(names)} in")
     manifest["files"] = sorted(set(manifest["files"]) | set(names))
     path = os.path.join(folder, EXPORT_MANIFEST)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    tmp = paths.tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)  # whole or as it was: a half-written manifest would read as none
+    os.replace(tmp, path)  # whole or as it was: a half-written manifest would read as none
 
 
 def save_hf(
