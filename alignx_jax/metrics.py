@@ -21,6 +21,7 @@ as one W&B run per workdir (its id in W/wandb_id.txt; a resumed run continues it
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -109,10 +110,13 @@ class MetricsWriter:
         self._url_dirty, self._url_written = False, time.monotonic()
 
     def flush(self) -> None:
-        """Put every record logged so far in W/metrics.jsonl (a local file has them already): the trainer
-        calls it at each checkpoint save, which a resume cuts the file back to."""
+        """Put every record logged so far in W/metrics.jsonl (a local file has them already) and every
+        TensorBoard event in its file: the trainer calls it at each checkpoint save, which a resume cuts
+        both back to."""
         if self._url_records is not None and self._url_dirty:
             self._rewrite_url()
+        if self._tb is not None:
+            self._tb.flush()
 
     def _open_local(self, workdir: str, resume_step: int | None) -> None:
         os.makedirs(workdir, exist_ok=True)
@@ -203,7 +207,7 @@ def url_tensorboard_problem(logdir: str) -> str | None:
 
 
 def _tensorboard_writer(logdir: str, resume_step: int | None) -> Any:
-    """tensorboardX's SummaryWriter on `logdir`, or None (a warning line when a URL cannot take events)."""
+    """An event file in `logdir` (`_EventsFile`), or None (a warning line when a URL cannot take events)."""
     why = url_tensorboard_problem(logdir) if paths.is_url(logdir) else None
     if why is not None:
         if logdir not in _TB_WARNED:
@@ -214,14 +218,9 @@ def _tensorboard_writer(logdir: str, resume_step: int | None) -> Any:
             )
         return None
     try:
-        writer_class = _summary_writer_class()
+        return _EventsFile(logdir, None if resume_step is None else int(resume_step) + 1)
     except ImportError:  # tensorboardX is a dependency; a stripped install still logs JSONL
         return None
-    # a resume hides the events of steps after its checkpoint (a killed run logged them; this one logs them
-    # again): TensorBoard purges from purge_step on
-    purge = None if resume_step is None else int(resume_step) + 1
-    try:
-        return writer_class(logdir, purge_step=purge)
     except Exception as e:  # a URL tensorboardX cannot write: the JSONL file still has everything
         print(
             f"alignx: warning: no TensorBoard events in {logdir} ({' '.join(str(e).split())})",
@@ -230,19 +229,69 @@ def _tensorboard_writer(logdir: str, resume_step: int | None) -> Any:
         return None
 
 
-def _summary_writer_class():
-    """tensorboardX's SummaryWriter, imported without torch: it imports torch only to accept torch tensors
-    (~3 s of every start-up); we log floats."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+TB_FLUSH_SECONDS = 120.0  # tensorboardX's own default: how stale a live TensorBoard may be
+_EVENT_FILES = itertools.count()  # a second writer of this process in the same second gets its own file
 
-        return SummaryWriter
+
+class _EventsFile:
+    """One TensorBoard event file, each scalar written as it is logged and the file flushed at `flush`.
+
+    tensorboardX's SummaryWriter hands events to a thread through a queue that its flush() does not wait
+    for, so events logged before a checkpoint could be lost to a kill after it (the resumed run does not
+    log them again); and its file name carries only the second and the host, so a second writer in the
+    same second truncated the first one's file."""
+
+    def __init__(self, logdir: str, purge_step: int | None):
+        events_writer, event_pb2, summary = _tensorboard_modules()
+        self._event_pb2, self._summary = event_pb2, summary
+        if not paths.is_url(logdir):
+            os.makedirs(logdir, exist_ok=True)
+        suffix = f".{os.getpid()}.{next(_EVENT_FILES)}"
+        self._writer = events_writer(logdir.rstrip("/") + "/events", suffix)
+        self._flushed = time.monotonic()
+        if purge_step is not None:
+            # a resume hides the events of steps after its checkpoint (a killed run logged them; this one logs
+            # them again): TensorBoard purges every step from a START marker's step on
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.write_event(
+                event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=start)
+            )
+            self.flush()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        summary = self._summary.scalar(tag, float(value))
+        self._writer.write_event(
+            self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+        )
+        if time.monotonic() - self._flushed >= TB_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._writer.flush()
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _tensorboard_modules():
+    """tensorboardX's EventsWriter, event protos and summary module, imported without torch: it imports torch
+    only to accept torch tensors (~3 s of every start-up); we log floats."""
+    if "torch" in sys.modules:
+        return _import_tensorboard_modules()
     sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
     try:
-        from tensorboardX import SummaryWriter
+        return _import_tensorboard_modules()
     finally:
         del sys.modules["torch"]
-    return SummaryWriter
+
+
+def _import_tensorboard_modules():
+    from tensorboardX import summary
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+
+    return EventsWriter, event_pb2, summary
 
 
 def has_wandb() -> bool:

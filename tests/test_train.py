@@ -1116,3 +1116,30 @@ def test_a_resumed_writer_purges_the_tensorboard_steps_after_its_checkpoint(tmp_
         i += 12 + n + 4
     assert starts == [(3, event_pb2.SessionLog.START)]
     assert [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [1.0, 2.0, 30.0]
+
+
+def test_tensorboard_events_are_on_disk_at_each_flush_and_a_second_writer_keeps_the_first_file(tmp_path):
+    """The trainer flushes at each checkpoint save: a kill after it must leave TensorBoard every step up to
+    the checkpoint, which the resumed run does not log again (tensorboardX's writer queued them for a thread
+    that wrote every 2 minutes, its flush() not waiting for it). A resume in the same second opened a file of
+    the same name and truncated the first run's events."""
+    from alignx_jax.metrics import MetricsWriter
+
+    first = MetricsWriter(str(tmp_path))
+    for step in (1, 2, 3):
+        first.write(step, {"loss": float(step)})
+    first.flush()  # the checkpoint of step 3; not closed: the run is killed
+    assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [
+        (1, "train/loss", 1.0),
+        (2, "train/loss", 2.0),
+        (3, "train/loss", 3.0),
+    ]
+    second = MetricsWriter(str(tmp_path), resume_step=3)  # no sleep: the same second
+    second.write(4, {"loss": 4.0})
+    second.close()
+    assert [(s, v) for s, tag, v in _tensorboard_scalars(tmp_path / "tensorboard")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+    ]
