@@ -137,18 +137,11 @@ class Stages:
     """Runs named stages once: a stage whose marker file exists is skipped on a rerun."""
 
     def __init__(self, out: str, names: Sequence[str], progress: bool = True):
-        from tqdm.auto import tqdm
+        from alignx_jax.metrics import progress_bar
 
         self.dir = os.path.join(out, STAGES_DIR)
         os.makedirs(self.dir, exist_ok=True)
-        self.bar = tqdm(
-            total=len(names),
-            desc="demo",
-            unit="stage",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        self.bar = progress_bar(total=len(names), desc="demo", unit="stage", disable=not progress)
         self.seconds: dict[str, float] = {}
         self.reused_seconds = 0.0  # what the stages found done took when they ran
 

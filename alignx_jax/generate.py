@@ -630,12 +630,12 @@ def _benchmark_record(job: _BenchmarkJob, method: str, i: int, prompt_ids: list[
 def _generate_rows(log, model, tokenizer, job: _BenchmarkJob, ids, todo: list[int], args) -> None:
     """Generate the rows `todo` batch by batch, each batch appended to `log` (one agreed check of its write,
     `append_agreed`) before the next starts."""
-    from tqdm.auto import tqdm
+    from alignx_jax.metrics import progress_bar
 
     settings = job.settings
     todo = sorted(todo, key=lambda i: (-len(ids[i]), i))  # similar lengths batch together: less padding
     main = paths.is_main_process()
-    with tqdm(total=len(todo), desc=f"generate {job.name}", unit="row", disable=not main) as bar:
+    with progress_bar(total=len(todo), desc=f"generate {job.name}", unit="row", disable=not main) as bar:
         for start in range(0, len(todo), job.batch_size):
             batch = todo[start : start + job.batch_size]
             # each row draws by its own index: a resumed run, or another --batch-size, draws what an

@@ -60,6 +60,25 @@ def _plain(v: Any) -> Any:
 
 
 URL_REWRITE_SECONDS = 30.0
+PIPE_PROGRESS_SECONDS = 30.0  # a progress bar's refresh period when stderr is a file or a pipe
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar (`tqdm.auto`'s, on stderr unless `file=` says otherwise). On a terminal it redraws up to
+    10 times a second; on a file or a pipe (a job's log) at most every `PIPE_PROGRESS_SECONDS`: each redraw
+    there is one more carriage-return line in the log, tens of thousands of them over a long run."""
+    from tqdm.auto import tqdm
+
+    stream = kwargs.setdefault("file", sys.stderr)
+    try:
+        tty = bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        tty = False
+    kwargs.setdefault("dynamic_ncols", tty)
+    if not tty and not tqdm.__module__.startswith("tqdm.notebook"):  # a notebook widget is not a log
+        kwargs.setdefault("mininterval", PIPE_PROGRESS_SECONDS)
+        kwargs.setdefault("maxinterval", PIPE_PROGRESS_SECONDS)
+    return tqdm(iterable, **kwargs)
 
 
 class MetricsWriter:

@@ -1143,3 +1143,44 @@ def test_tensorboard_events_are_on_disk_at_each_flush_and_a_second_writer_keeps_
         (3, 3.0),
         (4, 4.0),
     ]
+
+
+def test_a_progress_bar_into_a_log_file_redraws_rarely_and_log_every_past_the_steps_logs_the_last(tmp_path):
+    """stderr a pipe (a job's log): the train bar redrew every step twice (update, then set_postfix's own
+    redraw), each one more carriage-return line in the log; now at most every PIPE_PROGRESS_SECONDS, plus
+    its first and last state. train.log_every past the run's steps logs the last step, once."""
+    w = tmp_path / "W"
+    args = [a for a in SMALL if not a.startswith("--config.train.progress")]
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", *args, "--config.train.steps=6"]
+        + ["--config.checkpoint.every_steps=6", "--config.train.log_every=100"]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    draws = [d for d in re.split(r"[\r\n]", r.stderr) if d.startswith("train:")]
+    assert 2 <= len(draws) <= 3 and "6/6" in draws[-1] and "loss=" in draws[-1], draws
+    recs = [json.loads(line) for line in open(w / "metrics.jsonl")]
+    assert [rec["step"] for rec in recs] == [6]
+    for key in ("loss", "grad_norm", "learning_rate", "rewards/accuracies", "tokens_per_sec", "step_time"):
+        assert isinstance(recs[0][key], float) and np.isfinite(recs[0][key]), (key, recs[0])
+    tb = {tag: (step, v) for step, tag, v in _tensorboard_scalars(w / "tensorboard")}
+    assert tb["train/loss"] == (6, pytest.approx(recs[0]["loss"], abs=1e-6))
+
+
+def test_progress_bars_of_every_command_redraw_rarely_into_a_file_and_often_on_a_terminal():
+    """`progress_bar` is the bar of train, eval, generate, predict-preferences and the demo."""
+    import io
+
+    from alignx_jax.metrics import PIPE_PROGRESS_SECONDS, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, term = io.StringIO(), Terminal()
+    with progress_bar(total=500, desc="x", file=log) as a, progress_bar(total=500, desc="x", file=term) as b:
+        for _ in range(500):
+            a.update(1)
+            b.update(1)
+            time.sleep(0.0005)
+    assert a.mininterval == PIPE_PROGRESS_SECONDS and b.mininterval == 0.1
+    assert log.getvalue().count("\r") <= 3 < term.getvalue().count("\r"), (log.getvalue(), term.getvalue())

@@ -408,9 +408,8 @@ def _score_todo(
     ica_by_index: dict,
 ) -> list[dict]:
     """Score the examples not yet in the per-example file, append them to it, return their outcomes."""
-    from tqdm.auto import tqdm
-
     from alignx_jax.data.benchmarks import persona_group
+    from alignx_jax.metrics import progress_bar
 
     inv_by_index = {ex.index: inv for ex, inv in todo}
     todo_ex = [ex for ex, _ in todo]
@@ -419,7 +418,7 @@ def _score_todo(
     )
     desc = spec.key if persona is None else f"{spec.key}/{persona}"
     outcomes: list[dict] = []
-    with tqdm(total=len(todo_ex), desc=desc, unit="pair", disable=not sc.progress, initial=0) as bar:
+    with progress_bar(total=len(todo_ex), desc=desc, unit="pair", disable=not sc.progress) as bar:
         for chunk, outs in scoring.score_batches(
             todo_ex,
             _scorers_for(sc, spec, persona, todo_ex, ica_by_index),

@@ -130,14 +130,14 @@ def persona_features(
     batch's features sharded over them too: they are gathered, on every process (each runs the pass).
     `progress`: a tqdm bar of the rows (`alignx predict-preferences --data`, on process 0).
     """
-    from tqdm.auto import tqdm
+    from alignx_jax.metrics import progress_bar
 
     all_ids = [persona_prompt_ids(tokenizer, r, variant, max_tokens=max_tokens) for r in rows]
     order = sorted(range(len(all_ids)), key=lambda i: len(all_ids[i]))
     out: np.ndarray | None = None
     pad_id = pad_token_id(tokenizer)
     show = progress and paths.is_main_process()
-    with tqdm(total=len(order), desc="persona features", unit="row", disable=not show) as bar:
+    with progress_bar(total=len(order), desc="persona features", unit="row", disable=not show) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             ids, mask = pad_persona([all_ids[i] for i in chunk], pad_id=pad_id, num_rows=batch_size)

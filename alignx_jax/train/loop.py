@@ -30,7 +30,7 @@ from alignx_jax.config_schema import joint_head, two_stage_head, uses_predicted
 from alignx_jax.data import batching, contrast, sources
 from alignx_jax.errors import AlignXError, ConfigError, DataError
 from alignx_jax.hardware import AUTO, matmul_precision
-from alignx_jax.metrics import MetricsWriter, host_costs, host_usage
+from alignx_jax.metrics import MetricsWriter, host_costs, host_usage, progress_bar
 from alignx_jax.pba import stages as pba_stages
 from alignx_jax.train.checkpoints import TrainerCheckpoints, nonfinite_error
 from alignx_jax.train.setup import (
@@ -472,8 +472,6 @@ class Trainer(TrainerCheckpoints):
 
         A step whose pairs were all scored before (the same tokens: a later epoch of rows
         whose prompts do not vary by epoch) takes their log-probs instead of running the model again."""
-        from tqdm import tqdm
-
         ref_fn = jit_ref_logps(self.codec, self.cfg.loss, self.rep)
         # this step's pairs, in batch order (None: a row the example fn dropped)
         keys: list[bytes | None] = []
@@ -491,12 +489,10 @@ class Trainer(TrainerCheckpoints):
         computed = 0
         with shd.use_mesh(self.mesh, self.rules):
             # the pass takes about a third of the training's time: it shows progress as training does
-            for s in tqdm(
+            for s in progress_bar(
                 range(self.total_steps),
                 desc="reference log-probs",
                 unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
                 disable=not (self.is_main and self.cfg.train.progress),
             ):
                 self.check_stop()  # nothing is written: the next run does the pass again
@@ -544,16 +540,7 @@ class Trainer(TrainerCheckpoints):
         )
         self.bar = None
         if self.is_main and cfg.train.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=self.total_steps,
-                initial=self.start,
-                desc="train",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
+            self.bar = progress_bar(total=self.total_steps, initial=self.start, desc="train", unit="step")
         self.step = self.start
         self.last_saved = self.latest
         try:
@@ -692,8 +679,9 @@ class Trainer(TrainerCheckpoints):
                 },
             )
         if self.bar is not None:
+            # not a redraw of its own: update's redraw, every mininterval, shows it (one redraw a step, not two)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}", refresh=False)
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
 
     def finish(self) -> int:
         """After the loop: a stop signal saves the last step; both ways wait for the saves and exit 0."""
