@@ -1520,3 +1520,18 @@ def test_a_resume_takes_the_model_and_reference_through_a_link(tmp_path):
         resume("m", "other")
     with pytest.raises(DataError, match=r"scored with another dtype \(float32, now bfloat16\)"):
         resume("lm", "lr", "bfloat16")
+
+
+def test_only_process_0_shows_the_scoring_bar(capsys, llama, monkeypatch):
+    """A multi-process eval scores every batch on every process: each drew its own bar (generate, train and
+    predict-preferences show process 0's only)."""
+    from alignx_jax import paths
+
+    settings = ev.EvalSettings(method="ica", limit=2, max_length=MAX_LEN, batch_size=2)
+    specs = ev.parse_benchmark_specs([f"p-soups={PSOUPS}"])
+    ev.evaluate(llama, specs, settings, progress=True)
+    assert "p-soups/p: 100%" in capsys.readouterr().err
+    monkeypatch.setattr(paths, "is_main_process", lambda: False)
+    res = ev.evaluate(llama, specs, settings, progress=True)
+    assert res["benchmarks"]["p-soups"]["n"] == 2
+    assert "p-soups" not in capsys.readouterr().err

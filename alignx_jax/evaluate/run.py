@@ -418,7 +418,9 @@ def _score_todo(
     )
     desc = spec.key if persona is None else f"{spec.key}/{persona}"
     outcomes: list[dict] = []
-    with progress_bar(total=len(todo_ex), desc=desc, unit="pair", disable=not sc.progress) as bar:
+    # process 0's bar only, as train's and generate's: every process scores every batch
+    show = sc.progress and paths.is_main_process()
+    with progress_bar(total=len(todo_ex), desc=desc, unit="pair", disable=not show) as bar:
         for chunk, outs in scoring.score_batches(
             todo_ex,
             _scorers_for(sc, spec, persona, todo_ex, ica_by_index),
