@@ -14,6 +14,7 @@ from alignx_jax.data.batching import shared_row_bound
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.metrics import has_wandb, wandb_missing
 from alignx_jax.models import lora as lora_lib
+from alignx_jax.models.config import SUPPORTED_MODEL_TYPES
 
 
 def validate_config(cfg: ml_collections.ConfigDict, *, inputs: bool = True) -> None:
@@ -181,6 +182,10 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.frozen_layers must be >= 0 (0 = every block trains), got {frozen}")
     init = cfg.model.init
     if init.enabled:
+        if init.model_type not in SUPPORTED_MODEL_TYPES:  # the model build refused it after the workdir
+            raise ConfigError(
+                f"model.init.model_type={init.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         sizes = (
             "hidden_size",
             "intermediate_size",
@@ -191,6 +196,10 @@ def _check_model(cfg: ml_collections.ConfigDict) -> None:
         for key in (*sizes, "head_dim", "max_position_embeddings"):
             if key in init and init[key] is not None and init[key] < 1:
                 raise ConfigError(f"model.init.{key} must be positive, got {init[key]}")
+        # `not <`: NaN fails too; a zero or NaN one made NaN activations, silently
+        for key in ("rope_theta", "rms_norm_eps"):
+            if key in init and not 0 < init[key] < math.inf:
+                raise ConfigError(f"model.init.{key} must be positive and finite, got {init[key]}")
         if init.get("head_dim") is not None and init.head_dim % 2:  # rotary embeddings turn pairs of dims
             raise ConfigError(f"model.init.head_dim must be even (rotary embeddings), got {init.head_dim}")
         heads, kv = init.get("num_attention_heads"), init.get("num_key_value_heads")

@@ -255,6 +255,21 @@ def test_pair_logps_matches_full_logits(steps):
         ),
         ("--config.model.init.vocab_size=-2", "model.init.vocab_size must be positive (or -1"),
         ("--config.model.init.head_dim=7", "model.init.head_dim must be even (rotary embeddings"),
+        ("--config.model.init.rope_theta=0", "model.init.rope_theta must be positive and finite, got 0.0"),
+        ("--config.model.init.rope_theta=inf", "model.init.rope_theta must be positive and finite, got inf"),
+        (
+            "--config.model.init.rms_norm_eps=nan",
+            "model.init.rms_norm_eps must be positive and finite, got nan",
+        ),
+        (
+            "--config.model.init.rms_norm_eps=-1",
+            "model.init.rms_norm_eps must be positive and finite, got -1.0",
+        ),
+        (
+            "--config.model.init.rms_norm_eps=0",
+            "model.init.rms_norm_eps must be positive and finite, got 0.0",
+        ),
+        ("--config.model.init.model_type=lama", "model.init.model_type='lama' is not one of llama, mistral"),
         ("--config.loss.logps_chunk=-1", "loss.logps_chunk must be >= 0"),
         ("--config.loss.label_smoothing=1.5", "loss.label_smoothing must be in"),
         ("--config.loss.sft_weight=-1.0", "loss.sft_weight must be >= 0"),
