@@ -89,15 +89,43 @@ def _number(v: Any) -> bool:
 
 def _one_item_or_refused(raw: str, value: Any, current: Sequence, key: str) -> Any:
     """A list-valued key given one value that is no list: a bare number of a key of numbers is its one
-    item; anything else (`256 512` for `256,512`) one ConfigError naming the key and the form it takes,
-    not ml_collections' "cannot be casted to type <class 'tuple'>"."""
+    item; numbers among which nan or inf is spelt out (no Python literal) are that list, for the config
+    check to refuse with its finite-number line; anything else (`256 512` for `256,512`) one ConfigError
+    naming the key and the form it takes, not ml_collections' "cannot be casted to type <class 'tuple'>"."""
     if current and all(map(_number, current)):
         if _number(value):
             return type(current)([value])
         kind = "integers" if all(isinstance(v, int) for v in current) else "numbers"
+        spelt = _numbers_naming_non_finite(raw) if kind == "numbers" else None
+        if spelt is not None:
+            return type(current)(spelt)
         like = ",".join(map(str, current))
         raise ConfigError(f"--config.{key}: expected comma-separated {kind} like {like}, got {raw!r}")
     raise ConfigError(f"--config.{key}: expected a tuple written as a Python literal, got {raw!r}")
+
+
+_NON_FINITE = ("nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
+
+
+def _numbers_naming_non_finite(raw: str) -> list[float] | None:
+    """`1,1,nan` or `(1.0, inf, 1.0)`: comma-separated numbers with nan or inf spelt as such among them,
+    as floats; None for any other text."""
+    items = [p.strip() for p in raw.strip().strip("()[]").split(",")]
+    if not any(p.lower() in _NON_FINITE for p in items):
+        return None
+    out = []
+    for p in items:
+        if p.lower() in _NON_FINITE:
+            out.append(float(p))
+            continue
+        try:
+            v = ast.literal_eval(p)
+        except (ValueError, SyntaxError):
+            return None
+        if not _number(v):
+            return None
+        out.append(float(v))
+    return out
 
 
 def _join_values(argv: Sequence[str], is_override) -> list[tuple[bool, str]]:

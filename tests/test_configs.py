@@ -262,6 +262,25 @@ def test_a_list_key_given_no_list_is_one_line_naming_the_form(override, message)
     assert tuple(load_config(path, ["--config.data.buckets=256,512"]).data.buckets) == (256, 512)
 
 
+@pytest.mark.parametrize("raw", ["(1,1,nan)", "1,inf,1", "1.0, -Infinity, 2"])
+def test_class_weights_spelling_nan_or_inf_get_the_finite_number_line(raw):
+    """`pba.class_weights=(1,1,nan)` was refused as "expected comma-separated numbers": nan is no Python
+    literal. Spelt out, nan and inf are parsed so the config check names what is wrong: not finite."""
+    from alignx_jax.config_rules import validate_config
+
+    path = os.path.join(ROOT, "configs", "tiny_pba.py")
+    cfg = load_config(path, ["--config.workdir=/tmp/x", f"--config.pba.class_weights={raw}"])
+    with pytest.raises(
+        ConfigError, match=r"^pba\.class_weights must be finite and >= 0 with one above 0, got \("
+    ):
+        validate_config(cfg)
+    # integers take no nan, and text that is no number is still the form's line
+    with pytest.raises(ConfigError, match="expected comma-separated integers like"):
+        load_config(path, ["--config.data.buckets=128,nan"])
+    with pytest.raises(ConfigError, match="expected comma-separated numbers like"):
+        load_config(path, ["--config.pba.class_weights=1,x,nan"])
+
+
 def test_override_value_as_the_next_argument():
     """`--config.KEY VALUE` (two arguments) works like `--config.KEY=VALUE`, typed the same way."""
     path = os.path.join(ROOT, "configs", "tiny_cpu.py")
