@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -21,8 +21,11 @@ import ml_collections
 from alignx_jax.errors import ConfigError
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Import `path` (optionally `path:arg`) and call its `get_config([arg])`."""
+def load_config_file(
+    path: str, check: Callable[[ml_collections.ConfigDict], None] | None = None
+) -> ml_collections.ConfigDict:
+    """Import `path` (optionally `path:arg`) and call its `get_config([arg])`; `check(cfg)`'s ConfigError
+    on what it returned names the file."""
     arg = None
     if ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
@@ -45,6 +48,11 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: get_config() {said} failed: {type(e).__name__}: {e}") from None
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    if check is not None:
+        try:
+            check(cfg)
+        except ConfigError as e:  # a key the file left out is the file's to fix: say which file
+            raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 
@@ -233,10 +241,14 @@ def expand_home(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load a config file, apply overrides, expand `~` in its paths and lock it so that later typos fail
-    loudly."""
-    cfg = load_config_file(path)
+def load_config(
+    path: str,
+    overrides: Sequence[str] = (),
+    check: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> ml_collections.ConfigDict:
+    """Load a config file (`check`: `load_config_file`'s), apply overrides, expand `~` in its paths and
+    lock it so that later typos fail loudly."""
+    cfg = load_config_file(path, check)
     cfg = expand_home(apply_overrides(cfg, overrides))
     cfg.lock()
     return cfg

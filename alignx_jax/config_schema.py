@@ -408,6 +408,29 @@ def check_types(cfg: ml_collections.ConfigDict) -> None:
     _check_section(cfg, RunConfig, "", cfg)
 
 
+def check_keys_present(cfg: ml_collections.ConfigDict) -> None:
+    """Every schema key present (a section that is no section is left to `check_types`): what a config
+    file's get_config() returned, before overrides, which can add no key (`config.load_config`'s `check`)."""
+    _check_present(cfg, RunConfig, "")
+
+
+def _check_present(node: Any, cls: type, prefix: str) -> None:
+    if not isinstance(node, (ml_collections.ConfigDict, Mapping)):
+        return
+    for key, tp in section_fields(cls):
+        if key not in node:
+            raise _missing(prefix + key)
+        if dataclasses.is_dataclass(tp):
+            _check_present(node[key], tp, prefix + key + ".")
+
+
+def _missing(name: str) -> ConfigError:
+    return ConfigError(
+        f"config key {name} is missing: build configs from configs/base.py's get_config() "
+        "(config_schema.default_config()), a saved one with config_schema.merge_saved()"
+    )
+
+
 def _check_section(node: Any, cls: type, prefix: str, root: ml_collections.ConfigDict) -> None:
     if not isinstance(node, (ml_collections.ConfigDict, Mapping)):
         raise ConfigError(f"{prefix.rstrip('.')}={node!r}: expected a section ({cls.__name__})")
@@ -415,10 +438,7 @@ def _check_section(node: Any, cls: type, prefix: str, root: ml_collections.Confi
     for key, tp in known:
         name = prefix + key
         if key not in node:
-            raise ConfigError(
-                f"config key {name} is missing: build configs from configs/base.py's get_config() "
-                "(config_schema.default_config()), a saved one with config_schema.merge_saved()"
-            )
+            raise _missing(name)
         value = node[key]
         if dataclasses.is_dataclass(tp):
             _check_section(value, tp, name + ".", root)

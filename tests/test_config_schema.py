@@ -173,6 +173,31 @@ def test_missing_and_unknown_keys():
         schema.check_types(cfg)
 
 
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_a_config_file_missing_a_section_is_named(tmp_path, command):
+    """A get_config() returning a ConfigDict without whole sections said "config key model is missing"
+    without saying which file: `alignx train` and `alignx plan` name it (before any override, which the
+    missing section would refuse as an unknown key)."""
+    import argparse
+
+    from alignx_jax.plan.cli import cli_plan
+    from alignx_jax.train.cli import cli_train
+
+    path = tmp_path / "partial.py"
+    path.write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict({'workdir': '', 'train': {'steps': 3}})\n"
+    )
+    run = {"train": cli_train, "plan": cli_plan}[command]
+    args = argparse.Namespace(config_path=str(path), overrides=["--config.model.hf_path=/m"], json=None)
+    with pytest.raises(ConfigError) as e:
+        run(args)
+    assert str(e.value).startswith(f"{path}: config key model is missing: build configs from"), str(e.value)
+    # a file holding every key loads as before
+    assert schema.check_keys_present(load_config(TINY)) is None
+
+
 def test_saved_config_lacking_newer_keys_merges_over_defaults():
     saved = json.loads(config_to_json(load_config(TINY, ["--config.workdir=/tmp/old"])))
     del saved["loss"]["nan_policy"], saved["train"]["eval_every"], saved["model"]["lora"]

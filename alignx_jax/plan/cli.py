@@ -12,6 +12,7 @@ import sys
 from alignx_jax import paths
 from alignx_jax.config import load_config
 from alignx_jax.config_rules import validate_config
+from alignx_jax.config_schema import check_keys_present
 from alignx_jax.errors import AlignXError, ConfigError
 from alignx_jax.hardware import backends_initialized
 from alignx_jax.plan.planner import plan
@@ -87,7 +88,7 @@ def _refuse_foreign_json(dest: str, config_path: str) -> None:
 
 
 def cli_plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config_path, getattr(args, "overrides", []) or [])
+    cfg = load_config(args.config_path, getattr(args, "overrides", []) or [], check=check_keys_present)
     validate_config(cfg, inputs=False)  # what `alignx train` would refuse is not planned
     if args.json is not None and not args.json:  # not a plan whose report silently goes nowhere
         raise AlignXError("--json: an empty path; name the report file")
