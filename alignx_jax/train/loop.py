@@ -97,13 +97,19 @@ class _StoppedInStartUp(Exception):
 
 def batch_split_error(cfg: ml_collections.ConfigDict, mesh, rules) -> AlignXError | None:
     """The one-line error of a global batch that does not split over the processes and microbatches, of a
-    microbatch whose pairs do not split over the processes' batch shards, or of batch shards that do not
-    split over the processes (None when all split)."""
+    microbatch whose pairs do not split over the processes' batch shards, of batch shards that do not
+    split over the processes, or of an odd batch per process under `data.twins` (None when all split)."""
     gb, pc = int(cfg.train.global_batch), jax.process_count()
     num_micro = gb // int(cfg.train.micro_batch or gb)
     if gb % pc or (gb // pc) % num_micro:
         return ConfigError(
             f"train.global_batch={gb} must split evenly over {pc} processes and {num_micro} microbatches"
+        )
+    if cfg.data.twins and (gb // pc) % 2:  # the loader refused it once the workdir held its data
+        hosts = f" over {pc} processes" if pc > 1 else ""
+        return ConfigError(
+            f"data.twins: train.global_batch={gb}{hosts} makes batches of {gb // pc} pairs per process, an odd "
+            "number (rows 2k and 2k+1 are twins and share a batch); make it even"
         )
     # data.packing: the data decides a microbatch's rows (put_batch checks them); the mesh's layout is checked
     # now, with one row per batch shard
