@@ -103,7 +103,18 @@ def check_input_paths(cfg: ml_collections.ConfigDict) -> None:
         if path and not paths.is_dir(folder):
             raise CheckpointError(f"model.{key}: folder not found: {path}")
         if path and key == "hf_path":  # tokenizer files alone are no model: its loader's line, now
-            check_model_folder(folder)
+            _check_frozen_depth(cfg, check_model_folder(folder))
+
+
+def _check_frozen_depth(cfg: ml_collections.ConfigDict, hf_config: dict) -> None:
+    """`model.frozen_layers` below the depth of the model.hf_path model (its config.json, read before the
+    workdir is taken): the model build refused it after, leaving W holding its lock and data."""
+    frozen, layers = cfg.model.frozen_layers, hf_config.get("num_hidden_layers")
+    if isinstance(layers, int) and frozen >= layers:  # a malformed config.json is its loader's to refuse
+        raise ConfigError(
+            f"model.frozen_layers={frozen} must be below the num_hidden_layers={layers} of "
+            f"model.hf_path={cfg.model.hf_path}"
+        )
 
 
 def _check_buckets(cfg: ml_collections.ConfigDict) -> None:

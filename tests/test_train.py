@@ -982,6 +982,39 @@ def test_a_model_folder_of_tokenizer_files_is_refused_before_the_workdir(tmp_pat
     assert len(lines) == 1 and not w.exists(), r.stderr[-2000:]
 
 
+def test_frozen_layers_past_a_loaded_models_depth_is_refused_before_the_workdir(tmp_path):
+    """model.frozen_layers at or above the model.hf_path model's num_hidden_layers: one line naming the key,
+    from its config.json before the workdir is taken (the model build refused it after, W holding its
+    lock and data)."""
+    from alignx_jax.models.hf import save_hf
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer()
+    dcfg = DecoderConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    m, w = tmp_path / "m", tmp_path / "w"
+    save_hf(Decoder(dcfg, rngs=nnx.Rngs(0)), str(m), tokenizer_dir=TINY_TOKENIZER_DIR)
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w}", f"--config.model.hf_path={m}"]
+        + ["--config.model.frozen_layers=2"]
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[-1] == (
+        f"alignx: error: model.frozen_layers=2 must be below the num_hidden_layers=2 of model.hf_path={m}"
+    ), r.stderr[-2000:]
+    assert len(lines) == 1 and not w.exists(), r.stderr[-2000:]
+
+
 def test_model_paths_resolve_after_the_job_is_joined(tmp_path, monkeypatch):
     """train.distributed=true: the job is joined before model.hf_path resolves (preparing smollm2 or
     converting a .gguf runs JAX, and jax.distributed.initialize must come before any computation)."""

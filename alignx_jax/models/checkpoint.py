@@ -77,14 +77,14 @@ def is_checkpoint_layout(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "params")) or os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def check_model_folder(path: str) -> None:
+def check_model_folder(path: str) -> dict[str, Any]:
     """The CheckpointError its loader gives the local model folder `path` when it holds no model (no
-    config.json, no weights), without loading it."""
+    config.json, no weights), without loading it; else the model's config.json (the architecture)."""
     if is_checkpoint_layout(path):
-        resolve_checkpoint(path)
-    else:
-        read_hf_config(path)
-        SafetensorsReader(path)  # reads only the headers
+        return read_hf_config(resolve_checkpoint(path).config_dir)
+    hf_config = read_hf_config(path)
+    SafetensorsReader(path)  # reads only the headers
+    return hf_config
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> ResolvedCheckpoint:
