@@ -182,6 +182,53 @@ def test_paper_prompt_ids(tok):
     assert ids.count(tok.eos_token_id) == 2 and ids[-1] == tok.convert_tokens_to_ids("<|end_header_id|>")
 
 
+def _tokenizer_without_headers(folder) -> object:
+    """The shipped tokenizer less its <|start_header_id|> and <|end_header_id|> special tokens (as a
+    tokenizer of another family has none)."""
+    import json
+    import shutil
+
+    from alignx_jax.tokenizer import load_tokenizer
+
+    shutil.copytree(TOKENIZER_DIR, folder)
+    headers = {"<|start_header_id|>", "<|end_header_id|>"}
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in headers]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"] if t not in headers]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return load_tokenizer(str(folder))
+
+
+def test_paper_and_release_warn_once_where_the_tokenizer_lacks_the_headers(tok, tmp_path, capsys):
+    """`paper`/`release` write Llama-3 header strings as text: with a tokenizer that has no such special
+    tokens they became ordinary text tokens silently; one warning line per format names both and `chat`."""
+    for fmt in ("paper", "release"):  # the shipped (Llama-3 style) tokenizer has them: nothing said
+        prompts.prompt_ids(tok, ROW, method="ica", fmt=fmt)
+    assert capsys.readouterr().err == ""
+    other = _tokenizer_without_headers(tmp_path / "other")
+    assert prompts.missing_headers(other) == ("<|start_header_id|>", "<|end_header_id|>")
+    assert prompts.missing_headers(tok) == ()
+    ids = prompts.prompt_ids(other, ROW, method="ica", fmt="paper")
+    prompts.prompt_ids(other, ROW, method="none", fmt="paper")
+    prompts.prompt_ids(other, ROW, method="ica", fmt="release")
+    prompts.prompt_ids(other, ROW, method="ica", fmt="release")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    for line, fmt in zip(lines, ("paper", "release")):
+        assert line.startswith(
+            f"alignx: warning: prompt format {fmt!r} writes Llama-3 headers as text "
+            f"(<|start_header_id|>, <|end_header_id|>) that tokenizer {tmp_path / 'other'} has no special "
+            "tokens for: they become ordinary text tokens"
+        ), line
+        assert line.endswith("use prompt format 'chat' (the tokenizer's own template)"), line
+    # the prompt itself is as before: the headers tokenized as text
+    assert ids[0] == other.bos_token_id and len(ids) > len(
+        prompts.prompt_ids(tok, ROW, method="ica", fmt="paper")
+    )
+
+
 def test_chat_prompt_ids(tok):
     row = dict(ROW, profile="Older, Likes travel")
     ids = prompts.prompt_ids(tok, row, method="pba", fmt="chat")

@@ -22,6 +22,8 @@ Choices (docs/method.md leaves them open):
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -139,6 +141,45 @@ def paper_prompt(system: str, user: str) -> str:
     return PAPER_TEMPLATE.format(system=system, user=user)
 
 
+# the Llama-3 header strings PAPER_TEMPLATE writes as text, each one special token of a Llama-3 tokenizer
+HEADER_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# tokenizer -> the HEADER_TOKENS strings it has no one id for (asked once per tokenizer)
+_MISSING_HEADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_WARNED_HEADERS: set[tuple[str, str]] = set()  # (format, tokenizer name): warned once each
+
+
+def missing_headers(tokenizer: Any) -> tuple[str, ...]:
+    """The `HEADER_TOKENS` the paper and release templates write that are no special token of `tokenizer`."""
+    try:
+        return _MISSING_HEADERS[tokenizer]
+    except (KeyError, TypeError):  # TypeError: a tokenizer that takes no weak reference, asked each time
+        pass
+    missing = tuple(t for t in HEADER_TOKENS if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1)
+    try:
+        _MISSING_HEADERS[tokenizer] = missing
+    except TypeError:
+        pass
+    return missing
+
+
+def _warn_headers_as_text(tokenizer: Any, fmt: str) -> None:
+    """One warning line per format and tokenizer where the template's headers are no special tokens of
+    `tokenizer`: they became ordinary text tokens, silently."""
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if (fmt, name) in _WARNED_HEADERS:
+        return
+    missing = missing_headers(tokenizer)
+    if not missing:
+        return
+    _WARNED_HEADERS.add((fmt, name))
+    print(
+        f"alignx: warning: prompt format {fmt!r} writes Llama-3 headers as text ({', '.join(missing)}) "
+        f"that tokenizer {name} has no special tokens for: they become ordinary text tokens; use prompt "
+        "format 'chat' (the tokenizer's own template)",
+        file=sys.stderr,
+    )
+
+
 def _ids(encoded: Any) -> list[int]:
     # transformers 5 returns a BatchEncoding from apply_chat_template; 4.x a plain list.
     if isinstance(encoded, Mapping):
@@ -182,11 +223,10 @@ def prompt_ids(
         except TemplateError:  # a template with no system role (Gemma's): the system text heads the user turn
             merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
             return _ids(tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=True))
-    if fmt == "release":
-        return [int(i) for i in tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]]
-    if tokenizer.bos_token_id is None:
+    if fmt == "paper" and tokenizer.bos_token_id is None:
         raise DataError(
             "prompt format 'paper' needs a tokenizer with a BOS token; use the chat or release format"
         )
-    body = tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]
-    return [int(tokenizer.bos_token_id)] + [int(i) for i in body]
+    _warn_headers_as_text(tokenizer, fmt)
+    body = [int(i) for i in tokenizer(paper_prompt(system, user), add_special_tokens=False)["input_ids"]]
+    return body if fmt == "release" else [int(tokenizer.bos_token_id)] + body
