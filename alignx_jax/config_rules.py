@@ -77,6 +77,11 @@ def _check_synth(cfg: ml_collections.ConfigDict) -> None:
             f"data.synth_pairs_per_user must be at least 1 (data.train '' makes synthetic users), "
             f"got {cfg.data.synth_pairs_per_user}"
         )
+    if cfg.data.twins:  # the loader's twins check refused the synthetic rows once W held them
+        raise ConfigError(
+            "data.twins needs a file of twins (`alignx data contrast --twins`) as data.train; "
+            "data.train '' makes synthetic users, whose rows are no twins"
+        )
     synth_rows = int(cfg.data.synth_users) * int(cfg.data.synth_pairs_per_user)
     if synth_rows < int(cfg.train.global_batch):
         raise ConfigError(

@@ -905,18 +905,26 @@ def test_too_few_synthetic_rows_for_a_batch_is_refused_before_the_workdir(tmp_pa
     assert "train.global_batch=16" in lines[-1] and not w.exists()
 
 
-def test_twins_with_an_odd_batch_is_refused_before_the_workdir(tmp_path):
+def test_twins_with_an_odd_batch_or_synthetic_rows_is_refused_before_the_workdir(tmp_path):
     """data.twins with an odd batch per process: one line naming the keys before the workdir is taken; the
     loader refused it after W held its lock and data."""
-    w = tmp_path / "w"
+    w, rows = tmp_path / "w", tmp_path / "twins.json"
+    rows.write_text("[]")  # refused before it is read
     r = run_cli(
         ["train", f"--config={TINY}", f"--config.workdir={w}", "--config.data.twins=true"]
-        + ["--config.train.global_batch=3", "--config.train.micro_batch=1"]
+        + ["--config.train.global_batch=3", "--config.train.micro_batch=1", f"--config.data.train={rows}"]
     )
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and lines[-1] == (
         "alignx: error: data.twins: train.global_batch=3 makes batches of 3 pairs per process, an odd number "
         "(rows 2k and 2k+1 are twins and share a batch); make it even"
+    ), r.stderr[-2000:]
+    assert not w.exists()
+    # synthetic users (data.train '') are no twins: the loader refused them once W held them
+    r = run_cli(["train", f"--config={TINY}", f"--config.workdir={w}", "--config.data.twins=true"])
+    assert r.stderr.strip().splitlines()[-1] == (
+        "alignx: error: data.twins needs a file of twins (`alignx data contrast --twins`) as data.train; "
+        "data.train '' makes synthetic users, whose rows are no twins"
     ), r.stderr[-2000:]
     assert not w.exists()
 
