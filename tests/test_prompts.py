@@ -223,6 +223,14 @@ def test_paper_and_release_warn_once_where_the_tokenizer_lacks_the_headers(tok, 
             "tokens for: they become ordinary text tokens"
         ), line
         assert line.endswith("use prompt format 'chat' (the tokenizer's own template)"), line
+    # a word-level vocabulary maps an unknown header to its one unk id: missing too
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1, "hi": 2}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<eos>", unk_token="<unk>")
+    assert prompts.missing_headers(words) == prompts.HEADER_TOKENS
     # the prompt itself is as before: the headers tokenized as text
     assert ids[0] == other.bos_token_id and len(ids) > len(
         prompts.prompt_ids(tok, ROW, method="ica", fmt="paper")

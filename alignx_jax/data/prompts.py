@@ -154,12 +154,18 @@ def missing_headers(tokenizer: Any) -> tuple[str, ...]:
         return _MISSING_HEADERS[tokenizer]
     except (KeyError, TypeError):  # TypeError: a tokenizer that takes no weak reference, asked each time
         pass
-    missing = tuple(t for t in HEADER_TOKENS if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1)
+    missing = tuple(t for t in HEADER_TOKENS if not _is_one_token(tokenizer, t))
     try:
         _MISSING_HEADERS[tokenizer] = missing
     except TypeError:
         pass
     return missing
+
+
+def _is_one_token(tokenizer: Any, text: str) -> bool:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)  # a word-level vocabulary maps an unknown header to it
+    return len(ids) == 1 and (unk is None or int(ids[0]) != unk)
 
 
 def _warn_headers_as_text(tokenizer: Any, fmt: str) -> None:
