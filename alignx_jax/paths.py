@@ -189,14 +189,18 @@ def remove_dead_tmp(folder: str, names: re.Pattern[str] | None = None) -> None:
         pid = int(m.group("pid"))
         if pid == os.getpid() or pid_alive(pid):
             continue
-        path = os.path.join(folder, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.remove(path)
-            except OSError:  # gone already, or another user's in a shared folder: left, as a folder is
-                pass
+        remove_left_entry(os.path.join(folder, entry))
+
+
+def remove_left_entry(path: str) -> None:
+    """Remove a file, link or folder a killed writer left, as far as this user may."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except OSError:  # gone already, or another user's in a shared folder: left, as a folder is
+            pass
 
 
 def write_all(files: dict[str, bytes]) -> None:

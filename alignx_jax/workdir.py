@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import time
@@ -362,14 +361,7 @@ def remove_dead_tmp(folder: str) -> None:
         m = _OLD_TMP_ENTRY.fullmatch(name)
         if m is None or int(m.group("pid")) == os.getpid() or _alive(int(m.group("pid")), None):
             continue
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.remove(path)
-            except OSError:  # gone already, or another user's in a shared folder: left, as a folder is
-                pass
+        paths.remove_left_entry(os.path.join(folder, name))
 
 
 def _start_time(pid: int) -> str | None:
