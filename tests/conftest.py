@@ -257,3 +257,21 @@ def count_reads(monkeypatch, root) -> collections.Counter:
 
     monkeypatch.setattr(builtins, "open", counting_open)
     return read
+
+
+def save_tiny_hf(folder, *, seed: int = 0, **overrides):
+    """A tiny random llama HF folder (our own export, the shipped tokenizer beside it) at `folder`; its
+    DecoderConfig (`overrides` replace the defaults)."""
+    from flax import nnx
+
+    from alignx_jax.models.decoder import Decoder, DecoderConfig
+    from alignx_jax.models.hf import save_hf
+    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+
+    tok = load_tokenizer()
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    sizes.update(num_key_value_heads=2, head_dim=8)
+    ids = dict(eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = DecoderConfig(**{"vocab_size": len(tok), **sizes, **ids, **overrides})
+    save_hf(Decoder(cfg, rngs=nnx.Rngs(seed)), str(folder), tokenizer_dir=TINY_TOKENIZER_DIR)
+    return cfg

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, save_tiny_hf
 from flax import nnx
 
 from alignx_jax import allocator, config_schema, train
@@ -667,25 +667,8 @@ def test_train_from_an_imported_checkpoint_keeps_the_bases_stop_tokens(tmp_path)
     """W/reference of a run from an imported checkpoint (and so its export, and `alignx generate --model W`)
     keeps the base's generation_config.json, whose eos ids may name a stop token config.json's do not
     (Gemma-2's <end_of_turn>); it was rebuilt from config.json's eos id alone."""
-    from alignx_jax.models.hf import save_hf
-    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
-
-    tok = load_tokenizer()
-    cfg = DecoderConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
     src = tmp_path / "hf"
-    save_hf(Decoder(cfg, rngs=nnx.Rngs(3)), str(src), tokenizer_dir=TINY_TOKENIZER_DIR)
+    cfg = save_tiny_hf(src, seed=3, max_position_embeddings=256)
     greedy = ["--prompt", "Hi", "--greedy", "--max-new-tokens", "8", "--json", "--prompt-format", "chat"]
 
     def generated(model) -> list[int]:
@@ -695,7 +678,7 @@ def test_train_from_an_imported_checkpoint_keeps_the_bases_stop_tokens(tmp_path)
 
     base = generated(src)
     k = next(i for i, t in enumerate(base) if i > 0 and t not in base[:i])  # not its first token
-    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": [tok.eos_token_id, base[k]]}
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id, base[k]]}
     (src / "generation_config.json").write_text(json.dumps(gen, indent=1))
     assert run_cli(["import", "--hf", src, "--out", tmp_path / "ckpt"]).returncode == 0
     w = tmp_path / "w"
@@ -994,24 +977,9 @@ def test_frozen_layers_past_a_loaded_models_depth_is_refused_before_the_workdir(
     """model.frozen_layers at or above the model.hf_path model's num_hidden_layers: one line naming the key,
     from its config.json before the workdir is taken (the model build refused it after, W holding its
     lock and data)."""
-    from alignx_jax.models.hf import save_hf
-    from alignx_jax.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
-    tok = load_tokenizer()
-    dcfg = DecoderConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
     m, w = tmp_path / "m", tmp_path / "w"
-    save_hf(Decoder(dcfg, rngs=nnx.Rngs(0)), str(m), tokenizer_dir=TINY_TOKENIZER_DIR)
+    save_tiny_hf(m)
     r = run_cli(
         ["train", f"--config={TINY}", f"--config.workdir={w}", f"--config.model.hf_path={m}"]
         + ["--config.model.frozen_layers=2"]
