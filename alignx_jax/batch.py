@@ -476,17 +476,17 @@ def worst_case_collated(
     max_length: int,
     buckets: Sequence[int],
     pad_id: int,
-    share: bool = False,
     persona_tokens: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """A collated batch of `pairs` pairs at the longest rows a run of these settings keeps: a prompt and
-    both responses filling `max_length` (responses of `batching.reserve` + EOS tokens; with `share`, a
-    one-token prompt and two responses of `max_length - 1` tokens with EOS, the row of
-    `batching.shared_row_bound`), every pair real, a direction and a `persona_tokens`-long persona when
-    given. What `alignx plan` compiles the step for."""
-    r = min(max_length - 1, batching.reserve(max_length) + 1)
-    if share:  # a one-token prompt, then two responses of equal length fill the bound
-        r = (batching.shared_row_bound(max_length) - 1) // 2
+    """A collated batch of `pairs` pairs at the largest step shapes a run of these settings keeps: a
+    one-token prompt and two responses of `batching.response_bound` tokens (with EOS), every pair real,
+    a direction and a `persona_tokens`-long persona when given. What `alignx plan` compiles the step for.
+
+    Each of the step's data-dependent lengths is at its bound at once: rows of max_length (two-row
+    layout) or `batching.shared_row_bound` (`share_prompt`, and so the most packed rows), the longest
+    scored response (the two-row layout's logits window, the shared layout's scored-token list), and
+    every position real (a kept-token layout never holds more than all positions)."""
+    r = batching.response_bound(max_length)
     ex = batching.DPOExample(
         prompt_ids=[1] * (max_length - r),
         chosen_ids=[2] * r,

@@ -609,14 +609,67 @@ def test_share_prompt_worst_case_is_the_longest_kept_pair():
     from alignx_jax.data import batching
 
     L, buckets = 128, (128, 200, 256)
-    coll = worst_case_collated(2, max_length=L, buckets=buckets, pad_id=0, share=True)
+    coll = worst_case_collated(2, max_length=L, buckets=buckets, pad_id=0)
     shared = batching.share_prompt(coll, buckets=buckets, pad_id=0)
     assert shared["input_ids"].shape == (2, 256)  # 255 tokens: past 200, where L + reserve(L) = 192 fit
     assert shared["attention_mask"].sum(axis=1).tolist() == [batching.shared_row_bound(L)] * 2 == [255] * 2
     assert shared["score_mask"].sum(axis=2).tolist() == [[L - 1, L - 1]] * 2  # each response + EOS
-    # the two-row worst case is unchanged: rows of max_length
-    two = worst_case_collated(2, max_length=L, buckets=buckets, pad_id=0)
-    assert two["attention_mask"].sum(axis=1).tolist() == [L] * 4
+    # the same batch as two rows: rows of max_length, each response + EOS scoring L - 1 tokens
+    assert coll["attention_mask"].sum(axis=1).tolist() == [L] * 4
+    assert coll["loss_mask"].sum(axis=1).tolist() == [batching.response_bound(L)] * 4 == [L - 1] * 4
+
+
+@pytest.mark.parametrize("L", [128, 100])
+def test_worst_case_bounds_every_kept_pair_shape(L):
+    """Every pair `_fit` keeps for training (each format and overflow; short and long prompts and
+    responses, cut or not) makes step arrays no larger in any dimension than `alignx plan`'s worst case,
+    in every layout, with and without kept tokens; the two-row logits window of a one-token prompt's
+    long response (L - 1 scored tokens, past the reserve's L - reserve(L)) is the worst case's."""
+    import jax
+
+    from alignx_jax.batch import BatchBuilder, token_mask, worst_case_collated
+    from alignx_jax.data import batching
+
+    buckets, pairs = (128, 256), 4
+    lengths = (1, 2, L // 2, L - 2, L, 3 * L)
+    kept = []
+    for fmt in ("chat", "paper", "release"):
+        for overflow in ("truncate", "drop"):
+            for p in lengths:
+                for c in lengths:
+                    for r in (1, c):
+                        fit = dict(max_length=L, prompt_format=fmt, overflow=overflow, eval_mode=False)
+                        got = batching._fit([1] * p, [2] * c, [3] * r, **fit)
+                        if got is not None:
+                            kept.append(batching.DPOExample(got[0], got[1] + [4], got[2] + [4]))
+    assert max(len(ex.chosen_ids) for ex in kept) == batching.response_bound(L)
+    worst = worst_case_collated(pairs, max_length=L, buckets=buckets, pad_id=0)
+    layouts = [
+        dict(share=share, packing=packing, compact=compact)
+        for share, packing in ((False, False), (True, False), (True, True))
+        for compact in (0, 8)
+    ]
+    for kw in layouts:
+        builder = BatchBuilder(num_micro=2, buckets=buckets, pad_id=0, batch_shards=2, pack_length=256, **kw)
+        plan, _ = builder(worst)
+        plan_positions = token_mask(plan).shape[1] // 2 * token_mask(plan).shape[2]  # per group of rows
+        windows = []
+        for k in range(0, len(kept), pairs):
+            step, _ = builder(
+                batching.collate(kept[k : k + pairs], buckets=buckets, pad_id=0, num_pairs=pairs)
+            )
+            fits = jax.tree.map(
+                lambda a, w: all(x <= y for x, y in zip(a.shape, w.shape, strict=True)),
+                step.replace(tokens=None),
+                plan.replace(tokens=None),
+            )
+            assert all(jax.tree.leaves(fits)), (kw, kept[k])
+            if step.tokens is not None:  # the kept tokens per group: never more than the plan's positions
+                assert step.tokens.token_index.shape[-1] <= plan_positions, (kw, kept[k])
+            if not kw["share"]:
+                windows.append(step.score_index.shape[-1])
+        if not kw["share"]:  # the plan's window is the largest a kept pair reaches, not the reserve's
+            assert max(windows) == plan.score_index.shape[-1], kw
 
 
 def test_llama3_70b_preset_and_tpu_grids():

@@ -84,15 +84,23 @@ def reserve(max_length: int) -> int:
     return min(RELEASE_RESERVE, max_length // 2)
 
 
+def response_bound(max_length: int) -> int:
+    """The most scored tokens one response of a kept training pair holds (its ids + EOS): max_length - 1.
+
+    Every training rule of `_fit` keeps prompt + the longer response + EOS <= max_length (chat/paper fit
+    the pair, release cuts each sequence to max_length) and a prompt holds at least one token (its
+    template or BOS); the reserve cuts only a pair that does not fit, so a one-token prompt and a
+    response of max_length - 2 tokens + EOS that fit untruncated reach it in every format and overflow."""
+    return max_length - 1
+
+
 def shared_row_bound(max_length: int) -> int:
     """The most tokens a kept training pair takes as one `share_prompt` row (prompt + chosen + rejected,
     each response with its EOS): 2 * max_length - 1.
 
-    Every training rule of `_fit` keeps prompt + the longer response + EOS <= max_length (chat/paper fit
-    the pair, release cuts each sequence to max_length) and a prompt holds at least one token (its
-    template or BOS), so with a p-token prompt the row is at most p + 2 (max_length - p): a one-token
-    prompt and two responses of max_length - 2 tokens + EOS reach it in every format."""
-    return 2 * max_length - 1
+    With a p-token prompt the row is at most p + 2 (max_length - p) (`response_bound`'s rules): a
+    one-token prompt and two responses of `response_bound` tokens reach it in every format."""
+    return 1 + 2 * response_bound(max_length)
 
 
 def response_ids(tokenizer: Any, text: str) -> list[int]:

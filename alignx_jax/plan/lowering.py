@@ -52,7 +52,6 @@ def plan_batch(cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[st
             max_length=int(cfg.data.max_length),
             buckets=builder.buckets,
             pad_id=0,
-            share=builder.share,
             # (a persona longer than the largest bucket is a ConfigError of `alignx train`; plan the largest)
             persona_tokens=min(int(cfg.pba.max_persona_tokens), max(builder.buckets)) if joint else None,
         )
