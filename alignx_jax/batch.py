@@ -477,16 +477,18 @@ def worst_case_collated(
     buckets: Sequence[int],
     pad_id: int,
     persona_tokens: int | None = None,
+    response: int | None = None,
 ) -> dict[str, np.ndarray]:
     """A collated batch of `pairs` pairs at the largest step shapes a run of these settings keeps: a
     one-token prompt and two responses of `batching.response_bound` tokens (with EOS), every pair real,
     a direction and a `persona_tokens`-long persona when given. What `alignx plan` compiles the step for.
+    `response`: responses of that many tokens instead (the prompt fills the rest of max_length).
 
     Each of the step's data-dependent lengths is at its bound at once: rows of max_length (two-row
     layout) or `batching.shared_row_bound` (`share_prompt`, and so the most packed rows), the longest
     scored response (the two-row layout's logits window, the shared layout's scored-token list), and
     every position real (a kept-token layout never holds more than all positions)."""
-    r = batching.response_bound(max_length)
+    r = batching.response_bound(max_length) if response is None else min(int(response), max_length - 1)
     ex = batching.DPOExample(
         prompt_ids=[1] * (max_length - r),
         chosen_ids=[2] * r,

@@ -756,3 +756,34 @@ def test_tpu_plan_traces_the_tpu_code_paths():
     mesh = shd.mesh_from_config(cfg.mesh, devices=devices)
     low = lower_step(cfg, mesh, rules_from_config(cfg), decoder_config_for(cfg))
     assert "tpu_custom_call" in low["lowered"].as_text()
+
+
+def test_plan_reports_the_larger_of_the_longest_and_the_reserve_response_programs(monkeypatch):
+    """Another logits window is another step program, and memory is not monotone in it (the 70B TPU
+    config's reserve-length window took more than the longest one on CPU stand-ins): the plan compiles
+    both where their shapes differ and reports the larger; one shape compiles once."""
+    import jax
+
+    from alignx_jax.config import load_config
+    from alignx_jax.plan import parse_topology, planner
+
+    compiled = []
+    real = planner._compiled_bytes
+
+    def counted(analysis, low):
+        report = dict(real(analysis, low))
+        report["total"] += 10**9 if not compiled else 0  # the first (longest responses) made the larger
+        compiled.append(jax.tree.map(lambda a: a.shape, low["batch"]))
+        return report
+
+    monkeypatch.setattr(planner, "_compiled_bytes", counted)
+    rep = planner.plan(load_config(TINY, SMALL), parse_topology("1@4GiB"))
+    assert len(compiled) == 2 and compiled[0].score_index[-1] > compiled[1].score_index[-1], compiled
+    assert rep["per_device_bytes"]["total"] > 10**9  # the larger one
+    assert any("the larger is reported" in n for n in rep["notes"])
+    compiled.clear()
+    # no logits window: both batches have one shape, one program
+    whole = planner.plan(
+        load_config(TINY, [*SMALL, "--config.loss.logits_on_responses=false"]), parse_topology("1@4GiB")
+    )
+    assert len(compiled) == 1 and not any("the larger is reported" in n for n in whole["notes"])

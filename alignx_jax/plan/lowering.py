@@ -33,7 +33,14 @@ def _opt_shardings(opt_state_abs: Any, param_sh_by_path: dict[tuple, Any], repli
     return jax.tree_util.tree_map_with_path(one, opt_state_abs)
 
 
-def plan_batch(cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[str, Any] | None = None) -> Any:
+def plan_batch(
+    cfg: ml_collections.ConfigDict,
+    mesh,
+    rules,
+    *,
+    collated: dict[str, Any] | None = None,
+    response: int | None = None,
+) -> Any:
     """The step's batch argument (a `batch.StepBatch`) of `jax.ShapeDtypeStruct`s with their shardings:
     `collated` (a loader batch; default `batch.worst_case_collated`, the longest rows the config keeps)
     through the run's own `batch.BatchBuilder`, so share_prompt / packing / compact_tokens / the joint
@@ -54,6 +61,7 @@ def plan_batch(cfg: ml_collections.ConfigDict, mesh, rules, *, collated: dict[st
             pad_id=0,
             # (a persona longer than the largest bucket is a ConfigError of `alignx train`; plan the largest)
             persona_tokens=min(int(cfg.pba.max_persona_tokens), max(builder.buckets)) if joint else None,
+            response=response,
         )
     host, _ = builder(collated)
     from alignx_jax.train.step import reference_needed
@@ -150,12 +158,14 @@ def lower_step(
     dcfg=None,
     *,
     collated: dict[str, Any] | None = None,
+    response: int | None = None,
     platform: str | None = None,
 ) -> dict[str, Any]:
     """Lower the step `alignx train` jits for `cfg` (`train.step.jit_train_step`: same shardings, same
     donation) on abstract params, optimizer state, reference and `plan_batch`. Returns the lowered
     computation and its abstract arguments ('params', 'opt_state', 'reference', 'batch'). `platform`: the
-    one the plan is for (a topology's, where CPU devices stand in for it; default: the mesh's devices')."""
+    one the plan is for (a topology's, where CPU devices stand in for it; default: the mesh's devices').
+    `response`: `plan_batch`'s responses of that many tokens (default the longest a run keeps)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from alignx_jax import sharding as shd
@@ -186,7 +196,7 @@ def lower_step(
         )
         param_sh = {"policy": param_sh, "head": head.param_shardings}
         opt_sh = {"policy": opt_sh, "head": head.opt_shardings}
-    batch_in = plan_batch(cfg, mesh, rules, collated=collated)
+    batch_in = plan_batch(cfg, mesh, rules, collated=collated, response=response)
     jitted = jit_train_step(
         policy.codec,
         policy.tx,

@@ -128,6 +128,15 @@ def _param_table(low: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
+def _planned_responses(cfg: ml_collections.ConfigDict) -> tuple[int | None, int]:
+    """The response lengths the plan compiles the step for: the longest a kept pair holds
+    (`batching.response_bound`) and the length the reserve cuts a long pair's responses to, which most
+    real batches' logits window is (a window program of its own, at times the larger one)."""
+    from alignx_jax.data import batching
+
+    return None, batching.reserve(int(cfg.data.max_length)) + 1
+
+
 def plan(
     cfg: ml_collections.ConfigDict,
     topology: Topology | None = None,
@@ -143,6 +152,7 @@ def plan(
     it can, else the second, with a note saying why. The stand-ins: at least `topology.num_devices`
     JAX devices (see `cli_plan`, which provides them), or `devices`.
     """
+    import jax
     import optax  # noqa: F401  (optax state types in the abstract optimizer state)
 
     from alignx_jax import sharding as shd
@@ -157,16 +167,29 @@ def plan(
     rules = rules_from_config(cfg)
     layout = _batch_layout(cfg, mesh, notes, topology.hosts)
 
-    t0 = time.perf_counter()
-    # traced under the mesh: the model picks the target's code paths (sharding.target_platform)
-    low = lower_step(
-        cfg, mesh, rules, dcfg, platform=None if topology.platform == "local" else topology.platform
-    )
+    platform = None if topology.platform == "local" else topology.platform
+    low, compiled_report, t_lower, t_compile, windows = None, None, 0.0, 0.0, []
+    for response in _planned_responses(cfg):
+        t0 = time.perf_counter()
+        # traced under the mesh: the model picks the target's code paths (sharding.target_platform)
+        candidate = lower_step(cfg, mesh, rules, dcfg, response=response, platform=platform)
+        t_lower += time.perf_counter() - t0
+        shapes = jax.tree.map(lambda a: a.shape, candidate["batch"])
+        if any(shapes == seen for seen, _ in windows):  # the same step program: compiled already
+            continue
+        t0 = time.perf_counter()
+        report = _compiled_bytes(candidate["lowered"].compile().memory_analysis(), candidate)
+        t_compile += time.perf_counter() - t0
+        windows.append((shapes, report["total"]))
+        if compiled_report is None or report["total"] > compiled_report["total"]:
+            low, compiled_report = candidate, report
     notes += _step_notes(low, dcfg)
-    t_lower = time.perf_counter() - t0
-    compiled = low["lowered"].compile()
-    t_compile = time.perf_counter() - t0 - t_lower
-    compiled_report = _compiled_bytes(compiled.memory_analysis(), low)
+    if len(windows) > 1:
+        notes.append(
+            f"compiled the step for the longest responses a pair keeps and for responses of the length the "
+            f"reserve cuts to (other logits windows, other programs: memory is not monotone in the window); "
+            f"the larger is reported ({', '.join(f'{t / 2**30:.2f}' for _, t in windows)} GiB)"
+        )
     estimate = analytic_bytes(
         dcfg,
         seqs_per_device=layout["seqs_per_device"],
