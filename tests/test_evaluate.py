@@ -1379,6 +1379,16 @@ def test_a_benchmark_folder_reports_each_file_beside_the_pooled_entry(capsys, ll
         f"index 0 is now {folder / 'added.json'} row 0 (a file added to or removed from the benchmark folder "
         "shifts the later files' rows); use a new --per-example file"
     ]
+    # the same rows given as --reference-scores: refused in the same words, not blamed on other settings
+    scores = [*argv[:-4], "--reference-scores", str(per), "--per-example", str(tmp_path / "p2.jsonl")]
+    code, _, err = _run(capsys, *scores, "--out", str(tmp_path / "r2.json"))
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("alignx: error:")]
+    assert code == 1 and errors == [
+        f"alignx: error: {per}: example 0 was scored on {folder / 'helpfulness.json'} row 0, and "
+        f"index 0 is now {folder / 'added.json'} row 0 (a file added to or removed from the benchmark folder "
+        "shifts the later files' rows); score the reference on the folder as it is now"
+    ]
+    assert not (tmp_path / "p2.jsonl").exists() and not (tmp_path / "r2.json").exists()
 
 
 def test_a_free_text_profile_renders_as_is_and_flip_names_its_row():

@@ -382,17 +382,28 @@ def _resumed(
     return outcomes, todo
 
 
-def _scorers_for(sc: _Scoring, spec: BenchmarkSpec, persona: str | None, todo_ex: list, ica_by_index: dict):
+def _scorers_for(
+    sc: _Scoring,
+    spec: BenchmarkSpec,
+    persona: str | None,
+    sample: BenchmarkSample,
+    todo_ex: list,
+    ica_by_index: dict,
+):
     """The policy's scorer, then the reference's: a model, stored scores, or either on the ICA prompt."""
     if not sc.ica_reference:
         if sc.ref_scores is None:
             return sc.scorers
-        return [*sc.scorers, sc.ref_scores.scorer(spec.key, persona, todo_ex, sc.scored_with)]
+        return [*sc.scorers, sc.ref_scores.scorer(spec.key, persona, todo_ex, sc.scored_with, sample.places)]
     ref_scorer = (
         sc.scorers[1]
         if sc.ref_scores is None
         else sc.ref_scores.scorer(
-            spec.key, persona or "p", [ica_by_index[ex.index] for ex in todo_ex], sc.scored_with
+            spec.key,
+            persona or "p",
+            [ica_by_index[ex.index] for ex in todo_ex],
+            sc.scored_with,
+            sample.places,
         )
     )
     return [sc.scorers[0], scoring.scorer_on(ref_scorer, ica_by_index, pad_id=sc.pad_id)]
@@ -423,7 +434,7 @@ def _score_todo(
     with progress_bar(total=len(todo_ex), desc=desc, unit="pair", disable=not show) as bar:
         for chunk, outs in scoring.score_batches(
             todo_ex,
-            _scorers_for(sc, spec, persona, todo_ex, ica_by_index),
+            _scorers_for(sc, spec, persona, sample, todo_ex, ica_by_index),
             batch_size=sc.settings.batch_size,
             pad_id=sc.pad_id,
             buckets=buckets,

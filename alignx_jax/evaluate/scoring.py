@@ -11,7 +11,7 @@ import numpy as np
 
 from alignx_jax import paths
 from alignx_jax.errors import DataError
-from alignx_jax.evaluate.results import KEY_FIELDS, missing_logps, parse_per_example
+from alignx_jax.evaluate.results import KEY_FIELDS, missing_logps, moved_row, parse_per_example
 
 # Upper bound on the float32 logits one chunk of `sequence_logps` may hold (elements).
 _LOGITS_BUDGET: int = 1 << 27
@@ -38,11 +38,18 @@ class StoredScores:
         persona: str | None,
         examples: Sequence[Any],
         scored_with: dict[str, Any] | None = None,
+        places: Sequence[tuple[str, int]] | None = None,
     ) -> Callable:
         """A scorer (batch -> float64 [2B], as SequenceScorer) that looks the batch's examples up. Every
         example's row is checked first, before anything is scored: it must exist, hold the example's token ids
-        and have been scored at the `scored_with` values of `SAME_SETTINGS` it records (this run's)."""
-        found = {int(ex.index): self._row(benchmark, persona, ex, scored_with or {}) for ex in examples}
+        and have been scored at the `scored_with` values of `SAME_SETTINGS` it records (this run's). `places`:
+        each index's benchmark file and row there now, named where a row of other ids recorded another."""
+        found = {
+            int(ex.index): self._row(
+                benchmark, persona, ex, scored_with or {}, None if places is None else places[int(ex.index)]
+            )
+            for ex in examples
+        }
 
         def score(batch: dict[str, np.ndarray]) -> np.ndarray:
             B = batch["pair_mask"].shape[0]
@@ -56,7 +63,14 @@ class StoredScores:
 
         return score
 
-    def _row(self, benchmark: str, persona: str | None, ex: Any, scored_with: dict[str, Any]) -> dict:
+    def _row(
+        self,
+        benchmark: str,
+        persona: str | None,
+        ex: Any,
+        scored_with: dict[str, Any],
+        place: tuple[str, int] | None = None,
+    ) -> dict:
         """The row of one example, refused where it cannot stand for the reference on this run's pair."""
         i = int(ex.index)
         row = self.rows.get((benchmark, persona, i))
@@ -71,6 +85,11 @@ class StoredScores:
             list(ex.chosen_ids),
             list(ex.rejected_ids),
         ):
+            moved = moved_row(row, place)
+            if moved:  # a file added to or removed from the folder, not other settings
+                raise DataError(
+                    f"example {i} {moved}; score the reference on the folder as it is now", file=self.path
+                )
             raise DataError(
                 f"example {i} was scored on other token ids (prompt format, method, tokenizer "
                 "or max length differ)",
