@@ -565,7 +565,7 @@ class _BenchmarkJob:
 def _benchmark_job(args) -> _BenchmarkJob:
     """`generate --benchmark`'s flags, benchmark rows (PBA's profiles too) and model folder checked, in
     the order their errors are reported."""
-    from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg
+    from alignx_jax.data.benchmarks import benchmark_sample, parse_benchmark_arg, warn_empty_files
     from alignx_jax.evaluate import default_prompt_format
 
     limit, batch_size = _benchmark_flags(args)
@@ -578,6 +578,7 @@ def _benchmark_job(args) -> _BenchmarkJob:
         raise ConfigError(problem)
     # eval's loader: a split folder is refused, and --limit takes eval --limit's rows
     sample = benchmark_sample(name, path, limit=limit)
+    warn_empty_files(name, path, sample, "generates for the folder's other files")
     if args.method == "pba":
         _check_profiles(sample)
     # resolved once (a hub id's snapshot, a gs:// folder's copy): the dtype, trained format and load read it

@@ -636,6 +636,28 @@ def test_a_split_folder_benchmark_is_refused_as_eval_refuses_it(
     assert f"{split}/test" in err[0] and not out.exists()
 
 
+def test_a_benchmark_folders_file_of_no_rows_is_warned_as_eval_warns(tiny_hf_checkpoints, tmp_path, capsys):
+    """`alignx generate --benchmark NAME=DIR` reads a folder with eval's loader: an empty .jsonl or a `[]` file
+    in it is read without an error, named in one warning line each (as eval names it), and gives no rows."""
+    folder = tmp_path / "uf"
+    (folder / "sub").mkdir(parents=True)
+    rows = [{"prompt": f"task {i}", "chosen": "a", "rejected": "b"} for i in range(2)]
+    (folder / "a.json").write_text(json.dumps(rows), encoding="utf-8")
+    (folder / "empty.jsonl").write_text("", encoding="utf-8")
+    (folder / "sub" / "none.json").write_text("[]", encoding="utf-8")
+    out = tmp_path / "gen.jsonl"
+    argv = ["generate", "--model", tiny_hf_checkpoints["llama"], "--benchmark", f"uf-p-4={folder}"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out), "--max-new-tokens", "2", "--greedy"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "holds no rows" in line]
+    assert warned == [
+        f"alignx: warning: {folder / name}: holds no rows; --benchmark uf-p-4={folder} generates for the "
+        "folder's other files"
+        for name in ("empty.jsonl", "sub/none.json")
+    ]
+    assert sorted(json.loads(line)["index"] for line in out.read_text().splitlines()) == [0, 1]
+
+
 def test_a_resume_takes_its_model_in_any_spelling(tmp_path):
     """A --benchmark file's rows record their model by place: a gs:// folder recorded with its trailing
     '/' (as earlier versions wrote it) or a local folder through a link is the same model; another is not."""

@@ -11,6 +11,7 @@ A path may be a file or a folder (UF-P-4 ships four files: they are read in sort
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,3 +116,12 @@ def benchmark_sample(name: str, path: str, *, limit: int | None = None, seed: in
     files = [f for f, _ in loaded.places] if len(loaded.files) > 1 else None
     picks = list(range(len(rows))) if limit is None else balanced_sample(rows, limit, seed, files=files)
     return BenchmarkSample(rows, picks, loaded.places, [f.path for f in loaded.files])
+
+
+def warn_empty_files(name: str, path: str, sample: BenchmarkSample, uses: str) -> None:
+    """One line per file of a benchmark folder that holds no rows (an empty file, `[]`): it is read without
+    an error, and gives nothing. `uses`: what the command does with the folder's other files."""
+    with_rows = {f for f, _ in sample.places}
+    for f in sample.files:
+        if f not in with_rows:
+            print(f"alignx: warning: {f}: holds no rows; --benchmark {name}={path} {uses}", file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from alignx_jax import hardware, paths
-from alignx_jax.data.benchmarks import BenchmarkSample, benchmark_sample
+from alignx_jax.data.benchmarks import BenchmarkSample, benchmark_sample, warn_empty_files
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.evaluate import scoring
 from alignx_jax.evaluate.options import (
@@ -531,17 +531,14 @@ def _score_persona(
 
 
 def _warn_empty_files(data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]]) -> None:
-    """One line per file of a benchmark folder that holds no rows (an empty file, `[]`): it is read without
-    an error, and scores nothing."""
+    """One line per file of a benchmark folder that holds no rows (`warn_empty_files`): it scores nothing."""
     for spec, sample in data:
-        with_rows = {f for f, _ in sample.places}
-        for f in sample.files:
-            if f not in with_rows:
-                print(
-                    f"alignx: warning: {f}: holds no rows; --benchmark {spec.name}={spec.path} scores the "
-                    "folder's other files (this one gets no entry of its own)",
-                    file=sys.stderr,
-                )
+        warn_empty_files(
+            spec.name,
+            spec.path,
+            sample,
+            "scores the folder's other files (this one gets no entry of its own)",
+        )
 
 
 def _folder_files(
