@@ -13,9 +13,10 @@ go to the URL only if tensorboardX can).
 
 Train metric names are TRL's (`DPOTrainer`): `loss`, `grad_norm`, `learning_rate`, `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`,
-`logits/chosen`, `logits/rejected`; TensorBoard tags are `train/<name>`. `wandb_project` also logs
-every scalar to Weights & Biases under the same `train/<name>` (wandb reads WANDB_MODE=offline etc.),
-as one W&B run per workdir (its id in W/wandb_id.txt; a resumed run continues it).
+`logits/chosen`, `logits/rejected`; TensorBoard tags are `train/<name>`. A non-finite value (a step skipped
+under loss.nan_policy=skip) is the string "nan" (or "inf") in the JSONL, a NaN (inf) scalar in TensorBoard.
+`wandb_project` also logs every scalar to Weights & Biases under the same `train/<name>` (wandb reads
+WANDB_MODE=offline etc.), as one W&B run per workdir (its id in W/wandb_id.txt; a resumed run continues it).
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (bool, int)) and not isinstance(v, float):
         return v
     return f if math.isfinite(f) else str(f)  # JSON has no NaN/inf literal
+
+
+def _nonfinite(v: Any) -> bool:
+    """A number `_plain` logs as a string ("nan", "inf"): a float or a one-element array, not a bool."""
+    if isinstance(v, (bool, str)):
+        return False
+    try:
+        return not math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
 
 
 URL_REWRITE_SECONDS = 30.0
@@ -170,6 +181,8 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"train/{k}", v, int(step))
+                elif _nonfinite(metrics.get(k)):  # a skipped step's "nan": TensorBoard plots a NaN scalar
+                    self._tb.add_scalar(f"train/{k}", float(metrics[k]), int(step))
         if self._wandb is not None:
             scalars = {
                 f"train/{k}": v

@@ -1185,6 +1185,28 @@ def test_tensorboard_events_are_on_disk_at_each_flush_and_a_second_writer_keeps_
     ]
 
 
+def test_a_skipped_steps_nonfinite_loss_is_a_nan_scalar_in_tensorboard_as_in_the_jsonl(tmp_path):
+    """A step skipped for a non-finite loss (nan_policy=skip) was logged in metrics.jsonl with "nan" strings
+    and left out of TensorBoard: TensorBoard gets the NaN (and inf) as scalars, so the two have the same steps."""
+    from alignx_jax.metrics import MetricsWriter
+
+    w = MetricsWriter(str(tmp_path))
+    w.write(1, {"loss": 0.5, "skipped_nonfinite_steps": 0})
+    w.write(2, {"loss": np.float32("nan"), "grad_norm": float("inf"), "skipped_nonfinite_steps": 1})
+    w.close()
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert recs[1] == {"step": 2, "loss": "nan", "grad_norm": "inf", "skipped_nonfinite_steps": 1}
+    tb = sorted(_tensorboard_scalars(tmp_path / "tensorboard"))
+    assert [(step, tag) for step, tag, _ in tb] == [
+        (1, "train/loss"),
+        (1, "train/skipped_nonfinite_steps"),
+        (2, "train/grad_norm"),
+        (2, "train/loss"),
+        (2, "train/skipped_nonfinite_steps"),
+    ]
+    assert tb[2][2] == float("inf") and np.isnan(tb[3][2]) and tb[4][2] == 1.0
+
+
 def test_a_progress_bar_into_a_log_file_redraws_rarely_and_log_every_past_the_steps_logs_the_last(tmp_path):
     """stderr a pipe (a job's log): the train bar redrew every step twice (update, then set_postfix's own
     redraw), each one more carriage-return line in the log; now at most every PIPE_PROGRESS_SECONDS, plus
