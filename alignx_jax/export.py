@@ -344,7 +344,12 @@ def _write_export(args, res: ResolvedCheckpoint, model: Decoder, head, tmp: str,
         )
     )
     write_export_manifest(
-        tmp, files, source=source, step=res.step, prompt_format=trained_prompt_format(args.checkpoint)
+        tmp,
+        files,
+        source=source,
+        step=res.step,
+        prompt_format=trained_prompt_format(args.checkpoint),
+        base_model=model_card.card_base(args.checkpoint, res.config_dir)[0],
     )
     return files
 

@@ -8,7 +8,8 @@ generate`'s defaults; they are not written into generation_config.json, which st
 holds the token ids alone where there was none to keep), and the base model's license line.
 
 `alignx import` records where a model came from in the checkpoint's `BASE_INFO` file, so an export of an
-imported (or trained-from-imported) checkpoint still knows its base model and license.
+imported (or trained-from-imported) checkpoint still knows its base model and license; of an imported
+`alignx export` folder, the base that export recorded, not the folder.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 BASE_INFO = (
-    "alignx_base.json"  # in an `alignx import` checkpoint: {"base_model", "license", "prompt_format"?}
+    "alignx_base.json"  # in an `alignx import` checkpoint: {"base_model", "license", "prompt_format"?, ...}
 )
+EXPORT_MANIFEST = "alignx_export.json"  # in every exported folder: what wrote it and the files it wrote
 CARD = "README.md"
 # the paper's sampling settings (AlignX release; `alignx generate` defaults)
 SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 10, "top_p": 0.95}
@@ -42,6 +44,11 @@ def read_license(folder: str | None) -> str | None:
     info = read_base_info(folder)
     if info.get("license"):
         return str(info["license"])
+    return _front_matter(folder, "license")
+
+
+def _front_matter(folder: str, key: str) -> str | None:
+    """The one-line `key:` of a local folder's README.md front matter, else None."""
     try:
         with open(os.path.join(folder, CARD), encoding="utf-8") as f:
             text = f.read(65536)
@@ -52,9 +59,26 @@ def read_license(folder: str | None) -> str | None:
         return None
     for line in m.group(1).splitlines():
         k, _, v = line.partition(":")
-        if k.strip() == "license" and v.strip():
+        if k.strip() == key and v.strip():
             return v.strip().strip("'\"")
     return None
+
+
+def exported_base(folder: str) -> str | None:
+    """The base model a local `alignx export` folder records: its manifest's `base_model`, else (an export
+    written before the manifest recorded it) its card's `base_model:` front matter, a hub id less its
+    revision; None for a folder that is no export, or an export whose base was not known."""
+    try:
+        with open(os.path.join(folder, EXPORT_MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        return None
+    base = manifest.get("base_model")
+    if isinstance(base, str) and base:
+        return base
+    return _front_matter(folder, "base_model")
 
 
 def read_base_info(folder: str | None) -> dict[str, Any]:
@@ -73,17 +97,19 @@ def read_base_info(folder: str | None) -> dict[str, Any]:
 def base_record(model_path: str, src_folder: str | None) -> dict[str, Any]:
     """What BASE_INFO records of a model path as the user gave it, decided now (from the directory it was
     given in): a hub id or URL stays one, a local path becomes absolute (read later from elsewhere, `m/x`
-    would pass for a hub id), an imported checkpoint passes on the base it recorded."""
+    would pass for a hub id), an imported checkpoint passes on the base it recorded, and an `alignx export`
+    folder the base its export recorded (`exported_base`), the folder itself kept as `export_folder`."""
     from alignx_jax.hub import parse_hub_id
 
     info = read_base_info(src_folder) if src_folder and os.path.isdir(src_folder) else {}
     if info.get("base_model"):
         return {"base_model": info["base_model"], "license": info.get("license") or read_license(src_folder)}
     local = parse_hub_id(model_path) is None and "://" not in model_path and os.path.exists(model_path)
-    return {
-        "base_model": os.path.abspath(model_path) if local else model_path,
-        "license": read_license(src_folder),
-    }
+    given = os.path.abspath(model_path) if local else model_path
+    exported = exported_base(src_folder) if src_folder and os.path.isdir(src_folder) else None
+    if exported:  # the export folder is a copy of a trained model, not its base: cards name the original
+        return {"base_model": exported, "license": read_license(src_folder), "export_folder": given}
+    return {"base_model": given, "license": read_license(src_folder)}
 
 
 def write_base_info(
@@ -321,6 +347,21 @@ def build_card(
     return "\n".join(out)
 
 
+def card_base(checkpoint: str, config_dir: str) -> tuple[str | None, str | None]:
+    """(base model, license) an export of `checkpoint` (a workdir or model checkpoint) names: what the run
+    recorded in W/reference (else its `model.hf_path`), or what an imported checkpoint's BASE_INFO holds."""
+    run_cfg = read_run_config(checkpoint) if os.path.isdir(os.path.join(checkpoint, "checkpoints")) else None
+    if run_cfg is None:
+        info = read_base_info(checkpoint)
+        return info.get("base_model"), info.get("license")
+    hf_path = str((run_cfg.get("model") or {}).get("hf_path") or "")
+    # what training recorded in W/reference (runs before it: model.hf_path, read from here)
+    info = read_base_info(os.path.join(checkpoint, "reference"))
+    if not info.get("base_model"):
+        info = read_base_info(hf_path) if hf_path and os.path.isdir(hf_path) else {}
+    return info.get("base_model") or hf_path or None, info.get("license") or read_license(config_dir)
+
+
 def write_card(
     out_dir: str,
     *,
@@ -337,20 +378,7 @@ def write_card(
     """Write OUT/README.md for an export of `checkpoint` (a workdir or model checkpoint); returns CARD.
     `scored_this`: `find_results`' test of a found results file's model folder."""
     run_cfg = read_run_config(checkpoint) if os.path.isdir(os.path.join(checkpoint, "checkpoints")) else None
-    base_model, license_ = None, None
-    info = read_base_info(checkpoint)
-    if run_cfg is not None:
-        hf_path = str((run_cfg.get("model") or {}).get("hf_path") or "")
-        base_model = hf_path or None
-        # what training recorded in W/reference (runs before it: model.hf_path, read from here)
-        info = read_base_info(os.path.join(checkpoint, "reference"))
-        if not info.get("base_model"):
-            info = read_base_info(hf_path) if hf_path and os.path.isdir(hf_path) else {}
-        base_model = info.get("base_model") or base_model
-        license_ = info.get("license") or read_license(config_dir)
-    else:
-        base_model = info.get("base_model")
-        license_ = info.get("license")
+    base_model, license_ = card_base(checkpoint, config_dir)
     results = find_results(checkpoint, results_files, scored_this)
     text = build_card(
         name=name or os.path.basename(os.path.abspath(out_dir)),

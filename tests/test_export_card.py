@@ -226,6 +226,39 @@ def test_a_second_import_replaces_the_first_ones_tokenizer_files(tiny_hf_checkpo
     assert own["base_model"] == os.path.abspath(tiny_hf_checkpoints["llama"])
 
 
+def test_an_import_of_an_export_records_the_exports_base_not_the_folder(tiny_hf_checkpoints, tmp_path):
+    """`alignx import --hf EXPORT` recorded the export folder as its base, so the next export's card named that
+    folder: the export's manifest records the base its card names, and the import carries it through (the
+    folder kept as `export_folder`). An export written before the manifest recorded it: its card's hub id."""
+    from huggingface_hub import ModelCard
+
+    base = _base(tiny_hf_checkpoints["llama"], tmp_path / "base")
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert main(["import", "--hf", base, "--out", str(ckpt)]) == 0
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert hf_lib.read_export_manifest(str(out))["base_model"] == base
+    again, out2 = tmp_path / "again", tmp_path / "out2"
+    assert main(["import", "--hf", str(out), "--out", str(again)]) == 0
+    info = json.loads((again / "alignx_base.json").read_text())
+    assert info["base_model"] == base and info["export_folder"] == str(out) and info["license"] == "llama3.1"
+    assert main(["export", "--checkpoint", str(again), "--out", str(out2)]) == 0
+    text = ModelCard.load(str(out2 / "README.md")).text
+    assert f"- Base model: `{base}`" in text and str(out) + "`" not in text
+    # an older export: no base in its manifest, a hub id in its card's front matter (less its revision)
+    old = tmp_path / "old"
+    shutil.copytree(tiny_hf_checkpoints["llama"], old)
+    (old / "alignx_export.json").write_text(json.dumps({"files": []}))
+    (old / "README.md").write_text("---\nlicense: mit\nbase_model: org/name\n---\n# old\n")
+    assert main(["import", "--hf", str(old), "--out", str(tmp_path / "from_old")]) == 0
+    info = json.loads((tmp_path / "from_old" / "alignx_base.json").read_text())
+    assert info == {"base_model": "org/name", "license": "mit", "export_folder": str(old)}
+    # an export that records no base (nor does its card): the folder stays the base, as before
+    (old / "README.md").write_text("# old\n")
+    assert main(["import", "--hf", str(old), "--out", str(tmp_path / "bare")]) == 0
+    info = json.loads((tmp_path / "bare" / "alignx_base.json").read_text())
+    assert info == {"base_model": str(old), "license": None}
+
+
 def test_import_refuses_its_own_folder_and_a_workdir(tiny_hf_checkpoints, tmp_path, capsys):
     mine = tmp_path / "mine"
     shutil.copytree(tiny_hf_checkpoints["llama"], mine)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from alignx_jax import paths
 from alignx_jax.errors import CheckpointError
+from alignx_jax.model_card import EXPORT_MANIFEST
 from alignx_jax.models.config import transformers_config_name
 from alignx_jax.models.decoder import Decoder, DecoderConfig
 from alignx_jax.models.safetensors_io import SafetensorsReader, write_safetensors
@@ -340,10 +341,10 @@ def copy_tokenizer(src: str | None, out_dir: str) -> list[str]:
     return names
 
 
-EXPORT_MANIFEST = "alignx_export.json"  # in every exported folder: what wrote it and the files it wrote
-# beside it while an upload (`alignx export --out gs://...`) is under way: the manifest of the export
-# being uploaded, its files also those of the export it replaces; a folder with it and without
-# EXPORT_MANIFEST is an unfinished upload
+# beside EXPORT_MANIFEST (defined in model_card, which reads an export's base for an import) while an
+# upload (`alignx export --out gs://...`) is under way: the manifest of the export being uploaded, its
+# files also those of the export it replaces; a folder with it and without EXPORT_MANIFEST is an
+# unfinished upload
 EXPORT_UPLOAD = "alignx_export.upload.json"
 
 
@@ -368,9 +369,11 @@ def write_export_manifest(
     source: str | None = None,
     step: int | None = None,
     prompt_format: str | None = None,
+    base_model: str | None = None,
 ) -> None:
     """`prompt_format`: the run's `data.prompt_format` (what `alignx eval`/`generate` default to, via
-    `export.trained_prompt_format`), recorded when known."""
+    `export.trained_prompt_format`), recorded when known; `base_model`: the base the model card names, so an
+    `alignx import` of the folder records it as its base (`model_card.exported_base`), not the folder."""
     manifest = {
         "format": "alignx-export",
         "version": 1,
@@ -380,6 +383,8 @@ def write_export_manifest(
     }
     if prompt_format:
         manifest["prompt_format"] = prompt_format
+    if base_model:
+        manifest["base_model"] = base_model
     with open(os.path.join(folder, EXPORT_MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
 
