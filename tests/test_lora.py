@@ -422,3 +422,36 @@ def test_float32_export_of_a_bfloat16_base_keeps_the_adapters_unrounded(tiny_hf_
     moved = np.max(np.abs(want - base))
     assert moved > 1e-3, moved  # the adapters change the logits
     assert np.max(np.abs(got - want)) < 1e-3 * moved, (np.max(np.abs(got - want)), moved)
+
+
+@pytest.mark.slow
+def test_a_lora_workdir_as_hf_path_starts_from_its_trained_model(tmp_path):
+    """`model.hf_path` = a LoRA run's workdir: the start (and DPO's reference, and W/reference) is that run's
+    model, adapters folded in, and this run's adapters are new. Its adapters were kept over the bare base:
+    the reference (adapters off) was the old base, and the export (W/reference, already merged, plus the
+    adapters again) counted them twice."""
+    from alignx_jax.models import checkpoint
+    from tests.test_train import SMALL, _losses
+
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    common = [*SMALL, "--config.model.lora.rank=4", "--config.model.lora.alpha=8"]
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w1}", *common, "--config.train.steps=2"]
+        + ["--config.optim.lr=5e-2", "--config.checkpoint.every_steps=2"]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(
+        ["train", f"--config={TINY}", f"--config.workdir={w2}", *common, "--config.train.steps=1"]
+        + [f"--config.model.hf_path={w1}", f"--config.model.tokenizer={w1 / 'reference'}"]
+        + [
+            "--config.model.init.enabled=false",
+            "--config.optim.lr=1e-12",
+            "--config.checkpoint.every_steps=1",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(_losses(w2)[1] - np.log(2.0)) < 1e-5  # policy = reference at the start
+    ids = jnp.asarray(np.arange(5, 25)[None])
+    want = np.asarray(checkpoint.load_checkpoint(str(w1))(ids))
+    got = np.asarray(checkpoint.load_checkpoint(str(w2))(ids))
+    assert np.max(np.abs(got - want)) < 1e-4 * np.max(np.abs(want))

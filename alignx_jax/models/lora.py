@@ -224,3 +224,22 @@ def infer_options(tree: Any) -> dict[str, Any] | None:
     if rank is None:
         return None
     return {"lora_rank": rank, "lora_targets": tuple(t for t in LORA_TARGETS if t in targets)}
+
+
+def with_new_adapters(plain, options: dict[str, Any], seed: int):
+    """The plain Decoder `plain` (no adapters) with `options`' (lora_rank, lora_alpha, lora_targets) new
+    adapters drawn from `seed` as a load of base-only files draws them (`new_adapters`): it computes `plain`.
+    The arrays are unplaced: the caller shards the model."""
+    from alignx_jax.models.decoder import Decoder
+
+    cfg = plain.cfg.replace(**options)
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    pure = nnx.to_pure_dict(nnx.state(plain))
+    for path, host in new_adapters(abstract.layers, cfg, jax.random.key(seed)).items():
+        node = pure
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = jnp.asarray(host)
+    state = nnx.state(abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(nnx.graphdef(abstract), state)

@@ -94,6 +94,8 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
         # the files hold the base model: model.lora's new adapters are drawn from model.init.seed
         loaded = {**opts, "adapter_seed": int(cfg.model.init.seed)}
         if checkpoint.is_checkpoint_layout(path):
+            if checkpoint.has_lora_adapters(checkpoint.resolve_checkpoint(path)):
+                return _from_lora_checkpoint(path, cfg, dtype, mesh, rules, loaded)
             return checkpoint.load_checkpoint(
                 path,
                 dtype=cfg.model.param_dtype,
@@ -118,6 +120,23 @@ def build_policy(cfg: ml_collections.ConfigDict, tokenizer, mesh, rules):
     dcfg = DecoderConfig.from_hf(hf_cfg, dtype=dtype, param_dtype=cfg.model.param_dtype, **opts)
     model = Decoder(dcfg, rngs=nnx.Rngs(int(init.seed)))
     return shd.shard_model(model, mesh, rules)
+
+
+def _from_lora_checkpoint(path: str, cfg: ml_collections.ConfigDict, dtype: str, mesh, rules, loaded: dict):
+    """A LoRA run's workdir as `model.hf_path`: the model it trained (its adapters folded into the kernels)
+    is the start, and the reference, as W/reference records it; this run's model.lora adapters are new."""
+    from alignx_jax.models import checkpoint, lora
+
+    stored_opts = {k: v for k, v in loaded.items() if not k.startswith("lora_") and k != "adapter_seed"}
+    stored = checkpoint.load_checkpoint(
+        path, dtype=cfg.model.param_dtype, mesh=mesh, rules=rules, compute_dtype=dtype, **stored_opts
+    )
+    plain = lora.merged(stored)
+    del stored
+    new_opts = {k: v for k, v in loaded.items() if k.startswith("lora_")}
+    if new_opts:
+        plain = lora.with_new_adapters(plain, new_opts, loaded["adapter_seed"])
+    return shd.shard_model(plain, mesh, rules)
 
 
 def past_context(cfg: ml_collections.ConfigDict, model_cfg: Any) -> str | None:
