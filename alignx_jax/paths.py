@@ -288,6 +288,27 @@ def refuse_inside_inputs(flag: str, dest: str, inputs: Iterable[tuple[str, str |
     return None
 
 
+def refuse_unwritable(flag: str, dest: str, *, folder: bool) -> str | None:
+    """Why the output `dest` (given as `flag`), a folder if `folder` else a file, could not be written, as
+    one line naming the flag; None when it could. Checked before the work, as `check_writable` does (a
+    URL is left to the write: its probe would create an object)."""
+    what = "folder" if folder else "file"
+    if not dest:  # not the working directory in its place
+        return f"{flag}: an empty path; name a {what}"
+    if is_url(dest):
+        return None
+    if folder and os.path.lexists(dest) and not os.path.isdir(dest):
+        return f"{flag} {dest}: is a file, not a folder"
+    if not folder and os.path.isdir(dest):
+        return f"{flag} {dest}: is a folder, not a file"
+    try:
+        check_writable(os.path.join(dest, ".probe") if folder else dest)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{flag} {dest}: cannot be written ({e.strerror or e}{where})"
+    return None
+
+
 def refuse_to_replace(
     flag: str,
     dest: str,

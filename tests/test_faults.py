@@ -1266,11 +1266,13 @@ def test_a_missing_model_folder_names_the_key_that_gave_it(tmp_path, capsys, key
     ],
 )
 def test_an_output_the_system_refuses_is_one_line(tmp_path, capsys, argv):
-    """A file where the command makes a folder (or a read-only place): the OS error as one line."""
+    """A file where the command makes a folder (or a read-only place): one line naming --out (it was the OS
+    error, "File exists" or "Not a directory", naming no flag)."""
     f = tmp_path / "afile"
     f.write_text("mine")
-    line = _main_error(capsys, [a.format(f=f) for a in argv], str(f))
-    assert ("File exists" in line or "Not a directory" in line) and f.read_text() == "mine"
+    line = _main_error(capsys, [a.format(f=f) for a in argv], str(f), "--out")
+    assert "is a file, not a folder" in line or "a file where a folder would go" in line, line
+    assert f.read_text() == "mine"
 
 
 @pytest.mark.slow

@@ -202,3 +202,41 @@ def test_an_out_holding_other_data_is_refused(tmp_path, other):
     own = tmp_path / "own"
     for _ in range(2):
         assert run_cli(["synth", "--out", own, "--users", "4", "--pairs-per-user", "2"]).returncode == 0
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    """An empty --out wrote the rows into the working directory; a file as --out (or on its path) was the
+    system's line ("File exists", "Not a directory") naming no flag. Each is refused, nothing written."""
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("mine")
+    for out, line in (
+        ("", "--out: an empty path; name a folder"),
+        ("f", "--out f: is a file, not a folder"),
+        ("f/sub", "--out f/sub: cannot be written (a file where a folder would go: "),
+    ):
+        r = run_cli(["synth", "--out", out, "--users", "4", "--pairs-per-user", "2"])
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"alignx: error: {line}"), r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["f"] and (tmp_path / "f").read_text() == "mine"
+
+
+def test_a_data_parquet_of_the_users_in_out_is_not_replaced(tmp_path):
+    """OUT/data.parquet that no synth wrote (a data set of the user's) was silently replaced by the rows;
+    it is refused in one line. An earlier synth's, even with other settings, is still replaced."""
+    import pandas as pd
+    from conftest import run_cli
+
+    out = tmp_path / "d"
+    out.mkdir()
+    pd.DataFrame([{"prompt": "p", "chosen": "a", "rejected": "b"}]).to_parquet(out / "data.parquet")
+    before = (out / "data.parquet").read_bytes()
+    r = run_cli(["synth", "--out", out, "--users", "4", "--pairs-per-user", "2"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "is not an `alignx synth` output" in r.stderr and "--out" in r.stderr, r.stderr
+    assert os.listdir(out) == ["data.parquet"] and (out / "data.parquet").read_bytes() == before
+    own = tmp_path / "own"
+    assert run_cli(["synth", "--out", own, "--users", "4", "--pairs-per-user", "2"]).returncode == 0
+    r = run_cli(["synth", "--out", own, "--users", "5", "--pairs-per-user", "2", "--seed", "3"])
+    assert r.returncode == 0 and "5 users" in r.stdout, r.stderr

@@ -388,9 +388,31 @@ def _refuse_other_data(out: str) -> None:
             "data set; choose another --out or remove it",
             file=out,
         )
+    if os.path.isfile(own) and not _is_synth_output(out):  # a data set of the user's, not ours to replace
+        raise DataError(
+            f"--out holds a data file {own} that is not an `alignx synth` output, which this would replace; "
+            "choose another --out or remove it",
+            file=out,
+        )
+
+
+def _is_synth_output(out: str) -> bool:
+    """Whether OUT/data.parquet is an earlier synth's: its users file beside it and the synth's columns."""
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(os.path.join(out, USERS_FILE)):
+        return False
+    try:
+        names = pq.read_schema(os.path.join(out, "data.parquet")).names
+    except (OSError, ValueError):  # not a parquet file (pyarrow's ArrowInvalid is a ValueError)
+        return False
+    return names == _arrow_schema().names
 
 
 def cli_synth(args: argparse.Namespace) -> int:
+    problem = paths.refuse_unwritable("--out", args.out, folder=True)
+    if problem:  # before the rows are made: an empty --out was the working directory
+        raise AlignXError(problem)
     _refuse_other_data(args.out)
     world = generate_world(args.users, args.pairs_per_user, args.seed)
     written = write_world(world, args.out)
