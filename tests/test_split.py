@@ -207,6 +207,32 @@ def test_cli_split_bad_fraction(tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(2, 2)))
     assert main(["data", "split", str(path), "--test-fraction", "1.5", "--out", str(tmp_path / "o")]) == 1
     assert "test fraction" in capsys.readouterr().err
+    # each named the flag only as "test fraction"; refused before the rows are read, nothing written
+    for value in ("-0.5", "nan", "inf", "-inf"):
+        argv = ["data", "split", str(tmp_path / "missing.jsonl"), f"--test-fraction={value}"]
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"alignx: error: --test-fraction {float(value)}: the test fraction must be between 0 and 1"
+        ]
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl"]
+
+
+def test_cli_split_an_out_that_cannot_be_a_folder_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatch):
+    """An empty --out wrote train/ and test/ into the working directory; a file as --out (or on its path) was
+    the system's "Not a directory" naming no flag. Each is refused, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(2, 2)))
+    (tmp_path / "f").write_text("mine")
+    for out, line in (
+        ("", "--out: an empty path; name a folder"),
+        ("f", "--out f: is a file, not a folder"),
+        ("f/sub", "--out f/sub: cannot be written (a file where a folder would go: "),
+    ):
+        assert main(["data", "split", "d.jsonl", "--by", "user", "--out", out]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"alignx: error: {line}"), err
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "f"] and (tmp_path / "f").read_text() == "mine"
 
 
 def test_cli_split_refuses_to_overwrite_its_input(tmp_path, capsys):

@@ -142,6 +142,11 @@ def _join(root: str, *parts: str) -> str:
 
 def cli_split(args: argparse.Namespace) -> int:
     """`alignx data split PATH --by prompt|user|row --test-fraction F --seed S --out DIR`."""
+    if not 0.0 <= args.test_fraction <= 1.0:  # NaN too: no comparison holds for it
+        raise DataError(f"--test-fraction {args.test_fraction}: the test fraction must be between 0 and 1")
+    problem = paths.refuse_unwritable("--out", args.out, folder=True)
+    if problem:  # an empty --out was the working directory; a file there failed after the rows were read
+        raise DataError(problem)
     schema.split_folders(args.path)  # a data file beside train/, test/ ...: the readers' own line first
     # split whole, both halves would be shuffled together and written to OUT/train/train/..., OUT/train/test/...
     schema.refuse_split_folder(args.path, "split")
