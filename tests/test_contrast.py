@@ -112,6 +112,43 @@ def test_originals_keep_each_row_k_times_before_the_contrast_rows(tmp_path, caps
             contrast_rows(rows, file="f.json", **bad)
 
 
+def test_cli_contrast_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, monkeypatch):
+    """--originals 0/-1 (or 2 with --twins) were named `originals=K`, an empty --out a line starting ": ",
+    a folder as --out or a file on its path the system's line ("Is a directory", "File exists") naming no
+    flag. Each is refused in one line naming the flag, nothing written; unicode persona names go through."""
+    monkeypatch.chdir(tmp_path)
+    rows = psoups_rows()
+    for r in rows:
+        r["ground_truth_persona"] = {"persona 0": "Ünïcødé 学生 😀", "persona 1": "PhD—ドクター"}[
+            r["ground_truth_persona"]
+        ]
+    (tmp_path / "t.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "f").write_text("mine")
+    for extra, line in (
+        (["--originals", "0"], "--originals 0: must be 1 or more"),
+        (["--originals=-1"], "--originals -1: must be 1 or more"),
+        (
+            ["--originals", "2", "--twins"],
+            "--originals 2 with --twins: a twin is one row and its contrast row",
+        ),
+        (["--out", ""], "--out: an empty path; name a file"),
+        (["--out", "dir.json"], "--out dir.json: is a folder, not a file"),
+        (["--out", "f/c.json"], "--out f/c.json: cannot be written (a file where a folder would go: "),
+    ):
+        assert main(["data", "contrast", "t.json", "--out", "c.json", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"alignx: error: {line}"), err
+    assert sorted(os.listdir(tmp_path)) == ["dir.json", "f", "t.json"] and not os.listdir(
+        tmp_path / "dir.json"
+    )
+    assert main(["data", "contrast", "t.json", "--out", "c.json"]) == 0
+    written = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
+    assert written == contrast_rows(rows) and "Ünïcødé 学生 😀" in (tmp_path / "c.json").read_text(
+        encoding="utf-8"
+    )
+
+
 @pytest.mark.parametrize("personas", [(4,), (2, 2, 2)])
 def test_contrast_needs_exactly_two_personas(personas):
     with pytest.raises(DataError, match=f"exactly two .* found {len(personas)}"):

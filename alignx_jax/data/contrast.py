@@ -129,6 +129,16 @@ def cli_contrast(args: argparse.Namespace) -> int:
     """`alignx data contrast PATH --out FILE [--seed S]` (JSON list or JSONL, as the input)."""
     from alignx_jax.data.split import write_rows
 
+    # the flags' own errors first, named as given (contrast_rows words them for its callers, as originals=K)
+    if args.originals < 1:
+        raise DataError(f"--originals {args.originals}: must be 1 or more (each row that many times)")
+    if args.twins and args.originals != 1:
+        raise DataError(
+            f"--originals {args.originals} with --twins: a twin is one row and its contrast row; give one of them"
+        )
+    problem = paths.refuse_unwritable("--out", args.out, folder=False)
+    if problem:  # a folder there, or a file on its path, failed at the write with the system's line
+        raise DataError(problem)
     loaded = schema.load(args.path)  # every row validated (file and row named) before anything is written
     if len(loaded.files) != 1 or loaded.files[0].fmt not in ("json", "jsonl"):
         raise DataError("persona contrast reads one JSON list or JSONL file", file=args.path)
