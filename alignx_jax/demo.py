@@ -292,6 +292,8 @@ def run_config(
 
 def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     """The one initial model every run starts from (random init as the tiny config describes)."""
+    import shutil
+
     import jax
     from flax import nnx
 
@@ -306,6 +308,8 @@ def make_init(budget: Budget, init_dir: str, seed: int) -> dict[str, Any]:
     model = build_policy(cfg, tokenizer, mesh, rules_from_config(cfg))
     tmp = paths.tmp_path(init_dir)
     hf.save_hf(model, tmp, tokenizer_dir=tokenizer_dir)
+    # a run killed after its rename, before the stage's marker, left one: a folder cannot replace it
+    shutil.rmtree(init_dir, ignore_errors=True)
     os.replace(tmp, init_dir)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return {

@@ -343,3 +343,18 @@ def test_attach_head_records_a_two_stage_head_and_lists_it_in_the_export(tmp_pat
     before = (tmp_path / "pba" / ph.HEAD_WEIGHTS_FILE).read_bytes()
     assert demo.attach_head(budget, export_dir=model_dir, data=data["train"], seed=0) == {"mode": "joint"}
     assert (tmp_path / "pba" / ph.HEAD_WEIGHTS_FILE).read_bytes() == before
+
+
+def test_init_redone_over_the_folder_a_killed_run_left_before_its_marker(tmp_path):
+    """A demo killed after the init stage renamed its model into place, before the stage's marker, left
+    models/init: the rerun redoes the stage and its rename onto that folder failed ("Directory not empty")
+    on every rerun. It replaces it with the same model."""
+    budget = demo.Budget(quick=True)
+    init_dir = tmp_path / "init"
+    first = demo.make_init(budget, str(init_dir), 0)
+    weights = {n: (init_dir / n).read_bytes() for n in os.listdir(init_dir) if n.endswith(".safetensors")}
+    (init_dir / "left.txt").write_text("a killed run's")
+    assert demo.make_init(budget, str(init_dir), 0) == first
+    assert weights and {n: (init_dir / n).read_bytes() for n in weights} == weights
+    assert not (init_dir / "left.txt").exists()
+    assert [n for n in os.listdir(tmp_path) if n != "init"] == []  # no temporary folder left
