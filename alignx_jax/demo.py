@@ -685,6 +685,8 @@ def cli_demo(args: argparse.Namespace) -> int:
     # a traceback after the synthetic data was written
     if int(args.seed) >= SEED_LIMIT:
         raise ConfigError(f"--seed must be below 2**32, got {args.seed}")
+    if args.out == "":  # given and empty: not the default folder in its place
+        raise ConfigError("--out: an empty path; name a folder")
     if getattr(args, "real", False):
         from alignx_jax import demo_real
 

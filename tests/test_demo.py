@@ -129,6 +129,17 @@ def test_a_seed_past_32_bits_is_refused_before_anything_is_written(capsys, tmp_p
         assert not out.exists()
 
 
+@pytest.mark.parametrize("real", [False, True])
+def test_an_empty_out_is_refused_not_the_default(capsys, tmp_path, monkeypatch, real):
+    """`--out ""` ran the demo into the default runs/demo (runs/demo-real) as if no --out were given."""
+    from alignx_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *(["--real"] if real else []), "--quick", "--out", ""]) == 1
+    assert capsys.readouterr().err == "alignx: error: --out: an empty path; name a folder\n"
+    assert os.listdir(tmp_path) == []
+
+
 def test_other_settings_in_the_same_out_are_refused(tmp_path):
     from alignx_jax.errors import ConfigError
 
