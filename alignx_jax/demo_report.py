@@ -4,6 +4,7 @@ PNG writers the demo's stages share (`demo_real` writes its report with them too
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -49,8 +50,9 @@ def write_json(path: str, obj: Any) -> None:
 
 def write_lines(path: str, lines: Sequence[str]) -> str:
     """A report file (markdown) written whole from its lines; returns its path."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    paths.write_all(
+        {path: "\n".join(lines).encode("utf-8")}
+    )  # the earlier report or this one, never a cut one
     return path
 
 
@@ -59,8 +61,10 @@ def save_figure(fig: Any, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    paths.write_all({path: png.getvalue()})
     return path
 
 

@@ -369,3 +369,25 @@ def test_init_redone_over_the_folder_a_killed_run_left_before_its_marker(tmp_pat
     assert weights and {n: (init_dir / n).read_bytes() for n in weights} == weights
     assert not (init_dir / "left.txt").exists()
     assert [n for n in os.listdir(tmp_path) if n != "init"] == []  # no temporary folder left
+
+
+def test_a_report_write_cut_short_keeps_the_earlier_report(tmp_path):
+    """report.md and the figures are written aside and renamed: a write that fails (a kill) leaves the
+    earlier report whole, never a cut one beside a complete results.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignx_jax import demo_report
+
+    report = tmp_path / "report.md"
+    demo_report.write_lines(str(report), ["# before", "whole"])
+
+    with pytest.raises(TypeError):
+        demo_report.write_lines(str(report), ["# after", 3])  # fails mid-join, as a kill would
+    assert report.read_text() == "# before\nwhole"
+    fig, _ = plt.subplots()
+    png = demo_report.save_figure(fig, str(tmp_path / "fig.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "report.md"]  # no temporary left
