@@ -5,7 +5,7 @@
 it calls `resolve_hub_id` for a path that does not exist locally and looks like a hub id.
 
 The snapshot comes from `huggingface_hub.snapshot_download` into the usual cache (`HF_HUB_CACHE`, else
-`HF_HOME/hub`, else `~/.cache/huggingface/hub`), with the token in `HF_TOKEN`. With `HF_HUB_OFFLINE=1`
+`HF_HOME/hub`, else `~/.cache/huggingface/hub`; `~` and `$VAR` expanded), with the token in `HF_TOKEN`. With `HF_HUB_OFFLINE=1`
 nothing is downloaded: a cached snapshot is used, a missing one is a one-line error. The environment is
 read at each call (huggingface_hub reads it once, at import). Only what a model folder needs is fetched:
 configs, safetensors, tokenizer files, the model card and license (never `original/` consolidated
@@ -64,13 +64,17 @@ def offline() -> bool:
 
 
 def cache_dir() -> str:
-    """The hub cache folder, as huggingface_hub computes it, from the environment now."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
+    """The hub cache folder, as huggingface_hub computes it, from the environment now: `HF_HUB_CACHE`,
+    else the legacy `HUGGINGFACE_HUB_CACHE`, else `HF_HOME/hub`, with `~` and `$VAR` expanded."""
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
     )
-    return os.path.join(home, "hub")
+    home = os.path.expandvars(os.path.expanduser(home))
+    cache = (
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    )
+    # huggingface_hub expands them too: `HF_HUB_CACHE=~/hf` is the home's folder, not a `~` folder here
+    return os.path.expandvars(os.path.expanduser(cache))
 
 
 def _repo_folder(repo_id: str, cache: str | None = None) -> str:

@@ -50,6 +50,7 @@ def offline_hub(tmp_path, monkeypatch):
     home = tmp_path / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
@@ -141,7 +142,7 @@ def unreachable_hub(tmp_path, monkeypatch):
 
     home = tmp_path / "hf_home"
     monkeypatch.setenv("HF_HOME", str(home))
-    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
@@ -301,3 +302,26 @@ def test_plan_takes_a_hub_id_as_train_does_reading_its_config_alone(
     argv = ["plan", "--config", tiny, *small, "--config.train.micro_batch=2", "--json", str(out)]
     assert main([*argv, "--config.model.hf_path=tiny-org/tiny-llama"]) == 0
     assert json.loads(out.read_text())["model"]["hidden_size"] == want["hidden_size"]
+
+
+def test_cache_env_vars_expand_as_huggingface_hub_does(tiny_hf_checkpoints, unreachable_hub, monkeypatch):
+    """`HF_HUB_CACHE=~/hf` (and `HF_HOME=~/x`, `$VAR`s, the legacy `HUGGINGFACE_HUB_CACHE`) name the folders
+    huggingface_hub reads: a `~` folder under the working directory was looked for, so a cached commit
+    there cost a network call and the errors named a cache that is not the one read."""
+    cache, lookups = unreachable_hub
+    home = os.path.dirname(os.path.dirname(cache))
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.setenv("HF_HOME", "~/hf_home")
+    assert hub.cache_dir() == cache
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "~/legacy")
+    assert hub.cache_dir() == os.path.join(home, "legacy")
+    monkeypatch.setenv("MYCACHE", "hfc")
+    monkeypatch.setenv("HF_HUB_CACHE", "~/$MYCACHE")
+    mine = os.path.join(home, "hfc")
+    assert hub.cache_dir() == mine
+    snap = fill_hub_cache(mine, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-llama@{COMMIT}"), snap)
+    assert lookups == []  # the commit's snapshot was found in the cache as named
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_path("tiny-org/other")
+    assert f"not in the cache {mine}" in str(e.value) and "~" not in str(e.value)
