@@ -11,7 +11,9 @@ read at each call (huggingface_hub reads it once, at import). Only what a model 
 configs, safetensors, tokenizer files, the model card and license (never `original/` consolidated
 checkpoints or PyTorch `.bin` weights).
 
-A full 40-hex commit whose snapshot is cached is used with no network call (a commit cannot change).
+A full 40-hex commit whose snapshot is cached is used with no network call (a commit cannot change),
+unless it lacks a weights shard (completed online). A model's snapshot must hold its safetensors weights,
+every shard its index names: else one line naming the id and the file, not the loader's error at load.
 Otherwise one `repo_info` request, with a timeout (`HF_HUB_ETAG_TIMEOUT`, default 10 s) and no retries,
 first checks that the hub answers: when it does not, the cache alone is used (a missing snapshot is the
 one-line error at once, not huggingface_hub's ~25 s of retries). huggingface_hub's warnings (each retry,
@@ -119,6 +121,30 @@ def _unreachable(repo_id: str, revision: str | None, endpoint: str | None, token
     return None
 
 
+def _missing_weights(folder: str) -> str | None:
+    """What a model snapshot lacks of its safetensors weights (one short phrase), or None when every shard
+    its index names is there (a download cut short, a blob deleted from the cache: the link dangles)."""
+    import json
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # a malformed index: the loader's own error names it
+        missing = [n for n in shards if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            return f"{missing[0]}{more}, which its model.safetensors.index.json names"
+        return None
+    if not any(
+        n.endswith(".safetensors") and os.path.isfile(os.path.join(folder, n)) for n in os.listdir(folder)
+    ):
+        return "its *.safetensors weights (PyTorch .bin weights are not fetched: alignx reads safetensors)"
+    return None
+
+
 def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False) -> str:
     """The local snapshot folder of the hub id `path` (`org/name[@revision]`), downloaded unless cached
     or offline. `model`: the snapshot must hold a model (config.json), not a tokenizer alone.
@@ -156,6 +182,8 @@ def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False)
                 folder = snapshot(local_only=True)
             except Exception:  # an incomplete snapshot: completed online below
                 folder = None
+            if folder is not None and model and not config_only and _missing_weights(str(folder)):
+                folder = None  # a shard missing from the cache: completed online below
         if folder is None:
             down = None if is_offline else _unreachable(repo_id, revision, endpoint, token)
             try:
@@ -188,4 +216,19 @@ def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False)
         )
     if not any(os.path.isfile(os.path.join(folder, n)) for n in ("config.json", "tokenizer_config.json")):
         raise CheckpointError(f"{path}: hub snapshot {folder} has no config.json (not a transformers model)")
+    lacks = _missing_weights(folder) if model and not config_only else None
+    if lacks is not None:  # else the loader fails on the snapshot's path, naming neither the id nor why
+        if is_offline:
+            where, why = (
+                f"the cached snapshot {folder}",
+                "; HF_HUB_OFFLINE is set: run it once online to complete it",
+            )
+        elif down is not None:
+            where, why = (
+                f"the cached snapshot {folder}",
+                f", and the hub is unreachable ({down}) to complete it",
+            )
+        else:  # downloaded, and still lacking: the repo has no such file
+            where, why = "the repo", f" (downloaded to {folder})"
+        raise CheckpointError(f"{path}: hub model {repo_id}{at}: {where} lacks {lacks}{why}")
     return folder

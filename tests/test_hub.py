@@ -325,3 +325,102 @@ def test_cache_env_vars_expand_as_huggingface_hub_does(tiny_hf_checkpoints, unre
     with pytest.raises(CheckpointError) as e:
         resolve_model_path("tiny-org/other")
     assert f"not in the cache {mine}" in str(e.value) and "~" not in str(e.value)
+
+
+def _drop_last_shard(snap: str) -> str:
+    """Delete the blob of the snapshot's last shard (a download cut short): its link dangles; its name."""
+    shard = sorted(n for n in os.listdir(snap) if n.endswith(".safetensors"))[-1]
+    os.remove(os.path.realpath(os.path.join(snap, shard)))
+    return shard
+
+
+def test_a_cached_snapshot_missing_a_shard_is_one_line_naming_the_id(
+    tiny_hf_checkpoints, offline_hub, tmp_path, capsys
+):
+    """A cached snapshot whose index names a shard it lacks: one line naming the id and the shard when the
+    id resolves (the loader's line named the snapshot's path, not the id nor why), in every command."""
+    snap = fill_hub_cache(offline_hub, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    shard = _drop_last_shard(snap)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_path("tiny-org/tiny-llama", model=True)
+    msg = str(e.value)
+    assert msg.startswith("tiny-org/tiny-llama: hub model tiny-org/tiny-llama: the cached snapshot"), msg
+    assert f"lacks {shard}, which its model.safetensors.index.json names" in msg and "HF_HUB_OFFLINE" in msg
+    assert os.path.samefile(resolve_model_path("tiny-org/tiny-llama"), snap)  # as model.tokenizer: no weights
+    with open("x.json", "w") as f:
+        json.dump([], f)
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
+    for argv in (
+        ["import", "--hf", "tiny-org/tiny-llama", "--out", "ckpt"],
+        ["generate", "--model", "tiny-org/tiny-llama", "--prompt", "hi"],
+        ["eval", "--model", "tiny-org/tiny-llama", "--benchmark", "p-soups=x.json", "--out", "r.json"],
+        [
+            "train",
+            f"--config={tiny}",
+            f"--config.workdir={tmp_path / 'w'}",
+            "--config.model.hf_path=tiny-org/tiny-llama",
+        ],
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "hub model tiny-org/tiny-llama" in err and shard in err, (argv, err)
+    assert not os.path.exists("ckpt") and not (tmp_path / "w").exists()
+
+
+def test_a_cached_commit_missing_a_shard_is_completed_online(
+    tiny_hf_checkpoints, unreachable_hub, monkeypatch
+):
+    """A pinned commit's cached snapshot lacking a shard was used as it was, with no network call (the
+    loader failed on it later): it is completed online, and with the hub unreachable it is one line."""
+    import huggingface_hub
+
+    cache, lookups = unreachable_hub
+    snap = fill_hub_cache(cache, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    shard = _drop_last_shard(snap)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_path(f"tiny-org/tiny-llama@{COMMIT}", model=True)
+    msg = str(e.value)
+    assert "\n" not in msg and f"lacks {shard}" in msg and "hub is unreachable" in msg, msg
+    assert lookups.count("127.0.0.1") == 1  # it asked the hub
+    online = []
+    real = huggingface_hub.snapshot_download
+
+    def hub_answers(*args, **kwargs):  # the hub's download: the missing blob fetched again
+        online.append(kwargs["local_files_only"])
+        if not kwargs["local_files_only"]:
+            data = open(os.path.join(tiny_hf_checkpoints["llama"], shard), "rb").read()
+            with open(os.path.realpath(os.path.join(snap, shard)), "wb") as f:
+                f.write(data)
+            kwargs["local_files_only"] = True
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_answers)
+    monkeypatch.setattr(hub, "_unreachable", lambda *a: None)
+    assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-llama@{COMMIT}", model=True), snap)
+    assert online == [True, False] and os.path.isfile(os.path.join(snap, shard))
+
+
+def test_a_hub_model_without_safetensors_is_one_line(tiny_hf_checkpoints, offline_hub, capsys):
+    """A repo with PyTorch .bin weights alone (never fetched) has a config and no weights: one line naming
+    the id (the loaders named the snapshot folder, eval called it a training workdir)."""
+    import shutil
+
+    src = os.path.join(offline_hub, "src")
+    os.makedirs(src)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_hf_checkpoints["qwen2"], name), src)
+    fill_hub_cache(offline_hub, "bin-org/bin-only", src)
+    with open("x.json", "w") as f:
+        json.dump([], f)
+    for argv in (
+        ["generate", "--model", "bin-org/bin-only", "--prompt", "hi"],
+        ["import", "--hf", "bin-org/bin-only", "--out", "ckpt"],
+        ["eval", "--model", "bin-org/bin-only", "--benchmark", "p-soups=x.json", "--out", "r.json"],
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "hub model bin-org/bin-only" in err and "safetensors" in err, (
+            argv,
+            err,
+        )
+        assert "training workdir" not in err, err
