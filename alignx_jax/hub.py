@@ -145,6 +145,22 @@ def _missing_weights(folder: str) -> str | None:
     return None
 
 
+def _cached_commit(repo_id: str, revision: str | None, cache: str) -> str | None:
+    """`revision` for a cache-only lookup: a short commit (`@0123abc`) that no ref of the cache names is the
+    one cached snapshot whose commit it begins (huggingface_hub reads only `refs/<revision>` and full
+    commits, so a short one cached under its full name read as not cached); anything else as it is."""
+    if revision is None or not re.fullmatch(r"[0-9a-f]{7,39}", revision):
+        return revision
+    repo = _repo_folder(repo_id, cache)
+    if os.path.isfile(os.path.join(repo, "refs", revision)):
+        return revision
+    try:
+        found = [c for c in os.listdir(os.path.join(repo, "snapshots")) if c.startswith(revision)]
+    except OSError:
+        return revision
+    return found[0] if len(found) == 1 and _COMMIT.fullmatch(found[0]) else revision
+
+
 def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False) -> str:
     """The local snapshot folder of the hub id `path` (`org/name[@revision]`), downloaded unless cached
     or offline. `model`: the snapshot must hold a model (config.json), not a tokenizer alone.
@@ -164,7 +180,7 @@ def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False)
     def snapshot(local_only: bool) -> str:
         return snapshot_download(
             repo_id,
-            revision=revision,
+            revision=_cached_commit(repo_id, revision, cache) if local_only else revision,
             cache_dir=cache,
             endpoint=endpoint,
             token=token,

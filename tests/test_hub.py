@@ -424,3 +424,29 @@ def test_a_hub_model_without_safetensors_is_one_line(tiny_hf_checkpoints, offlin
             err,
         )
         assert "training workdir" not in err, err
+
+
+def test_a_short_commit_resolves_from_the_cache(tiny_hf_checkpoints, offline_hub):
+    """`org/name@0123abc` (a short commit, as the Hub takes) whose snapshot is cached under its full commit
+    read as not cached offline (huggingface_hub looks for `refs/0123abc`); one that begins two cached
+    commits, or none, is still the one-line error."""
+    snap = fill_hub_cache(offline_hub, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"])
+    assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-llama@{COMMIT[:7]}", model=True), snap)
+    assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-llama@{COMMIT[:12]}"), snap)
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_model_path("tiny-org/tiny-llama@abcdef0")
+    fill_hub_cache(
+        offline_hub, "tiny-org/tiny-llama", tiny_hf_checkpoints["llama"], commit=COMMIT[:8] + "f" * 32
+    )
+    with pytest.raises(CheckpointError, match="at revision 0123456 is not in the Hugging Face cache"):
+        resolve_model_path(f"tiny-org/tiny-llama@{COMMIT[:7]}")  # ambiguous: which is meant is not known
+
+
+def test_a_short_commit_resolves_from_the_cache_when_the_hub_is_unreachable(
+    tiny_hf_checkpoints, unreachable_hub
+):
+    """Online with no network, the cache alone answers for a short commit as it does offline."""
+    cache, lookups = unreachable_hub
+    snap = fill_hub_cache(cache, "tiny-org/tiny-qwen", tiny_hf_checkpoints["qwen2"])
+    assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-qwen@{COMMIT[:7]}", model=True), snap)
+    assert lookups.count("127.0.0.1") == 1
