@@ -141,7 +141,7 @@ def _missing_weights(folder: str) -> str | None:
     if not any(
         n.endswith(".safetensors") and os.path.isfile(os.path.join(folder, n)) for n in os.listdir(folder)
     ):
-        return "its *.safetensors weights (PyTorch .bin weights are not fetched: alignx reads safetensors)"
+        return "its *.safetensors weights"
     return None
 
 
@@ -246,5 +246,7 @@ def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False)
             )
         else:  # downloaded, and still lacking: the repo has no such file
             where, why = "the repo", f" (downloaded to {folder})"
+            if "index.json" not in lacks:  # no weights at all: most likely PyTorch .bin ones alone
+                why += "; PyTorch .bin weights are not fetched: alignx reads safetensors"
         raise CheckpointError(f"{path}: hub model {repo_id}{at}: {where} lacks {lacks}{why}")
     return folder

@@ -400,7 +400,7 @@ def test_a_cached_commit_missing_a_shard_is_completed_online(
     assert online == [True, False] and os.path.isfile(os.path.join(snap, shard))
 
 
-def test_a_hub_model_without_safetensors_is_one_line(tiny_hf_checkpoints, offline_hub, capsys):
+def test_a_hub_model_without_safetensors_is_one_line(tiny_hf_checkpoints, offline_hub, capsys, monkeypatch):
     """A repo with PyTorch .bin weights alone (never fetched) has a config and no weights: one line naming
     the id (the loaders named the snapshot folder, eval called it a training workdir)."""
     import shutil
@@ -424,6 +424,20 @@ def test_a_hub_model_without_safetensors_is_one_line(tiny_hf_checkpoints, offlin
             err,
         )
         assert "training workdir" not in err, err
+
+        assert "PyTorch .bin" not in err and "HF_HUB_OFFLINE" in err, err  # a cached one may be incomplete
+    # online, the hub's own snapshot lacks them: the .bin hint
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "_unreachable", lambda *a: None)
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda *a, **k: real(*a, **{**k, "local_files_only": True})
+    )
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_path("bin-org/bin-only", model=True)
+    assert "the repo lacks its *.safetensors weights" in str(e.value) and "PyTorch .bin" in str(e.value)
 
 
 def test_a_short_commit_resolves_from_the_cache(tiny_hf_checkpoints, offline_hub):
