@@ -83,7 +83,8 @@ def model_folder(model: str | None) -> str:
     hold a config.json (else a one-line ConfigError naming it)."""
     from alignx_jax.models.presets import SMOLLM2, resolve_model_path
 
-    path = resolve_model_path(SMOLLM2 if model is None else model)
+    # model=True: a hub id's snapshot must hold a model's weights, refused here before the out folder is written
+    path = resolve_model_path(SMOLLM2 if model is None else model, model=True)
     if not os.path.isfile(os.path.join(path, "config.json")):
         if path.lower().endswith(".gguf"):  # an existing one resolved to its converted folder
             raise ConfigError(f"--model {model}: no such GGUF file")

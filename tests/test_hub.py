@@ -360,11 +360,13 @@ def test_a_cached_snapshot_missing_a_shard_is_one_line_naming_the_id(
             f"--config.workdir={tmp_path / 'w'}",
             "--config.model.hf_path=tiny-org/tiny-llama",
         ],
+        ["demo", "--real", "--quick", "--model", "tiny-org/tiny-llama", "--out", "demo"],
     ):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "hub model tiny-org/tiny-llama" in err and shard in err, (argv, err)
-    assert not os.path.exists("ckpt") and not (tmp_path / "w").exists()
+    # refused before anything is written (the demo's loader failed after its out folder was made)
+    assert not os.path.exists("ckpt") and not (tmp_path / "w").exists() and not os.path.exists("demo")
 
 
 def test_a_cached_commit_missing_a_shard_is_completed_online(
