@@ -466,3 +466,39 @@ def test_a_short_commit_resolves_from_the_cache_when_the_hub_is_unreachable(
     snap = fill_hub_cache(cache, "tiny-org/tiny-qwen", tiny_hf_checkpoints["qwen2"])
     assert os.path.samefile(resolve_model_path(f"tiny-org/tiny-qwen@{COMMIT[:7]}", model=True), snap)
     assert lookups.count("127.0.0.1") == 1
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        ("GatedRepoError", "not found, or gated/private: set HF_TOKEN to a token with access"),
+        ("RepositoryNotFoundError", "not found, or gated/private: set HF_TOKEN to a token with access"),
+        ("RevisionNotFoundError", "no revision 'v9'"),
+        ("LocalEntryNotFoundError", "the hub is unreachable and it is not in the cache"),
+    ],
+)
+def test_the_hubs_errors_are_one_line_naming_the_id(offline_hub, monkeypatch, capsys, error, says):
+    """huggingface_hub's errors from a hub that answers (gated, private, missing repo or revision) as one
+    line naming the id and revision, from the resolver and from a command."""
+    import huggingface_hub
+    import huggingface_hub.errors
+
+    cls = getattr(huggingface_hub.errors, error)
+    exc = cls.__new__(cls)  # its constructor wants an HTTP response, whose class differs between releases
+    Exception.__init__(exc, "401 Client Error\nRequest ID: x\n\nmulti-line server text")
+
+    def hub_raises(*args, **kwargs):
+        raise exc
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "_unreachable", lambda *a: None)  # the hub answers
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_raises)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_path("gated-org/gated@v9", model=True)
+    assert (
+        str(e.value)
+        == f"gated-org/gated@v9: not a local folder, and hub model gated-org/gated at revision v9: {says}"
+    )
+    assert main(["generate", "--model", "gated-org/gated@v9", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "hub model gated-org/gated at revision v9" in err and says in err, err
