@@ -7,6 +7,7 @@ its values). The other way round, README names every sub-command, every flag and
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob
 import os
@@ -183,3 +184,96 @@ def test_readme_names_every_sub_command_flag_and_config_key():
     # a key is named in full (`loss.beta`) or by its name in its section's list (`beta`)
     missing += [k for k in FIELDS if k not in text and f"`{k.rsplit('.', 1)[-1]}`" not in text]
     assert not missing, missing
+
+
+PACKAGE = os.path.join(ROOT, "alignx_jax")
+FILE_SUFFIXES = ("json", "jsonl", "lock", "bad", "safetensors", "npy", "toml", "md", "png")
+
+
+def _module_names() -> dict[str, set[str]]:
+    """Each module of the package ('data.batching'; a package by its folder) -> its top-level names and
+    its classes' `Class.method` / `Class.field` names."""
+    out = {}
+    for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
+        module = os.path.relpath(path, PACKAGE)[: -len(".py")].replace(os.sep, ".")
+        module = module.removesuffix("__init__").rstrip(".")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        names = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+                for inner in node.body if isinstance(node, ast.ClassDef) else ():
+                    if isinstance(inner, ast.FunctionDef):
+                        names.add(f"{node.name}.{inner.name}")
+                    elif isinstance(inner, ast.AnnAssign) and isinstance(inner.target, ast.Name):
+                        names.add(f"{node.name}.{inner.target.id}")
+            elif isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names.add(node.target.id)
+            elif isinstance(node, ast.ImportFrom):  # a re-export
+                names.update(a.asname or a.name for a in node.names)
+        out[module] = names
+    return out
+
+
+def _architecture_tree() -> list[str]:
+    """The module paths ('models/config.py', 'evaluate/') of ARCHITECTURE.md's `alignx_jax/` tree."""
+    text = _read("docs/ARCHITECTURE.md")
+    block = text[text.index("```\nalignx_jax/") + 4 :]
+    listed, stack = [], []
+    for line in block[: block.index("\n```")].splitlines()[1:]:
+        m = re.match(r"( +)(\S+)", line)
+        if m and len(m.group(1)) <= 4 and m.group(2).endswith((".py", "/")):  # deeper: a description
+            stack = [*stack[: (len(m.group(1)) - 2) // 2], m.group(2)]
+            listed.append("".join(stack))
+    return listed
+
+
+def test_architecture_lists_every_module_and_only_those():
+    listed = _architecture_tree()
+    modules = {
+        os.path.relpath(p, PACKAGE)
+        for p in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
+        if not p.endswith("__init__.py")
+    }
+    assert [p for p in listed if not os.path.exists(os.path.join(PACKAGE, p))] == []
+    assert sorted(modules - set(listed)) == []
+
+
+@pytest.mark.parametrize("doc", ["docs/ARCHITECTURE.md", "README.md"])
+def test_the_code_names_the_docs_give_exist(doc):
+    """`paths.tmp_path`, `train.step.model_pair_logps`, `models/presets.py:resolve_model_path`: a module of
+    the package (by its path or the tail of it) and a name it defines; a `dir/file.py` a file of the
+    checkout. README's are its `alignx_jax.`-spelled names and its `dir/file.py` paths."""
+    modules = _module_names()
+    wrong, found = [], 0
+    for m in re.finditer(
+        r"`((?:alignx_jax\.)?[a-z_]+(?:[./][a-z_0-9]+)*(?:\.py:|\.)[A-Za-z_][\w.]*)", _read(doc)
+    ):
+        ref = m.group(1).rstrip(".")
+        if (
+            doc == "README.md"
+            and not ref.startswith("alignx_jax.")
+            and not re.fullmatch(r"[\w/]+/\w+\.py", ref)
+        ):
+            continue  # README's `data.train` is a config key, `tokenizer.ggml.model` a GGUF field
+        if ref.endswith(".py"):
+            found += 1
+            if not any(os.path.exists(os.path.join(d, ref)) for d in (ROOT, PACKAGE)):
+                wrong.append(f"`{ref}`: no such file")
+            continue
+        if ref.rsplit(".", 1)[-1] in FILE_SUFFIXES or ref in FIELDS or ref in SUB_SECTIONS:
+            continue
+        parts = ref.removeprefix("alignx_jax.").replace(".py:", ".").replace("/", ".").split(".")
+        for i in range(len(parts), 0, -1):  # the longest leading part that names a module
+            head, rest = ".".join(parts[:i]), ".".join(parts[i:])
+            owners = [mod for mod in modules if mod == head or mod.endswith("." + head)]
+            if owners:
+                found += 1
+                if rest and not any(rest in modules[mod] for mod in owners):
+                    wrong.append(f"`{ref}`: {owners} define no {rest}")
+                break
+    assert not wrong, f"{doc}: {wrong}"
+    assert found > 20, found
