@@ -871,3 +871,19 @@ def test_predict_preferences_out_never_replaces_an_input_or_another_file(target,
     )
     err = capsys.readouterr().err
     assert "--out" not in err and "head" in err.lower(), err
+
+
+def test_predict_preferences_refuses_a_split_folder_as_eval_does(world, exported, tmp_path, capsys):
+    """--data on an `alignx data split` folder: read whole, its metrics would count the training half; one
+    line naming the half to give, as eval's --benchmark says, before the model loads."""
+    from alignx_jax.cli import main
+
+    out, _, _ = exported
+    split = tmp_path / "split"
+    for half, rows in (("train", world[:3]), ("test", world[3:5])):
+        (split / half).mkdir(parents=True)
+        (split / half / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["predict-preferences", "--model", out, "--data", str(split)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name the one to annotate" in err[0] and f"{split}/test" in err[0], err
+    assert main(["predict-preferences", "--model", out, "--data", str(split / "test")]) == 0

@@ -25,7 +25,7 @@ from alignx_jax.data.persona import (
     persona_text,
     profile_text,
 )
-from alignx_jax.data.schema import load, read_persona_file
+from alignx_jax.data.schema import load, read_persona_file, refuse_split_folder
 from alignx_jax.errors import CheckpointError, ConfigError, DataError
 from alignx_jax.hardware import AUTO, matmul_precision
 from alignx_jax.models.preference_head import (
@@ -242,6 +242,8 @@ def _read_inputs(args: Any):
         _refuse_foreign_out(args)
         distributed.check_output(args.out, "--out")
     # --data or --persona read before the model resolves and loads: a missing, empty or malformed one fails first
+    if args.data is not None:  # read whole, a split folder's metrics would count its training half
+        refuse_split_folder(args.data, "annotate")
     loaded = None if args.data is None else load(args.data)
     persona_row = None if args.persona is None else read_persona_file(args.persona, needs="ica")
     if loaded is not None and not loaded.rows:
