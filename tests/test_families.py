@@ -1,5 +1,6 @@
 """Mistral, Qwen3, Gemma and Gemma 2 vs transformers: float32 logits (left padding, sliding windows, soft-capping),
-KV-cache decoding, greedy generation, and the import/export round trip that transformers loads."""
+KV-cache decoding, greedy generation, the import/export round trip that transformers loads, and (Llama and
+Qwen2 too) the DPO and eval response log-probs in every batch layout."""
 
 from __future__ import annotations
 
@@ -544,3 +545,108 @@ def test_gemma2_dpo_log_probs_apply_the_final_soft_cap(models):
         }
     )
     np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-4, atol=1e-4)
+
+
+def _hf_response_logps(hf, examples) -> np.ndarray:
+    """transformers' float64 log-softmax of each response token given its prompt, summed: `[n, 2]`."""
+    out = np.zeros((len(examples), 2))
+    for k, ex in enumerate(examples):
+        for j, resp in enumerate((ex.chosen_ids, ex.rejected_ids)):
+            ids = torch.tensor([ex.prompt_ids + resp])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids).logits.double()[0, :-1], -1)
+            tok = logp.gather(-1, ids[0, 1:, None])[:, 0].numpy()
+            out[k, j] = tok[len(ex.prompt_ids) - 1 :].sum()
+    return out
+
+
+def _pair_layouts(seed: int):
+    """Five random pairs (prompts of 3-11 tokens, responses of 2-9) and a dummy pair: the examples,
+    their collated two-row batch, its shared-prompt rows and those packed several pairs to a row."""
+    from alignx_jax.data import batching
+
+    rng = np.random.default_rng(seed)
+    draw = lambda lo, hi: [int(t) for t in rng.integers(6, 4000, size=int(rng.integers(lo, hi)))]
+    examples = [
+        batching.DPOExample(prompt_ids=draw(3, 12), chosen_ids=draw(2, 10), rejected_ids=draw(2, 10), index=i)
+        for i in range(5)
+    ]
+    # one dummy pair, as a batch padded to a fixed size holds
+    two = batching.collate(examples, buckets=(24, 32), pad_id=0, num_pairs=6)
+    one = batching.share_prompt(two, buckets=(24, 32, 48), pad_id=0)
+    return examples, two, one, batching.pack_pairs(one, groups=2, length=48, pad_id=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2"])
+def test_dpo_and_eval_log_probs_match_transformers_in_every_layout(tiny_hf_checkpoints, models, kind):
+    """Each family's summed response log-probs, as training reads them in every batch layout (two rows
+    with the plain / chunked / response-window / compacted scoring, one shared-prompt row per pair,
+    pairs packed several to a row, compacted too) and as `alignx eval` scores them (both layouts), equal
+    transformers' per-token log-softmax on each pair's ids alone. The pairs are longer than the 5-token
+    windows (Mistral on every layer, Gemma 2 on layer 0) and Gemma 2's caps bite (test_family_features_bite),
+    so a window that crosses a packed pair's or a branch's edge, or a cap one path skips, shows here."""
+    from alignx_jax import batch as bt
+    from alignx_jax.evaluate import SequenceScorer
+    from alignx_jax.sharding import make_mesh
+    from alignx_jax.train.step import model_pair_logps
+
+    if kind in models:
+        ours, hf = models[kind]
+    else:
+        ours, hf = load_pretrained(tiny_hf_checkpoints[kind]), _hf_model(tiny_hf_checkpoints[kind])
+    examples, two, one, packed = _pair_layouts(seed=4)
+    B = two["pair_mask"].shape[0]
+    assert packed["segment_ids"].max() >= 2  # rows hold several pairs: positions restart inside a row
+    if ours.cfg.sliding_window is not None:
+        assert all(ours.cfg.window_cuts(x["input_ids"].shape[1]) for x in (two, one, packed))
+    want = _hf_response_logps(hf, examples)
+    layouts = {
+        "two rows": (bt.to_microbatches(two, 1), None),
+        "two rows, chunked": (bt.to_microbatches(two, 1), 5),
+        "response window": (bt.to_microbatches(two, 1, window=0), 3),
+        "window, compacted": (bt.to_microbatches(two, 1, window=0, tokens=(2, 0)), None),
+        "shared prompt": (bt.to_microbatches(one, 1), None),
+        "shared, compacted": (bt.to_microbatches(one, 1, tokens=(1, 0)), 4),
+        "packed": (bt.to_microbatches(packed, 1), 4),
+        "packed, compacted": (bt.to_microbatches(packed, 1, tokens=(2, 0)), None),
+    }
+    got = {
+        name: np.asarray(model_pair_logps(ours, x.microbatch(0), chunk))
+        for name, (x, chunk) in layouts.items()
+    }
+    assert (
+        layouts["window, compacted"][0].tokens is not None
+        and layouts["packed, compacted"][0].tokens is not None
+    )
+    mesh = make_mesh(devices=jax.devices()[:1])
+    for shared in (False, True):
+        lp = SequenceScorer(ours, mesh, share_prompt=shared)(two)
+        got[f"eval, share_prompt={shared}"] = np.stack([lp[:B], lp[B:]], axis=-1)
+    for name, lp in got.items():
+        np.testing.assert_allclose(lp[:5], want, rtol=1e-4, atol=1e-4, err_msg=name)
+        assert (lp[5] == 0).all(), name  # the dummy pair scores nothing
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_windowed_log_prob_gradients_are_the_same_in_every_layout(models, kind):
+    """The gradient training takes through the windowed, soft-capped attention (the custom-VJP kernel)
+    is the two-row layout's in the shared-prompt and packed layouts, compacted or not."""
+    from alignx_jax import batch as bt
+    from alignx_jax.train.step import model_pair_logps
+
+    ours, _ = models[kind]
+    _, two, one, packed = _pair_layouts(seed=5)
+    weight_B2 = jnp.asarray(np.random.default_rng(0).normal(size=(6, 2)), jnp.float32)
+
+    def grads(x, chunk=None):
+        loss = lambda m: jnp.sum(model_pair_logps(m, x.microbatch(0), chunk) * weight_B2)
+        return [np.asarray(g) for g in jax.tree.leaves(nnx.state(nnx.grad(loss)(ours)))]
+
+    want = grads(bt.to_microbatches(two, 1))
+    for name, x in {
+        "window, compacted": bt.to_microbatches(two, 1, window=0, tokens=(2, 0)),
+        "shared prompt": bt.to_microbatches(one, 1),
+        "packed, compacted": bt.to_microbatches(packed, 1, tokens=(2, 0)),
+    }.items():
+        for a, b in zip(want, grads(x, chunk=3)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()), err_msg=name)
