@@ -151,6 +151,22 @@ def test_segment_ids_isolate_packed_sequences(models):
     assert _rel(fwd(ours, packed, pos, jnp.ones_like(seg))[0, 7:], alone(ours, b[None])[0]) > 1e-3
 
 
+def test_segment_ids_without_positions_restart_positions_per_segment(tiny_hf_checkpoints):
+    # bfloat16 cos/sin round differently at other absolute positions (float32 RoPE is shift-invariant)
+    ours = load_pretrained(tiny_hf_checkpoints["llama"], compute_dtype="bfloat16")
+    packed = jnp.concatenate([jnp.arange(6, 13), jnp.arange(100, 105), jnp.zeros(3, jnp.int32)])[None]
+    mask = jnp.asarray([[1] * 12 + [0] * 3])
+    seg = jnp.asarray([[1] * 7 + [2] * 5 + [0] * 3])  # padding after the two sequences, as pack_pairs
+    pos = jnp.asarray([list(range(7)) + list(range(5)) + [0] * 3])
+    fwd = nnx.jit(
+        lambda m, i, a, p, s: m.hidden_states(i, a, positions_BT=p, segment_ids_BT=s).astype(jnp.float32)
+    )
+    given = fwd(ours, packed, mask, pos, seg)
+    assert _rel(fwd(ours, packed, mask, None, seg)[0, :12], given[0, :12]) < 1e-4
+    # the check can fail: positions numbered across the row give other states
+    assert _rel(fwd(ours, packed, mask, jnp.arange(15)[None], seg)[0, 7:12], given[0, 7:12]) > 1e-3
+
+
 def test_every_param_has_logical_axes(models):
     for ours, _ in models.values():
         for path, var in nnx.to_flat_state(nnx.state(ours)):

@@ -317,6 +317,8 @@ class Decoder(nnx.Module):
         `output_embedding()` instead of materialising [B, T, V]; then `cap_logits` for a config
         with final logit soft-capping).
 
+        segment_ids_BT: packed sequences (1, 2, ... per sequence in a row): a token sees its own
+        sequence only; positions, when not given, restart at each sequence.
         branch_ids_BT: a shared prefix with branches (0 = the prefix, k > 0 = branch k): a token of
         branch k sees the prefix and its own branch only, so one row holds a prompt and both of a
         pair's responses (`batching.share_prompt`) with the attention each has in a row of its own.
@@ -580,15 +582,30 @@ def _check_call(cache, segment_ids_BT, layout, per_layer: bool) -> None:
         raise ValueError("per-layer params are for KV-cached decoding; pass a per-layer cache")
 
 
+def _default_positions(mask_BT, segment_ids_BT):
+    """Positions counting real tokens only (left padding), restarting at each segment (a packed row
+    holds several sequences, each numbered from 0 as in a row of its own)."""
+    count_BT = jnp.cumsum(mask_BT, axis=-1)
+    if segment_ids_BT is not None:
+        seg_BT = jnp.asarray(segment_ids_BT)
+        first_BT = jnp.concatenate(
+            [jnp.ones_like(seg_BT[:, :1], jnp.bool_), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1
+        )
+        # each token's segment start: the latest start at or before it
+        start_BT = jax.lax.cummax(jnp.where(first_BT, jnp.arange(seg_BT.shape[1]), 0), axis=1)
+        count_BT = count_BT - jnp.take_along_axis(count_BT - mask_BT.astype(count_BT.dtype), start_BT, axis=1)
+    return jnp.maximum(count_BT - 1, 0)
+
+
 def _visible_keys(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT, cache, fresh_cache: bool):
     """Which keys each query sees: (positions_BT, allowed_BTS, back_BTS (how far back each key is),
     kv_mask_BS (the cache's key mask after this call; None without a cache), index (the cache slot this
     call writes from; None when it starts at 0)). Positions, when not given, count real tokens only
-    (left padding), continuing from those already in the cache."""
+    (left padding), restarting at each segment (packed rows); with a cache, continuing from those in it."""
     kv_mask_BS, index = None, None
     if cache is None or fresh_cache:
         if positions_BT is None:
-            positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0)
+            positions_BT = _default_positions(mask_BT, segment_ids_BT)
         allowed_BTS, back_BTS = self_attention_allowed(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT)
         if fresh_cache:  # an empty cache written from slot 0
             kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, 0))
