@@ -414,6 +414,30 @@ def test_eval_resolves_the_model_path_once(capsys, monkeypatch, llama, tmp_path)
     assert json.loads(out.read_text())["model"] == llama
 
 
+def test_results_record_the_model_and_reference_as_given_beside_the_folders_scored(
+    capsys, monkeypatch, llama, tmp_path
+):
+    """A hub id resolves to a snapshot folder: the results name that folder (`model`, `reference`, what
+    the model card and a resume compare) and the id the user gave (`model_id`, `reference_id`)."""
+    from alignx_jax.models import presets
+
+    real = presets.resolve_model_path
+
+    def resolve(p, **kw):  # "org/policy" and "org/ref" stand for hub ids
+        return llama if p in ("org/policy", "org/ref") else real(p, **kw)
+
+    monkeypatch.setattr(presets, "resolve_model_path", resolve)
+    out, per = tmp_path / "r.json", tmp_path / "per.jsonl"
+    argv = ["--benchmark", f"p-soups={PSOUPS}", "--limit", "2", "--out", str(out), "--per-example", str(per)]
+    code, _, err = _run(capsys, "--model", "org/policy", "--reference", "org/ref", *argv)
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert (res["model"], res["model_id"]) == (os.path.abspath(llama), "org/policy")
+    assert (res["reference"], res["reference_id"]) == (os.path.abspath(llama), "org/ref")
+    assert list(res)[:4] == ["model", "model_id", "reference", "reference_id"]
+    assert {r["model"] for r in _read_jsonl(per)} == {os.path.abspath(llama)}
+
+
 def test_a_refused_eval_leaves_no_folders_for_its_out(capsys, tmp_path):
     """--out's writability is probed without making its folders (the write makes them): a command refused
     after that check (a flag its method does not read) left `new/sub/` behind; a file where a folder of
@@ -508,6 +532,7 @@ def test_results_json_keys_and_interval(ica_run, llama):
     ):
         assert key in res
     assert res["model"] == os.path.abspath(llama) and res["reference"] is None
+    assert "model_id" not in res and "reference_id" not in res  # a folder given is the folder scored
     # the resolved scoring settings (--dtype auto picks per machine)
     assert (res["dtype"], res["param_dtype"], res["batch_size"], res["share_prompt"]) == (
         "float32",

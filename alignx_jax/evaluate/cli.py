@@ -124,6 +124,7 @@ def cli_eval(args: argparse.Namespace) -> int:
                 cpu_matmul=args.cpu_matmul,
                 matmul_precision=args.matmul_precision,
                 reference_scores=args.reference_scores,
+                model_given=args.model,
             )
         except OSError as e:  # unreadable or unwritable files are the user's to fix
             raise AlignXError(f"eval: {e}") from e

@@ -623,9 +623,12 @@ def _results_header(
     sc: _Scoring,
     data: Sequence[tuple[BenchmarkSpec, BenchmarkSample]],
     files: dict[str, dict[str, str]] | None = None,
+    given: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """The settings a results file records beside its accuracies; a folder's file keys (`_folder_files`)
-    are named with their file and their folder's personas, and the rows each key scored (`data`'s picks)."""
+    are named with their file and their folder's personas, and the rows each key scored (`data`'s picks).
+    `given`: `--model` / `--reference` as the user gave them, recorded as `model_id` / `reference_id` where
+    they name another place than the folder scored (a hub id, a gs:// folder, a .gguf file)."""
     settings = sc.settings
     files = files or {}
     scored = {
@@ -633,9 +636,15 @@ def _results_header(
         for spec, sample in data
         for key, f in [(spec.key, None), *files.get(spec.key, {}).items()]
     }
+    names: dict[str, Any] = {}
+    for key, value in (("model", paths.absolute(model_dir)), ("reference", sc.scored_with["reference"])):
+        names[key] = value
+        as_given = (given or {}).get(key)
+        # readers compare the resolved `model` (the place scored); the id says what the user asked for
+        if isinstance(as_given, str) and isinstance(value, str) and not paths.same_place(as_given, value):
+            names[f"{key}_id"] = as_given
     return {
-        "model": paths.absolute(model_dir),
-        "reference": sc.scored_with["reference"],
+        **names,
         # the file or folder each benchmark key scored (a key alone does not say which P-SOUPS file)
         "benchmark_paths": {
             key: paths.absolute(path)
@@ -684,13 +693,15 @@ def evaluate(
     reference_scores: str | None = None,
     cpu_matmul: str = "auto",
     matmul_precision: str = "auto",
+    model_given: str | None = None,
 ) -> dict[str, Any]:
     """Score every benchmark (and persona variant) and return the results dict of `alignx eval`.
     reference_scores: a per-example file of the reference model (`StoredScores`), instead of
     `reference_dir`. cpu_matmul: the models' `DecoderConfig.cpu_matmul` (`alignx eval --cpu-matmul`).
     matmul_precision: `hardware.matmul_precision`'s level for the scoring programs (`--matmul-precision`).
     per_example_log: `per_example` already opened by the caller (`PerExampleLog.for_job`), which closes it;
-    None: opened here, first."""
+    None: opened here, first. model_given: `--model` as the user gave it where `model_dir` is what the caller
+    resolved it to (a hub id's snapshot folder); recorded beside it."""
 
     # first, before anything is resolved or loaded: the file's own check refuses another command's rows (or
     # a folder, or lines that are not rows) up front; every process opens it, process 0 alone writes it,
@@ -698,6 +709,7 @@ def evaluate(
     log = PerExampleLog.for_job(per_example) if per_example_log is None else per_example_log
     try:
         _check_same_rows_everywhere(log)
+        given = {"model": model_dir if model_given is None else model_given, "reference": reference_dir}
         model_dir, reference_dir = _check_inputs(model_dir, reference_dir, settings, reference_scores)
         ref_scores = scoring.StoredScores(reference_scores) if reference_scores is not None else None
         # Read every benchmark first: a bad file fails before minutes of model loading.
@@ -732,7 +744,7 @@ def evaluate(
             log.close()
 
     files = _folder_files(benchmarks, data)
-    results = _results_header(model_dir, benchmarks, sc, data, files)
+    results = _results_header(model_dir, benchmarks, sc, data, files, given)
     results["matmul_precision"] = level
     results["benchmarks"] = _summaries(
         benchmarks, {**per_key, **_per_file(per_key, data, files)}, settings, files
