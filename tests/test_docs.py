@@ -277,3 +277,21 @@ def test_the_code_names_the_docs_give_exist(doc):
                 break
     assert not wrong, f"{doc}: {wrong}"
     assert found > 20, found
+
+
+def test_the_hub_id_section_names_every_model_flag():
+    """README's hub-id list names each command flag that resolves a model (`resolve_model_path`), and
+    `alignx plan`, which reads a hub id's config.json for `model.hf_path`."""
+    text = _read("README.md")
+    section = " ".join(text[text.index("### Hub ids") :].split("\n\n", 2)[1].split())
+    spans = re.findall(r"`alignx ([a-z-]+)([^`]*)`", section)
+    missing = [
+        f"alignx {name} {flag}"
+        for name, parser in COMMANDS.items()
+        for flag in _flags(parser)
+        if flag in ("--model", "--reference", "--hf")
+        and not any(cmd == name and re.search(re.escape(flag) + r"(?![\w-])", rest) for cmd, rest in spans)
+    ]
+    if "`alignx plan`'s `model.hf_path`" not in section:
+        missing.append("alignx plan model.hf_path")
+    assert not missing, missing
