@@ -134,7 +134,9 @@ STAGES_DIR = "stages"  # OUT/stages/NAME.json: a finished stage's marker
 
 
 class Stages:
-    """Runs named stages once: a stage whose marker file exists is skipped on a rerun."""
+    """Runs named stages once: a stage whose marker file exists is skipped on a rerun. `seconds`: each
+    stage's own wall time, also a reused one's (its marker's, from the run that did it); `reused`: those
+    found done."""
 
     def __init__(self, out: str, names: Sequence[str], progress: bool = True):
         from alignx_jax.metrics import progress_bar
@@ -143,7 +145,12 @@ class Stages:
         os.makedirs(self.dir, exist_ok=True)
         self.bar = progress_bar(total=len(names), desc="demo", unit="stage", disable=not progress)
         self.seconds: dict[str, float] = {}
-        self.reused_seconds = 0.0  # what the stages found done took when they ran
+        self.reused: list[str] = []
+
+    @property
+    def reused_seconds(self) -> float:
+        """What the stages found done took when they ran."""
+        return sum(self.seconds[name] for name in self.reused)
 
     def marker(self, name: str) -> str:
         return os.path.join(self.dir, name.replace("/", "_") + ".json")
@@ -153,8 +160,8 @@ class Stages:
         self.bar.set_description(f"demo: {name}")
         if os.path.isfile(path):
             info = read_json(path)
-            self.seconds[name] = 0.0
-            self.reused_seconds += info["seconds"]
+            self.seconds[name] = info["seconds"]
+            self.reused.append(name)
         else:
             t0 = time.perf_counter()
             value = fn()
@@ -549,6 +556,8 @@ def run_demo(
         "synthetic_data": data["stats"],
         "pba_head": head,
         "stage_seconds": stages.seconds,
+        # their seconds are the earlier run's, as the total counts them
+        "reused_stages": stages.reused,
         "budget": {k: v for k, v in vars(budget).items() if k != "config"},
     }
     write_json(os.path.join(out, "results.json"), results)

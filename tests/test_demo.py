@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,7 +75,16 @@ def test_quick_demo_writes_every_file_and_reruns_from_its_stages(tmp_path):
     # its time counts the stages it reused (it reported its own second or two as the demo's)
     stage_seconds = sum(json.loads(p.read_text())["seconds"] for p in (out / "stages").iterdir())
     assert res2["seconds"] >= stage_seconds > 0
-    assert f"({res2['seconds']:.0f} s wall)" in (out / "report.md").read_text()
+    report2 = (out / "report.md").read_text()
+    assert f"({res2['seconds']:.0f} s wall)" in report2
+    # the report's stage times are the stages' own, reused ones too, so they add up within the total
+    setup = json.loads(report2.split("## Setup", 1)[1].split("```")[1])
+    assert setup["stage_seconds"] == {
+        n: json.loads((out / "stages" / (n.replace("/", "_") + ".json")).read_text())["seconds"]
+        for n in setup["stage_seconds"]
+    }
+    assert set(setup["reused_stages"]) == set(setup["stage_seconds"])
+    assert sum(setup["stage_seconds"].values()) == pytest.approx(stage_seconds)
     stages = {p: json.loads((out / "stages" / p).read_text()) for p in os.listdir(out / "stages")}
     # init, synth, 3 trainings, the head, 5 evaluations; the P-SOUPS split adds its own stages
     assert len(stages) >= (12 if os.path.isfile(demo.DEFAULT_PSOUPS) else 11)
@@ -354,6 +364,22 @@ def test_attach_head_records_a_two_stage_head_and_lists_it_in_the_export(tmp_pat
     before = (tmp_path / "pba" / ph.HEAD_WEIGHTS_FILE).read_bytes()
     assert demo.attach_head(budget, export_dir=model_dir, data=data["train"], seed=0) == {"mode": "joint"}
     assert (tmp_path / "pba" / ph.HEAD_WEIGHTS_FILE).read_bytes() == before
+
+
+def test_a_reused_stage_reports_the_seconds_it_took(tmp_path):
+    """A stage a rerun finds done is listed with its own seconds (its marker's), marked reused, as the
+    total counts it; it was listed as 0.0 while the total held its time."""
+    first = demo.Stages(str(tmp_path), ["a", "b"], progress=False)
+    assert first.run("a", lambda: time.sleep(0.05) or 1) == 1
+    first.close()
+    took = first.seconds["a"]
+    assert took >= 0.05 and first.reused == []
+    rerun = demo.Stages(str(tmp_path), ["a", "b"], progress=False)
+    assert rerun.run("a", lambda: pytest.fail("a finished stage ran again")) == 1
+    assert rerun.run("b", lambda: 2) == 2
+    rerun.close()
+    assert rerun.seconds["a"] == took and rerun.reused == ["a"]
+    assert rerun.reused_seconds == took and "b" in rerun.seconds
 
 
 def test_init_redone_over_the_folder_a_killed_run_left_before_its_marker(tmp_path):
