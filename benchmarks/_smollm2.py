@@ -1,8 +1,10 @@
 """Shared setup of the scoring and generation benchmarks: SmolLM2-135M's shape (or the real model),
-the same weights on both sides, P-SOUPS-like token lengths, and interleaved timing helpers."""
+the same weights on both sides, P-SOUPS-like token lengths, and interleaved timing helpers; and what every
+benchmark shares: the machine description, the flag checks and the `--json` output."""
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
@@ -10,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from alignx_jax import allocator, hardware
+from alignx_jax import allocator, hardware, paths
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json), as LlamaConfig keywords.
 SMOLLM2_SHAPE: dict[str, Any] = dict(
@@ -147,3 +149,24 @@ def ratios(jax_times: list[float], torch_times: list[float]) -> dict[str, Any]:
     """Speed ratio (torch time / JAX time) per round and the median of the per-round ratios."""
     per_round = [t / j for j, t in zip(jax_times, torch_times)]
     return {"jax_vs_transformers": statistics.median(per_round), "jax_vs_transformers_per_round": per_round}
+
+
+def _is_json_output(p: str) -> bool:
+    return isinstance(paths.read_json(p), dict)
+
+
+def check_json_out(dest: str | None, inputs: tuple[tuple[str, str | None], ...] = ()) -> None:
+    """Refuse, before any work, a `--json` that could not be written (a folder, an unwritable place) or that
+    would replace a file other than an earlier benchmark JSON (notes, one of `inputs`): one line, exit 1."""
+    if dest is None:
+        return
+    problem = paths.refuse_unwritable("--json", dest, folder=False) or paths.refuse_to_replace(
+        "--json", dest, inputs, _is_json_output, "a benchmark's JSON output"
+    )
+    if problem:
+        raise SystemExit(problem)
+
+
+def write_json_out(dest: str, out: dict[str, Any], indent: int = 2) -> None:
+    """`out` to `dest` under a temporary name, then renamed: a failed or killed write leaves no half file."""
+    paths.write_all({dest: (json.dumps(out, indent=indent) + "\n").encode("utf-8")})

@@ -256,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.warmup = max(1, args.warmup)  # the first step compiles nothing but still pays first-touch costs
+    dpo_step.common.check_json_out(args.json)
     out = run_variant(args) if args.variant else run_all(args)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(json.dumps(out, indent=2) + "\n")
+        dpo_step.common.write_json_out(args.json, out)
     if not args.variant:
         print(json.dumps(out, indent=2))
     return 0

@@ -24,7 +24,6 @@ step's loss (every variant must agree), with the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -111,11 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     args = p.parse_args(argv)
+    common.check_json_out(args.json)
     out = run(args)
-    text = json.dumps(out, indent=2)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        common.write_json_out(args.json, out)
     for name, v in out["variants"].items():
         rel = v.get("step_vs_default_per_round")
         print(

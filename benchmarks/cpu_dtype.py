@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="out", default=None)
     args = p.parse_args(argv)
+    common.check_json_out(args.out, (("--p-soups", args.p_soups),))
     out = run(args)
     print(
         json.dumps(
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
+        common.write_json_out(args.out, out, indent=1)
     return 0
 
 

@@ -808,11 +808,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_json_out(args.json)
     out = run(args)
-    text = json.dumps(out, indent=2)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        common.write_json_out(args.json, out)
     keys = (
         "jax_layout",
         "jax_tokens_per_sec",

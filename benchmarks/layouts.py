@@ -20,7 +20,6 @@ the tokens (padding included) each pushes through the model per step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -68,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pack-length", type=int, default=1024, help="row length of the packed layout")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    import _smollm2  # beside this script
+
+    _smollm2.check_json_out(args.json)
 
     import jax
     import jax.numpy as jnp
@@ -162,8 +164,6 @@ def main(argv=None) -> int:
     base = results["full_logits"]["step_seconds"]
     for r in results.values():
         r["speedup_vs_full_logits"] = base / r["step_seconds"]
-    import _smollm2  # beside this script
-
     out = {
         "method": args.method,
         "pairs": args.pairs,
@@ -176,9 +176,7 @@ def main(argv=None) -> int:
         **_smollm2.machine(),
     }
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        _smollm2.write_json_out(args.json, out)
     return 0
 
 

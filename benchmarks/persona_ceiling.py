@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from alignx_jax import allocator, demo, demo_real  # noqa: E402
+from alignx_jax import allocator, demo, demo_real, paths  # noqa: E402
 from alignx_jax.data import persona as persona_lib  # noqa: E402
 from alignx_jax.data.contrast import persona_groups  # noqa: E402
 from alignx_jax.demo_report import read_json, write_json  # noqa: E402
@@ -201,6 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.abspath(args.out or run.rstrip(os.sep) + ".persona_ceiling")
         if out == run or out.startswith(run + os.sep):
             raise DataError("--out must be outside the run it reads", file=out)
+        # before the hours of training: the write at the end would fail there (a folder, no permission)
+        # or overwrite the run's own results
+        problem = paths.refuse_unwritable("--json", args.json, folder=False) or paths.refuse_to_replace(
+            "--json",
+            args.json,
+            (("run", run),),
+            lambda p: isinstance(paths.read_json(p), dict),
+            "a JSON output",
+        )
+        if problem:
+            raise AlignXError(problem)
         demo.claim_out(out, {"persona_ceiling": run})
         budget = demo_real.RealBudget(info["quick"])
         rows = read_json(info["split"]["train"])

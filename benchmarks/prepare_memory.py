@@ -23,6 +23,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import _smollm2 as common  # noqa: E402  (the --json checks every benchmark shares)
 
 IMPORTS = (
     "import tensorflow_datasets, pyarrow.parquet; from alignx_jax.data import schema, sources, tfds_builder"
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs-per-user", type=int, default=40)
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
+    common.check_json_out(a.json)
     with tempfile.TemporaryDirectory() as tmp:
         from alignx_jax.data import synth
 
@@ -67,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_rows": _child(IMPORTS + "; import sys; schema.load_rows(sys.argv[1])", data),
         }
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    with open(a.json, "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_json_out(a.json, result, indent=1)
     print(json.dumps(result))
     return 0
 

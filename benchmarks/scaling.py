@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -86,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     bench = _dpo_step()
+    bench.common.check_json_out(args.json)
     base = dict(bench.SIZES[args.base_size])
     L, B = args.seq_len, args.batch
     points = [
@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out = {"rows": rows, "load_average": list(os.getloadavg()), **bench.common.machine()}
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
-            f.write("\n")
+        bench.common.write_json_out(args.json, out)
     return 0
 
 

@@ -206,10 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_json_out(args.json)
     out = run(args)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(json.dumps(out, indent=2) + "\n")
+        common.write_json_out(args.json, out)
     keys = (
         "jax_pairs_per_sec",
         "transformers_pairs_per_sec",

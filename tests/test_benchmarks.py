@@ -211,3 +211,62 @@ def test_limit_on_a_folder_takes_its_files_in_turn(tmp_path):
     assert benchmarks.benchmark_sample("uf-p-4", str(tmp_path / "honesty.json"), limit=5).picks == (
         benchmarks.balanced_sample(one, 5, seed=0)
     )
+
+
+# ---- every benchmark script: its --json is checked before the work ----------------
+
+# (script, the function its main hands the work to)
+_SCRIPTS = [
+    ("score", "run"),
+    ("generate", "run"),
+    ("dpo_step", "run"),
+    ("accelerator_step", "run_all"),
+    ("compile_options", "run"),
+    ("cpu_dtype", "run"),
+    ("layouts", "build_batches"),
+    ("scaling", "measure"),
+    ("prepare_memory", "_child"),
+]
+
+
+@pytest.mark.parametrize("name, work", _SCRIPTS, ids=[s[0] for s in _SCRIPTS])
+def test_a_bad_json_is_refused_in_one_line_before_the_work(name, work, tmp_path, monkeypatch):
+    """A --json that is a folder, lies under a file, or would replace a file that is no benchmark JSON: one
+    line, exit 1, nothing run or written (the write failed after the whole run, or replaced the file); an
+    earlier benchmark JSON is replaced."""
+    mod = _bench_script(name)
+
+    def ran(*a, **k):
+        raise RuntimeError("the work ran")
+
+    monkeypatch.setattr(mod, work, ran)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep")
+    for argv, says in (
+        (["--json", str(tmp_path)], "is a folder, not a file"),
+        (["--json", str(notes / "out.json")], "cannot be written"),
+        (["--json", str(notes)], "exists and is not a benchmark's JSON output"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert says in str(e.value) and "\n" not in str(e.value), (argv, e.value)
+    assert notes.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('{"jax_vs_torch": 1.0}\n')
+    with pytest.raises(RuntimeError, match="the work ran"):
+        mod.main(["--json", str(earlier)])
+
+
+def test_json_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    common = _bench_script("_smollm2")
+    out = tmp_path / "sub" / "r.json"
+    common.write_json_out(str(out), {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1} and os.listdir(out.parent) == ["r.json"]
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        common.write_json_out(str(out), {"a": 2})
+    assert json.loads(out.read_text()) == {"a": 1} and os.listdir(out.parent) == ["r.json"]

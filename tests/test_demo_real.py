@@ -304,6 +304,30 @@ def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
     assert not (run / "c").exists()
 
 
+def test_persona_ceiling_refuses_a_json_it_could_not_write_before_training(tmp_path):
+    """--json a folder, or the run's own results.json: one line before any model trains or --out is made (the
+    write came after the hours of training, or replaced the run's results)."""
+    run = tmp_path / "run"
+    for name, value in (
+        ("demo_settings.json", {"real": True, "quick": True, "seed": 0}),
+        ("stages/model.json", {"value": "MODEL"}),
+        ("stages/split.json", {"value": {"train": "T", "test": "H", "contrast": None}}),
+        ("results.json", {"p_soups": {}}),
+        ("eval/base_none.json", {}),
+    ):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(json.dumps(value))
+    for dest, says in (
+        (tmp_path, "is a folder, not a file"),
+        (run / "results.json", "lies inside the run folder"),
+    ):
+        cmd = [sys.executable, CEILING, str(run), "--json", str(dest)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+        assert not (tmp_path / "run.persona_ceiling").exists()
+    assert json.loads((run / "results.json").read_text()) == {"p_soups": {}}
+
+
 def _demo(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
     return _python("-m", "alignx_jax", "demo", *args, cwd=cwd)
 
