@@ -151,6 +151,14 @@ def ratios(jax_times: list[float], torch_times: list[float]) -> dict[str, Any]:
     return {"jax_vs_transformers": statistics.median(per_round), "jax_vs_transformers_per_round": per_round}
 
 
+def check_counts(minimum: int = 1, **counts: int) -> None:
+    """Refuse, before any work, a count flag below `minimum` (`rounds=0` is `--rounds`): one line, exit 1;
+    the medians of zero rounds and a batch of no rows only fail after the compiles."""
+    for name, value in counts.items():
+        if value < minimum:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
 def _is_json_output(p: str) -> bool:
     return isinstance(paths.read_json(p), dict)
 

@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    dpo_step.common.check_counts(batch=args.batch, steps=args.steps)
     args.warmup = max(1, args.warmup)  # the first step compiles nothing but still pays first-touch costs
     dpo_step.common.check_json_out(args.json)
     out = run_variant(args) if args.variant else run_all(args)

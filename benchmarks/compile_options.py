@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     args = p.parse_args(argv)
+    common.check_counts(batch=args.batch, rounds=args.rounds)
     common.check_json_out(args.json)
     out = run(args)
     if args.json:

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="out", default=None)
     args = p.parse_args(argv)
+    common.check_counts(pairs=args.pairs, rounds=args.rounds)
     common.check_json_out(args.out, (("--p-soups", args.p_soups),))
     out = run(args)
     print(

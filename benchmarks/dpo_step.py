@@ -164,6 +164,9 @@ def make_setup(size: str, seq_len: int, batch: int, seed: int = 0, pairs: str = 
     +-15% / +-40%), collated by `data.batching.collate` into its length bucket (`seq_len` ignored)."""
     if size not in SIZES:
         raise SystemExit(f"unknown --model-size {size!r}; one of {', '.join(SIZES)}")
+    common.check_counts(batch=batch)
+    if pairs == "fixed":  # a prompt token, a response token and the closing EOS
+        common.check_counts(3, seq_len=seq_len)
     hf = dict(
         model_type="llama",
         architectures=["LlamaForCausalLM"],
@@ -808,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_counts(batch=args.batch, steps=args.steps)
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     common.check_json_out(args.json)
     out = run(args)
     if args.json:

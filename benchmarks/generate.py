@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_counts(batch=args.batch, new_tokens=args.new_tokens, rounds=args.rounds)
+    common.check_counts(2, prompt_len=args.prompt_len)  # drawn from 85% of it: at least the BOS
     common.check_json_out(args.json)
     out = run(args)
     if args.json:

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import _smollm2  # beside this script
 
+    _smollm2.check_counts(pairs=args.pairs, steps=args.steps, hidden=args.hidden, layers=args.layers)
     _smollm2.check_json_out(args.json)
 
     import jax

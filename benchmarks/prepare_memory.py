@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs-per-user", type=int, default=40)
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
+    common.check_counts(users=a.users, pairs_per_user=a.pairs_per_user)
     common.check_json_out(a.json)
     with tempfile.TemporaryDirectory() as tmp:
         from alignx_jax.data import synth

@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    common.check_counts(
+        batch=args.batch, batches=args.batches, rounds=args.rounds, response_len=args.response_len
+    )
+    common.check_counts(2, prompt_len=args.prompt_len)  # drawn from 85% of it: at least the BOS
     common.check_json_out(args.json)
     out = run(args)
     if args.json:

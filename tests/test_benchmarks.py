@@ -213,27 +213,29 @@ def test_limit_on_a_folder_takes_its_files_in_turn(tmp_path):
     )
 
 
-# ---- every benchmark script: its --json is checked before the work ----------------
+# ---- every benchmark script: its --json and count flags are checked before the work ----------------
 
-# (script, the function its main hands the work to)
+# (script, the function its main hands the work to, a count flag below its minimum)
 _SCRIPTS = [
-    ("score", "run"),
-    ("generate", "run"),
-    ("dpo_step", "run"),
-    ("accelerator_step", "run_all"),
-    ("compile_options", "run"),
-    ("cpu_dtype", "run"),
-    ("layouts", "build_batches"),
-    ("scaling", "measure"),
-    ("prepare_memory", "_child"),
+    ("score", "run", ["--rounds", "0"]),
+    ("generate", "run", ["--new-tokens", "0"]),
+    ("dpo_step", "run", ["--steps", "-1"]),
+    ("accelerator_step", "run_all", ["--steps", "0"]),
+    ("compile_options", "run", ["--rounds", "0"]),
+    ("cpu_dtype", "run", ["--rounds", "0"]),
+    ("layouts", "build_batches", ["--steps", "0"]),
+    ("scaling", "measure", ["--steps", "0"]),
+    ("prepare_memory", "_child", ["--users", "0"]),
 ]
 
 
-@pytest.mark.parametrize("name, work", _SCRIPTS, ids=[s[0] for s in _SCRIPTS])
-def test_a_bad_json_is_refused_in_one_line_before_the_work(name, work, tmp_path, monkeypatch):
-    """A --json that is a folder, lies under a file, or would replace a file that is no benchmark JSON: one
-    line, exit 1, nothing run or written (the write failed after the whole run, or replaced the file); an
-    earlier benchmark JSON is replaced."""
+@pytest.mark.parametrize("name, work, bad_count", _SCRIPTS, ids=[s[0] for s in _SCRIPTS])
+def test_a_bad_json_or_count_is_refused_in_one_line_before_the_work(
+    name, work, bad_count, tmp_path, monkeypatch
+):
+    """A --json that is a folder, lies under a file, or would replace a file that is no benchmark JSON, and a
+    count below its minimum: one line, exit 1, nothing run or written (they failed after the whole run, or on
+    the median of no rounds); an earlier benchmark JSON is replaced."""
     mod = _bench_script(name)
 
     def ran(*a, **k):
@@ -246,6 +248,7 @@ def test_a_bad_json_is_refused_in_one_line_before_the_work(name, work, tmp_path,
         (["--json", str(tmp_path)], "is a folder, not a file"),
         (["--json", str(notes / "out.json")], "cannot be written"),
         (["--json", str(notes)], "exists and is not a benchmark's JSON output"),
+        ([*bad_count, "--json", str(tmp_path / "new.json")], "must be >= 1, got"),
     ):
         with pytest.raises(SystemExit) as e:
             mod.main(argv)
@@ -270,3 +273,30 @@ def test_json_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         common.write_json_out(str(out), {"a": 2})
     assert json.loads(out.read_text()) == {"a": 1} and os.listdir(out.parent) == ["r.json"]
+
+
+def test_dpo_step_batch_refuses_no_pairs_and_rows_too_short_for_a_response():
+    """make_setup (dpo_step, accelerator_step, compile_options, scaling): a fixed row needs a prompt token,
+    a response token and the EOS; it failed inside numpy (`low >= high`) after the imports."""
+    dpo = _bench_script("dpo_step")
+    for kwargs, says in (
+        ({"seq_len": 2, "batch": 1}, "--seq-len must be >= 3, got 2"),
+        ({"seq_len": 8, "batch": 0}, "--batch must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            dpo.make_setup("tiny", **kwargs)
+    assert dpo.make_setup("tiny", 3, 1).data["input_ids"].shape == (2, 3)
+    with pytest.raises(SystemExit, match="--warmup must be >= 0, got -1"):
+        dpo.main(["--warmup", "-1"])
+
+
+def test_score_and_generate_refuse_prompts_too_short_for_their_draws():
+    """Prompts are drawn from 85% of --prompt-len (at least the BOS), responses from 60% of --response-len:
+    below that numpy failed (a negative size, `low >= high`) after the model was written and loaded."""
+    for name, argv, says in (
+        ("score", ["--prompt-len", "1"], "--prompt-len must be >= 2, got 1"),
+        ("score", ["--response-len", "-3"], "--response-len must be >= 1, got -3"),
+        ("generate", ["--prompt-len", "0"], "--prompt-len must be >= 2, got 0"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            _bench_script(name).main(argv)
