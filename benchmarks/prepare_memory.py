@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ for _p in (ROOT, os.path.join(ROOT, "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import _smollm2 as common  # noqa: E402  (the --json checks every benchmark shares)
+import _smollm2 as common  # noqa: E402  (the --json checks and the CPU every benchmark names)
 
 IMPORTS = (
     "import tensorflow_datasets, pyarrow.parquet; from alignx_jax.data import schema, sources, tfds_builder"
@@ -48,7 +47,7 @@ def _child(code: str, *args: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, default=500)
     ap.add_argument("--pairs-per-user", type=int, default=40)
     ap.add_argument("--json", required=True)
@@ -73,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "load_rows": _child(IMPORTS + "; import sys; schema.load_rows(sys.argv[1])", data),
         }
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    # the CPU's name and features, as every benchmark's JSON names them (platform.processor() is 'x86_64')
+    result.update(machine=common.cpu_model(), cpu=common.cpu_features(), cpu_count=os.cpu_count())
     common.write_json_out(a.json, result, indent=1)
     print(json.dumps(result))
     return 0

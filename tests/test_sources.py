@@ -760,3 +760,11 @@ def test_prepare_memory_benchmark_runs_and_reports_each_reader(tmp_path):
     assert got["baseline"]["peak_rss_mib"] > 10
     # each reader imported what the baseline did and then read: its own peak is at least the baseline's
     assert all(got[k]["peak_rss_mib"] >= got["baseline"]["peak_rss_mib"] for k in ("prepare", "load_rows"))
+    # the CPU by name and features, as every benchmark's JSON names it (it recorded platform.processor(): 'x86_64')
+    from alignx_jax import hardware
+
+    assert (got["machine"], got["cpu"], got["cpu_count"]) == (
+        hardware.cpu_model(),
+        hardware.cpu_features(),
+        os.cpu_count(),
+    )
