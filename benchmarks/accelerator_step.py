@@ -161,12 +161,17 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if not names:  # an empty list ran nothing and wrote a JSON of no variants
+        raise SystemExit(f"--variants: none given; known: {', '.join(VARIANTS)}")
+    # the children's model and rows: the shape as dpo_step records it (tied embeddings, rope theta), and
+    # the length the rows have (--pairs psoups: the collated bucket, not --seq-len)
+    setup = dpo_step.make_setup(args.model_size, args.seq_len, args.batch, seed=args.seed, pairs=args.pairs)
     out: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "model_size": args.model_size,
-        "model_shape": dpo_step.SIZES[args.model_size],
-        "params": dpo_step.param_counts(dpo_step.make_setup(args.model_size, 16, 1).hf_config)[0],
-        "seq_len": args.seq_len,
+        "model_shape": {k: v for k, v in setup.hf_config.items() if k not in ("architectures", "model_type")},
+        "params": dpo_step.param_counts(setup.hf_config)[0],
+        "seq_len": setup.seq_len,
         "batch_pairs": args.batch,
         "pairs": args.pairs,
         "dtype": args.dtype,

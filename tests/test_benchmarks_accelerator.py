@@ -55,3 +55,25 @@ def test_remat_instructions_counts_the_copies_xla_named(bench):
   %add.1 = f32[8]{0} add(%fusion.12.remat, %x)
 """
     assert bench.remat_instructions(hlo) == 3
+
+
+def test_the_json_records_the_shape_and_length_the_variants_ran(bench, monkeypatch):
+    """The model shape as dpo_step records it (the 1B's tied embeddings and rope theta were missing) and the
+    rows' length (--pairs psoups: the collated bucket, not --seq-len); no variant list is refused, not run as
+    an empty JSON."""
+    import subprocess
+
+    def no_child(*a, **k):
+        raise subprocess.TimeoutExpired("child", 1)
+
+    monkeypatch.setattr(bench.subprocess, "run", no_child)
+    args = bench.build_parser().parse_args(["--pairs", "psoups", "--batch", "2", "--variants", "default"])
+    out = bench.run_all(args)
+    setup = bench.dpo_step.make_setup("1b", 1024, 2, pairs="psoups")
+    assert out["model_shape"]["tie_word_embeddings"] is True and out["model_shape"]["rope_theta"] == 500000.0
+    assert out["model_shape"]["hidden_size"] == 2048 and "architectures" not in out["model_shape"]
+    assert out["seq_len"] == setup.seq_len < 1024
+    assert out["variants"]["default"]["error"] == "timed out after 600.0 s"
+    for empty in ("", ","):
+        with pytest.raises(SystemExit, match="--variants: none given"):
+            bench.run_all(bench.build_parser().parse_args(["--variants", empty]))
