@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     bench = _dpo_step()
+    if args.base_size not in bench.SIZES:  # a KeyError traceback otherwise
+        raise SystemExit(f"unknown --base-size {args.base_size!r}; one of {', '.join(bench.SIZES)}")
     bench.common.check_counts(seq_len=args.seq_len, batch=args.batch, steps=args.steps)
     bench.common.check_json_out(args.json)
     base = dict(bench.SIZES[args.base_size])

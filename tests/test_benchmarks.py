@@ -300,3 +300,8 @@ def test_score_and_generate_refuse_prompts_too_short_for_their_draws():
     ):
         with pytest.raises(SystemExit, match=says):
             _bench_script(name).main(argv)
+
+
+def test_scaling_refuses_an_unknown_base_size_in_one_line():
+    with pytest.raises(SystemExit, match="unknown --base-size 'huge'; one of demo, tiny"):
+        _bench_script("scaling").main(["--base-size", "huge"])
