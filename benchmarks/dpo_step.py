@@ -573,6 +573,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     torch_device = "cpu" if args.device == "cpu" else "cuda"
+    if args.device == "gpu" and (jax.default_backend() != "gpu" or not torch.cuda.is_available()):
+        # JAX falls back to the CPU without a word, and torch's first .to("cuda") fails in a traceback
+        raise SystemExit(
+            f"--device gpu: JAX or torch sees no GPU (JAX's backend: {jax.default_backend()}, torch.cuda.is_available(): "
+            f"{torch.cuda.is_available()}); leave --device out to run on the CPU"
+        )
     setup = make_setup(args.model_size, args.seq_len, args.batch, seed=args.seed, pairs=args.pairs)
     args.seq_len = setup.seq_len  # --pairs psoups: the collated length bucket
     positions = 2 * args.batch * args.seq_len

@@ -157,3 +157,19 @@ def test_shared_prompt_layout_computes_the_same_steps(bench, tmp_path):
     assert bench.main([*argv.split(), str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["jax_layout"] == "two_rows" and res["jax_tokens_computed_per_step"] == res["tokens_per_step"]
+
+
+def test_device_gpu_without_a_gpu_is_refused_in_one_line(bench, tmp_path, monkeypatch):
+    """--device gpu where JAX or torch sees no GPU: one line, exit 1, no JSON (JAX ran on the CPU
+    and torch's first .to("cuda") failed in a traceback)."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is here")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # what --device gpu sets, restored after
+    out = tmp_path / "r.json"
+    argv = ["--device", "gpu", "--model-size", "tiny", "--seq-len", "16", "--batch", "1", "--json", str(out)]
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert str(e.value).startswith("--device gpu: JAX or torch sees no GPU") and "\n" not in str(e.value)
+    assert not out.exists()
