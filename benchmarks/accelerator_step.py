@@ -157,6 +157,10 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     with the last line of its error, and the others still run."""
     import tempfile
 
+    # the children run in the caller's environment; this process only records the machine, and must not
+    # hold the accelerator memory JAX preallocates by default (75%) while they run
+    env = dict(os.environ)
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -182,7 +186,6 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "variants": {},
     }
     # each child runs as launch/gpu_host.sh starts `alignx train` (its memory fraction) unless the caller set it
-    env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", LAUNCHER_MEM_FRACTION)
     out["xla_python_client_mem_fraction"] = env["XLA_PYTHON_CLIENT_MEM_FRACTION"]
     out["xla_flags"] = env.get("XLA_FLAGS", "")

@@ -77,3 +77,25 @@ def test_the_json_records_the_shape_and_length_the_variants_ran(bench, monkeypat
     for empty in ("", ","):
         with pytest.raises(SystemExit, match="--variants: none given"):
             bench.run_all(bench.build_parser().parse_args(["--variants", empty]))
+
+
+def test_the_parent_preallocates_no_accelerator_memory_and_the_children_keep_the_callers_env(
+    bench, monkeypatch
+):
+    """The parent records the machine (JAX's backend) while the children run: it must not preallocate the
+    accelerator's memory (JAX's default 75%) the children measure with; the children get the caller's
+    environment unchanged, their memory fraction added."""
+    import os
+    import subprocess
+
+    seen = []
+
+    def child(argv, **k):
+        seen.append(dict(k["env"]))
+        raise subprocess.TimeoutExpired("child", 1)
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    bench.run_all(bench.build_parser().parse_args(["--model-size", "tiny", "--variants", "default"]))
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in seen[0] and seen[0]["XLA_PYTHON_CLIENT_MEM_FRACTION"]
