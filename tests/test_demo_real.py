@@ -280,8 +280,8 @@ def test_persona_ceiling_refuses_a_folder_that_is_not_a_finished_real_demo(tmp_p
         assert proc.stderr.count("\n") == 1 and says in proc.stderr and str(folder) in proc.stderr
 
 
-def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
-    run = tmp_path / "run"
+def _finished_real_demo(run):
+    """The files persona_ceiling.py reads of a finished `alignx demo --real` folder, made up."""
     for name, value in (
         ("demo_settings.json", {"real": True, "quick": True, "seed": 0}),
         ("stages/model.json", {"value": "MODEL"}),
@@ -291,6 +291,11 @@ def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
     ):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(json.dumps(value))
+    return run
+
+
+def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
+    run = _finished_real_demo(tmp_path / "run")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
@@ -307,16 +312,7 @@ def test_persona_ceiling_writes_only_into_a_folder_of_its_own(tmp_path):
 def test_persona_ceiling_refuses_a_json_it_could_not_write_before_training(tmp_path):
     """--json a folder, or the run's own results.json: one line before any model trains or --out is made (the
     write came after the hours of training, or replaced the run's results)."""
-    run = tmp_path / "run"
-    for name, value in (
-        ("demo_settings.json", {"real": True, "quick": True, "seed": 0}),
-        ("stages/model.json", {"value": "MODEL"}),
-        ("stages/split.json", {"value": {"train": "T", "test": "H", "contrast": None}}),
-        ("results.json", {"p_soups": {}}),
-        ("eval/base_none.json", {}),
-    ):
-        (run / name).parent.mkdir(parents=True, exist_ok=True)
-        (run / name).write_text(json.dumps(value))
+    run = _finished_real_demo(tmp_path / "run")
     for dest, says in (
         (tmp_path, "is a folder, not a file"),
         (run / "results.json", "lies inside the run folder"),
