@@ -167,6 +167,28 @@ def test_segment_ids_without_positions_restart_positions_per_segment(tiny_hf_che
     assert _rel(fwd(ours, packed, mask, jnp.arange(15)[None], seg)[0, 7:12], given[0, 7:12]) > 1e-3
 
 
+def test_branch_ids_without_positions_continue_each_branch_from_the_prefix(tiny_hf_checkpoints):
+    # share_prompt's layout, two pairs packed in a row: prompt, chosen, rejected, each pair a segment
+    ours = load_pretrained(tiny_hf_checkpoints["llama"], compute_dtype="bfloat16")
+    ids = jnp.concatenate([jnp.arange(6, 19), jnp.arange(100, 109), jnp.zeros(3, jnp.int32)])[None]
+    mask = jnp.asarray([[1] * 22 + [0] * 3])
+    seg = jnp.asarray([[1] * 13 + [2] * 9 + [0] * 3])
+    branch = jnp.asarray([[0] * 5 + [1] * 4 + [2] * 4 + [0] * 3 + [1] * 3 + [2] * 3 + [0] * 3])
+    # each response's positions continue from its prompt's end, as share_prompt passes them
+    pos = jnp.asarray([list(range(9)) + list(range(5, 9)) + list(range(6)) + list(range(3, 6)) + [0] * 3])
+    fwd = nnx.jit(
+        lambda m, i, a, p, s, b: m.hidden_states(
+            i, a, positions_BT=p, segment_ids_BT=s, branch_ids_BT=b
+        ).astype(jnp.float32)
+    )
+    given = fwd(ours, ids, mask, pos, seg, branch)
+    assert _rel(fwd(ours, ids, mask, None, seg, branch)[0, :22], given[0, :22]) < 1e-4
+    assert _rel(fwd(ours, ids[:, :13], None, None, None, branch[:, :13])[0], given[0, :13]) < 1e-4
+    # the check can fail: positions numbered across both branches give the rejected branch other states
+    across = jnp.asarray([list(range(13)) + list(range(9)) + [0] * 3])
+    assert _rel(fwd(ours, ids, mask, across, seg, branch)[0, 9:13], given[0, 9:13]) > 1e-3
+
+
 def test_every_param_has_logical_axes(models):
     for ours, _ in models.values():
         for path, var in nnx.to_flat_state(nnx.state(ours)):

@@ -321,7 +321,8 @@ class Decoder(nnx.Module):
         sequence only; positions, when not given, restart at each sequence.
         branch_ids_BT: a shared prefix with branches (0 = the prefix, k > 0 = branch k): a token of
         branch k sees the prefix and its own branch only, so one row holds a prompt and both of a
-        pair's responses (`batching.share_prompt`) with the attention each has in a row of its own.
+        pair's responses (`batching.share_prompt`) with the attention each has in a row of its own;
+        positions, when not given, continue each branch from the prefix's end, as that layout's do.
         tokens: run the token-wise layers on these kept tokens only (`models.compaction`; the
         batch's real tokens, from `batching.compact_index`); positions not kept come back as zeros.
         reference: `(policy, reference)` hidden states (the reference's under stop_gradient) from one
@@ -582,9 +583,18 @@ def _check_call(cache, segment_ids_BT, layout, per_layer: bool) -> None:
         raise ValueError("per-layer params are for KV-cached decoding; pass a per-layer cache")
 
 
-def _default_positions(mask_BT, segment_ids_BT):
+def _default_positions(mask_BT, segment_ids_BT, branch_ids_BT=None):
     """Positions counting real tokens only (left padding), restarting at each segment (a packed row
-    holds several sequences, each numbered from 0 as in a row of its own)."""
+    holds several sequences, each numbered from 0 as in a row of its own); with branches, counting
+    the prefix and the token's own branch only (`batching.share_prompt`: each response continues
+    from the prompt's end)."""
+    if branch_ids_BT is not None:
+        # a token's position is the number of keys it sees before itself: the masks already skip
+        # padding, other segments and other branches (the positions passed here only set back_BTS)
+        allowed_BTS, _ = self_attention_allowed(
+            mask_BT, jnp.zeros(mask_BT.shape, jnp.int32), segment_ids_BT, branch_ids_BT
+        )
+        return jnp.maximum(jnp.sum(allowed_BTS, axis=-1, dtype=jnp.int32) - 1, 0)
     count_BT = jnp.cumsum(mask_BT, axis=-1)
     if segment_ids_BT is not None:
         seg_BT = jnp.asarray(segment_ids_BT)
@@ -601,11 +611,12 @@ def _visible_keys(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT, cache, f
     """Which keys each query sees: (positions_BT, allowed_BTS, back_BTS (how far back each key is),
     kv_mask_BS (the cache's key mask after this call; None without a cache), index (the cache slot this
     call writes from; None when it starts at 0)). Positions, when not given, count real tokens only
-    (left padding), restarting at each segment (packed rows); with a cache, continuing from those in it."""
+    (left padding), restarting at each segment (packed rows), each branch continuing from its prefix;
+    with a cache, continuing from those in it."""
     kv_mask_BS, index = None, None
     if cache is None or fresh_cache:
         if positions_BT is None:
-            positions_BT = _default_positions(mask_BT, segment_ids_BT)
+            positions_BT = _default_positions(mask_BT, segment_ids_BT, branch_ids_BT)
         allowed_BTS, back_BTS = self_attention_allowed(mask_BT, positions_BT, segment_ids_BT, branch_ids_BT)
         if fresh_cache:  # an empty cache written from slot 0
             kv_mask_BS = jax.lax.dynamic_update_slice(cache["mask"], mask_BT, (0, 0))
