@@ -2,12 +2,12 @@
 
     python benchmarks/profile_step.py [--model-size s] [--seq-len 512] [--batch 2] [--pairs fixed|psoups]
         [--dtype float32|bfloat16] [--scan-layers 1] [--remat none] [--chunk 0] [--top 25] [--dump-hlo OUT.txt]
-        [--trace-warmup 1]
+        [--trace-warmup 1] [--json OUT.json]
 
 Runs `alignx_jax.train`'s step (built by dpo_step.JaxStep) under `jax.profiler.trace`, then sums
 `event.duration_ns` by event name from the xplane with `jax.profiler.ProfileData` (no TensorBoard
-needed) and prints the top ops with their share of the step. Look a fusion name up in the
-optimized HLO (`--dump-hlo`) to see what it computes.
+needed) and prints the machine, then the top ops with their share of the step (`--json`: the same
+as JSON). Look a fusion name up in the optimized HLO (`--dump-hlo`) to see what it computes.
 """
 
 from __future__ import annotations
@@ -40,25 +40,45 @@ def main(argv=None) -> int:
     p.add_argument("--dump-hlo", default=None)
     p.add_argument("--trace-warmup", type=int, default=1, help="traced steps run and discarded first")
     p.add_argument("--no-dots", action="store_true", help="list only non-matmul ops (the fusion overheads)")
+    p.add_argument("--json", default=None, help="write the timings and the machine here too")
     args = p.parse_args(argv)
+    import _smollm2 as common
+
+    from alignx_jax import paths
+
+    common.check_json_out(args.json)
+    # refused before the model is built and compiled, not when the compiled step is written
+    problem = (
+        None if args.dump_hlo is None else paths.refuse_unwritable("--dump-hlo", args.dump_hlo, folder=False)
+    )
+    if problem:
+        raise SystemExit(problem)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    machine = common.machine()
+    print(f"machine: {machine['machine']} ({machine['cpu_count']} CPUs, jax {machine['jax_backend']})")
+    out = run(args)
+    if args.json:
+        common.write_json_out(args.json, {**out, **machine, "args": vars(args)})
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Profile the step and print where its time goes; the same figures as a dict."""
     import dpo_step as b
     import jax
 
-    from alignx_jax import allocator
+    from alignx_jax import allocator, paths
 
     setup = b.make_setup(args.model_size, args.seq_len, args.batch, pairs=args.pairs)
     pol, ref = b.jax_models(setup, args.dtype, scan_layers=bool(args.scan_layers), remat=args.remat)
     step = b.JaxStep(pol, ref, setup, chunk=args.chunk)
     if args.dump_hlo:
-        with open(args.dump_hlo, "w") as f:
-            f.write(step.compiled.as_text())
+        paths.write_all({args.dump_hlo: step.compiled.as_text().encode("utf-8")})
     step()
     t0 = time.perf_counter()
     step()
-    print(
-        f"unprofiled step: {time.perf_counter() - t0:.3f} s  load {os.getloadavg()}  allocator {allocator.active()}"
-    )
+    unprofiled = time.perf_counter() - t0
+    print(f"unprofiled step: {unprofiled:.3f} s  load {os.getloadavg()}  allocator {allocator.active()}")
     for _ in range(args.trace_warmup):
         # a first traced step can fault its temporaries in afresh (the profiler's buffers take memory
         # the allocator had kept for them): trace once more and keep the second
@@ -113,10 +133,28 @@ def main(argv=None) -> int:
     listed = [
         (n, t) for n, t in tot.items() if not (args.no_dots and n.startswith(("ynn", "xnn", "dot", "onednn")))
     ]
-    for name, sec in sorted(listed, key=lambda kv: -kv[1])[: args.top]:
+    top = sorted(listed, key=lambda kv: -kv[1])[: args.top]
+    for name, sec in top:
         pas, scope = scopes.get(name, ("?", "other"))
         print(f"{sec:8.3f} s {100 * sec / busy:5.1f}%  x{cnt[name]:<4d} {name:34s} {pas}/{scope}")
-    return 0
+    return {
+        "unprofiled_step_seconds": unprofiled,
+        "profiled_step_seconds": wall,
+        "op_seconds_over_threads": busy,
+        "load_average": list(os.getloadavg()),
+        "categories": dict(cats),
+        "by_scope": [{"pass": pas, "scope": scope, "seconds": sec} for (pas, scope), sec in by_scope.items()],
+        "top_ops": [
+            {
+                "name": n,
+                "seconds": sec,
+                "count": cnt[n],
+                "pass": scopes.get(n, ("?", "other"))[0],
+                "scope": scopes.get(n, ("?", "other"))[1],
+            }
+            for n, sec in top
+        ],
+    }
 
 
 SCOPES = (

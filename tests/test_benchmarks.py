@@ -305,3 +305,38 @@ def test_score_and_generate_refuse_prompts_too_short_for_their_draws():
 def test_scaling_refuses_an_unknown_base_size_in_one_line():
     with pytest.raises(SystemExit, match="unknown --base-size 'huge'; one of demo, tiny"):
         _bench_script("scaling").main(["--base-size", "huge"])
+
+
+def test_profile_step_refuses_a_bad_dump_hlo_or_json_in_one_line_before_the_work(tmp_path, monkeypatch):
+    """--dump-hlo under a file failed in open() after the model was built and compiled."""
+    mod = _bench_script("profile_step")
+
+    def ran(*a, **k):
+        raise RuntimeError("the work ran")
+
+    monkeypatch.setattr(mod, "run", ran)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep")
+    for argv, says in (
+        (
+            ["--dump-hlo", str(notes / "hlo.txt")],
+            "--dump-hlo " + str(notes / "hlo.txt") + ": cannot be written",
+        ),
+        (["--dump-hlo", str(tmp_path)], "is a folder, not a file"),
+        (["--json", str(notes)], "exists and is not a benchmark's JSON output"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert says in str(e.value) and "\n" not in str(e.value), (argv, e.value)
+    assert notes.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_profile_step_tiny_names_the_machine_and_writes_json_and_hlo(tmp_path, capsys):
+    common = _bench_script("_smollm2")
+    out, hlo = tmp_path / "p.json", tmp_path / "sub" / "step.hlo.txt"  # the HLO's folder is made
+    argv = ["--model-size", "tiny", "--seq-len", "32", "--batch", "1", "--trace-warmup", "0", "--top", "3"]
+    assert _bench_script("profile_step").main([*argv, "--json", str(out), "--dump-hlo", str(hlo)]) == 0
+    assert f"machine: {common.machine()['machine']}" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert {"machine", "cpu", "cpu_count", "allocator"} <= set(res) and len(res["top_ops"]) == 3
+    assert res["op_seconds_over_threads"] > 0 and "HloModule" in hlo.read_text()
