@@ -5,6 +5,7 @@ benchmark shares: the machine description, the flag checks and the `--json` outp
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -176,5 +177,18 @@ def check_json_out(dest: str | None, inputs: tuple[tuple[str, str | None], ...] 
 
 
 def write_json_out(dest: str, out: dict[str, Any], indent: int = 2) -> None:
-    """`out` to `dest` under a temporary name, then renamed: a failed or killed write leaves no half file."""
-    paths.write_all({dest: (json.dumps(out, indent=indent) + "\n").encode("utf-8")})
+    """`out` to `dest` under a temporary name, then renamed: a failed or killed write leaves no half file.
+    A NaN or infinite float is written as null (json.dumps writes `NaN`, which is not JSON)."""
+    text = json.dumps(_finite(out), indent=indent, allow_nan=False)
+    paths.write_all({dest: (text + "\n").encode("utf-8")})
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (numpy's too) in it, at any depth, replaced by None."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

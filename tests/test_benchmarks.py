@@ -275,6 +275,19 @@ def test_json_out_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert json.loads(out.read_text()) == {"a": 1} and os.listdir(out.parent) == ["r.json"]
 
 
+def test_json_out_writes_a_non_finite_float_as_null(tmp_path):
+    """json.dumps wrote `NaN` / `Infinity`, which strict JSON readers refuse."""
+    common = _bench_script("_smollm2")
+    out = tmp_path / "r.json"
+    nan = float("nan")
+    common.write_json_out(
+        str(out), {"a": nan, "b": [1.5, float("inf"), np.float32(nan)], "c": {"d": (-np.inf, 2)}}
+    )
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None, None], "c": {"d": [None, 2]}}
+
+
 def test_dpo_step_batch_refuses_no_pairs_and_rows_too_short_for_a_response():
     """make_setup (dpo_step, accelerator_step, compile_options, scaling): a fixed row needs a prompt token,
     a response token and the EOS; it failed inside numpy (`low >= high`) after the imports."""
