@@ -161,6 +161,14 @@ def _cached_commit(repo_id: str, revision: str | None, cache: str) -> str | None
     return found[0] if len(found) == 1 and _COMMIT.fullmatch(found[0]) else revision
 
 
+def _not_cached(e: BaseException) -> bool:
+    """Whether snapshot_download's error `e` says the snapshot is not in the cache: huggingface_hub's
+    LocalEntryNotFoundError (by name: its module moved between releases), not its IncompleteSnapshotError
+    subclass (cached, files missing) nor another failure (a cache it cannot read)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return "LocalEntryNotFoundError" in names and "IncompleteSnapshotError" not in names
+
+
 def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False) -> str:
     """The local snapshot folder of the hub id `path` (`org/name[@revision]`), downloaded unless cached
     or offline. `model`: the snapshot must hold a model (config.json), not a tokenizer alone.
@@ -206,6 +214,12 @@ def resolve_hub_id(path: str, *, model: bool = False, config_only: bool = False)
                 folder = snapshot(local_only=is_offline or down is not None)
             except Exception as e:  # the hub's error classes moved between huggingface_hub releases
                 kind = type(e).__name__
+                if is_offline and not _not_cached(e):  # the cache could not be read: say why
+                    first = (str(e).strip().splitlines() or [""])[0].strip()[:300]
+                    raise CheckpointError(
+                        f"{path}: not a local folder, and hub model {repo_id}{at} could not be read from the "
+                        f"Hugging Face cache {cache}: {kind}" + (f": {first}" if first else "")
+                    ) from None
                 if is_offline:
                     raise CheckpointError(
                         f"{path}: not a local folder, and hub model {repo_id}{at} is not in the Hugging Face "

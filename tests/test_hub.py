@@ -502,3 +502,61 @@ def test_the_hubs_errors_are_one_line_naming_the_id(offline_hub, monkeypatch, ca
     assert main(["generate", "--model", "gated-org/gated@v9", "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "hub model gated-org/gated at revision v9" in err and says in err, err
+
+
+def _hub_error(name: str, message: str) -> Exception:
+    import huggingface_hub.errors
+
+    cls = getattr(huggingface_hub.errors, name)
+    exc = cls.__new__(cls)  # some constructors want an HTTP response or a snapshot path
+    Exception.__init__(exc, message)
+    return exc
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (
+            lambda: _hub_error("LocalEntryNotFoundError", "Cannot find an appropriate cached snapshot\nmore"),
+            "is not in the Hugging Face cache {cache} (HF_HUB_OFFLINE is set",
+        ),
+        (
+            lambda: PermissionError(13, "Permission denied", "/cache/models--org--m/refs/main"),
+            "could not be read from the Hugging Face cache {cache}: PermissionError: [Errno 13] Permission "
+            "denied: '/cache/models--org--m/refs/main'",
+        ),
+        (
+            lambda: ValueError("corrupted ref file refs/main\n  line 2 of the traceback text"),
+            "could not be read from the Hugging Face cache {cache}: ValueError: corrupted ref file refs/main",
+        ),
+        (
+            lambda: _hub_error(
+                "IncompleteSnapshotError", "The cached snapshot for 'org/m' is incomplete\nmore"
+            ),
+            "could not be read from the Hugging Face cache {cache}: IncompleteSnapshotError: The cached "
+            "snapshot for 'org/m' is incomplete",
+        ),
+    ],
+    ids=["not-cached", "permission", "corrupted-ref", "incomplete"],
+)
+def test_offline_only_a_missing_snapshot_is_reported_as_not_in_the_cache(
+    offline_hub, monkeypatch, capsys, error, says
+):
+    """Offline, every snapshot_download error read as "not in the cache"; a cache that cannot be read is
+    its own error's first line, naming the id."""
+    import huggingface_hub
+
+    def hub_raises(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_raises)
+    with pytest.raises(CheckpointError) as e:
+        resolve_model_path("org/m@v2", model=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        "org/m@v2: not a local folder, and hub model org/m at revision v2"
+    )
+    assert says.format(cache=offline_hub) in msg, msg
+    assert main(["generate", "--model", "org/m@v2", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and says.format(cache=offline_hub) in err, err
