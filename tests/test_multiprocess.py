@@ -849,7 +849,8 @@ def test_a_generate_row_write_that_fails_on_process_0_stops_every_process(tmp_pa
 @pytest.mark.skipif(not os.path.isfile(PSOUPS), reason="P-SOUPS file not available")
 def test_synth_and_split_refuse_a_multi_process_job_on_every_process(tmp_path):
     """`launch/local.sh 2 alignx synth` and `... data split` wrote the same files from both processes at
-    once: each process refuses in one line, exit 1, nothing written."""
+    once: each process refuses in one line, exit 1, nothing written (a process the launcher stopped after
+    the other's refusal, before it reached its own check, says that in its one line)."""
     cache = str(tmp_path / "cache")
     for name, argv in (
         ("synth", ["synth", "--out", str(tmp_path / "synth"), "--users", "2"]),
@@ -860,7 +861,8 @@ def test_synth_and_split_refuse_a_multi_process_job_on_every_process(tmp_path):
         logs = _logs(logdir)
         assert r.returncode == 1 and "Traceback" not in logs, r.stderr[-2000:] + logs
         line = f"alignx: error: alignx {name} runs as one process and this one is part of a multi-process job"
-        assert logs.count(line) == 2, logs
+        stopped = logs.count("alignx: stopped by SIGTERM")
+        assert logs.count(line) >= 1 and logs.count(line) + stopped == 2, logs
     assert not (tmp_path / "synth").exists() and not (tmp_path / "split").exists()
 
 
