@@ -96,7 +96,9 @@ def check_out(out: str, settings: dict[str, Any]) -> None:
         return
     path = os.path.join(out, "demo_settings.json")
     before = read_json(path) if os.path.isfile(path) else settings
-    if _placed(before) != _placed(settings):
+    # a local path (`psoups`, a `model` folder) by the place it names: one file reached through a link or
+    # another checkout's `../shared` link is the same input, and one recorded before settings held real paths
+    if not paths.same_place(before, settings):
         what = repr(before)  # not a settings object at all (null, a list)
         if isinstance(before, dict):  # what changed, as `alignx generate` words it (a key it had not: None)
             keys = (*before, *(k for k in settings if k not in before))
@@ -111,15 +113,6 @@ def check_out(out: str, settings: dict[str, Any]) -> None:
             f"--out {out}: not empty and not a demo folder (holds {paths.listing(foreign)}); use a new or "
             "empty folder"
         )
-
-
-def _placed(settings: Any) -> Any:
-    """`settings` with each local path (`psoups`, a `model` folder) as the place it names (`paths.place`):
-    one file reached through a link or another checkout's `../shared` link is the same input, and a
-    folder recorded before settings held real paths still matches."""
-    if not isinstance(settings, dict):
-        return settings
-    return {k: paths.place(v) if isinstance(v, str) and os.path.isabs(v) else v for k, v in settings.items()}
 
 
 def claim_out(out: str, settings: dict[str, Any]) -> None:
