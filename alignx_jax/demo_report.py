@@ -40,12 +40,9 @@ TARGETS = (
 
 
 def write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = paths.tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)  # a stage's marker is whole or absent
+    paths.write_all(
+        {path: (json.dumps(obj, indent=2) + "\n").encode("utf-8")}
+    )  # a stage's marker: whole or absent
 
 
 def write_lines(path: str, lines: Sequence[str]) -> str:

@@ -153,10 +153,9 @@ class MetricsWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(path):
             keep = [r for r in read_metrics(workdir) if _step_of(r) <= resume_step]
-            tmp = paths.tmp_path(path)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-            os.replace(tmp, path)
+            paths.write_all(
+                {path: "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep).encode("utf-8")}
+            )
         elif os.path.exists(path) and os.path.getsize(path):
             with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)

@@ -215,14 +215,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON through a temporary file and a rename: a reader never sees half a file (a URL: one
     object write, which is atomic on gs://)."""
     text = (obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True)) + "\n"
-    if paths.is_url(path):
-        paths.path(path).write_text(text, encoding="utf-8")
-        return
-    tmp = paths.tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, sort_keys=True))
-        f.write("\n")
-    os.replace(tmp, path)
+    paths.write_all({path: text.encode("utf-8")})
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -286,13 +279,7 @@ def forget_fingerprint(path: str) -> None:
 
 
 def write_fingerprint(path: str, value: str) -> None:
-    if paths.is_url(path):
-        paths.path(path + ".fingerprint").write_text(value + "\n", encoding="utf-8")
-        return
-    tmp = paths.tmp_path(path + ".fingerprint")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(value + "\n")
-    os.replace(tmp, path + ".fingerprint")
+    paths.write_all({path + ".fingerprint": (value + "\n").encode("utf-8")})
 
 
 def save_array(path: str, array: Any) -> None:
@@ -302,15 +289,9 @@ def save_array(path: str, array: Any) -> None:
 
     import numpy as np
 
-    if paths.is_url(path):
-        buf = io.BytesIO()
-        np.save(buf, array)
-        paths.path(path).write_bytes(buf.getvalue())
-        return
-    tmp = paths.tmp_path(path)
-    with open(tmp, "wb") as f:  # a file object: np.save given a name would add `.npy` to it
-        np.save(f, array)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, array)
+    paths.write_all({path: buf.getvalue()})
 
 
 def save_derived(path: str, array: Any, key: str) -> None:

@@ -156,10 +156,7 @@ def save_checkpoint(model: Decoder, out_dir: str, *, tokenizer_dir: str | None =
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params, force=True)
         ckptr.wait_until_finished()
-    tmp = paths.tmp_path(sidecar)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(sums, f, indent=1, sort_keys=True)
-    os.replace(tmp, sidecar)
+    paths.write_all({sidecar: json.dumps(sums, indent=1, sort_keys=True).encode("utf-8")})
 
 
 CHECKSUMS_FILE = "params.checksums.json"  # beside a model checkpoint's params/: `checkpointing.digests`

@@ -397,11 +397,10 @@ def list_in_export_manifest(folder: str, names: list[str]) -> None:
     if manifest is None:
         raise CheckpointError(f"{folder}: no {EXPORT_MANIFEST} to list {', '.join(names)} in")
     manifest["files"] = sorted(set(manifest["files"]) | set(names))
-    path = os.path.join(folder, EXPORT_MANIFEST)
-    tmp = paths.tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)  # whole or as it was: a half-written manifest would read as none
+    # whole or as it was: a half-written manifest would read as none
+    paths.write_all(
+        {os.path.join(folder, EXPORT_MANIFEST): json.dumps(manifest, indent=2, sort_keys=True).encode()}
+    )
 
 
 def save_hf(
